@@ -1,0 +1,108 @@
+"""Perplexity of SmolLM2-135M (fp32) after magnitude / Wanda / SparseGPT pruning, on CPU or GPU.
+
+Protocol (the core issue's): calibration = 32 windows × 512 tokens (seed 0) from the bundled
+Wikipedia calibration split; perplexity over the first 65,536 tokens of the disjoint evaluation
+split in non-overlapping 512-token windows. Every row reloads the dense checkpoint, so rows are
+independent; finished rows are cached in a JSON file and a rerun resumes where it stopped.
+
+    python benchmarks/quality.py                 # full protocol, writes benchmarks/RESULTS.md
+    python benchmarks/quality.py --quick         # 8×128 calibration, 4,096 eval tokens (minutes)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+import optimum_prune
+from optimum_prune import PruningConfig, evaluate_perplexity, load_default_model, prune, verify_sparsity
+
+ROWS: list[tuple[str, float | str, str]] = [
+    *[(method, sparsity, "uniform") for method in ("magnitude", "wanda", "sparsegpt") for sparsity in (0.5, "2:4", "4:8")],
+    ("wanda", 0.7, "uniform"),
+    ("wanda", 0.7, "owl"),
+    ("sparsegpt", 0.7, "uniform"),
+    ("sparsegpt", 0.7, "owl"),
+]
+HERE = Path(__file__).resolve().parent
+
+
+def measure(row: tuple[str, float | str, str] | None, args: argparse.Namespace) -> dict:
+    model, tokenizer = load_default_model()
+    result = {"method": "dense", "sparsity": "-", "allocation": "-", "prune_seconds": 0.0}
+    if row is not None:
+        method, sparsity, allocation = row
+        config = PruningConfig(
+            method=method,
+            sparsity=sparsity,
+            allocation=allocation,
+            num_calibration_samples=args.calibration_samples,
+            calibration_seq_len=args.calibration_seq_len,
+            seed=0,
+        )
+        report = prune(model, config, tokenizer=tokenizer)
+        result.update(method=method, sparsity=str(sparsity), allocation=allocation, prune_seconds=report.seconds)
+    result["linear_sparsity"] = verify_sparsity(model)["overall_sparsity"]
+    started = time.perf_counter()
+    result["perplexity"] = evaluate_perplexity(model, tokenizer, seq_len=512, max_tokens=args.eval_tokens)
+    result["eval_seconds"] = time.perf_counter() - started
+    return result
+
+
+def markdown(results: list[dict], args: argparse.Namespace, command: str) -> str:
+    lines = [
+        "# Quality benchmark: SmolLM2-135M-Instruct (fp32)",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Protocol: calibration {args.calibration_samples} × {args.calibration_seq_len} tokens (seed 0, Wikipedia "
+        f"calibration split); perplexity over the first {args.eval_tokens:,} tokens of the evaluation split in "
+        "512-token windows. Linear sparsity is measured over every linear except lm_head (pre-existing zeros included).",
+        "",
+        f"Environment: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
+        f"{torch.__version__}, transformers {transformers.__version__}, optimum-prune {optimum_prune.__version__}.",
+        "",
+        "| method | sparsity | allocation | linear sparsity | perplexity | pruning time (s) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['method']} | {r['sparsity']} | {r['allocation']} | {r['linear_sparsity']:.2%} | "
+            f"{r['perplexity']:.2f} | {r['prune_seconds']:.1f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="8×128 calibration and 4,096 eval tokens")
+    parser.add_argument("--cache", type=Path, help="JSON file of finished rows (default: beside the output)")
+    parser.add_argument("--output", type=Path, help="markdown table (default: benchmarks/RESULTS.md, or RESULTS-quick.md)")
+    args = parser.parse_args()
+    args.calibration_samples, args.calibration_seq_len, args.eval_tokens = (8, 128, 4096) if args.quick else (32, 512, 65536)
+    output = args.output or HERE / ("RESULTS-quick.md" if args.quick else "RESULTS.md")
+    cache = args.cache or output.with_suffix(".json")
+    done = json.loads(cache.read_text()) if cache.is_file() else {}
+    command = "python benchmarks/quality.py" + (" --quick" if args.quick else "")
+
+    results = []
+    for row in [None, *ROWS]:
+        key = "dense" if row is None else "/".join(map(str, row))
+        if key not in done:
+            done[key] = measure(row, args)
+            cache.write_text(json.dumps(done, indent=2))
+        results.append(done[key])
+        r = done[key]
+        print(f"{key:<28} ppl {r['perplexity']:>9.2f}  sparsity {r['linear_sparsity']:.2%}  prune {r['prune_seconds']:.1f}s", flush=True)
+    output.write_text(markdown(results, args, command))
+    print(markdown(results, args, command))
+
+
+if __name__ == "__main__":
+    main()

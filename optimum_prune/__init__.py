@@ -1,0 +1,38 @@
+"""optimum-prune: LLM pruning as a first-class citizen of the Hugging Face ecosystem.
+
+    from optimum_prune import PruningConfig, prune, load_default_model
+    model, tokenizer = load_default_model()
+    report = prune(model, PruningConfig(method="wanda", sparsity="2:4"), tokenizer=tokenizer)
+"""
+
+from .allocation import ALLOCATIONS, register_allocation
+from .adapters import ADAPTERS, get_adapter, register_adapter
+from .api import prune
+from .config import PruningConfig
+from .evaluation import evaluate_perplexity
+from .methods import METHODS, register_method
+from .models import load_default_model, load_model
+from .report import PruningReport
+from .saving import save_pruned
+from .sparsity import NMPattern, verify_sparsity
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ADAPTERS",
+    "ALLOCATIONS",
+    "METHODS",
+    "NMPattern",
+    "PruningConfig",
+    "PruningReport",
+    "evaluate_perplexity",
+    "get_adapter",
+    "load_default_model",
+    "load_model",
+    "prune",
+    "register_adapter",
+    "register_allocation",
+    "register_method",
+    "save_pruned",
+    "verify_sparsity",
+]

@@ -1,0 +1,63 @@
+"""Layer-wise sparsity allocation: how a global target is spread over decoder layers.
+
+An allocation may observe each layer of the dense model on the calibration set (weights and
+the squared input norms of each linear) before anything is pruned, then returns one
+sparsity per decoder layer whose mean equals the target.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, TypeVar
+
+import torch
+
+from ..options import NoOptions
+from ..registry import Registry
+from ..statistics import ColumnNorms
+
+Options = TypeVar("Options")
+
+
+class Allocation(ABC, Generic[Options]):
+    requires_calibration: bool = False
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+
+    def observe(self, layer_index: int, weights: dict[str, torch.Tensor], norms: dict[str, ColumnNorms]) -> None:
+        """See one dense layer's linear weights and input norms (only if ``requires_calibration``)."""
+
+    @abstractmethod
+    def allocate(self, target: float, num_layers: int) -> list[float]:
+        """Per-layer sparsities averaging to ``target``."""
+
+
+@dataclass(frozen=True)
+class AllocationSpec:
+    name: str
+    allocation: type[Allocation]
+    options: type
+
+    def create(self, options: Any) -> Allocation:
+        return self.allocation(options)
+
+
+ALLOCATIONS: Registry[AllocationSpec] = Registry("sparsity allocation", "PruningConfig.allocation")
+
+
+def register_allocation(name: str, *, options: type = NoOptions) -> Callable[[type[Allocation]], type[Allocation]]:
+    def decorator(allocation: type[Allocation]) -> type[Allocation]:
+        ALLOCATIONS.add(name, AllocationSpec(name, allocation, options))
+        return allocation
+
+    return decorator
+
+
+@register_allocation("uniform")
+class UniformAllocation(Allocation[NoOptions]):
+    """Every layer gets the target sparsity."""
+
+    def allocate(self, target: float, num_layers: int) -> list[float]:
+        return [target] * num_layers

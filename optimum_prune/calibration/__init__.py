@@ -1,0 +1,15 @@
+"""Calibration data sources and the sequential layer-wise engine."""
+
+from .engine import LayerInputs, capture_first_layer_inputs, feeding_inputs, run_layer, walk_layers
+from .sources import CalibrationSource, calibration_windows, tokenize_stream
+
+__all__ = [
+    "CalibrationSource",
+    "LayerInputs",
+    "calibration_windows",
+    "capture_first_layer_inputs",
+    "feeding_inputs",
+    "run_layer",
+    "tokenize_stream",
+    "walk_layers",
+]

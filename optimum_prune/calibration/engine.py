@@ -1,0 +1,131 @@
+"""The sequential, layer-by-layer calibration engine.
+
+The calibration windows run through the model once, up to decoder layer 0, where the layer's
+inputs (hidden states and the keyword arguments the model passes it: attention mask, position
+embeddings, ...) are captured. From then on one layer at a time is moved to the compute device,
+visited (statistics gathered, weights pruned), and run again on the captured inputs so that its
+*pruned* outputs become the next layer's inputs (SparseGPT, Sec. 3.5; Wanda, Sec. 3). Memory is
+the model plus two activation buffers of ``samples × seq_len × hidden`` — independent of depth,
+and no logits are ever computed.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..adapters import DecoderAdapter
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LayerInputs:
+    """Captured inputs of the current decoder layer, one entry per calibration batch."""
+
+    hidden_states: list[torch.Tensor]
+    layer_kwargs: list[dict[str, Any]]
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.hidden_states)
+
+
+class _StopForward(Exception):
+    """Raised from layer 0's pre-hook: nothing past the captured inputs needs computing."""
+
+
+def capture_first_layer_inputs(
+    adapter: DecoderAdapter, windows: torch.Tensor, device: torch.device, batch_size: int = 1
+) -> LayerInputs:
+    model = adapter.model
+    first_layer = adapter.decoder_layers()[0]
+    captured = LayerInputs([], [])
+
+    def record(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        captured.hidden_states.append(hidden.detach())
+        captured.layer_kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        raise _StopForward
+
+    handle = first_layer.register_forward_pre_hook(record, with_kwargs=True)
+    with _on_device(adapter.input_modules(), device), torch.no_grad():
+        try:
+            for start in tqdm(range(0, windows.shape[0], batch_size), desc="Capturing calibration inputs", leave=False):
+                try:
+                    model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
+                except _StopForward:
+                    pass
+        finally:
+            handle.remove()
+    return captured
+
+
+def run_layer(adapter: DecoderAdapter, layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [
+            adapter.run_layer(layer, hidden, kwargs).detach()
+            for hidden, kwargs in zip(inputs.hidden_states, inputs.layer_kwargs)
+        ]
+
+
+@contextmanager
+def feeding_inputs(linears: dict[str, nn.Linear], sink: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+    """While active, every forward of a linear in ``linears`` passes its input to ``sink(name, input)``."""
+    handles = [
+        linear.register_forward_pre_hook(lambda _m, args, name=name: sink(name, args[0].detach()))
+        for name, linear in linears.items()
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+LayerVisitor = Callable[[int, nn.Module, LayerInputs], None]
+
+
+def walk_layers(
+    adapter: DecoderAdapter,
+    windows: torch.Tensor,
+    device: torch.device,
+    visit: LayerVisitor,
+    description: str,
+    batch_size: int = 1,
+) -> None:
+    """Visit every decoder layer with its inputs, then propagate the (possibly pruned) layer's outputs."""
+    inputs = capture_first_layer_inputs(adapter, windows, device, batch_size)
+    logger.info("captured %d calibration batches (%.1f MiB of activations)", len(inputs.hidden_states), inputs.num_bytes / 2**20)
+    layers = adapter.decoder_layers()
+    for index in tqdm(range(len(layers)), desc=description):
+        layer = layers[index]
+        with _on_device([layer], device):
+            visit(index, layer, inputs)
+            inputs.hidden_states = run_layer(adapter, layer, inputs)
+
+
+@contextmanager
+def _on_device(modules: list[nn.Module], device: torch.device) -> Iterator[None]:
+    """Move modules to ``device`` for the duration, then back where they were (layer-wise offload)."""
+    homes = [_device_of(m) for m in modules]
+    for module in modules:
+        module.to(device)
+    try:
+        yield
+    finally:
+        for module, home in zip(modules, homes):
+            if home is not None and home != device:
+                module.to(home)
+
+
+def _device_of(module: nn.Module) -> torch.device | None:
+    for tensor in (*module.parameters(), *module.buffers()):
+        return tensor.device
+    return None

@@ -1,0 +1,76 @@
+"""Turn a calibration source into a ``[samples, seq_len]`` tensor of token ids.
+
+Sources: ``None`` (the bundled Wikipedia calibration split), a path to a text file, a list of
+strings, a ``datasets.Dataset`` with a ``text`` column, or a ready ``LongTensor`` of token ids.
+Text is tokenised as one stream and windows start at seeded random offsets, as in the
+Wanda/SparseGPT reference loaders, so the same seed always yields the same windows.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Sequence, Union
+
+import torch
+
+from ..data import wikipedia_text
+
+CalibrationSource = Union[None, str, os.PathLike, Sequence[str], torch.Tensor, Any]
+
+
+def calibration_windows(
+    source: CalibrationSource, tokenizer: Any, num_samples: int, seq_len: int, seed: int
+) -> torch.Tensor:
+    if isinstance(source, torch.Tensor):
+        return _check_token_tensor(source)
+    if tokenizer is None:
+        raise ValueError("tokenizer is required to tokenise text calibration data; pass tokenizer= or a LongTensor of token ids")
+    tokens = tokenize_stream(tokenizer, _texts(source))
+    if tokens.numel() < seq_len:
+        raise ValueError(
+            f"calibration has {tokens.numel()} tokens, fewer than one window of calibration_seq_len={seq_len}; "
+            "give more text or lower calibration_seq_len"
+        )
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, tokens.numel() - seq_len + 1, (num_samples,), generator=generator)
+    return torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])
+
+
+def tokenize_stream(tokenizer: Any, texts: Sequence[str]) -> torch.Tensor:
+    """One token stream for documents joined by blank lines, without BOS/EOS insertion."""
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _texts(source: CalibrationSource) -> list[str]:
+    if source is None:
+        texts = [wikipedia_text("calibration")]
+    elif isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise ValueError(f"calibration file {str(path)!r} does not exist (pass a list of strings for raw text)")
+        texts = [path.read_text(encoding="utf-8")]
+    elif hasattr(source, "column_names"):
+        if "text" not in source.column_names:
+            raise ValueError(f"calibration dataset needs a 'text' column; it has {source.column_names}")
+        texts = list(source["text"])
+    elif isinstance(source, Sequence) and all(isinstance(t, str) for t in source):
+        texts = list(source)
+    else:
+        raise TypeError(
+            "calibration must be None, a text file path, a list of strings, a datasets.Dataset with a 'text' column "
+            f"or a LongTensor of token ids; got {type(source).__name__}"
+        )
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise ValueError("calibration is empty: it contains no non-blank text")
+    return texts
+
+
+def _check_token_tensor(tokens: torch.Tensor) -> torch.Tensor:
+    if tokens.dim() != 2 or tokens.dtype != torch.long or tokens.numel() == 0:
+        raise ValueError(
+            f"calibration tensor must be a non-empty [samples, seq_len] LongTensor, got shape {tuple(tokens.shape)} {tokens.dtype}"
+        )
+    return tokens

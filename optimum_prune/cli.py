@@ -1,0 +1,144 @@
+"""``optimum-prune``: prune a local checkpoint (or the embedded SmolLM2) and save it.
+
+    optimum-prune --method wanda --sparsity 2:4 --output pruned/ --eval
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from .allocation import ALLOCATIONS
+from .api import prune
+from .config import PruningConfig
+from .evaluation import evaluate_perplexity
+from .methods import METHODS
+from .models import load_default_model, load_model
+from .options import describe_options
+from .saving import save_pruned
+from .sparsity import verify_sparsity
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = PruningConfig()
+    epilog = ["method options (--option NAME=VALUE):"]
+    for name in METHODS:
+        for option, default, help_text in describe_options(METHODS.get(name).options):
+            epilog.append(f"  {name}.{option} (default {default!r}): {help_text}")
+    epilog.append("allocation options (--allocation-option NAME=VALUE):")
+    for name in ALLOCATIONS:
+        for option, default, help_text in describe_options(ALLOCATIONS.get(name).options):
+            epilog.append(f"  {name}.{option} (default {default!r}): {help_text}")
+    parser = argparse.ArgumentParser(
+        prog="optimum-prune",
+        description="Prune a causal LM and save it so that stock transformers reloads it.",
+        epilog="\n".join(epilog),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--method", default=defaults.method, choices=METHODS.names(), help="pruning method")
+    parser.add_argument("--sparsity", default=str(defaults.sparsity), help="fraction in [0, 1) or N:M pattern, e.g. 0.5 or 2:4")
+    parser.add_argument("--output", required=True, type=Path, help="directory for the pruned checkpoint (replaced atomically)")
+    parser.add_argument("--model", type=Path, help="local checkpoint directory (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--calibration", type=Path, help="text file for calibration (default: bundled Wikipedia split)")
+    parser.add_argument("--calibration-samples", type=int, default=defaults.num_calibration_samples)
+    parser.add_argument("--seq-len", type=int, default=defaults.calibration_seq_len, help="tokens per calibration window")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument("--allocation", default=defaults.allocation, choices=ALLOCATIONS.names())
+    parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE", help="method option")
+    parser.add_argument("--allocation-option", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--ignore", action="append", default=[], metavar="GLOB", help="module names to keep dense")
+    parser.add_argument("--device", help="where layers are processed (default: cuda if available, else cpu)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--eval", action="store_true", help="report dense and pruned perplexity")
+    parser.add_argument("--eval-file", type=Path, help="evaluation text file (default: bundled Wikipedia evaluation split)")
+    parser.add_argument("--eval-tokens", type=int, default=16384, help="tokens of evaluation text to score")
+    parser.add_argument("--eval-seq-len", type=int, default=512)
+    return parser
+
+
+def _parse_options(pairs: Sequence[str], flag: str) -> dict[str, Any]:
+    options: dict[str, Any] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise ValueError(f"{flag} expects NAME=VALUE, got {pair!r}")
+        try:
+            options[name] = json.loads(value)
+        except json.JSONDecodeError:
+            options[name] = value
+    return options
+
+
+def _parse_sparsity(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def run(args: argparse.Namespace) -> int:
+    config = PruningConfig(
+        method=args.method,
+        sparsity=_parse_sparsity(args.sparsity),
+        method_options=_parse_options(args.option, "--option"),
+        allocation=args.allocation,
+        allocation_options=_parse_options(args.allocation_option, "--allocation-option"),
+        ignore=args.ignore,
+        num_calibration_samples=args.calibration_samples,
+        calibration_seq_len=args.seq_len,
+        seed=args.seed,
+    )
+    if args.calibration is not None and not args.calibration.is_file():
+        raise ValueError(f"--calibration {str(args.calibration)!r} is not a file")
+    dtype = DTYPES[args.dtype]
+    model, tokenizer = load_model(args.model, dtype) if args.model else load_default_model(dtype)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    eval_text = args.eval_file.read_text(encoding="utf-8") if args.eval_file else None
+
+    def perplexity() -> float:
+        return evaluate_perplexity(model, tokenizer, eval_text, seq_len=args.eval_seq_len, max_tokens=args.eval_tokens)
+
+    dense = perplexity() if args.eval else None
+    before = verify_sparsity(model)["overall_sparsity"]
+    report = prune(model, config, calibration=args.calibration, tokenizer=tokenizer, device=device)
+    pruned = perplexity() if args.eval else None
+    started = time.perf_counter()
+    save_pruned(model, args.output, tokenizer=tokenizer, config=config)
+    saved_in = time.perf_counter() - started
+    after = verify_sparsity(model, config.target if isinstance(config.sparsity, str) else None)
+
+    rows = [("", "dense", "pruned"), ("linear sparsity (excl. lm_head)", f"{before:.2%}", f"{after['overall_sparsity']:.2%}")]
+    if args.eval:
+        rows.append((f"perplexity ({args.eval_tokens:,} tokens)", f"{dense:.2f}", f"{pruned:.2f}"))
+    rows.append(("pruning time", "", f"{report.seconds:.1f} s"))
+    if after["pattern"]:
+        rows.append((f"{after['pattern']} conforming", "", str(after["conforming"])))
+    width = max(len(r[0]) for r in rows)
+    print(f"\n{config.method} {config.sparsity} ({config.allocation}) -> {args.output}  (saved in {saved_in:.1f} s)")
+    for label, left, right in rows:
+        print(f"{label:<{width}}  {left:>10}  {right:>10}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, TypeError) as error:
+        parser.exit(2, f"optimum-prune: error: {error}\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

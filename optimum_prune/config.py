@@ -1,0 +1,143 @@
+"""``PruningConfig``: what to prune, how, and with which calibration settings.
+
+A plain dataclass, validated on construction, that round-trips exactly through JSON so it can
+be stored next to a checkpoint (``pruning_config.json`` and a ``pruning_config`` entry of
+``config.json``) and rebuilt from a CLI, a YAML section or a dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from .allocation import ALLOCATIONS
+from .methods import METHODS
+from .options import build_options, options_to_dict
+from .sparsity import NMPattern, SparsityTarget
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "pruning_config.json"
+
+
+@dataclass
+class PruningConfig:
+    method: str = field(default="wanda", metadata={"help": "Registered pruning method, e.g. magnitude, wanda, sparsegpt."})
+    sparsity: float | str = field(
+        default=0.5,
+        metadata={"help": "Fraction of weights to remove, in [0, 1), or an 'N:M' pattern such as '2:4' (N kept of every M)."},
+    )
+    method_options: dict[str, Any] = field(
+        default_factory=dict, metadata={"help": "Options of the chosen method (see each method's options class)."}
+    )
+    allocation: str = field(
+        default="uniform", metadata={"help": "How the target is spread over layers: 'uniform' or 'owl'."}
+    )
+    allocation_options: dict[str, Any] = field(default_factory=dict, metadata={"help": "Options of the allocation."})
+    ignore: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Glob patterns of module names left dense, e.g. ['*.self_attn.o_proj', 'model.layers.0.*']. "
+            "Only linears inside decoder layers are pruned: embeddings and lm_head always stay dense."
+        },
+    )
+    num_calibration_samples: int = field(default=128, metadata={"help": "Calibration windows (paper default 128)."})
+    calibration_seq_len: int = field(default=2048, metadata={"help": "Tokens per calibration window."})
+    seed: int = field(default=0, metadata={"help": "Seed for sampling calibration windows."})
+
+    def __post_init__(self) -> None:
+        spec = METHODS.get(self.method)
+        self.sparsity = _normalise_sparsity(self.sparsity)
+        self.method_options = _complete_options(spec.options, self.method_options, "PruningConfig.method_options")
+        allocation = ALLOCATIONS.get(self.allocation)
+        self.allocation_options = _complete_options(
+            allocation.options, self.allocation_options, "PruningConfig.allocation_options"
+        )
+        if allocation.name != "uniform" and isinstance(self.target, NMPattern):
+            raise ValueError(
+                f"PruningConfig.allocation {self.allocation!r} varies sparsity per layer and cannot be combined "
+                f"with the N:M pattern {self.sparsity!r}; use a float sparsity or allocation='uniform'"
+            )
+        if isinstance(self.ignore, str) or not all(isinstance(p, str) for p in self.ignore):
+            raise TypeError(f"PruningConfig.ignore must be a list of glob patterns, got {self.ignore!r}")
+        self.ignore = list(self.ignore)
+        for name in ("num_calibration_samples", "calibration_seq_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"PruningConfig.{name} must be a positive integer, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"PruningConfig.seed must be an integer, got {self.seed!r}")
+
+    @property
+    def target(self) -> SparsityTarget:
+        """The sparsity as a float or a parsed ``NMPattern``."""
+        return NMPattern.parse(self.sparsity) if isinstance(self.sparsity, str) else self.sparsity
+
+    @property
+    def requires_calibration(self) -> bool:
+        return METHODS.get(self.method).requires_calibration or ALLOCATIONS.get(self.allocation).allocation.requires_calibration
+
+    def build_method_options(self) -> Any:
+        return build_options(METHODS.get(self.method).options, self.method_options, "PruningConfig.method_options")
+
+    def build_allocation_options(self) -> Any:
+        return build_options(
+            ALLOCATIONS.get(self.allocation).options, self.allocation_options, "PruningConfig.allocation_options"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format_version": FORMAT_VERSION, **dataclasses.asdict(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "PruningConfig":
+        data = dict(data)
+        version = data.pop("format_version", FORMAT_VERSION)
+        if version != FORMAT_VERSION:
+            raise ValueError(
+                f"format_version {version} is not supported by this optimum-prune (reads {FORMAT_VERSION}); upgrade optimum-prune"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"PruningConfig has no field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(known))}")
+        return cls(**data)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    def to_json_file(self, path: str | os.PathLike) -> None:
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(self.to_json_string())
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> "PruningConfig":
+        try:
+            with open(path, encoding="utf-8") as handle:
+                data = json.load(handle)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path} is not valid JSON: {error}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{path} must contain a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data)
+
+
+def _normalise_sparsity(value: Any) -> float | str:
+    if isinstance(value, NMPattern):
+        return str(value)
+    if isinstance(value, str):
+        return str(NMPattern.parse(value, "PruningConfig.sparsity"))
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"PruningConfig.sparsity must be a float in [0, 1) or an 'N:M' string, got {value!r}")
+    if not 0 <= value < 1:
+        raise ValueError(f"PruningConfig.sparsity must be in [0, 1) (fraction of weights removed), got {value}")
+    return float(value)
+
+
+def _complete_options(options_cls: type, values: Any, field_name: str) -> dict[str, Any]:
+    try:
+        return options_to_dict(build_options(options_cls, values if values is not None else {}, field_name))
+    except ValueError as error:
+        message = str(error)
+        raise ValueError(message if message.startswith(field_name) else f"{field_name}: {message}") from None

@@ -1,0 +1,58 @@
+"""Perplexity over non-overlapping windows, one batch of logits alive at a time."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from .calibration import tokenize_stream
+from .data import wikipedia_text
+
+
+def evaluate_perplexity(
+    model: nn.Module,
+    tokenizer: Any,
+    text: str | Sequence[str] | None = None,
+    seq_len: int = 512,
+    max_tokens: int | None = None,
+    batch_size: int = 1,
+    device: str | torch.device | None = None,
+) -> float:
+    """exp(mean next-token NLL) over consecutive ``seq_len`` windows of ``text``.
+
+    ``text`` defaults to the bundled Wikipedia evaluation split (disjoint from calibration).
+    The stream is tokenised without special tokens and cut to ``max_tokens``; a trailing
+    partial window is dropped. Each window predicts its own tokens 2..seq_len (the
+    Wanda/SparseGPT protocol). Logits exist for one batch at a time only.
+    """
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    texts = [wikipedia_text("evaluation")] if text is None else [text] if isinstance(text, str) else list(text)
+    tokens = tokenize_stream(tokenizer, texts)
+    if max_tokens is not None:
+        tokens = tokens[:max_tokens]
+    windows = tokens.numel() // seq_len
+    if windows == 0:
+        raise ValueError(f"text has {tokens.numel()} tokens, fewer than one window of seq_len={seq_len}")
+    tokens = tokens[: windows * seq_len].reshape(windows, seq_len)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total_nll = 0.0
+    try:
+        with torch.no_grad():
+            for start in tqdm(range(0, windows, batch_size), desc="Perplexity", leave=False):
+                batch = tokens[start : start + batch_size].to(device)
+                logits = model(input_ids=batch, use_cache=False).logits
+                total_nll += F.cross_entropy(
+                    logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"
+                ).item()
+                del logits
+    finally:
+        model.train(was_training)
+    return math.exp(total_nll / (windows * (seq_len - 1)))

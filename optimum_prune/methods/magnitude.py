@@ -1,0 +1,33 @@
+"""Magnitude pruning: remove the weights of smallest |W| (no calibration data)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..options import option
+from ..sparsity import SparsityTarget, select_mask
+from .base import LayerPruner, register_method
+
+COMPARISON_GROUPS = ("layer", "output")
+
+
+@dataclass(frozen=True)
+class MagnitudeOptions:
+    comparison_group: str = option(
+        "layer",
+        "'layer': rank |W| across the whole matrix (the usual LLM baseline, as in the Wanda and "
+        "SparseGPT papers); 'output': rank within each output row.",
+    )
+
+    def __post_init__(self) -> None:
+        if self.comparison_group not in COMPARISON_GROUPS:
+            raise ValueError(f"comparison_group must be one of {COMPARISON_GROUPS}, got {self.comparison_group!r}")
+
+
+@register_method("magnitude", options=MagnitudeOptions, requires_calibration=False)
+class MagnitudePruner(LayerPruner[MagnitudeOptions]):
+    """Prune the smallest-magnitude weights (data-free baseline)."""
+
+    def prune(self, target: SparsityTarget) -> None:
+        scores = self.linear.weight.detach().abs().float()
+        self.apply_mask(select_mask(scores, target, per_row=self.options.comparison_group == "output"))

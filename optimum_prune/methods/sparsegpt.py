@@ -1,0 +1,92 @@
+"""SparseGPT (Frantar & Alistarh, 2023, "SparseGPT: Massive Language Models Can Be Accurately
+Pruned in One-Shot"): OBS reconstruction with lazy block updates and adaptive mask selection."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..options import option
+from ..sparsity import NMPattern, SparsityTarget, prune_lowest, prune_lowest_nm
+from .base import LayerPruner, register_method
+
+
+@dataclass(frozen=True)
+class SparseGPTOptions:
+    block_size: int = option(128, "Columns per lazy-update block B_s; masks are chosen per block (paper: 128).")
+    dampening: float = option(
+        0.01, "λ added to the Hessian diagonal as a fraction of its mean diagonal (paper: 1%)."
+    )
+
+    def __post_init__(self) -> None:
+        if self.block_size <= 0:
+            raise ValueError(f"block_size must be a positive integer, got {self.block_size}")
+        if not 0 <= self.dampening < 1:
+            raise ValueError(f"dampening must be in [0, 1), got {self.dampening}")
+
+
+@register_method("sparsegpt", options=SparseGPTOptions)
+class SparseGPTPruner(LayerPruner[SparseGPTOptions]):
+    """Prune with the OBS update of SparseGPT: remaining weights compensate for removed ones."""
+
+    def __init__(self, linear: torch.nn.Linear, options: SparseGPTOptions) -> None:
+        super().__init__(linear, options)
+        columns = linear.in_features
+        self.hessian = torch.zeros(columns, columns, dtype=torch.float32, device=linear.weight.device)
+        self.samples = 0
+
+    def add_batch(self, inputs: torch.Tensor) -> None:
+        # H = 2/n Σ x xᵀ kept as a running mean so that it never overflows (reference implementation).
+        batch = inputs.shape[0] if inputs.dim() > 2 else 1
+        flat = inputs.reshape(-1, inputs.shape[-1]).float()
+        self.hessian *= self.samples / (self.samples + batch)
+        self.samples += batch
+        flat = flat * (2 / self.samples) ** 0.5
+        self.hessian += flat.T @ flat
+
+    def prune(self, target: SparsityTarget) -> None:
+        weight = self.linear.weight
+        W = weight.detach().float().clone()
+        H = self.hessian
+        self.hessian = None  # the Hessian is the largest state; free it as soon as it is consumed
+        columns = W.shape[1]
+        block = self.options.block_size
+        if isinstance(target, NMPattern) and (block % target.m or columns % target.m):
+            raise ValueError(
+                f"SparseGPT {target} needs block_size ({block}) and in_features ({columns}) to be multiples of {target.m}"
+            )
+
+        dead = torch.diag(H) == 0
+        H[dead, dead] = 1
+        W[:, dead] = 0
+        H += self.options.dampening * torch.mean(torch.diag(H)) * torch.eye(columns, device=H.device)
+        # Upper Cholesky factor of H⁻¹: its rows give the OBS updates for the remaining columns (Sec. 3.3).
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+
+        for start in range(0, columns, block):
+            end = min(start + block, columns)
+            W1 = W[:, start:end].clone()
+            Hinv1 = Hinv[start:end, start:end]
+            diag = torch.diag(Hinv1)
+            errors = torch.zeros_like(W1)
+            if isinstance(target, NMPattern):
+                mask = torch.zeros_like(W1, dtype=torch.bool)
+            else:
+                # Adaptive mask selection: saliency w² / [H⁻¹]_cc² over the whole block (Eq. 3, Sec. 3.4).
+                mask = prune_lowest(W1.square() / diag.square().unsqueeze(0), target, per_row=False)
+            for i in range(end - start):
+                if isinstance(target, NMPattern) and i % target.m == 0:
+                    group = W1[:, i : i + target.m].square() / diag[i : i + target.m].square().unsqueeze(0)
+                    mask[:, i : i + target.m] = prune_lowest_nm(group, target)
+                w = W1[:, i]
+                q = w.masked_fill(mask[:, i], 0)
+                error = (w - q) / Hinv1[i, i]
+                W1[:, i:] -= error.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+                W1[:, i] = q
+                errors[:, i] = error
+            W[:, start:end] = W1
+            W[:, end:] -= errors @ Hinv[start:end, end:]
+
+        with torch.no_grad():
+            weight.copy_(W.to(weight.dtype))

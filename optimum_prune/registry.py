@@ -1,0 +1,40 @@
+"""A small name → entry registry shared by methods, allocations and adapters.
+
+Registration is explicit (a decorator in the module that defines the entry) and every
+lookup failure names the known entries, so a typo never degrades into a silent default.
+"""
+
+from __future__ import annotations
+
+from typing import Generic, Iterator, TypeVar
+
+Entry = TypeVar("Entry")
+
+
+class Registry(Generic[Entry]):
+    def __init__(self, kind: str, field: str) -> None:
+        self.kind = kind
+        self.field = field
+        self._entries: dict[str, Entry] = {}
+
+    def add(self, name: str, entry: Entry) -> None:
+        if name in self._entries:
+            raise ValueError(f"{self.kind} {name!r} is already registered")
+        self._entries[name] = entry
+
+    def get(self, name: str) -> Entry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise ValueError(
+                f"{self.field} {name!r} is not a registered {self.kind}; known: {', '.join(self.names())}"
+            ) from None
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())

