@@ -1,0 +1,43 @@
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
+
+from optimum_prune import ADAPTERS, PruningConfig, get_adapter, prune, verify_sparsity
+from optimum_prune.adapters.llama import LlamaAdapter
+
+from ..conftest import FAMILIES, tiny_model, token_windows
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+@pytest.mark.parametrize("method", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("sparsity", [0.5, "2:4"])
+def test_every_method_on_every_family(family, method, sparsity):
+    model = tiny_model(family)
+    ids = token_windows(samples=2, seq_len=16)
+    report = prune(model, PruningConfig(method=method, sparsity=sparsity), calibration=token_windows())
+    assert len(report.linears) == 3 * 7  # q, k, v, o, gate, up, down in every layer
+    result = verify_sparsity(model, sparsity if isinstance(sparsity, str) else None)
+    assert result["overall_sparsity"] == pytest.approx(0.5)
+    if isinstance(sparsity, str):
+        assert result["conforming"]
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_registry_covers_llama_family():
+    assert {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"} <= set(ADAPTERS.names())
+    assert isinstance(get_adapter(tiny_model("qwen2")), LlamaAdapter)
+
+
+def test_subclass_inherits_adapter():
+    class MyLlama(LlamaForCausalLM):
+        pass
+
+    model = MyLlama(tiny_model().config)
+    assert isinstance(get_adapter(model), LlamaAdapter)
+
+
+def test_unsupported_architecture_lists_supported():
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
+    with pytest.raises(ValueError, match="GPT2LMHeadModel is not supported; supported model classes: .*LlamaForCausalLM"):
+        prune(model, PruningConfig(method="magnitude"))

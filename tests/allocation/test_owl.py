@@ -1,0 +1,44 @@
+import pytest
+import torch
+
+from optimum_prune import PruningConfig, prune
+from optimum_prune.allocation.owl import OWLAllocation, OWLOptions
+from optimum_prune.statistics import ColumnNorms
+
+from ..conftest import tiny_model, token_windows
+
+
+def _observe(allocation: OWLAllocation, index: int, outlier_columns: int) -> None:
+    weight = torch.ones(16, 64)
+    norms = ColumnNorms(64, torch.device("cpu"))
+    activations = torch.ones(10, 64)
+    activations[:, :outlier_columns] = 100.0  # features with huge activations make outlier scores
+    norms.add(activations)
+    allocation.observe(index, {"w": weight}, {"w": norms})
+
+
+def test_ratios_average_to_target_and_follow_outliers():
+    allocation = OWLAllocation(OWLOptions(outlier_threshold=5.0, max_deviation=0.08))
+    for index, outliers in enumerate([0, 1, 2, 4]):
+        _observe(allocation, index, outliers)
+    sparsities = allocation.allocate(0.7, 4)
+    assert sum(sparsities) / 4 == pytest.approx(0.7, abs=1e-12)
+    assert sparsities == sorted(sparsities, reverse=True)  # more outliers → denser layer
+    assert max(sparsities) - min(sparsities) == pytest.approx(0.16)  # spread is 2λ
+
+
+def test_owl_on_model_averages_to_target():
+    model = tiny_model(num_hidden_layers=4)
+    report = prune(model, PruningConfig(method="wanda", sparsity=0.6, allocation="owl"), calibration=token_windows())
+    targets = [target for target, _ in report.layer_sparsities().values()]
+    assert sum(targets) / len(targets) == pytest.approx(0.6)
+    assert len(set(round(t, 6) for t in targets)) > 1
+    assert report.overall_sparsity == pytest.approx(0.6, abs=0.01)
+
+
+def test_owl_refuses_impossible_spread():
+    allocation = OWLAllocation(OWLOptions(max_deviation=0.3))
+    for index, outliers in enumerate([0, 8]):
+        _observe(allocation, index, outliers)
+    with pytest.raises(ValueError, match="lower allocation_options.max_deviation"):
+        allocation.allocate(0.9, 2)

@@ -1,0 +1,103 @@
+import gc
+
+import pytest
+import torch
+from torch import nn
+
+from optimum_prune import PruningConfig, get_adapter, prune
+from optimum_prune.calibration import walk_layers
+from optimum_prune.methods import METHODS
+
+from ..conftest import tiny_model, token_windows
+
+
+def _reference_prune(model: nn.Module, windows: torch.Tensor, config: PruningConfig) -> None:
+    """Layer i's statistics come from full-model forwards through the already-pruned layers < i."""
+    method = METHODS.get(config.method)
+    options = config.build_method_options()
+    for layer in model.model.layers:
+        linears = {name: m for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        pruners = {name: method.create(linear, options) for name, linear in linears.items()}
+        hooks = [
+            linear.register_forward_pre_hook(lambda _m, args, name=name: pruners[name].add_batch(args[0]))
+            for name, linear in linears.items()
+        ]
+        with torch.no_grad():
+            for window in windows:
+                model(input_ids=window[None], use_cache=False)
+        for hook in hooks:
+            hook.remove()
+        for pruner in pruners.values():
+            pruner.prune(config.target)
+
+
+@pytest.mark.parametrize("method,sparsity", [("wanda", 0.5), ("sparsegpt", 0.5), ("sparsegpt", "2:4")])
+def test_sequential_engine_equals_layer_by_layer_reference(method, sparsity):
+    config = PruningConfig(method=method, sparsity=sparsity)
+    windows = token_windows(samples=6, seq_len=24)
+    engine_model, reference_model = tiny_model(), tiny_model()
+    prune(engine_model, config, calibration=windows)
+    _reference_prune(reference_model, windows, config)
+    for (name, engine_weight), reference_weight in zip(
+        engine_model.state_dict().items(), reference_model.state_dict().values()
+    ):
+        assert torch.equal(engine_weight == 0, reference_weight == 0), name
+        torch.testing.assert_close(engine_weight, reference_weight, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def _live_activation_bytes(model: nn.Module) -> int:
+    owned = {id(t) for t in (*model.parameters(), *model.buffers())}
+    return sum(
+        obj.numel() * obj.element_size()
+        for obj in gc.get_objects()
+        if type(obj) is torch.Tensor and id(obj) not in owned and obj.device.type == "cpu"
+    )
+
+
+def test_activation_memory_does_not_grow_with_depth():
+    windows = token_windows(samples=16, seq_len=64)
+    peaks = {}
+    for depth in (2, 8):
+        model = tiny_model(num_hidden_layers=depth)
+        adapter = get_adapter(model)
+        seen = []
+        walk_layers(adapter, windows, torch.device("cpu"), lambda i, layer, inputs: seen.append(_live_activation_bytes(model)), "test")
+        peaks[depth] = max(seen)
+        assert len(seen) == depth
+    one_buffer = 16 * 64 * 64 * 4  # samples × seq_len × hidden × fp32
+    assert peaks[8] <= peaks[2] + one_buffer // 4, peaks
+    assert peaks[8] < 4 * one_buffer, peaks
+
+
+def test_same_seed_same_masks(bpe_tokenizer):
+    texts = ["The quick brown fox jumps over the lazy dog. " * 40, "Pruning removes weights from networks. " * 40]
+    config = PruningConfig(method="wanda", sparsity=0.5, num_calibration_samples=4, calibration_seq_len=32, seed=7)
+    masks = []
+    for _ in range(2):
+        model = tiny_model()
+        prune(model, config, calibration=texts, tokenizer=bpe_tokenizer)
+        masks.append([p == 0 for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*masks))
+
+
+def test_layers_return_to_their_device_and_config_recorded(llama, windows):
+    prune(llama, PruningConfig(method="sparsegpt", sparsity="4:8"), calibration=windows, device="cpu")
+    assert {p.device.type for p in llama.parameters()} == {"cpu"}
+    assert llama.config.pruning_config["sparsity"] == "4:8"
+
+
+def test_cuda_device_without_cuda_is_clear(llama, windows):
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        prune(llama, PruningConfig(), calibration=windows, device="cuda")
+
+
+def test_ignore_patterns_keep_modules_dense(llama, windows):
+    report = prune(
+        llama, PruningConfig(method="wanda", sparsity=0.5, ignore=["*.o_proj", "model.layers.0.*"]), calibration=windows
+    )
+    names = {r.name for r in report.linears}
+    assert not any(n.endswith("o_proj") or n.startswith("model.layers.0.") for n in names)
+    assert bool((llama.model.layers[0].mlp.up_proj.weight != 0).all())
+    assert len(names) == 2 * 6

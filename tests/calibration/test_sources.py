@@ -1,0 +1,64 @@
+import pytest
+import torch
+
+from optimum_prune import PruningConfig, prune
+from optimum_prune.calibration import calibration_windows
+from optimum_prune.data import wikipedia_articles
+
+from ..conftest import tiny_model
+
+TEXT = "Calibration text about rivers, mountains and the history of Europe. " * 50
+
+
+def test_sources_agree(tmp_path, bpe_tokenizer):
+    from datasets import Dataset
+
+    path = tmp_path / "calibration.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    from_list = calibration_windows([TEXT], bpe_tokenizer, 4, 16, seed=0)
+    from_file = calibration_windows(path, bpe_tokenizer, 4, 16, seed=0)
+    from_dataset = calibration_windows(Dataset.from_dict({"text": [TEXT]}), bpe_tokenizer, 4, 16, seed=0)
+    assert from_list.shape == (4, 16) and from_list.dtype == torch.long
+    assert torch.equal(from_list, from_file) and torch.equal(from_list, from_dataset)
+    assert not torch.equal(from_list, calibration_windows([TEXT], bpe_tokenizer, 4, 16, seed=1))
+
+
+def test_default_source_is_the_calibration_split(bpe_tokenizer):
+    windows = calibration_windows(None, bpe_tokenizer, 2, 64, seed=0)
+    calibration = " ".join(wikipedia_articles("calibration"))
+    for window in windows:
+        decoded = bpe_tokenizer.decode(window[8:-8])
+        assert decoded in calibration
+
+
+def test_splits_are_disjoint():
+    calibration, evaluation = wikipedia_articles("calibration"), wikipedia_articles("evaluation")
+    assert len(evaluation) > 20 and len(calibration) > 60
+    assert not {a.splitlines()[0] for a in calibration} & {a.splitlines()[0] for a in evaluation}
+
+
+@pytest.mark.parametrize("source", [[], [""], ["   ", "\n"]])
+def test_empty_calibration(source, bpe_tokenizer):
+    with pytest.raises(ValueError, match="calibration is empty"):
+        calibration_windows(source, bpe_tokenizer, 4, 16, seed=0)
+
+
+def test_bad_sources(tmp_path, bpe_tokenizer):
+    with pytest.raises(ValueError, match="calibration file .*missing.txt' does not exist"):
+        calibration_windows(tmp_path / "missing.txt", bpe_tokenizer, 4, 16, seed=0)
+    with pytest.raises(ValueError, match="fewer than one window of calibration_seq_len=4096"):
+        calibration_windows(["short text"], bpe_tokenizer, 4, 4096, seed=0)
+    with pytest.raises(ValueError, match="tokenizer is required"):
+        calibration_windows([TEXT], None, 4, 16, seed=0)
+    with pytest.raises(TypeError, match="calibration must be"):
+        calibration_windows(42, bpe_tokenizer, 4, 16, seed=0)
+    with pytest.raises(ValueError, match=r"\[samples, seq_len\] LongTensor"):
+        calibration_windows(torch.zeros(16), None, 4, 16, seed=0)
+
+
+def test_prune_with_empty_calibration_fails_before_touching_weights(bpe_tokenizer):
+    model = tiny_model()
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="calibration is empty"):
+        prune(model, PruningConfig(method="wanda"), calibration=[""], tokenizer=bpe_tokenizer)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))

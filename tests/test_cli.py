@@ -1,0 +1,61 @@
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from optimum_prune import PruningConfig, verify_sparsity
+from optimum_prune.cli import main
+from optimum_prune.models import load_model
+
+from .conftest import tiny_model
+
+
+@pytest.fixture
+def model_dir(tmp_path, bpe_tokenizer):
+    directory = tmp_path / "tiny"
+    tiny_model().save_pretrained(directory)
+    bpe_tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_cli_prunes_saves_and_reports(model_dir, tmp_path, capsys):
+    output = tmp_path / "out"
+    code = main([
+        "--model", str(model_dir), "--method", "sparsegpt", "--sparsity", "2:4", "--output", str(output),
+        "--calibration-samples", "4", "--seq-len", "32", "--option", "block_size=32", "--eval",
+        "--eval-tokens", "256", "--eval-seq-len", "64",
+    ])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "perplexity (256 tokens)" in printed and "2:4 conforming" in printed and "True" in printed
+    model, _ = load_model(output)
+    assert verify_sparsity(model, "2:4")["conforming"]
+    assert PruningConfig.from_json_file(output / "pruning_config.json").method_options["block_size"] == 32
+
+
+def test_cli_errors_are_one_line(model_dir, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--model", str(model_dir), "--sparsity", "5:4", "--output", str(tmp_path / "o")])
+    assert exit_info.value.code == 2
+    assert "optimum-prune: error: PruningConfig.sparsity '5:4' needs 0 < N < M" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--model", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o")])
+    assert "model path" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--model", str(model_dir), "--option", "block_size", "--output", str(tmp_path / "o")])
+    assert "--option expects NAME=VALUE" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_console_script_installed():
+    executable = shutil.which("optimum-prune") or str(__import__("pathlib").Path(sys.executable).parent / "optimum-prune")
+    result = subprocess.run([executable, "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert "--sparsity" in result.stdout and "sparsegpt.block_size" in result.stdout and "owl.max_deviation" in result.stdout
+
+
+def test_load_model_missing_path(tmp_path):
+    with pytest.raises(ValueError, match="model path .* is not a directory containing config.json"):
+        load_model(tmp_path / "missing")

@@ -1,0 +1,97 @@
+import json
+
+import pytest
+
+from optimum_prune import METHODS, NMPattern, PruningConfig
+
+
+def test_round_trip_dict_and_json(tmp_path):
+    config = PruningConfig(
+        method="sparsegpt",
+        sparsity="2:4",
+        method_options={"block_size": 64},
+        ignore=["*.o_proj"],
+        num_calibration_samples=16,
+        calibration_seq_len=256,
+        seed=3,
+    )
+    assert config.method_options == {"block_size": 64, "dampening": 0.01}
+    assert PruningConfig.from_dict(config.to_dict()) == config
+    path = tmp_path / "pruning_config.json"
+    config.to_json_file(path)
+    assert PruningConfig.from_json_file(path) == config
+    assert json.loads(path.read_text())["format_version"] == 1
+
+
+def test_owl_round_trip_and_target():
+    config = PruningConfig(method="wanda", sparsity=0.7, allocation="owl", allocation_options={"max_deviation": 0.1})
+    assert PruningConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert config.allocation_options == {"outlier_threshold": 5.0, "max_deviation": 0.1}
+    assert config.target == 0.7
+    assert PruningConfig(sparsity=" 4 : 8 ").target == NMPattern(4, 8)
+
+
+@pytest.mark.parametrize("sparsity", [1.0, -0.1, 1.5])
+def test_sparsity_out_of_range(sparsity):
+    with pytest.raises(ValueError, match=r"PruningConfig\.sparsity must be in \[0, 1\)"):
+        PruningConfig(sparsity=sparsity)
+
+
+@pytest.mark.parametrize("pattern", ["4:2", "2:2", "0:4"])
+def test_pattern_needs_n_below_m(pattern):
+    with pytest.raises(ValueError, match="PruningConfig.sparsity .* needs 0 < N < M"):
+        PruningConfig(sparsity=pattern)
+
+
+@pytest.mark.parametrize("pattern", ["abc", "2:4:8", "2/4", ""])
+def test_malformed_pattern(pattern):
+    with pytest.raises(ValueError, match="is not an 'N:M' pattern"):
+        PruningConfig(sparsity=pattern)
+
+
+def test_sparsity_type():
+    with pytest.raises(TypeError, match="PruningConfig.sparsity"):
+        PruningConfig(sparsity=[0.5])
+
+
+def test_unknown_method_lists_known():
+    with pytest.raises(ValueError, match="PruningConfig.method 'wandaa' .* known: magnitude, sparsegpt, wanda"):
+        PruningConfig(method="wandaa")
+    assert {"magnitude", "wanda", "sparsegpt"} <= set(METHODS.names())
+
+
+def test_unknown_and_invalid_method_options():
+    with pytest.raises(ValueError, match="method_options has unknown option.*blocksize.*valid options: block_size, dampening"):
+        PruningConfig(method="sparsegpt", method_options={"blocksize": 64})
+    with pytest.raises(ValueError, match="method_options: comparison_group must be one of"):
+        PruningConfig(method="wanda", method_options={"comparison_group": "column"})
+    with pytest.raises(TypeError, match="method_options.block_size must be int"):
+        PruningConfig(method="sparsegpt", method_options={"block_size": "64"})
+
+
+def test_owl_with_nm_pattern_is_refused():
+    with pytest.raises(ValueError, match="allocation 'owl' .* cannot be combined with the N:M pattern '2:4'"):
+        PruningConfig(method="wanda", sparsity="2:4", allocation="owl")
+
+
+def test_unknown_allocation_and_field():
+    with pytest.raises(ValueError, match="PruningConfig.allocation 'best' .* known: owl, uniform"):
+        PruningConfig(allocation="best")
+    with pytest.raises(ValueError, match="no field.*sparsity_ratio"):
+        PruningConfig.from_dict({"method": "wanda", "sparsity_ratio": 0.5})
+    with pytest.raises(ValueError, match="format_version 2"):
+        PruningConfig.from_dict({"format_version": 2})
+
+
+def test_calibration_sizes_validated():
+    with pytest.raises(ValueError, match="num_calibration_samples must be a positive integer"):
+        PruningConfig(num_calibration_samples=0)
+    with pytest.raises(ValueError, match="calibration_seq_len must be a positive integer"):
+        PruningConfig(calibration_seq_len=-1)
+
+
+def test_malformed_json_file(tmp_path):
+    path = tmp_path / "bad.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match="is not valid JSON"):
+        PruningConfig.from_json_file(path)

@@ -1,0 +1,27 @@
+import math
+
+import pytest
+import torch
+
+from optimum_prune import evaluate_perplexity
+from optimum_prune.calibration import tokenize_stream
+from optimum_prune.data import wikipedia_text
+
+from .conftest import tiny_model
+
+
+def test_perplexity_equals_mean_window_loss(bpe_tokenizer):
+    model = tiny_model()
+    text = wikipedia_text("evaluation")[:4000]
+    ppl = evaluate_perplexity(model, bpe_tokenizer, text, seq_len=64, max_tokens=640, batch_size=3)
+    tokens = tokenize_stream(bpe_tokenizer, [text])[:640].reshape(10, 64)
+    with torch.no_grad():
+        losses = [model(input_ids=w[None], labels=w[None]).loss.item() for w in tokens]
+    assert ppl == pytest.approx(math.exp(sum(losses) / len(losses)), rel=1e-5)
+
+
+def test_default_text_and_errors(bpe_tokenizer):
+    model = tiny_model()
+    assert math.isfinite(evaluate_perplexity(model, bpe_tokenizer, seq_len=32, max_tokens=128))
+    with pytest.raises(ValueError, match="fewer than one window of seq_len=512"):
+        evaluate_perplexity(model, bpe_tokenizer, "too short", seq_len=512)

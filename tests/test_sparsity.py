@@ -1,0 +1,50 @@
+import pytest
+import torch
+
+from optimum_prune import NMPattern, verify_sparsity
+from optimum_prune.sparsity import conforms_to, prune_lowest, prune_lowest_nm
+
+from .conftest import tiny_model
+
+
+def test_exact_count_with_ties():
+    scores = torch.zeros(4, 16)  # every score ties: a threshold would prune everything
+    assert int(prune_lowest(scores, 0.5, per_row=False).sum()) == 32
+    per_row = prune_lowest(scores, 0.25, per_row=True)
+    assert per_row.sum(dim=1).tolist() == [4, 4, 4, 4]
+
+
+def test_prunes_the_lowest():
+    scores = torch.tensor([[4.0, 1.0, 3.0, 2.0], [0.5, 0.7, 0.1, 0.9]])
+    assert prune_lowest(scores, 0.5, per_row=True).tolist() == [[False, True, False, True], [True, False, True, False]]
+    assert prune_lowest_nm(scores, NMPattern(2, 4)).tolist() == [[False, True, False, True], [True, False, True, False]]
+
+
+def test_nm_mask_every_group():
+    scores = torch.rand(8, 64, generator=torch.Generator().manual_seed(0))
+    for pattern in (NMPattern(2, 4), NMPattern(4, 8), NMPattern(1, 4)):
+        mask = prune_lowest_nm(scores, pattern)
+        pruned_per_group = mask.reshape(8, -1, pattern.m).sum(dim=2)
+        assert bool((pruned_per_group == pattern.m - pattern.n).all())
+        assert conforms_to(scores.masked_fill(mask, 0), pattern)
+
+
+def test_nm_needs_divisible_columns():
+    with pytest.raises(ValueError, match="in_features=6 is not a multiple of M=4"):
+        prune_lowest_nm(torch.rand(2, 6), NMPattern(2, 4))
+
+
+def test_verify_sparsity_counts_real_zeros():
+    model = tiny_model()
+    q_proj = model.model.layers[0].self_attn.q_proj.weight
+    with torch.no_grad():
+        q_proj[:, 1::2] = 0  # 2:4-conforming half
+    result = verify_sparsity(model, "2:4")
+    entry = result["layers"]["model.layers.0.self_attn.q_proj"]
+    assert entry["sparsity"] == 0.5 and entry["conforming"]
+    assert not result["layers"]["model.layers.0.mlp.up_proj"]["conforming"]
+    assert result["conforming"] is False
+    assert "lm_head" not in result["layers"]
+    zeros = sum(e["zeros"] for e in result["layers"].values())
+    total = sum(e["numel"] for e in result["layers"].values())
+    assert result["overall_sparsity"] == zeros / total
