@@ -23,31 +23,43 @@ import transformers
 import optimum_prune
 from optimum_prune import PruningConfig, evaluate_perplexity, load_default_model, prune, verify_sparsity
 
-ROWS: list[tuple[str, float | str, str]] = [
-    *[(method, sparsity, "uniform") for method in ("magnitude", "wanda", "sparsegpt") for sparsity in (0.5, "2:4", "4:8")],
-    ("wanda", 0.7, "uniform"),
-    ("wanda", 0.7, "owl"),
-    ("sparsegpt", 0.7, "uniform"),
-    ("sparsegpt", 0.7, "owl"),
+Row = tuple[str, "float | str", str, dict]
+ROWS: list[Row] = [
+    *[(method, sparsity, "uniform", {}) for method in ("magnitude", "wanda", "sparsegpt") for sparsity in (0.5, "2:4", "4:8")],
+    ("wanda", 0.7, "uniform", {}),
+    ("wanda", 0.7, "owl", {}),
+    ("sparsegpt", 0.7, "uniform", {}),
+    ("sparsegpt", 0.7, "owl", {}),
+    # Ablation: magnitude ranked within each output row instead of across the matrix.
+    ("magnitude", 0.5, "uniform", {"comparison_group": "output"}),
 ]
 HERE = Path(__file__).resolve().parent
 
 
-def measure(row: tuple[str, float | str, str] | None, args: argparse.Namespace) -> dict:
+def row_key(row: Row | None) -> str:
+    if row is None:
+        return "dense"
+    method, sparsity, allocation, options = row
+    return "/".join([method, str(sparsity), allocation, *(f"{k}={v}" for k, v in options.items())])
+
+
+def measure(row: Row | None, args: argparse.Namespace) -> dict:
     model, tokenizer = load_default_model()
     result = {"method": "dense", "sparsity": "-", "allocation": "-", "prune_seconds": 0.0}
     if row is not None:
-        method, sparsity, allocation = row
+        method, sparsity, allocation, options = row
         config = PruningConfig(
             method=method,
             sparsity=sparsity,
+            method_options=options,
             allocation=allocation,
             num_calibration_samples=args.calibration_samples,
             calibration_seq_len=args.calibration_seq_len,
             seed=0,
         )
         report = prune(model, config, tokenizer=tokenizer)
-        result.update(method=method, sparsity=str(sparsity), allocation=allocation, prune_seconds=report.seconds)
+        label = method + "".join(f" ({k}={v})" for k, v in options.items())
+        result.update(method=label, sparsity=str(sparsity), allocation=allocation, prune_seconds=report.seconds)
     result["linear_sparsity"] = verify_sparsity(model)["overall_sparsity"]
     started = time.perf_counter()
     result["perplexity"] = evaluate_perplexity(model, tokenizer, seq_len=512, max_tokens=args.eval_tokens)
@@ -93,7 +105,7 @@ def main() -> None:
 
     results = []
     for row in [None, *ROWS]:
-        key = "dense" if row is None else "/".join(map(str, row))
+        key = row_key(row)
         if key not in done:
             done[key] = measure(row, args)
             cache.write_text(json.dumps(done, indent=2))

@@ -7,6 +7,7 @@ import resource
 import sys
 import time
 from fnmatch import fnmatchcase
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
@@ -38,111 +39,124 @@ def prune(
     bundled Wikipedia calibration split (which needs ``tokenizer``). ``device`` is where layers
     are processed one at a time (default: where the model is); the model stays where it was.
     The config is recorded as ``model.config.pruning_config`` so ``save_pretrained`` keeps it.
+    Every check (config, architecture, shapes, calibration data) runs before any weight changes.
     """
     if isinstance(config, Mapping):
         config = PruningConfig.from_dict(config)
     elif not isinstance(config, PruningConfig):
         raise TypeError(f"config must be a PruningConfig or a dict, got {type(config).__name__}")
-    adapter = get_adapter(model)
-    device = _resolve_device(device, model)
-    method = METHODS.get(config.method)
-    method_options = config.build_method_options()
-    allocation = ALLOCATIONS.get(config.allocation).create(config.build_allocation_options())
-    targets = _target_linears(adapter, config.ignore)
-    num_layers = len(targets)
-
-    started = time.perf_counter()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    run = _PruningRun.plan(model, config, _resolve_device(device, model))
     windows = None
     if config.requires_calibration:
         windows = calibration_windows(
             calibration, tokenizer, config.num_calibration_samples, config.calibration_seq_len, config.seed
         )
-
-    if allocation.requires_calibration:
-        walk_layers(adapter, windows, device, _observer(adapter, allocation, targets), "Allocating layer sparsity")
-    target = config.target
-    layer_targets: list[SparsityTarget] = (
-        [target] * num_layers if isinstance(target, NMPattern) else allocation.allocate(target, num_layers)
-    )
-
-    report = PruningReport(
-        method=config.method,
-        sparsity=config.sparsity,
-        allocation=config.allocation,
-        device=str(device),
-        calibration_tokens=0 if windows is None else windows.numel(),
-    )
-    if method.requires_calibration:
-        visit = _pruner(adapter, method, method_options, targets, layer_targets, report)
-        walk_layers(adapter, windows, device, visit, f"Pruning ({config.method})")
-    else:
-        for index in tqdm(range(num_layers), desc=f"Pruning ({config.method})"):
-            _prune_linears(method, method_options, targets[index], index, layer_targets[index], report)
-
-    report.seconds = time.perf_counter() - started
-    report.peak_memory_bytes, report.peak_memory_kind = _peak_memory(device)
+    was_training = model.training
+    model.eval()  # calibration forwards must not apply dropout
+    try:
+        report = run.execute(windows)
+    finally:
+        model.train(was_training)
     model.config.pruning_config = config.to_dict()
     logger.info("%s", report)
     return report
 
 
+@dataclass
+class _PruningRun:
+    """Everything resolved from a config for one model: adapter, method, allocation, target linears."""
+
+    config: PruningConfig
+    adapter: DecoderAdapter
+    method: MethodSpec
+    method_options: Any
+    allocation: Allocation
+    targets: list[dict[str, nn.Linear]]
+    device: torch.device
+
+    @classmethod
+    def plan(cls, model: nn.Module, config: PruningConfig, device: torch.device) -> "_PruningRun":
+        adapter = get_adapter(model)
+        method = METHODS.get(config.method)
+        options = config.build_method_options()
+        targets = _target_linears(adapter, config.ignore)
+        for linears in targets:
+            for name, linear in linears.items():
+                try:
+                    method.pruner.check_target(options, config.target, linear.in_features)
+                except ValueError as error:
+                    raise ValueError(f"PruningConfig.sparsity {config.sparsity!r} cannot be applied to {name}: {error}") from None
+        allocation = ALLOCATIONS.get(config.allocation).create(config.build_allocation_options())
+        return cls(config, adapter, method, options, allocation, targets, device)
+
+    def execute(self, windows: torch.Tensor | None) -> PruningReport:
+        started = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        report = PruningReport(
+            method=self.config.method,
+            sparsity=self.config.sparsity,
+            allocation=self.config.allocation,
+            device=str(self.device),
+            calibration_tokens=0 if windows is None else windows.numel(),
+        )
+        layer_targets = self._layer_targets(windows)
+        if self.method.requires_calibration:
+            walk_layers(self.adapter, windows, self.device, self._pruning_visitor(layer_targets, report), f"Pruning ({self.config.method})")
+        else:
+            for index in tqdm(range(len(self.targets)), desc=f"Pruning ({self.config.method})"):
+                pruners = {name: self.method.create(linear, self.method_options) for name, linear in self.targets[index].items()}
+                _finish(pruners, index, layer_targets[index], report)
+        report.seconds = time.perf_counter() - started
+        report.peak_memory_bytes, report.peak_memory_kind = _peak_memory(self.device)
+        return report
+
+    def _layer_targets(self, windows: torch.Tensor | None) -> list[SparsityTarget]:
+        target = self.config.target
+        if isinstance(target, NMPattern):
+            return [target] * len(self.targets)
+        if self.allocation.requires_calibration:
+            walk_layers(self.adapter, windows, self.device, self._observing_visitor(), "Allocating layer sparsity")
+        return self.allocation.allocate(target, len(self.targets))
+
+    def _observing_visitor(self):
+        """Shows the allocation each dense layer's weights and input norms."""
+
+        def visit(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
+            linears = self.targets[index]
+            norms = {name: ColumnNorms(linear.in_features, linear.weight.device) for name, linear in linears.items()}
+            with feeding_inputs(linears, lambda name, x: norms[name].add(x)):
+                run_layer(self.adapter, layer, inputs)
+            self.allocation.observe(index, {name: linear.weight for name, linear in linears.items()}, norms)
+
+        return visit
+
+    def _pruning_visitor(self, layer_targets: list[SparsityTarget], report: PruningReport):
+        """Feeds each linear's pruner the layer's calibration inputs, then prunes them all."""
+
+        def visit(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
+            linears = self.targets[index]
+            pruners = {name: self.method.create(linear, self.method_options) for name, linear in linears.items()}
+            with feeding_inputs(linears, lambda name, x: pruners[name].add_batch(x)):
+                run_layer(self.adapter, layer, inputs)
+            _finish(pruners, index, layer_targets[index], report)
+
+        return visit
+
+
 def _target_linears(adapter: DecoderAdapter, ignore: list[str]) -> list[dict[str, nn.Linear]]:
     """Per decoder layer, the linears to prune keyed by qualified name, minus ``ignore`` matches."""
     result = []
-    for index, layer in enumerate(adapter.decoder_layers()):
-        prefix = adapter.layer_prefix(index)
+    for prefix, layer in zip(adapter.layer_names(), adapter.decoder_layers()):
         linears = {f"{prefix}.{name}": linear for name, linear in adapter.prunable_linears(layer).items()}
         result.append({name: linear for name, linear in linears.items() if not any(fnmatchcase(name, p) for p in ignore)})
     return result
 
 
-def _observer(adapter: DecoderAdapter, allocation: Allocation, targets: list[dict[str, nn.Linear]]):
-    """Visitor that shows the allocation each dense layer's weights and input norms."""
-
-    def visit(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
-        linears = targets[index]
-        norms = {name: ColumnNorms(linear.in_features, linear.weight.device) for name, linear in linears.items()}
-        with feeding_inputs(linears, lambda name, x: norms[name].add(x)):
-            run_layer(adapter, layer, inputs)
-        allocation.observe(index, {name: linear.weight for name, linear in linears.items()}, norms)
-
-    return visit
-
-
-def _pruner(
-    adapter: DecoderAdapter,
-    method: MethodSpec,
-    options: Any,
-    targets: list[dict[str, nn.Linear]],
-    layer_targets: list[SparsityTarget],
-    report: PruningReport,
-):
-    """Visitor that feeds each linear's pruner the layer's calibration inputs, then prunes them all."""
-
-    def visit(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
-        pruners = {name: method.create(linear, options) for name, linear in targets[index].items()}
-        with feeding_inputs(targets[index], lambda name, x: pruners[name].add_batch(x)):
-            run_layer(adapter, layer, inputs)
-        _finish(pruners, index, layer_targets[index], report)
-
-    return visit
-
-
-def _prune_linears(
-    method: MethodSpec, options: Any, linears: dict[str, nn.Linear], index: int, target: SparsityTarget, report: PruningReport
-) -> None:
-    _finish({name: method.create(linear, options) for name, linear in linears.items()}, index, target, report)
-
-
 def _finish(pruners: dict[str, LayerPruner], index: int, target: SparsityTarget, report: PruningReport) -> None:
     fraction = target.sparsity if isinstance(target, NMPattern) else target
     for name, pruner in pruners.items():
-        try:
-            pruner.prune(target)
-        except ValueError as error:
-            raise ValueError(f"cannot prune {name}: {error}") from None
+        pruner.prune(target)
         weight = pruner.linear.weight
         zeros = int((weight == 0).sum())
         report.linears.append(LinearReport(name, index, fraction, zeros / weight.numel(), weight.numel()))

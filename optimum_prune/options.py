@@ -22,6 +22,11 @@ def option(default: Any, help: str) -> Any:
     return dataclasses.field(default=default, metadata={"help": help})
 
 
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
 def build_options(options_cls: type[Options], values: Mapping[str, Any], field: str) -> Options:
     """Instantiate ``options_cls`` from ``values``, naming ``field`` and the valid keys on error."""
     if not isinstance(values, Mapping):

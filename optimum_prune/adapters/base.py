@@ -38,12 +38,12 @@ class DecoderAdapter(ABC):
         output = layer(hidden_states, **layer_kwargs)
         return output[0] if isinstance(output, tuple) else output
 
-    def layer_prefix(self, index: int) -> str:
-        """Qualified name of decoder layer ``index``, for reports and ``ignore`` patterns."""
+    def layer_names(self) -> list[str]:
+        """Qualified names of the decoder layers, for reports and ``ignore`` patterns."""
         layers = self.decoder_layers()
         for name, module in self.model.named_modules():
             if module is layers:
-                return f"{name}.{index}"
+                return [f"{name}.{index}" for index in range(len(layers))]
         raise RuntimeError("decoder layers are not a submodule of the model")
 
 

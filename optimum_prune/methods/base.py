@@ -17,7 +17,7 @@ from torch import nn
 
 from ..options import NoOptions
 from ..registry import Registry
-from ..sparsity import SparsityTarget
+from ..sparsity import NMPattern, SparsityTarget
 
 Options = TypeVar("Options")
 
@@ -26,6 +26,16 @@ class LayerPruner(ABC, Generic[Options]):
     def __init__(self, linear: nn.Linear, options: Options) -> None:
         self.linear = linear
         self.options = options
+
+    @classmethod
+    def check_target(cls, options: Options, target: SparsityTarget, in_features: int) -> None:
+        """Raise ``ValueError`` if this method cannot reach ``target`` on a linear with ``in_features``.
+
+        ``prune`` calls it for every linear before touching any weight, so a bad combination
+        never leaves a half-pruned model.
+        """
+        if isinstance(target, NMPattern) and in_features % target.m:
+            raise ValueError(f"in_features={in_features} is not a multiple of M={target.m} for the {target} pattern")
 
     def add_batch(self, inputs: torch.Tensor) -> None:
         """Accumulate statistics from one batch of this linear's inputs (``[..., in_features]``)."""

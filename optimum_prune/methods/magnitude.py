@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..options import option
+from ..options import check_choice, option
 from ..sparsity import SparsityTarget, select_mask
 from .base import LayerPruner, register_method
 
@@ -20,8 +20,7 @@ class MagnitudeOptions:
     )
 
     def __post_init__(self) -> None:
-        if self.comparison_group not in COMPARISON_GROUPS:
-            raise ValueError(f"comparison_group must be one of {COMPARISON_GROUPS}, got {self.comparison_group!r}")
+        check_choice("comparison_group", self.comparison_group, COMPARISON_GROUPS)
 
 
 @register_method("magnitude", options=MagnitudeOptions, requires_calibration=False)

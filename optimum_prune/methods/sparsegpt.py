@@ -36,6 +36,12 @@ class SparseGPTPruner(LayerPruner[SparseGPTOptions]):
         self.hessian = torch.zeros(columns, columns, dtype=torch.float32, device=linear.weight.device)
         self.samples = 0
 
+    @classmethod
+    def check_target(cls, options: SparseGPTOptions, target: SparsityTarget, in_features: int) -> None:
+        super().check_target(options, target, in_features)
+        if isinstance(target, NMPattern) and options.block_size % target.m:
+            raise ValueError(f"SparseGPT {target} needs block_size ({options.block_size}) to be a multiple of {target.m}")
+
     def add_batch(self, inputs: torch.Tensor) -> None:
         # H = 2/n Σ x xᵀ kept as a running mean so that it never overflows (reference implementation).
         batch = inputs.shape[0] if inputs.dim() > 2 else 1
@@ -46,16 +52,13 @@ class SparseGPTPruner(LayerPruner[SparseGPTOptions]):
         self.hessian += flat.T @ flat
 
     def prune(self, target: SparsityTarget) -> None:
+        self.check_target(self.options, target, self.linear.in_features)
         weight = self.linear.weight
         W = weight.detach().float().clone()
         H = self.hessian
         self.hessian = None  # the Hessian is the largest state; free it as soon as it is consumed
         columns = W.shape[1]
         block = self.options.block_size
-        if isinstance(target, NMPattern) and (block % target.m or columns % target.m):
-            raise ValueError(
-                f"SparseGPT {target} needs block_size ({block}) and in_features ({columns}) to be multiples of {target.m}"
-            )
 
         dead = torch.diag(H) == 0
         H[dead, dead] = 1

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..options import option
+from ..options import check_choice, option
 from ..sparsity import SparsityTarget, select_mask
 from ..statistics import ColumnNorms, wanda_scores
 from .base import LayerPruner, register_method
@@ -22,8 +22,7 @@ class WandaOptions:
     )
 
     def __post_init__(self) -> None:
-        if self.comparison_group not in COMPARISON_GROUPS:
-            raise ValueError(f"comparison_group must be one of {COMPARISON_GROUPS}, got {self.comparison_group!r}")
+        check_choice("comparison_group", self.comparison_group, COMPARISON_GROUPS)
 
 
 @register_method("wanda", options=WandaOptions)

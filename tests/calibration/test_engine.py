@@ -101,3 +101,19 @@ def test_ignore_patterns_keep_modules_dense(llama, windows):
     assert not any(n.endswith("o_proj") or n.startswith("model.layers.0.") for n in names)
     assert bool((llama.model.layers[0].mlp.up_proj.weight != 0).all())
     assert len(names) == 2 * 6
+
+
+def test_impossible_pattern_fails_before_any_weight_changes(windows):
+    model = tiny_model(intermediate_size=130)  # down_proj has 130 inputs: not a multiple of 4
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"sparsity '2:4' cannot be applied to model.layers.0.mlp.down_proj: in_features=130"):
+        prune(model, PruningConfig(method="wanda", sparsity="2:4"), calibration=windows)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    with pytest.raises(ValueError, match="needs block_size \\(6\\) to be a multiple of 4"):
+        prune(tiny_model(), PruningConfig(method="sparsegpt", sparsity="2:4", method_options={"block_size": 6}), calibration=windows)
+
+
+def test_training_mode_is_restored(llama, windows):
+    llama.train()
+    prune(llama, PruningConfig(method="wanda", sparsity=0.5), calibration=windows)
+    assert llama.training
