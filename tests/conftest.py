@@ -44,21 +44,6 @@ def windows() -> torch.Tensor:
 
 
 @pytest.fixture(scope="session")
-def default_model_dir():
-    """The converted SmolLM2 checkpoint (converted once per machine, then cached)."""
-    from optimum_prune.models import default_model_path
-
-    return default_model_path()
-
-
-@pytest.fixture(scope="session")
-def smollm_tokenizer(default_model_dir):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(default_model_dir)
-
-
-@pytest.fixture(scope="session")
 def bpe_tokenizer():
     """A real byte-level BPE tokenizer trained offline on the bundled text (vocab = TINY vocab_size)."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers, decoders
