@@ -88,6 +88,16 @@ def markdown(results: list[dict], args: argparse.Namespace, command: str) -> str
             f"| {r['method']} | {r['sparsity']} | {r['allocation']} | {r['linear_sparsity']:.2%} | "
             f"{r['perplexity']:.2f} | {r['prune_seconds']:.1f} |"
         )
+    lines += [
+        "",
+        "Notes:",
+        "- magnitude ranks |W| across each whole matrix, as the Wanda and SparseGPT reference code does; the "
+        "`comparison_group=output` row ranks within each output row instead (ablation).",
+        "- Wanda compares within output rows (the paper's choice); SparseGPT uses block size 128 and 1 % dampening; "
+        "OWL uses M = 5 and λ = 0.08 (the paper's LLaMA settings).",
+        "- Pruning time includes the calibration forward passes (two per layer; three with OWL). Rows ran one after "
+        "another in one process on the same machine; other work shared the CPU during some rows, so compare times loosely.",
+    ]
     return "\n".join(lines) + "\n"
 
 
