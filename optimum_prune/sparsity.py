@@ -34,6 +34,10 @@ class NMPattern:
             raise ValueError(f"{field} {text!r} needs 0 < N < M (N weights kept out of every M)")
         return cls(n, m)
 
+    def check_columns(self, in_features: int) -> None:
+        if in_features % self.m:
+            raise ValueError(f"in_features={in_features} is not a multiple of M={self.m} for the {self} pattern")
+
     @property
     def sparsity(self) -> float:
         return 1.0 - self.n / self.m
@@ -68,8 +72,7 @@ def prune_lowest(scores: torch.Tensor, sparsity: float, per_row: bool) -> torch.
 def prune_lowest_nm(scores: torch.Tensor, pattern: NMPattern) -> torch.Tensor:
     """Boolean mask pruning the ``m - n`` lowest scores in each group of ``m`` input columns."""
     rows, cols = scores.shape
-    if cols % pattern.m:
-        raise ValueError(f"in_features={cols} is not a multiple of M={pattern.m} for the {pattern} pattern")
+    pattern.check_columns(cols)
     groups = scores.reshape(rows, cols // pattern.m, pattern.m)
     lowest = torch.argsort(groups, dim=2, stable=True)[:, :, : pattern.m - pattern.n]
     mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(2, lowest, True)

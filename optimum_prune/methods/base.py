@@ -34,8 +34,8 @@ class LayerPruner(ABC, Generic[Options]):
         ``prune`` calls it for every linear before touching any weight, so a bad combination
         never leaves a half-pruned model.
         """
-        if isinstance(target, NMPattern) and in_features % target.m:
-            raise ValueError(f"in_features={in_features} is not a multiple of M={target.m} for the {target} pattern")
+        if isinstance(target, NMPattern):
+            target.check_columns(in_features)
 
     def add_batch(self, inputs: torch.Tensor) -> None:
         """Accumulate statistics from one batch of this linear's inputs (``[..., in_features]``)."""
