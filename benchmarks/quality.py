@@ -96,7 +96,8 @@ def markdown(results: list[dict], args: argparse.Namespace, command: str) -> str
         "- Wanda compares within output rows (the paper's choice); SparseGPT uses block size 128 and 1 % dampening; "
         "OWL uses M = 5 and λ = 0.08 (the paper's LLaMA settings).",
         "- Pruning time includes the calibration forward passes (two per layer; three with OWL). Rows ran one after "
-        "another in one process on the same machine; other work shared the CPU during some rows, so compare times loosely.",
+        "another on the same machine, resumed from the row cache when interrupted; other work shared the CPU during "
+        "some rows, so compare times loosely.",
     ]
     return "\n".join(lines) + "\n"
 
