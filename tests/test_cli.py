@@ -1,9 +1,9 @@
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-import torch
 
 from optimum_prune import PruningConfig, verify_sparsity
 from optimum_prune.cli import main
@@ -50,7 +50,7 @@ def test_cli_errors_are_one_line(model_dir, tmp_path, capsys):
 
 
 def test_console_script_installed():
-    executable = shutil.which("optimum-prune") or str(__import__("pathlib").Path(sys.executable).parent / "optimum-prune")
+    executable = shutil.which("optimum-prune") or str(Path(sys.executable).parent / "optimum-prune")
     result = subprocess.run([executable, "--help"], capture_output=True, text=True)
     assert result.returncode == 0
     assert "--sparsity" in result.stdout and "sparsegpt.block_size" in result.stdout and "owl.max_deviation" in result.stdout
