@@ -15,6 +15,7 @@ from .models import load_default_model, load_model
 from .report import PruningReport
 from .saving import save_pruned
 from .sparsity import NMPattern, verify_sparsity
+from .structure.loading import StructureConfig  # registers the loader of non-uniform checkpoints
 
 __version__ = "0.1.0"
 
@@ -25,6 +26,7 @@ __all__ = [
     "NMPattern",
     "PruningConfig",
     "PruningReport",
+    "StructureConfig",
     "evaluate_perplexity",
     "get_adapter",
     "load_default_model",

@@ -18,10 +18,12 @@ from .adapters import DecoderAdapter, get_adapter
 from .allocation import ALLOCATIONS, Allocation
 from .calibration import CalibrationSource, LayerInputs, calibration_windows, feeding_inputs, run_layer, walk_layers
 from .config import PruningConfig
-from .methods import METHODS, LayerPruner, MethodSpec
+from .methods import METHODS, LayerPruner, MethodSpec, StructuredMethod
 from .report import LinearReport, PruningReport
 from .sparsity import NMPattern, SparsityTarget
 from .statistics import ColumnNorms
+from .structure.loading import record_structure
+from .structure.counting import count_macs_per_token
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +47,8 @@ def prune(
         config = PruningConfig.from_dict(config)
     elif not isinstance(config, PruningConfig):
         raise TypeError(f"config must be a PruningConfig or a dict, got {type(config).__name__}")
-    run = _PruningRun.plan(model, config, _resolve_device(device, model))
+    runner = _StructuredRun if METHODS.get(config.method).structured else _PruningRun
+    run = runner.plan(model, config, _resolve_device(device, model))
     windows = None
     if config.requires_calibration:
         windows = calibration_windows(
@@ -142,6 +145,50 @@ class _PruningRun:
             _finish(pruners, index, layer_targets[index], report)
 
         return visit
+
+
+@dataclass
+class _StructuredRun:
+    """A structured method bound to a model; sizes are measured around it and the config rewritten after."""
+
+    config: PruningConfig
+    adapter: DecoderAdapter
+    method: StructuredMethod
+    device: torch.device
+
+    @classmethod
+    def plan(cls, model: nn.Module, config: PruningConfig, device: torch.device) -> "_StructuredRun":
+        adapter = get_adapter(model)
+        spec = METHODS.get(config.method)
+        method = spec.structured(adapter, config.target, config.ignore, config.build_method_options(), device)
+        method.check()
+        return cls(config, adapter, method, device)
+
+    def execute(self, windows: torch.Tensor | None) -> PruningReport:
+        started = time.perf_counter()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        model = self.adapter.model
+        report = PruningReport(
+            method=self.config.method,
+            sparsity=self.config.sparsity,
+            allocation=self.config.allocation,
+            device=str(self.device),
+            calibration_tokens=0 if windows is None else windows.numel(),
+            parameters_before=_parameters(model),
+            macs_per_token_before=count_macs_per_token(model),
+        )
+        self.method.prune(windows, report)
+        report.shapes = record_structure(self.adapter)
+        report.parameters_after = _parameters(model)
+        report.macs_per_token_after = count_macs_per_token(model)
+        report.seconds = time.perf_counter() - started
+        report.peak_memory_bytes, report.peak_memory_kind = _peak_memory(self.device)
+        return report
+
+
+def _parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
 
 
 def _target_linears(adapter: DecoderAdapter, ignore: list[str]) -> list[dict[str, nn.Linear]]:

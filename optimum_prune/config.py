@@ -24,10 +24,16 @@ CONFIG_NAME = "pruning_config.json"
 
 @dataclass
 class PruningConfig:
-    method: str = field(default="wanda", metadata={"help": "Registered pruning method, e.g. magnitude, wanda, sparsegpt."})
+    method: str = field(
+        default="wanda",
+        metadata={"help": "Registered pruning method: unstructured (magnitude, wanda, sparsegpt) or structured (width, layers, sublayers)."},
+    )
     sparsity: float | str = field(
         default=0.5,
-        metadata={"help": "Fraction of weights to remove, in [0, 1), or an 'N:M' pattern such as '2:4' (N kept of every M)."},
+        metadata={
+            "help": "Fraction of decoder-layer linear weights to remove, in [0, 1), or for unstructured methods an "
+            "'N:M' pattern such as '2:4' (N kept of every M). Structured methods remove whole units to reach the fraction."
+        },
     )
     method_options: dict[str, Any] = field(
         default_factory=dict, metadata={"help": "Options of the chosen method (see each method's options class)."}
@@ -55,6 +61,17 @@ class PruningConfig:
         self.allocation_options = _complete_options(
             allocation.options, self.allocation_options, "PruningConfig.allocation_options"
         )
+        if spec.structured is not None:
+            if isinstance(self.target, NMPattern):
+                raise ValueError(
+                    f"PruningConfig.sparsity {self.sparsity!r}: N:M patterns apply to unstructured methods; the structured "
+                    f"method {self.method!r} takes the fraction of decoder-layer parameters to remove, e.g. 0.2"
+                )
+            if allocation.name != "uniform":
+                raise ValueError(
+                    f"PruningConfig.allocation {self.allocation!r} applies to unstructured methods; structured method "
+                    f"{self.method!r} chooses its own per-layer widths (see its 'ranking' option): use allocation='uniform'"
+                )
         if allocation.name != "uniform" and isinstance(self.target, NMPattern):
             raise ValueError(
                 f"PruningConfig.allocation {self.allocation!r} varies sparsity per layer and cannot be combined "
@@ -77,7 +94,8 @@ class PruningConfig:
 
     @property
     def requires_calibration(self) -> bool:
-        return METHODS.get(self.method).requires_calibration or ALLOCATIONS.get(self.allocation).allocation.requires_calibration
+        needs = METHODS.get(self.method).needs_calibration(self.build_method_options())
+        return needs or ALLOCATIONS.get(self.allocation).allocation.requires_calibration
 
     def build_method_options(self) -> Any:
         return build_options(METHODS.get(self.method).options, self.method_options, "PruningConfig.method_options")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
+
+from .structure.shapes import LayerShape
 
 
 @dataclass
@@ -25,6 +28,14 @@ class PruningReport:
     peak_memory_bytes: int = 0
     peak_memory_kind: str = ""
     linears: list[LinearReport] = field(default_factory=list)
+    # Structured methods: sizes before/after, per-layer shapes, scores and what was removed.
+    parameters_before: int = 0
+    parameters_after: int = 0
+    macs_per_token_before: int = 0
+    macs_per_token_after: int = 0
+    shapes: list[LayerShape] = field(default_factory=list)
+    layer_scores: dict[str, list[float]] = field(default_factory=dict)
+    removed: list[str] = field(default_factory=list)
 
     @property
     def overall_sparsity(self) -> float:
@@ -44,16 +55,55 @@ class PruningReport:
             )
         return result
 
+    def plot_layer_scores(self, path: str | os.PathLike) -> None:
+        """Save a PNG of the per-layer scores that chose what to remove (needs matplotlib)."""
+        if not self.layer_scores:
+            raise ValueError(f"method {self.method!r} recorded no per-layer scores to plot")
+        try:
+            import matplotlib
+        except ImportError:
+            raise ImportError("plotting layer scores needs matplotlib: pip install 'optimum-prune[plot]'") from None
+
+        matplotlib.use("Agg")
+        from matplotlib import pyplot
+
+        figure, axes = pyplot.subplots(len(self.layer_scores), 1, figsize=(8, 2.6 * len(self.layer_scores)), squeeze=False)
+        for axis, (name, scores) in zip(axes[:, 0], self.layer_scores.items()):
+            axis.bar(range(len(scores)), scores, color="tab:blue")
+            axis.set_title(name)
+            axis.set_xlabel("decoder layer (of the model before pruning)")
+        figure.suptitle(f"{self.method}: removed {', '.join(self.removed) or 'nothing'}", fontsize=8, wrap=True)
+        figure.tight_layout()
+        figure.savefig(path, dpi=100)
+        pyplot.close(figure)
+
     def __str__(self) -> str:
-        lines = [
-            f"Pruning report: method={self.method} sparsity={self.sparsity} allocation={self.allocation} device={self.device}",
-            f"{'layer':>5}  {'target':>7}  {'measured':>8}",
-        ]
-        for index, (target, measured) in self.layer_sparsities().items():
-            lines.append(f"{index:>5}  {target:>7.2%}  {measured:>8.2%}")
+        lines = [f"Pruning report: method={self.method} sparsity={self.sparsity} allocation={self.allocation} device={self.device}"]
+        lines += self._structure_lines() if self.shapes else self._sparsity_lines()
         lines += [
-            f"overall sparsity of pruned linears: {self.overall_sparsity:.2%} ({len(self.linears)} linears)",
             f"calibration tokens: {self.calibration_tokens:,}",
             f"time: {self.seconds:.1f} s   peak memory ({self.peak_memory_kind}): {self.peak_memory_bytes / 2**20:,.0f} MiB",
         ]
         return "\n".join(lines)
+
+    def _sparsity_lines(self) -> list[str]:
+        lines = [f"{'layer':>5}  {'target':>7}  {'measured':>8}"]
+        for index, (target, measured) in self.layer_sparsities().items():
+            lines.append(f"{index:>5}  {target:>7.2%}  {measured:>8.2%}")
+        lines.append(f"overall sparsity of pruned linears: {self.overall_sparsity:.2%} ({len(self.linears)} linears)")
+        return lines
+
+    def _structure_lines(self) -> list[str]:
+        lines = [f"{'layer':>5}  {'heads':>5}  {'kv':>3}  {'mlp':>6}"]
+        for index, shape in enumerate(self.shapes):
+            lines.append(f"{index:>5}  {shape.num_attention_heads:>5}  {shape.num_key_value_heads:>3}  {shape.intermediate_size:>6}")
+        for name, scores in self.layer_scores.items():
+            lines.append(f"{name} per layer: " + " ".join(f"{s:.4g}" for s in scores))
+        lines += [f"removed: {item}" for item in self.removed]
+        ratio = self.parameters_after / self.parameters_before if self.parameters_before else 1.0
+        macs = self.macs_per_token_after / self.macs_per_token_before if self.macs_per_token_before else 1.0
+        lines += [
+            f"parameters: {self.parameters_before:,} -> {self.parameters_after:,} ({ratio:.1%})",
+            f"MACs per token: {self.macs_per_token_before:,} -> {self.macs_per_token_after:,} ({macs:.1%})",
+        ]
+        return lines

@@ -1,6 +1,6 @@
-"""Architecture adapters, one module per family, registered on import below."""
+"""Architecture adapters. A new family is one module here plus one import line below."""
 
-from . import llama  # noqa: F401  (registers the Llama family)
-from .base import ADAPTERS, DecoderAdapter, get_adapter, register_adapter
+from . import llama  # noqa: F401  (registers its model classes)
+from .base import ADAPTERS, AttentionLayout, DecoderAdapter, MLPLayout, get_adapter, register_adapter
 
-__all__ = ["ADAPTERS", "DecoderAdapter", "get_adapter", "register_adapter"]
+__all__ = ["ADAPTERS", "AttentionLayout", "DecoderAdapter", "MLPLayout", "get_adapter", "register_adapter"]

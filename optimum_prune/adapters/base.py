@@ -2,18 +2,56 @@
 
 The calibration engine and the methods ask an adapter for the decoder layers, the modules that
 run before the first layer, the prunable linears of a layer and how to run a layer on captured
-inputs. Adapters are looked up by model class (walking the MRO, so subclasses inherit).
+inputs. Structured methods also ask it which slices are coupled (heads and their GQA groups, MLP
+channels), to perform the surgery that needs architecture knowledge, and to rewrite the config
+afterwards. Adapters are looked up by model class (walking the MRO, so subclasses inherit).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
 from ..registry import Registry
+from ..structure.shapes import LayerShape
+
+
+@dataclass
+class AttentionLayout:
+    """The projections of one attention block and how their rows split into heads.
+
+    Query head ``h`` is rows ``h*head_dim:(h+1)*head_dim`` of ``query`` and the same columns of
+    ``output``; it reads key/value head ``h // heads_per_group`` (grouped-query attention).
+    """
+
+    query: nn.Linear
+    key: nn.Linear
+    value: nn.Linear
+    output: nn.Linear
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_heads // self.num_kv_heads
+
+
+@dataclass
+class MLPLayout:
+    """An MLP block and the linear whose output rows are its hidden channels.
+
+    The other coupled slices (up rows, down columns, biases) are found by Torch-Pruning's
+    dependency graph, so adapters never list them.
+    """
+
+    block: nn.Module
+    channel_linear: nn.Linear
 
 
 class DecoderAdapter(ABC):
@@ -37,6 +75,79 @@ class DecoderAdapter(ABC):
     def run_layer(self, layer: nn.Module, hidden_states: torch.Tensor, layer_kwargs: dict[str, Any]) -> torch.Tensor:
         output = layer(hidden_states, **layer_kwargs)
         return output[0] if isinstance(output, tuple) else output
+
+    # --- structured pruning -------------------------------------------------------------
+    # Families that support structured pruning override these; the defaults say so clearly.
+
+    def attention(self, layer: nn.Module) -> AttentionLayout | None:
+        """The layer's attention projections, or ``None`` if its attention sublayer was removed."""
+        raise self._no_structure()
+
+    def mlp(self, layer: nn.Module) -> MLPLayout | None:
+        """The layer's MLP block, or ``None`` if its MLP sublayer was removed."""
+        raise self._no_structure()
+
+    def sublayer(self, layer: nn.Module, kind: str) -> nn.Module:
+        """The ``"attention"`` or ``"mlp"`` module of a decoder layer."""
+        raise self._no_structure()
+
+    @contextmanager
+    def observing_residuals(self, layer: nn.Module, sink: Callable[[str, torch.Tensor, torch.Tensor], None]) -> Iterator[None]:
+        """While active, each run of ``layer`` calls ``sink(kind, before, after)`` with the residual
+        stream before and after its attention and its MLP sublayer."""
+        raise self._no_structure()
+        yield
+
+    @contextmanager
+    def bypassed(self, layer: nn.Module, sublayer: str | None = None) -> Iterator[None]:
+        """While active, ``layer`` (or its ``sublayer``) adds nothing to the residual stream, as if removed."""
+
+        def skip_layer(_module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+        def zero_sublayer(_module: nn.Module, _args: tuple, _kwargs: dict, output: Any) -> Any:
+            return (torch.zeros_like(output[0]), *output[1:]) if isinstance(output, tuple) else torch.zeros_like(output)
+
+        module = layer if sublayer is None else self.sublayer(layer, sublayer)
+        handle = module.register_forward_hook(skip_layer if sublayer is None else zero_sublayer, with_kwargs=True)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    def keep_heads(self, layer: nn.Module, heads: torch.Tensor, kv_heads: torch.Tensor) -> None:
+        """Keep only query heads ``heads`` and key/value heads ``kv_heads`` (a valid GQA layout)."""
+        raise self._no_structure()
+
+    def remove_sublayer(self, layer: nn.Module, sublayer: str) -> None:
+        """Replace the ``"attention"`` or ``"mlp"`` sublayer by a no-op; the residual path stays."""
+        raise self._no_structure()
+
+    def keep_layers(self, indices: list[int]) -> None:
+        """Keep only decoder layers ``indices`` (in order) and renumber them."""
+        raise self._no_structure()
+
+    def layer_shape(self, layer: nn.Module) -> LayerShape:
+        raise self._no_structure()
+
+    def stock_shape(self, config: Any) -> LayerShape:
+        """The shape every layer of a stock model built from ``config`` has."""
+        raise self._no_structure()
+
+    def reshape_layer(self, layer: nn.Module, shape: LayerShape) -> None:
+        """Give a freshly built (possibly meta) layer the modules of ``shape``, before weights load."""
+        raise self._no_structure()
+
+    def write_uniform_config(self, config: Any, shape: LayerShape) -> None:
+        """Write the widths of ``shape`` into ``config`` (the head size stays explicit)."""
+        raise self._no_structure()
+
+    def _no_structure(self) -> NotImplementedError:
+        return NotImplementedError(
+            f"{type(self).__name__} ({type(self.model).__name__}) does not support structured pruning; "
+            "use an unstructured method (magnitude, wanda, sparsegpt)"
+        )
 
     def layer_names(self) -> list[str]:
         """Qualified names of the decoder layers, for reports and ``ignore`` patterns."""

@@ -1,9 +1,14 @@
-"""The shared shape of a pruning method: one ``LayerPruner`` per linear, with two hooks.
+"""The two shapes of a pruning method.
 
-The calibration engine creates a pruner for every linear of a decoder layer, feeds it the
-linear's inputs through ``add_batch`` while the layer runs on the calibration set, then calls
-``prune`` once. Methods therefore differ only in the statistics they keep and how they turn
-them into a mask (and, for SparseGPT, a weight update).
+Unstructured methods are one ``LayerPruner`` per linear, with two hooks: the calibration engine
+creates a pruner for every linear of a decoder layer, feeds it the linear's inputs through
+``add_batch`` while the layer runs on the calibration set, then calls ``prune`` once. Methods
+therefore differ only in the statistics they keep and how they turn them into a mask (and, for
+SparseGPT, a weight update).
+
+Structured methods remove whole heads, channels, sublayers or layers, so they see the whole
+model through its adapter: a ``StructuredMethod`` checks the request, scores the units, and asks
+the adapter to cut them. The config rewrite and the report's before/after counts are shared.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from typing import Any, Callable, Generic, TypeVar
 import torch
 from torch import nn
 
+from ..adapters import DecoderAdapter
 from ..options import NoOptions
 from ..registry import Registry
 from ..sparsity import NMPattern, SparsityTarget
@@ -49,16 +55,46 @@ class LayerPruner(ABC, Generic[Options]):
             self.linear.weight.masked_fill_(mask.to(self.linear.weight.device), 0)
 
 
+class StructuredMethod(ABC, Generic[Options]):
+    """Removes whole units (heads, channels, sublayers, layers) of a model seen through its adapter.
+
+    ``sparsity`` is the fraction of the decoder layers' linear parameters to remove (the same
+    denominator as unstructured sparsity); ``ignore`` holds glob patterns of module names to keep.
+    """
+
+    def __init__(self, adapter: DecoderAdapter, sparsity: float, ignore: list[str], options: Options, device: torch.device) -> None:
+        self.adapter = adapter
+        self.sparsity = sparsity
+        self.ignore = ignore
+        self.options = options
+        self.device = device
+
+    @classmethod
+    def needs_calibration(cls, options: Options) -> bool:
+        return True
+
+    def check(self) -> None:
+        """Raise ``ValueError`` for a request that cannot be met, before anything is changed."""
+
+    @abstractmethod
+    def prune(self, windows: torch.Tensor | None, report: Any) -> None:
+        """Score, select and cut; record per-layer scores and removed units in ``report``."""
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
-    pruner: type[LayerPruner]
     options: type
     requires_calibration: bool
     summary: str
+    pruner: type[LayerPruner] | None = None
+    structured: type[StructuredMethod] | None = None
 
     def create(self, linear: nn.Linear, options: Any) -> LayerPruner:
         return self.pruner(linear, options)
+
+    def needs_calibration(self, options: Any) -> bool:
+        return self.structured.needs_calibration(options) if self.structured else self.requires_calibration
 
 
 METHODS: Registry[MethodSpec] = Registry("pruning method", "PruningConfig.method")
@@ -70,8 +106,26 @@ def register_method(
     """Class decorator: make a ``LayerPruner`` available as ``PruningConfig(method=name)``."""
 
     def decorator(pruner: type[LayerPruner]) -> type[LayerPruner]:
-        summary = (pruner.__doc__ or "").strip().splitlines()[0] if pruner.__doc__ else ""
-        METHODS.add(name, MethodSpec(name, pruner, options, requires_calibration, summary))
+        METHODS.add(name, MethodSpec(name, options, requires_calibration, _summary(pruner), pruner=pruner))
         return pruner
 
     return decorator
+
+
+def register_structured_method(
+    name: str, *, options: type = NoOptions
+) -> Callable[[type[StructuredMethod]], type[StructuredMethod]]:
+    """Class decorator: make a ``StructuredMethod`` available as ``PruningConfig(method=name)``.
+
+    Whether it needs calibration data depends on its options (``needs_calibration``).
+    """
+
+    def decorator(method: type[StructuredMethod]) -> type[StructuredMethod]:
+        METHODS.add(name, MethodSpec(name, options, True, _summary(method), structured=method))
+        return method
+
+    return decorator
+
+
+def _summary(cls: type) -> str:
+    return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""

@@ -1,0 +1,136 @@
+"""Structured pruning of SmolLM2-135M (fp32): width, depth and sublayer pruning side by side.
+
+Protocol (the core issue's): calibration = 32 windows × 512 tokens (seed 0) from the bundled
+Wikipedia calibration split; perplexity over the first 65,536 tokens of the evaluation split in
+512-token windows. Each row loads the dense checkpoint, times a forward pass of one 512-token
+window on the dense model, prunes, and times the pruned model the same way in the same process,
+so the latency ratio is measured side by side. Finished rows are cached; a rerun resumes.
+
+    python benchmarks/structured.py             # full protocol, writes benchmarks/STRUCTURED.md
+    python benchmarks/structured.py --quick     # 8×128 calibration, 4,096 eval tokens
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+import optimum_prune
+from optimum_prune import PruningConfig, evaluate_perplexity, load_default_model, prune
+
+LAYERS = 30  # SmolLM2-135M
+Row = tuple[str, float, dict]
+ROWS: list[Row] = [
+    *[("width", ratio, {"criterion": c}) for c in ("magnitude_l1", "magnitude_l2", "taylor", "wanda_sp", "flap") for ratio in (0.1, 0.2, 0.3)],
+    *[("width", 0.2, {"criterion": c, "ranking": "global"}) for c in ("wanda_sp", "flap")],
+    ("width", 0.2, {"criterion": "flap", "head_mode": "kv_group"}),
+    *[("layers", n / LAYERS, {"criterion": c, "num_layers": n}) for c in ("block_influence", "angular", "perplexity", "taylor") for n in (4, 8)],
+    *[("sublayers", n / LAYERS, {"criterion": "block_influence"}) for n in (4, 8)],
+]
+HERE = Path(__file__).resolve().parent
+
+
+def row_key(row: Row | None) -> str:
+    if row is None:
+        return "dense"
+    method, ratio, options = row
+    return "/".join([method, f"{ratio:.4f}", *(f"{k}={v}" for k, v in options.items())])
+
+
+def forward_seconds(model: torch.nn.Module, repeats: int) -> float:
+    ids = torch.randint(0, model.config.vocab_size, (1, 512), generator=torch.Generator().manual_seed(0))
+    times = []
+    with torch.no_grad():
+        model(ids, use_cache=False)  # warm-up
+        for _ in range(repeats):
+            started = time.perf_counter()
+            model(ids, use_cache=False)
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def measure(row: Row | None, args: argparse.Namespace) -> dict:
+    model, tokenizer = load_default_model()
+    dense_parameters = sum(p.numel() for p in model.parameters())
+    dense_latency = forward_seconds(model, args.repeats)
+    result = {"row": "dense", "removed": "", "prune_seconds": 0.0}
+    if row is not None:
+        method, ratio, options = row
+        config = PruningConfig(
+            method=method,
+            sparsity=ratio,
+            method_options=options,
+            num_calibration_samples=args.calibration_samples,
+            calibration_seq_len=args.calibration_seq_len,
+        )
+        report = prune(model, config, tokenizer=tokenizer)
+        result.update(row=row_key(row), removed="; ".join(report.removed) if method != "width" else "", prune_seconds=report.seconds)
+    result["parameters"] = sum(p.numel() for p in model.parameters())
+    result["parameter_ratio"] = result["parameters"] / dense_parameters
+    result["latency_ratio"] = forward_seconds(model, args.repeats) / dense_latency
+    result["perplexity"] = evaluate_perplexity(model, tokenizer, seq_len=512, max_tokens=args.eval_tokens)
+    return result
+
+
+def markdown(results: list[dict], args: argparse.Namespace, command: str) -> str:
+    lines = [
+        "# Structured pruning benchmark: SmolLM2-135M-Instruct (fp32, CPU)",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Protocol: calibration {args.calibration_samples} × {args.calibration_seq_len} tokens (seed 0); perplexity over "
+        f"the first {args.eval_tokens:,} tokens of the evaluation split in 512-token windows. `ratio` is the requested "
+        "fraction of decoder-layer linear parameters; `parameters` counts the whole model (tied embeddings once). "
+        f"Latency: median of {args.repeats} forward passes of one 512-token window, pruned ÷ dense, both timed in the same process.",
+        "",
+        f"Environment: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
+        f"{torch.__version__}, transformers {transformers.__version__}, optimum-prune {optimum_prune.__version__}.",
+        "",
+        "| row | parameters | of dense | latency vs dense | perplexity | pruning time (s) | removed |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['row']} | {r['parameters']:,} | {r['parameter_ratio']:.1%} | {r['latency_ratio']:.2f} | "
+            f"{r['perplexity']:.2f} | {r['prune_seconds']:.1f} | {r['removed']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="8×128 calibration and 4,096 eval tokens")
+    parser.add_argument("--only", help="run only rows whose key contains this text")
+    parser.add_argument("--repeats", type=int, default=5, help="timed forward passes per model")
+    parser.add_argument("--output", type=Path, help="markdown table (default: benchmarks/STRUCTURED.md or STRUCTURED-quick.md)")
+    args = parser.parse_args()
+    args.calibration_samples, args.calibration_seq_len, args.eval_tokens = (8, 128, 4096) if args.quick else (32, 512, 65536)
+    output = args.output or HERE / ("STRUCTURED-quick.md" if args.quick else "STRUCTURED.md")
+    cache = output.with_suffix(".json")
+    done = json.loads(cache.read_text()) if cache.is_file() else {}
+    command = "python benchmarks/structured.py" + (" --quick" if args.quick else "")
+
+    results = []
+    for row in [None, *ROWS]:
+        key = row_key(row)
+        if args.only and args.only not in key and row is not None:
+            continue
+        if key not in done:
+            done[key] = measure(row, args)
+            cache.write_text(json.dumps(done, indent=2))
+        results.append(done[key])
+        r = done[key]
+        print(f"{key:<48} ppl {r['perplexity']:>9.2f}  params {r['parameter_ratio']:.1%}  latency {r['latency_ratio']:.2f}", flush=True)
+    output.write_text(markdown(results, args, command))
+    print(markdown(results, args, command))
+
+
+if __name__ == "__main__":
+    main()

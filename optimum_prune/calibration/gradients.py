@@ -1,0 +1,44 @@
+"""Calibration-loss gradients and losses, one window at a time.
+
+First-order Taylor criteria (LLM-Pruner, Shortened LLaMA) need ∂L/∂W of the language-model loss
+on the calibration set, and perplexity criteria need the loss itself. Both run the full model
+on one window per forward, so full-vocabulary logits exist for a single window at a time, never
+for the whole calibration set.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+def accumulate_gradients(model: nn.Module, windows: torch.Tensor, description: str = "Calibration gradients") -> None:
+    """Leave the mean calibration-loss gradient in ``.grad`` of every parameter (requires_grad restored after)."""
+    device = next(model.parameters()).device
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+        parameter.grad = None
+    try:
+        with torch.enable_grad():
+            for window in tqdm(windows, desc=description, leave=False):
+                ids = window.unsqueeze(0).to(device)
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss / len(windows)
+                loss.backward()
+    finally:
+        for parameter in frozen:
+            parameter.requires_grad_(False)
+
+
+def calibration_perplexity(model: nn.Module, windows: torch.Tensor) -> float:
+    """exp(mean next-token loss) of ``model`` over the calibration windows."""
+    device = next(model.parameters()).device
+    total = 0.0
+    with torch.no_grad():
+        for window in windows:
+            ids = window.unsqueeze(0).to(device)
+            total += float(model(input_ids=ids, labels=ids, use_cache=False).loss)
+    return math.exp(total / len(windows))

@@ -1,0 +1,148 @@
+"""Depth pruning: remove whole decoder layers.
+
+Rankings: ShortGPT's Block Influence, 1 − cos(layer input, layer output) averaged over
+calibration tokens (Men et al. 2024); the angular distance between the inputs of layer ℓ and
+layer ℓ+n at the last token of each window, removing the n consecutive layers with the smallest
+distance (Gromov et al. 2024); and Shortened LLaMA's calibration perplexity with the layer
+skipped or first-order Taylor importance Σ|W·∂L/∂W| of the layer (Kim et al. 2024). With
+``merge=True`` the removed layers' parameter differences are added into the kept layer before
+them (LaCo, Yang et al. 2024) instead of being dropped.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..calibration import LayerInputs, run_layer, walk_layers
+from ..calibration.gradients import accumulate_gradients, calibration_perplexity
+from ..options import check_choice, option
+from ..statistics import token_cosine
+from .base import StructuredMethod, register_structured_method
+
+CRITERIA = ("block_influence", "angular", "perplexity", "taylor")
+
+
+@dataclass(frozen=True)
+class LayerRemovalOptions:
+    criterion: str = option(
+        "block_influence",
+        "'block_influence' (ShortGPT), 'angular' (n consecutive layers, Gromov et al.), 'perplexity' or "
+        "'taylor' (Shortened LLaMA).",
+    )
+    num_layers: int = option(0, "Layers to remove; 0 derives it from sparsity (rounded to whole layers).")
+    merge: bool = option(False, "LaCo: add the removed layers' parameter differences into the preceding kept layer.")
+
+    def __post_init__(self) -> None:
+        check_choice("criterion", self.criterion, CRITERIA)
+        if self.num_layers < 0:
+            raise ValueError(f"num_layers must be >= 0, got {self.num_layers}")
+
+
+@register_structured_method("layers", options=LayerRemovalOptions)
+class LayerRemoval(StructuredMethod[LayerRemovalOptions]):
+    """Remove whole decoder layers ranked by Block Influence, angular distance, perplexity or Taylor."""
+
+    def check(self) -> None:
+        layers = self.adapter.decoder_layers()
+        count = self.options.num_layers or round(self.sparsity * len(layers))
+        if count == 0:
+            raise ValueError(
+                f"PruningConfig.sparsity {self.sparsity} rounds to 0 of {len(layers)} layers; raise it or set "
+                "method_options.num_layers"
+            )
+        if count >= len(layers):
+            raise ValueError(
+                f"cannot remove {count} decoder layers: the model has {len(layers)}; at least one must stay "
+                "(lower PruningConfig.sparsity or method_options.num_layers)"
+            )
+        self.count = count
+        self.removable = [
+            i for i, name in enumerate(self.adapter.layer_names()) if not any(fnmatchcase(name, p) for p in self.ignore)
+        ]
+        if len(self.removable) < count:
+            raise ValueError(f"PruningConfig.ignore {self.ignore!r} leaves {len(self.removable)} removable layers, fewer than {count}")
+        if self.options.merge and len({str(self.adapter.layer_shape(layer)) for layer in layers}) > 1:
+            raise ValueError("method_options.merge needs layers of identical shape; this model's layers differ")
+
+    def prune(self, windows: torch.Tensor | None, report: Any) -> None:
+        criterion = self.options.criterion
+        scores = getattr(self, f"_{criterion}_scores")(windows)
+        report.layer_scores[criterion] = scores
+        if criterion == "angular":
+            starts = [s for s in range(len(scores)) if all(i in self.removable for i in range(s, s + self.count))]
+            if not starts:
+                raise ValueError(f"no {self.count} consecutive layers are free of PruningConfig.ignore {self.ignore!r}")
+            start = min(starts, key=lambda s: scores[s])
+            removed = list(range(start, start + self.count))
+        else:
+            removed = sorted(sorted(self.removable, key=lambda i: scores[i])[: self.count])
+        names = self.adapter.layer_names()
+        report.removed += [names[i] for i in removed]
+        kept = [i for i in range(len(names)) if i not in removed]
+        if self.options.merge:
+            self._merge(removed, kept)
+        self.adapter.keep_layers(kept)
+
+    def _block_influence_scores(self, windows: torch.Tensor) -> list[float]:
+        scores: list[float] = []
+
+        def visit(_index: int, layer: nn.Module, inputs: LayerInputs) -> None:
+            outputs = run_layer(self.adapter, layer, inputs)
+            cosines = torch.cat([token_cosine(x, y) for x, y in zip(inputs.hidden_states, outputs)])
+            scores.append(1 - float(cosines.mean()))
+
+        walk_layers(self.adapter, windows, self.device, visit, "Block influence")
+        return scores
+
+    def _angular_scores(self, windows: torch.Tensor) -> list[float]:
+        """d(ℓ, ℓ+n) = arccos(cos(x_ℓ, x_ℓ+n)) / π at each window's last token, for every start ℓ."""
+        last_tokens: list[torch.Tensor] = []
+
+        def visit(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
+            last_tokens.append(torch.cat([h[:, -1].float().cpu() for h in inputs.hidden_states]))
+            if index == len(self.adapter.decoder_layers()) - 1:
+                last_tokens.append(torch.cat([h[:, -1].float().cpu() for h in run_layer(self.adapter, layer, inputs)]))
+
+        walk_layers(self.adapter, windows, self.device, visit, "Angular distance")
+        n = self.count
+        return [
+            float(torch.arccos(token_cosine(last_tokens[s], last_tokens[s + n]).clamp(-1, 1)).mean() / math.pi)
+            for s in range(len(last_tokens) - n)
+        ]
+
+    def _perplexity_scores(self, windows: torch.Tensor) -> list[float]:
+        model, scores = self.adapter.model, []
+        for layer in self.adapter.decoder_layers():
+            with self.adapter.bypassed(layer):
+                scores.append(calibration_perplexity(model, windows))
+        return scores
+
+    def _taylor_scores(self, windows: torch.Tensor) -> list[float]:
+        accumulate_gradients(self.adapter.model, windows)
+        try:
+            return [
+                sum(float((p.detach().float() * p.grad.float()).abs().sum()) for p in layer.parameters())
+                for layer in self.adapter.decoder_layers()
+            ]
+        finally:
+            self.adapter.model.zero_grad(set_to_none=True)
+
+    def _merge(self, removed: list[int], kept: list[int]) -> None:
+        """LaCo's RDSC: θ_target ← θ_target + Σ_removed (θ_removed − θ_target)."""
+        layers = self.adapter.decoder_layers()
+        with torch.no_grad():
+            for target in kept:
+                merged = [r for r in removed if max([k for k in kept if k < r], default=kept[0]) == target]
+                if not merged:
+                    continue
+                original = {name: p.detach().clone() for name, p in layers[target].named_parameters()}
+                sources = [dict(layers[r].named_parameters()) for r in merged]
+                for name, parameter in layers[target].named_parameters():
+                    for source in sources:
+                        parameter += source[name].to(parameter.device) - original[name]

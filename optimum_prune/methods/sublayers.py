@@ -1,0 +1,103 @@
+"""Sublayer pruning: remove attention or MLP blocks separately; the residual path stays.
+
+Each attention and each MLP block is a unit, scored by Block Influence on the residual stream
+around it (1 − cos(before, after), as ShortGPT does for whole layers) or by the calibration
+perplexity with that block skipped. Units are removed from the least important up while they
+fit in the parameter budget, so attention (cheap, often redundant) and MLP blocks compete.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..calibration import LayerInputs, run_layer, walk_layers
+from ..calibration.gradients import calibration_perplexity
+from ..options import check_choice, option
+from ..statistics import token_cosine
+from .base import StructuredMethod, register_structured_method
+
+KINDS = ("attention", "mlp")
+
+
+@dataclass(frozen=True)
+class SublayerRemovalOptions:
+    criterion: str = option("block_influence", "'block_influence' (1 − cos around the block) or 'perplexity' (block skipped).")
+    sublayers: str = option("all", "Which blocks may go: 'all', 'attention' or 'mlp'.")
+
+    def __post_init__(self) -> None:
+        check_choice("criterion", self.criterion, ("block_influence", "perplexity"))
+        check_choice("sublayers", self.sublayers, ("all",) + KINDS)
+
+
+@register_structured_method("sublayers", options=SublayerRemovalOptions)
+class SublayerRemoval(StructuredMethod[SublayerRemovalOptions]):
+    """Remove attention and/or MLP blocks by Block Influence or perplexity, within a parameter budget."""
+
+    def check(self) -> None:
+        kinds = KINDS if self.options.sublayers == "all" else (self.options.sublayers,)
+        layers, names = self.adapter.decoder_layers(), self.adapter.layer_names()
+        self.units: dict[tuple[int, str], int] = {}
+        for index, (name, layer) in enumerate(zip(names, layers)):
+            for kind in kinds:
+                qualified = f"{name}.{self._child_name(layer, kind)}"
+                if self._present(layer, kind) and not any(fnmatchcase(qualified, p) for p in self.ignore):
+                    self.units[(index, kind)] = sum(
+                        m.weight.numel() for m in self.adapter.sublayer(layer, kind).modules() if isinstance(m, nn.Linear)
+                    )
+        total = sum(l.weight.numel() for layer in layers for l in self.adapter.prunable_linears(layer).values())
+        self.budget = self.sparsity * total
+        smallest = min(self.units.values(), default=0)
+        if not self.units or smallest > self.budget:
+            raise ValueError(
+                f"PruningConfig.sparsity {self.sparsity} ({self.budget:,.0f} parameters) is smaller than the smallest "
+                f"removable block ({smallest:,} parameters); raise the sparsity"
+            )
+
+    def prune(self, windows: torch.Tensor | None, report: Any) -> None:
+        scores = self._scores(windows)
+        for kind in KINDS:
+            if any(k == kind for _, k in scores):
+                report.layer_scores[f"{self.options.criterion} ({kind})"] = [
+                    scores.get((i, kind), float("nan")) for i in range(len(self.adapter.decoder_layers()))
+                ]
+        removed, spent = [], 0
+        for unit in sorted(scores, key=scores.get):
+            if spent + self.units[unit] <= self.budget:
+                removed.append(unit)
+                spent += self.units[unit]
+        layers, names = self.adapter.decoder_layers(), self.adapter.layer_names()
+        for index, kind in sorted(removed):
+            self.adapter.remove_sublayer(layers[index], kind)
+            report.removed.append(f"{names[index]} {kind}")
+
+    def _scores(self, windows: torch.Tensor) -> dict[tuple[int, str], float]:
+        if self.options.criterion == "perplexity":
+            layers = self.adapter.decoder_layers()
+            scores = {}
+            for index, kind in self.units:
+                with self.adapter.bypassed(layers[index], kind):
+                    scores[(index, kind)] = calibration_perplexity(self.adapter.model, windows)
+            return scores
+        cosines: dict[tuple[int, str], list[torch.Tensor]] = {}
+
+        def visit(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
+            def sink(kind: str, before: torch.Tensor, after: torch.Tensor) -> None:
+                cosines.setdefault((index, kind), []).append(token_cosine(before, after))
+
+            with self.adapter.observing_residuals(layer, sink):
+                run_layer(self.adapter, layer, inputs)
+
+        walk_layers(self.adapter, windows, self.device, visit, "Sublayer block influence")
+        return {unit: 1 - float(torch.cat(cosines[unit]).mean()) for unit in self.units}
+
+    def _present(self, layer: nn.Module, kind: str) -> bool:
+        return (self.adapter.attention(layer) if kind == "attention" else self.adapter.mlp(layer)) is not None
+
+    def _child_name(self, layer: nn.Module, kind: str) -> str:
+        module = self.adapter.sublayer(layer, kind)
+        return next(name for name, child in layer.named_children() if child is module)

@@ -1,0 +1,333 @@
+"""Structured width pruning: attention heads (GQA-aware) and MLP channels.
+
+Criteria: weight magnitude (L1 / L2), first-order Taylor on the calibration loss (LLM-Pruner,
+Ma et al. 2023), Wanda-sp and FLAP's fluctuation metric with bias compensation (An et al. 2024).
+Units are removed whole: a query head (the same number from every GQA group, so the layout stays
+valid), a key/value group with all its query heads, or one MLP channel. ``ranking="layer"`` takes
+the same fraction from every layer (LLM-Pruner); ``"global"`` ranks units across layers after
+standardising scores per component (FLAP), which yields per-layer widths.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..adapters import AttentionLayout, MLPLayout
+from ..calibration import feeding_inputs, run_layer, walk_layers
+from ..calibration.gradients import accumulate_gradients
+from ..options import check_choice, option
+from ..statistics import ColumnMoments
+from ..structure.surgery import add_output_bias, coupled_linears, remove_block_channels
+from .base import StructuredMethod, register_structured_method
+
+CRITERIA = ("magnitude_l1", "magnitude_l2", "taylor", "wanda_sp", "flap")
+ACTIVATION_CRITERIA = ("wanda_sp", "flap")
+
+
+@dataclass(frozen=True)
+class WidthOptions:
+    criterion: str = option(
+        "flap",
+        "Importance: 'magnitude_l1', 'magnitude_l2' (weights only), 'taylor' (|W·∂L/∂W|, LLM-Pruner), "
+        "'wanda_sp' (|W|·‖X‖ per input column) or 'flap' (input variance × ‖W_col‖², with the removed "
+        "columns' mean output added as a bias of the output projection).",
+    )
+    components: str = option("all", "What to prune: 'all' (attention heads and MLP channels), 'attention' or 'mlp'.")
+    head_mode: str = option(
+        "query",
+        "'query': remove query heads, the same number from every GQA group; 'kv_group': remove whole "
+        "key/value groups together with their query heads (shrinks the KV cache).",
+    )
+    ranking: str = option(
+        "layer",
+        "'layer': every layer loses the same fraction (uniform widths, LLM-Pruner); 'global': units are "
+        "ranked across layers after standardising scores per component (FLAP), giving per-layer widths "
+        "(on SmolLM2 it strips the early layers and does worse, see benchmarks/STRUCTURED.md).",
+    )
+
+    def __post_init__(self) -> None:
+        check_choice("criterion", self.criterion, CRITERIA)
+        check_choice("components", self.components, ("all", "attention", "mlp"))
+        check_choice("head_mode", self.head_mode, ("query", "kv_group"))
+        check_choice("ranking", self.ranking, ("layer", "global"))
+
+
+@dataclass
+class _Component:
+    """The removable units of one layer's attention or MLP, with one score per unit."""
+
+    layer: int
+    kind: str
+    unit_parameters: int
+    removable: int
+    scores: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    head_scores: torch.Tensor | None = None  # per query head, to pick each group's k-th least important
+    removed: int = 0
+
+
+@register_structured_method("width", options=WidthOptions)
+class WidthPruning(StructuredMethod[WidthOptions]):
+    """Remove attention heads / GQA groups and MLP channels ranked by magnitude, Taylor, Wanda-sp or FLAP."""
+
+    @classmethod
+    def needs_calibration(cls, options: WidthOptions) -> bool:
+        return not options.criterion.startswith("magnitude")
+
+    def check(self) -> None:
+        self.components = self._components()
+        self._plan_counts()  # raises for impossible requests
+
+    def prune(self, windows: torch.Tensor | None, report: Any) -> None:
+        statistics = self._activation_statistics(windows) if self.options.criterion in ACTIVATION_CRITERIA else {}
+        if self.options.criterion == "taylor":
+            accumulate_gradients(self.adapter.model, windows)
+        try:
+            for component in self.components:
+                component.scores = self._scores(component, statistics)
+        finally:
+            if self.options.criterion == "taylor":
+                self.adapter.model.zero_grad(set_to_none=True)
+        self._plan_counts()
+        layers = self.adapter.decoder_layers()
+        names = self.adapter.layer_names()
+        for component in self.components:
+            if component.removed:
+                removed = self._cut(layers[component.layer], component, statistics)
+                report.removed.append(f"{names[component.layer]} {component.kind}: {removed}")
+
+    # --- units ---------------------------------------------------------------------------
+
+    def _components(self) -> list[_Component]:
+        wanted = ("attention", "mlp") if self.options.components == "all" else (self.options.components,)
+        components = []
+        for index, (prefix, layer) in enumerate(zip(self.adapter.layer_names(), self.adapter.decoder_layers())):
+            names = {module: f"{prefix}.{name}" for name, module in layer.named_modules()}
+            attention, mlp = self.adapter.attention(layer), self.adapter.mlp(layer)
+            if "attention" in wanted and attention is not None and not self._ignored(names, attention.query, attention.output):
+                components.append(self._attention_component(index, attention))
+            if "mlp" in wanted and mlp is not None and not self._ignored(names, mlp.channel_linear):
+                components.append(self._mlp_component(index, mlp))
+        if not components:
+            raise ValueError(
+                f"PruningConfig.ignore {self.ignore!r} with components={self.options.components!r} leaves nothing to prune"
+            )
+        return components
+
+    def _ignored(self, names: dict[nn.Module, str], *modules: nn.Module) -> bool:
+        return any(fnmatchcase(names[m], pattern) for m in modules for pattern in self.ignore)
+
+    def _attention_component(self, index: int, layout: AttentionLayout) -> _Component:
+        head = _rows_parameters(layout.query, layout.head_dim) + layout.output.out_features * layout.head_dim
+        if self.options.head_mode == "query":
+            # Unit k removes the k-th least important query head of every group.
+            return _Component(index, "attention", head * layout.num_kv_heads, layout.heads_per_group - 1)
+        kv = _rows_parameters(layout.key, layout.head_dim) + _rows_parameters(layout.value, layout.head_dim)
+        return _Component(index, "attention", head * layout.heads_per_group + kv, layout.num_kv_heads - 1)
+
+    def _mlp_component(self, index: int, layout: MLPLayout) -> _Component:
+        producers, consumers = coupled_linears(layout.block, layout.channel_linear)
+        parameters = sum(_rows_parameters(p, 1) for p in producers) + sum(c.out_features for c in consumers)
+        return _Component(index, "mlp", parameters, layout.channel_linear.out_features - 1)
+
+    # --- how many units each component loses ------------------------------------------------
+
+    def _plan_counts(self) -> None:
+        total = sum(_layer_parameters(self.adapter, layer) for layer in self.adapter.decoder_layers())
+        budget = self.sparsity * total
+        scored = all(c.scores.numel() for c in self.components)
+        if self.options.ranking == "global" and scored:
+            self._global_counts(budget)
+            return
+        reachable = sum(c.removable * c.unit_parameters for c in self.components)
+        if budget > reachable:
+            raise ValueError(
+                f"PruningConfig.sparsity {self.sparsity} asks for {budget:,.0f} parameters but components="
+                f"{self.options.components!r} (head_mode={self.options.head_mode!r}) can remove at most "
+                f"{reachable:,} ({reachable / total:.1%}) while keeping one head per group and one channel per layer; "
+                "lower the sparsity or prune more components"
+            )
+        if self.options.ranking == "layer":
+            self._layer_counts()
+
+    def _layer_counts(self) -> None:
+        """Each layer loses ``sparsity`` of its linear parameters: attention first (coarse), MLP makes up the rest."""
+        by_layer: dict[int, list[_Component]] = {}
+        for component in self.components:
+            by_layer.setdefault(component.layer, []).append(component)
+        layers = self.adapter.decoder_layers()
+        names = self.adapter.layer_names()
+        for index, components in by_layer.items():
+            layer_budget = self.sparsity * _layer_parameters(self.adapter, layers[index])
+            remaining = layer_budget
+            for position, component in enumerate(sorted(components, key=lambda c: c.kind != "attention")):
+                last = position == len(components) - 1
+                share = remaining if last else self.sparsity * component.unit_parameters * (component.removable + 1)
+                count = round(share / component.unit_parameters)
+                if count > component.removable:
+                    what = "every head of a group" if component.kind == "attention" else "every MLP channel"
+                    raise ValueError(
+                        f"PruningConfig.sparsity {self.sparsity} with ranking='layer' would remove {what} of "
+                        f"{names[index]}; lower the sparsity, use ranking='global' or prune more components"
+                    )
+                component.removed = count
+                remaining -= count * component.unit_parameters
+
+    def _global_counts(self, budget: float) -> None:
+        """FLAP: standardise scores per component kind, then remove the lowest units until the budget is met."""
+        for component in self.components:
+            component.removed = 0
+        candidates = []
+        for kind in ("attention", "mlp"):
+            group = [c for c in self.components if c.kind == kind]
+            if not group:
+                continue
+            pooled = torch.cat([c.scores.float() for c in group])
+            mean, std = pooled.mean(), pooled.std().clamp_min(1e-12) if pooled.numel() > 1 else torch.tensor(1.0)
+            for c in group:
+                order = torch.argsort(c.scores, stable=True)
+                standardised = ((c.scores[order] - mean) / std).tolist()
+                candidates += [(score, rank, c) for rank, score in enumerate(standardised)]
+        removed = 0.0
+        for _score, rank, component in sorted(candidates, key=lambda item: item[0]):
+            if removed >= budget:
+                break
+            if rank == component.removed and component.removed < component.removable:
+                component.removed += 1
+                removed += component.unit_parameters
+
+    # --- scores --------------------------------------------------------------------------
+
+    def _activation_statistics(self, windows: torch.Tensor) -> dict[nn.Linear, ColumnMoments]:
+        """Input moments of every output projection (o_proj, down_proj) on the dense model."""
+        statistics: dict[nn.Linear, ColumnMoments] = {}
+
+        def visit(index: int, layer: nn.Module, inputs) -> None:
+            consumers = {}
+            for component in self.components:
+                if component.layer == index:
+                    for linear in self._consumers(layer, component):
+                        consumers[str(id(linear))] = linear
+                        statistics[linear] = ColumnMoments(linear.in_features, linear.weight.device)
+            sinks = {key: statistics[linear] for key, linear in consumers.items()}
+            with feeding_inputs(consumers, lambda key, x: sinks[key].add(x)):
+                run_layer(self.adapter, layer, inputs)
+
+        walk_layers(self.adapter, windows, self.device, visit, f"Width statistics ({self.options.criterion})")
+        return statistics
+
+    def _consumers(self, layer: nn.Module, component: _Component) -> list[nn.Linear]:
+        if component.kind == "attention":
+            return [self.adapter.attention(layer).output]
+        layout = self.adapter.mlp(layer)
+        return coupled_linears(layout.block, layout.channel_linear)[1]
+
+    def _scores(self, component: _Component, statistics: dict[nn.Linear, ColumnMoments]) -> torch.Tensor:
+        layer = self.adapter.decoder_layers()[component.layer]
+        if component.kind == "attention":
+            layout = self.adapter.attention(layer)
+            heads = self._channel_scores([layout.query], [layout.output], statistics).reshape(-1, layout.head_dim).sum(1)
+            if self.options.head_mode == "query":
+                component.head_scores = heads
+                per_group = heads.reshape(layout.num_kv_heads, layout.heads_per_group).sort(dim=1).values
+                return per_group.sum(dim=0)[: component.removable]
+            groups = heads.reshape(layout.num_kv_heads, layout.heads_per_group).sum(1)
+            if self.options.criterion not in ACTIVATION_CRITERIA:
+                kv = self._channel_scores([layout.key, layout.value], [], statistics)
+                groups = groups + kv.reshape(layout.num_kv_heads, -1).sum(1)
+            return groups
+        layout = self.adapter.mlp(layer)
+        producers, consumers = coupled_linears(layout.block, layout.channel_linear)
+        return self._channel_scores(producers, consumers, statistics)
+
+    def _channel_scores(
+        self, producers: list[nn.Linear], consumers: list[nn.Linear], statistics: dict[nn.Linear, ColumnMoments]
+    ) -> torch.Tensor:
+        """One score per channel: producer rows and consumer columns with the same index."""
+        criterion = self.options.criterion
+        if criterion in ACTIVATION_CRITERIA:
+            scores = 0
+            for consumer in consumers:
+                weight = consumer.weight.detach().float()
+                moments = statistics[consumer]
+                if criterion == "wanda_sp":
+                    scores = scores + (weight.abs() * moments.norms().to(weight.device)).sum(0)
+                else:
+                    scores = scores + moments.variance().to(weight.device) * weight.square().sum(0)
+            return scores.cpu()
+        scores = 0
+        for linear in producers:
+            scores = scores + _element_importance(linear.weight, criterion).sum(1)
+        for linear in consumers:
+            scores = scores + _element_importance(linear.weight, criterion).sum(0)
+        return scores.cpu()
+
+    # --- surgery -------------------------------------------------------------------------
+
+    def _cut(self, layer: nn.Module, component: _Component, statistics: dict[nn.Linear, ColumnMoments]) -> str:
+        compensate = self.options.criterion == "flap"
+        if component.kind == "attention":
+            layout = self.adapter.attention(layer)
+            heads, kv_heads = self._kept_heads(layout, component)
+            removed_heads = sorted(set(range(layout.num_heads)) - set(heads.tolist()))
+            if compensate:
+                _compensate(layout.output, _head_columns(removed_heads, layout.head_dim), statistics[layout.output])
+            self.adapter.keep_heads(layer, heads, kv_heads)
+            return f"query heads {removed_heads}" + (
+                f" (key/value groups {sorted(set(range(layout.num_kv_heads)) - set(kv_heads.tolist()))})"
+                if self.options.head_mode == "kv_group"
+                else ""
+            )
+        layout = self.adapter.mlp(layer)
+        channels = torch.argsort(component.scores, stable=True)[: component.removed].sort().values.tolist()
+        if compensate:
+            for consumer in coupled_linears(layout.block, layout.channel_linear)[1]:
+                _compensate(consumer, torch.tensor(channels), statistics[consumer])
+        remove_block_channels(layout.block, layout.channel_linear, channels)
+        return f"{len(channels)} channels"
+
+    def _kept_heads(self, layout: AttentionLayout, component: _Component) -> tuple[torch.Tensor, torch.Tensor]:
+        """Query and key/value heads to keep, ordered so every group's heads stay contiguous."""
+        if self.options.head_mode == "kv_group":
+            groups = torch.argsort(component.scores, stable=True)[component.removed :].sort().values
+            heads = (groups.unsqueeze(1) * layout.heads_per_group + torch.arange(layout.heads_per_group)).reshape(-1)
+            return heads, groups
+        order = component.head_scores.reshape(layout.num_kv_heads, layout.heads_per_group).argsort(dim=1, stable=True)
+        keep = order[:, component.removed :] + torch.arange(layout.num_kv_heads).unsqueeze(1) * layout.heads_per_group
+        return keep.sort(dim=1).values.reshape(-1), torch.arange(layout.num_kv_heads)
+
+
+def _element_importance(weight: torch.Tensor, criterion: str) -> torch.Tensor:
+    value = weight.detach().float()
+    if criterion == "magnitude_l1":
+        return value.abs()
+    if criterion == "magnitude_l2":
+        return value.square()
+    if weight.grad is None:
+        raise RuntimeError("taylor importance needs calibration gradients, but a weight has no .grad")
+    return (value * weight.grad.float()).abs()
+
+
+def _compensate(consumer: nn.Linear, columns: torch.Tensor, moments: ColumnMoments) -> None:
+    """FLAP bias compensation: the removed columns' mean contribution W[:, J] · E[x_J] becomes a bias."""
+    if columns.numel() == 0:
+        return
+    columns = columns.to(consumer.weight.device)
+    mean = moments.mean().to(consumer.weight.device)[columns]
+    add_output_bias(consumer, consumer.weight.detach().float()[:, columns] @ mean)
+
+
+def _head_columns(heads: list[int], head_dim: int) -> torch.Tensor:
+    return (torch.tensor(heads, dtype=torch.long).reshape(-1, 1) * head_dim + torch.arange(head_dim)).reshape(-1)
+
+
+def _rows_parameters(linear: nn.Linear, rows: int) -> int:
+    return rows * (linear.in_features + (1 if linear.bias is not None else 0))
+
+
+def _layer_parameters(adapter, layer: nn.Module) -> int:
+    return sum(linear.weight.numel() for linear in adapter.prunable_linears(layer).values())

@@ -1,0 +1,116 @@
+"""Recording structured results in the config, and reloading non-uniform ones with ``from_pretrained``.
+
+A uniformly pruned model (every layer the same width, fewer layers) is described by an ordinary
+config and reloads with stock transformers. When layers differ (per-layer widths, removed
+sublayers, compensation biases) the per-layer shapes are stored as the config's
+``quantization_config`` with ``quant_method: "optimum_prune_structure"``. transformers'
+documented extension point for that field (``register_quantization_config`` /
+``register_quantizer``) lets ``import optimum_prune`` give the freshly built, still empty model
+the recorded shapes before the weights load — no modeling file is patched. After loading, the
+quantizer detaches itself: the result is an ordinary (smaller) model that trains, casts and saves
+like any other, and saving it writes the shapes again.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from torch import nn
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from ..adapters import DecoderAdapter, get_adapter
+from .shapes import LayerShape
+
+QUANT_METHOD = "optimum_prune_structure"
+FORMAT_VERSION = 1
+
+
+@register_quantization_config(QUANT_METHOD)
+class StructureConfig(QuantizationConfigMixin):
+    """Per-decoder-layer shapes of a non-uniformly pruned model (stored in ``config.json``)."""
+
+    def __init__(self, layers: list[dict[str, Any]], format_version: int = FORMAT_VERSION, **_: Any) -> None:
+        if format_version != FORMAT_VERSION:
+            raise ValueError(
+                f"quantization_config.format_version {format_version} is not supported by this optimum-prune "
+                f"(reads {FORMAT_VERSION}); upgrade optimum-prune"
+            )
+        if not isinstance(layers, list) or not layers:
+            raise ValueError("quantization_config.layers must be a non-empty list of layer shapes; config.json is corrupt")
+        self.quant_method = QUANT_METHOD
+        self.format_version = format_version
+        self.layers = [LayerShape.from_dict(layer, f"quantization_config.layers[{i}]").to_dict() for i, layer in enumerate(layers)]
+
+    @property
+    def shapes(self) -> list[LayerShape]:
+        return [LayerShape(**layer) for layer in self.layers]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"quant_method": QUANT_METHOD, "format_version": self.format_version, "layers": copy.deepcopy(self.layers)}
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        return self.to_dict()
+
+
+@register_quantizer(QUANT_METHOD)
+class StructureLoader(HfQuantizer):
+    """Gives each decoder layer its recorded shape before the checkpoint's weights are loaded."""
+
+    requires_calibration = False
+    requires_parameters_quantization = False
+
+    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        adapter = get_adapter(model)
+        shapes = self.quantization_config.shapes
+        layers = adapter.decoder_layers()
+        if len(shapes) != len(layers):
+            raise ValueError(
+                f"quantization_config.layers describes {len(shapes)} decoder layers but num_hidden_layers is "
+                f"{len(layers)}; the checkpoint's config.json is corrupt"
+            )
+        for layer, shape in zip(layers, shapes):
+            adapter.reshape_layer(layer, shape)
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
+        # Nothing is quantized: detach so transformers treats the model as an ordinary one
+        # (trainable, castable with .half()), while config.quantization_config keeps the shapes.
+        del model.hf_quantizer
+        del model.quantization_method
+        model.is_quantized = False
+        if hasattr(model.config, "_pre_quantization_dtype"):
+            del model.config._pre_quantization_dtype
+
+    def is_serializable(self, safe_serialization: bool | None = None) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+
+def record_structure(adapter: DecoderAdapter) -> list[LayerShape]:
+    """Rewrite ``adapter.model.config`` to describe the pruned layers; return their shapes.
+
+    Uniform shapes go into the ordinary config fields; otherwise the config keeps its original
+    (upper-bound) widths and the shapes go into ``quantization_config``.
+    """
+    config = adapter.model.config
+    shapes = [adapter.layer_shape(layer) for layer in adapter.decoder_layers()]
+    adapter.write_uniform_config(config, adapter.stock_shape(config))  # makes head_dim explicit
+    uniform = copy.deepcopy(config)
+    adapter.write_uniform_config(uniform, shapes[0])
+    existing = getattr(config, "quantization_config", None)
+    if all(shape == adapter.stock_shape(uniform) for shape in shapes):
+        adapter.write_uniform_config(config, shapes[0])
+        if isinstance(existing, StructureConfig):
+            del config.quantization_config
+        return shapes
+    if existing is not None and not isinstance(existing, StructureConfig):
+        raise ValueError(
+            f"the model already carries a {type(existing).__name__} quantization config; prune before quantizing "
+            "(non-uniform structured shapes are stored in quantization_config)"
+        )
+    config.quantization_config = StructureConfig([s.to_dict() for s in shapes])
+    return shapes

@@ -1,0 +1,56 @@
+"""Per-layer shapes of a structurally pruned decoder, and the config that reproduces them.
+
+Structured pruning can leave every layer with its own width. A ``LayerShape`` records what one
+decoder layer looks like after surgery; the adapter rewrites the model config from the list of
+shapes, and the shapes that the rewritten config cannot reproduce on its own are saved as
+loading metadata (see ``optimum_prune.structure.loading``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Mapping
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """What one decoder layer holds. 0 heads / 0 channels means that sublayer was removed."""
+
+    num_attention_heads: int
+    num_key_value_heads: int
+    intermediate_size: int
+    attention_output_bias: bool = False
+    mlp_output_bias: bool = False
+
+    @property
+    def has_attention(self) -> bool:
+        return self.num_attention_heads > 0
+
+    @property
+    def has_mlp(self) -> bool:
+        return self.intermediate_size > 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], where: str) -> "LayerShape":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        missing = sorted({"num_attention_heads", "num_key_value_heads", "intermediate_size"} - set(data))
+        if unknown or missing:
+            raise ValueError(
+                f"{where}: layer shape has unknown keys {unknown} or misses {missing}; "
+                f"expected keys: {', '.join(sorted(known))}. The checkpoint's config.json is corrupt."
+            )
+        shape = cls(**data)
+        if shape.num_attention_heads < 0 or shape.num_key_value_heads < 0 or shape.intermediate_size < 0:
+            raise ValueError(f"{where}: negative sizes in {data}")
+        if shape.has_attention and (
+            shape.num_key_value_heads == 0 or shape.num_attention_heads % shape.num_key_value_heads
+        ):
+            raise ValueError(
+                f"{where}: {shape.num_attention_heads} query heads cannot share {shape.num_key_value_heads} "
+                "key/value heads evenly (grouped-query attention needs a whole number of query heads per group)"
+            )
+        return shape

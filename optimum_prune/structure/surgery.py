@@ -1,0 +1,76 @@
+"""Cutting linears in place: the architecture-independent half of structured surgery.
+
+Which rows and columns belong together is the adapter's knowledge (and Torch-Pruning's
+dependency graph's, for MLP blocks); this module only removes them and keeps each
+``nn.Linear``'s ``in_features`` / ``out_features`` truthful, so the module object — and any
+reference or hook held on it — stays valid.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+
+def keep_output_features(linear: nn.Linear, keep: torch.Tensor) -> None:
+    """Keep only rows ``keep`` of ``linear`` (its outputs), with their bias entries."""
+    keep = keep.to(linear.weight.device)
+    linear.weight = nn.Parameter(linear.weight.data.index_select(0, keep).clone(), linear.weight.requires_grad)
+    if linear.bias is not None:
+        linear.bias = nn.Parameter(linear.bias.data.index_select(0, keep).clone(), linear.bias.requires_grad)
+    linear.out_features = int(keep.numel())
+
+
+def keep_input_features(linear: nn.Linear, keep: torch.Tensor) -> None:
+    """Keep only columns ``keep`` of ``linear`` (its inputs)."""
+    keep = keep.to(linear.weight.device)
+    linear.weight = nn.Parameter(linear.weight.data.index_select(1, keep).clone(), linear.weight.requires_grad)
+    linear.in_features = int(keep.numel())
+
+
+def add_output_bias(linear: nn.Linear, bias: torch.Tensor) -> None:
+    """Add ``bias`` to ``linear``'s output, creating the bias parameter if it had none (FLAP compensation)."""
+    bias = bias.to(device=linear.weight.device, dtype=linear.weight.dtype)
+    if linear.bias is None:
+        linear.bias = nn.Parameter(bias.clone(), linear.weight.requires_grad)
+    else:
+        linear.bias.data += bias
+
+
+def coupled_linears(block: nn.Module, channel_linear: nn.Linear) -> tuple[list[nn.Linear], list[nn.Linear]]:
+    """The linears whose output rows (producers) and input columns (consumers) are the block's channels."""
+    producers, consumers = [], []
+    for dependency, _ in _channel_group(block, channel_linear, [0]):
+        module = dependency.target.module
+        if isinstance(module, nn.Linear):
+            (producers if dependency.handler == tp.prune_linear_out_channels else consumers).append(module)
+    return producers, consumers
+
+
+def remove_block_channels(block: nn.Module, channel_linear: nn.Linear, remove: Sequence[int]) -> None:
+    """Remove hidden channels ``remove`` of an MLP-like ``block`` whose channels ``channel_linear`` produces.
+
+    Torch-Pruning traces the block once on a one-token input and finds every coupled slice
+    (gate and up rows, down columns, biases) so no projection is listed by hand.
+    """
+    if len(remove):
+        _channel_group(block, channel_linear, sorted(int(i) for i in remove)).prune()
+
+
+def _channel_group(block: nn.Module, channel_linear: nn.Linear, indices: list[int]) -> tp.Group:
+    example = torch.zeros(1, 1, channel_linear.in_features, device=channel_linear.weight.device, dtype=channel_linear.weight.dtype)
+    frozen = [p for p in block.parameters() if not p.requires_grad]
+    # The graph is traced through autograd nodes, so it needs gradients on even when pruning runs under no_grad.
+    with torch.enable_grad():
+        for parameter in frozen:
+            parameter.requires_grad_(True)
+        try:
+            graph = tp.DependencyGraph().build_dependency(block, example_inputs=example)
+        finally:
+            for parameter in frozen:
+                parameter.requires_grad_(False)
+    return graph.get_pruning_group(channel_linear, tp.prune_linear_out_channels, idxs=indices)
+

@@ -1,0 +1,74 @@
+import copy
+
+import pytest
+import torch
+
+from optimum_prune import PruningConfig, prune
+from optimum_prune.methods.layers import CRITERIA
+
+from ..conftest import tiny_model, token_windows
+
+
+@pytest.mark.parametrize("criterion", CRITERIA)
+def test_removed_layers_act_as_identity(criterion):
+    dense = tiny_model(num_hidden_layers=6)
+    model = copy.deepcopy(dense)
+    report = prune(model, PruningConfig(method="layers", sparsity=0.0, method_options={"criterion": criterion, "num_layers": 2}), calibration=token_windows())
+
+    removed = [int(name.rsplit(".", 1)[1]) for name in report.removed]
+    assert len(removed) == 2 and model.config.num_hidden_layers == 4
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1, 2, 3]
+    assert len(report.layer_scores[criterion]) == (5 if criterion == "angular" else 6)
+    if criterion == "angular":
+        assert removed[1] == removed[0] + 1  # n consecutive layers
+    reference = copy.deepcopy(dense)
+    with torch.no_grad():
+        for index in removed:  # a layer whose output projections are zero adds nothing to the residual
+            reference.model.layers[index].self_attn.o_proj.weight.zero_()
+            reference.model.layers[index].mlp.down_proj.weight.zero_()
+        ids = token_windows(samples=2, seq_len=16, seed=3)
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-5)
+    assert not hasattr(model.config, "quantization_config")  # uniform: a stock config describes it
+
+
+def test_block_influence_removes_the_layers_closest_to_identity():
+    model = tiny_model(num_hidden_layers=4)
+    with torch.no_grad():
+        for index in (1, 2):
+            model.model.layers[index].self_attn.o_proj.weight.mul_(1e-3)
+            model.model.layers[index].mlp.down_proj.weight.mul_(1e-3)
+    report = prune(model, PruningConfig(method="layers", sparsity=0.5), calibration=token_windows())
+    assert report.removed == ["model.layers.1", "model.layers.2"]
+
+
+def test_sparsity_rounds_to_whole_layers_and_ignore_protects():
+    model = tiny_model(num_hidden_layers=5)
+    report = prune(model, PruningConfig(method="layers", sparsity=0.4, ignore=["model.layers.[0-2]"]), calibration=token_windows())
+    assert report.removed == ["model.layers.3", "model.layers.4"]
+
+
+def test_merge_adds_parameter_differences_into_the_previous_layer():
+    dense = tiny_model(num_hidden_layers=4)
+    model = copy.deepcopy(dense)
+    prune(model, PruningConfig(method="layers", sparsity=0.0, ignore=["model.layers.0", "model.layers.3"],
+                               method_options={"num_layers": 2, "merge": True}), calibration=token_windows())
+    weight = [layer.mlp.up_proj.weight for layer in dense.model.layers]
+    # LaCo: θ_0 + (θ_1 − θ_0) + (θ_2 − θ_0)
+    torch.testing.assert_close(model.model.layers[0].mlp.up_proj.weight, weight[1] + weight[2] - weight[0])
+    torch.testing.assert_close(model.model.layers[1].mlp.up_proj.weight, weight[3])
+
+
+@pytest.mark.parametrize(
+    "sparsity, options, message",
+    [(0.0, {"num_layers": 3}, "the model has 3"), (0.1, {}, "rounds to 0"), (0.0, {"num_layers": 5}, "the model has 3")],
+)
+def test_impossible_layer_counts(sparsity, options, message):
+    with pytest.raises(ValueError, match=message):
+        prune(tiny_model(), PruningConfig(method="layers", sparsity=sparsity, method_options=options), calibration=token_windows())
+
+
+def test_layer_scores_plot(tmp_path):
+    report = prune(tiny_model(num_hidden_layers=4), PruningConfig(method="layers", sparsity=0.25), calibration=token_windows())
+    report.plot_layer_scores(tmp_path / "scores.png")
+    assert (tmp_path / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "block_influence per layer" in str(report)

@@ -1,0 +1,40 @@
+import copy
+
+import pytest
+import torch
+
+from optimum_prune import PruningConfig, prune
+
+from ..conftest import tiny_model, token_windows
+
+
+@pytest.mark.parametrize("criterion", ["block_influence", "perplexity"])
+def test_removed_sublayers_leave_the_residual_path(criterion):
+    dense = tiny_model(num_hidden_layers=4)
+    model = copy.deepcopy(dense)
+    report = prune(model, PruningConfig(method="sublayers", sparsity=0.3, method_options={"criterion": criterion}), calibration=token_windows())
+
+    assert report.removed and set(report.layer_scores) == {f"{criterion} (attention)", f"{criterion} (mlp)"}
+    reference = copy.deepcopy(dense)
+    with torch.no_grad():
+        for item in report.removed:
+            name, kind = item.split()
+            layer = reference.model.layers[int(name.rsplit(".", 1)[1])]
+            (layer.self_attn.o_proj if kind == "attention" else layer.mlp.down_proj).weight.zero_()
+        ids = token_windows(samples=2, seq_len=16, seed=3)
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=1e-4, atol=1e-5)
+    removed_parameters = report.parameters_before - report.parameters_after
+    linears = sum(l.weight.numel() for layer in dense.model.layers for l in layer.modules() if isinstance(l, torch.nn.Linear))
+    assert removed_parameters <= 0.3 * linears + 4 * 64  # within budget (norm weights of removed blocks go too)
+
+
+def test_only_attention_blocks():
+    model = tiny_model(num_hidden_layers=4)
+    report = prune(model, PruningConfig(method="sublayers", sparsity=0.1, method_options={"sublayers": "attention"}), calibration=token_windows())
+    assert report.removed and all(item.endswith(" attention") for item in report.removed)
+    assert model.config.quantization_config.layers  # non-uniform: shapes recorded for reloading
+
+
+def test_budget_below_one_block_is_an_error():
+    with pytest.raises(ValueError, match="smaller than the smallest removable block"):
+        prune(tiny_model(), PruningConfig(method="sublayers", sparsity=0.01), calibration=token_windows())

@@ -1,0 +1,124 @@
+import copy
+
+import pytest
+import torch
+
+from optimum_prune import PruningConfig, prune
+from optimum_prune.methods.width import CRITERIA
+
+from ..conftest import tiny_model, token_windows
+
+
+def _kept_rows(original: torch.Tensor, pruned: torch.Tensor) -> list[int]:
+    """Which rows of ``original`` survive in ``pruned`` (random weights make every row unique)."""
+    return [next(i for i in range(original.shape[0]) if torch.equal(original[i], row)) for row in pruned]
+
+
+def _zeroed_reference(dense: torch.nn.Module, pruned: torch.nn.Module) -> torch.nn.Module:
+    """The dense model with the removed heads' o_proj columns and removed channels' down_proj columns zeroed."""
+    reference = copy.deepcopy(dense)
+    head_dim = dense.model.layers[0].self_attn.head_dim
+    with torch.no_grad():
+        for before, after in zip(reference.model.layers, pruned.model.layers):
+            kept = torch.tensor(_kept_rows(before.self_attn.q_proj.weight, after.self_attn.q_proj.weight))
+            removed = sorted(set(range(before.self_attn.q_proj.out_features)) - set(kept.tolist()))
+            assert len(removed) % head_dim == 0
+            before.self_attn.o_proj.weight[:, removed] = 0
+            kept = _kept_rows(before.mlp.gate_proj.weight, after.mlp.gate_proj.weight)
+            before.mlp.down_proj.weight[:, sorted(set(range(before.mlp.gate_proj.out_features)) - set(kept))] = 0
+    return reference
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("criterion", [c for c in CRITERIA if c != "flap"])
+@pytest.mark.parametrize("head_mode", ["query", "kv_group"])
+def test_output_equals_dense_with_removed_units_zeroed(family, criterion, head_mode):
+    kv_heads = 4 if head_mode == "kv_group" else 2  # a group is then a quarter of the attention
+    dense = tiny_model(family, num_attention_heads=8, num_key_value_heads=kv_heads)
+    model = copy.deepcopy(dense)
+    config = PruningConfig(method="width", sparsity=0.25, method_options={"criterion": criterion, "head_mode": head_mode})
+    report = prune(model, config, calibration=token_windows())
+
+    for shape, layer in zip(report.shapes, model.model.layers):
+        assert shape.num_attention_heads % shape.num_key_value_heads == 0  # valid GQA
+        assert layer.self_attn.num_key_value_groups == shape.num_attention_heads // shape.num_key_value_heads
+        assert shape.num_attention_heads < 8 and shape.intermediate_size < 128
+        assert shape.num_key_value_heads == (3 if head_mode == "kv_group" else 2)
+    assert report.parameters_after < report.parameters_before
+    assert report.macs_per_token_after < report.macs_per_token_before
+    ids = token_windows(samples=2, seq_len=16, seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, _zeroed_reference(dense, model)(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_layer_ranking_is_uniform_and_hits_the_parameter_ratio():
+    model = tiny_model(num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, intermediate_size=256)
+    linears = lambda: sum(l.weight.numel() for layer in model.model.layers for l in layer.modules() if isinstance(l, torch.nn.Linear))
+    before = linears()
+    report = prune(model, PruningConfig(method="width", sparsity=0.3, method_options={"criterion": "magnitude_l2"}))
+    assert len(set(report.shapes)) == 1
+    assert model.config.num_attention_heads == report.shapes[0].num_attention_heads
+    assert model.config.intermediate_size == report.shapes[0].intermediate_size
+    assert not hasattr(model.config, "quantization_config")
+    assert 1 - linears() / before == pytest.approx(0.3, abs=0.01)
+
+
+def test_global_ranking_gives_per_layer_widths_within_budget():
+    model = tiny_model(num_hidden_layers=4, intermediate_size=256)
+    report = prune(model, PruningConfig(method="width", sparsity=0.2, method_options={"criterion": "wanda_sp", "ranking": "global"}), calibration=token_windows())
+    assert len({s.intermediate_size for s in report.shapes}) > 1
+    assert all(s.intermediate_size >= 1 and s.num_attention_heads >= 2 for s in report.shapes)
+    assert model.config.quantization_config.layers[0]["intermediate_size"] == report.shapes[0].intermediate_size
+
+
+def test_flap_compensation_keeps_the_mean_output():
+    """FLAP's bias makes the pruned MLP's output match the dense one on average over calibration tokens."""
+    dense = tiny_model(num_hidden_layers=1, intermediate_size=256)
+    windows = token_windows(samples=16)
+    outputs = {}
+
+    def capture(name):
+        return lambda _m, _a, out: outputs.setdefault(name, out)
+
+    model = copy.deepcopy(dense)
+    prune(model, PruningConfig(method="width", sparsity=0.3, method_options={"criterion": "flap", "components": "mlp"}), calibration=windows)
+    assert model.model.layers[0].mlp.down_proj.bias is not None
+    with torch.no_grad():
+        hidden = dense.model.embed_tokens(windows)
+        normed = dense.model.layers[0].post_attention_layernorm(hidden)
+        dense_mean = dense.model.layers[0].mlp(normed).mean(dim=(0, 1))
+        pruned_mean = model.model.layers[0].mlp(normed).mean(dim=(0, 1))
+        uncompensated = pruned_mean - model.model.layers[0].mlp.down_proj.bias
+    assert (pruned_mean - dense_mean).abs().mean() < (uncompensated - dense_mean).abs().mean()
+
+
+def test_ignored_components_keep_their_width():
+    model = tiny_model()
+    prune(model, PruningConfig(method="width", sparsity=0.1, ignore=["model.layers.0.*"], method_options={"criterion": "magnitude_l1", "ranking": "global"}))
+    assert model.model.layers[0].mlp.gate_proj.out_features == 128
+    assert model.model.layers[0].self_attn.q_proj.out_features == 64
+
+
+@pytest.mark.parametrize(
+    "options, sparsity, message",
+    [
+        ({"components": "attention", "head_mode": "kv_group"}, 0.5, "can remove at most"),
+        ({"components": "mlp"}, 0.9, "one channel per layer"),
+        ({"components": "attention"}, 0.2, "keeping one head per group"),
+    ],
+)
+def test_impossible_requests_fail_before_any_change(options, sparsity, message):
+    model = tiny_model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        prune(model, PruningConfig(method="width", sparsity=sparsity, method_options={"criterion": "magnitude_l1", **options}))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_structured_methods_reject_nm_and_owl():
+    with pytest.raises(ValueError, match="N:M patterns apply to unstructured"):
+        PruningConfig(method="width", sparsity="2:4")
+    with pytest.raises(ValueError, match="allocation 'owl' applies to unstructured"):
+        PruningConfig(method="layers", sparsity=0.2, allocation="owl")
+    with pytest.raises(ValueError, match="criterion must be one of"):
+        PruningConfig(method="width", method_options={"criterion": "random"})

@@ -1,0 +1,103 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from optimum_prune import PruningConfig, prune, save_pruned
+
+from ..conftest import tiny_model, token_windows
+
+RELOAD_WITHOUT_PACKAGE = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+with torch.no_grad():
+    torch.save(model(input_ids=torch.load(sys.argv[2])).logits, sys.argv[3])
+assert "optimum_prune" not in sys.modules
+"""
+
+
+def test_uniform_result_reloads_with_stock_transformers(tmp_path):
+    model = tiny_model(num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2)
+    windows = token_windows()
+    prune(model, PruningConfig(method="width", sparsity=0.3, method_options={"criterion": "taylor"}), calibration=windows)
+    prune(model, PruningConfig(method="layers", sparsity=0.25), calibration=windows)
+    output = save_pruned(model, tmp_path / "pruned")
+
+    config = json.loads((output / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert (config["num_hidden_layers"], config["num_attention_heads"], config["head_dim"]) == (3, 6, 8)
+    ids = token_windows(samples=2, seq_len=16, seed=4)
+    torch.save(ids, tmp_path / "ids.pt")
+    result = subprocess.run(
+        [sys.executable, "-c", RELOAD_WITHOUT_PACKAGE, str(output), str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
+        capture_output=True, text=True, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    with torch.no_grad():
+        assert torch.equal(torch.load(tmp_path / "logits.pt"), model(input_ids=ids).logits)
+
+
+@pytest.fixture
+def non_uniform(tmp_path):
+    model = tiny_model("qwen2", num_hidden_layers=4, intermediate_size=256)
+    windows = token_windows()
+    prune(model, PruningConfig(method="width", sparsity=0.25, method_options={"criterion": "flap", "ranking": "global"}), calibration=windows)
+    prune(model, PruningConfig(method="sublayers", sparsity=0.1, method_options={"sublayers": "attention"}), calibration=windows)
+    return model, save_pruned(model, tmp_path / "pruned")
+
+
+def test_non_uniform_result_reloads_bit_exact(non_uniform):
+    model, output = non_uniform
+    layers = json.loads((output / "config.json").read_text())["quantization_config"]["layers"]
+    assert len({json.dumps(layer) for layer in layers}) > 1
+    assert any(layer["num_attention_heads"] == 0 for layer in layers)
+    assert any(layer["mlp_output_bias"] for layer in layers)  # FLAP compensation
+
+    reloaded = AutoModelForCausalLM.from_pretrained(output).eval()
+    assert not reloaded.is_quantized and not hasattr(reloaded, "hf_quantizer")
+    expected = model.state_dict()
+    assert reloaded.state_dict().keys() == expected.keys()
+    for name, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+
+    prompt = token_windows(samples=1, seq_len=6, seed=7)
+    cached = reloaded.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    uncached = reloaded.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False, pad_token_id=0)
+    original = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(cached, uncached) and torch.equal(cached, original)
+
+
+def test_non_uniform_result_takes_a_lora_adapter_and_resaves(non_uniform, tmp_path):
+    _, output = non_uniform
+    reloaded = AutoModelForCausalLM.from_pretrained(output)
+    peft_model = get_peft_model(reloaded, LoraConfig(r=4, target_modules=["q_proj", "v_proj", "down_proj"]))
+    ids = token_windows(samples=2, seq_len=16)
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    assert any(p.grad is not None for n, p in peft_model.named_parameters() if "lora_" in n)
+
+    resaved = save_pruned(AutoModelForCausalLM.from_pretrained(output).half(), tmp_path / "resaved")
+    again = AutoModelForCausalLM.from_pretrained(resaved, dtype="auto")
+    assert again.dtype == torch.float16
+    assert json.loads((resaved / "config.json").read_text())["quantization_config"] == json.loads((output / "config.json").read_text())["quantization_config"]
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda layers: layers.pop(), "describes 3 decoder layers but num_hidden_layers is 4"),
+        (lambda layers: layers[0].pop("intermediate_size"), r"layers\[0\].*misses \['intermediate_size'\]"),
+        (lambda layers: layers[1].update(num_attention_heads=3, num_key_value_heads=2), "cannot share 2 key/value heads evenly"),
+    ],
+)
+def test_corrupt_shapes_fail_clearly(non_uniform, corrupt, message):
+    _, output = non_uniform
+    config = json.loads((output / "config.json").read_text())
+    corrupt(config["quantization_config"]["layers"])
+    (output / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        AutoModelForCausalLM.from_pretrained(output)
