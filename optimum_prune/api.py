@@ -22,8 +22,8 @@ from .methods import METHODS, LayerPruner, MethodSpec, StructuredMethod
 from .report import LinearReport, PruningReport
 from .sparsity import NMPattern, SparsityTarget
 from .statistics import ColumnNorms
-from .structure.loading import record_structure
 from .structure.counting import count_macs_per_token
+from .structure.loading import record_structure
 
 logger = logging.getLogger(__name__)
 
@@ -54,12 +54,24 @@ def prune(
         windows = calibration_windows(
             calibration, tokenizer, config.num_calibration_samples, config.calibration_seq_len, config.seed
         )
+    report = PruningReport(
+        method=config.method,
+        sparsity=config.sparsity,
+        allocation=config.allocation,
+        device=str(run.device),
+        calibration_tokens=0 if windows is None else windows.numel(),
+    )
+    started = time.perf_counter()
+    if run.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(run.device)
     was_training = model.training
     model.eval()  # calibration forwards must not apply dropout
     try:
-        report = run.execute(windows)
+        run.execute(windows, report)
     finally:
         model.train(was_training)
+    report.seconds = time.perf_counter() - started
+    report.peak_memory_bytes, report.peak_memory_kind = _peak_memory(run.device)
     model.config.pruning_config = config.to_dict()
     logger.info("%s", report)
     return report
@@ -92,17 +104,7 @@ class _PruningRun:
         allocation = ALLOCATIONS.get(config.allocation).create(config.build_allocation_options())
         return cls(config, adapter, method, options, allocation, targets, device)
 
-    def execute(self, windows: torch.Tensor | None) -> PruningReport:
-        started = time.perf_counter()
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
-        report = PruningReport(
-            method=self.config.method,
-            sparsity=self.config.sparsity,
-            allocation=self.config.allocation,
-            device=str(self.device),
-            calibration_tokens=0 if windows is None else windows.numel(),
-        )
+    def execute(self, windows: torch.Tensor | None, report: PruningReport) -> None:
         layer_targets = self._layer_targets(windows)
         if self.method.requires_calibration:
             walk_layers(self.adapter, windows, self.device, self._pruning_visitor(layer_targets, report), f"Pruning ({self.config.method})")
@@ -110,9 +112,6 @@ class _PruningRun:
             for index in tqdm(range(len(self.targets)), desc=f"Pruning ({self.config.method})"):
                 pruners = {name: self.method.create(linear, self.method_options) for name, linear in self.targets[index].items()}
                 _finish(pruners, index, layer_targets[index], report)
-        report.seconds = time.perf_counter() - started
-        report.peak_memory_bytes, report.peak_memory_kind = _peak_memory(self.device)
-        return report
 
     def _layer_targets(self, windows: torch.Tensor | None) -> list[SparsityTarget]:
         target = self.config.target
@@ -164,27 +163,14 @@ class _StructuredRun:
         method.check()
         return cls(config, adapter, method, device)
 
-    def execute(self, windows: torch.Tensor | None) -> PruningReport:
-        started = time.perf_counter()
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
+    def execute(self, windows: torch.Tensor | None, report: PruningReport) -> None:
         model = self.adapter.model
-        report = PruningReport(
-            method=self.config.method,
-            sparsity=self.config.sparsity,
-            allocation=self.config.allocation,
-            device=str(self.device),
-            calibration_tokens=0 if windows is None else windows.numel(),
-            parameters_before=_parameters(model),
-            macs_per_token_before=count_macs_per_token(model),
-        )
+        report.parameters_before = _parameters(model)
+        report.macs_per_token_before = count_macs_per_token(model)
         self.method.prune(windows, report)
         report.shapes = record_structure(self.adapter)
         report.parameters_after = _parameters(model)
         report.macs_per_token_after = count_macs_per_token(model)
-        report.seconds = time.perf_counter() - started
-        report.peak_memory_bytes, report.peak_memory_kind = _peak_memory(self.device)
-        return report
 
 
 def _parameters(model: nn.Module) -> int:

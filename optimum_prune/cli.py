@@ -1,6 +1,8 @@
 """``optimum-prune``: prune a local checkpoint (or the embedded SmolLM2) and save it.
 
     optimum-prune --method wanda --sparsity 2:4 --output pruned/ --eval
+    optimum-prune --method width --sparsity 0.2 --option criterion=flap --output narrow/
+    optimum-prune --method layers --option num_layers=8 --output shallow/
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--method", default=defaults.method, choices=METHODS.names(), help="pruning method")
-    parser.add_argument("--sparsity", default=str(defaults.sparsity), help="fraction in [0, 1) or N:M pattern, e.g. 0.5 or 2:4")
+    parser.add_argument("--sparsity", default=str(defaults.sparsity), help="fraction of decoder-layer linear weights to remove, in [0, 1), or an N:M pattern (unstructured methods), e.g. 0.5 or 2:4")
     parser.add_argument("--output", required=True, type=Path, help="directory for the pruned checkpoint (replaced atomically)")
     parser.add_argument("--model", type=Path, help="local checkpoint directory (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--calibration", type=Path, help="text file for calibration (default: bundled Wikipedia split)")
@@ -113,11 +115,16 @@ def run(args: argparse.Namespace) -> int:
     report = prune(model, config, calibration=args.calibration, tokenizer=tokenizer, device=device)
     pruned = perplexity() if args.eval else None
     started = time.perf_counter()
-    save_pruned(model, args.output, tokenizer=tokenizer, config=config)
+    save_pruned(model, args.output, tokenizer=tokenizer, config=config, report=report)
     saved_in = time.perf_counter() - started
     after = verify_sparsity(model, config.target if isinstance(config.sparsity, str) else None)
 
-    rows = [("", "dense", "pruned"), ("linear sparsity (excl. lm_head)", f"{before:.2%}", f"{after['overall_sparsity']:.2%}")]
+    rows = [("", "dense", "pruned")]
+    if report.shapes:
+        rows.append(("parameters", f"{report.parameters_before:,}", f"{report.parameters_after:,}"))
+        rows.append(("MACs per token", f"{report.macs_per_token_before:,}", f"{report.macs_per_token_after:,}"))
+    else:
+        rows.append(("linear sparsity (excl. lm_head)", f"{before:.2%}", f"{after['overall_sparsity']:.2%}"))
     if args.eval:
         rows.append((f"perplexity ({args.eval_tokens:,} tokens)", f"{dense:.2f}", f"{pruned:.2f}"))
     rows.append(("pruning time", "", f"{report.seconds:.1f} s"))
@@ -126,7 +133,9 @@ def run(args: argparse.Namespace) -> int:
     width = max(len(r[0]) for r in rows)
     print(f"\n{config.method} {config.sparsity} ({config.allocation}) -> {args.output}  (saved in {saved_in:.1f} s)")
     for label, left, right in rows:
-        print(f"{label:<{width}}  {left:>10}  {right:>10}")
+        print(f"{label:<{width}}  {left:>12}  {right:>12}")
+    for item in report.removed:
+        print(f"removed: {item}")
     return 0
 
 

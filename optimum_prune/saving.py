@@ -6,6 +6,7 @@ so an interrupted save leaves any previous output untouched and never a half-wri
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -16,6 +17,10 @@ from typing import Any, Iterator
 from torch import nn
 
 from .config import CONFIG_NAME, PruningConfig
+from .report import PruningReport
+
+logger = logging.getLogger(__name__)
+SCORES_PLOT_NAME = "layer_scores.png"
 
 
 @contextmanager
@@ -39,13 +44,19 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
 
 
 def save_pruned(
-    model: nn.Module, output_dir: str | os.PathLike, tokenizer: Any = None, config: PruningConfig | None = None
+    model: nn.Module,
+    output_dir: str | os.PathLike,
+    tokenizer: Any = None,
+    config: PruningConfig | None = None,
+    report: PruningReport | None = None,
 ) -> Path:
     """Save ``model`` (and ``tokenizer``) with ``save_pretrained`` in safetensors, atomically.
 
     The pruning config (``config``, else the one ``prune`` recorded on the model) goes into
     ``config.json`` as ``pruning_config`` and into ``pruning_config.json``. Stock
-    ``AutoModelForCausalLM.from_pretrained(output_dir)`` reloads the result without this package.
+    ``AutoModelForCausalLM.from_pretrained(output_dir)`` reloads unstructured and uniform structured
+    results without this package; non-uniform structured ones need ``import optimum_prune`` first.
+    A ``report`` with per-layer scores (depth / sublayer methods) adds ``layer_scores.png``.
     """
     if config is None:
         recorded = getattr(model.config, "pruning_config", None)
@@ -59,4 +70,9 @@ def save_pruned(
             tokenizer.save_pretrained(staging)
         if config is not None:
             config.to_json_file(staging / CONFIG_NAME)
+        if report is not None and report.layer_scores:
+            try:
+                report.plot_layer_scores(staging / SCORES_PLOT_NAME)
+            except ImportError as error:
+                logger.warning("%s; saved without %s", error, SCORES_PLOT_NAME)
     return output_dir

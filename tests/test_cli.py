@@ -35,6 +35,20 @@ def test_cli_prunes_saves_and_reports(model_dir, tmp_path, capsys):
     assert PruningConfig.from_json_file(output / "pruning_config.json").method_options["block_size"] == 32
 
 
+def test_cli_structured_depth_pruning_saves_a_score_plot(model_dir, tmp_path, capsys):
+    output = tmp_path / "shallow"
+    code = main([
+        "--model", str(model_dir), "--method", "layers", "--option", "num_layers=1", "--output", str(output),
+        "--calibration-samples", "4", "--seq-len", "32",
+    ])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "parameters" in printed and "removed: model.layers." in printed
+    assert (output / "layer_scores.png").read_bytes()[:4] == b"\x89PNG"
+    model, _ = load_model(output)
+    assert model.config.num_hidden_layers == 2
+
+
 def test_cli_errors_are_one_line(model_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--model", str(model_dir), "--sparsity", "5:4", "--output", str(tmp_path / "o")])
