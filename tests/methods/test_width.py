@@ -75,11 +75,6 @@ def test_flap_compensation_keeps_the_mean_output():
     """FLAP's bias makes the pruned MLP's output match the dense one on average over calibration tokens."""
     dense = tiny_model(num_hidden_layers=1, intermediate_size=256)
     windows = token_windows(samples=16)
-    outputs = {}
-
-    def capture(name):
-        return lambda _m, _a, out: outputs.setdefault(name, out)
-
     model = copy.deepcopy(dense)
     prune(model, PruningConfig(method="width", sparsity=0.3, method_options={"criterion": "flap", "components": "mlp"}), calibration=windows)
     assert model.model.layers[0].mlp.down_proj.bias is not None
