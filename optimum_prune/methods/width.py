@@ -65,6 +65,8 @@ class _Component:
     kind: str
     unit_parameters: int
     removable: int
+    producers: list[nn.Linear]  # linears whose rows are the units' channels
+    consumers: list[nn.Linear]  # linears whose columns are (cut in place, so these stay valid)
     scores: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     head_scores: torch.Tensor | None = None  # per query head, to pick each group's k-th least important
     removed: int = 0
@@ -125,14 +127,16 @@ class WidthPruning(StructuredMethod[WidthOptions]):
         head = _rows_parameters(layout.query, layout.head_dim) + layout.output.out_features * layout.head_dim
         if self.options.head_mode == "query":
             # Unit k removes the k-th least important query head of every group.
-            return _Component(index, "attention", head * layout.num_kv_heads, layout.heads_per_group - 1)
+            return _Component(index, "attention", head * layout.num_kv_heads, layout.heads_per_group - 1, [layout.query], [layout.output])
         kv = _rows_parameters(layout.key, layout.head_dim) + _rows_parameters(layout.value, layout.head_dim)
-        return _Component(index, "attention", head * layout.heads_per_group + kv, layout.num_kv_heads - 1)
+        return _Component(
+            index, "attention", head * layout.heads_per_group + kv, layout.num_kv_heads - 1, [layout.query], [layout.output]
+        )
 
     def _mlp_component(self, index: int, layout: MLPLayout) -> _Component:
         producers, consumers = coupled_linears(layout.block, layout.channel_linear)
         parameters = sum(_rows_parameters(p, 1) for p in producers) + sum(c.out_features for c in consumers)
-        return _Component(index, "mlp", parameters, layout.channel_linear.out_features - 1)
+        return _Component(index, "mlp", parameters, layout.channel_linear.out_features - 1, producers, consumers)
 
     # --- how many units each component loses ------------------------------------------------
 
@@ -210,7 +214,7 @@ class WidthPruning(StructuredMethod[WidthOptions]):
             consumers = {}
             for component in self.components:
                 if component.layer == index:
-                    for linear in self._consumers(layer, component):
+                    for linear in component.consumers:
                         consumers[str(id(linear))] = linear
                         statistics[linear] = ColumnMoments(linear.in_features, linear.weight.device)
             sinks = {key: statistics[linear] for key, linear in consumers.items()}
@@ -220,17 +224,11 @@ class WidthPruning(StructuredMethod[WidthOptions]):
         walk_layers(self.adapter, windows, self.device, visit, f"Width statistics ({self.options.criterion})")
         return statistics
 
-    def _consumers(self, layer: nn.Module, component: _Component) -> list[nn.Linear]:
-        if component.kind == "attention":
-            return [self.adapter.attention(layer).output]
-        layout = self.adapter.mlp(layer)
-        return coupled_linears(layout.block, layout.channel_linear)[1]
-
     def _scores(self, component: _Component, statistics: dict[nn.Linear, ColumnMoments]) -> torch.Tensor:
         layer = self.adapter.decoder_layers()[component.layer]
         if component.kind == "attention":
             layout = self.adapter.attention(layer)
-            heads = self._channel_scores([layout.query], [layout.output], statistics).reshape(-1, layout.head_dim).sum(1)
+            heads = self._channel_scores(component.producers, component.consumers, statistics).reshape(-1, layout.head_dim).sum(1)
             if self.options.head_mode == "query":
                 component.head_scores = heads
                 per_group = heads.reshape(layout.num_kv_heads, layout.heads_per_group).sort(dim=1).values
@@ -240,9 +238,7 @@ class WidthPruning(StructuredMethod[WidthOptions]):
                 kv = self._channel_scores([layout.key, layout.value], [], statistics)
                 groups = groups + kv.reshape(layout.num_kv_heads, -1).sum(1)
             return groups
-        layout = self.adapter.mlp(layer)
-        producers, consumers = coupled_linears(layout.block, layout.channel_linear)
-        return self._channel_scores(producers, consumers, statistics)
+        return self._channel_scores(component.producers, component.consumers, statistics)
 
     def _channel_scores(
         self, producers: list[nn.Linear], consumers: list[nn.Linear], statistics: dict[nn.Linear, ColumnMoments]
@@ -285,7 +281,7 @@ class WidthPruning(StructuredMethod[WidthOptions]):
         layout = self.adapter.mlp(layer)
         channels = torch.argsort(component.scores, stable=True)[: component.removed].sort().values.tolist()
         if compensate:
-            for consumer in coupled_linears(layout.block, layout.channel_linear)[1]:
+            for consumer in component.consumers:
                 _compensate(consumer, torch.tensor(channels), statistics[consumer])
         remove_block_channels(layout.block, layout.channel_linear, channels)
         return f"{len(channels)} channels"
