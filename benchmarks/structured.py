@@ -32,6 +32,7 @@ ROWS: list[Row] = [
     *[("width", ratio, {"criterion": c}) for c in ("magnitude_l1", "magnitude_l2", "taylor", "wanda_sp", "flap") for ratio in (0.1, 0.2, 0.3)],
     *[("width", 0.2, {"criterion": c, "ranking": "global"}) for c in ("wanda_sp", "flap")],
     ("width", 0.2, {"criterion": "flap", "head_mode": "kv_group"}),
+    *[("slicegpt", ratio, {}) for ratio in (0.1, 0.2, 0.3)],
     *[("layers", n / LAYERS, {"criterion": c, "num_layers": n}) for c in ("block_influence", "angular", "perplexity", "taylor") for n in (4, 8)],
     *[("sublayers", n / LAYERS, {"criterion": "block_influence"}) for n in (4, 8)],
 ]
@@ -95,7 +96,7 @@ def markdown(results: list[dict], args: argparse.Namespace, command: str) -> str
         "",
         f"Protocol: calibration {args.calibration_samples} × {args.calibration_seq_len} tokens (seed 0); perplexity over "
         f"the first {args.eval_tokens:,} tokens of the evaluation split in 512-token windows. `ratio` is the requested "
-        "fraction of decoder-layer linear parameters; `parameters` counts the whole model (tied embeddings once). "
+        "fraction of decoder-layer linear parameters (for slicegpt: of the hidden dimension); `parameters` counts the whole model (tied embeddings once). "
         f"Latency: median of {args.repeats} forward passes of one 512-token window, pruned ÷ dense, timed alternately in the same process.",
         "",
         f"Environment: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "

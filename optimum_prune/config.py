@@ -26,7 +26,7 @@ CONFIG_NAME = "pruning_config.json"
 class PruningConfig:
     method: str = field(
         default="wanda",
-        metadata={"help": "Registered pruning method: unstructured (magnitude, wanda, sparsegpt) or structured (width, layers, sublayers)."},
+        metadata={"help": "Registered pruning method: unstructured (magnitude, wanda, sparsegpt) or structured (width, slicegpt, layers, sublayers)."},
     )
     sparsity: float | str = field(
         default=0.5,

@@ -54,6 +54,21 @@ class MLPLayout:
     channel_linear: nn.Linear
 
 
+@dataclass
+class ResidualBranch:
+    """One pre-norm sublayer of a decoder layer: ``x ↦ shortcut(x) + writer(f(readers(norm(x))))``.
+
+    These are the modules that touch the residual stream, so rotating the stream (SliceGPT)
+    rewrites exactly them: the readers' input columns, the writer's output rows and the
+    shortcut (``None`` while the layer adds its input back unchanged).
+    """
+
+    norm: nn.Module
+    readers: list[nn.Linear]
+    writer: nn.Linear
+    shortcut: nn.Linear | None
+
+
 class DecoderAdapter(ABC):
     """Layout of a decoder-only transformer; subclasses say where its parts live."""
 
@@ -128,6 +143,19 @@ class DecoderAdapter(ABC):
         """Keep only decoder layers ``indices`` (in order) and renumber them."""
         raise self._no_structure()
 
+    def residual_branches(self, layer: nn.Module) -> list[ResidualBranch]:
+        """The layer's sublayers in execution order, as seen from the residual stream."""
+        raise self._no_structure()
+
+    def add_shortcuts(self, index: int) -> nn.Module:
+        """Replace decoder layer ``index`` by one whose residual path runs through identity shortcut
+        linears (hidden × hidden) that can then be rotated and sliced; return it."""
+        raise self._no_structure()
+
+    def final_norm(self) -> nn.Module:
+        """The norm between the last decoder layer and the output embedding."""
+        raise self._no_structure()
+
     def layer_shape(self, layer: nn.Module) -> LayerShape:
         raise self._no_structure()
 
@@ -138,6 +166,23 @@ class DecoderAdapter(ABC):
     def reshape_layer(self, layer: nn.Module, shape: LayerShape) -> None:
         """Give a freshly built (possibly meta) layer the modules of ``shape``, before weights load."""
         raise self._no_structure()
+
+    def reshape(self, shapes: list[LayerShape]) -> None:
+        """Give a freshly built (possibly meta) model the recorded per-layer ``shapes``, before weights load.
+
+        Where the residual stream was sliced at the model's ends, the input embedding, the final
+        norm and the output embedding take the sliced widths too.
+        """
+        for index, shape in enumerate(shapes):
+            layer = self.add_shortcuts(index) if shape.residual_widths else self.decoder_layers()[index]
+            self.reshape_layer(layer, shape)
+        hidden = self.model.get_input_embeddings().embedding_dim
+        if shapes[0].residual_widths and shapes[0].residual_widths[0] != hidden:
+            resize_embedding(self.model.get_input_embeddings(), shapes[0].residual_widths[0])
+        if shapes[-1].residual_widths and shapes[-1].residual_widths[2] != hidden:
+            width = shapes[-1].residual_widths[2]
+            resize_norm(self.final_norm(), width)
+            self.model.set_output_embeddings(resized_linear(self.model.get_output_embeddings(), in_features=width))
 
     def write_uniform_config(self, config: Any, shape: LayerShape) -> None:
         """Write the widths of ``shape`` into ``config`` (the head size stays explicit)."""
@@ -156,6 +201,30 @@ class DecoderAdapter(ABC):
             if module is layers:
                 return [f"{name}.{index}" for index in range(len(layers))]
         raise RuntimeError("decoder layers are not a submodule of the model")
+
+
+def resized_linear(
+    linear: nn.Linear, in_features: int | None = None, out_features: int | None = None, bias: bool | None = None
+) -> nn.Linear:
+    """A new, uninitialised linear like ``linear`` with other sizes (its weights are loaded next)."""
+    return nn.Linear(
+        in_features or linear.in_features,
+        out_features or linear.out_features,
+        bias=(linear.bias is not None) if bias is None else bias,
+        device=linear.weight.device,
+        dtype=linear.weight.dtype,
+    )
+
+
+def resize_norm(norm: nn.Module, width: int) -> None:
+    """Give a scale-only norm (RMSNorm) an uninitialised ``width``-sized scale."""
+    norm.weight = nn.Parameter(torch.empty(width, device=norm.weight.device, dtype=norm.weight.dtype))
+
+
+def resize_embedding(embedding: nn.Embedding, width: int) -> None:
+    weight = embedding.weight
+    embedding.weight = nn.Parameter(torch.empty(weight.shape[0], width, device=weight.device, dtype=weight.dtype))
+    embedding.embedding_dim = width
 
 
 ADAPTERS: Registry[type[DecoderAdapter]] = Registry("architecture adapter", "model class")

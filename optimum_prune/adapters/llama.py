@@ -8,11 +8,55 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..structure.modules import RemovedAttention, RemovedMLP
 from ..structure.shapes import LayerShape
 from ..structure.surgery import keep_input_features, keep_output_features
-from .base import AttentionLayout, DecoderAdapter, MLPLayout, register_adapter
+from .base import (
+    AttentionLayout,
+    DecoderAdapter,
+    MLPLayout,
+    ResidualBranch,
+    register_adapter,
+    resize_norm,
+    resized_linear,
+)
+
+
+class ShortcutDecoderLayer(GradientCheckpointingLayer):
+    """A Llama-style pre-norm decoder layer whose residual path runs through linear shortcuts.
+
+    SliceGPT gives every point of the residual stream its own (sliced) basis; the shortcuts carry
+    the stream from the layer input's basis to the one after attention and on to the layer
+    output's. The stock layer's forward adds its input back unchanged, so it cannot express this.
+    The submodules keep their stock names: the state dict only gains the two shortcut weights.
+    """
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.hidden_size = layer.hidden_size
+        self.self_attn = layer.self_attn
+        self.mlp = layer.mlp
+        self.input_layernorm = layer.input_layernorm
+        self.post_attention_layernorm = layer.post_attention_layernorm
+        if hasattr(layer, "attention_type"):  # Qwen2: the model picks each layer's mask by it
+            self.attention_type = layer.attention_type
+        weight = layer.input_layernorm.weight
+        self.attention_shortcut = _identity_linear(weight.shape[0], weight)
+        self.mlp_shortcut = _identity_linear(weight.shape[0], weight)
+
+    def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        attention, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
+        hidden_states = self.attention_shortcut(hidden_states) + attention
+        return self.mlp_shortcut(hidden_states) + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+def _identity_linear(width: int, like: torch.Tensor) -> nn.Linear:
+    linear = nn.Linear(width, width, bias=False, device=like.device, dtype=like.dtype)
+    with torch.no_grad():
+        linear.weight.copy_(torch.eye(width, device=like.device, dtype=like.dtype))
+    return linear
 
 
 @register_adapter(LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)
@@ -113,14 +157,37 @@ class LlamaAdapter(DecoderAdapter):
             config.layer_types = [config.layer_types[i] for i in indices]
         config.num_hidden_layers = len(indices)
 
+    def residual_branches(self, layer: nn.Module) -> list[ResidualBranch]:
+        if isinstance(layer.self_attn, RemovedAttention) or isinstance(layer.mlp, RemovedMLP):
+            raise ValueError("residual branches of a layer with a removed sublayer are not supported")
+        attention, mlp = layer.self_attn, layer.mlp
+        shortcuts = (layer.attention_shortcut, layer.mlp_shortcut) if isinstance(layer, ShortcutDecoderLayer) else (None, None)
+        return [
+            ResidualBranch(layer.input_layernorm, [attention.q_proj, attention.k_proj, attention.v_proj], attention.o_proj, shortcuts[0]),
+            ResidualBranch(layer.post_attention_layernorm, [mlp.gate_proj, mlp.up_proj], mlp.down_proj, shortcuts[1]),
+        ]
+
+    def add_shortcuts(self, index: int) -> nn.Module:
+        layers = self.decoder_layers()
+        if not isinstance(layers[index], ShortcutDecoderLayer):
+            layers[index] = ShortcutDecoderLayer(layers[index])
+        return layers[index]
+
+    def final_norm(self) -> nn.Module:
+        return self.model.model.norm
+
     def layer_shape(self, layer: nn.Module) -> LayerShape:
         attention, mlp = self.attention(layer), self.mlp(layer)
+        widths = None
+        if isinstance(layer, ShortcutDecoderLayer):
+            widths = (layer.attention_shortcut.in_features, layer.attention_shortcut.out_features, layer.mlp_shortcut.out_features)
         return LayerShape(
             num_attention_heads=attention.num_heads if attention else 0,
             num_key_value_heads=attention.num_kv_heads if attention else 0,
             intermediate_size=mlp.channel_linear.out_features if mlp else 0,
             attention_output_bias=attention is not None and attention.output.bias is not None,
             mlp_output_bias=mlp is not None and layer.mlp.down_proj.bias is not None,
+            residual_widths=widths,
         )
 
     def stock_shape(self, config: Any) -> LayerShape:
@@ -133,26 +200,34 @@ class LlamaAdapter(DecoderAdapter):
         )
 
     def reshape_layer(self, layer: nn.Module, shape: LayerShape) -> None:
+        widths = shape.residual_widths or (None, None, None)
         attention = layer.self_attn
         if not shape.has_attention:
             self.remove_sublayer(layer, "attention")
         else:
-            head_dim = attention.head_dim
-            attention.q_proj = _resized(attention.q_proj, out_features=shape.num_attention_heads * head_dim)
-            attention.k_proj = _resized(attention.k_proj, out_features=shape.num_key_value_heads * head_dim)
-            attention.v_proj = _resized(attention.v_proj, out_features=shape.num_key_value_heads * head_dim)
-            attention.o_proj = _resized(
-                attention.o_proj, in_features=shape.num_attention_heads * head_dim, bias=shape.attention_output_bias
+            query, kv = shape.num_attention_heads * attention.head_dim, shape.num_key_value_heads * attention.head_dim
+            attention.q_proj = resized_linear(attention.q_proj, in_features=widths[0], out_features=query)
+            attention.k_proj = resized_linear(attention.k_proj, in_features=widths[0], out_features=kv)
+            attention.v_proj = resized_linear(attention.v_proj, in_features=widths[0], out_features=kv)
+            attention.o_proj = resized_linear(
+                attention.o_proj, in_features=query, out_features=widths[1], bias=shape.attention_output_bias
             )
             attention.num_key_value_groups = shape.num_attention_heads // shape.num_key_value_heads
         if not shape.has_mlp:
             self.remove_sublayer(layer, "mlp")
         else:
             mlp = layer.mlp
-            mlp.gate_proj = _resized(mlp.gate_proj, out_features=shape.intermediate_size)
-            mlp.up_proj = _resized(mlp.up_proj, out_features=shape.intermediate_size)
-            mlp.down_proj = _resized(mlp.down_proj, in_features=shape.intermediate_size, bias=shape.mlp_output_bias)
+            mlp.gate_proj = resized_linear(mlp.gate_proj, in_features=widths[1], out_features=shape.intermediate_size)
+            mlp.up_proj = resized_linear(mlp.up_proj, in_features=widths[1], out_features=shape.intermediate_size)
+            mlp.down_proj = resized_linear(
+                mlp.down_proj, in_features=shape.intermediate_size, out_features=widths[2], bias=shape.mlp_output_bias
+            )
             mlp.intermediate_size = shape.intermediate_size
+        if shape.residual_widths:
+            resize_norm(layer.input_layernorm, widths[0])
+            resize_norm(layer.post_attention_layernorm, widths[1])
+            layer.attention_shortcut = resized_linear(layer.attention_shortcut, widths[0], widths[1])
+            layer.mlp_shortcut = resized_linear(layer.mlp_shortcut, widths[1], widths[2])
 
     def write_uniform_config(self, config: Any, shape: LayerShape) -> None:
         config.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -167,13 +242,3 @@ def _head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     heads = heads.to(torch.long).reshape(-1, 1)
     return (heads * head_dim + torch.arange(head_dim)).reshape(-1)
 
-
-def _resized(linear: nn.Linear, in_features: int | None = None, out_features: int | None = None, bias: bool | None = None) -> nn.Linear:
-    """A new, uninitialised linear like ``linear`` with other sizes (its weights are loaded next)."""
-    return nn.Linear(
-        in_features or linear.in_features,
-        out_features or linear.out_features,
-        bias=(linear.bias is not None) if bias is None else bias,
-        device=linear.weight.device,
-        dtype=linear.weight.dtype,
-    )

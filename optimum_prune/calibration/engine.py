@@ -55,7 +55,7 @@ def capture_first_layer_inputs(
         raise _StopForward
 
     handle = first_layer.register_forward_pre_hook(record, with_kwargs=True)
-    with _on_device(adapter.input_modules(), device), torch.no_grad():
+    with on_device(adapter.input_modules(), device), torch.no_grad():
         try:
             for start in tqdm(range(0, windows.shape[0], batch_size), desc="Capturing calibration inputs", leave=False):
                 try:
@@ -106,13 +106,13 @@ def walk_layers(
     layers = adapter.decoder_layers()
     for index in tqdm(range(len(layers)), desc=description):
         layer = layers[index]
-        with _on_device([layer], device):
+        with on_device([layer], device):
             visit(index, layer, inputs)
             inputs.hidden_states = run_layer(adapter, layer, inputs)
 
 
 @contextmanager
-def _on_device(modules: list[nn.Module], device: torch.device) -> Iterator[None]:
+def on_device(modules: list[nn.Module], device: torch.device) -> Iterator[None]:
     """Move modules to ``device`` for the duration, then back where they were (layer-wise offload)."""
     homes = [_device_of(m) for m in modules]
     for module in modules:

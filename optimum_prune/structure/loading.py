@@ -45,7 +45,7 @@ class StructureConfig(QuantizationConfigMixin):
 
     @property
     def shapes(self) -> list[LayerShape]:
-        return [LayerShape(**layer) for layer in self.layers]
+        return [LayerShape.from_dict(layer, f"quantization_config.layers[{i}]") for i, layer in enumerate(self.layers)]
 
     def to_dict(self) -> dict[str, Any]:
         return {"quant_method": QUANT_METHOD, "format_version": self.format_version, "layers": copy.deepcopy(self.layers)}
@@ -64,14 +64,12 @@ class StructureLoader(HfQuantizer):
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
         adapter = get_adapter(model)
         shapes = self.quantization_config.shapes
-        layers = adapter.decoder_layers()
-        if len(shapes) != len(layers):
+        if len(shapes) != len(adapter.decoder_layers()):
             raise ValueError(
                 f"quantization_config.layers describes {len(shapes)} decoder layers but num_hidden_layers is "
-                f"{len(layers)}; the checkpoint's config.json is corrupt"
+                f"{len(adapter.decoder_layers())}; the checkpoint's config.json is corrupt"
             )
-        for layer, shape in zip(layers, shapes):
-            adapter.reshape_layer(layer, shape)
+        adapter.reshape(shapes)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
         # Nothing is quantized: detach so transformers treats the model as an ordinary one

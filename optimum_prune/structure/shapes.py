@@ -14,13 +14,19 @@ from typing import Any, Mapping
 
 @dataclass(frozen=True)
 class LayerShape:
-    """What one decoder layer holds. 0 heads / 0 channels means that sublayer was removed."""
+    """What one decoder layer holds. 0 heads / 0 channels means that sublayer was removed.
+
+    ``residual_widths`` is set for layers whose residual stream was rotated and sliced (SliceGPT):
+    the stream's width at the layer input, between attention and MLP, and at the output. Such a
+    layer carries shortcut matrices that carry the residual from one basis to the next.
+    """
 
     num_attention_heads: int
     num_key_value_heads: int
     intermediate_size: int
     attention_output_bias: bool = False
     mlp_output_bias: bool = False
+    residual_widths: tuple[int, int, int] | None = None
 
     @property
     def has_attention(self) -> bool:
@@ -43,7 +49,14 @@ class LayerShape:
                 f"{where}: layer shape has unknown keys {unknown} or misses {missing}; "
                 f"expected keys: {', '.join(sorted(known))}. The checkpoint's config.json is corrupt."
             )
+        widths = data.get("residual_widths")
+        if widths is not None:
+            if not isinstance(widths, (list, tuple)) or len(widths) != 3 or not all(isinstance(w, int) and w > 0 for w in widths):
+                raise ValueError(f"{where}: residual_widths must be three positive integers, got {widths!r}")
+            data = {**data, "residual_widths": tuple(widths)}
         shape = cls(**data)
+        if widths is not None and not (shape.has_attention and shape.has_mlp):
+            raise ValueError(f"{where}: a layer with a sliced residual stream must keep both its attention and its MLP")
         if shape.num_attention_heads < 0 or shape.num_key_value_heads < 0 or shape.intermediate_size < 0:
             raise ValueError(f"{where}: negative sizes in {data}")
         if shape.has_attention and (

@@ -1,0 +1,114 @@
+import json
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from optimum_prune import PruningConfig, prune, save_pruned
+
+from ..conftest import tiny_model, token_windows
+
+HIDDEN, KEPT = 64, 48
+
+
+def confined_model(family: str, tied: bool) -> torch.nn.Module:
+    """A model whose residual stream only ever spans the first KEPT coordinates, with random norm
+    scales: PCA finds that subspace, so slicing to KEPT must not change the logits. (ε is made
+    negligible: a norm over fewer coordinates weighs it differently.)"""
+    model = tiny_model(family, tie_word_embeddings=tied, rms_norm_eps=1e-12)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:, KEPT:] = 0
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[KEPT:] = 0
+            layer.mlp.down_proj.weight[KEPT:] = 0
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight.uniform_(0.5, 1.5)
+        model.model.norm.weight.uniform_(0.5, 1.5)
+    return model
+
+
+def slicegpt(sparsity: float = 1 - KEPT / HIDDEN, **options) -> PruningConfig:
+    return PruningConfig(method="slicegpt", sparsity=sparsity, method_options=options)
+
+
+@pytest.mark.parametrize("family,tied", [("llama", False), ("mistral", False), ("qwen2", True), ("llama", True)])
+def test_rotation_and_slicing_preserve_a_stream_that_fits_the_width(family, tied):
+    model = confined_model(family, tied)
+    ids = token_windows(samples=2, seq_len=16, seed=3)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    report = prune(model, slicegpt(), calibration=token_windows())
+
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4)
+    ends = HIDDEN if tied else KEPT
+    assert [shape.residual_widths for shape in report.shapes] == [(ends, KEPT, KEPT), (KEPT, KEPT, KEPT), (KEPT, KEPT, ends)]
+    assert model.get_input_embeddings().embedding_dim == ends
+    assert model.get_output_embeddings().in_features == ends
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
+    # The stream has no energy outside KEPT coordinates: every slice keeps all of its variance.
+    for name, kept in report.layer_scores.items():
+        assert name.startswith("variance kept") and kept == pytest.approx([1.0] * 3, abs=1e-9)
+
+
+def test_sliced_widths_shrink_every_linear_that_touches_the_stream():
+    model = tiny_model()
+    report = prune(model, slicegpt(0.3, round_to=8), calibration=token_windows())
+    width = 40  # 64 × 0.7 = 44.8 → rounded down to a multiple of 8
+    for layer in model.model.layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        assert {attention.q_proj.in_features, attention.k_proj.in_features, attention.v_proj.in_features} == {width}
+        assert attention.o_proj.out_features == mlp.gate_proj.in_features == mlp.down_proj.out_features == width
+        assert layer.attention_shortcut.weight.shape == layer.mlp_shortcut.weight.shape == (width, width)
+        assert layer.input_layernorm.weight.shape == (width,)
+    assert report.parameters_after < report.parameters_before
+    assert report.macs_per_token_after < report.macs_per_token_before
+    assert report.removed == ["residual stream width 64 → 40"]
+    # Sliced output is close to, not equal to, the dense one: random weights spread energy evenly.
+    assert json.loads(model.config.to_json_string())["quantization_config"]["layers"][1]["residual_widths"] == [40] * 3
+
+
+@pytest.mark.parametrize("family,tied", [("qwen2", True), ("llama", False)])
+def test_sliced_model_reloads_bit_exact_generates_with_cache_and_takes_lora(family, tied, tmp_path):
+    model = tiny_model(family, tie_word_embeddings=tied)
+    prune(model, slicegpt(0.25), calibration=token_windows())
+    output = save_pruned(model, tmp_path / "sliced")
+
+    reloaded = AutoModelForCausalLM.from_pretrained(output).eval()
+    expected = model.state_dict()
+    assert reloaded.state_dict().keys() == expected.keys()
+    for name, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+    prompt = token_windows(samples=1, seq_len=6, seed=7)
+    cached = reloaded.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    uncached = reloaded.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False, pad_token_id=0)
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached, model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0))
+
+    peft_model = get_peft_model(reloaded, LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
+    ids = token_windows(samples=2, seq_len=16)
+    peft_model(input_ids=ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for n, p in peft_model.named_parameters() if "lora_" in n)
+
+
+def test_impossible_requests_fail_before_touching_the_model():
+    model = tiny_model()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    windows = token_windows()
+    with pytest.raises(ValueError, match="less than method_options.round_to"):
+        prune(model, slicegpt(0.95), calibration=windows)
+    with pytest.raises(ValueError, match="slices nothing"):
+        prune(model, slicegpt(0.0), calibration=windows)
+    with pytest.raises(ValueError, match="no module can be left out"):
+        prune(model, PruningConfig(method="slicegpt", sparsity=0.25, ignore=["*.o_proj"]), calibration=windows)
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
+
+    prune(model, slicegpt(0.25), calibration=windows)
+    with pytest.raises(ValueError, match="already sliced"):
+        prune(model, slicegpt(0.25), calibration=windows)
+
+    model = tiny_model()
+    prune(model, PruningConfig(method="sublayers", sparsity=0.3, method_options={"sublayers": "mlp"}), calibration=windows)
+    with pytest.raises(ValueError, match="removed sublayer"):
+        prune(model, slicegpt(0.25), calibration=windows)
