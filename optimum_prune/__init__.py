@@ -10,6 +10,7 @@ from .adapters import ADAPTERS, get_adapter, register_adapter
 from .api import prune
 from .config import PruningConfig
 from .evaluation import evaluate_perplexity
+from .integrations.optimum import OptimumPruner
 from .methods import METHODS, register_method
 from .models import load_default_model, load_model
 from .report import PruningReport
@@ -24,6 +25,7 @@ __all__ = [
     "ALLOCATIONS",
     "METHODS",
     "NMPattern",
+    "OptimumPruner",
     "PruningConfig",
     "PruningReport",
     "StructureConfig",

@@ -1,8 +1,10 @@
-"""``optimum-prune``: prune a local checkpoint (or the embedded SmolLM2) and save it.
+"""``optimum-prune`` / ``optimum-cli prune``: prune a local checkpoint (or the embedded SmolLM2) and save it.
 
     optimum-prune --method wanda --sparsity 2:4 --output pruned/ --eval
-    optimum-prune --method width --sparsity 0.2 --option criterion=flap --output narrow/
+    optimum-cli prune --model ckpt/ --method width --sparsity 0.2 --option criterion=flap --output narrow/
     optimum-prune --method layers --option num_layers=8 --output shallow/
+
+Both commands share ``add_arguments`` and ``run``, so they take the same options.
 """
 
 from __future__ import annotations
@@ -31,6 +33,15 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="optimum-prune", description="Prune a causal LM and save it so that stock transformers reloads it."
+    )
+    add_arguments(parser)
+    return parser
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of both commands; the epilog documents every method and allocation option."""
     defaults = PruningConfig()
     epilog = ["method options (--option NAME=VALUE):"]
     for name in METHODS:
@@ -40,31 +51,26 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ALLOCATIONS:
         for option, default, help_text in describe_options(ALLOCATIONS.get(name).options):
             epilog.append(f"  {name}.{option} (default {default!r}): {help_text}")
-    parser = argparse.ArgumentParser(
-        prog="optimum-prune",
-        description="Prune a causal LM and save it so that stock transformers reloads it.",
-        epilog="\n".join(epilog),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser.epilog = "\n".join(epilog)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--method", default=defaults.method, choices=METHODS.names(), help="pruning method")
     parser.add_argument("--sparsity", default=str(defaults.sparsity), help="fraction of decoder-layer linear weights to remove, in [0, 1), or an N:M pattern (unstructured methods), e.g. 0.5 or 2:4")
     parser.add_argument("--output", required=True, type=Path, help="directory for the pruned checkpoint (replaced atomically)")
-    parser.add_argument("--model", type=Path, help="local checkpoint directory (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("-m", "--model", type=Path, help="local checkpoint directory (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--calibration", type=Path, help="text file for calibration (default: bundled Wikipedia split)")
-    parser.add_argument("--calibration-samples", type=int, default=defaults.num_calibration_samples)
+    parser.add_argument("--calibration-samples", type=int, default=defaults.num_calibration_samples, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=defaults.calibration_seq_len, help="tokens per calibration window")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    parser.add_argument("--allocation", default=defaults.allocation, choices=ALLOCATIONS.names())
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed for sampling calibration windows")
+    parser.add_argument("--allocation", default=defaults.allocation, choices=ALLOCATIONS.names(), help="how sparsity is spread over layers (unstructured methods)")
     parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE", help="method option")
-    parser.add_argument("--allocation-option", action="append", default=[], metavar="NAME=VALUE")
+    parser.add_argument("--allocation-option", action="append", default=[], metavar="NAME=VALUE", help="allocation option")
     parser.add_argument("--ignore", action="append", default=[], metavar="GLOB", help="module names to keep dense")
     parser.add_argument("--device", help="where layers are processed (default: cuda if available, else cpu)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype the model is loaded and pruned in")
     parser.add_argument("--eval", action="store_true", help="report dense and pruned perplexity")
     parser.add_argument("--eval-file", type=Path, help="evaluation text file (default: bundled Wikipedia evaluation split)")
     parser.add_argument("--eval-tokens", type=int, default=16384, help="tokens of evaluation text to score")
-    parser.add_argument("--eval-seq-len", type=int, default=512)
-    return parser
+    parser.add_argument("--eval-seq-len", type=int, default=512, help="tokens per perplexity window")
 
 
 def _parse_options(pairs: Sequence[str], flag: str) -> dict[str, Any]:
@@ -139,14 +145,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def run_or_exit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """``run``, turning a bad request into one error line and exit status 2, like argparse does."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
         return run(args)
     except (ValueError, TypeError) as error:
-        parser.exit(2, f"optimum-prune: error: {error}\n")
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    return run_or_exit(parser, parser.parse_args(argv))
 
 
 if __name__ == "__main__":

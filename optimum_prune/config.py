@@ -2,7 +2,8 @@
 
 A plain dataclass, validated on construction, that round-trips exactly through JSON so it can
 be stored next to a checkpoint (``pruning_config.json`` and a ``pruning_config`` entry of
-``config.json``) and rebuilt from a CLI, a YAML section or a dict.
+``config.json``) and rebuilt from a CLI, a YAML section or a dict. ``save_pretrained`` /
+``from_pretrained`` go through Optimum's configuration machinery, like other Optimum configs.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
 from .allocation import ALLOCATIONS
@@ -20,6 +22,8 @@ from .sparsity import NMPattern, SparsityTarget
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "pruning_config.json"
+# Written beside the fields by Optimum's configuration files; informative only.
+PROVENANCE_KEYS = ("optimum_version", "transformers_version")
 
 
 @dataclass
@@ -110,7 +114,7 @@ class PruningConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PruningConfig":
-        data = dict(data)
+        data = {key: value for key, value in data.items() if key not in PROVENANCE_KEYS}
         version = data.pop("format_version", FORMAT_VERSION)
         if version != FORMAT_VERSION:
             raise ValueError(
@@ -121,6 +125,25 @@ class PruningConfig:
         if unknown:
             raise ValueError(f"PruningConfig has no field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(known))}")
         return cls(**data)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
+        """Write ``save_directory/pruning_config.json`` with Optimum's ``BaseConfig.save_pretrained``
+        (``push_to_hub`` and its keyword arguments work as there)."""
+        from .integrations.optimum import PruningConfigFile
+
+        PruningConfigFile(**self.to_dict()).save_pretrained(os.fspath(save_directory), push_to_hub=push_to_hub, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, path_or_repo: str | os.PathLike, **kwargs: Any) -> "PruningConfig":
+        """Read ``pruning_config.json`` from a directory, a file or a Hub repository with Optimum's
+        ``BaseConfig.from_pretrained`` (``revision``, ``cache_dir``, ``local_files_only`` ... as there)."""
+        from .integrations.optimum import PruningConfigFile
+
+        path = Path(path_or_repo)
+        if path.is_dir() and not (path / CONFIG_NAME).is_file():
+            raise ValueError(f"{str(path)!r} has no {CONFIG_NAME}; save one with PruningConfig.save_pretrained")
+        stored = PruningConfigFile.get_config_dict(os.fspath(path_or_repo), **kwargs)[0]
+        return cls.from_dict({key: value for key, value in stored.items() if not key.startswith("_")})
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"

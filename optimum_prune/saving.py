@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 from torch import nn
 
-from .config import CONFIG_NAME, PruningConfig
+from .config import PruningConfig
 from .report import PruningReport
 
 logger = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def save_pruned(
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         if config is not None:
-            config.to_json_file(staging / CONFIG_NAME)
+            config.save_pretrained(staging)
         if report is not None and report.layer_scores:
             try:
                 report.plot_layer_scores(staging / SCORES_PLOT_NAME)

@@ -59,3 +59,12 @@ def bpe_tokenizer():
     )
     tokenizer.train_from_iterator(wikipedia_articles("calibration")[:5], trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<eos>")
+
+
+@pytest.fixture
+def model_dir(tmp_path, bpe_tokenizer):
+    """A tiny Llama checkpoint with a real tokenizer, as a directory."""
+    directory = tmp_path / "tiny"
+    tiny_model().save_pretrained(directory)
+    bpe_tokenizer.save_pretrained(directory)
+    return directory

@@ -9,16 +9,6 @@ from optimum_prune import PruningConfig, verify_sparsity
 from optimum_prune.cli import main
 from optimum_prune.models import load_model
 
-from .conftest import tiny_model
-
-
-@pytest.fixture
-def model_dir(tmp_path, bpe_tokenizer):
-    directory = tmp_path / "tiny"
-    tiny_model().save_pretrained(directory)
-    bpe_tokenizer.save_pretrained(directory)
-    return directory
-
 
 def test_cli_prunes_saves_and_reports(model_dir, tmp_path, capsys):
     output = tmp_path / "out"

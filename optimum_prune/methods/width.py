@@ -47,7 +47,7 @@ class WidthOptions:
         "layer",
         "'layer': every layer loses the same fraction (uniform widths, LLM-Pruner); 'global': units are "
         "ranked across layers after standardising scores per component (FLAP), giving per-layer widths "
-        "(on SmolLM2 it strips the early layers and does worse, see benchmarks/STRUCTURED.md).",
+        "(on SmolLM2 it strips the early layers and does worse).",
     )
 
     def __post_init__(self) -> None:

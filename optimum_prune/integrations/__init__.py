@@ -1,0 +1,1 @@
+"""Thin layers that give the core the shapes other tools expect (Optimum, ...)."""

@@ -1,0 +1,103 @@
+"""Optimum's shapes for pruning: a configuration file, a pruner object and an ``optimum-cli`` command.
+
+Thin layers over the core. ``PruningConfigFile`` lets Optimum's own configuration machinery
+(``optimum.configuration_utils.BaseConfig``: local directories, Hub repositories and revisions,
+version stamps) write and read ``pruning_config.json``; ``OptimumPruner`` mirrors
+``optimum.quantization_base.OptimumQuantizer`` (``from_pretrained`` then one call that writes
+the result); ``PruneCommand`` is what ``optimum-cli prune`` runs. optimum-cli discovers it through
+the ``optimum.commands.register`` namespace (the ``optimum/commands/register/optimum_prune.py``
+file this distribution installs), the documented extension point: nothing in optimum is patched.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
+from optimum.configuration_utils import BaseConfig
+
+from ..config import CONFIG_NAME, PROVENANCE_KEYS, PruningConfig
+
+if TYPE_CHECKING:
+    from ..calibration import CalibrationSource
+    from ..report import PruningReport
+
+
+class PruningConfigFile(BaseConfig):
+    """``pruning_config.json`` as an Optimum configuration: the fields of a ``PruningConfig`` plus
+    the optimum / transformers versions that wrote it."""
+
+    CONFIG_NAME = CONFIG_NAME
+    FULL_CONFIGURATION_FILE = CONFIG_NAME
+
+    def to_dict(self) -> dict[str, Any]:
+        # Only the pruning fields and the version stamps: none of the model-config attributes
+        # PretrainedConfig would otherwise add.
+        data = super().to_dict()
+        keys = [*PruningConfig().to_dict(), *PROVENANCE_KEYS]
+        return {key: data[key] for key in keys if key in data}
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        return self.to_dict()
+
+
+class OptimumPruner:
+    """Prune a causal LM the way Optimum quantizers quantize one.
+
+        pruner = OptimumPruner.from_pretrained("path/to/model")
+        report = pruner.prune(PruningConfig(method="wanda", sparsity="2:4"), save_dir="pruned/")
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer: Any = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+
+    @classmethod
+    def from_pretrained(
+        cls, model_or_path: str | os.PathLike | torch.nn.Module, tokenizer: Any = None, dtype: torch.dtype = torch.float32
+    ) -> "OptimumPruner":
+        """From a loaded model (pass its ``tokenizer`` for text calibration) or a local checkpoint
+        directory (model and tokenizer loaded in ``dtype``; no hub access)."""
+        from ..models import load_model
+
+        if isinstance(model_or_path, torch.nn.Module):
+            return cls(model_or_path, tokenizer)
+        model, loaded_tokenizer = load_model(model_or_path, dtype)
+        return cls(model, tokenizer or loaded_tokenizer)
+
+    def prune(
+        self,
+        pruning_config: PruningConfig,
+        save_dir: str | os.PathLike,
+        calibration_dataset: "CalibrationSource" = None,
+        device: str | torch.device | None = None,
+    ) -> "PruningReport":
+        """Prune the model in place with ``pruning_config``, save it (and the tokenizer) to
+        ``save_dir`` atomically, and return the report. ``calibration_dataset`` is anything
+        ``prune`` takes: a ``datasets.Dataset`` with a ``text`` column, texts, a text file, token ids."""
+        from ..api import prune
+        from ..saving import save_pruned
+
+        report = prune(self.model, pruning_config, calibration=calibration_dataset, tokenizer=self.tokenizer, device=device)
+        save_pruned(self.model, Path(save_dir), tokenizer=self.tokenizer, config=pruning_config, report=report)
+        return report
+
+
+class PruneCommand(BaseOptimumCLICommand):
+    """``optimum-cli prune``: the arguments and behaviour of the ``optimum-prune`` command."""
+
+    COMMAND = CommandInfo(name="prune", help="Prune a causal LM (unstructured, N:M or structured) and save it.")
+
+    @staticmethod
+    def parse_args(parser: Any) -> None:
+        from ..cli import add_arguments
+
+        add_arguments(parser)
+
+    def run(self) -> None:
+        from ..cli import run_or_exit
+
+        run_or_exit(self.parser, self.args)

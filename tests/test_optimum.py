@@ -1,0 +1,91 @@
+"""The Optimum shapes: configuration files, ``OptimumPruner`` and the real ``optimum-cli prune``."""
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from optimum_prune import OptimumPruner, PruningConfig, verify_sparsity
+from optimum_prune.cli import build_parser
+from optimum_prune.models import load_model
+
+from .conftest import tiny_model, token_windows
+
+
+def test_config_round_trips_through_optimums_configuration_files(tmp_path):
+    config = PruningConfig(method="sparsegpt", sparsity="2:4", method_options={"block_size": 32}, ignore=["*.o_proj"])
+    config.save_pretrained(tmp_path / "saved")
+
+    stored = json.loads((tmp_path / "saved" / "pruning_config.json").read_text())
+    assert stored["optimum_version"] and stored["transformers_version"]  # stamped by optimum's BaseConfig
+    assert set(stored) == set(config.to_dict()) | {"optimum_version", "transformers_version"}
+    assert PruningConfig.from_pretrained(tmp_path / "saved") == config
+    assert PruningConfig.from_pretrained(tmp_path / "saved" / "pruning_config.json") == config
+    assert PruningConfig.from_json_file(tmp_path / "saved" / "pruning_config.json") == config
+
+
+def test_from_pretrained_errors_name_the_file(tmp_path):
+    with pytest.raises(ValueError, match="has no pruning_config.json"):
+        PruningConfig.from_pretrained(tmp_path)
+    (tmp_path / "pruning_config.json").write_text(json.dumps({"method": "wanda", "sparsity": 1.5}))
+    with pytest.raises(ValueError, match=r"PruningConfig.sparsity must be in \[0, 1\)"):
+        PruningConfig.from_pretrained(tmp_path)
+
+
+def test_optimum_pruner_prunes_and_saves_a_checkpoint_directory(model_dir, tmp_path):
+    pruner = OptimumPruner.from_pretrained(model_dir)
+    config = PruningConfig(method="wanda", sparsity="2:4", num_calibration_samples=4, calibration_seq_len=32)
+    report = pruner.prune(config, save_dir=tmp_path / "pruned", calibration_dataset=["A short calibration text. " * 40])
+
+    assert report.overall_sparsity == pytest.approx(0.5, abs=0.01)
+    model, tokenizer = load_model(tmp_path / "pruned")
+    assert verify_sparsity(model, "2:4")["conforming"] and tokenizer is not None
+    assert PruningConfig.from_pretrained(tmp_path / "pruned") == config
+
+
+def test_optimum_pruner_takes_a_loaded_model_and_token_ids(tmp_path):
+    model = tiny_model("qwen2")
+    pruner = OptimumPruner.from_pretrained(model)
+    pruner.prune(PruningConfig(method="width", sparsity=0.25), save_dir=tmp_path / "narrow", calibration_dataset=token_windows())
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "narrow")
+    ids = token_windows(samples=1, seq_len=8, seed=5)
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def _optimum_cli() -> str:
+    return shutil.which("optimum-cli") or str(Path(sys.executable).parent / "optimum-cli")
+
+
+def test_optimum_cli_prune_is_registered_and_documents_every_option():
+    result = subprocess.run([_optimum_cli(), "prune", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    for text in ("--method", "--sparsity", "--output", "--model", "slicegpt", "sparsegpt.block_size", "owl.max_deviation"):
+        assert text in result.stdout
+    assert all(action.help for action in build_parser()._actions)  # the same options, each with a help text
+    assert "prune" in subprocess.run([_optimum_cli(), "--help"], capture_output=True, text=True).stdout
+
+
+def test_optimum_cli_prune_runs_end_to_end(model_dir, tmp_path):
+    output = tmp_path / "cli"
+    result = subprocess.run(
+        [_optimum_cli(), "prune", "-m", str(model_dir), "--method", "magnitude", "--sparsity", "0.5", "--output", str(output)],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "magnitude 0.5" in result.stdout
+    model, _ = load_model(output)
+    assert verify_sparsity(model)["overall_sparsity"] == pytest.approx(0.5, abs=0.01)
+
+    bad = subprocess.run(
+        [_optimum_cli(), "prune", "-m", str(model_dir), "--sparsity", "5:4", "--output", str(tmp_path / "bad")],
+        capture_output=True, text=True,
+    )
+    assert bad.returncode == 2
+    assert "optimum-cli prune: error: PruningConfig.sparsity '5:4'" in bad.stderr
+    assert not (tmp_path / "bad").exists()
