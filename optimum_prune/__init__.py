@@ -8,6 +8,7 @@
 from .allocation import ALLOCATIONS, register_allocation
 from .adapters import ADAPTERS, get_adapter, register_adapter
 from .api import prune
+from .compress import compress
 from .config import PruningConfig
 from .evaluation import evaluate_perplexity
 from .integrations.optimum import OptimumPruner
@@ -29,6 +30,7 @@ __all__ = [
     "PruningConfig",
     "PruningReport",
     "StructureConfig",
+    "compress",
     "evaluate_perplexity",
     "get_adapter",
     "load_default_model",

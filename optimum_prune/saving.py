@@ -56,7 +56,8 @@ def save_pruned(
     ``config.json`` as ``pruning_config`` and into ``pruning_config.json``. Stock
     ``AutoModelForCausalLM.from_pretrained(output_dir)`` reloads unstructured and uniform structured
     results without this package; non-uniform structured ones need ``import optimum_prune`` first.
-    A ``report`` with per-layer scores (depth / sublayer methods) adds ``layer_scores.png``.
+    A model quantized by ``compress`` (optimum-quanto) is saved in optimum-quanto's format and
+    reloads with ``optimum.quanto.QuantizedModelForCausalLM.from_pretrained(output_dir)``. A ``report`` with per-layer scores (depth / sublayer methods) adds ``layer_scores.png``.
     """
     if config is None:
         recorded = getattr(model.config, "pruning_config", None)
@@ -65,7 +66,12 @@ def save_pruned(
         model.config.pruning_config = config.to_dict()
     output_dir = Path(output_dir)
     with atomic_directory(output_dir) as staging:
-        model.save_pretrained(staging, safe_serialization=True)
+        if _quanto_quantized(model):
+            from optimum.quanto import QuantizedModelForCausalLM
+
+            QuantizedModelForCausalLM(model).save_pretrained(staging)
+        else:
+            model.save_pretrained(staging, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         if config is not None:
@@ -76,3 +82,8 @@ def save_pruned(
             except ImportError as error:
                 logger.warning("%s; saved without %s", error, SCORES_PLOT_NAME)
     return output_dir
+
+
+def _quanto_quantized(model: nn.Module) -> bool:
+    """Whether optimum-quanto replaced some of the model's modules (checked without importing it)."""
+    return any(type(module).__module__.startswith("optimum.quanto.") for module in model.modules())
