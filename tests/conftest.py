@@ -29,6 +29,24 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides) -> torch.nn.Mo
     return model.eval()
 
 
+def assert_reloads_exactly(model: torch.nn.Module, directory) -> torch.nn.Module:
+    """Reload ``directory`` with ``from_pretrained``: identical state dict, and greedy generation with
+    the KV cache equals generation without it and the original model's. Returns the reloaded model."""
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(directory).eval()
+    expected = model.state_dict()
+    assert reloaded.state_dict().keys() == expected.keys()
+    for name, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, expected[name]), name
+    prompt = token_windows(samples=1, seq_len=6, seed=7)
+    cached = reloaded.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    uncached = reloaded.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False, pad_token_id=0)
+    original = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(cached, uncached) and torch.equal(cached, original)
+    return reloaded
+
+
 def token_windows(samples: int = 8, seq_len: int = 32, seed: int = 1, vocab: int = TINY["vocab_size"]) -> torch.Tensor:
     return torch.randint(0, vocab, (samples, seq_len), generator=torch.Generator().manual_seed(seed))
 

@@ -3,11 +3,10 @@ import json
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
 
 from optimum_prune import PruningConfig, prune, save_pruned
 
-from ..conftest import tiny_model, token_windows
+from ..conftest import assert_reloads_exactly, tiny_model, token_windows
 
 HIDDEN, KEPT = 64, 48
 
@@ -73,18 +72,7 @@ def test_sliced_widths_shrink_every_linear_that_touches_the_stream():
 def test_sliced_model_reloads_bit_exact_generates_with_cache_and_takes_lora(family, tied, tmp_path):
     model = tiny_model(family, tie_word_embeddings=tied)
     prune(model, slicegpt(0.25), calibration=token_windows())
-    output = save_pruned(model, tmp_path / "sliced")
-
-    reloaded = AutoModelForCausalLM.from_pretrained(output).eval()
-    expected = model.state_dict()
-    assert reloaded.state_dict().keys() == expected.keys()
-    for name, tensor in reloaded.state_dict().items():
-        assert torch.equal(tensor, expected[name]), name
-    prompt = token_windows(samples=1, seq_len=6, seed=7)
-    cached = reloaded.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
-    uncached = reloaded.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False, pad_token_id=0)
-    assert torch.equal(cached, uncached)
-    assert torch.equal(cached, model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0))
+    reloaded = assert_reloads_exactly(model, save_pruned(model, tmp_path / "sliced"))
 
     peft_model = get_peft_model(reloaded, LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
     ids = token_windows(samples=2, seq_len=16)

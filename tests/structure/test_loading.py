@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from optimum_prune import PruningConfig, prune, save_pruned
 
-from ..conftest import tiny_model, token_windows
+from ..conftest import assert_reloads_exactly, tiny_model, token_windows
 
 RELOAD_WITHOUT_PACKAGE = """
 import sys, torch
@@ -58,18 +58,8 @@ def test_non_uniform_result_reloads_bit_exact(non_uniform):
     assert any(layer["num_attention_heads"] == 0 for layer in layers)
     assert any(layer["mlp_output_bias"] for layer in layers)  # FLAP compensation
 
-    reloaded = AutoModelForCausalLM.from_pretrained(output).eval()
+    reloaded = assert_reloads_exactly(model, output)
     assert not reloaded.is_quantized and not hasattr(reloaded, "hf_quantizer")
-    expected = model.state_dict()
-    assert reloaded.state_dict().keys() == expected.keys()
-    for name, tensor in reloaded.state_dict().items():
-        assert torch.equal(tensor, expected[name]), name
-
-    prompt = token_windows(samples=1, seq_len=6, seed=7)
-    cached = reloaded.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
-    uncached = reloaded.generate(prompt, max_new_tokens=8, do_sample=False, use_cache=False, pad_token_id=0)
-    original = model.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
-    assert torch.equal(cached, uncached) and torch.equal(cached, original)
 
 
 def test_non_uniform_result_takes_a_lora_adapter_and_resaves(non_uniform, tmp_path):
