@@ -15,12 +15,13 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
+from transformers import QuantoConfig
 
 from .calibration import CalibrationSource
 from .config import PruningConfig
 from .report import PruningReport
 
-Step = PruningConfig | Mapping[str, Any] | Any  # Any: transformers.QuantoConfig
+Step = PruningConfig | Mapping[str, Any] | QuantoConfig
 
 
 def compress(
@@ -59,12 +60,12 @@ def compress(
     return reports
 
 
-def _check_step(step: Step, index: int) -> Any:
+def _check_step(step: Step, index: int) -> PruningConfig | QuantoConfig:
     if isinstance(step, PruningConfig):
         return step
     if isinstance(step, Mapping):
         return PruningConfig.from_dict(step)
-    if type(step).__name__ == "QuantoConfig":
+    if isinstance(step, QuantoConfig):
         if step.activations is not None:
             raise ValueError(
                 f"recipe[{index}]: QuantoConfig(activations={step.activations!r}) is not supported; compress quantizes "

@@ -37,8 +37,9 @@ def quantize_weights(model: nn.Module, config: Any) -> None:
             "from the plain config, so they cannot be quantized with quanto yet; prune uniformly (width with "
             "ranking='layer', layers) or quantize unstructured results"
         )
-    exclude = ["lm_head", *(config.modules_to_not_convert or [])]
+    # transformers keeps a module unconverted when any entry is a substring of its name; quanto
+    # matches glob patterns against whole names, hence the wildcards.
+    exclude = [f"*{name}*" for name in ("lm_head", *(config.modules_to_not_convert or []))]
     optimizer = ZeroPreservingOptimizer() if config.weights in LOW_BIT_WEIGHTS else None
     quantize(model, weights=QTYPES[config.weights], optimizer=optimizer, exclude=exclude)
     freeze(model)
-

@@ -79,3 +79,11 @@ def test_non_uniform_structure_is_refused_before_quantizing():
             calibration=token_windows(),
         )
     assert not any(type(m).__module__.startswith("optimum.quanto") for m in model.modules())
+
+
+def test_modules_to_not_convert_match_like_in_transformers():
+    model = tiny_model(**WIDE)
+    compress(model, [PruningConfig(method="magnitude", sparsity=0.5), QuantoConfig(weights="int8", modules_to_not_convert=["mlp"])])
+    layer = model.model.layers[0]
+    assert type(layer.self_attn.q_proj).__name__ == "QLinear"
+    assert type(layer.mlp.down_proj) is torch.nn.Linear and type(model.lm_head) is torch.nn.Linear
