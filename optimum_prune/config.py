@@ -136,7 +136,8 @@ class PruningConfig:
     @classmethod
     def from_pretrained(cls, path_or_repo: str | os.PathLike, **kwargs: Any) -> "PruningConfig":
         """Read ``pruning_config.json`` from a directory, a file or a Hub repository with Optimum's
-        ``BaseConfig.from_pretrained`` (``revision``, ``cache_dir``, ``local_files_only`` ... as there)."""
+        configuration-file lookup (``BaseConfig.get_config_dict``: ``revision``, ``cache_dir``,
+        ``local_files_only`` ... as there)."""
         from .integrations.optimum import PruningConfigFile
 
         path = Path(path_or_repo)
