@@ -119,10 +119,11 @@ def main() -> None:
     parser.add_argument("--only", help="run only rows whose key contains this text")
     parser.add_argument("--repeats", type=int, default=5, help="timed forward passes per model")
     parser.add_argument("--output", type=Path, help="markdown table (default: benchmarks/STRUCTURED.md or STRUCTURED-quick.md)")
+    parser.add_argument("--cache", type=Path, help="JSON file of finished rows (default: beside the output)")
     args = parser.parse_args()
     args.calibration_samples, args.calibration_seq_len, args.eval_tokens = (8, 128, 4096) if args.quick else (32, 512, 65536)
     output = args.output or HERE / ("STRUCTURED-quick.md" if args.quick else "STRUCTURED.md")
-    cache = output.with_suffix(".json")
+    cache = args.cache or output.with_suffix(".json")
     done = json.loads(cache.read_text()) if cache.is_file() else {}
     command = "python benchmarks/structured.py" + (" --quick" if args.quick else "")
 
