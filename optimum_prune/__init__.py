@@ -11,7 +11,7 @@ from .api import prune
 from .compress import compress
 from .config import PruningConfig
 from .evaluation import evaluate_perplexity
-from .integrations.optimum import OptimumPruner
+from .integrations.optimum import OptimumPruner, export_onnx
 from .methods import METHODS, register_method
 from .models import load_default_model, load_model
 from .report import PruningReport
@@ -32,6 +32,7 @@ __all__ = [
     "StructureConfig",
     "compress",
     "evaluate_perplexity",
+    "export_onnx",
     "get_adapter",
     "load_default_model",
     "load_model",

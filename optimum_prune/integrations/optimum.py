@@ -86,6 +86,38 @@ class OptimumPruner:
         return report
 
 
+def export_onnx(checkpoint: str | os.PathLike, output: str | os.PathLike, task: str = "text-generation-with-past", **kwargs: Any) -> Path:
+    """Export a pruned checkpoint with optimum-onnx's ``main_export`` (what ``optimum-cli export
+    onnx`` runs; extra keyword arguments go to it), after checking that its shapes can export.
+
+    Per-layer query-head and MLP widths, removed MLPs and SliceGPT layers export and run in
+    onnxruntime. Layers whose key/value-head count differs from the config's (``head_mode=
+    "kv_group"`` with global ranking, removed attention) cannot: optimum-onnx's dummy inputs and
+    onnxruntime's cache both assume one key/value-head count for every layer.
+    """
+    from optimum.exporters.onnx import main_export
+    from transformers import AutoConfig
+
+    from ..structure.loading import QUANT_METHOD
+
+    config = AutoConfig.from_pretrained(checkpoint)
+    structure = getattr(config, "quantization_config", None)
+    if isinstance(structure, dict) and structure.get("quant_method") == QUANT_METHOD:
+        odd = [
+            f"layer {index} ({layer['num_key_value_heads']})"
+            for index, layer in enumerate(structure["layers"])
+            if layer["num_key_value_heads"] != config.num_key_value_heads
+        ]
+        if odd:
+            raise ValueError(
+                f"{checkpoint}: key/value heads differ from the config's {config.num_key_value_heads} in {', '.join(odd)}; "
+                "ONNX export and onnxruntime's cache assume one count for all layers. Prune with head_mode='query' "
+                "or ranking='layer', and without removing attention sublayers, to export"
+            )
+    main_export(os.fspath(checkpoint), output=os.fspath(output), task=task, **kwargs)
+    return Path(output)
+
+
 class PruneCommand(BaseOptimumCLICommand):
     """``optimum-cli prune``: the arguments and behaviour of the ``optimum-prune`` command."""
 

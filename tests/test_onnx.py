@@ -1,0 +1,76 @@
+"""``optimum-cli export onnx`` (optimum-onnx) of pruned checkpoints, checked with onnxruntime."""
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from optimum_prune import PruningConfig, export_onnx, prune, save_pruned
+
+from .conftest import tiny_model, token_windows
+
+onnxruntime = pytest.importorskip("optimum.onnxruntime")
+
+CASES = {
+    "2:4": ("llama", {}, [PruningConfig(method="wanda", sparsity="2:4")]),
+    "uniform width": ("llama", {}, [PruningConfig(method="width", sparsity=0.25, method_options={"criterion": "wanda_sp"})]),
+    "non-uniform widths, removed MLP": (
+        "qwen2",
+        {"num_hidden_layers": 4},
+        [
+            PruningConfig(method="width", sparsity=0.25, method_options={"ranking": "global"}),
+            PruningConfig(method="sublayers", sparsity=0.2, method_options={"sublayers": "mlp"}),
+        ],
+    ),
+    "slicegpt, tied embeddings": ("llama", {"tie_word_embeddings": True}, [PruningConfig(method="slicegpt", sparsity=0.25)]),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_optimum_cli_exports_pruned_checkpoints_that_onnxruntime_runs_alike(case, tmp_path):
+    family, overrides, configs = CASES[case]
+    model = tiny_model(family, **overrides)
+    for config in configs:
+        prune(model, config, calibration=token_windows())
+    checkpoint = save_pruned(model, tmp_path / "pruned")
+
+    cli = shutil.which("optimum-cli") or str(Path(sys.executable).parent / "optimum-cli")
+    result = subprocess.run(
+        [cli, "export", "onnx", "--model", str(checkpoint), "--task", "text-generation-with-past", str(tmp_path / "onnx")],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    exported = onnxruntime.ORTModelForCausalLM.from_pretrained(tmp_path / "onnx")
+    ids = token_windows(samples=2, seq_len=12, seed=3)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    logits = exported(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    prompt = ids[:1, :6]
+    assert torch.equal(
+        exported.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0),
+        model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0),
+    )
+
+
+def test_per_layer_key_value_heads_are_refused_with_the_reason(tmp_path):
+    model = tiny_model("qwen2", num_hidden_layers=4)
+    prune(model, PruningConfig(method="sublayers", sparsity=0.1, method_options={"sublayers": "attention"}), calibration=token_windows())
+    checkpoint = save_pruned(model, tmp_path / "no-attention")
+    with pytest.raises(ValueError, match=r"key/value heads differ from the config's 2 in layer \d \(0\).*head_mode='query'"):
+        export_onnx(checkpoint, tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists()
+
+
+def test_export_onnx_python_api_matches_the_cli_path(tmp_path):
+    model = tiny_model(tie_word_embeddings=True)
+    prune(model, PruningConfig(method="slicegpt", sparsity=0.25), calibration=token_windows())
+    output = export_onnx(save_pruned(model, tmp_path / "sliced"), tmp_path / "onnx")
+    exported = onnxruntime.ORTModelForCausalLM.from_pretrained(output)
+    ids = token_windows(samples=1, seq_len=10, seed=8)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(input_ids=ids, attention_mask=torch.ones_like(ids)).logits, model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
