@@ -13,7 +13,7 @@ quanto = pytest.importorskip("optimum.quanto")
 WIDE = dict(hidden_size=128, intermediate_size=256)  # multiples of quanto's int4 group size (128)
 
 
-@pytest.mark.parametrize("weights", ["int8", "int4", "int2"])
+@pytest.mark.parametrize("weights", ["int8", "float8", "int4", "int2"])
 def test_pruned_weights_stay_exactly_zero_through_quantization_and_reload(weights, tmp_path):
     model = tiny_model(**WIDE)
     reports = compress(model, [PruningConfig(method="wanda", sparsity="2:4"), QuantoConfig(weights=weights)], calibration=token_windows())
