@@ -89,6 +89,7 @@ class OptimumPruner:
 def export_onnx(checkpoint: str | os.PathLike, output: str | os.PathLike, task: str = "text-generation-with-past", **kwargs: Any) -> Path:
     """Export a pruned checkpoint with optimum-onnx's ``main_export`` (what ``optimum-cli export
     onnx`` runs; extra keyword arguments go to it), after checking that its shapes can export.
+    ``output`` is replaced atomically: a failed export leaves no half-written directory.
 
     Per-layer query-head and MLP widths, removed MLPs and SliceGPT layers export and run in
     onnxruntime. Layers whose key/value-head count differs from the config's (``head_mode=
@@ -98,6 +99,7 @@ def export_onnx(checkpoint: str | os.PathLike, output: str | os.PathLike, task: 
     from optimum.exporters.onnx import main_export
     from transformers import AutoConfig
 
+    from ..saving import atomic_directory
     from ..structure.loading import QUANT_METHOD
 
     config = AutoConfig.from_pretrained(checkpoint)
@@ -114,7 +116,8 @@ def export_onnx(checkpoint: str | os.PathLike, output: str | os.PathLike, task: 
                 "ONNX export and onnxruntime's cache assume one count for all layers. Prune with head_mode='query' "
                 "or ranking='layer', and without removing attention sublayers, to export"
             )
-    main_export(os.fspath(checkpoint), output=os.fspath(output), task=task, **kwargs)
+    with atomic_directory(output) as staging:
+        main_export(os.fspath(checkpoint), output=staging, task=task, **kwargs)
     return Path(output)
 
 
