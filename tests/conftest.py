@@ -29,6 +29,36 @@ def tiny_model(family: str = "llama", seed: int = 0, **overrides) -> torch.nn.Mo
     return model.eval()
 
 
+_STOCK_RELOAD = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
+with torch.no_grad():
+    torch.save(model(input_ids=torch.load(sys.argv[2])).logits, sys.argv[3])
+assert "optimum_prune" not in sys.modules, "reload imported optimum_prune"
+print(model.config.pruning_config["method"])
+"""
+
+
+def assert_stock_reload_matches(model: torch.nn.Module, directory, ids: torch.Tensor, work_dir) -> str:
+    """Reload ``directory`` in a fresh interpreter with stock transformers only (this package never
+    imported) and check its logits on ``ids`` equal ``model``'s bit for bit; return the recorded method."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    work_dir = Path(work_dir)
+    torch.save(ids, work_dir / "ids.pt")
+    result = subprocess.run(
+        [sys.executable, "-c", _STOCK_RELOAD, str(directory), str(work_dir / "ids.pt"), str(work_dir / "logits.pt")],
+        capture_output=True, text=True, cwd=work_dir,
+    )
+    assert result.returncode == 0, result.stderr
+    with torch.no_grad():
+        assert torch.equal(torch.load(work_dir / "logits.pt"), model(input_ids=ids).logits)
+    return result.stdout.strip()
+
+
 def assert_reloads_exactly(model: torch.nn.Module, directory) -> torch.nn.Module:
     """Reload ``directory`` with ``from_pretrained``: identical state dict, and greedy generation with
     the KV cache equals generation without it and the original model's. Returns the reloaded model."""

@@ -1,12 +1,12 @@
 """End to end on the real SmolLM2-135M-Instruct (small sizes; marked slow)."""
 
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from optimum_prune import PruningConfig, evaluate_perplexity, load_default_model, prune, save_pruned, verify_sparsity
+
+from .conftest import assert_stock_reload_matches
 
 pytestmark = pytest.mark.slow
 SMALL = dict(num_calibration_samples=8, calibration_seq_len=128)
@@ -32,27 +32,9 @@ def test_wanda_beats_magnitude_at_half_sparsity():
     assert perplexities["wanda"] < perplexities["magnitude"], perplexities
 
 
-RELOAD = """
-import sys, torch
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
-with torch.no_grad():
-    torch.save(model(input_ids=torch.load(sys.argv[2])).logits, sys.argv[3])
-assert "optimum_prune" not in sys.modules
-"""
-
-
 def test_pruned_smollm_reloads_with_identical_logits(tmp_path):
     model, tokenizer = load_default_model()
     prune(model, PruningConfig(method="sparsegpt", sparsity="2:4", **SMALL), tokenizer=tokenizer)
     output = save_pruned(model, tmp_path / "smollm-2of4", tokenizer=tokenizer)
     ids = tokenizer(["The history of anarchism begins"], return_tensors="pt").input_ids
-    torch.save(ids, tmp_path / "ids.pt")
-    result = subprocess.run(
-        [sys.executable, "-c", RELOAD, str(output), str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
-        capture_output=True, text=True, cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr
-    with torch.no_grad():
-        expected = model(input_ids=ids).logits
-    assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
+    assert_stock_reload_matches(model, output, ids, tmp_path)

@@ -1,6 +1,4 @@
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -8,18 +6,7 @@ from safetensors.torch import load_file
 
 from optimum_prune import PruningConfig, prune, save_pruned
 
-from .conftest import tiny_model, token_windows
-
-RELOAD = """
-import sys, torch
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
-ids = torch.load(sys.argv[2])
-with torch.no_grad():
-    torch.save(model(input_ids=ids).logits, sys.argv[3])
-assert "optimum_prune" not in sys.modules, "reload imported optimum_prune"
-print(model.config.pruning_config["method"])
-"""
+from .conftest import assert_stock_reload_matches, tiny_model, token_windows
 
 
 def test_reload_without_package_is_bit_exact(tmp_path):
@@ -36,17 +23,7 @@ def test_reload_without_package_is_bit_exact(tmp_path):
         if name in saved:
             assert torch.equal(saved[name], tensor), name
 
-    ids = token_windows(samples=2, seq_len=16)
-    torch.save(ids, tmp_path / "ids.pt")
-    result = subprocess.run(
-        [sys.executable, "-c", RELOAD, str(output), str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
-        capture_output=True, text=True, cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "sparsegpt"
-    with torch.no_grad():
-        expected = model(input_ids=ids).logits
-    assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
+    assert assert_stock_reload_matches(model, output, token_windows(samples=2, seq_len=16), tmp_path) == "sparsegpt"
 
 
 def test_interrupted_save_keeps_previous_output(tmp_path, monkeypatch):

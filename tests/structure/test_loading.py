@@ -1,6 +1,4 @@
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -9,17 +7,7 @@ from transformers import AutoModelForCausalLM
 
 from optimum_prune import PruningConfig, prune, save_pruned
 
-from ..conftest import assert_reloads_exactly, tiny_model, token_windows
-
-RELOAD_WITHOUT_PACKAGE = """
-import sys, torch
-from transformers import AutoModelForCausalLM
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1]).eval()
-with torch.no_grad():
-    torch.save(model(input_ids=torch.load(sys.argv[2])).logits, sys.argv[3])
-assert "optimum_prune" not in sys.modules
-"""
-
+from ..conftest import assert_reloads_exactly, assert_stock_reload_matches, tiny_model, token_windows
 
 def test_uniform_result_reloads_with_stock_transformers(tmp_path):
     model = tiny_model(num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2)
@@ -31,15 +19,7 @@ def test_uniform_result_reloads_with_stock_transformers(tmp_path):
     config = json.loads((output / "config.json").read_text())
     assert "quantization_config" not in config
     assert (config["num_hidden_layers"], config["num_attention_heads"], config["head_dim"]) == (3, 6, 8)
-    ids = token_windows(samples=2, seq_len=16, seed=4)
-    torch.save(ids, tmp_path / "ids.pt")
-    result = subprocess.run(
-        [sys.executable, "-c", RELOAD_WITHOUT_PACKAGE, str(output), str(tmp_path / "ids.pt"), str(tmp_path / "logits.pt")],
-        capture_output=True, text=True, cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr
-    with torch.no_grad():
-        assert torch.equal(torch.load(tmp_path / "logits.pt"), model(input_ids=ids).logits)
+    assert_stock_reload_matches(model, output, token_windows(samples=2, seq_len=16, seed=4), tmp_path)
 
 
 @pytest.fixture
