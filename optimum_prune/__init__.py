@@ -8,9 +8,11 @@
 from .allocation import ALLOCATIONS, register_allocation
 from .adapters import ADAPTERS, get_adapter, register_adapter
 from .api import prune
+from .callback import GradualSchedule, PruningCallback
 from .compress import compress
 from .config import PruningConfig
 from .evaluation import evaluate_perplexity
+from .masks import SparsityMasks, merge_lora_preserving_sparsity
 from .integrations.optimum import OptimumPruner, export_onnx
 from .methods import METHODS, register_method
 from .models import load_default_model, load_model
@@ -24,11 +26,14 @@ __version__ = "0.1.0"
 __all__ = [
     "ADAPTERS",
     "ALLOCATIONS",
+    "GradualSchedule",
     "METHODS",
     "NMPattern",
     "OptimumPruner",
+    "PruningCallback",
     "PruningConfig",
     "PruningReport",
+    "SparsityMasks",
     "StructureConfig",
     "compress",
     "evaluate_perplexity",
@@ -36,6 +41,7 @@ __all__ = [
     "get_adapter",
     "load_default_model",
     "load_model",
+    "merge_lora_preserving_sparsity",
     "prune",
     "register_adapter",
     "register_allocation",

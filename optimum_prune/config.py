@@ -18,7 +18,7 @@ from typing import Any, Mapping
 from .allocation import ALLOCATIONS
 from .methods import METHODS
 from .options import build_options, options_to_dict
-from .sparsity import NMPattern, SparsityTarget
+from .sparsity import NMPattern, SparsityTarget, normalise_sparsity
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "pruning_config.json"
@@ -59,7 +59,7 @@ class PruningConfig:
 
     def __post_init__(self) -> None:
         spec = METHODS.get(self.method)
-        self.sparsity = _normalise_sparsity(self.sparsity)
+        self.sparsity = normalise_sparsity(self.sparsity, "PruningConfig.sparsity")
         self.method_options = _complete_options(spec.options, self.method_options, "PruningConfig.method_options")
         allocation = ALLOCATIONS.get(self.allocation)
         self.allocation_options = _complete_options(
@@ -163,18 +163,6 @@ class PruningConfig:
         if not isinstance(data, dict):
             raise ValueError(f"{path} must contain a JSON object, got {type(data).__name__}")
         return cls.from_dict(data)
-
-
-def _normalise_sparsity(value: Any) -> float | str:
-    if isinstance(value, NMPattern):
-        return str(value)
-    if isinstance(value, str):
-        return str(NMPattern.parse(value, "PruningConfig.sparsity"))
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"PruningConfig.sparsity must be a float in [0, 1) or an 'N:M' string, got {value!r}")
-    if not 0 <= value < 1:
-        raise ValueError(f"PruningConfig.sparsity must be in [0, 1) (fraction of weights removed), got {value}")
-    return float(value)
 
 
 def _complete_options(options_cls: type, values: Any, field_name: str) -> dict[str, Any]:

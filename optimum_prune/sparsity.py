@@ -49,6 +49,19 @@ class NMPattern:
 SparsityTarget = Union[float, NMPattern]
 
 
+def normalise_sparsity(value: object, field: str) -> float | str:
+    """A float in [0, 1) or a canonical ``'N:M'`` string, else an error naming ``field``."""
+    if isinstance(value, NMPattern):
+        return str(value)
+    if isinstance(value, str):
+        return str(NMPattern.parse(value, field))
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{field} must be a float in [0, 1) or an 'N:M' string, got {value!r}")
+    if not 0 <= value < 1:
+        raise ValueError(f"{field} must be in [0, 1) (fraction of weights removed), got {value}")
+    return float(value)
+
+
 def prune_lowest(scores: torch.Tensor, sparsity: float, per_row: bool) -> torch.Tensor:
     """Boolean mask (True = prune) of the ``sparsity`` fraction of lowest scores.
 

@@ -1,0 +1,189 @@
+"""``PruningCallback``: keep a pruned model's zeros through any ``transformers.Trainer`` run, or
+prune gradually while training.
+
+    trainer = Trainer(model, args, train_dataset=data, callbacks=[PruningCallback()])   # keep masks
+    PruningCallback(GradualSchedule(final_sparsity=0.5, end_step=600, every=50))          # prune while training
+
+Keeping masks: the zeros the model has when training begins stay zero after every optimizer
+step (gradients of pruned weights are zeroed before the step, so momentum never builds up
+there, and the weights are zeroed again after it, which also undoes coupled weight decay). With
+peft the masks sit on ``get_base_layer().weight``, and ``merge_lora_preserving_sparsity``
+merges without filling them. Gradual pruning follows the cubic schedule of Zhu & Gupta (2017)
+and ranks weights by magnitude or, without any calibration set, by a Wanda-style score from the
+activation norms seen in the training batches since the previous pruning step.
+
+Works with any Trainer subclass (TRL's ``SFTTrainer``, LLaMA-Factory's trainers through
+``run_exp(args, callbacks=[...])``). The current sparsity is added to each log entry (the
+trainer's ``log_history`` and the callbacks after this one).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from .masks import SparsityMasks
+from .sparsity import NMPattern, SparsityTarget, normalise_sparsity, select_mask
+from .statistics import ColumnNorms, wanda_scores
+
+logger = logging.getLogger(__name__)
+SCORES = ("magnitude", "wanda")
+
+
+@dataclass(frozen=True)
+class GradualSchedule:
+    """Cubic sparsity schedule (Zhu & Gupta 2017, Eq. 1) with pruning every ``every`` steps.
+
+    s(t) = s_f + (s_i − s_f) · (1 − (t − start) / (end − start))³ for start ≤ t ≤ end.
+    ``final_sparsity`` may be an ``'N:M'`` pattern: the schedule then passes through the
+    patterns with the same M (e.g. 4:4 → 3:4 → 2:4), ``N = M − ⌊s(t)·M⌋``. ``end_step=None``
+    ends pruning after two thirds of the run, leaving the last third to recover.
+    ``score`` is ``'magnitude'`` (|W| across each matrix) or ``'wanda'`` (|W| · ‖X_j‖₂ within each
+    output row, X from the training batches).
+    """
+
+    final_sparsity: float | str
+    initial_sparsity: float = 0.0
+    start_step: int = 0
+    end_step: int | None = None
+    every: int = 100
+    score: str = "magnitude"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "final_sparsity", normalise_sparsity(self.final_sparsity, "GradualSchedule.final_sparsity"))
+        final = self.final_target.sparsity if isinstance(self.final_target, NMPattern) else self.final_target
+        if not 0.0 <= self.initial_sparsity <= final:
+            raise ValueError(
+                f"GradualSchedule.initial_sparsity {self.initial_sparsity} must be in [0, final sparsity {final}]"
+            )
+        if self.every <= 0 or self.start_step < 0:
+            raise ValueError(f"GradualSchedule.every must be > 0 and start_step >= 0, got {self.every} and {self.start_step}")
+        if self.end_step is not None and self.end_step <= self.start_step:
+            raise ValueError(f"GradualSchedule.end_step {self.end_step} must be after start_step {self.start_step}")
+        if self.score not in SCORES:
+            raise ValueError(f"GradualSchedule.score {self.score!r} is not one of {', '.join(SCORES)}")
+
+    @property
+    def final_target(self) -> SparsityTarget:
+        return NMPattern.parse(self.final_sparsity) if isinstance(self.final_sparsity, str) else self.final_sparsity
+
+    def resolved(self, max_steps: int) -> "GradualSchedule":
+        """This schedule with ``end_step`` filled in for a run of ``max_steps``."""
+        if self.end_step is not None:
+            return self
+        end = max(self.start_step + 1, (2 * max_steps) // 3)
+        return GradualSchedule(self.final_sparsity, self.initial_sparsity, self.start_step, end, self.every, self.score)
+
+    def sparsity_at(self, step: int) -> float:
+        final = self.final_target.sparsity if isinstance(self.final_target, NMPattern) else self.final_target
+        if self.end_step is None:
+            raise ValueError("GradualSchedule.end_step is unset; call resolved(max_steps) first")
+        if step <= self.start_step:
+            return self.initial_sparsity
+        progress = min(1.0, (step - self.start_step) / (self.end_step - self.start_step))
+        return final + (self.initial_sparsity - final) * (1.0 - progress) ** 3
+
+    def target_at(self, step: int) -> SparsityTarget:
+        """The sparsity (or N:M pattern) to prune to at ``step``."""
+        sparsity = self.sparsity_at(step)
+        final = self.final_target
+        if isinstance(final, NMPattern):
+            kept = max(final.n, final.m - math.floor(sparsity * final.m + 1e-9))
+            return NMPattern(kept, final.m) if kept < final.m else 0.0
+        return sparsity
+
+    def prunes_at(self, step: int) -> bool:
+        return self.start_step <= step <= self.end_step and ((step - self.start_step) % self.every == 0 or step == self.end_step)
+
+
+class PruningCallback(TrainerCallback):
+    """Keeps pruned weights at zero during training; with a ``GradualSchedule``, prunes as it trains.
+
+    ``ignore``: glob patterns of linears never masked or pruned (names as in the unwrapped model,
+    e.g. ``'model.layers.0.*'``).
+    """
+
+    def __init__(self, schedule: GradualSchedule | None = None, ignore: list[str] | tuple[str, ...] = ()) -> None:
+        self.schedule = schedule
+        self.ignore = tuple(ignore)
+        self.masks: SparsityMasks | None = None
+        self._norms: dict[str, ColumnNorms] = {}
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+
+    # --- Trainer events ----------------------------------------------------------------
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module = None, **kwargs: Any) -> None:
+        self.masks = SparsityMasks.from_zeros(model, self.ignore)
+        if not self.masks.linears:
+            raise ValueError("PruningCallback found no prunable linears in the model's decoder layers (check ignore=)")
+        if self.schedule is not None:
+            self.schedule = self.schedule.resolved(state.max_steps)
+            if self.schedule.score == "wanda":
+                self._observe_inputs()
+            if self.schedule.prunes_at(state.global_step):
+                self._prune(state.global_step)
+        logger.info("PruningCallback: %d linears at %.2f%% sparsity", len(self.masks.linears), 100 * self.masks.sparsity())
+
+    def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self.masks.mask_gradients()
+
+    def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self.masks.apply()
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self.schedule is not None and self.schedule.prunes_at(state.global_step):
+            self._prune(state.global_step)
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: dict | None = None, **kwargs: Any) -> None:
+        if self.masks is None or logs is None:
+            return
+        sparsity = round(self.masks.sparsity(), 6)
+        logs["sparsity"] = sparsity
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1]["sparsity"] = sparsity
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self.masks.apply()
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+
+    # --- gradual pruning ------------------------------------------------------------------
+    def _observe_inputs(self) -> None:
+        for name, linear in self.masks.linears.items():
+            self._norms[name] = ColumnNorms(linear.in_features, linear.weight.device)
+
+            def record(module: nn.Module, args: tuple, name: str = name) -> None:
+                if module.training:
+                    self._norms[name].add(args[0].detach())
+
+            self._hooks.append(linear.register_forward_pre_hook(record))
+
+    @torch.no_grad()
+    def _prune(self, step: int) -> None:
+        target = self.schedule.target_at(step)
+        if target == 0.0:
+            return
+        for name, linear in self.masks.linears.items():
+            scores = self._scores(name, linear)
+            # Already-pruned weights stay pruned: they score below every kept weight.
+            scores[self.masks.pruned[name]] = -1.0
+            pruned = select_mask(scores, target, per_row=self.schedule.score == "wanda")
+            self.masks.set(name, pruned | self.masks.pruned[name])
+        self.masks.apply()
+        logger.info("PruningCallback: step %d pruned to %s (%.2f%% of masked linears)", step, target, 100 * self.masks.sparsity())
+
+    def _scores(self, name: str, linear: nn.Linear) -> torch.Tensor:
+        if self.schedule.score == "magnitude":
+            return linear.weight.detach().abs().float()
+        norms = self._norms[name]
+        if norms.tokens == 0:
+            raise RuntimeError(f"PruningCallback: no training inputs reached {name} before pruning step; use score='magnitude'")
+        scores = wanda_scores(linear.weight, norms)
+        self._norms[name] = ColumnNorms(linear.in_features, linear.weight.device)  # next interval starts afresh
+        return scores

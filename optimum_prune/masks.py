@@ -1,0 +1,109 @@
+"""Sparsity masks that survive fine-tuning and LoRA merging.
+
+An optimizer with momentum moves zeroed weights off zero, and ``peft``'s ``merge_and_unload``
+adds a dense ``B·A`` to every weight: both silently undo unstructured pruning (a plain merge
+took a tiny 50 %-sparse model to 8 %). ``SparsityMasks`` remembers which weights of the
+prunable linears must stay zero and puts the zeros back. It holds the linear modules
+themselves, so one set of masks serves the plain model, the same model wrapped by peft (the
+mask applies to ``get_base_layer().weight``) and the model after ``merge_and_unload``.
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .adapters import get_adapter
+
+
+def prunable_linears(model: nn.Module, ignore: Iterable[str] = ()) -> dict[str, nn.Linear]:
+    """The decoder layers' linears by qualified name, minus ``ignore`` glob matches.
+
+    Works through a peft wrapper: a tuner layer (e.g. LoRA) contributes its base linear under
+    the name the unwrapped model gives it, and its own small adapter linears are skipped.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    adapter = get_adapter(base)
+    patterns = tuple(ignore)
+    found: dict[str, nn.Linear] = {}
+    for prefix, layer in zip(adapter.layer_names(), adapter.decoder_layers()):
+        for name, linear in _unwrapped_linears(layer):
+            qualified = f"{prefix}.{name}"
+            if not any(fnmatchcase(qualified, p) for p in patterns):
+                found[qualified] = linear
+    return found
+
+
+def _unwrapped_linears(layer: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
+    inside_tuner: set[int] = set()
+    for name, module in layer.named_modules():
+        if id(module) in inside_tuner:
+            continue
+        get_base_layer = getattr(module, "get_base_layer", None)
+        if callable(get_base_layer) and get_base_layer() is not module:
+            inside_tuner.update(id(child) for child in module.modules())
+            module = get_base_layer()
+        if isinstance(module, nn.Linear):
+            yield name, module
+
+
+class SparsityMasks:
+    """Which weights of each prunable linear are pruned (``True`` = must stay zero)."""
+
+    def __init__(self, linears: dict[str, nn.Linear], pruned: dict[str, torch.Tensor]) -> None:
+        self.linears = linears
+        self.pruned = pruned
+
+    @classmethod
+    def from_zeros(cls, model: nn.Module, ignore: Iterable[str] = ()) -> "SparsityMasks":
+        """Masks of the weights that are exactly zero now (a pruned checkpoint's zeros).
+
+        Zeros the weights already had before pruning (e.g. ~0.03 % of a dequantised GGUF model)
+        are kept too: every zero counts, as ``verify_sparsity`` counts them.
+        """
+        linears = prunable_linears(model, ignore)
+        return cls(linears, {name: linear.weight.detach() == 0 for name, linear in linears.items()})
+
+    def set(self, name: str, pruned: torch.Tensor) -> None:
+        weight = self.linears[name].weight
+        if pruned.shape != weight.shape:
+            raise ValueError(f"mask for {name} has shape {tuple(pruned.shape)}, the weight {tuple(weight.shape)}")
+        self.pruned[name] = pruned.to(device=weight.device, dtype=torch.bool)
+
+    @torch.no_grad()
+    def apply(self) -> None:
+        """Zero every masked weight in place (cheap enough to run after each optimizer step)."""
+        for name, pruned in self.pruned.items():
+            weight = self.linears[name].weight
+            if pruned.device != weight.device:  # the model moved (e.g. Trainer put it on the GPU)
+                pruned = self.pruned[name] = pruned.to(weight.device)
+            weight.masked_fill_(pruned, 0)
+
+    def mask_gradients(self) -> None:
+        """Zero the gradients of masked weights, so optimizer state never builds up there."""
+        for name, pruned in self.pruned.items():
+            grad = self.linears[name].weight.grad
+            if grad is not None:
+                grad.masked_fill_(pruned.to(grad.device), 0)
+
+    def sparsity(self) -> float:
+        """Fraction of masked weights over all masked linears."""
+        total = sum(mask.numel() for mask in self.pruned.values())
+        return sum(int(mask.sum()) for mask in self.pruned.values()) / total if total else 0.0
+
+
+def merge_lora_preserving_sparsity(peft_model: nn.Module) -> nn.Module:
+    """``peft_model.merge_and_unload()`` without filling the pruned weights.
+
+    The masks are read from the base weights before merging. Zeroing them after the plain merge
+    equals adding only the masked update ``W + M ⊙ ΔW``, because ``W`` is zero wherever ``M`` is.
+    """
+    if not hasattr(peft_model, "merge_and_unload"):
+        raise TypeError(f"expected a peft model with merge_and_unload(), got {type(peft_model).__name__}")
+    masks = SparsityMasks.from_zeros(peft_model)
+    merged = peft_model.merge_and_unload()
+    masks.apply()
+    return merged

@@ -1,0 +1,172 @@
+"""PruningCallback and SparsityMasks: masks survive real optimizer steps, LoRA merges keep sparsity,
+and gradual pruning follows its schedule inside a real transformers.Trainer."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import Trainer, TrainingArguments
+
+from optimum_prune import GradualSchedule, PruningCallback, PruningConfig, SparsityMasks, prune, verify_sparsity
+from optimum_prune.masks import merge_lora_preserving_sparsity, prunable_linears
+
+from .conftest import tiny_model, token_windows
+
+
+def train_dataset(samples: int = 16, seq_len: int = 16) -> Dataset:
+    ids = token_windows(samples=samples, seq_len=seq_len, seed=3)
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+
+
+def run_trainer(model, tmp_path, callbacks=(), steps: int = 6, optimizers=(None, None), **overrides) -> Trainer:
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        learning_rate=overrides.pop("learning_rate", 1e-2),
+        weight_decay=overrides.pop("weight_decay", 0.1),
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        **overrides,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=train_dataset(), callbacks=list(callbacks), optimizers=optimizers)
+    trainer.train()
+    return trainer
+
+
+def pruned_tiny(sparsity=0.5) -> torch.nn.Module:
+    model = tiny_model()
+    prune(model, PruningConfig(method="magnitude", sparsity=sparsity))
+    return model
+
+
+def zero_masks(model) -> dict[str, torch.Tensor]:
+    return {name: linear.weight.detach() == 0 for name, linear in prunable_linears(model).items()}
+
+
+class TestGradualSchedule:
+    def test_cubic_values(self):
+        schedule = GradualSchedule(final_sparsity=0.5, initial_sparsity=0.1, start_step=10, end_step=110, every=10)
+        assert schedule.sparsity_at(0) == pytest.approx(0.1)
+        assert schedule.sparsity_at(10) == pytest.approx(0.1)
+        assert schedule.sparsity_at(60) == pytest.approx(0.5 + (0.1 - 0.5) * 0.5**3)
+        assert schedule.sparsity_at(110) == pytest.approx(0.5)
+        assert schedule.sparsity_at(500) == pytest.approx(0.5)
+        assert [s for s in range(0, 130) if schedule.prunes_at(s)] == list(range(10, 111, 10))
+
+    def test_nm_passes_through_patterns_of_same_m(self):
+        schedule = GradualSchedule(final_sparsity="2:4", start_step=0, end_step=100, every=10)
+        targets = {step: schedule.target_at(step) for step in (0, 10, 30, 100)}
+        assert targets[0] == 0.0  # s = 0: nothing to prune yet
+        assert targets[10] == 0.0  # s ≈ 0.14: ⌊0.14·4⌋ = 0 pruned per group of 4
+        assert str(targets[30]) == "3:4"  # s ≈ 0.33
+        assert str(targets[100]) == "2:4"
+
+    def test_end_step_defaults_to_two_thirds_of_run(self):
+        assert GradualSchedule(final_sparsity=0.5).resolved(300).end_step == 200
+
+    @pytest.mark.parametrize(
+        "kwargs, message",
+        [
+            ({"final_sparsity": 0.3, "initial_sparsity": 0.5}, "initial_sparsity"),
+            ({"final_sparsity": 1.2}, "GradualSchedule.final_sparsity"),
+            ({"final_sparsity": 0.5, "every": 0}, "every"),
+            ({"final_sparsity": 0.5, "start_step": 10, "end_step": 5}, "end_step"),
+            ({"final_sparsity": 0.5, "score": "taylor"}, "score"),
+        ],
+    )
+    def test_bad_schedules_name_the_field(self, kwargs, message):
+        with pytest.raises(ValueError, match=message):
+            GradualSchedule(**kwargs)
+
+
+class TestKeepingMasks:
+    @pytest.mark.parametrize("optimizer", ["adamw", "sgd_momentum"])
+    def test_masks_survive_weight_decay_and_momentum(self, tmp_path, optimizer):
+        model = pruned_tiny()
+        before = zero_masks(model)
+        weights = {name: linear.weight.detach().clone() for name, linear in prunable_linears(model).items()}
+        optimizers = (None, None)
+        if optimizer == "sgd_momentum":
+            optimizers = (torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9, weight_decay=0.1), None)
+        run_trainer(model, tmp_path, callbacks=[PruningCallback()], optimizers=optimizers)
+        for name, linear in prunable_linears(model).items():
+            assert torch.equal(linear.weight.detach() == 0, before[name]), name
+            assert not torch.equal(linear.weight.detach(), weights[name]), f"{name} did not train"
+
+    def test_without_the_callback_training_fills_the_zeros(self, tmp_path):
+        model = pruned_tiny()
+        run_trainer(model, tmp_path)
+        assert verify_sparsity(model)["overall_sparsity"] < 0.1
+
+    def test_sparsity_is_logged(self, tmp_path):
+        trainer = run_trainer(pruned_tiny(), tmp_path, callbacks=[PruningCallback()], steps=2)
+        logged = [entry["sparsity"] for entry in trainer.state.log_history if "loss" in entry]
+        assert len(logged) == 2 and all(value == pytest.approx(0.5, abs=0.01) for value in logged)
+
+
+class TestLoRA:
+    def test_masked_merge_keeps_exact_sparsity_where_plain_merge_fills_it(self, tmp_path):
+        peft = pytest.importorskip("peft")
+        lora = peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+        before = zero_masks(pruned_tiny())
+
+        plain = peft.get_peft_model(pruned_tiny(), lora)
+        plain_sparsity = verify_sparsity(plain.merge_and_unload())["overall_sparsity"]
+
+        model = peft.get_peft_model(pruned_tiny(), lora)
+        run_trainer(model, tmp_path, callbacks=[PruningCallback()], steps=2)
+        assert set(SparsityMasks.from_zeros(model).linears) == set(before)  # base linears, not lora_A/lora_B
+        merged = merge_lora_preserving_sparsity(model)
+        after = zero_masks(merged)
+        assert all(torch.equal(after[name], before[name]) for name in before)
+        assert plain_sparsity < 0.1 < 0.49 < verify_sparsity(merged)["overall_sparsity"]
+
+
+class TestGradualPruning:
+    def test_magnitude_reaches_final_sparsity_and_keeps_it(self, tmp_path):
+        model = tiny_model()
+        schedule = GradualSchedule(final_sparsity=0.5, start_step=0, end_step=6, every=2)
+        callback = PruningCallback(schedule)
+        trainer = run_trainer(model, tmp_path, callbacks=[callback], steps=8)
+        per_layer = verify_sparsity(model, ignore=("lm_head",))["layers"]
+        assert all(entry["sparsity"] == pytest.approx(0.5, abs=1e-3) for entry in per_layer.values())
+        logged = [entry["sparsity"] for entry in trainer.state.log_history if "loss" in entry]
+        assert logged == sorted(logged) and logged[0] < 0.5 and logged[-1] == pytest.approx(0.5, abs=1e-3)
+
+    def test_wanda_scores_with_nm_pattern(self, tmp_path):
+        model = tiny_model()
+        schedule = GradualSchedule(final_sparsity="2:4", start_step=1, end_step=5, every=2, score="wanda")
+        run_trainer(model, tmp_path, callbacks=[PruningCallback(schedule)], steps=7)
+        report = verify_sparsity(model, pattern="2:4", ignore=("lm_head",))
+        assert report["conforming"] and report["overall_sparsity"] >= 0.5
+
+    def test_ignored_linears_stay_dense(self, tmp_path):
+        model = tiny_model()
+        schedule = GradualSchedule(final_sparsity=0.5, end_step=2, every=1)
+        run_trainer(model, tmp_path, callbacks=[PruningCallback(schedule, ignore=["*.mlp.*"])], steps=3)
+        layers = verify_sparsity(model, ignore=("lm_head",))["layers"]
+        assert all(entry["sparsity"] == 0 for name, entry in layers.items() if ".mlp." in name)
+        assert all(entry["sparsity"] == pytest.approx(0.5, abs=1e-3) for name, entry in layers.items() if ".self_attn." in name)
+
+
+def test_trl_sft_trainer_keeps_masks(tmp_path, bpe_tokenizer):
+    trl = pytest.importorskip("trl")
+    from optimum_prune.data import wikipedia_articles
+
+    model = pruned_tiny()
+    before = zero_masks(model)
+    config = trl.SFTConfig(
+        output_dir=str(tmp_path / "sft"), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
+        max_length=32, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+    )
+    texts = Dataset.from_dict({"text": [article[:400] for article in wikipedia_articles("calibration")[:8]]})
+    trainer = trl.SFTTrainer(model=model, args=config, train_dataset=texts, processing_class=bpe_tokenizer, callbacks=[PruningCallback()])
+    trainer.train()
+    after = zero_masks(model)
+    assert all(torch.equal(after[name], before[name]) for name in before)
+    assert any("sparsity" in entry for entry in trainer.state.log_history)
