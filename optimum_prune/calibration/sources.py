@@ -26,7 +26,11 @@ def calibration_windows(
         return _check_token_tensor(source)
     if tokenizer is None:
         raise ValueError("tokenizer is required to tokenise text calibration data; pass tokenizer= or a LongTensor of token ids")
-    tokens = tokenize_stream(tokenizer, _texts(source))
+    return sample_windows(tokenize_stream(tokenizer, _texts(source)), num_samples, seq_len, seed)
+
+
+def sample_windows(tokens: torch.Tensor, num_samples: int, seq_len: int, seed: int) -> torch.Tensor:
+    """``num_samples`` windows of ``seq_len`` tokens from a 1-D token stream, at seeded random offsets."""
     if tokens.numel() < seq_len:
         raise ValueError(
             f"calibration has {tokens.numel()} tokens, fewer than one window of calibration_seq_len={seq_len}; "

@@ -1,0 +1,66 @@
+"""``llamafactory-prune``: ``llamafactory-cli`` for YAMLs with a ``pruning:`` section.
+
+    llamafactory-prune train examples/llamafactory/prune_wanda_2of4.yaml
+    llamafactory-prune train examples/llamafactory/sft_lora_recovery.yaml learning_rate=1e-4
+    llamafactory-prune export examples/llamafactory/export_merged.yaml
+    llamafactory-prune chat examples/llamafactory/chat_pruned.yaml
+
+The YAML (with ``key=value`` overrides, as ``llamafactory-cli`` takes them) is read here; the
+``pruning:`` section is validated and handled, and everything else goes to LLaMA-Factory's own
+functions. A YAML without ``pruning:`` behaves exactly as under ``llamafactory-cli``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+from .config import read_yaml, split_pruning
+
+COMMANDS = {
+    "train": "stage: prune prunes and saves; stage: pt/sft with `pruning:` prunes, trains with LLaMA-Factory (zeros kept), merges LoRA keeping sparsity",
+    "export": "LLaMA-Factory's export; a LoRA adapter merged into a pruned model keeps the model's zeros",
+    "chat": "LLaMA-Factory's CLI chat (pruned checkpoints, including non-uniform structured ones, load)",
+    "api": "LLaMA-Factory's OpenAI-style API server",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llamafactory-prune",
+        description="Run LLaMA-Factory with a `pruning:` section in its YAML.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="commands:\n" + "\n".join(f"  {name:<8}{text}" for name, text in COMMANDS.items()),
+    )
+    parser.add_argument("command", choices=list(COMMANDS), help="what to run (see below)")
+    parser.add_argument("config", help="LLaMA-Factory YAML, optionally with a `pruning:` section")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the YAML, as llamafactory-cli takes them")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    options = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    from . import stages
+
+    try:
+        args, section = split_pruning(read_yaml(options.config, options.overrides))
+    except (ValueError, FileNotFoundError) as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    try:
+        if options.command == "train":
+            stages.run_train(args, section)
+        elif options.command == "export":
+            stages.run_export(args)
+        else:
+            stages.run_interactive(options.command, args)
+    except ValueError as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,111 @@
+"""The ``pruning:`` section of a LLaMA-Factory YAML.
+
+Its keys are exactly ``PruningConfig``'s fields plus ``calibration_dataset`` (a dataset name
+from LLaMA-Factory's ``dataset_info.json``; default: the YAML's own ``dataset``). Unlike
+LLaMA-Factory's top level, which ignores keys it does not know, an unknown key here is an error
+that lists the valid ones: a misspelt ``sparsity`` must never silently prune at the default.
+
+    pruning:
+      method: wanda
+      sparsity: "2:4"
+      calibration_dataset: wiki_pt
+      num_calibration_samples: 64
+      calibration_seq_len: 512
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from omegaconf import OmegaConf
+
+from optimum_prune import PruningConfig
+
+SECTION = "pruning"
+CALIBRATION_KEYS = ("calibration_dataset",)
+# LLaMA-Factory's default dataset_dir, used when the YAML names none.
+DEFAULT_DATASET_DIR = "data"
+
+
+@dataclass(frozen=True)
+class PruningSection:
+    config: PruningConfig
+    calibration_dataset: str | None
+
+    @classmethod
+    def from_mapping(cls, section: Any, lf_args: Mapping[str, Any]) -> "PruningSection":
+        """Validate ``section`` against the rest of the YAML (``lf_args``) before anything runs."""
+        if not isinstance(section, Mapping):
+            raise ValueError(f"{SECTION}: must be a mapping of PruningConfig fields, got {type(section).__name__}")
+        fields = [f.name for f in dataclasses.fields(PruningConfig)]
+        unknown = sorted(set(section) - set(fields) - set(CALIBRATION_KEYS))
+        if unknown:
+            raise ValueError(
+                f"{SECTION}.{unknown[0]} is not a valid key; valid keys: {', '.join(sorted([*fields, *CALIBRATION_KEYS]))}"
+            )
+        try:
+            config = PruningConfig(**{key: value for key, value in section.items() if key in fields})
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{SECTION}: {error}") from None
+        dataset = section.get("calibration_dataset", _first_dataset(lf_args.get("dataset")))
+        if config.requires_calibration:
+            if not dataset:
+                raise ValueError(
+                    f"{SECTION}.calibration_dataset is required: method {config.method!r} needs calibration data and the "
+                    "YAML names no `dataset`; set it to a dataset from dataset_info.json"
+                )
+            _check_registered(dataset, lf_args.get("dataset_dir", DEFAULT_DATASET_DIR))
+        return cls(config, dataset if config.requires_calibration else None)
+
+
+def _first_dataset(value: Any) -> str | None:
+    """LLaMA-Factory's ``dataset`` is a comma-separated list (or a YAML list); calibrate on all of it."""
+    if value is None:
+        return None
+    return ",".join(value) if isinstance(value, (list, tuple)) else str(value)
+
+
+def _check_registered(datasets: str, dataset_dir: str) -> None:
+    info_path = Path(dataset_dir) / "dataset_info.json"
+    if not info_path.is_file():
+        raise ValueError(
+            f"{SECTION}.calibration_dataset {datasets!r}: {info_path} does not exist; set `dataset_dir` to the folder "
+            "holding your dataset_info.json"
+        )
+    try:
+        registered = json.loads(info_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{info_path} is not valid JSON ({error})") from None
+    for name in (part.strip() for part in datasets.split(",")):
+        if name not in registered:
+            raise ValueError(
+                f"{SECTION}.calibration_dataset {name!r} is not in {info_path}; registered: {', '.join(sorted(registered))}"
+            )
+
+
+def read_yaml(path: str | os.PathLike, overrides: list[str] = ()) -> dict[str, Any]:
+    """The YAML as a dict with ``key=value`` overrides merged, as ``llamafactory-cli`` reads it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    try:
+        merged = OmegaConf.merge(OmegaConf.load(path), OmegaConf.from_cli(list(overrides)))
+    except Exception as error:  # omegaconf/yaml raise several parser error types
+        raise ValueError(f"{path} is not a valid YAML config: {error}") from None
+    args = OmegaConf.to_container(merged)
+    if not isinstance(args, dict):
+        raise ValueError(f"{path} must be a mapping of LLaMA-Factory arguments, got {type(args).__name__}")
+    return args
+
+
+def split_pruning(args: Mapping[str, Any]) -> tuple[dict[str, Any], PruningSection | None]:
+    """(LLaMA-Factory's own arguments, the validated ``pruning:`` section or ``None``)."""
+    lf_args = {key: value for key, value in args.items() if key != SECTION}
+    if SECTION not in args:
+        return lf_args, None
+    return lf_args, PruningSection.from_mapping(args[SECTION], lf_args)

@@ -1,0 +1,249 @@
+"""What ``llamafactory-prune`` runs: pruning through LLaMA-Factory's data pipeline, then
+LLaMA-Factory's own training, export and chat, with the sparsity kept at every step.
+
+Layout of ``output_dir`` for ``stage: sft`` / ``pt`` with a ``pruning:`` section::
+
+    output_dir/pruned/   the pruned model LLaMA-Factory trains (reused on a rerun with the same config)
+    output_dir/          LLaMA-Factory's usual output (the LoRA adapter, or the full model)
+    export_dir or output_dir/merged/   LoRA runs: the adapter merged with the sparsity kept
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from itertools import chain
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from omegaconf import OmegaConf
+from transformers import AutoModelForCausalLM
+
+from optimum_prune import PruningCallback, SparsityMasks, merge_lora_preserving_sparsity, prune, save_pruned
+from optimum_prune.calibration import sample_windows
+from optimum_prune.config import CONFIG_NAME, PruningConfig
+
+from .compat import import_llamafactory
+from .config import PruningSection
+
+logger = logging.getLogger(__name__)
+PRUNED_SUBDIR = "pruned"
+MERGED_SUBDIR = "merged"
+TRAINING_STAGES = ("pt", "sft")
+
+
+def run_train(args: Mapping[str, Any], section: PruningSection | None) -> None:
+    """``llamafactory-prune train``: ``stage: prune``, or prune → LLaMA-Factory training → merge."""
+    stage = args.get("stage")
+    if stage == "prune":
+        if section is None:
+            raise ValueError("stage: prune needs a `pruning:` section (method, sparsity, ...)")
+        if not args.get("output_dir"):
+            raise ValueError("stage: prune needs `output_dir`, where the pruned model is saved")
+        prune_and_save(args, section, Path(args["output_dir"]))
+        return
+    if section is None:
+        _delegate_training(dict(args))
+        return
+    if stage not in TRAINING_STAGES:
+        raise ValueError(f"a `pruning:` section works with stage: prune, pt or sft; got stage: {stage!r}")
+    if not args.get("output_dir"):
+        raise ValueError("`output_dir` is required")
+    output_dir = Path(args["output_dir"])
+    pruned_dir = output_dir / PRUNED_SUBDIR
+    if _already_pruned(pruned_dir, args["model_name_or_path"], section.config):
+        logger.info("reusing the pruned model in %s (same model and pruning config)", pruned_dir)
+    else:
+        prune_and_save(args, section, pruned_dir, source=args["model_name_or_path"])
+    training_args = {**args, "model_name_or_path": str(pruned_dir)}
+    _delegate_training(training_args)
+    if args.get("finetuning_type", "lora") == "lora":
+        merge_adapter(pruned_dir, output_dir, Path(args.get("export_dir") or output_dir / MERGED_SUBDIR))
+
+
+def prune_and_save(args: Mapping[str, Any], section: PruningSection, target: Path, source: str | None = None) -> Path:
+    """Calibrate on LLaMA-Factory's own tokenisation of the dataset, prune, save atomically."""
+    import_llamafactory()
+    from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
+    from llamafactory.hparams import get_train_args
+    from llamafactory.model import load_tokenizer
+
+    config = section.config
+    calibration_stage = "sft" if args.get("stage") == "sft" else "pt"
+    parse_args = {
+        **args,
+        "stage": calibration_stage,
+        "do_train": True,
+        "dataset": section.calibration_dataset or args.get("dataset"),
+        "cutoff_len": config.calibration_seq_len,
+        "output_dir": args.get("output_dir") or str(target),
+        "overwrite_output_dir": True,  # this parse only reads data; it writes nothing there
+    }
+    parse_args.pop("eval_dataset", None)
+    model_args, data_args, training_args, _, _ = get_train_args(parse_args)
+    tokenizer_module = load_tokenizer(model_args)
+    tokenizer = tokenizer_module["tokenizer"]
+    template = get_template_and_fix_tokenizer(tokenizer, data_args)
+    windows = None
+    if config.requires_calibration:
+        dataset = get_dataset(template, model_args, data_args, training_args, calibration_stage, **tokenizer_module)
+        tokens = torch.tensor(list(chain.from_iterable(dataset["train_dataset"]["input_ids"])), dtype=torch.long)
+        windows = sample_windows(tokens, config.num_calibration_samples, config.calibration_seq_len, config.seed)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_args.model_name_or_path,
+        dtype=torch.float32,  # prune in full precision; LLaMA-Factory casts for training as its YAML says
+        trust_remote_code=model_args.trust_remote_code,
+        cache_dir=model_args.cache_dir,
+    )
+    if source is not None:
+        model.config.pruned_from = source
+    report = prune(model, config, calibration=windows, device="cuda" if torch.cuda.is_available() else None)
+    return save_pruned(model, target, tokenizer=tokenizer, config=config, report=report)
+
+
+def _already_pruned(pruned_dir: Path, source: str, config: PruningConfig) -> bool:
+    try:
+        recorded = json.loads((pruned_dir / "config.json").read_text())
+        same_config = PruningConfig.from_pretrained(pruned_dir).to_dict() == config.to_dict()
+    except (OSError, ValueError):
+        return False
+    return same_config and recorded.get("pruned_from") == source
+
+
+def _delegate_training(args: dict[str, Any]) -> None:
+    """LLaMA-Factory's ``run_exp`` with masks kept, in this process or under torchrun."""
+    import_llamafactory()
+    if _wants_torchrun():
+        _run_under_torchrun(args)
+        return
+    from llamafactory.train.tuner import run_exp
+
+    run_exp(args, callbacks=[PruningCallback()])
+
+
+def _wants_torchrun() -> bool:
+    """LLaMA-Factory's own rule for launching ``train`` under torchrun."""
+    from llamafactory.extras.misc import get_device_count, is_env_enabled, use_kt, use_ray
+
+    return is_env_enabled("FORCE_TORCHRUN") or (get_device_count() > 1 and not use_ray() and not use_kt())
+
+
+def _run_under_torchrun(args: dict[str, Any]) -> None:
+    """Re-launch through torchrun with our worker as the entry point, so every rank keeps the masks.
+
+    (``llamafactory-cli`` re-executes its own launcher file, which would drop the plugin.)
+    """
+    from llamafactory.extras.misc import find_available_port
+
+    with tempfile.TemporaryDirectory(prefix="llamafactory-prune-") as scratch:
+        config_path = Path(scratch) / "train.yaml"
+        OmegaConf.save(OmegaConf.create(args), config_path)
+        command = [
+            "torchrun",
+            "--nnodes", os.getenv("NNODES", "1"),
+            "--node_rank", os.getenv("NODE_RANK", "0"),
+            "--nproc_per_node", os.getenv("NPROC_PER_NODE", str(_device_count_or_one())),
+            "--master_addr", os.getenv("MASTER_ADDR", "127.0.0.1"),
+            "--master_port", os.getenv("MASTER_PORT", str(find_available_port())),
+            "-m", "llamafactory_ext.worker", str(config_path),
+        ]  # fmt: skip
+        if shutil.which("torchrun") is None:
+            raise RuntimeError("multi-process training needs `torchrun` (from torch) on PATH")
+        logger.info("launching: %s", " ".join(command))
+        subprocess.run(command, check=True)
+
+
+def _device_count_or_one() -> int:
+    from llamafactory.extras.misc import get_device_count
+
+    return max(1, get_device_count())
+
+
+def merge_adapter(base_dir: Path, adapter_dir: Path, target: Path) -> Path:
+    """Merge the LoRA adapter trained on ``base_dir`` into it, keeping the pruned zeros; save atomically."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    before = SparsityMasks.from_zeros(base)
+    merged = merge_lora_preserving_sparsity(PeftModel.from_pretrained(base, adapter_dir))
+    after = SparsityMasks.from_zeros(merged)
+    logger.info("merged %s into %s: sparsity %.4f before, %.4f after", adapter_dir, target, before.sparsity(), after.sparsity())
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_dir)
+    return save_pruned(merged, target, tokenizer=tokenizer)
+
+
+def run_export(args: Mapping[str, Any]) -> None:
+    """LLaMA-Factory's ``export_model``; when it merges a LoRA adapter into a pruned model, the
+    pruned zeros are restored in the exported weights (plain merging fills them)."""
+    import_llamafactory()
+    from llamafactory.train.tuner import export_model
+
+    export_model(dict(args))
+    if args.get("adapter_name_or_path") and _is_pruned_checkpoint(Path(args["model_name_or_path"])):
+        restore_zeros(Path(args["model_name_or_path"]), Path(args["export_dir"]))
+
+
+def _is_pruned_checkpoint(path: Path) -> bool:
+    return (path / CONFIG_NAME).is_file()
+
+
+def restore_zeros(base_dir: Path, exported_dir: Path) -> None:
+    """Zero, in ``exported_dir``'s safetensors shards, every weight that is zero in ``base_dir``.
+
+    Equal to merging only the masked update (``W + M ⊙ ΔW``), since the base is zero where the
+    mask is. Each shard is rewritten through a temporary file and renamed into place.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    shards = sorted(exported_dir.glob("*.safetensors"))
+    if not shards:
+        raise ValueError(f"{exported_dir} has no .safetensors weights; export with export_legacy_format: false")
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    masks = {f"{name}.weight": pruned for name, pruned in SparsityMasks.from_zeros(base).pruned.items()}
+    restored = 0
+    for shard in shards:
+        with safe_open(shard, framework="pt") as handle:
+            metadata = handle.metadata()
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        touched = [key for key in tensors if key in masks]
+        for key in touched:
+            tensors[key].masked_fill_(masks[key], 0)
+        restored += len(touched)
+        if touched:
+            temporary = shard.with_name(f".{shard.name}.tmp")
+            save_file(tensors, temporary, metadata=metadata)
+            os.replace(temporary, shard)
+    if restored != len(masks):
+        raise ValueError(f"{exported_dir} holds {restored} of the {len(masks)} pruned weights of {base_dir}; is it the same model?")
+    logger.info("restored the pruned zeros of %d weights in %s", restored, exported_dir)
+
+
+def run_interactive(command: str, args: Mapping[str, Any]) -> None:
+    """``chat`` / ``api`` / ``webchat``: LLaMA-Factory's own entry points, with this package's
+    checkpoint loader registered (non-uniform structured models need it)."""
+    import_llamafactory()
+    with tempfile.TemporaryDirectory(prefix="llamafactory-prune-") as scratch:
+        config_path = Path(scratch) / f"{command}.yaml"
+        OmegaConf.save(OmegaConf.create(dict(args)), config_path)
+        sys.argv = [sys.argv[0], str(config_path)]  # LLaMA-Factory's entry points read their YAML from argv
+        if command == "chat":
+            from llamafactory.chat.chat_model import run_chat
+
+            run_chat()
+        elif command == "api":
+            from llamafactory.api.app import run_api
+
+            run_api()
+        else:
+            from llamafactory.webui.interface import run_web_demo
+
+            run_web_demo()
+
