@@ -1,0 +1,114 @@
+"""The pruning: section is validated, with one clear error, before anything is loaded."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from llamafactory_ext.cli import main
+from llamafactory_ext.config import PruningSection, read_yaml, split_pruning
+
+from .conftest import base_args, write_yaml
+
+
+def run_cli(tmp_path, capsys, config: dict | str, command: str = "train") -> str:
+    path = tmp_path / "config.yaml"
+    path.write_text(config) if isinstance(config, str) else write_yaml(path, config)
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, str(path)])
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "pruning, message",
+    [
+        ({"method": "wanda", "sparsty": 0.5}, "pruning.sparsty is not a valid key; valid keys: allocation, "),
+        ({"method": "wanda", "sparsity": 1.5}, r"pruning: PruningConfig.sparsity must be in \[0, 1\)"),
+        ({"method": "wanda", "sparsity": "5:4"}, "pruning: PruningConfig.sparsity '5:4' needs 0 < N < M"),
+        ({"method": "prune_everything"}, "pruning: PruningConfig.method 'prune_everything' is not a registered pruning method; known: layers, magnitude"),
+        ({"method": "wanda", "calibration_dataset": "not_registered"}, "pruning.calibration_dataset 'not_registered' is not in .*dataset_info.json; registered: wiki_pt, wiki_sft"),
+        ("wanda", "pruning: must be a mapping of PruningConfig fields"),
+    ],
+)
+def test_bad_pruning_section_is_one_clear_error(workspace, tmp_path, capsys, pruning, message):
+    config = {**base_args(workspace, tmp_path / "out", stage="prune", dataset="wiki_pt"), "pruning": pruning}
+    error = run_cli(tmp_path, capsys, config)
+    assert error.startswith("llamafactory-prune: error: ")
+    assert re.search(message, error), error
+    assert not (tmp_path / "out").exists()
+
+
+def test_calibrating_method_without_any_dataset(workspace, tmp_path, capsys):
+    config = {**base_args(workspace, tmp_path / "out", stage="prune"), "pruning": {"method": "wanda"}}
+    assert "pruning.calibration_dataset is required" in run_cli(tmp_path, capsys, config)
+
+
+def test_magnitude_needs_no_dataset(workspace, tmp_path):
+    _, section = split_pruning({**base_args(workspace, tmp_path), "pruning": {"method": "magnitude", "sparsity": 0.3}})
+    assert section.calibration_dataset is None and section.config.sparsity == 0.3
+
+
+def test_calibration_dataset_defaults_to_the_yaml_dataset(workspace, tmp_path):
+    args = base_args(workspace, tmp_path, dataset=["wiki_sft", "wiki_pt"])
+    section = PruningSection.from_mapping({"method": "wanda"}, args)
+    assert section.calibration_dataset == "wiki_sft,wiki_pt"
+
+
+def test_missing_dataset_info(workspace, tmp_path, capsys):
+    config = {**base_args(workspace, tmp_path / "out", stage="prune", dataset="wiki_pt", dataset_dir=str(tmp_path)), "pruning": {"method": "wanda"}}
+    assert "dataset_info.json does not exist; set `dataset_dir`" in run_cli(tmp_path, capsys, config)
+
+
+def test_malformed_yaml(tmp_path, capsys):
+    assert "is not a valid YAML config" in run_cli(tmp_path, capsys, "pruning: [method: wanda\n  sparsity: 0.5")
+
+
+def test_pruning_with_an_unsupported_stage(workspace, tmp_path, capsys):
+    config = {**base_args(workspace, tmp_path / "out", stage="dpo", dataset="wiki_sft"), "pruning": {"method": "magnitude"}}
+    assert "works with stage: prune, pt or sft; got stage: 'dpo'" in run_cli(tmp_path, capsys, config)
+
+
+def test_overrides_apply_to_the_pruning_section(tmp_path):
+    path = write_yaml(tmp_path / "c.yaml", {"stage": "prune", "pruning": {"method": "wanda", "sparsity": 0.5}})
+    args = read_yaml(path, ["pruning.sparsity=2:4", "learning_rate=1e-4"])
+    assert args["pruning"]["sparsity"] == "2:4" and args["learning_rate"] == 1e-4
+    with pytest.raises(ValueError, match="override 'learning_rate' is not of the form key=value"):
+        read_yaml(path, ["learning_rate"])
+
+
+def test_unquoted_nm_pattern_is_not_a_base_60_integer(tmp_path):
+    """YAML 1.1 (PyYAML, OmegaConf) reads `2:4` as 124; the pattern must survive unquoted."""
+    path = tmp_path / "c.yaml"
+    path.write_text("learning_rate: 1.0e-4\nmax_steps: 10\npruning:\n  method: wanda\n  sparsity: 2:4\n")
+    args = read_yaml(path)
+    assert args == {"learning_rate": 1e-4, "max_steps": 10, "pruning": {"method": "wanda", "sparsity": "2:4"}}
+
+
+def test_torchaudio_stand_in_in_a_fresh_interpreter():
+    """LLaMA-Factory imports torchaudio at module level; without a usable torchaudio the stand-in lets
+    text pipelines import, transformers still reports it absent, and audio use fails clearly."""
+    import subprocess
+    import sys
+
+    code = """
+import importlib.util
+real = importlib.util.find_spec("torchaudio") is not None
+from llamafactory_ext.compat import import_llamafactory
+import_llamafactory()
+from llamafactory.train.tuner import run_exp, export_model
+from llamafactory.chat import ChatModel
+if not real:
+    import torchaudio, transformers.utils.import_utils as iu
+    assert not iu.is_torchaudio_available()
+    try:
+        torchaudio.load("x.wav")
+    except ImportError as error:
+        print("stand-in:", error)
+else:
+    print("real torchaudio")
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "real torchaudio" in result.stdout or "install the torchaudio build matching your torch" in result.stdout

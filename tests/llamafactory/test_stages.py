@@ -1,0 +1,176 @@
+"""End to end through the real LLaMA-Factory: stage: prune, prune → LoRA recovery (run_exp) →
+sparsity-preserving merge → export → chat, full fine-tuning, structured models, torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import optimum_prune  # noqa: F401  (registers the loader of non-uniform structured checkpoints)
+from llamafactory_ext.cli import main
+from optimum_prune import verify_sparsity
+from optimum_prune.masks import prunable_linears
+
+from .conftest import base_args, write_yaml
+
+LORA_TRAINING = {
+    "stage": "sft",
+    "do_train": True,
+    "finetuning_type": "lora",
+    "lora_target": "all",
+    "lora_rank": 4,
+    "dataset": "wiki_sft",
+    "cutoff_len": 64,
+    "max_samples": 32,
+    "per_device_train_batch_size": 4,
+    "max_steps": 4,
+    "learning_rate": 5.0e-3,
+    "logging_steps": 1,
+    "save_strategy": "no",
+    "report_to": "none",
+}
+CALIBRATION = {"num_calibration_samples": 4, "calibration_seq_len": 32}
+
+
+def train(tmp_path: Path, config: dict, env: dict | None = None) -> None:
+    path = write_yaml(tmp_path / f"{Path(config['output_dir']).name}.yaml", config)
+    if env is None:
+        assert main(["train", str(path)]) == 0
+    else:  # a separate process, as a user runs it (needed where the command re-launches itself)
+        command = [sys.executable, "-m", "llamafactory_ext.cli", "train", str(path)]
+        result = subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+
+def zeros(directory: Path) -> dict[str, torch.Tensor]:
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    return {name: linear.weight.detach() == 0 for name, linear in prunable_linears(model).items()}
+
+
+def assert_same_zeros(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(actual[name], expected[name]), name
+
+
+@pytest.fixture(scope="module")
+def recovered(workspace, tmp_path_factory) -> Path:
+    """One prune (Wanda 50 %) → LoRA SFT → merge run, shared by the checks below."""
+    out = tmp_path_factory.mktemp("sft") / "run"
+    config = {**base_args(workspace, out, **LORA_TRAINING), "pruning": {"method": "wanda", "sparsity": 0.5, **CALIBRATION}}
+    train(out.parent, config)
+    return out
+
+
+def test_stage_prune_saves_an_nm_sparse_checkpoint(workspace, tmp_path):
+    config = {
+        **base_args(workspace, tmp_path / "pruned", stage="prune"),
+        "pruning": {"method": "sparsegpt", "sparsity": "2:4", "calibration_dataset": "wiki_pt", **CALIBRATION},
+    }
+    train(tmp_path, config)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
+    report = verify_sparsity(model, pattern="2:4")
+    assert report["conforming"] and report["overall_sparsity"] >= 0.5
+    assert model.config.pruning_config["method"] == "sparsegpt"
+    assert (tmp_path / "pruned" / "tokenizer.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".pruned")]  # no staging left behind
+
+
+def test_lora_recovery_merges_with_exact_sparsity(recovered):
+    pruned = zeros(recovered / "pruned")
+    assert verify_sparsity(AutoModelForCausalLM.from_pretrained(recovered / "pruned"))["overall_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert_same_zeros(zeros(recovered / "merged"), pruned)
+    merged = AutoModelForCausalLM.from_pretrained(recovered / "merged")
+    base = AutoModelForCausalLM.from_pretrained(recovered / "pruned")
+    changed = [n for n, p in merged.named_parameters() if not torch.equal(p, base.state_dict()[n])]
+    assert changed, "the merged adapter changed nothing"
+    state = json.loads((recovered / "trainer_state.json").read_text())
+    assert [e["sparsity"] for e in state["log_history"] if "loss" in e] == [pytest.approx(0.5, abs=1e-3)] * 4
+
+
+def test_plain_peft_merge_would_fill_the_zeros(recovered):
+    from peft import PeftModel
+
+    base = AutoModelForCausalLM.from_pretrained(recovered / "pruned")
+    plain = PeftModel.from_pretrained(base, recovered).merge_and_unload()
+    assert verify_sparsity(plain)["overall_sparsity"] < 0.1
+
+
+def test_export_restores_zeros_that_llamafactory_merge_fills(recovered, tmp_path):
+    export = {
+        "model_name_or_path": str(recovered / "pruned"),
+        "adapter_name_or_path": str(recovered),
+        "template": "default",
+        "finetuning_type": "lora",
+        "export_dir": str(tmp_path / "exported"),
+    }
+    assert main(["export", str(write_yaml(tmp_path / "export.yaml", export))]) == 0
+    assert_same_zeros(zeros(tmp_path / "exported"), zeros(recovered / "pruned"))
+
+    from llamafactory.train.tuner import export_model  # LLaMA-Factory alone: the zeros are filled
+
+    export_model({**export, "export_dir": str(tmp_path / "plain")})
+    assert verify_sparsity(AutoModelForCausalLM.from_pretrained(tmp_path / "plain"))["overall_sparsity"] < 0.1
+
+
+def test_llamafactory_chat_loads_the_merged_model(recovered):
+    from llamafactory.chat import ChatModel
+
+    chat = ChatModel({"model_name_or_path": str(recovered / "merged"), "template": "default", "infer_backend": "huggingface", "max_new_tokens": 6})
+    responses = chat.chat([{"role": "user", "content": "Write about anarchism."}])
+    assert responses and isinstance(responses[0].response_text, str) and responses[0].response_length > 0
+
+
+def test_full_finetuning_keeps_the_masks(workspace, tmp_path):
+    out = tmp_path / "full"
+    training = {**LORA_TRAINING, "finetuning_type": "full", "max_steps": 3}
+    config = {**base_args(workspace, out, **training), "pruning": {"method": "magnitude", "sparsity": 0.4}}
+    train(tmp_path, config)
+    assert_same_zeros(zeros(out), zeros(out / "pruned"))
+    assert not (out / "merged").exists()
+
+
+def test_rerun_reuses_the_pruned_model(workspace, tmp_path):
+    out = tmp_path / "again"
+    config = {**base_args(workspace, out, **{**LORA_TRAINING, "max_steps": 1, "overwrite_output_dir": True}),
+              "pruning": {"method": "magnitude", "sparsity": 0.3}}  # fmt: skip
+    train(tmp_path, config)
+    written = (out / "pruned" / "model.safetensors").stat().st_mtime_ns
+    train(tmp_path, config)
+    assert (out / "pruned" / "model.safetensors").stat().st_mtime_ns == written
+    config["pruning"]["sparsity"] = 0.4
+    train(tmp_path, config)
+    assert verify_sparsity(AutoModelForCausalLM.from_pretrained(out / "pruned"))["overall_sparsity"] == pytest.approx(0.4, abs=1e-3)
+
+
+def test_non_uniform_structured_model_trains_merges_and_chats(workspace, tmp_path):
+    out = tmp_path / "narrow"
+    pruning = {"method": "width", "sparsity": 0.3, "method_options": {"criterion": "wanda_sp", "ranking": "global"}, **CALIBRATION}
+    train(tmp_path, {**base_args(workspace, out, **LORA_TRAINING), "pruning": pruning})
+    config = json.loads((out / "pruned" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "optimum_prune_structure"  # per-layer widths differ
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    pruned = AutoModelForCausalLM.from_pretrained(out / "pruned")
+    assert sum(p.numel() for p in merged.parameters()) == sum(p.numel() for p in pruned.parameters())
+    from llamafactory.chat import ChatModel
+
+    chat = ChatModel({"model_name_or_path": str(out / "merged"), "template": "default", "infer_backend": "huggingface", "max_new_tokens": 4})
+    assert chat.chat([{"role": "user", "content": "Hello"}])[0].response_length > 0
+
+
+def test_torchrun_relaunch_keeps_the_plugin(workspace, tmp_path):
+    """FORCE_TORCHRUN re-launches training on 2 CPU processes (gloo); the masks must hold on each rank."""
+    out = tmp_path / "ddp"
+    config = {**base_args(workspace, out, **{**LORA_TRAINING, "max_steps": 2}), "pruning": {"method": "magnitude", "sparsity": 0.5}}
+    train(tmp_path, config, env={"FORCE_TORCHRUN": "1", "NPROC_PER_NODE": "2"})
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["log_history"][-1]["epoch"] == pytest.approx(0.5)  # 2 steps × 4 × 2 ranks of 32 examples
+    assert all("sparsity" in entry for entry in state["log_history"] if "loss" in entry)
+    assert_same_zeros(zeros(out / "merged"), zeros(out / "pruned"))
