@@ -1,7 +1,9 @@
 """The ``pruning:`` section of a LLaMA-Factory YAML.
 
 Its keys are exactly ``PruningConfig``'s fields plus ``calibration_dataset`` (a dataset name
-from LLaMA-Factory's ``dataset_info.json``; default: the YAML's own ``dataset``). Unlike
+from LLaMA-Factory's ``dataset_info.json``; default: the YAML's own ``dataset``). Calibration
+text goes through LLaMA-Factory's own tokenisation: conversational datasets (with responses)
+with the YAML's chat template as in SFT, plain-text ones as in pre-training. Unlike
 LLaMA-Factory's top level, which ignores keys it does not know, an unknown key here is an error
 that lists the valid ones: a misspelt ``sparsity`` must never silently prune at the default.
 
@@ -38,6 +40,9 @@ DEFAULT_DATASET_DIR = "data"
 class PruningSection:
     config: PruningConfig
     calibration_dataset: str | None
+    # How LLaMA-Factory tokenises the calibration data: "sft" (chat template, prompts and
+    # responses) when every calibration dataset has responses, else "pt" (plain text).
+    calibration_stage: str = "pt"
 
     @classmethod
     def from_mapping(cls, section: Any, lf_args: Mapping[str, Any]) -> "PruningSection":
@@ -61,8 +66,9 @@ class PruningSection:
                     f"{SECTION}.calibration_dataset is required: method {config.method!r} needs calibration data and the "
                     "YAML names no `dataset`; set it to a dataset from dataset_info.json"
                 )
-            _check_registered(dataset, lf_args.get("dataset_dir", DEFAULT_DATASET_DIR))
-        return cls(config, dataset if config.requires_calibration else None)
+            entries = _registered(dataset, lf_args.get("dataset_dir", DEFAULT_DATASET_DIR))
+            return cls(config, dataset, "sft" if all(_has_responses(entry) for entry in entries) else "pt")
+        return cls(config, None)
 
 
 def _first_dataset(value: Any) -> str | None:
@@ -72,7 +78,15 @@ def _first_dataset(value: Any) -> str | None:
     return ",".join(value) if isinstance(value, (list, tuple)) else str(value)
 
 
-def _check_registered(datasets: str, dataset_dir: str) -> None:
+def _has_responses(entry: Mapping[str, Any]) -> bool:
+    """Whether a dataset_info.json entry is conversational (LLaMA-Factory's alpaca default has a response column)."""
+    if entry.get("formatting") == "sharegpt":
+        return True
+    return "columns" not in entry or "response" in entry["columns"]
+
+
+def _registered(datasets: str, dataset_dir: str) -> list[Mapping[str, Any]]:
+    """The dataset_info.json entries of the comma-separated ``datasets``, or an error naming the missing one."""
     info_path = Path(dataset_dir) / "dataset_info.json"
     if not info_path.is_file():
         raise ValueError(
@@ -83,11 +97,13 @@ def _check_registered(datasets: str, dataset_dir: str) -> None:
         registered = json.loads(info_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{info_path} is not valid JSON ({error})") from None
-    for name in (part.strip() for part in datasets.split(",")):
+    names = [part.strip() for part in datasets.split(",")]
+    for name in names:
         if name not in registered:
             raise ValueError(
                 f"{SECTION}.calibration_dataset {name!r} is not in {info_path}; registered: {', '.join(sorted(registered))}"
             )
+    return [registered[name] for name in names]
 
 
 class _YamlLoader(yaml.SafeLoader):

@@ -75,7 +75,7 @@ def prune_and_save(args: Mapping[str, Any], section: PruningSection, target: Pat
     from llamafactory.model import load_tokenizer
 
     config = section.config
-    calibration_stage = "sft" if args.get("stage") == "sft" else "pt"
+    calibration_stage = section.calibration_stage
     parse_args = {
         **args,
         "stage": calibration_stage,

@@ -56,6 +56,15 @@ def test_calibration_dataset_defaults_to_the_yaml_dataset(workspace, tmp_path):
     assert section.calibration_dataset == "wiki_sft,wiki_pt"
 
 
+@pytest.mark.parametrize("dataset, stage", [("wiki_pt", "pt"), ("wiki_sft", "sft"), ("wiki_sft,wiki_pt", "pt")])
+def test_calibration_is_tokenised_as_its_format_says(workspace, tmp_path, dataset, stage):
+    """Conversational data goes through the chat template (as in SFT), plain text as in pre-training,
+    whatever stage the YAML trains."""
+    args = base_args(workspace, tmp_path, stage="sft", dataset="wiki_sft")
+    section = PruningSection.from_mapping({"method": "wanda", "calibration_dataset": dataset}, args)
+    assert section.calibration_stage == stage
+
+
 def test_missing_dataset_info(workspace, tmp_path, capsys):
     config = {**base_args(workspace, tmp_path / "out", stage="prune", dataset="wiki_pt", dataset_dir=str(tmp_path)), "pruning": {"method": "wanda"}}
     assert "dataset_info.json does not exist; set `dataset_dir`" in run_cli(tmp_path, capsys, config)

@@ -62,17 +62,19 @@ def assert_same_zeros(actual: dict[str, torch.Tensor], expected: dict[str, torch
 
 @pytest.fixture(scope="module")
 def recovered(workspace, tmp_path_factory) -> Path:
-    """One prune (Wanda 50 %) → LoRA SFT → merge run, shared by the checks below."""
+    """One prune (Wanda 50 %, calibrated on plain text) → LoRA SFT → merge run, shared by the checks below."""
     out = tmp_path_factory.mktemp("sft") / "run"
-    config = {**base_args(workspace, out, **LORA_TRAINING), "pruning": {"method": "wanda", "sparsity": 0.5, **CALIBRATION}}
+    pruning = {"method": "wanda", "sparsity": 0.5, "calibration_dataset": "wiki_pt", **CALIBRATION}
+    config = {**base_args(workspace, out, **LORA_TRAINING), "pruning": pruning}
     train(out.parent, config)
     return out
 
 
 def test_stage_prune_saves_an_nm_sparse_checkpoint(workspace, tmp_path):
+    """Calibrated on instruction data through LLaMA-Factory's SFT tokenisation (template applied)."""
     config = {
         **base_args(workspace, tmp_path / "pruned", stage="prune"),
-        "pruning": {"method": "sparsegpt", "sparsity": "2:4", "calibration_dataset": "wiki_pt", **CALIBRATION},
+        "pruning": {"method": "sparsegpt", "sparsity": "2:4", "calibration_dataset": "wiki_sft", **CALIBRATION},
     }
     train(tmp_path, config)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
