@@ -49,7 +49,8 @@ def run_train(args: Mapping[str, Any], section: PruningSection | None) -> None:
         prune_and_save(args, section, Path(args["output_dir"]))
         return
     if section is None:
-        _delegate_training(dict(args))
+        # Training a checkpoint pruned earlier (e.g. by stage: prune) must keep its zeros too.
+        _delegate_training(dict(args), keep_masks=_is_pruned_checkpoint(Path(str(args.get("model_name_or_path", "")))))
         return
     if stage not in TRAINING_STAGES:
         raise ValueError(f"a `pruning:` section works with stage: prune, pt or sft; got stage: {stage!r}")
@@ -61,9 +62,8 @@ def run_train(args: Mapping[str, Any], section: PruningSection | None) -> None:
         logger.info("reusing the pruned model in %s (same model and pruning config)", pruned_dir)
     else:
         prune_and_save(args, section, pruned_dir, source=args["model_name_or_path"])
-    training_args = {**args, "model_name_or_path": str(pruned_dir)}
-    _delegate_training(training_args)
-    if args.get("finetuning_type", "lora") == "lora":
+    _delegate_training({**args, "model_name_or_path": str(pruned_dir)}, keep_masks=True)
+    if args.get("do_train") and args.get("finetuning_type", "lora") == "lora":
         merge_adapter(pruned_dir, output_dir, Path(args.get("export_dir") or output_dir / MERGED_SUBDIR))
 
 
@@ -79,11 +79,12 @@ def prune_and_save(args: Mapping[str, Any], section: PruningSection, target: Pat
     parse_args = {
         **args,
         "stage": calibration_stage,
-        "do_train": True,
-        "dataset": section.calibration_dataset or args.get("dataset"),
+        "do_train": config.requires_calibration,  # LLaMA-Factory then requires and loads a dataset
+        "dataset": section.calibration_dataset,
         "cutoff_len": config.calibration_seq_len,
         "output_dir": args.get("output_dir") or str(target),
         "overwrite_output_dir": True,  # this parse only reads data; it writes nothing there
+        "streaming": False,  # the calibration tokens are gathered into one stream
     }
     parse_args.pop("eval_dataset", None)
     model_args, data_args, training_args, _, _ = get_train_args(parse_args)
@@ -116,15 +117,15 @@ def _already_pruned(pruned_dir: Path, source: str, config: PruningConfig) -> boo
     return same_config and recorded.get("pruned_from") == source
 
 
-def _delegate_training(args: dict[str, Any]) -> None:
-    """LLaMA-Factory's ``run_exp`` with masks kept, in this process or under torchrun."""
+def _delegate_training(args: dict[str, Any], keep_masks: bool) -> None:
+    """LLaMA-Factory's ``run_exp`` (with ``PruningCallback`` when ``keep_masks``), here or under torchrun."""
     import_llamafactory()
     if _wants_torchrun():
-        _run_under_torchrun(args)
+        _run_under_torchrun(args, keep_masks)
         return
     from llamafactory.train.tuner import run_exp
 
-    run_exp(args, callbacks=[PruningCallback()])
+    run_exp(args, callbacks=[PruningCallback()] if keep_masks else [])
 
 
 def _wants_torchrun() -> bool:
@@ -134,7 +135,7 @@ def _wants_torchrun() -> bool:
     return is_env_enabled("FORCE_TORCHRUN") or (get_device_count() > 1 and not use_ray() and not use_kt())
 
 
-def _run_under_torchrun(args: dict[str, Any]) -> None:
+def _run_under_torchrun(args: dict[str, Any], keep_masks: bool) -> None:
     """Re-launch through torchrun with our worker as the entry point, so every rank keeps the masks.
 
     (``llamafactory-cli`` re-executes its own launcher file, which would drop the plugin.)
@@ -151,7 +152,7 @@ def _run_under_torchrun(args: dict[str, Any]) -> None:
             "--nproc_per_node", os.getenv("NPROC_PER_NODE", str(_device_count_or_one())),
             "--master_addr", os.getenv("MASTER_ADDR", "127.0.0.1"),
             "--master_port", os.getenv("MASTER_PORT", str(find_available_port())),
-            "-m", "llamafactory_ext.worker", str(config_path),
+            "-m", "llamafactory_ext.worker", str(config_path), *(["--keep-masks"] if keep_masks else []),
         ]  # fmt: skip
         if shutil.which("torchrun") is None:
             raise RuntimeError("multi-process training needs `torchrun` (from torch) on PATH")

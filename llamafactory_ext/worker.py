@@ -1,5 +1,8 @@
 """torchrun entry point of ``llamafactory-prune train``: one rank of LLaMA-Factory's training
-on the already-pruned model, with ``PruningCallback`` keeping the zeros on every rank."""
+on the already-pruned model; with ``--keep-masks``, ``PruningCallback`` keeps the zeros on every rank.
+
+    torchrun ... -m llamafactory_ext.worker config.yaml [--keep-masks]
+"""
 
 from __future__ import annotations
 
@@ -15,7 +18,8 @@ def main() -> None:
     import_llamafactory()
     from llamafactory.train.tuner import run_exp
 
-    run_exp(read_yaml(sys.argv[1]), callbacks=[PruningCallback()])
+    config, *flags = sys.argv[1:]
+    run_exp(read_yaml(config), callbacks=[PruningCallback()] if "--keep-masks" in flags else [])
 
 
 if __name__ == "__main__":

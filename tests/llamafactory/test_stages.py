@@ -176,3 +176,13 @@ def test_torchrun_relaunch_keeps_the_plugin(workspace, tmp_path):
     assert state["log_history"][-1]["epoch"] == pytest.approx(0.5)  # 2 steps × 4 × 2 ranks of 32 examples
     assert all("sparsity" in entry for entry in state["log_history"] if "loss" in entry)
     assert_same_zeros(zeros(out / "merged"), zeros(out / "pruned"))
+
+
+def test_training_a_checkpoint_pruned_earlier_keeps_its_zeros(workspace, tmp_path):
+    """stage: prune, then an ordinary YAML (no pruning: section) fine-tuning its output in full."""
+    pruned = tmp_path / "pruned"
+    train(tmp_path, {**base_args(workspace, pruned, stage="prune"), "pruning": {"method": "magnitude", "sparsity": 0.5}})
+    out = tmp_path / "tuned"
+    training = {**LORA_TRAINING, "finetuning_type": "full", "max_steps": 2}
+    train(tmp_path, {**base_args(workspace, out, **training), "model_name_or_path": str(pruned)})
+    assert_same_zeros(zeros(out), zeros(pruned))
