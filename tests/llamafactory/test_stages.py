@@ -186,3 +186,18 @@ def test_training_a_checkpoint_pruned_earlier_keeps_its_zeros(workspace, tmp_pat
     training = {**LORA_TRAINING, "finetuning_type": "full", "max_steps": 2}
     train(tmp_path, {**base_args(workspace, out, **training), "model_name_or_path": str(pruned)})
     assert_same_zeros(zeros(out), zeros(pruned))
+
+
+def test_gradual_pruning_inside_llamafactory_run_exp(workspace, tmp_path):
+    """PruningCallback passed straight to LLaMA-Factory's run_exp prunes a dense model while it trains."""
+    from llamafactory.train.tuner import run_exp
+
+    from optimum_prune import GradualSchedule, PruningCallback
+
+    out = tmp_path / "gradual"
+    training = {**LORA_TRAINING, "finetuning_type": "full", "max_steps": 4}
+    run_exp(base_args(workspace, out, **training), callbacks=[PruningCallback(GradualSchedule("2:4", end_step=2, every=1))])
+    report = verify_sparsity(AutoModelForCausalLM.from_pretrained(out), pattern="2:4")
+    assert report["conforming"] and report["overall_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert [round(e["sparsity"], 2) for e in state["log_history"] if "loss" in e] == [0.25, 0.5, 0.5, 0.5]
