@@ -8,7 +8,7 @@ import sys
 import time
 from fnmatch import fnmatchcase
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from .allocation import ALLOCATIONS, Allocation
 from .calibration import CalibrationSource, LayerInputs, calibration_windows, feeding_inputs, run_layer, walk_layers
 from .config import PruningConfig
 from .methods import METHODS, LayerPruner, MethodSpec, StructuredMethod
+from .methods.magnitude import MagnitudeOptions
 from .report import LinearReport, PruningReport
 from .sparsity import NMPattern, SparsityTarget
 from .statistics import ColumnNorms
@@ -94,7 +95,7 @@ class _PruningRun:
         adapter = get_adapter(model)
         method = METHODS.get(config.method)
         options = config.build_method_options()
-        targets = _target_linears(adapter, config.ignore)
+        targets = _target_linears(adapter, config.ignore, include_routers=config.build_moe_options().prune_router)
         for linears in targets:
             for name, linear in linears.items():
                 try:
@@ -127,8 +128,7 @@ class _PruningRun:
         def visit(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
             linears = self.targets[index]
             norms = {name: ColumnNorms(linear.in_features, linear.weight.device) for name, linear in linears.items()}
-            with feeding_inputs(linears, lambda name, x: norms[name].add(x)):
-                run_layer(self.adapter, layer, inputs)
+            self._run_feeding(layer, inputs, linears, lambda name, x: norms[name].add(x))
             self.allocation.observe(index, {name: linear.weight for name, linear in linears.items()}, norms)
 
         return visit
@@ -139,11 +139,41 @@ class _PruningRun:
         def visit(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
             linears = self.targets[index]
             pruners = {name: self.method.create(linear, self.method_options) for name, linear in linears.items()}
-            with feeding_inputs(linears, lambda name, x: pruners[name].add_batch(x)):
-                run_layer(self.adapter, layer, inputs)
+            tokens = self._run_feeding(layer, inputs, linears, lambda name, x: pruners[name].add_batch(x))
+            self._handle_unrouted(pruners, [name for name, count in tokens.items() if count == 0], report)
             _finish(pruners, index, layer_targets[index], report)
 
         return visit
+
+    def _run_feeding(
+        self, layer: nn.Module, inputs: LayerInputs, linears: dict[str, nn.Linear], sink: Callable[[str, torch.Tensor], None]
+    ) -> dict[str, int]:
+        """Run ``layer`` on its calibration inputs, passing each linear's input to ``sink`` (MoE expert
+        inputs scaled by routing weight unless disabled); return the tokens each linear received."""
+        tokens = dict.fromkeys(linears, 0)
+        weighted = self.config.build_moe_options().routing_weighted
+        with self.adapter.routed_tokens(layer) as routing:
+
+            def receive(name: str, x: torch.Tensor) -> None:
+                tokens[name] += x.numel() // x.shape[-1]
+                sink(name, routing.scale(linears[name], x) if weighted else x)
+
+            with feeding_inputs(linears, receive):
+                run_layer(self.adapter, layer, inputs)
+        return tokens
+
+    def _handle_unrouted(self, pruners: dict[str, LayerPruner], unrouted: list[str], report: PruningReport) -> None:
+        """Experts the router never chose on the calibration set: prune data-free or leave dense, and report."""
+        if not unrouted:
+            return
+        policy = self.config.build_moe_options().unrouted_experts
+        report.unrouted += unrouted
+        report.unrouted_policy = policy
+        logger.warning("%d expert linears received no calibration token (%s): %s", len(unrouted), policy, ", ".join(unrouted))
+        for name in unrouted:
+            linear = pruners.pop(name).linear
+            if policy == "magnitude":
+                pruners[name] = METHODS.get("magnitude").create(linear, MagnitudeOptions())
 
 
 @dataclass
@@ -177,11 +207,12 @@ def _parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _target_linears(adapter: DecoderAdapter, ignore: list[str]) -> list[dict[str, nn.Linear]]:
+def _target_linears(adapter: DecoderAdapter, ignore: list[str], include_routers: bool = False) -> list[dict[str, nn.Linear]]:
     """Per decoder layer, the linears to prune keyed by qualified name, minus ``ignore`` matches."""
     result = []
     for prefix, layer in zip(adapter.layer_names(), adapter.decoder_layers()):
-        linears = {f"{prefix}.{name}": linear for name, linear in adapter.prunable_linears(layer).items()}
+        found = adapter.prunable_linears(layer, include_routers=include_routers)
+        linears = {f"{prefix}.{name}": linear for name, linear in found.items()}
         result.append({name: linear for name, linear in linears.items() if not any(fnmatchcase(name, p) for p in ignore)})
     return result
 

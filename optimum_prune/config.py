@@ -17,7 +17,7 @@ from typing import Any, Mapping
 
 from .allocation import ALLOCATIONS
 from .methods import METHODS
-from .options import build_options, options_to_dict
+from .options import MoEOptions, build_options, options_to_dict
 from .sparsity import NMPattern, SparsityTarget, normalise_sparsity
 
 FORMAT_VERSION = 1
@@ -53,6 +53,10 @@ class PruningConfig:
             "Only linears inside decoder layers are pruned: embeddings and lm_head always stay dense."
         },
     )
+    moe_options: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "Mixture-of-experts handling: routing_weighted, unrouted_experts, prune_router (see MoEOptions)."},
+    )
     num_calibration_samples: int = field(default=128, metadata={"help": "Calibration windows (paper default 128)."})
     calibration_seq_len: int = field(default=2048, metadata={"help": "Tokens per calibration window."})
     seed: int = field(default=0, metadata={"help": "Seed for sampling calibration windows."})
@@ -61,6 +65,7 @@ class PruningConfig:
         spec = METHODS.get(self.method)
         self.sparsity = normalise_sparsity(self.sparsity, "PruningConfig.sparsity")
         self.method_options = _complete_options(spec.options, self.method_options, "PruningConfig.method_options")
+        self.moe_options = _complete_options(MoEOptions, self.moe_options, "PruningConfig.moe_options")
         allocation = ALLOCATIONS.get(self.allocation)
         self.allocation_options = _complete_options(
             allocation.options, self.allocation_options, "PruningConfig.allocation_options"
@@ -103,6 +108,9 @@ class PruningConfig:
 
     def build_method_options(self) -> Any:
         return build_options(METHODS.get(self.method).options, self.method_options, "PruningConfig.method_options")
+
+    def build_moe_options(self) -> MoEOptions:
+        return build_options(MoEOptions, self.moe_options, "PruningConfig.moe_options")
 
     def build_allocation_options(self) -> Any:
         return build_options(

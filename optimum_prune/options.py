@@ -52,3 +52,23 @@ def options_to_dict(options: Any) -> dict[str, Any]:
 def describe_options(options_cls: type) -> list[tuple[str, Any, str]]:
     """(name, default, help) of every option, for CLI help and docs."""
     return [(f.name, f.default, f.metadata.get("help", "")) for f in dataclasses.fields(options_cls)]
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEOptions:
+    """How unstructured methods treat mixture-of-experts layers (ignored by dense models)."""
+
+    routing_weighted: bool = option(
+        True,
+        "Weigh each token in an expert's calibration statistics by its routing weight (the block scales the "
+        "expert's output by it); False counts every routed token equally.",
+    )
+    unrouted_experts: str = option(
+        "magnitude",
+        "Experts that receive no calibration token: 'magnitude' prunes them data-free by |W|, 'dense' leaves them "
+        "dense. Either way the report lists them.",
+    )
+    prune_router: bool = option(False, "Also prune the routers (dense by default: tiny, and they choose every token's experts).")
+
+    def __post_init__(self) -> None:
+        check_choice("unrouted_experts", self.unrouted_experts, ("magnitude", "dense"))

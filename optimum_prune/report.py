@@ -36,6 +36,9 @@ class PruningReport:
     shapes: list[LayerShape] = field(default_factory=list)
     layer_scores: dict[str, list[float]] = field(default_factory=dict)
     removed: list[str] = field(default_factory=list)
+    # MoE: expert linears that received no calibration token, and what was done with them.
+    unrouted: list[str] = field(default_factory=list)
+    unrouted_policy: str = ""
 
     @property
     def overall_sparsity(self) -> float:
@@ -91,6 +94,9 @@ class PruningReport:
         for index, (target, measured) in self.layer_sparsities().items():
             lines.append(f"{index:>5}  {target:>7.2%}  {measured:>8.2%}")
         lines.append(f"overall sparsity of pruned linears: {self.overall_sparsity:.2%} ({len(self.linears)} linears)")
+        if self.unrouted:
+            action = "pruned by magnitude" if self.unrouted_policy == "magnitude" else "left dense"
+            lines.append(f"{len(self.unrouted)} expert linears got no calibration token ({action}): {', '.join(self.unrouted)}")
         return lines
 
     def _structure_lines(self) -> list[str]:

@@ -1,7 +1,7 @@
 """Architecture adapters. A new family is one module here plus one import line below."""
 
-from . import llama  # noqa: F401  (registers its model classes)
-from .base import ADAPTERS, AttentionLayout, DecoderAdapter, MLPLayout, ResidualBranch, get_adapter, register_adapter
+from . import llama, moe  # noqa: F401  (register their model classes)
+from .base import ADAPTERS, AttentionLayout, DecoderAdapter, MLPLayout, ResidualBranch, TokenRouting, get_adapter, register_adapter
 
 __all__ = [
     "ADAPTERS",
@@ -9,6 +9,7 @@ __all__ = [
     "DecoderAdapter",
     "MLPLayout",
     "ResidualBranch",
+    "TokenRouting",
     "get_adapter",
     "register_adapter",
 ]

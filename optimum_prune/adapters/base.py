@@ -69,6 +69,17 @@ class ResidualBranch:
     shortcut: nn.Linear | None
 
 
+class TokenRouting:
+    """How much each token a linear receives counts in its calibration statistics.
+
+    Dense linears see every token at weight 1; MoE adapters override ``scale`` so an expert's
+    tokens count by their routing weights (see ``adapters/moe.py``).
+    """
+
+    def scale(self, linear: nn.Linear, inputs: torch.Tensor) -> torch.Tensor:
+        return inputs
+
+
 class DecoderAdapter(ABC):
     """Layout of a decoder-only transformer; subclasses say where its parts live."""
 
@@ -83,9 +94,19 @@ class DecoderAdapter(ABC):
     def input_modules(self) -> list[nn.Module]:
         """Modules the model runs before decoder layer 0 (moved to the compute device for capture)."""
 
-    def prunable_linears(self, layer: nn.Module) -> dict[str, nn.Linear]:
-        """Linears of one decoder layer, keyed by their name inside the layer."""
+    def prunable_linears(self, layer: nn.Module, include_routers: bool = False) -> dict[str, nn.Linear]:
+        """Linears of one decoder layer, keyed by their name inside the layer (MoE routers only
+        when ``include_routers``)."""
         return {name: module for name, module in layer.named_modules() if isinstance(module, nn.Linear)}
+
+    def experts(self, layer: nn.Module) -> list[nn.Module]:
+        """The layer's MoE experts (empty for dense layers)."""
+        return []
+
+    @contextmanager
+    def routed_tokens(self, layer: nn.Module) -> Iterator[TokenRouting]:
+        """While active, the yielded ``TokenRouting`` weighs the tokens of each linear's input."""
+        yield TokenRouting()
 
     def run_layer(self, layer: nn.Module, hidden_states: torch.Tensor, layer_kwargs: dict[str, Any]) -> torch.Tensor:
         output = layer(hidden_states, **layer_kwargs)

@@ -1,0 +1,121 @@
+"""Sparse mixture-of-experts decoders with a softmax top-k router: Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE.
+
+Each of these transformers classes runs its MoE block the same way: router logits → softmax →
+top-k (renormalised when the config says so) → every expert gets only the tokens routed to it,
+and its output is scaled by their routing weights. Calibration statistics for an expert must
+therefore come from its routed tokens only, and the pruning error that matters is the error
+*after* that scaling. ``routed_tokens`` gives both: expert linears already see only their tokens
+(the block indexes them), and ``TokenRouting.scale`` multiplies each token's input by its
+routing weight, so Wanda's ‖X‖ and SparseGPT's Hessian weigh tokens as the block output does.
+
+Routers (and Qwen2-MoE's shared-expert gate) stay dense unless ``moe_options.prune_router``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import MixtralForCausalLM, OlmoeForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
+
+from .base import DecoderAdapter, TokenRouting, register_adapter
+
+
+@dataclass
+class _BlockRouting:
+    """The last routing decision of one MoE block, for the tokens it just received."""
+
+    weights: torch.Tensor | None = None  # [tokens, top_k]
+    selected: torch.Tensor | None = None  # [tokens, top_k]
+
+
+@dataclass
+class ExpertRouting(TokenRouting):
+    """Routing weights of the tokens each expert linear receives, captured from the routers."""
+
+    expert_of: dict[nn.Linear, tuple[_BlockRouting, int]] = field(default_factory=dict)
+
+    def scale(self, linear: nn.Linear, inputs: torch.Tensor) -> torch.Tensor:
+        if linear not in self.expert_of:
+            return inputs
+        routing, expert = self.expert_of[linear]
+        weights = self.token_weights(routing, expert)
+        flat = inputs.reshape(-1, inputs.shape[-1])
+        if flat.shape[0] != weights.shape[0]:
+            raise RuntimeError(
+                f"expert {expert} received {flat.shape[0]} tokens but its router selected {weights.shape[0]}; "
+                "this MoE block routes differently from the softmax top-k layout the adapter assumes"
+            )
+        return flat * weights.to(flat.dtype).unsqueeze(1)
+
+    @staticmethod
+    def token_weights(routing: _BlockRouting, expert: int) -> torch.Tensor:
+        """Weights in the order the block hands tokens to the expert (``torch.where`` over [top_k, tokens])."""
+        rank, token = torch.where(routing.selected.T == expert)
+        return routing.weights[token, rank]
+
+
+@register_adapter(MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM, OlmoeForCausalLM)
+class MoEAdapter(DecoderAdapter):
+    """``model.model.{embed_tokens, rotary_emb, layers, norm}``; each layer: attention and a sparse MoE block."""
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.model.model.layers
+
+    def input_modules(self) -> list[nn.Module]:
+        return [self.model.model.embed_tokens, self.model.model.rotary_emb]
+
+    def moe_block(self, layer: nn.Module) -> nn.Module | None:
+        """The layer's sparse MoE block (Mixtral: ``block_sparse_moe``; the others: ``mlp``), or None for a dense MLP."""
+        block = getattr(layer, "block_sparse_moe", None) or layer.mlp
+        return block if hasattr(block, "experts") and hasattr(block, "gate") else None
+
+    def routers(self, layer: nn.Module) -> list[nn.Linear]:
+        block = self.moe_block(layer)
+        if block is None:
+            return []
+        extra = getattr(block, "shared_expert_gate", None)
+        return [block.gate] + ([extra] if isinstance(extra, nn.Linear) else [])
+
+    def prunable_linears(self, layer: nn.Module, include_routers: bool = False) -> dict[str, nn.Linear]:
+        routers = set(self.routers(layer))
+        return {
+            name: module
+            for name, module in layer.named_modules()
+            if isinstance(module, nn.Linear) and (include_routers or module not in routers)
+        }
+
+    def experts(self, layer: nn.Module) -> list[nn.Module]:
+        block = self.moe_block(layer)
+        return list(block.experts) if block is not None else []
+
+    @contextmanager
+    def routed_tokens(self, layer: nn.Module) -> Iterator[TokenRouting]:
+        block = self.moe_block(layer)
+        routing = ExpertRouting()
+        if block is None:
+            yield routing
+            return
+        decision = _BlockRouting()
+        normalise = getattr(block, "norm_topk_prob", True)  # Mixtral always renormalises
+
+        def record(_module: nn.Module, _args: tuple, logits: torch.Tensor) -> None:
+            probabilities = F.softmax(logits.detach().reshape(-1, logits.shape[-1]), dim=-1, dtype=torch.float)
+            weights, selected = torch.topk(probabilities, block.top_k, dim=-1)
+            if normalise:
+                weights = weights / weights.sum(dim=-1, keepdim=True)
+            decision.weights, decision.selected = weights, selected
+
+        for index, expert in enumerate(block.experts):
+            for linear in expert.modules():
+                if isinstance(linear, nn.Linear):
+                    routing.expert_of[linear] = (decision, index)
+        handle = block.gate.register_forward_hook(record)
+        try:
+            yield routing
+        finally:
+            handle.remove()

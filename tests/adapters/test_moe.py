@@ -1,0 +1,149 @@
+"""MoE adapter: router-aware calibration statistics and unstructured pruning of experts, on tiny
+random configs of the real transformers classes (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn import functional as F
+from transformers import (
+    AutoModelForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
+    OlmoeConfig,
+    OlmoeForCausalLM,
+    Qwen2MoeConfig,
+    Qwen2MoeForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
+
+from optimum_prune import PruningConfig, get_adapter, prune, verify_sparsity
+from optimum_prune.calibration import feeding_inputs
+from optimum_prune.sparsity import select_mask
+from optimum_prune.statistics import ColumnNorms
+
+from ..conftest import token_windows
+
+SHAPE = dict(vocab_size=320, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+FAMILIES = {
+    "mixtral": (MixtralConfig, MixtralForCausalLM, dict(intermediate_size=96, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2_moe": (
+        Qwen2MoeConfig,
+        Qwen2MoeForCausalLM,
+        dict(moe_intermediate_size=96, shared_expert_intermediate_size=64, num_experts=4, num_experts_per_tok=2, norm_topk_prob=False),
+    ),
+    "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM, dict(moe_intermediate_size=96, num_experts=4, num_experts_per_tok=2, head_dim=16)),
+    "olmoe": (OlmoeConfig, OlmoeForCausalLM, dict(intermediate_size=96, num_experts=4, num_experts_per_tok=2)),
+}
+
+
+def tiny_moe(family: str = "mixtral", seed: int = 0, **overrides) -> torch.nn.Module:
+    config_cls, model_cls, extra = FAMILIES[family]
+    torch.manual_seed(seed)
+    return model_cls(config_cls(**{**SHAPE, **extra, **overrides})).eval()
+
+
+def block_inputs(model, windows: torch.Tensor) -> torch.Tensor:
+    """The hidden states entering layer 0's MoE block, flattened to [tokens, hidden]."""
+    adapter = get_adapter(model)
+    block = adapter.moe_block(adapter.decoder_layers()[0])
+    seen = []
+    handle = block.register_forward_pre_hook(lambda _m, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        model(windows)
+    handle.remove()
+    return torch.cat(seen)
+
+
+def direct_expert_norms(model, windows: torch.Tensor, expert: int) -> torch.Tensor:
+    """‖r·X‖₂ per input feature of layer 0's expert ``expert``, computed from scratch."""
+    adapter = get_adapter(model)
+    block = adapter.moe_block(adapter.decoder_layers()[0])
+    hidden = block_inputs(model, windows)
+    probabilities = F.softmax(block.gate(hidden).float(), dim=-1)
+    weights, selected = torch.topk(probabilities, block.top_k, dim=-1)
+    if getattr(block, "norm_topk_prob", True):
+        weights = weights / weights.sum(-1, keepdim=True)
+    chosen = (selected == expert)
+    routed = chosen.any(-1)
+    token_weight = (weights * chosen).sum(-1)[routed]
+    return (hidden[routed] * token_weight.unsqueeze(1)).square().sum(0).sqrt()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_routed_statistics_equal_a_direct_per_expert_computation(family):
+    model, windows = tiny_moe(family), token_windows(samples=4, seq_len=16)
+    adapter = get_adapter(model)
+    layer = adapter.decoder_layers()[0]
+    experts = adapter.experts(layer)
+    first_linears = {f"expert{i}": next(m for m in expert.modules() if isinstance(m, torch.nn.Linear)) for i, expert in enumerate(experts)}
+    norms = {name: ColumnNorms(64, torch.device("cpu")) for name in first_linears}
+    with adapter.routed_tokens(layer) as routing, torch.no_grad():
+        with feeding_inputs(first_linears, lambda name, x: norms[name].add(routing.scale(first_linears[name], x))):
+            model(windows)
+    for index in range(len(experts)):
+        assert torch.allclose(norms[f"expert{index}"].norms(), direct_expert_norms(model, windows, index), atol=1e-5), index
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_routers_stay_dense_and_experts_are_pruned(family):
+    model = tiny_moe(family)
+    prune(model, PruningConfig(method="wanda", sparsity="2:4", num_calibration_samples=4, calibration_seq_len=16), calibration=token_windows(4, 16))
+    layers = verify_sparsity(model, pattern="2:4")["layers"]
+    routers = {name for name in layers if name.endswith(".gate") or name.endswith("shared_expert_gate")}
+    assert routers and all(layers[name]["sparsity"] == 0 for name in routers)
+    experts = [name for name in layers if ".experts." in name]
+    assert experts and all(layers[name]["conforming"] and layers[name]["sparsity"] >= 0.5 for name in experts)
+
+
+def test_wanda_on_an_expert_uses_only_its_routed_weighted_tokens():
+    model, windows = tiny_moe(), token_windows(samples=4, seq_len=16)
+    w1 = model.model.layers[0].block_sparse_moe.experts[1].w1
+    expected = select_mask(w1.weight.detach().abs() * direct_expert_norms(model, windows, 1), 0.5, per_row=True)
+    prune(model, PruningConfig(method="wanda", sparsity=0.5), calibration=windows)
+    assert torch.equal(w1.weight.detach() == 0, expected)
+
+
+def test_unweighted_statistics_option():
+    model, windows = tiny_moe(), token_windows(samples=4, seq_len=16)
+    weighted = tiny_moe()
+    prune(model, PruningConfig(method="wanda", sparsity=0.5, moe_options={"routing_weighted": False}), calibration=windows)
+    prune(weighted, PruningConfig(method="wanda", sparsity=0.5), calibration=windows)
+    w1 = lambda m: m.model.layers[0].block_sparse_moe.experts[1].w1.weight  # noqa: E731
+    assert not torch.equal(w1(model) == 0, w1(weighted) == 0)
+
+
+@pytest.mark.parametrize("policy", ["magnitude", "dense"])
+def test_experts_without_calibration_tokens_are_reported_and_handled(policy):
+    model = tiny_moe(num_local_experts=8)
+    windows = token_windows(samples=1, seq_len=2)  # 2 tokens × top-2: at most 4 of 8 experts routed per layer
+    config = PruningConfig(method="sparsegpt", sparsity=0.5, moe_options={"unrouted_experts": policy})
+    report = prune(model, config, calibration=windows)
+    assert len(report.unrouted) >= 2 * 4 * 3  # ≥ 4 experts × 3 linears × 2 layers
+    assert "got no calibration token" in str(report)
+    for name in report.unrouted:
+        sparsity = verify_sparsity(model)["layers"][name]["sparsity"]
+        assert sparsity == (pytest.approx(0.5, abs=0.01) if policy == "magnitude" else 0.0), name
+
+
+def test_router_pruning_is_opt_in():
+    model = tiny_moe()
+    prune(model, PruningConfig(method="magnitude", sparsity=0.5, moe_options={"prune_router": True}))
+    assert verify_sparsity(model)["layers"]["model.layers.0.block_sparse_moe.gate"]["sparsity"] == pytest.approx(0.5)
+
+
+def test_owl_allocation_and_stock_reload(tmp_path):
+    model = tiny_moe()
+    prune(model, PruningConfig(method="wanda", sparsity=0.6, allocation="owl"), calibration=token_windows(4, 16))
+    model.save_pretrained(tmp_path / "moe")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "moe").eval()
+    ids = token_windows(1, 8)
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+    assert reloaded.config.pruning_config["allocation"] == "owl"
+
+
+def test_bad_moe_option_names_the_field():
+    with pytest.raises(ValueError, match="PruningConfig.moe_options.*unrouted_experts"):
+        PruningConfig(moe_options={"unrouted_experts": "drop"})
