@@ -15,14 +15,25 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 from transformers import MixtralForCausalLM, OlmoeForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
 
+from ..structure.shapes import LayerShape
+from ..structure.surgery import keep_output_features
 from .base import DecoderAdapter, TokenRouting, register_adapter
+
+
+def top_k_routing(logits: torch.Tensor, top_k: int, normalise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, selected experts), each [tokens, top_k], as these blocks route: softmax, top-k, renormalise."""
+    probabilities = F.softmax(logits.reshape(-1, logits.shape[-1]), dim=-1, dtype=torch.float)
+    weights, selected = torch.topk(probabilities, top_k, dim=-1)
+    if normalise:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, selected
 
 
 @dataclass
@@ -93,6 +104,45 @@ class MoEAdapter(DecoderAdapter):
         block = self.moe_block(layer)
         return list(block.experts) if block is not None else []
 
+    def route(self, block: nn.Module, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's routing of tokens with these router logits (Mixtral always renormalises the top-k)."""
+        return top_k_routing(logits, block.top_k, getattr(block, "norm_topk_prob", True))
+
+    def keep_experts(self, layer: nn.Module, indices: list[int]) -> None:
+        """Keep only experts ``indices`` (in that order) and their router rows."""
+        block = self.moe_block(layer)
+        if len(indices) < block.top_k:
+            raise ValueError(f"cannot keep {len(indices)} experts: the router picks top-{block.top_k} of them")
+        rows = torch.tensor(indices, dtype=torch.long, device=block.gate.weight.device)
+        block.experts = nn.ModuleList([block.experts[i] for i in indices])
+        keep_output_features(block.gate, rows)
+        block.num_experts = len(indices)
+
+    # --- shapes (expert pruning changes the expert count; widths stay stock) ---------------
+    def layer_shape(self, layer: nn.Module) -> LayerShape:
+        attention, block = layer.self_attn, self.moe_block(layer)
+        expert = block.experts[0] if block is not None else layer.mlp
+        return LayerShape(
+            num_attention_heads=attention.q_proj.out_features // attention.head_dim,
+            num_key_value_heads=attention.k_proj.out_features // attention.head_dim,
+            intermediate_size=next(m for m in expert.modules() if isinstance(m, nn.Linear)).out_features,
+            attention_output_bias=attention.o_proj.bias is not None,
+            num_experts=len(block.experts) if block is not None else None,
+        )
+
+    def stock_shape(self, config: Any) -> LayerShape:
+        return LayerShape(
+            num_attention_heads=config.num_attention_heads,
+            num_key_value_heads=config.num_key_value_heads,
+            intermediate_size=getattr(config, "moe_intermediate_size", None) or config.intermediate_size,
+            attention_output_bias=bool(getattr(config, "attention_bias", False)),
+            num_experts=getattr(config, "num_local_experts", None) or config.num_experts,
+        )
+
+    def write_uniform_config(self, config: Any, shape: LayerShape) -> None:
+        if shape.num_experts:
+            setattr(config, "num_local_experts" if hasattr(config, "num_local_experts") else "num_experts", shape.num_experts)
+
     @contextmanager
     def routed_tokens(self, layer: nn.Module) -> Iterator[TokenRouting]:
         block = self.moe_block(layer)
@@ -101,14 +151,9 @@ class MoEAdapter(DecoderAdapter):
             yield routing
             return
         decision = _BlockRouting()
-        normalise = getattr(block, "norm_topk_prob", True)  # Mixtral always renormalises
 
         def record(_module: nn.Module, _args: tuple, logits: torch.Tensor) -> None:
-            probabilities = F.softmax(logits.detach().reshape(-1, logits.shape[-1]), dim=-1, dtype=torch.float)
-            weights, selected = torch.topk(probabilities, block.top_k, dim=-1)
-            if normalise:
-                weights = weights / weights.sum(dim=-1, keepdim=True)
-            decision.weights, decision.selected = weights, selected
+            decision.weights, decision.selected = self.route(block, logits.detach())
 
         for index, expert in enumerate(block.experts):
             for linear in expert.modules():

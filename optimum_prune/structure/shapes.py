@@ -16,7 +16,8 @@ from typing import Any, Mapping
 class LayerShape:
     """What one decoder layer holds. 0 heads / 0 channels means that sublayer was removed.
 
-    ``residual_widths`` is set for layers whose residual stream was rotated and sliced (SliceGPT):
+    ``num_experts`` is set for mixture-of-experts layers (``intermediate_size`` is then each
+    expert's). ``residual_widths`` is set for layers whose residual stream was rotated and sliced (SliceGPT):
     the stream's width at the layer input, between attention and MLP, and at the output. Such a
     layer carries shortcut matrices that carry the residual from one basis to the next.
     """
@@ -27,6 +28,7 @@ class LayerShape:
     attention_output_bias: bool = False
     mlp_output_bias: bool = False
     residual_widths: tuple[int, int, int] | None = None
+    num_experts: int | None = None  # MoE layers: experts kept (None: a dense MLP)
 
     @property
     def has_attention(self) -> bool:
@@ -37,7 +39,10 @@ class LayerShape:
         return self.intermediate_size > 0
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        if data["num_experts"] is None:  # dense models' shapes stay as they were before MoE support
+            del data["num_experts"]
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str) -> "LayerShape":

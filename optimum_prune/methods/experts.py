@@ -1,0 +1,147 @@
+"""Expert pruning: keep r of the n experts of every MoE layer, with their router rows.
+
+Criteria:
+- ``reconstruction`` (Lu et al. 2024, "Not All Experts are Equal"): the subset whose layer output,
+  re-routed among the kept experts, is closest to the full layer's on the calibration tokens —
+  every C(n, r) subset while that is at most ``max_subsets``, else greedy removal of one expert
+  at a time;
+- ``frequency``: how often the router picks each expert;
+- ``reap`` (router-weighted expert activation): the mean over an expert's routed tokens of its
+  routing weight times the norm of its output.
+
+Layers are visited in order on the already-pruned model's activations. ``sparsity`` is the
+fraction of experts removed per layer (``num_experts`` overrides it). The result keeps the same
+count in every layer, so it saves as a stock config (``num_local_experts`` / ``num_experts``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from ..calibration import LayerInputs, run_layer, walk_layers
+from ..options import check_choice, option
+from .base import StructuredMethod, register_structured_method
+
+CRITERIA = ("reconstruction", "frequency", "reap")
+TOKEN_CHUNK = 1024  # tokens per expert evaluation: bounds memory at n × chunk × hidden
+
+
+@dataclass(frozen=True)
+class ExpertPruningOptions:
+    criterion: str = option("reconstruction", "'reconstruction' (Lu et al. 2024), 'frequency' or 'reap'.")
+    num_experts: int = option(0, "Experts to keep per layer; 0 derives it from sparsity (fraction of experts removed).")
+    max_subsets: int = option(10000, "reconstruction: search every subset up to this many, else remove experts greedily.")
+
+    def __post_init__(self) -> None:
+        check_choice("criterion", self.criterion, CRITERIA)
+        if self.num_experts < 0 or self.max_subsets < 1:
+            raise ValueError(f"num_experts must be >= 0 and max_subsets >= 1, got {self.num_experts}, {self.max_subsets}")
+
+
+@register_structured_method("experts", options=ExpertPruningOptions)
+class ExpertPruning(StructuredMethod[ExpertPruningOptions]):
+    """Drop whole experts of MoE layers by output reconstruction, routing frequency or REAP."""
+
+    def check(self) -> None:
+        layers = list(self.adapter.decoder_layers())
+        counts = {len(self.adapter.experts(layer)) for layer in layers}
+        if 0 in counts or len(counts) != 1:
+            raise ValueError(
+                f"method 'experts' needs every decoder layer to be a mixture-of-experts layer with the same expert "
+                f"count; {type(self.adapter.model).__name__} has per-layer expert counts {sorted(counts)}"
+            )
+        total = counts.pop()
+        keep = self.options.num_experts or round(total * (1 - self.sparsity))
+        top_k = self.adapter.moe_block(layers[0]).top_k
+        if not top_k <= keep < total:
+            raise ValueError(
+                f"keeping {keep} of {total} experts per layer is not possible: the router picks top-{top_k}, so keep "
+                f"between {top_k} and {total - 1} (set PruningConfig.sparsity or method_options.num_experts)"
+            )
+        self.keep = keep
+
+    def prune(self, windows: torch.Tensor | None, report: Any) -> None:
+        names = self.adapter.layer_names()
+
+        def visit(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
+            block = self.adapter.moe_block(layer)
+            hidden = _block_inputs(block, lambda: run_layer(self.adapter, layer, inputs))
+            kept = self._select(block, hidden)
+            removed = sorted(set(range(len(block.experts))) - set(kept))
+            self.adapter.keep_experts(layer, kept)
+            report.removed.append(f"{names[index]}: experts {removed}")
+
+        walk_layers(self.adapter, windows, self.device, visit, f"Pruning experts ({self.options.criterion})")
+
+    @torch.no_grad()
+    def _select(self, block: nn.Module, hidden: torch.Tensor) -> list[int]:
+        total = len(block.experts)
+        if self.options.criterion == "reconstruction":
+            return self._reconstruction(block, hidden, total)
+        scores = torch.zeros(total, dtype=torch.float64)
+        counts = torch.zeros(total, dtype=torch.float64)
+        for chunk in _chunks(hidden):
+            weights, selected = self.adapter.route(block, block.gate(chunk))
+            if self.options.criterion == "frequency":
+                scores += torch.bincount(selected.flatten().cpu(), minlength=total).double()
+                continue
+            for expert in selected.unique().tolist():
+                rank, token = torch.where(selected.T == expert)
+                output = block.experts[expert](chunk[token])
+                scores[expert] += float((weights[token, rank] * output.float().norm(dim=-1)).sum())
+                counts[expert] += token.numel()
+        if self.options.criterion == "reap":
+            scores = scores / counts.clamp_min(1)
+        return sorted(torch.argsort(scores, descending=True, stable=True)[: self.keep].tolist())
+
+    def _reconstruction(self, block: nn.Module, hidden: torch.Tensor, total: int) -> list[int]:
+        if math.comb(total, self.keep) <= self.options.max_subsets:
+            candidates = [list(s) for s in itertools.combinations(range(total), self.keep)]
+            losses = self._subset_losses(block, hidden, candidates)
+            return candidates[int(torch.argmin(losses))]
+        kept = list(range(total))
+        while len(kept) > self.keep:  # greedy: drop the expert whose absence changes the output least
+            candidates = [[e for e in kept if e != drop] for drop in kept]
+            kept = candidates[int(torch.argmin(self._subset_losses(block, hidden, candidates)))]
+        return kept
+
+    def _subset_losses(self, block: nn.Module, hidden: torch.Tensor, subsets: list[list[int]]) -> torch.Tensor:
+        """Σ over tokens of ‖F(x) − F_S(x)‖² for each subset S, the router restricted to S's rows."""
+        losses = torch.zeros(len(subsets), dtype=torch.float64)
+        everyone = list(range(len(block.experts)))
+        for chunk in _chunks(hidden):
+            logits = block.gate(chunk).float()
+            outputs = torch.stack([expert(chunk).float() for expert in block.experts])  # [n, tokens, hidden]
+            full = self._mixture(block, logits, outputs, everyone)
+            for position, subset in enumerate(subsets):
+                losses[position] += float((full - self._mixture(block, logits, outputs, subset)).square().sum())
+        return losses
+
+    def _mixture(self, block: nn.Module, logits: torch.Tensor, outputs: torch.Tensor, subset: list[int]) -> torch.Tensor:
+        index = torch.tensor(subset, device=logits.device)
+        weights, selected = self.adapter.route(block, logits.index_select(1, index))
+        chosen = outputs.index_select(0, index)  # [|S|, tokens, hidden]
+        tokens = torch.arange(logits.shape[0], device=logits.device)
+        return sum(weights[:, k, None] * chosen[selected[:, k], tokens] for k in range(selected.shape[1]))
+
+
+def _block_inputs(block: nn.Module, run: Any) -> torch.Tensor:
+    """The MoE block's input tokens ([tokens, hidden]) while ``run()`` runs the layer once."""
+    seen: list[torch.Tensor] = []
+    handle = block.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().reshape(-1, args[0].shape[-1])))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return torch.cat(seen)
+
+
+def _chunks(hidden: torch.Tensor) -> Iterator[torch.Tensor]:
+    for start in range(0, hidden.shape[0], TOKEN_CHUNK):
+        yield hidden[start : start + TOKEN_CHUNK]

@@ -1,0 +1,104 @@
+"""Expert pruning on tiny random MoE models of the real transformers classes."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from optimum_prune import PruningConfig, get_adapter, prune
+from optimum_prune.methods.experts import ExpertPruning, ExpertPruningOptions
+
+from ..adapters.test_moe import FAMILIES, block_inputs, tiny_moe
+from ..conftest import token_windows
+
+
+def block_output(block, hidden: torch.Tensor) -> torch.Tensor:
+    """The routed experts' mixture only (Qwen2-MoE's shared expert is not affected by expert pruning)."""
+    output = block(hidden.unsqueeze(0))[0].reshape(hidden.shape)
+    shared = getattr(block, "shared_expert", None)
+    if shared is not None:
+        output = output - torch.sigmoid(block.shared_expert_gate(hidden)) * shared(hidden)
+    return output
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("criterion", ["reconstruction", "frequency", "reap"])
+def test_keeps_two_of_four_experts_and_reloads_with_a_stock_config(tmp_path, family, criterion):
+    model = tiny_moe(family)
+    report = prune(model, PruningConfig(method="experts", sparsity=0.5, method_options={"criterion": criterion}), calibration=token_windows(4, 16))
+    adapter = get_adapter(model)
+    for layer in adapter.decoder_layers():
+        block = adapter.moe_block(layer)
+        assert len(block.experts) == 2 and block.gate.out_features == 2
+    assert len(report.removed) == 2 and "experts [" in report.removed[0]
+    model.save_pretrained(tmp_path / "moe")
+    config = (tmp_path / "moe" / "config.json").read_text()
+    assert "quantization_config" not in config  # uniform: the stock expert-count field says it all
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "moe").eval()
+    ids = token_windows(1, 8)
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_reconstruction_loss_models_the_pruned_block_exactly(family):
+    """F_S computed from the full block's expert outputs equals the block after keep_experts(S)."""
+    model = tiny_moe(family)
+    adapter = get_adapter(model)
+    layer = adapter.decoder_layers()[0]
+    block = adapter.moe_block(layer)
+    hidden = block_inputs(model, token_windows(2, 8))
+    method = ExpertPruning(adapter, 0.5, [], ExpertPruningOptions(), torch.device("cpu"))
+    with torch.no_grad():
+        logits = block.gate(hidden).float()
+        outputs = torch.stack([expert(hidden).float() for expert in block.experts])
+        assert torch.allclose(method._mixture(block, logits, outputs, [0, 1, 2, 3]), block_output(block, hidden), atol=1e-5)
+        predicted = method._mixture(block, logits, outputs, [1, 3])
+        adapter.keep_experts(layer, [1, 3])
+        assert torch.allclose(predicted, block_output(block, hidden), atol=1e-5)
+
+
+def test_exhaustive_search_picks_the_best_subset():
+    model = tiny_moe(num_local_experts=5)
+    adapter = get_adapter(model)
+    block = adapter.moe_block(adapter.decoder_layers()[0])
+    hidden = block_inputs(model, token_windows(2, 8))
+    method = ExpertPruning(adapter, 0.4, [], ExpertPruningOptions(), torch.device("cpu"))
+    method.check()
+    subsets = [list(s) for s in itertools.combinations(range(5), 3)]
+    with torch.no_grad():
+        losses = method._subset_losses(block, hidden, subsets)
+        assert method._reconstruction(block, hidden, 5) == subsets[int(torch.argmin(losses))]
+        greedy = ExpertPruning(adapter, 0.4, [], ExpertPruningOptions(max_subsets=1), torch.device("cpu"))
+        greedy.check()
+        assert len(greedy._reconstruction(block, hidden, 5)) == 3
+
+
+def test_frequency_keeps_the_most_routed_experts_of_each_layer():
+    model, windows = tiny_moe(), token_windows(4, 16)
+    block = model.model.layers[0].block_sparse_moe
+    with torch.no_grad():
+        selected = torch.topk(block.gate(block_inputs(model, windows)), 2, dim=-1).indices
+    counts = torch.bincount(selected.flatten(), minlength=4)
+    expected_removed = sorted(torch.argsort(counts, descending=True, stable=True)[2:].tolist())
+    report = prune(model, PruningConfig(method="experts", sparsity=0.5, method_options={"criterion": "frequency"}), calibration=windows)
+    assert report.removed[0] == f"model.layers.0: experts {expected_removed}"
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [({"num_experts": 1}, "router picks top-2, so keep between 2 and 3"), ({"num_experts": 4}, "keep between 2 and 3")],
+)
+def test_impossible_expert_counts_are_clear_errors(options, message):
+    with pytest.raises(ValueError, match=message):
+        prune(tiny_moe(), PruningConfig(method="experts", method_options=options), calibration=token_windows(2, 8))
+
+
+def test_dense_models_are_refused():
+    from ..conftest import tiny_model
+
+    with pytest.raises(ValueError, match="needs every decoder layer to be a mixture-of-experts layer"):
+        prune(tiny_model(), PruningConfig(method="experts"), calibration=token_windows(2, 8))
