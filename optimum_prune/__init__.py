@@ -18,6 +18,7 @@ from .methods import METHODS, register_method
 from .models import load_default_model, load_model
 from .report import PruningReport
 from .saving import save_pruned
+from .skipping import ExpertSkipping, skip_experts
 from .sparsity import NMPattern, verify_sparsity
 from .structure.loading import StructureConfig  # registers the loader of non-uniform checkpoints
 
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ADAPTERS",
     "ALLOCATIONS",
+    "ExpertSkipping",
     "GradualSchedule",
     "METHODS",
     "NMPattern",
@@ -47,5 +49,6 @@ __all__ = [
     "register_allocation",
     "register_method",
     "save_pruned",
+    "skip_experts",
     "verify_sparsity",
 ]

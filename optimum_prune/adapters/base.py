@@ -99,9 +99,14 @@ class DecoderAdapter(ABC):
         when ``include_routers``)."""
         return {name: module for name, module in layer.named_modules() if isinstance(module, nn.Linear)}
 
+    def moe_block(self, layer: nn.Module) -> nn.Module | None:
+        """The layer's sparse mixture-of-experts block (``gate`` router, ``experts``), or None for a dense MLP."""
+        return None
+
     def experts(self, layer: nn.Module) -> list[nn.Module]:
         """The layer's MoE experts (empty for dense layers)."""
-        return []
+        block = self.moe_block(layer)
+        return list(block.experts) if block is not None else []
 
     @contextmanager
     def routed_tokens(self, layer: nn.Module) -> Iterator[TokenRouting]:

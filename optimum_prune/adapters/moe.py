@@ -100,10 +100,6 @@ class MoEAdapter(DecoderAdapter):
             if isinstance(module, nn.Linear) and (include_routers or module not in routers)
         }
 
-    def experts(self, layer: nn.Module) -> list[nn.Module]:
-        block = self.moe_block(layer)
-        return list(block.experts) if block is not None else []
-
     def route(self, block: nn.Module, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The block's routing of tokens with these router logits (Mixtral always renormalises the top-k)."""
         return top_k_routing(logits, block.top_k, getattr(block, "norm_topk_prob", True))

@@ -1,0 +1,82 @@
+"""Dynamic expert skipping (Lu et al. 2024, "Not All Experts are Equal", Sec. 4.2).
+
+At inference, a token skips each of its lower-ranked experts whose routing weight is below
+``beta`` times its top expert's weight: that expert is not run for the token and its term is
+dropped from the mixture (the other weights are not renormalised, as in the paper). ``beta=0``
+reproduces the unmodified model. The handle counts expert calls and skips, so the saving can be
+read off as ``skip_rate`` next to the quality it costs.
+
+    skipping = skip_experts(model, beta=0.3)
+    ...generate / evaluate...
+    print(skipping.skip_rate); skipping.remove()
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .adapters import get_adapter
+
+
+class ExpertSkipping:
+    """Installed on every MoE block of a model by ``skip_experts``; ``remove()`` restores them."""
+
+    def __init__(self, model: nn.Module, beta: float) -> None:
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"beta must be in [0, 1] (fraction of the top expert's routing weight), got {beta}")
+        adapter = get_adapter(model)
+        self.adapter = adapter
+        self.beta = beta
+        self.expert_calls = 0
+        self.skipped_calls = 0
+        self._blocks = [block for layer in adapter.decoder_layers() if (block := adapter.moe_block(layer)) is not None]
+        if not self._blocks:
+            raise ValueError(f"{type(model).__name__} has no mixture-of-experts layers to skip experts in")
+        for block in self._blocks:
+            block.forward = types.MethodType(self._skipping_forward(), block)
+
+    @property
+    def skip_rate(self) -> float:
+        """Fraction of (token, selected expert) calls skipped so far."""
+        return self.skipped_calls / self.expert_calls if self.expert_calls else 0.0
+
+    def reset_counts(self) -> None:
+        self.expert_calls = self.skipped_calls = 0
+
+    def remove(self) -> None:
+        for block in self._blocks:
+            del block.forward  # back to the class's forward
+        self._blocks = []
+
+    def _skipping_forward(self) -> Any:
+        handle = self
+
+        def forward(block: nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            batch, length, width = hidden_states.shape
+            tokens = hidden_states.reshape(-1, width)
+            logits = block.gate(tokens)
+            weights, selected = handle.adapter.route(block, logits)
+            kept = weights >= handle.beta * weights[:, :1]  # top-k is sorted: column 0 is the top expert
+            handle.expert_calls += kept.numel()
+            handle.skipped_calls += int((~kept).sum())
+            output = torch.zeros_like(tokens)
+            for expert in torch.unique(selected[kept]).tolist():
+                rank, token = torch.where((selected.T == expert) & kept.T)
+                contribution = block.experts[expert](tokens[token]) * weights[token, rank, None].to(tokens.dtype)
+                output.index_add_(0, token, contribution)
+            shared = getattr(block, "shared_expert", None)
+            if shared is not None:  # Qwen2-MoE: a dense expert every token uses, gated per token
+                output = output + F.sigmoid(block.shared_expert_gate(tokens)) * shared(tokens)
+            return output.reshape(batch, length, width), logits
+
+        return forward
+
+
+def skip_experts(model: nn.Module, beta: float) -> ExpertSkipping:
+    """Turn on dynamic expert skipping with threshold ``beta`` on every MoE block of ``model``."""
+    return ExpertSkipping(model, beta)
