@@ -4,7 +4,8 @@ Protocol (the core issue's): calibration = 32 windows × 512 tokens (seed 0) fro
 Wikipedia calibration split; perplexity over the first 65,536 tokens of the evaluation split in
 512-token windows. Each row loads the dense checkpoint, prunes it while keeping a dense copy,
 and times forward passes of one 512-token window on the two models alternately in the same
-process, so the latency ratio is measured side by side. Finished rows are cached; a rerun resumes.
+process, so the latency ratio is measured side by side; run it on an otherwise idle machine
+(``--retime`` re-measures the latency of finished rows). Finished rows are cached; a rerun resumes.
 
     python benchmarks/structured.py             # full protocol, writes benchmarks/STRUCTURED.md
     python benchmarks/structured.py --quick     # 8×128 calibration, 4,096 eval tokens
@@ -64,7 +65,8 @@ def latency_ratio(pruned: torch.nn.Module, dense: torch.nn.Module, repeats: int)
     return min(times[id(pruned)]) / min(times[id(dense)])
 
 
-def measure(row: Row | None, args: argparse.Namespace) -> dict:
+def measure(row: Row | None, args: argparse.Namespace, perplexity: bool = True) -> dict:
+    """Prune one row and time it against the dense model; ``perplexity=False`` skips the evaluation (``--retime``)."""
     model, tokenizer = load_default_model()
     dense = copy.deepcopy(model)
     dense_parameters = sum(p.numel() for p in model.parameters())
@@ -84,7 +86,8 @@ def measure(row: Row | None, args: argparse.Namespace) -> dict:
     result["parameter_ratio"] = result["parameters"] / dense_parameters
     result["latency_ratio"] = latency_ratio(model, dense, args.repeats)
     del dense
-    result["perplexity"] = evaluate_perplexity(model, tokenizer, seq_len=512, max_tokens=args.eval_tokens)
+    if perplexity:
+        result["perplexity"] = evaluate_perplexity(model, tokenizer, seq_len=512, max_tokens=args.eval_tokens)
     return result
 
 
@@ -120,6 +123,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10, help="timed forward passes per model")
     parser.add_argument("--output", type=Path, help="markdown table (default: benchmarks/STRUCTURED.md or STRUCTURED-quick.md)")
     parser.add_argument("--cache", type=Path, help="JSON file of finished rows (default: beside the output)")
+    parser.add_argument(
+        "--retime", action="store_true",
+        help="re-prune the finished rows and measure their latency again, keeping their perplexity "
+        "(run it on an otherwise idle machine: other load distorts the timings)",
+    )
     args = parser.parse_args()
     args.calibration_samples, args.calibration_seq_len, args.eval_tokens = (8, 128, 4096) if args.quick else (32, 512, 65536)
     output = args.output or HERE / ("STRUCTURED-quick.md" if args.quick else "STRUCTURED.md")
@@ -134,6 +142,9 @@ def main() -> None:
             continue
         if key not in done:
             done[key] = measure(row, args)
+            cache.write_text(json.dumps(done, indent=2))
+        elif args.retime:
+            done[key].update(measure(row, args, perplexity=False))
             cache.write_text(json.dumps(done, indent=2))
         results.append(done[key])
         r = done[key]
