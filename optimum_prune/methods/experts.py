@@ -49,29 +49,14 @@ class ExpertPruning(StructuredMethod[ExpertPruningOptions]):
     """Drop whole experts of MoE layers by output reconstruction, routing frequency or REAP."""
 
     def check(self) -> None:
-        layers = list(self.adapter.decoder_layers())
-        counts = {len(self.adapter.experts(layer)) for layer in layers}
-        if 0 in counts or len(counts) != 1:
-            raise ValueError(
-                f"method 'experts' needs every decoder layer to be a mixture-of-experts layer with the same expert "
-                f"count; {type(self.adapter.model).__name__} has per-layer expert counts {sorted(counts)}"
-            )
-        total = counts.pop()
-        keep = self.options.num_experts or round(total * (1 - self.sparsity))
-        top_k = self.adapter.moe_block(layers[0]).top_k
-        if not top_k <= keep < total:
-            raise ValueError(
-                f"keeping {keep} of {total} experts per layer is not possible: the router picks top-{top_k}, so keep "
-                f"between {top_k} and {total - 1} (set PruningConfig.sparsity or method_options.num_experts)"
-            )
-        self.keep = keep
+        self.keep = experts_to_keep(self.adapter, self.sparsity, self.options.num_experts)
 
     def prune(self, windows: torch.Tensor | None, report: Any) -> None:
         names = self.adapter.layer_names()
 
         def visit(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
             block = self.adapter.moe_block(layer)
-            hidden = _block_inputs(block, lambda: run_layer(self.adapter, layer, inputs))
+            hidden = block_inputs(block, lambda: run_layer(self.adapter, layer, inputs))
             kept = self._select(block, hidden)
             removed = sorted(set(range(len(block.experts))) - set(kept))
             self.adapter.keep_experts(layer, kept)
@@ -86,7 +71,7 @@ class ExpertPruning(StructuredMethod[ExpertPruningOptions]):
             return self._reconstruction(block, hidden, total)
         scores = torch.zeros(total, dtype=torch.float64)
         counts = torch.zeros(total, dtype=torch.float64)
-        for chunk in _chunks(hidden):
+        for chunk in token_chunks(hidden):
             weights, selected = self.adapter.route(block, block.gate(chunk))
             if self.options.criterion == "frequency":
                 scores += torch.bincount(selected.flatten().cpu(), minlength=total).double()
@@ -115,7 +100,7 @@ class ExpertPruning(StructuredMethod[ExpertPruningOptions]):
         """Σ over tokens of ‖F(x) − F_S(x)‖² for each subset S, the router restricted to S's rows."""
         losses = torch.zeros(len(subsets), dtype=torch.float64)
         everyone = list(range(len(block.experts)))
-        for chunk in _chunks(hidden):
+        for chunk in token_chunks(hidden):
             logits = block.gate(chunk).float()
             outputs = torch.stack([expert(chunk).float() for expert in block.experts])  # [n, tokens, hidden]
             full = self._mixture(block, logits, outputs, everyone)
@@ -131,7 +116,27 @@ class ExpertPruning(StructuredMethod[ExpertPruningOptions]):
         return sum(weights[:, k, None] * chosen[selected[:, k], tokens] for k in range(selected.shape[1]))
 
 
-def _block_inputs(block: nn.Module, run: Any) -> torch.Tensor:
+def experts_to_keep(adapter: Any, sparsity: float, requested: int) -> int:
+    """Experts per layer left by ``sparsity`` (fraction removed) or ``requested``, or a clear error."""
+    layers = list(adapter.decoder_layers())
+    counts = {len(adapter.experts(layer)) for layer in layers}
+    if 0 in counts or len(counts) != 1:
+        raise ValueError(
+            f"expert pruning and merging need every decoder layer to be a mixture-of-experts layer with the same "
+            f"expert count; {type(adapter.model).__name__} has per-layer expert counts {sorted(counts)}"
+        )
+    total = counts.pop()
+    keep = requested or round(total * (1 - sparsity))
+    top_k = adapter.moe_block(layers[0]).top_k
+    if not top_k <= keep < total:
+        raise ValueError(
+            f"keeping {keep} of {total} experts per layer is not possible: the router picks top-{top_k}, so keep "
+            f"between {top_k} and {total - 1} (set PruningConfig.sparsity or method_options.num_experts)"
+        )
+    return keep
+
+
+def block_inputs(block: nn.Module, run: Any) -> torch.Tensor:
     """The MoE block's input tokens ([tokens, hidden]) while ``run()`` runs the layer once."""
     seen: list[torch.Tensor] = []
     handle = block.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().reshape(-1, args[0].shape[-1])))
@@ -142,6 +147,6 @@ def _block_inputs(block: nn.Module, run: Any) -> torch.Tensor:
     return torch.cat(seen)
 
 
-def _chunks(hidden: torch.Tensor) -> Iterator[torch.Tensor]:
+def token_chunks(hidden: torch.Tensor) -> Iterator[torch.Tensor]:
     for start in range(0, hidden.shape[0], TOKEN_CHUNK):
         yield hidden[start : start + TOKEN_CHUNK]

@@ -100,5 +100,5 @@ def test_impossible_expert_counts_are_clear_errors(options, message):
 def test_dense_models_are_refused():
     from ..conftest import tiny_model
 
-    with pytest.raises(ValueError, match="needs every decoder layer to be a mixture-of-experts layer"):
+    with pytest.raises(ValueError, match="need every decoder layer to be a mixture-of-experts layer"):
         prune(tiny_model(), PruningConfig(method="experts"), calibration=token_windows(2, 8))

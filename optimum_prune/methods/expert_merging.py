@@ -1,0 +1,135 @@
+"""Expert merging (MC-SMoE, Li et al. 2024): merge the n experts of each MoE layer into r.
+
+Per layer, on the calibration tokens routed by the already-merged earlier layers:
+1. the r most frequently routed experts are the dominant ones;
+2. every other expert joins the dominant expert whose router logits (its column of logits over
+   the calibration tokens) are most similar by cosine;
+3. each group becomes one expert, the routing-frequency-weighted average of its members' weights
+   — with ``align=True`` each member's intermediate neurons are first permuted to match the
+   dominant expert's (weight matching by linear assignment), since averaging unaligned neurons
+   blurs them;
+4. the merged expert takes the dominant expert's router row: members were grouped by the
+   similarity of their router logits to it, so tokens that went to a member now go to the merged
+   expert. (A row fitted to the group's total log-probability would need the constant part
+   that a bias-free router cannot represent.)
+
+The merged model has r experts per layer and saves with a stock config, like expert pruning.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..calibration import LayerInputs, run_layer, walk_layers
+from ..options import option
+from ..structure.surgery import keep_output_features
+from .base import StructuredMethod, register_structured_method
+from .experts import block_inputs, experts_to_keep, token_chunks
+
+OUTPUT_PROJECTIONS = ("down_proj", "w2")  # Qwen-MoE / OLMoE, Mixtral
+
+
+@dataclass(frozen=True)
+class ExpertMergingOptions:
+    num_experts: int = option(0, "Experts to keep per layer; 0 derives it from sparsity (fraction of experts merged away).")
+    align: bool = option(False, "Permute each member's intermediate neurons onto the dominant expert's before averaging.")
+
+    def __post_init__(self) -> None:
+        if self.num_experts < 0:
+            raise ValueError(f"num_experts must be >= 0, got {self.num_experts}")
+
+
+@register_structured_method("merge_experts", options=ExpertMergingOptions)
+class ExpertMerging(StructuredMethod[ExpertMergingOptions]):
+    """Merge MoE experts into r per layer by router-logit similarity and frequency-weighted averaging (MC-SMoE)."""
+
+    def check(self) -> None:
+        self.keep = experts_to_keep(self.adapter, self.sparsity, self.options.num_experts)
+
+    def prune(self, windows: torch.Tensor | None, report: Any) -> None:
+        names = self.adapter.layer_names()
+
+        def visit(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
+            block = self.adapter.moe_block(layer)
+            hidden = block_inputs(block, lambda: run_layer(self.adapter, layer, inputs))
+            groups = self.merge(block, hidden)
+            report.removed.append(f"{names[index]}: merged experts {groups}")
+
+        walk_layers(self.adapter, windows, self.device, visit, "Merging experts")
+
+    @torch.no_grad()
+    def merge(self, block: nn.Module, hidden: torch.Tensor) -> list[list[int]]:
+        """Merge ``block``'s experts in place; return the groups (dominant expert first)."""
+        total = len(block.experts)
+        logits = torch.cat([block.gate(chunk).float() for chunk in token_chunks(hidden)])
+        _, selected = self.adapter.route(block, logits)
+        frequency = torch.bincount(selected.flatten().cpu(), minlength=total).double()
+        dominant = sorted(torch.argsort(frequency, descending=True, stable=True)[: self.keep].tolist())
+        similarity = nn.functional.normalize(logits.T, dim=1) @ nn.functional.normalize(logits.T, dim=1).T
+        groups = {d: [d] for d in dominant}
+        for expert in range(total):
+            if expert not in groups:
+                groups[max(dominant, key=lambda d: float(similarity[expert, d]))].append(expert)
+        merged = [self._merged_expert(block, members, frequency) for members in groups.values()]
+        block.experts = nn.ModuleList(merged)
+        keep_output_features(block.gate, torch.tensor(dominant))
+        block.num_experts = len(dominant)
+        return list(groups.values())
+
+    def _merged_expert(self, block: nn.Module, members: list[int], frequency: torch.Tensor) -> nn.Module:
+        dominant = block.experts[members[0]]
+        if len(members) == 1:
+            return dominant
+        weights = frequency[members]
+        weights = weights / weights.sum() if weights.sum() > 0 else torch.full_like(weights, 1 / len(members))
+        parts = [_ExpertLinears(block.experts[m]) for m in members]
+        if self.options.align:
+            for part in parts[1:]:
+                part.permute(part.alignment_to(parts[0]))
+        for name, linear in _ExpertLinears(dominant).linears.items():
+            stacked = torch.stack([part.weight(name).double() for part in parts])
+            linear.weight.data = (weights.to(stacked.device).view(-1, 1, 1) * stacked).sum(0).to(linear.weight.dtype)
+        return dominant
+
+
+class _ExpertLinears:
+    """An expert MLP as input projections (neurons are rows) and one output projection (neurons are columns).
+
+    Works on a copy of the weights, so aligning a member never changes the model until merged.
+    """
+
+    def __init__(self, expert: nn.Module) -> None:
+        self.linears = {name: m for name, m in expert.named_modules() if isinstance(m, nn.Linear)}
+        outputs = [name for name in self.linears if name in OUTPUT_PROJECTIONS]
+        if len(outputs) != 1:
+            raise ValueError(f"expert {type(expert).__name__} has no single output projection named one of {OUTPUT_PROJECTIONS}")
+        self.output = outputs[0]
+        self.weights = {name: m.weight.detach().clone() for name, m in self.linears.items()}
+
+    def weight(self, name: str) -> torch.Tensor:
+        return self.weights[name]
+
+    def neuron_features(self) -> torch.Tensor:
+        """One row per intermediate neuron: its input-projection rows and output-projection column."""
+        columns = [w for name, w in self.weights.items() if name != self.output] + [self.weights[self.output].T]
+        return torch.cat([c.float() for c in columns], dim=1)
+
+    def alignment_to(self, reference: "_ExpertLinears") -> torch.Tensor:
+        """The permutation of this expert's neurons that best matches ``reference``'s (max total inner product)."""
+        try:
+            from scipy.optimize import linear_sum_assignment
+        except ImportError:
+            raise ImportError("method_options.align needs scipy (linear assignment): pip install scipy") from None
+
+        similarity = reference.neuron_features() @ self.neuron_features().T
+        _, order = linear_sum_assignment(similarity.cpu().numpy(), maximize=True)
+        return torch.as_tensor(order, device=similarity.device)
+
+    def permute(self, order: torch.Tensor) -> None:
+        for name in self.weights:
+            dim = 1 if name == self.output else 0
+            self.weights[name] = self.weights[name].index_select(dim, order.to(self.weights[name].device))

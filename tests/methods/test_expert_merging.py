@@ -1,0 +1,77 @@
+"""Expert merging (MC-SMoE) on tiny random MoE models of the real transformers classes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from optimum_prune import PruningConfig, get_adapter, prune
+from optimum_prune.methods.expert_merging import ExpertMerging, ExpertMergingOptions, _ExpertLinears
+
+from ..adapters.test_moe import FAMILIES, tiny_moe
+from ..conftest import token_windows
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_merges_four_experts_into_two_and_reloads_with_a_stock_config(tmp_path, family):
+    model = tiny_moe(family)
+    report = prune(model, PruningConfig(method="merge_experts", sparsity=0.5), calibration=token_windows(4, 16))
+    adapter = get_adapter(model)
+    for entry, layer in zip(report.removed, adapter.decoder_layers()):
+        block = adapter.moe_block(layer)
+        assert len(block.experts) == 2 and block.gate.weight.shape[0] == 2
+        groups = eval(entry.split("merged experts ")[1])  # noqa: S307  (the report's own list literal)
+        assert sorted(e for group in groups for e in group) == [0, 1, 2, 3] and len(groups) == 2
+    model.save_pretrained(tmp_path / "merged")
+    assert "quantization_config" not in (tmp_path / "merged" / "config.json").read_text()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    ids = token_windows(1, 8)
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+def permuted_copy(model, source: int, target: int, seed: int = 0) -> torch.Tensor:
+    """Make expert ``target`` of layer 0 a neuron-permuted copy of expert ``source``; return the permutation."""
+    experts = model.model.layers[0].block_sparse_moe.experts
+    order = torch.randperm(experts[source].w1.out_features, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        experts[target].w1.weight.copy_(experts[source].w1.weight[order])
+        experts[target].w3.weight.copy_(experts[source].w3.weight[order])
+        experts[target].w2.weight.copy_(experts[source].w2.weight[:, order])
+    return order
+
+
+def test_alignment_recovers_a_neuron_permutation():
+    model = tiny_moe()
+    permuted_copy(model, 0, 1)
+    experts = model.model.layers[0].block_sparse_moe.experts
+    reference, member = _ExpertLinears(experts[0]), _ExpertLinears(experts[1])
+    member.permute(member.alignment_to(reference))
+    for name in ("w1", "w2", "w3"):
+        assert torch.equal(member.weight(name), reference.weight(name))
+
+
+@pytest.mark.parametrize("align", [True, False])
+def test_merging_permuted_copies_is_lossless_only_when_aligned(align):
+    model = tiny_moe()
+    permuted_copy(model, 0, 1)
+    block = model.model.layers[0].block_sparse_moe
+    original = {name: w.detach().clone() for name, w in block.experts[0].named_parameters()}
+    method = ExpertMerging(get_adapter(model), 0.5, [], ExpertMergingOptions(align=align), torch.device("cpu"))
+    merged = method._merged_expert(block, [0, 1], torch.tensor([3.0, 1.0, 0.0, 0.0], dtype=torch.float64))
+    same = all(torch.allclose(p, original[name], atol=1e-6) for name, p in merged.named_parameters())
+    assert same == align
+
+
+def test_merged_experts_take_the_dominant_router_rows():
+    model, windows = tiny_moe(), token_windows(4, 16)
+    rows = model.model.layers[0].block_sparse_moe.gate.weight.detach().clone()
+    report = prune(model, PruningConfig(method="merge_experts", sparsity=0.5), calibration=windows)
+    dominant = [group[0] for group in eval(report.removed[0].split("merged experts ")[1])]  # noqa: S307
+    assert torch.equal(model.model.layers[0].block_sparse_moe.gate.weight, rows[dominant])
+
+
+def test_keeping_fewer_experts_than_top_k_is_refused():
+    with pytest.raises(ValueError, match="router picks top-2"):
+        prune(tiny_moe(), PruningConfig(method="merge_experts", method_options={"num_experts": 1}), calibration=token_windows(2, 8))
