@@ -25,7 +25,7 @@ from .config import PruningConfig
 from .evaluation import evaluate_perplexity
 from .methods import METHODS
 from .models import load_default_model, load_model
-from .options import describe_options
+from .options import MoEOptions, describe_options
 from .saving import save_pruned
 from .sparsity import verify_sparsity
 
@@ -51,6 +51,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name in ALLOCATIONS:
         for option, default, help_text in describe_options(ALLOCATIONS.get(name).options):
             epilog.append(f"  {name}.{option} (default {default!r}): {help_text}")
+    epilog.append("mixture-of-experts options (--moe-option NAME=VALUE):")
+    for option, default, help_text in describe_options(MoEOptions):
+        epilog.append(f"  {option} (default {default!r}): {help_text}")
     parser.epilog = "\n".join(epilog)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--method", default=defaults.method, choices=METHODS.names(), help="pruning method")
@@ -64,6 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allocation", default=defaults.allocation, choices=ALLOCATIONS.names(), help="how sparsity is spread over layers (unstructured methods)")
     parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE", help="method option")
     parser.add_argument("--allocation-option", action="append", default=[], metavar="NAME=VALUE", help="allocation option")
+    parser.add_argument("--moe-option", action="append", default=[], metavar="NAME=VALUE", help="mixture-of-experts option")
     parser.add_argument("--ignore", action="append", default=[], metavar="GLOB", help="module names to keep dense")
     parser.add_argument("--device", help="where layers are processed (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype the model is loaded and pruned in")
@@ -101,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         allocation=args.allocation,
         allocation_options=_parse_options(args.allocation_option, "--allocation-option"),
         ignore=args.ignore,
+        moe_options=_parse_options(args.moe_option, "--moe-option"),
         num_calibration_samples=args.calibration_samples,
         calibration_seq_len=args.seq_len,
         seed=args.seed,

@@ -63,3 +63,21 @@ def test_console_script_installed():
 def test_load_model_missing_path(tmp_path):
     with pytest.raises(ValueError, match="model path .* is not a directory containing config.json"):
         load_model(tmp_path / "missing")
+
+
+def test_cli_prunes_a_mixtral_checkpoint_with_moe_options(tmp_path, bpe_tokenizer, capsys):
+    from .adapters.test_moe import tiny_moe
+
+    source = tmp_path / "mixtral"
+    tiny_moe().save_pretrained(source)
+    bpe_tokenizer.save_pretrained(source)
+    output = tmp_path / "pruned"
+    code = main([
+        "--model", str(source), "--method", "wanda", "--sparsity", "0.5", "--moe-option", "prune_router=true",
+        "--calibration-samples", "2", "--seq-len", "16", "--output", str(output),
+    ])
+    assert code == 0
+    model, _ = load_model(output)
+    layers = verify_sparsity(model)["layers"]
+    assert layers["model.layers.0.block_sparse_moe.gate"]["sparsity"] == pytest.approx(0.5)
+    assert model.config.pruning_config["moe_options"]["prune_router"] is True
