@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from .adapters import get_adapter
 
@@ -69,9 +68,9 @@ class ExpertSkipping:
                 rank, token = torch.where((selected.T == expert) & kept.T)
                 contribution = block.experts[expert](tokens[token]) * weights[token, rank, None].to(tokens.dtype)
                 output.index_add_(0, token, contribution)
-            shared = getattr(block, "shared_expert", None)
-            if shared is not None:  # Qwen2-MoE: a dense expert every token uses, gated per token
-                output = output + F.sigmoid(block.shared_expert_gate(tokens)) * shared(tokens)
+            shared = handle.adapter.shared_expert_output(block, tokens)
+            if shared is not None:
+                output = output + shared
             return output.reshape(batch, length, width), logits
 
         return forward

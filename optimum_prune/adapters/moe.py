@@ -100,6 +100,19 @@ class MoEAdapter(DecoderAdapter):
             if isinstance(module, nn.Linear) and (include_routers or module not in routers)
         }
 
+    def expert_projections(self, expert: nn.Module) -> tuple[list[nn.Linear], nn.Linear]:
+        """(input projections, whose rows are the intermediate neurons; the output projection, whose columns are)."""
+        if hasattr(expert, "w2"):  # Mixtral: w1 gate, w3 up, w2 down
+            return [expert.w1, expert.w3], expert.w2
+        return [expert.gate_proj, expert.up_proj], expert.down_proj
+
+    def shared_expert_output(self, block: nn.Module, tokens: torch.Tensor) -> torch.Tensor | None:
+        """Qwen2-MoE's always-on shared expert, gated per token; None for blocks without one."""
+        shared = getattr(block, "shared_expert", None)
+        if shared is None:
+            return None
+        return F.sigmoid(block.shared_expert_gate(tokens)) * shared(tokens)
+
     def route(self, block: nn.Module, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The block's routing of tokens with these router logits (Mixtral always renormalises the top-k)."""
         return top_k_routing(logits, block.top_k, getattr(block, "norm_topk_prob", True))

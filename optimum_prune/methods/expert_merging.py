@@ -30,8 +30,6 @@ from ..structure.surgery import keep_output_features
 from .base import StructuredMethod, register_structured_method
 from .experts import block_inputs, experts_to_keep, token_chunks
 
-OUTPUT_PROJECTIONS = ("down_proj", "w2")  # Qwen-MoE / OLMoE, Mixtral
-
 
 @dataclass(frozen=True)
 class ExpertMergingOptions:
@@ -86,37 +84,27 @@ class ExpertMerging(StructuredMethod[ExpertMergingOptions]):
             return dominant
         weights = frequency[members]
         weights = weights / weights.sum() if weights.sum() > 0 else torch.full_like(weights, 1 / len(members))
-        parts = [_ExpertLinears(block.experts[m]) for m in members]
+        parts = [_ExpertLinears(*self.adapter.expert_projections(block.experts[m])) for m in members]
         if self.options.align:
             for part in parts[1:]:
                 part.permute(part.alignment_to(parts[0]))
-        for name, linear in _ExpertLinears(dominant).linears.items():
-            stacked = torch.stack([part.weight(name).double() for part in parts])
+        for position, linear in enumerate(parts[0].linears):
+            stacked = torch.stack([part.weights[position].double() for part in parts])
             linear.weight.data = (weights.to(stacked.device).view(-1, 1, 1) * stacked).sum(0).to(linear.weight.dtype)
         return dominant
 
 
 class _ExpertLinears:
-    """An expert MLP as input projections (neurons are rows) and one output projection (neurons are columns).
+    """An expert MLP's weights: input projections (neurons are rows), then the output projection
+    (neurons are columns). A copy, so aligning a member never changes the model until merged."""
 
-    Works on a copy of the weights, so aligning a member never changes the model until merged.
-    """
-
-    def __init__(self, expert: nn.Module) -> None:
-        self.linears = {name: m for name, m in expert.named_modules() if isinstance(m, nn.Linear)}
-        outputs = [name for name in self.linears if name in OUTPUT_PROJECTIONS]
-        if len(outputs) != 1:
-            raise ValueError(f"expert {type(expert).__name__} has no single output projection named one of {OUTPUT_PROJECTIONS}")
-        self.output = outputs[0]
-        self.weights = {name: m.weight.detach().clone() for name, m in self.linears.items()}
-
-    def weight(self, name: str) -> torch.Tensor:
-        return self.weights[name]
+    def __init__(self, inputs: list[nn.Linear], output: nn.Linear) -> None:
+        self.linears = [*inputs, output]
+        self.weights = [linear.weight.detach().clone() for linear in self.linears]
 
     def neuron_features(self) -> torch.Tensor:
         """One row per intermediate neuron: its input-projection rows and output-projection column."""
-        columns = [w for name, w in self.weights.items() if name != self.output] + [self.weights[self.output].T]
-        return torch.cat([c.float() for c in columns], dim=1)
+        return torch.cat([w.float() for w in self.weights[:-1]] + [self.weights[-1].T.float()], dim=1)
 
     def alignment_to(self, reference: "_ExpertLinears") -> torch.Tensor:
         """The permutation of this expert's neurons that best matches ``reference``'s (max total inner product)."""
@@ -130,6 +118,5 @@ class _ExpertLinears:
         return torch.as_tensor(order, device=similarity.device)
 
     def permute(self, order: torch.Tensor) -> None:
-        for name in self.weights:
-            dim = 1 if name == self.output else 0
-            self.weights[name] = self.weights[name].index_select(dim, order.to(self.weights[name].device))
+        last = len(self.weights) - 1
+        self.weights = [w.index_select(1 if i == last else 0, order.to(w.device)) for i, w in enumerate(self.weights)]
