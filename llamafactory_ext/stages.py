@@ -40,6 +40,14 @@ TRAINING_STAGES = ("pt", "sft")
 
 def run_train(args: Mapping[str, Any], section: PruningSection | None) -> None:
     """``llamafactory-prune train``: ``stage: prune``, or prune → LLaMA-Factory training → merge."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(
+            "llamafactory-prune is running as one of several torchrun ranks: each would prune and save on its own. "
+            "Run it as a single process and set FORCE_TORCHRUN=1 (and NPROC_PER_NODE): it prunes once, then launches "
+            "the training ranks itself"
+        )
+    if not args.get("model_name_or_path"):
+        raise ValueError("`model_name_or_path` is required")
     stage = args.get("stage")
     if stage == "prune":
         if section is None:
@@ -50,7 +58,7 @@ def run_train(args: Mapping[str, Any], section: PruningSection | None) -> None:
         return
     if section is None:
         # Training a checkpoint pruned earlier (e.g. by stage: prune) must keep its zeros too.
-        _delegate_training(dict(args), keep_masks=_is_pruned_checkpoint(Path(str(args.get("model_name_or_path", "")))))
+        _delegate_training(dict(args), keep_masks=_is_pruned_checkpoint(Path(args["model_name_or_path"])))
         return
     if stage not in TRAINING_STAGES:
         raise ValueError(f"a `pruning:` section works with stage: prune, pt or sft; got stage: {stage!r}")

@@ -121,3 +121,9 @@ else:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "real torchaudio" in result.stdout or "install the torchaudio build matching your torch" in result.stdout
+
+
+def test_launching_under_torchrun_directly_is_refused(workspace, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    config = {**base_args(workspace, tmp_path / "out", stage="prune"), "pruning": {"method": "magnitude"}}
+    assert "set FORCE_TORCHRUN=1" in run_cli(tmp_path, capsys, config)
