@@ -14,7 +14,7 @@ Routers (and Qwen2-MoE's shared-expert gate) stay dense unless ``moe_options.pru
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 import torch
@@ -147,6 +147,16 @@ class MoEAdapter(DecoderAdapter):
             attention_output_bias=bool(getattr(config, "attention_bias", False)),
             num_experts=getattr(config, "num_local_experts", None) or config.num_experts,
         )
+
+    def reshape_layer(self, layer: nn.Module, shape: LayerShape) -> None:
+        current = self.layer_shape(layer)
+        if shape.num_experts is None or current.num_experts is None or replace(shape, num_experts=current.num_experts) != current:
+            raise ValueError(
+                f"only the expert count of a MoE layer can differ from the config here; got {shape.to_dict()} "
+                f"for a layer built as {current.to_dict()}. The checkpoint's config.json is corrupt"
+            )
+        if shape.num_experts != current.num_experts:
+            self.keep_experts(layer, list(range(shape.num_experts)))
 
     def write_uniform_config(self, config: Any, shape: LayerShape) -> None:
         if shape.num_experts:

@@ -10,8 +10,9 @@ Criteria:
   routing weight times the norm of its output.
 
 Layers are visited in order on the already-pruned model's activations. ``sparsity`` is the
-fraction of experts removed per layer (``num_experts`` overrides it). The result keeps the same
-count in every layer, so it saves as a stock config (``num_local_experts`` / ``num_experts``).
+fraction of experts removed per layer (``num_experts`` overrides it). With ``ranking="layer"``
+every layer keeps the same count and saves as a stock config (``num_local_experts`` /
+``num_experts``); ``ranking="global"`` lets counts differ per layer, recorded as per-layer shapes.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ..options import check_choice, option
 from .base import StructuredMethod, register_structured_method
 
 CRITERIA = ("reconstruction", "frequency", "reap")
+RANKINGS = ("layer", "global")
 TOKEN_CHUNK = 1024  # tokens per expert evaluation: bounds memory at n × chunk × hidden
 
 
@@ -37,9 +39,18 @@ class ExpertPruningOptions:
     criterion: str = option("reconstruction", "'reconstruction' (Lu et al. 2024), 'frequency' or 'reap'.")
     num_experts: int = option(0, "Experts to keep per layer; 0 derives it from sparsity (fraction of experts removed).")
     max_subsets: int = option(10000, "reconstruction: search every subset up to this many, else remove experts greedily.")
+    ranking: str = option(
+        "layer",
+        "'layer': every layer keeps the same number of experts; 'global' (frequency, reap): experts of all layers "
+        "compete by their share of their layer's score, so layers keep different counts (at least top-k each); "
+        "scored on the unpruned model. Non-uniform counts reload with `import optimum_prune`.",
+    )
 
     def __post_init__(self) -> None:
         check_choice("criterion", self.criterion, CRITERIA)
+        check_choice("ranking", self.ranking, RANKINGS)
+        if self.ranking == "global" and self.criterion == "reconstruction":
+            raise ValueError("ranking='global' needs criterion 'frequency' or 'reap' (reconstruction losses of different layers do not compare)")
         if self.num_experts < 0 or self.max_subsets < 1:
             raise ValueError(f"num_experts must be >= 0 and max_subsets >= 1, got {self.num_experts}, {self.max_subsets}")
 
@@ -52,23 +63,51 @@ class ExpertPruning(StructuredMethod[ExpertPruningOptions]):
         self.keep = experts_to_keep(self.adapter, self.sparsity, self.options.num_experts)
 
     def prune(self, windows: torch.Tensor | None, report: Any) -> None:
-        names = self.adapter.layer_names()
+        if self.options.ranking == "global":
+            self._prune_globally(windows, report)
+            return
 
         def visit(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
             block = self.adapter.moe_block(layer)
             hidden = block_inputs(block, lambda: run_layer(self.adapter, layer, inputs))
-            kept = self._select(block, hidden)
-            removed = sorted(set(range(len(block.experts))) - set(kept))
-            self.adapter.keep_experts(layer, kept)
-            report.removed.append(f"{names[index]}: experts {removed}")
+            if self.options.criterion == "reconstruction":
+                kept = self._reconstruction(block, hidden, len(block.experts))
+            else:
+                kept = sorted(torch.argsort(self._scores(block, hidden), descending=True, stable=True)[: self.keep].tolist())
+            self._cut(index, layer, kept, report)
 
         walk_layers(self.adapter, windows, self.device, visit, f"Pruning experts ({self.options.criterion})")
 
+    def _prune_globally(self, windows: torch.Tensor, report: Any) -> None:
+        shares: list[torch.Tensor] = []
+
+        def visit(_index: int, layer: nn.Module, inputs: LayerInputs) -> None:
+            block = self.adapter.moe_block(layer)
+            scores = self._scores(block, block_inputs(block, lambda: run_layer(self.adapter, layer, inputs)))
+            shares.append(scores / scores.sum().clamp_min(1e-12))
+
+        walk_layers(self.adapter, windows, self.device, visit, f"Scoring experts ({self.options.criterion})")
+        top_k = self.adapter.moe_block(self.adapter.decoder_layers()[0]).top_k
+        kept = [set(torch.argsort(share, descending=True, stable=True)[:top_k].tolist()) for share in shares]
+        candidates = sorted(
+            ((float(share[e]), layer, e) for layer, share in enumerate(shares) for e in range(len(share)) if e not in kept[layer]),
+            reverse=True,
+        )
+        budget = self.keep * len(shares) - sum(len(k) for k in kept)
+        for _, layer, expert in candidates[:budget]:
+            kept[layer].add(expert)
+        for index, layer in enumerate(self.adapter.decoder_layers()):
+            self._cut(index, layer, sorted(kept[index]), report)
+
+    def _cut(self, index: int, layer: nn.Module, kept: list[int], report: Any) -> None:
+        removed = sorted(set(range(len(self.adapter.experts(layer)))) - set(kept))
+        self.adapter.keep_experts(layer, kept)
+        report.removed.append(f"{self.adapter.layer_names()[index]}: experts {removed}")
+
     @torch.no_grad()
-    def _select(self, block: nn.Module, hidden: torch.Tensor) -> list[int]:
+    def _scores(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """Routing frequency or REAP score of each expert over the calibration tokens."""
         total = len(block.experts)
-        if self.options.criterion == "reconstruction":
-            return self._reconstruction(block, hidden, total)
         scores = torch.zeros(total, dtype=torch.float64)
         counts = torch.zeros(total, dtype=torch.float64)
         for chunk in token_chunks(hidden):
@@ -81,10 +120,9 @@ class ExpertPruning(StructuredMethod[ExpertPruningOptions]):
                 output = block.experts[expert](chunk[token])
                 scores[expert] += float((weights[token, rank] * output.float().norm(dim=-1)).sum())
                 counts[expert] += token.numel()
-        if self.options.criterion == "reap":
-            scores = scores / counts.clamp_min(1)
-        return sorted(torch.argsort(scores, descending=True, stable=True)[: self.keep].tolist())
+        return scores / counts.clamp_min(1) if self.options.criterion == "reap" else scores
 
+    @torch.no_grad()
     def _reconstruction(self, block: nn.Module, hidden: torch.Tensor, total: int) -> list[int]:
         if math.comb(total, self.keep) <= self.options.max_subsets:
             candidates = [list(s) for s in itertools.combinations(range(total), self.keep)]

@@ -59,6 +59,9 @@ class LayerShape:
             if not isinstance(widths, (list, tuple)) or len(widths) != 3 or not all(isinstance(w, int) and w > 0 for w in widths):
                 raise ValueError(f"{where}: residual_widths must be three positive integers, got {widths!r}")
             data = {**data, "residual_widths": tuple(widths)}
+        experts = data.get("num_experts")
+        if experts is not None and (isinstance(experts, bool) or not isinstance(experts, int) or experts <= 0):
+            raise ValueError(f"{where}: num_experts must be a positive integer, got {experts!r}")
         shape = cls(**data)
         if widths is not None and not (shape.has_attention and shape.has_mlp):
             raise ValueError(f"{where}: a layer with a sliced residual stream must keep both its attention and its MLP")

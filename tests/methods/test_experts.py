@@ -102,3 +102,25 @@ def test_dense_models_are_refused():
 
     with pytest.raises(ValueError, match="need every decoder layer to be a mixture-of-experts layer"):
         prune(tiny_model(), PruningConfig(method="experts"), calibration=token_windows(2, 8))
+
+
+def test_global_ranking_gives_layers_different_counts_that_reload(tmp_path):
+    model = tiny_moe(num_local_experts=8)
+    with torch.no_grad():  # layer 0's router prefers experts 0 and 1 by far: its other experts score low
+        model.model.layers[0].block_sparse_moe.gate.weight[:2] *= 30
+    options = {"criterion": "frequency", "ranking": "global"}
+    prune(model, PruningConfig(method="experts", sparsity=0.5, method_options=options), calibration=token_windows(4, 16))
+    counts = [len(layer.block_sparse_moe.experts) for layer in model.model.layers]
+    assert sum(counts) == 8 and counts[0] < counts[1] and min(counts) >= 2
+    model.save_pretrained(tmp_path / "moe")
+    assert '"num_experts"' in (tmp_path / "moe" / "config.json").read_text()
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "moe").eval()
+    assert [len(layer.block_sparse_moe.experts) for layer in reloaded.model.layers] == counts
+    ids = token_windows(1, 8)
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+def test_global_ranking_needs_a_comparable_criterion():
+    with pytest.raises(ValueError, match="ranking='global' needs criterion 'frequency' or 'reap'"):
+        PruningConfig(method="experts", method_options={"ranking": "global"})
