@@ -117,15 +117,21 @@ class MoEAdapter(DecoderAdapter):
         """The block's routing of tokens with these router logits (Mixtral always renormalises the top-k)."""
         return top_k_routing(logits, block.top_k, getattr(block, "norm_topk_prob", True))
 
-    def keep_experts(self, layer: nn.Module, indices: list[int]) -> None:
-        """Keep only experts ``indices`` (in that order) and their router rows."""
+    def keep_experts(self, layer: nn.Module, indices: list[int], experts: list[nn.Module] | None = None) -> None:
+        """Keep only router rows ``indices`` (in that order) with their experts, or with ``experts``
+        in their place (merged experts)."""
         block = self.moe_block(layer)
         if len(indices) < block.top_k:
             raise ValueError(f"cannot keep {len(indices)} experts: the router picks top-{block.top_k} of them")
         rows = torch.tensor(indices, dtype=torch.long, device=block.gate.weight.device)
-        block.experts = nn.ModuleList([block.experts[i] for i in indices])
+        block.experts = nn.ModuleList(experts if experts is not None else [block.experts[i] for i in indices])
         keep_output_features(block.gate, rows)
         block.num_experts = len(indices)
+        counts = {len(b.experts) for b in map(self.moe_block, self.decoder_layers()) if b is not None}
+        if len(counts) == 1 and hasattr(self.model, "num_experts"):
+            # The router load-balancing loss (output_router_logits=True) reads the model-level count.
+            # With per-layer counts that loss cannot be computed (transformers stacks all routers' logits).
+            self.model.num_experts = counts.pop()
 
     # --- shapes (expert pruning changes the expert count; widths stay stock) ---------------
     def layer_shape(self, layer: nn.Module) -> LayerShape:

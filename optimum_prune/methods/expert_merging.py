@@ -26,7 +26,6 @@ from torch import nn
 
 from ..calibration import LayerInputs, run_layer, walk_layers
 from ..options import option
-from ..structure.surgery import keep_output_features
 from .base import StructuredMethod, register_structured_method
 from .experts import block_inputs, experts_to_keep, token_chunks
 
@@ -54,14 +53,15 @@ class ExpertMerging(StructuredMethod[ExpertMergingOptions]):
         def visit(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
             block = self.adapter.moe_block(layer)
             hidden = block_inputs(block, lambda: run_layer(self.adapter, layer, inputs))
-            groups = self.merge(block, hidden)
+            groups = self.merge(layer, hidden)
             report.removed.append(f"{names[index]}: merged experts {groups}")
 
         walk_layers(self.adapter, windows, self.device, visit, "Merging experts")
 
     @torch.no_grad()
-    def merge(self, block: nn.Module, hidden: torch.Tensor) -> list[list[int]]:
-        """Merge ``block``'s experts in place; return the groups (dominant expert first)."""
+    def merge(self, layer: nn.Module, hidden: torch.Tensor) -> list[list[int]]:
+        """Merge the layer's experts in place; return the groups (dominant expert first)."""
+        block = self.adapter.moe_block(layer)
         total = len(block.experts)
         logits = torch.cat([block.gate(chunk).float() for chunk in token_chunks(hidden)])
         _, selected = self.adapter.route(block, logits)
@@ -73,9 +73,7 @@ class ExpertMerging(StructuredMethod[ExpertMergingOptions]):
             if expert not in groups:
                 groups[max(dominant, key=lambda d: float(similarity[expert, d]))].append(expert)
         merged = [self._merged_expert(block, members, frequency) for members in groups.values()]
-        block.experts = nn.ModuleList(merged)
-        keep_output_features(block.gate, torch.tensor(dominant))
-        block.num_experts = len(dominant)
+        self.adapter.keep_experts(layer, dominant, merged)
         return list(groups.values())
 
     def _merged_expert(self, block: nn.Module, members: list[int], frequency: torch.Tensor) -> nn.Module:

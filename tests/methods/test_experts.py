@@ -124,3 +124,12 @@ def test_global_ranking_gives_layers_different_counts_that_reload(tmp_path):
 def test_global_ranking_needs_a_comparable_criterion():
     with pytest.raises(ValueError, match="ranking='global' needs criterion 'frequency' or 'reap'"):
         PruningConfig(method="experts", method_options={"ranking": "global"})
+
+
+@pytest.mark.parametrize("method", ["experts", "merge_experts"])
+def test_router_load_balancing_loss_still_works_after_pruning(method):
+    model = tiny_moe(output_router_logits=True, router_aux_loss_coef=0.02)
+    prune(model, PruningConfig(method=method, sparsity=0.5), calibration=token_windows(2, 8))
+    ids = token_windows(2, 8)
+    output = model(input_ids=ids, labels=ids)
+    assert torch.isfinite(output.loss) and output.aux_loss is not None
