@@ -19,16 +19,14 @@ import copy
 import hashlib
 import json
 import math
-import platform
 import random
 import time
 from pathlib import Path
 
 import torch
-import transformers
 from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
 
-import optimum_prune
+from common import table_header
 from optimum_prune import PruningConfig, evaluate_perplexity, get_adapter, prune, skip_experts
 from optimum_prune.calibration import calibration_windows, tokenize_stream
 from optimum_prune.data import wikipedia_articles, wikipedia_text
@@ -138,19 +136,15 @@ def main() -> None:
 
     command = "python benchmarks/moe.py" + (" --quick" if args.quick else "")
     lines = [
-        "# MoE pruning: tiny Mixtral trained on Wikipedia (fp32, CPU)",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Model: MixtralForCausalLM, {MODEL['num_hidden_layers']} layers, hidden {MODEL['hidden_size']}, "
-        f"{experts} experts (intermediate {MODEL['intermediate_size']}), top-{MODEL['num_experts_per_tok']}, BPE vocabulary "
-        f"{VOCAB} trained on the calibration split; trained {steps} steps × {BATCH} × {SEQ_LEN} tokens with the router "
-        f"load-balancing loss ({train_seconds:.0f} s, cached). Calibration: 64 × {SEQ_LEN} tokens (seed 0) from the "
-        f"calibration split. Perplexity: first {eval_tokens:,} tokens of the evaluation split in {SEQ_LEN}-token windows.",
-        "",
-        f"Environment: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
-        f"{torch.__version__}, transformers {transformers.__version__}, optimum-prune {optimum_prune.__version__}.",
-        "",
+        *table_header(
+            "MoE pruning: tiny Mixtral trained on Wikipedia (fp32, CPU)",
+            command,
+            f"Model: MixtralForCausalLM, {MODEL['num_hidden_layers']} layers, hidden {MODEL['hidden_size']}, "
+            f"{experts} experts (intermediate {MODEL['intermediate_size']}), top-{MODEL['num_experts_per_tok']}, BPE vocabulary "
+            f"{VOCAB} trained on the calibration split; trained {steps} steps × {BATCH} × {SEQ_LEN} tokens with the router "
+            f"load-balancing loss ({train_seconds:.0f} s, cached). Calibration: 64 × {SEQ_LEN} tokens (seed 0) from the "
+            f"calibration split. Perplexity: first {eval_tokens:,} tokens of the evaluation split in {SEQ_LEN}-token windows.",
+        ),
         "| row | experts per layer | perplexity | note |",
         "|---|---|---|---|",
         *[f"| {name} | {experts_kept} | {ppl:.2f} | {note} |" for name, experts_kept, ppl, note in rows],

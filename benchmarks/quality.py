@@ -13,14 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import time
 from pathlib import Path
 
-import torch
-import transformers
 
-import optimum_prune
+from common import table_header
 from optimum_prune import PruningConfig, evaluate_perplexity, load_default_model, prune, verify_sparsity
 
 Row = tuple[str, "float | str", str, dict]
@@ -69,17 +66,13 @@ def measure(row: Row | None, args: argparse.Namespace) -> dict:
 
 def markdown(results: list[dict], args: argparse.Namespace, command: str) -> str:
     lines = [
-        "# Quality benchmark: SmolLM2-135M-Instruct (fp32)",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Protocol: calibration {args.calibration_samples} × {args.calibration_seq_len} tokens (seed 0, Wikipedia "
-        f"calibration split); perplexity over the first {args.eval_tokens:,} tokens of the evaluation split in "
-        "512-token windows. Linear sparsity is measured over every linear except lm_head (pre-existing zeros included).",
-        "",
-        f"Environment: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
-        f"{torch.__version__}, transformers {transformers.__version__}, optimum-prune {optimum_prune.__version__}.",
-        "",
+        *table_header(
+            "Quality benchmark: SmolLM2-135M-Instruct (fp32)",
+            command,
+            f"Protocol: calibration {args.calibration_samples} × {args.calibration_seq_len} tokens (seed 0, Wikipedia "
+            f"calibration split); perplexity over the first {args.eval_tokens:,} tokens of the evaluation split in "
+            "512-token windows. Linear sparsity is measured over every linear except lm_head (pre-existing zeros included).",
+        ),
         "| method | sparsity | allocation | linear sparsity | perplexity | pruning time (s) |",
         "|---|---|---|---|---|---|",
     ]

@@ -15,15 +15,13 @@ in 512-token windows.
 from __future__ import annotations
 
 import argparse
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-import transformers
 
-import optimum_prune
+from common import table_header
 from llamafactory_ext import PruningSection, run_train
 from llamafactory_ext.datasets import write_wikipedia_datasets
 from optimum_prune import SparsityMasks, evaluate_perplexity, load_model, verify_sparsity
@@ -91,18 +89,14 @@ def main() -> None:
 
     command = "python benchmarks/recovery.py" + (" --quick" if args.quick else "")
     lines = [
-        "# LoRA recovery after 2:4 Wanda: SmolLM2-135M-Instruct (fp32, CPU) through LLaMA-Factory",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Pruning: Wanda 2:4, calibration {samples} × {seq_len} tokens (seed 0) from `wiki_pt` through LLaMA-Factory's "
-        f"data pipeline. Recovery: LLaMA-Factory `run_exp`, stage pt on `wiki_pt` (Wikipedia calibration split), LoRA "
-        f"r=16 α=32 on all linears, {steps} steps × 4 × 256 tokens, lr 3e-4 cosine; merged keeping sparsity. Perplexity: "
-        f"first {eval_tokens:,} tokens of the evaluation split in 512-token windows. Prune + train + merge took {seconds:.0f} s.",
-        "",
-        f"Environment: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
-        f"{torch.__version__}, transformers {transformers.__version__}, optimum-prune {optimum_prune.__version__}.",
-        "",
+        *table_header(
+            "LoRA recovery after 2:4 Wanda: SmolLM2-135M-Instruct (fp32, CPU) through LLaMA-Factory",
+            command,
+            f"Pruning: Wanda 2:4, calibration {samples} × {seq_len} tokens (seed 0) from `wiki_pt` through LLaMA-Factory's "
+            f"data pipeline. Recovery: LLaMA-Factory `run_exp`, stage pt on `wiki_pt` (Wikipedia calibration split), LoRA "
+            f"r=16 α=32 on all linears, {steps} steps × 4 × 256 tokens, lr 3e-4 cosine; merged keeping sparsity. Perplexity: "
+            f"first {eval_tokens:,} tokens of the evaluation split in 512-token windows. Prune + train + merge took {seconds:.0f} s.",
+        ),
         "| model | perplexity | sparsity of pruned linears |",
         "|---|---|---|",
         f"| dense | {dense_ppl:.2f} | — |",

@@ -16,14 +16,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import time
 from pathlib import Path
 
 import torch
-import transformers
 
-import optimum_prune
+from common import table_header
 from optimum_prune import PruningConfig, evaluate_perplexity, load_default_model, prune
 
 LAYERS = 30  # SmolLM2-135M
@@ -93,18 +91,14 @@ def measure(row: Row | None, args: argparse.Namespace, perplexity: bool = True) 
 
 def markdown(results: list[dict], args: argparse.Namespace, command: str) -> str:
     lines = [
-        "# Structured pruning benchmark: SmolLM2-135M-Instruct (fp32, CPU)",
-        "",
-        f"Command: `{command}`",
-        "",
-        f"Protocol: calibration {args.calibration_samples} × {args.calibration_seq_len} tokens (seed 0); perplexity over "
-        f"the first {args.eval_tokens:,} tokens of the evaluation split in 512-token windows. `ratio` is the requested "
-        "fraction of decoder-layer linear parameters (for slicegpt: of the hidden dimension); `parameters` counts the whole model (tied embeddings once). "
-        f"Latency: fastest of {args.repeats} forward passes of one 512-token window, pruned ÷ dense, timed alternately in the same process.",
-        "",
-        f"Environment: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
-        f"{torch.__version__}, transformers {transformers.__version__}, optimum-prune {optimum_prune.__version__}.",
-        "",
+        *table_header(
+            "Structured pruning benchmark: SmolLM2-135M-Instruct (fp32, CPU)",
+            command,
+            f"Protocol: calibration {args.calibration_samples} × {args.calibration_seq_len} tokens (seed 0); perplexity over "
+            f"the first {args.eval_tokens:,} tokens of the evaluation split in 512-token windows. `ratio` is the requested "
+            "fraction of decoder-layer linear parameters (for slicegpt: of the hidden dimension); `parameters` counts the whole model (tied embeddings once). "
+            f"Latency: fastest of {args.repeats} forward passes of one 512-token window, pruned ÷ dense, timed alternately in the same process.",
+        ),
         "| row | parameters | of dense | latency vs dense | perplexity | pruning time (s) | removed |",
         "|---|---|---|---|---|---|---|",
     ]
