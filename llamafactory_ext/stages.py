@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -154,7 +153,7 @@ def _run_under_torchrun(args: dict[str, Any], keep_masks: bool) -> None:
         config_path = Path(scratch) / "train.yaml"
         OmegaConf.save(OmegaConf.create(args), config_path)
         command = [
-            "torchrun",
+            sys.executable, "-m", "torch.distributed.run",  # torchrun, without relying on PATH
             "--nnodes", os.getenv("NNODES", "1"),
             "--node_rank", os.getenv("NODE_RANK", "0"),
             "--nproc_per_node", os.getenv("NPROC_PER_NODE", str(_device_count_or_one())),
@@ -162,8 +161,6 @@ def _run_under_torchrun(args: dict[str, Any], keep_masks: bool) -> None:
             "--master_port", os.getenv("MASTER_PORT", str(find_available_port())),
             "-m", "llamafactory_ext.worker", str(config_path), *(["--keep-masks"] if keep_masks else []),
         ]  # fmt: skip
-        if shutil.which("torchrun") is None:
-            raise RuntimeError("multi-process training needs `torchrun` (from torch) on PATH")
         logger.info("launching: %s", " ".join(command))
         subprocess.run(command, check=True)
 
