@@ -124,8 +124,8 @@ class PruningCallback(TrainerCallback):
         if self.schedule is not None:
             self.schedule = self.schedule.resolved(state.max_steps)
             if self.schedule.score == "wanda":
-                self._observe_inputs()
-            if self.schedule.prunes_at(state.global_step):
+                self._observe_inputs()  # its first pruning step waits for one interval of activations
+            elif self.schedule.prunes_at(state.global_step):
                 self._prune(state.global_step)
         logger.info("PruningCallback: %d linears at %.2f%% sparsity", len(self.masks.linears), 100 * self.masks.sparsity())
 

@@ -145,6 +145,13 @@ class TestGradualPruning:
         report = verify_sparsity(model, pattern="2:4", ignore=("lm_head",))
         assert report["conforming"] and report["overall_sparsity"] >= 0.5
 
+    def test_wanda_with_initial_sparsity_waits_for_activations(self, tmp_path):
+        model = tiny_model()
+        schedule = GradualSchedule(final_sparsity=0.5, initial_sparsity=0.2, start_step=0, end_step=4, every=2, score="wanda")
+        trainer = run_trainer(model, tmp_path, callbacks=[PruningCallback(schedule)], steps=5)
+        logged = [entry["sparsity"] for entry in trainer.state.log_history if "loss" in entry]
+        assert logged[0] == 0.0 and logged[-1] == pytest.approx(0.5, abs=1e-3)
+
     def test_ignored_linears_stay_dense(self, tmp_path):
         model = tiny_model()
         schedule = GradualSchedule(final_sparsity=0.5, end_step=2, every=1)
