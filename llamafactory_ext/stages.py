@@ -93,7 +93,8 @@ def prune_and_save(args: Mapping[str, Any], section: PruningSection, target: Pat
         "overwrite_output_dir": True,  # this parse only reads data; it writes nothing there
         "streaming": False,  # the calibration tokens are gathered into one stream
     }
-    parse_args.pop("eval_dataset", None)
+    for training_only in ("eval_dataset", "tokenized_path"):  # a tokenized_path would replace the calibration data
+        parse_args.pop(training_only, None)
     model_args, data_args, training_args, _, _ = get_train_args(parse_args)
     tokenizer_module = load_tokenizer(model_args)
     tokenizer = tokenizer_module["tokenizer"]
