@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .adapters import get_adapter
+from .adapters.moe import expert_tokens
 
 
 class ExpertSkipping:
@@ -65,7 +66,7 @@ class ExpertSkipping:
             handle.skipped_calls += int((~kept).sum())
             output = torch.zeros_like(tokens)
             for expert in torch.unique(selected[kept]).tolist():
-                rank, token = torch.where((selected.T == expert) & kept.T)
+                rank, token = expert_tokens(selected, expert, kept)
                 contribution = block.experts[expert](tokens[token]) * weights[token, rank, None].to(tokens.dtype)
                 output.index_add_(0, token, contribution)
             shared = handle.adapter.shared_expert_output(block, tokens)

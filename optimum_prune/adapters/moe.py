@@ -36,6 +36,13 @@ def top_k_routing(logits: torch.Tensor, top_k: int, normalise: bool) -> tuple[to
     return weights, selected
 
 
+def expert_tokens(selected: torch.Tensor, expert: int, kept: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rank, token) of each token routed to ``expert``, in the order these blocks hand them over
+    (``torch.where`` over [top_k, tokens]); ``kept`` masks out skipped selections."""
+    chosen = selected.T == expert
+    return torch.where(chosen if kept is None else chosen & kept.T)
+
+
 @dataclass
 class _BlockRouting:
     """The last routing decision of one MoE block, for the tokens it just received."""
@@ -65,8 +72,8 @@ class ExpertRouting(TokenRouting):
 
     @staticmethod
     def token_weights(routing: _BlockRouting, expert: int) -> torch.Tensor:
-        """Weights in the order the block hands tokens to the expert (``torch.where`` over [top_k, tokens])."""
-        rank, token = torch.where(routing.selected.T == expert)
+        """Routing weights of the expert's tokens, in the order the block hands them over."""
+        rank, token = expert_tokens(routing.selected, expert)
         return routing.weights[token, rank]
 
 

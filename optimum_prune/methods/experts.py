@@ -25,6 +25,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from ..adapters.moe import expert_tokens
 from ..calibration import LayerInputs, run_layer, walk_layers
 from ..options import check_choice, option
 from .base import StructuredMethod, register_structured_method
@@ -116,7 +117,7 @@ class ExpertPruning(StructuredMethod[ExpertPruningOptions]):
                 scores += torch.bincount(selected.flatten().cpu(), minlength=total).double()
                 continue
             for expert in selected.unique().tolist():
-                rank, token = torch.where(selected.T == expert)
+                rank, token = expert_tokens(selected, expert)
                 output = block.experts[expert](chunk[token])
                 scores[expert] += float((weights[token, rank] * output.float().norm(dim=-1)).sum())
                 counts[expert] += token.numel()
