@@ -31,6 +31,7 @@ from optimum_prune import PruningConfig, evaluate_perplexity, get_adapter, prune
 from optimum_prune.calibration import calibration_windows, tokenize_stream
 from optimum_prune.data import wikipedia_articles, wikipedia_text
 from optimum_prune.models import cache_root
+from optimum_prune.saving import atomic_directory
 
 HERE = Path(__file__).resolve().parent
 MODEL = dict(
@@ -79,9 +80,10 @@ def trained_model(steps: int) -> tuple[MixtralForCausalLM, PreTrainedTokenizerFa
             print(f"training step {step}/{steps}: loss {loss.item():.3f}", flush=True)
     seconds = time.perf_counter() - started
     model.eval()
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    (directory / "training.json").write_text(json.dumps({"steps": steps, "seconds": seconds}))
+    with atomic_directory(directory) as staging:  # an interrupted save never leaves a half-written cache
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / "training.json").write_text(json.dumps({"steps": steps, "seconds": seconds}))
     return model, tokenizer, seconds
 
 
