@@ -20,6 +20,7 @@ from .calibration import CalibrationSource, LayerInputs, calibration_windows, fe
 from .config import PruningConfig
 from .methods import METHODS, LayerPruner, MethodSpec, StructuredMethod
 from .methods.magnitude import MagnitudeOptions
+from .options import MoEOptions
 from .report import LinearReport, PruningReport
 from .sparsity import NMPattern, SparsityTarget
 from .statistics import ColumnNorms
@@ -86,6 +87,7 @@ class _PruningRun:
     adapter: DecoderAdapter
     method: MethodSpec
     method_options: Any
+    moe_options: MoEOptions
     allocation: Allocation
     targets: list[dict[str, nn.Linear]]
     device: torch.device
@@ -95,7 +97,8 @@ class _PruningRun:
         adapter = get_adapter(model)
         method = METHODS.get(config.method)
         options = config.build_method_options()
-        targets = _target_linears(adapter, config.ignore, include_routers=config.build_moe_options().prune_router)
+        moe_options = config.build_moe_options()
+        targets = _target_linears(adapter, config.ignore, include_routers=moe_options.prune_router)
         for linears in targets:
             for name, linear in linears.items():
                 try:
@@ -103,7 +106,7 @@ class _PruningRun:
                 except ValueError as error:
                     raise ValueError(f"PruningConfig.sparsity {config.sparsity!r} cannot be applied to {name}: {error}") from None
         allocation = ALLOCATIONS.get(config.allocation).create(config.build_allocation_options())
-        return cls(config, adapter, method, options, allocation, targets, device)
+        return cls(config, adapter, method, options, moe_options, allocation, targets, device)
 
     def execute(self, windows: torch.Tensor | None, report: PruningReport) -> None:
         layer_targets = self._layer_targets(windows)
@@ -151,7 +154,7 @@ class _PruningRun:
         """Run ``layer`` on its calibration inputs, passing each linear's input to ``sink`` (MoE expert
         inputs scaled by routing weight unless disabled); return the tokens each linear received."""
         tokens = dict.fromkeys(linears, 0)
-        weighted = self.config.build_moe_options().routing_weighted
+        weighted = self.moe_options.routing_weighted
         with self.adapter.routed_tokens(layer) as routing:
 
             def receive(name: str, x: torch.Tensor) -> None:
@@ -166,7 +169,7 @@ class _PruningRun:
         """Experts the router never chose on the calibration set: prune data-free or leave dense, and report."""
         if not unrouted:
             return
-        policy = self.config.build_moe_options().unrouted_experts
+        policy = self.moe_options.unrouted_experts
         report.unrouted += unrouted
         report.unrouted_policy = policy
         logger.warning("%d expert linears received no calibration token (%s): %s", len(unrouted), policy, ", ".join(unrouted))
