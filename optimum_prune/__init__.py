@@ -11,7 +11,7 @@ from .api import prune
 from .callback import GradualSchedule, PruningCallback
 from .compress import compress
 from .config import PruningConfig
-from .evaluation import evaluate_perplexity
+from .evaluation import evaluate_image_text_loss, evaluate_perplexity
 from .masks import SparsityMasks, merge_lora_preserving_sparsity
 from .integrations.optimum import OptimumPruner, export_onnx
 from .methods import METHODS, register_method
@@ -38,6 +38,7 @@ __all__ = [
     "SparsityMasks",
     "StructureConfig",
     "compress",
+    "evaluate_image_text_loss",
     "evaluate_perplexity",
     "export_onnx",
     "get_adapter",

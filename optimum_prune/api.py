@@ -16,7 +16,17 @@ from tqdm.auto import tqdm
 
 from .adapters import DecoderAdapter, get_adapter
 from .allocation import ALLOCATIONS, Allocation
-from .calibration import CalibrationSource, LayerInputs, calibration_windows, feeding_inputs, run_layer, walk_layers
+from .calibration import (
+    CalibrationInputs,
+    CalibrationSource,
+    LayerInputs,
+    calibration_inputs,
+    count_images,
+    count_tokens,
+    feeding_inputs,
+    run_layer,
+    walk_layers,
+)
 from .config import PruningConfig
 from .methods import METHODS, LayerPruner, MethodSpec, StructuredMethod
 from .methods.magnitude import MagnitudeOptions
@@ -36,54 +46,82 @@ def prune(
     calibration: CalibrationSource = None,
     tokenizer: Any = None,
     device: str | torch.device | None = None,
+    processor: Any = None,
 ) -> PruningReport:
     """Prune ``model`` in place as ``config`` says and return a report.
 
     ``calibration`` is used only by methods/allocations that need data; ``None`` means the
-    bundled Wikipedia calibration split (which needs ``tokenizer``). ``device`` is where layers
-    are processed one at a time (default: where the model is); the model stays where it was.
-    The config is recorded as ``model.config.pruning_config`` so ``save_pretrained`` keeps it.
-    Every check (config, architecture, shapes, calibration data) runs before any weight changes.
+    bundled Wikipedia calibration split (which needs ``tokenizer``). Multimodal models also take
+    image-text pairs (``[{"image": ..., "text": ...}]``, run through ``processor``). ``device`` is
+    where layers are processed one at a time (default: where the model is); the model stays
+    where it was. The config is recorded as ``model.config.pruning_config`` so
+    ``save_pretrained`` keeps it. Every check (config, architecture, parts, shapes, calibration
+    data) runs before any weight changes.
     """
     if isinstance(config, Mapping):
         config = PruningConfig.from_dict(config)
     elif not isinstance(config, PruningConfig):
         raise TypeError(f"config must be a PruningConfig or a dict, got {type(config).__name__}")
-    runner = _StructuredRun if METHODS.get(config.method).structured else _PruningRun
-    run = runner.plan(model, config, _resolve_device(device, model))
-    windows = None
+    device = _resolve_device(device, model)
+    adapter = get_adapter(model)
+    if METHODS.get(config.method).structured:
+        runs = [_StructuredRun.plan(adapter, config, device)]
+    else:
+        runs = _PruningRun.plan_parts(adapter, config, device)
+    inputs = None
     if config.requires_calibration:
-        windows = calibration_windows(
-            calibration, tokenizer, config.num_calibration_samples, config.calibration_seq_len, config.seed
+        inputs = calibration_inputs(
+            calibration, tokenizer, processor, config.num_calibration_samples, config.calibration_seq_len, config.seed
         )
+        _check_calibration_reaches_parts(inputs, config, runs)
     report = PruningReport(
         method=config.method,
         sparsity=config.sparsity,
         allocation=config.allocation,
-        device=str(run.device),
-        calibration_tokens=0 if windows is None else windows.numel(),
+        device=str(device),
+        calibration_tokens=count_tokens(inputs),
+        calibration_images=count_images(inputs),
+        multimodal=bool(adapter.upstream_parts),
     )
     started = time.perf_counter()
-    if run.device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(run.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     was_training = model.training
     model.eval()  # calibration forwards must not apply dropout
     try:
-        run.execute(windows, report)
+        for run in runs:
+            run.execute(inputs, report)
     finally:
         model.train(was_training)
     report.seconds = time.perf_counter() - started
-    report.peak_memory_bytes, report.peak_memory_kind = _peak_memory(run.device)
+    report.peak_memory_bytes, report.peak_memory_kind = _peak_memory(device)
     model.config.pruning_config = config.to_dict()
     logger.info("%s", report)
     return report
 
 
+def _check_calibration_reaches_parts(inputs: CalibrationInputs, config: PruningConfig, runs: list) -> None:
+    """Vision encoders and projectors only run on images; structured methods calibrate on token windows."""
+    if not isinstance(inputs, torch.Tensor) and METHODS.get(config.method).structured:
+        raise ValueError(
+            f"structured method {config.method!r} calibrates on text token windows; pass text calibration "
+            "(None, strings, a text file or a LongTensor), not image-text pairs or processed batches"
+        )
+    needing_images = [run.part for run in runs if run.part != "language"]
+    if needing_images and not count_images(inputs):
+        raise ValueError(
+            f"PruningConfig.parts {needing_images} run only on images, but the calibration has none; "
+            "calibrate with image-text pairs ([{'image': ..., 'text': ...}] and processor=...)"
+        )
+
+
 @dataclass
 class _PruningRun:
-    """Everything resolved from a config for one model: adapter, method, allocation, target linears."""
+    """Everything resolved from a config for one part of a model: adapter, method, allocation, target linears."""
 
     config: PruningConfig
+    part: str
+    target: SparsityTarget
     adapter: DecoderAdapter
     method: MethodSpec
     method_options: Any
@@ -93,8 +131,22 @@ class _PruningRun:
     device: torch.device
 
     @classmethod
-    def plan(cls, model: nn.Module, config: PruningConfig, device: torch.device) -> "_PruningRun":
-        adapter = get_adapter(model)
+    def plan_parts(cls, adapter: DecoderAdapter, config: PruningConfig, device: torch.device) -> list["_PruningRun"]:
+        """One run per part the config names, in the order the model executes them."""
+        available = adapter.parts()
+        targets = config.part_targets()
+        missing = sorted(set(targets) - set(available))
+        if missing:
+            raise ValueError(
+                f"PruningConfig.parts names {missing}, but {type(adapter.model).__name__} has only the part(s) "
+                f"{', '.join(available)}; remove the policy for {', '.join(missing)}"
+            )
+        return [cls.plan(name, part, config, targets[name], device) for name, part in available.items() if name in targets]
+
+    @classmethod
+    def plan(
+        cls, part: str, adapter: DecoderAdapter, config: PruningConfig, target: SparsityTarget, device: torch.device
+    ) -> "_PruningRun":
         method = METHODS.get(config.method)
         options = config.build_method_options()
         moe_options = config.build_moe_options()
@@ -102,28 +154,32 @@ class _PruningRun:
         for linears in targets:
             for name, linear in linears.items():
                 try:
-                    method.pruner.check_target(options, config.target, linear.in_features)
+                    method.pruner.check_target(options, target, linear.in_features)
                 except ValueError as error:
-                    raise ValueError(f"PruningConfig.sparsity {config.sparsity!r} cannot be applied to {name}: {error}") from None
+                    field = "PruningConfig.sparsity" if not config.parts else f"PruningConfig.parts[{part!r}].sparsity"
+                    raise ValueError(f"{field} {str(target)!r} cannot be applied to {name}: {error}") from None
         allocation = ALLOCATIONS.get(config.allocation).create(config.build_allocation_options())
-        return cls(config, adapter, method, options, moe_options, allocation, targets, device)
+        return cls(config, part, target, adapter, method, options, moe_options, allocation, targets, device)
 
-    def execute(self, windows: torch.Tensor | None, report: PruningReport) -> None:
+    def execute(self, windows: CalibrationInputs | None, report: PruningReport) -> None:
         layer_targets = self._layer_targets(windows)
         if self.method.requires_calibration:
-            walk_layers(self.adapter, windows, self.device, self._pruning_visitor(layer_targets, report), f"Pruning ({self.config.method})")
+            walk_layers(self.adapter, windows, self.device, self._pruning_visitor(layer_targets, report), self._description("Pruning"))
         else:
-            for index in tqdm(range(len(self.targets)), desc=f"Pruning ({self.config.method})"):
+            for index in tqdm(range(len(self.targets)), desc=self._description("Pruning")):
                 pruners = {name: self.method.create(linear, self.method_options) for name, linear in self.targets[index].items()}
-                _finish(pruners, index, layer_targets[index], report)
+                _finish(pruners, self.part, index, layer_targets[index], report)
 
-    def _layer_targets(self, windows: torch.Tensor | None) -> list[SparsityTarget]:
-        target = self.config.target
-        if isinstance(target, NMPattern):
-            return [target] * len(self.targets)
+    def _description(self, action: str) -> str:
+        part = "" if self.part == "language" and not self.adapter.upstream_parts else f" {self.part}"
+        return f"{action}{part} ({self.config.method})"
+
+    def _layer_targets(self, windows: CalibrationInputs | None) -> list[SparsityTarget]:
+        if isinstance(self.target, NMPattern):
+            return [self.target] * len(self.targets)
         if self.allocation.requires_calibration:
-            walk_layers(self.adapter, windows, self.device, self._observing_visitor(), "Allocating layer sparsity")
-        return self.allocation.allocate(target, len(self.targets))
+            walk_layers(self.adapter, windows, self.device, self._observing_visitor(), self._description("Allocating sparsity"))
+        return self.allocation.allocate(self.target, len(self.targets))
 
     def _observing_visitor(self):
         """Shows the allocation each dense layer's weights and input norms."""
@@ -144,7 +200,7 @@ class _PruningRun:
             pruners = {name: self.method.create(linear, self.method_options) for name, linear in linears.items()}
             tokens = self._run_feeding(layer, inputs, linears, lambda name, x: pruners[name].add_batch(x))
             self._handle_unrouted(pruners, [name for name, count in tokens.items() if count == 0], report)
-            _finish(pruners, index, layer_targets[index], report)
+            _finish(pruners, self.part, index, layer_targets[index], report)
 
         return visit
 
@@ -187,12 +243,13 @@ class _StructuredRun:
     adapter: DecoderAdapter
     method: StructuredMethod
     device: torch.device
+    part: str = "language"
 
     @classmethod
-    def plan(cls, model: nn.Module, config: PruningConfig, device: torch.device) -> "_StructuredRun":
-        adapter = get_adapter(model)
+    def plan(cls, adapter: DecoderAdapter, config: PruningConfig, device: torch.device) -> "_StructuredRun":
         spec = METHODS.get(config.method)
-        method = spec.structured(adapter, config.target, config.ignore, config.build_method_options(), device)
+        target = config.part_targets()["language"]
+        method = spec.structured(adapter, target, config.ignore, config.build_method_options(), device)
         method.check()
         return cls(config, adapter, method, device)
 
@@ -220,13 +277,13 @@ def _target_linears(adapter: DecoderAdapter, ignore: list[str], include_routers:
     return result
 
 
-def _finish(pruners: dict[str, LayerPruner], index: int, target: SparsityTarget, report: PruningReport) -> None:
+def _finish(pruners: dict[str, LayerPruner], part: str, index: int, target: SparsityTarget, report: PruningReport) -> None:
     fraction = target.sparsity if isinstance(target, NMPattern) else target
     for name, pruner in pruners.items():
         pruner.prune(target)
         weight = pruner.linear.weight
         zeros = int((weight == 0).sum())
-        report.linears.append(LinearReport(name, index, fraction, zeros / weight.numel(), weight.numel()))
+        report.linears.append(LinearReport(name, index, fraction, zeros / weight.numel(), weight.numel(), part))
 
 
 def _resolve_device(device: str | torch.device | None, model: nn.Module) -> torch.device:

@@ -57,6 +57,14 @@ class PruningConfig:
         default_factory=dict,
         metadata={"help": "Mixture-of-experts handling: routing_weighted, unrouted_experts, prune_router (see MoEOptions)."},
     )
+    parts: dict[str, dict[str, Any]] = field(
+        default_factory=dict,
+        metadata={
+            "help": "Multimodal models: the stacks to prune, each with its own policy, e.g. {'language': {}, 'vision': "
+            "{'sparsity': 0.3}}. Parts: 'language' (decoder layers), 'vision' (vision encoder layers), 'projector'. A "
+            "policy may set 'sparsity' (default: the config's). Empty means the language tower only; parts not named stay dense."
+        },
+    )
     num_calibration_samples: int = field(default=128, metadata={"help": "Calibration windows (paper default 128)."})
     calibration_seq_len: int = field(default=2048, metadata={"help": "Tokens per calibration window."})
     seed: int = field(default=0, metadata={"help": "Seed for sampling calibration windows."})
@@ -70,10 +78,17 @@ class PruningConfig:
         self.allocation_options = _complete_options(
             allocation.options, self.allocation_options, "PruningConfig.allocation_options"
         )
+        self.parts = _complete_parts(self.parts, self.sparsity)
+        if spec.structured is not None and set(self.parts) - {"language"}:
+            raise ValueError(
+                f"PruningConfig.parts {sorted(self.parts)}: structured method {self.method!r} prunes the language tower "
+                "only; name just 'language' (or leave parts empty) or use an unstructured method for the other parts"
+            )
+        patterns = [str(t) for t in self.part_targets().values() if isinstance(t, NMPattern)]
         if spec.structured is not None:
-            if isinstance(self.target, NMPattern):
+            if patterns:
                 raise ValueError(
-                    f"PruningConfig.sparsity {self.sparsity!r}: N:M patterns apply to unstructured methods; the structured "
+                    f"PruningConfig.sparsity {patterns[0]!r}: N:M patterns apply to unstructured methods; the structured "
                     f"method {self.method!r} takes the fraction of decoder-layer parameters to remove, e.g. 0.2"
                 )
             if allocation.name != "uniform":
@@ -81,10 +96,10 @@ class PruningConfig:
                     f"PruningConfig.allocation {self.allocation!r} applies to unstructured methods; structured method "
                     f"{self.method!r} chooses its own per-layer widths (see its 'ranking' option): use allocation='uniform'"
                 )
-        if allocation.name != "uniform" and isinstance(self.target, NMPattern):
+        if allocation.name != "uniform" and patterns:
             raise ValueError(
                 f"PruningConfig.allocation {self.allocation!r} varies sparsity per layer and cannot be combined "
-                f"with the N:M pattern {self.sparsity!r}; use a float sparsity or allocation='uniform'"
+                f"with the N:M pattern {patterns[0]!r}; use a float sparsity or allocation='uniform'"
             )
         if isinstance(self.ignore, str) or not all(isinstance(p, str) for p in self.ignore):
             raise TypeError(f"PruningConfig.ignore must be a list of glob patterns, got {self.ignore!r}")
@@ -99,7 +114,12 @@ class PruningConfig:
     @property
     def target(self) -> SparsityTarget:
         """The sparsity as a float or a parsed ``NMPattern``."""
-        return NMPattern.parse(self.sparsity) if isinstance(self.sparsity, str) else self.sparsity
+        return _target(self.sparsity)
+
+    def part_targets(self) -> dict[str, SparsityTarget]:
+        """Sparsity target of each part to prune, in the order the policies were given."""
+        parts = self.parts or {"language": {"sparsity": self.sparsity}}
+        return {name: _target(policy["sparsity"]) for name, policy in parts.items()}
 
     @property
     def requires_calibration(self) -> bool:
@@ -171,6 +191,33 @@ class PruningConfig:
         if not isinstance(data, dict):
             raise ValueError(f"{path} must contain a JSON object, got {type(data).__name__}")
         return cls.from_dict(data)
+
+
+def _target(sparsity: float | str) -> SparsityTarget:
+    return NMPattern.parse(sparsity) if isinstance(sparsity, str) else sparsity
+
+
+MODEL_PARTS = ("vision", "projector", "language")
+PART_POLICY_KEYS = ("sparsity",)
+
+
+def _complete_parts(parts: Any, default_sparsity: float | str) -> dict[str, dict[str, Any]]:
+    """Check each part's policy and fill in its sparsity, so the stored config says exactly what was done."""
+    if not isinstance(parts, Mapping):
+        raise TypeError(f"PruningConfig.parts must map part names to policies, got {type(parts).__name__}")
+    completed = {}
+    for name, policy in parts.items():
+        field_name = f"PruningConfig.parts[{name!r}]"
+        if name not in MODEL_PARTS:
+            raise ValueError(f"PruningConfig.parts has unknown part {name!r}; parts: {', '.join(MODEL_PARTS)}")
+        if not isinstance(policy, Mapping):
+            raise TypeError(f"{field_name} must be a mapping such as {{'sparsity': 0.5}}, got {policy!r}")
+        unknown = sorted(set(policy) - set(PART_POLICY_KEYS))
+        if unknown:
+            raise ValueError(f"{field_name} has unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(PART_POLICY_KEYS)}")
+        sparsity = normalise_sparsity(policy.get("sparsity", default_sparsity), f"{field_name}.sparsity")
+        completed[name] = {"sparsity": sparsity}
+    return completed
 
 
 def _complete_options(options_cls: type, values: Any, field_name: str) -> dict[str, Any]:

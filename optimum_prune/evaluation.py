@@ -1,4 +1,4 @@
-"""Perplexity over non-overlapping windows, one batch of logits alive at a time."""
+"""Perplexity over non-overlapping windows, one batch of logits alive at a time; image-conditioned caption loss."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from .calibration import tokenize_stream
+from .calibration import image_text_batches, tokenize_stream
 from .data import wikipedia_text
 
 
@@ -56,3 +56,40 @@ def evaluate_perplexity(
     finally:
         model.train(was_training)
     return math.exp(total_nll / (windows * (seq_len - 1)))
+
+
+def evaluate_image_text_loss(
+    model: nn.Module, processor: Any, pairs: Sequence[Any] | None = None, device: str | torch.device | None = None
+) -> float:
+    """Mean next-token NLL (nats) of each caption's tokens given its image.
+
+    Each pair runs as the model would see it in calibration (``<image>`` placeholder, a newline,
+    the caption); only the caption's own tokens — its last ``len(tokenize(caption))`` positions —
+    are scored, never the image tokens or the prompt. ``pairs`` defaults to the bundled
+    ``evaluation`` split of image-caption pairs (disjoint captions from calibration).
+    """
+    if pairs is None:
+        from .data.images import image_text_pairs
+
+        pairs = image_text_pairs("evaluation")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total_nll, total_tokens = 0.0, 0
+    try:
+        with torch.no_grad():
+            for pair, batch in zip(pairs, image_text_batches(pairs, processor, len(pairs))):
+                caption = torch.tensor(processor.tokenizer(pair["text"], add_special_tokens=False)["input_ids"])
+                scored = caption.numel()
+                ids = batch["input_ids"].to(device)
+                if not torch.equal(ids[0, -scored:].cpu(), caption):
+                    raise ValueError(f"the processed input does not end with the caption's tokens: {pair['text']!r}")
+                logits = model(**{name: value.to(device) for name, value in batch.items()}, use_cache=False).logits
+                total_nll += F.cross_entropy(
+                    logits[0, -scored - 1 : -1].float(), ids[0, -scored:], reduction="sum"
+                ).item()
+                total_tokens += scored
+                del logits
+    finally:
+        model.train(was_training)
+    return total_nll / total_tokens

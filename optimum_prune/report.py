@@ -15,6 +15,7 @@ class LinearReport:
     target_sparsity: float
     sparsity: float
     numel: int
+    part: str = "language"
 
 
 @dataclass
@@ -24,6 +25,8 @@ class PruningReport:
     allocation: str
     device: str
     calibration_tokens: int
+    calibration_images: int = 0
+    multimodal: bool = False  # the model has parts besides the language tower
     seconds: float = 0.0
     peak_memory_bytes: int = 0
     peak_memory_kind: str = ""
@@ -46,11 +49,23 @@ class PruningReport:
         total = sum(r.numel for r in self.linears)
         return sum(r.sparsity * r.numel for r in self.linears) / total if total else 0.0
 
-    def layer_sparsities(self) -> dict[int, tuple[float, float]]:
-        """Decoder layer index → (target, measured) sparsity over its pruned linears."""
+    @property
+    def parts(self) -> list[str]:
+        """The model parts that were pruned, in the order they were visited."""
+        return list(dict.fromkeys(r.part for r in self.linears))
+
+    def part_sparsity(self, part: str) -> float:
+        """Measured zeros over the pruned linears of one model part."""
+        rows = [r for r in self.linears if r.part == part]
+        total = sum(r.numel for r in rows)
+        return sum(r.sparsity * r.numel for r in rows) / total if total else 0.0
+
+    def layer_sparsities(self, part: str = "language") -> dict[int, tuple[float, float]]:
+        """Layer index (within ``part``) → (target, measured) sparsity over its pruned linears."""
         result: dict[int, tuple[float, float]] = {}
-        for index in sorted({r.layer_index for r in self.linears}):
-            rows = [r for r in self.linears if r.layer_index == index]
+        linears = [r for r in self.linears if r.part == part]
+        for index in sorted({r.layer_index for r in linears}):
+            rows = [r for r in linears if r.layer_index == index]
             numel = sum(r.numel for r in rows)
             result[index] = (
                 sum(r.target_sparsity * r.numel for r in rows) / numel,
@@ -84,15 +99,22 @@ class PruningReport:
         lines = [f"Pruning report: method={self.method} sparsity={self.sparsity} allocation={self.allocation} device={self.device}"]
         lines += self._structure_lines() if self.shapes else self._sparsity_lines()
         lines += [
-            f"calibration tokens: {self.calibration_tokens:,}",
+            f"calibration tokens: {self.calibration_tokens:,}{self._calibration_kind()}",
             f"time: {self.seconds:.1f} s   peak memory ({self.peak_memory_kind}): {self.peak_memory_bytes / 2**20:,.0f} MiB",
         ]
         return "\n".join(lines)
 
+    def _calibration_kind(self) -> str:
+        if not self.multimodal or not self.calibration_tokens:
+            return ""
+        return f" (image-text, {self.calibration_images} images)" if self.calibration_images else " (text only, no images)"
+
     def _sparsity_lines(self) -> list[str]:
-        lines = [f"{'layer':>5}  {'target':>7}  {'measured':>8}"]
-        for index, (target, measured) in self.layer_sparsities().items():
-            lines.append(f"{index:>5}  {target:>7.2%}  {measured:>8.2%}")
+        lines = [f"{'part':>9}  {'layer':>5}  {'target':>7}  {'measured':>8}" if self.multimodal else f"{'layer':>5}  {'target':>7}  {'measured':>8}"]
+        for part in self.parts:
+            for index, (target, measured) in self.layer_sparsities(part).items():
+                prefix = f"{part:>9}  " if self.multimodal else ""
+                lines.append(f"{prefix}{index:>5}  {target:>7.2%}  {measured:>8.2%}")
         lines.append(f"overall sparsity of pruned linears: {self.overall_sparsity:.2%} ({len(self.linears)} linears)")
         if self.unrouted:
             action = "pruned by magnitude" if self.unrouted_policy == "magnitude" else "left dense"

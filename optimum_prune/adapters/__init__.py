@@ -1,7 +1,17 @@
 """Architecture adapters. A new family is one module here plus one import line below."""
 
-from . import llama, moe  # noqa: F401  (register their model classes)
-from .base import ADAPTERS, AttentionLayout, DecoderAdapter, MLPLayout, ResidualBranch, TokenRouting, get_adapter, register_adapter
+from . import llama, llava, moe  # noqa: F401  (register their model classes)
+from .base import (
+    ADAPTERS,
+    AttentionLayout,
+    DecoderAdapter,
+    MLPLayout,
+    ResidualBranch,
+    TokenRouting,
+    adapter_factory,
+    get_adapter,
+    register_adapter,
+)
 
 __all__ = [
     "ADAPTERS",
@@ -10,6 +20,7 @@ __all__ = [
     "MLPLayout",
     "ResidualBranch",
     "TokenRouting",
+    "adapter_factory",
     "get_adapter",
     "register_adapter",
 ]

@@ -81,10 +81,33 @@ class TokenRouting:
 
 
 class DecoderAdapter(ABC):
-    """Layout of a decoder-only transformer; subclasses say where its parts live."""
+    """Layout of a decoder-only transformer; subclasses say where its parts live.
 
-    def __init__(self, model: nn.Module) -> None:
+    ``model`` is what calibration runs (its forward reaches the decoder layers); ``decoder`` is the
+    module holding the layers, embeddings and final norm (the model's ``base_model`` unless the
+    decoder is a tower inside a larger model) and ``config`` the configuration describing it.
+    A multimodal model's adapter is its language tower's, with the modules that run before the
+    tower in ``runs_before`` and the other separately prunable stacks in ``upstream_parts``.
+    """
+
+    def __init__(self, model: nn.Module, decoder: nn.Module | None = None, config: Any = None) -> None:
         self.model = model
+        self.decoder = decoder if decoder is not None else model.base_model
+        self.config = config if config is not None else model.config
+        self.runs_before: list[nn.Module] = []
+        self.upstream_parts: dict[str, DecoderAdapter] = {}
+
+    # Model inputs without which the forward never reaches these layers (a vision tower needs
+    # ``pixel_values``): calibration skips batches that lack them instead of running them in vain.
+    required_inputs: tuple[str, ...] = ()
+
+    def parts(self) -> dict[str, "DecoderAdapter"]:
+        """The separately prunable stacks of layers, in execution order; a text model has only ``language``."""
+        return {**self.upstream_parts, "language": self}
+
+    def capture_modules(self) -> list[nn.Module]:
+        """Everything the model runs before decoder layer 0 (moved to the compute device for capture)."""
+        return [*self.runs_before, *self.input_modules()]
 
     @abstractmethod
     def decoder_layers(self) -> nn.ModuleList:
@@ -92,7 +115,7 @@ class DecoderAdapter(ABC):
 
     @abstractmethod
     def input_modules(self) -> list[nn.Module]:
-        """Modules the model runs before decoder layer 0 (moved to the compute device for capture)."""
+        """The decoder's own modules that run before layer 0 (embeddings, rotary embedding)."""
 
     def prunable_linears(self, layer: nn.Module, include_routers: bool = False) -> dict[str, nn.Linear]:
         """Linears of one decoder layer, keyed by their name inside the layer (MoE routers only
@@ -223,10 +246,8 @@ class DecoderAdapter(ABC):
     def layer_names(self) -> list[str]:
         """Qualified names of the decoder layers, for reports and ``ignore`` patterns."""
         layers = self.decoder_layers()
-        for name, module in self.model.named_modules():
-            if module is layers:
-                return [f"{name}.{index}" for index in range(len(layers))]
-        raise RuntimeError("decoder layers are not a submodule of the model")
+        prefix = qualified_name(self.model, layers)
+        return [f"{prefix}.{index}" for index in range(len(layers))]
 
 
 def resized_linear(
@@ -253,11 +274,14 @@ def resize_embedding(embedding: nn.Embedding, width: int) -> None:
     embedding.embedding_dim = width
 
 
-ADAPTERS: Registry[type[DecoderAdapter]] = Registry("architecture adapter", "model class")
+AdapterFactory = Callable[..., DecoderAdapter]
+"""An adapter class, or a function building the adapter of a composite (multimodal) model."""
+
+ADAPTERS: Registry[AdapterFactory] = Registry("architecture adapter", "model class")
 
 
-def register_adapter(*model_classes: type) -> Callable[[type[DecoderAdapter]], type[DecoderAdapter]]:
-    def decorator(adapter: type[DecoderAdapter]) -> type[DecoderAdapter]:
+def register_adapter(*model_classes: type) -> Callable[[AdapterFactory], AdapterFactory]:
+    def decorator(adapter: AdapterFactory) -> AdapterFactory:
         for model_class in model_classes:
             ADAPTERS.add(model_class.__name__, adapter)
         return adapter
@@ -265,10 +289,23 @@ def register_adapter(*model_classes: type) -> Callable[[type[DecoderAdapter]], t
     return decorator
 
 
-def get_adapter(model: nn.Module) -> DecoderAdapter:
+def adapter_factory(model: nn.Module) -> AdapterFactory:
+    """The registered adapter of ``model``'s class or its nearest registered base class."""
     for cls in type(model).__mro__:
         if cls.__name__ in ADAPTERS:
-            return ADAPTERS.get(cls.__name__)(model)
+            return ADAPTERS.get(cls.__name__)
     raise ValueError(
         f"model class {type(model).__name__} is not supported; supported model classes: {', '.join(ADAPTERS.names())}"
     )
+
+
+def get_adapter(model: nn.Module) -> DecoderAdapter:
+    return adapter_factory(model)(model)
+
+
+def qualified_name(model: nn.Module, module: nn.Module) -> str:
+    """``module``'s name inside ``model``, for reports and ``ignore`` patterns."""
+    for name, candidate in model.named_modules():
+        if candidate is module:
+            return name
+    raise RuntimeError(f"{type(module).__name__} is not a submodule of {type(model).__name__}")

@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
-from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
+from transformers import LlamaForCausalLM, LlamaModel, MistralForCausalLM, MistralModel, Qwen2ForCausalLM, Qwen2Model
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..structure.modules import RemovedAttention, RemovedMLP
@@ -59,15 +59,16 @@ def _identity_linear(width: int, like: torch.Tensor) -> nn.Linear:
     return linear
 
 
-@register_adapter(LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM)
+# The bare ``*Model`` classes are the language towers of multimodal models (see ``llava.py``).
+@register_adapter(LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, LlamaModel, MistralModel, Qwen2Model)
 class LlamaAdapter(DecoderAdapter):
-    """``model.model.{embed_tokens, rotary_emb, layers, norm}``; each layer holds q/k/v/o and gate/up/down."""
+    """``decoder.{embed_tokens, rotary_emb, layers, norm}``; each layer holds q/k/v/o and gate/up/down."""
 
     def decoder_layers(self) -> nn.ModuleList:
-        return self.model.model.layers
+        return self.decoder.layers
 
     def input_modules(self) -> list[nn.Module]:
-        return [self.model.model.embed_tokens, self.model.model.rotary_emb]
+        return [self.decoder.embed_tokens, self.decoder.rotary_emb]
 
     # Heads are handled here rather than by Torch-Pruning's graph: the q/k/v outputs are reshaped
     # into heads, rotated by RoPE per head and keys/values are repeated per GQA group
@@ -148,10 +149,10 @@ class LlamaAdapter(DecoderAdapter):
 
     def keep_layers(self, indices: list[int]) -> None:
         layers = self.decoder_layers()
-        self.model.model.layers = nn.ModuleList(layers[i] for i in indices)
-        for new_index, layer in enumerate(self.model.model.layers):
+        self.decoder.layers = nn.ModuleList(layers[i] for i in indices)
+        for new_index, layer in enumerate(self.decoder.layers):
             layer.self_attn.layer_idx = new_index
-        config = self.model.config
+        config = self.config
         # Qwen2 (sliding-window variants) keeps one attention type per layer; it follows its layer.
         if getattr(config, "layer_types", None) is not None:
             config.layer_types = [config.layer_types[i] for i in indices]
@@ -174,7 +175,7 @@ class LlamaAdapter(DecoderAdapter):
         return layers[index]
 
     def final_norm(self) -> nn.Module:
-        return self.model.model.norm
+        return self.decoder.norm
 
     def layer_shape(self, layer: nn.Module) -> LayerShape:
         attention, mlp = self.attention(layer), self.mlp(layer)

@@ -20,7 +20,16 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import MixtralForCausalLM, OlmoeForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM
+from transformers import (
+    MixtralForCausalLM,
+    MixtralModel,
+    OlmoeForCausalLM,
+    OlmoeModel,
+    Qwen2MoeForCausalLM,
+    Qwen2MoeModel,
+    Qwen3MoeForCausalLM,
+    Qwen3MoeModel,
+)
 
 from ..structure.shapes import LayerShape
 from ..structure.surgery import keep_output_features
@@ -77,15 +86,18 @@ class ExpertRouting(TokenRouting):
         return routing.weights[token, rank]
 
 
-@register_adapter(MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM, OlmoeForCausalLM)
+@register_adapter(
+    MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM, OlmoeForCausalLM,
+    MixtralModel, Qwen2MoeModel, Qwen3MoeModel, OlmoeModel,  # as language towers of multimodal models
+)
 class MoEAdapter(DecoderAdapter):
-    """``model.model.{embed_tokens, rotary_emb, layers, norm}``; each layer: attention and a sparse MoE block."""
+    """``decoder.{embed_tokens, rotary_emb, layers, norm}``; each layer: attention and a sparse MoE block."""
 
     def decoder_layers(self) -> nn.ModuleList:
-        return self.model.model.layers
+        return self.decoder.layers
 
     def input_modules(self) -> list[nn.Module]:
-        return [self.model.model.embed_tokens, self.model.model.rotary_emb]
+        return [self.decoder.embed_tokens, self.decoder.rotary_emb]
 
     def moe_block(self, layer: nn.Module) -> nn.Module | None:
         """The layer's sparse MoE block (Mixtral: ``block_sparse_moe``; the others: ``mlp``), or None for a dense MLP."""

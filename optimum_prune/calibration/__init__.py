@@ -1,14 +1,30 @@
 """Calibration data sources and the sequential layer-wise engine."""
 
-from .engine import LayerInputs, capture_first_layer_inputs, feeding_inputs, run_layer, walk_layers
-from .sources import CalibrationSource, calibration_windows, sample_windows, tokenize_stream
+from .engine import (
+    CalibrationInputs,
+    LayerInputs,
+    capture_first_layer_inputs,
+    count_tokens,
+    feeding_inputs,
+    model_batches,
+    run_layer,
+    walk_layers,
+)
+from .multimodal import count_images, image_text_batches
+from .sources import CalibrationSource, calibration_inputs, calibration_windows, sample_windows, tokenize_stream
 
 __all__ = [
+    "CalibrationInputs",
     "CalibrationSource",
     "LayerInputs",
+    "calibration_inputs",
     "calibration_windows",
     "capture_first_layer_inputs",
+    "count_images",
+    "count_tokens",
     "feeding_inputs",
+    "image_text_batches",
+    "model_batches",
     "run_layer",
     "sample_windows",
     "tokenize_stream",

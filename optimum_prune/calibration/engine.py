@@ -11,10 +11,11 @@ and no logits are ever computed.
 
 from __future__ import annotations
 
+import inspect
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping, Sequence, Union
 
 import torch
 from torch import nn
@@ -37,34 +38,72 @@ class LayerInputs:
         return sum(t.numel() * t.element_size() for t in self.hidden_states)
 
 
+CalibrationInputs = Union[torch.Tensor, Sequence[Mapping[str, torch.Tensor]]]
+"""Text windows (``[samples, seq_len]`` token ids) or processed model-input batches (image-text)."""
+
+
+def model_batches(inputs: CalibrationInputs, batch_size: int = 1) -> list[dict[str, torch.Tensor]]:
+    """The keyword arguments of each calibration forward (token windows are grouped ``batch_size`` at a time)."""
+    if isinstance(inputs, torch.Tensor):
+        return [{"input_ids": inputs[start : start + batch_size]} for start in range(0, inputs.shape[0], batch_size)]
+    return [dict(batch) for batch in inputs]
+
+
+def count_tokens(inputs: CalibrationInputs | None) -> int:
+    if inputs is None:
+        return 0
+    return sum(batch["input_ids"].numel() for batch in model_batches(inputs))
+
+
 class _StopForward(Exception):
     """Raised from layer 0's pre-hook: nothing past the captured inputs needs computing."""
 
 
 def capture_first_layer_inputs(
-    adapter: DecoderAdapter, windows: torch.Tensor, device: torch.device, batch_size: int = 1
+    adapter: DecoderAdapter, inputs: CalibrationInputs, device: torch.device, batch_size: int = 1
 ) -> LayerInputs:
     model = adapter.model
     first_layer = adapter.decoder_layers()[0]
+    signature = inspect.signature(first_layer.forward)
     captured = LayerInputs([], [])
 
     def record(_module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        captured.hidden_states.append(hidden.detach())
-        captured.layer_kwargs.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        # Bind positional arguments to their names (CLIP's encoder passes the masks positionally),
+        # so every layer can be rerun as ``layer(hidden, **kwargs)``.
+        arguments = _named_arguments(signature, args, kwargs)
+        captured.hidden_states.append(arguments.pop(next(iter(signature.parameters))).detach())
+        captured.layer_kwargs.append(arguments)
         raise _StopForward
 
     handle = first_layer.register_forward_pre_hook(record, with_kwargs=True)
-    with on_device(adapter.input_modules(), device), torch.no_grad():
+    with on_device(adapter.capture_modules(), device), torch.no_grad():
         try:
-            for start in tqdm(range(0, windows.shape[0], batch_size), desc="Capturing calibration inputs", leave=False):
+            batches = [b for b in model_batches(inputs, batch_size) if all(name in b for name in adapter.required_inputs)]
+            for batch in tqdm(batches, desc="Capturing calibration inputs", leave=False):
                 try:
-                    model(input_ids=windows[start : start + batch_size].to(device), use_cache=False)
+                    model(**{name: value.to(device) for name, value in batch.items()}, use_cache=False)
                 except _StopForward:
                     pass
         finally:
             handle.remove()
+    if not captured.hidden_states:
+        needs = f"; it runs only on batches with {', '.join(adapter.required_inputs)}" if adapter.required_inputs else ""
+        raise ValueError(f"no calibration batch reached {adapter.layer_names()[0]}{needs}")
     return captured
+
+
+def _named_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
+    bound = signature.bind_partial(*args, **kwargs).arguments
+    named = {}
+    for name, value in bound.items():
+        kind = signature.parameters[name].kind
+        if kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            raise TypeError(f"cannot capture variadic positional arguments *{name} of a layer's forward")
+        else:
+            named[name] = value
+    return named
 
 
 def run_layer(adapter: DecoderAdapter, layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
@@ -94,7 +133,7 @@ LayerVisitor = Callable[[int, nn.Module, LayerInputs], None]
 
 def walk_layers(
     adapter: DecoderAdapter,
-    windows: torch.Tensor,
+    windows: CalibrationInputs,
     device: torch.device,
     visit: LayerVisitor,
     description: str,

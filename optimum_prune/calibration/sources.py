@@ -1,9 +1,10 @@
-"""Turn a calibration source into a ``[samples, seq_len]`` tensor of token ids.
+"""Turn a calibration source into model inputs: a ``[samples, seq_len]`` tensor of token ids for text.
 
-Sources: ``None`` (the bundled Wikipedia calibration split), a path to a text file, a list of
+Text sources: ``None`` (the bundled Wikipedia calibration split), a path to a text file, a list of
 strings, a ``datasets.Dataset`` with a ``text`` column, or a ready ``LongTensor`` of token ids.
 Text is tokenised as one stream and windows start at seeded random offsets, as in the
 Wanda/SparseGPT reference loaders, so the same seed always yields the same windows.
+Multimodal sources (image-text pairs, or already processed batches) are in ``multimodal.py``.
 """
 
 from __future__ import annotations
@@ -15,8 +16,23 @@ from typing import Any, Sequence, Union
 import torch
 
 from ..data import wikipedia_text
+from .engine import CalibrationInputs
+from .multimodal import image_text_batches, is_image_text, is_model_batches
 
 CalibrationSource = Union[None, str, os.PathLike, Sequence[str], torch.Tensor, Any]
+
+
+def calibration_inputs(
+    source: CalibrationSource, tokenizer: Any, processor: Any, num_samples: int, seq_len: int, seed: int
+) -> CalibrationInputs:
+    """Processed batches for image-text pairs (through ``processor``) or ready batches; token windows for text."""
+    if is_image_text(source):
+        return image_text_batches(source, processor, num_samples)
+    if is_model_batches(source):
+        return [dict(batch) for batch in source]
+    if tokenizer is None and processor is not None:
+        tokenizer = getattr(processor, "tokenizer", None)
+    return calibration_windows(source, tokenizer, num_samples, seq_len, seed)
 
 
 def calibration_windows(
@@ -63,8 +79,9 @@ def _texts(source: CalibrationSource) -> list[str]:
         texts = list(source)
     else:
         raise TypeError(
-            "calibration must be None, a text file path, a list of strings, a datasets.Dataset with a 'text' column "
-            f"or a LongTensor of token ids; got {type(source).__name__}"
+            "calibration must be None, a text file path, a list of strings, a datasets.Dataset with a 'text' column, "
+            "a LongTensor of token ids, image-text pairs ({'image': ..., 'text': ...}) or processed batches "
+            f"({{'input_ids': ..., ...}}); got {type(source).__name__}"
         )
     texts = [t for t in texts if t.strip()]
     if not texts:

@@ -89,26 +89,28 @@ class StructureLoader(HfQuantizer):
 
 
 def record_structure(adapter: DecoderAdapter) -> list[LayerShape]:
-    """Rewrite ``adapter.model.config`` to describe the pruned layers; return their shapes.
+    """Rewrite the decoder's config to describe the pruned layers; return their shapes.
 
     Uniform shapes go into the ordinary config fields; otherwise the config keeps its original
-    (upper-bound) widths and the shapes go into ``quantization_config``.
+    (upper-bound) widths and the shapes go into the model config's ``quantization_config``
+    (for a multimodal model the widths live in its ``text_config``).
     """
-    config = adapter.model.config
+    config = adapter.config
+    model_config = adapter.model.config
     shapes = [adapter.layer_shape(layer) for layer in adapter.decoder_layers()]
     adapter.write_uniform_config(config, adapter.stock_shape(config))  # makes head_dim explicit
     uniform = copy.deepcopy(config)
     adapter.write_uniform_config(uniform, shapes[0])
-    existing = getattr(config, "quantization_config", None)
+    existing = getattr(model_config, "quantization_config", None)
     if all(shape == adapter.stock_shape(uniform) for shape in shapes):
         adapter.write_uniform_config(config, shapes[0])
         if isinstance(existing, StructureConfig):
-            del config.quantization_config
+            del model_config.quantization_config
         return shapes
     if existing is not None and not isinstance(existing, StructureConfig):
         raise ValueError(
             f"the model already carries a {type(existing).__name__} quantization config; prune before quantizing "
             "(non-uniform structured shapes are stored in quantization_config)"
         )
-    config.quantization_config = StructureConfig([s.to_dict() for s in shapes])
+    model_config.quantization_config = StructureConfig([s.to_dict() for s in shapes])
     return shapes

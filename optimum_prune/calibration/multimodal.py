@@ -1,0 +1,61 @@
+"""Image-text calibration: pairs run through the model's processor into ready model inputs.
+
+A pair is a mapping with an ``image`` (PIL image or array) and a ``text``; a list of them or a
+``datasets.Dataset`` with those columns is a calibration source. Each pair becomes one batch
+(``input_ids``, ``attention_mask``, ``pixel_values`` and whatever else the processor returns),
+so no padding is involved. The processor expands the image placeholder into the model's image
+tokens; a text without the placeholder gets it in front, on a line of its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from .engine import CalibrationInputs, model_batches
+
+
+def is_image_text(source: Any) -> bool:
+    if hasattr(source, "column_names"):
+        return "image" in source.column_names
+    return isinstance(source, Sequence) and bool(source) and all(isinstance(p, Mapping) and "image" in p for p in source)
+
+
+def is_model_batches(source: Any) -> bool:
+    """Already processed inputs: a list of mappings holding ``input_ids`` tensors."""
+    return (
+        isinstance(source, Sequence)
+        and bool(source)
+        and all(isinstance(b, Mapping) and isinstance(b.get("input_ids"), torch.Tensor) for b in source)
+    )
+
+
+def image_text_batches(pairs: Any, processor: Any, num_samples: int) -> list[dict[str, torch.Tensor]]:
+    """The first ``num_samples`` pairs, each processed into one batch of model inputs."""
+    if processor is None or not hasattr(processor, "image_processor"):
+        raise ValueError(
+            "image-text calibration needs the model's processor (e.g. AutoProcessor.from_pretrained(...)): "
+            "pass processor=..."
+        )
+    if hasattr(pairs, "column_names") and "text" not in pairs.column_names:
+        raise ValueError(f"image-text calibration dataset needs 'image' and 'text' columns; it has {pairs.column_names}")
+    placeholder = processor.image_token
+    batches = []
+    for index in range(min(num_samples, len(pairs))):
+        pair = pairs[index]
+        text = pair.get("text")
+        if not isinstance(text, str):
+            raise ValueError(f"image-text calibration pair {index} needs a 'text' string, got {text!r}")
+        if placeholder not in text:
+            text = f"{placeholder}\n{text}"
+        processed = processor(images=pair["image"], text=text, return_tensors="pt")
+        batches.append({name: value for name, value in processed.items() if isinstance(value, torch.Tensor)})
+    return batches
+
+
+def count_images(inputs: CalibrationInputs | None) -> int:
+    if inputs is None or isinstance(inputs, torch.Tensor):
+        return 0
+    return sum(len(batch["pixel_values"]) for batch in model_batches(inputs) if "pixel_values" in batch)

@@ -1,0 +1,173 @@
+"""LLaVA-style models: three prunable parts, image-text calibration, save/reload, generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import (
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
+    SiglipVisionConfig,
+    VipLlavaConfig,
+    VipLlavaForConditionalGeneration,
+)
+
+from optimum_prune import PruningConfig, get_adapter, prune
+from optimum_prune.calibration import capture_first_layer_inputs, image_text_batches
+from optimum_prune.data.images import image_text_pairs
+from optimum_prune.evaluation import evaluate_image_text_loss
+from tests.conftest import TINY, tiny_model, token_windows
+
+from .conftest import IMAGE_TOKENS
+
+PART_PREFIXES = {
+    "vision": "model.vision_tower.",
+    "projector": "model.multi_modal_projector.",
+    "language": "model.language_model.",
+}
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return image_text_pairs("calibration")[:4]
+
+
+def changed_parameters(before: dict[str, torch.Tensor], model: torch.nn.Module) -> set[str]:
+    return {name for name, tensor in model.state_dict().items() if not torch.equal(tensor, before[name])}
+
+
+def test_parts_are_vision_projector_language_in_execution_order(llava):
+    parts = get_adapter(llava).parts()
+    assert list(parts) == ["vision", "projector", "language"]
+    assert parts["vision"].layer_names()[0] == "model.vision_tower.vision_model.encoder.layers.0"
+    assert parts["projector"].layer_names() == ["model.multi_modal_projector"]
+    assert parts["language"].layer_names()[-1] == "model.language_model.layers.2"
+    assert set(parts["projector"].prunable_linears(llava.model.multi_modal_projector)) == {"linear_1", "linear_2"}
+
+
+def test_language_layer_inputs_include_the_image_tokens(llava, llava_processor, pairs):
+    batches = image_text_batches(pairs[:2], llava_processor, num_samples=2)
+    inputs = capture_first_layer_inputs(get_adapter(llava), batches, torch.device("cpu"))
+    for batch, hidden in zip(batches, inputs.hidden_states):
+        is_image = batch["input_ids"][0] == llava.config.image_token_id
+        assert int(is_image.sum()) == IMAGE_TOKENS
+        with torch.no_grad():
+            image_features = llava.get_image_features(pixel_values=batch["pixel_values"])[0]
+        assert torch.allclose(hidden[0, is_image], image_features)
+
+
+@pytest.mark.parametrize("part", ["vision", "projector", "language"])
+def test_pruning_one_part_changes_only_that_part(llava, llava_processor, pairs, part):
+    before = {name: tensor.clone() for name, tensor in llava.state_dict().items()}
+    report = prune(llava, {"method": "wanda", "sparsity": 0.5, "parts": {part: {}}, "num_calibration_samples": 4}, pairs, processor=llava_processor)
+    changed = changed_parameters(before, llava)
+    assert changed and all(name.startswith(PART_PREFIXES[part]) for name in changed)
+    assert report.parts == [part] and report.calibration_images == 4
+    assert report.overall_sparsity == pytest.approx(0.5, abs=0.02)
+
+
+def test_default_prunes_only_the_language_tower(llava, llava_processor, pairs):
+    before = {name: tensor.clone() for name, tensor in llava.state_dict().items()}
+    report = prune(llava, {"method": "sparsegpt", "sparsity": "2:4", "num_calibration_samples": 4}, pairs, processor=llava_processor)
+    assert all(name.startswith(PART_PREFIXES["language"]) for name in changed_parameters(before, llava))
+    assert report.parts == ["language"] and "(image-text, 4 images)" in str(report)
+
+
+def test_separate_policies_per_part_save_reload_and_generate_with_an_image(llava, llava_processor, pairs, tmp_path):
+    config = PruningConfig(
+        method="wanda",
+        parts={"vision": {"sparsity": 0.3}, "projector": {"sparsity": "2:4"}, "language": {}},
+        num_calibration_samples=4,
+    )
+    report = prune(llava, config, pairs, processor=llava_processor)
+    measured = {part: report.part_sparsity(part) for part in report.parts}
+    assert measured["vision"] == pytest.approx(0.3, abs=0.02)
+    assert measured["projector"] == pytest.approx(0.5) and measured["language"] == pytest.approx(0.5)
+
+    llava.save_pretrained(tmp_path / "pruned")
+    reloaded = LlavaForConditionalGeneration.from_pretrained(tmp_path / "pruned").eval()
+    assert PruningConfig.from_dict(reloaded.config.pruning_config) == config
+    for name, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, llava.state_dict()[name]), name
+    prompt = llava_processor(images=pairs[0]["image"], text="<image>\nA photo of", return_tensors="pt")
+    generated = reloaded.generate(**prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    uncached = reloaded.generate(**prompt, max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
+    assert generated.shape[1] == prompt["input_ids"].shape[1] + 6 and torch.equal(generated, uncached)
+    assert torch.equal(generated, llava.generate(**prompt, max_new_tokens=6, do_sample=False, pad_token_id=0))
+
+
+def test_mixed_calibration_feeds_text_batches_to_the_language_tower_only(llava, llava_processor, pairs):
+    image_batches = image_text_batches(pairs[:2], llava_processor, num_samples=2)
+    text_batches = [{"input_ids": window[None]} for window in token_windows(3, 16)]
+    mixed = [*image_batches, *text_batches]
+    adapter = get_adapter(llava)
+    assert len(capture_first_layer_inputs(adapter.parts()["vision"], mixed, torch.device("cpu")).hidden_states) == 2
+    assert len(capture_first_layer_inputs(adapter, mixed, torch.device("cpu")).hidden_states) == 5
+    report = prune(llava, {"method": "wanda", "parts": {"vision": {}, "language": {}}}, mixed)
+    assert report.calibration_images == 2 and report.parts == ["vision", "language"]
+
+
+def test_text_only_calibration_prunes_the_language_tower_and_says_so(llava):
+    report = prune(llava, {"method": "wanda", "num_calibration_samples": 4, "calibration_seq_len": 16}, token_windows(4, 16))
+    assert report.calibration_images == 0 and "(text only, no images)" in str(report)
+
+
+def test_structured_width_pruning_of_the_language_tower_reloads(llava, tmp_path):
+    prune(llava, {"method": "width", "sparsity": 0.3, "method_options": {"ranking": "global"}, "num_calibration_samples": 4, "calibration_seq_len": 16}, token_windows(4, 16))
+    assert hasattr(llava.config, "quantization_config")  # global ranking: per-layer widths
+    llava.save_pretrained(tmp_path / "narrow")
+    reloaded = LlavaForConditionalGeneration.from_pretrained(tmp_path / "narrow").eval()
+    for name, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, llava.state_dict()[name]), name
+
+
+def test_image_conditioned_loss_scores_only_caption_tokens(llava, llava_processor, pairs):
+    loss = evaluate_image_text_loss(llava, llava_processor, pairs[:2])
+    # A random model is close to uniform over its vocabulary on the caption tokens.
+    assert abs(loss - torch.log(torch.tensor(llava.config.text_config.vocab_size)).item()) < 1.0
+
+
+def test_errors_name_the_field_and_the_fix(llava, llava_processor, pairs):
+    with pytest.raises(ValueError, match=r"PruningConfig.parts names \['vision'\].*LlamaForCausalLM has only the part\(s\) language"):
+        prune(tiny_model(), {"method": "magnitude", "parts": {"vision": {}}})
+    with pytest.raises(ValueError, match="unknown part 'audio'"):
+        PruningConfig(parts={"audio": {}})
+    with pytest.raises(ValueError, match=r"PruningConfig.parts\['vision'\].sparsity must be in \[0, 1\)"):
+        PruningConfig(parts={"vision": {"sparsity": 1.5}})
+    with pytest.raises(ValueError, match="unknown key\\(s\\) ratio"):
+        PruningConfig(parts={"vision": {"ratio": 0.5}})
+    with pytest.raises(ValueError, match="structured method 'width' prunes the language tower only"):
+        PruningConfig(method="width", sparsity=0.2, parts={"vision": {}})
+    before = {name: tensor.clone() for name, tensor in llava.state_dict().items()}
+    with pytest.raises(ValueError, match=r"PruningConfig.parts \['vision'\] run only on images.*image-text pairs"):
+        prune(llava, {"method": "wanda", "parts": {"vision": {}, "language": {}}, "calibration_seq_len": 16}, token_windows(4, 16))
+    with pytest.raises(ValueError, match="needs the model's processor"):
+        prune(llava, {"method": "wanda", "num_calibration_samples": 2}, pairs)
+    with pytest.raises(ValueError, match="calibrates on text token windows"):
+        prune(llava, {"method": "width", "sparsity": 0.2}, pairs, processor=llava_processor)
+    assert not changed_parameters(before, llava)
+
+
+VISION = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+
+
+@pytest.mark.parametrize(
+    "model_cls, config_cls, vision_config",
+    [
+        (LlavaNextForConditionalGeneration, LlavaNextConfig, CLIPVisionConfig(**VISION)),
+        (VipLlavaForConditionalGeneration, VipLlavaConfig, CLIPVisionConfig(**VISION)),
+        (LlavaForConditionalGeneration, LlavaConfig, SiglipVisionConfig(**VISION)),
+    ],
+    ids=["llava-next", "vip-llava", "llava-siglip"],
+)
+def test_other_llava_classes_expose_the_same_parts(model_cls, config_cls, vision_config):
+    extra = {"image_grid_pinpoints": [[32, 32]]} if config_cls is LlavaNextConfig else {}
+    config = config_cls(vision_config=vision_config, text_config=LlamaConfig(**TINY), image_token_id=TINY["vocab_size"] - 1, **extra)
+    model = model_cls(config).eval()
+    report = prune(model, {"method": "magnitude", "parts": {"vision": {}, "projector": {}, "language": {}}})
+    assert report.parts == ["vision", "projector", "language"]
+    assert report.overall_sparsity == pytest.approx(0.5, abs=0.01)
