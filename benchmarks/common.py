@@ -3,12 +3,19 @@ protocol, and the environment it ran in (imported by the scripts beside it)."""
 
 from __future__ import annotations
 
+import argparse
+import hashlib
+import json
 import platform
+from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
 
 import optimum_prune
+from optimum_prune.models import cache_root
+from optimum_prune.saving import atomic_directory
 
 
 def table_header(title: str, command: str, protocol: str) -> list[str]:
@@ -17,3 +24,32 @@ def table_header(title: str, command: str, protocol: str) -> list[str]:
         f"{torch.__version__}, transformers {transformers.__version__}, optimum-prune {optimum_prune.__version__}."
     )
     return [f"# {title}", "", f"Command: `{command}`", "", protocol, "", environment, ""]
+
+
+def quick_or_full(description: str, table: str, quick_help: str) -> tuple[bool, Path]:
+    """Parse ``--quick`` / ``--output``; return (quick, where the table goes: ``benchmarks/TABLE.md``
+    for the full protocol, ``TABLE-quick.md`` for the quick one)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--output", type=Path, help=f"markdown table (default: benchmarks/{table}.md or {table}-quick.md)")
+    args = parser.parse_args()
+    return args.quick, args.output or Path(__file__).resolve().parent / f"{table}{'-quick' if args.quick else ''}.md"
+
+
+def training_cache(name: str, recipe: Any) -> Path:
+    """Where a model trained by a benchmark is cached: one directory per name and training recipe."""
+    return cache_root() / f"{name}-{hashlib.sha256(json.dumps(recipe).encode()).hexdigest()[:12]}"
+
+
+def cached_training_seconds(directory: Path) -> float | None:
+    """Training time recorded with a finished cache entry, or None if there is none."""
+    record = directory / "training.json"
+    return json.loads(record.read_text())["seconds"] if record.is_file() else None
+
+
+def save_training(directory: Path, steps: int, seconds: float, *parts: Any) -> None:
+    """Save the model and its tokenizer/processor atomically: an interrupted save leaves no half-written cache."""
+    with atomic_directory(directory) as staging:
+        for part in parts:
+            part.save_pretrained(staging)
+        (staging / "training.json").write_text(json.dumps({"steps": steps, "seconds": seconds}))

@@ -14,26 +14,19 @@ the calibration split (seed 0).
 
 from __future__ import annotations
 
-import argparse
 import copy
-import hashlib
-import json
 import math
 import random
 import time
-from pathlib import Path
 
 import torch
 from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
 
-from common import table_header
+from common import cached_training_seconds, quick_or_full, save_training, table_header, training_cache
 from optimum_prune import PruningConfig, evaluate_perplexity, get_adapter, prune, skip_experts
 from optimum_prune.calibration import calibration_windows, tokenize_stream
 from optimum_prune.data import wikipedia_articles, wikipedia_text
-from optimum_prune.models import cache_root
-from optimum_prune.saving import atomic_directory
 
-HERE = Path(__file__).resolve().parent
 MODEL = dict(
     hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
     num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=256, output_router_logits=True,
@@ -55,11 +48,10 @@ def train_tokenizer() -> PreTrainedTokenizerFast:
 
 def trained_model(steps: int) -> tuple[MixtralForCausalLM, PreTrainedTokenizerFast, float]:
     """The tiny Mixtral after ``steps`` AdamW steps (cached by configuration); returns training seconds."""
-    key = hashlib.sha256(json.dumps([MODEL, VOCAB, SEQ_LEN, BATCH, steps]).encode()).hexdigest()[:12]
-    directory = cache_root() / f"tiny-mixtral-wiki-{key}"
-    if (directory / "config.json").is_file():
-        meta = json.loads((directory / "training.json").read_text())
-        return MixtralForCausalLM.from_pretrained(directory).eval(), PreTrainedTokenizerFast.from_pretrained(directory), meta["seconds"]
+    directory = training_cache("tiny-mixtral-wiki", [MODEL, VOCAB, SEQ_LEN, BATCH, steps])
+    seconds = cached_training_seconds(directory)
+    if seconds is not None:
+        return MixtralForCausalLM.from_pretrained(directory).eval(), PreTrainedTokenizerFast.from_pretrained(directory), seconds
     tokenizer = train_tokenizer()
     tokens = tokenize_stream(tokenizer, [wikipedia_text("calibration")])
     torch.manual_seed(0)
@@ -79,11 +71,7 @@ def trained_model(steps: int) -> tuple[MixtralForCausalLM, PreTrainedTokenizerFa
         if step % max(1, steps // 10) == 0:
             print(f"training step {step}/{steps}: loss {loss.item():.3f}", flush=True)
     seconds = time.perf_counter() - started
-    model.eval()
-    with atomic_directory(directory) as staging:  # an interrupted save never leaves a half-written cache
-        model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        (staging / "training.json").write_text(json.dumps({"steps": steps, "seconds": seconds}))
+    save_training(directory, steps, seconds, model.eval(), tokenizer)
     return model, tokenizer, seconds
 
 
@@ -94,12 +82,8 @@ def random_dropping(model: MixtralForCausalLM, keep: int, seed: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="300 training steps, 16,384 evaluation tokens")
-    parser.add_argument("--output", type=Path, help="markdown table (default: benchmarks/MOE.md or MOE-quick.md)")
-    args = parser.parse_args()
-    steps, eval_tokens = (300, 16384) if args.quick else (1500, 65536)
-    output = args.output or HERE / ("MOE-quick.md" if args.quick else "MOE.md")
+    quick, output = quick_or_full(__doc__.splitlines()[0], "MOE", "300 training steps, 16,384 evaluation tokens")
+    steps, eval_tokens = (300, 16384) if quick else (1500, 65536)
 
     dense, tokenizer, train_seconds = trained_model(steps)
     windows = calibration_windows(None, tokenizer, 64, SEQ_LEN, seed=0)
@@ -136,7 +120,7 @@ def main() -> None:
         skipping.remove()
         print(rows[-1], flush=True)
 
-    command = "python benchmarks/moe.py" + (" --quick" if args.quick else "")
+    command = "python benchmarks/moe.py" + (" --quick" if quick else "")
     lines = [
         *table_header(
             "MoE pruning: tiny Mixtral trained on Wikipedia (fp32, CPU)",
