@@ -20,6 +20,7 @@ from .report import PruningReport
 from .saving import save_pruned
 from .skipping import ExpertSkipping, skip_experts
 from .sparsity import NMPattern, verify_sparsity
+from .sparsity_metadata import compressed_tensors_config, sparsity_config
 from .structure.loading import StructureConfig  # registers the loader of non-uniform checkpoints
 
 __version__ = "0.1.0"
@@ -38,6 +39,7 @@ __all__ = [
     "SparsityMasks",
     "StructureConfig",
     "compress",
+    "compressed_tensors_config",
     "evaluate_image_text_loss",
     "evaluate_perplexity",
     "export_onnx",
@@ -51,5 +53,6 @@ __all__ = [
     "register_method",
     "save_pruned",
     "skip_experts",
+    "sparsity_config",
     "verify_sparsity",
 ]

@@ -263,6 +263,12 @@ class _StructuredRun:
         report.macs_per_token_after = count_macs_per_token(model)
 
 
+def planned_linears(adapter: DecoderAdapter, config: PruningConfig) -> dict[str, nn.Linear]:
+    """The linears an unstructured ``config`` prunes in the adapter's model, by qualified name."""
+    runs = _PruningRun.plan_parts(adapter, config, torch.device("cpu"))
+    return {name: linear for run in runs for layer in run.targets for name, linear in layer.items()}
+
+
 def _parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

@@ -27,6 +27,7 @@ from .methods import METHODS
 from .models import load_default_model, load_model
 from .options import MoEOptions, describe_options
 from .saving import save_pruned
+from .sparsity_metadata import require_compressed_tensors
 from .sparsity import verify_sparsity
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -71,6 +72,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ignore", action="append", default=[], metavar="GLOB", help="module names to keep dense")
     parser.add_argument("--device", help="where layers are processed (default: cuda if available, else cpu)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype the model is loaded and pruned in")
+    parser.add_argument(
+        "--compressed-tensors-metadata", action="store_true",
+        help="write the compressed-tensors sparsity_config (which layers, 2:4 or unstructured) as the checkpoint's "
+        "quantization_config, for serving stacks such as vLLM (needs the compressed-tensors package)",
+    )
     parser.add_argument("--eval", action="store_true", help="report dense and pruned perplexity")
     parser.add_argument("--eval-file", type=Path, help="evaluation text file (default: bundled Wikipedia evaluation split)")
     parser.add_argument("--eval-tokens", type=int, default=16384, help="tokens of evaluation text to score")
@@ -112,6 +118,10 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.calibration is not None and not args.calibration.is_file():
         raise ValueError(f"--calibration {str(args.calibration)!r} is not a file")
+    if args.compressed_tensors_metadata:
+        if METHODS.get(config.method).structured:
+            raise ValueError(f"--compressed-tensors-metadata describes sparse weights; structured method {config.method!r} leaves dense ones")
+        require_compressed_tensors()
     dtype = DTYPES[args.dtype]
     model, tokenizer = load_model(args.model, dtype) if args.model else load_default_model(dtype)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -126,7 +136,10 @@ def run(args: argparse.Namespace) -> int:
     report = prune(model, config, calibration=args.calibration, tokenizer=tokenizer, device=device)
     pruned = perplexity() if args.eval else None
     started = time.perf_counter()
-    save_pruned(model, args.output, tokenizer=tokenizer, config=config, report=report)
+    save_pruned(
+        model, args.output, tokenizer=tokenizer, config=config, report=report,
+        compressed_tensors_metadata=args.compressed_tensors_metadata,
+    )
     saved_in = time.perf_counter() - started
     after = verify_sparsity(model, config.target if isinstance(config.sparsity, str) else None)
 

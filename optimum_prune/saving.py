@@ -49,6 +49,7 @@ def save_pruned(
     tokenizer: Any = None,
     config: PruningConfig | None = None,
     report: PruningReport | None = None,
+    compressed_tensors_metadata: bool = False,
 ) -> Path:
     """Save ``model`` (and ``tokenizer``) with ``save_pretrained`` in safetensors, atomically.
 
@@ -58,6 +59,8 @@ def save_pruned(
     results without this package; non-uniform structured ones need ``import optimum_prune`` first.
     A model quantized by ``compress`` (optimum-quanto) is saved in optimum-quanto's format and
     reloads with ``optimum.quanto.QuantizedModelForCausalLM.from_pretrained(output_dir)``. A ``report`` with per-layer scores (depth / sublayer methods) adds ``layer_scores.png``.
+    ``compressed_tensors_metadata=True`` writes the compressed-tensors ``sparsity_config`` (see
+    ``sparsity_metadata.py``) as the checkpoint's ``quantization_config`` for serving stacks.
     """
     if config is None:
         recorded = getattr(model.config, "pruning_config", None)
@@ -65,23 +68,37 @@ def save_pruned(
     if config is not None:
         model.config.pruning_config = config.to_dict()
     output_dir = Path(output_dir)
-    with atomic_directory(output_dir) as staging:
-        if _quanto_quantized(model):
-            from optimum.quanto import QuantizedModelForCausalLM
+    if compressed_tensors_metadata:
+        from .sparsity_metadata import compressed_tensors_config
 
-            QuantizedModelForCausalLM(model).save_pretrained(staging)
-        else:
-            model.save_pretrained(staging, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        if config is not None:
-            config.save_pretrained(staging)
-        if report is not None and report.layer_scores:
-            try:
-                report.plot_layer_scores(staging / SCORES_PLOT_NAME)
-            except ImportError as error:
-                logger.warning("%s; saved without %s", error, SCORES_PLOT_NAME)
+        model.config.quantization_config = compressed_tensors_config(model, config)
+    try:
+        with atomic_directory(output_dir) as staging:
+            _write_checkpoint(model, staging, tokenizer, config, report)
+    finally:
+        if compressed_tensors_metadata:
+            del model.config.quantization_config  # the in-memory model stays an ordinary one
     return output_dir
+
+
+def _write_checkpoint(
+    model: nn.Module, staging: Path, tokenizer: Any, config: PruningConfig | None, report: PruningReport | None
+) -> None:
+    if _quanto_quantized(model):
+        from optimum.quanto import QuantizedModelForCausalLM
+
+        QuantizedModelForCausalLM(model).save_pretrained(staging)
+    else:
+        model.save_pretrained(staging, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
+    if config is not None:
+        config.save_pretrained(staging)
+    if report is not None and report.layer_scores:
+        try:
+            report.plot_layer_scores(staging / SCORES_PLOT_NAME)
+        except ImportError as error:
+            logger.warning("%s; saved without %s", error, SCORES_PLOT_NAME)
 
 
 def _quanto_quantized(model: nn.Module) -> bool:

@@ -1,0 +1,87 @@
+"""Sparsity metadata in the compressed-tensors format, so serving stacks can tell a checkpoint is sparse.
+
+vLLM and the compressed-tensors loader read ``config.json``'s ``quantization_config`` with
+``quant_method: "compressed-tensors"`` and its ``sparsity_config`` (compressed-tensors'
+``SparsityCompressionConfig``): the storage ``format``, the ``targets`` (module classes or names)
+minus ``ignore``, the ``global_sparsity`` fraction and the ``sparsity_structure`` (``"2:4"`` or
+``"unstructured"``). Weights stay stored dense (``format: "dense"``), so the file is still an
+ordinary checkpoint; loading it with transformers then needs the ``compressed-tensors`` package,
+whose quantizer loads in float16 unless ``dtype=`` is given — which is why writing it is opt-in
+(``save_pruned(..., compressed_tensors_metadata=True)``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .adapters import get_adapter
+from .config import PruningConfig
+from .methods import METHODS
+from .sparsity import NMPattern, conforms_to
+
+
+def sparsity_config(model: nn.Module, config: PruningConfig | None = None) -> dict[str, Any]:
+    """The compressed-tensors ``sparsity_config`` of a model pruned by ``prune`` with ``config``
+    (default: the config ``prune`` recorded on the model).
+
+    The targets are the linears the config pruned, measured: with an N:M config, those whose
+    weights conform to the pattern (an unrouted expert left dense, say, goes to ``ignore``).
+    """
+    from .api import planned_linears
+
+    config = config or _recorded_config(model)
+    if METHODS.get(config.method).structured:
+        raise ValueError(
+            f"structured method {config.method!r} leaves smaller dense matrices, not sparse ones: there is no "
+            "sparsity metadata to write"
+        )
+    pruned = planned_linears(get_adapter(model), config)
+    targets = list(config.part_targets().values())
+    pattern = targets[0] if isinstance(targets[0], NMPattern) and all(t == targets[0] for t in targets) else None
+    if pattern is not None:
+        pruned = {name: linear for name, linear in pruned.items() if conforms_to(linear.weight.detach(), pattern)}
+    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    parameters = [p.detach() for p in model.parameters()]
+    zeros = sum(int((p == 0).sum()) for p in parameters)
+    return {
+        "format": "dense",
+        "targets": ["Linear"],
+        "ignore": [name for name in linears if name not in pruned],
+        "global_sparsity": zeros / sum(p.numel() for p in parameters),
+        "sparsity_structure": str(pattern) if pattern is not None and pattern == NMPattern(2, 4) else "unstructured",
+    }
+
+
+def compressed_tensors_config(model: nn.Module, config: PruningConfig | None = None) -> Any:
+    """transformers' ``CompressedTensorsConfig`` carrying ``sparsity_config(model)``: set it as
+    ``model.config.quantization_config`` before ``save_pretrained`` (needs ``compressed-tensors``)."""
+    require_compressed_tensors()
+    from transformers import CompressedTensorsConfig
+
+    existing = getattr(model.config, "quantization_config", None)
+    if existing is not None:
+        raise ValueError(
+            f"the model already carries a {type(existing).__name__} quantization config; compressed-tensors "
+            "sparsity metadata replaces quantization_config, so it can only be written for an unquantized model "
+            "with stock shapes"
+        )
+    return CompressedTensorsConfig(sparsity_config=sparsity_config(model, config))
+
+
+def require_compressed_tensors() -> None:
+    """transformers validates (and later loads) the sparsity config with the compressed-tensors package."""
+    try:
+        import compressed_tensors  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            "compressed-tensors metadata needs the compressed-tensors package: pip install 'optimum-prune[compressed-tensors]'"
+        ) from None
+
+
+def _recorded_config(model: nn.Module) -> PruningConfig:
+    recorded = getattr(model.config, "pruning_config", None)
+    if not recorded:
+        raise ValueError("the model carries no pruning_config (prune it with optimum_prune.prune, or pass config=)")
+    return PruningConfig.from_dict(recorded)

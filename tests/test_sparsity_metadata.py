@@ -1,0 +1,74 @@
+"""compressed-tensors sparsity metadata: validated by the real compressed-tensors and transformers loaders."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from compressed_tensors import SparsityCompressionConfig
+from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+from optimum_prune import compressed_tensors_config, prune, save_pruned, sparsity_config
+from optimum_prune.cli import main as cli_main
+from tests.conftest import tiny_model
+
+LINEARS_PER_LAYER = 7
+
+
+def test_two_four_model_is_described_as_two_four_with_only_lm_head_ignored():
+    model = tiny_model()
+    prune(model, {"method": "magnitude", "sparsity": "2:4"})
+    metadata = sparsity_config(model)
+    assert metadata["sparsity_structure"] == "2:4" and metadata["targets"] == ["Linear"]
+    assert metadata["ignore"] == ["lm_head"]
+    parameters = list(model.parameters())
+    zeros = sum(int((p == 0).sum()) for p in parameters)
+    assert metadata["global_sparsity"] == pytest.approx(zeros / sum(p.numel() for p in parameters))
+    parsed = SparsityCompressionConfig.load_from_registry(metadata["format"], **metadata)
+    assert parsed.sparsity_structure == "2:4" and parsed.ignore == ["lm_head"]
+
+
+def test_unstructured_model_ignores_the_layers_left_dense():
+    model = tiny_model()
+    prune(model, {"method": "magnitude", "sparsity": 0.5, "ignore": ["*.o_proj"]})
+    metadata = sparsity_config(model)
+    assert metadata["sparsity_structure"] == "unstructured"
+    assert metadata["ignore"] == [f"model.layers.{i}.self_attn.o_proj" for i in range(3)] + ["lm_head"]
+
+
+def test_saved_metadata_reloads_through_transformers_bit_exact(tmp_path):
+    model = tiny_model()
+    prune(model, {"method": "magnitude", "sparsity": "2:4"})
+    save_pruned(model, tmp_path / "sparse", compressed_tensors_metadata=True)
+    assert not hasattr(model.config, "quantization_config")  # the in-memory model is left as it was
+    stored = json.loads((tmp_path / "sparse" / "config.json").read_text())["quantization_config"]
+    assert stored["quant_method"] == "compressed-tensors" and stored["sparsity_config"]["sparsity_structure"] == "2:4"
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "sparse", dtype=torch.float32)
+    assert isinstance(reloaded.config.quantization_config, CompressedTensorsConfig)
+    for name, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, model.state_dict()[name]), name
+
+
+def test_cli_writes_the_metadata(tmp_path, model_dir):
+    code = cli_main([
+        "--model", str(model_dir), "--method", "magnitude", "--sparsity", "2:4", "--output", str(tmp_path / "out"),
+        "--compressed-tensors-metadata",
+    ])  # fmt: skip
+    assert code == 0
+    stored = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert stored["sparsity_config"]["sparsity_structure"] == "2:4"
+
+
+def test_errors_name_the_fix():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="carries no pruning_config"):
+        sparsity_config(model)
+    prune(model, {"method": "width", "sparsity": 0.2, "num_calibration_samples": 2, "calibration_seq_len": 8}, torch.zeros(2, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match="structured method 'width' leaves smaller dense matrices"):
+        sparsity_config(model)
+    quantized = tiny_model()
+    prune(quantized, {"method": "magnitude", "sparsity": "2:4"})
+    quantized.config.quantization_config = CompressedTensorsConfig()
+    with pytest.raises(ValueError, match="already carries a CompressedTensorsConfig quantization config"):
+        compressed_tensors_config(quantized)
