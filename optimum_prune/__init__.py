@@ -8,7 +8,7 @@
 from .allocation import ALLOCATIONS, register_allocation
 from .adapters import ADAPTERS, get_adapter, register_adapter
 from .api import prune
-from .callback import GradualSchedule, PruningCallback
+from .callback import GradualSchedule, IterativeSchedule, PruningCallback
 from .compress import compress
 from .config import PruningConfig
 from .evaluation import evaluate_image_text_loss, evaluate_perplexity
@@ -30,6 +30,7 @@ __all__ = [
     "ALLOCATIONS",
     "ExpertSkipping",
     "GradualSchedule",
+    "IterativeSchedule",
     "METHODS",
     "NMPattern",
     "OptimumPruner",

@@ -8,7 +8,7 @@ import torch
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
-from optimum_prune import GradualSchedule, PruningCallback, PruningConfig, SparsityMasks, prune, verify_sparsity
+from optimum_prune import GradualSchedule, IterativeSchedule, NMPattern, PruningCallback, PruningConfig, SparsityMasks, prune, verify_sparsity
 from optimum_prune.masks import merge_lora_preserving_sparsity, prunable_linears
 
 from .conftest import tiny_model, token_windows
@@ -159,6 +159,41 @@ class TestGradualPruning:
         layers = verify_sparsity(model, ignore=("lm_head",))["layers"]
         assert all(entry["sparsity"] == 0 for name, entry in layers.items() if ".mlp." in name)
         assert all(entry["sparsity"] == pytest.approx(0.5, abs=1e-3) for name, entry in layers.items() if ".self_attn." in name)
+
+
+class TestIterativeSchedule:
+    def test_each_round_removes_the_same_fraction_of_what_is_left(self):
+        schedule = IterativeSchedule(final_sparsity=0.75, iterations=2).resolved(max_steps=10)
+        assert schedule.retrain_steps == 5
+        assert [schedule.prunes_at(step) for step in range(10)] == [s in (0, 5) for s in range(10)]
+        assert schedule.sparsity_at(0) == pytest.approx(0.5) and schedule.sparsity_at(9) == pytest.approx(0.75)
+        nm = IterativeSchedule(final_sparsity="2:4", iterations=2, retrain_steps=3)
+        assert [nm.target_at(0), nm.target_at(3)] == [NMPattern(3, 4), NMPattern(2, 4)]  # 1 − 0.5^½ = 29 % ≥ 1 of 4
+
+    @pytest.mark.parametrize(
+        "kwargs, message",
+        [
+            (dict(final_sparsity=0.5, iterations=0), "iterations must be > 0"),
+            (dict(final_sparsity=0.5, retrain_steps=0), "retrain_steps must be > 0"),
+            (dict(final_sparsity=1.5), "final_sparsity must be in"),
+            (dict(final_sparsity=0.5, score="taylor"), "score 'taylor' is not one of"),
+        ],
+    )
+    def test_bad_schedules_name_the_field(self, kwargs, message):
+        with pytest.raises(ValueError, match=message):
+            IterativeSchedule(**kwargs)
+
+    def test_too_short_a_run_is_refused(self):
+        with pytest.raises(ValueError, match="leave no retraining between 4 pruning rounds"):
+            IterativeSchedule(final_sparsity=0.5).resolved(max_steps=3)
+
+    def test_prune_retrain_rounds_inside_a_trainer(self, tmp_path):
+        model = tiny_model()
+        trainer = run_trainer(model, tmp_path, callbacks=[PruningCallback(IterativeSchedule(final_sparsity=0.75, iterations=3))], steps=9)
+        logged = [round(entry["sparsity"], 2) for entry in trainer.state.log_history if "loss" in entry]
+        # Rounds start at steps 0, 3 and 6; the log at step t shows the rounds started up to t.
+        assert logged == [0.37, 0.37, 0.60, 0.60, 0.60, 0.75, 0.75, 0.75, 0.75]
+        assert verify_sparsity(model)["overall_sparsity"] == pytest.approx(0.75, abs=1e-3)
 
 
 def test_trl_sft_trainer_keeps_masks(tmp_path, bpe_tokenizer):

@@ -1,0 +1,101 @@
+"""Prune × quantize on SmolLM2-135M: SparseGPT pruning composed with optimum-quanto weight-only int8/int4.
+
+Protocol (the core issue's): calibration = 32 windows × 512 tokens (seed 0) from the bundled
+Wikipedia calibration split; perplexity over the first 65,536 tokens of the evaluation split in
+512-token windows. Each row loads the dense fp32 checkpoint and applies its recipe with
+``optimum_prune.compress`` (pruning first, quantization last), then saves it with ``save_pruned``
+(quanto's format for quantized rows) and counts the bytes of the saved weight files. Zeros are
+counted on the dequantized weights of every linear but ``lm_head`` (which quanto leaves in full
+precision). Finished rows are cached; a rerun resumes.
+
+    python benchmarks/prune_quant.py            # full protocol, writes benchmarks/PRUNE_QUANT.md
+    python benchmarks/prune_quant.py --quick    # 8×128 calibration, 4,096 eval tokens
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from transformers import QuantoConfig
+
+from common import quick_or_full, table_header
+from optimum_prune import PruningConfig, compress, evaluate_perplexity, load_default_model, save_pruned, verify_sparsity
+
+# (row, pruning sparsity or None, quanto weights or None)
+ROWS = [
+    ("dense", None, None),
+    ("int8", None, "int8"),
+    ("int4", None, "int4"),
+    ("SparseGPT 2:4", "2:4", None),
+    ("SparseGPT 50 %", 0.5, None),
+    ("SparseGPT 2:4 + int8", "2:4", "int8"),
+    ("SparseGPT 2:4 + int4", "2:4", "int4"),
+    ("SparseGPT 50 % + int4", 0.5, "int4"),
+]
+
+
+def measure(sparsity: float | str | None, weights: str | None, calibration: tuple[int, int], eval_tokens: int) -> dict:
+    model, tokenizer = load_default_model()
+    recipe: list = []
+    if sparsity is not None:
+        samples, seq_len = calibration
+        recipe.append(PruningConfig(method="sparsegpt", sparsity=sparsity, num_calibration_samples=samples, calibration_seq_len=seq_len))
+    if weights is not None:
+        recipe.append(QuantoConfig(weights=weights))
+    if recipe:
+        compress(model, recipe, tokenizer=tokenizer)
+    pattern = sparsity if isinstance(sparsity, str) else None
+    check = verify_sparsity(model, pattern)
+    with tempfile.TemporaryDirectory() as directory:
+        save_pruned(model, Path(directory) / "checkpoint")
+        stored = sum(f.stat().st_size for f in (Path(directory) / "checkpoint").glob("*.safetensors"))
+    return {
+        "perplexity": evaluate_perplexity(model, tokenizer, seq_len=512, max_tokens=eval_tokens),
+        "stored_bytes": stored,
+        "zeros": check["overall_sparsity"],
+        "conforming": check.get("conforming") if pattern else None,
+    }
+
+
+def main() -> None:
+    quick, output = quick_or_full(__doc__.splitlines()[0], "PRUNE_QUANT", "8×128 calibration, 4,096 evaluation tokens")
+    calibration, eval_tokens = ((8, 128), 4096) if quick else ((32, 512), 65536)
+    cache = output.with_suffix(".json")
+    done = json.loads(cache.read_text()) if cache.is_file() else {}
+    for row, sparsity, weights in ROWS:
+        if row not in done:
+            done[row] = measure(sparsity, weights, calibration, eval_tokens)
+            cache.write_text(json.dumps(done, indent=2))
+        print(row, done[row], flush=True)
+
+    dense = done["dense"]
+    command = "python benchmarks/prune_quant.py" + (" --quick" if quick else "")
+    lines = [
+        *table_header(
+            "Prune × quantize: SmolLM2-135M-Instruct (CPU)",
+            command,
+            f"Protocol: SparseGPT calibration {calibration[0]} × {calibration[1]} tokens (seed 0); perplexity over the first "
+            f"{eval_tokens:,} tokens of the Wikipedia evaluation split in 512-token windows. Quantization: optimum-quanto "
+            "weight-only (`compress`: pruning first, then `QuantoConfig`; int4 with quanto's integer zero-point so zeros "
+            "stay zero). Stored bytes: the saved `*.safetensors` files (tied embeddings once; pruned weights are stored "
+            "dense — sparse storage formats are a separate step). Zeros: exact zeros of the dequantized weights of every "
+            "linear except `lm_head`.",
+        ),
+        "| recipe | perplexity | stored bytes | of dense | zeros in linears | N:M holds |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row, _, _ in ROWS:
+        r = done[row]
+        holds = "" if r["conforming"] is None else ("yes" if r["conforming"] else "**no**")
+        lines.append(
+            f"| {row} | {r['perplexity']:.2f} | {r['stored_bytes']:,} | {r['stored_bytes'] / dense['stored_bytes']:.1%} | "
+            f"{r['zeros']:.2%} | {holds} |"
+        )
+    output.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
