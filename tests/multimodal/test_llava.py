@@ -11,6 +11,8 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaNextConfig,
     LlavaNextForConditionalGeneration,
+    LlavaNextImageProcessor,
+    LlavaNextProcessor,
     SiglipVisionConfig,
     VipLlavaConfig,
     VipLlavaForConditionalGeneration,
@@ -171,3 +173,22 @@ def test_other_llava_classes_expose_the_same_parts(model_cls, config_cls, vision
     report = prune(model, {"method": "magnitude", "parts": {"vision": {}, "projector": {}, "language": {}}})
     assert report.parts == ["vision", "projector", "language"]
     assert report.overall_sparsity == pytest.approx(0.5, abs=0.01)
+
+
+def test_llava_next_calibrates_on_any_resolution_crops(llava_processor, pairs):
+    """LLaVA-NeXT splits each image into a grid of crops (5-D pixel_values, image_sizes); every part calibrates."""
+    grid = [[32, 64], [64, 32]]
+    images = LlavaNextImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}, image_grid_pinpoints=grid)
+    processor = LlavaNextProcessor(
+        image_processor=images, tokenizer=llava_processor.tokenizer, patch_size=8,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, image_token="<image>",
+    )  # fmt: skip
+    image_token = llava_processor.tokenizer.convert_tokens_to_ids("<image>")
+    config = LlavaNextConfig(
+        vision_config=CLIPVisionConfig(**VISION), text_config=LlamaConfig(**{**TINY, "vocab_size": image_token + 1}),
+        image_token_id=image_token, image_grid_pinpoints=grid,
+    )  # fmt: skip
+    model = LlavaNextForConditionalGeneration(config).eval()
+    report = prune(model, {"method": "wanda", "parts": {"vision": {}, "projector": {}, "language": {}}}, pairs[:3], processor=processor)
+    assert report.parts == ["vision", "projector", "language"] and report.calibration_images == 3
+    assert all(report.part_sparsity(part) == pytest.approx(0.5) for part in report.parts)
