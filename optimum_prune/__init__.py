@@ -11,6 +11,7 @@ from .api import prune
 from .callback import GradualSchedule, IterativeSchedule, PruningCallback
 from .compress import compress
 from .config import PruningConfig
+from .distillation import DistillationConfig, DistillationMixin, DistillationTrainer, add_teacher_top_k
 from .evaluation import evaluate_image_text_loss, evaluate_perplexity
 from .masks import SparsityMasks, merge_lora_preserving_sparsity
 from .integrations.optimum import OptimumPruner, export_onnx
@@ -28,6 +29,9 @@ __version__ = "0.1.0"
 __all__ = [
     "ADAPTERS",
     "ALLOCATIONS",
+    "DistillationConfig",
+    "DistillationMixin",
+    "DistillationTrainer",
     "ExpertSkipping",
     "GradualSchedule",
     "IterativeSchedule",
@@ -39,6 +43,7 @@ __all__ = [
     "PruningReport",
     "SparsityMasks",
     "StructureConfig",
+    "add_teacher_top_k",
     "compress",
     "compressed_tensors_config",
     "evaluate_image_text_loss",

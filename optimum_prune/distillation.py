@@ -1,0 +1,204 @@
+"""Recovery by knowledge distillation: train the pruned student against the dense teacher.
+
+    trainer = DistillationTrainer(model=student, teacher=dense, distillation=DistillationConfig(temperature=2.0),
+                                  args=args, train_dataset=data, callbacks=[PruningCallback()])
+
+The loss (Hinton et al. 2015; Minitron, Muralidharan et al. 2024) mixes
+
+- ``kd_weight`` × T² · KL(p_teacher^T ‖ p_student^T), forward KL of temperature-T softmaxes over
+  the next-token positions that have a label (``labels != -100``, shifted as the causal-LM loss is);
+- ``label_weight`` × the student's own cross-entropy on the labels;
+- ``hidden_weight`` × the mean squared error between student and teacher hidden states of the
+  layers in ``layer_map`` (student layer → teacher layer; identity when depths match), which needs
+  equal widths (width-pruned students: leave ``hidden_weight`` at 0).
+
+The teacher runs frozen in eval mode on its own device (``teacher_device``; any model that returns
+logits, e.g. one loaded in 8-bit). Instead of keeping it resident, ``add_teacher_top_k`` stores its
+top-k logits per position as dataset columns (Arrow files on disk); the loss then uses the teacher
+distribution truncated to those k tokens and renormalised. ``DistillationMixin`` adds the loss to
+any Trainer subclass (TRL's ``SFTTrainer``, LLaMA-Factory's trainers); masks of pruned weights are
+kept by ``PruningCallback`` as in any other run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from transformers import Trainer
+
+TOP_K_INDICES = "teacher_top_k_indices"
+TOP_K_LOGITS = "teacher_top_k_logits"
+
+
+@dataclass(frozen=True)
+class DistillationConfig:
+    temperature: float = 2.0
+    kd_weight: float = 1.0
+    label_weight: float = 0.0
+    hidden_weight: float = 0.0
+    layer_map: dict[int, int] = field(default_factory=dict)
+    top_k: int | None = None  # truncate the live teacher's distribution too (the cache always is)
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"DistillationConfig.temperature must be > 0, got {self.temperature}")
+        weights = {"kd_weight": self.kd_weight, "label_weight": self.label_weight, "hidden_weight": self.hidden_weight}
+        if any(w < 0 for w in weights.values()) or not any(weights.values()):
+            raise ValueError(f"DistillationConfig weights must be >= 0 and not all 0, got {weights}")
+        if self.top_k is not None and self.top_k <= 0:
+            raise ValueError(f"DistillationConfig.top_k must be a positive number of tokens, got {self.top_k}")
+
+
+def kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    temperature: float,
+    teacher_indices: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """T² · mean over labelled next-token positions of KL(teacher ‖ student) at temperature T.
+
+    ``teacher_logits`` are full-vocabulary logits ``[B, L, V]``, or with ``teacher_indices`` the
+    teacher's top-k logits ``[B, L, k]`` at those token ids: the teacher distribution is then the
+    softmax over the k tokens (renormalised) and the student's log-probabilities (over its whole
+    vocabulary) are read at the same ids.
+    """
+    positions = labels[:, 1:] != -100
+    student = F.log_softmax(student_logits[:, :-1][positions].float() / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits[:, :-1][positions].float() / temperature, dim=-1)
+    if teacher_indices is not None:
+        student = student.gather(-1, teacher_indices[:, :-1][positions].long())
+    kl = (teacher.exp() * (teacher - student)).sum(-1)
+    return kl.mean() * temperature**2 if kl.numel() else student_logits.sum() * 0.0
+
+
+def top_k_logits(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices, values) of the ``k`` largest logits per position."""
+    values, indices = logits.topk(k, dim=-1)
+    return indices, values
+
+
+class DistillationMixin:
+    """Adds the distillation loss to a ``transformers.Trainer`` subclass (put it first in the bases)."""
+
+    def __init__(
+        self,
+        *args: Any,
+        teacher: nn.Module | None = None,
+        distillation: DistillationConfig | None = None,
+        teacher_device: str | torch.device | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.distillation = distillation or DistillationConfig()
+        self.teacher = teacher
+        if teacher is not None:
+            _check_vocabularies(teacher, self.model)
+            teacher.eval().requires_grad_(False)
+            if teacher_device is not None:
+                teacher.to(teacher_device)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        super()._set_signature_columns_if_needed()
+        for column in (TOP_K_INDICES, TOP_K_LOGITS):  # keep the cached teacher outputs in the batches
+            if column not in self._signature_columns:
+                self._signature_columns.append(column)
+
+    def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None):
+        config = self.distillation
+        cached = (inputs.pop(TOP_K_INDICES, None), inputs.pop(TOP_K_LOGITS, None))
+        labels = inputs.get("labels")
+        if labels is None:
+            raise ValueError("distillation needs 'labels' in the batches (they mark the positions to distil)")
+        hidden = config.hidden_weight > 0
+        outputs = model(**inputs, output_hidden_states=hidden)
+        loss = outputs.logits.new_zeros(())
+        if config.label_weight:
+            loss = loss + config.label_weight * outputs.loss
+        if config.kd_weight or hidden:
+            teacher_outputs, indices, logits = self._teacher_targets(inputs, cached, hidden)
+            if config.kd_weight:
+                loss = loss + config.kd_weight * kd_loss(outputs.logits, logits.to(outputs.logits.device), labels, config.temperature, indices)
+            if hidden:
+                loss = loss + config.hidden_weight * self._hidden_loss(outputs.hidden_states, teacher_outputs, inputs)
+        return (loss, outputs) if return_outputs else loss
+
+    def _teacher_targets(self, inputs: dict[str, Any], cached: tuple, hidden: bool) -> tuple[Any, torch.Tensor | None, torch.Tensor]:
+        indices, logits = cached
+        if logits is not None and not hidden:
+            return None, indices.to(inputs["labels"].device), logits
+        if self.teacher is None:
+            raise ValueError(
+                "distillation needs a teacher: pass teacher= or add its top-k logits to the dataset with add_teacher_top_k "
+                "(hidden-state losses always need the live teacher)"
+            )
+        device = next(self.teacher.parameters()).device
+        with torch.no_grad():
+            teacher_inputs = {name: value.to(device) for name, value in inputs.items() if name != "labels"}
+            teacher_outputs = self.teacher(**teacher_inputs, output_hidden_states=hidden)
+        logits = teacher_outputs.logits
+        indices = None
+        if self.distillation.top_k is not None:
+            indices, logits = top_k_logits(logits, self.distillation.top_k)
+            indices = indices.to(inputs["labels"].device)
+        return teacher_outputs, indices, logits
+
+    def _hidden_loss(self, student_hidden: tuple[torch.Tensor, ...], teacher_outputs: Any, inputs: dict[str, Any]) -> torch.Tensor:
+        teacher_hidden = teacher_outputs.hidden_states
+        # hidden_states[0] is the embedding output; layer i's output is hidden_states[i + 1].
+        layer_map = self.distillation.layer_map or _identity_map(len(student_hidden) - 1, len(teacher_hidden) - 1)
+        mask = inputs.get("attention_mask")
+        losses = []
+        for student_layer, teacher_layer in layer_map.items():
+            s, t = student_hidden[student_layer + 1], teacher_hidden[teacher_layer + 1].to(student_hidden[0].device)
+            if s.shape[-1] != t.shape[-1]:
+                raise ValueError(
+                    f"hidden-state distillation compares widths {s.shape[-1]} (student) and {t.shape[-1]} (teacher): a "
+                    "width-pruned student needs hidden_weight=0"
+                )
+            error = (s.float() - t.float()).pow(2).mean(-1)
+            losses.append(error[mask.bool()].mean() if mask is not None else error.mean())
+        return torch.stack(losses).mean()
+
+
+class DistillationTrainer(DistillationMixin, Trainer):
+    """``transformers.Trainer`` with the distillation loss."""
+
+
+def add_teacher_top_k(dataset: Any, teacher: nn.Module, k: int = 64, batch_size: int = 8) -> Any:
+    """``dataset`` (a ``datasets.Dataset`` with ``input_ids`` of equal length) with the teacher's top-k
+    logits per position as two columns; ``datasets`` writes them to its Arrow cache on disk
+    (``save_to_disk`` keeps them), so training needs no resident teacher."""
+    device = next(teacher.parameters()).device
+    teacher.eval()
+
+    def annotate(batch: dict[str, list]) -> dict[str, list]:
+        with torch.no_grad():
+            ids = torch.tensor(batch["input_ids"], device=device)
+            mask = torch.tensor(batch["attention_mask"], device=device) if "attention_mask" in batch else None
+            indices, values = top_k_logits(teacher(input_ids=ids, attention_mask=mask).logits, k)
+        return {TOP_K_INDICES: indices.int().cpu().tolist(), TOP_K_LOGITS: values.float().cpu().tolist()}
+
+    return dataset.map(annotate, batched=True, batch_size=batch_size, desc="Teacher top-k logits")
+
+
+def _identity_map(student_layers: int, teacher_layers: int) -> dict[int, int]:
+    if student_layers != teacher_layers:
+        raise ValueError(
+            f"the student has {student_layers} layers and the teacher {teacher_layers}: hidden-state distillation "
+            "needs DistillationConfig.layer_map (student layer -> teacher layer, e.g. the kept teacher layers)"
+        )
+    return {i: i for i in range(student_layers)}
+
+
+def _check_vocabularies(teacher: nn.Module, student: nn.Module) -> None:
+    sizes = [m.get_output_embeddings().out_features for m in (teacher, student)]
+    if sizes[0] != sizes[1]:
+        raise ValueError(
+            f"teacher and student vocabularies differ ({sizes[0]} vs {sizes[1]} logits): distillation compares "
+            "next-token distributions token by token, so both must share one tokenizer"
+        )

@@ -1,0 +1,123 @@
+"""Knowledge-distillation recovery: the loss against a direct computation, a frozen teacher, the top-k cache."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from datasets import Dataset, load_from_disk
+from torch.nn import functional as F
+from transformers import TrainingArguments
+
+from optimum_prune import PruningCallback, PruningConfig, prune, verify_sparsity
+from optimum_prune.distillation import DistillationConfig, DistillationTrainer, add_teacher_top_k, kd_loss
+
+from .conftest import tiny_model, token_windows
+
+
+def direct_kl(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Σ_v p_t(v) log(p_t(v) / p_s(v)) per position, written out with softmax and log."""
+    p_teacher = torch.softmax(teacher / temperature, dim=-1)
+    p_student = torch.softmax(student / temperature, dim=-1)
+    return (p_teacher * (p_teacher.log() - p_student.log())).sum(-1)
+
+
+def test_kd_loss_equals_the_direct_computation_with_temperature_and_masked_labels():
+    generator = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11, generator=generator), torch.randn(2, 5, 11, generator=generator)
+    labels = torch.tensor([[1, 2, 3, -100, 4], [-100, 5, 6, 7, 8]])
+    # Position t predicts token t+1: positions with a label at t+1 count.
+    counted = labels[:, 1:] != -100
+    expected = direct_kl(student[:, :-1], teacher[:, :-1], 3.0)[counted].mean() * 9.0
+    assert kd_loss(student, teacher, labels, temperature=3.0) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_top_k_truncation_renormalises_the_teacher_over_its_k_tokens():
+    generator = torch.Generator().manual_seed(1)
+    student, teacher = torch.randn(1, 4, 13, generator=generator), torch.randn(1, 4, 13, generator=generator)
+    labels = torch.ones(1, 4, dtype=torch.long)
+    values, indices = teacher.topk(3, dim=-1)
+    p_teacher = torch.softmax(values[:, :-1] / 2.0, dim=-1)  # renormalised over the top 3
+    log_student = F.log_softmax(student[:, :-1] / 2.0, dim=-1).gather(-1, indices[:, :-1])
+    expected = (p_teacher * (p_teacher.log() - log_student)).sum(-1).mean() * 4.0
+    assert kd_loss(student, values, labels, temperature=2.0, teacher_indices=indices) == pytest.approx(float(expected), rel=1e-5)
+
+
+def dataset(samples: int = 16, seq_len: int = 16) -> Dataset:
+    ids = token_windows(samples=samples, seq_len=seq_len, seed=5)
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+
+
+def training_args(tmp_path, steps: int) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=steps, per_device_train_batch_size=4, learning_rate=1e-3,
+        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+
+
+def teacher_student():
+    teacher = tiny_model(seed=0)
+    with torch.no_grad():  # a random model is nearly uniform; sharpen its next-token distributions
+        teacher.lm_head.weight.mul_(30)
+    student = copy.deepcopy(teacher)
+    prune(student, PruningConfig(method="magnitude", sparsity="2:4"))
+    return teacher, student
+
+
+def mean_kl(student, teacher, ids) -> float:
+    with torch.no_grad():
+        return float(kd_loss(student(input_ids=ids).logits, teacher(input_ids=ids).logits, ids, temperature=1.0))
+
+
+def test_training_moves_the_student_towards_a_frozen_teacher_and_keeps_the_masks(tmp_path):
+    teacher, student = teacher_student()
+    teacher_state = {name: tensor.clone() for name, tensor in teacher.state_dict().items()}
+    ids = token_windows(samples=4, seq_len=16, seed=9)
+    before = mean_kl(student, teacher, ids)
+    trainer = DistillationTrainer(
+        model=student, teacher=teacher, distillation=DistillationConfig(temperature=1.0, hidden_weight=0.1),
+        args=training_args(tmp_path, 12), train_dataset=dataset(), callbacks=[PruningCallback()],
+    )  # fmt: skip
+    trainer.train()
+    assert mean_kl(student, teacher, ids) < before
+    assert all(torch.equal(tensor, teacher_state[name]) for name, tensor in teacher.state_dict().items())
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    assert verify_sparsity(student, "2:4")["conforming"]
+
+
+def test_cached_top_k_round_trips_and_gives_the_live_teachers_loss(tmp_path):
+    teacher, student = teacher_student()
+    cached = add_teacher_top_k(dataset(samples=4), teacher, k=8)
+    cached.save_to_disk(str(tmp_path / "cache"))
+    reloaded = load_from_disk(str(tmp_path / "cache"))
+    assert reloaded[0]["teacher_top_k_indices"] == cached[0]["teacher_top_k_indices"]
+
+    config = DistillationConfig(temperature=2.0, top_k=8)
+    live = DistillationTrainer(model=student, teacher=teacher, distillation=config, args=training_args(tmp_path, 1))
+    from_cache = DistillationTrainer(model=student, distillation=config, args=training_args(tmp_path, 1), train_dataset=reloaded)
+    batch = next(iter(from_cache.get_train_dataloader()))  # the cached columns survive column pruning
+    assert "teacher_top_k_logits" in batch
+    plain = {name: batch[name] for name in ("input_ids", "labels")}
+    with torch.no_grad():
+        assert from_cache.compute_loss(student, dict(batch)) == pytest.approx(float(live.compute_loss(student, plain)), rel=1e-4)
+
+
+def test_errors_name_the_fix(tmp_path):
+    teacher = tiny_model(vocab_size=400)
+    with pytest.raises(ValueError, match="vocabularies differ \\(400 vs 320 logits\\)"):
+        DistillationTrainer(model=tiny_model(), teacher=teacher, args=training_args(tmp_path, 1))
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        DistillationConfig(temperature=0)
+    with pytest.raises(ValueError, match="not all 0"):
+        DistillationConfig(kd_weight=0)
+    shallow = tiny_model(num_hidden_layers=2)
+    trainer = DistillationTrainer(
+        model=shallow, teacher=tiny_model(), distillation=DistillationConfig(hidden_weight=1.0), args=training_args(tmp_path, 1)
+    )
+    ids = token_windows(samples=2, seq_len=8)
+    with pytest.raises(ValueError, match="needs DistillationConfig.layer_map"):
+        trainer.compute_loss(shallow, {"input_ids": ids, "labels": ids})
+    no_teacher = DistillationTrainer(model=tiny_model(), args=training_args(tmp_path, 1))
+    with pytest.raises(ValueError, match="distillation needs a teacher"):
+        no_teacher.compute_loss(no_teacher.model, {"input_ids": ids, "labels": ids})
