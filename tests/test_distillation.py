@@ -121,3 +121,26 @@ def test_errors_name_the_fix(tmp_path):
     no_teacher = DistillationTrainer(model=tiny_model(), args=training_args(tmp_path, 1))
     with pytest.raises(ValueError, match="distillation needs a teacher"):
         no_teacher.compute_loss(no_teacher.model, {"input_ids": ids, "labels": ids})
+
+
+def test_mixin_composes_with_trl_sft_trainer(tmp_path, bpe_tokenizer):
+    trl = pytest.importorskip("trl")
+    from optimum_prune.data import wikipedia_articles
+    from optimum_prune.distillation import DistillationMixin
+
+    class DistillingSFTTrainer(DistillationMixin, trl.SFTTrainer):
+        pass
+
+    teacher, student = teacher_student()
+    config = trl.SFTConfig(
+        output_dir=str(tmp_path / "sft"), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-3,
+        max_length=32, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    texts = Dataset.from_dict({"text": [article[:400] for article in wikipedia_articles("calibration")[:8]]})
+    trainer = DistillingSFTTrainer(
+        model=student, teacher=teacher, distillation=DistillationConfig(label_weight=0.5), args=config,
+        train_dataset=texts, processing_class=bpe_tokenizer, callbacks=[PruningCallback()],
+    )  # fmt: skip
+    trainer.train()
+    assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in trainer.state.log_history if "loss" in entry)
+    assert verify_sparsity(student, "2:4")["conforming"]
