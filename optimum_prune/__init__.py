@@ -12,6 +12,7 @@ from .callback import GradualSchedule, IterativeSchedule, PruningCallback
 from .compress import compress
 from .config import PruningConfig
 from .distillation import DistillationConfig, DistillationMixin, DistillationTrainer, add_teacher_top_k
+from .early_exit import choose_early_exit, early_exit_kwargs, enable_early_exit
 from .evaluation import evaluate_image_text_loss, evaluate_perplexity
 from .masks import SparsityMasks, merge_lora_preserving_sparsity
 from .integrations.optimum import OptimumPruner, export_onnx
@@ -44,8 +45,11 @@ __all__ = [
     "SparsityMasks",
     "StructureConfig",
     "add_teacher_top_k",
+    "choose_early_exit",
     "compress",
     "compressed_tensors_config",
+    "early_exit_kwargs",
+    "enable_early_exit",
     "evaluate_image_text_loss",
     "evaluate_perplexity",
     "export_onnx",

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..adapters import DecoderAdapter
 from ..calibration import LayerInputs, run_layer, walk_layers
 from ..calibration.gradients import accumulate_gradients, calibration_perplexity
 from ..options import check_choice, option
@@ -26,6 +27,19 @@ from ..statistics import token_cosine
 from .base import StructuredMethod, register_structured_method
 
 CRITERIA = ("block_influence", "angular", "perplexity", "taylor")
+
+
+def block_influence(adapter: DecoderAdapter, windows: torch.Tensor, device: torch.device) -> list[float]:
+    """ShortGPT's Block Influence of every decoder layer: 1 − cos(input, output), averaged over tokens."""
+    scores: list[float] = []
+
+    def visit(_index: int, layer: nn.Module, inputs: LayerInputs) -> None:
+        outputs = run_layer(adapter, layer, inputs)
+        cosines = torch.cat([token_cosine(x, y) for x, y in zip(inputs.hidden_states, outputs)])
+        scores.append(1 - float(cosines.mean()))
+
+    walk_layers(adapter, windows, device, visit, "Block influence")
+    return scores
 
 
 @dataclass(frozen=True)
@@ -90,15 +104,7 @@ class LayerRemoval(StructuredMethod[LayerRemovalOptions]):
         self.adapter.keep_layers(kept)
 
     def _block_influence_scores(self, windows: torch.Tensor) -> list[float]:
-        scores: list[float] = []
-
-        def visit(_index: int, layer: nn.Module, inputs: LayerInputs) -> None:
-            outputs = run_layer(self.adapter, layer, inputs)
-            cosines = torch.cat([token_cosine(x, y) for x, y in zip(inputs.hidden_states, outputs)])
-            scores.append(1 - float(cosines.mean()))
-
-        walk_layers(self.adapter, windows, self.device, visit, "Block influence")
-        return scores
+        return block_influence(self.adapter, windows, self.device)
 
     def _angular_scores(self, windows: torch.Tensor) -> list[float]:
         """d(ℓ, ℓ+n) = arccos(cos(x_ℓ, x_ℓ+n)) / π at each window's last token, for every start ℓ."""

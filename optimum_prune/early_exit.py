@@ -1,0 +1,152 @@
+"""Dynamic depth: choose the exit layer for transformers' self-speculative decoding (LayerSkip).
+
+``generate(..., assistant_early_exit=k)`` drafts tokens with the model's first ``k`` decoder
+layers (then its final norm and LM head) and verifies them with the whole model, so greedy output
+is the full model's. What it lacks is a way to pick ``k``; this module measures it:
+
+- the *agreement* at ``k``: over calibration windows, the fraction of positions whose greedy token
+  read at layer ``k`` equals the full model's (teacher-forced: the expected acceptance rate α of
+  the drafts);
+- the expected speed-up of speculative decoding with that α, a draft costing k/L of a full step and
+  the best draft length γ ≤ ``max_draft`` (Leviathan et al. 2023, Theorem 3.8 and Eq. 1):
+  (1 − α^{γ+1}) / ((1 − α)(γ·k/L + 1));
+- the Block Influence (ShortGPT) left after ``k`` — how much the skipped layers still change the
+  residual stream — for reading the table.
+
+``enable_early_exit(model, k, γ)`` records the choice as ``config.early_exit`` (saved in
+``config.json``); ``model.generate(ids, **early_exit_kwargs(model))`` uses it after any reload.
+It is not written as ``generation_config.assistant_early_exit``: with transformers 4.57 the
+draft's own nested ``generate`` call then gets that model-level default back, drafts with early
+exit itself and fails ("Passing `MinLengthLogitsProcessor` when using assisted_generation").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters import get_adapter
+from .calibration import CalibrationSource, calibration_windows
+from .methods.layers import block_influence
+
+
+@dataclass
+class ExitLayer:
+    layer: int  # decoder layers run by the draft
+    agreement: float
+    draft_length: int
+    expected_speedup: float
+    remaining_influence: float  # Σ Block Influence of layers ≥ layer
+
+
+@dataclass
+class EarlyExitReport:
+    num_layers: int
+    candidates: list[ExitLayer] = field(default_factory=list)
+
+    @property
+    def best(self) -> ExitLayer:
+        return max(self.candidates, key=lambda c: c.expected_speedup)
+
+    def __str__(self) -> str:
+        lines = [f"{'exit':>4}  {'agreement':>9}  {'draft':>5}  {'speed-up':>8}  {'influence left':>14}"]
+        for c in self.candidates:
+            lines.append(f"{c.layer:>4}  {c.agreement:>9.1%}  {c.draft_length:>5}  {c.expected_speedup:>8.2f}  {c.remaining_influence:>14.3f}")
+        best = self.best
+        lines.append(f"best: exit after layer {best.layer} of {self.num_layers} (γ={best.draft_length}, ×{best.expected_speedup:.2f} expected)")
+        return "\n".join(lines)
+
+
+def choose_early_exit(
+    model: nn.Module,
+    calibration: CalibrationSource = None,
+    tokenizer: Any = None,
+    candidates: list[int] | None = None,
+    num_samples: int = 8,
+    seq_len: int = 512,
+    max_draft: int = 10,
+    seed: int = 0,
+) -> EarlyExitReport:
+    """Measure every candidate exit layer (default: 1 … L−1) on calibration windows."""
+    adapter = get_adapter(model)
+    num_layers = len(adapter.decoder_layers())
+    candidates = sorted(set(candidates)) if candidates else list(range(1, num_layers))
+    for k in candidates:
+        check_exit_layer(k, num_layers)
+    windows = calibration_windows(calibration, tokenizer, num_samples, seq_len, seed)
+    influence = block_influence(adapter, windows, next(model.parameters()).device)
+    agreement = _agreement(model, adapter.config, windows, candidates)
+    report = EarlyExitReport(num_layers)
+    for k in candidates:
+        gamma, speedup = _best_draft(agreement[k], k / num_layers, max_draft)
+        report.candidates.append(ExitLayer(k, agreement[k], gamma, speedup, sum(influence[k:])))
+    return report
+
+
+def enable_early_exit(model: nn.Module, layer: int, draft_length: int | None = None) -> None:
+    """Record that ``generate`` should draft with the first ``layer`` decoder layers (and ``draft_length``
+    tokens per draft; None: transformers' adaptive default) in ``config.early_exit``."""
+    check_exit_layer(layer, len(get_adapter(model).decoder_layers()))
+    if draft_length is not None and (isinstance(draft_length, bool) or not isinstance(draft_length, int) or draft_length < 1):
+        raise ValueError(f"draft_length must be a positive number of tokens, got {draft_length!r}")
+    model.config.early_exit = {"exit_layer": layer, "draft_length": draft_length}
+
+
+def early_exit_kwargs(model: nn.Module) -> dict[str, int]:
+    """``generate`` keyword arguments for the exit recorded by ``enable_early_exit`` ({} if none)."""
+    recorded = getattr(model.config, "early_exit", None)
+    if not recorded:
+        return {}
+    check_exit_layer(recorded["exit_layer"], len(get_adapter(model).decoder_layers()))
+    kwargs = {"assistant_early_exit": recorded["exit_layer"]}
+    if recorded.get("draft_length") is not None:
+        kwargs["num_assistant_tokens"] = recorded["draft_length"]
+    return kwargs
+
+
+def check_exit_layer(layer: int, num_layers: int) -> None:
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer < num_layers:
+        raise ValueError(
+            f"exit layer {layer!r} must be an integer in [1, {num_layers - 1}]: the draft runs that many of the model's "
+            f"{num_layers} decoder layers"
+        )
+
+
+def _agreement(model: nn.Module, config: Any, windows: torch.Tensor, candidates: list[int]) -> dict[int, float]:
+    """Fraction of positions where layer k's greedy token equals the full model's, per candidate k.
+
+    The draft is the model with ``config.num_hidden_layers`` lowered to k — the mechanism
+    transformers' early-exit candidate generator uses; logits live for one window at a time.
+    """
+    device = next(model.parameters()).device
+    full_layers = config.num_hidden_layers
+    matches = dict.fromkeys(candidates, 0)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for window in windows:
+                ids = window[None].to(device)
+                reference = model(input_ids=ids, use_cache=False).logits.argmax(-1)
+                for k in candidates:
+                    config.num_hidden_layers = k
+                    matches[k] += int((model(input_ids=ids, use_cache=False).logits.argmax(-1) == reference).sum())
+                    config.num_hidden_layers = full_layers
+    finally:
+        config.num_hidden_layers = full_layers
+        model.train(was_training)
+    return {k: count / windows.numel() for k, count in matches.items()}
+
+
+def _best_draft(alpha: float, cost: float, max_draft: int) -> tuple[int, float]:
+    """(γ, speed-up) maximising the expected speed-up of speculative decoding (Leviathan et al., Eq. 1 / Thm 3.8)."""
+
+    def speedup(gamma: int) -> float:
+        tokens = gamma + 1 if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
+        return tokens / (gamma * cost + 1)
+
+    gamma = max(range(1, max_draft + 1), key=speedup)
+    return gamma, speedup(gamma)

@@ -1,0 +1,63 @@
+"""Early exit for self-speculative decoding: exit-layer measurements, identical greedy output, save/reload."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from optimum_prune import PruningConfig, prune
+from optimum_prune.early_exit import _best_draft, choose_early_exit, early_exit_kwargs, enable_early_exit
+
+from .conftest import tiny_model, token_windows
+
+
+def test_report_measures_every_candidate_layer():
+    model = tiny_model(num_hidden_layers=4)
+    report = choose_early_exit(model, token_windows(samples=3, seq_len=16), num_samples=3, seq_len=16)
+    assert [c.layer for c in report.candidates] == [1, 2, 3]
+    assert all(0.0 <= c.agreement <= 1.0 and c.expected_speedup > 0 for c in report.candidates)
+    influence = [c.remaining_influence for c in report.candidates]
+    assert influence == sorted(influence, reverse=True)  # fewer layers skipped, less influence left
+    assert model.config.num_hidden_layers == 4  # the draft depth was restored
+    assert "best: exit after layer" in str(report)
+
+
+def test_agreement_is_the_teacher_forced_match_of_greedy_tokens():
+    model = tiny_model(num_hidden_layers=3)
+    windows = token_windows(samples=2, seq_len=8)
+    report = choose_early_exit(model, windows, candidates=[2], num_samples=2, seq_len=8)
+    with torch.no_grad():
+        full = model(input_ids=windows).logits.argmax(-1)
+        model.model.layers = model.model.layers[:2]  # the draft: the first two layers, then norm and LM head
+        draft = model(input_ids=windows).logits.argmax(-1)
+    assert report.candidates[0].agreement == pytest.approx(float((draft == full).float().mean()))
+
+
+def test_speedup_formula_matches_leviathan_et_al():
+    # α = 0.8, c = 0.25, γ = 3: (1 − 0.8⁴) / ((1 − 0.8)(3·0.25 + 1)) = 0.5904 / 0.35
+    gamma, speedup = _best_draft(0.8, 0.25, max_draft=3)
+    assert gamma == 3 and speedup == pytest.approx(0.5904 / 0.35)
+    assert _best_draft(0.0, 0.5, max_draft=5) == (1, pytest.approx(1 / 1.5))
+
+
+@pytest.mark.parametrize("exit_layer", [1, 2])
+def test_greedy_output_equals_the_full_model_on_a_pruned_model_and_survives_reload(exit_layer, tmp_path):
+    model = tiny_model(num_hidden_layers=3)
+    prune(model, PruningConfig(method="magnitude", sparsity="2:4"))
+    prompt = token_windows(samples=1, seq_len=6, seed=4)
+    plain = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    enable_early_exit(model, exit_layer, draft_length=4)
+    assert early_exit_kwargs(model) == {"assistant_early_exit": exit_layer, "num_assistant_tokens": 4}
+    assert torch.equal(model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0, **early_exit_kwargs(model)), plain)
+    model.save_pretrained(tmp_path / "exit")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "exit")
+    assert early_exit_kwargs(reloaded) == early_exit_kwargs(model)
+    generated = reloaded.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0, **early_exit_kwargs(reloaded))
+    assert torch.equal(generated, plain)
+
+
+@pytest.mark.parametrize("layer", [0, 3, 7, 1.5])
+def test_exit_layer_outside_the_model_is_refused(layer):
+    with pytest.raises(ValueError, match=r"must be an integer in \[1, 2\]"):
+        enable_early_exit(tiny_model(num_hidden_layers=3), layer)
