@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from .adapters import get_adapter
+from .api import planned_linears
 from .config import PruningConfig
 from .methods import METHODS
 from .sparsity import NMPattern, conforms_to
@@ -29,8 +30,6 @@ def sparsity_config(model: nn.Module, config: PruningConfig | None = None) -> di
     The targets are the linears the config pruned, measured: with an N:M config, those whose
     weights conform to the pattern (an unrouted expert left dense, say, goes to ``ignore``).
     """
-    from .api import planned_linears
-
     config = config or _recorded_config(model)
     if METHODS.get(config.method).structured:
         raise ValueError(
