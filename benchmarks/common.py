@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import platform
 from pathlib import Path
 from typing import Any
@@ -53,3 +54,10 @@ def save_training(directory: Path, steps: int, seconds: float, *parts: Any) -> N
         for part in parts:
             part.save_pretrained(staging)
         (staging / "training.json").write_text(json.dumps({"steps": steps, "seconds": seconds}))
+
+
+def save_rows(cache: Path, rows: dict) -> None:
+    """Write the finished rows beside ``cache`` and rename into place: a run killed mid-write keeps the old file."""
+    staging = cache.with_name(f".{cache.name}.tmp")
+    staging.write_text(json.dumps(rows, indent=2))
+    os.replace(staging, cache)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from transformers import QuantoConfig
 
-from common import quick_or_full, table_header
+from common import quick_or_full, save_rows, table_header
 from optimum_prune import PruningConfig, compress, evaluate_perplexity, load_default_model, save_pruned, verify_sparsity
 
 # (row, pruning sparsity or None, quanto weights or None)
@@ -67,7 +67,7 @@ def main() -> None:
     for row, sparsity, weights in ROWS:
         if row not in done:
             done[row] = measure(sparsity, weights, calibration, eval_tokens)
-            cache.write_text(json.dumps(done, indent=2))
+            save_rows(cache, done)
         print(row, done[row], flush=True)
 
     dense = done["dense"]

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 
-from common import table_header
+from common import save_rows, table_header
 from optimum_prune import PruningConfig, evaluate_perplexity, load_default_model, prune, verify_sparsity
 
 Row = tuple[str, "float | str", str, dict]
@@ -112,7 +112,7 @@ def main() -> None:
         key = row_key(row)
         if key not in done:
             done[key] = measure(row, args)
-            cache.write_text(json.dumps(done, indent=2))
+            save_rows(cache, done)
         results.append(done[key])
         r = done[key]
         print(f"{key:<28} ppl {r['perplexity']:>9.2f}  sparsity {r['linear_sparsity']:.2%}  prune {r['prune_seconds']:.1f}s", flush=True)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from common import table_header
+from common import save_rows, table_header
 from optimum_prune import PruningConfig, evaluate_perplexity, load_default_model, prune
 
 LAYERS = 30  # SmolLM2-135M
@@ -136,10 +136,10 @@ def main() -> None:
             continue
         if key not in done:
             done[key] = measure(row, args)
-            cache.write_text(json.dumps(done, indent=2))
+            save_rows(cache, done)
         elif args.retime:
             done[key].update(measure(row, args, perplexity=False))
-            cache.write_text(json.dumps(done, indent=2))
+            save_rows(cache, done)
         results.append(done[key])
         r = done[key]
         print(f"{key:<48} ppl {r['perplexity']:>9.2f}  params {r['parameter_ratio']:.1%}  latency {r['latency_ratio']:.2f}", flush=True)
