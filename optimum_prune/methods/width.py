@@ -1,7 +1,8 @@
 """Structured width pruning: attention heads (GQA-aware) and MLP channels.
 
 Criteria: weight magnitude (L1 / L2), first-order Taylor on the calibration loss (LLM-Pruner,
-Ma et al. 2023), Wanda-sp and FLAP's fluctuation metric with bias compensation (An et al. 2024).
+Ma et al. 2023), Wanda-sp and FLAP's fluctuation metric with bias compensation (An et al. 2024),
+and random units as the control LLM-Pruner reports (on LLaMA it beats weight magnitude).
 Units are removed whole: a query head (the same number from every GQA group, so the layout stays
 valid), a key/value group with all its query heads, or one MLP channel. ``ranking="layer"`` takes
 the same fraction from every layer (LLM-Pruner); ``"global"`` ranks units across layers after
@@ -25,8 +26,9 @@ from ..statistics import ColumnMoments
 from ..structure.surgery import add_output_bias, coupled_linears, remove_block_channels
 from .base import StructuredMethod, register_structured_method
 
-CRITERIA = ("magnitude_l1", "magnitude_l2", "taylor", "wanda_sp", "flap")
+CRITERIA = ("magnitude_l1", "magnitude_l2", "taylor", "wanda_sp", "flap", "random")
 ACTIVATION_CRITERIA = ("wanda_sp", "flap")
+WEIGHT_ONLY_CRITERIA = ("magnitude_l1", "magnitude_l2", "random")
 
 
 @dataclass(frozen=True)
@@ -35,7 +37,8 @@ class WidthOptions:
         "flap",
         "Importance: 'magnitude_l1', 'magnitude_l2' (weights only), 'taylor' (|W·∂L/∂W|, LLM-Pruner), "
         "'wanda_sp' (|W|·‖X‖ per input column) or 'flap' (input variance × ‖W_col‖², with the removed "
-        "columns' mean output added as a bias of the output projection).",
+        "columns' mean output added as a bias of the output projection), or 'random' (a control: "
+        "units drawn at random, reproducibly).",
     )
     components: str = option("all", "What to prune: 'all' (attention heads and MLP channels), 'attention' or 'mlp'.")
     head_mode: str = option(
@@ -78,7 +81,7 @@ class WidthPruning(StructuredMethod[WidthOptions]):
 
     @classmethod
     def needs_calibration(cls, options: WidthOptions) -> bool:
-        return not options.criterion.startswith("magnitude")
+        return options.criterion not in WEIGHT_ONLY_CRITERIA
 
     def check(self) -> None:
         self.components = self._components()
@@ -88,6 +91,7 @@ class WidthPruning(StructuredMethod[WidthOptions]):
         statistics = self._activation_statistics(windows) if self.options.criterion in ACTIVATION_CRITERIA else {}
         if self.options.criterion == "taylor":
             accumulate_gradients(self.adapter.model, windows)
+        self._random_scores = torch.Generator().manual_seed(0)  # components are scored in a fixed order: reproducible
         try:
             for component in self.components:
                 component.scores = self._scores(component, statistics)
@@ -245,6 +249,8 @@ class WidthPruning(StructuredMethod[WidthOptions]):
     ) -> torch.Tensor:
         """One score per channel: producer rows and consumer columns with the same index."""
         criterion = self.options.criterion
+        if criterion == "random":
+            return torch.rand(producers[0].out_features, generator=self._random_scores)
         if criterion in ACTIVATION_CRITERIA:
             scores = 0
             for consumer in consumers:

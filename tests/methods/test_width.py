@@ -51,6 +51,16 @@ def test_output_equals_dense_with_removed_units_zeroed(family, criterion, head_m
         torch.testing.assert_close(model(ids).logits, _zeroed_reference(dense, model)(ids).logits, rtol=1e-4, atol=1e-5)
 
 
+def test_random_control_needs_no_calibration_and_is_reproducible():
+    config = PruningConfig(method="width", sparsity=0.25, method_options={"criterion": "random"})
+    first, second, magnitude = tiny_model(), tiny_model(), tiny_model()
+    for model in (first, second):
+        prune(model, config)
+    prune(magnitude, PruningConfig(method="width", sparsity=0.25, method_options={"criterion": "magnitude_l2"}))
+    kept = [m.model.layers[0].mlp.gate_proj.weight for m in (first, second, magnitude)]
+    assert torch.equal(kept[0], kept[1]) and not torch.equal(kept[0], kept[2])
+
+
 def test_layer_ranking_is_uniform_and_hits_the_parameter_ratio():
     model = tiny_model(num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, intermediate_size=256)
     linears = lambda: sum(l.weight.numel() for layer in model.model.layers for l in layer.modules() if isinstance(l, torch.nn.Linear))
@@ -116,4 +126,4 @@ def test_structured_methods_reject_nm_and_owl():
     with pytest.raises(ValueError, match="allocation 'owl' applies to unstructured"):
         PruningConfig(method="layers", sparsity=0.2, allocation="owl")
     with pytest.raises(ValueError, match="criterion must be one of"):
-        PruningConfig(method="width", method_options={"criterion": "random"})
+        PruningConfig(method="width", method_options={"criterion": "l0"})
