@@ -27,12 +27,15 @@ from optimum_prune import PruningConfig, evaluate_perplexity, load_default_model
 LAYERS = 30  # SmolLM2-135M
 Row = tuple[str, float, dict]
 ROWS: list[Row] = [
-    *[("width", ratio, {"criterion": c}) for c in ("magnitude_l1", "magnitude_l2", "taylor", "wanda_sp", "flap") for ratio in (0.1, 0.2, 0.3)],
+    *[("width", ratio, {"criterion": c}) for c in ("magnitude_l1", "magnitude_l2", "random", "taylor", "wanda_sp", "flap") for ratio in (0.1, 0.2, 0.3)],
     *[("width", 0.2, {"criterion": c, "ranking": "global"}) for c in ("wanda_sp", "flap")],
     ("width", 0.2, {"criterion": "flap", "head_mode": "kv_group"}),
     *[("slicegpt", ratio, {}) for ratio in (0.1, 0.2, 0.3)],
     *[("layers", n / LAYERS, {"criterion": c, "num_layers": n}) for c in ("block_influence", "angular", "perplexity", "taylor") for n in (4, 8)],
     *[("sublayers", n / LAYERS, {"criterion": "block_influence"}) for n in (4, 8)],
+    # Residual re-routing (issue 11, item 10) against the plain removals above, same budgets.
+    *[("layers", n / LAYERS, {"criterion": "block_influence", "num_layers": n, "reroute": True}) for n in (4, 8)],
+    *[("sublayers", n / LAYERS, {"criterion": "block_influence", "reroute": True}) for n in (4, 8)],
 ]
 HERE = Path(__file__).resolve().parent
 

@@ -188,6 +188,11 @@ class DecoderAdapter(ABC):
         """Replace the ``"attention"`` or ``"mlp"`` sublayer by a no-op; the residual path stays."""
         raise self._no_structure()
 
+    def reroute_sublayer(self, layer: nn.Module, sublayer: str) -> nn.Module:
+        """Replace the ``"attention"`` or ``"mlp"`` sublayer by a zero affine map of its normalised
+        input (``.map``, fitted by ``methods.rerouting``); the norm stays. Return the stand-in."""
+        raise self._no_structure()
+
     def keep_layers(self, indices: list[int]) -> None:
         """Keep only decoder layers ``indices`` (in order) and renumber them."""
         raise self._no_structure()

@@ -10,7 +10,7 @@ from torch import nn
 from transformers import LlamaForCausalLM, LlamaModel, MistralForCausalLM, MistralModel, Qwen2ForCausalLM, Qwen2Model
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from ..structure.modules import RemovedAttention, RemovedMLP
+from ..structure.modules import RemovedAttention, RemovedMLP, ReroutedAttention, ReroutedMLP
 from ..structure.shapes import LayerShape
 from ..structure.surgery import keep_input_features, keep_output_features
 from .base import (
@@ -147,6 +147,21 @@ class LlamaAdapter(DecoderAdapter):
         else:
             raise ValueError(f"sublayer must be 'attention' or 'mlp', got {sublayer!r}")
 
+    def reroute_sublayer(self, layer: nn.Module, sublayer: str) -> nn.Module:
+        if sublayer == "attention":
+            like = layer.input_layernorm.weight
+            layer.self_attn = ReroutedAttention(layer.self_attn.layer_idx, layer.self_attn.head_dim, like.shape[0], like)
+        elif sublayer == "mlp":
+            like = layer.post_attention_layernorm.weight
+            layer.mlp = ReroutedMLP(like.shape[0], like)
+        else:
+            raise ValueError(f"sublayer must be 'attention' or 'mlp', got {sublayer!r}")
+        stand_in = self.sublayer(layer, sublayer)
+        with torch.no_grad():
+            stand_in.map.weight.zero_()
+            stand_in.map.bias.zero_()
+        return stand_in
+
     def keep_layers(self, indices: list[int]) -> None:
         layers = self.decoder_layers()
         self.decoder.layers = nn.ModuleList(layers[i] for i in indices)
@@ -189,6 +204,10 @@ class LlamaAdapter(DecoderAdapter):
             attention_output_bias=attention is not None and attention.output.bias is not None,
             mlp_output_bias=mlp is not None and layer.mlp.down_proj.bias is not None,
             residual_widths=widths,
+            rerouted=tuple(
+                kind for kind, module in (("attention", layer.self_attn), ("mlp", layer.mlp))
+                if isinstance(module, (ReroutedAttention, ReroutedMLP))
+            ),
         )
 
     def stock_shape(self, config: Any) -> LayerShape:
@@ -204,7 +223,7 @@ class LlamaAdapter(DecoderAdapter):
         widths = shape.residual_widths or (None, None, None)
         attention = layer.self_attn
         if not shape.has_attention:
-            self.remove_sublayer(layer, "attention")
+            (self.reroute_sublayer if "attention" in shape.rerouted else self.remove_sublayer)(layer, "attention")
         else:
             query, kv = shape.num_attention_heads * attention.head_dim, shape.num_key_value_heads * attention.head_dim
             attention.q_proj = resized_linear(attention.q_proj, in_features=widths[0], out_features=query)
@@ -215,7 +234,7 @@ class LlamaAdapter(DecoderAdapter):
             )
             attention.num_key_value_groups = shape.num_attention_heads // shape.num_key_value_heads
         if not shape.has_mlp:
-            self.remove_sublayer(layer, "mlp")
+            (self.reroute_sublayer if "mlp" in shape.rerouted else self.remove_sublayer)(layer, "mlp")
         else:
             mlp = layer.mlp
             mlp.gate_proj = resized_linear(mlp.gate_proj, in_features=widths[1], out_features=shape.intermediate_size)

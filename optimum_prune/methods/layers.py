@@ -6,7 +6,8 @@ layer ℓ+n at the last token of each window, removing the n consecutive layers 
 distance (Gromov et al. 2024); and Shortened LLaMA's calibration perplexity with the layer
 skipped or first-order Taylor importance Σ|W·∂L/∂W| of the layer (Kim et al. 2024). With
 ``merge=True`` the removed layers' parameter differences are added into the kept layer before
-them (LaCo, Yang et al. 2024) instead of being dropped.
+them (LaCo, Yang et al. 2024) instead of being dropped; with ``reroute=True`` each run of removed
+layers leaves an affine map of the stream in its place (``rerouting.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ..calibration.gradients import accumulate_gradients, calibration_perplexity
 from ..options import check_choice, option
 from ..statistics import token_cosine
 from .base import StructuredMethod, register_structured_method
+from .rerouting import REROUTE_HELP, fit_reroutes, reroute_runs
 
 CRITERIA = ("block_influence", "angular", "perplexity", "taylor")
 
@@ -51,9 +53,12 @@ class LayerRemovalOptions:
     )
     num_layers: int = option(0, "Layers to remove; 0 derives it from sparsity (rounded to whole layers).")
     merge: bool = option(False, "LaCo: add the removed layers' parameter differences into the preceding kept layer.")
+    reroute: bool = option(False, REROUTE_HELP + " A run of consecutive removed layers gets one map.")
 
     def __post_init__(self) -> None:
         check_choice("criterion", self.criterion, CRITERIA)
+        if self.merge and self.reroute:
+            raise ValueError("method_options.merge and method_options.reroute are alternatives: set one of them")
         if self.num_layers < 0:
             raise ValueError(f"num_layers must be >= 0, got {self.num_layers}")
 
@@ -101,7 +106,10 @@ class LayerRemoval(StructuredMethod[LayerRemovalOptions]):
         kept = [i for i in range(len(names)) if i not in removed]
         if self.options.merge:
             self._merge(removed, kept)
-        self.adapter.keep_layers(kept)
+        if self.options.reroute:
+            fit_reroutes(self.adapter, windows, self.device, reroute_runs(self.adapter, removed))
+        else:
+            self.adapter.keep_layers(kept)
 
     def _block_influence_scores(self, windows: torch.Tensor) -> list[float]:
         return block_influence(self.adapter, windows, self.device)

@@ -3,7 +3,9 @@
 Each attention and each MLP block is a unit, scored by Block Influence on the residual stream
 around it (1 − cos(before, after), as ShortGPT does for whole layers) or by the calibration
 perplexity with that block skipped. Units are removed from the least important up while they
-fit in the parameter budget, so attention (cheap, often redundant) and MLP blocks compete.
+fit in the parameter budget, so attention (cheap, often redundant) and MLP blocks compete. With
+``reroute=True`` every removed block leaves an affine map of its normalised input in its place
+(``rerouting.py``), and the budget counts the maps' parameters.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from ..calibration.gradients import calibration_perplexity
 from ..options import check_choice, option
 from ..statistics import token_cosine
 from .base import StructuredMethod, register_structured_method
+from .rerouting import REROUTE_HELP, Reroute, fit_reroutes
 
 KINDS = ("attention", "mlp")
 
@@ -28,6 +31,7 @@ KINDS = ("attention", "mlp")
 class SublayerRemovalOptions:
     criterion: str = option("block_influence", "'block_influence' (1 − cos around the block) or 'perplexity' (block skipped).")
     sublayers: str = option("all", "Which blocks may go: 'all', 'attention' or 'mlp'.")
+    reroute: bool = option(False, REROUTE_HELP)
 
     def __post_init__(self) -> None:
         check_choice("criterion", self.criterion, ("block_influence", "perplexity"))
@@ -42,16 +46,23 @@ class SublayerRemoval(StructuredMethod[SublayerRemovalOptions]):
         kinds = KINDS if self.options.sublayers == "all" else (self.options.sublayers,)
         layers, names = self.adapter.decoder_layers(), self.adapter.layer_names()
         self.units: dict[tuple[int, str], int] = {}
+        hidden = self.adapter.config.hidden_size
+        map_parameters = hidden * hidden + hidden if self.options.reroute else 0
         for index, (name, layer) in enumerate(zip(names, layers)):
             for kind in kinds:
                 qualified = f"{name}.{self._child_name(layer, kind)}"
                 if self._present(layer, kind) and not any(fnmatchcase(qualified, p) for p in self.ignore):
                     self.units[(index, kind)] = sum(
                         m.weight.numel() for m in self.adapter.sublayer(layer, kind).modules() if isinstance(m, nn.Linear)
-                    )
+                    ) - map_parameters
         total = sum(l.weight.numel() for layer in layers for l in self.adapter.prunable_linears(layer).values())
         self.budget = self.sparsity * total
         smallest = min(self.units.values(), default=0)
+        if self.units and smallest <= 0:
+            raise ValueError(
+                f"method_options.reroute: a {hidden}×{hidden} map is as large as a block of this model, so "
+                "re-routing saves nothing; set reroute=False"
+            )
         if not self.units or smallest > self.budget:
             raise ValueError(
                 f"PruningConfig.sparsity {self.sparsity} ({self.budget:,.0f} parameters) is smaller than the smallest "
@@ -71,9 +82,17 @@ class SublayerRemoval(StructuredMethod[SublayerRemovalOptions]):
                 removed.append(unit)
                 spent += self.units[unit]
         layers, names = self.adapter.decoder_layers(), self.adapter.layer_names()
-        for index, kind in sorted(removed):
-            self.adapter.remove_sublayer(layers[index], kind)
+        reroutes: dict[int, list[Reroute]] = {}
+        for index, kind in sorted(removed):  # attention before MLP within a layer, as the fit needs
+            if self.options.reroute:
+                original = self.adapter.sublayer(layers[index], kind)
+                self.adapter.reroute_sublayer(layers[index], kind)
+                reroutes.setdefault(index, []).append(Reroute(kind, [original]))
+            else:
+                self.adapter.remove_sublayer(layers[index], kind)
             report.removed.append(f"{names[index]} {kind}")
+        if reroutes:
+            fit_reroutes(self.adapter, windows, self.device, reroutes)
 
     def _scores(self, windows: torch.Tensor) -> dict[tuple[int, str], float]:
         if self.options.criterion == "perplexity":

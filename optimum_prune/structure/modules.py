@@ -1,4 +1,5 @@
-"""Stand-ins for removed sublayers: the residual path stays, the block contributes nothing.
+"""Stand-ins for removed sublayers: the residual path stays, the block contributes nothing
+(or, re-routed, a linear map of its normalised input).
 
 They follow the decoder-layer contract of transformers' Llama-style models (attention returns
 ``(output, weights)``, the MLP returns a tensor), so the stock decoder layer's forward runs
@@ -39,3 +40,29 @@ class RemovedMLP(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(hidden_states)
+
+
+class ReroutedAttention(RemovedAttention):
+    """A removed attention block whose contribution to the residual stream is replaced by an affine
+    map of its normalised input, fitted by least squares on calibration activations (residual
+    re-routing, see ``optimum_prune.methods.rerouting``). It keeps the cache bookkeeping of
+    ``RemovedAttention``."""
+
+    def __init__(self, layer_idx: int, head_dim: int, width: int, like: torch.Tensor) -> None:
+        super().__init__(layer_idx, head_dim)
+        self.map = nn.Linear(width, width, device=like.device, dtype=like.dtype)
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, past_key_values: Any = None, **kwargs: Any):
+        super().forward(hidden_states, *args, past_key_values=past_key_values, **kwargs)
+        return self.map(hidden_states), None
+
+
+class ReroutedMLP(RemovedMLP):
+    """A removed MLP block replaced by an affine map of its normalised input (residual re-routing)."""
+
+    def __init__(self, width: int, like: torch.Tensor) -> None:
+        super().__init__()
+        self.map = nn.Linear(width, width, device=like.device, dtype=like.dtype)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.map(hidden_states)

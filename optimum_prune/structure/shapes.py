@@ -20,6 +20,8 @@ class LayerShape:
     expert's). ``residual_widths`` is set for layers whose residual stream was rotated and sliced (SliceGPT):
     the stream's width at the layer input, between attention and MLP, and at the output. Such a
     layer carries shortcut matrices that carry the residual from one basis to the next.
+    ``rerouted`` names removed sublayers ("attention", "mlp") that a linear map of their
+    normalised input stands in for (residual re-routing).
     """
 
     num_attention_heads: int
@@ -29,6 +31,7 @@ class LayerShape:
     mlp_output_bias: bool = False
     residual_widths: tuple[int, int, int] | None = None
     num_experts: int | None = None  # MoE layers: experts kept (None: a dense MLP)
+    rerouted: tuple[str, ...] = ()
 
     @property
     def has_attention(self) -> bool:
@@ -40,8 +43,13 @@ class LayerShape:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
-        if data["num_experts"] is None:  # dense models' shapes stay as they were before MoE support
+        # Shapes stay as they were before MoE support and re-routing unless those are used.
+        if data["num_experts"] is None:
             del data["num_experts"]
+        if not data["rerouted"]:
+            del data["rerouted"]
+        else:
+            data["rerouted"] = list(data["rerouted"])
         return data
 
     @classmethod
@@ -62,7 +70,13 @@ class LayerShape:
         experts = data.get("num_experts")
         if experts is not None and (isinstance(experts, bool) or not isinstance(experts, int) or experts <= 0):
             raise ValueError(f"{where}: num_experts must be a positive integer, got {experts!r}")
+        rerouted = data.get("rerouted", ())
+        if not isinstance(rerouted, (list, tuple)) or not set(rerouted) <= {"attention", "mlp"} or len(set(rerouted)) != len(rerouted):
+            raise ValueError(f"{where}: rerouted must list distinct sublayers among 'attention' and 'mlp', got {rerouted!r}")
+        data = {**data, "rerouted": tuple(rerouted)}
         shape = cls(**data)
+        if ("attention" in shape.rerouted and shape.has_attention) or ("mlp" in shape.rerouted and shape.has_mlp):
+            raise ValueError(f"{where}: only removed sublayers (0 heads or 0 channels) can be rerouted, got {data}")
         if widths is not None and not (shape.has_attention and shape.has_mlp):
             raise ValueError(f"{where}: a layer with a sliced residual stream must keep both its attention and its MLP")
         if shape.num_attention_heads < 0 or shape.num_key_value_heads < 0 or shape.intermediate_size < 0:

@@ -1,0 +1,94 @@
+import copy
+
+import pytest
+import torch
+
+from optimum_prune import PruningConfig, prune, save_pruned
+from optimum_prune.methods.rerouting import NormalEquations
+from optimum_prune.structure.modules import RemovedAttention, ReroutedAttention, ReroutedMLP
+from optimum_prune.structure.shapes import LayerShape
+
+from ..conftest import assert_reloads_exactly, tiny_model, token_windows
+
+
+def _logit_error(model: torch.nn.Module, dense: torch.nn.Module, ids: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model(ids).logits - dense(ids).logits).square().mean())
+
+
+def test_normal_equations_recover_an_affine_map():
+    inputs = torch.randn(4, 50, 6, generator=torch.Generator().manual_seed(0))
+    weight, bias = torch.randn(6, 6, dtype=torch.float64), torch.randn(6, dtype=torch.float64)
+    equations = NormalEquations(6, torch.device("cpu"))
+    for chunk in inputs:  # accumulated batch by batch, as calibration streams them
+        equations.add(chunk, chunk.double() @ weight.T + bias)
+    fitted_weight, fitted_bias = equations.solve(damping=0.0)
+    torch.testing.assert_close(fitted_weight, weight)
+    torch.testing.assert_close(fitted_bias, bias)
+    damped, _ = equations.solve()
+    assert damped.norm() < weight.norm()  # ridge shrinks towards plain removal
+
+
+def _prune_layers(reroute: bool) -> tuple[torch.nn.Module, object]:
+    model = tiny_model(num_hidden_layers=6)
+    options = {"criterion": "angular", "num_layers": 2, "reroute": reroute}
+    report = prune(model, PruningConfig(method="layers", sparsity=0.3, method_options=options), calibration=token_windows())
+    return model, report
+
+
+def test_a_removed_run_of_layers_becomes_one_fitted_map():
+    dense = tiny_model(num_hidden_layers=6)
+    plain, _ = _prune_layers(reroute=False)
+    model, report = _prune_layers(reroute=True)
+
+    assert len(report.removed) == 2 and len(model.model.layers) == 5  # the run of two left one stub
+    stubs = [layer for layer in model.model.layers if isinstance(layer.mlp, ReroutedMLP)]
+    assert len(stubs) == 1 and isinstance(stubs[0].self_attn, RemovedAttention)
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == list(range(5))
+    hidden = model.config.hidden_size
+    assert report.parameters_after - plain.num_parameters() == hidden * hidden + hidden + hidden  # map + kept norm
+    windows = token_windows()
+    assert _logit_error(model, dense, windows) < _logit_error(plain, dense, windows)
+
+
+def test_rerouted_layers_reload_exactly_and_generate_with_cache(tmp_path):
+    model, report = _prune_layers(reroute=True)
+    shapes = model.config.quantization_config.layers
+    assert sum(1 for shape in shapes if shape.get("rerouted") == ["mlp"]) == 1
+    reloaded = assert_reloads_exactly(model, save_pruned(model, tmp_path / "rerouted", report=report))
+    assert sum(isinstance(layer.mlp, ReroutedMLP) for layer in reloaded.model.layers) == 1
+
+
+def test_rerouted_sublayers_fit_each_block_within_the_budget(tmp_path):
+    dense = tiny_model(num_hidden_layers=4)
+    config = PruningConfig(method="sublayers", sparsity=0.3, method_options={"reroute": True})
+    model = copy.deepcopy(dense)
+    report = prune(model, config, calibration=token_windows())
+
+    stand_ins = [m for m in model.modules() if isinstance(m, (ReroutedAttention, ReroutedMLP))]
+    assert len(stand_ins) == len(report.removed) > 0
+    linears = sum(l.weight.numel() for layer in dense.model.layers for l in layer.modules() if isinstance(l, torch.nn.Linear))
+    assert report.parameters_before - report.parameters_after <= 0.3 * linears  # the maps count against the budget
+    windows = token_windows()
+    assert _logit_error(model, dense, windows) < _logit_error(dense_without(dense, report.removed), dense, windows)
+    assert_reloads_exactly(model, save_pruned(model, tmp_path / "rerouted-sublayers", report=report))
+
+
+def dense_without(dense: torch.nn.Module, removed: list[str]) -> torch.nn.Module:
+    """The dense model with the same blocks removed plainly (their output projections zeroed)."""
+    reference = copy.deepcopy(dense)
+    with torch.no_grad():
+        for item in removed:
+            name, kind = item.split()
+            layer = reference.model.layers[int(name.rsplit(".", 1)[1])]
+            (layer.self_attn.o_proj if kind == "attention" else layer.mlp.down_proj).weight.zero_()
+    return reference
+
+
+def test_reroute_errors_name_the_option():
+    with pytest.raises(ValueError, match="merge and method_options.reroute are alternatives"):
+        PruningConfig(method="layers", sparsity=0.2, method_options={"merge": True, "reroute": True})
+    with pytest.raises(ValueError, match="only removed sublayers"):
+        LayerShape.from_dict({"num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 0, "rerouted": ["attention"]}, "layer 0")
+    with pytest.raises(ValueError, match="rerouted must list"):
+        LayerShape.from_dict({"num_attention_heads": 0, "num_key_value_heads": 0, "intermediate_size": 0, "rerouted": ["ffn"]}, "layer 0")
