@@ -36,6 +36,8 @@ ROWS: list[Row] = [
     # Residual re-routing (issue 11, item 10) against the plain removals above, same budgets.
     *[("layers", n / LAYERS, {"criterion": "block_influence", "num_layers": n, "reroute": True}) for n in (4, 8)],
     *[("sublayers", n / LAYERS, {"criterion": "block_influence", "reroute": True}) for n in (4, 8)],
+    # Low-rank factorisation (issue 11, item 5): FWSVD against plain SVD, beside width at 20 %.
+    *[("low_rank", 0.2, {"weighting": w}) for w in ("fisher", "none")],
 ]
 HERE = Path(__file__).resolve().parent
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
 from ..registry import Registry
+from ..structure.modules import factorize_named
 from ..structure.shapes import LayerShape
 
 
@@ -229,7 +230,8 @@ class DecoderAdapter(ABC):
         """
         for index, shape in enumerate(shapes):
             layer = self.add_shortcuts(index) if shape.residual_widths else self.decoder_layers()[index]
-            self.reshape_layer(layer, shape)
+            self.reshape_layer(layer, replace(shape, low_rank=()))
+            factorize_named(layer, shape.low_rank)  # after the widths: the factors take them
         hidden = self.model.get_input_embeddings().embedding_dim
         if shapes[0].residual_widths and shapes[0].residual_widths[0] != hidden:
             resize_embedding(self.model.get_input_embeddings(), shapes[0].residual_widths[0])

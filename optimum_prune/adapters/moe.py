@@ -159,7 +159,7 @@ class MoEAdapter(DecoderAdapter):
         return LayerShape(
             num_attention_heads=attention.q_proj.out_features // attention.head_dim,
             num_key_value_heads=attention.k_proj.out_features // attention.head_dim,
-            intermediate_size=next(m for m in expert.modules() if isinstance(m, nn.Linear)).out_features,
+            intermediate_size=(self.expert_projections(expert)[0][0] if block is not None else layer.mlp.gate_proj).out_features,
             attention_output_bias=attention.o_proj.bias is not None,
             num_experts=len(block.experts) if block is not None else None,
         )

@@ -33,6 +33,33 @@ def accumulate_gradients(model: nn.Module, windows: torch.Tensor, description: s
             parameter.requires_grad_(False)
 
 
+def fisher_rows(model: nn.Module, windows: torch.Tensor, linears: list[nn.Linear], description: str = "Fisher information") -> list[torch.Tensor]:
+    """Empirical Fisher information of each output row of ``linears``: Σ_windows Σ_j (∂L_w/∂W_ij)².
+
+    Each window is one sample, so its gradient is squared before summing (the mean gradient of
+    ``accumulate_gradients`` would cancel out). Only the given weights require grad meanwhile.
+    """
+    device = next(model.parameters()).device
+    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    weights = [linear.weight for linear in linears]
+    for parameter, _ in flags:
+        parameter.requires_grad_(False)
+    for weight in weights:
+        weight.requires_grad_(True)
+    rows = [torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device) for weight in weights]
+    try:
+        with torch.enable_grad():
+            for window in tqdm(windows, desc=description, leave=False):
+                ids = window.unsqueeze(0).to(device)
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                for total, gradient in zip(rows, torch.autograd.grad(loss, weights)):
+                    total += gradient.double().square().sum(dim=1)
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+    return rows
+
+
 def calibration_perplexity(model: nn.Module, windows: torch.Tensor) -> float:
     """exp(mean next-token loss) of ``model`` over the calibration windows."""
     device = next(model.parameters()).device

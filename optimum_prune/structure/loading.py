@@ -14,6 +14,7 @@ like any other, and saving it writes the shapes again.
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from typing import Any
 
 from torch import nn
@@ -21,6 +22,7 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..adapters import DecoderAdapter, get_adapter
+from .modules import low_rank_ranks
 from .shapes import LayerShape
 
 QUANT_METHOD = "optimum_prune_structure"
@@ -97,7 +99,7 @@ def record_structure(adapter: DecoderAdapter) -> list[LayerShape]:
     """
     config = adapter.config
     model_config = adapter.model.config
-    shapes = [adapter.layer_shape(layer) for layer in adapter.decoder_layers()]
+    shapes = [replace(adapter.layer_shape(layer), low_rank=low_rank_ranks(layer)) for layer in adapter.decoder_layers()]
     adapter.write_uniform_config(config, adapter.stock_shape(config))  # makes head_dim explicit
     uniform = copy.deepcopy(config)
     adapter.write_uniform_config(uniform, shapes[0])

@@ -1,5 +1,5 @@
 """Stand-ins for removed sublayers: the residual path stays, the block contributes nothing
-(or, re-routed, a linear map of its normalised input).
+(or, re-routed, a linear map of its normalised input); and factorised linears.
 
 They follow the decoder-layer contract of transformers' Llama-style models (attention returns
 ``(output, weights)``, the MLP returns a tensor), so the stock decoder layer's forward runs
@@ -66,3 +66,45 @@ class ReroutedMLP(RemovedMLP):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.map(hidden_states)
+
+
+class LowRankLinear(nn.Module):
+    """An ``nn.Linear`` stored as two factors, x ↦ out_factor(in_factor(x)), of a chosen rank.
+
+    It keeps ``in_features``, ``out_features`` and ``bias`` of the linear it replaces, so the
+    adapters read the layer's widths from it as from the original.
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, rank: int, bias: bool, device: Any = None, dtype: Any = None
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.in_factor = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
+        self.out_factor = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.out_factor.bias
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.out_factor(self.in_factor(inputs))
+
+
+def low_rank_ranks(layer: nn.Module) -> tuple[tuple[str, int], ...]:
+    """(name inside ``layer``, rank) of every factorised linear, for the layer's recorded shape."""
+    return tuple((name, module.rank) for name, module in layer.named_modules() if isinstance(module, LowRankLinear))
+
+
+def factorize_named(layer: nn.Module, ranks: tuple[tuple[str, int], ...]) -> None:
+    """Replace the named linears of a freshly built (possibly meta) layer by empty factors of the recorded ranks."""
+    for name, rank in ranks:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = layer.get_submodule(parent_name)
+        linear = getattr(parent, child_name)
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"low_rank names {name!r}, which is not a linear of this layer; the checkpoint's config.json is corrupt")
+        factors = LowRankLinear(
+            linear.in_features, linear.out_features, rank, linear.bias is not None, linear.weight.device, linear.weight.dtype
+        )
+        setattr(parent, child_name, factors)

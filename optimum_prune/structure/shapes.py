@@ -21,7 +21,8 @@ class LayerShape:
     the stream's width at the layer input, between attention and MLP, and at the output. Such a
     layer carries shortcut matrices that carry the residual from one basis to the next.
     ``rerouted`` names removed sublayers ("attention", "mlp") that a linear map of their
-    normalised input stands in for (residual re-routing).
+    normalised input stands in for (residual re-routing). ``low_rank`` lists (name inside the layer,
+    rank) of linears stored as two low-rank factors.
     """
 
     num_attention_heads: int
@@ -32,6 +33,7 @@ class LayerShape:
     residual_widths: tuple[int, int, int] | None = None
     num_experts: int | None = None  # MoE layers: experts kept (None: a dense MLP)
     rerouted: tuple[str, ...] = ()
+    low_rank: tuple[tuple[str, int], ...] = ()
 
     @property
     def has_attention(self) -> bool:
@@ -50,6 +52,10 @@ class LayerShape:
             del data["rerouted"]
         else:
             data["rerouted"] = list(data["rerouted"])
+        if not data["low_rank"]:
+            del data["low_rank"]
+        else:
+            data["low_rank"] = dict(data["low_rank"])
         return data
 
     @classmethod
@@ -73,7 +79,12 @@ class LayerShape:
         rerouted = data.get("rerouted", ())
         if not isinstance(rerouted, (list, tuple)) or not set(rerouted) <= {"attention", "mlp"} or len(set(rerouted)) != len(rerouted):
             raise ValueError(f"{where}: rerouted must list distinct sublayers among 'attention' and 'mlp', got {rerouted!r}")
-        data = {**data, "rerouted": tuple(rerouted)}
+        low_rank = data.get("low_rank", {})
+        if not isinstance(low_rank, dict) or not all(
+            isinstance(name, str) and isinstance(rank, int) and not isinstance(rank, bool) and rank > 0 for name, rank in low_rank.items()
+        ):
+            raise ValueError(f"{where}: low_rank must map linear names to positive ranks, got {low_rank!r}")
+        data = {**data, "rerouted": tuple(rerouted), "low_rank": tuple(sorted(low_rank.items()))}
         shape = cls(**data)
         if ("attention" in shape.rerouted and shape.has_attention) or ("mlp" in shape.rerouted and shape.has_mlp):
             raise ValueError(f"{where}: only removed sublayers (0 heads or 0 channels) can be rerouted, got {data}")

@@ -1,0 +1,69 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from optimum_prune import PruningConfig, prune, save_pruned
+from optimum_prune.methods.low_rank import factorize
+from optimum_prune.structure.modules import LowRankLinear
+
+from ..conftest import assert_reloads_exactly, tiny_model, token_windows
+
+
+def _weighted_error(factors: LowRankLinear, weight: torch.Tensor, row_weights: torch.Tensor) -> float:
+    approximation = (factors.out_factor.weight @ factors.in_factor.weight).detach()
+    return float((row_weights.unsqueeze(1) * (approximation - weight).square()).sum())
+
+
+def test_full_rank_factors_reproduce_the_linear():
+    linear = nn.Linear(12, 10).double()
+    factors = factorize(linear, 10, row_weights=torch.rand(10, dtype=torch.float64) + 0.1)
+    inputs = torch.randn(3, 12, dtype=torch.float64)
+    torch.testing.assert_close(factors(inputs), linear(inputs))
+
+
+def test_fisher_weighting_minimises_the_weighted_error():
+    torch.manual_seed(0)
+    linear = nn.Linear(16, 12, bias=False).double()
+    row_weights = torch.rand(12, dtype=torch.float64) ** 4  # a few rows matter much more
+    plain, weighted = factorize(linear, 4), factorize(linear, 4, row_weights)
+    assert _weighted_error(weighted, linear.weight, row_weights) < _weighted_error(plain, linear.weight, row_weights)
+
+
+@pytest.mark.parametrize("weighting", ["fisher", "none"])
+def test_low_rank_pruning_hits_the_ratio_and_reloads_exactly(weighting, tmp_path):
+    model = tiny_model()
+    config = PruningConfig(method="low_rank", sparsity=0.5, method_options={"weighting": weighting})
+    calibration = token_windows() if weighting == "fisher" else None
+    report = prune(model, config, calibration=calibration)
+
+    factorised = [m for m in model.modules() if isinstance(m, LowRankLinear)]
+    assert len(factorised) == 7 * len(model.model.layers) and len(report.removed) == len(factorised)
+    kept = sum(p.numel() for m in factorised for p in m.parameters())
+    original = sum(m.in_features * m.out_features for m in factorised)
+    assert 0.4 <= kept / original <= 0.5  # ranks round down to multiples of 8
+    assert report.parameters_after < report.parameters_before
+    shapes = model.config.quantization_config.layers
+    assert shapes[0]["low_rank"]["self_attn.q_proj"] == factorised[0].rank
+    assert_reloads_exactly(model, save_pruned(model, tmp_path / "low-rank", report=report))
+
+
+def test_fisher_weights_come_from_the_calibration_loss():
+    dense = tiny_model()
+    fisher, plain = copy.deepcopy(dense), copy.deepcopy(dense)
+    prune(fisher, PruningConfig(method="low_rank", sparsity=0.5), calibration=token_windows())
+    prune(plain, PruningConfig(method="low_rank", sparsity=0.5, method_options={"weighting": "none"}))
+    first = [m.model.layers[0].mlp.down_proj.out_factor.weight for m in (fisher, plain)]
+    assert first[0].shape == first[1].shape and not torch.allclose(first[0], first[1])
+
+
+def test_ignored_linears_stay_dense_and_impossible_ranks_fail():
+    model = tiny_model()
+    prune(model, PruningConfig(method="low_rank", sparsity=0.3, ignore=["*.mlp.*"], method_options={"weighting": "none"}))
+    assert isinstance(model.model.layers[0].mlp.gate_proj, nn.Linear)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, LowRankLinear)
+    with pytest.raises(ValueError, match="less than one rank of 64"):
+        prune(tiny_model(), PruningConfig(method="low_rank", sparsity=0.5, method_options={"weighting": "none", "round_to": 64}))
+    with pytest.raises(ValueError, match="weighting must be one of"):
+        PruningConfig(method="low_rank", method_options={"weighting": "hessian"})
