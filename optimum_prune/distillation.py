@@ -10,7 +10,12 @@ The loss (Hinton et al. 2015; Minitron, Muralidharan et al. 2024) mixes
 - ``label_weight`` × the student's own cross-entropy on the labels;
 - ``hidden_weight`` × the mean squared error between student and teacher hidden states of the
   layers in ``layer_map`` (student layer → teacher layer; identity when depths match), which needs
-  equal widths (width-pruned students: leave ``hidden_weight`` at 0).
+  equal widths (width-pruned students: leave ``hidden_weight`` at 0);
+- ``exit_weight`` × T² · KL(p_final ‖ p_exit): recovery of an early-exit path (LayerSkip, Elhoushi
+  et al. 2024, trained here as self-distillation): the logits read after decoder layer
+  ``exit_layer`` through the shared final norm and LM head are pulled towards the model's own
+  final logits (detached), which raises the draft acceptance of ``generate(assistant_early_exit=k)``
+  without a teacher model.
 
 The teacher runs frozen in eval mode on its own device (``teacher_device``; any model that returns
 logits, e.g. one loaded in 8-bit). Instead of keeping it resident, ``add_teacher_top_k`` stores its
@@ -30,6 +35,9 @@ from torch import nn
 from torch.nn import functional as F
 from transformers import Trainer
 
+from .adapters import get_adapter
+from .early_exit import check_exit_layer
+
 TOP_K_INDICES = "teacher_top_k_indices"
 TOP_K_LOGITS = "teacher_top_k_logits"
 
@@ -42,15 +50,22 @@ class DistillationConfig:
     hidden_weight: float = 0.0
     layer_map: dict[int, int] = field(default_factory=dict)
     top_k: int | None = None  # truncate the live teacher's distribution too (the cache always is)
+    exit_weight: float = 0.0
+    exit_layer: int | None = None  # decoder layers the early-exit draft runs (see optimum_prune.early_exit)
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
             raise ValueError(f"DistillationConfig.temperature must be > 0, got {self.temperature}")
-        weights = {"kd_weight": self.kd_weight, "label_weight": self.label_weight, "hidden_weight": self.hidden_weight}
+        weights = {
+            "kd_weight": self.kd_weight, "label_weight": self.label_weight,
+            "hidden_weight": self.hidden_weight, "exit_weight": self.exit_weight,
+        }  # fmt: skip
         if any(w < 0 for w in weights.values()) or not any(weights.values()):
             raise ValueError(f"DistillationConfig weights must be >= 0 and not all 0, got {weights}")
         if self.top_k is not None and self.top_k <= 0:
             raise ValueError(f"DistillationConfig.top_k must be a positive number of tokens, got {self.top_k}")
+        if self.exit_weight and self.exit_layer is None:
+            raise ValueError("DistillationConfig.exit_weight trains an early exit: set exit_layer (the draft's decoder layers)")
 
 
 def kd_loss(
@@ -101,6 +116,8 @@ class DistillationMixin:
             teacher.eval().requires_grad_(False)
             if teacher_device is not None:
                 teacher.to(teacher_device)
+        if self.distillation.exit_weight:
+            check_exit_layer(self.distillation.exit_layer, len(get_adapter(_unwrapped(self.model)).decoder_layers()))
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
@@ -115,10 +132,13 @@ class DistillationMixin:
         if labels is None:
             raise ValueError("distillation needs 'labels' in the batches (they mark the positions to distil)")
         hidden = config.hidden_weight > 0
-        outputs = model(**inputs, output_hidden_states=hidden)
+        outputs = model(**inputs, output_hidden_states=hidden or bool(config.exit_weight))
         loss = outputs.logits.new_zeros(())
         if config.label_weight:
             loss = loss + config.label_weight * outputs.loss
+        if config.exit_weight:
+            exit_logits = _exit_logits(model, outputs.hidden_states[config.exit_layer])
+            loss = loss + config.exit_weight * kd_loss(exit_logits, outputs.logits.detach(), labels, config.temperature)
         if config.kd_weight or hidden:
             teacher_outputs, indices, logits = self._teacher_targets(inputs, cached, hidden)
             if config.kd_weight:
@@ -163,6 +183,17 @@ class DistillationMixin:
             error = (s.float() - t.float()).pow(2).mean(-1)
             losses.append(error[mask.bool()].mean() if mask is not None else error.mean())
         return torch.stack(losses).mean()
+
+
+def _unwrapped(model: nn.Module) -> nn.Module:
+    """The transformers model inside a peft wrapper (LoRA recovery), or the model itself."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _exit_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """What the early-exit draft computes from its last layer's output: final norm, then the LM head."""
+    base = _unwrapped(model)
+    return base.get_output_embeddings()(get_adapter(base).final_norm()(hidden))
 
 
 class DistillationTrainer(DistillationMixin, Trainer):

@@ -11,7 +11,8 @@ from torch.nn import functional as F
 from transformers import TrainingArguments
 
 from optimum_prune import PruningCallback, PruningConfig, prune, verify_sparsity
-from optimum_prune.distillation import DistillationConfig, DistillationTrainer, add_teacher_top_k, kd_loss
+from optimum_prune.distillation import DistillationConfig, DistillationTrainer, _exit_logits, add_teacher_top_k, kd_loss
+from optimum_prune.early_exit import choose_early_exit
 
 from .conftest import tiny_model, token_windows
 
@@ -144,3 +145,36 @@ def test_mixin_composes_with_trl_sft_trainer(tmp_path, bpe_tokenizer):
     trainer.train()
     assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in trainer.state.log_history if "loss" in entry)
     assert verify_sparsity(student, "2:4")["conforming"]
+
+
+def test_exit_logits_are_what_the_early_exit_draft_computes():
+    model = tiny_model(num_hidden_layers=4)
+    ids = token_windows(samples=2, seq_len=8)
+    with torch.no_grad():
+        exit_logits = _exit_logits(model, model(input_ids=ids, output_hidden_states=True).hidden_states[2])
+        model.config.num_hidden_layers = 2  # transformers' early-exit draft: the first two layers
+        draft = model(input_ids=ids).logits
+    torch.testing.assert_close(exit_logits, draft)
+
+
+def test_exit_recovery_raises_the_draft_agreement(tmp_path):
+    """Against the same training without the exit term (label loss only), the exit agrees more."""
+    windows = token_windows(samples=4, seq_len=16)
+    agreements = {}
+    for exit_weight in (0.0, 1.0):
+        model = tiny_model(num_hidden_layers=4)
+        config = DistillationConfig(kd_weight=0.0, label_weight=1.0, exit_weight=exit_weight, exit_layer=2)
+        DistillationTrainer(model=model, distillation=config, args=training_args(tmp_path, 60), train_dataset=dataset()).train()
+        report = choose_early_exit(model, windows, candidates=[2], num_samples=4, seq_len=16)
+        agreements[exit_weight] = report.candidates[0].agreement
+    assert agreements[1.0] > agreements[0.0], agreements
+
+
+def test_exit_recovery_errors_name_the_field(tmp_path):
+    with pytest.raises(ValueError, match="set exit_layer"):
+        DistillationConfig(exit_weight=1.0)
+    with pytest.raises(ValueError, match="exit layer 4 must be an integer in \\[1, 3\\]"):
+        DistillationTrainer(
+            model=tiny_model(num_hidden_layers=4), distillation=DistillationConfig(exit_weight=1.0, exit_layer=4),
+            args=training_args(tmp_path, 1), train_dataset=dataset(),
+        )  # fmt: skip
