@@ -18,6 +18,7 @@ from .masks import SparsityMasks, merge_lora_preserving_sparsity
 from .integrations.optimum import OptimumPruner, export_onnx
 from .methods import METHODS, register_method
 from .models import load_default_model, load_model
+from .perp import PERPConfig, merge_perp, prepare_perp
 from .report import PruningReport
 from .saving import save_pruned
 from .skipping import ExpertSkipping, skip_experts
@@ -39,6 +40,7 @@ __all__ = [
     "METHODS",
     "NMPattern",
     "OptimumPruner",
+    "PERPConfig",
     "PruningCallback",
     "PruningConfig",
     "PruningReport",
@@ -57,6 +59,8 @@ __all__ = [
     "load_default_model",
     "load_model",
     "merge_lora_preserving_sparsity",
+    "merge_perp",
+    "prepare_perp",
     "prune",
     "register_adapter",
     "register_allocation",

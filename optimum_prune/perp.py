@@ -1,0 +1,133 @@
+"""PERP: after one-shot pruning, retrain only a tiny, sparsity-preserving subset (Zimmer et al. 2024).
+
+"PERP: Rethinking the Prune-Retrain Paradigm in the Era of LLMs" shows that retraining the
+biases and normalisation scales (plus low-rank adapters that cannot fill pruned weights) recovers
+most of what full retraining does, at a fraction of its memory. ``prepare_perp(model)`` freezes
+the model, unfreezes those parameters and wraps the target linears; train with any Trainer; then
+``merge_perp(model)`` folds the adapters into the weights, which keep their exact zeros:
+
+- **MaskLoRA**: W_eff = W + (α/r)·(B·A ⊙ M), M = (W ≠ 0); merged as W ← W + (α/r)·(BA ⊙ M).
+  A starts Kaiming-uniform and B at zero, so training starts from the pruned model.
+- **ScaleLoRA**: W_eff = W ⊙ (B·A), a multiplicative update; A and B start at 1/√r so B·A is all
+  ones; merged as W ← W ⊙ BA, zeros stay zeros whatever B·A learns.
+
+Both materialise B·A (out × in) in every forward of a wrapped linear, as the reference code does:
+the price of being exactly mask-preserving (plain LoRA's product would fill the zeros on merge).
+The LM head, which pruning leaves dense, gets no adapter here.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+NORM_CLASS_SUFFIXES = ("RMSNorm", "LayerNorm")
+
+
+@dataclass(frozen=True)
+class PERPConfig:
+    biases: bool = True
+    norms: bool = True
+    lora: str | None = "mask"  # "mask" (MaskLoRA), "scale" (ScaleLoRA) or None (biases and norms only)
+    rank: int = 16
+    alpha: float = 32.0
+    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+
+    def __post_init__(self) -> None:
+        if self.lora not in ("mask", "scale", None):
+            raise ValueError(f"PERPConfig.lora must be 'mask', 'scale' or None, got {self.lora!r}")
+        if self.rank < 1:
+            raise ValueError(f"PERPConfig.rank must be >= 1, got {self.rank}")
+        if not (self.biases or self.norms or self.lora):
+            raise ValueError("PERPConfig trains nothing: enable biases, norms or lora")
+
+
+class MaskLoRALinear(nn.Module):
+    """A frozen linear plus a low-rank update restricted to its non-zero weights."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float) -> None:
+        super().__init__()
+        self.base = base
+        self.scaling = alpha / rank
+        self.register_buffer("mask", base.weight != 0, persistent=False)
+        self.lora_A = nn.Parameter(base.weight.new_empty(rank, base.in_features))
+        self.lora_B = nn.Parameter(base.weight.new_zeros(base.out_features, rank))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def effective_weight(self) -> torch.Tensor:
+        return self.base.weight + self.scaling * (self.lora_B @ self.lora_A) * self.mask
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return F.linear(inputs, self.effective_weight(), self.base.bias)
+
+
+class ScaleLoRALinear(MaskLoRALinear):
+    """A frozen linear whose weights are scaled elementwise by a low-rank factor B·A (zeros stay zero)."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float) -> None:
+        super().__init__(base, rank, alpha)
+        with torch.no_grad():
+            self.lora_A.fill_(rank**-0.5)
+            self.lora_B.fill_(rank**-0.5)
+
+    def effective_weight(self) -> torch.Tensor:
+        return self.base.weight * (self.lora_B @ self.lora_A)
+
+
+@dataclass
+class PERPSummary:
+    trainable: int
+    total: int
+    wrapped: int
+
+    @property
+    def fraction(self) -> float:
+        return self.trainable / self.total
+
+    def __str__(self) -> str:
+        return f"PERP trains {self.trainable:,} of {self.total:,} parameters ({self.fraction:.3%}); {self.wrapped} linears adapted"
+
+
+def prepare_perp(model: nn.Module, config: PERPConfig | None = None) -> PERPSummary:
+    """Freeze ``model`` except biases / norm scales, and wrap the target linears with PERP adapters."""
+    config = config or PERPConfig()
+    total = sum(p.numel() for p in model.parameters())
+    model.requires_grad_(False)
+    for module in model.modules():
+        if config.norms and type(module).__name__.endswith(NORM_CLASS_SUFFIXES):
+            module.requires_grad_(True)
+        bias = getattr(module, "bias", None)
+        if config.biases and isinstance(bias, nn.Parameter):
+            bias.requires_grad_(True)
+    wrapped = 0
+    if config.lora:
+        adapter = MaskLoRALinear if config.lora == "mask" else ScaleLoRALinear
+        targets = [
+            (name, module) for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in config.target_modules
+        ]  # fmt: skip
+        if not targets:
+            raise ValueError(f"PERPConfig.target_modules {config.target_modules} match no linear of this model")
+        for name, linear in targets:
+            parent_name, _, child_name = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child_name, adapter(linear, config.rank, config.alpha))
+        wrapped = len(targets)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return PERPSummary(trainable, total, wrapped)
+
+
+def merge_perp(model: nn.Module) -> int:
+    """Fold every PERP adapter into its linear (zeros stay exact zeros); return how many were merged."""
+    merged = [(name, module) for name, module in model.named_modules() if isinstance(module, MaskLoRALinear)]
+    for name, module in merged:
+        with torch.no_grad():
+            weight = module.effective_weight().masked_fill(~module.mask, 0)
+            module.base.weight.copy_(weight)
+        parent_name, _, child_name = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child_name, module.base)
+    return len(merged)

@@ -1,0 +1,67 @@
+"""PERP: retraining biases, norms and mask-preserving LoRA keeps the pruned zeros and recovers loss."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from transformers import Trainer
+
+from optimum_prune import PERPConfig, PruningConfig, merge_perp, prepare_perp, prune, verify_sparsity
+from optimum_prune.perp import MaskLoRALinear, ScaleLoRALinear
+
+from .conftest import tiny_model, token_windows
+from .test_distillation import dataset, training_args
+
+
+def pruned_model() -> torch.nn.Module:
+    model = tiny_model(num_hidden_layers=2)
+    prune(model, PruningConfig(method="magnitude", sparsity=0.5))
+    return model
+
+
+def calibration_loss(model: torch.nn.Module) -> float:
+    ids = token_windows(samples=4, seq_len=16, seed=5)
+    with torch.no_grad():
+        return float(model(input_ids=ids, labels=ids).loss)
+
+
+@pytest.mark.parametrize("lora", ["mask", "scale"])
+def test_adapters_start_from_the_pruned_model_and_train_a_small_fraction(lora):
+    model = pruned_model()
+    before = calibration_loss(model)
+    summary = prepare_perp(model, PERPConfig(lora=lora, rank=2))
+    adapters = [m for m in model.modules() if isinstance(m, MaskLoRALinear)]
+    assert len(adapters) == summary.wrapped == 7 * 2
+    assert all(isinstance(m, ScaleLoRALinear) == (lora == "scale") for m in adapters)
+    assert calibration_loss(model) == pytest.approx(before, rel=1e-5)
+    assert 0 < summary.fraction < 0.2 and "PERP trains" in str(summary)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert all("lora_" in name or "norm" in name for name in trainable)
+
+
+@pytest.mark.parametrize("lora", ["mask", "scale", None])
+def test_retraining_lowers_the_loss_and_merging_keeps_every_zero(lora, tmp_path):
+    model = pruned_model()
+    zeros = {name: linear.weight == 0 for name, linear in model.named_modules() if isinstance(linear, torch.nn.Linear) and "layers" in name}
+    before = calibration_loss(model)
+    prepare_perp(model, PERPConfig(lora=lora, rank=4))
+    Trainer(model=model, args=training_args(tmp_path, 15), train_dataset=dataset()).train()
+    trained = calibration_loss(model)
+    assert trained < before
+    assert merge_perp(model) == (14 if lora else 0)
+    assert calibration_loss(model) == pytest.approx(trained, rel=1e-4)  # merging changes nothing
+    modules = dict(model.named_modules())
+    assert all(torch.equal(modules[name].weight == 0, mask) for name, mask in zeros.items())
+    assert verify_sparsity(model)["overall_sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert not any(isinstance(m, MaskLoRALinear) for m in model.modules())
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="PERPConfig.lora must be"):
+        PERPConfig(lora="dora")
+    with pytest.raises(ValueError, match="trains nothing"):
+        PERPConfig(biases=False, norms=False, lora=None)
+    with pytest.raises(ValueError, match="match no linear"):
+        prepare_perp(copy.deepcopy(pruned_model()), PERPConfig(target_modules=("c_attn",)))
