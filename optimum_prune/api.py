@@ -177,7 +177,9 @@ class _PruningRun:
     def _layer_targets(self, windows: CalibrationInputs | None) -> list[SparsityTarget]:
         if isinstance(self.target, NMPattern):
             return [self.target] * len(self.targets)
-        if self.allocation.requires_calibration:
+        if self.allocation.observes_model:
+            self.allocation.observe_model(self.adapter.model, windows, self.targets)
+        elif self.allocation.requires_calibration:
             walk_layers(self.adapter, windows, self.device, self._observing_visitor(), self._description("Allocating sparsity"))
         return self.allocation.allocate(self.target, len(self.targets))
 

@@ -1,8 +1,9 @@
 """Layer-wise sparsity allocation: how a global target is spread over decoder layers.
 
 An allocation may observe each layer of the dense model on the calibration set (weights and
-the squared input norms of each linear) before anything is pruned, then returns one
-sparsity per decoder layer whose mean equals the target.
+the squared input norms of each linear), or the whole model with the calibration windows
+(``observes_model``, for criteria that need the full loss), before anything is pruned, then
+returns one sparsity per decoder layer whose mean equals the target.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Generic, TypeVar
 
 import torch
+from torch import nn
 
 from ..options import NoOptions
 from ..registry import Registry
@@ -22,12 +24,16 @@ Options = TypeVar("Options")
 
 class Allocation(ABC, Generic[Options]):
     requires_calibration: bool = False
+    observes_model: bool = False  # observe_model instead of observe (layer by layer)
 
     def __init__(self, options: Options) -> None:
         self.options = options
 
     def observe(self, layer_index: int, weights: dict[str, torch.Tensor], norms: dict[str, ColumnNorms]) -> None:
         """See one dense layer's linear weights and input norms (only if ``requires_calibration``)."""
+
+    def observe_model(self, model: nn.Module, windows: torch.Tensor, layers: list[dict[str, nn.Linear]]) -> None:
+        """See the dense model and the calibration windows; ``layers`` holds each decoder layer's target linears."""
 
     @abstractmethod
     def allocate(self, target: float, num_layers: int) -> list[float]:

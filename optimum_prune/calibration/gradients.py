@@ -12,6 +12,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 
@@ -58,6 +59,44 @@ def fisher_rows(model: nn.Module, windows: torch.Tensor, linears: list[nn.Linear
         for parameter, flag in flags:
             parameter.requires_grad_(flag)
     return rows
+
+
+def hessian_traces(
+    model: nn.Module, windows: torch.Tensor, groups: list[list[nn.Parameter]], probes: int = 1, seed: int = 0,
+    description: str = "Hessian traces",
+) -> list[float]:
+    """Hutchinson estimates of tr(∂²L/∂θ²) for each group of parameters: E_v[vᵀHv], v Rademacher.
+
+    Hv comes from a second backward pass through the gradient (double backprop), once per window
+    and probe, so the whole model's activations and their graph stay on its device for one window:
+    about three times the memory of a training step at that length. Attention runs on SDPA's math
+    kernel meanwhile: the fused kernels have no second derivative.
+    """
+    device = next(model.parameters()).device
+    parameters = [p for group in groups for p in group]
+    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    for parameter, _ in flags:
+        parameter.requires_grad_(False)
+    for parameter in parameters:
+        parameter.requires_grad_(True)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    totals = [0.0] * len(groups)
+    try:
+        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+            for window in tqdm(windows, desc=description, leave=False):
+                ids = window.unsqueeze(0).to(device)
+                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+                gradients = torch.autograd.grad(loss, parameters, create_graph=True)
+                for probe in range(probes):
+                    vectors = [torch.randint(0, 2, p.shape, generator=generator, device=device).to(p.dtype) * 2 - 1 for p in parameters]
+                    products = torch.autograd.grad(gradients, parameters, grad_outputs=vectors, retain_graph=probe < probes - 1)
+                    quadratic = iter(float((v * hv).sum()) for v, hv in zip(vectors, products))
+                    for index, group in enumerate(groups):
+                        totals[index] += sum(next(quadratic) for _ in group)
+    finally:
+        for parameter, flag in flags:
+            parameter.requires_grad_(flag)
+    return [total / (len(windows) * probes) for total in totals]
 
 
 def calibration_perplexity(model: nn.Module, windows: torch.Tensor) -> float:

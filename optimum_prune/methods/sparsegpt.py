@@ -1,5 +1,12 @@
 """SparseGPT (Frantar & Alistarh, 2023, "SparseGPT: Massive Language Models Can Be Accurately
-Pruned in One-Shot"): OBS reconstruction with lazy block updates and adaptive mask selection."""
+Pruned in One-Shot"): OBS reconstruction with lazy block updates and adaptive mask selection.
+
+``saliency="isc"`` selects masks by the Improved Saliency Criterion of Shao et al. (2024, "One-Shot
+Sensitivity-Aware Mixed Sparsity Pruning"), the sum of the OBD saliency w²·H_qq and the OBS
+saliency w²/[H⁻¹]_qq (both without the common ½). Their code adds the OBS term with [H⁻¹]_qq taken
+unsquared from the Cholesky factor; here it is the OBS quantity itself (the factor's diagonal
+squared), as the paper's definition reads. Pair it with ``allocation="sensitivity"``.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..options import option
+from ..options import check_choice, option
 from ..sparsity import NMPattern, SparsityTarget, prune_lowest, prune_lowest_nm
 from .base import LayerPruner, register_method
 
@@ -18,12 +25,14 @@ class SparseGPTOptions:
     dampening: float = option(
         0.01, "λ added to the Hessian diagonal as a fraction of its mean diagonal (paper: 1%)."
     )
+    saliency: str = option("obs", "Mask selection: 'obs' (w²/[H⁻¹]_qq, SparseGPT) or 'isc' (OBD + OBS, Shao et al.).")
 
     def __post_init__(self) -> None:
         if self.block_size <= 0:
             raise ValueError(f"block_size must be a positive integer, got {self.block_size}")
         if not 0 <= self.dampening < 1:
             raise ValueError(f"dampening must be in [0, 1), got {self.dampening}")
+        check_choice("saliency", self.saliency, ("obs", "isc"))
 
 
 @register_method("sparsegpt", options=SparseGPTOptions)
@@ -64,6 +73,7 @@ class SparseGPTPruner(LayerPruner[SparseGPTOptions]):
         H[dead, dead] = 1
         W[:, dead] = 0
         H += self.options.dampening * torch.mean(torch.diag(H)) * torch.eye(columns, device=H.device)
+        curvature = torch.diag(H).clone() if self.options.saliency == "isc" else None
         # Upper Cholesky factor of H⁻¹: its rows give the OBS updates for the remaining columns (Sec. 3.3).
         Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
 
@@ -76,11 +86,11 @@ class SparseGPTPruner(LayerPruner[SparseGPTOptions]):
             if isinstance(target, NMPattern):
                 mask = torch.zeros_like(W1, dtype=torch.bool)
             else:
-                # Adaptive mask selection: saliency w² / [H⁻¹]_cc² over the whole block (Eq. 3, Sec. 3.4).
-                mask = prune_lowest(W1.square() / diag.square().unsqueeze(0), target, per_row=False)
+                # Adaptive mask selection: the saliency over the whole block.
+                mask = prune_lowest(_saliency(W1, diag, curvature, start), target, per_row=False)
             for i in range(end - start):
                 if isinstance(target, NMPattern) and i % target.m == 0:
-                    group = W1[:, i : i + target.m].square() / diag[i : i + target.m].square().unsqueeze(0)
+                    group = _saliency(W1[:, i : i + target.m], diag[i : i + target.m], curvature, start + i)
                     mask[:, i : i + target.m] = prune_lowest_nm(group, target)
                 w = W1[:, i]
                 q = w.masked_fill(mask[:, i], 0)
@@ -93,3 +103,11 @@ class SparseGPTPruner(LayerPruner[SparseGPTOptions]):
 
         with torch.no_grad():
             weight.copy_(W.to(weight.dtype))
+
+
+def _saliency(W: torch.Tensor, diag: torch.Tensor, curvature: torch.Tensor | None, first: int) -> torch.Tensor:
+    """OBS saliency w² / [H⁻¹]_qq of columns ``first …`` (Eq. 3, Sec. 3.4); ISC adds OBD's w²·H_qq."""
+    saliency = W.square() / diag.square().unsqueeze(0)
+    if curvature is not None:
+        saliency = saliency + W.square() * curvature[first : first + W.shape[1]].unsqueeze(0)
+    return saliency

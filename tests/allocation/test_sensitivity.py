@@ -1,0 +1,62 @@
+import pytest
+import torch
+from torch import nn
+
+from optimum_prune import PruningConfig, prune
+from optimum_prune.allocation.sensitivity import SensitivityAllocation, SensitivityOptions
+from optimum_prune.calibration.gradients import hessian_traces
+
+from ..conftest import tiny_model, token_windows
+
+
+class Quadratic(nn.Module):
+    """loss = ½ Σ_g c_g ‖θ_g‖²: the Hessian trace of group g is c_g × its size, known exactly."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first, self.second = nn.Parameter(torch.ones(3, 4)), nn.Parameter(torch.ones(5))
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, use_cache: bool):
+        loss = 0.5 * (2.0 * self.first.square().sum() + 7.0 * self.second.square().sum())
+        return type("Output", (), {"loss": loss})()
+
+
+def test_hutchinson_estimates_the_hessian_trace_per_group():
+    model = Quadratic()
+    traces = hessian_traces(model, torch.zeros(3, 2, dtype=torch.long), [[model.first], [model.second]], probes=2)
+    assert traces == pytest.approx([2.0 * 12, 7.0 * 5])  # Rademacher probes are exact for diagonal Hessians
+
+
+def test_densities_follow_the_sensitivity_ranking_and_average_to_the_target():
+    allocation = SensitivityAllocation(SensitivityOptions(max_deviation=0.1))
+    allocation.sensitivities = [5.0, 1.0, 9.0, 3.0]
+    sparsities = allocation.allocate(0.5, 4)
+    assert sum(sparsities) / 4 == pytest.approx(0.5)
+    assert sparsities[2] == pytest.approx(0.4) and sparsities[1] == pytest.approx(0.6)  # most sensitive keeps most
+    assert sparsities[3] > sparsities[0]
+
+
+def test_sensitivity_with_isc_sparsegpt_on_a_model():
+    model = tiny_model(num_hidden_layers=4)
+    config = PruningConfig(
+        method="sparsegpt", sparsity=0.6, allocation="sensitivity", allocation_options={"windows": 2},
+        method_options={"saliency": "isc"},
+    )  # fmt: skip
+    report = prune(model, config, calibration=token_windows())
+    targets = [target for target, _ in report.layer_sparsities().values()]
+    assert sum(targets) / len(targets) == pytest.approx(0.6)
+    assert len({round(t, 6) for t in targets}) == 4
+    assert report.overall_sparsity == pytest.approx(0.6, abs=0.01)
+
+
+def test_isc_changes_the_masks_of_sparsegpt_and_errors_name_the_option():
+    masks = {}
+    for saliency in ("obs", "isc"):
+        model = tiny_model()
+        prune(model, PruningConfig(method="sparsegpt", sparsity=0.5, method_options={"saliency": saliency}), calibration=token_windows())
+        masks[saliency] = model.model.layers[0].mlp.down_proj.weight == 0
+    assert not torch.equal(masks["obs"], masks["isc"])
+    with pytest.raises(ValueError, match="saliency must be one of"):
+        PruningConfig(method="sparsegpt", method_options={"saliency": "obd"})
+    with pytest.raises(ValueError, match="max_deviation"):
+        PruningConfig(method="wanda", sparsity=0.5, allocation="sensitivity", allocation_options={"max_deviation": 0.6})
