@@ -28,6 +28,7 @@ from .calibration import (
     walk_layers,
 )
 from .config import PruningConfig
+from .distributed import all_reduce_sum, is_distributed, shard
 from .methods import METHODS, LayerPruner, MethodSpec, StructuredMethod
 from .methods.magnitude import MagnitudeOptions
 from .options import MoEOptions
@@ -74,13 +75,21 @@ def prune(
             calibration, tokenizer, processor, config.num_calibration_samples, config.calibration_seq_len, config.seed
         )
         _check_calibration_reaches_parts(inputs, config, runs)
+    tokens, images = count_tokens(inputs), count_images(inputs)
+    if is_distributed():
+        if METHODS.get(config.method).structured:
+            raise ValueError(
+                f"multi-process calibration supports the unstructured methods; run structured method {config.method!r} "
+                "in a single process"
+            )
+        inputs = shard(inputs)
     report = PruningReport(
         method=config.method,
         sparsity=config.sparsity,
         allocation=config.allocation,
         device=str(device),
-        calibration_tokens=count_tokens(inputs),
-        calibration_images=count_images(inputs),
+        calibration_tokens=tokens,
+        calibration_images=images,
         multimodal=bool(adapter.upstream_parts),
     )
     started = time.perf_counter()
@@ -190,6 +199,7 @@ class _PruningRun:
             linears = self.targets[index]
             norms = {name: ColumnNorms(linear.in_features, linear.weight.device) for name, linear in linears.items()}
             self._run_feeding(layer, inputs, linears, lambda name, x: norms[name].add(x))
+            all_reduce_sum(*(n.squared for n in norms.values()))
             self.allocation.observe(index, {name: linear.weight for name, linear in linears.items()}, norms)
 
         return visit
@@ -201,6 +211,10 @@ class _PruningRun:
             linears = self.targets[index]
             pruners = {name: self.method.create(linear, self.method_options) for name, linear in linears.items()}
             tokens = self._run_feeding(layer, inputs, linears, lambda name, x: pruners[name].add_batch(x))
+            if is_distributed():
+                tokens = _summed_counts(tokens)
+                for pruner in pruners.values():
+                    pruner.synchronize()
             self._handle_unrouted(pruners, [name for name, count in tokens.items() if count == 0], report)
             _finish(pruners, self.part, index, layer_targets[index], report)
 
@@ -283,6 +297,13 @@ def _target_linears(adapter: DecoderAdapter, ignore: list[str], include_routers:
         linears = {f"{prefix}.{name}": linear for name, linear in found.items()}
         result.append({name: linear for name, linear in linears.items() if not any(fnmatchcase(name, p) for p in ignore)})
     return result
+
+
+def _summed_counts(tokens: dict[str, int]) -> dict[str, int]:
+    """Each linear's calibration tokens over all processes (an expert may be routed on another rank only)."""
+    counts = torch.tensor(list(tokens.values()), dtype=torch.float64)
+    all_reduce_sum(counts)
+    return dict(zip(tokens, (int(c) for c in counts.tolist())))
 
 
 def _finish(pruners: dict[str, LayerPruner], part: str, index: int, target: SparsityTarget, report: PruningReport) -> None:

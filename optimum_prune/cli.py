@@ -22,6 +22,7 @@ import torch
 from .allocation import ALLOCATIONS
 from .api import prune
 from .config import PruningConfig
+from .distributed import init_from_launcher, world
 from .evaluation import evaluate_perplexity
 from .methods import METHODS
 from .models import load_default_model, load_model
@@ -123,17 +124,20 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--compressed-tensors-metadata describes sparse weights; structured method {config.method!r} leaves dense ones")
         require_compressed_tensors()
     dtype = DTYPES[args.dtype]
+    launched_device = init_from_launcher()  # torchrun / accelerate launch: calibration is split across processes
     model, tokenizer = load_model(args.model, dtype) if args.model else load_default_model(dtype)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or launched_device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     eval_text = args.eval_file.read_text(encoding="utf-8") if args.eval_file else None
 
     def perplexity() -> float:
         return evaluate_perplexity(model, tokenizer, eval_text, seq_len=args.eval_seq_len, max_tokens=args.eval_tokens)
 
-    dense = perplexity() if args.eval else None
+    dense = perplexity() if args.eval and world()[0] == 0 else None
     before = verify_sparsity(model)["overall_sparsity"]
     report = prune(model, config, calibration=args.calibration, tokenizer=tokenizer, device=device)
+    if world()[0] != 0:
+        return 0  # every process holds the same pruned model; the first one evaluates, saves and reports
     pruned = perplexity() if args.eval else None
     started = time.perf_counter()
     save_pruned(

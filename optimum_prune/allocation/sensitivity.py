@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..calibration.gradients import hessian_traces
+from ..distributed import all_reduce_sum
 from ..options import option
 from .base import Allocation, register_allocation
 
@@ -55,7 +56,9 @@ class SensitivityAllocation(Allocation[SensitivityOptions]):
         if not isinstance(windows, torch.Tensor):
             raise ValueError("allocation 'sensitivity' needs token windows as calibration (the Hessian is of the language-model loss)")
         groups = [[linear.weight for linear in linears.values()] for linears in layers]
-        self.sensitivities = hessian_traces(model, windows[: self.options.windows], groups, self.options.probes)
+        traces = torch.tensor(hessian_traces(model, windows[: self.options.windows], groups, self.options.probes), dtype=torch.float64)
+        all_reduce_sum(traces)  # multi-process: every process ranks the layers alike
+        self.sensitivities = traces.tolist()
 
     def allocate(self, target: float, num_layers: int) -> list[float]:
         if len(self.sensitivities) != num_layers:

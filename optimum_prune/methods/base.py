@@ -46,6 +46,9 @@ class LayerPruner(ABC, Generic[Options]):
     def add_batch(self, inputs: torch.Tensor) -> None:
         """Accumulate statistics from one batch of this linear's inputs (``[..., in_features]``)."""
 
+    def synchronize(self) -> None:
+        """Sum the statistics over all processes (multi-process calibration, ``optimum_prune.distributed``)."""
+
     @abstractmethod
     def prune(self, target: SparsityTarget) -> None:
         """Zero (and possibly update) ``self.linear.weight`` in place to reach ``target``."""

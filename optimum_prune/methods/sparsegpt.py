@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..distributed import all_reduce_sum
 from ..options import check_choice, option
 from ..sparsity import NMPattern, SparsityTarget, prune_lowest, prune_lowest_nm
 from .base import LayerPruner, register_method
@@ -59,6 +60,14 @@ class SparseGPTPruner(LayerPruner[SparseGPTOptions]):
         self.samples += batch
         flat = flat * (2 / self.samples) ** 0.5
         self.hessian += flat.T @ flat
+
+    def synchronize(self) -> None:
+        # The running mean becomes a sum over every process's samples, then a mean again.
+        total = torch.tensor([float(self.samples)], device=self.hessian.device)
+        self.hessian *= self.samples
+        all_reduce_sum(self.hessian, total)
+        self.samples = int(total.item())
+        self.hessian /= max(self.samples, 1)
 
     def prune(self, target: SparsityTarget) -> None:
         self.check_target(self.options, target, self.linear.in_features)

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..distributed import all_reduce_sum
 from ..options import check_choice, option
 from ..sparsity import SparsityTarget, select_mask
 from ..statistics import ColumnNorms, wanda_scores
@@ -35,6 +36,9 @@ class WandaPruner(LayerPruner[WandaOptions]):
 
     def add_batch(self, inputs: torch.Tensor) -> None:
         self.norms.add(inputs)
+
+    def synchronize(self) -> None:
+        all_reduce_sum(self.norms.squared)
 
     def scores(self) -> torch.Tensor:
         return wanda_scores(self.linear.weight, self.norms)

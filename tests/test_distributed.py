@@ -1,0 +1,82 @@
+"""Multi-process calibration: two gloo processes prune exactly as one process on the same windows."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import distributed as dist
+from torch import multiprocessing
+
+from optimum_prune import PruningConfig, prune
+from optimum_prune.distributed import shard
+
+from .conftest import tiny_model, token_windows
+
+CASES = {
+    "wanda": dict(method="wanda", sparsity=0.5),
+    "sparsegpt 2:4": dict(method="sparsegpt", sparsity="2:4"),
+    "wanda owl": dict(method="wanda", sparsity=0.6, allocation="owl"),
+}
+
+
+def _pruned_state(config: dict) -> dict[str, torch.Tensor]:
+    model = tiny_model(num_hidden_layers=2)
+    report = prune(model, PruningConfig(**config), calibration=token_windows(samples=8))
+    return {**model.state_dict(), "calibration_tokens": torch.tensor(report.calibration_tokens)}
+
+
+def _worker(rank: int, world: int, init_file: str, config: dict, output: str) -> None:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        state = _pruned_state(config)
+        if rank == 0:
+            torch.save(state, output)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_two_gloo_processes_prune_like_one(case, tmp_path):
+    config = CASES[case]
+    output = tmp_path / "rank0.pt"
+    multiprocessing.spawn(_worker, args=(2, str(tmp_path / "init"), config, str(output)), nprocs=2, join=True)
+    together, alone = torch.load(output), _pruned_state(config)
+    assert together["calibration_tokens"] == alone["calibration_tokens"]  # the report counts every process's windows
+    for name, weight in alone.items():
+        assert torch.equal(together[name] == 0, weight == 0), name  # identical masks
+        torch.testing.assert_close(together[name], weight, rtol=1e-4, atol=1e-6)  # sums differ only in order
+
+
+def test_shard_splits_windows_round_robin_and_needs_one_per_process(monkeypatch):
+    windows = torch.arange(10).reshape(5, 2)
+    monkeypatch.setattr("optimum_prune.distributed.world", lambda: (1, 2))
+    assert torch.equal(shard(windows), windows[1::2])
+    monkeypatch.setattr("optimum_prune.distributed.world", lambda: (0, 8))
+    with pytest.raises(ValueError, match="smaller than the 8 processes"):
+        shard(windows)
+
+
+def test_structured_methods_refuse_multi_process_calibration(monkeypatch):
+    monkeypatch.setattr("optimum_prune.api.is_distributed", lambda: True)
+    with pytest.raises(ValueError, match="multi-process calibration supports the unstructured methods"):
+        prune(tiny_model(), PruningConfig(method="layers", sparsity=0.25), calibration=token_windows())
+
+
+def test_cli_under_torchrun_saves_once_what_one_process_saves(model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from optimum_prune.models import load_model
+
+    arguments = ["--model", str(model_dir), "--method", "wanda", "--sparsity", "0.5", "--calibration-samples", "4", "--seq-len", "32"]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "optimum_prune.cli"]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([*launcher, *arguments, "--output", str(tmp_path / "two")], check=True, env=environment, capture_output=True)
+    subprocess.run([sys.executable, "-m", "optimum_prune.cli", *arguments, "--output", str(tmp_path / "one")], check=True, env=environment, capture_output=True)
+    two, one = (load_model(tmp_path / name)[0].state_dict() for name in ("two", "one"))
+    for name, weight in one.items():
+        assert torch.equal(two[name] == 0, weight == 0), name
