@@ -113,6 +113,13 @@ def main() -> None:
             prune(model, PruningConfig(method="merge_experts", method_options={"num_experts": keep, "align": align}), calibration=windows)
             rows.append((f"merge (MC-SMoE){' + neuron alignment' if align else ''}", f"{keep} of {experts}", perplexity(model), ""))
             print(rows[-1], flush=True)
+    for expert_sparsity in ("uniform", "load"):  # router hints for dense pruning (issue 12, item 4)
+        model = copy.deepcopy(dense)
+        options = {"expert_sparsity": expert_sparsity, "expert_deviation": 0.2}
+        prune(model, PruningConfig(method="wanda", sparsity=0.6, moe_options=options), calibration=windows)
+        note = "experts 0.4–0.8 by routed-token rank" if expert_sparsity == "load" else ""
+        rows.append((f"wanda 60 %, {expert_sparsity} expert sparsity", "8 of 8", perplexity(model), note))
+        print(rows[-1], flush=True)
     for beta in (0.1, 0.2, 0.3, 0.5, 0.7):
         skipping = skip_experts(dense, beta)
         ppl = perplexity(dense)

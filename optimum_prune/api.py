@@ -167,6 +167,8 @@ class _PruningRun:
                 except ValueError as error:
                     field = "PruningConfig.sparsity" if not config.parts else f"PruningConfig.parts[{part!r}].sparsity"
                     raise ValueError(f"{field} {str(target)!r} cannot be applied to {name}: {error}") from None
+        if moe_options.expert_sparsity == "load":
+            _check_load_hints(config, moe_options, method, target)
         allocation = ALLOCATIONS.get(config.allocation).create(config.build_allocation_options())
         return cls(config, part, target, adapter, method, options, moe_options, allocation, targets, device)
 
@@ -177,7 +179,7 @@ class _PruningRun:
         else:
             for index in tqdm(range(len(self.targets)), desc=self._description("Pruning")):
                 pruners = {name: self.method.create(linear, self.method_options) for name, linear in self.targets[index].items()}
-                _finish(pruners, self.part, index, layer_targets[index], report)
+                _finish(pruners, self.part, index, dict.fromkeys(pruners, layer_targets[index]), report)
 
     def _description(self, action: str) -> str:
         part = "" if self.part == "language" and not self.adapter.upstream_parts else f" {self.part}"
@@ -216,9 +218,31 @@ class _PruningRun:
                 for pruner in pruners.values():
                     pruner.synchronize()
             self._handle_unrouted(pruners, [name for name, count in tokens.items() if count == 0], report)
-            _finish(pruners, self.part, index, layer_targets[index], report)
+            _finish(pruners, self.part, index, self._linear_targets(layer, linears, tokens, layer_targets[index]), report)
 
         return visit
+
+    def _linear_targets(
+        self, layer: nn.Module, linears: dict[str, nn.Linear], tokens: dict[str, int], target: SparsityTarget
+    ) -> dict[str, SparsityTarget]:
+        """Each linear's target: the layer's, or with router hints (``expert_sparsity="load"``) one
+        per expert, linear in its load rank: target + λ·(1 − 2·rank/(E − 1)), rank 0 the least loaded."""
+        targets = dict.fromkeys(linears, target)
+        experts = self.adapter.experts(layer)
+        if self.moe_options.expert_sparsity != "load" or len(experts) < 2:
+            return targets
+        expert_of = {id(module): e for e, expert in enumerate(experts) for module in expert.modules()}
+        load = [0] * len(experts)
+        for name, linear in linears.items():
+            if id(linear) in expert_of:
+                load[expert_of[id(linear)]] = max(load[expert_of[id(linear)]], tokens[name])
+        ranks = {e: rank for rank, e in enumerate(sorted(range(len(experts)), key=lambda e: (load[e], e)))}
+        deviation = self.moe_options.expert_deviation
+        for name, linear in linears.items():
+            if id(linear) in expert_of:
+                spread = deviation * (1 - 2 * ranks[expert_of[id(linear)]] / (len(experts) - 1))
+                targets[name] = min(max(target + spread, 0.0), 0.99)
+        return targets
 
     def _run_feeding(
         self, layer: nn.Module, inputs: LayerInputs, linears: dict[str, nn.Linear], sink: Callable[[str, torch.Tensor], None]
@@ -306,9 +330,24 @@ def _summed_counts(tokens: dict[str, int]) -> dict[str, int]:
     return dict(zip(tokens, (int(c) for c in counts.tolist())))
 
 
-def _finish(pruners: dict[str, LayerPruner], part: str, index: int, target: SparsityTarget, report: PruningReport) -> None:
-    fraction = target.sparsity if isinstance(target, NMPattern) else target
+def _check_load_hints(config: PruningConfig, moe_options: MoEOptions, method: MethodSpec, target: SparsityTarget) -> None:
+    """Router hints need routed calibration tokens and a fractional target with room for ±λ."""
+    where = "PruningConfig.moe_options.expert_sparsity='load'"
+    if not method.requires_calibration:
+        raise ValueError(f"{where} reads the routing of calibration tokens; method {config.method!r} takes none (use wanda or sparsegpt)")
+    if isinstance(target, NMPattern):
+        raise ValueError(f"{where} varies sparsity per expert and cannot be combined with the N:M pattern {str(target)!r}")
+    deviation = moe_options.expert_deviation
+    if target - deviation < 0 or target + deviation >= 1:
+        raise ValueError(f"{where}: sparsity {target} ± expert_deviation {deviation} leaves [0, 1); lower expert_deviation")
+
+
+def _finish(
+    pruners: dict[str, LayerPruner], part: str, index: int, targets: dict[str, SparsityTarget], report: PruningReport
+) -> None:
     for name, pruner in pruners.items():
+        target = targets[name]
+        fraction = target.sparsity if isinstance(target, NMPattern) else target
         pruner.prune(target)
         weight = pruner.linear.weight
         zeros = int((weight == 0).sum())

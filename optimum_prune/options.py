@@ -69,6 +69,16 @@ class MoEOptions:
         "dense. Either way the report lists them.",
     )
     prune_router: bool = option(False, "Also prune the routers (dense by default: tiny, and they choose every token's experts).")
+    expert_sparsity: str = option(
+        "uniform",
+        "Sparsity of each expert within a layer: 'uniform' (the layer's target), or 'load' (router hints: experts "
+        "that receive more calibration tokens keep more weights; sparsity spreads linearly over the load ranking, "
+        "target ± expert_deviation, so the experts' mean stays at the target).",
+    )
+    expert_deviation: float = option(0.1, "λ of expert_sparsity='load': the most / least loaded expert gets target ∓ λ.")
 
     def __post_init__(self) -> None:
         check_choice("unrouted_experts", self.unrouted_experts, ("magnitude", "dense"))
+        check_choice("expert_sparsity", self.expert_sparsity, ("uniform", "load"))
+        if not 0 <= self.expert_deviation < 0.5:
+            raise ValueError(f"expert_deviation must be in [0, 0.5), got {self.expert_deviation}")

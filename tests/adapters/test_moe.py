@@ -147,3 +147,55 @@ def test_owl_allocation_and_stock_reload(tmp_path):
 def test_bad_moe_option_names_the_field():
     with pytest.raises(ValueError, match="PruningConfig.moe_options.*unrouted_experts"):
         PruningConfig(moe_options={"unrouted_experts": "drop"})
+
+
+def routed_counts(model, windows: torch.Tensor) -> list[torch.Tensor]:
+    """Tokens each expert of each layer is chosen for, counted from the routers' own decisions."""
+    adapter = get_adapter(model)
+    counts, handles = [], []
+    for layer in adapter.decoder_layers():
+        block = adapter.moe_block(layer)
+        count = torch.zeros(len(block.experts), dtype=torch.long)
+        counts.append(count)
+
+        def record(_module, _args, logits, block=block, count=count):
+            count += torch.bincount(adapter.route(block, logits)[1].reshape(-1), minlength=len(count))
+
+        handles.append(block.gate.register_forward_hook(record))
+    with torch.no_grad():
+        for window in windows:
+            model(window[None])
+    for handle in handles:
+        handle.remove()
+    return counts
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_router_hints_give_busier_experts_lower_sparsity_at_the_same_total(family):
+    model = tiny_moe(family)
+    windows = token_windows(8, 16)
+    counts = routed_counts(model, windows)
+    config = PruningConfig(method="wanda", sparsity=0.5, moe_options={"expert_sparsity": "load", "expert_deviation": 0.2})
+    report = prune(model, config, calibration=windows)
+    adapter = get_adapter(model)
+    names = {id(m): n for n, m in model.named_modules()}
+    targets = {r.name: r.target_sparsity for r in report.linears}
+    measured = verify_sparsity(model)["layers"]
+    for layer, count in zip(adapter.decoder_layers(), counts):
+        first_linears = [next(m for m in e.modules() if isinstance(m, torch.nn.Linear)) for e in adapter.experts(layer)]
+        expert_targets = [targets[names[id(linear)]] for linear in first_linears]
+        assert sum(expert_targets) / len(expert_targets) == pytest.approx(0.5)  # the experts' mean is the layer's target
+        assert min(expert_targets) == pytest.approx(0.3) and max(expert_targets) == pytest.approx(0.7)
+        busiest, idlest = int(count.argmax()), int(count.argmin())
+        assert expert_targets[busiest] < expert_targets[idlest]
+        for linear, target in zip(first_linears, expert_targets):
+            assert measured[names[id(linear)]]["sparsity"] == pytest.approx(target, abs=0.02)
+
+
+def test_router_hints_refuse_what_they_cannot_do():
+    with pytest.raises(ValueError, match="reads the routing of calibration tokens"):
+        prune(tiny_moe(), PruningConfig(method="magnitude", sparsity=0.5, moe_options={"expert_sparsity": "load"}))
+    with pytest.raises(ValueError, match="cannot be combined with the N:M pattern"):
+        prune(tiny_moe(), PruningConfig(method="wanda", sparsity="2:4", moe_options={"expert_sparsity": "load"}), calibration=token_windows(2, 8))
+    with pytest.raises(ValueError, match="expert_deviation"):
+        prune(tiny_moe(), PruningConfig(method="wanda", sparsity=0.9, moe_options={"expert_sparsity": "load"}), calibration=token_windows(2, 8))
