@@ -13,6 +13,7 @@ from .compress import compress
 from .config import PruningConfig
 from .distillation import DistillationConfig, DistillationMixin, DistillationTrainer, add_teacher_top_k
 from .early_exit import choose_early_exit, early_exit_kwargs, enable_early_exit
+from .expert_dropping import ExpertDroppingCallback, ExpertDroppingSchedule
 from .evaluation import evaluate_image_text_loss, evaluate_perplexity
 from .masks import SparsityMasks, merge_lora_preserving_sparsity
 from .integrations.optimum import OptimumPruner, export_onnx
@@ -34,6 +35,8 @@ __all__ = [
     "DistillationConfig",
     "DistillationMixin",
     "DistillationTrainer",
+    "ExpertDroppingCallback",
+    "ExpertDroppingSchedule",
     "ExpertSkipping",
     "GradualSchedule",
     "IterativeSchedule",

@@ -1,0 +1,132 @@
+"""Task-specific expert pruning: drop MoE experts progressively while fine-tuning (Chen et al. 2022,
+"Task-Specific Expert Pruning for Sparse Mixture-of-Experts").
+
+During fine-tuning on the target task the router concentrates on a few "professional" experts.
+``ExpertDroppingCallback`` counts, per layer, how many training tokens the router sends to each
+expert; at every ``every``-th step between ``start_step`` and ``end_step`` it drops the experts
+with the fewest tokens since the previous drop, so the number kept falls linearly from all to
+``final_experts`` at ``end_step``; training then goes on with the survivors.
+
+A dropped expert is removed from routing at once (its router logit is masked, so no token reaches
+it and it gets no gradient) but stays in memory until training ends: replacing the router's
+parameters mid-run would detach them from the optimizer. At ``on_train_end`` the experts and
+router rows go for good and the config records the new counts, so ``save_pretrained`` writes a
+smaller MoE that reloads with stock transformers (the same count everywhere) or after
+``import optimum_prune`` (per-layer counts).
+
+    trainer = Trainer(model, args, train_dataset=task_data,
+                      callbacks=[ExpertDroppingCallback(ExpertDroppingSchedule(final_experts=2, end_step=600))])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from .adapters import DecoderAdapter, get_adapter
+from .structure.loading import record_structure
+
+
+@dataclass(frozen=True)
+class ExpertDroppingSchedule:
+    final_experts: int = 1
+    start_step: int = 0
+    end_step: int | None = None  # None: half of the run's max_steps
+    every: int = 50
+
+    def __post_init__(self) -> None:
+        if self.final_experts < 1 or self.every < 1 or self.start_step < 0:
+            raise ValueError(
+                f"ExpertDroppingSchedule needs final_experts >= 1, every >= 1 and start_step >= 0, got "
+                f"{self.final_experts}, {self.every} and {self.start_step}"
+            )
+        if self.end_step is not None and self.end_step <= self.start_step:
+            raise ValueError(f"ExpertDroppingSchedule.end_step ({self.end_step}) must come after start_step ({self.start_step})")
+
+    def kept_at(self, step: int, experts: int, end_step: int) -> int:
+        """Experts a layer keeps after ``step``: all before ``start_step``, falling linearly to ``final_experts``."""
+        if step < self.start_step:
+            return experts
+        progress = min(1.0, (step - self.start_step) / (end_step - self.start_step))
+        return max(self.final_experts, round(experts - progress * (experts - self.final_experts)))
+
+
+class _LayerRouting:
+    """One MoE layer during the run: tokens per expert since the last drop, and the dropped experts."""
+
+    def __init__(self, adapter: DecoderAdapter, layer: nn.Module) -> None:
+        self.block = adapter.moe_block(layer)
+        self.layer = layer
+        experts = len(self.block.experts)
+        self.counts = torch.zeros(experts, dtype=torch.long)
+        self.dropped = torch.zeros(experts, dtype=torch.bool)
+        self.handle = self.block.gate.register_forward_hook(self._route)
+        self.adapter = adapter
+
+    def _route(self, _module: nn.Module, _args: tuple, logits: torch.Tensor) -> torch.Tensor:
+        logits = logits.masked_fill(self.dropped.to(logits.device), torch.finfo(logits.dtype).min)
+        if self.block.training:
+            chosen = self.adapter.route(self.block, logits.detach())[1].reshape(-1).cpu()
+            self.counts += torch.bincount(chosen, minlength=len(self.counts))
+        return logits
+
+    def drop_to(self, keep: int) -> None:
+        alive = (~self.dropped).nonzero().flatten().tolist()
+        for expert in sorted(alive, key=lambda e: (int(self.counts[e]), e))[: max(0, len(alive) - keep)]:
+            self.dropped[expert] = True
+        self.counts.zero_()
+
+
+class ExpertDroppingCallback(TrainerCallback):
+    """Drops the least-routed experts of every MoE layer on a schedule while a ``Trainer`` fine-tunes."""
+
+    def __init__(self, schedule: ExpertDroppingSchedule | None = None) -> None:
+        self.schedule = schedule or ExpertDroppingSchedule()
+        self.layers: list[_LayerRouting] = []
+        self.adapter: DecoderAdapter | None = None
+        self.end_step = 0
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module = None, **kwargs: Any) -> None:
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        self.adapter = get_adapter(base)
+        blocks = [(layer, self.adapter.moe_block(layer)) for layer in self.adapter.decoder_layers()]
+        blocks = [(layer, block) for layer, block in blocks if block is not None]
+        if not blocks:
+            raise ValueError(f"ExpertDroppingCallback needs a mixture-of-experts model; {type(base).__name__} has no MoE layer")
+        top_k = max(block.top_k for _, block in blocks)
+        if self.schedule.final_experts < top_k:
+            raise ValueError(
+                f"ExpertDroppingSchedule.final_experts ({self.schedule.final_experts}) is below the router's top-{top_k}: "
+                f"keep at least {top_k} experts"
+            )
+        self.end_step = self.schedule.end_step or max(self.schedule.start_step + 1, state.max_steps // 2)
+        self.layers = [_LayerRouting(self.adapter, layer) for layer, _ in blocks]
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        step = state.global_step
+        due = step >= self.schedule.start_step and (step - self.schedule.start_step) % self.schedule.every == 0
+        if due or step == self.end_step:
+            for routing in self.layers:
+                routing.drop_to(self.schedule.kept_at(step, len(routing.counts), self.end_step))
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: dict | None = None, **kwargs: Any) -> None:
+        if logs is None or not self.layers:
+            return
+        kept = sum(int((~r.dropped).sum()) for r in self.layers) / len(self.layers)
+        logs["experts_kept"] = kept  # mean over layers, for the callbacks after this one
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1]["experts_kept"] = kept
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        for routing in self.layers:
+            routing.handle.remove()
+            kept = (~routing.dropped).nonzero().flatten().tolist()
+            if len(kept) < len(routing.counts):
+                self.adapter.keep_experts(routing.layer, kept)
+        if self.layers:
+            record_structure(self.adapter)
+        self.layers = []

@@ -1,0 +1,53 @@
+"""Task-specific expert dropping during fine-tuning: least-routed experts go, the rest reload."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Trainer
+
+from optimum_prune.expert_dropping import ExpertDroppingCallback, ExpertDroppingSchedule
+
+from .adapters.test_moe import routed_counts, tiny_moe
+from .conftest import token_windows
+from .test_distillation import dataset, training_args
+
+
+def test_schedule_falls_linearly_to_the_final_count():
+    schedule = ExpertDroppingSchedule(final_experts=2, start_step=10, end_step=30, every=5)
+    assert [schedule.kept_at(step, 8, 30) for step in (0, 10, 20, 30, 40)] == [8, 8, 5, 2, 2]
+
+
+def test_fine_tuning_drops_to_the_final_count_and_saves_a_smaller_moe(tmp_path):
+    model = tiny_moe(num_local_experts=8).train()
+    callback = ExpertDroppingCallback(ExpertDroppingSchedule(final_experts=2, start_step=0, end_step=8, every=4))
+    trainer = Trainer(model=model, args=training_args(tmp_path, 12), train_dataset=dataset(), callbacks=[callback])
+    trainer.train()
+
+    assert all(len(layer.block_sparse_moe.experts) == 2 for layer in model.model.layers)
+    assert model.config.num_local_experts == 2  # the same count everywhere: a stock config
+    assert [entry["experts_kept"] for entry in trainer.state.log_history if "experts_kept" in entry][-1] == 2
+    model.eval().save_pretrained(tmp_path / "two-experts")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "two-experts").eval()
+    ids = token_windows(1, 8)
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+def test_dropped_experts_receive_no_tokens_while_training_goes_on(tmp_path):
+    model = tiny_moe(num_local_experts=8).train()
+    callback = ExpertDroppingCallback(ExpertDroppingSchedule(final_experts=4, start_step=0, end_step=4, every=4))
+    trainer = Trainer(model=model, args=training_args(tmp_path, 4), train_dataset=dataset(), callbacks=[callback])
+    trainer.train()
+    assert all(len(layer.block_sparse_moe.experts) == 4 for layer in model.model.layers)
+    counts = routed_counts(model.eval(), token_windows(4, 16))
+    assert all(int((count > 0).sum()) <= 4 for count in counts)
+
+
+def test_errors_name_the_field(tmp_path):
+    with pytest.raises(ValueError, match="end_step"):
+        ExpertDroppingSchedule(start_step=10, end_step=5)
+    model = tiny_moe()
+    callback = ExpertDroppingCallback(ExpertDroppingSchedule(final_experts=1))
+    with pytest.raises(ValueError, match="below the router's top-2"):
+        Trainer(model=model, args=training_args(tmp_path, 2), train_dataset=dataset(), callbacks=[callback]).train()
