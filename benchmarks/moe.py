@@ -23,7 +23,7 @@ import torch
 from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
 
 from common import cached_training_seconds, quick_or_full, save_training, table_header, training_cache
-from optimum_prune import PruningConfig, evaluate_perplexity, get_adapter, prune, skip_experts
+from optimum_prune import PruningConfig, evaluate_perplexity, fold_experts, get_adapter, prune, skip_experts
 from optimum_prune.calibration import calibration_windows, tokenize_stream
 from optimum_prune.data import wikipedia_articles, wikipedia_text
 
@@ -119,6 +119,12 @@ def main() -> None:
         prune(model, PruningConfig(method="wanda", sparsity=0.6, moe_options=options), calibration=windows)
         note = "experts 0.4–0.8 by routed-token rank" if expert_sparsity == "load" else ""
         rows.append((f"wanda 60 %, {expert_sparsity} expert sparsity", "8 of 8", perplexity(model), note))
+        print(rows[-1], flush=True)
+    for level in ("token", "sequence"):  # MEO (issue 12, item 1): merged experts against the exact mixture
+        folding = fold_experts(dense, level, measure_error=True)
+        ppl = perplexity(dense)
+        rows.append((f"MEO fold: {level}", "8 of 8", ppl, f"expert outputs {folding.relative_error:.1%} off the exact mixture"))
+        folding.remove()
         print(rows[-1], flush=True)
     for beta in (0.1, 0.2, 0.3, 0.5, 0.7):
         skipping = skip_experts(dense, beta)

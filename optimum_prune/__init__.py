@@ -14,6 +14,7 @@ from .config import PruningConfig
 from .distillation import DistillationConfig, DistillationMixin, DistillationTrainer, add_teacher_top_k
 from .early_exit import choose_early_exit, early_exit_kwargs, enable_early_exit
 from .expert_dropping import ExpertDroppingCallback, ExpertDroppingSchedule
+from .expert_folding import FoldedExperts, fold_experts
 from .evaluation import evaluate_image_text_loss, evaluate_perplexity
 from .masks import SparsityMasks, merge_lora_preserving_sparsity
 from .integrations.optimum import OptimumPruner, export_onnx
@@ -38,6 +39,7 @@ __all__ = [
     "ExpertDroppingCallback",
     "ExpertDroppingSchedule",
     "ExpertSkipping",
+    "FoldedExperts",
     "GradualSchedule",
     "IterativeSchedule",
     "METHODS",
@@ -58,6 +60,7 @@ __all__ = [
     "evaluate_image_text_loss",
     "evaluate_perplexity",
     "export_onnx",
+    "fold_experts",
     "get_adapter",
     "load_default_model",
     "load_model",

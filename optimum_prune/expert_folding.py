@@ -1,0 +1,141 @@
+"""MEO: merge a token's (or a sequence's) selected experts into one expert at inference (He et al.
+2023, "Merging Experts into One: Improving Computational Efficiency of Mixture of Experts").
+
+The exact mixture runs every selected expert and sums their outputs, Σ_k g_k·E_k(x). MEO first
+merges the selected experts' weights by the routing weights, W = Σ_k g_k·W_k, and runs that single
+expert. The paper's experts are one linear and an activation, where merging changes nothing but
+the cost. Gated FFN experts (Mixtral, Qwen-MoE: down(act(gate·x) ⊙ up·x)) are not linear in their
+weights, so here the merge is an approximation; ``FoldedExperts.relative_error`` measures it
+against the exact mixture on the same inputs when ``measure_error=True``.
+
+- ``level="token"``: each token merges its own top-k experts with its routing weights. Because the
+  merged gate and up projections are linear, their outputs are Σ_k g_k·(W_k·x), computed from the
+  experts' own linears on the routed tokens (no per-token weight matrices are built).
+- ``level="sequence"``: each sequence averages its tokens' routing weights, keeps the top-k experts
+  of that average (renormalised) and merges them once for all its tokens — the saving MEO targets.
+  With a KV cache, each decoding step is its own "sequence".
+
+    folding = fold_experts(model, level="sequence", measure_error=True)
+    ...evaluate...
+    print(folding.relative_error); folding.remove()
+"""
+
+from __future__ import annotations
+
+import types
+from typing import Any
+
+import torch
+from torch import nn
+
+from .adapters import get_adapter
+from .adapters.moe import MoEAdapter
+
+LEVELS = ("token", "sequence")
+
+
+class FoldedExperts:
+    """Installed on every MoE block by ``fold_experts``; ``remove()`` restores the exact mixture."""
+
+    def __init__(self, model: nn.Module, level: str, measure_error: bool = False) -> None:
+        if level not in LEVELS:
+            raise ValueError(f"level must be one of {', '.join(LEVELS)}, got {level!r}")
+        adapter = get_adapter(model)
+        if not isinstance(adapter, MoEAdapter):
+            raise ValueError(f"{type(model).__name__} has no mixture-of-experts layers to merge experts in")
+        self.adapter: MoEAdapter = adapter
+        self.level = level
+        self.measure_error = measure_error
+        self.squared_error = 0.0
+        self.squared_norm = 0.0
+        self._blocks = [block for layer in adapter.decoder_layers() if (block := adapter.moe_block(layer)) is not None]
+        if not self._blocks:
+            raise ValueError(f"{type(model).__name__} has no mixture-of-experts layers to merge experts in")
+        for block in self._blocks:
+            block.forward = types.MethodType(self._folded_forward(), block)
+
+    @property
+    def relative_error(self) -> float:
+        """‖merged − exact‖ / ‖exact‖ of the routed-expert outputs seen so far (``measure_error=True``)."""
+        return (self.squared_error / self.squared_norm) ** 0.5 if self.squared_norm else 0.0
+
+    def remove(self) -> None:
+        for block in self._blocks:
+            del block.forward
+        self._blocks = []
+
+    def _folded_forward(self) -> Any:
+        handle = self
+
+        def forward(block: nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            batch, length, width = hidden_states.shape
+            tokens = hidden_states.reshape(-1, width)
+            logits = block.gate(tokens)
+            weights, selected = handle.adapter.route(block, logits)
+            if handle.level == "sequence":
+                normalise = getattr(block, "norm_topk_prob", True)  # as the block's own top-k routing does
+                weights, selected = _sequence_routing(weights, selected, len(block.experts), batch, length, normalise)
+            output = handle._merged(block, tokens, weights, selected)
+            if handle.measure_error:
+                exact = handle._exact(block, tokens, *handle.adapter.route(block, logits))
+                handle.squared_error += float((output - exact).float().square().sum())
+                handle.squared_norm += float(exact.float().square().sum())
+            shared = handle.adapter.shared_expert_output(block, tokens)
+            if shared is not None:
+                output = output + shared
+            return output.reshape(batch, length, width), logits
+
+        return forward
+
+    def _merged(self, block: nn.Module, tokens: torch.Tensor, weights: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+        """down_merged(act(gate_merged·x) ⊙ up_merged·x) with every merged matrix Σ_k g_k·W_k."""
+        gate_in = up_in = None
+        terms: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        for expert in torch.unique(selected).tolist():
+            token, rank = (selected == expert).nonzero(as_tuple=True)
+            g = weights[token, rank, None].to(tokens.dtype)
+            (gate, up), _ = self.adapter.expert_projections(block.experts[expert])
+            gate_in = tokens.new_zeros(tokens.shape[0], gate.out_features) if gate_in is None else gate_in
+            up_in = tokens.new_zeros(tokens.shape[0], up.out_features) if up_in is None else up_in
+            gate_in.index_add_(0, token, g * gate(tokens[token]))
+            up_in.index_add_(0, token, g * up(tokens[token]))
+            terms.append((expert, token, g))
+        output = torch.zeros_like(tokens)
+        if not terms:
+            return output
+        hidden = block.experts[terms[0][0]].act_fn(gate_in) * up_in
+        for expert, token, g in terms:
+            _, down = self.adapter.expert_projections(block.experts[expert])
+            output.index_add_(0, token, g * down(hidden[token]))
+        return output
+
+    def _exact(self, block: nn.Module, tokens: torch.Tensor, weights: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+        output = torch.zeros_like(tokens)
+        for expert in torch.unique(selected).tolist():
+            token, rank = (selected == expert).nonzero(as_tuple=True)
+            output.index_add_(0, token, block.experts[expert](tokens[token]) * weights[token, rank, None].to(tokens.dtype))
+        return output
+
+
+def _sequence_routing(
+    weights: torch.Tensor, selected: torch.Tensor, experts: int, batch: int, length: int, normalise: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each sequence's mean routing weight per expert and its top-k (renormalised where the router
+    renormalises), given to all its tokens."""
+    top_k = selected.shape[1]
+    dense = torch.zeros(weights.shape[0], experts, dtype=weights.dtype, device=weights.device)
+    dense.scatter_(1, selected, weights)
+    mean = dense.reshape(batch, length, experts).mean(dim=1)
+    sequence_weights, sequence_selected = mean.topk(top_k, dim=-1)
+    if normalise:
+        sequence_weights = sequence_weights / sequence_weights.sum(-1, keepdim=True).clamp_min(torch.finfo(weights.dtype).tiny)
+
+    def per_token(values: torch.Tensor) -> torch.Tensor:
+        return values.unsqueeze(1).expand(batch, length, top_k).reshape(-1, top_k)
+
+    return per_token(sequence_weights), per_token(sequence_selected)
+
+
+def fold_experts(model: nn.Module, level: str = "token", measure_error: bool = False) -> FoldedExperts:
+    """Turn on MEO expert merging (``level`` "token" or "sequence") on every MoE block of ``model``."""
+    return FoldedExperts(model, level, measure_error)
