@@ -16,6 +16,7 @@ from .early_exit import choose_early_exit, early_exit_kwargs, enable_early_exit
 from .expert_dropping import ExpertDroppingCallback, ExpertDroppingSchedule
 from .expert_folding import FoldedExperts, fold_experts
 from .evaluation import evaluate_image_text_loss, evaluate_perplexity
+from .kernels import SparseLinear, sparsify
 from .masks import SparsityMasks, merge_lora_preserving_sparsity
 from .integrations.optimum import OptimumPruner, export_onnx
 from .methods import METHODS, register_method
@@ -49,6 +50,7 @@ __all__ = [
     "PruningCallback",
     "PruningConfig",
     "PruningReport",
+    "SparseLinear",
     "SparsityMasks",
     "StructureConfig",
     "add_teacher_top_k",
@@ -73,6 +75,7 @@ __all__ = [
     "register_method",
     "save_pruned",
     "skip_experts",
+    "sparsify",
     "sparsity_config",
     "verify_sparsity",
 ]

@@ -1,0 +1,118 @@
+"""The compressed 2:4 weight format: kept values plus 2-bit position metadata, optionally quantized.
+
+A 2:4 weight keeps at most two non-zeros in every group of four consecutive input columns. It
+is stored as
+
+- ``values`` ``[out, in/2]``: the two kept entries of each group, in column order (a group with
+  fewer non-zeros stores zeros at unused positions);
+- ``metadata`` ``[out, in/8]`` uint8: per group the two positions i0 < i1 (2 bits each, one nibble
+  ``i0 | i1 << 2``), two groups per byte (the lower nibble is the earlier group);
+- quantized (``bits`` 8 or 4): ``values`` hold signed integers (int4 packed two per byte, the lower
+  nibble first) with one scale per row and per ``group_size`` input columns (``group_size / 2``
+  stored values), symmetric: value = q × scale.
+
+Bytes per weight: 16-bit values give 0.5·2 + 0.125 = 1.125 bytes for 2 dense bytes (the ≈ 1.78×
+ceiling of 2:4 decode); int4 gives 0.25 + 0.125 + scales ≈ 0.39 bytes. ``decompress`` is the
+reference every kernel is tested against, and the CPU fallback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+GROUP = 4
+KEPT = 2
+
+
+@dataclass
+class Compressed24:
+    values: torch.Tensor
+    metadata: torch.Tensor
+    in_features: int
+    dtype: torch.dtype  # of the dense weight it came from (and of the output)
+    bits: int | None = None  # None: values in ``dtype``; 8 or 4: quantized
+    scales: torch.Tensor | None = None  # [out, in / group_size] for quantized values
+    group_size: int | None = None
+
+    @property
+    def out_features(self) -> int:
+        return self.values.shape[0]
+
+    def num_bytes(self) -> int:
+        tensors = [self.values, self.metadata] + ([self.scales] if self.scales is not None else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def check_24(weight: torch.Tensor, name: str) -> None:
+    """Raise unless ``weight`` is exactly 2:4 along its input dimension."""
+    rows, columns = weight.shape
+    if columns % (2 * GROUP):
+        raise ValueError(f"{name}: {columns} input features are not a multiple of 8, which the 2:4 format needs")
+    nonzero = (weight.reshape(rows, columns // GROUP, GROUP) != 0).sum(-1)
+    if bool((nonzero > KEPT).any()):
+        row, group = (nonzero > KEPT).nonzero()[0].tolist()
+        raise ValueError(
+            f"{name} is not 2:4 sparse: row {row}, columns {group * GROUP}–{group * GROUP + 3} hold "
+            f"{int(nonzero[row, group])} non-zeros (prune it with sparsity='2:4' first)"
+        )
+
+
+def compress(weight: torch.Tensor, name: str = "weight", bits: int | None = None, group_size: int = 128) -> Compressed24:
+    """The 2:4 format of ``weight`` (``[out, in]``), quantized to ``bits`` (8 or 4) when given."""
+    check_24(weight, name)
+    rows, columns = weight.shape
+    groups = weight.reshape(rows, columns // GROUP, GROUP)
+    # Non-zeros first (stable, so ascending positions), then pad with the lowest zero positions.
+    order = torch.argsort((groups == 0).to(torch.int8), dim=-1, stable=True)[..., :KEPT]
+    positions = order.sort(dim=-1).values
+    values = groups.gather(-1, positions).reshape(rows, columns // 2)
+    nibbles = (positions[..., 0] | (positions[..., 1] << 2)).to(torch.uint8)
+    metadata = nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+    if bits is None:
+        return Compressed24(values.contiguous(), metadata.contiguous(), columns, weight.dtype)
+    return _quantized(values, metadata, columns, weight.dtype, bits, group_size, name)
+
+
+def _quantized(
+    values: torch.Tensor, metadata: torch.Tensor, columns: int, dtype: torch.dtype, bits: int, group_size: int, name: str
+) -> Compressed24:
+    if bits not in (8, 4):
+        raise ValueError(f"bits must be 8 or 4, got {bits}")
+    if group_size % (2 * GROUP) or columns % group_size:
+        raise ValueError(f"{name}: group_size {group_size} must be a multiple of 8 that divides the {columns} input features")
+    rows = values.shape[0]
+    limit = 2 ** (bits - 1) - 1
+    grouped = values.float().reshape(rows, columns // group_size, group_size // 2)
+    scales = (grouped.abs().amax(-1) / limit).clamp_min(torch.finfo(torch.float32).tiny)
+    q = torch.round(grouped / scales.unsqueeze(-1)).clamp(-limit, limit).to(torch.int8).reshape(rows, columns // 2)
+    if bits == 4:
+        wide = q.to(torch.int16) & 0xF  # two's-complement nibbles, packed in a wider type to avoid sign wrap
+        q = (wide[:, 0::2] | (wide[:, 1::2] << 4)).to(torch.uint8)
+    return Compressed24(q.contiguous(), metadata, columns, dtype, bits, scales.to(dtype), group_size)
+
+
+def stored_values(compressed: Compressed24) -> torch.Tensor:
+    """The kept values as floats in ``compressed.dtype`` (dequantized when quantized): ``[out, in/2]``."""
+    if compressed.bits is None:
+        return compressed.values
+    q = compressed.values
+    if compressed.bits == 4:
+        low = (q & 0xF).to(torch.int8)
+        high = (q >> 4).to(torch.int8)
+        low, high = torch.where(low > 7, low - 16, low), torch.where(high > 7, high - 16, high)
+        q = torch.stack([low, high], dim=-1).reshape(q.shape[0], -1)
+    rows = q.shape[0]
+    grouped = q.float().reshape(rows, compressed.in_features // compressed.group_size, compressed.group_size // 2)
+    return (grouped * compressed.scales.float().unsqueeze(-1)).reshape(rows, -1).to(compressed.dtype)
+
+
+def decompress(compressed: Compressed24) -> torch.Tensor:
+    """The dense ``[out, in]`` weight (dequantized): the reference for every kernel."""
+    rows, columns = compressed.out_features, compressed.in_features
+    nibbles = torch.stack([compressed.metadata & 0xF, compressed.metadata >> 4], dim=-1).reshape(rows, columns // GROUP)
+    positions = torch.stack([nibbles & 0x3, (nibbles >> 2) & 0x3], dim=-1).long()
+    dense = torch.zeros(rows, columns // GROUP, GROUP, dtype=compressed.dtype, device=compressed.values.device)
+    dense.scatter_(-1, positions, stored_values(compressed).reshape(rows, columns // GROUP, KEPT))
+    return dense.reshape(rows, columns)

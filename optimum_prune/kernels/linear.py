@@ -1,0 +1,84 @@
+"""``SparseLinear``: an ``nn.Linear`` whose weight is held in the compressed 2:4 format, and
+``sparsify(model)``, which swaps in one for every linear of the decoder layers that is exactly 2:4.
+
+The forward runs the reference path here: the weight is decompressed (and dequantized) and
+multiplied densely, which is what the GPU kernels must reproduce and what CPU runs use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..adapters import get_adapter
+from ..sparsity import NMPattern, conforms_to
+from .format import Compressed24, compress, decompress
+
+
+class SparseLinear(nn.Module):
+    """A linear layer with a 2:4 weight (``values``, ``metadata`` and, quantized, ``scales`` buffers)."""
+
+    def __init__(self, compressed: Compressed24, bias: torch.Tensor | None) -> None:
+        super().__init__()
+        self.in_features, self.out_features = compressed.in_features, compressed.out_features
+        self.dtype, self.bits, self.group_size = compressed.dtype, compressed.bits, compressed.group_size
+        self.register_buffer("values", compressed.values)
+        self.register_buffer("metadata", compressed.metadata)
+        self.register_buffer("scales", compressed.scales)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, name: str = "linear", bits: int | None = None, group_size: int = 128) -> "SparseLinear":
+        """Compress ``linear`` (which must be exactly 2:4; the error names ``name`` otherwise)."""
+        return cls(compress(linear.weight.detach(), name, bits, group_size), linear.bias)
+
+    @property
+    def compressed(self) -> Compressed24:
+        return Compressed24(self.values, self.metadata, self.in_features, self.dtype, self.bits, self.scales, self.group_size)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return F.linear(inputs, decompress(self.compressed).to(inputs.dtype), None if self.bias is None else self.bias.to(inputs.dtype))
+
+    def extra_repr(self) -> str:
+        kind = "2:4" if self.bits is None else f"2:4 int{self.bits} (group {self.group_size})"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}"
+
+
+@dataclass
+class SparsifyReport:
+    swapped: list[str] = field(default_factory=list)
+    left_dense: list[str] = field(default_factory=list)  # not exactly 2:4
+    bytes_before: int = 0
+    bytes_after: int = 0
+
+    def __str__(self) -> str:
+        return (
+            f"sparsify: {len(self.swapped)} linears in the 2:4 format ({self.bytes_before / 2**20:.1f} → "
+            f"{self.bytes_after / 2**20:.1f} MiB of weights); {len(self.left_dense)} left dense"
+        )
+
+
+def sparsify(model: nn.Module, bits: int | None = None, group_size: int = 128) -> SparsifyReport:
+    """Swap every decoder-layer linear of ``model`` whose weight is exactly 2:4 for a ``SparseLinear``
+    (weights quantized to ``bits`` 8 or 4 with ``group_size`` scales when given); leave the rest."""
+    if bits not in (None, 8, 4):
+        raise ValueError(f"bits must be None (16-bit values), 8 or 4, got {bits!r}")
+    adapter = get_adapter(model)
+    report = SparsifyReport()
+    pattern = NMPattern(2, 4)
+    for prefix, layer in zip(adapter.layer_names(), adapter.decoder_layers()):
+        for name, linear in adapter.prunable_linears(layer).items():
+            qualified = f"{prefix}.{name}"
+            if linear.in_features % 8 or not conforms_to(linear.weight, pattern):
+                report.left_dense.append(qualified)
+                continue
+            sparse = SparseLinear.from_linear(linear, qualified, bits, group_size)
+            parent, _, child = name.rpartition(".")
+            setattr(layer.get_submodule(parent), child, sparse)
+            report.swapped.append(qualified)
+            report.bytes_before += linear.weight.numel() * linear.weight.element_size()
+            report.bytes_after += sparse.compressed.num_bytes()
+    return report

@@ -1,0 +1,83 @@
+"""The compressed 2:4 format, its reference path and ``sparsify`` (CPU; GPU kernels are tested where CUDA is)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from optimum_prune import PruningConfig, prune
+from optimum_prune.kernels import SparseLinear, compress, decompress, sparsify
+from optimum_prune.sparsity import NMPattern, prune_lowest_nm
+
+from .conftest import tiny_model, token_windows
+
+
+def random_24(rows: int, columns: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
+    weight = torch.randn(rows, columns, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    weight[prune_lowest_nm(weight.float().abs(), NMPattern(2, 4))] = 0
+    weight[0, :4] = 0  # a group with fewer than two non-zeros
+    weight[1, 4:8] = torch.tensor([0, 0, 0, 3.0], dtype=dtype)
+    return weight
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(8, 16), (24, 136), (3, 8)])
+def test_compress_round_trips_exactly(dtype, shape):
+    weight = random_24(*shape, dtype=dtype)
+    compressed = compress(weight)
+    assert compressed.values.shape == (shape[0], shape[1] // 2) and compressed.metadata.shape == (shape[0], shape[1] // 8)
+    assert torch.equal(decompress(compressed), weight)
+    assert compressed.num_bytes() == weight.numel() * weight.element_size() // 2 + weight.numel() // 8
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_values_stay_within_half_a_step_and_keep_the_zeros(bits):
+    weight = random_24(16, 256)
+    compressed = compress(weight, bits=bits, group_size=64)
+    restored = decompress(compressed)
+    assert torch.equal(restored == 0, (weight == 0) | (restored == 0)) and bool((restored[weight == 0] == 0).all())
+    step = compressed.scales.float().repeat_interleave(64, dim=1)  # one scale per 64 input columns
+    assert bool(((restored - weight).abs() <= step / 2 + 1e-6).all())
+    # bytes per weight: values (bits/2 per weight, half are kept) + 2-bit metadata per kept value + fp32 scales per 64
+    assert compressed.num_bytes() / weight.numel() == pytest.approx(bits / 16 + 0.125 + 4 / 64)
+
+
+def test_sparse_linear_matches_the_masked_dense_layer_on_ragged_inputs():
+    linear = nn.Linear(136, 24)
+    with torch.no_grad():
+        linear.weight.copy_(random_24(24, 136))
+    sparse = SparseLinear.from_linear(linear)
+    for tokens in (1, 3, 17):
+        inputs = torch.randn(2, tokens, 136)
+        torch.testing.assert_close(sparse(inputs), linear(inputs))
+
+
+def test_non_24_weights_are_refused_by_name():
+    linear = nn.Linear(16, 4)
+    with pytest.raises(ValueError, match="model.layers.3.mlp.up_proj is not 2:4 sparse: row 0"):
+        SparseLinear.from_linear(linear, "model.layers.3.mlp.up_proj")
+    with pytest.raises(ValueError, match="not a multiple of 8"):
+        compress(torch.zeros(2, 12))
+
+
+@pytest.mark.parametrize("bits", [None, 8])
+def test_sparsify_swaps_the_24_linears_and_keeps_the_logits(bits):
+    model = tiny_model()
+    prune(model, PruningConfig(method="wanda", sparsity="2:4", ignore=["*.o_proj"]), calibration=token_windows())
+    dense = copy.deepcopy(model)
+    report = sparsify(model, bits=bits, group_size=32)
+    layers = len(model.model.layers)
+    assert len(report.swapped) == 6 * layers and report.left_dense == [f"model.layers.{i}.self_attn.o_proj" for i in range(layers)]
+    assert report.bytes_after < report.bytes_before * (0.6 if bits is None else 0.35) and "sparsify:" in str(report)
+    assert isinstance(model.model.layers[0].mlp.down_proj, SparseLinear)
+    ids = token_windows(samples=2, seq_len=8, seed=4)
+    with torch.no_grad():
+        if bits is None:
+            torch.testing.assert_close(model(ids).logits, dense(ids).logits)
+        else:
+            assert (model(ids).logits - dense(ids).logits).abs().max() < 0.05 * dense(ids).logits.abs().max()
+    with pytest.raises(ValueError, match="bits must be"):
+        sparsify(model, bits=3)
