@@ -22,77 +22,52 @@ against the exact mixture on the same inputs when ``measure_error=True``.
 
 from __future__ import annotations
 
-import types
-from typing import Any
-
 import torch
 from torch import nn
 
-from .adapters import get_adapter
-from .adapters.moe import MoEAdapter
+from .adapters.moe import expert_tokens
+from .skipping import PatchedMoEBlocks, routed_mixture
 
 LEVELS = ("token", "sequence")
 
 
-class FoldedExperts:
+class FoldedExperts(PatchedMoEBlocks):
     """Installed on every MoE block by ``fold_experts``; ``remove()`` restores the exact mixture."""
 
     def __init__(self, model: nn.Module, level: str, measure_error: bool = False) -> None:
         if level not in LEVELS:
             raise ValueError(f"level must be one of {', '.join(LEVELS)}, got {level!r}")
-        adapter = get_adapter(model)
-        if not isinstance(adapter, MoEAdapter):
-            raise ValueError(f"{type(model).__name__} has no mixture-of-experts layers to merge experts in")
-        self.adapter: MoEAdapter = adapter
         self.level = level
         self.measure_error = measure_error
         self.squared_error = 0.0
         self.squared_norm = 0.0
-        self._blocks = [block for layer in adapter.decoder_layers() if (block := adapter.moe_block(layer)) is not None]
-        if not self._blocks:
-            raise ValueError(f"{type(model).__name__} has no mixture-of-experts layers to merge experts in")
-        for block in self._blocks:
-            block.forward = types.MethodType(self._folded_forward(), block)
+        super().__init__(model, "merge experts in")
 
     @property
     def relative_error(self) -> float:
         """‖merged − exact‖ / ‖exact‖ of the routed-expert outputs seen so far (``measure_error=True``)."""
         return (self.squared_error / self.squared_norm) ** 0.5 if self.squared_norm else 0.0
 
-    def remove(self) -> None:
-        for block in self._blocks:
-            del block.forward
-        self._blocks = []
-
-    def _folded_forward(self) -> Any:
-        handle = self
-
-        def forward(block: nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            batch, length, width = hidden_states.shape
-            tokens = hidden_states.reshape(-1, width)
-            logits = block.gate(tokens)
-            weights, selected = handle.adapter.route(block, logits)
-            if handle.level == "sequence":
-                normalise = getattr(block, "norm_topk_prob", True)  # as the block's own top-k routing does
-                weights, selected = _sequence_routing(weights, selected, len(block.experts), batch, length, normalise)
-            output = handle._merged(block, tokens, weights, selected)
-            if handle.measure_error:
-                exact = handle._exact(block, tokens, *handle.adapter.route(block, logits))
-                handle.squared_error += float((output - exact).float().square().sum())
-                handle.squared_norm += float(exact.float().square().sum())
-            shared = handle.adapter.shared_expert_output(block, tokens)
-            if shared is not None:
-                output = output + shared
-            return output.reshape(batch, length, width), logits
-
-        return forward
+    def _experts_output(self, block: nn.Module, tokens: torch.Tensor, logits: torch.Tensor, batch: int) -> torch.Tensor:
+        weights, selected = self.adapter.route(block, logits)
+        if self.level == "sequence":
+            normalise = getattr(block, "norm_topk_prob", True)  # as the block's own top-k routing does
+            merged_weights, merged_selected = _sequence_routing(weights, selected, len(block.experts), batch, normalise)
+        else:
+            merged_weights, merged_selected = weights, selected
+        output = self._merged(block, tokens, merged_weights, merged_selected)
+        if self.measure_error:
+            exact = routed_mixture(block, tokens, weights, selected)
+            self.squared_error += float((output - exact).float().square().sum())
+            self.squared_norm += float(exact.float().square().sum())
+        return output
 
     def _merged(self, block: nn.Module, tokens: torch.Tensor, weights: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
         """down_merged(act(gate_merged·x) ⊙ up_merged·x) with every merged matrix Σ_k g_k·W_k."""
         gate_in = up_in = None
         terms: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         for expert in torch.unique(selected).tolist():
-            token, rank = (selected == expert).nonzero(as_tuple=True)
+            rank, token = expert_tokens(selected, expert)
             g = weights[token, rank, None].to(tokens.dtype)
             (gate, up), _ = self.adapter.expert_projections(block.experts[expert])
             gate_in = tokens.new_zeros(tokens.shape[0], gate.out_features) if gate_in is None else gate_in
@@ -109,20 +84,13 @@ class FoldedExperts:
             output.index_add_(0, token, g * down(hidden[token]))
         return output
 
-    def _exact(self, block: nn.Module, tokens: torch.Tensor, weights: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
-        output = torch.zeros_like(tokens)
-        for expert in torch.unique(selected).tolist():
-            token, rank = (selected == expert).nonzero(as_tuple=True)
-            output.index_add_(0, token, block.experts[expert](tokens[token]) * weights[token, rank, None].to(tokens.dtype))
-        return output
-
 
 def _sequence_routing(
-    weights: torch.Tensor, selected: torch.Tensor, experts: int, batch: int, length: int, normalise: bool
+    weights: torch.Tensor, selected: torch.Tensor, experts: int, batch: int, normalise: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each sequence's mean routing weight per expert and its top-k (renormalised where the router
     renormalises), given to all its tokens."""
-    top_k = selected.shape[1]
+    top_k, length = selected.shape[1], weights.shape[0] // batch
     dense = torch.zeros(weights.shape[0], experts, dtype=weights.dtype, device=weights.device)
     dense.scatter_(1, selected, weights)
     mean = dense.reshape(batch, length, experts).mean(dim=1)

@@ -23,22 +23,54 @@ from .adapters import get_adapter
 from .adapters.moe import expert_tokens
 
 
-class ExpertSkipping:
+class PatchedMoEBlocks:
+    """Replaces the forward of every MoE block of a model by one whose routed experts' output comes
+    from ``_experts_output`` (inference-time variants of the mixture; the router and a shared expert
+    run as before); ``remove()`` restores the blocks' own forward."""
+
+    def __init__(self, model: nn.Module, purpose: str) -> None:
+        self.adapter = get_adapter(model)
+        self._blocks = [block for layer in self.adapter.decoder_layers() if (block := self.adapter.moe_block(layer)) is not None]
+        if not self._blocks:
+            raise ValueError(f"{type(model).__name__} has no mixture-of-experts layers to {purpose}")
+        for block in self._blocks:
+            block.forward = types.MethodType(self._patched_forward(), block)
+
+    def _patched_forward(self) -> Any:
+        handle = self
+
+        def forward(block: nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            batch, length, width = hidden_states.shape
+            tokens = hidden_states.reshape(-1, width)
+            logits = block.gate(tokens)
+            output = handle._experts_output(block, tokens, logits, batch)
+            shared = handle.adapter.shared_expert_output(block, tokens)
+            if shared is not None:
+                output = output + shared
+            return output.reshape(batch, length, width), logits
+
+        return forward
+
+    def _experts_output(self, block: nn.Module, tokens: torch.Tensor, logits: torch.Tensor, batch: int) -> torch.Tensor:
+        """The routed experts' contribution for ``tokens`` (``batch`` sequences of equal length, flattened)."""
+        raise NotImplementedError
+
+    def remove(self) -> None:
+        for block in self._blocks:
+            del block.forward  # back to the class's forward
+        self._blocks = []
+
+
+class ExpertSkipping(PatchedMoEBlocks):
     """Installed on every MoE block of a model by ``skip_experts``; ``remove()`` restores them."""
 
     def __init__(self, model: nn.Module, beta: float) -> None:
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"beta must be in [0, 1] (fraction of the top expert's routing weight), got {beta}")
-        adapter = get_adapter(model)
-        self.adapter = adapter
         self.beta = beta
         self.expert_calls = 0
         self.skipped_calls = 0
-        self._blocks = [block for layer in adapter.decoder_layers() if (block := adapter.moe_block(layer)) is not None]
-        if not self._blocks:
-            raise ValueError(f"{type(model).__name__} has no mixture-of-experts layers to skip experts in")
-        for block in self._blocks:
-            block.forward = types.MethodType(self._skipping_forward(), block)
+        super().__init__(model, "skip experts in")
 
     @property
     def skip_rate(self) -> float:
@@ -48,33 +80,23 @@ class ExpertSkipping:
     def reset_counts(self) -> None:
         self.expert_calls = self.skipped_calls = 0
 
-    def remove(self) -> None:
-        for block in self._blocks:
-            del block.forward  # back to the class's forward
-        self._blocks = []
+    def _experts_output(self, block: nn.Module, tokens: torch.Tensor, logits: torch.Tensor, batch: int) -> torch.Tensor:
+        weights, selected = self.adapter.route(block, logits)
+        kept = weights >= self.beta * weights[:, :1]  # top-k is sorted: column 0 is the top expert
+        self.expert_calls += kept.numel()
+        self.skipped_calls += int((~kept).sum())
+        return routed_mixture(block, tokens, weights, selected, kept)
 
-    def _skipping_forward(self) -> Any:
-        handle = self
 
-        def forward(block: nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            batch, length, width = hidden_states.shape
-            tokens = hidden_states.reshape(-1, width)
-            logits = block.gate(tokens)
-            weights, selected = handle.adapter.route(block, logits)
-            kept = weights >= handle.beta * weights[:, :1]  # top-k is sorted: column 0 is the top expert
-            handle.expert_calls += kept.numel()
-            handle.skipped_calls += int((~kept).sum())
-            output = torch.zeros_like(tokens)
-            for expert in torch.unique(selected[kept]).tolist():
-                rank, token = expert_tokens(selected, expert, kept)
-                contribution = block.experts[expert](tokens[token]) * weights[token, rank, None].to(tokens.dtype)
-                output.index_add_(0, token, contribution)
-            shared = handle.adapter.shared_expert_output(block, tokens)
-            if shared is not None:
-                output = output + shared
-            return output.reshape(batch, length, width), logits
-
-        return forward
+def routed_mixture(
+    block: nn.Module, tokens: torch.Tensor, weights: torch.Tensor, selected: torch.Tensor, kept: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Σ_k g_k·E_k(x): each token's selected (and ``kept``) experts, weighted by routing weight."""
+    output = torch.zeros_like(tokens)
+    for expert in torch.unique(selected if kept is None else selected[kept]).tolist():
+        rank, token = expert_tokens(selected, expert, kept)
+        output.index_add_(0, token, block.experts[expert](tokens[token]) * weights[token, rank, None].to(tokens.dtype))
+    return output
 
 
 def skip_experts(model: nn.Module, beta: float) -> ExpertSkipping:
