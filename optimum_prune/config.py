@@ -30,7 +30,8 @@ PROVENANCE_KEYS = ("optimum_version", "transformers_version")
 class PruningConfig:
     method: str = field(
         default="wanda",
-        metadata={"help": "Registered pruning method: unstructured (magnitude, wanda, sparsegpt) or structured (width, slicegpt, layers, sublayers)."},
+        metadata={"help": "Registered pruning method: unstructured (magnitude, wanda, sparsegpt) or structured (width, slicegpt, "
+        "layers, sublayers, low_rank, experts, merge_experts); `optimum-prune --help` lists them with their options."},
     )
     sparsity: float | str = field(
         default=0.5,
@@ -43,7 +44,7 @@ class PruningConfig:
         default_factory=dict, metadata={"help": "Options of the chosen method (see each method's options class)."}
     )
     allocation: str = field(
-        default="uniform", metadata={"help": "How the target is spread over layers: 'uniform' or 'owl'."}
+        default="uniform", metadata={"help": "How the target is spread over layers: 'uniform', 'owl' or 'sensitivity'."}
     )
     allocation_options: dict[str, Any] = field(default_factory=dict, metadata={"help": "Options of the allocation."})
     ignore: list[str] = field(

@@ -15,7 +15,7 @@ def test_round_trip_dict_and_json(tmp_path):
         calibration_seq_len=256,
         seed=3,
     )
-    assert config.method_options == {"block_size": 64, "dampening": 0.01}
+    assert config.method_options == {"block_size": 64, "dampening": 0.01, "saliency": "obs"}
     assert PruningConfig.from_dict(config.to_dict()) == config
     path = tmp_path / "pruning_config.json"
     config.to_json_file(path)
@@ -55,7 +55,7 @@ def test_sparsity_type():
 
 
 def test_unknown_method_lists_known():
-    with pytest.raises(ValueError, match="PruningConfig.method 'wandaa' .* known: experts, layers, magnitude, merge_experts, slicegpt, sparsegpt, sublayers, wanda, width"):
+    with pytest.raises(ValueError, match="PruningConfig.method 'wandaa' .* known: experts, layers, low_rank, magnitude, merge_experts, slicegpt, sparsegpt, sublayers, wanda, width"):
         PruningConfig(method="wandaa")
     assert {"magnitude", "wanda", "sparsegpt"} <= set(METHODS.names())
 
@@ -75,7 +75,7 @@ def test_owl_with_nm_pattern_is_refused():
 
 
 def test_unknown_allocation_and_field():
-    with pytest.raises(ValueError, match="PruningConfig.allocation 'best' .* known: owl, uniform"):
+    with pytest.raises(ValueError, match="PruningConfig.allocation 'best' .* known: owl, sensitivity, uniform"):
         PruningConfig(allocation="best")
     with pytest.raises(ValueError, match="no field.*sparsity_ratio"):
         PruningConfig.from_dict({"method": "wanda", "sparsity_ratio": 0.5})
