@@ -81,6 +81,14 @@ def token_windows(samples: int = 8, seq_len: int = 32, seed: int = 1, vocab: int
     return torch.randint(0, vocab, (samples, seq_len), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.fixture(autouse=True)
+def no_leaked_mixed_precision(monkeypatch):
+    """transformers' ``TrainingArguments`` writes ``ACCELERATE_MIXED_PRECISION`` into ``os.environ``
+    and later ones take it as their default: one bf16 run in this process would make every later
+    test's Trainer autocast to bf16. Each test starts from "no" and the variable is restored after."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+
+
 @pytest.fixture
 def llama() -> torch.nn.Module:
     return tiny_model("llama")
