@@ -117,7 +117,7 @@ class DistillationMixin:
             if teacher_device is not None:
                 teacher.to(teacher_device)
         if self.distillation.exit_weight:
-            check_exit_layer(self.distillation.exit_layer, len(get_adapter(_unwrapped(self.model)).decoder_layers()))
+            check_exit_layer(self.distillation.exit_layer, len(get_adapter(self.model).decoder_layers()))
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
@@ -185,15 +185,10 @@ class DistillationMixin:
         return torch.stack(losses).mean()
 
 
-def _unwrapped(model: nn.Module) -> nn.Module:
-    """The transformers model inside a peft wrapper (LoRA recovery), or the model itself."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 def _exit_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """What the early-exit draft computes from its last layer's output: final norm, then the LM head."""
-    base = _unwrapped(model)
-    return base.get_output_embeddings()(get_adapter(base).final_norm()(hidden))
+    adapter = get_adapter(model)
+    return adapter.model.get_output_embeddings()(adapter.final_norm()(hidden))
 
 
 class DistillationTrainer(DistillationMixin, Trainer):

@@ -91,12 +91,11 @@ class ExpertDroppingCallback(TrainerCallback):
         self.end_step = 0
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module = None, **kwargs: Any) -> None:
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        self.adapter = get_adapter(base)
+        self.adapter = get_adapter(model)
         blocks = [(layer, self.adapter.moe_block(layer)) for layer in self.adapter.decoder_layers()]
         blocks = [(layer, block) for layer, block in blocks if block is not None]
         if not blocks:
-            raise ValueError(f"ExpertDroppingCallback needs a mixture-of-experts model; {type(base).__name__} has no MoE layer")
+            raise ValueError(f"ExpertDroppingCallback needs a mixture-of-experts model; {type(self.adapter.model).__name__} has no MoE layer")
         top_k = max(block.top_k for _, block in blocks)
         if self.schedule.final_experts < top_k:
             raise ValueError(

@@ -25,8 +25,7 @@ def prunable_linears(model: nn.Module, ignore: Iterable[str] = ()) -> dict[str, 
     Works through a peft wrapper: a tuner layer (e.g. LoRA) contributes its base linear under
     the name the unwrapped model gives it, and its own small adapter linears are skipped.
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    adapter = get_adapter(base)
+    adapter = get_adapter(model)
     patterns = tuple(ignore)
     found: dict[str, nn.Linear] = {}
     for prefix, layer in zip(adapter.layer_names(), adapter.decoder_layers()):

@@ -307,7 +307,9 @@ def adapter_factory(model: nn.Module) -> AdapterFactory:
 
 
 def get_adapter(model: nn.Module) -> DecoderAdapter:
-    return adapter_factory(model)(model)
+    """The adapter of ``model``: a transformers model, or a peft wrapper around one (LoRA recovery)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return adapter_factory(base)(base)
 
 
 def qualified_name(model: nn.Module, module: nn.Module) -> str:
