@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .structure.surgery import replace_submodule
+
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 NORM_CLASS_SUFFIXES = ("RMSNorm", "LayerNorm")
 
@@ -114,8 +116,7 @@ def prepare_perp(model: nn.Module, config: PERPConfig | None = None) -> PERPSumm
         if not targets:
             raise ValueError(f"PERPConfig.target_modules {config.target_modules} match no linear of this model")
         for name, linear in targets:
-            parent_name, _, child_name = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child_name, adapter(linear, config.rank, config.alpha))
+            replace_submodule(model, name, adapter(linear, config.rank, config.alpha))
         wrapped = len(targets)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return PERPSummary(trainable, total, wrapped)
@@ -128,6 +129,5 @@ def merge_perp(model: nn.Module) -> int:
         with torch.no_grad():
             weight = module.effective_weight().masked_fill(~module.mask, 0)
             module.base.weight.copy_(weight)
-        parent_name, _, child_name = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child_name, module.base)
+        replace_submodule(model, name, module.base)
     return len(merged)

@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 from ..adapters import get_adapter
 from ..sparsity import NMPattern, conforms_to
+from ..structure.surgery import replace_submodule
 from .format import Compressed24, compress, decompress
 
 
@@ -76,8 +77,7 @@ def sparsify(model: nn.Module, bits: int | None = None, group_size: int = 128) -
                 report.left_dense.append(qualified)
                 continue
             sparse = SparseLinear.from_linear(linear, qualified, bits, group_size)
-            parent, _, child = name.rpartition(".")
-            setattr(layer.get_submodule(parent), child, sparse)
+            replace_submodule(layer, name, sparse)
             report.swapped.append(qualified)
             report.bytes_before += linear.weight.numel() * linear.weight.element_size()
             report.bytes_after += sparse.compressed.num_bytes()

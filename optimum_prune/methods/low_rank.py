@@ -26,6 +26,7 @@ from torch import nn
 from ..calibration.gradients import fisher_rows
 from ..options import check_choice, option
 from ..structure.modules import LowRankLinear
+from ..structure.surgery import replace_submodule
 from .base import StructuredMethod, register_structured_method
 
 
@@ -76,8 +77,7 @@ class LowRankFactorization(StructuredMethod[LowRankOptions]):
         linears = [target[3] for target in self.targets]
         weights = fisher_rows(self.adapter.model, windows, linears) if self.options.weighting == "fisher" else [None] * len(linears)
         for (prefix, layer, name, linear, rank), rows in zip(self.targets, weights):
-            parent_name, _, child_name = name.rpartition(".")
-            setattr(layer.get_submodule(parent_name), child_name, factorize(linear, rank, rows))
+            replace_submodule(layer, name, factorize(linear, rank, rows))
             report.removed.append(f"{prefix}.{name}: rank {rank} of {min(linear.weight.shape)}")
 
 

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .surgery import replace_submodule
+
 
 class RemovedAttention(nn.Module):
     """An attention sublayer that was pruned away.
@@ -99,12 +101,10 @@ def low_rank_ranks(layer: nn.Module) -> tuple[tuple[str, int], ...]:
 def factorize_named(layer: nn.Module, ranks: tuple[tuple[str, int], ...]) -> None:
     """Replace the named linears of a freshly built (possibly meta) layer by empty factors of the recorded ranks."""
     for name, rank in ranks:
-        parent_name, _, child_name = name.rpartition(".")
-        parent = layer.get_submodule(parent_name)
-        linear = getattr(parent, child_name)
+        linear = layer.get_submodule(name)
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"low_rank names {name!r}, which is not a linear of this layer; the checkpoint's config.json is corrupt")
         factors = LowRankLinear(
             linear.in_features, linear.out_features, rank, linear.bias is not None, linear.weight.device, linear.weight.dtype
         )
-        setattr(parent, child_name, factors)
+        replace_submodule(layer, name, factors)

@@ -15,6 +15,12 @@ import torch_pruning as tp
 from torch import nn
 
 
+def replace_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` where the dotted ``name`` (relative to ``root``) points."""
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent), child, module)
+
+
 def keep_output_features(linear: nn.Linear, keep: torch.Tensor) -> None:
     """Keep only rows ``keep`` of ``linear`` (its outputs), with their bias entries."""
     keep = keep.to(linear.weight.device)
