@@ -1,7 +1,8 @@
 """Calibration-loss gradients and losses, one window at a time.
 
 First-order Taylor criteria (LLM-Pruner, Shortened LLaMA) need ∂L/∂W of the language-model loss
-on the calibration set, and perplexity criteria need the loss itself. Both run the full model
+on the calibration set, Fisher weights (FWSVD) its per-window square, Hessian traces (mixed
+sparsity) a second derivative, and perplexity criteria the loss itself. All run the full model
 on one window per forward, so full-vocabulary logits exist for a single window at a time, never
 for the whole calibration set.
 """
@@ -9,6 +10,8 @@ for the whole calibration set.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -18,17 +21,13 @@ from tqdm.auto import tqdm
 
 def accumulate_gradients(model: nn.Module, windows: torch.Tensor, description: str = "Calibration gradients") -> None:
     """Leave the mean calibration-loss gradient in ``.grad`` of every parameter (requires_grad restored after)."""
-    device = next(model.parameters()).device
     frozen = [p for p in model.parameters() if not p.requires_grad]
     for parameter in model.parameters():
         parameter.requires_grad_(True)
         parameter.grad = None
     try:
-        with torch.enable_grad():
-            for window in tqdm(windows, desc=description, leave=False):
-                ids = window.unsqueeze(0).to(device)
-                loss = model(input_ids=ids, labels=ids, use_cache=False).loss / len(windows)
-                loss.backward()
+        for loss in _window_losses(model, windows, description):
+            (loss / len(windows)).backward()
     finally:
         for parameter in frozen:
             parameter.requires_grad_(False)
@@ -40,24 +39,12 @@ def fisher_rows(model: nn.Module, windows: torch.Tensor, linears: list[nn.Linear
     Each window is one sample, so its gradient is squared before summing (the mean gradient of
     ``accumulate_gradients`` would cancel out). Only the given weights require grad meanwhile.
     """
-    device = next(model.parameters()).device
-    flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
     weights = [linear.weight for linear in linears]
-    for parameter, _ in flags:
-        parameter.requires_grad_(False)
-    for weight in weights:
-        weight.requires_grad_(True)
     rows = [torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device) for weight in weights]
-    try:
-        with torch.enable_grad():
-            for window in tqdm(windows, desc=description, leave=False):
-                ids = window.unsqueeze(0).to(device)
-                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-                for total, gradient in zip(rows, torch.autograd.grad(loss, weights)):
-                    total += gradient.double().square().sum(dim=1)
-    finally:
-        for parameter, flag in flags:
-            parameter.requires_grad_(flag)
+    with _grad_only(model, weights):
+        for loss in _window_losses(model, windows, description):
+            for total, gradient in zip(rows, torch.autograd.grad(loss, weights)):
+                total += gradient.double().square().sum(dim=1)
     return rows
 
 
@@ -74,29 +61,42 @@ def hessian_traces(
     """
     device = next(model.parameters()).device
     parameters = [p for group in groups for p in group]
+    generator = torch.Generator(device=device).manual_seed(seed)
+    totals = [0.0] * len(groups)
+    with _grad_only(model, parameters), sdpa_kernel(SDPBackend.MATH):
+        for loss in _window_losses(model, windows, description):
+            gradients = torch.autograd.grad(loss, parameters, create_graph=True)
+            for probe in range(probes):
+                vectors = [torch.randint(0, 2, p.shape, generator=generator, device=device).to(p.dtype) * 2 - 1 for p in parameters]
+                products = torch.autograd.grad(gradients, parameters, grad_outputs=vectors, retain_graph=probe < probes - 1)
+                quadratic = iter(float((v * hv).sum()) for v, hv in zip(vectors, products))
+                for index, group in enumerate(groups):
+                    totals[index] += sum(next(quadratic) for _ in group)
+    return [total / (len(windows) * probes) for total in totals]
+
+
+@contextmanager
+def _grad_only(model: nn.Module, parameters: list[nn.Parameter]) -> Iterator[None]:
+    """Only ``parameters`` require grad while active (autograd then builds no other weight's gradient)."""
     flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
     for parameter, _ in flags:
         parameter.requires_grad_(False)
     for parameter in parameters:
         parameter.requires_grad_(True)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    totals = [0.0] * len(groups)
     try:
-        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
-            for window in tqdm(windows, desc=description, leave=False):
-                ids = window.unsqueeze(0).to(device)
-                loss = model(input_ids=ids, labels=ids, use_cache=False).loss
-                gradients = torch.autograd.grad(loss, parameters, create_graph=True)
-                for probe in range(probes):
-                    vectors = [torch.randint(0, 2, p.shape, generator=generator, device=device).to(p.dtype) * 2 - 1 for p in parameters]
-                    products = torch.autograd.grad(gradients, parameters, grad_outputs=vectors, retain_graph=probe < probes - 1)
-                    quadratic = iter(float((v * hv).sum()) for v, hv in zip(vectors, products))
-                    for index, group in enumerate(groups):
-                        totals[index] += sum(next(quadratic) for _ in group)
+        yield
     finally:
         for parameter, flag in flags:
             parameter.requires_grad_(flag)
-    return [total / (len(windows) * probes) for total in totals]
+
+
+def _window_losses(model: nn.Module, windows: torch.Tensor, description: str) -> Iterator[torch.Tensor]:
+    """The language-model loss of each calibration window, with autograd on."""
+    device = next(model.parameters()).device
+    with torch.enable_grad():
+        for window in tqdm(windows, desc=description, leave=False):
+            ids = window.unsqueeze(0).to(device)
+            yield model(input_ids=ids, labels=ids, use_cache=False).loss
 
 
 def calibration_perplexity(model: nn.Module, windows: torch.Tensor) -> float:
