@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import platform
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ import transformers
 
 import optimum_prune
 from optimum_prune.models import cache_root
-from optimum_prune.saving import atomic_directory
+from optimum_prune.saving import atomic_directory, write_text_atomic
 
 
 def table_header(title: str, command: str, protocol: str) -> list[str]:
@@ -58,6 +57,4 @@ def save_training(directory: Path, steps: int, seconds: float, *parts: Any) -> N
 
 def save_rows(cache: Path, rows: dict) -> None:
     """Write the finished rows beside ``cache`` and rename into place: a run killed mid-write keeps the old file."""
-    staging = cache.with_name(f".{cache.name}.tmp")
-    staging.write_text(json.dumps(rows, indent=2))
-    os.replace(staging, cache)
+    write_text_atomic(cache, json.dumps(rows, indent=2))

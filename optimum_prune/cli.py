@@ -3,6 +3,7 @@
     optimum-prune --method wanda --sparsity 2:4 --output pruned/ --eval
     optimum-cli prune --model ckpt/ --method width --sparsity 0.2 --option criterion=flap --output narrow/
     optimum-prune --method layers --option num_layers=8 --output shallow/
+    optimum-prune study examples/study/grid.yaml      # pruning × quantization sweep (optimum_prune.study)
 
 Both commands share ``add_arguments`` and ``run``, so they take the same options.
 """
@@ -177,6 +178,11 @@ def run_or_exit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["study"]:
+        from .study.cli import main as study
+
+        return study(argv[1:])
     parser = build_parser()
     return run_or_exit(parser, parser.parse_args(argv))
 

@@ -43,6 +43,14 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(staging)
 
 
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``path`` whole or not at all: a run killed mid-write leaves the previous file."""
+    path = Path(path)
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_text(text, encoding="utf-8")
+    os.replace(staging, path)
+
 def save_pruned(
     model: nn.Module,
     output_dir: str | os.PathLike,

@@ -44,6 +44,28 @@ def block_influence(adapter: DecoderAdapter, windows: torch.Tensor, device: torc
     return scores
 
 
+def last_token_states(adapter: DecoderAdapter, windows: torch.Tensor, device: torch.device) -> list[torch.Tensor]:
+    """The residual stream at each window's last token before every decoder layer and after the last one."""
+    states: list[torch.Tensor] = []
+    last = len(adapter.decoder_layers()) - 1
+
+    def visit(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
+        states.append(torch.cat([h[:, -1].float().cpu() for h in inputs.hidden_states]))
+        if index == last:
+            states.append(torch.cat([h[:, -1].float().cpu() for h in run_layer(adapter, layer, inputs)]))
+
+    walk_layers(adapter, windows, device, visit, "Angular distance")
+    return states
+
+
+def angular_distances(states: list[torch.Tensor], span: int) -> list[float]:
+    """Gromov et al.'s d(ℓ, ℓ+n) = arccos(cos(x_ℓ, x_ℓ+n)) / π, averaged over windows, for every start ℓ."""
+    return [
+        float(torch.arccos(token_cosine(states[s], states[s + span]).clamp(-1, 1)).mean() / math.pi)
+        for s in range(len(states) - span)
+    ]
+
+
 @dataclass(frozen=True)
 class LayerRemovalOptions:
     criterion: str = option(
@@ -115,20 +137,7 @@ class LayerRemoval(StructuredMethod[LayerRemovalOptions]):
         return block_influence(self.adapter, windows, self.device)
 
     def _angular_scores(self, windows: torch.Tensor) -> list[float]:
-        """d(ℓ, ℓ+n) = arccos(cos(x_ℓ, x_ℓ+n)) / π at each window's last token, for every start ℓ."""
-        last_tokens: list[torch.Tensor] = []
-
-        def visit(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
-            last_tokens.append(torch.cat([h[:, -1].float().cpu() for h in inputs.hidden_states]))
-            if index == len(self.adapter.decoder_layers()) - 1:
-                last_tokens.append(torch.cat([h[:, -1].float().cpu() for h in run_layer(self.adapter, layer, inputs)]))
-
-        walk_layers(self.adapter, windows, self.device, visit, "Angular distance")
-        n = self.count
-        return [
-            float(torch.arccos(token_cosine(last_tokens[s], last_tokens[s + n]).clamp(-1, 1)).mean() / math.pi)
-            for s in range(len(last_tokens) - n)
-        ]
+        return angular_distances(last_token_states(self.adapter, windows, self.device), self.count)
 
     def _perplexity_scores(self, windows: torch.Tensor) -> list[float]:
         model, scores = self.adapter.model, []

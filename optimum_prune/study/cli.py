@@ -1,0 +1,41 @@
+"""``optimum-prune study GRID.yaml``: run (or resume) a pruning × quantization sweep and write its report."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+from pathlib import Path
+from typing import Sequence
+
+from .grid import StudyGrid
+from .outputs import write_outputs
+from .runner import run_study
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="optimum-prune study",
+        description="Sweep pruning recipes × quantizations on one model, cache every point, and write results.csv/json, "
+        "the Pareto plot of perplexity vs bytes, layer-redundancy plots and REPORT.md. Rerunning resumes.",
+    )
+    parser.add_argument("grid", type=Path, help="grid YAML (see optimum_prune.study.grid for its keys)")
+    parser.add_argument("--output", type=Path, help="results directory (default: beside the grid, named after it)")
+    parser.add_argument("--device", help="where pruning and evaluation run (default: cuda if available, else cpu)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    output = args.output or args.grid.with_suffix("")
+    try:
+        grid = StudyGrid.from_yaml(args.grid)
+        results = run_study(grid, output, device=args.device)
+    except (ValueError, TypeError) as error:
+        parser.exit(2, f"{parser.prog}: error: {error}\n")
+    command = shlex.join(["optimum-prune", "study", *(argv if argv is not None else [])])
+    write_outputs(results, output, command)
+    print(f"{len(results.rows)} points ({results.measured_now} measured now, the rest cached) -> {output / 'REPORT.md'}")
+    return 0

@@ -1,0 +1,111 @@
+"""Run a study grid point by point, caching each finished point so an interrupted sweep resumes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..saving import write_text_atomic
+from .grid import Protocol, StudyGrid, StudyPoint
+from .measure import layer_redundancy, measure_point
+
+logger = logging.getLogger(__name__)
+
+MEASURES = ("perplexity", "stored_bytes", "sparse_format_bytes", "parameters", "pruning_seconds", "quantization_seconds")
+
+
+@dataclass
+class StudyRow:
+    """A point with what was measured (``error`` instead when the point could not be built)."""
+
+    label: str
+    pruning: dict[str, Any] | None
+    quantization: str | None
+    result: dict[str, Any]
+
+    @property
+    def measured(self) -> bool:
+        return "error" not in self.result
+
+
+@dataclass
+class StudyResults:
+    protocol: Protocol
+    rows: list[StudyRow]
+    redundancy: dict[str, list] | None
+    versions: dict[str, str]
+    measured_now: int  # points computed in this run (the rest came from the cache)
+
+
+def run_study(grid: StudyGrid, output: str | os.PathLike, device: str | torch.device | None = None) -> StudyResults:
+    """Measure every point of ``grid`` not already cached under ``output/points/``.
+
+    A cached point is reused only if its file parses, names the same point and holds every
+    measure (and a latency when one is asked for); otherwise it is measured again. Each point's
+    file is written whole and renamed into place, so a sweep killed mid-point loses that point only.
+    """
+    from .outputs import versions
+
+    points_dir = Path(output) / "points"
+    points_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    latency_device = _latency_device(grid.latency)
+    rows, measured_now = [], 0
+    for point in tqdm(grid.points, desc="Study points"):
+        path = points_dir / f"{point.key(grid.protocol)}.json"
+        result = _cached(path, point, latency_device is not None)
+        if result is None:
+            logger.info("measuring %s", point.label)
+            try:
+                result = measure_point(point, grid.protocol, device, latency_device)
+            except ValueError as error:  # the point cannot be built (e.g. quanto refuses a non-uniform model)
+                result = {"error": str(error)}
+            record = {"label": point.label, "pruning": point.pruning, "quantization": point.quantization, "result": result}
+            write_text_atomic(path, json.dumps(record, indent=1))
+            measured_now += 1
+        rows.append(StudyRow(point.label, point.pruning, point.quantization, result))
+    redundancy = _redundancy(grid.protocol, points_dir, device) if grid.redundancy else None
+    return StudyResults(grid.protocol, rows, redundancy, versions(device, latency_device), measured_now)
+
+
+def _latency_device(setting: str) -> torch.device | None:
+    if setting == "none" or (setting == "auto" and not torch.cuda.is_available()):
+        return None
+    if setting in ("auto", "cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError("grid.latency is 'cuda' but no CUDA device is available; use 'auto', 'cpu' or 'none'")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def _cached(path: Path, point: StudyPoint, needs_latency: bool) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        result = stored["result"]
+        same = (stored["pruning"], stored["quantization"]) == (point.pruning, point.quantization)
+        complete = "error" in result or (all(m in result for m in MEASURES) and (not needs_latency or "latency_ms" in result))
+    except (ValueError, KeyError, TypeError):
+        logger.warning("%s is unreadable; measuring %s again", path, point.label)
+        return None
+    return result if same and complete else None
+
+
+def _redundancy(protocol: Protocol, points_dir: Path, device: torch.device) -> dict[str, list]:
+    key = hashlib.sha256(json.dumps(asdict(protocol), sort_keys=True).encode()).hexdigest()[:16]
+    path = points_dir / f"redundancy-{key}.json"
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        redundancy = layer_redundancy(protocol, device)
+        write_text_atomic(path, json.dumps(redundancy))
+        return redundancy

@@ -1,0 +1,183 @@
+"""optimum_prune.study: grid checking, resumable sweeps, the Pareto front and the report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from optimum_prune.study import StudyGrid, best_within, pareto_front, run_study, write_outputs
+from optimum_prune.study import runner as study_runner
+
+
+def small_grid(model_dir, **overrides) -> dict:
+    return {
+        "model": str(model_dir),
+        "seed": 0,
+        "calibration": {"samples": 4, "seq_len": 32},
+        "evaluation": {"tokens": 512, "seq_len": 64},
+        "latency": "none",
+        "redundancy": False,
+        "pruning": ["none", {"method": "magnitude", "sweep": {"sparsity": [0.5, "2:4"]}}],
+        "quantization": ["none", "int8"],
+        **overrides,
+    }
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"quantisation": ["none"]}, "unknown key(s) quantisation"),
+        ({"quantization": ["int3"]}, "grid.quantization[0] is 'int3'"),
+        ({"quantization": []}, "grid.quantization must be a non-empty list"),
+        ({"pruning": [{"method": "wanda", "sweep": {"sparsity": 0.5}}]}, "grid.pruning[0].sweep must map field names"),
+        ({"pruning": [{"method": "wanda", "sweep": {"sparsity": [1.5]}}]}, "grid.pruning[0] (sparsity=1.5)"),
+        ({"pruning": [{"method": "nope"}]}, "grid.pruning[0] (no sweep)"),
+        ({"pruning": [{"method": "width", "method_options": {"criterion": "magic"}}]}, "criterion"),
+        ({"pruning": [{"method": "wanda", "num_calibration_samples": 4}]}, "calibration section"),
+        ({"pruning": ["none", "none"]}, "distinct 'name'"),
+        ({"calibration": {"samples": 0}}, "grid.calibration.samples must be a positive integer"),
+        ({"latency": "tpu"}, "grid.latency must be one of"),
+        ({"model": "no/such/dir"}, "grid.model 'no/such/dir' is not a checkpoint directory"),
+    ],
+)
+def test_bad_grids_name_the_field(model_dir, change, message):
+    with pytest.raises(ValueError) as error:
+        StudyGrid.from_dict(small_grid(model_dir, **change))
+    assert message in str(error.value)
+
+
+def test_bad_yaml_file_is_named(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text("pruning: [none\n")
+    with pytest.raises(ValueError, match="is not valid YAML"):
+        StudyGrid.from_yaml(path)
+    with pytest.raises(ValueError, match="does not exist"):
+        StudyGrid.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_grid_expands_sweeps_and_nested_options(model_dir):
+    grid = StudyGrid.from_dict(small_grid(model_dir, quantization=["none"], pruning=[
+        "none",
+        {"name": "depth", "method": "layers", "sweep": {"method_options.num_layers": [1, 2]}},
+        {"method": "wanda", "sweep": {"sparsity": [0.5]}},
+    ]))
+    assert [p.label for p in grid.points] == ["dense", "depth num_layers=1", "depth num_layers=2", "wanda sparsity=0.5"]
+    assert grid.points[2].pruning["method_options"]["num_layers"] == 2
+    assert grid.points[3].pruning["num_calibration_samples"] == 4  # the protocol's, for every point
+
+
+def test_owl_with_a_pattern_is_refused_before_anything_runs(model_dir):
+    with pytest.raises(ValueError, match=r"grid.pruning\[0\] \(sparsity=2:4, allocation=owl\)"):
+        StudyGrid.from_dict(small_grid(model_dir, pruning=[{"method": "wanda", "sweep": {"sparsity": ["2:4"], "allocation": ["owl"]}}]))
+
+
+def test_pareto_front_on_hand_made_points():
+    points = {"a": (10, 5.0), "b": (8, 6.0), "c": (8, 7.0), "d": (12, 5.0), "e": (5, 9.0), "f": (5, 9.0), "g": (20, 4.0)}
+    cost, loss = (lambda name: points[name][0]), (lambda name: points[name][1])
+    assert pareto_front(list(points), cost, loss) == ["e", "f", "b", "a", "g"]  # c and d dominated; e, f tie
+    assert best_within(list(points), cost, loss, 9) == "b"
+    assert best_within(list(points), cost, loss, 4) is None
+    assert best_within(list(points), cost, loss, 100) == "g"
+
+
+def test_sweep_measures_resumes_and_reruns_missing_or_corrupt_points(model_dir, tmp_path, monkeypatch):
+    grid = StudyGrid.from_dict(small_grid(model_dir))
+    first = run_study(grid, tmp_path / "study", device="cpu")
+    assert first.measured_now == 6 and all(row.measured for row in first.rows)
+    by_label = {row.label: row.result for row in first.rows}
+    assert by_label["dense"]["linear_zeros"] < 0.01
+    assert by_label["magnitude sparsity=0.5"]["linear_zeros"] >= 0.5
+    assert by_label["magnitude sparsity=0.5"]["stored_bytes"] == by_label["dense"]["stored_bytes"]  # dense storage
+    assert by_label["magnitude sparsity=0.5"]["sparse_format_bytes"] < by_label["dense"]["sparse_format_bytes"]
+    assert by_label["magnitude sparsity=2:4 + int8"]["stored_bytes"] < by_label["magnitude sparsity=2:4"]["stored_bytes"]
+    assert by_label["magnitude sparsity=2:4 + int8"]["sparse_format_bytes"] < by_label["magnitude sparsity=2:4"]["sparse_format_bytes"]
+    assert by_label["dense + int8"]["quantization_seconds"] > 0 and by_label["dense"]["pruning_seconds"] == 0
+
+    measured = []
+    real_measure = study_runner.measure_point
+    monkeypatch.setattr(study_runner, "measure_point", lambda point, *a: measured.append(point.label) or real_measure(point, *a))
+    again = run_study(grid, tmp_path / "study", device="cpu")
+    assert measured == [] and again.measured_now == 0
+    assert [r.result for r in again.rows] == [r.result for r in first.rows]
+
+    files = {json.loads(f.read_text())["label"]: f for f in (tmp_path / "study" / "points").glob("*.json")}
+    files["dense + int8"].unlink()
+    files["magnitude sparsity=0.5"].write_text('{"label": "magnitude sparsity=0.5", "result": {"perplex')
+    resumed = run_study(grid, tmp_path / "study", device="cpu")
+    assert sorted(measured) == ["dense + int8", "magnitude sparsity=0.5"] and resumed.measured_now == 2
+    assert {r.label: r.result["perplexity"] for r in resumed.rows} == {r.label: r.result["perplexity"] for r in first.rows}
+
+
+def test_same_seed_gives_same_numbers_and_a_new_protocol_reruns(model_dir, tmp_path):
+    grid = small_grid(model_dir, pruning=[{"method": "wanda", "sweep": {"sparsity": [0.5]}}], quantization=["none"])
+    one = run_study(StudyGrid.from_dict(grid), tmp_path / "one", device="cpu")
+    two = run_study(StudyGrid.from_dict(grid), tmp_path / "two", device="cpu")
+    assert one.rows[0].result["perplexity"] == two.rows[0].result["perplexity"]
+    reseeded = run_study(StudyGrid.from_dict({**grid, "seed": 1}), tmp_path / "one", device="cpu")
+    assert reseeded.measured_now == 1  # a different protocol is a different point
+    assert reseeded.rows[0].result["perplexity"] != one.rows[0].result["perplexity"]
+
+
+def test_unbuildable_point_is_recorded_not_fatal(model_dir, tmp_path):
+    grid = StudyGrid.from_dict(small_grid(model_dir, pruning=[
+        {"method": "width", "method_options": {"ranking": "global"}, "sweep": {"sparsity": [0.2]}}
+    ], quantization=["int8"]))
+    (row,) = run_study(grid, tmp_path / "study", device="cpu").rows
+    assert not row.measured and "quantization_config" in row.result["error"]
+
+
+def test_cli_writes_report_plots_and_csv(model_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    import yaml
+
+    from optimum_prune.cli import main
+
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text(yaml.safe_dump(small_grid(model_dir, redundancy=True, quantization=["none"])))
+    assert main(["study", str(grid_file)]) == 0
+    output = tmp_path / "grid"
+    for name in ("REPORT.md", "results.csv", "results.json", "pareto.png", "redundancy.png"):
+        assert (output / name).is_file(), name
+    report = (output / "REPORT.md").read_text()
+    assert "| dense |" in report and "Pareto front by stored bytes" in report and "torch" in report
+    results = json.loads((output / "results.json").read_text())
+    assert len(results["redundancy"]["block_influence"]) == 3  # tiny model: 3 layers
+    assert [len(row) for row in results["redundancy"]["angular_distance"]] == [3, 2, 1]
+    assert len((output / "results.csv").read_text().splitlines()) == 4
+
+
+def test_cli_bad_grid_is_one_error_line(tmp_path, capsys):
+    from optimum_prune.cli import main
+
+    grid_file = tmp_path / "grid.yaml"
+    grid_file.write_text("pruning: [none]\nquantization: [int5]\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["study", str(grid_file)])
+    assert exit_.value.code == 2
+    assert "grid.quantization[0] is 'int5'" in capsys.readouterr().err
+
+
+def test_outputs_need_no_dense_point(model_dir, tmp_path):
+    pytest.importorskip("matplotlib")
+    grid = StudyGrid.from_dict(small_grid(model_dir, pruning=[{"method": "magnitude", "sweep": {"sparsity": [0.3]}}], quantization=["none"]))
+    results = run_study(grid, tmp_path, device="cpu")
+    write_outputs(results, tmp_path, "test")
+    assert "the largest checkpoint" in (tmp_path / "REPORT.md").read_text()
+
+
+def test_sparse_format_bytes_counts_a_bitmap_and_the_kept_values():
+    from optimum_prune.study.measure import sparse_format_bytes
+
+    half = {"numel": 800, "zeros": 400}
+    assert sparse_format_bytes(1000, [half], bits=8) == 1000 - (800 - (100 + 400))
+    assert sparse_format_bytes(1000, [{"numel": 800, "zeros": 0}], bits=8) == 1000  # dense is cheaper: kept dense
+    assert sparse_format_bytes(5000, [half, half], bits=32) == 5000 - 2 * (3200 - (100 + 1600))
+
+
+def test_asking_for_latency_remeasures_points_cached_without_it(model_dir, tmp_path):
+    grid = small_grid(model_dir, pruning=["none"], quantization=["none"])
+    run_study(StudyGrid.from_dict(grid), tmp_path, device="cpu")
+    timed = run_study(StudyGrid.from_dict({**grid, "latency": "cpu"}), tmp_path, device="cpu")
+    assert timed.measured_now == 1
+    assert timed.rows[0].result["latency_ms"] > 0 and timed.rows[0].result["latency_device"] == "cpu"
