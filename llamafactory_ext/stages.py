@@ -30,6 +30,8 @@ from optimum_prune.config import CONFIG_NAME, PruningConfig
 
 from .compat import import_llamafactory
 from .config import PruningSection
+from .distill import SECTION as DISTILL
+from .distill import DistillSection, distilling_trainers
 
 logger = logging.getLogger(__name__)
 PRUNED_SUBDIR = "pruned"
@@ -37,8 +39,9 @@ MERGED_SUBDIR = "merged"
 TRAINING_STAGES = ("pt", "sft")
 
 
-def run_train(args: Mapping[str, Any], section: PruningSection | None) -> None:
-    """``llamafactory-prune train``: ``stage: prune``, or prune → LLaMA-Factory training → merge."""
+def run_train(args: Mapping[str, Any], section: PruningSection | None, distill: DistillSection | None = None) -> None:
+    """``llamafactory-prune train``: ``stage: prune``, or prune → LLaMA-Factory training (distilled
+    from the teacher with a ``distill:`` section) → merge."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError(
             "llamafactory-prune is running as one of several torchrun ranks: each would prune and save on its own. "
@@ -57,7 +60,7 @@ def run_train(args: Mapping[str, Any], section: PruningSection | None) -> None:
         return
     if section is None:
         # Training a checkpoint pruned earlier (e.g. by stage: prune) must keep its zeros too.
-        _delegate_training(dict(args), keep_masks=_is_pruned_checkpoint(Path(args["model_name_or_path"])))
+        _delegate_training(dict(args), _is_pruned_checkpoint(Path(args["model_name_or_path"])), distill)
         return
     if stage not in TRAINING_STAGES:
         raise ValueError(f"a `pruning:` section works with stage: prune, pt or sft; got stage: {stage!r}")
@@ -69,7 +72,7 @@ def run_train(args: Mapping[str, Any], section: PruningSection | None) -> None:
         logger.info("reusing the pruned model in %s (same model and pruning config)", pruned_dir)
     else:
         prune_and_save(args, section, pruned_dir, source=args["model_name_or_path"])
-    _delegate_training({**args, "model_name_or_path": str(pruned_dir)}, keep_masks=True)
+    _delegate_training({**args, "model_name_or_path": str(pruned_dir)}, True, distill)
     if args.get("do_train") and args.get("finetuning_type", "lora") == "lora":
         merge_adapter(pruned_dir, output_dir, Path(args.get("export_dir") or output_dir / MERGED_SUBDIR))
 
@@ -125,15 +128,17 @@ def _already_pruned(pruned_dir: Path, source: str, config: PruningConfig) -> boo
     return same_config and recorded.get("pruned_from") == source
 
 
-def _delegate_training(args: dict[str, Any], keep_masks: bool) -> None:
-    """LLaMA-Factory's ``run_exp`` (with ``PruningCallback`` when ``keep_masks``), here or under torchrun."""
+def _delegate_training(args: dict[str, Any], keep_masks: bool, distill: DistillSection | None) -> None:
+    """LLaMA-Factory's ``run_exp`` (with ``PruningCallback`` when ``keep_masks``, distilling with a
+    ``distill`` section), here or under torchrun."""
     import_llamafactory()
     if _wants_torchrun():
-        _run_under_torchrun(args, keep_masks)
+        _run_under_torchrun({**args, **({DISTILL: distill.to_mapping()} if distill else {})}, keep_masks)
         return
     from llamafactory.train.tuner import run_exp
 
-    run_exp(args, callbacks=[PruningCallback()] if keep_masks else [])
+    with distilling_trainers(distill):
+        run_exp(args, callbacks=[PruningCallback()] if keep_masks else [])
 
 
 def _wants_torchrun() -> bool:

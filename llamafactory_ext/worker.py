@@ -1,5 +1,6 @@
 """torchrun entry point of ``llamafactory-prune train``: one rank of LLaMA-Factory's training
-on the already-pruned model; with ``--keep-masks``, ``PruningCallback`` keeps the zeros on every rank.
+on the already-pruned model; with ``--keep-masks``, ``PruningCallback`` keeps the zeros on every rank,
+and a ``distill:`` section in the YAML distils on every rank.
 
     torchrun ... -m llamafactory_ext.worker config.yaml [--keep-masks]
 """
@@ -12,6 +13,7 @@ from optimum_prune import PruningCallback
 
 from .compat import import_llamafactory
 from .config import read_yaml
+from .distill import distilling_trainers, split_distill
 
 
 def main() -> None:
@@ -19,7 +21,9 @@ def main() -> None:
     from llamafactory.train.tuner import run_exp
 
     config, *flags = sys.argv[1:]
-    run_exp(read_yaml(config), callbacks=[PruningCallback()] if "--keep-masks" in flags else [])
+    args, distill = split_distill(read_yaml(config), pruning=False)
+    with distilling_trainers(distill):
+        run_exp(args, callbacks=[PruningCallback()] if "--keep-masks" in flags else [])
 
 
 if __name__ == "__main__":

@@ -127,3 +127,35 @@ def test_launching_under_torchrun_directly_is_refused(workspace, tmp_path, capsy
     monkeypatch.setenv("WORLD_SIZE", "2")
     config = {**base_args(workspace, tmp_path / "out", stage="prune"), "pruning": {"method": "magnitude"}}
     assert "set FORCE_TORCHRUN=1" in run_cli(tmp_path, capsys, config)
+
+
+@pytest.mark.parametrize(
+    ("distill", "extra", "message"),
+    [
+        ({"temprature": 2.0, "teacher": "TINY"}, {}, "distill.temprature is not a valid key"),
+        ({"kd_weight": 1.0}, {}, "distill.teacher is required"),
+        ({"teacher": "no/such/dir"}, {}, "distill.teacher 'no/such/dir' is not a local checkpoint directory"),
+        ({"teacher": "TINY", "teacher_dtype": "int8"}, {}, "distill.teacher_dtype must be one of"),
+        ({"teacher": "TINY", "temperature": 0}, {}, "distill: DistillationConfig.temperature must be > 0"),
+        ({"teacher": "TINY"}, {"stage": "prune"}, "works with stage: pt or sft"),
+        ("teacher", {}, "distill: must be a mapping"),
+    ],
+)
+def test_distill_section_errors_name_the_key(workspace, tmp_path, distill, extra, message):
+    from llamafactory_ext.distill import split_distill
+
+    if isinstance(distill, dict) and distill.get("teacher") == "TINY":
+        distill = {**distill, "teacher": str(workspace / "tiny")}
+    args = {**base_args(workspace, tmp_path), "stage": "sft", **extra, "distill": distill}
+    with pytest.raises(ValueError) as error:
+        split_distill(args, pruning=False)
+    assert message in str(error.value)
+
+
+def test_distill_teacher_defaults_to_the_model_being_pruned(workspace, tmp_path):
+    from llamafactory_ext.distill import split_distill
+
+    args = {**base_args(workspace, tmp_path), "stage": "sft", "distill": {"top_k": 8}}
+    rest, section = split_distill(args, pruning=True)
+    assert "distill" not in rest and section.teacher == str(workspace / "tiny") and section.config.top_k == 8
+    assert split_distill(args, pruning=True, validate=False) == (rest, None)  # export / chat drop it

@@ -201,3 +201,35 @@ def test_gradual_pruning_inside_llamafactory_run_exp(workspace, tmp_path):
     assert report["conforming"] and report["overall_sparsity"] == pytest.approx(0.5, abs=1e-3)
     state = json.loads((out / "trainer_state.json").read_text())
     assert [round(e["sparsity"], 2) for e in state["log_history"] if "loss" in e] == [0.25, 0.5, 0.5, 0.5]
+
+
+def logged_losses(out: Path) -> list[float]:
+    return [entry["loss"] for entry in json.loads((out / "trainer_state.json").read_text())["log_history"] if "loss" in entry]
+
+
+def test_distill_section_trains_against_the_teacher(workspace, tmp_path):
+    """Teacher = the model itself and LoRA starts as the identity, so pure KD starts at zero loss
+    where the label loss starts near ln(vocab): the distillation objective is the one trained."""
+    from llamafactory.train.sft import workflow
+
+    original = workflow.CustomSeq2SeqTrainer
+    distilled, labelled = tmp_path / "kd", tmp_path / "labels"
+    training = {**LORA_TRAINING, "max_steps": 2}
+    train(tmp_path, {**base_args(workspace, distilled, **training),
+                     "distill": {"teacher": str(workspace / "tiny"), "kd_weight": 1.0, "label_weight": 0.0}})  # fmt: skip
+    train(tmp_path, base_args(workspace, labelled, **training))
+    assert logged_losses(distilled)[0] < 1e-4
+    assert logged_losses(labelled)[0] > 1.0
+    assert workflow.CustomSeq2SeqTrainer is original  # LLaMA-Factory's trainer class is restored
+
+
+def test_distill_after_structured_pruning_defaults_to_the_dense_teacher(workspace, tmp_path):
+    out = tmp_path / "narrow-kd"
+    pruning = {"method": "width", "sparsity": 0.3, "method_options": {"criterion": "wanda_sp", "ranking": "layer"}, **CALIBRATION}
+    distill = {"temperature": 2.0, "label_weight": 0.5, "hidden_weight": 0.1, "top_k": 16}
+    train(tmp_path, {**base_args(workspace, out, **{**LORA_TRAINING, "max_steps": 2}), "pruning": pruning, "distill": distill})
+    losses = logged_losses(out)
+    assert len(losses) == 2 and all(loss > 0 for loss in losses)
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+    pruned = AutoModelForCausalLM.from_pretrained(out / "pruned")
+    assert merged.config.intermediate_size == pruned.config.intermediate_size < 128  # the student kept its shape
