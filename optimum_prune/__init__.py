@@ -25,6 +25,7 @@ from .perp import PERPConfig, merge_perp, prepare_perp
 from .report import PruningReport
 from .saving import save_pruned
 from .skipping import ExpertSkipping, skip_experts
+from .streaming import prune_checkpoint
 from .sparsity import NMPattern, verify_sparsity
 from .sparsity_metadata import compressed_tensors_config, sparsity_config
 from .structure.loading import StructureConfig  # registers the loader of non-uniform checkpoints
@@ -70,6 +71,7 @@ __all__ = [
     "merge_perp",
     "prepare_perp",
     "prune",
+    "prune_checkpoint",
     "register_adapter",
     "register_allocation",
     "register_method",

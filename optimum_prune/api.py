@@ -8,7 +8,7 @@ import sys
 import time
 from fnmatch import fnmatchcase
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -27,6 +27,7 @@ from .calibration import (
     run_layer,
     walk_layers,
 )
+from .calibration.engine import moving_to
 from .config import PruningConfig
 from .distributed import all_reduce_sum, is_distributed, shard
 from .methods import METHODS, LayerPruner, MethodSpec, StructuredMethod
@@ -38,6 +39,9 @@ from .statistics import ColumnNorms
 from .structure.counting import count_macs_per_token
 from .structure.loading import record_structure
 
+if TYPE_CHECKING:
+    from .streaming import LayerStream
+
 logger = logging.getLogger(__name__)
 
 
@@ -48,6 +52,7 @@ def prune(
     tokenizer: Any = None,
     device: str | torch.device | None = None,
     processor: Any = None,
+    offload: "LayerStream | None" = None,
 ) -> PruningReport:
     """Prune ``model`` in place as ``config`` says and return a report.
 
@@ -57,7 +62,8 @@ def prune(
     where layers are processed one at a time (default: where the model is); the model stays
     where it was. The config is recorded as ``model.config.pruning_config`` so
     ``save_pretrained`` keeps it. Every check (config, architecture, parts, shapes, calibration
-    data) runs before any weight changes.
+    data) runs before any weight changes. ``offload`` keeps the decoder layers on disk (see
+    ``prune_checkpoint``, which builds it).
     """
     if isinstance(config, Mapping):
         config = PruningConfig.from_dict(config)
@@ -65,10 +71,12 @@ def prune(
         raise TypeError(f"config must be a PruningConfig or a dict, got {type(config).__name__}")
     device = _resolve_device(device, model)
     adapter = get_adapter(model)
+    if offload is not None:
+        _check_offloadable(config, adapter)
     if METHODS.get(config.method).structured:
         runs = [_StructuredRun.plan(adapter, config, device)]
     else:
-        runs = _PruningRun.plan_parts(adapter, config, device)
+        runs = _PruningRun.plan_parts(adapter, config, device, offload)
     inputs = None
     if config.requires_calibration:
         inputs = calibration_inputs(
@@ -109,6 +117,17 @@ def prune(
     return report
 
 
+def _check_offloadable(config: PruningConfig, adapter: DecoderAdapter) -> None:
+    """Offloaded runs hold one layer at a time: methods and allocations that need more are refused."""
+    if METHODS.get(config.method).structured:
+        raise ValueError(f"offloaded pruning supports the unstructured methods; structured method {config.method!r} needs the whole model in memory")
+    allocation = ALLOCATIONS.get(config.allocation).create(config.build_allocation_options())
+    if allocation.observes_model:
+        raise ValueError(f"PruningConfig.allocation {config.allocation!r} needs gradients of the whole model; offloaded runs take 'uniform' or 'owl'")
+    if adapter.upstream_parts or is_distributed():
+        raise ValueError("offloaded pruning runs in one process on a language model; multimodal parts and torch.distributed are not supported yet")
+
+
 def _check_calibration_reaches_parts(inputs: CalibrationInputs, config: PruningConfig, runs: list) -> None:
     """Vision encoders and projectors only run on images; structured methods calibrate on token windows."""
     if not isinstance(inputs, torch.Tensor) and METHODS.get(config.method).structured:
@@ -138,9 +157,12 @@ class _PruningRun:
     allocation: Allocation
     targets: list[dict[str, nn.Linear]]
     device: torch.device
+    offload: "LayerStream | None" = None
 
     @classmethod
-    def plan_parts(cls, adapter: DecoderAdapter, config: PruningConfig, device: torch.device) -> list["_PruningRun"]:
+    def plan_parts(
+        cls, adapter: DecoderAdapter, config: PruningConfig, device: torch.device, offload: "LayerStream | None" = None
+    ) -> list["_PruningRun"]:
         """One run per part the config names, in the order the model executes them."""
         available = adapter.parts()
         targets = config.part_targets()
@@ -150,11 +172,14 @@ class _PruningRun:
                 f"PruningConfig.parts names {missing}, but {type(adapter.model).__name__} has only the part(s) "
                 f"{', '.join(available)}; remove the policy for {', '.join(missing)}"
             )
-        return [cls.plan(name, part, config, targets[name], device) for name, part in available.items() if name in targets]
+        return [
+            cls.plan(name, part, config, targets[name], device, offload) for name, part in available.items() if name in targets
+        ]
 
     @classmethod
     def plan(
-        cls, part: str, adapter: DecoderAdapter, config: PruningConfig, target: SparsityTarget, device: torch.device
+        cls, part: str, adapter: DecoderAdapter, config: PruningConfig, target: SparsityTarget, device: torch.device,
+        offload: "LayerStream | None" = None,
     ) -> "_PruningRun":
         method = METHODS.get(config.method)
         options = config.build_method_options()
@@ -170,16 +195,34 @@ class _PruningRun:
         if moe_options.expert_sparsity == "load":
             _check_load_hints(config, moe_options, method, target)
         allocation = ALLOCATIONS.get(config.allocation).create(config.build_allocation_options())
-        return cls(config, part, target, adapter, method, options, moe_options, allocation, targets, device)
+        return cls(config, part, target, adapter, method, options, moe_options, allocation, targets, device, offload)
 
     def execute(self, windows: CalibrationInputs | None, report: PruningReport) -> None:
         layer_targets = self._layer_targets(windows)
+        residency = self.offload.resident if self.offload else moving_to(self.device)
         if self.method.requires_calibration:
-            walk_layers(self.adapter, windows, self.device, self._pruning_visitor(layer_targets, report), self._description("Pruning"))
-        else:
-            for index in tqdm(range(len(self.targets)), desc=self._description("Pruning")):
-                pruners = {name: self.method.create(linear, self.method_options) for name, linear in self.targets[index].items()}
-                _finish(pruners, self.part, index, dict.fromkeys(pruners, layer_targets[index]), report)
+            walk_layers(
+                self.adapter, windows, self.device, self._pruning_visitor(layer_targets, report), self._description("Pruning"),
+                residency=residency,
+            )  # fmt: skip
+            return
+        layers = self.adapter.decoder_layers()
+        for index in tqdm(range(len(self.targets)), desc=self._description("Pruning")):
+            with residency(index, layers[index]):
+                if not self._resumed(index, layer_targets[index], report):
+                    pruners = {name: self.method.create(linear, self.method_options) for name, linear in self.targets[index].items()}
+                    _finish(pruners, self.part, index, dict.fromkeys(pruners, layer_targets[index]), report)
+
+    def _resumed(self, index: int, target: SparsityTarget, report: PruningReport) -> bool:
+        """Whether layer ``index`` was pruned by an earlier, interrupted offloaded run (then it is
+        reported as found, not pruned again)."""
+        if self.offload is None or not self.offload.finished(index):
+            return False
+        fraction = target.sparsity if isinstance(target, NMPattern) else target
+        for name, linear in self.targets[index].items():
+            weight = linear.weight
+            report.linears.append(LinearReport(name, index, fraction, int((weight == 0).sum()) / weight.numel(), weight.numel(), self.part))
+        return True
 
     def _description(self, action: str) -> str:
         part = "" if self.part == "language" and not self.adapter.upstream_parts else f" {self.part}"
@@ -191,7 +234,10 @@ class _PruningRun:
         if self.allocation.observes_model:
             self.allocation.observe_model(self.adapter.model, windows, self.targets)
         elif self.allocation.requires_calibration:
-            walk_layers(self.adapter, windows, self.device, self._observing_visitor(), self._description("Allocating sparsity"))
+            walk_layers(
+                self.adapter, windows, self.device, self._observing_visitor(), self._description("Allocating sparsity"),
+                residency=self.offload.reading if self.offload else None,
+            )  # fmt: skip
         return self.allocation.allocate(self.target, len(self.targets))
 
     def _observing_visitor(self):
@@ -210,6 +256,8 @@ class _PruningRun:
         """Feeds each linear's pruner the layer's calibration inputs, then prunes them all."""
 
         def visit(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
+            if self._resumed(index, layer_targets[index], report):
+                return
             linears = self.targets[index]
             pruners = {name: self.method.create(linear, self.method_options) for name, linear in linears.items()}
             tokens = self._run_feeding(layer, inputs, linears, lambda name, x: pruners[name].add_batch(x))

@@ -73,7 +73,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--moe-option", action="append", default=[], metavar="NAME=VALUE", help="mixture-of-experts option")
     parser.add_argument("--ignore", action="append", default=[], metavar="GLOB", help="module names to keep dense")
     parser.add_argument("--device", help="where layers are processed (default: cuda if available, else cpu)")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype the model is loaded and pruned in")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES),
+        help="dtype the model is loaded and pruned in (default: float32; with --offload disk, the checkpoint's)",
+    )
+    parser.add_argument(
+        "--offload", choices=["disk"],
+        help="keep the decoder layers on disk: each is read from --model's shards, pruned and written to --output in "
+        "turn (memory: one layer, whatever the depth); rerunning an interrupted command resumes it",
+    )
     parser.add_argument(
         "--compressed-tensors-metadata", action="store_true",
         help="write the compressed-tensors sparsity_config (which layers, 2:4 or unstructured) as the checkpoint's "
@@ -124,7 +132,9 @@ def run(args: argparse.Namespace) -> int:
         if METHODS.get(config.method).structured:
             raise ValueError(f"--compressed-tensors-metadata describes sparse weights; structured method {config.method!r} leaves dense ones")
         require_compressed_tensors()
-    dtype = DTYPES[args.dtype]
+    if args.offload:
+        return _run_offloaded(args, config)
+    dtype = DTYPES[args.dtype or "float32"]
     launched_device = init_from_launcher()  # torchrun / accelerate launch: calibration is split across processes
     model, tokenizer = load_model(args.model, dtype) if args.model else load_default_model(dtype)
     device = args.device or launched_device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -165,6 +175,27 @@ def run(args: argparse.Namespace) -> int:
         print(f"{label:<{width}}  {left:>12}  {right:>12}")
     for item in report.removed:
         print(f"removed: {item}")
+    return 0
+
+
+def _run_offloaded(args: argparse.Namespace, config: PruningConfig) -> int:
+    """``--offload disk``: ``prune_checkpoint`` from --model's shards into --output."""
+    from transformers import AutoTokenizer
+
+    from .streaming import prune_checkpoint
+
+    if args.model is None:
+        raise ValueError("--offload disk reads the layers from a checkpoint directory: give --model")
+    if args.eval or args.compressed_tensors_metadata:
+        raise ValueError("--offload disk never holds the whole model: evaluate or annotate the saved checkpoint separately")
+    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True) if config.requires_calibration else None
+    report = prune_checkpoint(
+        args.model, args.output, config, calibration=args.calibration, tokenizer=tokenizer, device=args.device,
+        dtype=DTYPES[args.dtype] if args.dtype else None,
+    )  # fmt: skip
+    print(f"\n{config.method} {config.sparsity} ({config.allocation}) -> {args.output}")
+    print(f"linear sparsity (excl. lm_head): {report.overall_sparsity:.2%}; pruning time {report.seconds:.1f} s; "
+          f"peak {report.peak_memory_kind} {report.peak_memory_bytes / 2**20:.0f} MiB")  # fmt: skip
     return 0
 
 

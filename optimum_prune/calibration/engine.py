@@ -15,7 +15,7 @@ import inspect
 import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, Sequence, Union
+from typing import Any, Callable, ContextManager, Iterator, Mapping, Sequence, Union
 
 import torch
 from torch import nn
@@ -129,6 +129,9 @@ def feeding_inputs(linears: dict[str, nn.Linear], sink: Callable[[str, torch.Ten
 
 
 LayerVisitor = Callable[[int, nn.Module, LayerInputs], None]
+LayerResidency = Callable[[int, nn.Module], ContextManager[None]]
+"""Makes decoder layer ``index`` usable on the compute device for the duration of a ``with`` block
+(default: moves it there and back; ``optimum_prune.streaming`` loads it from disk and writes it out)."""
 
 
 def walk_layers(
@@ -138,16 +141,23 @@ def walk_layers(
     visit: LayerVisitor,
     description: str,
     batch_size: int = 1,
+    residency: LayerResidency | None = None,
 ) -> None:
     """Visit every decoder layer with its inputs, then propagate the (possibly pruned) layer's outputs."""
     inputs = capture_first_layer_inputs(adapter, windows, device, batch_size)
     logger.info("captured %d calibration batches (%.1f MiB of activations)", len(inputs.hidden_states), inputs.num_bytes / 2**20)
     layers = adapter.decoder_layers()
+    residency = residency or moving_to(device)
     for index in tqdm(range(len(layers)), desc=description):
         layer = layers[index]
-        with on_device([layer], device):
+        with residency(index, layer):
             visit(index, layer, inputs)
             inputs.hidden_states = run_layer(adapter, layer, inputs)
+
+
+def moving_to(device: torch.device) -> LayerResidency:
+    """The default residency: a layer is moved to ``device`` while it is processed, then back."""
+    return lambda _index, layer: on_device([layer], device)
 
 
 @contextmanager

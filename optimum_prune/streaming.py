@@ -1,0 +1,230 @@
+"""Prune a checkpoint that never fits in memory: decoder layers stay on disk until their turn.
+
+    report = prune_checkpoint("Llama-3-70B/", "Llama-3-70B-wanda/", PruningConfig(method="wanda", sparsity="2:4"),
+                              tokenizer=tokenizer, device="cuda")
+
+The model is built on the meta device (Accelerate's ``init_empty_weights``); only what runs
+before decoder layer 0 (the embeddings) is loaded. The sequential engine then takes one layer at
+a time: its weights are read from the source safetensors shards onto the compute device, the
+layer is pruned, its outputs become the next layer's calibration inputs, and its tensors are
+written to their own shard and released. Peak memory is the embeddings, one layer and the
+calibration activations, whatever the depth.
+
+The shards are written into ``.<output>.partial/`` beside the output, each renamed into place
+when whole, so a killed run loses at most the layer in progress. Rerunning the same call resumes:
+finished layers are read back (their outputs recomputed, not pruned again) and the run goes on
+from the first missing one. Only when every layer is written do the index, the config and the
+tokenizer files go in and the folder is renamed to the output: a checkpoint that looks complete
+is complete. The result loads with stock ``AutoModelForCausalLM.from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .calibration import CalibrationSource
+from .config import CONFIG_NAME, PruningConfig
+from .report import PruningReport
+
+logger = logging.getLogger(__name__)
+INDEX_NAME = "model.safetensors.index.json"
+REST_SHARD = "model-rest.safetensors"
+RUN_RECORD = "streaming-run.json"
+
+
+class CheckpointReader:
+    """The tensors of a safetensors checkpoint (one file or shards with an index), read by name."""
+
+    def __init__(self, directory: Path) -> None:
+        index, single = directory / INDEX_NAME, directory / "model.safetensors"
+        if index.is_file():
+            self.weight_map = {name: directory / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+        elif single.is_file():
+            with safe_open(single, framework="pt") as handle:
+                self.weight_map = dict.fromkeys(handle.keys(), single)
+        else:
+            raise ValueError(f"{str(directory)!r} holds no safetensors weights ({INDEX_NAME} or model.safetensors)")
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        tensors = {}
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.weight_map[name], []).append(name)
+        for file, file_names in by_file.items():
+            with safe_open(file, framework="pt") as handle:
+                tensors.update({name: handle.get_tensor(name) for name in file_names})
+        return tensors
+
+    def under(self, prefix: str) -> list[str]:
+        return [name for name in self.weight_map if name.startswith(prefix + ".")]
+
+
+class LayerStream:
+    """Decoder layers kept on disk: ``resident`` loads one (staged if already pruned, else from the
+    source), and after a clean pass writes it to the staging folder and releases it to meta."""
+
+    def __init__(self, reader: CheckpointReader, staging: Path, layer_names: list[str], device: torch.device, dtype: torch.dtype):
+        self.reader, self.staging, self.layer_names, self.device, self.dtype = reader, staging, layer_names, device, dtype
+
+    def shard(self, index: int) -> Path:
+        return self.staging / f"model-layer-{index:05d}.safetensors"
+
+    def finished(self, index: int) -> bool:
+        return self.shard(index).is_file()
+
+    @contextmanager
+    def resident(self, index: int, layer: nn.Module) -> Iterator[None]:
+        """The layer as pruning needs it: its pruned tensors when finished, else the source's, saved after."""
+        finished = self.finished(index)
+        prefix = self.layer_names[index]
+        if finished:
+            with safe_open(self.shard(index), framework="pt") as handle:
+                tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+        else:
+            tensors = self.reader.read(self.reader.under(prefix))
+        self._load(layer, prefix, tensors)
+        try:
+            yield
+            if not finished:
+                self._save(index, layer, prefix)
+        finally:
+            layer.to("meta")
+
+    @contextmanager
+    def reading(self, index: int, layer: nn.Module) -> Iterator[None]:
+        """The source (dense) layer, for passes that only observe (OWL's outlier statistics)."""
+        prefix = self.layer_names[index]
+        self._load(layer, prefix, self.reader.read(self.reader.under(prefix)))
+        try:
+            yield
+        finally:
+            layer.to("meta")
+
+    def _load(self, layer: nn.Module, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
+        from accelerate.utils import set_module_tensor_to_device
+
+        for name, tensor in tensors.items():
+            set_module_tensor_to_device(layer, name.removeprefix(prefix + "."), self.device, value=tensor, dtype=self.dtype)
+        missing = _meta_tensors(layer)
+        if missing:
+            raise ValueError(f"the checkpoint has no tensor(s) {', '.join(f'{prefix}.{m}' for m in missing)} for {prefix}")
+
+    def _save(self, index: int, layer: nn.Module, prefix: str) -> None:
+        tensors = {f"{prefix}.{name}": t.detach().contiguous().cpu() for name, t in layer.state_dict().items()}
+        temporary = self.staging / f".{self.shard(index).name}.tmp"
+        save_file(tensors, temporary, metadata={"format": "pt"})
+        os.replace(temporary, self.shard(index))
+
+
+def _meta_tensors(module: nn.Module) -> list[str]:
+    return [name for name, tensor in (*module.named_parameters(), *module.named_buffers()) if tensor.is_meta]
+
+
+def prune_checkpoint(
+    source: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    config: PruningConfig | dict[str, Any],
+    calibration: CalibrationSource = None,
+    tokenizer: Any = None,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> PruningReport:
+    """Prune the checkpoint in ``source`` layer by layer from disk into ``output_dir`` (see the module
+    docstring); rerunning after an interruption resumes. ``dtype`` is what layers are pruned and
+    saved in (default: the checkpoint's). Unstructured methods, uniform or OWL allocation."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .adapters import get_adapter
+    from .api import prune
+
+    source, output_dir = Path(source), Path(output_dir)
+    config = PruningConfig.from_dict(config) if isinstance(config, dict) else config
+    if not (source / "config.json").is_file():
+        raise ValueError(f"source {str(source)!r} is not a checkpoint directory (no config.json)")
+    reader = CheckpointReader(source)
+    model_config = AutoConfig.from_pretrained(source, local_files_only=True)
+    dtype = dtype or next(iter(reader.read([next(iter(reader.weight_map))]).values())).dtype
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
+    adapter = get_adapter(model)
+    layer_names = adapter.layer_names()
+    layer_tensors = {name for prefix in layer_names for name in reader.under(prefix)}
+    rest = [name for name in reader.weight_map if name not in layer_tensors]
+    _load_rest(model, reader.read(rest), dtype)
+    staging = _staging(output_dir, source, config)
+    stream = LayerStream(reader, staging, layer_names, torch.device(device or "cpu"), dtype)
+    report = prune(model, config, calibration=calibration, tokenizer=tokenizer, device=stream.device, offload=stream)
+    _finish_checkpoint(model, reader, rest, stream, tokenizer, config, source, output_dir)
+    return report
+
+
+def _load_rest(model: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    """Materialise everything outside the decoder layers (embeddings, final norm, head) on the CPU."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    for name, tensor in tensors.items():
+        set_module_tensor_to_device(model, name, "cpu", value=tensor, dtype=dtype)
+    model.tie_weights()
+
+
+def _staging(output_dir: Path, source: Path, config: PruningConfig) -> Path:
+    """The partial run's folder: reused when it was started by the same source and config."""
+    staging = output_dir.parent / f".{output_dir.name}.partial"
+    record = {"source": str(source.resolve()), "pruning_config": config.to_dict()}
+    if staging.is_dir():
+        try:
+            previous = json.loads((staging / RUN_RECORD).read_text())
+        except (OSError, ValueError):
+            previous = None
+        if previous != record:
+            raise ValueError(
+                f"{str(staging)!r} holds a partial run of another source or pruning config; delete it to start over, "
+                "or rerun that same call to resume it"
+            )
+        logger.info("resuming the partial run in %s", staging)
+    else:
+        staging.mkdir(parents=True)
+        (staging / RUN_RECORD).write_text(json.dumps(record))
+    return staging
+
+
+def _finish_checkpoint(
+    model: nn.Module, reader: CheckpointReader, rest: list[str], stream: LayerStream, tokenizer: Any,
+    config: PruningConfig, source: Path, output_dir: Path,
+) -> None:
+    """Index, config and tokenizer files into the staging folder, then rename it to ``output_dir``."""
+    staging = stream.staging
+    tensors = {name: t.to(stream.dtype).contiguous() for name, t in reader.read(rest).items()}
+    save_file(tensors, staging / REST_SHARD, metadata={"format": "pt"})
+    weight_map = dict.fromkeys(rest, REST_SHARD)
+    for index in range(len(stream.layer_names)):
+        with safe_open(stream.shard(index), framework="pt") as handle:
+            weight_map.update(dict.fromkeys(handle.keys(), stream.shard(index).name))
+    (staging / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+    for extra in source.iterdir():  # tokenizer and generation config files, as the source has them
+        if extra.is_file() and not extra.name.endswith(".safetensors") and extra.name not in (INDEX_NAME, "config.json", CONFIG_NAME):
+            shutil.copy2(extra, staging / extra.name)
+    model.config.save_pretrained(staging)
+    config.save_pretrained(staging)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
+    (staging / RUN_RECORD).unlink()
+    if output_dir.exists():
+        retired = output_dir.parent / f".{output_dir.name}.old"
+        os.replace(output_dir, retired)
+        os.replace(staging, output_dir)
+        shutil.rmtree(retired)
+    else:
+        os.replace(staging, output_dir)

@@ -1,0 +1,144 @@
+"""prune_checkpoint: layers pruned from disk one at a time equal the in-memory run, and resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from optimum_prune import PruningConfig, prune, prune_checkpoint
+from optimum_prune.streaming import LayerStream
+
+from .conftest import tiny_model, token_windows
+
+CONFIGS = {
+    "wanda": PruningConfig(method="wanda", sparsity=0.5),
+    "sparsegpt 2:4": PruningConfig(method="sparsegpt", sparsity="2:4"),
+    "magnitude": PruningConfig(method="magnitude", sparsity=0.4),
+    "wanda owl": PruningConfig(method="wanda", sparsity=0.6, allocation="owl"),
+}
+
+
+@pytest.fixture
+def sharded(tmp_path, bpe_tokenizer):
+    """A tiny Llama saved in several safetensors shards, with its tokenizer."""
+    directory = tmp_path / "source"
+    tiny_model().save_pretrained(directory, max_shard_size="60KB")
+    bpe_tokenizer.save_pretrained(directory)
+    assert len(list(directory.glob("*.safetensors"))) > 2
+    return directory
+
+
+def pruned_in_memory(source, config, windows) -> dict[str, torch.Tensor]:
+    model = AutoModelForCausalLM.from_pretrained(source)
+    prune(model, config, calibration=windows)
+    return model.state_dict()
+
+
+def assert_same_weights(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        assert torch.equal(actual[name], expected[name]), name
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_offloaded_run_equals_the_in_memory_run(sharded, tmp_path, name):
+    windows = token_windows()
+    report = prune_checkpoint(sharded, tmp_path / "out", CONFIGS[name], calibration=windows)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")  # stock transformers
+    assert_same_weights(reloaded.state_dict(), pruned_in_memory(sharded, CONFIGS[name], windows))
+    assert len(report.linears) == 3 * 7 and report.overall_sparsity > 0.35
+    assert reloaded.config.pruning_config["method"] == CONFIGS[name].method
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+    assert not list(tmp_path.glob(".out.*"))  # no staging left behind
+
+
+def test_only_one_decoder_layer_is_ever_materialised(sharded, tmp_path, monkeypatch):
+    loaded, resident_before = [], []
+    original = LayerStream._load
+
+    def load(self, layer, prefix, tensors):
+        resident_before.append(sum(not next(other.parameters()).is_meta for other in loaded))
+        loaded.append(layer)
+        original(self, layer, prefix, tensors)
+
+    monkeypatch.setattr(LayerStream, "_load", load)
+    prune_checkpoint(sharded, tmp_path / "out", CONFIGS["wanda owl"], calibration=token_windows())
+    assert len(loaded) == 6 and resident_before == [0] * 6  # OWL's pass and the pruning pass, one layer at a time
+    assert all(next(layer.parameters()).is_meta for layer in loaded)
+
+
+def test_resume_after_a_kill_gives_the_uninterrupted_checkpoint(sharded, tmp_path, monkeypatch):
+    windows, config = token_windows(), CONFIGS["sparsegpt 2:4"]
+    original = LayerStream._save
+
+    def dying_save(self, index, layer, prefix):
+        if index == 2:
+            raise KeyboardInterrupt("killed")
+        original(self, index, layer, prefix)
+
+    monkeypatch.setattr(LayerStream, "_save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        prune_checkpoint(sharded, tmp_path / "out", config, calibration=windows)
+    assert not (tmp_path / "out").exists()  # nothing that looks like a checkpoint
+    staged = sorted(p.name for p in (tmp_path / ".out.partial").glob("model-layer-*"))
+    assert staged == ["model-layer-00000.safetensors", "model-layer-00001.safetensors"]
+
+    monkeypatch.setattr(LayerStream, "_save", original)
+    saved = []
+    monkeypatch.setattr(LayerStream, "_save", lambda self, index, *a: saved.append(index) or original(self, index, *a))
+    report = prune_checkpoint(sharded, tmp_path / "out", config, calibration=windows)
+    assert saved == [2]  # the finished layers are read back, not pruned again
+    assert len(report.linears) == 21
+    assert_same_weights(AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict(), pruned_in_memory(sharded, config, windows))
+
+
+def test_a_partial_run_of_another_config_is_not_mixed_in(sharded, tmp_path, monkeypatch):
+    monkeypatch.setattr(LayerStream, "_save", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        prune_checkpoint(sharded, tmp_path / "out", CONFIGS["magnitude"])
+    with pytest.raises(ValueError, match="partial run of another source or pruning config"):
+        prune_checkpoint(sharded, tmp_path / "out", CONFIGS["wanda"], calibration=token_windows())
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (PruningConfig(method="width", sparsity=0.2), "structured method 'width'"),
+        (PruningConfig(method="wanda", sparsity=0.5, allocation="sensitivity"), "allocation 'sensitivity'"),
+    ],
+)
+def test_what_needs_the_whole_model_is_refused(sharded, tmp_path, config, message):
+    with pytest.raises(ValueError, match=message):
+        prune_checkpoint(sharded, tmp_path / "out", config, calibration=token_windows())
+
+
+def test_source_without_weights_is_named(tmp_path):
+    tiny_model().config.save_pretrained(tmp_path / "empty")
+    with pytest.raises(ValueError, match="holds no safetensors weights"):
+        prune_checkpoint(tmp_path / "empty", tmp_path / "out", CONFIGS["magnitude"])
+
+
+def test_bfloat16_checkpoint_is_pruned_and_saved_in_bfloat16(tmp_path, bpe_tokenizer):
+    source = tmp_path / "bf16"
+    tiny_model().to(torch.bfloat16).save_pretrained(source)
+    bpe_tokenizer.save_pretrained(source)
+    windows, config = token_windows(), CONFIGS["wanda"]
+    prune_checkpoint(source, tmp_path / "out", config, calibration=windows)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto")
+    assert reloaded.dtype == torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
+    prune(model, config, calibration=windows)
+    assert_same_weights(reloaded.state_dict(), model.state_dict())
+
+
+def test_cli_offload_disk(sharded, tmp_path):
+    from optimum_prune.cli import main
+
+    assert main(["--model", str(sharded), "--offload", "disk", "--method", "wanda", "--sparsity", "2:4",
+                 "--calibration-samples", "4", "--seq-len", "32", "--output", str(tmp_path / "out")]) == 0  # fmt: skip
+    from optimum_prune import verify_sparsity
+
+    assert verify_sparsity(AutoModelForCausalLM.from_pretrained(tmp_path / "out"), "2:4")["conforming"]
+    with pytest.raises(SystemExit):
+        main(["--model", str(sharded), "--offload", "disk", "--eval", "--output", str(tmp_path / "other")])
