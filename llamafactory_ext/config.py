@@ -1,7 +1,8 @@
 """The ``pruning:`` section of a LLaMA-Factory YAML.
 
 Its keys are exactly ``PruningConfig``'s fields plus ``calibration_dataset`` (a dataset name
-from LLaMA-Factory's ``dataset_info.json``; default: the YAML's own ``dataset``). Calibration
+from LLaMA-Factory's ``dataset_info.json``; default: the YAML's own ``dataset``) and ``offload``
+(``disk``: prune from the checkpoint's shards one layer at a time, ``optimum_prune.prune_checkpoint``). Calibration
 text goes through LLaMA-Factory's own tokenisation: conversational datasets (with responses)
 with the YAML's chat template as in SFT, plain-text ones as in pre-training. Unlike
 LLaMA-Factory's top level, which ignores keys it does not know, an unknown key here is an error
@@ -31,7 +32,8 @@ from omegaconf import OmegaConf
 from optimum_prune import PruningConfig
 
 SECTION = "pruning"
-CALIBRATION_KEYS = ("calibration_dataset",)
+EXTRA_KEYS = ("calibration_dataset", "offload")
+OFFLOADS = ("disk",)
 # LLaMA-Factory's default dataset_dir, used when the YAML names none.
 DEFAULT_DATASET_DIR = "data"
 
@@ -43,6 +45,7 @@ class PruningSection:
     # How LLaMA-Factory tokenises the calibration data: "sft" (chat template, prompts and
     # responses) when every calibration dataset has responses, else "pt" (plain text).
     calibration_stage: str = "pt"
+    offload: str | None = None  # "disk": layers stay on disk (prune_checkpoint)
 
     @classmethod
     def from_mapping(cls, section: Any, lf_args: Mapping[str, Any]) -> "PruningSection":
@@ -50,15 +53,18 @@ class PruningSection:
         if not isinstance(section, Mapping):
             raise ValueError(f"{SECTION}: must be a mapping of PruningConfig fields, got {type(section).__name__}")
         fields = [f.name for f in dataclasses.fields(PruningConfig)]
-        unknown = sorted(set(section) - set(fields) - set(CALIBRATION_KEYS))
+        unknown = sorted(set(section) - set(fields) - set(EXTRA_KEYS))
         if unknown:
             raise ValueError(
-                f"{SECTION}.{unknown[0]} is not a valid key; valid keys: {', '.join(sorted([*fields, *CALIBRATION_KEYS]))}"
+                f"{SECTION}.{unknown[0]} is not a valid key; valid keys: {', '.join(sorted([*fields, *EXTRA_KEYS]))}"
             )
         try:
             config = PruningConfig(**{key: value for key, value in section.items() if key in fields})
         except (TypeError, ValueError) as error:
             raise ValueError(f"{SECTION}: {error}") from None
+        offload = section.get("offload")
+        if offload is not None and offload not in OFFLOADS:
+            raise ValueError(f"{SECTION}.offload must be one of {', '.join(OFFLOADS)} (or absent), got {offload!r}")
         dataset = section.get("calibration_dataset", _first_dataset(lf_args.get("dataset")))
         if config.requires_calibration:
             if not dataset:
@@ -67,8 +73,8 @@ class PruningSection:
                     "YAML names no `dataset`; set it to a dataset from dataset_info.json"
                 )
             entries = _registered(dataset, lf_args.get("dataset_dir", DEFAULT_DATASET_DIR))
-            return cls(config, dataset, "sft" if all(_has_responses(entry) for entry in entries) else "pt")
-        return cls(config, None)
+            return cls(config, dataset, "sft" if all(_has_responses(entry) for entry in entries) else "pt", offload)
+        return cls(config, None, offload=offload)
 
 
 def _first_dataset(value: Any) -> str | None:

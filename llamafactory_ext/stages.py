@@ -24,7 +24,7 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
-from optimum_prune import PruningCallback, SparsityMasks, merge_lora_preserving_sparsity, prune, save_pruned
+from optimum_prune import PruningCallback, SparsityMasks, merge_lora_preserving_sparsity, prune, prune_checkpoint, save_pruned
 from optimum_prune.calibration import sample_windows
 from optimum_prune.config import CONFIG_NAME, PruningConfig
 
@@ -107,6 +107,12 @@ def prune_and_save(args: Mapping[str, Any], section: PruningSection, target: Pat
         dataset = get_dataset(template, model_args, data_args, training_args, calibration_stage, **tokenizer_module)
         tokens = torch.tensor(list(chain.from_iterable(dataset["train_dataset"]["input_ids"])), dtype=torch.long)
         windows = sample_windows(tokens, config.num_calibration_samples, config.calibration_seq_len, config.seed)
+    device = "cuda" if torch.cuda.is_available() else None
+    if section.offload == "disk":
+        prune_checkpoint(model_args.model_name_or_path, target, config, calibration=windows, tokenizer=tokenizer, device=device)
+        if source is not None:
+            _record_source(target, source)
+        return target
     model = AutoModelForCausalLM.from_pretrained(
         model_args.model_name_or_path,
         dtype=torch.float32,  # prune in full precision; LLaMA-Factory casts for training as its YAML says
@@ -115,8 +121,16 @@ def prune_and_save(args: Mapping[str, Any], section: PruningSection, target: Pat
     )
     if source is not None:
         model.config.pruned_from = source
-    report = prune(model, config, calibration=windows, device="cuda" if torch.cuda.is_available() else None)
+    report = prune(model, config, calibration=windows, device=device)
     return save_pruned(model, target, tokenizer=tokenizer, config=config, report=report)
+
+
+def _record_source(checkpoint: Path, source: str) -> None:
+    """Note in ``config.json`` which model was pruned (what ``_already_pruned`` compares), atomically."""
+    from optimum_prune.saving import write_text_atomic
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    write_text_atomic(checkpoint / "config.json", json.dumps({**config, "pruned_from": source}, indent=2, sort_keys=True) + "\n")
 
 
 def _already_pruned(pruned_dir: Path, source: str, config: PruningConfig) -> bool:

@@ -159,3 +159,10 @@ def test_distill_teacher_defaults_to_the_model_being_pruned(workspace, tmp_path)
     rest, section = split_distill(args, pruning=True)
     assert "distill" not in rest and section.teacher == str(workspace / "tiny") and section.config.top_k == 8
     assert split_distill(args, pruning=True, validate=False) == (rest, None)  # export / chat drop it
+
+
+def test_pruning_offload_must_be_disk(workspace, tmp_path):
+    with pytest.raises(ValueError, match="pruning.offload must be one of disk"):
+        split_pruning({**base_args(workspace, tmp_path), "pruning": {"method": "magnitude", "offload": "gpu"}})
+    _, section = split_pruning({**base_args(workspace, tmp_path), "pruning": {"method": "magnitude", "offload": "disk"}})
+    assert section.offload == "disk"

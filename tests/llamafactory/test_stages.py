@@ -233,3 +233,13 @@ def test_distill_after_structured_pruning_defaults_to_the_dense_teacher(workspac
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")
     pruned = AutoModelForCausalLM.from_pretrained(out / "pruned")
     assert merged.config.intermediate_size == pruned.config.intermediate_size < 128  # the student kept its shape
+
+
+def test_stage_prune_with_disk_offload_equals_the_in_memory_prune(workspace, tmp_path):
+    pruning = {"method": "sparsegpt", "sparsity": "2:4", **CALIBRATION}
+    for name, extra in (("memory", {}), ("disk", {"offload": "disk"})):
+        train(tmp_path, {**base_args(workspace, tmp_path / name, stage="prune", dataset="wiki_pt"), "pruning": {**pruning, **extra}})
+    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "disk").state_dict()
+    in_memory = AutoModelForCausalLM.from_pretrained(tmp_path / "memory").state_dict()
+    assert offloaded.keys() == in_memory.keys()
+    assert all(torch.equal(offloaded[name], in_memory[name]) for name in in_memory)
