@@ -38,6 +38,9 @@ ROWS: list[Row] = [
     *[("sublayers", n / LAYERS, {"criterion": "block_influence", "reroute": True}) for n in (4, 8)],
     # Low-rank factorisation (issue 11, item 5): FWSVD against plain SVD, beside width at 20 %.
     *[("low_rank", 0.2, {"weighting": w}) for w in ("fisher", "none")],
+    # Kwon et al.'s mask search (issue 11, item 6), with and without least-squares mask tuning.
+    *[("mask_search", ratio, {}) for ratio in (0.1, 0.2, 0.3)],
+    ("mask_search", 0.2, {"tune": False}),
 ]
 HERE = Path(__file__).resolve().parent
 

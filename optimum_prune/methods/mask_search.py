@@ -1,0 +1,247 @@
+"""Kwon et al. 2022, "A Fast Post-Training Pruning Framework for Transformers": Fisher-based mask
+search, mask rearrangement and mask tuning, without retraining — adapted to decoder LLMs.
+
+Every attention head and MLP channel gets a mask variable m = 1. With the empirical Fisher of the
+masks, I = E_x[g gᵀ] with g = ∂L/∂m on one calibration sample, zeroing a set Z of masks raises
+the loss by about ½ m_Zᵀ I m_Z (the gradient term vanishes at a trained model; Eq. 3–5):
+
+1. Mask search (Alg. 1): with the diagonal of I as each unit's importance, for every number of
+   heads removed (least important first) remove the least important channels until the budget is
+   met, and keep the split that removes the least importance.
+2. Mask rearrangement (Sec. 4.2): within each layer the full block of I counts the interactions
+   between its masks; the layer's removed set, its size fixed, is improved by swapping a removed
+   and a kept unit while that lowers m_Zᵀ I_l m_Z (the paper's greedy procedure, Alg. 2).
+3. Mask tuning (Sec. 4.3): layer by layer, the kept units' masks become real numbers fitted by
+   least squares so that the pruned sublayer reproduces the dense sublayer's output on calibration
+   data (the paper solves with LSMR; here the normal equations, ridge-damped), then are folded
+   into the output projection's columns.
+
+Adaptation to decoders (the paper prunes BERT and DistilBERT):
+- The constraint is the fraction of decoder-layer parameters, as for every structured method here;
+  per token, a head's or channel's FLOPs are proportional to its parameters (the attention-score
+  FLOPs, which grow with context length, are not counted).
+- A head unit is a key/value group with its query heads — a single head when the model has no
+  grouped-query attention: the only removal that keeps a valid GQA layout with free per-layer counts.
+- L is the causal-LM loss of one calibration window, so each window is one Fisher sample; only the
+  masks take gradients (no weight gradient is stored), with full-vocabulary logits for one window
+  at a time. Rearrangement keeps one block of I per layer and component: n² floats for n units
+  (MLP channels dominate: about 9 MiB per layer for SmolLM2's 1,536 channels).
+- Mask tuning runs in the sequential engine on the inputs of the already-pruned model: attention
+  first, then the MLP on what the tuned attention feeds it; the target is the dense sublayer's
+  output on those same inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..calibration import LayerInputs, run_layer, walk_layers
+from ..calibration.gradients import _grad_only, _window_losses
+from ..options import check_choice, option
+from .base import StructuredMethod, register_structured_method
+from .width import WidthOptions, WidthPruning, _Component, _layer_parameters
+
+
+@dataclass(frozen=True)
+class MaskSearchOptions:
+    components: str = option("all", "What to prune: 'all' (attention heads and MLP channels), 'attention' or 'mlp'.")
+    rearrange: bool = option(True, "Mask rearrangement: re-choose each layer's removed units with its full Fisher block.")
+    tune: bool = option(True, "Mask tuning: least-squares scales of the kept units so each sublayer reproduces its dense output.")
+    damping: float = option(1e-3, "Ridge damping of the mask-tuning least squares, relative to the mean of their diagonal.")
+
+    def __post_init__(self) -> None:
+        check_choice("components", self.components, ("all", "attention", "mlp"))
+        if self.damping < 0:
+            raise ValueError(f"method_options.damping must be >= 0, got {self.damping}")
+
+
+@register_structured_method("mask_search", options=MaskSearchOptions)
+class MaskSearch(StructuredMethod[MaskSearchOptions]):
+    """Kwon et al.'s Fisher mask search, rearrangement and least-squares mask tuning of heads and MLP channels."""
+
+    def check(self) -> None:
+        # The units, their parameter counts and the surgery are width pruning's (GQA groups as head units).
+        options = WidthOptions(criterion="magnitude_l2", components=self.options.components, head_mode="kv_group", ranking="global")
+        self.width = WidthPruning(self.adapter, self.sparsity, self.ignore, options, self.device)
+        self.width.check()
+
+    def prune(self, windows: torch.Tensor | None, report: Any) -> None:
+        components = self.width.components
+        blocks = mask_fisher(self.adapter, components, windows, full=self.options.rearrange)
+        importance = [block.diagonal() / 2 if block.dim() == 2 else block / 2 for block in blocks]
+        layers = self.adapter.decoder_layers()
+        budget = self.sparsity * sum(_layer_parameters(self.adapter, layer) for layer in layers)
+        counts = search_counts(importance, [c.unit_parameters for c in components], [c.removable for c in components],
+                               [c.kind for c in components], budget)  # fmt: skip
+        for component, block, scores, count in zip(components, blocks, importance, counts):
+            removed = rearranged(block, count) if self.options.rearrange else torch.argsort(scores, stable=True)[:count]
+            component.removed = count
+            component.scores = torch.ones(scores.numel())
+            component.scores[removed] = 0  # width's surgery removes the lowest-scored units
+        for kind in ("attention", "mlp"):
+            report.layer_scores[f"removed Fisher importance ({kind})"] = [
+                float(sum(s[c.scores == 0].sum() for c, s in zip(components, importance) if c.layer == i and c.kind == kind))
+                for i in range(len(layers))
+            ]
+        names = self.adapter.layer_names()
+
+        def visit(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
+            for component in (c for c in components if c.layer == index and c.removed):
+                scales = self._tuned_scales(layer, component, inputs) if self.options.tune else None
+                described = self.width._cut(layer, component, {})
+                if scales is not None:
+                    _scale_units(self._consumer(layer, component), self._unit_columns(layer, component), scales)
+                report.removed.append(f"{names[index]} {component.kind}: {described}")
+
+        walk_layers(self.adapter, windows, self.device, visit, "Mask tuning" if self.options.tune else "Removing units")
+
+    # --- units and their columns in the output projection ------------------------------------------
+
+    def _consumer(self, layer: nn.Module, component: _Component) -> nn.Linear:
+        if component.kind == "attention":
+            return self.adapter.attention(layer).output
+        if len(component.consumers) != 1:
+            raise ValueError(f"mask_search needs one output projection per MLP; this model's has {len(component.consumers)}")
+        return component.consumers[0]
+
+    def _unit_columns(self, layer: nn.Module, component: _Component) -> list[torch.Tensor]:
+        """The output projection's input columns of each unit the layer has now (after the cut: the kept ones, in order)."""
+        if component.kind == "attention":
+            layout = self.adapter.attention(layer)
+            width, units = layout.heads_per_group * layout.head_dim, layout.num_kv_heads
+        else:
+            width, units = 1, self._consumer(layer, component).in_features
+        return [torch.arange(u * width, (u + 1) * width) for u in range(units)]
+
+    # --- mask tuning -------------------------------------------------------------------------
+
+    def _tuned_scales(self, layer: nn.Module, component: _Component, inputs: LayerInputs) -> torch.Tensor:
+        """Least-squares scales of the kept units: min_m ‖Σ_u m_u X_u W_uᵀ − X Wᵀ‖² over calibration tokens."""
+        consumer = self._consumer(layer, component)
+        columns = self._unit_columns(layer, component)
+        kept = torch.nonzero(component.scores).flatten().tolist()
+        weight = consumer.weight.detach().float()
+        gram = torch.zeros(len(kept), len(kept), dtype=torch.float64, device=weight.device)
+        cross = torch.zeros(len(kept), dtype=torch.float64, device=weight.device)
+
+        def record(_module: nn.Module, args: tuple) -> None:
+            x = args[0].detach().float().reshape(-1, weight.shape[1])
+            target = x @ weight.T
+            if component.kind == "mlp":  # one column per unit: the Gram matrix factorises
+                xk, wk = x[:, kept], weight[:, kept]
+                gram.add_(((xk.T @ xk) * (wk.T @ wk)).double())
+                cross.add_(((target @ wk) * xk).sum(0).double())
+                return
+            features = torch.stack([x[:, columns[u]] @ weight[:, columns[u]].T for u in kept])  # [units, tokens, out]
+            flat = features.reshape(len(kept), -1)
+            gram.add_((flat @ flat.T).double())
+            cross.add_((flat @ target.reshape(-1)).double())
+
+        handle = consumer.register_forward_pre_hook(record)
+        try:
+            run_layer(self.adapter, layer, inputs)
+        finally:
+            handle.remove()
+        diagonal = torch.arange(len(kept), device=gram.device)
+        gram[diagonal, diagonal] += self.options.damping * gram.diagonal().mean().clamp_min(1e-12)
+        return torch.linalg.solve(gram, cross).float()
+
+
+def mask_fisher(adapter: Any, components: list[_Component], windows: torch.Tensor, full: bool) -> list[torch.Tensor]:
+    """Per component, Σ_windows g gᵀ (``full``) or Σ g² of the gradient g of the window's LM loss with
+    respect to the masks of its units (all 1: the model's output is unchanged)."""
+    layers = adapter.decoder_layers()
+    masks, handles, totals = [], [], []
+    for component in components:
+        layer = layers[component.layer]
+        if component.kind == "attention":
+            layout = adapter.attention(layer)
+            consumer, repeat = layout.output, layout.heads_per_group * layout.head_dim
+        else:
+            consumer, repeat = component.consumers[0], 1
+        units = consumer.in_features // repeat
+        mask = torch.ones(units, device=consumer.weight.device, requires_grad=True)
+        handles.append(consumer.register_forward_pre_hook(lambda _m, args, mask=mask, repeat=repeat: (args[0] * mask.repeat_interleave(repeat),)))
+        masks.append(mask)
+        shape = (units, units) if full else (units,)
+        totals.append(torch.zeros(shape, dtype=torch.float64, device=consumer.weight.device))
+    try:
+        with _grad_only(adapter.model, []):
+            for loss in _window_losses(adapter.model, windows, "Mask Fisher information"):
+                for total, gradient in zip(totals, torch.autograd.grad(loss, masks)):
+                    g = gradient.detach().double()
+                    total.add_(torch.outer(g, g) if full else g.square())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [(total / len(windows)).float().cpu() for total in totals]
+
+
+def search_counts(
+    importance: list[torch.Tensor], costs: list[int], caps: list[int], kinds: list[str], budget: float
+) -> list[int]:
+    """Kwon et al.'s Alg. 1 on a parameter budget: for every number of head units removed (least
+    important first, across layers), remove the least important channels until ``budget`` is met;
+    return each component's removed count for the split that removes the least importance.
+    ``caps`` keeps at least one unit of every component."""
+    ranked: dict[str, list[tuple[float, int]]] = {"attention": [], "mlp": []}
+    for index, (scores, cap, kind) in enumerate(zip(importance, caps, kinds)):
+        ranked[kind] += [(float(s), index) for s in torch.sort(scores).values[:cap]]
+    heads, channels = (sorted(ranked[kind]) for kind in ("attention", "mlp"))
+    channel_cost = torch.tensor([0.0] + [costs[i] for _, i in channels]).cumsum(0)
+    channel_loss = torch.tensor([0.0] + [s for s, _ in channels]).cumsum(0)
+    best, removed_heads, head_cost, head_loss = None, 0, 0.0, 0.0
+    while True:
+        needed = budget - head_cost
+        fitting = int(torch.searchsorted(channel_cost, torch.tensor(needed)))  # fewest channels reaching the budget
+        if needed <= 0:
+            fitting = 0
+        if fitting < len(channel_cost):
+            loss = head_loss + float(channel_loss[fitting])
+            if best is None or loss < best[0]:
+                best = (loss, removed_heads, fitting)
+        if needed <= 0 or removed_heads == len(heads):
+            break
+        head_cost += costs[heads[removed_heads][1]]
+        head_loss += heads[removed_heads][0]
+        removed_heads += 1
+    if best is None:
+        raise ValueError(f"the pruning budget of {budget:,.0f} parameters cannot be met while keeping one unit per component")
+    counts = [0] * len(importance)
+    for _, index in heads[: best[1]] + channels[: best[2]]:
+        counts[index] += 1
+    return counts
+
+
+def rearranged(block: torch.Tensor, count: int) -> torch.Tensor:
+    """The ``count`` units to remove, improved from the diagonal choice by swaps that lower m_Zᵀ I m_Z
+    (Kwon et al. Sec. 4.2); ``block`` is one layer's Fisher block (a vector: no rearrangement)."""
+    if block.dim() == 1 or count == 0 or count == block.shape[0]:
+        return torch.argsort(block if block.dim() == 1 else block.diagonal(), stable=True)[:count]
+    fisher = block.double()
+    removed = torch.zeros(fisher.shape[0], dtype=torch.bool)
+    removed[torch.argsort(fisher.diagonal(), stable=True)[:count]] = True
+    for _ in range(fisher.shape[0]):
+        inside, outside = torch.nonzero(removed).flatten(), torch.nonzero(~removed).flatten()
+        coupling = fisher[:, removed].sum(1)  # s_x = Σ_{z∈Z} I_xz
+        # Swapping i ∈ Z for j ∉ Z changes the objective by I_ii − 2 s_i + I_jj + 2 s_j − 2 I_ij.
+        leave = fisher.diagonal()[inside] - 2 * coupling[inside]
+        enter = fisher.diagonal()[outside] + 2 * coupling[outside]
+        change = leave[:, None] + enter[None, :] - 2 * fisher[inside][:, outside]
+        best = int(torch.argmin(change))
+        if change.flatten()[best] >= -1e-12 * fisher.diagonal().abs().max():
+            break
+        removed[inside[best // len(outside)]] = False
+        removed[outside[best % len(outside)]] = True
+    return torch.nonzero(removed).flatten()
+
+
+def _scale_units(consumer: nn.Linear, columns: list[torch.Tensor], scales: torch.Tensor) -> None:
+    """Fold tuned masks into the output projection: unit u's input columns times m_u."""
+    with torch.no_grad():
+        for unit_columns, scale in zip(columns, scales.tolist()):
+            consumer.weight[:, unit_columns.to(consumer.weight.device)] *= scale

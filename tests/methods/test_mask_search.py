@@ -1,0 +1,88 @@
+"""Kwon et al.'s mask search: Fisher of the masks, the budgeted search, rearrangement, least-squares tuning."""
+
+import copy
+
+import pytest
+import torch
+
+from optimum_prune import PruningConfig, prune, save_pruned
+from optimum_prune.adapters import get_adapter
+from optimum_prune.methods.mask_search import MaskSearch, mask_fisher, rearranged, search_counts
+
+from ..conftest import assert_reloads_exactly, tiny_model, token_windows
+
+
+def test_rearrangement_uses_the_interactions_between_masks():
+    fisher = torch.tensor([[1.0, 0.9, 0.0], [0.9, 1.0, 0.0], [0.0, 0.0, 1.5]])
+    assert sorted(rearranged(fisher.diagonal(), 2).tolist()) == [0, 1]  # the diagonal alone: the two least important
+    assert 2 in rearranged(fisher, 2).tolist()  # {0, 2} or {1, 2}: 1 + 1.5 < 1 + 1 + 2 × 0.9
+
+
+def test_search_removes_the_least_importance_that_meets_the_budget():
+    # One attention component (2 removable units of cost 10) and one MLP component (4 removable, cost 3).
+    importance = [torch.tensor([5.0, 0.5, 9.0]), torch.tensor([1.0, 1.0, 1.0, 1.0, 9.0])]
+    counts = search_counts(importance, [10, 3], [2, 4], ["attention", "mlp"], budget=12)
+    assert counts == [1, 1]  # head 0.5 + one channel (cost 13, loss 1.5) beats four channels (loss 4, cost 12)
+    assert search_counts(importance, [10, 3], [2, 4], ["attention", "mlp"], budget=6) == [1, 0]  # overshoots, loses least
+    cheap_channels = [importance[0], torch.tensor([0.25, 0.25, 0.25, 0.25, 9.0])]
+    assert search_counts(cheap_channels, [10, 3], [2, 4], ["attention", "mlp"], budget=6) == [0, 2]
+    with pytest.raises(ValueError, match="cannot be met"):
+        search_counts(importance, [10, 3], [2, 4], ["attention", "mlp"], budget=100)
+
+
+def test_mask_gradients_equal_the_weight_gradients_folded_per_unit():
+    """∂L/∂m_u = Σ_{columns c of u} ⟨W[:, c], ∂L/∂W[:, c]⟩: scaling a unit's columns is its mask."""
+    model, windows = tiny_model(), token_windows(samples=1)
+    method = MaskSearch(get_adapter(model), 0.2, [], _options(), torch.device("cpu"))
+    method.check()
+    fisher = mask_fisher(method.adapter, method.width.components, windows, full=False)
+    loss = model(input_ids=windows, labels=windows).loss
+    loss.backward()
+    layer = model.model.layers[1]
+    attention = [f for c, f in zip(method.width.components, fisher) if c.layer == 1 and c.kind == "attention"][0]
+    folded = (layer.self_attn.o_proj.weight * layer.self_attn.o_proj.weight.grad).sum(0).reshape(2, -1).sum(1)
+    torch.testing.assert_close(attention, folded.square(), rtol=1e-4, atol=1e-10)
+    mlp = [f for c, f in zip(method.width.components, fisher) if c.layer == 1 and c.kind == "mlp"][0]
+    down = layer.mlp.down_proj
+    torch.testing.assert_close(mlp, (down.weight * down.weight.grad).sum(0).square(), rtol=1e-4, atol=1e-10)
+
+
+def _options(**overrides):
+    from optimum_prune.methods.mask_search import MaskSearchOptions
+
+    return MaskSearchOptions(**overrides)
+
+
+def test_hits_the_budget_keeps_a_valid_gqa_layout_and_reloads(tmp_path):
+    model = tiny_model()
+    report = prune(model, PruningConfig(method="mask_search", sparsity=0.2), calibration=token_windows())
+    assert report.parameters_after < report.parameters_before
+    removed = 1 - report.parameters_after / report.parameters_before
+    assert 0.12 < removed < 0.25  # the budget counts decoder linears; embeddings stay
+    for layer in model.model.layers:
+        attention = layer.self_attn
+        assert attention.q_proj.out_features % attention.k_proj.out_features == 0
+    assert report.removed and "removed Fisher importance (mlp)" in report.layer_scores
+    save_pruned(model, tmp_path / "out")
+    assert_reloads_exactly(model, tmp_path / "out")
+
+
+def test_mask_tuning_brings_the_output_closer_to_the_dense_model():
+    windows = token_windows()
+    dense = tiny_model()
+    with torch.no_grad():
+        reference = dense(input_ids=windows).logits
+    errors = {}
+    for tune in (False, True):
+        model = copy.deepcopy(dense)
+        prune(model, PruningConfig(method="mask_search", sparsity=0.3, method_options={"tune": tune}), calibration=windows)
+        with torch.no_grad():
+            errors[tune] = float((model(input_ids=windows).logits - reference).square().mean())
+    assert errors[True] < errors[False], errors
+
+
+def test_bad_requests_name_the_field():
+    with pytest.raises(ValueError, match="damping must be >= 0"):
+        PruningConfig(method="mask_search", method_options={"damping": -1})
+    with pytest.raises(ValueError, match="can remove at most"):
+        prune(tiny_model(), PruningConfig(method="mask_search", sparsity=0.99), calibration=token_windows())
