@@ -1,12 +1,15 @@
-"""LoRA recovery of a 2:4 Wanda-pruned SmolLM2-135M through LLaMA-Factory: dense / pruned /
-recovered perplexity, and the sparsity after merging (which must equal the sparsity before).
+"""Recovery of a pruned SmolLM2-135M through LLaMA-Factory: LoRA on labels vs LoRA + knowledge
+distillation from the dense model vs full fine-tuning with distillation, after Wanda 2:4, width
+pruning (20 %) and depth pruning (8 layers), at equal steps and tokens.
 
-The recovery is the product path a user runs: ``llamafactory_ext.run_train`` with a
-``pruning:`` section — Wanda 2:4 calibrated through LLaMA-Factory's data pipeline on
-``wiki_pt`` (the bundled Wikipedia calibration split), LLaMA-Factory's ``run_exp`` (stage
-``pt``, LoRA on every linear) with ``PruningCallback``, then the sparsity-preserving merge.
-Perplexity follows the core protocol: the first 65,536 tokens of the disjoint evaluation split
-in 512-token windows.
+Every row is the product path a user runs: the model is pruned once per pruning row with
+``llamafactory_ext.run_train`` (``stage: prune``, calibrated through LLaMA-Factory's data pipeline
+on ``wiki_pt``), then LLaMA-Factory's ``run_exp`` trains it (stage ``pt`` on ``wiki_pt``, the zeros
+kept by ``PruningCallback``) with or without a ``distill:`` section whose teacher is the dense
+model; LoRA adapters are merged keeping the sparsity. Each training row runs in its own process,
+so its peak resident memory is its own. Perplexity follows the core protocol: the first 65,536
+tokens of the disjoint evaluation split in 512-token windows. Finished rows are cached; a rerun
+resumes.
 
     python benchmarks/recovery.py            # full protocol, writes benchmarks/RECOVERY.md
     python benchmarks/recovery.py --quick    # 8×128 calibration, 8 steps, 4,096 eval tokens
@@ -15,58 +18,59 @@ in 512-token windows.
 from __future__ import annotations
 
 import argparse
-import tempfile
+import json
+import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from common import table_header
-from llamafactory_ext import PruningSection, run_train
+from common import peak_rss_bytes, save_rows, table_header
+from llamafactory_ext import PruningSection, merge_adapter, run_train
 from llamafactory_ext.datasets import write_wikipedia_datasets
+from llamafactory_ext.distill import split_distill
 from optimum_prune import SparsityMasks, evaluate_perplexity, load_model, verify_sparsity
-from optimum_prune.models import default_model_path
+from optimum_prune.models import cache_root, default_model_path
 
 HERE = Path(__file__).resolve().parent
+PRUNINGS = {
+    "Wanda 2:4": {"method": "wanda", "sparsity": "2:4"},
+    "width 20 %": {"method": "width", "sparsity": 0.2, "method_options": {"criterion": "wanda_sp", "ranking": "layer"}},
+    "depth −8 layers": {"method": "layers", "method_options": {"criterion": "block_influence", "num_layers": 8}},
+}
+KD = {"temperature": 2.0, "kd_weight": 1.0, "label_weight": 0.0}
+# (finetuning type, learning rate, distill section or None)
+RECOVERIES = {
+    "LoRA, labels": ("lora", 3.0e-4, None),
+    "LoRA, KD": ("lora", 3.0e-4, KD),
+    "full, KD": ("full", 5.0e-5, KD),
+}
 
 
-def perplexity(directory: Path, eval_tokens: int) -> tuple[float, torch.nn.Module]:
-    model, tokenizer = load_model(directory)
-    return evaluate_perplexity(model, tokenizer, seq_len=512, max_tokens=eval_tokens), model
+def protocol(quick: bool) -> dict:
+    samples, seq_len, eval_tokens, steps = (8, 128, 4096, 8) if quick else (32, 512, 65536, 60)
+    return {"samples": samples, "seq_len": seq_len, "eval_tokens": eval_tokens, "steps": steps}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="8×128 calibration, 8 training steps, 4,096 eval tokens")
-    parser.add_argument("--steps", type=int, help="LoRA training steps (default 60; 8 with --quick)")
-    parser.add_argument("--workdir", type=Path, help="where the pruned, adapter and merged models go (default: a temp dir)")
-    parser.add_argument("--output", type=Path, help="markdown table (default: benchmarks/RECOVERY.md or RECOVERY-quick.md)")
-    args = parser.parse_args()
-    samples, seq_len, eval_tokens, steps = (8, 128, 4096, 8) if args.quick else (32, 512, 65536, 60)
-    steps = args.steps or steps
-    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="recovery-"))
-    output = args.output or HERE / ("RECOVERY-quick.md" if args.quick else "RECOVERY.md")
-
-    dense_path = default_model_path()
-    dense_ppl, _ = perplexity(dense_path, eval_tokens)
-    print(f"dense perplexity {dense_ppl:.2f}", flush=True)
-
-    lf_args = {
-        "model_name_or_path": str(dense_path),
+def training_args(workdir: Path, model: Path, output: Path, finetuning: str, learning_rate: float, steps: int) -> dict:
+    return {
+        "model_name_or_path": str(model),
         "stage": "pt",
         "do_train": True,
-        "finetuning_type": "lora",
+        "finetuning_type": finetuning,
         "lora_target": "all",
         "lora_rank": 16,
         "lora_alpha": 32,
         "dataset": "wiki_pt",
-        "dataset_dir": str(write_wikipedia_datasets(workdir / "data")),
+        "dataset_dir": str(workdir / "data"),
         "template": "smollm2",
         "cutoff_len": 256,
-        "output_dir": str(workdir / "run"),
+        "output_dir": str(output),
         "overwrite_output_dir": True,
         "per_device_train_batch_size": 4,
-        "learning_rate": 3.0e-4,
+        "learning_rate": learning_rate,
         "lr_scheduler_type": "cosine",
         "warmup_ratio": 0.1,
         "max_steps": steps,
@@ -75,41 +79,125 @@ def main() -> None:
         "report_to": "none",
         "seed": 0,
     }
-    pruning = {"method": "wanda", "sparsity": "2:4", "num_calibration_samples": samples, "calibration_seq_len": seq_len}
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+def pruned_model(workdir: Path, name: str, settings: dict) -> Path:
+    """Prune once per pruning row (``stage: prune``); later rows reuse the checkpoint."""
+    target = workdir / "pruned" / slug(name)
+    if not (target / "config.json").is_file():
+        args = {"model_name_or_path": str(default_model_path()), "stage": "prune", "dataset": "wiki_pt",
+                "dataset_dir": str(workdir / "data"), "template": "smollm2", "output_dir": str(target)}  # fmt: skip
+        pruning = {**PRUNINGS[name], "num_calibration_samples": settings["samples"], "calibration_seq_len": settings["seq_len"]}
+        run_train(args, PruningSection.from_mapping(pruning, args))
+    return target
+
+
+def train_row(workdir: Path, pruning: str, recovery: str, settings: dict) -> dict:
+    """One training row (run in its own process by ``main``): train, merge, evaluate."""
+    pruned = pruned_model(workdir, pruning, settings)
+    finetuning, learning_rate, distill = RECOVERIES[recovery]
+    output = workdir / "runs" / slug(f"{pruning} {recovery}")
+    args = training_args(workdir, pruned, output, finetuning, learning_rate, settings["steps"])
+    if distill is not None:
+        args["distill"] = {**distill, "teacher": str(default_model_path())}
+    args, section = split_distill(args, pruning=False)
     started = time.perf_counter()
-    run_train(lf_args, PruningSection.from_mapping(pruning, lf_args))
+    run_train(args, None, section)
     seconds = time.perf_counter() - started
+    trained = merge_adapter(pruned, output, output / "merged") if finetuning == "lora" else output
+    model, tokenizer = load_model(trained)
+    before, after = SparsityMasks.from_zeros(load_model(pruned)[0]), SparsityMasks.from_zeros(model)
+    return {
+        "perplexity": evaluate_perplexity(model, tokenizer, seq_len=512, max_tokens=settings["eval_tokens"]),
+        "seconds": seconds,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "same_zeros": all(torch.equal(before.pruned[n], after.pruned[n]) for n in before.pruned),
+    }
 
-    run = workdir / "run"
-    pruned_ppl, pruned = perplexity(run / "pruned", eval_tokens)
-    recovered_ppl, merged = perplexity(run / "merged", eval_tokens)
-    before, after = SparsityMasks.from_zeros(pruned), SparsityMasks.from_zeros(merged)
-    same_zeros = all(torch.equal(before.pruned[name], after.pruned[name]) for name in before.pruned)
-    conforming = verify_sparsity(merged, pattern="2:4")["conforming"]
 
-    command = "python benchmarks/recovery.py" + (" --quick" if args.quick else "")
+def pruned_row(workdir: Path, pruning: str, settings: dict) -> dict:
+    model, tokenizer = load_model(pruned_model(workdir, pruning, settings))
+    return {
+        "perplexity": evaluate_perplexity(model, tokenizer, seq_len=512, max_tokens=settings["eval_tokens"]),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "sparsity": verify_sparsity(model)["overall_sparsity"],
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="8×128 calibration, 8 training steps, 4,096 eval tokens")
+    parser.add_argument("--workdir", type=Path, help="pruned models and runs (default: the optimum-prune cache)")
+    parser.add_argument("--output", type=Path, help="markdown table (default: benchmarks/RECOVERY.md or RECOVERY-quick.md)")
+    parser.add_argument("--row", nargs=2, metavar=("PRUNING", "RECOVERY"), help=argparse.SUPPRESS)  # one row, in a child process
+    args = parser.parse_args()
+    settings = protocol(args.quick)
+    workdir = args.workdir or cache_root() / f"recovery{'-quick' if args.quick else ''}"
+    write_wikipedia_datasets(workdir / "data")
+    if args.row:
+        print(json.dumps(train_row(workdir, *args.row, settings)))
+        return
+    output = args.output or HERE / ("RECOVERY-quick.md" if args.quick else "RECOVERY.md")
+    cache = output.with_suffix(".json")
+    done = json.loads(cache.read_text()) if cache.is_file() else {}
+    if "dense" not in done:
+        model, tokenizer = load_model(default_model_path())
+        done["dense"] = {"perplexity": evaluate_perplexity(model, tokenizer, seq_len=512, max_tokens=settings["eval_tokens"]),
+                         "parameters": sum(p.numel() for p in model.parameters())}  # fmt: skip
+        save_rows(cache, done)
+    for pruning in PRUNINGS:
+        if pruning not in done:
+            done[pruning] = pruned_row(workdir, pruning, settings)
+            save_rows(cache, done)
+        for recovery in RECOVERIES:
+            key = f"{pruning} / {recovery}"
+            if key not in done:
+                command = [sys.executable, __file__, "--row", pruning, recovery, "--workdir", str(workdir)]
+                result = subprocess.run(command + (["--quick"] if args.quick else []), check=True, capture_output=True, text=True)
+                done[key] = json.loads(result.stdout.strip().splitlines()[-1])
+                save_rows(cache, done)
+            print(key, done[key], flush=True)
+    write_table(done, settings, output, "python benchmarks/recovery.py" + (" --quick" if args.quick else ""))
+
+
+def write_table(done: dict, settings: dict, output: Path, command: str) -> None:
     lines = [
         *table_header(
-            "LoRA recovery after 2:4 Wanda: SmolLM2-135M-Instruct (fp32, CPU) through LLaMA-Factory",
+            "Recovery after pruning: SmolLM2-135M-Instruct (fp32, CPU) through LLaMA-Factory, labels vs distillation",
             command,
-            f"Pruning: Wanda 2:4, calibration {samples} × {seq_len} tokens (seed 0) from `wiki_pt` through LLaMA-Factory's "
-            f"data pipeline. Recovery: LLaMA-Factory `run_exp`, stage pt on `wiki_pt` (Wikipedia calibration split), LoRA "
-            f"r=16 α=32 on all linears, {steps} steps × 4 × 256 tokens, lr 3e-4 cosine; merged keeping sparsity. Perplexity: "
-            f"first {eval_tokens:,} tokens of the evaluation split in 512-token windows. Prune + train + merge took {seconds:.0f} s.",
+            f"Pruning (once per row group, `stage: prune`): calibration {settings['samples']} × {settings['seq_len']} tokens "
+            "(seed 0) from `wiki_pt` through LLaMA-Factory's data pipeline; Wanda 2:4; width 20 % of parameters by Wanda-sp "
+            "with the same width in every layer; depth: the 8 layers of lowest Block Influence. Recovery: LLaMA-Factory "
+            f"`run_exp`, stage pt on `wiki_pt` (Wikipedia calibration split), {settings['steps']} steps × 4 × 256 tokens, "
+            "cosine schedule, seed 0; LoRA r=16 α=32 on all linears at lr 3e-4 (merged keeping the zeros), full fine-tuning "
+            "at lr 5e-5. KD: a `distill:` section with the dense model as teacher, T=2, the KD loss alone (kd_weight 1, "
+            f"label_weight 0). Perplexity: first {settings['eval_tokens']:,} tokens of the evaluation split in 512-token "
+            "windows. Time: training only (each row in its own process); peak memory: that process's peak RSS.",
         ),
-        "| model | perplexity | sparsity of pruned linears |",
-        "|---|---|---|",
-        f"| dense | {dense_ppl:.2f} | — |",
-        f"| Wanda 2:4 | {pruned_ppl:.2f} | {before.sparsity():.4%} |",
-        f"| Wanda 2:4 + LoRA, merged | {recovered_ppl:.2f} | {after.sparsity():.4%} |",
-        "",
-        f"Zeros after the merge identical to before: {'yes' if same_zeros else 'NO'}; 2:4 pattern holds after the merge: "
-        f"{'yes' if conforming else 'NO'}. Recovered ÷ pruned perplexity: {recovered_ppl / pruned_ppl:.3f}.",
+        "| pruning | recovery | perplexity | vs label-only LoRA | training s | peak RSS (GiB) | zeros kept |",
+        "|---|---|---|---|---|---|---|",
+        f"| dense ({done['dense']['parameters']:,} parameters) | — | {done['dense']['perplexity']:.2f} | | | | |",
     ]
+    for pruning in PRUNINGS:
+        before = done[pruning]
+        lines.append(
+            f"| {pruning} ({before['parameters']:,} parameters, {before['sparsity']:.1%} zeros) | none | {before['perplexity']:.2f} | | | | |"
+        )
+        labels = done[f"{pruning} / LoRA, labels"]["perplexity"]
+        for recovery in RECOVERIES:
+            row = done[f"{pruning} / {recovery}"]
+            lines.append(
+                f"| | {recovery} | {row['perplexity']:.2f} | {row['perplexity'] / labels:.2f}× | {row['seconds']:.0f} | "
+                f"{row['peak_rss_bytes'] / 2**30:.2f} | {'yes' if row['same_zeros'] else '**no**'} |"
+            )
     output.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    if not (same_zeros and conforming):
-        raise SystemExit("the merge changed the sparsity pattern")
+    if not all(done[f"{p} / {r}"]["same_zeros"] for p in PRUNINGS for r in RECOVERIES):
+        raise SystemExit("a recovery changed the pruned zeros")
 
 
 if __name__ == "__main__":
