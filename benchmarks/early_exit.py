@@ -1,0 +1,186 @@
+"""Self-speculative decoding with an early exit (LayerSkip-style) on SmolLM2-135M: for several exit
+layers k, the measured agreement, tokens per full-model pass and tokens/s of
+``generate(assistant_early_exit=k)`` against plain ``generate``, timed side by side in one run,
+with a check that the greedy output is the full model's; then the effect of recovering the exit
+path (self-distillation of layer k's logits, ``DistillationConfig(exit_weight=1)``) against the
+same training without the exit term, and early exit on top of a Wanda 2:4 model.
+
+    python benchmarks/early_exit.py            # full protocol, writes benchmarks/EARLY_EXIT.md
+    python benchmarks/early_exit.py --quick    # fewer prompts, tokens and training steps
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import TrainingArguments
+
+from common import quick_or_full, save_rows, table_header
+from optimum_prune import (
+    DistillationConfig, DistillationTrainer, PruningConfig, choose_early_exit, evaluate_perplexity, load_default_model, prune,
+)  # fmt: skip
+from optimum_prune.adapters import get_adapter
+from optimum_prune.calibration import calibration_windows, sample_windows, tokenize_stream
+from optimum_prune.data import wikipedia_text
+
+EXITS = (6, 12, 18, 24)  # of 30 decoder layers
+RECOVERED_EXIT = 12
+
+
+def settings(quick: bool) -> dict:
+    if quick:
+        return {"prompts": 2, "prompt_len": 32, "new_tokens": 16, "steps": 4, "eval_tokens": 4096, "calibration": (4, 128)}
+    return {"prompts": 8, "prompt_len": 64, "new_tokens": 64, "steps": 60, "eval_tokens": 16384, "calibration": (8, 512)}
+
+
+class PassCounter:
+    """Counts forward calls of the first and last decoder layers: every pass runs the first, only
+    full-model passes (plain steps and verifications) run the last."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        layers = get_adapter(model).decoder_layers()
+        self.first = self.last = 0
+        self.hooks = [layers[0].register_forward_hook(self._count_first), layers[-1].register_forward_hook(self._count_last)]
+
+    def _count_first(self, *_: object) -> None:
+        self.first += 1
+
+    def _count_last(self, *_: object) -> None:
+        self.last += 1
+
+    def remove(self) -> None:
+        for hook in self.hooks:
+            hook.remove()
+
+
+def measure_decoding(model: torch.nn.Module, prompts: torch.Tensor, new_tokens: int, exits: tuple[int, ...]) -> dict:
+    """Greedy generation of every prompt, plainly and with each early exit, alternating per prompt."""
+    generate = {"plain": {}, **{f"exit {k}": {"assistant_early_exit": k} for k in exits}}
+    seconds = dict.fromkeys(generate, 0.0)
+    tokens, full_passes, draft_passes = dict.fromkeys(generate, 0), dict.fromkeys(generate, 0), dict.fromkeys(generate, 0)
+    identical = dict.fromkeys(generate, True)
+    for prompt in prompts:
+        ids = prompt[None]
+        reference = None
+        for name, kwargs in generate.items():
+            counter = PassCounter(model)
+            started = time.perf_counter()
+            output = model.generate(ids, do_sample=False, max_new_tokens=new_tokens, **kwargs)
+            seconds[name] += time.perf_counter() - started
+            counter.remove()
+            tokens[name] += output.shape[1] - ids.shape[1]
+            full_passes[name] += counter.last
+            draft_passes[name] += counter.first - counter.last
+            reference = output if reference is None else reference
+            identical[name] &= torch.equal(output, reference)
+    return {
+        name: {
+            "tokens_per_second": tokens[name] / seconds[name],
+            "tokens_per_full_pass": tokens[name] / full_passes[name],
+            "draft_passes": draft_passes[name],
+            "identical": identical[name],
+            "speedup": seconds["plain"] / seconds[name],
+        }
+        for name in generate
+    }
+
+
+def recover(model: torch.nn.Module, windows: torch.Tensor, steps: int, exit_weight: float) -> None:
+    """Full fine-tuning on the calibration split: label loss, plus the exit term when ``exit_weight``."""
+    data = Dataset.from_dict({"input_ids": windows.tolist(), "labels": windows.tolist()})
+    config = DistillationConfig(kd_weight=0.0, label_weight=1.0, exit_weight=exit_weight, exit_layer=RECOVERED_EXIT)
+    with tempfile.TemporaryDirectory() as directory:
+        args = TrainingArguments(
+            output_dir=directory, max_steps=steps, per_device_train_batch_size=4, learning_rate=5e-5, lr_scheduler_type="cosine",
+            warmup_ratio=0.1, logging_steps=max(1, steps // 5), save_strategy="no", report_to=[], seed=0, use_cpu=True,
+        )  # fmt: skip
+        DistillationTrainer(model=model, distillation=config, args=args, train_dataset=data).train()
+    model.eval()
+
+
+def measure_model(model: torch.nn.Module, tokenizer, prompts: torch.Tensor, setup: dict, exits: tuple[int, ...]) -> dict:
+    samples, seq_len = setup["calibration"]
+    report = choose_early_exit(model, tokenizer=tokenizer, candidates=list(exits), num_samples=samples, seq_len=seq_len)
+    decoding = measure_decoding(model, prompts, setup["new_tokens"], exits)
+    for candidate in report.candidates:
+        decoding[f"exit {candidate.layer}"].update(agreement=candidate.agreement, expected_speedup=candidate.expected_speedup)
+    return {
+        "perplexity": evaluate_perplexity(model, tokenizer, seq_len=512, max_tokens=setup["eval_tokens"]),
+        "decoding": decoding,
+    }
+
+
+def main() -> None:
+    quick, output = quick_or_full(__doc__.splitlines()[0], "EARLY_EXIT", "2 prompts, 16 new tokens, 4 training steps")
+    setup = settings(quick)
+    torch.manual_seed(0)
+    cache = output.with_suffix(".json")
+    done = json.loads(cache.read_text()) if cache.is_file() else {}
+    _, tokenizer = load_default_model()
+    evaluation = tokenize_stream(tokenizer, [wikipedia_text("evaluation")])
+    prompts = sample_windows(evaluation, setup["prompts"], setup["prompt_len"], seed=1)
+    training_windows = calibration_windows(None, tokenizer, 4 * setup["steps"], 256, seed=0)
+    variants = {
+        "dense": (None, None),
+        "recovered exit 12 (exit term)": (None, 1.0),
+        "control: same training, labels only": (None, 0.0),
+        "Wanda 2:4": ("2:4", None),
+    }
+    for name, (sparsity, exit_weight) in variants.items():
+        if name in done:
+            continue
+        model, _ = load_default_model()
+        if sparsity is not None:
+            prune(model, PruningConfig(method="wanda", sparsity=sparsity, num_calibration_samples=32, calibration_seq_len=512), tokenizer=tokenizer)
+        if exit_weight is not None:
+            recover(model, training_windows, setup["steps"], exit_weight)
+        exits = (RECOVERED_EXIT,) if exit_weight is not None else EXITS
+        done[name] = measure_model(model, tokenizer, prompts, setup, exits)
+        save_rows(cache, done)
+        print(name, json.dumps(done[name]), flush=True)
+    write_table(done, setup, output, "python benchmarks/early_exit.py" + (" --quick" if quick else ""))
+
+
+def write_table(done: dict, setup: dict, output: Path, command: str) -> None:
+    samples, seq_len = setup["calibration"]
+    lines = [
+        *table_header(
+            "Early exit (self-speculative decoding): SmolLM2-135M-Instruct (fp32, CPU)",
+            command,
+            f"Decoding: {setup['prompts']} prompts of {setup['prompt_len']} tokens from the Wikipedia evaluation split, "
+            f"greedy, up to {setup['new_tokens']} new tokens each, batch 1, KV cache; transformers' "
+            "`generate(assistant_early_exit=k)` (drafts with the first k of 30 layers, verifies with all; adaptive draft "
+            "length) against plain `generate`, alternating per prompt in one process. Agreement: teacher-forced share of "
+            f"positions where layer k's greedy token is the full model's, on {samples} × {seq_len} calibration tokens "
+            "(`choose_early_exit`); expected speed-up is its Leviathan et al. estimate. Tokens per full pass: generated "
+            "tokens ÷ forward passes that reach the last layer. Recovery: full fine-tuning on the calibration split, "
+            f"{setup['steps']} steps × 4 × 256 tokens, lr 5e-5 cosine, label loss + the exit term "
+            f"(`DistillationConfig(exit_weight=1, exit_layer={RECOVERED_EXIT})`) vs the label loss alone. Perplexity: first "
+            f"{setup['eval_tokens']:,} tokens of the evaluation split (full model). Wanda 2:4: calibration 32 × 512.",
+        ),
+        "| model | perplexity | decoding | agreement | expected × | tokens per full pass | tokens/s | measured × vs plain | greedy output identical |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in done.items():
+        for mode, result in row["decoding"].items():
+            agreement = f"{result['agreement']:.1%}" if "agreement" in result else ""
+            expected = f"{result['expected_speedup']:.2f}" if "expected_speedup" in result else ""
+            first = mode == "plain"
+            lines.append(
+                f"| {name if first else ''} | {format(row['perplexity'], '.2f') if first else ''} | {mode} | {agreement} | "
+                f"{expected} | {result['tokens_per_full_pass']:.2f} | {result['tokens_per_second']:.1f} | {result['speedup']:.2f} | "
+                f"{'yes' if result['identical'] else '**no**'} |"
+            )
+    output.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    if not all(result["identical"] for row in done.values() for result in row["decoding"].values()):
+        raise SystemExit("an early-exit generation differed from the full model's greedy output")
+
+
+if __name__ == "__main__":
+    main()
