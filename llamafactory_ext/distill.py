@@ -8,11 +8,15 @@ dense teacher instead of (or besides) the labels, in LLaMA-Factory's own ``pt`` 
       kd_weight: 1.0
       label_weight: 0.5
       top_k: 64                # truncate the teacher's distribution (renormalised)
+      precompute_top_k: true   # store those top-k logits with the dataset first, then free the teacher
       teacher_device: cuda:1   # default: the student's device (the Trainer's)
       teacher_dtype: bfloat16  # default: float32
 
-Its keys are ``optimum_prune.DistillationConfig``'s fields plus ``teacher``, ``teacher_device`` and
-``teacher_dtype``; an unknown key is an error listing the valid ones. The loss is
+Its keys are ``optimum_prune.DistillationConfig``'s fields plus ``teacher``, ``teacher_device``,
+``teacher_dtype`` and ``precompute_top_k``; an unknown key is an error listing the valid ones.
+``precompute_top_k`` runs the teacher once over the training set before training, keeps its top-k
+logits per position as dataset columns (``add_teacher_top_k``: Arrow files in the ``datasets``
+cache) and frees it, so the teacher is not resident while the student trains. The loss is
 ``optimum_prune.DistillationMixin`` put in front of LLaMA-Factory's own trainer class, so LoRA or
 full fine-tuning, its data pipeline, ``PruningCallback`` (masks) and its saving work unchanged.
 """
@@ -27,10 +31,11 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from optimum_prune import DistillationConfig, DistillationMixin
+from optimum_prune import DistillationConfig, DistillationMixin, add_teacher_top_k
+from optimum_prune.distillation import TOP_K_INDICES, TOP_K_LOGITS
 
 SECTION = "distill"
-TEACHER_KEYS = ("teacher", "teacher_device", "teacher_dtype")
+TEACHER_KEYS = ("teacher", "teacher_device", "teacher_dtype", "precompute_top_k")
 TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DISTILLING_STAGES = ("pt", "sft")
 
@@ -41,6 +46,7 @@ class DistillSection:
     teacher: str
     teacher_device: str | None = None
     teacher_dtype: str = "float32"
+    precompute_top_k: bool = False
 
     @classmethod
     def from_mapping(cls, section: Any, lf_args: Mapping[str, Any], pruning: bool) -> "DistillSection":
@@ -69,7 +75,15 @@ class DistillSection:
             config = DistillationConfig(**{key: value for key, value in section.items() if key in fields})
         except (TypeError, ValueError) as error:
             raise ValueError(f"{SECTION}: {error}") from None
-        return cls(config, str(teacher), section.get("teacher_device"), dtype)
+        precompute = section.get("precompute_top_k", False)
+        if not isinstance(precompute, bool):
+            raise ValueError(f"{SECTION}.precompute_top_k must be true or false, got {precompute!r}")
+        if precompute and (config.top_k is None or config.hidden_weight or config.exit_weight):
+            raise ValueError(
+                f"{SECTION}.precompute_top_k stores the teacher's top-k logits: set {SECTION}.top_k, and leave hidden_weight "
+                "and exit_weight at 0 (hidden states need the live teacher)"
+            )
+        return cls(config, str(teacher), section.get("teacher_device"), dtype, precompute)
 
     def load_teacher(self) -> torch.nn.Module:
         from transformers import AutoModelForCausalLM
@@ -81,7 +95,7 @@ class DistillSection:
     def to_mapping(self) -> dict[str, Any]:
         """The section as written in a YAML (for the torchrun workers)."""
         return {**dataclasses.asdict(self.config), "teacher": self.teacher, "teacher_device": self.teacher_device,
-                "teacher_dtype": self.teacher_dtype}
+                "teacher_dtype": self.teacher_dtype, "precompute_top_k": self.precompute_top_k}
 
 
 def split_distill(args: Mapping[str, Any], pruning: bool, validate: bool = True) -> tuple[dict[str, Any], DistillSection | None]:
@@ -108,17 +122,22 @@ def distilling_trainers(section: DistillSection | None) -> Iterator[None]:
     from llamafactory.train.pt import workflow as pt_workflow
     from llamafactory.train.sft import workflow as sft_workflow
 
-    teacher = section.load_teacher()
+    loaded = {"teacher": section.load_teacher()}  # dropped once its top-k logits are stored
     names = {pt_workflow: "CustomTrainer", sft_workflow: "CustomSeq2SeqTrainer"}
     originals = {module: getattr(module, name) for module, name in names.items()}
 
     def distilling(base: type) -> type:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
+            teacher = loaded["teacher"]
             DistillationMixin.__init__(
                 self, *args, teacher=teacher, distillation=section.config, teacher_device=section.teacher_device, **kwargs
             )
             if section.teacher_device is None:
                 teacher.to(self.args.device)  # beside the student, wherever the Trainer put it
+            if section.precompute_top_k:
+                self.train_dataset = add_teacher_top_k(self.train_dataset, teacher, section.config.top_k, batch_size=1)
+                self.data_collator = TopKPadding(self.data_collator, getattr(self.processing_class, "padding_side", "right"))
+                self.teacher = loaded["teacher"] = None
 
         return type(f"Distilling{base.__name__}", (DistillationMixin, base), {"__init__": __init__})
 
@@ -129,3 +148,24 @@ def distilling_trainers(section: DistillSection | None) -> Iterator[None]:
     finally:
         for module, name in names.items():
             setattr(module, name, originals[module])
+
+
+class TopKPadding:
+    """LLaMA-Factory's collator, plus the stored teacher columns padded to the batch's length on the
+    tokenizer's padding side (padded positions have label -100, so the loss never reads them)."""
+
+    def __init__(self, collator: Any, padding_side: str) -> None:
+        self.collator, self.padding_side = collator, padding_side
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        stored = [(feature.pop(TOP_K_INDICES), feature.pop(TOP_K_LOGITS)) for feature in features]
+        batch = self.collator(features)
+        length = batch["input_ids"].shape[1]
+        k = len(stored[0][0][0])
+        indices = torch.zeros(len(features), length, k, dtype=torch.long)
+        logits = torch.zeros(len(features), length, k)
+        for row, (row_indices, row_logits) in enumerate(stored):
+            n = len(row_indices)
+            place = slice(0, n) if self.padding_side == "right" else slice(length - n, length)
+            indices[row, place], logits[row, place] = torch.tensor(row_indices), torch.tensor(row_logits)
+        return {**batch, TOP_K_INDICES: indices, TOP_K_LOGITS: logits}

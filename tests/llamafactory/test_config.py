@@ -166,3 +166,12 @@ def test_pruning_offload_must_be_disk(workspace, tmp_path):
         split_pruning({**base_args(workspace, tmp_path), "pruning": {"method": "magnitude", "offload": "gpu"}})
     _, section = split_pruning({**base_args(workspace, tmp_path), "pruning": {"method": "magnitude", "offload": "disk"}})
     assert section.offload == "disk"
+
+
+def test_precompute_top_k_needs_top_k_and_no_hidden_loss(workspace, tmp_path):
+    from llamafactory_ext.distill import split_distill
+
+    args = {**base_args(workspace, tmp_path), "stage": "sft"}
+    for distill in ({"precompute_top_k": True}, {"precompute_top_k": True, "top_k": 8, "hidden_weight": 1.0}):
+        with pytest.raises(ValueError, match="distill.precompute_top_k stores the teacher's top-k logits"):
+            split_distill({**args, "distill": {"teacher": str(workspace / "tiny"), **distill}}, pruning=False)

@@ -243,3 +243,15 @@ def test_stage_prune_with_disk_offload_equals_the_in_memory_prune(workspace, tmp
     in_memory = AutoModelForCausalLM.from_pretrained(tmp_path / "memory").state_dict()
     assert offloaded.keys() == in_memory.keys()
     assert all(torch.equal(offloaded[name], in_memory[name]) for name in in_memory)
+
+
+def test_precomputed_teacher_top_k_trains_like_the_live_teacher(workspace, tmp_path):
+    """The teacher's top-k logits stored with the dataset (then the teacher freed) give the same
+    first loss as the live teacher truncated to the same k."""
+    training = {**LORA_TRAINING, "max_steps": 1}
+    distill = {"teacher": str(workspace / "tiny"), "top_k": 8, "label_weight": 0.5}
+    losses = {}
+    for name, extra in (("live", {}), ("stored", {"precompute_top_k": True})):
+        train(tmp_path, {**base_args(workspace, tmp_path / name, **training), "distill": {**distill, **extra}})
+        losses[name] = logged_losses(tmp_path / name)[0]
+    assert losses["stored"] == pytest.approx(losses["live"], rel=1e-4) and losses["live"] > 0
