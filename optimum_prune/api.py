@@ -120,12 +120,20 @@ def prune(
 def _check_offloadable(config: PruningConfig, adapter: DecoderAdapter) -> None:
     """Offloaded runs hold one layer at a time: methods and allocations that need more are refused."""
     if METHODS.get(config.method).structured:
-        raise ValueError(f"offloaded pruning supports the unstructured methods; structured method {config.method!r} needs the whole model in memory")
-    allocation = ALLOCATIONS.get(config.allocation).create(config.build_allocation_options())
-    if allocation.observes_model:
-        raise ValueError(f"PruningConfig.allocation {config.allocation!r} needs gradients of the whole model; offloaded runs take 'uniform' or 'owl'")
+        raise ValueError(
+            f"offloaded pruning supports the unstructured methods; structured method {config.method!r} needs the "
+            "whole model in memory"
+        )
+    if ALLOCATIONS.get(config.allocation).allocation.observes_model:
+        raise ValueError(
+            f"PruningConfig.allocation {config.allocation!r} needs gradients of the whole model; offloaded runs take "
+            "'uniform' or 'owl'"
+        )
     if adapter.upstream_parts or is_distributed():
-        raise ValueError("offloaded pruning runs in one process on a language model; multimodal parts and torch.distributed are not supported yet")
+        raise ValueError(
+            "offloaded pruning runs in one process on a language model; multimodal parts and torch.distributed are "
+            "not supported yet"
+        )
 
 
 def _check_calibration_reaches_parts(inputs: CalibrationInputs, config: PruningConfig, runs: list) -> None:

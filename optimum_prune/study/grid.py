@@ -185,8 +185,7 @@ def _expand(entry: Any, index: int, protocol: Protocol) -> list[tuple[str, dict[
             _assign(fields, key, value, where)
         swept = ", ".join(f"{key.rpartition('.')[2]}={value}" for key, value in zip(sweep, values))
         try:
-            config = PruningConfig.from_dict(fields)
-            config.build_method_options(), config.build_allocation_options()
+            config = PruningConfig.from_dict(fields)  # builds (and so checks) every options dict
         except (ValueError, TypeError, KeyError) as error:
             raise ValueError(f"{where} ({swept or 'no sweep'}): {error}") from None
         recipes.append((f"{name} {swept}".strip(), config.to_dict()))
