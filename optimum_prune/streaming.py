@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 INDEX_NAME = "model.safetensors.index.json"
 REST_SHARD = "model-rest.safetensors"
 RUN_RECORD = "streaming-run.json"
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 class CheckpointReader:
@@ -65,6 +66,12 @@ class CheckpointReader:
             with safe_open(file, framework="pt") as handle:
                 tensors.update({name: handle.get_tensor(name) for name in file_names})
         return tensors
+
+    def dtype(self) -> torch.dtype:
+        """The dtype of the checkpoint's first tensor, read from its header."""
+        name, file = next(iter(self.weight_map.items()))
+        with safe_open(file, framework="pt") as handle:
+            return SAFETENSORS_DTYPES[handle.get_slice(name).get_dtype()]
 
     def under(self, prefix: str) -> list[str]:
         return [name for name in self.weight_map if name.startswith(prefix + ".")]
@@ -155,14 +162,14 @@ def prune_checkpoint(
         raise ValueError(f"source {str(source)!r} is not a checkpoint directory (no config.json)")
     reader = CheckpointReader(source)
     model_config = AutoConfig.from_pretrained(source, local_files_only=True)
-    dtype = dtype or next(iter(reader.read([next(iter(reader.weight_map))]).values())).dtype
+    dtype = dtype or reader.dtype()
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
     adapter = get_adapter(model)
     layer_names = adapter.layer_names()
     layer_tensors = {name for prefix in layer_names for name in reader.under(prefix)}
     rest = [name for name in reader.weight_map if name not in layer_tensors]
-    _load_rest(model, reader.read(rest), dtype)
+    _load_inputs(model, adapter.capture_modules(), reader, rest, dtype)
     staging = _staging(output_dir, source, config)
     stream = LayerStream(reader, staging, layer_names, torch.device(device or "cpu"), dtype)
     report = prune(model, config, calibration=calibration, tokenizer=tokenizer, device=stream.device, offload=stream)
@@ -170,13 +177,14 @@ def prune_checkpoint(
     return report
 
 
-def _load_rest(model: nn.Module, tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
-    """Materialise everything outside the decoder layers (embeddings, final norm, head) on the CPU."""
+def _load_inputs(model: nn.Module, modules: list[nn.Module], reader: CheckpointReader, rest: list[str], dtype: torch.dtype) -> None:
+    """Materialise on the CPU what runs before decoder layer 0 (the embeddings): all that
+    calibration needs besides the layers. The final norm and the head stay on meta."""
     from accelerate.utils import set_module_tensor_to_device
 
-    for name, tensor in tensors.items():
+    prefixes = tuple(f"{name}." for name, module in model.named_modules() if any(module is m for m in modules))
+    for name, tensor in reader.read([name for name in rest if name.startswith(prefixes)]).items():
         set_module_tensor_to_device(model, name, "cpu", value=tensor, dtype=dtype)
-    model.tie_weights()
 
 
 def _staging(output_dir: Path, source: Path, config: PruningConfig) -> Path:
