@@ -55,18 +55,6 @@ def save_training(directory: Path, steps: int, seconds: float, *parts: Any) -> N
         (staging / "training.json").write_text(json.dumps({"steps": steps, "seconds": seconds}))
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident memory. ``VmHWM`` on Linux: ``ru_maxrss`` there survives
-    ``exec``, so a child process would report its parent's peak if larger."""
-    try:
-        with open("/proc/self/status") as status:
-            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if platform.system() == "Darwin" else 1024)
-
-
 def save_rows(cache: Path, rows: dict) -> None:
     """Write the finished rows beside ``cache`` and rename into place: a run killed mid-write keeps the old file."""
     write_text_atomic(cache, json.dumps(rows, indent=2))

@@ -27,12 +27,13 @@ from pathlib import Path
 
 import torch
 
-from common import peak_rss_bytes, save_rows, table_header
+from common import save_rows, table_header
 from llamafactory_ext import PruningSection, merge_adapter, run_train
 from llamafactory_ext.datasets import write_wikipedia_datasets
 from llamafactory_ext.distill import split_distill
 from optimum_prune import SparsityMasks, evaluate_perplexity, load_model, verify_sparsity
 from optimum_prune.models import cache_root, default_model_path
+from optimum_prune.report import process_peak_rss
 
 HERE = Path(__file__).resolve().parent
 PRUNINGS = {
@@ -114,7 +115,7 @@ def train_row(workdir: Path, pruning: str, recovery: str, settings: dict) -> dic
     return {
         "perplexity": evaluate_perplexity(model, tokenizer, seq_len=512, max_tokens=settings["eval_tokens"]),
         "seconds": seconds,
-        "peak_rss_bytes": peak_rss_bytes(),
+        "peak_rss_bytes": process_peak_rss(),
         "same_zeros": all(torch.equal(before.pruned[n], after.pruned[n]) for n in before.pruned),
     }
 

@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from common import peak_rss_bytes, quick_or_full, table_header
+from common import quick_or_full, table_header
 from optimum_prune import PruningConfig, prune, prune_checkpoint
 from optimum_prune.models import cache_root
+from optimum_prune.report import process_peak_rss
 
 SHAPE = dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=4, vocab_size=8192,
              max_position_embeddings=512)  # fmt: skip
@@ -55,7 +56,7 @@ def run(mode: str, source: Path, output: Path) -> dict:
         model.save_pretrained(output)
     else:
         prune_checkpoint(source, output, CONFIG, calibration=windows())
-    return {"seconds": time.perf_counter() - started, "peak_rss_bytes": peak_rss_bytes()}
+    return {"seconds": time.perf_counter() - started, "peak_rss_bytes": process_peak_rss()}
 
 
 def same_weights(first: Path, second: Path) -> bool:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-import resource
-import sys
 import time
 from fnmatch import fnmatchcase
 from dataclasses import dataclass
@@ -33,7 +31,7 @@ from .distributed import all_reduce_sum, is_distributed, shard
 from .methods import METHODS, LayerPruner, MethodSpec, StructuredMethod
 from .methods.magnitude import MagnitudeOptions
 from .options import MoEOptions
-from .report import LinearReport, PruningReport
+from .report import LinearReport, PruningReport, process_peak_rss
 from .sparsity import NMPattern, SparsityTarget
 from .statistics import ColumnNorms
 from .structure.counting import count_macs_per_token
@@ -422,6 +420,4 @@ def _resolve_device(device: str | torch.device | None, model: nn.Module) -> torc
 def _peak_memory(device: torch.device) -> tuple[int, str]:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device), "CUDA allocated"
-    # ru_maxrss is KiB on Linux, bytes on macOS; it is the process high-water mark, model included.
-    scale = 1 if sys.platform == "darwin" else 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale, "process RSS"
+    return process_peak_rss(), "process RSS"  # the process's high-water mark, model included

@@ -3,9 +3,23 @@
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 
 from .structure.shapes import LayerShape
+
+
+def process_peak_rss() -> int:
+    """This process's peak resident memory in bytes: ``VmHWM`` on Linux, where ``ru_maxrss``
+    survives ``exec`` (a process started by a larger one would report its parent's peak), else
+    ``ru_maxrss`` (KiB on Linux, bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
 @dataclass

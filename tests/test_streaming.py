@@ -142,3 +142,16 @@ def test_cli_offload_disk(sharded, tmp_path):
     assert verify_sparsity(AutoModelForCausalLM.from_pretrained(tmp_path / "out"), "2:4")["conforming"]
     with pytest.raises(SystemExit):
         main(["--model", str(sharded), "--offload", "disk", "--eval", "--output", str(tmp_path / "other")])
+
+
+def test_peak_memory_is_the_process_own_even_when_started_by_a_larger_one():
+    """Linux keeps ru_maxrss across exec, so a child would report this (larger) process's peak."""
+    import subprocess
+    import sys
+
+    from optimum_prune.report import process_peak_rss
+
+    ballast = torch.ones(2**28)  # 1 GiB held by this process
+    script = "from optimum_prune.report import process_peak_rss; print(process_peak_rss())"
+    child = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout)
+    assert 0 < child < process_peak_rss() - ballast.numel() * 4 // 2
