@@ -31,18 +31,24 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
     try:
         yield staging
-        if target.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, retired / target.name)
-            os.replace(staging, target)
-            shutil.rmtree(retired)
-        else:
-            os.replace(staging, target)
+        replace_directory(staging, target)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
 
 
+
+
+def replace_directory(finished: Path, target: Path) -> None:
+    """Put the complete folder ``finished`` at ``target``, replacing whatever was there; ``target``
+    never holds a mix of the two (the old folder is moved aside first, then removed)."""
+    if target.exists():
+        retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+        os.replace(target, retired / target.name)
+        os.replace(finished, target)
+        shutil.rmtree(retired)
+    else:
+        os.replace(finished, target)
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``path`` whole or not at all: a run killed mid-write leaves the previous file."""

@@ -36,6 +36,7 @@ from torch import nn
 from .calibration import CalibrationSource
 from .config import CONFIG_NAME, PruningConfig
 from .report import PruningReport
+from .saving import replace_directory, write_text_atomic
 
 logger = logging.getLogger(__name__)
 INDEX_NAME = "model.safetensors.index.json"
@@ -204,7 +205,7 @@ def _staging(output_dir: Path, source: Path, config: PruningConfig) -> Path:
         logger.info("resuming the partial run in %s", staging)
     else:
         staging.mkdir(parents=True)
-        (staging / RUN_RECORD).write_text(json.dumps(record))
+        write_text_atomic(staging / RUN_RECORD, json.dumps(record))
     return staging
 
 
@@ -229,10 +230,4 @@ def _finish_checkpoint(
     if tokenizer is not None:
         tokenizer.save_pretrained(staging)
     (staging / RUN_RECORD).unlink()
-    if output_dir.exists():
-        retired = output_dir.parent / f".{output_dir.name}.old"
-        os.replace(output_dir, retired)
-        os.replace(staging, output_dir)
-        shutil.rmtree(retired)
-    else:
-        os.replace(staging, output_dir)
+    replace_directory(staging, output_dir)
