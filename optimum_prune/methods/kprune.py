@@ -1,0 +1,298 @@
+"""K-prune (Park, Choi & Kang, "Accurate Retraining-free Pruning for Pretrained Encoder-based Language
+Models", ICLR 2024, arXiv 2308.03449): knowledge-preserving, iterative, retraining-free pruning of
+heads and MLP channels, adapted to decoder LLMs.
+
+The sublayers are visited bottom-up (attention 0, MLP 0, attention 1, ...). At each one, three steps
+(the paper's Alg. 1; numbers follow the official code, snudm-starlab/K-prune):
+
+1. Knowledge measurement. Every unit u of this sublayer and of the sublayers above it has a mask
+   m_u = 1 on its columns of the output projection (o_proj, down_proj). With the predictive
+   knowledge loss K_pred = T²·KL(p_dense^T ‖ p_pruned^T) between the dense model's and the current
+   model's next-token distributions at temperature T (Eq. 4), a unit's predictive score is
+   Z_pred(u) = mean over samples of ½ (∂K_pred/∂m_u)², averaged over the unit's columns; its
+   representational score (Eq. 5) is Z_rep(u) = E_tokens[x_c²] · mean_i W[i, c]², the energy the
+   unit's column c adds to the sublayer output, averaged the same way. The unit's score is
+   (λ_rep·Z_rep + λ_pred·Z_pred)/cost(u), times μ for heads.
+2. Knowledge-preserving mask search. All candidate units (this sublayer and above) are sorted by
+   score; the threshold is the lowest score such that the units scoring above it fit in the budget
+   still left; only this sublayer's units under the threshold are removed. The kept units' cost is
+   then charged to the budget, so later sublayers see what is left.
+3. Knowledge-preserving weight tuning. The output projection of the kept units is refitted by least
+   squares so that the pruned model's residual stream after this sublayer matches the dense
+   model's: min_W ‖A_S Wᵀ − (Y_dense − X_pruned)‖², with A_S the kept units' inputs to the output
+   projection, X_pruned the pruned model's stream entering the sublayer and Y_dense the dense
+   model's stream leaving it. Errors of the sublayers below are therefore corrected, not only kept.
+
+Adaptation to decoders (the paper prunes BERT and DistilBERT):
+- A head unit is a key/value group with its query heads (a single head without GQA), so every
+  per-layer count keeps a valid layout; an MLP unit is a channel (gate/up row, down_proj column).
+- The cost is parameters, as for the other structured methods: ``sparsity`` is the fraction of the
+  decoder layers' linear parameters. Per token a unit's FLOPs are proportional to its parameters;
+  the paper's attention-score FLOPs (which grow with context) are not counted.
+- The dense soft predictions are over a 49k–128k vocabulary, so they cannot be cached whole: the
+  dense model's top-k tokens per position (``teacher_top_k``) and the mass of the rest are kept,
+  and K_pred is the exact KL between the two distributions coarsened to those k + 1 outcomes.
+- Each calibration window is one sample; its gradient is squared before averaging. The
+  representational and weight-tuning targets come from two residual streams walked side by side
+  (dense and pruned), so no dense copy of the model is kept.
+- Memory: the model, three activation buffers of ``samples × seq_len × hidden`` (the pruned stream,
+  the dense stream, the dense stream after attention), the top-k cache (``samples × seq_len × k``
+  indices and log-probabilities) and, while scoring, one window's forward and backward through the
+  layers from the current one up, with full-vocabulary logits for that window only.
+- Cost: two backward passes per decoder layer (one per sublayer), each from that layer to the top:
+  about as much compute as one epoch of training on the calibration set per decoder layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calibration import LayerInputs, capture_first_layer_inputs, run_layer
+from ..calibration.engine import on_device
+from ..calibration.gradients import _grad_only
+from ..options import check_choice, option
+from .base import StructuredMethod, register_structured_method
+from .width import WidthOptions, WidthPruning, _Component, _layer_parameters
+
+
+@dataclass(frozen=True)
+class KPruneOptions:
+    components: str = option("all", "What to prune: 'all' (attention heads and MLP channels), 'attention' or 'mlp'.")
+    temperature: float = option(2.0, "Softmax temperature T of the predictive-knowledge KL (paper: 2).")
+    predictive_weight: float = option(1.0, "λ_pred, weight of the predictive-knowledge score (paper: 1).")
+    representational_weight: float = option(2.5e-4, "λ_rep, weight of the representational-knowledge score (paper's scripts: 2.5e-4).")
+    head_weight: float = option(64.0, "μ, multiplier of head scores against channel scores (paper: 64).")
+    teacher_top_k: int = option(128, "Dense-model tokens kept per position for the KL; the rest of the vocabulary is one outcome.")
+    damping: float = option(1e-4, "Ridge damping of the weight-tuning least squares, relative to their mean diagonal (paper: none).")
+    tune: bool = option(True, "Knowledge-preserving weight tuning of each output projection after its units are removed.")
+
+    def __post_init__(self) -> None:
+        check_choice("components", self.components, ("all", "attention", "mlp"))
+        for name in ("temperature", "head_weight"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"method_options.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("predictive_weight", "representational_weight", "damping"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"method_options.{name} must be >= 0, got {getattr(self, name)}")
+        if self.teacher_top_k < 1:
+            raise ValueError(f"method_options.teacher_top_k must be a positive number of tokens, got {self.teacher_top_k}")
+
+
+@register_structured_method("kprune", options=KPruneOptions)
+class KPrune(StructuredMethod[KPruneOptions]):
+    """K-prune: iterative, knowledge-preserving removal of heads and MLP channels with least-squares weight tuning."""
+
+    def check(self) -> None:
+        # Units, costs and surgery are width pruning's, with GQA groups as head units.
+        options = WidthOptions(criterion="magnitude_l2", components=self.options.components, head_mode="kv_group", ranking="global")
+        self.width = WidthPruning(self.adapter, self.sparsity, self.ignore, options, self.device)
+        self.width.check()
+
+    def prune(self, windows: torch.Tensor | None, report: Any) -> None:
+        with on_device([self.adapter.model], self.device):
+            self._prune(windows, report)
+
+    def _prune(self, windows: torch.Tensor, report: Any) -> None:
+        adapter, components = self.adapter, self.width.components
+        layers, names = adapter.decoder_layers(), adapter.layer_names()
+        teacher = TeacherTargets.of(adapter.model, windows, self.device, self.options.teacher_top_k, self.options.temperature)
+        pruned = capture_first_layer_inputs(adapter, windows, self.device)
+        dense = LayerInputs(list(pruned.hidden_states), pruned.layer_kwargs)
+        total = sum((c.removable + 1) * c.unit_parameters for c in components)
+        budget = total - self.sparsity * sum(_layer_parameters(adapter, layer) for layer in layers)  # cost the kept units may have
+        removed_scores = {kind: [0.0] * len(layers) for kind in ("attention", "mlp")}
+        for index in tqdm(range(len(layers)), desc="K-prune"):
+            layer = layers[index]
+            dense_after = _streams_leaving(adapter, layer, dense)
+            dense.hidden_states = dense_after["mlp"]
+            for component in [c for c in components if c.layer == index]:
+                candidates = components[components.index(component) :]
+                scores = self._knowledge_scores(index, candidates, pruned, teacher)
+                removed = threshold_removal(scores, [c.unit_parameters for c in candidates], [c.removable for c in candidates], budget)
+                budget -= (component.removable + 1 - len(removed)) * component.unit_parameters
+                if len(removed):
+                    removed_scores[component.kind][index] = float(scores[0][removed].sum())
+                    self._remove_and_tune(layer, component, removed, pruned, dense_after[component.kind])
+                    report.removed.append(f"{names[index]} {component.kind}: {len(removed)} of {component.removable + 1} units")
+            pruned.hidden_states = run_layer(adapter, layer, pruned)
+        for kind, values in removed_scores.items():
+            report.layer_scores[f"removed knowledge score ({kind})"] = values
+
+    # --- 1. knowledge measurement -------------------------------------------------------------
+
+    def _knowledge_scores(
+        self, first: int, candidates: list[_Component], inputs: LayerInputs, teacher: "TeacherTargets"
+    ) -> list[torch.Tensor]:
+        """Per candidate component, its units' (λ_rep·Z_rep + λ_pred·Z_pred)·(μ for heads)/cost."""
+        adapter, layers = self.adapter, self.adapter.decoder_layers()
+        consumers = [_consumer(adapter, layers[c.layer], c) for c in candidates]
+        masks = [torch.ones(c.in_features, device=c.weight.device, requires_grad=True) for c in consumers]
+        squared = [torch.zeros(c.in_features, dtype=torch.float64, device=c.weight.device) for c in consumers]
+        energy = [torch.zeros(c.in_features, dtype=torch.float64, device=c.weight.device) for c in consumers]
+
+        def masking(mask: torch.Tensor, column_energy: torch.Tensor):
+            def hook(_module: nn.Module, args: tuple) -> tuple:
+                column_energy.add_(args[0].detach().double().square().reshape(-1, mask.numel()).sum(0))
+                return (args[0] * mask,)
+
+            return hook
+
+        handles = [consumer.register_forward_pre_hook(masking(m, e)) for consumer, m, e in zip(consumers, masks, energy)]
+        head, norm = adapter.model.get_output_embeddings(), adapter.final_norm()
+        tokens = 0
+        try:
+            with _grad_only(adapter.model, []), torch.enable_grad():
+                for window, (hidden, kwargs) in enumerate(zip(inputs.hidden_states, inputs.layer_kwargs)):
+                    tokens += hidden.shape[0] * hidden.shape[1]
+                    for layer in layers[first:]:
+                        hidden = adapter.run_layer(layer, hidden, kwargs)
+                    loss = teacher.kl(window, head(norm(hidden)))
+                    for total, gradient in zip(squared, torch.autograd.grad(loss, masks)):
+                        total.add_(gradient.detach().double().square() / 2)
+        finally:
+            for handle in handles:
+                handle.remove()
+        options, scores = self.options, []
+        for component, consumer, total, column_energy in zip(candidates, consumers, squared, energy):
+            predictive = total / len(inputs.hidden_states)
+            representational = column_energy / tokens * consumer.weight.detach().double().square().mean(0)
+            per_column = options.representational_weight * representational + options.predictive_weight * predictive
+            per_unit = per_column.reshape(-1, _unit_width(adapter, layers[component.layer], component)).mean(1)
+            kind_weight = options.head_weight if component.kind == "attention" else 1.0
+            scores.append((per_unit * kind_weight / component.unit_parameters).float().cpu())
+        return scores
+
+    # --- 3. knowledge-preserving weight tuning ---------------------------------------------------
+
+    def _remove_and_tune(
+        self, layer: nn.Module, component: _Component, removed: torch.Tensor, inputs: LayerInputs, dense_after: list[torch.Tensor]
+    ) -> None:
+        consumer = _consumer(self.adapter, layer, component)
+        width = _unit_width(self.adapter, layer, component)
+        kept_units = sorted(set(range(component.removable + 1)) - set(removed.tolist()))
+        kept = (torch.tensor(kept_units).unsqueeze(1) * width + torch.arange(width)).reshape(-1).to(consumer.weight.device)
+        solution = self._least_squares(layer, component, consumer, kept, inputs, dense_after) if self.options.tune else None
+        component.removed = len(removed)
+        component.scores = torch.ones(component.removable + 1)
+        component.scores[removed] = 0  # width's surgery removes the lowest-scored units
+        self.width._cut(layer, component, {})
+        if solution is not None:
+            with torch.no_grad():
+                _consumer(self.adapter, layer, component).weight.copy_(solution)
+
+    def _least_squares(
+        self, layer: nn.Module, component: _Component, consumer: nn.Linear, kept: torch.Tensor,
+        inputs: LayerInputs, dense_after: list[torch.Tensor],
+    ) -> torch.Tensor:
+        """W = argmin ‖A_S Wᵀ − (Y_dense − X_pruned − b)‖² over the calibration tokens, as ``consumer.weight`` after the cut."""
+        gram = torch.zeros(len(kept), len(kept), dtype=torch.float64, device=consumer.weight.device)
+        cross = torch.zeros(len(kept), consumer.out_features, dtype=torch.float64, device=consumer.weight.device)
+        captured: dict[str, torch.Tensor] = {}
+        handle = consumer.register_forward_pre_hook(lambda _m, args: captured.update(a=args[0].detach()[..., kept]))
+
+        def entering(kind: str, stream: torch.Tensor, _leaving: torch.Tensor) -> None:
+            if kind == component.kind:
+                captured["x"] = stream.detach()
+
+        try:
+            for hidden, kwargs, target in zip(inputs.hidden_states, inputs.layer_kwargs, dense_after):
+                with self.adapter.observing_residuals(layer, entering), torch.no_grad():
+                    self.adapter.run_layer(layer, hidden, kwargs)
+                a = captured["a"].double().reshape(-1, len(kept))
+                b = (target - captured["x"]).double().reshape(-1, consumer.out_features)
+                if consumer.bias is not None:
+                    b = b - consumer.bias.detach().double()
+                gram.add_(a.T @ a)
+                cross.add_(a.T @ b)
+        finally:
+            handle.remove()
+        diagonal = torch.arange(len(kept), device=gram.device)
+        gram[diagonal, diagonal] += self.options.damping * gram.diagonal().mean().clamp_min(1e-12)
+        return torch.linalg.lstsq(gram, cross).solution.T.to(consumer.weight.dtype)
+
+
+def threshold_removal(scores: list[torch.Tensor], costs: list[int], caps: list[int], budget: float) -> torch.Tensor:
+    """K-prune's mask search: the units of the first component (the target) to remove.
+
+    Over all candidates' units, the threshold is the lowest score such that the units scoring above
+    it cost at most ``budget``; the target's units at or under it go, at most ``caps[0]`` of them
+    (one unit of every component is kept).
+    """
+    values = torch.cat([s.double() for s in scores])
+    unit_costs = torch.cat([torch.full((s.numel(),), float(c), dtype=torch.float64) for s, c in zip(scores, costs)])
+    order = torch.argsort(values, descending=True, stable=True)
+    kept_cost = unit_costs[order].cumsum(0)
+    fitting = int((kept_cost <= budget).sum())  # the highest-scored units that fit
+    threshold = values[order[fitting]] if fitting < len(order) else -float("inf")
+    target = scores[0].double()
+    removed = torch.nonzero(target <= threshold).flatten()
+    if len(removed) > caps[0]:
+        removed = removed[torch.argsort(target[removed], stable=True)[: caps[0]]]
+    return removed.sort().values
+
+
+class TeacherTargets:
+    """The dense model's next-token distributions at temperature T, coarsened to its top-k tokens and the rest."""
+
+    def __init__(self, indices: list[torch.Tensor], log_probabilities: list[torch.Tensor], temperature: float) -> None:
+        self.indices = indices
+        self.log_probabilities = log_probabilities  # [..., k + 1]: the k tokens, then the rest of the vocabulary
+        self.temperature = temperature
+
+    @classmethod
+    def of(cls, model: nn.Module, windows: torch.Tensor, device: torch.device, k: int, temperature: float) -> "TeacherTargets":
+        indices, log_probabilities = [], []
+        with torch.no_grad():
+            for window in tqdm(windows, desc="Dense predictions", leave=False):
+                logits = model(input_ids=window.unsqueeze(0).to(device), use_cache=False).logits.float()
+                ids = logits.topk(min(k, logits.shape[-1] - 1), dim=-1).indices
+                indices.append(ids)
+                log_probabilities.append(_coarse_log_softmax(logits, ids, temperature))
+        return cls(indices, log_probabilities, temperature)
+
+    def kl(self, window: int, student_logits: torch.Tensor) -> torch.Tensor:
+        """T² · mean over positions of KL(teacher ‖ student), both coarsened to (the teacher's top-k, the rest), at T."""
+        teacher = self.log_probabilities[window]
+        student = _coarse_log_softmax(student_logits.float(), self.indices[window], self.temperature)
+        return (teacher.exp() * (teacher - student)).sum(-1).mean() * self.temperature**2
+
+
+def _coarse_log_softmax(logits: torch.Tensor, ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log-probabilities at ``temperature`` of the tokens ``ids`` and, last, of all other tokens together."""
+    scaled = logits / temperature
+    rest = scaled.scatter(-1, ids, float("-inf")).logsumexp(-1, keepdim=True)
+    return torch.cat([scaled.gather(-1, ids), rest], dim=-1).log_softmax(-1)
+
+
+def _streams_leaving(adapter: Any, layer: nn.Module, inputs: LayerInputs) -> dict[str, list[torch.Tensor]]:
+    """Per sublayer kind, the residual stream leaving it, for every calibration batch."""
+    streams: dict[str, list[torch.Tensor]] = {"attention": [], "mlp": []}
+
+    def sink(kind: str, _entering: torch.Tensor, leaving: torch.Tensor) -> None:
+        streams[kind].append(leaving.detach())
+
+    with adapter.observing_residuals(layer, sink):
+        run_layer(adapter, layer, inputs)
+    return streams
+
+
+def _consumer(adapter: Any, layer: nn.Module, component: _Component) -> nn.Linear:
+    """The output projection whose input columns are the component's units."""
+    if component.kind == "attention":
+        return adapter.attention(layer).output
+    if len(component.consumers) != 1:
+        raise ValueError(f"kprune needs one output projection per MLP; this model's has {len(component.consumers)}")
+    return component.consumers[0]
+
+
+def _unit_width(adapter: Any, layer: nn.Module, component: _Component) -> int:
+    """Output-projection columns per unit: a key/value group's query heads, or one MLP channel."""
+    if component.kind == "mlp":
+        return 1
+    layout = adapter.attention(layer)
+    return layout.heads_per_group * layout.head_dim

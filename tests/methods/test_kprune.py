@@ -1,0 +1,75 @@
+"""K-prune: the coarsened knowledge KL, the budgeted threshold, knowledge-preserving tuning, reload."""
+
+import copy
+
+import pytest
+import torch
+
+from optimum_prune import PruningConfig, prune, save_pruned
+from optimum_prune.methods.kprune import TeacherTargets, threshold_removal
+
+from ..conftest import assert_reloads_exactly, tiny_model, token_windows
+
+
+def _decoder_linear_parameters(model) -> int:
+    return sum(m.weight.numel() for layer in model.model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear))
+
+
+def test_threshold_keeps_the_best_scored_units_that_fit_and_cuts_only_the_target():
+    target, above = torch.tensor([5.0, 1.0, 3.0]), torch.tensor([4.0, 2.0])
+    # Budget 3 units of cost 1: 5, 4, 3 fit; the threshold is 2, so the target loses only unit 1.
+    assert threshold_removal([target, above], [1, 1], [2, 1], budget=3).tolist() == [1]
+    # Costlier units above: 5 (cost 1) and 4 (cost 2) fill the budget; 3 and 1 go.
+    assert threshold_removal([target, above], [1, 2], [2, 1], budget=3).tolist() == [1, 2]
+    assert threshold_removal([target, above], [1, 1], [2, 1], budget=10).tolist() == []  # everything fits
+    assert threshold_removal([target, above], [1, 1], [2, 1], budget=0).tolist() == [1, 2]  # one unit is always kept
+
+
+def test_coarsened_kl_is_zero_for_the_teacher_and_exact_with_the_whole_vocabulary():
+    model, windows = tiny_model(), token_windows(samples=2)
+    vocabulary = model.config.vocab_size
+    teacher = TeacherTargets.of(model, windows, torch.device("cpu"), k=vocabulary - 1, temperature=2.0)
+    with torch.no_grad():
+        logits = model(input_ids=windows[:1]).logits
+        assert float(teacher.kl(0, logits)) == pytest.approx(0.0, abs=1e-6)
+        other = logits + torch.randn_like(logits)
+        p, q = (logits / 2).log_softmax(-1), (other / 2).log_softmax(-1)
+        exact = (p.exp() * (p - q)).sum(-1).mean() * 4
+        torch.testing.assert_close(teacher.kl(0, other), exact, rtol=1e-4, atol=1e-6)
+        coarse = TeacherTargets.of(model, windows, torch.device("cpu"), k=4, temperature=2.0)
+        assert 0 < float(coarse.kl(0, other)) < float(exact)  # coarsening never adds divergence
+
+
+def test_hits_the_budget_keeps_a_valid_gqa_layout_and_reloads(tmp_path):
+    model = tiny_model()
+    before = _decoder_linear_parameters(model)
+    report = prune(model, PruningConfig(method="kprune", sparsity=0.3, method_options={"head_weight": 1.0}), calibration=token_windows())
+    assert 1 - _decoder_linear_parameters(model) / before == pytest.approx(0.3, abs=0.02)
+    for layer in model.model.layers:
+        assert layer.self_attn.q_proj.out_features % layer.self_attn.k_proj.out_features == 0
+    assert report.removed and "removed knowledge score (mlp)" in report.layer_scores
+    save_pruned(model, tmp_path / "out")
+    assert_reloads_exactly(model, tmp_path / "out")
+
+
+def test_weight_tuning_brings_the_output_closer_to_the_dense_model():
+    windows = token_windows()
+    dense = tiny_model()
+    with torch.no_grad():
+        reference = dense(input_ids=windows).logits
+    errors = {}
+    for tune in (False, True):
+        model = copy.deepcopy(dense)
+        prune(model, PruningConfig(method="kprune", sparsity=0.3, method_options={"tune": tune}), calibration=windows)
+        with torch.no_grad():
+            errors[tune] = float((model(input_ids=windows).logits - reference).square().mean())
+    assert errors[True] < 0.7 * errors[False], errors
+
+
+def test_bad_requests_name_the_field():
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        PruningConfig(method="kprune", method_options={"temperature": 0})
+    with pytest.raises(ValueError, match="teacher_top_k"):
+        PruningConfig(method="kprune", method_options={"teacher_top_k": 0})
+    with pytest.raises(ValueError, match="can remove at most"):
+        prune(tiny_model(), PruningConfig(method="kprune", sparsity=0.99), calibration=token_windows())
