@@ -57,7 +57,7 @@ from ..calibration.engine import on_device
 from ..calibration.gradients import _grad_only
 from ..options import check_choice, option
 from .base import StructuredMethod, register_structured_method
-from .width import WidthOptions, WidthPruning, _Component, _layer_parameters
+from .width import _Component, _layer_parameters, group_columns, group_units, output_projection
 
 
 @dataclass(frozen=True)
@@ -88,10 +88,8 @@ class KPrune(StructuredMethod[KPruneOptions]):
     """K-prune: iterative, knowledge-preserving removal of heads and MLP channels with least-squares weight tuning."""
 
     def check(self) -> None:
-        # Units, costs and surgery are width pruning's, with GQA groups as head units.
-        options = WidthOptions(criterion="magnitude_l2", components=self.options.components, head_mode="kv_group", ranking="global")
-        self.width = WidthPruning(self.adapter, self.sparsity, self.ignore, options, self.device)
-        self.width.check()
+        self.width = group_units(self, self.options.components)
+        self.width._plan_counts()  # raises for a budget the units cannot reach
 
     def prune(self, windows: torch.Tensor | None, report: Any) -> None:
         with on_device([self.adapter.model], self.device):
@@ -130,7 +128,7 @@ class KPrune(StructuredMethod[KPruneOptions]):
     ) -> list[torch.Tensor]:
         """Per candidate component, its units' (λ_rep·Z_rep + λ_pred·Z_pred)·(μ for heads)/cost."""
         adapter, layers = self.adapter, self.adapter.decoder_layers()
-        consumers = [_consumer(adapter, layers[c.layer], c) for c in candidates]
+        consumers = [output_projection(adapter, layers[c.layer], c) for c in candidates]
         masks = [torch.ones(c.in_features, device=c.weight.device, requires_grad=True) for c in consumers]
         squared = [torch.zeros(c.in_features, dtype=torch.float64, device=c.weight.device) for c in consumers]
         energy = [torch.zeros(c.in_features, dtype=torch.float64, device=c.weight.device) for c in consumers]
@@ -162,7 +160,7 @@ class KPrune(StructuredMethod[KPruneOptions]):
             predictive = total / len(inputs.hidden_states)
             representational = column_energy / tokens * consumer.weight.detach().double().square().mean(0)
             per_column = options.representational_weight * representational + options.predictive_weight * predictive
-            per_unit = per_column.reshape(-1, _unit_width(adapter, layers[component.layer], component)).mean(1)
+            per_unit = per_column.reshape(-1, group_columns(adapter, layers[component.layer], component)).mean(1)
             kind_weight = options.head_weight if component.kind == "attention" else 1.0
             scores.append((per_unit * kind_weight / component.unit_parameters).float().cpu())
         return scores
@@ -172,8 +170,8 @@ class KPrune(StructuredMethod[KPruneOptions]):
     def _remove_and_tune(
         self, layer: nn.Module, component: _Component, removed: torch.Tensor, inputs: LayerInputs, dense_after: list[torch.Tensor]
     ) -> None:
-        consumer = _consumer(self.adapter, layer, component)
-        width = _unit_width(self.adapter, layer, component)
+        consumer = output_projection(self.adapter, layer, component)
+        width = group_columns(self.adapter, layer, component)
         kept_units = sorted(set(range(component.removable + 1)) - set(removed.tolist()))
         kept = (torch.tensor(kept_units).unsqueeze(1) * width + torch.arange(width)).reshape(-1).to(consumer.weight.device)
         solution = self._least_squares(layer, component, consumer, kept, inputs, dense_after) if self.options.tune else None
@@ -183,7 +181,7 @@ class KPrune(StructuredMethod[KPruneOptions]):
         self.width._cut(layer, component, {})
         if solution is not None:
             with torch.no_grad():
-                _consumer(self.adapter, layer, component).weight.copy_(solution)
+                output_projection(self.adapter, layer, component).weight.copy_(solution)
 
     def _least_squares(
         self, layer: nn.Module, component: _Component, consumer: nn.Linear, kept: torch.Tensor,
@@ -279,20 +277,3 @@ def _streams_leaving(adapter: Any, layer: nn.Module, inputs: LayerInputs) -> dic
     with adapter.observing_residuals(layer, sink):
         run_layer(adapter, layer, inputs)
     return streams
-
-
-def _consumer(adapter: Any, layer: nn.Module, component: _Component) -> nn.Linear:
-    """The output projection whose input columns are the component's units."""
-    if component.kind == "attention":
-        return adapter.attention(layer).output
-    if len(component.consumers) != 1:
-        raise ValueError(f"kprune needs one output projection per MLP; this model's has {len(component.consumers)}")
-    return component.consumers[0]
-
-
-def _unit_width(adapter: Any, layer: nn.Module, component: _Component) -> int:
-    """Output-projection columns per unit: a key/value group's query heads, or one MLP channel."""
-    if component.kind == "mlp":
-        return 1
-    layout = adapter.attention(layer)
-    return layout.heads_per_group * layout.head_dim

@@ -43,7 +43,7 @@ from ..calibration import LayerInputs, run_layer, walk_layers
 from ..calibration.gradients import _grad_only, _window_losses
 from ..options import check_choice, option
 from .base import StructuredMethod, register_structured_method
-from .width import WidthOptions, WidthPruning, _Component, _layer_parameters
+from .width import _Component, _layer_parameters, group_columns, group_units, output_projection
 
 
 @dataclass(frozen=True)
@@ -64,10 +64,8 @@ class MaskSearch(StructuredMethod[MaskSearchOptions]):
     """Kwon et al.'s Fisher mask search, rearrangement and least-squares mask tuning of heads and MLP channels."""
 
     def check(self) -> None:
-        # The units, their parameter counts and the surgery are width pruning's (GQA groups as head units).
-        options = WidthOptions(criterion="magnitude_l2", components=self.options.components, head_mode="kv_group", ranking="global")
-        self.width = WidthPruning(self.adapter, self.sparsity, self.ignore, options, self.device)
-        self.width.check()
+        self.width = group_units(self, self.options.components)
+        self.width._plan_counts()  # raises for a budget the units cannot reach
 
     def prune(self, windows: torch.Tensor | None, report: Any) -> None:
         components = self.width.components
@@ -94,34 +92,24 @@ class MaskSearch(StructuredMethod[MaskSearchOptions]):
                 scales = self._tuned_scales(layer, component, inputs) if self.options.tune else None
                 described = self.width._cut(layer, component, {})
                 if scales is not None:
-                    _scale_units(self._consumer(layer, component), self._unit_columns(layer, component), scales)
+                    _scale_units(output_projection(self.adapter, layer, component), self._unit_columns(layer, component), scales)
                 report.removed.append(f"{names[index]} {component.kind}: {described}")
 
         walk_layers(self.adapter, windows, self.device, visit, "Mask tuning" if self.options.tune else "Removing units")
 
     # --- units and their columns in the output projection ------------------------------------------
 
-    def _consumer(self, layer: nn.Module, component: _Component) -> nn.Linear:
-        if component.kind == "attention":
-            return self.adapter.attention(layer).output
-        if len(component.consumers) != 1:
-            raise ValueError(f"mask_search needs one output projection per MLP; this model's has {len(component.consumers)}")
-        return component.consumers[0]
-
     def _unit_columns(self, layer: nn.Module, component: _Component) -> list[torch.Tensor]:
         """The output projection's input columns of each unit the layer has now (after the cut: the kept ones, in order)."""
-        if component.kind == "attention":
-            layout = self.adapter.attention(layer)
-            width, units = layout.heads_per_group * layout.head_dim, layout.num_kv_heads
-        else:
-            width, units = 1, self._consumer(layer, component).in_features
+        width = group_columns(self.adapter, layer, component)
+        units = output_projection(self.adapter, layer, component).in_features // width
         return [torch.arange(u * width, (u + 1) * width) for u in range(units)]
 
     # --- mask tuning -------------------------------------------------------------------------
 
     def _tuned_scales(self, layer: nn.Module, component: _Component, inputs: LayerInputs) -> torch.Tensor:
         """Least-squares scales of the kept units: min_m ‖Σ_u m_u X_u W_uᵀ − X Wᵀ‖² over calibration tokens."""
-        consumer = self._consumer(layer, component)
+        consumer = output_projection(self.adapter, layer, component)
         columns = self._unit_columns(layer, component)
         kept = torch.nonzero(component.scores).flatten().tolist()
         weight = consumer.weight.detach().float()

@@ -303,6 +303,35 @@ class WidthPruning(StructuredMethod[WidthOptions]):
         return keep.sort(dim=1).values.reshape(-1), torch.arange(layout.num_kv_heads)
 
 
+def group_units(method: StructuredMethod, components: str) -> WidthPruning:
+    """Width pruning's units — key/value groups with their query heads, MLP channels — and surgery, for
+    methods that score and count the units themselves (any per-layer group count keeps a valid GQA layout).
+    Its ``components`` are built; their ``removed`` counts and ``scores`` are the caller's to set."""
+    options = WidthOptions(criterion="magnitude_l2", components=components, head_mode="kv_group", ranking="global")
+    width = WidthPruning(method.adapter, method.sparsity, method.ignore, options, method.device)
+    width.components = width._components()
+    for component in width.components:
+        output_projection(method.adapter, method.adapter.decoder_layers()[component.layer], component)  # one per MLP
+    return width
+
+
+def output_projection(adapter: Any, layer: nn.Module, component: _Component) -> nn.Linear:
+    """The linear whose input columns are the component's units: o_proj, or the MLP's down projection."""
+    if component.kind == "attention":
+        return adapter.attention(layer).output
+    if len(component.consumers) != 1:
+        raise ValueError(f"this method needs one output projection per MLP; this model's has {len(component.consumers)}")
+    return component.consumers[0]
+
+
+def group_columns(adapter: Any, layer: nn.Module, component: _Component) -> int:
+    """Output-projection input columns per unit of ``group_units``: a key/value group's query heads, or one channel."""
+    if component.kind == "mlp":
+        return 1
+    layout = adapter.attention(layer)
+    return layout.heads_per_group * layout.head_dim
+
+
 def _element_importance(weight: torch.Tensor, criterion: str) -> torch.Tensor:
     value = weight.detach().float()
     if criterion == "magnitude_l1":

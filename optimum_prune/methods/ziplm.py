@@ -1,0 +1,335 @@
+"""ZipLM (Kurtić, Frantar & Alistarh, "ZipLM: Inference-Aware Structured Pruning of Language Models",
+NeurIPS 2023): structured OBS removal of heads and MLP channels, one structure at a time, with each
+layer's width chosen against a measured latency table so that the target is a speed-up.
+
+Per output projection W (o_proj, down_proj) with H = 2XXᵀ/n of its calibration inputs, a structure
+S is a block of input columns: a key/value group's query heads, or one MLP channel. Greedily:
+
+    ρ_S = Σ_rows w_Sᵀ ((H⁻¹)_SS)⁻¹ w_S                      (the output error removing S adds)
+    W  ← W − W_:S ((H⁻¹)_SS)⁻¹ (H⁻¹)_S:                      (the remaining columns compensate)
+    H⁻¹ ← H⁻¹ − (H⁻¹)_:S ((H⁻¹)_SS)⁻¹ (H⁻¹)_S:               (S leaves the problem)
+
+and the least-ρ structure goes, one at a time, so that every later choice sees the compensated
+weights. Because the compensated solution after each step is the least-squares optimum on the
+columns left, the errors add: the layer's output error at level k is the running sum of the ρ's,
+reported relative to ‖W X‖² (ZipLM measures the same relative error on data).
+
+Inference awareness: a latency table times one decoder layer's attention with 1…G key/value groups
+and its MLP at each width of the level grid (widths (1 − 0.9ᵏ)·C rounded to ``round_to``, ZipLM's
+geometric grid), on the calibration device at ``latency_tokens`` tokens of prefill; a removed
+sublayer costs nothing. A dynamic program over all sublayers (a knapsack on the discretised times)
+picks the level of each that minimises the summed relative errors within the budget — the time
+of the decoder layers times (1 − ``sparsity``), i.e. a decoder speed-up of 1/(1 − ``sparsity``) on
+that device (``target="parameters"`` budgets parameters instead, to compare with other methods).
+
+Adaptations and limits:
+- ZipLM refines the program's per-layer weights with SPDY's search (random restarts and local
+  moves, each candidate scored by the stitched model's calibration loss); that search is not run
+  here: the plain program (ZipLM's ``dpsolve``, all weights 1) chooses the levels.
+- The levels are chosen from errors on the dense model's inputs (as ZipLM builds its database);
+  the chosen removal is then applied layer by layer on the pruned model's inputs (the sequential
+  calibration of SparseGPT), so each update also compensates the error of the layers below.
+- Grouped-query attention: a head structure is a key/value group with its query heads, so any
+  count keeps a valid layout; its key/value rows go with it.
+- Memory: one Hessian per output projection at a time (down_proj: intermediate² float64 values);
+  the greedy pass costs intermediate² operations per removed channel.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..calibration import LayerInputs, capture_first_layer_inputs, run_layer, walk_layers
+from ..options import check_choice, option
+from .base import StructuredMethod, register_structured_method
+from .width import _Component, group_columns, group_units, output_projection
+
+logger = logging.getLogger(__name__)
+DP_BUCKETS = 10_000  # ZipLM's discretisation of the time budget
+
+
+@dataclass(frozen=True)
+class ZipLMOptions:
+    target: str = option(
+        "latency",
+        "'latency': sparsity is the fraction of the decoder layers' measured time to remove (speed-up 1/(1 − sparsity)); "
+        "'parameters': the fraction of their linear parameters, as for the other structured methods.",
+    )
+    components: str = option("all", "What to prune: 'all' (attention heads and MLP channels), 'attention' or 'mlp'.")
+    remove_sublayers: bool = option(True, "Allow a sublayer's last structure to go too (the whole attention or MLP block is removed).")
+    round_to: int = option(32, "MLP widths of the level grid are multiples of this (ZipLM's Llama code: 32).")
+    dampening: float = option(0.01, "λ added to the Hessian diagonal as a fraction of its mean diagonal (ZipLM: 1%).")
+    latency_tokens: int = option(512, "Prefill length at which the latency table is measured.")
+    latency_repeats: int = option(10, "Timed forward passes per table entry (the median is kept, after 3 warm-up passes).")
+
+    def __post_init__(self) -> None:
+        check_choice("target", self.target, ("latency", "parameters"))
+        check_choice("components", self.components, ("all", "attention", "mlp"))
+        for name in ("round_to", "latency_tokens", "latency_repeats"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"method_options.{name} must be a positive integer, got {getattr(self, name)}")
+        if not 0 <= self.dampening < 1:
+            raise ValueError(f"method_options.dampening must be in [0, 1), got {self.dampening}")
+
+
+@dataclass
+class _Levels:
+    """A component's candidate levels: structures removed (the unit count: the whole sublayer), and each level's cost."""
+
+    removed: list[int]
+    costs: list[float]
+    errors: list[float] | None = None
+
+
+@register_structured_method("ziplm", options=ZipLMOptions)
+class ZipLM(StructuredMethod[ZipLMOptions]):
+    """ZipLM: greedy structured OBS removal of heads and MLP channels, widths chosen against a measured latency table."""
+
+    def check(self) -> None:
+        self.width = group_units(self, self.options.components)  # the units; their counts are the level program's
+        if self.options.target == "parameters":
+            levels = self._levels(self.width.components)
+            smallest, budget = sum(min(level.costs) for level in levels), self._budget(levels)
+            if smallest > budget:
+                blocks = "" if self.options.remove_sublayers else " (remove_sublayers=True would allow whole blocks to go)"
+                raise ValueError(
+                    f"PruningConfig.sparsity {self.sparsity} cannot be met: with components={self.options.components!r} the "
+                    f"decoder layers keep at least {smallest:,.0f} parameters against a budget of {budget:,.0f}{blocks}; "
+                    "lower the sparsity or prune more components"
+                )
+
+    def prune(self, windows: torch.Tensor | None, report: Any) -> None:
+        components = self.width.components
+        levels = self._levels(components)
+        self._measure_errors(components, levels, windows)
+        chosen = choose_levels(levels, self._budget(levels))
+        layers, names = self.adapter.decoder_layers(), self.adapter.layer_names()
+        dense_cost = sum(level.costs[0] for level in levels)
+        kept_cost = sum(level.costs[choice] for level, choice in zip(levels, chosen))
+        unit = "time" if self.options.target == "latency" else "parameters"
+        logger.info("ZipLM: the decoder layers keep %.1f%% of their %s (predicted speed-up %.2fx)", 100 * kept_cost / dense_cost, unit, dense_cost / kept_cost)
+        for kind in ("attention", "mlp"):
+            report.layer_scores[f"relative output error ({kind})"] = [
+                sum(level.errors[choice] for c, level, choice in zip(components, levels, chosen) if c.layer == i and c.kind == kind)
+                for i in range(len(layers))
+            ]
+
+        def visit(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
+            for component, level, choice in zip(components, levels, chosen):
+                if component.layer != index or level.removed[choice] == 0:
+                    continue
+                count = level.removed[choice]
+                if count > component.removable:
+                    self.adapter.remove_sublayer(layer, component.kind)
+                    report.removed.append(f"{names[index]} {component.kind}: the whole block")
+                    continue
+                projection = output_projection(self.adapter, layer, component)
+                hessian = _input_hessian(self.adapter, layer, projection, inputs)
+                weight, order = greedy_obs(projection.weight.detach(), hessian, group_columns(self.adapter, layer, component), self.options.dampening, count)
+                component.removed = count
+                component.scores = torch.ones(component.removable + 1)
+                component.scores[order] = 0  # width's surgery removes the lowest-scored units
+                kept = component.scores.bool().repeat_interleave(group_columns(self.adapter, layer, component))
+                self.width._cut(layer, component, {})
+                with torch.no_grad():
+                    output_projection(self.adapter, layer, component).weight.copy_(weight[:, kept.to(weight.device)])
+                report.removed.append(f"{names[index]} {component.kind}: {count} of {component.removable + 1} units")
+
+        walk_layers(self.adapter, windows, self.device, visit, "ZipLM (sequential OBS)")
+
+    # --- levels, their costs and errors ------------------------------------------------------
+
+    def _levels(self, components: list[_Component]) -> list[_Levels]:
+        layers = self.adapter.decoder_layers()
+        timings = self._latency_table(components) if self.options.target == "latency" else None
+        result = []
+        for component in components:
+            units = component.removable + 1
+            removed = self._grid(component) + ([units] if self.options.remove_sublayers else [])
+            if timings is None:
+                costs = [float((units - r) * component.unit_parameters) for r in removed]
+            else:
+                table = timings[(component.kind, _shape_key(self.adapter, layers[component.layer], component))]
+                costs = [table[units - r] for r in removed]
+            result.append(_Levels(removed, costs))
+        return result
+
+    def _budget(self, levels: list[_Levels]) -> float:
+        dense = sum(level.costs[0] for level in levels)
+        if self.options.target == "latency":
+            return (1 - self.sparsity) * dense
+        total = sum(l.weight.numel() for layer in self.adapter.decoder_layers() for l in self.adapter.prunable_linears(layer).values())
+        return dense - self.sparsity * total
+
+    def _measure_errors(self, components: list[_Component], levels: list[_Levels], windows: torch.Tensor) -> None:
+        """Relative output error of every level of every component, on the dense model's inputs."""
+
+        def visit(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
+            for component, level in zip(components, levels):
+                if component.layer != index:
+                    continue
+                projection = output_projection(self.adapter, layer, component)
+                hessian = _input_hessian(self.adapter, layer, projection, inputs)
+                _, _, losses = greedy_obs(projection.weight.detach(), hessian, group_columns(self.adapter, layer, component),
+                                          self.options.dampening, component.removable, with_losses=True)  # fmt: skip
+                dense_energy = float(torch.einsum("ij,jk,ik->", *(projection.weight.detach().double(), hessian, projection.weight.detach().double())))
+                cumulative = torch.cat([torch.zeros(1, dtype=torch.float64), losses.cumsum(0)]) / max(dense_energy, 1e-30)
+                level.errors = [1.0 if r > component.removable else float(cumulative[r]) for r in level.removed]
+
+        walk_layers(self.adapter, windows, self.device, visit, "ZipLM error database")  # nothing is cut: dense inputs
+
+    # --- latency table ----------------------------------------------------------------------
+
+    def _latency_table(self, components: list[_Component]) -> dict[tuple[str, tuple], dict[int, float]]:
+        """Seconds of one attention / MLP sublayer per kept unit count (0 → removed), measured once per distinct shape."""
+        adapter, layers = self.adapter, self.adapter.decoder_layers()
+        vocabulary = adapter.model.get_input_embeddings().num_embeddings
+        ids = torch.randint(vocabulary, (1, self.options.latency_tokens), generator=torch.Generator().manual_seed(0))
+        inputs = capture_first_layer_inputs(adapter, ids, self.device)
+        hidden, kwargs = inputs.hidden_states[0], inputs.layer_kwargs[0]
+        tables: dict[tuple[str, tuple], dict[int, float]] = {}
+        for component in components:
+            layer = layers[component.layer]
+            key = (component.kind, _shape_key(adapter, layer, component))
+            if key in tables:
+                continue
+            units = component.removable + 1
+            other = "mlp" if component.kind == "attention" else "attention"
+            table = {0: 0.0}
+            for kept in (units - r for r in self._grid(component)):
+                probe = copy.deepcopy(layer).to(self.device)
+                adapter.remove_sublayer(probe, other)  # time this sublayer alone (with its norm)
+                probe_component = copy.copy(component)
+                probe_component.removed = units - kept
+                probe_component.scores = torch.arange(units, dtype=torch.float)  # any units: only the shape matters
+                if kept < units:
+                    self.width._cut(probe, probe_component, {})
+                table[kept] = _median_seconds(lambda: adapter.run_layer(probe, hidden, kwargs), self.options.latency_repeats, self.device)
+            tables[key] = table
+            logger.info("ZipLM latency table (%s): %s", component.kind, {k: f"{v * 1e3:.2f} ms" for k, v in sorted(table.items())})
+        return tables
+
+    def _grid(self, component: _Component) -> list[int]:
+        """Units removed at each level, ascending, short of the whole sublayer: every count for heads, ZipLM's
+        geometric widths (1 − 0.9ᵏ)·C > 1% of C, rounded to ``round_to``, for MLP channels."""
+        units = component.removable + 1
+        if component.kind == "attention":
+            return list(range(units))
+        step = self.options.round_to
+        widths = {units} | {max(step, round(units * 0.9**k / step) * step) for k in range(200) if 0.9**k > 0.01}
+        return sorted(units - width for width in widths if width <= units)
+
+
+def greedy_obs(
+    weight: torch.Tensor, hessian: torch.Tensor, width: int, dampening: float, count: int, with_losses: bool = False
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Remove ``count`` blocks of ``width`` input columns one at a time by least ρ_S, with the OBS update.
+
+    Returns the compensated weight (removed columns zero), the removed block indices in order and,
+    with ``with_losses``, each step's ρ_S (float64, in the metric of the damped H).
+    """
+    W = weight.double().clone()
+    H = hessian.double().clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H.diagonal().add_(dampening * H.diagonal().mean())
+    Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H))
+    blocks = W.shape[1] // width
+    removed = torch.zeros(blocks, dtype=torch.bool, device=W.device)
+    columns = torch.zeros(W.shape[1], dtype=torch.bool, device=W.device)
+    order, losses = [], []
+    index = torch.arange(blocks, device=W.device)
+    for _ in range(count):
+        diagonal_blocks = Hinv.reshape(blocks, width, blocks, width)[index, :, index, :]
+        inverse_blocks = torch.cholesky_inverse(torch.linalg.cholesky(diagonal_blocks))
+        per_block = W.reshape(W.shape[0], blocks, width).transpose(0, 1)  # blocks × rows × width
+        scaled = torch.bmm(per_block, inverse_blocks)
+        scores = (scaled * per_block).sum((1, 2))
+        scores[removed] = float("inf")
+        j = int(torch.argmin(scores))
+        span = slice(j * width, (j + 1) * width)
+        rows = Hinv[span, :]
+        W -= scaled[j] @ rows
+        Hinv -= rows.T @ inverse_blocks[j] @ rows
+        removed[j] = True
+        columns[span] = True
+        W[:, columns] = 0
+        Hinv[columns, columns] = 1  # keeps later diagonal blocks invertible; S's rows and columns are otherwise zero
+        order.append(j)
+        losses.append(float(scores[j]))
+    result = (W.to(weight.dtype), torch.tensor(order, dtype=torch.long))
+    return (*result, torch.tensor(losses, dtype=torch.float64)) if with_losses else result
+
+
+def choose_levels(levels: list[_Levels], budget: float, buckets: int = DP_BUCKETS) -> list[int]:
+    """ZipLM's dynamic program: one level per component minimising Σ error within Σ cost ≤ ``budget``."""
+    if budget <= 0:
+        raise ValueError("the pruning budget leaves no time (or parameters) for the decoder layers; lower the sparsity")
+    step = budget / buckets
+    best = torch.full((buckets + 1,), float("inf"), dtype=torch.float64)
+    best[0] = 0.0
+    choices = []
+    for level in levels:
+        candidates = torch.full((len(level.removed), buckets + 1), float("inf"), dtype=torch.float64)
+        for position, (cost, error) in enumerate(zip(level.costs, level.errors)):
+            shift = round(cost / step)
+            if shift <= buckets:
+                candidates[position, shift:] = best[: buckets + 1 - shift] + error
+        best, choice = candidates.min(0)
+        choices.append(choice)
+    if torch.isinf(best).all():
+        smallest = sum(min(level.costs) for level in levels)
+        raise ValueError(f"the budget of {budget:.4g} cannot be met: the smallest widths cost {smallest:.4g}; lower the sparsity")
+    spent = int(torch.argmin(best))
+    chosen = []
+    for level, choice in zip(reversed(levels), reversed(choices)):
+        position = int(choice[spent])
+        chosen.append(position)
+        spent -= round(level.costs[position] / step)
+    return chosen[::-1]
+
+
+def _input_hessian(adapter: Any, layer: nn.Module, projection: nn.Linear, inputs: LayerInputs) -> torch.Tensor:
+    """H = 2XXᵀ/n of the projection's inputs while the layer runs on ``inputs`` (float64)."""
+    hessian = torch.zeros(projection.in_features, projection.in_features, dtype=torch.float64, device=projection.weight.device)
+    tokens = [0]
+
+    def record(_module: nn.Module, args: tuple) -> None:
+        x = args[0].detach().double().reshape(-1, projection.in_features)
+        hessian.add_(x.T @ x)
+        tokens[0] += x.shape[0]
+
+    handle = projection.register_forward_pre_hook(record)
+    try:
+        run_layer(adapter, layer, inputs)
+    finally:
+        handle.remove()
+    return hessian * (2 / max(tokens[0], 1))
+
+
+def _shape_key(adapter: Any, layer: nn.Module, component: _Component) -> tuple:
+    projection = output_projection(adapter, layer, component)
+    return (projection.in_features, projection.out_features, component.removable)
+
+
+def _median_seconds(run: Any, repeats: int, device: torch.device) -> float:
+    timings = []
+    with torch.no_grad():
+        for step in range(3 + repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            run()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if step >= 3:
+                timings.append(time.perf_counter() - start)
+    return float(torch.tensor(timings).median())

@@ -1,0 +1,112 @@
+"""ZipLM: the greedy structured OBS pass, the level program, latency and parameter targets, reload."""
+
+import itertools
+
+import pytest
+import torch
+
+from optimum_prune import PruningConfig, prune, save_pruned
+from optimum_prune.methods.ziplm import _Levels, choose_levels, greedy_obs
+
+from ..conftest import assert_reloads_exactly, tiny_model, token_windows
+
+
+def _problem(rows=6, columns=8, tokens=64, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(rows, columns, generator=generator, dtype=torch.float64)
+    mixing = torch.eye(columns, dtype=torch.float64) + 0.5 * torch.randn(columns, columns, generator=generator, dtype=torch.float64)
+    inputs = torch.randn(tokens, columns, generator=generator, dtype=torch.float64) @ mixing  # correlated, well conditioned
+    return weight, inputs, 2 * inputs.T @ inputs / tokens
+
+
+@pytest.mark.parametrize("width", [1, 2])
+def test_each_step_is_the_least_squares_optimum_and_the_errors_add(width):
+    weight, inputs, hessian = _problem()
+    compensated, order, losses = greedy_obs(weight, hessian, width, 0.0, count=3, with_losses=True)
+    removed = torch.zeros(weight.shape[1], dtype=torch.bool)
+    for block in order.tolist():
+        removed[block * width : (block + 1) * width] = True
+    kept = ~removed
+    # The kept columns solve min ‖W X − W' X_kept‖², and the dropped ones are zero.
+    optimum = torch.linalg.lstsq(inputs[:, kept], inputs @ weight.T).solution.T
+    torch.testing.assert_close(compensated[:, kept], optimum)
+    assert compensated[:, removed].abs().max() == 0
+    delta = compensated - weight
+    error = torch.einsum("ij,jk,ik->", delta, hessian, delta)
+    torch.testing.assert_close(losses.sum(), error)  # ρ's add up to the output error
+    # The first choice is the block whose removal (with compensation) costs least.
+    blocks = weight.shape[1] // width
+    costs = []
+    for block in range(blocks):
+        keep = torch.ones(weight.shape[1], dtype=torch.bool)
+        keep[block * width : (block + 1) * width] = False
+        fit = torch.linalg.lstsq(inputs[:, keep], inputs @ weight.T).solution.T
+        costs.append(float((inputs @ weight.T - inputs[:, keep] @ fit.T).square().sum() * 2 / inputs.shape[0]))
+    assert order[0] == min(range(blocks), key=costs.__getitem__)
+    assert losses[0] == pytest.approx(min(costs), rel=1e-6)
+
+
+def test_the_level_program_finds_the_least_error_within_the_budget():
+    generator = torch.Generator().manual_seed(3)
+    levels = [
+        _Levels(removed=list(range(4)), costs=sorted(torch.rand(4, generator=generator).tolist(), reverse=True),
+                errors=sorted(torch.rand(4, generator=generator).tolist()))  # fmt: skip
+        for _ in range(4)
+    ]
+    budget = 0.6 * sum(level.costs[0] for level in levels)
+    chosen = choose_levels(levels, budget)
+    feasible = [
+        combination for combination in itertools.product(range(4), repeat=4)
+        if sum(level.costs[c] for level, c in zip(levels, combination)) <= budget
+    ]  # fmt: skip
+    best = min(sum(level.errors[c] for level, c in zip(levels, combination)) for combination in feasible)
+    assert sum(level.costs[c] for level, c in zip(levels, chosen)) <= budget * 1.001  # rounding to 10,000 buckets
+    assert sum(level.errors[c] for level, c in zip(levels, chosen)) == pytest.approx(best, abs=1e-3)
+    with pytest.raises(ValueError, match="cannot be met"):
+        choose_levels(levels, 0.5 * sum(min(level.costs) for level in levels))
+
+
+def test_parameter_target_hits_the_budget_keeps_gqa_and_reloads(tmp_path):
+    model = tiny_model()
+    linears = lambda: sum(m.weight.numel() for layer in model.model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear))  # noqa: E731
+    before = linears()
+    options = {"target": "parameters", "round_to": 8}
+    report = prune(model, PruningConfig(method="ziplm", sparsity=0.3, method_options=options), calibration=token_windows())
+    assert 0.27 <= 1 - linears() / before <= 0.36  # the level grid is coarse: the program stays within the budget
+    for layer in model.model.layers:
+        assert layer.self_attn.q_proj.out_features % layer.self_attn.k_proj.out_features == 0
+    assert report.removed and "relative output error (mlp)" in report.layer_scores
+    save_pruned(model, tmp_path / "out")
+    assert_reloads_exactly(model, tmp_path / "out")
+
+
+def test_whole_blocks_go_when_the_budget_needs_them(tmp_path):
+    # Attention is a third of the tiny model's linears and every layer keeps one of its two groups
+    # unless the whole block may go: a quarter of the linears can only come from removing blocks.
+    options = {"target": "parameters", "components": "attention"}
+    with pytest.raises(ValueError, match="cannot be met"):
+        prune(tiny_model(), PruningConfig(method="ziplm", sparsity=0.25, method_options={**options, "remove_sublayers": False}), calibration=token_windows())
+    model = tiny_model()
+    report = prune(model, PruningConfig(method="ziplm", sparsity=0.25, method_options=options), calibration=token_windows())
+    assert any("the whole block" in line for line in report.removed)
+    save_pruned(model, tmp_path / "out")
+    assert_reloads_exactly(model, tmp_path / "out")
+
+
+def test_latency_target_measures_a_table_and_stays_within_it(caplog):
+    model = tiny_model()
+    options = {"round_to": 16, "latency_tokens": 32, "latency_repeats": 2}
+    with caplog.at_level("INFO", logger="optimum_prune.methods.ziplm"):
+        report = prune(model, PruningConfig(method="ziplm", sparsity=0.3, method_options=options), calibration=token_windows())
+    assert report.parameters_after < report.parameters_before
+    tables = [r.message for r in caplog.records if "latency table" in r.message]
+    assert len(tables) == 2  # one attention and one MLP table: every layer has the same shapes
+    kept = [r.message for r in caplog.records if "predicted speed-up" in r.message][0]
+    assert float(kept.split("keep ")[1].split("%")[0]) <= 70.1
+
+
+def test_bad_requests_name_the_field():
+    with pytest.raises(ValueError, match="target must be one of"):
+        PruningConfig(method="ziplm", method_options={"target": "flops"})
+    with pytest.raises(ValueError, match="round_to must be a positive integer"):
+        PruningConfig(method="ziplm", method_options={"round_to": 0})
