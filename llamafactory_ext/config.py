@@ -1,8 +1,9 @@
 """The ``pruning:`` section of a LLaMA-Factory YAML.
 
 Its keys are exactly ``PruningConfig``'s fields plus ``calibration_dataset`` (a dataset name
-from LLaMA-Factory's ``dataset_info.json``; default: the YAML's own ``dataset``) and ``offload``
-(``disk``: prune from the checkpoint's shards one layer at a time, ``optimum_prune.prune_checkpoint``). Calibration
+from LLaMA-Factory's ``dataset_info.json``; default: the YAML's own ``dataset``), ``offload``
+(``disk``: prune from the checkpoint's shards one layer at a time, ``optimum_prune.prune_checkpoint``)
+and ``activation_device`` (e.g. ``cpu``: calibration activations wait there between layers). Calibration
 text goes through LLaMA-Factory's own tokenisation: conversational datasets (with responses)
 with the YAML's chat template as in SFT, plain-text ones as in pre-training. Unlike
 LLaMA-Factory's top level, which ignores keys it does not know, an unknown key here is an error
@@ -26,13 +27,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+import torch
 import yaml
 from omegaconf import OmegaConf
 
 from optimum_prune import PruningConfig
 
 SECTION = "pruning"
-EXTRA_KEYS = ("calibration_dataset", "offload")
+EXTRA_KEYS = ("calibration_dataset", "offload", "activation_device")
 OFFLOADS = ("disk",)
 # LLaMA-Factory's default dataset_dir, used when the YAML names none.
 DEFAULT_DATASET_DIR = "data"
@@ -46,6 +48,7 @@ class PruningSection:
     # responses) when every calibration dataset has responses, else "pt" (plain text).
     calibration_stage: str = "pt"
     offload: str | None = None  # "disk": layers stay on disk (prune_checkpoint)
+    activation_device: str | None = None  # where calibration activations wait between layers (prune's)
 
     @classmethod
     def from_mapping(cls, section: Any, lf_args: Mapping[str, Any]) -> "PruningSection":
@@ -65,6 +68,12 @@ class PruningSection:
         offload = section.get("offload")
         if offload is not None and offload not in OFFLOADS:
             raise ValueError(f"{SECTION}.offload must be one of {', '.join(OFFLOADS)} (or absent), got {offload!r}")
+        activation_device = section.get("activation_device")
+        if activation_device is not None:
+            try:
+                torch.device(activation_device)
+            except (RuntimeError, TypeError):
+                raise ValueError(f"{SECTION}.activation_device must be a device name such as cpu, got {activation_device!r}") from None
         dataset = section.get("calibration_dataset", _first_dataset(lf_args.get("dataset")))
         if config.requires_calibration:
             if not dataset:
@@ -73,8 +82,9 @@ class PruningSection:
                     "YAML names no `dataset`; set it to a dataset from dataset_info.json"
                 )
             entries = _registered(dataset, lf_args.get("dataset_dir", DEFAULT_DATASET_DIR))
-            return cls(config, dataset, "sft" if all(_has_responses(entry) for entry in entries) else "pt", offload)
-        return cls(config, None, offload=offload)
+            stage = "sft" if all(_has_responses(entry) for entry in entries) else "pt"
+            return cls(config, dataset, stage, offload, activation_device)
+        return cls(config, None, offload=offload, activation_device=activation_device)
 
 
 def _first_dataset(value: Any) -> str | None:

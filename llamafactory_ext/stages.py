@@ -109,7 +109,10 @@ def prune_and_save(args: Mapping[str, Any], section: PruningSection, target: Pat
         windows = sample_windows(tokens, config.num_calibration_samples, config.calibration_seq_len, config.seed)
     device = "cuda" if torch.cuda.is_available() else None
     if section.offload == "disk":
-        prune_checkpoint(model_args.model_name_or_path, target, config, calibration=windows, tokenizer=tokenizer, device=device)
+        prune_checkpoint(
+            model_args.model_name_or_path, target, config, calibration=windows, tokenizer=tokenizer, device=device,
+            activation_device=section.activation_device,
+        )  # fmt: skip
         if source is not None:
             _record_source(target, source)
         return target
@@ -121,7 +124,7 @@ def prune_and_save(args: Mapping[str, Any], section: PruningSection, target: Pat
     )
     if source is not None:
         model.config.pruned_from = source
-    report = prune(model, config, calibration=windows, device=device)
+    report = prune(model, config, calibration=windows, device=device, activation_device=section.activation_device)
     return save_pruned(model, target, tokenizer=tokenizer, config=config, report=report)
 
 

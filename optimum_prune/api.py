@@ -51,6 +51,7 @@ def prune(
     device: str | torch.device | None = None,
     processor: Any = None,
     offload: "LayerStream | None" = None,
+    activation_device: str | torch.device | None = None,
 ) -> PruningReport:
     """Prune ``model`` in place as ``config`` says and return a report.
 
@@ -61,7 +62,9 @@ def prune(
     where it was. The config is recorded as ``model.config.pruning_config`` so
     ``save_pretrained`` keeps it. Every check (config, architecture, parts, shapes, calibration
     data) runs before any weight changes. ``offload`` keeps the decoder layers on disk (see
-    ``prune_checkpoint``, which builds it).
+    ``prune_checkpoint``, which builds it). ``activation_device`` (e.g. ``"cpu"`` while ``device``
+    is a GPU) keeps the calibration activations there between layers, so the compute device holds
+    one layer, one batch of activations and the method's state at a time (unstructured methods).
     """
     if isinstance(config, Mapping):
         config = PruningConfig.from_dict(config)
@@ -72,9 +75,15 @@ def prune(
     if offload is not None:
         _check_offloadable(config, adapter)
     if METHODS.get(config.method).structured:
+        if activation_device is not None:
+            raise ValueError(
+                f"activation_device applies to the unstructured methods; structured method {config.method!r} keeps its "
+                "activations on the compute device (leave activation_device unset)"
+            )
         runs = [_StructuredRun.plan(adapter, config, device)]
     else:
-        runs = _PruningRun.plan_parts(adapter, config, device, offload)
+        stored = None if activation_device is None else _resolve_device(activation_device, model)
+        runs = _PruningRun.plan_parts(adapter, config, device, offload, stored)
     inputs = None
     if config.requires_calibration:
         inputs = calibration_inputs(
@@ -164,10 +173,12 @@ class _PruningRun:
     targets: list[dict[str, nn.Linear]]
     device: torch.device
     offload: "LayerStream | None" = None
+    activation_device: torch.device | None = None  # where calibration activations wait between layers
 
     @classmethod
     def plan_parts(
-        cls, adapter: DecoderAdapter, config: PruningConfig, device: torch.device, offload: "LayerStream | None" = None
+        cls, adapter: DecoderAdapter, config: PruningConfig, device: torch.device, offload: "LayerStream | None" = None,
+        activation_device: torch.device | None = None,
     ) -> list["_PruningRun"]:
         """One run per part the config names, in the order the model executes them."""
         available = adapter.parts()
@@ -179,13 +190,15 @@ class _PruningRun:
                 f"{', '.join(available)}; remove the policy for {', '.join(missing)}"
             )
         return [
-            cls.plan(name, part, config, targets[name], device, offload) for name, part in available.items() if name in targets
+            cls.plan(name, part, config, targets[name], device, offload, activation_device)
+            for name, part in available.items()
+            if name in targets
         ]
 
     @classmethod
     def plan(
         cls, part: str, adapter: DecoderAdapter, config: PruningConfig, target: SparsityTarget, device: torch.device,
-        offload: "LayerStream | None" = None,
+        offload: "LayerStream | None" = None, activation_device: torch.device | None = None,
     ) -> "_PruningRun":
         method = METHODS.get(config.method)
         options = config.build_method_options()
@@ -201,7 +214,7 @@ class _PruningRun:
         if moe_options.expert_sparsity == "load":
             _check_load_hints(config, moe_options, method, target)
         allocation = ALLOCATIONS.get(config.allocation).create(config.build_allocation_options())
-        return cls(config, part, target, adapter, method, options, moe_options, allocation, targets, device, offload)
+        return cls(config, part, target, adapter, method, options, moe_options, allocation, targets, device, offload, activation_device)
 
     def execute(self, windows: CalibrationInputs | None, report: PruningReport) -> None:
         layer_targets = self._layer_targets(windows)
@@ -209,7 +222,7 @@ class _PruningRun:
         if self.method.requires_calibration:
             walk_layers(
                 self.adapter, windows, self.device, self._pruning_visitor(layer_targets, report), self._description("Pruning"),
-                residency=residency,
+                residency=residency, activation_device=self.activation_device,
             )  # fmt: skip
             return
         layers = self.adapter.decoder_layers()
@@ -242,7 +255,7 @@ class _PruningRun:
         elif self.allocation.requires_calibration:
             walk_layers(
                 self.adapter, windows, self.device, self._observing_visitor(), self._description("Allocating sparsity"),
-                residency=self.offload.reading if self.offload else None,
+                residency=self.offload.reading if self.offload else None, activation_device=self.activation_device,
             )  # fmt: skip
         return self.allocation.allocate(self.target, len(self.targets))
 

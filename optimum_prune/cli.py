@@ -83,6 +83,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "turn (memory: one layer, whatever the depth); rerunning an interrupted command resumes it",
     )
     parser.add_argument(
+        "--activation-device",
+        help="where calibration activations wait between layers, e.g. cpu while --device is cuda: the GPU then holds one "
+        "layer and one batch of activations at a time (unstructured methods; default: --device)",
+    )
+    parser.add_argument(
         "--compressed-tensors-metadata", action="store_true",
         help="write the compressed-tensors sparsity_config (which layers, 2:4 or unstructured) as the checkpoint's "
         "quantization_config, for serving stacks such as vLLM (needs the compressed-tensors package)",
@@ -146,7 +151,9 @@ def run(args: argparse.Namespace) -> int:
 
     dense = perplexity() if args.eval and world()[0] == 0 else None
     before = verify_sparsity(model)["overall_sparsity"]
-    report = prune(model, config, calibration=args.calibration, tokenizer=tokenizer, device=device)
+    report = prune(
+        model, config, calibration=args.calibration, tokenizer=tokenizer, device=device, activation_device=args.activation_device
+    )
     if world()[0] != 0:
         return 0  # every process holds the same pruned model; the first one evaluates, saves and reports
     pruned = perplexity() if args.eval else None
@@ -191,7 +198,7 @@ def _run_offloaded(args: argparse.Namespace, config: PruningConfig) -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True) if config.requires_calibration else None
     report = prune_checkpoint(
         args.model, args.output, config, calibration=args.calibration, tokenizer=tokenizer, device=args.device,
-        dtype=DTYPES[args.dtype] if args.dtype else None,
+        dtype=DTYPES[args.dtype] if args.dtype else None, activation_device=args.activation_device,
     )  # fmt: skip
     print(f"\n{config.method} {config.sparsity} ({config.allocation}) -> {args.output}")
     print(f"linear sparsity (excl. lm_head): {report.overall_sparsity:.2%}; pruning time {report.seconds:.1f} s; "

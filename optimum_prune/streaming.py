@@ -147,10 +147,12 @@ def prune_checkpoint(
     tokenizer: Any = None,
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
+    activation_device: str | torch.device | None = None,
 ) -> PruningReport:
     """Prune the checkpoint in ``source`` layer by layer from disk into ``output_dir`` (see the module
     docstring); rerunning after an interruption resumes. ``dtype`` is what layers are pruned and
-    saved in (default: the checkpoint's). Unstructured methods, uniform or OWL allocation."""
+    saved in (default: the checkpoint's); ``activation_device`` is where calibration activations
+    wait between layers (``prune``'s). Unstructured methods, uniform or OWL allocation."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -173,7 +175,10 @@ def prune_checkpoint(
     _load_inputs(model, adapter.capture_modules(), reader, rest, dtype)
     staging = _staging(output_dir, source, config)
     stream = LayerStream(reader, staging, layer_names, torch.device(device or "cpu"), dtype)
-    report = prune(model, config, calibration=calibration, tokenizer=tokenizer, device=stream.device, offload=stream)
+    report = prune(
+        model, config, calibration=calibration, tokenizer=tokenizer, device=stream.device, offload=stream,
+        activation_device=activation_device,
+    )  # fmt: skip
     _finish_checkpoint(model, reader, rest, stream, tokenizer, config, source, output_dir)
     return report
 

@@ -6,7 +6,8 @@ embeddings, ...) are captured. From then on one layer at a time is moved to the 
 visited (statistics gathered, weights pruned), and run again on the captured inputs so that its
 *pruned* outputs become the next layer's inputs (SparseGPT, Sec. 3.5; Wanda, Sec. 3). Memory is
 the model plus two activation buffers of ``samples × seq_len × hidden`` — independent of depth,
-and no logits are ever computed.
+and no logits are ever computed. With ``activation_device`` the buffers wait on another device
+(the CPU) and each batch visits the compute device only while its layer runs.
 """
 
 from __future__ import annotations
@@ -60,8 +61,11 @@ class _StopForward(Exception):
 
 
 def capture_first_layer_inputs(
-    adapter: DecoderAdapter, inputs: CalibrationInputs, device: torch.device, batch_size: int = 1
+    adapter: DecoderAdapter, inputs: CalibrationInputs, device: torch.device, batch_size: int = 1,
+    activation_device: torch.device | None = None,
 ) -> LayerInputs:
+    """Layer 0's inputs for every calibration batch, computed on ``device``; the hidden states are kept on
+    ``activation_device`` (default: ``device``), the layer's other arguments on ``device``."""
     model = adapter.model
     first_layer = adapter.decoder_layers()[0]
     signature = inspect.signature(first_layer.forward)
@@ -71,7 +75,7 @@ def capture_first_layer_inputs(
         # Bind positional arguments to their names (CLIP's encoder passes the masks positionally),
         # so every layer can be rerun as ``layer(hidden, **kwargs)``.
         arguments = _named_arguments(signature, args, kwargs)
-        captured.hidden_states.append(arguments.pop(next(iter(signature.parameters))).detach())
+        captured.hidden_states.append(arguments.pop(next(iter(signature.parameters))).detach().to(activation_device or device))
         captured.layer_kwargs.append(arguments)
         raise _StopForward
 
@@ -107,9 +111,12 @@ def _named_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) ->
 
 
 def run_layer(adapter: DecoderAdapter, layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
+    """The layer's outputs for every batch, computed where the layer is and kept where the inputs were
+    (offloaded activations visit the compute device one batch at a time)."""
+    compute = _device_of(layer)
     with torch.no_grad():
         return [
-            adapter.run_layer(layer, hidden, kwargs).detach()
+            adapter.run_layer(layer, hidden.to(compute or hidden.device), kwargs).detach().to(hidden.device)
             for hidden, kwargs in zip(inputs.hidden_states, inputs.layer_kwargs)
         ]
 
@@ -142,9 +149,14 @@ def walk_layers(
     description: str,
     batch_size: int = 1,
     residency: LayerResidency | None = None,
+    activation_device: torch.device | None = None,
 ) -> None:
-    """Visit every decoder layer with its inputs, then propagate the (possibly pruned) layer's outputs."""
-    inputs = capture_first_layer_inputs(adapter, windows, device, batch_size)
+    """Visit every decoder layer with its inputs, then propagate the (possibly pruned) layer's outputs.
+
+    ``activation_device`` (e.g. the CPU while pruning on a GPU) holds the calibration activations
+    between layers: the compute device then holds one layer and one batch of activations at a time.
+    """
+    inputs = capture_first_layer_inputs(adapter, windows, device, batch_size, activation_device)
     logger.info("captured %d calibration batches (%.1f MiB of activations)", len(inputs.hidden_states), inputs.num_bytes / 2**20)
     layers = adapter.decoder_layers()
     residency = residency or moving_to(device)

@@ -32,3 +32,16 @@ def test_model_already_on_cuda():
     model = tiny_model().cuda()
     prune(model, PruningConfig(method="wanda", sparsity="2:4"), calibration=token_windows())
     assert {p.device.type for p in model.parameters()} == {"cuda"}
+
+
+def test_activations_offloaded_to_the_cpu_give_the_same_masks_with_less_gpu_memory():
+    """Pruning on the GPU with the calibration activations on the CPU: same result, only a batch on the GPU."""
+    config = PruningConfig(method="sparsegpt", sparsity=0.5, num_calibration_samples=64, calibration_seq_len=128)
+    windows = token_windows(samples=64, seq_len=128)
+    resident, offloaded = tiny_model(hidden_size=512, intermediate_size=1024), tiny_model(hidden_size=512, intermediate_size=1024)
+    kept = prune(resident, config, calibration=windows, device="cuda")
+    moved = prune(offloaded, config, calibration=windows, device="cuda", activation_device="cpu")
+    for a, b in zip(resident.parameters(), offloaded.parameters()):
+        assert torch.equal(a == 0, b == 0)
+    activations = 2 * 64 * 128 * 512 * 4  # both buffers, fp32
+    assert moved.peak_memory_bytes < kept.peak_memory_bytes - activations // 2

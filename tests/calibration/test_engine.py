@@ -1,3 +1,4 @@
+import copy
 import gc
 
 import pytest
@@ -117,3 +118,17 @@ def test_training_mode_is_restored(llama, windows):
     llama.train()
     prune(llama, PruningConfig(method="wanda", sparsity=0.5), calibration=windows)
     assert llama.training
+
+
+def test_offloaded_activations_give_the_same_result_and_wait_on_their_device(llama, windows):
+    from optimum_prune.calibration import capture_first_layer_inputs
+
+    inputs = capture_first_layer_inputs(get_adapter(llama), windows, torch.device("cpu"), activation_device=torch.device("cpu"))
+    assert {h.device.type for h in inputs.hidden_states} == {"cpu"}
+    config = PruningConfig(method="sparsegpt", sparsity=0.5)
+    offloaded = copy.deepcopy(llama)
+    prune(llama, config, calibration=windows)
+    prune(offloaded, config, calibration=windows, activation_device="cpu")
+    assert all(torch.equal(a, b) for a, b in zip(llama.parameters(), offloaded.parameters()))
+    with pytest.raises(ValueError, match="activation_device applies to the unstructured methods"):
+        prune(offloaded, PruningConfig(method="width", sparsity=0.2), calibration=windows, activation_device="cpu")

@@ -24,10 +24,10 @@ def run_cli(tmp_path, capsys, config: dict | str, command: str = "train") -> str
 @pytest.mark.parametrize(
     "pruning, message",
     [
-        ({"method": "wanda", "sparsty": 0.5}, "pruning.sparsty is not a valid key; valid keys: allocation, "),
+        ({"method": "wanda", "sparsty": 0.5}, "pruning.sparsty is not a valid key; valid keys: activation_device, allocation, "),
         ({"method": "wanda", "sparsity": 1.5}, r"pruning: PruningConfig.sparsity must be in \[0, 1\)"),
         ({"method": "wanda", "sparsity": "5:4"}, "pruning: PruningConfig.sparsity '5:4' needs 0 < N < M"),
-        ({"method": "prune_everything"}, "pruning: PruningConfig.method 'prune_everything' is not a registered pruning method; known: experts, layers, low_rank, magnitude"),
+        ({"method": "prune_everything"}, "pruning: PruningConfig.method 'prune_everything' is not a registered pruning method; known: experts, kprune, layers, low_rank, magnitude"),
         ({"method": "wanda", "calibration_dataset": "not_registered"}, "pruning.calibration_dataset 'not_registered' is not in .*dataset_info.json; registered: wiki_pt, wiki_sft"),
         ("wanda", "pruning: must be a mapping of PruningConfig fields"),
     ],
@@ -166,6 +166,13 @@ def test_pruning_offload_must_be_disk(workspace, tmp_path):
         split_pruning({**base_args(workspace, tmp_path), "pruning": {"method": "magnitude", "offload": "gpu"}})
     _, section = split_pruning({**base_args(workspace, tmp_path), "pruning": {"method": "magnitude", "offload": "disk"}})
     assert section.offload == "disk"
+
+
+def test_pruning_activation_device_is_a_device_name(workspace, tmp_path):
+    with pytest.raises(ValueError, match="pruning.activation_device must be a device name"):
+        split_pruning({**base_args(workspace, tmp_path), "pruning": {"method": "magnitude", "activation_device": "gpu0"}})
+    _, section = split_pruning({**base_args(workspace, tmp_path), "pruning": {"method": "magnitude", "activation_device": "cpu"}})
+    assert section.activation_device == "cpu"
 
 
 def test_precompute_top_k_needs_top_k_and_no_hidden_loss(workspace, tmp_path):
