@@ -28,7 +28,7 @@ from .calibration import (
 from .calibration.engine import moving_to
 from .config import PruningConfig
 from .distributed import all_reduce_sum, is_distributed, shard
-from .methods import METHODS, LayerPruner, MethodSpec, StructuredMethod
+from .methods import METHODS, LayerPruner, MethodSpec, ModelPruner, StructuredMethod
 from .methods.magnitude import MagnitudeOptions
 from .options import MoEOptions
 from .report import LinearReport, PruningReport, process_peak_rss
@@ -74,13 +74,15 @@ def prune(
     adapter = get_adapter(model)
     if offload is not None:
         _check_offloadable(config, adapter)
+    if not METHODS.get(config.method).pruner and activation_device is not None:
+        raise ValueError(
+            f"activation_device applies to the per-layer methods (magnitude, wanda, sparsegpt); {config.method!r} keeps its "
+            "activations on the compute device (leave activation_device unset)"
+        )
     if METHODS.get(config.method).structured:
-        if activation_device is not None:
-            raise ValueError(
-                f"activation_device applies to the unstructured methods; structured method {config.method!r} keeps its "
-                "activations on the compute device (leave activation_device unset)"
-            )
         runs = [_StructuredRun.plan(adapter, config, device)]
+    elif METHODS.get(config.method).model_pruner:
+        runs = [_ModelRun.plan(adapter, config, device)]
     else:
         stored = None if activation_device is None else _resolve_device(activation_device, model)
         runs = _PruningRun.plan_parts(adapter, config, device, offload, stored)
@@ -92,10 +94,10 @@ def prune(
         _check_calibration_reaches_parts(inputs, config, runs)
     tokens, images = count_tokens(inputs), count_images(inputs)
     if is_distributed():
-        if METHODS.get(config.method).structured:
+        if not METHODS.get(config.method).pruner:
             raise ValueError(
-                f"multi-process calibration supports the unstructured methods; run structured method {config.method!r} "
-                "in a single process"
+                f"multi-process calibration supports the per-layer methods (magnitude, wanda, sparsegpt); run "
+                f"{config.method!r} in a single process"
             )
         inputs = shard(inputs)
     report = PruningReport(
@@ -126,9 +128,9 @@ def prune(
 
 def _check_offloadable(config: PruningConfig, adapter: DecoderAdapter) -> None:
     """Offloaded runs hold one layer at a time: methods and allocations that need more are refused."""
-    if METHODS.get(config.method).structured:
+    if not METHODS.get(config.method).pruner:
         raise ValueError(
-            f"offloaded pruning supports the unstructured methods; structured method {config.method!r} needs the "
+            f"offloaded pruning supports the per-layer methods (magnitude, wanda, sparsegpt); {config.method!r} needs the "
             "whole model in memory"
         )
     if ALLOCATIONS.get(config.allocation).allocation.observes_model:
@@ -145,9 +147,9 @@ def _check_offloadable(config: PruningConfig, adapter: DecoderAdapter) -> None:
 
 def _check_calibration_reaches_parts(inputs: CalibrationInputs, config: PruningConfig, runs: list) -> None:
     """Vision encoders and projectors only run on images; structured methods calibrate on token windows."""
-    if not isinstance(inputs, torch.Tensor) and METHODS.get(config.method).structured:
+    if not isinstance(inputs, torch.Tensor) and not METHODS.get(config.method).pruner:
         raise ValueError(
-            f"structured method {config.method!r} calibrates on text token windows; pass text calibration "
+            f"method {config.method!r} calibrates on text token windows; pass text calibration "
             "(None, strings, a text file or a LongTensor), not image-text pairs or processed batches"
         )
     needing_images = [run.part for run in runs if run.part != "language"]
@@ -370,8 +372,29 @@ class _StructuredRun:
         report.macs_per_token_after = count_macs_per_token(model)
 
 
+@dataclass
+class _ModelRun:
+    """A whole-model method (LLM Surgeon) bound to the linears the config targets."""
+
+    method: ModelPruner
+    part: str = "language"
+
+    @classmethod
+    def plan(cls, adapter: DecoderAdapter, config: PruningConfig, device: torch.device) -> "_ModelRun":
+        spec = METHODS.get(config.method)
+        target = config.part_targets()["language"]
+        method = spec.model_pruner(adapter, target, _target_linears(adapter, config.ignore), config.build_method_options(), device)
+        method.check()
+        return cls(method)
+
+    def execute(self, windows: torch.Tensor, report: PruningReport) -> None:
+        self.method.prune(windows, report)
+
+
 def planned_linears(adapter: DecoderAdapter, config: PruningConfig) -> dict[str, nn.Linear]:
     """The linears an unstructured ``config`` prunes in the adapter's model, by qualified name."""
+    if METHODS.get(config.method).model_pruner:
+        return {name: linear for layer in _target_linears(adapter, config.ignore) for name, linear in layer.items()}
     runs = _PruningRun.plan_parts(adapter, config, torch.device("cpu"))
     return {name: linear for run in runs for layer in run.targets for name, linear in layer.items()}
 

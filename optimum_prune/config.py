@@ -97,6 +97,11 @@ class PruningConfig:
                     f"PruningConfig.allocation {self.allocation!r} applies to unstructured methods; structured method "
                     f"{self.method!r} chooses its own per-layer widths (see its 'ranking' option): use allocation='uniform'"
                 )
+        if spec.model_pruner is not None and (allocation.name != "uniform" or set(self.parts) - {"language"}):
+            raise ValueError(
+                f"PruningConfig.allocation / parts: method {self.method!r} chooses per-layer sparsity itself from one "
+                "threshold across the language model's layers; use allocation='uniform' and no other parts"
+            )
         if allocation.name != "uniform" and patterns:
             raise ValueError(
                 f"PruningConfig.allocation {self.allocation!r} varies sparsity per layer and cannot be combined "

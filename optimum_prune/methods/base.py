@@ -9,6 +9,10 @@ SparseGPT, a weight update).
 Structured methods remove whole heads, channels, sublayers or layers, so they see the whole
 model through its adapter: a ``StructuredMethod`` checks the request, scores the units, and asks
 the adapter to cut them. The config rewrite and the report's before/after counts are shared.
+
+Whole-model methods zero weights (unstructured or N:M) like the per-linear ones, but with a
+criterion that compares weights across layers or is recomputed between shots (LLM Surgeon's
+global threshold on K-FAC costs): a ``ModelPruner`` gets every target linear at once.
 """
 
 from __future__ import annotations
@@ -84,6 +88,33 @@ class StructuredMethod(ABC, Generic[Options]):
         """Score, select and cut; record per-layer scores and removed units in ``report``."""
 
 
+class ModelPruner(ABC, Generic[Options]):
+    """Zeros weights of all target linears together (``linears``: per decoder layer, qualified name → linear)."""
+
+    def __init__(
+        self, adapter: DecoderAdapter, target: SparsityTarget, linears: list[dict[str, nn.Linear]], options: Options, device: torch.device
+    ) -> None:
+        self.adapter = adapter
+        self.target = target
+        self.linears = linears
+        self.options = options
+        self.device = device
+
+    def check(self) -> None:
+        """Raise ``ValueError`` for a request that cannot be met, before anything is changed."""
+        if isinstance(self.target, NMPattern):
+            for layer in self.linears:
+                for name, linear in layer.items():
+                    try:
+                        self.target.check_columns(linear.in_features)
+                    except ValueError as error:
+                        raise ValueError(f"PruningConfig.sparsity {str(self.target)!r} cannot be applied to {name}: {error}") from None
+
+    @abstractmethod
+    def prune(self, windows: torch.Tensor, report: Any) -> None:
+        """Zero (and update) the linears' weights; append one ``LinearReport`` per linear to ``report.linears``."""
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     name: str
@@ -92,6 +123,7 @@ class MethodSpec:
     summary: str
     pruner: type[LayerPruner] | None = None
     structured: type[StructuredMethod] | None = None
+    model_pruner: type[ModelPruner] | None = None
 
     def create(self, linear: nn.Linear, options: Any) -> LayerPruner:
         return self.pruner(linear, options)
@@ -125,6 +157,16 @@ def register_structured_method(
 
     def decorator(method: type[StructuredMethod]) -> type[StructuredMethod]:
         METHODS.add(name, MethodSpec(name, options, True, _summary(method), structured=method))
+        return method
+
+    return decorator
+
+
+def register_model_method(name: str, *, options: type = NoOptions) -> Callable[[type[ModelPruner]], type[ModelPruner]]:
+    """Class decorator: make a ``ModelPruner`` available as ``PruningConfig(method=name)`` (always calibrated)."""
+
+    def decorator(method: type[ModelPruner]) -> type[ModelPruner]:
+        METHODS.add(name, MethodSpec(name, options, True, _summary(method), model_pruner=method))
         return method
 
     return decorator

@@ -1,0 +1,230 @@
+"""The LLM Surgeon (van der Ouderaa, Nagel, van Baalen, Asano & Blankevoort, ICLR 2024): unstructured
+and N:M pruning with Kronecker-factored curvature, a global threshold across layers, correlated
+weight updates and a multi-shot schedule. Equations follow the paper's Sec. 3–4 as the official
+code (Qualcomm-AI-research/llm-surgeon) implements them.
+
+Curvature (Sec. 3.1, K-FAC): each linear's block of the empirical Fisher of the calibration loss
+is F ≈ G ⊗ A, with A = E[a aᵀ] over its input tokens and G = E[g gᵀ] over the loss gradients g with
+respect to its output (true next-token labels), both per token. Removing a set K of weights and
+updating the rest optimally under the quadratic model costs (Eq. 6–7)
+
+    ΔL_K = ½ θ_Kᵀ [F⁻¹]_KK⁻¹ θ_K,      Δθ = −F⁻¹ E_Kᵀ [F⁻¹]_KK⁻¹ θ_K,    F⁻¹ = G⁻¹ ⊗ A⁻¹,
+
+so a single weight's cost is W_rc² / (2 [G⁻¹]_rr [A⁻¹]_cc) (Eq. 10), an N:M group's the sum of its N
+cheapest, and the correlated update of a group of weights Q solves ([G⁻¹]_{QrQr} ⊙ [A⁻¹]_{QcQc}) x = w_Q
+and applies ΔW = −G⁻¹ X A⁻¹ with X holding x at Q (Eq. 13). G and A are damped by ``damp_g`` /
+``damp_a`` times their mean diagonal before inversion.
+
+Schedule (Sec. 3.5): over ``shots`` shots the target rises linearly, α_t = t·α/T; each shot
+re-estimates the curvature on the current model, takes one threshold on the costs of every
+weight of every layer so that α_t of them are (or stay) removed — already removed weights cost 0 —
+and removes the new ones with the correlated update, in groups of whole rows of at most
+``max_correlate`` weights, each group seeing the previous groups' updates (the code's defaults
+for unstructured and semi-structured runs). Weights removed in earlier shots are set to zero
+again after each update instead of entering the constrained solve, so each shot's systems hold
+only its new removals. The paper's optional LoRA steps between shots are not run here (recover
+afterwards with PERP or LLaMA-Factory).
+
+Memory: the whole model on the calibration device for one window's forward and backward (full-
+vocabulary logits for that window only; weights take no gradients), and for every target linear
+its two factors and their inverses: 2·(out² + in²) values (SmolLM2-135M: 2.7 GiB in fp32; a 7B
+Llama: ~130 GiB, which is why the official code keeps them on the CPU — so does this one when
+``factors_on_cpu``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calibration.engine import on_device
+from ..calibration.gradients import _grad_only
+from ..options import option
+from ..report import LinearReport
+from ..sparsity import NMPattern
+from .base import ModelPruner, register_model_method
+
+
+@dataclass(frozen=True)
+class LLMSurgeonOptions:
+    shots: int = option(5, "Shots T of the linear schedule α_t = t·α/T, the curvature re-estimated before each (paper: 5 to 40).")
+    damp_g: float = option(0.1, "Damping of G relative to its mean diagonal (paper's unstructured and 2:4 runs: 0.1).")
+    damp_a: float = option(0.01, "Damping of A relative to its mean diagonal (paper: 0.01).")
+    max_correlate: int = option(2000, "Most weights removed together in one correlated solve (whole rows; paper: 2000).")
+    factors_on_cpu: bool = option(False, "Keep the K-FAC factors on the CPU between the backward passes and the updates.")
+
+    def __post_init__(self) -> None:
+        for name in ("shots", "max_correlate"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"method_options.{name} must be a positive integer, got {getattr(self, name)}")
+        for name in ("damp_g", "damp_a"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"method_options.{name} must be > 0 (the factors are inverted), got {getattr(self, name)}")
+
+
+@register_model_method("llm_surgeon", options=LLMSurgeonOptions)
+class LLMSurgeon(ModelPruner[LLMSurgeonOptions]):
+    """LLM Surgeon: K-FAC costs, one threshold across all layers, correlated updates, over several shots."""
+
+    def prune(self, windows: torch.Tensor, report: Any) -> None:
+        linears = {name: linear for layer in self.linears for name, linear in layer.items()}
+        pattern = self.target if isinstance(self.target, NMPattern) else None
+        final = pattern.sparsity if pattern else float(self.target)
+        with on_device([self.adapter.model], self.device):
+            for shot in tqdm(range(1, self.options.shots + 1), desc="LLM Surgeon shots"):
+                inverses = self._inverse_factors(kfac_factors(self.adapter.model, windows, list(linears.values()), self.options.factors_on_cpu))
+                fraction = shot / self.options.shots
+                costs = {name: element_costs(linear.weight, *inverses[linear]) for name, linear in linears.items()}
+                if pattern:
+                    masks = _nm_masks(costs, pattern, fraction)
+                else:
+                    masks = threshold_masks(costs, fraction * final)
+                for name, linear in linears.items():
+                    correlated_update(linear, masks[name], *inverses[linear], self.options.max_correlate)
+                del inverses, costs
+        for index, layer in enumerate(self.linears):
+            for name, linear in layer.items():
+                weight = linear.weight
+                measured = int((weight == 0).sum()) / weight.numel()
+                report.linears.append(LinearReport(name, index, final, measured, weight.numel()))
+
+    def _inverse_factors(self, factors: dict[nn.Linear, tuple[torch.Tensor, torch.Tensor]]) -> dict[nn.Linear, tuple[torch.Tensor, torch.Tensor]]:
+        return {
+            linear: (_damped_inverse(g, self.options.damp_g), _damped_inverse(a, self.options.damp_a))
+            for linear, (g, a) in factors.items()
+        }
+
+
+def kfac_factors(
+    model: nn.Module, windows: torch.Tensor, linears: list[nn.Linear], on_cpu: bool = False
+) -> dict[nn.Linear, tuple[torch.Tensor, torch.Tensor]]:
+    """Per linear, (G, A): the mean over calibration tokens of g gᵀ (g = ∂L/∂output, L the window's mean
+    next-token loss) and of a aᵀ (a = input), rescaled to equal Frobenius norms (G ⊗ A unchanged)."""
+    device = next(model.parameters()).device
+    store = torch.device("cpu") if on_cpu else None
+    sums = {linear: [torch.zeros(linear.out_features, linear.out_features, device=store or linear.weight.device),
+                     torch.zeros(linear.in_features, linear.in_features, device=store or linear.weight.device)]
+            for linear in linears}  # fmt: skip
+
+    def forward(linear: nn.Linear, args: tuple, output: torch.Tensor) -> None:
+        a = args[0].detach().float().reshape(-1, linear.in_features)
+        sums[linear][1].add_((a.T @ a).to(sums[linear][1].device))
+
+        def backward(gradient: torch.Tensor) -> None:
+            g = torch.nan_to_num(gradient.detach().float().reshape(-1, linear.out_features))
+            sums[linear][0].add_((g.T @ g).to(sums[linear][0].device))
+
+        output.register_hook(backward)
+
+    handles = [linear.register_forward_hook(forward) for linear in linears]
+    # Weights take no gradient; making the embeddings' output require one makes autograd reach every linear's output.
+    handles.append(model.get_input_embeddings().register_forward_hook(lambda _m, _a, output: output.requires_grad_(True)))
+    tokens = 0
+    try:
+        with _grad_only(model, []), torch.enable_grad():
+            for window in tqdm(windows, desc="K-FAC curvature", leave=False):
+                ids = window.unsqueeze(0).to(device)
+                model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+                tokens += ids.numel()
+    finally:
+        for handle in handles:
+            handle.remove()
+    factors = {}
+    for linear, (g, a) in sums.items():
+        g, a = g / tokens, a / tokens
+        balance = (g.norm() * a.norm()).sqrt()
+        factors[linear] = (g / g.norm().clamp_min(1e-30) * balance, a / a.norm().clamp_min(1e-30) * balance)
+    return factors
+
+
+def element_costs(weight: torch.Tensor, g_inverse: torch.Tensor, a_inverse: torch.Tensor) -> torch.Tensor:
+    """ΔL of removing each weight alone: W_rc² / (2 [G⁻¹]_rr [A⁻¹]_cc) (Eq. 10); 0 for a weight whose
+    output gets no gradient or whose input is always zero (it does not touch the loss)."""
+    w = weight.detach().float().to(g_inverse.device)
+    denominator = 2 * torch.outer(g_inverse.diagonal(), a_inverse.diagonal())
+    return torch.where(denominator > 0, w.square() / denominator.clamp_min(1e-30), 0.0).to(weight.device)
+
+
+def threshold_masks(costs: dict[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
+    """One threshold over every layer's costs: the ``fraction`` cheapest weights of the whole model."""
+    flat = torch.cat([c.flatten().float().cpu() for c in costs.values()])
+    count = round(fraction * flat.numel())
+    if count == 0:
+        return {name: torch.zeros_like(c, dtype=torch.bool) for name, c in costs.items()}
+    threshold = torch.kthvalue(flat, count).values
+    return {name: c <= threshold.to(c.device) for name, c in costs.items()}
+
+
+def _nm_masks(costs: dict[str, torch.Tensor], pattern: NMPattern, fraction: float) -> dict[str, torch.Tensor]:
+    """N:M: a group's cost is the sum of its N cheapest weights; the ``fraction`` cheapest groups of the
+    whole model lose those N (the last shot, fraction 1, gives every group the pattern)."""
+    group_costs, orders = {}, {}
+    for name, c in costs.items():
+        groups = c.reshape(c.shape[0], -1, pattern.m)
+        cheapest = groups.topk(pattern.n, dim=-1, largest=False)
+        group_costs[name], orders[name] = cheapest.values.sum(-1), cheapest.indices
+    chosen = threshold_masks(group_costs, fraction)
+    masks = {}
+    for name, c in costs.items():
+        mask = torch.zeros(c.shape[0], c.shape[1] // pattern.m, pattern.m, dtype=torch.bool, device=c.device)
+        mask.scatter_(-1, orders[name], chosen[name].unsqueeze(-1).expand_as(orders[name]))
+        masks[name] = mask.reshape(c.shape)
+    return masks
+
+
+def correlated_update(linear: nn.Linear, mask: torch.Tensor, g_inverse: torch.Tensor, a_inverse: torch.Tensor, max_correlate: int) -> None:
+    """Remove the weights in ``mask`` that are not zero yet with the correlated OBS update (Eq. 13), in
+    groups of whole rows of at most ``max_correlate`` weights, each seeing the previous groups' update;
+    then zero everything in ``mask``."""
+    weight = linear.weight
+    W = weight.detach().to(g_inverse.device, torch.float64)
+    mask = mask.to(W.device)
+    alive = torch.outer(g_inverse.diagonal() > 0, a_inverse.diagonal() > 0)  # dead rows/columns just go to zero
+    new = mask & (W != 0) & alive
+    g_inverse, a_inverse = g_inverse.double(), a_inverse.double()
+    for rows, columns in _row_groups(new, max_correlate):
+        values = W[rows, columns]
+        system = g_inverse[rows][:, rows] * a_inverse[columns][:, columns]
+        x = torch.linalg.solve(system, values)
+        touched, position = torch.unique(rows, return_inverse=True)
+        scattered = torch.zeros(len(touched), W.shape[1], dtype=W.dtype, device=W.device)
+        scattered.index_put_((position, columns), x, accumulate=True)
+        W -= g_inverse[:, touched] @ scattered @ a_inverse
+        W[rows, columns] = 0
+    W[mask] = 0
+    with torch.no_grad():
+        weight.copy_(W.to(weight.device, weight.dtype))
+
+
+def _row_groups(mask: torch.Tensor, limit: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(row, column) indices of ``mask``'s entries in groups of whole rows holding at most ``limit`` entries
+    (a row with more is split)."""
+    rows, columns = torch.nonzero(mask, as_tuple=True)  # ordered by row
+    spans, start, previous = [], 0, 0
+    for end in torch.bincount(rows, minlength=mask.shape[0]).cumsum(0).tolist():  # where each row's entries end
+        if end - start > limit and previous > start:  # this row does not fit: close the group before it
+            spans.append((start, previous))
+            start = previous
+        while end - start > limit:  # a row longer than the limit is split
+            spans.append((start, start + limit))
+            start += limit
+        previous = end
+    if previous > start:
+        spans.append((start, previous))
+    return [(rows[a:b], columns[a:b]) for a, b in spans]
+
+
+def _damped_inverse(factor: torch.Tensor, damping: float) -> torch.Tensor:
+    """(F + damping·mean(diag F)·I)⁻¹ in float64 via Cholesky; rows and columns with zero diagonal stay zero."""
+    matrix = factor.double()
+    alive = matrix.diagonal() > 0
+    inverse = torch.zeros_like(matrix)
+    if alive.any():
+        sub = matrix[alive][:, alive]
+        sub = sub + damping * sub.diagonal().mean() * torch.eye(len(sub), dtype=sub.dtype, device=sub.device)
+        inverse[torch.outer(alive, alive)] = torch.cholesky_inverse(torch.linalg.cholesky(sub)).flatten()
+    return inverse.float()

@@ -1,0 +1,115 @@
+"""LLM Surgeon: K-FAC factors, Kronecker costs and correlated updates, the global threshold, N:M, shots."""
+
+import pytest
+import torch
+from torch import nn
+
+from optimum_prune import PruningConfig, prune, verify_sparsity
+from optimum_prune.methods.llm_surgeon import _damped_inverse, _nm_masks, correlated_update, element_costs, kfac_factors, threshold_masks
+from optimum_prune.sparsity import NMPattern
+
+from ..conftest import tiny_model, token_windows
+
+
+def _spd(size: int, seed: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(size * 3, size, generator=generator, dtype=torch.float64)
+    return x.T @ x / (size * 3) + 0.1 * torch.eye(size, dtype=torch.float64)
+
+
+def _linear(rows=5, columns=6, seed=0) -> nn.Linear:
+    torch.manual_seed(seed)
+    return nn.Linear(columns, rows, bias=False).double()
+
+
+def test_correlated_update_is_the_constrained_optimum_of_the_kronecker_quadratic():
+    """Δθ = −F⁻¹E_Kᵀ(E_K F⁻¹ E_Kᵀ)⁻¹θ_K with F⁻¹ = G⁻¹ ⊗ A⁻¹, computed with the explicit Kronecker product."""
+    linear = _linear()
+    g_inverse, a_inverse = torch.linalg.inv(_spd(5, 1)), torch.linalg.inv(_spd(6, 2))
+    mask = torch.zeros(5, 6, dtype=torch.bool)
+    mask[0, 1] = mask[0, 4] = mask[2, 2] = mask[4, 0] = True
+    theta = linear.weight.detach().clone().flatten()
+    inverse = torch.kron(g_inverse, a_inverse)  # row-major vec(W)
+    chosen = torch.nonzero(mask.flatten()).flatten()
+    expected = theta - inverse[:, chosen] @ torch.linalg.solve(inverse[chosen][:, chosen], theta[chosen])
+    correlated_update(linear, mask, g_inverse, a_inverse, max_correlate=100)
+    torch.testing.assert_close(linear.weight.detach().flatten(), expected)
+    assert (linear.weight[mask] == 0).all()
+    # The single-weight cost is the same quadratic: ½ θ_q² / [F⁻¹]_qq.
+    costs = element_costs(_linear().weight, g_inverse, a_inverse)
+    torch.testing.assert_close(costs.flatten().double(), 0.5 * theta.square() / inverse.diagonal(), rtol=1e-5, atol=1e-8)
+
+
+def test_row_groups_split_the_solve_and_still_remove_exactly_the_mask():
+    linear = _linear(rows=8, columns=8)
+    g_inverse, a_inverse = torch.linalg.inv(_spd(8, 3)), torch.linalg.inv(_spd(8, 4))
+    mask = torch.rand(8, 8, generator=torch.Generator().manual_seed(5)) < 0.5
+    before = linear.weight.detach().clone()
+    correlated_update(linear, mask, g_inverse, a_inverse, max_correlate=3)
+    after = linear.weight.detach()
+    assert (after[mask] == 0).all() and (after[~mask] != before[~mask]).any()
+    # Compensation lowers the quadratic loss ½ ΔθᵀFΔθ against simply zeroing the mask.
+    fisher = torch.kron(torch.linalg.inv(g_inverse), torch.linalg.inv(a_inverse))
+    zeroed = before.masked_fill(mask, 0)
+    loss = lambda w: float((w - before).flatten() @ fisher @ (w - before).flatten())  # noqa: E731
+    assert loss(after) < loss(zeroed)
+
+
+def test_global_threshold_and_nm_groups():
+    costs = {"a": torch.tensor([[1.0, 5.0], [2.0, 6.0]]), "b": torch.tensor([[3.0, 4.0, 7.0, 8.0]])}
+    masks = threshold_masks(costs, 0.5)
+    assert masks["a"].tolist() == [[True, False], [True, False]] and masks["b"].tolist() == [[True, True, False, False]]
+    grouped = {"w": torch.tensor([[1.0, 9.0, 2.0, 8.0, 5.0, 6.0, 7.0, 0.5]])}
+    half = _nm_masks(grouped, NMPattern(2, 4), 0.5)["w"]  # group costs 3 and 5.5: only the first loses its 2 cheapest
+    assert half.tolist() == [[True, False, True, False, False, False, False, False]]
+    full = _nm_masks(grouped, NMPattern(2, 4), 1.0)["w"]
+    assert full.reshape(-1, 4).sum(-1).tolist() == [2, 2] and full[0, 7] and full[0, 4]
+
+
+def test_kfac_factors_are_the_token_means_of_input_and_output_gradient_outer_products():
+    model, windows = tiny_model(), token_windows(samples=2)
+    linear = model.model.layers[1].mlp.down_proj
+    g, a = kfac_factors(model, windows, [linear])[linear]
+    inputs, gradients = [], []
+
+    def record(_module, args, output):
+        inputs.append(args[0].detach())
+        output.register_hook(gradients.append)
+
+    linear.register_forward_hook(record)
+    for window in windows:
+        ids = window.unsqueeze(0)
+        model(input_ids=ids, labels=ids).loss.backward()
+    x = torch.cat([i.reshape(-1, linear.in_features) for i in inputs])
+    y = torch.cat([d.reshape(-1, linear.out_features) for d in gradients])
+    a_direct, g_direct = x.T @ x / x.shape[0], y.T @ y / y.shape[0]
+    torch.testing.assert_close(torch.kron(g, a), torch.kron(g_direct, a_direct), rtol=1e-4, atol=1e-12)
+    assert g.norm() == pytest.approx(float(a.norm()), rel=1e-5)  # balanced
+    model.zero_grad()
+
+
+def test_prunes_to_the_target_with_the_pattern_and_records_per_layer_sparsity():
+    windows = token_windows()
+    model = tiny_model()
+    report = prune(model, PruningConfig(method="llm_surgeon", sparsity=0.5, method_options={"shots": 2}), calibration=windows)
+    assert report.overall_sparsity == pytest.approx(0.5, abs=1e-3)
+    measured = [r.sparsity for r in report.linears]
+    assert max(measured) - min(measured) > 0.05  # one global threshold: layers differ
+    model = tiny_model()
+    prune(model, PruningConfig(method="llm_surgeon", sparsity="2:4", method_options={"shots": 2}), calibration=windows)
+    assert verify_sparsity(model, "2:4")["conforming"]
+
+
+def test_damped_inverse_skips_dead_rows():
+    factor = torch.diag(torch.tensor([2.0, 0.0, 4.0]))
+    inverse = _damped_inverse(factor, 0.0)
+    torch.testing.assert_close(inverse, torch.diag(torch.tensor([0.5, 0.0, 0.25])))
+
+
+def test_bad_requests_name_the_field():
+    with pytest.raises(ValueError, match="shots must be a positive integer"):
+        PruningConfig(method="llm_surgeon", method_options={"shots": 0})
+    with pytest.raises(ValueError, match="allocation='uniform'"):
+        PruningConfig(method="llm_surgeon", allocation="owl")
+    with pytest.raises(ValueError, match="cannot be applied to"):
+        prune(tiny_model(hidden_size=66), PruningConfig(method="llm_surgeon", sparsity="4:8"), calibration=token_windows())
