@@ -77,6 +77,24 @@ def assert_reloads_exactly(model: torch.nn.Module, directory) -> torch.nn.Module
     return reloaded
 
 
+def output_errors(method: str, sparsity: float, option: str, values=(False, True)) -> dict:
+    """Mean squared logit error against the dense tiny Llama after pruning with each value of ``option``."""
+    import copy
+
+    from optimum_prune import PruningConfig, prune
+
+    windows, dense = token_windows(), tiny_model()
+    with torch.no_grad():
+        reference = dense(input_ids=windows).logits
+    errors = {}
+    for value in values:
+        model = copy.deepcopy(dense)
+        prune(model, PruningConfig(method=method, sparsity=sparsity, method_options={option: value}), calibration=windows)
+        with torch.no_grad():
+            errors[value] = float((model(input_ids=windows).logits - reference).square().mean())
+    return errors
+
+
 def token_windows(samples: int = 8, seq_len: int = 32, seed: int = 1, vocab: int = TINY["vocab_size"]) -> torch.Tensor:
     return torch.randint(0, vocab, (samples, seq_len), generator=torch.Generator().manual_seed(seed))
 

@@ -1,14 +1,12 @@
 """K-prune: the coarsened knowledge KL, the budgeted threshold, knowledge-preserving tuning, reload."""
 
-import copy
-
 import pytest
 import torch
 
 from optimum_prune import PruningConfig, prune, save_pruned
 from optimum_prune.methods.kprune import TeacherTargets, threshold_removal
 
-from ..conftest import assert_reloads_exactly, tiny_model, token_windows
+from ..conftest import assert_reloads_exactly, output_errors, tiny_model, token_windows
 
 
 def _decoder_linear_parameters(model) -> int:
@@ -53,16 +51,7 @@ def test_hits_the_budget_keeps_a_valid_gqa_layout_and_reloads(tmp_path):
 
 
 def test_weight_tuning_brings_the_output_closer_to_the_dense_model():
-    windows = token_windows()
-    dense = tiny_model()
-    with torch.no_grad():
-        reference = dense(input_ids=windows).logits
-    errors = {}
-    for tune in (False, True):
-        model = copy.deepcopy(dense)
-        prune(model, PruningConfig(method="kprune", sparsity=0.3, method_options={"tune": tune}), calibration=windows)
-        with torch.no_grad():
-            errors[tune] = float((model(input_ids=windows).logits - reference).square().mean())
+    errors = output_errors("kprune", 0.3, "tune")
     assert errors[True] < 0.7 * errors[False], errors
 
 

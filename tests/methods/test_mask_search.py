@@ -1,6 +1,5 @@
 """Kwon et al.'s mask search: Fisher of the masks, the budgeted search, rearrangement, least-squares tuning."""
 
-import copy
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ from optimum_prune import PruningConfig, prune, save_pruned
 from optimum_prune.adapters import get_adapter
 from optimum_prune.methods.mask_search import MaskSearch, mask_fisher, rearranged, search_counts
 
-from ..conftest import assert_reloads_exactly, tiny_model, token_windows
+from ..conftest import assert_reloads_exactly, output_errors, tiny_model, token_windows
 
 
 def test_rearrangement_uses_the_interactions_between_masks():
@@ -68,16 +67,7 @@ def test_hits_the_budget_keeps_a_valid_gqa_layout_and_reloads(tmp_path):
 
 
 def test_mask_tuning_brings_the_output_closer_to_the_dense_model():
-    windows = token_windows()
-    dense = tiny_model()
-    with torch.no_grad():
-        reference = dense(input_ids=windows).logits
-    errors = {}
-    for tune in (False, True):
-        model = copy.deepcopy(dense)
-        prune(model, PruningConfig(method="mask_search", sparsity=0.3, method_options={"tune": tune}), calibration=windows)
-        with torch.no_grad():
-            errors[tune] = float((model(input_ids=windows).logits - reference).square().mean())
+    errors = output_errors("mask_search", 0.3, "tune")
     assert errors[True] < errors[False], errors
 
 
