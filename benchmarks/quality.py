@@ -29,6 +29,10 @@ ROWS: list[Row] = [
     ("sparsegpt", 0.7, "owl", {}),
     # Ablation: magnitude ranked within each output row instead of across the matrix.
     ("magnitude", 0.5, "uniform", {"comparison_group": "output"}),
+    # Sensitivity-aware mixed sparsity (issue 11, item 1): Hessian-trace allocation with ISC SparseGPT.
+    *[("sparsegpt", sparsity, "sensitivity", {"saliency": "isc"}) for sparsity in (0.5, 0.7)],
+    # LLM Surgeon (issue 11, item 2): K-FAC costs, one global threshold, five shots.
+    *[("llm_surgeon", sparsity, "uniform", {}) for sparsity in (0.5, "2:4")],
 ]
 HERE = Path(__file__).resolve().parent
 
