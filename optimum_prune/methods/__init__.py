@@ -6,6 +6,7 @@ from . import (  # noqa: F401  (each module registers its method)
     kprune,
     layers,
     llm_surgeon,
+    llm_surgeon_structured,
     low_rank,
     magnitude,
     mask_search,

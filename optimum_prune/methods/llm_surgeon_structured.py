@@ -1,0 +1,198 @@
+"""The LLM Surgeon's structured removal (van der Ouderaa et al., ICLR 2024, Sec. 3.3–3.5) on coupled
+units, so the model gets smaller: key/value groups with their query heads, and MLP channels.
+
+With each linear's K-FAC curvature F ≈ G ⊗ A (``llm_surgeon.kfac_factors``), removing a set R of a
+linear's rows, or a set C of its columns, with the optimal correlated update of the rest costs
+(Eq. 11–12 for single rows and columns; a set follows from the same constrained quadratic)
+
+    rows:     ΔL_R = ½ tr( [G⁻¹]_RR⁻¹ W_R A W_Rᵀ ),      ΔW = −G⁻¹_{:,R} [G⁻¹]_RR⁻¹ W_R
+    columns:  ΔL_C = ½ tr( W_{:,C}ᵀ G W_{:,C} [A⁻¹]_CC⁻¹ ),  ΔW = −W_{:,C} [A⁻¹]_CC⁻¹ A⁻¹_{C,:}
+
+The paper prunes rows and columns of every matrix independently; a Llama only gets smaller when a
+unit's rows and columns go together, so a unit's cost is the sum over its parts — an MLP channel's
+gate and up rows and down column, a key/value group's query, key and value rows and its output-
+projection columns — treating the linears as independent blocks of F, as K-FAC does. Over
+``shots`` shots the removed fraction of the decoder layers' parameters rises linearly; each shot
+re-estimates the curvature on the current, already smaller model, removes the cheapest units of the
+whole model (one threshold across layers) until that shot's fraction is reached — keeping one unit
+of every component — and applies every linear's correlated update for all its removed rows or
+columns at once (the paper's default ``max_correlate=0``), then cuts them.
+
+Memory and cost: as ``llm_surgeon``, per shot one forward and backward pass per calibration window
+with the whole model on the calibration device, and every target linear's factors and inverses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..calibration.engine import on_device
+from ..options import check_choice, option
+from .base import StructuredMethod, register_structured_method
+from .llm_surgeon import _damped_inverse, kfac_factors
+from .width import _Component, _layer_parameters, group_columns, group_units, output_projection
+
+
+@dataclass(frozen=True)
+class LLMSurgeonStructuredOptions:
+    components: str = option("all", "What to prune: 'all' (key/value groups and MLP channels), 'attention' or 'mlp'.")
+    shots: int = option(5, "Shots of the linear schedule, the curvature re-estimated before each (paper's structured runs: 40).")
+    damp_g: float = option(0.01, "Damping of G relative to its mean diagonal (paper: 0.01).")
+    damp_a: float = option(0.01, "Damping of A relative to its mean diagonal (paper: 0.01).")
+
+    def __post_init__(self) -> None:
+        check_choice("components", self.components, ("all", "attention", "mlp"))
+        if self.shots < 1:
+            raise ValueError(f"method_options.shots must be a positive integer, got {self.shots}")
+        for name in ("damp_g", "damp_a"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"method_options.{name} must be > 0 (the factors are inverted), got {getattr(self, name)}")
+
+
+@dataclass
+class _Part:
+    """One linear's share of a unit: its rows (``rows=True``) or columns ``indices``."""
+
+    linear: nn.Linear
+    rows: bool
+    indices: torch.Tensor
+
+
+@register_structured_method("llm_surgeon_structured", options=LLMSurgeonStructuredOptions)
+class LLMSurgeonStructured(StructuredMethod[LLMSurgeonStructuredOptions]):
+    """LLM Surgeon, structured: K-FAC costs of whole heads groups and MLP channels, one threshold, correlated updates, shots."""
+
+    def check(self) -> None:
+        self.width = group_units(self, self.options.components)
+        self.width._plan_counts()  # raises for a budget the units cannot reach
+
+    def prune(self, windows: torch.Tensor | None, report: Any) -> None:
+        components, layers, names = self.width.components, self.adapter.decoder_layers(), self.adapter.layer_names()
+        budget = self.sparsity * sum(_layer_parameters(self.adapter, layer) for layer in layers)
+        removed_parameters = 0.0
+        removed_units = {id(c): 0 for c in components}
+        with on_device([self.adapter.model], self.device):
+            for shot in tqdm(range(1, self.options.shots + 1), desc="LLM Surgeon (structured) shots"):
+                units = {id(c): self._units(layers[c.layer], c) for c in components if c.removable}
+                linears = list({id(p.linear): p.linear for parts in units.values() for unit in parts for p in unit}.values())
+                factors = kfac_factors(self.adapter.model, windows, linears)
+                inverses = {linear: (_damped_inverse(g, self.options.damp_g), _damped_inverse(a, self.options.damp_a)) for linear, (g, a) in factors.items()}
+                costs = _Costs(factors, inverses)
+                candidates = []
+                for component in components:
+                    for index, unit in enumerate(units.get(id(component), [])):
+                        candidates.append((sum(costs.of(part) for part in unit), component, index))
+                chosen: dict[int, list[int]] = {}
+                goal = budget * shot / self.options.shots
+                for _cost_value, component, index in sorted(candidates, key=lambda item: item[0]):
+                    if removed_parameters >= goal:
+                        break
+                    if len(chosen.setdefault(id(component), [])) < component.removable:
+                        chosen[id(component)].append(index)
+                        removed_parameters += component.unit_parameters
+                for component in components:
+                    indices = chosen.get(id(component), [])
+                    if indices:
+                        self._remove(layers[component.layer], component, units[id(component)], indices, inverses)
+                        removed_units[id(component)] += len(indices)
+                del factors, inverses
+        for component in components:
+            if removed_units[id(component)]:
+                report.removed.append(f"{names[component.layer]} {component.kind}: {removed_units[id(component)]} units")
+        for kind in ("attention", "mlp"):
+            report.layer_scores[f"units removed ({kind})"] = [
+                float(sum(removed_units[id(c)] for c in components if c.layer == i and c.kind == kind)) for i in range(len(layers))
+            ]
+
+    def _units(self, layer: nn.Module, component: _Component) -> list[list[_Part]]:
+        """Each unit's rows and columns in the linears as they are now."""
+        count = component.removable + 1
+        consumer = output_projection(self.adapter, layer, component)
+        width = group_columns(self.adapter, layer, component)
+        units = []
+        for unit in range(count):
+            columns = torch.arange(unit * width, (unit + 1) * width)
+            parts = [_Part(consumer, False, columns)]
+            if component.kind == "attention":
+                layout = self.adapter.attention(layer)
+                kv_rows = torch.arange(unit * layout.head_dim, (unit + 1) * layout.head_dim)
+                parts += [_Part(layout.query, True, columns), _Part(layout.key, True, kv_rows), _Part(layout.value, True, kv_rows)]
+            else:
+                parts += [_Part(producer, True, columns) for producer in component.producers]
+            units.append(parts)
+        return units
+
+    def _remove(
+        self, layer: nn.Module, component: _Component, units: list[list[_Part]], indices: list[int],
+        inverses: dict[nn.Linear, tuple[torch.Tensor, torch.Tensor]],
+    ) -> None:
+        """Correlated update of every linear for all the removed units' rows / columns, then the cut."""
+        gathered: dict[tuple[int, bool], _Part] = {}
+        for index in indices:
+            for part in units[index]:
+                key = (id(part.linear), part.rows)
+                if key in gathered:
+                    gathered[key].indices = torch.cat([gathered[key].indices, part.indices])
+                else:
+                    gathered[key] = _Part(part.linear, part.rows, part.indices.clone())
+        for part in gathered.values():
+            _correlated_structure_update(part, *inverses[part.linear])
+        component.removed = len(indices)
+        component.scores = torch.ones(component.removable + 1)
+        component.scores[indices] = 0  # width's surgery removes the lowest-scored units
+        self.width._cut(layer, component, {})
+        component.removable -= len(indices)
+        component.removed = 0
+
+
+class _Costs:
+    """ΔL of removing a part's rows or columns with the correlated update (module docstring); single rows and
+    columns (MLP channels) come from one vectorised pass per linear."""
+
+    def __init__(self, factors: dict[nn.Linear, tuple[torch.Tensor, torch.Tensor]], inverses: dict[nn.Linear, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.factors, self.inverses = factors, inverses
+        self.singles: dict[tuple[int, bool], torch.Tensor] = {}
+
+    def of(self, part: _Part) -> float:
+        if part.indices.numel() == 1:
+            key = (id(part.linear), part.rows)
+            if key not in self.singles:
+                self.singles[key] = self._single_costs(part.linear, part.rows).cpu()
+            return float(self.singles[key][part.indices[0]])
+        (g, a), (g_inverse, a_inverse) = self.factors[part.linear], self.inverses[part.linear]
+        W = part.linear.weight.detach().to(g.device, torch.float64)
+        index = part.indices.to(W.device)
+        if part.rows:
+            block, quadratic = g_inverse.double()[index][:, index], W[index] @ a.double() @ W[index].T
+        else:
+            block, quadratic = a_inverse.double()[index][:, index], W[:, index].T @ g.double() @ W[:, index]
+        return 0.5 * float(torch.trace(torch.linalg.solve(block, quadratic)))
+
+    def _single_costs(self, linear: nn.Linear, rows: bool) -> torch.Tensor:
+        """W_r A W_rᵀ / (2 [G⁻¹]_rr) for every row, or W_cᵀ G W_c / (2 [A⁻¹]_cc) for every column (Eq. 11–12)."""
+        (g, a), (g_inverse, a_inverse) = self.factors[linear], self.inverses[linear]
+        W = linear.weight.detach().to(g.device, torch.float64)
+        if rows:
+            return 0.5 * ((W @ a.double()) * W).sum(1) / g_inverse.double().diagonal().clamp_min(1e-30)
+        return 0.5 * ((g.double() @ W) * W).sum(0) / a_inverse.double().diagonal().clamp_min(1e-30)
+
+
+def _correlated_structure_update(part: _Part, g_inverse: torch.Tensor, a_inverse: torch.Tensor) -> None:
+    weight = part.linear.weight
+    W = weight.detach().to(g_inverse.device, torch.float64)
+    index = part.indices.to(W.device)
+    if part.rows:
+        inverse = g_inverse.double()
+        W -= inverse[:, index] @ torch.linalg.solve(inverse[index][:, index], W[index])
+        W[index] = 0
+    else:
+        inverse = a_inverse.double()
+        W -= torch.linalg.solve(inverse[index][:, index], W[:, index].T).T @ inverse[index]
+        W[:, index] = 0
+    with torch.no_grad():
+        weight.copy_(W.to(weight.device, weight.dtype))

@@ -1,0 +1,54 @@
+"""LLM Surgeon, structured: row/column costs and correlated updates, coupled units, budget, reload."""
+
+import pytest
+import torch
+
+from optimum_prune import PruningConfig, prune, save_pruned
+from optimum_prune.methods.llm_surgeon_structured import _correlated_structure_update, _Costs, _Part
+
+from ..conftest import assert_reloads_exactly, tiny_model, token_windows
+from .test_llm_surgeon import _linear, _spd
+
+
+@pytest.mark.parametrize("indices", [[1, 3], [2]], ids=["block", "single"])
+@pytest.mark.parametrize("rows", [True, False], ids=["rows", "columns"])
+def test_structure_update_is_the_kronecker_optimum_and_its_cost_the_quadratic_increase(rows, indices):
+    linear = _linear(rows=5, columns=6)
+    g, a = _spd(5, 1), _spd(6, 2)
+    inverses = (torch.linalg.inv(g), torch.linalg.inv(a))
+    part = _Part(linear, rows, torch.tensor(indices))
+    mask = torch.zeros(5, 6, dtype=torch.bool)
+    if rows:
+        mask[indices] = True
+    else:
+        mask[:, indices] = True
+    theta = linear.weight.detach().clone().flatten()
+    fisher, inverse = torch.kron(g, a), torch.kron(*inverses)
+    chosen = torch.nonzero(mask.flatten()).flatten()
+    expected = theta - inverse[:, chosen] @ torch.linalg.solve(inverse[chosen][:, chosen], theta[chosen])
+    cost = _Costs({linear: (g, a)}, {linear: inverses}).of(part)  # single indices take the vectorised path
+    _correlated_structure_update(part, *inverses)
+    torch.testing.assert_close(linear.weight.detach().flatten(), expected)
+    delta = expected - theta
+    assert cost == pytest.approx(0.5 * float(delta @ fisher @ delta), rel=1e-6)
+
+
+def test_hits_the_budget_keeps_a_valid_gqa_layout_and_reloads(tmp_path):
+    model = tiny_model()
+    linears = lambda: sum(m.weight.numel() for layer in model.model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear))  # noqa: E731
+    before = linears()
+    report = prune(model, PruningConfig(method="llm_surgeon_structured", sparsity=0.4, method_options={"shots": 2}), calibration=token_windows())
+    assert 1 - linears() / before == pytest.approx(0.4, abs=0.02)
+    for layer in model.model.layers:
+        assert layer.self_attn.q_proj.out_features % layer.self_attn.k_proj.out_features == 0
+        assert layer.mlp.gate_proj.out_features == layer.mlp.up_proj.out_features == layer.mlp.down_proj.in_features
+    assert report.removed and "units removed (mlp)" in report.layer_scores
+    save_pruned(model, tmp_path / "out")
+    assert_reloads_exactly(model, tmp_path / "out")
+
+
+def test_bad_requests_name_the_field():
+    with pytest.raises(ValueError, match="damp_a must be > 0"):
+        PruningConfig(method="llm_surgeon_structured", method_options={"damp_a": 0})
+    with pytest.raises(ValueError, match="can remove at most"):
+        prune(tiny_model(), PruningConfig(method="llm_surgeon_structured", sparsity=0.99), calibration=token_windows())
