@@ -45,6 +45,8 @@ ROWS: list[Row] = [
     # decoder layers' time measured on this CPU at 512 tokens (speed-ups 1.25× / 1.43× predicted).
     ("ziplm", 0.2, {"target": "parameters"}),
     *[("ziplm", ratio, {"target": "latency"}) for ratio in (0.2, 0.3)],
+    # LLM Surgeon's structured removal on coupled units (issue 11, item 2), five shots.
+    ("llm_surgeon_structured", 0.2, {}),
     # K-prune (issue 11, item 8): one backward pass per sublayer from it to the top (the slowest row).
     ("kprune", 0.2, {}),
 ]
