@@ -53,6 +53,7 @@ class PruningReport:
     shapes: list[LayerShape] = field(default_factory=list)
     layer_scores: dict[str, list[float]] = field(default_factory=dict)
     removed: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what a method predicts or measured besides sizes (ZipLM's speed-up)
     # MoE: expert linears that received no calibration token, and what was done with them.
     unrouted: list[str] = field(default_factory=list)
     unrouted_policy: str = ""
@@ -142,6 +143,7 @@ class PruningReport:
         for name, scores in self.layer_scores.items():
             lines.append(f"{name} per layer: " + " ".join(f"{s:.4g}" for s in scores))
         lines += [f"removed: {item}" for item in self.removed]
+        lines += self.notes
         ratio = self.parameters_after / self.parameters_before if self.parameters_before else 1.0
         macs = self.macs_per_token_after / self.macs_per_token_before if self.macs_per_token_before else 1.0
         lines += [

@@ -113,8 +113,13 @@ class ZipLM(StructuredMethod[ZipLMOptions]):
         layers, names = self.adapter.decoder_layers(), self.adapter.layer_names()
         dense_cost = sum(level.costs[0] for level in levels)
         kept_cost = sum(level.costs[choice] for level, choice in zip(levels, chosen))
-        unit = "time" if self.options.target == "latency" else "parameters"
-        logger.info("ZipLM: the decoder layers keep %.1f%% of their %s (predicted speed-up %.2fx)", 100 * kept_cost / dense_cost, unit, dense_cost / kept_cost)
+        if self.options.target == "latency":
+            note = (f"ZipLM: the decoder layers keep {kept_cost / dense_cost:.1%} of their measured time on {self.device} at "
+                    f"{self.options.latency_tokens} tokens (predicted speed-up {dense_cost / kept_cost:.2f}x)")  # fmt: skip
+        else:
+            note = f"ZipLM: the decoder layers keep {kept_cost / dense_cost:.1%} of their linear parameters"
+        logger.info("%s", note)
+        report.notes.append(note)
         for kind in ("attention", "mlp"):
             report.layer_scores[f"relative output error ({kind})"] = [
                 sum(level.errors[choice] for c, level, choice in zip(components, levels, chosen) if c.layer == i and c.kind == kind)
