@@ -120,6 +120,15 @@ def main() -> None:
         note = "experts 0.4–0.8 by routed-token rank" if expert_sparsity == "load" else ""
         rows.append((f"wanda 60 %, {expert_sparsity} expert sparsity", "8 of 8", perplexity(model), note))
         print(rows[-1], flush=True)
+    dense_parameters = sum(p.numel() for p in dense.parameters())
+    for bond in (0, 16):  # MPOE (issue 12, item 3): one shared central tensor per layer; 0 = untruncated bonds
+        model = copy.deepcopy(dense)
+        report = prune(model, PruningConfig(method="mpoe", sparsity=0.0, method_options={"bond_dimension": bond}))
+        share = sum(p.numel() for p in model.parameters()) / dense_parameters
+        errors = report.layer_scores["relative expert weight error (mean over linears)"]
+        label = "untruncated" if bond == 0 else f"central bonds ≤ {bond}"
+        rows.append((f"MPOE ({label})", "8 of 8", perplexity(model), f"{share:.1%} of the parameters; expert weights {sum(errors) / len(errors):.1%} off"))
+        print(rows[-1], flush=True)
     for level in ("token", "sequence"):  # MEO (issue 12, item 1): merged experts against the exact mixture
         folding = fold_experts(dense, level, measure_error=True)
         ppl = perplexity(dense)

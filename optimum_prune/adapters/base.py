@@ -19,6 +19,7 @@ from torch import nn
 
 from ..registry import Registry
 from ..structure.modules import factorize_named
+from ..structure.mpo import build_mpo_experts
 from ..structure.shapes import LayerShape
 
 
@@ -230,8 +231,10 @@ class DecoderAdapter(ABC):
         """
         for index, shape in enumerate(shapes):
             layer = self.add_shortcuts(index) if shape.residual_widths else self.decoder_layers()[index]
-            self.reshape_layer(layer, replace(shape, low_rank=()))
+            self.reshape_layer(layer, replace(shape, low_rank=(), mpo=()))
             factorize_named(layer, shape.low_rank)  # after the widths: the factors take them
+            if shape.mpo:
+                build_mpo_experts(self.moe_block(layer), shape.mpo)
         hidden = self.model.get_input_embeddings().embedding_dim
         if shapes[0].residual_widths and shapes[0].residual_widths[0] != hidden:
             resize_embedding(self.model.get_input_embeddings(), shapes[0].residual_widths[0])

@@ -10,6 +10,7 @@ from . import (  # noqa: F401  (each module registers its method)
     low_rank,
     magnitude,
     mask_search,
+    mpoe,
     slicegpt,
     sparsegpt,
     sublayers,

@@ -23,6 +23,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..adapters import DecoderAdapter, get_adapter
 from .modules import low_rank_ranks
+from .mpo import mpo_layout
 from .shapes import LayerShape
 
 QUANT_METHOD = "optimum_prune_structure"
@@ -99,7 +100,10 @@ def record_structure(adapter: DecoderAdapter) -> list[LayerShape]:
     """
     config = adapter.config
     model_config = adapter.model.config
-    shapes = [replace(adapter.layer_shape(layer), low_rank=low_rank_ranks(layer)) for layer in adapter.decoder_layers()]
+    shapes = [
+        replace(adapter.layer_shape(layer), low_rank=low_rank_ranks(layer), mpo=mpo_layout(adapter.moe_block(layer)))
+        for layer in adapter.decoder_layers()
+    ]
     adapter.write_uniform_config(config, adapter.stock_shape(config))  # makes head_dim explicit
     uniform = copy.deepcopy(config)
     adapter.write_uniform_config(uniform, shapes[0])

@@ -22,7 +22,9 @@ class LayerShape:
     layer carries shortcut matrices that carry the residual from one basis to the next.
     ``rerouted`` names removed sublayers ("attention", "mlp") that a linear map of their
     normalised input stands in for (residual re-routing). ``low_rank`` lists (name inside the layer,
-    rank) of linears stored as two low-rank factors.
+    rank) of linears stored as two low-rank factors. ``mpo`` lists (expert linear name, row factors,
+    column factors, central bonds) of MoE experts stored as matrix product operators sharing their
+    central tensor (MPOE).
     """
 
     num_attention_heads: int
@@ -34,6 +36,7 @@ class LayerShape:
     num_experts: int | None = None  # MoE layers: experts kept (None: a dense MLP)
     rerouted: tuple[str, ...] = ()
     low_rank: tuple[tuple[str, int], ...] = ()
+    mpo: tuple[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, int]], ...] = ()
 
     @property
     def has_attention(self) -> bool:
@@ -56,6 +59,10 @@ class LayerShape:
             del data["low_rank"]
         else:
             data["low_rank"] = dict(data["low_rank"])
+        if not data["mpo"]:
+            del data["mpo"]
+        else:
+            data["mpo"] = {name: {"rows": list(rows), "columns": list(columns), "central_bonds": list(bonds)} for name, rows, columns, bonds in self.mpo}
         return data
 
     @classmethod
@@ -84,7 +91,7 @@ class LayerShape:
             isinstance(name, str) and isinstance(rank, int) and not isinstance(rank, bool) and rank > 0 for name, rank in low_rank.items()
         ):
             raise ValueError(f"{where}: low_rank must map linear names to positive ranks, got {low_rank!r}")
-        data = {**data, "rerouted": tuple(rerouted), "low_rank": tuple(sorted(low_rank.items()))}
+        data = {**data, "rerouted": tuple(rerouted), "low_rank": tuple(sorted(low_rank.items())), "mpo": _mpo_layout(data.get("mpo", {}), where)}
         shape = cls(**data)
         if ("attention" in shape.rerouted and shape.has_attention) or ("mlp" in shape.rerouted and shape.has_mlp):
             raise ValueError(f"{where}: only removed sublayers (0 heads or 0 channels) can be rerouted, got {data}")
@@ -100,3 +107,19 @@ class LayerShape:
                 "key/value heads evenly (grouped-query attention needs a whole number of query heads per group)"
             )
         return shape
+
+
+def _mpo_layout(data: Any, where: str) -> tuple[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, int]], ...]:
+    def positive(values: Any, count: int | None) -> bool:
+        return isinstance(values, list) and (count is None or len(values) == count) and all(
+            isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values
+        )
+
+    layout = []
+    for name, entry in (data.items() if isinstance(data, dict) else [(None, None)]):
+        if not isinstance(entry, dict) or set(entry) != {"rows", "columns", "central_bonds"} or not (
+            positive(entry["rows"], 5) and positive(entry["columns"], 5) and positive(entry["central_bonds"], 2)
+        ):
+            raise ValueError(f"{where}: mpo must map expert linear names to five rows, five columns and two central_bonds, got {data!r}")
+        layout.append((name, tuple(entry["rows"]), tuple(entry["columns"]), tuple(entry["central_bonds"])))
+    return tuple(sorted(layout))

@@ -1,0 +1,83 @@
+"""MPOE: the MPO decomposition, the shared-central fit, the sparsity-driven bond, save and reload."""
+
+import math
+
+import pytest
+import torch
+
+from optimum_prune import PruningConfig, get_adapter, prune, save_pruned
+from optimum_prune.methods.mpoe import fit_shared_central
+from optimum_prune.structure.mpo import MPOLinear, contract, factorize, full_central_bonds, split_left, split_right, unfold
+
+from .adapters.test_moe import tiny_moe
+from .conftest import assert_reloads_exactly, tiny_model, token_windows
+
+
+def _cores(left, central, right, rows, columns):
+    return [*split_left(left, rows, columns), central.reshape(left.shape[1], rows[2], columns[2], right.shape[0]), *split_right(right, rows, columns)]
+
+
+@pytest.mark.parametrize("dimension", [96, 768, 3072, 14336, 7])
+def test_factorisation_multiplies_back_with_the_largest_factor_in_the_middle(dimension):
+    factors = factorize(dimension)
+    assert len(factors) == 5 and math.prod(factors) == dimension and factors[2] == max(factors)
+
+
+def test_one_expert_with_full_bonds_is_decomposed_exactly():
+    rows, columns = factorize(96), factorize(64)
+    weight = torch.randn(96, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    target = unfold(weight, rows, columns)
+    (left,), (right,), central = fit_shared_central([target], *full_central_bonds(rows, columns), sweeps=0)
+    torch.testing.assert_close(contract(_cores(left, central, right, rows, columns), rows, columns), weight)
+
+
+def test_experts_sharing_a_central_tensor_are_recovered_and_sweeps_never_hurt():
+    rows, columns = factorize(96), factorize(64)
+    d2, d3 = 6, 5
+    generator = torch.Generator().manual_seed(1)
+    left_size, middle, right_size = unfold(torch.zeros(96, 64), rows, columns).shape
+    central = torch.randn(d2, middle, d3, dtype=torch.float64, generator=generator)
+    orthonormal = lambda n, k: torch.linalg.qr(torch.randn(n, k, dtype=torch.float64, generator=generator)).Q  # noqa: E731
+    targets = [torch.einsum("lp,pmq,qr->lmr", orthonormal(left_size, d2), central, orthonormal(right_size, d3).T) for _ in range(3)]
+
+    def error(sweeps):
+        lefts, rights, fitted = fit_shared_central(targets, d2, d3, sweeps)
+        return sum(float((x - torch.einsum("lp,pmq,qr->lmr", l, fitted, r)).square().sum()) for x, l, r in zip(targets, lefts, rights))
+
+    errors = [error(sweeps) for sweeps in (0, 1, 5, 50)]
+    assert all(later <= earlier + 1e-9 for earlier, later in zip(errors, errors[1:]))
+    assert errors[-1] < 1e-6 * sum(float(x.square().sum()) for x in targets)
+
+
+def test_prunes_to_the_target_shares_one_central_tensor_and_reloads(tmp_path):
+    model = tiny_moe()
+    adapter = get_adapter(model)
+    decoder_linears = sum(linear.weight.numel() for layer in adapter.decoder_layers() for linear in adapter.prunable_linears(layer).values())
+    parameters = lambda: sum(p.numel() for p in model.model.layers.parameters())  # noqa: E731
+    before = parameters()
+    report = prune(model, PruningConfig(method="mpoe", sparsity=0.3))
+    removed = before - parameters()
+    # Untruncated bonds already remove more than asked (4 experts keep one central tensor): they are kept.
+    assert removed >= 0.3 * decoder_linears and "central bonds (24, 16)" in report.removed[0]
+    truncated = tiny_moe()
+    prune(truncated, PruningConfig(method="mpoe", sparsity=0.6))
+    kept = sum(p.numel() for p in truncated.model.layers.parameters())
+    assert 0.6 * decoder_linears <= before - kept < 0.65 * decoder_linears  # the largest bond that meets the target
+    block = model.model.layers[0].block_sparse_moe
+    first, second = block.experts[0].w1, block.experts[1].w1
+    assert isinstance(first, MPOLinear) and first.shared is second.shared is block.expert_mpo
+    assert "mpo" in report.shapes[0].to_dict()
+    windows = token_windows()
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=windows).logits).all()
+    save_pruned(model, tmp_path / "out")
+    assert_reloads_exactly(model, tmp_path / "out")
+
+
+def test_bad_requests_name_the_field():
+    with pytest.raises(ValueError, match="bond_dimension must be >= 0"):
+        PruningConfig(method="mpoe", method_options={"bond_dimension": -1})
+    with pytest.raises(ValueError, match="mixture-of-experts layers"):
+        prune(tiny_model(), PruningConfig(method="mpoe", sparsity=0.3))
+    with pytest.raises(ValueError, match="can remove at most"):
+        prune(tiny_moe(), PruningConfig(method="mpoe", sparsity=0.95))
