@@ -62,7 +62,7 @@ def test_shard_splits_windows_round_robin_and_needs_one_per_process(monkeypatch)
 
 def test_structured_methods_refuse_multi_process_calibration(monkeypatch):
     monkeypatch.setattr("optimum_prune.api.is_distributed", lambda: True)
-    with pytest.raises(ValueError, match="multi-process calibration supports the unstructured methods"):
+    with pytest.raises(ValueError, match="multi-process calibration supports the per-layer methods"):
         prune(tiny_model(), PruningConfig(method="layers", sparsity=0.25), calibration=token_windows())
 
 

@@ -104,7 +104,8 @@ def test_a_partial_run_of_another_config_is_not_mixed_in(sharded, tmp_path, monk
 @pytest.mark.parametrize(
     ("config", "message"),
     [
-        (PruningConfig(method="width", sparsity=0.2), "structured method 'width'"),
+        (PruningConfig(method="width", sparsity=0.2), "'width' needs the whole model in memory"),
+        (PruningConfig(method="llm_surgeon", sparsity=0.5), "'llm_surgeon' needs the whole model in memory"),
         (PruningConfig(method="wanda", sparsity=0.5, allocation="sensitivity"), "allocation 'sensitivity'"),
     ],
 )

@@ -130,5 +130,5 @@ def test_offloaded_activations_give_the_same_result_and_wait_on_their_device(lla
     prune(llama, config, calibration=windows)
     prune(offloaded, config, calibration=windows, activation_device="cpu")
     assert all(torch.equal(a, b) for a, b in zip(llama.parameters(), offloaded.parameters()))
-    with pytest.raises(ValueError, match="activation_device applies to the unstructured methods"):
+    with pytest.raises(ValueError, match="activation_device applies to the per-layer methods"):
         prune(offloaded, PruningConfig(method="width", sparsity=0.2), calibration=windows, activation_device="cpu")
