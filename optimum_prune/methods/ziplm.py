@@ -247,6 +247,10 @@ def greedy_obs(
     W[:, dead] = 0
     H.diagonal().add_(dampening * H.diagonal().mean())
     Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H))
+    if width == 1:
+        order, losses = _greedy_columns(W, Hinv, count)
+        result = (W.to(weight.dtype), torch.tensor(order, dtype=torch.long))
+        return (*result, torch.tensor(losses, dtype=torch.float64)) if with_losses else result
     blocks = W.shape[1] // width
     removed = torch.zeros(blocks, dtype=torch.bool, device=W.device)
     columns = torch.zeros(W.shape[1], dtype=torch.bool, device=W.device)
@@ -272,6 +276,32 @@ def greedy_obs(
         losses.append(float(scores[j]))
     result = (W.to(weight.dtype), torch.tensor(order, dtype=torch.long))
     return (*result, torch.tensor(losses, dtype=torch.float64)) if with_losses else result
+
+
+def _greedy_columns(W: torch.Tensor, Hinv: torch.Tensor, count: int) -> tuple[list[int], list[float]]:
+    """The one-column case of ``greedy_obs`` in place, with rank-1 updates (ZipLM's ``size == 1`` path):
+    ρ_j = ‖W_:j‖² / [H⁻¹]_jj, W ← W − W_:j [H⁻¹]_j: / [H⁻¹]_jj, H⁻¹ ← H⁻¹ − [H⁻¹]_:j [H⁻¹]_j: / [H⁻¹]_jj."""
+    removed = torch.zeros(W.shape[1], dtype=torch.bool, device=W.device)
+    squared = W.square().sum(0)
+    order, losses = [], []
+    for _ in range(count):
+        scores = squared / Hinv.diagonal()
+        scores[removed] = float("inf")
+        j = int(torch.argmin(scores))
+        row = Hinv[j].clone()
+        column = W[:, j] / row[j]
+        # ‖W_:c − column·row_c‖² from the old norms, without forming W²: one matrix-vector product per step.
+        squared += row.square() * column.square().sum() - 2 * row * (column @ W)
+        W.addr_(column, row, alpha=-1)
+        W[:, j] = 0
+        Hinv.addr_(row, row, alpha=-1 / float(row[j]))
+        Hinv[j, j] = 1  # keeps the diagonal positive; row and column j are otherwise zero now
+        removed[j] = True
+        squared[j] = 0
+        order.append(j)
+        losses.append(float(scores[j]))
+    W[:, removed] = 0  # later updates leave rounding-level values in the removed columns
+    return order, losses
 
 
 def choose_levels(levels: list[_Levels], budget: float, buckets: int = DP_BUCKETS) -> list[int]:
