@@ -38,7 +38,6 @@ Adaptations and limits:
 from __future__ import annotations
 
 import copy
-import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -51,7 +50,6 @@ from ..options import check_choice, option
 from .base import StructuredMethod, register_structured_method
 from .width import _Component, group_columns, group_units, output_projection
 
-logger = logging.getLogger(__name__)
 DP_BUCKETS = 10_000  # ZipLM's discretisation of the time budget
 
 
@@ -118,8 +116,7 @@ class ZipLM(StructuredMethod[ZipLMOptions]):
                     f"{self.options.latency_tokens} tokens (predicted speed-up {dense_cost / kept_cost:.2f}x)")  # fmt: skip
         else:
             note = f"ZipLM: the decoder layers keep {kept_cost / dense_cost:.1%} of their linear parameters"
-        logger.info("%s", note)
-        report.notes.append(note)
+        report.notes += [*getattr(self, "latency_notes", []), note]
         for kind in ("attention", "mlp"):
             report.layer_scores[f"relative output error ({kind})"] = [
                 sum(level.errors[choice] for c, level, choice in zip(components, levels, chosen) if c.layer == i and c.kind == kind)
@@ -200,6 +197,7 @@ class ZipLM(StructuredMethod[ZipLMOptions]):
         inputs = capture_first_layer_inputs(adapter, ids, self.device)
         hidden, kwargs = inputs.hidden_states[0], inputs.layer_kwargs[0]
         tables: dict[tuple[str, tuple], dict[int, float]] = {}
+        self.latency_notes: list[str] = []
         for component in components:
             layer = layers[component.layer]
             key = (component.kind, _shape_key(adapter, layer, component))
@@ -217,8 +215,11 @@ class ZipLM(StructuredMethod[ZipLMOptions]):
                 if kept < units:
                     self.width._cut(probe, probe_component, {})
                 table[kept] = _median_seconds(lambda: adapter.run_layer(probe, hidden, kwargs), self.options.latency_repeats, self.device)
-            tables[key] = table
-            logger.info("ZipLM latency table (%s): %s", component.kind, {k: f"{v * 1e3:.2f} ms" for k, v in sorted(table.items())})
+            tables[key] = _monotone(table)
+            self.latency_notes.append(
+                f"ZipLM latency table ({component.kind}, units kept: ms): "
+                + ", ".join(f"{k}: {v * 1e3:.2f}" for k, v in sorted(tables[key].items()))
+            )
         return tables
 
     def _grid(self, component: _Component) -> list[int]:
@@ -353,6 +354,14 @@ def _input_hessian(adapter: Any, layer: nn.Module, projection: nn.Linear, inputs
 def _shape_key(adapter: Any, layer: nn.Module, component: _Component) -> tuple:
     projection = output_projection(adapter, layer, component)
     return (projection.in_features, projection.out_features, component.removable)
+
+
+def _monotone(table: dict[int, float]) -> dict[int, float]:
+    """A sublayer with fewer units is never slower: a measurement that says otherwise is timing noise,
+    so each entry becomes the largest time measured at or below its width."""
+    widths = sorted(table)
+    times = torch.tensor([table[w] for w in widths]).cummax(0).values.tolist()
+    return dict(zip(widths, times))
 
 
 def _median_seconds(run: Any, repeats: int, device: torch.device) -> float:
