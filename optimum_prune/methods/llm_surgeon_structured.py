@@ -9,9 +9,14 @@ linear's rows, or a set C of its columns, with the optimal correlated update of 
     columns:  ΔL_C = ½ tr( W_{:,C}ᵀ G W_{:,C} [A⁻¹]_CC⁻¹ ),  ΔW = −W_{:,C} [A⁻¹]_CC⁻¹ A⁻¹_{C,:}
 
 The paper prunes rows and columns of every matrix independently; a Llama only gets smaller when a
-unit's rows and columns go together, so a unit's cost is the sum over its parts — an MLP channel's
-gate and up rows and down column, a key/value group's query, key and value rows and its output-
-projection columns — treating the linears as independent blocks of F, as K-FAC does. Over
+unit's rows and columns go together. Removing a unit zeroes its columns of the output projection
+(o_proj, down_proj): the rows that feed only those columns (query/key/value, gate/up) then change
+nothing under the model, so with ``coupling="output"`` (default) a unit's cost and correlated
+update are its output-projection columns'. ``coupling="all"`` instead sums the costs of all its
+parts (an MLP channel's gate and up rows and down column; a group's query, key and value rows and
+o_proj columns) and applies each part's own update — every part then compensates the same removal
+again; on SmolLM2 at 20 % (4,096 calibration tokens, two shots) it measured perplexity 183 against
+38 for ``"output"`` (41 with no update at all). Over
 ``shots`` shots the removed fraction of the decoder layers' parameters rises linearly; each shot
 re-estimates the curvature on the current, already smaller model, removes the cheapest units of the
 whole model (one threshold across layers) until that shot's fraction is reached — keeping one unit
@@ -44,9 +49,15 @@ class LLMSurgeonStructuredOptions:
     shots: int = option(5, "Shots of the linear schedule, the curvature re-estimated before each (paper's structured runs: 40).")
     damp_g: float = option(0.01, "Damping of G relative to its mean diagonal (paper: 0.01).")
     damp_a: float = option(0.01, "Damping of A relative to its mean diagonal (paper: 0.01).")
+    coupling: str = option(
+        "output",
+        "'output': a unit's cost and update are its output-projection columns' (the rows feeding only those columns "
+        "go with them); 'all': summed over the unit's rows and columns in every linear, each with its own update.",
+    )
 
     def __post_init__(self) -> None:
         check_choice("components", self.components, ("all", "attention", "mlp"))
+        check_choice("coupling", self.coupling, ("output", "all"))
         if self.shots < 1:
             raise ValueError(f"method_options.shots must be a positive integer, got {self.shots}")
         for name in ("damp_g", "damp_a"):
@@ -118,12 +129,13 @@ class LLMSurgeonStructured(StructuredMethod[LLMSurgeonStructuredOptions]):
         for unit in range(count):
             columns = torch.arange(unit * width, (unit + 1) * width)
             parts = [_Part(consumer, False, columns)]
-            if component.kind == "attention":
-                layout = self.adapter.attention(layer)
-                kv_rows = torch.arange(unit * layout.head_dim, (unit + 1) * layout.head_dim)
-                parts += [_Part(layout.query, True, columns), _Part(layout.key, True, kv_rows), _Part(layout.value, True, kv_rows)]
-            else:
-                parts += [_Part(producer, True, columns) for producer in component.producers]
+            if self.options.coupling == "all":
+                if component.kind == "attention":
+                    layout = self.adapter.attention(layer)
+                    kv_rows = torch.arange(unit * layout.head_dim, (unit + 1) * layout.head_dim)
+                    parts += [_Part(layout.query, True, columns), _Part(layout.key, True, kv_rows), _Part(layout.value, True, kv_rows)]
+                else:
+                    parts += [_Part(producer, True, columns) for producer in component.producers]
             units.append(parts)
         return units
 

@@ -33,11 +33,12 @@ def test_structure_update_is_the_kronecker_optimum_and_its_cost_the_quadratic_in
     assert cost == pytest.approx(0.5 * float(delta @ fisher @ delta), rel=1e-6)
 
 
-def test_hits_the_budget_keeps_a_valid_gqa_layout_and_reloads(tmp_path):
+@pytest.mark.parametrize("coupling", ["output", "all"])
+def test_hits_the_budget_keeps_a_valid_gqa_layout_and_reloads(tmp_path, coupling):
     model = tiny_model()
     linears = lambda: sum(m.weight.numel() for layer in model.model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear))  # noqa: E731
     before = linears()
-    report = prune(model, PruningConfig(method="llm_surgeon_structured", sparsity=0.4, method_options={"shots": 2}), calibration=token_windows())
+    report = prune(model, PruningConfig(method="llm_surgeon_structured", sparsity=0.4, method_options={"shots": 2, "coupling": coupling}), calibration=token_windows())
     assert 1 - linears() / before == pytest.approx(0.4, abs=0.02)
     for layer in model.model.layers:
         assert layer.self_attn.q_proj.out_features % layer.self_attn.k_proj.out_features == 0
