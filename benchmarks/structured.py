@@ -4,8 +4,11 @@ Protocol (the core issue's): calibration = 32 windows × 512 tokens (seed 0) fro
 Wikipedia calibration split; perplexity over the first 65,536 tokens of the evaluation split in
 512-token windows. Each row loads the dense checkpoint, prunes it while keeping a dense copy,
 and times forward passes of one 512-token window on the two models alternately in the same
-process, so the latency ratio is measured side by side; run it on an otherwise idle machine
-(``--retime`` re-measures the latency of finished rows). Finished rows are cached; a rerun resumes.
+process, so the latency ratio is measured side by side; run it on an otherwise idle machine.
+Finished rows are cached with the pruned model's config (per-layer shapes included); a rerun
+resumes, and ``--retime`` re-measures every latency on models rebuilt from those shapes with
+random weights (a structured model's forward time depends on its shapes only), so a whole table
+retimes in minutes on a quiet machine.
 
     python benchmarks/structured.py             # full protocol, writes benchmarks/STRUCTURED.md
     python benchmarks/structured.py --quick     # 8×128 calibration, 4,096 eval tokens
@@ -20,9 +23,12 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from common import save_rows, table_header
 from optimum_prune import PruningConfig, evaluate_perplexity, load_default_model, prune
+from optimum_prune.adapters import get_adapter
+from optimum_prune.structure.loading import StructureConfig
 
 LAYERS = 30  # SmolLM2-135M
 Row = tuple[str, float, dict]
@@ -79,8 +85,27 @@ def latency_ratio(pruned: torch.nn.Module, dense: torch.nn.Module, repeats: int)
     return min(times[id(pruned)]) / min(times[id(dense)])
 
 
+def rebuilt(config: dict) -> torch.nn.Module:
+    """A randomly initialised model of a pruned model's recorded config and per-layer shapes."""
+    config = dict(config)
+    structure = config.pop("quantization_config", None)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float32).eval()
+    if structure is not None:
+        get_adapter(model).reshape(StructureConfig(**structure).shapes)
+    return model
+
+
+def retimed(result: dict, args: argparse.Namespace) -> dict:
+    """``result`` with its latency measured again on a model rebuilt from its recorded config."""
+    dense, _ = load_default_model()
+    pruned = rebuilt(result["config"]) if result["row"] != "dense" else copy.deepcopy(dense)
+    if sum(p.numel() for p in pruned.parameters()) != result["parameters"]:
+        raise RuntimeError(f"{result['row']}: the rebuilt model's parameter count differs from the pruned one's")
+    return {**result, "latency_ratio": latency_ratio(pruned, dense, args.repeats)}
+
+
 def measure(row: Row | None, args: argparse.Namespace, perplexity: bool = True) -> dict:
-    """Prune one row and time it against the dense model; ``perplexity=False`` skips the evaluation (``--retime``)."""
+    """Prune one row and time it against the dense model; ``perplexity=False`` skips the evaluation."""
     model, tokenizer = load_default_model()
     dense = copy.deepcopy(model)
     dense_parameters = sum(p.numel() for p in model.parameters())
@@ -98,6 +123,7 @@ def measure(row: Row | None, args: argparse.Namespace, perplexity: bool = True) 
         result.update(row=row_key(row), removed="; ".join(report.removed) if method != "width" else "", prune_seconds=report.seconds)
     result["parameters"] = sum(p.numel() for p in model.parameters())
     result["parameter_ratio"] = result["parameters"] / dense_parameters
+    result["config"] = model.config.to_dict()
     result["latency_ratio"] = latency_ratio(model, dense, args.repeats)
     del dense
     if perplexity:
@@ -135,8 +161,8 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, help="JSON file of finished rows (default: beside the output)")
     parser.add_argument(
         "--retime", action="store_true",
-        help="re-prune the finished rows and measure their latency again, keeping their perplexity "
-        "(run it on an otherwise idle machine: other load distorts the timings)",
+        help="measure the latency of the finished rows again on models rebuilt from their recorded shapes "
+        "(rows cached before shapes were recorded are pruned again); run it on an otherwise idle machine",
     )
     args = parser.parse_args()
     args.calibration_samples, args.calibration_seq_len, args.eval_tokens = (8, 128, 4096) if args.quick else (32, 512, 65536)
@@ -154,7 +180,7 @@ def main() -> None:
             done[key] = measure(row, args)
             save_rows(cache, done)
         elif args.retime:
-            done[key].update(measure(row, args, perplexity=False))
+            done[key] = retimed(done[key], args) if "config" in done[key] else {**done[key], **measure(row, args, perplexity=False)}
             save_rows(cache, done)
         results.append(done[key])
         r = done[key]
