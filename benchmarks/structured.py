@@ -47,6 +47,8 @@ ROWS: list[Row] = [
     # Kwon et al.'s mask search (issue 11, item 6), with and without least-squares mask tuning.
     *[("mask_search", ratio, {}) for ratio in (0.1, 0.2, 0.3)],
     ("mask_search", 0.2, {"tune": False}),
+    # KCM (issue 11, item 7): gradient-free R2D2 ranking with the same search and mask tuning.
+    *[("kcm", ratio, {}) for ratio in (0.1, 0.2, 0.3)],
     # ZipLM (issue 11, item 3) at the same parameter budget, and at its own target: 20 % / 30 % of the
     # decoder layers' time measured on this CPU at 512 tokens (speed-ups 1.25× / 1.43× predicted).
     ("ziplm", 0.2, {"target": "parameters"}),

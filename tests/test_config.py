@@ -55,7 +55,7 @@ def test_sparsity_type():
 
 
 def test_unknown_method_lists_known():
-    with pytest.raises(ValueError, match="PruningConfig.method 'wandaa' .* known: experts, kprune, layers, llm_surgeon, llm_surgeon_structured, low_rank, magnitude, mask_search, merge_experts, mpoe, slicegpt, sparsegpt, sublayers, wanda, width, ziplm"):
+    with pytest.raises(ValueError, match="PruningConfig.method 'wandaa' .* known: experts, kcm, kprune, layers, llm_surgeon, llm_surgeon_structured, low_rank, magnitude, mask_search, merge_experts, mpoe, slicegpt, sparsegpt, sublayers, wanda, width, ziplm"):
         PruningConfig(method="wandaa")
     assert {"magnitude", "wanda", "sparsegpt"} <= set(METHODS.names())
 

@@ -3,6 +3,7 @@
 from . import (  # noqa: F401  (each module registers its method)
     expert_merging,
     experts,
+    kcm,
     kprune,
     layers,
     llm_surgeon,

@@ -63,25 +63,32 @@ class MaskSearchOptions:
 class MaskSearch(StructuredMethod[MaskSearchOptions]):
     """Kwon et al.'s Fisher mask search, rearrangement and least-squares mask tuning of heads and MLP channels."""
 
+    importance_name = "Fisher importance"
+
     def check(self) -> None:
         self.width = group_units(self, self.options.components)
         self.width._plan_counts()  # raises for a budget the units cannot reach
 
+    def unit_importance(self, windows: torch.Tensor | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Per component, each unit's importance (the loss its removal adds) and the block that
+        rearrangement refines the choice with (a vector: no rearrangement)."""
+        blocks = mask_fisher(self.adapter, self.width.components, windows, full=self.options.rearrange)
+        return [block.diagonal() / 2 if block.dim() == 2 else block / 2 for block in blocks], blocks
+
     def prune(self, windows: torch.Tensor | None, report: Any) -> None:
         components = self.width.components
-        blocks = mask_fisher(self.adapter, components, windows, full=self.options.rearrange)
-        importance = [block.diagonal() / 2 if block.dim() == 2 else block / 2 for block in blocks]
+        importance, blocks = self.unit_importance(windows)
         layers = self.adapter.decoder_layers()
         budget = self.sparsity * sum(_layer_parameters(self.adapter, layer) for layer in layers)
         counts = search_counts(importance, [c.unit_parameters for c in components], [c.removable for c in components],
                                [c.kind for c in components], budget)  # fmt: skip
-        for component, block, scores, count in zip(components, blocks, importance, counts):
-            removed = rearranged(block, count) if self.options.rearrange else torch.argsort(scores, stable=True)[:count]
+        for component, block, count in zip(components, blocks, counts):
+            removed = rearranged(block, count)
             component.removed = count
-            component.scores = torch.ones(scores.numel())
+            component.scores = torch.ones(block.shape[0])
             component.scores[removed] = 0  # width's surgery removes the lowest-scored units
         for kind in ("attention", "mlp"):
-            report.layer_scores[f"removed Fisher importance ({kind})"] = [
+            report.layer_scores[f"removed {self.importance_name} ({kind})"] = [
                 float(sum(s[c.scores == 0].sum() for c, s in zip(components, importance) if c.layer == i and c.kind == kind))
                 for i in range(len(layers))
             ]

@@ -27,7 +27,7 @@ def run_cli(tmp_path, capsys, config: dict | str, command: str = "train") -> str
         ({"method": "wanda", "sparsty": 0.5}, "pruning.sparsty is not a valid key; valid keys: activation_device, allocation, "),
         ({"method": "wanda", "sparsity": 1.5}, r"pruning: PruningConfig.sparsity must be in \[0, 1\)"),
         ({"method": "wanda", "sparsity": "5:4"}, "pruning: PruningConfig.sparsity '5:4' needs 0 < N < M"),
-        ({"method": "prune_everything"}, "pruning: PruningConfig.method 'prune_everything' is not a registered pruning method; known: experts, kprune, layers, llm_surgeon, llm_surgeon_structured, low_rank, magnitude"),
+        ({"method": "prune_everything"}, "pruning: PruningConfig.method 'prune_everything' is not a registered pruning method; known: experts, kcm, kprune, layers, llm_surgeon, llm_surgeon_structured, low_rank, magnitude"),
         ({"method": "wanda", "calibration_dataset": "not_registered"}, "pruning.calibration_dataset 'not_registered' is not in .*dataset_info.json; registered: wiki_pt, wiki_sft"),
         ("wanda", "pruning: must be a mapping of PruningConfig fields"),
     ],

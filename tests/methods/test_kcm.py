@@ -1,0 +1,106 @@
+"""KCM: the representative rank (R2), the data-driven rank (D2), their R2D2 product, masking and tuning."""
+
+import copy
+
+import pytest
+import torch
+
+from optimum_prune import PruningConfig, prune, save_pruned
+from optimum_prune.adapters import get_adapter
+from optimum_prune.methods.kcm import KCMOptions, KernelizedConvexMasking, representative_rank
+
+from ..conftest import assert_reloads_exactly, output_errors, tiny_model, token_windows
+
+
+def test_units_the_others_cannot_express_rank_highest():
+    cluster = torch.tensor([[1.0, 0.0], [1.1, 0.0], [1.0, 0.1], [1.1, 0.1], [1.05, 0.05]])
+    units = torch.cat([cluster, torch.tensor([[-1.0, 2.0]])])  # one unit far from the rest
+    scores = representative_rank(units, kernel_width=0.0, tolerance=1e-2, max_iterations=100)
+    assert int(scores.argmax()) == 5
+    assert float(scores[:5].max()) < float(scores[5])
+
+
+def test_the_early_stop_is_what_makes_r2_a_ranking():
+    """Run to convergence the self-expression is the trivial C = I: every unit scores 1."""
+    units = torch.randn(12, 4, generator=torch.Generator().manual_seed(0))
+    early = representative_rank(units, 0.0, tolerance=1e-2, max_iterations=1000)
+    converged = representative_rank(units, 0.0, tolerance=1e-12, max_iterations=5000)
+    torch.testing.assert_close(converged, torch.ones(12), atol=1e-2, rtol=0)
+    assert float(early.max() - early.min()) > 0.05
+
+
+def test_d2_is_the_norm_of_each_unit_input_to_the_output_projection():
+    model, windows = tiny_model(), token_windows()
+    method = KernelizedConvexMasking(get_adapter(model), 0.2, [], KCMOptions(), torch.device("cpu"))
+    method.check()
+    norms = method._activation_norms(windows)
+    squares: dict[str, torch.Tensor] = {}
+    layer = model.model.layers[1]
+    handles = [
+        module.register_forward_pre_hook(lambda _m, args, name=name: squares.__setitem__(name, squares.get(name, 0) + args[0].square().sum((0, 1))))
+        for name, module in (("attention", layer.self_attn.o_proj), ("mlp", layer.mlp.down_proj))
+    ]
+    with torch.no_grad():
+        model(input_ids=windows)
+    for handle in handles:
+        handle.remove()
+    for component, measured in zip(method.width.components, norms):
+        if component.layer == 1:
+            torch.testing.assert_close(measured, squares[component.kind].sqrt(), rtol=1e-4, atol=1e-6)
+
+
+def test_r2d2_is_the_product_of_the_per_layer_normalised_scores_or_their_ranks():
+    model, windows = tiny_model(), token_windows()
+    scores = {}
+    for combine in ("product", "rank"):
+        method = KernelizedConvexMasking(get_adapter(model), 0.2, [], KCMOptions(combine=combine), torch.device("cpu"))
+        method.check()
+        importance, blocks = method.unit_importance(windows)
+        assert all(i is b and i.dim() == 1 for i, b in zip(importance, blocks))  # no Fisher block: nothing to rearrange
+        scores[combine] = importance
+    for product, rank in zip(scores["product"], scores["rank"]):
+        assert float(product.min()) == 0 and 0 < float(product.max()) <= 1
+        assert float(rank.min()) >= 0 and float(rank.max()) <= 1
+        summed = rank * (len(rank) - 1) * 2  # the sum of the unit's two ranks
+        torch.testing.assert_close(summed, summed.round())
+
+
+def test_gradient_free_budget_met_gqa_layout_kept_and_reloads(tmp_path):
+    model = tiny_model()
+    report = prune(model, PruningConfig(method="kcm", sparsity=0.2), calibration=token_windows())
+    assert all(p.grad is None for p in model.parameters())
+    removed = 1 - report.parameters_after / report.parameters_before
+    assert 0.12 < removed < 0.25  # the budget counts decoder linears; embeddings stay
+    for layer in model.model.layers:
+        attention = layer.self_attn
+        assert attention.q_proj.out_features % attention.k_proj.out_features == 0
+    assert "removed R2D2 importance (mlp)" in report.layer_scores
+    save_pruned(model, tmp_path / "out")
+    assert_reloads_exactly(model, tmp_path / "out")
+
+
+def test_without_tuning_the_result_equals_the_dense_model_with_the_removed_units_zeroed():
+    dense, windows = tiny_model(), token_windows()
+    model = copy.deepcopy(dense)
+    prune(model, PruningConfig(method="kcm", sparsity=0.3, method_options={"tune": False, "components": "mlp"}), calibration=windows)
+    for pruned, original in zip(model.model.layers, dense.model.layers):
+        kept = [int(torch.nonzero((original.mlp.up_proj.weight == row).all(1))[0]) for row in pruned.mlp.up_proj.weight]
+        removed = sorted(set(range(original.mlp.up_proj.out_features)) - set(kept))
+        with torch.no_grad():
+            original.mlp.down_proj.weight[:, removed] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=windows).logits, dense(input_ids=windows).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_mask_tuning_brings_the_output_closer_to_the_dense_model():
+    errors = output_errors("kcm", 0.3, "tune")
+    assert errors[True] < errors[False], errors
+
+
+def test_bad_options_name_the_field():
+    with pytest.raises(ValueError, match="combine"):
+        PruningConfig(method="kcm", method_options={"combine": "sum"})
+    with pytest.raises(ValueError, match="tolerance must be > 0"):
+        PruningConfig(method="kcm", method_options={"tolerance": 0})
+    with pytest.raises(ValueError, match="kernel_width must be >= 0"):
+        PruningConfig(method="kcm", method_options={"kernel_width": -1.0})
