@@ -164,7 +164,7 @@ def main() -> None:
     parser.add_argument(
         "--retime", action="store_true",
         help="measure the latency of the finished rows again on models rebuilt from their recorded shapes "
-        "(rows cached before shapes were recorded are pruned again); run it on an otherwise idle machine",
+        "(rows cached before shapes were recorded are pruned again) and list the unfinished ones; run it on an otherwise idle machine",
     )
     args = parser.parse_args()
     args.calibration_samples, args.calibration_seq_len, args.eval_tokens = (8, 128, 4096) if args.quick else (32, 512, 65536)
@@ -173,10 +173,13 @@ def main() -> None:
     done = json.loads(cache.read_text()) if cache.is_file() else {}
     command = "python benchmarks/structured.py" + (" --quick" if args.quick else "")
 
-    results = []
+    results, pending = [], []
     for row in [None, *ROWS]:
         key = row_key(row)
         if args.only and args.only not in key and row is not None:
+            continue
+        if args.retime and key not in done:
+            pending.append(key)
             continue
         if key not in done:
             done[key] = measure(row, args)
@@ -187,8 +190,11 @@ def main() -> None:
         results.append(done[key])
         r = done[key]
         print(f"{key:<48} ppl {r['perplexity']:>9.2f}  params {r['parameter_ratio']:.1%}  latency {r['latency_ratio']:.2f}", flush=True)
-    output.write_text(markdown(results, args, command))
-    print(markdown(results, args, command))
+    table = markdown(results, args, command)
+    if pending:
+        table += "\nNot measured yet (a run without `--retime` adds them): " + ", ".join(f"`{key}`" for key in pending) + ".\n"
+    output.write_text(table)
+    print(table)
 
 
 if __name__ == "__main__":
