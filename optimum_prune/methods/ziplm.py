@@ -22,17 +22,27 @@ picks the level of each that minimises the summed relative errors within the bud
 of the decoder layers times (1 − ``sparsity``), i.e. a decoder speed-up of 1/(1 − ``sparsity``) on
 that device (``target="parameters"`` budgets parameters instead, to compare with other methods).
 
+SPDY search (Frantar & Alistarh 2022, as ZipLM's ``StructuredSPDY`` runs it): the program sees
+c_ℓ · error_ℓ with one weight c_ℓ ∈ [0, 1] per sublayer, and the weights are searched — first
+``search_restarts`` random draws, then ``search_steps`` local moves that redraw each weight with
+probability 0.1 — keeping the weights whose chosen levels give the stitched model the lowest
+calibration loss. Stitching needs no stored weights: after the greedy removal of a set S the
+compensated weights are the least-squares optimum on the columns left, W'_K = W H_:K (H_KK)⁻¹
+(H damped as in the greedy pass), so each level is rebuilt from the removal order and H. The plain
+program (ZipLM's ``dpsolve``, all weights 1) is scored first, so the search never returns a worse
+calibration loss; ``search_restarts=0, search_steps=0`` keeps just that.
+
 Adaptations and limits:
-- ZipLM refines the program's per-layer weights with SPDY's search (random restarts and local
-  moves, each candidate scored by the stitched model's calibration loss); that search is not run
-  here: the plain program (ZipLM's ``dpsolve``, all weights 1) chooses the levels.
 - The levels are chosen from errors on the dense model's inputs (as ZipLM builds its database);
   the chosen removal is then applied layer by layer on the pruned model's inputs (the sequential
   calibration of SparseGPT), so each update also compensates the error of the layers below.
 - Grouped-query attention: a head structure is a key/value group with its query heads, so any
   count keeps a valid layout; its key/value rows go with it.
 - Memory: one Hessian per output projection at a time (down_proj: intermediate² float64 values);
-  the greedy pass costs intermediate² operations per removed channel.
+  the greedy pass costs intermediate² operations per removed channel. The SPDY search keeps every
+  output projection's Hessian in host memory as float32 (Σ in_features² × 4 bytes: 0.3 GB for
+  SmolLM2-135M, 18 GB for Llama-2-7B) and scores each candidate with a forward pass of the whole
+  model over the calibration windows (one window's logits at a time).
 """
 
 from __future__ import annotations
@@ -45,12 +55,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from tqdm.auto import tqdm
+
 from ..calibration import LayerInputs, capture_first_layer_inputs, run_layer, walk_layers
+from ..calibration.gradients import calibration_perplexity
 from ..options import check_choice, option
 from .base import StructuredMethod, register_structured_method
 from .width import _Component, group_columns, group_units, output_projection
 
 DP_BUCKETS = 10_000  # ZipLM's discretisation of the time budget
+SPDY_MUTATION = 0.1  # probability that a local move redraws a sublayer's weight (ZipLM's ``muteprob``)
 
 
 @dataclass(frozen=True)
@@ -66,6 +80,8 @@ class ZipLMOptions:
     dampening: float = option(0.01, "λ added to the Hessian diagonal as a fraction of its mean diagonal (ZipLM: 1%).")
     latency_tokens: int = option(512, "Prefill length at which the latency table is measured.")
     latency_repeats: int = option(10, "Timed forward passes per table entry (the median is kept, after 3 warm-up passes).")
+    search_restarts: int = option(10, "SPDY: random per-sublayer weightings of the program's errors scored by the stitched model's calibration loss.")
+    search_steps: int = option(10, "SPDY: local moves from the best weighting (each redraws a weight with probability 0.1).")
 
     def __post_init__(self) -> None:
         check_choice("target", self.target, ("latency", "parameters"))
@@ -73,6 +89,9 @@ class ZipLMOptions:
         for name in ("round_to", "latency_tokens", "latency_repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"method_options.{name} must be a positive integer, got {getattr(self, name)}")
+        for name in ("search_restarts", "search_steps"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"method_options.{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.dampening < 1:
             raise ValueError(f"method_options.dampening must be in [0, 1), got {self.dampening}")
 
@@ -84,6 +103,8 @@ class _Levels:
     removed: list[int]
     costs: list[float]
     errors: list[float] | None = None
+    order: torch.Tensor | None = None  # the greedy removal order of all removable units (for the SPDY search)
+    hessian: torch.Tensor | None = None  # H of the output projection's dense inputs, float32 on the CPU (likewise)
 
 
 @register_structured_method("ziplm", options=ZipLMOptions)
@@ -106,8 +127,9 @@ class ZipLM(StructuredMethod[ZipLMOptions]):
     def prune(self, windows: torch.Tensor | None, report: Any) -> None:
         components = self.width.components
         levels = self._levels(components)
-        self._measure_errors(components, levels, windows)
-        chosen = choose_levels(levels, self._budget(levels))
+        searching = self.options.search_restarts + self.options.search_steps > 0
+        self._measure_errors(components, levels, windows, keep_database=searching)
+        chosen = self._search(components, levels, windows, report) if searching else choose_levels(levels, self._budget(levels))
         layers, names = self.adapter.decoder_layers(), self.adapter.layer_names()
         dense_cost = sum(level.costs[0] for level in levels)
         kept_cost = sum(level.costs[choice] for level, choice in zip(levels, chosen))
@@ -170,8 +192,9 @@ class ZipLM(StructuredMethod[ZipLMOptions]):
         total = sum(l.weight.numel() for layer in self.adapter.decoder_layers() for l in self.adapter.prunable_linears(layer).values())
         return dense - self.sparsity * total
 
-    def _measure_errors(self, components: list[_Component], levels: list[_Levels], windows: torch.Tensor) -> None:
-        """Relative output error of every level of every component, on the dense model's inputs."""
+    def _measure_errors(self, components: list[_Component], levels: list[_Levels], windows: torch.Tensor, keep_database: bool) -> None:
+        """Relative output error of every level of every component, on the dense model's inputs (with
+        ``keep_database``, also the removal order and H that rebuild each level for the search)."""
 
         def visit(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
             for component, level in zip(components, levels):
@@ -179,13 +202,65 @@ class ZipLM(StructuredMethod[ZipLMOptions]):
                     continue
                 projection = output_projection(self.adapter, layer, component)
                 hessian = _input_hessian(self.adapter, layer, projection, inputs)
-                _, _, losses = greedy_obs(projection.weight.detach(), hessian, group_columns(self.adapter, layer, component),
-                                          self.options.dampening, component.removable, with_losses=True)  # fmt: skip
+                _, order, losses = greedy_obs(projection.weight.detach(), hessian, group_columns(self.adapter, layer, component),
+                                              self.options.dampening, component.removable, with_losses=True)  # fmt: skip
+                if keep_database:
+                    level.order, level.hessian = order, hessian.float().cpu()
                 dense_energy = float(torch.einsum("ij,jk,ik->", *(projection.weight.detach().double(), hessian, projection.weight.detach().double())))
                 cumulative = torch.cat([torch.zeros(1, dtype=torch.float64), losses.cumsum(0)]) / max(dense_energy, 1e-30)
                 level.errors = [1.0 if r > component.removable else float(cumulative[r]) for r in level.removed]
 
         walk_layers(self.adapter, windows, self.device, visit, "ZipLM error database")  # nothing is cut: dense inputs
+
+    # --- SPDY search -----------------------------------------------------------------------
+
+    def _search(self, components: list[_Component], levels: list[_Levels], windows: torch.Tensor, report: Any) -> list[int]:
+        """The levels of the per-sublayer error weights whose stitched model has the lowest calibration loss."""
+        layers, budget = self.adapter.decoder_layers(), self._budget(levels)
+        projections = [output_projection(self.adapter, layers[c.layer], c) for c in components]
+        widths = [group_columns(self.adapter, layers[c.layer], c) for c in components]
+        originals = [(p.weight.detach().clone(), None if p.bias is None else p.bias.detach().clone()) for p in projections]
+        scored: dict[tuple[int, ...], float] = {}
+
+        def perplexity(weights: list[float]) -> float:
+            chosen = tuple(choose_levels(levels, budget, coefficients=weights))
+            if chosen not in scored:  # many weightings give the same levels
+                with torch.no_grad():
+                    for projection, (weight, bias), level, width, choice in zip(projections, originals, levels, widths, chosen):
+                        projection.weight.copy_(stitched_weight(weight, level, choice, width, self.options.dampening))
+                        if bias is not None:
+                            projection.bias.copy_(bias if level.removed[choice] <= len(level.order) else torch.zeros_like(bias))
+                scored[chosen] = calibration_perplexity(self.adapter.model, windows)
+            return scored[chosen]
+
+        generator = torch.Generator().manual_seed(0)
+        count = len(levels)
+        try:
+            best_weights = [1.0] * count
+            plain = best = perplexity(best_weights)
+            candidates = [torch.rand(count, generator=generator) for _ in range(self.options.search_restarts)]
+            for step in tqdm(range(self.options.search_restarts + self.options.search_steps), desc="ZipLM SPDY search"):
+                if step < self.options.search_restarts:
+                    weights = candidates[step].tolist()
+                else:
+                    redraw = torch.rand(count, generator=generator) < SPDY_MUTATION
+                    weights = torch.where(redraw, torch.rand(count, generator=generator), torch.tensor(best_weights)).tolist()
+                value = perplexity(weights)
+                if value < best:
+                    best, best_weights = value, weights
+        finally:
+            with torch.no_grad():
+                for projection, (weight, bias) in zip(projections, originals):
+                    projection.weight.copy_(weight)
+                    if bias is not None:
+                        projection.bias.copy_(bias)
+        report.notes.append(
+            f"ZipLM SPDY search: calibration perplexity of the stitched model {plain:.3f} with the plain program, {best:.3f} "
+            f"with the best of {self.options.search_restarts + self.options.search_steps} weightings ({len(scored)} distinct level choices)"
+        )
+        for level in levels:
+            level.order = level.hessian = None
+        return choose_levels(levels, budget, coefficients=best_weights)
 
     # --- latency table ----------------------------------------------------------------------
 
@@ -241,12 +316,7 @@ def greedy_obs(
     Returns the compensated weight (removed columns zero), the removed block indices in order and,
     with ``with_losses``, each step's ρ_S (float64, in the metric of the damped H).
     """
-    W = weight.double().clone()
-    H = hessian.double().clone()
-    dead = H.diagonal() == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-    H.diagonal().add_(dampening * H.diagonal().mean())
+    W, H = _damped(weight, hessian, dampening)
     Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H))
     if width == 1:
         order, losses = _greedy_columns(W, Hinv, count)
@@ -279,6 +349,35 @@ def greedy_obs(
     return (*result, torch.tensor(losses, dtype=torch.float64)) if with_losses else result
 
 
+def _damped(weight: torch.Tensor, hessian: torch.Tensor, dampening: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 copies of W and of H with its diagonal raised by ``dampening`` × its mean; inputs that
+    never fire (H_jj = 0) get H_jj = 1 and a zero weight column, so H stays invertible."""
+    W = weight.double().clone()
+    H = hessian.double().clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    H.diagonal().add_(dampening * H.diagonal().mean())
+    return W, H
+
+
+def stitched_weight(weight: torch.Tensor, level: _Levels, choice: int, width: int, dampening: float) -> torch.Tensor:
+    """The output projection at ``level.removed[choice]`` structures removed, as the greedy pass leaves it:
+    the first ones of ``level.order`` zeroed and the rest the least-squares optimum W'_K = W H_:K (H_KK)⁻¹."""
+    count = level.removed[choice]
+    if count == 0:
+        return weight
+    if count > len(level.order):  # the whole sublayer
+        return torch.zeros_like(weight)
+    W, H = _damped(weight, level.hessian.to(weight.device), dampening)
+    kept = torch.ones(W.shape[1], dtype=torch.bool, device=W.device)
+    for block in level.order[:count].tolist():
+        kept[block * width : (block + 1) * width] = False
+    result = torch.zeros_like(W)
+    result[:, kept] = torch.linalg.solve(H[kept][:, kept], (W @ H[:, kept]).T).T
+    return result.to(weight.dtype)
+
+
 def _greedy_columns(W: torch.Tensor, Hinv: torch.Tensor, count: int) -> tuple[list[int], list[float]]:
     """The one-column case of ``greedy_obs`` in place, with rank-1 updates (ZipLM's ``size == 1`` path):
     ρ_j = ‖W_:j‖² / [H⁻¹]_jj, W ← W − W_:j [H⁻¹]_j: / [H⁻¹]_jj, H⁻¹ ← H⁻¹ − [H⁻¹]_:j [H⁻¹]_j: / [H⁻¹]_jj."""
@@ -305,20 +404,21 @@ def _greedy_columns(W: torch.Tensor, Hinv: torch.Tensor, count: int) -> tuple[li
     return order, losses
 
 
-def choose_levels(levels: list[_Levels], budget: float, buckets: int = DP_BUCKETS) -> list[int]:
-    """ZipLM's dynamic program: one level per component minimising Σ error within Σ cost ≤ ``budget``."""
+def choose_levels(levels: list[_Levels], budget: float, buckets: int = DP_BUCKETS, coefficients: list[float] | None = None) -> list[int]:
+    """ZipLM's dynamic program: one level per component minimising Σ c·error (c: ``coefficients``, default 1)
+    within Σ cost ≤ ``budget``."""
     if budget <= 0:
         raise ValueError("the pruning budget leaves no time (or parameters) for the decoder layers; lower the sparsity")
     step = budget / buckets
     best = torch.full((buckets + 1,), float("inf"), dtype=torch.float64)
     best[0] = 0.0
     choices = []
-    for level in levels:
+    for level, coefficient in zip(levels, coefficients or [1.0] * len(levels)):
         candidates = torch.full((len(level.removed), buckets + 1), float("inf"), dtype=torch.float64)
         for position, (cost, error) in enumerate(zip(level.costs, level.errors)):
             shift = round(cost / step)
             if shift <= buckets:
-                candidates[position, shift:] = best[: buckets + 1 - shift] + error
+                candidates[position, shift:] = best[: buckets + 1 - shift] + coefficient * error
         best, choice = candidates.min(0)
         choices.append(choice)
     if torch.isinf(best).all():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from optimum_prune import PruningConfig, prune, save_pruned
-from optimum_prune.methods.ziplm import _Levels, choose_levels, greedy_obs
+from optimum_prune.methods.ziplm import ZipLM, _Levels, choose_levels, greedy_obs, stitched_weight
 
 from ..conftest import assert_reloads_exactly, tiny_model, token_windows
 
@@ -66,6 +66,48 @@ def test_the_level_program_finds_the_least_error_within_the_budget():
         choose_levels(levels, 0.5 * sum(min(level.costs) for level in levels))
 
 
+@pytest.mark.parametrize("width", [1, 2])
+def test_a_level_is_rebuilt_from_the_removal_order_and_the_hessian(width):
+    """SPDY stitches levels without storing weights: the least-squares optimum on the kept columns is
+    what the greedy pass leaves after removing the same structures (damping included)."""
+    weight, _, hessian = _problem()
+    count = 3 if width == 1 else 2
+    blocks = weight.shape[1] // width
+    _, order, _ = greedy_obs(weight, hessian, width, 0.01, count=blocks - 1, with_losses=True)
+    level = _Levels(removed=[0, count, blocks], costs=[3.0, 2.0, 0.0], order=order, hessian=hessian.float())
+    greedy, _ = greedy_obs(weight, hessian, width, 0.01, count=count)
+    torch.testing.assert_close(stitched_weight(weight, level, 1, width, 0.01), greedy, rtol=1e-4, atol=1e-5)
+    assert stitched_weight(weight, level, 0, width, 0.01) is weight
+    assert stitched_weight(weight, level, 2, width, 0.01).abs().max() == 0  # the whole sublayer
+
+
+def test_error_weights_steer_the_program():
+    levels = [_Levels(removed=[0, 1], costs=[2.0, 1.0], errors=[0.0, 1.0]), _Levels(removed=[0, 1], costs=[2.0, 1.0], errors=[0.0, 2.0])]
+    assert choose_levels(levels, 3.0) == [1, 0]  # one of them must shrink: the cheaper error
+    assert choose_levels(levels, 3.0, coefficients=[1.0, 0.1]) == [0, 1]
+
+
+def test_spdy_search_keeps_the_best_weighting_and_restores_the_dense_weights(monkeypatch):
+    searched = []
+
+    def checked(self, components, levels, windows, report):
+        before = {name: value.clone() for name, value in self.adapter.model.state_dict().items()}
+        chosen = original(self, components, levels, windows, report)
+        after = self.adapter.model.state_dict()
+        assert all(torch.equal(before[name], after[name]) for name in before)  # stitching left no trace
+        searched.append(chosen)
+        return chosen
+
+    original = ZipLM._search
+    monkeypatch.setattr(ZipLM, "_search", checked)
+    options = {"target": "parameters", "round_to": 8, "search_restarts": 4, "search_steps": 4}
+    report = prune(tiny_model(), PruningConfig(method="ziplm", sparsity=0.3, method_options=options), calibration=token_windows())
+    assert searched
+    note = next(note for note in report.notes if "SPDY" in note)
+    plain, best = (float(note.split(" model ")[1].split(" ")[0]), float(note.split(", ")[1].split(" ")[0]))
+    assert best <= plain
+
+
 def test_parameter_target_hits_the_budget_keeps_gqa_and_reloads(tmp_path):
     model = tiny_model()
     linears = lambda: sum(m.weight.numel() for layer in model.model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear))  # noqa: E731
@@ -112,3 +154,5 @@ def test_bad_requests_name_the_field():
         PruningConfig(method="ziplm", method_options={"target": "flops"})
     with pytest.raises(ValueError, match="round_to must be a positive integer"):
         PruningConfig(method="ziplm", method_options={"round_to": 0})
+    with pytest.raises(ValueError, match="search_steps must be >= 0"):
+        PruningConfig(method="ziplm", method_options={"search_steps": -1})
