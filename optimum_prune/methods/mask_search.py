@@ -75,13 +75,18 @@ class MaskSearch(StructuredMethod[MaskSearchOptions]):
         blocks = mask_fisher(self.adapter, self.width.components, windows, full=self.options.rearrange)
         return [block.diagonal() / 2 if block.dim() == 2 else block / 2 for block in blocks], blocks
 
+    def unit_counts(self, importance: list[torch.Tensor]) -> list[int]:
+        """Units to remove per component: Alg. 1's search over the whole model's budget."""
+        components = self.width.components
+        budget = self.sparsity * sum(_layer_parameters(self.adapter, layer) for layer in self.adapter.decoder_layers())
+        return search_counts(importance, [c.unit_parameters for c in components], [c.removable for c in components],
+                             [c.kind for c in components], budget)  # fmt: skip
+
     def prune(self, windows: torch.Tensor | None, report: Any) -> None:
         components = self.width.components
         importance, blocks = self.unit_importance(windows)
         layers = self.adapter.decoder_layers()
-        budget = self.sparsity * sum(_layer_parameters(self.adapter, layer) for layer in layers)
-        counts = search_counts(importance, [c.unit_parameters for c in components], [c.removable for c in components],
-                               [c.kind for c in components], budget)  # fmt: skip
+        counts = self.unit_counts(importance)
         for component, block, count in zip(components, blocks, counts):
             removed = rearranged(block, count)
             component.removed = count

@@ -162,8 +162,9 @@ class WidthPruning(StructuredMethod[WidthOptions]):
         if self.options.ranking == "layer":
             self._layer_counts()
 
-    def _layer_counts(self) -> None:
-        """Each layer loses ``sparsity`` of its linear parameters: attention first (coarse), MLP makes up the rest."""
+    def _layer_counts(self, option: str = "ranking") -> None:
+        """Each layer loses ``sparsity`` of its linear parameters: attention first (coarse), MLP makes up the rest.
+        ``option`` names the caller's option whose value 'global' frees the per-layer counts (for the error)."""
         by_layer: dict[int, list[_Component]] = {}
         for component in self.components:
             by_layer.setdefault(component.layer, []).append(component)
@@ -179,8 +180,8 @@ class WidthPruning(StructuredMethod[WidthOptions]):
                 if count > component.removable:
                     what = "every head of a group" if component.kind == "attention" else "every MLP channel"
                     raise ValueError(
-                        f"PruningConfig.sparsity {self.sparsity} with ranking='layer' would remove {what} of "
-                        f"{names[index]}; lower the sparsity, use ranking='global' or prune more components"
+                        f"PruningConfig.sparsity {self.sparsity} with {option}='layer' would remove {what} of "
+                        f"{names[index]}; lower the sparsity, use {option}='global' or prune more components"
                     )
                 component.removed = count
                 remaining -= count * component.unit_parameters

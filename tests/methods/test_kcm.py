@@ -75,8 +75,27 @@ def test_gradient_free_budget_met_gqa_layout_kept_and_reloads(tmp_path):
         attention = layer.self_attn
         assert attention.q_proj.out_features % attention.k_proj.out_features == 0
     assert "removed R2D2 importance (mlp)" in report.layer_scores
+    assert len({layer.mlp.down_proj.in_features for layer in model.model.layers}) == 1  # allocation='layer': same-shaped layers lose alike
     save_pruned(model, tmp_path / "out")
     assert_reloads_exactly(model, tmp_path / "out")
+
+
+def test_global_allocation_runs_kwon_search_over_r2d2(monkeypatch):
+    from optimum_prune.methods import mask_search
+
+    searched, search = [], mask_search.search_counts
+    monkeypatch.setattr(mask_search, "search_counts", lambda *args: searched.append(args) or search(*args))
+    model = tiny_model()
+    report = prune(model, PruningConfig(method="kcm", sparsity=0.2, method_options={"allocation": "global"}), calibration=token_windows())
+    assert searched and 0.12 < 1 - report.parameters_after / report.parameters_before < 0.25
+
+
+def test_a_layer_that_would_lose_every_unit_is_refused_before_any_change():
+    model = tiny_model()
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    with pytest.raises(ValueError, match="allocation='layer' would remove every head of a group .* use allocation='global'"):
+        prune(model, PruningConfig(method="kcm", sparsity=0.75), calibration=token_windows())  # round(0.75 × 2 groups) = 2
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
 
 
 def test_without_tuning_the_result_equals_the_dense_model_with_the_removed_units_zeroed():
