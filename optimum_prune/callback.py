@@ -4,6 +4,7 @@ prune gradually while training.
     trainer = Trainer(model, args, train_dataset=data, callbacks=[PruningCallback()])   # keep masks
     PruningCallback(GradualSchedule(final_sparsity=0.5, end_step=600, every=50))          # prune while training
     PruningCallback(IterativeSchedule(final_sparsity=0.9, iterations=5))                   # prune, retrain, repeat
+    PruningCallback(perp=PERPConfig())                   # PERP: retrain biases, norms and mask-preserving LoRA only
 
 Keeping masks: the zeros the model has when training begins stay zero after every optimizer
 step (gradients of pruned weights are zeroed before the step, so momentum never builds up
@@ -12,6 +13,11 @@ peft the masks sit on ``get_base_layer().weight``, and ``merge_lora_preserving_s
 merges without filling them. Gradual pruning follows the cubic schedule of Zhu & Gupta (2017)
 or the iterative prune-retrain rounds of Han et al. (2015), and ranks weights by magnitude or, without any calibration set, by a Wanda-style score from the
 activation norms seen in the training batches since the previous pruning step.
+
+With ``perp``, the Trainer retrains only PERP's subset (``optimum_prune.perp``): the model is
+prepared when the Trainer is built (``on_init_end``, before its optimizer exists, so the callback
+must be passed to the Trainer's constructor) and the adapters are merged when training ends, so
+the model the Trainer saves is an ordinary one with its zeros intact.
 
 Works with any Trainer subclass (TRL's ``SFTTrainer``, LLaMA-Factory's trainers through
 ``run_exp(args, callbacks=[...])``). The current sparsity is added to each log entry (the
@@ -30,6 +36,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .masks import SparsityMasks
+from .perp import PERPConfig, PERPSummary, merge_perp, prepare_perp
 from .sparsity import NMPattern, SparsityTarget, normalise_sparsity, select_mask
 from .statistics import ColumnNorms, wanda_scores
 
@@ -186,18 +193,37 @@ class PruningCallback(TrainerCallback):
     ``IterativeSchedule``, prunes as it trains.
 
     ``ignore``: glob patterns of linears never masked or pruned (names as in the unwrapped model,
-    e.g. ``'model.layers.0.*'``).
+    e.g. ``'model.layers.0.*'``). ``perp``: train only PERP's parameters (biases, norm scales,
+    mask-preserving LoRA), merged into the weights when training ends.
     """
 
-    def __init__(self, schedule: Schedule | None = None, ignore: list[str] | tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, schedule: Schedule | None = None, ignore: list[str] | tuple[str, ...] = (), perp: PERPConfig | None = None
+    ) -> None:
+        if perp is not None and schedule is not None:
+            raise ValueError("PruningCallback: PERP retrains an already pruned model; it cannot be combined with a pruning schedule")
         self.schedule = schedule
         self.ignore = tuple(ignore)
+        self.perp = perp
+        self.perp_summary: PERPSummary | None = None
+        self._trainable: dict[str, bool] = {}
         self.masks: SparsityMasks | None = None
         self._norms: dict[str, ColumnNorms] = {}
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
 
     # --- Trainer events ----------------------------------------------------------------
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module = None, **kwargs: Any) -> None:
+        if self.perp is not None and self.perp_summary is None:
+            self._trainable = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
+            self.perp_summary = prepare_perp(model, self.perp)
+            logger.info("PruningCallback: %s", self.perp_summary)
+
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module = None, **kwargs: Any) -> None:
+        if self.perp is not None and self.perp_summary is None:
+            raise ValueError(
+                "PruningCallback(perp=...) must be passed to the Trainer's constructor (callbacks=[...]): added later, it "
+                "cannot prepare the model before the Trainer builds its optimizer"
+            )
         self.masks = SparsityMasks.from_zeros(model, self.ignore)
         if not self.masks.linears:
             raise ValueError("PruningCallback found no prunable linears in the model's decoder layers (check ignore=)")
@@ -227,11 +253,16 @@ class PruningCallback(TrainerCallback):
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1]["sparsity"] = sparsity
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module = None, **kwargs: Any) -> None:
         self.masks.apply()
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        if self.perp is not None:
+            merged = merge_perp(model)
+            for name, parameter in model.named_parameters():  # trainable as before PERP froze it
+                parameter.requires_grad_(self._trainable.get(name, True))
+            logger.info("PruningCallback: merged %d PERP adapters", merged)
 
     # --- gradual pruning ------------------------------------------------------------------
     def _observe_inputs(self) -> None:

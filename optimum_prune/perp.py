@@ -61,6 +61,10 @@ class MaskLoRALinear(nn.Module):
         self.lora_B = nn.Parameter(base.weight.new_zeros(base.out_features, rank))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
 
+    def get_base_layer(self) -> nn.Linear:
+        """The wrapped linear (peft's name), so masks and sparsity counts see the pruned weight itself."""
+        return self.base
+
     def effective_weight(self) -> torch.Tensor:
         return self.base.weight + self.scaling * (self.lora_B @ self.lora_A) * self.mask
 

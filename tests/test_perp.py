@@ -65,3 +65,45 @@ def test_config_errors_name_the_field():
         PERPConfig(biases=False, norms=False, lora=None)
     with pytest.raises(ValueError, match="match no linear"):
         prepare_perp(copy.deepcopy(pruned_model()), PERPConfig(target_modules=("c_attn",)))
+
+
+def test_through_the_pruning_callback_the_trainer_retrains_only_perp_and_saves_an_ordinary_model(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from optimum_prune import PruningCallback
+
+    model = pruned_model()
+    zeros = {name: linear.weight == 0 for name, linear in model.named_modules() if isinstance(linear, torch.nn.Linear) and "layers" in name}
+    embedding = model.get_input_embeddings().weight.detach().clone()
+    before = calibration_loss(model)
+    callback = PruningCallback(perp=PERPConfig(lora="mask", rank=4))
+    trainer = Trainer(model=model, args=training_args(tmp_path, 15), train_dataset=dataset(), callbacks=[callback])
+    assert 0 < callback.perp_summary.fraction < 0.2  # prepared before the optimizer is built
+    optimised = {id(p) for group in trainer.create_optimizer().param_groups for p in group["params"]}
+    assert optimised == {id(p) for p in model.parameters() if p.requires_grad}
+    trainer.train()
+    assert calibration_loss(model) < before
+    assert not any(isinstance(m, MaskLoRALinear) for m in model.modules())  # merged when training ended
+    assert torch.equal(model.get_input_embeddings().weight, embedding)  # frozen throughout
+    assert all(p.requires_grad for p in model.parameters())  # as before PERP froze it
+    modules = dict(model.named_modules())
+    assert all(torch.equal(modules[name].weight == 0, mask) for name, mask in zeros.items())
+    trainer.save_model(str(tmp_path / "saved"))
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved")
+    assert calibration_loss(reloaded) == pytest.approx(calibration_loss(model), rel=1e-5)
+
+
+def test_the_callback_refuses_perp_it_cannot_set_up():
+    from optimum_prune import IterativeSchedule, PruningCallback
+
+    with pytest.raises(ValueError, match="cannot be combined with a pruning schedule"):
+        PruningCallback(IterativeSchedule(final_sparsity=0.5, iterations=2), perp=PERPConfig())
+
+
+def test_perp_added_after_the_trainer_was_built_is_an_error(tmp_path):
+    from optimum_prune import PruningCallback
+
+    trainer = Trainer(model=pruned_model(), args=training_args(tmp_path, 2), train_dataset=dataset())
+    trainer.add_callback(PruningCallback(perp=PERPConfig()))
+    with pytest.raises(ValueError, match="must be passed to the Trainer's constructor"):
+        trainer.train()
