@@ -182,3 +182,35 @@ def test_precompute_top_k_needs_top_k_and_no_hidden_loss(workspace, tmp_path):
     for distill in ({"precompute_top_k": True}, {"precompute_top_k": True, "top_k": 8, "hidden_weight": 1.0}):
         with pytest.raises(ValueError, match="distill.precompute_top_k stores the teacher's top-k logits"):
             split_distill({**args, "distill": {"teacher": str(workspace / "tiny"), **distill}}, pruning=False)
+
+
+@pytest.mark.parametrize(
+    ("perp", "extra", "message"),
+    [
+        ({"lora_rank": 4}, {}, "perp.lora_rank is not a valid key; valid keys: alpha, biases, lora, norms, rank, target_modules"),
+        ({"lora": "dora"}, {}, "perp: PERPConfig.lora must be 'mask', 'scale' or None"),
+        ({}, {"finetuning_type": "lora"}, "needs finetuning_type: full (got 'lora')"),
+        ({}, {"stage": "prune"}, "works with stage: pt or sft"),
+        ("mask", {}, "perp: must be a mapping"),
+    ],
+)
+def test_perp_section_errors_name_the_key(workspace, tmp_path, perp, extra, message):
+    from llamafactory_ext.perp import split_perp
+
+    args = {**base_args(workspace, tmp_path), "stage": "sft", "finetuning_type": "full", **extra, "perp": perp}
+    with pytest.raises(ValueError) as error:
+        split_perp(args)
+    assert message in str(error.value)
+
+
+def test_perp_section_becomes_a_perp_config(workspace, tmp_path):
+    from llamafactory_ext.perp import split_perp, to_mapping
+
+    from optimum_prune import PERPConfig
+
+    args = {**base_args(workspace, tmp_path), "stage": "sft", "finetuning_type": "full",
+            "perp": {"lora": "scale", "rank": 4, "target_modules": ["q_proj", "v_proj"]}}  # fmt: skip
+    rest, config = split_perp(args)
+    assert "perp" not in rest and config == PERPConfig(lora="scale", rank=4, target_modules=("q_proj", "v_proj"))
+    assert split_perp({**rest, "perp": to_mapping(config)})[1] == config  # the torchrun workers' round trip
+    assert split_perp(args, validate=False) == (rest, None)  # export / chat drop it

@@ -235,6 +235,20 @@ def test_distill_after_structured_pruning_defaults_to_the_dense_teacher(workspac
     assert merged.config.intermediate_size == pruned.config.intermediate_size < 128  # the student kept its shape
 
 
+def test_perp_section_retrains_only_its_subset_and_saves_an_ordinary_checkpoint(workspace, tmp_path):
+    out = tmp_path / "perp"
+    training = {**LORA_TRAINING, "finetuning_type": "full", "max_steps": 3}
+    config = {**base_args(workspace, out, **training), "pruning": {"method": "magnitude", "sparsity": 0.5}, "perp": {"lora": "mask", "rank": 4}}
+    train(tmp_path, config)
+    assert_same_zeros(zeros(out), zeros(out / "pruned"))
+    trained = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)  # merged: no adapter weights left
+    pruned = AutoModelForCausalLM.from_pretrained(out / "pruned", dtype=torch.float32)
+    assert torch.equal(trained.get_input_embeddings().weight, pruned.get_input_embeddings().weight)  # not in PERP's subset
+    changed = [name for name, linear in prunable_linears(trained).items() if not torch.equal(linear.weight, prunable_linears(pruned)[name].weight)]
+    assert changed  # the merged MaskLoRA moved the kept weights
+    assert len(logged_losses(out)) == 3 and not (out / "merged").exists()
+
+
 def test_stage_prune_with_disk_offload_equals_the_in_memory_prune(workspace, tmp_path):
     pruning = {"method": "sparsegpt", "sparsity": "2:4", **CALIBRATION}
     for name, extra in (("memory", {}), ("disk", {"offload": "disk"})):
