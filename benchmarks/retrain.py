@@ -1,0 +1,145 @@
+"""Retraining after pruning on SmolLM2-135M (issue 11, items 4 and 9): PERP's tiny trainable
+subsets against full retraining after one-shot Wanda, and Han et al.'s iterative prune-retrain
+against one-shot magnitude pruning followed by the same training.
+
+Every recovery row trains the same steps on the same windows, through ``transformers.Trainer``
+with ``PruningCallback`` (PERP: ``PruningCallback(perp=...)``; iterative: ``IterativeSchedule``),
+and reports the fraction of the parameters trained, the perplexity on the core protocol (the first
+65,536 tokens of the evaluation split in 512-token windows) and the share of the perplexity lost
+to pruning that training won back. Finished rows are cached; a rerun resumes.
+
+    python benchmarks/retrain.py            # full protocol, writes benchmarks/RETRAIN.md
+    python benchmarks/retrain.py --quick    # 8×128 calibration, 4 steps, 4,096 eval tokens
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import Trainer, TrainingArguments
+
+from common import quick_or_full, save_rows, table_header
+from optimum_prune import (
+    IterativeSchedule, PERPConfig, PruningCallback, PruningConfig, evaluate_perplexity, load_default_model, prune, verify_sparsity,
+)  # fmt: skip
+from optimum_prune.calibration import calibration_windows
+
+SPARSITY = 0.5
+# name: (one-shot pruning before training or None, PruningCallback keyword arguments, learning rate)
+ROWS = {
+    "Wanda 50 %": ("wanda", None, None),
+    "Wanda 50 % + PERP norms (biases, RMSNorm scales)": ("wanda", {"perp": PERPConfig(lora=None)}, 2e-4),
+    "Wanda 50 % + PERP norms + MaskLoRA r16": ("wanda", {"perp": PERPConfig(lora="mask", rank=16)}, 2e-4),
+    "Wanda 50 % + PERP norms + ScaleLoRA r16": ("wanda", {"perp": PERPConfig(lora="scale", rank=16)}, 2e-4),
+    "Wanda 50 % + full retraining (zeros kept)": ("wanda", {}, 5e-5),
+    "magnitude 50 %": ("magnitude", None, None),
+    "magnitude 50 % one-shot + retraining (1 round)": (None, {"schedule": IterativeSchedule(SPARSITY, iterations=1)}, 5e-5),
+    "magnitude iterative prune-retrain (4 rounds)": (None, {"schedule": IterativeSchedule(SPARSITY, iterations=4)}, 5e-5),
+}
+
+
+def settings(quick: bool) -> dict:
+    if quick:
+        return {"calibration": (8, 128), "steps": 4, "eval_tokens": 4096}
+    return {"calibration": (32, 512), "steps": 60, "eval_tokens": 65536}
+
+
+TRAINING_SEQ_LEN = 256
+
+
+def retrain(model: torch.nn.Module, windows: torch.Tensor, steps: int, learning_rate: float, callback: PruningCallback) -> float:
+    """Train ``steps`` steps of 4 windows; return the seconds it took."""
+    data = Dataset.from_dict({"input_ids": windows.tolist(), "labels": windows.tolist()})
+    with tempfile.TemporaryDirectory() as directory:
+        args = TrainingArguments(
+            output_dir=directory, max_steps=steps, per_device_train_batch_size=4, learning_rate=learning_rate,
+            lr_scheduler_type="cosine", warmup_ratio=0.1, weight_decay=0.0, logging_steps=max(1, steps // 5),
+            save_strategy="no", report_to=[], seed=0, use_cpu=True, disable_tqdm=True,
+        )  # fmt: skip
+        trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[callback])
+        started = time.perf_counter()
+        trainer.train()
+    model.eval()
+    return time.perf_counter() - started
+
+
+def measure(name: str, setup: dict, tokenizer, training_windows: torch.Tensor) -> dict:
+    method, callback_options, learning_rate = ROWS[name]
+    model, _ = load_default_model()
+    samples, seq_len = setup["calibration"]
+    if method is not None:
+        config = PruningConfig(method=method, sparsity=SPARSITY, num_calibration_samples=samples, calibration_seq_len=seq_len)
+        prune(model, config, tokenizer=tokenizer)
+    row = {"trained_fraction": 0.0, "seconds": 0.0}
+    if callback_options is not None:
+        callback = PruningCallback(**callback_options)
+        row["seconds"] = retrain(model, training_windows, setup["steps"], learning_rate, callback)
+        summary = callback.perp_summary  # PERP: what its optimizer saw; otherwise every parameter trains
+        row["trained_fraction"] = summary.fraction if summary is not None else 1.0
+    row["sparsity"] = verify_sparsity(model)["overall_sparsity"]
+    row["perplexity"] = evaluate_perplexity(model, tokenizer, seq_len=512, max_tokens=setup["eval_tokens"])
+    return row
+
+
+def main() -> None:
+    quick, output = quick_or_full(__doc__.splitlines()[0], "RETRAIN", "8×128 calibration, 4 training steps, 4,096 eval tokens")
+    setup = settings(quick)
+    cache = output.with_suffix(".json")
+    done = json.loads(cache.read_text()) if cache.is_file() else {}
+    dense, tokenizer = load_default_model()
+    if "dense" not in done:
+        done["dense"] = {"perplexity": evaluate_perplexity(dense, tokenizer, seq_len=512, max_tokens=setup["eval_tokens"])}
+        save_rows(cache, done)
+    del dense
+    training_windows = calibration_windows(None, tokenizer, 4 * setup["steps"], TRAINING_SEQ_LEN, seed=1)
+    for name in ROWS:
+        if name not in done:
+            done[name] = measure(name, setup, tokenizer, training_windows)
+            save_rows(cache, done)
+        print(f"{name:<55} {json.dumps(done[name])}", flush=True)
+    write_table(done, setup, output, "python benchmarks/retrain.py" + (" --quick" if quick else ""))
+
+
+def write_table(done: dict, setup: dict, output: Path, command: str) -> None:
+    samples, seq_len = setup["calibration"]
+    dense = done["dense"]["perplexity"]
+    lines = [
+        *table_header(
+            "Retraining after pruning: SmolLM2-135M-Instruct (fp32, CPU)",
+            command,
+            f"Pruning: {SPARSITY:.0%} of every decoder linear, calibration {samples} × {seq_len} tokens (seed 0). Training: "
+            f"{setup['steps']} steps × 4 windows of {TRAINING_SEQ_LEN} tokens from the calibration split (seed 1, disjoint from the evaluation "
+            "split), AdamW without weight decay, cosine schedule with 10 % warm-up; learning rate 2e-4 for PERP's subsets and "
+            "5e-5 for full retraining; `PruningCallback` keeps every zero. Iterative rows prune by magnitude inside the run "
+            "(`IterativeSchedule`: 1 round = one-shot then all the training; 4 rounds of a quarter each, the same fraction of "
+            f"the remaining weights per round). Perplexity: first {setup['eval_tokens']:,} tokens of the evaluation split in "
+            f"512-token windows; dense {dense:.2f}. Recovered: the share of the perplexity lost to pruning (in log space, "
+            "against the row's one-shot model) that training won back.",
+        ),
+        "| row | parameters trained | perplexity | recovered | sparsity | training s |",
+        "|---|---|---|---|---|---|",
+    ]
+    one_shot = {"Wanda": done.get("Wanda 50 %"), "magnitude": done.get("magnitude 50 %")}
+    for name, row in done.items():
+        if name == "dense":
+            continue
+        base = one_shot["Wanda" if name.startswith("Wanda") else "magnitude"]
+        recovered = ""
+        if base is not None and row is not base and base["perplexity"] > dense:
+            lost = math.log(base["perplexity"]) - math.log(dense)
+            recovered = f"{(math.log(base['perplexity']) - math.log(row['perplexity'])) / lost:.0%}"
+        lines.append(
+            f"| {name} | {row['trained_fraction']:.3%} | {row['perplexity']:.2f} | {recovered} | {row['sparsity']:.1%} | {row['seconds']:.0f} |"
+        )
+    output.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
