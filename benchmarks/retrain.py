@@ -31,6 +31,7 @@ from optimum_prune import (
 from optimum_prune.calibration import calibration_windows
 
 SPARSITY = 0.5
+TRAINING_SEQ_LEN = 256
 # name: (one-shot pruning before training or None, PruningCallback keyword arguments, learning rate)
 ROWS = {
     "Wanda 50 %": ("wanda", None, None),
@@ -48,9 +49,6 @@ def settings(quick: bool) -> dict:
     if quick:
         return {"calibration": (8, 128), "steps": 4, "eval_tokens": 4096}
     return {"calibration": (32, 512), "steps": 60, "eval_tokens": 65536}
-
-
-TRAINING_SEQ_LEN = 256
 
 
 def retrain(model: torch.nn.Module, windows: torch.Tensor, steps: int, learning_rate: float, callback: PruningCallback) -> float:
