@@ -18,13 +18,12 @@ import sys
 from typing import Sequence
 
 from .config import read_yaml, split_pruning
-from .distill import split_distill
-from .perp import split_perp
+from .training import TrainingSections
 
 COMMANDS = {
     "train": "stage: prune prunes and saves; stage: pt/sft with `pruning:` prunes, trains with LLaMA-Factory (zeros kept), "
     "merges LoRA keeping sparsity; a `distill:` section trains against the dense teacher, a `perp:` section only "
-    "biases, norms and mask-preserving LoRA",
+    "biases, norms and mask-preserving LoRA, an `expert_dropping:` section drops MoE experts while fine-tuning",
     "export": "LLaMA-Factory's export; a LoRA adapter merged into a pruned model keeps the model's zeros",
     "chat": "LLaMA-Factory's CLI chat (pruned checkpoints, including non-uniform structured ones, load)",
     "api": "LLaMA-Factory's OpenAI-style API server",
@@ -52,13 +51,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         args, section = split_pruning(read_yaml(options.config, options.overrides))
-        args, distill = split_distill(args, pruning=section is not None, validate=options.command == "train")
-        args, perp = split_perp(args, validate=options.command == "train")
+        args, training = TrainingSections.split(args, pruning=section is not None, validate=options.command == "train")
     except (ValueError, FileNotFoundError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     try:
         if options.command == "train":
-            stages.run_train(args, section, distill, perp)
+            stages.run_train(args, section, training)
         elif options.command == "export":
             stages.run_export(args)
         else:

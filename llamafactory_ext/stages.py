@@ -24,16 +24,14 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
-from optimum_prune import PERPConfig, PruningCallback, SparsityMasks, merge_lora_preserving_sparsity, prune, prune_checkpoint, save_pruned
+from optimum_prune import SparsityMasks, merge_lora_preserving_sparsity, prune, prune_checkpoint, save_pruned
 from optimum_prune.calibration import sample_windows
 from optimum_prune.config import CONFIG_NAME, PruningConfig
 
 from .compat import import_llamafactory
 from .config import PruningSection
-from .distill import SECTION as DISTILL
-from .distill import DistillSection, distilling_trainers
-from .perp import SECTION as PERP
-from .perp import to_mapping as perp_mapping
+from .distill import distilling_trainers
+from .training import TrainingSections
 
 logger = logging.getLogger(__name__)
 PRUNED_SUBDIR = "pruned"
@@ -41,11 +39,9 @@ MERGED_SUBDIR = "merged"
 TRAINING_STAGES = ("pt", "sft")
 
 
-def run_train(
-    args: Mapping[str, Any], section: PruningSection | None, distill: DistillSection | None = None, perp: PERPConfig | None = None
-) -> None:
-    """``llamafactory-prune train``: ``stage: prune``, or prune → LLaMA-Factory training (distilled
-    from the teacher with a ``distill:`` section, only PERP's subset with a ``perp:`` section) → merge."""
+def run_train(args: Mapping[str, Any], section: PruningSection | None, training: TrainingSections = TrainingSections()) -> None:
+    """``llamafactory-prune train``: ``stage: prune``, or prune → LLaMA-Factory training (as its
+    ``distill:``, ``perp:`` and ``expert_dropping:`` sections say) → merge."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError(
             "llamafactory-prune is running as one of several torchrun ranks: each would prune and save on its own. "
@@ -64,7 +60,7 @@ def run_train(
         return
     if section is None:
         # Training a checkpoint pruned earlier (e.g. by stage: prune) must keep its zeros too.
-        _delegate_training(dict(args), _is_pruned_checkpoint(Path(args["model_name_or_path"])), distill, perp)
+        _delegate_training(dict(args), _is_pruned_checkpoint(Path(args["model_name_or_path"])), training)
         return
     if stage not in TRAINING_STAGES:
         raise ValueError(f"a `pruning:` section works with stage: prune, pt or sft; got stage: {stage!r}")
@@ -76,7 +72,7 @@ def run_train(
         logger.info("reusing the pruned model in %s (same model and pruning config)", pruned_dir)
     else:
         prune_and_save(args, section, pruned_dir, source=args["model_name_or_path"])
-    _delegate_training({**args, "model_name_or_path": str(pruned_dir)}, True, distill, perp)
+    _delegate_training({**args, "model_name_or_path": str(pruned_dir)}, True, training)
     if args.get("do_train") and args.get("finetuning_type", "lora") == "lora":
         merge_adapter(pruned_dir, output_dir, Path(args.get("export_dir") or output_dir / MERGED_SUBDIR))
 
@@ -149,23 +145,17 @@ def _already_pruned(pruned_dir: Path, source: str, config: PruningConfig) -> boo
     return same_config and recorded.get("pruned_from") == source
 
 
-def _delegate_training(args: dict[str, Any], keep_masks: bool, distill: DistillSection | None, perp: PERPConfig | None) -> None:
-    """LLaMA-Factory's ``run_exp`` (with ``PruningCallback`` when ``keep_masks`` or ``perp``, distilling
-    with a ``distill`` section), here or under torchrun."""
+def _delegate_training(args: dict[str, Any], keep_masks: bool, training: TrainingSections) -> None:
+    """LLaMA-Factory's ``run_exp`` with the callbacks of ``training`` (``PruningCallback`` keeps the
+    zeros when ``keep_masks``) and its distillation loss, here or under torchrun."""
     import_llamafactory()
     if _wants_torchrun():
-        sections = {**({DISTILL: distill.to_mapping()} if distill else {}), **({PERP: perp_mapping(perp)} if perp else {})}
-        _run_under_torchrun({**args, **sections}, keep_masks)
+        _run_under_torchrun({**args, **training.to_mapping()}, keep_masks)
         return
     from llamafactory.train.tuner import run_exp
 
-    with distilling_trainers(distill):
-        run_exp(args, callbacks=training_callbacks(keep_masks, perp))
-
-
-def training_callbacks(keep_masks: bool, perp: PERPConfig | None) -> list[PruningCallback]:
-    """``PruningCallback`` keeps the zeros of a pruned model and, with ``perp``, trains only PERP's subset."""
-    return [PruningCallback(perp=perp)] if keep_masks or perp else []
+    with distilling_trainers(training.distill):
+        run_exp(args, callbacks=training.callbacks(keep_masks))
 
 
 def _wants_torchrun() -> bool:

@@ -1,6 +1,6 @@
 """torchrun entry point of ``llamafactory-prune train``: one rank of LLaMA-Factory's training
 on the already-pruned model; with ``--keep-masks``, ``PruningCallback`` keeps the zeros on every rank,
-a ``distill:`` section in the YAML distils and a ``perp:`` section retrains PERP's subset on every rank.
+and the YAML's ``distill:``, ``perp:`` and ``expert_dropping:`` sections apply on every rank.
 
     torchrun ... -m llamafactory_ext.worker config.yaml [--keep-masks]
 """
@@ -11,9 +11,8 @@ import sys
 
 from .compat import import_llamafactory
 from .config import read_yaml
-from .distill import distilling_trainers, split_distill
-from .perp import split_perp
-from .stages import training_callbacks
+from .distill import distilling_trainers
+from .training import TrainingSections
 
 
 def main() -> None:
@@ -21,10 +20,9 @@ def main() -> None:
     from llamafactory.train.tuner import run_exp
 
     config, *flags = sys.argv[1:]
-    args, distill = split_distill(read_yaml(config), pruning=False)
-    args, perp = split_perp(args)
-    with distilling_trainers(distill):
-        run_exp(args, callbacks=training_callbacks("--keep-masks" in flags, perp))
+    args, training = TrainingSections.split(read_yaml(config), pruning=False)
+    with distilling_trainers(training.distill):
+        run_exp(args, callbacks=training.callbacks("--keep-masks" in flags))
 
 
 if __name__ == "__main__":

@@ -185,32 +185,38 @@ def test_precompute_top_k_needs_top_k_and_no_hidden_loss(workspace, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("perp", "extra", "message"),
+    ("name", "section", "extra", "message"),
     [
-        ({"lora_rank": 4}, {}, "perp.lora_rank is not a valid key; valid keys: alpha, biases, lora, norms, rank, target_modules"),
-        ({"lora": "dora"}, {}, "perp: PERPConfig.lora must be 'mask', 'scale' or None"),
-        ({}, {"finetuning_type": "lora"}, "needs finetuning_type: full (got 'lora')"),
-        ({}, {"stage": "prune"}, "works with stage: pt or sft"),
-        ("mask", {}, "perp: must be a mapping"),
+        ("perp", {"lora_rank": 4}, {}, "perp.lora_rank is not a valid key; valid keys: alpha, biases, lora, norms, rank, target_modules"),
+        ("perp", {"lora": "dora"}, {}, "perp: PERPConfig.lora must be 'mask', 'scale' or None"),
+        ("perp", {}, {"finetuning_type": "lora"}, "the `perp:` section needs finetuning_type: full (got 'lora')"),
+        ("perp", {}, {"stage": "prune"}, "the `perp:` section works with stage: pt or sft"),
+        ("perp", "mask", {}, "perp: must be a mapping"),
+        ("expert_dropping", {"experts": 2}, {}, "expert_dropping.experts is not a valid key; valid keys: end_step, every, final_experts, start_step"),
+        ("expert_dropping", {"final_experts": 0}, {}, "expert_dropping: ExpertDroppingSchedule needs final_experts >= 1"),
+        ("expert_dropping", {}, {"finetuning_type": "lora"}, "the `expert_dropping:` section needs finetuning_type: full"),
     ],
 )
-def test_perp_section_errors_name_the_key(workspace, tmp_path, perp, extra, message):
-    from llamafactory_ext.perp import split_perp
+def test_training_section_errors_name_the_key(workspace, tmp_path, name, section, extra, message):
+    from llamafactory_ext.training import TrainingSections
 
-    args = {**base_args(workspace, tmp_path), "stage": "sft", "finetuning_type": "full", **extra, "perp": perp}
+    args = {**base_args(workspace, tmp_path), "stage": "sft", "finetuning_type": "full", **extra, name: section}
     with pytest.raises(ValueError) as error:
-        split_perp(args)
+        TrainingSections.split(args, pruning=False)
     assert message in str(error.value)
 
 
-def test_perp_section_becomes_a_perp_config(workspace, tmp_path):
-    from llamafactory_ext.perp import split_perp, to_mapping
+def test_training_sections_become_configs_and_round_trip_to_the_workers(workspace, tmp_path):
+    from llamafactory_ext.training import TrainingSections
 
-    from optimum_prune import PERPConfig
+    from optimum_prune import ExpertDroppingSchedule, PERPConfig
 
     args = {**base_args(workspace, tmp_path), "stage": "sft", "finetuning_type": "full",
-            "perp": {"lora": "scale", "rank": 4, "target_modules": ["q_proj", "v_proj"]}}  # fmt: skip
-    rest, config = split_perp(args)
-    assert "perp" not in rest and config == PERPConfig(lora="scale", rank=4, target_modules=("q_proj", "v_proj"))
-    assert split_perp({**rest, "perp": to_mapping(config)})[1] == config  # the torchrun workers' round trip
-    assert split_perp(args, validate=False) == (rest, None)  # export / chat drop it
+            "perp": {"lora": "scale", "rank": 4, "target_modules": ["q_proj", "v_proj"]},
+            "expert_dropping": {"final_experts": 2, "end_step": 10}}  # fmt: skip
+    rest, sections = TrainingSections.split(args, pruning=False)
+    assert "perp" not in rest and "expert_dropping" not in rest
+    assert sections.perp == PERPConfig(lora="scale", rank=4, target_modules=("q_proj", "v_proj"))
+    assert sections.expert_dropping == ExpertDroppingSchedule(final_experts=2, end_step=10)
+    assert TrainingSections.split({**rest, **sections.to_mapping()}, pruning=False)[1] == sections  # the torchrun workers' copy
+    assert TrainingSections.split(args, pruning=False, validate=False) == (rest, TrainingSections())  # export / chat drop them

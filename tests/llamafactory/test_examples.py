@@ -8,8 +8,7 @@ from pathlib import Path
 import pytest
 
 from llamafactory_ext.config import read_yaml, split_pruning
-from llamafactory_ext.distill import split_distill
-from llamafactory_ext.perp import split_perp
+from llamafactory_ext.training import TrainingSections
 
 EXAMPLES = sorted((Path(__file__).resolve().parents[2] / "examples" / "llamafactory").glob("*.yaml"))
 
@@ -33,8 +32,7 @@ def test_example_yaml_is_valid(path, workspace):
     lf_args, section = split_pruning(args)
     if "distill" in lf_args:  # its teacher defaults to the model, which exists only after prepare.py
         lf_args["model_name_or_path"] = str(workspace / "tiny")
-    lf_args, _ = split_distill(lf_args, pruning=section is not None)
-    lf_args, _ = split_perp(lf_args)
+    lf_args, _ = TrainingSections.split(lf_args, pruning=section is not None)
     unknown = set(lf_args) - llamafactory_keys() - {"stage"}
     assert not unknown, f"{path.name}: keys LLaMA-Factory does not know: {unknown}"
     assert lf_args.get("stage") in (None, "prune", "pt", "sft")

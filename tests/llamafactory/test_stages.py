@@ -249,6 +249,26 @@ def test_perp_section_retrains_only_its_subset_and_saves_an_ordinary_checkpoint(
     assert len(logged_losses(out)) == 3 and not (out / "merged").exists()
 
 
+def test_expert_dropping_section_fine_tunes_a_mixtral_into_a_smaller_moe(workspace, tmp_path):
+    from transformers import AutoTokenizer, MixtralConfig, MixtralForCausalLM
+
+    from ..conftest import TINY
+
+    moe = tmp_path / "tiny-mixtral"
+    torch.manual_seed(0)
+    MixtralForCausalLM(MixtralConfig(**{**TINY, "intermediate_size": 64, "num_local_experts": 4, "num_experts_per_tok": 2})).save_pretrained(moe)
+    AutoTokenizer.from_pretrained(workspace / "tiny").save_pretrained(moe)
+    out = tmp_path / "dropped"
+    training = {**LORA_TRAINING, "finetuning_type": "full", "max_steps": 3}
+    config = {**base_args(workspace, out, **training), "model_name_or_path": str(moe),
+              "expert_dropping": {"final_experts": 2, "end_step": 2, "every": 1}}  # fmt: skip
+    train(tmp_path, config)
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert [entry["experts_kept"] for entry in state["log_history"] if "loss" in entry] == [3, 2, 2]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_local_experts == 2 and all(len(layer.block_sparse_moe.experts) == 2 for layer in model.model.layers)
+
+
 def test_stage_prune_with_disk_offload_equals_the_in_memory_prune(workspace, tmp_path):
     pruning = {"method": "sparsegpt", "sparsity": "2:4", **CALIBRATION}
     for name, extra in (("memory", {}), ("disk", {"offload": "disk"})):

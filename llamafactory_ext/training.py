@@ -1,0 +1,100 @@
+"""The YAML sections that change how LLaMA-Factory trains, besides ``pruning:``, read together and
+turned into what its trainer runs with: ``distill:`` (see ``distill.py``), and
+
+``perp:`` — after pruning, retrain only PERP's tiny subset (biases, norm scales, mask-preserving
+LoRA; Zimmer et al. 2024). Keys: ``optimum_prune.PERPConfig``'s fields. It becomes
+``PruningCallback(perp=...)``: the model is prepared when the trainer is built and the adapters are
+merged when training ends, so ``output_dir`` receives an ordinary checkpoint with its zeros.
+
+    finetuning_type: full    # LLaMA-Factory adds no adapter of its own: PERP chooses what trains
+    perp: {lora: mask, rank: 16, alpha: 32.0}
+
+``expert_dropping:`` — task-specific expert pruning of a mixture-of-experts model while it is
+fine-tuned (Chen et al. 2022). Keys: ``optimum_prune.ExpertDroppingSchedule``'s fields. It becomes
+``ExpertDroppingCallback``: the least-routed experts leave on the schedule and are removed when
+training ends, so ``output_dir`` receives the smaller MoE.
+
+    finetuning_type: full    # the experts leave the model itself, not an adapter
+    expert_dropping: {final_experts: 2, end_step: 600, every: 50}
+
+Both need ``finetuning_type: full`` and stage ``pt`` or ``sft``; an unknown key is an error listing
+the valid ones. Under torchrun every rank gets the same callbacks (``to_mapping`` → the worker).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from transformers import TrainerCallback
+
+from optimum_prune import ExpertDroppingCallback, ExpertDroppingSchedule, PERPConfig, PruningCallback
+
+from .distill import SECTION as DISTILL
+from .distill import DistillSection, split_distill
+
+PERP = "perp"
+EXPERT_DROPPING = "expert_dropping"
+TRAINING_STAGES = ("pt", "sft")
+
+
+@dataclass(frozen=True)
+class TrainingSections:
+    distill: DistillSection | None = None
+    perp: PERPConfig | None = None
+    expert_dropping: ExpertDroppingSchedule | None = None
+
+    @classmethod
+    def split(cls, args: Mapping[str, Any], pruning: bool, validate: bool = True) -> tuple[dict[str, Any], "TrainingSections"]:
+        """(the other arguments, the validated sections); ``pruning`` says whether the YAML prunes (the
+        distillation teacher then defaults to the unpruned model). Commands other than ``train`` pass
+        ``validate=False``: they drop the sections, so one YAML serves train, export and chat."""
+        rest, distill = split_distill(args, pruning=pruning, validate=validate)
+        raw = {name: rest.pop(name) for name in (PERP, EXPERT_DROPPING) if name in rest}
+        if not validate:
+            return rest, cls()
+        perp = _section(PERP, PERPConfig, raw[PERP], rest) if PERP in raw else None
+        dropping = _section(EXPERT_DROPPING, ExpertDroppingSchedule, raw[EXPERT_DROPPING], rest) if EXPERT_DROPPING in raw else None
+        return rest, cls(distill, perp, dropping)
+
+    def callbacks(self, keep_masks: bool) -> list[TrainerCallback]:
+        """``PruningCallback`` keeps a pruned model's zeros (and with ``perp`` trains only its subset);
+        ``ExpertDroppingCallback`` drops experts on its schedule."""
+        callbacks: list[TrainerCallback] = [PruningCallback(perp=self.perp)] if keep_masks or self.perp else []
+        if self.expert_dropping is not None:
+            callbacks.append(ExpertDroppingCallback(self.expert_dropping))
+        return callbacks
+
+    def to_mapping(self) -> dict[str, Any]:
+        """The sections as written in a YAML (for the torchrun workers)."""
+        mapping: dict[str, Any] = {}
+        if self.distill is not None:
+            mapping[DISTILL] = self.distill.to_mapping()
+        if self.perp is not None:
+            mapping[PERP] = {**dataclasses.asdict(self.perp), "target_modules": list(self.perp.target_modules)}
+        if self.expert_dropping is not None:
+            mapping[EXPERT_DROPPING] = dataclasses.asdict(self.expert_dropping)
+        return mapping
+
+
+def _section(name: str, config_class: type, section: Any, lf_args: Mapping[str, Any]) -> Any:
+    """``config_class`` from the YAML section ``name``, validated against the rest of the YAML."""
+    if not isinstance(section, Mapping):
+        raise ValueError(f"{name}: must be a mapping of {config_class.__name__} fields, got {type(section).__name__}")
+    fields = [f.name for f in dataclasses.fields(config_class)]
+    unknown = sorted(set(section) - set(fields))
+    if unknown:
+        raise ValueError(f"{name}.{unknown[0]} is not a valid key; valid keys: {', '.join(sorted(fields))}")
+    if lf_args.get("stage") not in TRAINING_STAGES:
+        raise ValueError(f"the `{name}:` section works with stage: pt or sft (training); got stage: {lf_args.get('stage')!r}")
+    if lf_args.get("finetuning_type", "lora") != "full":
+        raise ValueError(
+            f"the `{name}:` section needs finetuning_type: full (got {lf_args.get('finetuning_type', 'lora')!r}): "
+            "LLaMA-Factory must not add adapters of its own"
+        )
+    values = {key: tuple(value) if isinstance(value, list) else value for key, value in section.items()}
+    try:
+        return config_class(**values)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{name}: {error}") from None
