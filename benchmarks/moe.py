@@ -19,11 +19,16 @@ import math
 import random
 import time
 
+import tempfile
+
 import torch
-from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast
+from datasets import Dataset
+from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments
 
 from common import cached_training_seconds, quick_or_full, save_training, table_header, training_cache
-from optimum_prune import PruningConfig, evaluate_perplexity, fold_experts, get_adapter, prune, skip_experts
+from optimum_prune import (
+    ExpertDroppingCallback, ExpertDroppingSchedule, PruningConfig, evaluate_perplexity, fold_experts, get_adapter, prune, skip_experts,
+)  # fmt: skip
 from optimum_prune.calibration import calibration_windows, tokenize_stream
 from optimum_prune.data import wikipedia_articles, wikipedia_text
 
@@ -75,6 +80,18 @@ def trained_model(steps: int) -> tuple[MixtralForCausalLM, PreTrainedTokenizerFa
     return model, tokenizer, seconds
 
 
+def fine_tune(model: MixtralForCausalLM, windows: torch.Tensor, steps: int, callbacks: list) -> None:
+    """``steps`` AdamW steps of batch ``BATCH`` on ``windows`` through ``transformers.Trainer``."""
+    data = Dataset.from_dict({"input_ids": windows.tolist(), "labels": windows.tolist()})
+    with tempfile.TemporaryDirectory() as directory:
+        args = TrainingArguments(
+            output_dir=directory, max_steps=steps, per_device_train_batch_size=BATCH, learning_rate=1e-3, lr_scheduler_type="cosine",
+            warmup_ratio=0.1, save_strategy="no", report_to=[], seed=0, use_cpu=True, disable_tqdm=True, logging_steps=steps,
+        )  # fmt: skip
+        Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks).train()
+    model.eval()
+
+
 def random_dropping(model: MixtralForCausalLM, keep: int, seed: int) -> None:
     adapter, generator = get_adapter(model), random.Random(seed)
     for layer in adapter.decoder_layers():
@@ -113,6 +130,26 @@ def main() -> None:
             prune(model, PruningConfig(method="merge_experts", method_options={"num_experts": keep, "align": align}), calibration=windows)
             rows.append((f"merge (MC-SMoE){' + neuron alignment' if align else ''}", f"{keep} of {experts}", perplexity(model), ""))
             print(rows[-1], flush=True)
+    # Task-specific expert dropping (issue 12, item 2): fine-tuning that drops the least-routed experts
+    # down to `keep` by half-way, against pruning to `keep` by routing frequency first and then the same
+    # fine-tuning. The "task" is the same Wikipedia language modelling (no downstream task is bundled).
+    tuning_steps = 40 if quick else 200
+    tuning = calibration_windows(None, tokenizer, BATCH * tuning_steps, SEQ_LEN, seed=2)
+    for keep in (experts // 2, experts // 4):
+        model = copy.deepcopy(dense)
+        schedule = ExpertDroppingSchedule(final_experts=keep, end_step=tuning_steps // 2, every=max(1, tuning_steps // 20))
+        fine_tune(model, tuning, tuning_steps, [ExpertDroppingCallback(schedule)])
+        rows.append(("fine-tune dropping experts (Chen et al.)", f"{keep} of {experts}", perplexity(model), f"{tuning_steps} steps, dropped by step {tuning_steps // 2}"))
+        print(rows[-1], flush=True)
+        model = copy.deepcopy(dense)
+        prune(model, PruningConfig(method="experts", method_options={"criterion": "frequency", "num_experts": keep}), calibration=windows)
+        fine_tune(model, tuning, tuning_steps, [])
+        rows.append(("prune: frequency, then fine-tune", f"{keep} of {experts}", perplexity(model), f"{tuning_steps} steps"))
+        print(rows[-1], flush=True)
+    model = copy.deepcopy(dense)
+    fine_tune(model, tuning, tuning_steps, [])
+    rows.append(("fine-tune, no dropping (control)", f"{experts} of {experts}", perplexity(model), f"{tuning_steps} steps"))
+    print(rows[-1], flush=True)
     for expert_sparsity in ("uniform", "load"):  # router hints for dense pruning (issue 12, item 4)
         model = copy.deepcopy(dense)
         options = {"expert_sparsity": expert_sparsity, "expert_deviation": 0.2}
@@ -128,6 +165,9 @@ def main() -> None:
         errors = report.layer_scores["relative expert weight error (mean over linears)"]
         label = "untruncated" if bond == 0 else f"central bonds ≤ {bond}"
         rows.append((f"MPOE ({label})", "8 of 8", perplexity(model), f"{share:.1%} of the parameters; expert weights {sum(errors) / len(errors):.1%} off"))
+        print(rows[-1], flush=True)
+        fine_tune(model, tuning, tuning_steps, [])  # MPOE trains its tensors after the decomposition
+        rows.append((f"MPOE ({label}), then fine-tune", "8 of 8", perplexity(model), f"{tuning_steps} steps"))
         print(rows[-1], flush=True)
     for level in ("token", "sequence"):  # MEO (issue 12, item 1): merged experts against the exact mixture
         folding = fold_experts(dense, level, measure_error=True)
@@ -151,7 +191,9 @@ def main() -> None:
             f"{experts} experts (intermediate {MODEL['intermediate_size']}), top-{MODEL['num_experts_per_tok']}, BPE vocabulary "
             f"{VOCAB} trained on the calibration split; trained {steps} steps × {BATCH} × {SEQ_LEN} tokens with the router "
             f"load-balancing loss ({train_seconds:.0f} s, cached). Calibration: 64 × {SEQ_LEN} tokens (seed 0) from the "
-            f"calibration split. Perplexity: first {eval_tokens:,} tokens of the evaluation split in {SEQ_LEN}-token windows.",
+            f"calibration split. Perplexity: first {eval_tokens:,} tokens of the evaluation split in {SEQ_LEN}-token windows. "
+            f"Fine-tuning rows: {tuning_steps} steps × {BATCH} × {SEQ_LEN} tokens of the calibration split (seed 2) through "
+            "`transformers.Trainer`, AdamW lr 1e-3 cosine, with the load-balancing loss.",
         ),
         "| row | experts per layer | perplexity | note |",
         "|---|---|---|---|",

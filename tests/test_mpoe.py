@@ -74,6 +74,27 @@ def test_prunes_to_the_target_shares_one_central_tensor_and_reloads(tmp_path):
     assert_reloads_exactly(model, tmp_path / "out")
 
 
+def test_the_decomposed_experts_train_with_one_shared_central_tensor():
+    """MPOE fine-tunes after decomposing: the shared central tensor and each expert's auxiliary
+    tensors receive gradients, and a few optimizer steps lower the loss."""
+    model = tiny_moe()
+    prune(model, PruningConfig(method="mpoe", sparsity=0.6))
+    model.train()
+    windows = token_windows(samples=4, seq_len=16)
+    block = model.model.layers[0].block_sparse_moe
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(5):
+        loss = model(input_ids=windows, labels=windows).loss
+        loss.backward()
+        if not losses:
+            assert list(block.expert_mpo.parameters()) and all(p.grad is not None for p in block.expert_mpo.parameters())
+            assert all(p.grad is not None for p in block.experts[0].w1.auxiliary)
+        optimizer.step(), optimizer.zero_grad()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+
+
 def test_bad_requests_name_the_field():
     with pytest.raises(ValueError, match="bond_dimension must be >= 0"):
         PruningConfig(method="mpoe", method_options={"bond_dimension": -1})
