@@ -11,14 +11,14 @@ merged when training ends, so ``output_dir`` receives an ordinary checkpoint wit
 
 ``expert_dropping:`` — task-specific expert pruning of a mixture-of-experts model while it is
 fine-tuned (Chen et al. 2022). Keys: ``optimum_prune.ExpertDroppingSchedule``'s fields. It becomes
-``ExpertDroppingCallback``: the least-routed experts leave on the schedule and are removed when
-training ends, so ``output_dir`` receives the smaller MoE.
+``PruningCallback(ExpertDroppingSchedule(...))``: the least-routed experts leave on the schedule and
+are removed when training ends, so ``output_dir`` receives the smaller MoE.
 
     finetuning_type: full    # the experts leave the model itself, not an adapter
     expert_dropping: {final_experts: 2, end_step: 600, every: 50}
 
-Both need ``finetuning_type: full`` and stage ``pt`` or ``sft``; an unknown key is an error listing
-the valid ones. Under torchrun every rank gets the same callbacks (``to_mapping`` → the worker).
+Both need ``finetuning_type: full`` and stage ``pt`` or ``sft``, and they exclude each other (PERP
+retrains an already pruned model); an unknown key is an error listing the valid ones. Under torchrun every rank gets the same callbacks (``to_mapping`` → the worker).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any, Mapping
 
 from transformers import TrainerCallback
 
-from optimum_prune import ExpertDroppingCallback, ExpertDroppingSchedule, PERPConfig, PruningCallback
+from optimum_prune import ExpertDroppingSchedule, PERPConfig, PruningCallback
 
 from .distill import SECTION as DISTILL
 from .distill import DistillSection, split_distill
@@ -56,15 +56,16 @@ class TrainingSections:
             return rest, cls()
         perp = _section(PERP, PERPConfig, raw[PERP], rest) if PERP in raw else None
         dropping = _section(EXPERT_DROPPING, ExpertDroppingSchedule, raw[EXPERT_DROPPING], rest) if EXPERT_DROPPING in raw else None
+        if perp is not None and dropping is not None:
+            raise ValueError(f"`{PERP}:` and `{EXPERT_DROPPING}:` cannot be combined: PERP retrains an already pruned model")
         return rest, cls(distill, perp, dropping)
 
     def callbacks(self, keep_masks: bool) -> list[TrainerCallback]:
-        """``PruningCallback`` keeps a pruned model's zeros (and with ``perp`` trains only its subset);
-        ``ExpertDroppingCallback`` drops experts on its schedule."""
-        callbacks: list[TrainerCallback] = [PruningCallback(perp=self.perp)] if keep_masks or self.perp else []
-        if self.expert_dropping is not None:
-            callbacks.append(ExpertDroppingCallback(self.expert_dropping))
-        return callbacks
+        """``PruningCallback`` keeping a pruned model's zeros when ``keep_masks``, training only PERP's
+        subset with ``perp`` and dropping experts with ``expert_dropping``."""
+        if keep_masks or self.perp or self.expert_dropping:
+            return [PruningCallback(self.expert_dropping, perp=self.perp)]
+        return []
 
     def to_mapping(self) -> dict[str, Any]:
         """The sections as written in a YAML (for the torchrun workers)."""

@@ -5,6 +5,7 @@ prune gradually while training.
     PruningCallback(GradualSchedule(final_sparsity=0.5, end_step=600, every=50))          # prune while training
     PruningCallback(IterativeSchedule(final_sparsity=0.9, iterations=5))                   # prune, retrain, repeat
     PruningCallback(perp=PERPConfig())                   # PERP: retrain biases, norms and mask-preserving LoRA only
+    PruningCallback(ExpertDroppingSchedule(final_experts=2, end_step=600))                  # drop MoE experts while fine-tuning
 
 Keeping masks: the zeros the model has when training begins stay zero after every optimizer
 step (gradients of pruned weights are zeroed before the step, so momentum never builds up
@@ -18,6 +19,9 @@ With ``perp``, the Trainer retrains only PERP's subset (``optimum_prune.perp``):
 prepared when the Trainer is built (``on_init_end``, before its optimizer exists, so the callback
 must be passed to the Trainer's constructor) and the adapters are merged when training ends, so
 the model the Trainer saves is an ordinary one with its zeros intact.
+
+With an ``ExpertDroppingSchedule`` the callback drops the least-routed experts of a mixture-of-experts
+model while it fine-tunes (``optimum_prune.expert_dropping``, which it runs alongside the masks).
 
 Works with any Trainer subclass (TRL's ``SFTTrainer``, LLaMA-Factory's trainers through
 ``run_exp(args, callbacks=[...])``). The current sparsity is added to each log entry (the
@@ -35,6 +39,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from .expert_dropping import ExpertDroppingCallback, ExpertDroppingSchedule
 from .masks import SparsityMasks
 from .perp import PERPConfig, PERPSummary, merge_perp, prepare_perp
 from .sparsity import NMPattern, SparsityTarget, normalise_sparsity, select_mask
@@ -185,12 +190,12 @@ class IterativeSchedule(_SparsitySchedule):
         return offset >= 0 and offset % self.retrain_steps == 0 and offset // self.retrain_steps < self.iterations
 
 
-Schedule = Union[GradualSchedule, IterativeSchedule]
+Schedule = Union[GradualSchedule, IterativeSchedule, ExpertDroppingSchedule]
 
 
 class PruningCallback(TrainerCallback):
     """Keeps pruned weights at zero during training; with a ``GradualSchedule`` or an
-    ``IterativeSchedule``, prunes as it trains.
+    ``IterativeSchedule``, prunes as it trains; with an ``ExpertDroppingSchedule``, drops experts.
 
     ``ignore``: glob patterns of linears never masked or pruned (names as in the unwrapped model,
     e.g. ``'model.layers.0.*'``). ``perp``: train only PERP's parameters (biases, norm scales,
@@ -202,7 +207,8 @@ class PruningCallback(TrainerCallback):
     ) -> None:
         if perp is not None and schedule is not None:
             raise ValueError("PruningCallback: PERP retrains an already pruned model; it cannot be combined with a pruning schedule")
-        self.schedule = schedule
+        self.experts = ExpertDroppingCallback(schedule) if isinstance(schedule, ExpertDroppingSchedule) else None
+        self.schedule = None if self.experts else schedule
         self.ignore = tuple(ignore)
         self.perp = perp
         self.perp_summary: PERPSummary | None = None
@@ -225,6 +231,8 @@ class PruningCallback(TrainerCallback):
                 "cannot prepare the model before the Trainer builds its optimizer"
             )
         self.masks = SparsityMasks.from_zeros(model, self.ignore)
+        if self.experts is not None:
+            self.experts.on_train_begin(args, state, control, model=model, **kwargs)
         if not self.masks.linears:
             raise ValueError("PruningCallback found no prunable linears in the model's decoder layers (check ignore=)")
         if self.schedule is not None:
@@ -244,8 +252,12 @@ class PruningCallback(TrainerCallback):
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         if self.schedule is not None and self.schedule.prunes_at(state.global_step):
             self._prune(state.global_step)
+        if self.experts is not None:
+            self.experts.on_step_end(args, state, control, **kwargs)
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: dict | None = None, **kwargs: Any) -> None:
+        if self.experts is not None:
+            self.experts.on_log(args, state, control, logs=logs, **kwargs)
         if self.masks is None or logs is None:
             return
         sparsity = round(self.masks.sparsity(), 6)
@@ -258,6 +270,8 @@ class PruningCallback(TrainerCallback):
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        if self.experts is not None:
+            self.experts.on_train_end(args, state, control, model=model, **kwargs)
         if self.perp is not None:
             merged = merge_perp(model)
             for name, parameter in model.named_parameters():  # trainable as before PERP froze it

@@ -18,9 +18,13 @@ def test_schedule_falls_linearly_to_the_final_count():
     assert [schedule.kept_at(step, 8, 30) for step in (0, 10, 20, 30, 40)] == [8, 8, 5, 2, 2]
 
 
-def test_fine_tuning_drops_to_the_final_count_and_saves_a_smaller_moe(tmp_path):
+@pytest.mark.parametrize("through", ["ExpertDroppingCallback", "PruningCallback"])
+def test_fine_tuning_drops_to_the_final_count_and_saves_a_smaller_moe(tmp_path, through):
+    from optimum_prune import PruningCallback
+
     model = tiny_moe(num_local_experts=8).train()
-    callback = ExpertDroppingCallback(ExpertDroppingSchedule(final_experts=2, start_step=0, end_step=8, every=4))
+    schedule = ExpertDroppingSchedule(final_experts=2, start_step=0, end_step=8, every=4)
+    callback = ExpertDroppingCallback(schedule) if through == "ExpertDroppingCallback" else PruningCallback(schedule)
     trainer = Trainer(model=model, args=training_args(tmp_path, 12), train_dataset=dataset(), callbacks=[callback])
     trainer.train()
 

@@ -195,6 +195,7 @@ def test_precompute_top_k_needs_top_k_and_no_hidden_loss(workspace, tmp_path):
         ("expert_dropping", {"experts": 2}, {}, "expert_dropping.experts is not a valid key; valid keys: end_step, every, final_experts, start_step"),
         ("expert_dropping", {"final_experts": 0}, {}, "expert_dropping: ExpertDroppingSchedule needs final_experts >= 1"),
         ("expert_dropping", {}, {"finetuning_type": "lora"}, "the `expert_dropping:` section needs finetuning_type: full"),
+        ("expert_dropping", {}, {"perp": {}}, "`perp:` and `expert_dropping:` cannot be combined"),
     ],
 )
 def test_training_section_errors_name_the_key(workspace, tmp_path, name, section, extra, message):
@@ -211,12 +212,13 @@ def test_training_sections_become_configs_and_round_trip_to_the_workers(workspac
 
     from optimum_prune import ExpertDroppingSchedule, PERPConfig
 
-    args = {**base_args(workspace, tmp_path), "stage": "sft", "finetuning_type": "full",
-            "perp": {"lora": "scale", "rank": 4, "target_modules": ["q_proj", "v_proj"]},
-            "expert_dropping": {"final_experts": 2, "end_step": 10}}  # fmt: skip
-    rest, sections = TrainingSections.split(args, pruning=False)
-    assert "perp" not in rest and "expert_dropping" not in rest
-    assert sections.perp == PERPConfig(lora="scale", rank=4, target_modules=("q_proj", "v_proj"))
-    assert sections.expert_dropping == ExpertDroppingSchedule(final_experts=2, end_step=10)
-    assert TrainingSections.split({**rest, **sections.to_mapping()}, pruning=False)[1] == sections  # the torchrun workers' copy
-    assert TrainingSections.split(args, pruning=False, validate=False) == (rest, TrainingSections())  # export / chat drop them
+    args = {**base_args(workspace, tmp_path), "stage": "sft", "finetuning_type": "full"}
+    sections = {
+        "perp": ({"lora": "scale", "rank": 4, "target_modules": ["q_proj", "v_proj"]}, PERPConfig(lora="scale", rank=4, target_modules=("q_proj", "v_proj"))),
+        "expert_dropping": ({"final_experts": 2, "end_step": 10}, ExpertDroppingSchedule(final_experts=2, end_step=10)),
+    }
+    for name, (section, expected) in sections.items():
+        rest, read = TrainingSections.split({**args, name: section}, pruning=False)
+        assert rest == args and getattr(read, name) == expected
+        assert TrainingSections.split({**rest, **read.to_mapping()}, pruning=False)[1] == read  # the torchrun workers' copy
+        assert TrainingSections.split({**args, name: section}, pruning=False, validate=False) == (args, TrainingSections())  # export / chat
