@@ -1,4 +1,5 @@
-"""2:4 sparse linear layers: the compressed format, its reference path, and ``sparsify``."""
+"""2:4 sparse linear layers: the compressed format, its reference path, the Triton kernel
+(``triton_24``, imported only when used), and ``sparsify``."""
 
 from .format import Compressed24, compress, decompress
 from .linear import SparseLinear, SparsifyReport, sparsify

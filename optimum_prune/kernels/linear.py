@@ -1,13 +1,17 @@
 """``SparseLinear``: an ``nn.Linear`` whose weight is held in the compressed 2:4 format, and
 ``sparsify(model)``, which swaps in one for every linear of the decoder layers that is exactly 2:4.
 
-The forward runs the reference path here: the weight is decompressed (and dequantized) and
-multiplied densely, which is what the GPU kernels must reproduce and what CPU runs use.
+Backends: ``"reference"`` decompresses (and dequantizes) the weight and multiplies densely — what
+every kernel must reproduce, and the CPU path; ``"triton"`` runs the Triton kernel of
+``triton_24.py`` (fp16 / bf16 inputs; on CPU only inside Triton's interpreter, which the tests
+use); ``"auto"`` (default) takes the kernel for fp16 / bf16 inputs on a GPU when Triton is
+installed, the reference path otherwise.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 from torch import nn
@@ -18,12 +22,17 @@ from ..sparsity import NMPattern, conforms_to
 from ..structure.surgery import replace_submodule
 from .format import Compressed24, compress, decompress
 
+BACKENDS = ("auto", "triton", "reference")
+
 
 class SparseLinear(nn.Module):
     """A linear layer with a 2:4 weight (``values``, ``metadata`` and, quantized, ``scales`` buffers)."""
 
-    def __init__(self, compressed: Compressed24, bias: torch.Tensor | None) -> None:
+    def __init__(self, compressed: Compressed24, bias: torch.Tensor | None, backend: str = "auto") -> None:
         super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        self.backend = backend
         self.in_features, self.out_features = compressed.in_features, compressed.out_features
         self.dtype, self.bits, self.group_size = compressed.dtype, compressed.bits, compressed.group_size
         self.register_buffer("values", compressed.values)
@@ -32,16 +41,31 @@ class SparseLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, name: str = "linear", bits: int | None = None, group_size: int = 128) -> "SparseLinear":
+    def from_linear(
+        cls, linear: nn.Linear, name: str = "linear", bits: int | None = None, group_size: int = 128, backend: str = "auto"
+    ) -> "SparseLinear":
         """Compress ``linear`` (which must be exactly 2:4; the error names ``name`` otherwise)."""
-        return cls(compress(linear.weight.detach(), name, bits, group_size), linear.bias)
+        return cls(compress(linear.weight.detach(), name, bits, group_size), linear.bias, backend)
 
     @property
     def compressed(self) -> Compressed24:
         return Compressed24(self.values, self.metadata, self.in_features, self.dtype, self.bits, self.scales, self.group_size)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return F.linear(inputs, decompress(self.compressed).to(inputs.dtype), None if self.bias is None else self.bias.to(inputs.dtype))
+        bias = None if self.bias is None else self.bias.to(inputs.dtype)
+        if self._uses_kernel(inputs):
+            from .triton_24 import sparse24_matmul
+
+            output = sparse24_matmul(inputs, self.compressed)
+            return output if bias is None else output + bias
+        return F.linear(inputs, decompress(self.compressed).to(inputs.dtype), bias)
+
+    def _uses_kernel(self, inputs: torch.Tensor) -> bool:
+        if self.backend == "reference":
+            return False
+        if self.backend == "triton":
+            return True
+        return inputs.is_cuda and inputs.dtype in (torch.float16, torch.bfloat16) and triton_available()
 
     def extra_repr(self) -> str:
         kind = "2:4" if self.bits is None else f"2:4 int{self.bits} (group {self.group_size})"
@@ -62,11 +86,14 @@ class SparsifyReport:
         )
 
 
-def sparsify(model: nn.Module, bits: int | None = None, group_size: int = 128) -> SparsifyReport:
+def sparsify(model: nn.Module, bits: int | None = None, group_size: int = 128, backend: str = "auto") -> SparsifyReport:
     """Swap every decoder-layer linear of ``model`` whose weight is exactly 2:4 for a ``SparseLinear``
-    (weights quantized to ``bits`` 8 or 4 with ``group_size`` scales when given); leave the rest."""
+    (weights quantized to ``bits`` 8 or 4 with ``group_size`` scales when given; ``backend`` as in
+    ``SparseLinear``); leave the rest."""
     if bits not in (None, 8, 4):
         raise ValueError(f"bits must be None (16-bit values), 8 or 4, got {bits!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     adapter = get_adapter(model)
     report = SparsifyReport()
     pattern = NMPattern(2, 4)
@@ -76,9 +103,19 @@ def sparsify(model: nn.Module, bits: int | None = None, group_size: int = 128) -
             if linear.in_features % 8 or not conforms_to(linear.weight, pattern):
                 report.left_dense.append(qualified)
                 continue
-            sparse = SparseLinear.from_linear(linear, qualified, bits, group_size)
+            sparse = SparseLinear.from_linear(linear, qualified, bits, group_size, backend)
             replace_submodule(layer, name, sparse)
             report.swapped.append(qualified)
             report.bytes_before += linear.weight.numel() * linear.weight.element_size()
             report.bytes_after += sparse.compressed.num_bytes()
     return report
+
+
+@lru_cache(maxsize=1)
+def triton_available() -> bool:
+    """Whether Triton imports (it comes with CUDA builds of torch; ``pip install optimum-prune[kernels]`` otherwise)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
