@@ -1,7 +1,7 @@
 """KCM, Kernelized Convex Masking (Nova, Dai & Schuurmans, "Gradient-Free Structured Pruning with
 Unlabeled Data", ICML 2023, arXiv 2303.04185): heads and MLP channels ranked without labels or
-gradients, by R2D2 — the product of a weight-only representative rank (R2) and a data-driven rank
-(D2) — then removed under a budget by Kwon et al.'s search, with least-squares mask tuning.
+gradients, by R2D2 — a weight-only representative rank (R2) combined with a data-driven rank (D2)
+— then removed under a parameter budget, with Kwon et al.'s least-squares mask tuning.
 
 Sources. The authors released no code and the body of the paper (Algorithms 1–2) could not be read
 here; what follows is its abstract and Figure 1 ("R2D2 combines the ranks of the Representative
@@ -84,7 +84,8 @@ class KCMOptions:
 
 @register_structured_method("kcm", options=KCMOptions)
 class KernelizedConvexMasking(MaskSearch):
-    """KCM: heads and MLP channels ranked by R2D2 from weights and unlabeled data, masked by Kwon et al.'s search and tuning."""
+    """KCM: heads and MLP channels ranked by R2D2 from weights and unlabeled data, removed per layer (or by
+    Kwon et al.'s search) and compensated by their mask tuning."""
 
     importance_name = "R2D2 importance"
 
