@@ -22,6 +22,8 @@ The sublayers are visited bottom-up (attention 0, MLP 0, attention 1, ...). At e
    model's: min_W ‖A_S Wᵀ − (Y_dense − X_pruned)‖², with A_S the kept units' inputs to the output
    projection, X_pruned the pruned model's stream entering the sublayer and Y_dense the dense
    model's stream leaving it. Errors of the sublayers below are therefore corrected, not only kept.
+   With fewer than two calibration tokens per kept column the fit would be (nearly) under-determined
+   and overfit the calibration set, so it is skipped for that sublayer and the report says so.
 
 Adaptation to decoders (the paper prunes BERT and DistilBERT):
 - A head unit is a key/value group with its query heads (a single head without GQA), so every
@@ -58,6 +60,11 @@ from ..calibration.gradients import _grad_only
 from ..options import check_choice, option
 from .base import StructuredMethod, register_structured_method
 from .width import _Component, _layer_parameters, group_columns, group_units, output_projection
+
+
+# Weight tuning fits every kept input column of an output projection: with fewer than this many
+# calibration tokens per column the least squares is (nearly) under-determined and overfits them.
+UNDERDETERMINED = 2
 
 
 @dataclass(frozen=True)
@@ -104,6 +111,7 @@ class KPrune(StructuredMethod[KPruneOptions]):
         total = sum((c.removable + 1) * c.unit_parameters for c in components)
         budget = total - self.sparsity * sum(_layer_parameters(adapter, layer) for layer in layers)  # cost the kept units may have
         removed_scores = {kind: [0.0] * len(layers) for kind in ("attention", "mlp")}
+        untuned: list[str] = []
         for index in tqdm(range(len(layers)), desc="K-prune"):
             layer = layers[index]
             dense_after = _streams_leaving(adapter, layer, dense)
@@ -115,11 +123,18 @@ class KPrune(StructuredMethod[KPruneOptions]):
                 budget -= (component.removable + 1 - len(removed)) * component.unit_parameters
                 if len(removed):
                     removed_scores[component.kind][index] = float(scores[0][removed].sum())
-                    self._remove_and_tune(layer, component, removed, pruned, dense_after[component.kind])
+                    if not self._remove_and_tune(layer, component, removed, pruned, dense_after[component.kind]):
+                        untuned.append(f"{names[index]} {component.kind}")
                     report.removed.append(f"{names[index]} {component.kind}: {len(removed)} of {component.removable + 1} units")
             pruned.hidden_states = run_layer(adapter, layer, pruned)
         for kind, values in removed_scores.items():
             report.layer_scores[f"removed knowledge score ({kind})"] = values
+        if untuned:
+            report.notes.append(
+                f"K-prune: weight tuning skipped for {len(untuned)} sublayers ({', '.join(untuned[:4])}{', ...' if len(untuned) > 4 else ''}): "
+                f"fewer than {UNDERDETERMINED} calibration tokens per kept input column make the least squares under-determined; "
+                "use more calibration tokens"
+            )
 
     # --- 1. knowledge measurement -------------------------------------------------------------
 
@@ -169,12 +184,15 @@ class KPrune(StructuredMethod[KPruneOptions]):
 
     def _remove_and_tune(
         self, layer: nn.Module, component: _Component, removed: torch.Tensor, inputs: LayerInputs, dense_after: list[torch.Tensor]
-    ) -> None:
+    ) -> bool:
+        """Cut the units, then (``tune``) refit the output projection; False when tuning was skipped as under-determined."""
         consumer = output_projection(self.adapter, layer, component)
         width = group_columns(self.adapter, layer, component)
         kept_units = sorted(set(range(component.removable + 1)) - set(removed.tolist()))
         kept = (torch.tensor(kept_units).unsqueeze(1) * width + torch.arange(width)).reshape(-1).to(consumer.weight.device)
-        solution = self._least_squares(layer, component, consumer, kept, inputs, dense_after) if self.options.tune else None
+        tokens = sum(hidden.shape[0] * hidden.shape[1] for hidden in inputs.hidden_states)
+        determined = tokens >= UNDERDETERMINED * len(kept)
+        solution = self._least_squares(layer, component, consumer, kept, inputs, dense_after) if self.options.tune and determined else None
         component.removed = len(removed)
         component.scores = torch.ones(component.removable + 1)
         component.scores[removed] = 0  # width's surgery removes the lowest-scored units
@@ -182,6 +200,7 @@ class KPrune(StructuredMethod[KPruneOptions]):
         if solution is not None:
             with torch.no_grad():
                 output_projection(self.adapter, layer, component).weight.copy_(solution)
+        return determined or not self.options.tune
 
     def _least_squares(
         self, layer: nn.Module, component: _Component, consumer: nn.Linear, kept: torch.Tensor,

@@ -55,6 +55,18 @@ def test_weight_tuning_brings_the_output_closer_to_the_dense_model():
     assert errors[True] < 0.7 * errors[False], errors
 
 
+def test_under_determined_weight_tuning_is_skipped_and_reported():
+    """With fewer calibration tokens than twice the kept columns the least squares would overfit: the
+    cut stays, the refit is skipped, and the report says so."""
+    windows = token_windows(samples=2, seq_len=16)  # 32 tokens against ~100 kept MLP columns
+    tuned, untuned = tiny_model(), tiny_model()
+    report = prune(tuned, PruningConfig(method="kprune", sparsity=0.3), calibration=windows)
+    prune(untuned, PruningConfig(method="kprune", sparsity=0.3, method_options={"tune": False}), calibration=windows)
+    assert any("weight tuning skipped" in note and "mlp" in note for note in report.notes)
+    down = lambda model: model.model.layers[2].mlp.down_proj.weight  # noqa: E731
+    assert torch.equal(down(tuned), down(untuned))  # the last layer's MLP: cut, not refitted
+
+
 def test_bad_requests_name_the_field():
     with pytest.raises(ValueError, match="temperature must be > 0"):
         PruningConfig(method="kprune", method_options={"temperature": 0})
