@@ -23,6 +23,7 @@ from ..structure.surgery import replace_submodule
 from .format import Compressed24, compress, decompress
 
 BACKENDS = ("auto", "triton", "reference")
+KERNEL_DTYPES = (torch.float16, torch.bfloat16)  # what the Triton kernel takes
 
 
 class SparseLinear(nn.Module):
@@ -30,9 +31,7 @@ class SparseLinear(nn.Module):
 
     def __init__(self, compressed: Compressed24, bias: torch.Tensor | None, backend: str = "auto") -> None:
         super().__init__()
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        self.backend = backend
+        self.backend = _checked_backend(backend)
         self.in_features, self.out_features = compressed.in_features, compressed.out_features
         self.dtype, self.bits, self.group_size = compressed.dtype, compressed.bits, compressed.group_size
         self.register_buffer("values", compressed.values)
@@ -65,7 +64,7 @@ class SparseLinear(nn.Module):
             return False
         if self.backend == "triton":
             return True
-        return inputs.is_cuda and inputs.dtype in (torch.float16, torch.bfloat16) and triton_available()
+        return inputs.is_cuda and inputs.dtype in KERNEL_DTYPES and triton_available()
 
     def extra_repr(self) -> str:
         kind = "2:4" if self.bits is None else f"2:4 int{self.bits} (group {self.group_size})"
@@ -92,8 +91,7 @@ def sparsify(model: nn.Module, bits: int | None = None, group_size: int = 128, b
     ``SparseLinear``); leave the rest."""
     if bits not in (None, 8, 4):
         raise ValueError(f"bits must be None (16-bit values), 8 or 4, got {bits!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    _checked_backend(backend)  # before any linear is swapped
     adapter = get_adapter(model)
     report = SparsifyReport()
     pattern = NMPattern(2, 4)
@@ -119,3 +117,9 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+def _checked_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    return backend

@@ -22,9 +22,9 @@ import triton
 import triton.language as tl
 
 from .format import Compressed24
+from .linear import KERNEL_DTYPES
 
 BLOCK_M, BLOCK_N, BLOCK_K = 16, 64, 64
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 
 
 @triton.jit
@@ -65,7 +65,7 @@ def _sparse24_matmul(
 
 def sparse24_matmul(inputs: torch.Tensor, compressed: Compressed24) -> torch.Tensor:
     """``inputs @ decompress(compressed).T`` for fp16 / bf16 ``inputs`` of shape ``[..., in]``."""
-    if inputs.dtype not in SUPPORTED_DTYPES:
+    if inputs.dtype not in KERNEL_DTYPES:
         raise ValueError(f"the 2:4 Triton kernel takes float16 or bfloat16 inputs, got {inputs.dtype}")
     if inputs.shape[-1] != compressed.in_features:
         raise ValueError(f"inputs have {inputs.shape[-1]} features, the 2:4 weight {compressed.in_features}")
