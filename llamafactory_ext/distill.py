@@ -34,10 +34,11 @@ import torch
 from optimum_prune import DistillationConfig, DistillationMixin, add_teacher_top_k
 from optimum_prune.distillation import TOP_K_INDICES, TOP_K_LOGITS
 
+from .sections import check_section
+
 SECTION = "distill"
 TEACHER_KEYS = ("teacher", "teacher_device", "teacher_dtype", "precompute_top_k")
 TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DISTILLING_STAGES = ("pt", "sft")
 
 
 @dataclass(frozen=True)
@@ -52,14 +53,8 @@ class DistillSection:
     def from_mapping(cls, section: Any, lf_args: Mapping[str, Any], pruning: bool) -> "DistillSection":
         """Validate ``section`` against the YAML (``lf_args``); with a ``pruning:`` section (``pruning``)
         the teacher defaults to the model being pruned."""
-        if not isinstance(section, Mapping):
-            raise ValueError(f"{SECTION}: must be a mapping of DistillationConfig fields and teacher, got {type(section).__name__}")
         fields = [f.name for f in dataclasses.fields(DistillationConfig)]
-        unknown = sorted(set(section) - set(fields) - set(TEACHER_KEYS))
-        if unknown:
-            raise ValueError(f"{SECTION}.{unknown[0]} is not a valid key; valid keys: {', '.join(sorted([*fields, *TEACHER_KEYS]))}")
-        if lf_args.get("stage") not in DISTILLING_STAGES:
-            raise ValueError(f"a `{SECTION}:` section works with stage: pt or sft (training); got stage: {lf_args.get('stage')!r}")
+        check_section(SECTION, section, [*fields, *TEACHER_KEYS], "DistillationConfig fields and teacher", lf_args)
         teacher = section.get("teacher") or (lf_args.get("model_name_or_path") if pruning else None)
         if not teacher:
             raise ValueError(

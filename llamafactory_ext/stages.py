@@ -31,12 +31,12 @@ from optimum_prune.config import CONFIG_NAME, PruningConfig
 from .compat import import_llamafactory
 from .config import PruningSection
 from .distill import distilling_trainers
+from .sections import TRAINING_STAGES
 from .training import TrainingSections
 
 logger = logging.getLogger(__name__)
 PRUNED_SUBDIR = "pruned"
 MERGED_SUBDIR = "merged"
-TRAINING_STAGES = ("pt", "sft")
 
 
 def run_train(args: Mapping[str, Any], section: PruningSection | None, training: TrainingSections = TrainingSections()) -> None:

@@ -33,10 +33,10 @@ from optimum_prune import ExpertDroppingSchedule, PERPConfig, PruningCallback
 
 from .distill import SECTION as DISTILL
 from .distill import DistillSection, split_distill
+from .sections import check_section
 
 PERP = "perp"
 EXPERT_DROPPING = "expert_dropping"
-TRAINING_STAGES = ("pt", "sft")
 
 
 @dataclass(frozen=True)
@@ -81,14 +81,7 @@ class TrainingSections:
 
 def _section(name: str, config_class: type, section: Any, lf_args: Mapping[str, Any]) -> Any:
     """``config_class`` from the YAML section ``name``, validated against the rest of the YAML."""
-    if not isinstance(section, Mapping):
-        raise ValueError(f"{name}: must be a mapping of {config_class.__name__} fields, got {type(section).__name__}")
-    fields = [f.name for f in dataclasses.fields(config_class)]
-    unknown = sorted(set(section) - set(fields))
-    if unknown:
-        raise ValueError(f"{name}.{unknown[0]} is not a valid key; valid keys: {', '.join(sorted(fields))}")
-    if lf_args.get("stage") not in TRAINING_STAGES:
-        raise ValueError(f"the `{name}:` section works with stage: pt or sft (training); got stage: {lf_args.get('stage')!r}")
+    check_section(name, section, [f.name for f in dataclasses.fields(config_class)], f"{config_class.__name__} fields", lf_args)
     if lf_args.get("finetuning_type", "lora") != "full":
         raise ValueError(
             f"the `{name}:` section needs finetuning_type: full (got {lf_args.get('finetuning_type', 'lora')!r}): "
