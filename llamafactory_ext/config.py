@@ -3,7 +3,8 @@
 Its keys are exactly ``PruningConfig``'s fields plus ``calibration_dataset`` (a dataset name
 from LLaMA-Factory's ``dataset_info.json``; default: the YAML's own ``dataset``), ``offload``
 (``disk``: prune from the checkpoint's shards one layer at a time, ``optimum_prune.prune_checkpoint``)
-and ``activation_device`` (e.g. ``cpu``: calibration activations wait there between layers). Calibration
+and ``activation_device`` (e.g. ``cpu``: calibration activations wait there between layers; ``disk``: in
+temporary files). Calibration
 text goes through LLaMA-Factory's own tokenisation: conversational datasets (with responses)
 with the YAML's chat template as in SFT, plain-text ones as in pre-training. Unlike
 LLaMA-Factory's top level, which ignores keys it does not know, an unknown key here is an error
@@ -32,6 +33,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from optimum_prune import PruningConfig
+from optimum_prune.calibration.engine import DISK
 
 SECTION = "pruning"
 EXTRA_KEYS = ("calibration_dataset", "offload", "activation_device")
@@ -69,11 +71,11 @@ class PruningSection:
         if offload is not None and offload not in OFFLOADS:
             raise ValueError(f"{SECTION}.offload must be one of {', '.join(OFFLOADS)} (or absent), got {offload!r}")
         activation_device = section.get("activation_device")
-        if activation_device is not None:
+        if activation_device not in (None, DISK):
             try:
                 torch.device(activation_device)
             except (RuntimeError, TypeError):
-                raise ValueError(f"{SECTION}.activation_device must be a device name such as cpu, got {activation_device!r}") from None
+                raise ValueError(f"{SECTION}.activation_device must be a device name such as cpu, or disk, got {activation_device!r}") from None
         dataset = section.get("calibration_dataset", _first_dataset(lf_args.get("dataset")))
         if config.requires_calibration:
             if not dataset:

@@ -21,11 +21,11 @@ from .calibration import (
     calibration_inputs,
     count_images,
     count_tokens,
+    feed_layer,
     feeding_inputs,
-    run_layer,
     walk_layers,
 )
-from .calibration.engine import moving_to
+from .calibration.engine import DISK, moving_to
 from .config import PruningConfig
 from .distributed import all_reduce_sum, is_distributed, shard
 from .methods import METHODS, LayerPruner, MethodSpec, ModelPruner, StructuredMethod
@@ -64,7 +64,8 @@ def prune(
     data) runs before any weight changes. ``offload`` keeps the decoder layers on disk (see
     ``prune_checkpoint``, which builds it). ``activation_device`` (e.g. ``"cpu"`` while ``device``
     is a GPU) keeps the calibration activations there between layers, so the compute device holds
-    one layer, one batch of activations and the method's state at a time (unstructured methods).
+    one layer, one batch of activations and the method's state at a time (unstructured methods);
+    ``"disk"`` keeps them in files under ``$TMPDIR``, so host memory holds one batch too.
     """
     if isinstance(config, Mapping):
         config = PruningConfig.from_dict(config)
@@ -84,7 +85,7 @@ def prune(
     elif METHODS.get(config.method).model_pruner:
         runs = [_ModelRun.plan(adapter, config, device)]
     else:
-        stored = None if activation_device is None else _resolve_device(activation_device, model)
+        stored = activation_device if activation_device in (None, DISK) else _resolve_device(activation_device, model)
         runs = _PruningRun.plan_parts(adapter, config, device, offload, stored)
     inputs = None
     if config.requires_calibration:
@@ -175,12 +176,12 @@ class _PruningRun:
     targets: list[dict[str, nn.Linear]]
     device: torch.device
     offload: "LayerStream | None" = None
-    activation_device: torch.device | None = None  # where calibration activations wait between layers
+    activation_device: torch.device | str | None = None  # where calibration activations wait between layers ("disk": files)
 
     @classmethod
     def plan_parts(
         cls, adapter: DecoderAdapter, config: PruningConfig, device: torch.device, offload: "LayerStream | None" = None,
-        activation_device: torch.device | None = None,
+        activation_device: torch.device | str | None = None,
     ) -> list["_PruningRun"]:
         """One run per part the config names, in the order the model executes them."""
         available = adapter.parts()
@@ -200,7 +201,7 @@ class _PruningRun:
     @classmethod
     def plan(
         cls, part: str, adapter: DecoderAdapter, config: PruningConfig, target: SparsityTarget, device: torch.device,
-        offload: "LayerStream | None" = None, activation_device: torch.device | None = None,
+        offload: "LayerStream | None" = None, activation_device: torch.device | str | None = None,
     ) -> "_PruningRun":
         method = METHODS.get(config.method)
         options = config.build_method_options()
@@ -327,7 +328,7 @@ class _PruningRun:
                 sink(name, routing.scale(linears[name], x) if weighted else x)
 
             with feeding_inputs(linears, receive):
-                run_layer(self.adapter, layer, inputs)
+                feed_layer(self.adapter, layer, inputs)
         return tokens
 
     def _handle_unrouted(self, pruners: dict[str, LayerPruner], unrouted: list[str], report: PruningReport) -> None:

@@ -85,7 +85,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--activation-device",
         help="where calibration activations wait between layers, e.g. cpu while --device is cuda: the GPU then holds one "
-        "layer and one batch of activations at a time (unstructured methods; default: --device)",
+        "layer and one batch of activations at a time; disk: files under $TMPDIR, read one batch at a time (unstructured "
+        "methods; default: --device)",
     )
     parser.add_argument(
         "--compressed-tensors-metadata", action="store_true",

@@ -7,18 +7,24 @@ visited (statistics gathered, weights pruned), and run again on the captured inp
 *pruned* outputs become the next layer's inputs (SparseGPT, Sec. 3.5; Wanda, Sec. 3). Memory is
 the model plus two activation buffers of ``samples × seq_len × hidden`` — independent of depth,
 and no logits are ever computed. With ``activation_device`` the buffers wait on another device
-(the CPU) and each batch visits the compute device only while its layer runs.
+(the CPU) and each batch visits the compute device only while its layer runs; with
+``activation_device="disk"`` they are files in a temporary directory (under ``$TMPDIR``), read one
+batch at a time, so host memory holds one batch too and the disk two layers' activations.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
+import shutil
+import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, Mapping, Sequence, Union
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -27,15 +33,61 @@ from ..adapters import DecoderAdapter
 logger = logging.getLogger(__name__)
 
 
+DISK = "disk"
+"""``activation_device`` value that keeps calibration activations in files between layers."""
+
+
+class DiskActivations(Sequence[torch.Tensor]):
+    """One safetensors file per calibration batch in ``directory``, read back (to the CPU) one at a time."""
+
+    def __init__(self, directory: Path) -> None:
+        directory.mkdir()
+        self.directory = directory
+        self._count = 0
+
+    def append(self, hidden: torch.Tensor) -> None:
+        save_file({"hidden": hidden.detach().to("cpu").contiguous()}, self._path(self._count))
+        self._count += 1
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __getitem__(self, index: int) -> torch.Tensor:  # type: ignore[override]
+        if not -self._count <= index < self._count:
+            raise IndexError(f"batch {index} of {self._count}")
+        return load_file(self._path(index % self._count))["hidden"]
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(self._path(i).stat().st_size for i in range(self._count))
+
+    def successor(self) -> "DiskActivations":
+        """An empty buffer beside this one, for the next layer's inputs."""
+        return DiskActivations(self.directory.with_name(f"{int(self.directory.name) + 1}"))
+
+    def release(self) -> None:
+        shutil.rmtree(self.directory)
+
+    def _path(self, index: int) -> Path:
+        return self.directory / f"{index}.safetensors"
+
+
+ActivationHome = Union[torch.device, Path, None]
+"""Where captured activations wait: a device, a directory (files, see ``DiskActivations``) or,
+with ``None``, the compute device."""
+
+
 @dataclass
 class LayerInputs:
     """Captured inputs of the current decoder layer, one entry per calibration batch."""
 
-    hidden_states: list[torch.Tensor]
+    hidden_states: list[torch.Tensor] | DiskActivations
     layer_kwargs: list[dict[str, Any]]
 
     @property
     def num_bytes(self) -> int:
+        if isinstance(self.hidden_states, DiskActivations):
+            return self.hidden_states.num_bytes
         return sum(t.numel() * t.element_size() for t in self.hidden_states)
 
 
@@ -62,20 +114,22 @@ class _StopForward(Exception):
 
 def capture_first_layer_inputs(
     adapter: DecoderAdapter, inputs: CalibrationInputs, device: torch.device, batch_size: int = 1,
-    activation_device: torch.device | None = None,
+    activation_device: ActivationHome = None,
 ) -> LayerInputs:
     """Layer 0's inputs for every calibration batch, computed on ``device``; the hidden states are kept on
-    ``activation_device`` (default: ``device``), the layer's other arguments on ``device``."""
+    ``activation_device`` (default: ``device``; a directory: in files there), the layer's other arguments on ``device``."""
     model = adapter.model
     first_layer = adapter.decoder_layers()[0]
     signature = inspect.signature(first_layer.forward)
-    captured = LayerInputs([], [])
+    on_disk = isinstance(activation_device, Path)
+    captured = LayerInputs(DiskActivations(activation_device / "0") if on_disk else [], [])
 
     def record(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         # Bind positional arguments to their names (CLIP's encoder passes the masks positionally),
         # so every layer can be rerun as ``layer(hidden, **kwargs)``.
         arguments = _named_arguments(signature, args, kwargs)
-        captured.hidden_states.append(arguments.pop(next(iter(signature.parameters))).detach().to(activation_device or device))
+        hidden = arguments.pop(next(iter(signature.parameters))).detach()
+        captured.hidden_states.append(hidden if on_disk else hidden.to(activation_device or device))
         captured.layer_kwargs.append(arguments)
         raise _StopForward
 
@@ -110,15 +164,26 @@ def _named_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) ->
     return named
 
 
-def run_layer(adapter: DecoderAdapter, layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor]:
+def run_layer(adapter: DecoderAdapter, layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor] | DiskActivations:
     """The layer's outputs for every batch, computed where the layer is and kept where the inputs were
-    (offloaded activations visit the compute device one batch at a time)."""
+    (offloaded activations visit the compute device one batch at a time; files go to a new buffer)."""
+    outputs = inputs.hidden_states.successor() if isinstance(inputs.hidden_states, DiskActivations) else []
+    for output in _layer_outputs(adapter, layer, inputs):
+        outputs.append(output)
+    return outputs
+
+
+def feed_layer(adapter: DecoderAdapter, layer: nn.Module, inputs: LayerInputs) -> None:
+    """Run the layer on every batch for its side effects (hooks gathering statistics); outputs are dropped."""
+    for _output in _layer_outputs(adapter, layer, inputs):
+        pass
+
+
+def _layer_outputs(adapter: DecoderAdapter, layer: nn.Module, inputs: LayerInputs) -> Iterator[torch.Tensor]:
     compute = _device_of(layer)
     with torch.no_grad():
-        return [
-            adapter.run_layer(layer, hidden.to(compute or hidden.device), kwargs).detach().to(hidden.device)
-            for hidden, kwargs in zip(inputs.hidden_states, inputs.layer_kwargs)
-        ]
+        for hidden, kwargs in zip(inputs.hidden_states, inputs.layer_kwargs):
+            yield adapter.run_layer(layer, hidden.to(compute or hidden.device), kwargs).detach().to(hidden.device)
 
 
 @contextmanager
@@ -149,22 +214,35 @@ def walk_layers(
     description: str,
     batch_size: int = 1,
     residency: LayerResidency | None = None,
-    activation_device: torch.device | None = None,
+    activation_device: torch.device | str | None = None,
 ) -> None:
     """Visit every decoder layer with its inputs, then propagate the (possibly pruned) layer's outputs.
 
     ``activation_device`` (e.g. the CPU while pruning on a GPU) holds the calibration activations
     between layers: the compute device then holds one layer and one batch of activations at a time.
+    ``"disk"`` keeps them in a temporary directory, removed when the walk ends.
     """
-    inputs = capture_first_layer_inputs(adapter, windows, device, batch_size, activation_device)
-    logger.info("captured %d calibration batches (%.1f MiB of activations)", len(inputs.hidden_states), inputs.num_bytes / 2**20)
-    layers = adapter.decoder_layers()
-    residency = residency or moving_to(device)
-    for index in tqdm(range(len(layers)), desc=description):
-        layer = layers[index]
-        with residency(index, layer):
-            visit(index, layer, inputs)
-            inputs.hidden_states = run_layer(adapter, layer, inputs)
+    with _activation_home(activation_device) as home:
+        inputs = capture_first_layer_inputs(adapter, windows, device, batch_size, home)
+        logger.info("captured %d calibration batches (%.1f MiB of activations)", len(inputs.hidden_states), inputs.num_bytes / 2**20)
+        layers = adapter.decoder_layers()
+        residency = residency or moving_to(device)
+        for index in tqdm(range(len(layers)), desc=description):
+            layer = layers[index]
+            with residency(index, layer):
+                visit(index, layer, inputs)
+                previous, inputs.hidden_states = inputs.hidden_states, run_layer(adapter, layer, inputs)
+                if isinstance(previous, DiskActivations):
+                    previous.release()
+
+
+@contextmanager
+def _activation_home(activation_device: torch.device | str | None) -> Iterator[ActivationHome]:
+    if not (isinstance(activation_device, str) and activation_device == DISK):
+        yield activation_device
+        return
+    with tempfile.TemporaryDirectory(prefix="optimum-prune-activations-") as directory:
+        yield Path(directory)
 
 
 def moving_to(device: torch.device) -> LayerResidency:

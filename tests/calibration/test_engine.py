@@ -120,6 +120,39 @@ def test_training_mode_is_restored(llama, windows):
     assert llama.training
 
 
+def test_disk_activations_give_the_same_result_hold_two_layers_at_most_and_leave_nothing(llama, windows, tmp_path, monkeypatch):
+    import tempfile
+
+    from optimum_prune.calibration import capture_first_layer_inputs
+    from optimum_prune.calibration.engine import DiskActivations
+
+    in_memory = capture_first_layer_inputs(get_adapter(llama), windows, torch.device("cpu"))
+    on_disk = capture_first_layer_inputs(get_adapter(llama), windows, torch.device("cpu"), activation_device=tmp_path)
+    assert isinstance(on_disk.hidden_states, DiskActivations) and len(on_disk.hidden_states) == len(windows)
+    assert all(torch.equal(a, b) for a, b in zip(in_memory.hidden_states, on_disk.hidden_states))
+    assert on_disk.num_bytes >= in_memory.num_bytes
+    on_disk.hidden_states.release()
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    buffers: list[int] = []
+    original = DiskActivations.__init__
+
+    def counting(self, directory):
+        original(self, directory)
+        buffers.append(sum(1 for _ in directory.parent.iterdir()))  # buffers present, this one included
+
+    monkeypatch.setattr(DiskActivations, "__init__", counting)
+    config = PruningConfig(method="sparsegpt", sparsity=0.5)
+    offloaded = copy.deepcopy(llama)
+    prune(llama, config, calibration=windows)
+    prune(offloaded, config, calibration=windows, activation_device="disk")
+    assert all(torch.equal(a, b) for a, b in zip(llama.parameters(), offloaded.parameters()))
+    assert len(buffers) == len(llama.model.layers) + 1 and max(buffers) == 2
+    assert not any(scratch.iterdir())  # the temporary directory is gone
+
+
 def test_offloaded_activations_give_the_same_result_and_wait_on_their_device(llama, windows):
     from optimum_prune.calibration import capture_first_layer_inputs
 

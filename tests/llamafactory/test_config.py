@@ -173,6 +173,8 @@ def test_pruning_activation_device_is_a_device_name(workspace, tmp_path):
         split_pruning({**base_args(workspace, tmp_path), "pruning": {"method": "magnitude", "activation_device": "gpu0"}})
     _, section = split_pruning({**base_args(workspace, tmp_path), "pruning": {"method": "magnitude", "activation_device": "cpu"}})
     assert section.activation_device == "cpu"
+    _, section = split_pruning({**base_args(workspace, tmp_path), "pruning": {"method": "magnitude", "activation_device": "disk"}})
+    assert section.activation_device == "disk"
 
 
 def test_precompute_top_k_needs_top_k_and_no_hidden_loss(workspace, tmp_path):
