@@ -17,6 +17,11 @@ The loss (Hinton et al. 2015; Minitron, Muralidharan et al. 2024) mixes
   final logits (detached), which raises the draft acceptance of ``generate(assistant_early_exit=k)``
   without a teacher model.
 
+``layer_dropout`` (LayerSkip's other half, Elhoushi et al. 2024 Sec. 4.1) skips, while training,
+decoder layer l of L for each sequence with probability p_max · (e^{l·ln2/(L−1)} − 1): never the
+first, p_max for the last. A model trained so relies less on its later layers, so an early exit
+agrees more with the full model; it composes with every loss above.
+
 The teacher runs frozen in eval mode on its own device (``teacher_device``; any model that returns
 logits, e.g. one loaded in 8-bit). Instead of keeping it resident, ``add_teacher_top_k`` stores its
 top-k logits per position as dataset columns (Arrow files on disk); the loss then uses the teacher
@@ -27,8 +32,10 @@ kept by ``PruningCallback`` as in any other run.
 
 from __future__ import annotations
 
+import math
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -52,6 +59,7 @@ class DistillationConfig:
     top_k: int | None = None  # truncate the live teacher's distribution too (the cache always is)
     exit_weight: float = 0.0
     exit_layer: int | None = None  # decoder layers the early-exit draft runs (see optimum_prune.early_exit)
+    layer_dropout: float = 0.0  # LayerSkip's p_max: the last layer's skip probability while training
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
@@ -66,6 +74,8 @@ class DistillationConfig:
             raise ValueError(f"DistillationConfig.top_k must be a positive number of tokens, got {self.top_k}")
         if self.exit_weight and self.exit_layer is None:
             raise ValueError("DistillationConfig.exit_weight trains an early exit: set exit_layer (the draft's decoder layers)")
+        if not 0 <= self.layer_dropout < 1:
+            raise ValueError(f"DistillationConfig.layer_dropout must be in [0, 1) (the last layer's skip probability), got {self.layer_dropout}")
 
 
 def kd_loss(
@@ -132,7 +142,9 @@ class DistillationMixin:
         if labels is None:
             raise ValueError("distillation needs 'labels' in the batches (they mark the positions to distil)")
         hidden = config.hidden_weight > 0
-        outputs = model(**inputs, output_hidden_states=hidden or bool(config.exit_weight))
+        dropping = layer_dropout(model, config.layer_dropout) if model.training and config.layer_dropout else nullcontext()
+        with dropping:
+            outputs = model(**inputs, output_hidden_states=hidden or bool(config.exit_weight))
         loss = outputs.logits.new_zeros(())
         if config.label_weight:
             loss = loss + config.label_weight * outputs.loss
@@ -183,6 +195,41 @@ class DistillationMixin:
             error = (s.float() - t.float()).pow(2).mean(-1)
             losses.append(error[mask.bool()].mean() if mask is not None else error.mean())
         return torch.stack(losses).mean()
+
+
+def layer_dropout_rates(num_layers: int, p_max: float) -> list[float]:
+    """LayerSkip's per-layer skip probabilities p_max · (e^{l·ln2/(L−1)} − 1), l = 0 … L−1."""
+    if num_layers == 1:
+        return [0.0]
+    return [p_max * (math.exp(l * math.log(2) / (num_layers - 1)) - 1) for l in range(num_layers)]
+
+
+@contextmanager
+def layer_dropout(model: nn.Module, p_max: float) -> Iterator[None]:
+    """While active, each decoder layer passes each sequence's hidden states through unchanged with its
+    ``layer_dropout_rates`` probability (the layer still runs; its output is discarded for those sequences)."""
+    layers = get_adapter(model).decoder_layers()
+
+    def dropping(rate: float):
+        def hook(_module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            entering = args[0] if args else kwargs["hidden_states"]
+            leaving = output[0] if isinstance(output, tuple) else output
+            skipped = torch.rand(entering.shape[0], device=entering.device) < rate
+            kept = torch.where(skipped.view(-1, *([1] * (entering.dim() - 1))), entering, leaving)
+            return (kept, *output[1:]) if isinstance(output, tuple) else kept
+
+        return hook
+
+    handles = [
+        layer.register_forward_hook(dropping(rate), with_kwargs=True)
+        for layer, rate in zip(layers, layer_dropout_rates(len(layers), p_max))
+        if rate > 0
+    ]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _exit_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:

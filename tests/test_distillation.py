@@ -11,7 +11,9 @@ from torch.nn import functional as F
 from transformers import TrainingArguments
 
 from optimum_prune import PruningCallback, PruningConfig, prune, verify_sparsity
-from optimum_prune.distillation import DistillationConfig, DistillationTrainer, _exit_logits, add_teacher_top_k, kd_loss
+from optimum_prune.distillation import (
+    DistillationConfig, DistillationTrainer, _exit_logits, add_teacher_top_k, kd_loss, layer_dropout, layer_dropout_rates,
+)  # fmt: skip
 from optimum_prune.early_exit import choose_early_exit
 
 from .conftest import tiny_model, token_windows
@@ -170,9 +172,46 @@ def test_exit_recovery_raises_the_draft_agreement(tmp_path):
     assert agreements[1.0] > agreements[0.0], agreements
 
 
+def test_layer_dropout_rates_rise_exponentially_from_zero_to_p_max():
+    rates = layer_dropout_rates(5, 0.2)
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.2) and rates == sorted(rates)
+    assert rates[2] == pytest.approx(0.2 * (2**0.5 - 1))  # e^{l ln2 / (L-1)} - 1 at l = 2 of 5
+
+
+def test_layer_dropout_skips_whole_sequences_at_the_layers_rate():
+    """Two layers: the first is never skipped, the second with p_max — every sequence's logits are either
+    the full model's or those of the first layer alone, in about that proportion."""
+    model = tiny_model(num_hidden_layers=2)
+    ids = token_windows(samples=1, seq_len=8).repeat(400, 1)
+    with torch.no_grad():
+        full = model(input_ids=ids[:1]).logits
+        first_only = _exit_logits(model, model(input_ids=ids[:1], output_hidden_states=True).hidden_states[1])
+        torch.manual_seed(0)
+        with layer_dropout(model, 0.3):
+            dropped = model(input_ids=ids).logits
+        after = model(input_ids=ids[:1]).logits
+    is_full = [torch.allclose(row, full[0], atol=1e-5) for row in dropped]
+    is_first_only = [torch.allclose(row, first_only[0], atol=1e-5) for row in dropped]
+    assert all(a != b for a, b in zip(is_full, is_first_only))
+    assert sum(is_first_only) / len(ids) == pytest.approx(0.3, abs=0.07)
+    assert torch.equal(after, full)  # the hooks are gone
+
+
+def test_training_with_layer_dropout_runs_and_keeps_eval_deterministic(tmp_path):
+    model = tiny_model(num_hidden_layers=4)
+    config = DistillationConfig(kd_weight=0.0, label_weight=1.0, exit_weight=1.0, exit_layer=2, layer_dropout=0.2)
+    trainer = DistillationTrainer(model=model, distillation=config, args=training_args(tmp_path, 3), train_dataset=dataset())
+    assert torch.isfinite(torch.tensor(trainer.train().training_loss))
+    ids = token_windows(samples=2, seq_len=8)
+    with torch.no_grad():
+        assert torch.equal(model.eval()(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
 def test_exit_recovery_errors_name_the_field(tmp_path):
     with pytest.raises(ValueError, match="set exit_layer"):
         DistillationConfig(exit_weight=1.0)
+    with pytest.raises(ValueError, match="layer_dropout must be in \\[0, 1\\)"):
+        DistillationConfig(layer_dropout=1.0)
     with pytest.raises(ValueError, match="exit layer 4 must be an integer in \\[1, 3\\]"):
         DistillationTrainer(
             model=tiny_model(num_hidden_layers=4), distillation=DistillationConfig(exit_weight=1.0, exit_layer=4),
