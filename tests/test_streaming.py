@@ -53,6 +53,14 @@ def test_offloaded_run_equals_the_in_memory_run(sharded, tmp_path, name):
     assert not list(tmp_path.glob(".out.*"))  # no staging left behind
 
 
+def test_layers_and_activations_both_on_disk_equal_the_in_memory_run(sharded, tmp_path):
+    """The 70B-on-a-small-machine set-up: weights read layer by layer, activations in temporary files."""
+    windows = token_windows()
+    prune_checkpoint(sharded, tmp_path / "out", CONFIGS["wanda owl"], calibration=windows, activation_device="disk")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert_same_weights(reloaded.state_dict(), pruned_in_memory(sharded, CONFIGS["wanda owl"], windows))
+
+
 def test_only_one_decoder_layer_is_ever_materialised(sharded, tmp_path, monkeypatch):
     loaded, resident_before = [], []
     original = LayerStream._load
@@ -136,8 +144,8 @@ def test_bfloat16_checkpoint_is_pruned_and_saved_in_bfloat16(tmp_path, bpe_token
 def test_cli_offload_disk(sharded, tmp_path):
     from optimum_prune.cli import main
 
-    assert main(["--model", str(sharded), "--offload", "disk", "--method", "wanda", "--sparsity", "2:4",
-                 "--calibration-samples", "4", "--seq-len", "32", "--output", str(tmp_path / "out")]) == 0  # fmt: skip
+    assert main(["--model", str(sharded), "--offload", "disk", "--activation-device", "disk", "--method", "wanda",
+                 "--sparsity", "2:4", "--calibration-samples", "4", "--seq-len", "32", "--output", str(tmp_path / "out")]) == 0  # fmt: skip
     from optimum_prune import verify_sparsity
 
     assert verify_sparsity(AutoModelForCausalLM.from_pretrained(tmp_path / "out"), "2:4")["conforming"]
