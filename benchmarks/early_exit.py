@@ -70,7 +70,7 @@ def measure_decoding(model: torch.nn.Module, prompts: torch.Tensor, new_tokens: 
         for name, kwargs in generate.items():
             counter = PassCounter(model)
             started = time.perf_counter()
-            output = model.generate(ids, do_sample=False, max_new_tokens=new_tokens, **kwargs)
+            output = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens, **kwargs)
             seconds[name] += time.perf_counter() - started
             counter.remove()
             tokens[name] += output.shape[1] - ids.shape[1]
@@ -90,13 +90,18 @@ def measure_decoding(model: torch.nn.Module, prompts: torch.Tensor, new_tokens: 
     }
 
 
-def recover(model: torch.nn.Module, windows: torch.Tensor, steps: int, exit_weight: float) -> None:
-    """Full fine-tuning on the calibration split: label loss, plus the exit term when ``exit_weight``."""
+def recover(
+    model: torch.nn.Module, windows: torch.Tensor, steps: int, exit_weight: float, learning_rate: float = 5e-5, layer_dropout: float = 0.0
+) -> None:
+    """Full fine-tuning on the calibration split: label loss, plus the exit term when ``exit_weight``
+    (and LayerSkip's layer dropout with ``layer_dropout``)."""
     data = Dataset.from_dict({"input_ids": windows.tolist(), "labels": windows.tolist()})
-    config = DistillationConfig(kd_weight=0.0, label_weight=1.0, exit_weight=exit_weight, exit_layer=RECOVERED_EXIT)
+    config = DistillationConfig(
+        kd_weight=0.0, label_weight=1.0, exit_weight=exit_weight, exit_layer=RECOVERED_EXIT, layer_dropout=layer_dropout
+    )
     with tempfile.TemporaryDirectory() as directory:
         args = TrainingArguments(
-            output_dir=directory, max_steps=steps, per_device_train_batch_size=4, learning_rate=5e-5, lr_scheduler_type="cosine",
+            output_dir=directory, max_steps=steps, per_device_train_batch_size=4, learning_rate=learning_rate, lr_scheduler_type="cosine",
             warmup_ratio=0.1, logging_steps=max(1, steps // 5), save_strategy="no", report_to=[], seed=0, use_cpu=True,
         )  # fmt: skip
         DistillationTrainer(model=model, distillation=config, args=args, train_dataset=data).train()
@@ -125,21 +130,22 @@ def main() -> None:
     evaluation = tokenize_stream(tokenizer, [wikipedia_text("evaluation")])
     prompts = sample_windows(evaluation, setup["prompts"], setup["prompt_len"], seed=1)
     training_windows = calibration_windows(None, tokenizer, 4 * setup["steps"], 256, seed=0)
-    variants = {
+    variants = {  # name: (sparsity, recovery recipe)
         "dense": (None, None),
-        "recovered exit 12 (exit term)": (None, 1.0),
-        "control: same training, labels only": (None, 0.0),
+        "recovered exit 12 (exit term)": (None, {"exit_weight": 1.0}),
+        "control: same training, labels only": (None, {"exit_weight": 0.0}),
         "Wanda 2:4": ("2:4", None),
+        "recovered exit 12 (exit term, lr 3e-4, layer dropout 0.2)": (None, {"exit_weight": 1.0, "learning_rate": 3e-4, "layer_dropout": 0.2}),
     }
-    for name, (sparsity, exit_weight) in variants.items():
+    for name, (sparsity, recipe) in variants.items():
         if name in done:
             continue
         model, _ = load_default_model()
         if sparsity is not None:
             prune(model, PruningConfig(method="wanda", sparsity=sparsity, num_calibration_samples=32, calibration_seq_len=512), tokenizer=tokenizer)
-        if exit_weight is not None:
-            recover(model, training_windows, setup["steps"], exit_weight)
-        exits = (RECOVERED_EXIT,) if exit_weight is not None else EXITS
+        if recipe is not None:
+            recover(model, training_windows, setup["steps"], **recipe)
+        exits = (RECOVERED_EXIT,) if recipe is not None else EXITS
         done[name] = measure_model(model, tokenizer, prompts, setup, exits)
         save_rows(cache, done)
         print(name, json.dumps(done[name]), flush=True)
@@ -160,7 +166,8 @@ def write_table(done: dict, setup: dict, output: Path, command: str) -> None:
             "(`choose_early_exit`); expected speed-up is its Leviathan et al. estimate. Tokens per full pass: generated "
             "tokens ÷ forward passes that reach the last layer. Recovery: full fine-tuning on the calibration split, "
             f"{setup['steps']} steps × 4 × 256 tokens, lr 5e-5 cosine, label loss + the exit term "
-            f"(`DistillationConfig(exit_weight=1, exit_layer={RECOVERED_EXIT})`) vs the label loss alone. Perplexity: first "
+            f"(`DistillationConfig(exit_weight=1, exit_layer={RECOVERED_EXIT})`) vs the label loss alone, and the exit term at "
+            "lr 3e-4 with LayerSkip's layer dropout (`layer_dropout=0.2`). Perplexity: first "
             f"{setup['eval_tokens']:,} tokens of the evaluation split (full model). Wanda 2:4: calibration 32 × 512.",
         ),
         "| model | perplexity | decoding | agreement | expected × | tokens per full pass | tokens/s | measured × vs plain | greedy output identical |",
