@@ -61,6 +61,20 @@ def test_random_control_needs_no_calibration_and_is_reproducible():
     assert torch.equal(kept[0], kept[1]) and not torch.equal(kept[0], kept[2])
 
 
+@pytest.mark.parametrize("criterion", ["magnitude_l1", "magnitude_l2"])
+def test_magnitude_removes_the_smallest_channels(criterion):
+    model = tiny_model()
+    with torch.no_grad():
+        for layer in model.model.layers:  # channel 5 made 1000× smaller than the rest
+            layer.mlp.gate_proj.weight[5] *= 1e-3
+            layer.mlp.up_proj.weight[5] *= 1e-3
+            layer.mlp.down_proj.weight[:, 5] *= 1e-3
+    prune(model, PruningConfig(method="width", sparsity=0.02, method_options={"criterion": criterion, "components": "mlp"}))
+    for layer in model.model.layers:
+        assert layer.mlp.gate_proj.out_features < 128
+        assert float(layer.mlp.gate_proj.weight.norm(dim=1).min()) > 1e-2  # the small channel is gone
+
+
 def test_layer_ranking_is_uniform_and_hits_the_parameter_ratio():
     model = tiny_model(num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, intermediate_size=256)
     linears = lambda: sum(l.weight.numel() for layer in model.model.layers for l in layer.modules() if isinstance(l, torch.nn.Linear))
