@@ -33,7 +33,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from optimum_prune import PruningConfig
-from optimum_prune.calibration.engine import DISK
+from optimum_prune.calibration.engine import on_disk
 
 SECTION = "pruning"
 EXTRA_KEYS = ("calibration_dataset", "offload", "activation_device")
@@ -71,7 +71,7 @@ class PruningSection:
         if offload is not None and offload not in OFFLOADS:
             raise ValueError(f"{SECTION}.offload must be one of {', '.join(OFFLOADS)} (or absent), got {offload!r}")
         activation_device = section.get("activation_device")
-        if activation_device not in (None, DISK):
+        if activation_device is not None and not on_disk(activation_device):
             try:
                 torch.device(activation_device)
             except (RuntimeError, TypeError):

@@ -25,7 +25,7 @@ from .calibration import (
     feeding_inputs,
     walk_layers,
 )
-from .calibration.engine import DISK, moving_to
+from .calibration.engine import moving_to, on_disk
 from .config import PruningConfig
 from .distributed import all_reduce_sum, is_distributed, shard
 from .methods import METHODS, LayerPruner, MethodSpec, ModelPruner, StructuredMethod
@@ -85,7 +85,7 @@ def prune(
     elif METHODS.get(config.method).model_pruner:
         runs = [_ModelRun.plan(adapter, config, device)]
     else:
-        stored = activation_device if activation_device in (None, DISK) else _resolve_device(activation_device, model)
+        stored = activation_device if activation_device is None or on_disk(activation_device) else _resolve_device(activation_device, model)
         runs = _PruningRun.plan_parts(adapter, config, device, offload, stored)
     inputs = None
     if config.requires_calibration:
@@ -406,12 +406,10 @@ def _parameters(model: nn.Module) -> int:
 
 def _target_linears(adapter: DecoderAdapter, ignore: list[str], include_routers: bool = False) -> list[dict[str, nn.Linear]]:
     """Per decoder layer, the linears to prune keyed by qualified name, minus ``ignore`` matches."""
-    result = []
-    for prefix, layer in zip(adapter.layer_names(), adapter.decoder_layers()):
-        found = adapter.prunable_linears(layer, include_routers=include_routers)
-        linears = {f"{prefix}.{name}": linear for name, linear in found.items()}
-        result.append({name: linear for name, linear in linears.items() if not any(fnmatchcase(name, p) for p in ignore)})
-    return result
+    return [
+        {name: linear for name, linear in linears.items() if not any(fnmatchcase(name, p) for p in ignore)}
+        for linears in adapter.qualified_prunable_linears(include_routers)
+    ]
 
 
 def _summed_counts(tokens: dict[str, int]) -> dict[str, int]:

@@ -37,6 +37,11 @@ DISK = "disk"
 """``activation_device`` value that keeps calibration activations in files between layers."""
 
 
+def on_disk(activation_device: torch.device | str | None) -> bool:
+    """Whether ``activation_device`` asks for activations kept in files rather than on a device."""
+    return isinstance(activation_device, str) and activation_device == DISK
+
+
 class DiskActivations(Sequence[torch.Tensor]):
     """One safetensors file per calibration batch in ``directory``, read back (to the CPU) one at a time."""
 
@@ -95,10 +100,10 @@ CalibrationInputs = Union[torch.Tensor, Sequence[Mapping[str, torch.Tensor]]]
 """Text windows (``[samples, seq_len]`` token ids) or processed model-input batches (image-text)."""
 
 
-def model_batches(inputs: CalibrationInputs, batch_size: int = 1) -> list[dict[str, torch.Tensor]]:
-    """The keyword arguments of each calibration forward (token windows are grouped ``batch_size`` at a time)."""
+def model_batches(inputs: CalibrationInputs) -> list[dict[str, torch.Tensor]]:
+    """The keyword arguments of each calibration forward: one token window, or one image-text batch, each."""
     if isinstance(inputs, torch.Tensor):
-        return [{"input_ids": inputs[start : start + batch_size]} for start in range(0, inputs.shape[0], batch_size)]
+        return [{"input_ids": window[None]} for window in inputs]
     return [dict(batch) for batch in inputs]
 
 
@@ -113,30 +118,29 @@ class _StopForward(Exception):
 
 
 def capture_first_layer_inputs(
-    adapter: DecoderAdapter, inputs: CalibrationInputs, device: torch.device, batch_size: int = 1,
-    activation_device: ActivationHome = None,
+    adapter: DecoderAdapter, inputs: CalibrationInputs, device: torch.device, activation_device: ActivationHome = None,
 ) -> LayerInputs:
     """Layer 0's inputs for every calibration batch, computed on ``device``; the hidden states are kept on
     ``activation_device`` (default: ``device``; a directory: in files there), the layer's other arguments on ``device``."""
     model = adapter.model
     first_layer = adapter.decoder_layers()[0]
     signature = inspect.signature(first_layer.forward)
-    on_disk = isinstance(activation_device, Path)
-    captured = LayerInputs(DiskActivations(activation_device / "0") if on_disk else [], [])
+    to_files = isinstance(activation_device, Path)
+    captured = LayerInputs(DiskActivations(activation_device / "0") if to_files else [], [])
 
     def record(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         # Bind positional arguments to their names (CLIP's encoder passes the masks positionally),
         # so every layer can be rerun as ``layer(hidden, **kwargs)``.
         arguments = _named_arguments(signature, args, kwargs)
         hidden = arguments.pop(next(iter(signature.parameters))).detach()
-        captured.hidden_states.append(hidden if on_disk else hidden.to(activation_device or device))
+        captured.hidden_states.append(hidden if to_files else hidden.to(activation_device or device))
         captured.layer_kwargs.append(arguments)
         raise _StopForward
 
     handle = first_layer.register_forward_pre_hook(record, with_kwargs=True)
     with on_device(adapter.capture_modules(), device), torch.no_grad():
         try:
-            batches = [b for b in model_batches(inputs, batch_size) if all(name in b for name in adapter.required_inputs)]
+            batches = [b for b in model_batches(inputs) if all(name in b for name in adapter.required_inputs)]
             for batch in tqdm(batches, desc="Capturing calibration inputs", leave=False):
                 try:
                     model(**{name: value.to(device) for name, value in batch.items()}, use_cache=False)
@@ -212,7 +216,6 @@ def walk_layers(
     device: torch.device,
     visit: LayerVisitor,
     description: str,
-    batch_size: int = 1,
     residency: LayerResidency | None = None,
     activation_device: torch.device | str | None = None,
 ) -> None:
@@ -223,7 +226,7 @@ def walk_layers(
     ``"disk"`` keeps them in a temporary directory, removed when the walk ends.
     """
     with _activation_home(activation_device) as home:
-        inputs = capture_first_layer_inputs(adapter, windows, device, batch_size, home)
+        inputs = capture_first_layer_inputs(adapter, windows, device, home)
         logger.info("captured %d calibration batches (%.1f MiB of activations)", len(inputs.hidden_states), inputs.num_bytes / 2**20)
         layers = adapter.decoder_layers()
         residency = residency or moving_to(device)
@@ -238,7 +241,7 @@ def walk_layers(
 
 @contextmanager
 def _activation_home(activation_device: torch.device | str | None) -> Iterator[ActivationHome]:
-    if not (isinstance(activation_device, str) and activation_device == DISK):
+    if not on_disk(activation_device):
         yield activation_device
         return
     with tempfile.TemporaryDirectory(prefix="optimum-prune-activations-") as directory:
