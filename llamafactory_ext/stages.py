@@ -227,7 +227,8 @@ def restore_zeros(base_dir: Path, exported_dir: Path) -> None:
     """Zero, in ``exported_dir``'s safetensors shards, every weight that is zero in ``base_dir``.
 
     Equal to merging only the masked update (``W + M ⊙ ΔW``), since the base is zero where the
-    mask is. Each shard is rewritten through a temporary file and renamed into place.
+    mask is. The shards are checked to hold every pruned weight before any is touched; each is then
+    rewritten through a temporary file and renamed into place.
     """
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -237,21 +238,22 @@ def restore_zeros(base_dir: Path, exported_dir: Path) -> None:
         raise ValueError(f"{exported_dir} has no .safetensors weights; export with export_legacy_format: false")
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     masks = {f"{name}.weight": pruned for name, pruned in SparsityMasks.from_zeros(base).pruned.items()}
-    restored = 0
+    keys_in = {}
     for shard in shards:
+        with safe_open(shard, framework="pt") as handle:
+            keys_in[shard] = [key for key in handle.keys() if key in masks]
+    restored = sum(len(keys) for keys in keys_in.values())
+    if restored != len(masks):
+        raise ValueError(f"{exported_dir} holds {restored} of the {len(masks)} pruned weights of {base_dir}; is it the same model?")
+    for shard in (shard for shard in shards if keys_in[shard]):
         with safe_open(shard, framework="pt") as handle:
             metadata = handle.metadata()
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        touched = [key for key in tensors if key in masks]
-        for key in touched:
+        for key in keys_in[shard]:
             tensors[key].masked_fill_(masks[key], 0)
-        restored += len(touched)
-        if touched:
-            temporary = shard.with_name(f".{shard.name}.tmp")
-            save_file(tensors, temporary, metadata=metadata)
-            os.replace(temporary, shard)
-    if restored != len(masks):
-        raise ValueError(f"{exported_dir} holds {restored} of the {len(masks)} pruned weights of {base_dir}; is it the same model?")
+        temporary = shard.with_name(f".{shard.name}.tmp")
+        save_file(tensors, temporary, metadata=metadata)
+        os.replace(temporary, shard)
     logger.info("restored the pruned zeros of %d weights in %s", restored, exported_dir)
 
 

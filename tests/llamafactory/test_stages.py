@@ -15,9 +15,11 @@ from transformers import AutoModelForCausalLM
 
 import optimum_prune  # noqa: F401  (registers the loader of non-uniform structured checkpoints)
 from llamafactory_ext.cli import main
-from optimum_prune import verify_sparsity
+from llamafactory_ext.stages import restore_zeros
+from optimum_prune import PruningConfig, prune, verify_sparsity
 from optimum_prune.masks import prunable_linears
 
+from ..conftest import tiny_model
 from .conftest import base_args, write_yaml
 
 LORA_TRAINING = {
@@ -289,3 +291,14 @@ def test_precomputed_teacher_top_k_trains_like_the_live_teacher(workspace, tmp_p
         train(tmp_path, {**base_args(workspace, tmp_path / name, **training), "distill": {**distill, **extra}})
         losses[name] = logged_losses(tmp_path / name)[0]
     assert losses["stored"] == pytest.approx(losses["live"], rel=1e-4) and losses["live"] > 0
+
+
+def test_restore_zeros_refuses_another_model_before_touching_its_shards(tmp_path):
+    pruned = tiny_model()
+    prune(pruned, PruningConfig(method="magnitude", sparsity=0.5))
+    pruned.save_pretrained(tmp_path / "base")
+    tiny_model(num_hidden_layers=1).save_pretrained(tmp_path / "other")
+    before = {path.name: path.read_bytes() for path in (tmp_path / "other").glob("*.safetensors")}
+    with pytest.raises(ValueError, match="is it the same model"):
+        restore_zeros(tmp_path / "base", tmp_path / "other")
+    assert {path.name: path.read_bytes() for path in (tmp_path / "other").glob("*.safetensors")} == before
