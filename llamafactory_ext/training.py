@@ -73,7 +73,7 @@ class TrainingSections:
         if self.distill is not None:
             mapping[DISTILL] = self.distill.to_mapping()
         if self.perp is not None:
-            mapping[PERP] = {**dataclasses.asdict(self.perp), "target_modules": list(self.perp.target_modules)}
+            mapping[PERP] = {key: list(value) if isinstance(value, tuple) else value for key, value in dataclasses.asdict(self.perp).items()}
         if self.expert_dropping is not None:
             mapping[EXPERT_DROPPING] = dataclasses.asdict(self.expert_dropping)
         return mapping

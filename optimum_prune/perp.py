@@ -13,7 +13,8 @@ the model, unfreezes those parameters and wraps the target linears; train with a
 
 Both materialise B·A (out × in) in every forward of a wrapped linear, as the reference code does:
 the price of being exactly mask-preserving (plain LoRA's product would fill the zeros on merge).
-The LM head, which pruning leaves dense, gets no adapter here.
+By default the adapted linears are the ones pruning targets (the architecture adapter's decoder
+linears, e.g. Mixtral's experts too); the LM head, which pruning leaves dense, gets no adapter.
 """
 
 from __future__ import annotations
@@ -25,9 +26,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .adapters import get_adapter
 from .structure.surgery import replace_submodule
 
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 NORM_CLASS_SUFFIXES = ("RMSNorm", "LayerNorm")
 
 
@@ -38,7 +39,7 @@ class PERPConfig:
     lora: str | None = "mask"  # "mask" (MaskLoRA), "scale" (ScaleLoRA) or None (biases and norms only)
     rank: int = 16
     alpha: float = 32.0
-    target_modules: tuple[str, ...] = DEFAULT_TARGETS
+    target_modules: tuple[str, ...] | None = None  # linear names (last component); None: every linear pruning targets
 
     def __post_init__(self) -> None:
         if self.lora not in ("mask", "scale", None):
@@ -113,10 +114,13 @@ def prepare_perp(model: nn.Module, config: PERPConfig | None = None) -> PERPSumm
     wrapped = 0
     if config.lora:
         adapter = MaskLoRALinear if config.lora == "mask" else ScaleLoRALinear
-        targets = [
-            (name, module) for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in config.target_modules
-        ]  # fmt: skip
+        if config.target_modules is None:
+            targets = [item for layer in get_adapter(model).qualified_prunable_linears() for item in layer.items()]
+        else:
+            targets = [
+                (name, module) for name, module in model.named_modules()
+                if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in config.target_modules
+            ]  # fmt: skip
         if not targets:
             raise ValueError(f"PERPConfig.target_modules {config.target_modules} match no linear of this model")
         for name, linear in targets:

@@ -8,9 +8,10 @@ import pytest
 import torch
 from transformers import Trainer
 
-from optimum_prune import PERPConfig, PruningConfig, merge_perp, prepare_perp, prune, verify_sparsity
+from optimum_prune import PERPConfig, PruningConfig, get_adapter, merge_perp, prepare_perp, prune, verify_sparsity
 from optimum_prune.perp import MaskLoRALinear, ScaleLoRALinear
 
+from .adapters.test_moe import tiny_moe
 from .conftest import tiny_model, token_windows
 from .test_distillation import dataset, training_args
 
@@ -56,6 +57,23 @@ def test_retraining_lowers_the_loss_and_merging_keeps_every_zero(lora, tmp_path)
     assert all(torch.equal(modules[name].weight == 0, mask) for name, mask in zeros.items())
     assert verify_sparsity(model)["overall_sparsity"] == pytest.approx(0.5, abs=0.01)
     assert not any(isinstance(m, MaskLoRALinear) for m in model.modules())
+
+
+def test_by_default_the_linears_pruning_targets_are_adapted_including_every_expert():
+    model = tiny_moe("mixtral")
+    prune(model, PruningConfig(method="magnitude", sparsity=0.5))
+    targets = {name: linear for layer in get_adapter(model).qualified_prunable_linears() for name, linear in layer.items()}
+    zeros = {name: linear.weight == 0 for name, linear in targets.items()}
+    summary = prepare_perp(model)
+    adapted = {name for name, module in model.named_modules() if isinstance(module, MaskLoRALinear)}
+    assert adapted == set(targets) and summary.wrapped == len(targets)
+    assert any(".experts." in name for name in adapted) and not any(name.endswith(".gate") for name in adapted)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, MaskLoRALinear):
+                module.lora_B.normal_()
+    merge_perp(model)
+    assert all(torch.equal(linear.weight == 0, zeros[name]) for name, linear in targets.items())
 
 
 def test_config_errors_name_the_field():

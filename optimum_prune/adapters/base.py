@@ -124,6 +124,13 @@ class DecoderAdapter(ABC):
         when ``include_routers``)."""
         return {name: module for name, module in layer.named_modules() if isinstance(module, nn.Linear)}
 
+    def qualified_prunable_linears(self, include_routers: bool = False) -> list[dict[str, nn.Linear]]:
+        """Per decoder layer, its prunable linears keyed by their qualified name in the model."""
+        return [
+            {f"{prefix}.{name}": linear for name, linear in self.prunable_linears(layer, include_routers).items()}
+            for prefix, layer in zip(self.layer_names(), self.decoder_layers())
+        ]
+
     def moe_block(self, layer: nn.Module) -> nn.Module | None:
         """The layer's sparse mixture-of-experts block (``gate`` router, ``experts``), or None for a dense MLP."""
         return None
