@@ -57,13 +57,18 @@ class SublayerRemoval(StructuredMethod[SublayerRemovalOptions]):
                     ) - map_parameters
         total = sum(l.weight.numel() for layer in layers for l in self.adapter.prunable_linears(layer).values())
         self.budget = self.sparsity * total
-        smallest = min(self.units.values(), default=0)
-        if self.units and smallest <= 0:
+        if not self.units:
+            raise ValueError(
+                f"nothing to remove: PruningConfig.ignore {self.ignore!r} and method_options.sublayers "
+                f"{self.options.sublayers!r} leave no {' or '.join(kinds)} block; narrow ignore or choose other sublayers"
+            )
+        smallest = min(self.units.values())
+        if smallest <= 0:
             raise ValueError(
                 f"method_options.reroute: a {hidden}×{hidden} map is as large as a block of this model, so "
                 "re-routing saves nothing; set reroute=False"
             )
-        if not self.units or smallest > self.budget:
+        if smallest > self.budget:
             raise ValueError(
                 f"PruningConfig.sparsity {self.sparsity} ({self.budget:,.0f} parameters) is smaller than the smallest "
                 f"removable block ({smallest:,} parameters); raise the sparsity"

@@ -38,3 +38,9 @@ def test_only_attention_blocks():
 def test_budget_below_one_block_is_an_error():
     with pytest.raises(ValueError, match="smaller than the smallest removable block"):
         prune(tiny_model(), PruningConfig(method="sublayers", sparsity=0.01), calibration=token_windows())
+
+
+def test_ignoring_every_block_is_an_error_naming_ignore():
+    config = PruningConfig(method="sublayers", sparsity=0.3, ignore=["*.mlp*"], method_options={"sublayers": "mlp"})
+    with pytest.raises(ValueError, match=r"PruningConfig.ignore .* leave no mlp block"):
+        prune(tiny_model(), config, calibration=token_windows())
