@@ -150,13 +150,17 @@ def element_costs(weight: torch.Tensor, g_inverse: torch.Tensor, a_inverse: torc
 
 
 def threshold_masks(costs: dict[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
-    """One threshold over every layer's costs: the ``fraction`` cheapest weights of the whole model."""
+    """One threshold over every layer's costs: exactly the ``fraction`` cheapest weights of the whole model
+    (costs tied at the threshold, e.g. the zero cost of weights removed already, are taken in index order)."""
     flat = torch.cat([c.flatten().float().cpu() for c in costs.values()])
     count = round(fraction * flat.numel())
-    if count == 0:
-        return {name: torch.zeros_like(c, dtype=torch.bool) for name, c in costs.items()}
-    threshold = torch.kthvalue(flat, count).values
-    return {name: c <= threshold.to(c.device) for name, c in costs.items()}
+    chosen = torch.zeros_like(flat, dtype=torch.bool)
+    if count > 0:
+        threshold = torch.kthvalue(flat, count).values
+        chosen = flat < threshold
+        chosen[(flat == threshold).nonzero().flatten()[: count - int(chosen.sum())]] = True
+    parts = chosen.split([c.numel() for c in costs.values()])
+    return {name: part.reshape(c.shape).to(c.device) for (name, c), part in zip(costs.items(), parts)}
 
 
 def _nm_masks(costs: dict[str, torch.Tensor], pattern: NMPattern, fraction: float) -> dict[str, torch.Tensor]:

@@ -59,6 +59,8 @@ def test_global_threshold_and_nm_groups():
     costs = {"a": torch.tensor([[1.0, 5.0], [2.0, 6.0]]), "b": torch.tensor([[3.0, 4.0, 7.0, 8.0]])}
     masks = threshold_masks(costs, 0.5)
     assert masks["a"].tolist() == [[True, False], [True, False]] and masks["b"].tolist() == [[True, True, False, False]]
+    tied = threshold_masks({"a": torch.zeros(2, 2), "b": torch.tensor([[0.0, 0.0, 1.0, 2.0]])}, 0.5)  # six zeros tie
+    assert sum(int(m.sum()) for m in tied.values()) == 4 and tied["a"].all()
     grouped = {"w": torch.tensor([[1.0, 9.0, 2.0, 8.0, 5.0, 6.0, 7.0, 0.5]])}
     half = _nm_masks(grouped, NMPattern(2, 4), 0.5)["w"]  # group costs 3 and 5.5: only the first loses its 2 cheapest
     assert half.tolist() == [[True, False, True, False, False, False, False, False]]
