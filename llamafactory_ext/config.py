@@ -76,7 +76,7 @@ class PruningSection:
                 torch.device(activation_device)
             except (RuntimeError, TypeError):
                 raise ValueError(f"{SECTION}.activation_device must be a device name such as cpu, or disk, got {activation_device!r}") from None
-        dataset = section.get("calibration_dataset", _first_dataset(lf_args.get("dataset")))
+        dataset = section.get("calibration_dataset", _training_datasets(lf_args.get("dataset")))
         if config.requires_calibration:
             if not dataset:
                 raise ValueError(
@@ -89,7 +89,7 @@ class PruningSection:
         return cls(config, None, offload=offload, activation_device=activation_device)
 
 
-def _first_dataset(value: Any) -> str | None:
+def _training_datasets(value: Any) -> str | None:
     """LLaMA-Factory's ``dataset`` is a comma-separated list (or a YAML list); calibrate on all of it."""
     if value is None:
         return None

@@ -77,7 +77,7 @@ def prune(
         _check_offloadable(config, adapter)
     if not METHODS.get(config.method).pruner and activation_device is not None:
         raise ValueError(
-            f"activation_device applies to the per-layer methods (magnitude, wanda, sparsegpt); {config.method!r} keeps its "
+            f"activation_device applies to the per-layer methods ({_per_layer_methods()}); {config.method!r} keeps its "
             "activations on the compute device (leave activation_device unset)"
         )
     if METHODS.get(config.method).structured:
@@ -97,7 +97,7 @@ def prune(
     if is_distributed():
         if not METHODS.get(config.method).pruner:
             raise ValueError(
-                f"multi-process calibration supports the per-layer methods (magnitude, wanda, sparsegpt); run "
+                f"multi-process calibration supports the per-layer methods ({_per_layer_methods()}); run "
                 f"{config.method!r} in a single process"
             )
         inputs = shard(inputs)
@@ -127,11 +127,16 @@ def prune(
     return report
 
 
+def _per_layer_methods() -> str:
+    """The registered methods that prune one layer at a time from its own statistics (``LayerPruner``s)."""
+    return ", ".join(name for name in METHODS.names() if METHODS.get(name).pruner)
+
+
 def _check_offloadable(config: PruningConfig, adapter: DecoderAdapter) -> None:
     """Offloaded runs hold one layer at a time: methods and allocations that need more are refused."""
     if not METHODS.get(config.method).pruner:
         raise ValueError(
-            f"offloaded pruning supports the per-layer methods (magnitude, wanda, sparsegpt); {config.method!r} needs the "
+            f"offloaded pruning supports the per-layer methods ({_per_layer_methods()}); {config.method!r} needs the "
             "whole model in memory"
         )
     if ALLOCATIONS.get(config.allocation).allocation.observes_model:
@@ -349,10 +354,8 @@ class _PruningRun:
 class _StructuredRun:
     """A structured method bound to a model; sizes are measured around it and the config rewritten after."""
 
-    config: PruningConfig
     adapter: DecoderAdapter
     method: StructuredMethod
-    device: torch.device
     part: str = "language"
 
     @classmethod
@@ -361,7 +364,7 @@ class _StructuredRun:
         target = config.part_targets()["language"]
         method = spec.structured(adapter, target, config.ignore, config.build_method_options(), device)
         method.check()
-        return cls(config, adapter, method, device)
+        return cls(adapter, method)
 
     def execute(self, windows: torch.Tensor | None, report: PruningReport) -> None:
         model = self.adapter.model

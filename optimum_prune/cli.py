@@ -202,7 +202,7 @@ def _run_offloaded(args: argparse.Namespace, config: PruningConfig) -> int:
         dtype=DTYPES[args.dtype] if args.dtype else None, activation_device=args.activation_device,
     )  # fmt: skip
     print(f"\n{config.method} {config.sparsity} ({config.allocation}) -> {args.output}")
-    print(f"linear sparsity (excl. lm_head): {report.overall_sparsity:.2%}; pruning time {report.seconds:.1f} s; "
+    print(f"sparsity of the pruned linears: {report.overall_sparsity:.2%}; pruning time {report.seconds:.1f} s; "
           f"peak {report.peak_memory_kind} {report.peak_memory_bytes / 2**20:.0f} MiB")  # fmt: skip
     return 0
 

@@ -30,14 +30,16 @@ PROVENANCE_KEYS = ("optimum_version", "transformers_version")
 class PruningConfig:
     method: str = field(
         default="wanda",
-        metadata={"help": "Registered pruning method: unstructured (magnitude, wanda, sparsegpt) or structured (width, slicegpt, "
-        "layers, sublayers, low_rank, experts, merge_experts); `optimum-prune --help` lists them with their options."},
+        metadata={"help": "Registered pruning method, e.g. unstructured 'wanda' or 'sparsegpt', structured 'width' or 'layers'; "
+        "`optimum-prune --help` (or optimum_prune.METHODS) lists them all with their options."},
     )
     sparsity: float | str = field(
         default=0.5,
         metadata={
             "help": "Fraction of decoder-layer linear weights to remove, in [0, 1), or for unstructured methods an "
-            "'N:M' pattern such as '2:4' (N kept of every M). Structured methods remove whole units to reach the fraction."
+            "'N:M' pattern such as '2:4' (N kept of every M). Structured methods remove whole units; what the fraction counts is "
+            "theirs to say (decoder-layer linear parameters for most; slicegpt: the hidden dimension, experts: experts per layer, "
+            "ziplm by default: decoder time)."
         },
     )
     method_options: dict[str, Any] = field(
@@ -56,7 +58,8 @@ class PruningConfig:
     )
     moe_options: dict[str, Any] = field(
         default_factory=dict,
-        metadata={"help": "Mixture-of-experts handling: routing_weighted, unrouted_experts, prune_router (see MoEOptions)."},
+        metadata={"help": "Mixture-of-experts handling: routing_weighted, unrouted_experts, prune_router, expert_sparsity, "
+        "expert_deviation (see MoEOptions)."},
     )
     parts: dict[str, dict[str, Any]] = field(
         default_factory=dict,
@@ -95,7 +98,7 @@ class PruningConfig:
             if allocation.name != "uniform":
                 raise ValueError(
                     f"PruningConfig.allocation {self.allocation!r} applies to unstructured methods; structured method "
-                    f"{self.method!r} chooses its own per-layer widths (see its 'ranking' option): use allocation='uniform'"
+                    f"{self.method!r} chooses its own per-layer widths (see its options): use allocation='uniform'"
                 )
         if spec.model_pruner is not None and (allocation.name != "uniform" or set(self.parts) - {"language"}):
             raise ValueError(

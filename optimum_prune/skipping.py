@@ -77,9 +77,6 @@ class ExpertSkipping(PatchedMoEBlocks):
         """Fraction of (token, selected expert) calls skipped so far."""
         return self.skipped_calls / self.expert_calls if self.expert_calls else 0.0
 
-    def reset_counts(self) -> None:
-        self.expert_calls = self.skipped_calls = 0
-
     def _experts_output(self, block: nn.Module, tokens: torch.Tensor, logits: torch.Tensor, batch: int) -> torch.Tensor:
         weights, selected = self.adapter.route(block, logits)
         kept = weights >= self.beta * weights[:, :1]  # top-k is sorted: column 0 is the top expert

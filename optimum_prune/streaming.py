@@ -72,7 +72,13 @@ class CheckpointReader:
         """The dtype of the checkpoint's first tensor, read from its header."""
         name, file = next(iter(self.weight_map.items()))
         with safe_open(file, framework="pt") as handle:
-            return SAFETENSORS_DTYPES[handle.get_slice(name).get_dtype()]
+            stored = handle.get_slice(name).get_dtype()
+        if stored not in SAFETENSORS_DTYPES:
+            raise ValueError(
+                f"{file} stores {name} as {stored}; offloaded pruning reads {', '.join(SAFETENSORS_DTYPES)} checkpoints "
+                "(convert it, or pass dtype=)"
+            )
+        return SAFETENSORS_DTYPES[stored]
 
     def under(self, prefix: str) -> list[str]:
         return [name for name in self.weight_map if name.startswith(prefix + ".")]

@@ -257,7 +257,7 @@ class DecoderAdapter(ABC):
     def _no_structure(self) -> NotImplementedError:
         return NotImplementedError(
             f"{type(self).__name__} ({type(self.model).__name__}) does not support structured pruning; "
-            "use an unstructured method (magnitude, wanda, sparsegpt)"
+            "use an unstructured method such as wanda or sparsegpt"
         )
 
     def layer_names(self) -> list[str]:

@@ -141,7 +141,9 @@ class MoEAdapter(DecoderAdapter):
         in their place (merged experts)."""
         block = self.moe_block(layer)
         if len(indices) < block.top_k:
-            raise ValueError(f"cannot keep {len(indices)} experts: the router picks top-{block.top_k} of them")
+            raise ValueError(
+                f"cannot keep {len(indices)} experts: the router picks top-{block.top_k} of them, so keep at least {block.top_k}"
+            )
         rows = torch.tensor(indices, dtype=torch.long, device=block.gate.weight.device)
         block.experts = nn.ModuleList(experts if experts is not None else [block.experts[i] for i in indices])
         keep_output_features(block.gate, rows)

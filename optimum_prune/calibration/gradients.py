@@ -26,7 +26,7 @@ def accumulate_gradients(model: nn.Module, windows: torch.Tensor, description: s
         parameter.requires_grad_(True)
         parameter.grad = None
     try:
-        for loss in _window_losses(model, windows, description):
+        for loss in window_losses(model, windows, description):
             (loss / len(windows)).backward()
     finally:
         for parameter in frozen:
@@ -41,8 +41,8 @@ def fisher_rows(model: nn.Module, windows: torch.Tensor, linears: list[nn.Linear
     """
     weights = [linear.weight for linear in linears]
     rows = [torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device) for weight in weights]
-    with _grad_only(model, weights):
-        for loss in _window_losses(model, windows, description):
+    with grad_only(model, weights):
+        for loss in window_losses(model, windows, description):
             for total, gradient in zip(rows, torch.autograd.grad(loss, weights)):
                 total += gradient.double().square().sum(dim=1)
     return rows
@@ -63,8 +63,8 @@ def hessian_traces(
     parameters = [p for group in groups for p in group]
     generator = torch.Generator(device=device).manual_seed(seed)
     totals = [0.0] * len(groups)
-    with _grad_only(model, parameters), sdpa_kernel(SDPBackend.MATH):
-        for loss in _window_losses(model, windows, description):
+    with grad_only(model, parameters), sdpa_kernel(SDPBackend.MATH):
+        for loss in window_losses(model, windows, description):
             gradients = torch.autograd.grad(loss, parameters, create_graph=True)
             for probe in range(probes):
                 vectors = [torch.randint(0, 2, p.shape, generator=generator, device=device).to(p.dtype) * 2 - 1 for p in parameters]
@@ -76,7 +76,7 @@ def hessian_traces(
 
 
 @contextmanager
-def _grad_only(model: nn.Module, parameters: list[nn.Parameter]) -> Iterator[None]:
+def grad_only(model: nn.Module, parameters: list[nn.Parameter]) -> Iterator[None]:
     """Only ``parameters`` require grad while active (autograd then builds no other weight's gradient)."""
     flags = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
     for parameter, _ in flags:
@@ -90,7 +90,7 @@ def _grad_only(model: nn.Module, parameters: list[nn.Parameter]) -> Iterator[Non
             parameter.requires_grad_(flag)
 
 
-def _window_losses(model: nn.Module, windows: torch.Tensor, description: str) -> Iterator[torch.Tensor]:
+def window_losses(model: nn.Module, windows: torch.Tensor, description: str) -> Iterator[torch.Tensor]:
     """The language-model loss of each calibration window, with autograd on."""
     device = next(model.parameters()).device
     with torch.enable_grad():

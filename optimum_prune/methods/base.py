@@ -65,8 +65,10 @@ class LayerPruner(ABC, Generic[Options]):
 class StructuredMethod(ABC, Generic[Options]):
     """Removes whole units (heads, channels, sublayers, layers) of a model seen through its adapter.
 
-    ``sparsity`` is the fraction of the decoder layers' linear parameters to remove (the same
-    denominator as unstructured sparsity); ``ignore`` holds glob patterns of module names to keep.
+    ``sparsity`` is, unless a method's docstring says otherwise (SliceGPT: of the hidden dimension;
+    experts: of each layer's experts; ZipLM: of the decoder's time), the fraction of the decoder
+    layers' linear parameters to remove, the denominator of unstructured sparsity; ``ignore`` holds
+    glob patterns of module names to keep.
     """
 
     def __init__(self, adapter: DecoderAdapter, sparsity: float, ignore: list[str], options: Options, device: torch.device) -> None:

@@ -92,7 +92,7 @@ class KernelizedConvexMasking(MaskSearch):
     def check(self) -> None:
         super().check()
         if self.options.allocation == "layer":
-            self.width._layer_counts(option="allocation")  # raises for a layer that would lose every unit
+            self.width.layer_counts(option="allocation")  # raises for a layer that would lose every unit
 
     def unit_counts(self, importance: list[torch.Tensor]) -> list[int]:
         if self.options.allocation == "global":

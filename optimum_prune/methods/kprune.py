@@ -65,10 +65,10 @@ from tqdm.auto import tqdm
 
 from ..calibration import LayerInputs, capture_first_layer_inputs, run_layer
 from ..calibration.engine import on_device
-from ..calibration.gradients import _grad_only
+from ..calibration.gradients import grad_only
 from ..options import check_choice, option
 from .base import StructuredMethod, register_structured_method
-from .width import _Component, _layer_parameters, group_columns, group_units, output_projection
+from .width import Component, layer_parameters, group_columns, group_units, output_projection
 
 
 # Weight tuning fits every kept input column of an output projection: with fewer than this many
@@ -112,7 +112,7 @@ class KPrune(StructuredMethod[KPruneOptions]):
 
     def check(self) -> None:
         self.width = group_units(self, self.options.components)
-        self.width._plan_counts()  # raises for a budget the units cannot reach
+        self.width.plan_counts()  # raises for a budget the units cannot reach
 
     def prune(self, windows: torch.Tensor | None, report: Any) -> None:
         with on_device([self.adapter.model], self.device):
@@ -125,7 +125,7 @@ class KPrune(StructuredMethod[KPruneOptions]):
         pruned = capture_first_layer_inputs(adapter, windows, self.device)
         dense = LayerInputs(list(pruned.hidden_states), pruned.layer_kwargs)
         total = sum((c.removable + 1) * c.unit_parameters for c in components)
-        budget = total - self.sparsity * sum(_layer_parameters(adapter, layer) for layer in layers)  # cost the kept units may have
+        budget = total - self.sparsity * sum(layer_parameters(adapter, layer) for layer in layers)  # cost the kept units may have
         removed_scores = {kind: [0.0] * len(layers) for kind in ("attention", "mlp")}
         untuned: list[str] = []
         for index in tqdm(range(len(layers)), desc="K-prune"):
@@ -155,7 +155,7 @@ class KPrune(StructuredMethod[KPruneOptions]):
     # --- 1. knowledge measurement -------------------------------------------------------------
 
     def _knowledge_scores(
-        self, first: int, candidates: list[_Component], inputs: LayerInputs, teacher: "TeacherTargets"
+        self, first: int, candidates: list[Component], inputs: LayerInputs, teacher: "TeacherTargets"
     ) -> list[torch.Tensor]:
         """Per candidate component, its units' (λ_rep·Z_rep + λ_pred·Z_pred)·(μ for heads)/cost."""
         adapter, layers = self.adapter, self.adapter.decoder_layers()
@@ -176,7 +176,7 @@ class KPrune(StructuredMethod[KPruneOptions]):
         tokens = 0
         samples = torch.Generator().manual_seed(first)  # the same draws for every run
         try:
-            with _grad_only(adapter.model, []), torch.enable_grad():
+            with grad_only(adapter.model, []), torch.enable_grad():
                 for window, (hidden, kwargs) in enumerate(zip(inputs.hidden_states, inputs.layer_kwargs)):
                     tokens += hidden.shape[0] * hidden.shape[1]
                     for layer in layers[first:]:
@@ -204,7 +204,7 @@ class KPrune(StructuredMethod[KPruneOptions]):
     # --- 3. knowledge-preserving weight tuning ---------------------------------------------------
 
     def _remove_and_tune(
-        self, layer: nn.Module, component: _Component, removed: torch.Tensor, inputs: LayerInputs, dense_after: list[torch.Tensor]
+        self, layer: nn.Module, component: Component, removed: torch.Tensor, inputs: LayerInputs, dense_after: list[torch.Tensor]
     ) -> bool:
         """Cut the units, then (``tune``) refit the output projection; False when tuning was skipped for too few calibration tokens."""
         consumer = output_projection(self.adapter, layer, component)
@@ -217,14 +217,14 @@ class KPrune(StructuredMethod[KPruneOptions]):
         component.removed = len(removed)
         component.scores = torch.ones(component.removable + 1)
         component.scores[removed] = 0  # width's surgery removes the lowest-scored units
-        self.width._cut(layer, component, {})
+        self.width.cut(layer, component, {})
         if solution is not None:
             with torch.no_grad():
                 output_projection(self.adapter, layer, component).weight.copy_(solution)
         return enough or not self.options.tune
 
     def _least_squares(
-        self, layer: nn.Module, component: _Component, consumer: nn.Linear, kept: torch.Tensor,
+        self, layer: nn.Module, component: Component, consumer: nn.Linear, kept: torch.Tensor,
         inputs: LayerInputs, dense_after: list[torch.Tensor],
     ) -> torch.Tensor:
         """W = argmin ‖A_S Wᵀ − (Y_dense − X_pruned − b)‖² over the calibration tokens, as ``consumer.weight`` after the cut."""

@@ -42,7 +42,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration.engine import on_device
-from ..calibration.gradients import _grad_only
+from ..calibration.gradients import grad_only
 from ..options import option
 from ..report import LinearReport
 from ..sparsity import NMPattern
@@ -94,7 +94,7 @@ class LLMSurgeon(ModelPruner[LLMSurgeonOptions]):
 
     def _inverse_factors(self, factors: dict[nn.Linear, tuple[torch.Tensor, torch.Tensor]]) -> dict[nn.Linear, tuple[torch.Tensor, torch.Tensor]]:
         return {
-            linear: (_damped_inverse(g, self.options.damp_g), _damped_inverse(a, self.options.damp_a))
+            linear: (damped_inverse(g, self.options.damp_g), damped_inverse(a, self.options.damp_a))
             for linear, (g, a) in factors.items()
         }
 
@@ -125,7 +125,7 @@ def kfac_factors(
     handles.append(model.get_input_embeddings().register_forward_hook(lambda _m, _a, output: output.requires_grad_(True)))
     tokens = 0
     try:
-        with _grad_only(model, []), torch.enable_grad():
+        with grad_only(model, []), torch.enable_grad():
             for window in tqdm(windows, desc="K-FAC curvature", leave=False):
                 ids = window.unsqueeze(0).to(device)
                 model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
@@ -222,7 +222,7 @@ def _row_groups(mask: torch.Tensor, limit: int) -> list[tuple[torch.Tensor, torc
     return [(rows[a:b], columns[a:b]) for a, b in spans]
 
 
-def _damped_inverse(factor: torch.Tensor, damping: float) -> torch.Tensor:
+def damped_inverse(factor: torch.Tensor, damping: float) -> torch.Tensor:
     """(F + damping·mean(diag F)·I)⁻¹ in float64 via Cholesky; rows and columns with zero diagonal stay zero."""
     matrix = factor.double()
     alive = matrix.diagonal() > 0

@@ -39,8 +39,8 @@ from tqdm.auto import tqdm
 from ..calibration.engine import on_device
 from ..options import check_choice, option
 from .base import StructuredMethod, register_structured_method
-from .llm_surgeon import _damped_inverse, kfac_factors
-from .width import _Component, _layer_parameters, group_columns, group_units, output_projection
+from .llm_surgeon import damped_inverse, kfac_factors
+from .width import Component, layer_parameters, group_columns, group_units, output_projection
 
 
 @dataclass(frozen=True)
@@ -80,11 +80,11 @@ class LLMSurgeonStructured(StructuredMethod[LLMSurgeonStructuredOptions]):
 
     def check(self) -> None:
         self.width = group_units(self, self.options.components)
-        self.width._plan_counts()  # raises for a budget the units cannot reach
+        self.width.plan_counts()  # raises for a budget the units cannot reach
 
     def prune(self, windows: torch.Tensor | None, report: Any) -> None:
         components, layers, names = self.width.components, self.adapter.decoder_layers(), self.adapter.layer_names()
-        budget = self.sparsity * sum(_layer_parameters(self.adapter, layer) for layer in layers)
+        budget = self.sparsity * sum(layer_parameters(self.adapter, layer) for layer in layers)
         removed_parameters = 0.0
         removed_units = {id(c): 0 for c in components}
         with on_device([self.adapter.model], self.device):
@@ -92,7 +92,7 @@ class LLMSurgeonStructured(StructuredMethod[LLMSurgeonStructuredOptions]):
                 units = {id(c): self._units(layers[c.layer], c) for c in components if c.removable}
                 linears = list({id(p.linear): p.linear for parts in units.values() for unit in parts for p in unit}.values())
                 factors = kfac_factors(self.adapter.model, windows, linears)
-                inverses = {linear: (_damped_inverse(g, self.options.damp_g), _damped_inverse(a, self.options.damp_a)) for linear, (g, a) in factors.items()}
+                inverses = {linear: (damped_inverse(g, self.options.damp_g), damped_inverse(a, self.options.damp_a)) for linear, (g, a) in factors.items()}
                 costs = _Costs(factors, inverses)
                 candidates = []
                 for component in components:
@@ -120,7 +120,7 @@ class LLMSurgeonStructured(StructuredMethod[LLMSurgeonStructuredOptions]):
                 float(sum(removed_units[id(c)] for c in components if c.layer == i and c.kind == kind)) for i in range(len(layers))
             ]
 
-    def _units(self, layer: nn.Module, component: _Component) -> list[list[_Part]]:
+    def _units(self, layer: nn.Module, component: Component) -> list[list[_Part]]:
         """Each unit's rows and columns in the linears as they are now."""
         count = component.removable + 1
         consumer = output_projection(self.adapter, layer, component)
@@ -140,7 +140,7 @@ class LLMSurgeonStructured(StructuredMethod[LLMSurgeonStructuredOptions]):
         return units
 
     def _remove(
-        self, layer: nn.Module, component: _Component, units: list[list[_Part]], indices: list[int],
+        self, layer: nn.Module, component: Component, units: list[list[_Part]], indices: list[int],
         inverses: dict[nn.Linear, tuple[torch.Tensor, torch.Tensor]],
     ) -> None:
         """Correlated update of every linear for all the removed units' rows / columns, then the cut."""
@@ -157,7 +157,7 @@ class LLMSurgeonStructured(StructuredMethod[LLMSurgeonStructuredOptions]):
         component.removed = len(indices)
         component.scores = torch.ones(component.removable + 1)
         component.scores[indices] = 0  # width's surgery removes the lowest-scored units
-        self.width._cut(layer, component, {})
+        self.width.cut(layer, component, {})
         component.removable -= len(indices)
         component.removed = 0
 

@@ -40,10 +40,10 @@ import torch
 from torch import nn
 
 from ..calibration import LayerInputs, run_layer, walk_layers
-from ..calibration.gradients import _grad_only, _window_losses
+from ..calibration.gradients import grad_only, window_losses
 from ..options import check_choice, option
 from .base import StructuredMethod, register_structured_method
-from .width import _Component, _layer_parameters, group_columns, group_units, output_projection
+from .width import Component, layer_parameters, group_columns, group_units, output_projection
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ class MaskSearch(StructuredMethod[MaskSearchOptions]):
 
     def check(self) -> None:
         self.width = group_units(self, self.options.components)
-        self.width._plan_counts()  # raises for a budget the units cannot reach
+        self.width.plan_counts()  # raises for a budget the units cannot reach
 
     def unit_importance(self, windows: torch.Tensor | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per component, each unit's importance (the loss its removal adds) and the block that
@@ -78,7 +78,7 @@ class MaskSearch(StructuredMethod[MaskSearchOptions]):
     def unit_counts(self, importance: list[torch.Tensor]) -> list[int]:
         """Units to remove per component: Alg. 1's search over the whole model's budget."""
         components = self.width.components
-        budget = self.sparsity * sum(_layer_parameters(self.adapter, layer) for layer in self.adapter.decoder_layers())
+        budget = self.sparsity * sum(layer_parameters(self.adapter, layer) for layer in self.adapter.decoder_layers())
         return search_counts(importance, [c.unit_parameters for c in components], [c.removable for c in components],
                              [c.kind for c in components], budget)  # fmt: skip
 
@@ -102,7 +102,7 @@ class MaskSearch(StructuredMethod[MaskSearchOptions]):
         def visit(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
             for component in (c for c in components if c.layer == index and c.removed):
                 scales = self._tuned_scales(layer, component, inputs) if self.options.tune else None
-                described = self.width._cut(layer, component, {})
+                described = self.width.cut(layer, component, {})
                 if scales is not None:
                     _scale_units(output_projection(self.adapter, layer, component), self._unit_columns(layer, component), scales)
                 report.removed.append(f"{names[index]} {component.kind}: {described}")
@@ -111,7 +111,7 @@ class MaskSearch(StructuredMethod[MaskSearchOptions]):
 
     # --- units and their columns in the output projection ------------------------------------------
 
-    def _unit_columns(self, layer: nn.Module, component: _Component) -> list[torch.Tensor]:
+    def _unit_columns(self, layer: nn.Module, component: Component) -> list[torch.Tensor]:
         """The output projection's input columns of each unit the layer has now (after the cut: the kept ones, in order)."""
         width = group_columns(self.adapter, layer, component)
         units = output_projection(self.adapter, layer, component).in_features // width
@@ -119,7 +119,7 @@ class MaskSearch(StructuredMethod[MaskSearchOptions]):
 
     # --- mask tuning -------------------------------------------------------------------------
 
-    def _tuned_scales(self, layer: nn.Module, component: _Component, inputs: LayerInputs) -> torch.Tensor:
+    def _tuned_scales(self, layer: nn.Module, component: Component, inputs: LayerInputs) -> torch.Tensor:
         """Least-squares scales of the kept units: min_m ‖Σ_u m_u X_u W_uᵀ − X Wᵀ‖² over calibration tokens."""
         consumer = output_projection(self.adapter, layer, component)
         columns = self._unit_columns(layer, component)
@@ -151,7 +151,7 @@ class MaskSearch(StructuredMethod[MaskSearchOptions]):
         return torch.linalg.solve(gram, cross).float()
 
 
-def mask_fisher(adapter: Any, components: list[_Component], windows: torch.Tensor, full: bool) -> list[torch.Tensor]:
+def mask_fisher(adapter: Any, components: list[Component], windows: torch.Tensor, full: bool) -> list[torch.Tensor]:
     """Per component, Σ_windows g gᵀ (``full``) or Σ g² of the gradient g of the window's LM loss with
     respect to the masks of its units (all 1: the model's output is unchanged)."""
     layers = adapter.decoder_layers()
@@ -170,8 +170,8 @@ def mask_fisher(adapter: Any, components: list[_Component], windows: torch.Tenso
         shape = (units, units) if full else (units,)
         totals.append(torch.zeros(shape, dtype=torch.float64, device=consumer.weight.device))
     try:
-        with _grad_only(adapter.model, []):
-            for loss in _window_losses(adapter.model, windows, "Mask Fisher information"):
+        with grad_only(adapter.model, []):
+            for loss in window_losses(adapter.model, windows, "Mask Fisher information"):
                 for total, gradient in zip(totals, torch.autograd.grad(loss, masks)):
                     g = gradient.detach().double()
                     total.add_(torch.outer(g, g) if full else g.square())
@@ -210,7 +210,10 @@ def search_counts(
         head_loss += heads[removed_heads][0]
         removed_heads += 1
     if best is None:
-        raise ValueError(f"the pruning budget of {budget:,.0f} parameters cannot be met while keeping one unit per component")
+        raise ValueError(
+            f"PruningConfig.sparsity: the budget of {budget:,.0f} parameters cannot be met while keeping one unit per "
+            "component; lower the sparsity"
+        )
     counts = [0] * len(importance)
     for _, index in heads[: best[1]] + channels[: best[2]]:
         counts[index] += 1

@@ -61,7 +61,7 @@ class WidthOptions:
 
 
 @dataclass
-class _Component:
+class Component:
     """The removable units of one layer's attention or MLP, with one score per unit."""
 
     layer: int
@@ -84,8 +84,8 @@ class WidthPruning(StructuredMethod[WidthOptions]):
         return options.criterion not in WEIGHT_ONLY_CRITERIA
 
     def check(self) -> None:
-        self.components = self._components()
-        self._plan_counts()  # raises for impossible requests
+        self.components = self.find_components()
+        self.plan_counts()  # raises for impossible requests
 
     def prune(self, windows: torch.Tensor | None, report: Any) -> None:
         statistics = self._activation_statistics(windows) if self.options.criterion in ACTIVATION_CRITERIA else {}
@@ -98,17 +98,17 @@ class WidthPruning(StructuredMethod[WidthOptions]):
         finally:
             if self.options.criterion == "taylor":
                 self.adapter.model.zero_grad(set_to_none=True)
-        self._plan_counts()
+        self.plan_counts()
         layers = self.adapter.decoder_layers()
         names = self.adapter.layer_names()
         for component in self.components:
             if component.removed:
-                removed = self._cut(layers[component.layer], component, statistics)
+                removed = self.cut(layers[component.layer], component, statistics)
                 report.removed.append(f"{names[component.layer]} {component.kind}: {removed}")
 
     # --- units ---------------------------------------------------------------------------
 
-    def _components(self) -> list[_Component]:
+    def find_components(self) -> list[Component]:
         wanted = ("attention", "mlp") if self.options.components == "all" else (self.options.components,)
         components = []
         for index, (prefix, layer) in enumerate(zip(self.adapter.layer_names(), self.adapter.decoder_layers())):
@@ -127,25 +127,26 @@ class WidthPruning(StructuredMethod[WidthOptions]):
     def _ignored(self, names: dict[nn.Module, str], *modules: nn.Module) -> bool:
         return any(fnmatchcase(names[m], pattern) for m in modules for pattern in self.ignore)
 
-    def _attention_component(self, index: int, layout: AttentionLayout) -> _Component:
+    def _attention_component(self, index: int, layout: AttentionLayout) -> Component:
         head = _rows_parameters(layout.query, layout.head_dim) + layout.output.out_features * layout.head_dim
         if self.options.head_mode == "query":
             # Unit k removes the k-th least important query head of every group.
-            return _Component(index, "attention", head * layout.num_kv_heads, layout.heads_per_group - 1, [layout.query], [layout.output])
+            return Component(index, "attention", head * layout.num_kv_heads, layout.heads_per_group - 1, [layout.query], [layout.output])
         kv = _rows_parameters(layout.key, layout.head_dim) + _rows_parameters(layout.value, layout.head_dim)
-        return _Component(
+        return Component(
             index, "attention", head * layout.heads_per_group + kv, layout.num_kv_heads - 1, [layout.query], [layout.output]
         )
 
-    def _mlp_component(self, index: int, layout: MLPLayout) -> _Component:
+    def _mlp_component(self, index: int, layout: MLPLayout) -> Component:
         producers, consumers = coupled_linears(layout.block, layout.channel_linear)
         parameters = sum(_rows_parameters(p, 1) for p in producers) + sum(c.out_features for c in consumers)
-        return _Component(index, "mlp", parameters, layout.channel_linear.out_features - 1, producers, consumers)
+        return Component(index, "mlp", parameters, layout.channel_linear.out_features - 1, producers, consumers)
 
     # --- how many units each component loses ------------------------------------------------
 
-    def _plan_counts(self) -> None:
-        total = sum(_layer_parameters(self.adapter, layer) for layer in self.adapter.decoder_layers())
+    def plan_counts(self) -> None:
+        """Set each component's ``removed`` count for the budget (per layer or global ranking), or raise."""
+        total = sum(layer_parameters(self.adapter, layer) for layer in self.adapter.decoder_layers())
         budget = self.sparsity * total
         scored = all(c.scores.numel() for c in self.components)
         if self.options.ranking == "global" and scored:
@@ -160,18 +161,18 @@ class WidthPruning(StructuredMethod[WidthOptions]):
                 "lower the sparsity or prune more components"
             )
         if self.options.ranking == "layer":
-            self._layer_counts()
+            self.layer_counts()
 
-    def _layer_counts(self, option: str = "ranking") -> None:
+    def layer_counts(self, option: str = "ranking") -> None:
         """Each layer loses ``sparsity`` of its linear parameters: attention first (coarse), MLP makes up the rest.
         ``option`` names the caller's option whose value 'global' frees the per-layer counts (for the error)."""
-        by_layer: dict[int, list[_Component]] = {}
+        by_layer: dict[int, list[Component]] = {}
         for component in self.components:
             by_layer.setdefault(component.layer, []).append(component)
         layers = self.adapter.decoder_layers()
         names = self.adapter.layer_names()
         for index, components in by_layer.items():
-            layer_budget = self.sparsity * _layer_parameters(self.adapter, layers[index])
+            layer_budget = self.sparsity * layer_parameters(self.adapter, layers[index])
             remaining = layer_budget
             for position, component in enumerate(sorted(components, key=lambda c: c.kind != "attention")):
                 last = position == len(components) - 1
@@ -229,7 +230,7 @@ class WidthPruning(StructuredMethod[WidthOptions]):
         walk_layers(self.adapter, windows, self.device, visit, f"Width statistics ({self.options.criterion})")
         return statistics
 
-    def _scores(self, component: _Component, statistics: dict[nn.Linear, ColumnMoments]) -> torch.Tensor:
+    def _scores(self, component: Component, statistics: dict[nn.Linear, ColumnMoments]) -> torch.Tensor:
         layer = self.adapter.decoder_layers()[component.layer]
         if component.kind == "attention":
             layout = self.adapter.attention(layer)
@@ -271,7 +272,8 @@ class WidthPruning(StructuredMethod[WidthOptions]):
 
     # --- surgery -------------------------------------------------------------------------
 
-    def _cut(self, layer: nn.Module, component: _Component, statistics: dict[nn.Linear, ColumnMoments]) -> str:
+    def cut(self, layer: nn.Module, component: Component, statistics: dict[nn.Linear, ColumnMoments]) -> str:
+        """Remove the component's ``removed`` lowest-scored units from ``layer``; return what was removed, in words."""
         compensate = self.options.criterion == "flap"
         if component.kind == "attention":
             layout = self.adapter.attention(layer)
@@ -293,7 +295,7 @@ class WidthPruning(StructuredMethod[WidthOptions]):
         remove_block_channels(layout.block, layout.channel_linear, channels)
         return f"{len(channels)} channels"
 
-    def _kept_heads(self, layout: AttentionLayout, component: _Component) -> tuple[torch.Tensor, torch.Tensor]:
+    def _kept_heads(self, layout: AttentionLayout, component: Component) -> tuple[torch.Tensor, torch.Tensor]:
         """Query and key/value heads to keep, ordered so every group's heads stay contiguous."""
         if self.options.head_mode == "kv_group":
             groups = torch.argsort(component.scores, stable=True)[component.removed :].sort().values
@@ -310,22 +312,25 @@ def group_units(method: StructuredMethod, components: str) -> WidthPruning:
     Its ``components`` are built; their ``removed`` counts and ``scores`` are the caller's to set."""
     options = WidthOptions(criterion="magnitude_l2", components=components, head_mode="kv_group", ranking="global")
     width = WidthPruning(method.adapter, method.sparsity, method.ignore, options, method.device)
-    width.components = width._components()
+    width.components = width.find_components()
     for component in width.components:
         output_projection(method.adapter, method.adapter.decoder_layers()[component.layer], component)  # one per MLP
     return width
 
 
-def output_projection(adapter: Any, layer: nn.Module, component: _Component) -> nn.Linear:
+def output_projection(adapter: Any, layer: nn.Module, component: Component) -> nn.Linear:
     """The linear whose input columns are the component's units: o_proj, or the MLP's down projection."""
     if component.kind == "attention":
         return adapter.attention(layer).output
     if len(component.consumers) != 1:
-        raise ValueError(f"this method needs one output projection per MLP; this model's has {len(component.consumers)}")
+        raise ValueError(
+            f"this method needs one output projection per MLP, this model's has {len(component.consumers)}: "
+            "set method_options.components='attention' to prune attention heads only"
+        )
     return component.consumers[0]
 
 
-def group_columns(adapter: Any, layer: nn.Module, component: _Component) -> int:
+def group_columns(adapter: Any, layer: nn.Module, component: Component) -> int:
     """Output-projection input columns per unit of ``group_units``: a key/value group's query heads, or one channel."""
     if component.kind == "mlp":
         return 1
@@ -361,5 +366,6 @@ def _rows_parameters(linear: nn.Linear, rows: int) -> int:
     return rows * (linear.in_features + (1 if linear.bias is not None else 0))
 
 
-def _layer_parameters(adapter, layer: nn.Module) -> int:
+def layer_parameters(adapter, layer: nn.Module) -> int:
+    """The weights of a decoder layer's prunable linears (the denominator of a structured ``sparsity``)."""
     return sum(linear.weight.numel() for linear in adapter.prunable_linears(layer).values())

@@ -61,7 +61,7 @@ from ..calibration import LayerInputs, capture_first_layer_inputs, run_layer, wa
 from ..calibration.gradients import calibration_perplexity
 from ..options import check_choice, option
 from .base import StructuredMethod, register_structured_method
-from .width import _Component, group_columns, group_units, output_projection
+from .width import Component, group_columns, group_units, output_projection
 
 DP_BUCKETS = 10_000  # ZipLM's discretisation of the time budget
 SPDY_MUTATION = 0.1  # probability that a local move redraws a sublayer's weight (ZipLM's ``muteprob``)
@@ -161,7 +161,7 @@ class ZipLM(StructuredMethod[ZipLMOptions]):
                 component.scores = torch.ones(component.removable + 1)
                 component.scores[order] = 0  # width's surgery removes the lowest-scored units
                 kept = component.scores.bool().repeat_interleave(group_columns(self.adapter, layer, component))
-                self.width._cut(layer, component, {})
+                self.width.cut(layer, component, {})
                 with torch.no_grad():
                     output_projection(self.adapter, layer, component).weight.copy_(weight[:, kept.to(weight.device)])
                 report.removed.append(f"{names[index]} {component.kind}: {count} of {component.removable + 1} units")
@@ -170,7 +170,7 @@ class ZipLM(StructuredMethod[ZipLMOptions]):
 
     # --- levels, their costs and errors ------------------------------------------------------
 
-    def _levels(self, components: list[_Component]) -> list[_Levels]:
+    def _levels(self, components: list[Component]) -> list[_Levels]:
         layers = self.adapter.decoder_layers()
         timings = self._latency_table(components) if self.options.target == "latency" else None
         result = []
@@ -192,7 +192,7 @@ class ZipLM(StructuredMethod[ZipLMOptions]):
         total = sum(l.weight.numel() for layer in self.adapter.decoder_layers() for l in self.adapter.prunable_linears(layer).values())
         return dense - self.sparsity * total
 
-    def _measure_errors(self, components: list[_Component], levels: list[_Levels], windows: torch.Tensor, keep_database: bool) -> None:
+    def _measure_errors(self, components: list[Component], levels: list[_Levels], windows: torch.Tensor, keep_database: bool) -> None:
         """Relative output error of every level of every component, on the dense model's inputs (with
         ``keep_database``, also the removal order and H that rebuild each level for the search)."""
 
@@ -214,7 +214,7 @@ class ZipLM(StructuredMethod[ZipLMOptions]):
 
     # --- SPDY search -----------------------------------------------------------------------
 
-    def _search(self, components: list[_Component], levels: list[_Levels], windows: torch.Tensor, report: Any) -> list[int]:
+    def _search(self, components: list[Component], levels: list[_Levels], windows: torch.Tensor, report: Any) -> list[int]:
         """The levels of the per-sublayer error weights whose stitched model has the lowest calibration loss."""
         layers, budget = self.adapter.decoder_layers(), self._budget(levels)
         projections = [output_projection(self.adapter, layers[c.layer], c) for c in components]
@@ -264,7 +264,7 @@ class ZipLM(StructuredMethod[ZipLMOptions]):
 
     # --- latency table ----------------------------------------------------------------------
 
-    def _latency_table(self, components: list[_Component]) -> dict[tuple[str, tuple], dict[int, float]]:
+    def _latency_table(self, components: list[Component]) -> dict[tuple[str, tuple], dict[int, float]]:
         """Seconds of one attention / MLP sublayer per kept unit count (0 → removed), measured once per distinct shape."""
         adapter, layers = self.adapter, self.adapter.decoder_layers()
         vocabulary = adapter.model.get_input_embeddings().num_embeddings
@@ -288,7 +288,7 @@ class ZipLM(StructuredMethod[ZipLMOptions]):
                 probe_component.removed = units - kept
                 probe_component.scores = torch.arange(units, dtype=torch.float)  # any units: only the shape matters
                 if kept < units:
-                    self.width._cut(probe, probe_component, {})
+                    self.width.cut(probe, probe_component, {})
                 table[kept] = _median_seconds(lambda: adapter.run_layer(probe, hidden, kwargs), self.options.latency_repeats, self.device)
             tables[key] = _monotone(table)
             self.latency_notes.append(
@@ -297,7 +297,7 @@ class ZipLM(StructuredMethod[ZipLMOptions]):
             )
         return tables
 
-    def _grid(self, component: _Component) -> list[int]:
+    def _grid(self, component: Component) -> list[int]:
         """Units removed at each level, ascending, short of the whole sublayer: every count for heads, ZipLM's
         geometric widths (1 − 0.9ᵏ)·C > 1% of C, rounded to ``round_to``, for MLP channels."""
         units = component.removable + 1
@@ -451,7 +451,7 @@ def _input_hessian(adapter: Any, layer: nn.Module, projection: nn.Linear, inputs
     return hessian * (2 / max(tokens[0], 1))
 
 
-def _shape_key(adapter: Any, layer: nn.Module, component: _Component) -> tuple:
+def _shape_key(adapter: Any, layer: nn.Module, component: Component) -> tuple:
     projection = output_projection(adapter, layer, component)
     return (projection.in_features, projection.out_features, component.removable)
 

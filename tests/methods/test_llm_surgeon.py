@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from optimum_prune import PruningConfig, prune, verify_sparsity
-from optimum_prune.methods.llm_surgeon import _damped_inverse, _nm_masks, correlated_update, element_costs, kfac_factors, threshold_masks
+from optimum_prune.methods.llm_surgeon import damped_inverse, _nm_masks, correlated_update, element_costs, kfac_factors, threshold_masks
 from optimum_prune.sparsity import NMPattern
 
 from ..conftest import tiny_model, token_windows
@@ -104,7 +104,7 @@ def test_prunes_to_the_target_with_the_pattern_and_records_per_layer_sparsity():
 
 def test_damped_inverse_skips_dead_rows():
     factor = torch.diag(torch.tensor([2.0, 0.0, 4.0]))
-    inverse = _damped_inverse(factor, 0.0)
+    inverse = damped_inverse(factor, 0.0)
     torch.testing.assert_close(inverse, torch.diag(torch.tensor([0.5, 0.0, 0.25])))
 
 

@@ -9,8 +9,8 @@ from optimum_prune import PruningConfig, get_adapter, prune, save_pruned
 from optimum_prune.methods.mpoe import fit_shared_central
 from optimum_prune.structure.mpo import MPOLinear, contract, factorize, full_central_bonds, split_left, split_right, unfold
 
-from .adapters.test_moe import tiny_moe
-from .conftest import assert_reloads_exactly, tiny_model, token_windows
+from ..adapters.test_moe import tiny_moe
+from ..conftest import assert_reloads_exactly, tiny_model, token_windows
 
 
 def _cores(left, central, right, rows, columns):
