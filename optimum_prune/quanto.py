@@ -15,6 +15,8 @@ import torch
 from optimum.quanto import MaxOptimizer, freeze, quantize
 from torch import nn
 
+from .adapters.base import qualified_name
+
 LOW_BIT_WEIGHTS = ("int4", "int2")
 QTYPES = {"float8": "qfloat8", "int8": "qint8", "int4": "qint4", "int2": "qint2"}  # QuantoConfig.weights → quanto
 
@@ -27,7 +29,7 @@ class ZeroPreservingOptimizer(MaxOptimizer):
 
 
 def quantize_weights(model: nn.Module, config: Any) -> None:
-    """Quantize every linear but ``lm_head`` and ``config.modules_to_not_convert`` (a
+    """Quantize every linear but the output embedding (``lm_head``) and ``config.modules_to_not_convert`` (a
     ``transformers.QuantoConfig``) in place, weights only, and freeze them."""
     structure = getattr(model.config, "quantization_config", None)
     if structure is not None:
@@ -39,7 +41,9 @@ def quantize_weights(model: nn.Module, config: Any) -> None:
         )
     # transformers keeps a module unconverted when any entry is a substring of its name; quanto
     # matches glob patterns against whole names, hence the wildcards.
-    exclude = [f"*{name}*" for name in ("lm_head", *(config.modules_to_not_convert or []))]
+    head = model.get_output_embeddings()
+    kept = ([qualified_name(model, head)] if head is not None else []) + list(config.modules_to_not_convert or [])
+    exclude = [f"*{name}*" for name in kept]
     optimizer = ZeroPreservingOptimizer() if config.weights in LOW_BIT_WEIGHTS else None
     quantize(model, weights=QTYPES[config.weights], optimizer=optimizer, exclude=exclude)
     freeze(model)

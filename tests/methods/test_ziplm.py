@@ -1,6 +1,7 @@
 """ZipLM: the greedy structured OBS pass, the level program, latency and parameter targets, reload."""
 
 import itertools
+import re
 
 import pytest
 import torch
@@ -146,7 +147,8 @@ def test_latency_target_measures_a_table_and_stays_within_it():
         times = [float(entry.split(": ")[-1]) for entry in table.split("ms): ")[1].split(", ")]
         assert times == sorted(times)  # fewer units are never slower
     kept = [note for note in report.notes if "predicted speed-up" in note][0]
-    assert float(kept.split("keep ")[1].split("%")[0]) <= 70.1
+    decoder, whole = (float(share) for share in re.findall(r"(\d+\.\d)%", kept))
+    assert decoder <= 70.1 and decoder < whole < 100  # the unpruned output head dilutes the decoder's saving
 
 
 def test_bad_requests_name_the_field():
