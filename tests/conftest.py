@@ -97,6 +97,11 @@ def output_errors(method: str, sparsity: float, option: str, values=(False, True
     return errors
 
 
+def decoder_linear_parameters(model: torch.nn.Module) -> int:
+    """Weights of the decoder layers' linears: what a structured ``sparsity`` is a fraction of."""
+    return sum(m.weight.numel() for layer in model.model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear))
+
+
 def token_windows(samples: int = 8, seq_len: int = 32, seed: int = 1, vocab: int = TINY["vocab_size"]) -> torch.Tensor:
     return torch.randint(0, vocab, (samples, seq_len), generator=torch.Generator().manual_seed(seed))
 

@@ -126,10 +126,15 @@ def test_errors_name_the_fix(tmp_path):
         no_teacher.compute_loss(no_teacher.model, {"input_ids": ids, "labels": ids})
 
 
-def test_mixin_composes_with_trl_sft_trainer(tmp_path, bpe_tokenizer):
+def test_mixin_composes_with_trl_sft_trainer(tmp_path, bpe_tokenizer, monkeypatch):
     trl = pytest.importorskip("trl")
+    from optimum_prune import distillation
     from optimum_prune.data import wikipedia_articles
     from optimum_prune.distillation import DistillationMixin
+
+    kd_calls = []
+    original_kd_loss = distillation.kd_loss
+    monkeypatch.setattr(distillation, "kd_loss", lambda *args, **kwargs: kd_calls.append(1) or original_kd_loss(*args, **kwargs))
 
     class DistillingSFTTrainer(DistillationMixin, trl.SFTTrainer):
         pass
@@ -145,6 +150,7 @@ def test_mixin_composes_with_trl_sft_trainer(tmp_path, bpe_tokenizer):
         train_dataset=texts, processing_class=bpe_tokenizer, callbacks=[PruningCallback()],
     )  # fmt: skip
     trainer.train()
+    assert len(kd_calls) == 3  # the mixin's compute_loss ran at every step, not SFTTrainer's own
     assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in trainer.state.log_history if "loss" in entry)
     assert verify_sparsity(student, "2:4")["conforming"]
 
@@ -197,14 +203,23 @@ def test_layer_dropout_skips_whole_sequences_at_the_layers_rate():
     assert torch.equal(after, full)  # the hooks are gone
 
 
-def test_training_with_layer_dropout_runs_and_keeps_eval_deterministic(tmp_path):
+def test_training_with_layer_dropout_drops_while_training_only(tmp_path, monkeypatch):
+    from optimum_prune import distillation
+
+    hooked_steps = []
+    original_layer_dropout = distillation.layer_dropout
+    monkeypatch.setattr(distillation, "layer_dropout", lambda model, p: hooked_steps.append(p) or original_layer_dropout(model, p))
     model = tiny_model(num_hidden_layers=4)
     config = DistillationConfig(kd_weight=0.0, label_weight=1.0, exit_weight=1.0, exit_layer=2, layer_dropout=0.2)
     trainer = DistillationTrainer(model=model, distillation=config, args=training_args(tmp_path, 3), train_dataset=dataset())
     assert torch.isfinite(torch.tensor(trainer.train().training_loss))
+    assert hooked_steps == [0.2] * 3  # every training step ran with the layer-dropout hooks
+    assert not any(layer._forward_hooks for layer in model.model.layers)  # and none is left behind
+    fresh = tiny_model(num_hidden_layers=4)
+    fresh.load_state_dict(model.state_dict())
     ids = token_windows(samples=2, seq_len=8)
     with torch.no_grad():
-        assert torch.equal(model.eval()(input_ids=ids).logits, model(input_ids=ids).logits)
+        assert torch.equal(model.eval()(input_ids=ids).logits, fresh(input_ids=ids).logits)
 
 
 def test_exit_recovery_errors_name_the_field(tmp_path):

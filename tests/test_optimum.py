@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from optimum_prune import OptimumPruner, PruningConfig, verify_sparsity
 from optimum_prune.cli import build_parser
@@ -44,7 +44,8 @@ def test_optimum_pruner_prunes_and_saves_a_checkpoint_directory(model_dir, tmp_p
 
     assert report.overall_sparsity == pytest.approx(0.5, abs=0.01)
     model, tokenizer = load_model(tmp_path / "pruned")
-    assert verify_sparsity(model, "2:4")["conforming"] and tokenizer is not None
+    assert verify_sparsity(model, "2:4")["conforming"]
+    assert tokenizer.get_vocab() == AutoTokenizer.from_pretrained(model_dir).get_vocab()  # the tokenizer was saved with it
     assert PruningConfig.from_pretrained(tmp_path / "pruned") == config
 
 

@@ -55,7 +55,12 @@ def test_generation_with_cache_and_bad_inputs():
     model = tiny_moe()
     skipping = skip_experts(model, beta=0.5)
     out = model.generate(token_windows(1, 4), max_new_tokens=5, do_sample=False, pad_token_id=0)
-    assert out.shape == (1, 9) and skipping.expert_calls > 0
+    uncached = tiny_moe()
+    skip_experts(uncached, beta=0.5)
+    assert torch.equal(out, uncached.generate(token_windows(1, 4), max_new_tokens=5, do_sample=False, pad_token_id=0, use_cache=False))
+    # With the cache each token passes once: the 4 prompt tokens, then the 4 generated ones fed back.
+    config = model.config
+    assert skipping.expert_calls == 8 * config.num_experts_per_tok * config.num_hidden_layers
     with pytest.raises(ValueError, match="beta must be in"):
         skip_experts(tiny_moe(), beta=1.5)
     with pytest.raises(ValueError, match="has no mixture-of-experts layers"):

@@ -225,11 +225,17 @@ def test_distill_section_trains_against_the_teacher(workspace, tmp_path):
     assert workflow.CustomSeq2SeqTrainer is original  # LLaMA-Factory's trainer class is restored
 
 
-def test_distill_after_structured_pruning_defaults_to_the_dense_teacher(workspace, tmp_path):
+def test_distill_after_structured_pruning_defaults_to_the_dense_teacher(workspace, tmp_path, monkeypatch):
+    from llamafactory_ext.distill import DistillSection
+
+    teachers = []
+    original_load_teacher = DistillSection.load_teacher
+    monkeypatch.setattr(DistillSection, "load_teacher", lambda section: teachers.append(original_load_teacher(section)) or teachers[-1])
     out = tmp_path / "narrow-kd"
     pruning = {"method": "width", "sparsity": 0.3, "method_options": {"criterion": "wanda_sp", "ranking": "layer"}, **CALIBRATION}
     distill = {"temperature": 2.0, "label_weight": 0.5, "hidden_weight": 0.1, "top_k": 16}
     train(tmp_path, {**base_args(workspace, out, **{**LORA_TRAINING, "max_steps": 2}), "pruning": pruning, "distill": distill})
+    assert [teacher.config.intermediate_size for teacher in teachers] == [128]  # the dense model taught
     losses = logged_losses(out)
     assert len(losses) == 2 and all(loss > 0 for loss in losses)
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")

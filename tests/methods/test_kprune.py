@@ -6,11 +6,7 @@ import torch
 from optimum_prune import PruningConfig, prune, save_pruned
 from optimum_prune.methods.kprune import MIN_TOKENS_PER_COLUMN, TeacherTargets, threshold_removal
 
-from ..conftest import assert_reloads_exactly, output_errors, tiny_model, token_windows
-
-
-def _decoder_linear_parameters(model) -> int:
-    return sum(m.weight.numel() for layer in model.model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear))
+from ..conftest import assert_reloads_exactly, decoder_linear_parameters, output_errors, tiny_model, token_windows
 
 
 def test_threshold_keeps_the_best_scored_units_that_fit_and_cuts_only_the_target():
@@ -58,9 +54,9 @@ def test_sampled_gradient_is_an_unbiased_estimate_of_the_kl_gradient_and_informa
 
 def test_hits_the_budget_keeps_a_valid_gqa_layout_and_reloads(tmp_path):
     model = tiny_model()
-    before = _decoder_linear_parameters(model)
+    before = decoder_linear_parameters(model)
     report = prune(model, PruningConfig(method="kprune", sparsity=0.3, method_options={"head_weight": 1.0}), calibration=token_windows())
-    assert 1 - _decoder_linear_parameters(model) / before == pytest.approx(0.3, abs=0.02)
+    assert 1 - decoder_linear_parameters(model) / before == pytest.approx(0.3, abs=0.02)
     for layer in model.model.layers:
         assert layer.self_attn.q_proj.out_features % layer.self_attn.k_proj.out_features == 0
     assert report.removed and "removed knowledge score (mlp)" in report.layer_scores

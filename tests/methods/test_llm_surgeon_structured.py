@@ -6,7 +6,7 @@ import torch
 from optimum_prune import PruningConfig, prune, save_pruned
 from optimum_prune.methods.llm_surgeon_structured import _correlated_structure_update, _Costs, _Part
 
-from ..conftest import assert_reloads_exactly, tiny_model, token_windows
+from ..conftest import assert_reloads_exactly, decoder_linear_parameters, tiny_model, token_windows
 from .test_llm_surgeon import _linear, _spd
 
 
@@ -36,7 +36,7 @@ def test_structure_update_is_the_kronecker_optimum_and_its_cost_the_quadratic_in
 @pytest.mark.parametrize("coupling", ["output", "all"])
 def test_hits_the_budget_keeps_a_valid_gqa_layout_and_reloads(tmp_path, coupling):
     model = tiny_model()
-    linears = lambda: sum(m.weight.numel() for layer in model.model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear))  # noqa: E731
+    linears = lambda: decoder_linear_parameters(model)  # noqa: E731
     before = linears()
     report = prune(model, PruningConfig(method="llm_surgeon_structured", sparsity=0.4, method_options={"shots": 2, "coupling": coupling}), calibration=token_windows())
     assert 1 - linears() / before == pytest.approx(0.4, abs=0.02)

@@ -6,7 +6,7 @@ import torch
 from optimum_prune import PruningConfig, prune
 from optimum_prune.methods.width import CRITERIA
 
-from ..conftest import tiny_model, token_windows
+from ..conftest import decoder_linear_parameters, tiny_model, token_windows
 
 
 def _kept_rows(original: torch.Tensor, pruned: torch.Tensor) -> list[int]:
@@ -77,7 +77,7 @@ def test_magnitude_removes_the_smallest_channels(criterion):
 
 def test_layer_ranking_is_uniform_and_hits_the_parameter_ratio():
     model = tiny_model(num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, intermediate_size=256)
-    linears = lambda: sum(l.weight.numel() for layer in model.model.layers for l in layer.modules() if isinstance(l, torch.nn.Linear))
+    linears = lambda: decoder_linear_parameters(model)  # noqa: E731
     before = linears()
     report = prune(model, PruningConfig(method="width", sparsity=0.3, method_options={"criterion": "magnitude_l2"}))
     assert len(set(report.shapes)) == 1
@@ -89,10 +89,12 @@ def test_layer_ranking_is_uniform_and_hits_the_parameter_ratio():
 
 def test_global_ranking_gives_per_layer_widths_within_budget():
     model = tiny_model(num_hidden_layers=4, intermediate_size=256)
+    before = decoder_linear_parameters(model)
     report = prune(model, PruningConfig(method="width", sparsity=0.2, method_options={"criterion": "wanda_sp", "ranking": "global"}), calibration=token_windows())
     assert len({s.intermediate_size for s in report.shapes}) > 1
     assert all(s.intermediate_size >= 1 and s.num_attention_heads >= 2 for s in report.shapes)
     assert model.config.quantization_config.layers[0]["intermediate_size"] == report.shapes[0].intermediate_size
+    assert 1 - decoder_linear_parameters(model) / before == pytest.approx(0.2, abs=0.01)
 
 
 def test_flap_compensation_keeps_the_mean_output():

@@ -9,7 +9,7 @@ import torch
 from optimum_prune import PruningConfig, prune, save_pruned
 from optimum_prune.methods.ziplm import ZipLM, _Levels, choose_levels, greedy_obs, stitched_weight
 
-from ..conftest import assert_reloads_exactly, tiny_model, token_windows
+from ..conftest import assert_reloads_exactly, decoder_linear_parameters, tiny_model, token_windows
 
 
 def _problem(rows=6, columns=8, tokens=64, seed=0):
@@ -111,11 +111,11 @@ def test_spdy_search_keeps_the_best_weighting_and_restores_the_dense_weights(mon
 
 def test_parameter_target_hits_the_budget_keeps_gqa_and_reloads(tmp_path):
     model = tiny_model()
-    linears = lambda: sum(m.weight.numel() for layer in model.model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear))  # noqa: E731
+    linears = lambda: decoder_linear_parameters(model)  # noqa: E731
     before = linears()
     options = {"target": "parameters", "round_to": 8}
     report = prune(model, PruningConfig(method="ziplm", sparsity=0.3, method_options=options), calibration=token_windows())
-    assert 0.27 <= 1 - linears() / before <= 0.36  # the level grid is coarse: the program stays within the budget
+    assert 0.299 <= 1 - linears() / before <= 0.36  # the level grid is coarse: at least the budget, never far past it
     for layer in model.model.layers:
         assert layer.self_attn.q_proj.out_features % layer.self_attn.k_proj.out_features == 0
     assert report.removed and "relative output error (mlp)" in report.layer_scores
