@@ -202,6 +202,7 @@ def test_trl_sft_trainer_keeps_masks(tmp_path, bpe_tokenizer):
 
     model = pruned_tiny()
     before = zero_masks(model)
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
     config = trl.SFTConfig(
         output_dir=str(tmp_path / "sft"), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2,
         max_length=32, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
@@ -211,4 +212,5 @@ def test_trl_sft_trainer_keeps_masks(tmp_path, bpe_tokenizer):
     trainer.train()
     after = zero_masks(model)
     assert all(torch.equal(after[name], before[name]) for name in before)
+    assert any(not torch.equal(p, weights[name]) for name, p in model.named_parameters())  # trained, not a no-op
     assert any("sparsity" in entry for entry in trainer.state.log_history)

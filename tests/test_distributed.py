@@ -77,6 +77,9 @@ def test_cli_under_torchrun_saves_once_what_one_process_saves(model_dir, tmp_pat
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run([*launcher, *arguments, "--output", str(tmp_path / "two")], check=True, env=environment, capture_output=True)
     subprocess.run([sys.executable, "-m", "optimum_prune.cli", *arguments, "--output", str(tmp_path / "one")], check=True, env=environment, capture_output=True)
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == sorted(p.name for p in (tmp_path / "one").iterdir())
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no rank left a staging directory behind
     two, one = (load_model(tmp_path / name)[0].state_dict() for name in ("two", "one"))
     for name, weight in one.items():
         assert torch.equal(two[name] == 0, weight == 0), name
+        torch.testing.assert_close(two[name], weight)  # the same masks, and Wanda changes nothing else

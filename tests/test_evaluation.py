@@ -22,6 +22,10 @@ def test_perplexity_equals_mean_window_loss(bpe_tokenizer):
 
 def test_default_text_and_errors(bpe_tokenizer):
     model = tiny_model()
-    assert math.isfinite(evaluate_perplexity(model, bpe_tokenizer, seq_len=32, max_tokens=128))
+    from optimum_prune.data import wikipedia_text
+
+    default = evaluate_perplexity(model, bpe_tokenizer, seq_len=32, max_tokens=128)
+    assert math.isfinite(default)
+    assert default == evaluate_perplexity(model, bpe_tokenizer, wikipedia_text("evaluation"), seq_len=32, max_tokens=128)
     with pytest.raises(ValueError, match="fewer than one window of seq_len=512"):
         evaluate_perplexity(model, bpe_tokenizer, "too short", seq_len=512)

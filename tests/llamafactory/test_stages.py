@@ -56,6 +56,12 @@ def zeros(directory: Path) -> dict[str, torch.Tensor]:
     return {name: linear.weight.detach() == 0 for name, linear in prunable_linears(model).items()}
 
 
+def assert_weights_moved(trained: Path, start: Path) -> None:
+    """Training changed some kept weight: the masks held through real updates, not through a no-op run."""
+    after, before = (prunable_linears(AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)) for d in (trained, start))
+    assert any(not torch.equal(linear.weight, before[name].weight) for name, linear in after.items())
+
+
 def assert_same_zeros(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
     assert actual.keys() == expected.keys()
     for name in expected:
@@ -138,6 +144,7 @@ def test_full_finetuning_keeps_the_masks(workspace, tmp_path):
     config = {**base_args(workspace, out, **training), "pruning": {"method": "magnitude", "sparsity": 0.4}}
     train(tmp_path, config)
     assert_same_zeros(zeros(out), zeros(out / "pruned"))
+    assert_weights_moved(out, out / "pruned")
     assert not (out / "merged").exists()
 
 
@@ -178,6 +185,7 @@ def test_torchrun_relaunch_keeps_the_plugin(workspace, tmp_path):
     assert state["log_history"][-1]["epoch"] == pytest.approx(0.5)  # 2 steps × 4 × 2 ranks of 32 examples
     assert all("sparsity" in entry for entry in state["log_history"] if "loss" in entry)
     assert_same_zeros(zeros(out / "merged"), zeros(out / "pruned"))
+    assert_weights_moved(out / "merged", out / "pruned")
 
 
 def test_training_a_checkpoint_pruned_earlier_keeps_its_zeros(workspace, tmp_path):
@@ -188,6 +196,7 @@ def test_training_a_checkpoint_pruned_earlier_keeps_its_zeros(workspace, tmp_pat
     training = {**LORA_TRAINING, "finetuning_type": "full", "max_steps": 2}
     train(tmp_path, {**base_args(workspace, out, **training), "model_name_or_path": str(pruned)})
     assert_same_zeros(zeros(out), zeros(pruned))
+    assert_weights_moved(out, pruned)
 
 
 def test_gradual_pruning_inside_llamafactory_run_exp(workspace, tmp_path):

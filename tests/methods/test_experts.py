@@ -7,6 +7,7 @@ import itertools
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
+from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
 from optimum_prune import PruningConfig, get_adapter, prune
 from optimum_prune.methods.experts import ExpertPruning, ExpertPruningOptions
@@ -132,4 +133,7 @@ def test_router_load_balancing_loss_still_works_after_pruning(method):
     prune(model, PruningConfig(method=method, sparsity=0.5), calibration=token_windows(2, 8))
     ids = token_windows(2, 8)
     output = model(input_ids=ids, labels=ids)
-    assert torch.isfinite(output.loss) and output.aux_loss is not None
+    kept = len(model.model.layers[0].block_sparse_moe.experts)
+    assert model.num_experts == kept and all(logits.shape[-1] == kept for logits in output.router_logits)
+    torch.testing.assert_close(output.aux_loss, load_balancing_loss_func(output.router_logits, kept, model.num_experts_per_tok))
+    assert torch.isfinite(output.loss)

@@ -114,8 +114,12 @@ def test_mixed_calibration_feeds_text_batches_to_the_language_tower_only(llava, 
 
 
 def test_text_only_calibration_prunes_the_language_tower_and_says_so(llava):
+    before = {name: tensor.clone() for name, tensor in llava.state_dict().items()}
     report = prune(llava, {"method": "wanda", "num_calibration_samples": 4, "calibration_seq_len": 16}, token_windows(4, 16))
     assert report.calibration_images == 0 and "(text only, no images)" in str(report)
+    changed = changed_parameters(before, llava)
+    assert changed and all(name.startswith("model.language_model.layers.") for name in changed)
+    assert report.overall_sparsity == pytest.approx(0.5, abs=0.01)
 
 
 def test_structured_width_pruning_of_the_language_tower_reloads(llava, tmp_path):
