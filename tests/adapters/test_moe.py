@@ -121,6 +121,8 @@ def test_experts_without_calibration_tokens_are_reported_and_handled(policy):
     config = PruningConfig(method="sparsegpt", sparsity=0.5, moe_options={"unrouted_experts": policy})
     report = prune(model, config, calibration=windows)
     assert len(report.unrouted) >= 2 * 4 * 3  # ≥ 4 experts × 3 linears × 2 layers
+    experts = {name.rsplit(".", 1)[0] for name in report.unrouted}
+    assert len(report.unrouted) == 3 * len(experts)  # an expert without tokens is reported with all its linears
     assert "got no calibration token" in str(report)
     for name in report.unrouted:
         sparsity = verify_sparsity(model)["layers"][name]["sparsity"]

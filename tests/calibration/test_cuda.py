@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from optimum_prune import PruningConfig, prune
+from optimum_prune import PruningConfig, prune, verify_sparsity
 
 from ..conftest import tiny_model, token_windows
 
@@ -32,6 +32,7 @@ def test_model_already_on_cuda():
     model = tiny_model().cuda()
     prune(model, PruningConfig(method="wanda", sparsity="2:4"), calibration=token_windows())
     assert {p.device.type for p in model.parameters()} == {"cuda"}
+    assert verify_sparsity(model, "2:4")["conforming"]
 
 
 def test_activations_offloaded_to_the_cpu_give_the_same_masks_with_less_gpu_memory():
