@@ -1,3 +1,4 @@
+import copy
 import json
 
 import pytest
@@ -53,6 +54,7 @@ def test_rotation_and_slicing_preserve_a_stream_that_fits_the_width(family, tied
 
 def test_sliced_widths_shrink_every_linear_that_touches_the_stream():
     model = tiny_model()
+    dense = copy.deepcopy(model)
     report = prune(model, slicegpt(0.3, round_to=8), calibration=token_windows())
     width = 40  # 64 × 0.7 = 44.8 → rounded down to a multiple of 8
     for layer in model.model.layers:
@@ -64,7 +66,12 @@ def test_sliced_widths_shrink_every_linear_that_touches_the_stream():
     assert report.parameters_after < report.parameters_before
     assert report.macs_per_token_after < report.macs_per_token_before
     assert report.removed == ["residual stream width 64 → 40"]
-    # Sliced output is close to, not equal to, the dense one: random weights spread energy evenly.
+    # Sliced output approximates, not equals, the dense one: random weights spread energy evenly over the
+    # principal components, so slicing 30 % of them costs much (0.67 relative error here), yet less than nothing.
+    ids = token_windows(samples=2, seq_len=16, seed=9)
+    with torch.no_grad():
+        sliced, reference = model(input_ids=ids).logits, dense(input_ids=ids).logits
+    assert 0 < float((sliced - reference).norm() / reference.norm()) < 0.8
     assert json.loads(model.config.to_json_string())["quantization_config"]["layers"][1]["residual_widths"] == [40] * 3
 
 
