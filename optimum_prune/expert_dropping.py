@@ -61,10 +61,10 @@ class _LayerRouting:
     def __init__(self, adapter: DecoderAdapter, layer: nn.Module) -> None:
         self.block = adapter.moe_block(layer)
         self.layer = layer
-        experts = len(self.block.experts)
+        experts = len(adapter.block_experts(self.block))
         self.counts = torch.zeros(experts, dtype=torch.long)
         self.dropped = torch.zeros(experts, dtype=torch.bool)
-        self.handle = self.block.gate.register_forward_hook(self._route)
+        self.handle = adapter.router(self.block).register_forward_hook(self._route)
         self.adapter = adapter
 
     def _route(self, _module: nn.Module, _args: tuple, logits: torch.Tensor) -> torch.Tensor:
@@ -96,7 +96,7 @@ class ExpertDroppingCallback(TrainerCallback):
         blocks = [(layer, block) for layer, block in blocks if block is not None]
         if not blocks:
             raise ValueError(f"ExpertDroppingCallback needs a mixture-of-experts model; {type(self.adapter.model).__name__} has no MoE layer")
-        top_k = max(block.top_k for _, block in blocks)
+        top_k = max(self.adapter.experts_per_token(block) for _, block in blocks)
         if self.schedule.final_experts < top_k:
             raise ValueError(
                 f"ExpertDroppingSchedule.final_experts ({self.schedule.final_experts}) is below the router's top-{top_k}: "

@@ -51,25 +51,26 @@ class FoldedExperts(PatchedMoEBlocks):
     def _experts_output(self, block: nn.Module, tokens: torch.Tensor, logits: torch.Tensor, batch: int) -> torch.Tensor:
         weights, selected = self.adapter.route(block, logits)
         if self.level == "sequence":
-            normalise = getattr(block, "norm_topk_prob", True)  # as the block's own top-k routing does
-            merged_weights, merged_selected = _sequence_routing(weights, selected, len(block.experts), batch, normalise)
+            experts = len(self.adapter.block_experts(block))
+            merged_weights, merged_selected = _sequence_routing(weights, selected, experts, batch, self.adapter.renormalises(block))
         else:
             merged_weights, merged_selected = weights, selected
         output = self._merged(block, tokens, merged_weights, merged_selected)
         if self.measure_error:
-            exact = routed_mixture(block, tokens, weights, selected)
+            exact = routed_mixture(self.adapter.block_experts(block), tokens, weights, selected)
             self.squared_error += float((output - exact).float().square().sum())
             self.squared_norm += float(exact.float().square().sum())
         return output
 
     def _merged(self, block: nn.Module, tokens: torch.Tensor, weights: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
         """down_merged(act(gate_merged·x) ⊙ up_merged·x) with every merged matrix Σ_k g_k·W_k."""
+        experts = self.adapter.block_experts(block)
         gate_in = up_in = None
         terms: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         for expert in torch.unique(selected).tolist():
             rank, token = expert_tokens(selected, expert)
             g = weights[token, rank, None].to(tokens.dtype)
-            (gate, up), _ = self.adapter.expert_projections(block.experts[expert])
+            (gate, up), _ = self.adapter.expert_projections(experts[expert])
             gate_in = tokens.new_zeros(tokens.shape[0], gate.out_features) if gate_in is None else gate_in
             up_in = tokens.new_zeros(tokens.shape[0], up.out_features) if up_in is None else up_in
             gate_in.index_add_(0, token, g * gate(tokens[token]))
@@ -78,9 +79,9 @@ class FoldedExperts(PatchedMoEBlocks):
         output = torch.zeros_like(tokens)
         if not terms:
             return output
-        hidden = block.experts[terms[0][0]].act_fn(gate_in) * up_in
+        hidden = self.adapter.expert_activation(experts[terms[0][0]])(gate_in) * up_in
         for expert, token, g in terms:
-            _, down = self.adapter.expert_projections(block.experts[expert])
+            _, down = self.adapter.expert_projections(experts[expert])
             output.index_add_(0, token, g * down(hidden[token]))
         return output
 

@@ -42,7 +42,7 @@ class PatchedMoEBlocks:
         def forward(block: nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             batch, length, width = hidden_states.shape
             tokens = hidden_states.reshape(-1, width)
-            logits = block.gate(tokens)
+            logits = handle.adapter.router(block)(tokens)
             output = handle._experts_output(block, tokens, logits, batch)
             shared = handle.adapter.shared_expert_output(block, tokens)
             if shared is not None:
@@ -82,17 +82,17 @@ class ExpertSkipping(PatchedMoEBlocks):
         kept = weights >= self.beta * weights[:, :1]  # top-k is sorted: column 0 is the top expert
         self.expert_calls += kept.numel()
         self.skipped_calls += int((~kept).sum())
-        return routed_mixture(block, tokens, weights, selected, kept)
+        return routed_mixture(self.adapter.block_experts(block), tokens, weights, selected, kept)
 
 
 def routed_mixture(
-    block: nn.Module, tokens: torch.Tensor, weights: torch.Tensor, selected: torch.Tensor, kept: torch.Tensor | None = None
+    experts: nn.ModuleList, tokens: torch.Tensor, weights: torch.Tensor, selected: torch.Tensor, kept: torch.Tensor | None = None
 ) -> torch.Tensor:
     """Σ_k g_k·E_k(x): each token's selected (and ``kept``) experts, weighted by routing weight."""
     output = torch.zeros_like(tokens)
     for expert in torch.unique(selected if kept is None else selected[kept]).tolist():
         rank, token = expert_tokens(selected, expert, kept)
-        output.index_add_(0, token, block.experts[expert](tokens[token]) * weights[token, rank, None].to(tokens.dtype))
+        output.index_add_(0, token, experts[expert](tokens[token]) * weights[token, rank, None].to(tokens.dtype))
     return output
 
 

@@ -132,13 +132,26 @@ class DecoderAdapter(ABC):
         ]
 
     def moe_block(self, layer: nn.Module) -> nn.Module | None:
-        """The layer's sparse mixture-of-experts block (``gate`` router, ``experts``), or None for a dense MLP."""
+        """The layer's sparse mixture-of-experts block, or None for a dense MLP. Methods reach its
+        parts through ``router``, ``block_experts`` and ``experts_per_token``, never by attribute."""
         return None
+
+    def router(self, block: nn.Module) -> nn.Linear:
+        """The MoE block's router: token → one logit per expert."""
+        raise self._no_experts()
+
+    def block_experts(self, block: nn.Module) -> nn.ModuleList:
+        """The MoE block's experts, in router-row order."""
+        raise self._no_experts()
+
+    def experts_per_token(self, block: nn.Module) -> int:
+        """How many experts the block's router picks for each token (its top-k)."""
+        raise self._no_experts()
 
     def experts(self, layer: nn.Module) -> list[nn.Module]:
         """The layer's MoE experts (empty for dense layers)."""
         block = self.moe_block(layer)
-        return list(block.experts) if block is not None else []
+        return list(self.block_experts(block)) if block is not None else []
 
     @contextmanager
     def routed_tokens(self, layer: nn.Module) -> Iterator[TokenRouting]:
@@ -241,7 +254,7 @@ class DecoderAdapter(ABC):
             self.reshape_layer(layer, replace(shape, low_rank=(), mpo=()))
             factorize_named(layer, shape.low_rank)  # after the widths: the factors take them
             if shape.mpo:
-                build_mpo_experts(self.moe_block(layer), shape.mpo)
+                build_mpo_experts(self.moe_block(layer), self.experts(layer), shape.mpo)
         hidden = self.model.get_input_embeddings().embedding_dim
         if shapes[0].residual_widths and shapes[0].residual_widths[0] != hidden:
             resize_embedding(self.model.get_input_embeddings(), shapes[0].residual_widths[0])
@@ -253,6 +266,9 @@ class DecoderAdapter(ABC):
     def write_uniform_config(self, config: Any, shape: LayerShape) -> None:
         """Write the widths of ``shape`` into ``config`` (the head size stays explicit)."""
         raise self._no_structure()
+
+    def _no_experts(self) -> NotImplementedError:
+        return NotImplementedError(f"{type(self).__name__} ({type(self.model).__name__}) has no mixture-of-experts blocks")
 
     def _no_structure(self) -> NotImplementedError:
         return NotImplementedError(

@@ -104,6 +104,15 @@ class MoEAdapter(DecoderAdapter):
         block = getattr(layer, "block_sparse_moe", None) or layer.mlp
         return block if hasattr(block, "experts") and hasattr(block, "gate") else None
 
+    def router(self, block: nn.Module) -> nn.Linear:
+        return block.gate
+
+    def block_experts(self, block: nn.Module) -> nn.ModuleList:
+        return block.experts
+
+    def experts_per_token(self, block: nn.Module) -> int:
+        return block.top_k
+
     def routers(self, layer: nn.Module) -> list[nn.Linear]:
         block = self.moe_block(layer)
         if block is None:
@@ -125,6 +134,10 @@ class MoEAdapter(DecoderAdapter):
             return [expert.w1, expert.w3], expert.w2
         return [expert.gate_proj, expert.up_proj], expert.down_proj
 
+    def expert_activation(self, expert: nn.Module) -> Any:
+        """The expert's activation between its gate projection and the product with its up projection."""
+        return expert.act_fn
+
     def shared_expert_output(self, block: nn.Module, tokens: torch.Tensor) -> torch.Tensor | None:
         """Qwen2-MoE's always-on shared expert, gated per token; None for blocks without one."""
         shared = getattr(block, "shared_expert", None)
@@ -132,9 +145,13 @@ class MoEAdapter(DecoderAdapter):
             return None
         return F.sigmoid(block.shared_expert_gate(tokens)) * shared(tokens)
 
+    def renormalises(self, block: nn.Module) -> bool:
+        """Whether the block rescales each token's top-k routing weights to sum to one (Mixtral always does)."""
+        return getattr(block, "norm_topk_prob", True)
+
     def route(self, block: nn.Module, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The block's routing of tokens with these router logits (Mixtral always renormalises the top-k)."""
-        return top_k_routing(logits, block.top_k, getattr(block, "norm_topk_prob", True))
+        """The block's routing of tokens with these router logits."""
+        return top_k_routing(logits, self.experts_per_token(block), self.renormalises(block))
 
     def keep_experts(self, layer: nn.Module, indices: list[int], experts: list[nn.Module] | None = None) -> None:
         """Keep only router rows ``indices`` (in that order) with their experts, or with ``experts``

@@ -62,8 +62,8 @@ class ExpertMerging(StructuredMethod[ExpertMergingOptions]):
     def merge(self, layer: nn.Module, hidden: torch.Tensor) -> list[list[int]]:
         """Merge the layer's experts in place; return the groups (dominant expert first)."""
         block = self.adapter.moe_block(layer)
-        total = len(block.experts)
-        logits = torch.cat([block.gate(chunk).float() for chunk in token_chunks(hidden)])
+        total = len(self.adapter.block_experts(block))
+        logits = torch.cat([self.adapter.router(block)(chunk).float() for chunk in token_chunks(hidden)])
         _, selected = self.adapter.route(block, logits)
         frequency = torch.bincount(selected.flatten().cpu(), minlength=total).double()
         dominant = sorted(torch.argsort(frequency, descending=True, stable=True)[: self.keep].tolist())
@@ -77,12 +77,12 @@ class ExpertMerging(StructuredMethod[ExpertMergingOptions]):
         return list(groups.values())
 
     def _merged_expert(self, block: nn.Module, members: list[int], frequency: torch.Tensor) -> nn.Module:
-        dominant = block.experts[members[0]]
+        dominant = self.adapter.block_experts(block)[members[0]]
         if len(members) == 1:
             return dominant
         weights = frequency[members]
         weights = weights / weights.sum() if weights.sum() > 0 else torch.full_like(weights, 1 / len(members))
-        parts = [_ExpertLinears(*self.adapter.expert_projections(block.experts[m])) for m in members]
+        parts = [_ExpertLinears(*self.adapter.expert_projections(self.adapter.block_experts(block)[m])) for m in members]
         if self.options.align:
             for part in parts[1:]:
                 part.permute(part.alignment_to(parts[0]))

@@ -72,7 +72,7 @@ class ExpertPruning(StructuredMethod[ExpertPruningOptions]):
             block = self.adapter.moe_block(layer)
             hidden = block_inputs(block, lambda: run_layer(self.adapter, layer, inputs))
             if self.options.criterion == "reconstruction":
-                kept = self._reconstruction(block, hidden, len(block.experts))
+                kept = self._reconstruction(block, hidden, len(self.adapter.block_experts(block)))
             else:
                 kept = sorted(torch.argsort(self._scores(block, hidden), descending=True, stable=True)[: self.keep].tolist())
             self._cut(index, layer, kept, report)
@@ -88,7 +88,7 @@ class ExpertPruning(StructuredMethod[ExpertPruningOptions]):
             shares.append(scores / scores.sum().clamp_min(1e-12))
 
         walk_layers(self.adapter, windows, self.device, visit, f"Scoring experts ({self.options.criterion})")
-        top_k = self.adapter.moe_block(self.adapter.decoder_layers()[0]).top_k
+        top_k = self.adapter.experts_per_token(self.adapter.moe_block(self.adapter.decoder_layers()[0]))
         kept = [set(torch.argsort(share, descending=True, stable=True)[:top_k].tolist()) for share in shares]
         candidates = sorted(
             ((float(share[e]), layer, e) for layer, share in enumerate(shares) for e in range(len(share)) if e not in kept[layer]),
@@ -108,17 +108,18 @@ class ExpertPruning(StructuredMethod[ExpertPruningOptions]):
     @torch.no_grad()
     def _scores(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
         """Routing frequency or REAP score of each expert over the calibration tokens."""
-        total = len(block.experts)
+        experts = self.adapter.block_experts(block)
+        total = len(experts)
         scores = torch.zeros(total, dtype=torch.float64)
         counts = torch.zeros(total, dtype=torch.float64)
         for chunk in token_chunks(hidden):
-            weights, selected = self.adapter.route(block, block.gate(chunk))
+            weights, selected = self.adapter.route(block, self.adapter.router(block)(chunk))
             if self.options.criterion == "frequency":
                 scores += torch.bincount(selected.flatten().cpu(), minlength=total).double()
                 continue
             for expert in selected.unique().tolist():
                 rank, token = expert_tokens(selected, expert)
-                output = block.experts[expert](chunk[token])
+                output = experts[expert](chunk[token])
                 scores[expert] += float((weights[token, rank] * output.float().norm(dim=-1)).sum())
                 counts[expert] += token.numel()
         return scores / counts.clamp_min(1) if self.options.criterion == "reap" else scores
@@ -138,10 +139,11 @@ class ExpertPruning(StructuredMethod[ExpertPruningOptions]):
     def _subset_losses(self, block: nn.Module, hidden: torch.Tensor, subsets: list[list[int]]) -> torch.Tensor:
         """Σ over tokens of ‖F(x) − F_S(x)‖² for each subset S, the router restricted to S's rows."""
         losses = torch.zeros(len(subsets), dtype=torch.float64)
-        everyone = list(range(len(block.experts)))
+        experts = self.adapter.block_experts(block)
+        everyone = list(range(len(experts)))
         for chunk in token_chunks(hidden):
-            logits = block.gate(chunk).float()
-            outputs = torch.stack([expert(chunk).float() for expert in block.experts])  # [n, tokens, hidden]
+            logits = self.adapter.router(block)(chunk).float()
+            outputs = torch.stack([expert(chunk).float() for expert in experts])  # [n, tokens, hidden]
             full = self._mixture(block, logits, outputs, everyone)
             for position, subset in enumerate(subsets):
                 losses[position] += float((full - self._mixture(block, logits, outputs, subset)).square().sum())
@@ -166,7 +168,7 @@ def experts_to_keep(adapter: Any, sparsity: float, requested: int) -> int:
         )
     total = counts.pop()
     keep = requested or round(total * (1 - sparsity))
-    top_k = adapter.moe_block(layers[0]).top_k
+    top_k = adapter.experts_per_token(adapter.moe_block(layers[0]))
     if not top_k <= keep < total:
         raise ValueError(
             f"keeping {keep} of {total} experts per layer is not possible: the router picks top-{top_k}, so keep "

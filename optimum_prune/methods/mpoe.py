@@ -83,14 +83,14 @@ class MPOE(StructuredMethod[MPOEOptions]):
     def check(self) -> None:
         self.groups = []
         for index, layer in enumerate(self.adapter.decoder_layers()):
-            block = self.adapter.moe_block(layer)
-            if block is None or len(block.experts) < 2:
+            experts = self.adapter.experts(layer)
+            if len(experts) < 2:
                 continue
-            for name, linear in block.experts[0].named_children():
+            for name, linear in experts[0].named_children():
                 if isinstance(linear, nn.Linear):
                     if linear.bias is not None:
                         raise ValueError(f"mpoe decomposes bias-free expert linears; {name} of layer {index} has a bias")
-                    self.groups.append(_Group(index, name, factorize(linear.out_features), factorize(linear.in_features), len(block.experts)))
+                    self.groups.append(_Group(index, name, factorize(linear.out_features), factorize(linear.in_features), len(experts)))
         if not self.groups:
             raise ValueError(
                 f"mpoe shares tensors across the experts of mixture-of-experts layers; {type(self.adapter.model).__name__} has "
@@ -143,7 +143,8 @@ class MPOE(StructuredMethod[MPOEOptions]):
 
     def _decompose(self, block: nn.Module, group: _Group) -> float:
         """Fit and install the MPO experts of one linear name; return the relative error Σ‖W_e − Ŵ_e‖² / Σ‖W_e‖²."""
-        linears = [getattr(expert, group.name) for expert in block.experts]
+        experts = self.adapter.block_experts(block)
+        linears = [getattr(expert, group.name) for expert in experts]
         reference = linears[0].weight
         targets = [unfold(linear.weight.detach().double(), group.rows, group.columns) for linear in linears]
         d2, d3 = self._central(group)
@@ -154,7 +155,7 @@ class MPOE(StructuredMethod[MPOEOptions]):
         )
         block.expert_mpo = shared
         squared_error = sum(float((x - torch.einsum("lp,pmq,qr->lmr", l, central, r)).square().sum()) for x, l, r in zip(targets, left, right))
-        for expert, l, r in zip(block.experts, left, right):
+        for expert, l, r in zip(experts, left, right):
             module = MPOLinear(group.name, shared, group.rows, group.columns, (d2, d3), reference.device, reference.dtype)
             cores = [*split_left(l, group.rows, group.columns), *split_right(r, group.rows, group.columns)]
             with torch.no_grad():

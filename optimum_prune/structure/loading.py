@@ -101,7 +101,7 @@ def record_structure(adapter: DecoderAdapter) -> list[LayerShape]:
     config = adapter.config
     model_config = adapter.model.config
     shapes = [
-        replace(adapter.layer_shape(layer), low_rank=low_rank_ranks(layer), mpo=mpo_layout(adapter.moe_block(layer)))
+        replace(adapter.layer_shape(layer), low_rank=low_rank_ranks(layer), mpo=mpo_layout(adapter.moe_block(layer), adapter.experts(layer)))
         for layer in adapter.decoder_layers()
     ]
     adapter.write_uniform_config(config, adapter.stock_shape(config))  # makes head_dim explicit

@@ -137,11 +137,11 @@ class MPOLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, rows={self.rows}, columns={self.columns}, central_bonds={self.central_bonds}"
 
 
-def mpo_layout(block: nn.Module | None) -> tuple[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, int]], ...]:
-    """(expert linear name, row factors, column factors, central bonds) of a block whose experts are MPOs."""
+def mpo_layout(block: nn.Module | None, experts: list[nn.Module]) -> tuple[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, int]], ...]:
+    """(expert linear name, row factors, column factors, central bonds) of a block whose ``experts`` are MPOs."""
     if block is None or not isinstance(getattr(block, "expert_mpo", None), ExpertMPO):
         return ()
-    expert = block.experts[0]
+    expert = experts[0]
     return tuple(
         (name, module.rows, module.columns, module.central_bonds)
         for name, module in expert.named_children()
@@ -149,18 +149,20 @@ def mpo_layout(block: nn.Module | None) -> tuple[tuple[str, tuple[int, ...], tup
     )
 
 
-def build_mpo_experts(block: nn.Module, layout: tuple[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, int]], ...]) -> None:
-    """Give a freshly built (possibly meta) block empty MPO experts of ``layout``, before weights load."""
+def build_mpo_experts(
+    block: nn.Module, experts: list[nn.Module], layout: tuple[tuple[str, tuple[int, ...], tuple[int, ...], tuple[int, int]], ...]
+) -> None:
+    """Give a freshly built (possibly meta) block empty MPO ``experts`` of ``layout``, before weights load."""
     if not layout:
         return
-    reference = next(block.experts[0].parameters())
+    reference = next(experts[0].parameters())
     shared = ExpertMPO()
     for name, rows, columns, central in layout:
-        linear = getattr(block.experts[0], name, None)
+        linear = getattr(experts[0], name, None)
         if not isinstance(linear, nn.Linear) or (linear.out_features, linear.in_features) != (math.prod(rows), math.prod(columns)):
             raise ValueError(f"mpo names {name!r} with {rows}×{columns}, which no expert linear matches; the checkpoint's config.json is corrupt")
         shape = core_shapes(tuple(rows), tuple(columns), tuple(central))[CENTRAL]
         shared.central[name] = nn.Parameter(torch.empty(shape, device=reference.device, dtype=reference.dtype))
-        for expert in block.experts:
+        for expert in experts:
             setattr(expert, name, MPOLinear(name, shared, rows, columns, central, reference.device, reference.dtype))
     block.expert_mpo = shared
