@@ -56,8 +56,8 @@ def block_inputs(model, windows: torch.Tensor) -> torch.Tensor:
     return torch.cat(seen)
 
 
-def direct_expert_norms(model, windows: torch.Tensor, expert: int) -> torch.Tensor:
-    """‖r·X‖₂ per input feature of layer 0's expert ``expert``, computed from scratch."""
+def direct_expert_norms(model, windows: torch.Tensor, expert: int, weighted: bool = True) -> torch.Tensor:
+    """‖r·X‖₂ (``weighted``) or ‖X‖₂ per input feature of layer 0's expert ``expert`` over its routed tokens, from scratch."""
     adapter = get_adapter(model)
     block = adapter.moe_block(adapter.decoder_layers()[0])
     hidden = block_inputs(model, windows)
@@ -67,7 +67,7 @@ def direct_expert_norms(model, windows: torch.Tensor, expert: int) -> torch.Tens
         weights = weights / weights.sum(-1, keepdim=True)
     chosen = (selected == expert)
     routed = chosen.any(-1)
-    token_weight = (weights * chosen).sum(-1)[routed]
+    token_weight = (weights * chosen).sum(-1)[routed] if weighted else torch.ones(int(routed.sum()))
     return (hidden[routed] * token_weight.unsqueeze(1)).square().sum(0).sqrt()
 
 
@@ -107,11 +107,11 @@ def test_wanda_on_an_expert_uses_only_its_routed_weighted_tokens():
 
 def test_unweighted_statistics_option():
     model, windows = tiny_moe(), token_windows(samples=4, seq_len=16)
-    weighted = tiny_moe()
+    w1 = model.model.layers[0].block_sparse_moe.experts[1].w1
+    expected = select_mask(w1.weight.detach().abs() * direct_expert_norms(model, windows, 1, weighted=False), 0.5, per_row=True)
+    weighted = select_mask(w1.weight.detach().abs() * direct_expert_norms(model, windows, 1), 0.5, per_row=True)
     prune(model, PruningConfig(method="wanda", sparsity=0.5, moe_options={"routing_weighted": False}), calibration=windows)
-    prune(weighted, PruningConfig(method="wanda", sparsity=0.5), calibration=windows)
-    w1 = lambda m: m.model.layers[0].block_sparse_moe.experts[1].w1.weight  # noqa: E731
-    assert not torch.equal(w1(model) == 0, w1(weighted) == 0)
+    assert torch.equal(w1.weight.detach() == 0, expected) and not torch.equal(expected, weighted)
 
 
 @pytest.mark.parametrize("policy", ["magnitude", "dense"])
