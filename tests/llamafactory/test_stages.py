@@ -136,6 +136,9 @@ def test_llamafactory_chat_loads_the_merged_model(recovered):
     chat = ChatModel({"model_name_or_path": str(recovered / "merged"), "template": "default", "infer_backend": "huggingface", "max_new_tokens": 6})
     responses = chat.chat([{"role": "user", "content": "Write about anarchism."}])
     assert responses and isinstance(responses[0].response_text, str) and responses[0].response_length > 0
+    served = chat.engine.model.state_dict()  # the weights LLaMA-Factory serves are the merged, pruned ones
+    for name, weight in AutoModelForCausalLM.from_pretrained(recovered / "merged").state_dict().items():
+        assert torch.equal(served[name], weight.to(served[name].dtype)), name
 
 
 def test_full_finetuning_keeps_the_masks(workspace, tmp_path):
@@ -169,7 +172,8 @@ def test_non_uniform_structured_model_trains_merges_and_chats(workspace, tmp_pat
     assert config["quantization_config"]["quant_method"] == "optimum_prune_structure"  # per-layer widths differ
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")
     pruned = AutoModelForCausalLM.from_pretrained(out / "pruned")
-    assert sum(p.numel() for p in merged.parameters()) == sum(p.numel() for p in pruned.parameters())
+    assert {n: p.shape for n, p in merged.named_parameters()} == {n: p.shape for n, p in pruned.named_parameters()}
+    assert_weights_moved(out / "merged", out / "pruned")
     from llamafactory.chat import ChatModel
 
     chat = ChatModel({"model_name_or_path": str(out / "merged"), "template": "default", "infer_backend": "huggingface", "max_new_tokens": 4})
