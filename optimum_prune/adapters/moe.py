@@ -157,13 +157,12 @@ class MoEAdapter(DecoderAdapter):
         """Keep only router rows ``indices`` (in that order) with their experts, or with ``experts``
         in their place (merged experts)."""
         block = self.moe_block(layer)
-        if len(indices) < block.top_k:
-            raise ValueError(
-                f"cannot keep {len(indices)} experts: the router picks top-{block.top_k} of them, so keep at least {block.top_k}"
-            )
-        rows = torch.tensor(indices, dtype=torch.long, device=block.gate.weight.device)
+        top_k, router = self.experts_per_token(block), self.router(block)
+        if len(indices) < top_k:
+            raise ValueError(f"cannot keep {len(indices)} experts: the router picks top-{top_k} of them, so keep at least {top_k}")
+        rows = torch.tensor(indices, dtype=torch.long, device=router.weight.device)
         block.experts = nn.ModuleList(experts if experts is not None else [block.experts[i] for i in indices])
-        keep_output_features(block.gate, rows)
+        keep_output_features(router, rows)
         block.num_experts = len(indices)
         counts = {len(b.experts) for b in map(self.moe_block, self.decoder_layers()) if b is not None}
         if len(counts) == 1 and hasattr(self.model, "num_experts"):

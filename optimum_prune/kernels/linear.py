@@ -95,14 +95,13 @@ def sparsify(model: nn.Module, bits: int | None = None, group_size: int = 128, b
     adapter = get_adapter(model)
     report = SparsifyReport()
     pattern = NMPattern(2, 4)
-    for prefix, layer in zip(adapter.layer_names(), adapter.decoder_layers()):
-        for name, linear in adapter.prunable_linears(layer).items():
-            qualified = f"{prefix}.{name}"
+    for linears in adapter.qualified_prunable_linears():
+        for qualified, linear in linears.items():
             if linear.in_features % 8 or not conforms_to(linear.weight, pattern):
                 report.left_dense.append(qualified)
                 continue
             sparse = SparseLinear.from_linear(linear, qualified, bits, group_size, backend)
-            replace_submodule(layer, name, sparse)
+            replace_submodule(adapter.model, qualified, sparse)
             report.swapped.append(qualified)
             report.bytes_before += linear.weight.numel() * linear.weight.element_size()
             report.bytes_after += sparse.compressed.num_bytes()

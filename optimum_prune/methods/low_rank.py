@@ -54,11 +54,12 @@ class LowRankFactorization(StructuredMethod[LowRankOptions]):
         return options.weighting == "fisher"
 
     def check(self) -> None:
-        self.targets: list[tuple[str, nn.Module, str, nn.Linear, int]] = []
-        for prefix, layer in zip(self.adapter.layer_names(), self.adapter.decoder_layers()):
-            for name, linear in self.adapter.prunable_linears(layer).items():
-                if isinstance(linear, nn.Linear) and not any(fnmatchcase(f"{prefix}.{name}", p) for p in self.ignore):
-                    self.targets.append((prefix, layer, name, linear, self._rank(f"{prefix}.{name}", linear)))
+        self.targets: list[tuple[str, nn.Linear, int]] = [
+            (name, linear, self._rank(name, linear))
+            for linears in self.adapter.qualified_prunable_linears()
+            for name, linear in linears.items()
+            if not any(fnmatchcase(name, p) for p in self.ignore)
+        ]
         if not self.targets:
             raise ValueError(f"PruningConfig.ignore {self.ignore!r} leaves no linear to factorise")
 
@@ -74,11 +75,11 @@ class LowRankFactorization(StructuredMethod[LowRankOptions]):
         return rank
 
     def prune(self, windows: torch.Tensor | None, report: Any) -> None:
-        linears = [target[3] for target in self.targets]
+        linears = [linear for _, linear, _ in self.targets]
         weights = fisher_rows(self.adapter.model, windows, linears) if self.options.weighting == "fisher" else [None] * len(linears)
-        for (prefix, layer, name, linear, rank), rows in zip(self.targets, weights):
-            replace_submodule(layer, name, factorize(linear, rank, rows))
-            report.removed.append(f"{prefix}.{name}: rank {rank} of {min(linear.weight.shape)}")
+        for (name, linear, rank), rows in zip(self.targets, weights):
+            replace_submodule(self.adapter.model, name, factorize(linear, rank, rows))
+            report.removed.append(f"{name}: rank {rank} of {min(linear.weight.shape)}")
 
 
 def factorize(linear: nn.Linear, rank: int, row_weights: torch.Tensor | None = None) -> LowRankLinear:
