@@ -22,7 +22,6 @@ import json
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -30,8 +29,8 @@ import torch
 from common import save_rows, table_header
 from llamafactory_ext import PruningSection, merge_adapter, run_train
 from llamafactory_ext.datasets import write_wikipedia_datasets
-from llamafactory_ext.distill import split_distill
-from optimum_prune import SparsityMasks, evaluate_perplexity, load_model, verify_sparsity
+from llamafactory_ext.training import TrainingSections
+from optimum_prune import PruningConfig, SparsityMasks, evaluate_perplexity, load_model, verify_sparsity
 from optimum_prune.models import cache_root, default_model_path
 from optimum_prune.report import process_peak_rss
 
@@ -87,13 +86,15 @@ def slug(name: str) -> str:
 
 
 def pruned_model(workdir: Path, name: str, settings: dict) -> Path:
-    """Prune once per pruning row (``stage: prune``); later rows reuse the checkpoint."""
+    """Prune once per pruning row (``stage: prune``); later rows reuse the checkpoint while its
+    recorded pruning config is this row's."""
     target = workdir / "pruned" / slug(name)
-    if not (target / "config.json").is_file():
-        args = {"model_name_or_path": str(default_model_path()), "stage": "prune", "dataset": "wiki_pt",
-                "dataset_dir": str(workdir / "data"), "template": "smollm2", "output_dir": str(target)}  # fmt: skip
-        pruning = {**PRUNINGS[name], "num_calibration_samples": settings["samples"], "calibration_seq_len": settings["seq_len"]}
-        run_train(args, PruningSection.from_mapping(pruning, args))
+    args = {"model_name_or_path": str(default_model_path()), "stage": "prune", "dataset": "wiki_pt",
+            "dataset_dir": str(workdir / "data"), "template": "smollm2", "output_dir": str(target)}  # fmt: skip
+    pruning = {**PRUNINGS[name], "num_calibration_samples": settings["samples"], "calibration_seq_len": settings["seq_len"]}
+    section = PruningSection.from_mapping(pruning, args)
+    if not (target / "pruning_config.json").is_file() or PruningConfig.from_pretrained(target).to_dict() != section.config.to_dict():
+        run_train(args, section)
     return target
 
 
@@ -105,10 +106,9 @@ def train_row(workdir: Path, pruning: str, recovery: str, settings: dict) -> dic
     args = training_args(workdir, pruned, output, finetuning, learning_rate, settings["steps"])
     if distill is not None:
         args["distill"] = {**distill, "teacher": str(default_model_path())}
-    args, section = split_distill(args, pruning=False)
-    started = time.perf_counter()
-    run_train(args, None, section)
-    seconds = time.perf_counter() - started
+    args, training = TrainingSections.split(args, pruning=False)
+    run_train(args, None, training)
+    seconds = json.loads((output / "train_results.json").read_text())["train_runtime"]  # the optimisation alone
     trained = merge_adapter(pruned, output, output / "merged") if finetuning == "lora" else output
     model, tokenizer = load_model(trained)
     before, after = SparsityMasks.from_zeros(load_model(pruned)[0]), SparsityMasks.from_zeros(model)
@@ -158,7 +158,9 @@ def main() -> None:
             key = f"{pruning} / {recovery}"
             if key not in done:
                 command = [sys.executable, __file__, "--row", pruning, recovery, "--workdir", str(workdir)]
-                result = subprocess.run(command + (["--quick"] if args.quick else []), check=True, capture_output=True, text=True)
+                result = subprocess.run(command + (["--quick"] if args.quick else []), capture_output=True, text=True)
+                if result.returncode != 0:
+                    sys.exit(f"row {key!r} failed (exit {result.returncode}):\n{result.stderr[-4000:]}")
                 done[key] = json.loads(result.stdout.strip().splitlines()[-1])
                 save_rows(cache, done)
             print(key, done[key], flush=True)
@@ -177,7 +179,7 @@ def write_table(done: dict, settings: dict, output: Path, command: str) -> None:
             "cosine schedule, seed 0; LoRA r=16 α=32 on all linears at lr 3e-4 (merged keeping the zeros), full fine-tuning "
             "at lr 5e-5. KD: a `distill:` section with the dense model as teacher, T=2, the KD loss alone (kd_weight 1, "
             f"label_weight 0). Perplexity: first {settings['eval_tokens']:,} tokens of the evaluation split in 512-token "
-            "windows. Time: training only (each row in its own process); peak memory: that process's peak RSS.",
+            "windows. Time: the Trainer's `train_runtime` (the optimisation steps; each row in its own process); peak memory: that process's peak RSS.",
         ),
         "| pruning | recovery | perplexity | vs label-only LoRA | training s | peak RSS (GiB) | zeros kept |",
         "|---|---|---|---|---|---|---|",
