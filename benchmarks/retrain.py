@@ -124,9 +124,8 @@ def write_table(done: dict, setup: dict, output: Path, command: str) -> None:
         "|---|---|---|---|---|---|",
     ]
     one_shot = {"Wanda": done.get("Wanda 50 %"), "magnitude": done.get("magnitude 50 %")}
-    for name, row in done.items():
-        if name == "dense":
-            continue
+    for name in ROWS:
+        row = done[name]
         base = one_shot["Wanda" if name.startswith("Wanda") else "magnitude"]
         recovered = ""
         if base is not None and row is not base and base["perplexity"] > dense:
