@@ -122,7 +122,10 @@ def measure(row: Row | None, args: argparse.Namespace, perplexity: bool = True) 
             calibration_seq_len=args.calibration_seq_len,
         )
         report = prune(model, config, tokenizer=tokenizer)
-        result.update(row=row_key(row), removed="; ".join(report.removed) if method != "width" else "", prune_seconds=report.seconds)
+        result.update(
+            row=row_key(row), removed="; ".join(report.removed) if method != "width" else "", prune_seconds=report.seconds,
+            notes=report.notes,  # e.g. ZipLM's predicted speed-up, to set beside the measured latency
+        )
     result["parameters"] = sum(p.numel() for p in model.parameters())
     result["parameter_ratio"] = result["parameters"] / dense_parameters
     result["config"] = model.config.to_dict()
@@ -151,6 +154,10 @@ def markdown(results: list[dict], args: argparse.Namespace, command: str) -> str
             f"| {r['row']} | {r['parameters']:,} | {r['parameter_ratio']:.1%} | {r['latency_ratio']:.2f} | "
             f"{r['perplexity']:.2f} | {r['prune_seconds']:.1f} | {r['removed']} |"
         )
+    noted = [r for r in results if r.get("notes")]
+    if noted:
+        lines += ["", "What the methods reported besides sizes (the rows that record it):", ""]
+        lines += [f"- `{r['row']}`: " + " ".join(note.rstrip(".") + "." for note in r["notes"]) for r in noted]
     return "\n".join(lines) + "\n"
 
 
