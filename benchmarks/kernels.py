@@ -1,12 +1,14 @@
 """2:4 linear layers on a CUDA GPU: dense cuBLAS against every sparse path, side by side, per
 token count M — the measurements ``SparseLinear``'s dispatch thresholds are to come from.
 
-For each Llama-3-8B linear shape and each M, one bf16 2:4 weight (random, the two largest of
+For each Llama-3-8B / 70B linear shape and each M, one bf16 2:4 weight (random, the two largest of
 every four kept) is timed as
 
 - ``dense``: ``F.linear`` on the same weight stored densely (cuBLAS), the reference for every ratio;
-- ``triton``, ``triton int8``, ``triton int4``: ``optimum_prune``'s kernel on the compressed format
-  (16-bit values; int8 / int4 values with group-128 scales);
+- ``tiles``, ``tiles int8``, ``tiles int4``: ``optimum_prune``'s tiled (``tl.dot``) kernel on the
+  compressed format (16-bit values; int8 / int4 values with group-128 scales);
+- ``gemv``, ``gemv int8``, ``gemv int4``: its decode kernel on the same weights, for M up to
+  ``GEMV_MAX_ROWS`` (16) tokens;
 - ``semi-structured``: ``torch.sparse.to_sparse_semi_structured`` + ``F.linear`` (what PyTorch offers);
 - ``cuSPARSELt``: ``torch._cslt_sparse_mm`` with the algorithm chosen by ``torch._cslt_sparse_mm_search``
   for this shape (inputs padded to 16 rows outside the timed call).
@@ -14,7 +16,9 @@ every four kept) is timed as
 Each cell is dense time / path time (> 1: faster than dense), median of ``triton.testing.do_bench``;
 a path that fails for a shape shows why. Every path's output is checked against the dense product
 first (quantized paths against their own dequantized weight). The bytes ceiling of decode is dense
-bytes / compressed bytes (1.78× for 16-bit values, ≈ 5× for int4 with fp32 scales).
+bytes / compressed bytes (1.78× for 16-bit values, ≈ 5× for int4 with fp32 scales). Below the table:
+per shape, the largest M at which the decode kernel still beats the tiled one (``GEMV_ROWS`` in
+``triton_24.py``) and the smallest M from which cuSPARSELt beats both (the prefill threshold).
 
     python benchmarks/kernels.py            # writes benchmarks/KERNELS.md
     python benchmarks/kernels.py --quick    # two shapes, four token counts
@@ -22,7 +26,9 @@ bytes / compressed bytes (1.78× for 16-bit values, ≈ 5× for int4 with fp32 s
 
 from __future__ import annotations
 
+import copy
 import sys
+import time
 from typing import Callable
 
 import torch
@@ -32,15 +38,19 @@ from common import quick_or_full, table_header
 from optimum_prune.kernels import compress, decompress
 from optimum_prune.sparsity import NMPattern, prune_lowest_nm
 
-SHAPES = {  # (out, in) of Llama-3-8B's linears
-    "q_proj / o_proj": (4096, 4096),
-    "k_proj / v_proj": (1024, 4096),
-    "gate_proj / up_proj": (14336, 4096),
-    "down_proj": (4096, 14336),
+SHAPES = {  # (out, in) of Llama-3-8B's and Llama-3-70B's linears
+    "8B q_proj / o_proj": (4096, 4096),
+    "8B k_proj / v_proj": (1024, 4096),
+    "8B gate_proj / up_proj": (14336, 4096),
+    "8B down_proj": (4096, 14336),
+    "70B q_proj / o_proj": (8192, 8192),
+    "70B gate_proj / up_proj": (28672, 8192),
+    "70B down_proj": (8192, 28672),
 }
-TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 8192)
-QUICK_SHAPES, QUICK_TOKENS = ("q_proj / o_proj", "gate_proj / up_proj"), (1, 16, 256, 4096)
-PATHS = ("triton", "triton int8", "triton int4", "semi-structured", "cuSPARSELt")
+TOKENS = (1, 2, 4, 8, 16, 64, 256, 1024, 4096, 16384)  # the issue's M, and 2 / 8 for the decode kernel's crossover
+QUICK_SHAPES, QUICK_TOKENS = ("8B q_proj / o_proj", "8B gate_proj / up_proj"), (1, 4, 16, 256, 4096)
+FORMATS = (("", None), (" int8", 8), (" int4", 4))  # (path name suffix, bits)
+PATHS = (*(f"{kernel}{suffix}" for kernel in ("tiles", "gemv") for suffix, _ in FORMATS), "semi-structured", "cuSPARSELt")
 
 
 def weight_24(out_features: int, in_features: int) -> torch.Tensor:
@@ -51,12 +61,14 @@ def weight_24(out_features: int, in_features: int) -> torch.Tensor:
 
 def sparse_paths(weight: torch.Tensor) -> dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]]:
     """Per path: (the call on inputs [M, in], the dense weight it must reproduce)."""
-    from optimum_prune.kernels.triton_24 import sparse24_matmul
+    from optimum_prune.kernels.triton_24 import sparse24_gemv, sparse24_tiles
 
     paths = {}
-    for name, bits in (("triton", None), ("triton int8", 8), ("triton int4", 4)):
+    for suffix, bits in FORMATS:
         compressed = compress(weight, bits=bits, group_size=128)
-        paths[name] = (lambda x, c=compressed: sparse24_matmul(x, c)), decompress(compressed).to(weight.dtype)
+        reference = decompress(compressed).to(weight.dtype)
+        paths[f"tiles{suffix}"] = (lambda x, c=compressed: sparse24_tiles(x, c)), reference
+        paths[f"gemv{suffix}"] = (lambda x, c=compressed: sparse24_gemv(x, c)), reference
     semi = torch.sparse.to_sparse_semi_structured(weight)
     paths["semi-structured"] = (lambda x: F.linear(x, semi)), weight
     packed = torch._cslt_compress(weight)
@@ -80,6 +92,8 @@ def padded(x: torch.Tensor, multiple: int = 16) -> torch.Tensor:
 def measure(shapes: list[str], tokens: tuple[int, ...]) -> list[dict]:
     from triton.testing import do_bench
 
+    from optimum_prune.kernels.triton_24 import GEMV_MAX_ROWS
+
     rows = []
     for shape in shapes:
         out_features, in_features = SHAPES[shape]
@@ -93,6 +107,9 @@ def measure(shapes: list[str], tokens: tuple[int, ...]) -> list[dict]:
             dense_ms = do_bench(lambda: F.linear(x, weight))
             row = {"shape": shape, "tokens": m, "dense_ms": dense_ms}
             for name, (call, reference) in paths.items():
+                if name.startswith("gemv") and m > GEMV_MAX_ROWS:
+                    row[name] = "—"
+                    continue
                 inputs = padded(x) if name == "cuSPARSELt" else x
                 try:
                     result = call(inputs)[:m]
@@ -109,13 +126,20 @@ def measure(shapes: list[str], tokens: tuple[int, ...]) -> list[dict]:
     return rows
 
 
-def crossover(rows: list[dict], shape: str) -> str:
-    """The smallest M from which cuSPARSELt beats the Triton kernel (the dispatch threshold), if any."""
-    for row in rows:
-        if row["shape"] == shape and all(isinstance(row[p], float) for p in ("triton", "cuSPARSELt")):
-            if row["cuSPARSELt"] > row["triton"]:
-                return str(row["tokens"])
-    return "never"
+def thresholds(rows: list[dict], shape: str) -> str:
+    """The dispatch thresholds this shape's rows measure: the largest M at which the decode kernel
+    beats the tiled one, and the smallest M from which cuSPARSELt beats both Triton kernels."""
+    measured = [row for row in rows if row["shape"] == shape]
+    gemv = [row["tokens"] for row in measured if isinstance(row["gemv"], float) and row["gemv"] > timed(row["tiles"])]
+    cusparselt = next(
+        (row["tokens"] for row in measured if timed(row["cuSPARSELt"]) > max(timed(row["tiles"]), timed(row["gemv"]))), None
+    )
+    return f"decode kernel up to M = {max(gemv) if gemv else 'none'}; cuSPARSELt from M = {cusparselt or 'never'}"
+
+
+def timed(value: float | str) -> float:
+    """A cell's speed-up, or 0 for a path that did not run."""
+    return value if isinstance(value, float) else 0.0
 
 
 def cell(value: float | str) -> str:
@@ -136,17 +160,66 @@ def markdown(rows: list[dict], command: str) -> str:
             f"| {row['shape']} ({out_features} × {in_features}) | {row['tokens']} | {row['dense_ms']:.4f} | "
             + " | ".join(cell(row[p]) for p in PATHS) + " |"
         )
-    lines += ["", "Smallest M from which cuSPARSELt is faster than the Triton kernel:", ""]
-    lines += [f"- {shape}: {crossover(rows, shape)}" for shape in dict.fromkeys(row["shape"] for row in rows)]
+    lines += ["", "Dispatch thresholds measured (16-bit values):", ""]
+    lines += [f"- {shape}: {thresholds(rows, shape)}" for shape in dict.fromkeys(row["shape"] for row in rows)]
     return "\n".join(lines) + "\n"
 
 
+def llama3_8b_shaped(layers: int) -> "LlamaConfig":
+    from transformers import LlamaConfig
+
+    return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
+                       num_hidden_layers=layers, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192)  # fmt: skip
+
+
+def decode_speed(config: "LlamaConfig", new_tokens: int = 128, device: str = "cuda") -> list[str]:
+    """Markdown rows: greedy ``generate()`` tokens/s with a static cache of a bf16 Llama of ``config``
+    (random weights) pruned to 2:4 by magnitude, then with every 2:4 linear swapped for
+    ``SparseLinear`` (16-bit values, and int4 with group-128 scales), in the same run."""
+    from transformers import LlamaForCausalLM
+
+    from optimum_prune import PruningConfig, prune
+    from optimum_prune.kernels import sparsify
+
+    torch.manual_seed(0)
+    with torch.device(device):
+        dense = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    prune(dense, PruningConfig(method="magnitude", sparsity="2:4"), device=device)
+    prompt = torch.randint(config.vocab_size, (1, 16), device=device, generator=torch.Generator(device).manual_seed(0))
+    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    lines, reference = [], None
+    for name, options in {"dense (2:4 zeros stored densely)": None, "sparsify()": {}, "sparsify(bits=4)": {"bits": 4}}.items():
+        model = dense if options is None else copy.deepcopy(dense)
+        if options is not None:
+            sparsify(model, **options)
+        with torch.no_grad():
+            generate = lambda: model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                              cache_implementation="static", pad_token_id=0)  # fmt: skip
+            generate()  # warm-up: kernels compiled, cache allocated
+            synchronize()
+            started = time.perf_counter()
+            tokens = generate()
+            synchronize()
+        speed = new_tokens / (time.perf_counter() - started)
+        reference = reference or (speed, tokens)
+        agreement = float((tokens[:, prompt.shape[1]:] == reference[1][:, prompt.shape[1]:]).float().mean())
+        lines.append(f"| {name} | {speed:.1f} | {speed / reference[0]:.2f}× | {agreement:.0%} |")
+        del model
+    return lines
+
+
 def main() -> None:
-    quick, output = quick_or_full(__doc__.splitlines()[0], "KERNELS", "two shapes and four token counts")
+    quick, output = quick_or_full(__doc__.splitlines()[0], "KERNELS", "two shapes, five token counts, a 4-layer model end to end")
     if not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py times GPU kernels: it needs a CUDA device (none is available here)")
     shapes, tokens = (list(QUICK_SHAPES), QUICK_TOKENS) if quick else (list(SHAPES), TOKENS)
     table = markdown(measure(shapes, tokens), "python benchmarks/kernels.py" + (" --quick" if quick else ""))
+    layers = 4 if quick else 32
+    table += "\n".join([
+        "", f"End to end: greedy `generate()` of 128 tokens after a 16-token prompt, static cache, eager, a Llama-3-8B-shaped "
+        f"model with {layers} layers (random weights, magnitude 2:4); agreement: share of generated tokens equal to the dense model's.", "",
+        "| model | tokens/s | vs dense | agreement |", "|---|---:|---:|---:|", *decode_speed(llama3_8b_shaped(layers)),
+    ]) + "\n"  # fmt: skip
     output.write_text(table)
     print(table)
 

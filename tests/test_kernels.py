@@ -89,21 +89,44 @@ INTERPRETED_KERNEL_CHECKS = r"""
 import copy, torch
 from optimum_prune import PruningConfig, prune
 from optimum_prune.kernels import compress, decompress, sparsify
-from optimum_prune.kernels.triton_24 import sparse24_matmul
+from optimum_prune.kernels.triton_24 import GEMV_ROWS, sparse24_gemv, sparse24_matmul, sparse24_tiles
 from tests.conftest import tiny_model, token_windows
 from tests.test_kernels import random_24
 
-# Ragged M, output rows not a multiple of BLOCK_N and a partial last BLOCK_K, for every value format.
-for bits, group_size in ((None, 128), (8, 8), (4, 8), (4, 136)):
-    weight = random_24(100, 136, torch.float16, seed=bits or 0)
+
+def check(result, x, compressed, *context):
+    reference = x.float() @ decompress(compressed).float().T
+    error = float((result.float() - reference).abs().max())
+    assert error <= 2e-3 * float(reference.abs().max()), (*context, error)
+
+
+# Ragged M, output rows not a multiple of the blocks and a partial last block of the input dimension,
+# for every value format; the decode kernel also with the input dimension split across programs.
+for bits, group_size, (out_features, in_features) in ((None, 128, (100, 136)), (8, 8, (100, 136)), (4, 8, (100, 136)),
+                                                      (4, 136, (100, 136)), (None, 128, (24, 1024)), (4, 64, (24, 1024))):
+    weight = random_24(out_features, in_features, torch.float16, seed=bits or 0)
     compressed = compress(weight, bits=bits, group_size=group_size)
     for rows in (1, 5, 17, 40):
-        x = torch.randn(rows, 136, generator=torch.Generator().manual_seed(rows)).half()
-        reference = x.float() @ decompress(compressed).float().T
-        error = float((sparse24_matmul(x, compressed).float() - reference).abs().max())
-        assert error <= 2e-3 * float(reference.abs().max()), (bits, group_size, rows, error)
-    batched = torch.randn(2, 3, 136).half()
-    assert sparse24_matmul(batched, compressed).shape == (2, 3, 100)
+        x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows)).half()
+        check(sparse24_tiles(x, compressed), x, compressed, "tiles", bits, group_size, rows)
+    for rows in (1, 3, 4, 16):
+        x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows)).half()
+        for split_k in (None, 2, 3):
+            check(sparse24_gemv(x, compressed, split_k), x, compressed, "gemv", bits, group_size, rows, split_k)
+    batched = torch.randn(2, 3, in_features).half()
+    assert sparse24_matmul(batched, compressed).shape == (2, 3, out_features)
+
+# sparse24_matmul takes the decode kernel up to GEMV_ROWS token rows, the tiled one above.
+for rows in (1, GEMV_ROWS, GEMV_ROWS + 1):
+    x = torch.randn(rows, in_features).half()
+    chosen = sparse24_gemv(x, compressed) if rows <= GEMV_ROWS else sparse24_tiles(x, compressed)
+    assert torch.equal(sparse24_matmul(x, compressed), chosen), rows
+try:
+    sparse24_gemv(torch.randn(17, in_features).half(), compressed)
+except ValueError as error:
+    assert "at most 16 token rows" in str(error)
+else:
+    raise AssertionError("17 rows were accepted by the decode kernel")
 
 # A sparsified model on the kernel gives the reference backend's logits.
 model = tiny_model().half()
@@ -126,7 +149,7 @@ print("kernel checks passed")
 
 
 def test_triton_kernel_matches_the_reference_in_the_interpreter():
-    """The kernel's indexing, dequantization and masking, checked on CPU. Triton's interpreter
+    """The kernels' indexing, dequantization, masking and split sums, checked on CPU. Triton's interpreter
     mishandles bfloat16 (plain loads and stores come out wrong), so bfloat16 waits for a GPU."""
     pytest.importorskip("triton")
     import os
@@ -158,11 +181,13 @@ def test_auto_backend_keeps_the_reference_path_off_gpu():
 @pytest.mark.parametrize(("bits", "group_size"), [(None, 128), (8, 128), (4, 128)])
 def test_triton_kernel_matches_the_reference_on_gpu(dtype, bits, group_size):
     pytest.importorskip("triton")
-    from optimum_prune.kernels.triton_24 import sparse24_matmul
+    from optimum_prune.kernels.triton_24 import sparse24_gemv, sparse24_matmul, sparse24_tiles
 
     compressed = compress(random_24(4096 + 64, 1024, dtype).cuda(), bits=bits, group_size=group_size)
-    for rows in (1, 16, 300, 4096):
-        x = torch.randn(rows, 1024, device="cuda", dtype=dtype)
-        reference = x.float() @ decompress(compressed).float().T
-        error = (sparse24_matmul(x, compressed).float() - reference).abs().max()
-        assert error <= 1e-2 * reference.abs().max(), (rows, float(error))
+    kernels = [(sparse24_matmul, (1, 16, 300, 4096)), (sparse24_tiles, (1, 16, 300)), (sparse24_gemv, (1, 2, 4, 16))]
+    for kernel, token_rows in kernels:
+        for rows in token_rows:
+            x = torch.randn(rows, 1024, device="cuda", dtype=dtype)
+            reference = x.float() @ decompress(compressed).float().T
+            error = (kernel(x, compressed).float() - reference).abs().max()
+            assert error <= 1e-2 * reference.abs().max(), (kernel.__name__, rows, float(error))

@@ -2,10 +2,10 @@
 ``sparsify(model)``, which swaps in one for every linear of the decoder layers that is exactly 2:4.
 
 Backends: ``"reference"`` decompresses (and dequantizes) the weight and multiplies densely — what
-every kernel must reproduce, and the CPU path; ``"triton"`` runs the Triton kernel of
-``triton_24.py`` (fp16 / bf16 inputs; on CPU only inside Triton's interpreter, which the tests
-use); ``"auto"`` (default) takes the kernel for fp16 / bf16 inputs on a GPU when Triton is
-installed, the reference path otherwise.
+every kernel must reproduce, and the CPU path; ``"triton"`` runs the Triton kernels of
+``triton_24.py`` (decode or tiled, by token rows; fp16 / bf16 inputs; on CPU only inside Triton's
+interpreter, which the tests use); ``"auto"`` (default) takes them for fp16 / bf16 inputs on a GPU
+when Triton is installed, the reference path otherwise.
 """
 
 from __future__ import annotations
