@@ -1,0 +1,119 @@
+"""Pruning time per layer and peak GPU memory on full-size layer shapes (random weights), projected
+to whole models: Llama-3-70B-shaped decoder layers (issue 13) and Mixtral-8x7B-shaped MoE layers
+(issue 7). GPU only.
+
+Each row prunes two models of the real layer shape with a small vocabulary (the embeddings are
+not pruned and do not change the per-layer time), one with 1 and one with 3 decoder layers, held
+on the CPU in bf16 while ``prune(..., device="cuda")`` brings one layer at a time to the GPU, as a
+70B model is pruned. Per-layer time = (t₃ − t₁) / 2, the rest (capturing the first layer's
+inputs) is fixed; projected whole-model time = fixed + depth × per layer (80 layers for
+Llama-3-70B, 32 for Mixtral-8x7B). Peak memory is the CUDA allocator's peak during the 3-layer
+run; with ``activation_device="cpu"`` the calibration activations wait on the host, so the peak
+should not depend on the calibration size. Calibration: 128 windows × 2048 random tokens (the
+Wanda / SparseGPT papers' count).
+
+    python benchmarks/gpu_layers.py            # writes benchmarks/GPU_LAYERS.md
+    python benchmarks/gpu_layers.py --quick    # 16 × 512 calibration tokens
+    python benchmarks/gpu_layers.py --smoke    # tiny shapes on the CPU: checks the script, writes nothing
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, PretrainedConfig
+
+from common import table_header
+from optimum_prune import PruningConfig, prune
+
+MODELS = {  # name: (model class, layer shape, real depth)
+    "Llama-3-70B": (LlamaForCausalLM, LlamaConfig, dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64,
+                                                       num_key_value_heads=8, rope_theta=500000.0), 80),  # fmt: skip
+    "Mixtral-8x7B": (MixtralForCausalLM, MixtralConfig, dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                                                           num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2), 32),  # fmt: skip
+}
+SMOKE_SHAPES = {
+    "Llama-3-70B": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2),
+    "Mixtral-8x7B": dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                         num_local_experts=8, num_experts_per_tok=2),  # fmt: skip
+}
+# (model, row label, pruning config, activation device)
+ROWS = [
+    ("Llama-3-70B", "Wanda 50 %", {"method": "wanda", "sparsity": 0.5}, None),
+    ("Llama-3-70B", "SparseGPT 50 %", {"method": "sparsegpt", "sparsity": 0.5}, None),
+    ("Llama-3-70B", "SparseGPT 2:4, activations on the CPU", {"method": "sparsegpt", "sparsity": "2:4"}, "cpu"),
+    ("Mixtral-8x7B", "Wanda 50 % (experts: routed tokens)", {"method": "wanda", "sparsity": 0.5}, None),
+    ("Mixtral-8x7B", "experts: reconstruction search, keep 6 of 8", {"method": "experts", "method_options": {"num_experts": 6}}, None),
+    ("Mixtral-8x7B", "experts: reconstruction search, keep 4 of 8", {"method": "experts", "method_options": {"num_experts": 4}}, None),
+]
+VOCABULARY = 32000
+
+
+def model_of(name: str, layers: int, smoke: bool) -> torch.nn.Module:
+    """A bf16 model of ``name``'s layer shape with ``layers`` layers, random weights, on the CPU."""
+    model_class, config_class, shape, _ = MODELS[name]
+    config: PretrainedConfig = config_class(**(SMOKE_SHAPES[name] if smoke else shape), num_hidden_layers=layers, vocab_size=VOCABULARY)
+    torch.manual_seed(layers)
+    with torch.device("cpu" if smoke else "cuda"):  # random initialisation is quick on the GPU
+        model = model_class(config).to(torch.bfloat16).eval()
+    return model.to("cpu")
+
+
+def timed_run(name: str, layers: int, settings: dict, activation_device: str | None, args: argparse.Namespace) -> tuple[float, int]:
+    """(seconds, peak bytes on the compute device) of pruning a ``layers``-layer model."""
+    model = model_of(name, layers, args.smoke)
+    calibration = torch.randint(VOCABULARY, (args.samples, args.seq_len), generator=torch.Generator().manual_seed(0))
+    config = PruningConfig(**settings, num_calibration_samples=args.samples, calibration_seq_len=args.seq_len)
+    report = prune(model, config, calibration=calibration, device=args.device, activation_device=activation_device)
+    return report.seconds, report.peak_memory_bytes
+
+
+def measure(args: argparse.Namespace) -> list[str]:
+    lines = []
+    for name, label, settings, activation_device in ROWS:
+        (one, _), (three, peak) = (timed_run(name, layers, settings, activation_device, args) for layers in (1, 3))
+        per_layer = (three - one) / 2
+        fixed = one - per_layer
+        depth = MODELS[name][3]
+        line = (f"| {name} | {label} | {per_layer:.1f} | {fixed:.1f} | {(fixed + depth * per_layer) / 60:.1f} | "
+                f"{peak / 2**30:.1f} |")  # fmt: skip
+        lines.append(line)
+        print(line, flush=True)
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="16 × 512 calibration tokens")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (checks the script; writes nothing)")
+    parser.add_argument("--output", type=Path, default=Path(__file__).resolve().parent / "GPU_LAYERS.md")
+    args = parser.parse_args()
+    args.samples, args.seq_len = (4, 32) if args.smoke else (16, 512) if args.quick else (128, 2048)
+    args.device = "cpu" if args.smoke else "cuda"
+    if not args.smoke and not torch.cuda.is_available():
+        sys.exit("benchmarks/gpu_layers.py times pruning on a CUDA device (none is available here); --smoke checks it on the CPU")
+    rows = measure(args)
+    if args.smoke:
+        return
+    command = "python benchmarks/gpu_layers.py" + (" --quick" if args.quick else "")
+    lines = [
+        *table_header(
+            "Pruning time per layer and peak GPU memory on full-size layers (random weights)", command,
+            f"Device: {torch.cuda.get_device_name()}. Models in bf16 on the CPU, one layer at a time on the GPU; calibration "
+            f"{args.samples} × {args.seq_len} random tokens. Per layer: (3-layer time − 1-layer time) / 2; fixed: the rest of "
+            "the 1-layer run; projected: fixed + depth × per layer (Llama-3-70B 80 layers, Mixtral-8x7B 32). Peak: CUDA "
+            "allocator peak of the 3-layer run.",
+        ),  # fmt: skip
+        "| model | method | s per layer | fixed s | projected whole model (min) | peak GPU memory (GiB) |",
+        "|---|---|---:|---:|---:|---:|",
+        *rows,
+    ]
+    args.output.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

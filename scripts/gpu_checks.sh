@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Every GPU check of the project, in one command on a CUDA machine: the device tool's `run` with
+# carry [".whl"] (fetched here first by scripts/gpu_wheels.sh: the device image's transformers 5.x
+# is outside this project's pins). Sections, in order (default: all of them):
+#   tests    the CUDA tests (kernels against the reference, the engine on CUDA, activation offload)
+#   kernels  benchmarks/kernels.py: 2:4 kernels vs cuBLAS / cuSPARSELt, thresholds, end-to-end decode
+#   layers   benchmarks/gpu_layers.py: per-layer pruning time and peak memory, 70B / Mixtral shapes
+# QUICK=1 passes --quick to the benchmarks. Logs and tables go to $OUT (the folder the device tool
+# brings back), else ./gpu-results.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="$(mkdir -p "${OUT:-gpu-results}" && cd "${OUT:-gpu-results}" && pwd)"
+if [[ -d .whl ]]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH="/tmp/site:$PWD"
+else
+  export PYTHONPATH="$PWD"
+fi
+export PYTHONUNBUFFERED=1
+quick=(); [[ "${QUICK:-0}" == 1 ]] && quick=(--quick)
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
+python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" >> "$out/gpu.txt" 2>&1
+cat "$out/gpu.txt"
+status=0
+for section in ${*:-tests kernels layers}; do
+  echo "=== $section ($(date -u +%T))"
+  case "$section" in
+    tests) python3 -m pytest -p no:cacheprovider -q -rs tests/test_kernels.py tests/calibration/test_cuda.py tests/calibration/test_engine.py 2>&1 | tee "$out/tests.log" ;;
+    kernels) (cd benchmarks && python3 kernels.py "${quick[@]}" --output "$out/KERNELS.md") 2>&1 | tee "$out/kernels.log" ;;
+    layers) (cd benchmarks && python3 gpu_layers.py "${quick[@]}" --output "$out/GPU_LAYERS.md") 2>&1 | grep -v "it/s]" | tee "$out/layers.log" ;;
+    *) echo "unknown section $section (tests, kernels, layers)"; exit 2 ;;
+  esac
+  [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
+done
+exit $status
