@@ -14,6 +14,8 @@ from typing import Iterable, Union
 import torch
 from torch import nn
 
+from .quantized import dequantized_weight
+
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
 
@@ -112,8 +114,8 @@ def verify_sparsity(
     """Measured sparsity of every ``nn.Linear`` weight, and N:M conformity when ``pattern`` is given.
 
     Zeros are counted as they are: weights that were already exactly zero before pruning
-    count too. Quantized weights (optimum-quanto tensor subclasses) are counted on their
-    dequantized values, so a quantizer that moves zeros shows up here. Returns ``{"overall_sparsity", "pattern", "conforming", "layers": {name: ...}}``.
+    count too. Quantized weights (optimum-quanto, bitsandbytes 8-bit and 4-bit) are counted on
+    their dequantized values, so a quantizer that moves zeros shows up here. Returns ``{"overall_sparsity", "pattern", "conforming", "layers": {name: ...}}``.
     """
     from fnmatch import fnmatchcase
 
@@ -124,9 +126,7 @@ def verify_sparsity(
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear) or any(fnmatchcase(name, p) for p in ignored):
             continue
-        weight = module.weight.detach()
-        if type(weight) is not torch.Tensor:
-            weight = weight.dequantize()
+        weight = dequantized_weight(module)
         layer_zeros = int((weight == 0).sum())
         entry = {"zeros": layer_zeros, "numel": weight.numel(), "sparsity": layer_zeros / weight.numel()}
         if nm is not None:
