@@ -11,9 +11,13 @@ dense teacher instead of (or besides) the labels, in LLaMA-Factory's own ``pt`` 
       precompute_top_k: true   # store those top-k logits with the dataset first, then free the teacher
       teacher_device: cuda:1   # default: the student's device (the Trainer's)
       teacher_dtype: bfloat16  # default: float32
+      teacher_quantization: int8   # or nf4: the teacher loaded through bitsandbytes (default: none)
 
 Its keys are ``optimum_prune.DistillationConfig``'s fields plus ``teacher``, ``teacher_device``,
-``teacher_dtype`` and ``precompute_top_k``; an unknown key is an error listing the valid ones.
+``teacher_dtype``, ``teacher_quantization`` and ``precompute_top_k``; an unknown key is an error
+listing the valid ones. ``teacher_quantization`` loads the teacher with transformers'
+``BitsAndBytesConfig`` (int8: LLM.int8(); nf4: 4-bit NormalFloat computing in ``teacher_dtype``),
+straight onto its device: a quarter to an eighth of the float32 teacher's memory.
 ``precompute_top_k`` runs the teacher once over the training set before training, keeps its top-k
 logits per position as dataset columns (``add_teacher_top_k``: Arrow files in the ``datasets``
 cache) and frees it, so the teacher is not resident while the student trains. The loss is
@@ -37,8 +41,9 @@ from optimum_prune.distillation import TOP_K_INDICES, TOP_K_LOGITS
 from .sections import check_section
 
 SECTION = "distill"
-TEACHER_KEYS = ("teacher", "teacher_device", "teacher_dtype", "precompute_top_k")
+TEACHER_KEYS = ("teacher", "teacher_device", "teacher_dtype", "teacher_quantization", "precompute_top_k")
 TEACHER_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TEACHER_QUANTIZATIONS = ("int8", "nf4")
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class DistillSection:
     teacher_device: str | None = None
     teacher_dtype: str = "float32"
     precompute_top_k: bool = False
+    teacher_quantization: str | None = None
 
     @classmethod
     def from_mapping(cls, section: Any, lf_args: Mapping[str, Any], pruning: bool) -> "DistillSection":
@@ -70,6 +76,17 @@ class DistillSection:
             config = DistillationConfig(**{key: value for key, value in section.items() if key in fields})
         except (TypeError, ValueError) as error:
             raise ValueError(f"{SECTION}: {error}") from None
+        quantization = section.get("teacher_quantization")
+        if quantization is not None:
+            if quantization not in TEACHER_QUANTIZATIONS:
+                raise ValueError(f"{SECTION}.teacher_quantization must be one of {', '.join(TEACHER_QUANTIZATIONS)}, got {quantization!r}")
+            try:
+                import bitsandbytes  # noqa: F401
+            except ImportError:
+                raise ValueError(
+                    f"{SECTION}.teacher_quantization loads the teacher through bitsandbytes, which is not installed: "
+                    "pip install 'optimum-prune[bitsandbytes]', or remove the key"
+                ) from None
         precompute = section.get("precompute_top_k", False)
         if not isinstance(precompute, bool):
             raise ValueError(f"{SECTION}.precompute_top_k must be true or false, got {precompute!r}")
@@ -78,19 +95,26 @@ class DistillSection:
                 f"{SECTION}.precompute_top_k stores the teacher's top-k logits: set {SECTION}.top_k, and leave hidden_weight "
                 "and exit_weight at 0 (hidden states need the live teacher)"
             )
-        return cls(config, str(teacher), section.get("teacher_device"), dtype, precompute)
+        return cls(config, str(teacher), section.get("teacher_device"), dtype, precompute, quantization)
 
-    def load_teacher(self) -> torch.nn.Module:
-        from transformers import AutoModelForCausalLM
+    def load_teacher(self, device: str | torch.device) -> torch.nn.Module:
+        """The teacher on ``device``; quantized ones are placed while loading (bitsandbytes' 8-bit models cannot move)."""
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
         import optimum_prune  # noqa: F401  (a structured teacher reloads through its loader)
 
-        return AutoModelForCausalLM.from_pretrained(self.teacher, dtype=TEACHER_DTYPES[self.teacher_dtype])
+        dtype = TEACHER_DTYPES[self.teacher_dtype]
+        if self.teacher_quantization is None:
+            return AutoModelForCausalLM.from_pretrained(self.teacher, dtype=dtype).to(device)
+        quantization = (BitsAndBytesConfig(load_in_8bit=True) if self.teacher_quantization == "int8" else
+                        BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype))  # fmt: skip
+        return AutoModelForCausalLM.from_pretrained(self.teacher, dtype=dtype, quantization_config=quantization, device_map={"": str(device)})
 
     def to_mapping(self) -> dict[str, Any]:
         """The section as written in a YAML (for the torchrun workers)."""
         return {**dataclasses.asdict(self.config), "teacher": self.teacher, "teacher_device": self.teacher_device,
-                "teacher_dtype": self.teacher_dtype, "precompute_top_k": self.precompute_top_k}
+                "teacher_dtype": self.teacher_dtype, "teacher_quantization": self.teacher_quantization,
+                "precompute_top_k": self.precompute_top_k}
 
 
 def split_distill(args: Mapping[str, Any], pruning: bool, validate: bool = True) -> tuple[dict[str, Any], DistillSection | None]:
@@ -106,7 +130,8 @@ def split_distill(args: Mapping[str, Any], pruning: bool, validate: bool = True)
 @contextmanager
 def distilling_trainers(section: DistillSection | None) -> Iterator[None]:
     """While open, LLaMA-Factory's ``pt`` and ``sft`` workflows build their trainers with the
-    distillation loss in front (``DistillationMixin``), the teacher loaded once.
+    distillation loss in front (``DistillationMixin``), the teacher loaded once, by the first
+    trainer, on ``teacher_device`` or else beside the student (the Trainer's device).
 
     LLaMA-Factory has no hook for the trainer class, so its two workflow modules' names for it are
     pointed at the distilling subclasses for the duration and restored after; nothing else changes.
@@ -117,18 +142,16 @@ def distilling_trainers(section: DistillSection | None) -> Iterator[None]:
     from llamafactory.train.pt import workflow as pt_workflow
     from llamafactory.train.sft import workflow as sft_workflow
 
-    loaded = {"teacher": section.load_teacher()}  # dropped once its top-k logits are stored
+    loaded: dict[str, torch.nn.Module | None] = {}  # the teacher, dropped once its top-k logits are stored
     names = {pt_workflow: "CustomTrainer", sft_workflow: "CustomSeq2SeqTrainer"}
     originals = {module: getattr(module, name) for module, name in names.items()}
 
     def distilling(base: type) -> type:
         def __init__(self, *args: Any, **kwargs: Any) -> None:
+            if "teacher" not in loaded:  # LLaMA-Factory's workflows pass args= by keyword
+                loaded["teacher"] = section.load_teacher(section.teacher_device or kwargs["args"].device)
             teacher = loaded["teacher"]
-            DistillationMixin.__init__(
-                self, *args, teacher=teacher, distillation=section.config, teacher_device=section.teacher_device, **kwargs
-            )
-            if section.teacher_device is None:
-                teacher.to(self.args.device)  # beside the student, wherever the Trainer put it
+            DistillationMixin.__init__(self, *args, teacher=teacher, distillation=section.config, **kwargs)
             if section.precompute_top_k:
                 self.train_dataset = add_teacher_top_k(self.train_dataset, teacher, section.config.top_k, batch_size=1)
                 self.data_collator = TopKPadding(self.data_collator, getattr(self.processing_class, "padding_side", "right"))

@@ -89,6 +89,38 @@ def test_training_moves_the_student_towards_a_frozen_teacher_and_keeps_the_masks
     assert verify_sparsity(student, "2:4")["conforming"]
 
 
+@pytest.mark.parametrize("quantizer", ["quanto int8", "bitsandbytes int8"])
+def test_a_teacher_quantized_to_8_bit_teaches_and_stays_frozen(quantizer, tmp_path):
+    """The memory-aware teacher: quantized through the Optimum issue's paths (``compress`` with
+    optimum-quanto, or bitsandbytes at load time), it still pulls the student towards it."""
+    teacher, student = teacher_student()
+    if quantizer == "quanto int8":
+        pytest.importorskip("optimum.quanto")
+        from transformers import QuantoConfig
+
+        from optimum_prune import compress
+
+        compress(teacher, [QuantoConfig(weights="int8")])
+    else:
+        pytest.importorskip("bitsandbytes")
+        from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+        teacher.save_pretrained(tmp_path / "teacher")
+        teacher = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher", quantization_config=BitsAndBytesConfig(load_in_8bit=True))
+    assert "quanto" in type(teacher.model.layers[0].mlp.up_proj).__module__ or "bitsandbytes" in type(teacher.model.layers[0].mlp.up_proj).__module__
+    teacher_state = {name: tensor.clone() for name, tensor in teacher.state_dict().items() if isinstance(tensor, torch.Tensor)}
+    ids = token_windows(samples=4, seq_len=16, seed=9)
+    before = mean_kl(student, teacher, ids)
+    trainer = DistillationTrainer(
+        model=student, teacher=teacher, distillation=DistillationConfig(temperature=1.0),
+        args=training_args(tmp_path, 12), train_dataset=dataset(), callbacks=[PruningCallback()],
+    )  # fmt: skip
+    trainer.train()
+    assert mean_kl(student, teacher, ids) < before
+    assert all(torch.equal(tensor, teacher_state[name]) for name, tensor in teacher.state_dict().items() if name in teacher_state)
+    assert verify_sparsity(student, "2:4")["conforming"]
+
+
 def test_cached_top_k_round_trips_and_gives_the_live_teachers_loss(tmp_path):
     teacher, student = teacher_student()
     cached = add_teacher_top_k(dataset(samples=4), teacher, k=8)

@@ -133,6 +133,7 @@ def test_launching_under_torchrun_directly_is_refused(workspace, tmp_path, capsy
         ({"kd_weight": 1.0}, {}, "distill.teacher is required"),
         ({"teacher": "no/such/dir"}, {}, "distill.teacher 'no/such/dir' is not a local checkpoint directory"),
         ({"teacher": "TINY", "teacher_dtype": "int8"}, {}, "distill.teacher_dtype must be one of"),
+        ({"teacher": "TINY", "teacher_quantization": "int3"}, {}, "distill.teacher_quantization must be one of int8, nf4"),
         ({"teacher": "TINY", "temperature": 0}, {}, "distill: DistillationConfig.temperature must be > 0"),
         ({"teacher": "TINY"}, {"stage": "prune"}, "works with stage: pt or sft"),
         ("teacher", {}, "distill: must be a mapping"),

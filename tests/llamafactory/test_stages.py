@@ -243,7 +243,7 @@ def test_distill_after_structured_pruning_defaults_to_the_dense_teacher(workspac
 
     teachers = []
     original_load_teacher = DistillSection.load_teacher
-    monkeypatch.setattr(DistillSection, "load_teacher", lambda section: teachers.append(original_load_teacher(section)) or teachers[-1])
+    monkeypatch.setattr(DistillSection, "load_teacher", lambda section, device: teachers.append(original_load_teacher(section, device)) or teachers[-1])
     out = tmp_path / "narrow-kd"
     pruning = {"method": "width", "sparsity": 0.3, "method_options": {"criterion": "wanda_sp", "ranking": "layer"}, **CALIBRATION}
     distill = {"temperature": 2.0, "label_weight": 0.5, "hidden_weight": 0.1, "top_k": 16}
@@ -254,6 +254,23 @@ def test_distill_after_structured_pruning_defaults_to_the_dense_teacher(workspac
     merged = AutoModelForCausalLM.from_pretrained(out / "merged")
     pruned = AutoModelForCausalLM.from_pretrained(out / "pruned")
     assert merged.config.intermediate_size == pruned.config.intermediate_size < 128  # the student kept its shape
+
+
+def test_distill_from_a_teacher_loaded_in_8_bit(workspace, tmp_path, monkeypatch):
+    """teacher_quantization loads the dense teacher through bitsandbytes (its CPU backend here) and it teaches."""
+    pytest.importorskip("bitsandbytes")
+    from llamafactory_ext.distill import DistillSection
+
+    teachers = []
+    original_load_teacher = DistillSection.load_teacher
+    monkeypatch.setattr(DistillSection, "load_teacher", lambda section, device: teachers.append(original_load_teacher(section, device)) or teachers[-1])
+    out = tmp_path / "kd-int8"
+    distill = {"teacher": str(workspace / "tiny"), "teacher_quantization": "int8", "kd_weight": 1.0, "label_weight": 0.0}
+    train(tmp_path, {**base_args(workspace, out, **{**LORA_TRAINING, "max_steps": 2}), "distill": distill})
+    (teacher,) = teachers
+    assert type(teacher.model.layers[0].mlp.up_proj).__name__ == "Linear8bitLt"
+    losses = logged_losses(out)
+    assert len(losses) == 2 and losses[0] < 0.1  # the student starts as the teacher, up to int8 rounding
 
 
 def test_perp_section_retrains_only_its_subset_and_saves_an_ordinary_checkpoint(workspace, tmp_path):
