@@ -1,12 +1,14 @@
-"""Prune × quantize on SmolLM2-135M: SparseGPT pruning composed with optimum-quanto weight-only int8/int4.
+"""Prune × quantize on SmolLM2-135M: SparseGPT pruning composed with optimum-quanto weight-only int8/int4
+and with bitsandbytes' load-time int8 / NF4.
 
 Protocol (the core issue's): calibration = 32 windows × 512 tokens (seed 0) from the bundled
 Wikipedia calibration split; perplexity over the first 65,536 tokens of the evaluation split in
 512-token windows. Each row loads the dense fp32 checkpoint and applies its recipe with
 ``optimum_prune.compress`` (pruning first, quantization last), then saves it with ``save_pruned``
-(quanto's format for quantized rows) and counts the bytes of the saved weight files. Zeros are
-counted on the dequantized weights of every linear but ``lm_head`` (which quanto leaves in full
-precision). Finished rows are cached; a rerun resumes.
+(quanto's format for quantized rows) and counts the bytes of the saved weight files. bitsandbytes
+rows save the pruned model and load it again with transformers' ``BitsAndBytesConfig``, as a user
+would (on its CPU backend here). Zeros are counted on the dequantized weights of every linear but
+``lm_head`` (which both quantizers leave in full precision). Finished rows are cached; a rerun resumes.
 
     python benchmarks/prune_quant.py            # full protocol, writes benchmarks/PRUNE_QUANT.md
     python benchmarks/prune_quant.py --quick    # 8×128 calibration, 4,096 eval tokens
@@ -18,12 +20,18 @@ import json
 import tempfile
 from pathlib import Path
 
-from transformers import QuantoConfig
+import torch
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, QuantoConfig
 
 from common import quick_or_full, save_rows, table_header
 from optimum_prune import PruningConfig, compress, evaluate_perplexity, load_default_model, save_pruned, verify_sparsity
 
-# (row, pruning sparsity or None, quanto weights or None)
+QUANTO = ("int8", "int4")  # optimum-quanto weight types, through compress
+BITSANDBYTES = {  # load-time quantization of the saved pruned model
+    "bnb int8": BitsAndBytesConfig(load_in_8bit=True),
+    "bnb nf4": BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32),
+}
+# (row, pruning sparsity or None, quantization: a QUANTO weight type, a BITSANDBYTES key or None)
 ROWS = [
     ("dense", None, None),
     ("int8", None, "int8"),
@@ -33,19 +41,27 @@ ROWS = [
     ("SparseGPT 2:4 + int8", "2:4", "int8"),
     ("SparseGPT 2:4 + int4", "2:4", "int4"),
     ("SparseGPT 50 % + int4", 0.5, "int4"),
+    ("bitsandbytes int8", None, "bnb int8"),
+    ("bitsandbytes NF4", None, "bnb nf4"),
+    ("SparseGPT 2:4 + bitsandbytes int8", "2:4", "bnb int8"),
+    ("SparseGPT 2:4 + bitsandbytes NF4", "2:4", "bnb nf4"),
 ]
 
 
-def measure(sparsity: float | str | None, weights: str | None, calibration: tuple[int, int], eval_tokens: int) -> dict:
+def measure(sparsity: float | str | None, quantization: str | None, calibration: tuple[int, int], eval_tokens: int) -> dict:
     model, tokenizer = load_default_model()
     recipe: list = []
     if sparsity is not None:
         samples, seq_len = calibration
         recipe.append(PruningConfig(method="sparsegpt", sparsity=sparsity, num_calibration_samples=samples, calibration_seq_len=seq_len))
-    if weights is not None:
-        recipe.append(QuantoConfig(weights=weights))
+    if quantization in QUANTO:
+        recipe.append(QuantoConfig(weights=quantization))
     if recipe:
         compress(model, recipe, tokenizer=tokenizer)
+    if quantization in BITSANDBYTES:
+        with tempfile.TemporaryDirectory() as directory:
+            save_pruned(model, Path(directory) / "pruned")
+            model = AutoModelForCausalLM.from_pretrained(Path(directory) / "pruned", quantization_config=BITSANDBYTES[quantization])
     pattern = sparsity if isinstance(sparsity, str) else None
     check = verify_sparsity(model, pattern)
     with tempfile.TemporaryDirectory() as directory:
@@ -64,9 +80,9 @@ def main() -> None:
     calibration, eval_tokens = ((8, 128), 4096) if quick else ((32, 512), 65536)
     cache = output.with_suffix(".json")
     done = json.loads(cache.read_text()) if cache.is_file() else {}
-    for row, sparsity, weights in ROWS:
+    for row, sparsity, quantization in ROWS:
         if row not in done:
-            done[row] = measure(sparsity, weights, calibration, eval_tokens)
+            done[row] = measure(sparsity, quantization, calibration, eval_tokens)
             save_rows(cache, done)
         print(row, done[row], flush=True)
 
@@ -79,7 +95,8 @@ def main() -> None:
             f"Protocol: SparseGPT calibration {calibration[0]} × {calibration[1]} tokens (seed 0); perplexity over the first "
             f"{eval_tokens:,} tokens of the Wikipedia evaluation split in 512-token windows. Quantization: optimum-quanto "
             "weight-only (`compress`: pruning first, then `QuantoConfig`; int4 with quanto's integer zero-point so zeros "
-            "stay zero). Stored bytes: the saved `*.safetensors` files (tied embeddings once; pruned weights are stored "
+            "stay zero); bitsandbytes at load time (`from_pretrained(..., quantization_config=BitsAndBytesConfig(...))` of the "
+            "saved pruned model; NF4 computes in fp32). Stored bytes: the saved `*.safetensors` files (tied embeddings once; pruned weights are stored "
             "dense — sparse storage formats are a separate step). Zeros: exact zeros of the dequantized weights of every "
             "linear except `lm_head`.",
         ),
