@@ -35,10 +35,11 @@ from optimum_prune.models import cache_root, default_model_path
 from optimum_prune.report import process_peak_rss
 
 HERE = Path(__file__).resolve().parent
+# Structured rows first: they carry the issue's claim (distillation beats labels at equal steps).
 PRUNINGS = {
-    "Wanda 2:4": {"method": "wanda", "sparsity": "2:4"},
     "width 20 %": {"method": "width", "sparsity": 0.2, "method_options": {"criterion": "wanda_sp", "ranking": "layer"}},
     "depth −8 layers": {"method": "layers", "method_options": {"criterion": "block_influence", "num_layers": 8}},
+    "Wanda 2:4": {"method": "wanda", "sparsity": "2:4"},
 }
 KD = {"temperature": 2.0, "kd_weight": 1.0, "label_weight": 0.0}
 # (finetuning type, learning rate, distill section or None)
@@ -145,6 +146,7 @@ def main() -> None:
     output = args.output or HERE / ("RECOVERY-quick.md" if args.quick else "RECOVERY.md")
     cache = output.with_suffix(".json")
     done = json.loads(cache.read_text()) if cache.is_file() else {}
+    command = "python benchmarks/recovery.py" + (" --quick" if args.quick else "")
     if "dense" not in done:
         model, tokenizer = load_model(default_model_path())
         done["dense"] = {"perplexity": evaluate_perplexity(model, tokenizer, seq_len=512, max_tokens=settings["eval_tokens"]),
@@ -163,11 +165,16 @@ def main() -> None:
                     sys.exit(f"row {key!r} failed (exit {result.returncode}):\n{result.stderr[-4000:]}")
                 done[key] = json.loads(result.stdout.strip().splitlines()[-1])
                 save_rows(cache, done)
+                write_table(done, settings, output, command)  # a cut-off run still leaves its finished rows in the table
             print(key, done[key], flush=True)
-    write_table(done, settings, output, "python benchmarks/recovery.py" + (" --quick" if args.quick else ""))
+    print(write_table(done, settings, output, command))
+    if not all(done[f"{p} / {r}"]["same_zeros"] for p in PRUNINGS for r in RECOVERIES):
+        raise SystemExit("a recovery changed the pruned zeros")
 
 
-def write_table(done: dict, settings: dict, output: Path, command: str) -> None:
+def write_table(done: dict, settings: dict, output: Path, command: str) -> str:
+    """Write the markdown table of the finished rows (the unfinished ones listed below it) and
+    return it; each pruning row group ends with how distillation compares with labels."""
     lines = [
         *table_header(
             "Recovery after pruning: SmolLM2-135M-Instruct (fp32, CPU) through LLaMA-Factory, labels vs distillation",
@@ -185,22 +192,38 @@ def write_table(done: dict, settings: dict, output: Path, command: str) -> None:
         "|---|---|---|---|---|---|---|",
         f"| dense ({done['dense']['parameters']:,} parameters) | — | {done['dense']['perplexity']:.2f} | | | | |",
     ]
+    verdicts, missing = [], []
     for pruning in PRUNINGS:
+        if pruning not in done:
+            missing.append(pruning)
+            continue
         before = done[pruning]
         lines.append(
             f"| {pruning} ({before['parameters']:,} parameters, {before['sparsity']:.1%} zeros) | none | {before['perplexity']:.2f} | | | | |"
         )
-        labels = done[f"{pruning} / LoRA, labels"]["perplexity"]
+        labels = done.get(f"{pruning} / LoRA, labels", {}).get("perplexity")
         for recovery in RECOVERIES:
-            row = done[f"{pruning} / {recovery}"]
+            row = done.get(f"{pruning} / {recovery}")
+            if row is None:
+                missing.append(f"{pruning} / {recovery}")
+                continue
+            versus = f"{row['perplexity'] / labels:.2f}×" if labels else ""
             lines.append(
-                f"| | {recovery} | {row['perplexity']:.2f} | {row['perplexity'] / labels:.2f}× | {row['seconds']:.0f} | "
+                f"| | {recovery} | {row['perplexity']:.2f} | {versus} | {row['seconds']:.0f} | "
                 f"{row['peak_rss_bytes'] / 2**30:.2f} | {'yes' if row['same_zeros'] else '**no**'} |"
             )
-    output.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    if not all(done[f"{p} / {r}"]["same_zeros"] for p in PRUNINGS for r in RECOVERIES):
-        raise SystemExit("a recovery changed the pruned zeros")
+        distilled = {r: done[f"{pruning} / {r}"]["perplexity"] for r in RECOVERIES if RECOVERIES[r][2] and f"{pruning} / {r}" in done}
+        if labels and distilled:
+            best = min(distilled, key=distilled.get)
+            verdict = "beats" if distilled[best] < labels else "does not beat"
+            verdicts.append(f"- {pruning}: the best distillation ({best}, {distilled[best]:.2f}) {verdict} label-only LoRA ({labels:.2f}) at equal steps.")
+    if verdicts:
+        lines += ["", *verdicts]
+    if missing:
+        lines += ["", "Not measured yet (a rerun resumes from `RECOVERY.json`): " + ", ".join(missing) + "."]
+    table = "\n".join(lines) + "\n"
+    output.write_text(table)
+    return table
 
 
 if __name__ == "__main__":
