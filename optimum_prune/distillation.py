@@ -9,8 +9,13 @@ The loss (Hinton et al. 2015; Minitron, Muralidharan et al. 2024) mixes
   the next-token positions that have a label (``labels != -100``, shifted as the causal-LM loss is);
 - ``label_weight`` × the student's own cross-entropy on the labels;
 - ``hidden_weight`` × the mean squared error between student and teacher hidden states of the
-  layers in ``layer_map`` (student layer → teacher layer; identity when depths match), which needs
-  equal widths (width-pruned students: leave ``hidden_weight`` at 0);
+  layers in ``layer_map`` (student layer → teacher layer; identity when depths match). Head- and
+  channel-pruned students keep the residual width, so their states are compared as they are (the
+  identity projection); where the width differs (SliceGPT slices and rotates the residual stream)
+  the student's state goes through a learned linear map to the teacher's width first (Minitron's
+  intermediate-state loss, Muralidharan et al. 2024): one per mapped layer, fitted by least squares
+  on the first batch (so the loss starts at what the student can already match), then trained with
+  the student (a parameter group of the Trainer's optimizer) and discarded after training;
 - ``exit_weight`` × T² · KL(p_final ‖ p_exit): recovery of an early-exit path (LayerSkip, Elhoushi
   et al. 2024, trained here as self-distillation): the logits read after decoder layer
   ``exit_layer`` through the shared final norm and LM head are pulled towards the model's own
@@ -121,13 +126,24 @@ class DistillationMixin:
         super().__init__(*args, **kwargs)
         self.distillation = distillation or DistillationConfig()
         self.teacher = teacher
+        self.hidden_projections: nn.ModuleDict | None = None
         if teacher is not None:
             _check_vocabularies(teacher, self.model)
             teacher.eval().requires_grad_(False)
             if teacher_device is not None:
                 teacher.to(teacher_device)
+            if self.distillation.hidden_weight:
+                self.hidden_projections = _hidden_projections(self.model, teacher, self.distillation.layer_map)
+        self._projections_fitted = False
         if self.distillation.exit_weight:
             check_exit_layer(self.distillation.exit_layer, len(get_adapter(self.model).decoder_layers()))
+
+    def create_optimizer(self) -> torch.optim.Optimizer:
+        """The Trainer's optimizer, plus the learned width projections (if any) as their own group."""
+        optimizer = super().create_optimizer()
+        if self.hidden_projections:
+            optimizer.add_param_group({"params": list(self.hidden_projections.parameters()), "weight_decay": 0.0})
+        return optimizer
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
@@ -186,14 +202,15 @@ class DistillationMixin:
         mask = inputs.get("attention_mask")
         losses = []
         for student_layer, teacher_layer in layer_map.items():
-            s, t = student_hidden[student_layer + 1], teacher_hidden[teacher_layer + 1].to(student_hidden[0].device)
-            if s.shape[-1] != t.shape[-1]:
-                raise ValueError(
-                    f"hidden-state distillation compares widths {s.shape[-1]} (student) and {t.shape[-1]} (teacher): a "
-                    "width-pruned student needs hidden_weight=0"
-                )
-            error = (s.float() - t.float()).pow(2).mean(-1)
+            s, t = student_hidden[student_layer + 1].float(), teacher_hidden[teacher_layer + 1].to(student_hidden[0].device).float()
+            if self.hidden_projections and str(student_layer) in self.hidden_projections:
+                projection = self.hidden_projections[str(student_layer)]
+                if not self._projections_fitted:
+                    _fit_projection(projection, s, t, mask)
+                s = projection(s)
+            error = (s - t).pow(2).mean(-1)
             losses.append(error[mask.bool()].mean() if mask is not None else error.mean())
+        self._projections_fitted = True
         return torch.stack(losses).mean()
 
 
@@ -257,6 +274,36 @@ def add_teacher_top_k(dataset: Any, teacher: nn.Module, k: int = 64, batch_size:
         return {TOP_K_INDICES: indices.int().cpu().tolist(), TOP_K_LOGITS: values.float().cpu().tolist()}
 
     return dataset.map(annotate, batched=True, batch_size=batch_size, desc="Teacher top-k logits")
+
+
+def _hidden_projections(student: nn.Module, teacher: nn.Module, layer_map: dict[int, int]) -> nn.ModuleDict:
+    """``Linear(student width → teacher width)`` for each mapped layer whose widths differ, keyed by
+    the student layer (zero until ``_fit_projection``); the widths are read from one token through both models."""
+    widths = []
+    with torch.no_grad():
+        for model in (student, teacher):
+            device = next(model.parameters()).device
+            hidden = model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), output_hidden_states=True).hidden_states
+            widths.append([state.shape[-1] for state in hidden[1:]])
+    mapping = layer_map or _identity_map(len(widths[0]), len(widths[1]))
+    projections = nn.ModuleDict()
+    for student_layer, teacher_layer in mapping.items():
+        student_width, teacher_width = widths[0][student_layer], widths[1][teacher_layer]
+        if student_width != teacher_width:
+            projection = nn.Linear(student_width, teacher_width, bias=False)
+            nn.init.zeros_(projection.weight)
+            projections[str(student_layer)] = projection
+    return projections.to(next(student.parameters()).device)
+
+
+def _fit_projection(projection: nn.Linear, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> None:
+    """Set ``projection`` to the ridge least-squares map from the student's states to the teacher's."""
+    keep = mask.bool() if mask is not None else torch.ones(student.shape[:-1], dtype=torch.bool, device=student.device)
+    with torch.no_grad():
+        x, y = student.detach()[keep].double(), teacher[keep].double()
+        gram = x.T @ x
+        gram.diagonal().add_(1e-2 * gram.diagonal().mean() + 1e-8)  # ridge: a batch may not span the student's width
+        projection.weight.copy_(torch.linalg.solve(gram, x.T @ y).T.to(projection.weight.dtype))
 
 
 def _identity_map(student_layers: int, teacher_layers: int) -> dict[int, int]:

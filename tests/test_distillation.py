@@ -89,6 +89,31 @@ def test_training_moves_the_student_towards_a_frozen_teacher_and_keeps_the_masks
     assert verify_sparsity(student, "2:4")["conforming"]
 
 
+def test_a_sliced_student_learns_projections_to_the_teachers_width(tmp_path):
+    """SliceGPT narrows (and rotates) the residual stream: the hidden-state loss maps each student
+    state to the teacher's width through a projection fitted on the first batch, then trained with it."""
+    teacher = tiny_model(seed=0)
+    student = copy.deepcopy(teacher)
+    prune(student, PruningConfig(method="slicegpt", sparsity=0.25), calibration=token_windows())
+    config = DistillationConfig(temperature=1.0, kd_weight=0.0, hidden_weight=1.0)
+    trainer = DistillationTrainer(model=student, teacher=teacher, distillation=config, args=training_args(tmp_path, 12), train_dataset=dataset())
+    width = teacher.config.hidden_size
+    assert len(trainer.hidden_projections) == teacher.config.num_hidden_layers
+    assert all(p.weight.shape[0] == width and p.weight.shape[1] < width for p in trainer.hidden_projections.values())
+    assert not any(p.weight.any() for p in trainer.hidden_projections.values())  # set by the first batch
+    untrained = copy.deepcopy(student)
+    trainer.train()
+    held_out = token_windows(samples=4, seq_len=16, seed=9)
+    batch = {"input_ids": held_out, "labels": held_out}
+    with torch.no_grad():
+        teacher_states = teacher(input_ids=held_out, output_hidden_states=True).hidden_states[1:]
+        unprojected = float(torch.stack([state.pow(2).mean() for state in teacher_states]).mean())  # the loss with zero maps
+        after = float(trainer.compute_loss(student, dict(batch)))
+        assert after < 0.75 * unprojected
+        assert after < float(trainer.compute_loss(untrained, dict(batch)))  # the student moved, not only the maps
+    assert not any("hidden_projections" in name for name in student.state_dict())  # training-only
+
+
 @pytest.mark.parametrize("quantizer", ["quanto int8", "bitsandbytes int8"])
 def test_a_teacher_quantized_to_8_bit_teaches_and_stays_frozen(quantizer, tmp_path):
     """The memory-aware teacher: quantized through the Optimum issue's paths (``compress`` with
@@ -146,13 +171,12 @@ def test_errors_name_the_fix(tmp_path):
         DistillationConfig(temperature=0)
     with pytest.raises(ValueError, match="not all 0"):
         DistillationConfig(kd_weight=0)
-    shallow = tiny_model(num_hidden_layers=2)
-    trainer = DistillationTrainer(
-        model=shallow, teacher=tiny_model(), distillation=DistillationConfig(hidden_weight=1.0), args=training_args(tmp_path, 1)
-    )
+    with pytest.raises(ValueError, match="needs DistillationConfig.layer_map"):  # before any training
+        DistillationTrainer(
+            model=tiny_model(num_hidden_layers=2), teacher=tiny_model(), distillation=DistillationConfig(hidden_weight=1.0),
+            args=training_args(tmp_path, 1),
+        )  # fmt: skip
     ids = token_windows(samples=2, seq_len=8)
-    with pytest.raises(ValueError, match="needs DistillationConfig.layer_map"):
-        trainer.compute_loss(shallow, {"input_ids": ids, "labels": ids})
     no_teacher = DistillationTrainer(model=tiny_model(), args=training_args(tmp_path, 1))
     with pytest.raises(ValueError, match="distillation needs a teacher"):
         no_teacher.compute_loss(no_teacher.model, {"input_ids": ids, "labels": ids})

@@ -31,10 +31,11 @@ class ShortcutDecoderLayer(GradientCheckpointingLayer):
     the stream from the layer input's basis to the one after attention and on to the layer
     output's. The stock layer's forward adds its input back unchanged, so it cannot express this.
     The submodules keep their stock names: the state dict only gains the two shortcut weights.
+    Build it with ``with_shortcuts``, which also makes it an instance of the stock layer class.
     """
 
     def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
+        GradientCheckpointingLayer.__init__(self)  # not the stock class's __init__: the parts are taken from ``layer``
         self.hidden_size = layer.hidden_size
         self.self_attn = layer.self_attn
         self.mlp = layer.mlp
@@ -50,6 +51,20 @@ class ShortcutDecoderLayer(GradientCheckpointingLayer):
         attention, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
         hidden_states = self.attention_shortcut(hidden_states) + attention
         return self.mlp_shortcut(hidden_states) + self.mlp(self.post_attention_layernorm(hidden_states))
+
+
+_SHORTCUT_CLASSES: dict[type, type] = {}
+
+
+def with_shortcuts(layer: nn.Module) -> ShortcutDecoderLayer:
+    """``layer`` as a ``ShortcutDecoderLayer`` that is also an instance of ``layer``'s own class:
+    transformers collects ``output_hidden_states`` by hooking the stock decoder-layer class
+    (``_can_record_outputs``), so a layer of another class would silently drop them."""
+    stock = type(layer)
+    if stock not in _SHORTCUT_CLASSES:
+        name = f"Shortcut{stock.__name__}"
+        _SHORTCUT_CLASSES[stock] = globals()[name] = type(name, (ShortcutDecoderLayer, stock), {"__module__": __name__})  # picklable by name
+    return _SHORTCUT_CLASSES[stock](layer)
 
 
 def _identity_linear(width: int, like: torch.Tensor) -> nn.Linear:
@@ -186,7 +201,7 @@ class LlamaAdapter(DecoderAdapter):
     def add_shortcuts(self, index: int) -> nn.Module:
         layers = self.decoder_layers()
         if not isinstance(layers[index], ShortcutDecoderLayer):
-            layers[index] = ShortcutDecoderLayer(layers[index])
+            layers[index] = with_shortcuts(layers[index])
         return layers[index]
 
     def final_norm(self) -> nn.Module:

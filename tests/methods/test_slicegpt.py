@@ -81,8 +81,12 @@ def test_sliced_model_reloads_bit_exact_generates_with_cache_and_takes_lora(fami
     prune(model, slicegpt(0.25), calibration=token_windows())
     reloaded = assert_reloads_exactly(model, save_pruned(model, tmp_path / "sliced"))
 
-    peft_model = get_peft_model(reloaded, LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
     ids = token_windows(samples=2, seq_len=16)
+    for sliced in (model, reloaded):  # transformers records hidden states by the stock layer class
+        hidden = sliced(input_ids=ids, output_hidden_states=True).hidden_states
+        assert hidden is not None and len(hidden) == model.config.num_hidden_layers + 1
+
+    peft_model = get_peft_model(reloaded, LoraConfig(r=4, target_modules=["q_proj", "down_proj"]))
     peft_model(input_ids=ids, labels=ids).loss.backward()
     lora_b = [p for n, p in peft_model.named_parameters() if "lora_B" in n]
     assert lora_b and all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in lora_b)
