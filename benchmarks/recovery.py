@@ -1,6 +1,7 @@
 """Recovery of a pruned SmolLM2-135M through LLaMA-Factory: LoRA on labels vs LoRA + knowledge
-distillation from the dense model vs full fine-tuning with distillation, after Wanda 2:4, width
-pruning (20 %) and depth pruning (8 layers), at equal steps and tokens.
+distillation from the dense model vs full fine-tuning with distillation (and LoRA with distillation
+and labels mixed), after Wanda 2:4, width pruning (20 %) and depth pruning (8 layers), at equal
+steps and tokens.
 
 Every row is the product path a user runs: the model is pruned once per pruning row with
 ``llamafactory_ext.run_train`` (``stage: prune``, calibrated through LLaMA-Factory's data pipeline
@@ -42,11 +43,14 @@ PRUNINGS = {
     "Wanda 2:4": {"method": "wanda", "sparsity": "2:4"},
 }
 KD = {"temperature": 2.0, "kd_weight": 1.0, "label_weight": 0.0}
+# Separates two reasons KD alone can lose to labels here: its temperature, and not seeing the labels.
+KD_AND_LABELS = {"temperature": 1.0, "kd_weight": 0.5, "label_weight": 0.5}
 # (finetuning type, learning rate, distill section or None)
 RECOVERIES = {
     "LoRA, labels": ("lora", 3.0e-4, None),
     "LoRA, KD": ("lora", 3.0e-4, KD),
     "full, KD": ("full", 5.0e-5, KD),
+    "LoRA, KD + labels (T=1)": ("lora", 3.0e-4, KD_AND_LABELS),
 }
 
 
@@ -172,6 +176,17 @@ def main() -> None:
         raise SystemExit("a recovery changed the pruned zeros")
 
 
+LOSING_KD = (
+    "Why distillation can lose to labels in this protocol (reasons of its design, not yet isolated by a measurement "
+    "unless the `KD + labels` rows are there): the perplexity is measured on held-out text of the same Wikipedia "
+    "distribution the label loss trains on, so the label loss optimises the metric directly, while KD alone pulls the "
+    "student towards the teacher's temperature-2 distribution (an instruction-tuned model, itself at the dense "
+    "perplexity above on this text); and 60 steps × 1,024 tokens is orders of magnitude below the token budgets over "
+    "which Minitron-style distillation is reported to pay off. The `KD + labels (T=1)` rows keep the label signal and "
+    "drop the softening."
+)
+
+
 def write_table(done: dict, settings: dict, output: Path, command: str) -> str:
     """Write the markdown table of the finished rows (the unfinished ones listed below it) and
     return it; each pruning row group ends with how distillation compares with labels."""
@@ -185,7 +200,7 @@ def write_table(done: dict, settings: dict, output: Path, command: str) -> str:
             f"`run_exp`, stage pt on `wiki_pt` (Wikipedia calibration split), {settings['steps']} steps × 4 × 256 tokens, "
             "cosine schedule, seed 0; LoRA r=16 α=32 on all linears at lr 3e-4 (merged keeping the zeros), full fine-tuning "
             "at lr 5e-5. KD: a `distill:` section with the dense model as teacher, T=2, the KD loss alone (kd_weight 1, "
-            f"label_weight 0). Perplexity: first {settings['eval_tokens']:,} tokens of the evaluation split in 512-token "
+            "label_weight 0); KD + labels: T=1, kd_weight 0.5, label_weight 0.5. Perplexity: first {settings['eval_tokens']:,} tokens of the evaluation split in 512-token "
             "windows. Time: the Trainer's `train_runtime` (the optimisation steps; each row in its own process); peak memory: that process's peak RSS.",
         ),
         "| pruning | recovery | perplexity | vs label-only LoRA | training s | peak RSS (GiB) | zeros kept |",
@@ -219,6 +234,8 @@ def write_table(done: dict, settings: dict, output: Path, command: str) -> str:
             verdicts.append(f"- {pruning}: the best distillation ({best}, {distilled[best]:.2f}) {verdict} label-only LoRA ({labels:.2f}) at equal steps.")
     if verdicts:
         lines += ["", *verdicts]
+    if any("does not beat" in verdict for verdict in verdicts):
+        lines += ["", LOSING_KD]
     if missing:
         lines += ["", "Not measured yet (a rerun resumes from `RECOVERY.json`): " + ", ".join(missing) + "."]
     table = "\n".join(lines) + "\n"
