@@ -176,11 +176,11 @@ def main() -> None:
         raise SystemExit("a recovery changed the pruned zeros")
 
 
-LOSING_KD = (
-    "Where distillation alone (T=2, no label loss) loses to labels: the perplexity is measured on held-out text of "
+LOSING_KD = (  # formatted with the protocol's settings and KD's temperature
+    "Where distillation alone (T={temperature}, no label loss) loses to labels: the perplexity is measured on held-out text of "
     "the same Wikipedia distribution the label loss trains on, so that loss optimises the metric directly, while KD "
     "alone pulls the student towards the teacher's softened distribution (an instruction-tuned model, itself at the "
-    "dense perplexity above on this text); and 60 steps × 1,024 tokens is far below the token budgets Minitron-style "
+    "dense perplexity above on this text); and {steps} steps × 1,024 tokens is far below the token budgets Minitron-style "
     "distillation is reported at. The `KD + labels (T=1)` rows keep the label signal and drop the softening: where "
     "they beat label-only LoRA, the teacher's signal adds to the labels' and KD alone lost through its softened, "
     "label-free objective, not through the teacher."
@@ -236,7 +236,7 @@ def write_table(done: dict, settings: dict, output: Path, command: str) -> str:
     if verdicts:
         lines += ["", *verdicts]
     if kd_alone_loses:
-        lines += ["", LOSING_KD]
+        lines += ["", LOSING_KD.format(temperature=KD["temperature"], steps=settings["steps"])]
     if missing:
         lines += ["", "Not measured yet (a rerun resumes from `RECOVERY.json`): " + ", ".join(missing) + "."]
     table = "\n".join(lines) + "\n"
