@@ -177,7 +177,7 @@ def main() -> None:
 
 
 LOSING_KD = (  # formatted with the protocol's settings and KD's temperature
-    "Where distillation alone (T={temperature}, no label loss) loses to labels: the perplexity is measured on held-out text of "
+    "Where distillation alone (T={temperature:g}, no label loss) loses to labels: the perplexity is measured on held-out text of "
     "the same Wikipedia distribution the label loss trains on, so that loss optimises the metric directly, while KD "
     "alone pulls the student towards the teacher's softened distribution (an instruction-tuned model, itself at the "
     "dense perplexity above on this text); and {steps} steps × 1,024 tokens is far below the token budgets Minitron-style "
