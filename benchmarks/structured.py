@@ -164,7 +164,7 @@ def markdown(results: list[dict], args: argparse.Namespace, command: str) -> str
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="8×128 calibration and 4,096 eval tokens")
-    parser.add_argument("--only", help="run only rows whose key contains this text")
+    parser.add_argument("--only", help="measure (or retime) only rows whose key contains this text; the table keeps every finished row")
     parser.add_argument("--repeats", type=int, default=10, help="timed forward passes per model")
     parser.add_argument("--output", type=Path, help="markdown table (default: benchmarks/STRUCTURED.md or STRUCTURED-quick.md)")
     parser.add_argument("--cache", type=Path, help="JSON file of finished rows (default: beside the output)")
@@ -183,15 +183,14 @@ def main() -> None:
     results, pending = [], []
     for row in [None, *ROWS]:
         key = row_key(row)
-        if args.only and args.only not in key and row is not None:
-            continue
-        if args.retime and key not in done:
+        selected = row is None or not args.only or args.only in key
+        if key not in done and (args.retime or not selected):
             pending.append(key)
             continue
         if key not in done:
             done[key] = measure(row, args)
             save_rows(cache, done)
-        elif args.retime:
+        elif args.retime and selected:
             done[key] = retimed(done[key], args) if "config" in done[key] else {**done[key], **measure(row, args, perplexity=False)}
             save_rows(cache, done)
         results.append(done[key])
@@ -199,7 +198,7 @@ def main() -> None:
         print(f"{key:<48} ppl {r['perplexity']:>9.2f}  params {r['parameter_ratio']:.1%}  latency {r['latency_ratio']:.2f}", flush=True)
     table = markdown(results, args, command)
     if pending:
-        table += "\nNot measured yet (a run without `--retime` adds them): " + ", ".join(f"`{key}`" for key in pending) + ".\n"
+        table += "\nNot measured yet (a run without `--retime` or `--only` adds them): " + ", ".join(f"`{key}`" for key in pending) + ".\n"
     output.write_text(table)
     print(table)
 
