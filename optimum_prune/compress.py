@@ -1,12 +1,15 @@
 """Prune, then quantize, in one call: ``compress(model, [PruningConfig(...), QuantoConfig(...)])``.
 
 In the spirit of llm-compressor's ``oneshot(recipe=[...])``, but every step is an object users
-already know: a ``PruningConfig`` (or its dict) and transformers' ``QuantoConfig``, applied with
-optimum-quanto's own ``quantize`` / ``freeze`` (weight-only). The result saves with
-``save_pruned`` in optimum-quanto's format and reloads with
-``optimum.quanto.QuantizedModelForCausalLM.from_pretrained``.
+already know: a ``PruningConfig`` (or its dict), then transformers' ``QuantoConfig`` (applied with
+optimum-quanto's own ``quantize`` / ``freeze``, weight-only) or ``GPTQConfig`` (optimum's
+``GPTQQuantizer`` on gptqmodel, as ``from_pretrained(..., quantization_config=GPTQConfig(...))``
+runs it). ``save_pruned`` writes quanto results in optimum-quanto's format (reload with
+``optimum.quanto.QuantizedModelForCausalLM.from_pretrained``) and GPTQ results as transformers does
+(reload with ``AutoModelForCausalLM.from_pretrained``).
 
-Pruned weights stay exactly zero through quantization (see ``optimum_prune.quanto``).
+Pruned weights stay exactly zero through quantization (see ``optimum_prune.quanto`` and
+``optimum_prune.gptq``).
 """
 
 from __future__ import annotations
@@ -15,13 +18,13 @@ from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
-from transformers import QuantoConfig
+from transformers import GPTQConfig, QuantoConfig
 
-from .calibration import CalibrationSource
+from .calibration import CalibrationSource, calibration_windows
 from .config import PruningConfig
 from .report import PruningReport
 
-Step = PruningConfig | Mapping[str, Any] | QuantoConfig
+Step = PruningConfig | Mapping[str, Any] | QuantoConfig | GPTQConfig
 
 
 def compress(
@@ -34,9 +37,11 @@ def compress(
     """Apply ``recipe`` to ``model`` in place, in order; return the pruning steps' reports.
 
     Steps: any number of ``PruningConfig`` (or dicts of one), then at most one
-    ``transformers.QuantoConfig`` (weight-only), which must come last: quantized weights are
-    frozen, so nothing can be pruned after them. The recipe's form is checked before any step runs;
-    a step that cannot apply to what the earlier steps produced fails before it changes anything.
+    ``transformers.QuantoConfig`` (weight-only) or ``transformers.GPTQConfig``, which must come last:
+    quantized weights are frozen, so nothing can be pruned after them. GPTQ calibrates on
+    ``calibration`` (windows drawn as the last pruning step draws them) unless its config lists texts.
+    The recipe's form is checked before any step runs; a step that cannot apply to what the earlier
+    steps produced fails before it changes anything.
     """
     from .api import prune
 
@@ -49,10 +54,19 @@ def compress(
             f"recipe[{quantization[0]}]: quantization must be the single last step (quantized weights are frozen, "
             "nothing can be pruned after them)"
         )
+    if isinstance(steps[-1], GPTQConfig):
+        from .gptq import check_group_size
+
+        check_group_size(model, steps[-1], f"recipe[{len(steps) - 1}]")
+    gptq_windows = _gptq_windows(steps, calibration, tokenizer)
     reports = []
     for step in steps:
         if isinstance(step, PruningConfig):
             reports.append(prune(model, step, calibration=calibration, tokenizer=tokenizer, device=device))
+        elif isinstance(step, GPTQConfig):
+            from .gptq import quantize_weights
+
+            quantize_weights(model, step, gptq_windows, tokenizer)
         else:
             from .quanto import quantize_weights
 
@@ -60,11 +74,32 @@ def compress(
     return reports
 
 
+def _gptq_windows(steps: list, calibration: CalibrationSource, tokenizer: Any) -> torch.Tensor | None:
+    """Token windows for a GPTQ step without texts of its own, drawn like the last pruning step's (or a
+    default config's) calibration; resolved before any step runs, so a missing tokenizer changes nothing."""
+    gptq = next((step for step in steps if isinstance(step, GPTQConfig)), None)
+    if gptq is None:
+        return None
+    if gptq.dataset is not None:
+        if tokenizer is None:
+            raise ValueError("GPTQConfig(dataset=[texts]) needs tokenizer= to tokenize them; pass compress(..., tokenizer=...)")
+        return None
+    sampling = next((step for step in reversed(steps) if isinstance(step, PruningConfig)), PruningConfig())
+    return calibration_windows(
+        calibration, tokenizer, sampling.num_calibration_samples, sampling.calibration_seq_len, sampling.seed
+    )
+
+
 def _check_step(step: Step, index: int) -> PruningConfig | QuantoConfig:
     if isinstance(step, PruningConfig):
         return step
     if isinstance(step, Mapping):
         return PruningConfig.from_dict(step)
+    if isinstance(step, GPTQConfig):
+        from .gptq import check_config
+
+        check_config(step, f"recipe[{index}]")
+        return step
     if isinstance(step, QuantoConfig):
         if step.activations is not None:
             raise ValueError(
@@ -77,6 +112,6 @@ def _check_step(step: Step, index: int) -> PruningConfig | QuantoConfig:
             raise ImportError(f"recipe[{index}]: QuantoConfig needs optimum-quanto: pip install 'optimum-prune[quanto]'") from None
         return step
     raise TypeError(
-        f"recipe[{index}] is a {type(step).__name__}; steps are PruningConfig (or a dict of one) and "
-        "transformers.QuantoConfig"
+        f"recipe[{index}] is a {type(step).__name__}; steps are PruningConfig (or a dict of one), then "
+        "transformers.QuantoConfig or transformers.GPTQConfig"
     )

@@ -5,9 +5,11 @@ pruned zeros can be counted after quantization (``verify_sparsity``).
 - bitsandbytes (transformers' ``BitsAndBytesConfig``, load-time): 4-bit ``Params4bit`` carry a
   ``quant_state`` (block-wise absmax, NF4 / FP4 codes) that ``bitsandbytes.functional.dequantize_4bit``
   undoes; 8-bit ``Int8Params`` hold int8 rows with one absmax per row (``SCB``): value = q · SCB / 127
-  (LLM.int8()'s vector-wise quantization).
+  (LLM.int8()'s vector-wise quantization);
+- GPTQ (gptqmodel's quantized linears, which are not ``nn.Linear``): packed integer codes with per-group
+  scales and zero-points that their ``dequantize_weight()`` undoes, laid out ``[in, out]``.
 
-Both bitsandbytes formats map 0 to exactly 0 (NF4 and FP4 have a zero code; int8 rounds 0 to 0), so
+All formats map 0 to exactly 0 (NF4 and FP4 have a zero code; int8 rounds 0 to 0), so
 a pruned weight stays pruned; NF4 may also turn a few tiny weights into zeros.
 """
 
@@ -17,8 +19,15 @@ import torch
 from torch import nn
 
 
-def dequantized_weight(module: nn.Linear) -> torch.Tensor:
+def is_linear(module: nn.Module) -> bool:
+    """A linear layer, quantized or not (GPTQ's quantized linears replace ``nn.Linear`` by another class)."""
+    return isinstance(module, nn.Linear) or is_gptq_linear(module)
+
+
+def dequantized_weight(module: nn.Module) -> torch.Tensor:
     """``module``'s weight as a plain ``[out, in]`` tensor (dequantized when quantized)."""
+    if is_gptq_linear(module):
+        return module.dequantize_weight().T
     weight = module.weight
     quant_state = getattr(weight, "quant_state", None)
     if quant_state is not None:  # bitsandbytes 4-bit
@@ -30,3 +39,8 @@ def dequantized_weight(module: nn.Linear) -> torch.Tensor:
         return weight.data.float() * (row_scales.float().unsqueeze(1) / 127)
     weight = weight.detach()
     return weight if type(weight) is torch.Tensor else weight.dequantize()  # optimum-quanto
+
+
+def is_gptq_linear(module: nn.Module) -> bool:
+    """A gptqmodel quantized linear (recognised without importing gptqmodel)."""
+    return hasattr(module, "qweight") and hasattr(module, "dequantize_weight")

@@ -17,6 +17,7 @@ from typing import Any, Iterator
 from torch import nn
 
 from .config import PruningConfig
+from .quantized import is_gptq_linear
 from .report import PruningReport
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,8 @@ def save_pruned(
     ``AutoModelForCausalLM.from_pretrained(output_dir)`` reloads unstructured and uniform structured
     results without this package; non-uniform structured ones need ``import optimum_prune`` first.
     A model quantized by ``compress`` (optimum-quanto) is saved in optimum-quanto's format and
-    reloads with ``optimum.quanto.QuantizedModelForCausalLM.from_pretrained(output_dir)``. A ``report`` with per-layer scores (depth / sublayer methods) adds ``layer_scores.png``.
+    reloads with ``optimum.quanto.QuantizedModelForCausalLM.from_pretrained(output_dir)``; one
+    quantized with GPTQ reloads with ``AutoModelForCausalLM.from_pretrained(output_dir)`` (gptqmodel installed). A ``report`` with per-layer scores (depth / sublayer methods) adds ``layer_scores.png``.
     ``compressed_tensors_metadata=True`` writes the compressed-tensors ``sparsity_config`` (see
     ``sparsity_metadata.py``) as the checkpoint's ``quantization_config`` for serving stacks.
     """
@@ -102,6 +104,11 @@ def _write_checkpoint(
         from optimum.quanto import QuantizedModelForCausalLM
 
         QuantizedModelForCausalLM(model).save_pretrained(staging)
+    elif any(is_gptq_linear(module) for module in model.modules()):
+        from .gptq import v1_checkpoint_layout
+
+        with v1_checkpoint_layout(model):
+            model.save_pretrained(staging, safe_serialization=True)
     else:
         model.save_pretrained(staging, safe_serialization=True)
     if tokenizer is not None:

@@ -14,7 +14,7 @@ from typing import Iterable, Union
 import torch
 from torch import nn
 
-from .quantized import dequantized_weight
+from .quantized import dequantized_weight, is_linear
 
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 
@@ -111,10 +111,10 @@ def conforms_to(weight: torch.Tensor, pattern: NMPattern) -> bool:
 def verify_sparsity(
     model: nn.Module, pattern: str | NMPattern | None = None, ignore: Iterable[str] = ("lm_head",)
 ) -> dict:
-    """Measured sparsity of every ``nn.Linear`` weight, and N:M conformity when ``pattern`` is given.
+    """Measured sparsity of every linear layer's weight, and N:M conformity when ``pattern`` is given.
 
     Zeros are counted as they are: weights that were already exactly zero before pruning
-    count too. Quantized weights (optimum-quanto, bitsandbytes 8-bit and 4-bit) are counted on
+    count too. Quantized weights (optimum-quanto, bitsandbytes 8-bit and 4-bit, GPTQ) are counted on
     their dequantized values, so a quantizer that moves zeros shows up here. Returns ``{"overall_sparsity", "pattern", "conforming", "layers": {name: ...}}``.
     """
     from fnmatch import fnmatchcase
@@ -124,7 +124,7 @@ def verify_sparsity(
     layers: dict[str, dict] = {}
     zeros = total = 0
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or any(fnmatchcase(name, p) for p in ignored):
+        if not is_linear(module) or any(fnmatchcase(name, p) for p in ignored):
             continue
         weight = dequantized_weight(module)
         layer_zeros = int((weight == 0).sum())

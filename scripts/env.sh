@@ -27,5 +27,11 @@ if [[ ! -f "$ROOT/.venv/.installed" || "$ROOT/pyproject.toml" -nt "$ROOT/.venv/.
   # LLaMA-Factory's other requirements come with the [llamafactory] extra; its torchaudio,
   # torchvision, gradio, av and modelscope pins cannot be met with this torch, hence --no-deps.
   pip_install --no-deps -c "$ROOT/constraints.txt" llamafactory
+  # gptqmodel (the GPTQ backend of transformers/optimum) ships only as an sdist whose build imports
+  # torch, hence --no-build-isolation against the torch above; its CUDA kernels are built only when
+  # BUILD_CUDA_EXT=1 is set (CPU and its torch kernels work without). Its own requirements pin
+  # numpy==2.2.6 and pull build tools, so only the packages its import needs are installed.
+  BUILD_CUDA_EXT="${BUILD_CUDA_EXT:-0}" pip_install --no-deps --no-build-isolation -c "$ROOT/constraints.txt" \
+    gptqmodel logbar device-smi tokenicer threadpoolctl pypcre
   [[ -d "$ROOT/.venv" ]] && touch "$ROOT/.venv/.installed"
 fi

@@ -1,0 +1,106 @@
+"""Prune → GPTQ (transformers' GPTQConfig on optimum + gptqmodel, here on CPU) in one call, saved and
+reloaded with stock ``AutoModelForCausalLM.from_pretrained``."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPTQConfig
+
+from optimum_prune import PruningConfig, compress, save_pruned, verify_sparsity
+from optimum_prune.quantized import dequantized_weight
+
+from .conftest import tiny_model, token_windows
+
+pytest.importorskip("gptqmodel")
+
+WIDE = dict(hidden_size=128, intermediate_size=256)  # multiples of the GPTQ group size below
+GROUP = 32
+
+
+def pruned_positions(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: module.weight == 0 for name, module in model.named_modules() if isinstance(module, torch.nn.Linear) and "layers" in name}
+
+
+@pytest.mark.parametrize(("sparsity", "bits"), [("2:4", 4), (0.5, 8)])
+def test_pruned_weights_stay_exactly_zero_through_gptq_save_and_reload(sparsity, bits, tmp_path, monkeypatch):
+    # gptqmodel's 8-bit CPU layers torch.compile their dequantisation (a minute of inductor builds here); eager is the same arithmetic.
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
+    model = tiny_model(**WIDE)
+    config = PruningConfig(method="wanda", sparsity=sparsity)
+    compress(model, [config, GPTQConfig(bits=bits, group_size=GROUP)], calibration=token_windows())
+
+    assert "QuantLinear" in type(model.model.layers[0].mlp.down_proj).__name__
+    assert type(model.lm_head) is torch.nn.Linear  # GPTQ leaves lm_head in full precision
+    measured = verify_sparsity(model, "2:4" if sparsity == "2:4" else None)  # counted on the dequantized codes
+    assert measured["overall_sparsity"] >= 0.5 and len(measured["layers"]) == 3 * 7
+    assert measured["conforming"] in (True, None)
+
+    save_pruned(model, tmp_path / "gptq")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "gptq", dtype=torch.float32).eval()  # transformers' own GPTQ loading
+    assert reloaded.config.quantization_config.bits == bits
+    assert PruningConfig.from_pretrained(tmp_path / "gptq") == config
+    reloaded_layers = verify_sparsity(reloaded)["layers"]
+    assert {name: entry["zeros"] for name, entry in reloaded_layers.items()} == {name: entry["zeros"] for name, entry in measured["layers"].items()}
+    ids = token_windows(samples=2, seq_len=12, seed=4)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-3, atol=1e-3)
+
+
+def test_every_pruned_weight_is_still_zero_and_gptq_still_compensates():
+    """The mask holds weight by weight, and the kept weights are GPTQ's, not plain rounding (they absorb the error)."""
+    model = tiny_model(**WIDE)
+    windows = token_windows()
+    compress(model, [PruningConfig(method="wanda", sparsity="2:4")], calibration=windows)
+    pruned = pruned_positions(model)
+    before = {name: module.weight.detach().clone() for name, module in model.named_modules() if name in pruned}
+    compress(model, [GPTQConfig(bits=4, group_size=GROUP)], calibration=windows)
+
+    for name, module in model.named_modules():
+        if name in pruned:
+            weight = dequantized_weight(module).float()
+            assert not weight[pruned[name]].any(), name
+            # Symmetric 4-bit rounding moves a weight by at most half a step, max|w| / 15 of its group;
+            # GPTQ's error compensation moves some kept weights further.
+            change = (weight - before[name])[~pruned[name]].abs().max()
+            assert change > before[name].abs().max() / 15, name
+
+
+def test_stock_gptq_moves_pruned_weights(monkeypatch):
+    """Why compress masks GPTQ: optimum's quantizer as it stands spreads rounding errors into pruned weights."""
+    from optimum.gptq import GPTQQuantizer
+
+    model = tiny_model(**WIDE)
+    windows = token_windows()
+    compress(model, [PruningConfig(method="wanda", sparsity="2:4")], calibration=windows)
+    pruned = pruned_positions(model)
+    dataset = [{"input_ids": w.unsqueeze(0), "attention_mask": torch.ones_like(w).unsqueeze(0)} for w in windows]
+    model.hf_device_map = {"": "cpu"}
+    monkeypatch.setenv("GPTQMODEL_DISABLE_PACK_EXT", "1")  # see optimum_prune.gptq._python_packing
+    GPTQQuantizer(bits=4, group_size=GROUP, dataset=dataset, model_seqlen=windows.shape[1]).quantize_model(model, None)
+    moved = sum(int((dequantized_weight(module) != 0)[pruned[name]].sum()) for name, module in model.named_modules() if name in pruned)
+    assert moved > 0
+    assert not verify_sparsity(model, "2:4")["conforming"]
+
+
+def test_a_group_size_that_splits_input_widths_is_refused_before_pruning():
+    model = tiny_model(hidden_size=96, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2)
+    with pytest.raises(ValueError, match=r"recipe\[1\]: GPTQConfig\(group_size=64\) does not divide .*\[96\].*use group_size=32"):
+        compress(model, [PruningConfig(method="magnitude", sparsity=0.5), GPTQConfig(bits=4, group_size=64)], calibration=token_windows())
+    assert verify_sparsity(model)["overall_sparsity"] < 0.01  # nothing was pruned
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"desc_act": True}, r"recipe\[1\]: GPTQConfig\(desc_act=True\).*use desc_act=False"),
+        ({"dataset": "c4"}, r"recipe\[1\]: GPTQConfig\(dataset='c4'\) downloads a dataset; leave dataset=None"),
+        ({"sym": False}, r"recipe\[1\]: GPTQConfig\(sym=False\) is not supported.*use sym=True"),
+        ({}, "tokenizer is required to tokenise text calibration data"),  # GPTQ's windows are drawn before pruning
+        ({"dataset": ["Some calibration text."]}, r"GPTQConfig\(dataset=\[texts\]\) needs tokenizer="),
+    ],
+)
+def test_unsupported_gptq_options_fail_before_pruning(options, message):
+    model = tiny_model(**WIDE)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        compress(model, [PruningConfig(method="magnitude", sparsity=0.5), GPTQConfig(bits=4, **options)])
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
