@@ -31,6 +31,8 @@ if [[ ! -f "$ROOT/.venv/.installed" || "$ROOT/pyproject.toml" -nt "$ROOT/.venv/.
   # torch, hence --no-build-isolation against the torch above; its CUDA kernels are built only when
   # BUILD_CUDA_EXT=1 is set (CPU and its torch kernels work without). Its own requirements pin
   # numpy==2.2.6 and pull build tools, so only the packages its import needs are installed.
+  # Its setup.py needs setuptools >= 80.9 (a new venv on Python 3.11 brings 65).
+  pip_install "setuptools>=80.9"
   BUILD_CUDA_EXT="${BUILD_CUDA_EXT:-0}" pip_install --no-deps --no-build-isolation -c "$ROOT/constraints.txt" \
     gptqmodel logbar device-smi tokenicer threadpoolctl pypcre
   [[ -d "$ROOT/.venv" ]] && touch "$ROOT/.venv/.installed"
