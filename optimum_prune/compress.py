@@ -47,7 +47,7 @@ def compress(
 
     steps = [_check_step(step, index) for index, step in enumerate(recipe)]
     if not steps:
-        raise ValueError("recipe is empty: give at least one PruningConfig or QuantoConfig")
+        raise ValueError("recipe is empty: give at least one PruningConfig, QuantoConfig or GPTQConfig")
     quantization = [i for i, step in enumerate(steps) if not isinstance(step, PruningConfig)]
     if quantization and quantization != [len(steps) - 1]:
         raise ValueError(
@@ -90,7 +90,7 @@ def _gptq_windows(steps: list, calibration: CalibrationSource, tokenizer: Any) -
     )
 
 
-def _check_step(step: Step, index: int) -> PruningConfig | QuantoConfig:
+def _check_step(step: Step, index: int) -> PruningConfig | QuantoConfig | GPTQConfig:
     if isinstance(step, PruningConfig):
         return step
     if isinstance(step, Mapping):

@@ -9,8 +9,9 @@ pruned zeros can be counted after quantization (``verify_sparsity``).
 - GPTQ (gptqmodel's quantized linears, which are not ``nn.Linear``): packed integer codes with per-group
   scales and zero-points that their ``dequantize_weight()`` undoes, laid out ``[in, out]``.
 
-All formats map 0 to exactly 0 (NF4 and FP4 have a zero code; int8 rounds 0 to 0), so
-a pruned weight stays pruned; NF4 may also turn a few tiny weights into zeros.
+bitsandbytes and GPTQ codes represent 0 exactly (NF4 and FP4 have a zero code, int8 rounds 0 to 0,
+GPTQ's zero-point is an integer): bitsandbytes keeps every pruned weight pruned (NF4 may also turn a
+few tiny weights into zeros); GPTQ does once its error compensation spares them (``optimum_prune.gptq``).
 """
 
 from __future__ import annotations
