@@ -183,8 +183,8 @@ def main() -> None:
     results, pending = [], []
     for row in [None, *ROWS]:
         key = row_key(row)
-        selected = row is None or not args.only or args.only in key
-        if key not in done and (args.retime or not selected):
+        selected = not args.only or (row is not None and args.only in key)
+        if key not in done and (args.retime or not (selected or row is None)):  # dense is measured whenever missing
             pending.append(key)
             continue
         if key not in done:
