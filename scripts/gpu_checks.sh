@@ -5,13 +5,16 @@
 #   tests    the CUDA tests (kernels against the reference, the engine on CUDA, activation offload)
 #   kernels  benchmarks/kernels.py: 2:4 kernels vs cuBLAS / cuSPARSELt, thresholds, end-to-end decode
 #   layers   benchmarks/gpu_layers.py: per-layer pruning time and peak memory, 70B / Mixtral shapes
+#   quant    GPTQ and bitsandbytes on CUDA (tests/test_quantized_cuda.py, then the CPU suites of both
+#            on the GPU machine); needs the kit of `QUANT=1 scripts/gpu_wheels.sh`, carried as
+#            [".whl", ".whl-bnb"]; not in the default list
 # QUICK=1 passes --quick to the benchmarks. Logs and tables go to $OUT (the folder the device tool
 # brings back), else ./gpu-results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="$(mkdir -p "${OUT:-gpu-results}" && cd "${OUT:-gpu-results}" && pwd)"
 if [[ -d .whl ]]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl $(ls .whl-bnb/*.whl 2>/dev/null) || exit 1
   export PYTHONPATH="/tmp/site:$PWD"
 else
   export PYTHONPATH="$PWD"
@@ -27,8 +30,9 @@ for section in ${*:-tests kernels layers}; do
   case "$section" in
     tests) python3 -m pytest -p no:cacheprovider -q -rs tests/test_kernels.py tests/calibration/test_cuda.py tests/calibration/test_engine.py 2>&1 | tee "$out/tests.log" ;;
     kernels) (cd benchmarks && python3 kernels.py "${quick[@]}" --output "$out/KERNELS.md") 2>&1 | tee "$out/kernels.log" ;;
+    quant) python3 -m pytest -p no:cacheprovider -q -rs tests/test_quantized_cuda.py tests/test_gptq.py tests/test_bitsandbytes.py 2>&1 | tee "$out/quant.log" ;;
     layers) (cd benchmarks && python3 gpu_layers.py "${quick[@]}" --output "$out/GPU_LAYERS.md") 2>&1 | grep -v "it/s]" | tee "$out/layers.log" ;;
-    *) echo "unknown section $section (tests, kernels, layers)"; exit 2 ;;
+    *) echo "unknown section $section (tests, kernels, layers, quant)"; exit 2 ;;
   esac
   [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
 done
