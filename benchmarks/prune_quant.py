@@ -133,7 +133,8 @@ def write_table(done: dict, quick: bool, calibration: tuple[int, int], eval_toke
             "stay zero); GPTQ int4 (group size 64, `compress` with `GPTQConfig`, optimum + gptqmodel on CPU, calibrated "
             "on the same windows; pruned weights are quantized to exactly zero and their error compensated; perplexity computed "
             "on the dequantized weights in fp32, as gptqmodel's CPU kernels take 50 s a window here); bitsandbytes at load time (`from_pretrained(..., quantization_config=BitsAndBytesConfig(...))` of the "
-            "saved pruned model; NF4 computes in fp32). Stored bytes: the saved `*.safetensors` files (tied embeddings once; pruned weights are stored "
+            "saved pruned model, with transformers' defaults: the unquantized weights — embeddings, norms — load in fp16, int8 "
+            "matmuls run in fp16, NF4's compute dtype is set to fp32; hence their smaller files). Stored bytes: the saved `*.safetensors` files (tied embeddings once; pruned weights are stored "
             "dense — sparse storage formats are a separate step). Zeros: exact zeros of the dequantized weights of every "
             "linear except `lm_head`.",
         ),
