@@ -105,7 +105,9 @@ def markdown(results: list[dict], unfinished: list[str], args: argparse.Namespac
         "approximation (not ablated).",
         "- The issue's independent sanity point for magnitude 50 % is ≈ 357 on this protocol; this table's whole-matrix "
         "ranking gives 400.2 and row-wise ranking 303.5, while dense agrees (22.27 vs ≈ 22.2). We have not found "
-        "the cause; a different evaluation text would move magnitude's perplexity far more than dense's.",
+        "the cause; a different evaluation text would move magnitude's perplexity far more than dense's. "
+        "`benchmarks/magnitude_scope.py` measures other ranking scopes on this protocol (MAGNITUDE_SCOPE.md): none "
+        "lands on 357.",
         "- Pruning time includes the calibration forward passes (two per layer; three with OWL). Rows ran one after "
         "another on the same machine, resumed from the row cache when interrupted; other work shared the CPU during "
         "some rows, so compare times loosely.",
