@@ -74,7 +74,7 @@ ROWS = {
     "each input column": (torch.float32, by_scope(each_matrix, per_input_column)),
     "each decoder layer (7 linears pooled)": (torch.float32, by_scope(each_layer, pooled)),
     "whole model (one threshold)": (torch.float32, by_scope(whole_model, pooled)),
-    "each matrix, bfloat16 model": (torch.bfloat16, by_scope(each_matrix, pooled)),
+    "each matrix, bfloat16 model": (torch.bfloat16, by_library("layer")),
 }
 
 
@@ -111,7 +111,7 @@ def main() -> None:
             f"Every decoder linear pruned to {SPARSITY:.0%} by |W|, compared within the scope named; embeddings and "
             f"lm_head dense. Perplexity: first {eval_tokens:,} tokens of the evaluation split in 512-token windows. "
             "Sparsity counts every linear but lm_head, pre-existing zeros included (ties at the "
-            "threshold are pruned in the pooled scopes). Input columns ≥ 90 % zero: the share of the pruned linears' input "
+            "threshold are pruned in the two pooled scopes). Input columns ≥ 90 % zero: the share of the pruned linears' input "
             "features (columns of W) that lost at least 90 % of their weights.",
         ),
         "| ranked within | linear sparsity | input columns ≥ 90 % zero | perplexity |",
