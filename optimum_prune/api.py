@@ -31,6 +31,7 @@ from .distributed import all_reduce_sum, is_distributed, shard
 from .methods import METHODS, LayerPruner, MethodSpec, ModelPruner, StructuredMethod
 from .methods.magnitude import MagnitudeOptions
 from .options import MoEOptions
+from .quantized import is_quantized
 from .report import LinearReport, PruningReport, process_peak_rss
 from .sparsity import NMPattern, SparsityTarget
 from .statistics import ColumnNorms
@@ -73,6 +74,7 @@ def prune(
         raise TypeError(f"config must be a PruningConfig or a dict, got {type(config).__name__}")
     device = _resolve_device(device, model)
     adapter = get_adapter(model)
+    _check_unquantized(adapter)
     if offload is not None:
         _check_offloadable(config, adapter)
     if not METHODS.get(config.method).pruner and activation_device is not None:
@@ -130,6 +132,17 @@ def prune(
 def _per_layer_methods() -> str:
     """The registered methods that prune one layer at a time from its own statistics (``LayerPruner``s)."""
     return ", ".join(name for name in METHODS.names() if METHODS.get(name).pruner)
+
+
+def _check_unquantized(adapter: DecoderAdapter) -> None:
+    """Methods rewrite float weights; a quantizer's codes would be skipped or half-changed, so refuse up front."""
+    for linears in adapter.qualified_prunable_linears(include_routers=True):
+        for name, linear in linears.items():
+            if is_quantized(linear):
+                raise ValueError(
+                    f"{name} is already quantized ({type(linear).__name__}): prune the unquantized model, then quantize "
+                    "(optimum_prune.compress(model, [PruningConfig(...), QuantoConfig(...) or GPTQConfig(...)]) does both)"
+                )
 
 
 def _check_offloadable(config: PruningConfig, adapter: DecoderAdapter) -> None:

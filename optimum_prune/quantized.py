@@ -1,5 +1,7 @@
 """The dense values behind a quantized linear's weight, whichever quantizer made it, so that
-pruned zeros can be counted after quantization (``verify_sparsity``).
+pruned zeros can be counted after quantization (``verify_sparsity``); and, for the quantizers
+whose codes are evenly spaced integers (GPTQ, optimum-quanto int8 / int4), the scales of that
+grid, so that ``sparsify`` can repack the codes instead of quantizing twice (``integer_grid``).
 
 - optimum-quanto: weights are tensor subclasses with ``dequantize()``;
 - bitsandbytes (transformers' ``BitsAndBytesConfig``, load-time): 4-bit ``Params4bit`` carry a
@@ -15,6 +17,8 @@ few tiny weights into zeros); GPTQ does once its error compensation spares them 
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -45,3 +49,46 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
 def is_gptq_linear(module: nn.Module) -> bool:
     """A gptqmodel quantized linear (recognised without importing gptqmodel)."""
     return hasattr(module, "qweight") and hasattr(module, "dequantize_weight")
+
+
+def is_quantized(module: nn.Module) -> bool:
+    """A linear whose weight is held by a quantizer (GPTQ, optimum-quanto, bitsandbytes) rather than as plain values."""
+    if is_gptq_linear(module):
+        return True
+    weight = getattr(module, "weight", None)
+    return weight is not None and (type(weight.detach()) is not torch.Tensor or hasattr(weight, "quant_state") or hasattr(weight, "SCB"))
+
+
+class IntegerGrid(NamedTuple):
+    """How a quantized linear's weight sits on an integer grid: ``dequantized = code × scales`` per row and
+    ``group_size`` input columns (``scales`` ``[out, in / group_size]``), codes of ``bits`` bits."""
+
+    scales: torch.Tensor
+    group_size: int
+    bits: int
+
+
+def integer_grid(module: nn.Module, name: str) -> IntegerGrid:
+    """The grid of a GPTQ (symmetric, columns in order) or optimum-quanto int8 / int4 linear; a clear error for
+    quantizers whose codes are not evenly spaced integers (float8, NF4) or that ``name``'s layer cannot expose."""
+    if is_gptq_linear(module):
+        group_size = module.group_size if module.group_size > 0 else module.in_features
+        g_idx = module.g_idx
+        if g_idx is not None and not torch.equal(g_idx.long(), torch.arange(module.in_features, device=g_idx.device) // group_size):
+            raise ValueError(
+                f"{name}: GPTQ groups its columns out of order (desc_act=True), which the 2:4 format's contiguous "
+                "groups cannot hold; quantize with GPTQConfig(desc_act=False)"
+            )
+        return IntegerGrid(module.scales.T, group_size, module.bits)
+    weight = module.weight
+    if hasattr(weight, "quant_state") or hasattr(weight, "SCB"):
+        raise ValueError(f"{name}: bitsandbytes weights are not repacked; sparsify the unquantized model (bits=4 or 8)")
+    qtype = getattr(weight, "qtype", None)
+    if qtype is None or qtype.is_floating_point or getattr(weight, "axis", 0) != 0:
+        raise ValueError(
+            f"{name}: {type(weight).__name__} ({qtype}) weights are not on a per-row integer grid; only GPTQ and "
+            "optimum-quanto int8 / int4 weights are repacked (sparsify the unquantized model with bits= otherwise)"
+        )
+    out_features, in_features = weight.shape
+    group_size = getattr(weight, "_group_size", None) or in_features
+    return IntegerGrid(weight._scale.reshape(out_features, in_features // group_size), group_size, qtype.bits)

@@ -8,8 +8,11 @@ import pytest
 import torch
 from torch import nn
 
+import optimum_prune
 from optimum_prune import PruningConfig, prune
-from optimum_prune.kernels import SparseLinear, compress, decompress, sparsify
+from optimum_prune.kernels import Compressed24, SparseLinear, compress, decompress, sparsify
+from optimum_prune.kernels.format import repack
+from optimum_prune.quantized import dequantized_weight
 from optimum_prune.sparsity import NMPattern, prune_lowest_nm
 
 from .conftest import tiny_model, token_windows
@@ -83,6 +86,113 @@ def test_sparsify_swaps_the_24_linears_and_keeps_the_logits(bits):
         sparsify(model, bits=3)
 
 
+def on_grid_24(
+    rows: int, columns: int, codes: tuple[int, int], group_size: int, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 2:4 weight that is integer codes in [low, high] times one positive scale per row and group (a quantizer's
+    dequantization), and those scales."""
+    generator = torch.Generator().manual_seed(rows + columns)
+    grid = torch.randint(codes[0], codes[1] + 1, (rows, columns), generator=generator).float()
+    grid[prune_lowest_nm(torch.rand(rows, columns, generator=generator), NMPattern(2, 4))] = 0
+    scales = (torch.rand(rows, columns // group_size, generator=generator) + 0.5).to(dtype) / 64
+    return (grid * scales.float().repeat_interleave(group_size, dim=1)).to(dtype), scales
+
+
+def affine_24(rows: int, columns: int, bits: int, group_size: int) -> Compressed24:
+    """fp16 2:4 codes of an affine quantizer (spanning 2^bits levels off centre), repacked with zero-points."""
+    levels = 2**bits
+    return repack(*on_grid_24(rows, columns, (-3, levels - 4), group_size, torch.float16), group_size, bits)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_repack_keeps_a_quantizers_codes_exactly_and_shifts_only_the_groups_that_need_it(bits):
+    symmetric, scales = on_grid_24(16, 256, (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1), 64)
+    compressed = repack(symmetric, scales, 64, bits)
+    assert compressed.zero_points is None and torch.equal(decompress(compressed), symmetric)
+    assert compressed.num_bytes() / symmetric.numel() == pytest.approx(bits / 16 + 0.125 + 4 / 64)
+
+    affine = affine_24(16, 256, bits, 64)
+    assert affine.zero_points is not None and affine.zero_points.dtype == torch.int8
+    assert torch.equal(decompress(affine), on_grid_24(16, 256, (-3, 2**bits - 4), 64, torch.float16)[0])
+
+    with pytest.raises(ValueError, match="up_proj: the dequantized weight is not its scales times integers"):
+        repack(symmetric + 1e-3 * (symmetric != 0), scales, 64, bits, "up_proj")
+    too_wide, wide_scales = on_grid_24(16, 256, (-(2**bits), 2**bits), 64)
+    with pytest.raises(ValueError, match=f"codes span more than the {2**bits} levels"):
+        repack(too_wide, wide_scales, 64, bits)
+
+
+def _quantizers() -> list:
+    from transformers import GPTQConfig, QuantoConfig
+
+    return [QuantoConfig(weights="int8"), QuantoConfig(weights="int4"), GPTQConfig(bits=4, group_size=32), GPTQConfig(bits=8, group_size=32)]
+
+
+@pytest.mark.parametrize("quantizer", range(4), ids=["quanto-int8", "quanto-int4", "gptq-int4", "gptq-int8"])
+def test_sparsify_repacks_quantized_linears_without_changing_a_logit(quantizer, monkeypatch):
+    """The Optimum path's int8 / int4 weights move into the 2:4 format code for code: same logits, bit for bit."""
+    pytest.importorskip("optimum.quanto" if quantizer < 2 else "gptqmodel")
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")  # gptqmodel's 8-bit CPU layers would torch.compile (see test_gptq)
+    config = _quantizers()[quantizer]
+    model = tiny_model(hidden_size=128, intermediate_size=256)  # multiples of quanto's int4 group size (128)
+    optimum_prune.compress(model, [PruningConfig(method="wanda", sparsity="2:4"), config], calibration=token_windows())
+    linears = {name: module for name, module in model.named_modules() if name.startswith("model.layers.") and name.endswith("proj")}
+    dequantized = {name: dequantized_weight(module).detach().clone() for name, module in linears.items()}
+    ids = token_windows(samples=2, seq_len=8, seed=4)
+    with torch.no_grad():
+        quantized_logits = model(ids).logits
+
+    report = sparsify(model, bits=8)  # bits= is for unquantized linears: quantized ones keep their own codes
+    modules = dict(model.named_modules())
+    assert sorted(report.repacked) == sorted(report.swapped) == sorted(linears) and not report.left_dense
+    assert "21 of them repacked" in str(report)
+    bits = 8 if quantizer in (0, 3) else 4
+    for name, weight in dequantized.items():
+        assert modules[name].bits == bits and torch.equal(decompress(modules[name].compressed), weight), name
+    assert any(modules[name].zero_points is not None for name in linears) == (quantizer == 1)  # quanto's int4 is affine
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, quantized_logits)
+
+
+def test_quantized_weights_that_cannot_be_repacked_are_refused_or_left_dense():
+    quanto = pytest.importorskip("optimum.quanto")
+    from transformers import QuantoConfig
+
+    pruned = tiny_model(hidden_size=128, intermediate_size=256)
+    prune(pruned, PruningConfig(method="magnitude", sparsity="2:4"))
+    quanto.quantize(pruned, weights=quanto.qfloat8, exclude=["lm_head"])
+    quanto.freeze(pruned)
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj: WeightQBytesTensor \(quanto.qfloat8.*not on a per-row integer grid"):
+        sparsify(pruned)
+
+    dense = tiny_model(hidden_size=128, intermediate_size=256)
+    optimum_prune.compress(dense, [QuantoConfig(weights="int8")])
+    report = sparsify(dense)
+    assert not report.swapped and len(report.left_dense) == 21
+
+
+def test_sparsify_refuses_gptq_columns_out_of_order(monkeypatch):
+    pytest.importorskip("gptqmodel")
+    from transformers import GPTQConfig
+
+    model = tiny_model(hidden_size=128, intermediate_size=256)
+    optimum_prune.compress(model, [PruningConfig(method="wanda", sparsity="2:4"), GPTQConfig(bits=4, group_size=32)], calibration=token_windows())
+    down = model.model.layers[1].mlp.down_proj
+    down.g_idx = down.g_idx.flip(0)  # what desc_act=True's reordering leaves
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp.down_proj: GPTQ groups its columns out of order \(desc_act=True\)"):
+        sparsify(model)
+
+
+def test_prune_refuses_an_already_quantized_model():
+    pytest.importorskip("optimum.quanto")
+    from transformers import QuantoConfig
+
+    model = tiny_model(hidden_size=128, intermediate_size=256)
+    optimum_prune.compress(model, [QuantoConfig(weights="int8")])
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj is already quantized \(QLinear\): prune the unquantized"):
+        prune(model, PruningConfig(method="magnitude", sparsity=0.5))
+
+
 # --- the Triton kernel, run by Triton's interpreter on CPU (a subprocess: the interpreter is chosen at import) ---
 
 INTERPRETED_KERNEL_CHECKS = r"""
@@ -91,7 +201,7 @@ from optimum_prune import PruningConfig, prune
 from optimum_prune.kernels import compress, decompress, sparsify
 from optimum_prune.kernels.triton_24 import GEMV_ROWS, sparse24_gemv, sparse24_matmul, sparse24_tiles
 from tests.conftest import tiny_model, token_windows
-from tests.test_kernels import random_24
+from tests.test_kernels import affine_24, random_24
 
 
 def check(result, x, compressed, *context):
@@ -115,6 +225,17 @@ for bits, group_size, (out_features, in_features) in ((None, 128, (100, 136)), (
             check(sparse24_gemv(x, compressed, split_k), x, compressed, "gemv", bits, group_size, rows, split_k)
     batched = torch.randn(2, 3, in_features).half()
     assert sparse24_matmul(batched, compressed).shape == (2, 3, out_features)
+
+# Zero-points (codes repacked from an affine quantizer such as optimum-quanto's int4).
+for bits, group_size in ((4, 8), (8, 136), (4, 64)):
+    shifted = affine_24(100, 136 if group_size != 64 else 1024, bits, group_size)
+    assert shifted.zero_points is not None
+    for rows in (1, 17):
+        x = torch.randn(rows, shifted.in_features, generator=torch.Generator().manual_seed(rows)).half()
+        check(sparse24_tiles(x, shifted), x, shifted, "tiles, zero-points", bits, group_size, rows)
+    for rows, split_k in ((1, None), (3, 2)):
+        x = torch.randn(rows, shifted.in_features, generator=torch.Generator().manual_seed(rows)).half()
+        check(sparse24_gemv(x, shifted, split_k), x, shifted, "gemv, zero-points", bits, group_size, rows, split_k)
 
 # sparse24_matmul takes the decode kernel up to GEMV_ROWS token rows, the tiled one above.
 for rows in (1, GEMV_ROWS, GEMV_ROWS + 1):
@@ -178,12 +299,21 @@ def test_auto_backend_keeps_the_reference_path_off_gpu():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize(("bits", "group_size"), [(None, 128), (8, 128), (4, 128)])
+@pytest.mark.parametrize(("bits", "group_size"), [(None, 128), (8, 128), (4, 128), ("4, zero-points", 128)])
 def test_triton_kernel_matches_the_reference_on_gpu(dtype, bits, group_size):
     pytest.importorskip("triton")
+    from dataclasses import replace
+
     from optimum_prune.kernels.triton_24 import sparse24_gemv, sparse24_matmul, sparse24_tiles
 
-    compressed = compress(random_24(4096 + 64, 1024, dtype).cuda(), bits=bits, group_size=group_size)
+    if bits == "4, zero-points":
+        shifted = affine_24(4096 + 64, 1024, 4, group_size)
+        compressed = replace(
+            shifted, dtype=dtype, values=shifted.values.cuda(), metadata=shifted.metadata.cuda(),
+            scales=shifted.scales.cuda(), zero_points=shifted.zero_points.cuda(),
+        )  # fmt: skip
+    else:
+        compressed = compress(random_24(4096 + 64, 1024, dtype).cuda(), bits=bits, group_size=group_size)
     kernels = [(sparse24_matmul, (1, 16, 300, 4096)), (sparse24_tiles, (1, 16, 300)), (sparse24_gemv, (1, 2, 4, 16))]
     for kernel, token_rows in kernels:
         for rows in token_rows:

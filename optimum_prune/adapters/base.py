@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from ..quantized import is_linear
 from ..registry import Registry
 from ..structure.modules import factorize_named
 from ..structure.mpo import build_mpo_experts
@@ -121,8 +122,9 @@ class DecoderAdapter(ABC):
 
     def prunable_linears(self, layer: nn.Module, include_routers: bool = False) -> dict[str, nn.Linear]:
         """Linears of one decoder layer, keyed by their name inside the layer (MoE routers only
-        when ``include_routers``)."""
-        return {name: module for name, module in layer.named_modules() if isinstance(module, nn.Linear)}
+        when ``include_routers``); quantized ones too (GPTQ's are not ``nn.Linear``), which only
+        ``sparsify`` takes: ``prune`` refuses quantized models."""
+        return {name: module for name, module in layer.named_modules() if is_linear(module)}
 
     def qualified_prunable_linears(self, include_routers: bool = False) -> list[dict[str, nn.Linear]]:
         """Per decoder layer, its prunable linears keyed by their qualified name in the model."""

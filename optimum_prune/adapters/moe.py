@@ -31,6 +31,7 @@ from transformers import (
     Qwen3MoeModel,
 )
 
+from ..quantized import is_linear
 from ..structure.shapes import LayerShape
 from ..structure.surgery import keep_output_features
 from .base import DecoderAdapter, TokenRouting, register_adapter
@@ -125,7 +126,7 @@ class MoEAdapter(DecoderAdapter):
         return {
             name: module
             for name, module in layer.named_modules()
-            if isinstance(module, nn.Linear) and (include_routers or module not in routers)
+            if is_linear(module) and (include_routers or module not in routers)
         }
 
     def expert_projections(self, expert: nn.Module) -> tuple[list[nn.Linear], nn.Linear]:

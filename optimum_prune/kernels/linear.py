@@ -1,6 +1,11 @@
 """``SparseLinear``: an ``nn.Linear`` whose weight is held in the compressed 2:4 format, and
 ``sparsify(model)``, which swaps in one for every linear of the decoder layers that is exactly 2:4.
 
+Linears already quantized by the Optimum path (``compress`` with ``GPTQConfig`` or ``QuantoConfig``
+int8 / int4) are repacked, not requantized: their integer codes and scales move into the 2:4
+format unchanged (with zero-points for optimum-quanto's affine int4), so the sparsified model
+computes with the quantizer's own weights.
+
 Backends: ``"reference"`` decompresses (and dequantizes) the weight and multiplies densely — what
 every kernel must reproduce, and the CPU path; ``"triton"`` runs the Triton kernels of
 ``triton_24.py`` (decode or tiled, by token rows; fp16 / bf16 inputs; on CPU only inside Triton's
@@ -18,16 +23,18 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..adapters import get_adapter
+from ..quantized import dequantized_weight, integer_grid, is_quantized
 from ..sparsity import NMPattern, conforms_to
 from ..structure.surgery import replace_submodule
-from .format import Compressed24, compress, decompress
+from .format import Compressed24, compress, decompress, repack
 
 BACKENDS = ("auto", "triton", "reference")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)  # what the Triton kernel takes
 
 
 class SparseLinear(nn.Module):
-    """A linear layer with a 2:4 weight (``values``, ``metadata`` and, quantized, ``scales`` buffers)."""
+    """A linear layer with a 2:4 weight (``values``, ``metadata`` and, quantized, ``scales`` and maybe
+    ``zero_points`` buffers)."""
 
     def __init__(self, compressed: Compressed24, bias: torch.Tensor | None, backend: str = "auto") -> None:
         super().__init__()
@@ -37,6 +44,7 @@ class SparseLinear(nn.Module):
         self.register_buffer("values", compressed.values)
         self.register_buffer("metadata", compressed.metadata)
         self.register_buffer("scales", compressed.scales)
+        self.register_buffer("zero_points", compressed.zero_points)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
 
     @classmethod
@@ -46,9 +54,19 @@ class SparseLinear(nn.Module):
         """Compress ``linear`` (which must be exactly 2:4; the error names ``name`` otherwise)."""
         return cls(compress(linear.weight.detach(), name, bits, group_size), linear.bias, backend)
 
+    @classmethod
+    def from_quantized(cls, linear: nn.Module, name: str = "linear", backend: str = "auto") -> "SparseLinear":
+        """Repack a GPTQ or optimum-quanto int8 / int4 linear's codes and scales exactly (its weight must be 2:4)."""
+        grid = integer_grid(linear, name)
+        compressed = repack(dequantized_weight(linear).detach(), grid.scales.detach(), grid.group_size, grid.bits, name)
+        bias = linear.bias.detach() if linear.bias is not None else None
+        return cls(compressed, bias, backend)
+
     @property
     def compressed(self) -> Compressed24:
-        return Compressed24(self.values, self.metadata, self.in_features, self.dtype, self.bits, self.scales, self.group_size)
+        return Compressed24(
+            self.values, self.metadata, self.in_features, self.dtype, self.bits, self.scales, self.group_size, self.zero_points
+        )
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(inputs.dtype)
@@ -67,28 +85,32 @@ class SparseLinear(nn.Module):
         return inputs.is_cuda and inputs.dtype in KERNEL_DTYPES and triton_available()
 
     def extra_repr(self) -> str:
-        kind = "2:4" if self.bits is None else f"2:4 int{self.bits} (group {self.group_size})"
+        zero_points = ", zero-points" if self.zero_points is not None else ""
+        kind = "2:4" if self.bits is None else f"2:4 int{self.bits} (group {self.group_size}{zero_points})"
         return f"in_features={self.in_features}, out_features={self.out_features}, {kind}"
 
 
 @dataclass
 class SparsifyReport:
     swapped: list[str] = field(default_factory=list)
+    repacked: list[str] = field(default_factory=list)  # of ``swapped``: quantized linears whose codes were kept
     left_dense: list[str] = field(default_factory=list)  # not exactly 2:4
     bytes_before: int = 0
     bytes_after: int = 0
 
     def __str__(self) -> str:
+        repacked = f", {len(self.repacked)} of them repacked from their quantized codes" if self.repacked else ""
         return (
-            f"sparsify: {len(self.swapped)} linears in the 2:4 format ({self.bytes_before / 2**20:.1f} → "
+            f"sparsify: {len(self.swapped)} linears in the 2:4 format{repacked} ({self.bytes_before / 2**20:.1f} → "
             f"{self.bytes_after / 2**20:.1f} MiB of weights); {len(self.left_dense)} left dense"
         )
 
 
 def sparsify(model: nn.Module, bits: int | None = None, group_size: int = 128, backend: str = "auto") -> SparsifyReport:
     """Swap every decoder-layer linear of ``model`` whose weight is exactly 2:4 for a ``SparseLinear``
-    (weights quantized to ``bits`` 8 or 4 with ``group_size`` scales when given; ``backend`` as in
-    ``SparseLinear``); leave the rest."""
+    and leave the rest. Unquantized weights are quantized to ``bits`` 8 or 4 with ``group_size``
+    scales when given (16-bit values otherwise); quantized ones (GPTQ, optimum-quanto int8 / int4)
+    keep their own codes and scales whatever ``bits`` says. ``backend`` as in ``SparseLinear``."""
     if bits not in (None, 8, 4):
         raise ValueError(f"bits must be None (16-bit values), 8 or 4, got {bits!r}")
     _checked_backend(backend)  # before any linear is swapped
@@ -97,15 +119,25 @@ def sparsify(model: nn.Module, bits: int | None = None, group_size: int = 128, b
     pattern = NMPattern(2, 4)
     for linears in adapter.qualified_prunable_linears():
         for qualified, linear in linears.items():
-            if linear.in_features % 8 or not conforms_to(linear.weight, pattern):
+            quantized = is_quantized(linear)
+            if linear.in_features % 8 or not conforms_to(dequantized_weight(linear) if quantized else linear.weight, pattern):
                 report.left_dense.append(qualified)
                 continue
-            sparse = SparseLinear.from_linear(linear, qualified, bits, group_size, backend)
+            if quantized:
+                sparse = SparseLinear.from_quantized(linear, qualified, backend)
+                report.repacked.append(qualified)
+            else:
+                sparse = SparseLinear.from_linear(linear, qualified, bits, group_size, backend)
+            report.bytes_before += _weight_bytes(linear)
             replace_submodule(adapter.model, qualified, sparse)
             report.swapped.append(qualified)
-            report.bytes_before += linear.weight.numel() * linear.weight.element_size()
             report.bytes_after += sparse.compressed.num_bytes()
     return report
+
+
+def _weight_bytes(linear: nn.Module) -> int:
+    """Bytes a linear's weight takes as stored: its saved tensors but the bias (a quantizer's codes, scales, zero-points)."""
+    return sum(t.numel() * t.element_size() for name, t in linear.state_dict().items() if not name.endswith("bias"))
 
 
 @lru_cache(maxsize=1)

@@ -1,5 +1,6 @@
 """Triton kernels for y = x Wᵀ with W in the compressed 2:4 format of ``format.py``, plain (fp16 /
-bf16 values) or quantized (int8 / int4 values with one scale per row and ``group_size`` columns).
+bf16 values) or quantized (int8 / int4 values with one scale per row and ``group_size`` columns, and
+a zero-point beside each scale when the format has them).
 
 Two kernels, because decode and prefill are bound by different things:
 
@@ -42,8 +43,8 @@ GEMV_BLOCK_N = 32
 
 
 @triton.jit
-def _kept_weights(values_ptr, scales_ptr, outputs, stored, columns, kept, stride_values, stride_scales,
-                  BITS: tl.constexpr, GROUP_SIZE: tl.constexpr):  # fmt: skip
+def _kept_weights(values_ptr, scales_ptr, zeros_ptr, outputs, stored, columns, kept, stride_values, stride_scales,
+                  BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr):  # fmt: skip
     """fp32 values of W at (``outputs``, ``columns``), the ``stored``-th kept values of their rows (0 where not ``kept``)."""
     if BITS == 16:
         return tl.load(values_ptr + outputs[:, None] * stride_values + stored, mask=kept, other=0.0).to(tl.float32)
@@ -53,15 +54,19 @@ def _kept_weights(values_ptr, scales_ptr, outputs, stored, columns, kept, stride
         packed = tl.load(values_ptr + outputs[:, None] * stride_values + stored // 2, mask=kept, other=0).to(tl.int32)
         q = (packed >> ((stored % 2) * 4)) & 0xF
         q = tl.where(q > 7, q - 16, q)
-    scale = tl.load(scales_ptr + outputs[:, None] * stride_scales + columns // GROUP_SIZE, mask=kept, other=0.0)
+    group = outputs[:, None] * stride_scales + columns // GROUP_SIZE  # zero-points share the scales' layout
+    if HAS_ZEROS:
+        q -= tl.load(zeros_ptr + group, mask=kept, other=0).to(tl.int32)
+    scale = tl.load(scales_ptr + group, mask=kept, other=0.0)
     return q.to(tl.float32) * scale.to(tl.float32)
 
 
 @triton.jit
 def _sparse24_tiles(
-    x_ptr, values_ptr, metadata_ptr, scales_ptr, out_ptr, M, N, K,
+    x_ptr, values_ptr, metadata_ptr, scales_ptr, zeros_ptr, out_ptr, M, N, K,
     stride_xm, stride_values, stride_metadata, stride_scales, stride_om,
-    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     outputs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -76,8 +81,8 @@ def _sparse24_tiles(
         position = (columns % 4)[None, :]
         kept = inside & ((position == first) | (position == second))
         stored = (group * 2)[None, :] + tl.where(position == first, 0, 1)  # index among the row's kept values
-        weight = _kept_weights(values_ptr, scales_ptr, outputs, stored, columns[None, :], kept, stride_values, stride_scales,
-                               BITS, GROUP_SIZE)  # fmt: skip
+        weight = _kept_weights(values_ptr, scales_ptr, zeros_ptr, outputs, stored, columns[None, :], kept, stride_values,
+                               stride_scales, BITS, GROUP_SIZE, HAS_ZEROS)  # fmt: skip
         x = tl.load(x_ptr + rows[:, None] * stride_xm + columns[None, :], mask=(rows < M)[:, None] & (columns < K)[None, :], other=0.0)
         acc += tl.dot(x, tl.trans(weight.to(x.dtype)))
     tl.store(out_ptr + rows[:, None] * stride_om + outputs[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -86,9 +91,10 @@ def _sparse24_tiles(
 
 @triton.jit
 def _sparse24_gemv(
-    x_ptr, values_ptr, metadata_ptr, scales_ptr, out_ptr, M, N, K, stored_per_split,
+    x_ptr, values_ptr, metadata_ptr, scales_ptr, zeros_ptr, out_ptr, M, N, K, stored_per_split,
     stride_xm, stride_values, stride_metadata, stride_scales, stride_om,
-    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
     ATOMIC: tl.constexpr,
 ):  # fmt: skip
     rows = tl.arange(0, ROWS)
@@ -104,8 +110,8 @@ def _sparse24_gemv(
         nibble = (byte >> ((group % 2) * 4)[None, :]) & 0xF
         position = tl.where((stored % 2 == 0)[None, :], nibble & 0x3, (nibble >> 2) & 0x3)
         columns = (group * 4)[None, :] + position
-        weight = _kept_weights(values_ptr, scales_ptr, outputs, stored[None, :], columns, kept, stride_values, stride_scales,
-                               BITS, GROUP_SIZE)  # fmt: skip
+        weight = _kept_weights(values_ptr, scales_ptr, zeros_ptr, outputs, stored[None, :], columns, kept, stride_values,
+                               stride_scales, BITS, GROUP_SIZE, HAS_ZEROS)  # fmt: skip
         x = tl.load(x_ptr + rows[:, None, None] * stride_xm + columns[None, :, :], mask=(rows < M)[:, None, None] & kept[None, :, :], other=0.0)
         acc += tl.sum(x.to(tl.float32) * weight[None, :, :], axis=2)
     targets = out_ptr + rows[:, None] * stride_om + outputs[None, :]
@@ -125,14 +131,15 @@ def sparse24_matmul(inputs: torch.Tensor, compressed: Compressed24) -> torch.Ten
 
 def sparse24_tiles(inputs: torch.Tensor, compressed: Compressed24) -> torch.Tensor:
     """The tiled (``tl.dot``) kernel: ``inputs @ decompress(compressed).T`` for any number of token rows."""
-    x, compressed, scales = _checked(inputs, compressed)
+    x, compressed, scales, zeros = _checked(inputs, compressed)
     rows, outputs = x.shape[0], compressed.out_features
     out = torch.empty(rows, outputs, dtype=inputs.dtype, device=inputs.device)
     grid = (triton.cdiv(rows, BLOCK_M), triton.cdiv(outputs, BLOCK_N))
     _sparse24_tiles[grid](
-        x, compressed.values, compressed.metadata, scales, out, rows, outputs, compressed.in_features,
+        x, compressed.values, compressed.metadata, scales, zeros, out, rows, outputs, compressed.in_features,
         x.stride(0), compressed.values.stride(0), compressed.metadata.stride(0), scales.stride(0), out.stride(0),
-        BITS=compressed.bits or 16, GROUP_SIZE=compressed.group_size or 1, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        BITS=compressed.bits or 16, GROUP_SIZE=compressed.group_size or 1, HAS_ZEROS=compressed.zero_points is not None,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
     )  # fmt: skip
     return out.reshape(*inputs.shape[:-1], outputs)
 
@@ -143,7 +150,7 @@ def sparse24_gemv(inputs: torch.Tensor, compressed: Compressed24, split_k: int |
     ``split_k`` programs share each block of output rows (None: enough for two programs per
     multiprocessor on a GPU, one on the CPU interpreter); with more than one they add fp32 partial sums.
     """
-    x, compressed, scales = _checked(inputs, compressed)
+    x, compressed, scales, zeros = _checked(inputs, compressed)
     rows, outputs = x.shape[0], compressed.out_features
     if rows > GEMV_MAX_ROWS:
         raise ValueError(f"the 2:4 decode kernel takes at most {GEMV_MAX_ROWS} token rows, got {rows} (use sparse24_tiles)")
@@ -159,21 +166,27 @@ def sparse24_gemv(inputs: torch.Tensor, compressed: Compressed24, split_k: int |
     atomic = split_k > 1
     out = (torch.zeros if atomic else torch.empty)(rows, outputs, dtype=torch.float32 if atomic else inputs.dtype, device=inputs.device)
     _sparse24_gemv[(blocks, split_k)](
-        x, compressed.values, compressed.metadata, scales, out, rows, outputs, compressed.in_features, stored_per_split,
+        x, compressed.values, compressed.metadata, scales, zeros, out, rows, outputs, compressed.in_features, stored_per_split,
         x.stride(0), compressed.values.stride(0), compressed.metadata.stride(0), scales.stride(0), out.stride(0),
-        BITS=compressed.bits or 16, GROUP_SIZE=compressed.group_size or 1, ROWS=padded_rows, BLOCK_N=GEMV_BLOCK_N,
+        BITS=compressed.bits or 16, GROUP_SIZE=compressed.group_size or 1, HAS_ZEROS=compressed.zero_points is not None,
+        ROWS=padded_rows, BLOCK_N=GEMV_BLOCK_N,
         BLOCK_J=block_j, ATOMIC=atomic,
     )  # fmt: skip
     return out.to(inputs.dtype).reshape(*inputs.shape[:-1], outputs)
 
 
-def _checked(inputs: torch.Tensor, compressed: Compressed24) -> tuple[torch.Tensor, Compressed24, torch.Tensor]:
-    """``inputs`` as contiguous ``[rows, in]``, ``compressed`` with contiguous tensors, and the scales
-    argument (the values, unused, for 16-bit values)."""
+def _checked(
+    inputs: torch.Tensor, compressed: Compressed24
+) -> tuple[torch.Tensor, Compressed24, torch.Tensor, torch.Tensor]:
+    """``inputs`` as contiguous ``[rows, in]``, ``compressed`` with contiguous tensors, and the scales and
+    zero-points arguments (the values stand in, unread, for what the format lacks)."""
     if inputs.dtype not in KERNEL_DTYPES:
         raise ValueError(f"the 2:4 Triton kernel takes float16 or bfloat16 inputs, got {inputs.dtype}")
     if inputs.shape[-1] != compressed.in_features:
         raise ValueError(f"inputs have {inputs.shape[-1]} features, the 2:4 weight {compressed.in_features}")
-    scales = None if compressed.scales is None else compressed.scales.contiguous()
-    compressed = replace(compressed, values=compressed.values.contiguous(), metadata=compressed.metadata.contiguous(), scales=scales)
-    return inputs.reshape(-1, compressed.in_features).contiguous(), compressed, scales if scales is not None else compressed.values
+    scales, zeros = (None if t is None else t.contiguous() for t in (compressed.scales, compressed.zero_points))
+    compressed = replace(
+        compressed, values=compressed.values.contiguous(), metadata=compressed.metadata.contiguous(), scales=scales, zero_points=zeros
+    )
+    x = inputs.reshape(-1, compressed.in_features).contiguous()
+    return x, compressed, compressed.values if scales is None else scales, compressed.values if zeros is None else zeros
