@@ -5,9 +5,10 @@ For each Llama-3-8B / 70B linear shape and each M, one bf16 2:4 weight (random, 
 every four kept) is timed as
 
 - ``dense``: ``F.linear`` on the same weight stored densely (cuBLAS), the reference for every ratio;
-- ``tiles``, ``tiles int8``, ``tiles int4``: ``optimum_prune``'s tiled (``tl.dot``) kernel on the
-  compressed format (16-bit values; int8 / int4 values with group-128 scales);
-- ``gemv``, ``gemv int8``, ``gemv int4``: its decode kernel on the same weights, for M up to
+- ``tiles``, ``tiles int8``, ``tiles int4``, ``tiles int4 zp``: ``optimum_prune``'s tiled (``tl.dot``)
+  kernel on the compressed format (16-bit values; int8 / int4 values with group-128 scales; int4 with
+  a zero-point per scale too, as optimum-quanto's affine int4 repacked by ``sparsify`` has);
+- ``gemv``, ``gemv int8``, ``gemv int4``, ``gemv int4 zp``: its decode kernel on the same weights, for M up to
   ``GEMV_MAX_ROWS`` (16) tokens;
 - ``semi-structured``: ``torch.sparse.to_sparse_semi_structured`` + ``F.linear`` (what PyTorch offers);
 - ``cuSPARSELt``: ``torch._cslt_sparse_mm`` with the algorithm chosen by ``torch._cslt_sparse_mm_search``
@@ -29,6 +30,7 @@ from __future__ import annotations
 import copy
 import sys
 import time
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -49,8 +51,9 @@ SHAPES = {  # (out, in) of Llama-3-8B's and Llama-3-70B's linears
 }
 TOKENS = (1, 2, 4, 8, 16, 64, 256, 1024, 4096, 16384)  # the issue's M, and 2 / 8 for the decode kernel's crossover
 QUICK_SHAPES, QUICK_TOKENS = ("8B q_proj / o_proj", "8B gate_proj / up_proj"), (1, 4, 16, 256, 4096)
-FORMATS = (("", None), (" int8", 8), (" int4", 4))  # (path name suffix, bits)
-PATHS = (*(f"{kernel}{suffix}" for kernel in ("tiles", "gemv") for suffix, _ in FORMATS), "semi-structured", "cuSPARSELt")
+# (path name suffix, bits, with zero-points: the extra load of optimum-quanto int4 codes that sparsify repacks)
+FORMATS = (("", None, False), (" int8", 8, False), (" int4", 4, False), (" int4 zp", 4, True))
+PATHS = (*(f"{kernel}{suffix}" for kernel in ("tiles", "gemv") for suffix, *_ in FORMATS), "semi-structured", "cuSPARSELt")
 
 
 def weight_24(out_features: int, in_features: int) -> torch.Tensor:
@@ -64,8 +67,10 @@ def sparse_paths(weight: torch.Tensor) -> dict[str, tuple[Callable[[torch.Tensor
     from optimum_prune.kernels.triton_24 import sparse24_gemv, sparse24_tiles
 
     paths = {}
-    for suffix, bits in FORMATS:
+    for suffix, bits, zero_points in FORMATS:
         compressed = compress(weight, bits=bits, group_size=128)
+        if zero_points:  # all zero, so the values stay those of the int4 path; the kernel still loads and subtracts them
+            compressed = replace(compressed, zero_points=torch.zeros_like(compressed.scales, dtype=torch.int8))
         reference = decompress(compressed).to(weight.dtype)
         paths[f"tiles{suffix}"] = (lambda x, c=compressed: sparse24_tiles(x, c)), reference
         paths[f"gemv{suffix}"] = (lambda x, c=compressed: sparse24_gemv(x, c)), reference
