@@ -55,10 +55,14 @@ class SparseLinear(nn.Module):
         return cls(compress(linear.weight.detach(), name, bits, group_size), linear.bias, backend)
 
     @classmethod
-    def from_quantized(cls, linear: nn.Module, name: str = "linear", backend: str = "auto") -> "SparseLinear":
-        """Repack a GPTQ or optimum-quanto int8 / int4 linear's codes and scales exactly (its weight must be 2:4)."""
+    def from_quantized(
+        cls, linear: nn.Module, name: str = "linear", backend: str = "auto", dequantized: torch.Tensor | None = None
+    ) -> "SparseLinear":
+        """Repack a GPTQ or optimum-quanto int8 / int4 linear's codes and scales exactly (its weight must be 2:4;
+        ``dequantized``: its ``dequantized_weight`` if the caller already has it)."""
         grid = integer_grid(linear, name)
-        compressed = repack(dequantized_weight(linear).detach(), grid.scales.detach(), grid.group_size, grid.bits, name)
+        weight = dequantized_weight(linear) if dequantized is None else dequantized
+        compressed = repack(weight.detach(), grid.scales.detach(), grid.group_size, grid.bits, name)
         bias = linear.bias.detach() if linear.bias is not None else None
         return cls(compressed, bias, backend)
 
@@ -120,11 +124,12 @@ def sparsify(model: nn.Module, bits: int | None = None, group_size: int = 128, b
     for linears in adapter.qualified_prunable_linears():
         for qualified, linear in linears.items():
             quantized = is_quantized(linear)
-            if linear.in_features % 8 or not conforms_to(dequantized_weight(linear) if quantized else linear.weight, pattern):
+            weight = dequantized_weight(linear) if quantized else linear.weight
+            if linear.in_features % 8 or not conforms_to(weight, pattern):
                 report.left_dense.append(qualified)
                 continue
             if quantized:
-                sparse = SparseLinear.from_quantized(linear, qualified, backend)
+                sparse = SparseLinear.from_quantized(linear, qualified, backend, weight)
                 report.repacked.append(qualified)
             else:
                 sparse = SparseLinear.from_linear(linear, qualified, bits, group_size, backend)
