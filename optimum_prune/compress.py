@@ -58,6 +58,10 @@ def compress(
         from .gptq import check_group_size
 
         check_group_size(model, steps[-1], f"recipe[{len(steps) - 1}]")
+    if isinstance(steps[-1], QuantoConfig):
+        from .quanto import check_packing
+
+        check_packing(model, steps[-1], f"recipe[{len(steps) - 1}]")
     gptq_windows = _gptq_windows(steps, calibration, tokenizer)
     reports = []
     for step in steps:

@@ -87,3 +87,22 @@ def test_modules_to_not_convert_match_like_in_transformers():
     layer = model.model.layers[0]
     assert type(layer.self_attn.q_proj).__name__ == "QLinear"
     assert type(layer.mlp.down_proj) is torch.nn.Linear and type(model.lm_head) is torch.nn.Linear
+
+
+def test_int4_on_weights_quanto_packs_for_a_float_zero_point_is_refused_before_pruning():
+    """bfloat16 int4 goes to quanto's TinyGemm layout, which refuses the integer zero-point that keeps zeros exact."""
+    model = tiny_model(**WIDE).to(torch.bfloat16)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"recipe\[1\]: QuantoConfig\(weights='int4'\) on model.layers.0.self_attn.q_proj \(torch.bfloat16 on cpu\).*TinyGemm.*model.float\(\)"):
+        compress(model, [PruningConfig(method="magnitude", sparsity="2:4"), QuantoConfig(weights="int4")])
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
+    compress(model, [PruningConfig(method="magnitude", sparsity="2:4"), QuantoConfig(weights="int8")])  # int8 is fine
+    assert verify_sparsity(model, "2:4")["conforming"]
+
+
+def test_a_quantizer_that_moves_pruned_weights_is_caught(monkeypatch):
+    """The zero count after quantizing catches a quanto path that loses zeros (here: its default float shift)."""
+    monkeypatch.setattr("optimum_prune.quanto.ZeroPreservingOptimizer", quanto.MaxOptimizer)
+    model = tiny_model(**WIDE)
+    with pytest.raises(ValueError, match=r"optimum-quanto left model.layers.0.self_attn.q_proj with \d+ zeros of the \d+ it had"):
+        compress(model, [PruningConfig(method="magnitude", sparsity=0.5), QuantoConfig(weights="int4")])
