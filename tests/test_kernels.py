@@ -122,18 +122,19 @@ def test_repack_keeps_a_quantizers_codes_exactly_and_shifts_only_the_groups_that
         repack(too_wide, wide_scales, 64, bits)
 
 
-def _quantizers() -> list:
+@pytest.mark.parametrize(
+    ("package", "bits", "affine"),
+    [("optimum.quanto", 8, False), ("optimum.quanto", 4, True), ("gptqmodel", 4, False), ("gptqmodel", 8, False)],
+    ids=["quanto-int8", "quanto-int4", "gptq-int4", "gptq-int8"],
+)
+def test_sparsify_repacks_quantized_linears_without_changing_a_logit(package, bits, affine, monkeypatch):
+    """The Optimum path's int8 / int4 weights move into the 2:4 format code for code: same logits, bit for bit.
+    optimum-quanto's int4 is affine (an integer zero-point per group), so only it needs zero-points."""
+    pytest.importorskip(package)
     from transformers import GPTQConfig, QuantoConfig
 
-    return [QuantoConfig(weights="int8"), QuantoConfig(weights="int4"), GPTQConfig(bits=4, group_size=32), GPTQConfig(bits=8, group_size=32)]
-
-
-@pytest.mark.parametrize("quantizer", range(4), ids=["quanto-int8", "quanto-int4", "gptq-int4", "gptq-int8"])
-def test_sparsify_repacks_quantized_linears_without_changing_a_logit(quantizer, monkeypatch):
-    """The Optimum path's int8 / int4 weights move into the 2:4 format code for code: same logits, bit for bit."""
-    pytest.importorskip("optimum.quanto" if quantizer < 2 else "gptqmodel")
     monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")  # gptqmodel's 8-bit CPU layers would torch.compile (see test_gptq)
-    config = _quantizers()[quantizer]
+    config = QuantoConfig(weights=f"int{bits}") if package == "optimum.quanto" else GPTQConfig(bits=bits, group_size=32)
     model = tiny_model(hidden_size=128, intermediate_size=256)  # multiples of quanto's int4 group size (128)
     optimum_prune.compress(model, [PruningConfig(method="wanda", sparsity="2:4"), config], calibration=token_windows())
     linears = {name: module for name, module in model.named_modules() if name.startswith("model.layers.") and name.endswith("proj")}
@@ -146,10 +147,9 @@ def test_sparsify_repacks_quantized_linears_without_changing_a_logit(quantizer, 
     modules = dict(model.named_modules())
     assert sorted(report.repacked) == sorted(report.swapped) == sorted(linears) and not report.left_dense
     assert "21 of them repacked" in str(report)
-    bits = 8 if quantizer in (0, 3) else 4
     for name, weight in dequantized.items():
         assert modules[name].bits == bits and torch.equal(decompress(modules[name].compressed), weight), name
-    assert any(modules[name].zero_points is not None for name in linears) == (quantizer == 1)  # quanto's int4 is affine
+    assert any(modules[name].zero_points is not None for name in linears) == affine
     with torch.no_grad():
         assert torch.equal(model(ids).logits, quantized_logits)
 
