@@ -21,21 +21,14 @@ import statistics
 
 from common import quick_or_full, save_rows, table_header
 from optimum_prune import PruningConfig, evaluate_perplexity, load_default_model, prune
-from optimum_prune.data import EVALUATION_EVERY, wikipedia_articles
+from optimum_prune.data import EVALUATION_EVERY, wikipedia_excerpt
 
 LIBRARY_SPLIT = f"articles i ≡ {EVALUATION_EVERY - 1} mod {EVALUATION_EVERY} (library's evaluation split)"
 
 
-def excerpt_articles() -> list[str]:
-    """Every article of the bundled excerpt in its original order (the library splits them by index mod 4)."""
-    calibration, evaluation = iter(wikipedia_articles("calibration")), iter(wikipedia_articles("evaluation"))
-    total = len(wikipedia_articles("calibration")) + len(wikipedia_articles("evaluation"))
-    return [next(evaluation if i % EVALUATION_EVERY == EVALUATION_EVERY - 1 else calibration) for i in range(total)]
-
-
 def evaluation_texts() -> dict[str, list[str]]:
     """Candidate evaluation texts, each a list of whole articles in excerpt order."""
-    articles = excerpt_articles()
+    articles = wikipedia_excerpt()
     quarter = math.ceil(len(articles) / 4)
     texts = {
         (LIBRARY_SPLIT if residue == EVALUATION_EVERY - 1 else f"articles i ≡ {residue} mod {EVALUATION_EVERY}"): [
@@ -43,8 +36,8 @@ def evaluation_texts() -> dict[str, list[str]]:
         ]
         for residue in range(EVALUATION_EVERY)
     }
-    texts["first quarter of the articles"] = articles[:quarter]
-    texts["last quarter of the articles"] = articles[-quarter:]
+    texts["first quarter of the articles"] = list(articles[:quarter])
+    texts["last quarter of the articles"] = list(articles[-quarter:])
     return texts
 
 
@@ -73,7 +66,7 @@ def main() -> None:
             f"One fp32 model evaluated dense, then pruned to 50 % by magnitude (|W| ranked within each matrix, "
             f"embeddings and lm_head dense) and evaluated again, on each text: the first {eval_tokens:,} tokens of its "
             f"articles joined by blank lines, in 512-token windows. The {len(texts)} texts are cut from the same "
-            f"bundled Wikipedia excerpt ({len(excerpt_articles())} articles).",
+            f"bundled Wikipedia excerpt ({len(wikipedia_excerpt())} articles).",
         ),
         "| evaluation text | articles | dense | magnitude 50 % | ratio |",
         "|---|---|---|---|---|",

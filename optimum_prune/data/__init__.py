@@ -19,7 +19,8 @@ EVALUATION_EVERY = 4
 
 
 @lru_cache(maxsize=1)
-def _articles() -> tuple[str, ...]:
+def wikipedia_excerpt() -> tuple[str, ...]:
+    """Every article of the excerpt, in its order (both splits; for studies of the split itself)."""
     text = lzma.decompress(resources.files(__name__).joinpath("wikipedia_excerpt.txt.xz").read_bytes()).decode("utf-8")
     return tuple(text.strip("\n").split("\n\n"))
 
@@ -29,7 +30,7 @@ def wikipedia_articles(split: str) -> list[str]:
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     is_eval = split == "evaluation"
-    return [a for i, a in enumerate(_articles()) if (i % EVALUATION_EVERY == EVALUATION_EVERY - 1) == is_eval]
+    return [a for i, a in enumerate(wikipedia_excerpt()) if (i % EVALUATION_EVERY == EVALUATION_EVERY - 1) == is_eval]
 
 
 def wikipedia_text(split: str) -> str:
