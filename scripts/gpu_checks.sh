@@ -8,8 +8,9 @@
 #   quant    GPTQ and bitsandbytes on CUDA (tests/test_quantized_cuda.py, then the CPU suites of both
 #            on the GPU machine); needs the kit of `QUANT=1 scripts/gpu_wheels.sh`, carried as
 #            [".whl", ".whl-bnb"]; not in the default list
-# QUICK=1 passes --quick to the benchmarks. Logs and tables go to $OUT (the folder the device tool
-# brings back), else ./gpu-results.
+# QUICK=1 passes --quick to the benchmarks; TIMEOUT=SECONDS stops each section after that long (its
+# log so far is kept), so one slow section cannot use up a device lease. Logs and tables go to $OUT
+# (the folder the device tool brings back), else ./gpu-results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="$(mkdir -p "${OUT:-gpu-results}" && cd "${OUT:-gpu-results}" && pwd)"
@@ -21,6 +22,7 @@ else
 fi
 export PYTHONUNBUFFERED=1
 quick=(); [[ "${QUICK:-0}" == 1 ]] && quick=(--quick)
+limit=(timeout -k 5 "${TIMEOUT:-0}")
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" >> "$out/gpu.txt" 2>&1
 cat "$out/gpu.txt"
@@ -28,12 +30,14 @@ status=0
 for section in ${*:-tests kernels layers}; do
   echo "=== $section ($(date -u +%T))"
   case "$section" in
-    tests) python3 -m pytest -p no:cacheprovider -q -rs tests/test_kernels.py tests/calibration/test_cuda.py tests/calibration/test_engine.py 2>&1 | tee "$out/tests.log" ;;
-    kernels) (cd benchmarks && python3 kernels.py "${quick[@]}" --output "$out/KERNELS.md") 2>&1 | tee "$out/kernels.log" ;;
-    quant) python3 -m pytest -p no:cacheprovider -q -rs tests/test_quantized_cuda.py tests/test_gptq.py tests/test_bitsandbytes.py 2>&1 | tee "$out/quant.log" ;;
-    layers) (cd benchmarks && python3 gpu_layers.py "${quick[@]}" --output "$out/GPU_LAYERS.md") 2>&1 | grep -v "it/s]" | tee "$out/layers.log" ;;
+    tests) "${limit[@]}" python3 -m pytest -p no:cacheprovider -q -rs tests/test_kernels.py tests/calibration/test_cuda.py tests/calibration/test_engine.py 2>&1 | tee "$out/tests.log" ;;
+    kernels) (cd benchmarks && "${limit[@]}" python3 kernels.py "${quick[@]}" --output "$out/KERNELS.md") 2>&1 | tee "$out/kernels.log" ;;
+    quant) "${limit[@]}" python3 -m pytest -p no:cacheprovider -q -rs tests/test_quantized_cuda.py tests/test_gptq.py tests/test_bitsandbytes.py 2>&1 | tee "$out/quant.log" ;;
+    layers) (cd benchmarks && "${limit[@]}" python3 gpu_layers.py "${quick[@]}" --output "$out/GPU_LAYERS.md") 2>&1 | grep -v "it/s]" | tee "$out/layers.log" ;;
     *) echo "unknown section $section (tests, kernels, layers, quant)"; exit 2 ;;
   esac
-  [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
+  code=${PIPESTATUS[0]}
+  echo "=== $section ended $(date -u +%T) with exit status $code"
+  [[ $code -eq 0 ]] || status=1
 done
 exit $status
