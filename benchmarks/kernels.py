@@ -1,15 +1,16 @@
 """2:4 linear layers on a CUDA GPU: dense cuBLAS against every sparse path, side by side, per
-token count M — the measurements ``SparseLinear``'s dispatch thresholds are to come from.
+token count M — the measurements ``SparseLinear``'s dispatch threshold comes from.
 
 For each Llama-3-8B / 70B linear shape and each M, one bf16 2:4 weight (random, the two largest of
 every four kept) is timed as
 
 - ``dense``: ``F.linear`` on the same weight stored densely (cuBLAS), the reference for every ratio;
-- ``tiles``, ``tiles int8``, ``tiles int4``, ``tiles int4 zp``: ``optimum_prune``'s tiled (``tl.dot``)
-  kernel on the compressed format (16-bit values; int8 / int4 values with group-128 scales; int4 with
-  a zero-point per scale too, as optimum-quanto's affine int4 repacked by ``sparsify`` has);
-- ``gemv``, ``gemv int8``, ``gemv int4``, ``gemv int4 zp``: its decode kernel on the same weights, for M up to
-  ``GEMV_MAX_ROWS`` (16) tokens;
+- ``fused``, ``fused int8``, ``fused int4``, ``fused int4 zp``: ``optimum_prune``'s fused kernel on the
+  compressed format (16-bit values; int8 / int4 values with group-128 scales; int4 with a zero-point
+  per scale too, as optimum-quanto's affine int4 repacked by ``sparsify`` has), block sizes autotuned
+  per token-row bucket (the tuning runs before the timing);
+- ``expand + cuBLAS``, ``expand int4 + cuBLAS``: the weight rebuilt densely by ``sparse24_expand``,
+  then ``F.linear`` — the prefill path, both steps timed;
 - ``semi-structured``: ``torch.sparse.to_sparse_semi_structured`` + ``F.linear`` (what PyTorch offers);
 - ``cuSPARSELt``: ``torch._cslt_sparse_mm`` with the algorithm chosen by ``torch._cslt_sparse_mm_search``
   for this shape (inputs padded to 16 rows outside the timed call).
@@ -17,12 +18,17 @@ every four kept) is timed as
 Each cell is dense time / path time (> 1: faster than dense), median of ``triton.testing.do_bench``;
 a path that fails for a shape shows why. Every path's output is checked against the dense product
 first (quantized paths against their own dequantized weight). The bytes ceiling of decode is dense
-bytes / compressed bytes (1.78× for 16-bit values, ≈ 5× for int4 with fp32 scales). Below the table:
-per shape, the largest M at which the decode kernel still beats the tiled one (``GEMV_ROWS`` in
-``triton_24.py``) and the smallest M from which cuSPARSELt beats both (the prefill threshold).
+bytes / compressed bytes (1.78× for 16-bit values, ≈ 5× for int4 with bf16 scales). Below the table:
+per shape, the largest M at which the fused kernel still beats expand + cuBLAS (``FUSED_MAX_ROWS``
+in ``triton_24.py``) and the smallest M from which cuSPARSELt beats both.
+
+End to end, on a Llama-3-8B-shaped model (random weights, magnitude 2:4): greedy ``generate()``
+tokens/s with a static cache (transformers compiles the decode step itself), the time of one decode
+step replayed as a CUDA graph (what a serving loop without Python overhead pays), and the largest
+logit difference on the prompt against the dense model.
 
     python benchmarks/kernels.py            # writes benchmarks/KERNELS.md
-    python benchmarks/kernels.py --quick    # two shapes, four token counts
+    python benchmarks/kernels.py --quick    # two shapes, five token counts, a 4-layer model end to end
 """
 
 from __future__ import annotations
@@ -49,11 +55,12 @@ SHAPES = {  # (out, in) of Llama-3-8B's and Llama-3-70B's linears
     "70B gate_proj / up_proj": (28672, 8192),
     "70B down_proj": (8192, 28672),
 }
-TOKENS = (1, 2, 4, 8, 16, 64, 256, 1024, 4096, 16384)  # the issue's M, and 2 / 8 for the decode kernel's crossover
+TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
 QUICK_SHAPES, QUICK_TOKENS = ("8B q_proj / o_proj", "8B gate_proj / up_proj"), (1, 4, 16, 256, 4096)
 # (path name suffix, bits, with zero-points: the extra load of optimum-quanto int4 codes that sparsify repacks)
 FORMATS = (("", None, False), (" int8", 8, False), (" int4", 4, False), (" int4 zp", 4, True))
-PATHS = (*(f"{kernel}{suffix}" for kernel in ("tiles", "gemv") for suffix, *_ in FORMATS), "semi-structured", "cuSPARSELt")
+EXPANDED = (("expand + cuBLAS", None), ("expand int4 + cuBLAS", 4))
+PATHS = (*(f"fused{suffix}" for suffix, *_ in FORMATS), *(name for name, _ in EXPANDED), "semi-structured", "cuSPARSELt")
 
 
 def weight_24(out_features: int, in_features: int) -> torch.Tensor:
@@ -64,16 +71,18 @@ def weight_24(out_features: int, in_features: int) -> torch.Tensor:
 
 def sparse_paths(weight: torch.Tensor) -> dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]]:
     """Per path: (the call on inputs [M, in], the dense weight it must reproduce)."""
-    from optimum_prune.kernels.triton_24 import sparse24_gemv, sparse24_tiles
+    from optimum_prune.kernels.triton_24 import sparse24_expand, sparse24_fused
 
-    paths = {}
+    paths, formats = {}, {}
     for suffix, bits, zero_points in FORMATS:
         compressed = compress(weight, bits=bits, group_size=128)
         if zero_points:  # all zero, so the values stay those of the int4 path; the kernel still loads and subtracts them
             compressed = replace(compressed, zero_points=torch.zeros_like(compressed.scales, dtype=torch.int8))
-        reference = decompress(compressed).to(weight.dtype)
-        paths[f"tiles{suffix}"] = (lambda x, c=compressed: sparse24_tiles(x, c)), reference
-        paths[f"gemv{suffix}"] = (lambda x, c=compressed: sparse24_gemv(x, c)), reference
+        formats[suffix] = compressed
+        paths[f"fused{suffix}"] = (lambda x, c=compressed: sparse24_fused(x, c)), decompress(compressed).to(weight.dtype)
+    for name, bits in EXPANDED:
+        compressed = formats[" int4" if bits else ""]
+        paths[name] = (lambda x, c=compressed: F.linear(x, sparse24_expand(c, x.dtype))), paths[f"fused{' int4' if bits else ''}"][1]
     semi = torch.sparse.to_sparse_semi_structured(weight)
     paths["semi-structured"] = (lambda x: F.linear(x, semi)), weight
     packed = torch._cslt_compress(weight)
@@ -94,10 +103,9 @@ def padded(x: torch.Tensor, multiple: int = 16) -> torch.Tensor:
     return x if rows == x.shape[0] else torch.cat([x, x.new_zeros(rows - x.shape[0], x.shape[1])])
 
 
-def measure(shapes: list[str], tokens: tuple[int, ...]) -> list[dict]:
+def measure(shapes: list[str], tokens: tuple[int, ...], progress: Callable[[list[dict]], None]) -> list[dict]:
+    """Rows of the table, ``progress`` called with all rows so far after each shape."""
     from triton.testing import do_bench
-
-    from optimum_prune.kernels.triton_24 import GEMV_MAX_ROWS
 
     rows = []
     for shape in shapes:
@@ -112,12 +120,9 @@ def measure(shapes: list[str], tokens: tuple[int, ...]) -> list[dict]:
             dense_ms = do_bench(lambda: F.linear(x, weight))
             row = {"shape": shape, "tokens": m, "dense_ms": dense_ms}
             for name, (call, reference) in paths.items():
-                if name.startswith("gemv") and m > GEMV_MAX_ROWS:
-                    row[name] = "—"
-                    continue
                 inputs = padded(x) if name == "cuSPARSELt" else x
                 try:
-                    result = call(inputs)[:m]
+                    result = call(inputs)[:m]  # also runs the autotuner and the algorithm search before the timing
                     expected = F.linear(x, reference)
                     error = float((result.float() - expected.float()).norm() / expected.float().norm())
                     if error > 2e-2:
@@ -128,18 +133,21 @@ def measure(shapes: list[str], tokens: tuple[int, ...]) -> list[dict]:
                     row[name] = f"fails: {str(failure).splitlines()[0][:60]}"
             rows.append(row)
             print(row, flush=True)
+        del paths, weight
+        progress(rows)
     return rows
 
 
 def thresholds(rows: list[dict], shape: str) -> str:
-    """The dispatch thresholds this shape's rows measure: the largest M at which the decode kernel
-    beats the tiled one, and the smallest M from which cuSPARSELt beats both Triton kernels."""
+    """The dispatch thresholds this shape's rows measure: the largest M at which the fused kernel beats
+    expand + cuBLAS, and the smallest M from which cuSPARSELt beats both."""
     measured = [row for row in rows if row["shape"] == shape]
-    gemv = [row["tokens"] for row in measured if isinstance(row["gemv"], float) and row["gemv"] > timed(row["tiles"])]
+    fused = [row["tokens"] for row in measured if timed(row["fused"]) > timed(row["expand + cuBLAS"])]
     cusparselt = next(
-        (row["tokens"] for row in measured if timed(row["cuSPARSELt"]) > max(timed(row["tiles"]), timed(row["gemv"]))), None
-    )
-    return f"decode kernel up to M = {max(gemv) if gemv else 'none'}; cuSPARSELt from M = {cusparselt or 'never'}"
+        (row["tokens"] for row in measured if timed(row["cuSPARSELt"]) > max(timed(row["fused"]), timed(row["expand + cuBLAS"]))),
+        None,
+    )  # fmt: skip
+    return f"fused kernel up to M = {max(fused) if fused else 'none'}; cuSPARSELt from M = {cusparselt or 'never'}"
 
 
 def timed(value: float | str) -> float:
@@ -147,8 +155,8 @@ def timed(value: float | str) -> float:
     return value if isinstance(value, float) else 0.0
 
 
-def cell(value: float | str) -> str:
-    return f"{value:.2f}×" if isinstance(value, float) else value
+def cell(value: float | str, unit: str = "×", spec: str = ".2f") -> str:
+    return f"{value:{spec}}{unit}" if isinstance(value, float) else value
 
 
 def markdown(rows: list[dict], command: str) -> str:
@@ -177,10 +185,37 @@ def llama3_8b_shaped(layers: int) -> "LlamaConfig":
                        num_hidden_layers=layers, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192)  # fmt: skip
 
 
+def graphed_step_ms(model: torch.nn.Module, prompt: torch.Tensor, replays: int = 50) -> float:
+    """Milliseconds of one greedy decode step (one token, static cache) replayed as a CUDA graph."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=prompt.shape[1] + replays + 8)
+    with torch.no_grad():
+        model(prompt, past_key_values=cache, cache_position=torch.arange(prompt.shape[1], device=prompt.device))
+        token, position = prompt[:, -1:].clone(), torch.tensor([prompt.shape[1]], device=prompt.device)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up off the capture: autotuning, allocations
+            for _ in range(3):
+                model(token, past_key_values=cache, cache_position=position)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            model(token, past_key_values=cache, cache_position=position)
+    graph.replay()
+    started, ended = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    started.record()
+    for _ in range(replays):
+        graph.replay()
+    ended.record()
+    torch.cuda.synchronize()
+    return started.elapsed_time(ended) / replays
+
+
 def decode_speed(config: "LlamaConfig", new_tokens: int = 128, device: str = "cuda") -> list[str]:
-    """Markdown rows: greedy ``generate()`` tokens/s with a static cache of a bf16 Llama of ``config``
-    (random weights) pruned to 2:4 by magnitude, then with every 2:4 linear swapped for
-    ``SparseLinear`` (16-bit values, and int4 with group-128 scales), in the same run."""
+    """Markdown rows for a bf16 Llama of ``config`` (random weights) pruned to 2:4 by magnitude, then
+    with every 2:4 linear swapped for ``SparseLinear`` (16-bit values, and int4 with group-128 scales),
+    in the same run: ``generate()`` tokens/s, CUDA-graph decode step time, prompt logit difference."""
     from transformers import LlamaForCausalLM
 
     from optimum_prune import PruningConfig, prune
@@ -191,26 +226,51 @@ def decode_speed(config: "LlamaConfig", new_tokens: int = 128, device: str = "cu
         dense = LlamaForCausalLM(config).to(torch.bfloat16).eval()
     prune(dense, PruningConfig(method="magnitude", sparsity="2:4"), device=device)
     prompt = torch.randint(config.vocab_size, (1, 16), device=device, generator=torch.Generator(device).manual_seed(0))
-    synchronize = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     lines, reference = [], None
     for name, options in {"dense (2:4 zeros stored densely)": None, "sparsify()": {}, "sparsify(bits=4)": {"bits": 4}}.items():
         model = dense if options is None else copy.deepcopy(dense)
         if options is not None:
             sparsify(model, **options)
         with torch.no_grad():
-            generate = lambda: model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                                              cache_implementation="static", pad_token_id=0)  # fmt: skip
-            generate()  # warm-up: kernels compiled, cache allocated
-            synchronize()
-            started = time.perf_counter()
-            tokens = generate()
-            synchronize()
-        speed = new_tokens / (time.perf_counter() - started)
-        reference = reference or (speed, tokens)
-        agreement = float((tokens[:, prompt.shape[1]:] == reference[1][:, prompt.shape[1]:]).float().mean())
-        lines.append(f"| {name} | {speed:.1f} | {speed / reference[0]:.2f}× | {agreement:.0%} |")
-        del model
+            logits = model(prompt).logits.float()
+        speed = attempt(lambda: generated_tokens_per_second(model, prompt, new_tokens))
+        step_ms = attempt(lambda: graphed_step_ms(model, prompt))
+        reference = reference or (speed, step_ms, logits)
+        difference = float((logits - reference[2]).abs().max() / reference[2].abs().max())
+        lines.append(
+            f"| {name} | {cell(speed, '', '.1f')} | {cell(ratio(speed, reference[0]))} | {cell(step_ms, '', '.3f')} | "
+            f"{cell(ratio(reference[1], step_ms))} | {difference:.1e} |"
+        )
+        print(lines[-1], flush=True)
+        if options is not None:
+            del model
+            torch.cuda.empty_cache()
     return lines
+
+
+def generated_tokens_per_second(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> float:
+    def generate() -> None:
+        with torch.no_grad():
+            model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                           cache_implementation="static", pad_token_id=0)  # fmt: skip
+        torch.cuda.synchronize()
+
+    generate()  # warm-up: kernels tuned and compiled, cache allocated
+    started = time.perf_counter()
+    generate()
+    return new_tokens / (time.perf_counter() - started)
+
+
+def attempt(measurement: Callable[[], float]) -> float | str:
+    """The measurement, or why it failed (one failing end-to-end path must not lose the others)."""
+    try:
+        return measurement()
+    except Exception as failure:  # noqa: BLE001 — reported in the table
+        return f"fails: {type(failure).__name__}: {str(failure).splitlines()[0][:50] if str(failure) else ''}"
+
+
+def ratio(numerator: float | str, denominator: float | str) -> float | str:
+    return numerator / denominator if isinstance(numerator, float) and isinstance(denominator, float) else "—"
 
 
 def main() -> None:
@@ -218,12 +278,17 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("benchmarks/kernels.py times GPU kernels: it needs a CUDA device (none is available here)")
     shapes, tokens = (list(QUICK_SHAPES), QUICK_TOKENS) if quick else (list(SHAPES), TOKENS)
-    table = markdown(measure(shapes, tokens), "python benchmarks/kernels.py" + (" --quick" if quick else ""))
+    command = "python benchmarks/kernels.py" + (" --quick" if quick else "")
+    table = markdown(measure(shapes, tokens, lambda rows: output.write_text(markdown(rows, command))), command)
+    output.write_text(table)
     layers = 4 if quick else 32
     table += "\n".join([
-        "", f"End to end: greedy `generate()` of 128 tokens after a 16-token prompt, static cache, eager, a Llama-3-8B-shaped "
-        f"model with {layers} layers (random weights, magnitude 2:4); agreement: share of generated tokens equal to the dense model's.", "",
-        "| model | tokens/s | vs dense | agreement |", "|---|---:|---:|---:|", *decode_speed(llama3_8b_shaped(layers)),
+        "", f"End to end: a Llama-3-8B-shaped model with {layers} layers (random weights, magnitude 2:4), bf16. `generate()`: "
+        "greedy, 128 tokens after a 16-token prompt, static cache (transformers compiles the decode step). Graph step: one "
+        "decode step replayed as a CUDA graph. Logit difference: largest |Δ logit| on the prompt / largest |logit| of the "
+        "dense model.", "",
+        "| model | generate() tokens/s | vs dense | graph step (ms) | vs dense | logit difference |",
+        "|---|---:|---:|---:|---:|---:|", *decode_speed(llama3_8b_shaped(layers)),
     ]) + "\n"  # fmt: skip
     output.write_text(table)
     print(table)

@@ -199,7 +199,8 @@ INTERPRETED_KERNEL_CHECKS = r"""
 import copy, torch
 from optimum_prune import PruningConfig, prune
 from optimum_prune.kernels import compress, decompress, sparsify
-from optimum_prune.kernels.triton_24 import GEMV_ROWS, sparse24_gemv, sparse24_matmul, sparse24_tiles
+from optimum_prune.kernels.triton_24 import FUSED_CONFIGS, FUSED_MAX_ROWS, sparse24_expand, sparse24_fused, sparse24_matmul
+from torch.nn import functional as F
 from tests.conftest import tiny_model, token_windows
 from tests.test_kernels import affine_24, random_24
 
@@ -210,44 +211,29 @@ def check(result, x, compressed, *context):
     assert error <= 2e-3 * float(reference.abs().max()), (*context, error)
 
 
-# Ragged M, output rows not a multiple of the blocks and a partial last block of the input dimension,
-# for every value format; the decode kernel also with the input dimension split across programs.
-for bits, group_size, (out_features, in_features) in ((None, 128, (100, 136)), (8, 8, (100, 136)), (4, 8, (100, 136)),
-                                                      (4, 136, (100, 136)), (None, 128, (24, 1024)), (4, 64, (24, 1024))):
-    weight = random_24(out_features, in_features, torch.float16, seed=bits or 0)
-    compressed = compress(weight, bits=bits, group_size=group_size)
-    for rows in (1, 5, 17, 40):
-        x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows)).half()
-        check(sparse24_tiles(x, compressed), x, compressed, "tiles", bits, group_size, rows)
-    for rows in (1, 3, 4, 16):
-        x = torch.randn(rows, in_features, generator=torch.Generator().manual_seed(rows)).half()
-        for split_k in (None, 2, 3):
-            check(sparse24_gemv(x, compressed, split_k), x, compressed, "gemv", bits, group_size, rows, split_k)
-    batched = torch.randn(2, 3, in_features).half()
-    assert sparse24_matmul(batched, compressed).shape == (2, 3, out_features)
+# Every block configuration the autotuner may pick, on ragged M, output rows not a multiple of the
+# blocks and a partial last block of the input dimension, for every value format and scale group
+# (smaller than, equal to and larger than a tile's columns); zero-points as optimum-quanto's
+# affine int4 codes get them from repack.
+formats = [(bits, group_size, compress(random_24(100, in_features, torch.float16, seed=bits or 0), bits=bits, group_size=group_size))
+           for bits, group_size, in_features in ((None, 128, 136), (8, 8, 136), (4, 8, 136), (4, 136, 136), (4, 256, 1024))]
+formats += [(f"{bits}, zero-points", group_size, affine_24(100, in_features, bits, group_size))
+            for bits, group_size, in_features in ((4, 8, 136), (8, 136, 136), (4, 64, 1024))]
+configs = [config.kwargs for bucket in FUSED_CONFIGS.values() for config in bucket]
+for bits, group_size, compressed in formats:
+    assert torch.equal(sparse24_expand(compressed, torch.float16), decompress(compressed).half()), (bits, group_size)
+    for rows in (1, 17, 40):
+        x = torch.randn(rows, compressed.in_features, generator=torch.Generator().manual_seed(rows)).half()
+        for config in configs:
+            check(sparse24_fused(x, compressed, config), x, compressed, bits, group_size, rows, config)
+    batched = torch.randn(2, 3, compressed.in_features).half()
+    assert sparse24_matmul(batched, compressed).shape == (2, 3, compressed.out_features)
 
-# Zero-points (codes repacked from an affine quantizer such as optimum-quanto's int4).
-for bits, group_size in ((4, 8), (8, 136), (4, 64)):
-    shifted = affine_24(100, 136 if group_size != 64 else 1024, bits, group_size)
-    assert shifted.zero_points is not None
-    for rows in (1, 17):
-        x = torch.randn(rows, shifted.in_features, generator=torch.Generator().manual_seed(rows)).half()
-        check(sparse24_tiles(x, shifted), x, shifted, "tiles, zero-points", bits, group_size, rows)
-    for rows, split_k in ((1, None), (3, 2)):
-        x = torch.randn(rows, shifted.in_features, generator=torch.Generator().manual_seed(rows)).half()
-        check(sparse24_gemv(x, shifted, split_k), x, shifted, "gemv, zero-points", bits, group_size, rows, split_k)
-
-# sparse24_matmul takes the decode kernel up to GEMV_ROWS token rows, the tiled one above.
-for rows in (1, GEMV_ROWS, GEMV_ROWS + 1):
-    x = torch.randn(rows, in_features).half()
-    chosen = sparse24_gemv(x, compressed) if rows <= GEMV_ROWS else sparse24_tiles(x, compressed)
+# sparse24_matmul takes the fused kernel up to FUSED_MAX_ROWS token rows, the rebuilt weight above.
+for rows in (1, FUSED_MAX_ROWS, FUSED_MAX_ROWS + 1):
+    x = torch.randn(rows, compressed.in_features).half()
+    chosen = sparse24_fused(x, compressed) if rows <= FUSED_MAX_ROWS else F.linear(x, sparse24_expand(compressed, x.dtype))
     assert torch.equal(sparse24_matmul(x, compressed), chosen), rows
-try:
-    sparse24_gemv(torch.randn(17, in_features).half(), compressed)
-except ValueError as error:
-    assert "at most 16 token rows" in str(error)
-else:
-    raise AssertionError("17 rows were accepted by the decode kernel")
 
 # A sparsified model on the kernel gives the reference backend's logits.
 model = tiny_model().half()
@@ -270,7 +256,7 @@ print("kernel checks passed")
 
 
 def test_triton_kernel_matches_the_reference_in_the_interpreter():
-    """The kernels' indexing, dequantization, masking and split sums, checked on CPU. Triton's interpreter
+    """The kernels' indexing, dequantization and masking, checked on CPU. Triton's interpreter
     mishandles bfloat16 (plain loads and stores come out wrong), so bfloat16 waits for a GPU."""
     pytest.importorskip("triton")
     import os
@@ -304,7 +290,7 @@ def test_triton_kernel_matches_the_reference_on_gpu(dtype, bits, group_size):
     pytest.importorskip("triton")
     from dataclasses import replace
 
-    from optimum_prune.kernels.triton_24 import sparse24_gemv, sparse24_matmul, sparse24_tiles
+    from optimum_prune.kernels.triton_24 import sparse24_expand, sparse24_fused, sparse24_matmul
 
     if bits == "4, zero-points":
         shifted = affine_24(4096 + 64, 1024, 4, group_size)
@@ -314,7 +300,8 @@ def test_triton_kernel_matches_the_reference_on_gpu(dtype, bits, group_size):
         )  # fmt: skip
     else:
         compressed = compress(random_24(4096 + 64, 1024, dtype).cuda(), bits=bits, group_size=group_size)
-    kernels = [(sparse24_matmul, (1, 16, 300, 4096)), (sparse24_tiles, (1, 16, 300)), (sparse24_gemv, (1, 2, 4, 16))]
+    assert torch.equal(sparse24_expand(compressed, dtype), decompress(compressed).to(dtype))
+    kernels = [(sparse24_matmul, (1, 16, 300, 4096)), (sparse24_fused, (1, 2, 17, 64, 300))]
     for kernel, token_rows in kernels:
         for rows in token_rows:
             x = torch.randn(rows, 1024, device="cuda", dtype=dtype)

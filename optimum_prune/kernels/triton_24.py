@@ -2,177 +2,185 @@
 bf16 values) or quantized (int8 / int4 values with one scale per row and ``group_size`` columns, and
 a zero-point beside each scale when the format has them).
 
-Two kernels, because decode and prefill are bound by different things:
+Every kernel rebuilds tiles of the dense weight in registers from contiguous loads only: a
+``BLOCK_N`` × ``BLOCK_K`` tile reads its rows' ``BLOCK_K / 2`` stored values (``BLOCK_K / 4``
+bytes for int4: one byte is one group's pair) and one metadata nibble per group of four columns,
+dequantizes the pairs, and spreads them to their columns with selects and ``tl.join`` — no gathers
+(the first kernels of this file gathered a value per dense column and ran at 0.01–0.28× of cuBLAS
+on an H200). Two uses of that tile:
 
-- ``sparse24_tiles`` (prefill): each program computes a BLOCK_M × BLOCK_N tile of y and walks the
-  input dimension BLOCK_K dense columns at a time. For every column k of the tile it loads the
-  metadata nibble of k's group and the stored value k maps to, rebuilds the dense weight tile in
-  registers (dequantized with its scale) and multiplies with the x tile by ``tl.dot`` (tensor
-  cores on a GPU). x is padded to BLOCK_M = 16 rows, ``tl.dot``'s minimum.
-- ``sparse24_gemv`` (decode, a few token rows): bandwidth-bound, so it reads each stored value
-  once, contiguously along its row (1.125 bytes per weight for 16-bit values, about 0.39 for
-  int4), turns each value's metadata into its dense column and gathers those columns of x (a few
-  rows: they stay in cache), accumulating on CUDA cores without padding M. Narrow layers (few
-  output rows for the GPU's multiprocessors) split the input dimension across programs, which add
-  their partial sums atomically in fp32.
+- ``sparse24_fused``: ``tl.dot`` of each x tile with the rebuilt weight tile, accumulated in fp32.
+  It reads the compressed weight once per ``BLOCK_M`` token rows, so it is the decode path (a few
+  rows: bound by the weight bytes, 1.125 per weight for 16-bit values, ≈ 0.39 for int4, against 2
+  dense). Block sizes are chosen by ``triton.autotune`` per token-row bucket and shape.
+- ``sparse24_expand``: writes the dense weight, which ``F.linear`` (cuBLAS) then multiplies — the
+  prefill path: at many rows the product is bound by arithmetic, the rebuild costs one pass over
+  the weight, and cuBLAS's tensor-core schedule beats ours.
 
-``sparse24_matmul`` picks between them by the number of token rows (``GEMV_ROWS``).
-
-Status: both kernels' logic is tested on CPU in Triton's interpreter (``TRITON_INTERPRET=1``)
-against ``decompress``; their speed on GPUs (against cuBLAS and cuSPARSELt), their block sizes
-and ``GEMV_ROWS`` have not been measured yet — ``benchmarks/kernels.py`` measures them in a GPU
-session. ``GEMV_ROWS`` is provisional until then: below it the tiled kernel wastes most of its
-16-row ``tl.dot`` and reads each metadata byte once per column it serves.
+``sparse24_matmul`` picks between them by the number of token rows (``FUSED_MAX_ROWS``, measured
+by ``benchmarks/kernels.py``).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 
 import torch
 import triton
 import triton.language as tl
+from torch.nn import functional as F
 
 from .format import Compressed24
 from .linear import KERNEL_DTYPES
 
-BLOCK_M, BLOCK_N, BLOCK_K = 16, 64, 64
-GEMV_ROWS = 4  # token rows up to which sparse24_matmul takes the decode kernel (provisional: see the module docstring)
-GEMV_MAX_ROWS = 16  # the decode kernel holds rows × GEMV_BLOCK_N × block values in registers
-GEMV_BLOCK_N = 32
+FUSED_MAX_ROWS = 64  # token rows up to which sparse24_matmul takes the fused kernel (benchmarks/kernels.py)
+EXPAND_BLOCK_N, EXPAND_BLOCK_K = 64, 128
 
 
 @triton.jit
-def _kept_weights(values_ptr, scales_ptr, zeros_ptr, outputs, stored, columns, kept, stride_values, stride_scales,
-                  BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr):  # fmt: skip
-    """fp32 values of W at (``outputs``, ``columns``), the ``stored``-th kept values of their rows (0 where not ``kept``)."""
-    if BITS == 16:
-        return tl.load(values_ptr + outputs[:, None] * stride_values + stored, mask=kept, other=0.0).to(tl.float32)
-    if BITS == 8:
-        q = tl.load(values_ptr + outputs[:, None] * stride_values + stored, mask=kept, other=0).to(tl.int32)
-    else:  # two int4 values per byte, the lower nibble first, two's complement
-        packed = tl.load(values_ptr + outputs[:, None] * stride_values + stored // 2, mask=kept, other=0).to(tl.int32)
-        q = (packed >> ((stored % 2) * 4)) & 0xF
-        q = tl.where(q > 7, q - 16, q)
-    group = outputs[:, None] * stride_scales + columns // GROUP_SIZE  # zero-points share the scales' layout
-    if HAS_ZEROS:
-        q -= tl.load(zeros_ptr + group, mask=kept, other=0).to(tl.int32)
-    scale = tl.load(scales_ptr + group, mask=kept, other=0.0)
-    return q.to(tl.float32) * scale.to(tl.float32)
+def _weight_tile(values_ptr, metadata_ptr, scales_ptr, zeros_ptr, outputs, start, N, K,
+                 stride_values, stride_metadata, stride_scales, dtype: tl.constexpr,
+                 BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):  # fmt: skip
+    """W[outputs, start : start + BLOCK_K] in ``dtype`` (0 outside W), rebuilt from the compressed format."""
+    groups = start // 4 + tl.arange(0, BLOCK_K // 4)
+    inside = (outputs < N)[:, None] & (groups < K // 4)[None, :]
+    byte = tl.load(metadata_ptr + outputs[:, None] * stride_metadata + (groups // 2)[None, :], mask=inside, other=0)
+    nibble = (byte.to(tl.int32) >> ((groups % 2) * 4)[None, :]) & 0xF  # the lower nibble is the earlier group
+    first, second = nibble & 0x3, (nibble >> 2) & 0x3
+    if BITS == 4:  # one byte per group: its first kept value in the lower nibble, two's complement
+        packed = tl.load(values_ptr + outputs[:, None] * stride_values + groups[None, :], mask=inside, other=0).to(tl.int32)
+        low, high = packed & 0xF, (packed >> 4) & 0xF
+        kept_first, kept_second = tl.where(low > 7, low - 16, low), tl.where(high > 7, high - 16, high)
+    else:  # the two kept values of each group side by side
+        stored = start // 2 + tl.arange(0, BLOCK_K // 2)
+        pairs = tl.load(values_ptr + outputs[:, None] * stride_values + stored[None, :],
+                        mask=(outputs < N)[:, None] & (stored < K // 2)[None, :], other=0)  # fmt: skip
+        kept_first, kept_second = tl.split(tl.reshape(pairs, (BLOCK_N, BLOCK_K // 4, 2)))
+    if BITS != 16:
+        if GROUP_SIZE % BLOCK_K == 0:  # the whole tile shares one scale per row
+            scale_index = outputs[:, None] * stride_scales + start // GROUP_SIZE
+            scale_mask = (outputs < N)[:, None]
+        else:
+            scale_index = outputs[:, None] * stride_scales + (groups * 4 // GROUP_SIZE)[None, :]
+            scale_mask = inside
+        kept_first, kept_second = kept_first.to(tl.int32), kept_second.to(tl.int32)
+        if HAS_ZEROS:  # zero-points share the scales' layout
+            zero_point = tl.load(zeros_ptr + scale_index, mask=scale_mask, other=0).to(tl.int32)
+            kept_first, kept_second = kept_first - zero_point, kept_second - zero_point
+        scale = tl.load(scales_ptr + scale_index, mask=scale_mask, other=0.0).to(tl.float32)
+        kept_first, kept_second = kept_first.to(tl.float32) * scale, kept_second.to(tl.float32) * scale
+    kept_first, kept_second = kept_first.to(dtype), kept_second.to(dtype)
+    zero = tl.zeros_like(kept_first)
+    column0 = tl.where(first == 0, kept_first, zero)  # positions are ordered: only the first kept value can sit at 0
+    column1 = tl.where(first == 1, kept_first, tl.where(second == 1, kept_second, zero))
+    column2 = tl.where(first == 2, kept_first, tl.where(second == 2, kept_second, zero))
+    column3 = tl.where(second == 3, kept_second, zero)  # and only the second at 3
+    # join(join(c0, c2), join(c1, c3))[n, g, i, j] is column 2i + j of group g: row-major, the dense order.
+    return tl.reshape(tl.join(tl.join(column0, column2), tl.join(column1, column3)), (BLOCK_N, BLOCK_K))
 
 
 @triton.jit
-def _sparse24_tiles(
-    x_ptr, values_ptr, metadata_ptr, scales_ptr, zeros_ptr, out_ptr, M, N, K,
+def _sparse24_fused(
+    x_ptr, values_ptr, metadata_ptr, scales_ptr, zeros_ptr, out_ptr, M, N, K, ROWS_BUCKET,
     stride_xm, stride_values, stride_metadata, stride_scales, stride_om,
     BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
+    """One BLOCK_M × BLOCK_N tile of y; ROWS_BUCKET only keys the autotuner's choice."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     outputs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for start in range(0, K, BLOCK_K):
+    for step in range(0, tl.cdiv(K, BLOCK_K)):
+        start = step * BLOCK_K
         columns = start + tl.arange(0, BLOCK_K)
-        inside = (outputs < N)[:, None] & (columns < K)[None, :]
-        group = columns // 4
-        byte = tl.load(metadata_ptr + outputs[:, None] * stride_metadata + (columns // 8)[None, :], mask=inside, other=0).to(tl.int32)
-        nibble = (byte >> ((group % 2) * 4)[None, :]) & 0xF  # the lower nibble is the earlier group
-        first, second = nibble & 0x3, (nibble >> 2) & 0x3
-        position = (columns % 4)[None, :]
-        kept = inside & ((position == first) | (position == second))
-        stored = (group * 2)[None, :] + tl.where(position == first, 0, 1)  # index among the row's kept values
-        weight = _kept_weights(values_ptr, scales_ptr, zeros_ptr, outputs, stored, columns[None, :], kept, stride_values,
-                               stride_scales, BITS, GROUP_SIZE, HAS_ZEROS)  # fmt: skip
         x = tl.load(x_ptr + rows[:, None] * stride_xm + columns[None, :], mask=(rows < M)[:, None] & (columns < K)[None, :], other=0.0)
-        acc += tl.dot(x, tl.trans(weight.to(x.dtype)))
+        weight = _weight_tile(values_ptr, metadata_ptr, scales_ptr, zeros_ptr, outputs, start, N, K, stride_values,
+                              stride_metadata, stride_scales, x.dtype, BITS, GROUP_SIZE, HAS_ZEROS, BLOCK_N, BLOCK_K)  # fmt: skip
+        acc = tl.dot(x, tl.trans(weight), acc)
     tl.store(out_ptr + rows[:, None] * stride_om + outputs[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=(rows < M)[:, None] & (outputs < N)[None, :])  # fmt: skip
 
 
 @triton.jit
-def _sparse24_gemv(
-    x_ptr, values_ptr, metadata_ptr, scales_ptr, zeros_ptr, out_ptr, M, N, K, stored_per_split,
-    stride_xm, stride_values, stride_metadata, stride_scales, stride_om,
-    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
-    ATOMIC: tl.constexpr,
+def _sparse24_expand(
+    values_ptr, metadata_ptr, scales_ptr, zeros_ptr, out_ptr, N, K,
+    stride_values, stride_metadata, stride_scales, stride_out,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.arange(0, ROWS)
     outputs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    first_stored = tl.program_id(1) * stored_per_split
-    end = tl.minimum(first_stored + stored_per_split, K // 2)
-    acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-    for start in range(first_stored, end, BLOCK_J):
-        stored = start + tl.arange(0, BLOCK_J)  # index among a row's kept values: two per group of four columns
-        kept = (outputs < N)[:, None] & (stored < end)[None, :]
-        group = stored // 2
-        byte = tl.load(metadata_ptr + outputs[:, None] * stride_metadata + (stored // 4)[None, :], mask=kept, other=0).to(tl.int32)
-        nibble = (byte >> ((group % 2) * 4)[None, :]) & 0xF
-        position = tl.where((stored % 2 == 0)[None, :], nibble & 0x3, (nibble >> 2) & 0x3)
-        columns = (group * 4)[None, :] + position
-        weight = _kept_weights(values_ptr, scales_ptr, zeros_ptr, outputs, stored[None, :], columns, kept, stride_values,
-                               stride_scales, BITS, GROUP_SIZE, HAS_ZEROS)  # fmt: skip
-        x = tl.load(x_ptr + rows[:, None, None] * stride_xm + columns[None, :, :], mask=(rows < M)[:, None, None] & kept[None, :, :], other=0.0)
-        acc += tl.sum(x.to(tl.float32) * weight[None, :, :], axis=2)
-    targets = out_ptr + rows[:, None] * stride_om + outputs[None, :]
-    inside = (rows < M)[:, None] & (outputs < N)[None, :]
-    if ATOMIC:
-        tl.atomic_add(targets, acc, mask=inside)
-    else:
-        tl.store(targets, acc.to(out_ptr.dtype.element_ty), mask=inside)
+    start = tl.program_id(1) * BLOCK_K
+    columns = start + tl.arange(0, BLOCK_K)
+    weight = _weight_tile(values_ptr, metadata_ptr, scales_ptr, zeros_ptr, outputs, start, N, K, stride_values,
+                          stride_metadata, stride_scales, out_ptr.dtype.element_ty, BITS, GROUP_SIZE, HAS_ZEROS, BLOCK_N, BLOCK_K)  # fmt: skip
+    tl.store(out_ptr + outputs[:, None] * stride_out + columns[None, :], weight, mask=(outputs < N)[:, None] & (columns < K)[None, :])
+
+
+def _config(block_m: int, block_n: int, block_k: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages)
+
+
+# Candidate block sizes per token-row bucket: decode wants many narrow programs streaming the weight
+# (enough of them for every multiprocessor), larger buckets wider tiles that reuse each rebuilt weight tile.
+FUSED_CONFIGS = {
+    16: [_config(16, n, k, w, s) for n, k, w, s in ((16, 256, 4, 4), (32, 256, 4, 3), (32, 128, 4, 4), (64, 128, 4, 3), (16, 512, 4, 3))],
+    64: [_config(m, n, k, w, s) for m, n, k, w, s in ((32, 32, 256, 4, 3), (64, 64, 128, 4, 3), (32, 64, 128, 4, 4), (64, 32, 256, 4, 3))],
+    None: [_config(m, n, k, w, s) for m, n, k, w, s in ((128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 128, 8, 3))],
+}
+_TUNED = {
+    bucket: triton.autotune(configs, key=["ROWS_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "HAS_ZEROS"])(_sparse24_fused)
+    for bucket, configs in FUSED_CONFIGS.items()
+}
 
 
 def sparse24_matmul(inputs: torch.Tensor, compressed: Compressed24) -> torch.Tensor:
-    """``inputs @ decompress(compressed).T`` for fp16 / bf16 ``inputs`` of shape ``[..., in]``: the
-    decode kernel for up to ``GEMV_ROWS`` token rows, the tiled kernel above."""
+    """``inputs @ decompress(compressed).T`` for fp16 / bf16 ``inputs`` of shape ``[..., in]``: the fused
+    kernel for up to ``FUSED_MAX_ROWS`` token rows, the rebuilt dense weight through cuBLAS above."""
     rows = inputs.numel() // max(inputs.shape[-1], 1)
-    return sparse24_gemv(inputs, compressed) if rows <= GEMV_ROWS else sparse24_tiles(inputs, compressed)
+    if rows <= FUSED_MAX_ROWS:
+        return sparse24_fused(inputs, compressed)
+    return F.linear(inputs, sparse24_expand(compressed, inputs.dtype))
 
 
-def sparse24_tiles(inputs: torch.Tensor, compressed: Compressed24) -> torch.Tensor:
-    """The tiled (``tl.dot``) kernel: ``inputs @ decompress(compressed).T`` for any number of token rows."""
+def sparse24_fused(inputs: torch.Tensor, compressed: Compressed24, config: dict[str, int] | None = None) -> torch.Tensor:
+    """The fused kernel for any number of token rows. ``config``: BLOCK_M / BLOCK_N / BLOCK_K to use
+    instead of the autotuner's choice (the tests pin them; Triton's interpreter cannot time configs)."""
     x, compressed, scales, zeros = _checked(inputs, compressed)
     rows, outputs = x.shape[0], compressed.out_features
     out = torch.empty(rows, outputs, dtype=inputs.dtype, device=inputs.device)
-    grid = (triton.cdiv(rows, BLOCK_M), triton.cdiv(outputs, BLOCK_N))
-    _sparse24_tiles[grid](
+    bucket = next((limit for limit in FUSED_CONFIGS if limit is not None and rows <= limit), None)
+    if config is None and os.environ.get("TRITON_INTERPRET") == "1":
+        config = FUSED_CONFIGS[bucket][0].kwargs
+    kernel = _TUNED[bucket] if config is None else _sparse24_fused
+    tile = config or {}
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(outputs, meta["BLOCK_N"])
+
+    kernel[grid if config is None else grid(config)](
         x, compressed.values, compressed.metadata, scales, zeros, out, rows, outputs, compressed.in_features,
+        triton.next_power_of_2(rows) if bucket is None else bucket,
         x.stride(0), compressed.values.stride(0), compressed.metadata.stride(0), scales.stride(0), out.stride(0),
         BITS=compressed.bits or 16, GROUP_SIZE=compressed.group_size or 1, HAS_ZEROS=compressed.zero_points is not None,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        **tile,
     )  # fmt: skip
     return out.reshape(*inputs.shape[:-1], outputs)
 
 
-def sparse24_gemv(inputs: torch.Tensor, compressed: Compressed24, split_k: int | None = None) -> torch.Tensor:
-    """The decode kernel: ``inputs @ decompress(compressed).T`` for up to ``GEMV_MAX_ROWS`` token rows.
-
-    ``split_k`` programs share each block of output rows (None: enough for two programs per
-    multiprocessor on a GPU, one on the CPU interpreter); with more than one they add fp32 partial sums.
-    """
-    x, compressed, scales, zeros = _checked(inputs, compressed)
-    rows, outputs = x.shape[0], compressed.out_features
-    if rows > GEMV_MAX_ROWS:
-        raise ValueError(f"the 2:4 decode kernel takes at most {GEMV_MAX_ROWS} token rows, got {rows} (use sparse24_tiles)")
-    padded_rows = triton.next_power_of_2(max(rows, 1))
-    block_j = max(16, 256 // padded_rows)  # rows × block values per program stay within the registers
-    blocks = triton.cdiv(outputs, GEMV_BLOCK_N)
-    stored = compressed.in_features // 2
-    if split_k is None:
-        processors = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 1
-        split_k = max(1, min(triton.cdiv(2 * processors, blocks), triton.cdiv(stored, block_j)))
-    stored_per_split = triton.cdiv(triton.cdiv(stored, split_k), block_j) * block_j
-    split_k = triton.cdiv(stored, stored_per_split)
-    atomic = split_k > 1
-    out = (torch.zeros if atomic else torch.empty)(rows, outputs, dtype=torch.float32 if atomic else inputs.dtype, device=inputs.device)
-    _sparse24_gemv[(blocks, split_k)](
-        x, compressed.values, compressed.metadata, scales, zeros, out, rows, outputs, compressed.in_features, stored_per_split,
-        x.stride(0), compressed.values.stride(0), compressed.metadata.stride(0), scales.stride(0), out.stride(0),
+def sparse24_expand(compressed: Compressed24, dtype: torch.dtype) -> torch.Tensor:
+    """The dense ``[out, in]`` weight in ``dtype`` (fp16 / bf16), rebuilt on the GPU in one pass."""
+    values = compressed.values
+    _, compressed, scales, zeros = _checked(torch.empty(0, compressed.in_features, dtype=dtype, device=values.device), compressed)
+    outputs, columns = compressed.out_features, compressed.in_features
+    dense = torch.empty(outputs, columns, dtype=dtype, device=values.device)
+    _sparse24_expand[(triton.cdiv(outputs, EXPAND_BLOCK_N), triton.cdiv(columns, EXPAND_BLOCK_K))](
+        compressed.values, compressed.metadata, scales, zeros, dense, outputs, columns,
+        compressed.values.stride(0), compressed.metadata.stride(0), scales.stride(0), dense.stride(0),
         BITS=compressed.bits or 16, GROUP_SIZE=compressed.group_size or 1, HAS_ZEROS=compressed.zero_points is not None,
-        ROWS=padded_rows, BLOCK_N=GEMV_BLOCK_N,
-        BLOCK_J=block_j, ATOMIC=atomic,
+        BLOCK_N=EXPAND_BLOCK_N, BLOCK_K=EXPAND_BLOCK_K,
     )  # fmt: skip
-    return out.to(inputs.dtype).reshape(*inputs.shape[:-1], outputs)
+    return dense
 
 
 def _checked(
