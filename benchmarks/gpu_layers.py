@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Callable
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM, PretrainedConfig
@@ -71,7 +72,8 @@ def timed_run(name: str, layers: int, settings: dict, activation_device: str | N
     return report.seconds, report.peak_memory_bytes
 
 
-def measure(args: argparse.Namespace) -> list[str]:
+def measure(args: argparse.Namespace, progress: Callable[[list[str]], None]) -> list[str]:
+    """Table rows, ``progress`` called with all rows so far after each (a stopped run keeps what it measured)."""
     lines = []
     for name, label, settings, activation_device in ROWS:
         (one, _), (three, peak) = (timed_run(name, layers, settings, activation_device, args) for layers in (1, 3))
@@ -82,6 +84,7 @@ def measure(args: argparse.Namespace) -> list[str]:
                 f"{peak / 2**30:.1f} |")  # fmt: skip
         lines.append(line)
         print(line, flush=True)
+        progress(lines)
     return lines
 
 
@@ -95,10 +98,15 @@ def main() -> None:
     args.device = "cpu" if args.smoke else "cuda"
     if not args.smoke and not torch.cuda.is_available():
         sys.exit("benchmarks/gpu_layers.py times pruning on a CUDA device (none is available here); --smoke checks it on the CPU")
-    rows = measure(args)
     if args.smoke:
+        measure(args, lambda rows: None)
         return
     command = "python benchmarks/gpu_layers.py" + (" --quick" if args.quick else "")
+    measure(args, lambda rows: args.output.write_text(table(rows, command, args)))
+    print(args.output.read_text())
+
+
+def table(rows: list[str], command: str, args: argparse.Namespace) -> str:
     lines = [
         *table_header(
             "Pruning time per layer and peak GPU memory on full-size layers (random weights)", command,
@@ -111,8 +119,8 @@ def main() -> None:
         "|---|---|---:|---:|---:|---:|",
         *rows,
     ]
-    args.output.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    unfinished = len(ROWS) - len(rows)
+    return "\n".join(lines + ([f"\n{unfinished} row(s) not measured yet (the run stopped or is still going)."] if unfinished else [])) + "\n"
 
 
 if __name__ == "__main__":

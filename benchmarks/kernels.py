@@ -5,10 +5,10 @@ For each Llama-3-8B / 70B linear shape and each M, one bf16 2:4 weight (random, 
 every four kept) is timed as
 
 - ``dense``: ``F.linear`` on the same weight stored densely (cuBLAS), the reference for every ratio;
-- ``fused``, ``fused int8``, ``fused int4``, ``fused int4 zp``: ``optimum_prune``'s fused kernel on the
-  compressed format (16-bit values; int8 / int4 values with group-128 scales; int4 with a zero-point
-  per scale too, as optimum-quanto's affine int4 repacked by ``sparsify`` has), block sizes autotuned
-  per token-row bucket (the tuning runs before the timing);
+- ``decode``, ``decode int8``, ``decode int4``, ``decode int4 zp``: ``optimum_prune``'s decode kernel on
+  the compressed format (16-bit values; int8 / int4 values with group-128 scales; int4 with a
+  zero-point per scale too, as optimum-quanto's affine int4 repacked by ``sparsify`` has), tiles
+  autotuned per shape (the tuning runs before the timing), for M up to ``DECODE_MAX_ROWS``;
 - ``expand + cuBLAS``, ``expand int4 + cuBLAS``: the weight rebuilt densely by ``sparse24_expand``,
   then ``F.linear`` — the prefill path, both steps timed;
 - ``semi-structured``: ``torch.sparse.to_sparse_semi_structured`` + ``F.linear`` (what PyTorch offers);
@@ -19,8 +19,8 @@ Each cell is dense time / path time (> 1: faster than dense), median of ``triton
 a path that fails for a shape shows why. Every path's output is checked against the dense product
 first (quantized paths against their own dequantized weight). The bytes ceiling of decode is dense
 bytes / compressed bytes (1.78× for 16-bit values, ≈ 5× for int4 with bf16 scales). Below the table:
-per shape, the largest M at which the fused kernel still beats expand + cuBLAS (``FUSED_MAX_ROWS``
-in ``triton_24.py``) and the smallest M from which cuSPARSELt beats both.
+per shape, the largest M at which the decode kernel still beats expand + cuBLAS (``DECODE_ROWS`` in
+``triton_24.py``) and the smallest M from which cuSPARSELt beats both.
 
 End to end, on a Llama-3-8B-shaped model (random weights, magnitude 2:4): greedy ``generate()``
 tokens/s with a static cache (transformers compiles the decode step itself), the time of one decode
@@ -55,12 +55,12 @@ SHAPES = {  # (out, in) of Llama-3-8B's and Llama-3-70B's linears
     "70B gate_proj / up_proj": (28672, 8192),
     "70B down_proj": (8192, 28672),
 }
-TOKENS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
+TOKENS = (1, 2, 4, 16, 64, 256, 1024, 4096, 16384)  # the issue's M, and 2 for the decode kernel's crossover
 QUICK_SHAPES, QUICK_TOKENS = ("8B q_proj / o_proj", "8B gate_proj / up_proj"), (1, 4, 16, 256, 4096)
 # (path name suffix, bits, with zero-points: the extra load of optimum-quanto int4 codes that sparsify repacks)
 FORMATS = (("", None, False), (" int8", 8, False), (" int4", 4, False), (" int4 zp", 4, True))
 EXPANDED = (("expand + cuBLAS", None), ("expand int4 + cuBLAS", 4))
-PATHS = (*(f"fused{suffix}" for suffix, *_ in FORMATS), *(name for name, _ in EXPANDED), "semi-structured", "cuSPARSELt")
+PATHS = (*(f"decode{suffix}" for suffix, *_ in FORMATS), *(name for name, _ in EXPANDED), "semi-structured", "cuSPARSELt")
 
 
 def weight_24(out_features: int, in_features: int) -> torch.Tensor:
@@ -71,7 +71,7 @@ def weight_24(out_features: int, in_features: int) -> torch.Tensor:
 
 def sparse_paths(weight: torch.Tensor) -> dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]]:
     """Per path: (the call on inputs [M, in], the dense weight it must reproduce)."""
-    from optimum_prune.kernels.triton_24 import sparse24_expand, sparse24_fused
+    from optimum_prune.kernels.triton_24 import sparse24_decode, sparse24_expand
 
     paths, formats = {}, {}
     for suffix, bits, zero_points in FORMATS:
@@ -79,10 +79,10 @@ def sparse_paths(weight: torch.Tensor) -> dict[str, tuple[Callable[[torch.Tensor
         if zero_points:  # all zero, so the values stay those of the int4 path; the kernel still loads and subtracts them
             compressed = replace(compressed, zero_points=torch.zeros_like(compressed.scales, dtype=torch.int8))
         formats[suffix] = compressed
-        paths[f"fused{suffix}"] = (lambda x, c=compressed: sparse24_fused(x, c)), decompress(compressed).to(weight.dtype)
+        paths[f"decode{suffix}"] = (lambda x, c=compressed: sparse24_decode(x, c)), decompress(compressed).to(weight.dtype)
     for name, bits in EXPANDED:
         compressed = formats[" int4" if bits else ""]
-        paths[name] = (lambda x, c=compressed: F.linear(x, sparse24_expand(c, x.dtype))), paths[f"fused{' int4' if bits else ''}"][1]
+        paths[name] = (lambda x, c=compressed: F.linear(x, sparse24_expand(c, x.dtype))), paths[f"decode{' int4' if bits else ''}"][1]
     semi = torch.sparse.to_sparse_semi_structured(weight)
     paths["semi-structured"] = (lambda x: F.linear(x, semi)), weight
     packed = torch._cslt_compress(weight)
@@ -107,6 +107,8 @@ def measure(shapes: list[str], tokens: tuple[int, ...], progress: Callable[[list
     """Rows of the table, ``progress`` called with all rows so far after each shape."""
     from triton.testing import do_bench
 
+    from optimum_prune.kernels.triton_24 import DECODE_MAX_ROWS
+
     rows = []
     for shape in shapes:
         out_features, in_features = SHAPES[shape]
@@ -120,6 +122,9 @@ def measure(shapes: list[str], tokens: tuple[int, ...], progress: Callable[[list
             dense_ms = do_bench(lambda: F.linear(x, weight))
             row = {"shape": shape, "tokens": m, "dense_ms": dense_ms}
             for name, (call, reference) in paths.items():
+                if name.startswith("decode") and m > DECODE_MAX_ROWS:
+                    row[name] = "—"
+                    continue
                 inputs = padded(x) if name == "cuSPARSELt" else x
                 try:
                     result = call(inputs)[:m]  # also runs the autotuner and the algorithm search before the timing
@@ -139,15 +144,15 @@ def measure(shapes: list[str], tokens: tuple[int, ...], progress: Callable[[list
 
 
 def thresholds(rows: list[dict], shape: str) -> str:
-    """The dispatch thresholds this shape's rows measure: the largest M at which the fused kernel beats
+    """The dispatch thresholds this shape's rows measure: the largest M at which the decode kernel beats
     expand + cuBLAS, and the smallest M from which cuSPARSELt beats both."""
     measured = [row for row in rows if row["shape"] == shape]
-    fused = [row["tokens"] for row in measured if timed(row["fused"]) > timed(row["expand + cuBLAS"])]
+    decode = [row["tokens"] for row in measured if timed(row["decode"]) > timed(row["expand + cuBLAS"])]
     cusparselt = next(
-        (row["tokens"] for row in measured if timed(row["cuSPARSELt"]) > max(timed(row["fused"]), timed(row["expand + cuBLAS"]))),
+        (row["tokens"] for row in measured if timed(row["cuSPARSELt"]) > max(timed(row["decode"]), timed(row["expand + cuBLAS"]))),
         None,
     )  # fmt: skip
-    return f"fused kernel up to M = {max(fused) if fused else 'none'}; cuSPARSELt from M = {cusparselt or 'never'}"
+    return f"decode kernel up to M = {max(decode) if decode else 'none'}; cuSPARSELt from M = {cusparselt or 'never'}"
 
 
 def timed(value: float | str) -> float:

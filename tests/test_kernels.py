@@ -199,7 +199,7 @@ INTERPRETED_KERNEL_CHECKS = r"""
 import copy, torch
 from optimum_prune import PruningConfig, prune
 from optimum_prune.kernels import compress, decompress, sparsify
-from optimum_prune.kernels.triton_24 import FUSED_CONFIGS, FUSED_MAX_ROWS, sparse24_expand, sparse24_fused, sparse24_matmul
+from optimum_prune.kernels.triton_24 import DECODE_CONFIGS, DECODE_MAX_ROWS, DECODE_ROWS, sparse24_decode, sparse24_expand, sparse24_matmul
 from torch.nn import functional as F
 from tests.conftest import tiny_model, token_windows
 from tests.test_kernels import affine_24, random_24
@@ -211,29 +211,34 @@ def check(result, x, compressed, *context):
     assert error <= 2e-3 * float(reference.abs().max()), (*context, error)
 
 
-# Every block configuration the autotuner may pick, on ragged M, output rows not a multiple of the
-# blocks and a partial last block of the input dimension, for every value format and scale group
-# (smaller than, equal to and larger than a tile's columns); zero-points as optimum-quanto's
-# affine int4 codes get them from repack.
-formats = [(bits, group_size, compress(random_24(100, in_features, torch.float16, seed=bits or 0), bits=bits, group_size=group_size))
-           for bits, group_size, in_features in ((None, 128, 136), (8, 8, 136), (4, 8, 136), (4, 136, 136), (4, 256, 1024))]
-formats += [(f"{bits}, zero-points", group_size, affine_24(100, in_features, bits, group_size))
+# Every tile the autotuner may pick, on 1-4 token rows, output rows not a multiple of the tile and input
+# dimensions that end inside a tile, for every value format and scale group (smaller than, equal to and
+# larger than a tile's columns); zero-points as optimum-quanto's affine int4 codes get them from repack.
+formats = [(bits, group_size, compress(random_24(37, in_features, torch.float16, seed=bits or 0), bits=bits, group_size=group_size))
+           for bits, group_size, in_features in ((None, 128, 136), (None, 128, 1024), (8, 8, 136), (4, 8, 136), (4, 136, 136),
+                                                 (4, 256, 1024), (8, 64, 1024))]
+formats += [(f"{bits}, zero-points", group_size, affine_24(37, in_features, bits, group_size))
             for bits, group_size, in_features in ((4, 8, 136), (8, 136, 136), (4, 64, 1024))]
-configs = [config.kwargs for bucket in FUSED_CONFIGS.values() for config in bucket]
 for bits, group_size, compressed in formats:
     assert torch.equal(sparse24_expand(compressed, torch.float16), decompress(compressed).half()), (bits, group_size)
-    for rows in (1, 17, 40):
+    for rows in range(1, DECODE_MAX_ROWS + 1):
         x = torch.randn(rows, compressed.in_features, generator=torch.Generator().manual_seed(rows)).half()
-        for config in configs:
-            check(sparse24_fused(x, compressed, config), x, compressed, bits, group_size, rows, config)
+        for config in DECODE_CONFIGS:
+            check(sparse24_decode(x, compressed, config.kwargs), x, compressed, bits, group_size, rows, config)
     batched = torch.randn(2, 3, compressed.in_features).half()
     assert sparse24_matmul(batched, compressed).shape == (2, 3, compressed.out_features)
 
-# sparse24_matmul takes the fused kernel up to FUSED_MAX_ROWS token rows, the rebuilt weight above.
-for rows in (1, FUSED_MAX_ROWS, FUSED_MAX_ROWS + 1):
+# sparse24_matmul takes the decode kernel up to DECODE_ROWS token rows, the rebuilt weight through cuBLAS above.
+for rows in (1, DECODE_ROWS, DECODE_ROWS + 1):
     x = torch.randn(rows, compressed.in_features).half()
-    chosen = sparse24_fused(x, compressed) if rows <= FUSED_MAX_ROWS else F.linear(x, sparse24_expand(compressed, x.dtype))
+    chosen = sparse24_decode(x, compressed) if rows <= DECODE_ROWS else F.linear(x, sparse24_expand(compressed, x.dtype))
     assert torch.equal(sparse24_matmul(x, compressed), chosen), rows
+try:
+    sparse24_decode(torch.randn(DECODE_MAX_ROWS + 1, compressed.in_features).half(), compressed)
+except ValueError as error:
+    assert f"at most {DECODE_MAX_ROWS} token rows" in str(error)
+else:
+    raise AssertionError("too many rows were accepted by the decode kernel")
 
 # A sparsified model on the kernel gives the reference backend's logits.
 model = tiny_model().half()
@@ -290,7 +295,7 @@ def test_triton_kernel_matches_the_reference_on_gpu(dtype, bits, group_size):
     pytest.importorskip("triton")
     from dataclasses import replace
 
-    from optimum_prune.kernels.triton_24 import sparse24_expand, sparse24_fused, sparse24_matmul
+    from optimum_prune.kernels.triton_24 import sparse24_decode, sparse24_expand, sparse24_matmul
 
     if bits == "4, zero-points":
         shifted = affine_24(4096 + 64, 1024, 4, group_size)
@@ -301,7 +306,7 @@ def test_triton_kernel_matches_the_reference_on_gpu(dtype, bits, group_size):
     else:
         compressed = compress(random_24(4096 + 64, 1024, dtype).cuda(), bits=bits, group_size=group_size)
     assert torch.equal(sparse24_expand(compressed, dtype), decompress(compressed).to(dtype))
-    kernels = [(sparse24_matmul, (1, 16, 300, 4096)), (sparse24_fused, (1, 2, 17, 64, 300))]
+    kernels = [(sparse24_matmul, (1, 16, 300, 4096)), (sparse24_decode, (1, 2, 3, 4))]
     for kernel, token_rows in kernels:
         for rows in token_rows:
             x = torch.randn(rows, 1024, device="cuda", dtype=dtype)

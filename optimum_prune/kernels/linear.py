@@ -7,10 +7,10 @@ format unchanged (with zero-points for optimum-quanto's affine int4), so the spa
 computes with the quantizer's own weights.
 
 Backends: ``"reference"`` decompresses (and dequantizes) the weight and multiplies densely — what
-every kernel must reproduce, and the CPU path; ``"triton"`` runs the Triton kernels of
-``triton_24.py`` (decode or tiled, by token rows; fp16 / bf16 inputs; on CPU only inside Triton's
-interpreter, which the tests use); ``"auto"`` (default) takes them for fp16 / bf16 inputs on a GPU
-when Triton is installed, the reference path otherwise.
+every kernel must reproduce, and the CPU path; ``"triton"`` runs ``triton_24.py``'s paths (its decode
+kernel for a few token rows, the weight rebuilt for cuBLAS above; fp16 / bf16 inputs; on CPU only
+inside Triton's interpreter, which the tests use); ``"auto"`` (default) takes them for fp16 / bf16
+inputs on a GPU when Triton is installed, the reference path otherwise.
 """
 
 from __future__ import annotations

@@ -1,24 +1,28 @@
 """Triton kernels for y = x Wᵀ with W in the compressed 2:4 format of ``format.py``, plain (fp16 /
 bf16 values) or quantized (int8 / int4 values with one scale per row and ``group_size`` columns, and
-a zero-point beside each scale when the format has them).
+a zero-point beside each scale when the format has them). Decode and prefill are bound by different
+things, so there are two:
 
-Every kernel rebuilds tiles of the dense weight in registers from contiguous loads only: a
-``BLOCK_N`` × ``BLOCK_K`` tile reads its rows' ``BLOCK_K / 2`` stored values (``BLOCK_K / 4``
-bytes for int4: one byte is one group's pair) and one metadata nibble per group of four columns,
-dequantizes the pairs, and spreads them to their columns with selects and ``tl.join`` — no gathers
-(the first kernels of this file gathered a value per dense column and ran at 0.01–0.28× of cuBLAS
-on an H200). Two uses of that tile:
+- ``sparse24_decode`` (a few token rows: bound by the weight's bytes, 1.125 per weight for 16-bit
+  values, ≈ 0.39 for int4, against 2 dense): CUDA cores, no weight rebuilt. Its unit is a pair of
+  groups (eight columns): one metadata byte and the pair's four kept values read as one wider word
+  (int64 / int32 / int16 for 16-bit / int8 / int4 values); x comes as int32 words of two entries. Each
+  kept value meets the x entry its position names through two selects, products are summed per
+  thread across the loop and reduced once at the end. Tiles are autotuned per shape.
+- ``sparse24_expand`` + ``F.linear`` (more rows: bound by arithmetic): the dense weight rebuilt in
+  one pass (tiles of it rebuilt in registers from contiguous loads by selects and ``tl.join``), then
+  cuBLAS, whose tensor-core schedule no kernel here matches.
 
-- ``sparse24_fused``: ``tl.dot`` of each x tile with the rebuilt weight tile, accumulated in fp32.
-  It reads the compressed weight once per ``BLOCK_M`` token rows, so it is the decode path (a few
-  rows: bound by the weight bytes, 1.125 per weight for 16-bit values, ≈ 0.39 for int4, against 2
-  dense). Block sizes are chosen by ``triton.autotune`` per token-row bucket and shape.
-- ``sparse24_expand``: writes the dense weight, which ``F.linear`` (cuBLAS) then multiplies — the
-  prefill path: at many rows the product is bound by arithmetic, the rebuild costs one pass over
-  the weight, and cuBLAS's tensor-core schedule beats ours.
+``sparse24_matmul`` picks by the number of token rows (``DECODE_ROWS``).
 
-``sparse24_matmul`` picks between them by the number of token rows (``FUSED_MAX_ROWS``, measured
-by ``benchmarks/kernels.py``).
+Measured on an H200 (``benchmarks/KERNELS.md``): the first kernels of this file, which gathered
+one value per dense column, ran at 0.01–0.28× of dense cuBLAS; a fused kernel that rebuilt weight
+tiles for ``tl.dot`` at 0.13–0.38× (206–255 registers, spills); expand + cuBLAS at 0.24–0.40× for
+M ≤ 16 and 0.83–1.14× from M = 4096. The decode kernel above replaced the fused one after that run
+and is not timed yet. Compiled offline for sm_90 with Triton 3.6 (``scripts/sass_stats.py``), its loop
+takes 6.3–7.3 SASS instructions per weight for 16-bit values (9–14 for int8 / int4) in 31–168
+registers with no spills, against 18–27 instructions in 168–247 registers for the fused kernel;
+``DECODE_ROWS`` stays provisional until ``benchmarks/kernels.py`` measures it.
 """
 
 from __future__ import annotations
@@ -34,8 +38,10 @@ from torch.nn import functional as F
 from .format import Compressed24
 from .linear import KERNEL_DTYPES
 
-FUSED_MAX_ROWS = 64  # token rows up to which sparse24_matmul takes the fused kernel (benchmarks/kernels.py)
+DECODE_MAX_ROWS = 4  # the decode kernel's selects grow with the token rows: it takes at most this many
+DECODE_ROWS = 4  # token rows up to which sparse24_matmul takes the decode kernel (provisional: see the module docstring)
 EXPAND_BLOCK_N, EXPAND_BLOCK_K = 64, 128
+_TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
 @triton.jit
@@ -51,8 +57,7 @@ def _weight_tile(values_ptr, metadata_ptr, scales_ptr, zeros_ptr, outputs, start
     first, second = nibble & 0x3, (nibble >> 2) & 0x3
     if BITS == 4:  # one byte per group: its first kept value in the lower nibble, two's complement
         packed = tl.load(values_ptr + outputs[:, None] * stride_values + groups[None, :], mask=inside, other=0).to(tl.int32)
-        low, high = packed & 0xF, (packed >> 4) & 0xF
-        kept_first, kept_second = tl.where(low > 7, low - 16, low), tl.where(high > 7, high - 16, high)
+        kept_first, kept_second = _signed(packed & 0xF, 4), _signed((packed >> 4) & 0xF, 4)
     else:  # the two kept values of each group side by side
         stored = start // 2 + tl.arange(0, BLOCK_K // 2)
         pairs = tl.load(values_ptr + outputs[:, None] * stride_values + stored[None, :],
@@ -82,25 +87,103 @@ def _weight_tile(values_ptr, metadata_ptr, scales_ptr, zeros_ptr, outputs, start
 
 
 @triton.jit
-def _sparse24_fused(
-    x_ptr, values_ptr, metadata_ptr, scales_ptr, zeros_ptr, out_ptr, M, N, K, ROWS_BUCKET,
+def _halves(words, dtype: tl.constexpr):
+    """The two fp16 / bf16 values packed in each int32 of ``words`` (lower half first), as fp32."""
+    low = (words & 0xFFFF).to(tl.uint16).to(dtype, bitcast=True).to(tl.float32)
+    high = ((words >> 16) & 0xFFFF).to(tl.uint16).to(dtype, bitcast=True).to(tl.float32)
+    return low, high
+
+
+@triton.jit
+def _signed(code, bits: tl.constexpr):
+    """A ``bits``-wide two's-complement field (already shifted down and masked) as int32."""
+    return tl.where(code >= (1 << (bits - 1)), code - (1 << bits), code)
+
+
+@triton.jit
+def _picked(position, x0, x1, x2, x3, is_second: tl.constexpr):
+    """The x entry at a kept value's position in its group: the first of two kept values sits at 0, 1 or 2,
+    the second at 1, 2 or 3."""
+    if is_second:
+        return tl.where(position == 3, x3, tl.where(position == 2, x2, x1))
+    return tl.where(position == 0, x0, tl.where(position == 1, x1, x2))
+
+
+@triton.jit
+def _sparse24_decode(
+    x_ptr, values_ptr, metadata_ptr, scales_ptr, zeros_ptr, out_ptr, M, N, K,
     stride_xm, stride_values, stride_metadata, stride_scales, stride_om,
-    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, HAS_ZEROS: tl.constexpr, DTYPE: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
 ):  # fmt: skip
-    """One BLOCK_M × BLOCK_N tile of y; ROWS_BUCKET only keys the autotuner's choice."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    outputs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    """BLOCK_N outputs of y for up to ROWS token rows, on CUDA cores. The unit is a pair of groups
+    (eight columns): one metadata byte and, viewed as wider words by the caller, its four kept values
+    in one load (int64 for 16-bit values, int32 for int8, int16 for int4); ``x`` comes as int32 words
+    of two entries. Every kept value meets the x entry its position names, picked by two selects —
+    nothing is gathered and no weight tile is rebuilt."""
+    PAIRS: tl.constexpr = BLOCK_K // 8
+    rows = tl.arange(0, ROWS)
+    outputs = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pairs = tl.arange(0, PAIRS)
+    live = outputs < N
+    # One scale per row for the whole tile when tiles never straddle a scale group: scale the tile's sum.
+    TILE_SCALE: tl.constexpr = BITS != 16 and GROUP_SIZE % BLOCK_K == 0
+    acc = tl.zeros((ROWS, BLOCK_N, PAIRS), dtype=tl.float32)  # summed over pairs once, after the loop
     for step in range(0, tl.cdiv(K, BLOCK_K)):
-        start = step * BLOCK_K
-        columns = start + tl.arange(0, BLOCK_K)
-        x = tl.load(x_ptr + rows[:, None] * stride_xm + columns[None, :], mask=(rows < M)[:, None] & (columns < K)[None, :], other=0.0)
-        weight = _weight_tile(values_ptr, metadata_ptr, scales_ptr, zeros_ptr, outputs, start, N, K, stride_values,
-                              stride_metadata, stride_scales, x.dtype, BITS, GROUP_SIZE, HAS_ZEROS, BLOCK_N, BLOCK_K)  # fmt: skip
-        acc = tl.dot(x, tl.trans(weight), acc)
-    tl.store(out_ptr + rows[:, None] * stride_om + outputs[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=(rows < M)[:, None] & (outputs < N)[None, :])  # fmt: skip
+        pair = step * PAIRS + pairs
+        if EVEN_K:  # no tile crosses the end of a row: only the output rows need a mask
+            inside = live[:, None] & (pairs >= 0)[None, :]
+            x_inside = (rows < M)[:, None] & (pairs >= 0)[None, :]
+        else:
+            inside = live[:, None] & (pair < K // 8)[None, :]
+            x_inside = (rows < M)[:, None] & (pair < K // 8)[None, :]
+        meta = tl.load(metadata_ptr + outputs[:, None] * stride_metadata + pair[None, :], mask=inside, other=0).to(tl.int32)
+        words = tl.load(values_ptr + outputs[:, None] * stride_values + pair[None, :], mask=inside, other=0)
+        if BITS == 16:  # four 16-bit values in an int64
+            first_a, second_a = _halves(words.to(tl.int32), DTYPE)
+            first_b, second_b = _halves((words >> 32).to(tl.int32), DTYPE)
+        elif BITS == 8:  # four int8 codes in an int32
+            codes = words.to(tl.int32)
+            first_a, second_a = _signed(codes & 0xFF, 8), _signed((codes >> 8) & 0xFF, 8)
+            first_b, second_b = _signed((codes >> 16) & 0xFF, 8), _signed((codes >> 24) & 0xFF, 8)
+        else:  # four int4 codes in an int16
+            codes = words.to(tl.int32)
+            first_a, second_a = _signed(codes & 0xF, 4), _signed((codes >> 4) & 0xF, 4)
+            first_b, second_b = _signed((codes >> 8) & 0xF, 4), _signed((codes >> 12) & 0xF, 4)
+        if BITS != 16:
+            if TILE_SCALE:
+                scale_at = outputs[:, None] * stride_scales + step * BLOCK_K // GROUP_SIZE
+                scale_inside = live[:, None]
+            else:  # a pair of groups never straddles a scale group (GROUP_SIZE is a multiple of 8)
+                scale_at = outputs[:, None] * stride_scales + (pair * 8 // GROUP_SIZE)[None, :]
+                scale_inside = inside
+            if HAS_ZEROS:  # zero-points share the scales' layout
+                zero_point = tl.load(zeros_ptr + scale_at, mask=scale_inside, other=0).to(tl.int32)
+                first_a, second_a, first_b, second_b = first_a - zero_point, second_a - zero_point, first_b - zero_point, second_b - zero_point
+            first_a, second_a, first_b, second_b = first_a.to(tl.float32), second_a.to(tl.float32), first_b.to(tl.float32), second_b.to(tl.float32)
+            if not TILE_SCALE:
+                scale = tl.load(scales_ptr + scale_at, mask=scale_inside, other=0.0).to(tl.float32)
+                first_a, second_a, first_b, second_b = first_a * scale, second_a * scale, first_b * scale, second_b * scale
+        # x as int32 words, four (eight entries) per pair of groups, loaded together and split in registers
+        at = x_ptr + rows[:, None, None] * stride_xm + (pair * 4)[None, :, None] + tl.arange(0, 4)[None, None, :]
+        words = tl.load(at, mask=x_inside[:, :, None], other=0)
+        low_words, high_words = tl.split(tl.reshape(words, (ROWS, PAIRS, 2, 2)))  # words 0, 2 and words 1, 3
+        word0, word2 = tl.split(low_words)
+        word1, word3 = tl.split(high_words)
+        x0, x1 = _halves(word0[:, None, :], DTYPE)
+        x2, x3 = _halves(word1[:, None, :], DTYPE)
+        x4, x5 = _halves(word2[:, None, :], DTYPE)
+        x6, x7 = _halves(word3[:, None, :], DTYPE)
+        partial = (first_a[None, :, :] * _picked((meta & 0x3)[None, :, :], x0, x1, x2, x3, False)
+                   + second_a[None, :, :] * _picked(((meta >> 2) & 0x3)[None, :, :], x0, x1, x2, x3, True)
+                   + first_b[None, :, :] * _picked(((meta >> 4) & 0x3)[None, :, :], x4, x5, x6, x7, False)
+                   + second_b[None, :, :] * _picked((meta >> 6)[None, :, :], x4, x5, x6, x7, True))  # fmt: skip
+        if TILE_SCALE:
+            scale = tl.load(scales_ptr + outputs * stride_scales + step * BLOCK_K // GROUP_SIZE, mask=live, other=0.0)
+            partial = partial * scale.to(tl.float32)[None, :, None]
+        acc += partial
+    tl.store(out_ptr + rows[:, None] * stride_om + outputs[None, :], tl.sum(acc, axis=2).to(out_ptr.dtype.element_ty),
+             mask=(rows < M)[:, None] & live[None, :])  # fmt: skip
 
 
 @triton.jit
@@ -117,53 +200,51 @@ def _sparse24_expand(
     tl.store(out_ptr + outputs[:, None] * stride_out + columns[None, :], weight, mask=(outputs < N)[:, None] & (columns < K)[None, :])
 
 
-def _config(block_m: int, block_n: int, block_k: int, warps: int, stages: int) -> triton.Config:
-    return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages)
+def _decode_config(block_n: int, block_k: int, warps: int, stages: int) -> triton.Config:
+    return triton.Config({"BLOCK_N": block_n, "BLOCK_K": block_k}, num_warps=warps, num_stages=stages)
 
 
-# Candidate block sizes per token-row bucket: decode wants many narrow programs streaming the weight
-# (enough of them for every multiprocessor), larger buckets wider tiles that reuse each rebuilt weight tile.
-FUSED_CONFIGS = {
-    16: [_config(16, n, k, w, s) for n, k, w, s in ((16, 256, 4, 4), (32, 256, 4, 3), (32, 128, 4, 4), (64, 128, 4, 3), (16, 512, 4, 3))],
-    64: [_config(m, n, k, w, s) for m, n, k, w, s in ((32, 32, 256, 4, 3), (64, 64, 128, 4, 3), (32, 64, 128, 4, 4), (64, 32, 256, 4, 3))],
-    None: [_config(m, n, k, w, s) for m, n, k, w, s in ((128, 128, 64, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (128, 128, 128, 8, 3))],
-}
-_TUNED = {
-    bucket: triton.autotune(configs, key=["ROWS_BUCKET", "N", "K", "BITS", "GROUP_SIZE", "HAS_ZEROS"])(_sparse24_fused)
-    for bucket, configs in FUSED_CONFIGS.items()
-}
+# Candidate tiles of the decode kernel: narrow (many programs, for layers with few outputs) to wide (more
+# pairs per thread, fewer loop trips). Each compiles with Triton 3.6 for sm_90 without spills (scripts/sass_stats.py).
+DECODE_CONFIGS = [_decode_config(n, k, w, s) for n, k, w, s in ((4, 256, 2, 3), (8, 256, 4, 3), (16, 256, 4, 3), (32, 256, 4, 3),
+                                                                  (16, 512, 4, 3), (8, 512, 4, 4))]  # fmt: skip
+_EVEN_K = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})
+_TUNED_DECODE = triton.autotune(DECODE_CONFIGS, key=["ROWS", "N", "K", "BITS", "GROUP_SIZE", "HAS_ZEROS", "DTYPE"])(_EVEN_K(_sparse24_decode))
+_UNTUNED_DECODE = _EVEN_K(_sparse24_decode)
+_WORDS = {None: torch.int64, 8: torch.int32, 4: torch.int16}  # four kept values (two groups) per word, by bits
 
 
 def sparse24_matmul(inputs: torch.Tensor, compressed: Compressed24) -> torch.Tensor:
-    """``inputs @ decompress(compressed).T`` for fp16 / bf16 ``inputs`` of shape ``[..., in]``: the fused
-    kernel for up to ``FUSED_MAX_ROWS`` token rows, the rebuilt dense weight through cuBLAS above."""
+    """``inputs @ decompress(compressed).T`` for fp16 / bf16 ``inputs`` of shape ``[..., in]``: the decode
+    kernel for up to ``DECODE_ROWS`` token rows, the rebuilt dense weight through cuBLAS above."""
     rows = inputs.numel() // max(inputs.shape[-1], 1)
-    if rows <= FUSED_MAX_ROWS:
-        return sparse24_fused(inputs, compressed)
+    if rows <= DECODE_ROWS:
+        return sparse24_decode(inputs, compressed)
     return F.linear(inputs, sparse24_expand(compressed, inputs.dtype))
 
 
-def sparse24_fused(inputs: torch.Tensor, compressed: Compressed24, config: dict[str, int] | None = None) -> torch.Tensor:
-    """The fused kernel for any number of token rows. ``config``: BLOCK_M / BLOCK_N / BLOCK_K to use
+def sparse24_decode(inputs: torch.Tensor, compressed: Compressed24, config: dict[str, int] | None = None) -> torch.Tensor:
+    """The decode kernel, for up to ``DECODE_MAX_ROWS`` token rows. ``config``: BLOCK_N / BLOCK_K to use
     instead of the autotuner's choice (the tests pin them; Triton's interpreter cannot time configs)."""
     x, compressed, scales, zeros = _checked(inputs, compressed)
     rows, outputs = x.shape[0], compressed.out_features
-    out = torch.empty(rows, outputs, dtype=inputs.dtype, device=inputs.device)
-    bucket = next((limit for limit in FUSED_CONFIGS if limit is not None and rows <= limit), None)
+    if rows > DECODE_MAX_ROWS:
+        raise ValueError(f"the 2:4 decode kernel takes at most {DECODE_MAX_ROWS} token rows, got {rows} (use sparse24_matmul)")
     if config is None and os.environ.get("TRITON_INTERPRET") == "1":
-        config = FUSED_CONFIGS[bucket][0].kwargs
-    kernel = _TUNED[bucket] if config is None else _sparse24_fused
-    tile = config or {}
+        config = DECODE_CONFIGS[0].kwargs
+    out = torch.empty(rows, outputs, dtype=inputs.dtype, device=inputs.device)
+    values = compressed.values.view(_WORDS[compressed.bits])
+    words = x.view(torch.int32)  # two entries per word
 
-    def grid(meta: dict) -> tuple[int, int]:
-        return triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(outputs, meta["BLOCK_N"])
+    def grid(meta: dict) -> tuple[int]:
+        return (triton.cdiv(outputs, meta["BLOCK_N"]),)
 
-    kernel[grid if config is None else grid(config)](
-        x, compressed.values, compressed.metadata, scales, zeros, out, rows, outputs, compressed.in_features,
-        triton.next_power_of_2(rows) if bucket is None else bucket,
-        x.stride(0), compressed.values.stride(0), compressed.metadata.stride(0), scales.stride(0), out.stride(0),
+    kernel = _TUNED_DECODE if config is None else _UNTUNED_DECODE
+    kernel[grid](
+        words, values, compressed.metadata, scales, zeros, out, rows, outputs, compressed.in_features,
+        words.stride(0), values.stride(0), compressed.metadata.stride(0), scales.stride(0), out.stride(0),
         BITS=compressed.bits or 16, GROUP_SIZE=compressed.group_size or 1, HAS_ZEROS=compressed.zero_points is not None,
-        **tile,
+        DTYPE=_TRITON_DTYPES[inputs.dtype], ROWS=triton.next_power_of_2(rows), **(config or {}),
     )  # fmt: skip
     return out.reshape(*inputs.shape[:-1], outputs)
 
