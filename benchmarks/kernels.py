@@ -59,7 +59,7 @@ TOKENS = (1, 2, 4, 16, 64, 256, 1024, 4096, 16384)  # the issue's M, and 2 for t
 QUICK_SHAPES, QUICK_TOKENS = ("8B q_proj / o_proj", "8B gate_proj / up_proj"), (1, 4, 16, 256, 4096)
 # (path name suffix, bits, with zero-points: the extra load of optimum-quanto int4 codes that sparsify repacks)
 FORMATS = (("", None, False), (" int8", 8, False), (" int4", 4, False), (" int4 zp", 4, True))
-EXPANDED = (("expand + cuBLAS", None), ("expand int4 + cuBLAS", 4))
+EXPANDED = (("expand + cuBLAS", ""), ("expand int4 + cuBLAS", " int4"))  # (path name, the FORMATS suffix it rebuilds)
 PATHS = (*(f"decode{suffix}" for suffix, *_ in FORMATS), *(name for name, _ in EXPANDED), "semi-structured", "cuSPARSELt")
 
 
@@ -80,9 +80,8 @@ def sparse_paths(weight: torch.Tensor) -> dict[str, tuple[Callable[[torch.Tensor
             compressed = replace(compressed, zero_points=torch.zeros_like(compressed.scales, dtype=torch.int8))
         formats[suffix] = compressed
         paths[f"decode{suffix}"] = (lambda x, c=compressed: sparse24_decode(x, c)), decompress(compressed).to(weight.dtype)
-    for name, bits in EXPANDED:
-        compressed = formats[" int4" if bits else ""]
-        paths[name] = (lambda x, c=compressed: F.linear(x, sparse24_expand(c, x.dtype))), paths[f"decode{' int4' if bits else ''}"][1]
+    for name, suffix in EXPANDED:
+        paths[name] = (lambda x, c=formats[suffix]: F.linear(x, sparse24_expand(c, x.dtype))), paths[f"decode{suffix}"][1]
     semi = torch.sparse.to_sparse_semi_structured(weight)
     paths["semi-structured"] = (lambda x: F.linear(x, semi)), weight
     packed = torch._cslt_compress(weight)
