@@ -4,7 +4,8 @@
 # is outside this project's pins). Sections, in order (default: all of them):
 #   tests    the CUDA tests (kernels against the reference, the engine on CUDA, activation offload)
 #   kernels  benchmarks/kernels.py: 2:4 kernels vs cuBLAS / cuSPARSELt, thresholds, end-to-end decode
-#   layers   benchmarks/gpu_layers.py: per-layer pruning time and peak memory, 70B / Mixtral shapes
+#   layers   benchmarks/full_size_layers.py: per-layer pruning time and peak memory, 70B / Mixtral
+#            shapes (ONLY=Mixtral: that model's rows only)
 #   quant    GPTQ and bitsandbytes on CUDA (tests/test_quantized_cuda.py, then the CPU suites of both
 #            on the GPU machine); needs the kit of `QUANT=1 scripts/gpu_wheels.sh`, carried as
 #            [".whl", ".whl-bnb"]; not in the default list
@@ -22,6 +23,7 @@ else
 fi
 export PYTHONUNBUFFERED=1
 quick=(); [[ "${QUICK:-0}" == 1 ]] && quick=(--quick)
+only=(); [[ -n "${ONLY:-}" ]] && only=(--only "$ONLY")
 limit=(timeout -k 5 "${TIMEOUT:-0}")
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu.txt" 2>&1
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" >> "$out/gpu.txt" 2>&1
@@ -33,7 +35,7 @@ for section in ${*:-tests kernels layers}; do
     tests) "${limit[@]}" python3 -m pytest -p no:cacheprovider -q -rs tests/test_kernels.py tests/calibration/test_cuda.py tests/calibration/test_engine.py 2>&1 | tee "$out/tests.log" ;;
     kernels) (cd benchmarks && "${limit[@]}" python3 kernels.py "${quick[@]}" --output "$out/KERNELS.md") 2>&1 | tee "$out/kernels.log" ;;
     quant) "${limit[@]}" python3 -m pytest -p no:cacheprovider -q -rs tests/test_quantized_cuda.py tests/test_gptq.py tests/test_bitsandbytes.py 2>&1 | tee "$out/quant.log" ;;
-    layers) (cd benchmarks && "${limit[@]}" python3 gpu_layers.py "${quick[@]}" --output "$out/GPU_LAYERS.md") 2>&1 | grep -v "it/s]" | tee "$out/layers.log" ;;
+    layers) (cd benchmarks && "${limit[@]}" python3 full_size_layers.py "${quick[@]}" "${only[@]}" --output "$out/GPU_LAYERS.md") 2>&1 | grep -v "it/s]" | tee "$out/layers.log" ;;
     *) echo "unknown section $section (tests, kernels, layers, quant)"; exit 2 ;;
   esac
   code=${PIPESTATUS[0]}
