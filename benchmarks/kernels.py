@@ -24,8 +24,10 @@ per shape, the largest M at which the decode kernel still beats expand + cuBLAS 
 
 End to end, on a Llama-3-8B-shaped model (random weights, magnitude 2:4): greedy ``generate()``
 tokens/s with a static cache (transformers compiles the decode step itself), the time of one decode
-step replayed as a CUDA graph (what a serving loop without Python overhead pays), and the largest
-logit difference on the prompt against the dense model.
+step replayed as a CUDA graph (what a serving loop without Python overhead pays), the time of one
+4,096-token prefill, the decoder's weight bytes and the largest logit difference on the prompt
+against the dense model — for the dense model, ``sparsify()``, ``sparsify(bits=4)`` and
+``sparsify(prefill="cusparselt")`` (many-token calls take cuSPARSELt wherever it measures faster).
 
     python benchmarks/kernels.py            # writes benchmarks/KERNELS.md
     python benchmarks/kernels.py --quick    # two shapes, five token counts, a 4-layer model end to end
@@ -216,10 +218,19 @@ def graphed_step_ms(model: torch.nn.Module, prompt: torch.Tensor, replays: int =
     return started.elapsed_time(ended) / replays
 
 
-def decode_speed(config: "LlamaConfig", new_tokens: int = 128, device: str = "cuda") -> list[str]:
+END_TO_END = {  # row name: sparsify's options (None: the dense model)
+    "dense (2:4 zeros stored densely)": None,
+    "sparsify()": {},
+    "sparsify(bits=4)": {"bits": 4},
+    'sparsify(prefill="cusparselt")': {"prefill": "cusparselt"},
+}
+PREFILL_TOKENS = 4096
+
+
+def end_to_end(config: "LlamaConfig", new_tokens: int = 128, device: str = "cuda") -> list[str]:
     """Markdown rows for a bf16 Llama of ``config`` (random weights) pruned to 2:4 by magnitude, then
-    with every 2:4 linear swapped for ``SparseLinear`` (16-bit values, and int4 with group-128 scales),
-    in the same run: ``generate()`` tokens/s, CUDA-graph decode step time, prompt logit difference."""
+    with every 2:4 linear swapped for ``SparseLinear`` (``END_TO_END``), in the same run: ``generate()``
+    tokens/s, CUDA-graph decode step time, prefill time, decoder weight bytes, prompt logit difference."""
     from transformers import LlamaForCausalLM
 
     from optimum_prune import PruningConfig, prune
@@ -231,7 +242,7 @@ def decode_speed(config: "LlamaConfig", new_tokens: int = 128, device: str = "cu
     prune(dense, PruningConfig(method="magnitude", sparsity="2:4"), device=device)
     prompt = torch.randint(config.vocab_size, (1, 16), device=device, generator=torch.Generator(device).manual_seed(0))
     lines, reference = [], None
-    for name, options in {"dense (2:4 zeros stored densely)": None, "sparsify()": {}, "sparsify(bits=4)": {"bits": 4}}.items():
+    for name, options in END_TO_END.items():
         model = dense if options is None else copy.deepcopy(dense)
         if options is not None:
             sparsify(model, **options)
@@ -239,17 +250,43 @@ def decode_speed(config: "LlamaConfig", new_tokens: int = 128, device: str = "cu
             logits = model(prompt).logits.float()
         speed = attempt(lambda: generated_tokens_per_second(model, prompt, new_tokens))
         step_ms = attempt(lambda: graphed_step_ms(model, prompt))
-        reference = reference or (speed, step_ms, logits)
-        difference = float((logits - reference[2]).abs().max() / reference[2].abs().max())
+        prefill = attempt(lambda: prefill_ms(model, config.vocab_size))
+        reference = reference or (speed, step_ms, prefill, logits)
+        difference = float((logits - reference[3]).abs().max() / reference[3].abs().max())
         lines.append(
             f"| {name} | {cell(speed, '', '.1f')} | {cell(ratio(speed, reference[0]))} | {cell(step_ms, '', '.3f')} | "
-            f"{cell(ratio(reference[1], step_ms))} | {difference:.1e} |"
+            f"{cell(ratio(reference[1], step_ms))} | {cell(prefill, '', '.1f')} | {cell(ratio(reference[2], prefill))} | "
+            f"{decoder_weight_bytes(model) / 2**30:.2f} | {difference:.1e} |"
         )
         print(lines[-1], flush=True)
         if options is not None:
             del model
             torch.cuda.empty_cache()
     return lines
+
+
+def prefill_ms(model: torch.nn.Module, vocabulary: int, repeats: int = 3) -> float:
+    """Milliseconds of one forward over a ``PREFILL_TOKENS``-token prompt (logits of its last token only),
+    after a warm-up that runs every autotuning, cuSPARSELt's search and packing and the path choices."""
+    ids = torch.randint(vocabulary, (1, PREFILL_TOKENS), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    with torch.no_grad():
+        model(ids, use_cache=False, logits_to_keep=1)
+        started, ended = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        started.record()
+        for _ in range(repeats):
+            model(ids, use_cache=False, logits_to_keep=1)
+        ended.record()
+    torch.cuda.synchronize()
+    return started.elapsed_time(ended) / repeats
+
+
+def decoder_weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the decoder layers' weights as held on the GPU, cuSPARSELt's packed copies included."""
+    from optimum_prune.kernels import SparseLinear
+
+    layers = model.model.layers
+    held = sum(t.numel() * t.element_size() for t in [*layers.parameters(), *layers.buffers()])
+    return held + sum(m._cusparselt.num_bytes() for m in layers.modules() if isinstance(m, SparseLinear) and m._cusparselt)
 
 
 def generated_tokens_per_second(model: torch.nn.Module, prompt: torch.Tensor, new_tokens: int) -> float:
@@ -289,10 +326,11 @@ def main() -> None:
     table += "\n".join([
         "", f"End to end: a Llama-3-8B-shaped model with {layers} layers (random weights, magnitude 2:4), bf16. `generate()`: "
         "greedy, 128 tokens after a 16-token prompt, static cache (transformers compiles the decode step). Graph step: one "
-        "decode step replayed as a CUDA graph. Logit difference: largest |Δ logit| on the prompt / largest |logit| of the "
-        "dense model.", "",
-        "| model | generate() tokens/s | vs dense | graph step (ms) | vs dense | logit difference |",
-        "|---|---:|---:|---:|---:|---:|", *decode_speed(llama3_8b_shaped(layers)),
+        f"decode step replayed as a CUDA graph. Prefill: one forward over a {PREFILL_TOKENS}-token prompt. Decoder weights: "
+        "as held on the GPU after the prefill (cuSPARSELt's packed copies included). Logit difference: largest |Δ logit| "
+        "on the prompt / largest |logit| of the dense model.", "",
+        "| model | generate() tokens/s | vs dense | graph step (ms) | vs dense | prefill (ms) | vs dense | decoder weights (GiB) | logit difference |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|", *end_to_end(llama3_8b_shaped(layers)),
     ]) + "\n"  # fmt: skip
     output.write_text(table)
     print(table)

@@ -313,3 +313,89 @@ def test_triton_kernel_matches_the_reference_on_gpu(dtype, bits, group_size):
             reference = x.float() @ decompress(compressed).float().T
             error = (kernel(x, compressed).float() - reference).abs().max()
             assert error <= 1e-2 * reference.abs().max(), (kernel.__name__, rows, float(error))
+
+
+def wall_time(call) -> float:
+    import time
+
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def test_the_prefill_choice_is_timed_once_per_key_and_the_winner_kept(monkeypatch):
+    from optimum_prune.kernels import prefill
+
+    monkeypatch.setattr(prefill, "CHOICES", {})
+    x, weight = torch.randn(64, 256), torch.randn(256, 256)
+    calls = {"slow": 0, "fast": 0}
+    timings = []
+
+    def slow():
+        calls["slow"] += 1
+        return sum(x @ weight.T for _ in range(40)) / 40
+
+    def fast():
+        calls["fast"] += 1
+        return x @ weight.T
+
+    def timer(call):
+        timings.append(call)
+        return wall_time(call)
+
+    result = prefill.fastest(("shape", 64), {"slow": slow, "fast": fast}, timer)
+    torch.testing.assert_close(result, x @ weight.T)
+    assert prefill.CHOICES == {("shape", 64): "fast"} and len(timings) == 2 and calls == {"slow": 1, "fast": 2}
+    prefill.fastest(("shape", 64), {"slow": slow, "fast": fast}, timer)
+    assert len(timings) == 2 and calls == {"slow": 1, "fast": 3}  # known key: no timing, the winner only
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    prefill.fastest(("shape", 128), {"slow": slow, "fast": fast}, timer)  # traced: the first candidate, nothing recorded
+    assert len(timings) == 2 and calls["slow"] == 2 and ("shape", 128) not in prefill.CHOICES
+    assert [prefill.row_bucket(rows) for rows in (1, 5, 8, 9, 4096, 4097)] == [1, 8, 8, 16, 4096, 8192]
+
+
+def test_cusparselt_prefill_is_validated_and_keeps_the_reference_path_off_gpu():
+    model = tiny_model(intermediate_size=136)  # gate / up have 136 outputs: not a multiple of 16
+    prune(model, PruningConfig(method="magnitude", sparsity="2:4"))
+    dense = copy.deepcopy(model)
+    with pytest.raises(ValueError, match="prefill must be one of expand, cusparselt, got 'cuda'"):
+        sparsify(model, prefill="cuda")
+    assert not any(isinstance(module, SparseLinear) for module in model.modules())  # refused before any swap
+    report = sparsify(model, prefill="cusparselt")
+    layers = len(model.model.layers)
+    unfit = {f"model.layers.{i}.mlp.{name}" for i in range(layers) for name in ("gate_proj", "up_proj", "down_proj")}
+    assert set(report.without_cusparselt) == unfit and f"{len(unfit)} without cuSPARSELt" in str(report)
+    query = model.model.layers[0].self_attn.q_proj
+    assert "prefill=cusparselt" in repr(query)
+    query._cusparselt = "a packed copy on another device"
+    model.cpu()
+    assert query._cusparselt is None  # a moved layer rebuilds cuSPARSELt's copy from its buffers
+    ids = token_windows(samples=2, seq_len=8, seed=4)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, dense(ids).logits)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [None, 4])
+def test_cusparselt_prefill_matches_the_reference_on_gpu(dtype, bits):
+    pytest.importorskip("triton")
+    from optimum_prune.kernels import prefill
+
+    if not prefill.cusparselt_available():
+        pytest.skip("this torch build has no cuSPARSELt")
+    linear = nn.Linear(1024, 4096 + 64, dtype=dtype, device="cuda")
+    with torch.no_grad():
+        linear.weight.copy_(random_24(4096 + 64, 1024, dtype).cuda())
+    layer = SparseLinear.from_linear(linear, bits=bits, prefill="cusparselt")
+    weight = decompress(layer.compressed).float()
+    packed = layer._packed_like(torch.empty(0, 1024, dtype=dtype, device="cuda"))
+    for shape in ((5, 1024), (300, 1024), (4096, 1024), (2, 1000, 1024)):
+        x = torch.randn(shape, device="cuda", dtype=dtype)
+        reference = x.float() @ weight.T + linear.bias.float()
+        for name, output in (("layer", layer(x)), ("cuSPARSELt", packed.matmul(x.reshape(-1, 1024)).reshape(reference.shape) + linear.bias)):
+            error = (output.float() - reference).abs().max()
+            assert output.shape == reference.shape and error <= 1e-2 * reference.abs().max(), (name, shape, float(error))
+    chosen = {key[3]: name for key, name in prefill.CHOICES.items() if key[:3] == (4096 + 64, 1024, dtype)}
+    assert set(chosen) == {8, 512, 4096, 2048} and set(chosen.values()) <= {"expand", "cusparselt"}
+    assert packed.num_bytes() >= layer.out_features * layer.in_features  # cuSPARSELt's own copy: half the weights in 16 bits, and more

@@ -10,7 +10,9 @@ Backends: ``"reference"`` decompresses (and dequantizes) the weight and multipli
 every kernel must reproduce, and the CPU path; ``"triton"`` runs ``triton_24.py``'s paths (its decode
 kernel for a few token rows, the weight rebuilt for cuBLAS above; fp16 / bf16 inputs; on CPU only
 inside Triton's interpreter, which the tests use); ``"auto"`` (default) takes them for fp16 / bf16
-inputs on a GPU when Triton is installed, the reference path otherwise.
+inputs on a GPU when Triton is installed, the reference path otherwise. ``prefill="cusparselt"``
+adds cuSPARSELt's matmul on its own packed copy of the weight for many token rows, taken wherever
+it measures faster (``prefill.py``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from ..quantized import dequantized_weight, integer_grid, is_quantized
 from ..sparsity import NMPattern, conforms_to
 from ..structure.surgery import replace_submodule
 from .format import Compressed24, compress, decompress, repack
+from .prefill import PREFILL_PATHS, CusparseltWeight, cusparselt_available, cusparselt_fits, fastest, row_bucket
 
 BACKENDS = ("auto", "triton", "reference")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)  # what the Triton kernel takes
@@ -34,11 +37,15 @@ KERNEL_DTYPES = (torch.float16, torch.bfloat16)  # what the Triton kernel takes
 
 class SparseLinear(nn.Module):
     """A linear layer with a 2:4 weight (``values``, ``metadata`` and, quantized, ``scales`` and maybe
-    ``zero_points`` buffers)."""
+    ``zero_points`` buffers). ``prefill``: ``"expand"`` or ``"cusparselt"`` (see ``prefill.py``)."""
 
-    def __init__(self, compressed: Compressed24, bias: torch.Tensor | None, backend: str = "auto") -> None:
+    def __init__(
+        self, compressed: Compressed24, bias: torch.Tensor | None, backend: str = "auto", prefill: str = "expand"
+    ) -> None:
         super().__init__()
         self.backend = _checked_backend(backend)
+        self.prefill = _checked_prefill(prefill)
+        self._cusparselt: CusparseltWeight | None = None  # built on the first prefill that uses it; not saved
         self.in_features, self.out_features = compressed.in_features, compressed.out_features
         self.dtype, self.bits, self.group_size = compressed.dtype, compressed.bits, compressed.group_size
         self.register_buffer("values", compressed.values)
@@ -49,14 +56,25 @@ class SparseLinear(nn.Module):
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, name: str = "linear", bits: int | None = None, group_size: int = 128, backend: str = "auto"
+        cls,
+        linear: nn.Linear,
+        name: str = "linear",
+        bits: int | None = None,
+        group_size: int = 128,
+        backend: str = "auto",
+        prefill: str = "expand",
     ) -> "SparseLinear":
         """Compress ``linear`` (which must be exactly 2:4; the error names ``name`` otherwise)."""
-        return cls(compress(linear.weight.detach(), name, bits, group_size), linear.bias, backend)
+        return cls(compress(linear.weight.detach(), name, bits, group_size), linear.bias, backend, prefill)
 
     @classmethod
     def from_quantized(
-        cls, linear: nn.Module, name: str = "linear", backend: str = "auto", dequantized: torch.Tensor | None = None
+        cls,
+        linear: nn.Module,
+        name: str = "linear",
+        backend: str = "auto",
+        dequantized: torch.Tensor | None = None,
+        prefill: str = "expand",
     ) -> "SparseLinear":
         """Repack a GPTQ or optimum-quanto int8 / int4 linear's codes and scales exactly (its weight must be 2:4;
         ``dequantized``: its ``dequantized_weight`` if the caller already has it)."""
@@ -64,7 +82,7 @@ class SparseLinear(nn.Module):
         weight = dequantized_weight(linear) if dequantized is None else dequantized
         compressed = repack(weight.detach(), grid.scales.detach(), grid.group_size, grid.bits, name)
         bias = linear.bias.detach() if linear.bias is not None else None
-        return cls(compressed, bias, backend)
+        return cls(compressed, bias, backend, prefill)
 
     @property
     def compressed(self) -> Compressed24:
@@ -75,11 +93,43 @@ class SparseLinear(nn.Module):
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(inputs.dtype)
         if self._uses_kernel(inputs):
-            from .triton_24 import sparse24_matmul
+            from .triton_24 import DECODE_ROWS, sparse24_matmul
 
-            output = sparse24_matmul(inputs, self.compressed)
+            x = inputs.reshape(-1, self.in_features)
+            if x.shape[0] > DECODE_ROWS and self._cusparselt_usable(x):
+                output = self._fastest_prefill(x).reshape(*inputs.shape[:-1], self.out_features)
+            else:
+                output = sparse24_matmul(inputs, self.compressed)
             return output if bias is None else output + bias
         return F.linear(inputs, decompress(self.compressed).to(inputs.dtype), bias)
+
+    def _cusparselt_usable(self, x: torch.Tensor) -> bool:
+        return (
+            self.prefill == "cusparselt" and x.is_cuda and cusparselt_available()
+            and cusparselt_fits(self.out_features, self.in_features)
+        )  # fmt: skip
+
+    def _fastest_prefill(self, x: torch.Tensor) -> torch.Tensor:
+        """Expand + cuBLAS or cuSPARSELt, whichever was measured faster for this shape and row count."""
+        from .triton_24 import sparse24_expand
+
+        candidates = {  # the first is taken for a shape not measured yet under torch.compile / graph capture
+            "expand": lambda: F.linear(x, sparse24_expand(self.compressed, x.dtype)),
+            "cusparselt": lambda: self._packed_like(x).matmul(x),
+        }
+        return fastest((self.out_features, self.in_features, x.dtype, row_bucket(x.shape[0])), candidates)
+
+    def _packed_like(self, x: torch.Tensor) -> CusparseltWeight:
+        """cuSPARSELt's copy of the weight in ``x``'s dtype and device, built the first time it is needed."""
+        from .triton_24 import sparse24_expand
+
+        if self._cusparselt is None or not self._cusparselt.matches(x):
+            self._cusparselt = CusparseltWeight(sparse24_expand(self.compressed, x.dtype))
+        return self._cusparselt
+
+    def _apply(self, fn, recurse: bool = True) -> "SparseLinear":
+        self._cusparselt = None  # moved or cast: rebuilt from the buffers at the next prefill that needs it
+        return super()._apply(fn, recurse)
 
     def _uses_kernel(self, inputs: torch.Tensor) -> bool:
         if self.backend == "reference":
@@ -91,7 +141,7 @@ class SparseLinear(nn.Module):
     def extra_repr(self) -> str:
         zero_points = ", zero-points" if self.zero_points is not None else ""
         kind = "2:4" if self.bits is None else f"2:4 int{self.bits} (group {self.group_size}{zero_points})"
-        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}, prefill={self.prefill}"
 
 
 @dataclass
@@ -99,25 +149,35 @@ class SparsifyReport:
     swapped: list[str] = field(default_factory=list)
     repacked: list[str] = field(default_factory=list)  # of ``swapped``: quantized linears whose codes were kept
     left_dense: list[str] = field(default_factory=list)  # not exactly 2:4
+    without_cusparselt: list[str] = field(default_factory=list)  # prefill="cusparselt", but a dimension is not a multiple of 16
     bytes_before: int = 0
     bytes_after: int = 0
 
     def __str__(self) -> str:
         repacked = f", {len(self.repacked)} of them repacked from their quantized codes" if self.repacked else ""
+        unfit = (
+            f"; {len(self.without_cusparselt)} without cuSPARSELt (a dimension not a multiple of 16)"
+            if self.without_cusparselt else ""
+        )  # fmt: skip
         return (
             f"sparsify: {len(self.swapped)} linears in the 2:4 format{repacked} ({self.bytes_before / 2**20:.1f} → "
-            f"{self.bytes_after / 2**20:.1f} MiB of weights); {len(self.left_dense)} left dense"
+            f"{self.bytes_after / 2**20:.1f} MiB of weights); {len(self.left_dense)} left dense{unfit}"
         )
 
 
-def sparsify(model: nn.Module, bits: int | None = None, group_size: int = 128, backend: str = "auto") -> SparsifyReport:
+def sparsify(
+    model: nn.Module, bits: int | None = None, group_size: int = 128, backend: str = "auto", prefill: str = "expand"
+) -> SparsifyReport:
     """Swap every decoder-layer linear of ``model`` whose weight is exactly 2:4 for a ``SparseLinear``
     and leave the rest. Unquantized weights are quantized to ``bits`` 8 or 4 with ``group_size``
     scales when given (16-bit values otherwise); quantized ones (GPTQ, optimum-quanto int8 / int4)
-    keep their own codes and scales whatever ``bits`` says. ``backend`` as in ``SparseLinear``."""
+    keep their own codes and scales whatever ``bits`` says. ``backend`` as in ``SparseLinear``;
+    ``prefill="cusparselt"`` lets many-token calls take cuSPARSELt where it measures faster, at the
+    cost of its packed copy of each weight (built on the GPU on first use; ``prefill.py``)."""
     if bits not in (None, 8, 4):
         raise ValueError(f"bits must be None (16-bit values), 8 or 4, got {bits!r}")
     _checked_backend(backend)  # before any linear is swapped
+    _checked_prefill(prefill)
     adapter = get_adapter(model)
     report = SparsifyReport()
     pattern = NMPattern(2, 4)
@@ -129,10 +189,12 @@ def sparsify(model: nn.Module, bits: int | None = None, group_size: int = 128, b
                 report.left_dense.append(qualified)
                 continue
             if quantized:
-                sparse = SparseLinear.from_quantized(linear, qualified, backend, weight)
+                sparse = SparseLinear.from_quantized(linear, qualified, backend, weight, prefill)
                 report.repacked.append(qualified)
             else:
-                sparse = SparseLinear.from_linear(linear, qualified, bits, group_size, backend)
+                sparse = SparseLinear.from_linear(linear, qualified, bits, group_size, backend, prefill)
+            if prefill == "cusparselt" and not cusparselt_fits(sparse.out_features, sparse.in_features):
+                report.without_cusparselt.append(qualified)
             report.bytes_before += _weight_bytes(linear)
             replace_submodule(adapter.model, qualified, sparse)
             report.swapped.append(qualified)
@@ -159,3 +221,9 @@ def _checked_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     return backend
+
+
+def _checked_prefill(prefill: str) -> str:
+    if prefill not in PREFILL_PATHS:
+        raise ValueError(f"prefill must be one of {', '.join(PREFILL_PATHS)}, got {prefill!r}")
+    return prefill
