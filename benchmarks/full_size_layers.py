@@ -32,7 +32,6 @@ from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralFo
 
 from common import table_header
 from optimum_prune import PruningConfig, prune
-from optimum_prune.report import process_peak_rss
 
 MODELS = {  # name: (model class, layer shape, real depth)
     "Llama-3-70B": (LlamaForCausalLM, LlamaConfig, dict(hidden_size=8192, intermediate_size=28672, num_attention_heads=64,
@@ -142,7 +141,9 @@ def table(rows: list[str], command: str, args: argparse.Namespace) -> str:
             f"Pruning time per layer and peak memory on full-size layers (random weights, {'GPU' if on_gpu else 'CPU'})", command,
             f"Device: {device_name(args.device)}. Models in bf16 on the CPU, {placement}; calibration {args.samples} × "
             f"{args.seq_len} random tokens. Per layer: (3-layer time − 1-layer time) / 2; fixed: the rest of the 1-layer run; "
-            f"projected: fixed + depth × per layer (Llama-3-70B 80 layers, Mixtral-8x7B 32). Peak: {peak} of the 3-layer run.",
+            f"projected: fixed + depth × per layer (Llama-3-70B 80 layers, Mixtral-8x7B 32), which is t₁ + (depth − 1) × per "
+            "layer, so a negative fixed time (the 1-layer run's layer took less than the later layers' mean) does not bias it. "
+            f"Peak: {peak} of the 3-layer run.",
         ),  # fmt: skip
         f"| model | method | s per layer | fixed s | projected whole model (min) | peak {'GPU memory' if on_gpu else 'RSS'} (GiB) |",
         "|---|---|---:|---:|---:|---:|",

@@ -19,7 +19,7 @@ def count_macs_per_token(model: nn.Module) -> int:
 
     Torch-Pruning's counter runs on the model itself: its ``count_ops_and_params`` deep-copies the
     model first, which doubled the peak memory of every structured pruning run (measured: 3-layer
-    Mixtral-8x7B-shaped model, 22.6 GiB peak for 8.4 GiB of weights); the counter's hooks and
+    Mixtral-8x7B-shaped model, 22.6 GiB peak for 8.6 GiB of weights); the counter's hooks and
     variables are removed afterwards."""
     device = next(model.parameters()).device
     ids = torch.zeros(1, _PROBE_TOKENS, dtype=torch.long, device=device)
