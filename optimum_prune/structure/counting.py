@@ -9,8 +9,10 @@ from torch import nn
 from torch_pruning.utils import op_counter
 
 _PROBE_TOKENS = 8
-# What Torch-Pruning's counter sets on the model it counts (per-module variables and hooks it removes itself).
-_COUNTER_ATTRIBUTES = ("start_flops_count", "stop_flops_count", "reset_flops_count", "compute_average_flops_cost", "__batch_counter__")
+# What Torch-Pruning's counter leaves on the model it counted (its hooks and per-module variables it removes itself).
+_COUNTER_ATTRIBUTES = (
+    "start_flops_count", "stop_flops_count", "reset_flops_count", "compute_average_flops_cost", "__batch_counter__",
+)  # fmt: skip
 
 
 def count_macs_per_token(model: nn.Module) -> int:
