@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from fnmatch import fnmatchcase
 from dataclasses import dataclass
@@ -45,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 
 def prune(
-    model: nn.Module,
+    model: nn.Module | str | os.PathLike,
     config: PruningConfig | Mapping[str, Any],
     calibration: CalibrationSource = None,
     tokenizer: Any = None,
@@ -53,8 +54,13 @@ def prune(
     processor: Any = None,
     offload: "LayerStream | None" = None,
     activation_device: str | torch.device | None = None,
+    output_dir: str | os.PathLike | None = None,
 ) -> PruningReport:
     """Prune ``model`` in place as ``config`` says and return a report.
+
+    ``model`` may also be a checkpoint directory: its layers are then read from disk and pruned one
+    at a time into ``output_dir`` (``prune_checkpoint``, which resumes an interrupted run), so a
+    model larger than memory never has to be loaded.
 
     ``calibration`` is used only by methods/allocations that need data; ``None`` means the
     bundled Wikipedia calibration split (which needs ``tokenizer``). Multimodal models also take
@@ -68,6 +74,15 @@ def prune(
     one layer, one batch of activations and the method's state at a time (unstructured methods);
     ``"disk"`` keeps them in files under ``$TMPDIR``, so host memory holds one batch too.
     """
+    if isinstance(model, (str, os.PathLike)):
+        if processor is not None or offload is not None:
+            raise ValueError("a checkpoint directory is pruned as a causal LM read from disk: processor and offload do not apply")
+        return _prune_from_disk(model, config, calibration, tokenizer, device, activation_device, output_dir)
+    if output_dir is not None:
+        raise ValueError(
+            "output_dir is where pruning a checkpoint directory from disk writes its layers; a model in memory is pruned "
+            "in place: save it with save_pruned(model, output_dir)"
+        )
     if isinstance(config, Mapping):
         config = PruningConfig.from_dict(config)
     elif not isinstance(config, PruningConfig):
@@ -466,6 +481,26 @@ def _resolve_device(device: str | torch.device | None, model: nn.Module) -> torc
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r} was requested but CUDA is not available; use device='cpu'")
     return device
+
+
+def _prune_from_disk(
+    source: str | os.PathLike,
+    config: PruningConfig | Mapping[str, Any],
+    calibration: CalibrationSource,
+    tokenizer: Any,
+    device: str | torch.device | None,
+    activation_device: str | torch.device | None,
+    output_dir: str | os.PathLike | None,
+) -> PruningReport:
+    from .streaming import prune_checkpoint
+
+    if output_dir is None:
+        raise ValueError(
+            f"pruning the checkpoint {str(source)!r} from disk writes each pruned layer as it finishes: pass output_dir= "
+            "(a new directory, or the one an interrupted run left, to resume)"
+        )
+    config = config if isinstance(config, PruningConfig) else PruningConfig.from_dict(dict(config))
+    return prune_checkpoint(source, output_dir, config, calibration, tokenizer, device, activation_device=activation_device)
 
 
 def _peak_memory(device: torch.device) -> tuple[int, str]:

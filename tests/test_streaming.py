@@ -164,3 +164,16 @@ def test_peak_memory_is_the_process_own_even_when_started_by_a_larger_one():
     script = "from optimum_prune.report import process_peak_rss; print(process_peak_rss())"
     child = int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout)
     assert 0 < child < process_peak_rss() - ballast.numel() * 4 // 2
+
+
+def test_prune_takes_a_checkpoint_directory_and_streams_it_into_output_dir(sharded, tmp_path):
+    windows = token_windows()
+    report = prune(str(sharded), {"method": "wanda", "sparsity": 0.5}, calibration=windows, output_dir=tmp_path / "out")
+    assert len(report.linears) == 3 * 7
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert_same_weights(reloaded.state_dict(), pruned_in_memory(sharded, CONFIGS["wanda"], windows))
+    with pytest.raises(ValueError, match="pass output_dir="):
+        prune(sharded, CONFIGS["wanda"], calibration=windows)
+    with pytest.raises(ValueError, match="save it with save_pruned"):
+        prune(tiny_model(), CONFIGS["wanda"], calibration=windows, output_dir=tmp_path / "elsewhere")
+    assert not (tmp_path / "elsewhere").exists()
