@@ -499,7 +499,6 @@ def _prune_from_disk(
             f"pruning the checkpoint {str(source)!r} from disk writes each pruned layer as it finishes: pass output_dir= "
             "(a new directory, or the one an interrupted run left, to resume)"
         )
-    config = config if isinstance(config, PruningConfig) else PruningConfig.from_dict(dict(config))
     return prune_checkpoint(source, output_dir, config, calibration, tokenizer, device, activation_device=activation_device)
 
 

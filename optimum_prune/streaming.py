@@ -26,7 +26,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 from safetensors import safe_open
@@ -148,7 +148,7 @@ def _meta_tensors(module: nn.Module) -> list[str]:
 def prune_checkpoint(
     source: str | os.PathLike,
     output_dir: str | os.PathLike,
-    config: PruningConfig | dict[str, Any],
+    config: PruningConfig | Mapping[str, Any],
     calibration: CalibrationSource = None,
     tokenizer: Any = None,
     device: str | torch.device | None = None,
@@ -166,7 +166,7 @@ def prune_checkpoint(
     from .api import prune
 
     source, output_dir = Path(source), Path(output_dir)
-    config = PruningConfig.from_dict(config) if isinstance(config, dict) else config
+    config = PruningConfig.from_dict(dict(config)) if isinstance(config, Mapping) else config
     if not (source / "config.json").is_file():
         raise ValueError(f"source {str(source)!r} is not a checkpoint directory (no config.json)")
     reader = CheckpointReader(source)
