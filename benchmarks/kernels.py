@@ -9,6 +9,8 @@ every four kept) is timed as
   the compressed format (16-bit values; int8 / int4 values with group-128 scales; int4 with a
   zero-point per scale too, as optimum-quanto's affine int4 repacked by ``sparsify`` has), tiles
   autotuned per shape (the tuning runs before the timing), for M up to ``DECODE_MAX_ROWS``;
+- ``mma.sp``: ``optimum_prune``'s sparse tensor-core kernel (``mma_24.py``, 16-bit values, warps and
+  split-K measured per shape before the timing), for M up to 64;
 - ``expand + cuBLAS``, ``expand int4 + cuBLAS``: the weight rebuilt densely by ``sparse24_expand``,
   then ``F.linear`` — the prefill path, both steps timed;
 - ``semi-structured``: ``torch.sparse.to_sparse_semi_structured`` + ``F.linear`` (what PyTorch offers);
@@ -20,14 +22,16 @@ a path that fails for a shape shows why. Every path's output is checked against 
 first (quantized paths against their own dequantized weight). The bytes ceiling of decode is dense
 bytes / compressed bytes (1.78× for 16-bit values, ≈ 5× for int4 with bf16 scales). Below the table:
 per shape, the largest M at which the decode kernel still beats expand + cuBLAS (``DECODE_ROWS`` in
-``triton_24.py``) and the smallest M from which cuSPARSELt beats both.
+``triton_24.py``), the largest at which ``mma.sp`` beats both, and the smallest M from which
+cuSPARSELt beats them all.
 
 End to end, on a Llama-3-8B-shaped model (random weights, magnitude 2:4): greedy ``generate()``
 tokens/s with a static cache (transformers compiles the decode step itself), the time of one decode
 step replayed as a CUDA graph (what a serving loop without Python overhead pays), the time of one
 4,096-token prefill, the decoder's weight bytes and the largest logit difference on the prompt
-against the dense model — for the dense model, ``sparsify()``, ``sparsify(bits=4)`` and
-``sparsify(prefill="cusparselt")`` (many-token calls take cuSPARSELt wherever it measures faster).
+against the dense model — for the dense model, ``sparsify()``, ``sparsify(bits=4)``,
+``sparsify(prefill="cusparselt")`` (many-token calls take cuSPARSELt wherever it measures faster) and
+``sparsify(decode="mma")`` (calls of up to 64 token rows on sparse tensor cores).
 
     python benchmarks/kernels.py            # writes benchmarks/KERNELS.md
     python benchmarks/kernels.py --quick    # two shapes, five token counts, a 4-layer model end to end
@@ -62,7 +66,7 @@ QUICK_SHAPES, QUICK_TOKENS = ("8B q_proj / o_proj", "8B gate_proj / up_proj"), (
 # (path name suffix, bits, with zero-points: the extra load of optimum-quanto int4 codes that sparsify repacks)
 FORMATS = (("", None, False), (" int8", 8, False), (" int4", 4, False), (" int4 zp", 4, True))
 EXPANDED = (("expand + cuBLAS", ""), ("expand int4 + cuBLAS", " int4"))  # (path name, the FORMATS suffix it rebuilds)
-PATHS = (*(f"decode{suffix}" for suffix, *_ in FORMATS), *(name for name, _ in EXPANDED), "semi-structured", "cuSPARSELt")
+PATHS = (*(f"decode{suffix}" for suffix, *_ in FORMATS), "mma.sp", *(name for name, _ in EXPANDED), "semi-structured", "cuSPARSELt")
 
 
 def weight_24(out_features: int, in_features: int) -> torch.Tensor:
@@ -73,6 +77,7 @@ def weight_24(out_features: int, in_features: int) -> torch.Tensor:
 
 def sparse_paths(weight: torch.Tensor) -> dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], torch.Tensor]]:
     """Per path: (the call on inputs [M, in], the dense weight it must reproduce)."""
+    from optimum_prune.kernels.mma_24 import sparse24_mma
     from optimum_prune.kernels.triton_24 import sparse24_decode, sparse24_expand
 
     paths, formats = {}, {}
@@ -82,6 +87,7 @@ def sparse_paths(weight: torch.Tensor) -> dict[str, tuple[Callable[[torch.Tensor
             compressed = replace(compressed, zero_points=torch.zeros_like(compressed.scales, dtype=torch.int8))
         formats[suffix] = compressed
         paths[f"decode{suffix}"] = (lambda x, c=compressed: sparse24_decode(x, c)), decompress(compressed).to(weight.dtype)
+    paths["mma.sp"] = (lambda x, c=formats[""]: sparse24_mma(x, c)), paths["decode"][1]
     for name, suffix in EXPANDED:
         paths[name] = (lambda x, c=formats[suffix]: F.linear(x, sparse24_expand(c, x.dtype))), paths[f"decode{suffix}"][1]
     semi = torch.sparse.to_sparse_semi_structured(weight)
@@ -108,6 +114,7 @@ def measure(shapes: list[str], tokens: tuple[int, ...], progress: Callable[[list
     """Rows of the table, ``progress`` called with all rows so far after each shape."""
     from triton.testing import do_bench
 
+    from optimum_prune.kernels.mma_24 import MAX_ROWS
     from optimum_prune.kernels.triton_24 import DECODE_MAX_ROWS
 
     rows = []
@@ -123,7 +130,7 @@ def measure(shapes: list[str], tokens: tuple[int, ...], progress: Callable[[list
             dense_ms = do_bench(lambda: F.linear(x, weight))
             row = {"shape": shape, "tokens": m, "dense_ms": dense_ms}
             for name, (call, reference) in paths.items():
-                if name.startswith("decode") and m > DECODE_MAX_ROWS:
+                if (name.startswith("decode") and m > DECODE_MAX_ROWS) or (name == "mma.sp" and m > MAX_ROWS):
                     row[name] = "—"
                     continue
                 inputs = padded(x) if name == "cuSPARSELt" else x
@@ -146,14 +153,20 @@ def measure(shapes: list[str], tokens: tuple[int, ...], progress: Callable[[list
 
 def thresholds(rows: list[dict], shape: str) -> str:
     """The dispatch thresholds this shape's rows measure: the largest M at which the decode kernel beats
-    expand + cuBLAS, and the smallest M from which cuSPARSELt beats both."""
+    expand + cuBLAS, the largest at which mma.sp beats both, and the smallest M from which cuSPARSELt
+    beats them all."""
     measured = [row for row in rows if row["shape"] == shape]
     decode = [row["tokens"] for row in measured if timed(row["decode"]) > timed(row["expand + cuBLAS"])]
+    mma = [row["tokens"] for row in measured if timed(row["mma.sp"]) > max(timed(row["decode"]), timed(row["expand + cuBLAS"]))]
     cusparselt = next(
-        (row["tokens"] for row in measured if timed(row["cuSPARSELt"]) > max(timed(row["decode"]), timed(row["expand + cuBLAS"]))),
+        (row["tokens"] for row in measured
+         if timed(row["cuSPARSELt"]) > max(timed(row["decode"]), timed(row["mma.sp"]), timed(row["expand + cuBLAS"]))),
         None,
     )  # fmt: skip
-    return f"decode kernel up to M = {max(decode) if decode else 'none'}; cuSPARSELt from M = {cusparselt or 'never'}"
+    return (
+        f"decode kernel up to M = {max(decode) if decode else 'none'}; mma.sp up to M = {max(mma) if mma else 'none'}; "
+        f"cuSPARSELt from M = {cusparselt or 'never'}"
+    )
 
 
 def timed(value: float | str) -> float:
@@ -223,6 +236,7 @@ END_TO_END = {  # row name: sparsify's options (None: the dense model)
     "sparsify()": {},
     "sparsify(bits=4)": {"bits": 4},
     'sparsify(prefill="cusparselt")': {"prefill": "cusparselt"},
+    'sparsify(decode="mma")': {"decode": "mma"},
 }
 PREFILL_TOKENS = 4096
 

@@ -399,3 +399,86 @@ def test_cusparselt_prefill_matches_the_reference_on_gpu(dtype, bits):
     chosen = {key[3]: name for key, name in prefill.CHOICES.items() if key[:3] == (4096 + 64, 1024, dtype)}
     assert set(chosen) == {8, 512, 4096, 2048} and set(chosen.values()) <= {"expand", "cusparselt"}
     assert packed.num_bytes() >= layer.out_features * layer.in_features  # cuSPARSELt's own copy: half the weights in 16 bits, and more
+
+
+def test_mma_decode_is_validated_and_keeps_the_reference_path_off_gpu():
+    from optimum_prune.kernels.mma_24 import sparse24_mma
+
+    model = tiny_model()
+    prune(model, PruningConfig(method="magnitude", sparsity="2:4"))
+    dense = copy.deepcopy(model)
+    with pytest.raises(ValueError, match="decode must be one of triton, mma, got 'tensor cores'"):
+        sparsify(model, decode="tensor cores")
+    assert not any(isinstance(module, SparseLinear) for module in model.modules())  # refused before any swap
+    sparsify(model, decode="mma")
+    assert "decode=mma" in repr(model.model.layers[0].self_attn.q_proj)
+    ids = token_windows(samples=2, seq_len=8, seed=4)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, dense(ids).logits)
+    with pytest.raises(ValueError, match="at most 64 token rows, 16-bit values and input features a multiple of 64"):
+        sparse24_mma(torch.randn(1, 64, dtype=torch.float16), compress(random_24(16, 64, torch.float16)))
+
+
+@pytest.mark.parametrize("arch", ["80", "90"])
+def test_the_mma_kernel_compiles_to_sparse_tensor_core_instructions_without_spills(arch, tmp_path):
+    """What NVRTC compiles at run time, compiled offline by nvcc (where CUDA's compiler is installed,
+    as on this project's machines): every variant builds, keeps its registers (no spill, no stack),
+    and its machine code holds the sparse tensor-core instruction (HMMA.SP), read with the cuobjdump
+    that Triton ships."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from optimum_prune.kernels.mma_24 import source
+
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("needs nvcc (CUDA's compiler) to build the kernel without a GPU")
+    triton = pytest.importorskip("triton")
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    for dtype, warps, tiles in ((torch.bfloat16, 4, 1), (torch.float16, 8, 1), (torch.bfloat16, 8, 8)):
+        text, cubin = tmp_path / "kernel.cu", tmp_path / "kernel.cubin"
+        text.write_text(source(dtype, warps, tiles))
+        built = subprocess.run([nvcc, f"-arch=sm_{arch}", "-cubin", "-Xptxas", "-v", "-o", str(cubin), str(text)],
+                               capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert built.returncode == 0, built.stderr[-3000:]
+        assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in built.stderr, built.stderr
+        if cuobjdump.exists():
+            sass = subprocess.run([str(cuobjdump), "--dump-sass", str(cubin)], capture_output=True, text=True, timeout=120).stdout
+            instruction = "HMMA.SP.16832.F32.BF16 " if dtype == torch.bfloat16 else "HMMA.SP.16832.F32 "  # fp16 carries no suffix
+            assert instruction in sass and "LDG.E.128" in sass, (dtype, warps, tiles)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_mma_decode_matches_the_reference_on_gpu(dtype):
+    from optimum_prune.kernels import prefill
+    from optimum_prune.kernels.mma_24 import _configs, mma_available, sparse24_mma
+
+    if not mma_available():
+        pytest.skip("needs compute capability 8.0+ and NVRTC")
+    for outputs, columns in ((4096 + 40, 1024), (24, 64), (1000, 4096)):  # ragged outputs: rows past N are masked
+        compressed = compress(random_24(outputs, columns, dtype, seed=outputs).cuda())
+        weight = decompress(compressed).float()
+        configs = [None, *_configs(outputs, columns), (4, 1), (8, 3)]
+        for rows in (1, 3, 8, 9, 33, 64):
+            x = torch.randn(rows, columns, device="cuda", dtype=dtype)
+            reference = x.float() @ weight.T
+            for config in configs:
+                output = torch.full((rows, outputs), float("nan"), device="cuda", dtype=dtype)
+                output.copy_(sparse24_mma(x, compressed, config))
+                error = (output.float() - reference).abs().max()
+                assert error <= 1e-2 * reference.abs().max(), (outputs, columns, rows, config, float(error))
+    assert any(key[0] == "mma.sp" for key in prefill.CHOICES)  # the unpinned calls measured their configuration
+    linear = nn.Linear(1024, 4096 + 64, dtype=dtype, device="cuda")
+    with torch.no_grad():
+        linear.weight.copy_(random_24(4096 + 64, 1024, dtype).cuda())
+    layer = SparseLinear.from_linear(linear, decode="mma")
+    for shape in ((1, 1024), (2, 3, 1024), (65, 1024), (300, 1024)):  # above 64 rows: the Triton / cuBLAS paths
+        x = torch.randn(shape, device="cuda", dtype=dtype)
+        reference = x.float() @ decompress(layer.compressed).float().T + linear.bias.float()
+        output = layer(x)
+        assert output.shape == reference.shape and (output.float() - reference).abs().max() <= 1e-2 * reference.abs().max()
+    compiled = torch.compile(layer, fullgraph=True)  # the custom op keeps the launch whole under torch.compile
+    x = torch.randn(4, 1024, device="cuda", dtype=dtype)
+    torch.testing.assert_close(compiled(x), layer(x))

@@ -12,7 +12,8 @@ kernel for a few token rows, the weight rebuilt for cuBLAS above; fp16 / bf16 in
 inside Triton's interpreter, which the tests use); ``"auto"`` (default) takes them for fp16 / bf16
 inputs on a GPU when Triton is installed, the reference path otherwise. ``prefill="cusparselt"``
 adds cuSPARSELt's matmul on its own packed copy of the weight for many token rows, taken wherever
-it measures faster (``prefill.py``).
+it measures faster (``prefill.py``); ``decode="mma"`` runs calls of up to 64 token rows on sparse
+tensor cores instead (``mma_24.py``: 16-bit values, compute capability 8.0+).
 """
 
 from __future__ import annotations
@@ -32,19 +33,27 @@ from .format import Compressed24, compress, decompress, repack
 from .prefill import PREFILL_PATHS, CusparseltWeight, cusparselt_available, cusparselt_fits, fastest, row_bucket
 
 BACKENDS = ("auto", "triton", "reference")
+DECODE_PATHS = ("triton", "mma")
 KERNEL_DTYPES = (torch.float16, torch.bfloat16)  # what the Triton kernel takes
 
 
 class SparseLinear(nn.Module):
     """A linear layer with a 2:4 weight (``values``, ``metadata`` and, quantized, ``scales`` and maybe
-    ``zero_points`` buffers). ``prefill``: ``"expand"`` or ``"cusparselt"`` (see ``prefill.py``)."""
+    ``zero_points`` buffers). ``prefill``: ``"expand"`` or ``"cusparselt"`` (see ``prefill.py``);
+    ``decode``: ``"triton"`` (CUDA cores) or ``"mma"`` (sparse tensor cores, see ``mma_24.py``)."""
 
     def __init__(
-        self, compressed: Compressed24, bias: torch.Tensor | None, backend: str = "auto", prefill: str = "expand"
+        self,
+        compressed: Compressed24,
+        bias: torch.Tensor | None,
+        backend: str = "auto",
+        prefill: str = "expand",
+        decode: str = "triton",
     ) -> None:
         super().__init__()
         self.backend = _checked_backend(backend)
         self.prefill = _checked_prefill(prefill)
+        self.decode = _checked_decode(decode)
         self._cusparselt: CusparseltWeight | None = None  # built on the first prefill that uses it; not saved
         self.in_features, self.out_features = compressed.in_features, compressed.out_features
         self.dtype, self.bits, self.group_size = compressed.dtype, compressed.bits, compressed.group_size
@@ -63,9 +72,10 @@ class SparseLinear(nn.Module):
         group_size: int = 128,
         backend: str = "auto",
         prefill: str = "expand",
+        decode: str = "triton",
     ) -> "SparseLinear":
         """Compress ``linear`` (which must be exactly 2:4; the error names ``name`` otherwise)."""
-        return cls(compress(linear.weight.detach(), name, bits, group_size), linear.bias, backend, prefill)
+        return cls(compress(linear.weight.detach(), name, bits, group_size), linear.bias, backend, prefill, decode)
 
     @classmethod
     def from_quantized(
@@ -75,6 +85,7 @@ class SparseLinear(nn.Module):
         backend: str = "auto",
         dequantized: torch.Tensor | None = None,
         prefill: str = "expand",
+        decode: str = "triton",
     ) -> "SparseLinear":
         """Repack a GPTQ or optimum-quanto int8 / int4 linear's codes and scales exactly (its weight must be 2:4;
         ``dequantized``: its ``dequantized_weight`` if the caller already has it)."""
@@ -82,7 +93,7 @@ class SparseLinear(nn.Module):
         weight = dequantized_weight(linear) if dequantized is None else dequantized
         compressed = repack(weight.detach(), grid.scales.detach(), grid.group_size, grid.bits, name)
         bias = linear.bias.detach() if linear.bias is not None else None
-        return cls(compressed, bias, backend, prefill)
+        return cls(compressed, bias, backend, prefill, decode)
 
     @property
     def compressed(self) -> Compressed24:
@@ -96,12 +107,21 @@ class SparseLinear(nn.Module):
             from .triton_24 import DECODE_ROWS, sparse24_matmul
 
             x = inputs.reshape(-1, self.in_features)
-            if x.shape[0] > DECODE_ROWS and self._cusparselt_usable(x):
+            if self.decode == "mma" and self._mma_usable(x):
+                from .mma_24 import sparse24_mma
+
+                output = sparse24_mma(x, self.compressed).reshape(*inputs.shape[:-1], self.out_features)
+            elif x.shape[0] > DECODE_ROWS and self._cusparselt_usable(x):
                 output = self._fastest_prefill(x).reshape(*inputs.shape[:-1], self.out_features)
             else:
                 output = sparse24_matmul(inputs, self.compressed)
             return output if bias is None else output + bias
         return F.linear(inputs, decompress(self.compressed).to(inputs.dtype), bias)
+
+    def _mma_usable(self, x: torch.Tensor) -> bool:
+        from .mma_24 import mma_available, mma_fits
+
+        return mma_fits(x, self.compressed) and mma_available()
 
     def _cusparselt_usable(self, x: torch.Tensor) -> bool:
         return (
@@ -141,7 +161,7 @@ class SparseLinear(nn.Module):
     def extra_repr(self) -> str:
         zero_points = ", zero-points" if self.zero_points is not None else ""
         kind = "2:4" if self.bits is None else f"2:4 int{self.bits} (group {self.group_size}{zero_points})"
-        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}, prefill={self.prefill}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {kind}, prefill={self.prefill}, decode={self.decode}"
 
 
 @dataclass
@@ -166,18 +186,25 @@ class SparsifyReport:
 
 
 def sparsify(
-    model: nn.Module, bits: int | None = None, group_size: int = 128, backend: str = "auto", prefill: str = "expand"
+    model: nn.Module,
+    bits: int | None = None,
+    group_size: int = 128,
+    backend: str = "auto",
+    prefill: str = "expand",
+    decode: str = "triton",
 ) -> SparsifyReport:
     """Swap every decoder-layer linear of ``model`` whose weight is exactly 2:4 for a ``SparseLinear``
     and leave the rest. Unquantized weights are quantized to ``bits`` 8 or 4 with ``group_size``
     scales when given (16-bit values otherwise); quantized ones (GPTQ, optimum-quanto int8 / int4)
     keep their own codes and scales whatever ``bits`` says. ``backend`` as in ``SparseLinear``;
     ``prefill="cusparselt"`` lets many-token calls take cuSPARSELt where it measures faster, at the
-    cost of its packed copy of each weight (built on the GPU on first use; ``prefill.py``)."""
+    cost of its packed copy of each weight (built on the GPU on first use; ``prefill.py``);
+    ``decode="mma"`` runs calls of up to 64 token rows on sparse tensor cores (16-bit values)."""
     if bits not in (None, 8, 4):
         raise ValueError(f"bits must be None (16-bit values), 8 or 4, got {bits!r}")
     _checked_backend(backend)  # before any linear is swapped
     _checked_prefill(prefill)
+    _checked_decode(decode)
     adapter = get_adapter(model)
     report = SparsifyReport()
     pattern = NMPattern(2, 4)
@@ -189,10 +216,10 @@ def sparsify(
                 report.left_dense.append(qualified)
                 continue
             if quantized:
-                sparse = SparseLinear.from_quantized(linear, qualified, backend, weight, prefill)
+                sparse = SparseLinear.from_quantized(linear, qualified, backend, weight, prefill, decode)
                 report.repacked.append(qualified)
             else:
-                sparse = SparseLinear.from_linear(linear, qualified, bits, group_size, backend, prefill)
+                sparse = SparseLinear.from_linear(linear, qualified, bits, group_size, backend, prefill, decode)
             if prefill == "cusparselt" and not cusparselt_fits(sparse.out_features, sparse.in_features):
                 report.without_cusparselt.append(qualified)
             report.bytes_before += _weight_bytes(linear)
@@ -221,6 +248,12 @@ def _checked_backend(backend: str) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     return backend
+
+
+def _checked_decode(decode: str) -> str:
+    if decode not in DECODE_PATHS:
+        raise ValueError(f"decode must be one of {', '.join(DECODE_PATHS)}, got {decode!r}")
+    return decode
 
 
 def _checked_prefill(prefill: str) -> str:
