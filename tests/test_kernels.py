@@ -415,8 +415,21 @@ def test_mma_decode_is_validated_and_keeps_the_reference_path_off_gpu():
     ids = token_windows(samples=2, seq_len=8, seed=4)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, dense(ids).logits)
-    with pytest.raises(ValueError, match="at most 64 token rows, 16-bit values and input features a multiple of 64"):
+    with pytest.raises(ValueError, match="at most 64 token rows, 16-bit values .input features a multiple of 64. or int4"):
         sparse24_mma(torch.randn(1, 64, dtype=torch.float16), compress(random_24(16, 64, torch.float16)))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    compressed = compress(random_24(24, 128, torch.bfloat16))
+    with FakeTensorMode() as fake:  # what torch.compile traces: the op's output shape, without a launch
+        x, values, metadata = (fake.from_tensor(t) for t in (torch.randn(3, 128, dtype=torch.bfloat16), compressed.values, compressed.metadata))
+        traced = torch.ops.optimum_prune.sparse24_mma(x, values, metadata, values, values, 16, False, 0, 0, 0)
+    assert traced.shape == (3, 24) and traced.dtype == torch.bfloat16
+
+
+MMA_VARIANTS = [  # (dtype, value bits, zero-points, warps, 8-token tiles): each value format, both dtypes, the widest tiles
+    (torch.bfloat16, 16, False, 4, 1), (torch.float16, 16, False, 8, 1), (torch.bfloat16, 16, False, 8, 8),
+    (torch.bfloat16, 4, False, 4, 1), (torch.float16, 4, True, 8, 2), (torch.bfloat16, 4, True, 8, 8),
+]  # fmt: skip
 
 
 @pytest.mark.parametrize("arch", ["80", "90"])
@@ -429,16 +442,16 @@ def test_the_mma_kernel_compiles_to_sparse_tensor_core_instructions_without_spil
     import subprocess
     from pathlib import Path
 
-    from optimum_prune.kernels.mma_24 import source
+    from optimum_prune.kernels.mma_24 import _Variant, source
 
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("needs nvcc (CUDA's compiler) to build the kernel without a GPU")
     triton = pytest.importorskip("triton")
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    for dtype, warps, tiles in ((torch.bfloat16, 4, 1), (torch.float16, 8, 1), (torch.bfloat16, 8, 8)):
+    for dtype, bits, zeros, warps, tiles, ordered in [*((*variant, True) for variant in MMA_VARIANTS), (torch.bfloat16, 4, True, 4, 1, False)]:
         text, cubin = tmp_path / "kernel.cu", tmp_path / "kernel.cubin"
-        text.write_text(source(dtype, warps, tiles))
+        text.write_text(source(_Variant(dtype, bits, zeros, tiles), warps, ordered))  # not ordered: NVRTC before CUDA 12.5
         built = subprocess.run([nvcc, f"-arch=sm_{arch}", "-cubin", "-Xptxas", "-v", "-o", str(cubin), str(text)],
                                capture_output=True, text=True, timeout=300)  # fmt: skip
         assert built.returncode == 0, built.stderr[-3000:]
@@ -446,21 +459,33 @@ def test_the_mma_kernel_compiles_to_sparse_tensor_core_instructions_without_spil
         if cuobjdump.exists():
             sass = subprocess.run([str(cuobjdump), "--dump-sass", str(cubin)], capture_output=True, text=True, timeout=120).stdout
             instruction = "HMMA.SP.16832.F32.BF16 " if dtype == torch.bfloat16 else "HMMA.SP.16832.F32 "  # fp16 carries no suffix
-            assert instruction in sass and "LDG.E.128" in sass, (dtype, warps, tiles)
+            wide_load = "LDG.E.128" if bits == 16 else "LDG.E.64"
+            assert instruction in sass and wide_load in sass, (dtype, bits, warps, tiles)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_mma_decode_matches_the_reference_on_gpu(dtype):
+@pytest.mark.parametrize("bits", [None, 4, "4, zero-points"])
+def test_mma_decode_matches_the_reference_on_gpu(dtype, bits):
+    from dataclasses import replace
+
     from optimum_prune.kernels import prefill
-    from optimum_prune.kernels.mma_24 import _configs, mma_available, sparse24_mma
+    from optimum_prune.kernels.mma_24 import WINDOW_COLUMNS, _configs, mma_available, sparse24_mma
 
     if not mma_available():
         pytest.skip("needs compute capability 8.0+ and NVRTC")
-    for outputs, columns in ((4096 + 40, 1024), (24, 64), (1000, 4096)):  # ragged outputs: rows past N are masked
-        compressed = compress(random_24(outputs, columns, dtype, seed=outputs).cuda())
+    for outputs, columns in ((4096 + 40, 1024), (24, 128), (1000, 4096)):  # ragged outputs: rows past N are masked
+        if bits == "4, zero-points":
+            shifted = affine_24(outputs, columns, 4, 128)
+            compressed = replace(
+                shifted, dtype=dtype, values=shifted.values.cuda(), metadata=shifted.metadata.cuda(),
+                scales=shifted.scales.to(dtype).cuda(), zero_points=shifted.zero_points.cuda(),
+            )  # fmt: skip
+        else:
+            compressed = compress(random_24(outputs, columns, dtype, seed=outputs).cuda(), bits=bits, group_size=128)
         weight = decompress(compressed).float()
-        configs = [None, *_configs(outputs, columns), (4, 1), (8, 3)]
+        windows = columns // WINDOW_COLUMNS[compressed.bits or 16]
+        configs = [None, *_configs(outputs, windows), (4, 1), (8, 3)]
         for rows in (1, 3, 8, 9, 33, 64):
             x = torch.randn(rows, columns, device="cuda", dtype=dtype)
             reference = x.float() @ weight.T
@@ -473,7 +498,7 @@ def test_mma_decode_matches_the_reference_on_gpu(dtype):
     linear = nn.Linear(1024, 4096 + 64, dtype=dtype, device="cuda")
     with torch.no_grad():
         linear.weight.copy_(random_24(4096 + 64, 1024, dtype).cuda())
-    layer = SparseLinear.from_linear(linear, decode="mma")
+    layer = SparseLinear.from_linear(linear, bits=4 if bits else None, decode="mma")
     for shape in ((1, 1024), (2, 3, 1024), (65, 1024), (300, 1024)):  # above 64 rows: the Triton / cuBLAS paths
         x = torch.randn(shape, device="cuda", dtype=dtype)
         reference = x.float() @ decompress(layer.compressed).float().T + linear.bias.float()

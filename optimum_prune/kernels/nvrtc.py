@@ -62,6 +62,14 @@ class Kernel:
 
 
 @lru_cache(maxsize=1)
+def version() -> tuple[int, int]:
+    """NVRTC's (major, minor): which PTX it can compile."""
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    _check_nvrtc(_nvrtc(), _nvrtc().nvrtcVersion(ctypes.byref(major), ctypes.byref(minor)))
+    return major.value, minor.value
+
+
+@lru_cache(maxsize=1)
 def nvrtc_available() -> bool:
     try:
         _nvrtc()
