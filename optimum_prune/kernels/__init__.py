@@ -1,6 +1,6 @@
 """2:4 sparse linear layers: the compressed format, its reference path, the Triton kernels
-(``triton_24``) and the sparse tensor-core kernel (``mma_24``), both imported only when used, and
-``sparsify``."""
+(``triton_24``, imported only when used), the sparse tensor-core kernel (``mma_24``, compiled only
+when used), and ``sparsify``."""
 
 from .format import Compressed24, compress, decompress
 from .linear import SparseLinear, SparsifyReport, sparsify

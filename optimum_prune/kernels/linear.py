@@ -30,6 +30,7 @@ from ..quantized import dequantized_weight, integer_grid, is_quantized
 from ..sparsity import NMPattern, conforms_to
 from ..structure.surgery import replace_submodule
 from .format import Compressed24, compress, decompress, repack
+from .mma_24 import mma_available, mma_fits, sparse24_mma
 from .prefill import PREFILL_PATHS, CusparseltWeight, cusparselt_available, cusparselt_fits, fastest, row_bucket
 
 BACKENDS = ("auto", "triton", "reference")
@@ -54,6 +55,7 @@ class SparseLinear(nn.Module):
         self.backend = _checked_backend(backend)
         self.prefill = _checked_prefill(prefill)
         self.decode = _checked_decode(decode)
+        self._mma = decode == "mma" and mma_available()  # decided here: nothing on the forward path probes CUDA or NVRTC
         self._cusparselt: CusparseltWeight | None = None  # built on the first prefill that uses it; not saved
         self.in_features, self.out_features = compressed.in_features, compressed.out_features
         self.dtype, self.bits, self.group_size = compressed.dtype, compressed.bits, compressed.group_size
@@ -107,9 +109,7 @@ class SparseLinear(nn.Module):
             from .triton_24 import DECODE_ROWS, sparse24_matmul
 
             x = inputs.reshape(-1, self.in_features)
-            if self.decode == "mma" and self._mma_usable(x):
-                from .mma_24 import sparse24_mma
-
+            if self._mma and mma_fits(x, self.compressed):
                 output = sparse24_mma(x, self.compressed).reshape(*inputs.shape[:-1], self.out_features)
             elif x.shape[0] > DECODE_ROWS and self._cusparselt_usable(x):
                 output = self._fastest_prefill(x).reshape(*inputs.shape[:-1], self.out_features)
@@ -117,11 +117,6 @@ class SparseLinear(nn.Module):
                 output = sparse24_matmul(inputs, self.compressed)
             return output if bias is None else output + bias
         return F.linear(inputs, decompress(self.compressed).to(inputs.dtype), bias)
-
-    def _mma_usable(self, x: torch.Tensor) -> bool:
-        from .mma_24 import mma_available, mma_fits
-
-        return mma_fits(x, self.compressed) and mma_available()
 
     def _cusparselt_usable(self, x: torch.Tensor) -> bool:
         return (

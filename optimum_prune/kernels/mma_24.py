@@ -48,7 +48,8 @@ def mma_fits(x: torch.Tensor, compressed: Compressed24) -> bool:
     """Whether the kernel takes ``x`` ([rows, in]): CUDA fp16 / bf16 in the weight's dtype (and its
     scales'), at most ``MAX_ROWS`` rows, 16-bit values or int4 codes with scale groups of a power of two
     ≥ 128 columns (one scale per row and window), input features a multiple of the kernel's window,
-    tensors aligned for its wide loads."""
+    tensors aligned for its wide loads (their offset into storage, which CUDA allocates aligned; no data
+    pointer is read, so ``torch.compile`` traces this)."""
     bits = compressed.bits or 16
     if bits not in WINDOW_COLUMNS:
         return False
@@ -62,7 +63,7 @@ def mma_fits(x: torch.Tensor, compressed: Compressed24) -> bool:
     return (
         x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and x.dtype == compressed.dtype
         and 0 < x.shape[0] <= MAX_ROWS and compressed.in_features % WINDOW_COLUMNS[bits] == 0 and scale_groups_fit
-        and all(t.is_contiguous() and t.data_ptr() % alignment == 0 for t, alignment in tensors)
+        and all(t.is_contiguous() and t.storage_offset() * t.element_size() % alignment == 0 for t, alignment in tensors)
     )  # fmt: skip
 
 
