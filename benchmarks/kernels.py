@@ -9,9 +9,9 @@ every four kept) is timed as
   the compressed format (16-bit values; int8 / int4 values with group-128 scales; int4 with a
   zero-point per scale too, as optimum-quanto's affine int4 repacked by ``sparsify`` has), tiles
   autotuned per shape (the tuning runs before the timing), for M up to ``DECODE_MAX_ROWS``;
-- ``mma.sp``, ``mma.sp int4``: ``optimum_prune``'s sparse tensor-core kernel (``mma_24.py``; 16-bit
-  values, or int4 codes with group-128 scales dequantized in registers; warps and split-K measured
-  per shape before the timing), for M up to 64;
+- ``mma.sp``, ``mma.sp int8``, ``mma.sp int4``: ``optimum_prune``'s sparse tensor-core kernel
+  (``mma_24.py``; 16-bit values, or int8 / int4 codes with group-128 scales turned into 16-bit values
+  in registers; warps and split-K measured per shape before the timing), for M up to 64;
 - ``expand + cuBLAS``, ``expand int4 + cuBLAS``: the weight rebuilt densely by ``sparse24_expand``,
   then ``F.linear`` — the prefill path, both steps timed;
 - ``semi-structured``: ``torch.sparse.to_sparse_semi_structured`` + ``F.linear`` (what PyTorch offers);
@@ -67,7 +67,7 @@ QUICK_SHAPES, QUICK_TOKENS = ("8B q_proj / o_proj", "8B gate_proj / up_proj"), (
 # (path name suffix, bits, with zero-points: the extra load of optimum-quanto int4 codes that sparsify repacks)
 FORMATS = (("", None, False), (" int8", 8, False), (" int4", 4, False), (" int4 zp", 4, True))
 EXPANDED = (("expand + cuBLAS", ""), ("expand int4 + cuBLAS", " int4"))  # (path name, the FORMATS suffix it rebuilds)
-PATHS = (*(f"decode{suffix}" for suffix, *_ in FORMATS), "mma.sp", "mma.sp int4", *(name for name, _ in EXPANDED), "semi-structured", "cuSPARSELt")
+PATHS = (*(f"decode{suffix}" for suffix, *_ in FORMATS), "mma.sp", "mma.sp int8", "mma.sp int4", *(name for name, _ in EXPANDED), "semi-structured", "cuSPARSELt")
 
 
 def weight_24(out_features: int, in_features: int) -> torch.Tensor:
@@ -89,6 +89,7 @@ def sparse_paths(weight: torch.Tensor) -> dict[str, tuple[Callable[[torch.Tensor
         formats[suffix] = compressed
         paths[f"decode{suffix}"] = (lambda x, c=compressed: sparse24_decode(x, c)), decompress(compressed).to(weight.dtype)
     paths["mma.sp"] = (lambda x, c=formats[""]: sparse24_mma(x, c)), paths["decode"][1]
+    paths["mma.sp int8"] = (lambda x, c=formats[" int8"]: sparse24_mma(x, c)), paths["decode int8"][1]
     paths["mma.sp int4"] = (lambda x, c=formats[" int4"]: sparse24_mma(x, c)), paths["decode int4"][1]
     for name, suffix in EXPANDED:
         paths[name] = (lambda x, c=formats[suffix]: F.linear(x, sparse24_expand(c, x.dtype))), paths[f"decode{suffix}"][1]

@@ -72,7 +72,7 @@ def mma_table(arch: int) -> None:
     print(f"nvcc, sm_{arch}, bf16")
     print("| values | 8-token tiles | warps | registers / stack | loop instructions per weight |")
     print("|---|---:|---:|---|---:|")
-    for bits, zero_points in ((16, False), (4, False), (4, True)):
+    for bits, zero_points in ((16, False), (8, False), (4, False), (4, True)):
         for tiles in (1, 2, 8):
             for warps in (4, 8):
                 with tempfile.TemporaryDirectory() as folder:
@@ -81,7 +81,7 @@ def mma_table(arch: int) -> None:
                     subprocess.run(["nvcc", f"-arch=sm_{arch}", "-cubin", "-o", cubin, text], check=True)
                     resources, loop = statistics(cubin.read_bytes(), holding="HMMA")
                 weights = UNROLL * WINDOW_COLUMNS[bits] * 16 / 32  # a trip: UNROLL windows of 16 rows, per thread
-                name = {16: "16-bit", 4: "int4"}[bits] + (" zp" if zero_points else "")
+                name = {16: "16-bit", 8: "int8", 4: "int4"}[bits] + (" zp" if zero_points else "")
                 print(f"| {name} | {tiles} | {warps} | {resources} | {loop / weights:.2f} |", flush=True)
 
 

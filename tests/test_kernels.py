@@ -415,7 +415,7 @@ def test_mma_decode_is_validated_and_keeps_the_reference_path_off_gpu():
     ids = token_windows(samples=2, seq_len=8, seed=4)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, dense(ids).logits)
-    with pytest.raises(ValueError, match="at most 64 token rows, 16-bit values .input features a multiple of 64. or int4"):
+    with pytest.raises(ValueError, match="at most 64 token rows, 16-bit values .input features a multiple of 64. or int8 / int4"):
         sparse24_mma(torch.randn(1, 64, dtype=torch.float16), compress(random_24(16, 64, torch.float16)))
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -428,6 +428,7 @@ def test_mma_decode_is_validated_and_keeps_the_reference_path_off_gpu():
 
 MMA_VARIANTS = [  # (dtype, value bits, zero-points, warps, 8-token tiles): each value format, both dtypes, the widest tiles
     (torch.bfloat16, 16, False, 4, 1), (torch.float16, 16, False, 8, 1), (torch.bfloat16, 16, False, 8, 8),
+    (torch.bfloat16, 8, False, 4, 1), (torch.float16, 8, True, 8, 2),
     (torch.bfloat16, 4, False, 4, 1), (torch.float16, 4, True, 8, 2), (torch.bfloat16, 4, True, 8, 8),
 ]  # fmt: skip
 
@@ -459,14 +460,14 @@ def test_the_mma_kernel_compiles_to_sparse_tensor_core_instructions_without_spil
         if cuobjdump.exists():
             sass = subprocess.run([str(cuobjdump), "--dump-sass", str(cubin)], capture_output=True, text=True, timeout=120).stdout
             instruction = "HMMA.SP.16832.F32.BF16 " if dtype == torch.bfloat16 else "HMMA.SP.16832.F32 "  # fp16 carries no suffix
-            wide_load = "LDG.E.128" if bits == 16 else "LDG.E.64"
+            wide_load = "LDG.E.64" if bits == 4 else "LDG.E.128"
             assert instruction in sass and wide_load in sass, (dtype, bits, warps, tiles)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("bits", [None, 4, "4, zero-points"])
-def test_mma_decode_matches_the_reference_on_gpu(dtype, bits):
+@pytest.mark.parametrize(("bits", "zero_points"), [(None, False), (8, False), (8, True), (4, False), (4, True)])
+def test_mma_decode_matches_the_reference_on_gpu(dtype, bits, zero_points):
     from dataclasses import replace
 
     from optimum_prune.kernels import prefill
@@ -475,8 +476,8 @@ def test_mma_decode_matches_the_reference_on_gpu(dtype, bits):
     if not mma_available():
         pytest.skip("needs compute capability 8.0+ and NVRTC")
     for outputs, columns in ((4096 + 40, 1024), (24, 128), (1000, 4096)):  # ragged outputs: rows past N are masked
-        if bits == "4, zero-points":
-            shifted = affine_24(outputs, columns, 4, 128)
+        if zero_points:  # an affine quantizer's codes, repacked
+            shifted = affine_24(outputs, columns, bits, 128)
             compressed = replace(
                 shifted, dtype=dtype, values=shifted.values.cuda(), metadata=shifted.metadata.cuda(),
                 scales=shifted.scales.to(dtype).cuda(), zero_points=shifted.zero_points.cuda(),
@@ -498,7 +499,7 @@ def test_mma_decode_matches_the_reference_on_gpu(dtype, bits):
     linear = nn.Linear(1024, 4096 + 64, dtype=dtype, device="cuda")
     with torch.no_grad():
         linear.weight.copy_(random_24(4096 + 64, 1024, dtype).cuda())
-    layer = SparseLinear.from_linear(linear, bits=4 if bits else None, decode="mma")
+    layer = SparseLinear.from_linear(linear, bits=bits, decode="mma")
     for shape in ((1, 1024), (2, 3, 1024), (65, 1024), (300, 1024)):  # above 64 rows: the Triton / cuBLAS paths
         x = torch.randn(shape, device="cuda", dtype=dtype)
         reference = x.float() @ decompress(layer.compressed).float().T + linear.bias.float()

@@ -13,7 +13,7 @@ inside Triton's interpreter, which the tests use); ``"auto"`` (default) takes th
 inputs on a GPU when Triton is installed, the reference path otherwise. ``prefill="cusparselt"``
 adds cuSPARSELt's matmul on its own packed copy of the weight for many token rows, taken wherever
 it measures faster (``prefill.py``); ``decode="mma"`` runs calls of up to 64 token rows on sparse
-tensor cores instead (``mma_24.py``: 16-bit values or int4 codes, compute capability 8.0+).
+tensor cores instead (``mma_24.py``: 16-bit values or int8 / int4 codes, compute capability 8.0+).
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ def sparsify(
     keep their own codes and scales whatever ``bits`` says. ``backend`` as in ``SparseLinear``;
     ``prefill="cusparselt"`` lets many-token calls take cuSPARSELt where it measures faster, at the
     cost of its packed copy of each weight (built on the GPU on first use; ``prefill.py``);
-    ``decode="mma"`` runs calls of up to 64 token rows on sparse tensor cores (16-bit values or int4)."""
+    ``decode="mma"`` runs calls of up to 64 token rows on sparse tensor cores (16-bit values, int8 or int4)."""
     if bits not in (None, 8, 4):
         raise ValueError(f"bits must be None (16-bit values), 8 or 4, got {bits!r}")
     _checked_backend(backend)  # before any linear is swapped

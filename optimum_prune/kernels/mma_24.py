@@ -7,10 +7,10 @@ kept value costs instructions (``triton_24``'s decode kernel compiles to 6–7 p
 what the H200 can issue at its memory bandwidth; int4's 0.39 bytes per weight leave room for
 fewer than 3), while one ``mma.sp`` consumes 512 weights of a warp for up to 8 token rows, leaving
 the loop with wide loads of the format as stored (no repacked copy), the metadata's regrouping and,
-for int4, a bit placement and one packed add per pair of codes (the scale is applied to each
-window's sums). Compiled for sm_90 (``scripts/sass_stats.py --mma``), the loop takes 1.55
-instructions per weight and thread for 16-bit values and 2.05 for int4 (2.27 with zero-points) at
-up to 8 token rows.
+for int8 / int4, turning codes into 16-bit values by bit placement and one add (the scale is
+applied to each window's sums). Compiled for sm_90 (``scripts/sass_stats.py --mma``), the loop
+takes 1.55 instructions per weight and thread for 16-bit values, 2.67 for int8 and 2.05 for int4
+(2.27 with zero-points) at up to 8 token rows.
 
 Each shape runs with the warps per block and split-K measured fastest for it (timed once per
 output and input size, dtype and token-tile count through ``prefill.fastest``); with more than one
@@ -34,7 +34,7 @@ from .prefill import fastest
 MAX_ROWS = 64  # token rows: eight tiles of mma's N = 8
 ROWS_PER_BLOCK = 16  # mma's M
 UNROLL = 2
-WINDOW_COLUMNS = {16: 64, 4: 128}  # input columns of the kernel's unit, by value bits
+WINDOW_COLUMNS = {16: 64, 8: 128, 4: 128}  # input columns of the kernel's unit, by value bits
 _SOURCE = "sparse24_mma.cu"
 
 
@@ -46,14 +46,14 @@ def mma_available() -> bool:
 
 def mma_fits(x: torch.Tensor, compressed: Compressed24) -> bool:
     """Whether the kernel takes ``x`` ([rows, in]): CUDA fp16 / bf16 in the weight's dtype (and its
-    scales'), at most ``MAX_ROWS`` rows, 16-bit values or int4 codes with scale groups of a power of two
-    ≥ 128 columns (one scale per row and window), input features a multiple of the kernel's window,
-    tensors aligned for its wide loads (their offset into storage, which CUDA allocates aligned; no data
-    pointer is read, so ``torch.compile`` traces this)."""
+    scales'), at most ``MAX_ROWS`` rows, 16-bit values or int8 / int4 codes with scale groups of a power
+    of two ≥ 128 columns (one scale per row and window), input features a multiple of the kernel's
+    window, tensors aligned for its wide loads (their offset into storage, which CUDA allocates
+    aligned; no data pointer is read, so ``torch.compile`` traces this)."""
     bits = compressed.bits or 16
     if bits not in WINDOW_COLUMNS:
         return False
-    tensors = [(compressed.values, 16 if bits == 16 else 8), (compressed.metadata, 8 if bits == 16 else 16)]
+    tensors = [(compressed.values, 8 if bits == 4 else 16), (compressed.metadata, 8 if bits == 16 else 16)]
     if bits != 16:
         tensors += [(compressed.scales, 2)] + ([(compressed.zero_points, 1)] if compressed.zero_points is not None else [])
     scale_groups_fit = bits == 16 or (
@@ -74,7 +74,7 @@ def sparse24_mma(inputs: torch.Tensor, compressed: Compressed24, config: tuple[i
     if not mma_fits(x, compressed):
         raise ValueError(
             f"the mma.sp 2:4 kernel takes CUDA fp16 / bf16 inputs in the weight's dtype, at most {MAX_ROWS} token rows, "
-            "16-bit values (input features a multiple of 64) or int4 codes (a multiple of 128, scale groups of a "
+            "16-bit values (input features a multiple of 64) or int8 / int4 codes (a multiple of 128, scale groups of a "
             f"power of two ≥ 128 columns); got {inputs.dtype} inputs of shape {tuple(inputs.shape)} for a {compressed.dtype} "
             f"weight with {compressed.in_features} input features and {compressed.bits or 16}-bit values"
         )

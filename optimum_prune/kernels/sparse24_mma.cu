@@ -1,10 +1,11 @@
 // y[M, N] = x[M, K] · W[N, K]ᵀ on sparse tensor cores (mma.sp m16n8k32, compute capability 8.0+) for
 // a few token rows, with W in format.py's compressed 2:4 layout exactly as it is stored (no repacked
-// copy): 16-bit values, or int4 codes with a 16-bit scale (and optionally an int8 zero-point) per row
-// and group_size columns. mma_24.py compiles this text with NVRTC after defining
+// copy): 16-bit values, or int8 / int4 codes with a 16-bit scale (and optionally an int8 zero-point)
+// per row and group_size columns. mma_24.py compiles this text with NVRTC after defining
 //   IS_BF16      1: bf16 inputs, values / scales and output; 0: fp16
-//   BITS         16: values in that type; 4: int4 codes, two's complement, one byte per group of four
-//   HAS_ZEROS    int4 only: value = (code - zero_point) · scale instead of code · scale
+//   BITS         16: values in that type; 8: int8 codes; 4: int4 codes, two's complement, one byte per
+//                group of four (the first code in the lower nibble)
+//   HAS_ZEROS    int8 / int4: value = (code - zero_point) · scale instead of code · scale
 //   WARPS        warps per block; they split the block's input columns and add their sums at the end
 //   TILES        8-token tiles (mma's N = 8), so up to 8 · TILES token rows
 //   UNROLL       windows (below) whose weight loads are issued before the first of their mma's
@@ -15,7 +16,7 @@
 //
 // The unit is a "window" of STEPS mma k-steps (32 input columns each, 8 groups of four). In a window,
 // lane (g, t) = (lane / 4, lane % 4) loads groups 2·STEPS·t … 2·STEPS·t + 2·STEPS − 1 of output rows g
-// and g + 8 as one wide word each (16 bytes of 16-bit values, 8 bytes of int4 codes), and each row's
+// and g + 8 as one wide word each (16 bytes of 16-bit values or int8 codes, 8 of int4 codes), and each row's
 // metadata for the whole window as one word (8 or 16 bytes). The mma's k order is free as long as A
 // and B agree, so each k-step takes its groups from the lanes' words instead of the column order: in
 // k-step s, the mma's logical group L (0 … 7) is the window's physical group
@@ -30,10 +31,11 @@
 // ones. Our nibble (i0 | i1 << 2, i0 < i1) is the chunk encoding mma.sp reads, ordered as
 // ::ordered_metadata requires.
 //
-// int4: each code q becomes the 16-bit value MAGIC_VALUE + q + 8 by bit placement (the sign bit
-// flipped, the nibble under a float exponent), and one packed add leaves q − zero-point, exact. A
-// window's columns share one scale per row (group_size is a multiple of WINDOW_COLUMNS), so the
-// mma's of a window sum into their own accumulators, which are scaled into the running ones after.
+// Codes become q − zero-point exactly, as 16-bit values: an int4 code by bit placement under a 16-bit
+// exponent (MAGIC_VALUE + q + 8, the sign bit flipped) and one packed add; an int8 code under a
+// float32 exponent (2^23 + q + 128), one add and a conversion per pair. A window's columns share one
+// scale per row (group_size is a multiple of WINDOW_COLUMNS), so the mma's of a window sum into their
+// own accumulators, which are scaled into the running ones after.
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -45,15 +47,18 @@ typedef unsigned short u16;
 #define STEPS 2
 typedef uint4 ValueWord;  // four groups: one u32 (two 16-bit values) each
 typedef uint2 MetadataWord;
-#define METADATA_WORDS 2
+#elif BITS == 8
+#define STEPS 4
+typedef uint4 ValueWord;  // eight groups: two bytes (two int8 codes) each
+typedef uint4 MetadataWord;
 #elif BITS == 4
 #define STEPS 4
 typedef uint2 ValueWord;  // eight groups: one byte (two int4 codes, the first in the lower nibble) each
 typedef uint4 MetadataWord;
-#define METADATA_WORDS 4
 #else
-#error "BITS must be 16 or 4"
+#error "BITS must be 16, 8 or 4"
 #endif
+#define QUANTIZED (BITS != 16)
 #define WINDOW_COLUMNS (32 * STEPS)
 // Blocks a processor must fit (a register cap for ptxas): two for a few tiles, so that more loads are
 // in flight; one for many, whose accumulators need the registers.
@@ -68,6 +73,7 @@ typedef uint4 MetadataWord;
 #define MMA SPARSE_MMA ".sync.aligned.m16n8k32.row.col.f32.bf16.bf16.f32 "
 #define ADD2 "fma.rn.bf16x2 %0, %1, %3, %2;"  // a · 1 + b (%3: ones): exact here, and sm_80 has no bf16x2 add
 #define CONVERT "cvt.rn.bf16.f32 %0, %1;"
+#define CONVERT_PAIR "cvt.rn.bf16x2.f32 %0, %2, %1;"  // %1 to the low half
 #define MAGIC 0x43004300u  // 128.0 in both halves: 0x4300 | u is 128 + u for u < 128
 #define MAGIC_VALUE 128.0f
 #define ONES 0x3F803F80u
@@ -75,6 +81,7 @@ typedef uint4 MetadataWord;
 #define MMA SPARSE_MMA ".sync.aligned.m16n8k32.row.col.f32.f16.f16.f32 "
 #define ADD2 "add.rn.f16x2 %0, %1, %2;"  // (%3 unused)
 #define CONVERT "cvt.rn.f16.f32 %0, %1;"
+#define CONVERT_PAIR "cvt.rn.f16x2.f32 %0, %2, %1;"
 #define MAGIC 0x64006400u  // 1024.0 in both halves: 0x6400 | u is 1024 + u for u < 1024
 #define MAGIC_VALUE 1024.0f
 #define ONES 0x3C003C00u
@@ -119,17 +126,22 @@ __device__ __forceinline__ u32 step_metadata(u32 bytes0, u32 bytes1, int h) {
   return permuted(nibbles0 | (nibbles0 >> 4), nibbles1 | (nibbles1 >> 4), 0x6420);
 }
 
+__device__ __forceinline__ u32 component(const uint4& word, int i) {
+  return i == 0 ? word.x : i == 1 ? word.y : i == 2 ? word.z : word.w;
+}
+
+__device__ __forceinline__ u32 component(const uint2& word, int i) { return i == 0 ? word.x : word.y; }
+
+#if QUANTIZED
+// What one packed add to a code placed under its exponent leaves q − zero-point: the placed value of
+// code 0, plus the zero-point, negated (as a 16-bit pair for int4, a float32 for int8).
+__device__ __forceinline__ u32 code_offset(float zero_point) {
 #if BITS == 4
-// Group j (0 … 3) of a word of int4 codes as a 16-bit pair holding q − zero-point for its two codes
-// (`shifted` is the word >> 4, which brings each byte's second code down; `offset` is
-// −(MAGIC_VALUE + 8 + zero-point) in both halves).
-__device__ __forceinline__ u32 dequantized(u32 word, u32 shifted, int j, u32 offset) {
-  const u32 codes = permuted(word, shifted, j | ((4 + j) << 8));
-  u32 placed;  // (codes & 0x000F000F) ^ (MAGIC | 0x00080008): under the exponent, the sign bit flipped (q + 8)
-  asm("lop3.b32 %0, %1, 0x000F000F, %2, 0x6A;" : "=r"(placed) : "r"(codes), "r"(MAGIC | 0x00080008u));
-  u32 value;
-  asm(ADD2 : "=r"(value) : "r"(placed), "r"(offset), "r"(ONES));
-  return value;
+  const u32 half = to_output(-(MAGIC_VALUE + 8.0f + zero_point));
+  return half | (half << 16);
+#else
+  return __float_as_uint(-(8388608.0f + 128.0f + zero_point));
+#endif
 }
 
 __device__ __forceinline__ float scale_value(u16 bits) {
@@ -142,6 +154,31 @@ __device__ __forceinline__ float scale_value(u16 bits) {
 #endif
 }
 #endif
+
+// The two values of the lane's group j (0 … 2·STEPS − 1) of a window as a 16-bit pair, the first in
+// the low half: as stored, or q − zero-point for codes (`offset` from code_offset).
+__device__ __forceinline__ u32 group_values(const ValueWord& word, int j, u32 offset) {
+#if BITS == 16
+  return component(word, j);
+#elif BITS == 8
+  const u32 codes = component(word, j >> 1) ^ 0x80808080u;  // q + 128, unsigned
+  const u32 first = 2 * (j & 1);  // the group's first byte; 0x7440 puts it under 2^23: bytes 0, 0, 0x4B from the magic
+  const float low = __uint_as_float(permuted(codes, 0x4B000000u, first | 0x7440u)) + __uint_as_float(offset);
+  const float high = __uint_as_float(permuted(codes, 0x4B000000u, (first + 1) | 0x7440u)) + __uint_as_float(offset);
+  u32 pair;
+  asm(CONVERT_PAIR : "=r"(pair) : "f"(low), "f"(high));
+  return pair;
+#else
+  const u32 word_codes = component(word, j >> 2), byte = j & 3;
+  // Each byte's first code from the word, its second from the word >> 4, into the low and high halves.
+  const u32 codes = permuted(word_codes, word_codes >> 4, byte | ((4 + byte) << 8));
+  u32 placed;  // (codes & 0x000F000F) ^ (MAGIC | 0x00080008): under the exponent, the sign bit flipped (q + 8)
+  asm("lop3.b32 %0, %1, 0x000F000F, %2, 0x6A;" : "=r"(placed) : "r"(codes), "r"(MAGIC | 0x00080008u));
+  u32 value;
+  asm(ADD2 : "=r"(value) : "r"(placed), "r"(offset), "r"(ONES));
+  return value;
+#endif
+}
 
 // One k-step of a window for every token tile. a: the step's A registers; selector: the sparsity
 // selector (even steps 0, odd steps 1); x_at: the tiles' B pointers at this step.
@@ -156,9 +193,10 @@ __device__ __forceinline__ void step(float (&acc)[TILES][4], const u32 (&a)[4], 
   }
 }
 
-// x: [M, K] 16-bit, read as u32 pairs; values: [N, K / 2] 16-bit, or [N, K / 4] bytes of int4 codes;
+// x: [M, K] 16-bit, read as u32 pairs; values: [N, K / 2] 16-bit values or int8 codes, or [N, K / 4]
+// bytes of int4 codes;
 // metadata: [N, K / 8] bytes; scales: [N, K / group_size] 16-bit, zero_points: the same in int8 (int4
-// only; the values stand in otherwise, unread); out: [M, N] 16-bit when gridDim.y is 1, else
+// and int4 only; the values stand in otherwise, unread); out: [M, N] 16-bit when gridDim.y is 1, else
 // [gridDim.y, M, N] float32 partial sums. K is a multiple of WINDOW_COLUMNS; group_size is
 // 2^scale_shift, a multiple of WINDOW_COLUMNS (mma_24.py checks both).
 //
@@ -203,7 +241,7 @@ sparse24_mma(const u32* __restrict__ x, const ValueWord* __restrict__ values,
     byte_selectors[p] = s | ((4 + s) << 4);
 #endif
   }
-#if BITS == 4
+#if QUANTIZED
   const u16* scale_at[2];
 #if HAS_ZEROS
   const signed char* zero_point_at[2];
@@ -225,7 +263,7 @@ sparse24_mma(const u32* __restrict__ x, const ValueWord* __restrict__ values,
     for (int r = 0; r < 4; ++r) acc[tile][r] = 0.0f;
 
   for (int window = first; window < last; window += WARPS * UNROLL) {
-#if BITS == 4
+#if QUANTIZED
 #pragma unroll
     for (int k = 0; k < 2; ++k) {  // opaque to ptxas, which would otherwise recompute these rows' addresses every window
       asm volatile("" : "+l"(scale_at[k]));
@@ -236,8 +274,8 @@ sparse24_mma(const u32* __restrict__ x, const ValueWord* __restrict__ values,
 #endif
     ValueWord words[UNROLL][2];
     MetadataWord nibbles[UNROLL][2];
-#if BITS == 4
-    u32 offsets[UNROLL][2];  // per row: −(MAGIC_VALUE + 8 + zero-point) in both halves
+    u32 offsets[UNROLL][2];  // per row: code_offset (quantized values)
+#if QUANTIZED
     float window_scales[UNROLL][2];
 #endif
 #pragma unroll
@@ -247,15 +285,16 @@ sparse24_mma(const u32* __restrict__ x, const ValueWord* __restrict__ values,
         for (int k = 0; k < 2; ++k) {
           words[u][k] = value_at[k][4 * WARPS * u];
           nibbles[u][k] = metadata_at[k][WARPS * u];
-#if BITS == 4
+#if QUANTIZED
           const int group = (column + u * WARPS * WINDOW_COLUMNS) >> scale_shift;
           window_scales[u][k] = scale_value(__ldg(scale_at[k] + group));
           float zero_point = 0.0f;
 #if HAS_ZEROS
           zero_point = static_cast<float>(__ldg(zero_point_at[k] + group));
 #endif
-          const u32 offset = to_output(-(MAGIC_VALUE + 8.0f + zero_point));
-          offsets[u][k] = offset | (offset << 16);
+          offsets[u][k] = code_offset(zero_point);
+#else
+          offsets[u][k] = 0;
 #endif
         }
       }
@@ -263,13 +302,9 @@ sparse24_mma(const u32* __restrict__ x, const ValueWord* __restrict__ values,
 #pragma unroll
     for (int u = 0; u < UNROLL; ++u) {
       if (window + u * WARPS >= last) break;  // the same for the whole warp: mma.sync stays converged
-#if BITS == 16
-      const u32 lanes0[4] = {words[u][0].x, words[u][0].y, words[u][0].z, words[u][0].w};
-      const u32 lanes1[4] = {words[u][1].x, words[u][1].y, words[u][1].z, words[u][1].w};
+#if !QUANTIZED
       float (&sums)[TILES][4] = acc;
 #else
-      const u32 codes0[2] = {words[u][0].x, words[u][0].y}, codes1[2] = {words[u][1].x, words[u][1].y};
-      const u32 shifted0[2] = {codes0[0] >> 4, codes0[1] >> 4}, shifted1[2] = {codes1[0] >> 4, codes1[1] >> 4};
       float sums[TILES][4];
 #pragma unroll
       for (int tile = 0; tile < TILES; ++tile)
@@ -285,23 +320,15 @@ sparse24_mma(const u32* __restrict__ x, const ValueWord* __restrict__ values,
 #pragma unroll
         for (int q = 0; q < 2; ++q) {
           const int s = 2 * p + q;
-#if BITS == 16
-          const u32 a[4] = {lanes0[2 * s], lanes1[2 * s], lanes0[2 * s + 1], lanes1[2 * s + 1]};
-#else
-          const u32 a[4] = {
-              dequantized(codes0[s >> 1], shifted0[s >> 1], (2 * s) & 3, offsets[u][0]),
-              dequantized(codes1[s >> 1], shifted1[s >> 1], (2 * s) & 3, offsets[u][1]),
-              dequantized(codes0[s >> 1], shifted0[s >> 1], (2 * s + 1) & 3, offsets[u][0]),
-              dequantized(codes1[s >> 1], shifted1[s >> 1], (2 * s + 1) & 3, offsets[u][1]),
-          };
-#endif
+          const u32 a[4] = {group_values(words[u][0], 2 * s, offsets[u][0]), group_values(words[u][1], 2 * s, offsets[u][1]),
+                            group_values(words[u][0], 2 * s + 1, offsets[u][0]), group_values(words[u][1], 2 * s + 1, offsets[u][1])};
           if (q == 0)
             step<0>(sums, a, selected, x_at, x_offset + 4 * s);
           else
             step<1>(sums, a, selected, x_at, x_offset + 4 * s);
         }
       }
-#if BITS == 4
+#if QUANTIZED
 #pragma unroll
       for (int tile = 0; tile < TILES; ++tile)
 #pragma unroll
@@ -315,7 +342,7 @@ sparse24_mma(const u32* __restrict__ x, const ValueWord* __restrict__ values,
     }
 #pragma unroll
     for (int tile = 0; tile < TILES; ++tile) x_at[tile] += WARPS * UNROLL * (WINDOW_COLUMNS / 2);
-#if BITS == 4
+#if QUANTIZED
     column += WARPS * UNROLL * WINDOW_COLUMNS;
 #endif
   }
