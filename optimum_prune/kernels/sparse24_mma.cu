@@ -180,6 +180,13 @@ __device__ __forceinline__ u32 group_values(const ValueWord& word, int j, u32 of
 #endif
 }
 
+__device__ __forceinline__ void zero(float (&sums)[TILES][4]) {
+#pragma unroll
+  for (int tile = 0; tile < TILES; ++tile)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) sums[tile][r] = 0.0f;
+}
+
 // One k-step of a window for every token tile. a: the step's A registers; selector: the sparsity
 // selector (even steps 0, odd steps 1); x_at: the tiles' B pointers at this step.
 template <int SELECTOR>
@@ -257,10 +264,7 @@ sparse24_mma(const u32* __restrict__ x, const ValueWord* __restrict__ values,
 #endif
 
   float acc[TILES][4];
-#pragma unroll
-  for (int tile = 0; tile < TILES; ++tile)
-#pragma unroll
-    for (int r = 0; r < 4; ++r) acc[tile][r] = 0.0f;
+  zero(acc);
 
   for (int window = first; window < last; window += WARPS * UNROLL) {
 #if QUANTIZED
@@ -306,10 +310,7 @@ sparse24_mma(const u32* __restrict__ x, const ValueWord* __restrict__ values,
       float (&sums)[TILES][4] = acc;
 #else
       float sums[TILES][4];
-#pragma unroll
-      for (int tile = 0; tile < TILES; ++tile)
-#pragma unroll
-        for (int r = 0; r < 4; ++r) sums[tile][r] = 0.0f;
+      zero(sums);
 #endif
       const int x_offset = u * WARPS * (WINDOW_COLUMNS / 2);
 #pragma unroll
