@@ -31,8 +31,9 @@ tokens/s with a static cache (transformers compiles the decode step itself), the
 step replayed as a CUDA graph (what a serving loop without Python overhead pays), the time of one
 4,096-token prefill, the decoder's weight bytes and the largest logit difference on the prompt
 against the dense model — for the dense model, ``sparsify()``, ``sparsify(bits=4)``,
-``sparsify(prefill="cusparselt")`` (many-token calls take cuSPARSELt wherever it measures faster) and
-``sparsify(decode="mma")`` (calls of up to 64 token rows on sparse tensor cores).
+``sparsify(prefill="cusparselt")`` (many-token calls take cuSPARSELt wherever it measures faster),
+``sparsify(decode="mma")`` and ``sparsify(bits=4, decode="mma")`` (calls of up to 64 token rows on
+sparse tensor cores).
 
     python benchmarks/kernels.py            # writes benchmarks/KERNELS.md
     python benchmarks/kernels.py --quick    # two shapes, five token counts, a 4-layer model end to end
@@ -240,6 +241,7 @@ END_TO_END = {  # row name: sparsify's options (None: the dense model)
     "sparsify(bits=4)": {"bits": 4},
     'sparsify(prefill="cusparselt")': {"prefill": "cusparselt"},
     'sparsify(decode="mma")': {"decode": "mma"},
+    'sparsify(bits=4, decode="mma")': {"bits": 4, "decode": "mma"},
 }
 PREFILL_TOKENS = 4096
 
