@@ -123,7 +123,7 @@ def _(x: torch.Tensor, values: torch.Tensor, metadata: torch.Tensor, *options: o
 
 @dataclass(frozen=True)
 class _Variant:
-    """What the kernel is compiled for: input dtype, value bits (16 or 4), zero-points, 8-token tiles."""
+    """What the kernel is compiled for: input dtype, value bits (16, 8 or 4), zero-points, 8-token tiles."""
 
     dtype: torch.dtype
     bits: int

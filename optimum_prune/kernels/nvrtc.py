@@ -71,6 +71,7 @@ def version() -> tuple[int, int]:
 
 @lru_cache(maxsize=1)
 def nvrtc_available() -> bool:
+    """Whether NVRTC loads (CUDA builds of torch bring it)."""
     try:
         _nvrtc()
     except OSError:
