@@ -401,8 +401,8 @@ def test_cusparselt_prefill_matches_the_reference_on_gpu(dtype, bits):
     assert packed.num_bytes() >= layer.out_features * layer.in_features  # cuSPARSELt's own copy: half the weights in 16 bits, and more
 
 
-def test_mma_decode_is_validated_and_keeps_the_reference_path_off_gpu():
-    from optimum_prune.kernels.mma_24 import sparse24_mma
+def test_mma_decode_is_validated_and_keeps_the_reference_path_off_gpu(caplog):
+    from optimum_prune.kernels.mma_24 import mma_available, sparse24_mma
 
     model = tiny_model()
     prune(model, PruningConfig(method="magnitude", sparsity="2:4"))
@@ -412,6 +412,7 @@ def test_mma_decode_is_validated_and_keeps_the_reference_path_off_gpu():
     assert not any(isinstance(module, SparseLinear) for module in model.modules())  # refused before any swap
     sparsify(model, decode="mma")
     assert "decode=mma" in repr(model.model.layers[0].self_attn.q_proj)
+    assert mma_available() or "needs a CUDA GPU of compute capability 8.0+ and NVRTC" in caplog.text
     ids = token_windows(samples=2, seq_len=8, seed=4)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, dense(ids).logits)

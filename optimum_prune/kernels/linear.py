@@ -18,6 +18,7 @@ tensor cores instead (``mma_24.py``: 16-bit values or int8 / int4 codes, compute
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -32,6 +33,8 @@ from ..structure.surgery import replace_submodule
 from .format import Compressed24, compress, decompress, repack
 from .mma_24 import mma_available, mma_fits, sparse24_mma
 from .prefill import PREFILL_PATHS, CusparseltWeight, cusparselt_available, cusparselt_fits, fastest, row_bucket
+
+logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "triton", "reference")
 DECODE_PATHS = ("triton", "mma")
@@ -200,6 +203,11 @@ def sparsify(
     _checked_backend(backend)  # before any linear is swapped
     _checked_prefill(prefill)
     _checked_decode(decode)
+    if decode == "mma" and not mma_available():
+        logger.warning(
+            "sparsify(decode='mma') needs a CUDA GPU of compute capability 8.0+ and NVRTC (CUDA builds of torch bring it); "
+            "without them the Triton / reference paths run"
+        )
     adapter = get_adapter(model)
     report = SparsifyReport()
     pattern = NMPattern(2, 4)
