@@ -55,9 +55,9 @@ class SparseLinear(nn.Module):
         decode: str = "triton",
     ) -> None:
         super().__init__()
-        self.backend = _checked_backend(backend)
-        self.prefill = _checked_prefill(prefill)
-        self.decode = _checked_decode(decode)
+        self.backend = _checked("backend", backend, BACKENDS)
+        self.prefill = _checked("prefill", prefill, PREFILL_PATHS)
+        self.decode = _checked("decode", decode, DECODE_PATHS)
         self._mma = decode == "mma" and mma_available()  # decided here: nothing on the forward path probes CUDA or NVRTC
         self._cusparselt: CusparseltWeight | None = None  # built on the first prefill that uses it; not saved
         self.in_features, self.out_features = compressed.in_features, compressed.out_features
@@ -200,9 +200,8 @@ def sparsify(
     ``decode="mma"`` runs calls of up to 64 token rows on sparse tensor cores (16-bit values, int8 or int4)."""
     if bits not in (None, 8, 4):
         raise ValueError(f"bits must be None (16-bit values), 8 or 4, got {bits!r}")
-    _checked_backend(backend)  # before any linear is swapped
-    _checked_prefill(prefill)
-    _checked_decode(decode)
+    for option, value, choices in (("backend", backend, BACKENDS), ("prefill", prefill, PREFILL_PATHS), ("decode", decode, DECODE_PATHS)):
+        _checked(option, value, choices)  # before any linear is swapped
     if decode == "mma" and not mma_available():
         logger.warning(
             "sparsify(decode='mma') needs a CUDA GPU of compute capability 8.0+ and NVRTC (CUDA builds of torch bring it); "
@@ -247,19 +246,7 @@ def triton_available() -> bool:
     return True
 
 
-def _checked_backend(backend: str) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    return backend
-
-
-def _checked_decode(decode: str) -> str:
-    if decode not in DECODE_PATHS:
-        raise ValueError(f"decode must be one of {', '.join(DECODE_PATHS)}, got {decode!r}")
-    return decode
-
-
-def _checked_prefill(prefill: str) -> str:
-    if prefill not in PREFILL_PATHS:
-        raise ValueError(f"prefill must be one of {', '.join(PREFILL_PATHS)}, got {prefill!r}")
-    return prefill
+def _checked(option: str, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        raise ValueError(f"{option} must be one of {', '.join(choices)}, got {value!r}")
+    return value
