@@ -9,7 +9,10 @@ grid, so that ``sparsify`` can repack the codes instead of quantizing twice (``i
   undoes; 8-bit ``Int8Params`` hold int8 rows with one absmax per row (``SCB``): value = q · SCB / 127
   (LLM.int8()'s vector-wise quantization);
 - GPTQ (gptqmodel's quantized linears, which are not ``nn.Linear``): packed integer codes with per-group
-  scales and zero-points that their ``dequantize_weight()`` undoes, laid out ``[in, out]``.
+  scales and zero-points that their ``dequantize_weight()`` undoes, laid out ``[in, out]``. gptqmodel's
+  CPU default, ``TorchFusedQuantLinear``, repacks them in place into torch's private int4 layout at its
+  first forward in eval mode (``transformed``); ``dequantize_weight()`` fails from then on, so the weight
+  is read through the layer's own kernel instead (``repacked_in_place``).
 
 bitsandbytes and GPTQ codes represent 0 exactly (NF4 and FP4 have a zero code, int8 rounds 0 to 0,
 GPTQ's zero-point is an integer): bitsandbytes keeps every pruned weight pruned (NF4 may also turn a
@@ -32,7 +35,7 @@ def is_linear(module: nn.Module) -> bool:
 def dequantized_weight(module: nn.Module) -> torch.Tensor:
     """``module``'s weight as a plain ``[out, in]`` tensor (dequantized when quantized)."""
     if is_gptq_linear(module):
-        return module.dequantize_weight().T
+        return _weight_through_kernel(module) if repacked_in_place(module) else module.dequantize_weight().T
     weight = module.weight
     quant_state = getattr(weight, "quant_state", None)
     if quant_state is not None:  # bitsandbytes 4-bit
@@ -49,6 +52,25 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
 def is_gptq_linear(module: nn.Module) -> bool:
     """A gptqmodel quantized linear (recognised without importing gptqmodel)."""
     return hasattr(module, "qweight") and hasattr(module, "dequantize_weight")
+
+
+def repacked_in_place(module: nn.Module) -> bool:
+    """A GPTQ layer whose codes its fused CPU / XPU kernel has repacked into torch's int4 layout (gptqmodel's
+    ``TorchFusedQuantLinear`` does at its first forward in eval mode): GPTQ's own layout is gone."""
+    return is_gptq_linear(module) and bool(getattr(module, "transformed", False))
+
+
+def _weight_through_kernel(module: nn.Module, rows: int = 1024) -> torch.Tensor:
+    """The ``[out, in]`` weight a repacked GPTQ layer computes with: its kernel's products with the rows of the
+    identity, ``rows`` at a time (exact: one non-zero term per output). in² · out multiply-adds: a fraction of a
+    second per layer at SmolLM2's sizes, longer for 8B-class layers."""
+    size, dtype, device = module.in_features, module.scales.dtype, module.scales.device
+    with torch.no_grad():
+        blocks = [
+            module._fused_op_forward(torch.eye(min(rows, size - start), size, dtype=dtype, device=device).roll(start, dims=1))
+            for start in range(0, size, rows)
+        ]  # eye(n, size) rolled by start: ones at (i, start + i)
+    return torch.cat(blocks).T
 
 
 def is_quantized(module: nn.Module) -> bool:

@@ -38,8 +38,6 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(staging)
 
 
-
-
 def replace_directory(finished: Path, target: Path) -> None:
     """Put the complete folder ``finished`` at ``target``, replacing whatever was there; ``target``
     never holds a mix of the two (the old folder is moved aside first, then removed)."""
@@ -51,12 +49,14 @@ def replace_directory(finished: Path, target: Path) -> None:
     else:
         os.replace(finished, target)
 
+
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``path`` whole or not at all: a run killed mid-write leaves the previous file."""
     path = Path(path)
     staging = path.with_name(f".{path.name}.tmp")
     staging.write_text(text, encoding="utf-8")
     os.replace(staging, path)
+
 
 def save_pruned(
     model: nn.Module,

@@ -5,8 +5,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPTQConfig
 
-from optimum_prune import PruningConfig, compress, save_pruned, verify_sparsity
-from optimum_prune.quantized import dequantized_weight
+from optimum_prune import PruningConfig, compress, save_pruned, sparsify, verify_sparsity
+from optimum_prune.quantized import dequantized_weight, is_gptq_linear, repacked_in_place
 
 from .conftest import tiny_model, token_windows
 
@@ -43,6 +43,39 @@ def test_pruned_weights_stay_exactly_zero_through_gptq_save_and_reload(sparsity,
     ids = token_windows(samples=2, seq_len=12, seed=4)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=1e-3, atol=1e-3)
+
+
+def test_after_the_cpu_kernel_repacks_its_codes_weights_still_read_and_saving_is_refused(tmp_path):
+    """gptqmodel's CPU kernel (TorchFusedQuantLinear) repacks GPTQ codes in place at the model's first forward in
+    eval mode: verify_sparsity and sparsify then read the weights through the kernel, and save_pruned refuses
+    instead of writing a checkpoint that no longer loads (it did: qweight's shape had changed)."""
+    model = tiny_model(**WIDE)
+    compress(model, [PruningConfig(method="wanda", sparsity="2:4"), GPTQConfig(bits=4, group_size=GROUP)], calibration=token_windows())
+    before = {name: dequantized_weight(module) for name, module in model.named_modules() if is_gptq_linear(module)}
+    save_pruned(model, tmp_path / "saved")  # before any inference
+    saved_files = sorted(path.name for path in (tmp_path / "saved").iterdir())
+    ids = token_windows(samples=2, seq_len=12, seed=4)
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    repacked = [name for name, module in model.named_modules() if repacked_in_place(module)]
+    assert sorted(repacked) == sorted(before)
+
+    for name, module in model.named_modules():
+        if name in before:  # the kernel's float32 products, where dequantize_weight() rounded them to float16
+            weight = dequantized_weight(module)
+            assert torch.equal(weight == 0, before[name] == 0), name
+            torch.testing.assert_close(weight, before[name].to(weight.dtype), rtol=1e-3, atol=1e-6)
+    assert verify_sparsity(model, "2:4")["conforming"]
+
+    with pytest.raises(ValueError, match=rf"{repacked[0]}: gptqmodel's TorchFusedQuantLinear repacked .*nothing was saved"):
+        save_pruned(model, tmp_path / "saved")
+    assert [path.name for path in tmp_path.iterdir()] == ["saved"]  # no staging directory left behind
+    assert sorted(path.name for path in (tmp_path / "saved").iterdir()) == saved_files
+
+    assert len(sparsify(model).repacked) == len(before)  # codes recovered from the kernel's weights
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, logits, rtol=1e-3, atol=1e-3)
 
 
 def test_every_pruned_weight_is_still_zero_and_gptq_still_compensates():
