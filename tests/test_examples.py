@@ -29,7 +29,7 @@ def perplexities(output: str) -> list[float]:
 
 
 def test_every_python_example_is_tested():
-    assert {path.name for path in EXAMPLES.glob("*.py")} == {"prune.py", "lora_recovery.py", "moe_experts.py", "sparse_inference.py"}
+    assert {path.name for path in EXAMPLES.glob("*.py")} == {"prune.py", "lora_recovery.py", "moe_experts.py", "prune_then_quantize.py", "sparse_inference.py"}
 
 
 @pytest.mark.parametrize("method,sparsity,expected", [("wanda", "2:4", "2:4 everywhere: True"), ("width", "0.2", "zeros in linears: 0.0%")])
@@ -58,6 +58,14 @@ def test_moe_experts_prunes_merges_and_reloads(tmp_path):
     output = run_example("moe_experts.py", "--model", "merged", "--keep", "2", "--criterion", "frequency", *small, "--output", "pruned", cwd=tmp_path)
     assert "with 2 experts per layer; reloaded logits identical: True" in output
     assert json.loads((tmp_path / "pruned" / "config.json").read_text())["num_local_experts"] == 2
+
+
+def test_prune_then_quantize_keeps_the_pattern_and_repacks_exactly(tmp_path):
+    output = run_example("prune_then_quantize.py", "--quantization", "quanto-int8", *SMALL, "--eval-tokens", "512", "--output", "out", cwd=tmp_path)
+    assert "2:4 everywhere: True" in output and "reloaded with the quantizer's loader, logits identical: True" in output
+    assert "210 of them repacked from their quantized codes" in output
+    assert "largest logit difference to the quantized model 0.0e+00" in output  # float32: the same codes and scales
+    assert (tmp_path / "out" / "quanto_qmap.json").is_file()
 
 
 def test_sparse_inference_matches_the_masked_dense_model(tmp_path):
