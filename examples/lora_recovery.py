@@ -27,15 +27,11 @@ from optimum_prune import (
 from optimum_prune.calibration import calibration_windows
 
 
-def sparsity(value: str) -> float | str:
-    return value if ":" in value else float(value)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="local checkpoint directory (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--method", default="wanda")
-    parser.add_argument("--sparsity", type=sparsity, default="2:4", help="a fraction such as 0.5, or an N:M pattern")
+    parser.add_argument("--sparsity", default="2:4", help="a fraction such as 0.5, or an N:M pattern")
     parser.add_argument("--samples", type=int, default=32, help="calibration windows for pruning")
     parser.add_argument("--seq-len", type=int, default=256, help="tokens per calibration and training window")
     parser.add_argument("--steps", type=int, default=60)
@@ -65,10 +61,10 @@ def main() -> None:
     merged = merge_lora_preserving_sparsity(lora)
 
     recovered_perplexity = evaluate_perplexity(merged, tokenizer, max_tokens=args.eval_tokens)
-    measured = verify_sparsity(merged, args.sparsity if isinstance(args.sparsity, str) else None)
+    measured = verify_sparsity(merged, config.sparsity if isinstance(config.sparsity, str) else None)
+    pattern = f", {measured['pattern']} everywhere: {measured['conforming']}" if measured["pattern"] else ""
     print(f"perplexity: pruned {pruned_perplexity:.2f} → after {args.steps} LoRA steps {recovered_perplexity:.2f}")
-    print(f"zeros in linears after the merge: {measured['overall_sparsity']:.1%}"
-          + (f", {measured['pattern']} everywhere: {measured['conforming']}" if measured["pattern"] else ""))  # fmt: skip
+    print(f"zeros in linears after the merge: {measured['overall_sparsity']:.1%}{pattern}")
     save_pruned(merged, args.output, tokenizer=tokenizer)  # records the pruning config prune() set
     print(f"saved to {args.output}")
 

@@ -20,15 +20,11 @@ from transformers import AutoModelForCausalLM
 from optimum_prune import PruningConfig, evaluate_perplexity, load_default_model, load_model, prune, save_pruned, verify_sparsity
 
 
-def sparsity(value: str) -> float | str:
-    return value if ":" in value else float(value)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="local checkpoint directory (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--method", default="sparsegpt")
-    parser.add_argument("--sparsity", type=sparsity, default="2:4", help="a fraction such as 0.5, or an N:M pattern")
+    parser.add_argument("--sparsity", default="2:4", help="a fraction such as 0.5, or an N:M pattern")
     parser.add_argument("--allocation", default="uniform")
     parser.add_argument("--samples", type=int, default=32, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per calibration window")
@@ -45,10 +41,11 @@ def main() -> None:
     report = prune(model, config, tokenizer=tokenizer)  # calibration=None: the bundled Wikipedia split
     print(report)
     pruned_perplexity = evaluate_perplexity(model, tokenizer, max_tokens=args.eval_tokens)
-    measured = verify_sparsity(model, args.sparsity if isinstance(args.sparsity, str) else None)
+    measured = verify_sparsity(model, config.sparsity if isinstance(config.sparsity, str) else None)
+    pattern = f", {measured['pattern']} everywhere: {measured['conforming']}" if measured["pattern"] else ""
     print(f"perplexity: dense {dense_perplexity:.2f} → pruned {pruned_perplexity:.2f}")
     print(f"parameters: {parameters:,} → {sum(p.numel() for p in model.parameters()):,}; "
-          f"zeros in linears: {measured['overall_sparsity']:.1%}" + (f", {measured['pattern']} everywhere: {measured['conforming']}" if measured["pattern"] else ""))  # fmt: skip
+          f"zeros in linears: {measured['overall_sparsity']:.1%}{pattern}")  # fmt: skip
 
     save_pruned(model, args.output, tokenizer=tokenizer, report=report)
     # Uniform results reload without optimum_prune; non-uniform shapes need `import optimum_prune` first.

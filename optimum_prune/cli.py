@@ -112,17 +112,10 @@ def _parse_options(pairs: Sequence[str], flag: str) -> dict[str, Any]:
     return options
 
 
-def _parse_sparsity(text: str) -> float | str:
-    try:
-        return float(text)
-    except ValueError:
-        return text
-
-
 def run(args: argparse.Namespace) -> int:
     config = PruningConfig(
         method=args.method,
-        sparsity=_parse_sparsity(args.sparsity),
+        sparsity=args.sparsity,
         method_options=_parse_options(args.option, "--option"),
         allocation=args.allocation,
         allocation_options=_parse_options(args.allocation_option, "--allocation-option"),

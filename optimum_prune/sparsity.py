@@ -56,7 +56,10 @@ def normalise_sparsity(value: object, field: str) -> float | str:
     if isinstance(value, NMPattern):
         return str(value)
     if isinstance(value, str):
-        return str(NMPattern.parse(value, field))
+        try:
+            value = float(value)  # "0.5", as command lines and quoted YAML values give it
+        except ValueError:
+            return str(NMPattern.parse(value, field))
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{field} must be a float in [0, 1) or an 'N:M' string, got {value!r}")
     if not 0 <= value < 1:

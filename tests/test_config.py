@@ -29,9 +29,10 @@ def test_owl_round_trip_and_target():
     assert config.allocation_options == {"outlier_threshold": 5.0, "max_deviation": 0.1}
     assert config.target == 0.7
     assert PruningConfig(sparsity=" 4 : 8 ").target == NMPattern(4, 8)
+    assert PruningConfig(sparsity="0.5").sparsity == 0.5  # a number as text (command lines, quoted YAML)
 
 
-@pytest.mark.parametrize("sparsity", [1.0, -0.1, 1.5])
+@pytest.mark.parametrize("sparsity", [1.0, -0.1, 1.5, "1.5", "nan"])
 def test_sparsity_out_of_range(sparsity):
     with pytest.raises(ValueError, match=r"PruningConfig\.sparsity must be in \[0, 1\)"):
         PruningConfig(sparsity=sparsity)
