@@ -17,6 +17,7 @@ from typing import Any, Iterator
 from torch import nn
 
 from .config import PruningConfig
+from .kernels.linear import SparseLinear
 from .quantized import is_gptq_linear
 from .report import PruningReport
 
@@ -78,6 +79,7 @@ def save_pruned(
     ``compressed_tensors_metadata=True`` writes the compressed-tensors ``sparsity_config`` (see
     ``sparsity_metadata.py``) as the checkpoint's ``quantization_config`` for serving stacks.
     """
+    _check_loadable(model)
     if config is None:
         recorded = getattr(model.config, "pruning_config", None)
         config = PruningConfig.from_dict(recorded) if recorded else None
@@ -95,6 +97,18 @@ def save_pruned(
         if compressed_tensors_metadata:
             del model.config.quantization_config  # the in-memory model stays an ordinary one
     return output_dir
+
+
+def _check_loadable(model: nn.Module) -> None:
+    """Refuse what ``from_pretrained`` would silently reload wrong: ``sparsify``'s ``SparseLinear`` layers hold
+    ``values`` and ``metadata`` where transformers expects ``weight``, so it would initialise every one at random."""
+    sparsified = next((name for name, module in model.named_modules() if isinstance(module, SparseLinear)), None)
+    if sparsified is not None:
+        raise ValueError(
+            f"{sparsified} is a SparseLinear (sparsify): the compressed 2:4 format is for inference and transformers "
+            "cannot load it, so the checkpoint would reload with random weights in its place; save the model before "
+            "sparsify, and sparsify again after loading"
+        )
 
 
 def _write_checkpoint(

@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from optimum_prune import PruningConfig, prune, save_pruned
+from optimum_prune import PruningConfig, prune, save_pruned, sparsify
 
 from .conftest import assert_stock_reload_matches, tiny_model, token_windows
 
@@ -41,3 +41,16 @@ def test_interrupted_save_keeps_previous_output(tmp_path, monkeypatch):
         save_pruned(model, output)
     assert {p.name: p.read_bytes() for p in output.iterdir()} == before
     assert [p.name for p in tmp_path.iterdir()] == ["pruned"]  # no staging directory left behind
+
+
+def test_a_sparsified_model_is_refused_before_anything_is_written(tmp_path):
+    """Its SparseLinear buffers are not weights transformers can load: the reload would be random, not an error."""
+    model = tiny_model()
+    prune(model, PruningConfig(method="magnitude", sparsity="2:4"))
+    save_pruned(model, tmp_path / "out")
+    saved = sorted(path.name for path in (tmp_path / "out").iterdir())
+    sparsify(model)
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj is a SparseLinear .* save the model before sparsify"):
+        save_pruned(model, tmp_path / "out")
+    assert sorted(path.name for path in (tmp_path / "out").iterdir()) == saved
+    assert [path.name for path in tmp_path.iterdir()] == ["out"]
