@@ -18,6 +18,7 @@ from torch import nn
 
 from .config import PruningConfig
 from .kernels.linear import SparseLinear
+from .perp import MaskLoRALinear
 from .quantized import is_gptq_linear
 from .report import PruningReport
 
@@ -100,15 +101,19 @@ def save_pruned(
 
 
 def _check_loadable(model: nn.Module) -> None:
-    """Refuse what ``from_pretrained`` would silently reload wrong: ``sparsify``'s ``SparseLinear`` layers hold
-    ``values`` and ``metadata`` where transformers expects ``weight``, so it would initialise every one at random."""
-    sparsified = next((name for name, module in model.named_modules() if isinstance(module, SparseLinear)), None)
-    if sparsified is not None:
-        raise ValueError(
-            f"{sparsified} is a SparseLinear (sparsify): the compressed 2:4 format is for inference and transformers "
-            "cannot load it, so the checkpoint would reload with random weights in its place; save the model before "
-            "sparsify, and sparsify again after loading"
-        )
+    """Refuse what ``from_pretrained`` would silently reload wrong: this package's modules that hold a linear's
+    weight under other names, which transformers would initialise at random (warning only)."""
+    fixes = {
+        SparseLinear: "save the model before sparsify, and sparsify again after loading",
+        MaskLoRALinear: "merge PERP's adapters first (merge_perp(model))",
+    }
+    for name, module in model.named_modules():
+        fix = next((fix for kind, fix in fixes.items() if isinstance(module, kind)), None)
+        if fix is not None:
+            raise ValueError(
+                f"{name} is a {type(module).__name__}, which transformers cannot load: the checkpoint would reload with "
+                f"random weights in its place; {fix}"
+            )
 
 
 def _write_checkpoint(

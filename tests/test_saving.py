@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from optimum_prune import PruningConfig, prune, save_pruned, sparsify
+from optimum_prune import PERPConfig, PruningConfig, merge_perp, prepare_perp, prune, save_pruned, sparsify
 
 from .conftest import assert_stock_reload_matches, tiny_model, token_windows
 
@@ -44,13 +44,26 @@ def test_interrupted_save_keeps_previous_output(tmp_path, monkeypatch):
 
 
 def test_a_sparsified_model_is_refused_before_anything_is_written(tmp_path):
-    """Its SparseLinear buffers are not weights transformers can load: the reload would be random, not an error."""
+    """Its SparseLinear buffers are not weights transformers can load: the reload would be random, not an error.
+    The same for PERP's adapters before merge_perp."""
     model = tiny_model()
     prune(model, PruningConfig(method="magnitude", sparsity="2:4"))
     save_pruned(model, tmp_path / "out")
     saved = sorted(path.name for path in (tmp_path / "out").iterdir())
     sparsify(model)
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj is a SparseLinear .* save the model before sparsify"):
+    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj is a SparseLinear, .*save the model before sparsify"):
         save_pruned(model, tmp_path / "out")
     assert sorted(path.name for path in (tmp_path / "out").iterdir()) == saved
     assert [path.name for path in tmp_path.iterdir()] == ["out"]
+
+
+def test_unmerged_perp_adapters_are_refused_and_saved_once_merged(tmp_path):
+    model = tiny_model()
+    prune(model, PruningConfig(method="magnitude", sparsity=0.5))
+    prepare_perp(model, PERPConfig(lora="mask", rank=4))
+    with pytest.raises(ValueError, match=r"q_proj is a MaskLoRALinear, .*merge_perp\(model\)"):
+        save_pruned(model, tmp_path / "out")
+    assert not any(tmp_path.iterdir())
+    merge_perp(model)
+    save_pruned(model, tmp_path / "out")
+    assert_stock_reload_matches(model, tmp_path / "out", token_windows(samples=1, seq_len=8), tmp_path)
