@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from transformers import GPTQConfig
 
-from .quantized import is_gptq_linear, repacked_in_place
+from .quantized import is_gptq_linear
 
 
 def check_config(config: GPTQConfig, field: str) -> None:
@@ -108,20 +108,12 @@ def v1_checkpoint_layout(model: nn.Module) -> Iterator[None]:
     gptqmodel computes with v2 zero-points; v1 stores them minus one. transformers' ``GPTQConfig``
     keeps no layout field (it drops optimum's ``format``), so its loader assumes v1 and converts on
     load: a v2 checkpoint would reload with every zero-point off by one. optimum's own
-    ``GPTQQuantizer.save`` converts the same way. Layers whose codes their CPU kernel has repacked in place
-    (``quantized.repacked_in_place``) are refused, naming the first, before anything is converted.
+    ``GPTQQuantizer.save`` converts the same way. (Layers whose codes their CPU kernel has repacked in place
+    have no layout left to convert: ``save_pruned`` refuses them first.)
     """
     from gptqmodel.quantization import QuantizeConfig
     from gptqmodel.utils.model import convert_gptq_v1_to_v2_format_module, convert_gptq_v2_to_v1_format_module
 
-    repacked = next((name for name, module in model.named_modules() if repacked_in_place(module)), None)
-    if repacked is not None:
-        raise ValueError(
-            f"{repacked}: gptqmodel's {type(model.get_submodule(repacked)).__name__} repacked this layer's GPTQ codes in "
-            "place for its CPU kernel when the model first ran in eval mode, so GPTQ's checkpoint layout cannot be "
-            "written any more (nothing was saved); save the model before running it on the CPU (compress, then "
-            "save_pruned), or reload a saved checkpoint"
-        )
     in_v2 = [module for module in model.modules() if is_gptq_linear(module) and module.qzero_format() == 2]
     for module in in_v2:
         convert_gptq_v2_to_v1_format_module(module, QuantizeConfig(bits=module.bits))

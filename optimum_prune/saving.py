@@ -19,11 +19,16 @@ from torch import nn
 from .config import PruningConfig
 from .kernels.linear import SparseLinear
 from .perp import MaskLoRALinear
-from .quantized import is_gptq_linear
+from .quantized import is_gptq_linear, repacked_in_place
 from .report import PruningReport
 
 logger = logging.getLogger(__name__)
 SCORES_PLOT_NAME = "layer_scores.png"
+# This package's modules that hold a linear's weight under other names, and how to save their model instead.
+WRAPPER_FIXES = {
+    SparseLinear: "save the model before sparsify, and sparsify again after loading",
+    MaskLoRALinear: "merge PERP's adapters first (merge_perp(model))",
+}
 
 
 @contextmanager
@@ -101,19 +106,27 @@ def save_pruned(
 
 
 def _check_loadable(model: nn.Module) -> None:
-    """Refuse what ``from_pretrained`` would silently reload wrong: this package's modules that hold a linear's
-    weight under other names, which transformers would initialise at random (warning only)."""
-    fixes = {
-        SparseLinear: "save the model before sparsify, and sparsify again after loading",
-        MaskLoRALinear: "merge PERP's adapters first (merge_perp(model))",
-    }
+    """Refuse, before anything is written, a module that would not reload as it is in memory."""
     for name, module in model.named_modules():
-        fix = next((fix for kind, fix in fixes.items() if isinstance(module, kind)), None)
-        if fix is not None:
-            raise ValueError(
-                f"{name} is a {type(module).__name__}, which transformers cannot load: the checkpoint would reload with "
-                f"random weights in its place; {fix}"
-            )
+        problem = _unloadable(module)
+        if problem is not None:
+            raise ValueError(f"{name}{problem} (nothing was saved)")
+
+
+def _unloadable(module: nn.Module) -> str | None:
+    """Why ``from_pretrained`` could not give ``module`` back, if it could not: this package's modules that
+    hold a linear's weight under other names (transformers would initialise it at random, warning only), and
+    GPTQ layers whose codes their CPU kernel has repacked out of GPTQ's layout."""
+    for kind, fix in WRAPPER_FIXES.items():
+        if isinstance(module, kind):
+            return f" is a {type(module).__name__}, which transformers cannot load: the checkpoint would reload with random weights in its place; {fix}"
+    if repacked_in_place(module):
+        return (
+            f": gptqmodel's {type(module).__name__} repacked this layer's GPTQ codes in place for its CPU kernel when the "
+            "model first ran in eval mode, so GPTQ's checkpoint layout cannot be written any more; save the model "
+            "before running it on the CPU (compress, then save_pruned), or reload a saved checkpoint"
+        )
+    return None
 
 
 def _write_checkpoint(
