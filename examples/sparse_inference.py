@@ -9,6 +9,7 @@ saves weight memory but is not faster. See README "The compressed 2:4 format" fo
     python examples/sparse_inference.py                     # SparseGPT 2:4, 16-bit values
     python examples/sparse_inference.py --bits 4            # 2:4 + int4, one scale per 128 columns
     python examples/sparse_inference.py --decode mma        # GPU: sparse tensor cores for decode
+    python examples/sparse_inference.py --model recovered   # a 2:4 checkpoint (lora_recovery.py's) as it is
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from optimum_prune import PruningConfig, load_default_model, load_model, prune, sparsify
+from optimum_prune import PruningConfig, load_default_model, load_model, prune, sparsify, verify_sparsity
 
 
 def greedy(model: torch.nn.Module, prompt: dict[str, torch.Tensor], new_tokens: int, pad_token_id: int) -> tuple[torch.Tensor, float]:
@@ -39,7 +40,7 @@ def greedy(model: torch.nn.Module, prompt: dict[str, torch.Tensor], new_tokens: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, help="local checkpoint directory (default: embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--method", default="sparsegpt", help="an unstructured method; it prunes to 2:4")
+    parser.add_argument("--method", default="sparsegpt", help="an unstructured method; it prunes to 2:4 (unless the model is 2:4)")
     parser.add_argument("--bits", type=int, choices=[8, 4], help="quantize the kept values (default: keep 16-bit values)")
     parser.add_argument("--group-size", type=int, default=64,
                         help="input columns per scale with --bits; must divide every input width (SmolLM2: 576 and 1536)")  # fmt: skip
@@ -51,8 +52,11 @@ def main() -> None:
     args = parser.parse_args()
 
     model, tokenizer = load_model(args.model) if args.model else load_default_model()  # float32: prune at full precision
-    prune(model, PruningConfig(method=args.method, sparsity="2:4", num_calibration_samples=args.samples,
-                               calibration_seq_len=args.seq_len), tokenizer=tokenizer)  # fmt: skip
+    if verify_sparsity(model, "2:4")["conforming"]:
+        print("the model is 2:4 already: used as it is")
+    else:
+        prune(model, PruningConfig(method=args.method, sparsity="2:4", num_calibration_samples=args.samples,
+                                   calibration_seq_len=args.seq_len), tokenizer=tokenizer)  # fmt: skip
     device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
     dense = model.to(device, dtype)
     sparse = copy.deepcopy(dense)

@@ -47,6 +47,9 @@ def test_lora_recovery_keeps_the_pattern_through_the_merge(tmp_path):
     assert "zeros in linears after the merge: 50.0%, 2:4 everywhere: True" in output
     assert not any(path.name.startswith("adapter") for path in (tmp_path / "out").iterdir())  # merged, not an adapter
     assert json.loads((tmp_path / "out" / "config.json").read_text())["pruning_config"]["sparsity"] == "2:4"
+    # The recovered checkpoint goes to the 2:4 format as it is (no second pruning).
+    output = run_example("sparse_inference.py", "--model", "out", "--new-tokens", "2", cwd=tmp_path)
+    assert "the model is 2:4 already: used as it is" in output and "same top-1 token at 100% of positions" in output
 
 
 def test_moe_experts_prunes_merges_and_reloads(tmp_path):
