@@ -59,6 +59,8 @@ def normalise_sparsity(value: object, field: str) -> float | str:
         try:
             value = float(value)  # "0.5", as command lines and quoted YAML values give it
         except ValueError:
+            if not _PATTERN.match(value):
+                raise ValueError(f"{field} {value!r} is neither a fraction in [0, 1) nor an 'N:M' pattern such as '2:4'") from None
             return str(NMPattern.parse(value, field))
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{field} must be a float in [0, 1) or an 'N:M' string, got {value!r}")

@@ -46,7 +46,7 @@ def test_pattern_needs_n_below_m(pattern):
 
 @pytest.mark.parametrize("pattern", ["abc", "2:4:8", "2/4", ""])
 def test_malformed_pattern(pattern):
-    with pytest.raises(ValueError, match="is not an 'N:M' pattern"):
+    with pytest.raises(ValueError, match=r"PruningConfig\.sparsity .* is neither a fraction in \[0, 1\) nor an 'N:M' pattern"):
         PruningConfig(sparsity=pattern)
 
 
