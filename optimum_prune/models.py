@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .saving import atomic_directory
@@ -64,6 +65,11 @@ def default_model_path() -> Path:
     return target
 
 
+def unreadable_checkpoint(location: str | os.PathLike, error: Exception) -> ValueError:
+    """The error for weights safetensors cannot read (a truncated copy, an interrupted download or save)."""
+    return ValueError(f"{location}: the weights could not be read ({error}); the checkpoint is incomplete or corrupt: save or copy it again")
+
+
 def fix_default_tokenizer(tokenizer: Any) -> Any:
     tokenizer.eos_token = END_OF_TURN
     tokenizer.pad_token = END_OF_TURN
@@ -81,7 +87,10 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> t
     directory = Path(path)
     if not (directory / "config.json").is_file():
         raise ValueError(f"model path {str(path)!r} is not a directory containing config.json")
-    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)
+    except SafetensorError as error:
+        raise unreadable_checkpoint(directory, error) from error
     tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     model.eval()
     return model, tokenizer

@@ -29,12 +29,13 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from .calibration import CalibrationSource
 from .config import CONFIG_NAME, PruningConfig
+from .models import unreadable_checkpoint
 from .report import PruningReport
 from .saving import replace_directory, write_text_atomic
 
@@ -45,6 +46,16 @@ RUN_RECORD = "streaming-run.json"
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
+@contextmanager
+def opened(file: Path) -> Iterator[Any]:
+    """``safe_open`` of ``file``, whose corruption (also found while reading a tensor) is one clear error."""
+    try:
+        with safe_open(file, framework="pt") as handle:
+            yield handle
+    except SafetensorError as error:
+        raise unreadable_checkpoint(file, error) from error
+
+
 class CheckpointReader:
     """The tensors of a safetensors checkpoint (one file or shards with an index), read by name."""
 
@@ -53,7 +64,7 @@ class CheckpointReader:
         if index.is_file():
             self.weight_map = {name: directory / file for name, file in json.loads(index.read_text())["weight_map"].items()}
         elif single.is_file():
-            with safe_open(single, framework="pt") as handle:
+            with opened(single) as handle:
                 self.weight_map = dict.fromkeys(handle.keys(), single)
         else:
             raise ValueError(f"{str(directory)!r} holds no safetensors weights ({INDEX_NAME} or model.safetensors)")
@@ -64,14 +75,14 @@ class CheckpointReader:
         for name in names:
             by_file.setdefault(self.weight_map[name], []).append(name)
         for file, file_names in by_file.items():
-            with safe_open(file, framework="pt") as handle:
+            with opened(file) as handle:
                 tensors.update({name: handle.get_tensor(name) for name in file_names})
         return tensors
 
     def dtype(self) -> torch.dtype:
         """The dtype of the checkpoint's first tensor, read from its header."""
         name, file = next(iter(self.weight_map.items()))
-        with safe_open(file, framework="pt") as handle:
+        with opened(file) as handle:
             stored = handle.get_slice(name).get_dtype()
         if stored not in SAFETENSORS_DTYPES:
             raise ValueError(
@@ -103,7 +114,7 @@ class LayerStream:
         finished = self.finished(index)
         prefix = self.layer_names[index]
         if finished:
-            with safe_open(self.shard(index), framework="pt") as handle:
+            with opened(self.shard(index)) as handle:
                 tensors = {name: handle.get_tensor(name) for name in handle.keys()}
         else:
             tensors = self.reader.read(self.reader.under(prefix))
@@ -230,7 +241,7 @@ def _finish_checkpoint(
     save_file(tensors, staging / REST_SHARD, metadata={"format": "pt"})
     weight_map = dict.fromkeys(rest, REST_SHARD)
     for index in range(len(stream.layer_names)):
-        with safe_open(stream.shard(index), framework="pt") as handle:
+        with opened(stream.shard(index)) as handle:
             weight_map.update(dict.fromkeys(handle.keys(), stream.shard(index).name))
     (staging / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
     for extra in source.iterdir():  # tokenizer and generation config files, as the source has them

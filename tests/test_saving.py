@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from optimum_prune import PERPConfig, PruningConfig, merge_perp, prepare_perp, prune, save_pruned, sparsify
+from optimum_prune import PERPConfig, PruningConfig, load_model, merge_perp, prepare_perp, prune, save_pruned, sparsify
 
 from .conftest import assert_stock_reload_matches, tiny_model, token_windows
 
@@ -67,3 +67,11 @@ def test_unmerged_perp_adapters_are_refused_and_saved_once_merged(tmp_path):
     merge_perp(model)
     save_pruned(model, tmp_path / "out")
     assert_stock_reload_matches(model, tmp_path / "out", token_windows(samples=1, seq_len=8), tmp_path)
+
+
+def test_a_truncated_checkpoint_is_named_when_loaded(tmp_path, bpe_tokenizer):
+    save_pruned(tiny_model(), tmp_path / "out", tokenizer=bpe_tokenizer)
+    weights = tmp_path / "out" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted copy
+    with pytest.raises(ValueError, match=r"out: the weights could not be read .*incomplete or corrupt: save or copy it again"):
+        load_model(tmp_path / "out")

@@ -129,6 +129,14 @@ def test_source_without_weights_is_named(tmp_path):
         prune_checkpoint(tmp_path / "empty", tmp_path / "out", CONFIGS["magnitude"])
 
 
+def test_a_truncated_shard_is_named(sharded, tmp_path):
+    shard = sorted(sharded.glob("*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # an interrupted copy
+    with pytest.raises(ValueError, match=rf"{shard.name}: the weights could not be read .*incomplete or corrupt"):
+        prune_checkpoint(sharded, tmp_path / "out", CONFIGS["magnitude"])
+    assert not (tmp_path / "out").exists()
+
+
 def test_bfloat16_checkpoint_is_pruned_and_saved_in_bfloat16(tmp_path, bpe_tokenizer):
     source = tmp_path / "bf16"
     tiny_model().to(torch.bfloat16).save_pretrained(source)
