@@ -35,6 +35,7 @@ WRAPPER_FIXES = {
 def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a staging directory that replaces ``target`` only if the block completes."""
     target = Path(target)
+    check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
     try:
@@ -43,6 +44,23 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+
+
+def check_replaceable(target: Path) -> None:
+    """Refuse a ``target`` whose replacement would delete more than an earlier output: saving here replaces the
+    whole directory (atomically), where ``save_pretrained`` writes into it, so ``"."`` or a home directory given
+    by mistake would otherwise be lost. Empty directories and earlier checkpoints (a ``config.json``) may go."""
+    if not target.exists():
+        return
+    if not target.is_dir():
+        raise ValueError(f"{target} exists and is not a directory; give a directory (new, empty or an earlier checkpoint)")
+    names = sorted(path.name for path in target.iterdir())
+    if names and "config.json" not in names:
+        shown = ", ".join(names[:3]) + (", …" if len(names) > 3 else "")
+        raise ValueError(
+            f"{target} holds other files ({shown}) and is not an earlier checkpoint (no config.json); saving replaces the "
+            "whole directory, so give a new or empty one"
+        )
 
 
 def replace_directory(finished: Path, target: Path) -> None:

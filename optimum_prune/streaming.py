@@ -37,7 +37,7 @@ from .calibration import CalibrationSource
 from .config import CONFIG_NAME, PruningConfig
 from .models import unreadable_checkpoint
 from .report import PruningReport
-from .saving import replace_directory, write_text_atomic
+from .saving import check_replaceable, replace_directory, write_text_atomic
 
 logger = logging.getLogger(__name__)
 INDEX_NAME = "model.safetensors.index.json"
@@ -180,6 +180,7 @@ def prune_checkpoint(
     config = PruningConfig.from_dict(dict(config)) if isinstance(config, Mapping) else config
     if not (source / "config.json").is_file():
         raise ValueError(f"source {str(source)!r} is not a checkpoint directory (no config.json)")
+    check_replaceable(output_dir)  # before hours of pruning, not at the final rename
     reader = CheckpointReader(source)
     model_config = AutoConfig.from_pretrained(source, local_files_only=True)
     dtype = dtype or reader.dtype()

@@ -75,3 +75,20 @@ def test_a_truncated_checkpoint_is_named_when_loaded(tmp_path, bpe_tokenizer):
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # an interrupted copy
     with pytest.raises(ValueError, match=r"out: the weights could not be read .*incomplete or corrupt: save or copy it again"):
         load_model(tmp_path / "out")
+
+
+@pytest.mark.parametrize("kind", ["directory of other files", "file"])
+def test_a_target_that_is_not_an_earlier_checkpoint_is_never_replaced(tmp_path, kind):
+    """Saving replaces the whole target directory: a mistaken '.' must not delete a project."""
+    target = tmp_path / "target"
+    if kind == "file":
+        target.write_text("notes")
+        message = "exists and is not a directory"
+    else:
+        target.mkdir()
+        (target / "notes.txt").write_text("notes")
+        message = r"holds other files \(notes\.txt\) and is not an earlier checkpoint"
+    with pytest.raises(ValueError, match=message):
+        save_pruned(tiny_model(), target)
+    assert (target.read_text() if kind == "file" else (target / "notes.txt").read_text()) == "notes"
+    assert [path.name for path in tmp_path.iterdir()] == ["target"]

@@ -137,6 +137,15 @@ def test_a_truncated_shard_is_named(sharded, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_output_dir_holding_other_files_is_refused_before_pruning(sharded, tmp_path, monkeypatch):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("notes")
+    monkeypatch.setattr("optimum_prune.api.prune", lambda *args, **kwargs: pytest.fail("pruning started"))
+    with pytest.raises(ValueError, match="holds other files"):
+        prune_checkpoint(sharded, tmp_path / "out", CONFIGS["magnitude"])
+    assert (tmp_path / "out" / "notes.txt").read_text() == "notes"
+
+
 def test_bfloat16_checkpoint_is_pruned_and_saved_in_bfloat16(tmp_path, bpe_tokenizer):
     source = tmp_path / "bf16"
     tiny_model().to(torch.bfloat16).save_pretrained(source)
