@@ -49,17 +49,19 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
 def check_replaceable(target: Path) -> None:
     """Refuse a ``target`` whose replacement would delete more than an earlier output: saving here replaces the
     whole directory (atomically), where ``save_pretrained`` writes into it, so ``"."`` or a home directory given
-    by mistake would otherwise be lost. Empty directories and earlier checkpoints (a ``config.json``) may go."""
+    by mistake would otherwise be lost. Empty directories and earlier outputs (``config.json`` beside
+    ``*.safetensors`` or ``*.onnx`` weights) may go."""
     if not target.exists():
         return
     if not target.is_dir():
         raise ValueError(f"{target} exists and is not a directory; give a directory (new, empty or an earlier checkpoint)")
     names = sorted(path.name for path in target.iterdir())
-    if names and "config.json" not in names:
+    earlier_output = "config.json" in names and any(name.endswith((".safetensors", ".onnx")) for name in names)
+    if names and not earlier_output:
         shown = ", ".join(names[:3]) + (", …" if len(names) > 3 else "")
         raise ValueError(
-            f"{target} holds other files ({shown}) and is not an earlier checkpoint (no config.json); saving replaces the "
-            "whole directory, so give a new or empty one"
+            f"{target} holds other files ({shown}) and is not an earlier checkpoint (config.json beside *.safetensors or "
+            "*.onnx weights); saving replaces the whole directory, so give a new or empty one"
         )
 
 

@@ -77,7 +77,7 @@ def test_a_truncated_checkpoint_is_named_when_loaded(tmp_path, bpe_tokenizer):
         load_model(tmp_path / "out")
 
 
-@pytest.mark.parametrize("kind", ["directory of other files", "file"])
+@pytest.mark.parametrize("kind", ["directory of other files", "project with a config.json", "file"])
 def test_a_target_that_is_not_an_earlier_checkpoint_is_never_replaced(tmp_path, kind):
     """Saving replaces the whole target directory: a mistaken '.' must not delete a project."""
     target = tmp_path / "target"
@@ -87,7 +87,9 @@ def test_a_target_that_is_not_an_earlier_checkpoint_is_never_replaced(tmp_path, 
     else:
         target.mkdir()
         (target / "notes.txt").write_text("notes")
-        message = r"holds other files \(notes\.txt\) and is not an earlier checkpoint"
+        if kind == "project with a config.json":
+            (target / "config.json").write_text("{}")
+        message = r"holds other files \((config\.json, )?notes\.txt\) and is not an earlier checkpoint"
     with pytest.raises(ValueError, match=message):
         save_pruned(tiny_model(), target)
     assert (target.read_text() if kind == "file" else (target / "notes.txt").read_text()) == "notes"
