@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 TINY = dict(
     vocab_size=320,
@@ -15,10 +24,19 @@ TINY = dict(
     num_key_value_heads=2,
     max_position_embeddings=128,
 )
+
+
+def _qwen3_config(**values) -> Qwen3Config:
+    """Qwen3's head_dim defaults to 128 rather than hidden_size / heads as in the other families."""
+    values.setdefault("head_dim", values["hidden_size"] // values["num_attention_heads"])
+    return Qwen3Config(**values)
+
+
 FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    "qwen3": (_qwen3_config, Qwen3ForCausalLM),
 }
 
 

@@ -25,6 +25,9 @@ CASES = {
             PruningConfig(method="sublayers", sparsity=0.2, method_options={"sublayers": "mlp"}),
         ],
     ),
+    "qwen3 (q/k norms), uniform width": (
+        "qwen3", {}, [PruningConfig(method="width", sparsity=0.25, method_options={"criterion": "wanda_sp"})]
+    ),
     "slicegpt, tied embeddings": ("llama", {"tie_word_embeddings": True}, [PruningConfig(method="slicegpt", sparsity=0.25)]),
 }
 

@@ -1,4 +1,8 @@
-"""Llama family: Llama (incl. GQA Llama-3 / SmolLM2), Mistral and Qwen2 share one layout."""
+"""Llama family: Llama (incl. GQA Llama-3 / SmolLM2), Mistral, Qwen2 and Qwen3 share one layout.
+
+Qwen3 adds an RMSNorm over ``head_dim`` to queries and keys (``q_norm`` / ``k_norm``); its weight is
+shared by every head and lies after the projections, so removing heads or rotating the residual
+stream leaves it as it is."""
 
 from __future__ import annotations
 
@@ -7,7 +11,16 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
-from transformers import LlamaForCausalLM, LlamaModel, MistralForCausalLM, MistralModel, Qwen2ForCausalLM, Qwen2Model
+from transformers import (
+    LlamaForCausalLM,
+    LlamaModel,
+    MistralForCausalLM,
+    MistralModel,
+    Qwen2ForCausalLM,
+    Qwen2Model,
+    Qwen3ForCausalLM,
+    Qwen3Model,
+)
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..structure.modules import RemovedAttention, RemovedMLP, ReroutedAttention, ReroutedMLP
@@ -41,7 +54,7 @@ class ShortcutDecoderLayer(GradientCheckpointingLayer):
         self.mlp = layer.mlp
         self.input_layernorm = layer.input_layernorm
         self.post_attention_layernorm = layer.post_attention_layernorm
-        if hasattr(layer, "attention_type"):  # Qwen2: the model picks each layer's mask by it
+        if hasattr(layer, "attention_type"):  # Qwen2 / Qwen3: the model picks each layer's mask by it
             self.attention_type = layer.attention_type
         weight = layer.input_layernorm.weight
         self.attention_shortcut = _identity_linear(weight.shape[0], weight)
@@ -75,7 +88,9 @@ def _identity_linear(width: int, like: torch.Tensor) -> nn.Linear:
 
 
 # The bare ``*Model`` classes are the language towers of multimodal models (see ``llava.py``).
-@register_adapter(LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, LlamaModel, MistralModel, Qwen2Model)
+@register_adapter(
+    LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, LlamaModel, MistralModel, Qwen2Model, Qwen3Model
+)
 class LlamaAdapter(DecoderAdapter):
     """``decoder.{embed_tokens, rotary_emb, layers, norm}``; each layer holds q/k/v/o and gate/up/down."""
 
@@ -183,7 +198,7 @@ class LlamaAdapter(DecoderAdapter):
         for new_index, layer in enumerate(self.decoder.layers):
             layer.self_attn.layer_idx = new_index
         config = self.config
-        # Qwen2 (sliding-window variants) keeps one attention type per layer; it follows its layer.
+        # Qwen2 / Qwen3 (sliding-window variants) keep one attention type per layer; it follows its layer.
         if getattr(config, "layer_types", None) is not None:
             config.layer_types = [config.layer_types[i] for i in indices]
         config.num_hidden_layers = len(indices)

@@ -25,8 +25,9 @@ def test_every_method_on_every_family(family, method, sparsity):
 
 
 def test_registry_covers_llama_family():
-    assert {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"} <= set(ADAPTERS.names())
-    assert isinstance(get_adapter(tiny_model("qwen2")), LlamaAdapter)
+    assert {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"} <= set(ADAPTERS.names())
+    for family in ("qwen2", "qwen3"):
+        assert isinstance(get_adapter(tiny_model(family)), LlamaAdapter)
 
 
 def test_subclass_inherits_adapter():

@@ -22,9 +22,9 @@ def test_uniform_result_reloads_with_stock_transformers(tmp_path):
     assert_stock_reload_matches(model, output, token_windows(samples=2, seq_len=16, seed=4), tmp_path)
 
 
-@pytest.fixture
-def non_uniform(tmp_path):
-    model = tiny_model("qwen2", num_hidden_layers=4, intermediate_size=256)
+@pytest.fixture(params=["qwen2", "qwen3"])
+def non_uniform(request, tmp_path):
+    model = tiny_model(request.param, num_hidden_layers=4, intermediate_size=256)
     windows = token_windows()
     prune(model, PruningConfig(method="width", sparsity=0.25, method_options={"criterion": "flap", "ranking": "global"}), calibration=windows)
     prune(model, PruningConfig(method="sublayers", sparsity=0.1, method_options={"sublayers": "attention"}), calibration=windows)
