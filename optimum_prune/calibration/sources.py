@@ -1,7 +1,8 @@
 """Turn a calibration source into model inputs: a ``[samples, seq_len]`` tensor of token ids for text.
 
 Text sources: ``None`` (the bundled Wikipedia calibration split), a path to a text file, a list of
-strings, a ``datasets.Dataset`` with a ``text`` column, or a ready ``LongTensor`` of token ids.
+strings, a ``datasets.Dataset`` with a ``text`` column, or token ids ready to use: a ``[samples,
+seq_len]`` ``LongTensor`` or a list of equally long ones (each ``[seq_len]`` or ``[n, seq_len]``).
 Text is tokenised as one stream and windows start at seeded random offsets, as in the
 Wanda/SparseGPT reference loaders, so the same seed always yields the same windows.
 Multimodal sources (image-text pairs, or already processed batches) are in ``multimodal.py``.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Mapping, Sequence, Union
 
 import torch
 
@@ -28,6 +29,8 @@ def calibration_inputs(
     """Processed batches for image-text pairs (through ``processor``) or ready batches; token windows for text."""
     if is_image_text(source):
         return image_text_batches(source, processor, num_samples)
+    if isinstance(source, Mapping) and isinstance(source.get("input_ids"), torch.Tensor):
+        source = [source]  # one processed batch, e.g. a tokenizer's ``BatchEncoding``
     if is_model_batches(source):
         return [dict(batch) for batch in source]
     if tokenizer is None and processor is not None:
@@ -40,9 +43,12 @@ def calibration_windows(
 ) -> torch.Tensor:
     if isinstance(source, torch.Tensor):
         return _check_token_tensor(source)
+    if _is_tensor_list(source):
+        return _joined_token_tensors(source)
+    texts = _texts(source)
     if tokenizer is None:
         raise ValueError("tokenizer is required to tokenise text calibration data; pass tokenizer= or a LongTensor of token ids")
-    return sample_windows(tokenize_stream(tokenizer, _texts(source)), num_samples, seq_len, seed)
+    return sample_windows(tokenize_stream(tokenizer, texts), num_samples, seq_len, seed)
 
 
 def sample_windows(tokens: torch.Tensor, num_samples: int, seq_len: int, seed: int) -> torch.Tensor:
@@ -80,7 +86,7 @@ def _texts(source: CalibrationSource) -> list[str]:
     else:
         raise TypeError(
             "calibration must be None, a text file path, a list of strings, a datasets.Dataset with a 'text' column, "
-            "a LongTensor of token ids, image-text pairs ({'image': ..., 'text': ...}) or processed batches "
+            "a LongTensor of token ids (or a list of them), image-text pairs ({'image': ..., 'text': ...}) or processed batches "
             f"({{'input_ids': ..., ...}}); got {type(source).__name__}"
         )
     texts = [t for t in texts if t.strip()]
@@ -95,3 +101,20 @@ def _check_token_tensor(tokens: torch.Tensor) -> torch.Tensor:
             f"calibration tensor must be a non-empty [samples, seq_len] LongTensor, got shape {tuple(tokens.shape)} {tokens.dtype}"
         )
     return tokens
+
+
+def _is_tensor_list(source: CalibrationSource) -> bool:
+    return isinstance(source, Sequence) and bool(source) and all(isinstance(t, torch.Tensor) for t in source)
+
+
+def _joined_token_tensors(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One ``[samples, seq_len]`` tensor from a list of ``[seq_len]`` / ``[n, seq_len]`` token tensors."""
+    rows = [t.unsqueeze(0) if t.dim() == 1 else t for t in tensors]
+    lengths = sorted({t.shape[-1] for t in rows})
+    if any(t.dim() != 2 for t in rows) or len(lengths) > 1:
+        raise ValueError(
+            f"calibration token tensors must all be [seq_len] or [n, seq_len] of one length, got shapes "
+            f"{sorted({tuple(t.shape) for t in tensors})}; cut them to one length, or give prune() one processed batch "
+            "per sample ([{'input_ids': ids[None]}, ...]), which may differ in length"
+        )
+    return _check_token_tensor(torch.cat(rows))

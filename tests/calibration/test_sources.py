@@ -5,7 +5,7 @@ from optimum_prune import PruningConfig, prune
 from optimum_prune.calibration import calibration_windows
 from optimum_prune.data import wikipedia_articles
 
-from ..conftest import tiny_model
+from ..conftest import tiny_model, token_windows
 
 TEXT = "Calibration text about rivers, mountains and the history of Europe. " * 50
 
@@ -50,8 +50,9 @@ def test_bad_sources(tmp_path, bpe_tokenizer):
         calibration_windows(["short text"], bpe_tokenizer, 4, 4096, seed=0)
     with pytest.raises(ValueError, match="tokenizer is required"):
         calibration_windows([TEXT], None, 4, 16, seed=0)
-    with pytest.raises(TypeError, match="calibration must be"):
-        calibration_windows(42, bpe_tokenizer, 4, 16, seed=0)
+    for tokenizer in (bpe_tokenizer, None):  # a wrong type is named as such, not as a missing tokenizer
+        with pytest.raises(TypeError, match="calibration must be"):
+            calibration_windows(42, tokenizer, 4, 16, seed=0)
     with pytest.raises(ValueError, match=r"\[samples, seq_len\] LongTensor"):
         calibration_windows(torch.zeros(16), None, 4, 16, seed=0)
 
@@ -62,3 +63,26 @@ def test_prune_with_empty_calibration_fails_before_touching_weights(bpe_tokenize
     with pytest.raises(ValueError, match="calibration is empty"):
         prune(model, PruningConfig(method="wanda"), calibration=[""], tokenizer=bpe_tokenizer)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_token_tensors_in_a_list_are_joined_into_windows():
+    windows = token_windows(samples=4, seq_len=16)
+    assert torch.equal(calibration_windows(list(windows), None, 4, 16, seed=0), windows)
+    assert torch.equal(calibration_windows([windows[:1], windows[1:]], None, 4, 16, seed=0), windows)
+    with pytest.raises(ValueError, match=r"one length, got shapes \[\(10,\), \(16,\)\]; .*one processed batch per sample"):
+        calibration_windows([windows[0, :10], windows[1]], None, 4, 16, seed=0)
+
+
+def test_a_tokenizer_output_is_one_processed_batch():
+    from transformers import BatchEncoding
+
+    windows = token_windows(samples=4, seq_len=16)
+    encoding = BatchEncoding({"input_ids": windows, "attention_mask": torch.ones_like(windows)})
+    pruned = []
+    for calibration in (windows, encoding):
+        model = tiny_model()
+        report = prune(model, PruningConfig(method="wanda"), calibration=calibration)
+        assert report.calibration_tokens == windows.numel()
+        pruned.append(model)
+    for first, second in zip(*(model.parameters() for model in pruned)):
+        assert torch.equal(first == 0, second == 0)
