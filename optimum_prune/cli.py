@@ -26,7 +26,7 @@ from .config import PruningConfig
 from .distributed import init_from_launcher, world
 from .evaluation import evaluate_perplexity
 from .methods import METHODS
-from .models import load_default_model, load_model
+from .models import load_default_model, load_model, load_tokenizer, missing_tokenizer
 from .options import MoEOptions, describe_options
 from .saving import save_pruned
 from .sparsity_metadata import require_compressed_tensors
@@ -136,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype or "float32"]
     launched_device = init_from_launcher()  # torchrun / accelerate launch: calibration is split across processes
     model, tokenizer = load_model(args.model, dtype) if args.model else load_default_model(dtype)
+    if tokenizer is None and (config.requires_calibration or args.eval):
+        raise missing_tokenizer(args.model, "calibration" if config.requires_calibration else "--eval")
     device = args.device or launched_device or ("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
     eval_text = args.eval_file.read_text(encoding="utf-8") if args.eval_file else None
@@ -181,15 +183,15 @@ def run(args: argparse.Namespace) -> int:
 
 def _run_offloaded(args: argparse.Namespace, config: PruningConfig) -> int:
     """``--offload disk``: ``prune_checkpoint`` from --model's shards into --output."""
-    from transformers import AutoTokenizer
-
     from .streaming import prune_checkpoint
 
     if args.model is None:
         raise ValueError("--offload disk reads the layers from a checkpoint directory: give --model")
     if args.eval or args.compressed_tensors_metadata:
         raise ValueError("--offload disk never holds the whole model: evaluate or annotate the saved checkpoint separately")
-    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True) if config.requires_calibration else None
+    tokenizer = load_tokenizer(args.model) if config.requires_calibration else None
+    if config.requires_calibration and tokenizer is None:
+        raise missing_tokenizer(args.model, "calibration")
     report = prune_checkpoint(
         args.model, args.output, config, calibration=args.calibration, tokenizer=tokenizer, device=args.device,
         dtype=DTYPES[args.dtype] if args.dtype else None, activation_device=args.activation_device,

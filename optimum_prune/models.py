@@ -83,7 +83,8 @@ def load_default_model(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedMo
 
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, Any]:
-    """(model, tokenizer) from a local checkpoint directory; never contacts a hub."""
+    """(model, tokenizer) from a local checkpoint directory; never contacts a hub. The tokenizer is
+    None when the directory has none (pruning without calibration needs none)."""
     directory = Path(path)
     if not (directory / "config.json").is_file():
         raise ValueError(f"model path {str(path)!r} is not a directory containing config.json")
@@ -91,6 +92,27 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> t
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)
     except SafetensorError as error:
         raise unreadable_checkpoint(directory, error) from error
-    tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
     model.eval()
-    return model, tokenizer
+    return model, load_tokenizer(directory)
+
+
+# What ``save_pretrained`` of any transformers tokenizer writes (one of them at least).
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+def load_tokenizer(directory: str | os.PathLike) -> Any | None:
+    """The checkpoint's tokenizer, or None when it has no tokenizer files: without this check
+    ``AutoTokenizer`` guesses a class from ``config.json`` and fails inside it, far from the cause."""
+    directory = Path(directory)
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+
+
+def missing_tokenizer(location: str | os.PathLike, needed_for: str) -> ValueError:
+    """The error for a checkpoint without a tokenizer when text must be tokenised."""
+    alternative = ", or prune with a method that needs no calibration (e.g. magnitude)" if needed_for == "calibration" else ""
+    return ValueError(
+        f"{str(location)!r} has no tokenizer ({', '.join(TOKENIZER_FILES)}), which {needed_for} needs: save the "
+        f"model's tokenizer into it (tokenizer.save_pretrained(...)){alternative}"
+    )

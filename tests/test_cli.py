@@ -65,6 +65,25 @@ def test_console_script_installed():
     assert "--sparsity" in result.stdout and "sparsegpt.block_size" in result.stdout and "owl.max_deviation" in result.stdout
 
 
+def test_a_checkpoint_without_tokenizer_prunes_without_calibration_and_names_what_needs_one(tmp_path, capsys):
+    from .conftest import tiny_model
+
+    source = tmp_path / "weights-only"
+    tiny_model().save_pretrained(source)
+    assert load_model(source)[1] is None
+    assert main(["--model", str(source), "--method", "magnitude", "--output", str(tmp_path / "magnitude")]) == 0
+    for arguments, needed_for in (
+        (["--method", "wanda"], "which calibration needs"),
+        (["--method", "wanda", "--offload", "disk"], "which calibration needs"),
+        (["--method", "magnitude", "--eval"], "which --eval needs"),
+    ):
+        with pytest.raises(SystemExit):
+            main(["--model", str(source), *arguments, "--output", str(tmp_path / "o")])
+        err = capsys.readouterr().err
+        assert f"'{source}' has no tokenizer" in err and needed_for in err and "tokenizer.save_pretrained" in err
+        assert not (tmp_path / "o").exists()
+
+
 def test_load_model_missing_path(tmp_path):
     with pytest.raises(ValueError, match="model path .* is not a directory containing config.json"):
         load_model(tmp_path / "missing")

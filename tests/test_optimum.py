@@ -49,6 +49,14 @@ def test_optimum_pruner_prunes_and_saves_a_checkpoint_directory(model_dir, tmp_p
     assert PruningConfig.from_pretrained(tmp_path / "pruned") == config
 
 
+def test_optimum_pruner_takes_a_tokenizer_for_a_checkpoint_without_one(tmp_path, bpe_tokenizer):
+    tiny_model().save_pretrained(tmp_path / "weights-only")
+    pruner = OptimumPruner.from_pretrained(tmp_path / "weights-only", tokenizer=bpe_tokenizer)
+    config = PruningConfig(method="wanda", num_calibration_samples=2, calibration_seq_len=16)
+    pruner.prune(config, save_dir=tmp_path / "pruned", calibration_dataset=["A short calibration text. " * 40])
+    assert load_model(tmp_path / "pruned")[1].get_vocab() == bpe_tokenizer.get_vocab()
+
+
 def test_optimum_pruner_takes_a_loaded_model_and_token_ids(tmp_path):
     model = tiny_model("qwen2")
     pruner = OptimumPruner.from_pretrained(model)
