@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default=defaults.method, choices=METHODS.names(), help="pruning method")
     parser.add_argument("--sparsity", default=str(defaults.sparsity), help="fraction of decoder-layer linear weights to remove, in [0, 1), or an N:M pattern (unstructured methods), e.g. 0.5 or 2:4")
     parser.add_argument("--output", required=True, type=Path, help="directory for the pruned checkpoint (replaced atomically)")
-    parser.add_argument("-m", "--model", type=Path, help="local checkpoint directory (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("-m", "--model", type=Path, help="local checkpoint directory, or a .gguf file (dequantised on load) (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--calibration", type=Path, help="text file for calibration (default: bundled Wikipedia split)")
     parser.add_argument("--calibration-samples", type=int, default=defaults.num_calibration_samples, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=defaults.calibration_seq_len, help="tokens per calibration window")

