@@ -87,8 +87,10 @@ def prune(
         config = PruningConfig.from_dict(config)
     elif not isinstance(config, PruningConfig):
         raise TypeError(f"config must be a PruningConfig or a dict, got {type(config).__name__}")
-    device = _resolve_device(device, model)
     adapter = get_adapter(model)
+    if offload is None:  # a LayerStream holds the layers it has not read yet on the meta device itself
+        _check_materialised(model)
+    device = _resolve_device(device, model)
     _check_unquantized(adapter)
     if offload is not None:
         _check_offloadable(config, adapter)
@@ -158,6 +160,24 @@ def _check_unquantized(adapter: DecoderAdapter) -> None:
                     f"{name} is already quantized ({type(linear).__name__}): prune the unquantized model, then quantize "
                     "(optimum_prune.compress(model, [PruningConfig(...), QuantoConfig(...) or GPTQConfig(...)]) does both)"
                 )
+
+
+def _check_materialised(model: nn.Module) -> None:
+    """Weights that accelerate offloaded (``device_map`` entries ``"cpu"`` beside a GPU, or ``"disk"``) sit
+    on the meta device and are swapped in only inside each forward: there is nothing to prune in place."""
+    device_map = getattr(model, "hf_device_map", None) or {}
+
+    def placed(name: str) -> str:  # the device_map entry a parameter belongs to, else its module
+        return next((key for key in device_map if name.startswith(f"{key}.")), name.rpartition(".")[0])
+
+    offloaded = sorted({placed(name) for name, parameter in model.named_parameters() if parameter.is_meta})
+    if offloaded:
+        shown = ", ".join(offloaded[:3]) + (f" and {len(offloaded) - 3} more" if len(offloaded) > 3 else "")
+        raise ValueError(
+            f"{shown} hold offloaded weights (meta tensors: a device_map with 'cpu' or 'disk' entries); pruning rewrites "
+            "weights in place, so load the model without offloading, or prune the checkpoint directory layer by layer "
+            "from disk: prune(path, config, output_dir=...) (optimum-cli prune --offload disk)"
+        )
 
 
 def _check_offloadable(config: PruningConfig, adapter: DecoderAdapter) -> None:

@@ -194,3 +194,12 @@ def test_prune_takes_a_checkpoint_directory_and_streams_it_into_output_dir(shard
     with pytest.raises(ValueError, match="save it with save_pruned"):
         prune(tiny_model(), CONFIGS["wanda"], calibration=windows, output_dir=tmp_path / "elsewhere")
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_a_model_accelerate_offloaded_is_refused_with_the_way_to_stream_it(sharded, tmp_path):
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    device_map |= {f"model.layers.{i}": "disk" if i else "cpu" for i in range(3)}
+    model = AutoModelForCausalLM.from_pretrained(sharded, device_map=device_map, offload_folder=tmp_path / "offload")
+    assert any(parameter.is_meta for parameter in model.parameters())  # what a device_map offload leaves in place
+    with pytest.raises(ValueError, match=r"^model.layers.1, model.layers.2 hold offloaded weights .*prune\(path, config, output_dir=...\)"):
+        prune(model, CONFIGS["wanda"], calibration=token_windows())
