@@ -239,6 +239,7 @@ class PruningCallback(TrainerCallback):
             self.schedule = self.schedule.resolved(state.max_steps)
             if self.schedule.score == "wanda":
                 self._observe_inputs()  # its first pruning step waits for one interval of activations
+                self._warn_if_resumed_mid_interval(state.global_step)
             elif self.schedule.prunes_at(state.global_step):
                 self._prune(state.global_step)
         logger.info("PruningCallback: %d linears at %.2f%% sparsity", len(self.masks.linears), 100 * self.masks.sparsity())
@@ -279,6 +280,19 @@ class PruningCallback(TrainerCallback):
             logger.info("PruningCallback: merged %d PERP adapters", merged)
 
     # --- gradual pruning ------------------------------------------------------------------
+    def _warn_if_resumed_mid_interval(self, step: int) -> None:
+        """Activation norms are not checkpointed: a run resumed between two pruning steps scores
+        the next one on the batches seen since the resume only."""
+        pruning_ahead = self.schedule.sparsity_at(step) < self.schedule.final_fraction
+        if step == 0 or self.schedule.prunes_at(step) or not pruning_ahead:
+            return
+        logger.warning(
+            "PruningCallback: resumed at step %d, between two pruning steps of a score='wanda' schedule: the activation "
+            "norms gathered since the previous pruning step are not in the checkpoint, so the next one scores on fewer "
+            "batches than an uninterrupted run; checkpoints saved at pruning steps resume exactly",
+            step,
+        )
+
     def _observe_inputs(self) -> None:
         for name, linear in self.masks.linears.items():
             self._norms[name] = ColumnNorms(linear.in_features, linear.weight.device)

@@ -19,7 +19,9 @@ def train_dataset(samples: int = 16, seq_len: int = 16) -> Dataset:
     return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
 
 
-def run_trainer(model, tmp_path, callbacks=(), steps: int = 6, optimizers=(None, None), **overrides) -> Trainer:
+def run_trainer(
+    model, tmp_path, callbacks=(), steps: int = 6, optimizers=(None, None), resume_from_checkpoint: str | None = None, **overrides
+) -> Trainer:
     args = TrainingArguments(
         output_dir=str(tmp_path / "run"),
         max_steps=steps,
@@ -27,14 +29,14 @@ def run_trainer(model, tmp_path, callbacks=(), steps: int = 6, optimizers=(None,
         learning_rate=overrides.pop("learning_rate", 1e-2),
         weight_decay=overrides.pop("weight_decay", 0.1),
         logging_steps=1,
-        save_strategy="no",
+        save_strategy=overrides.pop("save_strategy", "no"),
         report_to=[],
         use_cpu=True,
         disable_tqdm=True,
         **overrides,
     )
     trainer = Trainer(model=model, args=args, train_dataset=train_dataset(), callbacks=list(callbacks), optimizers=optimizers)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     return trainer
 
 
@@ -151,6 +153,27 @@ class TestGradualPruning:
         trainer = run_trainer(model, tmp_path, callbacks=[PruningCallback(schedule)], steps=5)
         logged = [entry["sparsity"] for entry in trainer.state.log_history if "loss" in entry]
         assert logged[0] == 0.0 and logged[-1] == pytest.approx(0.5, abs=1e-3)
+
+    @pytest.mark.parametrize("score", ["magnitude", "wanda"])
+    def test_resuming_from_a_checkpoint_at_a_pruning_step_equals_the_uninterrupted_run(self, tmp_path, score, caplog):
+        schedule = GradualSchedule(final_sparsity=0.5, end_step=8, every=2, score=score)
+        uninterrupted, resumed = tiny_model(), tiny_model()
+        run_trainer(uninterrupted, tmp_path, callbacks=[PruningCallback(schedule)], steps=10, save_strategy="steps", save_steps=4)
+        with caplog.at_level("WARNING", logger="optimum_prune.callback"):
+            checkpoint = str(tmp_path / "run" / "checkpoint-4")
+            run_trainer(resumed, tmp_path, callbacks=[PruningCallback(schedule)], steps=10, resume_from_checkpoint=checkpoint)
+        for expected, actual in zip(uninterrupted.parameters(), resumed.parameters()):
+            assert torch.equal(expected, actual)
+        assert verify_sparsity(resumed, ignore=("lm_head",))["overall_sparsity"] == pytest.approx(0.5, abs=1e-3)
+        assert "between two pruning steps" not in caplog.text
+
+    def test_resuming_a_wanda_schedule_between_pruning_steps_warns(self, tmp_path, caplog):
+        schedule = GradualSchedule(final_sparsity=0.5, end_step=8, every=2, score="wanda")
+        run_trainer(tiny_model(), tmp_path, callbacks=[PruningCallback(schedule)], steps=4, save_strategy="steps", save_steps=3)
+        with caplog.at_level("WARNING", logger="optimum_prune.callback"):
+            checkpoint = str(tmp_path / "run" / "checkpoint-3")
+            run_trainer(tiny_model(), tmp_path, callbacks=[PruningCallback(schedule)], steps=10, resume_from_checkpoint=checkpoint)
+        assert "resumed at step 3, between two pruning steps of a score='wanda' schedule" in caplog.text
 
     def test_ignored_linears_stay_dense(self, tmp_path):
         model = tiny_model()
