@@ -29,6 +29,7 @@ from .calibration import (
 from .calibration.engine import moving_to, on_disk
 from .config import PruningConfig
 from .distributed import all_reduce_sum, is_distributed, shard
+from .masks import check_ignore_patterns
 from .methods import METHODS, LayerPruner, MethodSpec, ModelPruner, StructuredMethod
 from .methods.magnitude import MagnitudeOptions
 from .options import MoEOptions
@@ -92,6 +93,7 @@ def prune(
         _check_materialised(model)
     device = _resolve_device(device, model)
     _check_unquantized(adapter)
+    check_ignore_patterns(adapter, config.ignore, "PruningConfig.ignore")
     if offload is not None:
         _check_offloadable(config, adapter)
     if not METHODS.get(config.method).pruner and activation_device is not None:
@@ -260,6 +262,8 @@ class _PruningRun:
         options = config.build_method_options()
         moe_options = config.build_moe_options()
         targets = _target_linears(adapter, config.ignore, include_routers=moe_options.prune_router)
+        if config.ignore and not any(targets):
+            raise ValueError(f"PruningConfig.ignore {config.ignore!r} leaves no linear of the {part} part to prune")
         for linears in targets:
             for name, linear in linears.items():
                 try:

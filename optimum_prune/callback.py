@@ -40,7 +40,8 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .expert_dropping import ExpertDroppingCallback, ExpertDroppingSchedule
-from .masks import SparsityMasks
+from .adapters import get_adapter
+from .masks import SparsityMasks, check_ignore_patterns
 from .perp import PERPConfig, PERPSummary, merge_perp, prepare_perp
 from .sparsity import NMPattern, SparsityTarget, normalise_sparsity, select_mask
 from .statistics import ColumnNorms, wanda_scores
@@ -230,6 +231,7 @@ class PruningCallback(TrainerCallback):
                 "PruningCallback(perp=...) must be passed to the Trainer's constructor (callbacks=[...]): added later, it "
                 "cannot prepare the model before the Trainer builds its optimizer"
             )
+        check_ignore_patterns(get_adapter(model), self.ignore, "PruningCallback ignore")
         self.masks = SparsityMasks.from_zeros(model, self.ignore)
         if self.experts is not None:
             self.experts.on_train_begin(args, state, control, model=model, **kwargs)

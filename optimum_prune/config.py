@@ -151,6 +151,8 @@ class PruningConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PruningConfig":
+        if not isinstance(data, Mapping):
+            raise TypeError(f"a pruning config is a mapping of PruningConfig fields, got {type(data).__name__}: {data!r:.80}")
         data = {key: value for key, value in data.items() if key not in PROVENANCE_KEYS}
         version = data.pop("format_version", FORMAT_VERSION)
         if version != FORMAT_VERSION:
@@ -181,6 +183,8 @@ class PruningConfig:
         if path.is_dir() and not (path / CONFIG_NAME).is_file():
             raise ValueError(f"{str(path)!r} has no {CONFIG_NAME}; save one with PruningConfig.save_pretrained")
         stored = PruningConfigFile.get_config_dict(os.fspath(path_or_repo), **kwargs)[0]
+        if not isinstance(stored, Mapping):
+            raise ValueError(f"{str(path_or_repo)!r}: {CONFIG_NAME} must contain a JSON object, got {type(stored).__name__}")
         return cls.from_dict({key: value for key, value in stored.items() if not key.startswith("_")})
 
     def to_json_string(self) -> str:

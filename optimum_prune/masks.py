@@ -16,7 +16,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
-from .adapters import get_adapter
+from .adapters import DecoderAdapter, get_adapter
 
 
 def prunable_linears(model: nn.Module, ignore: Iterable[str] = ()) -> dict[str, nn.Linear]:
@@ -34,6 +34,18 @@ def prunable_linears(model: nn.Module, ignore: Iterable[str] = ()) -> dict[str, 
             if not any(fnmatchcase(qualified, p) for p in patterns):
                 found[qualified] = linear
     return found
+
+
+def check_ignore_patterns(adapter: DecoderAdapter, ignore: Iterable[str], field: str) -> None:
+    """A pattern that matches no module is a typo that would silently prune what it meant to keep."""
+    names = [name for name, _ in adapter.model.named_modules() if name]
+    unmatched = [pattern for pattern in ignore if not any(fnmatchcase(name, pattern) for name in names)]
+    if unmatched:
+        example = next(iter(adapter.qualified_prunable_linears()[0]), names[0])
+        raise ValueError(
+            f"{field} pattern(s) {', '.join(map(repr, unmatched))} match no module of {type(adapter.model).__name__} "
+            f"(names look like {example!r}); correct or remove them"
+        )
 
 
 def _unwrapped_linears(layer: nn.Module) -> Iterator[tuple[str, nn.Linear]]:

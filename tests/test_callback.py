@@ -175,6 +175,10 @@ class TestGradualPruning:
             run_trainer(tiny_model(), tmp_path, callbacks=[PruningCallback(schedule)], steps=10, resume_from_checkpoint=checkpoint)
         assert "resumed at step 3, between two pruning steps of a score='wanda' schedule" in caplog.text
 
+    def test_an_ignore_pattern_matching_nothing_is_refused(self, tmp_path):
+        with pytest.raises(ValueError, match=r"PruningCallback ignore pattern\(s\) '\*.mpl.\*' match no module"):
+            run_trainer(tiny_model(), tmp_path, callbacks=[PruningCallback(GradualSchedule(0.5, end_step=2, every=1), ignore=["*.mpl.*"])])
+
     def test_ignored_linears_stay_dense(self, tmp_path):
         model = tiny_model()
         schedule = GradualSchedule(final_sparsity=0.5, end_step=2, every=1)

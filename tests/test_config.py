@@ -96,3 +96,11 @@ def test_malformed_json_file(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ValueError, match="is not valid JSON"):
         PruningConfig.from_json_file(path)
+
+
+def test_a_config_file_holding_no_object_is_named(tmp_path):
+    (tmp_path / "pruning_config.json").write_text('["wanda"]')
+    with pytest.raises(ValueError, match="pruning_config.json must contain a JSON object, got list"):
+        PruningConfig.from_pretrained(tmp_path)
+    with pytest.raises(TypeError, match="a pruning config is a mapping of PruningConfig fields, got list"):
+        PruningConfig.from_dict(["wanda"])

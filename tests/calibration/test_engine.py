@@ -109,6 +109,22 @@ def test_ignore_patterns_keep_modules_dense(llama, windows):
     assert len(names) == 2 * 6
 
 
+@pytest.mark.parametrize(
+    "method, ignore, message",
+    [
+        ("wanda", ["*.q_prj", "lm_head", "*.o_proj"], r"PruningConfig.ignore pattern\(s\) '\*.q_prj' match no module of LlamaForCausalLM \(names look like 'model.layers.0.self_attn.q_proj'\)"),
+        ("width", ["model.layer.0.*"], r"PruningConfig.ignore pattern\(s\) 'model.layer.0.\*' match no module"),
+        ("wanda", ["model.layers.*"], r"PruningConfig.ignore \['model.layers.\*'\] leaves no linear of the language part to prune"),
+    ],
+)
+def test_ignore_patterns_that_match_nothing_or_everything_are_refused(windows, method, ignore, message):
+    model = tiny_model()
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=message):
+        prune(model, PruningConfig(method=method, sparsity=0.25, ignore=ignore), calibration=windows)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
 def test_impossible_pattern_fails_before_any_weight_changes(windows):
     model = tiny_model(intermediate_size=130)  # down_proj has 130 inputs: not a multiple of 4
     before = [p.clone() for p in model.parameters()]
