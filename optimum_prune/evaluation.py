@@ -32,6 +32,10 @@ def evaluate_perplexity(
     """
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    if tokenizer is None:
+        raise ValueError("evaluate_perplexity tokenises text: pass the model's tokenizer")
+    if not (text is None or isinstance(text, str) or (isinstance(text, Sequence) and all(isinstance(t, str) for t in text))):
+        raise TypeError(f"text must be None (the bundled evaluation split), a string or a list of strings, got {type(text).__name__}")
     texts = [wikipedia_text("evaluation")] if text is None else [text] if isinstance(text, str) else list(text)
     tokens = tokenize_stream(tokenizer, texts)
     if max_tokens is not None:

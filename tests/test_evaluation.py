@@ -29,3 +29,7 @@ def test_default_text_and_errors(bpe_tokenizer):
     assert default == evaluate_perplexity(model, bpe_tokenizer, wikipedia_text("evaluation"), seq_len=32, max_tokens=128)
     with pytest.raises(ValueError, match="fewer than one window of seq_len=512"):
         evaluate_perplexity(model, bpe_tokenizer, "too short", seq_len=512)
+    with pytest.raises(ValueError, match="pass the model's tokenizer"):
+        evaluate_perplexity(model, None)
+    with pytest.raises(TypeError, match="text must be None .*, a string or a list of strings, got Tensor"):
+        evaluate_perplexity(model, bpe_tokenizer, torch.zeros(2, 8, dtype=torch.long))
