@@ -178,6 +178,11 @@ def prune_checkpoint(
 
     source, output_dir = Path(source), Path(output_dir)
     config = PruningConfig.from_dict(dict(config)) if isinstance(config, Mapping) else config
+    if source.suffix == ".gguf":
+        raise ValueError(
+            f"source {str(source)!r} is a GGUF file: its layers are read from safetensors shards; prune it in memory "
+            "(without offloading), or convert it first (load_model(path) then save_pretrained)"
+        )
     if not (source / "config.json").is_file():
         raise ValueError(f"source {str(source)!r} is not a checkpoint directory (no config.json)")
     check_replaceable(output_dir)  # before hours of pruning, not at the final rename

@@ -123,6 +123,12 @@ def test_what_needs_the_whole_model_is_refused(sharded, tmp_path, config, messag
         prune_checkpoint(sharded, tmp_path / "out", config, calibration=token_windows())
 
 
+def test_a_gguf_source_is_refused_with_the_way_round(tmp_path):
+    (tmp_path / "model.gguf").touch()
+    with pytest.raises(ValueError, match=r"model.gguf' is a GGUF file: .*prune it in memory"):
+        prune_checkpoint(tmp_path / "model.gguf", tmp_path / "out", CONFIGS["magnitude"])
+
+
 def test_source_without_weights_is_named(tmp_path):
     tiny_model().config.save_pretrained(tmp_path / "empty")
     with pytest.raises(ValueError, match="holds no safetensors weights"):
