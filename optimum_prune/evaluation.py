@@ -10,7 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from .calibration import image_text_batches, tokenize_stream
+from .calibration import check_token_ids, image_text_batches, tokenize_stream
 from .data import wikipedia_text
 
 
@@ -44,6 +44,7 @@ def evaluate_perplexity(
     if windows == 0:
         raise ValueError(f"text has {tokens.numel()} tokens, fewer than one window of seq_len={seq_len}")
     tokens = tokens[: windows * seq_len].reshape(windows, seq_len)
+    check_token_ids(model, tokens)
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()

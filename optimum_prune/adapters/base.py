@@ -269,11 +269,12 @@ class DecoderAdapter(ABC):
         """Write the widths of ``shape`` into ``config`` (the head size stays explicit)."""
         raise self._no_structure()
 
-    def _no_experts(self) -> NotImplementedError:
-        return NotImplementedError(f"{type(self).__name__} ({type(self.model).__name__}) has no mixture-of-experts blocks")
+    # Asking a model for what its architecture lacks is a bad request (ValueError), not a bug.
+    def _no_experts(self) -> ValueError:
+        return ValueError(f"{type(self).__name__} ({type(self.model).__name__}) has no mixture-of-experts blocks")
 
-    def _no_structure(self) -> NotImplementedError:
-        return NotImplementedError(
+    def _no_structure(self) -> ValueError:
+        return ValueError(
             f"{type(self).__name__} ({type(self.model).__name__}) does not support structured pruning; "
             "use an unstructured method such as wanda or sparsegpt"
         )

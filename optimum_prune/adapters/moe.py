@@ -100,6 +100,13 @@ class MoEAdapter(DecoderAdapter):
     def input_modules(self) -> list[nn.Module]:
         return [self.decoder.embed_tokens, self.decoder.rotary_emb]
 
+    def _no_structure(self) -> ValueError:
+        return ValueError(
+            f"{type(self).__name__} ({type(self.model).__name__}) cannot apply this structured method, which is written "
+            "for dense decoder layers; use an unstructured method such as wanda or sparsegpt, or remove or merge whole "
+            "experts (method='experts' or 'merge_experts')"
+        )
+
     def moe_block(self, layer: nn.Module) -> nn.Module | None:
         """The layer's sparse MoE block (Mixtral: ``block_sparse_moe``; the others: ``mlp``), or None for a dense MLP."""
         block = getattr(layer, "block_sparse_moe", None) or layer.mlp

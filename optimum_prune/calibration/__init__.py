@@ -12,7 +12,14 @@ from .engine import (
     walk_layers,
 )
 from .multimodal import count_images, image_text_batches
-from .sources import CalibrationSource, calibration_inputs, calibration_windows, sample_windows, tokenize_stream
+from .sources import (
+    CalibrationSource,
+    calibration_inputs,
+    calibration_windows,
+    check_token_ids,
+    sample_windows,
+    tokenize_stream,
+)
 
 __all__ = [
     "CalibrationInputs",
@@ -21,6 +28,7 @@ __all__ = [
     "calibration_inputs",
     "calibration_windows",
     "capture_first_layer_inputs",
+    "check_token_ids",
     "count_images",
     "count_tokens",
     "feed_layer",

@@ -51,6 +51,22 @@ def calibration_windows(
     return sample_windows(tokenize_stream(tokenizer, texts), num_samples, seq_len, seed)
 
 
+def check_token_ids(model: Any, inputs: CalibrationInputs) -> None:
+    """Token ids outside the model's embedding table mean a tokenizer of another model; without this
+    check the first forward fails deep inside ``torch.embedding`` with "index out of range"."""
+    vocabulary = model.get_input_embeddings().num_embeddings
+    ids = [inputs] if isinstance(inputs, torch.Tensor) else [batch["input_ids"] for batch in inputs]
+    ids = [t for t in ids if t.numel()]
+    if not ids:
+        return
+    smallest, largest = min(int(t.min()) for t in ids), max(int(t.max()) for t in ids)
+    if smallest < 0 or largest >= vocabulary:
+        raise ValueError(
+            f"token ids run from {smallest} to {largest}, outside the {vocabulary} embeddings of "
+            f"{type(model).__name__}: the tokenizer (or the token ids) belong to another model"
+        )
+
+
 def sample_windows(tokens: torch.Tensor, num_samples: int, seq_len: int, seed: int) -> torch.Tensor:
     """``num_samples`` windows of ``seq_len`` tokens from a 1-D token stream, at seeded random offsets."""
     if tokens.numel() < seq_len:

@@ -164,7 +164,8 @@ def experts_to_keep(adapter: Any, sparsity: float, requested: int) -> int:
     if 0 in counts or len(counts) != 1:
         raise ValueError(
             f"expert pruning and merging need every decoder layer to be a mixture-of-experts layer with the same "
-            f"expert count; {type(adapter.model).__name__} has per-layer expert counts {sorted(counts)}"
+            f"expert count; {type(adapter.model).__name__} has "
+            + ("no mixture-of-experts layers" if counts == {0} else f"per-layer expert counts {sorted(counts)}")
         )
     total = counts.pop()
     keep = requested or round(total * (1 - sparsity))

@@ -97,6 +97,20 @@ def test_routers_stay_dense_and_experts_are_pruned(family):
     assert experts and all(layers[name]["conforming"] and layers[name]["sparsity"] >= 0.5 for name in experts)
 
 
+@pytest.mark.parametrize("method", ["width", "slicegpt", "layers"])
+def test_dense_structured_methods_are_refused_naming_the_expert_methods(method):
+    model = tiny_moe()
+    with pytest.raises(ValueError, match=r"MoEAdapter \(MixtralForCausalLM\) cannot apply this structured method.*'merge_experts'"):
+        prune(model, PruningConfig(method=method, sparsity=0.5), calibration=token_windows(4, 16))
+
+
+def test_expert_methods_on_a_dense_model_say_it_has_no_experts():
+    from ..conftest import tiny_model
+
+    with pytest.raises(ValueError, match="LlamaForCausalLM has no mixture-of-experts layers"):
+        prune(tiny_model(), PruningConfig(method="experts", sparsity=0.5), calibration=token_windows(4, 16))
+
+
 def test_wanda_on_an_expert_uses_only_its_routed_weighted_tokens():
     model, windows = tiny_moe(), token_windows(samples=4, seq_len=16)
     w1 = model.model.layers[0].block_sparse_moe.experts[1].w1

@@ -86,3 +86,15 @@ def test_a_tokenizer_output_is_one_processed_batch():
         pruned.append(model)
     for first, second in zip(*(model.parameters() for model in pruned)):
         assert torch.equal(first == 0, second == 0)
+
+
+def test_token_ids_of_another_tokenizer_are_named_before_any_forward(bpe_tokenizer):
+    from optimum_prune import evaluate_perplexity
+
+    model = tiny_model(vocab_size=64)  # smaller than the tokenizer's vocabulary
+    with pytest.raises(ValueError, match=r"token ids run from \d+ to \d+, outside the 64 embeddings of LlamaForCausalLM"):
+        prune(model, PruningConfig(method="wanda"), calibration=[TEXT], tokenizer=bpe_tokenizer)
+    with pytest.raises(ValueError, match="outside the 64 embeddings"):
+        prune(model, PruningConfig(method="wanda"), calibration=[{"input_ids": torch.tensor([[1, 2, 64]])}])
+    with pytest.raises(ValueError, match="belong to another model"):
+        evaluate_perplexity(model, bpe_tokenizer, TEXT, seq_len=16)
