@@ -96,7 +96,7 @@ def prune(
     _check_unquantized(adapter)
     check_ignore_patterns(adapter, config.ignore, "PruningConfig.ignore")
     if offload is not None:
-        _check_offloadable(config, adapter)
+        check_offloadable(config, adapter)
     if not METHODS.get(config.method).pruner and activation_device is not None:
         raise ValueError(
             f"activation_device applies to the per-layer methods ({_per_layer_methods()}); {config.method!r} keeps its "
@@ -123,7 +123,8 @@ def prune(
                 f"multi-process calibration supports the per-layer methods ({_per_layer_methods()}); run "
                 f"{config.method!r} in a single process"
             )
-        inputs = shard(inputs)
+        if inputs is not None:  # data-free methods (magnitude) prune alike in every process
+            inputs = shard(inputs)
     report = PruningReport(
         method=config.method,
         sparsity=config.sparsity,
@@ -184,7 +185,7 @@ def _check_materialised(model: nn.Module) -> None:
         )
 
 
-def _check_offloadable(config: PruningConfig, adapter: DecoderAdapter) -> None:
+def check_offloadable(config: PruningConfig, adapter: DecoderAdapter) -> None:
     """Offloaded runs hold one layer at a time: methods and allocations that need more are refused."""
     if not METHODS.get(config.method).pruner:
         raise ValueError(

@@ -23,12 +23,12 @@ import torch
 from .allocation import ALLOCATIONS
 from .api import prune
 from .config import PruningConfig
-from .distributed import init_from_launcher, world
+from .distributed import init_from_launcher, launched_processes, rank_zero_first, world
 from .evaluation import evaluate_perplexity
 from .methods import METHODS
-from .models import load_default_model, load_model, load_tokenizer, missing_tokenizer
+from .models import default_model_path, load_default_model, load_model, load_tokenizer, missing_tokenizer
 from .options import MoEOptions, describe_options
-from .saving import save_pruned
+from .saving import check_replaceable, save_pruned
 from .sparsity_metadata import require_compressed_tensors
 from .sparsity import verify_sparsity
 
@@ -112,6 +112,10 @@ def _parse_options(pairs: Sequence[str], flag: str) -> dict[str, Any]:
     return options
 
 
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def run(args: argparse.Namespace) -> int:
     config = PruningConfig(
         method=args.method,
@@ -131,14 +135,17 @@ def run(args: argparse.Namespace) -> int:
         if METHODS.get(config.method).structured:
             raise ValueError(f"--compressed-tensors-metadata describes sparse weights; structured method {config.method!r} leaves dense ones")
         require_compressed_tensors()
+    check_replaceable(args.output)  # before loading and pruning, not at the final rename
     if args.offload:
         return _run_offloaded(args, config)
     dtype = DTYPES[args.dtype or "float32"]
     launched_device = init_from_launcher()  # torchrun / accelerate launch: calibration is split across processes
+    if args.model is None:
+        rank_zero_first(default_model_path)  # the first use converts the embedded model into the shared cache
     model, tokenizer = load_model(args.model, dtype) if args.model else load_default_model(dtype)
     if tokenizer is None and (config.requires_calibration or args.eval):
         raise missing_tokenizer(args.model, "calibration" if config.requires_calibration else "--eval")
-    device = args.device or launched_device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = args.device or launched_device or default_device()
     model.to(device)
     eval_text = args.eval_file.read_text(encoding="utf-8") if args.eval_file else None
 
@@ -189,11 +196,13 @@ def _run_offloaded(args: argparse.Namespace, config: PruningConfig) -> int:
         raise ValueError("--offload disk reads the layers from a checkpoint directory: give --model")
     if args.eval or args.compressed_tensors_metadata:
         raise ValueError("--offload disk never holds the whole model: evaluate or annotate the saved checkpoint separately")
+    if launched_processes() > 1:
+        raise ValueError("--offload disk runs in one process (every process would write the same layers): launch it without torchrun")
     tokenizer = load_tokenizer(args.model) if config.requires_calibration else None
     if config.requires_calibration and tokenizer is None:
         raise missing_tokenizer(args.model, "calibration")
     report = prune_checkpoint(
-        args.model, args.output, config, calibration=args.calibration, tokenizer=tokenizer, device=args.device,
+        args.model, args.output, config, calibration=args.calibration, tokenizer=tokenizer, device=args.device or default_device(),
         dtype=DTYPES[args.dtype] if args.dtype else None, activation_device=args.activation_device,
     )  # fmt: skip
     print(f"\n{config.method} {config.sparsity} ({config.allocation}) -> {args.output}")

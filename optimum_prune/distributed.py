@@ -11,6 +11,7 @@ order of floating-point sums). NCCL on GPUs, gloo on CPU: whatever process group
 from __future__ import annotations
 
 import os
+from typing import Any, Callable
 
 import torch
 from torch import distributed as dist
@@ -25,11 +26,27 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def launched_processes() -> int:
+    """How many processes a launcher started (``WORLD_SIZE``), process group or not."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def rank_zero_first(prepare: Callable[[], Any]) -> None:
+    """Run ``prepare`` in the first process only, the others waiting for it: for a cache every
+    process reads afterwards (concurrent writers would race on its atomic rename)."""
+    if not is_distributed():
+        prepare()
+        return
+    if world()[0] == 0:
+        prepare()
+    dist.barrier()
+
+
 def init_from_launcher() -> torch.device | None:
     """Join the process group a launcher (``torchrun``, ``accelerate launch``) describes in the
     environment (NCCL with one GPU per process where CUDA is available, else gloo) and return this
     process's device; None when not launched as several processes."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if launched_processes() <= 1:
         return None
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if cuda else torch.device("cpu")

@@ -34,7 +34,7 @@ WRAPPER_FIXES = {
 @contextmanager
 def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a staging directory that replaces ``target`` only if the block completes."""
-    target = Path(target)
+    target = Path(target).absolute()  # "." has no name to stage beside
     check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
@@ -51,6 +51,12 @@ def check_replaceable(target: Path) -> None:
     whole directory (atomically), where ``save_pretrained`` writes into it, so ``"."`` or a home directory given
     by mistake would otherwise be lost. Empty directories and earlier outputs (``config.json`` beside
     ``*.safetensors`` or ``*.onnx`` weights) may go."""
+    target = Path(target).absolute()
+    if Path.cwd().is_relative_to(target.resolve()):
+        raise ValueError(
+            f"{target} is the working directory or holds it; saving replaces the whole directory, so give a new one "
+            "(e.g. ./pruned)"
+        )
     if not target.exists():
         return
     if not target.is_dir():

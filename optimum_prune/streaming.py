@@ -20,6 +20,7 @@ is complete. The result loads with stock ``AutoModelForCausalLM.from_pretrained`
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .calibration import CalibrationSource
+from .calibration import CalibrationInputs, CalibrationSource, calibration_inputs, check_token_ids
 from .config import CONFIG_NAME, PruningConfig
 from .models import unreadable_checkpoint
 from .report import PruningReport
@@ -43,6 +44,7 @@ logger = logging.getLogger(__name__)
 INDEX_NAME = "model.safetensors.index.json"
 REST_SHARD = "model-rest.safetensors"
 RUN_RECORD = "streaming-run.json"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".npz")
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
@@ -101,6 +103,7 @@ class LayerStream:
 
     def __init__(self, reader: CheckpointReader, staging: Path, layer_names: list[str], device: torch.device, dtype: torch.dtype):
         self.reader, self.staging, self.layer_names, self.device, self.dtype = reader, staging, layer_names, device, dtype
+        self.unknown_reported = False
 
     def shard(self, index: int) -> Path:
         return self.staging / f"model-layer-{index:05d}.safetensors"
@@ -139,8 +142,17 @@ class LayerStream:
     def _load(self, layer: nn.Module, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
         from accelerate.utils import set_module_tensor_to_device
 
+        known = {name for name, _ in (*layer.named_parameters(), *layer.named_buffers())}
+        unknown = []
         for name, tensor in tensors.items():
-            set_module_tensor_to_device(layer, name.removeprefix(prefix + "."), self.device, value=tensor, dtype=self.dtype)
+            local = name.removeprefix(prefix + ".")
+            if local in known:
+                set_module_tensor_to_device(layer, local, self.device, value=tensor, dtype=self.dtype)
+            else:
+                unknown.append(local)
+        if unknown and not self.unknown_reported:  # e.g. rotary_emb.inv_freq of older checkpoints: from_pretrained drops them too
+            logger.warning("the checkpoint's layers hold tensors the model does not have (%s ...); they are left out", ", ".join(unknown[:3]))
+            self.unknown_reported = True
         missing = _meta_tensors(layer)
         if missing:
             raise ValueError(f"the checkpoint has no tensor(s) {', '.join(f'{prefix}.{m}' for m in missing)} for {prefix}")
@@ -174,7 +186,8 @@ def prune_checkpoint(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .adapters import get_adapter
-    from .api import prune
+    from .api import check_offloadable, prune
+    from .masks import check_ignore_patterns
 
     source, output_dir = Path(source), Path(output_dir)
     config = PruningConfig.from_dict(dict(config)) if isinstance(config, Mapping) else config
@@ -192,16 +205,23 @@ def prune_checkpoint(
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
     adapter = get_adapter(model)
+    check_offloadable(config, adapter)  # the checks that need no data, before any folder is made
+    check_ignore_patterns(adapter, config.ignore, "PruningConfig.ignore")
     layer_names = adapter.layer_names()
     layer_tensors = {name for prefix in layer_names for name in reader.under(prefix)}
     rest = [name for name in reader.weight_map if name not in layer_tensors]
     _load_inputs(model, adapter.capture_modules(), reader, rest, dtype)
-    staging = _staging(output_dir, source, config)
+    inputs = None
+    if config.requires_calibration:
+        inputs = calibration_inputs(
+            calibration, tokenizer, None, config.num_calibration_samples, config.calibration_seq_len, config.seed
+        )
+        check_token_ids(model, inputs)
+    staging = _staging(output_dir, _run_record(source, config, dtype, inputs))
     stream = LayerStream(reader, staging, layer_names, torch.device(device or "cpu"), dtype)
     report = prune(
-        model, config, calibration=calibration, tokenizer=tokenizer, device=stream.device, offload=stream,
-        activation_device=activation_device,
-    )  # fmt: skip
+        model, config, calibration=inputs, device=stream.device, offload=stream, activation_device=activation_device
+    )
     _finish_checkpoint(model, reader, rest, stream, tokenizer, config, source, output_dir)
     return report
 
@@ -216,24 +236,39 @@ def _load_inputs(model: nn.Module, modules: list[nn.Module], reader: CheckpointR
         set_module_tensor_to_device(model, name, "cpu", value=tensor, dtype=dtype)
 
 
-def _staging(output_dir: Path, source: Path, config: PruningConfig) -> Path:
-    """The partial run's folder: reused when it was started by the same source and config."""
+def _run_record(source: Path, config: PruningConfig, dtype: torch.dtype, inputs: CalibrationInputs | None) -> dict[str, Any]:
+    """What a resumed run must share with the interrupted one for their layers to belong together."""
+    calibration = None
+    if inputs is not None:
+        digest = hashlib.sha256()
+        for ids in [inputs] if isinstance(inputs, torch.Tensor) else [batch["input_ids"] for batch in inputs]:
+            digest.update(str(tuple(ids.shape)).encode())
+            digest.update(ids.cpu().numpy().tobytes())
+        calibration = digest.hexdigest()
+    return {"source": str(source.resolve()), "pruning_config": config.to_dict(), "dtype": str(dtype), "calibration": calibration}
+
+
+def _staging(output_dir: Path, record: dict[str, Any]) -> Path:
+    """The partial run's folder: resumed when the same run (``record``) started it; one holding no
+    finished layer has no work to lose and starts over."""
+    output_dir = output_dir.absolute()
     staging = output_dir.parent / f".{output_dir.name}.partial"
-    record = {"source": str(source.resolve()), "pruning_config": config.to_dict()}
     if staging.is_dir():
         try:
             previous = json.loads((staging / RUN_RECORD).read_text())
         except (OSError, ValueError):
-            previous = None
-        if previous != record:
+            previous = {}
+        if previous == record:
+            logger.info("resuming the partial run in %s", staging)
+            return staging
+        if any(staging.glob("model-layer-*.safetensors")):
+            differing = [key for key in record if previous.get(key) != record[key]]
             raise ValueError(
-                f"{str(staging)!r} holds a partial run of another source or pruning config; delete it to start over, "
-                "or rerun that same call to resume it"
+                f"{str(staging)!r} holds layers of a partial run with another {' / '.join(differing) or 'record'}; delete "
+                "it to start over, or rerun that same call to resume it"
             )
-        logger.info("resuming the partial run in %s", staging)
-    else:
-        staging.mkdir(parents=True)
-        write_text_atomic(staging / RUN_RECORD, json.dumps(record))
+    staging.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(staging / RUN_RECORD, json.dumps(record))
     return staging
 
 
@@ -251,11 +286,16 @@ def _finish_checkpoint(
             weight_map.update(dict.fromkeys(handle.keys(), stream.shard(index).name))
     (staging / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
     for extra in source.iterdir():  # tokenizer and generation config files, as the source has them
-        if extra.is_file() and not extra.name.endswith(".safetensors") and extra.name not in (INDEX_NAME, "config.json", CONFIG_NAME):
+        if extra.is_file() and not _is_weights(extra.name) and extra.name not in ("config.json", CONFIG_NAME):
             shutil.copy2(extra, staging / extra.name)
     model.config.save_pretrained(staging)
     config.save_pretrained(staging)
     if tokenizer is not None:
         tokenizer.save_pretrained(staging)
-    (staging / RUN_RECORD).unlink()
     replace_directory(staging, output_dir)
+    (output_dir / RUN_RECORD).unlink()  # after the rename: a run killed before it still resumes
+
+
+def _is_weights(name: str) -> bool:
+    """Weight files (and their indexes) of any format: the source's dense copies must not ride along."""
+    return name.endswith(WEIGHT_SUFFIXES) or name.endswith(".index.json")

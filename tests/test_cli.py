@@ -84,6 +84,23 @@ def test_a_checkpoint_without_tokenizer_prunes_without_calibration_and_names_wha
         assert not (tmp_path / "o").exists()
 
 
+def test_an_output_that_cannot_be_replaced_is_refused_before_the_model_loads(model_dir, tmp_path, capsys, monkeypatch):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    monkeypatch.setattr("optimum_prune.cli.load_model", lambda *a, **k: pytest.fail("the model was loaded first"))
+    with pytest.raises(SystemExit):
+        main(["--model", str(model_dir), "--output", str(tmp_path / "notes")])
+    assert "holds other files (todo.txt)" in capsys.readouterr().err
+
+
+def test_offload_under_a_multi_process_launcher_is_refused(model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit):
+        main(["--model", str(model_dir), "--offload", "disk", "--output", str(tmp_path / "out")])
+    assert "--offload disk runs in one process" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
+
+
 def test_load_model_missing_path(tmp_path):
     with pytest.raises(ValueError, match="model path .* is not a directory containing config.json"):
         load_model(tmp_path / "missing")

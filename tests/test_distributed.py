@@ -10,7 +10,7 @@ from torch import distributed as dist
 from torch import multiprocessing
 
 from optimum_prune import PruningConfig, prune
-from optimum_prune.distributed import shard
+from optimum_prune.distributed import rank_zero_first, shard
 
 from .conftest import tiny_model, token_windows
 
@@ -18,6 +18,7 @@ CASES = {
     "wanda": dict(method="wanda", sparsity=0.5),
     "sparsegpt 2:4": dict(method="sparsegpt", sparsity="2:4"),
     "wanda owl": dict(method="wanda", sparsity=0.6, allocation="owl"),
+    "magnitude (no calibration to share)": dict(method="magnitude", sparsity=0.5),
 }
 
 
@@ -49,6 +50,23 @@ def test_two_gloo_processes_prune_like_one(case, tmp_path):
     for name, weight in alone.items():
         assert torch.equal(together[name] == 0, weight == 0), name  # identical masks
         torch.testing.assert_close(together[name], weight, rtol=1e-4, atol=1e-6)  # sums differ only in order
+
+
+def _first_rank_prepares(rank: int, world: int, init_file: str, log: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        rank_zero_first(lambda: open(log, "a").write(f"prepared by {rank}\n"))
+        with open(log, "a") as handle:  # every process goes on only once the first has prepared
+            handle.write(f"{rank} after\n")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rank_zero_first_prepares_once_before_the_others_go_on(tmp_path):
+    log = tmp_path / "log"
+    multiprocessing.spawn(_first_rank_prepares, args=(2, str(tmp_path / "init"), str(log)), nprocs=2, join=True)
+    lines = log.read_text().splitlines()
+    assert lines[0] == "prepared by 0" and sorted(lines[1:]) == ["0 after", "1 after"]
 
 
 def test_shard_splits_windows_round_robin_and_needs_one_per_process(monkeypatch):

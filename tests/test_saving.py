@@ -94,3 +94,16 @@ def test_a_target_that_is_not_an_earlier_checkpoint_is_never_replaced(tmp_path, 
         save_pruned(tiny_model(), target)
     assert (target.read_text() if kind == "file" else (target / "notes.txt").read_text()) == "notes"
     assert [path.name for path in tmp_path.iterdir()] == ["target"]
+
+
+@pytest.mark.parametrize("given", [".", "..", "{cwd}"])
+def test_the_working_directory_is_never_the_target(tmp_path, monkeypatch, given):
+    """Even empty, '.' would be renamed away under the running process (and its name is '')."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    with pytest.raises(ValueError, match="is the working directory or holds it; .* give a new one"):
+        save_pruned(tiny_model(), given.format(cwd=work))
+    assert list(work.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+    save_pruned(tiny_model(), "pruned")  # a new folder inside it is fine
+    assert (work / "pruned" / "config.json").is_file()

@@ -102,12 +102,53 @@ def test_resume_after_a_kill_gives_the_uninterrupted_checkpoint(sharded, tmp_pat
     assert_same_weights(AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict(), pruned_in_memory(sharded, config, windows))
 
 
-def test_a_partial_run_of_another_config_is_not_mixed_in(sharded, tmp_path, monkeypatch):
+def _killed_after_one_layer(sharded, tmp_path, monkeypatch, config, **kwargs) -> None:
+    original = LayerStream._save
+
+    def dying_save(self, index, layer, prefix):
+        if index == 1:
+            raise KeyboardInterrupt("killed")
+        original(self, index, layer, prefix)
+
+    monkeypatch.setattr(LayerStream, "_save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        prune_checkpoint(sharded, tmp_path / "out", config, **kwargs)
+    monkeypatch.setattr(LayerStream, "_save", original)
+
+
+@pytest.mark.parametrize(
+    "changed, differing",
+    [
+        ({"config": CONFIGS["wanda owl"]}, "pruning_config"),
+        ({"calibration": token_windows(seed=9)}, "calibration"),
+        ({"dtype": torch.bfloat16}, "dtype"),
+    ],
+)
+def test_layers_of_a_partial_run_with_another_config_data_or_dtype_are_not_mixed_in(sharded, tmp_path, monkeypatch, changed, differing):
+    first = {"config": CONFIGS["wanda"], "calibration": token_windows()}
+    _killed_after_one_layer(sharded, tmp_path, monkeypatch, first["config"], calibration=first["calibration"])
+    second = {**first, **changed}
+    with pytest.raises(ValueError, match=f"holds layers of a partial run with another {differing};"):
+        prune_checkpoint(sharded, tmp_path / "out", second.pop("config"), **second)
+
+
+def test_a_partial_run_without_a_finished_layer_starts_over(sharded, tmp_path, monkeypatch):
+    """E.g. a first call refused for a typo: the corrected one must not be told of 'another run'."""
     monkeypatch.setattr(LayerStream, "_save", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
         prune_checkpoint(sharded, tmp_path / "out", CONFIGS["magnitude"])
-    with pytest.raises(ValueError, match="partial run of another source or pruning config"):
-        prune_checkpoint(sharded, tmp_path / "out", CONFIGS["wanda"], calibration=token_windows())
+    monkeypatch.undo()
+    windows = token_windows()
+    prune_checkpoint(sharded, tmp_path / "out", CONFIGS["wanda"], calibration=windows)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    assert_same_weights(reloaded, pruned_in_memory(sharded, CONFIGS["wanda"], windows))
+    assert not (tmp_path / ".out.partial").exists() and not (tmp_path / "out" / "streaming-run.json").exists()
+
+
+def test_checks_that_need_no_data_run_before_any_folder_is_made(sharded, tmp_path):
+    with pytest.raises(ValueError, match="PruningConfig.ignore pattern"):
+        prune_checkpoint(sharded, tmp_path / "out", PruningConfig(method="magnitude", ignore=["*.q_prj"]))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]
 
 
 @pytest.mark.parametrize(
@@ -209,3 +250,23 @@ def test_a_model_accelerate_offloaded_is_refused_with_the_way_to_stream_it(shard
     assert any(parameter.is_meta for parameter in model.parameters())  # what a device_map offload leaves in place
     with pytest.raises(ValueError, match=r"^model.layers.1, model.layers.2 hold offloaded weights .*prune\(path, config, output_dir=...\)"):
         prune(model, CONFIGS["wanda"], calibration=token_windows())
+
+
+def test_extra_layer_tensors_and_other_weight_formats_of_the_source_stay_behind(tmp_path, bpe_tokenizer):
+    from safetensors.torch import load_file, save_file
+
+    source = tmp_path / "source"
+    tiny_model().save_pretrained(source)
+    bpe_tokenizer.save_pretrained(source)
+    tensors = load_file(source / "model.safetensors")
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(8)  # older Llama checkpoints carry these
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    torch.save({}, source / "pytorch_model.bin")  # the dense weights in another format, as many hub repos ship them
+    (source / "pytorch_model.bin.index.json").write_text("{}")
+
+    prune_checkpoint(source, tmp_path / "out", CONFIGS["magnitude"])
+    names = {path.name for path in (tmp_path / "out").iterdir()}
+    assert not names & {"pytorch_model.bin", "pytorch_model.bin.index.json"} and "tokenizer.json" in names
+    expected = tiny_model()
+    prune(expected, CONFIGS["magnitude"])
+    assert_same_weights(AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict(), expected.state_dict())
