@@ -6,9 +6,8 @@ from LLaMA-Factory's ``dataset_info.json``; default: the YAML's own ``dataset``)
 and ``activation_device`` (e.g. ``cpu``: calibration activations wait there between layers; ``disk``: in
 temporary files). Calibration
 text goes through LLaMA-Factory's own tokenisation: conversational datasets (with responses)
-with the YAML's chat template as in SFT, plain-text ones as in pre-training. Unlike
-LLaMA-Factory's top level, which ignores keys it does not know, an unknown key here is an error
-that lists the valid ones: a misspelt ``sparsity`` must never silently prune at the default.
+with the YAML's chat template as in SFT, plain-text ones as in pre-training. An unknown key here is
+an error that lists the valid ones: a misspelt ``sparsity`` must never silently prune at the default.
 
     pruning:
       method: wanda
@@ -34,6 +33,8 @@ from omegaconf import OmegaConf
 
 from optimum_prune import PruningConfig
 from optimum_prune.calibration.engine import on_disk
+
+from .compat import import_llamafactory
 
 SECTION = "pruning"
 EXTRA_KEYS = ("calibration_dataset", "offload", "activation_device")
@@ -76,35 +77,48 @@ class PruningSection:
                 torch.device(activation_device)
             except (RuntimeError, TypeError):
                 raise ValueError(f"{SECTION}.activation_device must be a device name such as cpu, or disk, got {activation_device!r}") from None
-        dataset = section.get("calibration_dataset", _training_datasets(lf_args.get("dataset")))
+        dataset = _dataset_names(section.get("calibration_dataset", lf_args.get("dataset")))
         if config.requires_calibration:
             if not dataset:
                 raise ValueError(
                     f"{SECTION}.calibration_dataset is required: method {config.method!r} needs calibration data and the "
                     "YAML names no `dataset`; set it to a dataset from dataset_info.json"
                 )
-            entries = _registered(dataset, lf_args.get("dataset_dir", DEFAULT_DATASET_DIR))
-            stage = "sft" if all(_has_responses(entry) for entry in entries) else "pt"
+            stage = _calibration_stage(dataset, lf_args.get("dataset_dir", DEFAULT_DATASET_DIR))
             return cls(config, dataset, stage, offload, activation_device)
         return cls(config, None, offload=offload, activation_device=activation_device)
 
 
-def _training_datasets(value: Any) -> str | None:
-    """LLaMA-Factory's ``dataset`` is a comma-separated list (or a YAML list); calibrate on all of it."""
+def _dataset_names(value: Any) -> str | None:
+    """LLaMA-Factory's dataset names: a comma-separated string or a YAML list; calibrate on all of them."""
     if value is None:
         return None
-    return ",".join(value) if isinstance(value, (list, tuple)) else str(value)
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
 
 
-def _has_responses(entry: Mapping[str, Any]) -> bool:
-    """Whether a dataset_info.json entry is conversational (LLaMA-Factory's alpaca default has a response column)."""
-    if entry.get("formatting") == "sharegpt":
-        return True
-    return "columns" not in entry or "response" in entry["columns"]
+def _calibration_stage(datasets: str, dataset_dir: str) -> str:
+    """"sft" for conversational datasets (LLaMA-Factory's alpaca default has a response column; sharegpt
+    and openai are dialogues), "pt" for plain text. Read by LLaMA-Factory's own parser, so hub datasets
+    (``dataset_dir: ONLINE`` or ``REMOTE:repo``) are read as it reads them."""
+    import_llamafactory()
+    from llamafactory.data.parser import get_dataset_list
+
+    if dataset_dir != "ONLINE" and not dataset_dir.startswith("REMOTE:"):
+        _check_registered(datasets, dataset_dir)  # its own error names neither the file nor the registered names
+    names = [name.strip() for name in datasets.split(",")]
+    attributes = get_dataset_list(names, dataset_dir)
+    conversational = {name: a.formatting != "alpaca" or bool(a.response) for name, a in zip(names, attributes)}
+    if len(set(conversational.values())) > 1:
+        raise ValueError(
+            f"{SECTION}.calibration_dataset mixes conversational ({', '.join(n for n, c in conversational.items() if c)}) and "
+            f"plain-text ({', '.join(n for n, c in conversational.items() if not c)}) datasets, whose records LLaMA-Factory "
+            "cannot concatenate; calibrate on datasets of one kind"
+        )
+    return "sft" if all(conversational.values()) else "pt"
 
 
-def _registered(datasets: str, dataset_dir: str) -> list[Mapping[str, Any]]:
-    """The dataset_info.json entries of the comma-separated ``datasets``, or an error naming the missing one."""
+def _check_registered(datasets: str, dataset_dir: str) -> None:
+    """An error naming the first of the comma-separated ``datasets`` missing from dataset_info.json."""
     info_path = Path(dataset_dir) / "dataset_info.json"
     if not info_path.is_file():
         raise ValueError(
@@ -115,13 +129,11 @@ def _registered(datasets: str, dataset_dir: str) -> list[Mapping[str, Any]]:
         registered = json.loads(info_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{info_path} is not valid JSON ({error})") from None
-    names = [part.strip() for part in datasets.split(",")]
-    for name in names:
+    for name in (part.strip() for part in datasets.split(",")):
         if name not in registered:
             raise ValueError(
                 f"{SECTION}.calibration_dataset {name!r} is not in {info_path}; registered: {', '.join(sorted(registered))}"
             )
-    return [registered[name] for name in names]
 
 
 class _YamlLoader(yaml.SafeLoader):

@@ -3,7 +3,7 @@ dense teacher instead of (or besides) the labels, in LLaMA-Factory's own ``pt`` 
 
     pruning: {method: width, sparsity: 0.2, ...}
     distill:
-      teacher: HuggingFaceTB/SmolLM2-135M-Instruct   # default with a pruning: section: the unpruned model
+      teacher: models/SmolLM2-135M-Instruct   # a local checkpoint; default with a pruning: section: the unpruned model
       temperature: 2.0
       kd_weight: 1.0
       label_weight: 0.5
@@ -67,7 +67,7 @@ class DistillSection:
                 f"{SECTION}.teacher is required: without a `pruning:` section there is no unpruned model to default to; "
                 "set it to the dense checkpoint's directory"
             )
-        if not (Path(teacher) / "config.json").is_file():
+        if _is_local(teacher) and not (Path(teacher) / "config.json").is_file():
             raise ValueError(f"{SECTION}.teacher {teacher!r} is not a local checkpoint directory (no config.json)")
         dtype = section.get("teacher_dtype", "float32")
         if dtype not in TEACHER_DTYPES:
@@ -95,6 +95,12 @@ class DistillSection:
                 f"{SECTION}.precompute_top_k stores the teacher's top-k logits: set {SECTION}.top_k, and leave hidden_weight "
                 "and exit_weight at 0 (hidden states need the live teacher)"
             )
+        evaluates = lf_args.get("eval_dataset") or lf_args.get("val_size") or lf_args.get("do_eval") or lf_args.get("do_predict")
+        if precompute and (evaluates or lf_args.get("eval_strategy", "no") != "no"):
+            raise ValueError(
+                f"{SECTION}.precompute_top_k annotates the training set only, and the teacher is gone by the time "
+                "LLaMA-Factory evaluates: remove eval_dataset / val_size / eval_strategy / do_eval / do_predict, or precompute_top_k"
+            )
         return cls(config, str(teacher), section.get("teacher_device"), dtype, precompute, quantization)
 
     def load_teacher(self, device: str | torch.device) -> torch.nn.Module:
@@ -117,10 +123,16 @@ class DistillSection:
                 "precompute_top_k": self.precompute_top_k}
 
 
+def _is_local(name: str) -> bool:
+    """Whether ``name`` means a local directory; otherwise it is a Hub id (``org/model``), which
+    ``from_pretrained`` resolves as for ``model_name_or_path``."""
+    return Path(name).exists() or name.startswith(("/", ".", "~")) or name.count("/") != 1
+
+
 def split_distill(args: Mapping[str, Any], pruning: bool, validate: bool = True) -> tuple[dict[str, Any], DistillSection | None]:
     """(the other arguments, the validated ``distill:`` section or ``None``); ``pruning`` says
     whether the YAML prunes (the teacher then defaults to the unpruned model). Commands other than
-    ``train`` pass ``validate=False``: they drop the section, so one YAML serves train and export."""
+    ``train`` pass ``validate=False``: they drop the section, so it never stops them."""
     rest = {key: value for key, value in args.items() if key != SECTION}
     if SECTION not in args or not validate:
         return rest, None

@@ -68,16 +68,37 @@ def run_train(args: Mapping[str, Any], section: PruningSection | None, training:
         raise ValueError("`output_dir` is required")
     output_dir = Path(args["output_dir"])
     pruned_dir = output_dir / PRUNED_SUBDIR
-    if _already_pruned(pruned_dir, args["model_name_or_path"], section.config):
-        logger.info("reusing the pruned model in %s (same model and pruning config)", pruned_dir)
+    if _already_pruned(pruned_dir, _pruned_from(args, section), section.config):
+        logger.info("reusing the pruned model in %s (same model, calibration data and pruning config)", pruned_dir)
     else:
-        prune_and_save(args, section, pruned_dir, source=args["model_name_or_path"])
+        prune_and_save(args, section, pruned_dir, source=_pruned_from(args, section))
     _delegate_training({**args, "model_name_or_path": str(pruned_dir)}, True, training)
     if args.get("do_train") and args.get("finetuning_type", "lora") == "lora":
         merge_adapter(pruned_dir, output_dir, Path(args.get("export_dir") or output_dir / MERGED_SUBDIR))
 
 
-def prune_and_save(args: Mapping[str, Any], section: PruningSection, target: Path, source: str | None = None) -> Path:
+# LLaMA-Factory checks its arguments for the run it trains; parsing them to read the calibration data,
+# its evaluation, prediction, dataset-mixing and launcher settings would refuse or change that reading
+# (a tokenized_path would even replace the calibration data), so they are left out.
+_NOT_FOR_CALIBRATION = (
+    "eval_dataset", "val_size", "do_eval", "do_predict", "eval_strategy", "predict_with_generate", "load_best_model_at_end",
+    "metric_for_best_model", "tokenized_path", "interleave_probs", "mix_strategy", "deepspeed", "fsdp", "fsdp_config",
+)
+_SFT_ONLY = ("train_on_prompt", "mask_history", "neat_packing")  # refused by LLaMA-Factory outside stage: sft
+
+
+def _pruned_from(args: Mapping[str, Any], section: PruningSection) -> dict[str, Any]:
+    """The model and the calibration data (as LLaMA-Factory reads it) a pruned model came from: a rerun
+    reuses it only when all of these are the same."""
+    if not section.config.requires_calibration:
+        return {"model_name_or_path": args.get("model_name_or_path")}
+    keys = ("model_name_or_path", "dataset_dir", "template", "max_samples")
+    return {**{key: args.get(key) for key in keys}, "calibration_dataset": section.calibration_dataset}
+
+
+def prune_and_save(
+    args: Mapping[str, Any], section: PruningSection, target: Path, source: Mapping[str, Any] | None = None
+) -> Path:
     """Calibrate on LLaMA-Factory's own tokenisation of the dataset, prune, save atomically."""
     import_llamafactory()
     from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
@@ -87,7 +108,9 @@ def prune_and_save(args: Mapping[str, Any], section: PruningSection, target: Pat
     config = section.config
     calibration_stage = section.calibration_stage
     parse_args = {
-        **args,
+        **{key: value for key, value in args.items() if key not in _NOT_FOR_CALIBRATION},
+        **({} if calibration_stage == "sft" else dict.fromkeys(_SFT_ONLY, False)),
+        "use_cpu": True,  # only reads data, in this one process: several GPUs would count as an unlaunched DataParallel run
         "stage": calibration_stage,
         "do_train": config.requires_calibration,  # LLaMA-Factory then requires and loads a dataset
         "dataset": section.calibration_dataset,
@@ -96,8 +119,6 @@ def prune_and_save(args: Mapping[str, Any], section: PruningSection, target: Pat
         "overwrite_output_dir": True,  # this parse only reads data; it writes nothing there
         "streaming": False,  # the calibration tokens are gathered into one stream
     }
-    for training_only in ("eval_dataset", "tokenized_path"):  # a tokenized_path would replace the calibration data
-        parse_args.pop(training_only, None)
     model_args, data_args, training_args, _, _ = get_train_args(parse_args)
     tokenizer_module = load_tokenizer(model_args)
     tokenizer = tokenizer_module["tokenizer"]
@@ -128,7 +149,7 @@ def prune_and_save(args: Mapping[str, Any], section: PruningSection, target: Pat
     return save_pruned(model, target, tokenizer=tokenizer, config=config, report=report)
 
 
-def _record_source(checkpoint: Path, source: str) -> None:
+def _record_source(checkpoint: Path, source: Mapping[str, Any]) -> None:
     """Note in ``config.json`` which model was pruned (what ``_already_pruned`` compares), atomically."""
     from optimum_prune.saving import write_text_atomic
 
@@ -136,7 +157,7 @@ def _record_source(checkpoint: Path, source: str) -> None:
     write_text_atomic(checkpoint / "config.json", json.dumps({**config, "pruned_from": source}, indent=2, sort_keys=True) + "\n")
 
 
-def _already_pruned(pruned_dir: Path, source: str, config: PruningConfig) -> bool:
+def _already_pruned(pruned_dir: Path, source: Mapping[str, Any], config: PruningConfig) -> bool:
     try:
         recorded = json.loads((pruned_dir / "config.json").read_text())
         same_config = PruningConfig.from_pretrained(pruned_dir).to_dict() == config.to_dict()
@@ -214,13 +235,28 @@ def run_export(args: Mapping[str, Any]) -> None:
     import_llamafactory()
     from llamafactory.train.tuner import export_model
 
+    restoring = bool(args.get("adapter_name_or_path")) and _is_pruned_checkpoint(Path(args["model_name_or_path"]))
+    if restoring and args.get("export_legacy_format"):
+        raise ValueError("export_legacy_format: true writes .bin weights, whose pruned zeros cannot be restored after the merge; remove it")
+    if restoring and args.get("export_hub_model_id"):
+        raise ValueError(
+            "export_hub_model_id: LLaMA-Factory pushes the merged weights before their pruned zeros are restored; remove "
+            "it, export locally, then upload export_dir (e.g. huggingface-cli upload REPO EXPORT_DIR)"
+        )
     export_model(dict(args))
-    if args.get("adapter_name_or_path") and _is_pruned_checkpoint(Path(args["model_name_or_path"])):
+    if restoring:
         restore_zeros(Path(args["model_name_or_path"]), Path(args["export_dir"]))
 
 
 def _is_pruned_checkpoint(path: Path) -> bool:
-    return (path / CONFIG_NAME).is_file()
+    """Saved by ``save_pruned`` (``pruning_config.json``), or by LLaMA-Factory after training such a
+    model: its ``config.json`` keeps the ``pruning_config`` entry, the only record a Trainer writes."""
+    if (path / CONFIG_NAME).is_file():
+        return True
+    try:
+        return "pruning_config" in json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return False
 
 
 def restore_zeros(base_dir: Path, exported_dir: Path) -> None:
@@ -258,8 +294,8 @@ def restore_zeros(base_dir: Path, exported_dir: Path) -> None:
 
 
 def run_interactive(command: str, args: Mapping[str, Any]) -> None:
-    """``chat`` / ``api`` / ``webchat``: LLaMA-Factory's own entry points, with this package's
-    checkpoint loader registered (non-uniform structured models need it)."""
+    """``chat`` / ``api``: LLaMA-Factory's own entry points, with this package's checkpoint loader
+    registered (non-uniform structured models need it)."""
     import_llamafactory()
     with tempfile.TemporaryDirectory(prefix="llamafactory-prune-") as scratch:
         config_path = Path(scratch) / f"{command}.yaml"
@@ -269,12 +305,8 @@ def run_interactive(command: str, args: Mapping[str, Any]) -> None:
             from llamafactory.chat.chat_model import run_chat
 
             run_chat()
-        elif command == "api":
+        else:
             from llamafactory.api.app import run_api
 
             run_api()
-        else:
-            from llamafactory.webui.interface import run_web_demo
-
-            run_web_demo()
 

@@ -49,7 +49,7 @@ class TrainingSections:
     def split(cls, args: Mapping[str, Any], pruning: bool, validate: bool = True) -> tuple[dict[str, Any], "TrainingSections"]:
         """(the other arguments, the validated sections); ``pruning`` says whether the YAML prunes (the
         distillation teacher then defaults to the unpruned model). Commands other than ``train`` pass
-        ``validate=False``: they drop the sections, so one YAML serves train, export and chat."""
+        ``validate=False``: they drop the sections, so these never stop them."""
         rest, distill = split_distill(args, pruning=pruning, validate=validate)
         raw = {name: rest.pop(name) for name in (PERP, EXPERT_DROPPING) if name in rest}
         if not validate:

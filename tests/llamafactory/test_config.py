@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -50,19 +51,54 @@ def test_magnitude_needs_no_dataset(workspace, tmp_path):
     assert section.calibration_dataset is None and section.config.sparsity == 0.3
 
 
-def test_calibration_dataset_defaults_to_the_yaml_dataset(workspace, tmp_path):
-    args = base_args(workspace, tmp_path, dataset=["wiki_sft", "wiki_pt"])
+@pytest.fixture
+def more_datasets(workspace, tmp_path):
+    """The workspace's dataset_info.json plus an openai-format chat dataset (stage detection reads only the info)."""
+    info = json.loads((workspace / "data" / "dataset_info.json").read_text())
+    info["chats"] = {"file_name": "chats.json", "formatting": "openai", "columns": {"messages": "messages"}}
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "dataset_info.json").write_text(json.dumps(info))
+    return str(tmp_path / "data")
+
+
+def test_calibration_dataset_defaults_to_the_yaml_dataset(workspace, tmp_path, more_datasets):
+    args = base_args(workspace, tmp_path, dataset=["wiki_sft", "chats"], dataset_dir=more_datasets)
     section = PruningSection.from_mapping({"method": "wanda"}, args)
-    assert section.calibration_dataset == "wiki_sft,wiki_pt"
+    assert section.calibration_dataset == "wiki_sft,chats" and section.calibration_stage == "sft"
+    listed = PruningSection.from_mapping({"method": "wanda", "calibration_dataset": ["chats", "wiki_sft"]}, args)
+    assert listed.calibration_dataset == "chats,wiki_sft"  # a YAML list, as LLaMA-Factory's own `dataset` may be
 
 
-@pytest.mark.parametrize("dataset, stage", [("wiki_pt", "pt"), ("wiki_sft", "sft"), ("wiki_sft,wiki_pt", "pt")])
-def test_calibration_is_tokenised_as_its_format_says(workspace, tmp_path, dataset, stage):
-    """Conversational data goes through the chat template (as in SFT), plain text as in pre-training,
-    whatever stage the YAML trains."""
-    args = base_args(workspace, tmp_path, stage="sft", dataset="wiki_sft")
+@pytest.mark.parametrize(
+    "dataset, dataset_dir, stage",
+    [("wiki_pt", None, "pt"), ("wiki_sft", None, "sft"), ("chats", None, "sft"), ("someone/alpaca_data", "ONLINE", "sft")],
+)
+def test_calibration_is_tokenised_as_its_format_says(workspace, tmp_path, more_datasets, dataset, dataset_dir, stage):
+    """Conversational data (alpaca with responses, sharegpt, openai; hub datasets read as LLaMA-Factory
+    reads them) goes through the chat template as in SFT, plain text as in pre-training, whatever stage
+    the YAML trains."""
+    args = base_args(workspace, tmp_path, stage="sft", dataset="wiki_sft", dataset_dir=dataset_dir or more_datasets)
     section = PruningSection.from_mapping({"method": "wanda", "calibration_dataset": dataset}, args)
     assert section.calibration_stage == stage
+
+
+def test_mixing_conversational_and_plain_text_calibration_is_refused(workspace, tmp_path):
+    args = base_args(workspace, tmp_path, stage="sft", dataset="wiki_sft")
+    with pytest.raises(ValueError, match=r"mixes conversational \(wiki_sft\) and plain-text \(wiki_pt\) datasets"):
+        PruningSection.from_mapping({"method": "wanda", "calibration_dataset": "wiki_sft,wiki_pt"}, args)
+
+
+def test_settings_of_the_training_run_do_not_block_the_calibration_read(workspace, tmp_path):
+    """Evaluation, prediction and SFT-only settings are checked by LLaMA-Factory for the run it trains,
+    not for reading the (here plain-text) calibration data."""
+    config = {
+        **base_args(workspace, tmp_path / "out", stage="prune", dataset="wiki_sft", eval_dataset="wiki_sft", val_size=0.1),
+        "eval_strategy": "steps", "predict_with_generate": True, "train_on_prompt": True,
+        "pruning": {"method": "wanda", "calibration_dataset": "wiki_pt", "num_calibration_samples": 2, "calibration_seq_len": 32},
+    }
+    path = write_yaml(tmp_path / "config.yaml", config)
+    assert main(["train", str(path)]) == 0
+    assert (tmp_path / "out" / "pruning_config.json").is_file()
 
 
 def test_missing_dataset_info(workspace, tmp_path, capsys):
@@ -132,6 +168,7 @@ def test_launching_under_torchrun_directly_is_refused(workspace, tmp_path, capsy
         ({"temprature": 2.0, "teacher": "TINY"}, {}, "distill.temprature is not a valid key"),
         ({"kd_weight": 1.0}, {}, "distill.teacher is required"),
         ({"teacher": "no/such/dir"}, {}, "distill.teacher 'no/such/dir' is not a local checkpoint directory"),
+        ({"teacher": "./no-such-dir"}, {}, "distill.teacher './no-such-dir' is not a local checkpoint directory"),
         ({"teacher": "TINY", "teacher_dtype": "int8"}, {}, "distill.teacher_dtype must be one of"),
         ({"teacher": "TINY", "teacher_quantization": "int3"}, {}, "distill.teacher_quantization must be one of int8, nf4"),
         ({"teacher": "TINY", "temperature": 0}, {}, "distill: DistillationConfig.temperature must be > 0"),
@@ -157,6 +194,8 @@ def test_distill_teacher_defaults_to_the_model_being_pruned(workspace, tmp_path)
     rest, section = split_distill(args, pruning=True)
     assert "distill" not in rest and section.teacher == str(workspace / "tiny") and section.config.top_k == 8
     assert split_distill(args, pruning=True, validate=False) == (rest, None)  # export / chat drop it
+    hub = {**args, "model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # LLaMA-Factory YAMLs usually name Hub ids
+    assert split_distill(hub, pruning=True)[1].teacher == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
 def test_pruning_offload_must_be_disk(workspace, tmp_path):
@@ -182,6 +221,10 @@ def test_precompute_top_k_needs_top_k_and_no_hidden_loss(workspace, tmp_path):
     for distill in ({"precompute_top_k": True}, {"precompute_top_k": True, "top_k": 8, "hidden_weight": 1.0}):
         with pytest.raises(ValueError, match="distill.precompute_top_k stores the teacher's top-k logits"):
             split_distill({**args, "distill": {"teacher": str(workspace / "tiny"), **distill}}, pruning=False)
+    for evaluation in ({"val_size": 0.1}, {"eval_dataset": "wiki_sft"}, {"eval_strategy": "steps"}, {"do_predict": True}):
+        section = {"teacher": str(workspace / "tiny"), "precompute_top_k": True, "top_k": 8}
+        with pytest.raises(ValueError, match="teacher is gone by the time LLaMA-Factory evaluates"):
+            split_distill({**args, **evaluation, "distill": section}, pruning=False)
 
 
 @pytest.mark.parametrize(

@@ -130,6 +130,20 @@ def test_export_restores_zeros_that_llamafactory_merge_fills(recovered, tmp_path
     assert verify_sparsity(AutoModelForCausalLM.from_pretrained(tmp_path / "plain"))["overall_sparsity"] < 0.1
 
 
+@pytest.mark.parametrize(
+    "extra, message",
+    [({"export_legacy_format": True}, "export_legacy_format: true writes .bin weights"), ({"export_hub_model_id": "me/m"}, "pushes the merged weights before")],
+)
+def test_exports_whose_zeros_could_not_be_restored_are_refused_before_writing(recovered, tmp_path, capsys, extra, message):
+    export = {
+        "model_name_or_path": str(recovered / "pruned"), "adapter_name_or_path": str(recovered), "template": "default",
+        "finetuning_type": "lora", "export_dir": str(tmp_path / "exported"), **extra,
+    }  # fmt: skip
+    with pytest.raises(SystemExit):
+        main(["export", str(write_yaml(tmp_path / "export.yaml", export))])
+    assert message in capsys.readouterr().err and not (tmp_path / "exported").exists()
+
+
 def test_llamafactory_chat_loads_the_merged_model(recovered):
     from llamafactory.chat import ChatModel
 
@@ -162,6 +176,17 @@ def test_rerun_reuses_the_pruned_model(workspace, tmp_path):
     config["pruning"]["sparsity"] = 0.4
     train(tmp_path, config)
     assert verify_sparsity(AutoModelForCausalLM.from_pretrained(out / "pruned"))["overall_sparsity"] == pytest.approx(0.4, abs=1e-3)
+
+
+def test_rerun_with_other_calibration_data_prunes_again(workspace, tmp_path):
+    out = tmp_path / "again"
+    config = {**base_args(workspace, out, **{**LORA_TRAINING, "max_steps": 1, "overwrite_output_dir": True}),
+              "pruning": {"method": "wanda", "calibration_dataset": "wiki_pt", "num_calibration_samples": 2,
+                          "calibration_seq_len": 32}}  # fmt: skip
+    train(tmp_path, config)
+    written = (out / "pruned" / "model.safetensors").read_bytes()
+    train(tmp_path, {**config, "max_samples": 3})  # fewer records: other calibration windows
+    assert (out / "pruned" / "model.safetensors").read_bytes() != written
 
 
 def test_non_uniform_structured_model_trains_merges_and_chats(workspace, tmp_path):
@@ -201,6 +226,11 @@ def test_training_a_checkpoint_pruned_earlier_keeps_its_zeros(workspace, tmp_pat
     train(tmp_path, {**base_args(workspace, out, **training), "model_name_or_path": str(pruned)})
     assert_same_zeros(zeros(out), zeros(pruned))
     assert_weights_moved(out, pruned)
+    # LLaMA-Factory's own save records the pruning only in config.json: training that output keeps its zeros too.
+    assert not (out / "pruning_config.json").exists()
+    again = tmp_path / "tuned-again"
+    train(tmp_path, {**base_args(workspace, again, **training), "model_name_or_path": str(out)})
+    assert_same_zeros(zeros(again), zeros(pruned))
 
 
 def test_gradual_pruning_inside_llamafactory_run_exp(workspace, tmp_path):
