@@ -35,8 +35,7 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from optimum_prune import DistillationConfig, DistillationMixin, add_teacher_top_k
-from optimum_prune.distillation import TOP_K_INDICES, TOP_K_LOGITS
+from optimum_prune import DistillationConfig, DistillationMixin
 
 from .sections import check_section
 
@@ -165,9 +164,8 @@ def distilling_trainers(section: DistillSection | None) -> Iterator[None]:
             teacher = loaded["teacher"]
             DistillationMixin.__init__(self, *args, teacher=teacher, distillation=section.config, **kwargs)
             if section.precompute_top_k:
-                self.train_dataset = add_teacher_top_k(self.train_dataset, teacher, section.config.top_k, batch_size=1)
-                self.data_collator = TopKPadding(self.data_collator, getattr(self.processing_class, "padding_side", "right"))
-                self.teacher = loaded["teacher"] = None
+                self.precompute_teacher_top_k()
+                loaded["teacher"] = None
 
         return type(f"Distilling{base.__name__}", (DistillationMixin, base), {"__init__": __init__})
 
@@ -178,24 +176,3 @@ def distilling_trainers(section: DistillSection | None) -> Iterator[None]:
     finally:
         for module, name in names.items():
             setattr(module, name, originals[module])
-
-
-class TopKPadding:
-    """LLaMA-Factory's collator, plus the stored teacher columns padded to the batch's length on the
-    tokenizer's padding side (padded positions have label -100, so the loss never reads them)."""
-
-    def __init__(self, collator: Any, padding_side: str) -> None:
-        self.collator, self.padding_side = collator, padding_side
-
-    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
-        stored = [(feature.pop(TOP_K_INDICES), feature.pop(TOP_K_LOGITS)) for feature in features]
-        batch = self.collator(features)
-        length = batch["input_ids"].shape[1]
-        k = len(stored[0][0][0])
-        indices = torch.zeros(len(features), length, k, dtype=torch.long)
-        logits = torch.zeros(len(features), length, k)
-        for row, (row_indices, row_logits) in enumerate(stored):
-            n = len(row_indices)
-            place = slice(0, n) if self.padding_side == "right" else slice(length - n, length)
-            indices[row, place], logits[row, place] = torch.tensor(row_indices), torch.tensor(row_logits)
-        return {**batch, TOP_K_INDICES: indices, TOP_K_LOGITS: logits}

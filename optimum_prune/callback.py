@@ -41,6 +41,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from .expert_dropping import ExpertDroppingCallback, ExpertDroppingSchedule
 from .adapters import get_adapter
+from .distributed import all_reduce_sum
 from .masks import SparsityMasks, check_ignore_patterns
 from .perp import PERPConfig, PERPSummary, merge_perp, prepare_perp
 from .sparsity import NMPattern, SparsityTarget, normalise_sparsity, select_mask
@@ -217,6 +218,7 @@ class PruningCallback(TrainerCallback):
         self.masks: SparsityMasks | None = None
         self._norms: dict[str, ColumnNorms] = {}
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._deferred = False
 
     # --- Trainer events ----------------------------------------------------------------
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module = None, **kwargs: Any) -> None:
@@ -240,7 +242,10 @@ class PruningCallback(TrainerCallback):
         if self.schedule is not None:
             self.schedule = self.schedule.resolved(state.max_steps)
             if self.schedule.score == "wanda":
-                self._observe_inputs()  # its first pruning step waits for one interval of activations
+                self._observe_inputs()
+                # A pruning step due at the start, before any activation, runs after the first training
+                # step (a resumed run already took the one of its checkpoint's step).
+                self._deferred = state.global_step == 0 and self.schedule.prunes_at(0)
                 self._warn_if_resumed_mid_interval(state.global_step)
             elif self.schedule.prunes_at(state.global_step):
                 self._prune(state.global_step)
@@ -253,7 +258,8 @@ class PruningCallback(TrainerCallback):
         self.masks.apply()
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        if self.schedule is not None and self.schedule.prunes_at(state.global_step):
+        if self.schedule is not None and (self._deferred or self.schedule.prunes_at(state.global_step)):
+            self._deferred = False
             self._prune(state.global_step)
         if self.experts is not None:
             self.experts.on_step_end(args, state, control, **kwargs)
@@ -310,6 +316,11 @@ class PruningCallback(TrainerCallback):
         target = self.schedule.target_at(step)
         if target == 0.0:
             return
+        if self._norms:  # under DDP each process saw its own batches: every one must score, and so prune, alike
+            tokens = torch.tensor([norms.tokens for norms in self._norms.values()], dtype=torch.long)
+            all_reduce_sum(tokens, *(norms.squared for norms in self._norms.values()))
+            for norms, total in zip(self._norms.values(), tokens.tolist()):
+                norms.tokens = total
         for name, linear in self.masks.linears.items():
             scores = self._scores(name, linear)
             # Already-pruned weights stay pruned: they score below every kept weight.

@@ -30,7 +30,9 @@ agrees more with the full model; it composes with every loss above.
 The teacher runs frozen in eval mode on its own device (``teacher_device``; any model that returns
 logits, e.g. one loaded in 8-bit). Instead of keeping it resident, ``add_teacher_top_k`` stores its
 top-k logits per position as dataset columns (Arrow files on disk); the loss then uses the teacher
-distribution truncated to those k tokens and renormalised. ``DistillationMixin`` adds the loss to
+distribution truncated to those k tokens and renormalised. ``trainer.precompute_teacher_top_k()``
+does that to the training set a Trainer built (``SFTTrainer`` tokenises its own) and pads the
+columns beside its collator, which would otherwise drop or fail to pad them. ``DistillationMixin`` adds the loss to
 any Trainer subclass (TRL's ``SFTTrainer``, LLaMA-Factory's trainers); masks of pruned weights are
 kept by ``PruningCallback`` as in any other run.
 """
@@ -124,7 +126,15 @@ class DistillationMixin:
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        # compute_loss returns each micro-batch's mean, so the Trainer must divide by the accumulation
+        # steps itself (it skips that when it believes the model normalises by num_items_in_batch).
+        self.model_accepts_loss_kwargs = False
         self.distillation = distillation or DistillationConfig()
+        if self.distillation.layer_dropout and self.args.gradient_checkpointing:
+            raise ValueError(
+                "DistillationConfig.layer_dropout skips layers with hooks that checkpointing's recomputation in backward "
+                "would not see (gradients through the skipped layers): turn gradient_checkpointing off, or layer_dropout"
+            )
         self.teacher = teacher
         self.hidden_projections: nn.ModuleDict | None = None
         if teacher is not None:
@@ -137,6 +147,16 @@ class DistillationMixin:
         self._projections_fitted = False
         if self.distillation.exit_weight:
             check_exit_layer(self.distillation.exit_layer, len(get_adapter(self.model).decoder_layers()))
+
+    def precompute_teacher_top_k(self, batch_size: int = 1) -> None:
+        """Store the teacher's top-k logits (``DistillationConfig.top_k``) with the training set, as the
+        Trainer built it (e.g. after ``SFTTrainer`` tokenised it), pad them in each batch beside the
+        Trainer's own collator, and drop the teacher: it is not resident while the student trains."""
+        if self.teacher is None or self.distillation.top_k is None:
+            raise ValueError("precompute_teacher_top_k needs the teacher and DistillationConfig.top_k")
+        self.train_dataset = add_teacher_top_k(self.train_dataset, self.teacher, self.distillation.top_k, batch_size=batch_size)
+        self.data_collator = TopKPadding(self.data_collator, getattr(self.processing_class, "padding_side", "right"))
+        self.teacher = None
 
     def create_optimizer(self) -> torch.optim.Optimizer:
         """The Trainer's optimizer, plus the learned width projections (if any) as their own group."""
@@ -158,14 +178,15 @@ class DistillationMixin:
         if labels is None:
             raise ValueError("distillation needs 'labels' in the batches (they mark the positions to distil)")
         hidden = config.hidden_weight > 0
-        dropping = layer_dropout(model, config.layer_dropout) if model.training and config.layer_dropout else nullcontext()
+        unwrapped = self.accelerator.unwrap_model(model)  # DDP's wrapper hides the model's structure
+        dropping = layer_dropout(unwrapped, config.layer_dropout) if model.training and config.layer_dropout else nullcontext()
         with dropping:
             outputs = model(**inputs, output_hidden_states=hidden or bool(config.exit_weight))
         loss = outputs.logits.new_zeros(())
         if config.label_weight:
             loss = loss + config.label_weight * outputs.loss
         if config.exit_weight:
-            exit_logits = _exit_logits(model, outputs.hidden_states[config.exit_layer])
+            exit_logits = _exit_logits(unwrapped, outputs.hidden_states[config.exit_layer])
             loss = loss + config.exit_weight * kd_loss(exit_logits, outputs.logits.detach(), labels, config.temperature)
         if config.kd_weight or hidden:
             teacher_outputs, indices, logits = self._teacher_targets(inputs, cached, hidden)
@@ -274,6 +295,32 @@ def add_teacher_top_k(dataset: Any, teacher: nn.Module, k: int = 64, batch_size:
         return {TOP_K_INDICES: indices.int().cpu().tolist(), TOP_K_LOGITS: values.float().cpu().tolist()}
 
     return dataset.map(annotate, batched=True, batch_size=batch_size, desc="Teacher top-k logits")
+
+
+class TopKPadding:
+    """A Trainer's collator, plus the stored teacher columns padded to the batch's length on the
+    tokenizer's padding side (padded positions have label -100, so the loss never reads them)."""
+
+    def __init__(self, collator: Any, padding_side: str) -> None:
+        self.collator, self.padding_side = collator, padding_side
+
+    def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        stored = [(feature.pop(TOP_K_INDICES), feature.pop(TOP_K_LOGITS)) for feature in features]
+        batch = self.collator(features)
+        rows, length = batch["input_ids"].shape
+        if rows != len(features):
+            raise ValueError(
+                "stored teacher top-k logits need one batch row per example; packed or padding-free batches "
+                "(padding_free / packing) are not supported with them: turn those off, or keep the live teacher"
+            )
+        k = len(stored[0][0][0])
+        indices = torch.zeros(rows, length, k, dtype=torch.long)
+        logits = torch.zeros(rows, length, k)
+        for row, (row_indices, row_logits) in enumerate(stored):
+            n = len(row_indices)
+            place = slice(0, n) if self.padding_side == "right" else slice(length - n, length)
+            indices[row, place], logits[row, place] = torch.tensor(row_indices), torch.tensor(row_logits)
+        return {**batch, TOP_K_INDICES: indices, TOP_K_LOGITS: logits}
 
 
 def _hidden_projections(student: nn.Module, teacher: nn.Module, layer_map: dict[int, int]) -> nn.ModuleDict:

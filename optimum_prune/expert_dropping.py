@@ -28,6 +28,7 @@ from torch import nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from .adapters import DecoderAdapter, get_adapter
+from .distributed import all_reduce_sum
 from .structure.loading import record_structure
 
 
@@ -75,6 +76,7 @@ class _LayerRouting:
         return logits
 
     def drop_to(self, keep: int) -> None:
+        all_reduce_sum(self.counts)  # under DDP every process drops the same experts, by the tokens of all
         alive = (~self.dropped).nonzero().flatten().tolist()
         for expert in sorted(alive, key=lambda e: (int(self.counts[e]), e))[: max(0, len(alive) - keep)]:
             self.dropped[expert] = True

@@ -2,9 +2,12 @@
 2023, "Merging Experts into One: Improving Computational Efficiency of Mixture of Experts").
 
 The exact mixture runs every selected expert and sums their outputs, Σ_k g_k·E_k(x). MEO first
-merges the selected experts' weights by the routing weights, W = Σ_k g_k·W_k, and runs that single
-expert. The paper's experts are one linear and an activation, where merging changes nothing but
-the cost. Gated FFN experts (Mixtral, Qwen-MoE: down(act(gate·x) ⊙ up·x)) are not linear in their
+merges the selected experts' weights by the routing weights and runs that single expert. Routers
+that do not renormalise their top-k (Qwen2-MoE's default, OLMoE) give weights summing to s < 1:
+the merge then takes the convex weights ĝ_k = g_k / s, W = Σ_k ĝ_k·W_k, and scales the merged
+expert's output by s — exact for one selected expert (and for identical experts) under every
+router, where merging by g_k would scale an expert's input and output both. The paper's experts
+are one linear and an activation, where merging changes nothing but the cost. Gated FFN experts (Mixtral, Qwen-MoE: down(act(gate·x) ⊙ up·x)) are not linear in their
 weights, so here the merge is an approximation; ``FoldedExperts.relative_error`` measures it
 against the exact mixture on the same inputs when ``measure_error=True``.
 
@@ -63,13 +66,16 @@ class FoldedExperts(PatchedMoEBlocks):
         return output
 
     def _merged(self, block: nn.Module, tokens: torch.Tensor, weights: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
-        """down_merged(act(gate_merged·x) ⊙ up_merged·x) with every merged matrix Σ_k g_k·W_k."""
+        """s · down_merged(act(gate_merged·x) ⊙ up_merged·x), every merged matrix Σ_k ĝ_k·W_k with
+        ĝ_k = g_k / s and s the token's total routing weight."""
         experts = self.adapter.block_experts(block)
+        total = weights.sum(dim=-1, keepdim=True)
+        convex = weights / total.clamp_min(torch.finfo(weights.dtype).tiny)
         gate_in = up_in = None
         terms: list[tuple[int, torch.Tensor, torch.Tensor]] = []
         for expert in torch.unique(selected).tolist():
             rank, token = expert_tokens(selected, expert)
-            g = weights[token, rank, None].to(tokens.dtype)
+            g = convex[token, rank, None].to(tokens.dtype)
             (gate, up), _ = self.adapter.expert_projections(experts[expert])
             gate_in = tokens.new_zeros(tokens.shape[0], gate.out_features) if gate_in is None else gate_in
             up_in = tokens.new_zeros(tokens.shape[0], up.out_features) if up_in is None else up_in
@@ -83,7 +89,7 @@ class FoldedExperts(PatchedMoEBlocks):
         for expert, token, g in terms:
             _, down = self.adapter.expert_projections(experts[expert])
             output.index_add_(0, token, g * down(hidden[token]))
-        return output
+        return output * total.to(tokens.dtype)
 
 
 def _sequence_routing(

@@ -105,6 +105,10 @@ def prepare_perp(model: nn.Module, config: PERPConfig | None = None) -> PERPSumm
     config = config or PERPConfig()
     total = sum(p.numel() for p in model.parameters())
     model.requires_grad_(False)
+    if hasattr(model, "enable_input_require_grads"):
+        # The embeddings are frozen: without this, (reentrant) gradient checkpointing would see decoder
+        # layers whose inputs need no gradient and cut the graph there, training the final norm only.
+        model.enable_input_require_grads()
     for module in model.modules():
         if config.norms and type(module).__name__.endswith(NORM_CLASS_SUFFIXES):
             module.requires_grad_(True)
@@ -138,4 +142,6 @@ def merge_perp(model: nn.Module) -> int:
             weight = module.effective_weight().masked_fill(~module.mask, 0)
             module.base.weight.copy_(weight)
         replace_submodule(model, name, module.base)
+    if hasattr(model, "_require_grads_hook"):
+        model.disable_input_require_grads()
     return len(merged)

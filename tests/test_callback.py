@@ -148,11 +148,12 @@ class TestGradualPruning:
         assert report["conforming"] and report["overall_sparsity"] >= 0.5
 
     def test_wanda_with_initial_sparsity_waits_for_activations(self, tmp_path):
+        """The step-0 pruning has no activations yet: it runs after the first training step."""
         model = tiny_model()
         schedule = GradualSchedule(final_sparsity=0.5, initial_sparsity=0.2, start_step=0, end_step=4, every=2, score="wanda")
         trainer = run_trainer(model, tmp_path, callbacks=[PruningCallback(schedule)], steps=5)
         logged = [entry["sparsity"] for entry in trainer.state.log_history if "loss" in entry]
-        assert logged[0] == 0.0 and logged[-1] == pytest.approx(0.5, abs=1e-3)
+        assert logged[0] == pytest.approx(schedule.sparsity_at(1), abs=0.02) and logged[-1] == pytest.approx(0.5, abs=1e-3)
 
     @pytest.mark.parametrize("score", ["magnitude", "wanda"])
     def test_resuming_from_a_checkpoint_at_a_pruning_step_equals_the_uninterrupted_run(self, tmp_path, score, caplog):
@@ -221,6 +222,15 @@ class TestIterativeSchedule:
         # Rounds start at steps 0, 3 and 6; the log at step t shows the rounds started up to t.
         assert logged == [0.37, 0.37, 0.60, 0.60, 0.60, 0.75, 0.75, 0.75, 0.75]
         assert verify_sparsity(model)["overall_sparsity"] == pytest.approx(0.75, abs=1e-3)
+
+    @pytest.mark.parametrize("iterations", [1, 3])
+    def test_wanda_rounds_all_run_the_first_after_one_step_of_activations(self, tmp_path, iterations):
+        model = tiny_model()
+        schedule = IterativeSchedule(final_sparsity=0.75, iterations=iterations, score="wanda")
+        trainer = run_trainer(model, tmp_path, callbacks=[PruningCallback(schedule)], steps=9)
+        logged = [round(entry["sparsity"], 2) for entry in trainer.state.log_history if "loss" in entry]
+        assert logged[0] == pytest.approx(1 - 0.25 ** (1 / iterations), abs=0.02)  # round 1, at step 1 instead of 0
+        assert len(set(logged)) == iterations and logged[-1] == 0.75
 
 
 def test_trl_sft_trainer_keeps_masks(tmp_path, bpe_tokenizer):

@@ -89,6 +89,25 @@ def test_training_moves_the_student_towards_a_frozen_teacher_and_keeps_the_masks
     assert verify_sparsity(student, "2:4")["conforming"]
 
 
+def test_gradient_accumulation_averages_the_micro_batches(tmp_path):
+    """The Trainer must divide each micro-batch's (mean) loss by the accumulation steps: one batch of 4
+    and two accumulated batches of 2 log the same loss and leave the same weights."""
+    teacher, _ = teacher_student()
+    runs = []
+    for batch, accumulation in ((4, 1), (2, 2)):
+        student = teacher_student()[1]
+        args = training_args(tmp_path, 1)
+        args.per_device_train_batch_size, args.gradient_accumulation_steps = batch, accumulation
+        trainer = DistillationTrainer(
+            model=student, teacher=teacher, distillation=DistillationConfig(temperature=1.0, label_weight=0.5),
+            args=args, train_dataset=dataset(samples=4),
+        )  # fmt: skip
+        trainer.train()
+        runs.append((trainer.state.log_history[0]["loss"], student.model.layers[0].mlp.up_proj.weight.detach().clone()))
+    assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-4)
+    torch.testing.assert_close(runs[1][1], runs[0][1], rtol=1e-4, atol=1e-6)
+
+
 def test_a_sliced_student_learns_projections_to_the_teachers_width(tmp_path):
     """SliceGPT narrows (and rotates) the residual stream: the hidden-state loss maps each student
     state to the teacher's width through a projection fitted on the first batch, then trained with it."""
@@ -176,6 +195,10 @@ def test_errors_name_the_fix(tmp_path):
             model=tiny_model(num_hidden_layers=2), teacher=tiny_model(), distillation=DistillationConfig(hidden_weight=1.0),
             args=training_args(tmp_path, 1),
         )  # fmt: skip
+    checkpointing = training_args(tmp_path, 1)
+    checkpointing.gradient_checkpointing = True
+    with pytest.raises(ValueError, match="turn gradient_checkpointing off, or layer_dropout"):
+        DistillationTrainer(model=tiny_model(), distillation=DistillationConfig(layer_dropout=0.2), args=checkpointing)
     ids = token_windows(samples=2, seq_len=8)
     no_teacher = DistillationTrainer(model=tiny_model(), args=training_args(tmp_path, 1))
     with pytest.raises(ValueError, match="distillation needs a teacher"):
@@ -209,6 +232,34 @@ def test_mixin_composes_with_trl_sft_trainer(tmp_path, bpe_tokenizer, monkeypatc
     assert len(kd_calls) == 3  # the mixin's compute_loss ran at every step, not SFTTrainer's own
     assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in trainer.state.log_history if "loss" in entry)
     assert verify_sparsity(student, "2:4")["conforming"]
+
+
+def test_sft_trainer_trains_on_stored_teacher_top_k_without_the_teacher(tmp_path, bpe_tokenizer):
+    """SFTTrainer tokenises its own dataset and its collator keeps only the columns it knows:
+    precompute_teacher_top_k annotates what it built and pads the stored logits beside it."""
+    trl = pytest.importorskip("trl")
+    from optimum_prune.data import wikipedia_articles
+    from optimum_prune.distillation import TOP_K_INDICES, DistillationMixin
+
+    class DistillingSFTTrainer(DistillationMixin, trl.SFTTrainer):
+        pass
+
+    teacher, student = teacher_student()
+    config = trl.SFTConfig(
+        output_dir=str(tmp_path / "sft"), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3,
+        max_length=32, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    texts = Dataset.from_dict({"text": [article[: 60 + 40 * i] for i, article in enumerate(wikipedia_articles("calibration")[:6])]})
+    trainer = DistillingSFTTrainer(
+        model=student, teacher=teacher, distillation=DistillationConfig(top_k=8, label_weight=0.0), args=config,
+        train_dataset=texts, processing_class=bpe_tokenizer,
+    )  # fmt: skip
+    trainer.precompute_teacher_top_k()
+    assert trainer.teacher is None and TOP_K_INDICES in trainer.train_dataset.column_names
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in (0, 5)])  # unequal lengths: padded alike
+    assert batch[TOP_K_INDICES].shape[:2] == batch["input_ids"].shape
+    trainer.train()
+    assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in trainer.state.log_history if "loss" in entry)
 
 
 def test_exit_logits_are_what_the_early_exit_draft_computes():

@@ -69,6 +69,54 @@ def test_rank_zero_first_prepares_once_before_the_others_go_on(tmp_path):
     assert lines[0] == "prepared by 0" and sorted(lines[1:]) == ["0 after", "1 after"]
 
 
+def _train_time_decisions(windows: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The masks of a Wanda-scored gradual pruning step and the experts dropped by ExpertDroppingCallback,
+    after one training step over ``windows`` (Trainer events driven by hand)."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from optimum_prune import ExpertDroppingSchedule, GradualSchedule, PruningCallback
+
+    from .adapters.test_moe import tiny_moe
+
+    args, control = TrainingArguments("unused", report_to=[]), TrainerControl()
+    decisions = {}
+    for name, model, callback in (
+        ("wanda", tiny_model(num_hidden_layers=1), PruningCallback(GradualSchedule(0.5, end_step=1, every=1, score="wanda"))),
+        ("experts", tiny_moe(), PruningCallback(ExpertDroppingSchedule(final_experts=2, end_step=1))),
+    ):
+        state = TrainerState(max_steps=2)
+        callback.on_train_begin(args, state, control, model=model)
+        model.train()
+        with torch.no_grad():
+            for ids in windows:
+                model(ids)
+        state.global_step = 1
+        callback.on_step_end(args, state, control, model=model)
+        if name == "wanda":
+            decisions[name] = torch.cat([mask.flatten() for mask in callback.masks.pruned.values()])
+        else:
+            decisions[name] = torch.cat([routing.dropped for routing in callback.experts.layers])
+    return decisions
+
+
+def _decide_at_train_time(rank: int, world: int, init_file: str, output: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.save(_train_time_decisions([token_windows(2, 16, seed=rank)]), f"{output}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_train_time_pruning_and_expert_dropping_decide_alike_in_every_process(tmp_path):
+    """Under DDP each process sees its own batches: Wanda norms and expert counts are summed over all."""
+    output = str(tmp_path / "decisions")
+    multiprocessing.spawn(_decide_at_train_time, args=(2, str(tmp_path / "init"), output), nprocs=2, join=True)
+    ranks = [torch.load(f"{output}.{rank}") for rank in range(2)]
+    alone = _train_time_decisions([token_windows(2, 16, seed=rank) for rank in range(2)])
+    for name in alone:
+        assert torch.equal(ranks[0][name], ranks[1][name]) and torch.equal(ranks[0][name], alone[name]), name
+
+
 def test_shard_splits_windows_round_robin_and_needs_one_per_process(monkeypatch):
     windows = torch.arange(10).reshape(5, 2)
     monkeypatch.setattr("optimum_prune.distributed.world", lambda: (1, 2))

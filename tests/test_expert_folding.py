@@ -11,9 +11,10 @@ from .adapters.test_moe import tiny_moe
 from .conftest import tiny_model, token_windows
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
-def test_one_selected_expert_folds_exactly(family):
-    model = tiny_moe(family, num_experts_per_tok=1, **({"norm_topk_prob": True} if family == "qwen2_moe" else {}))
+@pytest.mark.parametrize("family, renormalised", [("mixtral", True), ("qwen2_moe", True), ("qwen2_moe", False), ("olmoe", False)])
+def test_one_selected_expert_folds_exactly(family, renormalised):
+    """Also where the router's top-1 weight is below 1 (no renormalisation): it scales the output only."""
+    model = tiny_moe(family, num_experts_per_tok=1, **({} if family == "mixtral" else {"norm_topk_prob": renormalised}))
     ids = token_windows(2, 12)
     with torch.no_grad():
         exact = model(ids).logits

@@ -111,6 +111,22 @@ def test_through_the_pruning_callback_the_trainer_retrains_only_perp_and_saves_a
     assert calibration_loss(reloaded) == pytest.approx(calibration_loss(model), rel=1e-5)
 
 
+def test_with_gradient_checkpointing_the_adapters_in_every_layer_still_train(tmp_path):
+    """The frozen embeddings would give the checkpointed layers inputs needing no gradient: reentrant
+    checkpointing then cuts the graph, and only the final norm would train."""
+    from optimum_prune import PruningCallback
+
+    model = pruned_model()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    args = training_args(tmp_path, 2)
+    args.gradient_checkpointing = True
+    trainer = Trainer(model=model, args=args, train_dataset=dataset(), callbacks=[PruningCallback(perp=PERPConfig(lora="mask", rank=4))])
+    first_layer_norm = model.model.layers[0].input_layernorm.weight
+    trainer.train()
+    assert not torch.equal(first_layer_norm, before["model.layers.0.input_layernorm.weight"])  # reached layer 0
+    assert not model.get_input_embeddings()._forward_hooks  # the input-gradient hook went with the adapters
+
+
 def test_the_callback_refuses_perp_it_cannot_set_up():
     from optimum_prune import IterativeSchedule, PruningCallback
 
