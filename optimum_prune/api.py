@@ -169,12 +169,21 @@ def _check_unquantized(adapter: DecoderAdapter) -> None:
 
 def _check_materialised(model: nn.Module) -> None:
     """Weights that accelerate offloaded (``device_map`` entries ``"cpu"`` beside a GPU, or ``"disk"``) sit
-    on the meta device and are swapped in only inside each forward: there is nothing to prune in place."""
+    on the meta device and are swapped in only inside each forward: there is nothing to prune in place.
+    Layers it spread over several GPUs carry hooks that move each layer's inputs back to its own GPU."""
     device_map = getattr(model, "hf_device_map", None) or {}
 
     def placed(name: str) -> str:  # the device_map entry a parameter belongs to, else its module
         return next((key for key in device_map if name.startswith(f"{key}.")), name.rpartition(".")[0])
 
+    devices = sorted({str(device) for device in device_map.values()})
+    if len(devices) > 1 and not any(parameter.is_meta for parameter in model.parameters()):
+        raise ValueError(
+            f"the model is dispatched over several devices by its device_map ({', '.join(devices)}); prune moves one "
+            "decoder layer at a time to one device, which accelerate's hooks would undo: load it on one device "
+            "(device_map=None or 'cpu', then prune(..., device='cuda')), or prune the checkpoint directory from disk: "
+            "prune(path, config, output_dir=...)"
+        )
     offloaded = sorted({placed(name) for name, parameter in model.named_parameters() if parameter.is_meta})
     if offloaded:
         shown = ", ".join(offloaded[:3]) + (f" and {len(offloaded) - 3} more" if len(offloaded) > 3 else "")
@@ -313,24 +322,33 @@ class _PruningRun:
     def _layer_targets(self, windows: CalibrationInputs | None) -> list[SparsityTarget]:
         if isinstance(self.target, NMPattern):
             return [self.target] * len(self.targets)
+        # The allocation spreads the target over the layers that have linears to prune: a layer that
+        # ``ignore`` keeps whole takes no share (its own allocation index is its rank among these).
+        active = [index for index, linears in enumerate(self.targets) if linears]
         if self.allocation.observes_model:
-            self.allocation.observe_model(self.adapter.model, windows, self.targets)
+            self.allocation.observe_model(self.adapter.model, windows, [self.targets[index] for index in active])
         elif self.allocation.requires_calibration:
             walk_layers(
-                self.adapter, windows, self.device, self._observing_visitor(), self._description("Allocating sparsity"),
+                self.adapter, windows, self.device, self._observing_visitor(active), self._description("Allocating sparsity"),
                 residency=self.offload.reading if self.offload else None, activation_device=self.activation_device,
             )  # fmt: skip
-        return self.allocation.allocate(self.target, len(self.targets))
+        targets: list[SparsityTarget] = [self.target] * len(self.targets)
+        for index, sparsity in zip(active, self.allocation.allocate(self.target, len(active))):
+            targets[index] = sparsity
+        return targets
 
-    def _observing_visitor(self):
+    def _observing_visitor(self, active: list[int]):
         """Shows the allocation each dense layer's weights and input norms."""
+        rank = {index: position for position, index in enumerate(active)}
 
         def visit(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
+            if index not in rank:
+                return
             linears = self.targets[index]
             norms = {name: ColumnNorms(linear.in_features, linear.weight.device) for name, linear in linears.items()}
             self._run_feeding(layer, inputs, linears, lambda name, x: norms[name].add(x))
             all_reduce_sum(*(n.squared for n in norms.values()))
-            self.allocation.observe(index, {name: linear.weight for name, linear in linears.items()}, norms)
+            self.allocation.observe(rank[index], {name: linear.weight for name, linear in linears.items()}, norms)
 
         return visit
 

@@ -167,6 +167,9 @@ def run(args: argparse.Namespace) -> int:
     )
     saved_in = time.perf_counter() - started
     after = verify_sparsity(model, config.target if isinstance(config.sparsity, str) else None)
+    if after["pattern"]:  # conformity of what the config pruned (routers, ignored linears and other parts stay dense)
+        pruned_names = {linear.name for linear in report.linears}
+        after["conforming"] = all(entry["conforming"] for name, entry in after["layers"].items() if name in pruned_names)
 
     rows = [("", "dense", "pruned")]
     if report.shapes:

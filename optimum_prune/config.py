@@ -110,6 +110,8 @@ class PruningConfig:
                 f"PruningConfig.allocation {self.allocation!r} varies sparsity per layer and cannot be combined "
                 f"with the N:M pattern {patterns[0]!r}; use a float sparsity or allocation='uniform'"
             )
+        if self.ignore is None:  # a blank `ignore:` in a YAML
+            self.ignore = []
         if isinstance(self.ignore, str) or not all(isinstance(p, str) for p in self.ignore):
             raise TypeError(f"PruningConfig.ignore must be a list of glob patterns, got {self.ignore!r}")
         self.ignore = list(self.ignore)

@@ -122,3 +122,9 @@ def test_cli_prunes_a_mixtral_checkpoint_with_moe_options(tmp_path, bpe_tokenize
     layers = verify_sparsity(model)["layers"]
     assert layers["model.layers.0.block_sparse_moe.gate"]["sparsity"] == pytest.approx(0.5)
     assert model.config.pruning_config["moe_options"]["prune_router"] is True
+
+    # 2:4 with the routers dense (the default): conforming is judged on what was pruned
+    capsys.readouterr()
+    arguments = ["--model", str(source), "--method", "wanda", "--sparsity", "2:4", "--calibration-samples", "2", "--seq-len", "16"]
+    assert main([*arguments, "--output", str(tmp_path / "nm")]) == 0
+    assert re.search(r"2:4 conforming\s+True$", capsys.readouterr().out, re.M)

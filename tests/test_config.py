@@ -104,3 +104,9 @@ def test_a_config_file_holding_no_object_is_named(tmp_path):
         PruningConfig.from_pretrained(tmp_path)
     with pytest.raises(TypeError, match="a pruning config is a mapping of PruningConfig fields, got list"):
         PruningConfig.from_dict(["wanda"])
+
+
+def test_blank_ignore_and_undamped_sparsegpt():
+    assert PruningConfig(ignore=None).ignore == []  # a blank `ignore:` in a YAML
+    with pytest.raises(ValueError, match=r"dampening must be in \(0, 1\)"):
+        PruningConfig(method="sparsegpt", method_options={"dampening": 0.0})

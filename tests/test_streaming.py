@@ -243,6 +243,15 @@ def test_prune_takes_a_checkpoint_directory_and_streams_it_into_output_dir(shard
     assert not (tmp_path / "elsewhere").exists()
 
 
+def test_a_model_spread_over_several_devices_is_refused_before_any_change():
+    model = tiny_model()
+    model.hf_device_map = {"model.embed_tokens": 0, "model.layers": 1, "model.norm": 1, "lm_head": 1}  # as device_map="auto" on 2 GPUs
+    before = [p.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"dispatched over several devices by its device_map \(0, 1\); .*load it on one device"):
+        prune(model, CONFIGS["wanda"], calibration=token_windows())
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
 def test_a_model_accelerate_offloaded_is_refused_with_the_way_to_stream_it(sharded, tmp_path):
     device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
     device_map |= {f"model.layers.{i}": "disk" if i else "cpu" for i in range(3)}

@@ -17,7 +17,11 @@ from .base import Allocation, register_allocation
 @dataclass(frozen=True)
 class OWLOptions:
     outlier_threshold: float = option(5.0, "M: a weight is an outlier when its Wanda score exceeds M × the layer mean (paper: 5 for LLaMA).")
-    max_deviation: float = option(0.08, "λ: per-layer sparsity stays within target ± λ (paper: 0.08).")
+    max_deviation: float = option(
+        0.08,
+        "λ: outlier ratios are rescaled to a spread of 2λ around the target (paper: 0.08; as in its code, a layer far "
+        "from the others may move up to about 2λ from the target).",
+    )
 
     def __post_init__(self) -> None:
         if self.outlier_threshold <= 0:

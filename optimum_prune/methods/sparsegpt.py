@@ -31,8 +31,8 @@ class SparseGPTOptions:
     def __post_init__(self) -> None:
         if self.block_size <= 0:
             raise ValueError(f"block_size must be a positive integer, got {self.block_size}")
-        if not 0 <= self.dampening < 1:
-            raise ValueError(f"dampening must be in [0, 1), got {self.dampening}")
+        if not 0 < self.dampening < 1:  # undamped, X^T X is singular whenever a linear sees fewer tokens than inputs
+            raise ValueError(f"dampening must be in (0, 1), got {self.dampening}")
         check_choice("saliency", self.saliency, ("obs", "isc"))
 
 

@@ -36,6 +36,17 @@ def test_owl_on_model_averages_to_target():
     assert report.overall_sparsity == pytest.approx(0.6, abs=0.01)
 
 
+@pytest.mark.parametrize("allocation", ["owl", "sensitivity"])
+def test_a_layer_ignore_keeps_whole_takes_no_share_of_the_allocation(allocation):
+    model = tiny_model(num_hidden_layers=4)
+    config = PruningConfig(method="wanda", sparsity=0.6, allocation=allocation, ignore=["model.layers.0.*"])
+    report = prune(model, config, calibration=token_windows())
+    targets = report.layer_sparsities()
+    assert len(targets) == 3 and sum(target for target, _ in targets.values()) / 3 == pytest.approx(0.6)
+    assert len({round(target, 6) for target, _ in targets.values()}) > 1
+    assert bool((model.model.layers[0].mlp.up_proj.weight != 0).all())
+
+
 def test_owl_refuses_impossible_spread():
     allocation = OWLAllocation(OWLOptions(max_deviation=0.3))
     for index, outliers in enumerate([0, 8]):
