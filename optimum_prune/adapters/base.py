@@ -263,7 +263,8 @@ class DecoderAdapter(ABC):
         if shapes[-1].residual_widths and shapes[-1].residual_widths[2] != hidden:
             width = shapes[-1].residual_widths[2]
             resize_norm(self.final_norm(), width)
-            self.model.set_output_embeddings(resized_linear(self.model.get_output_embeddings(), in_features=width))
+            if self.model.get_output_embeddings() is not None:  # a bare decoder (AutoModel) has no head
+                self.model.set_output_embeddings(resized_linear(self.model.get_output_embeddings(), in_features=width))
 
     def write_uniform_config(self, config: Any, shape: LayerShape) -> None:
         """Write the widths of ``shape`` into ``config`` (the head size stays explicit)."""

@@ -90,6 +90,7 @@ class LayerRemoval(StructuredMethod[LayerRemovalOptions]):
     """Remove whole decoder layers ranked by Block Influence, angular distance, perplexity or Taylor."""
 
     def check(self) -> None:
+        self.check_unsliced("remove layers before slicing")
         layers = self.adapter.decoder_layers()
         count = self.options.num_layers or round(self.sparsity * len(layers))
         if count == 0:
@@ -108,6 +109,13 @@ class LayerRemoval(StructuredMethod[LayerRemovalOptions]):
         ]
         if len(self.removable) < count:
             raise ValueError(f"PruningConfig.ignore {self.ignore!r} leaves {len(self.removable)} removable layers, fewer than {count}")
+        if self.options.reroute:
+            for name, layer in zip(self.adapter.layer_names(), layers):
+                if self.adapter.attention(layer) is None or self.adapter.mlp(layer) is None:
+                    raise ValueError(
+                        f"method_options.reroute leaves a run's first layer as a re-routed MLP, but {name} has already "
+                        "lost a sublayer; re-route the layers first, or remove layers without reroute"
+                    )
         if self.options.merge and len({str(self.adapter.layer_shape(layer)) for layer in layers}) > 1:
             raise ValueError("method_options.merge needs layers of identical shape; this model's layers differ")
 

@@ -75,11 +75,21 @@ class SliceGPT(StructuredMethod[SliceGPTOptions]):
             )
         for name, layer in zip(self.adapter.layer_names(), self.adapter.decoder_layers()):
             if self.adapter.attention(layer) is None or self.adapter.mlp(layer) is None:
-                raise ValueError(f"{name} has a removed sublayer; apply SliceGPT before sublayer pruning")
-            if any(branch.shortcut is not None for branch in self.adapter.residual_branches(layer)):
+                raise ValueError(f"{name} has a removed sublayer; SliceGPT needs whole layers, so it and sublayer removal cannot be combined")
+            branches = self.adapter.residual_branches(layer)
+            if any(branch.shortcut is not None for branch in branches):
                 raise ValueError(f"{name} was already sliced; SliceGPT cannot be applied twice")
+            for module in (m for branch in branches for m in (*branch.readers, branch.writer)):
+                if type(module) is not nn.Linear:
+                    raise ValueError(
+                        f"{name} holds a {type(module).__name__} where SliceGPT rotates plain linears; apply SliceGPT "
+                        "before factorising (low_rank) or quantizing"
+                    )
         output = model.get_output_embeddings()
-        self.slice_ends = output is not None and output.weight is not model.get_input_embeddings().weight
+        # The ends keep the full width where something else shares them: tied embeddings, or (LLaVA)
+        # a projector that writes image features into the embedding space.
+        tied = output is None or output.weight is model.get_input_embeddings().weight
+        self.slice_ends = not tied and not self.adapter.upstream_parts
 
     def prune(self, windows: torch.Tensor, report: Any) -> None:
         adapter, device = self.adapter, self.device

@@ -44,7 +44,8 @@ class WidthOptions:
     head_mode: str = option(
         "query",
         "'query': remove query heads, the same number from every GQA group; 'kv_group': remove whole "
-        "key/value groups together with their query heads (shrinks the KV cache).",
+        "key/value groups together with their query heads (shrinks the KV cache). Without GQA (one query head "
+        "per key/value head) a head is its own group, so 'query' removes heads as 'kv_group' does.",
     )
     ranking: str = option(
         "layer",
@@ -127,9 +128,13 @@ class WidthPruning(StructuredMethod[WidthOptions]):
     def _ignored(self, names: dict[nn.Module, str], *modules: nn.Module) -> bool:
         return any(fnmatchcase(names[m], pattern) for m in modules for pattern in self.ignore)
 
+    def _query_units(self, layout: AttentionLayout) -> bool:
+        """Whether attention units are query heads within groups (else whole key/value groups)."""
+        return self.options.head_mode == "query" and layout.heads_per_group > 1
+
     def _attention_component(self, index: int, layout: AttentionLayout) -> Component:
         head = _rows_parameters(layout.query, layout.head_dim) + layout.output.out_features * layout.head_dim
-        if self.options.head_mode == "query":
+        if self._query_units(layout):
             # Unit k removes the k-th least important query head of every group.
             return Component(index, "attention", head * layout.num_kv_heads, layout.heads_per_group - 1, [layout.query], [layout.output])
         kv = _rows_parameters(layout.key, layout.head_dim) + _rows_parameters(layout.value, layout.head_dim)
@@ -235,7 +240,7 @@ class WidthPruning(StructuredMethod[WidthOptions]):
         if component.kind == "attention":
             layout = self.adapter.attention(layer)
             heads = self._channel_scores(component.producers, component.consumers, statistics).reshape(-1, layout.head_dim).sum(1)
-            if self.options.head_mode == "query":
+            if self._query_units(layout):
                 component.head_scores = heads
                 per_group = heads.reshape(layout.num_kv_heads, layout.heads_per_group).sort(dim=1).values
                 return per_group.sum(dim=0)[: component.removable]
@@ -284,7 +289,7 @@ class WidthPruning(StructuredMethod[WidthOptions]):
             self.adapter.keep_heads(layer, heads, kv_heads)
             return f"query heads {removed_heads}" + (
                 f" (key/value groups {sorted(set(range(layout.num_kv_heads)) - set(kv_heads.tolist()))})"
-                if self.options.head_mode == "kv_group"
+                if not self._query_units(layout)
                 else ""
             )
         layout = self.adapter.mlp(layer)
@@ -297,7 +302,7 @@ class WidthPruning(StructuredMethod[WidthOptions]):
 
     def _kept_heads(self, layout: AttentionLayout, component: Component) -> tuple[torch.Tensor, torch.Tensor]:
         """Query and key/value heads to keep, ordered so every group's heads stay contiguous."""
-        if self.options.head_mode == "kv_group":
+        if not self._query_units(layout):
             groups = torch.argsort(component.scores, stable=True)[component.removed :].sort().values
             heads = (groups.unsqueeze(1) * layout.heads_per_group + torch.arange(layout.heads_per_group)).reshape(-1)
             return heads, groups

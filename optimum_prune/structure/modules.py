@@ -19,9 +19,10 @@ from .surgery import replace_submodule
 class RemovedAttention(nn.Module):
     """An attention sublayer that was pruned away.
 
-    It still appends an empty (zero-head) key/value entry to the cache: transformers reads the
-    sequence length already seen from the cache, so skipping the update would shift the positions
-    of every later token when generating with a cache.
+    It still appends a one-head, one-channel key/value entry of ones to the cache (B × L values):
+    transformers reads the sequence length already seen from the cache (from layer 0, and a dynamic
+    cache counts nothing in an empty tensor, a static one nothing in zeros), so without it the
+    positions and masks of every later token would be wrong when generating with a cache.
     """
 
     def __init__(self, layer_idx: int, head_dim: int) -> None:
@@ -32,8 +33,8 @@ class RemovedAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, *args: Any, past_key_values: Any = None, **kwargs: Any):
         if past_key_values is not None:
             batch, length = hidden_states.shape[:2]
-            empty = hidden_states.new_zeros(batch, 0, length, self.head_dim)
-            past_key_values.update(empty, empty, self.layer_idx, {"cache_position": kwargs.get("cache_position")})
+            placeholder = hidden_states.new_ones(batch, 1, length, 1)
+            past_key_values.update(placeholder, placeholder, self.layer_idx, {"cache_position": kwargs.get("cache_position")})
         return torch.zeros_like(hidden_states), None
 
 

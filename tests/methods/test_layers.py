@@ -72,3 +72,11 @@ def test_layer_scores_plot(tmp_path):
     report.plot_layer_scores(tmp_path / "scores.png")
     assert (tmp_path / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "block_influence per layer" in str(report)
+
+
+def test_rerouting_layers_after_a_sublayer_was_removed_is_refused():
+    model = tiny_model(num_hidden_layers=4)
+    windows = token_windows()
+    prune(model, PruningConfig(method="sublayers", sparsity=0.2, method_options={"sublayers": "mlp"}), calibration=windows)
+    with pytest.raises(ValueError, match="method_options.reroute .* has already lost a sublayer"):
+        prune(model, PruningConfig(method="layers", sparsity=0.25, method_options={"reroute": True}), calibration=windows)

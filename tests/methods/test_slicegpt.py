@@ -112,3 +112,42 @@ def test_impossible_requests_fail_before_touching_the_model():
     prune(model, PruningConfig(method="sublayers", sparsity=0.3, method_options={"sublayers": "mlp"}), calibration=windows)
     with pytest.raises(ValueError, match="removed sublayer"):
         prune(model, slicegpt(0.25), calibration=windows)
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (PruningConfig(method="layers", sparsity=0.4), "was sliced by SliceGPT, .*remove layers before slicing"),
+        (PruningConfig(method="sublayers", sparsity=0.2), "SliceGPT needs whole layers, so it and sublayer removal cannot be combined"),
+    ],
+)
+def test_depth_pruning_after_slicing_is_refused_before_any_change(config, message):
+    """Each layer's stream has its own basis after SliceGPT: dropping a layer would join two bases."""
+    model = tiny_model(num_hidden_layers=4)
+    windows = token_windows()
+    prune(model, slicegpt(0.25), calibration=windows)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        prune(model, config, calibration=windows)
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
+
+
+def test_slicing_factorised_linears_is_refused_before_any_change():
+    model = tiny_model()
+    prune(model, PruningConfig(method="low_rank", sparsity=0.2, method_options={"weighting": "none"}))
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(ValueError, match="holds a LowRankLinear where SliceGPT rotates plain linears; apply SliceGPT before"):
+        prune(model, slicegpt(0.25), calibration=token_windows())
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
+
+
+def test_an_untied_sliced_checkpoint_loads_as_a_bare_decoder(tmp_path):
+    from transformers import AutoModel
+
+    model = tiny_model(tie_word_embeddings=False)
+    prune(model, slicegpt(0.25), calibration=token_windows())
+    decoder = AutoModel.from_pretrained(save_pruned(model, tmp_path / "sliced"))  # no LM head to resize
+    ids = token_windows(samples=1, seq_len=8)
+    with torch.no_grad():
+        torch.testing.assert_close(decoder(input_ids=ids).last_hidden_state, model.model(input_ids=ids).last_hidden_state)

@@ -44,3 +44,33 @@ def test_ignoring_every_block_is_an_error_naming_ignore():
     config = PruningConfig(method="sublayers", sparsity=0.3, ignore=["*.mlp*"], method_options={"sublayers": "mlp"})
     with pytest.raises(ValueError, match=r"PruningConfig.ignore .* leave no mlp block"):
         prune(tiny_model(), config, calibration=token_windows())
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_a_removed_first_attention_keeps_the_caches_length_for_positions_and_padding(cache):
+    """transformers reads the tokens already seen from layer 0's cache: generating with it must equal
+    the full forward, and a left-padded batch must generate as each prompt alone."""
+    from transformers import StaticCache
+
+    from optimum_prune import get_adapter
+
+    model = tiny_model()
+    get_adapter(model).remove_sublayer(model.model.layers[0], "attention")
+    ids = token_windows(samples=2, seq_len=10, seed=4)
+
+    def new_cache():
+        return StaticCache(config=model.config, max_cache_len=32) if cache == "static" else None
+
+    with torch.no_grad():
+        full = model(ids).logits[:, -1]
+        prefix = model(ids[:, :-1], past_key_values=new_cache(), use_cache=True)
+        assert prefix.past_key_values.get_seq_length() == 9
+        step = model(ids[:, -1:], past_key_values=prefix.past_key_values).logits[:, -1]
+    torch.testing.assert_close(step, full, rtol=1e-4, atol=1e-5)
+
+    padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), ids[:1, :6]], dim=1)
+    batch = torch.cat([padded, ids[1:, :10]])
+    mask = torch.cat([torch.cat([torch.zeros(1, 4), torch.ones(1, 6)], dim=1), torch.ones(1, 10)]).long()
+    generated = model.generate(batch, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    alone = model.generate(ids[:1, :6], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(generated[0, 4:], alone[0])

@@ -143,3 +143,13 @@ def test_structured_methods_reject_nm_and_owl():
         PruningConfig(method="layers", sparsity=0.2, allocation="owl")
     with pytest.raises(ValueError, match="criterion must be one of"):
         PruningConfig(method="width", method_options={"criterion": "l0"})
+
+
+def test_without_gqa_query_mode_removes_heads_with_their_keys_and_values():
+    """One query head per key/value head: each head is its own group, so 'query' must remove groups
+    (before, it removed no head and gave the whole budget to the MLP)."""
+    model = tiny_model(num_attention_heads=4, num_key_value_heads=4)
+    report = prune(model, PruningConfig(method="width", sparsity=0.25, method_options={"criterion": "magnitude_l2"}))
+    for shape in report.shapes:
+        assert shape.num_attention_heads == shape.num_key_value_heads == 3
+    assert model.model.layers[0].self_attn.k_proj.out_features == 3 * 16

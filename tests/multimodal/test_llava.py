@@ -131,6 +131,21 @@ def test_structured_width_pruning_of_the_language_tower_reloads(llava, tmp_path)
         assert torch.equal(tensor, llava.state_dict()[name]), name
 
 
+def test_slicegpt_keeps_the_embedding_width_the_projector_writes_into(llava, llava_processor, pairs, tmp_path):
+    """The projector writes image features into the embedding space: sliced ends would leave them
+    wider than the text embeddings (LLaVA's text tower is untied), so the ends keep the full width."""
+    assert llava.get_output_embeddings().weight is not llava.get_input_embeddings().weight
+    prune(llava, {"method": "slicegpt", "sparsity": 0.25, "num_calibration_samples": 4, "calibration_seq_len": 16}, token_windows(4, 16))
+    assert llava.get_input_embeddings().embedding_dim == TINY["hidden_size"]
+    prompt = llava_processor(images=pairs[0]["image"], text="<image>\nA photo of", return_tensors="pt")
+    with torch.no_grad():
+        assert torch.isfinite(llava(**prompt).logits).all()
+    llava.save_pretrained(tmp_path / "sliced")
+    reloaded = LlavaForConditionalGeneration.from_pretrained(tmp_path / "sliced").eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(**prompt).logits, llava(**prompt).logits)
+
+
 def test_image_conditioned_loss_scores_only_caption_tokens(llava, llava_processor, pairs):
     loss = evaluate_image_text_loss(llava, llava_processor, pairs[:2])
     # Reference: transformers' own shifted loss with every label but the caption's masked out.
