@@ -16,7 +16,8 @@ against the exact mixture on the same inputs when ``measure_error=True``.
   experts' own linears on the routed tokens (no per-token weight matrices are built).
 - ``level="sequence"``: each sequence averages its tokens' routing weights, keeps the top-k experts
   of that average (renormalised) and merges them once for all its tokens — the saving MEO targets.
-  With a KV cache, each decoding step is its own "sequence".
+  With a KV cache, each decoding step is its own "sequence". The block sees no attention mask, so the
+  average includes padded positions: use it on unpadded batches (or batch size 1).
 
     folding = fold_experts(model, level="sequence", measure_error=True)
     ...evaluate...

@@ -38,6 +38,21 @@ def test_fine_tuning_drops_to_the_final_count_and_saves_a_smaller_moe(tmp_path, 
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
 
 
+@pytest.mark.parametrize("dense", [{"mlp_only_layers": [0]}, {"decoder_sparse_step": 2}])
+def test_a_qwen_moe_with_dense_layers_saves_a_stock_config_and_reloads(tmp_path, dense):
+    """Qwen-MoE configs can make some layers dense: their MLP is no expert block to compare with."""
+    model = tiny_moe("qwen2_moe", num_hidden_layers=2, intermediate_size=80, **dense).train()
+    assert model.model.layers[0].mlp.__class__.__name__ == "Qwen2MoeMLP"
+    callback = ExpertDroppingCallback(ExpertDroppingSchedule(final_experts=2, start_step=0, end_step=2, every=1))
+    Trainer(model=model, args=training_args(tmp_path, 3), train_dataset=dataset(), callbacks=[callback]).train()
+    assert model.config.num_experts == 2 and not hasattr(model.config, "quantization_config")
+    model.eval().save_pretrained(tmp_path / "smaller")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "smaller").eval()
+    ids = token_windows(1, 8)
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
 def test_dropped_experts_receive_no_tokens_while_training_goes_on(tmp_path):
     model = tiny_moe(num_local_experts=8).train()
     callback = ExpertDroppingCallback(ExpertDroppingSchedule(final_experts=4, start_step=0, end_step=4, every=4))

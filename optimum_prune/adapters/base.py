@@ -237,8 +237,8 @@ class DecoderAdapter(ABC):
     def layer_shape(self, layer: nn.Module) -> LayerShape:
         raise self._no_structure()
 
-    def stock_shape(self, config: Any) -> LayerShape:
-        """The shape every layer of a stock model built from ``config`` has."""
+    def stock_shape(self, config: Any, index: int = 0) -> LayerShape:
+        """The shape layer ``index`` of a stock model built from ``config`` has."""
         raise self._no_structure()
 
     def reshape_layer(self, layer: nn.Module, shape: LayerShape) -> None:

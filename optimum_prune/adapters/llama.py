@@ -240,7 +240,7 @@ class LlamaAdapter(DecoderAdapter):
             ),
         )
 
-    def stock_shape(self, config: Any) -> LayerShape:
+    def stock_shape(self, config: Any, index: int = 0) -> LayerShape:
         return LayerShape(
             num_attention_heads=config.num_attention_heads,
             num_key_value_heads=config.num_key_value_heads,

@@ -6,7 +6,8 @@ and its output is scaled by their routing weights. Calibration statistics for an
 therefore come from its routed tokens only, and the pruning error that matters is the error
 *after* that scaling. ``routed_tokens`` gives both: expert linears already see only their tokens
 (the block indexes them), and ``TokenRouting.scale`` multiplies each token's input by its
-routing weight, so Wanda's ‖X‖ and SparseGPT's Hessian weigh tokens as the block output does.
+routing weight, so Wanda's ‖X‖ and SparseGPT's Hessian weigh tokens as the block output does
+(Qwen2-MoE's always-on shared expert: by its per-token sigmoid gate).
 
 Routers (and Qwen2-MoE's shared-expert gate) stay dense unless ``moe_options.prune_router``.
 """
@@ -37,6 +38,14 @@ from ..structure.surgery import keep_output_features
 from .base import DecoderAdapter, TokenRouting, register_adapter
 
 
+def _is_moe_layer(config: Any, index: int) -> bool:
+    """Whether layer ``index`` of a stock model has a sparse MoE block: Qwen-MoE configs can make
+    some layers dense (``mlp_only_layers``, ``decoder_sparse_step``), as their decoder layers decide."""
+    if index in (getattr(config, "mlp_only_layers", None) or []):
+        return False
+    return (index + 1) % (getattr(config, "decoder_sparse_step", None) or 1) == 0
+
+
 def top_k_routing(logits: torch.Tensor, top_k: int, normalise: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights, selected experts), each [tokens, top_k], as these blocks route: softmax, top-k, renormalise."""
     probabilities = F.softmax(logits.reshape(-1, logits.shape[-1]), dim=-1, dtype=torch.float)
@@ -62,12 +71,24 @@ class _BlockRouting:
 
 
 @dataclass
+class _SharedGate:
+    """Qwen2-MoE's shared-expert gate, sigmoid(shared_expert_gate(x)) per token, for the tokens it just received."""
+
+    values: torch.Tensor | None = None  # [tokens]
+
+
+@dataclass
 class ExpertRouting(TokenRouting):
-    """Routing weights of the tokens each expert linear receives, captured from the routers."""
+    """Routing weights of the tokens each expert linear receives, captured from the routers; the
+    shared expert's tokens are weighted by its sigmoid gate, which scales its output the same way."""
 
     expert_of: dict[nn.Linear, tuple[_BlockRouting, int]] = field(default_factory=dict)
+    shared_of: dict[nn.Linear, _SharedGate] = field(default_factory=dict)
 
     def scale(self, linear: nn.Linear, inputs: torch.Tensor) -> torch.Tensor:
+        if linear in self.shared_of:
+            flat = inputs.reshape(-1, inputs.shape[-1])
+            return flat * self.shared_of[linear].values.to(flat.dtype).unsqueeze(1)
         if linear not in self.expert_of:
             return inputs
         routing, expert = self.expert_of[linear]
@@ -190,17 +211,20 @@ class MoEAdapter(DecoderAdapter):
             num_experts=len(block.experts) if block is not None else None,
         )
 
-    def stock_shape(self, config: Any) -> LayerShape:
+    def stock_shape(self, config: Any, index: int = 0) -> LayerShape:
+        moe = _is_moe_layer(config, index)
         return LayerShape(
             num_attention_heads=config.num_attention_heads,
             num_key_value_heads=config.num_key_value_heads,
-            intermediate_size=getattr(config, "moe_intermediate_size", None) or config.intermediate_size,
+            intermediate_size=(getattr(config, "moe_intermediate_size", None) if moe else None) or config.intermediate_size,
             attention_output_bias=bool(getattr(config, "attention_bias", False)),
-            num_experts=getattr(config, "num_local_experts", None) or config.num_experts,
+            num_experts=(getattr(config, "num_local_experts", None) or config.num_experts) if moe else None,
         )
 
     def reshape_layer(self, layer: nn.Module, shape: LayerShape) -> None:
         current = self.layer_shape(layer)
+        if shape == current:  # e.g. a dense MLP layer of Qwen-MoE (mlp_only_layers, decoder_sparse_step)
+            return
         if shape.num_experts is None or current.num_experts is None or replace(shape, num_experts=current.num_experts) != current:
             raise ValueError(
                 f"only the expert count of a MoE layer can differ from the config here; got {shape.to_dict()} "
@@ -229,8 +253,19 @@ class MoEAdapter(DecoderAdapter):
             for linear in expert.modules():
                 if isinstance(linear, nn.Linear):
                     routing.expert_of[linear] = (decision, index)
-        handle = block.gate.register_forward_hook(record)
+        handles = [block.gate.register_forward_hook(record)]
+        shared, shared_gate = getattr(block, "shared_expert", None), getattr(block, "shared_expert_gate", None)
+        if shared is not None and isinstance(shared_gate, nn.Linear):
+            gate = _SharedGate()
+
+            def gate_values(_module: nn.Module, args: tuple) -> None:  # the block applies the gate after the expert runs
+                tokens = args[0].reshape(-1, args[0].shape[-1])
+                gate.values = F.sigmoid(shared_gate(tokens).float()).flatten().detach()
+
+            handles.append(shared.register_forward_pre_hook(gate_values))
+            routing.shared_of.update((linear, gate) for linear in shared.modules() if isinstance(linear, nn.Linear))
         try:
             yield routing
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()

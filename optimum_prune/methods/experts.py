@@ -44,7 +44,9 @@ class ExpertPruningOptions:
         "layer",
         "'layer': every layer keeps the same number of experts; 'global' (frequency, reap): experts of all layers "
         "compete by their share of their layer's score, so layers keep different counts (at least top-k each); "
-        "scored on the unpruned model. Non-uniform counts reload with `import optimum_prune`.",
+        "scored on the unpruned model. Non-uniform counts reload with `import optimum_prune`; transformers' router "
+        "load-balancing loss (output_router_logits=True, e.g. LLaMA-Factory's moe_aux_loss_coef) stacks every "
+        "layer's router logits, so it cannot train such a model.",
     )
 
     def __post_init__(self) -> None:
@@ -165,7 +167,11 @@ def experts_to_keep(adapter: Any, sparsity: float, requested: int) -> int:
         raise ValueError(
             f"expert pruning and merging need every decoder layer to be a mixture-of-experts layer with the same "
             f"expert count; {type(adapter.model).__name__} has "
-            + ("no mixture-of-experts layers" if counts == {0} else f"per-layer expert counts {sorted(counts)}")
+            + (
+                "no mixture-of-experts layers" if counts == {0}
+                else "dense layers among its mixture-of-experts ones (mlp_only_layers / decoder_sparse_step)" if 0 in counts
+                else f"per-layer expert counts {sorted(counts)}"
+            )
         )
     total = counts.pop()
     keep = requested or round(total * (1 - sparsity))

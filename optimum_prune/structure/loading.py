@@ -106,10 +106,12 @@ def record_structure(adapter: DecoderAdapter) -> list[LayerShape]:
     ]
     adapter.write_uniform_config(config, adapter.stock_shape(config))  # makes head_dim explicit
     uniform = copy.deepcopy(config)
-    adapter.write_uniform_config(uniform, shapes[0])
+    for shape in shapes:  # equal shapes write the same values (a dense layer of a MoE model writes no expert count)
+        adapter.write_uniform_config(uniform, shape)
     existing = getattr(model_config, "quantization_config", None)
-    if all(shape == adapter.stock_shape(uniform) for shape in shapes):
-        adapter.write_uniform_config(config, shapes[0])
+    if all(shape == adapter.stock_shape(uniform, index) for index, shape in enumerate(shapes)):
+        for shape in shapes:
+            adapter.write_uniform_config(config, shape)
         if isinstance(existing, StructureConfig):
             del model_config.quantization_config
         return shapes

@@ -86,6 +86,23 @@ def test_routed_statistics_equal_a_direct_per_expert_computation(family):
         assert torch.allclose(norms[f"expert{index}"].norms(), direct_expert_norms(model, windows, index), atol=1e-5), index
 
 
+def test_the_shared_experts_statistics_are_weighted_by_its_gate():
+    """Qwen2-MoE scales the shared expert's output by sigmoid(shared_expert_gate(x)) per token."""
+    model, windows = tiny_moe("qwen2_moe"), token_windows(samples=4, seq_len=16)
+    adapter = get_adapter(model)
+    layer = adapter.decoder_layers()[0]
+    block = adapter.moe_block(layer)
+    linears = {"gate_proj": block.shared_expert.gate_proj}
+    norms = ColumnNorms(64, torch.device("cpu"))
+    with adapter.routed_tokens(layer) as routing, torch.no_grad():
+        with feeding_inputs(linears, lambda name, x: norms.add(routing.scale(linears[name], x))):
+            model(windows)
+    with torch.no_grad():
+        hidden = block_inputs(model, windows)
+        direct = (hidden * torch.sigmoid(block.shared_expert_gate(hidden))).square().sum(0).sqrt()
+    torch.testing.assert_close(norms.norms(), direct, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_routers_stay_dense_and_experts_are_pruned(family):
     model = tiny_moe(family)
