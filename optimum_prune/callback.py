@@ -195,6 +195,18 @@ class IterativeSchedule(_SparsitySchedule):
 Schedule = Union[GradualSchedule, IterativeSchedule, ExpertDroppingSchedule]
 
 
+def _sharding(model: nn.Module) -> str | None:
+    """The name of what shards the model's parameters across processes (FSDP, DeepSpeed ZeRO-3), if anything."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(model, FullyShardedDataParallel) or any(isinstance(p, DTensor) for p in model.parameters()):
+        return "FSDP"
+    if any(hasattr(p, "ds_numel") for p in model.parameters()):  # DeepSpeed marks its partitioned parameters so
+        return "DeepSpeed ZeRO-3"
+    return None
+
+
 class PruningCallback(TrainerCallback):
     """Keeps pruned weights at zero during training; with a ``GradualSchedule`` or an
     ``IterativeSchedule``, prunes as it trains; with an ``ExpertDroppingSchedule``, drops experts.
@@ -232,6 +244,12 @@ class PruningCallback(TrainerCallback):
             raise ValueError(
                 "PruningCallback(perp=...) must be passed to the Trainer's constructor (callbacks=[...]): added later, it "
                 "cannot prepare the model before the Trainer builds its optimizer"
+            )
+        sharding = _sharding(model)
+        if sharding is not None:
+            raise ValueError(
+                f"PruningCallback reads and zeros whole weight matrices in every process, which {sharding} splits "
+                "across processes: train with DDP (or DeepSpeed ZeRO stage 1 or 2) instead"
             )
         check_ignore_patterns(get_adapter(model), self.ignore, "PruningCallback ignore")
         self.masks = SparsityMasks.from_zeros(model, self.ignore)

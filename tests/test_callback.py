@@ -251,3 +251,14 @@ def test_trl_sft_trainer_keeps_masks(tmp_path, bpe_tokenizer):
     assert all(torch.equal(after[name], before[name]) for name in before)
     assert any(not torch.equal(p, weights[name]) for name, p in model.named_parameters())  # trained, not a no-op
     assert any("sparsity" in entry for entry in trainer.state.log_history)
+
+
+def test_parameters_sharded_across_processes_are_refused(tmp_path):
+    """FSDP and ZeRO-3 leave each process a shard (ZeRO-3: an empty tensor) where the masks need whole matrices."""
+    from transformers import TrainerControl, TrainerState
+
+    model = pruned_tiny()
+    model.model.layers[0].mlp.up_proj.weight.ds_numel = 128 * 64  # what DeepSpeed ZeRO-3 marks its parameters with
+    args = TrainingArguments(str(tmp_path), report_to=[])
+    with pytest.raises(ValueError, match="which DeepSpeed ZeRO-3 splits across processes: train with DDP"):
+        PruningCallback().on_train_begin(args, TrainerState(), TrainerControl(), model=model)
