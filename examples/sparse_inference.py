@@ -7,7 +7,7 @@ cores); on CPU in float32 on the reference path (decompress, then a dense matmul
 saves weight memory but is not faster. See README "The compressed 2:4 format" for the measured speed.
 
     python examples/sparse_inference.py                     # SparseGPT 2:4, 16-bit values
-    python examples/sparse_inference.py --bits 4            # 2:4 + int4, one scale per 128 columns
+    python examples/sparse_inference.py --bits 4            # 2:4 + int4, one scale per --group-size (64) columns
     python examples/sparse_inference.py --decode mma        # GPU: sparse tensor cores for decode
     python examples/sparse_inference.py --model recovered   # a 2:4 checkpoint (lora_recovery.py's) as it is
 """

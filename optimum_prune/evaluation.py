@@ -69,8 +69,10 @@ def evaluate_image_text_loss(
     """Mean next-token NLL (nats) of each caption's tokens given its image.
 
     Each pair runs as the model would see it in calibration (``<image>`` placeholder, a newline,
-    the caption); only the caption's own tokens — its last ``len(tokenize(caption))`` positions —
-    are scored, never the image tokens or the prompt. ``pairs`` defaults to the bundled
+    the caption); only the caption's tokens — those after the longest prefix shared with the
+    processed prompt without the caption — are scored, never the image tokens or the prompt.
+    (Tokenising the caption alone would not do: SentencePiece tokenizers mark a word start
+    differently after a newline, and may merge the newline into the caption's first token.) ``pairs`` defaults to the bundled
     ``evaluation`` split of image-caption pairs (disjoint captions from calibration).
     """
     if pairs is None:
@@ -83,12 +85,16 @@ def evaluate_image_text_loss(
     total_nll, total_tokens = 0.0, 0
     try:
         with torch.no_grad():
-            for pair, batch in zip(pairs, image_text_batches(pairs, processor, len(pairs))):
-                caption = torch.tensor(processor.tokenizer(pair["text"], add_special_tokens=False)["input_ids"])
-                scored = caption.numel()
+            prompts = [{**pair, "text": ""} for pair in pairs]
+            for batch, prompt in zip(image_text_batches(pairs, processor, len(pairs)), image_text_batches(prompts, processor, len(pairs))):
+                full, bare = batch["input_ids"][0], prompt["input_ids"][0]
+                length = min(full.numel(), bare.numel())
+                differs = (full[:length] != bare[:length]).nonzero()
+                shared = int(differs[0]) if differs.numel() else length  # a merged "\n" + first word counts as caption
+                scored = full.numel() - shared
+                if scored <= 0 or shared == 0:
+                    raise ValueError("the processed caption does not extend the processed prompt without it; cannot tell its tokens apart")
                 ids = batch["input_ids"].to(device)
-                if not torch.equal(ids[0, -scored:].cpu(), caption):
-                    raise ValueError(f"the processed input does not end with the caption's tokens: {pair['text']!r}")
                 logits = model(**{name: value.to(device) for name, value in batch.items()}, use_cache=False).logits
                 total_nll += F.cross_entropy(
                     logits[0, -scored - 1 : -1].float(), ids[0, -scored:], reduction="sum"

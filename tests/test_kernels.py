@@ -256,6 +256,16 @@ except ValueError as error:
     assert "float16 or bfloat16" in str(error)
 else:
     raise AssertionError("float32 inputs were accepted")
+# No rows (an MoE expert no token reached): zeros of the right shape, no launch.
+empty = sparse24_matmul(torch.randn(0, 136).half(), compress(random_24(8, 136, torch.float16)))
+assert empty.shape == (0, 8) and empty.dtype == torch.float16
+# 16-bit values of another dtype than the inputs would be read bit for bit in the wrong format.
+try:
+    sparse24_matmul(torch.randn(2, 136).half(), compress(random_24(8, 136, torch.float32)))
+except ValueError as error:
+    assert "cast one to the other" in str(error)
+else:
+    raise AssertionError("float32 values with float16 inputs were accepted")
 print("kernel checks passed")
 """
 
@@ -275,6 +285,37 @@ def test_triton_kernel_matches_the_reference_in_the_interpreter():
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert result.returncode == 0 and "kernel checks passed" in result.stdout, result.stderr[-3000:]
+
+
+def test_a_sparse_linear_cast_to_another_dtype_follows_it():
+    """.to(dtype) casts the values (or the scales): the layer's dtype must follow, or decompress fails."""
+    for bits in (None, 8):
+        linear = nn.Linear(16, 8, bias=False).to(torch.bfloat16)
+        with torch.no_grad():
+            linear.weight.copy_(random_24(8, 16, torch.bfloat16))
+        layer = SparseLinear.from_linear(linear, bits=bits, group_size=8).float()
+        assert layer.dtype == torch.float32
+        inputs = torch.randn(3, 16)
+        torch.testing.assert_close(layer(inputs), inputs @ decompress(layer.compressed).T)
+        assert layer(torch.zeros(0, 16)).shape == (0, 8)  # no rows, as an unrouted MoE expert gets
+
+
+def test_sparsify_refusing_one_layer_leaves_the_model_whole():
+    model = tiny_model(intermediate_size=136)  # down_proj: 136 inputs, which group_size 32 does not divide
+    prune(model, PruningConfig(method="magnitude", sparsity="2:4"))
+    with pytest.raises(ValueError, match="down_proj: group_size 32 must be a multiple of 8 that divides the 136"):
+        sparsify(model, bits=4, group_size=32)
+    assert not any(isinstance(module, SparseLinear) for module in model.modules())
+
+
+def test_16_bit_scales_quantize_against_their_rounded_values():
+    """Codes computed against the float32 scale but stored with its bfloat16 rounding would be off by
+    up to a quarter step near the ends of the int8 range."""
+    weight = random_24(16, 256, torch.bfloat16)
+    compressed = compress(weight, bits=8, group_size=64)
+    kept = compress(weight).values.float()  # the kept values, in stored order
+    scales = compressed.scales.float().repeat_interleave(32, dim=1)  # 64 columns keep 32 values
+    assert torch.equal(compressed.values.float(), torch.round(kept / scales).clamp(-127, 127))
 
 
 def test_auto_backend_keeps_the_reference_path_off_gpu():

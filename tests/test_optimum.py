@@ -60,7 +60,7 @@ def test_optimum_pruner_takes_a_tokenizer_for_a_checkpoint_without_one(tmp_path,
 def test_optimum_pruner_takes_a_loaded_model_and_token_ids(tmp_path):
     model = tiny_model("qwen2")
     pruner = OptimumPruner.from_pretrained(model)
-    pruner.prune(PruningConfig(method="width", sparsity=0.25), save_dir=tmp_path / "narrow", calibration_dataset=token_windows())
+    pruner.prune({"method": "width", "sparsity": 0.25}, save_dir=tmp_path / "narrow", calibration_dataset=token_windows())  # a dict, as prune takes
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "narrow")
     ids = token_windows(samples=1, seq_len=8, seed=5)
     with torch.no_grad():

@@ -77,43 +77,35 @@ def test_only_one_decoder_layer_is_ever_materialised(sharded, tmp_path, monkeypa
     assert all(next(layer.parameters()).is_meta for layer in loaded)
 
 
-def test_resume_after_a_kill_gives_the_uninterrupted_checkpoint(sharded, tmp_path, monkeypatch):
-    windows, config = token_windows(), CONFIGS["sparsegpt 2:4"]
+def _killed_while_saving(sharded, tmp_path, monkeypatch, layer: int, config, **kwargs) -> None:
+    """Run prune_checkpoint into tmp_path/out and kill it as it saves decoder layer ``layer``."""
     original = LayerStream._save
 
-    def dying_save(self, index, layer, prefix):
-        if index == 2:
+    def dying_save(self, index, layer_module, prefix):
+        if index == layer:
             raise KeyboardInterrupt("killed")
-        original(self, index, layer, prefix)
+        original(self, index, layer_module, prefix)
 
     monkeypatch.setattr(LayerStream, "_save", dying_save)
     with pytest.raises(KeyboardInterrupt):
-        prune_checkpoint(sharded, tmp_path / "out", config, calibration=windows)
+        prune_checkpoint(sharded, tmp_path / "out", config, **kwargs)
+    monkeypatch.setattr(LayerStream, "_save", original)
+
+
+def test_resume_after_a_kill_gives_the_uninterrupted_checkpoint(sharded, tmp_path, monkeypatch):
+    windows, config = token_windows(), CONFIGS["sparsegpt 2:4"]
+    _killed_while_saving(sharded, tmp_path, monkeypatch, 2, config, calibration=windows)
     assert not (tmp_path / "out").exists()  # nothing that looks like a checkpoint
     staged = sorted(p.name for p in (tmp_path / ".out.partial").glob("model-layer-*"))
     assert staged == ["model-layer-00000.safetensors", "model-layer-00001.safetensors"]
 
-    monkeypatch.setattr(LayerStream, "_save", original)
+    original = LayerStream._save
     saved = []
     monkeypatch.setattr(LayerStream, "_save", lambda self, index, *a: saved.append(index) or original(self, index, *a))
     report = prune_checkpoint(sharded, tmp_path / "out", config, calibration=windows)
     assert saved == [2]  # the finished layers are read back, not pruned again
     assert len(report.linears) == 21
     assert_same_weights(AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict(), pruned_in_memory(sharded, config, windows))
-
-
-def _killed_after_one_layer(sharded, tmp_path, monkeypatch, config, **kwargs) -> None:
-    original = LayerStream._save
-
-    def dying_save(self, index, layer, prefix):
-        if index == 1:
-            raise KeyboardInterrupt("killed")
-        original(self, index, layer, prefix)
-
-    monkeypatch.setattr(LayerStream, "_save", dying_save)
-    with pytest.raises(KeyboardInterrupt):
-        prune_checkpoint(sharded, tmp_path / "out", config, **kwargs)
-    monkeypatch.setattr(LayerStream, "_save", original)
 
 
 @pytest.mark.parametrize(
@@ -126,7 +118,7 @@ def _killed_after_one_layer(sharded, tmp_path, monkeypatch, config, **kwargs) ->
 )
 def test_layers_of_a_partial_run_with_another_config_data_or_dtype_are_not_mixed_in(sharded, tmp_path, monkeypatch, changed, differing):
     first = {"config": CONFIGS["wanda"], "calibration": token_windows()}
-    _killed_after_one_layer(sharded, tmp_path, monkeypatch, first["config"], calibration=first["calibration"])
+    _killed_while_saving(sharded, tmp_path, monkeypatch, 1, first["config"], calibration=first["calibration"])
     second = {**first, **changed}
     with pytest.raises(ValueError, match=f"holds layers of a partial run with another {differing};"):
         prune_checkpoint(sharded, tmp_path / "out", second.pop("config"), **second)

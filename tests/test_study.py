@@ -39,6 +39,7 @@ def small_grid(model_dir, **overrides) -> dict:
         ({"calibration": {"samples": 0}}, "grid.calibration.samples must be a positive integer"),
         ({"latency": "tpu"}, "grid.latency must be one of"),
         ({"model": "no/such/dir"}, "grid.model 'no/such/dir' is not a checkpoint directory"),
+        ({"evaluation": {"tokens": 256}}, "grid.evaluation.tokens (256) is less than one window of grid.evaluation.seq_len (512)"),
     ],
 )
 def test_bad_grids_name_the_field(model_dir, change, message):
@@ -181,3 +182,45 @@ def test_asking_for_latency_remeasures_points_cached_without_it(model_dir, tmp_p
     timed = run_study(StudyGrid.from_dict({**grid, "latency": "cpu"}), tmp_path, device="cpu")
     assert timed.measured_now == 1
     assert timed.rows[0].result["latency_ms"] > 0 and timed.rows[0].result["latency_device"] == "cpu"
+
+
+def test_a_checkpoint_without_tokenizer_is_refused_when_the_grid_is_read(tmp_path):
+    from .conftest import tiny_model
+
+    tiny_model().save_pretrained(tmp_path / "weights-only")
+    with pytest.raises(ValueError, match="has no tokenizer .*which the study \\(calibration and perplexity\\) needs"):
+        StudyGrid.from_dict(small_grid(tmp_path / "weights-only"))
+
+
+def test_a_report_is_written_when_no_point_could_be_measured_or_without_matplotlib(model_dir, tmp_path, monkeypatch):
+    from optimum_prune.study import outputs
+
+    grid = StudyGrid.from_dict(small_grid(model_dir, pruning=[
+        {"method": "width", "method_options": {"ranking": "global"}, "sweep": {"sparsity": [0.2]}}
+    ], quantization=["int8"]))
+    write_outputs(run_study(grid, tmp_path, device="cpu"), tmp_path, "test")
+    assert "No point could be measured:" in (tmp_path / "REPORT.md").read_text()
+
+    def no_matplotlib(*_args):
+        raise ImportError("No module named 'matplotlib'")
+
+    monkeypatch.setattr(outputs, "plot_pareto", no_matplotlib)
+    grid = StudyGrid.from_dict(small_grid(model_dir, pruning=["none"], quantization=["none"]))
+    write_outputs(run_study(grid, tmp_path / "plain", device="cpu"), tmp_path / "plain", "test")
+    assert "| dense |" in (tmp_path / "plain" / "REPORT.md").read_text() and not (tmp_path / "plain" / "pareto.png").exists()
+
+
+def test_latency_columns_come_from_this_run_and_its_device(model_dir, tmp_path):
+    """A point timed earlier is not shown against one that was not, nor reused for another device."""
+    grid = small_grid(model_dir, pruning=["none", {"method": "magnitude", "sweep": {"sparsity": [0.5]}}], quantization=["none"])
+    run_study(StudyGrid.from_dict({**grid, "pruning": ["none"], "latency": "cpu"}), tmp_path, device="cpu")
+    untimed = run_study(StudyGrid.from_dict(grid), tmp_path, device="cpu")  # the dense point still holds a latency
+    write_outputs(untimed, tmp_path, "test")
+    assert "latency ms" not in (tmp_path / "REPORT.md").read_text()
+    cached = tmp_path / "points"
+    for path in cached.glob("*.json"):
+        record = json.loads(path.read_text())
+        if "latency_device" in record["result"]:
+            record["result"]["latency_device"] = "NVIDIA H200"  # as if timed on another machine
+            path.write_text(json.dumps(record))
+    assert run_study(StudyGrid.from_dict({**grid, "latency": "cpu"}), tmp_path, device="cpu").measured_now == 2

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
@@ -70,7 +70,7 @@ class OptimumPruner:
 
     def prune(
         self,
-        pruning_config: PruningConfig,
+        pruning_config: PruningConfig | Mapping[str, Any],
         save_dir: str | os.PathLike,
         calibration_dataset: "CalibrationSource" = None,
         device: str | torch.device | None = None,
@@ -81,6 +81,8 @@ class OptimumPruner:
         from ..api import prune
         from ..saving import save_pruned
 
+        if isinstance(pruning_config, Mapping):  # as prune takes it; save_pruned records a PruningConfig
+            pruning_config = PruningConfig.from_dict(pruning_config)
         report = prune(self.model, pruning_config, calibration=calibration_dataset, tokenizer=self.tokenizer, device=device)
         save_pruned(self.model, Path(save_dir), tokenizer=self.tokenizer, config=pruning_config, report=report)
         return report

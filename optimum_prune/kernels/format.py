@@ -130,9 +130,12 @@ def _quantized(
     rows = values.shape[0]
     limit = 2 ** (bits - 1) - 1
     grouped = values.float().reshape(rows, columns // group_size, group_size // 2)
-    scales = (grouped.abs().amax(-1) / limit).clamp_min(torch.finfo(torch.float32).tiny)
-    q = torch.round(grouped / scales.unsqueeze(-1)).clamp(-limit, limit).to(torch.int8).reshape(rows, columns // 2)
-    return Compressed24(_packed(q, bits), metadata, columns, dtype, bits, scales.to(dtype), group_size)
+    # Quantize against the scales as stored (in the weight's dtype), not their float32 originals: the
+    # rounding of a 16-bit scale would otherwise shift every code of its group.
+    scales = (grouped.abs().amax(-1) / limit).to(dtype)
+    divisor = scales.float().clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
+    q = torch.round(grouped / divisor).clamp(-limit, limit).to(torch.int8).reshape(rows, columns // 2)
+    return Compressed24(_packed(q, bits), metadata, columns, dtype, bits, scales, group_size)
 
 
 def _check_group_size(group_size: int, columns: int, name: str) -> None:

@@ -147,10 +147,15 @@ class SparseLinear(nn.Module):
 
     def _apply(self, fn, recurse: bool = True) -> "SparseLinear":
         self._cusparselt = None  # moved or cast: rebuilt from the buffers at the next prefill that needs it
-        return super()._apply(fn, recurse)
+        module = super()._apply(fn, recurse)
+        # .to(dtype) / .half() cast the floating buffers: the values (16-bit) or the scales (quantized) carry the dtype
+        self.dtype = (self.values if self.bits is None else self.scales).dtype
+        return module
 
     def _uses_kernel(self, inputs: torch.Tensor) -> bool:
-        if self.backend == "reference":
+        if self.backend == "reference" or inputs.numel() == 0:  # no rows (an MoE expert no token reached)
+            return False
+        if self.bits is None and inputs.dtype != self.dtype:  # the kernels read 16-bit values in the inputs' dtype
             return False
         if self.backend == "triton":
             return True
@@ -210,6 +215,7 @@ def sparsify(
     adapter = get_adapter(model)
     report = SparsifyReport()
     pattern = NMPattern(2, 4)
+    swaps: list[tuple[str, SparseLinear]] = []  # all built first: a layer refused (e.g. group_size) leaves the model whole
     for linears in adapter.qualified_prunable_linears():
         for qualified, linear in linears.items():
             quantized = is_quantized(linear)
@@ -225,9 +231,11 @@ def sparsify(
             if prefill == "cusparselt" and not cusparselt_fits(sparse.out_features, sparse.in_features):
                 report.without_cusparselt.append(qualified)
             report.bytes_before += _weight_bytes(linear)
-            replace_submodule(adapter.model, qualified, sparse)
-            report.swapped.append(qualified)
             report.bytes_after += sparse.compressed.num_bytes()
+            swaps.append((qualified, sparse))
+    for qualified, sparse in swaps:
+        replace_submodule(adapter.model, qualified, sparse)
+        report.swapped.append(qualified)
     return report
 
 

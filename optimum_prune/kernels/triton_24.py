@@ -27,6 +27,7 @@ registers with no spills, against 18–27 instructions in 168–247 registers fo
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import replace
 
@@ -219,6 +220,8 @@ def sparse24_matmul(inputs: torch.Tensor, compressed: Compressed24) -> torch.Ten
     """``inputs @ decompress(compressed).T`` for fp16 / bf16 ``inputs`` of shape ``[..., in]``: the decode
     kernel for up to ``DECODE_ROWS`` token rows, the rebuilt dense weight through cuBLAS above."""
     rows = inputs.numel() // max(inputs.shape[-1], 1)
+    if rows == 0:  # e.g. an MoE expert no token was routed to
+        return inputs.new_zeros(*inputs.shape[:-1], compressed.out_features)
     if rows <= DECODE_ROWS:
         return sparse24_decode(inputs, compressed)
     return F.linear(inputs, sparse24_expand(compressed, inputs.dtype))
@@ -241,12 +244,13 @@ def sparse24_decode(inputs: torch.Tensor, compressed: Compressed24, config: dict
         return (triton.cdiv(outputs, meta["BLOCK_N"]),)
 
     kernel = _TUNED_DECODE if config is None else _UNTUNED_DECODE
-    kernel[grid](
-        words, values, compressed.metadata, scales, zeros, out, rows, outputs, compressed.in_features,
-        words.stride(0), values.stride(0), compressed.metadata.stride(0), scales.stride(0), out.stride(0),
-        BITS=compressed.bits or 16, GROUP_SIZE=compressed.group_size or 1, HAS_ZEROS=compressed.zero_points is not None,
-        DTYPE=_TRITON_DTYPES[inputs.dtype], ROWS=triton.next_power_of_2(rows), **(config or {}),
-    )  # fmt: skip
+    with _launching_on(inputs.device):
+        kernel[grid](
+            words, values, compressed.metadata, scales, zeros, out, rows, outputs, compressed.in_features,
+            words.stride(0), values.stride(0), compressed.metadata.stride(0), scales.stride(0), out.stride(0),
+            BITS=compressed.bits or 16, GROUP_SIZE=compressed.group_size or 1, HAS_ZEROS=compressed.zero_points is not None,
+            DTYPE=_TRITON_DTYPES[inputs.dtype], ROWS=triton.next_power_of_2(rows), **(config or {}),
+        )  # fmt: skip
     return out.reshape(*inputs.shape[:-1], outputs)
 
 
@@ -256,13 +260,20 @@ def sparse24_expand(compressed: Compressed24, dtype: torch.dtype) -> torch.Tenso
     _, compressed, scales, zeros = _checked(torch.empty(0, compressed.in_features, dtype=dtype, device=values.device), compressed)
     outputs, columns = compressed.out_features, compressed.in_features
     dense = torch.empty(outputs, columns, dtype=dtype, device=values.device)
-    _sparse24_expand[(triton.cdiv(outputs, EXPAND_BLOCK_N), triton.cdiv(columns, EXPAND_BLOCK_K))](
-        compressed.values, compressed.metadata, scales, zeros, dense, outputs, columns,
-        compressed.values.stride(0), compressed.metadata.stride(0), scales.stride(0), dense.stride(0),
-        BITS=compressed.bits or 16, GROUP_SIZE=compressed.group_size or 1, HAS_ZEROS=compressed.zero_points is not None,
-        BLOCK_N=EXPAND_BLOCK_N, BLOCK_K=EXPAND_BLOCK_K,
-    )  # fmt: skip
+    with _launching_on(values.device):
+        _sparse24_expand[(triton.cdiv(outputs, EXPAND_BLOCK_N), triton.cdiv(columns, EXPAND_BLOCK_K))](
+            compressed.values, compressed.metadata, scales, zeros, dense, outputs, columns,
+            compressed.values.stride(0), compressed.metadata.stride(0), scales.stride(0), dense.stride(0),
+            BITS=compressed.bits or 16, GROUP_SIZE=compressed.group_size or 1, HAS_ZEROS=compressed.zero_points is not None,
+            BLOCK_N=EXPAND_BLOCK_N, BLOCK_K=EXPAND_BLOCK_K,
+        )  # fmt: skip
     return dense
+
+
+def _launching_on(device: torch.device) -> contextlib.AbstractContextManager:
+    """Triton launches on the current CUDA device and its stream: make that the tensors' GPU (a model
+    spread over GPUs); nothing to do for the interpreter's CPU tensors."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _checked(
@@ -274,6 +285,8 @@ def _checked(
         raise ValueError(f"the 2:4 Triton kernel takes float16 or bfloat16 inputs, got {inputs.dtype}")
     if inputs.shape[-1] != compressed.in_features:
         raise ValueError(f"inputs have {inputs.shape[-1]} features, the 2:4 weight {compressed.in_features}")
+    if compressed.bits is None and compressed.values.dtype != inputs.dtype:  # the kernels reinterpret the values' bits
+        raise ValueError(f"the 2:4 values are {compressed.values.dtype} and the inputs {inputs.dtype}: cast one to the other")
     scales, zeros = (None if t is None else t.contiguous() for t in (compressed.scales, compressed.zero_points))
     compressed = replace(
         compressed, values=compressed.values.contiguous(), metadata=compressed.metadata.contiguous(), scales=scales, zero_points=zeros

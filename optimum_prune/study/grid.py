@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..config import PruningConfig
+from ..models import load_tokenizer, missing_tokenizer
 
 LATENCY_DEVICES = ("auto", "cuda", "cpu", "none")
 PROTOCOL_FIELDS = ("num_calibration_samples", "calibration_seq_len", "seed")  # owned by the grid, not by an entry
@@ -132,6 +133,8 @@ def _protocol(data: Mapping[str, Any], base: Path | None) -> Protocol:
         directory = Path(model) if base is None or Path(model).is_absolute() else base / model
         if not (directory / "config.json").is_file():
             raise ValueError(f"grid.model {model!r} is not a checkpoint directory (no config.json in {str(directory)!r})")
+        if load_tokenizer(directory) is None:  # every point calibrates or evaluates text
+            raise missing_tokenizer(directory, "the study (calibration and perplexity)")
         model = str(directory.resolve())
     seed = data.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -139,6 +142,9 @@ def _protocol(data: Mapping[str, Any], base: Path | None) -> Protocol:
     calibration = _section(data, "calibration", ("samples", "seq_len"))
     evaluation = _section(data, "evaluation", ("tokens", "seq_len"))
     defaults = Protocol()
+    tokens, window = evaluation.get("tokens", defaults.evaluation_tokens), evaluation.get("seq_len", defaults.evaluation_seq_len)
+    if tokens < window:
+        raise ValueError(f"grid.evaluation.tokens ({tokens}) is less than one window of grid.evaluation.seq_len ({window}); raise it")
     return Protocol(
         model=model,
         seed=seed,

@@ -6,6 +6,7 @@ import csv
 import importlib.metadata
 import io
 import json
+import logging
 import platform
 from pathlib import Path
 from typing import Callable
@@ -16,13 +17,14 @@ from ..saving import write_text_atomic
 from .pareto import best_within, pareto_front
 from .runner import StudyResults, StudyRow
 
+logger = logging.getLogger(__name__)
 BUDGETS = (1.0, 0.75, 0.5, 0.4, 0.35, 0.3, 0.25)  # fractions of the dense model's stored bytes
 SIZE_MEASURES = {
     "stored_bytes": "stored bytes (the saved checkpoint)",
     "sparse_format_bytes": "sparse-format bytes (pruned linears in their cheapest sparse layout, computed)",
 }
 CSV_COLUMNS = (
-    "label", "method", "sparsity", "quantization", "perplexity", "stored_bytes", "sparse_format_bytes", "parameters",
+    "label", "method", "sparsity", "method_options", "quantization", "perplexity", "stored_bytes", "sparse_format_bytes", "parameters",
     "linear_zeros", "pruning_seconds", "quantization_seconds", "latency_ms", "latency_device", "error",
 )
 
@@ -51,12 +53,15 @@ def write_outputs(results: StudyResults, output: str | Path, command: str) -> No
     }, indent=1))
     write_text_atomic(output / "results.csv", _csv(results.rows))
     plots = []
-    if rows:
-        plot_pareto(rows, output / "pareto.png")
-        plots.append("pareto.png")
-    if results.redundancy:
-        plot_redundancy(results.redundancy, output / "redundancy.png")
-        plots.append("redundancy.png")
+    try:
+        if rows:
+            plot_pareto(rows, output / "pareto.png")
+            plots.append("pareto.png")
+        if results.redundancy:
+            plot_redundancy(results.redundancy, output / "redundancy.png")
+            plots.append("redundancy.png")
+    except ImportError as error:  # matplotlib is the [plot] extra: the report is written without figures
+        logger.warning("no plots (%s); pip install 'optimum-prune[plot]' for them", error)
     write_text_atomic(output / "REPORT.md", report(results, command, plots))
 
 
@@ -68,6 +73,7 @@ def _csv(rows: list[StudyRow]) -> str:
         pruning = row.pruning or {}
         writer.writerow({
             "label": row.label, "method": pruning.get("method", "none"), "sparsity": pruning.get("sparsity", 0),
+            "method_options": json.dumps(pruning.get("method_options", {}), sort_keys=True),  # e.g. num_layers overrides sparsity
             "quantization": row.quantization or "none", **row.result,
         })
     return buffer.getvalue()
@@ -76,10 +82,16 @@ def _csv(rows: list[StudyRow]) -> str:
 def report(results: StudyResults, command: str, plots: list[str]) -> str:
     """The markdown report: every point, the Pareto fronts, and the winner under each memory budget."""
     rows = [row for row in results.rows if row.measured]
+    failed = [row for row in results.rows if not row.measured]
+    if not rows:
+        return "\n".join(
+            ["# Pruning × quantization study", "", f"Command: `{command}`", "", "No point could be measured:", ""]
+            + [f"- {row.label}: {row.result['error']}" for row in failed]
+        ) + "\n"
     dense = next((r for r in rows if r.pruning is None and r.quantization is None), None)
     reference = dense.result["stored_bytes"] if dense else max(r.result["stored_bytes"] for r in rows)
     fronts = {measure: pareto_front(rows, _measure(measure), _perplexity) for measure in SIZE_MEASURES}
-    latency = any("latency_ms" in r.result for r in rows)
+    latency = "latency_device" in results.versions  # measured on it for every point of this run
     p = results.protocol
     lines = [
         "# Pruning × quantization study", "", f"Command: `{command}`", "",
@@ -104,7 +116,6 @@ def report(results: StudyResults, command: str, plots: list[str]) -> str:
             f"{r['pruning_seconds']:.1f} | {r['quantization_seconds']:.1f} |"
             + (f" {r['latency_ms']:.2f} |" if latency else "") + f" {', '.join(on)} |"
         )
-    failed = [row for row in results.rows if not row.measured]
     if failed:
         lines += ["", "Not measured (the combination cannot be built):", ""]
         lines += [f"- {row.label}: {row.result['error']}" for row in failed]

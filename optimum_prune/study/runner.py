@@ -49,7 +49,8 @@ def run_study(grid: StudyGrid, output: str | os.PathLike, device: str | torch.de
     """Measure every point of ``grid`` not already cached under ``output/points/``.
 
     A cached point is reused only if its file parses, names the same point and holds every
-    measure (and a latency when one is asked for); otherwise it is measured again. Each point's
+    measure (and a latency measured on this run's latency device when one is asked for); otherwise
+    it is measured again. Each point's
     file is written whole and renamed into place, so a sweep killed mid-point loses that point only.
     """
     from .outputs import versions
@@ -58,10 +59,11 @@ def run_study(grid: StudyGrid, output: str | os.PathLike, device: str | torch.de
     points_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     latency_device = _latency_device(grid.latency)
+    latency_name = versions(device, latency_device).get("latency_device")
     rows, measured_now = [], 0
     for point in tqdm(grid.points, desc="Study points"):
         path = points_dir / f"{point.key(grid.protocol)}.json"
-        result = _cached(path, point, latency_device is not None)
+        result = _cached(path, point, latency_name)
         if result is None:
             logger.info("measuring %s", point.label)
             try:
@@ -86,14 +88,16 @@ def _latency_device(setting: str) -> torch.device | None:
     return torch.device("cpu")
 
 
-def _cached(path: Path, point: StudyPoint, needs_latency: bool) -> dict[str, Any] | None:
+def _cached(path: Path, point: StudyPoint, latency_device: str | None) -> dict[str, Any] | None:
+    """The stored result of ``point``, if whole (with a latency measured on ``latency_device`` when one is asked for)."""
     if not path.is_file():
         return None
     try:
         stored = json.loads(path.read_text(encoding="utf-8"))
         result = stored["result"]
         same = (stored["pruning"], stored["quantization"]) == (point.pruning, point.quantization)
-        complete = "error" in result or (all(m in result for m in MEASURES) and (not needs_latency or "latency_ms" in result))
+        timed = latency_device is None or result.get("latency_device") == latency_device
+        complete = "error" in result or (all(m in result for m in MEASURES) and timed)
     except (ValueError, KeyError, TypeError):
         logger.warning("%s is unreadable; measuring %s again", path, point.label)
         return None
