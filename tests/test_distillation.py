@@ -205,29 +205,38 @@ def test_errors_name_the_fix(tmp_path):
         no_teacher.compute_loss(no_teacher.model, {"input_ids": ids, "labels": ids})
 
 
-def test_mixin_composes_with_trl_sft_trainer(tmp_path, bpe_tokenizer, monkeypatch):
-    trl = pytest.importorskip("trl")
-    from optimum_prune import distillation
-    from optimum_prune.data import wikipedia_articles
-    from optimum_prune.distillation import DistillationMixin
+def distilling_sft_trainer(tmp_path, tokenizer, texts: list[str], steps: int, distillation: DistillationConfig, callbacks=()):
+    """(TRL's SFTTrainer with DistillationMixin in front, on ``texts``, the pruned student)."""
+    import trl
 
-    kd_calls = []
-    original_kd_loss = distillation.kd_loss
-    monkeypatch.setattr(distillation, "kd_loss", lambda *args, **kwargs: kd_calls.append(1) or original_kd_loss(*args, **kwargs))
+    from optimum_prune.distillation import DistillationMixin
 
     class DistillingSFTTrainer(DistillationMixin, trl.SFTTrainer):
         pass
 
     teacher, student = teacher_student()
     config = trl.SFTConfig(
-        output_dir=str(tmp_path / "sft"), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-3,
+        output_dir=str(tmp_path / "sft"), max_steps=steps, per_device_train_batch_size=2, learning_rate=1e-3,
         max_length=32, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
     )  # fmt: skip
-    texts = Dataset.from_dict({"text": [article[:400] for article in wikipedia_articles("calibration")[:8]]})
     trainer = DistillingSFTTrainer(
-        model=student, teacher=teacher, distillation=DistillationConfig(label_weight=0.5), args=config,
-        train_dataset=texts, processing_class=bpe_tokenizer, callbacks=[PruningCallback()],
+        model=student, teacher=teacher, distillation=distillation, args=config, train_dataset=Dataset.from_dict({"text": texts}),
+        processing_class=tokenizer, callbacks=list(callbacks),
     )  # fmt: skip
+    return trainer, student
+
+
+def test_mixin_composes_with_trl_sft_trainer(tmp_path, bpe_tokenizer, monkeypatch):
+    pytest.importorskip("trl")
+    from optimum_prune import distillation
+    from optimum_prune.data import wikipedia_articles
+
+    kd_calls = []
+    original_kd_loss = distillation.kd_loss
+    monkeypatch.setattr(distillation, "kd_loss", lambda *args, **kwargs: kd_calls.append(1) or original_kd_loss(*args, **kwargs))
+
+    texts = [article[:400] for article in wikipedia_articles("calibration")[:8]]
+    trainer, student = distilling_sft_trainer(tmp_path, bpe_tokenizer, texts, 3, DistillationConfig(label_weight=0.5), callbacks=[PruningCallback()])
     trainer.train()
     assert len(kd_calls) == 3  # the mixin's compute_loss ran at every step, not SFTTrainer's own
     assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in trainer.state.log_history if "loss" in entry)
@@ -237,23 +246,12 @@ def test_mixin_composes_with_trl_sft_trainer(tmp_path, bpe_tokenizer, monkeypatc
 def test_sft_trainer_trains_on_stored_teacher_top_k_without_the_teacher(tmp_path, bpe_tokenizer):
     """SFTTrainer tokenises its own dataset and its collator keeps only the columns it knows:
     precompute_teacher_top_k annotates what it built and pads the stored logits beside it."""
-    trl = pytest.importorskip("trl")
+    pytest.importorskip("trl")
     from optimum_prune.data import wikipedia_articles
-    from optimum_prune.distillation import TOP_K_INDICES, DistillationMixin
+    from optimum_prune.distillation import TOP_K_INDICES
 
-    class DistillingSFTTrainer(DistillationMixin, trl.SFTTrainer):
-        pass
-
-    teacher, student = teacher_student()
-    config = trl.SFTConfig(
-        output_dir=str(tmp_path / "sft"), max_steps=2, per_device_train_batch_size=2, learning_rate=1e-3,
-        max_length=32, logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
-    )  # fmt: skip
-    texts = Dataset.from_dict({"text": [article[: 60 + 40 * i] for i, article in enumerate(wikipedia_articles("calibration")[:6])]})
-    trainer = DistillingSFTTrainer(
-        model=student, teacher=teacher, distillation=DistillationConfig(top_k=8, label_weight=0.0), args=config,
-        train_dataset=texts, processing_class=bpe_tokenizer,
-    )  # fmt: skip
+    texts = [article[: 60 + 40 * i] for i, article in enumerate(wikipedia_articles("calibration")[:6])]
+    trainer, _ = distilling_sft_trainer(tmp_path, bpe_tokenizer, texts, 2, DistillationConfig(top_k=8, label_weight=0.0))
     trainer.precompute_teacher_top_k()
     assert trainer.teacher is None and TOP_K_INDICES in trainer.train_dataset.column_names
     batch = trainer.data_collator([trainer.train_dataset[i] for i in (0, 5)])  # unequal lengths: padded alike
