@@ -6,7 +6,8 @@ and random units as the control LLM-Pruner reports (on LLaMA it beats weight mag
 Units are removed whole: a query head (the same number from every GQA group, so the layout stays
 valid), a key/value group with all its query heads, or one MLP channel. ``ranking="layer"`` takes
 the same fraction from every layer (LLM-Pruner); ``"global"`` ranks units across layers after
-standardising scores per component (FLAP), which yields per-layer widths.
+standardising scores per layer and structure over their channels (FLAP; a head scores its channels'
+mean), which yields per-layer widths.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ class WidthOptions:
     ranking: str = option(
         "layer",
         "'layer': every layer loses the same fraction (uniform widths, LLM-Pruner); 'global': units are "
-        "ranked across layers after standardising scores per component (FLAP), giving per-layer widths "
-        "(on SmolLM2 it strips the early layers and does worse).",
+        "ranked across layers after standardising scores per layer and structure (FLAP), giving per-layer "
+        "widths (on SmolLM2 at 20 %: perplexity 42 against 73 for 'layer'; reloads with `import optimum_prune`).",
     )
 
     def __post_init__(self) -> None:
@@ -193,20 +194,13 @@ class WidthPruning(StructuredMethod[WidthOptions]):
                 remaining -= count * component.unit_parameters
 
     def _global_counts(self, budget: float) -> None:
-        """FLAP: standardise scores per component kind, then remove the lowest units until the budget is met."""
+        """FLAP: remove the lowest (per layer and structure standardised) units across layers until the budget is met."""
         for component in self.components:
             component.removed = 0
         candidates = []
-        for kind in ("attention", "mlp"):
-            group = [c for c in self.components if c.kind == kind]
-            if not group:
-                continue
-            pooled = torch.cat([c.scores.float() for c in group])
-            mean, std = pooled.mean(), pooled.std().clamp_min(1e-12) if pooled.numel() > 1 else torch.tensor(1.0)
-            for c in group:
-                order = torch.argsort(c.scores, stable=True)
-                standardised = ((c.scores[order] - mean) / std).tolist()
-                candidates += [(score, rank, c) for rank, score in enumerate(standardised)]
+        for c in self.components:
+            ordered = c.scores.float().sort(stable=True).values.tolist()
+            candidates += [(score, rank, c) for rank, score in enumerate(ordered)]
         removed = 0.0
         for _score, rank, component in sorted(candidates, key=lambda item: item[0]):
             if removed >= budget:
@@ -237,19 +231,25 @@ class WidthPruning(StructuredMethod[WidthOptions]):
 
     def _scores(self, component: Component, statistics: dict[nn.Linear, ColumnMoments]) -> torch.Tensor:
         layer = self.adapter.decoder_layers()[component.layer]
+        channels = self._channel_scores(component.producers, component.consumers, statistics)
+        if self.options.ranking == "global":
+            # FLAP (An et al. 2024, and its code): standardise each layer's scores per structure over its
+            # channels, so layers and structures compare on one scale; a head is its channels' mean.
+            channels = (channels - channels.mean()) / channels.std().clamp_min(1e-12)
         if component.kind == "attention":
             layout = self.adapter.attention(layer)
-            heads = self._channel_scores(component.producers, component.consumers, statistics).reshape(-1, layout.head_dim).sum(1)
+            heads = channels.reshape(-1, layout.head_dim).mean(1)
             if self._query_units(layout):
                 component.head_scores = heads
                 per_group = heads.reshape(layout.num_kv_heads, layout.heads_per_group).sort(dim=1).values
-                return per_group.sum(dim=0)[: component.removable]
-            groups = heads.reshape(layout.num_kv_heads, layout.heads_per_group).sum(1)
-            if self.options.criterion not in ACTIVATION_CRITERIA:
-                kv = self._channel_scores([layout.key, layout.value], [], statistics)
-                groups = groups + kv.reshape(layout.num_kv_heads, -1).sum(1)
+                return per_group.mean(dim=0)[: component.removable]
+            groups = heads.reshape(layout.num_kv_heads, layout.heads_per_group).mean(1)
+            if self.options.criterion not in ACTIVATION_CRITERIA:  # the group's key and value rows count too
+                kv = self._channel_scores([layout.key, layout.value], [], statistics).reshape(layout.num_kv_heads, -1)
+                query_channels = layout.heads_per_group * layout.head_dim
+                groups = (groups * query_channels + kv.sum(1)) / (query_channels + kv.shape[1])  # per-channel mean
             return groups
-        return self._channel_scores(component.producers, component.consumers, statistics)
+        return channels
 
     def _channel_scores(
         self, producers: list[nn.Linear], consumers: list[nn.Linear], statistics: dict[nn.Linear, ColumnMoments]

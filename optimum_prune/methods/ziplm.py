@@ -15,7 +15,7 @@ columns left, the errors add: the layer's output error at level k is the running
 reported relative to ‖W X‖² (ZipLM measures the same relative error on data).
 
 Inference awareness: a latency table times one decoder layer's attention with 1…G key/value groups
-and its MLP at each width of the level grid (widths (1 − 0.9ᵏ)·C rounded to ``round_to``, ZipLM's
+and its MLP at each width of the level grid (widths 0.9ᵏ·C rounded to ``round_to``, ZipLM's
 geometric grid), on the calibration device at ``latency_tokens`` tokens of prefill; a removed
 sublayer costs nothing. A dynamic program over all sublayers (a knapsack on the discretised times)
 picks the level of each that minimises the summed relative errors within the budget — the time
@@ -304,7 +304,7 @@ class ZipLM(StructuredMethod[ZipLMOptions]):
 
     def _grid(self, component: Component) -> list[int]:
         """Units removed at each level, ascending, short of the whole sublayer: every count for heads, ZipLM's
-        geometric widths (1 − 0.9ᵏ)·C > 1% of C, rounded to ``round_to``, for MLP channels."""
+        geometric widths 0.9ᵏ·C > 1% of C, rounded to ``round_to``, for MLP channels."""
         units = component.removable + 1
         if component.kind == "attention":
             return list(range(units))

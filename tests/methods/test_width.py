@@ -153,3 +153,15 @@ def test_without_gqa_query_mode_removes_heads_with_their_keys_and_values():
     for shape in report.shapes:
         assert shape.num_attention_heads == shape.num_key_value_heads == 3
     assert model.model.layers[0].self_attn.k_proj.out_features == 3 * 16
+
+
+def test_global_ranking_standardises_each_layers_scores_as_flap_does():
+    """FLAP standardises scores per layer and structure before ranking across layers: a layer whose
+    raw scores are all small (here its MLP output scaled down 100×) is not stripped for it."""
+    model = tiny_model(num_hidden_layers=3, intermediate_size=128)
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.mul_(0.01)
+    config = PruningConfig(method="width", sparsity=0.2, method_options={"criterion": "flap", "ranking": "global"})
+    report = prune(model, config, calibration=token_windows())
+    widths = [shape.intermediate_size for shape in report.shapes]
+    assert min(widths) >= 64 and max(widths) - min(widths) <= 48, widths
