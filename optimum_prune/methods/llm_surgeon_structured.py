@@ -179,32 +179,39 @@ class _Costs:
         (g, a), (g_inverse, a_inverse) = self.factors[part.linear], self.inverses[part.linear]
         W = part.linear.weight.detach().to(g.device, torch.float64)
         index = part.indices.to(W.device)
+        inverse = (g_inverse if part.rows else a_inverse).double()
+        index = index[inverse.diagonal()[index] > 0]  # dead rows / columns (no gradient, no input) cost nothing
+        if index.numel() == 0:
+            return 0.0
         if part.rows:
-            block, quadratic = g_inverse.double()[index][:, index], W[index] @ a.double() @ W[index].T
+            block, quadratic = inverse[index][:, index], W[index] @ a.double() @ W[index].T
         else:
-            block, quadratic = a_inverse.double()[index][:, index], W[:, index].T @ g.double() @ W[:, index]
+            block, quadratic = inverse[index][:, index], W[:, index].T @ g.double() @ W[:, index]
         return 0.5 * float(torch.trace(torch.linalg.solve(block, quadratic)))
 
     def _single_costs(self, linear: nn.Linear, rows: bool) -> torch.Tensor:
-        """W_r A W_rᵀ / (2 [G⁻¹]_rr) for every row, or W_cᵀ G W_c / (2 [A⁻¹]_cc) for every column (Eq. 11–12)."""
+        """W_r A W_rᵀ / (2 [G⁻¹]_rr) for every row, or W_cᵀ G W_c / (2 [A⁻¹]_cc) for every column (Eq. 11–12);
+        0 for a dead one (its inverse's diagonal entry is 0: it gets no gradient or no input), as for single weights."""
         (g, a), (g_inverse, a_inverse) = self.factors[linear], self.inverses[linear]
         W = linear.weight.detach().to(g.device, torch.float64)
-        if rows:
-            return 0.5 * ((W @ a.double()) * W).sum(1) / g_inverse.double().diagonal().clamp_min(1e-30)
-        return 0.5 * ((g.double() @ W) * W).sum(0) / a_inverse.double().diagonal().clamp_min(1e-30)
+        diagonal = (g_inverse if rows else a_inverse).double().diagonal()
+        quadratic = ((W @ a.double()) * W).sum(1) if rows else ((g.double() @ W) * W).sum(0)
+        return torch.where(diagonal > 0, 0.5 * quadratic / diagonal.clamp_min(1e-30), 0.0)
 
 
 def _correlated_structure_update(part: _Part, g_inverse: torch.Tensor, a_inverse: torch.Tensor) -> None:
     weight = part.linear.weight
     W = weight.detach().to(g_inverse.device, torch.float64)
     index = part.indices.to(W.device)
+    inverse = (g_inverse if part.rows else a_inverse).double()
+    alive = index[inverse.diagonal()[index] > 0]  # dead rows / columns need no compensation (and make the block singular)
     if part.rows:
-        inverse = g_inverse.double()
-        W -= inverse[:, index] @ torch.linalg.solve(inverse[index][:, index], W[index])
+        if alive.numel():
+            W -= inverse[:, alive] @ torch.linalg.solve(inverse[alive][:, alive], W[alive])
         W[index] = 0
     else:
-        inverse = a_inverse.double()
-        W -= torch.linalg.solve(inverse[index][:, index], W[:, index].T).T @ inverse[index]
+        if alive.numel():
+            W -= torch.linalg.solve(inverse[alive][:, alive], W[:, alive].T).T @ inverse[alive]
         W[:, index] = 0
     with torch.no_grad():
         weight.copy_(W.to(weight.device, weight.dtype))

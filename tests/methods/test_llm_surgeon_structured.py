@@ -53,3 +53,24 @@ def test_bad_requests_name_the_field():
         PruningConfig(method="llm_surgeon_structured", method_options={"damp_a": 0})
     with pytest.raises(ValueError, match="can remove at most"):
         prune(tiny_model(), PruningConfig(method="llm_surgeon_structured", sparsity=0.99), calibration=token_windows())
+
+
+def test_dead_columns_cost_nothing_and_need_no_compensation():
+    """A column whose input is always zero has a zero row and column in A, left zero in the damped inverse:
+    removing it costs 0 (as for single weights), and a block holding it costs what its live part costs."""
+    linear = _linear(rows=5, columns=6)
+    g, a = _spd(5, 1), _spd(6, 2)
+    a[2], a[:, 2] = 0, 0
+    alive = torch.tensor([0, 1, 3, 4, 5])
+    a_inverse = torch.zeros_like(a)
+    a_inverse[alive.unsqueeze(1), alive] = torch.linalg.inv(a[alive][:, alive])
+    inverses = (torch.linalg.inv(g), a_inverse)
+    costs = _Costs({linear: (g, a)}, {linear: inverses})
+    assert costs.of(_Part(linear, False, torch.tensor([2]))) == 0.0
+    assert costs.of(_Part(linear, False, torch.tensor([1, 2]))) == pytest.approx(costs.of(_Part(linear, False, torch.tensor([1]))))
+    both, live_only = _linear(rows=5, columns=6), _linear(rows=5, columns=6)
+    _correlated_structure_update(_Part(both, False, torch.tensor([1, 2])), *inverses)
+    _correlated_structure_update(_Part(live_only, False, torch.tensor([1])), *inverses)
+    expected = live_only.weight.detach().clone()
+    expected[:, 2] = 0
+    torch.testing.assert_close(both.weight.detach(), expected)
