@@ -180,7 +180,7 @@ class _Costs:
         W = part.linear.weight.detach().to(g.device, torch.float64)
         index = part.indices.to(W.device)
         inverse = (g_inverse if part.rows else a_inverse).double()
-        index = index[inverse.diagonal()[index] > 0]  # dead rows / columns (no gradient, no input) cost nothing
+        index = _live(index, inverse)  # dead rows / columns cost nothing
         if index.numel() == 0:
             return 0.0
         if part.rows:
@@ -199,12 +199,18 @@ class _Costs:
         return torch.where(diagonal > 0, 0.5 * quadratic / diagonal.clamp_min(1e-30), 0.0)
 
 
+def _live(index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """The rows / columns of ``index`` that are not dead: a row with no gradient or a column with no input
+    is zero in its factor, and stays zero in the damped inverse (``damped_inverse``)."""
+    return index[inverse.diagonal()[index] > 0]
+
+
 def _correlated_structure_update(part: _Part, g_inverse: torch.Tensor, a_inverse: torch.Tensor) -> None:
     weight = part.linear.weight
     W = weight.detach().to(g_inverse.device, torch.float64)
     index = part.indices.to(W.device)
     inverse = (g_inverse if part.rows else a_inverse).double()
-    alive = index[inverse.diagonal()[index] > 0]  # dead rows / columns need no compensation (and make the block singular)
+    alive = _live(index, inverse)  # dead rows / columns need no compensation (and would make the block singular)
     if part.rows:
         if alive.numel():
             W -= inverse[:, alive] @ torch.linalg.solve(inverse[alive][:, alive], W[alive])

@@ -68,7 +68,7 @@ def measure_point(point: StudyPoint, protocol: Protocol, device: torch.device, l
     }
     if latency_device is not None:
         result["latency_ms"] = forward_latency_ms(model.to(latency_device), protocol.evaluation_seq_len, protocol.seed)
-        result["latency_device"] = torch.cuda.get_device_name(latency_device) if latency_device.type == "cuda" else "cpu"
+        result["latency_device"] = device_name(latency_device)
     return result
 
 
@@ -84,6 +84,11 @@ def sparse_format_bytes(stored: int, linears: Any, bits: int) -> int:
         bitmap = entry["numel"] / 8 + (entry["numel"] - entry["zeros"]) * bits / 8
         saved += max(0.0, dense - bitmap)
     return round(stored - saved)
+
+
+def device_name(device: torch.device) -> str:
+    """What a latency was measured on: the GPU's name, or "cpu"."""
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
 
 def forward_latency_ms(model: nn.Module, seq_len: int, seed: int) -> float:

@@ -14,6 +14,7 @@ from typing import Callable
 import torch
 
 from ..saving import write_text_atomic
+from .measure import device_name
 from .pareto import best_within, pareto_front
 from .runner import StudyResults, StudyRow
 
@@ -38,7 +39,7 @@ def versions(device: torch.device, latency_device: torch.device | None) -> dict[
         except importlib.metadata.PackageNotFoundError:
             found[package] = "not installed"
     if latency_device is not None:
-        found["latency_device"] = torch.cuda.get_device_name(latency_device) if latency_device.type == "cuda" else "cpu"
+        found["latency_device"] = device_name(latency_device)
     return found
 
 

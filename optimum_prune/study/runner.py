@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ..saving import write_text_atomic
 from .grid import Protocol, StudyGrid, StudyPoint
-from .measure import layer_redundancy, measure_point
+from .measure import device_name, layer_redundancy, measure_point
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def run_study(grid: StudyGrid, output: str | os.PathLike, device: str | torch.de
     points_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     latency_device = _latency_device(grid.latency)
-    latency_name = versions(device, latency_device).get("latency_device")
+    latency_name = device_name(latency_device) if latency_device is not None else None
     rows, measured_now = [], 0
     for point in tqdm(grid.points, desc="Study points"):
         path = points_dir / f"{point.key(grid.protocol)}.json"
