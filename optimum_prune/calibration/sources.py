@@ -10,6 +10,7 @@ Multimodal sources (image-text pairs, or already processed batches) are in ``mul
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
@@ -20,6 +21,8 @@ from ..data import wikipedia_text
 from .engine import CalibrationInputs
 from .multimodal import image_text_batches, is_image_text, is_model_batches
 
+logger = logging.getLogger(__name__)
+
 CalibrationSource = Union[None, str, os.PathLike, Sequence[str], torch.Tensor, Any]
 
 
@@ -29,10 +32,15 @@ def calibration_inputs(
     """Processed batches for image-text pairs (through ``processor``) or ready batches; token windows for text."""
     if is_image_text(source):
         return image_text_batches(source, processor, num_samples)
-    if isinstance(source, Mapping) and isinstance(source.get("input_ids"), torch.Tensor):
+    if isinstance(source, Mapping) and "input_ids" in source:
+        if not isinstance(source["input_ids"], torch.Tensor):
+            raise TypeError(
+                f"calibration batch's input_ids are a {type(source['input_ids']).__name__}, not a tensor: "
+                "tokenize with return_tensors='pt'"
+            )
         source = [source]  # one processed batch, e.g. a tokenizer's ``BatchEncoding``
     if is_model_batches(source):
-        return [dict(batch) for batch in source]
+        return [row for batch in source for row in unpadded(dict(batch))]
     if tokenizer is None and processor is not None:
         tokenizer = getattr(processor, "tokenizer", None)
     return calibration_windows(source, tokenizer, num_samples, seq_len, seed)
@@ -49,6 +57,41 @@ def calibration_windows(
     if tokenizer is None:
         raise ValueError("tokenizer is required to tokenise text calibration data; pass tokenizer= or a LongTensor of token ids")
     return sample_windows(tokenize_stream(tokenizer, texts), num_samples, seq_len, seed)
+
+
+def unpadded(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    """A padded batch as one batch per sample holding its real tokens only, so that no statistic
+    counts padding (as calibrating on unpadded samples would) and left-padded samples get the
+    positions they would have alone. Tensors of per-token values (shaped like ``input_ids``) keep
+    the sample's real positions; other tensors with one entry per sample (``pixel_values`` of one
+    image each, ``image_sizes``) keep the sample's entry. A batch without padding is kept whole."""
+    mask = batch.get("attention_mask")
+    ids = batch["input_ids"]
+    if not isinstance(mask, torch.Tensor) or mask.shape != ids.shape or ids.dim() != 2 or bool(mask.all()):
+        return [batch]
+    samples, length = ids.shape
+    splittable = all(t.shape[:2] == (samples, length) or t.shape[:1] == (samples,) for t in batch.values() if t.dim())
+    if not splittable:
+        shapes = {name: tuple(t.shape) for name, t in batch.items()}
+        logger.warning(
+            "a padded calibration batch of %d samples holds tensors without one entry per sample (%s): it is used "
+            "whole, its padded positions counting in the statistics; give one processed batch per sample to avoid that",
+            samples, shapes,
+        )
+        return [batch]
+    return [
+        {name: _sample_part(t, index, real, (samples, length)) for name, t in batch.items()}
+        for index, real in enumerate(mask.bool())
+        if real.any()
+    ]
+
+
+def _sample_part(tensor: torch.Tensor, index: int, real: torch.Tensor, token_shape: tuple[int, int]) -> torch.Tensor:
+    if not tensor.dim():
+        return tensor
+    if tensor.shape[:2] == token_shape:
+        return tensor[index : index + 1, real]
+    return tensor[index : index + 1]
 
 
 def check_token_ids(model: Any, inputs: CalibrationInputs) -> None:

@@ -88,6 +88,46 @@ def test_a_tokenizer_output_is_one_processed_batch():
         assert torch.equal(first == 0, second == 0)
 
 
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_padded_batches_calibrate_as_their_unpadded_samples(side):
+    windows = token_windows(samples=3, seq_len=16)
+    lengths = (16, 9, 5)
+    samples = [{"input_ids": w[None, :n], "attention_mask": torch.ones(1, n, dtype=torch.long)} for w, n in zip(windows, lengths)]
+    ids, mask = torch.zeros_like(windows), torch.zeros_like(windows)
+    for row, (window, n) in enumerate(zip(windows, lengths)):
+        place = slice(0, n) if side == "right" else slice(16 - n, 16)
+        ids[row, place], mask[row, place] = window[:n], 1
+    padded = {"input_ids": ids, "attention_mask": mask}
+    models = []
+    for calibration in (samples, padded):
+        model = tiny_model()
+        report = prune(model, PruningConfig(method="sparsegpt"), calibration=calibration)
+        assert report.calibration_tokens == sum(lengths)
+        models.append(model)
+    for first, second in zip(*(model.parameters() for model in models)):
+        assert torch.equal(first, second)
+
+
+def test_unpadding_keeps_each_samples_entries_and_uses_unsplittable_batches_whole(caplog):
+    from optimum_prune.calibration.sources import unpadded
+
+    mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
+    batch = {"input_ids": torch.arange(6).reshape(2, 3), "attention_mask": mask, "pixel_values": torch.arange(2.0)[:, None]}
+    first, second = unpadded(batch)
+    assert first["input_ids"].tolist() == [[0, 1, 2]] and second["input_ids"].tolist() == [[4, 5]]
+    assert second["attention_mask"].tolist() == [[1, 1]] and second["pixel_values"].tolist() == [[1.0]]
+    unpadded_batch = {**batch, "attention_mask": torch.ones_like(mask)}
+    assert [b is unpadded_batch for b in unpadded(unpadded_batch)] == [True]
+    two_images_each = {**batch, "pixel_values": torch.zeros(4, 1)}
+    assert [b is two_images_each for b in unpadded(two_images_each)] == [True]
+    assert "its padded positions counting in the statistics" in caplog.text
+
+
+def test_a_tokenizer_output_of_lists_asks_for_tensors():
+    with pytest.raises(TypeError, match="input_ids are a list, not a tensor: tokenize with return_tensors='pt'"):
+        prune(tiny_model(), PruningConfig(method="wanda"), calibration={"input_ids": [[1, 2, 3]]})
+
+
 def test_token_ids_of_another_tokenizer_are_named_before_any_forward(bpe_tokenizer):
     from optimum_prune import evaluate_perplexity
 
