@@ -45,7 +45,7 @@ from .distributed import all_reduce_sum
 from .masks import SparsityMasks, check_ignore_patterns
 from .perp import PERPConfig, PERPSummary, merge_perp, prepare_perp
 from .sparsity import NMPattern, SparsityTarget, normalise_sparsity, select_mask
-from .statistics import ColumnNorms, wanda_scores
+from .statistics import ColumnNorms, RealTokens, wanda_scores
 
 logger = logging.getLogger(__name__)
 SCORES = ("magnitude", "wanda")
@@ -260,7 +260,7 @@ class PruningCallback(TrainerCallback):
         if self.schedule is not None:
             self.schedule = self.schedule.resolved(state.max_steps)
             if self.schedule.score == "wanda":
-                self._observe_inputs()
+                self._observe_inputs(model)
                 # A pruning step due at the start, before any activation, runs after the first training
                 # step (a resumed run already took the one of its checkpoint's step).
                 self._deferred = state.global_step == 0 and self.schedule.prunes_at(0)
@@ -319,13 +319,15 @@ class PruningCallback(TrainerCallback):
             step,
         )
 
-    def _observe_inputs(self) -> None:
+    def _observe_inputs(self, model: nn.Module) -> None:
+        real_tokens = RealTokens(model)
+        self._hooks.append(real_tokens.handle)
         for name, linear in self.masks.linears.items():
             self._norms[name] = ColumnNorms(linear.in_features, linear.weight.device)
 
             def record(module: nn.Module, args: tuple, name: str = name) -> None:
                 if module.training:
-                    self._norms[name].add(args[0].detach())
+                    self._norms[name].add(real_tokens.of(args[0].detach()))
 
             self._hooks.append(linear.register_forward_pre_hook(record))
 

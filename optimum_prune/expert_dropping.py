@@ -29,6 +29,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from .adapters import DecoderAdapter, get_adapter
 from .distributed import all_reduce_sum
+from .statistics import RealTokens
 from .structure.loading import record_structure
 
 
@@ -59,7 +60,7 @@ class ExpertDroppingSchedule:
 class _LayerRouting:
     """One MoE layer during the run: tokens per expert since the last drop, and the dropped experts."""
 
-    def __init__(self, adapter: DecoderAdapter, layer: nn.Module) -> None:
+    def __init__(self, adapter: DecoderAdapter, layer: nn.Module, real_tokens: RealTokens) -> None:
         self.block = adapter.moe_block(layer)
         self.layer = layer
         experts = len(adapter.block_experts(self.block))
@@ -67,11 +68,12 @@ class _LayerRouting:
         self.dropped = torch.zeros(experts, dtype=torch.bool)
         self.handle = adapter.router(self.block).register_forward_hook(self._route)
         self.adapter = adapter
+        self.real_tokens = real_tokens
 
     def _route(self, _module: nn.Module, _args: tuple, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.masked_fill(self.dropped.to(logits.device), torch.finfo(logits.dtype).min)
         if self.block.training:
-            chosen = self.adapter.route(self.block, logits.detach())[1].reshape(-1).cpu()
+            chosen = self.adapter.route(self.block, self.real_tokens.of_routing(logits.detach()))[1].reshape(-1).cpu()
             self.counts += torch.bincount(chosen, minlength=len(self.counts))
         return logits
 
@@ -89,6 +91,7 @@ class ExpertDroppingCallback(TrainerCallback):
     def __init__(self, schedule: ExpertDroppingSchedule | None = None) -> None:
         self.schedule = schedule or ExpertDroppingSchedule()
         self.layers: list[_LayerRouting] = []
+        self.real_tokens: RealTokens | None = None
         self.adapter: DecoderAdapter | None = None
         self.end_step = 0
 
@@ -105,7 +108,8 @@ class ExpertDroppingCallback(TrainerCallback):
                 f"keep at least {top_k} experts"
             )
         self.end_step = self.schedule.end_step or max(self.schedule.start_step + 1, state.max_steps // 2)
-        self.layers = [_LayerRouting(self.adapter, layer) for layer, _ in blocks]
+        self.real_tokens = RealTokens(model)
+        self.layers = [_LayerRouting(self.adapter, layer, self.real_tokens) for layer, _ in blocks]
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         step = state.global_step
@@ -123,6 +127,7 @@ class ExpertDroppingCallback(TrainerCallback):
             state.log_history[-1]["experts_kept"] = kept
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self.real_tokens.handle.remove()
         for routing in self.layers:
             routing.handle.remove()
             kept = (~routing.dropped).nonzero().flatten().tolist()

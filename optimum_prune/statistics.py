@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 
 class ColumnNorms:
@@ -44,6 +45,35 @@ class ColumnMoments(ColumnNorms):
         """Unbiased sample variance over calibration tokens."""
         n = max(self.tokens, 2)
         return ((self.squared - self.total.square() / n) / (n - 1)).clamp_min(0)
+
+
+class RealTokens:
+    """The real (unpadded) positions of the batch ``model`` is running, read from its ``attention_mask``,
+    for hooks inside it that gather statistics: padding would count like text otherwise."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.mask: torch.Tensor | None = None
+        self.handle = model.register_forward_pre_hook(self._remember, with_kwargs=True)
+
+    def _remember(self, _module: nn.Module, _args: tuple, kwargs: dict) -> None:
+        mask = kwargs.get("attention_mask")
+        padded = isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all())
+        self.mask = mask.bool() if padded else None
+
+    def of(self, values: torch.Tensor) -> torch.Tensor:
+        """``values`` laid out per position (``[batch, seq, ...]``) at the real positions only."""
+        if self.mask is None or values.shape[:2] != self.mask.shape:
+            return values
+        return values[self.mask.to(values.device)]
+
+    def of_routing(self, logits: torch.Tensor) -> torch.Tensor:
+        """Router logits at the real positions only: laid out per position, or (as most MoE blocks
+        flatten the batch before routing) one row per position of ``[batch·seq, experts]``."""
+        if self.mask is None or logits.shape[:2] == self.mask.shape:
+            return self.of(logits)
+        if logits.shape[0] != self.mask.numel():
+            return logits
+        return logits[self.mask.reshape(-1).to(logits.device)]
 
 
 def token_cosine(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:

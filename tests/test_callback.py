@@ -233,6 +233,50 @@ class TestIterativeSchedule:
         assert len(set(logged)) == iterations and logged[-1] == 0.75
 
 
+LENGTHS = (16, 11, 7, 3)
+
+
+def padded_batches_dataset() -> Dataset:
+    """Samples of unequal lengths, for a collator that pads them on the right."""
+    ids = token_windows(samples=len(LENGTHS), seq_len=max(LENGTHS), seed=4)
+    rows = [window[:n].tolist() for window, n in zip(ids, LENGTHS)]
+    return Dataset.from_dict({"input_ids": rows, "labels": rows})
+
+
+def pad_right(features: list[dict]) -> dict[str, torch.Tensor]:
+    length = max(len(f["input_ids"]) for f in features)
+    def padded(key, value):
+        return torch.tensor([f[key] + [value] * (length - len(f[key])) for f in features])
+    mask = torch.tensor([[1] * len(f["input_ids"]) + [0] * (length - len(f["input_ids"])) for f in features])
+    return {"input_ids": padded("input_ids", 0), "labels": padded("labels", -100), "attention_mask": mask}
+
+
+def train_on_padded_batches(model, tmp_path, callback) -> Trainer:
+    """One step over one right-padded batch of all samples, the weights unchanged (learning rate 0)."""
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "run"), max_steps=1, per_device_train_batch_size=len(LENGTHS), learning_rate=0.0,
+        report_to=[], use_cpu=True, disable_tqdm=True, save_strategy="no",
+    )  # fmt: skip
+    trainer = Trainer(model=model, args=args, train_dataset=padded_batches_dataset(), data_collator=pad_right, callbacks=[callback])
+    trainer.train()
+    return trainer
+
+
+def test_wanda_scores_count_no_padding(tmp_path):
+    model = tiny_model()
+    callback = PruningCallback(GradualSchedule(final_sparsity=0.5, start_step=10, end_step=20, score="wanda"))
+    train_on_padded_batches(model, tmp_path, callback)
+    norms = callback._norms["model.layers.1.mlp.down_proj"]
+    assert norms.tokens == sum(LENGTHS)
+    seen = []
+    hook = model.model.layers[1].mlp.down_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0][0]))
+    with torch.no_grad():
+        for sample in padded_batches_dataset()["input_ids"]:
+            model(torch.tensor([sample]))
+    hook.remove()
+    assert torch.allclose(norms.squared, torch.cat(seen).square().sum(0), rtol=1e-4)
+
+
 def test_trl_sft_trainer_keeps_masks(tmp_path, bpe_tokenizer):
     trl = pytest.importorskip("trl")
     from optimum_prune.data import wikipedia_articles

@@ -53,6 +53,21 @@ def test_a_qwen_moe_with_dense_layers_saves_a_stock_config_and_reloads(tmp_path,
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
 
 
+def test_routing_counts_leave_padding_out(tmp_path):
+    from .test_callback import LENGTHS, train_on_padded_batches
+
+    class CountsAtTheEnd(ExpertDroppingCallback):
+        def on_train_end(self, *args, **kwargs):
+            self.routed = [int(routing.counts.sum()) for routing in self.layers]
+            super().on_train_end(*args, **kwargs)
+
+    model = tiny_moe(num_local_experts=8).train()
+    callback = CountsAtTheEnd(ExpertDroppingSchedule(final_experts=4, start_step=10, end_step=20))
+    train_on_padded_batches(model, tmp_path, callback)
+    top_k = model.config.num_experts_per_tok
+    assert callback.routed == [sum(LENGTHS) * top_k] * model.config.num_hidden_layers
+
+
 def test_dropped_experts_receive_no_tokens_while_training_goes_on(tmp_path):
     model = tiny_moe(num_local_experts=8).train()
     callback = ExpertDroppingCallback(ExpertDroppingSchedule(final_experts=4, start_step=0, end_step=4, every=4))
