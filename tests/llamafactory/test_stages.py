@@ -16,7 +16,8 @@ from transformers import AutoModelForCausalLM
 import optimum_prune  # noqa: F401  (registers the loader of non-uniform structured checkpoints)
 from llamafactory_ext.cli import main
 from llamafactory_ext.stages import restore_zeros
-from optimum_prune import PruningConfig, prune, verify_sparsity
+from optimum_prune import PruningConfig, prune, prune_checkpoint, verify_sparsity
+from optimum_prune.distillation import DistillationMixin
 from optimum_prune.masks import prunable_linears
 
 from ..conftest import tiny_model
@@ -337,25 +338,39 @@ def test_expert_dropping_section_fine_tunes_a_mixtral_into_a_smaller_moe(workspa
     assert model.config.num_local_experts == 2 and all(len(layer.block_sparse_moe.experts) == 2 for layer in model.model.layers)
 
 
-def test_stage_prune_with_disk_offload_equals_the_in_memory_prune(workspace, tmp_path):
+def test_stage_prune_with_disk_offload_equals_the_in_memory_prune(workspace, tmp_path, monkeypatch):
+    import llamafactory_ext.stages as stages
+
+    streamed = []
+    monkeypatch.setattr(stages, "prune_checkpoint", lambda *a, **k: streamed.append(a) or prune_checkpoint(*a, **k))
     pruning = {"method": "sparsegpt", "sparsity": "2:4", **CALIBRATION}
     for name, extra in (("memory", {}), ("disk", {"offload": "disk"})):
         train(tmp_path, {**base_args(workspace, tmp_path / name, stage="prune", dataset="wiki_pt"), "pruning": {**pruning, **extra}})
+        assert len(streamed) == (name == "disk")  # only the disk run streams the checkpoint's layers
     offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "disk").state_dict()
     in_memory = AutoModelForCausalLM.from_pretrained(tmp_path / "memory").state_dict()
     assert offloaded.keys() == in_memory.keys()
     assert all(torch.equal(offloaded[name], in_memory[name]) for name in in_memory)
 
 
-def test_precomputed_teacher_top_k_trains_like_the_live_teacher(workspace, tmp_path):
+def test_precomputed_teacher_top_k_trains_like_the_live_teacher(workspace, tmp_path, monkeypatch):
     """The teacher's top-k logits stored with the dataset (then the teacher freed) give the same
     first loss as the live teacher truncated to the same k."""
+    teachers = []  # the teacher each trainer has once built, stored logits or not
+    precompute = DistillationMixin.precompute_teacher_top_k
+
+    def precomputing(self, *args, **kwargs):
+        precompute(self, *args, **kwargs)
+        teachers.append(self.teacher)
+
+    monkeypatch.setattr(DistillationMixin, "precompute_teacher_top_k", precomputing)
     training = {**LORA_TRAINING, "max_steps": 1}
     distill = {"teacher": str(workspace / "tiny"), "top_k": 8, "label_weight": 0.5}
     losses = {}
     for name, extra in (("live", {}), ("stored", {"precompute_top_k": True})):
         train(tmp_path, {**base_args(workspace, tmp_path / name, **training), "distill": {**distill, **extra}})
         losses[name] = logged_losses(tmp_path / name)[0]
+        assert teachers == ([None] if name == "stored" else [])  # stored, the teacher is dropped before training
     assert losses["stored"] == pytest.approx(losses["live"], rel=1e-4) and losses["live"] > 0
 
 

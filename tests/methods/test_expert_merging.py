@@ -18,6 +18,7 @@ def test_merges_four_experts_into_two_and_reloads_with_a_stock_config(tmp_path, 
     model = tiny_moe(family)
     report = prune(model, PruningConfig(method="merge_experts", sparsity=0.5), calibration=token_windows(4, 16))
     adapter = get_adapter(model)
+    assert len(report.removed) == len(adapter.decoder_layers())
     for entry, layer in zip(report.removed, adapter.decoder_layers()):
         block = adapter.moe_block(layer)
         assert len(block.experts) == 2 and block.gate.weight.shape[0] == 2

@@ -115,6 +115,7 @@ def test_without_tuning_the_result_equals_the_dense_model_with_the_removed_units
     for pruned, original in zip(model.model.layers, dense.model.layers):
         kept = [int(torch.nonzero((original.mlp.up_proj.weight == row).all(1))[0]) for row in pruned.mlp.up_proj.weight]
         removed = sorted(set(range(original.mlp.up_proj.out_features)) - set(kept))
+        assert removed and len(kept) == pruned.mlp.up_proj.out_features
         with torch.no_grad():
             original.mlp.down_proj.weight[:, removed] = 0
     with torch.no_grad():

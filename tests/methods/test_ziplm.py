@@ -89,24 +89,39 @@ def test_error_weights_steer_the_program():
 
 
 def test_spdy_search_keeps_the_best_weighting_and_restores_the_dense_weights(monkeypatch):
+    import optimum_prune.methods.ziplm as ziplm
+
+    measured: dict[tuple[int, ...], float] = {}  # level choice → calibration perplexity of the stitched model
     searched = []
+    choices = []
+
+    def choosing(*args, **kwargs):
+        choices.append(tuple(choose_levels(*args, **kwargs)))
+        return list(choices[-1])
+
+    def measuring(model, windows):
+        measured[choices[-1]] = perplexity(model, windows)
+        return measured[choices[-1]]
 
     def checked(self, components, levels, windows, report):
         before = {name: value.clone() for name, value in self.adapter.model.state_dict().items()}
         chosen = original(self, components, levels, windows, report)
         after = self.adapter.model.state_dict()
         assert all(torch.equal(before[name], after[name]) for name in before)  # stitching left no trace
-        searched.append(chosen)
+        searched.append(tuple(chosen))
         return chosen
 
-    original = ZipLM._search
+    original, perplexity = ZipLM._search, ziplm.calibration_perplexity
     monkeypatch.setattr(ZipLM, "_search", checked)
+    monkeypatch.setattr(ziplm, "choose_levels", choosing)
+    monkeypatch.setattr(ziplm, "calibration_perplexity", measuring)
     options = {"target": "parameters", "round_to": 8, "search_restarts": 4, "search_steps": 4}
     report = prune(tiny_model(), PruningConfig(method="ziplm", sparsity=0.3, method_options=options), calibration=token_windows())
-    assert searched
+    assert len(searched) == 1 and len(measured) > 1  # the weightings gave several programs to compare
+    assert measured[searched[0]] == min(measured.values())  # the program kept is the best one measured
     note = next(note for note in report.notes if "SPDY" in note)
     plain, best = (float(note.split(" model ")[1].split(" ")[0]), float(note.split(", ")[1].split(" ")[0]))
-    assert best <= plain
+    assert best == pytest.approx(measured[searched[0]], abs=1e-3) and best <= plain
 
 
 def test_parameter_target_hits_the_budget_keeps_gqa_and_reloads(tmp_path):

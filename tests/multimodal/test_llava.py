@@ -18,7 +18,7 @@ from transformers import (
     VipLlavaForConditionalGeneration,
 )
 
-from optimum_prune import PruningConfig, get_adapter, prune
+from optimum_prune import PruningConfig, get_adapter, prune, verify_sparsity
 from optimum_prune.calibration import capture_first_layer_inputs, image_text_batches
 from optimum_prune.data.images import image_text_pairs
 from optimum_prune.evaluation import evaluate_image_text_loss
@@ -75,8 +75,10 @@ def test_pruning_one_part_changes_only_that_part(llava, llava_processor, pairs, 
 def test_default_prunes_only_the_language_tower(llava, llava_processor, pairs):
     before = {name: tensor.clone() for name, tensor in llava.state_dict().items()}
     report = prune(llava, {"method": "sparsegpt", "sparsity": "2:4", "num_calibration_samples": 4}, pairs, processor=llava_processor)
-    assert all(name.startswith(PART_PREFIXES["language"]) for name in changed_parameters(before, llava))
+    changed = changed_parameters(before, llava)
+    assert changed and all(name.startswith(PART_PREFIXES["language"]) for name in changed)
     assert report.parts == ["language"] and "(image-text, 4 images)" in str(report)
+    assert verify_sparsity(llava.model.language_model, "2:4")["conforming"]
 
 
 def test_separate_policies_per_part_save_reload_and_generate_with_an_image(llava, llava_processor, pairs, tmp_path):
