@@ -7,6 +7,7 @@ import argparse
 import hashlib
 import json
 import platform
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,18 @@ def save_training(directory: Path, steps: int, seconds: float, *parts: Any) -> N
         for part in parts:
             part.save_pretrained(staging)
         (staging / "training.json").write_text(json.dumps({"steps": steps, "seconds": seconds}))
+
+
+def code_version() -> str:
+    """The commit the library code is at (``-modified`` when ``optimum_prune/`` differs from it), recorded with
+    each measured row so that a table mixing rows of several code versions says so."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        modified = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "optimum_prune"], cwd=root).returncode != 0
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("-modified" if modified else "")
 
 
 def save_rows(cache: Path, rows: dict) -> None:

@@ -134,7 +134,7 @@ def measure(shapes: list[str], tokens: tuple[int, ...], progress: Callable[[list
             raise SystemExit(f"cannot build the sparse paths for {shape}: {error}") from None
         for m in tokens:
             x = torch.randn(m, in_features, device="cuda", dtype=torch.bfloat16)
-            dense_ms = do_bench(lambda: F.linear(x, weight))
+            dense_ms = do_bench(lambda: F.linear(x, weight), return_mode="median")
             row = {"shape": shape, "tokens": m, "dense_ms": dense_ms}
             for name, (call, reference) in paths.items():
                 if (name.startswith("decode") and m > DECODE_MAX_ROWS) or (name.startswith("mma.sp") and m > MAX_ROWS):
@@ -148,7 +148,7 @@ def measure(shapes: list[str], tokens: tuple[int, ...], progress: Callable[[list
                     if error > 2e-2:
                         row[name] = f"wrong (relative error {error:.1e})"
                         continue
-                    row[name] = dense_ms / do_bench(lambda: call(inputs))
+                    row[name] = dense_ms / do_bench(lambda: call(inputs), return_mode="median")
                 except (RuntimeError, ValueError) as failure:
                     row[name] = f"fails: {str(failure).splitlines()[0][:60]}"
             rows.append(row)
@@ -159,20 +159,25 @@ def measure(shapes: list[str], tokens: tuple[int, ...], progress: Callable[[list
 
 
 def thresholds(rows: list[dict], shape: str) -> str:
-    """The dispatch thresholds this shape's rows measure: the largest M at which the decode kernel beats
-    expand + cuBLAS, the largest at which mma.sp beats both, and the smallest M from which cuSPARSELt
-    beats them all."""
-    measured = [row for row in rows if row["shape"] == shape]
-    decode = [row["tokens"] for row in measured if timed(row["decode"]) > timed(row["expand + cuBLAS"])]
-    mma = [row["tokens"] for row in measured if timed(row["mma.sp"]) > max(timed(row["decode"]), timed(row["expand + cuBLAS"]))]
-    cusparselt = next(
-        (row["tokens"] for row in measured
-         if timed(row["cuSPARSELt"]) > max(timed(row["decode"]), timed(row["mma.sp"]), timed(row["expand + cuBLAS"]))),
-        None,
-    )  # fmt: skip
+    """The dispatch thresholds this shape's rows measure, as a dispatch by M uses them: the largest M up to
+    which (at every measured M' ≤ M) the decode kernel beats expand + cuBLAS, the same for mma.sp against
+    both, and the smallest M from which (at every measured M' ≥ M) cuSPARSELt beats them all."""
+    measured = sorted((row for row in rows if row["shape"] == shape), key=lambda row: row["tokens"])
+
+    def wins(path: str, *others: str) -> list[bool]:
+        return [timed(row[path]) > max(timed(row[other]) for other in others) for row in measured]
+
+    def up_to(won: list[bool]) -> int | str:
+        count = next((i for i, w in enumerate(won) if not w), len(won))
+        return measured[count - 1]["tokens"] if count else "none"
+
+    cusparselt = wins("cuSPARSELt", "decode", "mma.sp", "expand + cuBLAS")
+    losing = [i for i, w in enumerate(cusparselt) if not w]
+    first = (losing[-1] + 1) if losing else 0
     return (
-        f"decode kernel up to M = {max(decode) if decode else 'none'}; mma.sp up to M = {max(mma) if mma else 'none'}; "
-        f"cuSPARSELt from M = {cusparselt or 'never'}"
+        f"decode kernel up to M = {up_to(wins('decode', 'expand + cuBLAS'))}; "
+        f"mma.sp up to M = {up_to(wins('mma.sp', 'decode', 'expand + cuBLAS'))}; "
+        f"cuSPARSELt from M = {measured[first]['tokens'] if first < len(measured) else 'never'}"
     )
 
 

@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 
 
-from common import save_rows, table_header
+from common import code_version, save_rows, table_header
 from optimum_prune import PruningConfig, evaluate_perplexity, load_default_model, prune, verify_sparsity
+from optimum_prune.saving import write_text_atomic
 
 Row = tuple[str, "float | str", str, dict]
 ROWS: list[Row] = [
@@ -65,11 +66,13 @@ def measure(row: Row | None, args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     result["perplexity"] = evaluate_perplexity(model, tokenizer, seq_len=512, max_tokens=args.eval_tokens)
     result["eval_seconds"] = time.perf_counter() - started
+    result["commit"] = code_version()
     return result
 
 
-def markdown(results: list[dict], unfinished: list[str], args: argparse.Namespace, command: str) -> str:
-    """The table of the rows measured so far (rewritten after each one), the others listed as unfinished."""
+def markdown(done: dict[str, dict], keys: list[str], args: argparse.Namespace, command: str) -> str:
+    """The table of the rows measured so far (rewritten after each one), the others listed as unfinished;
+    the notes quote the measured rows, never fixed figures."""
     lines = [
         *table_header(
             "Quality benchmark: SmolLM2-135M-Instruct (fp32)",
@@ -81,14 +84,24 @@ def markdown(results: list[dict], unfinished: list[str], args: argparse.Namespac
         "| method | sparsity | allocation | linear sparsity | perplexity | pruning time (s) |",
         "|---|---|---|---|---|---|",
     ]
-    for r in results:
+    for r in (done[k] for k in keys if k in done):
         lines.append(
             f"| {r['method']} | {r['sparsity']} | {r['allocation']} | {r['linear_sparsity']:.2%} | "
             f"{r['perplexity']:.2f} | {r['prune_seconds']:.1f} |"
         )
+    unfinished = [k for k in keys if k not in done]
     if unfinished:
         lines += ["", f"Not measured yet (the next run resumes): {', '.join(unfinished)}."]
+    versions: dict[str, int] = {}
+    for key in keys:
+        if key in done:
+            version = done[key].get("commit") or "unrecorded"
+            versions[version] = versions.get(version, 0) + 1
     lines += [
+        "",
+        "Library code the rows were measured with: "
+        + ", ".join(f"{version} ({count} rows)" for version, count in versions.items())
+        + ("." if len(versions) == 1 else " — not one run: rows of different versions may not compare."),
         "",
         "Notes:",
         "- magnitude ranks |W| across each whole matrix, as the Wanda and SparseGPT reference code does; the "
@@ -99,22 +112,52 @@ def markdown(results: list[dict], unfinished: list[str], args: argparse.Namespac
         "layer's Hutchinson Hessian trace (8 windows, 1 probe), centred on the target; SparseGPT with ISC saliency per layer.",
         "- llm_surgeon (van der Ouderaa et al.): K-FAC curvature from calibration gradients, one threshold across all "
         "layers, correlated updates of up to 2,000 weights, 5 shots (damping 0.1 on G, 0.01 on A); no LoRA between shots.",
-        "- At 2:4 every group of four loses two weights in every layer, so LLM Surgeon's global threshold only orders "
-        "the groups across shots and cannot move sparsity between layers as it does at 50 % (40.29 vs SparseGPT's 44.57); at 2:4 it trails "
-        "SparseGPT (103.38 vs 87.69), perhaps because SparseGPT's updates use each layer's exact input Hessian rather than a Kronecker "
-        "approximation (not ablated).",
-        "- The issue's independent sanity point for magnitude 50 % is ≈ 357 on this protocol; this table's whole-matrix "
-        "ranking gives 400.2 and row-wise ranking 303.5, while dense agrees (22.27 vs ≈ 22.2). "
-        "`benchmarks/magnitude_scope.py` measures other ranking scopes on this protocol (MAGNITUDE_SCOPE.md): none "
-        "lands on 357. `benchmarks/eval_split.py` (EVAL_SPLIT.md) evaluates the same dense and magnitude models on "
-        "five other disjoint texts cut from the same excerpt: dense 19.89–23.13, magnitude 338.24–464.80; the two "
-        "whose dense perplexity is within 2 % of 22.2 give 374.41 and 377.41. The quoted 357 is within the spread "
-        "that the choice of evaluation text alone produces.",
+        *_surgeon_note(done),
+        *([] if args.quick else _magnitude_note(done)),
         "- Pruning time includes the calibration forward passes (two per layer; three with OWL). Rows ran one after "
-        "another on the same machine, resumed from the row cache when interrupted; other work shared the CPU during "
-        "some rows, so compare times loosely.",
+        "another on the same machine, resumed from the row cache when interrupted; other work may have shared the CPU "
+        "during some rows, so compare times loosely.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _perplexity(done: dict[str, dict], key: str) -> float | None:
+    return done[key]["perplexity"] if key in done else None
+
+
+def _surgeon_note(done: dict[str, dict]) -> list[str]:
+    surgeon_50, surgeon_24, sparsegpt_50, sparsegpt_24 = (
+        _perplexity(done, f"{method}/{sparsity}/uniform") for method in ("llm_surgeon", "sparsegpt") for sparsity in ("0.5", "2:4")
+    )
+    if None in (surgeon_50, surgeon_24, sparsegpt_50, sparsegpt_24):
+        return []
+    return [
+        f"- LLM Surgeon against SparseGPT: {surgeon_50:.2f} vs {sparsegpt_50:.2f} at 50 %, {surgeon_24:.2f} vs "
+        f"{sparsegpt_24:.2f} at 2:4. At 2:4 every group of four loses two weights in every layer, so the global "
+        "threshold only orders the groups across shots and cannot move sparsity between layers as it does at 50 %."
+    ]
+
+
+def _magnitude_note(done: dict[str, dict]) -> list[str]:
+    """The core issue's independent sanity point for magnitude 50 % against this protocol's rows."""
+    dense, whole, rows = (_perplexity(done, k) for k in ("dense", "magnitude/0.5/uniform", "magnitude/0.5/uniform/comparison_group=output"))
+    if None in (dense, whole, rows):
+        return []
+    note = (
+        f"- The issue's independent sanity point for magnitude 50 % is ≈ 357 on this protocol; this table's whole-matrix "
+        f"ranking gives {whole:.1f} and row-wise ranking {rows:.1f}, while dense agrees ({dense:.2f} vs ≈ 22.2). "
+        "`benchmarks/magnitude_scope.py` measures other ranking scopes on this protocol (MAGNITUDE_SCOPE.md)."
+    )
+    split = HERE / "EVAL_SPLIT.json"
+    if split.is_file():
+        texts = json.loads(split.read_text()).values()
+        dense_values, magnitude_values = [t["dense"] for t in texts], [t["magnitude 50 %"] for t in texts]
+        note += (
+            f" `benchmarks/eval_split.py` (EVAL_SPLIT.md) evaluates the same dense and magnitude models on {len(dense_values)} "
+            f"disjoint texts cut from the same excerpt: dense {min(dense_values):.2f}–{max(dense_values):.2f}, magnitude "
+            f"{min(magnitude_values):.2f}–{max(magnitude_values):.2f}, the spread that the choice of evaluation text alone produces."
+        )
+    return [note]
 
 
 def main() -> None:
@@ -136,7 +179,7 @@ def main() -> None:
             save_rows(cache, done)
         r = done[key]
         print(f"{key:<28} ppl {r['perplexity']:>9.2f}  sparsity {r['linear_sparsity']:.2%}  prune {r['prune_seconds']:.1f}s", flush=True)
-        output.write_text(markdown([done[k] for k in keys if k in done], [k for k in keys if k not in done], args, command))
+        write_text_atomic(output, markdown(done, keys, args, command))
     print(output.read_text())
 
 

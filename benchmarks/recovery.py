@@ -34,6 +34,7 @@ from llamafactory_ext.training import TrainingSections
 from optimum_prune import PruningConfig, SparsityMasks, evaluate_perplexity, load_model, verify_sparsity
 from optimum_prune.models import cache_root, default_model_path
 from optimum_prune.report import process_peak_rss
+from optimum_prune.saving import write_text_atomic
 
 HERE = Path(__file__).resolve().parent
 # Structured rows first: they carry the claim (distillation beats labels at equal steps).
@@ -163,8 +164,8 @@ def main() -> None:
         for recovery in RECOVERIES:
             key = f"{pruning} / {recovery}"
             if key not in done:
-                command = [sys.executable, __file__, "--row", pruning, recovery, "--workdir", str(workdir)]
-                result = subprocess.run(command + (["--quick"] if args.quick else []), capture_output=True, text=True)
+                child = [sys.executable, __file__, "--row", pruning, recovery, "--workdir", str(workdir)]
+                result = subprocess.run(child + (["--quick"] if args.quick else []), capture_output=True, text=True)
                 if result.returncode != 0:
                     sys.exit(f"row {key!r} failed (exit {result.returncode}):\n{result.stderr[-4000:]}")
                 done[key] = json.loads(result.stdout.strip().splitlines()[-1])
@@ -200,7 +201,7 @@ def write_table(done: dict, settings: dict, output: Path, command: str) -> str:
             f"`run_exp`, stage pt on `wiki_pt` (Wikipedia calibration split), {settings['steps']} steps × 4 × 256 tokens, "
             "cosine schedule, seed 0; LoRA r=16 α=32 on all linears at lr 3e-4 (merged keeping the zeros), full fine-tuning "
             "at lr 5e-5. KD: a `distill:` section with the dense model as teacher, T=2, the KD loss alone (kd_weight 1, "
-            "label_weight 0); KD + labels: T=1, kd_weight 0.5, label_weight 0.5. Perplexity: first {settings['eval_tokens']:,} tokens of the evaluation split in 512-token "
+            f"label_weight 0); KD + labels: T=1, kd_weight 0.5, label_weight 0.5. Perplexity: first {settings['eval_tokens']:,} tokens of the evaluation split in 512-token "
             "windows. Time: the Trainer's `train_runtime` (the optimisation steps; each row in its own process); peak memory: that process's peak RSS.",
         ),
         "| pruning | recovery | perplexity | vs label-only LoRA | training s | peak RSS (GiB) | zeros kept |",
@@ -240,7 +241,7 @@ def write_table(done: dict, settings: dict, output: Path, command: str) -> str:
     if missing:
         lines += ["", "Not measured yet (a rerun resumes from `RECOVERY.json`): " + ", ".join(missing) + "."]
     table = "\n".join(lines) + "\n"
-    output.write_text(table)
+    write_text_atomic(output, table)
     return table
 
 
