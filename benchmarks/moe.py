@@ -198,10 +198,10 @@ def main() -> None:
         "|---|---|---|---|",
         *[f"| {name} | {experts_kept} | {ppl:.2f} | {note} |" for name, experts_kept, ppl, note in rows],
     ]
+    output.write_text("\n".join(lines) + "\n")  # kept even when a row failed, to see which
+    print("\n".join(lines))
     if any(math.isnan(r[2]) for r in rows):
         raise SystemExit("a perplexity is NaN")
-    output.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
 
 
 if __name__ == "__main__":

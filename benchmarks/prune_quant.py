@@ -28,6 +28,7 @@ from common import quick_or_full, save_rows, table_header
 from optimum_prune import PruningConfig, compress, evaluate_perplexity, load_default_model, save_pruned, verify_sparsity
 from optimum_prune.calibration import calibration_windows
 from optimum_prune.quantized import dequantized_weight, is_gptq_linear
+from optimum_prune.saving import write_text_atomic
 
 QUANTO = ("int8", "int4")  # optimum-quanto weight types, through compress
 BITSANDBYTES = {  # load-time quantization of the saved pruned model
@@ -56,17 +57,46 @@ ROWS = [
 ]
 
 
-# Measured outside this script (throwaway checks of session 15), kept with the table they explain.
-NOTES = [
-    "- GPTQ int4 trails quanto's int4 because of its grid, not because GPTQ fails. On the first 8,192 evaluation "
-    "tokens (dense 22.84 there), round-to-nearest on GPTQ's symmetric group-64 grid gives 31.87 and GPTQ 31.92, "
-    "while asymmetric round-to-nearest on groups of 64 gives 28.85, as close to dense as quanto's asymmetric int4 "
-    "is in the table; transformers' GPTQ loader reads the v1 layout, which needs `sym=True`. GPTQ does its job "
-    'layer by layer (decoder layer 3, relative output error on calibration inputs, round-to-nearest → GPTQ through '
-    '`compress`: q_proj 0.00730 → 0.00278, down_proj 0.01035 → 0.00675) and through the first 8 layers (relative '
-    'error of the last hidden state: 0.045 → 0.028 on calibration windows, 0.044 → 0.033 on evaluation text), but '
-    "with this protocol's 16,384 calibration tokens the gain does not reach the perplexity of the 30-layer model.",
+# Ablation rows for the GPTQ note: round-to-nearest int4 on groups of 64, on GPTQ's own grid and on an asymmetric one
+# (the weights quantized and dequantized in place: a measurement of the grids, not a storage format).
+RTN = {"rtn int4 sym": True, "rtn int4 asym": False}
+ROWS += [
+    ("round-to-nearest int4, groups of 64, symmetric (GPTQ's grid)", None, "rtn int4 sym"),
+    ("round-to-nearest int4, groups of 64, asymmetric", None, "rtn int4 asym"),
 ]
+
+
+def round_to_nearest(model: torch.nn.Module, symmetric: bool, bits: int = 4, group_size: int = 64) -> None:
+    """Quantize every decoder linear's weight to ``bits`` on groups of ``group_size`` inputs, as GPTQ's
+    quantizer grids it (range widened to include 0; symmetric: zero-point in the middle), and dequantize."""
+    levels = 2**bits - 1
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if not isinstance(module, torch.nn.Linear) or name.endswith("lm_head"):
+                continue
+            weight = module.weight.view(module.out_features, -1, group_size)
+            low, high = weight.amin(-1, keepdim=True).clamp(max=0), weight.amax(-1, keepdim=True).clamp(min=0)
+            if symmetric:
+                high = torch.maximum(-low, high)
+                low = -high
+            scale = ((high - low) / levels).clamp(min=1e-12)
+            zero = torch.full_like(scale, (levels + 1) / 2) if symmetric else torch.round(-low / scale)
+            codes = torch.clamp(torch.round(weight / scale) + zero, 0, levels)
+            weight.copy_(scale * (codes - zero))
+
+
+def notes(done: dict) -> list[str]:
+    """What the GPTQ rows show, worded from the measured values."""
+    gptq, quanto, symmetric, asymmetric = (done.get(row, {}).get("perplexity") for row in (
+        "GPTQ int4", "int4", *(row for row, _, quantization in ROWS if quantization in RTN)))  # fmt: skip
+    if None in (gptq, quanto, symmetric, asymmetric):
+        return []
+    return [
+        f"- GPTQ int4 ({gptq:.2f}) against quanto's int4 ({quanto:.2f}): round-to-nearest on GPTQ's symmetric group-64 grid "
+        f"gives {symmetric:.2f} and on an asymmetric group-64 grid {asymmetric:.2f}, so the grid accounts for "
+        f"{symmetric - asymmetric:+.2f} and GPTQ's error compensation for {gptq - symmetric:+.2f} against round-to-nearest on "
+        "its own grid. transformers' GPTQ loader reads the v1 layout, which needs `sym=True`.",
+    ]
 
 
 def measure(sparsity: float | str | None, quantization: str | None, calibration: tuple[int, int], eval_tokens: int) -> dict:
@@ -82,6 +112,8 @@ def measure(sparsity: float | str | None, quantization: str | None, calibration:
         recipe.append(GPTQ[quantization])
     if recipe:
         compress(model, recipe, calibration=windows, tokenizer=tokenizer)
+    if quantization in RTN:
+        round_to_nearest(model, symmetric=RTN[quantization])
     if quantization in BITSANDBYTES:
         with tempfile.TemporaryDirectory() as directory:
             save_pruned(model, Path(directory) / "pruned")
@@ -95,7 +127,7 @@ def measure(sparsity: float | str | None, quantization: str | None, calibration:
         dequantize_gptq_layers(model)
     return {
         "perplexity": evaluate_perplexity(model, tokenizer, seq_len=512, max_tokens=eval_tokens),
-        "stored_bytes": stored,
+        "stored_bytes": None if quantization in RTN else stored,  # stored in fp32: not a format
         "zeros": check["overall_sparsity"],
         "conforming": check.get("conforming") if pattern else None,
     }
@@ -160,14 +192,20 @@ def write_table(done: dict, quick: bool, calibration: tuple[int, int], eval_toke
         r = done[row]
         holds = "" if r["conforming"] is None else ("yes" if r["conforming"] else "**no**")
         lines.append(
-            f"| {row} | {r['perplexity']:.2f} | {r['stored_bytes']:,} | {r['stored_bytes'] / dense['stored_bytes']:.1%} | "
+            f"| {row} | {r['perplexity']:.2f} | {_bytes(r['stored_bytes'], dense['stored_bytes'])} | "
             f"{r['zeros']:.2%} | {holds} |"
         )
     unfinished = [row for row, _, _ in ROWS if row not in done]
     if unfinished:
         lines += ["", f"Not measured yet (the next run resumes): {', '.join(unfinished)}."]
-    lines += ["", "Notes:", *NOTES]
-    output.write_text("\n".join(lines) + "\n")
+    written = notes(done)
+    if written:
+        lines += ["", "Notes:", *written]
+    write_text_atomic(output, "\n".join(lines) + "\n")
+
+
+def _bytes(stored: int | None, dense: int) -> str:
+    return "— | —" if stored is None else f"{stored:,} | {stored / dense:.1%}"
 
 
 if __name__ == "__main__":

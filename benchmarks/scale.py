@@ -3,7 +3,7 @@ disk), on random-weight Llama checkpoints of increasing depth (CPU).
 
 Each model shares one layer shape (hidden 1024, MLP 2816, 16 heads / 4 KV heads, vocabulary
 8,192) and is saved once in safetensors shards. Each run (Wanda 2:4 on the same calibration
-windows) happens in its own process, so its peak resident memory (``ru_maxrss``) is its own: the
+windows) happens in its own process, so its peak resident memory (``VmHWM``) is its own: the
 in-memory run loads the whole model first, the offloaded run builds it on the meta device and
 holds one layer at a time. Both outputs are compared weight by weight.
 
@@ -78,7 +78,10 @@ def main() -> None:
             results = {}
             for mode in ("memory", "disk"):
                 command = [sys.executable, __file__, "--run", mode, str(source), str(Path(scratch) / mode)]
-                results[mode] = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+                run = subprocess.run(command, capture_output=True, text=True)
+                if run.returncode != 0:
+                    raise SystemExit(f"{mode} run of {depth} layers failed (exit {run.returncode}):\n{run.stderr[-4000:]}")
+                results[mode] = json.loads(run.stdout.splitlines()[-1])
             identical = same_weights(Path(scratch) / "memory", Path(scratch) / "disk")
         rows.append((depth, size, results, identical))
         print(depth, size, results, identical, flush=True)
