@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from optimum_prune.study import StudyGrid, best_within, pareto_front, run_study, write_outputs
 from optimum_prune.study import runner as study_runner
@@ -224,3 +225,23 @@ def test_latency_columns_come_from_this_run_and_its_device(model_dir, tmp_path):
             record["result"]["latency_device"] = "NVIDIA H200"  # as if timed on another machine
             path.write_text(json.dumps(record))
     assert run_study(StudyGrid.from_dict({**grid, "latency": "cpu"}), tmp_path, device="cpu").measured_now == 2
+
+
+def test_points_cached_with_other_software_are_named_in_the_report(model_dir, tmp_path):
+    grid = StudyGrid.from_dict(small_grid(model_dir, pruning=["none", {"method": "magnitude", "sweep": {"sparsity": [0.5]}}], quantization=["none"]))
+    first = run_study(grid, tmp_path, device="cpu")
+    assert all(row.result["versions"]["torch"] == torch.__version__ for row in first.rows)
+    write_outputs(first, tmp_path, "test")
+    assert "other software" not in (tmp_path / "REPORT.md").read_text()
+    for path in (tmp_path / "points").glob("*.json"):
+        record = json.loads(path.read_text())
+        if record["pruning"] is None:
+            record["result"]["versions"]["torch"] = "2.0.0"  # as if measured before an upgrade
+        else:
+            del record["result"]["versions"]  # as cached by a version that kept no record
+        path.write_text(json.dumps(record))
+    resumed = run_study(grid, tmp_path, device="cpu")
+    assert resumed.measured_now == 0
+    write_outputs(resumed, tmp_path, "test")
+    report = (tmp_path / "REPORT.md").read_text()
+    assert "- dense: torch 2.0.0" in report and "- magnitude sparsity=0.5: not recorded" in report

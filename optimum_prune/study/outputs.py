@@ -30,14 +30,21 @@ CSV_COLUMNS = (
 )
 
 
-def versions(device: torch.device, latency_device: torch.device | None) -> dict[str, str]:
-    """The software and hardware a study ran on, recorded with its numbers."""
-    found = {"python": platform.python_version(), "platform": platform.platform(), "device": str(device)}
+def software_versions() -> dict[str, str]:
+    """The software that measures a point, recorded with each point: a sweep resumed after an upgrade
+    mixes points of both, and its report says which."""
+    found = {"python": platform.python_version()}
     for package in ("optimum-prune", "torch", "transformers", "optimum-quanto"):
         try:
             found[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             found[package] = "not installed"
+    return found
+
+
+def versions(device: torch.device, latency_device: torch.device | None) -> dict[str, str]:
+    """The software and hardware a study ran on, recorded with its numbers."""
+    found = {**software_versions(), "platform": platform.platform(), "device": str(device)}
     if latency_device is not None:
         found["latency_device"] = device_name(latency_device)
     return found
@@ -103,6 +110,7 @@ def report(results: StudyResults, command: str, plots: list[str]) -> str:
         "Sizes are relative to "
         + ("the dense model's checkpoint." if dense else "the largest checkpoint (the grid has no dense point)."),
         "", "Versions: " + ", ".join(f"{k} {v}" for k, v in results.versions.items()) + ".", "",
+        *_other_versions(rows, results.versions),
         "## Points", "",
         "| point | perplexity | stored | sparse format | parameters | zeros in linears | pruning s | quantization s |"
         + (" latency ms |" if latency else "") + " on front |",
@@ -134,6 +142,20 @@ def report(results: StudyResults, command: str, plots: list[str]) -> str:
         ) + "."]
     lines += ["", *[f"![{plot}]({plot})" for plot in plots]]
     return "\n".join(lines) + "\n"
+
+
+def _other_versions(rows: list[StudyRow], current: dict[str, str]) -> list[str]:
+    """Points reused from the cache that were measured with other software than this run's."""
+    others = []
+    for row in rows:
+        recorded = row.result.get("versions")
+        if recorded is None:
+            others.append(f"- {row.label}: not recorded")
+        elif any(current.get(name) != version for name, version in recorded.items()):
+            others.append(f"- {row.label}: " + ", ".join(f"{k} {v}" for k, v in recorded.items() if current.get(k) != v))
+    if not others:
+        return []
+    return ["Points cached from an earlier run with other software (their numbers may not compare):", "", *others, ""]
 
 
 def _measure(name: str) -> Callable[[StudyRow], float]:

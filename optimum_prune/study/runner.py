@@ -53,7 +53,7 @@ def run_study(grid: StudyGrid, output: str | os.PathLike, device: str | torch.de
     it is measured again. Each point's
     file is written whole and renamed into place, so a sweep killed mid-point loses that point only.
     """
-    from .outputs import versions
+    from .outputs import software_versions, versions
 
     points_dir = Path(output) / "points"
     points_dir.mkdir(parents=True, exist_ok=True)
@@ -67,7 +67,7 @@ def run_study(grid: StudyGrid, output: str | os.PathLike, device: str | torch.de
         if result is None:
             logger.info("measuring %s", point.label)
             try:
-                result = measure_point(point, grid.protocol, device, latency_device)
+                result = {**measure_point(point, grid.protocol, device, latency_device), "versions": software_versions()}
             except ValueError as error:  # the point cannot be built (e.g. quanto refuses a non-uniform model)
                 result = {"error": str(error)}
             record = {"label": point.label, "pruning": point.pruning, "quantization": point.quantization, "result": result}
