@@ -69,10 +69,18 @@ def test_routing_counts_leave_padding_out(tmp_path):
 
 
 def test_dropped_experts_receive_no_tokens_while_training_goes_on(tmp_path):
+    class RoutingAtTheEnd(ExpertDroppingCallback):
+        def on_train_end(self, *args, **kwargs):  # counts since the last drop (step 4): step 5's tokens
+            self.seen = [(routing.counts.clone(), routing.dropped.clone()) for routing in self.layers]
+            super().on_train_end(*args, **kwargs)
+
     model = tiny_moe(num_local_experts=8).train()
-    callback = ExpertDroppingCallback(ExpertDroppingSchedule(final_experts=4, start_step=0, end_step=4, every=4))
-    trainer = Trainer(model=model, args=training_args(tmp_path, 4), train_dataset=dataset(), callbacks=[callback])
+    callback = RoutingAtTheEnd(ExpertDroppingSchedule(final_experts=4, start_step=0, end_step=2, every=2))
+    trainer = Trainer(model=model, args=training_args(tmp_path, 5), train_dataset=dataset(), callbacks=[callback])
     trainer.train()
+    assert len(callback.seen) == model.config.num_hidden_layers
+    for counts, dropped in callback.seen:
+        assert int(dropped.sum()) == 4 and int(counts[dropped].sum()) == 0 and int(counts[~dropped].sum()) > 0
     assert all(len(layer.block_sparse_moe.experts) == 4 for layer in model.model.layers)
     counts = routed_counts(model.eval(), token_windows(4, 16))
     assert all(int((count > 0).sum()) <= 4 for count in counts)

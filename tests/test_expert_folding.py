@@ -40,10 +40,11 @@ def test_gated_experts_fold_approximately_and_remove_restores_the_mixture(level)
 
 def test_sequence_level_generates_with_the_cache():
     model = tiny_moe()
-    folding = fold_experts(model, level="sequence")
+    folding = fold_experts(model, level="sequence", measure_error=True)
     with torch.no_grad():
         ids = token_windows(1, 6)
         cached = model.generate(ids, max_new_tokens=5, do_sample=False)
+        assert folding.relative_error > 0  # the folded experts ran, in place of the mixture
         uncached = model.generate(ids, max_new_tokens=5, do_sample=False, use_cache=False)
     folding.remove()
     assert cached.shape == (1, 11)

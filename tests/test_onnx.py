@@ -69,7 +69,7 @@ def test_per_layer_key_value_heads_are_refused_with_the_reason(tmp_path):
     assert not (tmp_path / "onnx").exists()
 
 
-def test_export_onnx_python_api_matches_the_cli_path(tmp_path):
+def test_export_onnx_python_api_runs_in_onnxruntime_like_the_pruned_model(tmp_path):
     model = tiny_model(tie_word_embeddings=True)
     prune(model, PruningConfig(method="slicegpt", sparsity=0.25), calibration=token_windows())
     output = export_onnx(save_pruned(model, tmp_path / "sliced"), tmp_path / "onnx")

@@ -62,6 +62,8 @@ def test_optimum_pruner_takes_a_loaded_model_and_token_ids(tmp_path):
     pruner = OptimumPruner.from_pretrained(model)
     pruner.prune({"method": "width", "sparsity": 0.25}, save_dir=tmp_path / "narrow", calibration_dataset=token_windows())  # a dict, as prune takes
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "narrow")
+    dense = sum(p.numel() for p in tiny_model("qwen2").parameters())
+    assert sum(p.numel() for p in reloaded.parameters()) < dense and reloaded.config.pruning_config["method"] == "width"
     ids = token_windows(samples=1, seq_len=8, seed=5)
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)

@@ -218,12 +218,14 @@ def test_latency_columns_come_from_this_run_and_its_device(model_dir, tmp_path):
     untimed = run_study(StudyGrid.from_dict(grid), tmp_path, device="cpu")  # the dense point still holds a latency
     write_outputs(untimed, tmp_path, "test")
     assert "latency ms" not in (tmp_path / "REPORT.md").read_text()
-    cached = tmp_path / "points"
+    cached, moved = tmp_path / "points", 0
     for path in cached.glob("*.json"):
         record = json.loads(path.read_text())
         if "latency_device" in record["result"]:
             record["result"]["latency_device"] = "NVIDIA H200"  # as if timed on another machine
             path.write_text(json.dumps(record))
+            moved += 1
+    assert moved == 1  # the dense point's latency, kept from the first run
     assert run_study(StudyGrid.from_dict({**grid, "latency": "cpu"}), tmp_path, device="cpu").measured_now == 2
 
 
