@@ -57,8 +57,9 @@ def main() -> None:
                 row[stage] = evaluate_perplexity(model, tokenizer, articles, seq_len=512, max_tokens=eval_tokens)
                 save_rows(cache, done)
             print(f"{stage:<15} {name:<55} {row[stage]:.2f}", flush=True)
-    magnitude = [row["magnitude 50 %"] for row in done.values()]
-    dense = [row["dense"] for row in done.values()]
+    rows = {name: done[name] for name in texts}  # the cache may hold texts this script no longer cuts
+    magnitude = [row["magnitude 50 %"] for row in rows.values()]
+    dense = [row["dense"] for row in rows.values()]
     lines = [
         *table_header(
             "Dense vs magnitude 50 % across evaluation texts (SmolLM2-135M-Instruct)",
@@ -73,10 +74,10 @@ def main() -> None:
         *[
             f"| {name} | {row['articles']} | {row['dense']:.2f} | {row['magnitude 50 %']:.2f} | "
             f"{row['magnitude 50 %'] / row['dense']:.1f}× |"
-            for name, row in done.items()
+            for name, row in rows.items()
         ],
         "",
-        f"Spread over the {len(done)} texts: dense {min(dense):.2f}–{max(dense):.2f} "
+        f"Spread over the {len(rows)} texts: dense {min(dense):.2f}–{max(dense):.2f} "
         f"(max/min {max(dense) / min(dense):.3f}), magnitude 50 % {min(magnitude):.2f}–{max(magnitude):.2f} "
         f"(max/min {max(magnitude) / min(magnitude):.3f}); median magnitude {statistics.median(magnitude):.2f}.",
     ]

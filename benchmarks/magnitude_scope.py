@@ -118,7 +118,7 @@ def main() -> None:
         "|---|---|---|---|",
         *[
             f"| {name} | {row['sparsity']:.2%} | {row['emptied_input_columns']:.2%} | {row['perplexity']:.2f} |"
-            for name, row in done.items()
+            for name, row in ((name, done[name]) for name in ROWS)  # the cache may hold rows this script no longer has
         ],
     ]
     output.write_text("\n".join(lines) + "\n")
