@@ -63,7 +63,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..calibration import LayerInputs, capture_first_layer_inputs, run_layer
+from ..calibration import LayerInputs, capture_first_layer_inputs, feed_layer, run_layer
 from ..calibration.engine import on_device
 from ..calibration.gradients import grad_only
 from ..options import check_choice, option
@@ -167,7 +167,7 @@ class KPrune(StructuredMethod[KPruneOptions]):
         def masking(mask: torch.Tensor, column_energy: torch.Tensor):
             def hook(_module: nn.Module, args: tuple) -> tuple:
                 column_energy.add_(args[0].detach().double().square().reshape(-1, mask.numel()).sum(0))
-                return (args[0] * mask,)
+                return ((args[0] * mask).to(args[0].dtype),)  # the fp32 mask would make half inputs fp32
 
             return hook
 
@@ -327,5 +327,5 @@ def _streams_leaving(adapter: Any, layer: nn.Module, inputs: LayerInputs) -> dic
         streams[kind].append(leaving.detach())
 
     with adapter.observing_residuals(layer, sink):
-        run_layer(adapter, layer, inputs)
+        feed_layer(adapter, layer, inputs)
     return streams

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..calibration import LayerInputs, run_layer, walk_layers
+from ..calibration import LayerInputs, feed_layer, walk_layers
 from ..calibration.gradients import grad_only, window_losses
 from ..options import check_choice, option
 from .base import StructuredMethod, register_structured_method
@@ -143,12 +143,18 @@ class MaskSearch(StructuredMethod[MaskSearchOptions]):
 
         handle = consumer.register_forward_pre_hook(record)
         try:
-            run_layer(self.adapter, layer, inputs)
+            feed_layer(self.adapter, layer, inputs)
         finally:
             handle.remove()
         diagonal = torch.arange(len(kept), device=gram.device)
         gram[diagonal, diagonal] += self.options.damping * gram.diagonal().mean().clamp_min(1e-12)
         return torch.linalg.solve(gram, cross).float()
+
+
+def _masking(mask: torch.Tensor, repeat: int):
+    """A pre-hook multiplying a consumer's input by ``mask`` (each entry over ``repeat`` columns), in the
+    input's dtype: the fp32 mask would make a half model's input fp32."""
+    return lambda _module, args: ((args[0] * mask.repeat_interleave(repeat)).to(args[0].dtype),)
 
 
 def mask_fisher(adapter: Any, components: list[Component], windows: torch.Tensor, full: bool) -> list[torch.Tensor]:
@@ -165,7 +171,7 @@ def mask_fisher(adapter: Any, components: list[Component], windows: torch.Tensor
             consumer, repeat = component.consumers[0], 1
         units = consumer.in_features // repeat
         mask = torch.ones(units, device=consumer.weight.device, requires_grad=True)
-        handles.append(consumer.register_forward_pre_hook(lambda _m, args, mask=mask, repeat=repeat: (args[0] * mask.repeat_interleave(repeat),)))
+        handles.append(consumer.register_forward_pre_hook(_masking(mask, repeat)))
         masks.append(mask)
         shape = (units, units) if full else (units,)
         totals.append(torch.zeros(shape, dtype=torch.float64, device=consumer.weight.device))
