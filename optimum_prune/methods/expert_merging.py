@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..calibration import LayerInputs, run_layer, walk_layers
+from ..calibration import LayerInputs, feed_layer, walk_layers
 from ..options import option
 from .base import StructuredMethod, register_structured_method
 from .experts import block_inputs, experts_to_keep, token_chunks
@@ -52,7 +52,7 @@ class ExpertMerging(StructuredMethod[ExpertMergingOptions]):
 
         def visit(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
             block = self.adapter.moe_block(layer)
-            hidden = block_inputs(block, lambda: run_layer(self.adapter, layer, inputs))
+            hidden = block_inputs(block, lambda: feed_layer(self.adapter, layer, inputs))
             groups = self.merge(layer, hidden)
             report.removed.append(f"{names[index]}: merged experts {groups}")
 

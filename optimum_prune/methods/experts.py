@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..adapters.moe import expert_tokens
-from ..calibration import LayerInputs, run_layer, walk_layers
+from ..calibration import LayerInputs, feed_layer, walk_layers
 from ..options import check_choice, option
 from .base import StructuredMethod, register_structured_method
 
@@ -72,7 +72,7 @@ class ExpertPruning(StructuredMethod[ExpertPruningOptions]):
 
         def visit(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
             block = self.adapter.moe_block(layer)
-            hidden = block_inputs(block, lambda: run_layer(self.adapter, layer, inputs))
+            hidden = block_inputs(block, lambda: feed_layer(self.adapter, layer, inputs))
             if self.options.criterion == "reconstruction":
                 kept = self._reconstruction(block, hidden, len(self.adapter.block_experts(block)))
             else:
@@ -86,7 +86,7 @@ class ExpertPruning(StructuredMethod[ExpertPruningOptions]):
 
         def visit(_index: int, layer: nn.Module, inputs: LayerInputs) -> None:
             block = self.adapter.moe_block(layer)
-            scores = self._scores(block, block_inputs(block, lambda: run_layer(self.adapter, layer, inputs)))
+            scores = self._scores(block, block_inputs(block, lambda: feed_layer(self.adapter, layer, inputs)))
             shares.append(scores / scores.sum().clamp_min(1e-12))
 
         walk_layers(self.adapter, windows, self.device, visit, f"Scoring experts ({self.options.criterion})")

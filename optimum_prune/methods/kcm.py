@@ -50,7 +50,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..calibration import LayerInputs, feeding_inputs, run_layer, walk_layers
+from ..calibration import LayerInputs, feed_layer, feeding_inputs, walk_layers
 from ..options import check_choice, option
 from ..statistics import ColumnNorms
 from .base import register_structured_method
@@ -124,7 +124,7 @@ class KernelizedConvexMasking(MaskSearch):
             for i, consumer in consumers.items():
                 statistics[i] = ColumnNorms(consumer.in_features, consumer.weight.device)
             with feeding_inputs(consumers, lambda i, x: statistics[i].add(x)):
-                run_layer(self.adapter, layer, inputs)
+                feed_layer(self.adapter, layer, inputs)
 
         walk_layers(self.adapter, windows, self.device, visit, "KCM activation norms (D2)")
         return [statistics[i].norms() for i in range(len(components))]

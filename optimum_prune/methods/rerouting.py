@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..adapters import DecoderAdapter
-from ..calibration import CalibrationInputs, LayerInputs, run_layer, walk_layers
+from ..calibration import CalibrationInputs, LayerInputs, feed_layer, run_layer, walk_layers
 from ..calibration.engine import on_device
 
 DAMPING = 0.01
@@ -110,7 +110,7 @@ def _fit(adapter: DecoderAdapter, layer: nn.Module, reroute: Reroute, inputs: La
 
         handle = stand_in.register_forward_hook(record, with_kwargs=True)
         try:
-            run_layer(adapter, layer, inputs)
+            feed_layer(adapter, layer, inputs)
         finally:
             handle.remove()
     weight, bias = equations.solve()

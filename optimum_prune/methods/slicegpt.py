@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..adapters import ResidualBranch
-from ..calibration import LayerInputs, capture_first_layer_inputs, run_layer
+from ..calibration import LayerInputs, capture_first_layer_inputs, feed_layer, run_layer
 from ..calibration.engine import on_device
 from ..options import option
 from .base import StructuredMethod, register_structured_method
@@ -139,7 +139,7 @@ class SliceGPT(StructuredMethod[SliceGPTOptions]):
         if position + 1 < len(branches):
             hook = branches[position + 1].norm.register_forward_pre_hook(lambda _m, args: _accumulate(covariance, args[0]))
             try:
-                run_layer(self.adapter, layer, inputs)
+                feed_layer(self.adapter, layer, inputs)
             finally:
                 hook.remove()
             return covariance, None

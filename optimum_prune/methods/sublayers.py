@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..calibration import LayerInputs, run_layer, walk_layers
+from ..calibration import LayerInputs, feed_layer, walk_layers
 from ..calibration.gradients import calibration_perplexity
 from ..options import check_choice, option
 from ..statistics import token_cosine
@@ -115,7 +115,7 @@ class SublayerRemoval(StructuredMethod[SublayerRemovalOptions]):
                 cosines.setdefault((index, kind), []).append(token_cosine(before, after))
 
             with self.adapter.observing_residuals(layer, sink):
-                run_layer(self.adapter, layer, inputs)
+                feed_layer(self.adapter, layer, inputs)
 
         walk_layers(self.adapter, windows, self.device, visit, "Sublayer block influence")
         return {unit: 1 - float(torch.cat(cosines[unit]).mean()) for unit in self.units}

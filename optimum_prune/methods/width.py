@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..adapters import AttentionLayout, MLPLayout
-from ..calibration import feeding_inputs, run_layer, walk_layers
+from ..calibration import feed_layer, feeding_inputs, walk_layers
 from ..calibration.gradients import accumulate_gradients
 from ..options import check_choice, option
 from ..statistics import ColumnMoments
@@ -224,7 +224,7 @@ class WidthPruning(StructuredMethod[WidthOptions]):
                         statistics[linear] = ColumnMoments(linear.in_features, linear.weight.device)
             sinks = {key: statistics[linear] for key, linear in consumers.items()}
             with feeding_inputs(consumers, lambda key, x: sinks[key].add(x)):
-                run_layer(self.adapter, layer, inputs)
+                feed_layer(self.adapter, layer, inputs)
 
         walk_layers(self.adapter, windows, self.device, visit, f"Width statistics ({self.options.criterion})")
         return statistics

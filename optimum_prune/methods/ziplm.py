@@ -57,7 +57,8 @@ from torch import nn
 
 from tqdm.auto import tqdm
 
-from ..calibration import LayerInputs, capture_first_layer_inputs, run_layer, walk_layers
+from ..calibration import LayerInputs, capture_first_layer_inputs, feed_layer, walk_layers
+from ..calibration.engine import on_device
 from ..calibration.gradients import calibration_perplexity
 from ..options import check_choice, option
 from .base import StructuredMethod, register_structured_method
@@ -297,9 +298,11 @@ class ZipLM(StructuredMethod[ZipLMOptions]):
                 f"ZipLM latency table ({component.kind}, units kept: ms): "
                 + ", ".join(f"{k}: {v * 1e3:.2f}" for k, v in sorted(tables[key].items()))
             )
-        # The final norm and output embedding stay whole: timed to predict the whole forward's ratio too.
-        norm, head = adapter.final_norm().to(self.device), adapter.model.get_output_embeddings().to(self.device)
-        self.head_seconds = _median_seconds(lambda: head(norm(hidden)), self.options.latency_repeats, self.device)
+        # The final norm and output embedding stay whole: timed to predict the whole forward's ratio too
+        # (on the compute device for the timing only: the model stays where it is).
+        norm, head = adapter.final_norm(), adapter.model.get_output_embeddings()
+        with on_device([norm, head], self.device):
+            self.head_seconds = _median_seconds(lambda: head(norm(hidden)), self.options.latency_repeats, self.device)
         return tables
 
     def _grid(self, component: Component) -> list[int]:
@@ -450,7 +453,7 @@ def _input_hessian(adapter: Any, layer: nn.Module, projection: nn.Linear, inputs
 
     handle = projection.register_forward_pre_hook(record)
     try:
-        run_layer(adapter, layer, inputs)
+        feed_layer(adapter, layer, inputs)
     finally:
         handle.remove()
     return hessian * (2 / max(tokens[0], 1))
