@@ -6,10 +6,11 @@ embeddings, ...) are captured. From then on one layer at a time is moved to the 
 visited (statistics gathered, weights pruned), and run again on the captured inputs so that its
 *pruned* outputs become the next layer's inputs (SparseGPT, Sec. 3.5; Wanda, Sec. 3). Memory is
 the model plus two activation buffers of ``samples × seq_len × hidden`` — independent of depth,
-and no logits are ever computed. With ``activation_device`` the buffers wait on another device
-(the CPU) and each batch visits the compute device only while its layer runs; with
-``activation_device="disk"`` they are files in a temporary directory (under ``$TMPDIR``), read one
-batch at a time, so host memory holds one batch too and the disk two layers' activations.
+and no logits are ever computed. With ``activation_device`` the buffers (and the layer's other
+arguments) wait on another device (the CPU) and each batch visits the compute device only while its
+layer runs; with ``activation_device="disk"`` they are files in a temporary directory (under
+``$TMPDIR``), read one batch at a time, so host memory holds one batch (and every batch's layer
+arguments: position embeddings, masks) and the disk two layers' activations.
 """
 
 from __future__ import annotations
@@ -127,6 +128,9 @@ def capture_first_layer_inputs(
     signature = inspect.signature(first_layer.forward)
     to_files = isinstance(activation_device, Path)
     captured = LayerInputs(DiskActivations(activation_device / "0") if to_files else [], [])
+    # The layer's other arguments (position embeddings, masks) wait beside offloaded activations too (in host
+    # memory when those are files): on the compute device they would grow with the calibration set.
+    kwargs_home = torch.device("cpu") if to_files else activation_device
 
     def record(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         # Bind positional arguments to their names (CLIP's encoder passes the masks positionally),
@@ -134,7 +138,7 @@ def capture_first_layer_inputs(
         arguments = _named_arguments(signature, args, kwargs)
         hidden = arguments.pop(next(iter(signature.parameters))).detach()
         captured.hidden_states.append(hidden if to_files else hidden.to(activation_device or device))
-        captured.layer_kwargs.append(arguments)
+        captured.layer_kwargs.append(arguments if kwargs_home is None else _moved(arguments, kwargs_home))
         raise _StopForward
 
     handle = first_layer.register_forward_pre_hook(record, with_kwargs=True)
@@ -187,7 +191,20 @@ def _layer_outputs(adapter: DecoderAdapter, layer: nn.Module, inputs: LayerInput
     compute = _device_of(layer)
     with torch.no_grad():
         for hidden, kwargs in zip(inputs.hidden_states, inputs.layer_kwargs):
-            yield adapter.run_layer(layer, hidden.to(compute or hidden.device), kwargs).detach().to(hidden.device)
+            device = compute or hidden.device
+            yield adapter.run_layer(layer, hidden.to(device), _moved(kwargs, device)).detach().to(hidden.device)
+
+
+def _moved(value: Any, device: torch.device) -> Any:
+    """``value`` with every tensor in it (through dicts, tuples and lists) on ``device``."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, dict):
+        return {name: _moved(item, device) for name, item in value.items()}
+    if isinstance(value, (tuple, list)):
+        items = [_moved(item, device) for item in value]
+        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)  # named tuples too
+    return value
 
 
 @contextmanager
