@@ -58,7 +58,8 @@ def save_training(directory: Path, steps: int, seconds: float, *parts: Any) -> N
 
 def code_version() -> str:
     """The commit the library code is at (``-modified`` when ``optimum_prune/`` differs from it), recorded with
-    each measured row so that a table mixing rows of several code versions says so."""
+    each measured row so that a table mixing rows of several code versions says so. Read it when the
+    library is imported: the tree may move on while a long run goes."""
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()

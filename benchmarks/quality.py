@@ -66,7 +66,7 @@ def measure(row: Row | None, args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     result["perplexity"] = evaluate_perplexity(model, tokenizer, seq_len=512, max_tokens=args.eval_tokens)
     result["eval_seconds"] = time.perf_counter() - started
-    result["commit"] = code_version()
+    result["commit"] = args.code_version
     return result
 
 
@@ -166,6 +166,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, help="JSON file of finished rows (default: beside the output)")
     parser.add_argument("--output", type=Path, help="markdown table (default: benchmarks/RESULTS.md, or RESULTS-quick.md)")
     args = parser.parse_args()
+    args.code_version = code_version()  # the library this process imported, whatever the tree holds later
     args.calibration_samples, args.calibration_seq_len, args.eval_tokens = (8, 128, 4096) if args.quick else (32, 512, 65536)
     output = args.output or HERE / ("RESULTS-quick.md" if args.quick else "RESULTS.md")
     cache = args.cache or output.with_suffix(".json")
