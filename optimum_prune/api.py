@@ -27,7 +27,7 @@ from .calibration import (
     feeding_inputs,
     walk_layers,
 )
-from .calibration.engine import moving_to, on_disk
+from .calibration.engine import moving_to, on_device, on_disk
 from .config import PruningConfig
 from .distributed import all_reduce_sum, is_distributed, shard
 from .masks import check_ignore_patterns
@@ -325,8 +325,9 @@ class _PruningRun:
         # The allocation spreads the target over the layers that have linears to prune: a layer that
         # ``ignore`` keeps whole takes no share (its own allocation index is its rank among these).
         active = [index for index, linears in enumerate(self.targets) if linears]
-        if self.allocation.observes_model:
-            self.allocation.observe_model(self.adapter.model, windows, [self.targets[index] for index in active])
+        if self.allocation.observes_model:  # the whole model's loss, on the compute device
+            with on_device([self.adapter.model], self.device):
+                self.allocation.observe_model(self.adapter.model, windows, [self.targets[index] for index in active])
         elif self.allocation.requires_calibration:
             walk_layers(
                 self.adapter, windows, self.device, self._observing_visitor(active), self._description("Allocating sparsity"),

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..adapters import DecoderAdapter
 from ..calibration import LayerInputs, run_layer, walk_layers
+from ..calibration.engine import on_device
 from ..calibration.gradients import accumulate_gradients, calibration_perplexity
 from ..options import check_choice, option
 from ..statistics import token_cosine
@@ -149,20 +150,22 @@ class LayerRemoval(StructuredMethod[LayerRemovalOptions]):
 
     def _perplexity_scores(self, windows: torch.Tensor) -> list[float]:
         model, scores = self.adapter.model, []
-        for layer in self.adapter.decoder_layers():
-            with self.adapter.bypassed(layer):
-                scores.append(calibration_perplexity(model, windows))
+        with on_device([model], self.device):  # whole-model losses run on the compute device
+            for layer in self.adapter.decoder_layers():
+                with self.adapter.bypassed(layer):
+                    scores.append(calibration_perplexity(model, windows))
         return scores
 
     def _taylor_scores(self, windows: torch.Tensor) -> list[float]:
-        accumulate_gradients(self.adapter.model, windows)
-        try:
-            return [
-                sum(float((p.detach().float() * p.grad.float()).abs().sum()) for p in layer.parameters())
-                for layer in self.adapter.decoder_layers()
-            ]
-        finally:
-            self.adapter.model.zero_grad(set_to_none=True)
+        with on_device([self.adapter.model], self.device):
+            accumulate_gradients(self.adapter.model, windows)
+            try:
+                return [
+                    sum(float((p.detach().float() * p.grad.float()).abs().sum()) for p in layer.parameters())
+                    for layer in self.adapter.decoder_layers()
+                ]
+            finally:
+                self.adapter.model.zero_grad(set_to_none=True)
 
     def _merge(self, removed: list[int], kept: list[int]) -> None:
         """LaCo's RDSC: θ_target ← θ_target + Σ_removed (θ_removed − θ_target)."""

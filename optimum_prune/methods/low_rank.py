@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..calibration.engine import on_device
 from ..calibration.gradients import fisher_rows
 from ..options import check_choice, option
 from ..structure.modules import LowRankLinear
@@ -76,7 +77,10 @@ class LowRankFactorization(StructuredMethod[LowRankOptions]):
 
     def prune(self, windows: torch.Tensor | None, report: Any) -> None:
         linears = [linear for _, linear, _ in self.targets]
-        weights = fisher_rows(self.adapter.model, windows, linears) if self.options.weighting == "fisher" else [None] * len(linears)
+        weights = [None] * len(linears)
+        if self.options.weighting == "fisher":
+            with on_device([self.adapter.model], self.device):  # whole-model gradients run on the compute device
+                weights = fisher_rows(self.adapter.model, windows, linears)
         for (name, linear, rank), rows in zip(self.targets, weights):
             replace_submodule(self.adapter.model, name, factorize(linear, rank, rows))
             report.removed.append(f"{name}: rank {rank} of {min(linear.weight.shape)}")

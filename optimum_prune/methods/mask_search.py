@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from ..calibration import LayerInputs, feed_layer, walk_layers
+from ..calibration.engine import on_device
 from ..calibration.gradients import grad_only, window_losses
 from ..options import check_choice, option
 from .base import StructuredMethod, register_structured_method
@@ -72,7 +73,10 @@ class MaskSearch(StructuredMethod[MaskSearchOptions]):
     def unit_importance(self, windows: torch.Tensor | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per component, each unit's importance (the loss its removal adds) and the block that
         rearrangement refines the choice with (a vector: no rearrangement)."""
-        blocks = mask_fisher(self.adapter, self.width.components, windows, full=self.options.rearrange)
+        with on_device([self.adapter.model], self.device):  # whole-model gradients run on the compute device
+            blocks = mask_fisher(self.adapter, self.width.components, windows, full=self.options.rearrange)
+        home = next(self.adapter.model.parameters()).device
+        blocks = [block.to(home) for block in blocks]
         return [block.diagonal() / 2 if block.dim() == 2 else block / 2 for block in blocks], blocks
 
     def unit_counts(self, importance: list[torch.Tensor]) -> list[int]:

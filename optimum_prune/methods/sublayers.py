@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..calibration import LayerInputs, feed_layer, walk_layers
+from ..calibration.engine import on_device
 from ..calibration.gradients import calibration_perplexity
 from ..options import check_choice, option
 from ..statistics import token_cosine
@@ -104,9 +105,10 @@ class SublayerRemoval(StructuredMethod[SublayerRemovalOptions]):
         if self.options.criterion == "perplexity":
             layers = self.adapter.decoder_layers()
             scores = {}
-            for index, kind in self.units:
-                with self.adapter.bypassed(layers[index], kind):
-                    scores[(index, kind)] = calibration_perplexity(self.adapter.model, windows)
+            with on_device([self.adapter.model], self.device):  # whole-model losses run on the compute device
+                for index, kind in self.units:
+                    with self.adapter.bypassed(layers[index], kind):
+                        scores[(index, kind)] = calibration_perplexity(self.adapter.model, windows)
             return scores
         cosines: dict[tuple[int, str], list[torch.Tensor]] = {}
 

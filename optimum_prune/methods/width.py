@@ -21,6 +21,7 @@ from torch import nn
 
 from ..adapters import AttentionLayout, MLPLayout
 from ..calibration import feed_layer, feeding_inputs, walk_layers
+from ..calibration.engine import on_device
 from ..calibration.gradients import accumulate_gradients
 from ..options import check_choice, option
 from ..statistics import ColumnMoments
@@ -92,7 +93,8 @@ class WidthPruning(StructuredMethod[WidthOptions]):
     def prune(self, windows: torch.Tensor | None, report: Any) -> None:
         statistics = self._activation_statistics(windows) if self.options.criterion in ACTIVATION_CRITERIA else {}
         if self.options.criterion == "taylor":
-            accumulate_gradients(self.adapter.model, windows)
+            with on_device([self.adapter.model], self.device):  # the gradients move back with the model
+                accumulate_gradients(self.adapter.model, windows)
         self._random_scores = torch.Generator().manual_seed(0)  # components are scored in a fixed order: reproducible
         try:
             for component in self.components:

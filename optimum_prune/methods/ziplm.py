@@ -238,25 +238,26 @@ class ZipLM(StructuredMethod[ZipLMOptions]):
 
         generator = torch.Generator().manual_seed(0)
         count = len(levels)
-        try:
-            best_weights = [1.0] * count
-            plain = best = perplexity(best_weights)
-            candidates = [torch.rand(count, generator=generator) for _ in range(self.options.search_restarts)]
-            for step in tqdm(range(self.options.search_restarts + self.options.search_steps), desc="ZipLM SPDY search"):
-                if step < self.options.search_restarts:
-                    weights = candidates[step].tolist()
-                else:
-                    redraw = torch.rand(count, generator=generator) < SPDY_MUTATION
-                    weights = torch.where(redraw, torch.rand(count, generator=generator), torch.tensor(best_weights)).tolist()
-                value = perplexity(weights)
-                if value < best:
-                    best, best_weights = value, weights
-        finally:
-            with torch.no_grad():
-                for projection, (weight, bias) in zip(projections, originals):
-                    projection.weight.copy_(weight)
-                    if bias is not None:
-                        projection.bias.copy_(bias)
+        with on_device([self.adapter.model], self.device):  # the stitched model's losses run on the compute device
+            try:
+                best_weights = [1.0] * count
+                plain = best = perplexity(best_weights)
+                candidates = [torch.rand(count, generator=generator) for _ in range(self.options.search_restarts)]
+                for step in tqdm(range(self.options.search_restarts + self.options.search_steps), desc="ZipLM SPDY search"):
+                    if step < self.options.search_restarts:
+                        weights = candidates[step].tolist()
+                    else:
+                        redraw = torch.rand(count, generator=generator) < SPDY_MUTATION
+                        weights = torch.where(redraw, torch.rand(count, generator=generator), torch.tensor(best_weights)).tolist()
+                    value = perplexity(weights)
+                    if value < best:
+                        best, best_weights = value, weights
+            finally:
+                with torch.no_grad():
+                    for projection, (weight, bias) in zip(projections, originals):
+                        projection.weight.copy_(weight)
+                        if bias is not None:
+                            projection.bias.copy_(bias)
         report.notes.append(
             f"ZipLM SPDY search: calibration perplexity of the stitched model {plain:.3f} with the plain program, {best:.3f} "
             f"with the best of {self.options.search_restarts + self.options.search_steps} weightings ({len(scored)} distinct level choices)"
