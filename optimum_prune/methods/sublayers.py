@@ -110,17 +110,20 @@ class SublayerRemoval(StructuredMethod[SublayerRemovalOptions]):
                     with self.adapter.bypassed(layers[index], kind):
                         scores[(index, kind)] = calibration_perplexity(self.adapter.model, windows)
             return scores
-        cosines: dict[tuple[int, str], list[torch.Tensor]] = {}
+        totals: dict[tuple[int, str], list] = {}  # per sublayer: Σ cosine over tokens (where computed), tokens
 
         def visit(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
             def sink(kind: str, before: torch.Tensor, after: torch.Tensor) -> None:
-                cosines.setdefault((index, kind), []).append(token_cosine(before, after))
+                cosine = token_cosine(before, after)
+                total = totals.setdefault((index, kind), [0.0, 0])
+                total[0] = total[0] + cosine.double().sum()
+                total[1] += cosine.numel()
 
             with self.adapter.observing_residuals(layer, sink):
                 feed_layer(self.adapter, layer, inputs)
 
         walk_layers(self.adapter, windows, self.device, visit, "Sublayer block influence")
-        return {unit: 1 - float(torch.cat(cosines[unit]).mean()) for unit in self.units}
+        return {unit: 1 - float(totals[unit][0]) / totals[unit][1] for unit in self.units}
 
     def _present(self, layer: nn.Module, kind: str) -> bool:
         return (self.adapter.attention(layer) if kind == "attention" else self.adapter.mlp(layer)) is not None
