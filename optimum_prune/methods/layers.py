@@ -33,16 +33,28 @@ CRITERIA = ("block_influence", "angular", "perplexity", "taylor")
 
 
 def block_influence(adapter: DecoderAdapter, windows: torch.Tensor, device: torch.device) -> list[float]:
-    """ShortGPT's Block Influence of every decoder layer: 1 − cos(input, output), averaged over tokens."""
-    scores: list[float] = []
+    """ShortGPT's Block Influence of every decoder layer: 1 − cos(input, output), averaged over tokens,
+    read while the engine propagates the calibration windows (each layer runs once per batch)."""
+    layers = adapter.decoder_layers()
+    totals: list[list] = [[0.0, 0] for _ in layers]  # per layer: Σ cosine over tokens, tokens
 
-    def visit(_index: int, layer: nn.Module, inputs: LayerInputs) -> None:
-        outputs = run_layer(adapter, layer, inputs)
-        cosines = torch.cat([token_cosine(x, y) for x, y in zip(inputs.hidden_states, outputs)])
-        scores.append(1 - float(cosines.mean()))
+    def observe(index: int):
+        def hook(_module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            entering = args[0] if args else kwargs["hidden_states"]
+            leaving = output[0] if isinstance(output, tuple) else output
+            cosine = token_cosine(entering, leaving)
+            totals[index][0] = totals[index][0] + cosine.double().sum()
+            totals[index][1] += cosine.numel()
 
-    walk_layers(adapter, windows, device, visit, "Block influence")
-    return scores
+        return hook
+
+    handles = [layer.register_forward_hook(observe(index), with_kwargs=True) for index, layer in enumerate(layers)]
+    try:
+        walk_layers(adapter, windows, device, lambda *_: None, "Block influence")
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [1 - float(total) / count for total, count in totals]
 
 
 def last_token_states(adapter: DecoderAdapter, windows: torch.Tensor, device: torch.device) -> list[torch.Tensor]:

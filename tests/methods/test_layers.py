@@ -41,6 +41,20 @@ def test_block_influence_removes_the_layers_closest_to_identity():
     assert report.removed == ["model.layers.1", "model.layers.2"]
 
 
+def test_block_influence_is_one_minus_the_mean_token_cosine_across_each_layer():
+    from optimum_prune import get_adapter
+    from optimum_prune.methods.layers import block_influence
+
+    model, windows = tiny_model(num_hidden_layers=4), token_windows()
+    scores = block_influence(get_adapter(model), windows, torch.device("cpu"))
+    with torch.no_grad():  # hidden_states[i] enters layer i; the last entry is after the final norm
+        states = [model(window[None], output_hidden_states=True).hidden_states for window in windows]
+    for index in range(3):
+        cosines = torch.cat([torch.nn.functional.cosine_similarity(s[index], s[index + 1], dim=-1).flatten() for s in states])
+        assert scores[index] == pytest.approx(1 - float(cosines.mean()), abs=1e-5)
+    assert len(scores) == 4
+
+
 def test_sparsity_rounds_to_whole_layers_and_ignore_protects():
     model = tiny_model(num_hidden_layers=5)
     report = prune(model, PruningConfig(method="layers", sparsity=0.4, ignore=["model.layers.[0-2]"]), calibration=token_windows())
