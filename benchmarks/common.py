@@ -21,10 +21,16 @@ from optimum_prune.saving import atomic_directory, write_text_atomic
 
 def table_header(title: str, command: str, protocol: str) -> list[str]:
     environment = (
-        f"Environment: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch "
+        f"Environment: {platform.processor() or platform.machine()} ({cpu_kernels()} kernels), {torch.get_num_threads()} threads, torch "
         f"{torch.__version__}, transformers {transformers.__version__}, optimum-prune {optimum_prune.__version__}."
     )
     return [f"# {title}", "", f"Command: `{command}`", "", protocol, "", environment, ""]
+
+
+def cpu_kernels() -> str:
+    """The instruction set torch's CPU kernels use here (AVX2, AVX512, ...): it sets their summation
+    order, so results measured on machines of different kinds may differ in the last digits."""
+    return torch.backends.cpu.get_cpu_capability()
 
 
 def quick_or_full(description: str, table: str, quick_help: str) -> tuple[bool, Path]:

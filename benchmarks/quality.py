@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 
-from common import code_version, save_rows, table_header
+from common import code_version, cpu_kernels, save_rows, table_header
 from optimum_prune import PruningConfig, evaluate_perplexity, load_default_model, prune, verify_sparsity
 from optimum_prune.saving import write_text_atomic
 
@@ -66,7 +66,7 @@ def measure(row: Row | None, args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     result["perplexity"] = evaluate_perplexity(model, tokenizer, seq_len=512, max_tokens=args.eval_tokens)
     result["eval_seconds"] = time.perf_counter() - started
-    result["commit"] = args.code_version
+    result["commit"], result["cpu_kernels"] = args.code_version, cpu_kernels()
     return result
 
 
@@ -95,13 +95,14 @@ def markdown(done: dict[str, dict], keys: list[str], args: argparse.Namespace, c
     versions: dict[str, int] = {}
     for key in keys:
         if key in done:
-            version = done[key].get("commit") or "unrecorded"
+            commit, kernels = done[key].get("commit"), done[key].get("cpu_kernels")
+            version = f"{commit or 'unrecorded'} ({kernels or 'unrecorded'} CPU kernels)"
             versions[version] = versions.get(version, 0) + 1
     lines += [
         "",
-        "Library code the rows were measured with: "
-        + ", ".join(f"{version} ({count} rows)" for version, count in versions.items())
-        + ("." if len(versions) == 1 else " — not one run: rows of different versions may not compare."),
+        "Library commit the rows were measured with: "
+        + ", ".join(f"{version}: {count} rows" for version, count in versions.items())
+        + ("." if len(versions) == 1 else " — not one run: rows of different versions or machines may differ slightly."),
         "",
         "Notes:",
         "- magnitude ranks |W| across each whole matrix, as the Wanda and SparseGPT reference code does; the "
