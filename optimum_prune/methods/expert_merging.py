@@ -27,7 +27,7 @@ from torch import nn
 from ..calibration import LayerInputs, feed_layer, walk_layers
 from ..options import option
 from .base import StructuredMethod, register_structured_method
-from .experts import block_inputs, experts_to_keep, token_chunks
+from .experts import experts_to_keep, router_logits
 
 
 @dataclass(frozen=True)
@@ -52,18 +52,17 @@ class ExpertMerging(StructuredMethod[ExpertMergingOptions]):
 
         def visit(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
             block = self.adapter.moe_block(layer)
-            hidden = block_inputs(block, lambda: feed_layer(self.adapter, layer, inputs))
-            groups = self.merge(layer, hidden)
+            groups = self.merge(layer, router_logits(self.adapter, block, lambda: feed_layer(self.adapter, layer, inputs)))
             report.removed.append(f"{names[index]}: merged experts {groups}")
 
         walk_layers(self.adapter, windows, self.device, visit, "Merging experts")
 
     @torch.no_grad()
-    def merge(self, layer: nn.Module, hidden: torch.Tensor) -> list[list[int]]:
-        """Merge the layer's experts in place; return the groups (dominant expert first)."""
+    def merge(self, layer: nn.Module, logits: torch.Tensor) -> list[list[int]]:
+        """Merge the layer's experts in place, by the router's ``logits`` for the calibration tokens; return the
+        groups (dominant expert first)."""
         block = self.adapter.moe_block(layer)
         total = len(self.adapter.block_experts(block))
-        logits = torch.cat([self.adapter.router(block)(chunk).float() for chunk in token_chunks(hidden)])
         _, selected = self.adapter.route(block, logits)
         frequency = torch.bincount(selected.flatten().cpu(), minlength=total).double()
         dominant = sorted(torch.argsort(frequency, descending=True, stable=True)[: self.keep].tolist())

@@ -72,11 +72,12 @@ class ExpertPruning(StructuredMethod[ExpertPruningOptions]):
 
         def visit(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
             block = self.adapter.moe_block(layer)
-            hidden = block_inputs(block, lambda: feed_layer(self.adapter, layer, inputs))
             if self.options.criterion == "reconstruction":
+                hidden = block_inputs(block, lambda: feed_layer(self.adapter, layer, inputs))
                 kept = self._reconstruction(block, hidden, len(self.adapter.block_experts(block)))
             else:
-                kept = sorted(torch.argsort(self._scores(block, hidden), descending=True, stable=True)[: self.keep].tolist())
+                scores = self._expert_scores(block, layer, inputs)
+                kept = sorted(torch.argsort(scores, descending=True, stable=True)[: self.keep].tolist())
             self._cut(index, layer, kept, report)
 
         walk_layers(self.adapter, windows, self.device, visit, f"Pruning experts ({self.options.criterion})")
@@ -85,8 +86,7 @@ class ExpertPruning(StructuredMethod[ExpertPruningOptions]):
         shares: list[torch.Tensor] = []
 
         def visit(_index: int, layer: nn.Module, inputs: LayerInputs) -> None:
-            block = self.adapter.moe_block(layer)
-            scores = self._scores(block, block_inputs(block, lambda: feed_layer(self.adapter, layer, inputs)))
+            scores = self._expert_scores(self.adapter.moe_block(layer), layer, inputs)
             shares.append(scores / scores.sum().clamp_min(1e-12))
 
         walk_layers(self.adapter, windows, self.device, visit, f"Scoring experts ({self.options.criterion})")
@@ -108,23 +108,29 @@ class ExpertPruning(StructuredMethod[ExpertPruningOptions]):
         report.removed.append(f"{self.adapter.layer_names()[index]}: experts {removed}")
 
     @torch.no_grad()
-    def _scores(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        """Routing frequency or REAP score of each expert over the calibration tokens."""
+    def _expert_scores(self, block: nn.Module, layer: nn.Module, inputs: LayerInputs) -> torch.Tensor:
+        """Routing frequency (from the router's logits alone) or REAP score of each expert over the calibration tokens."""
+        run = lambda: feed_layer(self.adapter, layer, inputs)  # noqa: E731
+        total = len(self.adapter.block_experts(block))
+        if self.options.criterion == "frequency":
+            _, selected = self.adapter.route(block, router_logits(self.adapter, block, run))
+            return torch.bincount(selected.flatten().cpu(), minlength=total).double()
+        return self._reap(block, block_inputs(block, run))
+
+    @torch.no_grad()
+    def _reap(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+        """REAP: each expert's mean routing-weighted output norm over the tokens routed to it."""
         experts = self.adapter.block_experts(block)
-        total = len(experts)
-        scores = torch.zeros(total, dtype=torch.float64)
-        counts = torch.zeros(total, dtype=torch.float64)
+        scores = torch.zeros(len(experts), dtype=torch.float64)
+        counts = torch.zeros(len(experts), dtype=torch.float64)
         for chunk in token_chunks(hidden):
             weights, selected = self.adapter.route(block, self.adapter.router(block)(chunk))
-            if self.options.criterion == "frequency":
-                scores += torch.bincount(selected.flatten().cpu(), minlength=total).double()
-                continue
             for expert in selected.unique().tolist():
                 rank, token = expert_tokens(selected, expert)
                 output = experts[expert](chunk[token])
                 scores[expert] += float((weights[token, rank] * output.float().norm(dim=-1)).sum())
                 counts[expert] += token.numel()
-        return scores / counts.clamp_min(1) if self.options.criterion == "reap" else scores
+        return scores / counts.clamp_min(1)
 
     @torch.no_grad()
     def _reconstruction(self, block: nn.Module, hidden: torch.Tensor, total: int) -> list[int]:
@@ -188,6 +194,20 @@ def block_inputs(block: nn.Module, run: Any) -> torch.Tensor:
     """The MoE block's input tokens ([tokens, hidden]) while ``run()`` runs the layer once."""
     seen: list[torch.Tensor] = []
     handle = block.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().reshape(-1, args[0].shape[-1])))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return torch.cat(seen)
+
+
+def router_logits(adapter: Any, block: nn.Module, run: Any) -> torch.Tensor:
+    """The router's logits ([tokens, experts], fp32) for every token the MoE block sees while ``run()`` runs
+    the layer once: what routing criteria need, without keeping the tokens' hidden states."""
+    seen: list[torch.Tensor] = []
+    handle = adapter.router(block).register_forward_hook(
+        lambda _m, _args, logits: seen.append(logits.detach().float().reshape(-1, logits.shape[-1]))
+    )
     try:
         run()
     finally:
