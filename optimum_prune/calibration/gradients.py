@@ -19,18 +19,16 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tqdm.auto import tqdm
 
 
-def accumulate_gradients(model: nn.Module, windows: torch.Tensor, description: str = "Calibration gradients") -> None:
-    """Leave the mean calibration-loss gradient in ``.grad`` of every parameter (requires_grad restored after)."""
-    frozen = [p for p in model.parameters() if not p.requires_grad]
-    for parameter in model.parameters():
-        parameter.requires_grad_(True)
+def accumulate_gradients(
+    model: nn.Module, windows: torch.Tensor, parameters: list[nn.Parameter], description: str = "Calibration gradients"
+) -> None:
+    """Leave the mean calibration-loss gradient in ``.grad`` of ``parameters`` (only they take one: the
+    embeddings' and head's would be as large as a few layers'; requires_grad restored after)."""
+    for parameter in parameters:
         parameter.grad = None
-    try:
+    with grad_only(model, parameters):
         for loss in window_losses(model, windows, description):
             (loss / len(windows)).backward()
-    finally:
-        for parameter in frozen:
-            parameter.requires_grad_(False)
 
 
 def fisher_rows(model: nn.Module, windows: torch.Tensor, linears: list[nn.Linear], description: str = "Fisher information") -> list[torch.Tensor]:

@@ -170,11 +170,12 @@ class LayerRemoval(StructuredMethod[LayerRemovalOptions]):
 
     def _taylor_scores(self, windows: torch.Tensor) -> list[float]:
         with on_device([self.adapter.model], self.device):
-            accumulate_gradients(self.adapter.model, windows)
+            layers = self.adapter.decoder_layers()
+            accumulate_gradients(self.adapter.model, windows, [p for layer in layers for p in layer.parameters()])
             try:
                 return [
                     sum(float((p.detach().float() * p.grad.float()).abs().sum()) for p in layer.parameters())
-                    for layer in self.adapter.decoder_layers()
+                    for layer in layers
                 ]
             finally:
                 self.adapter.model.zero_grad(set_to_none=True)

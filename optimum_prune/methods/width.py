@@ -94,7 +94,8 @@ class WidthPruning(StructuredMethod[WidthOptions]):
         statistics = self._activation_statistics(windows) if self.options.criterion in ACTIVATION_CRITERIA else {}
         if self.options.criterion == "taylor":
             with on_device([self.adapter.model], self.device):  # the gradients move back with the model
-                accumulate_gradients(self.adapter.model, windows)
+                layers = self.adapter.decoder_layers()
+                accumulate_gradients(self.adapter.model, windows, [p for layer in layers for p in layer.parameters()])
         self._random_scores = torch.Generator().manual_seed(0)  # components are scored in a fixed order: reproducible
         try:
             for component in self.components:
