@@ -50,6 +50,7 @@ from torch.nn import functional as F
 from transformers import Trainer
 
 from .adapters import get_adapter
+from .distributed import all_reduce_sum, world
 from .early_exit import check_exit_layer
 
 TOP_K_INDICES = "teacher_top_k_indices"
@@ -144,6 +145,7 @@ class DistillationMixin:
                 teacher.to(teacher_device)
             if self.distillation.hidden_weight:
                 self.hidden_projections = _hidden_projections(self.model, teacher, self.distillation.layer_map)
+                average_gradients_across_processes(self.hidden_projections.parameters())
         self._projections_fitted = False
         if self.distillation.exit_weight:
             check_exit_layer(self.distillation.exit_layer, len(get_adapter(self.model).decoder_layers()))
@@ -344,13 +346,31 @@ def _hidden_projections(student: nn.Module, teacher: nn.Module, layer_map: dict[
 
 
 def _fit_projection(projection: nn.Linear, student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> None:
-    """Set ``projection`` to the ridge least-squares map from the student's states to the teacher's."""
+    """Set ``projection`` to the ridge least-squares map from the student's states to the teacher's (under
+    DDP, on every process's first batch: the sums are all-reduced, so every process fits the same map)."""
     keep = mask.bool() if mask is not None else torch.ones(student.shape[:-1], dtype=torch.bool, device=student.device)
     with torch.no_grad():
         x, y = student.detach()[keep].double(), teacher[keep].double()
-        gram = x.T @ x
+        gram, cross = x.T @ x, x.T @ y
+        all_reduce_sum(gram, cross)
         gram.diagonal().add_(1e-2 * gram.diagonal().mean() + 1e-8)  # ridge: a batch may not span the student's width
-        projection.weight.copy_(torch.linalg.solve(gram, x.T @ y).T.to(projection.weight.dtype))
+        projection.weight.copy_(torch.linalg.solve(gram, cross).T.to(projection.weight.dtype))
+
+
+def average_gradients_across_processes(parameters: Iterator[nn.Parameter]) -> None:
+    """Under DDP, average these parameters' gradients over the processes as DDP does for the model's: the
+    projections live outside the wrapped model, so each process would otherwise train its own."""
+    size = world()[1]
+    if size == 1:
+        return
+
+    def averaged(gradient: torch.Tensor) -> torch.Tensor:
+        gradient = gradient.clone()
+        all_reduce_sum(gradient)
+        return gradient / size
+
+    for parameter in parameters:
+        parameter.register_hook(averaged)
 
 
 def _identity_map(student_layers: int, teacher_layers: int) -> dict[int, int]:

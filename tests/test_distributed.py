@@ -149,3 +149,46 @@ def test_cli_under_torchrun_saves_once_what_one_process_saves(model_dir, tmp_pat
     for name, weight in one.items():
         assert torch.equal(two[name] == 0, weight == 0), name
         torch.testing.assert_close(two[name], weight)  # the same masks, and Wanda changes nothing else
+
+
+def _projection_step(student: torch.Tensor, teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A distillation width projection fitted on a batch, then one loss backward: (weight, gradient)."""
+    from optimum_prune.distillation import _fit_projection, average_gradients_across_processes
+
+    projection = torch.nn.Linear(student.shape[-1], teacher.shape[-1], bias=False)
+    average_gradients_across_processes(projection.parameters())
+    _fit_projection(projection, student, teacher, None)
+    (projection(student) - teacher).pow(2).mean().backward()
+    return projection.weight.detach().clone(), projection.weight.grad.clone()
+
+
+def _states(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(rank)
+    return torch.randn(2, 6, 8, generator=generator), torch.randn(2, 6, 12, generator=generator)
+
+
+def _fit_and_step(rank: int, world: int, init_file: str, output: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        torch.save(_projection_step(*_states(rank)), f"{output}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distillation_projections_are_fitted_and_trained_alike_in_every_process(tmp_path):
+    """They live outside the DDP-wrapped student: their fit and gradients are shared explicitly."""
+    output = str(tmp_path / "projection")
+    multiprocessing.spawn(_fit_and_step, args=(2, str(tmp_path / "init"), output), nprocs=2, join=True)
+    (weight_0, gradient_0), (weight_1, gradient_1) = (torch.load(f"{output}.{rank}") for rank in range(2))
+    states = [_states(rank) for rank in range(2)]
+    weight, _ = _projection_step(torch.cat([s for s, _ in states]), torch.cat([t for _, t in states]))
+    torch.testing.assert_close(weight_0, weight)  # one fit on both processes' batches
+    torch.testing.assert_close(weight_1, weight)
+    gradients = []  # each process's own gradient at that weight
+    for student, teacher in states:
+        shared = weight.clone().requires_grad_(True)
+        (student @ shared.T - teacher).pow(2).mean().backward()
+        gradients.append(shared.grad)
+    assert not torch.allclose(gradients[0], gradients[1])
+    torch.testing.assert_close(gradient_0, (gradients[0] + gradients[1]) / 2)  # averaged, as DDP averages
+    torch.testing.assert_close(gradient_1, gradient_0)
