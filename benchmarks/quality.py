@@ -96,7 +96,7 @@ def markdown(done: dict[str, dict], keys: list[str], args: argparse.Namespace, c
     for key in keys:
         if key in done:
             commit, kernels = done[key].get("commit"), done[key].get("cpu_kernels")
-            version = f"{commit or 'unrecorded'} ({kernels or 'unrecorded'} CPU kernels)"
+            version = f"{commit} ({kernels} CPU kernels)" if commit and kernels else "not recorded"
             versions[version] = versions.get(version, 0) + 1
     lines += [
         "",
