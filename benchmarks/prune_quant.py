@@ -91,11 +91,13 @@ def notes(done: dict) -> list[str]:
         "GPTQ int4", "int4", *(row for row, _, quantization in ROWS if quantization in RTN)))  # fmt: skip
     if None in (gptq, quanto, symmetric, asymmetric):
         return []
+    compensation = "improves on" if gptq < symmetric else "does not improve on"
     return [
         f"- GPTQ int4 ({gptq:.2f}) against quanto's int4 ({quanto:.2f}): round-to-nearest on GPTQ's symmetric group-64 grid "
-        f"gives {symmetric:.2f} and on an asymmetric group-64 grid {asymmetric:.2f}, so the grid accounts for "
-        f"{symmetric - asymmetric:+.2f} and GPTQ's error compensation for {gptq - symmetric:+.2f} against round-to-nearest on "
-        "its own grid. transformers' GPTQ loader reads the v1 layout, which needs `sym=True`.",
+        f"gives {symmetric:.2f} and on an asymmetric group-64 grid {asymmetric:.2f}, so the symmetric grid costs "
+        f"{symmetric - asymmetric:.2f}, and GPTQ's error compensation {compensation} round-to-nearest on that grid "
+        f"({gptq - symmetric:+.2f}) with this protocol's calibration. transformers' GPTQ loader reads the v1 layout, "
+        "which needs `sym=True`.",
     ]
 
 
