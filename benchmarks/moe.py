@@ -10,22 +10,25 @@ the calibration split (seed 0).
 
     python benchmarks/moe.py            # writes benchmarks/MOE.md
     python benchmarks/moe.py --quick    # fewer training steps and evaluation tokens
+
+Finished rows are cached in ``MOE.json`` (``MOE-quick.json``) beside the table; a rerun resumes.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import math
 import random
-import time
-
 import tempfile
+import time
+from typing import Callable
 
 import torch
 from datasets import Dataset
 from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments
 
-from common import cached_training_seconds, quick_or_full, save_training, table_header, training_cache
+from common import cached_training_seconds, quick_or_full, save_rows, save_training, table_header, training_cache
 from optimum_prune import (
     ExpertDroppingCallback, ExpertDroppingSchedule, PruningConfig, evaluate_perplexity, fold_experts, get_adapter, prune, skip_experts,
 )  # fmt: skip
@@ -101,6 +104,8 @@ def random_dropping(model: MixtralForCausalLM, keep: int, seed: int) -> None:
 def main() -> None:
     quick, output = quick_or_full(__doc__.splitlines()[0], "MOE", "300 training steps, 16,384 evaluation tokens")
     steps, eval_tokens = (300, 16384) if quick else (1500, 65536)
+    cache = output.with_suffix(".json")
+    done = json.loads(cache.read_text()) if cache.is_file() else {}
 
     dense, tokenizer, train_seconds = trained_model(steps)
     windows = calibration_windows(None, tokenizer, 64, SEQ_LEN, seed=0)
@@ -108,78 +113,117 @@ def main() -> None:
     def perplexity(model) -> float:
         return evaluate_perplexity(model, tokenizer, seq_len=SEQ_LEN, max_tokens=eval_tokens)
 
-    rows: list[tuple[str, str, float, str]] = [("dense", "8 of 8", perplexity(dense), "")]
-    print(rows[-1], flush=True)
-    experts = MODEL["num_local_experts"]
-    for keep in (experts * 3 // 4, experts // 2):
-        for criterion in ("reconstruction", "frequency", "reap"):
-            model = copy.deepcopy(dense)
-            report = prune(model, PruningConfig(method="experts", method_options={"criterion": criterion, "num_experts": keep}), calibration=windows)
-            rows.append((f"prune: {criterion}", f"{keep} of {experts}", perplexity(model), f"pruned in {report.seconds:.1f} s"))
-            print(rows[-1], flush=True)
-        random_ppl = []
-        for seed in range(3):
-            model = copy.deepcopy(dense)
-            random_dropping(model, keep, seed)
-            random_ppl.append(perplexity(model))
-        rows.append(("prune: random (mean of 3 seeds)", f"{keep} of {experts}", sum(random_ppl) / 3, f"range {min(random_ppl):.2f}–{max(random_ppl):.2f}"))
+    rows: list[tuple[str, str, float, str]] = []
+
+    def row(name: str, experts_kept: str, measure: Callable[[], tuple[float, str]]) -> None:
+        """Measure a row (perplexity, note) unless the cache holds it; finished rows are saved at once."""
+        key = f"{name} / {experts_kept}"
+        if key not in done:
+            ppl, note = measure()
+            done[key] = {"perplexity": ppl, "note": note}
+            save_rows(cache, done)
+        rows.append((name, experts_kept, done[key]["perplexity"], done[key]["note"]))
         print(rows[-1], flush=True)
+
+    experts = MODEL["num_local_experts"]
+    row("dense", f"{experts} of {experts}", lambda: (perplexity(dense), ""))
+    for keep in (experts * 3 // 4, experts // 2):
+        kept = f"{keep} of {experts}"
+        for criterion in ("reconstruction", "frequency", "reap"):
+            def pruned(criterion: str = criterion, keep: int = keep) -> tuple[float, str]:
+                model = copy.deepcopy(dense)
+                report = prune(model, PruningConfig(method="experts", method_options={"criterion": criterion, "num_experts": keep}), calibration=windows)
+                return perplexity(model), f"pruned in {report.seconds:.1f} s"
+
+            row(f"prune: {criterion}", kept, pruned)
+
+        def dropped_at_random(keep: int = keep) -> tuple[float, str]:
+            values = []
+            for seed in range(3):
+                model = copy.deepcopy(dense)
+                random_dropping(model, keep, seed)
+                values.append(perplexity(model))
+            return sum(values) / 3, f"range {min(values):.2f}–{max(values):.2f}"
+
+        row("prune: random (mean of 3 seeds)", kept, dropped_at_random)
         for align in (False, True):
-            model = copy.deepcopy(dense)
-            prune(model, PruningConfig(method="merge_experts", method_options={"num_experts": keep, "align": align}), calibration=windows)
-            rows.append((f"merge (MC-SMoE){' + neuron alignment' if align else ''}", f"{keep} of {experts}", perplexity(model), ""))
-            print(rows[-1], flush=True)
+            def merged(align: bool = align, keep: int = keep) -> tuple[float, str]:
+                model = copy.deepcopy(dense)
+                prune(model, PruningConfig(method="merge_experts", method_options={"num_experts": keep, "align": align}), calibration=windows)
+                return perplexity(model), ""
+
+            row(f"merge (MC-SMoE){' + neuron alignment' if align else ''}", kept, merged)
     # Task-specific expert dropping (issue 12, item 2): fine-tuning that drops the least-routed experts
     # down to `keep` by half-way, against pruning to `keep` by routing frequency first and then the same
     # fine-tuning. The "task" is the same Wikipedia language modelling (no downstream task is bundled).
     tuning_steps = 40 if quick else 200
     tuning = calibration_windows(None, tokenizer, BATCH * tuning_steps, SEQ_LEN, seed=2)
     for keep in (experts // 2, experts // 4):
+        def dropping(keep: int = keep) -> tuple[float, str]:
+            model = copy.deepcopy(dense)
+            schedule = ExpertDroppingSchedule(final_experts=keep, end_step=tuning_steps // 2, every=max(1, tuning_steps // 20))
+            fine_tune(model, tuning, tuning_steps, [ExpertDroppingCallback(schedule)])
+            return perplexity(model), f"{tuning_steps} steps, dropped by step {tuning_steps // 2}"
+
+        def pruned_then_tuned(keep: int = keep) -> tuple[float, str]:
+            model = copy.deepcopy(dense)
+            prune(model, PruningConfig(method="experts", method_options={"criterion": "frequency", "num_experts": keep}), calibration=windows)
+            fine_tune(model, tuning, tuning_steps, [])
+            return perplexity(model), f"{tuning_steps} steps"
+
+        row("fine-tune dropping experts (Chen et al.)", f"{keep} of {experts}", dropping)
+        row("prune: frequency, then fine-tune", f"{keep} of {experts}", pruned_then_tuned)
+
+    def tuned() -> tuple[float, str]:
         model = copy.deepcopy(dense)
-        schedule = ExpertDroppingSchedule(final_experts=keep, end_step=tuning_steps // 2, every=max(1, tuning_steps // 20))
-        fine_tune(model, tuning, tuning_steps, [ExpertDroppingCallback(schedule)])
-        rows.append(("fine-tune dropping experts (Chen et al.)", f"{keep} of {experts}", perplexity(model), f"{tuning_steps} steps, dropped by step {tuning_steps // 2}"))
-        print(rows[-1], flush=True)
-        model = copy.deepcopy(dense)
-        prune(model, PruningConfig(method="experts", method_options={"criterion": "frequency", "num_experts": keep}), calibration=windows)
         fine_tune(model, tuning, tuning_steps, [])
-        rows.append(("prune: frequency, then fine-tune", f"{keep} of {experts}", perplexity(model), f"{tuning_steps} steps"))
-        print(rows[-1], flush=True)
-    model = copy.deepcopy(dense)
-    fine_tune(model, tuning, tuning_steps, [])
-    rows.append(("fine-tune, no dropping (control)", f"{experts} of {experts}", perplexity(model), f"{tuning_steps} steps"))
-    print(rows[-1], flush=True)
+        return perplexity(model), f"{tuning_steps} steps"
+
+    row("fine-tune, no dropping (control)", f"{experts} of {experts}", tuned)
     for expert_sparsity in ("uniform", "load"):  # router hints for dense pruning (issue 12, item 4)
-        model = copy.deepcopy(dense)
-        options = {"expert_sparsity": expert_sparsity, "expert_deviation": 0.2}
-        prune(model, PruningConfig(method="wanda", sparsity=0.6, moe_options=options), calibration=windows)
-        note = "experts 0.4–0.8 by routed-token rank" if expert_sparsity == "load" else ""
-        rows.append((f"wanda 60 %, {expert_sparsity} expert sparsity", "8 of 8", perplexity(model), note))
-        print(rows[-1], flush=True)
+        def hinted(expert_sparsity: str = expert_sparsity) -> tuple[float, str]:
+            model = copy.deepcopy(dense)
+            options = {"expert_sparsity": expert_sparsity, "expert_deviation": 0.2}
+            prune(model, PruningConfig(method="wanda", sparsity=0.6, moe_options=options), calibration=windows)
+            return perplexity(model), "experts 0.4–0.8 by routed-token rank" if expert_sparsity == "load" else ""
+
+        row(f"wanda 60 %, {expert_sparsity} expert sparsity", f"{experts} of {experts}", hinted)
     dense_parameters = sum(p.numel() for p in dense.parameters())
     for bond in (0, 16):  # MPOE (issue 12, item 3): one shared central tensor per layer; 0 = untruncated bonds
-        model = copy.deepcopy(dense)
-        report = prune(model, PruningConfig(method="mpoe", sparsity=0.0, method_options={"bond_dimension": bond}))
-        share = sum(p.numel() for p in model.parameters()) / dense_parameters
-        errors = report.layer_scores["relative expert weight error (mean over linears)"]
         label = "untruncated" if bond == 0 else f"central bonds ≤ {bond}"
-        rows.append((f"MPOE ({label})", "8 of 8", perplexity(model), f"{share:.1%} of the parameters; expert weights {sum(errors) / len(errors):.1%} off"))
-        print(rows[-1], flush=True)
-        fine_tune(model, tuning, tuning_steps, [])  # MPOE trains its tensors after the decomposition
-        rows.append((f"MPOE ({label}), then fine-tune", "8 of 8", perplexity(model), f"{tuning_steps} steps"))
-        print(rows[-1], flush=True)
+        decomposed: dict[str, torch.nn.Module] = {}
+
+        def decomposition(bond: int = bond) -> tuple[float, str]:
+            model = decomposed["model"] = copy.deepcopy(dense)
+            report = prune(model, PruningConfig(method="mpoe", sparsity=0.0, method_options={"bond_dimension": bond}))
+            share = sum(p.numel() for p in model.parameters()) / dense_parameters
+            errors = report.layer_scores["relative expert weight error (mean over linears)"]
+            return perplexity(model), f"{share:.1%} of the parameters; expert weights {sum(errors) / len(errors):.1%} off"
+
+        def decomposition_tuned(bond: int = bond) -> tuple[float, str]:
+            if "model" not in decomposed:  # the decomposition's row came from the cache
+                decomposition(bond)
+            fine_tune(decomposed["model"], tuning, tuning_steps, [])  # MPOE trains its tensors after the decomposition
+            return perplexity(decomposed["model"]), f"{tuning_steps} steps"
+
+        row(f"MPOE ({label})", f"{experts} of {experts}", decomposition)
+        row(f"MPOE ({label}), then fine-tune", f"{experts} of {experts}", decomposition_tuned)
     for level in ("token", "sequence"):  # MEO (issue 12, item 1): merged experts against the exact mixture
-        folding = fold_experts(dense, level, measure_error=True)
-        ppl = perplexity(dense)
-        rows.append((f"MEO fold: {level}", "8 of 8", ppl, f"expert outputs {folding.relative_error:.1%} off the exact mixture"))
-        folding.remove()
-        print(rows[-1], flush=True)
+        def folded(level: str = level) -> tuple[float, str]:
+            folding = fold_experts(dense, level, measure_error=True)
+            ppl, note = perplexity(dense), f"expert outputs {folding.relative_error:.1%} off the exact mixture"
+            folding.remove()
+            return ppl, note
+
+        row(f"MEO fold: {level}", f"{experts} of {experts}", folded)
     for beta in (0.1, 0.2, 0.3, 0.5, 0.7):
-        skipping = skip_experts(dense, beta)
-        ppl = perplexity(dense)
-        rows.append((f"skip: beta={beta}", "8 of 8", ppl, f"{skipping.skip_rate:.1%} of expert calls skipped"))
-        skipping.remove()
-        print(rows[-1], flush=True)
+        def skipped(beta: float = beta) -> tuple[float, str]:
+            skipping = skip_experts(dense, beta)
+            ppl, note = perplexity(dense), f"{skipping.skip_rate:.1%} of expert calls skipped"
+            skipping.remove()
+            return ppl, note
+
+        row(f"skip: beta={beta}", f"{experts} of {experts}", skipped)
 
     command = "python benchmarks/moe.py" + (" --quick" if quick else "")
     lines = [
