@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, ContextManager, Iterator, Mapping, Sequence, Union
 
 import torch
+from accelerate.utils import send_to_device
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
@@ -138,7 +139,7 @@ def capture_first_layer_inputs(
         arguments = _named_arguments(signature, args, kwargs)
         hidden = arguments.pop(next(iter(signature.parameters))).detach()
         captured.hidden_states.append(hidden if to_files else hidden.to(activation_device or device))
-        captured.layer_kwargs.append(arguments if kwargs_home is None else _moved(arguments, kwargs_home))
+        captured.layer_kwargs.append(arguments if kwargs_home is None else send_to_device(arguments, kwargs_home))
         raise _StopForward
 
     handle = first_layer.register_forward_pre_hook(record, with_kwargs=True)
@@ -192,19 +193,7 @@ def _layer_outputs(adapter: DecoderAdapter, layer: nn.Module, inputs: LayerInput
     with torch.no_grad():
         for hidden, kwargs in zip(inputs.hidden_states, inputs.layer_kwargs):
             device = compute or hidden.device
-            yield adapter.run_layer(layer, hidden.to(device), _moved(kwargs, device)).detach().to(hidden.device)
-
-
-def _moved(value: Any, device: torch.device) -> Any:
-    """``value`` with every tensor in it (through dicts, tuples and lists) on ``device``."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device)
-    if isinstance(value, dict):
-        return {name: _moved(item, device) for name, item in value.items()}
-    if isinstance(value, (tuple, list)):
-        items = [_moved(item, device) for item in value]
-        return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)  # named tuples too
-    return value
+            yield adapter.run_layer(layer, hidden.to(device), send_to_device(kwargs, device)).detach().to(hidden.device)
 
 
 @contextmanager
