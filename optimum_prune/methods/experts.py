@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Iterator
 
 import torch
@@ -110,7 +111,7 @@ class ExpertPruning(StructuredMethod[ExpertPruningOptions]):
     @torch.no_grad()
     def _expert_scores(self, block: nn.Module, layer: nn.Module, inputs: LayerInputs) -> torch.Tensor:
         """Routing frequency (from the router's logits alone) or REAP score of each expert over the calibration tokens."""
-        run = lambda: feed_layer(self.adapter, layer, inputs)  # noqa: E731
+        run = partial(feed_layer, self.adapter, layer, inputs)
         total = len(self.adapter.block_experts(block))
         if self.options.criterion == "frequency":
             _, selected = self.adapter.route(block, router_logits(self.adapter, block, run))
