@@ -35,14 +35,28 @@ def fisher_rows(model: nn.Module, windows: torch.Tensor, linears: list[nn.Linear
     """Empirical Fisher information of each output row of ``linears``: Σ_windows Σ_j (∂L_w/∂W_ij)².
 
     Each window is one sample, so its gradient is squared before summing (the mean gradient of
-    ``accumulate_gradients`` would cancel out). Only the given weights require grad meanwhile.
+    ``accumulate_gradients`` would cancel out). Only the given weights require grad meanwhile, and each
+    gradient is folded into its rows and freed as soon as backward produces it: the weights' gradients
+    never exist all at once.
     """
     weights = [linear.weight for linear in linears]
     rows = [torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device) for weight in weights]
-    with grad_only(model, weights):
-        for loss in window_losses(model, windows, description):
-            for total, gradient in zip(rows, torch.autograd.grad(loss, weights)):
-                total += gradient.double().square().sum(dim=1)
+
+    def squared_into(total: torch.Tensor):
+        def hook(weight: nn.Parameter) -> None:  # as each weight's gradient is ready: squared, summed, freed
+            total.add_(weight.grad.double().square().sum(dim=1))
+            weight.grad = None
+
+        return hook
+
+    handles = [weight.register_post_accumulate_grad_hook(squared_into(total)) for weight, total in zip(weights, rows)]
+    try:
+        with grad_only(model, weights):
+            for loss in window_losses(model, windows, description):
+                loss.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
     return rows
 
 

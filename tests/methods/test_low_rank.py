@@ -67,3 +67,19 @@ def test_ignored_linears_stay_dense_and_impossible_ranks_fail():
         prune(tiny_model(), PruningConfig(method="low_rank", sparsity=0.5, method_options={"weighting": "none", "round_to": 64}))
     with pytest.raises(ValueError, match="weighting must be one of"):
         PruningConfig(method="low_rank", method_options={"weighting": "hessian"})
+
+
+def test_fisher_rows_sum_each_windows_squared_gradient():
+    from optimum_prune.calibration.gradients import fisher_rows
+
+    model, windows = tiny_model(), token_windows(samples=3)
+    linears = [model.model.layers[0].mlp.down_proj, model.model.layers[1].self_attn.q_proj]
+    rows = fisher_rows(model, windows, linears)
+    expected = [torch.zeros(linear.out_features, dtype=torch.float64) for linear in linears]
+    for window in windows:
+        loss = model(input_ids=window[None], labels=window[None]).loss
+        for total, gradient in zip(expected, torch.autograd.grad(loss, [linear.weight for linear in linears])):
+            total += gradient.double().square().sum(dim=1)
+    for got, want in zip(rows, expected):
+        torch.testing.assert_close(got, want)
+    assert all(linear.weight.grad is None for linear in linears)
