@@ -79,3 +79,20 @@ class RealTokens:
 def token_cosine(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of two hidden-state tensors, one value per token (ShortGPT's Block Influence is 1 − its mean)."""
     return torch.nn.functional.cosine_similarity(before.float(), after.float(), dim=-1).reshape(-1)
+
+
+class BlockInfluence:
+    """Running ShortGPT Block Influence of one block: 1 − the mean token cosine between what enters and
+    what leaves it, summed batch by batch (on the batches' device: no sync) rather than kept per token."""
+
+    def __init__(self) -> None:
+        self.total: torch.Tensor | float = 0.0
+        self.tokens = 0
+
+    def add(self, entering: torch.Tensor, leaving: torch.Tensor) -> None:
+        cosine = token_cosine(entering, leaving)
+        self.total = self.total + cosine.double().sum()
+        self.tokens += cosine.numel()
+
+    def value(self) -> float:
+        return 1 - float(self.total) / self.tokens

@@ -25,7 +25,7 @@ from ..calibration import LayerInputs, run_layer, walk_layers
 from ..calibration.engine import on_device
 from ..calibration.gradients import accumulate_gradients, calibration_perplexity
 from ..options import check_choice, option
-from ..statistics import token_cosine
+from ..statistics import BlockInfluence, token_cosine
 from .base import StructuredMethod, register_structured_method
 from .rerouting import REROUTE_HELP, fit_reroutes, reroute_runs
 
@@ -36,25 +36,21 @@ def block_influence(adapter: DecoderAdapter, windows: torch.Tensor, device: torc
     """ShortGPT's Block Influence of every decoder layer: 1 − cos(input, output), averaged over tokens,
     read while the engine propagates the calibration windows (each layer runs once per batch)."""
     layers = adapter.decoder_layers()
-    totals: list[list] = [[0.0, 0] for _ in layers]  # per layer: Σ cosine over tokens, tokens
+    influences = [BlockInfluence() for _ in layers]
 
-    def observe(index: int):
+    def observe(influence: BlockInfluence):
         def hook(_module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            entering = args[0] if args else kwargs["hidden_states"]
-            leaving = output[0] if isinstance(output, tuple) else output
-            cosine = token_cosine(entering, leaving)
-            totals[index][0] = totals[index][0] + cosine.double().sum()
-            totals[index][1] += cosine.numel()
+            influence.add(args[0] if args else kwargs["hidden_states"], output[0] if isinstance(output, tuple) else output)
 
         return hook
 
-    handles = [layer.register_forward_hook(observe(index), with_kwargs=True) for index, layer in enumerate(layers)]
+    handles = [layer.register_forward_hook(observe(influence), with_kwargs=True) for layer, influence in zip(layers, influences)]
     try:
         walk_layers(adapter, windows, device, lambda *_: None, "Block influence")
     finally:
         for handle in handles:
             handle.remove()
-    return [1 - float(total) / count for total, count in totals]
+    return [influence.value() for influence in influences]
 
 
 def last_token_states(adapter: DecoderAdapter, windows: torch.Tensor, device: torch.device) -> list[torch.Tensor]:

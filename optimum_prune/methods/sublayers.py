@@ -21,7 +21,7 @@ from ..calibration import LayerInputs, feed_layer, walk_layers
 from ..calibration.engine import on_device
 from ..calibration.gradients import calibration_perplexity
 from ..options import check_choice, option
-from ..statistics import token_cosine
+from ..statistics import BlockInfluence
 from .base import StructuredMethod, register_structured_method
 from .rerouting import REROUTE_HELP, Reroute, fit_reroutes
 
@@ -110,20 +110,17 @@ class SublayerRemoval(StructuredMethod[SublayerRemovalOptions]):
                     with self.adapter.bypassed(layers[index], kind):
                         scores[(index, kind)] = calibration_perplexity(self.adapter.model, windows)
             return scores
-        totals: dict[tuple[int, str], list] = {}  # per sublayer: Σ cosine over tokens (where computed), tokens
+        influences: dict[tuple[int, str], BlockInfluence] = {}
 
         def visit(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
             def sink(kind: str, before: torch.Tensor, after: torch.Tensor) -> None:
-                cosine = token_cosine(before, after)
-                total = totals.setdefault((index, kind), [0.0, 0])
-                total[0] = total[0] + cosine.double().sum()
-                total[1] += cosine.numel()
+                influences.setdefault((index, kind), BlockInfluence()).add(before, after)
 
             with self.adapter.observing_residuals(layer, sink):
                 feed_layer(self.adapter, layer, inputs)
 
         walk_layers(self.adapter, windows, self.device, visit, "Sublayer block influence")
-        return {unit: 1 - float(totals[unit][0]) / totals[unit][1] for unit in self.units}
+        return {unit: influences[unit].value() for unit in self.units}
 
     def _present(self, layer: nn.Module, kind: str) -> bool:
         return (self.adapter.attention(layer) if kind == "attention" else self.adapter.mlp(layer)) is not None
