@@ -98,15 +98,54 @@ def kd_loss(
     ``teacher_logits`` are full-vocabulary logits ``[B, L, V]``, or with ``teacher_indices`` the
     teacher's top-k logits ``[B, L, k]`` at those token ids: the teacher distribution is then the
     softmax over the k tokens (renormalised) and the student's log-probabilities (over its whole
-    vocabulary) are read at the same ids.
+    vocabulary) are read at the same ids. The teacher is a fixed target: it gets no gradient.
+
+    Positions are taken a chunk at a time, and each chunk's gradient is written as its loss is
+    computed (as Liger-Kernel's fused losses do): what waits for backward is that gradient, one
+    tensor of the student's dtype per labelled position and vocabulary entry. Through autograd,
+    log-softmax and the KL product kept two fp32 tensors of that size (≈ 8 GB for 4 × 2,048 tokens
+    of Llama-3's 128k vocabulary) and made several more on the way.
     """
-    positions = labels[:, 1:] != -100
-    student = F.log_softmax(student_logits[:, :-1][positions].float() / temperature, dim=-1)
-    teacher = F.log_softmax(teacher_logits[:, :-1][positions].float() / temperature, dim=-1)
-    if teacher_indices is not None:
-        student = student.gather(-1, teacher_indices[:, :-1][positions].long())
-    kl = (teacher.exp() * (teacher - student)).sum(-1)
-    return kl.mean() * temperature**2 if kl.numel() else student_logits.sum() * 0.0
+    positions = (labels[:, 1:] != -100).nonzero()  # (row, position) pairs; position t predicts token t + 1
+    return _TemperatureKL.apply(student_logits, teacher_logits.detach(), teacher_indices, positions, temperature)
+
+
+# Vocabulary entries one chunk of positions holds in fp32 per buffer (128 MiB).
+_CHUNK_ELEMENTS = 2**25
+
+
+class _TemperatureKL(torch.autograd.Function):
+    """``kd_loss``'s value and, for the student logits, its gradient T/N · (p_student − p_teacher)
+    (p_teacher scattered over the vocabulary when truncated to top-k; it sums to 1 either way).
+    The difference is kept unscaled: T/N and a loss scaler's factor come in backward, so an fp16
+    student's small gradients do not underflow before the scaler raises them."""
+
+    @staticmethod
+    def forward(ctx: Any, student: torch.Tensor, teacher: torch.Tensor, indices: torch.Tensor | None, positions: torch.Tensor, temperature: float) -> torch.Tensor:
+        count = max(len(positions), 1)
+        rows_gradient = student.new_empty(len(positions), student.shape[-1]) if ctx.needs_input_grad[0] else None
+        total = torch.zeros((), dtype=torch.float32, device=student.device)
+        step = max(1, _CHUNK_ELEMENTS // student.shape[-1])
+        for start in range(0, len(positions), step):
+            rows = tuple(positions[start : start + step].T)
+            log_student = F.log_softmax(student[rows].float() / temperature, dim=-1)
+            log_teacher = F.log_softmax(teacher[rows].float() / temperature, dim=-1)
+            p_teacher = log_teacher.exp()
+            ids = None if indices is None else indices[rows].long()
+            total += (p_teacher * (log_teacher - (log_student if ids is None else log_student.gather(-1, ids)))).sum()
+            if rows_gradient is not None:
+                target = p_teacher if ids is None else torch.zeros_like(log_student).scatter_add_(-1, ids, p_teacher)
+                rows_gradient[start : start + step] = log_student.exp() - target
+        ctx.save_for_backward(rows_gradient, positions)
+        ctx.student_shape, ctx.scale = student.shape, temperature / count
+        return total / count * temperature**2
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[torch.Tensor, None, None, None, None]:
+        rows_gradient, positions = ctx.saved_tensors
+        gradient = rows_gradient.new_zeros(ctx.student_shape)
+        gradient[tuple(positions.T)] = rows_gradient * (grad_output * ctx.scale)
+        return gradient, None, None, None, None
 
 
 def top_k_logits(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -182,8 +221,10 @@ class DistillationMixin:
         hidden = config.hidden_weight > 0
         unwrapped = self.accelerator.unwrap_model(model)  # DDP's wrapper hides the model's structure
         dropping = layer_dropout(unwrapped, config.layer_dropout) if model.training and config.layer_dropout else nullcontext()
+        # Without a label loss the model need not compute one (it upcasts every logit to fp32 for it).
+        model_inputs = inputs if config.label_weight else {name: value for name, value in inputs.items() if name != "labels"}
         with dropping:
-            outputs = model(**inputs, output_hidden_states=hidden or bool(config.exit_weight))
+            outputs = model(**model_inputs, output_hidden_states=hidden or bool(config.exit_weight))
         loss = outputs.logits.new_zeros(())
         if config.label_weight:
             loss = loss + config.label_weight * outputs.loss

@@ -11,6 +11,7 @@ from torch.nn import functional as F
 from transformers import TrainingArguments
 
 from optimum_prune import PruningCallback, PruningConfig, prune, verify_sparsity
+from optimum_prune import distillation
 from optimum_prune.distillation import (
     DistillationConfig, DistillationTrainer, _exit_logits, add_teacher_top_k, kd_loss, layer_dropout, layer_dropout_rates,
 )  # fmt: skip
@@ -45,6 +46,66 @@ def test_top_k_truncation_renormalises_the_teacher_over_its_k_tokens():
     log_student = F.log_softmax(student[:, :-1] / 2.0, dim=-1).gather(-1, indices[:, :-1])
     expected = (p_teacher * (p_teacher.log() - log_student)).sum(-1).mean() * 4.0
     assert kd_loss(student, values, labels, temperature=2.0, teacher_indices=indices) == pytest.approx(float(expected), rel=1e-5)
+
+
+def autograd_kd_loss(student, teacher, labels, temperature, indices=None):
+    """The loss written with autograd's log-softmax, as the reference for kd_loss's own gradient."""
+    positions = labels[:, 1:] != -100
+    log_student = F.log_softmax(student[:, :-1][positions].float() / temperature, dim=-1)
+    log_teacher = F.log_softmax(teacher[:, :-1][positions].float() / temperature, dim=-1)
+    if indices is not None:
+        log_student = log_student.gather(-1, indices[:, :-1][positions])
+    return (log_teacher.exp() * (log_teacher - log_student)).sum(-1).mean() * temperature**2
+
+
+@pytest.mark.parametrize("top_k", [None, 4])
+def test_kd_loss_gradient_equals_autograd_through_log_softmax_in_chunks(monkeypatch, top_k):
+    monkeypatch.setattr(distillation, "_CHUNK_ELEMENTS", 3 * 17)  # chunks of 3 positions: 9 labelled ones
+    generator = torch.Generator().manual_seed(2)
+    student, teacher = torch.randn(2, 6, 17, generator=generator), torch.randn(2, 6, 17, generator=generator)
+    labels = torch.tensor([[5, 1, -100, 2, 3, -100], [-100, 4, 4, 6, 7, 8]])
+    indices = None
+    if top_k:
+        teacher, indices = teacher.topk(top_k, dim=-1)
+    weight = 0.7  # the loss enters the training loss scaled, as kd_weight does
+    ours = student.clone().requires_grad_(True)
+    (weight * kd_loss(ours, teacher, labels, 2.0, indices)).backward()
+    reference = student.clone().requires_grad_(True)
+    (weight * autograd_kd_loss(reference, teacher, labels, 2.0, indices)).backward()
+    torch.testing.assert_close(ours.grad, reference.grad)
+    assert ours.grad[0, 1].abs().sum() == 0 and ours.grad[:, -1].abs().sum() == 0  # unlabelled next tokens, last position
+    assert ours.grad[1, 0].abs().sum() > 0
+
+
+def test_kd_loss_keeps_only_the_student_dtype_gradient_rows_for_backward():
+    """Autograd through log-softmax kept two fp32 [positions, vocabulary] tensors until backward."""
+    student = torch.randn(2, 8, 100, dtype=torch.bfloat16, requires_grad=True)
+    teacher, labels = torch.randn(2, 8, 100, dtype=torch.bfloat16), torch.ones(2, 8, dtype=torch.long)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda tensor: saved.append(tensor) or tensor, lambda tensor: tensor):
+        loss = kd_loss(student, teacher, labels, 2.0)
+    vocabulary_wide = [tensor for tensor in saved if tensor.shape[-1] == 100]
+    assert [(t.dtype, tuple(t.shape)) for t in vocabulary_wide] == [(torch.bfloat16, (14, 100))]
+    loss.backward()
+    reference = student.detach().float().requires_grad_(True)
+    autograd_kd_loss(reference, teacher.float(), labels, 2.0).backward()
+    torch.testing.assert_close(student.grad.float(), reference.grad, atol=1e-4, rtol=2e-2)
+
+
+def test_an_fp16_students_small_gradients_survive_until_the_loss_scaler():
+    """T/N and the scaler's factor are applied in backward: with 4,096 positions, differences of
+    p_student − p_teacher ≈ 3e-5 times T/N ≈ 2.4e-4 underflow fp16 if stored so."""
+    student = torch.zeros(1, 4097, 8, dtype=torch.float16)
+    student[..., 0] = 10.0  # the other entries: p_student ≈ 4.5e-5
+    teacher = torch.full_like(student, 0.5)
+    teacher[..., 0] = 10.0  # p_teacher ≈ 7.5e-5
+    student.requires_grad_(True)
+    labels = torch.ones(1, 4097, dtype=torch.long)
+    (kd_loss(student, teacher, labels, 1.0) * 2.0**16).backward()  # GradScaler's initial factor
+    reference = student.detach().float().requires_grad_(True)
+    (autograd_kd_loss(reference, teacher.float(), labels, 1.0) * 2.0**16).backward()
+    assert (reference.grad[0, :-1, 1:].abs() > 1e-4).all()
+    torch.testing.assert_close(student.grad.float(), reference.grad, atol=1e-5, rtol=1e-2)
 
 
 def dataset(samples: int = 16, seq_len: int = 16) -> Dataset:
@@ -106,6 +167,21 @@ def test_gradient_accumulation_averages_the_micro_batches(tmp_path):
         runs.append((trainer.state.log_history[0]["loss"], student.model.layers[0].mlp.up_proj.weight.detach().clone()))
     assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-4)
     torch.testing.assert_close(runs[1][1], runs[0][1], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("label_weight", [0.0, 0.5])
+def test_the_student_computes_its_own_label_loss_only_when_it_is_weighted(tmp_path, label_weight):
+    """transformers' causal-LM loss copies every logit to fp32: without label_weight the labels stay out of the forward."""
+    teacher, student = teacher_student()
+    config = DistillationConfig(temperature=1.0, label_weight=label_weight)
+    trainer = DistillationTrainer(model=student, teacher=teacher, distillation=config, args=training_args(tmp_path, 1), train_dataset=dataset())
+    ids = token_windows(samples=2, seq_len=16, seed=9)
+    student_calls = []
+    student.register_forward_pre_hook(lambda _module, _args, kwargs: student_calls.append(set(kwargs)), with_kwargs=True)
+    loss, outputs = trainer.compute_loss(student, {"input_ids": ids, "labels": ids}, return_outputs=True)
+    assert ("labels" in student_calls[0]) == bool(label_weight) and (outputs.loss is not None) == bool(label_weight)
+    expected = kd_loss(outputs.logits, teacher(input_ids=ids).logits, ids, 1.0) + (label_weight * outputs.loss if label_weight else 0)
+    assert float(loss) == pytest.approx(float(expected), rel=1e-6)
 
 
 def test_a_sliced_student_learns_projections_to_the_teachers_width(tmp_path):
