@@ -29,13 +29,15 @@ Memory: the whole model on the calibration device for one window's forward and b
 vocabulary logits for that window only; weights take no gradients), and for every target linear
 its two factors and their inverses: 2·(out² + in²) values (SmolLM2-135M: 2.7 GiB in fp32; a 7B
 Llama: ~130 GiB, which is why the official code keeps them on the CPU — so does this one when
-``factors_on_cpu``).
+``factors_on_cpu``). The costs behind the global threshold are computed a linear at a time
+(radix select), never for every weight at once.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -78,14 +80,11 @@ class LLMSurgeon(ModelPruner[LLMSurgeonOptions]):
             for shot in tqdm(range(1, self.options.shots + 1), desc="LLM Surgeon shots"):
                 inverses = self._inverse_factors(kfac_factors(self.adapter.model, windows, list(linears.values()), self.options.factors_on_cpu))
                 fraction = shot / self.options.shots
-                costs = {name: element_costs(linear.weight, *inverses[linear]) for name, linear in linears.items()}
-                if pattern:
-                    masks = _nm_masks(costs, pattern, fraction)
-                else:
-                    masks = threshold_masks(costs, fraction * final)
-                for name, linear in linears.items():
-                    correlated_update(linear, masks[name], *inverses[linear], self.options.max_correlate)
-                del inverses, costs
+                costs = {name: partial(element_costs, linear.weight, *inverses[linear]) for name, linear in linears.items()}
+                masks = nm_masks(costs, pattern, fraction) if pattern else threshold_masks(costs, fraction * final)
+                for name, mask in masks:  # a linear's costs are its own weight's: updating one leaves the others' as they were
+                    correlated_update(linears[name], mask, *inverses[linears[name]], self.options.max_correlate)
+                del inverses
         for index, layer in enumerate(self.linears):
             for name, linear in layer.items():
                 weight = linear.weight
@@ -149,35 +148,74 @@ def element_costs(weight: torch.Tensor, g_inverse: torch.Tensor, a_inverse: torc
     return torch.where(denominator > 0, w.square() / denominator.clamp_min(1e-30), 0.0).to(weight.device)
 
 
-def threshold_masks(costs: dict[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
+Costs = dict[str, Callable[[], torch.Tensor]]  # per linear, a function computing its (non-negative) costs
+
+
+def threshold_masks(costs: Costs, fraction: float) -> Iterator[tuple[str, torch.Tensor]]:
     """One threshold over every layer's costs: exactly the ``fraction`` cheapest weights of the whole model
-    (costs tied at the threshold, e.g. the zero cost of weights removed already, are taken in index order)."""
-    flat = torch.cat([c.flatten().float().cpu() for c in costs.values()])
-    count = round(fraction * flat.numel())
-    chosen = torch.zeros_like(flat, dtype=torch.bool)
-    if count > 0:
-        threshold = torch.kthvalue(flat, count).values
-        chosen = flat < threshold
-        chosen[(flat == threshold).nonzero().flatten()[: count - int(chosen.sum())]] = True
-    parts = chosen.split([c.numel() for c in costs.values()])
-    return {name: part.reshape(c.shape).to(c.device) for (name, c), part in zip(costs.items(), parts)}
+    (costs tied at the threshold, e.g. the zero cost of weights removed already, are taken in index order).
+
+    Each linear's mask comes when the iteration reaches it, and costs are computed a linear at a time
+    (three times: two radix-select passes, then the mask): a cost per weight of the whole model in
+    fp32 (32 GB at 8B, and as much again concatenated for a sort) is never held.
+    """
+    threshold, ties = _threshold(costs, fraction)
+    for name, cost in costs.items():
+        values = cost()
+        mask = values < threshold if threshold is not None else torch.zeros_like(values, dtype=torch.bool)
+        if ties:
+            tied = (values == threshold).flatten().nonzero().flatten()[:ties]
+            mask.view(-1)[tied] = True
+            ties -= len(tied)
+        yield name, mask
 
 
-def _nm_masks(costs: dict[str, torch.Tensor], pattern: NMPattern, fraction: float) -> dict[str, torch.Tensor]:
+def _threshold(costs: Costs, fraction: float) -> tuple[torch.Tensor | None, int]:
+    """The largest cost among the ``fraction`` cheapest of all (None: none is chosen), and how many of
+    those tie with it.
+
+    Radix select on fp32 bit patterns, which order as the values do for non-negative floats: one
+    histogram pass over the high 16 bits counts the costs and finds the threshold's bin, one over
+    the low 16 bits of that bin's costs finds the threshold itself.
+    """
+    high = sum(torch.bincount(_bit_patterns(cost) >> 16, minlength=2**15).cpu() for cost in costs.values())
+    count = round(fraction * int(high.sum()))
+    if count == 0:
+        return None, 0
+    high_bin = int(torch.searchsorted(high.cumsum(0), count))
+    below = int(high[:high_bin].sum())
+    low = torch.zeros(2**16, dtype=torch.long)
+    for cost in costs.values():
+        patterns = _bit_patterns(cost)
+        low += torch.bincount(patterns[patterns >> 16 == high_bin] & 0xFFFF, minlength=2**16).cpu()
+    low_bin = int(torch.searchsorted(low.cumsum(0), count - below))
+    threshold = torch.tensor(high_bin << 16 | low_bin, dtype=torch.int32).view(torch.float32)
+    return threshold, count - below - int(low[:low_bin].sum())
+
+
+def _bit_patterns(cost: Callable[[], torch.Tensor]) -> torch.Tensor:
+    patterns = cost().float().flatten().view(torch.int32)
+    if (patterns < 0).any():
+        raise ValueError("LLM Surgeon's costs must be non-negative (a weight's cost is W² over a positive curvature)")
+    return patterns.long()
+
+
+def nm_masks(costs: Costs, pattern: NMPattern, fraction: float) -> Iterator[tuple[str, torch.Tensor]]:
     """N:M: a group's cost is the sum of its N cheapest weights; the ``fraction`` cheapest groups of the
     whole model lose those N (the last shot, fraction 1, gives every group the pattern)."""
-    group_costs, orders = {}, {}
-    for name, c in costs.items():
-        groups = c.reshape(c.shape[0], -1, pattern.m)
-        cheapest = groups.topk(pattern.n, dim=-1, largest=False)
-        group_costs[name], orders[name] = cheapest.values.sum(-1), cheapest.indices
-    chosen = threshold_masks(group_costs, fraction)
-    masks = {}
-    for name, c in costs.items():
-        mask = torch.zeros(c.shape[0], c.shape[1] // pattern.m, pattern.m, dtype=torch.bool, device=c.device)
-        mask.scatter_(-1, orders[name], chosen[name].unsqueeze(-1).expand_as(orders[name]))
-        masks[name] = mask.reshape(c.shape)
-    return masks
+
+    def cheapest(cost: Callable[[], torch.Tensor]) -> Any:
+        values = cost()
+        return values.reshape(values.shape[0], -1, pattern.m).topk(pattern.n, dim=-1, largest=False)
+
+    def group_costs(cost: Callable[[], torch.Tensor]) -> torch.Tensor:
+        return cheapest(cost).values.sum(-1)
+
+    for name, chosen in threshold_masks({name: partial(group_costs, cost) for name, cost in costs.items()}, fraction):
+        order = cheapest(costs[name]).indices
+        mask = torch.zeros(*order.shape[:2], pattern.m, dtype=torch.bool, device=order.device)
+        mask.scatter_(-1, order, chosen.unsqueeze(-1).expand_as(order))
+        yield name, mask.reshape(order.shape[0], -1)
 
 
 def correlated_update(linear: nn.Linear, mask: torch.Tensor, g_inverse: torch.Tensor, a_inverse: torch.Tensor, max_correlate: int) -> None:

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from optimum_prune import PruningConfig, prune, verify_sparsity
-from optimum_prune.methods.llm_surgeon import damped_inverse, _nm_masks, correlated_update, element_costs, kfac_factors, threshold_masks
+from optimum_prune.methods.llm_surgeon import correlated_update, damped_inverse, element_costs, kfac_factors, nm_masks, threshold_masks
 from optimum_prune.sparsity import NMPattern
 
 from ..conftest import tiny_model, token_windows
@@ -55,17 +55,54 @@ def test_row_groups_split_the_solve_and_still_remove_exactly_the_mask():
     assert loss(after) < loss(zeroed)
 
 
+def computed(costs: dict[str, torch.Tensor]) -> dict:
+    """Costs as LLM Surgeon passes them: a function per linear computing them."""
+    return {name: (lambda values=values: values) for name, values in costs.items()}
+
+
 def test_global_threshold_and_nm_groups():
     costs = {"a": torch.tensor([[1.0, 5.0], [2.0, 6.0]]), "b": torch.tensor([[3.0, 4.0, 7.0, 8.0]])}
-    masks = threshold_masks(costs, 0.5)
+    masks = dict(threshold_masks(computed(costs), 0.5))
     assert masks["a"].tolist() == [[True, False], [True, False]] and masks["b"].tolist() == [[True, True, False, False]]
-    tied = threshold_masks({"a": torch.zeros(2, 2), "b": torch.tensor([[0.0, 0.0, 1.0, 2.0]])}, 0.5)  # six zeros tie
+    tied = dict(threshold_masks(computed({"a": torch.zeros(2, 2), "b": torch.tensor([[0.0, 0.0, 1.0, 2.0]])}), 0.5))  # six zeros tie
     assert sum(int(m.sum()) for m in tied.values()) == 4 and tied["a"].all()
     grouped = {"w": torch.tensor([[1.0, 9.0, 2.0, 8.0, 5.0, 6.0, 7.0, 0.5]])}
-    half = _nm_masks(grouped, NMPattern(2, 4), 0.5)["w"]  # group costs 3 and 5.5: only the first loses its 2 cheapest
+    half = dict(nm_masks(computed(grouped), NMPattern(2, 4), 0.5))["w"]  # group costs 3 and 5.5: only the first loses its 2 cheapest
     assert half.tolist() == [[True, False, True, False, False, False, False, False]]
-    full = _nm_masks(grouped, NMPattern(2, 4), 1.0)["w"]
+    full = dict(nm_masks(computed(grouped), NMPattern(2, 4), 1.0))["w"]
     assert full.reshape(-1, 4).sum(-1).tolist() == [2, 2] and full[0, 7] and full[0, 4]
+
+
+def sorted_threshold_masks(costs: dict[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
+    """The global threshold by concatenating every cost and taking the k-th value (what the radix select avoids)."""
+    flat = torch.cat([c.flatten() for c in costs.values()])
+    count = round(fraction * flat.numel())
+    chosen = torch.zeros_like(flat, dtype=torch.bool)
+    if count:
+        threshold = torch.kthvalue(flat, count).values
+        chosen = flat < threshold
+        chosen[(flat == threshold).nonzero().flatten()[: count - int(chosen.sum())]] = True
+    return {name: part.reshape(c.shape) for (name, c), part in zip(costs.items(), chosen.split([c.numel() for c in costs.values()]))}
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.01, 0.3, 0.5, 0.99, 1.0])
+def test_the_radix_selected_threshold_picks_what_sorting_every_cost_picks(fraction):
+    generator = torch.Generator().manual_seed(int(fraction * 100))
+    for trial in range(20):
+        # costs over 16 orders of magnitude, or few distinct values (ties at the threshold, taken in order)
+        scale = 10.0 ** torch.randint(-8, 8, (3,), generator=generator)
+        costs = {f"linear{i}": torch.rand(3 + i, 8, generator=generator) ** 4 * scale[i] for i in range(3)}
+        if trial % 2:
+            costs = {name: torch.randint(0, 4, c.shape, generator=generator).float() for name, c in costs.items()}
+        masks = dict(threshold_masks(computed(costs), fraction))
+        expected = sorted_threshold_masks(costs, fraction)
+        assert all(torch.equal(masks[name], expected[name]) for name in costs)
+        assert sum(int(m.sum()) for m in masks.values()) == round(fraction * sum(c.numel() for c in costs.values()))
+
+
+def test_a_negative_cost_is_refused():
+    with pytest.raises(ValueError, match="non-negative"):
+        dict(threshold_masks(computed({"w": torch.tensor([[1.0, -2.0]])}), 0.5))
 
 
 def test_kfac_factors_are_the_token_means_of_input_and_output_gradient_outer_products():
