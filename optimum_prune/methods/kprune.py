@@ -65,7 +65,7 @@ from tqdm.auto import tqdm
 
 from ..calibration import LayerInputs, capture_first_layer_inputs, feed_layer, run_layer
 from ..calibration.engine import on_device
-from ..calibration.gradients import grad_only
+from ..calibration.gradients import grad_only, overflowed, with_loss_scale
 from ..options import check_choice, option
 from .base import StructuredMethod, register_structured_method
 from .width import Component, layer_parameters, group_columns, group_units, output_projection
@@ -173,12 +173,14 @@ class KPrune(StructuredMethod[KPruneOptions]):
 
         handles = [consumer.register_forward_pre_hook(masking(m, e)) for consumer, m, e in zip(consumers, masks, energy)]
         head, norm = adapter.model.get_output_embeddings(), adapter.final_norm()
-        tokens = 0
-        samples = torch.Generator().manual_seed(first)  # the same draws for every run
-        try:
+        tokens = sum(hidden.shape[0] * hidden.shape[1] for hidden in inputs.hidden_states)
+
+        def run(scale: float) -> bool | None:
+            for total in (*squared, *energy):
+                total.zero_()
+            samples = torch.Generator().manual_seed(first)  # the same draws for every run
             with grad_only(adapter.model, []), torch.enable_grad():
                 for window, (hidden, kwargs) in enumerate(zip(inputs.hidden_states, inputs.layer_kwargs)):
-                    tokens += hidden.shape[0] * hidden.shape[1]
                     for layer in layers[first:]:
                         hidden = adapter.run_layer(layer, hidden, kwargs)
                     logits = head(norm(hidden))
@@ -186,8 +188,12 @@ class KPrune(StructuredMethod[KPruneOptions]):
                         loss = teacher.kl(window, logits)
                     else:
                         loss = teacher.sampled_nll(window, logits, samples)
-                    for total, gradient in zip(squared, torch.autograd.grad(loss, masks)):
-                        total.add_(gradient.detach().double().square() / 2)
+                    for total, gradient in zip(squared, torch.autograd.grad(loss * scale, masks)):
+                        total.add_(gradient.detach().double().square() / (2 * scale**2))
+            return None if overflowed(scale, squared) else True
+
+        try:
+            with_loss_scale(adapter.model, run)
         finally:
             for handle in handles:
                 handle.remove()

@@ -44,7 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration.engine import on_device
-from ..calibration.gradients import grad_only
+from ..calibration.gradients import grad_only, overflowed, with_loss_scale
 from ..options import option
 from ..report import LinearReport
 from ..sparsity import NMPattern
@@ -108,30 +108,39 @@ def kfac_factors(
     sums = {linear: [torch.zeros(linear.out_features, linear.out_features, device=store or linear.weight.device),
                      torch.zeros(linear.in_features, linear.in_features, device=store or linear.weight.device)]
             for linear in linears}  # fmt: skip
+    scale = 1.0  # the loss scale of the pass running (fp16 models: see calibration.gradients)
 
     def forward(linear: nn.Linear, args: tuple, output: torch.Tensor) -> None:
         a = args[0].detach().float().reshape(-1, linear.in_features)
         sums[linear][1].add_((a.T @ a).to(sums[linear][1].device))
 
         def backward(gradient: torch.Tensor) -> None:
-            g = torch.nan_to_num(gradient.detach().float().reshape(-1, linear.out_features))
+            g = gradient.detach().float().reshape(-1, linear.out_features)
+            g = torch.nan_to_num(g) if scale == 1 else g / scale  # a scaled pass's overflow must show
             sums[linear][0].add_((g.T @ g).to(sums[linear][0].device))
 
         output.register_hook(backward)
 
-    handles = [linear.register_forward_hook(forward) for linear in linears]
-    # Weights take no gradient; making the embeddings' output require one makes autograd reach every linear's output.
-    handles.append(model.get_input_embeddings().register_forward_hook(lambda _m, _a, output: output.requires_grad_(True)))
-    tokens = 0
-    try:
+    def run(pass_scale: float) -> bool | None:
+        nonlocal scale
+        scale = pass_scale
+        for total in (total for pair in sums.values() for total in pair):
+            total.zero_()
         with grad_only(model, []), torch.enable_grad():
             for window in tqdm(windows, desc="K-FAC curvature", leave=False):
                 ids = window.unsqueeze(0).to(device)
-                model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
-                tokens += ids.numel()
+                (model(input_ids=ids, labels=ids, use_cache=False).loss * scale).backward()
+        return None if overflowed(scale, (g for g, _ in sums.values())) else True
+
+    handles = [linear.register_forward_hook(forward) for linear in linears]
+    # Weights take no gradient; making the embeddings' output require one makes autograd reach every linear's output.
+    handles.append(model.get_input_embeddings().register_forward_hook(lambda _m, _a, output: output.requires_grad_(True)))
+    try:
+        with_loss_scale(model, run)
     finally:
         for handle in handles:
             handle.remove()
+    tokens = windows.numel()
     factors = {}
     for linear, (g, a) in sums.items():
         g, a = g / tokens, a / tokens

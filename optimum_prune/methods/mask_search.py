@@ -41,7 +41,7 @@ from torch import nn
 
 from ..calibration import LayerInputs, feed_layer, walk_layers
 from ..calibration.engine import on_device
-from ..calibration.gradients import grad_only, window_losses
+from ..calibration.gradients import grad_only, overflowed, window_losses, with_loss_scale
 from ..options import check_choice, option
 from .base import StructuredMethod, register_structured_method
 from .width import Component, layer_parameters, group_columns, group_units, output_projection
@@ -165,7 +165,7 @@ def mask_fisher(adapter: Any, components: list[Component], windows: torch.Tensor
     """Per component, Σ_windows g gᵀ (``full``) or Σ g² of the gradient g of the window's LM loss with
     respect to the masks of its units (all 1: the model's output is unchanged)."""
     layers = adapter.decoder_layers()
-    masks, handles, totals = [], [], []
+    masks, handles = [], []
     for component in components:
         layer = layers[component.layer]
         if component.kind == "attention":
@@ -177,18 +177,21 @@ def mask_fisher(adapter: Any, components: list[Component], windows: torch.Tensor
         mask = torch.ones(units, device=consumer.weight.device, requires_grad=True)
         handles.append(consumer.register_forward_pre_hook(_masking(mask, repeat)))
         masks.append(mask)
-        shape = (units, units) if full else (units,)
-        totals.append(torch.zeros(shape, dtype=torch.float64, device=consumer.weight.device))
-    try:
+
+    def run(scale: float) -> list[torch.Tensor] | None:
+        totals = [torch.zeros((len(m), len(m)) if full else len(m), dtype=torch.float64, device=m.device) for m in masks]
         with grad_only(adapter.model, []):
             for loss in window_losses(adapter.model, windows, "Mask Fisher information"):
-                for total, gradient in zip(totals, torch.autograd.grad(loss, masks)):
+                for total, gradient in zip(totals, torch.autograd.grad(loss * scale, masks)):
                     g = gradient.detach().double()
                     total.add_(torch.outer(g, g) if full else g.square())
+        return None if overflowed(scale, totals) else [(total / (scale**2 * len(windows))).float().cpu() for total in totals]
+
+    try:
+        return with_loss_scale(adapter.model, run)
     finally:
         for handle in handles:
             handle.remove()
-    return [(total / len(windows)).float().cpu() for total in totals]
 
 
 def search_counts(

@@ -1,0 +1,111 @@
+"""fp16 gradient passes: the loss scale against fp32 references, and its back-off on overflow."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+
+from optimum_prune import PruningConfig, prune
+from optimum_prune.adapters import get_adapter
+from optimum_prune.calibration import gradients
+from optimum_prune.calibration.gradients import accumulate_gradients, fisher_rows, hessian_traces
+from optimum_prune.methods.kprune import KPrune
+from optimum_prune.methods.llm_surgeon import kfac_factors
+from optimum_prune.methods.mask_search import MaskSearch, MaskSearchOptions, mask_fisher
+
+from ..conftest import tiny_model, token_windows
+
+
+def taylor(model, windows):
+    parameters = [layer.mlp.down_proj.weight for layer in model.model.layers]
+    accumulate_gradients(model, windows, parameters)
+    return [p.grad for p in parameters]
+
+
+def fisher(model, windows):
+    return fisher_rows(model, windows, [layer.self_attn.o_proj for layer in model.model.layers])
+
+
+def traces(model, windows):
+    return [torch.tensor(hessian_traces(model, windows, [[layer.mlp.up_proj.weight] for layer in model.model.layers]))]
+
+
+def curvature(model, windows):
+    return [g for g, _ in kfac_factors(model, windows, [layer.mlp.down_proj for layer in model.model.layers]).values()]
+
+
+def masks(model, windows):
+    method = MaskSearch(get_adapter(model), 0.2, [], MaskSearchOptions(), torch.device("cpu"))
+    method.check()
+    return mask_fisher(method.adapter, method.width.components, windows, full=False)
+
+
+class _Scored(Exception):
+    pass
+
+
+def knowledge(model, windows):
+    """K-prune's knowledge scores of the first layer's units (the pass stops there)."""
+    scores = []
+    original = KPrune._knowledge_scores
+
+    def first_scores(self, *args):
+        scores.extend(original(self, *args))
+        raise _Scored
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(KPrune, "_knowledge_scores", first_scores)
+        with pytest.raises(_Scored):
+            prune(model, PruningConfig(method="kprune", sparsity=0.2), calibration=windows)
+    return scores
+
+
+PASSES = {"taylor": taylor, "fisher": fisher, "hessian traces": traces, "k-fac": curvature, "mask fisher": masks, "k-prune": knowledge}
+
+
+def relative_error(results, references) -> float:
+    return max(float((r.double() - e.double()).norm() / e.double().norm()) for r, e in zip(results, references))
+
+
+def models():
+    """A tiny model whose gradients sit below fp16's normal range (≈1e-7: a head scaled by 1e-3), and its fp16 copy."""
+    model = tiny_model()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(1e-3)
+    return model, copy.deepcopy(model).half()
+
+
+@pytest.mark.parametrize("name", PASSES)
+def test_fp16_passes_match_fp32_with_the_loss_scale_and_back_off_on_overflow(name, monkeypatch, caplog):
+    model, half = models()
+    windows = token_windows(samples=2)
+    run = PASSES[name]
+    reference = run(model, windows)
+    assert relative_error(run(half, windows), reference) < 0.03
+    monkeypatch.setattr(gradients, "FP16_LOSS_SCALE", 2.0**40)  # overflows fp16: backs off 16× at a time until finite
+    with caplog.at_level(logging.WARNING, logger=gradients.__name__):
+        assert relative_error(run(half, windows), reference) < 0.03
+    assert caplog.records and all("overflowed" in record.getMessage() for record in caplog.records)
+    if name != "k-prune":  # its scores here are dominated by the representational term, a forward statistic
+        monkeypatch.setattr(gradients, "FP16_LOSS_SCALE", 1.0)
+        assert relative_error(run(half, windows), reference) > 0.05  # what the scale is for
+
+
+def test_only_fp16_models_are_scaled_and_each_overflow_divides_the_scale_by_16():
+    scales = []
+
+    def overflowing_twice(scale: float) -> str | None:
+        scales.append(scale)
+        return "done" if len(scales) > 2 else None
+
+    model = tiny_model()
+    assert gradients.with_loss_scale(model, lambda scale: scales.append(scale) or "done") == "done" and scales == [1.0]
+    scales.clear()
+    assert gradients.with_loss_scale(model.to(torch.bfloat16), lambda scale: scales.append(scale) or "done") == "done" and scales == [1.0]
+    scales.clear()
+    assert gradients.with_loss_scale(model.half(), overflowing_twice) == "done" and scales == [2.0**12, 2.0**8, 2.0**4]
+    assert not gradients.overflowed(1.0, [torch.tensor(float("inf"))])  # unscaled: the model's own values
+    assert gradients.overflowed(16.0, [1.0, torch.tensor([0.0, float("nan")])])
