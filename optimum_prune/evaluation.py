@@ -10,7 +10,8 @@ from torch import nn
 from torch.nn import functional as F
 from tqdm.auto import tqdm
 
-from .calibration import check_token_ids, image_text_batches, tokenize_stream
+from .calibration import check_token_ids, tokenize_stream
+from .calibration.multimodal import check_image_text, image_text_batch
 from .data import wikipedia_text
 
 
@@ -85,9 +86,11 @@ def evaluate_image_text_loss(
     total_nll, total_tokens = 0.0, 0
     try:
         with torch.no_grad():
-            prompts = [{**pair, "text": ""} for pair in pairs]
-            for batch, prompt in zip(image_text_batches(pairs, processor, len(pairs)), image_text_batches(prompts, processor, len(pairs))):
-                full, bare = batch["input_ids"][0], prompt["input_ids"][0]
+            check_image_text(pairs, processor)
+            for index in range(len(pairs)):  # one pair at a time: its pixels exist only while it is scored
+                pair = pairs[index]
+                batch = image_text_batch(pair, processor, index)
+                full, bare = batch["input_ids"][0], image_text_batch({**pair, "text": ""}, processor, index)["input_ids"][0]
                 length = min(full.numel(), bare.numel())
                 differs = (full[:length] != bare[:length]).nonzero()
                 shared = int(differs[0]) if differs.numel() else length  # a merged "\n" + first word counts as caption

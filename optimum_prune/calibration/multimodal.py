@@ -34,6 +34,11 @@ def is_model_batches(source: Any) -> bool:
 
 def image_text_batches(pairs: Any, processor: Any, num_samples: int) -> list[dict[str, torch.Tensor]]:
     """The first ``num_samples`` pairs, each processed into one batch of model inputs."""
+    check_image_text(pairs, processor)
+    return [image_text_batch(pairs[index], processor, index) for index in range(min(num_samples, len(pairs)))]
+
+
+def check_image_text(pairs: Any, processor: Any) -> None:
     if processor is None or not hasattr(processor, "image_processor"):
         raise ValueError(
             "image-text calibration needs the model's processor (e.g. AutoProcessor.from_pretrained(...)): "
@@ -41,18 +46,18 @@ def image_text_batches(pairs: Any, processor: Any, num_samples: int) -> list[dic
         )
     if hasattr(pairs, "column_names") and "text" not in pairs.column_names:
         raise ValueError(f"image-text calibration dataset needs 'image' and 'text' columns; it has {pairs.column_names}")
-    placeholder = processor.image_token
-    batches = []
-    for index in range(min(num_samples, len(pairs))):
-        pair = pairs[index]
-        text = pair.get("text")
-        if not isinstance(text, str):
-            raise ValueError(f"image-text calibration pair {index} needs a 'text' string, got {text!r}")
-        if placeholder not in text:
-            text = f"{placeholder}\n{text}"
-        processed = processor(images=pair["image"], text=text, return_tensors="pt")
-        batches.append({name: value for name, value in processed.items() if isinstance(value, torch.Tensor)})
-    return batches
+
+
+def image_text_batch(pair: dict[str, Any], processor: Any, index: int) -> dict[str, torch.Tensor]:
+    """One pair as model inputs: the image placeholder, a newline and the text (unless the text places
+    the placeholder itself). ``index`` names the pair in errors."""
+    text = pair.get("text")
+    if not isinstance(text, str):
+        raise ValueError(f"image-text calibration pair {index} needs a 'text' string, got {text!r}")
+    if processor.image_token not in text:
+        text = f"{processor.image_token}\n{text}"
+    processed = processor(images=pair["image"], text=text, return_tensors="pt")
+    return {name: value for name, value in processed.items() if isinstance(value, torch.Tensor)}
 
 
 def count_images(inputs: CalibrationInputs | None) -> int:
