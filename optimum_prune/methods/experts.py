@@ -116,22 +116,7 @@ class ExpertPruning(StructuredMethod[ExpertPruningOptions]):
         if self.options.criterion == "frequency":
             _, selected = self.adapter.route(block, router_logits(self.adapter, block, run))
             return torch.bincount(selected.flatten().cpu(), minlength=total).double()
-        return self._reap(block, block_inputs(block, run))
-
-    @torch.no_grad()
-    def _reap(self, block: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-        """REAP: each expert's mean routing-weighted output norm over the tokens routed to it."""
-        experts = self.adapter.block_experts(block)
-        scores = torch.zeros(len(experts), dtype=torch.float64)
-        counts = torch.zeros(len(experts), dtype=torch.float64)
-        for chunk in token_chunks(hidden):
-            weights, selected = self.adapter.route(block, self.adapter.router(block)(chunk))
-            for expert in selected.unique().tolist():
-                rank, token = expert_tokens(selected, expert)
-                output = experts[expert](chunk[token])
-                scores[expert] += float((weights[token, rank] * output.float().norm(dim=-1)).sum())
-                counts[expert] += token.numel()
-        return scores / counts.clamp_min(1)
+        return reap_scores(self.adapter, block, run)
 
     @torch.no_grad()
     def _reconstruction(self, block: nn.Module, hidden: torch.Tensor, total: int) -> list[int]:
@@ -200,6 +185,30 @@ def block_inputs(block: nn.Module, run: Any) -> torch.Tensor:
     finally:
         handle.remove()
     return torch.cat(seen)
+
+
+def reap_scores(adapter: Any, block: nn.Module, run: Any) -> torch.Tensor:
+    """REAP: each expert's mean routing-weighted output norm over the tokens routed to it, while ``run()``
+    runs the layer once; the block's inputs are scored as they arrive, not kept."""
+    experts = adapter.block_experts(block)
+    scores = torch.zeros(len(experts), dtype=torch.float64)
+    counts = torch.zeros(len(experts), dtype=torch.float64)
+
+    def score(_module: nn.Module, args: tuple) -> None:
+        for chunk in token_chunks(args[0].detach().reshape(-1, args[0].shape[-1])):
+            weights, selected = adapter.route(block, adapter.router(block)(chunk))
+            for expert in selected.unique().tolist():
+                rank, token = expert_tokens(selected, expert)
+                output = experts[expert](chunk[token])
+                scores[expert] += float((weights[token, rank] * output.float().norm(dim=-1)).sum())
+                counts[expert] += token.numel()
+
+    handle = block.register_forward_pre_hook(score)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return scores / counts.clamp_min(1)
 
 
 def router_logits(adapter: Any, block: nn.Module, run: Any) -> torch.Tensor:

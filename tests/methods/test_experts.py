@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from optimum_prune import PruningConfig, get_adapter, prune
-from optimum_prune.methods.experts import ExpertPruning, ExpertPruningOptions
+from optimum_prune.methods.experts import ExpertPruning, ExpertPruningOptions, reap_scores
 
 from ..adapters.test_moe import FAMILIES, block_inputs, tiny_moe
 from ..conftest import token_windows
@@ -41,6 +41,26 @@ def test_keeps_two_of_four_experts_and_reloads_with_a_stock_config(tmp_path, fam
     ids = token_windows(1, 8)
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+def test_reap_scores_are_the_mean_routing_weighted_output_norms_of_each_experts_tokens():
+    model, windows = tiny_moe("mixtral"), token_windows(2, 8)
+    adapter = get_adapter(model)
+    block = adapter.moe_block(adapter.decoder_layers()[0])
+    hidden = block_inputs(model, windows)
+    with torch.no_grad():
+        probabilities = torch.softmax(block.gate(hidden).float(), dim=-1)
+        weights, selected = probabilities.topk(2, dim=-1)
+        weights = weights / weights.sum(-1, keepdim=True)  # Mixtral renormalises its top-k
+        expected = torch.zeros(len(block.experts), dtype=torch.float64)
+        for expert in range(len(block.experts)):
+            token, rank = (selected == expert).nonzero(as_tuple=True)
+            if len(token):
+                norms = block.experts[expert](hidden[token]).float().norm(dim=-1)
+                expected[expert] = float((weights[token, rank] * norms).mean())
+        scores = reap_scores(adapter, block, lambda: model(input_ids=windows))
+    assert (expected > 0).sum() >= 3
+    torch.testing.assert_close(scores, expected, rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
