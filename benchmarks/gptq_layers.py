@@ -26,6 +26,7 @@ from optimum_prune import compress, evaluate_perplexity, load_default_model
 from optimum_prune.calibration import calibration_windows
 from optimum_prune.calibration.sources import tokenize_stream
 from optimum_prune.data import wikipedia_text
+from optimum_prune.masks import prunable_linears
 from optimum_prune.saving import write_text_atomic
 from prune_quant import dequantize_gptq_layers, round_to_nearest
 
@@ -34,16 +35,12 @@ ROWS = {RTN: None, "GPTQ, damping 0.1 (optimum's default)": 0.1, "GPTQ, damping 
 KINDS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def decoder_linears(model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and ".layers." in name}
-
-
 @cache
 def held_out_grams(windows: int) -> dict[str, torch.Tensor]:
     """Per decoder linear, XᵀX of the dense model's inputs to it on ``windows`` × 512 evaluation tokens."""
     model, tokenizer = load_default_model()
     ids = tokenize_stream(tokenizer, [wikipedia_text("evaluation")])[: windows * 512].reshape(windows, 512)
-    linears = decoder_linears(model)
+    linears = prunable_linears(model)
     grams = {name: torch.zeros(m.in_features, m.in_features, dtype=torch.float64) for name, m in linears.items()}
 
     def accumulate(name: str):
@@ -64,7 +61,7 @@ def held_out_grams(windows: int) -> dict[str, torch.Tensor]:
 
 def measure(damping: float | None, calibration: tuple[int, int], eval_tokens: int, held_out_windows: int) -> dict:
     model, tokenizer = load_default_model()
-    dense = {name: m.weight.detach().double().clone() for name, m in decoder_linears(model).items()}
+    dense = {name: m.weight.detach().double().clone() for name, m in prunable_linears(model).items()}
     if damping is None:
         round_to_nearest(model, symmetric=True)
     else:
@@ -73,7 +70,7 @@ def measure(damping: float | None, calibration: tuple[int, int], eval_tokens: in
         dequantize_gptq_layers(model)
     grams = held_out_grams(held_out_windows)
     errors = {}
-    for name, linear in decoder_linears(model).items():
+    for name, linear in prunable_linears(model).items():
         W, gram = dense[name], grams[name]
         delta = linear.weight.detach().double() - W
         errors[name] = float(torch.trace(delta @ gram @ delta.T) / torch.trace(W @ gram @ W.T))
