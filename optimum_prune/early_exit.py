@@ -7,9 +7,12 @@ is the full model's. What it lacks is a way to pick ``k``; this module measures 
 - the *agreement* at ``k``: over calibration windows, the fraction of positions whose greedy token
   read at layer ``k`` equals the full model's (teacher-forced: the expected acceptance rate α of
   the drafts);
-- the expected speed-up of speculative decoding with that α, a draft costing k/L of a full step and
-  the best draft length γ ≤ ``max_draft`` (Leviathan et al. 2023, Theorem 3.8 and Eq. 1):
-  (1 − α^{γ+1}) / ((1 − α)(γ·k/L + 1));
+- the cost c of a draft step relative to a full one: the bytes of weights a token reads (decoding at
+  batch 1 is bound by memory traffic) through the first ``k`` layers and the LM head, against all
+  layers and the head — not k/L: a small model's head weighs as much as several layers
+  (SmolLM2-135M's, 49,152 × 576, as much as eight of its 30);
+- the expected speed-up of speculative decoding with that α and c and the best draft length
+  γ ≤ ``max_draft`` (Leviathan et al. 2023, Theorem 3.8 and Eq. 1): (1 − α^{γ+1}) / ((1 − α)(γ·c + 1));
 - the Block Influence (ShortGPT) left after ``k`` — how much the skipped layers still change the
   residual stream — for reading the table.
 
@@ -18,11 +21,16 @@ is the full model's. What it lacks is a way to pick ``k``; this module measures 
 It is not written as ``generation_config.assistant_early_exit``: with transformers 4.57 the
 draft's own nested ``generate`` call then gets that model-level default back, drafts with early
 exit itself and fails ("Passing `MinLengthLogitsProcessor` when using assisted_generation").
+The draft length γ, however, must go to ``generation_config.num_assistant_tokens`` (saved in
+``generation_config.json``): transformers reads it from the assistant's own generation config —
+here the model's — and ignores a ``num_assistant_tokens`` passed to ``generate``.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 import torch
@@ -32,11 +40,14 @@ from .adapters import get_adapter
 from .calibration import CalibrationSource, calibration_windows
 from .methods.layers import block_influence
 
+logger = logging.getLogger(__name__)
+
 
 @dataclass
 class ExitLayer:
     layer: int  # decoder layers run by the draft
     agreement: float
+    draft_cost: float  # of a draft step, relative to a full one
     draft_length: int
     expected_speedup: float
     remaining_influence: float  # Σ Block Influence of layers ≥ layer
@@ -52,11 +63,16 @@ class EarlyExitReport:
         return max(self.candidates, key=lambda c: c.expected_speedup)
 
     def __str__(self) -> str:
-        lines = [f"{'exit':>4}  {'agreement':>9}  {'draft':>5}  {'speed-up':>8}  {'influence left':>14}"]
+        lines = [f"{'exit':>4}  {'agreement':>9}  {'cost':>5}  {'draft':>5}  {'speed-up':>8}  {'influence left':>14}"]
         for c in self.candidates:
-            lines.append(f"{c.layer:>4}  {c.agreement:>9.1%}  {c.draft_length:>5}  {c.expected_speedup:>8.2f}  {c.remaining_influence:>14.3f}")
+            lines.append(
+                f"{c.layer:>4}  {c.agreement:>9.1%}  {c.draft_cost:>5.2f}  {c.draft_length:>5}  {c.expected_speedup:>8.2f}  "
+                f"{c.remaining_influence:>14.3f}"
+            )
         best = self.best
         lines.append(f"best: exit after layer {best.layer} of {self.num_layers} (γ={best.draft_length}, ×{best.expected_speedup:.2f} expected)")
+        if best.expected_speedup <= 1:
+            lines.append("no exit is expected to speed decoding up: leave early exit off, or recover an exit path first (exit_weight)")
         return "\n".join(lines)
 
 
@@ -81,30 +97,53 @@ def choose_early_exit(
     agreement = _agreement(model, adapter.config, windows, candidates)
     report = EarlyExitReport(num_layers)
     for k in candidates:
-        gamma, speedup = _best_draft(agreement[k], k / num_layers, max_draft)
-        report.candidates.append(ExitLayer(k, agreement[k], gamma, speedup, sum(influence[k:])))
+        cost = draft_cost(model, k)
+        gamma, speedup = _best_draft(agreement[k], cost, max_draft)
+        report.candidates.append(ExitLayer(k, agreement[k], cost, gamma, speedup, sum(influence[k:])))
     return report
 
 
+def draft_cost(model: nn.Module, layer: int) -> float:
+    """Bytes of weights a draft step through the first ``layer`` decoder layers and the LM head reads,
+    relative to a full step's (packed quantized weights count as stored)."""
+    layer_bytes = [_stored_bytes(block) for block in get_adapter(model).decoder_layers()]
+    head = model.get_output_embeddings()
+    head_bytes = _stored_bytes(head) if head is not None else 0
+    return (sum(layer_bytes[:layer]) + head_bytes) / (sum(layer_bytes) + head_bytes)
+
+
+def _stored_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in chain(module.parameters(), module.buffers()))
+
+
 def enable_early_exit(model: nn.Module, layer: int, draft_length: int | None = None) -> None:
-    """Record that ``generate`` should draft with the first ``layer`` decoder layers (and ``draft_length``
-    tokens per draft; None: transformers' adaptive default) in ``config.early_exit``."""
+    """Record that ``generate`` should draft with the first ``layer`` decoder layers in ``config.early_exit``,
+    and ``draft_length`` tokens at most per draft (None: keep the generation config's) in
+    ``generation_config.num_assistant_tokens``, where transformers reads it, with a constant schedule."""
     check_exit_layer(layer, len(get_adapter(model).decoder_layers()))
     if draft_length is not None and (isinstance(draft_length, bool) or not isinstance(draft_length, int) or draft_length < 1):
         raise ValueError(f"draft_length must be a positive number of tokens, got {draft_length!r}")
     model.config.early_exit = {"exit_layer": layer, "draft_length": draft_length}
+    if draft_length is not None:
+        model.generation_config.num_assistant_tokens = draft_length
+        model.generation_config.num_assistant_tokens_schedule = "constant"
 
 
 def early_exit_kwargs(model: nn.Module) -> dict[str, int]:
-    """``generate`` keyword arguments for the exit recorded by ``enable_early_exit`` ({} if none)."""
+    """``generate`` keyword arguments for the exit recorded by ``enable_early_exit`` ({} if none); the
+    draft length travels in the model's generation config."""
     recorded = getattr(model.config, "early_exit", None)
     if not recorded:
         return {}
     check_exit_layer(recorded["exit_layer"], len(get_adapter(model).decoder_layers()))
-    kwargs = {"assistant_early_exit": recorded["exit_layer"]}
-    if recorded.get("draft_length") is not None:
-        kwargs["num_assistant_tokens"] = recorded["draft_length"]
-    return kwargs
+    draft_length = recorded.get("draft_length")
+    if draft_length is not None and model.generation_config.num_assistant_tokens != draft_length:
+        logger.warning(
+            "config.early_exit records drafts of %d tokens but generation_config.num_assistant_tokens is %s, which transformers "
+            "uses; call enable_early_exit(model, %d, %d) again to restore it",
+            draft_length, model.generation_config.num_assistant_tokens, recorded["exit_layer"], draft_length,
+        )  # fmt: skip
+    return {"assistant_early_exit": recorded["exit_layer"]}
 
 
 def check_exit_layer(layer: int, num_layers: int) -> None:

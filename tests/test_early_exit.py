@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from optimum_prune import PruningConfig, prune
-from optimum_prune.early_exit import _best_draft, choose_early_exit, early_exit_kwargs, enable_early_exit
+from optimum_prune.adapters import get_adapter
+from optimum_prune.early_exit import (
+    EarlyExitReport, ExitLayer, _best_draft, choose_early_exit, draft_cost, early_exit_kwargs, enable_early_exit,
+)  # fmt: skip
 
 from .conftest import tiny_model, token_windows
 
@@ -34,6 +39,12 @@ def test_agreement_is_the_teacher_forced_match_of_greedy_tokens():
     assert report.candidates[0].agreement == pytest.approx(float((draft == full).float().mean()))
 
 
+@pytest.mark.parametrize("speedup", [0.8, 1.5])
+def test_report_says_when_no_exit_pays(speedup):
+    report = EarlyExitReport(4, [ExitLayer(2, agreement=0.5, draft_cost=0.5, draft_length=2, expected_speedup=speedup, remaining_influence=0.1)])
+    assert ("leave early exit off" in str(report)) == (speedup < 1)
+
+
 def test_speedup_formula_matches_leviathan_et_al():
     # α = 0.8, c = 0.25, γ = 3: (1 − 0.8⁴) / ((1 − 0.8)(3·0.25 + 1)) = 0.5904 / 0.35
     gamma, speedup = _best_draft(0.8, 0.25, max_draft=3)
@@ -48,13 +59,64 @@ def test_greedy_output_equals_the_full_model_on_a_pruned_model_and_survives_relo
     prompt = token_windows(samples=1, seq_len=6, seed=4)
     plain = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
     enable_early_exit(model, exit_layer, draft_length=4)
-    assert early_exit_kwargs(model) == {"assistant_early_exit": exit_layer, "num_assistant_tokens": 4}
+    assert early_exit_kwargs(model) == {"assistant_early_exit": exit_layer}
     assert torch.equal(model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0, **early_exit_kwargs(model)), plain)
     model.save_pretrained(tmp_path / "exit")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "exit")
     assert early_exit_kwargs(reloaded) == early_exit_kwargs(model)
+    assert reloaded.generation_config.num_assistant_tokens == 4
     generated = reloaded.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=0, **early_exit_kwargs(reloaded))
     assert torch.equal(generated, plain)
+
+
+def test_draft_cost_counts_the_lm_head():
+    model = tiny_model(num_hidden_layers=4)
+    layer_bytes = sum(p.numel() * 4 for p in model.model.layers[0].parameters())
+    head_bytes = model.lm_head.weight.numel() * 4
+    assert draft_cost(model, 1) == pytest.approx((layer_bytes + head_bytes) / (4 * layer_bytes + head_bytes))
+    assert draft_cost(model, 1) > 1 / 4
+    report = choose_early_exit(model, token_windows(samples=2, seq_len=8), candidates=[1], num_samples=2, seq_len=8)
+    assert report.candidates[0].draft_cost == draft_cost(model, 1)
+
+
+@contextmanager
+def pass_counts(model):
+    """Forward passes of the first and last decoder layers: drafts run only the first, full passes both."""
+    counts = {"first": 0, "last": 0}
+    layers = get_adapter(model).decoder_layers()
+    hooks = [
+        layers[index].register_forward_hook(lambda *_, key=key: counts.__setitem__(key, counts[key] + 1))
+        for index, key in ((0, "first"), (-1, "last"))
+    ]
+    try:
+        yield counts
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+@pytest.mark.parametrize("draft_length", [1, 3])
+def test_generate_drafts_at_most_the_chosen_length(draft_length):
+    model = tiny_model(num_hidden_layers=3)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(200)  # a confident draft: transformers stops a draft below 0.4 probability
+    prompt = token_windows(samples=1, seq_len=6, seed=4)
+    with pass_counts(model) as default:
+        model.generate(prompt, max_new_tokens=24, do_sample=False, pad_token_id=0, assistant_early_exit=1)
+    assert default["first"] - default["last"] > 4 * default["last"]  # transformers' default drafts up to 20 tokens
+    enable_early_exit(model, 1, draft_length)
+    with pass_counts(model) as chosen:
+        model.generate(prompt, max_new_tokens=24, do_sample=False, pad_token_id=0, **early_exit_kwargs(model))
+    assert 0 < chosen["first"] - chosen["last"] <= draft_length * chosen["last"]
+
+
+def test_a_lost_draft_length_is_reported(caplog):
+    model = tiny_model(num_hidden_layers=3)
+    enable_early_exit(model, 2, draft_length=3)
+    model.generation_config.num_assistant_tokens = 20  # e.g. a generation_config.json from elsewhere
+    with caplog.at_level("WARNING", logger="optimum_prune.early_exit"):
+        assert early_exit_kwargs(model) == {"assistant_early_exit": 2}
+    assert "enable_early_exit(model, 2, 3)" in caplog.text
 
 
 @pytest.mark.parametrize("layer", [0, 3, 7, 1.5])
