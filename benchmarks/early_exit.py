@@ -1,9 +1,10 @@
 """Self-speculative decoding with an early exit (LayerSkip-style) on SmolLM2-135M: for several exit
-layers k, the measured agreement, tokens per full-model pass and tokens/s of
-``generate(assistant_early_exit=k)`` against plain ``generate``, timed side by side in one run,
-with a check that the greedy output is the full model's; then the effect of recovering the exit
-path (self-distillation of layer k's logits, ``DistillationConfig(exit_weight=1)``) against the
-same training without the exit term, and early exit on top of a Wanda 2:4 model.
+layers k, the measured agreement, tokens per full-model pass and tokens/s of ``generate`` with the
+exit and draft length ``choose_early_exit`` picks (``enable_early_exit`` + ``early_exit_kwargs``)
+against plain ``generate``, timed side by side in one run, with a check that the greedy output is
+the full model's; once with transformers' default draft length instead; then the effect of
+recovering the exit path (self-distillation of layer k's logits, ``DistillationConfig(exit_weight=1)``)
+against the same training without the exit term, and early exit on top of a Wanda 2:4 model.
 
     python benchmarks/early_exit.py            # full protocol, writes benchmarks/EARLY_EXIT.md
     python benchmarks/early_exit.py --quick    # fewer prompts, tokens and training steps
@@ -22,7 +23,8 @@ from transformers import TrainingArguments
 
 from common import quick_or_full, save_rows, table_header
 from optimum_prune import (
-    DistillationConfig, DistillationTrainer, PruningConfig, choose_early_exit, evaluate_perplexity, load_default_model, prune,
+    DistillationConfig, DistillationTrainer, PruningConfig, choose_early_exit, early_exit_kwargs, enable_early_exit, evaluate_perplexity,
+    load_default_model, prune,
 )  # fmt: skip
 from optimum_prune.adapters import get_adapter
 from optimum_prune.calibration import calibration_windows, sample_windows, tokenize_stream
@@ -30,6 +32,7 @@ from optimum_prune.data import wikipedia_text
 
 EXITS = (6, 12, 18, 24)  # of 30 decoder layers
 RECOVERED_EXIT = 12
+TRANSFORMERS_DRAFT = 20  # transformers' default num_assistant_tokens (its drafts also stop below 0.4 confidence)
 
 
 def settings(quick: bool) -> dict:
@@ -58,35 +61,48 @@ class PassCounter:
             hook.remove()
 
 
-def measure_decoding(model: torch.nn.Module, prompts: torch.Tensor, new_tokens: int, exits: tuple[int, ...]) -> dict:
-    """Greedy generation of every prompt, plainly and with each early exit, alternating per prompt."""
-    generate = {"plain": {}, **{f"exit {k}": {"assistant_early_exit": k} for k in exits}}
-    seconds = dict.fromkeys(generate, 0.0)
-    tokens, full_passes, draft_passes = dict.fromkeys(generate, 0), dict.fromkeys(generate, 0), dict.fromkeys(generate, 0)
-    identical = dict.fromkeys(generate, True)
+def measure_decoding(model: torch.nn.Module, prompts: torch.Tensor, new_tokens: int, drafts: dict[str, tuple[int, int]]) -> dict:
+    """Greedy generation of every prompt, plainly and with each (exit layer, draft length) of ``drafts``,
+    alternating per prompt after one untimed call of each."""
+    modes = {"plain": None, **drafts}
+    seconds = dict.fromkeys(modes, 0.0)
+    tokens, full_passes, draft_passes = dict.fromkeys(modes, 0), dict.fromkeys(modes, 0), dict.fromkeys(modes, 0)
+    identical = dict.fromkeys(modes, True)
+
+    def generate(ids: torch.Tensor, mode: str, max_new_tokens: int) -> torch.Tensor:
+        kwargs = {}
+        if modes[mode] is not None:
+            enable_early_exit(model, *modes[mode])
+            kwargs = early_exit_kwargs(model)
+        return model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_new_tokens, **kwargs)
+
+    for mode in modes:
+        generate(prompts[0][None], mode, 4)
     for prompt in prompts:
         ids = prompt[None]
         reference = None
-        for name, kwargs in generate.items():
+        for mode in modes:
             counter = PassCounter(model)
             started = time.perf_counter()
-            output = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens, **kwargs)
-            seconds[name] += time.perf_counter() - started
+            output = generate(ids, mode, new_tokens)
+            seconds[mode] += time.perf_counter() - started
             counter.remove()
-            tokens[name] += output.shape[1] - ids.shape[1]
-            full_passes[name] += counter.last
-            draft_passes[name] += counter.first - counter.last
+            tokens[mode] += output.shape[1] - ids.shape[1]
+            full_passes[mode] += counter.last
+            draft_passes[mode] += counter.first - counter.last
             reference = output if reference is None else reference
-            identical[name] &= torch.equal(output, reference)
+            identical[mode] &= torch.equal(output, reference)
     return {
-        name: {
-            "tokens_per_second": tokens[name] / seconds[name],
-            "tokens_per_full_pass": tokens[name] / full_passes[name],
-            "draft_passes": draft_passes[name],
-            "identical": identical[name],
-            "speedup": seconds["plain"] / seconds[name],
+        mode: {
+            "draft_length": modes[mode][1] if modes[mode] else None,
+            "generated": tokens[mode],
+            "tokens_per_second": tokens[mode] / seconds[mode],
+            "tokens_per_full_pass": tokens[mode] / full_passes[mode],
+            "draft_passes": draft_passes[mode],
+            "identical": identical[mode],
+            "speedup": seconds["plain"] / seconds[mode],
         }
-        for name in generate
+        for mode in modes
     }
 
 
@@ -108,12 +124,20 @@ def recover(
     model.eval()
 
 
-def measure_model(model: torch.nn.Module, tokenizer, prompts: torch.Tensor, setup: dict, exits: tuple[int, ...]) -> dict:
+def measure_model(
+    model: torch.nn.Module, tokenizer, prompts: torch.Tensor, setup: dict, exits: tuple[int, ...], transformers_draft: bool = False
+) -> dict:
+    """Each exit at the draft length ``choose_early_exit`` picks (and, with ``transformers_draft``, the
+    middle exit at transformers' default draft length too)."""
     samples, seq_len = setup["calibration"]
     report = choose_early_exit(model, tokenizer=tokenizer, candidates=list(exits), num_samples=samples, seq_len=seq_len)
-    decoding = measure_decoding(model, prompts, setup["new_tokens"], exits)
-    for candidate in report.candidates:
-        decoding[f"exit {candidate.layer}"].update(agreement=candidate.agreement, expected_speedup=candidate.expected_speedup)
+    chosen = {f"exit {c.layer}, γ = {c.draft_length}": c for c in report.candidates}
+    drafts = {mode: (c.layer, c.draft_length) for mode, c in chosen.items()}
+    if transformers_draft:
+        drafts[f"exit {RECOVERED_EXIT}, transformers' γ ≤ {TRANSFORMERS_DRAFT}"] = (RECOVERED_EXIT, TRANSFORMERS_DRAFT)
+    decoding = measure_decoding(model, prompts, setup["new_tokens"], drafts)
+    for mode, candidate in chosen.items():
+        decoding[mode].update(agreement=candidate.agreement, draft_cost=candidate.draft_cost, expected_speedup=candidate.expected_speedup)
     return {
         "perplexity": evaluate_perplexity(model, tokenizer, seq_len=512, max_tokens=setup["eval_tokens"]),
         "decoding": decoding,
@@ -146,7 +170,7 @@ def main() -> None:
         if recipe is not None:
             recover(model, training_windows, setup["steps"], **recipe)
         exits = (RECOVERED_EXIT,) if recipe is not None else EXITS
-        done[name] = measure_model(model, tokenizer, prompts, setup, exits)
+        done[name] = measure_model(model, tokenizer, prompts, setup, exits, transformers_draft=name == "dense")
         save_rows(cache, done)
         print(name, json.dumps(done[name]), flush=True)
     write_table(done, setup, output, "python benchmarks/early_exit.py" + (" --quick" if quick else ""))
@@ -160,27 +184,35 @@ def write_table(done: dict, setup: dict, output: Path, command: str) -> None:
             command,
             f"Decoding: {setup['prompts']} prompts of {setup['prompt_len']} tokens from the Wikipedia evaluation split, "
             f"greedy, up to {setup['new_tokens']} new tokens each, batch 1, KV cache; transformers' "
-            "`generate(assistant_early_exit=k)` (drafts with the first k of 30 layers, verifies with all; adaptive draft "
-            "length) against plain `generate`, alternating per prompt in one process. Agreement: teacher-forced share of "
+            "`generate(assistant_early_exit=k)` (drafts with the first k of 30 layers, verifies with all) at the draft "
+            "length γ `choose_early_exit` picks, set with `enable_early_exit` (transformers also ends a draft early "
+            f"when its token's probability is below 0.4), and on the dense model once at transformers' default γ ≤ "
+            f"{TRANSFORMERS_DRAFT}; against plain `generate`, alternating per prompt in one process after one untimed call "
+            "of each. Agreement: teacher-forced share of "
             f"positions where layer k's greedy token is the full model's, on {samples} × {seq_len} calibration tokens "
-            "(`choose_early_exit`); expected speed-up is its Leviathan et al. estimate. Tokens per full pass: generated "
+            "(`choose_early_exit`); draft cost: bytes of weights a draft step reads (first k layers and the LM head) "
+            "relative to a full step; expected speed-up: the Leviathan et al. estimate from both. Draft passes per token: "
+            "forward passes that stop at layer k ÷ generated tokens; tokens per full pass: generated "
             "tokens ÷ forward passes that reach the last layer. Recovery: full fine-tuning on the calibration split, "
             f"{setup['steps']} steps × 4 × 256 tokens, lr 5e-5 cosine, label loss + the exit term "
             f"(`DistillationConfig(exit_weight=1, exit_layer={RECOVERED_EXIT})`) vs the label loss alone, and the exit term at "
             "lr 3e-4 with LayerSkip's layer dropout (`layer_dropout=0.2`). Perplexity: first "
             f"{setup['eval_tokens']:,} tokens of the evaluation split (full model). Wanda 2:4: calibration 32 × 512.",
         ),
-        "| model | perplexity | decoding | agreement | expected × | tokens per full pass | tokens/s | measured × vs plain | greedy output identical |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | perplexity | decoding | agreement | draft cost | expected × | draft passes per token | tokens per full pass | tokens/s "
+        "| measured × vs plain | greedy output identical |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, row in done.items():
         for mode, result in row["decoding"].items():
             agreement = f"{result['agreement']:.1%}" if "agreement" in result else ""
+            cost = f"{result['draft_cost']:.2f}" if "draft_cost" in result else ""
             expected = f"{result['expected_speedup']:.2f}" if "expected_speedup" in result else ""
             first = mode == "plain"
             lines.append(
-                f"| {name if first else ''} | {format(row['perplexity'], '.2f') if first else ''} | {mode} | {agreement} | "
-                f"{expected} | {result['tokens_per_full_pass']:.2f} | {result['tokens_per_second']:.1f} | {result['speedup']:.2f} | "
+                f"| {name if first else ''} | {format(row['perplexity'], '.2f') if first else ''} | {mode} | {agreement} | {cost} | "
+                f"{expected} | {result['draft_passes'] / result['generated']:.2f} | {result['tokens_per_full_pass']:.2f} | "
+                f"{result['tokens_per_second']:.1f} | {result['speedup']:.2f} | "
                 f"{'yes' if result['identical'] else '**no**'} |"
             )
     output.write_text("\n".join(lines) + "\n")
