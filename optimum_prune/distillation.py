@@ -51,7 +51,7 @@ from transformers import Trainer
 
 from .adapters import get_adapter
 from .distributed import all_reduce_sum, world
-from .early_exit import check_exit_layer
+from .early_exit import check_exit_layer, exit_logits
 
 TOP_K_INDICES = "teacher_top_k_indices"
 TOP_K_LOGITS = "teacher_top_k_logits"
@@ -229,8 +229,8 @@ class DistillationMixin:
         if config.label_weight:
             loss = loss + config.label_weight * outputs.loss
         if config.exit_weight:
-            exit_logits = _exit_logits(unwrapped, outputs.hidden_states[config.exit_layer])
-            loss = loss + config.exit_weight * kd_loss(exit_logits, outputs.logits.detach(), labels, config.temperature)
+            draft_logits = exit_logits(unwrapped, outputs.hidden_states[config.exit_layer])
+            loss = loss + config.exit_weight * kd_loss(draft_logits, outputs.logits.detach(), labels, config.temperature)
         if config.kd_weight or hidden:
             teacher_outputs, indices, logits = self._teacher_targets(inputs, cached, hidden)
             if config.kd_weight:
@@ -311,12 +311,6 @@ def layer_dropout(model: nn.Module, p_max: float) -> Iterator[None]:
     finally:
         for handle in handles:
             handle.remove()
-
-
-def _exit_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    """What the early-exit draft computes from its last layer's output: final norm, then the LM head."""
-    adapter = get_adapter(model)
-    return adapter.model.get_output_embeddings()(adapter.final_norm()(hidden))
 
 
 class DistillationTrainer(DistillationMixin, Trainer):

@@ -94,7 +94,7 @@ def choose_early_exit(
         check_exit_layer(k, num_layers)
     windows = calibration_windows(calibration, tokenizer, num_samples, seq_len, seed)
     influence = block_influence(adapter, windows, next(model.parameters()).device)
-    agreement = _agreement(model, adapter.config, windows, candidates)
+    agreement = _agreement(model, windows, candidates)
     report = EarlyExitReport(num_layers)
     for k in candidates:
         cost = draft_cost(model, k)
@@ -154,30 +154,33 @@ def check_exit_layer(layer: int, num_layers: int) -> None:
         )
 
 
-def _agreement(model: nn.Module, config: Any, windows: torch.Tensor, candidates: list[int]) -> dict[int, float]:
+def _agreement(model: nn.Module, windows: torch.Tensor, candidates: list[int]) -> dict[int, float]:
     """Fraction of positions where layer k's greedy token equals the full model's, per candidate k.
 
-    The draft is the model with ``config.num_hidden_layers`` lowered to k — the mechanism
-    transformers' early-exit candidate generator uses; logits live for one window at a time.
+    Layer k's token is what the draft computes — the final norm and LM head applied to the residual
+    stream after k layers — read from one full pass per window: every candidate costs one LM head,
+    not a forward through k layers. Logits live for one window and one candidate at a time.
     """
     device = next(model.parameters()).device
-    full_layers = config.num_hidden_layers
     matches = dict.fromkeys(candidates, 0)
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
             for window in windows:
-                ids = window[None].to(device)
-                reference = model(input_ids=ids, use_cache=False).logits.argmax(-1)
+                outputs = model(input_ids=window[None].to(device), use_cache=False, output_hidden_states=True)
+                reference = outputs.logits.argmax(-1)
                 for k in candidates:
-                    config.num_hidden_layers = k
-                    matches[k] += int((model(input_ids=ids, use_cache=False).logits.argmax(-1) == reference).sum())
-                    config.num_hidden_layers = full_layers
+                    matches[k] += int((exit_logits(model, outputs.hidden_states[k]).argmax(-1) == reference).sum())
     finally:
-        config.num_hidden_layers = full_layers
         model.train(was_training)
     return {k: count / windows.numel() for k, count in matches.items()}
+
+
+def exit_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """What the early-exit draft computes from its last layer's output: final norm, then the LM head."""
+    adapter = get_adapter(model)
+    return adapter.model.get_output_embeddings()(adapter.final_norm()(hidden))
 
 
 def _best_draft(alpha: float, cost: float, max_draft: int) -> tuple[int, float]:

@@ -13,9 +13,9 @@ from transformers import TrainingArguments
 from optimum_prune import PruningCallback, PruningConfig, prune, verify_sparsity
 from optimum_prune import distillation
 from optimum_prune.distillation import (
-    DistillationConfig, DistillationTrainer, _exit_logits, add_teacher_top_k, kd_loss, layer_dropout, layer_dropout_rates,
+    DistillationConfig, DistillationTrainer, add_teacher_top_k, kd_loss, layer_dropout, layer_dropout_rates,
 )  # fmt: skip
-from optimum_prune.early_exit import choose_early_exit
+from optimum_prune.early_exit import choose_early_exit, exit_logits
 
 from .conftest import tiny_model, token_windows
 
@@ -336,16 +336,6 @@ def test_sft_trainer_trains_on_stored_teacher_top_k_without_the_teacher(tmp_path
     assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in trainer.state.log_history if "loss" in entry)
 
 
-def test_exit_logits_are_what_the_early_exit_draft_computes():
-    model = tiny_model(num_hidden_layers=4)
-    ids = token_windows(samples=2, seq_len=8)
-    with torch.no_grad():
-        exit_logits = _exit_logits(model, model(input_ids=ids, output_hidden_states=True).hidden_states[2])
-        model.config.num_hidden_layers = 2  # transformers' early-exit draft: the first two layers
-        draft = model(input_ids=ids).logits
-    torch.testing.assert_close(exit_logits, draft)
-
-
 def test_exit_recovery_raises_the_draft_agreement(tmp_path):
     """Against the same training without the exit term (label loss only), the exit agrees more."""
     windows = token_windows(samples=4, seq_len=16)
@@ -372,7 +362,7 @@ def test_layer_dropout_skips_whole_sequences_at_the_layers_rate():
     ids = token_windows(samples=1, seq_len=8).repeat(400, 1)
     with torch.no_grad():
         full = model(input_ids=ids[:1]).logits
-        first_only = _exit_logits(model, model(input_ids=ids[:1], output_hidden_states=True).hidden_states[1])
+        first_only = exit_logits(model, model(input_ids=ids[:1], output_hidden_states=True).hidden_states[1])
         torch.manual_seed(0)
         with layer_dropout(model, 0.3):
             dropped = model(input_ids=ids).logits

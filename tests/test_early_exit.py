@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from optimum_prune import PruningConfig, prune
 from optimum_prune.adapters import get_adapter
 from optimum_prune.early_exit import (
-    EarlyExitReport, ExitLayer, _best_draft, choose_early_exit, draft_cost, early_exit_kwargs, enable_early_exit,
+    EarlyExitReport, ExitLayer, _best_draft, choose_early_exit, draft_cost, early_exit_kwargs, enable_early_exit, exit_logits,
 )  # fmt: skip
 
 from .conftest import tiny_model, token_windows
@@ -24,25 +24,38 @@ def test_report_measures_every_candidate_layer():
     assert all(0.0 <= c.agreement <= 1.0 and c.expected_speedup > 0 for c in report.candidates)
     influence = [c.remaining_influence for c in report.candidates]
     assert influence == sorted(influence, reverse=True)  # fewer layers skipped, less influence left
-    assert model.config.num_hidden_layers == 4  # the draft depth was restored
+    assert model.config.num_hidden_layers == 4  # the model is left as it was
     assert "best: exit after layer" in str(report)
 
 
 def test_agreement_is_the_teacher_forced_match_of_greedy_tokens():
-    model = tiny_model(num_hidden_layers=3)
-    windows = token_windows(samples=2, seq_len=8)
-    report = choose_early_exit(model, windows, candidates=[2], num_samples=2, seq_len=8)
+    model = tiny_model(num_hidden_layers=4)
+    windows = token_windows(samples=3, seq_len=16)
+    report = choose_early_exit(model, windows, num_samples=3, seq_len=16)
+    layers = model.model.layers
     with torch.no_grad():
         full = model(input_ids=windows).logits.argmax(-1)
-        model.model.layers = model.model.layers[:2]  # the draft: the first two layers, then norm and LM head
-        draft = model(input_ids=windows).logits.argmax(-1)
-    assert report.candidates[0].agreement == pytest.approx(float((draft == full).float().mean()))
+        for candidate in report.candidates:
+            model.model.layers = layers[: candidate.layer]  # the draft: the first k layers, then norm and LM head
+            draft = model(input_ids=windows).logits.argmax(-1)
+            assert candidate.agreement == float((draft == full).double().mean())
+    assert len({c.agreement for c in report.candidates}) > 1  # the candidates are told apart
 
 
 @pytest.mark.parametrize("speedup", [0.8, 1.5])
 def test_report_says_when_no_exit_pays(speedup):
     report = EarlyExitReport(4, [ExitLayer(2, agreement=0.5, draft_cost=0.5, draft_length=2, expected_speedup=speedup, remaining_influence=0.1)])
     assert ("leave early exit off" in str(report)) == (speedup < 1)
+
+
+def test_exit_logits_are_what_the_early_exit_draft_computes():
+    model = tiny_model(num_hidden_layers=4)
+    ids = token_windows(samples=2, seq_len=8)
+    with torch.no_grad():
+        read_at_exit = exit_logits(model, model(input_ids=ids, output_hidden_states=True).hidden_states[2])
+        model.config.num_hidden_layers = 2  # transformers' early-exit draft: the first two layers
+        draft = model(input_ids=ids).logits
+    torch.testing.assert_close(read_at_exit, draft)
 
 
 def test_speedup_formula_matches_leviathan_et_al():
