@@ -197,11 +197,12 @@ def _layer_outputs(adapter: DecoderAdapter, layer: nn.Module, inputs: LayerInput
 
 
 @contextmanager
-def feeding_inputs(linears: dict[str, nn.Linear], sink: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
-    """While active, every forward of a linear in ``linears`` passes its input to ``sink(name, input)``."""
+def feeding_inputs(modules: dict[str, nn.Module], sink: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+    """While active, every forward of a module in ``modules`` (linears, an MoE block) passes its first
+    input to ``sink(name, input)``."""
     handles = [
-        linear.register_forward_pre_hook(lambda _m, args, name=name: sink(name, args[0].detach()))
-        for name, linear in linears.items()
+        module.register_forward_pre_hook(lambda _m, args, name=name: sink(name, args[0].detach()))
+        for name, module in modules.items()
     ]
     try:
         yield

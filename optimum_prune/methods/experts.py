@@ -21,13 +21,13 @@ import itertools
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
 from ..adapters.moe import expert_tokens
-from ..calibration import LayerInputs, feed_layer, walk_layers
+from ..calibration import LayerInputs, feed_layer, feeding_inputs, walk_layers
 from ..options import check_choice, option
 from .base import StructuredMethod, register_structured_method
 
@@ -74,8 +74,8 @@ class ExpertPruning(StructuredMethod[ExpertPruningOptions]):
         def visit(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
             block = self.adapter.moe_block(layer)
             if self.options.criterion == "reconstruction":
-                hidden = block_inputs(block, lambda: feed_layer(self.adapter, layer, inputs))
-                kept = self._reconstruction(block, hidden, len(self.adapter.block_experts(block)))
+                run = partial(feed_layer, self.adapter, layer, inputs)
+                kept = self._reconstruction(block, run, len(self.adapter.block_experts(block)))
             else:
                 scores = self._expert_scores(block, layer, inputs)
                 kept = sorted(torch.argsort(scores, descending=True, stable=True)[: self.keep].tolist())
@@ -119,11 +119,16 @@ class ExpertPruning(StructuredMethod[ExpertPruningOptions]):
         return reap_scores(self.adapter, block, run)
 
     @torch.no_grad()
-    def _reconstruction(self, block: nn.Module, hidden: torch.Tensor, total: int) -> list[int]:
+    def _reconstruction(self, block: nn.Module, run: Any, total: int) -> list[int]:
+        """The subset of ``self.keep`` experts to keep, from the block's inputs while ``run()`` runs the
+        layer: the exhaustive search scores every subset as the tokens arrive (one pass, nothing kept);
+        the greedy one keeps the inputs for its rounds."""
         if math.comb(total, self.keep) <= self.options.max_subsets:
             candidates = [list(s) for s in itertools.combinations(range(total), self.keep)]
-            losses = self._subset_losses(block, hidden, candidates)
+            losses = torch.zeros(len(candidates), dtype=torch.float64)
+            each_block_chunk(block, run, lambda chunk: losses.add_(self._chunk_losses(block, chunk, candidates)))
             return candidates[int(torch.argmin(losses))]
+        hidden = block_inputs(block, run)
         kept = list(range(total))
         while len(kept) > self.keep:  # greedy: drop the expert whose absence changes the output least
             candidates = [[e for e in kept if e != drop] for drop in kept]
@@ -132,15 +137,16 @@ class ExpertPruning(StructuredMethod[ExpertPruningOptions]):
 
     def _subset_losses(self, block: nn.Module, hidden: torch.Tensor, subsets: list[list[int]]) -> torch.Tensor:
         """Σ over tokens of ‖F(x) − F_S(x)‖² for each subset S, the router restricted to S's rows."""
+        return sum(self._chunk_losses(block, chunk, subsets) for chunk in token_chunks(hidden))
+
+    def _chunk_losses(self, block: nn.Module, chunk: torch.Tensor, subsets: list[list[int]]) -> torch.Tensor:
         losses = torch.zeros(len(subsets), dtype=torch.float64)
         experts = self.adapter.block_experts(block)
-        everyone = list(range(len(experts)))
-        for chunk in token_chunks(hidden):
-            logits = self.adapter.router(block)(chunk).float()
-            outputs = torch.stack([expert(chunk).float() for expert in experts])  # [n, tokens, hidden]
-            full = self._mixture(block, logits, outputs, everyone)
-            for position, subset in enumerate(subsets):
-                losses[position] += float((full - self._mixture(block, logits, outputs, subset)).square().sum())
+        logits = self.adapter.router(block)(chunk).float()
+        outputs = torch.stack([expert(chunk).float() for expert in experts])  # [n, tokens, hidden]
+        full = self._mixture(block, logits, outputs, list(range(len(experts))))
+        for position, subset in enumerate(subsets):
+            losses[position] = float((full - self._mixture(block, logits, outputs, subset)).square().sum())
         return losses
 
     def _mixture(self, block: nn.Module, logits: torch.Tensor, outputs: torch.Tensor, subset: list[int]) -> torch.Tensor:
@@ -176,14 +182,22 @@ def experts_to_keep(adapter: Any, sparsity: float, requested: int) -> int:
     return keep
 
 
+def each_block_chunk(block: nn.Module, run: Any, consume: Callable[[torch.Tensor], Any]) -> None:
+    """Run the layer once (``run()``), passing the MoE block's input tokens to ``consume`` as they
+    arrive, at most ``TOKEN_CHUNK`` at a time ([tokens, hidden])."""
+
+    def split(_name: str, hidden: torch.Tensor) -> None:
+        for chunk in token_chunks(hidden.reshape(-1, hidden.shape[-1])):
+            consume(chunk)
+
+    with feeding_inputs({"block": block}, split):
+        run()
+
+
 def block_inputs(block: nn.Module, run: Any) -> torch.Tensor:
     """The MoE block's input tokens ([tokens, hidden]) while ``run()`` runs the layer once."""
     seen: list[torch.Tensor] = []
-    handle = block.register_forward_pre_hook(lambda _m, args: seen.append(args[0].detach().reshape(-1, args[0].shape[-1])))
-    try:
-        run()
-    finally:
-        handle.remove()
+    each_block_chunk(block, run, seen.append)
     return torch.cat(seen)
 
 
@@ -194,20 +208,15 @@ def reap_scores(adapter: Any, block: nn.Module, run: Any) -> torch.Tensor:
     scores = torch.zeros(len(experts), dtype=torch.float64)
     counts = torch.zeros(len(experts), dtype=torch.float64)
 
-    def score(_module: nn.Module, args: tuple) -> None:
-        for chunk in token_chunks(args[0].detach().reshape(-1, args[0].shape[-1])):
-            weights, selected = adapter.route(block, adapter.router(block)(chunk))
-            for expert in selected.unique().tolist():
-                rank, token = expert_tokens(selected, expert)
-                output = experts[expert](chunk[token])
-                scores[expert] += float((weights[token, rank] * output.float().norm(dim=-1)).sum())
-                counts[expert] += token.numel()
+    def score(chunk: torch.Tensor) -> None:
+        weights, selected = adapter.route(block, adapter.router(block)(chunk))
+        for expert in selected.unique().tolist():
+            rank, token = expert_tokens(selected, expert)
+            output = experts[expert](chunk[token])
+            scores[expert] += float((weights[token, rank] * output.float().norm(dim=-1)).sum())
+            counts[expert] += token.numel()
 
-    handle = block.register_forward_pre_hook(score)
-    try:
-        run()
-    finally:
-        handle.remove()
+    each_block_chunk(block, run, score)
     return scores / counts.clamp_min(1)
 
 

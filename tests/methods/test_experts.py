@@ -9,6 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from optimum_prune import PruningConfig, get_adapter, prune
+from optimum_prune.methods import experts
 from optimum_prune.methods.experts import ExpertPruning, ExpertPruningOptions, reap_scores
 
 from ..adapters.test_moe import FAMILIES, block_inputs, tiny_moe
@@ -82,19 +83,43 @@ def test_reconstruction_loss_models_the_pruned_block_exactly(family):
 
 
 def test_exhaustive_search_picks_the_best_subset():
-    model = tiny_moe(num_local_experts=5)
+    model, windows = tiny_moe(num_local_experts=5), token_windows(2, 8)
     adapter = get_adapter(model)
     block = adapter.moe_block(adapter.decoder_layers()[0])
-    hidden = block_inputs(model, token_windows(2, 8))
+    hidden = block_inputs(model, windows)
     method = ExpertPruning(adapter, 0.4, [], ExpertPruningOptions(), torch.device("cpu"))
     method.check()
     subsets = [list(s) for s in itertools.combinations(range(5), 3)]
     with torch.no_grad():
         losses = method._subset_losses(block, hidden, subsets)
-        assert method._reconstruction(block, hidden, 5) == subsets[int(torch.argmin(losses))]
+        assert method._reconstruction(block, lambda: model(windows), 5) == subsets[int(torch.argmin(losses))]
         greedy = ExpertPruning(adapter, 0.4, [], ExpertPruningOptions(max_subsets=1), torch.device("cpu"))
         greedy.check()
-        assert len(greedy._reconstruction(block, hidden, 5)) == 3
+        assert len(greedy._reconstruction(block, lambda: model(windows), 5)) == 3
+
+
+def test_exhaustive_search_scores_tokens_as_they_arrive(monkeypatch):
+    """Chunked over batches and within them, the streamed losses are the losses of all tokens at once;
+    the block's inputs are not kept."""
+    model, windows = tiny_moe(num_local_experts=5), token_windows(3, 8)
+    adapter = get_adapter(model)
+    block = adapter.moe_block(adapter.decoder_layers()[0])
+    method = ExpertPruning(adapter, 0.4, [], ExpertPruningOptions(), torch.device("cpu"))
+    method.check()
+    subsets = [list(s) for s in itertools.combinations(range(5), 3)]
+    with torch.no_grad():
+        whole = method._chunk_losses(block, block_inputs(model, windows), subsets)
+        monkeypatch.setattr(experts, "TOKEN_CHUNK", 5)  # 8-token windows arrive one batch at a time, split 5 + 3
+        monkeypatch.setattr(experts, "block_inputs", None)  # the exhaustive search must not keep the inputs
+        streamed = torch.zeros(len(subsets), dtype=torch.float64)
+
+        def one_batch_at_a_time() -> None:
+            for window in windows:
+                model(window[None])
+
+        experts.each_block_chunk(block, one_batch_at_a_time, lambda chunk: streamed.add_(method._chunk_losses(block, chunk, subsets)))
+        assert method._reconstruction(block, one_batch_at_a_time, 5) == subsets[int(torch.argmin(whole))]
+    torch.testing.assert_close(streamed, whole, rtol=1e-5, atol=0)
 
 
 def test_frequency_keeps_the_most_routed_experts_of_each_layer():
