@@ -10,7 +10,8 @@ is the full model's. What it lacks is a way to pick ``k``; this module measures 
 - the cost c of a draft step relative to a full one: the bytes of weights a token reads (decoding at
   batch 1 is bound by memory traffic) through the first ``k`` layers and the LM head, against all
   layers and the head — not k/L: a small model's head weighs as much as several layers
-  (SmolLM2-135M's, 49,152 × 576, as much as eight of its 30);
+  (SmolLM2-135M's, 49,152 × 576, as much as eight of its 30), and a token reads only the top-k
+  of a mixture-of-experts layer's experts;
 - the expected speed-up of speculative decoding with that α and c and the best draft length
   γ ≤ ``max_draft`` (Leviathan et al. 2023, Theorem 3.8 and Eq. 1): (1 − α^{γ+1}) / ((1 − α)(γ·c + 1));
 - the Block Influence (ShortGPT) left after ``k`` — how much the skipped layers still change the
@@ -106,10 +107,22 @@ def choose_early_exit(
 def draft_cost(model: nn.Module, layer: int) -> float:
     """Bytes of weights a draft step through the first ``layer`` decoder layers and the LM head reads,
     relative to a full step's (packed quantized weights count as stored)."""
-    layer_bytes = [_stored_bytes(block) for block in get_adapter(model).decoder_layers()]
+    adapter = get_adapter(model)
+    layer_bytes = [_bytes_per_token(adapter, decoder_layer) for decoder_layer in adapter.decoder_layers()]
     head = model.get_output_embeddings()
     head_bytes = _stored_bytes(head) if head is not None else 0
     return (sum(layer_bytes[:layer]) + head_bytes) / (sum(layer_bytes) + head_bytes)
+
+
+def _bytes_per_token(adapter: Any, layer: nn.Module) -> float:
+    """Weight bytes one decoded token reads in ``layer``: of a mixture-of-experts block's routed experts,
+    the top-k the router picks (k / n of their bytes on average)."""
+    block = adapter.moe_block(layer)
+    if block is None:
+        return _stored_bytes(layer)
+    experts = adapter.block_experts(block)
+    unread = 1 - adapter.experts_per_token(block) / len(experts)
+    return _stored_bytes(layer) - unread * _stored_bytes(experts)
 
 
 def _stored_bytes(module: nn.Module) -> int:

@@ -14,6 +14,7 @@ from optimum_prune.early_exit import (
     EarlyExitReport, ExitLayer, _best_draft, choose_early_exit, draft_cost, early_exit_kwargs, enable_early_exit, exit_logits,
 )  # fmt: skip
 
+from .adapters.test_moe import tiny_moe
 from .conftest import tiny_model, token_windows
 
 
@@ -90,6 +91,15 @@ def test_draft_cost_counts_the_lm_head():
     assert draft_cost(model, 1) > 1 / 4
     report = choose_early_exit(model, token_windows(samples=2, seq_len=8), candidates=[1], num_samples=2, seq_len=8)
     assert report.candidates[0].draft_cost == draft_cost(model, 1)
+
+
+def test_draft_cost_reads_the_routed_experts_only():
+    model = tiny_moe("mixtral")  # 4 experts, top-2, 2 layers
+    block = model.model.layers[0].block_sparse_moe
+    experts_bytes = sum(p.numel() * 4 for p in block.experts.parameters())
+    layer_bytes = sum(p.numel() * 4 for p in model.model.layers[0].parameters()) - experts_bytes / 2
+    head_bytes = model.lm_head.weight.numel() * 4
+    assert draft_cost(model, 1) == pytest.approx((layer_bytes + head_bytes) / (2 * layer_bytes + head_bytes))
 
 
 @contextmanager
