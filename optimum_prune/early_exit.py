@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import get_adapter
+from .adapters import DecoderAdapter, get_adapter
 from .calibration import CalibrationSource, calibration_windows
 from .methods.layers import block_influence
 
@@ -96,25 +96,26 @@ def choose_early_exit(
     windows = calibration_windows(calibration, tokenizer, num_samples, seq_len, seed)
     influence = block_influence(adapter, windows, next(model.parameters()).device)
     agreement = _agreement(model, windows, candidates)
+    costs = draft_costs(model)
     report = EarlyExitReport(num_layers)
     for k in candidates:
-        cost = draft_cost(model, k)
-        gamma, speedup = _best_draft(agreement[k], cost, max_draft)
-        report.candidates.append(ExitLayer(k, agreement[k], cost, gamma, speedup, sum(influence[k:])))
+        gamma, speedup = _best_draft(agreement[k], costs[k], max_draft)
+        report.candidates.append(ExitLayer(k, agreement[k], costs[k], gamma, speedup, sum(influence[k:])))
     return report
 
 
-def draft_cost(model: nn.Module, layer: int) -> float:
-    """Bytes of weights a draft step through the first ``layer`` decoder layers and the LM head reads,
-    relative to a full step's (packed quantized weights count as stored)."""
+def draft_costs(model: nn.Module) -> list[float]:
+    """Entry k: the bytes of weights a draft step through the first k decoder layers and the LM head
+    reads, relative to a full step's (packed quantized weights count as stored)."""
     adapter = get_adapter(model)
-    layer_bytes = [_bytes_per_token(adapter, decoder_layer) for decoder_layer in adapter.decoder_layers()]
-    head = model.get_output_embeddings()
-    head_bytes = _stored_bytes(head) if head is not None else 0
-    return (sum(layer_bytes[:layer]) + head_bytes) / (sum(layer_bytes) + head_bytes)
+    head = adapter.model.get_output_embeddings()
+    read = [_stored_bytes(head) if head is not None else 0]
+    for layer in adapter.decoder_layers():
+        read.append(read[-1] + _bytes_per_token(adapter, layer))
+    return [total / read[-1] for total in read]
 
 
-def _bytes_per_token(adapter: Any, layer: nn.Module) -> float:
+def _bytes_per_token(adapter: DecoderAdapter, layer: nn.Module) -> float:
     """Weight bytes one decoded token reads in ``layer``: of a mixture-of-experts block's routed experts,
     the top-k the router picks (k / n of their bytes on average)."""
     block = adapter.moe_block(layer)

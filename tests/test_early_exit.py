@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from optimum_prune import PruningConfig, prune
 from optimum_prune.adapters import get_adapter
 from optimum_prune.early_exit import (
-    EarlyExitReport, ExitLayer, _best_draft, choose_early_exit, draft_cost, early_exit_kwargs, enable_early_exit, exit_logits,
+    EarlyExitReport, ExitLayer, _best_draft, choose_early_exit, draft_costs, early_exit_kwargs, enable_early_exit, exit_logits,
 )  # fmt: skip
 
 from .adapters.test_moe import tiny_moe
@@ -87,10 +87,10 @@ def test_draft_cost_counts_the_lm_head():
     model = tiny_model(num_hidden_layers=4)
     layer_bytes = sum(p.numel() * 4 for p in model.model.layers[0].parameters())
     head_bytes = model.lm_head.weight.numel() * 4
-    assert draft_cost(model, 1) == pytest.approx((layer_bytes + head_bytes) / (4 * layer_bytes + head_bytes))
-    assert draft_cost(model, 1) > 1 / 4
+    assert draft_costs(model)[1] == pytest.approx((layer_bytes + head_bytes) / (4 * layer_bytes + head_bytes))
+    assert draft_costs(model)[1] > 1 / 4 and draft_costs(model)[4] == 1.0
     report = choose_early_exit(model, token_windows(samples=2, seq_len=8), candidates=[1], num_samples=2, seq_len=8)
-    assert report.candidates[0].draft_cost == draft_cost(model, 1)
+    assert report.candidates[0].draft_cost == draft_costs(model)[1]
 
 
 def test_draft_cost_reads_the_routed_experts_only():
@@ -99,7 +99,7 @@ def test_draft_cost_reads_the_routed_experts_only():
     experts_bytes = sum(p.numel() * 4 for p in block.experts.parameters())
     layer_bytes = sum(p.numel() * 4 for p in model.model.layers[0].parameters()) - experts_bytes / 2
     head_bytes = model.lm_head.weight.numel() * 4
-    assert draft_cost(model, 1) == pytest.approx((layer_bytes + head_bytes) / (2 * layer_bytes + head_bytes))
+    assert draft_costs(model)[1] == pytest.approx((layer_bytes + head_bytes) / (2 * layer_bytes + head_bytes))
 
 
 @contextmanager
