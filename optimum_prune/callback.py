@@ -8,8 +8,9 @@ prune gradually while training.
     PruningCallback(ExpertDroppingSchedule(final_experts=2, end_step=600))                  # drop MoE experts while fine-tuning
 
 Keeping masks: the zeros the model has when training begins stay zero after every optimizer
-step (gradients of pruned weights are zeroed before the step, so momentum never builds up
-there, and the weights are zeroed again after it, which also undoes coupled weight decay). With
+step (gradients of pruned weights are zeroed as backward produces them, so gradient clipping
+measures the pruned model's gradient and momentum never builds up there, and the weights are
+zeroed again after each step, which also undoes coupled weight decay). With
 peft the masks sit on ``get_base_layer().weight``, and ``merge_lora_preserving_sparsity``
 merges without filling them. Gradual pruning follows the cubic schedule of Zhu & Gupta (2017)
 or the iterative prune-retrain rounds of Han et al. (2015), and ranks weights by magnitude or, without any calibration set, by a Wanda-style score from the
@@ -257,6 +258,7 @@ class PruningCallback(TrainerCallback):
             self.experts.on_train_begin(args, state, control, model=model, **kwargs)
         if not self.masks.linears:
             raise ValueError("PruningCallback found no prunable linears in the model's decoder layers (check ignore=)")
+        self._hooks.extend(self.masks.mask_gradients_in_backward())
         if self.schedule is not None:
             self.schedule = self.schedule.resolved(state.max_steps)
             if self.schedule.score == "wanda":
@@ -268,9 +270,6 @@ class PruningCallback(TrainerCallback):
             elif self.schedule.prunes_at(state.global_step):
                 self._prune(state.global_step)
         logger.info("PruningCallback: %d linears at %.2f%% sparsity", len(self.masks.linears), 100 * self.masks.sparsity())
-
-    def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        self.masks.mask_gradients()
 
     def on_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self.masks.apply()

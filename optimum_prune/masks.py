@@ -11,6 +11,7 @@ mask applies to ``get_base_layer().weight``) and the model after ``merge_and_unl
 from __future__ import annotations
 
 from fnmatch import fnmatchcase
+from functools import partial
 from typing import Iterable, Iterator
 
 import torch
@@ -93,12 +94,18 @@ class SparsityMasks:
                 pruned = self.pruned[name] = pruned.to(weight.device)
             weight.masked_fill_(pruned, 0)
 
-    def mask_gradients(self) -> None:
-        """Zero the gradients of masked weights, so optimizer state never builds up there."""
-        for name, pruned in self.pruned.items():
-            grad = self.linears[name].weight.grad
-            if grad is not None:
-                grad.masked_fill_(pruned.to(grad.device), 0)
+    def mask_gradients_in_backward(self) -> list[torch.utils.hooks.RemovableHandle]:
+        """Zero the masked weights' gradients as backward produces them (until the handles are removed),
+        so what reads the gradients before the optimizer — gradient clipping's norm, DDP's all-reduce,
+        the optimizer's state — sees the pruned model's; masks ``set`` later apply from then on."""
+        return [
+            linear.weight.register_hook(partial(self._masked_gradient, name))
+            for name, linear in self.linears.items()
+            if linear.weight.requires_grad
+        ]
+
+    def _masked_gradient(self, name: str, grad: torch.Tensor) -> torch.Tensor:
+        return grad.masked_fill(self.pruned[name].to(grad.device), 0)
 
     def sparsity(self) -> float:
         """Fraction of masked weights over all masked linears."""

@@ -50,6 +50,27 @@ def zero_masks(model) -> dict[str, torch.Tensor]:
     return {name: linear.weight.detach() == 0 for name, linear in prunable_linears(model).items()}
 
 
+def test_gradient_clipping_sees_only_the_kept_weights_gradients(tmp_path):
+    """Clipped at max_grad_norm, SGD moves the kept weights exactly as with the pruned weights' gradients
+    zeroed during backward (a reference hook), and the logged gradient norm is the pruned model's."""
+    runs = {}
+    for mode in ("callback", "reference"):
+        model = pruned_tiny()
+        masks = zero_masks(model)
+        before = {name: linear.weight.detach().clone() for name, linear in prunable_linears(model).items()}
+        if mode == "reference":
+            for name, linear in prunable_linears(model).items():
+                linear.weight.register_hook(lambda grad, pruned=masks[name]: grad.masked_fill(pruned, 0))
+        optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+        callbacks = [PruningCallback()] if mode == "callback" else []
+        trainer = run_trainer(model, tmp_path / mode, callbacks, steps=1, optimizers=(optimizer, None), max_grad_norm=1.0)
+        moved = torch.cat([(linear.weight.detach() - before[name])[~masks[name]] for name, linear in prunable_linears(model).items()])
+        runs[mode] = moved, trainer.state.log_history[0]["grad_norm"]
+    assert runs["reference"][1] > 1.0  # the clip is active
+    torch.testing.assert_close(runs["callback"][0], runs["reference"][0])
+    assert runs["callback"][1] == pytest.approx(runs["reference"][1])
+
+
 class TestGradualSchedule:
     def test_cubic_values(self):
         schedule = GradualSchedule(final_sparsity=0.5, initial_sparsity=0.1, start_step=10, end_step=110, every=10)
