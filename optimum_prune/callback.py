@@ -231,6 +231,7 @@ class PruningCallback(TrainerCallback):
         self.masks: SparsityMasks | None = None
         self._norms: dict[str, ColumnNorms] = {}
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
+        self._run_schedule: GradualSchedule | IterativeSchedule | None = None  # ``schedule`` resolved for the current run
         self._deferred = False
 
     # --- Trainer events ----------------------------------------------------------------
@@ -259,15 +260,15 @@ class PruningCallback(TrainerCallback):
         if not self.masks.linears:
             raise ValueError("PruningCallback found no prunable linears in the model's decoder layers (check ignore=)")
         self._hooks.extend(self.masks.mask_gradients_in_backward())
-        if self.schedule is not None:
-            self.schedule = self.schedule.resolved(state.max_steps)
-            if self.schedule.score == "wanda":
+        self._run_schedule = self.schedule.resolved(state.max_steps) if self.schedule is not None else None
+        if self._run_schedule is not None:
+            if self._run_schedule.score == "wanda":
                 self._observe_inputs(model)
                 # A pruning step due at the start, before any activation, runs after the first training
                 # step (a resumed run already took the one of its checkpoint's step).
-                self._deferred = state.global_step == 0 and self.schedule.prunes_at(0)
+                self._deferred = state.global_step == 0 and self._run_schedule.prunes_at(0)
                 self._warn_if_resumed_mid_interval(state.global_step)
-            elif self.schedule.prunes_at(state.global_step):
+            elif self._run_schedule.prunes_at(state.global_step):
                 self._prune(state.global_step)
         logger.info("PruningCallback: %d linears at %.2f%% sparsity", len(self.masks.linears), 100 * self.masks.sparsity())
 
@@ -275,7 +276,7 @@ class PruningCallback(TrainerCallback):
         self.masks.apply()
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        if self.schedule is not None and (self._deferred or self.schedule.prunes_at(state.global_step)):
+        if self._run_schedule is not None and (self._deferred or self._run_schedule.prunes_at(state.global_step)):
             self._deferred = False
             self._prune(state.global_step)
         if self.experts is not None:
@@ -308,8 +309,8 @@ class PruningCallback(TrainerCallback):
     def _warn_if_resumed_mid_interval(self, step: int) -> None:
         """Activation norms are not checkpointed: a run resumed between two pruning steps scores
         the next one on the batches seen since the resume only."""
-        pruning_ahead = self.schedule.sparsity_at(step) < self.schedule.final_fraction
-        if step == 0 or self.schedule.prunes_at(step) or not pruning_ahead:
+        pruning_ahead = self._run_schedule.sparsity_at(step) < self._run_schedule.final_fraction
+        if step == 0 or self._run_schedule.prunes_at(step) or not pruning_ahead:
             return
         logger.warning(
             "PruningCallback: resumed at step %d, between two pruning steps of a score='wanda' schedule: the activation "
@@ -332,7 +333,7 @@ class PruningCallback(TrainerCallback):
 
     @torch.no_grad()
     def _prune(self, step: int) -> None:
-        target = self.schedule.target_at(step)
+        target = self._run_schedule.target_at(step)
         if target == 0.0:
             return
         if self._norms:  # under DDP each process saw its own batches: every one must score, and so prune, alike
@@ -344,13 +345,13 @@ class PruningCallback(TrainerCallback):
             scores = self._scores(name, linear)
             # Already-pruned weights stay pruned: they score below every kept weight.
             scores[self.masks.pruned[name]] = -1.0
-            pruned = select_mask(scores, target, per_row=self.schedule.score == "wanda")
+            pruned = select_mask(scores, target, per_row=self._run_schedule.score == "wanda")
             self.masks.set(name, pruned | self.masks.pruned[name])
         self.masks.apply()
         logger.info("PruningCallback: step %d pruned to %s (%.2f%% of masked linears)", step, target, 100 * self.masks.sparsity())
 
     def _scores(self, name: str, linear: nn.Linear) -> torch.Tensor:
-        if self.schedule.score == "magnitude":
+        if self._run_schedule.score == "magnitude":
             return linear.weight.detach().abs().float()
         norms = self._norms[name]
         if norms.tokens == 0:

@@ -71,6 +71,16 @@ def test_gradient_clipping_sees_only_the_kept_weights_gradients(tmp_path):
     assert runs["callback"][1] == pytest.approx(runs["reference"][1])
 
 
+def test_a_reused_callback_resolves_its_schedule_for_each_run(tmp_path):
+    """end_step left unset is two thirds of each run, not of the first run the callback saw."""
+    callback = PruningCallback(GradualSchedule(final_sparsity=0.5, every=1))
+    run_trainer(tiny_model(), tmp_path / "long", [callback], steps=30)
+    model = tiny_model()
+    run_trainer(model, tmp_path / "short", [callback], steps=6)
+    assert callback.schedule.end_step is None
+    assert verify_sparsity(model, ignore=("lm_head",))["overall_sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
 class TestGradualSchedule:
     def test_cubic_values(self):
         schedule = GradualSchedule(final_sparsity=0.5, initial_sparsity=0.1, start_step=10, end_step=110, every=10)
