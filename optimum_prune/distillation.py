@@ -42,6 +42,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Iterator
 
 import torch
@@ -190,12 +191,17 @@ class DistillationMixin:
             check_exit_layer(self.distillation.exit_layer, len(get_adapter(self.model).decoder_layers()))
 
     def precompute_teacher_top_k(self, batch_size: int = 1) -> None:
-        """Store the teacher's top-k logits (``DistillationConfig.top_k``) with the training set, as the
-        Trainer built it (e.g. after ``SFTTrainer`` tokenised it), pad them in each batch beside the
-        Trainer's own collator, and drop the teacher: it is not resident while the student trains."""
+        """Store the teacher's top-k logits (``DistillationConfig.top_k``) with the training and evaluation
+        sets, as the Trainer built them (e.g. after ``SFTTrainer`` tokenised them), pad them in each batch
+        beside the Trainer's own collator, and drop the teacher: it is not resident while the student trains."""
         if self.teacher is None or self.distillation.top_k is None:
             raise ValueError("precompute_teacher_top_k needs the teacher and DistillationConfig.top_k")
-        self.train_dataset = add_teacher_top_k(self.train_dataset, self.teacher, self.distillation.top_k, batch_size=batch_size)
+        annotate = partial(add_teacher_top_k, teacher=self.teacher, k=self.distillation.top_k, batch_size=batch_size)
+        self.train_dataset = annotate(self.train_dataset)
+        if isinstance(self.eval_dataset, dict):
+            self.eval_dataset = {name: annotate(dataset) for name, dataset in self.eval_dataset.items()}
+        elif self.eval_dataset is not None:
+            self.eval_dataset = annotate(self.eval_dataset)
         self.data_collator = TopKPadding(self.data_collator, getattr(self.processing_class, "padding_side", "right"))
         self.teacher = None
 
@@ -342,6 +348,11 @@ class TopKPadding:
         self.collator, self.padding_side = collator, padding_side
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        if any(TOP_K_INDICES not in feature for feature in features):
+            raise ValueError(
+                "a batch has no stored teacher top-k logits (the teacher was dropped by precompute_teacher_top_k): give "
+                "the Trainer every evaluation set (eval_dataset=) before calling precompute_teacher_top_k"
+            )
         stored = [(feature.pop(TOP_K_INDICES), feature.pop(TOP_K_LOGITS)) for feature in features]
         batch = self.collator(features)
         rows, length = batch["input_ids"].shape

@@ -336,6 +336,25 @@ def test_sft_trainer_trains_on_stored_teacher_top_k_without_the_teacher(tmp_path
     assert all(torch.isfinite(torch.tensor(entry["loss"])) for entry in trainer.state.log_history if "loss" in entry)
 
 
+def test_stored_teacher_top_k_evaluates_as_the_live_teacher(tmp_path):
+    """precompute_teacher_top_k annotates the evaluation sets too: the eval loss is the live teacher's;
+    a set given only to evaluate() afterwards is a clear error, not a KeyError."""
+    teacher, student = teacher_student()
+    evaluation = {"wiki": dataset(samples=8), "more": dataset(samples=4, seq_len=12)}
+    trainer = DistillationTrainer(
+        model=student, teacher=teacher, distillation=DistillationConfig(top_k=8), args=training_args(tmp_path, 1),
+        train_dataset=dataset(), eval_dataset=evaluation,
+    )  # fmt: skip
+    live = trainer.evaluate()
+    trainer.precompute_teacher_top_k()
+    stored = trainer.evaluate()
+    assert trainer.teacher is None
+    for name in evaluation:
+        assert stored[f"eval_{name}_loss"] == pytest.approx(live[f"eval_{name}_loss"], rel=1e-5)
+    with pytest.raises(ValueError, match="give the Trainer every evaluation set"):
+        trainer.evaluate(dataset(samples=4))
+
+
 def test_exit_recovery_raises_the_draft_agreement(tmp_path):
     """Against the same training without the exit term (label loss only), the exit agrees more."""
     windows = token_windows(samples=4, seq_len=16)
