@@ -170,6 +170,12 @@ class DistillationMixin:
         # compute_loss returns each micro-batch's mean, so the Trainer must divide by the accumulation
         # steps itself (it skips that when it believes the model normalises by num_items_in_batch).
         self.model_accepts_loss_kwargs = False
+        if self.compute_loss_func is not None:
+            raise ValueError(
+                "DistillationTrainer computes its own loss (label, KD, exit and hidden-state terms, each a micro-batch "
+                "mean): compute_loss_func would replace only the label term and change how gradient accumulation scales "
+                "it; add a custom term by overriding compute_loss in a subclass instead"
+            )
         self.distillation = distillation or DistillationConfig()
         if self.distillation.layer_dropout and self.args.gradient_checkpointing:
             raise ValueError(
@@ -227,13 +233,15 @@ class DistillationMixin:
         hidden = config.hidden_weight > 0
         unwrapped = self.accelerator.unwrap_model(model)  # DDP's wrapper hides the model's structure
         dropping = layer_dropout(unwrapped, config.layer_dropout) if model.training and config.layer_dropout else nullcontext()
-        # Without a label loss the model need not compute one (it upcasts every logit to fp32 for it).
-        model_inputs = inputs if config.label_weight else {name: value for name, value in inputs.items() if name != "labels"}
+        model_inputs = {**inputs, "output_hidden_states": hidden or bool(config.exit_weight)}
         with dropping:
-            outputs = model(**model_inputs, output_hidden_states=hidden or bool(config.exit_weight))
+            if config.label_weight:  # the Trainer's own label loss (label smoothing; a subclass's, e.g. SFTTrainer's metrics)
+                label_loss, outputs = super().compute_loss(model, model_inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+            else:  # the model need not compute a label loss (it upcasts every logit to fp32 for it)
+                outputs = model(**{name: value for name, value in model_inputs.items() if name != "labels"})
         loss = outputs.logits.new_zeros(())
         if config.label_weight:
-            loss = loss + config.label_weight * outputs.loss
+            loss = loss + config.label_weight * label_loss
         if config.exit_weight:
             draft_logits = exit_logits(unwrapped, outputs.hidden_states[config.exit_layer])
             loss = loss + config.exit_weight * kd_loss(draft_logits, outputs.logits.detach(), labels, config.temperature)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from datasets import Dataset, load_from_disk
 from torch.nn import functional as F
-from transformers import TrainingArguments
+from transformers import Trainer, TrainingArguments
 
 from optimum_prune import PruningCallback, PruningConfig, prune, verify_sparsity
 from optimum_prune import distillation
@@ -353,6 +353,23 @@ def test_stored_teacher_top_k_evaluates_as_the_live_teacher(tmp_path):
         assert stored[f"eval_{name}_loss"] == pytest.approx(live[f"eval_{name}_loss"], rel=1e-5)
     with pytest.raises(ValueError, match="give the Trainer every evaluation set"):
         trainer.evaluate(dataset(samples=4))
+
+
+def test_the_label_term_is_the_trainers_own_loss_with_label_smoothing(tmp_path):
+    model, ids = tiny_model(), token_windows(samples=4, seq_len=16, seed=9)
+    args = training_args(tmp_path, 1)
+    args.label_smoothing_factor = 0.3
+    plain = Trainer(model=model, args=args)
+    distilling = DistillationTrainer(model=model, args=args, distillation=DistillationConfig(kd_weight=0.0, label_weight=1.0))
+    with torch.no_grad():
+        smoothed = float(plain.compute_loss(model, {"input_ids": ids, "labels": ids}))
+        assert float(distilling.compute_loss(model, {"input_ids": ids, "labels": ids})) == pytest.approx(smoothed)
+        assert smoothed != pytest.approx(float(model(input_ids=ids, labels=ids).loss))  # the smoothing changes it
+
+
+def test_a_custom_loss_function_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="DistillationTrainer computes its own loss"):
+        DistillationTrainer(model=tiny_model(), args=training_args(tmp_path, 1), compute_loss_func=lambda outputs, labels, **_: outputs.loss)
 
 
 def test_exit_recovery_raises_the_draft_agreement(tmp_path):
