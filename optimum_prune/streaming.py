@@ -202,6 +202,7 @@ def prune_checkpoint(
     reader = CheckpointReader(source)
     model_config = AutoConfig.from_pretrained(source, local_files_only=True)
     dtype = dtype or reader.dtype()
+    model_config.dtype = dtype  # what the saved config.json says: dtype="auto" reloads the pruned weights as written
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
     adapter = get_adapter(model)

@@ -198,6 +198,14 @@ def test_bfloat16_checkpoint_is_pruned_and_saved_in_bfloat16(tmp_path, bpe_token
     assert_same_weights(reloaded.state_dict(), model.state_dict())
 
 
+def test_a_requested_dtype_is_what_the_saved_config_says(tmp_path):
+    source = tmp_path / "bf16"
+    tiny_model().to(torch.bfloat16).save_pretrained(source)
+    prune_checkpoint(source, tmp_path / "out", CONFIGS["magnitude"], dtype=torch.float32)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto")
+    assert reloaded.dtype == torch.float32
+
+
 def test_cli_offload_disk(sharded, tmp_path, capsys):
     from optimum_prune.cli import main
 
