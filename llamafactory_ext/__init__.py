@@ -1,5 +1,6 @@
 """LLaMA-Factory integration of optimum-prune: a ``pruning:`` section in LLaMA-Factory YAMLs,
-``stage: prune``, and pruning before LLaMA-Factory's own training, export and chat.
+``stage: prune``, pruning before LLaMA-Factory's own training, and its export and chat of pruned
+models keeping their zeros when they merge a LoRA adapter.
 
 Command line: ``llamafactory-prune {train,export,chat,api} config.yaml [key=value ...]``.
 The pieces are importable for scripts: ``split_pruning`` / ``PruningSection`` (the YAML

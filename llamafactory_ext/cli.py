@@ -6,8 +6,9 @@
     llamafactory-prune chat examples/llamafactory/chat_pruned.yaml
 
 The YAML (with ``key=value`` overrides, as ``llamafactory-cli`` takes them) is read here; the
-``pruning:`` section is validated and handled, and everything else goes to LLaMA-Factory's own
-functions. A YAML without ``pruning:`` behaves exactly as under ``llamafactory-cli``.
+``pruning:`` section (``train`` only: the other commands run on a model pruned before) is validated
+and handled, and everything else goes to LLaMA-Factory's own functions. A YAML without ``pruning:``
+behaves exactly as under ``llamafactory-cli``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 import sys
 from typing import Sequence
 
+from .config import SECTION as PRUNING
 from .config import read_yaml, split_pruning
 from .training import TrainingSections
 
@@ -25,8 +27,9 @@ COMMANDS = {
     "merges LoRA keeping sparsity; a `distill:` section trains against the dense teacher, a `perp:` section only "
     "biases, norms and mask-preserving LoRA, an `expert_dropping:` section drops MoE experts while fine-tuning",
     "export": "LLaMA-Factory's export; a LoRA adapter merged into a pruned model keeps the model's zeros",
-    "chat": "LLaMA-Factory's CLI chat (pruned checkpoints, including non-uniform structured ones, load)",
-    "api": "LLaMA-Factory's OpenAI-style API server",
+    "chat": "LLaMA-Factory's CLI chat (pruned checkpoints, including non-uniform structured ones, load; an adapter "
+    "merged into a pruned model keeps its zeros)",
+    "api": "LLaMA-Factory's OpenAI-style API server (as chat loads the model)",
 }
 
 
@@ -50,7 +53,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     from . import stages
 
     try:
-        args, section = split_pruning(read_yaml(options.config, options.overrides))
+        args = read_yaml(options.config, options.overrides)
+        if PRUNING in args and options.command != "train":
+            raise ValueError(
+                f"the `{PRUNING}:` section only applies to `train`; `{options.command}` does not prune. Prune first with "
+                f"`llamafactory-prune train` (stage: prune, or pt/sft with this section), then set this YAML's "
+                f"model_name_or_path to the pruned output and remove its `{PRUNING}:` section"
+            )
+        args, section = split_pruning(args)
         args, training = TrainingSections.split(args, pruning=section is not None, validate=options.command == "train")
     except (ValueError, FileNotFoundError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")

@@ -184,6 +184,18 @@ def read_yaml(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[st
     return OmegaConf.to_container(merged)
 
 
+def model_loading_kwargs(args: Mapping[str, Any]) -> dict[str, Any]:
+    """``from_pretrained`` arguments for a model the YAML (``args``) loads besides LLaMA-Factory's own:
+    what its loader passes (``_get_init_kwargs``, with its defaults), so a Hub revision, token, cache
+    or remote code reaches every model the YAML's model does (its reference models inherit them too)."""
+    return {
+        "revision": args.get("model_revision", "main"),
+        "token": args.get("hf_hub_token"),
+        "cache_dir": args.get("cache_dir"),
+        "trust_remote_code": args.get("trust_remote_code", False),
+    }
+
+
 def split_pruning(args: Mapping[str, Any]) -> tuple[dict[str, Any], PruningSection | None]:
     """(LLaMA-Factory's own arguments, the validated ``pruning:`` section or ``None``)."""
     lf_args = {key: value for key, value in args.items() if key != SECTION}

@@ -37,6 +37,7 @@ import torch
 
 from optimum_prune import DistillationConfig, DistillationMixin
 
+from .config import model_loading_kwargs
 from .sections import check_section
 
 SECTION = "distill"
@@ -53,6 +54,8 @@ class DistillSection:
     teacher_dtype: str = "float32"
     precompute_top_k: bool = False
     teacher_quantization: str | None = None
+    # The YAML's Hub revision, token, cache and remote-code setting, as LLaMA-Factory's reference models inherit them.
+    loading: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_mapping(cls, section: Any, lf_args: Mapping[str, Any], pruning: bool) -> "DistillSection":
@@ -100,7 +103,7 @@ class DistillSection:
                 f"{SECTION}.precompute_top_k annotates the training set only, and the teacher is gone by the time "
                 "LLaMA-Factory evaluates: remove eval_dataset / val_size / eval_strategy / do_eval / do_predict, or precompute_top_k"
             )
-        return cls(config, str(teacher), section.get("teacher_device"), dtype, precompute, quantization)
+        return cls(config, str(teacher), section.get("teacher_device"), dtype, precompute, quantization, model_loading_kwargs(lf_args))
 
     def load_teacher(self, device: str | torch.device) -> torch.nn.Module:
         """The teacher on ``device``; quantized ones are placed while loading (bitsandbytes' 8-bit models cannot move)."""
@@ -110,10 +113,12 @@ class DistillSection:
 
         dtype = TEACHER_DTYPES[self.teacher_dtype]
         if self.teacher_quantization is None:
-            return AutoModelForCausalLM.from_pretrained(self.teacher, dtype=dtype).to(device)
+            return AutoModelForCausalLM.from_pretrained(self.teacher, dtype=dtype, **self.loading).to(device)
         quantization = (BitsAndBytesConfig(load_in_8bit=True) if self.teacher_quantization == "int8" else
                         BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype))  # fmt: skip
-        return AutoModelForCausalLM.from_pretrained(self.teacher, dtype=dtype, quantization_config=quantization, device_map={"": str(device)})
+        return AutoModelForCausalLM.from_pretrained(
+            self.teacher, dtype=dtype, quantization_config=quantization, device_map={"": str(device)}, **self.loading
+        )
 
     def to_mapping(self) -> dict[str, Any]:
         """The section as written in a YAML (for the torchrun workers)."""

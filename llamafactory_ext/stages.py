@@ -16,9 +16,10 @@ import os
 import subprocess
 import sys
 import tempfile
+from contextlib import contextmanager, nullcontext
 from itertools import chain
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from omegaconf import OmegaConf
@@ -29,7 +30,7 @@ from optimum_prune.calibration import sample_windows
 from optimum_prune.config import CONFIG_NAME, PruningConfig
 
 from .compat import import_llamafactory
-from .config import PruningSection
+from .config import PruningSection, model_loading_kwargs
 from .distill import distilling_trainers
 from .sections import TRAINING_STAGES
 from .training import TrainingSections
@@ -37,6 +38,8 @@ from .training import TrainingSections
 logger = logging.getLogger(__name__)
 PRUNED_SUBDIR = "pruned"
 MERGED_SUBDIR = "merged"
+# Pruned (and saved) in full precision, in memory or from disk alike; LLaMA-Factory casts for training as its YAML says.
+PRUNING_DTYPE = torch.float32
 
 
 def run_train(args: Mapping[str, Any], section: PruningSection | None, training: TrainingSections = TrainingSections()) -> None:
@@ -132,17 +135,12 @@ def prune_and_save(
     if section.offload == "disk":
         prune_checkpoint(
             model_args.model_name_or_path, target, config, calibration=windows, tokenizer=tokenizer, device=device,
-            activation_device=section.activation_device,
+            dtype=PRUNING_DTYPE, activation_device=section.activation_device,
         )  # fmt: skip
         if source is not None:
             _record_source(target, source)
         return target
-    model = AutoModelForCausalLM.from_pretrained(
-        model_args.model_name_or_path,
-        dtype=torch.float32,  # prune in full precision; LLaMA-Factory casts for training as its YAML says
-        trust_remote_code=model_args.trust_remote_code,
-        cache_dir=model_args.cache_dir,
-    )
+    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=PRUNING_DTYPE, **model_loading_kwargs(args))
     if source is not None:
         model.config.pruned_from = source
     report = prune(model, config, calibration=windows, device=device, activation_device=section.activation_device)
@@ -293,11 +291,20 @@ def restore_zeros(base_dir: Path, exported_dir: Path) -> None:
     logger.info("restored the pruned zeros of %d weights in %s", restored, exported_dir)
 
 
+# With these LLaMA-Factory's chat applies an adapter unmerged, at run time, so its update fills the pruned zeros.
+_UNMERGED_ADAPTER_SETTINGS = ("quantization_bit", "use_unsloth", "use_kt")
+
+
 def run_interactive(command: str, args: Mapping[str, Any]) -> None:
     """``chat`` / ``api``: LLaMA-Factory's own entry points, with this package's checkpoint loader
-    registered (non-uniform structured models need it)."""
+    registered (non-uniform structured models need it); a LoRA adapter it merges into a pruned model
+    keeps the model's zeros, as ``export`` does."""
     import_llamafactory()
-    with tempfile.TemporaryDirectory(prefix="llamafactory-prune-") as scratch:
+    merging = bool(args.get("adapter_name_or_path")) and _is_pruned_checkpoint(Path(args["model_name_or_path"]))
+    if merging:
+        _check_adapter_is_merged(args)
+    keeping_zeros = _merges_keeping_zeros() if merging else nullcontext()
+    with tempfile.TemporaryDirectory(prefix="llamafactory-prune-") as scratch, keeping_zeros:
         config_path = Path(scratch) / f"{command}.yaml"
         OmegaConf.save(OmegaConf.create(dict(args)), config_path)
         sys.argv = [sys.argv[0], str(config_path)]  # LLaMA-Factory's entry points read their YAML from argv
@@ -310,3 +317,41 @@ def run_interactive(command: str, args: Mapping[str, Any]) -> None:
 
             run_api()
 
+
+def _check_adapter_is_merged(args: Mapping[str, Any]) -> None:
+    """Refuse the settings under which LLaMA-Factory serves the adapter unmerged over a pruned model."""
+    unmerged = [key for key in _UNMERGED_ADAPTER_SETTINGS if args.get(key)]
+    if args.get("infer_backend", "huggingface") != "huggingface":
+        unmerged.insert(0, "infer_backend")
+    if unmerged:
+        raise ValueError(
+            f"{unmerged[0]}: {args[unmerged[0]]} with adapter_name_or_path on the pruned model {args['model_name_or_path']}: "
+            "LLaMA-Factory then applies the adapter unmerged, which fills the pruned zeros; merge it first with "
+            "`llamafactory-prune export` (zeros kept), then chat with export_dir as model_name_or_path"
+        )
+
+
+@contextmanager
+def _merges_keeping_zeros() -> Iterator[None]:
+    """While open, LLaMA-Factory's ``load_model`` merges adapters as
+    ``merge_lora_preserving_sparsity`` does: the base's zeros are read before the merge and put back after.
+
+    LLaMA-Factory has no hook there, so ``load_model``'s name for ``init_adapter`` (which merges) is
+    wrapped for the duration and restored after.
+    """
+    from llamafactory.model import loader
+
+    merge = loader.init_adapter
+
+    def merge_keeping_zeros(config: Any, model: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.nn.Module:
+        masks = SparsityMasks.from_zeros(model)
+        merged = merge(config, model, *args, **kwargs)
+        masks.apply()  # the masks hold the linears themselves, which the merged model keeps
+        logger.info("merged the adapter keeping the pruned zeros (sparsity %.4f)", masks.sparsity())
+        return merged
+
+    loader.init_adapter = merge_keeping_zeros
+    try:
+        yield
+    finally:
+        loader.init_adapter = merge

@@ -6,6 +6,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from llamafactory_ext.cli import main
 from llamafactory_ext.config import PruningSection, read_yaml, split_pruning
@@ -115,6 +116,15 @@ def test_pruning_with_an_unsupported_stage(workspace, tmp_path, capsys):
     assert "works with stage: prune, pt or sft; got stage: 'dpo'" in run_cli(tmp_path, capsys, config)
 
 
+@pytest.mark.parametrize("command", ["export", "chat", "api"])
+def test_pruning_section_outside_train_is_refused(workspace, tmp_path, capsys, command):
+    """Export and chat do not prune: a `pruning:` section there would otherwise be dropped silently."""
+    config = {**base_args(workspace, tmp_path / "out"), "export_dir": str(tmp_path / "exported"), "pruning": {"method": "magnitude"}}
+    error = run_cli(tmp_path, capsys, config, command)
+    assert f"the `pruning:` section only applies to `train`; `{command}` does not prune" in error
+    assert not (tmp_path / "exported").exists()
+
+
 def test_overrides_apply_to_the_pruning_section(tmp_path):
     path = write_yaml(tmp_path / "c.yaml", {"stage": "prune", "pruning": {"method": "wanda", "sparsity": 0.5}})
     args = read_yaml(path, ["pruning.sparsity=2:4", "learning_rate=1e-4"])
@@ -196,6 +206,22 @@ def test_distill_teacher_defaults_to_the_model_being_pruned(workspace, tmp_path)
     assert split_distill(args, pruning=True, validate=False) == (rest, None)  # export / chat drop it
     hub = {**args, "model_name_or_path": "HuggingFaceTB/SmolLM2-135M-Instruct"}  # LLaMA-Factory YAMLs usually name Hub ids
     assert split_distill(hub, pruning=True)[1].teacher == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_distill_teacher_loads_with_the_yaml_hub_settings(workspace, tmp_path, monkeypatch):
+    """As LLaMA-Factory's reference models inherit the YAML's model_revision, hf_hub_token, cache_dir and trust_remote_code."""
+    import transformers
+
+    from llamafactory_ext.distill import split_distill
+
+    loads = []
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: loads.append((a, k)) or torch.nn.Linear(1, 1))
+    hub = {"model_revision": "v1", "hf_hub_token": "hf_token", "cache_dir": str(tmp_path / "cache"), "trust_remote_code": True}
+    _, section = split_distill({**base_args(workspace, tmp_path), "stage": "sft", **hub, "distill": {}}, pruning=True)
+    section.load_teacher("cpu")
+    [(args, kwargs)] = loads
+    assert args == (str(workspace / "tiny"),)
+    assert kwargs == {"dtype": torch.float32, "revision": "v1", "token": "hf_token", "cache_dir": str(tmp_path / "cache"), "trust_remote_code": True}
 
 
 def test_pruning_offload_must_be_disk(workspace, tmp_path):

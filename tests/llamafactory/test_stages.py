@@ -156,6 +156,39 @@ def test_llamafactory_chat_loads_the_merged_model(recovered):
         assert torch.equal(served[name], weight.to(served[name].dtype)), name
 
 
+def test_chat_with_an_adapter_on_the_pruned_model_serves_the_sparse_merge(recovered, tmp_path, monkeypatch):
+    """LLaMA-Factory merges the adapter while loading, which fills the zeros; `chat` serves the merged/ weights."""
+    from llamafactory.chat import chat_model
+
+    served = []
+
+    class ServedChatModel(chat_model.ChatModel):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            served.append(self.engine.model)
+
+    monkeypatch.setattr(chat_model, "ChatModel", ServedChatModel)  # run_chat builds it by this name
+    monkeypatch.setattr("builtins.input", lambda prompt="": "exit")
+    chat = {
+        "model_name_or_path": str(recovered / "pruned"), "adapter_name_or_path": str(recovered), "template": "default",
+        "finetuning_type": "lora", "infer_backend": "huggingface",
+    }  # fmt: skip
+    assert main(["chat", str(write_yaml(tmp_path / "chat.yaml", chat))]) == 0
+    weights = served[0].state_dict()
+    for name, weight in AutoModelForCausalLM.from_pretrained(recovered / "merged").state_dict().items():
+        assert torch.allclose(weights[name].float(), weight, atol=1e-6), name
+    assert_same_zeros({name: linear.weight == 0 for name, linear in prunable_linears(served[0]).items()}, zeros(recovered / "pruned"))
+
+
+@pytest.mark.parametrize("extra", [{"infer_backend": "vllm"}, {"quantization_bit": 4}])
+def test_chat_applying_an_adapter_unmerged_over_a_pruned_model_is_refused(recovered, tmp_path, capsys, extra):
+    chat = {"model_name_or_path": str(recovered / "pruned"), "adapter_name_or_path": str(recovered), "template": "default", **extra}
+    with pytest.raises(SystemExit):
+        main(["chat", str(write_yaml(tmp_path / "chat.yaml", chat))])
+    key, value = next(iter(extra.items()))
+    assert f"{key}: {value} with adapter_name_or_path on the pruned model" in capsys.readouterr().err
+
+
 def test_full_finetuning_keeps_the_masks(workspace, tmp_path):
     out = tmp_path / "full"
     training = {**LORA_TRAINING, "finetuning_type": "full", "max_steps": 3}
@@ -339,18 +372,39 @@ def test_expert_dropping_section_fine_tunes_a_mixtral_into_a_smaller_moe(workspa
 
 
 def test_stage_prune_with_disk_offload_equals_the_in_memory_prune(workspace, tmp_path, monkeypatch):
+    """On a bfloat16 checkpoint too: both prune in float32 (SparseGPT's updates would round differently)."""
     import llamafactory_ext.stages as stages
+    from transformers import AutoTokenizer
+
+    checkpoint = tmp_path / "bf16"
+    AutoModelForCausalLM.from_pretrained(workspace / "tiny", dtype=torch.bfloat16).save_pretrained(checkpoint)
+    AutoTokenizer.from_pretrained(workspace / "tiny").save_pretrained(checkpoint)
 
     streamed = []
     monkeypatch.setattr(stages, "prune_checkpoint", lambda *a, **k: streamed.append(a) or prune_checkpoint(*a, **k))
     pruning = {"method": "sparsegpt", "sparsity": "2:4", **CALIBRATION}
     for name, extra in (("memory", {}), ("disk", {"offload": "disk"})):
-        train(tmp_path, {**base_args(workspace, tmp_path / name, stage="prune", dataset="wiki_pt"), "pruning": {**pruning, **extra}})
+        args = base_args(workspace, tmp_path / name, stage="prune", dataset="wiki_pt", model_name_or_path=str(checkpoint))
+        train(tmp_path, {**args, "pruning": {**pruning, **extra}})
         assert len(streamed) == (name == "disk")  # only the disk run streams the checkpoint's layers
-    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "disk").state_dict()
-    in_memory = AutoModelForCausalLM.from_pretrained(tmp_path / "memory").state_dict()
+    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "disk", dtype=torch.float32).state_dict()
+    in_memory = AutoModelForCausalLM.from_pretrained(tmp_path / "memory", dtype=torch.float32).state_dict()
     assert offloaded.keys() == in_memory.keys()
     assert all(torch.equal(offloaded[name], in_memory[name]) for name in in_memory)
+
+
+def test_stage_prune_loads_the_model_with_the_yaml_hub_settings(workspace, tmp_path, monkeypatch):
+    """model_revision, hf_hub_token, cache_dir and trust_remote_code reach the pruned model, as they reach the tokenizer."""
+    import llamafactory_ext.stages as stages
+
+    loads = []
+    load = AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(stages.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: loads.append(k) or load(*a, **k))
+    hub = {"model_revision": "v1", "hf_hub_token": "hf_token", "cache_dir": str(tmp_path / "cache"), "trust_remote_code": True}
+    train(tmp_path, {**base_args(workspace, tmp_path / "out", stage="prune", **hub), "pruning": {"method": "magnitude"}})
+    assert [{key: kwargs.get(key) for key in ("revision", "token", "cache_dir", "trust_remote_code")} for kwargs in loads] == [
+        {"revision": "v1", "token": "hf_token", "cache_dir": str(tmp_path / "cache"), "trust_remote_code": True}
+    ]
 
 
 def test_precomputed_teacher_top_k_trains_like_the_live_teacher(workspace, tmp_path, monkeypatch):
