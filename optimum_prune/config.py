@@ -74,6 +74,9 @@ class PruningConfig:
     seed: int = field(default=0, metadata={"help": "Seed for sampling calibration windows."})
 
     def __post_init__(self) -> None:
+        for name, registry in (("method", METHODS), ("allocation", ALLOCATIONS)):
+            if not isinstance(getattr(self, name), str):
+                raise TypeError(f"PruningConfig.{name} must be one name (one of {', '.join(registry)}), got {getattr(self, name)!r}")
         spec = METHODS.get(self.method)
         self.sparsity = normalise_sparsity(self.sparsity, "PruningConfig.sparsity")
         self.method_options = _complete_options(spec.options, self.method_options, "PruningConfig.method_options")
@@ -112,7 +115,7 @@ class PruningConfig:
             )
         if self.ignore is None:  # a blank `ignore:` in a YAML
             self.ignore = []
-        if isinstance(self.ignore, str) or not all(isinstance(p, str) for p in self.ignore):
+        if not isinstance(self.ignore, (list, tuple)) or not all(isinstance(p, str) for p in self.ignore):
             raise TypeError(f"PruningConfig.ignore must be a list of glob patterns, got {self.ignore!r}")
         self.ignore = list(self.ignore)
         for name in ("num_calibration_samples", "calibration_seq_len"):

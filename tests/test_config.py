@@ -110,3 +110,16 @@ def test_blank_ignore_and_undamped_sparsegpt():
     assert PruningConfig(ignore=None).ignore == []  # a blank `ignore:` in a YAML
     with pytest.raises(ValueError, match=r"dampening must be in \(0, 1\)"):
         PruningConfig(method="sparsegpt", method_options={"dampening": 0.0})
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"method": ["wanda"]}, r"PruningConfig.method must be one name \(one of .*wanda.*\), got \['wanda'\]"),
+        ({"allocation": ["owl"]}, r"PruningConfig.allocation must be one name \(one of .*owl.*\), got \['owl'\]"),
+        ({"ignore": 5}, r"PruningConfig.ignore must be a list of glob patterns, got 5"),
+    ],
+)
+def test_a_field_of_the_wrong_type_is_named(fields, message):
+    with pytest.raises(TypeError, match=message):
+        PruningConfig(**fields)
