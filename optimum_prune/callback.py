@@ -293,6 +293,7 @@ class PruningCallback(TrainerCallback):
             state.log_history[-1]["sparsity"] = sparsity
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module = None, **kwargs: Any) -> None:
+        self._warn_if_best_checkpoint_was_less_sparse(args, state)
         self.masks.apply()
         for hook in self._hooks:
             hook.remove()
@@ -306,6 +307,20 @@ class PruningCallback(TrainerCallback):
             logger.info("PruningCallback: merged %d PERP adapters", merged)
 
     # --- gradual pruning ------------------------------------------------------------------
+    def _warn_if_best_checkpoint_was_less_sparse(self, args: TrainingArguments, state: TrainerState) -> None:
+        """The Trainer loads ``load_best_model_at_end``'s checkpoint before this callback's last masks are
+        applied: one saved before the schedule's end is pruned further here, without retraining."""
+        schedule, best = self._run_schedule, state.best_global_step
+        if not args.load_best_model_at_end or schedule is None or best is None:
+            return
+        if schedule.sparsity_at(best) < schedule.final_fraction - 1e-9:
+            logger.warning(
+                "load_best_model_at_end loaded the checkpoint of step %d, saved at %.1f%% sparsity before the schedule "
+                "reached %.1f%%: it is pruned to the final masks now, without retraining, so its evaluation does not "
+                "describe the model returned; evaluate and save only after the schedule ends, or turn load_best_model_at_end off",
+                best, 100 * schedule.sparsity_at(best), 100 * schedule.final_fraction,
+            )  # fmt: skip
+
     def _warn_if_resumed_mid_interval(self, step: int) -> None:
         """Activation norms are not checkpointed: a run resumed between two pruning steps scores
         the next one on the batches seen since the resume only."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from datasets import Dataset
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
 
 from optimum_prune import GradualSchedule, IterativeSchedule, NMPattern, PruningCallback, PruningConfig, SparsityMasks, prune, verify_sparsity
 from optimum_prune.masks import merge_lora_preserving_sparsity, prunable_linears
@@ -79,6 +79,21 @@ def test_a_reused_callback_resolves_its_schedule_for_each_run(tmp_path):
     run_trainer(model, tmp_path / "short", [callback], steps=6)
     assert callback.schedule.end_step is None
     assert verify_sparsity(model, ignore=("lm_head",))["overall_sparsity"] == pytest.approx(0.5, abs=0.01)
+
+
+@pytest.mark.parametrize("best_step, warned", [(4, True), (6, False)])
+def test_a_best_checkpoint_saved_before_the_schedule_ended_is_reported(tmp_path, caplog, best_step, warned):
+    """The Trainer loads load_best_model_at_end's checkpoint before on_train_end applies the last masks:
+    one saved before the schedule's end (step 6 here) is pruned further without retraining."""
+    callback = PruningCallback(GradualSchedule(final_sparsity=0.5, start_step=0, end_step=6, every=2))
+    args = TrainingArguments(
+        output_dir=str(tmp_path), eval_strategy="steps", save_strategy="steps", load_best_model_at_end=True, use_cpu=True, report_to=[]
+    )
+    model = pruned_tiny(0.2)
+    callback.on_train_begin(args, TrainerState(max_steps=9), TrainerControl(), model=model)
+    with caplog.at_level("WARNING", logger="optimum_prune.callback"):
+        callback.on_train_end(args, TrainerState(max_steps=9, best_global_step=best_step), TrainerControl(), model=model)
+    assert ("load_best_model_at_end loaded the checkpoint of step 4, saved at 48.1% sparsity" in caplog.text) == warned  # 0.5 − 0.5·(1 − 4/6)³
 
 
 class TestGradualSchedule:
