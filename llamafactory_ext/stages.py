@@ -10,6 +10,7 @@ Layout of ``output_dir`` for ``stage: sft`` / ``pt`` with a ``pruning:`` section
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -59,7 +61,7 @@ def run_train(args: Mapping[str, Any], section: PruningSection | None, training:
             raise ValueError("stage: prune needs a `pruning:` section (method, sparsity, ...)")
         if not args.get("output_dir"):
             raise ValueError("stage: prune needs `output_dir`, where the pruned model is saved")
-        prune_and_save(args, section, Path(args["output_dir"]))
+        prune_and_save(args, section, Path(args["output_dir"]), read_calibration(args, section))
         return
     if section is None:
         # Training a checkpoint pruned earlier (e.g. by stage: prune) must keep its zeros too.
@@ -71,10 +73,11 @@ def run_train(args: Mapping[str, Any], section: PruningSection | None, training:
         raise ValueError("`output_dir` is required")
     output_dir = Path(args["output_dir"])
     pruned_dir = output_dir / PRUNED_SUBDIR
-    if _already_pruned(pruned_dir, _pruned_from(args, section), section.config):
-        logger.info("reusing the pruned model in %s (same model, calibration data and pruning config)", pruned_dir)
+    calibration = read_calibration(args, section)
+    if _already_pruned(pruned_dir, calibration.source, section.config):
+        logger.info("reusing the pruned model in %s (same model, calibration tokens and pruning config)", pruned_dir)
     else:
-        prune_and_save(args, section, pruned_dir, source=_pruned_from(args, section))
+        prune_and_save(args, section, pruned_dir, calibration, record_source=True)
     _delegate_training({**args, "model_name_or_path": str(pruned_dir)}, True, training)
     if args.get("do_train") and args.get("finetuning_type", "lora") == "lora":
         merge_adapter(pruned_dir, output_dir, Path(args.get("export_dir") or output_dir / MERGED_SUBDIR))
@@ -90,19 +93,29 @@ _NOT_FOR_CALIBRATION = (
 _SFT_ONLY = ("train_on_prompt", "mask_history", "neat_packing")  # refused by LLaMA-Factory outside stage: sft
 
 
-def _pruned_from(args: Mapping[str, Any], section: PruningSection) -> dict[str, Any]:
-    """The model and the calibration data (as LLaMA-Factory reads it) a pruned model came from: a rerun
-    reuses it only when all of these are the same."""
-    if not section.config.requires_calibration:
-        return {"model_name_or_path": args.get("model_name_or_path")}
-    keys = ("model_name_or_path", "dataset_dir", "template", "max_samples")
-    return {**{key: args.get(key) for key in keys}, "calibration_dataset": section.calibration_dataset}
+@dataclass
+class Calibration:
+    """What pruning reads from a YAML: the model's loading arguments, its tokenizer, and the calibration
+    windows sampled from LLaMA-Factory's own tokenisation of the data (None for data-free methods)."""
+
+    model_args: Any
+    tokenizer: Any
+    windows: torch.Tensor | None
+
+    @property
+    def source(self) -> dict[str, Any]:
+        """What a pruned model came from, recorded in its ``config.json``: a rerun reuses it only when the
+        model and the exact calibration tokens are the same (whatever template, system prompt or limit made them)."""
+        tokens = None if self.windows is None else hashlib.sha256(self.windows.numpy().tobytes()).hexdigest()
+        return {
+            "model_name_or_path": self.model_args.model_name_or_path,
+            "model_revision": self.model_args.model_revision,
+            "calibration_tokens_sha256": tokens,
+        }
 
 
-def prune_and_save(
-    args: Mapping[str, Any], section: PruningSection, target: Path, source: Mapping[str, Any] | None = None
-) -> Path:
-    """Calibrate on LLaMA-Factory's own tokenisation of the dataset, prune, save atomically."""
+def read_calibration(args: Mapping[str, Any], section: PruningSection) -> Calibration:
+    """The tokenizer and calibration windows, read through LLaMA-Factory's own data pipeline."""
     import_llamafactory()
     from llamafactory.data import get_dataset, get_template_and_fix_tokenizer
     from llamafactory.hparams import get_train_args
@@ -118,7 +131,6 @@ def prune_and_save(
         "do_train": config.requires_calibration,  # LLaMA-Factory then requires and loads a dataset
         "dataset": section.calibration_dataset,
         "cutoff_len": config.calibration_seq_len,
-        "output_dir": args.get("output_dir") or str(target),
         "overwrite_output_dir": True,  # this parse only reads data; it writes nothing there
         "streaming": False,  # the calibration tokens are gathered into one stream
     }
@@ -131,20 +143,29 @@ def prune_and_save(
         dataset = get_dataset(template, model_args, data_args, training_args, calibration_stage, **tokenizer_module)
         tokens = torch.tensor(list(chain.from_iterable(dataset["train_dataset"]["input_ids"])), dtype=torch.long)
         windows = sample_windows(tokens, config.num_calibration_samples, config.calibration_seq_len, config.seed)
+    return Calibration(model_args, tokenizer, windows)
+
+
+def prune_and_save(
+    args: Mapping[str, Any], section: PruningSection, target: Path, calibration: Calibration, record_source: bool = False
+) -> Path:
+    """Prune on ``calibration`` and save atomically (with ``record_source``, noting what it came from)."""
+    config = section.config
+    source = calibration.source if record_source else None
     device = "cuda" if torch.cuda.is_available() else None
     if section.offload == "disk":
         prune_checkpoint(
-            model_args.model_name_or_path, target, config, calibration=windows, tokenizer=tokenizer, device=device,
-            dtype=PRUNING_DTYPE, activation_device=section.activation_device,
+            calibration.model_args.model_name_or_path, target, config, calibration=calibration.windows,
+            tokenizer=calibration.tokenizer, device=device, dtype=PRUNING_DTYPE, activation_device=section.activation_device,
         )  # fmt: skip
         if source is not None:
             _record_source(target, source)
         return target
-    model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, dtype=PRUNING_DTYPE, **model_loading_kwargs(args))
+    model = AutoModelForCausalLM.from_pretrained(calibration.model_args.model_name_or_path, dtype=PRUNING_DTYPE, **model_loading_kwargs(args))
     if source is not None:
         model.config.pruned_from = source
-    report = prune(model, config, calibration=windows, device=device, activation_device=section.activation_device)
-    return save_pruned(model, target, tokenizer=tokenizer, config=config, report=report)
+    report = prune(model, config, calibration=calibration.windows, device=device, activation_device=section.activation_device)
+    return save_pruned(model, target, tokenizer=calibration.tokenizer, config=config, report=report)
 
 
 def _record_source(checkpoint: Path, source: Mapping[str, Any]) -> None:

@@ -223,6 +223,19 @@ def test_rerun_with_other_calibration_data_prunes_again(workspace, tmp_path):
     assert (out / "pruned" / "model.safetensors").read_bytes() != written
 
 
+def test_rerun_with_another_system_prompt_prunes_again(workspace, tmp_path):
+    """The chat template's system prompt changes the calibration tokens of an sft dataset: the record is
+    the tokens' digest, not a list of YAML keys."""
+    out = tmp_path / "again"
+    config = {**base_args(workspace, out, **{**LORA_TRAINING, "max_steps": 1, "overwrite_output_dir": True}),
+              "pruning": {"method": "wanda", "calibration_dataset": "wiki_sft", "num_calibration_samples": 2,
+                          "calibration_seq_len": 32}}  # fmt: skip
+    train(tmp_path, config)
+    written = (out / "pruned" / "model.safetensors").read_bytes()
+    train(tmp_path, {**config, "default_system": "Answer in the style of a pirate, always."})
+    assert (out / "pruned" / "model.safetensors").read_bytes() != written
+
+
 def test_non_uniform_structured_model_trains_merges_and_chats(workspace, tmp_path):
     out = tmp_path / "narrow"
     pruning = {"method": "width", "sparsity": 0.3, "method_options": {"criterion": "wanda_sp", "ranking": "global"}, **CALIBRATION}
