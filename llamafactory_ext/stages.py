@@ -30,6 +30,7 @@ from transformers import AutoModelForCausalLM
 from optimum_prune import SparsityMasks, merge_lora_preserving_sparsity, prune, prune_checkpoint, save_pruned
 from optimum_prune.calibration import sample_windows
 from optimum_prune.config import CONFIG_NAME, PruningConfig
+from optimum_prune.structure.loading import QUANT_METHOD as STRUCTURE_QUANT_METHOD
 
 from .compat import import_llamafactory
 from .config import PruningSection, model_loading_kwargs
@@ -188,6 +189,7 @@ def _already_pruned(pruned_dir: Path, source: Mapping[str, Any], config: Pruning
 def _delegate_training(args: dict[str, Any], keep_masks: bool, training: TrainingSections) -> None:
     """LLaMA-Factory's ``run_exp`` with the callbacks of ``training`` (``PruningCallback`` keeps the
     zeros when ``keep_masks``) and its distillation loss, here or under torchrun."""
+    _check_quantizable(args)
     import_llamafactory()
     if _wants_torchrun():
         _run_under_torchrun({**args, **training.to_mapping()}, keep_masks)
@@ -196,6 +198,23 @@ def _delegate_training(args: dict[str, Any], keep_masks: bool, training: Trainin
 
     with distilling_trainers(training.distill):
         run_exp(args, callbacks=training.callbacks(keep_masks))
+
+
+def _check_quantizable(args: Mapping[str, Any]) -> None:
+    """QLoRA on a non-uniformly pruned model: its per-layer shapes ride on ``quantization_config``, which
+    LLaMA-Factory takes for an already quantized model, so it would ignore ``quantization_bit`` (a warning)."""
+    if not args.get("quantization_bit"):
+        return
+    try:
+        quantization = json.loads((Path(args["model_name_or_path"]) / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return
+    if quantization.get("quant_method") == STRUCTURE_QUANT_METHOD:
+        raise ValueError(
+            f"quantization_bit: {args['quantization_bit']} with {args['model_name_or_path']}, whose layers were pruned to "
+            "different widths: LLaMA-Factory loads it unquantized (its per-layer shapes are stored as a quantization_config) "
+            "and would train plain LoRA; remove quantization_bit, or prune with uniform widths (method_options ranking: layer)"
+        )
 
 
 def _wants_torchrun() -> bool:

@@ -236,7 +236,7 @@ def test_rerun_with_another_system_prompt_prunes_again(workspace, tmp_path):
     assert (out / "pruned" / "model.safetensors").read_bytes() != written
 
 
-def test_non_uniform_structured_model_trains_merges_and_chats(workspace, tmp_path):
+def test_non_uniform_structured_model_trains_merges_and_chats(workspace, tmp_path, capsys):
     out = tmp_path / "narrow"
     pruning = {"method": "width", "sparsity": 0.3, "method_options": {"criterion": "wanda_sp", "ranking": "global"}, **CALIBRATION}
     train(tmp_path, {**base_args(workspace, out, **LORA_TRAINING), "pruning": pruning})
@@ -250,6 +250,10 @@ def test_non_uniform_structured_model_trains_merges_and_chats(workspace, tmp_pat
 
     chat = ChatModel({"model_name_or_path": str(out / "merged"), "template": "default", "infer_backend": "huggingface", "max_new_tokens": 4})
     assert chat.chat([{"role": "user", "content": "Hello"}])[0].response_length > 0
+    qlora = {**base_args(workspace, tmp_path / "qlora", **LORA_TRAINING), "model_name_or_path": str(out / "pruned"), "quantization_bit": 4}
+    with pytest.raises(SystemExit):  # LLaMA-Factory would train plain LoRA, with only a warning
+        main(["train", str(write_yaml(tmp_path / "qlora.yaml", qlora))])
+    assert "quantization_bit: 4 with" in capsys.readouterr().err
 
 
 def test_torchrun_relaunch_keeps_the_plugin(workspace, tmp_path):
