@@ -18,7 +18,7 @@ Its keys are ``optimum_prune.DistillationConfig``'s fields plus ``teacher``, ``t
 listing the valid ones. ``teacher_quantization`` loads the teacher with transformers'
 ``BitsAndBytesConfig`` (int8: LLM.int8(); nf4: 4-bit NormalFloat computing in ``teacher_dtype``),
 straight onto its device: a quarter to an eighth of the float32 teacher's memory.
-``precompute_top_k`` runs the teacher once over the training set before training, keeps its top-k
+``precompute_top_k`` runs the teacher once over the training and evaluation sets before training, keeps its top-k
 logits per position as dataset columns (``add_teacher_top_k``: Arrow files in the ``datasets``
 cache) and frees it, so the teacher is not resident while the student trains. The loss is
 ``optimum_prune.DistillationMixin`` put in front of LLaMA-Factory's own trainer class, so LoRA or
@@ -97,11 +97,11 @@ class DistillSection:
                 f"{SECTION}.precompute_top_k stores the teacher's top-k logits: set {SECTION}.top_k, and leave hidden_weight "
                 "and exit_weight at 0 (hidden states need the live teacher)"
             )
-        evaluates = lf_args.get("eval_dataset") or lf_args.get("val_size") or lf_args.get("do_eval") or lf_args.get("do_predict")
-        if precompute and (evaluates or lf_args.get("eval_strategy", "no") != "no"):
+        if precompute and (lf_args.get("do_predict") or lf_args.get("predict_with_generate")):
             raise ValueError(
-                f"{SECTION}.precompute_top_k annotates the training set only, and the teacher is gone by the time "
-                "LLaMA-Factory evaluates: remove eval_dataset / val_size / eval_strategy / do_eval / do_predict, or precompute_top_k"
+                f"{SECTION}.precompute_top_k stores the teacher's logits with the training and evaluation sets, and the teacher "
+                "is gone by the time LLaMA-Factory predicts (on other data, or generating): remove do_predict / "
+                "predict_with_generate, or precompute_top_k"
             )
         return cls(config, str(teacher), section.get("teacher_device"), dtype, precompute, quantization, model_loading_kwargs(lf_args))
 

@@ -4,6 +4,7 @@ sparsity-preserving merge → export → chat, full fine-tuning, structured mode
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -443,6 +444,16 @@ def test_precomputed_teacher_top_k_trains_like_the_live_teacher(workspace, tmp_p
         losses[name] = logged_losses(tmp_path / name)[0]
         assert teachers == ([None] if name == "stored" else [])  # stored, the teacher is dropped before training
     assert losses["stored"] == pytest.approx(losses["live"], rel=1e-4) and losses["live"] > 0
+
+
+def test_precomputed_teacher_top_k_evaluates_too(workspace, tmp_path):
+    """LLaMA-Factory's evaluation set gets the stored logits as well: evaluating after the teacher is gone works."""
+    training = {**LORA_TRAINING, "max_steps": 2, "val_size": 0.25, "eval_strategy": "steps", "eval_steps": 1}
+    distill = {"teacher": str(workspace / "tiny"), "top_k": 8, "label_weight": 0.5, "precompute_top_k": True}
+    train(tmp_path, {**base_args(workspace, tmp_path / "evaluated", **training), "distill": distill})
+    history = json.loads((tmp_path / "evaluated" / "trainer_state.json").read_text())["log_history"]
+    evaluations = [entry["eval_loss"] for entry in history if "eval_loss" in entry]
+    assert len(evaluations) == 2 and all(math.isfinite(loss) and loss > 0 for loss in evaluations)
 
 
 def test_restore_zeros_refuses_another_model_before_touching_its_shards(tmp_path):
