@@ -213,27 +213,22 @@ def test_rerun_reuses_the_pruned_model(workspace, tmp_path):
     assert verify_sparsity(AutoModelForCausalLM.from_pretrained(out / "pruned"))["overall_sparsity"] == pytest.approx(0.4, abs=1e-3)
 
 
-def test_rerun_with_other_calibration_data_prunes_again(workspace, tmp_path):
+@pytest.mark.parametrize(
+    "dataset, change",
+    [
+        ("wiki_pt", {"max_samples": 3}),  # fewer records: other calibration windows
+        ("wiki_sft", {"default_system": "Answer in the style of a pirate, always."}),  # the chat template's system prompt
+    ],
+)
+def test_rerun_with_other_calibration_tokens_prunes_again(workspace, tmp_path, dataset, change):
+    """The record is the calibration tokens' digest, not a list of YAML keys that make them."""
     out = tmp_path / "again"
     config = {**base_args(workspace, out, **{**LORA_TRAINING, "max_steps": 1, "overwrite_output_dir": True}),
-              "pruning": {"method": "wanda", "calibration_dataset": "wiki_pt", "num_calibration_samples": 2,
+              "pruning": {"method": "wanda", "calibration_dataset": dataset, "num_calibration_samples": 2,
                           "calibration_seq_len": 32}}  # fmt: skip
     train(tmp_path, config)
     written = (out / "pruned" / "model.safetensors").read_bytes()
-    train(tmp_path, {**config, "max_samples": 3})  # fewer records: other calibration windows
-    assert (out / "pruned" / "model.safetensors").read_bytes() != written
-
-
-def test_rerun_with_another_system_prompt_prunes_again(workspace, tmp_path):
-    """The chat template's system prompt changes the calibration tokens of an sft dataset: the record is
-    the tokens' digest, not a list of YAML keys."""
-    out = tmp_path / "again"
-    config = {**base_args(workspace, out, **{**LORA_TRAINING, "max_steps": 1, "overwrite_output_dir": True}),
-              "pruning": {"method": "wanda", "calibration_dataset": "wiki_sft", "num_calibration_samples": 2,
-                          "calibration_seq_len": 32}}  # fmt: skip
-    train(tmp_path, config)
-    written = (out / "pruned" / "model.safetensors").read_bytes()
-    train(tmp_path, {**config, "default_system": "Answer in the style of a pirate, always."})
+    train(tmp_path, {**config, **change})
     assert (out / "pruned" / "model.safetensors").read_bytes() != written
 
 
