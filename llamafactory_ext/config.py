@@ -77,7 +77,12 @@ class PruningSection:
                 torch.device(activation_device)
             except (RuntimeError, TypeError):
                 raise ValueError(f"{SECTION}.activation_device must be a device name such as cpu, or disk, got {activation_device!r}") from None
-        dataset = _dataset_names(section.get("calibration_dataset", lf_args.get("dataset")))
+        named = section.get("calibration_dataset")
+        if named is not None and not config.requires_calibration:
+            raise ValueError(f"{SECTION}.calibration_dataset: method {config.method!r} needs no calibration data; remove the key")
+        if named is not None and not _dataset_names(named):
+            raise ValueError(f"{SECTION}.calibration_dataset is empty: name a dataset from dataset_info.json, or remove the key")
+        dataset = _dataset_names(named if named is not None else lf_args.get("dataset"))
         if config.requires_calibration:
             if not dataset:
                 raise ValueError(

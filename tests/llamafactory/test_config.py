@@ -32,6 +32,9 @@ def run_cli(tmp_path, capsys, config: dict | str, command: str = "train") -> str
         ({"method": "prune_everything"}, "pruning: PruningConfig.method 'prune_everything' is not a registered pruning method; known: experts, kcm, kprune, layers, llm_surgeon, llm_surgeon_structured, low_rank, magnitude"),
         ({"method": "wanda", "calibration_dataset": "not_registered"}, "pruning.calibration_dataset 'not_registered' is not in .*dataset_info.json; registered: wiki_pt, wiki_sft"),
         ("wanda", "pruning: must be a mapping of PruningConfig fields"),
+        ({"method": "magnitude", "calibration_dataset": "nope"}, "pruning.calibration_dataset: method 'magnitude' needs no calibration data"),
+        ({"method": "wanda", "calibration_dataset": ""}, "pruning.calibration_dataset is empty"),
+        ({"method": ["wanda"]}, r"pruning: PruningConfig.method must be one name \(one of .*\), got \['wanda'\]"),
     ],
 )
 def test_bad_pruning_section_is_one_clear_error(workspace, tmp_path, capsys, pruning, message):
