@@ -43,6 +43,8 @@ PRUNED_SUBDIR = "pruned"
 MERGED_SUBDIR = "merged"
 # Pruned (and saved) in full precision, in memory or from disk alike; LLaMA-Factory casts for training as its YAML says.
 PRUNING_DTYPE = torch.float32
+# LLaMA-Factory's `infer_dtype`, which its export honours, for the merge after training ("auto": the pruned model's).
+MERGED_DTYPES = {"auto": None, "float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def run_train(args: Mapping[str, Any], section: PruningSection | None, training: TrainingSections = TrainingSections()) -> None:
@@ -81,7 +83,10 @@ def run_train(args: Mapping[str, Any], section: PruningSection | None, training:
         prune_and_save(args, section, pruned_dir, calibration, record_source=True)
     _delegate_training({**args, "model_name_or_path": str(pruned_dir)}, True, training)
     if args.get("do_train") and args.get("finetuning_type", "lora") == "lora":
-        merge_adapter(pruned_dir, output_dir, Path(args.get("export_dir") or output_dir / MERGED_SUBDIR))
+        dtype = args.get("infer_dtype", "auto")
+        if dtype not in MERGED_DTYPES:
+            raise ValueError(f"infer_dtype must be one of {', '.join(MERGED_DTYPES)}, got {dtype!r}")
+        merge_adapter(pruned_dir, output_dir, Path(args.get("export_dir") or output_dir / MERGED_SUBDIR), MERGED_DTYPES[dtype])
 
 
 # LLaMA-Factory checks its arguments for the run it trains; parsing them to read the calibration data,
@@ -253,8 +258,9 @@ def _device_count_or_one() -> int:
     return max(1, get_device_count())
 
 
-def merge_adapter(base_dir: Path, adapter_dir: Path, target: Path) -> Path:
-    """Merge the LoRA adapter trained on ``base_dir`` into it, keeping the pruned zeros; save atomically."""
+def merge_adapter(base_dir: Path, adapter_dir: Path, target: Path, dtype: torch.dtype | None = None) -> Path:
+    """Merge the LoRA adapter trained on ``base_dir`` into it (in float32), keeping the pruned zeros, and save it
+    atomically in ``dtype`` (None: float32, the pruned model's)."""
     from peft import PeftModel
     from transformers import AutoTokenizer
 
@@ -264,7 +270,7 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, target: Path) -> Path:
     after = SparsityMasks.from_zeros(merged)
     logger.info("merged %s into %s: sparsity %.4f before, %.4f after", adapter_dir, target, before.sparsity(), after.sparsity())
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_dir)
-    return save_pruned(merged, target, tokenizer=tokenizer)
+    return save_pruned(merged.to(dtype) if dtype is not None else merged, target, tokenizer=tokenizer)
 
 
 def run_export(args: Mapping[str, Any]) -> None:

@@ -190,6 +190,16 @@ def test_chat_applying_an_adapter_unmerged_over_a_pruned_model_is_refused(recove
     assert f"{key}: {value} with adapter_name_or_path on the pruned model" in capsys.readouterr().err
 
 
+def test_the_merge_after_training_is_saved_in_infer_dtype(workspace, tmp_path):
+    """As LLaMA-Factory's export honours infer_dtype, so does the merge into export_dir; the zeros survive the cast."""
+    out = tmp_path / "bf16"
+    training = {**LORA_TRAINING, "max_steps": 1, "infer_dtype": "bfloat16", "export_dir": str(tmp_path / "merged_bf16")}
+    train(tmp_path, {**base_args(workspace, out, **training), "pruning": {"method": "magnitude", "sparsity": 0.4}})
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged_bf16", dtype="auto")
+    assert merged.dtype == torch.bfloat16
+    assert_same_zeros({name: linear.weight == 0 for name, linear in prunable_linears(merged).items()}, zeros(out / "pruned"))
+
+
 def test_full_finetuning_keeps_the_masks(workspace, tmp_path):
     out = tmp_path / "full"
     training = {**LORA_TRAINING, "finetuning_type": "full", "max_steps": 3}
