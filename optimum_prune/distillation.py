@@ -192,6 +192,12 @@ class DistillationMixin:
             if self.distillation.hidden_weight:
                 self.hidden_projections = _hidden_projections(self.model, teacher, self.distillation.layer_map)
                 average_gradients_across_processes(self.hidden_projections.parameters())
+                if self.hidden_projections and self.optimizer is not None:
+                    raise ValueError(
+                        "DistillationConfig.hidden_weight with widths that differ trains projections from the student's "
+                        "widths to the teacher's, which an optimizer passed as optimizers= does not hold: let the Trainer "
+                        "build its optimizer (create_optimizer adds them), or set hidden_weight=0"
+                    )
         self._projections_fitted = False
         if self.distillation.exit_weight:
             check_exit_layer(self.distillation.exit_layer, len(get_adapter(self.model).decoder_layers()))

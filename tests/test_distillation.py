@@ -209,6 +209,18 @@ def test_a_sliced_student_learns_projections_to_the_teachers_width(tmp_path):
     assert not any("hidden_projections" in name for name in student.state_dict())  # training-only
 
 
+def test_width_projections_need_the_trainers_own_optimizer(tmp_path):
+    teacher = tiny_model(seed=0)
+    student = copy.deepcopy(teacher)
+    prune(student, PruningConfig(method="slicegpt", sparsity=0.25), calibration=token_windows())
+    optimizer = torch.optim.SGD(student.parameters(), lr=1e-3)
+    with pytest.raises(ValueError, match="which an optimizer passed as optimizers= does not hold"):
+        DistillationTrainer(
+            model=student, teacher=teacher, distillation=DistillationConfig(hidden_weight=1.0), args=training_args(tmp_path, 1),
+            train_dataset=dataset(), optimizers=(optimizer, None),
+        )  # fmt: skip
+
+
 @pytest.mark.parametrize("quantizer", ["quanto int8", "bitsandbytes int8"])
 def test_a_teacher_quantized_to_8_bit_teaches_and_stays_frozen(quantizer, tmp_path):
     """The memory-aware teacher: quantized through the Optimum issue's paths (``compress`` with
