@@ -76,17 +76,18 @@ def run_train(args: Mapping[str, Any], section: PruningSection | None, training:
         raise ValueError("`output_dir` is required")
     output_dir = Path(args["output_dir"])
     pruned_dir = output_dir / PRUNED_SUBDIR
+    merged_dtype = args.get("infer_dtype", "auto")
+    if merged_dtype not in MERGED_DTYPES:  # checked before hours of training, not at the merge after them
+        raise ValueError(f"infer_dtype must be one of {', '.join(MERGED_DTYPES)}, got {merged_dtype!r}")
     calibration = read_calibration(args, section)
-    if _already_pruned(pruned_dir, calibration.source, section.config):
+    source = calibration.source
+    if _already_pruned(pruned_dir, source, section.config):
         logger.info("reusing the pruned model in %s (same model, calibration tokens and pruning config)", pruned_dir)
     else:
-        prune_and_save(args, section, pruned_dir, calibration, record_source=True)
+        prune_and_save(args, section, pruned_dir, calibration, source)
     _delegate_training({**args, "model_name_or_path": str(pruned_dir)}, True, training)
     if args.get("do_train") and args.get("finetuning_type", "lora") == "lora":
-        dtype = args.get("infer_dtype", "auto")
-        if dtype not in MERGED_DTYPES:
-            raise ValueError(f"infer_dtype must be one of {', '.join(MERGED_DTYPES)}, got {dtype!r}")
-        merge_adapter(pruned_dir, output_dir, Path(args.get("export_dir") or output_dir / MERGED_SUBDIR), MERGED_DTYPES[dtype])
+        merge_adapter(pruned_dir, output_dir, Path(args.get("export_dir") or output_dir / MERGED_SUBDIR), MERGED_DTYPES[merged_dtype])
 
 
 # LLaMA-Factory checks its arguments for the run it trains; parsing them to read the calibration data,
@@ -153,11 +154,10 @@ def read_calibration(args: Mapping[str, Any], section: PruningSection) -> Calibr
 
 
 def prune_and_save(
-    args: Mapping[str, Any], section: PruningSection, target: Path, calibration: Calibration, record_source: bool = False
+    args: Mapping[str, Any], section: PruningSection, target: Path, calibration: Calibration, source: Mapping[str, Any] | None = None
 ) -> Path:
-    """Prune on ``calibration`` and save atomically (with ``record_source``, noting what it came from)."""
+    """Prune on ``calibration`` and save atomically (noting ``source``, ``calibration.source``, when given)."""
     config = section.config
-    source = calibration.source if record_source else None
     device = "cuda" if torch.cuda.is_available() else None
     if section.offload == "disk":
         prune_checkpoint(

@@ -190,6 +190,16 @@ def test_chat_applying_an_adapter_unmerged_over_a_pruned_model_is_refused(recove
     assert f"{key}: {value} with adapter_name_or_path on the pruned model" in capsys.readouterr().err
 
 
+def test_an_unknown_infer_dtype_is_refused_before_pruning(workspace, tmp_path, capsys, monkeypatch):
+    import llamafactory_ext.stages as stages
+
+    monkeypatch.setattr(stages, "read_calibration", lambda *_: pytest.fail("calibration read"))
+    config = {**base_args(workspace, tmp_path / "out", **LORA_TRAINING), "infer_dtype": "fp8", "pruning": {"method": "magnitude"}}
+    with pytest.raises(SystemExit):
+        main(["train", str(write_yaml(tmp_path / "fp8.yaml", config))])
+    assert "infer_dtype must be one of auto, float16, bfloat16, float32, got 'fp8'" in capsys.readouterr().err
+
+
 def test_the_merge_after_training_is_saved_in_infer_dtype(workspace, tmp_path):
     """As LLaMA-Factory's export honours infer_dtype, so does the merge into export_dir; the zeros survive the cast."""
     out = tmp_path / "bf16"
