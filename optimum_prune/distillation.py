@@ -15,7 +15,8 @@ The loss (Hinton et al. 2015; Minitron, Muralidharan et al. 2024) mixes
   the student's state goes through a learned linear map to the teacher's width first (Minitron's
   intermediate-state loss, Muralidharan et al. 2024): one per mapped layer, fitted by least squares
   on the first batch (so the loss starts at what the student can already match), then trained with
-  the student (a parameter group of the Trainer's optimizer) and discarded after training;
+  the student (a parameter group of the Trainer's optimizer), saved in each checkpoint beside the
+  optimizer (``hidden_projections.safetensors``, so a resumed run continues them) and discarded after training;
 - ``exit_weight`` × T² · KL(p_final ‖ p_exit): recovery of an early-exit path (LayerSkip, Elhoushi
   et al. 2024, trained here as self-distillation): the logits read after decoder layer
   ``exit_layer`` through the shared final norm and LM head are pulled towards the model's own
@@ -39,7 +40,9 @@ kept by ``PruningCallback`` as in any other run.
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
@@ -47,6 +50,7 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
+from safetensors.torch import load_file, save_file
 from torch.nn import functional as F
 from transformers import Trainer
 
@@ -56,6 +60,9 @@ from .early_exit import check_exit_layer, exit_logits
 
 TOP_K_INDICES = "teacher_top_k_indices"
 TOP_K_LOGITS = "teacher_top_k_logits"
+HIDDEN_PROJECTIONS_NAME = "hidden_projections.safetensors"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -199,6 +206,7 @@ class DistillationMixin:
                         "build its optimizer (create_optimizer adds them), or set hidden_weight=0"
                     )
         self._projections_fitted = False
+        self._projection_gradients_step: int | None = None
         if self.distillation.exit_weight:
             check_exit_layer(self.distillation.exit_layer, len(get_adapter(self.model).decoder_layers()))
 
@@ -223,6 +231,29 @@ class DistillationMixin:
         if self.hidden_projections:
             optimizer.add_param_group({"params": list(self.hidden_projections.parameters()), "weight_decay": 0.0})
         return optimizer
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Checkpoints hold the width projections beside the optimizer's moments for them: a resumed run
+        would otherwise refit them from its first batch and apply the saved moments to the refitted maps."""
+        super()._save_optimizer_and_scheduler(output_dir)
+        if self.hidden_projections and self.args.should_save:
+            save_file(self.hidden_projections.state_dict(), os.path.join(output_dir, HIDDEN_PROJECTIONS_NAME))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None or not self.hidden_projections:
+            return
+        path = os.path.join(checkpoint, HIDDEN_PROJECTIONS_NAME)
+        if not os.path.isfile(path):
+            logger.warning(
+                "%s has no %s (it was not saved by a DistillationTrainer with width projections): they are refitted on the first batch, "
+                "so the resumed run differs from an uninterrupted one",
+                checkpoint, HIDDEN_PROJECTIONS_NAME,
+            )  # fmt: skip
+            return
+        device = next(self.hidden_projections.parameters()).device
+        self.hidden_projections.load_state_dict(load_file(path, device=str(device)))
+        self._projections_fitted = True
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
@@ -284,6 +315,11 @@ class DistillationMixin:
         # hidden_states[0] is the embedding output; layer i's output is hidden_states[i + 1].
         layer_map = self.distillation.layer_map or _identity_map(len(student_hidden) - 1, len(teacher_hidden) - 1)
         mask = inputs.get("attention_mask")
+        if self.hidden_projections and torch.is_grad_enabled() and self._projection_gradients_step != self.state.global_step:
+            # The Trainer zeroes only the model's gradients after each optimizer step; the projections live
+            # outside the model, so theirs are zeroed here, on the first micro-batch of each step.
+            self.hidden_projections.zero_grad(set_to_none=True)
+            self._projection_gradients_step = self.state.global_step
         losses = []
         for student_layer, teacher_layer in layer_map.items():
             s, t = student_hidden[student_layer + 1].float(), teacher_hidden[teacher_layer + 1].to(student_hidden[0].device).float()

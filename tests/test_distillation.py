@@ -8,7 +8,7 @@ import pytest
 import torch
 from datasets import Dataset, load_from_disk
 from torch.nn import functional as F
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from optimum_prune import PruningCallback, PruningConfig, prune, verify_sparsity
 from optimum_prune import distillation
@@ -207,6 +207,54 @@ def test_a_sliced_student_learns_projections_to_the_teachers_width(tmp_path):
         assert after < 0.75 * unprojected
         assert after < float(trainer.compute_loss(untrained, dict(batch)))  # the student moved, not only the maps
     assert not any("hidden_projections" in name for name in student.state_dict())  # training-only
+
+
+def test_width_projection_gradients_start_from_zero_at_every_optimizer_step(tmp_path):
+    """The Trainer zeroes only the model's gradients: with one batch repeated and no update (lr 0),
+    each step's projection gradient is the same, not the sum of every step's so far."""
+    teacher = tiny_model(seed=0)
+    student = copy.deepcopy(teacher)
+    prune(student, PruningConfig(method="slicegpt", sparsity=0.25), calibration=token_windows())
+    row = token_windows(samples=1, seq_len=16, seed=5)[0].tolist()
+    args = training_args(tmp_path, 3)
+    args.learning_rate, args.gradient_accumulation_steps, args.per_device_train_batch_size = 0.0, 2, 2
+    trainer = DistillationTrainer(
+        model=student, teacher=teacher, distillation=DistillationConfig(kd_weight=0.0, hidden_weight=1.0), args=args,
+        train_dataset=Dataset.from_dict({"input_ids": [row] * 12, "labels": [row] * 12}),
+    )  # fmt: skip
+    gradients = []
+
+    class RecordGradients(TrainerCallback):
+        def on_step_end(self, *_args, **_kwargs) -> None:
+            gradients.append([p.grad.clone() for p in trainer.hidden_projections.parameters()])
+
+    trainer.add_callback(RecordGradients())
+    trainer.train()
+    assert len(gradients) == 3
+    for later in gradients[1:]:
+        for first, gradient in zip(gradients[0], later):
+            torch.testing.assert_close(gradient, first)
+
+
+def test_resuming_a_sliced_students_run_continues_its_width_projections(tmp_path):
+    """The projections are training state like the optimizer's moments: a run resumed from a checkpoint
+    ends where the uninterrupted run does (it refitted them from its first batch instead)."""
+    teacher = tiny_model(seed=0)
+    sliced = copy.deepcopy(teacher)
+    prune(sliced, PruningConfig(method="slicegpt", sparsity=0.25), calibration=token_windows())
+    config = DistillationConfig(temperature=1.0, kd_weight=0.0, hidden_weight=1.0)
+    runs = []
+    for resume_from_checkpoint in (None, str(tmp_path / "run" / "checkpoint-3")):
+        args = training_args(tmp_path, 6)
+        args.save_strategy, args.save_steps = "steps", 3
+        trainer = DistillationTrainer(model=copy.deepcopy(sliced), teacher=teacher, distillation=config, args=args, train_dataset=dataset())
+        trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+        runs.append(trainer)
+    uninterrupted, resumed = runs
+    for expected, actual in zip(uninterrupted.hidden_projections.parameters(), resumed.hidden_projections.parameters()):
+        torch.testing.assert_close(actual, expected)
+    for expected, actual in zip(uninterrupted.model.parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(actual, expected)
 
 
 def test_width_projections_need_the_trainers_own_optimizer(tmp_path):
