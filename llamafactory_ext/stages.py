@@ -30,6 +30,7 @@ from transformers import AutoModelForCausalLM
 from optimum_prune import SparsityMasks, merge_lora_preserving_sparsity, prune, prune_checkpoint, save_pruned
 from optimum_prune.calibration import sample_windows
 from optimum_prune.config import CONFIG_NAME, PruningConfig
+from optimum_prune.saving import DEFAULT_SHARD_SIZE
 from optimum_prune.structure.loading import QUANT_METHOD as STRUCTURE_QUANT_METHOD
 
 from .compat import import_llamafactory
@@ -87,7 +88,8 @@ def run_train(args: Mapping[str, Any], section: PruningSection | None, training:
         prune_and_save(args, section, pruned_dir, calibration, source)
     _delegate_training({**args, "model_name_or_path": str(pruned_dir)}, True, training)
     if args.get("do_train") and args.get("finetuning_type", "lora") == "lora":
-        merge_adapter(pruned_dir, output_dir, Path(args.get("export_dir") or output_dir / MERGED_SUBDIR), MERGED_DTYPES[merged_dtype])
+        target = Path(args.get("export_dir") or output_dir / MERGED_SUBDIR)
+        merge_adapter(pruned_dir, output_dir, target, MERGED_DTYPES[merged_dtype], f"{args.get('export_size', 5)}GB")
 
 
 # LLaMA-Factory checks its arguments for the run it trains; parsing them to read the calibration data,
@@ -258,9 +260,12 @@ def _device_count_or_one() -> int:
     return max(1, get_device_count())
 
 
-def merge_adapter(base_dir: Path, adapter_dir: Path, target: Path, dtype: torch.dtype | None = None) -> Path:
+def merge_adapter(
+    base_dir: Path, adapter_dir: Path, target: Path, dtype: torch.dtype | None = None, max_shard_size: str = DEFAULT_SHARD_SIZE
+) -> Path:
     """Merge the LoRA adapter trained on ``base_dir`` into it (in float32), keeping the pruned zeros, and save it
-    atomically in ``dtype`` (None: float32, the pruned model's)."""
+    atomically in ``dtype`` (None: float32, the pruned model's) in shards of ``max_shard_size`` (the YAML's
+    ``export_size``, as LLaMA-Factory's export)."""
     from peft import PeftModel
     from transformers import AutoTokenizer
 
@@ -270,7 +275,7 @@ def merge_adapter(base_dir: Path, adapter_dir: Path, target: Path, dtype: torch.
     after = SparsityMasks.from_zeros(merged)
     logger.info("merged %s into %s: sparsity %.4f before, %.4f after", adapter_dir, target, before.sparsity(), after.sparsity())
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base_dir)
-    return save_pruned(merged.to(dtype) if dtype is not None else merged, target, tokenizer=tokenizer)
+    return save_pruned(merged.to(dtype) if dtype is not None else merged, target, tokenizer=tokenizer, max_shard_size=max_shard_size)
 
 
 def run_export(args: Mapping[str, Any]) -> None:

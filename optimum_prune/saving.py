@@ -24,6 +24,7 @@ from .report import PruningReport
 
 logger = logging.getLogger(__name__)
 SCORES_PLOT_NAME = "layer_scores.png"
+DEFAULT_SHARD_SIZE = "5GB"  # save_pretrained's default, and optimum-quanto's only size
 # This package's modules that hold a linear's weight under other names, and how to save their model instead.
 WRAPPER_FIXES = {
     SparseLinear: "save the model before sparsify, and sparsify again after loading",
@@ -98,6 +99,7 @@ def save_pruned(
     config: PruningConfig | None = None,
     report: PruningReport | None = None,
     compressed_tensors_metadata: bool = False,
+    max_shard_size: int | str = DEFAULT_SHARD_SIZE,
 ) -> Path:
     """Save ``model`` (and ``tokenizer``) with ``save_pretrained`` in safetensors, atomically.
 
@@ -110,8 +112,11 @@ def save_pruned(
     quantized with GPTQ reloads with ``AutoModelForCausalLM.from_pretrained(output_dir)`` (gptqmodel installed). A ``report`` with per-layer scores (depth / sublayer methods) adds ``layer_scores.png``.
     ``compressed_tensors_metadata=True`` writes the compressed-tensors ``sparsity_config`` (see
     ``sparsity_metadata.py``) as the checkpoint's ``quantization_config`` for serving stacks.
+    ``max_shard_size`` is ``save_pretrained``'s (optimum-quanto's format takes only the default).
     """
     _check_loadable(model)
+    if max_shard_size != DEFAULT_SHARD_SIZE and _quanto_quantized(model):
+        raise ValueError(f"max_shard_size: optimum-quanto saves its models in {DEFAULT_SHARD_SIZE} shards; leave it at the default")
     if config is None:
         recorded = getattr(model.config, "pruning_config", None)
         config = PruningConfig.from_dict(recorded) if recorded else None
@@ -124,7 +129,7 @@ def save_pruned(
         model.config.quantization_config = compressed_tensors_config(model, config)
     try:
         with atomic_directory(output_dir) as staging:
-            _write_checkpoint(model, staging, tokenizer, config, report)
+            _write_checkpoint(model, staging, tokenizer, config, report, max_shard_size)
     finally:
         if compressed_tensors_metadata:
             del model.config.quantization_config  # the in-memory model stays an ordinary one
@@ -156,8 +161,9 @@ def _unloadable(module: nn.Module) -> str | None:
 
 
 def _write_checkpoint(
-    model: nn.Module, staging: Path, tokenizer: Any, config: PruningConfig | None, report: PruningReport | None
-) -> None:
+    model: nn.Module, staging: Path, tokenizer: Any, config: PruningConfig | None, report: PruningReport | None,
+    max_shard_size: int | str,
+) -> None:  # fmt: skip
     if _quanto_quantized(model):
         from optimum.quanto import QuantizedModelForCausalLM
 
@@ -166,9 +172,9 @@ def _write_checkpoint(
         from .gptq import v1_checkpoint_layout
 
         with v1_checkpoint_layout(model):
-            model.save_pretrained(staging, safe_serialization=True)
+            model.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
     else:
-        model.save_pretrained(staging, safe_serialization=True)
+        model.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
     if tokenizer is not None:
         tokenizer.save_pretrained(staging)
     if config is not None:

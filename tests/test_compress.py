@@ -56,6 +56,14 @@ def test_uniform_structured_result_quantizes_and_reloads(tmp_path):
         assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
+def test_a_shard_size_quanto_cannot_write_is_refused_before_writing(tmp_path):
+    model = tiny_model(**WIDE)
+    compress(model, [PruningConfig(method="magnitude", sparsity=0.5), QuantoConfig(weights="int8")])
+    with pytest.raises(ValueError, match="max_shard_size: optimum-quanto saves its models in 5GB shards"):
+        save_pruned(model, tmp_path / "int8", max_shard_size="1GB")
+    assert not (tmp_path / "int8").exists()
+
+
 def test_bad_recipes_fail_before_any_step_runs():
     model = tiny_model(**WIDE)
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}

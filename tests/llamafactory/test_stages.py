@@ -16,8 +16,9 @@ from transformers import AutoModelForCausalLM
 
 import optimum_prune  # noqa: F401  (registers the loader of non-uniform structured checkpoints)
 from llamafactory_ext.cli import main
-from llamafactory_ext.stages import restore_zeros
-from optimum_prune import PruningConfig, prune, prune_checkpoint, verify_sparsity
+from llamafactory_ext import stages
+from llamafactory_ext.stages import merge_adapter, restore_zeros
+from optimum_prune import PruningConfig, prune, prune_checkpoint, save_pruned, verify_sparsity
 from optimum_prune.distillation import DistillationMixin
 from optimum_prune.masks import prunable_linears
 
@@ -208,6 +209,29 @@ def test_the_merge_after_training_is_saved_in_infer_dtype(workspace, tmp_path):
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged_bf16", dtype="auto")
     assert merged.dtype == torch.bfloat16
     assert_same_zeros({name: linear.weight == 0 for name, linear in prunable_linears(merged).items()}, zeros(out / "pruned"))
+
+
+def test_the_merge_is_saved_in_shards_of_max_shard_size_keeping_the_zeros(recovered, tmp_path):
+    merge_adapter(recovered / "pruned", recovered, tmp_path / "sharded", max_shard_size="100KB")
+    index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert_same_zeros(zeros(tmp_path / "sharded"), zeros(recovered / "pruned"))
+
+
+def test_the_merge_after_training_takes_the_yamls_export_size(workspace, tmp_path, monkeypatch):
+    """LLaMA-Factory's export shards by export_size (GB); the merge into export_dir does too."""
+    shard_sizes = []
+
+    def recording_save_pruned(*args, **kwargs):
+        shard_sizes.append(kwargs.get("max_shard_size"))
+        return save_pruned(*args, **kwargs)
+
+    monkeypatch.setattr(stages, "save_pruned", recording_save_pruned)
+    out = tmp_path / "sized"
+    training = {**LORA_TRAINING, "max_steps": 1, "export_size": 2, "export_dir": str(tmp_path / "merged")}
+    train(tmp_path, {**base_args(workspace, out, **training), "pruning": {"method": "magnitude", "sparsity": 0.4}})
+    assert shard_sizes[-1] == "2GB"
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
 
 
 def test_full_finetuning_keeps_the_masks(workspace, tmp_path):
