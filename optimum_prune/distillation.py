@@ -174,9 +174,10 @@ class DistillationMixin:
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        # compute_loss returns each micro-batch's mean, so the Trainer must divide by the accumulation
-        # steps itself (it skips that when it believes the model normalises by num_items_in_batch).
-        self.model_accepts_loss_kwargs = False
+        # compute_loss weighs each micro-batch by its share of the step's labelled positions
+        # (num_items_in_batch), as transformers' own causal-LM loss does under gradient accumulation;
+        # this tells the Trainer to count them and not to divide by the accumulation steps as well.
+        self.model_accepts_loss_kwargs = True
         if self.compute_loss_func is not None:
             raise ValueError(
                 "DistillationTrainer computes its own loss (label, KD, exit and hidden-state terms, each a micro-batch "
@@ -273,7 +274,7 @@ class DistillationMixin:
         model_inputs = {**inputs, "output_hidden_states": hidden or bool(config.exit_weight)}
         with dropping:
             if config.label_weight:  # the Trainer's own label loss (label smoothing; a subclass's, e.g. SFTTrainer's metrics)
-                label_loss, outputs = super().compute_loss(model, model_inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+                label_loss, outputs = super().compute_loss(model, model_inputs, return_outputs=True)  # this micro-batch's mean
             else:  # the model need not compute a label loss (it upcasts every logit to fp32 for it)
                 outputs = model(**{name: value for name, value in model_inputs.items() if name != "labels"})
         loss = outputs.logits.new_zeros(())
@@ -288,7 +289,24 @@ class DistillationMixin:
                 loss = loss + config.kd_weight * kd_loss(outputs.logits, logits.to(outputs.logits.device), labels, config.temperature, indices)
             if hidden:
                 loss = loss + config.hidden_weight * self._hidden_loss(outputs.hidden_states, teacher_outputs, inputs)
+        if num_items_in_batch is not None:
+            loss = loss * self._share_of_step(labels, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Any:
+        """The step's labelled next-token positions, which the losses average over (the Trainer counts
+        unshifted labels), over its micro-batches and, with ``average_tokens_across_devices``, processes."""
+        return super()._get_num_items_in_batch([{"labels": batch["labels"][..., 1:]} for batch in batch_samples if "labels" in batch], device)
+
+    def _share_of_step(self, labels: torch.Tensor, num_items_in_batch: Any) -> torch.Tensor:
+        """The weight that turns this micro-batch's means into its part of means over the whole step: its
+        labelled positions over the step's, times the processes when the count spans them (DDP averages
+        gradients), as the Trainer scales its own loss. The hidden-state term (a mean over attended
+        positions) is weighted by the same share."""
+        share = (labels[:, 1:] != -100).sum() / torch.as_tensor(num_items_in_batch, device=labels.device).clamp(min=1)
+        if self.args.average_tokens_across_devices:
+            share = share * (self.accelerator.num_processes if self.args.n_gpu <= 1 else self.args.n_gpu)
+        return share
 
     def _teacher_targets(self, inputs: dict[str, Any], cached: tuple, hidden: bool) -> tuple[Any, torch.Tensor | None, torch.Tensor]:
         indices, logits = cached

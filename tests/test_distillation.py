@@ -150,19 +150,23 @@ def test_training_moves_the_student_towards_a_frozen_teacher_and_keeps_the_masks
     assert verify_sparsity(student, "2:4")["conforming"]
 
 
-def test_gradient_accumulation_averages_the_micro_batches(tmp_path):
-    """The Trainer must divide each micro-batch's (mean) loss by the accumulation steps: one batch of 4
-    and two accumulated batches of 2 log the same loss and leave the same weights."""
+def test_gradient_accumulation_averages_over_the_steps_labelled_tokens(tmp_path):
+    """As transformers' own loss under gradient accumulation: one batch of 4 and two accumulated batches
+    of 2 log the same loss and leave the same weights, also when the samples hold different numbers of
+    labelled tokens (every pairing here gives the two micro-batches different counts)."""
     teacher, _ = teacher_student()
+    ids = token_windows(samples=4, seq_len=16, seed=5)
+    labels = ids.clone()
+    for row, labelled in enumerate((16, 10, 5, 2)):
+        labels[row, : 16 - labelled] = -100
+    train_dataset = Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
+    config = DistillationConfig(temperature=1.0, label_weight=0.5, exit_weight=0.5, exit_layer=1)
     runs = []
     for batch, accumulation in ((4, 1), (2, 2)):
         student = teacher_student()[1]
         args = training_args(tmp_path, 1)
         args.per_device_train_batch_size, args.gradient_accumulation_steps = batch, accumulation
-        trainer = DistillationTrainer(
-            model=student, teacher=teacher, distillation=DistillationConfig(temperature=1.0, label_weight=0.5),
-            args=args, train_dataset=dataset(samples=4),
-        )  # fmt: skip
+        trainer = DistillationTrainer(model=student, teacher=teacher, distillation=config, args=args, train_dataset=train_dataset)
         trainer.train()
         runs.append((trainer.state.log_history[0]["loss"], student.model.layers[0].mlp.up_proj.weight.detach().clone()))
     assert runs[1][0] == pytest.approx(runs[0][0], rel=1e-4)
