@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from transformers import GPTQConfig
 
-from .quantized import is_gptq_linear
+from .quantized import is_gptq_linear, refuse_recorded_structure
 
 
 def check_config(config: GPTQConfig, field: str) -> None:
@@ -81,6 +81,7 @@ def quantize_weights(model: nn.Module, config: GPTQConfig, windows: torch.Tensor
     ids ``[samples, seq_len]``), or on ``config.dataset`` (texts, tokenized by ``tokenizer``) when it is None."""
     from optimum.gptq import GPTQQuantizer
 
+    refuse_recorded_structure(model, "GPTQ (it saves its own quantization_config)")
     check_group_size(model, config, "GPTQConfig")  # again: structured pruning may have changed the widths
     options = config.to_dict_optimum()
     options["act_group_aware"] = False  # see the module docstring

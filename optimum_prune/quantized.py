@@ -27,6 +27,20 @@ import torch
 from torch import nn
 
 
+def refuse_recorded_structure(model: nn.Module, quantizer: str) -> None:
+    """Non-uniform structured results record their per-layer shapes as the config's ``quantization_config``
+    (their loader reads it there); a quantizer writes its own config in that place, or reloads from the plain
+    config, so the shapes would be lost and the saved model would reload at stock shapes, partly random."""
+    structure = getattr(model.config, "quantization_config", None)
+    if structure is not None:
+        raise ValueError(
+            f"the model's config already holds a quantization_config ({type(structure).__name__}): non-uniform "
+            f"structured results store their per-layer shapes there, which {quantizer} would replace or ignore, so "
+            "they cannot be quantized with it yet; prune uniformly (width with ranking='layer', layers) or quantize "
+            "unstructured results"
+        )
+
+
 def is_linear(module: nn.Module) -> bool:
     """A linear layer, quantized or not (GPTQ's quantized linears replace ``nn.Linear`` by another class)."""
     return isinstance(module, nn.Linear) or is_gptq_linear(module)

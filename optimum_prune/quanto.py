@@ -20,7 +20,7 @@ from optimum.quanto import MaxOptimizer, freeze, quantize
 from torch import nn
 
 from .adapters.base import qualified_name
-from .quantized import dequantized_weight
+from .quantized import dequantized_weight, refuse_recorded_structure
 
 LOW_BIT_WEIGHTS = ("int4", "int2")
 QTYPES = {"float8": "qfloat8", "int8": "qint8", "int4": "qint4", "int2": "qint2"}  # QuantoConfig.weights → quanto
@@ -51,14 +51,7 @@ def check_packing(model: nn.Module, config: Any, field: str) -> None:
 def quantize_weights(model: nn.Module, config: Any) -> None:
     """Quantize every linear but the output embedding (``lm_head``) and ``config.modules_to_not_convert`` (a
     ``transformers.QuantoConfig``) in place, weights only, and freeze them."""
-    structure = getattr(model.config, "quantization_config", None)
-    if structure is not None:
-        raise ValueError(
-            f"the model's config already holds a quantization_config ({type(structure).__name__}): non-uniform "
-            "structured results store their per-layer shapes there, and optimum-quanto's reload rebuilds the model "
-            "from the plain config, so they cannot be quantized with quanto yet; prune uniformly (width with "
-            "ranking='layer', layers) or quantize unstructured results"
-        )
+    refuse_recorded_structure(model, "optimum-quanto (its reload rebuilds the model from the plain config)")
     zeros = {name: int((linear.weight == 0).sum()) for name, linear in _quantized_linears(model, config)}
     optimizer = ZeroPreservingOptimizer() if config.weights in LOW_BIT_WEIGHTS else None
     quantize(model, weights=QTYPES[config.weights], optimizer=optimizer, exclude=[f"*{name}*" for name in _kept_names(model, config)])

@@ -20,6 +20,7 @@ from .adapters import get_adapter
 from .api import planned_linears
 from .config import PruningConfig
 from .methods import METHODS
+from .quantized import is_quantized
 from .sparsity import NMPattern, conforms_to
 
 
@@ -65,6 +66,13 @@ def compressed_tensors_config(model: nn.Module, config: PruningConfig | None = N
             f"the model already carries a {type(existing).__name__} quantization config; compressed-tensors "
             "sparsity metadata replaces quantization_config, so it can only be written for an unquantized model "
             "with stock shapes"
+        )
+    quantized = next((name for name, module in model.named_modules() if is_quantized(module)), None)
+    if quantized is not None:
+        raise ValueError(
+            f"{quantized} is quantized (e.g. by optimum-quanto, which records no quantization_config): compressed-tensors "
+            "sparsity metadata describes dense weights, so it can only be written for an unquantized model; save the "
+            "pruned model before quantizing it, or without compressed_tensors_metadata"
         )
     return CompressedTensorsConfig(sparsity_config=sparsity_config(model, config))
 

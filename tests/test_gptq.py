@@ -114,6 +114,18 @@ def test_stock_gptq_moves_pruned_weights(monkeypatch):
     assert not verify_sparsity(model, "2:4")["conforming"]
 
 
+def test_non_uniform_structure_is_refused_before_quantizing():
+    """GPTQ saves its own quantization_config where the per-layer shapes were: the reload came back at stock shapes."""
+    model = tiny_model("qwen2", num_hidden_layers=4, **WIDE)
+    with pytest.raises(ValueError, match="non-uniform structured results store their per-layer shapes there, which GPTQ"):
+        compress(
+            model,
+            [PruningConfig(method="sublayers", sparsity=0.2, method_options={"sublayers": "attention"}), GPTQConfig(bits=4, group_size=GROUP)],
+            calibration=token_windows(),
+        )
+    assert not any(is_gptq_linear(module) for module in model.modules())
+
+
 def test_a_group_size_that_splits_input_widths_is_refused_before_pruning():
     model = tiny_model(hidden_size=96, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2)
     with pytest.raises(ValueError, match=r"recipe\[1\]: GPTQConfig\(group_size=64\) does not divide .*\[96\].*use group_size=32"):

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 from compressed_tensors import SparsityCompressionConfig
-from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+from transformers import AutoModelForCausalLM, CompressedTensorsConfig, QuantoConfig
 
-from optimum_prune import compressed_tensors_config, prune, save_pruned, sparsity_config
+from optimum_prune import PruningConfig, compress, compressed_tensors_config, prune, save_pruned, sparsity_config
 from optimum_prune.cli import main as cli_main
 from tests.conftest import tiny_model
 
@@ -72,3 +72,7 @@ def test_errors_name_the_fix():
     quantized.config.quantization_config = CompressedTensorsConfig()
     with pytest.raises(ValueError, match="already carries a CompressedTensorsConfig quantization config"):
         compressed_tensors_config(quantized)
+    quanto_int8 = tiny_model()
+    compress(quanto_int8, [PruningConfig(method="magnitude", sparsity="2:4"), QuantoConfig(weights="int8")])
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj is quantized \(e.g. by optimum-quanto"):
+        compressed_tensors_config(quanto_int8)
