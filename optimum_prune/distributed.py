@@ -74,6 +74,12 @@ def shard(inputs: CalibrationInputs) -> CalibrationInputs:
     return inputs[rank::size]
 
 
+def shard_positions(local_count: int) -> range:
+    """The positions in the whole calibration set of the first ``local_count`` windows of this process's ``shard``."""
+    rank, size = world()
+    return range(rank, rank + size * local_count, size)
+
+
 def all_reduce_sum(*tensors: torch.Tensor) -> None:
     """Sum each tensor over all processes, in place (no-op in a single process). NCCL reduces
     CUDA tensors only, so CPU-resident statistics travel through the current GPU there."""

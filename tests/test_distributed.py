@@ -10,6 +10,8 @@ from torch import distributed as dist
 from torch import multiprocessing
 
 from optimum_prune import PruningConfig, prune
+from optimum_prune.adapters import get_adapter
+from optimum_prune.allocation.sensitivity import SensitivityAllocation, SensitivityOptions
 from optimum_prune.distributed import rank_zero_first, shard
 
 from .conftest import tiny_model, token_windows
@@ -18,6 +20,7 @@ CASES = {
     "wanda": dict(method="wanda", sparsity=0.5),
     "sparsegpt 2:4": dict(method="sparsegpt", sparsity="2:4"),
     "wanda owl": dict(method="wanda", sparsity=0.6, allocation="owl"),
+    "wanda sensitivity": dict(method="wanda", sparsity=0.5, allocation="sensitivity", allocation_options={"windows": 3}),
     "magnitude (no calibration to share)": dict(method="magnitude", sparsity=0.5),
 }
 
@@ -50,6 +53,33 @@ def test_two_gloo_processes_prune_like_one(case, tmp_path):
     for name, weight in alone.items():
         assert torch.equal(together[name] == 0, weight == 0), name  # identical masks
         torch.testing.assert_close(together[name], weight, rtol=1e-4, atol=1e-6)  # sums differ only in order
+
+
+def _sensitivities(windows: torch.Tensor) -> torch.Tensor:
+    """Per-layer Hessian traces of allocation 'sensitivity' over the first 3 of the windows."""
+    model = tiny_model(num_hidden_layers=4)
+    allocation = SensitivityAllocation(SensitivityOptions(windows=3))
+    allocation.observe_model(model, windows, get_adapter(model).qualified_prunable_linears())
+    return torch.tensor(allocation.sensitivities)
+
+
+def _estimate_sensitivities(rank: int, world: int, init_file: str, output: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        sensitivities = _sensitivities(shard(token_windows(samples=8)))
+        if rank == 0:
+            torch.save(sensitivities, output)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_processes_estimate_the_sensitivities_of_one_on_the_same_windows(tmp_path):
+    """Each process takes its share of the first `windows` windows of the whole set (not of its shard), with
+    the probes a single process draws for them, and the means are weighted by the windows each used."""
+    output = tmp_path / "rank0.pt"
+    multiprocessing.spawn(_estimate_sensitivities, args=(2, str(tmp_path / "init"), str(output)), nprocs=2, join=True)
+    torch.testing.assert_close(torch.load(output), _sensitivities(token_windows(samples=8)), rtol=1e-6, atol=0)
 
 
 def _first_rank_prepares(rank: int, world: int, init_file: str, log: str) -> None:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..calibration.gradients import hessian_traces
-from ..distributed import all_reduce_sum
+from ..distributed import all_reduce_sum, shard_positions
 from ..options import option
 from .base import Allocation, register_allocation
 
@@ -53,12 +53,20 @@ class SensitivityAllocation(Allocation[SensitivityOptions]):
         self.sensitivities: list[float] = []
 
     def observe_model(self, model: nn.Module, windows: torch.Tensor, layers: list[dict[str, nn.Linear]]) -> None:
+        """The traces over the first ``windows`` windows of the whole calibration set; with several processes,
+        each estimates on its share of those (``windows`` is then its ``shard``) and the sums are all-reduced,
+        so every process ranks the layers as a single process would."""
         if not isinstance(windows, torch.Tensor):
             raise ValueError("allocation 'sensitivity' needs token windows as calibration (the Hessian is of the language-model loss)")
         groups = [[linear.weight for linear in linears.values()] for linears in layers]
-        traces = torch.tensor(hessian_traces(model, windows[: self.options.windows], groups, self.options.probes), dtype=torch.float64)
-        all_reduce_sum(traces)  # multi-process: every process ranks the layers alike
-        self.sensitivities = traces.tolist()
+        positions = [position for position in shard_positions(len(windows)) if position < self.options.windows]
+        totals = torch.zeros(len(groups), dtype=torch.float64)
+        if positions:
+            means = hessian_traces(model, windows[: len(positions)], groups, self.options.probes, window_indices=positions)
+            totals += torch.tensor(means, dtype=torch.float64) * len(positions)
+        used = torch.tensor([float(len(positions))], dtype=torch.float64)
+        all_reduce_sum(totals, used)
+        self.sensitivities = (totals / used).tolist()
 
     def allocate(self, target: float, num_layers: int) -> list[float]:
         if len(self.sensitivities) != num_layers:

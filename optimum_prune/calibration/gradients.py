@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -103,9 +103,12 @@ def fisher_rows(model: nn.Module, windows: torch.Tensor, linears: list[nn.Linear
 
 def hessian_traces(
     model: nn.Module, windows: torch.Tensor, groups: list[list[nn.Parameter]], probes: int = 1, seed: int = 0,
-    description: str = "Hessian traces",
+    description: str = "Hessian traces", window_indices: Sequence[int] | None = None,
 ) -> list[float]:
-    """Hutchinson estimates of tr(∂²L/∂θ²) for each group of parameters: E_v[vᵀHv], v Rademacher.
+    """Hutchinson estimates of tr(∂²L/∂θ²) for each group of parameters: E_v[vᵀHv], v Rademacher,
+    averaged over ``windows``. Each window's probes are drawn from ``seed`` + its index in the whole
+    calibration set (``window_indices``; default its position in ``windows``), so a process that holds
+    a share of the windows draws the probes a single process would for them.
 
     Hv comes from a second backward pass through the gradient (double backprop), once per window
     and probe, so the whole model's activations and their graph stay on its device for one window:
@@ -114,12 +117,16 @@ def hessian_traces(
     """
     device = next(model.parameters()).device
     parameters = [p for group in groups for p in group]
+    indices = range(len(windows)) if window_indices is None else window_indices
+    if len(indices) != len(windows):
+        raise ValueError(f"hessian_traces got {len(indices)} window indices for {len(windows)} windows")
 
     def run(scale: float) -> list[float] | None:
-        generator = torch.Generator(device=device).manual_seed(seed)
+        generator = torch.Generator(device=device)
         totals = [0.0] * len(groups)
         with grad_only(model, parameters), sdpa_kernel(SDPBackend.MATH):
-            for loss in window_losses(model, windows, description):
+            for index, loss in zip(indices, window_losses(model, windows, description)):
+                generator.manual_seed(seed + index)
                 gradients = torch.autograd.grad(loss * scale, parameters, create_graph=True)
                 for probe in range(probes):
                     vectors = [torch.randint(0, 2, p.shape, generator=generator, device=device).to(p.dtype) * 2 - 1 for p in parameters]
