@@ -49,9 +49,10 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
 
 def check_replaceable(target: Path) -> None:
     """Refuse a ``target`` whose replacement would delete more than an earlier output: saving here replaces the
-    whole directory (atomically), where ``save_pretrained`` writes into it, so ``"."`` or a home directory given
-    by mistake would otherwise be lost. Empty directories and earlier outputs (``config.json`` beside
-    ``*.safetensors`` or ``*.onnx`` weights) may go."""
+    whole directory (atomically), where ``save_pretrained`` writes into it, so ``"."``, a home directory, a
+    Trainer's output (checkpoints, logs) or a clone of a model repository given by mistake would otherwise be
+    lost. Empty directories and earlier outputs (``config.json`` beside ``*.safetensors`` or ``*.onnx``
+    weights, and nothing but checkpoint files: no folders) may go."""
     target = Path(target).absolute()
     if Path.cwd().is_relative_to(target.resolve()):
         raise ValueError(
@@ -65,11 +66,29 @@ def check_replaceable(target: Path) -> None:
     names = sorted(path.name for path in target.iterdir())
     earlier_output = "config.json" in names and any(name.endswith((".safetensors", ".onnx")) for name in names)
     if names and not earlier_output:
-        shown = ", ".join(names[:3]) + (", …" if len(names) > 3 else "")
         raise ValueError(
-            f"{target} holds other files ({shown}) and is not an earlier checkpoint (config.json beside *.safetensors or "
-            "*.onnx weights); saving replaces the whole directory, so give a new or empty one"
+            f"{target} holds other files ({_shown(names)}) and is not an earlier checkpoint (config.json beside "
+            "*.safetensors or *.onnx weights); saving replaces the whole directory, so give a new or empty one"
         )
+    foreign = [f"{path.name}/" if path.is_dir() else path.name for path in sorted(target.iterdir()) if not _checkpoint_file(path)]
+    if foreign:
+        raise ValueError(
+            f"{target} holds a checkpoint and more ({_shown(foreign)}); saving replaces the whole directory, which "
+            "would delete them: give a new directory, or move them out first"
+        )
+
+
+# What save_pretrained, tokenizers, processors, optimum-onnx and this package write into a checkpoint.
+CHECKPOINT_SUFFIXES = (".json", ".safetensors", ".onnx", ".onnx_data", ".jinja", ".tiktoken")
+CHECKPOINT_NAMES = {"merges.txt", "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", SCORES_PLOT_NAME}
+
+
+def _checkpoint_file(path: Path) -> bool:
+    return path.is_file() and not path.name.startswith(".") and (path.name.endswith(CHECKPOINT_SUFFIXES) or path.name in CHECKPOINT_NAMES)
+
+
+def _shown(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (", …" if len(names) > 3 else "")
 
 
 def replace_directory(finished: Path, target: Path) -> None:

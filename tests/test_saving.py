@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 import torch
@@ -95,6 +96,31 @@ def test_a_target_that_is_not_an_earlier_checkpoint_is_never_replaced(tmp_path, 
         save_pruned(tiny_model(), target)
     assert (target.read_text() if kind == "file" else (target / "notes.txt").read_text()) == "notes"
     assert [path.name for path in tmp_path.iterdir()] == ["target"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "shown"),
+    [({"checkpoint-500/optimizer.pt": "state", "runs/events": "logs"}, "checkpoint-500/, runs/"),  # a Trainer's output_dir
+     ({".gitattributes": "*.safetensors lfs", "README.md": "card"}, ".gitattributes, README.md")],  # a clone of a model repo
+)  # fmt: skip
+def test_a_checkpoint_beside_other_data_is_never_replaced(tmp_path, extra, shown):
+    target = tmp_path / "target"
+    tiny_model().save_pretrained(target)
+    for name, text in extra.items():
+        (target / name).parent.mkdir(exist_ok=True)
+        (target / name).write_text(text)
+    before = sorted(str(path.relative_to(target)) for path in target.rglob("*"))
+    with pytest.raises(ValueError, match=rf"holds a checkpoint and more \({re.escape(shown)}\); .* would delete them"):
+        save_pruned(tiny_model(), target)
+    assert sorted(str(path.relative_to(target)) for path in target.rglob("*")) == before
+
+
+def test_an_earlier_output_with_its_tokenizer_is_replaced(tmp_path, bpe_tokenizer):
+    save_pruned(tiny_model(), tmp_path / "out", tokenizer=bpe_tokenizer)
+    model = tiny_model()
+    prune(model, PruningConfig(method="magnitude", sparsity=0.5))
+    save_pruned(model, tmp_path / "out", tokenizer=bpe_tokenizer)
+    assert (tmp_path / "out" / "pruning_config.json").is_file()
 
 
 @pytest.mark.parametrize("given", [".", "..", "{cwd}"])
