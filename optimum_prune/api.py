@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from fnmatch import fnmatchcase
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
@@ -30,7 +29,7 @@ from .calibration import (
 from .calibration.engine import moving_to, on_device, on_disk
 from .config import PruningConfig
 from .distributed import all_reduce_sum, is_distributed, shard
-from .masks import check_ignore_patterns
+from .ignoring import check_ignore_patterns, is_ignored
 from .methods import METHODS, LayerPruner, MethodSpec, ModelPruner, StructuredMethod
 from .methods.magnitude import MagnitudeOptions
 from .options import MoEOptions
@@ -484,7 +483,7 @@ def _parameters(model: nn.Module) -> int:
 def _target_linears(adapter: DecoderAdapter, ignore: list[str], include_routers: bool = False) -> list[dict[str, nn.Linear]]:
     """Per decoder layer, the linears to prune keyed by qualified name, minus ``ignore`` matches."""
     return [
-        {name: linear for name, linear in linears.items() if not any(fnmatchcase(name, p) for p in ignore)}
+        {name: linear for name, linear in linears.items() if not is_ignored(name, ignore)}
         for linears in adapter.qualified_prunable_linears(include_routers)
     ]
 

@@ -43,7 +43,8 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from .expert_dropping import ExpertDroppingCallback, ExpertDroppingSchedule
 from .adapters import get_adapter
 from .distributed import all_reduce_sum
-from .masks import SparsityMasks, check_ignore_patterns
+from .ignoring import check_ignore_patterns
+from .masks import SparsityMasks
 from .perp import PERPConfig, PERPSummary, merge_perp, prepare_perp
 from .sparsity import NMPattern, SparsityTarget, normalise_sparsity, select_mask
 from .statistics import ColumnNorms, RealTokens, wanda_scores

@@ -10,14 +10,14 @@ mask applies to ``get_base_layer().weight``) and the model after ``merge_and_unl
 
 from __future__ import annotations
 
-from fnmatch import fnmatchcase
 from functools import partial
 from typing import Iterable, Iterator
 
 import torch
 from torch import nn
 
-from .adapters import DecoderAdapter, get_adapter
+from .adapters import get_adapter
+from .ignoring import is_ignored
 
 
 def prunable_linears(model: nn.Module, ignore: Iterable[str] = ()) -> dict[str, nn.Linear]:
@@ -32,21 +32,9 @@ def prunable_linears(model: nn.Module, ignore: Iterable[str] = ()) -> dict[str, 
     for prefix, layer in zip(adapter.layer_names(), adapter.decoder_layers()):
         for name, linear in _unwrapped_linears(layer):
             qualified = f"{prefix}.{name}"
-            if not any(fnmatchcase(qualified, p) for p in patterns):
+            if not is_ignored(qualified, patterns):
                 found[qualified] = linear
     return found
-
-
-def check_ignore_patterns(adapter: DecoderAdapter, ignore: Iterable[str], field: str) -> None:
-    """A pattern that matches no module is a typo that would silently prune what it meant to keep."""
-    names = [name for name, _ in adapter.model.named_modules() if name]
-    unmatched = [pattern for pattern in ignore if not any(fnmatchcase(name, pattern) for name in names)]
-    if unmatched:
-        example = next(iter(adapter.qualified_prunable_linears()[0]), names[0])
-        raise ValueError(
-            f"{field} pattern(s) {', '.join(map(repr, unmatched))} match no module of {type(adapter.model).__name__} "
-            f"(names look like {example!r}); correct or remove them"
-        )
 
 
 def _unwrapped_linears(layer: nn.Module) -> Iterator[tuple[str, nn.Linear]]:

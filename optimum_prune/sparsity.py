@@ -14,6 +14,7 @@ from typing import Iterable, Union
 import torch
 from torch import nn
 
+from .ignoring import is_ignored
 from .quantized import dequantized_weight, is_linear
 
 _PATTERN = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
@@ -122,14 +123,12 @@ def verify_sparsity(
     count too. Quantized weights (optimum-quanto, bitsandbytes 8-bit and 4-bit, GPTQ) are counted on
     their dequantized values, so a quantizer that moves zeros shows up here. Returns ``{"overall_sparsity", "pattern", "conforming", "layers": {name: ...}}``.
     """
-    from fnmatch import fnmatchcase
-
     nm = NMPattern.parse(pattern, "pattern") if isinstance(pattern, str) else pattern
     ignored = tuple(ignore)
     layers: dict[str, dict] = {}
     zeros = total = 0
     for name, module in model.named_modules():
-        if not is_linear(module) or any(fnmatchcase(name, p) for p in ignored):
+        if not is_linear(module) or is_ignored(name, ignored):
             continue
         weight = dequantized_weight(module)
         layer_zeros = int((weight == 0).sum())

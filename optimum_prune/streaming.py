@@ -187,7 +187,7 @@ def prune_checkpoint(
 
     from .adapters import get_adapter
     from .api import check_offloadable, prune
-    from .masks import check_ignore_patterns
+    from .ignoring import check_ignore_patterns
 
     source, output_dir = Path(source), Path(output_dir)
     config = PruningConfig.from_dict(dict(config)) if isinstance(config, Mapping) else config

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
@@ -24,6 +23,7 @@ from ..adapters import DecoderAdapter
 from ..calibration import LayerInputs, run_layer, walk_layers
 from ..calibration.engine import on_device
 from ..calibration.gradients import accumulate_gradients, calibration_perplexity
+from ..ignoring import holds_ignored
 from ..options import check_choice, option
 from ..statistics import BlockInfluence, token_cosine
 from .base import StructuredMethod, register_structured_method
@@ -114,7 +114,7 @@ class LayerRemoval(StructuredMethod[LayerRemovalOptions]):
             )
         self.count = count
         self.removable = [
-            i for i, name in enumerate(self.adapter.layer_names()) if not any(fnmatchcase(name, p) for p in self.ignore)
+            i for i, (name, layer) in enumerate(zip(self.adapter.layer_names(), layers)) if not holds_ignored(name, layer, self.ignore)
         ]
         if len(self.removable) < count:
             raise ValueError(f"PruningConfig.ignore {self.ignore!r} leaves {len(self.removable)} removable layers, fewer than {count}")

@@ -17,7 +17,6 @@ backward pass per calibration window with the whole model on the calibration dev
 from __future__ import annotations
 
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
@@ -25,6 +24,7 @@ from torch import nn
 
 from ..calibration.engine import on_device
 from ..calibration.gradients import fisher_rows
+from ..ignoring import is_ignored
 from ..options import check_choice, option
 from ..structure.modules import LowRankLinear
 from ..structure.surgery import replace_submodule
@@ -59,7 +59,7 @@ class LowRankFactorization(StructuredMethod[LowRankOptions]):
             (name, linear, self._rank(name, linear))
             for linears in self.adapter.qualified_prunable_linears()
             for name, linear in linears.items()
-            if not any(fnmatchcase(name, p) for p in self.ignore)
+            if not is_ignored(name, self.ignore)
         ]
         if not self.targets:
             raise ValueError(f"PruningConfig.ignore {self.ignore!r} leaves no linear to factorise")

@@ -11,7 +11,6 @@ fit in the parameter budget, so attention (cheap, often redundant) and MLP block
 from __future__ import annotations
 
 from dataclasses import dataclass
-from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
@@ -20,6 +19,7 @@ from torch import nn
 from ..calibration import LayerInputs, feed_layer, walk_layers
 from ..calibration.engine import on_device
 from ..calibration.gradients import calibration_perplexity
+from ..ignoring import holds_ignored
 from ..options import check_choice, option
 from ..statistics import BlockInfluence
 from .base import StructuredMethod, register_structured_method
@@ -53,7 +53,7 @@ class SublayerRemoval(StructuredMethod[SublayerRemovalOptions]):
         for index, (name, layer) in enumerate(zip(names, layers)):
             for kind in kinds:
                 qualified = f"{name}.{self._child_name(layer, kind)}"
-                if self._present(layer, kind) and not any(fnmatchcase(qualified, p) for p in self.ignore):
+                if self._present(layer, kind) and not holds_ignored(qualified, self.adapter.sublayer(layer, kind), self.ignore):
                     self.units[(index, kind)] = sum(
                         m.weight.numel() for m in self.adapter.sublayer(layer, kind).modules() if isinstance(m, nn.Linear)
                     ) - map_parameters

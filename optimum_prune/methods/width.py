@@ -13,7 +13,6 @@ mean), which yields per-layer widths.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
 from typing import Any
 
 import torch
@@ -23,6 +22,7 @@ from ..adapters import AttentionLayout, MLPLayout
 from ..calibration import feed_layer, feeding_inputs, walk_layers
 from ..calibration.engine import on_device
 from ..calibration.gradients import accumulate_gradients
+from ..ignoring import holds_ignored, is_ignored
 from ..options import check_choice, option
 from ..statistics import ColumnMoments
 from ..structure.surgery import add_output_bias, coupled_linears, remove_block_channels
@@ -119,9 +119,10 @@ class WidthPruning(StructuredMethod[WidthOptions]):
         for index, (prefix, layer) in enumerate(zip(self.adapter.layer_names(), self.adapter.decoder_layers())):
             names = {module: f"{prefix}.{name}" for name, module in layer.named_modules()}
             attention, mlp = self.adapter.attention(layer), self.adapter.mlp(layer)
-            if "attention" in wanted and attention is not None and not self._ignored(names, attention.query, attention.output):
+            kept = attention is not None and self._ignored(names, attention.query, attention.key, attention.value, attention.output)
+            if "attention" in wanted and attention is not None and not kept:
                 components.append(self._attention_component(index, attention))
-            if "mlp" in wanted and mlp is not None and not self._ignored(names, mlp.channel_linear):
+            if "mlp" in wanted and mlp is not None and not holds_ignored(names[mlp.block], mlp.block, self.ignore):
                 components.append(self._mlp_component(index, mlp))
         if not components:
             raise ValueError(
@@ -130,7 +131,7 @@ class WidthPruning(StructuredMethod[WidthOptions]):
         return components
 
     def _ignored(self, names: dict[nn.Module, str], *modules: nn.Module) -> bool:
-        return any(fnmatchcase(names[m], pattern) for m in modules for pattern in self.ignore)
+        return any(is_ignored(names[m], self.ignore) for m in modules)
 
     def _query_units(self, layout: AttentionLayout) -> bool:
         """Whether attention units are query heads within groups (else whole key/value groups)."""

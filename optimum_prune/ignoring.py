@@ -1,0 +1,41 @@
+"""``ignore`` patterns, one meaning everywhere: glob patterns over module names (``fnmatch``) that keep
+the modules they match unchanged, with everything inside them. ``model.layers.0.self_attn`` keeps that
+attention's projections, ``*.mlp`` every MLP's, ``model.layers.0.*`` layer 0's modules: a method that
+removes a whole layer or block leaves one that holds a kept module, and one that prunes linears leaves
+a linear held by a kept module."""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+from typing import TYPE_CHECKING, Iterable
+
+from torch import nn
+
+if TYPE_CHECKING:
+    from .adapters import DecoderAdapter
+
+
+def is_ignored(name: str, patterns: Iterable[str]) -> bool:
+    """Whether the module ``name`` is kept: a pattern matches it or a module that holds it."""
+    parts = name.split(".")
+    holders = [".".join(parts[:end]) for end in range(1, len(parts) + 1)]
+    return any(fnmatchcase(holder, pattern) for pattern in patterns for holder in holders)
+
+
+def holds_ignored(name: str, module: nn.Module, patterns: Iterable[str]) -> bool:
+    """Whether removing ``module`` (named ``name``) whole would remove a kept module: it, or one inside it."""
+    patterns = tuple(patterns)
+    inside = (f"{name}.{child}" for child, _ in module.named_modules() if child)
+    return is_ignored(name, patterns) or any(fnmatchcase(qualified, pattern) for qualified in inside for pattern in patterns)
+
+
+def check_ignore_patterns(adapter: DecoderAdapter, ignore: Iterable[str], field: str) -> None:
+    """A pattern that matches no module is a typo that would silently prune what it meant to keep."""
+    names = [name for name, _ in adapter.model.named_modules() if name]
+    unmatched = [pattern for pattern in ignore if not any(fnmatchcase(name, pattern) for name in names)]
+    if unmatched:
+        example = next(iter(adapter.qualified_prunable_linears()[0]), names[0])
+        raise ValueError(
+            f"{field} pattern(s) {', '.join(map(repr, unmatched))} match no module of {type(adapter.model).__name__} "
+            f"(names look like {example!r}); correct or remove them"
+        )

@@ -1,0 +1,55 @@
+"""`ignore` keeps what a pattern names and everything inside it, in every method: a module's name
+(`model.layers.0.self_attn`, `*.mlp`) keeps its linears; a whole layer or block holding a kept module
+is never removed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from optimum_prune import PruningConfig, prune, verify_sparsity
+from optimum_prune.ignoring import holds_ignored, is_ignored
+
+from .conftest import tiny_model, token_windows
+
+
+def test_a_pattern_keeps_the_module_it_names_and_everything_inside():
+    assert is_ignored("model.layers.0.self_attn.q_proj", ["model.layers.0.self_attn"])
+    assert is_ignored("model.layers.2.mlp.up_proj", ["*.mlp"])
+    assert not is_ignored("model.layers.10.mlp.up_proj", ["model.layers.1"])
+    layer = tiny_model().model.layers[0]
+    assert holds_ignored("model.layers.0", layer, ["model.layers.0.*"])
+    assert holds_ignored("model.layers.0.mlp", layer.mlp, ["*.down_proj"])
+    assert not holds_ignored("model.layers.0.mlp", layer.mlp, ["*.o_proj"])
+
+
+@pytest.mark.parametrize("pattern", ["model.layers.0.self_attn", "model.layers.0"])
+def test_unstructured_pruning_leaves_the_linears_of_an_ignored_module(pattern):
+    model = tiny_model()
+    prune(model, PruningConfig(method="magnitude", sparsity=0.5, ignore=[pattern]))
+    assert not (model.model.layers[0].self_attn.q_proj.weight == 0).any()
+    assert (model.model.layers[1].self_attn.q_proj.weight == 0).float().mean() == pytest.approx(0.5, abs=0.01)
+    kept = verify_sparsity(model, ignore=["lm_head", pattern])["layers"]
+    assert not any(name.startswith(pattern + ".") for name in kept)
+
+
+def test_layer_removal_keeps_a_layer_whose_modules_are_ignored():
+    model = tiny_model(num_hidden_layers=4)
+    report = prune(model, PruningConfig(method="layers", sparsity=0.0, ignore=["model.layers.0.*", "model.layers.1.mlp.*"],
+                                        method_options={"num_layers": 2}), calibration=token_windows())  # fmt: skip
+    assert report.removed == ["model.layers.2", "model.layers.3"]
+
+
+def test_sublayer_removal_keeps_a_block_holding_an_ignored_linear():
+    model = tiny_model(num_hidden_layers=4)
+    ignore = [f"model.layers.{index}.mlp.down_proj" for index in (1, 2, 3)]  # without them, layer 3's MLP goes
+    report = prune(model, PruningConfig(method="sublayers", sparsity=0.2, ignore=ignore, method_options={"sublayers": "mlp"}),
+                   calibration=token_windows())  # fmt: skip
+    assert report.removed == ["model.layers.0 mlp"]
+
+
+def test_width_pruning_keeps_the_width_of_an_ignored_block():
+    model = tiny_model()
+    prune(model, PruningConfig(method="width", sparsity=0.1, ignore=["*.mlp"], method_options={"criterion": "magnitude_l1"}))
+    assert all(layer.mlp.gate_proj.out_features == 128 for layer in model.model.layers)
+    assert any(layer.self_attn.q_proj.out_features < 64 for layer in model.model.layers)
