@@ -53,3 +53,34 @@ def test_width_pruning_keeps_the_width_of_an_ignored_block():
     prune(model, PruningConfig(method="width", sparsity=0.1, ignore=["*.mlp"], method_options={"criterion": "magnitude_l1"}))
     assert all(layer.mlp.gate_proj.out_features == 128 for layer in model.model.layers)
     assert any(layer.self_attn.q_proj.out_features < 64 for layer in model.model.layers)
+
+
+@pytest.mark.parametrize(
+    ("method", "sparsity", "options"),
+    [("experts", 0.5, {"criterion": "frequency"}), ("experts", 0.5, {"criterion": "frequency", "ranking": "global"}),
+     ("merge_experts", 0.5, {}), ("mpoe", 0.2, {})],
+)  # fmt: skip
+def test_expert_methods_leave_a_kept_moe_block_as_it_is(method, sparsity, options, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from .adapters.test_moe import tiny_moe
+
+    model = tiny_moe()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    config = PruningConfig(method=method, sparsity=sparsity, ignore=["model.layers.0.block_sparse_moe.experts.1"], method_options=options)
+    prune(model, config, calibration=token_windows(4, 16))
+    state = model.state_dict()
+    layer0 = [name for name in before if name.startswith("model.layers.0.block_sparse_moe.")]
+    assert all(torch.equal(state[name], before[name]) for name in layer0)
+    assert any(name not in state or not torch.equal(state[name], tensor) for name, tensor in before.items() if name.startswith("model.layers.1."))
+    model.save_pretrained(tmp_path / "moe")
+    ids = token_windows(1, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path / "moe").eval()(ids).logits, model(ids).logits)
+
+
+def test_keeping_every_moe_block_is_an_error_naming_ignore():
+    from .adapters.test_moe import tiny_moe
+
+    with pytest.raises(ValueError, match=r"PruningConfig.ignore \['\*.block_sparse_moe'\] keeps every MoE block"):
+        prune(tiny_moe(), PruningConfig(method="experts", sparsity=0.5, ignore=["*.block_sparse_moe"]), calibration=token_windows(4, 16))

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..adapters import DecoderAdapter
+from ..ignoring import holds_ignored
 from ..options import NoOptions
 from ..registry import Registry
 from ..sparsity import NMPattern, SparsityTarget
@@ -84,6 +85,19 @@ class StructuredMethod(ABC, Generic[Options]):
 
     def check(self) -> None:
         """Raise ``ValueError`` for a request that cannot be met, before anything is changed."""
+
+    def kept_moe_layers(self) -> set[int]:
+        """The layers whose MoE block ``ignore`` keeps (a pattern matches the block, a module holding it or one
+        inside it, e.g. one expert): expert methods leave those blocks as they are."""
+        kept = set()
+        for index, (name, layer) in enumerate(zip(self.adapter.layer_names(), self.adapter.decoder_layers())):
+            block = self.adapter.moe_block(layer)
+            block_name = next((f"{name}.{child}" for child, module in layer.named_modules() if module is block), None)
+            if block_name is not None and holds_ignored(block_name, block, self.ignore):
+                kept.add(index)
+        if kept and len(kept) == len(self.adapter.decoder_layers()):
+            raise ValueError(f"PruningConfig.ignore {self.ignore!r} keeps every MoE block: nothing is left to prune; narrow it")
+        return kept
 
     def check_unsliced(self, fix: str) -> None:
         """SliceGPT gives the residual stream its own basis between every two sublayers: removing

@@ -46,11 +46,14 @@ class ExpertMerging(StructuredMethod[ExpertMergingOptions]):
 
     def check(self) -> None:
         self.keep = experts_to_keep(self.adapter, self.sparsity, self.options.num_experts)
+        self.kept_layers = self.kept_moe_layers()
 
     def prune(self, windows: torch.Tensor | None, report: Any) -> None:
         names = self.adapter.layer_names()
 
         def visit(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
+            if index in self.kept_layers:
+                return
             block = self.adapter.moe_block(layer)
             groups = self.merge(layer, router_logits(self.adapter, block, lambda: feed_layer(self.adapter, layer, inputs)))
             report.removed.append(f"{names[index]}: merged experts {groups}")

@@ -65,6 +65,7 @@ class ExpertPruning(StructuredMethod[ExpertPruningOptions]):
 
     def check(self) -> None:
         self.keep = experts_to_keep(self.adapter, self.sparsity, self.options.num_experts)
+        self.kept_layers = self.kept_moe_layers()
 
     def prune(self, windows: torch.Tensor | None, report: Any) -> None:
         if self.options.ranking == "global":
@@ -72,6 +73,8 @@ class ExpertPruning(StructuredMethod[ExpertPruningOptions]):
             return
 
         def visit(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
+            if index in self.kept_layers:
+                return
             block = self.adapter.moe_block(layer)
             if self.options.criterion == "reconstruction":
                 run = partial(feed_layer, self.adapter, layer, inputs)
@@ -93,15 +96,17 @@ class ExpertPruning(StructuredMethod[ExpertPruningOptions]):
         walk_layers(self.adapter, windows, self.device, visit, f"Scoring experts ({self.options.criterion})")
         top_k = self.adapter.experts_per_token(self.adapter.moe_block(self.adapter.decoder_layers()[0]))
         kept = [set(torch.argsort(share, descending=True, stable=True)[:top_k].tolist()) for share in shares]
+        ranked = [layer for layer in range(len(shares)) if layer not in self.kept_layers]
         candidates = sorted(
-            ((float(share[e]), layer, e) for layer, share in enumerate(shares) for e in range(len(share)) if e not in kept[layer]),
+            ((float(shares[layer][e]), layer, e) for layer in ranked for e in range(len(shares[layer])) if e not in kept[layer]),
             reverse=True,
         )
-        budget = self.keep * len(shares) - sum(len(k) for k in kept)
+        budget = self.keep * len(ranked) - sum(len(kept[layer]) for layer in ranked)
         for _, layer, expert in candidates[:budget]:
             kept[layer].add(expert)
         for index, layer in enumerate(self.adapter.decoder_layers()):
-            self._cut(index, layer, sorted(kept[index]), report)
+            if index not in self.kept_layers:
+                self._cut(index, layer, sorted(kept[index]), report)
 
     def _cut(self, index: int, layer: nn.Module, kept: list[int], report: Any) -> None:
         removed = sorted(set(range(len(self.adapter.experts(layer)))) - set(kept))

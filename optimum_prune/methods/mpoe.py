@@ -82,9 +82,10 @@ class MPOE(StructuredMethod[MPOEOptions]):
 
     def check(self) -> None:
         self.groups = []
+        kept_layers = self.kept_moe_layers()
         for index, layer in enumerate(self.adapter.decoder_layers()):
             experts = self.adapter.experts(layer)
-            if len(experts) < 2:
+            if len(experts) < 2 or index in kept_layers:
                 continue
             for name, linear in experts[0].named_children():
                 if isinstance(linear, nn.Linear):
