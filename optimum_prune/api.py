@@ -35,6 +35,7 @@ from .methods.magnitude import MagnitudeOptions
 from .options import MoEOptions
 from .quantized import is_quantized
 from .report import LinearReport, PruningReport, process_peak_rss
+from .sparsity_metadata import drop_sparsity_metadata
 from .sparsity import NMPattern, SparsityTarget
 from .statistics import ColumnNorms
 from .structure.counting import count_macs_per_token
@@ -136,6 +137,11 @@ def prune(
     started = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    if drop_sparsity_metadata(model):
+        logger.warning(
+            "the model's compressed-tensors sparsity metadata describes its weights before this pruning: dropped (save "
+            "with compressed_tensors_metadata=True to write it anew)"
+        )
     was_training = model.training
     model.eval()  # calibration forwards must not apply dropout
     try:

@@ -45,6 +45,7 @@ from .adapters import get_adapter
 from .distributed import all_reduce_sum
 from .ignoring import check_ignore_patterns
 from .masks import SparsityMasks
+from .sparsity_metadata import drop_sparsity_metadata
 from .perp import PERPConfig, PERPSummary, merge_perp, prepare_perp
 from .sparsity import NMPattern, SparsityTarget, normalise_sparsity, select_mask
 from .statistics import ColumnNorms, RealTokens, wanda_scores
@@ -262,6 +263,8 @@ class PruningCallback(TrainerCallback):
             raise ValueError("PruningCallback found no prunable linears in the model's decoder layers (check ignore=)")
         self._hooks.extend(self.masks.mask_gradients_in_backward())
         self._run_schedule = self.schedule.resolved(state.max_steps) if self.schedule is not None else None
+        if self._run_schedule is not None and drop_sparsity_metadata(model):
+            logger.warning("the model's compressed-tensors sparsity metadata describes its weights before this schedule prunes them: dropped")
         if self._run_schedule is not None:
             if self._run_schedule.score == "wanda":
                 self._observe_inputs(model)

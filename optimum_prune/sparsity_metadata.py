@@ -17,7 +17,6 @@ from typing import Any
 from torch import nn
 
 from .adapters import get_adapter
-from .api import planned_linears
 from .config import PruningConfig
 from .methods import METHODS
 from .quantized import is_quantized
@@ -37,6 +36,8 @@ def sparsity_config(model: nn.Module, config: PruningConfig | None = None) -> di
             f"structured method {config.method!r} leaves smaller dense matrices, not sparse ones: there is no "
             "sparsity metadata to write"
         )
+    from .api import planned_linears  # here: api imports this module (drop_sparsity_metadata)
+
     pruned = planned_linears(get_adapter(model), config)
     targets = list(config.part_targets().values())
     pattern = targets[0] if isinstance(targets[0], NMPattern) and all(t == targets[0] for t in targets) else None
@@ -75,6 +76,23 @@ def compressed_tensors_config(model: nn.Module, config: PruningConfig | None = N
             "pruned model before quantizing it, or without compressed_tensors_metadata"
         )
     return CompressedTensorsConfig(sparsity_config=sparsity_config(model, config))
+
+
+def drop_sparsity_metadata(model: nn.Module) -> bool:
+    """Remove the compressed-tensors sparsity metadata (without quantization) that ``model`` was loaded with,
+    and transformers' quantizer state for it; True if there was some. Pruning changes the weights it
+    describes (a 2:4 checkpoint pruned on to 70 % kept saying 2:4): ``save_pruned(...,
+    compressed_tensors_metadata=True)`` writes it anew."""
+    existing = getattr(model.config, "quantization_config", None)
+    described = existing if isinstance(existing, dict) else getattr(existing, "to_dict", dict)()
+    if described.get("quant_method") != "compressed-tensors" or described.get("config_groups"):
+        return False
+    hf_quantizer = getattr(model, "hf_quantizer", None)
+    if hf_quantizer is not None:
+        hf_quantizer.remove_quantization_config(model)
+    else:
+        del model.config.quantization_config
+    return True
 
 
 def require_compressed_tensors() -> None:

@@ -71,6 +71,19 @@ def test_gradient_clipping_sees_only_the_kept_weights_gradients(tmp_path):
     assert runs["callback"][1] == pytest.approx(runs["reference"][1])
 
 
+def test_a_schedule_drops_the_compressed_tensors_metadata_the_model_was_loaded_with(tmp_path):
+    """A model saved 2:4 with sparsity metadata and pruned on by a schedule must not save the old description."""
+    from transformers import AutoModelForCausalLM
+
+    from optimum_prune import save_pruned
+
+    save_pruned(pruned_tiny("2:4"), tmp_path / "two_four", compressed_tensors_metadata=True)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "two_four", dtype=torch.float32)
+    trainer = run_trainer(model, tmp_path, callbacks=[PruningCallback(GradualSchedule(final_sparsity=0.7, end_step=2, every=1))], steps=2)
+    trainer.save_model(str(tmp_path / "trained"))
+    assert "quantization_config" not in (tmp_path / "trained" / "config.json").read_text()
+
+
 def test_a_reused_callback_resolves_its_schedule_for_each_run(tmp_path):
     """end_step left unset is two thirds of each run, not of the first run the callback saw."""
     callback = PruningCallback(GradualSchedule(final_sparsity=0.5, every=1))

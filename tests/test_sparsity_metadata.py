@@ -76,3 +76,36 @@ def test_errors_name_the_fix():
     compress(quanto_int8, [PruningConfig(method="magnitude", sparsity="2:4"), QuantoConfig(weights="int8")])
     with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj is quantized \(e.g. by optimum-quanto"):
         compressed_tensors_config(quanto_int8)
+
+
+@pytest.fixture
+def two_four_with_metadata(tmp_path):
+    model = tiny_model()
+    prune(model, {"method": "magnitude", "sparsity": "2:4"})
+    return save_pruned(model, tmp_path / "two_four", compressed_tensors_metadata=True)
+
+
+def test_pruning_a_reloaded_model_drops_the_metadata_its_weights_no_longer_match(two_four_with_metadata, tmp_path):
+    """A 2:4 checkpoint pruned on to 70 % kept saying 2:4 in its saved config."""
+    model = AutoModelForCausalLM.from_pretrained(two_four_with_metadata, dtype=torch.float32)
+    prune(model, {"method": "magnitude", "sparsity": 0.7})
+    assert not getattr(model, "is_quantized", False) and getattr(model, "hf_quantizer", None) is None
+    assert "quantization_config" not in json.loads((save_pruned(model, tmp_path / "plain") / "config.json").read_text())
+    rewritten = save_pruned(model, tmp_path / "described", compressed_tensors_metadata=True)
+    assert json.loads((rewritten / "config.json").read_text())["quantization_config"]["sparsity_config"]["sparsity_structure"] == "unstructured"
+
+
+def test_a_reloaded_model_prunes_to_non_uniform_shapes_and_reloads(two_four_with_metadata, tmp_path):
+    """Non-uniform shapes are recorded in quantization_config: the metadata there refused them after the weights changed."""
+    model = AutoModelForCausalLM.from_pretrained(two_four_with_metadata, dtype=torch.float32)
+    prune(model, {"method": "width", "sparsity": 0.3, "method_options": {"ranking": "global"}, "num_calibration_samples": 2,
+                  "calibration_seq_len": 16}, torch.randint(0, 128, (2, 16)))  # fmt: skip
+    reloaded = AutoModelForCausalLM.from_pretrained(save_pruned(model, tmp_path / "narrow"), dtype=torch.float32)
+    ids = torch.randint(0, 128, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
+
+
+def test_pruning_a_checkpoint_with_metadata_from_disk_drops_it(two_four_with_metadata, tmp_path):
+    prune(str(two_four_with_metadata), {"method": "magnitude", "sparsity": 0.7}, output_dir=tmp_path / "from_disk")
+    assert "quantization_config" not in json.loads((tmp_path / "from_disk" / "config.json").read_text())
