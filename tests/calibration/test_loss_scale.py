@@ -91,7 +91,7 @@ def test_fp16_passes_match_fp32_with_the_loss_scale_and_back_off_on_overflow(nam
     assert caplog.records and all("overflowed" in record.getMessage() for record in caplog.records)
     if name != "k-prune":  # its scores here are dominated by the representational term, a forward statistic
         monkeypatch.setattr(gradients, "FP16_LOSS_SCALE", 1.0)
-        assert relative_error(run(half, windows), reference) > 0.05  # what the scale is for
+        assert relative_error(run(half, windows), reference) > 0.03  # what the scale is for: unscaled, the bound fails
 
 
 def test_only_fp16_models_are_scaled_and_each_overflow_divides_the_scale_by_16():
