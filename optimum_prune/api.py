@@ -92,7 +92,7 @@ def prune(
     adapter = get_adapter(model)
     if offload is None:  # a LayerStream holds the layers it has not read yet on the meta device itself
         _check_materialised(model)
-    device = _resolve_device(device, model)
+    device = next(model.parameters()).device if device is None else check_device(device)
     _check_unquantized(adapter)
     check_ignore_patterns(adapter, config.ignore, "PruningConfig.ignore")
     if offload is not None:
@@ -107,7 +107,7 @@ def prune(
     elif METHODS.get(config.method).model_pruner:
         runs = [_ModelRun.plan(adapter, config, device)]
     else:
-        stored = activation_device if activation_device is None or on_disk(activation_device) else _resolve_device(activation_device, model)
+        stored = activation_device if activation_device is None or on_disk(activation_device) else check_device(activation_device, "activation_device")
         runs = _PruningRun.plan_parts(adapter, config, device, offload, stored)
     inputs = None
     if config.requires_calibration:
@@ -525,13 +525,15 @@ def _finish(
         report.linears.append(LinearReport(name, index, fraction, zeros / weight.numel(), weight.numel(), part))
 
 
-def _resolve_device(device: str | torch.device | None, model: nn.Module) -> torch.device:
-    if device is None:
-        return next(model.parameters()).device
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {str(device)!r} was requested but CUDA is not available; use device='cpu'")
-    return device
+def check_device(device: str | torch.device, field: str = "device") -> torch.device:
+    """``device`` as a ``torch.device`` this machine has, or an error naming ``field``."""
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"{field} {str(device)!r} is not a device name (e.g. cpu, cuda, cuda:1)") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{field} {str(device)!r} was requested but CUDA is not available here; use cpu")
+    return resolved
 
 
 def _prune_from_disk(

@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from .allocation import ALLOCATIONS
-from .api import prune
+from .api import check_device, prune
 from .config import PruningConfig
 from .distributed import init_from_launcher, launched_processes, rank_zero_first, world
 from .evaluation import evaluate_perplexity
@@ -108,8 +108,16 @@ def _parse_options(pairs: Sequence[str], flag: str) -> dict[str, Any]:
         try:
             options[name] = json.loads(value)
         except json.JSONDecodeError:
-            options[name] = value
+            options[name] = _number_or_text(value)
     return options
+
+
+def _number_or_text(value: str) -> float | str:
+    """Numbers JSON does not read (``.01``, ``1.``) as numbers; anything else stays text."""
+    try:
+        return float(value)
+    except ValueError:
+        return value
 
 
 def default_device() -> str:
@@ -131,6 +139,14 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.calibration is not None and not args.calibration.is_file():
         raise ValueError(f"--calibration {str(args.calibration)!r} is not a file")
+    if args.eval_file is not None and not args.eval:
+        raise ValueError("--eval-file is the text --eval scores: add --eval, or remove --eval-file")
+    if args.eval_file is not None and not args.eval_file.is_file():
+        raise ValueError(f"--eval-file {str(args.eval_file)!r} is not a file")
+    if args.device is not None:
+        check_device(args.device, "--device")
+    if args.activation_device not in (None, "disk"):
+        check_device(args.activation_device, "--activation-device")
     if args.compressed_tensors_metadata:
         if METHODS.get(config.method).structured:
             raise ValueError(f"--compressed-tensors-metadata describes sparse weights; structured method {config.method!r} leaves dense ones")

@@ -46,6 +46,10 @@ def test_cli_structured_depth_pruning_saves_a_score_plot(model_dir, tmp_path, ca
         (["--sparsity", "5:4"], "PruningConfig.sparsity '5:4' needs 0 < N < M"),
         (["--model", "nowhere"], "model path"),
         (["--option", "block_size"], "--option expects NAME=VALUE"),
+        (["--device", "gpu"], "--device 'gpu' is not a device name"),
+        (["--activation-device", "gpu"], "--activation-device 'gpu' is not a device name"),
+        (["--eval-file", "nowhere"], "--eval-file is the text --eval scores: add --eval"),
+        (["--eval", "--eval-file", "nowhere"], "is not a file"),
     ],
 )
 def test_cli_errors_are_one_line(model_dir, tmp_path, capsys, arguments, message):
@@ -56,6 +60,14 @@ def test_cli_errors_are_one_line(model_dir, tmp_path, capsys, arguments, message
     assert exit_info.value.code == 2
     assert err.startswith("optimum-prune: error: ") and message in err and err.count("\n") == 1
     assert not (tmp_path / "o").exists()
+
+
+def test_numbers_json_does_not_read_are_numbers():
+    from optimum_prune.cli import _parse_options
+
+    assert _parse_options(["dampening=.01", "block_size=32", "criterion=wanda_sp", "flag=true"], "--option") == {
+        "dampening": 0.01, "block_size": 32, "criterion": "wanda_sp", "flag": True,
+    }  # fmt: skip
 
 
 def test_console_script_installed():

@@ -137,9 +137,18 @@ def test_a_partial_run_without_a_finished_layer_starts_over(sharded, tmp_path, m
     assert not (tmp_path / ".out.partial").exists() and not (tmp_path / "out" / "streaming-run.json").exists()
 
 
-def test_checks_that_need_no_data_run_before_any_folder_is_made(sharded, tmp_path):
-    with pytest.raises(ValueError, match="PruningConfig.ignore pattern"):
-        prune_checkpoint(sharded, tmp_path / "out", PruningConfig(method="magnitude", ignore=["*.q_prj"]))
+@pytest.mark.parametrize(
+    ("config", "options", "message"),
+    [
+        (PruningConfig(method="magnitude", ignore=["*.q_prj"]), {}, "PruningConfig.ignore pattern"),
+        (PruningConfig(method="magnitude", sparsity="3:5"), {}, "PruningConfig.sparsity '3:5' cannot be applied"),
+        (PruningConfig(method="magnitude"), {"device": "gpu"}, "device 'gpu' is not a device name"),
+        (PruningConfig(method="magnitude"), {"activation_device": "gpu"}, "activation_device 'gpu' is not a device name"),
+    ],
+)
+def test_checks_that_need_no_data_run_before_any_folder_is_made(sharded, tmp_path, config, options, message):
+    with pytest.raises(ValueError, match=message):
+        prune_checkpoint(sharded, tmp_path / "out", config, **options)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]
 
 
