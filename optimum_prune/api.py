@@ -19,7 +19,7 @@ from .calibration import (
     CalibrationSource,
     LayerInputs,
     calibration_inputs,
-    check_token_ids,
+    check_calibration_inputs,
     count_images,
     count_tokens,
     feed_layer,
@@ -114,7 +114,7 @@ def prune(
         inputs = calibration_inputs(
             calibration, tokenizer, processor, config.num_calibration_samples, config.calibration_seq_len, config.seed
         )
-        check_token_ids(adapter.model, inputs)
+        check_calibration_inputs(adapter.model, inputs)
         _check_calibration_reaches_parts(inputs, config, runs)
     tokens, images = count_tokens(inputs), count_images(inputs)
     if is_distributed():

@@ -21,6 +21,7 @@ from torch import nn
 from transformers import GPTQConfig, QuantoConfig
 
 from .calibration import CalibrationSource, calibration_windows
+from .calibration.multimodal import is_image_text, is_model_batches
 from .config import PruningConfig
 from .report import PruningReport
 
@@ -88,6 +89,11 @@ def _gptq_windows(steps: list, calibration: CalibrationSource, tokenizer: Any) -
         if tokenizer is None:
             raise ValueError("GPTQConfig(dataset=[texts]) needs tokenizer= to tokenize them; pass compress(..., tokenizer=...)")
         return None
+    if is_model_batches(calibration) or is_image_text(calibration):
+        raise ValueError(
+            "GPTQConfig calibrates on token windows drawn from text or token ids; processed batches and image-text pairs "
+            "(which prune takes) cannot feed it: pass texts or a LongTensor of token ids, or GPTQConfig(dataset=[texts])"
+        )
     sampling = next((step for step in reversed(steps) if isinstance(step, PruningConfig)), PruningConfig())
     return calibration_windows(
         calibration, tokenizer, sampling.num_calibration_samples, sampling.calibration_seq_len, sampling.seed

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 from torch import nn
 
@@ -58,6 +58,11 @@ def check_replaceable(target: Path) -> None:
         raise ValueError(
             f"{target} is the working directory or holds it; saving replaces the whole directory, so give a new one "
             "(e.g. ./pruned)"
+        )
+    if target.is_symlink():
+        raise ValueError(
+            f"{target} is a symbolic link (to {os.readlink(target)}); saving replaces the whole directory, which would "
+            "replace the link and leave what it points to as it was: give the directory itself, or a new one"
         )
     if not target.exists():
         return
@@ -115,7 +120,7 @@ def save_pruned(
     model: nn.Module,
     output_dir: str | os.PathLike,
     tokenizer: Any = None,
-    config: PruningConfig | None = None,
+    config: PruningConfig | Mapping[str, Any] | None = None,
     report: PruningReport | None = None,
     compressed_tensors_metadata: bool = False,
     max_shard_size: int | str = DEFAULT_SHARD_SIZE,
@@ -139,6 +144,8 @@ def save_pruned(
     if config is None:
         recorded = getattr(model.config, "pruning_config", None)
         config = PruningConfig.from_dict(recorded) if recorded else None
+    elif isinstance(config, Mapping):  # as prune takes it
+        config = PruningConfig.from_dict(config)
     if config is not None:
         model.config.pruning_config = config.to_dict()
     output_dir = Path(output_dir)

@@ -34,7 +34,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .calibration import CalibrationInputs, CalibrationSource, calibration_inputs, check_token_ids
+from .calibration import CalibrationInputs, CalibrationSource, calibration_inputs, check_calibration_inputs
 from .calibration.engine import on_disk
 from .config import CONFIG_NAME, PruningConfig
 from .models import unreadable_checkpoint
@@ -223,7 +223,7 @@ def prune_checkpoint(
         inputs = calibration_inputs(
             calibration, tokenizer, None, config.num_calibration_samples, config.calibration_seq_len, config.seed
         )
-        check_token_ids(model, inputs)
+        check_calibration_inputs(model, inputs)
     staging = _staging(output_dir, _run_record(source, config, dtype, inputs))
     stream = LayerStream(reader, staging, layer_names, torch.device(device or "cpu"), dtype)
     report = prune(

@@ -149,3 +149,12 @@ def test_unsupported_gptq_options_fail_before_pruning(options, message):
     with pytest.raises(ValueError, match=message):
         compress(model, [PruningConfig(method="magnitude", sparsity=0.5), GPTQConfig(bits=4, **options)])
     assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
+
+
+def test_processed_batches_which_gptq_cannot_take_fail_before_pruning():
+    """prune takes processed batches; GPTQ's windows cannot be drawn from them (the error listed them as accepted)."""
+    model = tiny_model(**WIDE)
+    batches = [{"input_ids": window[None], "attention_mask": torch.ones_like(window)[None]} for window in token_windows(2, 16)]
+    with pytest.raises(ValueError, match="GPTQConfig calibrates on token windows .* processed batches and image-text pairs"):
+        compress(model, [PruningConfig(method="wanda", sparsity=0.5), GPTQConfig(bits=4, group_size=GROUP)], calibration=batches)
+    assert not any(is_gptq_linear(module) for module in model.modules()) and verify_sparsity(model)["overall_sparsity"] < 0.01

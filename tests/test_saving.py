@@ -28,6 +28,14 @@ def test_reload_without_package_is_bit_exact(tmp_path):
     assert assert_stock_reload_matches(model, output, token_windows(samples=2, seq_len=16), tmp_path) == "sparsegpt"
 
 
+def test_a_config_given_as_a_dict_is_saved_as_prune_takes_it(tmp_path):
+    model = tiny_model()
+    config = {"method": "magnitude", "sparsity": 0.5}
+    prune(model, config)
+    output = save_pruned(model, tmp_path / "pruned", config=config)
+    assert PruningConfig.from_json_file(output / "pruning_config.json") == PruningConfig.from_dict(config)
+
+
 def test_interrupted_save_keeps_previous_output(tmp_path, monkeypatch):
     model = tiny_model()
     prune(model, PruningConfig(method="magnitude", sparsity=0.5))
@@ -121,6 +129,15 @@ def test_an_earlier_output_with_its_tokenizer_is_replaced(tmp_path, bpe_tokenize
     prune(model, PruningConfig(method="magnitude", sparsity=0.5))
     save_pruned(model, tmp_path / "out", tokenizer=bpe_tokenizer)
     assert (tmp_path / "out" / "pruning_config.json").is_file()
+
+
+def test_a_symbolic_link_is_refused_and_left_as_it_is(tmp_path):
+    """Replacing the link would leave the folder it points to with the old model, under the new name's nose."""
+    save_pruned(tiny_model(), tmp_path / "v1")
+    (tmp_path / "latest").symlink_to(tmp_path / "v1")
+    with pytest.raises(ValueError, match=r"latest is a symbolic link \(to .*v1\); .* give the directory itself"):
+        save_pruned(tiny_model(), tmp_path / "latest")
+    assert (tmp_path / "latest").is_symlink() and not (tmp_path / "v1" / "pruning_config.json").exists()
 
 
 @pytest.mark.parametrize("given", [".", "..", "{cwd}"])

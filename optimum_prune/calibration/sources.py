@@ -98,8 +98,7 @@ def check_token_ids(model: Any, inputs: CalibrationInputs) -> None:
     """Token ids outside the model's embedding table mean a tokenizer of another model; without this
     check the first forward fails deep inside ``torch.embedding`` with "index out of range"."""
     vocabulary = model.get_input_embeddings().num_embeddings
-    ids = [inputs] if isinstance(inputs, torch.Tensor) else [batch["input_ids"] for batch in inputs]
-    ids = [t for t in ids if t.numel()]
+    ids = [t for t in _token_ids(inputs) if t.numel()]
     if not ids:
         return
     smallest, largest = min(int(t.min()) for t in ids), max(int(t.max()) for t in ids)
@@ -108,6 +107,23 @@ def check_token_ids(model: Any, inputs: CalibrationInputs) -> None:
             f"token ids run from {smallest} to {largest}, outside the {vocabulary} embeddings of "
             f"{type(model).__name__}: the tokenizer (or the token ids) belong to another model"
         )
+
+
+def check_calibration_inputs(model: Any, inputs: CalibrationInputs) -> None:
+    """``check_token_ids``, and a warning for windows longer than the model's context."""
+    check_token_ids(model, inputs)
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    longest = max(t.shape[-1] for t in _token_ids(inputs))
+    if context is not None and longest > context:
+        logger.warning(
+            "calibration windows of %d tokens are longer than %s's context (max_position_embeddings %d): the positions "
+            "past it were never trained, so statistics gathered there misjudge the weights; lower calibration_seq_len",
+            longest, type(model).__name__, context,
+        )  # fmt: skip
+
+
+def _token_ids(inputs: CalibrationInputs) -> list[torch.Tensor]:
+    return [inputs] if isinstance(inputs, torch.Tensor) else [batch["input_ids"] for batch in inputs]
 
 
 def sample_windows(tokens: torch.Tensor, num_samples: int, seq_len: int, seed: int) -> torch.Tensor:

@@ -138,3 +138,14 @@ def test_token_ids_of_another_tokenizer_are_named_before_any_forward(bpe_tokeniz
         prune(model, PruningConfig(method="wanda"), calibration=[{"input_ids": torch.tensor([[1, 2, 64]])}])
     with pytest.raises(ValueError, match="belong to another model"):
         evaluate_perplexity(model, bpe_tokenizer, TEXT, seq_len=16)
+
+
+def test_windows_longer_than_the_models_context_are_warned_of(caplog):
+    model = tiny_model()  # max_position_embeddings 128
+    with caplog.at_level("WARNING", logger="optimum_prune.calibration.sources"):
+        prune(model, PruningConfig(method="wanda", sparsity=0.5), calibration=token_windows(samples=2, seq_len=129))
+    assert "calibration windows of 129 tokens are longer than LlamaForCausalLM's context (max_position_embeddings 128)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="optimum_prune.calibration.sources"):
+        prune(tiny_model(), PruningConfig(method="wanda", sparsity=0.5), calibration=token_windows(samples=2, seq_len=128))
+    assert "context" not in caplog.text
