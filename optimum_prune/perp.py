@@ -32,13 +32,16 @@ from .structure.surgery import replace_submodule
 NORM_CLASS_SUFFIXES = ("RMSNorm", "LayerNorm")
 
 
+DEFAULT_ALPHA = 32.0
+
+
 @dataclass(frozen=True)
 class PERPConfig:
     biases: bool = True
     norms: bool = True
     lora: str | None = "mask"  # "mask" (MaskLoRA), "scale" (ScaleLoRA) or None (biases and norms only)
     rank: int = 16
-    alpha: float = 32.0
+    alpha: float = DEFAULT_ALPHA  # MaskLoRA's update is scaled by alpha / rank; ScaleLoRA takes none
     target_modules: tuple[str, ...] | None = None  # linear names (last component); None: every linear pruning targets
 
     def __post_init__(self) -> None:
@@ -46,6 +49,11 @@ class PERPConfig:
             raise ValueError(f"PERPConfig.lora must be 'mask', 'scale' or None, got {self.lora!r}")
         if self.rank < 1:
             raise ValueError(f"PERPConfig.rank must be >= 1, got {self.rank}")
+        if self.lora != "mask" and self.alpha != DEFAULT_ALPHA:
+            raise ValueError(
+                f"PERPConfig.alpha scales MaskLoRA's update (lora='mask'); with lora={self.lora!r} nothing uses it "
+                "(ScaleLoRA multiplies the weights by B·A, which starts at all ones): leave alpha at its default"
+            )
         if not (self.biases or self.norms or self.lora):
             raise ValueError("PERPConfig trains nothing: enable biases, norms or lora")
 

@@ -81,6 +81,8 @@ def test_config_errors_name_the_field():
         PERPConfig(lora="dora")
     with pytest.raises(ValueError, match="trains nothing"):
         PERPConfig(biases=False, norms=False, lora=None)
+    with pytest.raises(ValueError, match=r"PERPConfig.alpha scales MaskLoRA's update \(lora='mask'\); with lora='scale' nothing uses it"):
+        PERPConfig(lora="scale", alpha=8.0)
     with pytest.raises(ValueError, match="match no linear"):
         prepare_perp(copy.deepcopy(pruned_model()), PERPConfig(target_modules=("c_attn",)))
 
