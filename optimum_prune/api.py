@@ -420,9 +420,7 @@ class _PruningRun:
         if not unrouted:
             return
         policy = self.moe_options.unrouted_experts
-        report.unrouted += unrouted
-        report.unrouted_policy = policy
-        logger.warning("%d expert linears received no calibration token (%s): %s", len(unrouted), policy, ", ".join(unrouted))
+        report.record_unrouted(unrouted, policy)
         for name in unrouted:
             linear = pruners.pop(name).linear
             if policy == "magnitude":
@@ -466,7 +464,9 @@ class _ModelRun:
     def plan(cls, adapter: DecoderAdapter, config: PruningConfig, device: torch.device) -> "_ModelRun":
         spec = METHODS.get(config.method)
         target = config.part_targets()["language"]
-        method = spec.model_pruner(adapter, target, _target_linears(adapter, config.ignore), config.build_method_options(), device)
+        moe_options = config.build_moe_options()
+        linears = _target_linears(adapter, config.ignore, include_routers=moe_options.prune_router)
+        method = spec.model_pruner(adapter, target, linears, config.build_method_options(), device, moe_options)
         method.check()
         return cls(method)
 

@@ -103,6 +103,18 @@ class PruningConfig:
                     f"PruningConfig.allocation {self.allocation!r} applies to unstructured methods; structured method "
                     f"{self.method!r} chooses its own per-layer widths (see its options): use allocation='uniform'"
                 )
+        if spec.structured is not None and self.moe_options != options_to_dict(MoEOptions()):
+            raise ValueError(
+                f"PruningConfig.moe_options tell unstructured methods how to prune experts; structured method "
+                f"{self.method!r} does not read them (see its method_options): remove them"
+            )
+        moe = self.build_moe_options()
+        if spec.model_pruner is not None and (moe.expert_sparsity != "uniform" or not moe.routing_weighted):
+            raise ValueError(
+                f"PruningConfig.moe_options: method {self.method!r} sets one threshold over curvature costs whose "
+                "gradients already carry each token's routing weight, so expert_sparsity='load' and routing_weighted=False "
+                "do not apply: remove them"
+            )
         if spec.model_pruner is not None and (allocation.name != "uniform" or set(self.parts) - {"language"}):
             raise ValueError(
                 f"PruningConfig.allocation / parts: method {self.method!r} chooses per-layer sparsity itself from one "

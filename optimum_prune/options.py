@@ -18,8 +18,12 @@ class NoOptions:
     """For methods without options."""
 
 
-def option(default: Any, help: str) -> Any:
-    return dataclasses.field(default=default, metadata={"help": help})
+def option(default: Any, help: str, applies_when: Mapping[str, tuple[Any, ...]] | None = None) -> Any:
+    """A field of an options dataclass. ``applies_when`` names the values of other options under which this one
+    is read (``{"criterion": ("reconstruction",)}``): set away from its default otherwise, it would be ignored,
+    so ``build_options`` refuses it."""
+    metadata = {"help": help} if applies_when is None else {"help": help, "applies_when": dict(applies_when)}
+    return dataclasses.field(default=default, metadata=metadata)
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -42,7 +46,26 @@ def build_options(options_cls: type[Options], values: Mapping[str, Any], field: 
             continue
         if not isinstance(value, expected) or isinstance(value, bool) != (expected is bool):
             raise TypeError(f"{field}.{name} must be {expected.__name__}, got {value!r}")
-    return options_cls(**values)
+    options = options_cls(**values)
+    _check_applicable(options, field)
+    return options
+
+
+def _check_applicable(options: Any, field: str) -> None:
+    for spec in dataclasses.fields(options):
+        condition = spec.metadata.get("applies_when")
+        if condition is None or getattr(options, spec.name) == spec.default:
+            continue
+        unmet = {other: getattr(options, other) for other, allowed in condition.items() if getattr(options, other) not in allowed}
+        if unmet:
+            given = ", ".join(f"{other}={value!r}" for other, value in unmet.items())
+            raise ValueError(
+                f"{field}.{spec.name} applies only with {_describe(condition)}, not {given}: it would be ignored, so remove it"
+            )
+
+
+def _describe(condition: Mapping[str, tuple[Any, ...]]) -> str:
+    return " and ".join(f"{other}=" + " or ".join(map(repr, allowed)) for other, allowed in condition.items())
 
 
 def options_to_dict(options: Any) -> dict[str, Any]:
@@ -51,7 +74,12 @@ def options_to_dict(options: Any) -> dict[str, Any]:
 
 def describe_options(options_cls: type) -> list[tuple[str, Any, str]]:
     """(name, default, help) of every option, for CLI help and docs."""
-    return [(f.name, f.default, f.metadata.get("help", "")) for f in dataclasses.fields(options_cls)]
+    described = []
+    for spec in dataclasses.fields(options_cls):
+        condition = spec.metadata.get("applies_when")
+        text = spec.metadata.get("help", "") + (f" (only with {_describe(condition)}.)" if condition else "")
+        described.append((spec.name, spec.default, text))
+    return described
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +103,9 @@ class MoEOptions:
         "that receive more calibration tokens keep more weights; sparsity spreads linearly over the load ranking, "
         "target ± expert_deviation, so the experts' mean stays at the target).",
     )
-    expert_deviation: float = option(0.1, "λ of expert_sparsity='load': the most / least loaded expert gets target ∓ λ.")
+    expert_deviation: float = option(
+        0.1, "λ of expert_sparsity='load': the most / least loaded expert gets target ∓ λ.", applies_when={"expert_sparsity": ("load",)}
+    )
 
     def __post_init__(self) -> None:
         check_choice("unrouted_experts", self.unrouted_experts, ("magnitude", "dense"))

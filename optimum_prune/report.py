@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from dataclasses import dataclass, field
 
 from .structure.shapes import LayerShape
+
+logger = logging.getLogger(__name__)
 
 
 def process_peak_rss() -> int:
@@ -118,6 +121,12 @@ class PruningReport:
             f"time: {self.seconds:.1f} s   peak memory ({self.peak_memory_kind}): {self.peak_memory_bytes / 2**20:,.0f} MiB",
         ]
         return "\n".join(lines)
+
+    def record_unrouted(self, names: list[str], policy: str) -> None:
+        """Expert linears no calibration token reached, and what ``moe_options.unrouted_experts`` did with them."""
+        self.unrouted += names
+        self.unrouted_policy = policy
+        logger.warning("%d expert linears received no calibration token (%s): %s", len(names), policy, ", ".join(names))
 
     def _calibration_kind(self) -> str:
         if not self.multimodal or not self.calibration_tokens:

@@ -1,4 +1,5 @@
 import json
+import re
 
 import pytest
 
@@ -122,4 +123,47 @@ def test_blank_ignore_and_undamped_sparsegpt():
 )
 def test_a_field_of_the_wrong_type_is_named(fields, message):
     with pytest.raises(TypeError, match=message):
+        PruningConfig(**fields)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (dict(method="experts", method_options={"criterion": "frequency", "max_subsets": 5}), "max_subsets applies only with criterion='reconstruction', not criterion='frequency'"),
+        (dict(method="mask_search", method_options={"tune": False, "damping": 0.5}), "damping applies only with tune=True, not tune=False"),
+        (dict(method="kcm", method_options={"tune": False, "damping": 0.5}), "damping applies only with tune=True"),
+        (dict(method="kprune", method_options={"tune": False, "damping": 0.5}), "damping applies only with tune=True"),
+        (dict(method="kprune", method_options={"components": "mlp", "head_weight": 8.0}), "head_weight applies only with components='all' or 'attention'"),
+        (dict(method="width", method_options={"components": "mlp", "head_mode": "kv_group"}), "head_mode applies only with components='all' or 'attention'"),
+        (dict(method="ziplm", method_options={"target": "parameters", "latency_tokens": 64}), "latency_tokens applies only with target='latency'"),
+        (dict(method="wanda", moe_options={"expert_deviation": 0.3}), "moe_options.expert_deviation applies only with expert_sparsity='load'"),
+    ],
+)  # fmt: skip
+def test_an_option_the_chosen_mode_would_ignore_is_refused(fields, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        PruningConfig(**fields)
+
+
+def test_options_at_their_defaults_load_whatever_the_mode_and_the_help_says_when_they_apply():
+    """Saved configs hold every option (completed with defaults): those must keep loading."""
+    from optimum_prune.methods.experts import ExpertPruningOptions
+    from optimum_prune.options import describe_options
+
+    config = PruningConfig(method="experts", method_options={"criterion": "frequency"})
+    assert PruningConfig.from_dict(config.to_dict()) == config
+    help_text = dict((name, text) for name, _, text in describe_options(ExpertPruningOptions))["max_subsets"]
+    assert help_text.endswith("(only with criterion='reconstruction'.)")
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (dict(method="experts", moe_options={"prune_router": True}), "structured method 'experts' does not read them"),
+        (dict(method="llm_surgeon", moe_options={"expert_sparsity": "load"}), "expert_sparsity='load' and routing_weighted=False do not apply"),
+        (dict(method="llm_surgeon", moe_options={"routing_weighted": False}), "routing_weighted=False do not apply"),
+        (dict(method="kprune", method_options={"predictive_weight": 0.0, "representational_weight": 0.0}), "are both 0"),
+    ],
+)  # fmt: skip
+def test_settings_a_method_does_not_read_are_refused(fields, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
         PruningConfig(**fields)

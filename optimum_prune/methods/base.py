@@ -26,7 +26,7 @@ from torch import nn
 
 from ..adapters import DecoderAdapter
 from ..ignoring import holds_ignored
-from ..options import NoOptions
+from ..options import MoEOptions, NoOptions
 from ..registry import Registry
 from ..sparsity import NMPattern, SparsityTarget
 
@@ -112,16 +112,19 @@ class StructuredMethod(ABC, Generic[Options]):
 
 
 class ModelPruner(ABC, Generic[Options]):
-    """Zeros weights of all target linears together (``linears``: per decoder layer, qualified name → linear)."""
+    """Zeros weights of all target linears together (``linears``: per decoder layer, qualified name → linear);
+    ``moe_options`` say what to do with experts no calibration token reaches."""
 
     def __init__(
-        self, adapter: DecoderAdapter, target: SparsityTarget, linears: list[dict[str, nn.Linear]], options: Options, device: torch.device
-    ) -> None:
+        self, adapter: DecoderAdapter, target: SparsityTarget, linears: list[dict[str, nn.Linear]], options: Options,
+        device: torch.device, moe_options: MoEOptions | None = None,
+    ) -> None:  # fmt: skip
         self.adapter = adapter
         self.target = target
         self.linears = linears
         self.options = options
         self.device = device
+        self.moe_options = moe_options or MoEOptions()
 
     def check(self) -> None:
         """Raise ``ValueError`` for a request that cannot be met, before anything is changed."""

@@ -40,7 +40,10 @@ TOKEN_CHUNK = 1024  # tokens per expert evaluation: bounds memory at n × chunk 
 class ExpertPruningOptions:
     criterion: str = option("reconstruction", "'reconstruction' (Lu et al. 2024), 'frequency' or 'reap'.")
     num_experts: int = option(0, "Experts to keep per layer; 0 derives it from sparsity (fraction of experts removed).")
-    max_subsets: int = option(10000, "reconstruction: search every subset up to this many, else remove experts greedily.")
+    max_subsets: int = option(
+        10000, "reconstruction: search every subset up to this many, else remove experts greedily.",
+        applies_when={"criterion": ("reconstruction",)},
+    )  # fmt: skip
     ranking: str = option(
         "layer",
         "'layer': every layer keeps the same number of experts; 'global' (frequency, reap): experts of all layers "

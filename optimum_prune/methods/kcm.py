@@ -67,7 +67,9 @@ class KCMOptions:
     combine: str = option("rank", "R2D2: 'rank' (the mean of the normalised ranks of R2 and D2) or 'product' of their min–max normalised values.")
     allocation: str = option("layer", "'layer': every layer loses the same fraction; 'global': Kwon et al.'s search across the model.")
     tune: bool = option(True, "Mask tuning: least-squares scales of the kept units so each sublayer reproduces its dense output.")
-    damping: float = option(1e-3, "Ridge damping of the mask-tuning least squares, relative to the mean of their diagonal.")
+    damping: float = option(
+        1e-3, "Ridge damping of the mask-tuning least squares, relative to the mean of their diagonal.", applies_when={"tune": (True,)}
+    )
 
     def __post_init__(self) -> None:
         check_choice("components", self.components, ("all", "attention", "mlp"))

@@ -84,13 +84,18 @@ class KPruneOptions:
     temperature: float = option(2.0, "Softmax temperature T of the predictive-knowledge KL (paper: 2).")
     predictive_weight: float = option(1.0, "λ_pred, weight of the predictive-knowledge score (paper: 1).")
     representational_weight: float = option(2.5e-4, "λ_rep, weight of the representational-knowledge score (paper's scripts: 2.5e-4).")
-    head_weight: float = option(64.0, "μ, multiplier of head scores against channel scores (paper: 64).")
+    head_weight: float = option(
+        64.0, "μ, multiplier of head scores against channel scores (paper: 64).", applies_when={"components": ("all", "attention")}
+    )
     predictive_gradient: str = option(
         "sampled", "Gradient squared for Z_pred: 'sampled' (−log-likelihood of tokens drawn from the dense model; informative while the "
         "model is dense) or 'kl' (the KL's own, the official code's; zero until something is removed)."
     )
     teacher_top_k: int = option(128, "Dense-model tokens kept per position for the KL; the rest of the vocabulary is one outcome.")
-    damping: float = option(1e-4, "Ridge damping of the weight-tuning least squares, relative to their mean diagonal (paper: none).")
+    damping: float = option(
+        1e-4, "Ridge damping of the weight-tuning least squares, relative to their mean diagonal (paper: none).",
+        applies_when={"tune": (True,)},
+    )  # fmt: skip
     tune: bool = option(True, "Knowledge-preserving weight tuning of each output projection after its units are removed.")
 
     def __post_init__(self) -> None:
@@ -102,6 +107,8 @@ class KPruneOptions:
         for name in ("predictive_weight", "representational_weight", "damping"):
             if getattr(self, name) < 0:
                 raise ValueError(f"method_options.{name} must be >= 0, got {getattr(self, name)}")
+        if self.predictive_weight + self.representational_weight == 0:
+            raise ValueError("method_options.predictive_weight and representational_weight are both 0: every unit would score 0; keep one > 0")
         if self.teacher_top_k < 1:
             raise ValueError(f"method_options.teacher_top_k must be a positive number of tokens, got {self.teacher_top_k}")
 

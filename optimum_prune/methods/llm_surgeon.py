@@ -49,6 +49,7 @@ from ..options import option
 from ..report import LinearReport
 from ..sparsity import NMPattern
 from .base import ModelPruner, register_model_method
+from .magnitude import MagnitudeOptions, MagnitudePruner
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,7 @@ class LLMSurgeon(ModelPruner[LLMSurgeonOptions]):
         pattern = self.target if isinstance(self.target, NMPattern) else None
         final = pattern.sparsity if pattern else float(self.target)
         with on_device([self.adapter.model], self.device):
+            linears = self._set_aside_unrouted(linears, windows, report)
             for shot in tqdm(range(1, self.options.shots + 1), desc="LLM Surgeon shots"):
                 inverses = self._inverse_factors(kfac_factors(self.adapter.model, windows, list(linears.values()), self.options.factors_on_cpu))
                 fraction = shot / self.options.shots
@@ -91,11 +93,48 @@ class LLMSurgeon(ModelPruner[LLMSurgeonOptions]):
                 measured = int((weight == 0).sum()) / weight.numel()
                 report.linears.append(LinearReport(name, index, final, measured, weight.numel()))
 
+    def _set_aside_unrouted(self, linears: dict[str, nn.Linear], windows: torch.Tensor, report: Any) -> dict[str, nn.Linear]:
+        """Experts no calibration token reaches have A = 0, so every weight of theirs would cost nothing and go
+        first. As the per-layer methods do (``moe_options.unrouted_experts``), they are pruned by magnitude to the
+        target or left dense, reported, and kept out of the threshold and the updates (one forward pass finds them)."""
+        experts = {id(module) for layer in self.adapter.decoder_layers() for expert in self.adapter.experts(layer) for module in expert.modules()}
+        candidates = {name: linear for name, linear in linears.items() if id(linear) in experts}
+        if not candidates:
+            return linears
+        reached = tokens_reaching(self.adapter.model, windows, candidates)
+        unrouted = [name for name in candidates if not reached[name]]
+        if not unrouted:
+            return linears
+        report.record_unrouted(unrouted, self.moe_options.unrouted_experts)
+        if self.moe_options.unrouted_experts == "magnitude":
+            for name in unrouted:
+                MagnitudePruner(linears[name], MagnitudeOptions()).prune(self.target)
+        return {name: linear for name, linear in linears.items() if name not in unrouted}
+
     def _inverse_factors(self, factors: dict[nn.Linear, tuple[torch.Tensor, torch.Tensor]]) -> dict[nn.Linear, tuple[torch.Tensor, torch.Tensor]]:
         return {
             linear: (damped_inverse(g, self.options.damp_g), damped_inverse(a, self.options.damp_a))
             for linear, (g, a) in factors.items()
         }
+
+
+@torch.no_grad()
+def tokens_reaching(model: nn.Module, windows: torch.Tensor, linears: dict[str, nn.Linear]) -> dict[str, int]:
+    """How many calibration tokens each of ``linears`` receives in a forward pass over ``windows``."""
+    counts = dict.fromkeys(linears, 0)
+
+    def count(name: str, linear: nn.Linear, args: tuple, _output: torch.Tensor) -> None:
+        counts[name] += args[0].numel() // linear.in_features
+
+    handles = [linear.register_forward_hook(partial(count, name)) for name, linear in linears.items()]
+    try:
+        device = next(model.parameters()).device
+        for window in windows:
+            model(input_ids=window.unsqueeze(0).to(device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return counts
 
 
 def kfac_factors(

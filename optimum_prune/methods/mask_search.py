@@ -52,7 +52,9 @@ class MaskSearchOptions:
     components: str = option("all", "What to prune: 'all' (attention heads and MLP channels), 'attention' or 'mlp'.")
     rearrange: bool = option(True, "Mask rearrangement: re-choose each layer's removed units with its full Fisher block.")
     tune: bool = option(True, "Mask tuning: least-squares scales of the kept units so each sublayer reproduces its dense output.")
-    damping: float = option(1e-3, "Ridge damping of the mask-tuning least squares, relative to the mean of their diagonal.")
+    damping: float = option(
+        1e-3, "Ridge damping of the mask-tuning least squares, relative to the mean of their diagonal.", applies_when={"tune": (True,)}
+    )
 
     def __post_init__(self) -> None:
         check_choice("components", self.components, ("all", "attention", "mlp"))

@@ -48,6 +48,7 @@ class WidthOptions:
         "'query': remove query heads, the same number from every GQA group; 'kv_group': remove whole "
         "key/value groups together with their query heads (shrinks the KV cache). Without GQA (one query head "
         "per key/value head) a head is its own group, so 'query' removes heads as 'kv_group' does.",
+        applies_when={"components": ("all", "attention")},
     )
     ranking: str = option(
         "layer",

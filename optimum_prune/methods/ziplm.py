@@ -79,8 +79,10 @@ class ZipLMOptions:
     remove_sublayers: bool = option(True, "Allow a sublayer's last structure to go too (the whole attention or MLP block is removed).")
     round_to: int = option(32, "MLP widths of the level grid are multiples of this (ZipLM's Llama code: 32).")
     dampening: float = option(0.01, "λ added to the Hessian diagonal as a fraction of its mean diagonal (ZipLM: 1%).")
-    latency_tokens: int = option(512, "Prefill length at which the latency table is measured.")
-    latency_repeats: int = option(10, "Timed forward passes per table entry (the median is kept, after 3 warm-up passes).")
+    latency_tokens: int = option(512, "Prefill length at which the latency table is measured.", applies_when={"target": ("latency",)})
+    latency_repeats: int = option(
+        10, "Timed forward passes per table entry (the median is kept, after 3 warm-up passes).", applies_when={"target": ("latency",)}
+    )
     search_restarts: int = option(10, "SPDY: random per-sublayer weightings of the program's errors scored by the stitched model's calibration loss.")
     search_steps: int = option(10, "SPDY: local moves from the best weighting (each redraws a weight with probability 0.1).")
 

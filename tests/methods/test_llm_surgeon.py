@@ -139,6 +139,38 @@ def test_prunes_to_the_target_with_the_pattern_and_records_per_layer_sparsity():
     assert verify_sparsity(model, "2:4")["conforming"]
 
 
+def routed_experts(model, windows) -> set[int]:
+    """The experts layer 0's router picks for some calibration token."""
+    block = model.model.layers[0].block_sparse_moe
+    logits = []
+    handle = block.gate.register_forward_hook(lambda _module, _args, output: logits.append(output))
+    with torch.no_grad():
+        for window in windows:
+            model(input_ids=window.unsqueeze(0))
+    handle.remove()
+    return set(torch.cat(logits).topk(block.top_k, dim=-1).indices.flatten().tolist())
+
+
+@pytest.mark.parametrize("policy", ["magnitude", "dense"])
+def test_on_experts_unrouted_ones_follow_the_moe_policy_and_routers_prune_on_request(policy):
+    """An expert no calibration token reaches has A = 0: its weights cost nothing, so all of them went."""
+    from ..adapters.test_moe import tiny_moe
+
+    model = tiny_moe(num_local_experts=8)
+    windows = token_windows(samples=1, seq_len=4)  # 4 tokens × top-2: at most 8 routings per layer
+    unrouted = sorted(set(range(8)) - routed_experts(model, windows))
+    assert unrouted
+    config = PruningConfig(method="llm_surgeon", sparsity=0.5, method_options={"shots": 1},
+                           moe_options={"unrouted_experts": policy, "prune_router": True})  # fmt: skip
+    report = prune(model, config, calibration=windows)
+    sparsity = verify_sparsity(model)["layers"]
+    for expert in unrouted:
+        name = f"model.layers.0.block_sparse_moe.experts.{expert}.w1"
+        assert name in report.unrouted
+        assert sparsity[name]["sparsity"] == (pytest.approx(0.5, abs=0.01) if policy == "magnitude" else 0.0)
+    assert sparsity["model.layers.0.block_sparse_moe.gate"]["sparsity"] > 0
+
+
 def test_damped_inverse_skips_dead_rows():
     factor = torch.diag(torch.tensor([2.0, 0.0, 4.0]))
     inverse = damped_inverse(factor, 0.0)
