@@ -183,7 +183,7 @@ def main() -> None:
     for expert_sparsity in ("uniform", "load"):  # router hints for dense pruning (issue 12, item 4)
         def hinted(expert_sparsity: str = expert_sparsity) -> tuple[float, str]:
             model = copy.deepcopy(dense)
-            options = {"expert_sparsity": expert_sparsity, "expert_deviation": 0.2}
+            options = {"expert_sparsity": "load", "expert_deviation": 0.2} if expert_sparsity == "load" else {}
             prune(model, PruningConfig(method="wanda", sparsity=0.6, moe_options=options), calibration=windows)
             return perplexity(model), "experts 0.4–0.8 by routed-token rank" if expert_sparsity == "load" else ""
 
