@@ -93,7 +93,7 @@ def prune(
     if offload is None:  # a LayerStream holds the layers it has not read yet on the meta device itself
         _check_materialised(model)
     device = next(model.parameters()).device if device is None else check_device(device)
-    _check_unquantized(adapter)
+    _check_unquantized(adapter, config)
     check_ignore_patterns(adapter, config.ignore, "PruningConfig.ignore")
     if offload is not None:
         check_offloadable(config, adapter)
@@ -161,9 +161,12 @@ def _per_layer_methods() -> str:
     return ", ".join(name for name in METHODS.names() if METHODS.get(name).pruner)
 
 
-def _check_unquantized(adapter: DecoderAdapter) -> None:
-    """Methods rewrite float weights; a quantizer's codes would be skipped or half-changed, so refuse up front."""
-    for linears in adapter.qualified_prunable_linears(include_routers=True):
+def _check_unquantized(adapter: DecoderAdapter, config: PruningConfig) -> None:
+    """Methods rewrite float weights; a quantizer's codes would be skipped or half-changed, so refuse up front
+    (in every part the config prunes: a quantized vision tower was skipped without a word)."""
+    parts = adapter.parts()
+    named = [parts[name] for name in config.part_targets() if name in parts]  # planning names a missing part
+    for linears in (layer for part in named for layer in part.qualified_prunable_linears(include_routers=True)):
         for name, linear in linears.items():
             if is_quantized(linear):
                 raise ValueError(

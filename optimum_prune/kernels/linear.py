@@ -196,7 +196,8 @@ def sparsify(
     prefill: str = "expand",
     decode: str = "triton",
 ) -> SparsifyReport:
-    """Swap every decoder-layer linear of ``model`` whose weight is exactly 2:4 for a ``SparseLinear``
+    """Swap every decoder-layer linear of ``model`` (of every part: a LLaVA's vision tower and projector too)
+    whose weight is exactly 2:4 for a ``SparseLinear``
     and leave the rest. Unquantized weights are quantized to ``bits`` 8 or 4 with ``group_size``
     scales when given (16-bit values otherwise); quantized ones (GPTQ, optimum-quanto int8 / int4)
     keep their own codes and scales whatever ``bits`` says. ``backend`` as in ``SparseLinear``;
@@ -216,7 +217,7 @@ def sparsify(
     report = SparsifyReport()
     pattern = NMPattern(2, 4)
     swaps: list[tuple[str, SparseLinear]] = []  # all built first: a layer refused (e.g. group_size) leaves the model whole
-    for linears in adapter.qualified_prunable_linears():
+    for linears in (layer for part in adapter.parts().values() for layer in part.qualified_prunable_linears()):  # a LLaVA's towers too
         for qualified, linear in linears.items():
             quantized = is_quantized(linear)
             weight = dequantized_weight(linear) if quantized else linear.weight

@@ -221,3 +221,22 @@ def test_llava_next_calibrates_on_any_resolution_crops(llava_processor, pairs):
     report = prune(model, {"method": "wanda", "parts": {"vision": {}, "projector": {}, "language": {}}}, pairs[:3], processor=processor)
     assert report.parts == ["vision", "projector", "language"] and report.calibration_images == 3
     assert all(report.part_sparsity(part) == pytest.approx(0.5) for part in report.parts)
+
+
+def test_a_quantized_tower_the_config_prunes_is_refused(llava):
+    """It was skipped without a word (only the language tower's linears were checked)."""
+    quanto = pytest.importorskip("optimum.quanto")
+    quanto.quantize(llava.model.vision_tower, weights=quanto.qint8)
+    quanto.freeze(llava.model.vision_tower)
+    with pytest.raises(ValueError, match=r"model.vision_tower.vision_model.encoder.layers.0.self_attn.k_proj is already quantized"):
+        prune(llava, {"method": "magnitude", "parts": {"vision": {}, "language": {}}})
+    prune(llava, {"method": "magnitude"})  # the language tower alone is unquantized
+
+
+def test_sparsify_swaps_every_parts_24_linears(llava):
+    from optimum_prune import sparsify
+
+    prune(llava, {"method": "magnitude", "sparsity": "2:4", "parts": {"vision": {}, "projector": {}, "language": {}}})
+    report = sparsify(llava)
+    swapped = {part: sum(name.startswith(prefix) for name in report.swapped) for part, prefix in PART_PREFIXES.items()}
+    assert all(swapped.values()) and not report.left_dense, swapped
