@@ -127,7 +127,7 @@ def prune(
             inputs = shard(inputs)
     report = PruningReport(
         method=config.method,
-        sparsity=config.sparsity,
+        sparsity=", ".join(f"{part} {policy['sparsity']}" for part, policy in config.parts.items()) or config.sparsity,
         allocation=config.allocation,
         device=str(device),
         calibration_tokens=tokens,

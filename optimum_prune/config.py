@@ -91,6 +91,13 @@ class PruningConfig:
                 f"PruningConfig.parts {sorted(self.parts)}: structured method {self.method!r} prunes the language tower "
                 "only; name just 'language' (or leave parts empty) or use an unstructured method for the other parts"
             )
+        whole_model = spec.structured is not None or spec.model_pruner is not None
+        if whole_model and "language" in self.parts and self.parts["language"]["sparsity"] != self.sparsity:
+            raise ValueError(
+                f"PruningConfig.parts['language'].sparsity {self.parts['language']['sparsity']!r} differs from "
+                f"PruningConfig.sparsity {self.sparsity!r}: method {self.method!r} prunes the language tower only, so give "
+                "its sparsity once, as PruningConfig.sparsity"
+            )
         patterns = [str(t) for t in self.part_targets().values() if isinstance(t, NMPattern)]
         if spec.structured is not None:
             if patterns:

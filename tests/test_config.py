@@ -167,3 +167,10 @@ def test_options_at_their_defaults_load_whatever_the_mode_and_the_help_says_when
 def test_settings_a_method_does_not_read_are_refused(fields, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         PruningConfig(**fields)
+
+
+def test_a_language_only_method_takes_its_sparsity_once():
+    """Its errors and report name PruningConfig.sparsity: a different value under parts made them name the wrong field."""
+    with pytest.raises(ValueError, match=re.escape("PruningConfig.parts['language'].sparsity 0.01 differs from PruningConfig.sparsity 0.5")):
+        PruningConfig(method="layers", sparsity=0.5, parts={"language": {"sparsity": 0.01}})
+    assert PruningConfig(method="layers", sparsity=0.3, parts={"language": {}}).part_targets() == {"language": 0.3}

@@ -240,3 +240,8 @@ def test_sparsify_swaps_every_parts_24_linears(llava):
     report = sparsify(llava)
     swapped = {part: sum(name.startswith(prefix) for name in report.swapped) for part, prefix in PART_PREFIXES.items()}
     assert all(swapped.values()) and not report.left_dense, swapped
+
+
+def test_the_report_states_each_parts_sparsity(llava):
+    report = prune(llava, {"method": "magnitude", "sparsity": 0.5, "parts": {"language": {"sparsity": 0.2}}})
+    assert "sparsity=language 0.2 " in str(report) and report.part_sparsity("language") == pytest.approx(0.2, abs=0.01)
