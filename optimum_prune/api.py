@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from .streaming import LayerStream
 
 logger = logging.getLogger(__name__)
+MAX_EXPERT_SPARSITY = 0.99  # router hints never empty an expert: it keeps at least 1 % of its weights
 
 
 def prune(
@@ -344,6 +345,12 @@ class _PruningRun:
         targets: list[SparsityTarget] = [self.target] * len(self.targets)
         for index, sparsity in zip(active, self.allocation.allocate(self.target, len(active))):
             targets[index] = sparsity
+        if self.moe_options.expert_sparsity == "load" and self.config.allocation != "uniform":
+            layers = self.adapter.decoder_layers()
+            for index in active:  # the allocation moved layer targets: each must still leave room for ±λ
+                if len(self.adapter.experts(layers[index])) > 1:
+                    source = f"layer {index}'s sparsity from allocation {self.config.allocation!r}"
+                    _check_expert_spread(targets[index], self.moe_options.expert_deviation, source)
         return targets
 
     def _observing_visitor(self, active: list[int]):
@@ -397,8 +404,7 @@ class _PruningRun:
         deviation = self.moe_options.expert_deviation
         for name, linear in linears.items():
             if id(linear) in expert_of:
-                spread = deviation * (1 - 2 * ranks[expert_of[id(linear)]] / (len(experts) - 1))
-                targets[name] = min(max(target + spread, 0.0), 0.99)
+                targets[name] = target + deviation * (1 - 2 * ranks[expert_of[id(linear)]] / (len(experts) - 1))
         return targets
 
     def _run_feeding(
@@ -511,9 +517,17 @@ def _check_load_hints(config: PruningConfig, moe_options: MoEOptions, method: Me
         raise ValueError(f"{where} reads the routing of calibration tokens; method {config.method!r} takes none (use wanda or sparsegpt)")
     if isinstance(target, NMPattern):
         raise ValueError(f"{where} varies sparsity per expert and cannot be combined with the N:M pattern {str(target)!r}")
-    deviation = moe_options.expert_deviation
-    if target - deviation < 0 or target + deviation >= 1:
-        raise ValueError(f"{where}: sparsity {target} ± expert_deviation {deviation} leaves [0, 1); lower expert_deviation")
+    _check_expert_spread(target, moe_options.expert_deviation, "sparsity")
+
+
+def _check_expert_spread(target: float, deviation: float, source: str) -> None:
+    """Router hints give experts target ± λ; all of them must be sparsities a linear can have, or the experts'
+    mean would no longer be the target."""
+    if target - deviation < 0 or target + deviation > MAX_EXPERT_SPARSITY:
+        raise ValueError(
+            f"PruningConfig.moe_options.expert_sparsity='load': {source} {target:.4g} ± expert_deviation {deviation} leaves "
+            f"[0, {MAX_EXPERT_SPARSITY}]; lower expert_deviation (or the allocation's spread of layer sparsities)"
+        )
 
 
 def _finish(

@@ -8,6 +8,7 @@ stays JSON-serialisable while every key and value is checked against the datacla
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping, TypeVar
 
 Options = TypeVar("Options")
@@ -46,6 +47,8 @@ def build_options(options_cls: type[Options], values: Mapping[str, Any], field: 
             continue
         if not isinstance(value, expected) or isinstance(value, bool) != (expected is bool):
             raise TypeError(f"{field}.{name} must be {expected.__name__}, got {value!r}")
+        if expected is float and not math.isfinite(value):
+            raise ValueError(f"{field}.{name} must be a finite number, got {value!r}")
     options = options_cls(**values)
     _check_applicable(options, field)
     return options

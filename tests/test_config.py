@@ -162,6 +162,7 @@ def test_options_at_their_defaults_load_whatever_the_mode_and_the_help_says_when
         (dict(method="llm_surgeon", moe_options={"expert_sparsity": "load"}), "expert_sparsity='load' and routing_weighted=False do not apply"),
         (dict(method="llm_surgeon", moe_options={"routing_weighted": False}), "routing_weighted=False do not apply"),
         (dict(method="kprune", method_options={"predictive_weight": 0.0, "representational_weight": 0.0}), "are both 0"),
+        (dict(method="wanda", allocation="owl", allocation_options={"outlier_threshold": float("inf")}), "outlier_threshold must be a finite number"),
     ],
 )  # fmt: skip
 def test_settings_a_method_does_not_read_are_refused(fields, message):

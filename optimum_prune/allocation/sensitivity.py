@@ -15,6 +15,7 @@ for the whole model on its device (see ``calibration.gradients.hessian_traces``)
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +25,8 @@ from ..calibration.gradients import hessian_traces
 from ..distributed import all_reduce_sum, shard_positions
 from ..options import option
 from .base import Allocation, register_allocation
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,11 @@ class SensitivityAllocation(Allocation[SensitivityOptions]):
             totals += torch.tensor(means, dtype=torch.float64) * len(positions)
         used = torch.tensor([float(len(positions))], dtype=torch.float64)
         all_reduce_sum(totals, used)
+        if used.item() < self.options.windows:
+            logger.warning(
+                "allocation_options.windows is %d but the calibration holds %d windows: the Hessian traces use those",
+                self.options.windows, int(used.item()),
+            )  # fmt: skip
         self.sensitivities = (totals / used).tolist()
 
     def allocate(self, target: float, num_layers: int) -> list[float]:

@@ -16,7 +16,8 @@ class MagnitudeOptions:
     comparison_group: str = option(
         "layer",
         "'layer': rank |W| across the whole matrix (the usual LLM baseline, as in the Wanda and "
-        "SparseGPT papers); 'output': rank within each output row.",
+        "SparseGPT papers); 'output': rank within each output row. An N:M pattern ranks within each group of M "
+        "inputs either way.",
     )
 
     def __post_init__(self) -> None:

@@ -232,3 +232,16 @@ def test_router_hints_refuse_what_they_cannot_do():
         prune(tiny_moe(), PruningConfig(method="wanda", sparsity="2:4", moe_options={"expert_sparsity": "load"}), calibration=token_windows(2, 8))
     with pytest.raises(ValueError, match="expert_deviation"):
         prune(tiny_moe(), PruningConfig(method="wanda", sparsity=0.9, moe_options={"expert_sparsity": "load"}), calibration=token_windows(2, 8))
+
+
+def test_router_hints_refuse_layer_targets_an_allocation_moves_out_of_their_room():
+    """OWL moves layer targets by up to its max_deviation: ±λ around them was clamped, so the experts' mean missed the target."""
+    model = tiny_moe()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    config = PruningConfig(
+        method="wanda", sparsity=0.5, allocation="owl", allocation_options={"outlier_threshold": 2.0, "max_deviation": 0.3},
+        moe_options={"expert_sparsity": "load", "expert_deviation": 0.4},
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"layer \d's sparsity from allocation 'owl' 0\.\d+ ± expert_deviation 0.4 leaves \[0, 0.99\]"):
+        prune(model, config, calibration=token_windows(4, 16))
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())

@@ -60,3 +60,12 @@ def test_isc_changes_the_masks_of_sparsegpt_and_errors_name_the_option():
         PruningConfig(method="sparsegpt", method_options={"saliency": "obd"})
     with pytest.raises(ValueError, match="max_deviation"):
         PruningConfig(method="wanda", sparsity=0.5, allocation="sensitivity", allocation_options={"max_deviation": 0.6})
+
+
+def test_more_windows_than_the_calibration_holds_are_warned_of(caplog):
+    allocation = SensitivityAllocation(SensitivityOptions(windows=1000))
+    model = tiny_model(num_hidden_layers=2)
+    layers = [{"up": layer.mlp.up_proj} for layer in model.model.layers]
+    with caplog.at_level("WARNING", logger="optimum_prune.allocation.sensitivity"):
+        allocation.observe_model(model, token_windows(samples=3, seq_len=16), layers)
+    assert "allocation_options.windows is 1000 but the calibration holds 3 windows" in caplog.text
