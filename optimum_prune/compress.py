@@ -34,6 +34,7 @@ def compress(
     calibration: CalibrationSource = None,
     tokenizer: Any = None,
     device: str | torch.device | None = None,
+    processor: Any = None,
 ) -> list[PruningReport]:
     """Apply ``recipe`` to ``model`` in place, in order; return the pruning steps' reports.
 
@@ -42,7 +43,8 @@ def compress(
     quantized weights are frozen, so nothing can be pruned after them. GPTQ calibrates on
     ``calibration`` (windows drawn as the last pruning step draws them) unless its config lists texts.
     The recipe's form is checked before any step runs; a step that cannot apply to what the earlier
-    steps produced fails before it changes anything.
+    steps produced fails before it changes anything. ``processor`` turns image-text calibration pairs into
+    model inputs for a multimodal model's pruning steps, as in ``prune``.
     """
     from .api import prune
 
@@ -67,7 +69,7 @@ def compress(
     reports = []
     for step in steps:
         if isinstance(step, PruningConfig):
-            reports.append(prune(model, step, calibration=calibration, tokenizer=tokenizer, device=device))
+            reports.append(prune(model, step, calibration=calibration, tokenizer=tokenizer, processor=processor, device=device))
         elif isinstance(step, GPTQConfig):
             from .gptq import quantize_weights
 

@@ -205,7 +205,13 @@ def prune_checkpoint(
     dtype = dtype or reader.dtype()
     model_config.dtype = dtype  # what the saved config.json says: dtype="auto" reloads the pruned weights as written
     with init_empty_weights():
-        model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
+        try:
+            model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
+        except ValueError:  # transformers: "Unrecognized configuration class ..."
+            raise ValueError(
+                f"source {str(source)!r} holds a {type(model_config).__name__} model, not a causal LM: pruning from disk "
+                "streams a causal LM's decoder layers; load this one in memory (its from_pretrained) and prune it there"
+            ) from None
     adapter = get_adapter(model)
     # The checks that need no data, before any folder is made:
     check_offloadable(config, adapter)

@@ -41,6 +41,7 @@ def small_grid(model_dir, **overrides) -> dict:
         ({"latency": "tpu"}, "grid.latency must be one of"),
         ({"model": "no/such/dir"}, "grid.model 'no/such/dir' is not a checkpoint directory"),
         ({"evaluation": {"tokens": 256}}, "grid.evaluation.tokens (256) is less than one window of grid.evaluation.seq_len (512)"),
+        ({"evaluation": {"tokens": 1000, "seq_len": 512}}, "the last 488 tokens would not count; use 512"),
     ],
 )
 def test_bad_grids_name_the_field(model_dir, change, message):
@@ -127,6 +128,12 @@ def test_unbuildable_point_is_recorded_not_fatal(model_dir, tmp_path):
     ], quantization=["int8"]))
     (row,) = run_study(grid, tmp_path / "study", device="cpu").rows
     assert not row.measured and "quantization_config" in row.result["error"]
+    assert run_study(grid, tmp_path / "study", device="cpu").measured_now == 0  # the same software fails alike
+    (path,) = (tmp_path / "study" / "points").glob("*.json")
+    record = json.loads(path.read_text())
+    record["result"]["versions"]["optimum-prune"] = "0.0.1"  # as if it failed before an upgrade that may build it
+    path.write_text(json.dumps(record))
+    assert run_study(grid, tmp_path / "study", device="cpu").measured_now == 1
 
 
 def test_cli_writes_report_plots_and_csv(model_dir, tmp_path):

@@ -145,6 +145,11 @@ def _protocol(data: Mapping[str, Any], base: Path | None) -> Protocol:
     tokens, window = evaluation.get("tokens", defaults.evaluation_tokens), evaluation.get("seq_len", defaults.evaluation_seq_len)
     if tokens < window:
         raise ValueError(f"grid.evaluation.tokens ({tokens}) is less than one window of grid.evaluation.seq_len ({window}); raise it")
+    if tokens % window:
+        raise ValueError(
+            f"grid.evaluation.tokens ({tokens}) is not a multiple of grid.evaluation.seq_len ({window}): perplexity scores "
+            f"whole windows, so the last {tokens % window} tokens would not count; use {tokens - tokens % window}"
+        )
     return Protocol(
         model=model,
         seed=seed,

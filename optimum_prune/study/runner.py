@@ -61,15 +61,16 @@ def run_study(grid: StudyGrid, output: str | os.PathLike, device: str | torch.de
     latency_device = _latency_device(grid.latency)
     latency_name = device_name(latency_device) if latency_device is not None else None
     rows, measured_now = [], 0
+    software = software_versions()
     for point in tqdm(grid.points, desc="Study points"):
         path = points_dir / f"{point.key(grid.protocol)}.json"
-        result = _cached(path, point, latency_name)
+        result = _cached(path, point, latency_name, software)
         if result is None:
             logger.info("measuring %s", point.label)
             try:
-                result = {**measure_point(point, grid.protocol, device, latency_device), "versions": software_versions()}
+                result = {**measure_point(point, grid.protocol, device, latency_device), "versions": software}
             except ValueError as error:  # the point cannot be built (e.g. quanto refuses a non-uniform model)
-                result = {"error": str(error)}
+                result = {"error": str(error), "versions": software}
             record = {"label": point.label, "pruning": point.pruning, "quantization": point.quantization, "result": result}
             write_text_atomic(path, json.dumps(record, indent=1))
             measured_now += 1
@@ -88,8 +89,9 @@ def _latency_device(setting: str) -> torch.device | None:
     return torch.device("cpu")
 
 
-def _cached(path: Path, point: StudyPoint, latency_device: str | None) -> dict[str, Any] | None:
-    """The stored result of ``point``, if whole (with a latency measured on ``latency_device`` when one is asked for)."""
+def _cached(path: Path, point: StudyPoint, latency_device: str | None, software: dict[str, str]) -> dict[str, Any] | None:
+    """The stored result of ``point``, if whole (with a latency measured on ``latency_device`` when one is asked for);
+    a point that could not be built is tried again when the ``software`` differs from that of the failed try."""
     if not path.is_file():
         return None
     try:
@@ -97,7 +99,10 @@ def _cached(path: Path, point: StudyPoint, latency_device: str | None) -> dict[s
         result = stored["result"]
         same = (stored["pruning"], stored["quantization"]) == (point.pruning, point.quantization)
         timed = latency_device is None or result.get("latency_device") == latency_device
-        complete = "error" in result or (all(m in result for m in MEASURES) and timed)
+        if "error" in result:
+            complete = result.get("versions") == software
+        else:
+            complete = all(m in result for m in MEASURES) and timed
     except (ValueError, KeyError, TypeError):
         logger.warning("%s is unreadable; measuring %s again", path, point.label)
         return None

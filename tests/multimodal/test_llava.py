@@ -245,3 +245,18 @@ def test_sparsify_swaps_every_parts_24_linears(llava):
 def test_the_report_states_each_parts_sparsity(llava):
     report = prune(llava, {"method": "magnitude", "sparsity": 0.5, "parts": {"language": {"sparsity": 0.2}}})
     assert "sparsity=language 0.2 " in str(report) and report.part_sparsity("language") == pytest.approx(0.2, abs=0.01)
+
+
+def test_compress_calibrates_a_multimodal_model_on_image_text_pairs(llava, llava_processor, pairs):
+    from optimum_prune import compress
+
+    (report,) = compress(llava, [PruningConfig(method="wanda", parts={"vision": {}, "language": {}}, num_calibration_samples=2)],
+                         calibration=pairs, processor=llava_processor)  # fmt: skip
+    assert report.calibration_images == 2 and report.part_sparsity("vision") == pytest.approx(0.5, abs=0.01)
+
+
+def test_pruning_a_llava_checkpoint_from_disk_says_to_load_it_in_memory(llava, tmp_path):
+    llava.save_pretrained(tmp_path / "llava")
+    with pytest.raises(ValueError, match="holds a LlavaConfig model, not a causal LM: .* load this one in memory"):
+        prune(str(tmp_path / "llava"), {"method": "magnitude"}, output_dir=tmp_path / "out")
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["llava"]
