@@ -80,7 +80,7 @@ def describe_options(options_cls: type) -> list[tuple[str, Any, str]]:
     described = []
     for spec in dataclasses.fields(options_cls):
         condition = spec.metadata.get("applies_when")
-        text = spec.metadata.get("help", "") + (f" (only with {_describe(condition)}.)" if condition else "")
+        text = spec.metadata.get("help", "") + (f" Only with {_describe(condition)}." if condition else "")
         described.append((spec.name, spec.default, text))
     return described
 

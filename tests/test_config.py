@@ -152,7 +152,7 @@ def test_options_at_their_defaults_load_whatever_the_mode_and_the_help_says_when
     config = PruningConfig(method="experts", method_options={"criterion": "frequency"})
     assert PruningConfig.from_dict(config.to_dict()) == config
     help_text = dict((name, text) for name, _, text in describe_options(ExpertPruningOptions))["max_subsets"]
-    assert help_text.endswith("(only with criterion='reconstruction'.)")
+    assert help_text.endswith("else remove experts greedily. Only with criterion='reconstruction'.")
 
 
 @pytest.mark.parametrize(
