@@ -70,7 +70,8 @@ def prune(
     image-text pairs (``[{"image": ..., "text": ...}]``, run through ``processor``). ``device`` is
     where layers are processed one at a time (default: where the model is); the model stays
     where it was. The config is recorded as ``model.config.pruning_config`` so
-    ``save_pretrained`` keeps it. Every check (config, architecture, parts, shapes, calibration
+    ``save_pretrained`` keeps it; a model pruned more than once (a ``compress`` recipe of several steps, a
+    pruned checkpoint pruned again) also lists every config in order as ``pruning_history``. Every check (config, architecture, parts, shapes, calibration
     data) runs before any weight changes. ``offload`` keeps the decoder layers on disk (see
     ``prune_checkpoint``, which builds it). ``activation_device`` (e.g. ``"cpu"`` while ``device``
     is a GPU) keeps the calibration activations there between layers, so the compute device holds
@@ -152,9 +153,19 @@ def prune(
         model.train(was_training)
     report.seconds = time.perf_counter() - started
     report.peak_memory_bytes, report.peak_memory_kind = _peak_memory(device)
-    model.config.pruning_config = config.to_dict()
+    _record(model.config, config)
     logger.info("%s", report)
     return report
+
+
+def _record(model_config: Any, config: PruningConfig) -> None:
+    """``config`` as the model's ``pruning_config``; the earlier ones too, in order, when it was pruned before."""
+    earlier = getattr(model_config, "pruning_history", None) or [
+        recorded for recorded in [getattr(model_config, "pruning_config", None)] if recorded
+    ]
+    model_config.pruning_config = config.to_dict()
+    if earlier:
+        model_config.pruning_history = [*earlier, model_config.pruning_config]
 
 
 def _per_layer_methods() -> str:

@@ -1,5 +1,7 @@
 """Prune → optimum-quanto quantize in one call, saved and reloaded with quanto's own loader."""
 
+import json
+
 import pytest
 import torch
 from transformers import QuantoConfig
@@ -114,3 +116,16 @@ def test_a_quantizer_that_moves_pruned_weights_is_caught(monkeypatch):
     model = tiny_model(**WIDE)
     with pytest.raises(ValueError, match=r"optimum-quanto left model.layers.0.self_attn.q_proj with \d+ zeros of the \d+ it had"):
         compress(model, [PruningConfig(method="magnitude", sparsity=0.5), QuantoConfig(weights="int4")])
+
+
+def test_a_recipe_of_several_pruning_steps_records_each_in_order(tmp_path):
+    """pruning_config is the last step's: a model that also lost a layer said nothing of it."""
+    model = tiny_model(**WIDE)
+    steps = [PruningConfig(method="layers", method_options={"num_layers": 1}), PruningConfig(method="wanda", sparsity="2:4")]
+    compress(model, steps, calibration=token_windows())
+    saved = json.loads((save_pruned(model, tmp_path / "pruned") / "config.json").read_text())
+    assert PruningConfig.from_dict(saved["pruning_config"]) == steps[1]
+    assert [PruningConfig.from_dict(entry) for entry in saved["pruning_history"]] == steps
+    once = tiny_model()
+    compress(once, [PruningConfig(method="magnitude")])
+    assert not hasattr(once.config, "pruning_history")
