@@ -12,7 +12,8 @@ it and it gets no gradient) but stays in memory until training ends: replacing t
 parameters mid-run would detach them from the optimizer. At ``on_train_end`` the experts and
 router rows go for good and the config records the new counts, so ``save_pretrained`` writes a
 smaller MoE that reloads with stock transformers (the same count everywhere) or after
-``import optimum_prune`` (per-layer counts).
+``import optimum_prune`` (per-layer counts). The dropped experts go into each checkpoint's
+``trainer_state.json`` (``stateful_callbacks``), so a run resumed from one routes around them as before.
 
     trainer = Trainer(model, args, train_dataset=task_data,
                       callbacks=[ExpertDroppingCallback(ExpertDroppingSchedule(final_experts=2, end_step=600))])
@@ -20,6 +21,7 @@ smaller MoE that reloads with stock transformers (the same count everywhere) or 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +33,9 @@ from .adapters import DecoderAdapter, get_adapter
 from .distributed import all_reduce_sum
 from .statistics import RealTokens
 from .structure.loading import record_structure
+
+logger = logging.getLogger(__name__)
+STATE_KEY = "optimum_prune.ExpertDropping"  # in TrainerState.stateful_callbacks, saved with every checkpoint
 
 
 @dataclass(frozen=True)
@@ -109,15 +114,50 @@ class ExpertDroppingCallback(TrainerCallback):
                 f"keep at least {top_k} experts"
             )
         self.end_step = self.schedule.end_step or max(self.schedule.start_step + 1, state.max_steps // 2)
+        if self.end_step > state.max_steps:
+            experts = len(self.adapter.block_experts(blocks[0][1]))
+            logger.warning(
+                "ExpertDroppingSchedule.end_step (%d) is past the run's %d steps: it ends at %d experts per layer, not "
+                "final_experts=%d; lower end_step",
+                self.end_step, state.max_steps, self.schedule.kept_at(state.max_steps, experts, self.end_step), self.schedule.final_experts,
+            )  # fmt: skip
         self.real_tokens = RealTokens(model)
         self.layers = [_LayerRouting(self.adapter, layer, self.real_tokens) for layer, _ in blocks]
+        if state.global_step > 0:
+            self._resume(state)
+
+    def _resume(self, state: TrainerState) -> None:
+        """Route around the experts the checkpoint's run had dropped; the token counts since its last drop
+        are not in the checkpoint, so the next drop ranks by the tokens seen after the resume."""
+        saved = state.stateful_callbacks.get(STATE_KEY)
+        if saved is not None:
+            for routing, dropped in zip(self.layers, saved["dropped"]):
+                routing.dropped[dropped] = True
+        elif any(self.schedule.kept_at(state.global_step, len(r.counts), self.end_step) < len(r.counts) for r in self.layers):
+            raise ValueError(
+                f"resumed at step {state.global_step}, after expert drops, from a checkpoint that does not record which "
+                "experts were dropped (saved without ExpertDroppingCallback): start over, or resume from a checkpoint "
+                "saved by this run"
+            )
+        step = state.global_step
+        drops_ahead = any(self.schedule.kept_at(step, len(r.counts), self.end_step) > self.schedule.final_experts for r in self.layers)
+        if drops_ahead and not self._drops_at(step):
+            logger.warning(
+                "resumed at step %d, between two expert drops: the routing counts since the previous drop are not in the "
+                "checkpoint, so the next drop ranks experts by fewer tokens than an uninterrupted run",
+                step,
+            )
+
+    def _drops_at(self, step: int) -> bool:
+        due = step >= self.schedule.start_step and (step - self.schedule.start_step) % self.schedule.every == 0
+        return due or step == self.end_step
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         step = state.global_step
-        due = step >= self.schedule.start_step and (step - self.schedule.start_step) % self.schedule.every == 0
-        if due or step == self.end_step:
+        if self._drops_at(step):
             for routing in self.layers:
                 routing.drop_to(self.schedule.kept_at(step, len(routing.counts), self.end_step))
+            state.stateful_callbacks[STATE_KEY] = {"dropped": [r.dropped.nonzero().flatten().tolist() for r in self.layers]}
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: dict | None = None, **kwargs: Any) -> None:
         if logs is None or not self.layers:
@@ -128,6 +168,16 @@ class ExpertDroppingCallback(TrainerCallback):
             state.log_history[-1]["experts_kept"] = kept
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        best = state.best_global_step
+        if args.load_best_model_at_end and best is not None and self.layers:
+            experts = len(self.layers[0].counts)
+            if self.schedule.kept_at(best, experts, self.end_step) > self.schedule.kept_at(state.global_step, experts, self.end_step):
+                logger.warning(
+                    "load_best_model_at_end loaded the checkpoint of step %d, evaluated with %d experts routed per layer: "
+                    "the later drops are applied to it now, without retraining, so its evaluation does not describe the "
+                    "model returned; evaluate and save only after end_step, or turn load_best_model_at_end off",
+                    best, self.schedule.kept_at(best, experts, self.end_step),
+                )  # fmt: skip
         self.real_tokens.handle.remove()
         for routing in self.layers:
             routing.handle.remove()

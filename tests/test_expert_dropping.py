@@ -86,6 +86,15 @@ def test_dropped_experts_receive_no_tokens_while_training_goes_on(tmp_path):
     assert all(int((count > 0).sum()) <= 4 for count in counts)
 
 
+def test_an_end_step_past_the_run_is_reported(tmp_path, caplog):
+    schedule = ExpertDroppingSchedule(final_experts=2, end_step=8, every=2)
+    trainer = Trainer(model=tiny_moe(num_local_experts=8), args=training_args(tmp_path, 4), train_dataset=dataset(),
+                      callbacks=[ExpertDroppingCallback(schedule)])  # fmt: skip
+    with caplog.at_level("WARNING", logger="optimum_prune.expert_dropping"):
+        trainer.train()
+    assert "end_step (8) is past the run's 4 steps: it ends at 5 experts per layer, not final_experts=2" in caplog.text
+
+
 def test_errors_name_the_field(tmp_path):
     with pytest.raises(ValueError, match="end_step"):
         ExpertDroppingSchedule(start_step=10, end_step=5)
@@ -93,3 +102,39 @@ def test_errors_name_the_field(tmp_path):
     callback = ExpertDroppingCallback(ExpertDroppingSchedule(final_experts=1))
     with pytest.raises(ValueError, match="below the router's top-2"):
         Trainer(model=model, args=training_args(tmp_path, 2), train_dataset=dataset(), callbacks=[callback]).train()
+
+
+@pytest.mark.parametrize("through", ["ExpertDroppingCallback", "PruningCallback"])
+def test_a_run_resumed_from_a_checkpoint_routes_around_the_experts_dropped_before(tmp_path, through, caplog):
+    """The dropped experts were not in the checkpoint: a resumed run routed to all again and, with no drop
+    left after the resume, kept every expert."""
+    from optimum_prune import PruningCallback
+
+    schedule = ExpertDroppingSchedule(final_experts=2, start_step=0, end_step=4, every=4)
+    runs = {}
+    for name, resume in (("uninterrupted", None), ("resumed", str(tmp_path / "run" / "checkpoint-5"))):
+        model = tiny_moe(num_local_experts=8).train()
+        callback = ExpertDroppingCallback(schedule) if through == "ExpertDroppingCallback" else PruningCallback(schedule)
+        args = training_args(tmp_path, 7)
+        args.save_strategy, args.save_steps = "steps", 5
+        with caplog.at_level("WARNING", logger="optimum_prune.expert_dropping"):
+            Trainer(model=model, args=args, train_dataset=dataset(), callbacks=[callback]).train(resume_from_checkpoint=resume)
+        runs[name] = model
+    assert [len(layer.block_sparse_moe.experts) for layer in runs["resumed"].model.layers] == [2, 2]
+    for expected, actual in zip(runs["uninterrupted"].model.layers, runs["resumed"].model.layers):
+        # the same experts kept (MoE training itself resumes only to ~5e-4 here; other experts differ by far more)
+        torch.testing.assert_close(actual.block_sparse_moe.gate.weight, expected.block_sparse_moe.gate.weight, atol=5e-3, rtol=0)
+    assert "between two expert drops" not in caplog.text  # no drop is left after step 4
+
+
+def test_a_best_checkpoint_evaluated_before_the_last_drop_is_reported(tmp_path, caplog):
+    model = tiny_moe(num_local_experts=8).train()
+    args = training_args(tmp_path, 4)
+    args.eval_strategy = args.save_strategy = "steps"
+    args.eval_steps = args.save_steps = 1
+    args.load_best_model_at_end, args.metric_for_best_model, args.greater_is_better = True, "eval_loss", True  # step 1 wins
+    schedule = ExpertDroppingSchedule(final_experts=2, start_step=0, end_step=4, every=2)
+    trainer = Trainer(model=model, args=args, train_dataset=dataset(), eval_dataset=dataset(samples=4), callbacks=[ExpertDroppingCallback(schedule)])
+    with caplog.at_level("WARNING", logger="optimum_prune.expert_dropping"):
+        trainer.train()
+    assert f"loaded the checkpoint of step {trainer.state.best_global_step}, evaluated with" in caplog.text
