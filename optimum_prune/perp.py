@@ -56,6 +56,10 @@ class PERPConfig:
             )
         if not (self.biases or self.norms or self.lora):
             raise ValueError("PERPConfig trains nothing: enable biases, norms or lora")
+        if isinstance(self.target_modules, str):  # LLaMA-Factory's lora_target style: "q_proj,v_proj"
+            object.__setattr__(self, "target_modules", tuple(name.strip() for name in self.target_modules.split(",") if name.strip()))
+        elif self.target_modules is not None:
+            object.__setattr__(self, "target_modules", tuple(self.target_modules))
 
 
 class MaskLoRALinear(nn.Module):
@@ -108,9 +112,26 @@ class PERPSummary:
         return f"PERP trains {self.trainable:,} of {self.total:,} parameters ({self.fraction:.3%}); {self.wrapped} linears adapted"
 
 
+def _perp_targets(model: nn.Module, config: PERPConfig) -> list[tuple[str, nn.Linear]]:
+    """The linears PERP adapts: those pruning targets, or those whose last name component is in
+    ``target_modules`` (every entry must name some: a typo would leave its linears untrained)."""
+    if config.target_modules is None:
+        return [item for layer in get_adapter(model).qualified_prunable_linears() for item in layer.items()]
+    linears = [(name, module) for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    present = {name.rsplit(".", 1)[-1] for name, _ in linears}
+    unmatched = [name for name in config.target_modules if name not in present]
+    if unmatched:
+        raise ValueError(
+            f"PERPConfig.target_modules {', '.join(map(repr, unmatched))} match no linear of {type(model).__name__}, "
+            f"whose linears are named {', '.join(sorted(present))}"
+        )
+    return [(name, module) for name, module in linears if name.rsplit(".", 1)[-1] in config.target_modules]
+
+
 def prepare_perp(model: nn.Module, config: PERPConfig | None = None) -> PERPSummary:
     """Freeze ``model`` except biases / norm scales, and wrap the target linears with PERP adapters."""
     config = config or PERPConfig()
+    targets = _perp_targets(model, config) if config.lora else []  # checked before anything changes
     total = sum(p.numel() for p in model.parameters())
     model.requires_grad_(False)
     if hasattr(model, "enable_input_require_grads"):
@@ -126,15 +147,6 @@ def prepare_perp(model: nn.Module, config: PERPConfig | None = None) -> PERPSumm
     wrapped = 0
     if config.lora:
         adapter = MaskLoRALinear if config.lora == "mask" else ScaleLoRALinear
-        if config.target_modules is None:
-            targets = [item for layer in get_adapter(model).qualified_prunable_linears() for item in layer.items()]
-        else:
-            targets = [
-                (name, module) for name, module in model.named_modules()
-                if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in config.target_modules
-            ]  # fmt: skip
-        if not targets:
-            raise ValueError(f"PERPConfig.target_modules {config.target_modules} match no linear of this model")
         for name, linear in targets:
             replace_submodule(model, name, adapter(linear, config.rank, config.alpha))
         wrapped = len(targets)

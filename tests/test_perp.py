@@ -85,6 +85,19 @@ def test_config_errors_name_the_field():
         PERPConfig(lora="scale", alpha=8.0)
     with pytest.raises(ValueError, match="match no linear"):
         prepare_perp(copy.deepcopy(pruned_model()), PERPConfig(target_modules=("c_attn",)))
+    model = pruned_model()
+    with pytest.raises(ValueError, match=r"PERPConfig.target_modules 'gate' match no linear of LlamaForCausalLM, whose linears are named "):
+        prepare_perp(model, PERPConfig(target_modules=("q_proj", "gate")))  # one typo beside a match: its linears stayed untrained
+    assert all(parameter.requires_grad for parameter in model.parameters())  # refused before freezing anything
+
+
+def test_target_modules_as_one_comma_separated_string_match_whole_names():
+    """LLaMA-Factory writes lora_target as "gate_proj,up_proj": matched as a substring, it wrapped MoE routers ("gate")."""
+    model = tiny_moe("qwen2_moe")
+    assert PERPConfig(target_modules="gate_proj, up_proj").target_modules == ("gate_proj", "up_proj")
+    prepare_perp(model, PERPConfig(target_modules="gate_proj,up_proj"))
+    wrapped = {name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, MaskLoRALinear)}
+    assert wrapped == {"gate_proj", "up_proj"}
 
 
 def test_through_the_pruning_callback_the_trainer_retrains_only_perp_and_saves_an_ordinary_model(tmp_path):
