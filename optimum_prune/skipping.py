@@ -33,6 +33,13 @@ class PatchedMoEBlocks:
         self._blocks = [block for layer in self.adapter.decoder_layers() if (block := self.adapter.moe_block(layer)) is not None]
         if not self._blocks:
             raise ValueError(f"{type(model).__name__} has no mixture-of-experts layers to {purpose}")
+        patched = next((vars(block)["forward"] for block in self._blocks if "forward" in vars(block)), None)
+        if patched is not None:
+            variant = getattr(patched, "handle", None)
+            raise ValueError(
+                f"the model's MoE blocks already run {type(variant).__name__ if variant else 'a patched forward'}: one "
+                "variant of the mixture at a time; remove() it first"
+            )
         for block in self._blocks:
             block.forward = types.MethodType(self._patched_forward(), block)
 
@@ -49,6 +56,7 @@ class PatchedMoEBlocks:
                 output = output + shared
             return output.reshape(batch, length, width), logits
 
+        forward.handle = handle  # which variant a block runs, for the error a second patch gets
         return forward
 
     def _experts_output(self, block: nn.Module, tokens: torch.Tensor, logits: torch.Tensor, batch: int) -> torch.Tensor:
@@ -57,7 +65,8 @@ class PatchedMoEBlocks:
 
     def remove(self) -> None:
         for block in self._blocks:
-            del block.forward  # back to the class's forward
+            if getattr(vars(block).get("forward"), "handle", None) is self:  # its own patch only
+                del block.forward  # back to the class's forward
         self._blocks = []
 
 

@@ -65,3 +65,22 @@ def test_generation_with_cache_and_bad_inputs():
         skip_experts(tiny_moe(), beta=1.5)
     with pytest.raises(ValueError, match="has no mixture-of-experts layers"):
         skip_experts(tiny_model(), beta=0.3)
+
+
+def test_one_variant_of_the_mixture_at_a_time_and_remove_undoes_its_own():
+    """A second patch silently replaced the first, whose remove() then undid both (and the other's raised)."""
+    from optimum_prune import fold_experts
+
+    model = tiny_moe(num_local_experts=8)
+    ids = token_windows(1, 8)
+    with torch.no_grad():
+        stock = model(ids).logits
+        skipping = skip_experts(model, beta=0.9)
+        with pytest.raises(ValueError, match="already run ExpertSkipping: one variant of the mixture at a time; remove"):
+            fold_experts(model)
+        skipping.remove()
+        folding = fold_experts(model)
+        skipping.remove()  # a stale handle leaves the other variant in place
+        assert not torch.equal(model(ids).logits, stock)
+        folding.remove()
+        assert torch.equal(model(ids).logits, stock)
