@@ -69,6 +69,18 @@ def test_per_layer_key_value_heads_are_refused_with_the_reason(tmp_path):
     assert not (tmp_path / "onnx").exists()
 
 
+def test_heads_removed_alike_in_every_layer_are_refused_with_what_exports(tmp_path):
+    """The config then says 2 heads of 16 in a 64-wide model: onnxruntime sized the cache by 64 // 2 and failed at
+    the first forward (the export itself was accepted)."""
+    model = tiny_model()
+    prune(model, PruningConfig(method="width", sparsity=0.1, method_options={"criterion": "wanda_sp", "components": "attention"}),
+          calibration=token_windows())  # fmt: skip
+    assert model.config.num_attention_heads < 4 and model.config.head_dim == 16
+    with pytest.raises(ValueError, match=r"head_dim 16 is not hidden_size // num_attention_heads .* ranking='global' or criterion='flap'"):
+        export_onnx(save_pruned(model, tmp_path / "narrow"), tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists()
+
+
 def test_export_onnx_python_api_runs_in_onnxruntime_like_the_pruned_model(tmp_path):
     model = tiny_model(tie_word_embeddings=True)
     prune(model, PruningConfig(method="slicegpt", sparsity=0.25), calibration=token_windows())

@@ -88,15 +88,23 @@ class OptimumPruner:
         return report
 
 
+EXPORTABLE_HEADS = (
+    "To export, prune heads with head_mode='query' and ranking='global' or criterion='flap' (the config keeps its head "
+    "counts; the per-layer widths export), and remove no attention sublayer"
+)
+
+
 def export_onnx(checkpoint: str | os.PathLike, output: str | os.PathLike, task: str = "text-generation-with-past", **kwargs: Any) -> Path:
     """Export a pruned checkpoint with optimum-onnx's ``main_export`` (what ``optimum-cli export
     onnx`` runs; extra keyword arguments go to it), after checking that its shapes can export.
     ``output`` is replaced atomically: a failed export leaves no half-written directory.
 
     Per-layer query-head and MLP widths, removed MLPs and SliceGPT layers export and run in
-    onnxruntime. Layers whose key/value-head count differs from the config's (``head_mode=
-    "kv_group"`` with global ranking, removed attention) cannot: optimum-onnx's dummy inputs and
-    onnxruntime's cache both assume one key/value-head count for every layer.
+    onnxruntime. Refused, because onnxruntime could not run them: layers whose key/value-head count
+    differs from the config's (``head_mode="kv_group"``, removed attention): optimum-onnx's dummy inputs
+    and onnxruntime's cache assume one count for every layer; and a config whose ``head_dim`` is not
+    ``hidden_size // num_attention_heads`` (heads removed alike in every layer, so the config was
+    rewritten): optimum-onnx's ``ORTModelForCausalLM`` sizes the cache by that quotient for these models.
     """
     from optimum.exporters.onnx import main_export
     from transformers import AutoConfig
@@ -115,9 +123,15 @@ def export_onnx(checkpoint: str | os.PathLike, output: str | os.PathLike, task: 
         if odd:
             raise ValueError(
                 f"{checkpoint}: key/value heads differ from the config's {config.num_key_value_heads} in {', '.join(odd)}; "
-                "ONNX export and onnxruntime's cache assume one count for all layers. Prune with head_mode='query' "
-                "or ranking='layer', and without removing attention sublayers, to export"
+                f"ONNX export and onnxruntime's cache assume one count for all layers. {EXPORTABLE_HEADS}"
             )
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head_dim * config.num_attention_heads != config.hidden_size:
+        raise ValueError(
+            f"{checkpoint}: head_dim {head_dim} is not hidden_size // num_attention_heads ({config.hidden_size} // "
+            f"{config.num_attention_heads}), which optimum-onnx's ORTModelForCausalLM sizes the cache by for "
+            f"{config.model_type}: the export would not run in onnxruntime. {EXPORTABLE_HEADS}"
+        )
     with atomic_directory(output) as staging:
         main_export(os.fspath(checkpoint), output=staging, task=task, **kwargs)
     return Path(output)
