@@ -25,6 +25,7 @@ from ..calibration.gradients import accumulate_gradients
 from ..ignoring import holds_ignored, is_ignored
 from ..options import check_choice, option
 from ..statistics import ColumnMoments
+from ..structure.modules import LowRankLinear
 from ..structure.surgery import add_output_bias, coupled_linears, remove_block_channels
 from .base import StructuredMethod, register_structured_method
 
@@ -119,6 +120,12 @@ class WidthPruning(StructuredMethod[WidthOptions]):
         components = []
         for index, (prefix, layer) in enumerate(zip(self.adapter.layer_names(), self.adapter.decoder_layers())):
             names = {module: f"{prefix}.{name}" for name, module in layer.named_modules()}
+            factorised = next((name for module, name in names.items() if isinstance(module, LowRankLinear)), None)
+            if factorised is not None:
+                raise ValueError(
+                    f"{factorised} was factorised by low_rank: heads and channels are rows and columns of whole weight "
+                    "matrices, which a factorised linear no longer has; prune widths first, then low_rank"
+                )
             attention, mlp = self.adapter.attention(layer), self.adapter.mlp(layer)
             kept = attention is not None and self._ignored(names, attention.query, attention.key, attention.value, attention.output)
             if "attention" in wanted and attention is not None and not kept:

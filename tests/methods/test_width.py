@@ -165,3 +165,11 @@ def test_global_ranking_standardises_each_layers_scores_as_flap_does():
     report = prune(model, config, calibration=token_windows())
     widths = [shape.intermediate_size for shape in report.shapes]
     assert min(widths) >= 64 and max(widths) - min(widths) <= 48, widths
+
+
+def test_a_factorised_model_is_refused_naming_the_order_that_works():
+    """It failed with "'LowRankLinear' object has no attribute 'weight'"."""
+    model = tiny_model()
+    prune(model, PruningConfig(method="low_rank", sparsity=0.3, method_options={"weighting": "none"}))
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj was factorised by low_rank: .* prune widths first, then low_rank"):
+        prune(model, PruningConfig(method="width", sparsity=0.1, method_options={"criterion": "magnitude_l1"}))
