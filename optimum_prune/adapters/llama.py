@@ -201,6 +201,10 @@ class LlamaAdapter(DecoderAdapter):
         # Qwen2 / Qwen3 (sliding-window variants) keep one attention type per layer; it follows its layer.
         if getattr(config, "layer_types", None) is not None:
             config.layer_types = [config.layer_types[i] for i in indices]
+            if getattr(config, "use_sliding_window", False) and hasattr(config, "max_window_layers"):
+                # Qwen2's older spelling of the same (layers from this index on slide), which vLLM reads
+                full = [kind == "full_attention" for kind in config.layer_types]
+                config.max_window_layers = full.index(False) if False in full else len(full)
         config.num_hidden_layers = len(indices)
 
     def residual_branches(self, layer: nn.Module) -> list[ResidualBranch]:

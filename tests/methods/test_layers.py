@@ -94,3 +94,18 @@ def test_rerouting_layers_after_a_sublayer_was_removed_is_refused():
     prune(model, PruningConfig(method="sublayers", sparsity=0.2, method_options={"sublayers": "mlp"}), calibration=windows)
     with pytest.raises(ValueError, match="method_options.reroute .* has already lost a sublayer"):
         prune(model, PruningConfig(method="layers", sparsity=0.25, method_options={"reroute": True}), calibration=windows)
+
+
+def test_qwen2s_sliding_window_threshold_follows_the_kept_layers(tmp_path):
+    """max_window_layers (layers from this index on slide; vLLM reads it) kept its old value after removal."""
+    from transformers import AutoConfig
+
+    model = tiny_model("qwen2", num_hidden_layers=4, use_sliding_window=True, max_window_layers=2, sliding_window=8)
+    prune(model, PruningConfig(method="layers", sparsity=0.0, ignore=["model.layers.[1-3]"], method_options={"num_layers": 1}),
+          calibration=token_windows())  # fmt: skip
+    assert model.config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
+    assert model.config.max_window_layers == 1
+    model.save_pretrained(tmp_path / "pruned")
+    reloaded = AutoConfig.from_pretrained(tmp_path / "pruned")
+    rebuilt = type(reloaded)(**{**reloaded.to_dict(), "layer_types": None})  # derived from max_window_layers alone
+    assert rebuilt.layer_types == reloaded.layer_types
