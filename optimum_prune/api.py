@@ -109,8 +109,7 @@ def prune(
     elif METHODS.get(config.method).model_pruner:
         runs = [_ModelRun.plan(adapter, config, device)]
     else:
-        stored = activation_device if activation_device is None or on_disk(activation_device) else check_device(activation_device, "activation_device")
-        runs = _PruningRun.plan_parts(adapter, config, device, offload, stored)
+        runs = _PruningRun.plan_parts(adapter, config, device, offload, check_activation_device(activation_device))
     inputs = None
     if config.requires_calibration:
         inputs = calibration_inputs(
@@ -139,11 +138,7 @@ def prune(
     started = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    if drop_sparsity_metadata(model):
-        logger.warning(
-            "the model's compressed-tensors sparsity metadata describes its weights before this pruning: dropped (save "
-            "with compressed_tensors_metadata=True to write it anew)"
-        )
+    drop_sparsity_metadata(model)
     was_training = model.training
     model.eval()  # calibration forwards must not apply dropout
     try:
@@ -562,6 +557,13 @@ def check_device(device: str | torch.device, field: str = "device") -> torch.dev
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{field} {str(device)!r} was requested but CUDA is not available here; use cpu")
     return resolved
+
+
+def check_activation_device(activation_device: str | torch.device | None, field: str = "activation_device") -> str | torch.device | None:
+    """Where calibration activations wait between layers: unset, ``"disk"``, or a device this machine has."""
+    if activation_device is None or on_disk(activation_device):
+        return activation_device
+    return check_device(activation_device, field)
 
 
 def _prune_from_disk(

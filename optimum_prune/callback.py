@@ -263,9 +263,8 @@ class PruningCallback(TrainerCallback):
             raise ValueError("PruningCallback found no prunable linears in the model's decoder layers (check ignore=)")
         self._hooks.extend(self.masks.mask_gradients_in_backward())
         self._run_schedule = self.schedule.resolved(state.max_steps) if self.schedule is not None else None
-        if self._run_schedule is not None and drop_sparsity_metadata(model):
-            logger.warning("the model's compressed-tensors sparsity metadata describes its weights before this schedule prunes them: dropped")
         if self._run_schedule is not None:
+            drop_sparsity_metadata(model)
             if self._run_schedule.score == "wanda":
                 self._observe_inputs(model)
                 # A pruning step due at the start, before any activation, runs after the first training

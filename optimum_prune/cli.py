@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from .allocation import ALLOCATIONS
-from .api import check_device, prune
+from .api import check_activation_device, check_device, prune
 from .config import PruningConfig
 from .distributed import init_from_launcher, launched_processes, rank_zero_first, world
 from .evaluation import evaluate_perplexity
@@ -145,8 +145,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--eval-file {str(args.eval_file)!r} is not a file")
     if args.device is not None:
         check_device(args.device, "--device")
-    if args.activation_device not in (None, "disk"):
-        check_device(args.activation_device, "--activation-device")
+    check_activation_device(args.activation_device, "--activation-device")
     if args.compressed_tensors_metadata:
         if METHODS.get(config.method).structured:
             raise ValueError(f"--compressed-tensors-metadata describes sparse weights; structured method {config.method!r} leaves dense ones")

@@ -247,8 +247,8 @@ class DistillationMixin:
         path = os.path.join(checkpoint, HIDDEN_PROJECTIONS_NAME)
         if not os.path.isfile(path):
             logger.warning(
-                "%s has no %s (it was not saved by a DistillationTrainer with width projections): they are refitted on the first batch, "
-                "so the resumed run differs from an uninterrupted one",
+                "%s has no %s (it was not saved by a DistillationTrainer with width projections): they are refitted on "
+                "the first batch, so the resumed run differs from an uninterrupted one",
                 checkpoint, HIDDEN_PROJECTIONS_NAME,
             )  # fmt: skip
             return

@@ -12,6 +12,7 @@ whose quantizer loads in float16 unless ``dtype=`` is given — which is why wri
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from torch import nn
@@ -21,6 +22,8 @@ from .config import PruningConfig
 from .methods import METHODS
 from .quantized import is_quantized
 from .sparsity import NMPattern, conforms_to
+
+logger = logging.getLogger(__name__)
 
 
 def sparsity_config(model: nn.Module, config: PruningConfig | None = None) -> dict[str, Any]:
@@ -78,21 +81,24 @@ def compressed_tensors_config(model: nn.Module, config: PruningConfig | None = N
     return CompressedTensorsConfig(sparsity_config=sparsity_config(model, config))
 
 
-def drop_sparsity_metadata(model: nn.Module) -> bool:
-    """Remove the compressed-tensors sparsity metadata (without quantization) that ``model`` was loaded with,
-    and transformers' quantizer state for it; True if there was some. Pruning changes the weights it
-    describes (a 2:4 checkpoint pruned on to 70 % kept saying 2:4): ``save_pruned(...,
-    compressed_tensors_metadata=True)`` writes it anew."""
+def drop_sparsity_metadata(model: nn.Module) -> None:
+    """Remove, with a warning, the compressed-tensors sparsity metadata (without quantization) that ``model``
+    was loaded with, and transformers' quantizer state for it. Pruning changes the weights it describes (a
+    2:4 checkpoint pruned on to 70 % kept saying 2:4): ``save_pruned(..., compressed_tensors_metadata=True)``
+    writes it anew."""
     existing = getattr(model.config, "quantization_config", None)
     described = existing if isinstance(existing, dict) else getattr(existing, "to_dict", dict)()
     if described.get("quant_method") != "compressed-tensors" or described.get("config_groups"):
-        return False
+        return
     hf_quantizer = getattr(model, "hf_quantizer", None)
     if hf_quantizer is not None:
         hf_quantizer.remove_quantization_config(model)
     else:
         del model.config.quantization_config
-    return True
+    logger.warning(
+        "the model's compressed-tensors sparsity metadata describes its weights before this pruning: dropped (save "
+        "with compressed_tensors_metadata=True to write it anew)"
+    )
 
 
 def require_compressed_tensors() -> None:

@@ -35,7 +35,6 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .calibration import CalibrationInputs, CalibrationSource, calibration_inputs, check_calibration_inputs
-from .calibration.engine import on_disk
 from .config import CONFIG_NAME, PruningConfig
 from .models import unreadable_checkpoint
 from .report import PruningReport
@@ -187,7 +186,7 @@ def prune_checkpoint(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .adapters import get_adapter
-    from .api import check_device, check_offloadable, planned_linears, prune
+    from .api import check_activation_device, check_device, check_offloadable, planned_linears, prune
     from .ignoring import check_ignore_patterns
 
     source, output_dir = Path(source), Path(output_dir)
@@ -217,8 +216,7 @@ def prune_checkpoint(
     check_offloadable(config, adapter)
     check_ignore_patterns(adapter, config.ignore, "PruningConfig.ignore")
     check_device(device or "cpu")
-    if activation_device is not None and not on_disk(activation_device):
-        check_device(activation_device, "activation_device")
+    check_activation_device(activation_device)
     planned_linears(adapter, config)  # the method's and allocation's own checks (N:M widths, ...)
     layer_names = adapter.layer_names()
     layer_tensors = {name for prefix in layer_names for name in reader.under(prefix)}
