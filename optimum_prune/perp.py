@@ -131,6 +131,8 @@ def _perp_targets(model: nn.Module, config: PERPConfig) -> list[tuple[str, nn.Li
 def prepare_perp(model: nn.Module, config: PERPConfig | None = None) -> PERPSummary:
     """Freeze ``model`` except biases / norm scales, and wrap the target linears with PERP adapters."""
     config = config or PERPConfig()
+    if any(isinstance(module, MaskLoRALinear) for module in model.modules()):
+        raise ValueError("prepare_perp: the model already has PERP adapters; call merge_perp(model) before preparing it again")
     targets = _perp_targets(model, config) if config.lora else []  # checked before anything changes
     total = sum(p.numel() for p in model.parameters())
     model.requires_grad_(False)
@@ -139,8 +141,9 @@ def prepare_perp(model: nn.Module, config: PERPConfig | None = None) -> PERPSumm
         # layers whose inputs need no gradient and cut the graph there, training the final norm only.
         model.enable_input_require_grads()
     for module in model.modules():
-        if config.norms and type(module).__name__.endswith(NORM_CLASS_SUFFIXES):
-            module.requires_grad_(True)
+        scale = getattr(module, "weight", None)
+        if config.norms and type(module).__name__.endswith(NORM_CLASS_SUFFIXES) and isinstance(scale, nn.Parameter):
+            scale.requires_grad_(True)  # a LayerNorm's bias trains only with biases=True
         bias = getattr(module, "bias", None)
         if config.biases and isinstance(bias, nn.Parameter):
             bias.requires_grad_(True)

@@ -91,6 +91,24 @@ def test_config_errors_name_the_field():
     assert all(parameter.requires_grad for parameter in model.parameters())  # refused before freezing anything
 
 
+def test_norms_without_biases_trains_the_norm_scales_only():
+    """``requires_grad_`` on a LayerNorm module unfroze its bias too, training biases the user turned off."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    prepare_perp(model, PERPConfig(biases=False, norms=True, lora=None))
+    assert {name for name, p in model.named_parameters() if p.requires_grad} == {"1.weight"}
+    prepare_perp(model, PERPConfig(biases=True, norms=False, lora=None))
+    assert {name for name, p in model.named_parameters() if p.requires_grad} == {"0.bias", "1.bias"}
+
+
+def test_preparing_twice_is_refused_instead_of_nesting_adapters():
+    model = pruned_model()
+    prepare_perp(model, PERPConfig(rank=2))
+    with pytest.raises(ValueError, match=r"already has PERP adapters; call merge_perp\(model\) before preparing it again"):
+        prepare_perp(model, PERPConfig(rank=2))
+    merge_perp(model)
+    assert prepare_perp(model, PERPConfig(rank=2)).wrapped == 14
+
+
 def test_target_modules_as_one_comma_separated_string_match_whole_names():
     """LLaMA-Factory writes lora_target as "gate_proj,up_proj": matched as a substring, it wrapped MoE routers ("gate")."""
     model = tiny_moe("qwen2_moe")
