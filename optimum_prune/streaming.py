@@ -180,7 +180,7 @@ def prune_checkpoint(
 ) -> PruningReport:
     """Prune the checkpoint in ``source`` layer by layer from disk into ``output_dir`` (see the module
     docstring); rerunning after an interruption resumes. ``dtype`` is what layers are pruned and
-    saved in (default: the checkpoint's); ``activation_device`` is where calibration activations
+    saved in (default: the one config.json declares, else its first tensor's); ``activation_device`` is where calibration activations
     wait between layers (``prune``'s). Unstructured methods, uniform or OWL allocation."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -201,7 +201,7 @@ def prune_checkpoint(
     check_replaceable(output_dir)  # before hours of pruning, not at the final rename
     reader = CheckpointReader(source)
     model_config = AutoConfig.from_pretrained(source, local_files_only=True)
-    dtype = dtype or reader.dtype()
+    dtype = dtype or _declared_dtype(model_config) or reader.dtype()
     model_config.dtype = dtype  # what the saved config.json says: dtype="auto" reloads the pruned weights as written
     with init_empty_weights():
         try:
@@ -235,6 +235,14 @@ def prune_checkpoint(
     )
     _finish_checkpoint(model, reader, rest, stream, tokenizer, config, source, output_dir)
     return report
+
+
+def _declared_dtype(model_config: Any) -> torch.dtype | None:
+    """The dtype config.json declares (what ``from_pretrained(dtype="auto")`` loads), when it is one offloading reads:
+    a checkpoint may keep a few tensors (norms, a router) in float32 beside bfloat16 linears."""
+    declared = getattr(model_config, "dtype", None)
+    declared = getattr(torch, declared, None) if isinstance(declared, str) else declared
+    return declared if declared in SAFETENSORS_DTYPES.values() else None
 
 
 def _load_inputs(model: nn.Module, modules: list[nn.Module], reader: CheckpointReader, rest: list[str], dtype: torch.dtype) -> None:

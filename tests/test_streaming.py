@@ -7,7 +7,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from optimum_prune import PruningConfig, prune, prune_checkpoint, verify_sparsity
-from optimum_prune.streaming import LayerStream
+from optimum_prune.streaming import CheckpointReader, LayerStream
 
 from .conftest import tiny_model, token_windows
 
@@ -205,6 +205,22 @@ def test_bfloat16_checkpoint_is_pruned_and_saved_in_bfloat16(tmp_path, bpe_token
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
     prune(model, config, calibration=windows)
     assert_same_weights(reloaded.state_dict(), model.state_dict())
+
+
+def test_the_dtype_config_json_declares_wins_over_a_float32_first_tensor(tmp_path):
+    """The checkpoint's first tensor decided the dtype: one float32 tensor there doubled the pruned checkpoint's size."""
+    from safetensors.torch import load_file, save_file
+
+    source = tmp_path / "bf16"
+    tiny_model().to(torch.bfloat16).save_pretrained(source)
+    tensors = load_file(source / "model.safetensors")
+    first = next(iter(CheckpointReader(source).weight_map))
+    tensors[first] = tensors[first].float()
+    save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
+    prune_checkpoint(source, tmp_path / "out", CONFIGS["magnitude"])
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto")
+    assert reloaded.dtype == torch.bfloat16
+    assert {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}
 
 
 def test_a_requested_dtype_is_what_the_saved_config_says(tmp_path):
