@@ -33,7 +33,7 @@ from .ignoring import check_ignore_patterns, is_ignored
 from .methods import METHODS, LayerPruner, MethodSpec, ModelPruner, StructuredMethod
 from .methods.magnitude import MagnitudeOptions
 from .options import MoEOptions
-from .quantized import is_quantized
+from .quantized import is_quantized, is_sparse_24
 from .report import LinearReport, PruningReport, process_peak_rss
 from .sparsity_metadata import drop_sparsity_metadata
 from .sparsity import NMPattern, SparsityTarget
@@ -175,6 +175,11 @@ def _check_unquantized(adapter: DecoderAdapter, config: PruningConfig) -> None:
     named = [parts[name] for name in config.part_targets() if name in parts]  # planning names a missing part
     for linears in (layer for part in named for layer in part.qualified_prunable_linears(include_routers=True)):
         for name, linear in linears.items():
+            if is_sparse_24(linear):
+                raise ValueError(
+                    f"{name} is already in the compressed 2:4 format ({type(linear).__name__}, from sparsify): prune the "
+                    "dense model, then sparsify it"
+                )
             if is_quantized(linear):
                 raise ValueError(
                     f"{name} is already quantized ({type(linear).__name__}): prune the unquantized model, then quantize "

@@ -42,12 +42,24 @@ def refuse_recorded_structure(model: nn.Module, quantizer: str) -> None:
 
 
 def is_linear(module: nn.Module) -> bool:
-    """A linear layer, quantized or not (GPTQ's quantized linears replace ``nn.Linear`` by another class)."""
-    return isinstance(module, nn.Linear) or is_gptq_linear(module)
+    """A linear layer, quantized or not (GPTQ's quantized linears and ``sparsify``'s ``SparseLinear`` replace
+    ``nn.Linear`` by another class)."""
+    return isinstance(module, nn.Linear) or is_gptq_linear(module) or is_sparse_24(module)
+
+
+def is_sparse_24(module: nn.Module) -> bool:
+    """A ``SparseLinear``, whose weight ``sparsify`` holds in the compressed 2:4 format."""
+    from .kernels.linear import SparseLinear  # here, not at the top: the kernels import this module
+
+    return isinstance(module, SparseLinear)
 
 
 def dequantized_weight(module: nn.Module) -> torch.Tensor:
     """``module``'s weight as a plain ``[out, in]`` tensor (dequantized when quantized)."""
+    if is_sparse_24(module):
+        from .kernels.format import decompress
+
+        return decompress(module.compressed)
     if is_gptq_linear(module):
         return _weight_through_kernel(module) if repacked_in_place(module) else module.dequantize_weight().T
     weight = module.weight
@@ -88,8 +100,9 @@ def _weight_through_kernel(module: nn.Module, rows: int = 1024) -> torch.Tensor:
 
 
 def is_quantized(module: nn.Module) -> bool:
-    """A linear whose weight is held by a quantizer (GPTQ, optimum-quanto, bitsandbytes) rather than as plain values."""
-    if is_gptq_linear(module):
+    """A linear whose weight is held by a quantizer (GPTQ, optimum-quanto, bitsandbytes) or in the compressed 2:4
+    format rather than as plain values."""
+    if is_gptq_linear(module) or is_sparse_24(module):
         return True
     weight = getattr(module, "weight", None)
     return weight is not None and (type(weight.detach()) is not torch.Tensor or hasattr(weight, "quant_state") or hasattr(weight, "SCB"))

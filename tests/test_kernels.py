@@ -300,6 +300,36 @@ def test_a_sparse_linear_cast_to_another_dtype_follows_it():
         assert layer(torch.zeros(0, 16)).shape == (0, 8)  # no rows, as an unrouted MoE expert gets
 
 
+def test_a_sparsified_model_is_counted_and_not_pruned_again():
+    """SparseLinear was no linear to the library: verify_sparsity saw 0 % in 0 layers, and prune pruned nothing."""
+    from optimum_prune import verify_sparsity
+
+    model = tiny_model()
+    prune(model, PruningConfig(method="magnitude", sparsity="2:4"))
+    before = verify_sparsity(model, "2:4")
+    sparsify(model)
+    after = verify_sparsity(model, "2:4")
+    assert after["conforming"] and after["overall_sparsity"] == before["overall_sparsity"] and after["layers"] == before["layers"]
+    assert sparsify(model).swapped == []  # sparsified already
+    with pytest.raises(ValueError, match=r"q_proj is already in the compressed 2:4 format \(SparseLinear, from sparsify\): prune the dense"):
+        prune(model, PruningConfig(method="magnitude", sparsity=0.7))
+
+
+def test_loading_a_state_dict_replaces_what_the_weights_derive():
+    """The dtype and cuSPARSELt's packed copy were refreshed only by .to(): loaded weights of another dtype
+    (assign=True) crashed the forward, and a layer that had run a cuSPARSELt prefill kept the old weights."""
+    linear = nn.Linear(16, 8, bias=False)
+    with torch.no_grad():
+        linear.weight.copy_(random_24(8, 16))
+    layer = SparseLinear.from_linear(linear)
+    other = SparseLinear.from_linear(linear.to(torch.bfloat16))
+    layer._cusparselt = object()  # as after a prefill on the GPU
+    layer.load_state_dict(other.state_dict(), assign=True)
+    assert layer._cusparselt is None and layer.dtype == torch.bfloat16
+    inputs = torch.randn(3, 16, dtype=torch.bfloat16)
+    torch.testing.assert_close(layer(inputs), inputs @ decompress(other.compressed).T)
+
+
 def test_sparsify_refusing_one_layer_leaves_the_model_whole():
     model = tiny_model(intermediate_size=136)  # down_proj: 136 inputs, which group_size 32 does not divide
     prune(model, PruningConfig(method="magnitude", sparsity="2:4"))

@@ -61,7 +61,7 @@ class SparseLinear(nn.Module):
         self._mma = decode == "mma" and mma_available()  # decided here: nothing on the forward path probes CUDA or NVRTC
         self._cusparselt: CusparseltWeight | None = None  # built on the first prefill that uses it; not saved
         self.in_features, self.out_features = compressed.in_features, compressed.out_features
-        self.dtype, self.bits, self.group_size = compressed.dtype, compressed.bits, compressed.group_size
+        self.bits, self.group_size = compressed.bits, compressed.group_size
         self.register_buffer("values", compressed.values)
         self.register_buffer("metadata", compressed.metadata)
         self.register_buffer("scales", compressed.scales)
@@ -99,6 +99,11 @@ class SparseLinear(nn.Module):
         compressed = repack(weight.detach(), grid.scales.detach(), grid.group_size, grid.bits, name)
         bias = linear.bias.detach() if linear.bias is not None else None
         return cls(compressed, bias, backend, prefill, decode)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype it computes in: the values' (16-bit) or the scales' (quantized), whatever cast or loaded them."""
+        return (self.values if self.bits is None else self.scales).dtype
 
     @property
     def compressed(self) -> Compressed24:
@@ -147,10 +152,11 @@ class SparseLinear(nn.Module):
 
     def _apply(self, fn, recurse: bool = True) -> "SparseLinear":
         self._cusparselt = None  # moved or cast: rebuilt from the buffers at the next prefill that needs it
-        module = super()._apply(fn, recurse)
-        # .to(dtype) / .half() cast the floating buffers: the values (16-bit) or the scales (quantized) carry the dtype
-        self.dtype = (self.values if self.bits is None else self.scales).dtype
-        return module
+        return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        self._cusparselt = None  # new weights: cuSPARSELt's copy of the old ones must not be used
+        super()._load_from_state_dict(*args, **kwargs)
 
     def _uses_kernel(self, inputs: torch.Tensor) -> bool:
         if self.backend == "reference" or inputs.numel() == 0:  # no rows (an MoE expert no token reached)
@@ -219,6 +225,8 @@ def sparsify(
     swaps: list[tuple[str, SparseLinear]] = []  # all built first: a layer refused (e.g. group_size) leaves the model whole
     for linears in (layer for part in adapter.parts().values() for layer in part.qualified_prunable_linears()):  # a LLaVA's towers too
         for qualified, linear in linears.items():
+            if isinstance(linear, SparseLinear):  # sparsified already
+                continue
             quantized = is_quantized(linear)
             weight = dequantized_weight(linear) if quantized else linear.weight
             if linear.in_features % 8 or not conforms_to(weight, pattern):
