@@ -21,7 +21,8 @@ from .ignoring import is_ignored
 
 
 def prunable_linears(model: nn.Module, ignore: Iterable[str] = ()) -> dict[str, nn.Linear]:
-    """The decoder layers' linears by qualified name, minus ``ignore`` glob matches.
+    """The decoder layers' linears by qualified name, minus MoE routers (dense, as ``prune`` leaves them)
+    and ``ignore`` glob matches.
 
     Works through a peft wrapper: a tuner layer (e.g. LoRA) contributes its base linear under
     the name the unwrapped model gives it, and its own small adapter linears are skipped.
@@ -30,11 +31,18 @@ def prunable_linears(model: nn.Module, ignore: Iterable[str] = ()) -> dict[str, 
     patterns = tuple(ignore)
     found: dict[str, nn.Linear] = {}
     for prefix, layer in zip(adapter.layer_names(), adapter.decoder_layers()):
+        routers = {id(_base_layer(router)) for router in adapter.routers(layer)}
         for name, linear in _unwrapped_linears(layer):
             qualified = f"{prefix}.{name}"
-            if not is_ignored(qualified, patterns):
+            if id(linear) not in routers and not is_ignored(qualified, patterns):
                 found[qualified] = linear
     return found
+
+
+def _base_layer(module: nn.Module) -> nn.Module:
+    """The layer a peft tuner layer wraps, or ``module`` itself."""
+    get_base_layer = getattr(module, "get_base_layer", None)
+    return get_base_layer() if callable(get_base_layer) else module
 
 
 def _unwrapped_linears(layer: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
@@ -42,10 +50,10 @@ def _unwrapped_linears(layer: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
     for name, module in layer.named_modules():
         if id(module) in inside_tuner:
             continue
-        get_base_layer = getattr(module, "get_base_layer", None)
-        if callable(get_base_layer) and get_base_layer() is not module:
+        base = _base_layer(module)
+        if base is not module:
             inside_tuner.update(id(child) for child in module.modules())
-            module = get_base_layer()
+            module = base
         if isinstance(module, nn.Linear):
             yield name, module
 

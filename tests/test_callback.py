@@ -8,7 +8,7 @@ import torch
 from datasets import Dataset
 from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
 
-from optimum_prune import GradualSchedule, IterativeSchedule, NMPattern, PruningCallback, PruningConfig, SparsityMasks, prune, verify_sparsity
+from optimum_prune import GradualSchedule, get_adapter, IterativeSchedule, NMPattern, PruningCallback, PruningConfig, SparsityMasks, prune, verify_sparsity
 from optimum_prune.masks import merge_lora_preserving_sparsity, prunable_linears
 
 from .conftest import tiny_model, token_windows
@@ -48,6 +48,28 @@ def pruned_tiny(sparsity=0.5) -> torch.nn.Module:
 
 def zero_masks(model) -> dict[str, torch.Tensor]:
     return {name: linear.weight.detach() == 0 for name, linear in prunable_linears(model).items()}
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_gradual_pruning_leaves_moe_routers_dense_as_prune_does(tmp_path, family):
+    """The masks took every linear of a layer: gradual pruning pruned Mixtral's router and Qwen2-MoE's
+    shared-expert gate, which prune() keeps dense (its prune_router option)."""
+    from peft import LoraConfig, get_peft_model
+
+    from .adapters.test_moe import tiny_moe
+
+    model = tiny_moe(family)
+    adapter = get_adapter(model)
+    routers = {f"{prefix}.{name}" for prefix, layer in zip(adapter.layer_names(), adapter.decoder_layers())
+               for name, module in layer.named_modules() if any(module is router for router in adapter.routers(layer))}
+    assert routers and not routers & set(prunable_linears(model))
+    lora = get_peft_model(tiny_moe(family), LoraConfig(r=2, target_modules=["gate"]))  # routers wrapped by LoRA
+    linears = set(prunable_linears(lora))
+    assert len(linears) == len(prunable_linears(model)) and not any(name.endswith("gate") for name in linears)
+    run_trainer(model, tmp_path, callbacks=[PruningCallback(GradualSchedule(final_sparsity=0.5, end_step=2, every=1))], steps=2)
+    modules = dict(model.named_modules())
+    assert all((modules[name].weight != 0).all() for name in routers)
+    assert all(0.45 < float((linear.weight == 0).float().mean()) < 0.55 for linear in prunable_linears(model).values())
 
 
 def test_gradient_clipping_sees_only_the_kept_weights_gradients(tmp_path):

@@ -138,6 +138,10 @@ class DecoderAdapter(ABC):
         parts through ``router``, ``block_experts`` and ``experts_per_token``, never by attribute."""
         return None
 
+    def routers(self, layer: nn.Module) -> list[nn.Linear]:
+        """The layer's routing linears (a MoE router, a shared-expert gate), which stay dense unless asked."""
+        return []
+
     def router(self, block: nn.Module) -> nn.Linear:
         """The MoE block's router: token → one logit per expert."""
         raise self._no_experts()
