@@ -127,11 +127,18 @@ def hessian_traces(
         with grad_only(model, parameters), sdpa_kernel(SDPBackend.MATH):
             for index, loss in zip(indices, window_losses(model, windows, description)):
                 generator.manual_seed(seed + index)
-                gradients = torch.autograd.grad(loss * scale, parameters, create_graph=True)
+                # An MoE expert no token of this window reached is not in its graph: its vᵀHv is 0.
+                gradients = torch.autograd.grad(loss * scale, parameters, create_graph=True, allow_unused=True)
+                used = [i for i, gradient in enumerate(gradients) if gradient is not None and gradient.requires_grad]
                 for probe in range(probes):
                     vectors = [torch.randint(0, 2, p.shape, generator=generator, device=device).to(p.dtype) * 2 - 1 for p in parameters]
-                    products = torch.autograd.grad(gradients, parameters, grad_outputs=vectors, retain_graph=probe < probes - 1)
-                    quadratic = iter(float((v * hv).sum()) for v, hv in zip(vectors, products))
+                    products = dict(zip(used, torch.autograd.grad(
+                        [gradients[i] for i in used], [parameters[i] for i in used], grad_outputs=[vectors[i] for i in used],
+                        retain_graph=probe < probes - 1, allow_unused=True,
+                    ))) if used else {}  # fmt: skip
+                    quadratic = iter(
+                        0.0 if products.get(i) is None else float((vector * products[i]).sum()) for i, vector in enumerate(vectors)
+                    )
                     for index, group in enumerate(groups):
                         totals[index] += sum(next(quadratic) for _ in group)
         return None if overflowed(scale, totals) else [total / (scale * len(windows) * probes) for total in totals]

@@ -27,6 +27,23 @@ def test_hutchinson_estimates_the_hessian_trace_per_group():
     assert traces == pytest.approx([2.0 * 12, 7.0 * 5])  # Rademacher probes are exact for diagonal Hessians
 
 
+def test_parameters_outside_the_graph_add_nothing_instead_of_failing():
+    """An MoE expert no token of a window reached is not in that window's graph: autograd refused it."""
+    model = Quadratic()
+    unused = nn.Parameter(torch.ones(2))
+    traces = hessian_traces(model, torch.zeros(3, 2, dtype=torch.long), [[model.first, unused], [unused], [model.second]], probes=2)
+    assert traces == pytest.approx([2.0 * 12, 0.0, 7.0 * 5])
+
+
+def test_sensitivity_allocation_on_moe_windows_that_leave_experts_unrouted():
+    from ..adapters.test_moe import tiny_moe
+
+    model = tiny_moe("mixtral")
+    config = PruningConfig(method="wanda", sparsity=0.5, allocation="sensitivity", allocation_options={"windows": 2})
+    report = prune(model, config, calibration=token_windows(samples=2, seq_len=4, seed=0))  # 4 tokens: some expert unrouted
+    assert report.overall_sparsity == pytest.approx(0.5, abs=0.01)
+
+
 def test_densities_follow_the_sensitivity_ranking_and_average_to_the_target():
     allocation = SensitivityAllocation(SensitivityOptions(max_deviation=0.1))
     allocation.sensitivities = [5.0, 1.0, 9.0, 3.0]
