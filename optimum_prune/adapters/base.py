@@ -12,7 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 from torch import nn
@@ -81,6 +81,10 @@ class TokenRouting:
 
     def scale(self, linear: nn.Linear, inputs: torch.Tensor) -> torch.Tensor:
         return inputs
+
+
+ATTENTION_MASKS = "optimum_prune_attention_masks"
+"""Key of captured layer arguments holding each attention kind's mask (see ``DecoderAdapter.layer_arguments``)."""
 
 
 class DecoderAdapter(ABC):
@@ -165,8 +169,26 @@ class DecoderAdapter(ABC):
         yield TokenRouting()
 
     def run_layer(self, layer: nn.Module, hidden_states: torch.Tensor, layer_kwargs: dict[str, Any]) -> torch.Tensor:
-        output = layer(hidden_states, **layer_kwargs)
+        output = layer(hidden_states, **self.layer_arguments(layer, layer_kwargs))
         return output[0] if isinstance(output, tuple) else output
+
+    def layer_arguments(self, layer: nn.Module, layer_kwargs: dict[str, Any]) -> dict[str, Any]:
+        """The arguments captured at layer 0, with the attention mask of ``layer``'s kind when kinds differ."""
+        masks = layer_kwargs.get(ATTENTION_MASKS)
+        if masks is None:
+            return layer_kwargs
+        arguments = {name: value for name, value in layer_kwargs.items() if name != ATTENTION_MASKS}
+        return {**arguments, "attention_mask": masks[self.attention_kind(layer)]}
+
+    def attention_kind(self, layer: nn.Module) -> str | None:
+        """Which of the model's attention masks ``layer`` takes (Qwen2 / Qwen3 build one for full and one for
+        sliding-window layers); None where every layer takes the same one."""
+        return None
+
+    def attending_as(self, layer: nn.Module, kind: str) -> ContextManager[None]:
+        """While active, the model gives ``layer`` the attention mask of ``kind`` (how the calibration engine
+        captures each kind's mask without running the layers in between)."""
+        raise NotImplementedError(f"{type(self).__name__} gives every layer one attention mask")
 
     # --- structured pruning -------------------------------------------------------------
     # Families that support structured pruning override these; the defaults say so clearly.

@@ -100,6 +100,18 @@ class LlamaAdapter(DecoderAdapter):
     def input_modules(self) -> list[nn.Module]:
         return [self.decoder.embed_tokens, self.decoder.rotary_emb]
 
+    def attention_kind(self, layer: nn.Module) -> str | None:
+        return getattr(layer, "attention_type", None)  # Qwen2 / Qwen3: the model picks each layer's mask by it
+
+    @contextmanager
+    def attending_as(self, layer: nn.Module, kind: str) -> Iterator[None]:
+        original = layer.attention_type
+        layer.attention_type = kind
+        try:
+            yield
+        finally:
+            layer.attention_type = original
+
     # Heads are handled here rather than by Torch-Pruning's graph: the q/k/v outputs are reshaped
     # into heads, rotated by RoPE per head and keys/values are repeated per GQA group
     # (``repeat_kv``), and the traced graph loses the channel-to-head correspondence at those

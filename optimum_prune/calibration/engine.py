@@ -31,6 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..adapters import DecoderAdapter
+from ..adapters.base import ATTENTION_MASKS
 
 logger = logging.getLogger(__name__)
 
@@ -133,24 +134,40 @@ def capture_first_layer_inputs(
     # memory when those are files): on the compute device they would grow with the calibration set.
     kwargs_home = torch.device("cpu") if to_files else activation_device
 
+    # Later layers may take another mask than layer 0 (Qwen2 / Qwen3 sliding-window layers): the model builds
+    # each kind's for layer 0 in turn, so every layer is calibrated with the mask it gets at inference.
+    first_kind = adapter.attention_kind(first_layer)
+    other_kinds = [kind for kind in dict.fromkeys(map(adapter.attention_kind, adapter.decoder_layers())) if kind != first_kind]
+    seen: list[dict[str, Any]] = []
+
     def record(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         # Bind positional arguments to their names (CLIP's encoder passes the masks positionally),
         # so every layer can be rerun as ``layer(hidden, **kwargs)``.
-        arguments = _named_arguments(signature, args, kwargs)
-        hidden = arguments.pop(next(iter(signature.parameters))).detach()
-        captured.hidden_states.append(hidden if to_files else hidden.to(activation_device or device))
-        captured.layer_kwargs.append(arguments if kwargs_home is None else send_to_device(arguments, kwargs_home))
+        seen.append(_named_arguments(signature, args, kwargs))
         raise _StopForward
+
+    def layer_0_arguments(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+        try:
+            model(**{name: value.to(device) for name, value in batch.items()}, use_cache=False)
+        except _StopForward:
+            pass
+        return seen.pop()
 
     handle = first_layer.register_forward_pre_hook(record, with_kwargs=True)
     with on_device(adapter.capture_modules(), device), torch.no_grad():
         try:
             batches = [b for b in model_batches(inputs) if all(name in b for name in adapter.required_inputs)]
             for batch in tqdm(batches, desc="Capturing calibration inputs", leave=False):
-                try:
-                    model(**{name: value.to(device) for name, value in batch.items()}, use_cache=False)
-                except _StopForward:
-                    pass
+                arguments = layer_0_arguments(batch)
+                if other_kinds:
+                    masks = {first_kind: arguments.get("attention_mask")}
+                    for kind in other_kinds:
+                        with adapter.attending_as(first_layer, kind):
+                            masks[kind] = layer_0_arguments(batch).get("attention_mask")
+                    arguments[ATTENTION_MASKS] = masks
+                hidden = arguments.pop(next(iter(signature.parameters))).detach()
+                captured.hidden_states.append(hidden if to_files else hidden.to(activation_device or device))
+                captured.layer_kwargs.append(arguments if kwargs_home is None else send_to_device(arguments, kwargs_home))
         finally:
             handle.remove()
     if not captured.hidden_states:

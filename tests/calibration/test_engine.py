@@ -55,6 +55,24 @@ def _live_activation_bytes(model: nn.Module) -> int:
     )
 
 
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_each_layer_runs_with_the_attention_mask_it_gets_in_the_model(attn_implementation):
+    """Layer 0's mask served every layer: Qwen2's sliding-window layers were calibrated with full attention."""
+    from optimum_prune.calibration import capture_first_layer_inputs, run_layer
+
+    windows = token_windows(samples=2, seq_len=16)
+    model = tiny_model("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1, attn_implementation=attn_implementation)
+    assert model.config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
+    adapter = get_adapter(model)
+    inputs = capture_first_layer_inputs(adapter, windows, torch.device("cpu"))
+    with torch.no_grad():
+        expected = [model(input_ids=window[None], output_hidden_states=True).hidden_states for window in windows]
+    for index, layer in enumerate(adapter.decoder_layers()[:-1]):
+        inputs.hidden_states = run_layer(adapter, layer, inputs)
+        for window, hidden in enumerate(inputs.hidden_states):
+            torch.testing.assert_close(hidden, expected[window][index + 1])
+
+
 def test_activation_memory_does_not_grow_with_depth():
     windows = token_windows(samples=16, seq_len=64)
     peaks = {}
