@@ -9,17 +9,17 @@ from torch import nn
 class ColumnNorms:
     """Running sum of squared input activations per input feature: ‖X_j‖₂² over all calibration tokens."""
 
-    def __init__(self, features: int, device: torch.device) -> None:
-        self.squared = torch.zeros(features, dtype=torch.float32, device=device)
+    def __init__(self, features: int, device: torch.device, dtype: torch.dtype = torch.float32) -> None:
+        self.squared = torch.zeros(features, dtype=dtype, device=device)
         self.tokens = 0
 
     def add(self, inputs: torch.Tensor) -> None:
-        flat = inputs.reshape(-1, inputs.shape[-1]).float()
+        flat = inputs.reshape(-1, inputs.shape[-1]).to(self.squared.dtype)
         self.squared += flat.square().sum(dim=0)
         self.tokens += flat.shape[0]
 
     def norms(self) -> torch.Tensor:
-        return self.squared.sqrt()
+        return self.squared.sqrt().float()
 
 
 def wanda_scores(weight: torch.Tensor, norms: ColumnNorms) -> torch.Tensor:
@@ -31,20 +31,21 @@ class ColumnMoments(ColumnNorms):
     """Adds the running sum per input feature, for means and variances (FLAP's fluctuation)."""
 
     def __init__(self, features: int, device: torch.device) -> None:
-        super().__init__(features, device)
-        self.total = torch.zeros(features, dtype=torch.float32, device=device)
+        # float64: Σx² − (Σx)²/n cancels catastrophically in float32 for a feature whose mean dwarfs its spread
+        super().__init__(features, device, torch.float64)
+        self.total = torch.zeros(features, dtype=torch.float64, device=device)
 
     def add(self, inputs: torch.Tensor) -> None:
         super().add(inputs)
-        self.total += inputs.reshape(-1, inputs.shape[-1]).float().sum(dim=0)
+        self.total += inputs.reshape(-1, inputs.shape[-1]).to(torch.float64).sum(dim=0)
 
     def mean(self) -> torch.Tensor:
-        return self.total / max(self.tokens, 1)
+        return (self.total / max(self.tokens, 1)).float()
 
     def variance(self) -> torch.Tensor:
         """Unbiased sample variance over calibration tokens."""
         n = max(self.tokens, 2)
-        return ((self.squared - self.total.square() / n) / (n - 1)).clamp_min(0)
+        return ((self.squared - self.total.square() / n) / (n - 1)).clamp_min(0).float()
 
 
 class RealTokens:
