@@ -459,7 +459,7 @@ class _StructuredRun:
     def plan(cls, adapter: DecoderAdapter, config: PruningConfig, device: torch.device) -> "_StructuredRun":
         spec = METHODS.get(config.method)
         target = config.part_targets()["language"]
-        method = spec.structured(adapter, target, config.ignore, config.build_method_options(), device)
+        method = spec.structured(adapter, target, config.ignore, config.build_method_options(), device, config.seed)
         method.check()
         return cls(adapter, method)
 

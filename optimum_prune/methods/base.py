@@ -72,12 +72,15 @@ class StructuredMethod(ABC, Generic[Options]):
     glob patterns of module names to keep.
     """
 
-    def __init__(self, adapter: DecoderAdapter, sparsity: float, ignore: list[str], options: Options, device: torch.device) -> None:
+    def __init__(
+        self, adapter: DecoderAdapter, sparsity: float, ignore: list[str], options: Options, device: torch.device, seed: int = 0
+    ) -> None:
         self.adapter = adapter
         self.sparsity = sparsity
         self.ignore = ignore
         self.options = options
         self.device = device
+        self.seed = seed  # PruningConfig.seed: what the method draws at random (width's random control, ZipLM's search)
 
     @classmethod
     def needs_calibration(cls, options: Options) -> bool:

@@ -98,7 +98,7 @@ class WidthPruning(StructuredMethod[WidthOptions]):
             with on_device([self.adapter.model], self.device):  # the gradients move back with the model
                 layers = self.adapter.decoder_layers()
                 accumulate_gradients(self.adapter.model, windows, [p for layer in layers for p in layer.parameters()])
-        self._random_scores = torch.Generator().manual_seed(0)  # components are scored in a fixed order: reproducible
+        self._random_scores = torch.Generator().manual_seed(self.seed)  # components are scored in a fixed order: reproducible
         try:
             for component in self.components:
                 component.scores = self._scores(component, statistics)

@@ -238,7 +238,7 @@ class ZipLM(StructuredMethod[ZipLMOptions]):
                 scored[chosen] = calibration_perplexity(self.adapter.model, windows)
             return scored[chosen]
 
-        generator = torch.Generator().manual_seed(0)
+        generator = torch.Generator().manual_seed(self.seed)
         count = len(levels)
         with on_device([self.adapter.model], self.device):  # the stitched model's losses run on the compute device
             try:

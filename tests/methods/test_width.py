@@ -59,6 +59,9 @@ def test_random_control_needs_no_calibration_and_is_reproducible():
     prune(magnitude, PruningConfig(method="width", sparsity=0.25, method_options={"criterion": "magnitude_l2"}))
     kept = [m.model.layers[0].mlp.gate_proj.weight for m in (first, second, magnitude)]
     assert torch.equal(kept[0], kept[1]) and not torch.equal(kept[0], kept[2])
+    redrawn = tiny_model()  # PruningConfig.seed redraws the control (it was fixed at 0)
+    prune(redrawn, PruningConfig(method="width", sparsity=0.25, method_options={"criterion": "random"}, seed=1))
+    assert not torch.equal(redrawn.model.layers[0].mlp.gate_proj.weight, kept[0])
 
 
 @pytest.mark.parametrize("criterion", ["magnitude_l1", "magnitude_l2"])
