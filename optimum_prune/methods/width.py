@@ -244,24 +244,30 @@ class WidthPruning(StructuredMethod[WidthOptions]):
     def _scores(self, component: Component, statistics: dict[nn.Linear, ColumnMoments]) -> torch.Tensor:
         layer = self.adapter.decoder_layers()[component.layer]
         channels = self._channel_scores(component.producers, component.consumers, statistics)
+        layout = self.adapter.attention(layer) if component.kind == "attention" else None
+        kv = None  # a key/value group's own channels, scored with its query heads by the weight criteria
+        if layout is not None and not self._query_units(layout) and self.options.criterion not in ACTIVATION_CRITERIA:
+            kv = self._channel_scores([layout.key, layout.value], [], statistics)
         if self.options.ranking == "global":
             # FLAP (An et al. 2024, and its code): standardise each layer's scores per structure over its
-            # channels, so layers and structures compare on one scale; a head is its channels' mean.
-            channels = (channels - channels.mean()) / channels.std().clamp_min(1e-12)
-        if component.kind == "attention":
-            layout = self.adapter.attention(layer)
-            heads = channels.reshape(-1, layout.head_dim).mean(1)
-            if self._query_units(layout):
-                component.head_scores = heads
-                per_group = heads.reshape(layout.num_kv_heads, layout.heads_per_group).sort(dim=1).values
-                return per_group.mean(dim=0)[: component.removable]
-            groups = heads.reshape(layout.num_kv_heads, layout.heads_per_group).mean(1)
-            if self.options.criterion not in ACTIVATION_CRITERIA:  # the group's key and value rows count too
-                kv = self._channel_scores([layout.key, layout.value], [], statistics).reshape(layout.num_kv_heads, -1)
-                query_channels = layout.heads_per_group * layout.head_dim
-                groups = (groups * query_channels + kv.sum(1)) / (query_channels + kv.shape[1])  # per-channel mean
-            return groups
-        return channels
+            # channels (a group's key / value channels with them), so layers and structures compare on one
+            # scale; a head is its channels' mean.
+            every = channels if kv is None else torch.cat([channels, kv])
+            mean, spread = every.mean(), every.std().clamp_min(1e-12)
+            channels, kv = (channels - mean) / spread, None if kv is None else (kv - mean) / spread
+        if layout is None:
+            return channels
+        heads = channels.reshape(-1, layout.head_dim).mean(1)
+        if self._query_units(layout):
+            component.head_scores = heads
+            per_group = heads.reshape(layout.num_kv_heads, layout.heads_per_group).sort(dim=1).values
+            return per_group.mean(dim=0)[: component.removable]
+        groups = heads.reshape(layout.num_kv_heads, layout.heads_per_group).mean(1)
+        if kv is not None:
+            kv = kv.reshape(layout.num_kv_heads, -1)
+            query_channels = layout.heads_per_group * layout.head_dim
+            groups = (groups * query_channels + kv.sum(1)) / (query_channels + kv.shape[1])  # per-channel mean
+        return groups
 
     def _channel_scores(
         self, producers: list[nn.Linear], consumers: list[nn.Linear], statistics: dict[nn.Linear, ColumnMoments]

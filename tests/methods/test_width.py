@@ -192,3 +192,17 @@ def test_flap_activation_variance_is_exact_for_features_whose_mean_dwarfs_their_
     expected = torch.cat(batches).reshape(-1, 3).var(dim=0)
     torch.testing.assert_close(moments.variance().double(), expected, rtol=1e-5, atol=0)
     torch.testing.assert_close(moments.mean().double(), torch.cat(batches).reshape(-1, 3).mean(dim=0), rtol=1e-6, atol=0)
+
+
+def test_global_kv_group_scores_do_not_depend_on_a_layers_weight_scale():
+    """Key / value channel scores entered the group scores raw beside standardised query ones: a layer whose
+    attention weights were 3× larger escaped pruning."""
+    removed = []
+    for scale in (1.0, 3.0):
+        model = tiny_model(num_attention_heads=8, num_key_value_heads=4, num_hidden_layers=4)
+        with torch.no_grad():
+            for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                getattr(model.model.layers[1].self_attn, name).weight.mul_(scale)
+        options = {"criterion": "magnitude_l2", "components": "attention", "head_mode": "kv_group", "ranking": "global"}
+        removed.append(sorted(prune(model, PruningConfig(method="width", sparsity=0.15, method_options=options)).removed))
+    assert removed[0] == removed[1] and any("model.layers.1 " in entry for entry in removed[0])
