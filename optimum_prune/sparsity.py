@@ -7,6 +7,7 @@ weights tie at score 0).
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Iterable, Union
@@ -70,6 +71,12 @@ def normalise_sparsity(value: object, field: str) -> float | str:
     return float(value)
 
 
+def whole_count(value: float) -> int:
+    """⌊value⌋ of a count computed in floating point, whose rounding error can fall just below a whole number
+    (100 × 0.29 = 28.999999999999996, 960 × (1 − 0.55) = 431.99999999999994)."""
+    return math.floor(round(value, 6))
+
+
 def prune_lowest(scores: torch.Tensor, sparsity: float, per_row: bool) -> torch.Tensor:
     """Boolean mask (True = prune) of the ``sparsity`` fraction of lowest scores.
 
@@ -78,12 +85,12 @@ def prune_lowest(scores: torch.Tensor, sparsity: float, per_row: bool) -> torch.
     """
     mask = torch.zeros_like(scores, dtype=torch.bool)
     if per_row:
-        count = int(scores.shape[1] * sparsity)
+        count = whole_count(scores.shape[1] * sparsity)
         if count:
             lowest = torch.argsort(scores, dim=1, stable=True)[:, :count]
             mask.scatter_(1, lowest, True)
     else:
-        count = int(scores.numel() * sparsity)
+        count = whole_count(scores.numel() * sparsity)
         if count:
             lowest = torch.argsort(scores.flatten(), stable=True)[:count]
             mask.view(-1)[lowest] = True

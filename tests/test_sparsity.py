@@ -14,6 +14,13 @@ def test_exact_count_with_ties():
     assert per_row.sum(dim=1).tolist() == [4, 4, 4, 4]
 
 
+def test_counts_computed_in_floating_point_are_not_one_short():
+    """100 × 0.29 = 28.999999999999996: flooring it pruned 28 weights a row, not 29."""
+    scores = torch.rand(3, 100, generator=torch.Generator().manual_seed(0))
+    assert prune_lowest(scores, 0.29, per_row=True).sum(dim=1).tolist() == [29, 29, 29]
+    assert int(prune_lowest(scores, 0.29, per_row=False).sum()) == 87
+
+
 def test_prunes_the_lowest():
     scores = torch.tensor([[4.0, 1.0, 3.0, 2.0], [0.5, 0.7, 0.1, 0.9]])
     assert prune_lowest(scores, 0.5, per_row=True).tolist() == [[False, True, False, True], [True, False, True, False]]

@@ -26,6 +26,7 @@ from ..calibration.engine import on_device
 from ..calibration.gradients import fisher_rows
 from ..ignoring import is_ignored
 from ..options import check_choice, option
+from ..sparsity import whole_count
 from ..structure.modules import LowRankLinear
 from ..structure.surgery import replace_submodule
 from .base import StructuredMethod, register_structured_method
@@ -67,7 +68,7 @@ class LowRankFactorization(StructuredMethod[LowRankOptions]):
     def _rank(self, name: str, linear: nn.Linear) -> int:
         out_features, in_features = linear.weight.shape
         budget = (1 - self.sparsity) * out_features * in_features / (out_features + in_features)
-        rank = int(budget // self.options.round_to) * self.options.round_to
+        rank = whole_count(budget) // self.options.round_to * self.options.round_to
         if rank < 1:
             raise ValueError(
                 f"PruningConfig.sparsity {self.sparsity} leaves {name} ({out_features}×{in_features}) less than one "

@@ -32,6 +32,7 @@ from ..adapters import ResidualBranch
 from ..calibration import LayerInputs, capture_first_layer_inputs, feed_layer, run_layer
 from ..calibration.engine import on_device
 from ..options import option
+from ..sparsity import whole_count
 from .base import StructuredMethod, register_structured_method
 
 _ROW_CHUNK = 8192  # rows of an embedding matrix rotated at a time (bounds float64 scratch memory)
@@ -58,7 +59,7 @@ class SliceGPT(StructuredMethod[SliceGPTOptions]):
         model = self.adapter.model
         self.hidden = model.get_input_embeddings().embedding_dim
         step = self.options.round_to
-        self.width = int(self.hidden * (1 - self.sparsity)) // step * step
+        self.width = whole_count(self.hidden * (1 - self.sparsity)) // step * step
         if self.width < step:
             raise ValueError(
                 f"PruningConfig.sparsity {self.sparsity} leaves {self.hidden * (1 - self.sparsity):.0f} of "

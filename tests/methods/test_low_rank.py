@@ -49,6 +49,14 @@ def test_low_rank_pruning_hits_the_ratio_and_reloads_exactly(weighting, tmp_path
     assert_reloads_exactly(model, save_pruned(model, tmp_path / "low-rank", report=report))
 
 
+def test_a_rank_budget_that_is_whole_in_exact_arithmetic_is_kept_whole():
+    """A 160 × 160 linear at sparsity 0.9 has a budget of exactly 8 ranks, 7.999999999999998 in floating point:
+    floored, round_to=8 refused it as less than one rank."""
+    model = tiny_model(hidden_size=160, intermediate_size=160, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=1)
+    prune(model, PruningConfig(method="low_rank", sparsity=0.9, method_options={"weighting": "none"}))
+    assert {m.rank for m in model.modules() if isinstance(m, LowRankLinear)} == {8}
+
+
 def test_fisher_weights_come_from_the_calibration_loss():
     dense = tiny_model()
     fisher, plain = copy.deepcopy(dense), copy.deepcopy(dense)

@@ -75,6 +75,13 @@ def test_sliced_widths_shrink_every_linear_that_touches_the_stream():
     assert json.loads(model.config.to_json_string())["quantization_config"]["layers"][1]["residual_widths"] == [40] * 3
 
 
+def test_a_width_that_is_whole_in_exact_arithmetic_is_kept_whole():
+    """320 × (1 − 0.8) = 63.999999999999986 in floating point: floored, it dropped a whole round_to block."""
+    model = tiny_model(hidden_size=320, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    report = prune(model, slicegpt(0.8, round_to=8), calibration=token_windows(samples=2))
+    assert report.removed == ["residual stream width 320 → 64"]
+
+
 @pytest.mark.parametrize("family,tied", [("qwen2", True), ("qwen3", False), ("llama", False)])
 def test_sliced_model_reloads_bit_exact_generates_with_cache_and_takes_lora(family, tied, tmp_path):
     model = tiny_model(family, tie_word_embeddings=tied)
