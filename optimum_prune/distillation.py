@@ -209,7 +209,7 @@ class DistillationMixin:
         self._projections_fitted = False
         self._projection_gradients_step: int | None = None
         if self.distillation.exit_weight:
-            check_exit_layer(self.distillation.exit_layer, len(get_adapter(self.model).decoder_layers()))
+            check_exit_layer(self.distillation.exit_layer, self.model)
 
     def precompute_teacher_top_k(self, batch_size: int = 1) -> None:
         """Store the teacher's top-k logits (``DistillationConfig.top_k``) with the training and evaluation

@@ -146,3 +146,15 @@ def test_a_lost_draft_length_is_reported(caplog):
 def test_exit_layer_outside_the_model_is_refused(layer):
     with pytest.raises(ValueError, match=r"must be an integer in \[1, 2\]"):
         enable_early_exit(tiny_model(num_hidden_layers=3), layer)
+
+
+def test_a_sliced_model_is_refused():
+    """After SliceGPT every residual point has its own basis; the final norm and head read the last one's, so
+    an exit read the stream in the wrong basis (tied embeddings: a shape error; untied: meaningless agreements)."""
+    model = tiny_model(num_hidden_layers=4)
+    prune(model, PruningConfig(method="slicegpt", sparsity=0.25), calibration=token_windows())
+    message = "model.layers.0 was sliced by SliceGPT, which gives every layer's stream its own basis; an early exit reads"
+    with pytest.raises(ValueError, match=message):
+        choose_early_exit(model, token_windows(samples=2, seq_len=16))
+    with pytest.raises(ValueError, match=message):
+        enable_early_exit(model, 2, 3)

@@ -263,6 +263,14 @@ class DecoderAdapter(ABC):
     def layer_shape(self, layer: nn.Module) -> LayerShape:
         raise self._no_structure()
 
+    def check_unsliced(self, fix: str) -> None:
+        """SliceGPT gives the residual stream its own basis between every two sublayers: removing layers or
+        sublayers afterwards would join streams written in different bases, and reading the stream after a
+        middle layer with the final norm and head (an early exit) would read it in the wrong one."""
+        for name, layer in zip(self.layer_names(), self.decoder_layers()):
+            if self.layer_shape(layer).residual_widths is not None:
+                raise ValueError(f"{name} was sliced by SliceGPT, which gives every layer's stream its own basis; {fix}")
+
     def stock_shape(self, config: Any, index: int = 0) -> LayerShape:
         """The shape layer ``index`` of a stock model built from ``config`` has."""
         raise self._no_structure()

@@ -102,13 +102,6 @@ class StructuredMethod(ABC, Generic[Options]):
             raise ValueError(f"PruningConfig.ignore {self.ignore!r} keeps every MoE block: nothing is left to prune; narrow it")
         return kept
 
-    def check_unsliced(self, fix: str) -> None:
-        """SliceGPT gives the residual stream its own basis between every two sublayers: removing
-        layers or sublayers afterwards would join streams written in different bases."""
-        for name, layer in zip(self.adapter.layer_names(), self.adapter.decoder_layers()):
-            if self.adapter.layer_shape(layer).residual_widths is not None:
-                raise ValueError(f"{name} was sliced by SliceGPT, which gives every layer's stream its own basis; {fix}")
-
     @abstractmethod
     def prune(self, windows: torch.Tensor | None, report: Any) -> None:
         """Score, select and cut; record per-layer scores and removed units in ``report``."""

@@ -99,7 +99,7 @@ class LayerRemoval(StructuredMethod[LayerRemovalOptions]):
     """Remove whole decoder layers ranked by Block Influence, angular distance, perplexity or Taylor."""
 
     def check(self) -> None:
-        self.check_unsliced("remove layers before slicing")
+        self.adapter.check_unsliced("remove layers before slicing")
         layers = self.adapter.decoder_layers()
         count = self.options.num_layers or round(self.sparsity * len(layers))
         if count == 0:

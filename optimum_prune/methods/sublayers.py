@@ -44,7 +44,7 @@ class SublayerRemoval(StructuredMethod[SublayerRemovalOptions]):
     """Remove attention and/or MLP blocks by Block Influence or perplexity, within a parameter budget."""
 
     def check(self) -> None:
-        self.check_unsliced("SliceGPT needs whole layers, so it and sublayer removal cannot be combined")
+        self.adapter.check_unsliced("SliceGPT needs whole layers, so it and sublayer removal cannot be combined")
         kinds = KINDS if self.options.sublayers == "all" else (self.options.sublayers,)
         layers, names = self.adapter.decoder_layers(), self.adapter.layer_names()
         self.units: dict[tuple[int, str], int] = {}
