@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from dataclasses import dataclass, replace
 from typing import Any, Union
 
@@ -210,6 +211,12 @@ def _sharding(model: nn.Module) -> str | None:
     return None
 
 
+def _under_deepspeed(args: TrainingArguments, optimizer: Any) -> bool:
+    """Whether the Trainer runs DeepSpeed (its config in the arguments, or accelerate's launcher turned it on)."""
+    launched = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true")
+    return bool(getattr(args, "deepspeed", None)) or launched or type(optimizer).__name__.startswith("DeepSpeed")
+
+
 class PruningCallback(TrainerCallback):
     """Keeps pruned weights at zero during training; with a ``GradualSchedule`` or an
     ``IterativeSchedule``, prunes as it trains; with an ``ExpertDroppingSchedule``, drops experts.
@@ -254,6 +261,12 @@ class PruningCallback(TrainerCallback):
             raise ValueError(
                 f"PruningCallback reads and zeros whole weight matrices in every process, which {sharding} splits "
                 "across processes: train with DDP (or DeepSpeed ZeRO stage 1 or 2) instead"
+            )
+        if self.schedule is not None and _under_deepspeed(args, kwargs.get("optimizer")):
+            raise ValueError(
+                "PruningCallback's schedule prunes while training, but DeepSpeed's optimizer keeps its own float32 copy of "
+                "every weight and writes it back at each step, so the weights pruned would come back: train with DDP, or "
+                "prune before training (optimum_prune.prune) and keep the zeros with PruningCallback() under DeepSpeed"
             )
         check_ignore_patterns(get_adapter(model), self.ignore, "PruningCallback ignore")
         self.masks = SparsityMasks.from_zeros(model, self.ignore)

@@ -106,6 +106,23 @@ def test_a_schedule_drops_the_compressed_tensors_metadata_the_model_was_loaded_w
     assert "quantization_config" not in (tmp_path / "trained" / "config.json").read_text()
 
 
+@pytest.mark.parametrize("launch", ["arguments", "accelerate"])
+def test_a_schedule_under_deepspeed_is_refused_and_keeping_masks_is_not(launch, monkeypatch):
+    """DeepSpeed's optimizer keeps float32 master weights and copies them back each step: the weights a
+    schedule pruned came back. Keeping the zeros of an already pruned model is fine (their gradients are zero)."""
+    from types import SimpleNamespace
+
+    args = SimpleNamespace(deepspeed="ds_config.json" if launch == "arguments" else None, load_best_model_at_end=False)
+    if launch == "accelerate":
+        monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    state, control, model = TrainerState(max_steps=4), TrainerControl(), pruned_tiny()
+    before = verify_sparsity(model)["overall_sparsity"]
+    with pytest.raises(ValueError, match="DeepSpeed's optimizer keeps its own float32 copy of every weight"):
+        PruningCallback(GradualSchedule(final_sparsity=0.7, end_step=2, every=1)).on_train_begin(args, state, control, model=model)
+    assert verify_sparsity(model)["overall_sparsity"] == before
+    PruningCallback().on_train_begin(args, state, control, model=model)
+
+
 def test_a_reused_callback_resolves_its_schedule_for_each_run(tmp_path):
     """end_step left unset is two thirds of each run, not of the first run the callback saw."""
     callback = PruningCallback(GradualSchedule(final_sparsity=0.5, every=1))
