@@ -231,7 +231,7 @@ class PruningCallback(TrainerCallback):
     ) -> None:
         if perp is not None and schedule is not None:
             raise ValueError("PruningCallback: PERP retrains an already pruned model; it cannot be combined with a pruning schedule")
-        self.experts = ExpertDroppingCallback(schedule) if isinstance(schedule, ExpertDroppingSchedule) else None
+        self.experts = ExpertDroppingCallback(schedule, ignore) if isinstance(schedule, ExpertDroppingSchedule) else None
         self.schedule = None if self.experts else schedule
         self.ignore = tuple(ignore)
         self.perp = perp

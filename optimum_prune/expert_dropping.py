@@ -31,6 +31,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from .adapters import DecoderAdapter, get_adapter
 from .distributed import all_reduce_sum
+from .ignoring import check_ignore_patterns, kept_moe_layers
 from .statistics import RealTokens
 from .structure.loading import record_structure
 
@@ -84,18 +85,23 @@ class _LayerRouting:
         return logits
 
     def drop_to(self, keep: int) -> None:
-        all_reduce_sum(self.counts)  # under DDP every process drops the same experts, by the tokens of all
         alive = (~self.dropped).nonzero().flatten().tolist()
-        for expert in sorted(alive, key=lambda e: (int(self.counts[e]), e))[: max(0, len(alive) - keep)]:
+        if len(alive) <= keep:  # counting goes on: the next drop ranks by every token since the previous one
+            return
+        all_reduce_sum(self.counts)  # under DDP every process drops the same experts, by the tokens of all
+        for expert in sorted(alive, key=lambda e: (int(self.counts[e]), e))[: len(alive) - keep]:
             self.dropped[expert] = True
         self.counts.zero_()
 
 
 class ExpertDroppingCallback(TrainerCallback):
-    """Drops the least-routed experts of every MoE layer on a schedule while a ``Trainer`` fine-tunes."""
+    """Drops the least-routed experts of every MoE layer on a schedule while a ``Trainer`` fine-tunes;
+    ``ignore``: glob patterns of modules kept as they are (a pattern matching an MoE block, a module
+    holding it or one inside it keeps that block's experts)."""
 
-    def __init__(self, schedule: ExpertDroppingSchedule | None = None) -> None:
+    def __init__(self, schedule: ExpertDroppingSchedule | None = None, ignore: list[str] | tuple[str, ...] = ()) -> None:
         self.schedule = schedule or ExpertDroppingSchedule()
+        self.ignore = tuple(ignore)
         self.layers: list[_LayerRouting] = []
         self.real_tokens: RealTokens | None = None
         self.adapter: DecoderAdapter | None = None
@@ -104,9 +110,11 @@ class ExpertDroppingCallback(TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module = None, **kwargs: Any) -> None:
         self.adapter = get_adapter(model)
         blocks = [(layer, self.adapter.moe_block(layer)) for layer in self.adapter.decoder_layers()]
-        blocks = [(layer, block) for layer, block in blocks if block is not None]
-        if not blocks:
+        if not any(block is not None for _, block in blocks):
             raise ValueError(f"ExpertDroppingCallback needs a mixture-of-experts model; {type(self.adapter.model).__name__} has no MoE layer")
+        check_ignore_patterns(self.adapter, self.ignore, "ExpertDroppingCallback ignore")
+        kept = kept_moe_layers(self.adapter, self.ignore, "ExpertDroppingCallback ignore")
+        blocks = [(layer, block) for index, (layer, block) in enumerate(blocks) if block is not None and index not in kept]
         top_k = max(self.adapter.experts_per_token(block) for _, block in blocks)
         if self.schedule.final_experts < top_k:
             raise ValueError(

@@ -29,6 +29,22 @@ def holds_ignored(name: str, module: nn.Module, patterns: Iterable[str]) -> bool
     return is_ignored(name, patterns) or any(fnmatchcase(qualified, pattern) for qualified in inside for pattern in patterns)
 
 
+def kept_moe_layers(adapter: DecoderAdapter, patterns: Iterable[str], field: str) -> set[int]:
+    """The indices of the layers whose MoE block ``patterns`` keep (a pattern matches the block, a module holding
+    it or one inside it, e.g. one expert): expert methods and expert dropping leave those blocks as they are."""
+    patterns = tuple(patterns)
+    kept, blocks = set(), 0
+    for index, (name, layer) in enumerate(zip(adapter.layer_names(), adapter.decoder_layers())):
+        block = adapter.moe_block(layer)
+        block_name = next((f"{name}.{child}" for child, module in layer.named_modules() if module is block), None)
+        blocks += block_name is not None
+        if block_name is not None and holds_ignored(block_name, block, patterns):
+            kept.add(index)
+    if kept and len(kept) == blocks:
+        raise ValueError(f"{field} {list(patterns)!r} keeps every MoE block: nothing is left to prune; narrow it")
+    return kept
+
+
 def check_ignore_patterns(adapter: DecoderAdapter, ignore: Iterable[str], field: str) -> None:
     """A pattern that matches no module is a typo that would silently prune what it meant to keep."""
     names = [name for name, _ in adapter.model.named_modules() if name]

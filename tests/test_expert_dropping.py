@@ -70,7 +70,7 @@ def test_routing_counts_leave_padding_out(tmp_path):
 
 def test_dropped_experts_receive_no_tokens_while_training_goes_on(tmp_path):
     class RoutingAtTheEnd(ExpertDroppingCallback):
-        def on_train_end(self, *args, **kwargs):  # counts since the last drop (step 4): step 5's tokens
+        def on_train_end(self, *args, **kwargs):  # counts since the last drop (step 2): steps 3 to 5's tokens
             self.seen = [(routing.counts.clone(), routing.dropped.clone()) for routing in self.layers]
             super().on_train_end(*args, **kwargs)
 
@@ -84,6 +84,34 @@ def test_dropped_experts_receive_no_tokens_while_training_goes_on(tmp_path):
     assert all(len(layer.block_sparse_moe.experts) == 4 for layer in model.model.layers)
     counts = routed_counts(model.eval(), token_windows(4, 16))
     assert all(int((count > 0).sum()) <= 4 for count in counts)
+
+
+def test_a_drop_ranks_experts_by_every_token_since_the_previous_drop(tmp_path, monkeypatch):
+    """The counts were reset at every scheduled step, also where the schedule dropped nothing: the first drop
+    (step 3 here) ranked the experts by step 3's tokens only."""
+    from optimum_prune.expert_dropping import _LayerRouting
+
+    seen, drop_to = [], _LayerRouting.drop_to
+    monkeypatch.setattr(_LayerRouting, "drop_to", lambda self, keep: (seen.append(int(self.counts.sum())), drop_to(self, keep)))
+    model = tiny_moe(num_local_experts=8, num_hidden_layers=1).train()
+    callback = ExpertDroppingCallback(ExpertDroppingSchedule(final_experts=6, start_step=0, end_step=8, every=1))
+    Trainer(model=model, args=training_args(tmp_path, 4), train_dataset=dataset(), callbacks=[callback]).train()
+    step = seen[0]  # tokens × top-k routed in one step (equal-length windows)
+    assert seen[:4] == [step, 2 * step, 3 * step, step]  # kept 8, 8, then 7 at step 3, then counting anew
+
+
+def test_ignore_keeps_an_moe_blocks_experts(tmp_path):
+    """PruningCallback(ignore=...) masked nothing there, yet its expert dropping dropped that block's experts."""
+    from optimum_prune import PruningCallback
+
+    model = tiny_moe(num_local_experts=8).train()
+    schedule = ExpertDroppingSchedule(final_experts=2, start_step=0, end_step=4, every=2)
+    callback = PruningCallback(schedule, ignore=["model.layers.0.block_sparse_moe*"])
+    Trainer(model=model, args=training_args(tmp_path, 5), train_dataset=dataset(), callbacks=[callback]).train()
+    assert [len(layer.block_sparse_moe.experts) for layer in model.model.layers] == [8, 2]
+    with pytest.raises(ValueError, match=r"ExpertDroppingCallback ignore \['\*.experts.\*'\] keeps every MoE block"):
+        every = ExpertDroppingCallback(schedule, ignore=["*.experts.*"])
+        Trainer(model=tiny_moe().train(), args=training_args(tmp_path, 2), train_dataset=dataset(), callbacks=[every]).train()
 
 
 def test_an_end_step_past_the_run_is_reported(tmp_path, caplog):

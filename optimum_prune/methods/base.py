@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..adapters import DecoderAdapter
-from ..ignoring import holds_ignored
+from ..ignoring import kept_moe_layers
 from ..options import MoEOptions, NoOptions
 from ..registry import Registry
 from ..sparsity import NMPattern, SparsityTarget
@@ -90,17 +90,8 @@ class StructuredMethod(ABC, Generic[Options]):
         """Raise ``ValueError`` for a request that cannot be met, before anything is changed."""
 
     def kept_moe_layers(self) -> set[int]:
-        """The layers whose MoE block ``ignore`` keeps (a pattern matches the block, a module holding it or one
-        inside it, e.g. one expert): expert methods leave those blocks as they are."""
-        kept = set()
-        for index, (name, layer) in enumerate(zip(self.adapter.layer_names(), self.adapter.decoder_layers())):
-            block = self.adapter.moe_block(layer)
-            block_name = next((f"{name}.{child}" for child, module in layer.named_modules() if module is block), None)
-            if block_name is not None and holds_ignored(block_name, block, self.ignore):
-                kept.add(index)
-        if kept and len(kept) == len(self.adapter.decoder_layers()):
-            raise ValueError(f"PruningConfig.ignore {self.ignore!r} keeps every MoE block: nothing is left to prune; narrow it")
-        return kept
+        """The layers whose MoE block ``ignore`` keeps: expert methods leave those blocks as they are."""
+        return kept_moe_layers(self.adapter, self.ignore, "PruningConfig.ignore")
 
     @abstractmethod
     def prune(self, windows: torch.Tensor | None, report: Any) -> None:
