@@ -47,6 +47,17 @@ class ExpertMerging(StructuredMethod[ExpertMergingOptions]):
     def check(self) -> None:
         self.keep = experts_to_keep(self.adapter, self.sparsity, self.options.num_experts)
         self.kept_layers = self.kept_moe_layers()
+        for name, layer in zip(self.adapter.layer_names(), self.adapter.decoder_layers()):
+            block = self.adapter.moe_block(layer)
+            if block is None:
+                continue
+            inputs, output = self.adapter.expert_projections(self.adapter.block_experts(block)[0])
+            factorised = sorted({type(linear).__name__ for linear in (*inputs, output) if not isinstance(linear, nn.Linear)})
+            if factorised:  # e.g. MPOE's experts, whose weight is rebuilt at each read: averaging it changed nothing
+                raise ValueError(
+                    f"{name}: merge_experts averages the experts' weight matrices, which {', '.join(factorised)} does not "
+                    "store; merge experts before factorising them (mpoe)"
+                )
 
     def prune(self, windows: torch.Tensor | None, report: Any) -> None:
         names = self.adapter.layer_names()

@@ -8,6 +8,8 @@ import torch
 from torch import nn
 from torch_pruning.utils import op_counter
 
+from .mpo import MPOLinear
+
 _PROBE_TOKENS = 8
 # What Torch-Pruning's counter leaves on the model it counted (its hooks and per-module variables it removes itself).
 _COUNTER_ATTRIBUTES = (
@@ -27,6 +29,9 @@ def count_macs_per_token(model: nn.Module) -> int:
     ids = torch.zeros(1, _PROBE_TOKENS, dtype=torch.long, device=device)
     was_training = model.training
     model.eval()
+    custom = dict(op_counter.CUSTOM_MODULES_MAPPING)
+    # Not nn.Linear, so uncounted (MPOE reported its experts as free): each rebuilds its full weight and multiplies by it.
+    op_counter.CUSTOM_MODULES_MAPPING[MPOLinear] = op_counter.linear_flops_counter_hook
     op_counter.add_flops_counting_methods(model)
     try:
         model.start_flops_count(ost=sys.stdout, verbose=False, ignore_list=[])
@@ -35,6 +40,8 @@ def count_macs_per_token(model: nn.Module) -> int:
         macs = model.compute_average_flops_cost()[0]
     finally:
         model.stop_flops_count()
+        op_counter.CUSTOM_MODULES_MAPPING.clear()
+        op_counter.CUSTOM_MODULES_MAPPING.update(custom)
         for name in _COUNTER_ATTRIBUTES:
             model.__dict__.pop(name, None)
         model.train(was_training)

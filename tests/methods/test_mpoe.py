@@ -67,6 +67,7 @@ def test_prunes_to_the_target_shares_one_central_tensor_and_reloads(tmp_path):
     first, second = block.experts[0].w1, block.experts[1].w1
     assert isinstance(first, MPOLinear) and first.shared is second.shared is block.expert_mpo
     assert "mpo" in report.shapes[0].to_dict()
+    assert report.macs_per_token_after == report.macs_per_token_before  # fewer parameters, the same compute
     windows = token_windows()
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=windows).logits).all()
@@ -93,6 +94,15 @@ def test_the_decomposed_experts_train_with_one_shared_central_tensor():
         optimizer.step(), optimizer.zero_grad()
         losses.append(float(loss))
     assert losses[-1] < losses[0]
+
+
+def test_merging_experts_factorised_by_mpoe_is_refused():
+    """Their weight is rebuilt at each read: the average was written to a temporary and lost, and the other
+    members of each group were removed with the report saying "merged"."""
+    model = tiny_moe()
+    prune(model, PruningConfig(method="mpoe", sparsity=0.3))
+    with pytest.raises(ValueError, match=r"model.layers.0: merge_experts averages the experts' weight matrices, which MPOLinear does not store"):
+        prune(model, PruningConfig(method="merge_experts", sparsity=0.5), calibration=token_windows())
 
 
 def test_bad_requests_name_the_field():
