@@ -40,6 +40,7 @@ from .sparsity import NMPattern, SparsityTarget
 from .statistics import ColumnNorms
 from .structure.counting import count_macs_per_token
 from .structure.loading import record_structure
+from .structure.mpo import MPOLinear
 
 if TYPE_CHECKING:
     from .streaming import LayerStream
@@ -104,6 +105,8 @@ def prune(
             f"activation_device applies to the per-layer methods ({_per_layer_methods()}); {config.method!r} keeps its "
             "activations on the compute device (leave activation_device unset)"
         )
+    if not METHODS.get(config.method).structured:
+        _check_no_mpo_experts(adapter)
     if METHODS.get(config.method).structured:
         runs = [_StructuredRun.plan(adapter, config, device)]
     elif METHODS.get(config.method).model_pruner:
@@ -185,6 +188,18 @@ def _check_unquantized(adapter: DecoderAdapter, config: PruningConfig) -> None:
                     f"{name} is already quantized ({type(linear).__name__}): prune the unquantized model, then quantize "
                     "(optimum_prune.compress(model, [PruningConfig(...), QuantoConfig(...) or GPTQConfig(...)]) does both)"
                 )
+
+
+def _check_no_mpo_experts(adapter: DecoderAdapter) -> None:
+    """MPOE's experts rebuild their weights from shared tensor-network cores at each forward: no stored matrix has
+    entries to zero, so methods that zero weights would skip them and report the other linears' sparsity."""
+    for name, layer in zip(adapter.layer_names(), adapter.decoder_layers()):
+        factorised = next((child for child, module in layer.named_modules() if isinstance(module, MPOLinear)), None)
+        if factorised is not None:
+            raise ValueError(
+                f"{name}.{factorised} was factorised by mpoe and stores no weight matrix to zero: prune weights before "
+                "mpoe, or remove whole experts (experts)"
+            )
 
 
 def _check_materialised(model: nn.Module) -> None:

@@ -96,6 +96,15 @@ def test_the_decomposed_experts_train_with_one_shared_central_tensor():
     assert losses[-1] < losses[0]
 
 
+@pytest.mark.parametrize("method", ["wanda", "llm_surgeon"])
+def test_zeroing_weights_of_experts_factorised_by_mpoe_is_refused(method):
+    """Wanda skipped the factorised experts (no nn.Linear) and reported 50 % for the attention linears alone."""
+    model = tiny_moe()
+    prune(model, PruningConfig(method="mpoe", sparsity=0.3))
+    with pytest.raises(ValueError, match=r"model.layers.0.block_sparse_moe.experts.0.w1 was factorised by mpoe and stores no weight matrix"):
+        prune(model, PruningConfig(method=method, sparsity=0.5), calibration=token_windows())
+
+
 def test_merging_experts_factorised_by_mpoe_is_refused():
     """Their weight is rebuilt at each read: the average was written to a temporary and lost, and the other
     members of each group were removed with the report saying "merged"."""
