@@ -10,9 +10,9 @@ updating the rest optimally under the quadratic model costs (Eq. 6–7)
 
     ΔL_K = ½ θ_Kᵀ [F⁻¹]_KK⁻¹ θ_K,      Δθ = −F⁻¹ E_Kᵀ [F⁻¹]_KK⁻¹ θ_K,    F⁻¹ = G⁻¹ ⊗ A⁻¹,
 
-so a single weight's cost is W_rc² / (2 [G⁻¹]_rr [A⁻¹]_cc) (Eq. 10), an N:M group's the sum of its N
-cheapest, and the correlated update of a group of weights Q solves ([G⁻¹]_{QrQr} ⊙ [A⁻¹]_{QcQc}) x = w_Q
-and applies ΔW = −G⁻¹ X A⁻¹ with X holding x at Q (Eq. 13). G and A are damped by ``damp_g`` /
+so a single weight's cost is W_rc² / (2 [G⁻¹]_rr [A⁻¹]_cc) (Eq. 10), an N:M group's (N of every M kept)
+the sum of its M − N cheapest, and the correlated update of a group of weights Q solves
+([G⁻¹]_{QrQr} ⊙ [A⁻¹]_{QcQc}) x = w_Q and applies ΔW = −G⁻¹ X A⁻¹ with X holding x at Q (Eq. 13). G and A are damped by ``damp_g`` /
 ``damp_a`` times their mean diagonal before inversion.
 
 Schedule (Sec. 3.5): over ``shots`` shots the target rises linearly, α_t = t·α/T; each shot
@@ -249,12 +249,12 @@ def _bit_patterns(cost: Callable[[], torch.Tensor]) -> torch.Tensor:
 
 
 def nm_masks(costs: Costs, pattern: NMPattern, fraction: float) -> Iterator[tuple[str, torch.Tensor]]:
-    """N:M: a group's cost is the sum of its N cheapest weights; the ``fraction`` cheapest groups of the
-    whole model lose those N (the last shot, fraction 1, gives every group the pattern)."""
+    """N:M (N of every M kept): a group's cost is the sum of its M − N cheapest weights; the ``fraction``
+    cheapest groups of the whole model lose those (the last shot, fraction 1, gives every group the pattern)."""
 
     def cheapest(cost: Callable[[], torch.Tensor]) -> Any:
         values = cost()
-        return values.reshape(values.shape[0], -1, pattern.m).topk(pattern.n, dim=-1, largest=False)
+        return values.reshape(values.shape[0], -1, pattern.m).topk(pattern.m - pattern.n, dim=-1, largest=False)
 
     def group_costs(cost: Callable[[], torch.Tensor]) -> torch.Tensor:
         return cheapest(cost).values.sum(-1)

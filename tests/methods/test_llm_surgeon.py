@@ -71,6 +71,11 @@ def test_global_threshold_and_nm_groups():
     assert half.tolist() == [[True, False, True, False, False, False, False, False]]
     full = dict(nm_masks(computed(grouped), NMPattern(2, 4), 1.0))["w"]
     assert full.reshape(-1, 4).sum(-1).tolist() == [2, 2] and full[0, 7] and full[0, 4]
+    # N of every M kept, so M − N pruned: 1:4 and 3:4 pruned the complement (1:4 kept 3 of 4)
+    one = dict(nm_masks(computed(grouped), NMPattern(1, 4), 1.0))["w"]
+    assert one.tolist() == [[True, False, True, True, True, True, False, True]]
+    three = dict(nm_masks(computed(grouped), NMPattern(3, 4), 1.0))["w"]
+    assert three.tolist() == [[True, False, False, False, False, False, False, True]]
 
 
 def sorted_threshold_masks(costs: dict[str, torch.Tensor], fraction: float) -> dict[str, torch.Tensor]:
@@ -137,6 +142,9 @@ def test_prunes_to_the_target_with_the_pattern_and_records_per_layer_sparsity():
     model = tiny_model()
     prune(model, PruningConfig(method="llm_surgeon", sparsity="2:4", method_options={"shots": 2}), calibration=windows)
     assert verify_sparsity(model, "2:4")["conforming"]
+    model = tiny_model()
+    prune(model, PruningConfig(method="llm_surgeon", sparsity="1:4"), calibration=windows)
+    assert verify_sparsity(model, "1:4")["conforming"] and verify_sparsity(model)["overall_sparsity"] == pytest.approx(0.75, abs=1e-3)
 
 
 def routed_experts(model, windows) -> set[int]:
