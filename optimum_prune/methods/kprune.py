@@ -271,10 +271,12 @@ def threshold_removal(scores: list[torch.Tensor], costs: list[int], caps: list[i
     """K-prune's mask search: the units of the first component (the target) to remove.
 
     Over all candidates' units, the threshold is the lowest score such that the units scoring above
-    it cost at most ``budget``; the target's units at or under it go, at most ``caps[0]`` of them
-    (one unit of every component is kept).
+    it cost at most ``budget``; the target's units at or under it go, at most ``caps[0]`` of them.
+    Every component keeps one unit, its best: those are charged to the budget first (ranked among the
+    rest, a later component's could fall under the threshold, be kept anyway when its turn came, and
+    leave the model above the budget).
     """
-    values = torch.cat([s.double() for s in scores])
+    values = torch.cat([s.double().index_fill(0, s.argmax(), float("inf")) for s in scores])
     unit_costs = torch.cat([torch.full((s.numel(),), float(c), dtype=torch.float64) for s, c in zip(scores, costs)])
     order = torch.argsort(values, descending=True, stable=True)
     kept_cost = unit_costs[order].cumsum(0)

@@ -17,6 +17,17 @@ def test_threshold_keeps_the_best_scored_units_that_fit_and_cuts_only_the_target
     assert threshold_removal([target, above], [1, 2], [2, 1], budget=3).tolist() == [1, 2]
     assert threshold_removal([target, above], [1, 1], [2, 1], budget=10).tolist() == []  # everything fits
     assert threshold_removal([target, above], [1, 1], [2, 1], budget=0).tolist() == [1, 2]  # one unit is always kept
+    # Each component's best unit is kept anyway, so it is charged first: with budget 2, the target keeps 5 and
+    # the later component its 0.5 (ranked with the rest, 3 took that place and the model ended above budget).
+    assert threshold_removal([target, torch.tensor([0.5])], [1, 1], [2, 0], budget=2).tolist() == [1, 2]
+
+
+def test_a_target_where_every_component_keeps_only_one_unit_is_reached():
+    """Near the most a model can lose, later components' one kept unit was not budgeted: 0.75 ended at 0.717."""
+    model = tiny_model()
+    before = decoder_linear_parameters(model)
+    prune(model, PruningConfig(method="kprune", sparsity=0.75), calibration=token_windows(samples=8, seq_len=32))
+    assert 1 - decoder_linear_parameters(model) / before == pytest.approx(0.75, abs=0.005)
 
 
 def test_coarsened_kl_is_zero_for_the_teacher_and_exact_with_the_whole_vocabulary():
