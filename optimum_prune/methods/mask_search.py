@@ -97,7 +97,7 @@ class MaskSearch(StructuredMethod[MaskSearchOptions]):
             removed = rearranged(block, count)
             component.removed = count
             component.scores = torch.ones(block.shape[0])
-            component.scores[removed] = 0  # width's surgery removes the lowest-scored units
+            component.scores[removed.cpu()] = 0  # width's surgery removes the lowest-scored units
         for kind in ("attention", "mlp"):
             report.layer_scores[f"removed {self.importance_name} ({kind})"] = [
                 float(sum(s[c.scores == 0].sum() for c, s in zip(components, importance) if c.layer == i and c.kind == kind))

@@ -5,7 +5,7 @@ import torch
 
 from optimum_prune import PruningConfig, prune, verify_sparsity
 
-from ..conftest import tiny_model, token_windows
+from ..conftest import decoder_linear_parameters, tiny_model, token_windows
 
 pytestmark = [
     pytest.mark.gpu,
@@ -46,3 +46,12 @@ def test_activations_offloaded_to_the_cpu_give_the_same_masks_with_less_gpu_memo
         assert torch.equal(a == 0, b == 0)
     activations = 2 * 64 * 128 * 512 * 4  # both buffers, fp32
     assert moved.peak_memory_bytes < kept.peak_memory_bytes - activations // 2
+
+
+@pytest.mark.parametrize("options", [{"rearrange": False}, {}])
+def test_mask_search_on_a_model_on_cuda(options):
+    """Fisher blocks live with the model: unit indices from a GPU block indexed the CPU scores."""
+    model = tiny_model().cuda()
+    before = decoder_linear_parameters(model)
+    prune(model, PruningConfig(method="mask_search", sparsity=0.3, method_options=options), calibration=token_windows())
+    assert 1 - decoder_linear_parameters(model) / before == pytest.approx(0.3, abs=0.03)
