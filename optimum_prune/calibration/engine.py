@@ -146,12 +146,12 @@ def capture_first_layer_inputs(
         seen.append(_named_arguments(signature, args, kwargs))
         raise _StopForward
 
-    def layer_0_arguments(batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def layer_0_arguments(batch: dict[str, torch.Tensor]) -> dict[str, Any] | None:
         try:
             model(**{name: value.to(device) for name, value in batch.items()}, use_cache=False)
         except _StopForward:
             pass
-        return seen.pop()
+        return seen.pop() if seen else None  # None: the batch never reached the layer
 
     handle = first_layer.register_forward_pre_hook(record, with_kwargs=True)
     with on_device(adapter.capture_modules(), device), torch.no_grad():
@@ -159,6 +159,8 @@ def capture_first_layer_inputs(
             batches = [b for b in model_batches(inputs) if all(name in b for name in adapter.required_inputs)]
             for batch in tqdm(batches, desc="Capturing calibration inputs", leave=False):
                 arguments = layer_0_arguments(batch)
+                if arguments is None:
+                    continue
                 if other_kinds:
                     masks = {first_kind: arguments.get("attention_mask")}
                     for kind in other_kinds:
