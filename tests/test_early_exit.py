@@ -102,6 +102,14 @@ def test_draft_cost_reads_the_routed_experts_only():
     assert draft_costs(model)[1] == pytest.approx((layer_bytes + head_bytes) / (2 * layer_bytes + head_bytes))
 
 
+def test_an_moe_model_gets_a_report_and_exit_logits():
+    """The MoE adapter had no final norm: choosing an exit on Mixtral failed with a structured-pruning error."""
+    model = tiny_moe("mixtral", num_hidden_layers=3)
+    report = choose_early_exit(model, token_windows(samples=2, seq_len=16))
+    assert [candidate.layer for candidate in report.candidates] == [1, 2]
+    assert all(0 <= candidate.agreement <= 1 for candidate in report.candidates)
+
+
 @contextmanager
 def pass_counts(model):
     """Forward passes of the first and last decoder layers: drafts run only the first, full passes both."""

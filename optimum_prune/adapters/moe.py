@@ -121,6 +121,9 @@ class MoEAdapter(DecoderAdapter):
     def input_modules(self) -> list[nn.Module]:
         return [self.decoder.embed_tokens, self.decoder.rotary_emb]
 
+    def final_norm(self) -> nn.Module:
+        return self.decoder.norm
+
     def _no_structure(self) -> ValueError:
         return ValueError(
             f"{type(self).__name__} ({type(self.model).__name__}) cannot apply this structured method, which is written "
