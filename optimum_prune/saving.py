@@ -39,12 +39,20 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     check_replaceable(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    staging.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would make the saved checkpoint unreadable to other users
     try:
         yield staging
         replace_directory(staging, target)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+
+
+def _umask() -> int:
+    """The process's file-creation mask (read by setting it, so set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def check_replaceable(target: Path) -> None:
@@ -194,6 +202,9 @@ def _write_checkpoint(
         from optimum.quanto import QuantizedModelForCausalLM
 
         QuantizedModelForCausalLM(model).save_pretrained(staging)
+        # huggingface_hub's generic model card, which no save_pretrained of transformers writes: left there, it made
+        # the folder look like more than a checkpoint, and the next save_pruned to it was refused
+        (staging / "README.md").unlink(missing_ok=True)
     elif any(is_gptq_linear(module) for module in model.modules()):
         from .gptq import v1_checkpoint_layout
 

@@ -131,6 +131,35 @@ def test_an_earlier_output_with_its_tokenizer_is_replaced(tmp_path, bpe_tokenize
     assert (tmp_path / "out" / "pruning_config.json").is_file()
 
 
+def test_the_saved_directory_is_as_readable_as_save_pretrained_makes_it(tmp_path):
+    """The staging directory came from mkdtemp (mode 0700): other users and a serving container could not read it."""
+    import os
+
+    save_pruned(tiny_model(), tmp_path / "pruned")
+    tiny_model().save_pretrained(tmp_path / "stock")
+    assert (tmp_path / "pruned").stat().st_mode & 0o777 == (tmp_path / "stock").stat().st_mode & 0o777
+    mask = os.umask(0o027)
+    try:
+        save_pruned(tiny_model(), tmp_path / "group")
+    finally:
+        os.umask(mask)
+    assert (tmp_path / "group").stat().st_mode & 0o777 == 0o750
+
+
+def test_a_quantized_output_is_replaced_by_the_next_save(tmp_path):
+    """optimum-quanto's save wrote huggingface_hub's README.md model card, so the next save_pruned there was refused."""
+    pytest.importorskip("optimum.quanto")
+    from transformers import QuantoConfig
+
+    from optimum_prune import compress
+
+    for _ in range(2):
+        model = tiny_model(hidden_size=128, intermediate_size=256)
+        compress(model, [PruningConfig(method="magnitude", sparsity="2:4"), QuantoConfig(weights="int8")])
+        save_pruned(model, tmp_path / "quantized")
+    assert (tmp_path / "quantized" / "quanto_qmap.json").is_file() and not (tmp_path / "quantized" / "README.md").exists()
+
+
 def test_a_symbolic_link_is_refused_and_left_as_it_is(tmp_path):
     """Replacing the link would leave the folder it points to with the old model, under the new name's nose."""
     save_pruned(tiny_model(), tmp_path / "v1")
