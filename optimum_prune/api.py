@@ -512,7 +512,8 @@ class _ModelRun:
 def planned_linears(adapter: DecoderAdapter, config: PruningConfig) -> dict[str, nn.Linear]:
     """The linears an unstructured ``config`` prunes in the adapter's model, by qualified name."""
     if METHODS.get(config.method).model_pruner:
-        return {name: linear for layer in _target_linears(adapter, config.ignore) for name, linear in layer.items()}
+        routers = config.build_moe_options().prune_router  # as _ModelRun.plan takes them
+        return {name: linear for layer in _target_linears(adapter, config.ignore, routers) for name, linear in layer.items()}
     runs = _PruningRun.plan_parts(adapter, config, torch.device("cpu"))
     return {name: linear for run in runs for layer in run.targets for name, linear in layer.items()}
 

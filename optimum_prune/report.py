@@ -96,14 +96,13 @@ class PruningReport:
         if not self.layer_scores:
             raise ValueError(f"method {self.method!r} recorded no per-layer scores to plot")
         try:
-            import matplotlib
+            from matplotlib.figure import Figure
         except ImportError:
             raise ImportError("plotting layer scores needs matplotlib: pip install 'optimum-prune[plot]'") from None
 
-        matplotlib.use("Agg")
-        from matplotlib import pyplot
-
-        figure, axes = pyplot.subplots(len(self.layer_scores), 1, figsize=(8, 2.6 * len(self.layer_scores)), squeeze=False)
+        # A bare Figure renders with Agg by itself: pyplot with matplotlib.use("Agg") switched a notebook's backend.
+        figure = Figure(figsize=(8, 2.6 * len(self.layer_scores)))
+        axes = figure.subplots(len(self.layer_scores), 1, squeeze=False)
         for axis, (name, scores) in zip(axes[:, 0], self.layer_scores.items()):
             axis.bar(range(len(scores)), scores, color="tab:blue")
             axis.set_title(name)
@@ -111,7 +110,6 @@ class PruningReport:
         figure.suptitle(f"{self.method}: removed {', '.join(self.removed) or 'nothing'}", fontsize=8, wrap=True)
         figure.tight_layout()
         figure.savefig(path, dpi=100)
-        pyplot.close(figure)
 
     def __str__(self) -> str:
         lines = [f"Pruning report: method={self.method} sparsity={self.sparsity} allocation={self.allocation} device={self.device}"]

@@ -46,6 +46,8 @@ def sparsity_config(model: nn.Module, config: PruningConfig | None = None) -> di
     pattern = targets[0] if isinstance(targets[0], NMPattern) and all(t == targets[0] for t in targets) else None
     if pattern is not None:
         pruned = {name: linear for name, linear in pruned.items() if conforms_to(linear.weight.detach(), pattern)}
+    else:  # linears the config named but left dense (e.g. MoE experts no calibration token reached, kept dense)
+        pruned = {name: linear for name, linear in pruned.items() if bool((linear.weight == 0).any())}
     linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     parameters = [p.detach() for p in model.parameters()]
     zeros = sum(int((p == 0).sum()) for p in parameters)

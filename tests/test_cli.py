@@ -28,6 +28,10 @@ def test_cli_prunes_saves_and_reports(model_dir, tmp_path, capsys):
 
 def test_cli_structured_depth_pruning_saves_a_score_plot(model_dir, tmp_path, capsys):
     output = tmp_path / "shallow"
+    import matplotlib
+
+    matplotlib.use("svg")  # a backend other than Agg, as a notebook's inline one
+    backend = matplotlib.get_backend()
     code = main([
         "--model", str(model_dir), "--method", "layers", "--option", "num_layers=1", "--output", str(output),
         "--calibration-samples", "4", "--seq-len", "32",
@@ -36,6 +40,9 @@ def test_cli_structured_depth_pruning_saves_a_score_plot(model_dir, tmp_path, ca
     printed = capsys.readouterr().out
     assert "parameters" in printed and "removed: model.layers." in printed
     assert (output / "layer_scores.png").read_bytes()[:4] == b"\x89PNG"
+    import matplotlib
+
+    assert matplotlib.get_backend() == backend  # the plot no longer switches a notebook's backend to Agg
     model, _ = load_model(output)
     assert model.config.num_hidden_layers == 2
 

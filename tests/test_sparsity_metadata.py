@@ -37,6 +37,23 @@ def test_unstructured_model_ignores_the_layers_left_dense():
     assert metadata["ignore"] == [f"model.layers.{i}.self_attn.o_proj" for i in range(3)] + ["lm_head"]
 
 
+def test_experts_left_dense_are_ignored_and_routers_llm_surgeon_pruned_are_not():
+    """Unstructured metadata listed unrouted experts left dense as sparse targets, and llm_surgeon's planned
+    linears left out the routers prune_router had it prune."""
+    from tests.adapters.test_moe import tiny_moe
+    from tests.conftest import token_windows
+
+    model = tiny_moe("mixtral", num_local_experts=16, num_experts_per_tok=1)
+    config = PruningConfig(method="wanda", sparsity=0.5, moe_options={"unrouted_experts": "dense"})
+    report = prune(model, config, calibration=token_windows(2, 4))
+    ignored = set(sparsity_config(model)["ignore"])
+    assert report.unrouted and set(report.unrouted) <= ignored
+    assert not [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and name not in ignored and not (m.weight == 0).any()]
+    model = tiny_moe("mixtral")
+    prune(model, PruningConfig(method="llm_surgeon", sparsity=0.5, moe_options={"prune_router": True}), calibration=token_windows(2, 16))
+    assert "model.layers.0.block_sparse_moe.gate" not in sparsity_config(model)["ignore"]
+
+
 def test_saved_metadata_reloads_through_transformers_bit_exact(tmp_path):
     model = tiny_model()
     prune(model, {"method": "magnitude", "sparsity": "2:4"})
