@@ -39,6 +39,7 @@ from .config import CONFIG_NAME, PruningConfig
 from .models import unreadable_checkpoint
 from .report import PruningReport
 from .saving import check_replaceable, replace_directory, write_text_atomic
+from .structure.loading import QUANT_METHOD
 
 logger = logging.getLogger(__name__)
 INDEX_NAME = "model.safetensors.index.json"
@@ -204,6 +205,14 @@ def prune_checkpoint(
     model_config = AutoConfig.from_pretrained(source, local_files_only=True)
     dtype = dtype or _declared_dtype(model_config) or reader.dtype()
     model_config.dtype = dtype  # what the saved config.json says: dtype="auto" reloads the pruned weights as written
+    recorded = getattr(model_config, "quantization_config", None)
+    method = recorded.get("quant_method") if isinstance(recorded, dict) else getattr(recorded, "quant_method", None)
+    if method == QUANT_METHOD:  # its layers would be built at stock shapes, which its tensors do not have
+        raise ValueError(
+            f"source {str(source)!r} is a structured result with per-layer shapes (its quantization_config records "
+            "them): offloaded pruning builds the layers at the config's stock shapes; load it in memory "
+            "(optimum_prune.load_model) and prune it there"
+        )
     with init_empty_weights():
         try:
             model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)

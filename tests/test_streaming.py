@@ -223,6 +223,18 @@ def test_the_dtype_config_json_declares_wins_over_a_float32_first_tensor(tmp_pat
     assert {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}
 
 
+def test_a_structured_result_with_per_layer_shapes_is_refused_naming_the_in_memory_path(tmp_path):
+    """Its layers were built at the config's stock shapes and loading the first one failed inside accelerate."""
+    from optimum_prune import save_pruned
+
+    model = tiny_model()
+    prune(model, PruningConfig(method="width", sparsity=0.3, method_options={"ranking": "global", "criterion": "magnitude_l2"}))
+    save_pruned(model, tmp_path / "uneven")
+    with pytest.raises(ValueError, match=r"is a structured result with per-layer shapes .* load it in memory \(optimum_prune.load_model\)"):
+        prune_checkpoint(tmp_path / "uneven", tmp_path / "out", CONFIGS["magnitude"])
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_requested_dtype_is_what_the_saved_config_says(tmp_path):
     source = tmp_path / "bf16"
     tiny_model().to(torch.bfloat16).save_pretrained(source)
