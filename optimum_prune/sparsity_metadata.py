@@ -67,7 +67,7 @@ def compressed_tensors_config(model: nn.Module, config: PruningConfig | None = N
     from transformers import CompressedTensorsConfig
 
     existing = getattr(model.config, "quantization_config", None)
-    if existing is not None:
+    if existing is not None and not _sparsity_only(existing):  # earlier sparsity metadata is written anew
         raise ValueError(
             f"the model already carries a {type(existing).__name__} quantization config; compressed-tensors "
             "sparsity metadata replaces quantization_config, so it can only be written for an unquantized model "
@@ -89,8 +89,7 @@ def drop_sparsity_metadata(model: nn.Module) -> None:
     2:4 checkpoint pruned on to 70 % kept saying 2:4): ``save_pruned(..., compressed_tensors_metadata=True)``
     writes it anew."""
     existing = getattr(model.config, "quantization_config", None)
-    described = existing if isinstance(existing, dict) else getattr(existing, "to_dict", dict)()
-    if described.get("quant_method") != "compressed-tensors" or described.get("config_groups"):
+    if existing is None or not _sparsity_only(existing):
         return
     hf_quantizer = getattr(model, "hf_quantizer", None)
     if hf_quantizer is not None:
@@ -101,6 +100,12 @@ def drop_sparsity_metadata(model: nn.Module) -> None:
         "the model's compressed-tensors sparsity metadata describes its weights before this pruning: dropped (save "
         "with compressed_tensors_metadata=True to write it anew)"
     )
+
+
+def _sparsity_only(quantization_config: Any) -> bool:
+    """A compressed-tensors config that describes sparsity and quantizes nothing (no ``config_groups``)."""
+    described = quantization_config if isinstance(quantization_config, dict) else getattr(quantization_config, "to_dict", dict)()
+    return described.get("quant_method") == "compressed-tensors" and not described.get("config_groups")
 
 
 def require_compressed_tensors() -> None:

@@ -86,7 +86,8 @@ def test_errors_name_the_fix():
         sparsity_config(model)
     quantized = tiny_model()
     prune(quantized, {"method": "magnitude", "sparsity": "2:4"})
-    quantized.config.quantization_config = CompressedTensorsConfig()
+    int8 = {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}}
+    quantized.config.quantization_config = CompressedTensorsConfig(config_groups={"group_0": int8})
     with pytest.raises(ValueError, match="already carries a CompressedTensorsConfig quantization config"):
         compressed_tensors_config(quantized)
     quanto_int8 = tiny_model()
@@ -100,6 +101,14 @@ def two_four_with_metadata(tmp_path):
     model = tiny_model()
     prune(model, {"method": "magnitude", "sparsity": "2:4"})
     return save_pruned(model, tmp_path / "two_four", compressed_tensors_metadata=True)
+
+
+def test_a_reloaded_model_is_saved_again_with_its_metadata_written_anew(two_four_with_metadata, tmp_path):
+    """Saving a reloaded checkpoint again (e.g. to add a tokenizer) with its metadata was refused as 'quantized'."""
+    model = AutoModelForCausalLM.from_pretrained(two_four_with_metadata, dtype=torch.float32)
+    resaved = save_pruned(model, tmp_path / "again", compressed_tensors_metadata=True)
+    stored = json.loads((resaved / "config.json").read_text())["quantization_config"]["sparsity_config"]
+    assert stored == json.loads((two_four_with_metadata / "config.json").read_text())["quantization_config"]["sparsity_config"]
 
 
 def test_pruning_a_reloaded_model_drops_the_metadata_its_weights_no_longer_match(two_four_with_metadata, tmp_path):
