@@ -6,7 +6,8 @@
 The loss (Hinton et al. 2015; Minitron, Muralidharan et al. 2024) mixes
 
 - ``kd_weight`` × T² · KL(p_teacher^T ‖ p_student^T), forward KL of temperature-T softmaxes over
-  the next-token positions that have a label (``labels != -100``, shifted as the causal-LM loss is);
+  the next-token positions that have a label (``labels != -100``, shifted as the causal-LM loss is)
+  and an input that is not padding;
 - ``label_weight`` × the student's own cross-entropy on the labels;
 - ``hidden_weight`` × the mean squared error between student and teacher hidden states of the
   layers in ``layer_map`` (student layer → teacher layer; identity when depths match). Head- and
@@ -40,6 +41,7 @@ kept by ``PruningCallback`` as in any other run.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -156,6 +158,16 @@ class _TemperatureKL(torch.autograd.Function):
         return gradient, None, None, None, None
 
 
+def distilled_labels(inputs: dict[str, Any]) -> torch.Tensor:
+    """``labels`` where position t (which predicts token t + 1) is -100 also when input t is padding: a
+    left-padded row's last pad position has a labelled next token, but no input of its own."""
+    labels, mask = inputs["labels"], inputs.get("attention_mask")
+    if mask is None or labels.shape != mask.shape:
+        return labels
+    shifted = labels[..., 1:].masked_fill(mask[..., :-1] == 0, -100)
+    return torch.cat([labels[..., :1], shifted], dim=-1)
+
+
 def top_k_logits(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices, values) of the ``k`` largest logits per position."""
     values, indices = logits.topk(k, dim=-1)
@@ -173,6 +185,10 @@ class DistillationMixin:
         teacher_device: str | torch.device | None = None,
         **kwargs: Any,
     ) -> None:
+        distillation = distillation or DistillationConfig()
+        model = kwargs.get("model", args[0] if args else None)
+        if distillation.exit_weight and model is not None:  # before callbacks (PERP) wrap its linears in Trainer.__init__
+            check_exit_layer(distillation.exit_layer, model)
         super().__init__(*args, **kwargs)
         # compute_loss weighs each micro-batch by its share of the step's labelled positions
         # (num_items_in_batch), as transformers' own causal-LM loss does under gradient accumulation;
@@ -184,7 +200,7 @@ class DistillationMixin:
                 "mean): compute_loss_func would replace only the label term and change how gradient accumulation scales "
                 "it; add a custom term by overriding compute_loss in a subclass instead"
             )
-        self.distillation = distillation or DistillationConfig()
+        self.distillation = distillation
         if self.distillation.layer_dropout and self.args.gradient_checkpointing:
             raise ValueError(
                 "DistillationConfig.layer_dropout skips layers with hooks that checkpointing's recomputation in backward "
@@ -208,8 +224,6 @@ class DistillationMixin:
                     )
         self._projections_fitted = False
         self._projection_gradients_step: int | None = None
-        if self.distillation.exit_weight:
-            check_exit_layer(self.distillation.exit_layer, self.model)
 
     def precompute_teacher_top_k(self, batch_size: int = 1) -> None:
         """Store the teacher's top-k logits (``DistillationConfig.top_k``) with the training and evaluation
@@ -223,7 +237,7 @@ class DistillationMixin:
             self.eval_dataset = {name: annotate(dataset) for name, dataset in self.eval_dataset.items()}
         elif self.eval_dataset is not None:
             self.eval_dataset = annotate(self.eval_dataset)
-        self.data_collator = TopKPadding(self.data_collator, getattr(self.processing_class, "padding_side", "right"))
+        self.data_collator = TopKPadding(self.data_collator)
         self.teacher = None
 
     def create_optimizer(self) -> torch.optim.Optimizer:
@@ -265,9 +279,9 @@ class DistillationMixin:
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None):
         config = self.distillation
         cached = (inputs.pop(TOP_K_INDICES, None), inputs.pop(TOP_K_LOGITS, None))
-        labels = inputs.get("labels")
-        if labels is None:
+        if inputs.get("labels") is None:
             raise ValueError("distillation needs 'labels' in the batches (they mark the positions to distil)")
+        labels = distilled_labels(inputs)
         hidden = config.hidden_weight > 0
         unwrapped = self.accelerator.unwrap_model(model)  # DDP's wrapper hides the model's structure
         dropping = layer_dropout(unwrapped, config.layer_dropout) if model.training and config.layer_dropout else nullcontext()
@@ -278,8 +292,9 @@ class DistillationMixin:
             else:  # the model need not compute a label loss (it upcasts every logit to fp32 for it)
                 outputs = model(**{name: value for name, value in model_inputs.items() if name != "labels"})
         loss = outputs.logits.new_zeros(())
-        if config.label_weight:
-            loss = loss + config.label_weight * label_loss
+        if config.label_weight:  # with no labelled position the model's mean is 0/0: a zero that keeps the graph
+            labelled = bool((labels[:, 1:] != -100).any())
+            loss = loss + config.label_weight * (label_loss if labelled else outputs.logits.sum() * 0)
         if config.exit_weight:
             draft_logits = exit_logits(unwrapped, outputs.hidden_states[config.exit_layer])
             loss = loss + config.exit_weight * kd_loss(draft_logits, outputs.logits.detach(), labels, config.temperature)
@@ -291,12 +306,15 @@ class DistillationMixin:
                 loss = loss + config.hidden_weight * self._hidden_loss(outputs.hidden_states, teacher_outputs, inputs)
         if num_items_in_batch is not None:
             loss = loss * self._share_of_step(labels, num_items_in_batch)
+        if return_outputs and not inputs.get("output_hidden_states") and outputs.get("hidden_states") is not None:
+            # asked for by the losses only: evaluation would gather them with the logits as predictions
+            outputs = type(outputs)(**{name: value for name, value in outputs.items() if name != "hidden_states"})
         return (loss, outputs) if return_outputs else loss
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Any:
         """The step's labelled next-token positions, which the losses average over (the Trainer counts
         unshifted labels), over its micro-batches and, with ``average_tokens_across_devices``, processes."""
-        return super()._get_num_items_in_batch([{"labels": batch["labels"][..., 1:]} for batch in batch_samples if "labels" in batch], device)
+        return super()._get_num_items_in_batch([{"labels": distilled_labels(batch)[..., 1:]} for batch in batch_samples if "labels" in batch], device)
 
     def _share_of_step(self, labels: torch.Tensor, num_items_in_batch: Any) -> torch.Tensor:
         """The weight that turns this micro-batch's means into its part of means over the whole step: its
@@ -333,7 +351,8 @@ class DistillationMixin:
         # hidden_states[0] is the embedding output; layer i's output is hidden_states[i + 1].
         layer_map = self.distillation.layer_map or _identity_map(len(student_hidden) - 1, len(teacher_hidden) - 1)
         mask = inputs.get("attention_mask")
-        if self.hidden_projections and torch.is_grad_enabled() and self._projection_gradients_step != self.state.global_step:
+        training = torch.is_grad_enabled()  # evaluation runs under no_grad
+        if self.hidden_projections and training and self._projection_gradients_step != self.state.global_step:
             # The Trainer zeroes only the model's gradients after each optimizer step; the projections live
             # outside the model, so theirs are zeroed here, on the first micro-batch of each step.
             self.hidden_projections.zero_grad(set_to_none=True)
@@ -344,11 +363,13 @@ class DistillationMixin:
             if self.hidden_projections and str(student_layer) in self.hidden_projections:
                 projection = self.hidden_projections[str(student_layer)]
                 if not self._projections_fitted:
+                    if not training:  # an evaluation before training: a copy fitted on this batch; training fits its own
+                        projection = copy.deepcopy(projection)
                     _fit_projection(projection, s, t, mask)
                 s = projection(s)
             error = (s - t).pow(2).mean(-1)
             losses.append(error[mask.bool()].mean() if mask is not None else error.mean())
-        self._projections_fitted = True
+        self._projections_fitted = self._projections_fitted or training
         return torch.stack(losses).mean()
 
 
@@ -392,28 +413,35 @@ class DistillationTrainer(DistillationMixin, Trainer):
 
 
 def add_teacher_top_k(dataset: Any, teacher: nn.Module, k: int = 64, batch_size: int = 8) -> Any:
-    """``dataset`` (a ``datasets.Dataset`` with ``input_ids`` of equal length) with the teacher's top-k
+    """``dataset`` (a ``datasets.Dataset`` with ``input_ids``, of any lengths) with the teacher's top-k
     logits per position as two columns; ``datasets`` writes them to its Arrow cache on disk
     (``save_to_disk`` keeps them), so training needs no resident teacher."""
     device = next(teacher.parameters()).device
     teacher.eval()
 
     def annotate(batch: dict[str, list]) -> dict[str, list]:
+        # Rows of different lengths run padded on the right (causal attention: a row's positions never see
+        # the padding after them), then each row's results are cut back to its own length.
+        lengths = [len(ids) for ids in batch["input_ids"]]
+        longest = max(lengths)
+        masks = batch.get("attention_mask") or [[1] * n for n in lengths]
         with torch.no_grad():
-            ids = torch.tensor(batch["input_ids"], device=device)
-            mask = torch.tensor(batch["attention_mask"], device=device) if "attention_mask" in batch else None
+            ids = torch.tensor([row + [0] * (longest - len(row)) for row in batch["input_ids"]], device=device)
+            mask = torch.tensor([row + [0] * (longest - len(row)) for row in masks], device=device)
             indices, values = top_k_logits(teacher(input_ids=ids, attention_mask=mask).logits, k)
-        return {TOP_K_INDICES: indices.int().cpu().tolist(), TOP_K_LOGITS: values.float().cpu().tolist()}
+        indices, values = indices.int().cpu().tolist(), values.float().cpu().tolist()
+        return {TOP_K_INDICES: [row[:n] for row, n in zip(indices, lengths)], TOP_K_LOGITS: [row[:n] for row, n in zip(values, lengths)]}
 
     return dataset.map(annotate, batched=True, batch_size=batch_size, desc="Teacher top-k logits")
 
 
 class TopKPadding:
-    """A Trainer's collator, plus the stored teacher columns padded to the batch's length on the
-    tokenizer's padding side (padded positions have label -100, so the loss never reads them)."""
+    """A Trainer's collator, plus the stored teacher columns padded to the batch's length on the side
+    the collator padded each row's tokens (collators differ: TRL's pads right whatever the tokenizer
+    says). Padded positions are never distilled (``compute_loss``)."""
 
-    def __init__(self, collator: Any, padding_side: str) -> None:
-        self.collator, self.padding_side = collator, padding_side
+    def __init__(self, collator: Any) -> None:
+        self.collator = collator
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
         if any(TOP_K_INDICES not in feature for feature in features):
@@ -422,6 +450,7 @@ class TopKPadding:
                 "the Trainer every evaluation set (eval_dataset=) before calling precompute_teacher_top_k"
             )
         stored = [(feature.pop(TOP_K_INDICES), feature.pop(TOP_K_LOGITS)) for feature in features]
+        tokens = [list(feature["input_ids"]) for feature in features]
         batch = self.collator(features)
         rows, length = batch["input_ids"].shape
         if rows != len(features):
@@ -432,9 +461,18 @@ class TopKPadding:
         k = len(stored[0][0][0])
         indices = torch.zeros(rows, length, k, dtype=torch.long)
         logits = torch.zeros(rows, length, k)
-        for row, (row_indices, row_logits) in enumerate(stored):
+        for row, ((row_indices, row_logits), row_tokens) in enumerate(zip(stored, tokens)):
             n = len(row_indices)
-            place = slice(0, n) if self.padding_side == "right" else slice(length - n, length)
+            collated = batch["input_ids"][row].tolist()
+            if collated[:n] == row_tokens:
+                place = slice(0, n)
+            elif collated[length - n :] == row_tokens:
+                place = slice(length - n, length)
+            else:
+                raise ValueError(
+                    f"the data collator changed the tokens of batch row {row} (not only padded them): the stored teacher "
+                    "top-k logits cannot be placed beside them; keep the live teacher with this collator"
+                )
             indices[row, place], logits[row, place] = torch.tensor(row_indices), torch.tensor(row_logits)
         return {**batch, TOP_K_INDICES: indices, TOP_K_LOGITS: logits}
 

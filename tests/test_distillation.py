@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from datasets import Dataset, load_from_disk
@@ -503,3 +504,84 @@ def test_exit_recovery_errors_name_the_field(tmp_path):
             model=tiny_model(num_hidden_layers=4), distillation=DistillationConfig(exit_weight=1.0, exit_layer=4),
             args=training_args(tmp_path, 1), train_dataset=dataset(),
         )  # fmt: skip
+
+
+def test_padding_positions_are_not_distilled():
+    """Position t predicts token t + 1: a left-padded row's last pad position had a labelled next token and was
+    distilled against whatever the teacher (or the zero-filled cache) held there."""
+    from optimum_prune.distillation import distilled_labels
+
+    labels = torch.tensor([[-100, -100, 5, 6], [3, 4, 5, -100]])
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0]])
+    assert distilled_labels({"labels": labels, "attention_mask": mask}).tolist() == [[-100, -100, -100, 6], [3, 4, 5, -100]]
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_stored_top_k_follow_the_side_the_collator_padded(side):
+    """The side came from the tokenizer, which TRL's collator ignores (it pads right): a left-padding tokenizer
+    put every short row's stored teacher logits beside the wrong tokens."""
+    from optimum_prune.distillation import TopKPadding
+
+    def collate(features):
+        longest = max(len(f["input_ids"]) for f in features)
+        pad = lambda row, value: [value] * (longest - len(row)) + row if side == "left" else row + [value] * (longest - len(row))  # noqa: E731
+        return {
+            "input_ids": torch.tensor([pad(f["input_ids"], 0) for f in features]),
+            "labels": torch.tensor([pad(f["input_ids"], -100) for f in features]),
+        }
+
+    features = [
+        {"input_ids": [5, 6, 7], "teacher_top_k_indices": [[1], [2], [3]], "teacher_top_k_logits": [[1.0], [2.0], [3.0]]},
+        {"input_ids": [8], "teacher_top_k_indices": [[4]], "teacher_top_k_logits": [[4.0]]},
+    ]
+    batch = TopKPadding(collate)(features)
+    expected = [[4], [0], [0]] if side == "right" else [[0], [0], [4]]
+    assert batch["teacher_top_k_indices"][1].tolist() == expected and batch["teacher_top_k_indices"][0].tolist() == [[1], [2], [3]]
+
+
+def test_teacher_top_k_of_rows_of_different_lengths_in_one_batch_equal_one_row_at_a_time():
+    teacher = tiny_model(seed=0)
+    rows = Dataset.from_dict({"input_ids": [list(range(5, 21)), list(range(30, 39))]})
+    together, alone = add_teacher_top_k(rows, teacher, k=4, batch_size=2), add_teacher_top_k(rows, teacher, k=4, batch_size=1)
+    assert [len(row) for row in together["teacher_top_k_indices"]] == [16, 9]
+    assert together["teacher_top_k_indices"] == alone["teacher_top_k_indices"]
+    torch.testing.assert_close(torch.tensor(together[1]["teacher_top_k_logits"]), torch.tensor(alone[1]["teacher_top_k_logits"]))
+
+
+def test_evaluation_gets_logits_and_fits_no_projection(tmp_path):
+    """Hidden states the losses asked for reached compute_metrics as predictions (a tuple), and an evaluation
+    before training fitted the width projections on its evaluation batch for good."""
+    teacher = tiny_model(seed=0)
+    student = copy.deepcopy(teacher)
+    prune(student, PruningConfig(method="slicegpt", sparsity=0.25), calibration=token_windows())
+    config = DistillationConfig(temperature=1.0, hidden_weight=1.0)
+    seen = []
+    trainer = DistillationTrainer(
+        model=student, teacher=teacher, distillation=config, args=training_args(tmp_path, 1), train_dataset=dataset(),
+        eval_dataset=dataset(samples=4), compute_metrics=lambda prediction: seen.append(prediction.predictions) or {},
+    )  # fmt: skip
+    before = trainer.hidden_projections["0"].weight.detach().clone()
+    trainer.evaluate()
+    assert isinstance(seen[0], np.ndarray) and seen[0].shape == (4, 16, teacher.config.vocab_size)
+    assert torch.equal(trainer.hidden_projections["0"].weight, before) and not trainer._projections_fitted
+
+
+def test_exit_recovery_with_perp_and_a_batch_without_labels(tmp_path):
+    """PERP wraps the linears before the exit-layer check read their widths (it failed), and a micro-batch with
+    no labelled token made the label term 0/0, the logged loss NaN."""
+    from optimum_prune import PERPConfig
+
+    _, student = teacher_student()
+    ids = token_windows(samples=8, seq_len=16, seed=3)
+    labels = ids.clone()
+    labels[4:] = -100  # the second batch of 4 has no label
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
+    config = DistillationConfig(kd_weight=0.0, label_weight=1.0, exit_weight=0.5, exit_layer=1)
+    args = training_args(tmp_path, 2)
+    args.dataloader_drop_last, args.seed = True, 0
+    trainer = DistillationTrainer(
+        model=student, distillation=config, args=args, train_dataset=data, callbacks=[PruningCallback(perp=PERPConfig(rank=2))]
+    )
+    trainer.train()
+    assert all(np.isfinite(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry)
+    assert verify_sparsity(student, "2:4")["conforming"]
