@@ -10,7 +10,8 @@ The loss (Hinton et al. 2015; Minitron, Muralidharan et al. 2024) mixes
   and an input that is not padding;
 - ``label_weight`` × the student's own cross-entropy on the labels;
 - ``hidden_weight`` × the mean squared error between student and teacher hidden states of the
-  layers in ``layer_map`` (student layer → teacher layer; identity when depths match). Head- and
+  layers in ``layer_map`` (student layer → teacher layer; identity when depths match), each layer's
+  output before the final norm (transformers returns the last one's after it). Head- and
   channel-pruned students keep the residual width, so their states are compared as they are (the
   identity projection); where the width differs (SliceGPT slices and rotates the residual stream)
   the student's state goes through a learned linear map to the teacher's width first (Minitron's
@@ -286,7 +287,7 @@ class DistillationMixin:
         unwrapped = self.accelerator.unwrap_model(model)  # DDP's wrapper hides the model's structure
         dropping = layer_dropout(unwrapped, config.layer_dropout) if model.training and config.layer_dropout else nullcontext()
         model_inputs = {**inputs, "output_hidden_states": hidden or bool(config.exit_weight)}
-        with dropping:
+        with dropping, (last_layer_output(unwrapped) if hidden else nullcontext([])) as student_last:
             if config.label_weight:  # the Trainer's own label loss (label smoothing; a subclass's, e.g. SFTTrainer's metrics)
                 label_loss, outputs = super().compute_loss(model, model_inputs, return_outputs=True)  # this micro-batch's mean
             else:  # the model need not compute a label loss (it upcasts every logit to fp32 for it)
@@ -303,7 +304,8 @@ class DistillationMixin:
             if config.kd_weight:
                 loss = loss + config.kd_weight * kd_loss(outputs.logits, logits.to(outputs.logits.device), labels, config.temperature, indices)
             if hidden:
-                loss = loss + config.hidden_weight * self._hidden_loss(outputs.hidden_states, teacher_outputs, inputs)
+                student_hidden = (*outputs.hidden_states[:-1], student_last[0])
+                loss = loss + config.hidden_weight * self._hidden_loss(student_hidden, teacher_outputs.hidden_states, inputs)
         if num_items_in_batch is not None:
             loss = loss * self._share_of_step(labels, num_items_in_batch)
         if return_outputs and not inputs.get("output_hidden_states") and outputs.get("hidden_states") is not None:
@@ -338,7 +340,10 @@ class DistillationMixin:
         device = next(self.teacher.parameters()).device
         with torch.no_grad():
             teacher_inputs = {name: value.to(device) for name, value in inputs.items() if name != "labels"}
-            teacher_outputs = self.teacher(**teacher_inputs, output_hidden_states=hidden)
+            with last_layer_output(self.teacher) if hidden else nullcontext([]) as teacher_last:
+                teacher_outputs = self.teacher(**teacher_inputs, output_hidden_states=hidden)
+        if hidden:
+            teacher_outputs.hidden_states = (*teacher_outputs.hidden_states[:-1], teacher_last[0])
         logits = teacher_outputs.logits
         indices = None
         if self.distillation.top_k is not None:
@@ -346,8 +351,7 @@ class DistillationMixin:
             indices = indices.to(inputs["labels"].device)
         return teacher_outputs, indices, logits
 
-    def _hidden_loss(self, student_hidden: tuple[torch.Tensor, ...], teacher_outputs: Any, inputs: dict[str, Any]) -> torch.Tensor:
-        teacher_hidden = teacher_outputs.hidden_states
+    def _hidden_loss(self, student_hidden: tuple[torch.Tensor, ...], teacher_hidden: tuple[torch.Tensor, ...], inputs: dict[str, Any]) -> torch.Tensor:
         # hidden_states[0] is the embedding output; layer i's output is hidden_states[i + 1].
         layer_map = self.distillation.layer_map or _identity_map(len(student_hidden) - 1, len(teacher_hidden) - 1)
         mask = inputs.get("attention_mask")
@@ -371,6 +375,23 @@ class DistillationMixin:
             losses.append(error[mask.bool()].mean() if mask is not None else error.mean())
         self._projections_fitted = self._projections_fitted or training
         return torch.stack(losses).mean()
+
+
+@contextmanager
+def last_layer_output(model: nn.Module) -> Iterator[list[torch.Tensor]]:
+    """While active, the yielded list receives the last decoder layer's output at each forward: transformers
+    returns the last layer's hidden state after the final norm and every other before it, so a student's last
+    layer mapped to a teacher's middle one compared a normalised state with a raw one."""
+    captured: list[torch.Tensor] = []
+
+    def keep(_module: nn.Module, _args: tuple, output: Any) -> None:
+        captured.append(output[0] if isinstance(output, tuple) else output)
+
+    handle = get_adapter(model).decoder_layers()[-1].register_forward_hook(keep)
+    try:
+        yield captured
+    finally:
+        handle.remove()
 
 
 def layer_dropout_rates(num_layers: int, p_max: float) -> list[float]:
