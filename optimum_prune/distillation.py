@@ -169,6 +169,12 @@ def distilled_labels(inputs: dict[str, Any]) -> torch.Tensor:
     return torch.cat([labels[..., :1], shifted], dim=-1)
 
 
+def _attended(inputs: dict[str, Any]) -> torch.Tensor:
+    """Which positions of a batch hold tokens (its attention mask; all of them without one)."""
+    mask = inputs.get("attention_mask")
+    return mask.bool() if mask is not None else torch.ones_like(inputs["input_ids"], dtype=torch.bool)
+
+
 def top_k_logits(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(indices, values) of the ``k`` largest logits per position."""
     values, indices = logits.topk(k, dim=-1)
@@ -225,6 +231,7 @@ class DistillationMixin:
                     )
         self._projections_fitted = False
         self._projection_gradients_step: int | None = None
+        self._attended_in_step: Any = None  # the step's attended positions (see _get_num_items_in_batch)
 
     def precompute_teacher_top_k(self, batch_size: int = 1) -> None:
         """Store the teacher's top-k logits (``DistillationConfig.top_k``) with the training and evaluation
@@ -303,11 +310,16 @@ class DistillationMixin:
             teacher_outputs, indices, logits = self._teacher_targets(inputs, cached, hidden)
             if config.kd_weight:
                 loss = loss + config.kd_weight * kd_loss(outputs.logits, logits.to(outputs.logits.device), labels, config.temperature, indices)
-            if hidden:
-                student_hidden = (*outputs.hidden_states[:-1], student_last[0])
-                loss = loss + config.hidden_weight * self._hidden_loss(student_hidden, teacher_outputs.hidden_states, inputs)
-        if num_items_in_batch is not None:
-            loss = loss * self._share_of_step(labels, num_items_in_batch)
+        hidden_term = None
+        if hidden:
+            student_hidden = (*outputs.hidden_states[:-1], student_last[0])
+            hidden_term = config.hidden_weight * self._hidden_loss(student_hidden, teacher_outputs.hidden_states, inputs)
+        if num_items_in_batch is not None:  # each term weighs by this micro-batch's share of what it averages over
+            loss = loss * self._share_of_step((labels[:, 1:] != -100).sum(), num_items_in_batch)
+            if hidden_term is not None:
+                hidden_term = hidden_term * self._share_of_step(_attended(inputs).sum(), self._attended_in_step)
+        if hidden_term is not None:
+            loss = loss + hidden_term
         if return_outputs and not inputs.get("output_hidden_states") and outputs.get("hidden_states") is not None:
             # asked for by the losses only: evaluation would gather them with the logits as predictions
             outputs = type(outputs)(**{name: value for name, value in outputs.items() if name != "hidden_states"})
@@ -315,15 +327,18 @@ class DistillationMixin:
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Any:
         """The step's labelled next-token positions, which the losses average over (the Trainer counts
-        unshifted labels), over its micro-batches and, with ``average_tokens_across_devices``, processes."""
+        unshifted labels), over its micro-batches and, with ``average_tokens_across_devices``, processes;
+        with a hidden-state term, its attended positions too (``_attended_in_step``), which that term averages over."""
+        if self.distillation.hidden_weight:  # counted as labels are: the Trainer's count also gathers over processes
+            attended = [{"labels": torch.where(_attended(batch), 0, -100)} for batch in batch_samples]
+            self._attended_in_step = super()._get_num_items_in_batch(attended, device)
         return super()._get_num_items_in_batch([{"labels": distilled_labels(batch)[..., 1:]} for batch in batch_samples if "labels" in batch], device)
 
-    def _share_of_step(self, labels: torch.Tensor, num_items_in_batch: Any) -> torch.Tensor:
-        """The weight that turns this micro-batch's means into its part of means over the whole step: its
-        labelled positions over the step's, times the processes when the count spans them (DDP averages
-        gradients), as the Trainer scales its own loss. The hidden-state term (a mean over attended
-        positions) is weighted by the same share."""
-        share = (labels[:, 1:] != -100).sum() / torch.as_tensor(num_items_in_batch, device=labels.device).clamp(min=1)
+    def _share_of_step(self, count: torch.Tensor, step_total: Any) -> torch.Tensor:
+        """The weight that turns this micro-batch's mean into its part of a mean over the whole step: the
+        positions it averaged over (``count``) over the step's, times the processes when the count spans them
+        (DDP averages gradients), as the Trainer scales its own loss."""
+        share = count / torch.as_tensor(step_total, device=count.device).clamp(min=1)
         if self.args.average_tokens_across_devices:
             share = share * (self.accelerator.num_processes if self.args.n_gpu <= 1 else self.args.n_gpu)
         return share

@@ -151,17 +151,21 @@ def test_training_moves_the_student_towards_a_frozen_teacher_and_keeps_the_masks
     assert verify_sparsity(student, "2:4")["conforming"]
 
 
-def test_gradient_accumulation_averages_over_the_steps_labelled_tokens(tmp_path):
+@pytest.mark.parametrize("config", [
+    DistillationConfig(temperature=1.0, label_weight=0.5, exit_weight=0.5, exit_layer=1),
+    DistillationConfig(kd_weight=0.0, hidden_weight=1.0),
+])  # fmt: skip
+def test_gradient_accumulation_averages_over_the_steps_labelled_tokens(tmp_path, config):
     """As transformers' own loss under gradient accumulation: one batch of 4 and two accumulated batches
     of 2 log the same loss and leave the same weights, also when the samples hold different numbers of
-    labelled tokens (every pairing here gives the two micro-batches different counts)."""
+    labelled tokens (every pairing here gives the two micro-batches different counts). The hidden-state
+    term, a mean over attended positions, weighs by its share of those (it took the labelled share)."""
     teacher, _ = teacher_student()
     ids = token_windows(samples=4, seq_len=16, seed=5)
     labels = ids.clone()
     for row, labelled in enumerate((16, 10, 5, 2)):
         labels[row, : 16 - labelled] = -100
     train_dataset = Dataset.from_dict({"input_ids": ids.tolist(), "labels": labels.tolist()})
-    config = DistillationConfig(temperature=1.0, label_weight=0.5, exit_weight=0.5, exit_layer=1)
     runs = []
     for batch, accumulation in ((4, 1), (2, 2)):
         student = teacher_student()[1]
