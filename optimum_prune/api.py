@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -337,14 +338,30 @@ class _PruningRun:
             with residency(index, layers[index]):
                 if not self._resumed(index, layer_targets[index], report):
                     pruners = {name: self.method.create(linear, self.method_options) for name, linear in self.targets[index].items()}
-                    _finish(pruners, self.part, index, dict.fromkeys(pruners, layer_targets[index]), report)
+                    with self._noting(index, report):
+                        _finish(pruners, self.part, index, dict.fromkeys(pruners, layer_targets[index]), report)
+
+    @contextmanager
+    def _noting(self, index: int, report: PruningReport) -> Iterator[None]:
+        """Offloaded: what pruning layer ``index`` adds to ``report`` goes into its shard, for a resumed run."""
+        linears, unrouted = len(report.linears), len(report.unrouted)
+        yield
+        if self.offload is not None:
+            rows = [asdict(row) for row in report.linears[linears:]]
+            self.offload.note(index, {"linears": rows, "unrouted": report.unrouted[unrouted:], "policy": report.unrouted_policy})
 
     def _resumed(self, index: int, target: SparsityTarget, report: PruningReport) -> bool:
         """Whether layer ``index`` was pruned by an earlier, interrupted offloaded run (then it is
-        reported as found, not pruned again)."""
+        reported as that run reported it, not pruned again)."""
         if self.offload is None or not self.offload.finished(index):
             return False
-        fraction = target.sparsity if isinstance(target, NMPattern) else target
+        noted = self.offload.noted(index)
+        if noted is not None:
+            report.linears.extend(LinearReport(**row) for row in noted["linears"])
+            if noted["unrouted"]:
+                report.record_unrouted(noted["unrouted"], noted["policy"])
+            return True
+        fraction = target.sparsity if isinstance(target, NMPattern) else target  # a shard written before notes were kept
         for name, linear in self.targets[index].items():
             weight = linear.weight
             report.linears.append(LinearReport(name, index, fraction, int((weight == 0).sum()) / weight.numel(), weight.numel(), self.part))
@@ -407,8 +424,9 @@ class _PruningRun:
                 tokens = _summed_counts(tokens)
                 for pruner in pruners.values():
                     pruner.synchronize()
-            self._handle_unrouted(pruners, [name for name, count in tokens.items() if count == 0], report)
-            _finish(pruners, self.part, index, self._linear_targets(layer, linears, tokens, layer_targets[index]), report)
+            with self._noting(index, report):
+                self._handle_unrouted(pruners, [name for name, count in tokens.items() if count == 0], report)
+                _finish(pruners, self.part, index, self._linear_targets(layer, linears, tokens, layer_targets[index]), report)
 
         return visit
 

@@ -46,6 +46,7 @@ INDEX_NAME = "model.safetensors.index.json"
 REST_SHARD = "model-rest.safetensors"
 RUN_RECORD = "streaming-run.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".npz")
+NOTE_KEY = "optimum_prune_layer_report"  # in a layer shard's metadata: what its pruning reported (transformers reads only "format")
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
@@ -105,6 +106,16 @@ class LayerStream:
     def __init__(self, reader: CheckpointReader, staging: Path, layer_names: list[str], device: torch.device, dtype: torch.dtype):
         self.reader, self.staging, self.layer_names, self.device, self.dtype = reader, staging, layer_names, device, dtype
         self.unknown_reported = False
+        self.notes: dict[int, str] = {}
+
+    def note(self, index: int, note: dict[str, Any]) -> None:
+        """What layer ``index``'s pruning reported: saved in its shard's metadata, read back by ``noted``."""
+        self.notes[index] = json.dumps(note)
+
+    def noted(self, index: int) -> dict[str, Any] | None:
+        with opened(self.shard(index)) as handle:
+            note = (handle.metadata() or {}).get(NOTE_KEY)
+        return None if note is None else json.loads(note)
 
     def shard(self, index: int) -> Path:
         return self.staging / f"model-layer-{index:05d}.safetensors"
@@ -161,7 +172,8 @@ class LayerStream:
     def _save(self, index: int, layer: nn.Module, prefix: str) -> None:
         tensors = {f"{prefix}.{name}": t.detach().contiguous().cpu() for name, t in layer.state_dict().items()}
         temporary = self.staging / f".{self.shard(index).name}.tmp"
-        save_file(tensors, temporary, metadata={"format": "pt"})
+        note = self.notes.pop(index, None)
+        save_file(tensors, temporary, metadata={"format": "pt", **({NOTE_KEY: note} if note is not None else {})})
         os.replace(temporary, self.shard(index))
 
 

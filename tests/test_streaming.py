@@ -108,6 +108,21 @@ def test_resume_after_a_kill_gives_the_uninterrupted_checkpoint(sharded, tmp_pat
     assert_same_weights(AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict(), pruned_in_memory(sharded, config, windows))
 
 
+def test_a_resumed_run_reports_the_finished_layers_as_they_were_pruned(tmp_path, monkeypatch):
+    """Finished layers were re-measured from their weights: experts left dense (no calibration token) were counted
+    as pruned at the layer's target and dropped from the unrouted list (overall 0.26 for 0.5)."""
+    from .adapters.test_moe import tiny_moe
+
+    tiny_moe("mixtral", num_local_experts=16, num_experts_per_tok=1, num_hidden_layers=2).save_pretrained(tmp_path / "moe")
+    config = PruningConfig(method="wanda", sparsity=0.5, moe_options={"unrouted_experts": "dense"})
+    windows = token_windows(2, 4)
+    full = prune_checkpoint(tmp_path / "moe", tmp_path / "full", config, calibration=windows)
+    _killed_while_saving(tmp_path / "moe", tmp_path, monkeypatch, 1, config, calibration=windows)
+    resumed = prune_checkpoint(tmp_path / "moe", tmp_path / "out", config, calibration=windows)
+    assert full.unrouted and resumed.unrouted == full.unrouted and resumed.linears == full.linears
+    assert resumed.overall_sparsity == full.overall_sparsity
+
+
 @pytest.mark.parametrize(
     "changed, differing",
     [
