@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from typing import Any, Union
 
@@ -45,7 +46,7 @@ from .expert_dropping import ExpertDroppingCallback, ExpertDroppingSchedule
 from .adapters import get_adapter
 from .distributed import all_reduce_sum
 from .ignoring import check_ignore_patterns
-from .masks import SparsityMasks
+from .masks import SparsityMasks, prunable_linears
 from .sparsity_metadata import drop_sparsity_metadata
 from .perp import PERPConfig, PERPSummary, merge_perp, prepare_perp
 from .sparsity import NMPattern, SparsityTarget, normalise_sparsity, select_mask
@@ -242,6 +243,8 @@ class PruningCallback(TrainerCallback):
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self._run_schedule: GradualSchedule | IterativeSchedule | None = None  # ``schedule`` resolved for the current run
         self._deferred = False
+        self._scheduled: list[str] = []
+        self._routing = ExitStack()  # the MoE routing decisions observed while a wanda schedule runs
 
     # --- Trainer events ----------------------------------------------------------------
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module = None, **kwargs: Any) -> None:
@@ -270,6 +273,7 @@ class PruningCallback(TrainerCallback):
             )
         check_ignore_patterns(get_adapter(model), self.ignore, "PruningCallback ignore")
         self.masks = SparsityMasks.from_zeros(model, self.ignore)
+        self._scheduled = list(prunable_linears(model, self.ignore))  # what a schedule prunes: not the routers
         if self.experts is not None:
             self.experts.on_train_begin(args, state, control, model=model, **kwargs)
         if not self.masks.linears:
@@ -282,7 +286,7 @@ class PruningCallback(TrainerCallback):
                 self._observe_inputs(model)
                 # A pruning step due at the start, before any activation, runs after the first training
                 # step (a resumed run already took the one of its checkpoint's step).
-                self._deferred = state.global_step == 0 and self._run_schedule.prunes_at(0)
+                self._deferred = state.global_step == 0 and self._run_schedule.prunes_at(0) and self._run_schedule.target_at(0) != 0.0
                 self._warn_if_resumed_mid_interval(state.global_step)
             elif self._run_schedule.prunes_at(state.global_step):
                 self._prune(state.global_step)
@@ -314,12 +318,14 @@ class PruningCallback(TrainerCallback):
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        self._routing.close()
         if self.experts is not None:
             self.experts.on_train_end(args, state, control, model=model, **kwargs)
         if self.perp is not None:
             merged = merge_perp(model)
             for name, parameter in model.named_parameters():  # trainable as before PERP froze it
                 parameter.requires_grad_(self._trainable.get(name, True))
+            self.perp_summary, self._trainable = None, {}  # a next Trainer given this callback prepares its model anew
             logger.info("PruningCallback: merged %d PERP adapters", merged)
 
     # --- gradual pruning ------------------------------------------------------------------
@@ -353,12 +359,18 @@ class PruningCallback(TrainerCallback):
     def _observe_inputs(self, model: nn.Module) -> None:
         real_tokens = RealTokens(model)
         self._hooks.append(real_tokens.handle)
-        for name, linear in self.masks.linears.items():
+        adapter = get_adapter(model)
+        # Which tokens each expert receives (the MoE routers' decisions): to leave their padded positions out too
+        routings = [self._routing.enter_context(adapter.routed_tokens(layer)) for layer in adapter.decoder_layers()]
+        routing_of = {prefix: routing for prefix, routing in zip(adapter.layer_names(), routings)}
+        for name in self._scheduled:
+            linear = self.masks.linears[name]
             self._norms[name] = ColumnNorms(linear.in_features, linear.weight.device)
+            routing = next(routing for prefix, routing in routing_of.items() if name.startswith(prefix + "."))
 
-            def record(module: nn.Module, args: tuple, name: str = name) -> None:
+            def record(module: nn.Module, args: tuple, name: str = name, routing: Any = routing) -> None:
                 if module.training:
-                    self._norms[name].add(real_tokens.of(args[0].detach()))
+                    self._norms[name].add(real_tokens.of(args[0].detach(), routing.positions(module)))
 
             self._hooks.append(linear.register_forward_pre_hook(record))
 
@@ -372,8 +384,8 @@ class PruningCallback(TrainerCallback):
             all_reduce_sum(tokens, *(norms.squared for norms in self._norms.values()))
             for norms, total in zip(self._norms.values(), tokens.tolist()):
                 norms.tokens = total
-        for name, linear in self.masks.linears.items():
-            scores = self._scores(name, linear)
+        for name in self._scheduled:
+            scores = self._scores(name, self.masks.linears[name])
             # Already-pruned weights stay pruned: they score below every kept weight.
             scores[self.masks.pruned[name]] = -1.0
             pruned = select_mask(scores, target, per_row=self._run_schedule.score == "wanda")
@@ -385,8 +397,9 @@ class PruningCallback(TrainerCallback):
         if self._run_schedule.score == "magnitude":
             return linear.weight.detach().abs().float()
         norms = self._norms[name]
-        if norms.tokens == 0:
-            raise RuntimeError(f"PruningCallback: no training inputs reached {name} before pruning step; use score='magnitude'")
+        if norms.tokens == 0:  # an MoE expert no token was routed to since the previous step: its weights alone
+            logger.info("PruningCallback: no training token reached %s since the previous pruning step: scored by magnitude", name)
+            return linear.weight.detach().abs().float()
         scores = wanda_scores(linear.weight, norms)
         self._norms[name] = ColumnNorms(linear.in_features, linear.weight.device)  # next interval starts afresh
         return scores

@@ -20,9 +20,9 @@ from .adapters import get_adapter
 from .ignoring import is_ignored
 
 
-def prunable_linears(model: nn.Module, ignore: Iterable[str] = ()) -> dict[str, nn.Linear]:
-    """The decoder layers' linears by qualified name, minus MoE routers (dense, as ``prune`` leaves them)
-    and ``ignore`` glob matches.
+def prunable_linears(model: nn.Module, ignore: Iterable[str] = (), include_routers: bool = False) -> dict[str, nn.Linear]:
+    """The decoder layers' linears by qualified name, minus ``ignore`` glob matches and, unless
+    ``include_routers``, MoE routers (``prune`` leaves them dense unless asked).
 
     Works through a peft wrapper: a tuner layer (e.g. LoRA) contributes its base linear under
     the name the unwrapped model gives it, and its own small adapter linears are skipped.
@@ -31,7 +31,7 @@ def prunable_linears(model: nn.Module, ignore: Iterable[str] = ()) -> dict[str, 
     patterns = tuple(ignore)
     found: dict[str, nn.Linear] = {}
     for prefix, layer in zip(adapter.layer_names(), adapter.decoder_layers()):
-        routers = {id(_base_layer(router)) for router in adapter.routers(layer)}
+        routers = set() if include_routers else {id(_base_layer(router)) for router in adapter.routers(layer)}
         for name, linear in _unwrapped_linears(layer):
             qualified = f"{prefix}.{name}"
             if id(linear) not in routers and not is_ignored(qualified, patterns):
@@ -70,9 +70,10 @@ class SparsityMasks:
         """Masks of the weights that are exactly zero now (a pruned checkpoint's zeros).
 
         Zeros the weights already had before pruning (e.g. ~0.03 % of a dequantised GGUF model)
-        are kept too: every zero counts, as ``verify_sparsity`` counts them.
+        are kept too: every zero counts, as ``verify_sparsity`` counts them; so are a router's
+        (``moe_options.prune_router``).
         """
-        linears = prunable_linears(model, ignore)
+        linears = prunable_linears(model, ignore, include_routers=True)
         return cls(linears, {name: linear.weight.detach() == 0 for name, linear in linears.items()})
 
     def set(self, name: str, pruned: torch.Tensor) -> None:

@@ -125,7 +125,15 @@ def _perp_targets(model: nn.Module, config: PERPConfig) -> list[tuple[str, nn.Li
             f"PERPConfig.target_modules {', '.join(map(repr, unmatched))} match no linear of {type(model).__name__}, "
             f"whose linears are named {', '.join(sorted(present))}"
         )
-    return [(name, module) for name, module in linears if name.rsplit(".", 1)[-1] in config.target_modules]
+    targets = [(name, module) for name, module in linears if name.rsplit(".", 1)[-1] in config.target_modules]
+    shared = {id(p) for module in model.modules() if not isinstance(module, nn.Linear) for p in module.parameters(recurse=False)}
+    tied = [name for name, module in targets if id(module.weight) in shared]
+    if tied:  # merging writes the weight in place: the tied embeddings would change with it
+        raise ValueError(
+            f"PERPConfig.target_modules: {', '.join(tied)} shares its weight with the input embeddings "
+            "(tie_word_embeddings); leave it out of target_modules"
+        )
+    return targets
 
 
 def prepare_perp(model: nn.Module, config: PERPConfig | None = None) -> PERPSummary:

@@ -61,11 +61,17 @@ class RealTokens:
         padded = isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all())
         self.mask = mask.bool() if padded else None
 
-    def of(self, values: torch.Tensor) -> torch.Tensor:
-        """``values`` laid out per position (``[batch, seq, ...]``) at the real positions only."""
-        if self.mask is None or values.shape[:2] != self.mask.shape:
+    def of(self, values: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+        """``values`` at the real positions only: laid out per position (``[batch, seq, ...]`` or flattened to
+        ``[batch·seq, ...]``), or one row per entry of ``positions`` (an expert's tokens, as batch·seq indices)."""
+        if self.mask is None:
             return values
-        return values[self.mask.to(values.device)]
+        flat = self.mask.reshape(-1).to(values.device)
+        if positions is not None:
+            return values.reshape(-1, values.shape[-1])[flat[positions.to(values.device)]]
+        if values.shape[:2] == self.mask.shape:
+            return values[self.mask.to(values.device)]
+        return values[flat] if values.shape[0] == flat.numel() else values
 
     def of_routing(self, logits: torch.Tensor) -> torch.Tensor:
         """Router logits at the real positions only: laid out per position, or (as most MoE blocks

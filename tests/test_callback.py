@@ -375,6 +375,69 @@ def test_wanda_scores_count_no_padding(tmp_path):
     assert torch.allclose(norms.squared, torch.cat(seen).square().sum(0), rtol=1e-4)
 
 
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
+def test_wanda_scores_of_experts_count_no_padding(tmp_path, family):
+    """Experts receive their tokens gathered ([k, hidden]) and Qwen2-MoE's shared expert flattened ([batch·seq,
+    hidden]): neither matched the mask's layout, so the padded positions routed to them were counted."""
+    from .adapters.test_moe import tiny_moe
+
+    model = tiny_moe(family)
+    callback = PruningCallback(GradualSchedule(final_sparsity=0.5, start_step=10, end_step=20, score="wanda"))
+    train_on_padded_batches(model, tmp_path, callback)
+    modules, seen = dict(model.named_modules()), {}
+    hooks = [modules[name].register_forward_pre_hook(lambda _m, args, name=name: seen.setdefault(name, []).append(args[0].reshape(-1, args[0].shape[-1])))
+             for name in callback._norms]  # fmt: skip
+    model.train()  # as recorded (these configs have no dropout)
+    with torch.no_grad():
+        for sample in padded_batches_dataset()["input_ids"]:
+            model(torch.tensor([sample]))
+    for hook in hooks:
+        hook.remove()
+    for name, norms in callback._norms.items():
+        inputs = torch.cat(seen[name]) if name in seen else torch.zeros(0, norms.squared.numel())
+        assert norms.tokens == inputs.shape[0], name
+        torch.testing.assert_close(norms.squared.float(), inputs.square().sum(0), rtol=1e-4, atol=1e-5)
+
+
+def test_a_wanda_schedule_starting_at_zero_adds_no_pruning_step(tmp_path):
+    """A step-0 target of 0 made the deferred first step prune at step 1 to s(1), after one batch."""
+    model = pruned_tiny(0.0)
+    callback = PruningCallback(GradualSchedule(final_sparsity=0.5, start_step=0, end_step=6, every=3, score="wanda"))
+    pruned_at = []
+    original = callback._prune
+    callback._prune = lambda step: pruned_at.append((step, round(callback._run_schedule.target_at(step), 4))) or original(step)
+    run_trainer(model, tmp_path, callbacks=[callback], steps=6)
+    assert [step for step, target in pruned_at if target] == [3, 6]
+
+
+def test_wanda_schedules_score_an_expert_that_got_no_token_by_its_weights(tmp_path):
+    """Many experts, top-1 and small batches leave some expert without a token between two pruning steps: the
+    schedule stopped with an error mid-run."""
+    from .adapters.test_moe import tiny_moe
+
+    model = tiny_moe(num_local_experts=16, num_experts_per_tok=1)
+    callback = PruningCallback(GradualSchedule(final_sparsity=0.5, start_step=0, end_step=2, every=1, score="wanda"))
+    run_trainer(model, tmp_path, callbacks=[callback], steps=2)
+    experts = [m for name, m in model.named_modules() if ".experts." in name and isinstance(m, torch.nn.Linear)]
+    assert all(0.45 < float((m.weight == 0).float().mean()) < 0.55 for m in experts)
+
+
+def test_router_zeros_are_kept_in_training_and_lora_merges(tmp_path):
+    """Routers pruned with prune_router lost their zeros once schedules stopped pruning routers."""
+    from peft import LoraConfig, get_peft_model
+
+    from .adapters.test_moe import tiny_moe
+
+    model = tiny_moe("mixtral")
+    prune(model, PruningConfig(method="magnitude", sparsity=0.5, moe_options={"prune_router": True}))
+    run_trainer(model, tmp_path, callbacks=[PruningCallback()], steps=2)
+    routers = [layer.block_sparse_moe.gate.weight for layer in model.model.layers]
+    assert all(float((weight == 0).float().mean()) == 0.5 for weight in routers)
+    lora = get_peft_model(model, LoraConfig(r=2, target_modules=["gate", "q_proj"], init_lora_weights=False))
+    merged = merge_lora_preserving_sparsity(lora)
+    assert all(float((layer.block_sparse_moe.gate.weight == 0).float().mean()) == 0.5 for layer in merged.model.layers)
+
+
 def test_trl_sft_trainer_keeps_masks(tmp_path, bpe_tokenizer):
     trl = pytest.importorskip("trl")
     from optimum_prune.data import wikipedia_articles

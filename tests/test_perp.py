@@ -109,6 +109,26 @@ def test_preparing_twice_is_refused_instead_of_nesting_adapters():
     assert prepare_perp(model, PERPConfig(rank=2)).wrapped == 14
 
 
+def test_a_head_tied_to_the_embeddings_is_refused_as_a_target():
+    """Merging writes the head's weight in place, which changed the tied input embeddings with it."""
+    model = tiny_model(num_hidden_layers=2, tie_word_embeddings=True)
+    with pytest.raises(ValueError, match=r"lm_head shares its weight with the input embeddings \(tie_word_embeddings\)"):
+        prepare_perp(model, PERPConfig(target_modules=("q_proj", "lm_head")))
+    assert all(parameter.requires_grad for parameter in model.parameters())
+
+
+def test_a_callback_reused_for_another_trainer_prepares_its_model_again(tmp_path):
+    """After the first run merged, the next Trainer given the same callback trained the whole model."""
+    from optimum_prune import PruningCallback
+
+    callback = PruningCallback(perp=PERPConfig(lora="mask", rank=2))
+    for run in range(2):
+        model = pruned_model()
+        embedding = model.get_input_embeddings().weight.detach().clone()
+        Trainer(model=model, args=training_args(tmp_path / str(run), 2), train_dataset=dataset(), callbacks=[callback]).train()
+        assert torch.equal(model.get_input_embeddings().weight, embedding)
+
+
 def test_target_modules_as_one_comma_separated_string_match_whole_names():
     """LLaMA-Factory writes lora_target as "gate_proj,up_proj": matched as a substring, it wrapped MoE routers ("gate")."""
     model = tiny_moe("qwen2_moe")

@@ -82,6 +82,11 @@ class TokenRouting:
     def scale(self, linear: nn.Linear, inputs: torch.Tensor) -> torch.Tensor:
         return inputs
 
+    def positions(self, linear: nn.Linear) -> torch.Tensor | None:
+        """The batch·seq positions of the rows ``linear`` just received when it gets a subset of them (an
+        expert); None when it gets them as laid out."""
+        return None
+
 
 ATTENTION_MASKS = "optimum_prune_attention_masks"
 """Key of captured layer arguments holding each attention kind's mask (see ``DecoderAdapter.layer_arguments``)."""

@@ -101,6 +101,12 @@ class ExpertRouting(TokenRouting):
             )
         return flat * weights.to(flat.dtype).unsqueeze(1)
 
+    def positions(self, linear: nn.Linear) -> torch.Tensor | None:
+        if linear not in self.expert_of:
+            return None
+        routing, expert = self.expert_of[linear]
+        return expert_tokens(routing.selected, expert)[1]
+
     @staticmethod
     def token_weights(routing: _BlockRouting, expert: int) -> torch.Tensor:
         """Routing weights of the expert's tokens, in the order the block hands them over."""
