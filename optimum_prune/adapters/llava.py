@@ -31,16 +31,19 @@ from .base import DecoderAdapter, adapter_factory, qualified_name, register_adap
 
 
 class VisionEncoderAdapter(DecoderAdapter):
-    """A CLIP / SigLIP vision transformer's encoder layers.
-
-    With LLaVA's default ``vision_feature_layer=-2`` the last encoder layer's output is computed
-    but never used, so pruning that layer cannot change the model's outputs.
-    """
+    """A CLIP / SigLIP vision transformer's encoder layers that the model reads: with LLaVA's default
+    ``vision_feature_layer=-2`` the last layer's output is computed but never used, so it is neither
+    calibrated nor pruned (nor counted in the part's sparsity or OWL's allocation)."""
 
     required_inputs = ("pixel_values",)
+    layers_read: int = 0  # set by llava_adapter from the config's feature layers
 
     def decoder_layers(self) -> nn.ModuleList:
-        return self.decoder.encoder.layers
+        return nn.ModuleList(list(self.decoder.encoder.layers)[: self.layers_read])
+
+    def layer_names(self) -> list[str]:
+        prefix = qualified_name(self.model, self.decoder.encoder.layers)
+        return [f"{prefix}.{index}" for index in range(self.layers_read)]
 
     def input_modules(self) -> list[nn.Module]:
         pre_norm = getattr(self.decoder, "pre_layrnorm", None)  # CLIP only
@@ -84,9 +87,19 @@ def llava_adapter(model: nn.Module) -> DecoderAdapter:
     adapter = language_factory(model, decoder=inner.language_model, config=model.config.text_config)
     text_embeddings = inner.language_model.get_input_embeddings()
     vision = VisionEncoderAdapter(model, decoder=vision_model, config=model.config.vision_config)
+    vision.layers_read = _layers_read(model.config, len(vision_model.encoder.layers))
     vision.runs_before = [text_embeddings]
     projector = ProjectorAdapter(model, decoder=inner.multi_modal_projector, config=model.config)
     projector.runs_before = [text_embeddings, inner.vision_tower]
     adapter.runs_before = [inner.vision_tower, inner.multi_modal_projector]
     adapter.upstream_parts = {"vision": vision, "projector": projector}
     return adapter
+
+
+def _layers_read(config: Any, num_layers: int) -> int:
+    """How many vision encoder layers feed the image features: the deepest hidden state the model takes
+    (``vision_feature_layer``, or VipLLaVA's ``vision_feature_layers``; hidden state 0 is the embeddings,
+    hidden state i layer i's output)."""
+    chosen = getattr(config, "vision_feature_layer", None)
+    chosen = getattr(config, "vision_feature_layers", -1) if chosen is None else chosen
+    return max(index % (num_layers + 1) for index in ([chosen] if isinstance(chosen, int) else chosen))

@@ -72,6 +72,19 @@ def test_pruning_one_part_changes_only_that_part(llava, llava_processor, pairs, 
     assert report.overall_sparsity == pytest.approx(0.5, abs=0.02)
 
 
+@pytest.mark.parametrize("feature_layer, read", [(-2, 2), (1, 1)])
+def test_vision_layers_the_model_never_reads_stay_dense_and_out_of_the_report(llava, llava_processor, pairs, feature_layer, read):
+    """LLaVA reads hidden state vision_feature_layer: later layers were calibrated, pruned, counted in the
+    vision sparsity and took a share of OWL's allocation, for nothing."""
+    llava.config.vision_feature_layer = feature_layer
+    config = {"method": "wanda", "sparsity": 0.5, "parts": {"vision": {}}, "num_calibration_samples": 4}
+    report = prune(llava, config, pairs, processor=llava_processor)
+    layers = llava.model.vision_tower.vision_model.encoder.layers
+    assert sorted(report.layer_sparsities("vision")) == list(range(read))
+    assert all(float((m.weight == 0).float().mean()) == 0.0 for layer in layers[read:] for m in layer.modules() if isinstance(m, torch.nn.Linear))
+    assert report.part_sparsity("vision") == pytest.approx(0.5, abs=0.02)
+
+
 def test_default_prunes_only_the_language_tower(llava, llava_processor, pairs):
     before = {name: tensor.clone() for name, tensor in llava.state_dict().items()}
     report = prune(llava, {"method": "sparsegpt", "sparsity": "2:4", "num_calibration_samples": 4}, pairs, processor=llava_processor)
