@@ -87,8 +87,14 @@ def evaluate_image_text_loss(
     try:
         with torch.no_grad():
             check_image_text(pairs, processor)
+            placeholder = getattr(processor, "image_token", "<image>")
             for index in range(len(pairs)):  # one pair at a time: its pixels exist only while it is scored
                 pair = pairs[index]
+                if placeholder in pair["text"]:  # its own prompt: the caption could not be told from it
+                    raise ValueError(
+                        f"pair {index}'s text holds the image placeholder {placeholder!r}: evaluate_image_text_loss places "
+                        "the image itself and scores the text after it as the caption; give the caption alone"
+                    )
                 batch = image_text_batch(pair, processor, index)
                 full, bare = batch["input_ids"][0], image_text_batch({**pair, "text": ""}, processor, index)["input_ids"][0]
                 length = min(full.numel(), bare.numel())

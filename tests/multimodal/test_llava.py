@@ -173,6 +173,11 @@ def test_image_conditioned_loss_scores_only_caption_tokens(llava, llava_processo
             total += llava(**batch, labels=labels).loss.item() * scored
         tokens += scored
     assert loss == pytest.approx(total / tokens, rel=1e-5)
+    # A text that places the image itself has a prompt that cannot be told from the caption: it scored the
+    # prompt and the image placeholders, or failed without a BOS token.
+    prompted = [{**pairs[0], "text": "USER: <image>\nDescribe it. ASSISTANT: " + pairs[0]["text"]}]
+    with pytest.raises(ValueError, match="pair 0's text holds the image placeholder '<image>': .* give the caption alone"):
+        evaluate_image_text_loss(llava, llava_processor, prompted)
 
 
 def test_errors_name_the_field_and_the_fix(llava, llava_processor, pairs):
