@@ -143,6 +143,11 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--eval-file is the text --eval scores: add --eval, or remove --eval-file")
     if args.eval_file is not None and not args.eval_file.is_file():
         raise ValueError(f"--eval-file {str(args.eval_file)!r} is not a file")
+    if args.eval and args.eval_tokens % args.eval_seq_len:  # perplexity scores whole windows: the table would overstate
+        raise ValueError(
+            f"--eval-tokens ({args.eval_tokens}) is not a multiple of --eval-seq-len ({args.eval_seq_len}): the last "
+            f"{args.eval_tokens % args.eval_seq_len} tokens would not count; make it a multiple"
+        )
     if args.device is not None:
         check_device(args.device, "--device")
     check_activation_device(args.activation_device, "--activation-device")

@@ -57,6 +57,7 @@ def test_cli_structured_depth_pruning_saves_a_score_plot(model_dir, tmp_path, ca
         (["--activation-device", "gpu"], "--activation-device 'gpu' is not a device name"),
         (["--eval-file", "nowhere"], "--eval-file is the text --eval scores: add --eval"),
         (["--eval", "--eval-file", "nowhere"], "is not a file"),
+        (["--eval", "--eval-tokens", "1000", "--eval-seq-len", "64"], "--eval-tokens (1000) is not a multiple of --eval-seq-len (64): the last 40 tokens would not count"),
     ],
 )
 def test_cli_errors_are_one_line(model_dir, tmp_path, capsys, arguments, message):
