@@ -81,6 +81,10 @@ def test_pareto_front_on_hand_made_points():
     assert pareto_front(list(points), cost, loss) == ["e", "f", "b", "a", "g"]  # c and d dominated; e, f tie
     assert best_within(list(points), cost, loss, 9) == "b"
     assert best_within(list(points), cost, loss, 4) is None
+    # A diverged point's NaN perplexity compared false with everything: it was never dominated, and won budgets.
+    diverged = {"n": (0.5, float("nan")), "a": (1, 2), "b": (2, 1)}
+    measures = (lambda name: diverged[name][0], lambda name: diverged[name][1])
+    assert pareto_front(list(diverged), *measures) == ["a", "b"] and best_within(list(diverged), *measures, 5) == "b"
     assert best_within(list(points), cost, loss, 100) == "g"
 
 
