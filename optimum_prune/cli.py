@@ -24,7 +24,7 @@ from .allocation import ALLOCATIONS
 from .api import check_activation_device, check_device, prune
 from .config import PruningConfig
 from .distributed import init_from_launcher, launched_processes, rank_zero_first, world
-from .evaluation import evaluate_perplexity
+from .evaluation import check_whole_windows, evaluate_perplexity
 from .methods import METHODS
 from .models import default_model_path, load_default_model, load_model, load_tokenizer, missing_tokenizer
 from .options import MoEOptions, describe_options
@@ -143,11 +143,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--eval-file is the text --eval scores: add --eval, or remove --eval-file")
     if args.eval_file is not None and not args.eval_file.is_file():
         raise ValueError(f"--eval-file {str(args.eval_file)!r} is not a file")
-    if args.eval and args.eval_tokens % args.eval_seq_len:  # perplexity scores whole windows: the table would overstate
-        raise ValueError(
-            f"--eval-tokens ({args.eval_tokens}) is not a multiple of --eval-seq-len ({args.eval_seq_len}): the last "
-            f"{args.eval_tokens % args.eval_seq_len} tokens would not count; make it a multiple"
-        )
+    if args.eval:
+        check_whole_windows(args.eval_tokens, args.eval_seq_len, "--eval-tokens", "--eval-seq-len")
     if args.device is not None:
         check_device(args.device, "--device")
     check_activation_device(args.activation_device, "--activation-device")

@@ -15,6 +15,16 @@ from .calibration.multimodal import check_image_text, image_text_batch
 from .data import wikipedia_text
 
 
+def check_whole_windows(tokens: int, seq_len: int, tokens_field: str, seq_len_field: str) -> None:
+    """Perplexity scores whole windows: a token count that is not a multiple of the window would be stated
+    for tokens never scored."""
+    if tokens % seq_len:
+        raise ValueError(
+            f"{tokens_field} ({tokens}) is not a multiple of {seq_len_field} ({seq_len}): the last {tokens % seq_len} "
+            f"tokens would not count; use {tokens - tokens % seq_len} (perplexity scores whole windows)"
+        )
+
+
 def evaluate_perplexity(
     model: nn.Module,
     tokenizer: Any,

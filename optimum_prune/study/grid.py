@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ..config import PruningConfig
+from ..evaluation import check_whole_windows
 from ..models import load_tokenizer, missing_tokenizer
 
 LATENCY_DEVICES = ("auto", "cuda", "cpu", "none")
@@ -145,11 +146,7 @@ def _protocol(data: Mapping[str, Any], base: Path | None) -> Protocol:
     tokens, window = evaluation.get("tokens", defaults.evaluation_tokens), evaluation.get("seq_len", defaults.evaluation_seq_len)
     if tokens < window:
         raise ValueError(f"grid.evaluation.tokens ({tokens}) is less than one window of grid.evaluation.seq_len ({window}); raise it")
-    if tokens % window:
-        raise ValueError(
-            f"grid.evaluation.tokens ({tokens}) is not a multiple of grid.evaluation.seq_len ({window}): perplexity scores "
-            f"whole windows, so the last {tokens % window} tokens would not count; use {tokens - tokens % window}"
-        )
+    check_whole_windows(tokens, window, "grid.evaluation.tokens", "grid.evaluation.seq_len")
     return Protocol(
         model=model,
         seed=seed,
