@@ -79,7 +79,7 @@ class _LayerRouting:
     def _route(self, _module: nn.Module, _args: tuple, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.masked_fill(self.dropped.to(logits.device), torch.finfo(logits.dtype).min)
         if self.block.training:
-            chosen = self.adapter.route(self.block, self.real_tokens.of_routing(logits.detach()))[1].reshape(-1)
+            chosen = self.adapter.route(self.block, self.real_tokens.of(logits.detach()))[1].reshape(-1)
             self.counts = self.counts.to(chosen.device)  # counted where routing runs: no device sync per call
             self.counts += torch.bincount(chosen, minlength=len(self.counts))
         return logits

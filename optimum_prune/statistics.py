@@ -63,7 +63,8 @@ class RealTokens:
 
     def of(self, values: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """``values`` at the real positions only: laid out per position (``[batch, seq, ...]`` or flattened to
-        ``[batch·seq, ...]``), or one row per entry of ``positions`` (an expert's tokens, as batch·seq indices)."""
+        ``[batch·seq, ...]``, as most MoE blocks flatten the batch before routing), or one row per entry of
+        ``positions`` (an expert's tokens, as batch·seq indices)."""
         if self.mask is None:
             return values
         flat = self.mask.reshape(-1).to(values.device)
@@ -72,15 +73,6 @@ class RealTokens:
         if values.shape[:2] == self.mask.shape:
             return values[self.mask.to(values.device)]
         return values[flat] if values.shape[0] == flat.numel() else values
-
-    def of_routing(self, logits: torch.Tensor) -> torch.Tensor:
-        """Router logits at the real positions only: laid out per position, or (as most MoE blocks
-        flatten the batch before routing) one row per position of ``[batch·seq, experts]``."""
-        if self.mask is None or logits.shape[:2] == self.mask.shape:
-            return self.of(logits)
-        if logits.shape[0] != self.mask.numel():
-            return logits
-        return logits[self.mask.reshape(-1).to(logits.device)]
 
 
 def token_cosine(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
