@@ -59,7 +59,7 @@ from transformers import Trainer
 
 from .adapters import get_adapter
 from .distributed import all_reduce_sum, world
-from .early_exit import check_exit_layer, exit_logits
+from .early_exit import check_exit_layers, exit_logits
 
 TOP_K_INDICES = "teacher_top_k_indices"
 TOP_K_LOGITS = "teacher_top_k_logits"
@@ -195,7 +195,7 @@ class DistillationMixin:
         distillation = distillation or DistillationConfig()
         model = kwargs.get("model", args[0] if args else None)
         if distillation.exit_weight and model is not None:  # before callbacks (PERP) wrap its linears in Trainer.__init__
-            check_exit_layer(distillation.exit_layer, model)
+            check_exit_layers(model, distillation.exit_layer)
         super().__init__(*args, **kwargs)
         # compute_loss weighs each micro-batch by its share of the step's labelled positions
         # (num_items_in_batch), as transformers' own causal-LM loss does under gradient accumulation;
@@ -290,6 +290,7 @@ class DistillationMixin:
         if inputs.get("labels") is None:
             raise ValueError("distillation needs 'labels' in the batches (they mark the positions to distil)")
         labels = distilled_labels(inputs)
+        labelled = (labels[:, 1:] != -100).sum()  # the next-token positions the label and KD terms average over
         hidden = config.hidden_weight > 0
         unwrapped = self.accelerator.unwrap_model(model)  # DDP's wrapper hides the model's structure
         dropping = layer_dropout(unwrapped, config.layer_dropout) if model.training and config.layer_dropout else nullcontext()
@@ -301,8 +302,7 @@ class DistillationMixin:
                 outputs = model(**{name: value for name, value in model_inputs.items() if name != "labels"})
         loss = outputs.logits.new_zeros(())
         if config.label_weight:  # with no labelled position the model's mean is 0/0: a zero that keeps the graph
-            labelled = bool((labels[:, 1:] != -100).any())
-            loss = loss + config.label_weight * (label_loss if labelled else outputs.logits.sum() * 0)
+            loss = loss + config.label_weight * (label_loss if bool(labelled) else outputs.logits.sum() * 0)
         if config.exit_weight:
             draft_logits = exit_logits(unwrapped, outputs.hidden_states[config.exit_layer])
             loss = loss + config.exit_weight * kd_loss(draft_logits, outputs.logits.detach(), labels, config.temperature)
@@ -315,7 +315,7 @@ class DistillationMixin:
             student_hidden = (*outputs.hidden_states[:-1], student_last[0])
             hidden_term = config.hidden_weight * self._hidden_loss(student_hidden, teacher_outputs.hidden_states, inputs)
         if num_items_in_batch is not None:  # each term weighs by this micro-batch's share of what it averages over
-            loss = loss * self._share_of_step((labels[:, 1:] != -100).sum(), num_items_in_batch)
+            loss = loss * self._share_of_step(labelled, num_items_in_batch)
             if hidden_term is not None:
                 hidden_term = hidden_term * self._share_of_step(_attended(inputs).sum(), self._attended_in_step)
         if hidden_term is not None:

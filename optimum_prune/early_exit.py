@@ -91,8 +91,7 @@ def choose_early_exit(
     adapter = get_adapter(model)
     num_layers = len(adapter.decoder_layers())
     candidates = sorted(set(candidates)) if candidates else list(range(1, num_layers))
-    for k in candidates:
-        check_exit_layer(k, model)
+    check_exit_layers(model, *candidates)
     windows = calibration_windows(calibration, tokenizer, num_samples, seq_len, seed)
     influence = block_influence(adapter, windows, next(model.parameters()).device)
     agreement = _agreement(model, windows, candidates)
@@ -134,7 +133,7 @@ def enable_early_exit(model: nn.Module, layer: int, draft_length: int | None = N
     """Record that ``generate`` should draft with the first ``layer`` decoder layers in ``config.early_exit``,
     and ``draft_length`` tokens at most per draft (None: keep the generation config's) in
     ``generation_config.num_assistant_tokens``, where transformers reads it, with a constant schedule."""
-    check_exit_layer(layer, model)
+    check_exit_layers(model, layer)
     if draft_length is not None and (isinstance(draft_length, bool) or not isinstance(draft_length, int) or draft_length < 1):
         raise ValueError(f"draft_length must be a positive number of tokens, got {draft_length!r}")
     model.config.early_exit = {"exit_layer": layer, "draft_length": draft_length}
@@ -149,7 +148,7 @@ def early_exit_kwargs(model: nn.Module) -> dict[str, int]:
     recorded = getattr(model.config, "early_exit", None)
     if not recorded:
         return {}
-    check_exit_layer(recorded["exit_layer"], model)
+    check_exit_layers(model, recorded["exit_layer"])
     draft_length = recorded.get("draft_length")
     if draft_length is not None and model.generation_config.num_assistant_tokens != draft_length:
         logger.warning(
@@ -160,14 +159,15 @@ def early_exit_kwargs(model: nn.Module) -> dict[str, int]:
     return {"assistant_early_exit": recorded["exit_layer"]}
 
 
-def check_exit_layer(layer: int, model: nn.Module) -> None:
+def check_exit_layers(model: nn.Module, *layers: int) -> None:
     adapter = get_adapter(model)
     num_layers = len(adapter.decoder_layers())
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer < num_layers:
-        raise ValueError(
-            f"exit layer {layer!r} must be an integer in [1, {num_layers - 1}]: the draft runs that many of the model's "
-            f"{num_layers} decoder layers"
-        )
+    for layer in layers:
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 1 <= layer < num_layers:
+            raise ValueError(
+                f"exit layer {layer!r} must be an integer in [1, {num_layers - 1}]: the draft runs that many of the model's "
+                f"{num_layers} decoder layers"
+            )
     adapter.check_unsliced("an early exit reads the stream after its layer with the final norm and LM head, which read "
                            "the last layer's; draft with a model pruned otherwise")  # fmt: skip
 
