@@ -106,14 +106,15 @@ def prune(
             f"activation_device applies to the per-layer methods ({_per_layer_methods()}); {config.method!r} keeps its "
             "activations on the compute device (leave activation_device unset)"
         )
-    if not METHODS.get(config.method).structured:
-        _check_no_mpo_experts(adapter)
-    if METHODS.get(config.method).structured:
+    spec = METHODS.get(config.method)
+    if spec.structured:
         runs = [_StructuredRun.plan(adapter, config, device)]
-    elif METHODS.get(config.method).model_pruner:
-        runs = [_ModelRun.plan(adapter, config, device)]
-    else:
-        runs = _PruningRun.plan_parts(adapter, config, device, offload, check_activation_device(activation_device))
+    else:  # methods that zero weights
+        _check_no_mpo_experts(adapter)
+        if spec.model_pruner:
+            runs = [_ModelRun.plan(adapter, config, device)]
+        else:
+            runs = _PruningRun.plan_parts(adapter, config, device, offload, check_activation_device(activation_device))
     inputs = None
     if config.requires_calibration:
         inputs = calibration_inputs(
