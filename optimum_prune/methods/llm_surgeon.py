@@ -12,8 +12,8 @@ updating the rest optimally under the quadratic model costs (Eq. 6–7)
 
 so a single weight's cost is W_rc² / (2 [G⁻¹]_rr [A⁻¹]_cc) (Eq. 10), an N:M group's (N of every M kept)
 the sum of its M − N cheapest, and the correlated update of a group of weights Q solves
-([G⁻¹]_{QrQr} ⊙ [A⁻¹]_{QcQc}) x = w_Q and applies ΔW = −G⁻¹ X A⁻¹ with X holding x at Q (Eq. 13). G and A are damped by ``damp_g`` /
-``damp_a`` times their mean diagonal before inversion.
+([G⁻¹]_{QrQr} ⊙ [A⁻¹]_{QcQc}) x = w_Q and applies ΔW = −G⁻¹ X A⁻¹ with X holding x at Q (Eq. 13).
+G and A are damped by ``damp_g`` / ``damp_a`` times their mean diagonal before inversion.
 
 Schedule (Sec. 3.5): over ``shots`` shots the target rises linearly, α_t = t·α/T; each shot
 re-estimates the curvature on the current model, takes one threshold on the costs of every
