@@ -69,7 +69,7 @@ def run_train(args: Mapping[str, Any], section: PruningSection | None, training:
         return
     if section is None:
         # Training a checkpoint pruned earlier (e.g. by stage: prune) must keep its zeros too.
-        _delegate_training(dict(args), _is_pruned_checkpoint(Path(args["model_name_or_path"])), training)
+        _delegate_training(dict(args), _is_pruned_checkpoint(_model_files(args)), training)
         return
     if stage not in TRAINING_STAGES:
         raise ValueError(f"a `pruning:` section works with stage: prune, pt or sft; got stage: {stage!r}")
@@ -213,7 +213,7 @@ def _check_quantizable(args: Mapping[str, Any]) -> None:
     if not args.get("quantization_bit"):
         return
     try:
-        quantization = json.loads((Path(args["model_name_or_path"]) / "config.json").read_text()).get("quantization_config") or {}
+        quantization = json.loads((_model_files(args) / "config.json").read_text()).get("quantization_config") or {}
     except (OSError, ValueError):
         return
     if quantization.get("quant_method") == STRUCTURE_QUANT_METHOD:
@@ -284,7 +284,7 @@ def run_export(args: Mapping[str, Any]) -> None:
     import_llamafactory()
     from llamafactory.train.tuner import export_model
 
-    restoring = bool(args.get("adapter_name_or_path")) and _is_pruned_checkpoint(Path(args["model_name_or_path"]))
+    restoring = bool(args.get("adapter_name_or_path")) and _is_pruned_checkpoint(_model_files(args))
     if restoring and args.get("export_legacy_format"):
         raise ValueError("export_legacy_format: true writes .bin weights, whose pruned zeros cannot be restored after the merge; remove it")
     if restoring and args.get("export_hub_model_id"):
@@ -294,7 +294,31 @@ def run_export(args: Mapping[str, Any]) -> None:
         )
     export_model(dict(args))
     if restoring:
-        restore_zeros(Path(args["model_name_or_path"]), Path(args["export_dir"]))
+        restore_zeros(args["model_name_or_path"], Path(args["export_dir"]), **model_loading_kwargs(args))
+
+
+def _model_files(args: Mapping[str, Any]) -> Path:
+    """A local directory holding the YAML model's ``config.json`` (and ``pruning_config.json``, if any):
+    its path, or for a Hugging Face Hub id the snapshot of those two files in the Hub cache, fetched
+    with the YAML's revision, token and cache as LLaMA-Factory's loader fetches the model."""
+    name = str(args["model_name_or_path"])
+    if Path(name).is_dir():
+        return Path(name)
+    import_llamafactory()
+    from huggingface_hub import snapshot_download
+    from llamafactory.extras.misc import use_modelscope, use_openmind
+
+    if use_modelscope() or use_openmind():
+        raise ValueError(
+            f"model_name_or_path: {name} is fetched from ModelScope / Modelers, where llamafactory-prune cannot tell "
+            "whether it was pruned (its zeros must then be kept); download it and give its local directory instead"
+        )
+    loading = model_loading_kwargs(args)
+    snapshot = snapshot_download(
+        name, revision=loading["revision"], cache_dir=loading["cache_dir"], token=loading["token"],
+        allow_patterns=["config.json", CONFIG_NAME],
+    )  # fmt: skip
+    return Path(snapshot)
 
 
 def _is_pruned_checkpoint(path: Path) -> bool:
@@ -308,8 +332,9 @@ def _is_pruned_checkpoint(path: Path) -> bool:
         return False
 
 
-def restore_zeros(base_dir: Path, exported_dir: Path) -> None:
-    """Zero, in ``exported_dir``'s safetensors shards, every weight that is zero in ``base_dir``.
+def restore_zeros(base: str | Path, exported_dir: Path, **from_pretrained: Any) -> None:
+    """Zero, in ``exported_dir``'s safetensors shards, every weight that is zero in the model ``base``
+    (a directory or a Hub id, loaded with ``from_pretrained``'s keyword arguments).
 
     Equal to merging only the masked update (``W + M ⊙ ΔW``), since the base is zero where the
     mask is. The shards are checked to hold every pruned weight before any is touched; each is then
@@ -321,15 +346,15 @@ def restore_zeros(base_dir: Path, exported_dir: Path) -> None:
     shards = sorted(exported_dir.glob("*.safetensors"))
     if not shards:
         raise ValueError(f"{exported_dir} has no .safetensors weights; export with export_legacy_format: false")
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    masks = {f"{name}.weight": pruned for name, pruned in SparsityMasks.from_zeros(base).pruned.items()}
+    base_model = AutoModelForCausalLM.from_pretrained(base, **{**from_pretrained, "dtype": torch.float32})
+    masks = {f"{name}.weight": pruned for name, pruned in SparsityMasks.from_zeros(base_model).pruned.items()}
     keys_in = {}
     for shard in shards:
         with safe_open(shard, framework="pt") as handle:
             keys_in[shard] = [key for key in handle.keys() if key in masks]
     restored = sum(len(keys) for keys in keys_in.values())
     if restored != len(masks):
-        raise ValueError(f"{exported_dir} holds {restored} of the {len(masks)} pruned weights of {base_dir}; is it the same model?")
+        raise ValueError(f"{exported_dir} holds {restored} of the {len(masks)} pruned weights of {base}; is it the same model?")
     for shard in (shard for shard in shards if keys_in[shard]):
         with safe_open(shard, framework="pt") as handle:
             metadata = handle.metadata()
@@ -351,7 +376,7 @@ def run_interactive(command: str, args: Mapping[str, Any]) -> None:
     registered (non-uniform structured models need it); a LoRA adapter it merges into a pruned model
     keeps the model's zeros, as ``export`` does."""
     import_llamafactory()
-    merging = bool(args.get("adapter_name_or_path")) and _is_pruned_checkpoint(Path(args["model_name_or_path"]))
+    merging = bool(args.get("adapter_name_or_path")) and _is_pruned_checkpoint(_model_files(args))
     if merging:
         _check_adapter_is_merged(args)
     keeping_zeros = _merges_keeping_zeros() if merging else nullcontext()

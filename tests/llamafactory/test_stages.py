@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -49,9 +50,14 @@ def train(tmp_path: Path, config: dict, env: dict | None = None) -> None:
     if env is None:
         assert main(["train", str(path)]) == 0
     else:  # a separate process, as a user runs it (needed where the command re-launches itself)
-        command = [sys.executable, "-m", "llamafactory_ext.cli", "train", str(path)]
-        result = subprocess.run(command, env={**os.environ, **env}, capture_output=True, text=True, timeout=900)
-        assert result.returncode == 0, result.stderr[-3000:]
+        run_command("train", path, env)
+
+
+def run_command(command: str, yaml_path: Path, env: dict) -> None:
+    """``llamafactory-prune COMMAND YAML`` in a process of its own, with ``env`` added to its environment."""
+    argv = [sys.executable, "-m", "llamafactory_ext.cli", command, str(yaml_path)]
+    result = subprocess.run(argv, env={**os.environ, **env}, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def zeros(directory: Path) -> dict[str, torch.Tensor]:
@@ -131,6 +137,26 @@ def test_export_restores_zeros_that_llamafactory_merge_fills(recovered, tmp_path
 
     export_model({**export, "export_dir": str(tmp_path / "plain")})
     assert verify_sparsity(AutoModelForCausalLM.from_pretrained(tmp_path / "plain"))["overall_sparsity"] < 0.1
+
+
+def test_export_of_a_pruned_model_given_by_hub_id_restores_its_zeros(recovered, tmp_path):
+    """The pruned model as a Hub repo, read offline from the Hugging Face cache the YAML names."""
+    repo, revision = tmp_path / "cache" / "models--someone--pruned", "0" * 40
+    shutil.copytree(recovered / "pruned", repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    export = {
+        "model_name_or_path": "someone/pruned", "cache_dir": str(tmp_path / "cache"), "adapter_name_or_path": str(recovered),
+        "template": "default", "finetuning_type": "lora", "export_dir": str(tmp_path / "exported"),
+    }  # fmt: skip
+    run_command("export", write_yaml(tmp_path / "export.yaml", export), {"HF_HUB_OFFLINE": "1"})
+    assert_same_zeros(zeros(tmp_path / "exported"), zeros(recovered / "pruned"))
+
+
+def test_a_model_from_another_hub_is_refused_where_its_pruning_decides(monkeypatch):
+    monkeypatch.setenv("USE_MODELSCOPE_HUB", "1")
+    with pytest.raises(ValueError, match="model_name_or_path: someone/pruned is fetched from ModelScope"):
+        stages.run_export({"model_name_or_path": "someone/pruned", "adapter_name_or_path": "adapter", "export_dir": "out"})
 
 
 @pytest.mark.parametrize(
