@@ -24,7 +24,7 @@ from .models import load_default_model, load_model
 from .perp import PERPConfig, merge_perp, prepare_perp
 from .report import PruningReport
 from .saving import save_pruned
-from .skipping import ExpertSkipping, skip_experts
+from .skipping import ExpertSkipping, skip_experts, skipping_thresholds
 from .streaming import prune_checkpoint
 from .sparsity import NMPattern, verify_sparsity
 from .sparsity_metadata import compressed_tensors_config, sparsity_config
@@ -77,6 +77,7 @@ __all__ = [
     "register_method",
     "save_pruned",
     "skip_experts",
+    "skipping_thresholds",
     "sparsify",
     "sparsity_config",
     "verify_sparsity",

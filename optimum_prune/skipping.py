@@ -2,25 +2,40 @@
 
 At inference, a token skips each of its lower-ranked experts whose routing weight is below
 ``beta`` times its top expert's weight: that expert is not run for the token and its term is
-dropped from the mixture (the other weights are not renormalised, as in the paper). ``beta=0``
-reproduces the unmodified model. The handle counts expert calls and skips, so the saving can be
-read off as ``skip_rate`` next to the quality it costs.
+dropped from the mixture. A router that rescales its top-k weights to sum to one (Mixtral,
+``norm_topk_prob``) rescales the kept ones, as the paper's code does, so a token that skips its
+second expert of Mixtral's two is routed as top-1 routing would route it; the other routers' weights
+stay as they are. ``beta=0`` reproduces the unmodified model.
 
-    skipping = skip_experts(model, beta=0.3)
+The paper sets each layer's ``beta`` to the median, over calibration tokens, of the second-ranked
+expert's routing weight over the top one's (``skipping_thresholds``; what ``skip_experts`` does when
+no ``beta`` is given), so every layer skips about half of its second experts. The handle counts
+the expert calls of real (unpadded) tokens and their skips: ``skip_rate`` is the saving, to read
+next to the quality it costs.
+
+    skipping = skip_experts(model, calibration=texts, tokenizer=tokenizer)  # or beta=0.3 for every layer
     ...generate / evaluate...
-    print(skipping.skip_rate); skipping.remove()
+    print(skipping.betas, skipping.skip_rate); skipping.remove()
 """
 
 from __future__ import annotations
 
 import types
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 from torch import nn
 
-from .adapters import get_adapter
+from .adapters import DecoderAdapter, get_adapter
 from .adapters.moe import expert_tokens
+from .calibration import CalibrationSource, calibration_windows
+from .calibration.engine import walk_layers
+from .statistics import RealTokens
+
+
+def moe_blocks(adapter: DecoderAdapter) -> list[nn.Module]:
+    """The model's mixture-of-experts blocks, in layer order."""
+    return [block for layer in adapter.decoder_layers() if (block := adapter.moe_block(layer)) is not None]
 
 
 class PatchedMoEBlocks:
@@ -30,18 +45,17 @@ class PatchedMoEBlocks:
 
     def __init__(self, model: nn.Module, purpose: str) -> None:
         self.adapter = get_adapter(model)
-        self._blocks = [block for layer in self.adapter.decoder_layers() if (block := self.adapter.moe_block(layer)) is not None]
+        self._blocks = moe_blocks(self.adapter)
         if not self._blocks:
             raise ValueError(f"{type(model).__name__} has no mixture-of-experts layers to {purpose}")
-        patched = next((vars(block)["forward"] for block in self._blocks if "forward" in vars(block)), None)
-        if patched is not None:
-            variant = getattr(patched, "handle", None)
-            raise ValueError(
-                f"the model's MoE blocks already run {type(variant).__name__ if variant else 'a patched forward'}: one "
-                "variant of the mixture at a time; remove() it first"
-            )
+        for block in self._blocks:
+            _check_unpatched(block)
+        self._check_blocks(self._blocks)
         for block in self._blocks:
             block.forward = types.MethodType(self._patched_forward(), block)
+
+    def _check_blocks(self, blocks: list[nn.Module]) -> None:
+        """Refuse settings that do not fit these blocks, before any is patched."""
 
     def _patched_forward(self) -> Any:
         handle = self
@@ -70,28 +84,63 @@ class PatchedMoEBlocks:
         self._blocks = []
 
 
+def _check_unpatched(block: nn.Module) -> None:
+    """Refuse a block whose forward another variant (or anything else) replaced. transformers leaves the
+    class's own forward behind as an instance attribute after recording ``output_router_logits``
+    (it wraps the forward and puts back what it found): that one is no patch, and is dropped."""
+    patched = vars(block).get("forward")
+    if patched is None:
+        return
+    if getattr(patched, "__func__", None) is type(block).forward and getattr(patched, "__self__", None) is block:
+        del block.forward
+        return
+    variant = getattr(patched, "handle", None)
+    raise ValueError(
+        f"the model's MoE blocks already run {type(variant).__name__ if variant else 'a patched forward'}: one "
+        "variant of the mixture at a time; remove() it first"
+    )
+
+
 class ExpertSkipping(PatchedMoEBlocks):
     """Installed on every MoE block of a model by ``skip_experts``; ``remove()`` restores them."""
 
-    def __init__(self, model: nn.Module, beta: float) -> None:
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"beta must be in [0, 1] (fraction of the top expert's routing weight), got {beta}")
-        self.beta = beta
+    def __init__(self, model: nn.Module, beta: float | Sequence[float]) -> None:
+        given = [beta] if isinstance(beta, (int, float)) else list(beta)
+        for value in given:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ValueError(f"beta must be in [0, 1] (fraction of the top expert's routing weight), got {value!r}")
+        self._given = [float(value) for value in given]
+        self.betas: list[float] = []
         self.expert_calls = 0
         self.skipped_calls = 0
         super().__init__(model, "skip experts in")
+        self._beta_of = {id(block): beta for block, beta in zip(self._blocks, self.betas)}
+        self._real_tokens = RealTokens(model)
+
+    def _check_blocks(self, blocks: list[nn.Module]) -> None:
+        if len(self._given) not in (1, len(blocks)):
+            raise ValueError(f"beta: {len(self._given)} values for {len(blocks)} mixture-of-experts layers; give one, or one per layer")
+        self.betas = self._given * len(blocks) if len(self._given) == 1 else self._given
 
     @property
     def skip_rate(self) -> float:
-        """Fraction of (token, selected expert) calls skipped so far."""
+        """Fraction of the real tokens' (token, selected expert) calls skipped so far."""
         return self.skipped_calls / self.expert_calls if self.expert_calls else 0.0
 
     def _experts_output(self, block: nn.Module, tokens: torch.Tensor, logits: torch.Tensor, batch: int) -> torch.Tensor:
         weights, selected = self.adapter.route(block, logits)
-        kept = weights >= self.beta * weights[:, :1]  # top-k is sorted: column 0 is the top expert
-        self.expert_calls += kept.numel()
-        self.skipped_calls += int((~kept).sum())
+        kept = weights >= self._beta_of[id(block)] * weights[:, :1]  # top-k is sorted: column 0 is the top expert
+        counted = self._real_tokens.of(kept)
+        self.expert_calls += counted.numel()
+        self.skipped_calls += int((~counted).sum())
+        if self.adapter.renormalises(block):
+            weights = weights * kept
+            weights = weights / weights.sum(dim=-1, keepdim=True)
         return routed_mixture(self.adapter.block_experts(block), tokens, weights, selected, kept)
+
+    def remove(self) -> None:
+        super().remove()
+        self._real_tokens.handle.remove()
 
 
 def routed_mixture(
@@ -105,6 +154,60 @@ def routed_mixture(
     return output
 
 
-def skip_experts(model: nn.Module, beta: float) -> ExpertSkipping:
-    """Turn on dynamic expert skipping with threshold ``beta`` on every MoE block of ``model``."""
+def skip_experts(
+    model: nn.Module,
+    beta: float | Sequence[float] | None = None,
+    calibration: CalibrationSource = None,
+    tokenizer: Any = None,
+    num_samples: int = 8,
+    seq_len: int = 512,
+    seed: int = 0,
+) -> ExpertSkipping:
+    """Turn on dynamic expert skipping on every MoE block of ``model``: with threshold ``beta`` (one for
+    every layer, or one per MoE layer), or by default with Lu et al.'s per-layer thresholds measured on
+    ``calibration`` (``skipping_thresholds``)."""
+    if beta is None:
+        beta = skipping_thresholds(model, calibration, tokenizer, num_samples, seq_len, seed)
     return ExpertSkipping(model, beta)
+
+
+def skipping_thresholds(
+    model: nn.Module,
+    calibration: CalibrationSource = None,
+    tokenizer: Any = None,
+    num_samples: int = 8,
+    seq_len: int = 512,
+    seed: int = 0,
+) -> list[float]:
+    """Each MoE layer's median, over the calibration tokens, of the second-ranked expert's routing weight
+    over the top expert's (Lu et al.'s β): a token skips its second expert about half of the time."""
+    adapter = get_adapter(model)
+    blocks = moe_blocks(adapter)
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no mixture-of-experts layers to skip experts in")
+    if any(adapter.experts_per_token(block) < 2 for block in blocks):
+        raise ValueError("expert skipping needs routers that pick two experts or more per token; this model's pick one")
+    ratios: list[list[torch.Tensor]] = [[] for _ in blocks]
+
+    def observe(found: list[torch.Tensor]):
+        def hook(_module: nn.Module, _args: tuple, logits: torch.Tensor) -> None:
+            top = torch.softmax(logits.reshape(-1, logits.shape[-1]).float(), dim=-1).topk(2, dim=-1).values
+            found.append((top[:, 1] / top[:, 0]).cpu())
+
+        return hook
+
+    windows = calibration_windows(calibration, tokenizer, num_samples, seq_len, seed)
+    handles = [adapter.router(block).register_forward_hook(observe(found)) for block, found in zip(blocks, ratios)]
+    try:
+        with torch.no_grad():
+            walk_layers(adapter, windows, next(model.parameters()).device, lambda *_: None, "Expert skipping thresholds")
+    finally:
+        for handle in handles:
+            handle.remove()
+    return [_median(torch.cat(found)) for found in ratios]
+
+
+def _median(values: torch.Tensor) -> float:
+    """The middle value, or the mean of the two middle ones (as numpy's median)."""
+    ordered = values.double().sort().values
+    return float(ordered[(len(ordered) - 1) // 2] + ordered[len(ordered) // 2]) / 2

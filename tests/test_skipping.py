@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
+import numpy
 import pytest
 import torch
 
-from optimum_prune import skip_experts
+from optimum_prune import skip_experts, skipping_thresholds
 
 from .adapters.test_moe import FAMILIES, tiny_moe
 from .conftest import tiny_model, token_windows
@@ -38,17 +41,80 @@ def test_skip_rate_grows_with_beta_and_beta_one_keeps_only_the_top_expert():
     assert rates == sorted(rates) and rates[-1] == pytest.approx(0.5, abs=0.02) and rates[0] < rates[-1]
 
 
-def test_skipped_expert_term_is_dropped():
-    """With β = 1 each token keeps only its top expert, weighted as the router weighted it."""
-    model = tiny_moe(num_hidden_layers=1)
-    block = model.model.layers[0].block_sparse_moe
+def test_beta_one_routes_mixtral_as_top_1_routing():
+    """As the paper's code, a router that rescales its top-k weights rescales the kept ones: a token that
+    skips its second expert runs its top expert at weight 1 (the term was kept at w0 / (w0 + w1))."""
+    model, ids = tiny_moe(), token_windows(2, 12)
+    top_1 = copy.deepcopy(model)
+    for layer in top_1.model.layers:
+        layer.block_sparse_moe.top_k = 1
+    skip_experts(model, beta=1.0)
+    assert torch.allclose(logits(model, ids), logits(top_1, ids), atol=1e-6)
+
+
+def test_a_router_that_does_not_rescale_keeps_the_weight_it_gave():
+    """Qwen2-MoE with norm_topk_prob=False: the skipped term is dropped, the top expert keeps its softmax weight."""
+    model = tiny_moe("qwen2_moe", num_hidden_layers=1)
+    block = model.model.layers[0].mlp
     hidden = torch.randn(1, 5, 64)
     with torch.no_grad():
         weights, selected = torch.topk(torch.softmax(block.gate(hidden[0]), -1), 2, dim=-1)
-        top = weights[:, 0] / weights.sum(-1)
-        expected = torch.stack([block.experts[int(e)](hidden[0, t]) * top[t] for t, e in enumerate(selected[:, 0])])
+        routed = torch.stack([block.experts[int(e)](hidden[0, t]) * weights[t, 0] for t, e in enumerate(selected[:, 0])])
+        shared = torch.sigmoid(block.shared_expert_gate(hidden[0])) * block.shared_expert(hidden[0])
         skip_experts(model, beta=1.0)
-        assert torch.allclose(block(hidden)[0][0], expected, atol=1e-6)
+        assert torch.allclose(block(hidden)[0][0], routed + shared, atol=1e-6)
+
+
+def test_default_thresholds_are_each_layers_median_ratio_of_second_to_top_weight():
+    """Lu et al.: β of a layer is the median over calibration tokens of w1 / w0 (so about half of the second experts are skipped)."""
+    model, windows = tiny_moe(num_hidden_layers=3), token_windows(4, 16)
+    ratios = [[] for _ in model.model.layers]
+    handles = [
+        layer.block_sparse_moe.gate.register_forward_hook(
+            lambda _m, _a, out, found=found: found.append((lambda top: top[:, 1] / top[:, 0])(torch.softmax(out, -1).topk(2).values))
+        )
+        for layer, found in zip(model.model.layers, ratios)
+    ]
+    with torch.no_grad():
+        model(windows)
+    for handle in handles:
+        handle.remove()
+    expected = [float(numpy.median(torch.cat(found).numpy())) for found in ratios]
+    assert skipping_thresholds(model, windows, num_samples=4, seq_len=16) == pytest.approx(expected, rel=1e-6)
+    skipping = skip_experts(model, calibration=windows, num_samples=4, seq_len=16)
+    assert skipping.betas == pytest.approx(expected, rel=1e-6)
+    logits(model, windows)
+    assert skipping.skip_rate == pytest.approx(0.25, abs=0.01)  # half of the second experts: a quarter of the calls
+    with pytest.raises(ValueError, match="beta: 2 values for 3 mixture-of-experts layers"):
+        skip_experts(tiny_moe(num_hidden_layers=3), beta=[0.1, 0.2])
+
+
+def test_skip_rate_counts_real_tokens_only():
+    """The same texts give the same rate alone or left-padded into one batch."""
+    model = tiny_moe()
+    texts = [token_windows(1, 12, seed=1)[0], token_windows(1, 5, seed=2)[0]]
+    alone = skip_experts(model, beta=0.5)
+    for text in texts:
+        logits(model, text[None])
+    alone.remove()
+    batched = skip_experts(model, beta=0.5)
+    ids = torch.zeros(2, 12, dtype=torch.long)
+    mask = torch.zeros(2, 12, dtype=torch.long)
+    for row, text in enumerate(texts):
+        ids[row, -len(text):], mask[row, -len(text):] = text, 1
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    assert (batched.expert_calls, batched.skipped_calls) == (alone.expert_calls, alone.skipped_calls)
+
+
+def test_a_model_that_recorded_router_logits_can_be_patched():
+    """transformers leaves the class's own forward on each block after output_router_logits=True."""
+    model, ids = tiny_moe(), token_windows(1, 8)
+    with torch.no_grad():
+        model(ids, output_router_logits=True)
+    assert "forward" in vars(model.model.layers[0].block_sparse_moe)
+    skip_experts(model, beta=0.5).remove()
+    assert "forward" not in vars(model.model.layers[0].block_sparse_moe)
 
 
 def test_generation_with_cache_and_bad_inputs():
