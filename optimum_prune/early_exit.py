@@ -170,6 +170,49 @@ def check_exit_layers(model: nn.Module, *layers: int) -> None:
             )
     adapter.check_unsliced("an early exit reads the stream after its layer with the final norm and LM head, which read "
                            "the last layer's; draft with a model pruned otherwise")  # fmt: skip
+    _check_draft_stops(model, adapter)
+
+
+class _RanPastExit(Exception):
+    """Raised by the probe of ``_check_draft_stops`` when a layer past the exit runs."""
+
+
+# Model classes whose forward stops where transformers' early-exit draft tells it to (probed once per class).
+_DRAFT_STOPS: set[type] = set()
+
+
+def _check_draft_stops(model: nn.Module, adapter: DecoderAdapter) -> None:
+    """transformers drafts by lowering the base model's ``config.num_hidden_layers`` for the draft's steps
+    (``EarlyExitCandidateGenerator``); a model whose forward runs all its layers whatever that says
+    (Qwen2-MoE in transformers 4.57) would draft with the whole model and gain nothing. One token with
+    an exit after layer 1 tells: the second layer must not run."""
+    if type(model) in _DRAFT_STOPS:
+        return
+    base = getattr(model, model.base_model_prefix, model)
+    had_count = "num_hidden_layers" in vars(base.config)
+    count = getattr(base.config, "num_hidden_layers", None)
+
+    def ran_past_exit(*_: Any) -> None:
+        raise _RanPastExit
+
+    handle = adapter.decoder_layers()[1].register_forward_pre_hook(ran_past_exit)
+    base.config.num_hidden_layers = 1
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device), use_cache=False)
+    except _RanPastExit:
+        raise ValueError(
+            f"{type(model).__name__} runs all its decoder layers whatever config.num_hidden_layers says, which is how "
+            "transformers' early-exit drafting stops after the exit layer: its drafts would cost a full step"
+        ) from None
+    else:
+        _DRAFT_STOPS.add(type(model))
+    finally:
+        handle.remove()
+        if had_count:
+            base.config.num_hidden_layers = count
+        else:
+            del base.config.num_hidden_layers
 
 
 def _agreement(model: nn.Module, windows: torch.Tensor, candidates: list[int]) -> dict[int, float]:

@@ -166,3 +166,24 @@ def test_a_sliced_model_is_refused():
         choose_early_exit(model, token_windows(samples=2, seq_len=16))
     with pytest.raises(ValueError, match=message):
         enable_early_exit(model, 2, 3)
+
+
+@pytest.mark.parametrize("family, stops", [("mixtral", True), ("qwen3_moe", True), ("qwen2_moe", False)])
+def test_a_model_whose_forward_ignores_the_drafts_layer_count_is_refused(family, stops):
+    """Qwen2-MoE's forward (transformers 4.57) runs every layer whatever config.num_hidden_layers says: its draft was the whole model."""
+    model = tiny_moe(family, num_hidden_layers=3)
+    if stops:
+        enable_early_exit(model, 1)
+        assert model.config.num_hidden_layers == 3
+    else:
+        with pytest.raises(ValueError, match="Qwen2MoeForCausalLM runs all its decoder layers whatever config.num_hidden_layers"):
+            enable_early_exit(model, 1)
+        assert model.config.num_hidden_layers == 3 and not getattr(model.config, "early_exit", None)
+
+
+def test_llava_is_refused_too():
+    """transformers lowers num_hidden_layers on LLaVA's own config, which its language model does not read."""
+    from .multimodal.conftest import tiny_llava
+
+    with pytest.raises(ValueError, match="LlavaForConditionalGeneration runs all its decoder layers"):
+        enable_early_exit(tiny_llava(image_token_id=5), 1)
