@@ -29,7 +29,7 @@ from .calibration import (
 )
 from .calibration.engine import moving_to, on_device, on_disk
 from .config import PruningConfig
-from .distributed import all_reduce_sum, is_distributed, shard
+from .distributed import all_reduce_sum, is_distributed, launched_processes, shard
 from .ignoring import check_ignore_patterns, is_ignored
 from .methods import METHODS, LayerPruner, MethodSpec, ModelPruner, StructuredMethod
 from .methods.magnitude import MagnitudeOptions
@@ -243,7 +243,7 @@ def check_offloadable(config: PruningConfig, adapter: DecoderAdapter) -> None:
             f"PruningConfig.allocation {config.allocation!r} needs gradients of the whole model; offloaded runs take "
             "'uniform' or 'owl'"
         )
-    if adapter.upstream_parts or is_distributed():
+    if adapter.upstream_parts or is_distributed() or launched_processes() > 1:  # torchrun's processes would share one output
         raise ValueError(
             "offloaded pruning runs in one process on a language model; multimodal parts and torch.distributed are "
             "not supported yet"

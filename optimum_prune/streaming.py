@@ -139,7 +139,7 @@ class LayerStream:
             if not finished:
                 self._save(index, layer, prefix)
         finally:
-            layer.to("meta")
+            _release(layer)
 
     @contextmanager
     def reading(self, index: int, layer: nn.Module) -> Iterator[None]:
@@ -149,7 +149,7 @@ class LayerStream:
         try:
             yield
         finally:
-            layer.to("meta")
+            _release(layer)
 
     def _load(self, layer: nn.Module, prefix: str, tensors: dict[str, torch.Tensor]) -> None:
         from accelerate.utils import set_module_tensor_to_device
@@ -175,6 +175,18 @@ class LayerStream:
         note = self.notes.pop(index, None)
         save_file(tensors, temporary, metadata={"format": "pt", **({NOTE_KEY: note} if note is not None else {})})
         os.replace(temporary, self.shard(index))
+
+
+def _release(layer: nn.Module) -> None:
+    """Free the layer's tensors (to meta), but for the buffers no checkpoint holds (non-persistent, e.g.
+    the rotary ``inv_freq`` each Qwen2-MoE attention keeps), which its next load could not restore."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    saved = layer.state_dict(keep_vars=True).keys()
+    unsaved = {name: buffer for name, buffer in layer.named_buffers() if name not in saved}
+    layer.to("meta")
+    for name, buffer in unsaved.items():
+        set_module_tensor_to_device(layer, name, buffer.device, value=buffer)
 
 
 def _meta_tensors(module: nn.Module) -> list[str]:
@@ -250,7 +262,7 @@ def prune_checkpoint(
             calibration, tokenizer, None, config.num_calibration_samples, config.calibration_seq_len, config.seed
         )
         check_calibration_inputs(model, inputs)
-    staging = _staging(output_dir, _run_record(source, config, dtype, inputs))
+    staging = _staging(output_dir, _run_record(source, reader, config, dtype, inputs))
     stream = LayerStream(reader, staging, layer_names, torch.device(device or "cpu"), dtype)
     report = prune(
         model, config, calibration=inputs, device=stream.device, offload=stream, activation_device=activation_device
@@ -277,7 +289,9 @@ def _load_inputs(model: nn.Module, modules: list[nn.Module], reader: CheckpointR
         set_module_tensor_to_device(model, name, "cpu", value=tensor, dtype=dtype)
 
 
-def _run_record(source: Path, config: PruningConfig, dtype: torch.dtype, inputs: CalibrationInputs | None) -> dict[str, Any]:
+def _run_record(
+    source: Path, reader: CheckpointReader, config: PruningConfig, dtype: torch.dtype, inputs: CalibrationInputs | None
+) -> dict[str, Any]:
     """What a resumed run must share with the interrupted one for their layers to belong together."""
     calibration = None
     if inputs is not None:
@@ -286,7 +300,17 @@ def _run_record(source: Path, config: PruningConfig, dtype: torch.dtype, inputs:
             digest.update(str(tuple(ids.shape)).encode())
             digest.update(ids.cpu().numpy().tobytes())
         calibration = digest.hexdigest()
-    return {"source": str(source.resolve()), "pruning_config": config.to_dict(), "dtype": str(dtype), "calibration": calibration}
+    return {"source": _source_record(source, reader), "pruning_config": config.to_dict(), "dtype": str(dtype), "calibration": calibration}
+
+
+def _source_record(source: Path, reader: CheckpointReader) -> dict[str, str]:
+    """The source's path and a fingerprint of its config and weight files (name, size, modification time):
+    a checkpoint replaced at the same path (another revision downloaded there) must not resume a run."""
+    digest = hashlib.sha256((source / "config.json").read_bytes())
+    for file in sorted({*reader.weight_map.values()}):
+        stat = file.stat()
+        digest.update(f"{file.name} {stat.st_size} {stat.st_mtime_ns}".encode())
+    return {"path": str(source.resolve()), "files": digest.hexdigest()}
 
 
 def _staging(output_dir: Path, record: dict[str, Any]) -> Path:

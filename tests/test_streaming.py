@@ -139,6 +139,38 @@ def test_layers_of_a_partial_run_with_another_config_data_or_dtype_are_not_mixed
         prune_checkpoint(sharded, tmp_path / "out", second.pop("config"), **second)
 
 
+def test_layers_of_a_partial_run_from_a_source_replaced_at_the_same_path_are_not_mixed_in(sharded, tmp_path, monkeypatch, bpe_tokenizer):
+    """E.g. another revision downloaded into the same folder: the resumed run mixed both models' layers."""
+    config, windows = CONFIGS["wanda"], token_windows()
+    _killed_while_saving(sharded, tmp_path, monkeypatch, 1, config, calibration=windows)
+    for shard in sharded.glob("*.safetensors"):
+        shard.unlink()
+    tiny_model(seed=1).save_pretrained(sharded, max_shard_size="60KB")
+    with pytest.raises(ValueError, match="holds layers of a partial run with another source;"):
+        prune_checkpoint(sharded, tmp_path / "out", config, calibration=windows)
+
+
+def test_owl_from_disk_keeps_buffers_no_checkpoint_holds(tmp_path):
+    """OWL loads each layer twice (statistics, then pruning); Qwen2-MoE's attentions keep their own rotary
+    inv_freq (not saved), which the first release sent to meta and the second load could not find."""
+    from .adapters.test_moe import tiny_moe
+
+    tiny_moe("qwen2_moe").save_pretrained(tmp_path / "moe")
+    config, windows = PruningConfig(method="wanda", sparsity=0.6, allocation="owl"), token_windows(2, 8)
+    report = prune_checkpoint(tmp_path / "moe", tmp_path / "out", config, calibration=windows)
+    in_memory = pruned_in_memory(tmp_path / "moe", config, windows)
+    assert_same_weights(AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict(), in_memory)
+    assert report.overall_sparsity == pytest.approx(0.6, abs=0.02)
+
+
+def test_processes_started_by_torchrun_are_refused_without_a_process_group(sharded, tmp_path, monkeypatch):
+    """Each would write the same partial folder; the CLI refused them, the Python API did not."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="offloaded pruning runs in one process"):
+        prune_checkpoint(sharded, tmp_path / "out", CONFIGS["magnitude"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["source"]
+
+
 def test_a_partial_run_without_a_finished_layer_starts_over(sharded, tmp_path, monkeypatch):
     """E.g. a first call refused for a typo: the corrected one must not be told of 'another run'."""
     monkeypatch.setattr(LayerStream, "_save", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
