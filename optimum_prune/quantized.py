@@ -6,8 +6,10 @@ grid, so that ``sparsify`` can repack the codes instead of quantizing twice (``i
 - optimum-quanto: weights are tensor subclasses with ``dequantize()``;
 - bitsandbytes (transformers' ``BitsAndBytesConfig``, load-time): 4-bit ``Params4bit`` carry a
   ``quant_state`` (block-wise absmax, NF4 / FP4 codes) that ``bitsandbytes.functional.dequantize_4bit``
-  undoes; 8-bit ``Int8Params`` hold int8 rows with one absmax per row (``SCB``): value = q · SCB / 127
-  (LLM.int8()'s vector-wise quantization);
+  undoes, until a first forward on a CPU with AVX512-BF16 repacks them for its CPU kernel (then the
+  weight is read through that kernel); 8-bit ``Int8Params`` hold int8 rows with one absmax per row
+  (``SCB``, moved to the layer's ``state`` by its first forward): value = q · SCB / 127 (LLM.int8()'s
+  vector-wise quantization);
 - GPTQ (gptqmodel's quantized linears, which are not ``nn.Linear``): packed integer codes with per-group
   scales and zero-points that their ``dequantize_weight()`` undoes, laid out ``[in, out]``. gptqmodel's
   CPU default, ``TorchFusedQuantLinear``, repacks them in place into torch's private int4 layout at its
@@ -21,7 +23,7 @@ few tiny weights into zeros); GPTQ does once its error compensation spares them 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import nn
@@ -61,15 +63,23 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
 
         return decompress(module.compressed)
     if is_gptq_linear(module):
-        return _weight_through_kernel(module) if repacked_in_place(module) else module.dequantize_weight().T
+        if repacked_in_place(module):
+            return _weight_through_kernel(module._fused_op_forward, module.in_features, module.scales.dtype, module.scales.device)
+        return module.dequantize_weight().T
     weight = module.weight
     quant_state = getattr(weight, "quant_state", None)
     if quant_state is not None:  # bitsandbytes 4-bit
-        from bitsandbytes.functional import dequantize_4bit
+        import bitsandbytes
 
-        return dequantize_4bit(weight.data, quant_state)
-    row_scales = getattr(weight, "SCB", None)
-    if row_scales is not None:  # bitsandbytes 8-bit
+        if getattr(quant_state, "packing_format_for_cpu", False):  # repacked for its CPU kernel at its first forward
+
+            def multiply(rows: torch.Tensor) -> torch.Tensor:
+                return bitsandbytes.matmul_4bit(rows, weight, quant_state=quant_state)
+
+            return _weight_through_kernel(multiply, module.in_features, module.compute_dtype or quant_state.dtype, weight.device)
+        return bitsandbytes.functional.dequantize_4bit(weight.data, quant_state)
+    if hasattr(weight, "SCB"):  # bitsandbytes 8-bit: its first forward moves the row scales to the layer's state
+        row_scales = weight.SCB if weight.SCB is not None else module.state.SCB
         return weight.data.float() * (row_scales.float().unsqueeze(1) / 127)
     weight = weight.detach()
     return weight if type(weight) is torch.Tensor else weight.dequantize()  # optimum-quanto
@@ -86,14 +96,16 @@ def repacked_in_place(module: nn.Module) -> bool:
     return is_gptq_linear(module) and bool(getattr(module, "transformed", False))
 
 
-def _weight_through_kernel(module: nn.Module, rows: int = 1024) -> torch.Tensor:
-    """The ``[out, in]`` weight a repacked GPTQ layer computes with: its kernel's products with the rows of the
-    identity, ``rows`` at a time (exact: one non-zero term per output). in² · out multiply-adds: a fraction of a
-    second per layer at SmolLM2's sizes, longer for 8B-class layers."""
-    size, dtype, device = module.in_features, module.scales.dtype, module.scales.device
+def _weight_through_kernel(
+    multiply: Callable[[torch.Tensor], torch.Tensor], size: int, dtype: torch.dtype, device: torch.device, rows: int = 1024
+) -> torch.Tensor:
+    """The ``[out, in]`` weight a layer whose own layout is gone computes with: its kernel's products
+    (``multiply``, without bias) with the rows of the ``size``-wide identity, ``rows`` at a time (exact: one
+    non-zero term per output). in² · out multiply-adds: a fraction of a second per layer at SmolLM2's sizes,
+    longer for 8B-class layers."""
     with torch.no_grad():
         blocks = [
-            module._fused_op_forward(torch.eye(min(rows, size - start), size, dtype=dtype, device=device).roll(start, dims=1))
+            multiply(torch.eye(min(rows, size - start), size, dtype=dtype, device=device).roll(start, dims=1))
             for start in range(0, size, rows)
         ]  # eye(n, size) rolled by start: ones at (i, start + i)
     return torch.cat(blocks).T

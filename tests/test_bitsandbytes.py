@@ -78,3 +78,18 @@ def test_non_uniform_structured_result_is_refused_by_transformers_with_the_reaso
     pruned_checkpoint(tmp_path / "non-uniform", config)
     with pytest.raises(ValueError, match="quantized with StructureConfig but you are passing a BitsAndBytesConfig"):
         AutoModelForCausalLM.from_pretrained(tmp_path / "non-uniform", quantization_config=QUANTIZATIONS["int8"])
+
+
+@pytest.mark.parametrize("quantization", list(QUANTIZATIONS))
+def test_weights_read_the_same_after_the_model_has_run(quantization, tmp_path):
+    """A first forward moves int8 row scales into the layer's state, and on a CPU with AVX512-BF16 repacks
+    4-bit weights for its kernel: the codes were read as values (int8) or scrambled (NF4 / FP4: 2:4 lost)."""
+    pruned_checkpoint(tmp_path / "pruned", PruningConfig(method="magnitude", sparsity="2:4"))
+    quantized = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", quantization_config=QUANTIZATIONS[quantization]).eval()
+    before = {name: dequantized_weight(module).float() for name, module in quantized.named_modules() if "bitsandbytes" in type(module).__module__}
+    with torch.no_grad():
+        quantized(token_windows(samples=1, seq_len=8, seed=3))
+    for name, weight in before.items():
+        after = dequantized_weight(quantized.get_submodule(name)).float()
+        assert torch.equal(after == 0, weight == 0) and torch.allclose(after, weight, rtol=1e-2, atol=1e-3 * weight.abs().max()), name
+    assert verify_sparsity(quantized, "2:4")["conforming"]
