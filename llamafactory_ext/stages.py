@@ -99,7 +99,7 @@ _NOT_FOR_CALIBRATION = (
     "eval_dataset", "val_size", "do_eval", "do_predict", "eval_strategy", "predict_with_generate", "load_best_model_at_end",
     "metric_for_best_model", "tokenized_path", "interleave_probs", "mix_strategy", "deepspeed", "fsdp", "fsdp_config",
 )
-_SFT_ONLY = ("train_on_prompt", "mask_history", "neat_packing")  # refused by LLaMA-Factory outside stage: sft
+_SFT_ONLY = ("train_on_prompt", "mask_history")  # refused by LLaMA-Factory outside stage: sft
 
 
 @dataclass
@@ -142,6 +142,9 @@ def read_calibration(args: Mapping[str, Any], section: PruningSection) -> Calibr
         "cutoff_len": config.calibration_seq_len,
         "overwrite_output_dir": True,  # this parse only reads data; it writes nothing there
         "streaming": False,  # the calibration tokens are gathered into one stream
+        # Packed SFT examples are padded to full length: the pads would be calibrated on (the stream packs them anyway).
+        "packing": False,
+        "neat_packing": False,
     }
     model_args, data_args, training_args, _, _ = get_train_args(parse_args)
     tokenizer_module = load_tokenizer(model_args)

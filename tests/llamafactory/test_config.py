@@ -294,3 +294,15 @@ def test_training_sections_become_configs_and_round_trip_to_the_workers(workspac
         assert rest == args and getattr(read, name) == expected
         assert TrainingSections.split({**rest, **read.to_mapping()}, pruning=False)[1] == read  # the torchrun workers' copy
         assert TrainingSections.split({**args, name: section}, pruning=False, validate=False) == (args, TrainingSections())  # export / chat
+
+
+def test_packing_does_not_pad_the_calibration_stream(workspace, tmp_path):
+    """LLaMA-Factory pads each SFT pack to full length: with packing on, the pads were calibrated on."""
+    from llamafactory_ext.stages import read_calibration
+
+    args = base_args(workspace, tmp_path / "out", stage="sft", dataset="wiki_sft")
+    pruning = {"method": "wanda", "num_calibration_samples": 8, "calibration_seq_len": 256}
+    plain = read_calibration(args, PruningSection.from_mapping(pruning, args)).windows
+    packed_args = {**args, "packing": True}
+    packed = read_calibration(packed_args, PruningSection.from_mapping(pruning, packed_args)).windows
+    assert torch.equal(packed, plain)
