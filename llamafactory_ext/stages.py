@@ -80,11 +80,18 @@ def run_train(args: Mapping[str, Any], section: PruningSection | None, training:
     merged_dtype = args.get("infer_dtype", "auto")
     if merged_dtype not in MERGED_DTYPES:  # checked before hours of training, not at the merge after them
         raise ValueError(f"infer_dtype must be one of {', '.join(MERGED_DTYPES)}, got {merged_dtype!r}")
+    if args.get("adapter_name_or_path"):
+        raise ValueError(
+            f"adapter_name_or_path: {args['adapter_name_or_path']} with a `pruning:` section: the adapter was trained on the "
+            "dense model, and LLaMA-Factory would merge it into the pruned one filling its zeros; merge it first "
+            "(llamafactory-cli export), then prune the merged model"
+        )
     calibration = read_calibration(args, section)
     source = calibration.source
     if _already_pruned(pruned_dir, source, section.config):
         logger.info("reusing the pruned model in %s (same model, calibration tokens and pruning config)", pruned_dir)
     else:
+        _check_no_stale_checkpoints(args, output_dir)
         prune_and_save(args, section, pruned_dir, calibration, source)
     _delegate_training({**args, "model_name_or_path": str(pruned_dir)}, True, training)
     if args.get("do_train") and args.get("finetuning_type", "lora") == "lora":
@@ -196,18 +203,50 @@ def _already_pruned(pruned_dir: Path, source: Mapping[str, Any], config: Pruning
     return same_config and recorded.get("pruned_from") == source
 
 
+def _check_no_stale_checkpoints(args: Mapping[str, Any], output_dir: Path) -> None:
+    """The model is about to be pruned (again): checkpoints of a run on an earlier pruned model must not be resumed."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if args.get("resume_from_checkpoint"):
+        raise ValueError(
+            f"resume_from_checkpoint: {args['resume_from_checkpoint']} was trained on another pruned model than the one "
+            f"{output_dir / PRUNED_SUBDIR} is about to hold (the model, calibration data or pruning section changed); remove it"
+        )
+    if output_dir.is_dir() and not args.get("overwrite_output_dir") and get_last_checkpoint(str(output_dir)):
+        raise ValueError(
+            f"output_dir: {output_dir} holds checkpoints of a run on another pruned model (the model, calibration data or "
+            "pruning section changed), which LLaMA-Factory would resume on the model pruned again; set "
+            "overwrite_output_dir: true, or use another output_dir"
+        )
+
+
+# LLaMA-Factory wraps the model of these stages in a value head, whose pruned model PruningCallback does not reach.
+_VALUE_HEAD_STAGES = ("rm", "ppo")
+
+
 def _delegate_training(args: dict[str, Any], keep_masks: bool, training: TrainingSections) -> None:
     """LLaMA-Factory's ``run_exp`` with the callbacks of ``training`` (``PruningCallback`` keeps the
     zeros when ``keep_masks``) and its distillation loss, here or under torchrun."""
+    if keep_masks and args.get("stage") in _VALUE_HEAD_STAGES:
+        raise ValueError(
+            f"stage: {args['stage']} on the pruned model {args['model_name_or_path']}: LLaMA-Factory wraps it in a value "
+            "head, inside which its zeros cannot be kept yet; train it with stage: sft, pt, dpo or kto"
+        )
     _check_quantizable(args)
     import_llamafactory()
     if _wants_torchrun():
         _run_under_torchrun({**args, **training.to_mapping()}, keep_masks)
         return
+    train_here(args, keep_masks, training)
+
+
+def train_here(args: Mapping[str, Any], keep_masks: bool, training: TrainingSections) -> None:
+    """LLaMA-Factory's ``run_exp`` in this process; when ``keep_masks``, adapters it merges while loading
+    (``adapter_name_or_path`` with ``create_new_adapter``, or several) keep the pruned zeros too."""
     from llamafactory.train.tuner import run_exp
 
-    with distilling_trainers(training.distill):
-        run_exp(args, callbacks=training.callbacks(keep_masks))
+    with distilling_trainers(training.distill), (_merges_keeping_zeros() if keep_masks else nullcontext()):
+        run_exp(dict(args), callbacks=training.callbacks(keep_masks))
 
 
 def _check_quantizable(args: Mapping[str, Any]) -> None:

@@ -11,18 +11,15 @@ import sys
 
 from .compat import import_llamafactory
 from .config import read_yaml
-from .distill import distilling_trainers
+from .stages import train_here
 from .training import TrainingSections
 
 
 def main() -> None:
     import_llamafactory()
-    from llamafactory.train.tuner import run_exp
-
     config, *flags = sys.argv[1:]
     args, training = TrainingSections.split(read_yaml(config), pruning=False)
-    with distilling_trainers(training.distill):
-        run_exp(args, callbacks=training.callbacks("--keep-masks" in flags))
+    train_here(args, "--keep-masks" in flags, training)
 
 
 if __name__ == "__main__":

@@ -530,3 +530,51 @@ def test_restore_zeros_refuses_another_model_before_touching_its_shards(tmp_path
     with pytest.raises(ValueError, match="is it the same model"):
         restore_zeros(tmp_path / "base", tmp_path / "other")
     assert {path.name: path.read_bytes() for path in (tmp_path / "other").glob("*.safetensors")} == before
+
+
+def refused(tmp_path: Path, capsys, config: dict) -> str:
+    """``llamafactory-prune train`` on ``config`` exits with a usage error; its message."""
+    with pytest.raises(SystemExit):
+        main(["train", str(write_yaml(tmp_path / "refused.yaml", config))])
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("stage", ["rm", "ppo"])
+def test_value_head_stages_on_a_pruned_model_are_refused_before_loading(workspace, tmp_path, capsys, stage):
+    """LLaMA-Factory wraps the model in a value head: PruningCallback refused it only after model and data had loaded."""
+    pruned = tmp_path / "pruned"
+    train(tmp_path, {**base_args(workspace, pruned, stage="prune"), "pruning": {"method": "magnitude", "sparsity": 0.5}})
+    config = {**base_args(workspace, tmp_path / "out", **{**LORA_TRAINING, "stage": stage}), "model_name_or_path": str(pruned)}
+    assert f"stage: {stage} on the pruned model {pruned}: LLaMA-Factory wraps it in a value head" in refused(tmp_path, capsys, config)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_adapter_given_with_a_pruning_section_is_refused(workspace, tmp_path, capsys):
+    config = {**base_args(workspace, tmp_path / "out", **LORA_TRAINING, adapter_name_or_path=str(tmp_path / "adapter")),
+              "pruning": {"method": "magnitude", "sparsity": 0.5}}  # fmt: skip
+    assert "adapter_name_or_path: " in refused(tmp_path, capsys, config) and not (tmp_path / "out").exists()
+
+
+def test_an_earlier_adapter_merged_while_loading_keeps_the_zeros(workspace, tmp_path):
+    """create_new_adapter: LLaMA-Factory merges the YAML's adapter into the pruned model before adding a new one."""
+    pruned = tmp_path / "pruned"
+    train(tmp_path, {**base_args(workspace, pruned, stage="prune"), "pruning": {"method": "magnitude", "sparsity": 0.5}})
+    first = tmp_path / "first"
+    train(tmp_path, {**base_args(workspace, first, **LORA_TRAINING), "model_name_or_path": str(pruned)})
+    second = tmp_path / "second"
+    training = {**LORA_TRAINING, "adapter_name_or_path": str(first), "create_new_adapter": True}
+    train(tmp_path, {**base_args(workspace, second, **training), "model_name_or_path": str(pruned)})
+    state = json.loads((second / "trainer_state.json").read_text())
+    assert [e["sparsity"] for e in state["log_history"] if "loss" in e] == [pytest.approx(0.5, abs=1e-3)] * 4
+
+
+def test_pruning_again_refuses_to_resume_checkpoints_of_the_earlier_pruned_model(workspace, tmp_path, capsys):
+    """LLaMA-Factory resumes output_dir's last checkpoint: it held the model pruned at the earlier sparsity."""
+    training = {**LORA_TRAINING, "finetuning_type": "full", "max_steps": 2, "save_strategy": "steps", "save_steps": 2}
+    config = {**base_args(workspace, tmp_path / "out", **training), "pruning": {"method": "magnitude", "sparsity": 0.3}}
+    train(tmp_path, config)
+    assert (tmp_path / "out" / "checkpoint-2").is_dir()
+    again = {**config, "pruning": {"method": "magnitude", "sparsity": 0.5}}
+    assert f"output_dir: {tmp_path / 'out'} holds checkpoints of a run on another pruned model" in refused(tmp_path, capsys, again)
+    train(tmp_path, {**again, "overwrite_output_dir": True})
+    assert verify_sparsity(AutoModelForCausalLM.from_pretrained(tmp_path / "out"))["overall_sparsity"] == pytest.approx(0.5, abs=1e-3)
