@@ -31,6 +31,7 @@ from optimum_prune import SparsityMasks, merge_lora_preserving_sparsity, prune, 
 from optimum_prune.calibration import sample_windows
 from optimum_prune.config import CONFIG_NAME, PruningConfig
 from optimum_prune.saving import DEFAULT_SHARD_SIZE
+from optimum_prune.streaming import checkpoint_fingerprint
 from optimum_prune.structure.loading import QUANT_METHOD as STRUCTURE_QUANT_METHOD
 
 from .compat import import_llamafactory
@@ -117,15 +118,18 @@ class Calibration:
     model_args: Any
     tokenizer: Any
     windows: torch.Tensor | None
+    model_files: str
 
     @property
     def source(self) -> dict[str, Any]:
         """What a pruned model came from, recorded in its ``config.json``: a rerun reuses it only when the
-        model and the exact calibration tokens are the same (whatever template, system prompt or limit made them)."""
+        model (its files, not only its name) and the exact calibration tokens are the same (whatever template,
+        system prompt or limit made them)."""
         tokens = None if self.windows is None else hashlib.sha256(self.windows.numpy().tobytes()).hexdigest()
         return {
             "model_name_or_path": self.model_args.model_name_or_path,
             "model_revision": self.model_args.model_revision,
+            "model_files": self.model_files,
             "calibration_tokens_sha256": tokens,
         }
 
@@ -162,7 +166,13 @@ def read_calibration(args: Mapping[str, Any], section: PruningSection) -> Calibr
         dataset = get_dataset(template, model_args, data_args, training_args, calibration_stage, **tokenizer_module)
         tokens = torch.tensor(list(chain.from_iterable(dataset["train_dataset"]["input_ids"])), dtype=torch.long)
         windows = sample_windows(tokens, config.num_calibration_samples, config.calibration_seq_len, config.seed)
-    return Calibration(model_args, tokenizer, windows)
+    return Calibration(model_args, tokenizer, windows, _model_fingerprint({**args, "model_name_or_path": model_args.model_name_or_path}))
+
+
+def _model_fingerprint(args: Mapping[str, Any]) -> str:
+    """A local model's ``checkpoint_fingerprint``; a Hub model's snapshot commit, which names every file."""
+    files = _model_files(args)
+    return checkpoint_fingerprint(files) if Path(str(args["model_name_or_path"])).is_dir() else f"commit {files.name}"
 
 
 def prune_and_save(
@@ -171,9 +181,10 @@ def prune_and_save(
     """Prune on ``calibration`` and save atomically (noting ``source``, ``calibration.source``, when given)."""
     config = section.config
     device = "cuda" if torch.cuda.is_available() else None
-    if section.offload == "disk":
+    if section.offload == "disk":  # reads the checkpoint's files: a Hub model is downloaded first, as from_pretrained would
+        checkpoint = _snapshot({**args, "model_name_or_path": calibration.model_args.model_name_or_path}, _CHECKPOINT_FILES)
         prune_checkpoint(
-            calibration.model_args.model_name_or_path, target, config, calibration=calibration.windows,
+            checkpoint, target, config, calibration=calibration.windows,
             tokenizer=calibration.tokenizer, device=device, dtype=PRUNING_DTYPE, activation_device=section.activation_device,
         )  # fmt: skip
         if source is not None:
@@ -339,10 +350,18 @@ def run_export(args: Mapping[str, Any]) -> None:
         restore_zeros(args["model_name_or_path"], Path(args["export_dir"]), **model_loading_kwargs(args))
 
 
+# What offloaded pruning reads of a Hub model: its safetensors weights, configuration, tokenizer and remote code.
+_CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja", "*.py"]
+
+
 def _model_files(args: Mapping[str, Any]) -> Path:
-    """A local directory holding the YAML model's ``config.json`` (and ``pruning_config.json``, if any):
-    its path, or for a Hugging Face Hub id the snapshot of those two files in the Hub cache, fetched
-    with the YAML's revision, token and cache as LLaMA-Factory's loader fetches the model."""
+    """A local directory holding the YAML model's ``config.json`` (and ``pruning_config.json``, if any)."""
+    return _snapshot(args, ["config.json", CONFIG_NAME])
+
+
+def _snapshot(args: Mapping[str, Any], files: list[str]) -> Path:
+    """The YAML model as a local directory: its path, or for a Hugging Face Hub id its snapshot of ``files``
+    in the Hub cache, fetched with the YAML's revision, token and cache as LLaMA-Factory's loader fetches it."""
     name = str(args["model_name_or_path"])
     if Path(name).is_dir():
         return Path(name)
@@ -358,7 +377,7 @@ def _model_files(args: Mapping[str, Any]) -> Path:
     loading = model_loading_kwargs(args)
     snapshot = snapshot_download(
         name, revision=loading["revision"], cache_dir=loading["cache_dir"], token=loading["token"],
-        allow_patterns=["config.json", CONFIG_NAME],
+        allow_patterns=files,
     )  # fmt: skip
     return Path(snapshot)
 

@@ -262,7 +262,7 @@ def prune_checkpoint(
             calibration, tokenizer, None, config.num_calibration_samples, config.calibration_seq_len, config.seed
         )
         check_calibration_inputs(model, inputs)
-    staging = _staging(output_dir, _run_record(source, reader, config, dtype, inputs))
+    staging = _staging(output_dir, _run_record(source, config, dtype, inputs))
     stream = LayerStream(reader, staging, layer_names, torch.device(device or "cpu"), dtype)
     report = prune(
         model, config, calibration=inputs, device=stream.device, offload=stream, activation_device=activation_device
@@ -289,9 +289,7 @@ def _load_inputs(model: nn.Module, modules: list[nn.Module], reader: CheckpointR
         set_module_tensor_to_device(model, name, "cpu", value=tensor, dtype=dtype)
 
 
-def _run_record(
-    source: Path, reader: CheckpointReader, config: PruningConfig, dtype: torch.dtype, inputs: CalibrationInputs | None
-) -> dict[str, Any]:
+def _run_record(source: Path, config: PruningConfig, dtype: torch.dtype, inputs: CalibrationInputs | None) -> dict[str, Any]:
     """What a resumed run must share with the interrupted one for their layers to belong together."""
     calibration = None
     if inputs is not None:
@@ -300,17 +298,23 @@ def _run_record(
             digest.update(str(tuple(ids.shape)).encode())
             digest.update(ids.cpu().numpy().tobytes())
         calibration = digest.hexdigest()
-    return {"source": _source_record(source, reader), "pruning_config": config.to_dict(), "dtype": str(dtype), "calibration": calibration}
+    return {"source": _source_record(source), "pruning_config": config.to_dict(), "dtype": str(dtype), "calibration": calibration}
 
 
-def _source_record(source: Path, reader: CheckpointReader) -> dict[str, str]:
-    """The source's path and a fingerprint of its config and weight files (name, size, modification time):
-    a checkpoint replaced at the same path (another revision downloaded there) must not resume a run."""
-    digest = hashlib.sha256((source / "config.json").read_bytes())
-    for file in sorted({*reader.weight_map.values()}):
+def _source_record(source: Path) -> dict[str, str]:
+    """The source's path and files: a checkpoint replaced at the same path (another revision downloaded
+    there) must not resume a run."""
+    return {"path": str(source.resolve()), "files": checkpoint_fingerprint(source)}
+
+
+def checkpoint_fingerprint(directory: Path) -> str:
+    """A digest of a checkpoint directory's ``config.json`` and of its weight files' names, sizes and
+    modification times: it changes when the checkpoint is replaced, without reading the weights."""
+    digest = hashlib.sha256((directory / "config.json").read_bytes())
+    for file in sorted(path for path in directory.iterdir() if path.is_file() and _is_weights(path.name)):
         stat = file.stat()
         digest.update(f"{file.name} {stat.st_size} {stat.st_mtime_ns}".encode())
-    return {"path": str(source.resolve()), "files": digest.hexdigest()}
+    return digest.hexdigest()
 
 
 def _staging(output_dir: Path, record: dict[str, Any]) -> Path:

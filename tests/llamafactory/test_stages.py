@@ -139,12 +139,17 @@ def test_export_restores_zeros_that_llamafactory_merge_fills(recovered, tmp_path
     assert verify_sparsity(AutoModelForCausalLM.from_pretrained(tmp_path / "plain"))["overall_sparsity"] < 0.1
 
 
-def test_export_of_a_pruned_model_given_by_hub_id_restores_its_zeros(recovered, tmp_path):
-    """The pruned model as a Hub repo, read offline from the Hugging Face cache the YAML names."""
-    repo, revision = tmp_path / "cache" / "models--someone--pruned", "0" * 40
-    shutil.copytree(recovered / "pruned", repo / "snapshots" / revision)
+def as_hub_repo(model: Path, cache: Path, repo_id: str) -> None:
+    """``model`` as the Hub repository ``repo_id`` in the Hugging Face cache ``cache`` (read offline)."""
+    repo, revision = cache / f"models--{repo_id.replace('/', '--')}", "0" * 40
+    shutil.copytree(model, repo / "snapshots" / revision)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(revision)
+
+
+def test_export_of_a_pruned_model_given_by_hub_id_restores_its_zeros(recovered, tmp_path):
+    """The pruned model as a Hub repo, read offline from the Hugging Face cache the YAML names."""
+    as_hub_repo(recovered / "pruned", tmp_path / "cache", "someone/pruned")
     export = {
         "model_name_or_path": "someone/pruned", "cache_dir": str(tmp_path / "cache"), "adapter_name_or_path": str(recovered),
         "template": "default", "finetuning_type": "lora", "export_dir": str(tmp_path / "exported"),
@@ -578,3 +583,34 @@ def test_pruning_again_refuses_to_resume_checkpoints_of_the_earlier_pruned_model
     assert f"output_dir: {tmp_path / 'out'} holds checkpoints of a run on another pruned model" in refused(tmp_path, capsys, again)
     train(tmp_path, {**again, "overwrite_output_dir": True})
     assert verify_sparsity(AutoModelForCausalLM.from_pretrained(tmp_path / "out"))["overall_sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_offloaded_pruning_of_a_hub_model_reads_its_snapshot(workspace, tmp_path):
+    """offload: disk took the Hub id for a directory (refused after the calibration read)."""
+    as_hub_repo(workspace / "tiny", tmp_path / "cache", "someone/tiny")
+    pruning = {"method": "wanda", "sparsity": 0.5, "offload": "disk", "calibration_dataset": "wiki_pt", **CALIBRATION}
+    config = {**base_args(workspace, tmp_path / "out", stage="prune"), "model_name_or_path": "someone/tiny",
+              "cache_dir": str(tmp_path / "cache"), "pruning": pruning}  # fmt: skip
+    run_command("train", write_yaml(tmp_path / "offload.yaml", config), {"HF_HUB_OFFLINE": "1"})
+    in_memory = {**config, "output_dir": str(tmp_path / "in-memory"), "pruning": {**pruning, "offload": None}}
+    run_command("train", write_yaml(tmp_path / "in-memory.yaml", in_memory), {"HF_HUB_OFFLINE": "1"})
+    assert_same_zeros(zeros(tmp_path / "out"), zeros(tmp_path / "in-memory"))
+
+
+def test_a_model_replaced_at_the_same_path_is_pruned_again(workspace, tmp_path):
+    """The reuse check compared the path and revision only: the pruned copy of the old model was trained."""
+    model = tmp_path / "model"
+    shutil.copytree(workspace / "tiny", model)
+    config = {**base_args(workspace, tmp_path / "out", **LORA_TRAINING), "model_name_or_path": str(model),
+              "pruning": {"method": "magnitude", "sparsity": 0.5}}  # fmt: skip
+    train(tmp_path, config)
+    tiny_model(seed=1).save_pretrained(model)
+    train(tmp_path, {**config, "overwrite_output_dir": True})
+    replaced = AutoModelForCausalLM.from_pretrained(model)
+    expected = prune_copy(replaced)
+    assert_same_zeros(zeros(tmp_path / "out" / "pruned"), {name: linear.weight == 0 for name, linear in prunable_linears(expected).items()})
+
+
+def prune_copy(model: torch.nn.Module) -> torch.nn.Module:
+    prune(model, PruningConfig(method="magnitude", sparsity=0.5))
+    return model
