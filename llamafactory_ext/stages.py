@@ -94,7 +94,9 @@ def run_train(args: Mapping[str, Any], section: PruningSection | None, training:
     else:
         _check_no_stale_checkpoints(args, output_dir)
         prune_and_save(args, section, pruned_dir, calibration, source)
-    _delegate_training({**args, "model_name_or_path": str(pruned_dir)}, True, training)
+    # LLaMA-Factory trains the embeddings of the tokens it added (LoRA: as modules to save); the pruned model has them already.
+    resized = {"resize_vocab": True} if calibration.model_args.resize_vocab else {}
+    _delegate_training({**args, "model_name_or_path": str(pruned_dir), **resized}, True, training)
     if args.get("do_train") and args.get("finetuning_type", "lora") == "lora":
         target = Path(args.get("export_dir") or output_dir / MERGED_SUBDIR)
         merge_adapter(pruned_dir, output_dir, target, MERGED_DTYPES[merged_dtype], f"{args.get('export_size', 5)}GB")
@@ -181,7 +183,12 @@ def prune_and_save(
     """Prune on ``calibration`` and save atomically (noting ``source``, ``calibration.source``, when given)."""
     config = section.config
     device = "cuda" if torch.cuda.is_available() else None
-    if section.offload == "disk":  # reads the checkpoint's files: a Hub model is downloaded first, as from_pretrained would
+    if section.offload == "disk":
+        if calibration.model_args.resize_vocab:
+            raise ValueError(
+                "pruning.offload: disk with tokens the YAML adds (add_tokens, add_special_tokens or resize_vocab): the "
+                "embeddings must grow for them first, which offloaded pruning does not do; prune in memory"
+            )  # reads the checkpoint's files: a Hub model is downloaded first, as from_pretrained would
         checkpoint = _snapshot({**args, "model_name_or_path": calibration.model_args.model_name_or_path}, _CHECKPOINT_FILES)
         prune_checkpoint(
             checkpoint, target, config, calibration=calibration.windows,
@@ -191,10 +198,22 @@ def prune_and_save(
             _record_source(target, source)
         return target
     model = AutoModelForCausalLM.from_pretrained(calibration.model_args.model_name_or_path, dtype=PRUNING_DTYPE, **model_loading_kwargs(args))
+    _resize_vocabulary(model, calibration.model_args, calibration.tokenizer)
     if source is not None:
         model.config.pruned_from = source
     report = prune(model, config, calibration=calibration.windows, device=device, activation_device=section.activation_device)
     return save_pruned(model, target, tokenizer=calibration.tokenizer, config=config, report=report)
+
+
+def _resize_vocabulary(model: torch.nn.Module, model_args: Any, tokenizer: Any) -> None:
+    """Tokens the YAML adds (``add_tokens``, ``add_special_tokens``; LLaMA-Factory then sets ``resize_vocab``)
+    get their embedding rows as LLaMA-Factory's loader gives them, before they are calibrated on and saved:
+    the pruned model's tokenizer holds them, so the training run would add (and resize for) none."""
+    if model_args.resize_vocab:
+        from llamafactory.model.model_utils.embedding import resize_embedding_layer
+
+        descriptions = getattr(model_args, "_special_token_descriptions", None)
+        resize_embedding_layer(model, tokenizer, new_special_tokens_config=descriptions, init_special_tokens=model_args.init_special_tokens)
 
 
 def _record_source(checkpoint: Path, source: Mapping[str, Any]) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import optimum_prune  # noqa: F401  (registers the loader of non-uniform structured checkpoints)
 from llamafactory_ext.cli import main
@@ -614,3 +614,21 @@ def test_a_model_replaced_at_the_same_path_is_pruned_again(workspace, tmp_path):
 def prune_copy(model: torch.nn.Module) -> torch.nn.Module:
     prune(model, PruningConfig(method="magnitude", sparsity=0.5))
     return model
+
+
+def test_tokens_the_yaml_adds_get_embeddings_before_pruning(workspace, tmp_path):
+    """add_special_tokens: the pruned copy was saved with the new token in its tokenizer but not in its
+    embeddings, so LLaMA-Factory's training on it did not resize them and failed (index out of range)."""
+    data = tmp_path / "data"
+    shutil.copytree(workspace / "data", data)
+    rows = json.loads((data / "wiki_sft.json").read_text())[:32]
+    (data / "think.json").write_text(json.dumps([{**row, "output": "<think> " + row["output"]} for row in rows]))
+    info = json.loads((data / "dataset_info.json").read_text())
+    (data / "dataset_info.json").write_text(json.dumps({**info, "think": {**info["wiki_sft"], "file_name": "think.json"}}))
+    training = {**LORA_TRAINING, "dataset": "think", "dataset_dir": str(data), "add_special_tokens": "<think>", "max_steps": 1}
+    config = {**base_args(workspace, tmp_path / "out", **training), "pruning": {"method": "wanda", "sparsity": 0.5, **CALIBRATION}}
+    train(tmp_path, config)
+    pruned = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "pruned")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out" / "pruned")
+    assert pruned.get_input_embeddings().weight.shape[0] >= len(tokenizer) > tokenizer.convert_tokens_to_ids("<think>")  # LLaMA-Factory pads to 64
+    assert (tmp_path / "out" / "merged" / "config.json").is_file()
