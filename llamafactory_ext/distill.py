@@ -103,7 +103,10 @@ class DistillSection:
                 "is gone by the time LLaMA-Factory predicts (on other data, or generating): remove do_predict / "
                 "predict_with_generate, or precompute_top_k"
             )
-        return cls(config, str(teacher), section.get("teacher_device"), dtype, precompute, quantization, model_loading_kwargs(lf_args))
+        loading = model_loading_kwargs(lf_args)
+        if str(teacher) != str(lf_args.get("model_name_or_path")):
+            _check_same_vocabulary(str(teacher), str(lf_args.get("model_name_or_path")), loading)
+        return cls(config, str(teacher), section.get("teacher_device"), dtype, precompute, quantization, loading)
 
     def load_teacher(self, device: str | torch.device) -> torch.nn.Module:
         """The teacher on ``device``; quantized ones are placed while loading (bitsandbytes' 8-bit models cannot move)."""
@@ -181,3 +184,22 @@ def distilling_trainers(section: DistillSection | None) -> Iterator[None]:
     finally:
         for module, name in names.items():
             setattr(module, name, originals[module])
+
+
+def _check_same_vocabulary(teacher: str, student: str, loading: Mapping[str, Any]) -> None:
+    """Distillation compares the teacher's and the student's logits token id by token id: a teacher whose
+    tokenizer maps ids to other tokens (of the same count, e.g. Llama-2 and Mistral, 32,000 each) is refused.
+    A teacher saved without a tokenizer is taken to share the student's."""
+    from transformers import AutoTokenizer
+
+    try:
+        teacher_vocabulary = AutoTokenizer.from_pretrained(teacher, **loading).get_vocab()
+    except (OSError, ValueError):
+        return
+    student_vocabulary = AutoTokenizer.from_pretrained(student, **loading).get_vocab()
+    if teacher_vocabulary != student_vocabulary:
+        differing = len(set(teacher_vocabulary.items()) ^ set(student_vocabulary.items())) // 2
+        raise ValueError(
+            f"{SECTION}.teacher {teacher!r} has another tokenizer than {student} (about {differing} token ids differ): "
+            "distillation compares their logits id by id; give a teacher with the student's tokenizer"
+        )

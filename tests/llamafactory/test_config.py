@@ -306,3 +306,26 @@ def test_packing_does_not_pad_the_calibration_stream(workspace, tmp_path):
     packed_args = {**args, "packing": True}
     packed = read_calibration(packed_args, PruningSection.from_mapping(pruning, packed_args)).windows
     assert torch.equal(packed, plain)
+
+
+def test_a_teacher_with_another_tokenizer_of_the_same_size_is_refused(workspace, tmp_path):
+    """Only the logit counts were compared: a teacher whose ids name other tokens trained the student on nonsense."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from llamafactory_ext.distill import split_distill
+    from optimum_prune.data import wikipedia_articles
+
+    from ..conftest import TINY, tiny_model
+
+    other = Tokenizer(models.BPE())
+    other.pre_tokenizer, other.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY["vocab_size"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<eos>"])
+    other.train_from_iterator(wikipedia_articles("calibration")[5:10], trainer=trainer)
+    teacher = tmp_path / "teacher"
+    tiny_model(seed=1).save_pretrained(teacher)
+    args = {**base_args(workspace, tmp_path), "stage": "sft", "distill": {"teacher": str(teacher)}}
+    assert split_distill(args, pruning=False)[1].teacher == str(teacher)  # no tokenizer saved: taken to be the student's
+    PreTrainedTokenizerFast(tokenizer_object=other, eos_token="<eos>", pad_token="<eos>").save_pretrained(teacher)
+    with pytest.raises(ValueError, match=r"distill.teacher '.*teacher' has another tokenizer than .*tiny \(about \d+ token ids differ\)"):
+        split_distill(args, pruning=False)
