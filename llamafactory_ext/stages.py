@@ -359,6 +359,13 @@ def run_export(args: Mapping[str, Any]) -> None:
     restoring = bool(args.get("adapter_name_or_path")) and _is_pruned_checkpoint(_model_files(args))
     if restoring and args.get("export_legacy_format"):
         raise ValueError("export_legacy_format: true writes .bin weights, whose pruned zeros cannot be restored after the merge; remove it")
+    if args.get("export_quantization_bit") and _is_pruned_checkpoint(_model_files(args)):
+        raise ValueError(
+            f"export_quantization_bit: {args['export_quantization_bit']} on the pruned model {args['model_name_or_path']}: "
+            "LLaMA-Factory's GPTQ export spreads each column's rounding error over the pruned weights, which come back "
+            "non-zero; export without it, then quantize with optimum_prune.compress(model, [GPTQConfig(bits=...)]), "
+            "which keeps them (README: GPTQ)"
+        )
     if restoring and args.get("export_hub_model_id"):
         raise ValueError(
             "export_hub_model_id: LLaMA-Factory pushes the merged weights before their pruned zeros are restored; remove "

@@ -166,7 +166,11 @@ def test_a_model_from_another_hub_is_refused_where_its_pruning_decides(monkeypat
 
 @pytest.mark.parametrize(
     "extra, message",
-    [({"export_legacy_format": True}, "export_legacy_format: true writes .bin weights"), ({"export_hub_model_id": "me/m"}, "pushes the merged weights before")],
+    [
+        ({"export_legacy_format": True}, "export_legacy_format: true writes .bin weights"),
+        ({"export_hub_model_id": "me/m"}, "pushes the merged weights before"),
+        ({"export_quantization_bit": 8, "adapter_name_or_path": None}, "LLaMA-Factory's GPTQ export spreads each column's rounding error"),
+    ],
 )
 def test_exports_whose_zeros_could_not_be_restored_are_refused_before_writing(recovered, tmp_path, capsys, extra, message):
     export = {
