@@ -8,6 +8,8 @@ import hashlib
 import json
 import platform
 import subprocess
+from collections import Counter
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -64,8 +66,7 @@ def save_training(directory: Path, steps: int, seconds: float, *parts: Any) -> N
 
 def code_version() -> str:
     """The commit the library code is at (``-modified`` when ``optimum_prune/`` differs from it), recorded with
-    each measured row so that a table mixing rows of several code versions says so. Read it when the
-    library is imported: the tree may move on while a long run goes."""
+    each measured row so that a table mixing rows of several code versions says so."""
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
@@ -73,6 +74,30 @@ def code_version() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return commit + ("-modified" if modified else "")
+
+
+IMPORTED_VERSION = code_version()
+"""The library this process imported, read as a benchmark starts (importing this module beside
+``optimum_prune``), not when a row finishes: the tree may move on while a long run goes."""
+
+
+def measured(row: dict) -> dict:
+    """``row`` stamped with the library commit and CPU kernels it is measured with, for ``measured_with``."""
+    return {**row, "commit": IMPORTED_VERSION, "cpu_kernels": cpu_kernels()}
+
+
+def measured_with(rows: Iterable[dict], unit: str = "row") -> str:
+    """The table line saying at which library commits and with which CPU kernels its ``rows`` were measured
+    ("not recorded" for rows cached before ``measured`` stamped them), so that a table mixing several says so."""
+    versions = Counter(
+        f"{row['commit']} ({row['cpu_kernels']} CPU kernels)" if row.get("commit") and row.get("cpu_kernels") else "not recorded"
+        for row in rows
+    )
+    return (
+        f"Library commit the {unit}s were measured with: "
+        + ", ".join(f"{version}: {count} {unit}{'s' if count != 1 else ''}" for version, count in versions.items())
+        + ("." if len(versions) == 1 else f" — not one run: {unit}s of different versions or machines may differ slightly.")
+    )
 
 
 def save_rows(cache: Path, rows: dict) -> None:

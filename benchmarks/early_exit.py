@@ -21,7 +21,7 @@ import torch
 from datasets import Dataset
 from transformers import TrainingArguments
 
-from common import quick_or_full, save_rows, table_header
+from common import measured, measured_with, quick_or_full, save_rows, table_header
 from optimum_prune import (
     DistillationConfig, DistillationTrainer, PruningConfig, choose_early_exit, early_exit_kwargs, enable_early_exit, evaluate_perplexity,
     load_default_model, prune,
@@ -33,12 +33,16 @@ from optimum_prune.data import wikipedia_text
 EXITS = (6, 12, 18, 24)  # of 30 decoder layers
 RECOVERED_EXIT = 12
 TRANSFORMERS_DRAFT = 20  # transformers' default num_assistant_tokens (its drafts also stop below 0.4 confidence)
+AGREEMENT_SPLIT = "evaluation"
+"""Where agreement is measured, recorded with each row: recovery trains on the calibration split, so
+agreement there would score the recovered rows partly on their training text. Rows cached without it
+(agreement on calibration windows) are measured again."""
 
 
 def settings(quick: bool) -> dict:
     if quick:
-        return {"prompts": 2, "prompt_len": 32, "new_tokens": 16, "steps": 4, "eval_tokens": 4096, "calibration": (4, 128)}
-    return {"prompts": 8, "prompt_len": 64, "new_tokens": 64, "steps": 60, "eval_tokens": 16384, "calibration": (8, 512)}
+        return {"prompts": 2, "prompt_len": 32, "new_tokens": 16, "steps": 4, "eval_tokens": 4096, "agreement": (4, 128)}
+    return {"prompts": 8, "prompt_len": 64, "new_tokens": 64, "steps": 60, "eval_tokens": 16384, "agreement": (8, 512)}
 
 
 class PassCounter:
@@ -125,12 +129,17 @@ def recover(
 
 
 def measure_model(
-    model: torch.nn.Module, tokenizer, prompts: torch.Tensor, setup: dict, exits: tuple[int, ...], transformers_draft: bool = False
+    model: torch.nn.Module,
+    tokenizer,
+    prompts: torch.Tensor,
+    agreement_windows: torch.Tensor,
+    setup: dict,
+    exits: tuple[int, ...],
+    transformers_draft: bool = False,
 ) -> dict:
-    """Each exit at the draft length ``choose_early_exit`` picks (and, with ``transformers_draft``, the
-    middle exit at transformers' default draft length too)."""
-    samples, seq_len = setup["calibration"]
-    report = choose_early_exit(model, tokenizer=tokenizer, candidates=list(exits), num_samples=samples, seq_len=seq_len)
+    """Each exit at the draft length ``choose_early_exit`` picks from its agreement on ``agreement_windows``
+    (and, with ``transformers_draft``, the middle exit at transformers' default draft length too)."""
+    report = choose_early_exit(model, calibration=agreement_windows, tokenizer=tokenizer, candidates=list(exits))
     chosen = {f"exit {c.layer}, γ = {c.draft_length}": c for c in report.candidates}
     drafts = {mode: (c.layer, c.draft_length) for mode, c in chosen.items()}
     if transformers_draft:
@@ -141,6 +150,7 @@ def measure_model(
     return {
         "perplexity": evaluate_perplexity(model, tokenizer, seq_len=512, max_tokens=setup["eval_tokens"]),
         "decoding": decoding,
+        "agreement_split": AGREEMENT_SPLIT,
     }
 
 
@@ -153,6 +163,7 @@ def main() -> None:
     _, tokenizer = load_default_model()
     evaluation = tokenize_stream(tokenizer, [wikipedia_text("evaluation")])
     prompts = sample_windows(evaluation, setup["prompts"], setup["prompt_len"], seed=1)
+    agreement_windows = sample_windows(evaluation, *setup["agreement"], seed=0)
     training_windows = calibration_windows(None, tokenizer, 4 * setup["steps"], 256, seed=0)
     variants = {  # name: (sparsity, recovery recipe)
         "dense": (None, None),
@@ -162,7 +173,7 @@ def main() -> None:
         "recovered exit 12 (exit term, lr 3e-4, layer dropout 0.2)": (None, {"exit_weight": 1.0, "learning_rate": 3e-4, "layer_dropout": 0.2}),
     }
     for name, (sparsity, recipe) in variants.items():
-        if name in done:
+        if done.get(name, {}).get("agreement_split") == AGREEMENT_SPLIT:
             continue
         model, _ = load_default_model()
         if sparsity is not None:
@@ -170,14 +181,15 @@ def main() -> None:
         if recipe is not None:
             recover(model, training_windows, setup["steps"], **recipe)
         exits = (RECOVERED_EXIT,) if recipe is not None else EXITS
-        done[name] = measure_model(model, tokenizer, prompts, setup, exits, transformers_draft=name == "dense")
+        row = measure_model(model, tokenizer, prompts, agreement_windows, setup, exits, transformers_draft=name == "dense")
+        done[name] = measured(row)
         save_rows(cache, done)
         print(name, json.dumps(done[name]), flush=True)
     write_table(done, setup, output, "python benchmarks/early_exit.py" + (" --quick" if quick else ""))
 
 
 def write_table(done: dict, setup: dict, output: Path, command: str) -> None:
-    samples, seq_len = setup["calibration"]
+    samples, seq_len = setup["agreement"]
     lines = [
         *table_header(
             "Early exit (self-speculative decoding): SmolLM2-135M-Instruct (fp32, CPU)",
@@ -189,8 +201,9 @@ def write_table(done: dict, setup: dict, output: Path, command: str) -> None:
             f"when its token's probability is below 0.4), and on the dense model once at transformers' default γ ≤ "
             f"{TRANSFORMERS_DRAFT}; against plain `generate`, alternating per prompt in one process after one untimed call "
             "of each. Agreement: teacher-forced share of "
-            f"positions where layer k's greedy token is the full model's, on {samples} × {seq_len} calibration tokens "
-            "(`choose_early_exit`); draft cost: bytes of weights a draft step reads (first k layers and the LM head) "
+            f"positions where layer k's greedy token is the full model's, on {samples} × {seq_len} tokens (seed 0) given to "
+            "`choose_early_exit` as its calibration. Agreement is measured on the evaluation split, not on the calibration "
+            "split the recovery trains on. Draft cost: bytes of weights a draft step reads (first k layers and the LM head) "
             "relative to a full step; expected speed-up: the Leviathan et al. estimate from both. Draft passes per token: "
             "forward passes that stop at layer k ÷ generated tokens; tokens per full pass: generated "
             "tokens ÷ forward passes that reach the last layer. Recovery: full fine-tuning on the calibration split, "
@@ -215,6 +228,7 @@ def write_table(done: dict, setup: dict, output: Path, command: str) -> None:
                 f"{result['tokens_per_second']:.1f} | {result['speedup']:.2f} | "
                 f"{'yes' if result['identical'] else '**no**'} |"
             )
+    lines += ["", measured_with(done.values())]
     output.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     if not all(result["identical"] for row in done.values() for result in row["decoding"].values()):

@@ -19,11 +19,12 @@ import json
 import math
 import statistics
 
-from common import quick_or_full, save_rows, table_header
+from common import measured, measured_with, quick_or_full, save_rows, table_header
 from optimum_prune import PruningConfig, evaluate_perplexity, load_default_model, prune
 from optimum_prune.data import EVALUATION_EVERY, wikipedia_excerpt
 
 LIBRARY_SPLIT = f"articles i ≡ {EVALUATION_EVERY - 1} mod {EVALUATION_EVERY} (library's evaluation split)"
+STAGES = ("dense", "magnitude 50 %")
 
 
 def evaluation_texts() -> dict[str, list[str]]:
@@ -48,13 +49,14 @@ def main() -> None:
     done = json.loads(cache.read_text()) if cache.is_file() else {}
     texts = evaluation_texts()
     model, tokenizer = load_default_model()
-    for stage in ("dense", "magnitude 50 %"):
+    for stage in STAGES:
         if stage != "dense":
             prune(model, PruningConfig(method="magnitude", sparsity=0.5))
         for name, articles in texts.items():
             row = done.setdefault(name, {"articles": len(articles)})
             if stage not in row:
                 row[stage] = evaluate_perplexity(model, tokenizer, articles, seq_len=512, max_tokens=eval_tokens)
+                row.setdefault("measured", {})[stage] = measured({})  # per value: a rerun may add one stage of a row
                 save_rows(cache, done)
             print(f"{stage:<15} {name:<55} {row[stage]:.2f}", flush=True)
     rows = {name: done[name] for name in texts}  # the cache may hold texts this script no longer cuts
@@ -67,7 +69,7 @@ def main() -> None:
             f"One fp32 model evaluated dense, then pruned to 50 % by magnitude (|W| ranked within each matrix, "
             f"embeddings and lm_head dense) and evaluated again, on each text: the first {eval_tokens:,} tokens of its "
             f"articles joined by blank lines, in 512-token windows. The {len(texts)} texts are cut from the same "
-            f"bundled Wikipedia excerpt ({len(wikipedia_excerpt())} articles).",
+            f"bundled Wikipedia excerpt ({len(wikipedia_excerpt())} articles); the two quarters overlap the residue texts.",
         ),
         "| evaluation text | articles | dense | magnitude 50 % | ratio |",
         "|---|---|---|---|---|",
@@ -80,6 +82,8 @@ def main() -> None:
         f"Spread over the {len(rows)} texts: dense {min(dense):.2f}–{max(dense):.2f} "
         f"(max/min {max(dense) / min(dense):.3f}), magnitude 50 % {min(magnitude):.2f}–{max(magnitude):.2f} "
         f"(max/min {max(magnitude) / min(magnitude):.3f}); median magnitude {statistics.median(magnitude):.2f}.",
+        "",
+        measured_with((row.get("measured", {}).get(stage, {}) for row in rows.values() for stage in STAGES), "value"),
     ]
     output.write_text("\n".join(lines) + "\n")
     print(output.read_text())

@@ -5,16 +5,17 @@ whole models: Llama-3-70B-shaped decoder layers (issue 13) and Mixtral-8x7B-shap
 Each row prunes two models of the real layer shape with a small vocabulary (the embeddings are
 not pruned and do not change the per-layer time), one with 1 and one with 3 decoder layers, held
 on the CPU in bf16 while ``prune(..., device=...)`` brings one layer at a time to the compute
-device, as a 70B model is pruned. Per-layer time = (t₃ − t₁) / 2, the rest (capturing the first
-layer's inputs) is fixed; projected whole-model time = fixed + depth × per layer (80 layers for
-Llama-3-70B, 32 for Mixtral-8x7B). Peak memory of the 3-layer run: on a GPU the CUDA allocator's
-peak (with ``activation_device="cpu"`` the calibration activations wait on the host); on the CPU
-the process's peak resident memory during ``prune`` (the model's weights included). Calibration:
+device, as a 70B model is pruned, after an untimed prune of a tiny model of the same kind (first-use
+costs). Per-layer time = (t₃ − t₁) / 2, the rest (capturing the first layer's inputs) is fixed;
+projected whole-model time = fixed + depth × per layer (80 layers for Llama-3-70B, 32 for
+Mixtral-8x7B). Peak memory of the 3-layer run: on a GPU the CUDA allocator's peak (with
+``activation_device="cpu"`` the calibration activations wait on the host); on the CPU the
+process's peak resident memory during ``prune`` (the model's weights included). Calibration:
 128 windows × 2048 random tokens (the Wanda / SparseGPT papers' count).
 
     python benchmarks/full_size_layers.py                 # GPU: writes benchmarks/GPU_LAYERS.md
     python benchmarks/full_size_layers.py --device cpu    # CPU (bf16): writes benchmarks/CPU_LAYERS.md
-    python benchmarks/full_size_layers.py --quick         # 16 × 512 calibration tokens
+    python benchmarks/full_size_layers.py --quick         # 16 × 512 calibration tokens: writes GPU_LAYERS-quick.md
     python benchmarks/full_size_layers.py --only Mixtral  # the rows of one model
     python benchmarks/full_size_layers.py --smoke         # tiny shapes on the CPU: checks the script, writes nothing
 """
@@ -85,10 +86,18 @@ def timed_run(name: str, layers: int, settings: dict, activation_device: str | N
     return report.seconds, report.peak_memory_bytes
 
 
+def warm_up(name: str, settings: dict, activation_device: str | None, args: argparse.Namespace) -> None:
+    """An untimed prune of a tiny 1-layer model of the row's kind on the same device, so that one-time
+    first-use costs (CUDA context, library handles, the method's first kernels) do not land in the row's
+    1-layer time and bias its per-layer difference."""
+    timed_run(name, 1, settings, activation_device, argparse.Namespace(**{**vars(args), "smoke": True, "samples": 4, "seq_len": 32}))
+
+
 def measure(args: argparse.Namespace, progress: Callable[[list[str]], None]) -> list[str]:
     """Table rows, ``progress`` called with all rows so far after each (a stopped run keeps what it measured)."""
     lines = []
     for name, label, settings, activation_device in selected_rows(args):
+        warm_up(name, settings, activation_device, args)
         (one, _), (three, peak) = (timed_run(name, layers, settings, activation_device, args) for layers in (1, 3))
         per_layer = (three - one) / 2
         fixed = one - per_layer
@@ -111,7 +120,9 @@ def main() -> None:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (checks the script; writes nothing)")
     parser.add_argument("--device", choices=sorted(TABLES), default="cuda", help="where layers are pruned (default: cuda)")
     parser.add_argument("--only", default="", help="rows whose model name contains this (e.g. Mixtral)")
-    parser.add_argument("--output", type=Path, help="markdown table (default: benchmarks/GPU_LAYERS.md or CPU_LAYERS.md, -NAME with --only)")
+    parser.add_argument(
+        "--output", type=Path, help="markdown table (default: benchmarks/GPU_LAYERS.md or CPU_LAYERS.md, -NAME with --only, -quick with --quick)"
+    )
     args = parser.parse_args()
     args.samples, args.seq_len = (4, 32) if args.smoke else (16, 512) if args.quick else (128, 2048)
     args.device = "cpu" if args.smoke else args.device
@@ -124,9 +135,9 @@ def main() -> None:
     if args.smoke:
         measure(args, lambda rows: None)
         return
-    if not args.output:  # a partial run (--only) gets its own table beside the complete one
-        name = TABLES[args.device].replace(".md", f"-{args.only.lower()}.md" if args.only else ".md")
-        args.output = Path(__file__).resolve().parent / name
+    if not args.output:  # a partial run (--only) gets its own table beside the complete one; a quick one NAME-quick.md
+        name = TABLES[args.device].removesuffix(".md") + (f"-{args.only.lower()}" if args.only else "") + ("-quick" if args.quick else "")
+        args.output = Path(__file__).resolve().parent / f"{name}.md"
     command = " ".join(["python benchmarks/full_size_layers.py", *sys.argv[1:]])
     measure(args, lambda rows: args.output.write_text(table(rows, command, args)))
     print(args.output.read_text())
@@ -140,7 +151,8 @@ def table(rows: list[str], command: str, args: argparse.Namespace) -> str:
         *table_header(
             f"Pruning time per layer and peak memory on full-size layers (random weights, {'GPU' if on_gpu else 'CPU'})", command,
             f"Device: {device_name(args.device)}. Models in bf16 on the CPU, {placement}; calibration {args.samples} × "
-            f"{args.seq_len} random tokens. Per layer: (3-layer time − 1-layer time) / 2; fixed: the rest of the 1-layer run; "
+            f"{args.seq_len} random tokens; each row after an untimed prune of a tiny model of its kind (first-use costs). "
+            "Per layer: (3-layer time − 1-layer time) / 2; fixed: the rest of the 1-layer run; "
             f"projected: fixed + depth × per layer (Llama-3-70B 80 layers, Mixtral-8x7B 32), which is t₁ + (depth − 1) × per "
             "layer, so a negative fixed time (the 1-layer run's layer took less than the later layers' mean) does not bias it. "
             f"Peak: {peak} of the 3-layer run.",

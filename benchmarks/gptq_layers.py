@@ -21,7 +21,7 @@ from functools import cache
 import torch
 from transformers import GPTQConfig
 
-from common import quick_or_full, save_rows, table_header
+from common import measured, measured_with, quick_or_full, save_rows, table_header
 from optimum_prune import compress, evaluate_perplexity, load_default_model
 from optimum_prune.calibration import calibration_windows
 from optimum_prune.calibration.sources import tokenize_stream
@@ -84,7 +84,7 @@ def main() -> None:
     done = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
     for row, damping in ROWS.items():
         if row not in done:
-            done[row] = measure(damping, calibration, eval_tokens, held_out)
+            done[row] = measured(measure(damping, calibration, eval_tokens, held_out))
             save_rows(cache_file, done)
         print(row, done[row]["perplexity"], flush=True)
         write_table(done, quick, calibration, eval_tokens, held_out, output)
@@ -123,7 +123,7 @@ def write_table(done: dict, quick: bool, calibration: tuple[int, int], eval_toke
     unfinished = [row for row in ROWS if row not in done]
     if unfinished:
         lines += ["", f"Not measured yet (the next run resumes): {', '.join(unfinished)}."]
-    lines += notes(done)
+    lines += ["", measured_with(done[row] for row in ROWS if row in done), *notes(done)]
     write_text_atomic(output, "\n".join(lines) + "\n")
 
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from common import quick_or_full, save_rows, table_header
+from common import measured, measured_with, quick_or_full, save_rows, table_header
 from optimum_prune import PruningConfig, evaluate_perplexity, load_default_model, prune, verify_sparsity
 from optimum_prune.adapters import get_adapter
 
@@ -97,11 +97,11 @@ def main() -> None:
         if name not in done:
             model, tokenizer = load_default_model(dtype=dtype)
             prune_model(model)
-            done[name] = {
+            done[name] = measured({
                 "sparsity": verify_sparsity(model)["overall_sparsity"],
                 "emptied_input_columns": emptied_input_columns(model),
                 "perplexity": evaluate_perplexity(model, tokenizer, seq_len=512, max_tokens=eval_tokens),
-            }
+            })
             save_rows(cache, done)
         print(f"{name:<45} {json.dumps(done[name])}", flush=True)
     lines = [
@@ -120,6 +120,8 @@ def main() -> None:
             f"| {name} | {row['sparsity']:.2%} | {row['emptied_input_columns']:.2%} | {row['perplexity']:.2f} |"
             for name, row in ((name, done[name]) for name in ROWS)  # the cache may hold rows this script no longer has
         ],
+        "",
+        measured_with(done[name] for name in ROWS),
     ]
     output.write_text("\n".join(lines) + "\n")
     print(output.read_text())

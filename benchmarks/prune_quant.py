@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, GPTQConfig, QuantoConfig
 
-from common import quick_or_full, save_rows, table_header
+from common import measured, measured_with, quick_or_full, save_rows, table_header
 from optimum_prune import PruningConfig, compress, evaluate_perplexity, load_default_model, save_pruned, verify_sparsity
 from optimum_prune.calibration import calibration_windows
 from optimum_prune.quantized import dequantized_weight, is_gptq_linear
@@ -160,7 +160,7 @@ def main() -> None:
     done = json.loads(cache.read_text()) if cache.is_file() else {}
     for row, sparsity, quantization in ROWS:
         if row not in done:
-            done[row] = measure(sparsity, quantization, calibration, eval_tokens)
+            done[row] = measured(measure(sparsity, quantization, calibration, eval_tokens))
             save_rows(cache, done)
         print(row, done[row], flush=True)
         write_table(done, quick, calibration, eval_tokens, output)
@@ -200,6 +200,7 @@ def write_table(done: dict, quick: bool, calibration: tuple[int, int], eval_toke
     unfinished = [row for row, _, _ in ROWS if row not in done]
     if unfinished:
         lines += ["", f"Not measured yet (the next run resumes): {', '.join(unfinished)}."]
+    lines += ["", measured_with(done[row] for row, _, _ in ROWS if row in done)]
     written = notes(done)
     if written:
         lines += ["", "Notes:", *written]

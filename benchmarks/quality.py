@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 
-from common import code_version, cpu_kernels, save_rows, table_header
+from common import measured, measured_with, save_rows, table_header
 from optimum_prune import PruningConfig, evaluate_perplexity, load_default_model, prune, verify_sparsity
 from optimum_prune.saving import write_text_atomic
 
@@ -66,8 +66,7 @@ def measure(row: Row | None, args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     result["perplexity"] = evaluate_perplexity(model, tokenizer, seq_len=512, max_tokens=args.eval_tokens)
     result["eval_seconds"] = time.perf_counter() - started
-    result["commit"], result["cpu_kernels"] = args.code_version, cpu_kernels()
-    return result
+    return measured(result)
 
 
 def markdown(done: dict[str, dict], keys: list[str], args: argparse.Namespace, command: str) -> str:
@@ -92,17 +91,9 @@ def markdown(done: dict[str, dict], keys: list[str], args: argparse.Namespace, c
     unfinished = [k for k in keys if k not in done]
     if unfinished:
         lines += ["", f"Not measured yet (the next run resumes): {', '.join(unfinished)}."]
-    versions: dict[str, int] = {}
-    for key in keys:
-        if key in done:
-            commit, kernels = done[key].get("commit"), done[key].get("cpu_kernels")
-            version = f"{commit} ({kernels} CPU kernels)" if commit and kernels else "not recorded"
-            versions[version] = versions.get(version, 0) + 1
     lines += [
         "",
-        "Library commit the rows were measured with: "
-        + ", ".join(f"{version}: {count} rows" for version, count in versions.items())
-        + ("." if len(versions) == 1 else " — not one run: rows of different versions or machines may differ slightly."),
+        measured_with(done[k] for k in keys if k in done),
         "",
         "Notes:",
         "- magnitude ranks |W| across each whole matrix, as the Wanda and SparseGPT reference code does; the "
@@ -155,8 +146,9 @@ def _magnitude_note(done: dict[str, dict]) -> list[str]:
         dense_values, magnitude_values = [t["dense"] for t in texts], [t["magnitude 50 %"] for t in texts]
         note += (
             f" `benchmarks/eval_split.py` (EVAL_SPLIT.md) evaluates the same dense and magnitude models on {len(dense_values)} "
-            f"disjoint texts cut from the same excerpt: dense {min(dense_values):.2f}–{max(dense_values):.2f}, magnitude "
-            f"{min(magnitude_values):.2f}–{max(magnitude_values):.2f}, the spread that the choice of evaluation text alone produces."
+            f"texts cut from the same excerpt (the two quarters overlap the residue texts): dense "
+            f"{min(dense_values):.2f}–{max(dense_values):.2f}, magnitude {min(magnitude_values):.2f}–{max(magnitude_values):.2f}, "
+            "the spread that the choice of evaluation text alone produces."
         )
     return [note]
 
@@ -167,7 +159,6 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, help="JSON file of finished rows (default: beside the output)")
     parser.add_argument("--output", type=Path, help="markdown table (default: benchmarks/RESULTS.md, or RESULTS-quick.md)")
     args = parser.parse_args()
-    args.code_version = code_version()  # the library this process imported, whatever the tree holds later
     args.calibration_samples, args.calibration_seq_len, args.eval_tokens = (8, 128, 4096) if args.quick else (32, 512, 65536)
     output = args.output or HERE / ("RESULTS-quick.md" if args.quick else "RESULTS.md")
     cache = args.cache or output.with_suffix(".json")

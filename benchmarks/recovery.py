@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from common import save_rows, table_header
+from common import measured, measured_with, save_rows, table_header
 from llamafactory_ext import PruningSection, merge_adapter, run_train
 from llamafactory_ext.datasets import write_wikipedia_datasets
 from llamafactory_ext.training import TrainingSections
@@ -105,7 +105,8 @@ def pruned_model(workdir: Path, name: str, settings: dict) -> Path:
 
 
 def train_row(workdir: Path, pruning: str, recovery: str, settings: dict) -> dict:
-    """One training row (run in its own process by ``main``): train, merge, evaluate."""
+    """One training row (run in its own process by ``main``, so stamped with the library that process imported):
+    train, merge, evaluate."""
     pruned = pruned_model(workdir, pruning, settings)
     finetuning, learning_rate, distill = RECOVERIES[recovery]
     output = workdir / "runs" / slug(f"{pruning} {recovery}")
@@ -118,21 +119,21 @@ def train_row(workdir: Path, pruning: str, recovery: str, settings: dict) -> dic
     trained = merge_adapter(pruned, output, output / "merged") if finetuning == "lora" else output
     model, tokenizer = load_model(trained)
     before, after = SparsityMasks.from_zeros(load_model(pruned)[0]), SparsityMasks.from_zeros(model)
-    return {
+    return measured({
         "perplexity": evaluate_perplexity(model, tokenizer, seq_len=512, max_tokens=settings["eval_tokens"]),
         "seconds": seconds,
         "peak_rss_bytes": process_peak_rss(),
         "same_zeros": all(torch.equal(before.pruned[n], after.pruned[n]) for n in before.pruned),
-    }
+    })
 
 
 def pruned_row(workdir: Path, pruning: str, settings: dict) -> dict:
     model, tokenizer = load_model(pruned_model(workdir, pruning, settings))
-    return {
+    return measured({
         "perplexity": evaluate_perplexity(model, tokenizer, seq_len=512, max_tokens=settings["eval_tokens"]),
         "parameters": sum(p.numel() for p in model.parameters()),
         "sparsity": verify_sparsity(model)["overall_sparsity"],
-    }
+    })
 
 
 def main() -> None:
@@ -154,8 +155,8 @@ def main() -> None:
     command = "python benchmarks/recovery.py" + (" --quick" if args.quick else "")
     if "dense" not in done:
         model, tokenizer = load_model(default_model_path())
-        done["dense"] = {"perplexity": evaluate_perplexity(model, tokenizer, seq_len=512, max_tokens=settings["eval_tokens"]),
-                         "parameters": sum(p.numel() for p in model.parameters())}  # fmt: skip
+        done["dense"] = measured({"perplexity": evaluate_perplexity(model, tokenizer, seq_len=512, max_tokens=settings["eval_tokens"]),
+                                  "parameters": sum(p.numel() for p in model.parameters())})  # fmt: skip
         save_rows(cache, done)
     for pruning in PRUNINGS:
         if pruning not in done:
@@ -240,6 +241,8 @@ def write_table(done: dict, settings: dict, output: Path, command: str) -> str:
         lines += ["", LOSING_KD.format(temperature=KD["temperature"], steps=settings["steps"])]
     if missing:
         lines += ["", "Not measured yet (a rerun resumes from `RECOVERY.json`): " + ", ".join(missing) + "."]
+    keys = ["dense", *PRUNINGS, *(f"{p} / {r}" for p in PRUNINGS for r in RECOVERIES)]
+    lines += ["", measured_with(done[key] for key in keys if key in done)]
     table = "\n".join(lines) + "\n"
     write_text_atomic(output, table)
     return table

@@ -24,7 +24,7 @@ import torch
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
-from common import quick_or_full, save_rows, table_header
+from common import measured, measured_with, quick_or_full, save_rows, table_header
 from optimum_prune import (
     IterativeSchedule, PERPConfig, PruningCallback, PruningConfig, evaluate_perplexity, load_default_model, prune, verify_sparsity,
 )  # fmt: skip
@@ -132,13 +132,13 @@ def main() -> None:
     done = json.loads(cache.read_text()) if cache.is_file() else {}
     dense, tokenizer = load_default_model()
     if "dense" not in done:
-        done["dense"] = {"perplexity": evaluate_perplexity(dense, tokenizer, seq_len=512, max_tokens=setup["eval_tokens"])}
+        done["dense"] = measured({"perplexity": evaluate_perplexity(dense, tokenizer, seq_len=512, max_tokens=setup["eval_tokens"])})
         save_rows(cache, done)
     del dense
     training_windows = calibration_windows(None, tokenizer, 4 * setup["steps"], TRAINING_SEQ_LEN, seed=1)
     for name in ROWS:
         if name not in done:
-            done[name] = measure(name, setup, tokenizer, training_windows)
+            done[name] = measured(measure(name, setup, tokenizer, training_windows))
             save_rows(cache, done)
         print(f"{name:<55} {json.dumps(done[name])}", flush=True)
     write_table(done, setup, output, "python benchmarks/retrain.py" + (" --quick" if quick else ""))
@@ -176,7 +176,7 @@ def write_table(done: dict, setup: dict, output: Path, command: str) -> None:
         lines.append(
             f"| {name} | {row['trained_fraction']:.3%} | {row['perplexity']:.2f} | {recovered} | {row['sparsity']:.1%} | {row['seconds']:.0f} |"
         )
-    lines += ["", "Notes:", *notes(done, setup)]
+    lines += ["", measured_with(done[name] for name in ["dense", *ROWS] if name in done), "", "Notes:", *notes(done, setup)]
     write_text_atomic(output, "\n".join(lines) + "\n")
     print("\n".join(lines))
 

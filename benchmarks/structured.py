@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from common import save_rows, table_header
+from common import measured, measured_with, save_rows, table_header
 from optimum_prune import PruningConfig, evaluate_perplexity, load_default_model, prune
 from optimum_prune.adapters import get_adapter
 from optimum_prune.structure.loading import StructureConfig
@@ -154,6 +154,7 @@ def markdown(results: list[dict], args: argparse.Namespace, command: str) -> str
             f"| {r['row']} | {r['parameters']:,} | {r['parameter_ratio']:.1%} | {r['latency_ratio']:.2f} | "
             f"{r['perplexity']:.2f} | {r['prune_seconds']:.1f} | {r['removed']} |"
         )
+    lines += ["", measured_with(results)]
     noted = [r for r in results if r.get("notes")]
     if noted:
         lines += ["", "What the methods reported besides sizes (the rows that record it):", ""]
@@ -188,7 +189,7 @@ def main() -> None:
             pending.append(key)
             continue
         if key not in done:
-            done[key] = measure(row, args)
+            done[key] = measured(measure(row, args))
             save_rows(cache, done)
         elif args.retime and selected:
             done[key] = retimed(done[key], args) if "config" in done[key] else {**done[key], **measure(row, args, perplexity=False)}

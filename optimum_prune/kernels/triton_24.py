@@ -17,8 +17,8 @@ things, so there are two:
 
 Measured on an H200 (``benchmarks/KERNELS.md``): the first kernels of this file, which gathered
 one value per dense column, ran at 0.01–0.28× of dense cuBLAS; a fused kernel that rebuilt weight
-tiles for ``tl.dot`` at 0.13–0.38× (206–255 registers, spills); expand + cuBLAS at 0.24–0.40× for
-M ≤ 16 and 0.83–1.14× from M = 4096. The decode kernel above replaced the fused one after that run
+tiles for ``tl.dot`` at 0.13–0.38× (206–255 registers, spills); expand + cuBLAS at 0.14–0.42× for
+M ≤ 16 and 0.59–1.14× from M = 4096. The decode kernel above replaced the fused one after that run
 and is not timed yet. Compiled offline for sm_90 with Triton 3.6 (``scripts/sass_stats.py``), its loop
 takes 6.3–7.3 SASS instructions per weight for 16-bit values (9–14 for int8 / int4) in 31–168
 registers with no spills, against 18–27 instructions in 168–247 registers for the fused kernel;
