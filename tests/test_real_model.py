@@ -19,6 +19,8 @@ def test_default_model_and_tokenizer_choices():
     assert next(model.parameters()).dtype == torch.float32
     assert tokenizer.eos_token == "<|im_end|>" and tokenizer.eos_token_id == model.config.eos_token_id == 2
     assert tokenizer("Hello").input_ids == tokenizer("Hello", add_special_tokens=False).input_ids  # no BOS prepended
+    text = "A (named , plural) text ."
+    assert tokenizer.decode(tokenizer(text).input_ids) == text  # spacing kept (the conversion cleaned up the space before ",")
     assert verify_sparsity(model)["overall_sparsity"] < 0.001  # dequantised GGUF: a few exact zeros already
 
 
