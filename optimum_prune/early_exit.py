@@ -39,6 +39,7 @@ from torch import nn
 
 from .adapters import DecoderAdapter, get_adapter
 from .calibration import CalibrationSource, calibration_windows
+from .calibration.engine import forwards_restored
 from .methods.layers import block_influence
 
 logger = logging.getLogger(__name__)
@@ -198,7 +199,7 @@ def _check_draft_stops(model: nn.Module, adapter: DecoderAdapter) -> None:
     handle = adapter.decoder_layers()[1].register_forward_pre_hook(ran_past_exit)
     base.config.num_hidden_layers = 1
     try:
-        with torch.no_grad():
+        with torch.no_grad(), forwards_restored(model):
             model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device), use_cache=False)
     except _RanPastExit:
         raise ValueError(

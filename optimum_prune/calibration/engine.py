@@ -120,6 +120,25 @@ class _StopForward(Exception):
     """Raised from layer 0's pre-hook: nothing past the captured inputs needs computing."""
 
 
+@contextmanager
+def forwards_restored(model: nn.Module) -> Iterator[None]:
+    """Put back every submodule's own ``forward`` when a forward of ``model`` is stopped by an exception:
+    transformers' output recorders (``output_router_logits``, ``output_attentions``, ``output_hidden_states``,
+    also when the config sets them) wrap submodules' forwards and unwrap them only when the model's forward
+    returns. Left behind, each wrapper would keep the stopped call's outputs alive, append every later
+    call's to them, and look like another patch to ``skip_experts`` / ``fold_experts``."""
+    before = {module: vars(module).get("forward") for module in model.modules()}
+    try:
+        yield
+    finally:
+        for module, forward in before.items():
+            if vars(module).get("forward") is not forward:
+                if forward is None:
+                    del module.forward
+                else:
+                    module.forward = forward
+
+
 def capture_first_layer_inputs(
     adapter: DecoderAdapter, inputs: CalibrationInputs, device: torch.device, activation_device: ActivationHome = None,
 ) -> LayerInputs:
@@ -148,7 +167,8 @@ def capture_first_layer_inputs(
 
     def layer_0_arguments(batch: dict[str, torch.Tensor]) -> dict[str, Any] | None:
         try:
-            model(**{name: value.to(device) for name, value in batch.items()}, use_cache=False)
+            with forwards_restored(model):
+                model(**{name: value.to(device) for name, value in batch.items()}, use_cache=False)
         except _StopForward:
             pass
         return seen.pop() if seen else None  # None: the batch never reached the layer

@@ -202,3 +202,18 @@ def test_activation_device_is_taken_by_the_per_layer_methods_and_refused_by_the_
     assert all(torch.equal(a, b) for a, b in zip(llama.parameters(), offloaded.parameters()))
     with pytest.raises(ValueError, match="activation_device applies to the per-layer methods"):
         prune(offloaded, PruningConfig(method="width", sparsity=0.2), calibration=windows, activation_device="cpu")
+
+
+def test_stopping_the_forward_at_layer_0_leaves_no_output_recorder_behind():
+    """With output_router_logits in the config, transformers wraps every MoE block's forward and unwraps it only
+    when the model's forward returns: calibration's stopped forwards left the wrappers on, holding dead outputs,
+    and skip_experts then refused the blocks as patched by another variant."""
+    from optimum_prune import enable_early_exit, skip_experts
+
+    from ..adapters.test_moe import tiny_moe
+
+    model = tiny_moe(output_router_logits=True, num_hidden_layers=3)
+    prune(model, PruningConfig(method="wanda", sparsity=0.5), calibration=token_windows(2, 16))
+    enable_early_exit(model, 1)
+    assert not [name for name, module in model.named_modules() if "forward" in vars(module)]
+    skip_experts(model, calibration=token_windows(2, 16), num_samples=2, seq_len=16).remove()
