@@ -225,6 +225,14 @@ def main() -> None:
 
         row(f"skip: beta={beta}", f"{experts} of {experts}", skipped)
 
+    def skipped_at_medians() -> tuple[float, str]:
+        skipping = skip_experts(dense, calibration=windows)  # Lu et al.: each layer's median w1 / w0 on calibration
+        ppl, note = perplexity(dense), f"{skipping.skip_rate:.1%} of expert calls skipped; beta {min(skipping.betas):.2f}–{max(skipping.betas):.2f}"
+        skipping.remove()
+        return ppl, note
+
+    row("skip: beta per layer = median w1 / w0", f"{experts} of {experts}", skipped_at_medians)
+
     command = "python benchmarks/moe.py" + (" --quick" if quick else "")
     lines = [
         *table_header(
