@@ -188,7 +188,8 @@ def prune_and_save(
             raise ValueError(
                 "pruning.offload: disk with tokens the YAML adds (add_tokens, add_special_tokens or resize_vocab): the "
                 "embeddings must grow for them first, which offloaded pruning does not do; prune in memory"
-            )  # reads the checkpoint's files: a Hub model is downloaded first, as from_pretrained would
+            )
+        # Offloaded pruning reads the checkpoint's files: a Hub model is downloaded first, as from_pretrained would.
         checkpoint = _snapshot({**args, "model_name_or_path": calibration.model_args.model_name_or_path}, _CHECKPOINT_FILES)
         prune_checkpoint(
             checkpoint, target, config, calibration=calibration.windows,
