@@ -21,6 +21,7 @@ def test_shipped_text_is_reproducible_from_gensim():
 
 def test_processes_converting_the_default_model_together_convert_it_once(tmp_path, monkeypatch, bpe_tokenizer):
     """Both converted and the second replaced the first one's directory while it was loading it."""
+    import copy
     import threading
     import time
 
@@ -34,7 +35,7 @@ def test_processes_converting_the_default_model_together_convert_it_once(tmp_pat
     def slow_conversion(_path, _dtype):
         conversions.append(1)
         time.sleep(0.5)
-        return tiny_model(), bpe_tokenizer
+        return tiny_model(), copy.deepcopy(bpe_tokenizer)  # the conversion sets its special tokens: not the shared fixture's
 
     monkeypatch.setattr(models, "load_gguf", slow_conversion)
     paths = []
