@@ -32,7 +32,7 @@ from optimum_prune.calibration import sample_windows
 from optimum_prune.config import CONFIG_NAME, PruningConfig
 from optimum_prune.saving import DEFAULT_SHARD_SIZE
 from optimum_prune.streaming import checkpoint_fingerprint
-from optimum_prune.structure.loading import QUANT_METHOD as STRUCTURE_QUANT_METHOD
+from optimum_prune.structure.loading import records_layer_shapes
 
 from .compat import import_llamafactory
 from .config import PruningSection, model_loading_kwargs
@@ -289,7 +289,7 @@ def _check_quantizable(args: Mapping[str, Any]) -> None:
         quantization = json.loads((_model_files(args) / "config.json").read_text()).get("quantization_config") or {}
     except (OSError, ValueError):
         return
-    if quantization.get("quant_method") == STRUCTURE_QUANT_METHOD:
+    if records_layer_shapes(quantization):
         raise ValueError(
             f"quantization_bit: {args['quantization_bit']} with {args['model_name_or_path']}, whose layers were pruned to "
             "different widths: LLaMA-Factory loads it unquantized (its per-layer shapes are stored as a quantization_config) "
@@ -357,10 +357,11 @@ def run_export(args: Mapping[str, Any]) -> None:
     import_llamafactory()
     from llamafactory.train.tuner import export_model
 
-    restoring = bool(args.get("adapter_name_or_path")) and _is_pruned_checkpoint(_model_files(args))
+    pruned = bool(args.get("adapter_name_or_path") or args.get("export_quantization_bit")) and _is_pruned_checkpoint(_model_files(args))
+    restoring = pruned and bool(args.get("adapter_name_or_path"))
     if restoring and args.get("export_legacy_format"):
         raise ValueError("export_legacy_format: true writes .bin weights, whose pruned zeros cannot be restored after the merge; remove it")
-    if args.get("export_quantization_bit") and _is_pruned_checkpoint(_model_files(args)):
+    if pruned and args.get("export_quantization_bit"):
         raise ValueError(
             f"export_quantization_bit: {args['export_quantization_bit']} on the pruned model {args['model_name_or_path']}: "
             "LLaMA-Factory's GPTQ export spreads each column's rounding error over the pruned weights, which come back "

@@ -190,8 +190,7 @@ def _check_draft_stops(model: nn.Module, adapter: DecoderAdapter) -> None:
     if type(model) in _DRAFT_STOPS:
         return
     base = getattr(model, model.base_model_prefix, model)
-    had_count = "num_hidden_layers" in vars(base.config)
-    count = getattr(base.config, "num_hidden_layers", None)
+    count = getattr(base.config, "num_hidden_layers", None)  # None: a config without one (LLaVA's)
 
     def ran_past_exit(*_: Any) -> None:
         raise _RanPastExit
@@ -210,10 +209,10 @@ def _check_draft_stops(model: nn.Module, adapter: DecoderAdapter) -> None:
         _DRAFT_STOPS.add(type(model))
     finally:
         handle.remove()
-        if had_count:
-            base.config.num_hidden_layers = count
-        else:
+        if count is None:
             del base.config.num_hidden_layers
+        else:
+            base.config.num_hidden_layers = count
 
 
 def _agreement(model: nn.Module, windows: torch.Tensor, candidates: list[int]) -> dict[int, float]:

@@ -33,9 +33,12 @@ from .calibration.engine import walk_layers
 from .statistics import RealTokens
 
 
-def moe_blocks(adapter: DecoderAdapter) -> list[nn.Module]:
-    """The model's mixture-of-experts blocks, in layer order."""
-    return [block for layer in adapter.decoder_layers() if (block := adapter.moe_block(layer)) is not None]
+def moe_blocks(adapter: DecoderAdapter, purpose: str) -> list[nn.Module]:
+    """The model's mixture-of-experts blocks, in layer order; an error naming ``purpose`` when it has none."""
+    blocks = [block for layer in adapter.decoder_layers() if (block := adapter.moe_block(layer)) is not None]
+    if not blocks:
+        raise ValueError(f"{type(adapter.model).__name__} has no mixture-of-experts layers to {purpose}")
+    return blocks
 
 
 class PatchedMoEBlocks:
@@ -45,9 +48,7 @@ class PatchedMoEBlocks:
 
     def __init__(self, model: nn.Module, purpose: str) -> None:
         self.adapter = get_adapter(model)
-        self._blocks = moe_blocks(self.adapter)
-        if not self._blocks:
-            raise ValueError(f"{type(model).__name__} has no mixture-of-experts layers to {purpose}")
+        self._blocks = moe_blocks(self.adapter, purpose)
         for block in self._blocks:
             _check_unpatched(block)
         self._check_blocks(self._blocks)
@@ -182,9 +183,7 @@ def skipping_thresholds(
     """Each MoE layer's median, over the calibration tokens, of the second-ranked expert's routing weight
     over the top expert's (Lu et al.'s β): a token skips its second expert about half of the time."""
     adapter = get_adapter(model)
-    blocks = moe_blocks(adapter)
-    if not blocks:
-        raise ValueError(f"{type(model).__name__} has no mixture-of-experts layers to skip experts in")
+    blocks = moe_blocks(adapter, "skip experts in")
     if any(adapter.experts_per_token(block) < 2 for block in blocks):
         raise ValueError("expert skipping needs routers that pick two experts or more per token; this model's pick one")
     ratios: list[list[torch.Tensor]] = [[] for _ in blocks]

@@ -39,7 +39,7 @@ from .config import CONFIG_NAME, PruningConfig
 from .models import unreadable_checkpoint
 from .report import PruningReport
 from .saving import check_replaceable, replace_directory, write_text_atomic
-from .structure.loading import QUANT_METHOD
+from .structure.loading import records_layer_shapes
 
 logger = logging.getLogger(__name__)
 INDEX_NAME = "model.safetensors.index.json"
@@ -229,9 +229,7 @@ def prune_checkpoint(
     model_config = AutoConfig.from_pretrained(source, local_files_only=True)
     dtype = dtype or _declared_dtype(model_config) or reader.dtype()
     model_config.dtype = dtype  # what the saved config.json says: dtype="auto" reloads the pruned weights as written
-    recorded = getattr(model_config, "quantization_config", None)
-    method = recorded.get("quant_method") if isinstance(recorded, dict) else getattr(recorded, "quant_method", None)
-    if method == QUANT_METHOD:  # its layers would be built at stock shapes, which its tensors do not have
+    if records_layer_shapes(getattr(model_config, "quantization_config", None)):  # its layers would be built at stock shapes
         raise ValueError(
             f"source {str(source)!r} is a structured result with per-layer shapes (its quantization_config records "
             "them): offloaded pruning builds the layers at the config's stock shapes; load it in memory "

@@ -110,11 +110,11 @@ def export_onnx(checkpoint: str | os.PathLike, output: str | os.PathLike, task: 
     from transformers import AutoConfig
 
     from ..saving import atomic_directory
-    from ..structure.loading import QUANT_METHOD
+    from ..structure.loading import records_layer_shapes
 
     config = AutoConfig.from_pretrained(checkpoint)
     structure = getattr(config, "quantization_config", None)
-    if isinstance(structure, dict) and structure.get("quant_method") == QUANT_METHOD:
+    if isinstance(structure, dict) and records_layer_shapes(structure):
         odd = [
             f"layer {index} ({layer['num_key_value_heads']})"
             for index, layer in enumerate(structure["layers"])

@@ -30,6 +30,14 @@ QUANT_METHOD = "optimum_prune_structure"
 FORMAT_VERSION = 1
 
 
+def records_layer_shapes(quantization_config: Any) -> bool:
+    """Whether a config's ``quantization_config`` (a dict, as ``config.json`` and ``AutoConfig`` hold it, or a
+    config object) holds a non-uniform structured result's per-layer shapes."""
+    if isinstance(quantization_config, dict):
+        return quantization_config.get("quant_method") == QUANT_METHOD
+    return getattr(quantization_config, "quant_method", None) == QUANT_METHOD
+
+
 @register_quantization_config(QUANT_METHOD)
 class StructureConfig(QuantizationConfigMixin):
     """Per-decoder-layer shapes of a non-uniformly pruned model (stored in ``config.json``)."""
