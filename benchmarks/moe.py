@@ -11,24 +11,28 @@ the calibration split (seed 0).
     python benchmarks/moe.py            # writes benchmarks/MOE.md
     python benchmarks/moe.py --quick    # fewer training steps and evaluation tokens
 
-Finished rows are cached in ``MOE.json`` (``MOE-quick.json``) beside the table; a rerun resumes.
+Finished rows are cached in ``MOE.json`` (``MOE-quick.json``) beside the table with the trained model's
+fingerprint; a rerun resumes, and measures again the rows of another trained model (a retrained cache
+is another model: its training is not bit-reproducible across machines).
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import random
 import tempfile
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 from datasets import Dataset
 from transformers import MixtralConfig, MixtralForCausalLM, PreTrainedTokenizerFast, Trainer, TrainingArguments
 
-from common import cached_training_seconds, quick_or_full, save_rows, save_training, table_header, training_cache
+from common import cached_training_seconds, measured, measured_with, quick_or_full, save_rows, save_training, table_header, training_cache
 from optimum_prune import (
     ExpertDroppingCallback, ExpertDroppingSchedule, PruningConfig, evaluate_perplexity, fold_experts, get_adapter, prune, skip_experts,
 )  # fmt: skip
@@ -54,12 +58,23 @@ def train_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<eos>", pad_token="<eos>")
 
 
-def trained_model(steps: int) -> tuple[MixtralForCausalLM, PreTrainedTokenizerFast, float]:
-    """The tiny Mixtral after ``steps`` AdamW steps (cached by configuration); returns training seconds."""
+def trained_model(steps: int) -> tuple[MixtralForCausalLM, PreTrainedTokenizerFast, float, str]:
+    """The tiny Mixtral after ``steps`` AdamW steps (cached by configuration); returns training seconds and
+    the fingerprint of the cached weights."""
     directory = training_cache("tiny-mixtral-wiki", [MODEL, VOCAB, SEQ_LEN, BATCH, steps])
-    seconds = cached_training_seconds(directory)
-    if seconds is not None:
-        return MixtralForCausalLM.from_pretrained(directory).eval(), PreTrainedTokenizerFast.from_pretrained(directory), seconds
+    if cached_training_seconds(directory) is None:
+        train(directory, steps)
+    model = MixtralForCausalLM.from_pretrained(directory).eval()
+    return model, PreTrainedTokenizerFast.from_pretrained(directory), cached_training_seconds(directory), weights_fingerprint(directory)
+
+
+def weights_fingerprint(directory: Path) -> str:
+    """SHA-256 (12 hex digits) of the saved weights, which cached rows must share to be reused."""
+    return hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest()[:12]
+
+
+def train(directory: Path, steps: int) -> None:
+    """Train the tiny Mixtral and its tokenizer from scratch and cache both in ``directory``."""
     tokenizer = train_tokenizer()
     tokens = tokenize_stream(tokenizer, [wikipedia_text("calibration")])
     torch.manual_seed(0)
@@ -78,9 +93,7 @@ def trained_model(steps: int) -> tuple[MixtralForCausalLM, PreTrainedTokenizerFa
         optimizer.step(), schedule.step(), optimizer.zero_grad()
         if step % max(1, steps // 10) == 0:
             print(f"training step {step}/{steps}: loss {loss.item():.3f}", flush=True)
-    seconds = time.perf_counter() - started
-    save_training(directory, steps, seconds, model.eval(), tokenizer)
-    return model, tokenizer, seconds
+    save_training(directory, steps, time.perf_counter() - started, model.eval(), tokenizer)
 
 
 def fine_tune(model: MixtralForCausalLM, windows: torch.Tensor, steps: int, callbacks: list) -> None:
@@ -107,22 +120,25 @@ def main() -> None:
     cache = output.with_suffix(".json")
     done = json.loads(cache.read_text()) if cache.is_file() else {}
 
-    dense, tokenizer, train_seconds = trained_model(steps)
+    dense, tokenizer, train_seconds, fingerprint = trained_model(steps)
     windows = calibration_windows(None, tokenizer, 64, SEQ_LEN, seed=0)
 
     def perplexity(model) -> float:
         return evaluate_perplexity(model, tokenizer, seq_len=SEQ_LEN, max_tokens=eval_tokens)
 
     rows: list[tuple[str, str, float, str]] = []
+    keys: list[str] = []
 
     def row(name: str, experts_kept: str, measure: Callable[[], tuple[float, str]]) -> None:
-        """Measure a row (perplexity, note) unless the cache holds it; finished rows are saved at once."""
+        """Measure a row (perplexity, note) unless the cache holds it for this trained model; finished rows
+        are saved at once."""
         key = f"{name} / {experts_kept}"
-        if key not in done:
+        if done.get(key, {}).get("model") != fingerprint:
             ppl, note = measure()
-            done[key] = {"perplexity": ppl, "note": note}
+            done[key] = measured({"perplexity": ppl, "note": note, "model": fingerprint})
             save_rows(cache, done)
         rows.append((name, experts_kept, done[key]["perplexity"], done[key]["note"]))
+        keys.append(key)
         print(rows[-1], flush=True)
 
     experts = MODEL["num_local_experts"]
@@ -241,7 +257,7 @@ def main() -> None:
             f"Model: MixtralForCausalLM, {MODEL['num_hidden_layers']} layers, hidden {MODEL['hidden_size']}, "
             f"{experts} experts (intermediate {MODEL['intermediate_size']}), top-{MODEL['num_experts_per_tok']}, BPE vocabulary "
             f"{VOCAB} trained on the calibration split; trained {steps} steps × {BATCH} × {SEQ_LEN} tokens with the router "
-            f"load-balancing loss ({train_seconds:.0f} s, cached). Calibration: 64 × {SEQ_LEN} tokens (seed 0) from the "
+            f"load-balancing loss ({train_seconds:.0f} s, cached; weights {fingerprint}). Calibration: 64 × {SEQ_LEN} tokens (seed 0) from the "
             f"calibration split. Perplexity: first {eval_tokens:,} tokens of the evaluation split in {SEQ_LEN}-token windows. "
             f"Fine-tuning rows: {tuning_steps} steps × {BATCH} × {SEQ_LEN} tokens of the calibration split (seed 2) through "
             "`transformers.Trainer`, AdamW lr 1e-3 cosine, with the load-balancing loss.",
@@ -249,6 +265,8 @@ def main() -> None:
         "| row | experts per layer | perplexity | note |",
         "|---|---|---|---|",
         *[f"| {name} | {experts_kept} | {ppl:.2f} | {note} |" for name, experts_kept, ppl, note in rows],
+        "",
+        measured_with(done[key] for key in keys),
     ]
     output.write_text("\n".join(lines) + "\n")  # kept even when a row failed, to see which
     print("\n".join(lines))
