@@ -28,7 +28,7 @@ from .calibration import (
     walk_layers,
 )
 from .calibration.engine import moving_to, on_device, on_disk
-from .config import PruningConfig
+from .config import PruningConfig, record_pruning
 from .distributed import all_reduce_sum, is_distributed, launched_processes, shard
 from .ignoring import check_ignore_patterns, is_ignored
 from .methods import METHODS, LayerPruner, MethodSpec, ModelPruner, StructuredMethod
@@ -153,19 +153,9 @@ def prune(
         model.train(was_training)
     report.seconds = time.perf_counter() - started
     report.peak_memory_bytes, report.peak_memory_kind = _peak_memory(device)
-    _record(model.config, config)
+    record_pruning(model.config, config)
     logger.info("%s", report)
     return report
-
-
-def _record(model_config: Any, config: PruningConfig) -> None:
-    """``config`` as the model's ``pruning_config``; the earlier ones too, in order, when it was pruned before."""
-    earlier = getattr(model_config, "pruning_history", None) or [
-        recorded for recorded in [getattr(model_config, "pruning_config", None)] if recorded
-    ]
-    model_config.pruning_config = config.to_dict()
-    if earlier:
-        model_config.pruning_history = [*earlier, model_config.pruning_config]
 
 
 def _per_layer_methods() -> str:

@@ -230,6 +230,16 @@ class PruningConfig:
         return cls.from_dict(data)
 
 
+def record_pruning(model_config: Any, config: PruningConfig) -> None:
+    """``config`` as the model's ``pruning_config``; the earlier ones too, in order, when it was pruned before."""
+    earlier = getattr(model_config, "pruning_history", None) or [
+        recorded for recorded in [getattr(model_config, "pruning_config", None)] if recorded
+    ]
+    model_config.pruning_config = config.to_dict()
+    if earlier:
+        model_config.pruning_history = [*earlier, model_config.pruning_config]
+
+
 def _target(sparsity: float | str) -> SparsityTarget:
     return NMPattern.parse(sparsity) if isinstance(sparsity, str) else sparsity
 

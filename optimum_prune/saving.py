@@ -16,7 +16,7 @@ from typing import Any, Iterator, Mapping
 
 from torch import nn
 
-from .config import PruningConfig
+from .config import PruningConfig, record_pruning
 from .kernels.linear import SparseLinear
 from .perp import MaskLoRALinear
 from .quantized import is_gptq_linear, repacked_in_place
@@ -136,7 +136,10 @@ def save_pruned(
     """Save ``model`` (and ``tokenizer``) with ``save_pretrained`` in safetensors, atomically.
 
     The pruning config (``config``, else the one ``prune`` recorded on the model) goes into
-    ``config.json`` as ``pruning_config`` and into ``pruning_config.json``. Stock
+    ``config.json`` as ``pruning_config`` and into ``pruning_config.json``. A ``config`` other than the
+    recorded one is the model's last pruning step, done outside ``prune`` (e.g. by ``PruningCallback``'s
+    schedule): the checkpoint lists it after the recorded steps in ``pruning_history``, and the model in
+    memory keeps its own record. Stock
     ``AutoModelForCausalLM.from_pretrained(output_dir)`` reloads unstructured and uniform structured
     results without this package; non-uniform structured ones need ``import optimum_prune`` first.
     A model quantized by ``compress`` (optimum-quanto) is saved in optimum-quanto's format and
@@ -149,25 +152,46 @@ def save_pruned(
     _check_loadable(model)
     if max_shard_size != DEFAULT_SHARD_SIZE and _quanto_quantized(model):
         raise ValueError(f"max_shard_size: optimum-quanto saves its models in {DEFAULT_SHARD_SIZE} shards; leave it at the default")
-    if config is None:
-        recorded = getattr(model.config, "pruning_config", None)
-        config = PruningConfig.from_dict(recorded) if recorded else None
-    elif isinstance(config, Mapping):  # as prune takes it
+    recorded = getattr(model.config, "pruning_config", None)
+    recorded = PruningConfig.from_dict(recorded) if recorded else None
+    if isinstance(config, Mapping):  # as prune takes it
         config = PruningConfig.from_dict(config)
-    if config is not None:
-        model.config.pruning_config = config.to_dict()
+    config = config or recorded
     output_dir = Path(output_dir)
-    if compressed_tensors_metadata:
-        from .sparsity_metadata import compressed_tensors_config
-
-        model.config.quantization_config = compressed_tensors_config(model, config)
-    try:
-        with atomic_directory(output_dir) as staging:
-            _write_checkpoint(model, staging, tokenizer, config, report, max_shard_size)
-    finally:
+    with _recorded_for_saving(model.config, config, recorded):
         if compressed_tensors_metadata:
-            del model.config.quantization_config  # the in-memory model stays an ordinary one
+            from .sparsity_metadata import compressed_tensors_config
+
+            model.config.quantization_config = compressed_tensors_config(model, config)
+        try:
+            with atomic_directory(output_dir) as staging:
+                _write_checkpoint(model, staging, tokenizer, config, report, max_shard_size)
+        finally:
+            if compressed_tensors_metadata:
+                del model.config.quantization_config  # the in-memory model stays an ordinary one
     return output_dir
+
+
+RECORD_KEYS = ("pruning_config", "pruning_history")
+
+
+@contextmanager
+def _recorded_for_saving(model_config: Any, config: PruningConfig | None, recorded: PruningConfig | None) -> Iterator[None]:
+    """``config`` as the model config's record while the checkpoint is written (a step after the recorded
+    ones when it is another), put back as it was afterwards."""
+    kept = {key: getattr(model_config, key) for key in RECORD_KEYS if hasattr(model_config, key)}
+    if config is not None and config != recorded:
+        record_pruning(model_config, config)
+    elif config is not None:
+        model_config.pruning_config = config.to_dict()  # written as this version writes it
+    try:
+        yield
+    finally:
+        for key in RECORD_KEYS:
+            if key in kept:
+                setattr(model_config, key, kept[key])
+            elif hasattr(model_config, key):
+                delattr(model_config, key)
 
 
 def _check_loadable(model: nn.Module) -> None:

@@ -36,6 +36,30 @@ def test_a_config_given_as_a_dict_is_saved_as_prune_takes_it(tmp_path):
     assert PruningConfig.from_json_file(output / "pruning_config.json") == PruningConfig.from_dict(config)
 
 
+def test_a_config_given_for_a_step_outside_prune_follows_the_recorded_steps_in_the_checkpoint_only(tmp_path):
+    """A model pruned twice, then further by a training schedule: the checkpoint says so in order; the model in
+    memory keeps its own record, so pruning it again lists what prune did."""
+    model = tiny_model()
+    first, second = PruningConfig(method="magnitude", sparsity=0.3), PruningConfig(method="magnitude", sparsity=0.4)
+    prune(model, first)
+    prune(model, second)
+    before = (model.config.pruning_config, list(model.config.pruning_history))
+    schedule_step = PruningConfig(method="magnitude", sparsity=0.6)
+    output = save_pruned(model, tmp_path / "pruned", config=schedule_step)
+
+    saved = json.loads((output / "config.json").read_text())
+    assert [PruningConfig.from_dict(step) for step in saved["pruning_history"]] == [first, second, schedule_step]
+    assert PruningConfig.from_dict(saved["pruning_config"]) == schedule_step
+    assert PruningConfig.from_json_file(output / "pruning_config.json") == schedule_step
+    assert (model.config.pruning_config, model.config.pruning_history) == before
+
+    unrecorded = tiny_model()  # e.g. pruned by PruningCallback alone: no record, no history
+    output = save_pruned(unrecorded, tmp_path / "unrecorded", config=schedule_step)
+    saved = json.loads((output / "config.json").read_text())
+    assert PruningConfig.from_dict(saved["pruning_config"]) == schedule_step and "pruning_history" not in saved
+    assert not hasattr(unrecorded.config, "pruning_config")
+
+
 def test_interrupted_save_keeps_previous_output(tmp_path, monkeypatch):
     model = tiny_model()
     prune(model, PruningConfig(method="magnitude", sparsity=0.5))
