@@ -171,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
 
     dense = perplexity() if args.eval and world()[0] == 0 else None
     before = verify_sparsity(model)["overall_sparsity"]
+    source = "before" if getattr(model.config, "pruning_config", None) else "dense"  # a pruned checkpoint pruned again
     report = prune(
         model, config, calibration=args.calibration, tokenizer=tokenizer, device=device, activation_device=args.activation_device
     )
@@ -188,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
         pruned_names = {linear.name for linear in report.linears}
         after["conforming"] = all(entry["conforming"] for name, entry in after["layers"].items() if name in pruned_names)
 
-    rows = [("", "dense", "pruned")]
+    rows = [("", source, "pruned")]
     if report.shapes:
         rows.append(("parameters", f"{report.parameters_before:,}", f"{report.parameters_after:,}"))
         rows.append(("MACs per token", f"{report.macs_per_token_before:,}", f"{report.macs_per_token_after:,}"))

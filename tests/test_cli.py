@@ -104,6 +104,18 @@ def test_a_checkpoint_without_tokenizer_prunes_without_calibration_and_names_wha
         assert not (tmp_path / "o").exists()
 
 
+def test_a_pruned_checkpoint_pruned_again_is_compared_with_itself_before_not_with_a_dense_model(tmp_path, capsys):
+    from .conftest import tiny_model
+
+    source = tmp_path / "source"
+    tiny_model().save_pretrained(source)
+    header = re.compile(r"^\s+(\S+)\s+pruned$", re.MULTILINE)
+    assert main(["--model", str(source), "--method", "magnitude", "--output", str(tmp_path / "once")]) == 0
+    assert header.findall(capsys.readouterr().out) == ["dense"]
+    assert main(["--model", str(tmp_path / "once"), "--method", "magnitude", "--sparsity", "0.7", "--output", str(tmp_path / "twice")]) == 0
+    assert header.findall(capsys.readouterr().out) == ["before"]
+
+
 def test_an_output_that_cannot_be_replaced_is_refused_before_the_model_loads(model_dir, tmp_path, capsys, monkeypatch):
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "todo.txt").write_text("keep me")
