@@ -6,10 +6,16 @@ Sensitivity-Aware Mixed Sparsity Pruning"), the sum of the OBD saliency w²·H_q
 saliency w²/[H⁻¹]_qq (both without the common ½). Their code adds the OBS term with [H⁻¹]_qq taken
 unsquared from the Cholesky factor; here it is the OBS quantity itself (the factor's diagonal
 squared), as the paper's definition reads. Pair it with ``allocation="sensitivity"``.
+
+An already pruned model pruned again: the OBS update of earlier columns makes some of its zeros non-zero
+again, and the mask is then chosen among all weights, as in the paper. ``keep_zeros=True`` keeps them
+pruned (llm-compressor's ``preserve_sparsity_mask``): they join each block's mask first, and the update
+compensates for them like for any other pruned weight.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -27,6 +33,9 @@ class SparseGPTOptions:
         0.01, "λ added to the Hessian diagonal as a fraction of its mean diagonal (paper: 1%)."
     )
     saliency: str = option("obs", "Mask selection: 'obs' (w²/[H⁻¹]_qq, SparseGPT) or 'isc' (OBD + OBS, Shao et al.).")
+    keep_zeros: bool = option(
+        False, "Keep weights that are already zero pruned (an already pruned model pruned again); without it the update revives some."
+    )
 
     def __post_init__(self) -> None:
         if self.block_size <= 0:
@@ -73,6 +82,7 @@ class SparseGPTPruner(LayerPruner[SparseGPTOptions]):
         self.check_target(self.options, target, self.linear.in_features)
         weight = self.linear.weight
         W = weight.detach().float().clone()
+        earlier = W == 0
         H = self.hessian
         self.hessian = None  # the Hessian is the largest state; free it as soon as it is consumed
         columns = W.shape[1]
@@ -92,15 +102,18 @@ class SparseGPTPruner(LayerPruner[SparseGPTOptions]):
             Hinv1 = Hinv[start:end, start:end]
             diag = torch.diag(Hinv1)
             errors = torch.zeros_like(W1)
+            kept_zeros = earlier[:, start:end] if self.options.keep_zeros else torch.zeros_like(W1, dtype=torch.bool)
             if isinstance(target, NMPattern):
-                mask = torch.zeros_like(W1, dtype=torch.bool)
+                mask = kept_zeros.clone()
             else:
                 # Adaptive mask selection: the saliency over the whole block.
-                mask = prune_lowest(_saliency(W1, diag, curvature, start), target, per_row=False)
+                saliency = _saliency(W1, diag, curvature, start).masked_fill(kept_zeros, -1.0)
+                mask = prune_lowest(saliency, target, per_row=False) | kept_zeros
             for i in range(end - start):
                 if isinstance(target, NMPattern) and i % target.m == 0:
                     group = _saliency(W1[:, i : i + target.m], diag[i : i + target.m], curvature, start + i)
-                    mask[:, i : i + target.m] = prune_lowest_nm(group, target)
+                    kept = kept_zeros[:, i : i + target.m]
+                    mask[:, i : i + target.m] = prune_lowest_nm(group.masked_fill(kept, -1.0), target) | kept
                 w = W1[:, i]
                 q = w.masked_fill(mask[:, i], 0)
                 error = (w - q) / Hinv1[i, i]
@@ -110,8 +123,19 @@ class SparseGPTPruner(LayerPruner[SparseGPTOptions]):
             W[:, start:end] = W1
             W[:, end:] -= errors @ Hinv[start:end, end:]
 
+        if not self.options.keep_zeros and earlier.float().mean() >= REPRUNED_SPARSITY and (earlier & (W != 0)).any():
+            warnings.warn(
+                "sparsegpt: the model was already sparse, and SparseGPT's update made some of its zeros non-zero again; "
+                "set method_options.keep_zeros=True to keep them pruned",
+                stacklevel=2,
+            )
         with torch.no_grad():
             weight.copy_(W.to(weight.dtype))
+
+
+REPRUNED_SPARSITY = 0.01
+"""Exact zeros in a linear from which it counts as already pruned (a dense checkpoint has a few, e.g. ~0.03 %
+in the 4-bit GGUF SmolLM2 dequantised)."""
 
 
 def _saliency(W: torch.Tensor, diag: torch.Tensor, curvature: torch.Tensor | None, first: int) -> torch.Tensor:

@@ -58,3 +58,36 @@ def test_dead_inputs_are_zeroed():
     pruner.prune(0.0)
     zero = linear.weight == 0
     assert bool(zero[:, 3].all()) and not zero[:, [0, 1, 2, 4, 5, 6, 7]].any()
+
+
+def _pruned_again(target, keep_zeros: bool, earlier: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(earlier zeros, weight) of a linear magnitude-pruned to ``earlier``, then pruned by SparseGPT to ``target``."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 32, bias=False)
+    MagnitudePruner(linear, MagnitudeOptions()).prune(earlier)
+    zeros = linear.weight.detach() == 0
+    pruner = SparseGPTPruner(linear, SparseGPTOptions(block_size=16, keep_zeros=keep_zeros))
+    pruner.add_batch(_correlated_inputs(512, 64).reshape(4, 128, 64))
+    pruner.prune(target)
+    return zeros, linear.weight.detach()
+
+
+@pytest.mark.parametrize("target", [NMPattern(2, 4), 0.6, 0.3])
+def test_keep_zeros_keeps_an_already_pruned_linear_s_zeros_pruned(target):
+    zeros, weight = _pruned_again(target, keep_zeros=True)
+    assert (weight[zeros] == 0).all()
+    if isinstance(target, NMPattern):
+        assert conforms_to(weight, target)
+    else:  # the target fraction at least, per 16-column block (one weight of rounding per block)
+        assert int((weight == 0).sum()) >= int(weight.numel() * max(target, 0.5)) - 64 // 16
+
+
+def test_without_keep_zeros_the_update_revives_earlier_zeros_and_says_so():
+    with pytest.warns(UserWarning, match="method_options.keep_zeros=True"):
+        zeros, weight = _pruned_again(NMPattern(2, 4), keep_zeros=False)
+    assert (weight[zeros] != 0).any()  # the paper's algorithm: the mask is chosen among all weights
+
+
+def test_a_dense_linear_with_a_few_exact_zeros_is_not_taken_for_a_pruned_one(recwarn):
+    _pruned_again(NMPattern(2, 4), keep_zeros=False, earlier=0.005)
+    assert not [w for w in recwarn if "keep_zeros" in str(w.message)]
