@@ -5,8 +5,9 @@ already know: a ``PruningConfig`` (or its dict), then transformers' ``QuantoConf
 optimum-quanto's own ``quantize`` / ``freeze``, weight-only) or ``GPTQConfig`` (optimum's
 ``GPTQQuantizer`` on gptqmodel, as ``from_pretrained(..., quantization_config=GPTQConfig(...))``
 runs it). ``save_pruned`` writes quanto results in optimum-quanto's format (reload with
-``optimum.quanto.QuantizedModelForCausalLM.from_pretrained``) and GPTQ results as transformers does
-(reload with ``AutoModelForCausalLM.from_pretrained``).
+``optimum.quanto.QuantizedModelForCausalLM.from_pretrained``; causal LMs only, so a quantized LLaVA is
+refused: save it before the quanto step) and GPTQ results as transformers does (reload with
+``AutoModelForCausalLM.from_pretrained``).
 
 Pruned weights stay exactly zero through quantization (see ``optimum_prune.quanto`` and
 ``optimum_prune.gptq``).

@@ -150,6 +150,8 @@ def save_pruned(
     ``max_shard_size`` is ``save_pretrained``'s (optimum-quanto's format takes only the default).
     """
     _check_loadable(model)
+    if _quanto_quantized(model):
+        _check_quanto_reloads(model)
     if max_shard_size != DEFAULT_SHARD_SIZE and _quanto_quantized(model):
         raise ValueError(f"max_shard_size: optimum-quanto saves its models in {DEFAULT_SHARD_SIZE} shards; leave it at the default")
     recorded = getattr(model.config, "pruning_config", None)
@@ -245,6 +247,21 @@ def _write_checkpoint(
             report.plot_layer_scores(staging / SCORES_PLOT_NAME)
         except ImportError as error:
             logger.warning("%s; saved without %s", error, SCORES_PLOT_NAME)
+
+
+def _check_quanto_reloads(model: nn.Module) -> None:
+    """optimum-quanto's checkpoints reload through ``QuantizedModelForCausalLM`` only, which builds the model with
+    ``AutoModelForCausalLM`` and requantizes the keys as stored: a model of another Auto class (LLaVA) does not
+    build, and one whose keys transformers renames when saving (``_checkpoint_conversion_mapping``) would get its
+    weights under names the model no longer has."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    if type(model.config) not in MODEL_FOR_CAUSAL_LM_MAPPING or getattr(model, "_checkpoint_conversion_mapping", None):
+        raise ValueError(
+            f"optimum-quanto's checkpoint format reloads causal language models only (QuantizedModelForCausalLM), not a "
+            f"{type(model).__name__}: save the pruned model before quantizing it (compress without the QuantoConfig step, "
+            "then save_pruned), and quantize it again after loading (nothing was saved)"
+        )
 
 
 def _quanto_quantized(model: nn.Module) -> bool:

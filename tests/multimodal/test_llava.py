@@ -278,3 +278,17 @@ def test_pruning_a_llava_checkpoint_from_disk_says_to_load_it_in_memory(llava, t
     with pytest.raises(ValueError, match="holds a LlavaConfig model, not a causal LM: .* load this one in memory"):
         prune(str(tmp_path / "llava"), {"method": "magnitude"}, output_dir=tmp_path / "out")
     assert sorted(path.name for path in tmp_path.iterdir()) == ["llava"]
+
+
+def test_a_llava_quantized_by_optimum_quanto_is_not_saved_in_a_format_that_would_not_reload_it(llava, llava_processor, pairs, tmp_path):
+    """optimum-quanto reloads causal LMs only (and requantizes LLaVA's legacy checkpoint keys into nothing)."""
+    pytest.importorskip("optimum.quanto")
+    from transformers import QuantoConfig
+
+    from optimum_prune import compress, save_pruned
+
+    compress(llava, [PruningConfig(method="wanda", sparsity="2:4", num_calibration_samples=2), QuantoConfig(weights="int8")],
+             calibration=pairs, processor=llava_processor)  # fmt: skip
+    with pytest.raises(ValueError, match="reloads causal language models only .* not a LlavaForConditionalGeneration: save the pruned model before quantizing"):
+        save_pruned(llava, tmp_path / "quantized")
+    assert list(tmp_path.iterdir()) == []
