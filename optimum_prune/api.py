@@ -37,7 +37,7 @@ from .options import MoEOptions
 from .quantized import is_quantized, is_sparse_24
 from .report import LinearReport, PruningReport, process_peak_rss
 from .sparsity_metadata import drop_sparsity_metadata
-from .sparsity import NMPattern, SparsityTarget
+from .sparsity import NMPattern, SparsityTarget, verify_sparsity
 from .statistics import ColumnNorms
 from .structure.counting import count_macs_per_token
 from .structure.loading import record_structure
@@ -144,6 +144,7 @@ def prune(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     drop_sparsity_metadata(model)
+    earlier = _earlier_sparsity(model) if spec.structured and offload is None else None
     was_training = model.training
     model.eval()  # calibration forwards must not apply dropout
     try:
@@ -151,11 +152,40 @@ def prune(
             run.execute(inputs, report)
     finally:
         model.train(was_training)
+    if earlier is not None:
+        _warn_if_earlier_sparsity_lost(model, config, *earlier)
     report.seconds = time.perf_counter() - started
     report.peak_memory_bytes, report.peak_memory_kind = _peak_memory(device)
     record_pruning(model.config, config)
     logger.info("%s", report)
     return report
+
+
+def _earlier_sparsity(model: nn.Module) -> tuple[NMPattern | None, dict] | None:
+    """The pattern of the model's last recorded unstructured step and its measured sparsity, if it had one."""
+    recorded = getattr(model.config, "pruning_history", None) or [getattr(model.config, "pruning_config", None) or {}]
+    unstructured = [step for step in recorded if step.get("method") in METHODS.names() and not METHODS.get(step["method"]).structured]
+    if not unstructured:
+        return None
+    pattern = PruningConfig.from_dict(unstructured[-1]).target
+    pattern = pattern if isinstance(pattern, NMPattern) else None
+    return pattern, verify_sparsity(model, pattern)
+
+
+def _warn_if_earlier_sparsity_lost(model: nn.Module, config: PruningConfig, pattern: NMPattern | None, before: dict) -> None:
+    """Structured pruning after unstructured pruning can undo it (SliceGPT's rotations and low-rank factors fill
+    every zero; removing input channels shifts N:M groups): say so, since the recorded history implies both hold."""
+    after = verify_sparsity(model, pattern)
+    lost = []
+    if after["overall_sparsity"] < before["overall_sparsity"] - 0.01:
+        lost.append(f"linear sparsity {before['overall_sparsity']:.1%} -> {after['overall_sparsity']:.1%}")
+    if pattern is not None and before["conforming"] and not after["conforming"]:
+        lost.append(f"the {pattern} pattern no longer holds")
+    if lost:
+        logger.warning(
+            "method %r undid the model's earlier unstructured pruning (%s): prune structurally first, then unstructured "
+            "or N:M", config.method, "; ".join(lost),
+        )  # fmt: skip
 
 
 def _per_layer_methods() -> str:
