@@ -19,7 +19,7 @@ from torch import nn
 from .config import PruningConfig, record_pruning
 from .kernels.linear import SparseLinear
 from .perp import MaskLoRALinear
-from .quantized import is_gptq_linear, repacked_in_place
+from .quantized import is_gptq_linear, refuse_recorded_structure, repacked_in_place
 from .report import PruningReport
 
 logger = logging.getLogger(__name__)
@@ -253,9 +253,11 @@ def _check_quanto_reloads(model: nn.Module) -> None:
     """optimum-quanto's checkpoints reload through ``QuantizedModelForCausalLM`` only, which builds the model with
     ``AutoModelForCausalLM`` and requantizes the keys as stored: a model of another Auto class (LLaVA) does not
     build, and one whose keys transformers renames when saving (``_checkpoint_conversion_mapping``) would get its
-    weights under names the model no longer has."""
+    weights under names the model no longer has. It builds the model from the plain config too, so a
+    non-uniform structured result (shapes recorded as ``quantization_config``) would reload at stock shapes."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    refuse_recorded_structure(model, "optimum-quanto (its reload rebuilds the model from the plain config; nothing was saved)")
     if type(model.config) not in MODEL_FOR_CAUSAL_LM_MAPPING or getattr(model, "_checkpoint_conversion_mapping", None):
         raise ValueError(
             f"optimum-quanto's checkpoint format reloads causal language models only (QuantizedModelForCausalLM), not a "

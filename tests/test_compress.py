@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import QuantoConfig
 
-from optimum_prune import PruningConfig, compress, save_pruned, verify_sparsity
+from optimum_prune import PruningConfig, compress, prune, save_pruned, verify_sparsity
 
 from .conftest import tiny_model, token_windows
 
@@ -63,6 +63,21 @@ def test_a_shard_size_quanto_cannot_write_is_refused_before_writing(tmp_path):
     compress(model, [PruningConfig(method="magnitude", sparsity=0.5), QuantoConfig(weights="int8")])
     with pytest.raises(ValueError, match="max_shard_size: optimum-quanto saves its models in 5GB shards"):
         save_pruned(model, tmp_path / "int8", max_shard_size="1GB")
+    assert not (tmp_path / "int8").exists()
+
+
+def test_a_non_uniform_structured_model_quantized_by_optimum_quanto_directly_is_not_saved(tmp_path):
+    """compress refuses the combination; quantizing with optimum-quanto's own calls and then saving must too:
+    quanto's reload builds the model from the plain config, so it came back at stock shapes (NaN logits)."""
+    from optimum.quanto import freeze, qint8, quantize
+
+    model = tiny_model(**WIDE)
+    prune(model, PruningConfig(method="sublayers", sparsity=0.2, method_options={"sublayers": "attention"}), calibration=token_windows())
+    assert getattr(model.config, "quantization_config", None) is not None  # non-uniform: shapes recorded
+    quantize(model, weights=qint8)
+    freeze(model)
+    with pytest.raises(ValueError, match="optimum-quanto .* nothing was saved"):
+        save_pruned(model, tmp_path / "int8")
     assert not (tmp_path / "int8").exists()
 
 
