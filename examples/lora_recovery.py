@@ -28,7 +28,7 @@ from optimum_prune.calibration import calibration_windows
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--model", type=Path, help="local checkpoint directory (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--method", default="wanda")
     parser.add_argument("--sparsity", default="2:4", help="a fraction such as 0.5, or an N:M pattern")

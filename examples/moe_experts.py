@@ -34,7 +34,7 @@ def small_random_mixtral() -> tuple[MixtralForCausalLM, object]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--model", type=Path, help="local MoE checkpoint directory")
     source.add_argument("--random-mixtral", action="store_true", help="a small randomly initialised Mixtral (mechanics only)")

@@ -21,7 +21,7 @@ from optimum_prune import PruningConfig, evaluate_perplexity, load_default_model
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--model", type=Path, help="local checkpoint directory (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--method", default="sparsegpt")
     parser.add_argument("--sparsity", default="2:4", help="a fraction such as 0.5, or an N:M pattern")

@@ -39,7 +39,7 @@ def reload(directory: Path, quantization: str) -> torch.nn.Module:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--model", type=Path, help="local checkpoint directory (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--method", default="sparsegpt")
     parser.add_argument("--quantization", default="quanto-int8", choices=sorted(QUANTIZERS))

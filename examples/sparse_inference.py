@@ -38,7 +38,7 @@ def greedy(model: torch.nn.Module, prompt: dict[str, torch.Tensor], new_tokens: 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=" ".join(__doc__.split("\n\n")[0].split()))
     parser.add_argument("--model", type=Path, help="local checkpoint directory (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--method", default="sparsegpt", help="an unstructured method; it prunes to 2:4 (unless the model is 2:4)")
     parser.add_argument("--bits", type=int, choices=[8, 4], help="quantize the kept values (default: keep 16-bit values)")
