@@ -151,9 +151,7 @@ def save_pruned(
     """
     _check_loadable(model)
     if _quanto_quantized(model):
-        _check_quanto_reloads(model)
-    if max_shard_size != DEFAULT_SHARD_SIZE and _quanto_quantized(model):
-        raise ValueError(f"max_shard_size: optimum-quanto saves its models in {DEFAULT_SHARD_SIZE} shards; leave it at the default")
+        _check_quanto_saves(model, max_shard_size)
     recorded = getattr(model.config, "pruning_config", None)
     recorded = PruningConfig.from_dict(recorded) if recorded else None
     if isinstance(config, Mapping):  # as prune takes it
@@ -249,14 +247,16 @@ def _write_checkpoint(
             logger.warning("%s; saved without %s", error, SCORES_PLOT_NAME)
 
 
-def _check_quanto_reloads(model: nn.Module) -> None:
-    """optimum-quanto's checkpoints reload through ``QuantizedModelForCausalLM`` only, which builds the model with
-    ``AutoModelForCausalLM`` and requantizes the keys as stored: a model of another Auto class (LLaVA) does not
-    build, and one whose keys transformers renames when saving (``_checkpoint_conversion_mapping``) would get its
-    weights under names the model no longer has. It builds the model from the plain config too, so a
-    non-uniform structured result (shapes recorded as ``quantization_config``) would reload at stock shapes."""
+def _check_quanto_saves(model: nn.Module, max_shard_size: int | str) -> None:
+    """optimum-quanto writes one shard size only, and its checkpoints reload through ``QuantizedModelForCausalLM``,
+    which builds the model with ``AutoModelForCausalLM`` from the plain config and requantizes the keys as
+    stored: a model of another Auto class (LLaVA) does not build, one whose keys transformers renames when
+    saving (``_checkpoint_conversion_mapping``) would get its weights under names the model no longer has, and
+    a non-uniform structured result (shapes recorded as ``quantization_config``) would come back at stock shapes."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
+    if max_shard_size != DEFAULT_SHARD_SIZE:
+        raise ValueError(f"max_shard_size: optimum-quanto saves its models in {DEFAULT_SHARD_SIZE} shards; leave it at the default")
     refuse_recorded_structure(model, "optimum-quanto (its reload rebuilds the model from the plain config; nothing was saved)")
     if type(model.config) not in MODEL_FOR_CAUSAL_LM_MAPPING or getattr(model, "_checkpoint_conversion_mapping", None):
         raise ValueError(
