@@ -6,11 +6,12 @@ embeddings, ...) are captured. From then on one layer at a time is moved to the 
 visited (statistics gathered, weights pruned), and run again on the captured inputs so that its
 *pruned* outputs become the next layer's inputs (SparseGPT, Sec. 3.5; Wanda, Sec. 3). Memory is
 the model plus two activation buffers of ``samples × seq_len × hidden`` — independent of depth,
-and no logits are ever computed. With ``activation_device`` the buffers (and the layer's other
-arguments) wait on another device (the CPU) and each batch visits the compute device only while its
-layer runs; with ``activation_device="disk"`` they are files in a temporary directory (under
-``$TMPDIR``), read one batch at a time, so host memory holds one batch (and every batch's layer
-arguments: position embeddings, masks) and the disk two layers' activations.
+and no logits are ever computed. The layer's other arguments (masks, position embeddings) are kept
+once for consecutive batches that share them (token windows of one length all do). With
+``activation_device`` the buffers (and those arguments) wait on another device (the CPU) and each
+batch visits the compute device only while its layer runs; with ``activation_device="disk"`` they are
+files in a temporary directory (under ``$TMPDIR``), read one batch at a time, so host memory holds one
+batch (and the distinct layer arguments) and the disk two layers' activations.
 """
 
 from __future__ import annotations
@@ -189,13 +190,27 @@ def capture_first_layer_inputs(
                     arguments[ATTENTION_MASKS] = masks
                 hidden = arguments.pop(next(iter(signature.parameters))).detach()
                 captured.hidden_states.append(hidden if to_files else hidden.to(activation_device or device))
-                captured.layer_kwargs.append(arguments if kwargs_home is None else send_to_device(arguments, kwargs_home))
+                arguments = arguments if kwargs_home is None else send_to_device(arguments, kwargs_home)
+                captured.layer_kwargs.append(_shared(arguments, captured.layer_kwargs[-1]) if captured.layer_kwargs else arguments)
         finally:
             handle.remove()
     if not captured.hidden_states:
         needs = f"; it runs only on batches with {', '.join(adapter.required_inputs)}" if adapter.required_inputs else ""
         raise ValueError(f"no calibration batch reached {adapter.layer_names()[0]}{needs}")
     return captured
+
+
+def _shared(value: Any, previous: Any) -> Any:
+    """``value`` with every tensor equal to its counterpart in ``previous`` (the batch before) replaced by that
+    one, so that identical masks and position embeddings are held once, not once per batch."""
+    if isinstance(value, torch.Tensor):
+        same = isinstance(previous, torch.Tensor) and (value.shape, value.dtype, value.device) == (previous.shape, previous.dtype, previous.device)
+        return previous if same and torch.equal(value, previous) else value
+    if isinstance(value, dict) and isinstance(previous, dict):
+        return {key: _shared(item, previous.get(key)) for key, item in value.items()}
+    if isinstance(value, (tuple, list)) and isinstance(previous, (tuple, list)) and len(value) == len(previous):
+        return type(value)(_shared(item, before) for item, before in zip(value, previous))
+    return value
 
 
 def _named_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -280,9 +295,10 @@ def walk_layers(
             layer = layers[index]
             with residency(index, layer):
                 visit(index, layer, inputs)
-                previous, inputs.hidden_states = inputs.hidden_states, run_layer(adapter, layer, inputs)
-                if isinstance(previous, DiskActivations):
-                    previous.release()
+                outputs = run_layer(adapter, layer, inputs)
+                if isinstance(inputs.hidden_states, DiskActivations):
+                    inputs.hidden_states.release()
+                inputs.hidden_states = outputs  # the inputs go now: two buffers at most, not three through the next visit
 
 
 @contextmanager

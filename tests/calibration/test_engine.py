@@ -159,6 +159,39 @@ def test_training_mode_is_restored(llama, windows):
     assert llama.training
 
 
+@pytest.mark.parametrize("attn_implementation", ["sdpa", "eager"])
+def test_a_layer_is_visited_beside_one_activation_buffer_and_batches_share_their_layer_arguments(attn_implementation):
+    """The previous layer's inputs stayed alive through the next visit (three buffers at the next run), and each
+    window's identical mask and position embeddings were held once per window (host memory grew with the
+    calibration set under activation_device="disk")."""
+    samples, seq_len, hidden = 16, 64, 64
+    model = tiny_model(num_hidden_layers=3, attn_implementation=attn_implementation)
+    gc.collect()
+    before = _live_activation_bytes(model)
+    seen, arguments = [], []
+
+    def visit(_index, _layer, inputs):
+        seen.append(_live_activation_bytes(model) - before)
+        arguments.append(inputs.layer_kwargs)
+
+    walk_layers(get_adapter(model), token_windows(samples=samples, seq_len=seq_len), torch.device("cpu"), visit, "test")
+    one_buffer = samples * seq_len * hidden * 4
+    assert max(seen) < 1.5 * one_buffer, (seen, one_buffer)  # was 2.8 buffers (three at the next run)
+    tensors = [[t for t in _tensors(kwargs)] for kwargs in arguments[0]]
+    assert tensors[0] and all(len(ts) == len(tensors[0]) and all(t is t0 for t, t0 in zip(ts, tensors[0])) for ts in tensors)
+
+
+def _tensors(value):
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors(item)
+
+
 def test_disk_activations_give_the_same_result_hold_two_layers_at_most_and_leave_nothing(llama, windows, tmp_path, monkeypatch):
     import tempfile
 
