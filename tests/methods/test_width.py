@@ -206,3 +206,17 @@ def test_global_kv_group_scores_do_not_depend_on_a_layers_weight_scale():
         options = {"criterion": "magnitude_l2", "components": "attention", "head_mode": "kv_group", "ranking": "global"}
         removed.append(sorted(prune(model, PruningConfig(method="width", sparsity=0.15, method_options=options)).removed))
     assert removed[0] == removed[1] and any("model.layers.1 " in entry for entry in removed[0])
+
+
+def test_per_layer_kv_head_counts_generate_alike_with_static_dynamic_and_no_cache():
+    """transformers' static cache sizes each layer from its first key states, so non-uniform KV counts fit it."""
+    model = tiny_model()
+    options = {"head_mode": "kv_group", "ranking": "global", "components": "attention", "criterion": "wanda_sp"}
+    prune(model, PruningConfig(method="width", sparsity=0.1, method_options=options), calibration=token_windows())
+    assert len({layer.self_attn.k_proj.out_features for layer in model.model.layers}) > 1
+    ids = token_windows(samples=2, seq_len=8, seed=3)
+    outputs = [
+        model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, **cache)
+        for cache in ({}, {"cache_implementation": "static"}, {"use_cache": False})
+    ]
+    assert all(torch.equal(output, outputs[0]) for output in outputs[1:])
