@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -28,7 +29,7 @@ from .calibration import (
     walk_layers,
 )
 from .calibration.engine import moving_to, on_device, on_disk
-from .config import PruningConfig, record_pruning
+from .config import PruningConfig, record_pruning, recorded_steps
 from .distributed import all_reduce_sum, is_distributed, launched_processes, shard
 from .ignoring import check_ignore_patterns, is_ignored
 from .methods import METHODS, LayerPruner, MethodSpec, ModelPruner, StructuredMethod
@@ -140,11 +141,11 @@ def prune(
         calibration_images=images,
         multimodal=bool(adapter.upstream_parts),
     )
+    earlier = _earlier_sparsity(model) if spec.structured else None
     started = time.perf_counter()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     drop_sparsity_metadata(model)
-    earlier = _earlier_sparsity(model) if spec.structured and offload is None else None
     was_training = model.training
     model.eval()  # calibration forwards must not apply dropout
     try:
@@ -152,39 +153,55 @@ def prune(
             run.execute(inputs, report)
     finally:
         model.train(was_training)
-    if earlier is not None:
-        _warn_if_earlier_sparsity_lost(model, config, *earlier)
     report.seconds = time.perf_counter() - started
     report.peak_memory_bytes, report.peak_memory_kind = _peak_memory(device)
+    if earlier is not None:
+        _warn_if_earlier_sparsity_lost(model, config, *earlier)
     record_pruning(model.config, config)
     logger.info("%s", report)
     return report
 
 
-def _earlier_sparsity(model: nn.Module) -> tuple[NMPattern | None, dict] | None:
-    """The pattern of the model's last recorded unstructured step and its measured sparsity, if it had one."""
-    recorded = getattr(model.config, "pruning_history", None) or [getattr(model.config, "pruning_config", None) or {}]
-    unstructured = [step for step in recorded if step.get("method") in METHODS.names() and not METHODS.get(step["method"]).structured]
-    if not unstructured:
-        return None
-    pattern = PruningConfig.from_dict(unstructured[-1]).target
-    pattern = pattern if isinstance(pattern, NMPattern) else None
-    return pattern, verify_sparsity(model, pattern)
+def _earlier_sparsity(model: nn.Module) -> tuple[NMPattern | None, dict[str, dict], weakref.WeakKeyDictionary] | None:
+    """The N:M pattern of the model's last recorded unstructured step (None: unstructured), every linear's
+    measured sparsity, and each linear module's name now (experts are renumbered when some go), if the model
+    records such a step this version can read."""
+    for step in reversed(recorded_steps(model.config)):
+        try:
+            recorded = PruningConfig.from_dict(step)
+        except (ValueError, TypeError):  # written by another version: nothing to compare with
+            return None
+        if not METHODS.get(recorded.method).structured:
+            pattern = next((target for target in recorded.part_targets().values() if isinstance(target, NMPattern)), None)
+            before = verify_sparsity(model, pattern)["layers"]
+            names = weakref.WeakKeyDictionary({module: name for name, module in model.named_modules() if name in before})
+            return pattern, before, names
+    return None
 
 
-def _warn_if_earlier_sparsity_lost(model: nn.Module, config: PruningConfig, pattern: NMPattern | None, before: dict) -> None:
+def _warn_if_earlier_sparsity_lost(
+    model: nn.Module, config: PruningConfig, pattern: NMPattern | None, before: dict[str, dict], names: weakref.WeakKeyDictionary
+) -> None:
     """Structured pruning after unstructured pruning can undo it (SliceGPT's rotations and low-rank factors fill
-    every zero; removing input channels shifts N:M groups): say so, since the recorded history implies both hold."""
-    after = verify_sparsity(model, pattern)
-    lost = []
-    if after["overall_sparsity"] < before["overall_sparsity"] - 0.01:
-        lost.append(f"linear sparsity {before['overall_sparsity']:.1%} -> {after['overall_sparsity']:.1%}")
-    if pattern is not None and before["conforming"] and not after["conforming"]:
-        lost.append(f"the {pattern} pattern no longer holds")
-    if lost:
+    every zero, merged experts keep only their common zeros, removing input channels shifts N:M groups): say so,
+    since the recorded history implies both hold. Compared per linear, so that removing the sparsest units
+    (experts, channels) is not taken for it."""
+    measured = verify_sparsity(model, pattern)["layers"]
+    earlier = {name: names.get(module, name) for name, module in model.named_modules() if name in measured}  # its name before
+    after = {name: (entry, before.get(earlier[name])) for name, entry in measured.items()}
+    sparse_before = any(entry["sparsity"] >= 0.01 for entry in before.values())
+    lost = {
+        "lost most of their zeros": [
+            name for name, (now, then) in after.items() if then and then["sparsity"] >= 0.01 and now["sparsity"] < then["sparsity"] / 2
+        ],
+        "replaced by dense linears": [name for name, (now, then) in after.items() if not then and sparse_before and now["sparsity"] < 0.01],
+        f"no longer {pattern}": [name for name, (now, then) in after.items() if then and then.get("conforming") and not now["conforming"]],
+    }
+    said = [f"{len(names)} linears {what} (e.g. {names[0]})" for what, names in lost.items() if names]
+    if said:
         logger.warning(
-            "method %r undid the model's earlier unstructured pruning (%s): prune structurally first, then unstructured "
-            "or N:M", config.method, "; ".join(lost),
+            "method %r undid the model's earlier unstructured pruning: %s; prune structurally first, then unstructured "
+            "or N:M", config.method, "; ".join(said),
         )  # fmt: skip
 
 

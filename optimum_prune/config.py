@@ -230,11 +230,20 @@ class PruningConfig:
         return cls.from_dict(data)
 
 
+def recorded_steps(model_config: Any) -> list[dict[str, Any]]:
+    """Every pruning step a model config records, in order (as dicts): its ``pruning_history``, and its
+    ``pruning_config`` after them when that is another step (a checkpoint written before the history ended
+    with the current config)."""
+    steps = list(getattr(model_config, "pruning_history", None) or [])
+    current = getattr(model_config, "pruning_config", None)
+    if current and (not steps or steps[-1] != current):
+        steps.append(current)
+    return steps
+
+
 def record_pruning(model_config: Any, config: PruningConfig) -> None:
     """``config`` as the model's ``pruning_config``; the earlier ones too, in order, when it was pruned before."""
-    earlier = getattr(model_config, "pruning_history", None) or [
-        recorded for recorded in [getattr(model_config, "pruning_config", None)] if recorded
-    ]
+    earlier = recorded_steps(model_config)
     model_config.pruning_config = config.to_dict()
     if earlier:
         model_config.pruning_history = [*earlier, model_config.pruning_config]

@@ -19,8 +19,9 @@ from torch import nn
 from .config import PruningConfig, record_pruning
 from .kernels.linear import SparseLinear
 from .perp import MaskLoRALinear
-from .quantized import is_gptq_linear, refuse_recorded_structure, repacked_in_place
+from .quantized import is_gptq_linear, repacked_in_place
 from .report import PruningReport
+from .structure.loading import records_layer_shapes
 
 logger = logging.getLogger(__name__)
 SCORES_PLOT_NAME = "layer_scores.png"
@@ -153,10 +154,12 @@ def save_pruned(
     if _quanto_quantized(model):
         _check_quanto_saves(model, max_shard_size)
     recorded = getattr(model.config, "pruning_config", None)
-    recorded = PruningConfig.from_dict(recorded) if recorded else None
     if isinstance(config, Mapping):  # as prune takes it
         config = PruningConfig.from_dict(config)
-    config = config or recorded
+    if config is None:
+        config = recorded = PruningConfig.from_dict(recorded) if recorded else None
+    else:  # a record this version cannot read is another step than the one given
+        recorded = _readable(recorded)
     output_dir = Path(output_dir)
     with _recorded_for_saving(model.config, config, recorded):
         if compressed_tensors_metadata:
@@ -173,6 +176,13 @@ def save_pruned(
 
 
 RECORD_KEYS = ("pruning_config", "pruning_history")
+
+
+def _readable(recorded: Mapping[str, Any] | None) -> PruningConfig | None:
+    try:
+        return PruningConfig.from_dict(recorded) if recorded else None
+    except (ValueError, TypeError):
+        return None
 
 
 @contextmanager
@@ -257,7 +267,12 @@ def _check_quanto_saves(model: nn.Module, max_shard_size: int | str) -> None:
 
     if max_shard_size != DEFAULT_SHARD_SIZE:
         raise ValueError(f"max_shard_size: optimum-quanto saves its models in {DEFAULT_SHARD_SIZE} shards; leave it at the default")
-    refuse_recorded_structure(model, "optimum-quanto (its reload rebuilds the model from the plain config; nothing was saved)")
+    if records_layer_shapes(getattr(model.config, "quantization_config", None)):
+        raise ValueError(
+            "optimum-quanto's reload rebuilds the model from the plain config, so this non-uniform structured model "
+            "(per-layer shapes in its quantization_config) would come back at stock shapes: prune uniformly (width with "
+            "ranking='layer', layers), or save before quantizing (nothing was saved)"
+        )
     if type(model.config) not in MODEL_FOR_CAUSAL_LM_MAPPING or getattr(model, "_checkpoint_conversion_mapping", None):
         raise ValueError(
             f"optimum-quanto's checkpoint format reloads causal language models only (QuantizedModelForCausalLM), not a "

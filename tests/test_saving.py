@@ -34,6 +34,17 @@ def test_a_config_given_as_a_dict_is_saved_as_prune_takes_it(tmp_path):
     prune(model, config)
     output = save_pruned(model, tmp_path / "pruned", config=config)
     assert PruningConfig.from_json_file(output / "pruning_config.json") == PruningConfig.from_dict(config)
+    assert "pruning_history" not in json.loads((output / "config.json").read_text())  # the recorded step, not another
+
+
+def test_a_checkpoint_whose_history_ends_before_its_config_keeps_every_step_when_pruned_again():
+    """Earlier versions' save_pruned(config=...) wrote the given config without appending it to the history."""
+    model = tiny_model()
+    steps = [PruningConfig(method="magnitude", sparsity=s) for s in (0.3, 0.4, 0.5)]
+    model.config.pruning_history = [steps[0].to_dict(), steps[1].to_dict()]
+    model.config.pruning_config = steps[2].to_dict()
+    prune(model, PruningConfig(method="magnitude", sparsity=0.6))
+    assert [PruningConfig.from_dict(step) for step in model.config.pruning_history] == [*steps, PruningConfig(method="magnitude", sparsity=0.6)]
 
 
 def test_a_config_given_for_a_step_outside_prune_follows_the_recorded_steps_in_the_checkpoint_only(tmp_path):
@@ -204,3 +215,14 @@ def test_the_working_directory_is_never_the_target(tmp_path, monkeypatch, given)
     assert list(work.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["work"]
     save_pruned(tiny_model(), "pruned")  # a new folder inside it is fine
     assert (work / "pruned" / "config.json").is_file()
+
+
+def test_a_config_given_is_saved_beside_a_record_this_version_cannot_read(tmp_path):
+    model = tiny_model()
+    model.config.pruning_config = {"method": "a_later_method", "sparsity": 0.5}  # written by a newer optimum-prune
+    given = PruningConfig(method="magnitude", sparsity=0.5)
+    output = save_pruned(model, tmp_path / "pruned", config=given)
+    saved = json.loads((output / "config.json").read_text())
+    assert saved["pruning_history"] == [{"method": "a_later_method", "sparsity": 0.5}, given.to_dict()]
+    with pytest.raises(ValueError, match="a_later_method"):
+        save_pruned(model, tmp_path / "other")  # without a config the record itself must be read

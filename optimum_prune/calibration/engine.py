@@ -206,11 +206,11 @@ def _shared(value: Any, previous: Any) -> Any:
     if isinstance(value, torch.Tensor):
         same = isinstance(previous, torch.Tensor) and (value.shape, value.dtype, value.device) == (previous.shape, previous.dtype, previous.device)
         return previous if same and torch.equal(value, previous) else value
-    if isinstance(value, dict) and isinstance(previous, dict):
+    if type(value) is dict and isinstance(previous, dict):
         return {key: _shared(item, previous.get(key)) for key, item in value.items()}
-    if isinstance(value, (tuple, list)) and isinstance(previous, (tuple, list)) and len(value) == len(previous):
+    if type(value) in (tuple, list) and isinstance(previous, (tuple, list)) and len(value) == len(previous):
         return type(value)(_shared(item, before) for item, before in zip(value, previous))
-    return value
+    return value  # anything else (a Cache, a dict or tuple subclass) as it is
 
 
 def _named_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:

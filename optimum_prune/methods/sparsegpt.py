@@ -83,6 +83,9 @@ class SparseGPTPruner(LayerPruner[SparseGPTOptions]):
         weight = self.linear.weight
         W = weight.detach().float().clone()
         earlier = W == 0
+        already_sparse = int(torch.count_nonzero(earlier)) >= REPRUNED_SPARSITY * earlier.numel()
+        if not (self.options.keep_zeros or already_sparse):
+            earlier = None  # neither kept nor checked: not held through the reconstruction
         H = self.hessian
         self.hessian = None  # the Hessian is the largest state; free it as soon as it is consumed
         columns = W.shape[1]
@@ -123,10 +126,10 @@ class SparseGPTPruner(LayerPruner[SparseGPTOptions]):
             W[:, start:end] = W1
             W[:, end:] -= errors @ Hinv[start:end, end:]
 
-        if not self.options.keep_zeros and earlier.float().mean() >= REPRUNED_SPARSITY and (earlier & (W != 0)).any():
+        if not self.options.keep_zeros and already_sparse and (earlier & (W != 0)).any():
             warnings.warn(
-                "sparsegpt: the model was already sparse, and SparseGPT's update made some of its zeros non-zero again; "
-                "set method_options.keep_zeros=True to keep them pruned",
+                "sparsegpt: the model was already sparse (pruned before, or a quantizer's exact zeros), and SparseGPT's "
+                "update made some of its zeros non-zero again; set method_options.keep_zeros=True to keep them pruned",
                 stacklevel=2,
             )
         with torch.no_grad():

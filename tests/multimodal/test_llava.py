@@ -292,3 +292,14 @@ def test_a_llava_quantized_by_optimum_quanto_is_not_saved_in_a_format_that_would
     with pytest.raises(ValueError, match="reloads causal language models only .* not a LlavaForConditionalGeneration: save the pruned model before quantizing"):
         save_pruned(llava, tmp_path / "quantized")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_width_after_a_2_4_language_tower_says_the_pattern_is_gone_with_the_pattern_given_per_part(llava, caplog):
+    """The pattern was read from PruningConfig.sparsity only (0.5 here), and the vision tower left dense made
+    the whole model non-conforming before: no warning either way."""
+    import logging
+
+    prune(llava, {"method": "magnitude", "parts": {"language": {"sparsity": "2:4"}}})
+    with caplog.at_level(logging.WARNING, logger="optimum_prune"):
+        prune(llava, {"method": "width", "sparsity": 0.3, "method_options": {"criterion": "magnitude_l1"}}, token_windows(4, 16))
+    assert "undid the model's earlier unstructured pruning" in caplog.text and "no longer 2:4" in caplog.text

@@ -7,6 +7,7 @@ import pytest
 
 from optimum_prune import PruningConfig, prune, verify_sparsity
 
+from ..adapters.test_moe import tiny_moe
 from ..conftest import tiny_model, token_windows
 
 UNDONE = "undid the model's earlier unstructured pruning"
@@ -15,8 +16,9 @@ UNDONE = "undid the model's earlier unstructured pruning"
 @pytest.mark.parametrize(
     "structured, lost",
     [
-        ({"method": "slicegpt", "sparsity": 0.25}, "linear sparsity"),  # rotations fill every zero
-        ({"method": "width", "sparsity": 0.25, "method_options": {"criterion": "magnitude_l1"}}, "the 2:4 pattern no longer holds"),
+        ({"method": "slicegpt", "sparsity": 0.25}, "lost most of their zeros"),  # rotations fill every zero
+        ({"method": "low_rank", "sparsity": 0.25}, "replaced by dense linears"),  # factors in place of the projections
+        ({"method": "width", "sparsity": 0.25, "method_options": {"criterion": "magnitude_l1"}}, "no longer 2:4"),
     ],
 )
 def test_structured_pruning_that_undoes_an_earlier_2_4_step_says_what_was_lost(structured, lost, caplog):
@@ -28,15 +30,29 @@ def test_structured_pruning_that_undoes_an_earlier_2_4_step_says_what_was_lost(s
     assert not verify_sparsity(model, "2:4")["conforming"]
 
 
-def test_removing_layers_keeps_the_earlier_zeros_and_says_nothing(caplog):
+def test_merging_experts_of_a_2_4_moe_says_the_pattern_is_gone_although_its_routers_were_never_2_4(caplog):
+    model = tiny_moe()
+    prune(model, PruningConfig(method="wanda", sparsity="2:4"), calibration=token_windows(4, 16))
+    with caplog.at_level(logging.WARNING, logger="optimum_prune"):
+        prune(model, PruningConfig(method="merge_experts", method_options={"num_experts": 2}), calibration=token_windows(4, 16))
+    assert UNDONE in caplog.text and "no longer 2:4" in caplog.text
+
+
+def test_removing_layers_or_the_sparsest_experts_keeps_what_is_left_and_says_nothing(caplog):
     model = tiny_model()
     prune(model, PruningConfig(method="magnitude", sparsity="2:4"))
+    moe = tiny_moe()  # the least-routed experts pruned hardest, then removed: the rest keep their zeros
+    load = {"expert_sparsity": "load", "expert_deviation": 0.2}
+    prune(moe, PruningConfig(method="wanda", sparsity=0.5, moe_options=load), calibration=token_windows(8, 16))
     with caplog.at_level(logging.WARNING, logger="optimum_prune"):
         prune(model, PruningConfig(method="layers", method_options={"num_layers": 1}), calibration=token_windows())
+        prune(moe, PruningConfig(method="experts", method_options={"criterion": "frequency", "num_experts": 2}), calibration=token_windows(8, 16))
     assert UNDONE not in caplog.text and verify_sparsity(model, "2:4")["conforming"]
 
 
-def test_structured_pruning_of_a_dense_model_says_nothing(caplog):
+def test_structured_pruning_of_a_model_pruned_only_structurally_says_nothing(caplog):
+    model = tiny_model()
+    prune(model, PruningConfig(method="layers", method_options={"num_layers": 1}), calibration=token_windows())
     with caplog.at_level(logging.WARNING, logger="optimum_prune"):
-        prune(tiny_model(), PruningConfig(method="slicegpt", sparsity=0.25), calibration=token_windows())
+        prune(model, PruningConfig(method="slicegpt", sparsity=0.25), calibration=token_windows())
     assert UNDONE not in caplog.text
