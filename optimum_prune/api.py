@@ -197,7 +197,7 @@ def _warn_if_earlier_sparsity_lost(
         "replaced by dense linears": [name for name, (now, then) in after.items() if not then and sparse_before and now["sparsity"] < 0.01],
         f"no longer {pattern}": [name for name, (now, then) in after.items() if then and then.get("conforming") and not now["conforming"]],
     }
-    said = [f"{len(names)} linears {what} (e.g. {names[0]})" for what, names in lost.items() if names]
+    said = [f"{len(linears)} linears {what} (e.g. {linears[0]})" for what, linears in lost.items() if linears]
     if said:
         logger.warning(
             "method %r undid the model's earlier unstructured pruning: %s; prune structurally first, then unstructured "

@@ -179,6 +179,7 @@ RECORD_KEYS = ("pruning_config", "pruning_history")
 
 
 def _readable(recorded: Mapping[str, Any] | None) -> PruningConfig | None:
+    """The recorded config, or None when there is none or another version wrote one this version cannot read."""
     try:
         return PruningConfig.from_dict(recorded) if recorded else None
     except (ValueError, TypeError):
