@@ -16,7 +16,7 @@ def test_round_trip_dict_and_json(tmp_path):
         calibration_seq_len=256,
         seed=3,
     )
-    assert config.method_options == {"block_size": 64, "dampening": 0.01, "saliency": "obs"}
+    assert config.method_options == {"block_size": 64, "dampening": 0.01, "saliency": "obs", "keep_zeros": False}
     assert PruningConfig.from_dict(config.to_dict()) == config
     path = tmp_path / "pruning_config.json"
     config.to_json_file(path)
