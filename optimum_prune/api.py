@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-import weakref
 import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
@@ -38,7 +38,7 @@ from .options import MoEOptions
 from .quantized import is_quantized, is_sparse_24
 from .report import LinearReport, PruningReport, process_peak_rss
 from .sparsity_metadata import drop_sparsity_metadata
-from .sparsity import NMPattern, SparsityTarget, verify_sparsity
+from .sparsity import PRUNED_SHARE, NMPattern, SparsityTarget, verify_sparsity
 from .statistics import ColumnNorms
 from .structure.counting import count_macs_per_token
 from .structure.loading import record_structure
@@ -189,12 +189,12 @@ def _warn_if_earlier_sparsity_lost(
     measured = verify_sparsity(model, pattern)["layers"]
     earlier = {name: names.get(module, name) for name, module in model.named_modules() if name in measured}  # its name before
     after = {name: (entry, before.get(earlier[name])) for name, entry in measured.items()}
-    sparse_before = any(entry["sparsity"] >= 0.01 for entry in before.values())
+    sparse_before = any(entry["sparsity"] >= PRUNED_SHARE for entry in before.values())
     lost = {
         "lost most of their zeros": [
-            name for name, (now, then) in after.items() if then and then["sparsity"] >= 0.01 and now["sparsity"] < then["sparsity"] / 2
+            name for name, (now, then) in after.items() if then and then["sparsity"] >= PRUNED_SHARE and now["sparsity"] < then["sparsity"] / 2
         ],
-        "replaced by dense linears": [name for name, (now, then) in after.items() if not then and sparse_before and now["sparsity"] < 0.01],
+        "replaced by dense linears": [name for name, (now, then) in after.items() if not then and sparse_before and now["sparsity"] < PRUNED_SHARE],
         f"no longer {pattern}": [name for name, (now, then) in after.items() if then and then.get("conforming") and not now["conforming"]],
     }
     said = [f"{len(linears)} linears {what} (e.g. {linears[0]})" for what, linears in lost.items() if linears]

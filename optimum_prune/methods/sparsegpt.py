@@ -22,7 +22,7 @@ import torch
 
 from ..distributed import all_reduce_sum
 from ..options import check_choice, option
-from ..sparsity import NMPattern, SparsityTarget, prune_lowest, prune_lowest_nm
+from ..sparsity import PRUNED_SHARE, NMPattern, SparsityTarget, prune_lowest, prune_lowest_nm
 from .base import LayerPruner, register_method
 
 
@@ -83,7 +83,7 @@ class SparseGPTPruner(LayerPruner[SparseGPTOptions]):
         weight = self.linear.weight
         W = weight.detach().float().clone()
         earlier = W == 0
-        already_sparse = int(torch.count_nonzero(earlier)) >= REPRUNED_SPARSITY * earlier.numel()
+        already_sparse = int(torch.count_nonzero(earlier)) >= PRUNED_SHARE * earlier.numel()
         if not (self.options.keep_zeros or already_sparse):
             earlier = None  # neither kept nor checked: not held through the reconstruction
         H = self.hessian
@@ -134,11 +134,6 @@ class SparseGPTPruner(LayerPruner[SparseGPTOptions]):
             )
         with torch.no_grad():
             weight.copy_(W.to(weight.dtype))
-
-
-REPRUNED_SPARSITY = 0.01
-"""Exact zeros in a linear from which it counts as already pruned (a dense checkpoint has a few, e.g. ~0.03 %
-in the 4-bit GGUF SmolLM2 dequantised)."""
 
 
 def _saliency(W: torch.Tensor, diag: torch.Tensor, curvature: torch.Tensor | None, first: int) -> torch.Tensor:
