@@ -240,8 +240,7 @@ def _agreement(model: nn.Module, windows: torch.Tensor, candidates: list[int]) -
 
 def exit_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     """What the early-exit draft computes from its last layer's output: final norm, then the LM head."""
-    adapter = get_adapter(model)
-    return adapter.model.get_output_embeddings()(adapter.final_norm()(hidden))
+    return get_adapter(model).output_logits(hidden)
 
 
 def _best_draft(alpha: float, cost: float, max_draft: int) -> tuple[int, float]:

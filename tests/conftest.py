@@ -5,6 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GemmaConfig,
+    GemmaForCausalLM,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -26,17 +32,26 @@ TINY = dict(
 )
 
 
-def _qwen3_config(**values) -> Qwen3Config:
-    """Qwen3's head_dim defaults to 128 rather than hidden_size / heads as in the other families."""
-    values.setdefault("head_dim", values["hidden_size"] // values["num_attention_heads"])
-    return Qwen3Config(**values)
+def _with_head_dim(config_cls: type, **family_values):
+    """A config builder giving head_dim = hidden_size / heads, as the other families derive it: Qwen3 defaults
+    to 128 and Gemma to 256. The families' own values follow: Gemma 2 / 3 slide over 8 tokens (calibration
+    windows are longer), and Gemma 3 alternates sliding and full layers (its own RoPE for each)."""
+
+    def build(**values):
+        values.setdefault("head_dim", values["hidden_size"] // values["num_attention_heads"])
+        return config_cls(**{**family_values, **values})
+
+    return build
 
 
 FAMILIES = {
     "llama": (LlamaConfig, LlamaForCausalLM),
     "mistral": (MistralConfig, MistralForCausalLM),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-    "qwen3": (_qwen3_config, Qwen3ForCausalLM),
+    "qwen3": (_with_head_dim(Qwen3Config), Qwen3ForCausalLM),
+    "gemma": (_with_head_dim(GemmaConfig), GemmaForCausalLM),
+    "gemma2": (_with_head_dim(Gemma2Config, sliding_window=8), Gemma2ForCausalLM),
+    "gemma3": (_with_head_dim(Gemma3TextConfig, sliding_window=8, sliding_window_pattern=2), Gemma3ForCausalLM),
 }
 
 

@@ -54,6 +54,18 @@ def test_offloaded_run_equals_the_in_memory_run(sharded, tmp_path, name):
     assert not list(tmp_path.glob(".out.*"))  # no staging left behind
 
 
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_gemma_offloaded_equals_the_in_memory_run(family, tmp_path, bpe_tokenizer):
+    """Gemma 3's decoder is ``model.model`` of a model whose base_model_prefix is empty, with a second rotary embedding."""
+    source = tmp_path / "source"
+    tiny_model(family).save_pretrained(source, max_shard_size="60KB")
+    bpe_tokenizer.save_pretrained(source)
+    windows = token_windows()
+    prune_checkpoint(source, tmp_path / "out", CONFIGS["wanda owl"], calibration=windows)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert_same_weights(reloaded.state_dict(), pruned_in_memory(source, CONFIGS["wanda owl"], windows))
+
+
 def test_layers_and_activations_both_on_disk_equal_the_in_memory_run(sharded, tmp_path):
     """The 70B-on-a-small-machine set-up: weights read layer by layer, activations in temporary files."""
     windows = token_windows()

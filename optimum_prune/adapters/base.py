@@ -210,6 +210,11 @@ class DecoderAdapter(ABC):
         """The ``"attention"`` or ``"mlp"`` module of a decoder layer."""
         raise self._no_structure()
 
+    def sublayer_contribution(self, layer: nn.Module, kind: str) -> nn.Module:
+        """A module mapping the sublayer's normalised input to the term it adds to the residual stream
+        (what residual re-routing fits its stand-in to): the sublayer itself unless its output is normalised."""
+        return self.sublayer(layer, kind)
+
     @contextmanager
     def observing_residuals(self, layer: nn.Module, sink: Callable[[str, torch.Tensor, torch.Tensor], None]) -> Iterator[None]:
         """While active, each run of ``layer`` calls ``sink(kind, before, after)`` with the residual
@@ -264,6 +269,18 @@ class DecoderAdapter(ABC):
     def final_norm(self) -> nn.Module:
         """The norm between the last decoder layer and the output embedding."""
         raise self._no_structure()
+
+    def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The logits the model computes from a last decoder layer's output (an early exit reads a middle one)."""
+        return self.model.get_output_embeddings()(self.final_norm()(hidden))
+
+    def norm_scale(self, norm: nn.Module) -> torch.Tensor:
+        """The per-channel scale γ a scale-only norm (RMSNorm) multiplies by, which SliceGPT fuses into its readers."""
+        return norm.weight
+
+    def set_norm_scale(self, norm: nn.Module, scale: torch.Tensor) -> None:
+        """Make the norm multiply by ``scale`` (of any width)."""
+        norm.weight = nn.Parameter(scale.to(norm.weight))
 
     def layer_shape(self, layer: nn.Module) -> LayerShape:
         raise self._no_structure()

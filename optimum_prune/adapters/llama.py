@@ -80,6 +80,20 @@ def with_shortcuts(layer: nn.Module) -> ShortcutDecoderLayer:
     return _SHORTCUT_CLASSES[stock](layer)
 
 
+class PostNormed(nn.Module):
+    """A sublayer as the residual stream sees it when its output is normalised before the add (Gemma 2 / 3)."""
+
+    def __init__(self, sublayer: nn.Module, post_norm: nn.Module) -> None:
+        super().__init__()
+        self.sublayer, self.post_norm = sublayer, post_norm
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        output = self.sublayer(*args, **kwargs)
+        if isinstance(output, tuple):  # attention: (output, weights)
+            return (self.post_norm(output[0]), *output[1:])
+        return self.post_norm(output)
+
+
 def _identity_linear(width: int, like: torch.Tensor) -> nn.Linear:
     linear = nn.Linear(width, width, bias=False, device=like.device, dtype=like.dtype)
     with torch.no_grad():
@@ -93,6 +107,11 @@ def _identity_linear(width: int, like: torch.Tensor) -> nn.Linear:
 )
 class LlamaAdapter(DecoderAdapter):
     """``decoder.{embed_tokens, rotary_emb, layers, norm}``; each layer holds q/k/v/o and gate/up/down."""
+
+    # The norm in front of each sublayer, and (Gemma 2 / 3) the one normalising its output before the
+    # residual add: a removed sublayer takes both with it, a re-routed one keeps the first.
+    pre_norms = {"attention": "input_layernorm", "mlp": "post_attention_layernorm"}
+    post_norms: dict[str, str] = {}
 
     def decoder_layers(self) -> nn.ModuleList:
         return self.decoder.layers
@@ -139,25 +158,33 @@ class LlamaAdapter(DecoderAdapter):
             raise ValueError(f"sublayer must be 'attention' or 'mlp', got {kind!r}")
         return layer.self_attn if kind == "attention" else layer.mlp
 
+    def sublayer_contribution(self, layer: nn.Module, kind: str) -> nn.Module:
+        sublayer = self.sublayer(layer, kind)
+        return PostNormed(sublayer, getattr(layer, self.post_norms[kind])) if kind in self.post_norms else sublayer
+
     @contextmanager
     def observing_residuals(self, layer: nn.Module, sink: Callable[[str, torch.Tensor, torch.Tensor], None]) -> Iterator[None]:
-        # Pre-norm residual blocks: h1 = x + attention(norm(x)), h2 = h1 + mlp(norm(h1)).
+        # Pre-norm residual blocks: h1 = x + attention(norm(x)), h2 = h1 + mlp(norm(h1)); with post-norms
+        # each term is normalised first, so the hooks sit on the module whose output is added.
         stream: dict[str, torch.Tensor] = {}
 
         def layer_input(_module: nn.Module, args: tuple, kwargs: dict) -> None:
             stream["x"] = args[0] if args else kwargs["hidden_states"]
 
         def attention_output(_module: nn.Module, _args: tuple, output: Any) -> None:
-            stream["h1"] = stream["x"] + output[0]
+            stream["h1"] = stream["x"] + (output[0] if isinstance(output, tuple) else output)
             sink("attention", stream["x"], stream["h1"])
 
         def mlp_output(_module: nn.Module, _args: tuple, output: torch.Tensor) -> None:
             sink("mlp", stream["h1"], stream["h1"] + output)
 
+        def added(kind: str) -> nn.Module:
+            return getattr(layer, self.post_norms[kind]) if kind in self.post_norms else self.sublayer(layer, kind)
+
         handles = [
             layer.register_forward_pre_hook(layer_input, with_kwargs=True),
-            layer.self_attn.register_forward_hook(attention_output),
-            layer.mlp.register_forward_hook(mlp_output),
+            added("attention").register_forward_hook(attention_output),
+            added("mlp").register_forward_hook(mlp_output),
         ]
         try:
             yield
@@ -181,23 +208,27 @@ class LlamaAdapter(DecoderAdapter):
 
     def remove_sublayer(self, layer: nn.Module, sublayer: str) -> None:
         if sublayer == "attention":
-            layer.self_attn = RemovedAttention(layer.self_attn.layer_idx, layer.self_attn.head_dim)
-            layer.input_layernorm = nn.Identity()
+            attention = layer.self_attn
+            layer.self_attn = _keeping_sliding_flag(attention, RemovedAttention(attention.layer_idx, attention.head_dim))
         elif sublayer == "mlp":
             layer.mlp = RemovedMLP()
-            layer.post_attention_layernorm = nn.Identity()
         else:
             raise ValueError(f"sublayer must be 'attention' or 'mlp', got {sublayer!r}")
+        for norms in (self.pre_norms, self.post_norms):
+            if sublayer in norms:
+                setattr(layer, norms[sublayer], nn.Identity())
 
     def reroute_sublayer(self, layer: nn.Module, sublayer: str) -> nn.Module:
-        if sublayer == "attention":
-            like = layer.input_layernorm.weight
-            layer.self_attn = ReroutedAttention(layer.self_attn.layer_idx, layer.self_attn.head_dim, like.shape[0], like)
-        elif sublayer == "mlp":
-            like = layer.post_attention_layernorm.weight
-            layer.mlp = ReroutedMLP(like.shape[0], like)
-        else:
+        if sublayer not in ("attention", "mlp"):
             raise ValueError(f"sublayer must be 'attention' or 'mlp', got {sublayer!r}")
+        like = getattr(layer, self.pre_norms[sublayer]).weight
+        if sublayer == "attention":
+            attention = layer.self_attn
+            layer.self_attn = _keeping_sliding_flag(attention, ReroutedAttention(attention.layer_idx, attention.head_dim, like.shape[0], like))
+        else:
+            layer.mlp = ReroutedMLP(like.shape[0], like)
+        if sublayer in self.post_norms:  # the map is fitted to the normalised term, so it writes the stream directly
+            setattr(layer, self.post_norms[sublayer], nn.Identity())
         stand_in = self.sublayer(layer, sublayer)
         with torch.no_grad():
             stand_in.map.weight.zero_()
@@ -209,6 +240,8 @@ class LlamaAdapter(DecoderAdapter):
         self.decoder.layers = nn.ModuleList(layers[i] for i in indices)
         for new_index, layer in enumerate(self.decoder.layers):
             layer.self_attn.layer_idx = new_index
+            if hasattr(layer, "layer_idx"):  # Gemma 3 keeps it on the layer too
+                layer.layer_idx = new_index
         config = self.config
         # Qwen2 / Qwen3 (sliding-window variants) keep one attention type per layer; it follows its layer.
         if getattr(config, "layer_types", None) is not None:
@@ -302,6 +335,13 @@ class LlamaAdapter(DecoderAdapter):
             config.num_key_value_heads = shape.num_key_value_heads
         if shape.has_mlp:
             config.intermediate_size = shape.intermediate_size
+
+
+def _keeping_sliding_flag(attention: nn.Module, stand_in: RemovedAttention) -> RemovedAttention:
+    """``stand_in`` with the flag Gemma 3's layer reads off its attention to pick a rotary embedding."""
+    if hasattr(attention, "is_sliding"):
+        stand_in.is_sliding = attention.is_sliding
+    return stand_in
 
 
 def _head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:

@@ -182,7 +182,6 @@ class KPrune(StructuredMethod[KPruneOptions]):
             return hook
 
         handles = [consumer.register_forward_pre_hook(masking(m, e)) for consumer, m, e in zip(consumers, masks, energy)]
-        head, norm = adapter.model.get_output_embeddings(), adapter.final_norm()
         tokens = sum(hidden.shape[0] * hidden.shape[1] for hidden in inputs.hidden_states)
 
         def run(scale: float) -> bool | None:
@@ -193,7 +192,7 @@ class KPrune(StructuredMethod[KPruneOptions]):
                 for window, (hidden, kwargs) in enumerate(zip(inputs.hidden_states, inputs.layer_kwargs)):
                     for layer in layers[first:]:
                         hidden = adapter.run_layer(layer, hidden, kwargs)
-                    logits = head(norm(hidden))
+                    logits = adapter.output_logits(hidden)
                     if self.options.predictive_gradient == "kl":
                         loss = teacher.kl(window, logits)
                     else:

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..adapters import ResidualBranch
+from ..adapters import DecoderAdapter, ResidualBranch
 from ..calibration import LayerInputs, capture_first_layer_inputs, feed_layer, run_layer
 from ..calibration.engine import on_device
 from ..options import option
@@ -115,7 +115,7 @@ class SliceGPT(StructuredMethod[SliceGPTOptions]):
             with on_device([layer], device):
                 branches = adapter.residual_branches(layer)
                 for position, (kind, branch) in enumerate(zip(retained, branches)):
-                    _read_in_basis(branch, basis, self.hidden)
+                    _read_in_basis(adapter, branch, basis, self.hidden)
                     covariance, outputs = self._covariance_after(layer, branches, position, inputs)
                     if covariance is None:  # the last layer writes the unrotated stream to a tied head
                         basis, fraction = identity, 1.0
@@ -155,10 +155,10 @@ class SliceGPT(StructuredMethod[SliceGPTOptions]):
         """Fuse the final norm's γ into the (untied) output embedding and rotate its input columns."""
         norm, head = self.adapter.final_norm(), self.adapter.model.get_output_embeddings()
         with torch.no_grad():
-            scaled = head.weight * norm.weight.to(head.weight.device)
+            scaled = head.weight * self.adapter.norm_scale(norm).to(head.weight)
             head.weight = nn.Parameter(_rotate_rows(scaled, basis))
             head.in_features = self.width
-        _reset_norm(norm, self.hidden, self.width)
+        _reset_norm(self.adapter, norm, self.hidden, self.width)
 
 
 def _accumulate(covariance: torch.Tensor, signal: torch.Tensor) -> None:
@@ -173,16 +173,16 @@ def _principal_basis(covariance: torch.Tensor, width: int) -> tuple[torch.Tensor
     return vectors[:, -width:].flip(-1), kept
 
 
-def _read_in_basis(branch: ResidualBranch, basis: torch.Tensor, hidden: int) -> None:
+def _read_in_basis(adapter: DecoderAdapter, branch: ResidualBranch, basis: torch.Tensor, hidden: int) -> None:
     """The branch now reads a stream expressed in ``basis``: fuse the norm's γ into the readers,
     rotate their input columns (and the shortcut's), and resize the norm."""
     with torch.no_grad():
-        gamma = branch.norm.weight.to(basis.device, torch.float64)
+        gamma = adapter.norm_scale(branch.norm).to(basis.device, torch.float64)
         for reader in branch.readers:
             _set_weight(reader, (reader.weight.to(basis.device, torch.float64) * gamma) @ basis)
         if branch.shortcut is not None:
             _set_weight(branch.shortcut, branch.shortcut.weight.to(basis.device, torch.float64) @ basis)
-    _reset_norm(branch.norm, hidden, basis.shape[1])
+    _reset_norm(adapter, branch.norm, hidden, basis.shape[1])
 
 
 def _write_in_basis(branch: ResidualBranch, basis: torch.Tensor) -> None:
@@ -199,11 +199,11 @@ def _set_weight(linear: nn.Linear, weight: torch.Tensor) -> None:
     linear.out_features, linear.in_features = weight.shape
 
 
-def _reset_norm(norm: nn.Module, hidden: int, width: int) -> None:
+def _reset_norm(adapter: DecoderAdapter, norm: nn.Module, hidden: int, width: int) -> None:
     """γ now lives in the readers; the scale √(hidden/width) makes a mean over ``width`` coordinates
     normalise like the mean over ``hidden`` did."""
-    weight = norm.weight
-    norm.weight = nn.Parameter(torch.full((width,), math.sqrt(hidden / width), device=weight.device, dtype=weight.dtype))
+    with torch.no_grad():
+        adapter.set_norm_scale(norm, torch.full((width,), math.sqrt(hidden / width), dtype=torch.float64, device=norm.weight.device))
 
 
 def _rotate_rows(weight: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:

@@ -92,7 +92,7 @@ class SublayerRemoval(StructuredMethod[SublayerRemovalOptions]):
         reroutes: dict[int, list[Reroute]] = {}
         for index, kind in sorted(removed):  # attention before MLP within a layer, as the fit needs
             if self.options.reroute:
-                original = self.adapter.sublayer(layers[index], kind)
+                original = self.adapter.sublayer_contribution(layers[index], kind)
                 self.adapter.reroute_sublayer(layers[index], kind)
                 reroutes.setdefault(index, []).append(Reroute(kind, [original]))
             else:

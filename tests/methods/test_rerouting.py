@@ -29,17 +29,18 @@ def test_normal_equations_recover_an_affine_map():
     assert damped.norm() < weight.norm()  # ridge shrinks towards plain removal
 
 
-def _prune_layers(reroute: bool) -> tuple[torch.nn.Module, object]:
-    model = tiny_model(num_hidden_layers=6)
+def _prune_layers(reroute: bool, family: str = "llama") -> tuple[torch.nn.Module, object]:
+    model = tiny_model(family, num_hidden_layers=6)
     options = {"criterion": "angular", "num_layers": 2, "reroute": reroute}
     report = prune(model, PruningConfig(method="layers", sparsity=0.3, method_options=options), calibration=token_windows())
     return model, report
 
 
-def test_a_removed_run_of_layers_becomes_one_fitted_map():
-    dense = tiny_model(num_hidden_layers=6)
-    plain, _ = _prune_layers(reroute=False)
-    model, report = _prune_layers(reroute=True)
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_a_removed_run_of_layers_becomes_one_fitted_map(family):
+    dense = tiny_model(family, num_hidden_layers=6)
+    plain, _ = _prune_layers(reroute=False, family=family)
+    model, report = _prune_layers(reroute=True, family=family)
 
     assert len(report.removed) == 2 and len(model.model.layers) == 5  # the run of two left one stub
     stubs = [layer for layer in model.model.layers if isinstance(layer.mlp, ReroutedMLP)]
@@ -51,16 +52,18 @@ def test_a_removed_run_of_layers_becomes_one_fitted_map():
     assert _logit_error(model, dense, windows) < _logit_error(plain, dense, windows)
 
 
-def test_rerouted_layers_reload_exactly_and_generate_with_cache(tmp_path):
-    model, report = _prune_layers(reroute=True)
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_rerouted_layers_reload_exactly_and_generate_with_cache(family, tmp_path):
+    model, report = _prune_layers(reroute=True, family=family)
     shapes = model.config.quantization_config.layers
     assert sum(1 for shape in shapes if shape.get("rerouted") == ["mlp"]) == 1
     reloaded = assert_reloads_exactly(model, save_pruned(model, tmp_path / "rerouted", report=report))
     assert sum(isinstance(layer.mlp, ReroutedMLP) for layer in reloaded.model.layers) == 1
 
 
-def test_rerouted_sublayers_fit_each_block_within_the_budget(tmp_path):
-    dense = tiny_model(num_hidden_layers=4)
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3"])
+def test_rerouted_sublayers_fit_each_block_within_the_budget(family, tmp_path):
+    dense = tiny_model(family, num_hidden_layers=4)
     config = PruningConfig(method="sublayers", sparsity=0.3, method_options={"reroute": True})
     model = copy.deepcopy(dense)
     report = prune(model, config, calibration=token_windows())

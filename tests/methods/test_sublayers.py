@@ -8,9 +8,10 @@ from optimum_prune import PruningConfig, prune
 from ..conftest import tiny_model, token_windows
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
 @pytest.mark.parametrize("criterion", ["block_influence", "perplexity"])
-def test_removed_sublayers_leave_the_residual_path(criterion):
-    dense = tiny_model(num_hidden_layers=4)
+def test_removed_sublayers_leave_the_residual_path(criterion, family):
+    dense = tiny_model(family, num_hidden_layers=4)
     model = copy.deepcopy(dense)
     report = prune(model, PruningConfig(method="sublayers", sparsity=0.3, method_options={"criterion": criterion}), calibration=token_windows())
 
@@ -46,15 +47,16 @@ def test_ignoring_every_block_is_an_error_naming_ignore():
         prune(tiny_model(), config, calibration=token_windows())
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
-def test_a_removed_first_attention_keeps_the_caches_length_for_positions_and_padding(cache):
+def test_a_removed_first_attention_keeps_the_caches_length_for_positions_and_padding(cache, family):
     """transformers reads the tokens already seen from layer 0's cache: generating with it must equal
     the full forward, and a left-padded batch must generate as each prompt alone."""
     from transformers import StaticCache
 
     from optimum_prune import get_adapter
 
-    model = tiny_model()
+    model = tiny_model(family)
     get_adapter(model).remove_sublayer(model.model.layers[0], "attention")
     ids = token_windows(samples=2, seq_len=10, seed=4)
 

@@ -22,7 +22,7 @@ def test_uniform_result_reloads_with_stock_transformers(tmp_path):
     assert_stock_reload_matches(model, output, token_windows(samples=2, seq_len=16, seed=4), tmp_path)
 
 
-@pytest.fixture(params=["qwen2", "qwen3"])
+@pytest.fixture(params=["qwen2", "qwen3", "gemma2", "gemma3"])
 def non_uniform(request, tmp_path):
     model = tiny_model(request.param, num_hidden_layers=4, intermediate_size=256)
     windows = token_windows()

@@ -1,0 +1,99 @@
+"""What the Gemma adapters add to Llama's: ``1 + weight`` norms, sandwich norms, soft-capped logits.
+
+The method × family matrices (unstructured, width, sublayers, re-routing, SliceGPT, non-uniform
+reloads) run Gemma through the shared tests; these check what only Gemma has.
+"""
+
+import copy
+
+import pytest
+import torch
+
+from optimum_prune import PruningConfig, get_adapter, prune, save_pruned
+from optimum_prune.adapters.gemma import GemmaAdapter, SandwichNormAdapter
+from optimum_prune.early_exit import exit_logits
+
+from ..conftest import assert_stock_reload_matches, tiny_model, token_windows
+
+
+def test_each_gemma_class_has_its_adapter():
+    assert type(get_adapter(tiny_model("gemma"))) is GemmaAdapter
+    for family in ("gemma2", "gemma3"):
+        adapter = get_adapter(tiny_model(family))
+        assert type(adapter) is SandwichNormAdapter
+        assert adapter.decoder is adapter.model.model  # Gemma3ForCausalLM is its own base_model
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_slicegpt_is_refused_before_touching_a_sandwich_norm_model(family):
+    model = tiny_model(family)
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="post_attention_layernorm, post_feedforward_layernorm.*SliceGPT does not apply"):
+        prune(model, PruningConfig(method="slicegpt", sparsity=0.25), calibration=token_windows())
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
+
+
+@pytest.mark.parametrize("family,cap", [("gemma2", 30.0), ("gemma2", None), ("gemma3", None)])
+def test_logits_from_a_hidden_state_are_the_models_own(family, cap):
+    """Early exits and K-prune compute logits outside the model's forward: with Gemma 2's soft-capping too."""
+    model = tiny_model(family, final_logit_softcapping=cap)
+    captured = {}
+    handle = model.model.norm.register_forward_pre_hook(lambda _m, args: captured.update(hidden=args[0]))
+    ids = token_windows(samples=2, seq_len=16)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        handle.remove()
+        torch.testing.assert_close(exit_logits(model, captured["hidden"]), logits)
+    if cap is not None:
+        assert float(logits.abs().max()) < cap
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_observed_residual_terms_add_up_to_the_layers_output(family):
+    """Block influence, K-prune and ZipLM read each sublayer's term of the stream: Gemma 2 adds it after its post-norm."""
+    model = tiny_model(family)
+    adapter, layer = get_adapter(model), model.model.layers[0]
+    hidden = torch.randn(2, 8, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(8).expand(2, -1)
+    observed = {}
+    with torch.no_grad(), adapter.observing_residuals(layer, lambda kind, before, after: observed.update({kind: (before, after)})):
+        output = layer(hidden, position_embeddings=model.model.rotary_emb(hidden, positions), attention_mask=None, position_ids=positions)
+    output = output[0] if isinstance(output, tuple) else output
+    assert torch.equal(observed["attention"][0], hidden)
+    assert torch.equal(observed["attention"][1], observed["mlp"][0])
+    torch.testing.assert_close(observed["mlp"][1], output)
+    # Residual re-routing fits its stand-in to the sublayer's contribution: the same term, from the normalised input.
+    before, after = observed["mlp"]
+    with torch.no_grad():
+        term = adapter.sublayer_contribution(layer, "mlp")(getattr(layer, adapter.pre_norms["mlp"])(before))
+    torch.testing.assert_close(term, after - before)
+
+
+@pytest.mark.parametrize("kind,kept", [("attention", "mlp"), ("mlp", "self_attn")])
+def test_a_removed_sublayer_takes_both_its_norms(kind, kept):
+    model = tiny_model("gemma2")
+    layer = model.model.layers[0]
+    get_adapter(model).remove_sublayer(layer, kind)
+    norms = {"input_layernorm", "post_attention_layernorm"} if kind == "mlp" else {"pre_feedforward_layernorm", "post_feedforward_layernorm"}
+    assert {name.split(".")[0] for name, _ in layer.named_parameters()} == {kept, *norms}
+
+
+def test_gemma3_without_layers_reloads_with_stock_transformers(tmp_path):
+    """The kept layers keep their sliding / full attention (config.layer_types) and their rotary embedding."""
+    model = tiny_model("gemma3", num_hidden_layers=4)
+    kinds = list(model.config.layer_types)
+    report = prune(model, PruningConfig(method="layers", sparsity=0.25), calibration=token_windows())
+    (removed,) = [int(name.rsplit(".", 1)[1]) for name in report.removed]
+    assert model.config.layer_types == [kind for index, kind in enumerate(kinds) if index != removed]
+    output = save_pruned(model, tmp_path / "pruned")
+    assert_stock_reload_matches(model, output, token_windows(samples=2, seq_len=16, seed=4), tmp_path)
+
+
+def test_slicegpt_on_bfloat16_gemma_keeps_every_weight_in_bfloat16():
+    """Gemma's fused scale 1 + w is computed in float32 (as its norm does); the weights it lands in keep their dtype."""
+    model = tiny_model("gemma", tie_word_embeddings=False).to(torch.bfloat16)
+    ids = token_windows(samples=2, seq_len=16, seed=3)
+    prune(model, PruningConfig(method="slicegpt", sparsity=0.25), calibration=token_windows())
+    assert {parameter.dtype for parameter in model.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
