@@ -29,6 +29,12 @@ CASES = {
         "qwen3", {}, [PruningConfig(method="width", sparsity=0.25, method_options={"criterion": "wanda_sp"})]
     ),
     "slicegpt, tied embeddings": ("llama", {"tie_word_embeddings": True}, [PruningConfig(method="slicegpt", sparsity=0.25)]),
+    "gemma, slicegpt (1 + weight norms)": ("gemma", {}, [PruningConfig(method="slicegpt", sparsity=0.25)]),
+    "gemma3 (sandwich norms), uniform width and layers": (
+        "gemma3",
+        {"num_hidden_layers": 4},
+        [PruningConfig(method="width", sparsity=0.25, method_options={"criterion": "wanda_sp"}), PruningConfig(method="layers", sparsity=0.25)],
+    ),
 }
 
 
@@ -78,6 +84,28 @@ def test_heads_removed_alike_in_every_layer_are_refused_with_what_exports(tmp_pa
     assert model.config.num_attention_heads < 4 and model.config.head_dim == 16
     with pytest.raises(ValueError, match=r"head_dim 16 is not hidden_size // num_attention_heads .* ranking='global' or criterion='flap'"):
         export_onnx(save_pruned(model, tmp_path / "narrow"), tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists()
+
+
+def test_gemma_reads_its_head_dim_so_heads_removed_alike_export(tmp_path):
+    """optimum-onnx sizes a Gemma / Gemma 3 cache by the config's head_dim: the narrower config runs."""
+    model = tiny_model("gemma")
+    prune(model, PruningConfig(method="width", sparsity=0.1, method_options={"criterion": "wanda_sp", "components": "attention"}),
+          calibration=token_windows())  # fmt: skip
+    assert model.config.num_attention_heads * model.config.head_dim < model.config.hidden_size
+    exported = onnxruntime.ORTModelForCausalLM.from_pretrained(export_onnx(save_pruned(model, tmp_path / "narrow"), tmp_path / "onnx"))
+    prompt = token_windows(samples=1, seq_len=6, seed=8)
+    assert torch.equal(
+        exported.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0),
+        model.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0),
+    )
+
+
+def test_grouped_query_gemma2_is_refused_as_optimum_onnxs_limit(tmp_path):
+    """ORTModelForCausalLM gives Gemma 2 one key/value head per query head: even the dense model fails to generate."""
+    model = tiny_model("gemma2")
+    with pytest.raises(ValueError, match=r"gemma2 a cache of num_attention_heads \(4\) key/value heads, not its num_key_value_heads \(2\).*pruned or not"):
+        export_onnx(save_pruned(model, tmp_path / "dense"), tmp_path / "onnx")
     assert not (tmp_path / "onnx").exists()
 
 

@@ -94,6 +94,19 @@ EXPORTABLE_HEADS = (
 )
 
 
+# What ``ORTModelForCausalLM.__init__`` (optimum-onnx 0.1.0) reads from the config of these model types; for
+# the others it sizes the cache by num_attention_heads heads of hidden_size // num_attention_heads.
+_ORT_HEAD_DIM_FROM_CONFIG = {"gemma", "gemma3_text"}
+_ORT_KV_HEADS_FROM_CONFIG = {"gemma", "gemma3_text", "llama", "mistral", "qwen2", "qwen3", "qwen3_moe"}
+
+
+def _onnxruntime_cache_heads(config: Any) -> tuple[int, int]:
+    """(key/value heads, head size) of the empty cache ``ORTModelForCausalLM`` starts generation with."""
+    head_dim = config.head_dim if config.model_type in _ORT_HEAD_DIM_FROM_CONFIG else config.hidden_size // config.num_attention_heads
+    heads = config.num_key_value_heads if config.model_type in _ORT_KV_HEADS_FROM_CONFIG else config.num_attention_heads
+    return heads, head_dim
+
+
 def export_onnx(checkpoint: str | os.PathLike, output: str | os.PathLike, task: str = "text-generation-with-past", **kwargs: Any) -> Path:
     """Export a pruned checkpoint with optimum-onnx's ``main_export`` (what ``optimum-cli export
     onnx`` runs; extra keyword arguments go to it), after checking that its shapes can export.
@@ -102,9 +115,10 @@ def export_onnx(checkpoint: str | os.PathLike, output: str | os.PathLike, task: 
     Per-layer query-head and MLP widths, removed MLPs and SliceGPT layers export and run in
     onnxruntime. Refused, because onnxruntime could not run them: layers whose key/value-head count
     differs from the config's (``head_mode="kv_group"``, removed attention): optimum-onnx's dummy inputs
-    and onnxruntime's cache assume one count for every layer; and a config whose ``head_dim`` is not
+    and onnxruntime's cache assume one count for every layer; a config whose ``head_dim`` is not
     ``hidden_size // num_attention_heads`` (heads removed alike in every layer, so the config was
-    rewritten): optimum-onnx's ``ORTModelForCausalLM`` sizes the cache by that quotient for these models.
+    rewritten) where optimum-onnx's ``ORTModelForCausalLM`` sizes the cache by that quotient (all but
+    Gemma and Gemma 3); and grouped-query Gemma 2, whose cache it gives one key/value head per query head.
     """
     from optimum.exporters.onnx import main_export
     from transformers import AutoConfig
@@ -126,11 +140,18 @@ def export_onnx(checkpoint: str | os.PathLike, output: str | os.PathLike, task: 
                 f"ONNX export and onnxruntime's cache assume one count for all layers. {EXPORTABLE_HEADS}"
             )
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    if head_dim * config.num_attention_heads != config.hidden_size:
+    cache_heads, cache_head_dim = _onnxruntime_cache_heads(config)
+    if cache_head_dim != head_dim:
         raise ValueError(
             f"{checkpoint}: head_dim {head_dim} is not hidden_size // num_attention_heads ({config.hidden_size} // "
             f"{config.num_attention_heads}), which optimum-onnx's ORTModelForCausalLM sizes the cache by for "
             f"{config.model_type}: the export would not run in onnxruntime. {EXPORTABLE_HEADS}"
+        )
+    if cache_heads != config.num_key_value_heads:
+        raise ValueError(
+            f"{checkpoint}: optimum-onnx's ORTModelForCausalLM gives {config.model_type} a cache of num_attention_heads "
+            f"({config.num_attention_heads}) key/value heads, not its num_key_value_heads ({config.num_key_value_heads}): "
+            "the export would not run in onnxruntime, pruned or not (an optimum-onnx limit)"
         )
     with atomic_directory(output) as staging:
         main_export(os.fspath(checkpoint), output=staging, task=task, **kwargs)
