@@ -565,13 +565,18 @@ class _ModelRun:
         self.method.prune(windows, report)
 
 
-def planned_linears(adapter: DecoderAdapter, config: PruningConfig) -> dict[str, nn.Linear]:
-    """The linears an unstructured ``config`` prunes in the adapter's model, by qualified name."""
+def planned_linears(adapter: DecoderAdapter, config: PruningConfig, checked: bool = True) -> dict[str, nn.Linear]:
+    """The linears an unstructured ``config`` prunes in the adapter's model, by qualified name. ``checked``: after
+    the method's checks of each (N:M widths), which an earlier step's config may fail on a model reshaped since."""
+    routers = config.build_moe_options().prune_router  # as the runs take them
     if METHODS.get(config.method).model_pruner:
-        routers = config.build_moe_options().prune_router  # as _ModelRun.plan takes them
-        return {name: linear for layer in _target_linears(adapter, config.ignore, routers) for name, linear in layer.items()}
-    runs = _PruningRun.plan_parts(adapter, config, torch.device("cpu"))
-    return {name: linear for run in runs for layer in run.targets for name, linear in layer.items()}
+        parts = [adapter]
+    elif checked:
+        runs = _PruningRun.plan_parts(adapter, config, torch.device("cpu"))
+        return {name: linear for run in runs for layer in run.targets for name, linear in layer.items()}
+    else:
+        parts = [part for name, part in adapter.parts().items() if name in config.part_targets()]
+    return {name: linear for part in parts for layer in _target_linears(part, config.ignore, routers) for name, linear in layer.items()}
 
 
 def _parameters(model: nn.Module) -> int:

@@ -165,7 +165,7 @@ def save_pruned(
         if compressed_tensors_metadata:
             from .sparsity_metadata import compressed_tensors_config
 
-            model.config.quantization_config = compressed_tensors_config(model, config)
+            model.config.quantization_config = compressed_tensors_config(model)  # of the steps recorded just above
         try:
             with atomic_directory(output_dir) as staging:
                 _write_checkpoint(model, staging, tokenizer, config, report, max_shard_size)

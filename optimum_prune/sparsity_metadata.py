@@ -18,7 +18,7 @@ from typing import Any
 from torch import nn
 
 from .adapters import get_adapter
-from .config import PruningConfig
+from .config import PruningConfig, recorded_steps
 from .methods import METHODS
 from .quantized import is_quantized
 from .sparsity import NMPattern, conforms_to
@@ -28,12 +28,13 @@ logger = logging.getLogger(__name__)
 
 def sparsity_config(model: nn.Module, config: PruningConfig | None = None) -> dict[str, Any]:
     """The compressed-tensors ``sparsity_config`` of a model pruned by ``prune`` with ``config``
-    (default: the config ``prune`` recorded on the model).
+    (default: the last unstructured step the model records, e.g. the 2:4 step of "2:4, then remove
+    layers": later structured steps leave fewer matrices, and what survives of its zeros is measured).
 
     The targets are the linears the config pruned, measured: with an N:M config, those whose
     weights conform to the pattern (an unrouted expert left dense, say, goes to ``ignore``).
     """
-    config = config or _recorded_config(model)
+    config = config or _sparse_step(model)
     if METHODS.get(config.method).structured:
         raise ValueError(
             f"structured method {config.method!r} leaves smaller dense matrices, not sparse ones: there is no "
@@ -41,13 +42,18 @@ def sparsity_config(model: nn.Module, config: PruningConfig | None = None) -> di
         )
     from .api import planned_linears  # here: api imports this module (drop_sparsity_metadata)
 
-    pruned = planned_linears(get_adapter(model), config)
+    pruned = planned_linears(get_adapter(model), config, checked=False)  # measured below instead
     targets = list(config.part_targets().values())
     pattern = targets[0] if isinstance(targets[0], NMPattern) and all(t == targets[0] for t in targets) else None
     if pattern is not None:
         pruned = {name: linear for name, linear in pruned.items() if conforms_to(linear.weight.detach(), pattern)}
     else:  # linears the config named but left dense (e.g. MoE experts no calibration token reached, kept dense)
         pruned = {name: linear for name, linear in pruned.items() if bool((linear.weight == 0).any())}
+    if not pruned:
+        raise ValueError(
+            f"no linear the {config.method} step pruned is still {pattern or 'sparse'} (a later step filled its zeros in): "
+            "there is no sparsity metadata to write; save without compressed_tensors_metadata"
+        )
     linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
     parameters = [p.detach() for p in model.parameters()]
     zeros = sum(int((p == 0).sum()) for p in parameters)
@@ -118,8 +124,9 @@ def require_compressed_tensors() -> None:
         ) from None
 
 
-def _recorded_config(model: nn.Module) -> PruningConfig:
-    recorded = getattr(model.config, "pruning_config", None)
-    if not recorded:
+def _sparse_step(model: nn.Module) -> PruningConfig:
+    """The last unstructured step the model records (or its last step, structured, for the error)."""
+    steps = [PruningConfig.from_dict(step) for step in recorded_steps(model.config)]
+    if not steps:
         raise ValueError("the model carries no pruning_config (prune it with optimum_prune.prune, or pass config=)")
-    return PruningConfig.from_dict(recorded)
+    return next((step for step in reversed(steps) if not METHODS.get(step.method).structured), steps[-1])

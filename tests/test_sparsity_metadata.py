@@ -135,3 +135,40 @@ def test_a_reloaded_model_prunes_to_non_uniform_shapes_and_reloads(two_four_with
 def test_pruning_a_checkpoint_with_metadata_from_disk_drops_it(two_four_with_metadata, tmp_path):
     prune(str(two_four_with_metadata), {"method": "magnitude", "sparsity": 0.7}, output_dir=tmp_path / "from_disk")
     assert "quantization_config" not in json.loads((tmp_path / "from_disk" / "config.json").read_text())
+
+
+def test_two_four_then_fewer_layers_is_described_by_its_two_four_step(tmp_path):
+    """Removing layers leaves the kept layers 2:4: the metadata was refused because the last step was structured."""
+    model = tiny_model(num_hidden_layers=4)
+    windows = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    prune(model, PruningConfig(method="wanda", sparsity="2:4"), calibration=windows)
+    prune(model, PruningConfig(method="layers", sparsity=0.25), calibration=windows)
+    output = save_pruned(model, tmp_path / "shallow", compressed_tensors_metadata=True)
+    stored = json.loads((output / "config.json").read_text())
+    assert stored["pruning_config"]["method"] == "layers" and stored["num_hidden_layers"] == 3
+    assert stored["quantization_config"]["sparsity_config"]["sparsity_structure"] == "2:4"
+    assert stored["quantization_config"]["sparsity_config"]["ignore"] == ["lm_head"]
+    reloaded = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32)
+    for name, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, model.state_dict()[name]), name
+
+
+def test_a_later_step_that_fills_the_zeros_in_leaves_no_metadata():
+    model = tiny_model()
+    windows = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    prune(model, PruningConfig(method="wanda", sparsity=0.5), calibration=windows)
+    prune(model, PruningConfig(method="slicegpt", sparsity=0.25), calibration=windows)
+    with pytest.raises(ValueError, match="no linear the wanda step pruned is still sparse .* save without compressed_tensors_metadata"):
+        sparsity_config(model)
+
+
+def test_two_four_then_uniform_width_leaves_the_linears_that_lost_input_columns_out():
+    """Removed MLP channels shift down_proj's groups of four; the other linears only lose rows and stay 2:4."""
+    model = tiny_model(num_hidden_layers=2)
+    windows = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    prune(model, PruningConfig(method="wanda", sparsity="2:4"), calibration=windows)
+    prune(model, PruningConfig(method="width", sparsity=0.2, method_options={"criterion": "wanda_sp", "components": "mlp"}), calibration=windows)
+    assert model.model.layers[0].mlp.down_proj.in_features % 4  # the 2:4 step's own check would refuse it
+    metadata = sparsity_config(model)
+    assert metadata["sparsity_structure"] == "2:4"
+    assert metadata["ignore"] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj", "lm_head"]
