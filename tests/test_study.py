@@ -258,3 +258,20 @@ def test_points_cached_with_other_software_are_named_in_the_report(model_dir, tm
     write_outputs(resumed, tmp_path, "test")
     report = (tmp_path / "REPORT.md").read_text()
     assert "- dense: torch 2.0.0" in report and "- magnitude sparsity=0.5: not recorded" in report
+
+
+def test_the_committed_study_finds_every_point_it_measured():
+    """A point's cache key is its full config, so an option added to a method re-keys the committed points and a
+    rerun of examples/study/grid.yaml would measure them again. When the new option's default is what they ran,
+    move their files to the new keys (their configs as this version reads them) instead."""
+    from pathlib import Path
+
+    from optimum_prune.study.outputs import software_versions
+
+    study = Path(__file__).resolve().parents[1] / "examples" / "study"
+    grid = StudyGrid.from_yaml(study / "grid.yaml")
+    uncached = [
+        point.label for point in grid.points
+        if study_runner._cached(study / "grid" / "points" / f"{point.key(grid.protocol)}.json", point, None, software_versions()) is None
+    ]  # fmt: skip
+    assert not uncached
