@@ -424,7 +424,8 @@ class _PruningRun:
                 residency=self.offload.reading if self.offload else None, activation_device=self.activation_device,
             )  # fmt: skip
         targets: list[SparsityTarget] = [self.target] * len(self.targets)
-        for index, sparsity in zip(active, self.allocation.allocate(self.target, len(active))):
+        sizes = [sum(linear.weight.numel() for linear in self.targets[index].values()) for index in active]
+        for index, sparsity in zip(active, self.allocation.allocate(self.target, sizes)):
             targets[index] = sparsity
         if self.moe_options.expert_sparsity == "load" and self.config.allocation != "uniform":
             layers = self.adapter.decoder_layers()

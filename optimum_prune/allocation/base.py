@@ -3,7 +3,9 @@
 An allocation may observe each layer of the dense model on the calibration set (weights and
 the squared input norms of each linear), or the whole model with the calibration windows
 (``observes_model``, for criteria that need the full loss), before anything is pruned, then
-returns one sparsity per decoder layer whose mean equals the target.
+returns one sparsity per decoder layer whose mean, weighted by the layer's prunable weights,
+equals the target (layers differ in size after structured pruning, partial ``ignore`` or in
+MoE models with dense layers; an unweighted mean would miss the target there).
 """
 
 from __future__ import annotations
@@ -22,6 +24,12 @@ from ..statistics import ColumnNorms
 Options = TypeVar("Options")
 
 
+def centred(offsets: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """``offsets`` shifted so that their mean weighted by ``sizes`` is zero."""
+    weights = torch.tensor(sizes, dtype=offsets.dtype)
+    return offsets - (weights * offsets).sum() / weights.sum()
+
+
 class Allocation(ABC, Generic[Options]):
     requires_calibration: bool = False
     observes_model: bool = False  # observe_model instead of observe (layer by layer)
@@ -36,8 +44,8 @@ class Allocation(ABC, Generic[Options]):
         """See the dense model and the calibration windows; ``layers`` holds each decoder layer's target linears."""
 
     @abstractmethod
-    def allocate(self, target: float, num_layers: int) -> list[float]:
-        """Per-layer sparsities averaging to ``target``."""
+    def allocate(self, target: float, sizes: list[int]) -> list[float]:
+        """Per-layer sparsities whose mean weighted by ``sizes`` (each layer's prunable weights) is ``target``."""
 
 
 @dataclass(frozen=True)
@@ -65,5 +73,5 @@ def register_allocation(name: str, *, options: type = NoOptions) -> Callable[[ty
 class UniformAllocation(Allocation[NoOptions]):
     """Every layer gets the target sparsity."""
 
-    def allocate(self, target: float, num_layers: int) -> list[float]:
-        return [target] * num_layers
+    def allocate(self, target: float, sizes: list[int]) -> list[float]:
+        return [target] * len(sizes)

@@ -11,7 +11,7 @@ import torch
 
 from ..options import option
 from ..statistics import ColumnNorms, wanda_scores
-from .base import Allocation, register_allocation
+from .base import Allocation, centred, register_allocation
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,8 @@ class OWLAllocation(Allocation[OWLOptions]):
         threshold = scores.mean() * self.options.outlier_threshold
         self.outlier_ratios[layer_index] = float((scores > threshold).float().mean())
 
-    def allocate(self, target: float, num_layers: int) -> list[float]:
+    def allocate(self, target: float, sizes: list[int]) -> list[float]:
+        num_layers = len(sizes)
         missing = sorted(set(range(num_layers)) - set(self.outlier_ratios))
         if missing:
             raise RuntimeError(f"OWL saw no statistics for layers {missing}")
@@ -54,9 +55,10 @@ class OWLAllocation(Allocation[OWLOptions]):
         if spread == 0:
             return [target] * num_layers
         # Outlier ratios rescaled to [0, 2λ] and centred on the target density 1 − S (OWL, Sec. 4 /
-        # reference implementation): density_l = D_l − mean(D) + (1 − S), sparsity_l = 1 − density_l.
+        # reference implementation): density_l = D_l − mean(D) + (1 − S), sparsity_l = 1 − density_l;
+        # the mean weighted by layer size, so the model's sparsity is S (the paper's layers are all alike).
         scaled = (ratios - ratios.min()) / spread * (2 * self.options.max_deviation)
-        density = scaled - scaled.mean() + (1 - target)
+        density = centred(scaled, sizes) + (1 - target)
         sparsities = (1 - density).tolist()
         if min(sparsities) < 0 or max(sparsities) >= 1:
             raise ValueError(

@@ -24,7 +24,7 @@ from torch import nn
 from ..calibration.gradients import hessian_traces
 from ..distributed import all_reduce_sum, shard_positions
 from ..options import option
-from .base import Allocation, register_allocation
+from .base import Allocation, centred, register_allocation
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +76,8 @@ class SensitivityAllocation(Allocation[SensitivityOptions]):
             )  # fmt: skip
         self.sensitivities = (totals / used).tolist()
 
-    def allocate(self, target: float, num_layers: int) -> list[float]:
+    def allocate(self, target: float, sizes: list[int]) -> list[float]:
+        num_layers = len(sizes)
         if len(self.sensitivities) != num_layers:
             raise RuntimeError(f"sensitivity allocation saw {len(self.sensitivities)} layers, expected {num_layers}")
         if num_layers == 1:
@@ -84,7 +85,8 @@ class SensitivityAllocation(Allocation[SensitivityOptions]):
         order = sorted(range(num_layers), key=lambda i: self.sensitivities[i])
         ranks = {layer: rank for rank, layer in enumerate(order)}
         deviation = self.options.max_deviation
-        sparsities = [target - deviation * (2 * ranks[i] / (num_layers - 1) - 1) for i in range(num_layers)]
+        offsets = torch.tensor([-deviation * (2 * ranks[i] / (num_layers - 1) - 1) for i in range(num_layers)], dtype=torch.float64)
+        sparsities = (target + centred(offsets, sizes)).tolist()
         if min(sparsities) < 0 or max(sparsities) >= 1:
             raise ValueError(
                 f"sensitivity allocation with target {target} and max_deviation {deviation} gives layer sparsities "

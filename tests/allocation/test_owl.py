@@ -21,7 +21,7 @@ def test_ratios_average_to_target_and_follow_outliers():
     allocation = OWLAllocation(OWLOptions(outlier_threshold=5.0, max_deviation=0.08))
     for index, outliers in enumerate([0, 1, 2, 4]):
         _observe(allocation, index, outliers)
-    sparsities = allocation.allocate(0.7, 4)
+    sparsities = allocation.allocate(0.7, [100] * 4)
     assert sum(sparsities) / 4 == pytest.approx(0.7, abs=1e-12)
     assert sparsities == sorted(sparsities, reverse=True)  # more outliers → denser layer
     assert max(sparsities) - min(sparsities) == pytest.approx(0.16)  # spread is 2λ
@@ -52,4 +52,28 @@ def test_owl_refuses_impossible_spread():
     for index, outliers in enumerate([0, 8]):
         _observe(allocation, index, outliers)
     with pytest.raises(ValueError, match="lower allocation_options.max_deviation"):
-        allocation.allocate(0.9, 2)
+        allocation.allocate(0.9, [100] * 2)
+
+
+def test_layers_of_unequal_size_share_the_target_by_their_weights():
+    allocation = OWLAllocation(OWLOptions(outlier_threshold=5.0, max_deviation=0.08))
+    for index, outliers in enumerate([0, 1, 2, 4]):
+        _observe(allocation, index, outliers)
+    sizes = [100, 300, 100, 50]
+    sparsities = allocation.allocate(0.7, sizes)
+    assert sum(s * n for s, n in zip(sparsities, sizes)) / sum(sizes) == pytest.approx(0.7, abs=1e-12)
+    assert max(sparsities) - min(sparsities) == pytest.approx(0.16)
+
+
+@pytest.mark.parametrize("allocation", ["owl", "sensitivity"])
+def test_after_structured_pruning_the_model_reaches_the_target(allocation):
+    """Layers without their MLP hold a third of the others' weights: the unweighted layer mean missed the target."""
+    model = tiny_model(num_hidden_layers=4)
+    windows = token_windows()
+    prune(model, PruningConfig(method="sublayers", sparsity=0.25, method_options={"sublayers": "mlp"}), calibration=windows)
+    report = prune(model, PruningConfig(method="wanda", sparsity=0.5, allocation=allocation), calibration=windows)
+    sizes = [sum(m.weight.numel() for m in layer.modules() if isinstance(m, torch.nn.Linear)) for layer in model.model.layers]
+    assert len(set(sizes)) > 1
+    targets = [target for target, _ in report.layer_sparsities().values()]
+    assert sum(t * n for t, n in zip(targets, sizes)) / sum(sizes) == pytest.approx(0.5, abs=1e-9)  # was 0.48
+    assert report.overall_sparsity == pytest.approx(0.5, abs=0.01)  # each row rounds its count of zeros down

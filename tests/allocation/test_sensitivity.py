@@ -47,7 +47,7 @@ def test_sensitivity_allocation_on_moe_windows_that_leave_experts_unrouted():
 def test_densities_follow_the_sensitivity_ranking_and_average_to_the_target():
     allocation = SensitivityAllocation(SensitivityOptions(max_deviation=0.1))
     allocation.sensitivities = [5.0, 1.0, 9.0, 3.0]
-    sparsities = allocation.allocate(0.5, 4)
+    sparsities = allocation.allocate(0.5, [100] * 4)
     assert sum(sparsities) / 4 == pytest.approx(0.5)
     assert sparsities[2] == pytest.approx(0.4) and sparsities[1] == pytest.approx(0.6)  # most sensitive keeps most
     assert sparsities[3] > sparsities[0]
