@@ -12,6 +12,8 @@ from transformers import (
     GemmaConfig,
     GemmaForCausalLM,
     LlamaConfig,
+    Phi3Config,
+    Phi3ForCausalLM,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
@@ -52,6 +54,9 @@ FAMILIES = {
     "gemma": (_with_head_dim(GemmaConfig), GemmaForCausalLM),
     "gemma2": (_with_head_dim(Gemma2Config, sliding_window=8), Gemma2ForCausalLM),
     "gemma3": (_with_head_dim(Gemma3TextConfig, sliding_window=8, sliding_window_pattern=2), Gemma3ForCausalLM),
+    # fused qkv_proj and gate_up_proj: unstructured and whole layers only; its default pad_token_id (32000) lies
+    # outside the tiny vocabulary
+    "phi3": (_with_head_dim(Phi3Config, pad_token_id=0), Phi3ForCausalLM),
 }
 
 

@@ -236,21 +236,7 @@ class LlamaAdapter(DecoderAdapter):
         return stand_in
 
     def keep_layers(self, indices: list[int]) -> None:
-        layers = self.decoder_layers()
-        self.decoder.layers = nn.ModuleList(layers[i] for i in indices)
-        for new_index, layer in enumerate(self.decoder.layers):
-            layer.self_attn.layer_idx = new_index
-            if hasattr(layer, "layer_idx"):  # Gemma 3 keeps it on the layer too
-                layer.layer_idx = new_index
-        config = self.config
-        # Qwen2 / Qwen3 (sliding-window variants) keep one attention type per layer; it follows its layer.
-        if getattr(config, "layer_types", None) is not None:
-            config.layer_types = [config.layer_types[i] for i in indices]
-            if getattr(config, "use_sliding_window", False) and hasattr(config, "max_window_layers"):
-                # Qwen2's older spelling of the same (layers from this index on slide), which vLLM reads
-                full = [kind == "full_attention" for kind in config.layer_types]
-                config.max_window_layers = full.index(False) if False in full else len(full)
-        config.num_hidden_layers = len(indices)
+        keep_decoder_layers(self, indices)
 
     def residual_branches(self, layer: nn.Module) -> list[ResidualBranch]:
         if isinstance(layer.self_attn, RemovedAttention) or isinstance(layer.mlp, RemovedMLP):
@@ -335,6 +321,25 @@ class LlamaAdapter(DecoderAdapter):
             config.num_key_value_heads = shape.num_key_value_heads
         if shape.has_mlp:
             config.intermediate_size = shape.intermediate_size
+
+
+def keep_decoder_layers(adapter: DecoderAdapter, indices: list[int]) -> None:
+    """Keep layers ``indices`` of a ``decoder.layers`` stack whose attention caches by ``self_attn.layer_idx``,
+    renumbered, and the config's per-layer fields with them."""
+    adapter.decoder.layers = nn.ModuleList(adapter.decoder_layers()[i] for i in indices)
+    for new_index, layer in enumerate(adapter.decoder.layers):
+        layer.self_attn.layer_idx = new_index
+        if hasattr(layer, "layer_idx"):  # Gemma 3 keeps it on the layer too
+            layer.layer_idx = new_index
+    config = adapter.config
+    # Qwen2 / Qwen3 (sliding-window variants) keep one attention type per layer; it follows its layer.
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = [config.layer_types[i] for i in indices]
+        if getattr(config, "use_sliding_window", False) and hasattr(config, "max_window_layers"):
+            # Qwen2's older spelling of the same (layers from this index on slide), which vLLM reads
+            full = [kind == "full_attention" for kind in config.layer_types]
+            config.max_window_layers = full.index(False) if False in full else len(full)
+    config.num_hidden_layers = len(indices)
 
 
 def _keeping_sliding_flag(attention: nn.Module, stand_in: RemovedAttention) -> RemovedAttention:
