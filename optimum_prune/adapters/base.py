@@ -343,6 +343,19 @@ class DecoderAdapter(ABC):
         return [f"{prefix}.{index}" for index in range(len(layers))]
 
 
+class DecoderStackAdapter(DecoderAdapter):
+    """The layout most transformers decoders share: ``decoder.{embed_tokens, rotary_emb, layers, norm}``."""
+
+    def decoder_layers(self) -> nn.ModuleList:
+        return self.decoder.layers
+
+    def input_modules(self) -> list[nn.Module]:
+        return [self.decoder.embed_tokens, self.decoder.rotary_emb]
+
+    def final_norm(self) -> nn.Module:
+        return self.decoder.norm
+
+
 def resized_linear(
     linear: nn.Linear, in_features: int | None = None, out_features: int | None = None, bias: bool | None = None
 ) -> nn.Linear:

@@ -29,6 +29,7 @@ from ..structure.surgery import keep_input_features, keep_output_features
 from .base import (
     AttentionLayout,
     DecoderAdapter,
+    DecoderStackAdapter,
     MLPLayout,
     ResidualBranch,
     register_adapter,
@@ -105,19 +106,13 @@ def _identity_linear(width: int, like: torch.Tensor) -> nn.Linear:
 @register_adapter(
     LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, LlamaModel, MistralModel, Qwen2Model, Qwen3Model
 )
-class LlamaAdapter(DecoderAdapter):
-    """``decoder.{embed_tokens, rotary_emb, layers, norm}``; each layer holds q/k/v/o and gate/up/down."""
+class LlamaAdapter(DecoderStackAdapter):
+    """Each layer holds q/k/v/o and gate/up/down."""
 
     # The norm in front of each sublayer, and (Gemma 2 / 3) the one normalising its output before the
     # residual add: a removed sublayer takes both with it, a re-routed one keeps the first.
     pre_norms = {"attention": "input_layernorm", "mlp": "post_attention_layernorm"}
     post_norms: dict[str, str] = {}
-
-    def decoder_layers(self) -> nn.ModuleList:
-        return self.decoder.layers
-
-    def input_modules(self) -> list[nn.Module]:
-        return [self.decoder.embed_tokens, self.decoder.rotary_emb]
 
     def attention_kind(self, layer: nn.Module) -> str | None:
         return getattr(layer, "attention_type", None)  # Qwen2 / Qwen3: the model picks each layer's mask by it
@@ -253,9 +248,6 @@ class LlamaAdapter(DecoderAdapter):
         if not isinstance(layers[index], ShortcutDecoderLayer):
             layers[index] = with_shortcuts(layers[index])
         return layers[index]
-
-    def final_norm(self) -> nn.Module:
-        return self.decoder.norm
 
     def layer_shape(self, layer: nn.Module) -> LayerShape:
         attention, mlp = self.attention(layer), self.mlp(layer)

@@ -35,7 +35,7 @@ from transformers import (
 from ..quantized import is_linear
 from ..structure.shapes import LayerShape
 from ..structure.surgery import keep_output_features
-from .base import DecoderAdapter, TokenRouting, register_adapter
+from .base import DecoderStackAdapter, TokenRouting, register_adapter
 
 
 def _is_moe_layer(config: Any, index: int) -> bool:
@@ -118,17 +118,8 @@ class ExpertRouting(TokenRouting):
     MixtralForCausalLM, Qwen2MoeForCausalLM, Qwen3MoeForCausalLM, OlmoeForCausalLM,
     MixtralModel, Qwen2MoeModel, Qwen3MoeModel, OlmoeModel,  # as language towers of multimodal models
 )
-class MoEAdapter(DecoderAdapter):
-    """``decoder.{embed_tokens, rotary_emb, layers, norm}``; each layer: attention and a sparse MoE block."""
-
-    def decoder_layers(self) -> nn.ModuleList:
-        return self.decoder.layers
-
-    def input_modules(self) -> list[nn.Module]:
-        return [self.decoder.embed_tokens, self.decoder.rotary_emb]
-
-    def final_norm(self) -> nn.Module:
-        return self.decoder.norm
+class MoEAdapter(DecoderStackAdapter):
+    """Each layer: attention and a sparse MoE block."""
 
     def _no_structure(self) -> ValueError:
         return ValueError(

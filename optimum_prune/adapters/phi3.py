@@ -15,22 +15,13 @@ from torch import nn
 from transformers import Phi3ForCausalLM, Phi3Model
 
 from ..structure.shapes import LayerShape
-from .base import DecoderAdapter, register_adapter
+from .base import DecoderStackAdapter, register_adapter
 from .llama import keep_decoder_layers
 
 
 @register_adapter(Phi3ForCausalLM, Phi3Model)
-class Phi3Adapter(DecoderAdapter):
-    """``decoder.{embed_tokens, rotary_emb, layers, norm}``; each layer holds qkv_proj / o_proj and gate_up_proj / down_proj."""
-
-    def decoder_layers(self) -> nn.ModuleList:
-        return self.decoder.layers
-
-    def input_modules(self) -> list[nn.Module]:
-        return [self.decoder.embed_tokens, self.decoder.rotary_emb]
-
-    def final_norm(self) -> nn.Module:
-        return self.decoder.norm
+class Phi3Adapter(DecoderStackAdapter):
+    """Each layer holds qkv_proj / o_proj and gate_up_proj / down_proj."""
 
     def keep_layers(self, indices: list[int]) -> None:
         keep_decoder_layers(self, indices)
