@@ -189,8 +189,14 @@ def _check_draft_stops(model: nn.Module, adapter: DecoderAdapter) -> None:
     an exit after layer 1 tells: the second layer must not run."""
     if type(model) in _DRAFT_STOPS:
         return
-    base = getattr(model, model.base_model_prefix, model)
-    count = getattr(base.config, "num_hidden_layers", None)  # None: a config without one (LLaVA's)
+    prefix = model.base_model_prefix
+    base = getattr(model, prefix, None) if prefix else None
+    if base is None:  # transformers reads it as getattr(model, model.base_model_prefix), without a default
+        raise ValueError(
+            f"transformers' early-exit drafting lowers the layer count of the base model it finds as the attribute named by "
+            f"base_model_prefix, which {type(model).__name__} does not have ({prefix!r}): generate would fail"
+        )
+    count = base.config.num_hidden_layers
 
     def ran_past_exit(*_: Any) -> None:
         raise _RanPastExit
@@ -209,10 +215,7 @@ def _check_draft_stops(model: nn.Module, adapter: DecoderAdapter) -> None:
         _DRAFT_STOPS.add(type(model))
     finally:
         handle.remove()
-        if count is None:
-            del base.config.num_hidden_layers
-        else:
-            base.config.num_hidden_layers = count
+        base.config.num_hidden_layers = count
 
 
 def _agreement(model: nn.Module, windows: torch.Tensor, candidates: list[int]) -> dict[int, float]:

@@ -270,6 +270,11 @@ class DecoderAdapter(ABC):
         """The norm between the last decoder layer and the output embedding."""
         raise self._no_structure()
 
+    def output_target(self, layer: nn.Module, kind: str, term: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """What the ``kind`` sublayer's output projection should produce for the residual stream to gain ``term``,
+        where it now produces ``output``: ``term`` itself unless the sublayer's output is normalised before the add."""
+        return term
+
     def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The logits the model computes from a last decoder layer's output (an early exit reads a middle one)."""
         return self.model.get_output_embeddings()(self.final_norm()(hidden))

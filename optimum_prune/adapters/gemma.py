@@ -52,7 +52,7 @@ class SandwichNormAdapter(GemmaAdapter):
     post_norms = {"attention": "post_attention_layernorm", "mlp": "post_feedforward_layernorm"}
 
     def __init__(self, model: nn.Module, decoder: nn.Module | None = None, config: Any = None) -> None:
-        if decoder is None and model.base_model is model:  # Gemma3ForCausalLM's base_model_prefix is ""
+        if decoder is None and isinstance(model, Gemma3ForCausalLM):  # its base_model_prefix names no attribute
             decoder = model.model
         super().__init__(model, decoder, config)
 

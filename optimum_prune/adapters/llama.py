@@ -157,6 +157,17 @@ class LlamaAdapter(DecoderStackAdapter):
         sublayer = self.sublayer(layer, kind)
         return PostNormed(sublayer, getattr(layer, self.post_norms[kind])) if kind in self.post_norms else sublayer
 
+    def output_target(self, layer: nn.Module, kind: str, term: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        if kind not in self.post_norms:
+            return term
+        # post_norm(z) = γ ⊙ z / rms(z), so near the current output z a change δ moves the term by about γ ⊙ δ / rms(z):
+        # δ = rms(z) · r ⊙ γ / (γ² + λ) for the missing part r (ridge: a channel the norm nearly zeroes moves little).
+        norm = getattr(layer, self.post_norms[kind])
+        gamma = self.norm_scale(norm).to(term)
+        missing = term - norm(output).to(term)
+        damping = OUTPUT_TARGET_DAMPING * gamma.square().mean()
+        return output.to(term) + _rms(output.to(term)) * missing * gamma / (gamma.square() + damping)
+
     @contextmanager
     def observing_residuals(self, layer: nn.Module, sink: Callable[[str, torch.Tensor, torch.Tensor], None]) -> Iterator[None]:
         # Pre-norm residual blocks: h1 = x + attention(norm(x)), h2 = h1 + mlp(norm(h1)); with post-norms
@@ -332,6 +343,13 @@ def keep_decoder_layers(adapter: DecoderAdapter, indices: list[int]) -> None:
             full = [kind == "full_attention" for kind in config.layer_types]
             config.max_window_layers = full.index(False) if False in full else len(full)
     config.num_hidden_layers = len(indices)
+
+
+OUTPUT_TARGET_DAMPING = 0.01  # λ relative to the mean γ², as SparseGPT damps its Hessian
+
+
+def _rms(tokens: torch.Tensor) -> torch.Tensor:
+    return tokens.square().mean(-1, keepdim=True).sqrt()
 
 
 def _keeping_sliding_flag(attention: nn.Module, stand_in: RemovedAttention) -> RemovedAttention:

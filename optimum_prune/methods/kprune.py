@@ -242,11 +242,12 @@ class KPrune(StructuredMethod[KPruneOptions]):
         self, layer: nn.Module, component: Component, consumer: nn.Linear, kept: torch.Tensor,
         inputs: LayerInputs, dense_after: list[torch.Tensor],
     ) -> torch.Tensor:
-        """W = argmin ‖A_S Wᵀ − (Y_dense − X_pruned − b)‖² over the calibration tokens, as ``consumer.weight`` after the cut."""
+        """W = argmin ‖A_S Wᵀ − (Y_dense − X_pruned − b)‖² over the calibration tokens, as ``consumer.weight`` after the cut
+        (where the sublayer's output is normalised before the add, Y_dense − X_pruned as the adapter maps it back)."""
         gram = torch.zeros(len(kept), len(kept), dtype=torch.float64, device=consumer.weight.device)
         cross = torch.zeros(len(kept), consumer.out_features, dtype=torch.float64, device=consumer.weight.device)
         captured: dict[str, torch.Tensor] = {}
-        handle = consumer.register_forward_pre_hook(lambda _m, args: captured.update(a=args[0].detach()[..., kept]))
+        handle = consumer.register_forward_hook(lambda _m, args, output: captured.update(a=args[0].detach()[..., kept], output=output.detach()))
 
         def entering(kind: str, stream: torch.Tensor, _leaving: torch.Tensor) -> None:
             if kind == component.kind:
@@ -257,7 +258,8 @@ class KPrune(StructuredMethod[KPruneOptions]):
                 with self.adapter.observing_residuals(layer, entering), torch.no_grad():
                     self.adapter.run_layer(layer, hidden, kwargs)
                 a = captured["a"].double().reshape(-1, len(kept))
-                b = (target - captured["x"]).double().reshape(-1, consumer.out_features)
+                term = self.adapter.output_target(layer, component.kind, target - captured["x"], captured["output"])
+                b = term.double().reshape(-1, consumer.out_features)
                 if consumer.bias is not None:
                     b = b - consumer.bias.detach().double()
                 gram.add_(a.T @ a)

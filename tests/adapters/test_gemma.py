@@ -25,6 +25,27 @@ def test_each_gemma_class_has_its_adapter():
 
 
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_the_bare_decoders_are_their_own_decoder_and_prune(family):
+    """Gemma2Model / Gemma3TextModel hold their layers themselves (the adapter looked for a .model inside them)."""
+    decoder = tiny_model(family).model
+    assert get_adapter(decoder).decoder is decoder
+    report = prune(decoder, PruningConfig(method="wanda", sparsity=0.5), calibration=token_windows())
+    assert report.overall_sparsity == pytest.approx(0.5)
+
+
+def test_a_non_uniform_gemma2_checkpoint_loads_as_a_bare_decoder(tmp_path):
+    """(transformers 4.57 loads no Gemma3ForCausalLM checkpoint into Gemma3TextModel, pruned or not: key prefixes differ.)"""
+    from transformers import AutoModel
+
+    model = tiny_model("gemma2")
+    prune(model, PruningConfig(method="sublayers", sparsity=0.15, method_options={"sublayers": "attention"}), calibration=token_windows())
+    decoder = AutoModel.from_pretrained(save_pruned(model, tmp_path / "pruned")).eval()
+    ids = token_windows(samples=2, seq_len=12)
+    with torch.no_grad():
+        torch.testing.assert_close(decoder(input_ids=ids).last_hidden_state, model.model(input_ids=ids).last_hidden_state)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
 def test_slicegpt_is_refused_before_touching_a_sandwich_norm_model(family):
     model = tiny_model(family)
     before = copy.deepcopy(model.state_dict())
@@ -97,3 +118,40 @@ def test_slicegpt_on_bfloat16_gemma_keeps_every_weight_in_bfloat16():
     assert {parameter.dtype for parameter in model.parameters()} == {torch.bfloat16}
     with torch.no_grad():
         assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def _trained_norms(model: torch.nn.Module) -> torch.nn.Module:
+    """Norm scales away from their initial value, as in a trained checkpoint (zero-initialised Gemma norms hide the post-norm)."""
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "norm" in name:
+                parameter.add_(0.5 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
+@pytest.mark.parametrize("kind", ["attention", "mlp"])
+def test_the_output_target_of_the_current_term_is_the_current_output(kind):
+    """Weight tuning fits the output projection to output_target: asked for the term it already adds, a dense layer keeps its weights."""
+    model = _trained_norms(tiny_model("gemma2"))
+    adapter, layer = get_adapter(model), model.model.layers[1]
+    output = torch.randn(2, 8, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        term = getattr(layer, adapter.post_norms[kind])(output)
+        torch.testing.assert_close(adapter.output_target(layer, kind, term, output), output, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3"])
+def test_kprune_weight_tuning_helps_through_the_post_norms(family):
+    """It fitted the projections' raw output to the normalised term, so tuning made the pruned model worse."""
+    dense = _trained_norms(tiny_model(family))
+    windows = token_windows(samples=16, seq_len=48)
+    with torch.no_grad():
+        reference = dense(input_ids=windows).logits
+    errors = {}
+    for tune in (False, True):
+        model = copy.deepcopy(dense)
+        prune(model, PruningConfig(method="kprune", sparsity=0.2, method_options={"tune": tune}), calibration=windows)
+        with torch.no_grad():
+            errors[tune] = float((model(input_ids=windows).logits - reference).square().mean())
+    assert errors[True] < 0.8 * errors[False]
