@@ -350,6 +350,10 @@ class _PruningRun:
         targets = _target_linears(adapter, config.ignore, include_routers=moe_options.prune_router)
         if config.ignore and not any(targets):
             raise ValueError(f"PruningConfig.ignore {config.ignore!r} leaves no linear of the {part} part to prune")
+        if not any(targets):  # e.g. Gemma 3's projector, a bare weight matrix
+            raise ValueError(
+                f"the {part} part of {type(adapter.model).__name__} holds no linear to prune; remove it from PruningConfig.parts"
+            )
         for linears in targets:
             for name, linear in linears.items():
                 try:

@@ -11,7 +11,8 @@
 
 Gemma 3 adds q/k norms like Qwen3 and a second rotary embedding for its sliding-window layers; the
 calibration engine captures both position embeddings with the rest of layer 0's arguments.
-The multimodal ``Gemma3ForConditionalGeneration`` is not covered.
+With images, ``Gemma3ForConditionalGeneration`` is a LLaVA-style model (``llava.py``) whose language tower
+this adapter prunes.
 """
 
 from __future__ import annotations

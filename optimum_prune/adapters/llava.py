@@ -1,9 +1,10 @@
 """LLaVA-style vision-language models: a vision encoder, a projector and a language tower.
 
 Covered: ``LlavaForConditionalGeneration``, ``LlavaNextForConditionalGeneration``,
-``LlavaOnevisionForConditionalGeneration`` and ``VipLlavaForConditionalGeneration`` — each keeps
-``model.model.{vision_tower, multi_modal_projector, language_model}`` with a CLIP- or SigLIP-style
-encoder (``vision_model.encoder.layers``: attention + MLP) and an MLP projector. The language tower
+``LlavaOnevisionForConditionalGeneration``, ``VipLlavaForConditionalGeneration`` and
+``Gemma3ForConditionalGeneration`` — each keeps ``model.model.{vision_tower, multi_modal_projector,
+language_model}`` with a CLIP- or SigLIP-style encoder (``vision_model.encoder.layers``: attention +
+MLP) and a projector (LLaVA's is an MLP; Gemma 3's a pooled, normalised weight matrix, no linear). The language tower
 is handled by the adapter of its own class (Llama, Mistral, Qwen2, Mixtral ...), so every method
 that works on the text model works on the tower, structured ones included. Not covered:
 Mistral3 / Pixtral (its vision encoder is laid out as ``transformer.layers``).
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import (
+    Gemma3ForConditionalGeneration,
     LlavaForConditionalGeneration,
     LlavaNextForConditionalGeneration,
     LlavaOnevisionForConditionalGeneration,
@@ -69,6 +71,7 @@ class ProjectorAdapter(DecoderAdapter):
 
 
 @register_adapter(
+    Gemma3ForConditionalGeneration,
     LlavaForConditionalGeneration,
     LlavaNextForConditionalGeneration,
     LlavaOnevisionForConditionalGeneration,
