@@ -149,6 +149,9 @@ def prune(
     was_training = model.training
     model.eval()  # calibration forwards must not apply dropout
     try:
+        for run in runs:  # every part's allocation observes the dense model: one it cannot make fails before any part changes
+            if isinstance(run, _PruningRun):
+                run.allocate(inputs)
         for run in runs:
             run.execute(inputs, report)
     finally:
@@ -318,6 +321,7 @@ class _PruningRun:
     device: torch.device
     offload: "LayerStream | None" = None
     activation_device: torch.device | str | None = None  # where calibration activations wait between layers ("disk": files)
+    layer_targets: list[SparsityTarget] | None = None  # set by allocate
 
     @classmethod
     def plan_parts(
@@ -366,8 +370,14 @@ class _PruningRun:
         allocation = ALLOCATIONS.get(config.allocation).create(config.build_allocation_options())
         return cls(config, part, target, adapter, method, options, moe_options, allocation, targets, device, offload, activation_device)
 
+    def allocate(self, windows: CalibrationInputs | None) -> None:
+        """Each decoder layer's sparsity target, from the allocation (which may observe the layers first)."""
+        self.layer_targets = self._layer_targets(windows)
+
     def execute(self, windows: CalibrationInputs | None, report: PruningReport) -> None:
-        layer_targets = self._layer_targets(windows)
+        if self.layer_targets is None:
+            self.allocate(windows)
+        layer_targets = self.layer_targets
         residency = self.offload.resident if self.offload else moving_to(self.device)
         if self.method.requires_calibration:
             walk_layers(
@@ -429,7 +439,11 @@ class _PruningRun:
             )  # fmt: skip
         targets: list[SparsityTarget] = [self.target] * len(self.targets)
         sizes = [sum(linear.weight.numel() for linear in self.targets[index].values()) for index in active]
-        for index, sparsity in zip(active, self.allocation.allocate(self.target, sizes)):
+        try:
+            allocated = self.allocation.allocate(self.target, sizes)
+        except ValueError as error:
+            raise ValueError(f"the {self.part} part: {error}" if self.config.parts else str(error)) from None
+        for index, sparsity in zip(active, allocated):
             targets[index] = sparsity
         if self.moe_options.expert_sparsity == "load" and self.config.allocation != "uniform":
             layers = self.adapter.decoder_layers()

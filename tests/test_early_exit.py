@@ -192,3 +192,14 @@ def test_models_transformers_cannot_draft_from_are_refused(family):
     model = tiny_llava(image_token_id=5) if family == "llava" else tiny_model("gemma3")
     with pytest.raises(ValueError, match=f"{type(model).__name__} does not have .*generate would fail"):
         enable_early_exit(model, 1)
+
+
+def test_a_lora_wrapped_model_is_probed_as_the_model_it_wraps():
+    """The probe remembered classes that passed by type(model): every LoRA wrapper is a PeftModel, so one wrapped
+    Llama let a wrapped Qwen2-MoE through."""
+    from peft import LoraConfig, get_peft_model
+
+    enable_early_exit(get_peft_model(tiny_model(), LoraConfig(r=2, target_modules=["q_proj"])), 1)
+    wrapped = get_peft_model(tiny_moe("qwen2_moe"), LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="Qwen2MoeForCausalLM runs all its decoder layers"):
+        enable_early_exit(wrapped, 1)

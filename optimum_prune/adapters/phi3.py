@@ -2,8 +2,8 @@
 
 ``self_attn.qkv_proj`` holds the query, key and value rows in one linear and ``mlp.gate_up_proj``
 the gate and up rows; unstructured and N:M pruning treat them as the linears they are (a weight
-row is still one output's weights, pruned along its inputs), and whole layers can go (``layers``).
-The other structured methods are refused: a head or an MLP channel is a set of rows spread over
+row is still one output's weights, pruned along its inputs), whole layers can go (``layers``) and
+linears can be factorised (``low_rank``). The other structured methods are refused: a head or an MLP channel is a set of rows spread over
 both parts of a fused weight, which their layouts (one linear per projection) do not describe.
 """
 
@@ -41,9 +41,14 @@ class Phi3Adapter(DecoderStackAdapter):
     def write_uniform_config(self, config: Any, shape: LayerShape) -> None:
         """Removing whole layers leaves every kept layer's widths as the config gives them."""
 
+    def reshape_layer(self, layer: nn.Module, shape: LayerShape) -> None:
+        """Nothing to reshape: the structured pruning Phi-3 takes keeps the widths (low-rank factors are built after this)."""
+        if shape != self.stock_shape(self.config):
+            raise ValueError(f"the checkpoint records a layer of {shape}, which this Phi-3 adapter does not build")
+
     def _no_structure(self) -> ValueError:
         return ValueError(
             f"{type(self.model).__name__} fuses its projections (self_attn.qkv_proj, mlp.gate_up_proj): heads, MLP channels, "
-            "sublayers and the residual stream cannot be pruned structurally; remove whole layers (method 'layers', without reroute) or use "
-            "an unstructured or N:M method such as wanda or sparsegpt"
+            "sublayers and the residual stream cannot be pruned structurally; remove whole layers (method 'layers', without reroute), "
+            "factorise linears (low_rank) or use an unstructured or N:M method such as wanda or sparsegpt"
         )

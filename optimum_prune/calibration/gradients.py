@@ -161,13 +161,23 @@ def grad_only(model: nn.Module, parameters: list[nn.Parameter]) -> Iterator[None
             parameter.requires_grad_(flag)
 
 
+def language_model_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The model's next-token loss on ``ids`` (its own labels)."""
+    loss = getattr(model(input_ids=ids, labels=ids, use_cache=False), "loss", None)
+    if loss is None:
+        raise ValueError(
+            f"{type(model).__name__} computes no language-model loss (a bare decoder has no LM head), which this "
+            "criterion is; load the model with AutoModelForCausalLM"
+        )
+    return loss
+
+
 def window_losses(model: nn.Module, windows: torch.Tensor, description: str) -> Iterator[torch.Tensor]:
     """The language-model loss of each calibration window, with autograd on."""
     device = next(model.parameters()).device
     with torch.enable_grad():
         for window in tqdm(windows, desc=description, leave=False):
-            ids = window.unsqueeze(0).to(device)
-            yield model(input_ids=ids, labels=ids, use_cache=False).loss
+            yield language_model_loss(model, window.unsqueeze(0).to(device))
 
 
 def calibration_perplexity(model: nn.Module, windows: torch.Tensor) -> float:
@@ -176,6 +186,5 @@ def calibration_perplexity(model: nn.Module, windows: torch.Tensor) -> float:
     total = 0.0
     with torch.no_grad():
         for window in windows:
-            ids = window.unsqueeze(0).to(device)
-            total += float(model(input_ids=ids, labels=ids, use_cache=False).loss)
+            total += float(language_model_loss(model, window.unsqueeze(0).to(device)))
     return math.exp(total / len(windows))

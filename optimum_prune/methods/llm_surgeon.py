@@ -44,7 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..calibration.engine import on_device
-from ..calibration.gradients import grad_only, overflowed, with_loss_scale
+from ..calibration.gradients import grad_only, language_model_loss, overflowed, with_loss_scale
 from ..options import option
 from ..report import LinearReport
 from ..sparsity import NMPattern
@@ -167,8 +167,7 @@ def kfac_factors(
             total.zero_()
         with grad_only(model, []), torch.enable_grad():
             for window in tqdm(windows, desc="K-FAC curvature", leave=False):
-                ids = window.unsqueeze(0).to(device)
-                (model(input_ids=ids, labels=ids, use_cache=False).loss * scale).backward()
+                (language_model_loss(model, window.unsqueeze(0).to(device)) * scale).backward()
         return None if overflowed(scale, (g for g, _ in sums.values())) else True
 
     handles = [linear.register_forward_hook(forward) for linear in linears]

@@ -9,7 +9,7 @@ import torch
 
 from optimum_prune import PruningConfig, prune, save_pruned
 
-from ..conftest import assert_stock_reload_matches, tiny_model, token_windows
+from ..conftest import assert_reloads_exactly, assert_stock_reload_matches, tiny_model, token_windows
 
 
 @pytest.mark.parametrize("allocation", ["owl", "sensitivity"])
@@ -30,6 +30,14 @@ def test_removed_layers_reload_with_stock_transformers(options, tmp_path):
     assert_stock_reload_matches(model, output, token_windows(samples=2, seq_len=12, seed=3), tmp_path)
 
 
+def test_low_rank_factors_reload(tmp_path):
+    """The checkpoint records the factors' ranks; reloading it asked the adapter to reshape its layers, which it refused."""
+    model = tiny_model("phi3")
+    prune(model, PruningConfig(method="low_rank", sparsity=0.25), calibration=token_windows())
+    assert type(model.model.layers[0].self_attn.qkv_proj).__name__ == "LowRankLinear"
+    assert_reloads_exactly(model, save_pruned(model, tmp_path / "factored"))
+
+
 @pytest.mark.parametrize(
     "config",
     [
@@ -46,3 +54,11 @@ def test_other_structured_pruning_is_refused_naming_the_fused_projections(config
     with pytest.raises(ValueError, match=r"fuses its projections \(self_attn.qkv_proj, mlp.gate_up_proj\).*method 'layers', without reroute"):
         prune(model, config, calibration=token_windows())
     assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
+
+
+@pytest.mark.parametrize("criterion", ["perplexity", "taylor"])
+def test_loss_criteria_on_a_bare_decoder_say_what_they_need(criterion):
+    """Phi3Model (as LlamaModel) has no LM head: the criteria failed with an AttributeError on the output's loss."""
+    decoder = tiny_model("phi3", num_hidden_layers=4).model
+    with pytest.raises(ValueError, match="Phi3Model computes no language-model loss .* AutoModelForCausalLM"):
+        prune(decoder, PruningConfig(method="layers", sparsity=0.25, method_options={"criterion": criterion}), calibration=token_windows())

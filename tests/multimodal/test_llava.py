@@ -303,3 +303,15 @@ def test_width_after_a_2_4_language_tower_says_the_pattern_is_gone_with_the_patt
     with caplog.at_level(logging.WARNING, logger="optimum_prune"):
         prune(llava, {"method": "width", "sparsity": 0.3, "method_options": {"criterion": "magnitude_l1"}}, token_windows(4, 16))
     assert "undid the model's earlier unstructured pruning" in caplog.text and "no longer 2:4" in caplog.text
+
+
+def test_an_allocation_a_later_part_cannot_make_is_refused_before_any_part_changes(llava, llava_processor, pairs):
+    """The vision tower was pruned, then the language tower's OWL range failed: the model was left half-pruned."""
+    before = {name: tensor.clone() for name, tensor in llava.state_dict().items()}
+    config = PruningConfig(
+        method="wanda", allocation="owl", allocation_options={"max_deviation": 0.2}, num_calibration_samples=4,
+        parts={"vision": {"sparsity": 0.3}, "language": {"sparsity": 0.9}},
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"the language part: OWL with target 0.9 and max_deviation 0.2 gives layer sparsities outside"):
+        prune(llava, config, pairs, processor=llava_processor)
+    assert not changed_parameters(before, llava) and not getattr(llava.config, "pruning_config", None)
