@@ -11,7 +11,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from .calibration import check_token_ids, tokenize_stream
-from .calibration.multimodal import check_image_text, image_text_batch
+from .calibration.multimodal import check_image_text, image_placeholder, image_text_batch
 from .data import wikipedia_text
 
 
@@ -97,7 +97,7 @@ def evaluate_image_text_loss(
     try:
         with torch.no_grad():
             check_image_text(pairs, processor)
-            placeholder = getattr(processor, "image_token", "<image>")
+            placeholder = image_placeholder(processor)
             for index in range(len(pairs)):  # one pair at a time: its pixels exist only while it is scored
                 pair = pairs[index]
                 if placeholder in pair["text"]:  # its own prompt: the caption could not be told from it

@@ -20,9 +20,12 @@ from .adapters import get_adapter
 from .ignoring import is_ignored
 
 
-def prunable_linears(model: nn.Module, ignore: Iterable[str] = (), include_routers: bool = False) -> dict[str, nn.Linear]:
+def prunable_linears(
+    model: nn.Module, ignore: Iterable[str] = (), include_routers: bool = False, every_part: bool = False
+) -> dict[str, nn.Linear]:
     """The decoder layers' linears by qualified name, minus ``ignore`` glob matches and, unless
-    ``include_routers``, MoE routers (``prune`` leaves them dense unless asked).
+    ``include_routers``, MoE routers (``prune`` leaves them dense unless asked). The language tower's,
+    or with ``every_part`` a multimodal model's vision tower and projector too.
 
     Works through a peft wrapper: a tuner layer (e.g. LoRA) contributes its base linear under
     the name the unwrapped model gives it, and its own small adapter linears are skipped.
@@ -30,8 +33,9 @@ def prunable_linears(model: nn.Module, ignore: Iterable[str] = (), include_route
     adapter = get_adapter(model)
     patterns = tuple(ignore)
     found: dict[str, nn.Linear] = {}
-    for prefix, layer in zip(adapter.layer_names(), adapter.decoder_layers()):
-        routers = set() if include_routers else {id(_base_layer(router)) for router in adapter.routers(layer)}
+    parts = adapter.parts().values() if every_part else [adapter]
+    for part, prefix, layer in ((part, *named) for part in parts for named in zip(part.layer_names(), part.decoder_layers())):
+        routers = set() if include_routers else {id(_base_layer(router)) for router in part.routers(layer)}
         for name, linear in _unwrapped_linears(layer):
             qualified = f"{prefix}.{name}"
             if id(linear) not in routers and not is_ignored(qualified, patterns):
@@ -73,7 +77,7 @@ class SparsityMasks:
         are kept too: every zero counts, as ``verify_sparsity`` counts them; so are a router's
         (``moe_options.prune_router``).
         """
-        linears = prunable_linears(model, ignore, include_routers=True)
+        linears = prunable_linears(model, ignore, include_routers=True, every_part=True)  # a pruned vision tower's too
         return cls(linears, {name: linear.weight.detach() == 0 for name, linear in linears.items()})
 
     def set(self, name: str, pruned: torch.Tensor) -> None:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 from contextlib import contextmanager
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -163,13 +163,22 @@ def grad_only(model: nn.Module, parameters: list[nn.Parameter]) -> Iterator[None
 
 def language_model_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """The model's next-token loss on ``ids`` (its own labels)."""
-    loss = getattr(model(input_ids=ids, labels=ids, use_cache=False), "loss", None)
-    if loss is None:
+    return _language_model_output(model, ids, labels=ids).loss
+
+
+def language_model_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """The model's next-token logits on ``ids``."""
+    return _language_model_output(model, ids).logits
+
+
+def _language_model_output(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor | None = None) -> Any:
+    output = model(input_ids=ids, labels=labels, use_cache=False)
+    if getattr(output, "logits", None) is None:
         raise ValueError(
-            f"{type(model).__name__} computes no language-model loss (a bare decoder has no LM head), which this "
-            "criterion is; load the model with AutoModelForCausalLM"
+            f"{type(model).__name__} computes no language-model logits (a bare decoder has no LM head), which this "
+            "method's criterion needs; load the model with AutoModelForCausalLM"
         )
-    return loss
+    return output
 
 
 def window_losses(model: nn.Module, windows: torch.Tensor, description: str) -> Iterator[torch.Tensor]:

@@ -48,14 +48,21 @@ def check_image_text(pairs: Any, processor: Any) -> None:
         raise ValueError(f"image-text calibration dataset needs 'image' and 'text' columns; it has {pairs.column_names}")
 
 
+def image_placeholder(processor: Any) -> str:
+    """The text a processor replaces by an image's tokens: its ``image_token`` (LLaVA), or Gemma 3's
+    ``boi_token``, which it expands into the image's soft tokens (its ``image_token``)."""
+    return getattr(processor, "boi_token", None) or processor.image_token
+
+
 def image_text_batch(pair: dict[str, Any], processor: Any, index: int) -> dict[str, torch.Tensor]:
     """One pair as model inputs: the image placeholder, a newline and the text (unless the text places
     the placeholder itself). ``index`` names the pair in errors."""
     text = pair.get("text")
     if not isinstance(text, str):
         raise ValueError(f"image-text calibration pair {index} needs a 'text' string, got {text!r}")
-    if processor.image_token not in text:
-        text = f"{processor.image_token}\n{text}"
+    placeholder = image_placeholder(processor)
+    if placeholder not in text:
+        text = f"{placeholder}\n{text}"
     processed = processor(images=pair["image"], text=text, return_tensors="pt")
     return {name: value for name, value in processed.items() if isinstance(value, torch.Tensor)}
 

@@ -68,7 +68,7 @@ from tqdm.auto import tqdm
 
 from ..calibration import LayerInputs, capture_first_layer_inputs, feed_layer, run_layer
 from ..calibration.engine import on_device
-from ..calibration.gradients import grad_only, overflowed, with_loss_scale
+from ..calibration.gradients import grad_only, language_model_logits, overflowed, with_loss_scale
 from ..options import check_choice, option
 from .base import StructuredMethod, register_structured_method
 from .width import Component, layer_parameters, group_columns, group_units, output_projection
@@ -306,7 +306,7 @@ class TeacherTargets:
         indices, log_probabilities = [], []
         with torch.no_grad():
             for window in tqdm(windows, desc="Dense predictions", leave=False):
-                logits = model(input_ids=window.unsqueeze(0).to(device), use_cache=False).logits.float()
+                logits = language_model_logits(model, window.unsqueeze(0).to(device)).float()
                 ids = logits.topk(min(k, logits.shape[-1] - 1), dim=-1).indices
                 indices.append(ids)
                 log_probabilities.append(_coarse_log_softmax(logits, ids, temperature))

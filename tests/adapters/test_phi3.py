@@ -56,9 +56,17 @@ def test_other_structured_pruning_is_refused_naming_the_fused_projections(config
     assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
 
 
-@pytest.mark.parametrize("criterion", ["perplexity", "taylor"])
-def test_loss_criteria_on_a_bare_decoder_say_what_they_need(criterion):
-    """Phi3Model (as LlamaModel) has no LM head: the criteria failed with an AttributeError on the output's loss."""
-    decoder = tiny_model("phi3", num_hidden_layers=4).model
-    with pytest.raises(ValueError, match="Phi3Model computes no language-model loss .* AutoModelForCausalLM"):
-        prune(decoder, PruningConfig(method="layers", sparsity=0.25, method_options={"criterion": criterion}), calibration=token_windows())
+@pytest.mark.parametrize(
+    "family, config",
+    [
+        ("phi3", PruningConfig(method="layers", sparsity=0.25, method_options={"criterion": "perplexity"})),
+        ("phi3", PruningConfig(method="layers", sparsity=0.25, method_options={"criterion": "taylor"})),
+        ("llama", PruningConfig(method="kprune", sparsity=0.2)),
+    ],
+    ids=["perplexity", "taylor", "kprune"],
+)
+def test_loss_criteria_on_a_bare_decoder_say_what_they_need(family, config):
+    """Phi3Model (as LlamaModel) has no LM head: the criteria failed with an AttributeError on the output's loss or logits."""
+    decoder = tiny_model(family, num_hidden_layers=4).model
+    with pytest.raises(ValueError, match=f"{type(decoder).__name__} computes no language-model logits .* AutoModelForCausalLM"):
+        prune(decoder, config, calibration=token_windows())

@@ -1,7 +1,7 @@
 """Gemma 3 with images: a SigLIP tower, a projector without linears and a Gemma 3 language tower.
 
-Built from a tiny random ``Gemma3ForConditionalGeneration``; calibrated on processed batches (no small Gemma 3
-processor is installable offline: it needs the Gemma tokenizer's image tokens)."""
+Built from a tiny random ``Gemma3ForConditionalGeneration``, calibrated on processed batches or on image-text
+pairs through a real ``Gemma3Processor`` over the offline BPE tokenizer with Gemma's image tokens."""
 
 from __future__ import annotations
 
@@ -9,9 +9,20 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForImageTextToText, Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+from transformers import (
+    AutoModelForImageTextToText,
+    Gemma3Config,
+    Gemma3ForConditionalGeneration,
+    Gemma3ImageProcessor,
+    Gemma3Processor,
+    Gemma3TextConfig,
+    PreTrainedTokenizerFast,
+    SiglipVisionConfig,
+)
 
 from optimum_prune import PruningConfig, get_adapter, prune, save_pruned
+from optimum_prune.data.images import image_text_pairs
+from optimum_prune.evaluation import evaluate_image_text_loss
 from optimum_prune.adapters.gemma import SandwichNormAdapter
 from tests.conftest import TINY, token_windows
 
@@ -19,14 +30,18 @@ IMAGE = 300  # the image soft token; BOI / EOI follow
 VISION = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
 
 
-def tiny_gemma3(seed: int = 0) -> Gemma3ForConditionalGeneration:
-    text = Gemma3TextConfig(**{**TINY, "vocab_size": IMAGE + 3, "head_dim": 16, "sliding_window": 8, "sliding_window_pattern": 2})
+def tiny_gemma3(seed: int = 0, image: int = IMAGE) -> Gemma3ForConditionalGeneration:
+    """``image``: the soft token's id; the start and end of image follow it, the last ids of the vocabulary."""
+    text = Gemma3TextConfig(**{**TINY, "vocab_size": image + 3, "head_dim": 16, "sliding_window": 8, "sliding_window_pattern": 2})
     config = Gemma3Config(
         text_config=text, vision_config=SiglipVisionConfig(**VISION), mm_tokens_per_image=4,
-        image_token_index=IMAGE, boi_token_index=IMAGE + 1, eoi_token_index=IMAGE + 2,
+        image_token_index=image, boi_token_index=image + 1, eoi_token_index=image + 2,
     )  # fmt: skip
     torch.manual_seed(seed)
-    return Gemma3ForConditionalGeneration(config).eval()
+    model = Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():  # transformers initialises it to zeros: the images would not reach the language model
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.1)
+    return model
 
 
 def image_batch(seed: int) -> dict[str, torch.Tensor]:
@@ -37,6 +52,35 @@ def image_batch(seed: int) -> dict[str, torch.Tensor]:
     ids = torch.cat([words[:, :4], image, words[:, 4:]], dim=1)
     pixels = torch.randn(1, 3, 32, 32, generator=generator)
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels, "token_type_ids": (ids == IMAGE).long()}
+
+
+@pytest.fixture(scope="module")
+def gemma3_processor(bpe_tokenizer) -> Gemma3Processor:
+    """A real Gemma 3 processor over the offline BPE tokenizer with Gemma's three image tokens (ids 320-322)."""
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe_tokenizer.backend_tokenizer, eos_token="<eos>", pad_token="<eos>",
+        extra_special_tokens={"image_token": "<image_soft_token>", "boi_token": "<start_of_image>", "eoi_token": "<end_of_image>"},
+        model_input_names=["input_ids", "attention_mask"],
+    )  # fmt: skip
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image_soft_token>", "<start_of_image>", "<end_of_image>"]})
+    return Gemma3Processor(image_processor=Gemma3ImageProcessor(size={"height": 32, "width": 32}), tokenizer=tokenizer, image_seq_length=4)
+
+
+def test_image_text_pairs_calibrate_and_evaluate_through_its_processor(gemma3_processor):
+    """Gemma 3's processor expands <start_of_image>, not its image_token (the soft token): the pairs put the wrong one first."""
+    model = tiny_gemma3(image=gemma3_processor.tokenizer.convert_tokens_to_ids("<image_soft_token>"))
+    pairs = image_text_pairs("calibration")[:3]
+    before = evaluate_image_text_loss(model, gemma3_processor, image_text_pairs("evaluation")[:2])
+    report = prune(model, {"method": "wanda", "parts": {"vision": {}, "language": {}}}, pairs, processor=gemma3_processor)
+    assert report.calibration_images == 3 and report.part_sparsity("vision") == pytest.approx(0.5)
+    assert evaluate_image_text_loss(model, gemma3_processor, image_text_pairs("evaluation")[:2]) != before
+
+
+def test_the_images_reach_the_language_model():
+    model, batch = tiny_gemma3(), image_batch(0)
+    with torch.no_grad():
+        other_image = model(**{**batch, "pixel_values": torch.randn_like(batch["pixel_values"])}).logits
+        assert not torch.allclose(model(**batch).logits, other_image)
 
 
 def test_the_parts_and_the_language_towers_adapter():

@@ -315,3 +315,19 @@ def test_an_allocation_a_later_part_cannot_make_is_refused_before_any_part_chang
     with pytest.raises(ValueError, match=r"the language part: OWL with target 0.9 and max_deviation 0.2 gives layer sparsities outside"):
         prune(llava, config, pairs, processor=llava_processor)
     assert not changed_parameters(before, llava) and not getattr(llava.config, "pruning_config", None)
+
+
+def test_sparsity_masks_keep_every_pruned_parts_zeros(llava, llava_processor, pairs):
+    """PruningCallback's masks held the language tower's linears only: training put a pruned vision tower's zeros back."""
+    from optimum_prune import SparsityMasks
+
+    config = PruningConfig(method="wanda", num_calibration_samples=2, parts={"vision": {}, "projector": {}, "language": {}})
+    prune(llava, config, pairs, processor=llava_processor)
+    masks = SparsityMasks.from_zeros(llava)
+    assert {name.split(".")[1] for name in masks.linears} == {"vision_tower", "multi_modal_projector", "language_model"}
+    with torch.no_grad():
+        for linear in masks.linears.values():
+            linear.weight.add_(1.0)  # what an optimizer step does to zeros
+    masks.apply()
+    for name, linear in masks.linears.items():
+        assert float((linear.weight == 0).float().mean()) == pytest.approx(0.5, abs=0.02), name
