@@ -33,13 +33,13 @@ def prunable_linears(
     adapter = get_adapter(model)
     patterns = tuple(ignore)
     found: dict[str, nn.Linear] = {}
-    parts = adapter.parts().values() if every_part else [adapter]
-    for part, prefix, layer in ((part, *named) for part in parts for named in zip(part.layer_names(), part.decoder_layers())):
-        routers = set() if include_routers else {id(_base_layer(router)) for router in part.routers(layer)}
-        for name, linear in _unwrapped_linears(layer):
-            qualified = f"{prefix}.{name}"
-            if id(linear) not in routers and not is_ignored(qualified, patterns):
-                found[qualified] = linear
+    for part in adapter.parts().values() if every_part else [adapter]:
+        for prefix, layer in zip(part.layer_names(), part.decoder_layers()):
+            routers = set() if include_routers else {id(_base_layer(router)) for router in part.routers(layer)}
+            for name, linear in _unwrapped_linears(layer):
+                qualified = f"{prefix}.{name}"
+                if id(linear) not in routers and not is_ignored(qualified, patterns):
+                    found[qualified] = linear
     return found
 
 
