@@ -3,8 +3,9 @@
 ``self_attn.qkv_proj`` holds the query, key and value rows in one linear and ``mlp.gate_up_proj``
 the gate and up rows; unstructured and N:M pruning treat them as the linears they are (a weight
 row is still one output's weights, pruned along its inputs), whole layers can go (``layers``) and
-linears can be factorised (``low_rank``). The other structured methods are refused: a head or an MLP channel is a set of rows spread over
-both parts of a fused weight, which their layouts (one linear per projection) do not describe.
+linears can be factorised (``low_rank``). The other structured methods are refused: a head or an
+MLP channel is a set of rows spread over both parts of a fused weight, which their layouts (one
+linear per projection) do not describe.
 """
 
 from __future__ import annotations
