@@ -163,22 +163,22 @@ def grad_only(model: nn.Module, parameters: list[nn.Parameter]) -> Iterator[None
 
 def language_model_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """The model's next-token loss on ``ids`` (its own labels)."""
-    return _language_model_output(model, ids, labels=ids).loss
+    return _required(model, model(input_ids=ids, labels=ids, use_cache=False), "loss")
 
 
 def language_model_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """The model's next-token logits on ``ids``."""
-    return _language_model_output(model, ids).logits
+    return _required(model, model(input_ids=ids, use_cache=False), "logits")
 
 
-def _language_model_output(model: nn.Module, ids: torch.Tensor, labels: torch.Tensor | None = None) -> Any:
-    output = model(input_ids=ids, labels=labels, use_cache=False)
-    if getattr(output, "logits", None) is None:
+def _required(model: nn.Module, output: Any, field: str) -> torch.Tensor:
+    value = getattr(output, field, None)
+    if value is None:
         raise ValueError(
-            f"{type(model).__name__} computes no language-model logits (a bare decoder has no LM head), which this "
+            f"{type(model).__name__} computes no language-model {field} (a bare decoder has no LM head), which this "
             "method's criterion needs; load the model with AutoModelForCausalLM"
         )
-    return output
+    return value
 
 
 def window_losses(model: nn.Module, windows: torch.Tensor, description: str) -> Iterator[torch.Tensor]:
