@@ -241,6 +241,14 @@ def recorded_steps(model_config: Any) -> list[dict[str, Any]]:
     return steps
 
 
+def readable_step(recorded: Mapping[str, Any] | None) -> PruningConfig | None:
+    """A recorded step as a config, or None when there is none or another version wrote one this version cannot read."""
+    try:
+        return PruningConfig.from_dict(recorded) if recorded else None
+    except (ValueError, TypeError):
+        return None
+
+
 def record_pruning(model_config: Any, config: PruningConfig) -> None:
     """``config`` as the model's ``pruning_config``; the earlier ones too, in order, when it was pruned before."""
     earlier = recorded_steps(model_config)

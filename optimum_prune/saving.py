@@ -16,7 +16,7 @@ from typing import Any, Iterator, Mapping
 
 from torch import nn
 
-from .config import PruningConfig, record_pruning
+from .config import PruningConfig, readable_step, record_pruning
 from .kernels.linear import SparseLinear
 from .perp import MaskLoRALinear
 from .quantized import is_gptq_linear, repacked_in_place
@@ -159,7 +159,7 @@ def save_pruned(
     if config is None:
         config = recorded = PruningConfig.from_dict(recorded) if recorded else None
     else:  # a record this version cannot read is another step than the one given
-        recorded = _readable(recorded)
+        recorded = readable_step(recorded)
     output_dir = Path(output_dir)
     with _recorded_for_saving(model.config, config, recorded):
         if compressed_tensors_metadata:
@@ -176,14 +176,6 @@ def save_pruned(
 
 
 RECORD_KEYS = ("pruning_config", "pruning_history")
-
-
-def _readable(recorded: Mapping[str, Any] | None) -> PruningConfig | None:
-    """The recorded config, or None when there is none or another version wrote one this version cannot read."""
-    try:
-        return PruningConfig.from_dict(recorded) if recorded else None
-    except (ValueError, TypeError):
-        return None
 
 
 @contextmanager

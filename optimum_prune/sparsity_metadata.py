@@ -18,7 +18,7 @@ from typing import Any
 from torch import nn
 
 from .adapters import get_adapter
-from .config import PruningConfig, recorded_steps
+from .config import PruningConfig, readable_step, recorded_steps
 from .methods import METHODS
 from .quantized import is_quantized
 from .sparsity import NMPattern, conforms_to
@@ -125,8 +125,9 @@ def require_compressed_tensors() -> None:
 
 
 def _sparse_step(model: nn.Module) -> PruningConfig:
-    """The last unstructured step the model records (or its last step, structured, for the error)."""
-    steps = [PruningConfig.from_dict(step) for step in recorded_steps(model.config)]
+    """The last unstructured step the model records (or its last step, structured, for the error); steps
+    another version wrote that this one cannot read are passed over."""
+    steps = [step for step in map(readable_step, recorded_steps(model.config)) if step is not None]
     if not steps:
-        raise ValueError("the model carries no pruning_config (prune it with optimum_prune.prune, or pass config=)")
+        raise ValueError("the model carries no pruning_config this version can read (prune it with optimum_prune.prune, or pass config=)")
     return next((step for step in reversed(steps) if not METHODS.get(step.method).structured), steps[-1])

@@ -172,3 +172,14 @@ def test_two_four_then_uniform_width_leaves_the_linears_that_lost_input_columns_
     metadata = sparsity_config(model)
     assert metadata["sparsity_structure"] == "2:4"
     assert metadata["ignore"] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj", "lm_head"]
+
+
+def test_a_step_another_version_wrote_is_passed_over(tmp_path):
+    """Every recorded step is read now (to find the last unstructured one): an unreadable earlier one raised."""
+    model = tiny_model(num_hidden_layers=4)
+    windows = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    prune(model, PruningConfig(method="wanda", sparsity="2:4"), calibration=windows)
+    prune(model, PruningConfig(method="layers", sparsity=0.25), calibration=windows)
+    model.config.pruning_history = [{"format_version": 99, "method": "future"}, *model.config.pruning_history]
+    assert sparsity_config(model)["sparsity_structure"] == "2:4"
+    assert save_pruned(model, tmp_path / "out", compressed_tensors_metadata=True).is_dir()
