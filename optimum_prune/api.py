@@ -29,7 +29,7 @@ from .calibration import (
     walk_layers,
 )
 from .calibration.engine import moving_to, on_device, on_disk
-from .config import PruningConfig, record_pruning, recorded_steps
+from .config import PruningConfig, readable_step, record_pruning, recorded_steps
 from .distributed import all_reduce_sum, is_distributed, launched_processes, shard
 from .ignoring import check_ignore_patterns, is_ignored
 from .methods import METHODS, LayerPruner, MethodSpec, ModelPruner, StructuredMethod
@@ -170,9 +170,8 @@ def _earlier_sparsity(model: nn.Module) -> tuple[NMPattern | None, dict[str, dic
     measured sparsity, and each linear module's name now (experts are renumbered when some go), if the model
     records such a step this version can read."""
     for step in reversed(recorded_steps(model.config)):
-        try:
-            recorded = PruningConfig.from_dict(step)
-        except (ValueError, TypeError):  # written by another version: nothing to compare with
+        recorded = readable_step(step)
+        if recorded is None:  # written by another version: nothing to compare with
             return None
         if not METHODS.get(recorded.method).structured:
             pattern = next((target for target in recorded.part_targets().values() if isinstance(target, NMPattern)), None)

@@ -153,16 +153,20 @@ class LlamaAdapter(DecoderStackAdapter):
             raise ValueError(f"sublayer must be 'attention' or 'mlp', got {kind!r}")
         return layer.self_attn if kind == "attention" else layer.mlp
 
+    def _post_norm(self, layer: nn.Module, kind: str) -> nn.Module | None:
+        """The norm applied to the ``kind`` sublayer's output before the residual add (Gemma 2 / 3), if any."""
+        return getattr(layer, self.post_norms[kind]) if kind in self.post_norms else None
+
     def sublayer_contribution(self, layer: nn.Module, kind: str) -> nn.Module:
-        sublayer = self.sublayer(layer, kind)
-        return PostNormed(sublayer, getattr(layer, self.post_norms[kind])) if kind in self.post_norms else sublayer
+        sublayer, norm = self.sublayer(layer, kind), self._post_norm(layer, kind)
+        return sublayer if norm is None else PostNormed(sublayer, norm)
 
     def output_target(self, layer: nn.Module, kind: str, term: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
-        if kind not in self.post_norms:
+        norm = self._post_norm(layer, kind)
+        if norm is None:
             return term
         # post_norm(z) = γ ⊙ z / rms(z), so near the current output z a change δ moves the term by about γ ⊙ δ / rms(z):
         # δ = rms(z) · r ⊙ γ / (γ² + λ) for the missing part r (ridge: a channel the norm nearly zeroes moves little).
-        norm = getattr(layer, self.post_norms[kind])
         gamma = self.norm_scale(norm).to(term)
         missing = term - norm(output).to(term)
         damping = OUTPUT_TARGET_DAMPING * gamma.square().mean()
@@ -185,7 +189,8 @@ class LlamaAdapter(DecoderStackAdapter):
             sink("mlp", stream["h1"], stream["h1"] + output)
 
         def added(kind: str) -> nn.Module:
-            return getattr(layer, self.post_norms[kind]) if kind in self.post_norms else self.sublayer(layer, kind)
+            norm = self._post_norm(layer, kind)
+            return self.sublayer(layer, kind) if norm is None else norm
 
         handles = [
             layer.register_forward_pre_hook(layer_input, with_kwargs=True),
