@@ -6,7 +6,7 @@
 """
 
 from .allocation import ALLOCATIONS, register_allocation
-from .adapters import ADAPTERS, get_adapter, register_adapter
+from .adapters import ADAPTERS, UnsupportedArchitecture, get_adapter, register_adapter
 from .api import prune
 from .callback import GradualSchedule, IterativeSchedule, PruningCallback
 from .compress import compress
@@ -54,6 +54,7 @@ __all__ = [
     "SparseLinear",
     "SparsityMasks",
     "StructureConfig",
+    "UnsupportedArchitecture",
     "add_teacher_top_k",
     "choose_early_exit",
     "compress",

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .adapters import DecoderAdapter, get_adapter
+from .adapters import DecoderAdapter, UnsupportedArchitecture, get_adapter
 from .allocation import ALLOCATIONS, Allocation
 from .calibration import (
     CalibrationInputs,
@@ -108,14 +108,7 @@ def prune(
             "activations on the compute device (leave activation_device unset)"
         )
     spec = METHODS.get(config.method)
-    if spec.structured:
-        runs = [_StructuredRun.plan(adapter, config, device)]
-    else:  # methods that zero weights
-        _check_no_mpo_experts(adapter)
-        if spec.model_pruner:
-            runs = [_ModelRun.plan(adapter, config, device)]
-        else:
-            runs = _PruningRun.plan_parts(adapter, config, device, offload, check_activation_device(activation_device))
+    runs = _plan_runs(adapter, config, device, offload, check_activation_device(activation_device))
     inputs = None
     if config.requires_calibration:
         inputs = calibration_inputs(
@@ -163,6 +156,32 @@ def prune(
     record_pruning(model.config, config)
     logger.info("%s", report)
     return report
+
+
+def _plan_runs(
+    adapter: DecoderAdapter, config: PruningConfig, device: torch.device, offload: "LayerStream | None" = None,
+    activation_device: torch.device | str | None = None,
+) -> list["_PruningRun | _StructuredRun | _ModelRun"]:
+    """The config's method bound to the model, with every check that needs no data; nothing changes yet."""
+    spec = METHODS.get(config.method)
+    if spec.structured:
+        return [_StructuredRun.plan(adapter, config, device)]
+    _check_no_mpo_experts(adapter)  # methods that zero weights
+    if spec.model_pruner:
+        return [_ModelRun.plan(adapter, config, device)]
+    return _PruningRun.plan_parts(adapter, config, device, offload, activation_device)
+
+
+def check_architecture(model: nn.Module, config: PruningConfig) -> None:
+    """Raise ``UnsupportedArchitecture`` if ``model``'s architecture can never take ``config``, whatever earlier
+    steps change: ``compress`` asks this of every step before the first runs. The checks that depend on the
+    model's current widths and layers run again when the step does, on what the earlier steps produced."""
+    try:
+        _plan_runs(get_adapter(model), config, torch.device("cpu"))
+    except UnsupportedArchitecture:
+        raise
+    except ValueError:  # about the current state (widths, layer count, ignore matches), which earlier steps may change
+        pass
 
 
 def _earlier_sparsity(model: nn.Module) -> tuple[NMPattern | None, dict[str, dict], weakref.WeakKeyDictionary] | None:

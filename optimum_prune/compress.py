@@ -21,9 +21,12 @@ import torch
 from torch import nn
 from transformers import GPTQConfig, QuantoConfig
 
+from .adapters import UnsupportedArchitecture
+from .api import check_architecture, prune
 from .calibration import CalibrationSource, calibration_windows
 from .calibration.multimodal import is_image_text, is_model_batches
 from .config import PruningConfig
+from .methods import METHODS
 from .report import PruningReport
 
 Step = PruningConfig | Mapping[str, Any] | QuantoConfig | GPTQConfig
@@ -43,12 +46,10 @@ def compress(
     ``transformers.QuantoConfig`` (weight-only) or ``transformers.GPTQConfig``, which must come last:
     quantized weights are frozen, so nothing can be pruned after them. GPTQ calibrates on
     ``calibration`` (windows drawn as the last pruning step draws them) unless its config lists texts.
-    The recipe's form is checked before any step runs; a step that cannot apply to what the earlier
-    steps produced fails before it changes anything. ``processor`` turns image-text calibration pairs into
+    The recipe's form, and whether the model's architecture can take each step, are checked before any step
+    runs; a step that cannot apply to what the earlier steps produced fails before it changes anything. ``processor`` turns image-text calibration pairs into
     model inputs for a multimodal model's pruning steps, as in ``prune``.
     """
-    from .api import prune
-
     steps = [_check_step(step, index) for index, step in enumerate(recipe)]
     if not steps:
         raise ValueError("recipe is empty: give at least one PruningConfig, QuantoConfig or GPTQConfig")
@@ -58,10 +59,17 @@ def compress(
             f"recipe[{quantization[0]}]: quantization must be the single last step (quantized weights are frozen, "
             "nothing can be pruned after them)"
         )
-    if isinstance(steps[-1], GPTQConfig):
-        from .gptq import check_group_size
+    pruning = [(index, step) for index, step in enumerate(steps) if isinstance(step, PruningConfig)]
+    for index, step in pruning:
+        try:
+            check_architecture(model, step)
+        except UnsupportedArchitecture as error:
+            raise UnsupportedArchitecture(f"recipe[{index}]: {error}") from None
+    reshaped = any(METHODS.get(step.method).structured for _, step in pruning)
+    if isinstance(steps[-1], GPTQConfig) and not reshaped:  # else checked when it runs, on the pruned widths
+        from .gptq import check_widths
 
-        check_group_size(model, steps[-1], f"recipe[{len(steps) - 1}]")
+        check_widths(model, steps[-1], f"recipe[{len(steps) - 1}]")
     if isinstance(steps[-1], QuantoConfig):
         from .quanto import check_packing
 

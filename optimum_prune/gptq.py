@@ -55,16 +55,29 @@ def check_config(config: GPTQConfig, field: str) -> None:
         raise ImportError(f"{field}: GPTQConfig needs gptqmodel (>= 1.6): pip install 'optimum-prune[gptq]' (see README, GPTQ)")
 
 
-def check_group_size(model: nn.Module, config: GPTQConfig, field: str) -> None:
-    """Every decoder linear's input width must hold whole quantization groups: gptqmodel packs them so
-    (its CPU int4 kernel fails on SmolLM2's 576-wide inputs with group_size=128, at the first forward)."""
+PACKING_WORD = 32  # gptqmodel packs codes into 32-bit words, 32 input columns and 32 output rows at a time
+
+
+def check_widths(model: nn.Module, config: GPTQConfig, field: str) -> None:
+    """Every decoder linear's widths must be whole multiples of gptqmodel's packing blocks (it fails mid-packing
+    otherwise), and its input width must hold whole quantization groups (its CPU int4 kernel fails on SmolLM2's
+    576-wide inputs with group_size=128, at the first forward)."""
+    from .adapters import get_adapter
+
+    linears = {
+        name: m for layer in get_adapter(model).decoder_layers() for name, m in layer.named_modules() if isinstance(m, nn.Linear)
+    }
+    unpackable = sorted({w for m in linears.values() for w in (m.in_features, m.out_features) if w % PACKING_WORD})
+    if unpackable:
+        raise ValueError(
+            f"{field}: gptqmodel packs GPTQ codes in blocks of {PACKING_WORD} input columns and output rows; the decoder "
+            f"linears have widths {unpackable}, which are not multiples of {PACKING_WORD} (structured pruning may have left "
+            "them so): prune to widths in multiples of 32, or quantize with QuantoConfig"
+        )
     group_size = config.group_size
     if group_size is None or group_size <= 0:
         return
-    from .adapters import get_adapter
-
-    linears = [m for layer in get_adapter(model).decoder_layers() for m in layer.modules() if isinstance(m, nn.Linear)]
-    widths = sorted({m.in_features for m in linears})
+    widths = sorted({m.in_features for m in linears.values()})
     uneven = [w for w in widths if w % group_size]
     if uneven:
         common = math.gcd(*widths)
@@ -82,7 +95,7 @@ def quantize_weights(model: nn.Module, config: GPTQConfig, windows: torch.Tensor
     from optimum.gptq import GPTQQuantizer
 
     refuse_recorded_structure(model, "GPTQ (it saves its own quantization_config)")
-    check_group_size(model, config, "GPTQConfig")  # again: structured pruning may have changed the widths
+    check_widths(model, config, "GPTQConfig")  # again: structured pruning may have changed the widths
     options = config.to_dict_optimum()
     options["act_group_aware"] = False  # see the module docstring
     if windows is not None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import QuantoConfig
 
-from optimum_prune import PruningConfig, compress, prune, save_pruned, verify_sparsity
+from optimum_prune import PruningConfig, UnsupportedArchitecture, compress, prune, save_pruned, verify_sparsity
 
 from .conftest import tiny_model, token_windows
 
@@ -144,3 +144,31 @@ def test_a_recipe_of_several_pruning_steps_records_each_in_order(tmp_path):
     once = tiny_model()
     compress(once, [PruningConfig(method="magnitude")])
     assert not hasattr(once.config, "pruning_history")
+
+
+@pytest.mark.parametrize(
+    ("family", "step", "refusal"),
+    [
+        ("gemma2", {"method": "slicegpt", "sparsity": 0.25}, "post_attention_layernorm.*SliceGPT does not apply"),
+        ("phi3", {"method": "width", "sparsity": 0.2}, "fuses its projections"),
+        ("llama", {"method": "experts", "sparsity": 0.5}, "no mixture-of-experts layers"),
+    ],
+)
+def test_a_step_the_architecture_can_never_take_is_refused_before_the_first_step_runs(family, step, refusal):
+    model = tiny_model(family)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(UnsupportedArchitecture, match=rf"recipe\[1\]: .*{refusal}"):
+        compress(model, [PruningConfig(method="magnitude", sparsity=0.5), step], calibration=token_windows())
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
+
+
+def test_a_step_that_fits_only_what_the_earlier_steps_produce_is_not_refused_up_front():
+    """2:4 needs input widths in multiples of 4: 258 MLP channels are not, the 180 that width pruning keeps are."""
+    model = tiny_model(hidden_size=128, intermediate_size=258)
+    with pytest.raises(ValueError, match="cannot be applied to model.layers.0.mlp.down_proj"):
+        compress(tiny_model(hidden_size=128, intermediate_size=258), [PruningConfig(method="magnitude", sparsity="2:4")])
+    width = PruningConfig(method="width", sparsity=0.2025, method_options={"components": "mlp", "criterion": "magnitude_l2"})
+    compress(model, [width, PruningConfig(method="magnitude", sparsity="2:4")])
+    assert model.model.layers[0].mlp.down_proj.in_features == 180
+    assert verify_sparsity(model, "2:4")["conforming"]

@@ -127,7 +127,7 @@ def test_non_uniform_structure_is_refused_before_quantizing():
 
 
 def test_a_group_size_that_splits_input_widths_is_refused_before_pruning():
-    model = tiny_model(hidden_size=96, intermediate_size=192, num_attention_heads=4, num_key_value_heads=2)
+    model = tiny_model(hidden_size=96, intermediate_size=192, num_attention_heads=4, num_key_value_heads=4)
     with pytest.raises(ValueError, match=r"recipe\[1\]: GPTQConfig\(group_size=64\) does not divide .*\[96\].*use group_size=32"):
         compress(model, [PruningConfig(method="magnitude", sparsity=0.5), GPTQConfig(bits=4, group_size=64)], calibration=token_windows())
     assert verify_sparsity(model)["overall_sparsity"] < 0.01  # nothing was pruned
@@ -158,3 +158,24 @@ def test_processed_batches_which_gptq_cannot_take_fail_before_pruning():
     with pytest.raises(ValueError, match="GPTQConfig calibrates on token windows .* processed batches and image-text pairs"):
         compress(model, [PruningConfig(method="wanda", sparsity=0.5), GPTQConfig(bits=4, group_size=GROUP)], calibration=batches)
     assert not any(is_gptq_linear(module) for module in model.modules()) and verify_sparsity(model)["overall_sparsity"] < 0.01
+
+
+def test_widths_gptqmodel_cannot_pack_are_refused_before_pruning():
+    model = tiny_model(hidden_size=128, intermediate_size=176)  # down_proj: 176 input columns, 5.5 blocks of 32
+    with pytest.raises(ValueError, match=r"recipe\[1\]: gptqmodel packs GPTQ codes in blocks of 32 .* widths \[176\]"):
+        compress(model, [PruningConfig(method="magnitude", sparsity=0.5), GPTQConfig(bits=4, group_size=16)], calibration=token_windows())
+    assert verify_sparsity(model)["overall_sparsity"] < 0.01  # nothing was pruned
+
+
+def test_after_structured_pruning_the_widths_are_checked_as_pruned(monkeypatch):
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
+    mlp_width = {"components": "mlp", "criterion": "magnitude_l2"}
+    model = tiny_model(hidden_size=128, intermediate_size=258)  # 258 MLP channels: gptqmodel cannot pack them
+    recipe = [PruningConfig(method="width", sparsity=0.17, method_options=mlp_width), GPTQConfig(bits=4, group_size=GROUP)]
+    compress(model, recipe, calibration=token_windows())  # width keeps 192 channels
+    assert model.model.layers[0].mlp.down_proj.in_features == 192
+    assert all(is_gptq_linear(module) for name, module in model.named_modules() if name.endswith("down_proj"))
+    model = tiny_model(hidden_size=128, intermediate_size=258)
+    recipe = [PruningConfig(method="width", sparsity=0.2, method_options=mlp_width), GPTQConfig(bits=4, group_size=GROUP)]
+    with pytest.raises(ValueError, match=r"^GPTQConfig: gptqmodel packs GPTQ codes .* widths \[181\]"):
+        compress(model, recipe, calibration=token_windows())  # 181 channels are left

@@ -24,6 +24,11 @@ from ..structure.mpo import build_mpo_experts
 from ..structure.shapes import LayerShape
 
 
+class UnsupportedArchitecture(ValueError):
+    """A request the model's architecture can never meet, whatever was pruned before (structured pruning of
+    fused projections, experts of a dense model): ``compress`` checks every step for these up front."""
+
+
 @dataclass
 class AttentionLayout:
     """The projections of one attention block and how their rows split into heads.
@@ -332,11 +337,11 @@ class DecoderAdapter(ABC):
         raise self._no_structure()
 
     # Asking a model for what its architecture lacks is a bad request (ValueError), not a bug.
-    def _no_experts(self) -> ValueError:
-        return ValueError(f"{type(self).__name__} ({type(self.model).__name__}) has no mixture-of-experts blocks")
+    def _no_experts(self) -> UnsupportedArchitecture:
+        return UnsupportedArchitecture(f"{type(self).__name__} ({type(self.model).__name__}) has no mixture-of-experts blocks")
 
-    def _no_structure(self) -> ValueError:
-        return ValueError(
+    def _no_structure(self) -> UnsupportedArchitecture:
+        return UnsupportedArchitecture(
             f"{type(self).__name__} ({type(self.model).__name__}) does not support structured pruning; "
             "use an unstructured method such as wanda or sparsegpt"
         )
@@ -405,7 +410,7 @@ def adapter_factory(model: nn.Module) -> AdapterFactory:
     for cls in type(model).__mro__:
         if cls.__name__ in ADAPTERS:
             return ADAPTERS.get(cls.__name__)
-    raise ValueError(
+    raise UnsupportedArchitecture(
         f"model class {type(model).__name__} is not supported; supported model classes: {', '.join(ADAPTERS.names())}"
     )
 

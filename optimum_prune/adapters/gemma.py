@@ -30,7 +30,7 @@ from transformers import (
     GemmaModel,
 )
 
-from .base import ResidualBranch, register_adapter
+from .base import ResidualBranch, UnsupportedArchitecture, register_adapter
 from .llama import LlamaAdapter
 
 
@@ -72,8 +72,8 @@ class SandwichNormAdapter(GemmaAdapter):
     def add_shortcuts(self, index: int) -> nn.Module:
         raise self._not_rotation_invariant()
 
-    def _not_rotation_invariant(self) -> ValueError:
-        return ValueError(
+    def _not_rotation_invariant(self) -> UnsupportedArchitecture:
+        return UnsupportedArchitecture(
             f"{type(self.model).__name__} normalises each sublayer's output before adding it to the residual stream "
             "(post_attention_layernorm, post_feedforward_layernorm), which rotating the stream would change; "
             "SliceGPT does not apply: use width or layers for structured pruning"

@@ -29,7 +29,7 @@ from transformers import (
     VipLlavaForConditionalGeneration,
 )
 
-from .base import DecoderAdapter, adapter_factory, qualified_name, register_adapter
+from .base import DecoderAdapter, UnsupportedArchitecture, adapter_factory, qualified_name, register_adapter
 
 
 class VisionEncoderAdapter(DecoderAdapter):
@@ -82,7 +82,7 @@ def llava_adapter(model: nn.Module) -> DecoderAdapter:
     inner = model.model
     vision_model = getattr(inner.vision_tower, "vision_model", None)
     if vision_model is None or not hasattr(vision_model, "encoder"):
-        raise ValueError(
+        raise UnsupportedArchitecture(
             f"{type(model).__name__}'s vision tower {type(inner.vision_tower).__name__} is not a CLIP/SigLIP-style "
             "encoder (vision_model.encoder.layers); only such towers are supported"
         )

@@ -35,7 +35,7 @@ from transformers import (
 from ..quantized import is_linear
 from ..structure.shapes import LayerShape
 from ..structure.surgery import keep_output_features
-from .base import DecoderStackAdapter, TokenRouting, register_adapter
+from .base import DecoderStackAdapter, TokenRouting, UnsupportedArchitecture, register_adapter
 
 
 def _is_moe_layer(config: Any, index: int) -> bool:
@@ -121,8 +121,8 @@ class ExpertRouting(TokenRouting):
 class MoEAdapter(DecoderStackAdapter):
     """Each layer: attention and a sparse MoE block."""
 
-    def _no_structure(self) -> ValueError:
-        return ValueError(
+    def _no_structure(self) -> UnsupportedArchitecture:
+        return UnsupportedArchitecture(
             f"{type(self).__name__} ({type(self.model).__name__}) cannot apply this structured method, which is written "
             "for dense decoder layers; use an unstructured method such as wanda or sparsegpt, or remove or merge whole "
             "experts (method='experts' or 'merge_experts')"

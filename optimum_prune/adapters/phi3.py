@@ -16,7 +16,7 @@ from torch import nn
 from transformers import Phi3ForCausalLM, Phi3Model
 
 from ..structure.shapes import LayerShape
-from .base import DecoderStackAdapter, register_adapter
+from .base import DecoderStackAdapter, UnsupportedArchitecture, register_adapter
 from .llama import keep_decoder_layers
 
 
@@ -47,8 +47,8 @@ class Phi3Adapter(DecoderStackAdapter):
         if shape != self.stock_shape(self.config):
             raise ValueError(f"the checkpoint records a layer of {shape}, which this Phi-3 adapter does not build")
 
-    def _no_structure(self) -> ValueError:
-        return ValueError(
+    def _no_structure(self) -> UnsupportedArchitecture:
+        return UnsupportedArchitecture(
             f"{type(self.model).__name__} fuses its projections (self_attn.qkv_proj, mlp.gate_up_proj): heads, MLP channels, "
             "sublayers and the residual stream cannot be pruned structurally; remove whole layers (method 'layers', without reroute), "
             "factorise linears (low_rank) or use an unstructured or N:M method such as wanda or sparsegpt"

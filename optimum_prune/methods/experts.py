@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
+from ..adapters import UnsupportedArchitecture
 from ..adapters.moe import expert_tokens
 from ..calibration import LayerInputs, feed_layer, feeding_inputs, walk_layers
 from ..options import check_choice, option
@@ -170,7 +171,8 @@ def experts_to_keep(adapter: Any, sparsity: float, requested: int) -> int:
     layers = list(adapter.decoder_layers())
     counts = {len(adapter.experts(layer)) for layer in layers}
     if 0 in counts or len(counts) != 1:
-        raise ValueError(
+        error = UnsupportedArchitecture if 0 in counts else ValueError  # the counts may differ after an earlier step
+        raise error(
             f"expert pruning and merging need every decoder layer to be a mixture-of-experts layer with the same "
             f"expert count; {type(adapter.model).__name__} has "
             + (

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapters import AttentionLayout, MLPLayout
+from ..adapters import AttentionLayout, MLPLayout, UnsupportedArchitecture
 from ..calibration import feed_layer, feeding_inputs, walk_layers
 from ..calibration.engine import on_device
 from ..calibration.gradients import accumulate_gradients
@@ -346,7 +346,7 @@ def output_projection(adapter: Any, layer: nn.Module, component: Component) -> n
     if component.kind == "attention":
         return adapter.attention(layer).output
     if len(component.consumers) != 1:
-        raise ValueError(
+        raise UnsupportedArchitecture(
             f"this method needs one output projection per MLP, this model's has {len(component.consumers)}: "
             "set method_options.components='attention' to prune attention heads only"
         )
