@@ -46,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of both commands; the epilog documents every method and allocation option."""
     defaults = PruningConfig()
-    epilog = ["method options (--option NAME=VALUE):"]
+    epilog = ["methods (--method NAME):"]
+    epilog += [f"  {name}: {METHODS.get(name).summary}" for name in METHODS]
+    epilog.append("method options (--option NAME=VALUE):")
     for name in METHODS:
         for option, default, help_text in describe_options(METHODS.get(name).options):
             epilog.append(f"  {name}.{option} (default {default!r}): {help_text}")
@@ -60,13 +62,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = "\n".join(epilog)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument("--method", default=defaults.method, choices=METHODS.names(), help="pruning method")
-    parser.add_argument("--sparsity", default=str(defaults.sparsity), help="fraction of decoder-layer linear weights to remove, in [0, 1), or an N:M pattern (unstructured methods), e.g. 0.5 or 2:4")
+    parser.add_argument("--sparsity", default=str(defaults.sparsity), help="what to remove, in [0, 1): the fraction of decoder-layer linear weights unless the method says otherwise (SliceGPT: of the hidden dimension; experts: of each layer's experts; ZipLM: of the decoder's time), or an N:M pattern (unstructured methods), e.g. 0.5 or 2:4")
     parser.add_argument("--output", required=True, type=Path, help="directory for the pruned checkpoint (replaced atomically)")
     parser.add_argument("-m", "--model", type=Path, help="local checkpoint directory, or a .gguf file (dequantised on load) (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--calibration", type=Path, help="text file for calibration (default: bundled Wikipedia split)")
     parser.add_argument("--calibration-samples", type=int, default=defaults.num_calibration_samples, help="calibration windows")
     parser.add_argument("--seq-len", type=int, default=defaults.calibration_seq_len, help="tokens per calibration window")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed for sampling calibration windows")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed for sampling calibration windows and for what a method draws at random")
     parser.add_argument("--allocation", default=defaults.allocation, choices=ALLOCATIONS.names(), help="how sparsity is spread over layers (unstructured methods)")
     parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE", help="method option")
     parser.add_argument("--allocation-option", action="append", default=[], metavar="NAME=VALUE", help="allocation option")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from optimum_prune import PruningConfig, verify_sparsity
+from optimum_prune import METHODS, PruningConfig, verify_sparsity
 from optimum_prune.cli import main
 from optimum_prune.models import load_model
 
@@ -83,6 +83,9 @@ def test_console_script_installed():
     result = subprocess.run([executable, "--help"], capture_output=True, text=True)
     assert result.returncode == 0
     assert "--sparsity" in result.stdout and "sparsegpt.block_size" in result.stdout and "owl.max_deviation" in result.stdout
+    described = dict(re.findall(r"^  (\w+): (.+)$", result.stdout.split("method options")[0], re.M))
+    assert set(described) == set(METHODS.names())  # each method with its docstring's first paragraph, on one line
+    assert described["kcm"].endswith("compensated by their mask tuning.")
 
 
 def test_a_checkpoint_without_tokenizer_prunes_without_calibration_and_names_what_needs_one(tmp_path, capsys):

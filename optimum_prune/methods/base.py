@@ -186,4 +186,5 @@ def register_model_method(name: str, *, options: type = NoOptions) -> Callable[[
 
 
 def _summary(cls: type) -> str:
-    return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+    """The docstring's first paragraph on one line (``optimum-cli prune --help`` lists it)."""
+    return " ".join((cls.__doc__ or "").strip().split("\n\n")[0].split())
