@@ -55,7 +55,7 @@ from ..options import check_choice, option
 from ..statistics import ColumnNorms
 from .base import register_structured_method
 from .mask_search import MaskSearch
-from .width import group_columns, output_projection
+from .units import group_columns, output_projection
 
 
 @dataclass(frozen=True)
@@ -94,15 +94,15 @@ class KernelizedConvexMasking(MaskSearch):
     def check(self) -> None:
         super().check()
         if self.options.allocation == "layer":
-            self.width.layer_counts(option="allocation")  # raises for a layer that would lose every unit
+            self.units.layer_counts(option="allocation")  # raises for a layer that would lose every unit
 
     def unit_counts(self, importance: list[torch.Tensor]) -> list[int]:
         if self.options.allocation == "global":
             return super().unit_counts(importance)
-        return [component.removed for component in self.width.components]
+        return [component.removed for component in self.units.components]
 
     def unit_importance(self, windows: torch.Tensor | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        components = self.width.components
+        components = self.units.components
         norms = self._activation_norms(windows)
         layers = self.adapter.decoder_layers()
         importance = []
@@ -118,7 +118,7 @@ class KernelizedConvexMasking(MaskSearch):
 
     def _activation_norms(self, windows: torch.Tensor | None) -> list[torch.Tensor]:
         """D2: ‖x_c‖₂ over the calibration tokens of every output-projection input column, in the dense model."""
-        components = self.width.components
+        components = self.units.components
         statistics: dict[int, ColumnNorms] = {}
 
         def visit(index: int, layer: nn.Module, inputs: LayerInputs) -> None:

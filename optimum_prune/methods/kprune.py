@@ -71,7 +71,7 @@ from ..calibration.engine import on_device
 from ..calibration.gradients import grad_only, language_model_logits, overflowed, with_loss_scale
 from ..options import check_choice, option
 from .base import StructuredMethod, register_structured_method
-from .width import Component, layer_parameters, group_columns, group_units, output_projection
+from .units import Component, layer_parameters, group_columns, group_units, output_projection
 
 
 # Weight tuning fits every kept input column of an output projection: with fewer than this many
@@ -121,15 +121,15 @@ class KPrune(StructuredMethod[KPruneOptions]):
     """K-prune: iterative, knowledge-preserving removal of heads and MLP channels with least-squares weight tuning."""
 
     def check(self) -> None:
-        self.width = group_units(self, self.options.components)
-        self.width.plan_counts()  # raises for a budget the units cannot reach
+        self.units = group_units(self, self.options.components)
+        self.units.plan_counts()  # raises for a budget the units cannot reach
 
     def prune(self, windows: torch.Tensor | None, report: Any) -> None:
         with on_device([self.adapter.model], self.device):
             self._prune(windows, report)
 
     def _prune(self, windows: torch.Tensor, report: Any) -> None:
-        adapter, components = self.adapter, self.width.components
+        adapter, components = self.adapter, self.units.components
         layers, names = adapter.decoder_layers(), adapter.layer_names()
         teacher = TeacherTargets.of(adapter.model, windows, self.device, self.options.teacher_top_k, self.options.temperature)
         pruned = capture_first_layer_inputs(adapter, windows, self.device)
@@ -231,8 +231,8 @@ class KPrune(StructuredMethod[KPruneOptions]):
         solution = self._least_squares(layer, component, consumer, kept, inputs, dense_after) if self.options.tune and enough else None
         component.removed = len(removed)
         component.scores = torch.ones(component.removable + 1)
-        component.scores[removed] = 0  # width's surgery removes the lowest-scored units
-        self.width.cut(layer, component, {})
+        component.scores[removed] = 0  # the cut removes the lowest-scored units
+        self.units.cut(layer, component)
         if solution is not None:
             with torch.no_grad():
                 output_projection(self.adapter, layer, component).weight.copy_(solution)

@@ -40,7 +40,7 @@ from ..calibration.engine import on_device
 from ..options import check_choice, option
 from .base import StructuredMethod, register_structured_method
 from .llm_surgeon import damped_inverse, kfac_factors
-from .width import Component, layer_parameters, group_columns, group_units, output_projection
+from .units import Component, layer_parameters, group_columns, group_units, output_projection
 
 
 @dataclass(frozen=True)
@@ -79,11 +79,11 @@ class LLMSurgeonStructured(StructuredMethod[LLMSurgeonStructuredOptions]):
     """LLM Surgeon, structured: K-FAC costs of whole heads groups and MLP channels, one threshold, correlated updates, shots."""
 
     def check(self) -> None:
-        self.width = group_units(self, self.options.components)
-        self.width.plan_counts()  # raises for a budget the units cannot reach
+        self.units = group_units(self, self.options.components)
+        self.units.plan_counts()  # raises for a budget the units cannot reach
 
     def prune(self, windows: torch.Tensor | None, report: Any) -> None:
-        components, layers, names = self.width.components, self.adapter.decoder_layers(), self.adapter.layer_names()
+        components, layers, names = self.units.components, self.adapter.decoder_layers(), self.adapter.layer_names()
         budget = self.sparsity * sum(layer_parameters(self.adapter, layer) for layer in layers)
         removed_parameters = 0.0
         removed_units = {id(c): 0 for c in components}
@@ -156,8 +156,8 @@ class LLMSurgeonStructured(StructuredMethod[LLMSurgeonStructuredOptions]):
             _correlated_structure_update(part, *inverses[part.linear])
         component.removed = len(indices)
         component.scores = torch.ones(component.removable + 1)
-        component.scores[indices] = 0  # width's surgery removes the lowest-scored units
-        self.width.cut(layer, component, {})
+        component.scores[indices] = 0  # the cut removes the lowest-scored units
+        self.units.cut(layer, component)
         component.removable -= len(indices)
         component.removed = 0
 

@@ -44,7 +44,7 @@ from ..calibration.engine import on_device
 from ..calibration.gradients import grad_only, overflowed, window_losses, with_loss_scale
 from ..options import check_choice, option
 from .base import StructuredMethod, register_structured_method
-from .width import Component, layer_parameters, group_columns, group_units, output_projection
+from .units import Component, layer_parameters, group_columns, group_units, output_projection
 
 
 @dataclass(frozen=True)
@@ -69,27 +69,27 @@ class MaskSearch(StructuredMethod[MaskSearchOptions]):
     importance_name = "Fisher importance"
 
     def check(self) -> None:
-        self.width = group_units(self, self.options.components)
-        self.width.plan_counts()  # raises for a budget the units cannot reach
+        self.units = group_units(self, self.options.components)
+        self.units.plan_counts()  # raises for a budget the units cannot reach
 
     def unit_importance(self, windows: torch.Tensor | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Per component, each unit's importance (the loss its removal adds) and the block that
         rearrangement refines the choice with (a vector: no rearrangement)."""
         with on_device([self.adapter.model], self.device):  # whole-model gradients run on the compute device
-            blocks = mask_fisher(self.adapter, self.width.components, windows, full=self.options.rearrange)
+            blocks = mask_fisher(self.adapter, self.units.components, windows, full=self.options.rearrange)
         home = next(self.adapter.model.parameters()).device
         blocks = [block.to(home) for block in blocks]
         return [block.diagonal() / 2 if block.dim() == 2 else block / 2 for block in blocks], blocks
 
     def unit_counts(self, importance: list[torch.Tensor]) -> list[int]:
         """Units to remove per component: Alg. 1's search over the whole model's budget."""
-        components = self.width.components
+        components = self.units.components
         budget = self.sparsity * sum(layer_parameters(self.adapter, layer) for layer in self.adapter.decoder_layers())
         return search_counts(importance, [c.unit_parameters for c in components], [c.removable for c in components],
                              [c.kind for c in components], budget)  # fmt: skip
 
     def prune(self, windows: torch.Tensor | None, report: Any) -> None:
-        components = self.width.components
+        components = self.units.components
         importance, blocks = self.unit_importance(windows)
         layers = self.adapter.decoder_layers()
         counts = self.unit_counts(importance)
@@ -97,7 +97,7 @@ class MaskSearch(StructuredMethod[MaskSearchOptions]):
             removed = rearranged(block, count)
             component.removed = count
             component.scores = torch.ones(block.shape[0])
-            component.scores[removed.cpu()] = 0  # width's surgery removes the lowest-scored units
+            component.scores[removed.cpu()] = 0  # the cut removes the lowest-scored units
         for kind in ("attention", "mlp"):
             report.layer_scores[f"removed {self.importance_name} ({kind})"] = [
                 float(sum(s[c.scores == 0].sum() for c, s in zip(components, importance) if c.layer == i and c.kind == kind))
@@ -108,7 +108,7 @@ class MaskSearch(StructuredMethod[MaskSearchOptions]):
         def visit(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
             for component in (c for c in components if c.layer == index and c.removed):
                 scales = self._tuned_scales(layer, component, inputs) if self.options.tune else None
-                described = self.width.cut(layer, component, {})
+                described = self.units.cut(layer, component)
                 if scales is not None:
                     _scale_units(output_projection(self.adapter, layer, component), self._unit_columns(layer, component), scales)
                 report.removed.append(f"{names[index]} {component.kind}: {described}")

@@ -62,7 +62,7 @@ from ..calibration.engine import on_device
 from ..calibration.gradients import calibration_perplexity
 from ..options import check_choice, option
 from .base import StructuredMethod, register_structured_method
-from .width import Component, group_columns, group_units, output_projection
+from .units import Component, group_columns, group_units, output_projection
 
 DP_BUCKETS = 10_000  # ZipLM's discretisation of the time budget
 SPDY_MUTATION = 0.1  # probability that a local move redraws a sublayer's weight (ZipLM's ``muteprob``)
@@ -115,9 +115,9 @@ class ZipLM(StructuredMethod[ZipLMOptions]):
     """ZipLM: greedy structured OBS removal of heads and MLP channels, widths chosen against a measured latency table."""
 
     def check(self) -> None:
-        self.width = group_units(self, self.options.components)  # the units; their counts are the level program's
+        self.units = group_units(self, self.options.components)  # the units; their counts are the level program's
         if self.options.target == "parameters":
-            levels = self._levels(self.width.components)
+            levels = self._levels(self.units.components)
             smallest, budget = sum(min(level.costs) for level in levels), self._budget(levels)
             if smallest > budget:
                 blocks = "" if self.options.remove_sublayers else " (remove_sublayers=True would allow whole blocks to go)"
@@ -128,7 +128,7 @@ class ZipLM(StructuredMethod[ZipLMOptions]):
                 )
 
     def prune(self, windows: torch.Tensor | None, report: Any) -> None:
-        components = self.width.components
+        components = self.units.components
         levels = self._levels(components)
         searching = self.options.search_restarts + self.options.search_steps > 0
         self._measure_errors(components, levels, windows, keep_database=searching)
@@ -164,9 +164,9 @@ class ZipLM(StructuredMethod[ZipLMOptions]):
                 weight, order = greedy_obs(projection.weight.detach(), hessian, group_columns(self.adapter, layer, component), self.options.dampening, count)
                 component.removed = count
                 component.scores = torch.ones(component.removable + 1)
-                component.scores[order] = 0  # width's surgery removes the lowest-scored units
+                component.scores[order] = 0  # the cut removes the lowest-scored units
                 kept = component.scores.bool().repeat_interleave(group_columns(self.adapter, layer, component))
-                self.width.cut(layer, component, {})
+                self.units.cut(layer, component)
                 with torch.no_grad():
                     output_projection(self.adapter, layer, component).weight.copy_(weight[:, kept.to(weight.device)])
                 report.removed.append(f"{names[index]} {component.kind}: {count} of {component.removable + 1} units")
@@ -294,7 +294,7 @@ class ZipLM(StructuredMethod[ZipLMOptions]):
                 probe_component.removed = units - kept
                 probe_component.scores = torch.arange(units, dtype=torch.float)  # any units: only the shape matters
                 if kept < units:
-                    self.width.cut(probe, probe_component, {})
+                    self.units.cut(probe, probe_component)
                 table[kept] = _median_seconds(lambda: adapter.run_layer(probe, hidden, kwargs), self.options.latency_repeats, self.device)
             tables[key] = _monotone(table)
             self.latency_notes.append(

@@ -44,7 +44,7 @@ def test_d2_is_the_norm_of_each_unit_input_to_the_output_projection():
         model(input_ids=windows)
     for handle in handles:
         handle.remove()
-    for component, measured in zip(method.width.components, norms):
+    for component, measured in zip(method.units.components, norms):
         if component.layer == 1:
             torch.testing.assert_close(measured, squares[component.kind].sqrt(), rtol=1e-4, atol=1e-6)
 
@@ -63,7 +63,7 @@ def test_r2d2_is_the_product_of_the_per_layer_normalised_scores_or_their_ranks()
     normalised = lambda x: (x - x.min()) / (x.max() - x.min())  # noqa: E731
     ranks = lambda x: torch.argsort(torch.argsort(x, stable=True)).float() / (len(x) - 1)  # noqa: E731
     norms = method._activation_norms(windows)
-    for index, component in enumerate(method.width.components):
+    for index, component in enumerate(method.units.components):
         layer = model.model.layers[component.layer]
         weight = (layer.self_attn.o_proj if component.kind == "attention" else layer.mlp.down_proj).weight.detach()
         width = weight.shape[1] // len(scores["rank"][index])

@@ -34,14 +34,14 @@ def test_mask_gradients_equal_the_weight_gradients_folded_per_unit():
     model, windows = tiny_model(), token_windows(samples=1)
     method = MaskSearch(get_adapter(model), 0.2, [], _options(), torch.device("cpu"))
     method.check()
-    fisher = mask_fisher(method.adapter, method.width.components, windows, full=False)
+    fisher = mask_fisher(method.adapter, method.units.components, windows, full=False)
     loss = model(input_ids=windows, labels=windows).loss
     loss.backward()
     layer = model.model.layers[1]
-    attention = [f for c, f in zip(method.width.components, fisher) if c.layer == 1 and c.kind == "attention"][0]
+    attention = [f for c, f in zip(method.units.components, fisher) if c.layer == 1 and c.kind == "attention"][0]
     folded = (layer.self_attn.o_proj.weight * layer.self_attn.o_proj.weight.grad).sum(0).reshape(2, -1).sum(1)
     torch.testing.assert_close(attention, folded.square(), rtol=1e-4, atol=1e-10)
-    mlp = [f for c, f in zip(method.width.components, fisher) if c.layer == 1 and c.kind == "mlp"][0]
+    mlp = [f for c, f in zip(method.units.components, fisher) if c.layer == 1 and c.kind == "mlp"][0]
     down = layer.mlp.down_proj
     torch.testing.assert_close(mlp, (down.weight * down.weight.grad).sum(0).square(), rtol=1e-4, atol=1e-10)
 
