@@ -356,9 +356,9 @@ class _PruningRun:
                 f"{', '.join(available)}; remove the policy for {', '.join(missing)}"
             )
         return [
-            cls.plan(name, part, config, targets[name], device, offload, activation_device)
-            for name, part in available.items()
-            if name in targets
+            cls.plan(part, part_adapter, config, targets[part], device, offload, activation_device)
+            for part, part_adapter in available.items()
+            if part in targets
         ]
 
     @classmethod

@@ -87,7 +87,8 @@ class StructuredMethod(ABC, Generic[Options]):
         return True
 
     def check(self) -> None:
-        """Raise ``ValueError`` for a request that cannot be met, before anything is changed."""
+        """Raise ``ValueError`` for a request that cannot be met, before anything is changed; plan what needs no
+        data on the way (the units a width method may remove), which ``prune`` then uses."""
 
     def kept_moe_layers(self) -> set[int]:
         """The layers whose MoE block ``ignore`` keeps: expert methods leave those blocks as they are."""
