@@ -397,7 +397,7 @@ class _PruningRun:
             self.allocate(windows)
         layer_targets = self.layer_targets
         residency = self.offload.resident if self.offload else moving_to(self.device)
-        if self.method.requires_calibration:
+        if self.method.needs_calibration(self.method_options):
             walk_layers(
                 self.adapter, windows, self.device, self._pruning_visitor(layer_targets, report), self._description("Pruning"),
                 residency=residency, activation_device=self.activation_device,
@@ -638,7 +638,7 @@ def _summed_counts(tokens: dict[str, int]) -> dict[str, int]:
 def _check_load_hints(config: PruningConfig, moe_options: MoEOptions, method: MethodSpec, target: SparsityTarget) -> None:
     """Router hints need routed calibration tokens and a fractional target with room for ±λ."""
     where = "PruningConfig.moe_options.expert_sparsity='load'"
-    if not method.requires_calibration:
+    if not method.needs_calibration(config.build_method_options()):
         raise ValueError(f"{where} reads the routing of calibration tokens; method {config.method!r} takes none (use wanda or sparsegpt)")
     if isinstance(target, NMPattern):
         raise ValueError(f"{where} varies sparsity per expert and cannot be combined with the N:M pattern {str(target)!r}")

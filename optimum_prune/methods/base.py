@@ -39,6 +39,11 @@ class LayerPruner(ABC, Generic[Options]):
         self.options = options
 
     @classmethod
+    def needs_calibration(cls, options: Options) -> bool:
+        """Whether ``add_batch`` must see calibration inputs before ``prune`` (False: data-free, e.g. magnitude)."""
+        return True
+
+    @classmethod
     def check_target(cls, options: Options, target: SparsityTarget, in_features: int) -> None:
         """Raise ``ValueError`` if this method cannot reach ``target`` on a linear with ``in_features``.
 
@@ -114,6 +119,10 @@ class ModelPruner(ABC, Generic[Options]):
         self.device = device
         self.moe_options = moe_options or MoEOptions()
 
+    @classmethod
+    def needs_calibration(cls, options: Options) -> bool:
+        return True  # its costs are curvatures of the calibration loss
+
     def check(self) -> None:
         """Raise ``ValueError`` for a request that cannot be met, before anything is changed."""
         if isinstance(self.target, NMPattern):
@@ -133,7 +142,6 @@ class ModelPruner(ABC, Generic[Options]):
 class MethodSpec:
     name: str
     options: type
-    requires_calibration: bool
     summary: str
     pruner: type[LayerPruner] | None = None
     structured: type[StructuredMethod] | None = None
@@ -143,19 +151,20 @@ class MethodSpec:
         return self.pruner(linear, options)
 
     def needs_calibration(self, options: Any) -> bool:
-        return self.structured.needs_calibration(options) if self.structured else self.requires_calibration
+        return (self.pruner or self.structured or self.model_pruner).needs_calibration(options)
 
 
 METHODS: Registry[MethodSpec] = Registry("pruning method", "PruningConfig.method")
 
 
-def register_method(
-    name: str, *, options: type = NoOptions, requires_calibration: bool = True
-) -> Callable[[type[LayerPruner]], type[LayerPruner]]:
-    """Class decorator: make a ``LayerPruner`` available as ``PruningConfig(method=name)``."""
+def register_method(name: str, *, options: type = NoOptions) -> Callable[[type[LayerPruner]], type[LayerPruner]]:
+    """Class decorator: make a ``LayerPruner`` available as ``PruningConfig(method=name)``.
+
+    Whether it needs calibration data depends on its options (``needs_calibration``).
+    """
 
     def decorator(pruner: type[LayerPruner]) -> type[LayerPruner]:
-        METHODS.add(name, MethodSpec(name, options, requires_calibration, _summary(pruner), pruner=pruner))
+        METHODS.add(name, MethodSpec(name, options, _summary(pruner), pruner=pruner))
         return pruner
 
     return decorator
@@ -170,7 +179,7 @@ def register_structured_method(
     """
 
     def decorator(method: type[StructuredMethod]) -> type[StructuredMethod]:
-        METHODS.add(name, MethodSpec(name, options, True, _summary(method), structured=method))
+        METHODS.add(name, MethodSpec(name, options, _summary(method), structured=method))
         return method
 
     return decorator
@@ -180,7 +189,7 @@ def register_model_method(name: str, *, options: type = NoOptions) -> Callable[[
     """Class decorator: make a ``ModelPruner`` available as ``PruningConfig(method=name)`` (always calibrated)."""
 
     def decorator(method: type[ModelPruner]) -> type[ModelPruner]:
-        METHODS.add(name, MethodSpec(name, options, True, _summary(method), model_pruner=method))
+        METHODS.add(name, MethodSpec(name, options, _summary(method), model_pruner=method))
         return method
 
     return decorator

@@ -24,9 +24,13 @@ class MagnitudeOptions:
         check_choice("comparison_group", self.comparison_group, COMPARISON_GROUPS)
 
 
-@register_method("magnitude", options=MagnitudeOptions, requires_calibration=False)
+@register_method("magnitude", options=MagnitudeOptions)
 class MagnitudePruner(LayerPruner[MagnitudeOptions]):
     """Prune the smallest-magnitude weights (data-free baseline)."""
+
+    @classmethod
+    def needs_calibration(cls, options: MagnitudeOptions) -> bool:
+        return False
 
     def prune(self, target: SparsityTarget) -> None:
         scores = self.linear.weight.detach().abs().float()
