@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapters import DecoderAdapter, get_adapter
+from .adapters import DecoderAdapter, get_adapter, transformers_model
 from .calibration import CalibrationSource, calibration_windows
 from .calibration.engine import forwards_restored
 from .methods.layers import block_influence
@@ -187,7 +187,7 @@ def _check_draft_stops(model: nn.Module, adapter: DecoderAdapter) -> None:
     (``EarlyExitCandidateGenerator``); a model whose forward runs all its layers whatever that says
     (Qwen2-MoE in transformers 4.57) would draft with the whole model and gain nothing. One token with
     an exit after layer 1 tells: the second layer must not run."""
-    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft: the model transformers drafts with
+    model = transformers_model(model)  # peft: the model transformers drafts with
     if type(model) in _DRAFT_STOPS:
         return
     prefix = model.base_model_prefix

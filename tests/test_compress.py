@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import QuantoConfig
 
-from optimum_prune import PruningConfig, UnsupportedArchitecture, compress, prune, save_pruned, verify_sparsity
+from optimum_prune import PruningConfig, UnsupportedArchitecture, compress, prune, save_pruned, sparsify, verify_sparsity
 
-from .conftest import tiny_model, token_windows
+from .conftest import TINY, tiny_model, token_windows
 
 quanto = pytest.importorskip("optimum.quanto")
 
@@ -33,6 +33,23 @@ def test_pruned_weights_stay_exactly_zero_through_quantization_and_reload(weight
         assert torch.equal(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
     assert verify_sparsity(reloaded._wrapped, "2:4")["conforming"]
     assert PruningConfig.from_pretrained(tmp_path / "compressed") == PruningConfig(method="wanda", sparsity="2:4")
+
+
+@pytest.mark.parametrize("weights", ["int8", "int4"])
+def test_the_model_quanto_reloads_is_sparsified_through_its_wrapper(weights, tmp_path):
+    """optimum-quanto reloads a checkpoint as a QuantizedModelForCausalLM, which holds the transformers model."""
+    model = tiny_model(**WIDE)
+    compress(model, [PruningConfig(method="magnitude", sparsity="2:4"), QuantoConfig(weights=weights)])
+    save_pruned(model, tmp_path / "compressed")
+    reloaded = quanto.QuantizedModelForCausalLM.from_pretrained(tmp_path / "compressed")
+    ids = token_windows(samples=2, seq_len=12, seed=4)
+    with torch.no_grad():
+        before = reloaded(input_ids=ids).logits
+    assert verify_sparsity(reloaded, "2:4")["conforming"]
+    report = sparsify(reloaded)
+    assert len(report.repacked) == 7 * TINY["num_hidden_layers"] and not report.left_dense
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=ids).logits, before)
 
 
 def test_quantos_default_int4_would_lose_the_zeros():

@@ -13,6 +13,7 @@ from .base import (
     adapter_factory,
     get_adapter,
     register_adapter,
+    transformers_model,
 )
 
 __all__ = [
@@ -27,4 +28,5 @@ __all__ = [
     "adapter_factory",
     "get_adapter",
     "register_adapter",
+    "transformers_model",
 ]

@@ -9,6 +9,7 @@ afterwards. Adapters are looked up by model class (walking the MRO, so subclasse
 
 from __future__ import annotations
 
+import sys
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -411,13 +412,25 @@ def adapter_factory(model: nn.Module) -> AdapterFactory:
         if cls.__name__ in ADAPTERS:
             return ADAPTERS.get(cls.__name__)
     raise UnsupportedArchitecture(
-        f"model class {type(model).__name__} is not supported; supported model classes: {', '.join(ADAPTERS.names())}"
+        f"model class {type(model).__name__} is not supported; supported model classes: {', '.join(ADAPTERS.names())} "
+        "(a model inside another wrapper: pass the transformers model it holds)"
     )
 
 
+def transformers_model(model: Any) -> nn.Module:
+    """The transformers model inside a wrapper: peft's (LoRA recovery) or the ``QuantizedModelForCausalLM``
+    optimum-quanto reloads a quantized checkpoint as (not a module: it forwards to the model it holds)."""
+    if hasattr(model, "get_base_model"):
+        return model.get_base_model()
+    quanto = sys.modules.get("optimum.quanto")  # such a wrapper exists only once optimum-quanto is imported
+    if quanto is not None and isinstance(model, quanto.QuantizedTransformersModel):
+        return model._wrapped
+    return model
+
+
 def get_adapter(model: nn.Module) -> DecoderAdapter:
-    """The adapter of ``model``: a transformers model, or a peft wrapper around one (LoRA recovery)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    """The adapter of ``model``: a transformers model, or a peft / optimum-quanto wrapper around one."""
+    base = transformers_model(model)
     return adapter_factory(base)(base)
 
 
