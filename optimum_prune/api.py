@@ -127,7 +127,9 @@ def prune(
             inputs = shard(inputs)
     report = PruningReport(
         method=config.method,
-        sparsity=", ".join(f"{part} {policy['sparsity']}" for part, policy in config.parts.items()) or config.sparsity,
+        # what is removed: a structured method's count option (num_layers) overrides the config's sparsity
+        sparsity=runs[0].method.sparsity if spec.structured
+        else ", ".join(f"{part} {policy['sparsity']}" for part, policy in config.parts.items()) or config.sparsity,
         allocation=config.allocation,
         device=str(device),
         calibration_tokens=tokens,

@@ -203,7 +203,7 @@ def run(args: argparse.Namespace) -> int:
     if after["pattern"]:
         rows.append((f"{after['pattern']} conforming", "", str(after["conforming"])))
     width = max(len(r[0]) for r in rows)
-    print(f"\n{config.method} {config.sparsity} ({config.allocation}) -> {args.output}  (saved in {saved_in:.1f} s)")
+    print(f"\n{report.request} -> {args.output}  (saved in {saved_in:.1f} s)")
     for label, left, right in rows:
         print(f"{label:<{width}}  {left:>12}  {right:>12}")
     for item in report.removed:

@@ -111,8 +111,14 @@ class PruningReport:
         figure.tight_layout()
         figure.savefig(path, dpi=100)
 
+    @property
+    def request(self) -> str:
+        """What was pruned, in words: the method, what it removed and, for methods that zero weights, the allocation."""
+        sparsity = f"{self.sparsity:.4g}" if isinstance(self.sparsity, float) else self.sparsity
+        return f"{self.method} {sparsity}" + ("" if self.shapes else f" ({self.allocation})")
+
     def __str__(self) -> str:
-        lines = [f"Pruning report: method={self.method} sparsity={self.sparsity} allocation={self.allocation} device={self.device}"]
+        lines = [f"Pruning report: {self.request}, on {self.device}"]
         lines += self._structure_lines() if self.shapes else self._sparsity_lines()
         lines += [
             f"calibration tokens: {self.calibration_tokens:,}{self._calibration_kind()}",

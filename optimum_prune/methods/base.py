@@ -74,7 +74,9 @@ class StructuredMethod(ABC, Generic[Options]):
     ``sparsity`` is, unless a method's docstring says otherwise (SliceGPT: of the hidden dimension;
     experts: of each layer's experts; ZipLM: of the decoder's time), the fraction of the decoder
     layers' linear parameters to remove, the denominator of unstructured sparsity; ``ignore`` holds
-    glob patterns of module names to keep.
+    glob patterns of module names to keep. A ``check`` that takes the count from an option instead
+    (``num_layers``, ``num_experts``) sets ``sparsity`` to what that count removes, which the report
+    states (the recorded config stays the recipe as given).
     """
 
     def __init__(

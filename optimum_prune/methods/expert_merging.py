@@ -27,7 +27,7 @@ from torch import nn
 from ..calibration import LayerInputs, feed_layer, walk_layers
 from ..options import option
 from .base import StructuredMethod, register_structured_method
-from .experts import experts_to_keep, router_logits
+from .experts import experts_to_keep, removed_expert_share, router_logits
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,8 @@ class ExpertMerging(StructuredMethod[ExpertMergingOptions]):
 
     def check(self) -> None:
         self.keep = experts_to_keep(self.adapter, self.sparsity, self.options.num_experts)
+        if self.options.num_experts:
+            self.sparsity = removed_expert_share(self.adapter, self.keep)
         self.kept_layers = self.kept_moe_layers()
         for name, layer in zip(self.adapter.layer_names(), self.adapter.decoder_layers()):
             block = self.adapter.moe_block(layer)

@@ -69,6 +69,8 @@ class ExpertPruning(StructuredMethod[ExpertPruningOptions]):
 
     def check(self) -> None:
         self.keep = experts_to_keep(self.adapter, self.sparsity, self.options.num_experts)
+        if self.options.num_experts:
+            self.sparsity = removed_expert_share(self.adapter, self.keep)
         self.kept_layers = self.kept_moe_layers()
 
     def prune(self, windows: torch.Tensor | None, report: Any) -> None:
@@ -190,6 +192,11 @@ def experts_to_keep(adapter: Any, sparsity: float, requested: int) -> int:
             f"between {top_k} and {total - 1} (set PruningConfig.sparsity or method_options.num_experts)"
         )
     return keep
+
+
+def removed_expert_share(adapter: Any, keep: int) -> float:
+    """The ``sparsity`` that keeps ``keep`` experts per layer (every layer has as many, ``experts_to_keep``)."""
+    return 1 - keep / len(adapter.experts(adapter.decoder_layers()[0]))
 
 
 def each_block_chunk(block: nn.Module, run: Any, consume: Callable[[torch.Tensor], Any]) -> None:

@@ -102,6 +102,8 @@ class LayerRemoval(StructuredMethod[LayerRemovalOptions]):
         self.adapter.check_unsliced("remove layers before slicing")
         layers = self.adapter.decoder_layers()
         count = self.options.num_layers or round(self.sparsity * len(layers))
+        if self.options.num_layers:
+            self.sparsity = count / len(layers)
         if count == 0:
             raise ValueError(
                 f"PruningConfig.sparsity {self.sparsity} rounds to 0 of {len(layers)} layers; raise it or set "

@@ -184,3 +184,10 @@ def test_router_load_balancing_loss_still_works_after_pruning(method, tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
     assert reloaded.num_experts == kept
     torch.testing.assert_close(reloaded(input_ids=ids, labels=ids).aux_loss, output.aux_loss)
+
+
+@pytest.mark.parametrize("method", ["experts", "merge_experts"])
+def test_an_expert_count_is_reported_as_the_sparsity_it_removes(method):
+    model = tiny_moe(num_local_experts=8)
+    report = prune(model, PruningConfig(method=method, method_options={"num_experts": 6}), calibration=token_windows(4, 16))
+    assert report.sparsity == 0.25  # 2 of 8 experts, not the default 0.5

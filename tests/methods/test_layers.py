@@ -109,3 +109,12 @@ def test_qwen2s_sliding_window_threshold_follows_the_kept_layers(tmp_path):
     reloaded = AutoConfig.from_pretrained(tmp_path / "pruned")
     rebuilt = type(reloaded)(**{**reloaded.to_dict(), "layer_types": None})  # derived from max_window_layers alone
     assert rebuilt.layer_types == reloaded.layer_types
+
+
+def test_a_layer_count_is_reported_as_the_sparsity_it_removes():
+    """``num_layers`` overrides ``sparsity``: the report says what was removed; the record is the recipe as given."""
+    config = PruningConfig(method="layers", method_options={"num_layers": 2})
+    model = tiny_model(num_hidden_layers=6)
+    report = prune(model, config, calibration=token_windows())
+    assert report.sparsity == pytest.approx(2 / 6) and str(report).startswith("Pruning report: layers 0.3333, on cpu")
+    assert PruningConfig.from_dict(model.config.pruning_config) == config
