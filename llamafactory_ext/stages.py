@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM
 from optimum_prune import SparsityMasks, merge_lora_preserving_sparsity, prune, prune_checkpoint, save_pruned
 from optimum_prune.calibration import sample_windows
 from optimum_prune.config import CONFIG_NAME, PruningConfig
-from optimum_prune.saving import DEFAULT_SHARD_SIZE
+from optimum_prune.saving import DEFAULT_SHARD_SIZE, check_replaceable
 from optimum_prune.streaming import checkpoint_fingerprint
 from optimum_prune.structure.loading import records_layer_shapes
 
@@ -66,6 +66,7 @@ def run_train(args: Mapping[str, Any], section: PruningSection | None, training:
             raise ValueError("stage: prune needs a `pruning:` section (method, sparsity, ...)")
         if not args.get("output_dir"):
             raise ValueError("stage: prune needs `output_dir`, where the pruned model is saved")
+        check_replaceable(args["output_dir"], args["model_name_or_path"], "output_dir")  # before loading and pruning
         prune_and_save(args, section, Path(args["output_dir"]), read_calibration(args, section))
         return
     if section is None:

@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
         if METHODS.get(config.method).structured:
             raise ValueError(f"--compressed-tensors-metadata describes sparse weights; structured method {config.method!r} leaves dense ones")
         require_compressed_tensors()
-    check_replaceable(args.output)  # before loading and pruning, not at the final rename
+    check_replaceable(args.output, args.model, "--output")  # before loading and pruning, not at the final rename
     if args.offload:
         return _run_offloaded(args, config)
     dtype = DTYPES[args.dtype or "float32"]

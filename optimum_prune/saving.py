@@ -16,7 +16,7 @@ from typing import Any, Iterator, Mapping
 
 from torch import nn
 
-from .config import PruningConfig, readable_step, record_pruning
+from .config import CONFIG_NAME, PruningConfig, readable_step, record_pruning
 from .kernels.linear import SparseLinear
 from .perp import MaskLoRALinear
 from .quantized import is_gptq_linear, repacked_in_place
@@ -56,13 +56,18 @@ def _umask() -> int:
     return mask
 
 
-def check_replaceable(target: Path) -> None:
+def check_replaceable(target: Path, source: str | os.PathLike | None = None, field: str = "the output directory") -> None:
     """Refuse a ``target`` whose replacement would delete more than an earlier output: saving here replaces the
     whole directory (atomically), where ``save_pretrained`` writes into it, so ``"."``, a home directory, a
-    Trainer's output (checkpoints, logs) or a clone of a model repository given by mistake would otherwise be
-    lost. Empty directories and earlier outputs (``config.json`` beside ``*.safetensors`` or ``*.onnx``
-    weights, and nothing but checkpoint files: no folders) may go."""
+    Trainer's output (checkpoints, logs), a clone of a model repository or the ``source`` checkpoint being
+    pruned, given by mistake, would otherwise be lost. Empty directories and earlier outputs (``config.json``
+    beside ``*.safetensors`` or ``*.onnx`` weights, and nothing but checkpoint files: no folders) may go."""
     target = Path(target).absolute()
+    if source is not None and Path(source).exists() and Path(source).resolve() == target.resolve():
+        raise ValueError(
+            f"{field} {target} is the checkpoint being pruned; saving replaces the whole directory, so the model it "
+            "holds would be lost: give a new directory"
+        )
     if Path.cwd().is_relative_to(target.resolve()):
         raise ValueError(
             f"{target} is the working directory or holds it; saving replaces the whole directory, so give a new one "
@@ -161,6 +166,12 @@ def save_pruned(
     else:  # a record this version cannot read is another step than the one given
         recorded = readable_step(recorded)
     output_dir = Path(output_dir)
+    check_replaceable(output_dir)
+    if (output_dir / "config.json").is_file() and not (output_dir / CONFIG_NAME).is_file():  # e.g. an ONNX export
+        logger.warning(
+            "save_pruned: %s holds a checkpoint that records no pruning (%s); it is replaced by the pruned one",
+            output_dir, _shown(sorted(path.name for path in output_dir.iterdir())),
+        )  # fmt: skip
     with _recorded_for_saving(model.config, config, recorded):
         if compressed_tensors_metadata:
             from .sparsity_metadata import compressed_tensors_config

@@ -224,7 +224,7 @@ def prune_checkpoint(
         )
     if not (source / "config.json").is_file():
         raise ValueError(f"source {str(source)!r} is not a checkpoint directory (no config.json)")
-    check_replaceable(output_dir)  # before hours of pruning, not at the final rename
+    check_replaceable(output_dir, source, "output_dir")  # before hours of pruning, not at the final rename
     reader = CheckpointReader(source)
     model_config = AutoConfig.from_pretrained(source, local_files_only=True)
     dtype = dtype or _declared_dtype(model_config) or reader.dtype()

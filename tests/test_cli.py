@@ -10,6 +10,8 @@ from optimum_prune import METHODS, PruningConfig, verify_sparsity
 from optimum_prune.cli import main
 from optimum_prune.models import load_model
 
+from .conftest import tiny_model
+
 
 def test_cli_prunes_saves_and_reports(model_dir, tmp_path, capsys):
     output = tmp_path / "out"
@@ -89,8 +91,6 @@ def test_console_script_installed():
 
 
 def test_a_checkpoint_without_tokenizer_prunes_without_calibration_and_names_what_needs_one(tmp_path, capsys):
-    from .conftest import tiny_model
-
     source = tmp_path / "weights-only"
     tiny_model().save_pretrained(source)
     assert load_model(source)[1] is None
@@ -108,8 +108,6 @@ def test_a_checkpoint_without_tokenizer_prunes_without_calibration_and_names_wha
 
 
 def test_a_pruned_checkpoint_pruned_again_is_compared_with_itself_before_not_with_a_dense_model(tmp_path, capsys):
-    from .conftest import tiny_model
-
     source = tmp_path / "source"
     tiny_model().save_pretrained(source)
     header = re.compile(r"^\s+(\S+)\s+pruned$", re.MULTILINE)
@@ -126,6 +124,18 @@ def test_an_output_that_cannot_be_replaced_is_refused_before_the_model_loads(mod
     with pytest.raises(SystemExit):
         main(["--model", str(model_dir), "--output", str(tmp_path / "notes")])
     assert "holds other files (todo.txt)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("offload", [[], ["--offload", "disk"]])
+def test_the_checkpoint_being_pruned_is_never_the_output(offload, tmp_path, capsys):
+    source = tmp_path / "dense"
+    tiny_model().save_pretrained(source)
+    before = sorted(path.name for path in source.iterdir())
+    with pytest.raises(SystemExit):
+        main(["--model", str(source), "--method", "magnitude", "--output", str(source), *offload])
+    assert f"--output {source} is the checkpoint being pruned" in capsys.readouterr().err
+    assert sorted(path.name for path in source.iterdir()) == before
+    assert verify_sparsity(load_model(source)[0])["overall_sparsity"] < 0.01
 
 
 def test_offload_under_a_multi_process_launcher_is_refused(model_dir, tmp_path, capsys, monkeypatch):

@@ -1,4 +1,5 @@
 import json
+import logging
 import re
 
 import pytest
@@ -164,6 +165,22 @@ def test_an_earlier_output_with_its_tokenizer_is_replaced(tmp_path, bpe_tokenize
     prune(model, PruningConfig(method="magnitude", sparsity=0.5))
     save_pruned(model, tmp_path / "out", tokenizer=bpe_tokenizer)
     assert (tmp_path / "out" / "pruning_config.json").is_file()
+
+
+def test_replacing_a_checkpoint_that_records_no_pruning_is_said(tmp_path, caplog):
+    """E.g. an ONNX export (config.json beside model.onnx) given as the output by mistake: it goes, but not silently."""
+    (tmp_path / "exported").mkdir()
+    (tmp_path / "exported" / "config.json").write_text("{}")
+    (tmp_path / "exported" / "model.onnx").write_bytes(b"onnx")
+    model = tiny_model()
+    prune(model, PruningConfig(method="magnitude", sparsity=0.5))
+    with caplog.at_level(logging.WARNING, logger="optimum_prune"):
+        save_pruned(model, tmp_path / "exported")
+    assert "holds a checkpoint that records no pruning (config.json, model.onnx)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="optimum_prune"):
+        save_pruned(model, tmp_path / "exported")  # an earlier pruned output is replaced without a word
+    assert "records no pruning" not in caplog.text
 
 
 def test_the_saved_directory_is_as_readable_as_save_pretrained_makes_it(tmp_path):

@@ -128,6 +128,19 @@ def test_pruning_section_outside_train_is_refused(workspace, tmp_path, capsys, c
     assert not (tmp_path / "exported").exists()
 
 
+def test_pruning_into_the_checkpoint_being_pruned_is_refused(tmp_path, capsys, bpe_tokenizer):
+    from ..conftest import tiny_model
+
+    source = tmp_path / "dense"
+    tiny_model().save_pretrained(source)
+    bpe_tokenizer.save_pretrained(source)
+    before = sorted(path.name for path in source.iterdir())
+    config = {"stage": "prune", "model_name_or_path": str(source), "template": "default", "output_dir": str(source),
+              "pruning": {"method": "magnitude"}}  # fmt: skip
+    assert f"output_dir {source} is the checkpoint being pruned" in run_cli(tmp_path, capsys, config)
+    assert sorted(path.name for path in source.iterdir()) == before
+
+
 def test_overrides_apply_to_the_pruning_section(tmp_path):
     path = write_yaml(tmp_path / "c.yaml", {"stage": "prune", "pruning": {"method": "wanda", "sparsity": 0.5}})
     args = read_yaml(path, ["pruning.sparsity=2:4", "learning_rate=1e-4"])
