@@ -13,7 +13,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .allocation import ALLOCATIONS
 from .methods import METHODS
@@ -79,7 +79,9 @@ class PruningConfig:
                 raise TypeError(f"PruningConfig.{name} must be one name (one of {', '.join(registry)}), got {getattr(self, name)!r}")
         spec = METHODS.get(self.method)
         self.sparsity = normalise_sparsity(self.sparsity, "PruningConfig.sparsity")
-        self.method_options = _complete_options(spec.options, self.method_options, "PruningConfig.method_options")
+        self.method_options = _complete_options(
+            spec.options, self.method_options, "PruningConfig.method_options", lambda: _other_methods_options(self.method, self.method_options)
+        )
         self.moe_options = _complete_options(MoEOptions, self.moe_options, "PruningConfig.moe_options")
         allocation = ALLOCATIONS.get(self.allocation)
         self.allocation_options = _complete_options(
@@ -284,9 +286,26 @@ def _complete_parts(parts: Any, default_sparsity: float | str) -> dict[str, dict
     return completed
 
 
-def _complete_options(options_cls: type, values: Any, field_name: str) -> dict[str, Any]:
+def _complete_options(
+    options_cls: type, values: Any, field_name: str, unknown_hint: Callable[[], str] | None = None
+) -> dict[str, Any]:
     try:
         return options_to_dict(build_options(options_cls, values if values is not None else {}, field_name))
     except ValueError as error:
         message = str(error)
-        raise ValueError(message if message.startswith(field_name) else f"{field_name}: {message}") from None
+        message = message if message.startswith(field_name) else f"{field_name}: {message}"
+        if unknown_hint is not None and "unknown option" in message:
+            message += f" ({unknown_hint()})"
+        raise ValueError(message) from None
+
+
+def _other_methods_options(method: str, values: Any) -> str:
+    """For an unknown method option: the method the options were read for, and which methods take them."""
+    if not isinstance(values, Mapping):
+        return ""
+    owners = {
+        option: [name for name in METHODS if name != method and option in {f.name for f in dataclasses.fields(METHODS.get(name).options)}]
+        for option in values
+    }
+    elsewhere = [f"{option} is an option of {', '.join(names)}" for option, names in owners.items() if names]
+    return "; ".join([f"method {method!r}", *elsewhere])

@@ -56,6 +56,12 @@ def test_sparsity_type():
         PruningConfig(sparsity=[0.5])
 
 
+@pytest.mark.parametrize(("sparsity", "hint"), [(50, r"\(a percentage\? 50 % is 0.5\)$"), (1.5, r"got 1.5 \(a percentage\? 1.5 % is 0.015\)$"), (-0.1, r"got -0.1$")])
+def test_an_out_of_range_sparsity_says_what_a_percentage_would_be(sparsity, hint):
+    with pytest.raises(ValueError, match=r"PruningConfig.sparsity must be in \[0, 1\) .*" + hint):
+        PruningConfig(sparsity=sparsity)
+
+
 def test_unknown_method_lists_known():
     with pytest.raises(ValueError, match="PruningConfig.method 'wandaa' .* known: experts, kcm, kprune, layers, llm_surgeon, llm_surgeon_structured, low_rank, magnitude, mask_search, merge_experts, mpoe, slicegpt, sparsegpt, sublayers, wanda, width, ziplm"):
         PruningConfig(method="wandaa")
@@ -63,8 +69,10 @@ def test_unknown_method_lists_known():
 
 
 def test_unknown_and_invalid_method_options():
-    with pytest.raises(ValueError, match="method_options has unknown option.*blocksize.*valid options: block_size, dampening"):
+    with pytest.raises(ValueError, match="method_options has unknown option.*blocksize.*valid options: block_size, dampening.*\\(method 'sparsegpt'\\)$"):
         PruningConfig(method="sparsegpt", method_options={"blocksize": 64})
+    with pytest.raises(ValueError, match=r"valid options: comparison_group \(method 'wanda'; block_size is an option of sparsegpt\)$"):
+        PruningConfig(method_options={"block_size": 64})  # an option of another method than the default one
     with pytest.raises(ValueError, match="method_options: comparison_group must be one of"):
         PruningConfig(method="wanda", method_options={"comparison_group": "column"})
     with pytest.raises(TypeError, match="method_options.block_size must be int"):

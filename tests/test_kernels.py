@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from optimum_prune.kernels.format import repack
 from optimum_prune.quantized import dequantized_weight
 from optimum_prune.sparsity import NMPattern, prune_lowest_nm
 
-from .conftest import tiny_model, token_windows
+from .conftest import TINY, tiny_model, token_windows
 
 
 def random_24(rows: int, columns: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
@@ -152,6 +153,14 @@ def test_sparsify_repacks_quantized_linears_without_changing_a_logit(package, bi
     assert any(modules[name].zero_points is not None for name in linears) == affine
     with torch.no_grad():
         assert torch.equal(model(ids).logits, quantized_logits)
+
+
+def test_a_model_with_no_2_4_linear_is_left_dense_with_a_warning(caplog):
+    model = tiny_model()
+    with caplog.at_level(logging.WARNING, logger="optimum_prune"):
+        report = sparsify(model)
+    assert not report.swapped and len(report.left_dense) == 7 * TINY["num_hidden_layers"]
+    assert f"none of the {7 * TINY['num_hidden_layers']} decoder linears is exactly 2:4" in caplog.text and "sparsity='2:4'" in caplog.text
 
 
 def test_quantized_weights_that_cannot_be_repacked_are_refused_or_left_dense():
@@ -333,7 +342,7 @@ def test_loading_a_state_dict_replaces_what_the_weights_derive():
 def test_sparsify_refusing_one_layer_leaves_the_model_whole():
     model = tiny_model(intermediate_size=136)  # down_proj: 136 inputs, which group_size 32 does not divide
     prune(model, PruningConfig(method="magnitude", sparsity="2:4"))
-    with pytest.raises(ValueError, match="down_proj: group_size 32 must be a multiple of 8 that divides the 136"):
+    with pytest.raises(ValueError, match="down_proj: group_size 32 must be a multiple of 8 that divides the 136 input features: group_size=8 does$"):
         sparsify(model, bits=4, group_size=32)
     assert not any(isinstance(module, SparseLinear) for module in model.modules())
 

@@ -150,7 +150,11 @@ def _texts(source: CalibrationSource) -> list[str]:
     elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
-            raise ValueError(f"calibration file {str(path)!r} does not exist (pass a list of strings for raw text)")
+            raise ValueError(
+                f"calibration file {str(path)!r} does not exist; a string names a local text file (dataset names are not "
+                "downloaded: load one with datasets.load_dataset and pass the Dataset, which needs a 'text' column), "
+                "and raw text goes in a list of strings"
+            )
         texts = [path.read_text(encoding="utf-8")]
     elif hasattr(source, "column_names"):
         if "text" not in source.column_names:

@@ -140,7 +140,9 @@ def _quantized(
 
 def _check_group_size(group_size: int, columns: int, name: str) -> None:
     if group_size % (2 * GROUP) or columns % group_size:
-        raise ValueError(f"{name}: group_size {group_size} must be a multiple of 8 that divides the {columns} input features")
+        fitting = [g for g in range(2 * GROUP, min(group_size, columns) + 1, 2 * GROUP) if columns % g == 0]
+        hint = f": group_size={fitting[-1]} does" if fitting else ""
+        raise ValueError(f"{name}: group_size {group_size} must be a multiple of 8 that divides the {columns} input features{hint}")
 
 
 def _packed(q: torch.Tensor, bits: int) -> torch.Tensor:

@@ -245,6 +245,11 @@ def sparsify(
     for qualified, sparse in swaps:
         replace_submodule(adapter.model, qualified, sparse)
         report.swapped.append(qualified)
+    if report.left_dense and not report.swapped:
+        logger.warning(
+            "sparsify: none of the %d decoder linears is exactly 2:4, so all stay dense; prune with "
+            "PruningConfig(sparsity='2:4') first", len(report.left_dense),
+        )  # fmt: skip
     return report
 
 
