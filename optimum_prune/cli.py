@@ -61,15 +61,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         epilog.append(f"  {option} (default {default!r}): {help_text}")
     parser.epilog = "\n".join(epilog)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("--method", default=defaults.method, choices=METHODS.names(), help="pruning method")
-    parser.add_argument("--sparsity", default=str(defaults.sparsity), help="what to remove, in [0, 1): the fraction of decoder-layer linear weights unless the method says otherwise (SliceGPT: of the hidden dimension; experts: of each layer's experts; ZipLM: of the decoder's time), or an N:M pattern (unstructured methods), e.g. 0.5 or 2:4")
+    parser.add_argument(
+        "--config", type=Path, metavar="PATH",
+        help="a saved recipe (PruningConfig.save_pretrained: pruning_config.json, or the directory holding it) instead of "
+        f"the recipe flags ({', '.join(RECIPE_FLAGS.values())})",
+    )  # fmt: skip
+    parser.add_argument("--method", choices=METHODS.names(), help=f"pruning method (default: {defaults.method})")
+    parser.add_argument("--sparsity", help=f"what to remove, in [0, 1): the fraction of decoder-layer linear weights unless the method says otherwise (SliceGPT: of the hidden dimension; experts: of each layer's experts; ZipLM: of the decoder's time), or an N:M pattern (unstructured methods), e.g. 0.5 or 2:4 (default: {defaults.sparsity})")
     parser.add_argument("--output", required=True, type=Path, help="directory for the pruned checkpoint (replaced atomically)")
     parser.add_argument("-m", "--model", type=Path, help="local checkpoint directory, or a .gguf file (dequantised on load) (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--calibration", type=Path, help="text file for calibration (default: bundled Wikipedia split)")
-    parser.add_argument("--calibration-samples", type=int, default=defaults.num_calibration_samples, help="calibration windows")
-    parser.add_argument("--seq-len", type=int, default=defaults.calibration_seq_len, help="tokens per calibration window")
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed for sampling calibration windows and for what a method draws at random")
-    parser.add_argument("--allocation", default=defaults.allocation, choices=ALLOCATIONS.names(), help="how sparsity is spread over layers (unstructured methods)")
+    parser.add_argument("--calibration-samples", type=int, help=f"calibration windows (default: {defaults.num_calibration_samples})")
+    parser.add_argument("--seq-len", type=int, help=f"tokens per calibration window (default: {defaults.calibration_seq_len})")
+    parser.add_argument("--seed", type=int, help=f"seed for sampling calibration windows and for what a method draws at random (default: {defaults.seed})")
+    parser.add_argument("--allocation", choices=ALLOCATIONS.names(), help=f"how sparsity is spread over layers (unstructured methods; default: {defaults.allocation})")
     parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE", help="method option")
     parser.add_argument("--allocation-option", action="append", default=[], metavar="NAME=VALUE", help="allocation option")
     parser.add_argument("--moe-option", action="append", default=[], metavar="NAME=VALUE", help="mixture-of-experts option")
@@ -126,19 +131,38 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+# The flags that make up the recipe (a PruningConfig), by argparse destination.
+RECIPE_FLAGS = {
+    "method": "--method", "sparsity": "--sparsity", "option": "--option", "allocation": "--allocation",
+    "allocation_option": "--allocation-option", "moe_option": "--moe-option", "ignore": "--ignore",
+    "calibration_samples": "--calibration-samples", "seq_len": "--seq-len", "seed": "--seed",
+}  # fmt: skip
+
+
+def recipe(args: argparse.Namespace) -> PruningConfig:
+    """The config ``--config`` names, or the one the recipe flags give (unset ones keep ``PruningConfig``'s defaults)."""
+    given = [flag for dest, flag in RECIPE_FLAGS.items() if getattr(args, dest) not in (None, [])]
+    if args.config is not None:
+        if given:
+            raise ValueError(
+                f"--config {str(args.config)!r} is the whole recipe, which {', '.join(given)} would change: remove them, "
+                "or edit the recipe"
+            )
+        if not args.config.exists():
+            raise ValueError(f"--config {str(args.config)!r} does not exist (give pruning_config.json or the directory holding it)")
+        return PruningConfig.from_pretrained(args.config)
+    flags = {
+        "method": args.method, "sparsity": args.sparsity, "allocation": args.allocation, "ignore": args.ignore,
+        "method_options": _parse_options(args.option, "--option"),
+        "allocation_options": _parse_options(args.allocation_option, "--allocation-option"),
+        "moe_options": _parse_options(args.moe_option, "--moe-option"),
+        "num_calibration_samples": args.calibration_samples, "calibration_seq_len": args.seq_len, "seed": args.seed,
+    }  # fmt: skip
+    return PruningConfig(**{name: value for name, value in flags.items() if value is not None})
+
+
 def run(args: argparse.Namespace) -> int:
-    config = PruningConfig(
-        method=args.method,
-        sparsity=args.sparsity,
-        method_options=_parse_options(args.option, "--option"),
-        allocation=args.allocation,
-        allocation_options=_parse_options(args.allocation_option, "--allocation-option"),
-        ignore=args.ignore,
-        moe_options=_parse_options(args.moe_option, "--moe-option"),
-        num_calibration_samples=args.calibration_samples,
-        calibration_seq_len=args.seq_len,
-        seed=args.seed,
-    )
+    config = recipe(args)
     if args.calibration is not None and not args.calibration.is_file():
         raise ValueError(f"--calibration {str(args.calibration)!r} is not a file")
     if args.eval_file is not None and not args.eval:

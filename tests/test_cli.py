@@ -80,6 +80,25 @@ def test_numbers_json_does_not_read_are_numbers():
     }  # fmt: skip
 
 
+def test_a_saved_recipe_is_the_config(model_dir, tmp_path, capsys):
+    recipe = PruningConfig(method="sparsegpt", sparsity="2:4", method_options={"block_size": 32}, num_calibration_samples=4, calibration_seq_len=32)
+    recipe.save_pretrained(tmp_path / "recipe")
+    assert main(["--model", str(model_dir), "--config", str(tmp_path / "recipe"), "--output", str(tmp_path / "out")]) == 0
+    assert PruningConfig.from_pretrained(tmp_path / "out") == recipe
+    assert "sparsegpt 2:4 (uniform) -> " in capsys.readouterr().out
+    for extra, message in (
+        (["--sparsity", "0.6", "--option", "block_size=64"], "is the whole recipe, which --sparsity, --option would change"),
+        (["--seed", "0"], "is the whole recipe, which --seed would change"),
+    ):
+        with pytest.raises(SystemExit):
+            main(["--model", str(model_dir), "--config", str(tmp_path / "recipe"), "--output", str(tmp_path / "again"), *extra])
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--model", str(model_dir), "--config", str(tmp_path / "missing.json"), "--output", str(tmp_path / "again")])
+    assert "--config '" + str(tmp_path / "missing.json") + "' does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "again").exists()
+
+
 def test_console_script_installed():
     executable = shutil.which("optimum-prune") or str(Path(sys.executable).parent / "optimum-prune")
     result = subprocess.run([executable, "--help"], capture_output=True, text=True)
