@@ -198,13 +198,16 @@ def prune_and_save(
         )  # fmt: skip
         if source is not None:
             _record_source(target, source)
+        logger.info("saved the pruned model in %s", target)
         return target
     model = AutoModelForCausalLM.from_pretrained(calibration.model_args.model_name_or_path, dtype=PRUNING_DTYPE, **model_loading_kwargs(args))
     _resize_vocabulary(model, calibration.model_args, calibration.tokenizer)
     if source is not None:
         model.config.pruned_from = source
     report = prune(model, config, calibration=calibration.windows, device=device, activation_device=section.activation_device)
-    return save_pruned(model, target, tokenizer=calibration.tokenizer, config=config, report=report)
+    save_pruned(model, target, tokenizer=calibration.tokenizer, config=config, report=report)
+    logger.info("saved the pruned model in %s (its staging folder, named in the lines above, was renamed to it)", target)
+    return target
 
 
 def _resize_vocabulary(model: torch.nn.Module, model_args: Any, tokenizer: Any) -> None:

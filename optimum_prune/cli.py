@@ -30,6 +30,7 @@ from .models import default_model_path, load_default_model, load_model, load_tok
 from .options import MoEOptions, describe_options
 from .saving import check_replaceable, save_pruned
 from .sparsity_metadata import require_compressed_tensors
+from .structure.loading import records_layer_shapes
 from .sparsity import verify_sparsity
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -232,6 +233,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"{label:<{width}}  {left:>12}  {right:>12}")
     for item in report.removed:
         print(f"removed: {item}")
+    if records_layer_shapes(getattr(model.config, "quantization_config", None)):
+        print("reload: import optimum_prune, then AutoModelForCausalLM.from_pretrained (per-layer shapes in quantization_config)")
+    else:
+        print("reload: AutoModelForCausalLM.from_pretrained (stock transformers)")
     return 0
 
 

@@ -41,6 +41,7 @@ def test_cli_structured_depth_pruning_saves_a_score_plot(model_dir, tmp_path, ca
     assert code == 0
     printed = capsys.readouterr().out
     assert "parameters" in printed and "removed: model.layers." in printed
+    assert "reload: AutoModelForCausalLM.from_pretrained (stock transformers)" in printed
     assert (output / "layer_scores.png").read_bytes()[:4] == b"\x89PNG"
     import matplotlib
 
@@ -78,6 +79,12 @@ def test_numbers_json_does_not_read_are_numbers():
     assert _parse_options(["dampening=.01", "block_size=32", "criterion=wanda_sp", "flag=true"], "--option") == {
         "dampening": 0.01, "block_size": 32, "criterion": "wanda_sp", "flag": True,
     }  # fmt: skip
+
+
+def test_the_summary_says_a_checkpoint_with_per_layer_shapes_needs_the_import(model_dir, tmp_path, capsys):
+    arguments = ["--model", str(model_dir), "--method", "width", "--sparsity", "0.2", "--calibration-samples", "4", "--seq-len", "32"]
+    assert main([*arguments, "--output", str(tmp_path / "flap")]) == 0  # FLAP's biases are recorded per layer
+    assert "reload: import optimum_prune, then AutoModelForCausalLM.from_pretrained" in capsys.readouterr().out
 
 
 def test_a_saved_recipe_is_the_config(model_dir, tmp_path, capsys):
