@@ -83,7 +83,7 @@ def test_numbers_json_does_not_read_are_numbers():
 
 def test_the_summary_says_a_checkpoint_with_per_layer_shapes_needs_the_import(model_dir, tmp_path, capsys):
     arguments = ["--model", str(model_dir), "--method", "width", "--sparsity", "0.2", "--calibration-samples", "4", "--seq-len", "32"]
-    assert main([*arguments, "--output", str(tmp_path / "flap")]) == 0  # FLAP's biases are recorded per layer
+    assert main([*arguments, "--option", "ranking=global", "--output", str(tmp_path / "global")]) == 0  # per-layer widths
     assert "reload: import optimum_prune, then AutoModelForCausalLM.from_pretrained" in capsys.readouterr().out
 
 

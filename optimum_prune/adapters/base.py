@@ -337,6 +337,10 @@ class DecoderAdapter(ABC):
         """Write the widths of ``shape`` into ``config`` (the head size stays explicit)."""
         raise self._no_structure()
 
+    def configure_biases(self) -> None:
+        """Before the structure is recorded: make biases a structured method added (FLAP's) ones the config
+        describes, where the family's config can (see the Llama adapter); by default it cannot."""
+
     # Asking a model for what its architecture lacks is a bad request (ValueError), not a bug.
     def _no_experts(self) -> UnsupportedArchitecture:
         return UnsupportedArchitecture(f"{type(self).__name__} ({type(self.model).__name__}) has no mixture-of-experts blocks")

@@ -25,7 +25,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..structure.modules import RemovedAttention, RemovedMLP, ReroutedAttention, ReroutedMLP
 from ..structure.shapes import LayerShape
-from ..structure.surgery import keep_input_features, keep_output_features
+from ..structure.surgery import add_output_bias, keep_input_features, keep_output_features
 from .base import (
     AttentionLayout,
     DecoderAdapter,
@@ -113,6 +113,8 @@ class LlamaAdapter(DecoderStackAdapter):
     # residual add: a removed sublayer takes both with it, a re-routed one keeps the first.
     pre_norms = {"attention": "input_layernorm", "mlp": "post_attention_layernorm"}
     post_norms: dict[str, str] = {}
+    # Config flags that give every projection of a sublayer a bias (Llama has both; Qwen3 and Gemma the first).
+    bias_flags = {"attention": "attention_bias", "mlp": "mlp_bias"}
 
     def attention_kind(self, layer: nn.Module) -> str | None:
         return getattr(layer, "attention_type", None)  # Qwen2 / Qwen3: the model picks each layer's mask by it
@@ -321,6 +323,28 @@ class LlamaAdapter(DecoderStackAdapter):
             resize_norm(layer.post_attention_layernorm, widths[1])
             layer.attention_shortcut = resized_linear(layer.attention_shortcut, widths[0], widths[1])
             layer.mlp_shortcut = resized_linear(layer.mlp_shortcut, widths[1], widths[2])
+
+    def configure_biases(self) -> None:
+        """Where FLAP gave output projections a bias and the config has the flag for their sublayer (set to False),
+        give each projection that flag covers a bias (zero where it had none) and set it: a layer whose widths are
+        uniform then stays one stock transformers builds from the config (Llama: ``attention_bias``, ``mlp_bias``)."""
+        for kind, flag in self.bias_flags.items():
+            if getattr(self.config, flag, None) is not False:  # the family has no such flag, or every projection has a bias
+                continue
+            sublayers = [self.attention(layer) if kind == "attention" else self.mlp(layer) for layer in self.decoder_layers()]
+            projections = [
+                [layout.query, layout.key, layout.value, layout.output] if kind == "attention"
+                else [layout.block.gate_proj, layout.block.up_proj, layout.block.down_proj]
+                for layout in sublayers if layout is not None
+            ]  # fmt: skip
+            linears = [linear for each in projections for linear in each]
+            if not any(linear.bias is not None for linear in linears) or not all(type(linear) is nn.Linear for linear in linears):
+                continue  # nothing added, or factorised projections, which the config cannot describe anyway
+            for linears in projections:
+                for linear in linears:
+                    if linear.bias is None:
+                        add_output_bias(linear, torch.zeros(linear.out_features))
+            setattr(self.config, flag, True)
 
     def write_uniform_config(self, config: Any, shape: LayerShape) -> None:
         config.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads

@@ -89,8 +89,8 @@ class OptimumPruner:
 
 
 EXPORTABLE_HEADS = (
-    "To export, prune heads with head_mode='query' and ranking='global' or criterion='flap' (the config keeps its head "
-    "counts; the per-layer widths export), and remove no attention sublayer"
+    "To export, prune heads with head_mode='query' and ranking='global' (the config keeps its head counts; the "
+    "per-layer widths export), and remove no attention sublayer"
 )
 
 

@@ -108,6 +108,7 @@ def record_structure(adapter: DecoderAdapter) -> list[LayerShape]:
     """
     config = adapter.config
     model_config = adapter.model.config
+    adapter.configure_biases()
     shapes = [
         replace(adapter.layer_shape(layer), low_rank=low_rank_ranks(layer), mpo=mpo_layout(adapter.moe_block(layer), adapter.experts(layer)))
         for layer in adapter.decoder_layers()

@@ -3,10 +3,10 @@ import copy
 import pytest
 import torch
 
-from optimum_prune import PruningConfig, prune
+from optimum_prune import PruningConfig, prune, save_pruned
 from optimum_prune.methods.width import CRITERIA
 
-from ..conftest import decoder_linear_parameters, tiny_model, token_windows
+from ..conftest import assert_stock_reload_matches, decoder_linear_parameters, tiny_model, token_windows
 
 
 def _kept_rows(original: torch.Tensor, pruned: torch.Tensor) -> list[int]:
@@ -114,6 +114,24 @@ def test_flap_compensation_keeps_the_mean_output():
         pruned_mean = model.model.layers[0].mlp(normed).mean(dim=(0, 1))
         uncompensated = pruned_mean - model.model.layers[0].mlp.down_proj.bias
     assert (pruned_mean - dense_mean).abs().mean() < (uncompensated - dense_mean).abs().mean()
+
+
+@pytest.mark.parametrize(("family", "stock"), [("llama", True), ("qwen3", False), ("mistral", False)])
+def test_flap_biases_a_config_flag_can_describe_keep_uniform_widths_a_stock_checkpoint(family, stock, tmp_path):
+    """Llama's attention_bias / mlp_bias give every projection of a sublayer a bias: with zero ones beside FLAP's,
+    the config describes the layer. Qwen 3 has the attention flag only, Mistral neither: their shapes are recorded."""
+    model = tiny_model(family)
+    prune(model, PruningConfig(method="width", sparsity=0.3, method_options={"head_mode": "kv_group"}), calibration=token_windows())
+    layers = model.model.layers
+    assert all(layer.self_attn.o_proj.bias is not None and layer.mlp.down_proj.bias is not None for layer in layers)
+    flagged = [name for name in ("attention_bias", "mlp_bias") if getattr(model.config, name, False)]
+    assert flagged == {"llama": ["attention_bias", "mlp_bias"], "qwen3": ["attention_bias"], "mistral": []}[family]
+    assert all(layer.self_attn.q_proj.bias is not None for layer in layers) == ("attention_bias" in flagged)
+    if flagged:  # the biases beside FLAP's change nothing
+        assert not layers[0].self_attn.k_proj.bias.any() and not layers[0].self_attn.v_proj.bias.any()
+    assert (getattr(model.config, "quantization_config", None) is None) == stock
+    if stock:
+        assert_stock_reload_matches(model, save_pruned(model, tmp_path / "flap"), token_windows(2, 12, seed=3), tmp_path)
 
 
 def test_ignored_components_keep_their_width():
