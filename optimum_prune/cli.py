@@ -257,7 +257,7 @@ def _run_offloaded(args: argparse.Namespace, config: PruningConfig) -> int:
         args.model, args.output, config, calibration=args.calibration, tokenizer=tokenizer, device=args.device or default_device(),
         dtype=DTYPES[args.dtype] if args.dtype else None, activation_device=args.activation_device,
     )  # fmt: skip
-    print(f"\n{config.method} {config.sparsity} ({config.allocation}) -> {args.output}")
+    print(f"\n{report.request} -> {args.output}")
     print(f"sparsity of the pruned linears: {report.overall_sparsity:.2%}; pruning time {report.seconds:.1f} s; "
           f"peak {report.peak_memory_kind} {report.peak_memory_bytes / 2**20:.0f} MiB")  # fmt: skip
     return 0

@@ -65,7 +65,8 @@ def compress(
             check_architecture(model, step)
         except UnsupportedArchitecture as error:
             raise UnsupportedArchitecture(f"recipe[{index}]: {error}") from None
-    reshaped = any(METHODS.get(step.method).structured for _, step in pruning)
+    structured = [METHODS.get(step.method).structured for _, step in pruning]
+    reshaped = any(method is not None and method.changes_widths for method in structured)
     if isinstance(steps[-1], GPTQConfig) and not reshaped:  # else checked when it runs, on the pruned widths
         from .gptq import check_widths
 

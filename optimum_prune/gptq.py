@@ -64,15 +64,25 @@ def check_widths(model: nn.Module, config: GPTQConfig, field: str) -> None:
     576-wide inputs with group_size=128, at the first forward)."""
     from .adapters import get_adapter
 
+    adapter = get_adapter(model)
+    chosen = {name for names in config.modules_in_block_to_quantize or [] for name in names}  # empty: every linear
     linears = {
-        name: m for layer in get_adapter(model).decoder_layers() for name, m in layer.named_modules() if isinstance(m, nn.Linear)
+        f"{prefix}.{name}": m
+        for prefix, layer in zip(adapter.layer_names(), adapter.decoder_layers())
+        for name, m in layer.named_modules()
+        if isinstance(m, nn.Linear) and (not chosen or name in chosen)
     }
-    unpackable = sorted({w for m in linears.values() for w in (m.in_features, m.out_features) if w % PACKING_WORD})
+    unpackable = [
+        f"{name} ({m.out_features}×{m.in_features})"
+        for name, m in linears.items()
+        if m.in_features % PACKING_WORD or m.out_features % PACKING_WORD
+    ]
     if unpackable:
+        shown = ", ".join(unpackable[:3]) + (f" and {len(unpackable) - 3} more" if len(unpackable) > 3 else "")
         raise ValueError(
-            f"{field}: gptqmodel packs GPTQ codes in blocks of {PACKING_WORD} input columns and output rows; the decoder "
-            f"linears have widths {unpackable}, which are not multiples of {PACKING_WORD} (structured pruning may have left "
-            "them so): prune to widths in multiples of 32, or quantize with QuantoConfig"
+            f"{field}: gptqmodel packs GPTQ codes in blocks of {PACKING_WORD} input columns and output rows; {shown} "
+            f"{'is' if len(unpackable) == 1 else 'are'} not made of whole blocks: keep such linears out of "
+            "GPTQConfig(modules_in_block_to_quantize=...), prune to widths in multiples of 32, or quantize with QuantoConfig"
         )
     group_size = config.group_size
     if group_size is None or group_size <= 0:

@@ -71,7 +71,7 @@ def normalise_sparsity(value: object, field: str) -> float | str:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{field} must be a float in [0, 1) or an 'N:M' string, got {value!r}")
     if not 0 <= value < 1:
-        percent = f" (a percentage? {value:g} % is {value / 100:g})" if 1 <= value < 100 else ""
+        percent = f" (a percentage? {value:g} % is {value / 100:g})" if 1 < value < 100 else ""
         raise ValueError(f"{field} must be in [0, 1) (fraction of weights removed), got {value}{percent}")
     return float(value)
 

@@ -169,10 +169,14 @@ def test_a_recipe_of_several_pruning_steps_records_each_in_order(tmp_path):
         ("gemma2", {"method": "slicegpt", "sparsity": 0.25}, "post_attention_layernorm.*SliceGPT does not apply"),
         ("phi3", {"method": "width", "sparsity": 0.2}, "fuses its projections"),
         ("llama", {"method": "experts", "sparsity": 0.5}, "no mixture-of-experts layers"),
+        ("llama", {"method": "mpoe"}, "LlamaForCausalLM has none with two or more experts"),
+        ("mixtral", {"method": "layers", "method_options": {"num_layers": 1}}, "cannot apply this structured method"),
     ],
 )
 def test_a_step_the_architecture_can_never_take_is_refused_before_the_first_step_runs(family, step, refusal):
-    model = tiny_model(family)
+    from .adapters.test_moe import tiny_moe
+
+    model = tiny_moe() if family == "mixtral" else tiny_model(family)
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     with pytest.raises(UnsupportedArchitecture, match=rf"recipe\[1\]: .*{refusal}"):
         compress(model, [PruningConfig(method="magnitude", sparsity=0.5), step], calibration=token_windows())

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM, GPTQConfig
 from optimum_prune import PruningConfig, compress, save_pruned, sparsify, verify_sparsity
 from optimum_prune.quantized import dequantized_weight, is_gptq_linear, repacked_in_place
 
-from .conftest import tiny_model, token_windows
+from .conftest import TINY, tiny_model, token_windows
 
 pytest.importorskip("gptqmodel")
 
@@ -126,6 +126,28 @@ def test_non_uniform_structure_is_refused_before_quantizing():
     assert not any(is_gptq_linear(module) for module in model.modules())
 
 
+def test_linears_kept_out_of_gptq_are_not_checked(monkeypatch):
+    """A tiny Mixtral's routers (4 experts: 4 output rows) cannot be packed; quantizing attention only leaves them out."""
+    from .adapters.test_moe import tiny_moe
+
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
+    attention = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"]]
+    recipe = [PruningConfig(method="wanda", sparsity=0.5), GPTQConfig(bits=4, group_size=32, modules_in_block_to_quantize=attention)]
+    model = tiny_moe(hidden_size=64, intermediate_size=96)
+    compress(model, recipe, calibration=token_windows())
+    assert all(is_gptq_linear(model.model.layers[0].self_attn.get_submodule(name)) for name in ("q_proj", "o_proj"))
+    with pytest.raises(ValueError, match=r"recipe\[1\]: .*; model.layers.0.block_sparse_moe.gate \(4×64\), .* are not made of whole blocks"):
+        compress(tiny_moe(hidden_size=64, intermediate_size=96), [recipe[0], GPTQConfig(bits=4, group_size=32)], calibration=token_windows())
+
+
+def test_removing_whole_layers_keeps_the_widths_checked_before_pruning():
+    model = tiny_model(hidden_size=96, intermediate_size=192, num_attention_heads=4, num_key_value_heads=4)
+    recipe = [PruningConfig(method="layers", method_options={"num_layers": 1}), GPTQConfig(bits=4, group_size=64)]
+    with pytest.raises(ValueError, match=r"recipe\[1\]: GPTQConfig\(group_size=64\) does not divide"):
+        compress(model, recipe, calibration=token_windows())
+    assert len(model.model.layers) == TINY["num_hidden_layers"]  # nothing was removed
+
+
 def test_a_group_size_that_splits_input_widths_is_refused_before_pruning():
     model = tiny_model(hidden_size=96, intermediate_size=192, num_attention_heads=4, num_key_value_heads=4)
     with pytest.raises(ValueError, match=r"recipe\[1\]: GPTQConfig\(group_size=64\) does not divide .*\[96\].*use group_size=32"):
@@ -162,7 +184,7 @@ def test_processed_batches_which_gptq_cannot_take_fail_before_pruning():
 
 def test_widths_gptqmodel_cannot_pack_are_refused_before_pruning():
     model = tiny_model(hidden_size=128, intermediate_size=176)  # down_proj: 176 input columns, 5.5 blocks of 32
-    with pytest.raises(ValueError, match=r"recipe\[1\]: gptqmodel packs GPTQ codes in blocks of 32 .* widths \[176\]"):
+    with pytest.raises(ValueError, match=r"recipe\[1\]: gptqmodel packs GPTQ codes in blocks of 32 input columns and output rows; model.layers.0.mlp.gate_proj \(176×128\), model.layers.0.mlp.up_proj \(176×128\), model.layers.0.mlp.down_proj \(128×176\) and \d+ more are not made of whole blocks"):
         compress(model, [PruningConfig(method="magnitude", sparsity=0.5), GPTQConfig(bits=4, group_size=16)], calibration=token_windows())
     assert verify_sparsity(model)["overall_sparsity"] < 0.01  # nothing was pruned
 
@@ -177,5 +199,5 @@ def test_after_structured_pruning_the_widths_are_checked_as_pruned(monkeypatch):
     assert all(is_gptq_linear(module) for name, module in model.named_modules() if name.endswith("down_proj"))
     model = tiny_model(hidden_size=128, intermediate_size=258)
     recipe = [PruningConfig(method="width", sparsity=0.2, method_options=mlp_width), GPTQConfig(bits=4, group_size=GROUP)]
-    with pytest.raises(ValueError, match=r"^GPTQConfig: gptqmodel packs GPTQ codes .* widths \[181\]"):
+    with pytest.raises(ValueError, match=r"^GPTQConfig: gptqmodel packs GPTQ codes .*; model.layers.0.mlp.gate_proj \(181×128\), .* and \d+ more are not"):
         compress(model, recipe, calibration=token_windows())  # 181 channels are left

@@ -341,6 +341,12 @@ class DecoderAdapter(ABC):
         """Before the structure is recorded: make biases a structured method added (FLAP's) ones the config
         describes, where the family's config can (see the Llama adapter); by default it cannot."""
 
+    def require(self, *hooks: str) -> None:
+        """Raise ``UnsupportedArchitecture`` unless this family implements the structured ``hooks`` (e.g.
+        ``"keep_layers"``): a method asks in ``check``, before a calibration pass it would run in vain."""
+        if any(getattr(type(self), hook) is getattr(DecoderAdapter, hook) for hook in hooks):
+            raise self._no_structure()
+
     # Asking a model for what its architecture lacks is a bad request (ValueError), not a bug.
     def _no_experts(self) -> UnsupportedArchitecture:
         return UnsupportedArchitecture(f"{type(self).__name__} ({type(self.model).__name__}) has no mixture-of-experts blocks")

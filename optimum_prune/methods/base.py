@@ -74,10 +74,14 @@ class StructuredMethod(ABC, Generic[Options]):
     ``sparsity`` is, unless a method's docstring says otherwise (SliceGPT: of the hidden dimension;
     experts: of each layer's experts; ZipLM: of the decoder's time), the fraction of the decoder
     layers' linear parameters to remove, the denominator of unstructured sparsity; ``ignore`` holds
-    glob patterns of module names to keep. A ``check`` that takes the count from an option instead
-    (``num_layers``, ``num_experts``) sets ``sparsity`` to what that count removes, which the report
-    states (the recorded config stays the recipe as given).
+    glob patterns of module names to keep. A ``check`` that removes whole units (layers, experts) sets
+    ``sparsity`` to what the count it settles on removes (from a count option such as ``num_layers``, or
+    the rounded fraction), which the report states; the recorded config stays the recipe as given.
     """
+
+    # Whether the method may change a linear's width (False: it removes or re-routes whole layers or sublayers),
+    # which later steps' up-front checks of widths (GPTQ's groups) must then leave to when they run.
+    changes_widths = True
 
     def __init__(
         self, adapter: DecoderAdapter, sparsity: float, ignore: list[str], options: Options, device: torch.device, seed: int = 0

@@ -46,8 +46,7 @@ class ExpertMerging(StructuredMethod[ExpertMergingOptions]):
 
     def check(self) -> None:
         self.keep = experts_to_keep(self.adapter, self.sparsity, self.options.num_experts)
-        if self.options.num_experts:
-            self.sparsity = removed_expert_share(self.adapter, self.keep)
+        self.sparsity = removed_expert_share(self.adapter, self.keep)  # num_experts, or the rounded sparsity
         self.kept_layers = self.kept_moe_layers()
         for name, layer in zip(self.adapter.layer_names(), self.adapter.decoder_layers()):
             block = self.adapter.moe_block(layer)

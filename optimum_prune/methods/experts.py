@@ -69,8 +69,7 @@ class ExpertPruning(StructuredMethod[ExpertPruningOptions]):
 
     def check(self) -> None:
         self.keep = experts_to_keep(self.adapter, self.sparsity, self.options.num_experts)
-        if self.options.num_experts:
-            self.sparsity = removed_expert_share(self.adapter, self.keep)
+        self.sparsity = removed_expert_share(self.adapter, self.keep)  # num_experts, or the rounded sparsity
         self.kept_layers = self.kept_moe_layers()
 
     def prune(self, windows: torch.Tensor | None, report: Any) -> None:

@@ -98,12 +98,13 @@ class LayerRemovalOptions:
 class LayerRemoval(StructuredMethod[LayerRemovalOptions]):
     """Remove whole decoder layers ranked by Block Influence, angular distance, perplexity or Taylor."""
 
+    changes_widths = False
+
     def check(self) -> None:
+        self.adapter.require("keep_layers")  # before scoring: a family that cannot drop layers refuses up front
         self.adapter.check_unsliced("remove layers before slicing")
         layers = self.adapter.decoder_layers()
         count = self.options.num_layers or round(self.sparsity * len(layers))
-        if self.options.num_layers:
-            self.sparsity = count / len(layers)
         if count == 0:
             raise ValueError(
                 f"PruningConfig.sparsity {self.sparsity} rounds to 0 of {len(layers)} layers; raise it or set "
@@ -115,6 +116,7 @@ class LayerRemoval(StructuredMethod[LayerRemovalOptions]):
                 "(lower PruningConfig.sparsity or method_options.num_layers)"
             )
         self.count = count
+        self.sparsity = count / len(layers)  # what the whole layers removed come to (num_layers, or the rounded sparsity)
         self.removable = [
             i for i, (name, layer) in enumerate(zip(self.adapter.layer_names(), layers)) if not holds_ignored(name, layer, self.ignore)
         ]

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..adapters import UnsupportedArchitecture
 from ..options import option
 from ..structure.mpo import (
     CENTRAL,
@@ -93,7 +94,8 @@ class MPOE(StructuredMethod[MPOEOptions]):
                         raise ValueError(f"mpoe decomposes bias-free expert linears; {name} of layer {index} has a bias")
                     self.groups.append(_Group(index, name, factorize(linear.out_features), factorize(linear.in_features), len(experts)))
         if not self.groups:
-            raise ValueError(
+            dense = not any(self.adapter.experts(layer) for layer in self.adapter.decoder_layers())
+            raise (UnsupportedArchitecture if dense else ValueError)(
                 f"mpoe shares tensors across the experts of mixture-of-experts layers; {type(self.adapter.model).__name__} has "
                 "none with two or more experts (use a Mixtral-style model)"
             )

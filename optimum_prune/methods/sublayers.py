@@ -43,6 +43,8 @@ class SublayerRemovalOptions:
 class SublayerRemoval(StructuredMethod[SublayerRemovalOptions]):
     """Remove attention and/or MLP blocks by Block Influence or perplexity, within a parameter budget."""
 
+    changes_widths = False
+
     def check(self) -> None:
         self.adapter.check_unsliced("SliceGPT needs whole layers, so it and sublayer removal cannot be combined")
         kinds = KINDS if self.options.sublayers == "all" else (self.options.sublayers,)

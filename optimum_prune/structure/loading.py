@@ -108,11 +108,17 @@ def record_structure(adapter: DecoderAdapter) -> list[LayerShape]:
     """
     config = adapter.config
     model_config = adapter.model.config
-    adapter.configure_biases()
-    shapes = [
-        replace(adapter.layer_shape(layer), low_rank=low_rank_ranks(layer), mpo=mpo_layout(adapter.moe_block(layer), adapter.experts(layer)))
-        for layer in adapter.decoder_layers()
-    ]
+
+    def measured() -> list[LayerShape]:
+        return [
+            replace(adapter.layer_shape(layer), low_rank=low_rank_ranks(layer), mpo=mpo_layout(adapter.moe_block(layer), adapter.experts(layer)))
+            for layer in adapter.decoder_layers()
+        ]
+
+    shapes = measured()
+    if len({replace(shape, attention_output_bias=False, mlp_output_bias=False) for shape in shapes}) == 1:
+        adapter.configure_biases()  # uniform widths: biases the config can describe keep the checkpoint a stock one
+        shapes = measured()
     adapter.write_uniform_config(config, adapter.stock_shape(config))  # makes head_dim explicit
     uniform = copy.deepcopy(config)
     for shape in shapes:  # equal shapes write the same values (a dense layer of a MoE model writes no expert count)

@@ -118,3 +118,5 @@ def test_a_layer_count_is_reported_as_the_sparsity_it_removes():
     report = prune(model, config, calibration=token_windows())
     assert report.sparsity == pytest.approx(2 / 6) and str(report).startswith("Pruning report: layers 0.3333, on cpu")
     assert PruningConfig.from_dict(model.config.pruning_config) == config
+    rounded = prune(tiny_model(num_hidden_layers=3), PruningConfig(method="layers", sparsity=0.5), calibration=token_windows())
+    assert rounded.sparsity == pytest.approx(2 / 3)  # 0.5 of 3 layers rounds to 2 whole layers

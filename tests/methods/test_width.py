@@ -134,6 +134,16 @@ def test_flap_biases_a_config_flag_can_describe_keep_uniform_widths_a_stock_chec
         assert_stock_reload_matches(model, save_pruned(model, tmp_path / "flap"), token_windows(2, 12, seed=3), tmp_path)
 
 
+def test_flap_on_per_layer_widths_adds_no_zero_biases():
+    """The shapes are recorded anyway: zero biases beside FLAP's would only take room."""
+    model = tiny_model()
+    config = PruningConfig(method="width", sparsity=0.3, method_options={"head_mode": "kv_group", "ranking": "global"})
+    prune(model, config, calibration=token_windows())
+    assert getattr(model.config, "quantization_config", None) is not None
+    assert not model.config.attention_bias and not model.config.mlp_bias
+    assert all(layer.self_attn.q_proj.bias is None and layer.mlp.gate_proj.bias is None for layer in model.model.layers)
+
+
 def test_ignored_components_keep_their_width():
     model = tiny_model()
     prune(model, PruningConfig(method="width", sparsity=0.1, ignore=["model.layers.0.*"], method_options={"criterion": "magnitude_l1", "ranking": "global"}))
