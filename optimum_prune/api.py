@@ -94,6 +94,7 @@ def prune(
         config = PruningConfig.from_dict(config)
     elif not isinstance(config, PruningConfig):
         raise TypeError(f"config must be a PruningConfig or a dict, got {type(config).__name__}")
+    spec = METHODS.get(config.method)
     adapter = get_adapter(model)
     if offload is None:  # a LayerStream holds the layers it has not read yet on the meta device itself
         _check_materialised(model)
@@ -102,29 +103,18 @@ def prune(
     check_ignore_patterns(adapter, config.ignore, "PruningConfig.ignore")
     if offload is not None:
         check_offloadable(config, adapter)
-    if not METHODS.get(config.method).pruner and activation_device is not None:
+    if not spec.pruner and activation_device is not None:
         raise ValueError(
             f"activation_device applies to the per-layer methods ({_per_layer_methods()}); {config.method!r} keeps its "
             "activations on the compute device (leave activation_device unset)"
         )
-    spec = METHODS.get(config.method)
-    runs = _plan_runs(adapter, config, device, offload, check_activation_device(activation_device))
-    inputs = None
-    if config.requires_calibration:
-        inputs = calibration_inputs(
-            calibration, tokenizer, processor, config.num_calibration_samples, config.calibration_seq_len, config.seed
+    if is_distributed() and not spec.pruner:
+        raise ValueError(
+            f"multi-process calibration supports the per-layer methods ({_per_layer_methods()}); run "
+            f"{config.method!r} in a single process"
         )
-        check_calibration_inputs(adapter.model, inputs)
-        _check_calibration_reaches_parts(inputs, config, runs)
-    tokens, images = count_tokens(inputs), count_images(inputs)
-    if is_distributed():
-        if not METHODS.get(config.method).pruner:
-            raise ValueError(
-                f"multi-process calibration supports the per-layer methods ({_per_layer_methods()}); run "
-                f"{config.method!r} in a single process"
-            )
-        if inputs is not None:  # data-free methods (magnitude) prune alike in every process
-            inputs = shard(inputs)
+    runs = _plan_runs(adapter, config, device, offload, check_activation_device(activation_device))
+    inputs = _calibration(adapter, config, runs, calibration, tokenizer, processor)
     report = PruningReport(
         method=config.method,
         # what is removed: a structured method's count option (num_layers) overrides the config's sparsity
@@ -132,10 +122,12 @@ def prune(
         else ", ".join(f"{part} {policy['sparsity']}" for part, policy in config.parts.items()) or config.sparsity,
         allocation=config.allocation,
         device=str(device),
-        calibration_tokens=tokens,
-        calibration_images=images,
+        calibration_tokens=count_tokens(inputs),
+        calibration_images=count_images(inputs),
         multimodal=bool(adapter.upstream_parts),
     )
+    if is_distributed() and inputs is not None:  # data-free methods (magnitude) prune alike in every process
+        inputs = shard(inputs)
     earlier = _earlier_sparsity(model) if spec.structured else None
     started = time.perf_counter()
     if device.type == "cuda":
@@ -158,6 +150,19 @@ def prune(
     record_pruning(model.config, config)
     logger.info("%s", report)
     return report
+
+
+def _calibration(
+    adapter: DecoderAdapter, config: PruningConfig, runs: list, calibration: CalibrationSource, tokenizer: Any, processor: Any
+) -> CalibrationInputs | None:
+    """The calibration windows or batches the config's method and allocation read (None: they read none), checked
+    against the model and the parts they must reach."""
+    if not config.requires_calibration:
+        return None
+    inputs = calibration_inputs(calibration, tokenizer, processor, config.num_calibration_samples, config.calibration_seq_len, config.seed)
+    check_calibration_inputs(adapter.model, inputs)
+    _check_calibration_reaches_parts(inputs, config, runs)
+    return inputs
 
 
 def _plan_runs(
