@@ -21,7 +21,7 @@ from .kernels.linear import SparseLinear
 from .perp import MaskLoRALinear
 from .quantized import is_gptq_linear, repacked_in_place
 from .report import PruningReport
-from .structure.loading import records_layer_shapes
+from .structure.loading import records_layer_shapes, stand_in_tensors
 
 logger = logging.getLogger(__name__)
 SCORES_PLOT_NAME = "layer_scores.png"
@@ -249,7 +249,9 @@ def _write_checkpoint(
         with v1_checkpoint_layout(model):
             model.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
     else:
-        model.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
+        recorded = records_layer_shapes(getattr(model.config, "quantization_config", None))
+        state_dict = {**model.state_dict(), **stand_in_tensors(model)} if recorded else None
+        model.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(staging)
     if config is not None:

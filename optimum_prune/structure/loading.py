@@ -14,9 +14,11 @@ like any other, and saving it writes the shapes again.
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import replace
 from typing import Any
 
+import torch
 from torch import nn
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
@@ -65,6 +67,21 @@ class StructureConfig(QuantizationConfigMixin):
         return self.to_dict()
 
 
+def stand_in_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """One-element tensors named after the parameters a stock model built from a non-uniform result's config has
+    and the pruned layers do not (a removed sublayer's projections and norm, a factorised linear's weight).
+
+    Saved with the checkpoint, they make transformers stop at a size mismatch when it is loaded without
+    ``import optimum_prune``, where it would otherwise fill those parameters with random weights and only warn;
+    ``StructureLoader`` drops them."""
+    config = copy.deepcopy(model.config)
+    del config.quantization_config
+    with torch.device("meta"):
+        stock = type(model)(config)
+    present = model.state_dict()
+    return {name: torch.zeros(1, dtype=tensor.dtype) for name, tensor in stock.state_dict().items() if name not in present}
+
+
 @register_quantizer(QUANT_METHOD)
 class StructureLoader(HfQuantizer):
     """Gives each decoder layer its recorded shape before the checkpoint's weights are loaded."""
@@ -80,13 +97,20 @@ class StructureLoader(HfQuantizer):
                 f"quantization_config.layers describes {len(shapes)} decoder layers but num_hidden_layers is "
                 f"{len(adapter.decoder_layers())}; the checkpoint's config.json is corrupt"
             )
+        stock = set(model.state_dict())
         adapter.reshape(shapes)
+        stand_ins = sorted(stock - set(model.state_dict()))  # what stand_in_tensors saved: not loaded, and not warned of
+        if stand_ins:
+            model._keys_to_ignore_on_load_unexpected = [
+                *(type(model)._keys_to_ignore_on_load_unexpected or []), *(f"^{re.escape(name)}$" for name in stand_ins)
+            ]
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> None:
         # Nothing is quantized: detach so transformers treats the model as an ordinary one
         # (trainable, castable with .half()), while config.quantization_config keeps the shapes.
         del model.hf_quantizer
         del model.quantization_method
+        model.__dict__.pop("_keys_to_ignore_on_load_unexpected", None)  # the class's own patterns again
         model.is_quantized = False
         if hasattr(model.config, "_pre_quantization_dtype"):
             del model.config._pre_quantization_dtype

@@ -42,6 +42,42 @@ def test_non_uniform_result_reloads_bit_exact(non_uniform):
     assert not reloaded.is_quantized and not hasattr(reloaded, "hf_quantizer")
 
 
+@pytest.mark.parametrize(
+    "config",
+    [
+        PruningConfig(method="sublayers", sparsity=0.2, method_options={"sublayers": "attention"}),
+        PruningConfig(method="sublayers", sparsity=0.2, method_options={"sublayers": "mlp", "reroute": True}),
+        PruningConfig(method="low_rank", sparsity=0.2, method_options={"weighting": "none"}),
+    ],
+    ids=["removed", "rerouted", "low_rank"],
+)
+def test_without_the_import_a_checkpoint_missing_stock_weights_fails_instead_of_loading_random_ones(config, tmp_path):
+    """transformers filled a removed or factorised module's weights at random and only warned; the stand-in tensors
+    saved under their names stop it at a size mismatch, and the structure loader skips them without a word."""
+    import logging
+    import subprocess
+    import sys
+
+    model = tiny_model(num_hidden_layers=4)
+    prune(model, config, calibration=token_windows())
+    output = save_pruned(model, tmp_path / "pruned")
+    stock = subprocess.run(
+        [sys.executable, "-c", f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({str(output)!r})"],
+        capture_output=True, text=True, cwd=tmp_path,
+    )  # fmt: skip
+    assert stock.returncode != 0 and "size mismatch" in stock.stderr and "torch.Size([1])" in stock.stderr
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("transformers").addHandler(handler)
+    try:
+        reloaded = assert_reloads_exactly(model, output)
+    finally:
+        logging.getLogger("transformers").removeHandler(handler)
+    assert not [record for record in records if "were not used" in record.getMessage()]
+    assert "_keys_to_ignore_on_load_unexpected" not in vars(reloaded)
+
+
 def test_non_uniform_result_takes_a_lora_adapter_and_resaves(non_uniform, tmp_path):
     _, output = non_uniform
     reloaded = AutoModelForCausalLM.from_pretrained(output)
