@@ -66,6 +66,12 @@ def check_widths(model: nn.Module, config: GPTQConfig, field: str) -> None:
 
     adapter = get_adapter(model)
     chosen = {name for names in config.modules_in_block_to_quantize or [] for name in names}  # empty: every linear
+    held = {name for layer in adapter.decoder_layers() for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    if chosen - held:
+        raise ValueError(
+            f"{field}: GPTQConfig(modules_in_block_to_quantize=...) names {sorted(chosen - held)}, which no decoder layer "
+            f"holds (optimum would fail on them after pruning); give names within a layer, e.g. {', '.join(sorted(held)[:4])}"
+        )
     linears = {
         f"{prefix}.{name}": m
         for prefix, layer in zip(adapter.layer_names(), adapter.decoder_layers())

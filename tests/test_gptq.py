@@ -136,6 +136,9 @@ def test_linears_kept_out_of_gptq_are_not_checked(monkeypatch):
     model = tiny_moe(hidden_size=64, intermediate_size=96)
     compress(model, recipe, calibration=token_windows())
     assert all(is_gptq_linear(model.model.layers[0].self_attn.get_submodule(name)) for name in ("q_proj", "o_proj"))
+    misnamed = GPTQConfig(bits=4, group_size=32, modules_in_block_to_quantize=[["q_proj"]])
+    with pytest.raises(ValueError, match=r"recipe\[1\]: .*names \['q_proj'\], which no decoder layer holds .* e.g. block_sparse_moe"):
+        compress(tiny_moe(hidden_size=64, intermediate_size=96), [recipe[0], misnamed], calibration=token_windows())
     with pytest.raises(ValueError, match=r"recipe\[1\]: .*; model.layers.0.block_sparse_moe.gate \(4×64\), .* are not made of whole blocks"):
         compress(tiny_moe(hidden_size=64, intermediate_size=96), [recipe[0], GPTQConfig(bits=4, group_size=32)], calibration=token_windows())
 

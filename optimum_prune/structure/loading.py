@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import copy
 import re
+from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
@@ -67,19 +69,31 @@ class StructureConfig(QuantizationConfigMixin):
         return self.to_dict()
 
 
-def stand_in_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """One-element tensors named after the parameters a stock model built from a non-uniform result's config has
-    and the pruned layers do not (a removed sublayer's projections and norm, a factorised linear's weight).
+@contextmanager
+def saving_stand_ins(model: PreTrainedModel) -> Iterator[None]:
+    """While active, ``model.state_dict()`` (which ``save_pretrained`` writes, gathering offloaded weights itself)
+    also holds a one-element tensor under the name of each parameter a stock model built from the non-uniform
+    result's config has and the pruned layers do not (a removed sublayer's projections and norm, a factorised
+    linear's weight).
 
-    Saved with the checkpoint, they make transformers stop at a size mismatch when it is loaded without
-    ``import optimum_prune``, where it would otherwise fill those parameters with random weights and only warn;
-    ``StructureLoader`` drops them."""
+    Saved with the checkpoint (by ``save_pruned``: a plain ``save_pretrained`` writes none), they make
+    transformers stop at a size mismatch when it is loaded without ``import optimum_prune``, where it would
+    otherwise fill those parameters with random weights and only warn; ``StructureLoader`` skips them."""
     config = copy.deepcopy(model.config)
     del config.quantization_config
     with torch.device("meta"):
         stock = type(model)(config)
-    present = model.state_dict()
-    return {name: torch.zeros(1, dtype=tensor.dtype) for name, tensor in stock.state_dict().items() if name not in present}
+    present = set(model.state_dict())
+    stand_ins = {name: torch.zeros(1, dtype=model.dtype) for name in stock.state_dict() if name not in present}
+
+    def add(_module: nn.Module, state_dict: dict[str, Any], prefix: str, _metadata: Any) -> None:
+        state_dict.update({prefix + name: tensor for name, tensor in stand_ins.items()})
+
+    handle = model.register_state_dict_post_hook(add)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @register_quantizer(QUANT_METHOD)

@@ -78,6 +78,22 @@ def test_without_the_import_a_checkpoint_missing_stock_weights_fails_instead_of_
     assert "_keys_to_ignore_on_load_unexpected" not in vars(reloaded)
 
 
+def test_a_non_uniform_model_with_offloaded_modules_saves_without_stand_ins(tmp_path, caplog):
+    """save_pretrained gathers an offloaded model's weights module by module, which stand-in tensors have none of."""
+    import logging
+
+    model = tiny_model(num_hidden_layers=4)
+    prune(model, PruningConfig(method="sublayers", sparsity=0.2, method_options={"sublayers": "attention"}), calibration=token_windows())
+    save_pruned(model, tmp_path / "pruned")
+    placement = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.layers.2": "cpu",
+                 "model.layers.3": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}  # fmt: skip
+    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", device_map=placement, offload_folder=tmp_path / "offload")
+    with caplog.at_level(logging.WARNING, logger="optimum_prune"):
+        save_pruned(offloaded, tmp_path / "again")
+    assert "saved without stand-in tensors" in caplog.text
+    assert_reloads_exactly(model, tmp_path / "again")
+
+
 def test_non_uniform_result_takes_a_lora_adapter_and_resaves(non_uniform, tmp_path):
     _, output = non_uniform
     reloaded = AutoModelForCausalLM.from_pretrained(output)
