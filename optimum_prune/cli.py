@@ -29,9 +29,9 @@ from .methods import METHODS
 from .models import default_model_path, load_default_model, load_model, load_tokenizer, missing_tokenizer
 from .options import MoEOptions, describe_options
 from .saving import check_replaceable, save_pruned
+from .sparsity import verify_sparsity
 from .sparsity_metadata import require_compressed_tensors
 from .structure.loading import records_layer_shapes
-from .sparsity import verify_sparsity
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

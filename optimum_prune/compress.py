@@ -47,8 +47,9 @@ def compress(
     quantized weights are frozen, so nothing can be pruned after them. GPTQ calibrates on
     ``calibration`` (windows drawn as the last pruning step draws them) unless its config lists texts.
     The recipe's form, and whether the model's architecture can take each step, are checked before any step
-    runs; a step that cannot apply to what the earlier steps produced fails before it changes anything. ``processor`` turns image-text calibration pairs into
-    model inputs for a multimodal model's pruning steps, as in ``prune``.
+    runs; a step that cannot apply to what the earlier steps produced fails before it changes anything.
+    ``processor`` turns image-text calibration pairs into model inputs for a multimodal model's pruning steps,
+    as in ``prune``.
     """
     steps = [_check_step(step, index) for index, step in enumerate(recipe)]
     if not steps:

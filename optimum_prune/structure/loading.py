@@ -71,8 +71,8 @@ class StructureConfig(QuantizationConfigMixin):
 
 @contextmanager
 def saving_stand_ins(model: PreTrainedModel) -> Iterator[None]:
-    """While active, ``model.state_dict()`` (which ``save_pretrained`` writes, gathering offloaded weights itself)
-    also holds a one-element tensor under the name of each parameter a stock model built from the non-uniform
+    """While active, ``model.state_dict()`` (what ``save_pretrained`` writes, unless it gathers offloaded modules'
+    weights itself, which stand-ins have none of) also holds a one-element tensor under the name of each parameter a stock model built from the non-uniform
     result's config has and the pruned layers do not (a removed sublayer's projections and norm, a factorised
     linear's weight).
 
