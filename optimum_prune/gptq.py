@@ -65,19 +65,20 @@ def check_widths(model: nn.Module, config: GPTQConfig, field: str) -> None:
     from .adapters import get_adapter
 
     adapter = get_adapter(model)
+    every = [
+        (prefix, name, m)
+        for prefix, layer in zip(adapter.layer_names(), adapter.decoder_layers())
+        for name, m in layer.named_modules()
+        if isinstance(m, nn.Linear)
+    ]
     chosen = {name for names in config.modules_in_block_to_quantize or [] for name in names}  # empty: every linear
-    held = {name for layer in adapter.decoder_layers() for name, m in layer.named_modules() if isinstance(m, nn.Linear)}
+    held = {name for _, name, _ in every}
     if chosen - held:
         raise ValueError(
             f"{field}: GPTQConfig(modules_in_block_to_quantize=...) names {sorted(chosen - held)}, which no decoder layer "
             f"holds (optimum would fail on them after pruning); give names within a layer, e.g. {', '.join(sorted(held)[:4])}"
         )
-    linears = {
-        f"{prefix}.{name}": m
-        for prefix, layer in zip(adapter.layer_names(), adapter.decoder_layers())
-        for name, m in layer.named_modules()
-        if isinstance(m, nn.Linear) and (not chosen or name in chosen)
-    }
+    linears = {f"{prefix}.{name}": m for prefix, name, m in every if not chosen or name in chosen}
     unpackable = [
         f"{name} ({m.out_features}×{m.in_features})"
         for name, m in linears.items()

@@ -167,19 +167,18 @@ def save_pruned(
     else:  # a record this version cannot read is another step than the one given
         recorded = readable_step(recorded)
     output_dir = Path(output_dir)
-    check_replaceable(output_dir)
-    if (output_dir / "config.json").is_file() and not (output_dir / CONFIG_NAME).is_file():  # e.g. an ONNX export
-        logger.warning(
-            "save_pruned: %s holds a checkpoint that records no pruning (%s); it is replaced by the pruned one",
-            output_dir, _shown(sorted(path.name for path in output_dir.iterdir())),
-        )  # fmt: skip
     with _recorded_for_saving(model.config, config, recorded):
         if compressed_tensors_metadata:
             from .sparsity_metadata import compressed_tensors_config
 
             model.config.quantization_config = compressed_tensors_config(model)  # of the steps recorded just above
         try:
-            with atomic_directory(output_dir) as staging:
+            with atomic_directory(output_dir) as staging:  # checks output_dir may be replaced
+                if (output_dir / "config.json").is_file() and not (output_dir / CONFIG_NAME).is_file():  # e.g. an ONNX export
+                    logger.warning(
+                        "save_pruned: %s holds a checkpoint that records no pruning (%s); it is replaced by the pruned one",
+                        output_dir, _shown(sorted(path.name for path in output_dir.iterdir())),
+                    )  # fmt: skip
                 _write_checkpoint(model, staging, tokenizer, config, report, max_shard_size)
         finally:
             if compressed_tensors_metadata:
