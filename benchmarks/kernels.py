@@ -45,7 +45,8 @@ import copy
 import sys
 import time
 from dataclasses import replace
-from typing import Callable
+from functools import partial
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch.nn import functional as F
@@ -53,6 +54,9 @@ from torch.nn import functional as F
 from common import quick_or_full, table_header
 from optimum_prune.kernels import compress, decompress
 from optimum_prune.sparsity import NMPattern, prune_lowest_nm
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig
 
 SHAPES = {  # (out, in) of Llama-3-8B's and Llama-3-70B's linears
     "8B q_proj / o_proj": (4096, 4096),
@@ -134,7 +138,7 @@ def measure(shapes: list[str], tokens: tuple[int, ...], progress: Callable[[list
             raise SystemExit(f"cannot build the sparse paths for {shape}: {error}") from None
         for m in tokens:
             x = torch.randn(m, in_features, device="cuda", dtype=torch.bfloat16)
-            dense_ms = do_bench(lambda: F.linear(x, weight), return_mode="median")
+            dense_ms = do_bench(partial(F.linear, x, weight), return_mode="median")
             row = {"shape": shape, "tokens": m, "dense_ms": dense_ms}
             for name, (call, reference) in paths.items():
                 if (name.startswith("decode") and m > DECODE_MAX_ROWS) or (name.startswith("mma.sp") and m > MAX_ROWS):
@@ -148,7 +152,7 @@ def measure(shapes: list[str], tokens: tuple[int, ...], progress: Callable[[list
                     if error > 2e-2:
                         row[name] = f"wrong (relative error {error:.1e})"
                         continue
-                    row[name] = dense_ms / do_bench(lambda: call(inputs), return_mode="median")
+                    row[name] = dense_ms / do_bench(partial(call, inputs), return_mode="median")
                 except (RuntimeError, ValueError) as failure:
                     row[name] = f"fails: {str(failure).splitlines()[0][:60]}"
             rows.append(row)
@@ -209,7 +213,7 @@ def markdown(rows: list[dict], command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def llama3_8b_shaped(layers: int) -> "LlamaConfig":
+def llama3_8b_shaped(layers: int) -> LlamaConfig:
     from transformers import LlamaConfig
 
     return LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
@@ -254,7 +258,7 @@ END_TO_END = {  # row name: sparsify's options (None: the dense model)
 PREFILL_TOKENS = 4096
 
 
-def end_to_end(config: "LlamaConfig", new_tokens: int = 128, device: str = "cuda") -> list[str]:
+def end_to_end(config: LlamaConfig, new_tokens: int = 128, device: str = "cuda") -> list[str]:
     """Markdown rows for a bf16 Llama of ``config`` (random weights) pruned to 2:4 by magnitude, then
     with every 2:4 linear swapped for ``SparseLinear`` (``END_TO_END``), in the same run: ``generate()``
     tokens/s, CUDA-graph decode step time, prefill time, decoder weight bytes, prompt logit difference."""

@@ -78,10 +78,10 @@ def main() -> None:
             results = {}
             for mode in ("memory", "disk"):
                 command = [sys.executable, __file__, "--run", mode, str(source), str(Path(scratch) / mode)]
-                run = subprocess.run(command, capture_output=True, text=True)
-                if run.returncode != 0:
-                    raise SystemExit(f"{mode} run of {depth} layers failed (exit {run.returncode}):\n{run.stderr[-4000:]}")
-                results[mode] = json.loads(run.stdout.splitlines()[-1])
+                child = subprocess.run(command, capture_output=True, text=True, check=False)
+                if child.returncode != 0:
+                    raise SystemExit(f"{mode} run of {depth} layers failed (exit {child.returncode}):\n{child.stderr[-4000:]}")
+                results[mode] = json.loads(child.stdout.splitlines()[-1])
             identical = same_weights(Path(scratch) / "memory", Path(scratch) / "disk")
         rows.append((depth, size, results, identical))
         print(depth, size, results, identical, flush=True)
