@@ -10,7 +10,7 @@ import logging
 import os
 import shutil
 import tempfile
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -22,7 +22,7 @@ from .kernels.linear import SparseLinear
 from .perp import MaskLoRALinear
 from .quantized import is_gptq_linear, repacked_in_place
 from .report import PruningReport
-from .structure.loading import records_layer_shapes, saving_stand_ins
+from .structure.loading import offloaded, records_layer_shapes
 
 logger = logging.getLogger(__name__)
 SCORES_PLOT_NAME = "layer_scores.png"
@@ -251,14 +251,12 @@ def _write_checkpoint(
     else:
         inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper saves the model it holds
         recorded = isinstance(inner, PreTrainedModel) and records_layer_shapes(getattr(inner.config, "quantization_config", None))
-        if recorded and _offloaded(inner):  # save_pretrained onloads each saved key from its module: stand-ins have none
+        if recorded and offloaded(inner):
             logger.warning(
                 "save_pruned: the model has offloaded modules, so the checkpoint is saved without stand-in tensors: loaded "
                 "without import optimum_prune, its removed or factorised modules would get random weights"
             )
-            recorded = False
-        with saving_stand_ins(inner) if recorded else nullcontext():
-            model.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
+        model.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
     if tokenizer is not None:
         tokenizer.save_pretrained(staging)
     if config is not None:
@@ -268,12 +266,6 @@ def _write_checkpoint(
             report.plot_layer_scores(staging / SCORES_PLOT_NAME)
         except ImportError as error:
             logger.warning("%s; saved without %s", error, SCORES_PLOT_NAME)
-
-
-def _offloaded(model: PreTrainedModel) -> bool:
-    """Whether ``save_pretrained`` gathers this model's weights from offloaded modules (its own test)."""
-    placements = set(getattr(model, "hf_device_map", {}).values())
-    return len(placements) > 1 and bool(placements & {"cpu", "disk"})
 
 
 def _check_quanto_saves(model: nn.Module, max_shard_size: int | str) -> None:

@@ -8,16 +8,17 @@ documented extension point for that field (``register_quantization_config`` /
 ``register_quantizer``) lets ``import optimum_prune`` give the freshly built, still empty model
 the recorded shapes before the weights load — no modeling file is patched. After loading, the
 quantizer detaches itself: the result is an ordinary (smaller) model that trains, casts and saves
-like any other, and saving it writes the shapes again.
+like any other, and saving it writes the shapes again. Its state dict also carries one-element
+stand-ins under the stock weight names its layers lack (``keep_stand_ins``): without the import,
+transformers stops at a size mismatch instead of filling those weights at random.
 """
 
 from __future__ import annotations
 
 import copy
 import re
-from contextlib import contextmanager
 from dataclasses import replace
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -69,31 +70,65 @@ class StructureConfig(QuantizationConfigMixin):
         return self.to_dict()
 
 
-@contextmanager
-def saving_stand_ins(model: PreTrainedModel) -> Iterator[None]:
-    """While active, ``model.state_dict()`` (what ``save_pretrained`` writes, unless it gathers offloaded modules'
-    weights itself, which stand-ins have none of) also holds a one-element tensor under the name of each parameter a stock model built from the non-uniform
-    result's config has and the pruned layers do not (a removed sublayer's projections and norm, a factorised
-    linear's weight).
+def offloaded(model: PreTrainedModel) -> bool:
+    """Whether ``save_pretrained`` gathers this model's weights from offloaded modules (its own test): it then
+    onloads each saved key from its module, which a stand-in tensor has none of."""
+    placements = set(getattr(model, "hf_device_map", {}).values())
+    return len(placements) > 1 and bool(placements & {"cpu", "disk"})
 
-    Saved with the checkpoint (by ``save_pruned``: a plain ``save_pretrained`` writes none), they make
-    transformers stop at a size mismatch when it is loaded without ``import optimum_prune``, where it would
-    otherwise fill those parameters with random weights and only warn; ``StructureLoader`` skips them."""
+
+class _AddStandIns:
+    """``state_dict`` post-hook: a one-element tensor under each name in ``names`` (a plain class: torch marks
+    the hook with an attribute, and the model must stay picklable)."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+
+    def __call__(self, model: PreTrainedModel, state_dict: dict[str, Any], prefix: str, _metadata: Any) -> None:
+        if offloaded(model):
+            return
+        for name in self.names:
+            state_dict.setdefault(prefix + name, torch.zeros(1, dtype=model.dtype))
+
+
+class _SkipStandIns:
+    """``load_state_dict`` pre-hook: drops the stand-ins ``_AddStandIns`` wrote, so a state dict loads back."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+
+    def __call__(self, _model: nn.Module, state_dict: dict[str, Any], prefix: str, *_: Any) -> None:
+        for name in self.names:
+            tensor = state_dict.get(prefix + name)
+            if isinstance(tensor, torch.Tensor) and tensor.numel() == 1:
+                del state_dict[prefix + name]
+
+
+def keep_stand_ins(model: PreTrainedModel) -> None:
+    """Make every ``model.state_dict()`` of a non-uniform result hold a one-element tensor under the name of each
+    parameter a stock model built from its config has and the pruned layers lack (a removed sublayer's
+    projections and norm, a factorised linear's weight, a dropped expert's), and ``load_state_dict`` skip them.
+
+    Every way of saving writes the state dict (``save_pretrained``, ``save_pruned``, the Trainer's checkpoints,
+    LLaMA-Factory's export), so a checkpoint loaded without ``import optimum_prune`` stops at transformers'
+    size mismatch where it would otherwise fill those parameters with random weights and only warn;
+    ``StructureLoader`` skips them. Called whenever the structure is recorded or loaded: it replaces the
+    hooks of an earlier recording, and removes them once the model is uniform again. An offloaded model's
+    ``save_pretrained`` gets none (``offloaded``)."""
+    for hooks in (model._state_dict_hooks, model._load_state_dict_pre_hooks):  # torch has no public way to list them
+        for key in [key for key, hook in hooks.items() if isinstance(getattr(hook, "hook", hook), (_AddStandIns, _SkipStandIns))]:
+            del hooks[key]
+    if not records_layer_shapes(getattr(model.config, "quantization_config", None)):
+        return
     config = copy.deepcopy(model.config)
     del config.quantization_config
     with torch.device("meta"):
         stock = type(model)(config)
-    present = set(model.state_dict())
-    stand_ins = {name: torch.zeros(1, dtype=model.dtype) for name in stock.state_dict() if name not in present}
-
-    def add(_module: nn.Module, state_dict: dict[str, Any], prefix: str, _metadata: Any) -> None:
-        state_dict.update({prefix + name: tensor for name, tensor in stand_ins.items()})
-
-    handle = model.register_state_dict_post_hook(add)
-    try:
-        yield
-    finally:
-        handle.remove()
+    present = {name.replace(".base_layer.", ".") for name in model.state_dict()}  # a peft LoRA layer wraps the linear
+    names = [name for name in stock.state_dict() if name not in present]
+    if names:
+        model.register_state_dict_post_hook(_AddStandIns(names))
+        model.register_load_state_dict_pre_hook(_SkipStandIns(names))
 
 
 @register_quantizer(QUANT_METHOD)
@@ -113,7 +148,7 @@ class StructureLoader(HfQuantizer):
             )
         stock = set(model.state_dict())
         adapter.reshape(shapes)
-        stand_ins = sorted(stock - set(model.state_dict()))  # what stand_in_tensors saved: not loaded, and not warned of
+        stand_ins = sorted(stock - set(model.state_dict()))  # what keep_stand_ins saved: not loaded, and not warned of
         if stand_ins:
             model._keys_to_ignore_on_load_unexpected = [
                 *(type(model)._keys_to_ignore_on_load_unexpected or []), *(f"^{re.escape(name)}$" for name in stand_ins)
@@ -128,6 +163,7 @@ class StructureLoader(HfQuantizer):
         model.is_quantized = False
         if hasattr(model.config, "_pre_quantization_dtype"):
             del model.config._pre_quantization_dtype
+        keep_stand_ins(model)  # saved again (by any save), the checkpoint keeps them
 
     def is_serializable(self, safe_serialization: bool | None = None) -> bool:
         return True
@@ -167,6 +203,7 @@ def record_structure(adapter: DecoderAdapter) -> list[LayerShape]:
             adapter.write_uniform_config(config, shape)
         if isinstance(existing, StructureConfig):
             del model_config.quantization_config
+        keep_stand_ins(adapter.model)
         return shapes
     if existing is not None and not isinstance(existing, StructureConfig):
         raise ValueError(
@@ -174,4 +211,5 @@ def record_structure(adapter: DecoderAdapter) -> list[LayerShape]:
             "(non-uniform structured shapes are stored in quantization_config)"
         )
     model_config.quantization_config = StructureConfig([s.to_dict() for s in shapes])
+    keep_stand_ins(adapter.model)
     return shapes

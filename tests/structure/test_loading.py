@@ -78,6 +78,49 @@ def test_without_the_import_a_checkpoint_missing_stock_weights_fails_instead_of_
     assert "_keys_to_ignore_on_load_unexpected" not in vars(reloaded)
 
 
+def test_every_save_of_a_non_uniform_model_writes_the_stand_ins(tmp_path):
+    """Not only save_pruned: a plain save_pretrained (what the Trainer's checkpoints and LLaMA-Factory's export
+    call), of the pruned model or of one reloaded from its checkpoint, stops a stock load too."""
+    import subprocess
+    import sys
+
+    model = tiny_model(num_hidden_layers=4)
+    prune(model, PruningConfig(method="sublayers", sparsity=0.2, method_options={"sublayers": "attention"}), calibration=token_windows())
+    model.save_pretrained(tmp_path / "plain")
+    AutoModelForCausalLM.from_pretrained(tmp_path / "plain").save_pretrained(tmp_path / "again")
+    load = "from transformers import AutoModelForCausalLM\nfor d in ('plain', 'again'):\n"
+    load += "    try: AutoModelForCausalLM.from_pretrained(d); print(d, 'loaded')\n"
+    load += "    except RuntimeError as e: print(d, 'refused' if 'size mismatch' in str(e) else e)"
+    stock = subprocess.run([sys.executable, "-c", load], capture_output=True, text=True, cwd=tmp_path)
+    assert stock.stdout.split() == ["plain", "refused", "again", "refused"], stock.stderr
+    for directory in ("plain", "again"):
+        assert_reloads_exactly(model, tmp_path / directory)
+
+
+def test_stand_ins_load_back_pickle_and_follow_a_lora_wrapped_model():
+    """The state dict loads back strictly (the stand-ins are skipped), the model still pickles, and recording the
+    structure of a LoRA-wrapped model (the expert-dropping callback does, mid-training) names no kept linear."""
+    import copy
+    import pickle
+
+    from optimum_prune.adapters import get_adapter
+    from optimum_prune.structure.loading import record_structure
+
+    model = tiny_model(num_hidden_layers=4)
+    prune(model, PruningConfig(method="sublayers", sparsity=0.2, method_options={"sublayers": "attention"}), calibration=token_windows())
+    state = model.state_dict()
+    stand_ins = {name for name, tensor in state.items() if tensor.numel() == 1}
+    assert stand_ins and all(".self_attn." in name or ".input_layernorm." in name for name in stand_ins)  # removed blocks
+    model.load_state_dict(state)
+    assert pickle.loads(pickle.dumps(model)).state_dict().keys() == state.keys()
+
+    wrapped = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["q_proj", "down_proj"]))
+    record_structure(get_adapter(wrapped))
+    prefix = "base_model.model."
+    assert {name.removeprefix(prefix) for name, tensor in wrapped.state_dict().items() if tensor.numel() == 1} == stand_ins
+    assert wrapped.merge_and_unload().state_dict().keys() == state.keys()
+
+
 def test_a_non_uniform_model_with_offloaded_modules_saves_without_stand_ins(tmp_path, caplog):
     """save_pretrained gathers an offloaded model's weights module by module, which stand-in tensors have none of."""
     import logging
