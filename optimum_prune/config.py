@@ -199,19 +199,34 @@ class PruningConfig:
         PruningConfigFile(**self.to_dict()).save_pretrained(os.fspath(save_directory), push_to_hub=push_to_hub, **kwargs)
 
     @classmethod
-    def from_pretrained(cls, path_or_repo: str | os.PathLike, **kwargs: Any) -> "PruningConfig":
+    def from_pretrained(
+        cls, path_or_repo: str | os.PathLike, return_unused_kwargs: bool = False, **kwargs: Any
+    ) -> "PruningConfig | tuple[PruningConfig, dict[str, Any]]":
         """Read ``pruning_config.json`` from a directory, a file or a Hub repository with Optimum's
         configuration-file lookup (``BaseConfig.get_config_dict``: ``revision``, ``cache_dir``,
-        ``local_files_only`` ... as there)."""
+        ``local_files_only`` ... as there).
+
+        As with transformers' configs, the other keyword arguments override the stored fields
+        (``from_pretrained(path, sparsity=0.6)``); one that names no field is an error, unless
+        ``return_unused_kwargs`` asks for ``(config, unused)`` instead."""
         from .integrations.optimum import PruningConfigFile
 
         path = Path(path_or_repo)
         if path.is_dir() and not (path / CONFIG_NAME).is_file():
             raise ValueError(f"{str(path)!r} has no {CONFIG_NAME}; save one with PruningConfig.save_pretrained")
-        stored = PruningConfigFile.get_config_dict(os.fspath(path_or_repo), **kwargs)[0]
+        stored, overrides = PruningConfigFile.get_config_dict(os.fspath(path_or_repo), **kwargs)
         if not isinstance(stored, Mapping):
             raise ValueError(f"{str(path_or_repo)!r}: {CONFIG_NAME} must contain a JSON object, got {type(stored).__name__}")
-        return cls.from_dict({key: value for key, value in stored.items() if not key.startswith("_")})
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unused = {key: value for key, value in overrides.items() if key not in fields}
+        if unused and not return_unused_kwargs:
+            raise TypeError(
+                f"PruningConfig.from_pretrained got {', '.join(sorted(unused))}, which name no PruningConfig field and no "
+                f"file-lookup option; fields: {', '.join(sorted(fields))}"
+            )
+        stored = {key: value for key, value in stored.items() if not key.startswith("_")}
+        config = cls.from_dict({**stored, **{key: value for key, value in overrides.items() if key in fields}})
+        return (config, unused) if return_unused_kwargs else config
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"

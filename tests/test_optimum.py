@@ -29,6 +29,18 @@ def test_config_round_trips_through_optimums_configuration_files(tmp_path):
     assert PruningConfig.from_json_file(tmp_path / "saved" / "pruning_config.json") == config
 
 
+def test_from_pretrained_keyword_arguments_override_fields_as_transformers_configs_do(tmp_path):
+    PruningConfig(method="wanda", sparsity="2:4").save_pretrained(tmp_path)
+    config = PruningConfig.from_pretrained(tmp_path, sparsity=0.6, seed=5, local_files_only=True)
+    assert (config.method, config.sparsity, config.seed) == ("wanda", 0.6, 5)
+    with pytest.raises(TypeError, match="got spasity, which name no PruningConfig field"):
+        PruningConfig.from_pretrained(tmp_path, spasity=0.6)
+    config, unused = PruningConfig.from_pretrained(tmp_path, seed=1, spasity=0.6, return_unused_kwargs=True)
+    assert (config.seed, config.sparsity, unused) == (1, "2:4", {"spasity": 0.6})
+    with pytest.raises(ValueError, match=r"PruningConfig.sparsity must be in \[0, 1\)"):
+        PruningConfig.from_pretrained(tmp_path, sparsity=1.5)  # validated like the stored fields
+
+
 def test_from_pretrained_errors_name_the_file(tmp_path):
     with pytest.raises(ValueError, match="has no pruning_config.json"):
         PruningConfig.from_pretrained(tmp_path)
