@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from transformers.utils.logging import tqdm
 
 from .adapters import DecoderAdapter, UnsupportedArchitecture, get_adapter
 from .allocation import ALLOCATIONS, Allocation

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 from torch.nn import functional as F
-from tqdm.auto import tqdm
+from transformers.utils.logging import tqdm
 
 from .calibration import check_token_ids, tokenize_stream
 from .calibration.multimodal import check_image_text, image_placeholder, image_text_batch

@@ -29,7 +29,7 @@ import torch
 from accelerate.utils import send_to_device
 from safetensors.torch import load_file, save_file
 from torch import nn
-from tqdm.auto import tqdm
+from transformers.utils.logging import tqdm
 
 from ..adapters import DecoderAdapter
 from ..adapters.base import ATTENTION_MASKS

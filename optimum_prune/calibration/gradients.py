@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from tqdm.auto import tqdm
+from transformers.utils.logging import tqdm
 
 logger = logging.getLogger(__name__)
 Result = TypeVar("Result")

@@ -41,7 +41,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from transformers.utils.logging import tqdm
 
 from ..calibration.engine import on_device
 from ..calibration.gradients import grad_only, language_model_loss, overflowed, with_loss_scale

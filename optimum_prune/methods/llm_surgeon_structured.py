@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from transformers.utils.logging import tqdm
 
 from ..calibration.engine import on_device
 from ..options import check_choice, option

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from transformers.utils.logging import tqdm
 
 from ..adapters import UnsupportedArchitecture
 from ..options import option

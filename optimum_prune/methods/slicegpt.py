@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+from transformers.utils.logging import tqdm
 
 from ..adapters import DecoderAdapter, ResidualBranch
 from ..calibration import LayerInputs, capture_first_layer_inputs, feed_layer, run_layer

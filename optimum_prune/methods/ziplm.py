@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tqdm.auto import tqdm
+from transformers.utils.logging import tqdm
 
 from ..calibration import LayerInputs, capture_first_layer_inputs, feed_layer, walk_layers
 from ..calibration.engine import on_device

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
+from transformers.utils.logging import tqdm
 
 from ..saving import write_text_atomic
 from .grid import Protocol, StudyGrid, StudyPoint

@@ -250,3 +250,17 @@ def test_stopping_the_forward_at_layer_0_leaves_no_output_recorder_behind():
     enable_early_exit(model, 1)
     assert not [name for name, module in model.named_modules() if "forward" in vars(module)]
     skip_experts(model, calibration=token_windows(2, 16), num_samples=2, seq_len=16).remove()
+
+
+def test_progress_bars_follow_transformers_switch(capfd):
+    """transformers.utils.logging.disable_progress_bar() (also set by HF_HUB_DISABLE_PROGRESS_BARS) silences ours too."""
+    from transformers.utils import logging as transformers_logging
+
+    prune(tiny_model(), PruningConfig(method="wanda", sparsity=0.5), calibration=token_windows())
+    assert "Pruning (wanda)" in capfd.readouterr().err
+    transformers_logging.disable_progress_bar()
+    try:
+        prune(tiny_model(), PruningConfig(method="wanda", sparsity=0.5), calibration=token_windows())
+    finally:
+        transformers_logging.enable_progress_bar()
+    assert "Pruning" not in capfd.readouterr().err
