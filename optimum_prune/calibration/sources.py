@@ -2,7 +2,8 @@
 
 Text sources: ``None`` (the bundled Wikipedia calibration split), a path to a text file, a list of
 strings, a ``datasets.Dataset`` with a ``text`` column, or token ids ready to use: a ``[samples,
-seq_len]`` ``LongTensor`` or a list of equally long ones (each ``[seq_len]`` or ``[n, seq_len]``).
+seq_len]`` ``LongTensor`` or a list of equally long ones (each ``[seq_len]`` or ``[n, seq_len]``), or
+a tokenised ``Dataset`` (``input_ids``, no ``text``), whose rows are used as processed samples.
 Text is tokenised as one stream and windows start at seeded random offsets, as in the
 Wanda/SparseGPT reference loaders, so the same seed always yields the same windows.
 Multimodal sources (image-text pairs, or already processed batches) are in ``multimodal.py``.
@@ -30,8 +31,11 @@ def calibration_inputs(
     source: CalibrationSource, tokenizer: Any, processor: Any, num_samples: int, seq_len: int, seed: int
 ) -> CalibrationInputs:
     """Processed batches for image-text pairs (through ``processor``) or ready batches; token windows for text."""
+    _check_not_dataset_dict(source)
     if is_image_text(source):
         return image_text_batches(source, processor, num_samples)
+    if hasattr(source, "column_names") and "text" not in source.column_names and "input_ids" in source.column_names:
+        source = _tokenized_rows(source)
     if isinstance(source, Mapping) and "input_ids" in source:
         if not isinstance(source["input_ids"], torch.Tensor):
             raise TypeError(
@@ -57,6 +61,28 @@ def calibration_windows(
     if tokenizer is None:
         raise ValueError("tokenizer is required to tokenise text calibration data; pass tokenizer= or a LongTensor of token ids")
     return sample_windows(tokenize_stream(tokenizer, texts), num_samples, seq_len, seed)
+
+
+def _check_not_dataset_dict(source: CalibrationSource) -> None:
+    """A ``DatasetDict`` (what ``load_dataset`` returns without ``split=``) holds splits, not rows."""
+    if isinstance(getattr(source, "column_names", None), Mapping):
+        raise ValueError(
+            f"calibration is a DatasetDict of splits {sorted(source.column_names)}: pass one split, e.g. "
+            f"dataset[{next(iter(source.column_names))!r}] (or load_dataset(..., split=...))"
+        )
+
+
+def _tokenized_rows(dataset: Any) -> list[dict[str, torch.Tensor]]:
+    """A tokenised ``datasets.Dataset`` (an ``input_ids`` column, no ``text``) as processed samples, one a row
+    (with its ``attention_mask`` where the column exists; other columns, e.g. ``labels``, are not model inputs here)."""
+    columns = [name for name in ("input_ids", "attention_mask") if name in dataset.column_names]
+    rows = []
+    for index, row in enumerate(dataset.select_columns(columns)):
+        ids = row["input_ids"]
+        if not ids or not all(isinstance(i, int) for i in ids):
+            raise ValueError(f"calibration dataset row {index}: input_ids must be a non-empty list of token ids, got {ids!r:.60}")
+        rows.append({name: torch.tensor([row[name]], dtype=torch.long) for name in columns})
+    return rows
 
 
 def unpadded(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
@@ -158,7 +184,7 @@ def _texts(source: CalibrationSource) -> list[str]:
         texts = [path.read_text(encoding="utf-8")]
     elif hasattr(source, "column_names"):
         if "text" not in source.column_names:
-            raise ValueError(f"calibration dataset needs a 'text' column; it has {source.column_names}")
+            raise ValueError(f"calibration dataset needs a 'text' column (or tokenised 'input_ids'); it has {source.column_names}")
         texts = list(source["text"])
     elif isinstance(source, Sequence) and all(isinstance(t, str) for t in source):
         texts = list(source)

@@ -88,6 +88,27 @@ def test_a_tokenizer_output_is_one_processed_batch():
         assert torch.equal(first == 0, second == 0)
 
 
+def test_a_tokenised_dataset_calibrates_as_its_rows():
+    """Rows of a Dataset with input_ids (and no text) are processed samples, as the list of them would be; other
+    columns (labels) are not model inputs; a DatasetDict asks for a split."""
+    from datasets import Dataset, DatasetDict
+
+    windows = token_windows(samples=4, seq_len=16)
+    rows = {"input_ids": windows.tolist(), "attention_mask": [[1] * 16] * 4, "labels": windows.tolist()}
+    pruned = []
+    for calibration in (Dataset.from_dict(rows), [{"input_ids": window[None]} for window in windows]):
+        model = tiny_model()
+        report = prune(model, PruningConfig(method="wanda"), calibration=calibration)
+        assert report.calibration_tokens == windows.numel()
+        pruned.append(model)
+    for first, second in zip(*(model.parameters() for model in pruned)):
+        assert torch.equal(first, second)
+    with pytest.raises(ValueError, match=r"DatasetDict of splits \['train'\]: pass one split, e.g. dataset\['train'\]"):
+        prune(tiny_model(), PruningConfig(method="wanda"), calibration=DatasetDict(train=Dataset.from_dict(rows)))
+    with pytest.raises(ValueError, match="row 1: input_ids must be a non-empty list of token ids"):
+        prune(tiny_model(), PruningConfig(method="wanda"), calibration=Dataset.from_dict({"input_ids": [[1, 2], []]}))
+
+
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_padded_batches_calibrate_as_their_unpadded_samples(side):
     windows = token_windows(samples=3, seq_len=16)
