@@ -34,6 +34,7 @@ from .sparsity_metadata import require_compressed_tensors
 from .structure.loading import records_layer_shapes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # optimum-cli export's spellings
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
     parser.add_argument("--method", choices=METHODS.names(), help=f"pruning method (default: {defaults.method})")
     parser.add_argument("--sparsity", help=f"what to remove, in [0, 1): the fraction of decoder-layer linear weights unless the method says otherwise (SliceGPT: of the hidden dimension; experts: of each layer's experts; ZipLM: of the decoder's time), or an N:M pattern (unstructured methods), e.g. 0.5 or 2:4 (default: {defaults.sparsity})")
-    parser.add_argument("--output", required=True, type=Path, help="directory for the pruned checkpoint (replaced atomically)")
+    parser.add_argument("-o", "--output", required=True, type=Path, help="directory for the pruned checkpoint (replaced atomically)")
     parser.add_argument("-m", "--model", type=Path, help="local checkpoint directory, or a .gguf file (dequantised on load) (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--calibration", type=Path, help="text file for calibration (default: bundled Wikipedia split)")
     parser.add_argument("--calibration-samples", type=int, help=f"calibration windows (default: {defaults.num_calibration_samples})")
@@ -82,8 +83,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ignore", action="append", default=[], metavar="GLOB", help="module names to keep dense")
     parser.add_argument("--device", help="where layers are processed (default: cuda if available, else cpu)")
     parser.add_argument(
-        "--dtype", choices=sorted(DTYPES),
-        help="dtype the model is loaded and pruned in (default: float32; with --offload disk, the checkpoint's)",
+        "--dtype", choices=sorted(DTYPES), type=lambda name: DTYPE_ALIASES.get(name, name),
+        help="dtype the model is loaded and pruned in; bf16, fp16 and fp32 work too (default: float32; with --offload disk, the checkpoint's)",
     )
     parser.add_argument(
         "--offload", choices=["disk"],

@@ -5,6 +5,8 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
 from optimum_prune import METHODS, PruningConfig, verify_sparsity
 from optimum_prune.cli import main
@@ -26,6 +28,12 @@ def test_cli_prunes_saves_and_reports(model_dir, tmp_path, capsys):
     model, _ = load_model(output)
     assert verify_sparsity(model, "2:4")["conforming"]
     assert PruningConfig.from_json_file(output / "pruning_config.json").method_options["block_size"] == 32
+
+
+def test_cli_takes_optimum_cli_exports_short_output_flag_and_dtype_spellings(model_dir, tmp_path, capsys):
+    output = tmp_path / "out"
+    assert main(["-m", str(model_dir), "--method", "magnitude", "-o", str(output), "--dtype", "bf16"]) == 0
+    assert AutoModelForCausalLM.from_pretrained(output, dtype="auto").dtype == torch.bfloat16
 
 
 def test_cli_structured_depth_pruning_saves_a_score_plot(model_dir, tmp_path, capsys):
