@@ -69,6 +69,17 @@ def test_optimum_pruner_takes_a_tokenizer_for_a_checkpoint_without_one(tmp_path,
     assert load_model(tmp_path / "pruned")[1].get_vocab() == bpe_tokenizer.get_vocab()
 
 
+def test_optimum_pruner_refuses_its_save_dir_before_pruning(tmp_path):
+    """As the CLI does: a save_dir it cannot replace, or the checkpoint it loaded, leaves the model unpruned."""
+    tiny_model().save_pretrained(tmp_path / "dense")
+    (tmp_path / "a-file").write_text("")
+    pruner = OptimumPruner.from_pretrained(tmp_path / "dense")
+    for save_dir, message in ((tmp_path / "a-file", "exists and is not a directory"), (tmp_path / "dense", "save_dir .* is the checkpoint being pruned")):
+        with pytest.raises(ValueError, match=message):
+            pruner.prune(PruningConfig(method="magnitude"), save_dir=save_dir)
+        assert verify_sparsity(pruner.model)["overall_sparsity"] == 0.0
+
+
 def test_optimum_pruner_takes_a_loaded_model_and_token_ids(tmp_path):
     model = tiny_model("qwen2")
     pruner = OptimumPruner.from_pretrained(model)

@@ -79,10 +79,12 @@ class OptimumPruner:
         ``save_dir`` atomically, and return the report. ``calibration_dataset`` is anything
         ``prune`` takes: a ``datasets.Dataset`` with a ``text`` column, texts, a text file, token ids."""
         from ..api import prune
-        from ..saving import save_pruned
+        from ..saving import check_replaceable, save_pruned
 
         if isinstance(pruning_config, Mapping):  # as prune takes it; save_pruned records a PruningConfig
             pruning_config = PruningConfig.from_dict(pruning_config)
+        # before the model changes in place: a save_dir that cannot be replaced would leave it pruned and unsaved
+        check_replaceable(Path(save_dir), getattr(self.model, "name_or_path", None) or None, "save_dir")
         report = prune(self.model, pruning_config, calibration=calibration_dataset, tokenizer=self.tokenizer, device=device)
         save_pruned(self.model, Path(save_dir), tokenizer=self.tokenizer, config=pruning_config, report=report)
         return report
