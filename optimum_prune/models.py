@@ -15,6 +15,7 @@ original SmolLM2 tokenizer; the chat template writes ``<|im_start|>`` itself whe
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
 import os
 from pathlib import Path
@@ -125,9 +126,17 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> t
         hint = f"; it holds {', '.join(gguf_files)}: pass the .gguf file itself" if gguf_files else ""
         raise ValueError(f"model path {str(path)!r} is not a directory containing config.json{hint}")
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)
+        model, loading = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True, output_loading_info=True)
     except SafetensorError as error:
         raise unreadable_checkpoint(directory, error) from error
+    except (OSError, json.JSONDecodeError) as error:  # invalid config.json or index, no weights file, a missing shard
+        raise ValueError(f"model path {str(path)!r} could not be loaded: {type(error).__name__}: {error}") from None
+    if loading["missing_keys"]:  # transformers fills them at random, with a warning only: pruning that is pointless
+        missing = sorted(loading["missing_keys"])
+        raise ValueError(
+            f"{directory}: the checkpoint lacks {len(missing)} weight(s) the model needs ({', '.join(missing[:3])}"
+            f"{' ...' if len(missing) > 3 else ''}); it is incomplete or of another architecture: save or copy it again"
+        )
     model.eval()
     return model, load_tokenizer(directory)
 

@@ -66,12 +66,33 @@ class CheckpointReader:
     def __init__(self, directory: Path) -> None:
         index, single = directory / INDEX_NAME, directory / "model.safetensors"
         if index.is_file():
-            self.weight_map = {name: directory / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+            try:
+                self.weight_map = {name: directory / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+            except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as error:
+                raise ValueError(
+                    f"{index} is not a safetensors index (a JSON object with a 'weight_map'; {type(error).__name__}: {error}); "
+                    "the checkpoint is incomplete or corrupt: save or copy it again"
+                ) from None
         elif single.is_file():
             with opened(single) as handle:
                 self.weight_map = dict.fromkeys(handle.keys(), single)
         else:
             raise ValueError(f"{str(directory)!r} holds no safetensors weights ({INDEX_NAME} or model.safetensors)")
+
+    def check_layers(self, layers: dict[str, nn.Module]) -> None:
+        """Before any layer is pruned, not hours in: every shard opens (a missing, truncated or corrupt copy fails
+        here) and holds each decoder layer's tensors (``layers``: on the meta device, by qualified name)."""
+        for file in sorted(set(self.weight_map.values())):
+            if not file.is_file():
+                raise ValueError(f"{file} is listed in {INDEX_NAME} but missing; the checkpoint is incomplete: save or copy it again")
+            with opened(file):
+                pass
+        missing = [f"{prefix}.{name}" for prefix, layer in layers.items() for name in _meta_tensors(layer) if f"{prefix}.{name}" not in self.weight_map]
+        if missing:
+            raise ValueError(
+                f"the checkpoint has no tensor(s) {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} "
+                f"({len(missing)} in all) for its decoder layers; it is incomplete: save or copy it again"
+            )
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         tensors = {}
@@ -251,6 +272,7 @@ def prune_checkpoint(
     check_activation_device(activation_device)
     planned_linears(adapter, config)  # the method's and allocation's own checks (N:M widths, ...)
     layer_names = adapter.layer_names()
+    reader.check_layers(dict(zip(layer_names, adapter.decoder_layers())))
     layer_tensors = {name for prefix in layer_names for name in reader.under(prefix)}
     rest = [name for name in reader.weight_map if name not in layer_tensors]
     _load_inputs(model, adapter.capture_modules(), reader, rest, dtype)

@@ -185,6 +185,27 @@ def test_load_model_missing_path(tmp_path):
         load_model(tmp_path / "missing")
 
 
+def test_a_damaged_checkpoint_is_one_error_line_naming_it(tmp_path, capsys):
+    """Not a traceback, and not a model with random weights where the checkpoint lacks some (transformers only warns)."""
+    from safetensors.torch import load_file, save_file
+
+    tiny_model().save_pretrained(tmp_path / "lacking")
+    weights = load_file(tmp_path / "lacking" / "model.safetensors")
+    del weights["model.layers.1.mlp.down_proj.weight"]
+    save_file(weights, tmp_path / "lacking" / "model.safetensors", metadata={"format": "pt"})
+    tiny_model().config.save_pretrained(tmp_path / "no-weights")
+    shutil.copytree(tmp_path / "no-weights", tmp_path / "bad-json")
+    (tmp_path / "bad-json" / "config.json").write_text("{not json")
+    for name, message in (
+        ("lacking", r"lacks 1 weight\(s\) the model needs \(model.layers.1.mlp.down_proj.weight\)"),
+        ("no-weights", "could not be loaded: OSError: .*no file named"),
+        ("bad-json", "could not be loaded: OSError: .*not a valid JSON file"),
+    ):
+        with pytest.raises(SystemExit):
+            main(["--model", str(tmp_path / name), "--method", "magnitude", "--output", str(tmp_path / "out")])
+        assert re.fullmatch(f"optimum-prune: error: .*{message}.*\n", capsys.readouterr().err, re.S), name
+
+
 def test_cli_prunes_a_mixtral_checkpoint_with_moe_options(tmp_path, bpe_tokenizer, capsys):
     from .adapters.test_moe import tiny_moe
 

@@ -375,3 +375,32 @@ def test_extra_layer_tensors_and_other_weight_formats_of_the_source_stay_behind(
     expected = tiny_model()
     prune(expected, CONFIGS["magnitude"])
     assert_same_weights(AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict(), expected.state_dict())
+
+
+def _last_layer_shard(source):
+    import json
+
+    weight_map = json.loads((source / "model.safetensors.index.json").read_text())["weight_map"]
+    return source / weight_map[max(name for name in weight_map if name.startswith("model.layers."))]
+
+
+@pytest.mark.parametrize(
+    "damage, message",
+    [
+        (lambda source: _last_layer_shard(source).unlink(), "is listed in model.safetensors.index.json but missing"),
+        (lambda source: _last_layer_shard(source).write_bytes(_last_layer_shard(source).read_bytes()[:-100]), "the weights could not be read"),
+        (lambda source: (source / "model.safetensors.index.json").write_text("{weight_map: 1}"), "is not a safetensors index"),
+        (
+            lambda source: (source / "model.safetensors.index.json").write_text(
+                (source / "model.safetensors.index.json").read_text().replace('"model.layers.1.mlp.down_proj.weight"', '"unused"')
+            ),
+            r"no tensor\(s\) model.layers.1.mlp.down_proj.weight \(1 in all\)",
+        ),
+    ],
+    ids=["missing shard", "truncated shard", "broken index", "missing layer tensor"],
+)
+def test_a_damaged_checkpoint_is_refused_before_any_layer_is_pruned(sharded, tmp_path, damage, message):
+    damage(sharded)
+    with pytest.raises(ValueError, match=message):
+        prune_checkpoint(sharded, tmp_path / "out", PruningConfig(method="magnitude"))
+    assert not (tmp_path / ".out.partial").exists() and not (tmp_path / "out").exists()
