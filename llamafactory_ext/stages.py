@@ -30,6 +30,7 @@ from transformers import AutoModelForCausalLM
 from optimum_prune import SparsityMasks, merge_lora_preserving_sparsity, prune, prune_checkpoint, save_pruned
 from optimum_prune.calibration import sample_windows
 from optimum_prune.config import CONFIG_NAME, PruningConfig
+from optimum_prune.models import load_causal_lm
 from optimum_prune.saving import DEFAULT_SHARD_SIZE, check_replaceable
 from optimum_prune.streaming import checkpoint_fingerprint
 from optimum_prune.structure.loading import records_layer_shapes
@@ -60,6 +61,9 @@ def run_train(args: Mapping[str, Any], section: PruningSection | None, training:
         )
     if not args.get("model_name_or_path"):
         raise ValueError("`model_name_or_path` is required")
+    name = str(args["model_name_or_path"])
+    if (os.path.isabs(name) or name.startswith(("./", "../", "~"))) and not Path(name).expanduser().exists():
+        raise ValueError(f"model_name_or_path: {name} does not exist (a path, not a Hub repository id); fix the path")
     stage = args.get("stage")
     if stage == "prune":
         if section is None:
@@ -200,7 +204,7 @@ def prune_and_save(
             _record_source(target, source)
         logger.info("saved the pruned model in %s", target)
         return target
-    model = AutoModelForCausalLM.from_pretrained(calibration.model_args.model_name_or_path, dtype=PRUNING_DTYPE, **model_loading_kwargs(args))
+    model = load_causal_lm(calibration.model_args.model_name_or_path, dtype=PRUNING_DTYPE, **model_loading_kwargs(args))
     _resize_vocabulary(model, calibration.model_args, calibration.tokenizer)
     if source is not None:
         model.config.pruned_from = source

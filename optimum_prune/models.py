@@ -125,20 +125,28 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> t
         gguf_files = sorted(p.name for p in directory.glob("*.gguf")) if directory.is_dir() else []
         hint = f"; it holds {', '.join(gguf_files)}: pass the .gguf file itself" if gguf_files else ""
         raise ValueError(f"model path {str(path)!r} is not a directory containing config.json{hint}")
+    model = load_causal_lm(directory, dtype=dtype, local_files_only=True).eval()
+    return model, load_tokenizer(directory)
+
+
+def load_causal_lm(name_or_path: str | os.PathLike, **kwargs: Any) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)``, with a damaged checkpoint as one clear
+    error: unreadable weights, an invalid config.json or index, a missing weight file or shard, and weights the
+    model needs that the checkpoint lacks (transformers fills those at random and only warns: pruning them,
+    then saving, would be pointless)."""
     try:
-        model, loading = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True, output_loading_info=True)
+        model, loading = AutoModelForCausalLM.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
     except SafetensorError as error:
-        raise unreadable_checkpoint(directory, error) from error
-    except (OSError, json.JSONDecodeError) as error:  # invalid config.json or index, no weights file, a missing shard
-        raise ValueError(f"model path {str(path)!r} could not be loaded: {type(error).__name__}: {error}") from None
-    if loading["missing_keys"]:  # transformers fills them at random, with a warning only: pruning that is pointless
+        raise unreadable_checkpoint(name_or_path, error) from error
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"model {str(name_or_path)!r} could not be loaded: {type(error).__name__}: {error}") from None
+    if loading["missing_keys"]:
         missing = sorted(loading["missing_keys"])
         raise ValueError(
-            f"{directory}: the checkpoint lacks {len(missing)} weight(s) the model needs ({', '.join(missing[:3])}"
+            f"{name_or_path}: the checkpoint lacks {len(missing)} weight(s) the model needs ({', '.join(missing[:3])}"
             f"{' ...' if len(missing) > 3 else ''}); it is incomplete or of another architecture: save or copy it again"
         )
-    model.eval()
-    return model, load_tokenizer(directory)
+    return model
 
 
 def load_gguf(file: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, Any]:

@@ -636,3 +636,19 @@ def test_tokens_the_yaml_adds_get_embeddings_before_pruning(workspace, tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out" / "pruned")
     assert pruned.get_input_embeddings().weight.shape[0] >= len(tokenizer) > tokenizer.convert_tokens_to_ids("<think>")  # LLaMA-Factory pads to 64
     assert (tmp_path / "out" / "merged" / "config.json").is_file()
+
+
+def test_a_missing_or_damaged_model_is_one_clear_error(workspace, tmp_path, capsys):
+    """A local path that does not exist was reported as an invalid Hub repository id; a truncated weights file
+    as safetensors' raw error (with offload: disk it already was the clear one)."""
+    import shutil
+
+    pruning = {"pruning": {"method": "magnitude", "sparsity": 0.5}}
+    missing = {**base_args(workspace, tmp_path / "out", stage="prune"), "model_name_or_path": str(tmp_path / "nowhere"), **pruning}
+    assert f"model_name_or_path: {tmp_path / 'nowhere'} does not exist" in refused(tmp_path, capsys, missing)
+    shutil.copytree(workspace / "tiny", tmp_path / "truncated")
+    weights = tmp_path / "truncated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    damaged = {**base_args(workspace, tmp_path / "out", stage="prune"), "model_name_or_path": str(tmp_path / "truncated"), **pruning}
+    assert "the weights could not be read" in refused(tmp_path, capsys, damaged)
+    assert not (tmp_path / "out").exists()
