@@ -44,7 +44,10 @@ def calibration_inputs(
             )
         source = [source]  # one processed batch, e.g. a tokenizer's ``BatchEncoding``
     if is_model_batches(source):
-        return [row for batch in source for row in unpadded(dict(batch))]
+        samples = [row for index, batch in enumerate(source) for row in unpadded(_checked_batch(dict(batch), index))]
+        if not samples:
+            raise ValueError("calibration batches hold no real token: every attention_mask is all zeros")
+        return samples
     if tokenizer is None and processor is not None:
         tokenizer = getattr(processor, "tokenizer", None)
     return calibration_windows(source, tokenizer, num_samples, seq_len, seed)
@@ -61,6 +64,20 @@ def calibration_windows(
     if tokenizer is None:
         raise ValueError("tokenizer is required to tokenise text calibration data; pass tokenizer= or a LongTensor of token ids")
     return sample_windows(tokenize_stream(tokenizer, texts), num_samples, seq_len, seed)
+
+
+def _checked_batch(batch: dict[str, Any], index: int) -> dict[str, Any]:
+    """A processed batch the model can run: ``[batch, seq_len]`` integer ``input_ids``, and an
+    ``attention_mask`` of their shape (caught here, not deep in the embedding or attention)."""
+    ids, mask = batch["input_ids"], batch.get("attention_mask")
+    if ids.dtype not in (torch.long, torch.int) or ids.dim() != 2 or ids.numel() == 0:
+        raise ValueError(
+            f"calibration batch {index}: input_ids must be a non-empty [batch, seq_len] tensor of token ids, got shape "
+            f"{tuple(ids.shape)} {ids.dtype} (one sample: ids[None])"
+        )
+    if isinstance(mask, torch.Tensor) and mask.shape != ids.shape:
+        raise ValueError(f"calibration batch {index}: attention_mask {tuple(mask.shape)} must have input_ids' shape {tuple(ids.shape)}")
+    return batch
 
 
 def _check_not_dataset_dict(source: CalibrationSource) -> None:

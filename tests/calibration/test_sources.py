@@ -144,6 +144,23 @@ def test_unpadding_keeps_each_samples_entries_and_uses_unsplittable_batches_whol
     assert "its padded positions counting in the statistics" in caplog.text
 
 
+@pytest.mark.parametrize(
+    "batch, message",
+    [
+        ({"input_ids": torch.ones(2, 8, dtype=torch.long), "attention_mask": torch.zeros(2, 8, dtype=torch.long)}, "hold no real token"),
+        ({"input_ids": torch.ones(2, 8)}, r"batch 0: input_ids must be a non-empty \[batch, seq_len\] tensor of token ids, got shape \(2, 8\) torch.float32"),
+        ({"input_ids": torch.ones(8, dtype=torch.long)}, r"got shape \(8,\) torch.int64 \(one sample: ids\[None\]\)"),
+        ({"input_ids": torch.ones(2, 8, dtype=torch.long), "attention_mask": torch.ones(2, 7)}, r"attention_mask \(2, 7\) must have input_ids' shape"),
+    ],
+    ids=["all padding", "float ids", "one dimension", "mask shape"],
+)
+def test_a_processed_batch_the_model_cannot_run_is_named(batch, message):
+    model = tiny_model()
+    with pytest.raises(ValueError, match=message):
+        prune(model, PruningConfig(method="wanda"), calibration=[batch])
+    assert not any(bool((p == 0).any()) for p in model.model.layers.parameters())
+
+
 def test_a_tokenizer_output_of_lists_asks_for_tensors():
     with pytest.raises(TypeError, match="input_ids are a list, not a tensor: tokenize with return_tensors='pt'"):
         prune(tiny_model(), PruningConfig(method="wanda"), calibration={"input_ids": [[1, 2, 3]]})
