@@ -22,6 +22,7 @@ import torch
 
 from .allocation import ALLOCATIONS
 from .api import check_activation_device, check_device, prune
+from .calibration.sources import read_text_file
 from .config import PruningConfig
 from .distributed import init_from_launcher, launched_processes, rank_zero_first, world
 from .evaluation import check_whole_windows, evaluate_perplexity
@@ -192,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
         raise missing_tokenizer(args.model, "calibration" if config.requires_calibration else "--eval")
     device = args.device or launched_device or default_device()
     model.to(device)
-    eval_text = args.eval_file.read_text(encoding="utf-8") if args.eval_file else None
+    eval_text = read_text_file(args.eval_file, "--eval-file") if args.eval_file else None
 
     def perplexity() -> float:
         return evaluate_perplexity(model, tokenizer, eval_text, seq_len=args.eval_seq_len, max_tokens=args.eval_tokens)

@@ -18,6 +18,10 @@ from .data import wikipedia_text
 def check_whole_windows(tokens: int, seq_len: int, tokens_field: str, seq_len_field: str) -> None:
     """Perplexity scores whole windows: a token count that is not a multiple of the window would be stated
     for tokens never scored."""
+    if seq_len < 2:
+        raise ValueError(f"{seq_len_field} must be at least 2 (a window predicts its tokens after the first), got {seq_len}")
+    if tokens < seq_len:
+        raise ValueError(f"{tokens_field} ({tokens}) must be at least {seq_len_field} ({seq_len}): perplexity scores whole windows")
     if tokens % seq_len:
         raise ValueError(
             f"{tokens_field} ({tokens}) is not a multiple of {seq_len_field} ({seq_len}): the last {tokens % seq_len} "

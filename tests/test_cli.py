@@ -69,6 +69,9 @@ def test_cli_structured_depth_pruning_saves_a_score_plot(model_dir, tmp_path, ca
         (["--eval-file", "nowhere"], "--eval-file is the text --eval scores: add --eval"),
         (["--eval", "--eval-file", "nowhere"], "is not a file"),
         (["--eval", "--eval-tokens", "1000", "--eval-seq-len", "64"], "--eval-tokens (1000) is not a multiple of --eval-seq-len (64): the last 40 tokens would not count"),
+        (["--eval", "--eval-seq-len", "0"], "--eval-seq-len must be at least 2"),
+        (["--eval", "--eval-tokens", "0"], "--eval-tokens (0) must be at least --eval-seq-len (512)"),
+        (["--eval", "--eval-tokens", "-5"], "--eval-tokens (-5) must be at least --eval-seq-len (512)"),
     ],
 )
 def test_cli_errors_are_one_line(model_dir, tmp_path, capsys, arguments, message):

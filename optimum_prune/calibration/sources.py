@@ -198,7 +198,7 @@ def _texts(source: CalibrationSource) -> list[str]:
                 "downloaded: load one with datasets.load_dataset and pass the Dataset, which needs a 'text' column), "
                 "and raw text goes in a list of strings"
             )
-        texts = [path.read_text(encoding="utf-8")]
+        texts = [read_text_file(path, "calibration file")]
     elif hasattr(source, "column_names"):
         if "text" not in source.column_names:
             raise ValueError(f"calibration dataset needs a 'text' column (or tokenised 'input_ids'); it has {source.column_names}")
@@ -215,6 +215,14 @@ def _texts(source: CalibrationSource) -> list[str]:
     if not texts:
         raise ValueError("calibration is empty: it contains no non-blank text")
     return texts
+
+
+def read_text_file(path: Path, what: str) -> str:
+    """A UTF-8 text file's contents; another encoding is named with ``what`` (Python's own error names no file)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{what} {str(path)!r} is not UTF-8 text ({error.reason} at byte {error.start}); convert it to UTF-8") from None
 
 
 def _check_token_tensor(tokens: torch.Tensor) -> torch.Tensor:
