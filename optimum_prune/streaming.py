@@ -221,7 +221,7 @@ def prune_checkpoint(
     calibration: CalibrationSource = None,
     tokenizer: Any = None,
     device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     activation_device: str | torch.device | None = None,
 ) -> PruningReport:
     """Prune the checkpoint in ``source`` layer by layer from disk into ``output_dir`` (see the module
@@ -237,7 +237,10 @@ def prune_checkpoint(
     from .ignoring import check_ignore_patterns
 
     source, output_dir = Path(source), Path(output_dir)
+    if not isinstance(config, (PruningConfig, Mapping)):
+        raise TypeError(f"config must be a PruningConfig or a dict, got {type(config).__name__}")
     config = PruningConfig.from_dict(dict(config)) if isinstance(config, Mapping) else config
+    dtype = _requested_dtype(dtype)
     if source.suffix == ".gguf":
         raise ValueError(
             f"source {str(source)!r} is a GGUF file: its layers are read from safetensors shards; prune it in memory "
@@ -289,6 +292,16 @@ def prune_checkpoint(
     )
     _finish_checkpoint(model, reader, rest, stream, tokenizer, config, source, output_dir)
     return report
+
+
+def _requested_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """``prune_checkpoint``'s ``dtype``: one it reads and writes, as a torch dtype or its name."""
+    named = {str(d).removeprefix("torch."): d for d in SAFETENSORS_DTYPES.values()}
+    if dtype is None or dtype in SAFETENSORS_DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype in named:
+        return named[dtype]
+    raise ValueError(f"dtype {dtype!r}: offloaded pruning reads and writes {', '.join(named)} (a torch dtype or its name)")
 
 
 def _declared_dtype(model_config: Any) -> torch.dtype | None:

@@ -100,6 +100,12 @@ def test_calibration_sizes_validated():
         PruningConfig(calibration_seq_len=-1)
 
 
+@pytest.mark.parametrize("seed", [-1, 2**64])
+def test_a_seed_no_generator_takes_is_named(seed):
+    with pytest.raises(ValueError, match=r"PruningConfig.seed must be in \[0, 2\*\*63\)"):
+        PruningConfig(seed=seed)
+
+
 def test_malformed_json_file(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text("{not json")

@@ -404,3 +404,12 @@ def test_a_damaged_checkpoint_is_refused_before_any_layer_is_pruned(sharded, tmp
     with pytest.raises(ValueError, match=message):
         prune_checkpoint(sharded, tmp_path / "out", PruningConfig(method="magnitude"))
     assert not (tmp_path / ".out.partial").exists() and not (tmp_path / "out").exists()
+
+
+def test_arguments_of_the_wrong_kind_are_named(sharded, tmp_path):
+    with pytest.raises(TypeError, match="config must be a PruningConfig or a dict, got str"):
+        prune_checkpoint(sharded, tmp_path / "out", "magnitude")
+    with pytest.raises(ValueError, match=r"dtype torch.int8: offloaded pruning reads and writes float32, bfloat16, float16"):
+        prune_checkpoint(sharded, tmp_path / "out", PruningConfig(method="magnitude"), dtype=torch.int8)
+    prune_checkpoint(sharded, tmp_path / "out", PruningConfig(method="magnitude"), dtype="bfloat16")  # a name works too
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto").dtype == torch.bfloat16
