@@ -60,7 +60,7 @@ def main() -> None:
     device, dtype = ("cuda", torch.bfloat16) if torch.cuda.is_available() else ("cpu", torch.float32)
     dense = model.to(device, dtype)
     sparse = copy.deepcopy(dense)
-    print(sparsify(sparse, bits=args.bits, group_size=args.group_size, decode=args.decode))
+    print(sparsify(sparse, bits=args.bits, group_size=args.group_size if args.bits else None, decode=args.decode))
 
     messages = [{"role": "user", "content": args.prompt}]
     prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True).to(device)

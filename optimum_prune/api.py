@@ -158,6 +158,8 @@ def _calibration(
     """The calibration windows or batches the config's method and allocation read (None: they read none), checked
     against the model and the parts they must reach."""
     if not config.requires_calibration:
+        if calibration is not None:
+            logger.warning("method %r reads no calibration data: the calibration given is not used", config.method)
         return None
     inputs = calibration_inputs(calibration, tokenizer, processor, config.num_calibration_samples, config.calibration_seq_len, config.seed)
     check_calibration_inputs(adapter.model, inputs)
@@ -174,6 +176,11 @@ def _plan_runs(
     if spec.structured:
         return [_StructuredRun.plan(adapter, config, device)]
     _check_no_mpo_experts(adapter)  # methods that zero weights
+    if config.build_moe_options() != MoEOptions() and not any(adapter.moe_block(layer) is not None for layer in adapter.decoder_layers()):
+        raise UnsupportedArchitecture(
+            f"PruningConfig.moe_options {config.moe_options} tell how to prune mixture-of-experts layers, and "
+            f"{type(adapter.model).__name__} has none: remove them"
+        )
     if spec.model_pruner:
         return [_ModelRun.plan(adapter, config, device)]
     return _PruningRun.plan_parts(adapter, config, device, offload, activation_device)

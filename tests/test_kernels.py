@@ -72,7 +72,7 @@ def test_sparsify_swaps_the_24_linears_and_keeps_the_logits(bits):
     model = tiny_model()
     prune(model, PruningConfig(method="wanda", sparsity="2:4", ignore=["*.o_proj"]), calibration=token_windows())
     dense = copy.deepcopy(model)
-    report = sparsify(model, bits=bits, group_size=32)
+    report = sparsify(model, bits=bits, group_size=32 if bits else None)
     layers = len(model.model.layers)
     assert len(report.swapped) == 6 * layers and report.left_dense == [f"model.layers.{i}.self_attn.o_proj" for i in range(layers)]
     assert report.bytes_after < report.bytes_before * (0.6 if bits is None else 0.35) and "sparsify:" in str(report)
@@ -85,6 +85,23 @@ def test_sparsify_swaps_the_24_linears_and_keeps_the_logits(bits):
             assert (model(ids).logits - dense(ids).logits).abs().max() < 0.05 * dense(ids).logits.abs().max()
     with pytest.raises(ValueError, match="bits must be"):
         sparsify(model, bits=3)
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"group_size": 64}, "group_size sets the scales of the weights sparsify quantizes"),
+        ({"bits": 4, "group_size": 0}, "group_size must be a positive integer"),
+        ({"backend": "triton"}, "backend='triton' runs the Triton kernel, which takes float16 or bfloat16 inputs; the model is torch.float32"),
+    ],
+)
+def test_sparsify_options_it_would_not_use_or_could_not_run_are_refused(options, message):
+    """Ignored before (group_size without bits), a ZeroDivisionError (group_size=0), a failure at the first forward (triton on float32)."""
+    model = tiny_model()
+    prune(model, PruningConfig(method="magnitude", sparsity="2:4"))
+    with pytest.raises(ValueError, match=message):
+        sparsify(model, **options)
+    assert not any(isinstance(module, SparseLinear) for module in model.modules())
 
 
 def on_grid_24(

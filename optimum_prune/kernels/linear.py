@@ -197,21 +197,28 @@ class SparsifyReport:
 def sparsify(
     model: nn.Module,
     bits: int | None = None,
-    group_size: int = 128,
+    group_size: int | None = None,
     backend: str = "auto",
     prefill: str = "expand",
     decode: str = "triton",
 ) -> SparsifyReport:
     """Swap every decoder-layer linear of ``model`` (of every part: a LLaVA's vision tower and projector too)
     whose weight is exactly 2:4 for a ``SparseLinear``
-    and leave the rest. Unquantized weights are quantized to ``bits`` 8 or 4 with ``group_size``
-    scales when given (16-bit values otherwise); quantized ones (GPTQ, optimum-quanto int8 / int4)
+    and leave the rest. Unquantized weights are quantized to ``bits`` 8 or 4 with one scale per ``group_size``
+    input columns (default 128) when given (16-bit values otherwise); quantized ones (GPTQ, optimum-quanto int8 / int4)
     keep their own codes and scales whatever ``bits`` says. ``backend`` as in ``SparseLinear``;
     ``prefill="cusparselt"`` lets many-token calls take cuSPARSELt where it measures faster, at the
     cost of its packed copy of each weight (built on the GPU on first use; ``prefill.py``);
     ``decode="mma"`` runs calls of up to 64 token rows on sparse tensor cores (16-bit values, int8 or int4)."""
     if bits not in (None, 8, 4):
         raise ValueError(f"bits must be None (16-bit values), 8 or 4, got {bits!r}")
+    if group_size is not None and bits is None:
+        raise ValueError(
+            "group_size sets the scales of the weights sparsify quantizes (bits=8 or 4); 16-bit values have none, and "
+            "quantized weights keep their own: remove it, or pass bits"
+        )
+    if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0):
+        raise ValueError(f"group_size must be a positive integer (input columns per scale), got {group_size!r}")
     for option, value, choices in (("backend", backend, BACKENDS), ("prefill", prefill, PREFILL_PATHS), ("decode", decode, DECODE_PATHS)):
         _checked(option, value, choices)  # before any linear is swapped
     if decode == "mma" and not mma_available():
@@ -220,6 +227,12 @@ def sparsify(
             "without them the Triton / reference paths run"
         )
     adapter = get_adapter(model)
+    dtype = next(adapter.model.parameters()).dtype
+    if backend == "triton" and dtype not in KERNEL_DTYPES:
+        raise ValueError(
+            f"backend='triton' runs the Triton kernel, which takes float16 or bfloat16 inputs; the model is {dtype}: "
+            "cast it first (model.to(torch.bfloat16)), or use backend='auto' (the kernel where it applies)"
+        )
     report = SparsifyReport()
     pattern = NMPattern(2, 4)
     swaps: list[tuple[str, SparseLinear]] = []  # all built first: a layer refused (e.g. group_size) leaves the model whole
@@ -236,7 +249,7 @@ def sparsify(
                 sparse = SparseLinear.from_quantized(linear, qualified, backend, weight, prefill, decode)
                 report.repacked.append(qualified)
             else:
-                sparse = SparseLinear.from_linear(linear, qualified, bits, group_size, backend, prefill, decode)
+                sparse = SparseLinear.from_linear(linear, qualified, bits, group_size or 128, backend, prefill, decode)
             if prefill == "cusparselt" and not cusparselt_fits(sparse.out_features, sparse.in_features):
                 report.without_cusparselt.append(qualified)
             report.bytes_before += _weight_bytes(linear)

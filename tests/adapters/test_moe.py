@@ -128,6 +128,15 @@ def test_expert_methods_on_a_dense_model_say_it_has_no_experts():
         prune(tiny_model(), PruningConfig(method="experts", sparsity=0.5), calibration=token_windows(4, 16))
 
 
+def test_moe_options_on_a_dense_model_are_refused_not_recorded():
+    from ..conftest import tiny_model
+
+    model = tiny_model()
+    with pytest.raises(ValueError, match=r"PruningConfig.moe_options \{.*'prune_router': True.*\} tell how to prune mixture-of-experts layers, and LlamaForCausalLM has none"):
+        prune(model, PruningConfig(method="wanda", moe_options={"prune_router": True}), calibration=token_windows(4, 16))
+    assert not hasattr(model.config, "pruning_config")
+
+
 def test_wanda_on_an_expert_uses_only_its_routed_weighted_tokens():
     model, windows = tiny_moe(), token_windows(samples=4, seq_len=16)
     w1 = model.model.layers[0].block_sparse_moe.experts[1].w1

@@ -190,3 +190,8 @@ def test_windows_longer_than_the_models_context_are_warned_of(caplog):
     with caplog.at_level("WARNING", logger="optimum_prune.calibration.sources"):
         prune(tiny_model(), PruningConfig(method="wanda", sparsity=0.5), calibration=token_windows(samples=2, seq_len=128))
     assert "context" not in caplog.text
+
+
+def test_calibration_given_to_a_method_that_reads_none_is_warned_of(caplog):
+    prune(tiny_model(), PruningConfig(method="magnitude"), calibration=token_windows(4, 16))
+    assert "method 'magnitude' reads no calibration data: the calibration given is not used" in caplog.text
