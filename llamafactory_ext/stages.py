@@ -92,6 +92,10 @@ def run_train(args: Mapping[str, Any], section: PruningSection | None, training:
             "dense model, and LLaMA-Factory would merge it into the pruned one filling its zeros; merge it first "
             "(llamafactory-cli export), then prune the merged model"
         )
+    merges = args.get("do_train") and args.get("finetuning_type", "lora") == "lora"
+    merged = Path(args.get("export_dir") or output_dir / MERGED_SUBDIR)
+    if merges:  # before hours of training, not at the merge after them
+        check_replaceable(merged, args["model_name_or_path"], "export_dir" if args.get("export_dir") else "the merged model's directory")
     calibration = read_calibration(args, section)
     source = calibration.source
     if _already_pruned(pruned_dir, source, section.config):
@@ -102,9 +106,8 @@ def run_train(args: Mapping[str, Any], section: PruningSection | None, training:
     # LLaMA-Factory trains the embeddings of the tokens it added (LoRA: as modules to save); the pruned model has them already.
     resized = {"resize_vocab": True} if calibration.model_args.resize_vocab else {}
     _delegate_training({**args, "model_name_or_path": str(pruned_dir), **resized}, True, training)
-    if args.get("do_train") and args.get("finetuning_type", "lora") == "lora":
-        target = Path(args.get("export_dir") or output_dir / MERGED_SUBDIR)
-        merge_adapter(pruned_dir, output_dir, target, MERGED_DTYPES[merged_dtype], f"{args.get('export_size', 5)}GB")
+    if merges:
+        merge_adapter(pruned_dir, output_dir, merged, MERGED_DTYPES[merged_dtype], f"{args.get('export_size', 5)}GB")
 
 
 # LLaMA-Factory checks its arguments for the run it trains; parsing them to read the calibration data,

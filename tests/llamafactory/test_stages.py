@@ -652,3 +652,11 @@ def test_a_missing_or_damaged_model_is_one_clear_error(workspace, tmp_path, caps
     damaged = {**base_args(workspace, tmp_path / "out", stage="prune"), "model_name_or_path": str(tmp_path / "truncated"), **pruning}
     assert "the weights could not be read" in refused(tmp_path, capsys, damaged)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_export_dir_the_merge_could_not_replace_is_refused_before_pruning(workspace, tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    config = {**base_args(workspace, tmp_path / "out", **LORA_TRAINING, export_dir=str(tmp_path / "a-file")),
+              "pruning": {"method": "magnitude", "sparsity": 0.5}}  # fmt: skip
+    assert "a-file exists and is not a directory" in refused(tmp_path, capsys, config)
+    assert not (tmp_path / "out").exists()
