@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,6 +140,10 @@ class PruningConfig:
         if not isinstance(self.ignore, (list, tuple)) or not all(isinstance(p, str) for p in self.ignore):
             raise TypeError(f"PruningConfig.ignore must be a list of glob patterns, got {self.ignore!r}")
         self.ignore = list(self.ignore)
+        for name in ("num_calibration_samples", "calibration_seq_len", "seed"):  # numpy's integers too
+            value = getattr(self, name)
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                setattr(self, name, int(value))
         for name in ("num_calibration_samples", "calibration_seq_len"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
@@ -183,6 +188,8 @@ class PruningConfig:
             raise TypeError(f"a pruning config is a mapping of PruningConfig fields, got {type(data).__name__}: {data!r:.80}")
         data = {key: value for key, value in data.items() if key not in PROVENANCE_KEYS}
         version = data.pop("format_version", FORMAT_VERSION)
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise ValueError(f"format_version must be an integer, got {version!r}")
         if version != FORMAT_VERSION:
             raise ValueError(
                 f"format_version {version} is not supported by this optimum-prune (reads {FORMAT_VERSION}); upgrade optimum-prune"

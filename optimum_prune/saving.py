@@ -39,12 +39,21 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     """Yield a staging directory that replaces ``target`` only if the block completes."""
     target = Path(target).absolute()  # "." has no name to stage beside
     check_replaceable(target)
+    created = [parent for parent in target.parents if not parent.exists()]  # removed again if the block fails
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
     staging.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would make the saved checkpoint unreadable to other users
     try:
         yield staging
         replace_directory(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for parent in created:  # innermost first; one something else wrote into meanwhile stays
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+        raise
     finally:
         if staging.exists():
             shutil.rmtree(staging)
@@ -157,6 +166,7 @@ def save_pruned(
     ``max_shard_size`` is ``save_pretrained``'s (optimum-quanto's format takes only the default).
     """
     _check_loadable(model)
+    _check_shard_size(max_shard_size)
     if _quanto_quantized(model):
         _check_quanto_saves(model, max_shard_size)
     recorded = getattr(model.config, "pruning_config", None)
@@ -266,6 +276,18 @@ def _write_checkpoint(
             report.plot_layer_scores(staging / SCORES_PLOT_NAME)
         except ImportError as error:
             logger.warning("%s; saved without %s", error, SCORES_PLOT_NAME)
+
+
+def _check_shard_size(max_shard_size: int | str) -> None:
+    """Before anything is written: a size ``save_pretrained`` reads (transformers' error names no field)."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        valid = not isinstance(max_shard_size, bool) and convert_file_size_to_int(max_shard_size) > 0
+    except (ValueError, TypeError, AttributeError):
+        valid = False
+    if not valid:
+        raise ValueError(f"max_shard_size {max_shard_size!r}: give bytes (an integer) or a size such as '5GB' or '500MB'")
 
 
 def _check_quanto_saves(model: nn.Module, max_shard_size: int | str) -> None:

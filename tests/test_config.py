@@ -106,6 +106,16 @@ def test_a_seed_no_generator_takes_is_named(seed):
         PruningConfig(seed=seed)
 
 
+def test_numpy_integers_are_integers_and_a_format_version_must_be_one():
+    import numpy as np
+
+    config = PruningConfig(num_calibration_samples=np.int64(8), seed=np.int32(2))
+    assert (type(config.num_calibration_samples), type(config.seed)) == (int, int)
+    assert PruningConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="format_version must be an integer, got '1'"):
+        PruningConfig.from_dict({"format_version": "1"})
+
+
 def test_malformed_json_file(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text("{not json")

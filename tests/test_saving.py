@@ -89,6 +89,22 @@ def test_interrupted_save_keeps_previous_output(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["pruned"]  # no staging directory left behind
 
 
+def test_an_interrupted_save_to_a_new_nested_path_leaves_no_folder_it_made(tmp_path, monkeypatch):
+    model = tiny_model()
+    (tmp_path / "kept").mkdir()
+    monkeypatch.setattr(model, "save_pretrained", lambda directory, **kwargs: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        save_pruned(model, tmp_path / "kept" / "runs" / "one" / "pruned")
+    assert [p.name for p in tmp_path.iterdir()] == ["kept"] and not any((tmp_path / "kept").iterdir())
+
+
+@pytest.mark.parametrize("size", ["lots", 0, None])
+def test_a_shard_size_save_pretrained_cannot_read_is_named_before_writing(tmp_path, size):
+    with pytest.raises(ValueError, match=f"max_shard_size {size!r}: give bytes"):
+        save_pruned(tiny_model(), tmp_path / "pruned", max_shard_size=size)
+    assert not any(tmp_path.iterdir())
+
+
 def test_a_sparsified_model_is_refused_before_anything_is_written(tmp_path):
     """Its SparseLinear buffers are not weights transformers can load: the reload would be random, not an error.
     The same for PERP's adapters before merge_perp."""
