@@ -80,7 +80,8 @@ def compress(
     reports = []
     for step in steps:
         if isinstance(step, PruningConfig):
-            reports.append(prune(model, step, calibration=calibration, tokenizer=tokenizer, processor=processor, device=device))
+            step_calibration = calibration if step.requires_calibration else None  # shared by the steps: no warning for one reading none
+            reports.append(prune(model, step, calibration=step_calibration, tokenizer=tokenizer, processor=processor, device=device))
         elif isinstance(step, GPTQConfig):
             from .gptq import quantize_weights
 

@@ -163,6 +163,11 @@ def test_a_recipe_of_several_pruning_steps_records_each_in_order(tmp_path):
     assert not hasattr(once.config, "pruning_history")
 
 
+def test_the_calibration_shared_by_a_recipe_is_no_warning_for_a_step_that_reads_none(caplog):
+    compress(tiny_model(), [PruningConfig(method="magnitude", sparsity=0.3), PruningConfig(method="wanda")], calibration=token_windows())
+    assert "reads no calibration data" not in caplog.text
+
+
 @pytest.mark.parametrize(
     ("family", "step", "refusal"),
     [
