@@ -176,14 +176,19 @@ def _plan_runs(
     if spec.structured:
         return [_StructuredRun.plan(adapter, config, device)]
     _check_no_mpo_experts(adapter)  # methods that zero weights
+    check_moe_options(adapter, config)
+    if spec.model_pruner:
+        return [_ModelRun.plan(adapter, config, device)]
+    return _PruningRun.plan_parts(adapter, config, device, offload, activation_device)
+
+
+def check_moe_options(adapter: DecoderAdapter, config: PruningConfig) -> None:
+    """``moe_options`` other than the defaults on a model without mixture-of-experts layers would do nothing."""
     if config.build_moe_options() != MoEOptions() and not any(adapter.moe_block(layer) is not None for layer in adapter.decoder_layers()):
         raise UnsupportedArchitecture(
             f"PruningConfig.moe_options {config.moe_options} tell how to prune mixture-of-experts layers, and "
             f"{type(adapter.model).__name__} has none: remove them"
         )
-    if spec.model_pruner:
-        return [_ModelRun.plan(adapter, config, device)]
-    return _PruningRun.plan_parts(adapter, config, device, offload, activation_device)
 
 
 def check_architecture(model: nn.Module, config: PruningConfig) -> None:

@@ -150,8 +150,8 @@ class PruningConfig:
                 raise ValueError(f"PruningConfig.{name} must be a positive integer, got {value!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"PruningConfig.seed must be an integer, got {self.seed!r}")
-        if not 0 <= self.seed < 2**63:  # what every generator seeded from it (torch's, numpy's) takes
-            raise ValueError(f"PruningConfig.seed must be in [0, 2**63), got {self.seed}")
+        if not -(2**63) <= self.seed < 2**64:  # what torch.Generator.manual_seed takes
+            raise ValueError(f"PruningConfig.seed must be in [-2**63, 2**64), got {self.seed}")
 
     @property
     def target(self) -> SparsityTarget:

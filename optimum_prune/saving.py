@@ -279,15 +279,18 @@ def _write_checkpoint(
 
 
 def _check_shard_size(max_shard_size: int | str) -> None:
-    """Before anything is written: a size ``save_pretrained`` reads (transformers' error names no field)."""
-    from transformers.utils.hub import convert_file_size_to_int
+    """Before anything is written: a size ``save_pretrained`` reads (its error names no field)."""
+    from huggingface_hub import split_torch_state_dict_into_shards
 
-    try:
-        valid = not isinstance(max_shard_size, bool) and convert_file_size_to_int(max_shard_size) > 0
-    except (ValueError, TypeError, AttributeError):
-        valid = False
-    if not valid:
-        raise ValueError(f"max_shard_size {max_shard_size!r}: give bytes (an integer) or a size such as '5GB' or '500MB'")
+    if isinstance(max_shard_size, str):
+        try:
+            split_torch_state_dict_into_shards({}, max_shard_size=max_shard_size)  # reads the size as save_pretrained will
+            return
+        except ValueError:
+            pass
+    elif isinstance(max_shard_size, (int, float)) and not isinstance(max_shard_size, bool) and max_shard_size > 0:
+        return
+    raise ValueError(f"max_shard_size {max_shard_size!r}: give bytes (a number) or a size such as '5GB', '1.5GB' or '500MB'")
 
 
 def _check_quanto_saves(model: nn.Module, max_shard_size: int | str) -> None:

@@ -233,7 +233,7 @@ def prune_checkpoint(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .adapters import get_adapter
-    from .api import check_activation_device, check_device, check_offloadable, planned_linears, prune
+    from .api import check_activation_device, check_device, check_moe_options, check_offloadable, planned_linears, prune
     from .ignoring import check_ignore_patterns
 
     source, output_dir = Path(source), Path(output_dir)
@@ -270,6 +270,7 @@ def prune_checkpoint(
     adapter = get_adapter(model)
     # The checks that need no data, before any folder is made:
     check_offloadable(config, adapter)
+    check_moe_options(adapter, config)
     check_ignore_patterns(adapter, config.ignore, "PruningConfig.ignore")
     check_device(device or "cpu")
     check_activation_device(activation_device)
@@ -280,6 +281,8 @@ def prune_checkpoint(
     rest = [name for name in reader.weight_map if name not in layer_tensors]
     _load_inputs(model, adapter.capture_modules(), reader, rest, dtype)
     inputs = None
+    if not config.requires_calibration and calibration is not None:
+        logger.warning("method %r reads no calibration data: the calibration given is not used", config.method)
     if config.requires_calibration:
         inputs = calibration_inputs(
             calibration, tokenizer, None, config.num_calibration_samples, config.calibration_seq_len, config.seed

@@ -100,10 +100,11 @@ def test_calibration_sizes_validated():
         PruningConfig(calibration_seq_len=-1)
 
 
-@pytest.mark.parametrize("seed", [-1, 2**64])
+@pytest.mark.parametrize("seed", [-(2**63) - 1, 2**64])
 def test_a_seed_no_generator_takes_is_named(seed):
-    with pytest.raises(ValueError, match=r"PruningConfig.seed must be in \[0, 2\*\*63\)"):
+    with pytest.raises(ValueError, match=r"PruningConfig.seed must be in \[-2\*\*63, 2\*\*64\)"):
         PruningConfig(seed=seed)
+    PruningConfig(seed=-1), PruningConfig(seed=2**64 - 1)  # what torch takes
 
 
 def test_numpy_integers_are_integers_and_a_format_version_must_be_one():

@@ -92,7 +92,7 @@ def test_sparsify_swaps_the_24_linears_and_keeps_the_logits(bits):
     [
         ({"group_size": 64}, "group_size sets the scales of the weights sparsify quantizes"),
         ({"bits": 4, "group_size": 0}, "group_size must be a positive integer"),
-        ({"backend": "triton"}, "backend='triton' runs the Triton kernel, which takes float16 or bfloat16 inputs; the model is torch.float32"),
+        ({"backend": "triton"}, "backend=.triton. runs the Triton kernel, which takes float16 or bfloat16 inputs; model.layers.0.self_attn.q_proj is torch.float32"),
     ],
 )
 def test_sparsify_options_it_would_not_use_or_could_not_run_are_refused(options, message):

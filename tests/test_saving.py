@@ -98,11 +98,16 @@ def test_an_interrupted_save_to_a_new_nested_path_leaves_no_folder_it_made(tmp_p
     assert [p.name for p in tmp_path.iterdir()] == ["kept"] and not any((tmp_path / "kept").iterdir())
 
 
-@pytest.mark.parametrize("size", ["lots", 0, None])
+@pytest.mark.parametrize("size", ["lots", "5GiB", 0, None])
 def test_a_shard_size_save_pretrained_cannot_read_is_named_before_writing(tmp_path, size):
     with pytest.raises(ValueError, match=f"max_shard_size {size!r}: give bytes"):
         save_pruned(tiny_model(), tmp_path / "pruned", max_shard_size=size)
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("size", ["1.5GB", "200KB", 10**5, 1e5])
+def test_every_shard_size_save_pretrained_reads_is_taken(tmp_path, size):
+    save_pruned(tiny_model(), tmp_path / "pruned", max_shard_size=size)
 
 
 def test_a_sparsified_model_is_refused_before_anything_is_written(tmp_path):

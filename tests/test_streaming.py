@@ -413,3 +413,9 @@ def test_arguments_of_the_wrong_kind_are_named(sharded, tmp_path):
         prune_checkpoint(sharded, tmp_path / "out", PruningConfig(method="magnitude"), dtype=torch.int8)
     prune_checkpoint(sharded, tmp_path / "out", PruningConfig(method="magnitude"), dtype="bfloat16")  # a name works too
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto").dtype == torch.bfloat16
+
+
+def test_moe_options_on_a_dense_checkpoint_are_refused_before_any_folder_is_made(sharded, tmp_path):
+    with pytest.raises(ValueError, match="LlamaForCausalLM has none: remove them"):
+        prune_checkpoint(sharded, tmp_path / "out", PruningConfig(method="magnitude", moe_options={"prune_router": True}))
+    assert not (tmp_path / ".out.partial").exists() and not (tmp_path / "out").exists()

@@ -126,7 +126,7 @@ def hessian_traces(
         totals = [0.0] * len(groups)
         with grad_only(model, parameters), sdpa_kernel(SDPBackend.MATH):
             for index, loss in zip(indices, window_losses(model, windows, description)):
-                generator.manual_seed(seed + index)
+                generator.manual_seed((seed + index) % 2**64)  # any PruningConfig.seed, also near the top of the range
                 # An MoE expert no token of this window reached is not in its graph: its vᵀHv is 0.
                 gradients = torch.autograd.grad(loss * scale, parameters, create_graph=True, allow_unused=True)
                 used = [i for i, gradient in enumerate(gradients) if gradient is not None and gradient.requires_grad]

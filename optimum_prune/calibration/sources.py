@@ -3,7 +3,7 @@
 Text sources: ``None`` (the bundled Wikipedia calibration split), a path to a text file, a list of
 strings, a ``datasets.Dataset`` with a ``text`` column, or token ids ready to use: a ``[samples,
 seq_len]`` ``LongTensor`` or a list of equally long ones (each ``[seq_len]`` or ``[n, seq_len]``), or
-a tokenised ``Dataset`` (``input_ids``, no ``text``), whose rows are used as processed samples.
+a tokenised ``Dataset`` (``input_ids``, no ``text``), whose rows drawn with the seed are processed samples.
 Text is tokenised as one stream and windows start at seeded random offsets, as in the
 Wanda/SparseGPT reference loaders, so the same seed always yields the same windows.
 Multimodal sources (image-text pairs, or already processed batches) are in ``multimodal.py``.
@@ -35,7 +35,7 @@ def calibration_inputs(
     if is_image_text(source):
         return image_text_batches(source, processor, num_samples)
     if hasattr(source, "column_names") and "text" not in source.column_names and "input_ids" in source.column_names:
-        source = _tokenized_rows(source)
+        source = _tokenized_rows(source, num_samples, seq_len, seed)
     if isinstance(source, Mapping) and "input_ids" in source:
         if not isinstance(source["input_ids"], torch.Tensor):
             raise TypeError(
@@ -75,7 +75,7 @@ def _checked_batch(batch: dict[str, Any], index: int) -> dict[str, Any]:
             f"calibration batch {index}: input_ids must be a non-empty [batch, seq_len] tensor of token ids, got shape "
             f"{tuple(ids.shape)} {ids.dtype} (one sample: ids[None])"
         )
-    if isinstance(mask, torch.Tensor) and mask.shape != ids.shape:
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape != ids.shape:  # a 4-D mask (packed samples) runs as given
         raise ValueError(f"calibration batch {index}: attention_mask {tuple(mask.shape)} must have input_ids' shape {tuple(ids.shape)}")
     return batch
 
@@ -89,16 +89,20 @@ def _check_not_dataset_dict(source: CalibrationSource) -> None:
         )
 
 
-def _tokenized_rows(dataset: Any) -> list[dict[str, torch.Tensor]]:
-    """A tokenised ``datasets.Dataset`` (an ``input_ids`` column, no ``text``) as processed samples, one a row
-    (with its ``attention_mask`` where the column exists; other columns, e.g. ``labels``, are not model inputs here)."""
+def _tokenized_rows(dataset: Any, num_samples: int, seq_len: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """A tokenised ``datasets.Dataset`` (an ``input_ids`` column, no ``text``) as processed samples: ``num_samples``
+    rows drawn with ``seed`` (all of a smaller one), each cut to its first ``seq_len`` tokens, with its
+    ``attention_mask`` where the column exists (other columns, e.g. ``labels``, are not model inputs here)."""
     columns = [name for name in ("input_ids", "attention_mask") if name in dataset.column_names]
+    chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:num_samples].sort().values
+    plain = dataset.select_columns(columns).with_format(None)  # lists, whatever format it was set to (torch, numpy)
     rows = []
-    for index, row in enumerate(dataset.select_columns(columns)):
+    for index in chosen.tolist():
+        row = plain[index]
         ids = row["input_ids"]
-        if not ids or not all(isinstance(i, int) for i in ids):
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids):
             raise ValueError(f"calibration dataset row {index}: input_ids must be a non-empty list of token ids, got {ids!r:.60}")
-        rows.append({name: torch.tensor([row[name]], dtype=torch.long) for name in columns})
+        rows.append({name: torch.tensor([row[name][:seq_len]], dtype=torch.long) for name in columns})
     return rows
 
 

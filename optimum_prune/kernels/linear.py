@@ -227,12 +227,6 @@ def sparsify(
             "without them the Triton / reference paths run"
         )
     adapter = get_adapter(model)
-    dtype = next(adapter.model.parameters()).dtype
-    if backend == "triton" and dtype not in KERNEL_DTYPES:
-        raise ValueError(
-            f"backend='triton' runs the Triton kernel, which takes float16 or bfloat16 inputs; the model is {dtype}: "
-            "cast it first (model.to(torch.bfloat16)), or use backend='auto' (the kernel where it applies)"
-        )
     report = SparsifyReport()
     pattern = NMPattern(2, 4)
     swaps: list[tuple[str, SparseLinear]] = []  # all built first: a layer refused (e.g. group_size) leaves the model whole
@@ -245,6 +239,11 @@ def sparsify(
             if linear.in_features % 8 or not conforms_to(weight, pattern):
                 report.left_dense.append(qualified)
                 continue
+            if backend == "triton" and not quantized and weight.dtype not in KERNEL_DTYPES:  # its inputs have this dtype
+                raise ValueError(
+                    f"backend='triton' runs the Triton kernel, which takes float16 or bfloat16 inputs; {qualified} is "
+                    f"{weight.dtype}: cast the model first (model.to(torch.bfloat16)), or use backend='auto' (the kernel where it applies)"
+                )
             if quantized:
                 sparse = SparseLinear.from_quantized(linear, qualified, backend, weight, prefill, decode)
                 report.repacked.append(qualified)

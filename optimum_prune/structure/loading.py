@@ -8,9 +8,9 @@ documented extension point for that field (``register_quantization_config`` /
 ``register_quantizer``) lets ``import optimum_prune`` give the freshly built, still empty model
 the recorded shapes before the weights load — no modeling file is patched. After loading, the
 quantizer detaches itself: the result is an ordinary (smaller) model that trains, casts and saves
-like any other, and saving it writes the shapes again. Its state dict also carries one-element
-stand-ins under the stock weight names its layers lack (``keep_stand_ins``): without the import,
-transformers stops at a size mismatch instead of filling those weights at random.
+like any other, and saving it writes the shapes again, with one-element stand-ins under the stock
+weight names its layers lack (``keep_stand_ins``): without the import, transformers stops at a size
+mismatch instead of filling those weights at random.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def offloaded(model: PreTrainedModel) -> bool:
 
 class _AddStandIns:
     """``state_dict`` post-hook: a one-element tensor under each name in ``names`` (a plain class: torch marks
-    the hook with an attribute, and the model must stay picklable)."""
+    the hook with an attribute)."""
 
     def __init__(self, names: list[str]) -> None:
         self.names = names
@@ -92,7 +92,8 @@ class _AddStandIns:
 
 
 class _SkipStandIns:
-    """``load_state_dict`` pre-hook: drops the stand-ins ``_AddStandIns`` wrote, so a state dict loads back."""
+    """``load_state_dict`` pre-hook: drops the stand-ins a saved checkpoint holds, so it loads back (a Trainer
+    resuming from its checkpoint, a strict ``load_state_dict`` of the saved tensors)."""
 
     def __init__(self, names: list[str]) -> None:
         self.names = names
@@ -104,20 +105,39 @@ class _SkipStandIns:
                 del state_dict[prefix + name]
 
 
+class _SavingWithStandIns:
+    """The model's ``save_pretrained`` with ``_AddStandIns`` on its state dict while it runs.
+
+    Only while saving: torch's distributed checkpointing (FSDP2, accelerate's ``get_state_dict``) maps every
+    ``state_dict()`` key back to a module attribute, which a stand-in has none of."""
+
+    def __init__(self, model: PreTrainedModel, names: list[str]) -> None:
+        self.model, self.names = model, names
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        handle = self.model.register_state_dict_post_hook(_AddStandIns(self.names))
+        try:
+            return type(self.model).save_pretrained(self.model, *args, **kwargs)
+        finally:
+            handle.remove()
+
+
 def keep_stand_ins(model: PreTrainedModel) -> None:
-    """Make every ``model.state_dict()`` of a non-uniform result hold a one-element tensor under the name of each
+    """Make ``model.save_pretrained`` of a non-uniform result write a one-element tensor under the name of each
     parameter a stock model built from its config has and the pruned layers lack (a removed sublayer's
     projections and norm, a factorised linear's weight, a dropped expert's), and ``load_state_dict`` skip them.
 
-    Every way of saving writes the state dict (``save_pretrained``, ``save_pruned``, the Trainer's checkpoints,
-    LLaMA-Factory's export), so a checkpoint loaded without ``import optimum_prune`` stops at transformers'
-    size mismatch where it would otherwise fill those parameters with random weights and only warn;
-    ``StructureLoader`` skips them. Called whenever the structure is recorded or loaded: it replaces the
-    hooks of an earlier recording, and removes them once the model is uniform again. An offloaded model's
-    ``save_pretrained`` gets none (``offloaded``)."""
-    for hooks in (model._state_dict_hooks, model._load_state_dict_pre_hooks):  # torch has no public way to list them
-        for key in [key for key, hook in hooks.items() if isinstance(getattr(hook, "hook", hook), (_AddStandIns, _SkipStandIns))]:
-            del hooks[key]
+    ``save_pruned``, the Trainer's checkpoints and LLaMA-Factory's export all call ``save_pretrained``, so a
+    checkpoint loaded without ``import optimum_prune`` stops at transformers' size mismatch where it would
+    otherwise fill those parameters with random weights and only warn; ``StructureLoader`` skips them.
+    Called whenever the structure is recorded or loaded: it replaces what an earlier recording set, and
+    removes it once the model is uniform again. An offloaded model's save gets none (``offloaded``), nor does
+    a state dict gathered otherwise (``model.state_dict()``, torch's distributed checkpointing)."""
+    hooks = model._load_state_dict_pre_hooks  # torch has no public way to list them
+    for key in [key for key, hook in hooks.items() if isinstance(getattr(hook, "hook", hook), _SkipStandIns)]:
+        del hooks[key]
+    if isinstance(vars(model).get("save_pretrained"), _SavingWithStandIns):
+        del model.save_pretrained
     if not records_layer_shapes(getattr(model.config, "quantization_config", None)):
         return
     config = copy.deepcopy(model.config)
@@ -127,7 +147,7 @@ def keep_stand_ins(model: PreTrainedModel) -> None:
     present = {name.replace(".base_layer.", ".") for name in model.state_dict()}  # a peft LoRA layer wraps the linear
     names = [name for name in stock.state_dict() if name not in present]
     if names:
-        model.register_state_dict_post_hook(_AddStandIns(names))
+        model.save_pretrained = _SavingWithStandIns(model, names)
         model.register_load_state_dict_pre_hook(_SkipStandIns(names))
 
 

@@ -91,18 +91,32 @@ def test_a_tokenizer_output_is_one_processed_batch():
         assert torch.equal(first == 0, second == 0)
 
 
-def test_a_tokenised_dataset_calibrates_as_its_rows():
-    """Rows of a Dataset with input_ids (and no text) are processed samples, as the list of them would be; other
-    columns (labels) are not model inputs; a DatasetDict asks for a split."""
+def test_a_tokenised_dataset_calibrates_as_rows_drawn_from_it():
+    """num_calibration_samples rows drawn with the seed, cut to calibration_seq_len, whatever format the Dataset is set
+    to (torch, numpy), as the list of those rows would; other columns (labels) are not model inputs; a DatasetDict
+    asks for a split."""
     from datasets import Dataset, DatasetDict
 
-    windows = token_windows(samples=4, seq_len=16)
-    rows = {"input_ids": windows.tolist(), "attention_mask": [[1] * 16] * 4, "labels": windows.tolist()}
+    from optimum_prune.calibration import calibration_inputs
+
+    windows = token_windows(samples=6, seq_len=20)
+    rows = {"input_ids": windows.tolist(), "attention_mask": [[1] * 20] * 6, "labels": windows.tolist()}
+    drawn = calibration_inputs(Dataset.from_dict(rows), None, None, 4, 16, seed=3)
+    assert len(drawn) == 4 and all(set(sample) == {"input_ids", "attention_mask"} and sample["input_ids"].shape == (1, 16) for sample in drawn)
+    def rows_of(samples):
+        return [next(i for i, window in enumerate(windows) if torch.equal(window[:16], sample["input_ids"][0])) for sample in samples]
+
+    chosen = rows_of(drawn)
+    assert chosen == sorted(set(chosen))  # distinct rows, in the dataset's order
+    assert rows_of(calibration_inputs(Dataset.from_dict(rows), None, None, 4, 16, seed=4)) != chosen  # drawn with the seed
+    for kind in ("torch", "numpy"):
+        again = calibration_inputs(Dataset.from_dict(rows).with_format(kind), None, None, 4, 16, seed=3)
+        assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(again, drawn))
     pruned = []
-    for calibration in (Dataset.from_dict(rows), [{"input_ids": window[None]} for window in windows]):
+    for calibration in (Dataset.from_dict(rows), [{"input_ids": sample["input_ids"]} for sample in drawn]):
         model = tiny_model()
-        report = prune(model, PruningConfig(method="wanda"), calibration=calibration)
-        assert report.calibration_tokens == windows.numel()
+        config = PruningConfig(method="wanda", num_calibration_samples=4, calibration_seq_len=16, seed=3)
+        assert prune(model, config, calibration=calibration).calibration_tokens == 4 * 16
         pruned.append(model)
     for first, second in zip(*(model.parameters() for model in pruned)):
         assert torch.equal(first, second)
@@ -110,6 +124,15 @@ def test_a_tokenised_dataset_calibrates_as_its_rows():
         prune(tiny_model(), PruningConfig(method="wanda"), calibration=DatasetDict(train=Dataset.from_dict(rows)))
     with pytest.raises(ValueError, match="row 1: input_ids must be a non-empty list of token ids"):
         prune(tiny_model(), PruningConfig(method="wanda"), calibration=Dataset.from_dict({"input_ids": [[1, 2], []]}))
+
+
+def test_a_four_dimensional_mask_of_packed_samples_runs_as_given():
+    ids = token_windows(samples=2, seq_len=16)
+    causal = torch.ones(16, 16).tril()
+    mask = torch.zeros(2, 1, 16, 16)
+    mask[:, 0, :8, :8], mask[:, 0, 8:, 8:] = causal[:8, :8], causal[:8, :8]  # two packed samples per row
+    report = prune(tiny_model(), PruningConfig(method="wanda"), calibration=[{"input_ids": ids, "attention_mask": mask}])
+    assert report.calibration_tokens == 32
 
 
 @pytest.mark.parametrize("side", ["right", "left"])

@@ -97,28 +97,38 @@ def test_every_save_of_a_non_uniform_model_writes_the_stand_ins(tmp_path):
         assert_reloads_exactly(model, tmp_path / directory)
 
 
-def test_stand_ins_load_back_pickle_and_follow_a_lora_wrapped_model():
-    """The state dict loads back strictly (the stand-ins are skipped), the model still pickles, and recording the
-    structure of a LoRA-wrapped model (the expert-dropping callback does, mid-training) names no kept linear."""
+def test_stand_ins_load_back_copy_and_follow_a_lora_wrapped_model(tmp_path):
+    """Only saves write them: the state dict itself stays the model's (torch's distributed checkpointing, as FSDP2
+    saves, maps every key to a module attribute). The saved tensors load back strictly; a pickled or copied model
+    saves them too; recording the structure of a LoRA-wrapped model (the expert-dropping callback does, mid-training)
+    names no kept linear."""
     import copy
     import pickle
+
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     from optimum_prune.adapters import get_adapter
     from optimum_prune.structure.loading import record_structure
 
+    def saved(model, name):
+        model.save_pretrained(tmp_path / name)
+        return load_file(tmp_path / name / "model.safetensors")
+
     model = tiny_model(num_hidden_layers=4)
     prune(model, PruningConfig(method="sublayers", sparsity=0.2, method_options={"sublayers": "attention"}), calibration=token_windows())
-    state = model.state_dict()
-    stand_ins = {name for name, tensor in state.items() if tensor.numel() == 1}
+    tensors = saved(model, "pruned")
+    stand_ins = {name for name, tensor in tensors.items() if tensor.numel() == 1}
     assert stand_ins and all(".self_attn." in name or ".input_layernorm." in name for name in stand_ins)  # removed blocks
-    model.load_state_dict(state)
-    assert pickle.loads(pickle.dumps(model)).state_dict().keys() == state.keys()
+    assert set(model.state_dict()) == set(tensors) - stand_ins == set(get_model_state_dict(model))
+    model.load_state_dict(tensors)
+    for other in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        assert saved(other, "copy").keys() == tensors.keys()
 
     wrapped = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["q_proj", "down_proj"]))
     record_structure(get_adapter(wrapped))
-    prefix = "base_model.model."
-    assert {name.removeprefix(prefix) for name, tensor in wrapped.state_dict().items() if tensor.numel() == 1} == stand_ins
-    assert wrapped.merge_and_unload().state_dict().keys() == state.keys()
+    assert {name for name, tensor in saved(wrapped.base_model.model, "wrapped").items() if tensor.numel() == 1} == stand_ins
+    assert saved(wrapped.merge_and_unload(), "merged").keys() == tensors.keys()
 
 
 def test_a_non_uniform_model_with_offloaded_modules_saves_without_stand_ins(tmp_path, caplog):
