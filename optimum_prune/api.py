@@ -113,6 +113,11 @@ def prune(
             f"multi-process calibration supports the per-layer methods ({_per_layer_methods()}); run "
             f"{config.method!r} in a single process"
         )
+    if is_distributed() and spec.pruner.synchronize is LayerPruner.synchronize and spec.needs_calibration(config.build_method_options()):
+        raise ValueError(  # each process would prune on its own share of the calibration data, differently
+            f"method {config.method!r} gathers calibration statistics but does not sum them across processes "
+            f"({spec.pruner.__name__}.synchronize); run it in a single process, or implement synchronize"
+        )
     runs = _plan_runs(adapter, config, device, offload, check_activation_device(activation_device))
     inputs = _calibration(adapter, config, runs, calibration, tokenizer, processor)
     report = PruningReport(

@@ -6,7 +6,7 @@ lookup failure names the known entries, so a typo never degrades into a silent d
 
 from __future__ import annotations
 
-from typing import Generic, Iterator, TypeVar
+from typing import Callable, Generic, Iterator, TypeVar
 
 Entry = TypeVar("Entry")
 
@@ -16,11 +16,16 @@ class Registry(Generic[Entry]):
         self.kind = kind
         self.field = field
         self._entries: dict[str, Entry] = {}
+        self._origins: dict[str, str] = {}
 
-    def add(self, name: str, entry: Entry) -> None:
-        if name in self._entries:
-            raise ValueError(f"{self.kind} {name!r} is already registered")
+    def add(self, name: str, entry: Entry, origin: Callable[..., object]) -> None:
+        """Register ``entry`` under ``name``; ``origin`` is the class (or function) that registers it. The same class
+        registering again (its module reloaded, e.g. by a notebook's autoreload) replaces its entry."""
+        qualified = f"{origin.__module__}.{origin.__qualname__}"
+        if name in self._entries and self._origins[name] != qualified:
+            raise ValueError(f"{self.kind} {name!r} is already registered (by {self._origins[name]})")
         self._entries[name] = entry
+        self._origins[name] = qualified
 
     def get(self, name: str) -> Entry:
         try:

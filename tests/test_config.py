@@ -200,3 +200,23 @@ def test_a_language_only_method_takes_its_sparsity_once():
     with pytest.raises(ValueError, match=re.escape("PruningConfig.parts['language'].sparsity 0.01 differs from PruningConfig.sparsity 0.5")):
         PruningConfig(method="layers", sparsity=0.5, parts={"language": {"sparsity": 0.01}})
     assert PruningConfig(method="layers", sparsity=0.3, parts={"language": {}}).part_targets() == {"language": 0.3}
+
+
+def test_registering_again_replaces_only_the_same_class():
+    """A reloaded module (a notebook's autoreload) registers its class again; another class may not take the name."""
+    from optimum_prune.registry import Registry
+
+    registry = Registry("thing", "field")
+
+    class First:
+        pass
+
+    registry.add("one", 1, First)
+    registry.add("one", 2, First)
+    assert registry.get("one") == 2
+
+    class Other:
+        pass
+
+    with pytest.raises(ValueError, match=r"thing 'one' is already registered \(by tests.test_config.*First\)"):
+        registry.add("one", 3, Other)

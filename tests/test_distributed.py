@@ -162,6 +162,24 @@ def test_structured_methods_refuse_multi_process_calibration(monkeypatch):
         prune(tiny_model(), PruningConfig(method="layers", sparsity=0.25), calibration=token_windows())
 
 
+def test_a_registered_method_that_sums_no_statistics_across_processes_is_refused(monkeypatch):
+    """Each process would prune on its own share of the windows: masks would differ between ranks."""
+    from optimum_prune.methods import METHODS, LayerPruner
+    from optimum_prune.methods.base import MethodSpec, NoOptions
+
+    class ColumnNorms(LayerPruner):
+        def add_batch(self, inputs):
+            pass
+
+        def prune(self, target):
+            pass
+
+    monkeypatch.setitem(METHODS._entries, "column_norms", MethodSpec("column_norms", NoOptions, "", pruner=ColumnNorms))
+    monkeypatch.setattr("optimum_prune.api.is_distributed", lambda: True)
+    with pytest.raises(ValueError, match=r"'column_norms' gathers calibration statistics but does not sum them across processes \(ColumnNorms.synchronize\)"):
+        prune(tiny_model(), PruningConfig(method="column_norms"), calibration=token_windows())
+
+
 def test_cli_under_torchrun_saves_once_what_one_process_saves(model_dir, tmp_path):
     import subprocess
     import sys

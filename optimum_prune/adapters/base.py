@@ -410,7 +410,7 @@ ADAPTERS: Registry[AdapterFactory] = Registry("architecture adapter", "model cla
 def register_adapter(*model_classes: type) -> Callable[[AdapterFactory], AdapterFactory]:
     def decorator(adapter: AdapterFactory) -> AdapterFactory:
         for model_class in model_classes:
-            ADAPTERS.add(model_class.__name__, adapter)
+            ADAPTERS.add(model_class.__name__, adapter, adapter)
         return adapter
 
     return decorator

@@ -63,7 +63,7 @@ ALLOCATIONS: Registry[AllocationSpec] = Registry("sparsity allocation", "Pruning
 
 def register_allocation(name: str, *, options: type = NoOptions) -> Callable[[type[Allocation]], type[Allocation]]:
     def decorator(allocation: type[Allocation]) -> type[Allocation]:
-        ALLOCATIONS.add(name, AllocationSpec(name, allocation, options))
+        ALLOCATIONS.add(name, AllocationSpec(name, allocation, options), allocation)
         return allocation
 
     return decorator

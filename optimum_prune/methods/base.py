@@ -170,7 +170,7 @@ def register_method(name: str, *, options: type = NoOptions) -> Callable[[type[L
     """
 
     def decorator(pruner: type[LayerPruner]) -> type[LayerPruner]:
-        METHODS.add(name, MethodSpec(name, options, _summary(pruner), pruner=pruner))
+        METHODS.add(name, MethodSpec(name, options, _summary(pruner), pruner=pruner), pruner)
         return pruner
 
     return decorator
@@ -185,7 +185,7 @@ def register_structured_method(
     """
 
     def decorator(method: type[StructuredMethod]) -> type[StructuredMethod]:
-        METHODS.add(name, MethodSpec(name, options, _summary(method), structured=method))
+        METHODS.add(name, MethodSpec(name, options, _summary(method), structured=method), method)
         return method
 
     return decorator
@@ -195,7 +195,7 @@ def register_model_method(name: str, *, options: type = NoOptions) -> Callable[[
     """Class decorator: make a ``ModelPruner`` available as ``PruningConfig(method=name)`` (always calibrated)."""
 
     def decorator(method: type[ModelPruner]) -> type[ModelPruner]:
-        METHODS.add(name, MethodSpec(name, options, _summary(method), model_pruner=method))
+        METHODS.add(name, MethodSpec(name, options, _summary(method), model_pruner=method), method)
         return method
 
     return decorator
