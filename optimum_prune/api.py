@@ -187,6 +187,10 @@ def _plan_runs(
     return _PruningRun.plan_parts(adapter, config, device, offload, activation_device)
 
 
+# What record_structure (and reloading) asks of an adapter after any structured method.
+STRUCTURE_RECORDING_HOOKS = ("layer_shape", "stock_shape", "reshape_layer", "write_uniform_config")
+
+
 def check_moe_options(adapter: DecoderAdapter, config: PruningConfig) -> None:
     """``moe_options`` other than the defaults on a model without mixture-of-experts layers would do nothing."""
     if config.build_moe_options() != MoEOptions() and not any(adapter.moe_block(layer) is not None for layer in adapter.decoder_layers()):
@@ -590,6 +594,7 @@ class _StructuredRun:
     @classmethod
     def plan(cls, adapter: DecoderAdapter, config: PruningConfig, device: torch.device) -> "_StructuredRun":
         spec = METHODS.get(config.method)
+        adapter.require(*STRUCTURE_RECORDING_HOOKS)  # before the method changes any weight, not when it is recorded
         target = config.part_targets()["language"]
         method = spec.structured(adapter, target, config.ignore, config.build_method_options(), device, config.seed)
         method.check()

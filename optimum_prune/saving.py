@@ -173,7 +173,14 @@ def save_pruned(
     if isinstance(config, Mapping):  # as prune takes it
         config = PruningConfig.from_dict(config)
     if config is None:
-        config = recorded = PruningConfig.from_dict(recorded) if recorded else None
+        config = readable_step(recorded)
+        if recorded and config is None:  # e.g. a method registered by a module this process did not import
+            logger.warning(
+                "save_pruned: the model records a pruning step this process cannot read (method %r); config.json keeps "
+                "it as it is, and no %s is written (import the module that registers the method to write one)",
+                recorded.get("method") if isinstance(recorded, Mapping) else recorded, CONFIG_NAME,
+            )  # fmt: skip
+        recorded = config
     else:  # a record this version cannot read is another step than the one given
         recorded = readable_step(recorded)
     output_dir = Path(output_dir)

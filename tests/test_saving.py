@@ -262,5 +262,17 @@ def test_a_config_given_is_saved_beside_a_record_this_version_cannot_read(tmp_pa
     output = save_pruned(model, tmp_path / "pruned", config=given)
     saved = json.loads((output / "config.json").read_text())
     assert saved["pruning_history"] == [{"method": "a_later_method", "sparsity": 0.5}, given.to_dict()]
-    with pytest.raises(ValueError, match="a_later_method"):
-        save_pruned(model, tmp_path / "other")  # without a config the record itself must be read
+
+
+def test_a_step_of_a_method_not_registered_here_is_kept_as_recorded(tmp_path, caplog):
+    """A checkpoint pruned with a plugin's method, reloaded where the plugin is not imported, still saves."""
+    import logging
+
+    model = tiny_model()
+    prune(model, PruningConfig(method="magnitude"))
+    model.config.pruning_config = {**model.config.pruning_config, "method": "column_norms"}
+    with caplog.at_level(logging.WARNING, logger="optimum_prune"):
+        output = save_pruned(model, tmp_path / "pruned")
+    assert "cannot read (method 'column_norms')" in caplog.text
+    assert json.loads((output / "config.json").read_text())["pruning_config"]["method"] == "column_norms"
+    assert not (output / "pruning_config.json").exists()

@@ -344,8 +344,9 @@ class DecoderAdapter(ABC):
     def require(self, *hooks: str) -> None:
         """Raise ``UnsupportedArchitecture`` unless this family implements the structured ``hooks`` (e.g.
         ``"keep_layers"``): a method asks in ``check``, before a calibration pass it would run in vain."""
-        if any(getattr(type(self), hook) is getattr(DecoderAdapter, hook) for hook in hooks):
-            raise self._no_structure()
+        missing = [hook for hook in hooks if getattr(type(self), hook) is getattr(DecoderAdapter, hook)]
+        if missing:
+            raise UnsupportedArchitecture(f"{self._no_structure()} ({type(self).__name__} lacks {', '.join(missing)})")
 
     # Asking a model for what its architecture lacks is a bad request (ValueError), not a bug.
     def _no_experts(self) -> UnsupportedArchitecture:
@@ -423,7 +424,8 @@ def adapter_factory(model: nn.Module) -> AdapterFactory:
             return ADAPTERS.get(cls.__name__)
     raise UnsupportedArchitecture(
         f"model class {type(model).__name__} is not supported; supported model classes: {', '.join(ADAPTERS.names())} "
-        "(a model inside another wrapper: pass the transformers model it holds)"
+        "(an adapter another module registers must be imported first; a model inside another wrapper: pass the "
+        "transformers model it holds)"
     )
 
 

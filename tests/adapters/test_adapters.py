@@ -43,3 +43,21 @@ def test_unsupported_architecture_lists_supported():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64))
     with pytest.raises(ValueError, match="GPT2LMHeadModel is not supported; supported model classes: .*LlamaForCausalLM"):
         prune(model, PruningConfig(method="magnitude"))
+
+
+def test_an_adapter_without_the_shape_hooks_is_refused_before_a_structured_method_changes_weights(monkeypatch):
+    """low_rank factorised the model, then failed recording its shapes: the refusal now comes first and names them."""
+    from optimum_prune.adapters.base import DecoderStackAdapter
+
+    class Bare(LlamaForCausalLM):
+        pass
+
+    class BareAdapter(DecoderStackAdapter):
+        pass
+
+    monkeypatch.setitem(ADAPTERS._entries, "Bare", BareAdapter)
+    model = Bare(tiny_model().config)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(ValueError, match="BareAdapter lacks layer_shape, stock_shape, reshape_layer, write_uniform_config"):
+        prune(model, PruningConfig(method="low_rank", sparsity=0.2), calibration=token_windows())
+    assert model.state_dict().keys() == before.keys() and all(torch.equal(before[n], t) for n, t in model.state_dict().items())
