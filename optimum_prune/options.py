@@ -8,7 +8,10 @@ stays JSON-serialisable while every key and value is checked against the datacla
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import types as types_module
+import typing
 from typing import Any, Mapping, TypeVar
 
 Options = TypeVar("Options")
@@ -41,8 +44,11 @@ def build_options(options_cls: type[Options], values: Mapping[str, Any], field: 
     if unknown:
         valid = ", ".join(sorted(known)) or "none"
         raise ValueError(f"{field} has unknown option(s) {', '.join(unknown)}; valid options: {valid}")
+    types = option_types(options_cls)
     for name, value in values.items():
-        expected = type(known[name].default)
+        expected, optional = types[name]
+        if value is None and optional:
+            continue
         if expected is float and isinstance(value, int) and not isinstance(value, bool):
             continue
         if not isinstance(value, expected) or isinstance(value, bool) != (expected is bool):
@@ -52,6 +58,27 @@ def build_options(options_cls: type[Options], values: Mapping[str, Any], field: 
     options = options_cls(**values)
     _check_applicable(options, field)
     return options
+
+
+@functools.cache
+def option_types(options_cls: type) -> dict[str, tuple[type, bool]]:
+    """Each option's type and whether it may be None, from the dataclass's annotations. Options stay JSON
+    scalars (``PruningConfig`` stores them in its JSON): bool, int, float or str, or one of them ``| None``,
+    each with a default; ``register_*`` asks this of an options class, so another kind fails there."""
+    hints = typing.get_type_hints(options_cls)
+    types = {}
+    for spec in dataclasses.fields(options_cls):
+        hint = hints[spec.name]
+        members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types_module.UnionType) else (hint,)
+        scalars = [member for member in members if member is not type(None)]
+        if len(scalars) != 1 or scalars[0] not in (bool, int, float, str) or spec.default is dataclasses.MISSING:
+            raise TypeError(
+                f"{options_cls.__name__}.{spec.name}: an option is a bool, int, float or str (or one of them | None) "
+                f"with a default, declared with option(default, help); got {hint} "
+                f"{'without a default' if spec.default is dataclasses.MISSING else f'= {spec.default!r}'}"
+            )
+        types[spec.name] = (scalars[0], len(scalars) < len(members))
+    return types
 
 
 def _check_applicable(options: Any, field: str) -> None:

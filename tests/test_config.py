@@ -220,3 +220,30 @@ def test_registering_again_replaces_only_the_same_class():
 
     with pytest.raises(ValueError, match=r"thing 'one' is already registered \(by tests.test_config.*First\)"):
         registry.add("one", 3, Other)
+
+
+def test_options_are_typed_by_their_annotation_and_other_kinds_are_refused_at_registration():
+    """An option's type came from its default: `int | None = None` refused 64; a tuple default broke the JSON
+    round trip of the config. Options are JSON scalars, optionally None, checked when the class is registered."""
+    import dataclasses
+
+    from optimum_prune.methods import LayerPruner
+    from optimum_prune.methods.base import MethodSpec
+    from optimum_prune.options import build_options, option
+
+    @dataclasses.dataclass(frozen=True)
+    class Blocks:
+        block_size: int | None = option(None, "columns per block (None: the whole row)")
+        scale: float = option(1.0, "a scale")
+
+    assert build_options(Blocks, {"block_size": 64, "scale": 2}, "method_options").block_size == 64
+    assert build_options(Blocks, {"block_size": None}, "method_options").block_size is None
+    with pytest.raises(TypeError, match="method_options.block_size must be int, got '64'"):
+        build_options(Blocks, {"block_size": "64"}, "method_options")
+
+    @dataclasses.dataclass(frozen=True)
+    class Layers:
+        layers: tuple = option((1, 2), "layers to keep")
+
+    with pytest.raises(TypeError, match=r"Layers.layers: an option is a bool, int, float or str \(or one of them \| None\)"):
+        MethodSpec("keep", Layers, "", pruner=LayerPruner)

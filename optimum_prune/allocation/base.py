@@ -17,7 +17,7 @@ from typing import Any, Callable, Generic, TypeVar
 import torch
 from torch import nn
 
-from ..options import NoOptions
+from ..options import NoOptions, option_types
 from ..registry import Registry
 from ..statistics import ColumnNorms
 
@@ -53,6 +53,9 @@ class AllocationSpec:
     name: str
     allocation: type[Allocation]
     options: type
+
+    def __post_init__(self) -> None:
+        option_types(self.options)  # a registration with options PruningConfig cannot store fails here
 
     def create(self, options: Any) -> Allocation:
         return self.allocation(options)

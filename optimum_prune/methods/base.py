@@ -26,7 +26,7 @@ from torch import nn
 
 from ..adapters import DecoderAdapter
 from ..ignoring import kept_moe_layers
-from ..options import MoEOptions, NoOptions
+from ..options import MoEOptions, NoOptions, option_types
 from ..registry import Registry
 from ..sparsity import NMPattern, SparsityTarget
 
@@ -152,6 +152,9 @@ class MethodSpec:
     pruner: type[LayerPruner] | None = None
     structured: type[StructuredMethod] | None = None
     model_pruner: type[ModelPruner] | None = None
+
+    def __post_init__(self) -> None:
+        option_types(self.options)  # a registration with options PruningConfig cannot store fails here
 
     def create(self, linear: nn.Linear, options: Any) -> LayerPruner:
         return self.pruner(linear, options)
