@@ -107,7 +107,8 @@ class StructuredMethod(ABC, Generic[Options]):
 
     @abstractmethod
     def prune(self, windows: torch.Tensor | None, report: Any) -> None:
-        """Score, select and cut; record per-layer scores and removed units in ``report``."""
+        """Score, select and cut; record per-layer scores and removed units in ``report``. Nothing that holds a
+        module ``self.ignore`` names may go (``optimum_prune.ignoring.holds_ignored``)."""
 
 
 class ModelPruner(ABC, Generic[Options]):
