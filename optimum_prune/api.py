@@ -187,8 +187,9 @@ def _plan_runs(
     return _PruningRun.plan_parts(adapter, config, device, offload, activation_device)
 
 
-# What record_structure (and reloading) asks of an adapter after any structured method.
-STRUCTURE_RECORDING_HOOKS = ("layer_shape", "stock_shape", "reshape_layer", "write_uniform_config")
+# What record_structure asks of an adapter after any structured method (reloading a non-uniform result also
+# needs reshape_layer, which a family that only removes whole layers never uses).
+STRUCTURE_RECORDING_HOOKS = ("layer_shape", "stock_shape", "write_uniform_config")
 
 
 def check_moe_options(adapter: DecoderAdapter, config: PruningConfig) -> None:

@@ -70,6 +70,7 @@ def option_types(options_cls: type) -> dict[str, tuple[type, bool]]:
     for spec in dataclasses.fields(options_cls):
         hint = hints[spec.name]
         members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types_module.UnionType) else (hint,)
+        members = tuple(_literal_type(member) for member in members)
         scalars = [member for member in members if member is not type(None)]
         if len(scalars) != 1 or scalars[0] not in (bool, int, float, str) or spec.default is dataclasses.MISSING:
             raise TypeError(
@@ -79,6 +80,14 @@ def option_types(options_cls: type) -> dict[str, tuple[type, bool]]:
             )
         types[spec.name] = (scalars[0], len(scalars) < len(members))
     return types
+
+
+def _literal_type(member: Any) -> Any:
+    """``Literal["a", "b"]`` stands for its values' type (the method checks the values themselves)."""
+    if typing.get_origin(member) is typing.Literal:
+        kinds = {type(value) for value in typing.get_args(member)}
+        return kinds.pop() if len(kinds) == 1 else member
+    return member
 
 
 def _check_applicable(options: Any, field: str) -> None:

@@ -21,9 +21,9 @@ class Registry(Generic[Entry]):
     def add(self, name: str, entry: Entry, origin: Callable[..., object]) -> None:
         """Register ``entry`` under ``name``; ``origin`` is the class (or function) that registers it. The same class
         registering again (its module reloaded, e.g. by a notebook's autoreload) replaces its entry."""
-        qualified = f"{origin.__module__}.{origin.__qualname__}"
-        if name in self._entries and self._origins[name] != qualified:
-            raise ValueError(f"{self.kind} {name!r} is already registered (by {self._origins[name]})")
+        qualified = f"{origin.__module__}.{origin.__qualname__}" if hasattr(origin, "__qualname__") else repr(origin)
+        if name in self._entries and self._origins.get(name) != qualified:
+            raise ValueError(f"{self.kind} {name!r} is already registered (by {self._origins.get(name, 'another entry')})")
         self._entries[name] = entry
         self._origins[name] = qualified
 

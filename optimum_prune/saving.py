@@ -7,6 +7,7 @@ so an interrupted save leaves any previous output untouched and never a half-wri
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -174,10 +175,10 @@ def save_pruned(
         config = PruningConfig.from_dict(config)
     if config is None:
         config = readable_step(recorded)
-        if recorded and config is None:  # e.g. a method registered by a module this process did not import
+        if recorded and config is None:  # a method registered by a module this process did not import, another version
             logger.warning(
-                "save_pruned: the model records a pruning step this process cannot read (method %r); config.json keeps "
-                "it as it is, and no %s is written (import the module that registers the method to write one)",
+                "save_pruned: the model records a pruning step this process cannot read (method %r: not registered here, "
+                "or written by another version); config.json keeps it as it is, and no %s is written",
                 recorded.get("method") if isinstance(recorded, Mapping) else recorded, CONFIG_NAME,
             )  # fmt: skip
         recorded = config
@@ -292,10 +293,12 @@ def _check_shard_size(max_shard_size: int | str) -> None:
     if isinstance(max_shard_size, str):
         try:
             split_torch_state_dict_into_shards({}, max_shard_size=max_shard_size)  # reads the size as save_pretrained will
-            return
-        except ValueError:
-            pass
-    elif isinstance(max_shard_size, (int, float)) and not isinstance(max_shard_size, bool) and max_shard_size > 0:
+            number = float(max_shard_size.strip()[:-2])  # as it does: a number, then a two-letter unit
+        except (ValueError, OverflowError):
+            number = 0.0
+    else:
+        number = max_shard_size if isinstance(max_shard_size, (int, float)) and not isinstance(max_shard_size, bool) else 0.0
+    if 0 < number < math.inf:
         return
     raise ValueError(f"max_shard_size {max_shard_size!r}: give bytes (a number) or a size such as '5GB', '1.5GB' or '500MB'")
 

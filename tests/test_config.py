@@ -1,5 +1,7 @@
+import functools
 import json
 import re
+from typing import Literal
 
 import pytest
 
@@ -220,6 +222,7 @@ def test_registering_again_replaces_only_the_same_class():
 
     with pytest.raises(ValueError, match=r"thing 'one' is already registered \(by tests.test_config.*First\)"):
         registry.add("one", 3, Other)
+    registry.add("two", 4, functools.partial(Other))  # any callable registers, e.g. an adapter factory
 
 
 def test_options_are_typed_by_their_annotation_and_other_kinds_are_refused_at_registration():
@@ -247,3 +250,11 @@ def test_options_are_typed_by_their_annotation_and_other_kinds_are_refused_at_re
 
     with pytest.raises(TypeError, match=r"Layers.layers: an option is a bool, int, float or str \(or one of them \| None\)"):
         MethodSpec("keep", Layers, "", pruner=LayerPruner)
+
+    @dataclasses.dataclass(frozen=True)
+    class Norms:
+        norm: Literal["l1", "l2"] = option("l1", "which norm")
+
+    assert build_options(Norms, {"norm": "l2"}, "method_options").norm == "l2"
+    with pytest.raises(TypeError, match="method_options.norm must be str, got 2"):
+        build_options(Norms, {"norm": 2}, "method_options")

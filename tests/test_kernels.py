@@ -92,7 +92,7 @@ def test_sparsify_swaps_the_24_linears_and_keeps_the_logits(bits):
     [
         ({"group_size": 64}, "group_size sets the scales of the weights sparsify quantizes"),
         ({"bits": 4, "group_size": 0}, "group_size must be a positive integer"),
-        ({"backend": "triton"}, "backend=.triton. runs the Triton kernel, which takes float16 or bfloat16 inputs; model.layers.0.self_attn.q_proj is torch.float32"),
+        ({"backend": "triton"}, "backend=.triton. runs the Triton kernel, which takes float16 or bfloat16 inputs; model.layers.0.self_attn.q_proj gets torch.float32"),
     ],
 )
 def test_sparsify_options_it_would_not_use_or_could_not_run_are_refused(options, message):
@@ -101,6 +101,19 @@ def test_sparsify_options_it_would_not_use_or_could_not_run_are_refused(options,
     prune(model, PruningConfig(method="magnitude", sparsity="2:4"))
     with pytest.raises(ValueError, match=message):
         sparsify(model, **options)
+    assert not any(isinstance(module, SparseLinear) for module in model.modules())
+
+
+def test_triton_on_quantized_linears_of_a_float32_model_is_refused_before_any_swap():
+    """A quantized linear's inputs are the model's activations, float32 here, whatever its codes are."""
+    from transformers import QuantoConfig
+
+    from optimum_prune import compress
+
+    model = tiny_model()
+    compress(model, [PruningConfig(method="magnitude", sparsity="2:4"), QuantoConfig(weights="int8")])
+    with pytest.raises(ValueError, match="q_proj gets torch.float32"):
+        sparsify(model, backend="triton")
     assert not any(isinstance(module, SparseLinear) for module in model.modules())
 
 

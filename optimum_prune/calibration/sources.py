@@ -91,14 +91,17 @@ def _check_not_dataset_dict(source: CalibrationSource) -> None:
 
 def _tokenized_rows(dataset: Any, num_samples: int, seq_len: int, seed: int) -> list[dict[str, torch.Tensor]]:
     """A tokenised ``datasets.Dataset`` (an ``input_ids`` column, no ``text``) as processed samples: ``num_samples``
-    rows drawn with ``seed`` (all of a smaller one), each cut to its first ``seq_len`` tokens, with its
+    rows drawn with ``seed`` (all of a smaller one; an ``IterableDataset``'s first), each cut to its first ``seq_len`` tokens, with its
     ``attention_mask`` where the column exists (other columns, e.g. ``labels``, are not model inputs here)."""
     columns = [name for name in ("input_ids", "attention_mask") if name in dataset.column_names]
-    chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:num_samples].sort().values
     plain = dataset.select_columns(columns).with_format(None)  # lists, whatever format it was set to (torch, numpy)
+    if hasattr(dataset, "__len__"):
+        chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:num_samples].sort().values.tolist()
+        drawn = ((index, plain[index]) for index in chosen)
+    else:  # an IterableDataset (streamed): its first rows
+        drawn = zip(range(num_samples), plain)
     rows = []
-    for index in chosen.tolist():
-        row = plain[index]
+    for index, row in drawn:
         ids = row["input_ids"]
         if not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids):
             raise ValueError(f"calibration dataset row {index}: input_ids must be a non-empty list of token ids, got {ids!r:.60}")

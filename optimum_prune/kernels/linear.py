@@ -239,10 +239,12 @@ def sparsify(
             if linear.in_features % 8 or not conforms_to(weight, pattern):
                 report.left_dense.append(qualified)
                 continue
-            if backend == "triton" and not quantized and weight.dtype not in KERNEL_DTYPES:  # its inputs have this dtype
+            # its inputs have its weight's dtype, a quantized linear's the embeddings'
+            inputs = adapter.model.get_input_embeddings().weight.dtype if quantized else weight.dtype
+            if backend == "triton" and inputs not in KERNEL_DTYPES:
                 raise ValueError(
-                    f"backend='triton' runs the Triton kernel, which takes float16 or bfloat16 inputs; {qualified} is "
-                    f"{weight.dtype}: cast the model first (model.to(torch.bfloat16)), or use backend='auto' (the kernel where it applies)"
+                    f"backend='triton' runs the Triton kernel, which takes float16 or bfloat16 inputs; {qualified} gets "
+                    f"{inputs}: cast the model first (model.to(torch.bfloat16)), or use backend='auto' (the kernel where it applies)"
                 )
             if quantized:
                 sparse = SparseLinear.from_quantized(linear, qualified, backend, weight, prefill, decode)

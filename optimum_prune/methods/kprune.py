@@ -187,7 +187,7 @@ class KPrune(StructuredMethod[KPruneOptions]):
         def run(scale: float) -> bool | None:
             for total in (*squared, *energy):
                 total.zero_()
-            samples = torch.Generator().manual_seed(self.seed + first)  # the same draws for every run
+            samples = torch.Generator().manual_seed((self.seed + first) % 2**64)  # the same draws for every run
             with grad_only(adapter.model, []), torch.enable_grad():
                 for window, (hidden, kwargs) in enumerate(zip(inputs.hidden_states, inputs.layer_kwargs)):
                     for layer in layers[first:]:

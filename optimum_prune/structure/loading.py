@@ -106,7 +106,8 @@ class _SkipStandIns:
 
 
 class _SavingWithStandIns:
-    """The model's ``save_pretrained`` with ``_AddStandIns`` on its state dict while it runs.
+    """The model's ``save_pretrained`` writing the stand-ins: into its own state dict, or into the one it is
+    given (the Trainer's under DeepSpeed or FSDP, gathered by accelerate).
 
     Only while saving: torch's distributed checkpointing (FSDP2, accelerate's ``get_state_dict``) maps every
     ``state_dict()`` key back to a module attribute, which a stand-in has none of."""
@@ -115,7 +116,12 @@ class _SavingWithStandIns:
         self.model, self.names = model, names
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        handle = self.model.register_state_dict_post_hook(_AddStandIns(self.names))
+        adding = _AddStandIns(self.names)
+        if kwargs.get("state_dict") is not None:
+            kwargs["state_dict"] = dict(kwargs["state_dict"])
+            adding(self.model, kwargs["state_dict"], "", None)
+            return type(self.model).save_pretrained(self.model, *args, **kwargs)
+        handle = self.model.register_state_dict_post_hook(adding)
         try:
             return type(self.model).save_pretrained(self.model, *args, **kwargs)
         finally:
@@ -132,7 +138,7 @@ def keep_stand_ins(model: PreTrainedModel) -> None:
     otherwise fill those parameters with random weights and only warn; ``StructureLoader`` skips them.
     Called whenever the structure is recorded or loaded: it replaces what an earlier recording set, and
     removes it once the model is uniform again. An offloaded model's save gets none (``offloaded``), nor does
-    a state dict gathered otherwise (``model.state_dict()``, torch's distributed checkpointing)."""
+    a state dict written without ``save_pretrained`` (``model.state_dict()``, accelerate's ``save_model``)."""
     hooks = model._load_state_dict_pre_hooks  # torch has no public way to list them
     for key in [key for key, hook in hooks.items() if isinstance(getattr(hook, "hook", hook), _SkipStandIns)]:
         del hooks[key]

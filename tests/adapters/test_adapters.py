@@ -3,6 +3,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 from optimum_prune import ADAPTERS, PruningConfig, get_adapter, prune, verify_sparsity
+from optimum_prune.adapters.base import DecoderAdapter
 from optimum_prune.adapters.llama import LlamaAdapter
 
 from ..conftest import FAMILIES, tiny_model, token_windows
@@ -58,6 +59,20 @@ def test_an_adapter_without_the_shape_hooks_is_refused_before_a_structured_metho
     monkeypatch.setitem(ADAPTERS._entries, "Bare", BareAdapter)
     model = Bare(tiny_model().config)
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    with pytest.raises(ValueError, match="BareAdapter lacks layer_shape, stock_shape, reshape_layer, write_uniform_config"):
+    with pytest.raises(ValueError, match="BareAdapter lacks layer_shape, stock_shape, write_uniform_config"):
         prune(model, PruningConfig(method="low_rank", sparsity=0.2), calibration=token_windows())
     assert model.state_dict().keys() == before.keys() and all(torch.equal(before[n], t) for n, t in model.state_dict().items())
+
+
+def test_an_adapter_that_removes_whole_layers_needs_no_reshape_hook(monkeypatch):
+    """Removing layers records a uniform result, which reloads without reshape_layer."""
+    class Shallow(LlamaForCausalLM):
+        pass
+
+    class ShallowAdapter(LlamaAdapter):
+        reshape_layer = DecoderAdapter.reshape_layer
+
+    monkeypatch.setitem(ADAPTERS._entries, "Shallow", ShallowAdapter)
+    model = Shallow(tiny_model().config)
+    prune(model, PruningConfig(method="layers", method_options={"num_layers": 1}), calibration=token_windows())
+    assert model.config.num_hidden_layers == len(model.model.layers) == tiny_model().config.num_hidden_layers - 1

@@ -112,6 +112,8 @@ def test_a_tokenised_dataset_calibrates_as_rows_drawn_from_it():
     for kind in ("torch", "numpy"):
         again = calibration_inputs(Dataset.from_dict(rows).with_format(kind), None, None, 4, 16, seed=3)
         assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(again, drawn))
+    streamed = calibration_inputs(Dataset.from_dict(rows).to_iterable_dataset(), None, None, 4, 16, seed=3)
+    assert rows_of(streamed) == [0, 1, 2, 3]  # a streamed dataset has no length to draw from: its first rows
     pruned = []
     for calibration in (Dataset.from_dict(rows), [{"input_ids": sample["input_ids"]} for sample in drawn]):
         model = tiny_model()
@@ -128,9 +130,9 @@ def test_a_tokenised_dataset_calibrates_as_rows_drawn_from_it():
 
 def test_a_four_dimensional_mask_of_packed_samples_runs_as_given():
     ids = token_windows(samples=2, seq_len=16)
-    causal = torch.ones(16, 16).tril()
-    mask = torch.zeros(2, 1, 16, 16)
-    mask[:, 0, :8, :8], mask[:, 0, 8:, 8:] = causal[:8, :8], causal[:8, :8]  # two packed samples per row
+    causal = torch.ones(8, 8, dtype=torch.bool).tril()
+    mask = torch.zeros(2, 1, 16, 16, dtype=torch.bool)  # True: attend (a float 4-D mask is an additive bias)
+    mask[:, 0, :8, :8], mask[:, 0, 8:, 8:] = causal, causal  # two packed samples per row
     report = prune(tiny_model(), PruningConfig(method="wanda"), calibration=[{"input_ids": ids, "attention_mask": mask}])
     assert report.calibration_tokens == 32
 

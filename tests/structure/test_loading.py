@@ -97,6 +97,19 @@ def test_every_save_of_a_non_uniform_model_writes_the_stand_ins(tmp_path):
         assert_reloads_exactly(model, tmp_path / directory)
 
 
+def test_a_save_given_a_gathered_state_dict_writes_the_stand_ins_too(tmp_path):
+    """The Trainer under DeepSpeed or FSDP passes save_pretrained the state dict accelerate gathered."""
+    from accelerate import Accelerator
+    from safetensors.torch import load_file
+
+    model = tiny_model(num_hidden_layers=4)
+    prune(model, PruningConfig(method="sublayers", sparsity=0.2, method_options={"sublayers": "attention"}), calibration=token_windows())
+    model.save_pretrained(tmp_path / "plain")
+    model.save_pretrained(tmp_path / "gathered", state_dict=Accelerator().get_state_dict(model))
+    assert load_file(tmp_path / "gathered" / "model.safetensors").keys() == load_file(tmp_path / "plain" / "model.safetensors").keys()
+    assert_reloads_exactly(model, tmp_path / "gathered")
+
+
 def test_stand_ins_load_back_copy_and_follow_a_lora_wrapped_model(tmp_path):
     """Only saves write them: the state dict itself stays the model's (torch's distributed checkpointing, as FSDP2
     saves, maps every key to a module attribute). The saved tensors load back strictly; a pickled or copied model
