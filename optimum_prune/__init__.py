@@ -22,6 +22,7 @@ from .integrations.optimum import OptimumPruner, export_onnx
 from .methods import METHODS, register_method
 from .models import load_default_model, load_model
 from .perp import PERPConfig, merge_perp, prepare_perp
+from .plugins import load_plugins
 from .report import PruningReport
 from .saving import save_pruned
 from .skipping import ExpertSkipping, skip_experts, skipping_thresholds
@@ -83,3 +84,5 @@ __all__ = [
     "sparsity_config",
     "verify_sparsity",
 ]
+
+load_plugins()  # last: a plugin imports this package's registries

@@ -1,0 +1,48 @@
+"""Installed packages register methods through the ``optimum_prune.plugins`` entry-point group."""
+
+import os
+import subprocess
+import sys
+
+
+def _install(site, module: str, source: str) -> None:
+    """A distribution on ``site`` declaring ``module`` as an optimum-prune plugin, as pip would lay it out."""
+    (site / f"{module}.py").write_text(source)
+    info = site / f"{module}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[optimum_prune.plugins]\n{module} = {module}\n")
+
+
+COLUMN_NORMS = '''
+from optimum_prune import register_method
+from optimum_prune.methods import LayerPruner
+
+
+@register_method("column_norms")
+class ColumnNorms(LayerPruner):
+    """Prune the weights of the smallest input columns (a plugin's method)."""
+
+    @classmethod
+    def needs_calibration(cls, options):
+        return False
+
+    def prune(self, target):
+        pass
+'''
+
+
+def test_an_installed_plugin_reaches_the_api_and_the_console_script_and_a_broken_one_is_skipped(tmp_path):
+    _install(tmp_path, "column_norms_plugin", COLUMN_NORMS)
+    _install(tmp_path, "broken_plugin", "raise RuntimeError('no GPU here')\n")
+    environment = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    imported = subprocess.run(
+        [sys.executable, "-c", "import optimum_prune; print('column_norms' in optimum_prune.METHODS.names())"],
+        capture_output=True, text=True, env=environment,
+    )  # fmt: skip
+    assert imported.stdout.strip() == "True", imported.stderr
+    assert "plugin 'broken_plugin' (broken_plugin) could not be imported and is skipped: RuntimeError: no GPU here" in imported.stderr
+    shown = subprocess.run(
+        [sys.executable, "-m", "optimum_prune.cli", "--help"], capture_output=True, text=True, env=environment
+    )
+    assert "column_norms" in shown.stdout and "a plugin's method" in shown.stdout
