@@ -29,7 +29,7 @@ from .calibration import (
     walk_layers,
 )
 from .calibration.engine import moving_to, on_device, on_disk
-from .config import PruningConfig, readable_step, record_pruning, recorded_steps
+from .config import PruningConfig, as_pruning_config, readable_step, record_pruning, recorded_steps
 from .distributed import all_reduce_sum, is_distributed, launched_processes, shard
 from .ignoring import check_ignore_patterns, is_ignored
 from .methods import METHODS, LayerPruner, MethodSpec, ModelPruner, StructuredMethod
@@ -90,10 +90,7 @@ def prune(
             "output_dir is where pruning a checkpoint directory from disk writes its layers; a model in memory is pruned "
             "in place: save it with save_pruned(model, output_dir)"
         )
-    if isinstance(config, Mapping):
-        config = PruningConfig.from_dict(config)
-    elif not isinstance(config, PruningConfig):
-        raise TypeError(f"config must be a PruningConfig or a dict, got {type(config).__name__}")
+    config = as_pruning_config(config)
     spec = METHODS.get(config.method)
     adapter = get_adapter(model)
     if offload is None:  # a LayerStream holds the layers it has not read yet on the meta device itself
@@ -163,13 +160,18 @@ def _calibration(
     """The calibration windows or batches the config's method and allocation read (None: they read none), checked
     against the model and the parts they must reach."""
     if not config.requires_calibration:
-        if calibration is not None:
-            logger.warning("method %r reads no calibration data: the calibration given is not used", config.method)
+        warn_unused_calibration(config, calibration)
         return None
     inputs = calibration_inputs(calibration, tokenizer, processor, config.num_calibration_samples, config.calibration_seq_len, config.seed)
     check_calibration_inputs(adapter.model, inputs)
     _check_calibration_reaches_parts(inputs, config, runs)
     return inputs
+
+
+def warn_unused_calibration(config: PruningConfig, calibration: Any) -> None:
+    """Calibration given to a method (and allocation) that reads none is not used: say so."""
+    if calibration is not None and not config.requires_calibration:
+        logger.warning("method %r reads no calibration data: the calibration given is not used", config.method)
 
 
 def _plan_runs(

@@ -267,6 +267,15 @@ def recorded_steps(model_config: Any) -> list[dict[str, Any]]:
     return steps
 
 
+def as_pruning_config(config: PruningConfig | Mapping[str, Any], field: str = "config") -> PruningConfig:
+    """``config`` as the entry points take it: a ``PruningConfig``, or a dict of its fields."""
+    if isinstance(config, Mapping):
+        return PruningConfig.from_dict(config)
+    if not isinstance(config, PruningConfig):
+        raise TypeError(f"{field} must be a PruningConfig or a dict, got {type(config).__name__}")
+    return config
+
+
 def readable_step(recorded: Mapping[str, Any] | None) -> PruningConfig | None:
     """A recorded step as a config, or None when there is none or another version wrote one this version cannot read."""
     try:

@@ -35,7 +35,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .calibration import CalibrationInputs, CalibrationSource, calibration_inputs, check_calibration_inputs
-from .config import CONFIG_NAME, PruningConfig
+from .config import CONFIG_NAME, PruningConfig, as_pruning_config
 from .models import unreadable_checkpoint
 from .report import PruningReport
 from .saving import check_replaceable, replace_directory, write_text_atomic
@@ -233,13 +233,13 @@ def prune_checkpoint(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .adapters import get_adapter
-    from .api import check_activation_device, check_device, check_moe_options, check_offloadable, planned_linears, prune
+    from .api import (
+        check_activation_device, check_device, check_moe_options, check_offloadable, planned_linears, prune, warn_unused_calibration,
+    )  # fmt: skip
     from .ignoring import check_ignore_patterns
 
     source, output_dir = Path(source), Path(output_dir)
-    if not isinstance(config, (PruningConfig, Mapping)):
-        raise TypeError(f"config must be a PruningConfig or a dict, got {type(config).__name__}")
-    config = PruningConfig.from_dict(dict(config)) if isinstance(config, Mapping) else config
+    config = as_pruning_config(config)
     dtype = _requested_dtype(dtype)
     if source.suffix == ".gguf":
         raise ValueError(
@@ -281,8 +281,7 @@ def prune_checkpoint(
     rest = [name for name in reader.weight_map if name not in layer_tensors]
     _load_inputs(model, adapter.capture_modules(), reader, rest, dtype)
     inputs = None
-    if not config.requires_calibration and calibration is not None:
-        logger.warning("method %r reads no calibration data: the calibration given is not used", config.method)
+    warn_unused_calibration(config, calibration)
     if config.requires_calibration:
         inputs = calibration_inputs(
             calibration, tokenizer, None, config.num_calibration_samples, config.calibration_seq_len, config.seed

@@ -19,7 +19,7 @@ import torch
 from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
 from optimum.configuration_utils import BaseConfig
 
-from ..config import CONFIG_NAME, PROVENANCE_KEYS, PruningConfig
+from ..config import CONFIG_NAME, PROVENANCE_KEYS, PruningConfig, as_pruning_config
 
 if TYPE_CHECKING:
     from ..calibration import CalibrationSource
@@ -81,8 +81,7 @@ class OptimumPruner:
         from ..api import prune
         from ..saving import check_replaceable, save_pruned
 
-        if isinstance(pruning_config, Mapping):  # as prune takes it; save_pruned records a PruningConfig
-            pruning_config = PruningConfig.from_dict(pruning_config)
+        pruning_config = as_pruning_config(pruning_config, "pruning_config")  # save_pruned records a PruningConfig
         # before the model changes in place: a save_dir that cannot be replaced would leave it pruned and unsaved
         check_replaceable(Path(save_dir), getattr(self.model, "name_or_path", None) or None, "save_dir")
         report = prune(self.model, pruning_config, calibration=calibration_dataset, tokenizer=self.tokenizer, device=device)

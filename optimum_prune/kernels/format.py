@@ -27,6 +27,8 @@ import torch
 GROUP = 4
 KEPT = 2
 
+DEFAULT_GROUP_SIZE = 128  # input columns per scale of quantized values
+
 
 @dataclass
 class Compressed24:
@@ -62,7 +64,7 @@ def check_24(weight: torch.Tensor, name: str) -> None:
         )
 
 
-def compress(weight: torch.Tensor, name: str = "weight", bits: int | None = None, group_size: int = 128) -> Compressed24:
+def compress(weight: torch.Tensor, name: str = "weight", bits: int | None = None, group_size: int = DEFAULT_GROUP_SIZE) -> Compressed24:
     """The 2:4 format of ``weight`` (``[out, in]``), quantized to ``bits`` (8 or 4) when given."""
     values, metadata = _kept_values(weight, name)
     if bits is None:

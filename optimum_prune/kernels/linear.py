@@ -30,7 +30,7 @@ from ..adapters import get_adapter
 from ..quantized import dequantized_weight, integer_grid, is_quantized
 from ..sparsity import NMPattern, conforms_to
 from ..structure.surgery import replace_submodule
-from .format import Compressed24, compress, decompress, repack
+from .format import DEFAULT_GROUP_SIZE, Compressed24, compress, decompress, repack
 from .mma_24 import mma_available, mma_fits, sparse24_mma
 from .prefill import PREFILL_PATHS, CusparseltWeight, cusparselt_available, cusparselt_fits, fastest, row_bucket
 
@@ -74,7 +74,7 @@ class SparseLinear(nn.Module):
         linear: nn.Linear,
         name: str = "linear",
         bits: int | None = None,
-        group_size: int = 128,
+        group_size: int = DEFAULT_GROUP_SIZE,
         backend: str = "auto",
         prefill: str = "expand",
         decode: str = "triton",
@@ -205,7 +205,7 @@ def sparsify(
     """Swap every decoder-layer linear of ``model`` (of every part: a LLaVA's vision tower and projector too)
     whose weight is exactly 2:4 for a ``SparseLinear``
     and leave the rest. Unquantized weights are quantized to ``bits`` 8 or 4 with one scale per ``group_size``
-    input columns (default 128) when given (16-bit values otherwise); quantized ones (GPTQ, optimum-quanto int8 / int4)
+    input columns (default ``DEFAULT_GROUP_SIZE``, 128) when given (16-bit values otherwise); quantized ones (GPTQ, optimum-quanto int8 / int4)
     keep their own codes and scales whatever ``bits`` says. ``backend`` as in ``SparseLinear``;
     ``prefill="cusparselt"`` lets many-token calls take cuSPARSELt where it measures faster, at the
     cost of its packed copy of each weight (built on the GPU on first use; ``prefill.py``);
@@ -227,6 +227,8 @@ def sparsify(
             "without them the Triton / reference paths run"
         )
     adapter = get_adapter(model)
+    # what a quantized linear's inputs are (an unquantized one's have its weight's dtype), for the Triton check
+    activations = adapter.model.get_input_embeddings().weight.dtype if backend == "triton" else None
     report = SparsifyReport()
     pattern = NMPattern(2, 4)
     swaps: list[tuple[str, SparseLinear]] = []  # all built first: a layer refused (e.g. group_size) leaves the model whole
@@ -239,8 +241,7 @@ def sparsify(
             if linear.in_features % 8 or not conforms_to(weight, pattern):
                 report.left_dense.append(qualified)
                 continue
-            # its inputs have its weight's dtype, a quantized linear's the embeddings'
-            inputs = adapter.model.get_input_embeddings().weight.dtype if quantized else weight.dtype
+            inputs = activations if quantized else weight.dtype
             if backend == "triton" and inputs not in KERNEL_DTYPES:
                 raise ValueError(
                     f"backend='triton' runs the Triton kernel, which takes float16 or bfloat16 inputs; {qualified} gets "
@@ -250,7 +251,7 @@ def sparsify(
                 sparse = SparseLinear.from_quantized(linear, qualified, backend, weight, prefill, decode)
                 report.repacked.append(qualified)
             else:
-                sparse = SparseLinear.from_linear(linear, qualified, bits, group_size or 128, backend, prefill, decode)
+                sparse = SparseLinear.from_linear(linear, qualified, bits, group_size or DEFAULT_GROUP_SIZE, backend, prefill, decode)
             if prefill == "cusparselt" and not cusparselt_fits(sparse.out_features, sparse.in_features):
                 report.without_cusparselt.append(qualified)
             report.bytes_before += _weight_bytes(linear)
