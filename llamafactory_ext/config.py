@@ -27,12 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import torch
 import yaml
 from omegaconf import OmegaConf
 
 from optimum_prune import PruningConfig
-from optimum_prune.calibration.engine import on_disk
+from optimum_prune.api import check_activation_device
 
 from .compat import import_llamafactory
 
@@ -72,11 +71,7 @@ class PruningSection:
         if offload is not None and offload not in OFFLOADS:
             raise ValueError(f"{SECTION}.offload must be one of {', '.join(OFFLOADS)} (or absent), got {offload!r}")
         activation_device = section.get("activation_device")
-        if activation_device is not None and not on_disk(activation_device):
-            try:
-                torch.device(activation_device)
-            except (RuntimeError, TypeError):
-                raise ValueError(f"{SECTION}.activation_device must be a device name such as cpu, or disk, got {activation_device!r}") from None
+        check_activation_device(activation_device, config, f"{SECTION}.activation_device")
         named = section.get("calibration_dataset")
         if named is not None and not config.requires_calibration:
             raise ValueError(f"{SECTION}.calibration_dataset: method {config.method!r} needs no calibration data; remove the key")

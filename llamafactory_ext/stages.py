@@ -36,7 +36,7 @@ from optimum_prune.streaming import checkpoint_fingerprint
 from optimum_prune.structure.loading import records_layer_shapes
 
 from .compat import import_llamafactory
-from .config import PruningSection, model_loading_kwargs
+from .config import SECTION, PruningSection, model_loading_kwargs
 from .distill import distilling_trainers
 from .sections import TRAINING_STAGES
 from .training import TrainingSections
@@ -189,6 +189,23 @@ def prune_and_save(
     args: Mapping[str, Any], section: PruningSection, target: Path, calibration: Calibration, source: Mapping[str, Any] | None = None
 ) -> Path:
     """Prune on ``calibration`` and save atomically (noting ``source``, ``calibration.source``, when given)."""
+    with _errors_naming_the_section():
+        return _prune_and_save(args, section, target, calibration, source)
+
+
+@contextmanager
+def _errors_naming_the_section() -> Iterator[None]:
+    """The checks that need the model (ignore patterns, widths, layer counts) name ``PruningConfig.<field>``; this
+    YAML's user wrote ``pruning.<field>``."""
+    try:
+        yield
+    except ValueError as error:
+        raise ValueError(str(error).replace(f"{PruningConfig.__name__}.", f"{SECTION}.")) from error
+
+
+def _prune_and_save(
+    args: Mapping[str, Any], section: PruningSection, target: Path, calibration: Calibration, source: Mapping[str, Any] | None
+) -> Path:
     config = section.config
     device = "cuda" if torch.cuda.is_available() else None
     if section.offload == "disk":

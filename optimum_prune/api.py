@@ -100,11 +100,6 @@ def prune(
     check_ignore_patterns(adapter, config.ignore, "PruningConfig.ignore")
     if offload is not None:
         check_offloadable(config, adapter)
-    if not spec.pruner and activation_device is not None:
-        raise ValueError(
-            f"activation_device applies to the per-layer methods ({_per_layer_methods()}); {config.method!r} keeps its "
-            "activations on the compute device (leave activation_device unset)"
-        )
     if is_distributed() and not spec.pruner:
         raise ValueError(
             f"multi-process calibration supports the per-layer methods ({_per_layer_methods()}); run "
@@ -115,7 +110,7 @@ def prune(
             f"method {config.method!r} gathers calibration statistics but does not sum them across processes "
             f"({spec.pruner.__name__}.synchronize); run it in a single process, or implement synchronize"
         )
-    runs = _plan_runs(adapter, config, device, offload, check_activation_device(activation_device))
+    runs = _plan_runs(adapter, config, device, offload, check_activation_device(activation_device, config))
     inputs = _calibration(adapter, config, runs, calibration, tokenizer, processor)
     report = PruningReport(
         method=config.method,
@@ -710,9 +705,19 @@ def check_device(device: str | torch.device, field: str = "device") -> torch.dev
     return resolved
 
 
-def check_activation_device(activation_device: str | torch.device | None, field: str = "activation_device") -> str | torch.device | None:
-    """Where calibration activations wait between layers: unset, ``"disk"``, or a device this machine has."""
-    if activation_device is None or on_disk(activation_device):
+def check_activation_device(
+    activation_device: str | torch.device | None, config: PruningConfig, field: str = "activation_device"
+) -> str | torch.device | None:
+    """Where calibration activations wait between layers: unset, ``"disk"``, or a device this machine has, for a
+    method that keeps activations between layers (the per-layer ones); checked before any model loads."""
+    if activation_device is None:
+        return None
+    if not METHODS.get(config.method).pruner:
+        raise ValueError(
+            f"{field} applies to the per-layer methods ({_per_layer_methods()}); {config.method!r} keeps its "
+            f"activations on the compute device (leave {field} unset)"
+        )
+    if on_disk(activation_device):
         return activation_device
     return check_device(activation_device, field)
 

@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
         check_whole_windows(args.eval_tokens, args.eval_seq_len, "--eval-tokens", "--eval-seq-len")
     if args.device is not None:
         check_device(args.device, "--device")
-    check_activation_device(args.activation_device, "--activation-device")
+    check_activation_device(args.activation_device, config, "--activation-device")
     if args.compressed_tensors_metadata:
         if METHODS.get(config.method).structured:
             raise ValueError(f"--compressed-tensors-metadata describes sparse weights; structured method {config.method!r} leaves dense ones")

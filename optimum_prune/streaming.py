@@ -273,7 +273,7 @@ def prune_checkpoint(
     check_moe_options(adapter, config)
     check_ignore_patterns(adapter, config.ignore, "PruningConfig.ignore")
     check_device(device or "cpu")
-    check_activation_device(activation_device)
+    check_activation_device(activation_device, config)
     planned_linears(adapter, config)  # the method's and allocation's own checks (N:M widths, ...)
     layer_names = adapter.layer_names()
     reader.check_layers(dict(zip(layer_names, adapter.decoder_layers())))

@@ -66,6 +66,7 @@ def test_cli_structured_depth_pruning_saves_a_score_plot(model_dir, tmp_path, ca
         (["--option", "block_size"], "--option expects NAME=VALUE"),
         (["--device", "gpu"], "--device 'gpu' is not a device name"),
         (["--activation-device", "gpu"], "--activation-device 'gpu' is not a device name"),
+        (["--method", "layers", "--activation-device", "cpu"], "--activation-device applies to the per-layer methods"),
         (["--eval-file", "nowhere"], "--eval-file is the text --eval scores: add --eval"),
         (["--eval", "--eval-file", "nowhere"], "is not a file"),
         (["--eval", "--eval-tokens", "1000", "--eval-seq-len", "64"], "--eval-tokens (1000) is not a multiple of --eval-seq-len (64): the last 40 tokens would not count"),

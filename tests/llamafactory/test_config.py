@@ -248,12 +248,19 @@ def test_pruning_offload_must_be_disk(workspace, tmp_path):
 
 
 def test_pruning_activation_device_is_a_device_name(workspace, tmp_path):
-    with pytest.raises(ValueError, match="pruning.activation_device must be a device name"):
+    with pytest.raises(ValueError, match="pruning.activation_device 'gpu0' is not a device name"):
         split_pruning({**base_args(workspace, tmp_path), "pruning": {"method": "magnitude", "activation_device": "gpu0"}})
     _, section = split_pruning({**base_args(workspace, tmp_path), "pruning": {"method": "magnitude", "activation_device": "cpu"}})
     assert section.activation_device == "cpu"
     _, section = split_pruning({**base_args(workspace, tmp_path), "pruning": {"method": "magnitude", "activation_device": "disk"}})
     assert section.activation_device == "disk"
+
+
+def test_pruning_activation_device_is_refused_for_methods_that_keep_none(workspace, tmp_path):
+    """Refused when the YAML is read, before the model loads (it used to fail inside prune, after loading)."""
+    pruning = {"method": "layers", "sparsity": 0.2, "activation_device": "cpu"}
+    with pytest.raises(ValueError, match="pruning.activation_device applies to the per-layer methods.*leave pruning.activation_device unset"):
+        split_pruning({**base_args(workspace, tmp_path), "pruning": pruning})
 
 
 def test_precompute_top_k_needs_top_k_and_no_hidden_loss(workspace, tmp_path):

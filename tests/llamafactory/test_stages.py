@@ -102,6 +102,16 @@ def test_stage_prune_saves_an_nm_sparse_checkpoint(workspace, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".pruned")]  # no staging left behind
 
 
+def test_checks_that_need_the_model_name_the_yaml_key(workspace, tmp_path, capsys):
+    pruning = {"method": "magnitude", "sparsity": 0.5, "ignore": ["*.o_projj"]}
+    path = write_yaml(tmp_path / "prune.yaml", {**base_args(workspace, tmp_path / "pruned", stage="prune"), "pruning": pruning})
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", str(path)])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "pruning.ignore pattern(s) '*.o_projj' match no module" in err
+    assert "PruningConfig" not in err and not (tmp_path / "pruned").exists()
+
+
 def test_lora_recovery_merges_with_exact_sparsity(recovered):
     pruned = zeros(recovered / "pruned")
     assert verify_sparsity(AutoModelForCausalLM.from_pretrained(recovered / "pruned"))["overall_sparsity"] == pytest.approx(0.5, abs=1e-3)
