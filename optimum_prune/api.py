@@ -33,6 +33,7 @@ from .config import PruningConfig, as_pruning_config, readable_step, record_prun
 from .distributed import all_reduce_sum, is_distributed, launched_processes, shard
 from .ignoring import check_ignore_patterns, is_ignored
 from .methods import METHODS, LayerPruner, MethodSpec, ModelPruner, StructuredMethod
+from .methods.base import linear_seed
 from .methods.magnitude import MagnitudeOptions
 from .options import MoEOptions
 from .quantized import is_quantized, is_sparse_24
@@ -433,9 +434,12 @@ class _PruningRun:
         for index in tqdm(range(len(self.targets)), desc=self._description("Pruning")):
             with residency(index, layers[index]):
                 if not self._resumed(index, layer_targets[index], report):
-                    pruners = {name: self.method.create(linear, self.method_options) for name, linear in self.targets[index].items()}
+                    pruners = self._pruners(self.targets[index])
                     with self._noting(index, report):
                         _finish(pruners, self.part, index, dict.fromkeys(pruners, layer_targets[index]), report)
+
+    def _pruners(self, linears: dict[str, nn.Linear]) -> dict[str, LayerPruner]:
+        return {name: self.method.create(linear, self.method_options, linear_seed(self.config.seed, name)) for name, linear in linears.items()}
 
     @contextmanager
     def _noting(self, index: int, report: PruningReport) -> Iterator[None]:
@@ -519,7 +523,7 @@ class _PruningRun:
             if self._resumed(index, layer_targets[index], report):
                 return
             linears = self.targets[index]
-            pruners = {name: self.method.create(linear, self.method_options) for name, linear in linears.items()}
+            pruners = self._pruners(linears)
             tokens = self._run_feeding(layer, inputs, linears, lambda name, x: pruners[name].add_batch(x))
             if is_distributed():
                 tokens = _summed_counts(tokens)

@@ -46,3 +46,39 @@ def test_an_installed_plugin_reaches_the_api_and_the_console_script_and_a_broken
         [sys.executable, "-m", "optimum_prune.cli", "--help"], capture_output=True, text=True, env=environment
     )
     assert "column_norms" in shown.stdout and "a plugin's method" in shown.stdout
+
+
+def test_a_method_drawing_at_random_draws_from_the_configs_seed(monkeypatch):
+    """PruningConfig.seed reached structured methods only: a LayerPruner had no seed to draw from."""
+    import torch
+
+    from optimum_prune import METHODS, PruningConfig, prune, register_method
+    from optimum_prune.masks import prunable_linears
+    from optimum_prune.methods import LayerPruner
+
+    from .conftest import tiny_model
+
+    monkeypatch.setattr(METHODS, "_entries", dict(METHODS._entries))  # registered for this test only
+    monkeypatch.setattr(METHODS, "_origins", dict(METHODS._origins))
+
+    @register_method("random_control")
+    class RandomControl(LayerPruner):
+        """Prune weights drawn at random (a control)."""
+
+        @classmethod
+        def needs_calibration(cls, options):
+            return False
+
+        def prune(self, target):
+            draws = torch.rand(self.linear.weight.shape, generator=torch.Generator().manual_seed(self.seed))
+            self.apply_mask(draws < target)
+
+    def zeros(seed: int) -> dict[str, torch.Tensor]:
+        model = tiny_model()
+        prune(model, PruningConfig(method="random_control", sparsity=0.5, seed=seed))
+        return {name: linear.weight == 0 for name, linear in prunable_linears(model).items()}
+
+    first, again, other = zeros(0), zeros(0), zeros(1)
+    assert all(torch.equal(first[name], again[name]) for name in first)
+    assert not any(torch.equal(first[name], other[name]) for name in first)
+    assert not torch.equal(first["model.layers.0.self_attn.q_proj"], first["model.layers.1.self_attn.q_proj"])

@@ -17,6 +17,7 @@ global threshold on K-FAC costs): a ``ModelPruner`` gets every target linear at 
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, Callable, Generic, TypeVar
@@ -34,6 +35,10 @@ Options = TypeVar("Options")
 
 
 class LayerPruner(ABC, Generic[Options]):
+    # PruningConfig.seed mixed with this linear's module name (``linear_seed``), set before ``add_batch``: a method
+    # that draws at random seeds its own ``torch.Generator`` with it, so a run repeats and each linear draws its own.
+    seed: int = 0
+
     def __init__(self, linear: nn.Linear, options: Options) -> None:
         self.linear = linear
         self.options = options
@@ -157,11 +162,19 @@ class MethodSpec:
     def __post_init__(self) -> None:
         option_types(self.options)  # a registration with options PruningConfig cannot store fails here
 
-    def create(self, linear: nn.Linear, options: Any) -> LayerPruner:
-        return self.pruner(linear, options)
+    def create(self, linear: nn.Linear, options: Any, seed: int = 0) -> LayerPruner:
+        pruner = self.pruner(linear, options)
+        pruner.seed = seed
+        return pruner
 
     def needs_calibration(self, options: Any) -> bool:
         return (self.pruner or self.structured or self.model_pruner).needs_calibration(options)
+
+
+def linear_seed(seed: int, name: str) -> int:
+    """A seed for the linear called ``name`` from the config's ``seed``: the same for every run and process, and
+    independent between linears (one shared seed would draw the same pattern in every linear of a shape)."""
+    return int.from_bytes(hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=8).digest(), "little")
 
 
 METHODS: Registry[MethodSpec] = Registry("pruning method", "PruningConfig.method")
