@@ -19,7 +19,7 @@ from .evaluation import evaluate_image_text_loss, evaluate_perplexity
 from .kernels import SparseLinear, sparsify
 from .masks import SparsityMasks, merge_lora_preserving_sparsity
 from .integrations.optimum import OptimumPruner, export_onnx
-from .methods import METHODS, register_method
+from .methods import METHODS, register_method, register_model_method, register_structured_method
 from .models import load_default_model, load_model
 from .perp import PERPConfig, merge_perp, prepare_perp
 from .plugins import load_plugins
@@ -77,6 +77,8 @@ __all__ = [
     "register_adapter",
     "register_allocation",
     "register_method",
+    "register_model_method",
+    "register_structured_method",
     "save_pruned",
     "skip_experts",
     "skipping_thresholds",

@@ -82,3 +82,16 @@ def test_a_method_drawing_at_random_draws_from_the_configs_seed(monkeypatch):
     assert all(torch.equal(first[name], again[name]) for name in first)
     assert not any(torch.equal(first[name], other[name]) for name in first)
     assert not torch.equal(first["model.layers.0.self_attn.q_proj"], first["model.layers.1.self_attn.q_proj"])
+
+
+def test_what_the_readme_tells_a_plugin_to_import_is_there():
+    from optimum_prune import register_adapter, register_allocation, register_method, register_model_method, register_structured_method
+    from optimum_prune.adapters import DecoderStackAdapter
+    from optimum_prune.adapters.llama import LlamaAdapter
+    from optimum_prune.allocation import Allocation
+    from optimum_prune.methods import LayerPruner, ModelPruner, StructuredMethod
+    from optimum_prune.options import option
+
+    assert issubclass(LlamaAdapter, DecoderStackAdapter) and callable(option) and Allocation and LayerPruner
+    assert all(map(callable, (register_adapter, register_allocation, register_method, register_model_method, register_structured_method)))
+    assert ModelPruner and StructuredMethod
