@@ -20,6 +20,7 @@ from .calibration import (
     CalibrationInputs,
     CalibrationSource,
     LayerInputs,
+    as_token_windows,
     calibration_inputs,
     check_calibration_inputs,
     count_images,
@@ -159,6 +160,8 @@ def _calibration(
         warn_unused_calibration(config, calibration)
         return None
     inputs = calibration_inputs(calibration, tokenizer, processor, config.num_calibration_samples, config.calibration_seq_len, config.seed)
+    if not METHODS.get(config.method).pruner:  # these calibrate on windows of token ids
+        inputs = as_token_windows(inputs)
     check_calibration_inputs(adapter.model, inputs)
     _check_calibration_reaches_parts(inputs, config, runs)
     return inputs
@@ -339,8 +342,9 @@ def _check_calibration_reaches_parts(inputs: CalibrationInputs, config: PruningC
     """Vision encoders and projectors only run on images; structured methods calibrate on token windows."""
     if not isinstance(inputs, torch.Tensor) and not METHODS.get(config.method).pruner:
         raise ValueError(
-            f"method {config.method!r} calibrates on text token windows; pass text calibration "
-            "(None, strings, a text file or a LongTensor), not image-text pairs or processed batches"
+            f"method {config.method!r} calibrates on text token windows; pass text calibration (None, strings, a "
+            "text file or a LongTensor), or samples of token ids of one length without padding (a tokenised Dataset "
+            "of rows at least calibration_seq_len long), not image-text pairs or padded or uneven batches"
         )
     needing_images = [run.part for run in runs if run.part != "language"]
     if needing_images and not count_images(inputs):

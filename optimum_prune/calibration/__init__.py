@@ -14,6 +14,7 @@ from .engine import (
 from .multimodal import count_images, image_text_batches
 from .sources import (
     CalibrationSource,
+    as_token_windows,
     calibration_inputs,
     calibration_windows,
     check_calibration_inputs,
@@ -26,6 +27,7 @@ __all__ = [
     "CalibrationInputs",
     "CalibrationSource",
     "LayerInputs",
+    "as_token_windows",
     "calibration_inputs",
     "calibration_windows",
     "capture_first_layer_inputs",

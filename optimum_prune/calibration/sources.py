@@ -109,6 +109,21 @@ def _tokenized_rows(dataset: Any, num_samples: int, seq_len: int, seed: int) -> 
     return rows
 
 
+def as_token_windows(inputs: CalibrationInputs) -> CalibrationInputs:
+    """Processed samples that are only token ids of one length, without padding (a tokenised ``Dataset``'s rows
+    cut to ``calibration_seq_len``, a tokenizer's unpadded batch), as the ``[samples, seq_len]`` windows the
+    methods that calibrate on windows take; anything else as it is."""
+    if isinstance(inputs, torch.Tensor) or not inputs:
+        return inputs
+    if any(set(batch) - {"input_ids", "attention_mask"} for batch in inputs):
+        return inputs
+    if any("attention_mask" in batch and not bool(batch["attention_mask"].all()) for batch in inputs):
+        return inputs
+    if len({batch["input_ids"].shape[1] for batch in inputs}) != 1:
+        return inputs
+    return torch.cat([batch["input_ids"] for batch in inputs])
+
+
 def unpadded(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
     """A padded batch as one batch per sample holding its real tokens only, so that no statistic
     counts padding (as calibrating on unpadded samples would) and left-padded samples get the

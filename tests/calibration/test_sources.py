@@ -172,6 +172,24 @@ def test_unpadding_keeps_each_samples_entries_and_uses_unsplittable_batches_whol
     assert "its padded positions counting in the statistics" in caplog.text
 
 
+def test_methods_calibrating_on_windows_take_a_tokenised_dataset_of_equal_unpadded_rows():
+    """Structured and whole-model methods refused every tokenised Dataset; rows cut to one length without padding are
+    the token windows they take (the same result as the windows themselves), padded or uneven ones are named."""
+    from datasets import Dataset
+
+    windows = token_windows(samples=6, seq_len=20)
+    config = PruningConfig(method="layers", sparsity=0.3, num_calibration_samples=6, calibration_seq_len=16)
+    removed = []
+    for calibration in (Dataset.from_dict({"input_ids": windows.tolist(), "attention_mask": [[1] * 20] * 6}), windows[:, :16]):
+        removed.append(prune(tiny_model(), config, calibration=calibration).removed)
+    assert removed[0] == removed[1]
+    uneven = Dataset.from_dict({"input_ids": [list(range(1, 30)), list(range(1, 10))]})
+    padded = {"input_ids": windows[:2], "attention_mask": torch.tensor([[1] * 20, [0] * 4 + [1] * 16])}
+    for calibration in (uneven, padded):
+        with pytest.raises(ValueError, match="samples of token ids of one length without padding"):
+            prune(tiny_model(), config, calibration=calibration)
+
+
 @pytest.mark.parametrize(
     "batch, message",
     [
