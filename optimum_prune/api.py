@@ -32,7 +32,7 @@ from .calibration import (
 from .calibration.engine import moving_to, on_device, on_disk
 from .config import PruningConfig, as_pruning_config, readable_step, record_pruning, recorded_steps
 from .distributed import all_reduce_sum, is_distributed, launched_processes, shard
-from .ignoring import check_ignore_patterns, is_ignored
+from .ignoring import check_ignore_patterns, check_kept, is_ignored, kept_modules
 from .methods import METHODS, LayerPruner, MethodSpec, ModelPruner, StructuredMethod
 from .methods.base import linear_seed
 from .methods.magnitude import MagnitudeOptions
@@ -595,6 +595,7 @@ class _StructuredRun:
 
     adapter: DecoderAdapter
     method: StructuredMethod
+    name: str  # PruningConfig.method
     part: str = "language"
 
     @classmethod
@@ -604,13 +605,15 @@ class _StructuredRun:
         target = config.part_targets()["language"]
         method = spec.structured(adapter, target, config.ignore, config.build_method_options(), device, config.seed)
         method.check()
-        return cls(adapter, method)
+        return cls(adapter, method, config.method)
 
     def execute(self, windows: torch.Tensor | None, report: PruningReport) -> None:
         model = self.adapter.model
         report.parameters_before = _parameters(model)
         report.macs_per_token_before = count_macs_per_token(model)
+        kept = kept_modules(model, self.method.ignore)
         self.method.prune(windows, report)
+        check_kept(model, kept, self.name)
         report.shapes = record_structure(self.adapter)
         report.parameters_after = _parameters(model)
         report.macs_per_token_after = count_macs_per_token(model)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Iterable
 
+import torch
 from torch import nn
 
 if TYPE_CHECKING:
@@ -55,3 +56,35 @@ def check_ignore_patterns(adapter: DecoderAdapter, ignore: Iterable[str], field:
             f"{field} pattern(s) {', '.join(map(repr, unmatched))} match no module of {type(adapter.model).__name__} "
             f"(names look like {example!r}); correct or remove them"
         )
+
+
+# A kept module's parameters as they are: name → (shape, dtype, sum, sum of magnitudes), in float64.
+Fingerprint = dict[str, tuple[torch.Size, torch.dtype, float, float]]
+
+
+def _fingerprint(module: nn.Module) -> Fingerprint:
+    return {
+        name: (p.shape, p.dtype, p.detach().double().sum().item(), p.detach().double().abs().sum().item())
+        for name, p in module.named_parameters(recurse=False)
+    }
+
+
+def kept_modules(model: nn.Module, patterns: Iterable[str]) -> dict[str, tuple[nn.Module, Fingerprint]]:
+    """The modules ``patterns`` keep, with their parameters' fingerprints, taken before a structured method runs
+    so that ``check_kept`` can tell afterwards whether the method (a plugin's too) really kept them."""
+    patterns = tuple(patterns)
+    return {name: (module, _fingerprint(module)) for name, module in model.named_modules() if name and is_ignored(name, patterns)}
+
+
+def check_kept(model: nn.Module, kept: dict[str, tuple[nn.Module, Fingerprint]], method: str) -> None:
+    """Raise if ``method`` removed, replaced or changed a module ``kept_modules`` recorded (a layer it removed may
+    have renumbered the rest, so modules are found by identity, not by name)."""
+    present = set(model.modules())
+    for name, (module, before) in kept.items():
+        if module not in present or _fingerprint(module) != before:
+            change = "changed the parameters of" if module in present else "removed or replaced"
+            raise RuntimeError(
+                f"structured method {method!r} {change} {name}, which PruningConfig.ignore keeps. The model is left "
+                "as the method made it; a StructuredMethod must leave every module ignore names as it is "
+                "(optimum_prune.ignoring.holds_ignored says which layers, blocks and units hold one)"
+            )

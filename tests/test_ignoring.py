@@ -84,3 +84,34 @@ def test_keeping_every_moe_block_is_an_error_naming_ignore():
 
     with pytest.raises(ValueError, match=r"PruningConfig.ignore \['\*.block_sparse_moe'\] keeps every MoE block"):
         prune(tiny_moe(), PruningConfig(method="experts", sparsity=0.5, ignore=["*.block_sparse_moe"]), calibration=token_windows(4, 16))
+
+
+@pytest.mark.parametrize("change, message", [("scale", "changed the parameters of"), ("replace", "removed or replaced")])
+def test_a_structured_method_that_changes_a_kept_module_is_stopped_naming_it(monkeypatch, change, message):
+    """Each built-in keeps what ignore names by asking holds_ignored; a plugin's structured method that does not is
+    caught after it runs (by identity, so a kept module renumbered by a removed layer still counts as kept)."""
+    from optimum_prune import METHODS, register_structured_method
+    from optimum_prune.methods import StructuredMethod
+
+    monkeypatch.setattr(METHODS, "_entries", dict(METHODS._entries))  # registered for this test only
+    monkeypatch.setattr(METHODS, "_origins", dict(METHODS._origins))
+
+    @register_structured_method("careless")
+    class Careless(StructuredMethod):
+        """Changes layer 1's output projection whatever ignore says (a plugin's bug)."""
+
+        @classmethod
+        def needs_calibration(cls, options):
+            return False
+
+        def prune(self, windows, report):
+            attention = self.adapter.model.model.layers[1].self_attn
+            with torch.no_grad():
+                if change == "scale":
+                    attention.o_proj.weight.mul_(0.5)
+                else:
+                    attention.o_proj = torch.nn.Linear(attention.o_proj.in_features, attention.o_proj.out_features, bias=False)
+
+    with pytest.raises(RuntimeError, match=rf"structured method 'careless' {message} model.layers.1.self_attn.o_proj, which PruningConfig.ignore keeps"):
+        prune(tiny_model(), PruningConfig(method="careless", sparsity=0.2, ignore=["*.o_proj"]))
+    prune(tiny_model(), PruningConfig(method="careless", sparsity=0.2, ignore=["*.q_proj"]))  # what it changes is not kept
