@@ -134,9 +134,9 @@ class ExpertSkipping(PatchedMoEBlocks):
         counted = self._real_tokens.of(kept)
         self.expert_calls += counted.numel()
         self.skipped_calls += int((~counted).sum())
-        if self.adapter.renormalises(block):
-            weights = weights * kept
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+        if self.adapter.renormalises(block):  # over the kept experts, for tokens that skip one (others as routed, bit for bit)
+            renormalised = weights * kept
+            weights = torch.where(kept.all(dim=-1, keepdim=True), weights, renormalised / renormalised.sum(dim=-1, keepdim=True))
         return routed_mixture(self.adapter.block_experts(block), tokens, weights, selected, kept)
 
     def remove(self) -> None:
