@@ -23,6 +23,7 @@ from .kernels.linear import SparseLinear
 from .perp import MaskLoRALinear
 from .quantized import is_gptq_linear, repacked_in_place
 from .report import PruningReport
+from .skipping import PatchedMoEBlocks
 from .structure.loading import offloaded, records_layer_shapes
 
 logger = logging.getLogger(__name__)
@@ -236,11 +237,19 @@ def _check_loadable(model: nn.Module) -> None:
 
 def _unloadable(module: nn.Module) -> str | None:
     """Why ``from_pretrained`` could not give ``module`` back, if it could not: this package's modules that
-    hold a linear's weight under other names (transformers would initialise it at random, warning only), and
-    GPTQ layers whose codes their CPU kernel has repacked out of GPTQ's layout."""
+    hold a linear's weight under other names (transformers would initialise it at random, warning only), MoE
+    blocks running an inference-time variant (expert skipping or folding), and GPTQ layers whose codes their CPU
+    kernel has repacked out of GPTQ's layout."""
     for kind, fix in WRAPPER_FIXES.items():
         if isinstance(module, kind):
             return f" is a {type(module).__name__}, which transformers cannot load: the checkpoint would reload with random weights in its place; {fix}"
+    variant = getattr(vars(module).get("forward"), "handle", None)
+    if isinstance(variant, PatchedMoEBlocks):
+        return (
+            f" runs {type(variant).__name__} (skip_experts / fold_experts), a setting of this process, not of the "
+            "weights: the checkpoint would reload as the exact mixture; call .remove() on it before saving, and "
+            "apply it again after loading"
+        )
     if repacked_in_place(module):
         return (
             f": gptqmodel's {type(module).__name__} repacked this layer's GPTQ codes in place for its CPU kernel when the "

@@ -150,3 +150,17 @@ def test_one_variant_of_the_mixture_at_a_time_and_remove_undoes_its_own():
         assert not torch.equal(model(ids).logits, stock)
         folding.remove()
         assert torch.equal(model(ids).logits, stock)
+
+
+@pytest.mark.parametrize("variant", ["skip", "fold"])
+def test_save_pruned_refuses_a_mixture_running_a_variant_and_saves_once_it_is_removed(tmp_path, variant):
+    """The checkpoint holds the exact mixture, so it used to reload as another model than the one saved."""
+    from optimum_prune import fold_experts, save_pruned
+
+    model = tiny_moe()
+    patch = skip_experts(model, beta=0.5) if variant == "skip" else fold_experts(model)
+    with pytest.raises(ValueError, match=rf"model.layers.0.block_sparse_moe runs {type(patch).__name__} .*call .remove\(\) on it before saving"):
+        save_pruned(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    patch.remove()
+    save_pruned(model, tmp_path / "out")
