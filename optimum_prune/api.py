@@ -543,7 +543,8 @@ class _PruningRun:
         self, layer: nn.Module, linears: dict[str, nn.Linear], tokens: dict[str, int], target: SparsityTarget
     ) -> dict[str, SparsityTarget]:
         """Each linear's target: the layer's, or with router hints (``expert_sparsity="load"``) one
-        per expert, linear in its load rank: target + λ·(1 − 2·rank/(E − 1)), rank 0 the least loaded."""
+        per expert, linear in its load rank: target + λ·(1 − 2·rank/(E − 1)), rank 0 the least loaded, equal loads
+        sharing their mean rank (the experts' mean stays the layer's target)."""
         targets = dict.fromkeys(linears, target)
         experts = self.adapter.experts(layer)
         if self.moe_options.expert_sparsity != "load" or len(experts) < 2:
@@ -553,7 +554,8 @@ class _PruningRun:
         for name, linear in linears.items():
             if id(linear) in expert_of:
                 load[expert_of[id(linear)]] = max(load[expert_of[id(linear)]], tokens[name])
-        ranks = {e: rank for rank, e in enumerate(sorted(range(len(experts)), key=lambda e: (load[e], e)))}
+        # Experts with equal loads (those no calibration token reached, often several) share their mean rank.
+        ranks = {e: sum(other < load[e] for other in load) + (load.count(load[e]) - 1) / 2 for e in range(len(experts))}
         deviation = self.moe_options.expert_deviation
         for name, linear in linears.items():
             if id(linear) in expert_of:

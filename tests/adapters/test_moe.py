@@ -234,6 +234,20 @@ def test_router_hints_give_busier_experts_lower_sparsity_at_the_same_total(famil
             assert measured[names[id(linear)]]["sparsity"] == pytest.approx(target, abs=0.02)
 
 
+def test_router_hints_give_experts_of_equal_load_the_same_sparsity():
+    """Experts no calibration token reached got different targets, decided by their index alone."""
+    model = tiny_moe(num_local_experts=6)
+    windows = torch.full((4, 16), 7)  # one token: each layer routes it to its top-2 experts only
+    config = PruningConfig(method="wanda", sparsity=0.5, moe_options={"expert_sparsity": "load", "expert_deviation": 0.2, "unrouted_experts": "magnitude"})
+    targets = {r.name: r.target_sparsity for r in prune(model, config, calibration=windows).linears}
+    counts = routed_counts(tiny_moe(num_local_experts=6), windows)
+    for index, count in enumerate(counts):
+        experts = [targets[f"model.layers.{index}.block_sparse_moe.experts.{e}.w1"] for e in range(6)]
+        unrouted = [target for target, tokens in zip(experts, count) if tokens == 0]
+        assert len(unrouted) == 4 and len(set(unrouted)) == 1, experts
+        assert sum(experts) / 6 == pytest.approx(0.5)
+
+
 def test_router_hints_refuse_what_they_cannot_do():
     with pytest.raises(ValueError, match="reads the routing of calibration tokens"):
         prune(tiny_moe(), PruningConfig(method="magnitude", sparsity=0.5, moe_options={"expert_sparsity": "load"}))
