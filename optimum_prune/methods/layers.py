@@ -148,7 +148,7 @@ class LayerRemoval(StructuredMethod[LayerRemovalOptions]):
         report.removed += [names[i] for i in removed]
         kept = [i for i in range(len(names)) if i not in removed]
         if self.options.merge:
-            self._merge(removed, kept)
+            self._merge(removed, kept, names)
         if self.options.reroute:
             fit_reroutes(self.adapter, windows, self.device, reroute_runs(self.adapter, removed))
         else:
@@ -180,12 +180,19 @@ class LayerRemoval(StructuredMethod[LayerRemovalOptions]):
             finally:
                 self.adapter.model.zero_grad(set_to_none=True)
 
-    def _merge(self, removed: list[int], kept: list[int]) -> None:
-        """LaCo's RDSC: θ_target ← θ_target + Σ_removed (θ_removed − θ_target)."""
+    def _merge(self, removed: list[int], kept: list[int], names: list[str]) -> None:
+        """LaCo's RDSC: θ_target ← θ_target + Σ_removed (θ_removed − θ_target), into the preceding kept layer (the
+        first kept one for removed layers before it); a target that ``ignore`` keeps is refused before any change."""
         layers = self.adapter.decoder_layers()
+        merges = {target: [r for r in removed if max([k for k in kept if k < r], default=kept[0]) == target] for target in kept}
+        for target, merged in merges.items():
+            if merged and holds_ignored(names[target], layers[target], self.ignore):
+                raise ValueError(
+                    f"method_options.merge would add {', '.join(names[r] for r in merged)} into {names[target]}, which "
+                    f"PruningConfig.ignore {self.ignore!r} keeps unchanged; narrow ignore, or set merge=False"
+                )
         with torch.no_grad():
-            for target in kept:
-                merged = [r for r in removed if max([k for k in kept if k < r], default=kept[0]) == target]
+            for target, merged in merges.items():
                 if not merged:
                     continue
                 original = {name: p.detach().clone() for name, p in layers[target].named_parameters()}

@@ -64,12 +64,24 @@ def test_sparsity_rounds_to_whole_layers_and_ignore_protects():
 def test_merge_adds_parameter_differences_into_the_previous_layer():
     dense = tiny_model(num_hidden_layers=4)
     model = copy.deepcopy(dense)
-    prune(model, PruningConfig(method="layers", sparsity=0.0, ignore=["model.layers.0", "model.layers.3"],
-                               method_options={"num_layers": 2, "merge": True}), calibration=token_windows())
+    report = prune(model, PruningConfig(method="layers", sparsity=0.0, method_options={"num_layers": 2, "merge": True}), calibration=token_windows())
+    removed = [int(name.rsplit(".", 1)[1]) for name in report.removed]
+    kept = [i for i in range(4) if i not in removed]
     weight = [layer.mlp.up_proj.weight for layer in dense.model.layers]
-    # LaCo: θ_0 + (θ_1 − θ_0) + (θ_2 − θ_0)
-    torch.testing.assert_close(model.model.layers[0].mlp.up_proj.weight, weight[1] + weight[2] - weight[0])
-    torch.testing.assert_close(model.model.layers[1].mlp.up_proj.weight, weight[3])
+    for position, target in enumerate(kept):  # LaCo: θ_t + Σ (θ_r − θ_t) over the removed layers after t (before the first kept)
+        merged = [r for r in removed if max([k for k in kept if k < r], default=kept[0]) == target]
+        expected = weight[target] + sum((weight[r] - weight[target] for r in merged), torch.zeros_like(weight[target]))
+        torch.testing.assert_close(model.model.layers[position].mlp.up_proj.weight, expected)
+
+
+def test_merge_into_a_layer_ignore_keeps_is_refused_before_any_change():
+    """It merged into the kept layer all the same, changing what ignore keeps."""
+    model = tiny_model(num_hidden_layers=4)
+    before = copy.deepcopy(model.state_dict())
+    config = PruningConfig(method="layers", sparsity=0.0, ignore=["model.layers.0", "model.layers.3"], method_options={"num_layers": 2, "merge": True})
+    with pytest.raises(ValueError, match=r"merge would add model.layers.1, model.layers.2 into model.layers.0, which PruningConfig.ignore"):
+        prune(model, config, calibration=token_windows())
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
 
 
 @pytest.mark.parametrize(
