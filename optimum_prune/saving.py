@@ -1,15 +1,21 @@
 """Atomic saving of pruned checkpoints (safetensors only; the pruning config recorded twice).
 
 Everything is written to a hidden staging directory beside the target and renamed into place,
-so an interrupted save leaves any previous output untouched and never a half-written one.
+so an interrupted save leaves any previous output untouched and never a half-written one; the
+folders a killed save leaves (named by host and process) are removed by the next save to the target.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import glob
 import logging
 import math
 import os
 import shutil
+import socket
+import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -43,7 +49,8 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     check_replaceable(target)
     created = [parent for parent in target.parents if not parent.exists()]  # removed again if the block fails
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-", dir=target.parent))
+    remove_leftovers(target)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-{_owner_tag()}", dir=target.parent))
     staging.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would make the saved checkpoint unreadable to other users
     try:
         yield staging
@@ -90,6 +97,12 @@ def check_replaceable(target: Path, source: str | os.PathLike | None = None, fie
             f"{target} is a symbolic link (to {os.readlink(target)}); saving replaces the whole directory, which would "
             "replace the link and leave what it points to as it was: give the directory itself, or a new one"
         )
+    existing = next(folder for folder in (target.parent, *target.parent.parents) if folder.exists())
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"{field} {target}: this user cannot write in {existing}, where the output is staged and renamed into "
+            "place; give a directory you can write to"
+        )
     if not target.exists():
         return
     if not target.is_dir():
@@ -124,14 +137,75 @@ def _shown(names: list[str]) -> str:
 
 def replace_directory(finished: Path, target: Path) -> None:
     """Put the complete folder ``finished`` at ``target``, replacing whatever was there; ``target``
-    never holds a mix of the two (the old folder is moved aside first, then removed)."""
-    if target.exists():
-        retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-        os.replace(target, retired / target.name)
+    never holds a mix of the two. Where Linux can swap the two folders in one step, ``target`` is never
+    missing either; elsewhere the old folder is moved aside first (a save killed between the two renames
+    leaves it there, and the next save to ``target`` puts it back), then removed."""
+    remove_leftovers(target)
+    if not target.exists():
+        os.replace(finished, target)
+    elif _exchange(finished, target):
+        shutil.rmtree(finished)  # now the old folder
+    else:
+        retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{_owner_tag()}", dir=target.parent))
+        try:
+            os.replace(target, retired / target.name)
+        except OSError:
+            retired.rmdir()
+            raise
         os.replace(finished, target)
         shutil.rmtree(retired)
-    else:
-        os.replace(finished, target)
+
+
+def _owner_tag() -> str:
+    """What names this process's staging and retired folders, so that a later save can tell those a killed
+    process left behind (this host, a process that is gone) from those of a save still running."""
+    return f"{socket.gethostname()}-{os.getpid()}-"
+
+
+def remove_leftovers(target: Path) -> None:
+    """Remove the staging and retired folders beside ``target`` that saves killed on this host left (each a full
+    checkpoint); a retired previous output whose replacement never arrived goes back to ``target`` first."""
+    host = f"{socket.gethostname()}-"
+    for kind in ("old", "staging"):
+        prefix = f".{target.name}.{kind}-{host}"
+        for path in sorted(target.parent.glob(glob.escape(prefix) + "*")):
+            pid = path.name[len(prefix) :].split("-", 1)[0]
+            if not pid.isdigit() or _running(int(pid)):
+                continue
+            if kind == "old" and not target.exists() and (path / target.name).is_dir():
+                os.replace(path / target.name, target)
+                logger.warning("put back %s, which a save killed before it was replaced left in %s", target, path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``, glibc 2.28+); False where the system or
+    its file system cannot."""
+    if sys.platform != "linux":
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(second))
 
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:

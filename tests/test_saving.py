@@ -89,6 +89,91 @@ def test_interrupted_save_keeps_previous_output(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["pruned"]  # no staging directory left behind
 
 
+def _folders_of_a_killed_process(tmp_path, name: str) -> tuple[str, str]:
+    """Staging and retired folder names of a save on this host whose process is gone (SIGKILL runs no cleanup)."""
+    import socket
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    tag = f"{socket.gethostname()}-{gone.pid}-"
+    return f".{name}.staging-{tag}x1", f".{name}.old-{tag}x2"
+
+
+def test_folders_a_killed_save_left_are_removed_by_the_next_save(tmp_path):
+    """Each was a full hidden copy of the checkpoint that no later run removed."""
+    model = tiny_model()
+    output = save_pruned(model, tmp_path / "pruned")
+    staging, retired = _folders_of_a_killed_process(tmp_path, "pruned")
+    (tmp_path / staging).mkdir()
+    (tmp_path / staging / "model.safetensors").write_bytes(b"half")
+    (tmp_path / retired / "pruned").mkdir(parents=True)
+    (tmp_path / ".pruned.staging-otherhost-1-x3").mkdir()  # another host's (a shared file system): not ours to judge
+    save_pruned(model, output)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".pruned.staging-otherhost-1-x3", "pruned"]
+
+
+def test_a_previous_output_a_save_killed_between_its_renames_left_aside_is_put_back(tmp_path, caplog):
+    from optimum_prune.saving import remove_leftovers
+
+    model = tiny_model()
+    output = save_pruned(model, tmp_path / "pruned")
+    before = {p.name: p.read_bytes() for p in output.iterdir()}
+    _, retired = _folders_of_a_killed_process(tmp_path, "pruned")
+    (tmp_path / retired).mkdir()
+    output.rename(tmp_path / retired / "pruned")
+    with caplog.at_level("WARNING", logger="optimum_prune"):
+        remove_leftovers(output)
+    assert {p.name: p.read_bytes() for p in output.iterdir()} == before and "put back" in caplog.text
+    assert [p.name for p in tmp_path.iterdir()] == ["pruned"]
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_replacing_an_output_swaps_it_whole_and_leaves_nothing_beside_it(tmp_path, monkeypatch, exchange):
+    """In one step where Linux can (the output path is never missing); else in two, and a refused first rename
+    (a read-only output) leaves no empty folder behind."""
+    from optimum_prune import saving
+
+    old, new = tmp_path / "out", tmp_path / "new"
+    for folder, text in ((old, "old"), (new, "new")):
+        folder.mkdir()
+        (folder / "config.json").write_text(text)
+    if exchange:
+        probes = [tmp_path / ".a", tmp_path / ".b"]
+        for probe in probes:
+            probe.mkdir()
+        supported = saving._exchange(*probes)
+        for probe in probes:
+            probe.rmdir()
+        if not supported:
+            pytest.skip("this file system cannot exchange two paths")
+    refused = lambda *args: (_ for _ in ()).throw(PermissionError("read-only"))  # noqa: E731
+    with monkeypatch.context() as patched:
+        if exchange:
+            patched.setattr(saving.os, "replace", refused)  # one step: no rename at all
+        else:
+            patched.setattr(saving, "_exchange", lambda first, second: False)
+        saving.replace_directory(new, old)
+    assert (old / "config.json").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["out"]
+    if not exchange:
+        new.mkdir()
+        monkeypatch.setattr(saving, "_exchange", lambda first, second: False)
+        monkeypatch.setattr(saving.os, "replace", refused)
+        with pytest.raises(PermissionError):
+            saving.replace_directory(new, old)
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "out"]
+
+
+def test_an_output_in_a_folder_this_user_cannot_write_is_named_before_pruning(tmp_path, monkeypatch):
+    """It failed at the final rename, after hours of offloaded pruning (the suite runs as root: access is faked)."""
+    from optimum_prune import saving
+
+    monkeypatch.setattr(saving.os, "access", lambda path, mode: path != tmp_path)
+    with pytest.raises(ValueError, match=f"output_dir {tmp_path}/a/out: this user cannot write in {tmp_path}, where"):
+        saving.check_replaceable(tmp_path / "a" / "out", None, "output_dir")
+
+
 def test_an_interrupted_save_to_a_new_nested_path_leaves_no_folder_it_made(tmp_path, monkeypatch):
     model = tiny_model()
     (tmp_path / "kept").mkdir()
