@@ -68,6 +68,26 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(staging)
 
 
+@contextmanager
+def held_exclusively(directory: Path, refusal: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``directory`` until the block ends (released by the kernel if the process dies,
+    and moving with the folder when it is renamed); ``ValueError(refusal)`` while another process holds it."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no lock to take
+        yield
+        return
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(refusal) from None
+        yield
+    finally:
+        os.close(descriptor)
+
+
 def _umask() -> int:
     """The process's file-creation mask (read by setting it, so set back at once)."""
     mask = os.umask(0o022)

@@ -38,7 +38,7 @@ from .calibration import CalibrationInputs, CalibrationSource, calibration_input
 from .config import CONFIG_NAME, PruningConfig, as_pruning_config
 from .models import unreadable_checkpoint
 from .report import PruningReport
-from .saving import check_replaceable, replace_directory, write_text_atomic
+from .saving import check_replaceable, held_exclusively, replace_directory, write_text_atomic
 from .structure.loading import records_layer_shapes
 
 logger = logging.getLogger(__name__)
@@ -287,12 +287,12 @@ def prune_checkpoint(
             calibration, tokenizer, None, config.num_calibration_samples, config.calibration_seq_len, config.seed
         )
         check_calibration_inputs(model, inputs)
-    staging = _staging(output_dir, _run_record(source, config, dtype, inputs))
-    stream = LayerStream(reader, staging, layer_names, torch.device(device or "cpu"), dtype)
-    report = prune(
-        model, config, calibration=inputs, device=stream.device, offload=stream, activation_device=activation_device
-    )
-    _finish_checkpoint(model, reader, rest, stream, tokenizer, config, source, output_dir)
+    with _staging(output_dir, _run_record(source, config, dtype, inputs)) as staging:
+        stream = LayerStream(reader, staging, layer_names, torch.device(device or "cpu"), dtype)
+        report = prune(
+            model, config, calibration=inputs, device=stream.device, offload=stream, activation_device=activation_device
+        )
+        _finish_checkpoint(model, reader, rest, stream, tokenizer, config, source, output_dir)
     return report
 
 
@@ -352,28 +352,31 @@ def checkpoint_fingerprint(directory: Path) -> str:
     return digest.hexdigest()
 
 
-def _staging(output_dir: Path, record: dict[str, Any]) -> Path:
-    """The partial run's folder: resumed when the same run (``record``) started it; one holding no
-    finished layer has no work to lose and starts over."""
+@contextmanager
+def _staging(output_dir: Path, record: dict[str, Any]) -> Iterator[Path]:
+    """The partial run's folder, held by this process until the block ends: resumed when the same run
+    (``record``) started it; one holding no finished layer has no work to lose and starts over. Another
+    process pruning into it now is refused: the two would take each other's layers as their own."""
     output_dir = output_dir.absolute()
     staging = output_dir.parent / f".{output_dir.name}.partial"
-    if staging.is_dir():
+    staging.mkdir(parents=True, exist_ok=True)
+    busy = f"another run is pruning into {str(output_dir)!r} now (in {str(staging)!r}); wait for it to end, or give another output_dir"
+    with held_exclusively(staging, busy):
         try:
             previous = json.loads((staging / RUN_RECORD).read_text())
         except (OSError, ValueError):
             previous = {}
         if previous == record:
             logger.info("resuming the partial run in %s", staging)
-            return staging
-        if any(staging.glob("model-layer-*.safetensors")):
+        elif any(staging.glob("model-layer-*.safetensors")):
             differing = [key for key in record if previous.get(key) != record[key]]
             raise ValueError(
                 f"{str(staging)!r} holds layers of a partial run with another {' / '.join(differing) or 'record'}; delete "
                 "it to start over, or rerun that same call to resume it"
             )
-    staging.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(staging / RUN_RECORD, json.dumps(record))
-    return staging
+        else:
+            write_text_atomic(staging / RUN_RECORD, json.dumps(record))
+        yield staging
 
 
 def _finish_checkpoint(

@@ -196,6 +196,26 @@ def test_a_partial_run_without_a_finished_layer_starts_over(sharded, tmp_path, m
     assert not (tmp_path / ".out.partial").exists() and not (tmp_path / "out" / "streaming-run.json").exists()
 
 
+def test_a_second_run_into_the_same_output_while_one_runs_is_refused(sharded, tmp_path):
+    """Two runs shared the partial folder: each took the other's layer shards as its own, and the output,
+    recorded as one config, mixed both runs' layers."""
+    import fcntl
+    import os
+
+    partial = tmp_path / ".out.partial"
+    partial.mkdir()
+    running = os.open(partial, os.O_RDONLY)  # another run holds it (a lock is per open folder, so this stands in)
+    fcntl.flock(running, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(ValueError, match="another run is pruning into .*out' now"):
+            prune_checkpoint(sharded, tmp_path / "out", CONFIGS["magnitude"])
+        assert not any(partial.iterdir())  # its record left as it was
+    finally:
+        os.close(running)
+    prune_checkpoint(sharded, tmp_path / "out", CONFIGS["magnitude"])  # once that run is over
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "source"]
+
+
 @pytest.mark.parametrize(
     ("config", "options", "message"),
     [
