@@ -414,8 +414,8 @@ class _PruningRun:
                 except ValueError as error:
                     field = "PruningConfig.sparsity" if not config.parts else f"PruningConfig.parts[{part!r}].sparsity"
                     raise ValueError(f"{field} {str(target)!r} cannot be applied to {name}: {error}") from None
-        if moe_options.expert_sparsity == "load":
-            _check_load_hints(config, moe_options, method, target)
+        if moe_options.expert_sparsity == "load":  # a fractional target (the config refuses N:M) with room for ±λ
+            _check_expert_spread(target, moe_options.expert_deviation, "sparsity")
         allocation = ALLOCATIONS.get(config.allocation).create(config.build_allocation_options())
         return cls(config, part, target, adapter, method, options, moe_options, allocation, targets, device, offload, activation_device)
 
@@ -673,16 +673,6 @@ def _summed_counts(tokens: dict[str, int]) -> dict[str, int]:
     counts = torch.tensor(list(tokens.values()), dtype=torch.float64)
     all_reduce_sum(counts)
     return dict(zip(tokens, (int(c) for c in counts.tolist())))
-
-
-def _check_load_hints(config: PruningConfig, moe_options: MoEOptions, method: MethodSpec, target: SparsityTarget) -> None:
-    """Router hints need routed calibration tokens and a fractional target with room for ±λ."""
-    where = "PruningConfig.moe_options.expert_sparsity='load'"
-    if not method.needs_calibration(config.build_method_options()):
-        raise ValueError(f"{where} reads the routing of calibration tokens; method {config.method!r} takes none (use wanda or sparsegpt)")
-    if isinstance(target, NMPattern):
-        raise ValueError(f"{where} varies sparsity per expert and cannot be combined with the N:M pattern {str(target)!r}")
-    _check_expert_spread(target, moe_options.expert_deviation, "sparsity")
 
 
 def _check_expert_spread(target: float, deviation: float, source: str) -> None:

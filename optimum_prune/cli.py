@@ -105,8 +105,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--eval", action="store_true", help="report dense and pruned perplexity")
     parser.add_argument("--eval-file", type=Path, help="evaluation text file (default: bundled Wikipedia evaluation split)")
-    parser.add_argument("--eval-tokens", type=int, default=16384, help="tokens of evaluation text to score")
-    parser.add_argument("--eval-seq-len", type=int, default=512, help="tokens per perplexity window")
+    parser.add_argument("--eval-tokens", type=int, default=16384, help="tokens of evaluation text to score (default: 16384)")
+    parser.add_argument("--eval-seq-len", type=int, default=512, help="tokens per perplexity window (default: 512)")
 
 
 def _parse_options(pairs: Sequence[str], flag: str) -> dict[str, Any]:

@@ -130,6 +130,15 @@ class PruningConfig:
                 f"PruningConfig.allocation / parts: method {self.method!r} chooses per-layer sparsity itself from one "
                 "threshold across the language model's layers; use allocation='uniform' and no other parts"
             )
+        if moe.expert_sparsity == "load" and spec.pruner is not None:
+            where = "PruningConfig.moe_options.expert_sparsity='load'"
+            if not spec.needs_calibration(self.build_method_options()):
+                raise ValueError(f"{where} reads the routing of calibration tokens; method {self.method!r} takes none (use wanda or sparsegpt)")
+            if patterns:
+                raise ValueError(
+                    f"{where} varies sparsity per expert and cannot be combined with the N:M pattern {patterns[0]!r}; use "
+                    "a float sparsity, or expert_sparsity='uniform'"
+                )
         if allocation.name != "uniform" and patterns:
             raise ValueError(
                 f"PruningConfig.allocation {self.allocation!r} varies sparsity per layer and cannot be combined "

@@ -61,8 +61,8 @@ class FoldedExperts(PatchedMoEBlocks):
             merged_weights, merged_selected = weights, selected
         output = self._merged(block, tokens, merged_weights, merged_selected)
         if self.measure_error:
-            exact = routed_mixture(self.adapter.block_experts(block), tokens, weights, selected)
-            self.squared_error += float((output - exact).float().square().sum())
+            exact = routed_mixture(self.adapter.block_experts(block), tokens, weights, selected).detach()
+            self.squared_error += float((output.detach() - exact).float().square().sum())
             self.squared_norm += float(exact.float().square().sum())
         return output
 
