@@ -2,7 +2,7 @@
 
 Everything is written to a hidden staging directory beside the target and renamed into place,
 so an interrupted save leaves any previous output untouched and never a half-written one; the
-folders a killed save leaves (named by host and process) are removed by the next save to the target.
+folders a killed save leaves (a running save holds its own locked) are removed by the next save to the target.
 """
 
 from __future__ import annotations
@@ -14,15 +14,20 @@ import logging
 import math
 import os
 import shutil
-import socket
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from torch import nn
 from transformers import PreTrainedModel
+
+try:
+    import fcntl
+except ImportError:  # not a POSIX system: no folder locks, so no concurrent run is detected and no leftover removed
+    fcntl = None
 
 from .config import CONFIG_NAME, PruningConfig, readable_step, record_pruning
 from .kernels.linear import SparseLinear
@@ -50,11 +55,12 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     created = [parent for parent in target.parents if not parent.exists()]  # removed again if the block fails
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(target)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.staging-{_owner_tag()}", dir=target.parent))
+    staging = _claimed_folder(target, "staging")
     staging.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would make the saved checkpoint unreadable to other users
     try:
-        yield staging
-        replace_directory(staging, target)
+        with held_exclusively(staging):  # while it is written: no other save takes it for a killed save's leftover
+            yield staging
+            replace_directory(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         for parent in created:  # innermost first; one something else wrote into meanwhile stays
@@ -68,22 +74,37 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(staging)
 
 
-@contextmanager
-def held_exclusively(directory: Path, refusal: str) -> Iterator[None]:
-    """Hold an exclusive lock on ``directory`` until the block ends (released by the kernel if the process dies,
-    and moving with the folder when it is renamed); ``ValueError(refusal)`` while another process holds it."""
+def _lock(descriptor: int, wait: bool = False) -> bool | None:
+    """Take an exclusive lock on an open folder: True when taken, False when another process holds it, None where
+    the system or file system has no such locks (no fcntl; NFS without lockd, Lustre without ``-o flock``)."""
+    if fcntl is None:
+        return None
     try:
-        import fcntl
-    except ImportError:  # not a POSIX system: no lock to take
-        yield
+        fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        return False
+    except OSError as error:
+        if error.errno in (errno.EBADF, errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            return None
+        raise
+    return True
+
+
+@contextmanager
+def held_exclusively(directory: Path, refusal: str | None = None) -> Iterator[bool]:
+    """Hold an exclusive lock on ``directory`` until the block ends: the kernel releases it if the process dies, and
+    it moves with the folder when the folder is renamed. With ``refusal``, another process holding it is
+    ``ValueError(refusal)``; without, this waits for it. Yields whether the lock is held (False where the file system
+    has none)."""
+    if fcntl is None:
+        yield False
         return
     descriptor = os.open(directory, os.O_RDONLY)
     try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ValueError(refusal) from None
-        yield
+        taken = _lock(descriptor, wait=refusal is None)
+        if taken is False:
+            raise ValueError(refusal)
+        yield bool(taken)
     finally:
         os.close(descriptor)
 
@@ -118,11 +139,14 @@ def check_replaceable(target: Path, source: str | os.PathLike | None = None, fie
             "replace the link and leave what it points to as it was: give the directory itself, or a new one"
         )
     existing = next(folder for folder in (target.parent, *target.parent.parents) if folder.exists())
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise ValueError(
-            f"{field} {target}: this user cannot write in {existing}, where the output is staged and renamed into "
-            "place; give a directory you can write to"
-        )
+    if not existing.is_dir():
+        raise ValueError(f"{field} {target}: {existing} is a file, not a directory; give a path inside a directory")
+    for folder in (existing, target) if target.is_dir() else (existing,):  # the output's files are deleted from it
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ValueError(
+                f"{field} {target}: this user cannot write in {folder}, where the output is staged, renamed into place "
+                "and the previous one removed; give a directory you can write to"
+            )
     if not target.exists():
         return
     if not target.is_dir():
@@ -158,69 +182,87 @@ def _shown(names: list[str]) -> str:
 def replace_directory(finished: Path, target: Path) -> None:
     """Put the complete folder ``finished`` at ``target``, replacing whatever was there; ``target``
     never holds a mix of the two. Where Linux can swap the two folders in one step, ``target`` is never
-    missing either; elsewhere the old folder is moved aside first (a save killed between the two renames
-    leaves it there, and the next save to ``target`` puts it back), then removed."""
+    missing either (the old folder takes ``finished``'s name, then goes); elsewhere it is moved aside first
+    into a locked folder (a save killed between the two renames leaves it there, and the next save to
+    ``target`` puts it back), then removed."""
     remove_leftovers(target)
     if not target.exists():
         os.replace(finished, target)
     elif _exchange(finished, target):
-        shutil.rmtree(finished)  # now the old folder
+        _remove_replaced(finished)
     else:
-        retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{_owner_tag()}", dir=target.parent))
-        try:
-            os.replace(target, retired / target.name)
-        except OSError:
-            retired.rmdir()
-            raise
-        os.replace(finished, target)
-        shutil.rmtree(retired)
+        retired = _claimed_folder(target, "old")
+        with held_exclusively(retired):
+            try:
+                os.replace(target, retired / target.name)
+            except OSError:
+                retired.rmdir()
+                raise
+            os.replace(finished, target)
+            _remove_replaced(retired)
 
 
-def _owner_tag() -> str:
-    """What names this process's staging and retired folders, so that a later save can tell those a killed
-    process left behind (this host, a process that is gone) from those of a save still running."""
-    return f"{socket.gethostname()}-{os.getpid()}-"
+def _claimed_folder(target: Path, kind: str) -> Path:
+    """A new hidden folder beside ``target`` for a save's work (``.{name}.{kind}-*``), which the save locks at once."""
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.{kind}-", dir=target.parent))
+
+
+def _remove_replaced(folder: Path) -> None:
+    """The previous output, once replaced: the save succeeded, so files this user may not delete only warn."""
+    try:
+        shutil.rmtree(folder)
+    except OSError as error:
+        logger.warning("the previous output, moved to %s, could not be removed (%s); delete it", folder, error)
+
+
+# A save's folder this young may not be locked yet (made, then locked): never taken for a killed save's.
+LEFTOVER_AGE_S = 60
 
 
 def remove_leftovers(target: Path) -> None:
-    """Remove the staging and retired folders beside ``target`` that saves killed on this host left (each a full
-    checkpoint); a retired previous output whose replacement never arrived goes back to ``target`` first."""
-    host = f"{socket.gethostname()}-"
+    """Remove the folders beside ``target`` that killed saves left (each can be a whole checkpoint): a running save
+    holds its folders locked, so an unlocked one older than a minute is a leftover. A retired previous output whose
+    replacement never arrived goes back to ``target`` first. Nothing is removed where folders cannot be locked."""
     for kind in ("old", "staging"):
-        prefix = f".{target.name}.{kind}-{host}"
-        for path in sorted(target.parent.glob(glob.escape(prefix) + "*")):
-            pid = path.name[len(prefix) :].split("-", 1)[0]
-            if not pid.isdigit() or _running(int(pid)):
+        for path in sorted(target.parent.glob(glob.escape(f".{target.name}.{kind}-") + "*")):
+            try:
+                if not path.is_dir() or time.time() - path.stat().st_mtime < LEFTOVER_AGE_S:
+                    continue
+                descriptor = os.open(path, os.O_RDONLY)
+            except OSError:  # removed meanwhile, or not ours to open
                 continue
-            if kind == "old" and not target.exists() and (path / target.name).is_dir():
-                os.replace(path / target.name, target)
-                logger.warning("put back %s, which a save killed before it was replaced left in %s", target, path)
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
+            try:
+                if _lock(descriptor) is not True:
+                    continue
+                if kind == "old" and not target.exists() and (path / target.name).is_dir():
+                    os.replace(path / target.name, target)
+                    logger.warning("put back %s, which a save killed before it was replaced left in %s", target, path)
+                shutil.rmtree(path, ignore_errors=True)
+            finally:
+                os.close(descriptor)
 
 
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 
 
-def _exchange(first: Path, second: Path) -> bool:
-    """Swap two paths in one step (Linux ``renameat2(RENAME_EXCHANGE)``, glibc 2.28+); False where the system or
-    its file system cannot."""
+def _renameat2() -> Any:
+    """glibc's ``renameat2`` (2.28+), or None where there is none."""
     if sys.platform != "linux":
+        return None
+    function = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if function is not None:
+        function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    return function
+
+
+_RENAMEAT2 = _renameat2()
+
+
+def _exchange(first: Path, second: Path) -> bool:
+    """Swap two paths in one step (``renameat2(RENAME_EXCHANGE)``); False where the system or file system cannot."""
+    if _RENAMEAT2 is None:
         return False
-    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if renameat2 is None:
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+    if _RENAMEAT2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
         return True
     code = ctypes.get_errno()
     if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):

@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -361,7 +362,9 @@ def _staging(output_dir: Path, record: dict[str, Any]) -> Iterator[Path]:
     staging = output_dir.parent / f".{output_dir.name}.partial"
     staging.mkdir(parents=True, exist_ok=True)
     busy = f"another run is pruning into {str(output_dir)!r} now (in {str(staging)!r}); wait for it to end, or give another output_dir"
-    with held_exclusively(staging, busy):
+    with held_exclusively(staging, busy) as held:
+        if not held:
+            logger.warning("%s cannot be locked on this file system: a second run into %s at the same time would not be refused", staging, output_dir)
         try:
             previous = json.loads((staging / RUN_RECORD).read_text())
         except (OSError, ValueError):
@@ -399,7 +402,11 @@ def _finish_checkpoint(
     config.save_pretrained(staging)
     if tokenizer is not None:
         tokenizer.save_pretrained(staging)
-    replace_directory(staging, output_dir)
+    # Under a name of its own first (its lock moves with it): swapped with a previous output, the partial folder's
+    # name would hold that output's layers, which a rerun would take for another run's.
+    finished = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.staging-", dir=output_dir.absolute().parent))
+    os.replace(staging, finished)
+    replace_directory(finished, output_dir)
     (output_dir / RUN_RECORD).unlink()  # after the rename: a run killed before it still resumes
 
 

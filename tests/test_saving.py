@@ -89,29 +89,38 @@ def test_interrupted_save_keeps_previous_output(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["pruned"]  # no staging directory left behind
 
 
-def _folders_of_a_killed_process(tmp_path, name: str) -> tuple[str, str]:
-    """Staging and retired folder names of a save on this host whose process is gone (SIGKILL runs no cleanup)."""
-    import socket
-    import subprocess
-    import sys
+def _left_by_a_killed_save(folder, age_s: float = 3600):
+    """A save's folder as a killed save leaves it: unlocked (the kernel released its lock), and not new."""
+    import os
+    import time
 
-    gone = subprocess.Popen([sys.executable, "-c", "pass"])
-    gone.wait()
-    tag = f"{socket.gethostname()}-{gone.pid}-"
-    return f".{name}.staging-{tag}x1", f".{name}.old-{tag}x2"
+    folder.mkdir(parents=True, exist_ok=True)
+    os.utime(folder, (time.time() - age_s,) * 2)
+    return folder
 
 
-def test_folders_a_killed_save_left_are_removed_by_the_next_save(tmp_path):
-    """Each was a full hidden copy of the checkpoint that no later run removed."""
+def test_folders_a_killed_save_left_are_removed_by_the_next_save_and_a_running_saves_are_not(tmp_path):
+    """Each was a full hidden copy of the checkpoint that no later run removed. A running save holds its folder
+    locked; one made a moment ago may not be locked yet."""
+    import fcntl
+    import os
+
     model = tiny_model()
     output = save_pruned(model, tmp_path / "pruned")
-    staging, retired = _folders_of_a_killed_process(tmp_path, "pruned")
-    (tmp_path / staging).mkdir()
-    (tmp_path / staging / "model.safetensors").write_bytes(b"half")
-    (tmp_path / retired / "pruned").mkdir(parents=True)
-    (tmp_path / ".pruned.staging-otherhost-1-x3").mkdir()  # another host's (a shared file system): not ours to judge
-    save_pruned(model, output)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".pruned.staging-otherhost-1-x3", "pruned"]
+    (tmp_path / ".pruned.staging-x1").mkdir()
+    (tmp_path / ".pruned.staging-x1" / "model.safetensors").write_bytes(b"half")
+    _left_by_a_killed_save(tmp_path / ".pruned.staging-x1")
+    _left_by_a_killed_save(tmp_path / ".pruned.old-x2" / "pruned")
+    _left_by_a_killed_save(tmp_path / ".pruned.old-x2")
+    running = _left_by_a_killed_save(tmp_path / ".pruned.staging-x3")
+    _left_by_a_killed_save(tmp_path / ".pruned.staging-x4", age_s=0)
+    descriptor = os.open(running, os.O_RDONLY)
+    fcntl.flock(descriptor, fcntl.LOCK_EX)
+    try:
+        save_pruned(model, output)
+    finally:
+        os.close(descriptor)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".pruned.staging-x3", ".pruned.staging-x4", "pruned"]
 
 
 def test_a_previous_output_a_save_killed_between_its_renames_left_aside_is_put_back(tmp_path, caplog):
@@ -120,13 +129,29 @@ def test_a_previous_output_a_save_killed_between_its_renames_left_aside_is_put_b
     model = tiny_model()
     output = save_pruned(model, tmp_path / "pruned")
     before = {p.name: p.read_bytes() for p in output.iterdir()}
-    _, retired = _folders_of_a_killed_process(tmp_path, "pruned")
-    (tmp_path / retired).mkdir()
-    output.rename(tmp_path / retired / "pruned")
+    output.rename(tmp_path / "retired")
+    retired = _left_by_a_killed_save(tmp_path / ".pruned.old-x1")
+    (tmp_path / "retired").rename(retired / "pruned")
+    _left_by_a_killed_save(retired)
     with caplog.at_level("WARNING", logger="optimum_prune"):
         remove_leftovers(output)
     assert {p.name: p.read_bytes() for p in output.iterdir()} == before and "put back" in caplog.text
     assert [p.name for p in tmp_path.iterdir()] == ["pruned"]
+
+
+def test_folders_are_left_alone_where_they_cannot_be_locked(tmp_path, monkeypatch):
+    """NFS without lockd or Lustre without -o flock: a running save cannot be told from a killed one."""
+    import errno
+
+    from optimum_prune import saving
+
+    def unsupported(descriptor, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(saving.fcntl, "flock", unsupported)
+    leftover = _left_by_a_killed_save(tmp_path / ".out.staging-x1")
+    output = save_pruned(tiny_model(), tmp_path / "out")
+    assert leftover.is_dir() and (output / "config.json").is_file()
 
 
 @pytest.mark.parametrize("exchange", [True, False])
@@ -166,12 +191,19 @@ def test_replacing_an_output_swaps_it_whole_and_leaves_nothing_beside_it(tmp_pat
 
 
 def test_an_output_in_a_folder_this_user_cannot_write_is_named_before_pruning(tmp_path, monkeypatch):
-    """It failed at the final rename, after hours of offloaded pruning (the suite runs as root: access is faked)."""
+    """It failed at the final rename (or after it, removing the previous output), after hours of offloaded pruning
+    (the suite runs as root: access is faked)."""
     from optimum_prune import saving
 
-    monkeypatch.setattr(saving.os, "access", lambda path, mode: path != tmp_path)
-    with pytest.raises(ValueError, match=f"output_dir {tmp_path}/a/out: this user cannot write in {tmp_path}, where"):
-        saving.check_replaceable(tmp_path / "a" / "out", None, "output_dir")
+    (tmp_path / "earlier").mkdir()
+    (tmp_path / "a-file").write_text("")
+    for folder, target in ((tmp_path, tmp_path / "a" / "out"), (tmp_path / "earlier", tmp_path / "earlier")):
+        with monkeypatch.context() as patched:
+            patched.setattr(saving.os, "access", lambda path, mode, folder=folder: path != folder)
+            with pytest.raises(ValueError, match=f"output_dir {target}: this user cannot write in {folder}, where"):
+                saving.check_replaceable(target, None, "output_dir")
+    with pytest.raises(ValueError, match="a-file is a file, not a directory"):
+        saving.check_replaceable(tmp_path / "a-file" / "out", None, "output_dir")
 
 
 def test_an_interrupted_save_to_a_new_nested_path_leaves_no_folder_it_made(tmp_path, monkeypatch):

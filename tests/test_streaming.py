@@ -216,6 +216,38 @@ def test_a_second_run_into_the_same_output_while_one_runs_is_refused(sharded, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "source"]
 
 
+def test_where_folders_cannot_be_locked_the_run_goes_on_and_says_so(sharded, tmp_path, monkeypatch, caplog):
+    """NFS without lockd, Lustre without -o flock: the lock failed the whole run."""
+    import errno
+
+    from optimum_prune import saving
+
+    def unsupported(descriptor, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(saving.fcntl, "flock", unsupported)
+    with caplog.at_level("WARNING", logger="optimum_prune"):
+        prune_checkpoint(sharded, tmp_path / "out", CONFIGS["magnitude"])
+    assert "cannot be locked on this file system" in caplog.text and (tmp_path / "out" / "config.json").is_file()
+
+
+def test_a_run_killed_while_removing_the_output_it_replaced_leaves_no_partial_folder_behind(sharded, tmp_path, monkeypatch):
+    """Swapped with the partial folder, the previous output took its name: a kill while removing it left that
+    output's layers there, and every later run was refused for "another run"."""
+    from optimum_prune import saving
+
+    prune_checkpoint(sharded, tmp_path / "out", CONFIGS["magnitude"])
+    interrupted = []
+    monkeypatch.setattr(saving, "_remove_replaced", lambda folder: interrupted.append(folder.name) or (_ for _ in ()).throw(KeyboardInterrupt()))
+    again = PruningConfig(method="magnitude", sparsity=0.6)
+    with pytest.raises(KeyboardInterrupt):
+        prune_checkpoint(sharded, tmp_path / "out", again)
+    monkeypatch.undo()
+    assert interrupted[0].startswith(".out.staging-") and not (tmp_path / ".out.partial").exists()
+    prune_checkpoint(sharded, tmp_path / "out", again)
+    assert PruningConfig.from_pretrained(tmp_path / "out") == again
+
+
 @pytest.mark.parametrize(
     ("config", "options", "message"),
     [
