@@ -48,6 +48,22 @@ def test_sublayer_removal_keeps_a_block_holding_an_ignored_linear():
     assert report.removed == ["model.layers.0 mlp"]
 
 
+@pytest.mark.parametrize(
+    "family, sublayers, norm, reroute",
+    [("llama", "mlp", "post_attention_layernorm", False), ("llama", "attention", "input_layernorm", False),
+     ("gemma2", "mlp", "post_feedforward_layernorm", False), ("gemma2", "mlp", "post_feedforward_layernorm", True),
+     ("gemma2", "attention", "post_attention_layernorm", False)],
+)  # fmt: skip
+def test_sublayer_removal_keeps_a_block_whose_norm_is_ignored(family, sublayers, norm, reroute):
+    """Removing a block also replaces its norms: it went ahead and was stopped only after (the model already cut)."""
+    model = tiny_model(family, num_hidden_layers=4)
+    kept = f"model.layers.1.{norm}"
+    config = PruningConfig(method="sublayers", sparsity=0.6, ignore=[kept], method_options={"sublayers": sublayers, "reroute": reroute})
+    report = prune(model, config, calibration=token_windows())
+    assert report.removed and f"model.layers.1 {sublayers}" not in report.removed
+    assert isinstance(model.get_submodule(kept), torch.nn.Module) and not isinstance(model.get_submodule(kept), torch.nn.Identity)
+
+
 def test_width_pruning_keeps_the_width_of_an_ignored_block():
     model = tiny_model()
     prune(model, PruningConfig(method="width", sparsity=0.1, ignore=["*.mlp"], method_options={"criterion": "magnitude_l1"}))

@@ -254,6 +254,11 @@ class DecoderAdapter(ABC):
         """Replace the ``"attention"`` or ``"mlp"`` sublayer by a no-op; the residual path stays."""
         raise self._no_structure()
 
+    def sublayer_norms(self, layer: nn.Module, sublayer: str, reroute: bool = False) -> list[str]:
+        """The names, in ``layer``, of the norms that removing (or re-routing) the sublayer replaces with it, which
+        ``ignore`` must then leave too."""
+        return []
+
     def reroute_sublayer(self, layer: nn.Module, sublayer: str) -> nn.Module:
         """Replace the ``"attention"`` or ``"mlp"`` sublayer by a zero affine map of its normalised
         input (``.map``, fitted by ``methods.rerouting``); the norm stays. Return the stand-in."""

@@ -227,9 +227,12 @@ class LlamaAdapter(DecoderStackAdapter):
             layer.mlp = RemovedMLP()
         else:
             raise ValueError(f"sublayer must be 'attention' or 'mlp', got {sublayer!r}")
-        for norms in (self.pre_norms, self.post_norms):
-            if sublayer in norms:
-                setattr(layer, norms[sublayer], nn.Identity())
+        for norm in self.sublayer_norms(layer, sublayer):
+            setattr(layer, norm, nn.Identity())
+
+    def sublayer_norms(self, layer: nn.Module, sublayer: str, reroute: bool = False) -> list[str]:
+        # Re-routing keeps the pre-norm: the stand-in maps the normalised input.
+        return [norms[sublayer] for norms in ((self.post_norms,) if reroute else (self.pre_norms, self.post_norms)) if sublayer in norms]
 
     def reroute_sublayer(self, layer: nn.Module, sublayer: str) -> nn.Module:
         if sublayer not in ("attention", "mlp"):
@@ -240,8 +243,8 @@ class LlamaAdapter(DecoderStackAdapter):
             layer.self_attn = _keeping_sliding_flag(attention, ReroutedAttention(attention.layer_idx, attention.head_dim, like.shape[0], like))
         else:
             layer.mlp = ReroutedMLP(like.shape[0], like)
-        if sublayer in self.post_norms:  # the map is fitted to the normalised term, so it writes the stream directly
-            setattr(layer, self.post_norms[sublayer], nn.Identity())
+        for norm in self.sublayer_norms(layer, sublayer, reroute=True):  # the map is fitted to the normalised term, so it writes the stream directly
+            setattr(layer, norm, nn.Identity())
         stand_in = self.sublayer(layer, sublayer)
         with torch.no_grad():
             stand_in.map.weight.zero_()

@@ -19,7 +19,7 @@ from torch import nn
 from ..calibration import LayerInputs, feed_layer, walk_layers
 from ..calibration.engine import on_device
 from ..calibration.gradients import calibration_perplexity
-from ..ignoring import holds_ignored
+from ..ignoring import holds_ignored, is_ignored
 from ..options import check_choice, option
 from ..statistics import BlockInfluence
 from .base import StructuredMethod, register_structured_method
@@ -55,7 +55,9 @@ class SublayerRemoval(StructuredMethod[SublayerRemovalOptions]):
         for index, (name, layer) in enumerate(zip(names, layers)):
             for kind in kinds:
                 qualified = f"{name}.{self._child_name(layer, kind)}"
-                if self._present(layer, kind) and not holds_ignored(qualified, self.adapter.sublayer(layer, kind), self.ignore):
+                norms = [f"{name}.{norm}" for norm in self.adapter.sublayer_norms(layer, kind, self.options.reroute)]
+                kept = holds_ignored(qualified, self.adapter.sublayer(layer, kind), self.ignore) or any(is_ignored(n, self.ignore) for n in norms)
+                if self._present(layer, kind) and not kept:
                     self.units[(index, kind)] = sum(
                         m.weight.numel() for m in self.adapter.sublayer(layer, kind).modules() if isinstance(m, nn.Linear)
                     ) - map_parameters
