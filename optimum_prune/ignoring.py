@@ -7,7 +7,7 @@ a linear held by a kept module."""
 from __future__ import annotations
 
 from fnmatch import fnmatchcase
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 from torch import nn
@@ -58,15 +58,22 @@ def check_ignore_patterns(adapter: DecoderAdapter, ignore: Iterable[str], field:
         )
 
 
-# A kept module's parameters as they are: name → (shape, dtype, sum, sum of magnitudes), in float64.
-Fingerprint = dict[str, tuple[torch.Size, torch.dtype, float, float]]
+# A kept module's parameters as they are: name → (shape, dtype, then sums accumulated in float64: of the values,
+# of their magnitudes, and of every third value, which moves when values trade places). NaN is written as a string,
+# so that a NaN weight left as it was compares equal.
+Fingerprint = dict[str, tuple[Any, ...]]
 
 
 def _fingerprint(module: nn.Module) -> Fingerprint:
-    return {
-        name: (p.shape, p.dtype, p.detach().double().sum().item(), p.detach().double().abs().sum().item())
-        for name, p in module.named_parameters(recurse=False)
-    }
+    def sums(p: torch.Tensor) -> tuple[str, ...]:
+        values = p.detach()
+        flat = values.reshape(-1)
+        return tuple(
+            repr(total.item())
+            for total in (values.sum(dtype=torch.float64), values.abs().sum(dtype=torch.float64), flat[::3].sum(dtype=torch.float64))
+        )
+
+    return {name: (p.shape, p.dtype, *sums(p)) for name, p in module.named_parameters(recurse=False)}
 
 
 def kept_modules(model: nn.Module, patterns: Iterable[str]) -> dict[str, tuple[nn.Module, Fingerprint]]:

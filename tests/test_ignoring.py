@@ -102,7 +102,9 @@ def test_keeping_every_moe_block_is_an_error_naming_ignore():
         prune(tiny_moe(), PruningConfig(method="experts", sparsity=0.5, ignore=["*.block_sparse_moe"]), calibration=token_windows(4, 16))
 
 
-@pytest.mark.parametrize("change, message", [("scale", "changed the parameters of"), ("replace", "removed or replaced")])
+@pytest.mark.parametrize(
+    "change, message", [("scale", "changed the parameters of"), ("permute", "changed the parameters of"), ("replace", "removed or replaced")]
+)
 def test_a_structured_method_that_changes_a_kept_module_is_stopped_naming_it(monkeypatch, change, message):
     """Each built-in keeps what ignore names by asking holds_ignored; a plugin's structured method that does not is
     caught after it runs (by identity, so a kept module renumbered by a removed layer still counts as kept)."""
@@ -125,9 +127,20 @@ def test_a_structured_method_that_changes_a_kept_module_is_stopped_naming_it(mon
             with torch.no_grad():
                 if change == "scale":
                     attention.o_proj.weight.mul_(0.5)
+                elif change == "permute":  # the same values in other places
+                    attention.o_proj.weight.copy_(attention.o_proj.weight.flip(0))
                 else:
                     attention.o_proj = torch.nn.Linear(attention.o_proj.in_features, attention.o_proj.out_features, bias=False)
 
     with pytest.raises(RuntimeError, match=rf"structured method 'careless' {message} model.layers.1.self_attn.o_proj, which PruningConfig.ignore keeps"):
         prune(tiny_model(), PruningConfig(method="careless", sparsity=0.2, ignore=["*.o_proj"]))
     prune(tiny_model(), PruningConfig(method="careless", sparsity=0.2, ignore=["*.q_proj"]))  # what it changes is not kept
+
+
+def test_a_kept_module_holding_nan_that_stays_as_it_was_is_kept():
+    """NaN never equals itself: a kept module with a NaN weight was reported as changed, after the method had run."""
+    model = tiny_model(num_hidden_layers=4)
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight[0, 0] = float("nan")
+    report = prune(model, PruningConfig(method="layers", sparsity=0.25, ignore=["model.layers.0.*"]), calibration=token_windows())
+    assert report.removed and "model.layers.0" not in report.removed
