@@ -66,7 +66,7 @@ class PruningSection:
         try:
             config = PruningConfig(**{key: value for key, value in section.items() if key in fields})
         except (TypeError, ValueError) as error:
-            raise ValueError(f"{SECTION}: {error}") from None
+            raise ValueError(in_yaml_terms(str(error))) from None
         offload = section.get("offload")
         if offload is not None and offload not in OFFLOADS:
             raise ValueError(f"{SECTION}.offload must be one of {', '.join(OFFLOADS)} (or absent), got {offload!r}")
@@ -87,6 +87,12 @@ class PruningSection:
             stage = _calibration_stage(dataset, lf_args.get("dataset_dir", DEFAULT_DATASET_DIR))
             return cls(config, dataset, stage, offload, activation_device)
         return cls(config, None, offload=offload, activation_device=activation_device)
+
+
+def in_yaml_terms(message: str) -> str:
+    """An error of ``PruningConfig`` (or of pruning with it) as this YAML spells it: ``pruning.<key>``."""
+    message = message.replace(f"{PruningConfig.__name__}.", f"{SECTION}.")
+    return message if message.startswith(f"{SECTION}.") else f"{SECTION}: {message}"
 
 
 def _dataset_names(value: Any) -> str | None:

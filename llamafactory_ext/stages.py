@@ -36,7 +36,7 @@ from optimum_prune.streaming import checkpoint_fingerprint
 from optimum_prune.structure.loading import records_layer_shapes
 
 from .compat import import_llamafactory
-from .config import SECTION, PruningSection, model_loading_kwargs
+from .config import PruningSection, in_yaml_terms, model_loading_kwargs
 from .distill import distilling_trainers
 from .sections import TRAINING_STAGES
 from .training import TrainingSections
@@ -199,8 +199,8 @@ def _errors_naming_the_section() -> Iterator[None]:
     YAML's user wrote ``pruning.<field>``."""
     try:
         yield
-    except ValueError as error:
-        raise ValueError(str(error).replace(f"{PruningConfig.__name__}.", f"{SECTION}.")) from error
+    except (ValueError, RuntimeError) as error:
+        raise (RuntimeError if isinstance(error, RuntimeError) else ValueError)(in_yaml_terms(str(error))) from error
 
 
 def _prune_and_save(

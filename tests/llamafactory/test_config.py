@@ -27,14 +27,14 @@ def run_cli(tmp_path, capsys, config: dict | str, command: str = "train") -> str
     "pruning, message",
     [
         ({"method": "wanda", "sparsty": 0.5}, "pruning.sparsty is not a valid key; valid keys: activation_device, allocation, "),
-        ({"method": "wanda", "sparsity": 1.5}, r"pruning: PruningConfig.sparsity must be in \[0, 1\)"),
-        ({"method": "wanda", "sparsity": "5:4"}, "pruning: PruningConfig.sparsity '5:4' needs 0 < N < M"),
-        ({"method": "prune_everything"}, "pruning: PruningConfig.method 'prune_everything' is not a registered pruning method; known: experts, kcm, kprune, layers, llm_surgeon, llm_surgeon_structured, low_rank, magnitude"),
+        ({"method": "wanda", "sparsity": 1.5}, r"pruning.sparsity must be in \[0, 1\)"),
+        ({"method": "wanda", "sparsity": "5:4"}, "pruning.sparsity '5:4' needs 0 < N < M"),
+        ({"method": "prune_everything"}, "pruning.method 'prune_everything' is not a registered pruning method; known: experts, kcm, kprune, layers, llm_surgeon, llm_surgeon_structured, low_rank, magnitude"),
         ({"method": "wanda", "calibration_dataset": "not_registered"}, "pruning.calibration_dataset 'not_registered' is not in .*dataset_info.json; registered: wiki_pt, wiki_sft"),
         ("wanda", "pruning: must be a mapping of PruningConfig fields"),
         ({"method": "magnitude", "calibration_dataset": "nope"}, "pruning.calibration_dataset: method 'magnitude' needs no calibration data"),
         ({"method": "wanda", "calibration_dataset": ""}, "pruning.calibration_dataset is empty"),
-        ({"method": ["wanda"]}, r"pruning: PruningConfig.method must be one name \(one of .*\), got \['wanda'\]"),
+        ({"method": ["wanda"]}, r"pruning.method must be one name \(one of .*\), got \['wanda'\]"),
     ],
 )
 def test_bad_pruning_section_is_one_clear_error(workspace, tmp_path, capsys, pruning, message):
