@@ -35,8 +35,9 @@ Options = TypeVar("Options")
 
 
 class LayerPruner(ABC, Generic[Options]):
-    # PruningConfig.seed mixed with this linear's module name (``linear_seed``), set before ``add_batch``: a method
-    # that draws at random seeds its own ``torch.Generator`` with it, so a run repeats and each linear draws its own.
+    # PruningConfig.seed mixed with this linear's module name (``linear_seed``), set after the constructor and before
+    # ``add_batch``: a method that draws at random seeds its own ``torch.Generator`` with it, so a run repeats and each
+    # linear draws its own.
     seed: int = 0
 
     def __init__(self, linear: nn.Linear, options: Options) -> None:
