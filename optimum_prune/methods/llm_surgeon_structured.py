@@ -164,7 +164,9 @@ class LLMSurgeonStructured(StructuredMethod[LLMSurgeonStructuredOptions]):
 
 class _Costs:
     """ΔL of removing a part's rows or columns with the correlated update (module docstring); single rows and
-    columns (MLP channels) come from one vectorised pass per linear."""
+    columns (MLP channels) come from one vectorised pass per linear. Only the inverted factor is damped in a cost
+    (G for rows, A for columns; the other enters raw), which puts it about 2 % from the fully damped quadratic at
+    the default damping; the update is the exact optimum either way."""
 
     def __init__(self, factors: dict[nn.Linear, tuple[torch.Tensor, torch.Tensor]], inverses: dict[nn.Linear, tuple[torch.Tensor, torch.Tensor]]) -> None:
         self.factors, self.inverses = factors, inverses

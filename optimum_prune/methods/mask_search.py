@@ -10,7 +10,9 @@ the loss by about ½ m_Zᵀ I m_Z (the gradient term vanishes at a trained model
    met, and keep the split that removes the least importance.
 2. Mask rearrangement (Sec. 4.2): within each layer the full block of I counts the interactions
    between its masks; the layer's removed set, its size fixed, is improved by swapping a removed
-   and a kept unit while that lowers m_Zᵀ I_l m_Z (the paper's greedy procedure, Alg. 2).
+   and a kept unit while that lowers m_Zᵀ I_l m_Z: a swap local search on the paper's objective (the
+   authors' code makes one greedy pass, adding the next unit and dropping the one that helps most; the
+   swaps reach the optimum more often on random blocks, and never end worse than the diagonal choice).
 3. Mask tuning (Sec. 4.3): layer by layer, the kept units' masks become real numbers fitted by
    least squares so that the pruned sublayer reproduces the dense sublayer's output on calibration
    data (the paper solves with LSMR; here the normal equations, ridge-damped), then are folded
@@ -28,7 +30,10 @@ Adaptation to decoders (the paper prunes BERT and DistilBERT):
   (MLP channels dominate: about 9 MiB per layer for SmolLM2's 1,536 channels).
 - Mask tuning runs in the sequential engine on the inputs of the already-pruned model: attention
   first, then the MLP on what the tuned attention feeds it; the target is the dense sublayer's
-  output on those same inputs.
+  output on those same inputs. The authors' code fits instead the dense model's residual stream after
+  the sublayer minus the pruned model's stream before it (so each layer also corrects the error of the
+  layers below, as K-prune's tuning here does), with a free bias for attention, no tuning of the first
+  layer's attention, and a stop when a scale leaves ±10; this keeps each sublayer's own output, ridge-damped.
 """
 
 from __future__ import annotations
