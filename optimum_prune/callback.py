@@ -278,6 +278,12 @@ class PruningCallback(TrainerCallback):
             self.experts.on_train_begin(args, state, control, model=model, **kwargs)
         if not self.masks.linears:
             raise ValueError("PruningCallback found no prunable linears in the model's decoder layers (check ignore=)")
+        if self.schedule is not None and self.masks.packed():
+            raise ValueError(
+                f"PruningCallback's schedule prunes weights in place, but {self.masks.packed()[0]} holds bitsandbytes 4-bit "
+                "codes (a QLoRA base, frozen): prune before quantizing (optimum_prune.prune on the full-precision model), "
+                "then train the adapter"
+            )
         self._hooks.extend(self.masks.mask_gradients_in_backward())
         self._run_schedule = self.schedule.resolved(state.max_steps) if self.schedule is not None else None
         if self._run_schedule is not None:

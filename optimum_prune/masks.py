@@ -18,6 +18,7 @@ from torch import nn
 
 from .adapters import get_adapter
 from .ignoring import is_ignored
+from .quantized import dequantized_weight, is_packed_4bit
 
 
 def prunable_linears(
@@ -78,18 +79,28 @@ class SparsityMasks:
         (``moe_options.prune_router``).
         """
         linears = prunable_linears(model, ignore, include_routers=True, every_part=True)  # a pruned vision tower's too
-        return cls(linears, {name: linear.weight.detach() == 0 for name, linear in linears.items()})
+        return cls(linears, {name: dequantized_weight(linear).detach() == 0 for name, linear in linears.items()})
+
+    def packed(self) -> list[str]:
+        """The linears whose weights are bitsandbytes 4-bit codes, packed two to a byte: frozen while training
+        (QLoRA), their zeros cannot be written in place."""
+        return [name for name, linear in self.linears.items() if is_packed_4bit(linear)]
 
     def set(self, name: str, pruned: torch.Tensor) -> None:
-        weight = self.linears[name].weight
-        if pruned.shape != weight.shape:
-            raise ValueError(f"mask for {name} has shape {tuple(pruned.shape)}, the weight {tuple(weight.shape)}")
-        self.pruned[name] = pruned.to(device=weight.device, dtype=torch.bool)
+        linear = self.linears[name]
+        if is_packed_4bit(linear):
+            raise ValueError(f"{name}'s weight is bitsandbytes 4-bit codes, packed two to a byte: it cannot be pruned in place")
+        if pruned.shape != linear.weight.shape:
+            raise ValueError(f"mask for {name} has shape {tuple(pruned.shape)}, the weight {tuple(linear.weight.shape)}")
+        self.pruned[name] = pruned.to(device=linear.weight.device, dtype=torch.bool)
 
     @torch.no_grad()
     def apply(self) -> None:
-        """Zero every masked weight in place (cheap enough to run after each optimizer step)."""
+        """Zero every masked weight in place (cheap enough to run after each optimizer step); 4-bit codes, which
+        no optimizer changes, are left as they are."""
         for name, pruned in self.pruned.items():
+            if is_packed_4bit(self.linears[name]):
+                continue
             weight = self.linears[name].weight
             if pruned.device != weight.device:  # the model moved (e.g. Trainer put it on the GPU)
                 pruned = self.pruned[name] = pruned.to(weight.device)
@@ -123,6 +134,13 @@ def merge_lora_preserving_sparsity(peft_model: nn.Module) -> nn.Module:
     if not hasattr(peft_model, "merge_and_unload"):
         raise TypeError(f"expected a peft model with merge_and_unload(), got {type(peft_model).__name__}")
     masks = SparsityMasks.from_zeros(peft_model)
+    if masks.packed():
+        raise ValueError(
+            f"{masks.packed()[0]} (and {len(masks.packed()) - 1} more) holds bitsandbytes 4-bit codes: a merge into them "
+            "requantizes every weight, so the zeros cannot be kept. Merge a QLoRA adapter into the unquantized pruned "
+            "checkpoint: load it without quantization_config, PeftModel.from_pretrained(model, adapter_dir), then "
+            "merge_lora_preserving_sparsity"
+        )
     merged = peft_model.merge_and_unload()
     masks.apply()
     return merged

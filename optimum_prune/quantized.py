@@ -56,6 +56,11 @@ def is_sparse_24(module: nn.Module) -> bool:
     return isinstance(module, SparseLinear)
 
 
+def is_packed_4bit(module: nn.Module) -> bool:
+    """A bitsandbytes 4-bit linear, whose weight holds NF4 / FP4 codes packed two to a byte."""
+    return getattr(getattr(module, "weight", None), "quant_state", None) is not None
+
+
 def dequantized_weight(module: nn.Module) -> torch.Tensor:
     """``module``'s weight as a plain ``[out, in]`` tensor (dequantized when quantized)."""
     if is_sparse_24(module):

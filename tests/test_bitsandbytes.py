@@ -3,7 +3,7 @@ on the CPU backend bitsandbytes ships): the zeros survive, counted on the dequan
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, TrainerControl, TrainerState, TrainingArguments
 
 from optimum_prune import PruningConfig, prune, save_pruned, verify_sparsity
 from optimum_prune.quantized import dequantized_weight
@@ -93,3 +93,25 @@ def test_weights_read_the_same_after_the_model_has_run(quantization, tmp_path):
         after = dequantized_weight(quantized.get_submodule(name)).float()
         assert torch.equal(after == 0, weight == 0) and torch.allclose(after, weight, rtol=1e-2, atol=1e-3 * weight.abs().max()), name
     assert verify_sparsity(quantized, "2:4")["conforming"]
+
+
+def test_a_qlora_base_gives_masks_of_its_zeros_and_a_merge_into_its_codes_is_refused(tmp_path):
+    """Masks were read from the packed 4-bit bytes (sparsity logged 0.0003 for a 50 % model), and the 'preserving'
+    merge kept no zero, then wrote 0 bytes into the codes (decoded as -absmax)."""
+    from peft import LoraConfig, get_peft_model
+
+    from optimum_prune import GradualSchedule, PruningCallback, SparsityMasks, merge_lora_preserving_sparsity
+
+    pruned_checkpoint(tmp_path / "pruned", PruningConfig(method="magnitude", sparsity=0.5))
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned", quantization_config=QUANTIZATIONS["nf4"])
+    peft_model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    masks = SparsityMasks.from_zeros(peft_model)
+    assert masks.sparsity() == pytest.approx(0.5, abs=0.01) and len(masks.packed()) == len(masks.linears)
+    codes = {name: linear.weight.detach().clone() for name, linear in masks.linears.items()}
+    masks.apply()  # frozen codes are left as they are
+    assert all(torch.equal(linear.weight, codes[name]) for name, linear in masks.linears.items())
+    with pytest.raises(ValueError, match="holds bitsandbytes 4-bit codes: a merge into them requantizes every weight"):
+        merge_lora_preserving_sparsity(peft_model)
+    callback = PruningCallback(GradualSchedule(final_sparsity=0.7, end_step=4))
+    with pytest.raises(ValueError, match="schedule prunes weights in place, but .* holds bitsandbytes 4-bit codes"):
+        callback.on_train_begin(TrainingArguments(tmp_path / "run", report_to=[]), TrainerState(max_steps=8), TrainerControl(), model=peft_model)
