@@ -292,7 +292,7 @@ class DistillationMixin:
         labels = distilled_labels(inputs)
         labelled = (labels[:, 1:] != -100).sum()  # the next-token positions the label and KD terms average over
         hidden = config.hidden_weight > 0
-        unwrapped = self.accelerator.unwrap_model(model)  # DDP's wrapper hides the model's structure
+        unwrapped = self.accelerator.unwrap_model(model, keep_torch_compile=False)  # DDP's and compile's wrappers hide the model's structure
         dropping = layer_dropout(unwrapped, config.layer_dropout) if model.training and config.layer_dropout else nullcontext()
         model_inputs = {**inputs, "output_hidden_states": hidden or bool(config.exit_weight)}
         with dropping, (last_layer_output(unwrapped) if hidden else nullcontext([])) as student_last:

@@ -498,6 +498,17 @@ def test_training_with_layer_dropout_drops_while_training_only(tmp_path, monkeyp
         assert torch.equal(model.eval()(input_ids=ids).logits, fresh(input_ids=ids).logits)
 
 
+def test_a_compiled_student_distils_its_hidden_states_and_drops_layers(tmp_path):
+    """Under torch_compile the student is wrapped in an OptimizedModule, which hid its layers from the adapter."""
+    import dataclasses
+
+    config = DistillationConfig(kd_weight=0.0, label_weight=1.0, hidden_weight=1.0, layer_dropout=0.2)
+    args = dataclasses.replace(training_args(tmp_path, 2), torch_compile=True, torch_compile_backend="eager")
+    teacher, student = teacher_student()
+    trainer = DistillationTrainer(model=student, teacher=teacher, distillation=config, args=args, train_dataset=dataset())
+    assert torch.isfinite(torch.tensor(trainer.train().training_loss))
+
+
 def test_exit_recovery_errors_name_the_field(tmp_path):
     with pytest.raises(ValueError, match="set exit_layer"):
         DistillationConfig(exit_weight=1.0)
