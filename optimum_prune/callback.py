@@ -50,7 +50,7 @@ from .masks import SparsityMasks, prunable_linears
 from .sparsity_metadata import drop_sparsity_metadata
 from .perp import PERPConfig, PERPSummary, merge_perp, prepare_perp
 from .sparsity import NMPattern, SparsityTarget, normalise_sparsity, select_mask
-from .statistics import ColumnNorms, RealTokens, wanda_scores
+from .statistics import ColumnNorms, RealTokens, forget_compiled_graphs, wanda_scores
 
 logger = logging.getLogger(__name__)
 SCORES = ("magnitude", "wanda")
@@ -285,6 +285,7 @@ class PruningCallback(TrainerCallback):
                 "then train the adapter"
             )
         self._hooks.extend(self.masks.mask_gradients_in_backward())
+        forget_compiled_graphs(args)  # the hooks above (and the statistics hooks below) must be traced in
         self._run_schedule = self.schedule.resolved(state.max_steps) if self.schedule is not None else None
         if self._run_schedule is not None:
             drop_sparsity_metadata(model)
@@ -324,6 +325,7 @@ class PruningCallback(TrainerCallback):
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
+        forget_compiled_graphs(args)
         self._routing.close()
         if self.experts is not None:
             self.experts.on_train_end(args, state, control, model=model, **kwargs)

@@ -32,7 +32,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from .adapters import DecoderAdapter, get_adapter
 from .distributed import all_reduce_sum
 from .ignoring import check_ignore_patterns, kept_moe_layers
-from .statistics import RealTokens
+from .statistics import RealTokens, forget_compiled_graphs
 from .structure.loading import record_structure
 
 logger = logging.getLogger(__name__)
@@ -131,6 +131,7 @@ class ExpertDroppingCallback(TrainerCallback):
             )  # fmt: skip
         self.real_tokens = RealTokens(model)
         self.layers = [_LayerRouting(self.adapter, layer, self.real_tokens) for layer, _ in blocks]
+        forget_compiled_graphs(args)  # the routing hooks must be traced in
         if state.global_step > 0:
             self._resume(state)
 
@@ -187,6 +188,7 @@ class ExpertDroppingCallback(TrainerCallback):
                     best, self.schedule.kept_at(best, experts, self.end_step),
                 )  # fmt: skip
         self.real_tokens.handle.remove()
+        forget_compiled_graphs(args)
         for routing in self.layers:
             routing.handle.remove()
             kept = (~routing.dropped).nonzero().flatten().tolist()

@@ -48,6 +48,14 @@ class ColumnMoments(ColumnNorms):
         return ((self.squared - self.total.square() / n) / (n - 1)).clamp_min(0).float()
 
 
+def forget_compiled_graphs(args: object) -> None:
+    """Drop the graphs ``torch.compile`` traced so far, when training compiles (``TrainingArguments.torch_compile``):
+    Dynamo does not recheck module hooks, so a graph traced before a callback's statistics hooks were added (an
+    earlier run in the process) would skip them, and one traced with them would run them after they were removed."""
+    if getattr(args, "torch_compile", False):
+        torch._dynamo.reset()
+
+
 class RealTokens:
     """The real (unpadded) positions of the batch ``model`` is running, read from its ``attention_mask``,
     for hooks inside it that gather statistics: padding would count like text otherwise."""

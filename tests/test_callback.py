@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from datasets import Dataset
-from transformers import Trainer, TrainerControl, TrainerState, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from optimum_prune import GradualSchedule, get_adapter, IterativeSchedule, NMPattern, PruningCallback, PruningConfig, SparsityMasks, prune, verify_sparsity
 from optimum_prune.masks import merge_lora_preserving_sparsity, prunable_linears
@@ -467,3 +467,22 @@ def test_parameters_sharded_across_processes_are_refused(tmp_path):
     args = TrainingArguments(str(tmp_path), report_to=[])
     with pytest.raises(ValueError, match="which DeepSpeed ZeRO-3 splits across processes: train with DDP"):
         PruningCallback().on_train_begin(args, TrainerState(), TrainerControl(), model=model)
+
+
+def test_wanda_scores_the_tokens_of_a_compiled_run_after_an_earlier_compiled_run(tmp_path, monkeypatch):
+    """Dynamo does not recheck module hooks: a graph traced by an earlier compiled run in the process skipped the
+    statistics hooks, so no token was counted and every linear was scored by magnitude."""
+    from optimum_prune import GradualSchedule
+
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")  # torch_compile sets it for the process: restored after
+    compiled = {"torch_compile": True, "torch_compile_backend": "eager"}
+    run_trainer(pruned_tiny(), tmp_path / "earlier", [PruningCallback()], steps=2, **compiled)
+    callback = PruningCallback(GradualSchedule(final_sparsity=0.6, start_step=0, end_step=2, every=1, score="wanda"))
+    counted = []
+
+    class Tokens(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            counted.append(sum(norms.tokens for norms in callback._norms.values()))
+
+    run_trainer(tiny_model(), tmp_path / "later", [Tokens(), callback], steps=3, **compiled)
+    assert counted[0] > 0
