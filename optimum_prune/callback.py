@@ -80,6 +80,25 @@ class _SparsitySchedule:
     def sparsity_at(self, step: int) -> float:
         raise NotImplementedError
 
+    def last_pruning_step(self) -> int:
+        """The step of the schedule's last pruning (resolved schedules)."""
+        raise NotImplementedError
+
+    def check_fits(self, max_steps: int) -> None:
+        """Warn when a run of ``max_steps`` ends before the schedule does (it would stop short of its final sparsity,
+        or prune at the run's last step, leaving nothing to retrain after it)."""
+        name, last, reached = type(self).__name__, self.last_pruning_step(), self.sparsity_at(max_steps)
+        if reached < self.final_fraction - 1e-9:
+            logger.warning(
+                "%s prunes until step %d, past the run's %d steps: the run ends at sparsity %.4g, not %s; end the "
+                "schedule earlier or train longer", name, last, max_steps, reached, self.final_sparsity,
+            )  # fmt: skip
+        elif last >= max_steps:
+            logger.warning(
+                "%s's last pruning is at step %d, the run's last: no training step follows it to recover; end the "
+                "schedule earlier or train longer", name, last,
+            )  # fmt: skip
+
     def target_at(self, step: int) -> SparsityTarget:
         """The sparsity (or N:M pattern) to prune to at ``step``.
 
@@ -140,6 +159,9 @@ class GradualSchedule(_SparsitySchedule):
     def prunes_at(self, step: int) -> bool:
         return self.start_step <= step <= self.end_step and ((step - self.start_step) % self.every == 0 or step == self.end_step)
 
+    def last_pruning_step(self) -> int:
+        return self.end_step
+
 
 @dataclass(frozen=True)
 class IterativeSchedule(_SparsitySchedule):
@@ -195,6 +217,9 @@ class IterativeSchedule(_SparsitySchedule):
     def prunes_at(self, step: int) -> bool:
         offset = step - self.start_step
         return offset >= 0 and offset % self.retrain_steps == 0 and offset // self.retrain_steps < self.iterations
+
+    def last_pruning_step(self) -> int:
+        return self.start_step + (self.iterations - 1) * self.retrain_steps
 
 
 Schedule = Union[GradualSchedule, IterativeSchedule, ExpertDroppingSchedule]
@@ -288,6 +313,7 @@ class PruningCallback(TrainerCallback):
         forget_compiled_graphs(args)  # the hooks above (and the statistics hooks below) must be traced in
         self._run_schedule = self.schedule.resolved(state.max_steps) if self.schedule is not None else None
         if self._run_schedule is not None:
+            self._run_schedule.check_fits(state.max_steps)
             drop_sparsity_metadata(model)
             if self._run_schedule.score == "wanda":
                 self._observe_inputs(model)

@@ -486,3 +486,21 @@ def test_wanda_scores_the_tokens_of_a_compiled_run_after_an_earlier_compiled_run
 
     run_trainer(tiny_model(), tmp_path / "later", [Tokens(), callback], steps=3, **compiled)
     assert counted[0] > 0
+
+
+def test_a_schedule_longer_than_the_run_is_warned_of_with_what_the_run_reaches(caplog):
+    """It silently ended short of its target (0.33 of 0.5), or pruned at the last step with nothing to recover."""
+    from optimum_prune import GradualSchedule, IterativeSchedule
+
+    cases = [
+        (GradualSchedule(final_sparsity=0.5, end_step=20, every=2), 6, "prunes until step 20, past the run's 6 steps: the run ends at sparsity 0.3285, not 0.5"),
+        (IterativeSchedule(final_sparsity=0.9, iterations=5, retrain_steps=4), 8, "past the run's 8 steps: the run ends at sparsity 0.7488, not 0.9"),
+        (GradualSchedule(final_sparsity=0.5, end_step=6, every=2), 6, "last pruning is at step 6, the run's last"),
+        (GradualSchedule(final_sparsity=0.5, every=2).resolved(6), 6, None),
+        (IterativeSchedule(final_sparsity=0.9, iterations=3).resolved(9), 9, None),
+    ]
+    for schedule, max_steps, message in cases:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="optimum_prune"):
+            schedule.check_fits(max_steps)
+        assert (message in caplog.text) if message else not caplog.text, (schedule, caplog.text)
