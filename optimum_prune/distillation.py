@@ -229,6 +229,8 @@ class DistillationMixin:
                         "widths to the teacher's, which an optimizer passed as optimizers= does not hold: let the Trainer "
                         "build its optimizer (create_optimizer adds them), or set hidden_weight=0"
                     )
+        if _stores_teacher_top_k(self.train_dataset, self.eval_dataset) and not isinstance(self.data_collator, TopKPadding):
+            self.data_collator = TopKPadding(self.data_collator, required=False)  # add_teacher_top_k's rows of any length
         self._projections_fitted = False
         self._projection_gradients_step: int | None = None
         self._attended_in_step: Any = None  # the step's attended positions (see _get_num_items_in_batch)
@@ -245,7 +247,8 @@ class DistillationMixin:
             self.eval_dataset = {name: annotate(dataset) for name, dataset in self.eval_dataset.items()}
         elif self.eval_dataset is not None:
             self.eval_dataset = annotate(self.eval_dataset)
-        self.data_collator = TopKPadding(self.data_collator)
+        collator = self.data_collator.collator if isinstance(self.data_collator, TopKPadding) else self.data_collator
+        self.data_collator = TopKPadding(collator)
         self.teacher = None
 
     def create_optimizer(self) -> torch.optim.Optimizer:
@@ -471,15 +474,24 @@ def add_teacher_top_k(dataset: Any, teacher: nn.Module, k: int = 64, batch_size:
     return dataset.map(annotate, batched=True, batch_size=batch_size, desc="Teacher top-k logits")
 
 
+def _stores_teacher_top_k(*datasets: Any) -> bool:
+    """Whether a dataset (or an evaluation dict of them) carries ``add_teacher_top_k``'s columns."""
+    found = [d for dataset in datasets for d in (dataset.values() if isinstance(dataset, dict) else [dataset])]
+    return any(TOP_K_INDICES in (getattr(dataset, "column_names", None) or ()) for dataset in found)
+
+
 class TopKPadding:
     """A Trainer's collator, plus the stored teacher columns padded to the batch's length on the side
     the collator padded each row's tokens (collators differ: TRL's pads right whatever the tokenizer
     says). Padded positions are never distilled (``compute_loss``)."""
 
-    def __init__(self, collator: Any) -> None:
+    def __init__(self, collator: Any, required: bool = True) -> None:
         self.collator = collator
+        self.required = required  # False: batches without stored columns go to the collator as they are (a live teacher)
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
+        if not self.required and all(TOP_K_INDICES not in feature for feature in features):
+            return self.collator(features)
         if any(TOP_K_INDICES not in feature for feature in features):
             raise ValueError(
                 "a batch has no stored teacher top-k logits (the teacher was dropped by precompute_teacher_top_k): give "
