@@ -61,6 +61,7 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
         with held_exclusively(staging):  # while it is written: no other save takes it for a killed save's leftover
             yield staging
             replace_directory(staging, target)
+        return  # staging is gone, or holds the replaced output that replace_directory could not remove (warned of)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         for parent in created:  # innermost first; one something else wrote into meanwhile stays
@@ -69,14 +70,12 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
             except OSError:
                 break
         raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
 
 
 def _lock(descriptor: int, wait: bool = False) -> bool | None:
     """Take an exclusive lock on an open folder: True when taken, False when another process holds it, None where
-    the system or file system has no such locks (no fcntl; NFS without lockd, Lustre without ``-o flock``)."""
+    the system or file system has no such locks (no fcntl; NFS, whose exclusive locks need a file open for writing,
+    which a folder cannot be; Lustre without ``-o flock``)."""
     if fcntl is None:
         return None
     try:
@@ -132,6 +131,11 @@ def check_replaceable(target: Path, source: str | os.PathLike | None = None, fie
         raise ValueError(
             f"{target} is the working directory or holds it; saving replaces the whole directory, so give a new one "
             "(e.g. ./pruned)"
+        )
+    if target.is_dir() and os.path.ismount(target):
+        raise ValueError(
+            f"{target} is a mount point; saving replaces the whole directory by renaming, which a mount point cannot "
+            "be: give a folder inside it"
         )
     if target.is_symlink():
         raise ValueError(

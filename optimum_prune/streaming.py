@@ -406,7 +406,12 @@ def _finish_checkpoint(
     # name would hold that output's layers, which a rerun would take for another run's.
     finished = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.staging-", dir=output_dir.absolute().parent))
     os.replace(staging, finished)
-    replace_directory(finished, output_dir)
+    try:
+        replace_directory(finished, output_dir)
+    except BaseException:
+        if (finished / RUN_RECORD).is_file():  # still this run's folder (not swapped): a rerun resumes from it
+            os.replace(finished, staging)
+        raise
     (output_dir / RUN_RECORD).unlink()  # after the rename: a run killed before it still resumes
 
 

@@ -1,6 +1,7 @@
 import json
 import logging
 import re
+import shutil
 
 import pytest
 import torch
@@ -188,6 +189,34 @@ def test_replacing_an_output_swaps_it_whole_and_leaves_nothing_beside_it(tmp_pat
         with pytest.raises(PermissionError):
             saving.replace_directory(new, old)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "out"]
+
+
+def test_a_previous_output_that_cannot_be_removed_leaves_the_save_done_with_a_warning(tmp_path, monkeypatch, caplog):
+    """The swap had put the new output in place, then the save raised while removing the old one."""
+    from optimum_prune import saving
+
+    model = tiny_model()
+    output = save_pruned(model, tmp_path / "pruned")
+    removing = shutil.rmtree
+
+    def refused(path, *args, **kwargs):
+        if not kwargs.get("ignore_errors"):
+            raise PermissionError(1, "Operation not permitted", str(path))
+        return removing(path, *args, **kwargs)
+
+    monkeypatch.setattr(saving.shutil, "rmtree", refused)
+    with caplog.at_level("WARNING", logger="optimum_prune"):
+        save_pruned(model, output, config=PruningConfig(method="magnitude", sparsity=0.3))
+    assert "could not be removed" in caplog.text and PruningConfig.from_pretrained(output).sparsity == 0.3
+
+
+def test_a_mount_point_is_named_before_pruning(monkeypatch, tmp_path):
+    from optimum_prune import saving
+
+    monkeypatch.setattr(saving.os.path, "ismount", lambda path: str(path) == str(tmp_path / "volume"))
+    (tmp_path / "volume").mkdir()
+    with pytest.raises(ValueError, match="volume is a mount point; saving replaces the whole directory by renaming"):
+        saving.check_replaceable(tmp_path / "volume", None, "output_dir")
 
 
 def test_an_output_in_a_folder_this_user_cannot_write_is_named_before_pruning(tmp_path, monkeypatch):

@@ -216,6 +216,25 @@ def test_a_second_run_into_the_same_output_while_one_runs_is_refused(sharded, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "source"]
 
 
+def test_a_run_whose_final_swap_fails_resumes_from_its_layers(sharded, tmp_path, monkeypatch, caplog):
+    """The finished layers had moved to a name the next run does not look at (and a later save would delete)."""
+    import errno
+
+    from optimum_prune import streaming
+
+    def busy(finished, target):
+        raise OSError(errno.EBUSY, "Device or resource busy", str(target))
+
+    monkeypatch.setattr(streaming, "replace_directory", busy)
+    with pytest.raises(OSError, match="busy"):
+        prune_checkpoint(sharded, tmp_path / "out", CONFIGS["magnitude"])
+    monkeypatch.undo()
+    assert (tmp_path / ".out.partial").is_dir() and sorted(p.name for p in tmp_path.iterdir()) == [".out.partial", "source"]
+    with caplog.at_level("INFO", logger="optimum_prune"):
+        prune_checkpoint(sharded, tmp_path / "out", CONFIGS["magnitude"])
+    assert "resuming the partial run" in caplog.text and sorted(p.name for p in tmp_path.iterdir()) == ["out", "source"]
+
+
 def test_where_folders_cannot_be_locked_the_run_goes_on_and_says_so(sharded, tmp_path, monkeypatch, caplog):
     """NFS without lockd, Lustre without -o flock: the lock failed the whole run."""
     import errno
