@@ -301,7 +301,7 @@ class PruningCallback(TrainerCallback):
         self._scheduled = list(prunable_linears(model, self.ignore))  # what a schedule prunes: not the routers
         if self.experts is not None:
             self.experts.on_train_begin(args, state, control, model=model, **kwargs)
-        if not self.masks.linears:
+        if not self.masks.linears and not self.masks.frozen:
             raise ValueError("PruningCallback found no prunable linears in the model's decoder layers (check ignore=)")
         if self.schedule is not None and self.masks.packed():
             raise ValueError(

@@ -6,6 +6,7 @@ a linear held by a kept module."""
 
 from __future__ import annotations
 
+import hashlib
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -58,22 +59,17 @@ def check_ignore_patterns(adapter: DecoderAdapter, ignore: Iterable[str], field:
         )
 
 
-# A kept module's parameters as they are: name → (shape, dtype, then sums accumulated in float64: of the values,
-# of their magnitudes, and of every third value, which moves when values trade places). NaN is written as a string,
-# so that a NaN weight left as it was compares equal.
+# A kept module's parameters as they are: name → (shape, dtype, a digest of the bytes), so any change shows, a swap
+# of values or a NaN's neighbour too.
 Fingerprint = dict[str, tuple[Any, ...]]
 
 
 def _fingerprint(module: nn.Module) -> Fingerprint:
-    def sums(p: torch.Tensor) -> tuple[str, ...]:
-        values = p.detach()
-        flat = values.reshape(-1)
-        return tuple(
-            repr(total.item())
-            for total in (values.sum(dtype=torch.float64), values.abs().sum(dtype=torch.float64), flat[::3].sum(dtype=torch.float64))
-        )
+    def digest(p: torch.Tensor) -> str:
+        data = p.detach().contiguous().reshape(-1).view(torch.uint8).cpu().numpy()
+        return hashlib.blake2b(data, digest_size=16).hexdigest()
 
-    return {name: (p.shape, p.dtype, *sums(p)) for name, p in module.named_parameters(recurse=False)}
+    return {name: (p.shape, p.dtype, digest(p)) for name, p in module.named_parameters(recurse=False)}
 
 
 def kept_modules(model: nn.Module, patterns: Iterable[str]) -> dict[str, tuple[nn.Module, Fingerprint]]:

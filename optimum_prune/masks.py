@@ -66,9 +66,12 @@ def _unwrapped_linears(layer: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
 class SparsityMasks:
     """Which weights of each prunable linear are pruned (``True`` = must stay zero)."""
 
-    def __init__(self, linears: dict[str, nn.Linear], pruned: dict[str, torch.Tensor]) -> None:
+    def __init__(self, linears: dict[str, nn.Linear], pruned: dict[str, torch.Tensor], frozen: dict[str, tuple[int, int]] | None = None) -> None:
         self.linears = linears
         self.pruned = pruned
+        # bitsandbytes 4-bit linears (a QLoRA base): codes packed two to a byte, which no optimizer changes and no
+        # mask can be written into; only their (zeros, weights) counts are kept, for sparsity().
+        self.frozen = frozen or {}
 
     @classmethod
     def from_zeros(cls, model: nn.Module, ignore: Iterable[str] = ()) -> "SparsityMasks":
@@ -79,28 +82,26 @@ class SparsityMasks:
         (``moe_options.prune_router``).
         """
         linears = prunable_linears(model, ignore, include_routers=True, every_part=True)  # a pruned vision tower's too
-        return cls(linears, {name: dequantized_weight(linear).detach() == 0 for name, linear in linears.items()})
+        frozen = {name: _zeros_and_size(linear) for name, linear in linears.items() if is_packed_4bit(linear)}
+        linears = {name: linear for name, linear in linears.items() if name not in frozen}
+        return cls(linears, {name: dequantized_weight(linear).detach() == 0 for name, linear in linears.items()}, frozen)
 
     def packed(self) -> list[str]:
-        """The linears whose weights are bitsandbytes 4-bit codes, packed two to a byte: frozen while training
-        (QLoRA), their zeros cannot be written in place."""
-        return [name for name, linear in self.linears.items() if is_packed_4bit(linear)]
+        """The linears whose weights are bitsandbytes 4-bit codes (``frozen``): their zeros cannot be written in place."""
+        return list(self.frozen)
 
     def set(self, name: str, pruned: torch.Tensor) -> None:
-        linear = self.linears[name]
-        if is_packed_4bit(linear):
+        if name in self.frozen:
             raise ValueError(f"{name}'s weight is bitsandbytes 4-bit codes, packed two to a byte: it cannot be pruned in place")
+        linear = self.linears[name]
         if pruned.shape != linear.weight.shape:
             raise ValueError(f"mask for {name} has shape {tuple(pruned.shape)}, the weight {tuple(linear.weight.shape)}")
         self.pruned[name] = pruned.to(device=linear.weight.device, dtype=torch.bool)
 
     @torch.no_grad()
     def apply(self) -> None:
-        """Zero every masked weight in place (cheap enough to run after each optimizer step); 4-bit codes, which
-        no optimizer changes, are left as they are."""
+        """Zero every masked weight in place (cheap enough to run after each optimizer step)."""
         for name, pruned in self.pruned.items():
-            if is_packed_4bit(self.linears[name]):
-                continue
             weight = self.linears[name].weight
             if pruned.device != weight.device:  # the model moved (e.g. Trainer put it on the GPU)
                 pruned = self.pruned[name] = pruned.to(weight.device)
@@ -120,9 +121,15 @@ class SparsityMasks:
         return grad.masked_fill(self.pruned[name].to(grad.device), 0)
 
     def sparsity(self) -> float:
-        """Fraction of masked weights over all masked linears."""
-        total = sum(mask.numel() for mask in self.pruned.values())
-        return sum(int(mask.sum()) for mask in self.pruned.values()) / total if total else 0.0
+        """Fraction of masked weights over all masked linears (and the zeros of frozen 4-bit ones)."""
+        counts = [(int(mask.sum()), mask.numel()) for mask in self.pruned.values()] + list(self.frozen.values())
+        total = sum(size for _, size in counts)
+        return sum(zeros for zeros, _ in counts) / total if total else 0.0
+
+
+def _zeros_and_size(linear: nn.Module) -> tuple[int, int]:
+    weight = dequantized_weight(linear)
+    return int((weight == 0).sum()), weight.numel()
 
 
 def merge_lora_preserving_sparsity(peft_model: nn.Module) -> nn.Module:
