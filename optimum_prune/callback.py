@@ -310,7 +310,7 @@ class PruningCallback(TrainerCallback):
                 "then train the adapter"
             )
         self._hooks.extend(self.masks.mask_gradients_in_backward())
-        forget_compiled_graphs(args)  # the hooks above (and the statistics hooks below) must be traced in
+        forget_compiled_graphs(args, model)  # the hooks above (and the statistics hooks below) must be traced in
         self._run_schedule = self.schedule.resolved(state.max_steps) if self.schedule is not None else None
         if self._run_schedule is not None:
             self._run_schedule.check_fits(state.max_steps)
@@ -351,7 +351,7 @@ class PruningCallback(TrainerCallback):
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
-        forget_compiled_graphs(args)
+        forget_compiled_graphs(args, model)
         self._routing.close()
         if self.experts is not None:
             self.experts.on_train_end(args, state, control, model=model, **kwargs)

@@ -131,7 +131,7 @@ class ExpertDroppingCallback(TrainerCallback):
             )  # fmt: skip
         self.real_tokens = RealTokens(model)
         self.layers = [_LayerRouting(self.adapter, layer, self.real_tokens) for layer, _ in blocks]
-        forget_compiled_graphs(args)  # the routing hooks must be traced in
+        forget_compiled_graphs(args, model)  # the routing hooks must be traced in
         if state.global_step > 0:
             self._resume(state)
 
@@ -188,7 +188,7 @@ class ExpertDroppingCallback(TrainerCallback):
                     best, self.schedule.kept_at(best, experts, self.end_step),
                 )  # fmt: skip
         self.real_tokens.handle.remove()
-        forget_compiled_graphs(args)
+        forget_compiled_graphs(args, self.adapter.model)
         for routing in self.layers:
             routing.handle.remove()
             kept = (~routing.dropped).nonzero().flatten().tolist()

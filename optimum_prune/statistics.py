@@ -48,11 +48,15 @@ class ColumnMoments(ColumnNorms):
         return ((self.squared - self.total.square() / n) / (n - 1)).clamp_min(0).float()
 
 
-def forget_compiled_graphs(args: object) -> None:
-    """Drop the graphs ``torch.compile`` traced so far, when training compiles (``TrainingArguments.torch_compile``):
-    Dynamo does not recheck module hooks, so a graph traced before a callback's statistics hooks were added (an
-    earlier run in the process) would skip them, and one traced with them would run them after they were removed."""
-    if getattr(args, "torch_compile", False):
+def forget_compiled_graphs(args: object, model: nn.Module | None) -> None:
+    """Drop every graph ``torch.compile`` traced in this process, when training compiles
+    (``TrainingArguments.torch_compile``) or ``model`` was compiled (``model.compile()``, ``torch.compile(model)``):
+    Dynamo does not recheck module hooks, so a graph traced before a callback's statistics hooks were added would
+    skip them, and one traced with them would run them after they were removed. Other compiled code recompiles."""
+    compiled = getattr(args, "torch_compile", False) or (
+        model is not None and any(getattr(m, "_compiled_call_impl", None) is not None or type(m).__name__ == "OptimizedModule" for m in model.modules())
+    )
+    if compiled:
         torch._dynamo.reset()
 
 

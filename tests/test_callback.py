@@ -486,6 +486,13 @@ def test_wanda_scores_the_tokens_of_a_compiled_run_after_an_earlier_compiled_run
 
     run_trainer(tiny_model(), tmp_path / "later", [Tokens(), callback], steps=3, **compiled)
     assert counted[0] > 0
+    model = tiny_model()  # compiled by the user, trained without torch_compile
+    model.compile(backend="eager")
+    run_trainer(model, tmp_path / "user", [PruningCallback()], steps=1)
+    counted.clear()
+    callback = PruningCallback(GradualSchedule(final_sparsity=0.6, start_step=0, end_step=2, every=1, score="wanda"))
+    run_trainer(model, tmp_path / "user-wanda", [Tokens(), callback], steps=3)
+    assert counted[0] > 0
 
 
 def test_a_schedule_longer_than_the_run_is_warned_of_with_what_the_run_reaches(caplog):
