@@ -229,8 +229,8 @@ class DistillationMixin:
                         "widths to the teacher's, which an optimizer passed as optimizers= does not hold: let the Trainer "
                         "build its optimizer (create_optimizer adds them), or set hidden_weight=0"
                     )
-        if _stores_teacher_top_k(self.train_dataset, self.eval_dataset) and not isinstance(self.data_collator, TopKPadding):
-            self.data_collator = TopKPadding(self.data_collator, required=False)  # add_teacher_top_k's rows of any length
+        if not isinstance(self.data_collator, TopKPadding):  # stored top-k columns (add_teacher_top_k) padded as the rows
+            self.data_collator = TopKPadding(self.data_collator, required=False)
         self._projections_fitted = False
         self._projection_gradients_step: int | None = None
         self._attended_in_step: Any = None  # the step's attended positions (see _get_num_items_in_batch)
@@ -471,13 +471,10 @@ def add_teacher_top_k(dataset: Any, teacher: nn.Module, k: int = 64, batch_size:
         indices, values = indices.int().cpu().tolist(), values.float().cpu().tolist()
         return {TOP_K_INDICES: [row[:n] for row, n in zip(indices, lengths)], TOP_K_LOGITS: [row[:n] for row, n in zip(values, lengths)]}
 
-    return dataset.map(annotate, batched=True, batch_size=batch_size, desc="Teacher top-k logits")
+    from datasets import IterableDataset
 
-
-def _stores_teacher_top_k(*datasets: Any) -> bool:
-    """Whether a dataset (or an evaluation dict of them) carries ``add_teacher_top_k``'s columns."""
-    found = [d for dataset in datasets for d in (dataset.values() if isinstance(dataset, dict) else [dataset])]
-    return any(TOP_K_INDICES in (getattr(dataset, "column_names", None) or ()) for dataset in found)
+    described = {} if isinstance(dataset, IterableDataset) else {"desc": "Teacher top-k logits"}  # streamed: lazily, no bar
+    return dataset.map(annotate, batched=True, batch_size=batch_size, **described)
 
 
 class TopKPadding:

@@ -555,12 +555,15 @@ def test_stored_top_k_follow_the_side_the_collator_padded(side):
     assert batch["teacher_top_k_indices"][1].tolist() == expected and batch["teacher_top_k_indices"][0].tolist() == [[1], [2], [3]]
 
 
-def test_stored_top_k_of_rows_of_different_lengths_train_through_a_padding_collator(tmp_path, bpe_tokenizer):
-    """Without precompute_teacher_top_k the stored columns reached the collator unpadded ("excessive nesting")."""
+@pytest.mark.parametrize("streamed", [False, True])
+def test_stored_top_k_of_rows_of_different_lengths_train_through_a_padding_collator(tmp_path, bpe_tokenizer, streamed):
+    """Without precompute_teacher_top_k the stored columns reached the collator unpadded ("excessive nesting"); a
+    streamed dataset could not be annotated at all."""
     from transformers import DataCollatorForLanguageModeling
 
     rows = [token_windows(1, n, seed=n)[0].clamp(min=1).tolist() for n in (12, 7, 9, 5)]
-    stored = add_teacher_top_k(Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]}), tiny_model(seed=0), k=8)
+    dataset = Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]})
+    stored = add_teacher_top_k(dataset.to_iterable_dataset() if streamed else dataset, tiny_model(seed=0), k=8)
     trainer = DistillationTrainer(
         model=tiny_model(seed=1), args=training_args(tmp_path, 1), train_dataset=stored,
         data_collator=DataCollatorForLanguageModeling(bpe_tokenizer, mlm=False), distillation=DistillationConfig(temperature=2.0),
