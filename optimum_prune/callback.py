@@ -87,13 +87,16 @@ class _SparsitySchedule:
     def check_fits(self, max_steps: int) -> None:
         """Warn when a run of ``max_steps`` ends before the schedule does (it would stop short of its final sparsity,
         or prune at the run's last step, leaving nothing to retrain after it)."""
-        name, last, reached = type(self).__name__, self.last_pruning_step(), self.sparsity_at(max_steps)
-        if reached < self.final_fraction - 1e-9:
+        name, last = type(self).__name__, self.last_pruning_step()
+        if last > max_steps:
+            steps = [step for step in range(max_steps + 1) if self.prunes_at(step)]  # the ones the run reaches
+            reached = self.target_at(steps[-1]) if steps else 0.0
             logger.warning(
-                "%s prunes until step %d, past the run's %d steps: the run ends at sparsity %.4g, not %s; end the "
-                "schedule earlier or train longer", name, last, max_steps, reached, self.final_sparsity,
+                "%s prunes until step %d, past the run's %d steps: the run ends at %s, not %s; end the schedule "
+                "earlier or train longer", name, last, max_steps,
+                f"sparsity {reached:.4g}" if isinstance(reached, float) else reached, self.final_sparsity,
             )  # fmt: skip
-        elif last >= max_steps:
+        elif last == max_steps:
             logger.warning(
                 "%s's last pruning is at step %d, the run's last: no training step follows it to recover; end the "
                 "schedule earlier or train longer", name, last,

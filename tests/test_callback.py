@@ -500,7 +500,8 @@ def test_a_schedule_longer_than_the_run_is_warned_of_with_what_the_run_reaches(c
     from optimum_prune import GradualSchedule, IterativeSchedule
 
     cases = [
-        (GradualSchedule(final_sparsity=0.5, end_step=20, every=2), 6, "prunes until step 20, past the run's 6 steps: the run ends at sparsity 0.3285, not 0.5"),
+        (GradualSchedule(final_sparsity=0.5, end_step=20, every=4), 6, "prunes until step 20, past the run's 6 steps: the run ends at sparsity 0.244, not 0.5"),
+        (GradualSchedule(final_sparsity="2:4", end_step=20, every=2), 6, "the run ends at 3:4, not 2:4"),
         (IterativeSchedule(final_sparsity=0.9, iterations=5, retrain_steps=4), 8, "past the run's 8 steps: the run ends at sparsity 0.7488, not 0.9"),
         (GradualSchedule(final_sparsity=0.5, end_step=6, every=2), 6, "last pruning is at step 6, the run's last"),
         (GradualSchedule(final_sparsity=0.5, every=2).resolved(6), 6, None),
