@@ -200,7 +200,13 @@ def _errors_naming_the_section() -> Iterator[None]:
     try:
         yield
     except (ValueError, RuntimeError) as error:
-        raise (RuntimeError if isinstance(error, RuntimeError) else ValueError)(in_yaml_terms(str(error))) from error
+        if "PruningConfig." not in str(error):  # not about the section (an output folder, CUDA memory): as it is
+            raise
+        try:
+            renamed = type(error)(in_yaml_terms(str(error)))
+        except TypeError:  # a class built otherwise
+            renamed = (RuntimeError if isinstance(error, RuntimeError) else ValueError)(in_yaml_terms(str(error)))
+        raise renamed from error
 
 
 def _prune_and_save(
