@@ -148,8 +148,19 @@ def token_windows(samples: int = 8, seq_len: int = 32, seed: int = 1, vocab: int
 def no_leaked_mixed_precision(monkeypatch):
     """transformers' ``TrainingArguments`` writes ``ACCELERATE_MIXED_PRECISION`` into ``os.environ``
     and later ones take it as their default: one bf16 run in this process would make every later
-    test's Trainer autocast to bf16. Each test starts from "no" and the variable is restored after."""
+    test's Trainer autocast to bf16. Each test starts from "no" and the variable is restored after; so does
+    ``ACCELERATE_DYNAMO_BACKEND``, which ``torch_compile=True`` writes (later Trainers would compile)."""
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")
+
+
+@pytest.fixture
+def scratch_methods(monkeypatch):
+    """The method registry, for methods a test registers (a plugin's): restored after the test."""
+    from optimum_prune import METHODS
+
+    monkeypatch.setattr(METHODS, "_entries", dict(METHODS._entries))
+    monkeypatch.setattr(METHODS, "_origins", dict(METHODS._origins))
 
 
 @pytest.fixture

@@ -469,12 +469,11 @@ def test_parameters_sharded_across_processes_are_refused(tmp_path):
         PruningCallback().on_train_begin(args, TrainerState(), TrainerControl(), model=model)
 
 
-def test_wanda_scores_the_tokens_of_a_compiled_run_after_an_earlier_compiled_run(tmp_path, monkeypatch):
+def test_wanda_scores_the_tokens_of_a_compiled_run_after_an_earlier_compiled_run(tmp_path):
     """Dynamo does not recheck module hooks: a graph traced by an earlier compiled run in the process skipped the
     statistics hooks, so no token was counted and every linear was scored by magnitude."""
     from optimum_prune import GradualSchedule
 
-    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")  # torch_compile sets it for the process: restored after
     compiled = {"torch_compile": True, "torch_compile_backend": "eager"}
     run_trainer(pruned_tiny(), tmp_path / "earlier", [PruningCallback()], steps=2, **compiled)
     callback = PruningCallback(GradualSchedule(final_sparsity=0.6, start_step=0, end_step=2, every=1, score="wanda"))

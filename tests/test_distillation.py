@@ -498,11 +498,10 @@ def test_training_with_layer_dropout_drops_while_training_only(tmp_path, monkeyp
         assert torch.equal(model.eval()(input_ids=ids).logits, fresh(input_ids=ids).logits)
 
 
-def test_a_compiled_student_distils_its_hidden_states_and_drops_layers(tmp_path, monkeypatch):
+def test_a_compiled_student_distils_its_hidden_states_and_drops_layers(tmp_path):
     """Under torch_compile the student is wrapped in an OptimizedModule, which hid its layers from the adapter."""
     import dataclasses
 
-    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")  # torch_compile sets it for the process: restored after
     config = DistillationConfig(kd_weight=0.0, label_weight=1.0, hidden_weight=1.0, layer_dropout=0.2)
     args = dataclasses.replace(training_args(tmp_path, 2), torch_compile=True, torch_compile_backend="eager")
     teacher, student = teacher_student()

@@ -105,14 +105,11 @@ def test_keeping_every_moe_block_is_an_error_naming_ignore():
 @pytest.mark.parametrize(
     "change, message", [("scale", "changed the parameters of"), ("permute", "changed the parameters of"), ("replace", "removed or replaced")]
 )
-def test_a_structured_method_that_changes_a_kept_module_is_stopped_naming_it(monkeypatch, change, message):
+def test_a_structured_method_that_changes_a_kept_module_is_stopped_naming_it(scratch_methods, change, message):
     """Each built-in keeps what ignore names by asking holds_ignored; a plugin's structured method that does not is
     caught after it runs (by identity, so a kept module renumbered by a removed layer still counts as kept)."""
-    from optimum_prune import METHODS, register_structured_method
+    from optimum_prune import register_structured_method
     from optimum_prune.methods import StructuredMethod
-
-    monkeypatch.setattr(METHODS, "_entries", dict(METHODS._entries))  # registered for this test only
-    monkeypatch.setattr(METHODS, "_origins", dict(METHODS._origins))
 
     @register_structured_method("careless")
     class Careless(StructuredMethod):

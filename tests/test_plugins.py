@@ -48,18 +48,15 @@ def test_an_installed_plugin_reaches_the_api_and_the_console_script_and_a_broken
     assert "column_norms" in shown.stdout and "a plugin's method" in shown.stdout
 
 
-def test_a_method_drawing_at_random_draws_from_the_configs_seed(monkeypatch):
+def test_a_method_drawing_at_random_draws_from_the_configs_seed(scratch_methods):
     """PruningConfig.seed reached structured methods only: a LayerPruner had no seed to draw from."""
     import torch
 
-    from optimum_prune import METHODS, PruningConfig, prune, register_method
+    from optimum_prune import PruningConfig, prune, register_method
     from optimum_prune.masks import prunable_linears
     from optimum_prune.methods import LayerPruner
 
     from .conftest import tiny_model
-
-    monkeypatch.setattr(METHODS, "_entries", dict(METHODS._entries))  # registered for this test only
-    monkeypatch.setattr(METHODS, "_origins", dict(METHODS._origins))
 
     @register_method("random_control")
     class RandomControl(LayerPruner):
