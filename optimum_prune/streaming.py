@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -391,10 +392,14 @@ def _finish_checkpoint(
     tensors = {name: t.to(stream.dtype).contiguous() for name, t in reader.read(rest).items()}
     save_file(tensors, staging / REST_SHARD, metadata={"format": "pt"})
     weight_map = dict.fromkeys(rest, REST_SHARD)
+    total_size = sum(t.numel() * t.element_size() for t in tensors.values())  # the index's, as save_pretrained writes it
     for index in range(len(stream.layer_names)):
         with opened(stream.shard(index)) as handle:
             weight_map.update(dict.fromkeys(handle.keys(), stream.shard(index).name))
-    (staging / INDEX_NAME).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}, indent=2))
+            slices = [handle.get_slice(name) for name in handle.keys()]
+            total_size += sum(math.prod(s.get_shape()) * SAFETENSORS_DTYPES[s.get_dtype()].itemsize for s in slices)
+    index_file = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    (staging / INDEX_NAME).write_text(json.dumps(index_file, indent=2))
     for extra in source.iterdir():  # tokenizer and generation config files, as the source has them
         if extra.is_file() and not _is_weights(extra.name) and extra.name not in ("config.json", CONFIG_NAME):
             shutil.copy2(extra, staging / extra.name)

@@ -216,6 +216,16 @@ def test_a_second_run_into_the_same_output_while_one_runs_is_refused(sharded, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "source"]
 
 
+def test_the_index_states_the_total_size_as_save_pretrained_does(sharded, tmp_path):
+    import json
+
+    prune_checkpoint(sharded, tmp_path / "out", CONFIGS["magnitude"])
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    stored = {name: tensor for name, tensor in model.state_dict().items() if name in index["weight_map"]}
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in stored.values()) > 0
+
+
 def test_a_run_whose_final_swap_fails_resumes_from_its_layers(sharded, tmp_path, monkeypatch, caplog):
     """The finished layers had moved to a name the next run does not look at (and a later save would delete)."""
     import errno
