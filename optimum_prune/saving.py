@@ -55,7 +55,7 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     created = [parent for parent in target.parents if not parent.exists()]  # removed again if the block fails
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(target)
-    staging = _claimed_folder(target, "staging")
+    staging = claimed_folder(target, "staging")
     staging.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would make the saved checkpoint unreadable to other users
     try:
         with held_exclusively(staging):  # while it is written: no other save takes it for a killed save's leftover
@@ -188,14 +188,13 @@ def replace_directory(finished: Path, target: Path) -> None:
     never holds a mix of the two. Where Linux can swap the two folders in one step, ``target`` is never
     missing either (the old folder takes ``finished``'s name, then goes); elsewhere it is moved aside first
     into a locked folder (a save killed between the two renames leaves it there, and the next save to
-    ``target`` puts it back), then removed."""
-    remove_leftovers(target)
+    ``target`` puts it back: the entry points call ``remove_leftovers`` before they write), then removed."""
     if not target.exists():
         os.replace(finished, target)
     elif _exchange(finished, target):
         _remove_replaced(finished)
     else:
-        retired = _claimed_folder(target, "old")
+        retired = claimed_folder(target, "old")
         with held_exclusively(retired):
             try:
                 os.replace(target, retired / target.name)
@@ -206,7 +205,7 @@ def replace_directory(finished: Path, target: Path) -> None:
             _remove_replaced(retired)
 
 
-def _claimed_folder(target: Path, kind: str) -> Path:
+def claimed_folder(target: Path, kind: str) -> Path:
     """A new hidden folder beside ``target`` for a save's work (``.{name}.{kind}-*``), which the save locks at once."""
     return Path(tempfile.mkdtemp(prefix=f".{target.name}.{kind}-", dir=target.parent))
 

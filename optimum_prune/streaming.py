@@ -26,7 +26,6 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -40,7 +39,7 @@ from .calibration import CalibrationInputs, CalibrationSource, calibration_input
 from .config import CONFIG_NAME, PruningConfig, as_pruning_config
 from .models import unreadable_checkpoint
 from .report import PruningReport
-from .saving import check_replaceable, held_exclusively, replace_directory, write_text_atomic
+from .saving import check_replaceable, claimed_folder, held_exclusively, remove_leftovers, replace_directory, write_text_atomic
 from .structure.loading import records_layer_shapes
 
 logger = logging.getLogger(__name__)
@@ -251,6 +250,7 @@ def prune_checkpoint(
     if not (source / "config.json").is_file():
         raise ValueError(f"source {str(source)!r} is not a checkpoint directory (no config.json)")
     check_replaceable(output_dir, source, "output_dir")  # before hours of pruning, not at the final rename
+    remove_leftovers(output_dir.absolute())  # what killed saves to it left: the disk space is free before pruning
     reader = CheckpointReader(source)
     model_config = AutoConfig.from_pretrained(source, local_files_only=True)
     dtype = dtype or _declared_dtype(model_config) or reader.dtype()
@@ -409,7 +409,7 @@ def _finish_checkpoint(
         tokenizer.save_pretrained(staging)
     # Under a name of its own first (its lock moves with it): swapped with a previous output, the partial folder's
     # name would hold that output's layers, which a rerun would take for another run's.
-    finished = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.staging-", dir=output_dir.absolute().parent))
+    finished = claimed_folder(output_dir.absolute(), "staging")
     os.replace(staging, finished)
     try:
         replace_directory(finished, output_dir)
