@@ -20,6 +20,7 @@ is complete. The result loads with stock ``AutoModelForCausalLM.from_pretrained`
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -97,13 +98,25 @@ class CheckpointReader:
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         tensors = {}
-        by_file: dict[Path, list[str]] = {}
-        for name in names:
-            by_file.setdefault(self.weight_map[name], []).append(name)
-        for file, file_names in by_file.items():
+        for file, file_names in self._by_file(names).items():
             with opened(file) as handle:
                 tensors.update({name: handle.get_tensor(name) for name in file_names})
         return tensors
+
+    def stored_size(self, dtype: torch.dtype) -> int:
+        """Bytes the checkpoint's tensors take written as ``dtype`` (the pruned output's size: zeros are stored),
+        from the shards' headers."""
+        elements = 0
+        for file, file_names in self._by_file(list(self.weight_map)).items():
+            with opened(file) as handle:
+                elements += sum(math.prod(handle.get_slice(name).get_shape()) for name in file_names)
+        return elements * dtype.itemsize
+
+    def _by_file(self, names: list[str]) -> dict[Path, list[str]]:
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.weight_map[name], []).append(name)
+        return by_file
 
     def dtype(self) -> torch.dtype:
         """The dtype of the checkpoint's first tensor, read from its header."""
@@ -193,10 +206,48 @@ class LayerStream:
 
     def _save(self, index: int, layer: nn.Module, prefix: str) -> None:
         tensors = {f"{prefix}.{name}": t.detach().contiguous().cpu() for name, t in layer.state_dict().items()}
-        temporary = self.staging / f".{self.shard(index).name}.tmp"
         note = self.notes.pop(index, None)
-        save_file(tensors, temporary, metadata={"format": "pt", **({NOTE_KEY: note} if note is not None else {})})
-        os.replace(temporary, self.shard(index))
+        kept = f" (layers 0-{index - 1} are kept in {self.staging})" if index else ""
+        resume = f"rerun the same call: it resumes from layer {index}{kept}"
+        _write_shard(tensors, self.shard(index), {"format": "pt", **({NOTE_KEY: note} if note is not None else {})}, resume)
+
+    def written_size(self) -> int:
+        """Bytes of the layer shards already in the staging folder (a resumed run's)."""
+        return sum(self.shard(index).stat().st_size for index in range(len(self.layer_names)) if self.finished(index))
+
+
+def _write_shard(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str], resume: str) -> None:
+    """``save_file`` to a temporary file renamed to ``path`` when whole. A full disk (safetensors reports it in a
+    message) leaves no partial file and is said plainly, with how to go on (``resume``)."""
+    temporary = path.parent / f".{path.name}.tmp"
+    try:
+        save_file(tensors, temporary, metadata=metadata)
+    except BaseException as error:
+        temporary.unlink(missing_ok=True)
+        if _out_of_space(error):
+            raise OSError(
+                errno.ENOSPC, f"no space left on the disk holding {path.parent} to write {path.name}; free space, then {resume}"
+            ) from error
+        raise
+    os.replace(temporary, path)
+
+
+def _out_of_space(error: BaseException) -> bool:
+    codes = (errno.ENOSPC, errno.EDQUOT)
+    return getattr(error, "errno", None) in codes or any(f"(os error {code})" in str(error) for code in codes)
+
+
+def _warn_if_short_of_space(stream: LayerStream, reader: CheckpointReader) -> None:
+    """Said before hours of pruning, not at the layer that finds the disk full (a warning: space may be freed
+    meanwhile, and a compressing file system stores zeros in less)."""
+    needed = reader.stored_size(stream.dtype) - stream.written_size()
+    free = shutil.disk_usage(stream.staging).free
+    if free < needed:
+        logger.warning(
+            "the disk holding %s has %.3g GB free; the pruned checkpoint needs about %.3g GB more (pruned weights are "
+            "stored dense): the run will stop when the disk is full. Free space first, or give an output_dir on "
+            "another disk", stream.staging, free / 1e9, needed / 1e9,
+        )
 
 
 def _release(layer: nn.Module) -> None:
@@ -291,6 +342,7 @@ def prune_checkpoint(
         check_calibration_inputs(model, inputs)
     with _staging(output_dir, _run_record(source, config, dtype, inputs)) as staging:
         stream = LayerStream(reader, staging, layer_names, torch.device(device or "cpu"), dtype)
+        _warn_if_short_of_space(stream, reader)
         report = prune(
             model, config, calibration=inputs, device=stream.device, offload=stream, activation_device=activation_device
         )
@@ -390,7 +442,7 @@ def _finish_checkpoint(
     """Index, config and tokenizer files into the staging folder, then rename it to ``output_dir``."""
     staging = stream.staging
     tensors = {name: t.to(stream.dtype).contiguous() for name, t in reader.read(rest).items()}
-    save_file(tensors, staging / REST_SHARD, metadata={"format": "pt"})
+    _write_shard(tensors, staging / REST_SHARD, {"format": "pt"}, "rerun the same call: every layer is kept, only the rest is written")
     weight_map = dict.fromkeys(rest, REST_SHARD)
     total_size = sum(t.numel() * t.element_size() for t in tensors.values())  # the index's, as save_pretrained writes it
     for index in range(len(stream.layer_names)):

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -228,8 +232,6 @@ def test_the_index_states_the_total_size_as_save_pretrained_does(sharded, tmp_pa
 
 def test_a_run_whose_final_swap_fails_resumes_from_its_layers(sharded, tmp_path, monkeypatch, caplog):
     """The finished layers had moved to a name the next run does not look at (and a later save would delete)."""
-    import errno
-
     from optimum_prune import streaming
 
     def busy(finished, target):
@@ -245,10 +247,49 @@ def test_a_run_whose_final_swap_fails_resumes_from_its_layers(sharded, tmp_path,
     assert "resuming the partial run" in caplog.text and sorted(p.name for p in tmp_path.iterdir()) == ["out", "source"]
 
 
+def test_a_full_disk_is_said_plainly_leaves_no_partial_shard_and_the_rerun_resumes(sharded, tmp_path, monkeypatch):
+    """safetensors reported it as "Error while serializing: I/O error: ... (os error 28)", and its half-written
+    shard stayed in the partial folder."""
+    from safetensors import SafetensorError
+
+    from optimum_prune import streaming
+
+    original, config = streaming.save_file, CONFIGS["magnitude"]
+
+    def full_at_layer_1(tensors, path, metadata=None):
+        if "layer-00001" in str(path):
+            Path(path).write_bytes(b"half a shard")
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        original(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(streaming, "save_file", full_at_layer_1)
+    with pytest.raises(OSError, match="no space left on the disk holding .* it resumes from layer 1 .layers 0-0 are kept") as caught:
+        prune_checkpoint(sharded, tmp_path / "out", config)
+    assert caught.value.errno == errno.ENOSPC
+    assert sorted(p.name for p in (tmp_path / ".out.partial").iterdir()) == ["model-layer-00000.safetensors", "streaming-run.json"]
+    monkeypatch.undo()
+    prune_checkpoint(sharded, tmp_path / "out", config)
+    assert_same_weights(AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict(), pruned_in_memory(sharded, config, None))
+
+
+def test_a_disk_without_room_for_the_output_is_warned_of_before_pruning(sharded, tmp_path, monkeypatch, caplog):
+    from optimum_prune import streaming
+
+    needed = CheckpointReader(sharded).stored_size(torch.float32)
+    assert needed == sum(t.numel() * 4 for t in AutoModelForCausalLM.from_pretrained(sharded).state_dict().values())
+    monkeypatch.setattr(streaming.shutil, "disk_usage", lambda path: SimpleNamespace(free=needed // 2))
+    with caplog.at_level("WARNING", logger="optimum_prune"):
+        prune_checkpoint(sharded, tmp_path / "out", CONFIGS["magnitude"])
+    assert "the pruned checkpoint needs about" in caplog.text and "Free space first" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(streaming.shutil, "disk_usage", lambda path: SimpleNamespace(free=needed))
+    with caplog.at_level("WARNING", logger="optimum_prune"):
+        prune_checkpoint(sharded, tmp_path / "out2", CONFIGS["magnitude"])
+    assert "Free space first" not in caplog.text
+
+
 def test_where_folders_cannot_be_locked_the_run_goes_on_and_says_so(sharded, tmp_path, monkeypatch, caplog):
     """NFS without lockd, Lustre without -o flock: the lock failed the whole run."""
-    import errno
-
     from optimum_prune import saving
 
     def unsupported(descriptor, operation):
