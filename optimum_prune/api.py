@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
 import weakref
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
@@ -51,8 +52,28 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 MAX_EXPERT_SPARSITY = 0.99  # router hints never empty an expert: it keeps at least 1 % of its weights
+Function = Callable[..., Any]
 
 
+def outside_ambient_modes(function: Function) -> Function:
+    """``function`` runs as if called outside any ``torch.inference_mode()`` or ``torch.autocast``: its statistics
+    and solvers are float32 maths that an enclosing autocast ran in bfloat16 (SparseGPT's Cholesky failed, every
+    other method gave other weights), and under inference mode gradient criteria failed and the parameters it
+    made could never be trained. ``torch.no_grad()`` needs nothing: the methods enable gradients where they use them."""
+
+    @functools.wraps(function)
+    def outside(*args: Any, **kwargs: Any) -> Any:
+        with ExitStack() as modes:
+            modes.enter_context(torch.inference_mode(False))
+            for kind in ("cpu", "cuda"):
+                if torch.is_autocast_enabled(kind):
+                    modes.enter_context(torch.autocast(kind, enabled=False))
+            return function(*args, **kwargs)
+
+    return outside
+
+
+@outside_ambient_modes
 def prune(
     model: nn.Module | str | os.PathLike,
     config: PruningConfig | Mapping[str, Any],
@@ -132,16 +153,24 @@ def prune(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     drop_sparsity_metadata(model)
-    was_training = model.training
+    was_training, trainable = model.training, _trainable_flags(model)
     model.eval()  # calibration forwards must not apply dropout
     try:
         for run in runs:  # every part's allocation observes the dense model: one it cannot make fails before any part changes
             if isinstance(run, _PruningRun):
                 run.allocate(inputs)
-        for run in runs:
-            run.execute(inputs, report)
+        try:
+            for run in runs:
+                run.execute(inputs, report)
+        except BaseException as error:
+            error.add_note(
+                "prune() stopped while changing the model: its weights may be partly pruned, and its config records no "
+                "pruning. Load the model again before using, saving or pruning it"
+            )
+            raise
     finally:
         model.train(was_training)
+        _restore_trainable_flags(model, trainable)
     report.seconds = time.perf_counter() - started
     report.peak_memory_bytes, report.peak_memory_kind = _peak_memory(device)
     if earlier is not None:
@@ -149,6 +178,30 @@ def prune(
     record_pruning(model.config, config)
     logger.info("%s", report)
     return report
+
+
+def _trainable_flags(model: nn.Module) -> dict[tuple[nn.Module, str], bool]:
+    """Each parameter's ``requires_grad`` by its module and name there: a structured method replaces parameters
+    (torch-pruning's slices, SliceGPT's rotations) with new ones, which require grad whatever the user froze."""
+    return {
+        (module, name): parameter.requires_grad
+        for module in model.modules()
+        for name, parameter in module._parameters.items()
+        if parameter is not None
+    }
+
+
+def _restore_trainable_flags(model: nn.Module, flags: dict[tuple[nn.Module, str], bool]) -> None:
+    """Parameters the run replaced take the flag of the one they replace; those it added (SliceGPT's shortcuts,
+    a FLAP bias) stay frozen in a model that was wholly frozen."""
+    wholly_frozen = not any(flags.values())
+    for module in model.modules():
+        for name, parameter in module._parameters.items():
+            if parameter is None:
+                continue
+            wanted = flags.get((module, name), parameter.requires_grad and not wholly_frozen)
+            if parameter.requires_grad != wanted:
+                parameter.requires_grad_(wanted)
 
 
 def _calibration(

@@ -17,6 +17,7 @@ from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 from torch import nn
+from torch.nn.utils import skip_init
 
 from ..quantized import is_linear
 from ..registry import Registry
@@ -386,8 +387,10 @@ class DecoderStackAdapter(DecoderAdapter):
 def resized_linear(
     linear: nn.Linear, in_features: int | None = None, out_features: int | None = None, bias: bool | None = None
 ) -> nn.Linear:
-    """A new, uninitialised linear like ``linear`` with other sizes (its weights are loaded next)."""
-    return nn.Linear(
+    """A new, uninitialised linear like ``linear`` with other sizes (its weights are loaded next; ``skip_init``:
+    initialising would take time and draw from the caller's random stream)."""
+    return skip_init(
+        nn.Linear,
         in_features or linear.in_features,
         out_features or linear.out_features,
         bias=(linear.bias is not None) if bias is None else bias,

@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+from torch.nn.utils import skip_init
 from transformers import (
     LlamaForCausalLM,
     LlamaModel,
@@ -45,21 +46,11 @@ class ShortcutDecoderLayer(GradientCheckpointingLayer):
     the stream from the layer input's basis to the one after attention and on to the layer
     output's. The stock layer's forward adds its input back unchanged, so it cannot express this.
     The submodules keep their stock names: the state dict only gains the two shortcut weights.
-    Build it with ``with_shortcuts``, which also makes it an instance of the stock layer class.
+    A stock layer becomes one with ``with_shortcuts``, which also keeps it an instance of its own class.
     """
 
-    def __init__(self, layer: nn.Module) -> None:
-        GradientCheckpointingLayer.__init__(self)  # not the stock class's __init__: the parts are taken from ``layer``
-        self.hidden_size = layer.hidden_size
-        self.self_attn = layer.self_attn
-        self.mlp = layer.mlp
-        self.input_layernorm = layer.input_layernorm
-        self.post_attention_layernorm = layer.post_attention_layernorm
-        if hasattr(layer, "attention_type"):  # Qwen2 / Qwen3: the model picks each layer's mask by it
-            self.attention_type = layer.attention_type
-        weight = layer.input_layernorm.weight
-        self.attention_shortcut = _identity_linear(weight.shape[0], weight)
-        self.mlp_shortcut = _identity_linear(weight.shape[0], weight)
+    attention_shortcut: nn.Linear
+    mlp_shortcut: nn.Linear
 
     def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         attention, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
@@ -71,14 +62,19 @@ _SHORTCUT_CLASSES: dict[type, type] = {}
 
 
 def with_shortcuts(layer: nn.Module) -> ShortcutDecoderLayer:
-    """``layer`` as a ``ShortcutDecoderLayer`` that is also an instance of ``layer``'s own class:
+    """``layer``, in place, as a ``ShortcutDecoderLayer`` that is also an instance of its own class:
     transformers collects ``output_hidden_states`` by hooking the stock decoder-layer class
-    (``_can_record_outputs``), so a layer of another class would silently drop them."""
+    (``_can_record_outputs``), so a layer of another class would silently drop them. In place, the layer keeps
+    what it holds besides its parts: gradient checkpointing, hooks, accelerate's placement, a caller's attributes."""
     stock = type(layer)
     if stock not in _SHORTCUT_CLASSES:
         name = f"Shortcut{stock.__name__}"
         _SHORTCUT_CLASSES[stock] = globals()[name] = type(name, (ShortcutDecoderLayer, stock), {"__module__": __name__})  # picklable by name
-    return _SHORTCUT_CLASSES[stock](layer)
+    weight = layer.input_layernorm.weight
+    layer.__class__ = _SHORTCUT_CLASSES[stock]
+    layer.attention_shortcut = _identity_linear(weight.shape[0], weight)
+    layer.mlp_shortcut = _identity_linear(weight.shape[0], weight)
+    return layer
 
 
 class PostNormed(nn.Module):
@@ -96,7 +92,7 @@ class PostNormed(nn.Module):
 
 
 def _identity_linear(width: int, like: torch.Tensor) -> nn.Linear:
-    linear = nn.Linear(width, width, bias=False, device=like.device, dtype=like.dtype)
+    linear = skip_init(nn.Linear, width, width, bias=False, device=like.device, dtype=like.dtype)
     with torch.no_grad():
         linear.weight.copy_(torch.eye(width, device=like.device, dtype=like.dtype))
     return linear

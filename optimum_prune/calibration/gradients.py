@@ -47,10 +47,25 @@ def overflowed(scale: float, sums: Iterable[torch.Tensor | float]) -> bool:
     return scale > 1 and not all(math.isfinite(v) if isinstance(v, float) else bool(v.isfinite().all()) for v in sums)
 
 
-def accumulate_gradients(
+@contextmanager
+def own_gradients(parameters: list[nn.Parameter]) -> Iterator[None]:
+    """``.grad`` of ``parameters`` starts empty while active, and what it held before (a caller's pending training
+    gradients) comes back after, also when the pass fails: calibration gradients neither add to nor erase them."""
+    held = [parameter.grad for parameter in parameters]
+    for parameter in parameters:
+        parameter.grad = None
+    try:
+        yield
+    finally:
+        for parameter, gradient in zip(parameters, held):
+            parameter.grad = gradient
+
+
+@contextmanager
+def calibration_gradients(
     model: nn.Module, windows: torch.Tensor, parameters: list[nn.Parameter], description: str = "Calibration gradients"
-) -> None:
-    """Leave the mean calibration-loss gradient in ``.grad`` of ``parameters`` (only they take one: the
+) -> Iterator[None]:
+    """While active, ``.grad`` of ``parameters`` holds the mean calibration-loss gradient (only they take one: the
     embeddings' and head's would be as large as a few layers'; requires_grad restored after)."""
 
     def run(scale: float) -> bool | None:
@@ -66,14 +81,16 @@ def accumulate_gradients(
             gradient.div_(scale)
         return True
 
-    with_loss_scale(model, run)
+    with own_gradients(parameters):
+        with_loss_scale(model, run)
+        yield
 
 
 def fisher_rows(model: nn.Module, windows: torch.Tensor, linears: list[nn.Linear], description: str = "Fisher information") -> list[torch.Tensor]:
     """Empirical Fisher information of each output row of ``linears``: Σ_windows Σ_j (∂L_w/∂W_ij)².
 
     Each window is one sample, so its gradient is squared before summing (the mean gradient of
-    ``accumulate_gradients`` would cancel out). Only the given weights require grad meanwhile, and each
+    ``calibration_gradients`` would cancel out). Only the given weights require grad meanwhile, and each
     gradient is folded into its rows and freed as soon as backward produces it: the weights' gradients
     never exist all at once.
     """
@@ -88,17 +105,20 @@ def fisher_rows(model: nn.Module, windows: torch.Tensor, linears: list[nn.Linear
 
     def run(scale: float) -> list[torch.Tensor] | None:
         rows = [torch.zeros(weight.shape[0], dtype=torch.float64, device=weight.device) for weight in weights]
-        handles = [weight.register_post_accumulate_grad_hook(squared_into(total)) for weight, total in zip(weights, rows)]
-        try:
-            with grad_only(model, weights):
+        handles = []
+        with grad_only(model, weights):  # first: a frozen weight takes no hook
+            try:
+                for weight, total in zip(weights, rows):
+                    handles.append(weight.register_post_accumulate_grad_hook(squared_into(total)))
                 for loss in window_losses(model, windows, description):
                     (loss * scale).backward()
-        finally:
-            for handle in handles:
-                handle.remove()
+            finally:
+                for handle in handles:
+                    handle.remove()
         return None if overflowed(scale, rows) else [total / scale**2 for total in rows]
 
-    return with_loss_scale(model, run)
+    with own_gradients(weights):
+        return with_loss_scale(model, run)
 
 
 def hessian_traces(

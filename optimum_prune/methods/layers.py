@@ -22,7 +22,7 @@ from torch import nn
 from ..adapters import DecoderAdapter
 from ..calibration import LayerInputs, run_layer, walk_layers
 from ..calibration.engine import on_device
-from ..calibration.gradients import accumulate_gradients, calibration_perplexity
+from ..calibration.gradients import calibration_gradients, calibration_perplexity
 from ..ignoring import holds_ignored
 from ..options import check_choice, option
 from ..statistics import BlockInfluence, token_cosine
@@ -171,14 +171,11 @@ class LayerRemoval(StructuredMethod[LayerRemovalOptions]):
     def _taylor_scores(self, windows: torch.Tensor) -> list[float]:
         with on_device([self.adapter.model], self.device):
             layers = self.adapter.decoder_layers()
-            accumulate_gradients(self.adapter.model, windows, [p for layer in layers for p in layer.parameters()])
-            try:
+            with calibration_gradients(self.adapter.model, windows, [p for layer in layers for p in layer.parameters()]):
                 return [
                     sum(float((p.detach().float() * p.grad.float()).abs().sum()) for p in layer.parameters())
                     for layer in layers
                 ]
-            finally:
-                self.adapter.model.zero_grad(set_to_none=True)
 
     def _merge(self, removed: list[int], kept: list[int], names: list[str]) -> None:
         """LaCo's RDSC: θ_target ← θ_target + Σ_removed (θ_removed − θ_target), into the preceding kept layer (the

@@ -12,6 +12,7 @@ mean), which yields per-layer widths.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ from torch import nn
 
 from ..calibration import feed_layer, feeding_inputs, walk_layers
 from ..calibration.engine import on_device
-from ..calibration.gradients import accumulate_gradients
+from ..calibration.gradients import calibration_gradients
 from ..options import check_choice, option
 from ..statistics import ColumnMoments
 from ..structure.surgery import add_output_bias
@@ -78,17 +79,15 @@ class WidthPruning(StructuredMethod[WidthOptions]):
 
     def prune(self, windows: torch.Tensor | None, report: Any) -> None:
         statistics = self._activation_statistics(windows) if self.options.criterion in ACTIVATION_CRITERIA else {}
-        if self.options.criterion == "taylor":
-            with on_device([self.adapter.model], self.device):  # the gradients move back with the model
-                layers = self.adapter.decoder_layers()
-                accumulate_gradients(self.adapter.model, windows, [p for layer in layers for p in layer.parameters()])
         self._random_scores = torch.Generator().manual_seed(self.seed)  # components are scored in a fixed order: reproducible
-        try:
+        with ExitStack() as gradients:
+            if self.options.criterion == "taylor":
+                with on_device([self.adapter.model], self.device):  # the gradients move back with the model
+                    layers = self.adapter.decoder_layers()
+                    parameters = [p for layer in layers for p in layer.parameters()]
+                    gradients.enter_context(calibration_gradients(self.adapter.model, windows, parameters))
             for component in self.units.components:
                 component.scores = self._scores(component, statistics)
-        finally:
-            if self.options.criterion == "taylor":
-                self.adapter.model.zero_grad(set_to_none=True)
         self.units.plan_counts()
 
         def compensate(consumer: nn.Linear, columns: torch.Tensor) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import skip_init
 
 from .surgery import replace_submodule
 
@@ -53,7 +54,7 @@ class ReroutedAttention(RemovedAttention):
 
     def __init__(self, layer_idx: int, head_dim: int, width: int, like: torch.Tensor) -> None:
         super().__init__(layer_idx, head_dim)
-        self.map = nn.Linear(width, width, device=like.device, dtype=like.dtype)
+        self.map = skip_init(nn.Linear, width, width, device=like.device, dtype=like.dtype)  # fitted next
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, past_key_values: Any = None, **kwargs: Any):
         super().forward(hidden_states, *args, past_key_values=past_key_values, **kwargs)
@@ -65,7 +66,7 @@ class ReroutedMLP(RemovedMLP):
 
     def __init__(self, width: int, like: torch.Tensor) -> None:
         super().__init__()
-        self.map = nn.Linear(width, width, device=like.device, dtype=like.dtype)
+        self.map = skip_init(nn.Linear, width, width, device=like.device, dtype=like.dtype)  # fitted next
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return self.map(hidden_states)
@@ -83,8 +84,8 @@ class LowRankLinear(nn.Module):
     ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
-        self.in_factor = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)
-        self.out_factor = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)
+        self.in_factor = skip_init(nn.Linear, in_features, rank, bias=False, device=device, dtype=dtype)  # factors set next
+        self.out_factor = skip_init(nn.Linear, rank, out_features, bias=bias, device=device, dtype=dtype)
 
     @property
     def bias(self) -> torch.Tensor | None:

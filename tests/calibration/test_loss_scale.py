@@ -11,7 +11,7 @@ import torch
 from optimum_prune import PruningConfig, prune
 from optimum_prune.adapters import get_adapter
 from optimum_prune.calibration import gradients
-from optimum_prune.calibration.gradients import accumulate_gradients, fisher_rows, hessian_traces
+from optimum_prune.calibration.gradients import calibration_gradients, fisher_rows, hessian_traces
 from optimum_prune.methods.kprune import KPrune
 from optimum_prune.methods.llm_surgeon import kfac_factors
 from optimum_prune.methods.mask_search import MaskSearch, MaskSearchOptions, mask_fisher
@@ -21,8 +21,8 @@ from ..conftest import tiny_model, token_windows
 
 def taylor(model, windows):
     parameters = [layer.mlp.down_proj.weight for layer in model.model.layers]
-    accumulate_gradients(model, windows, parameters)
-    return [p.grad for p in parameters]
+    with calibration_gradients(model, windows, parameters):
+        return [p.grad for p in parameters]
 
 
 def fisher(model, windows):

@@ -1,0 +1,122 @@
+"""prune leaves what the caller set as it was: parameters' requires_grad and pending gradients, the decoder-layer
+objects (with their hooks and gradient checkpointing), torch's random stream; and an enclosing
+``torch.inference_mode()`` or ``torch.autocast`` changes nothing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from optimum_prune import PruningConfig, prune
+from optimum_prune.calibration.gradients import fisher_rows
+
+from .conftest import tiny_model, token_windows
+
+STRUCTURED = {
+    "slicegpt": PruningConfig(method="slicegpt", sparsity=0.2),
+    "width": PruningConfig(method="width", sparsity=0.25),
+    "width taylor": PruningConfig(method="width", sparsity=0.25, method_options={"criterion": "taylor"}),
+    "layers taylor": PruningConfig(method="layers", sparsity=0.34, method_options={"criterion": "taylor"}),
+    "low_rank": PruningConfig(method="low_rank", sparsity=0.2),
+}
+
+
+@pytest.mark.parametrize("name", ["slicegpt", "width", "low_rank"])
+def test_frozen_parameters_stay_frozen(name):
+    """torch-pruning's slices and SliceGPT's rotations made new parameters, all trainable; low_rank's Fisher pass
+    failed on a frozen weight ("cannot register a hook on a tensor that doesn't require gradient")."""
+    model = tiny_model()
+    model.requires_grad_(False)
+    prune(model, STRUCTURED[name], calibration=token_windows(4, 16))
+    assert not any(parameter.requires_grad for parameter in model.parameters())
+    assert not any(getattr(parameter, "_post_accumulate_grad_hooks", None) for parameter in model.parameters())
+
+
+def test_a_partly_frozen_model_keeps_each_parameters_flag():
+    model = tiny_model()
+    model.get_input_embeddings().requires_grad_(False)
+    model.model.layers[1].mlp.up_proj.requires_grad_(False)
+    prune(model, STRUCTURED["width"], calibration=token_windows(4, 16))
+    frozen = sorted(name for name, parameter in model.named_parameters() if not parameter.requires_grad)
+    assert frozen == ["model.embed_tokens.weight", "model.layers.1.mlp.up_proj.weight"]
+
+
+def test_slicegpt_keeps_the_decoder_layer_objects_with_their_hooks_and_gradient_checkpointing():
+    """It built new layer objects: gradient checkpointing silently stopped (is_gradient_checkpointing still said
+    True), and a caller's hooks and attributes on a layer were gone."""
+    model = tiny_model()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layer = model.model.layers[1]
+    layer.note = "kept"
+    calls = []
+    layer.register_forward_hook(lambda *_: calls.append(1))
+    prune(model, STRUCTURED["slicegpt"], calibration=token_windows(4, 16))
+    assert model.model.layers[1] is layer and layer.note == "kept" and layer.gradient_checkpointing
+    attention_calls = []
+    handle = layer.self_attn.register_forward_hook(lambda *_: attention_calls.append(1))
+    calls.clear()
+    ids = token_windows(2, 8)
+    model.train()
+    model(input_ids=ids, labels=ids).loss.backward()
+    handle.remove()
+    assert calls and len(attention_calls) == 2  # the forward, then its recomputation in backward
+
+
+def test_pending_training_gradients_are_neither_added_to_nor_erased():
+    model, windows = tiny_model(), token_windows(4, 16)
+    pending = {name: torch.full_like(parameter, 0.5) for name, parameter in model.named_parameters()}
+    for name, parameter in model.named_parameters():
+        parameter.grad = pending[name].clone()
+    prune(model, STRUCTURED["layers taylor"], calibration=windows)
+    assert all(torch.equal(parameter.grad, pending[name]) for name, parameter in model.named_parameters())
+
+    linears = [layer.self_attn.o_proj for layer in model.model.layers]
+    with_pending = fisher_rows(model, windows, linears)
+    for linear in linears:
+        linear.weight.grad = None
+    assert all(torch.equal(a, b) for a, b in zip(with_pending, fisher_rows(model, windows, linears)))
+
+
+@pytest.mark.parametrize("name", ["slicegpt", "low_rank", "width"])
+def test_the_callers_random_stream_is_not_drawn_from(name):
+    model = tiny_model()
+    state = torch.get_rng_state()
+    prune(model, STRUCTURED[name], calibration=token_windows(4, 16))
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("mode", ["inference_mode", "autocast"])
+@pytest.mark.parametrize("config", [
+    PruningConfig(method="sparsegpt", sparsity=0.5), STRUCTURED["width taylor"], STRUCTURED["slicegpt"], STRUCTURED["low_rank"],
+], ids=["sparsegpt", "width taylor", "slicegpt", "low_rank"])  # fmt: skip
+def test_an_enclosing_inference_mode_or_autocast_changes_nothing(mode, config):
+    """Under inference mode gradient criteria failed and new parameters were inference tensors no training could use;
+    under autocast the float32 statistics ran in bfloat16 (SparseGPT's Cholesky failed, other methods gave other
+    weights)."""
+    windows = token_windows(4, 16)
+    expected = tiny_model()
+    prune(expected, config, calibration=windows)
+    model = tiny_model()
+    with torch.inference_mode() if mode == "inference_mode" else torch.autocast("cpu", dtype=torch.bfloat16):
+        prune(model, config, calibration=windows)
+    actual = model.state_dict()
+    assert actual.keys() == expected.state_dict().keys()
+    assert all(torch.equal(actual[name], tensor) for name, tensor in expected.state_dict().items())
+    assert not any(parameter.is_inference() for parameter in model.parameters())
+
+
+def test_a_run_that_fails_while_changing_the_model_says_it_may_be_partly_pruned(monkeypatch):
+    from optimum_prune.methods.wanda import WandaPruner
+
+    original, visits = WandaPruner.prune, []
+
+    def failing_at_layer_1(self, *args, **kwargs):
+        visits.append(1)
+        if len(visits) > 7:  # the second layer's linears
+            raise RuntimeError("out of memory")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(WandaPruner, "prune", failing_at_layer_1)
+    with pytest.raises(RuntimeError, match="out of memory") as caught:
+        prune(tiny_model(), PruningConfig(method="wanda", sparsity=0.5), calibration=token_windows(4, 16))
+    assert "its weights may be partly pruned" in "\n".join(caught.value.__notes__)
