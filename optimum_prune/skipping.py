@@ -197,10 +197,13 @@ def skipping_thresholds(
 
     windows = calibration_windows(calibration, tokenizer, num_samples, seq_len, seed)
     handles = [adapter.router(block).register_forward_hook(observe(found)) for block, found in zip(blocks, ratios)]
+    was_training = model.training
+    model.eval()  # a model straight from training would add its router jitter noise and dropout
     try:
         with torch.no_grad():
             walk_layers(adapter, windows, next(model.parameters()).device, lambda *_: None, "Expert skipping thresholds")
     finally:
+        model.train(was_training)
         for handle in handles:
             handle.remove()
     return [_median(torch.cat(found)) for found in ratios]

@@ -164,3 +164,13 @@ def test_save_pruned_refuses_a_mixture_running_a_variant_and_saves_once_it_is_re
     assert not (tmp_path / "out").exists()
     patch.remove()
     save_pruned(model, tmp_path / "out")
+
+
+def test_thresholds_of_a_model_in_training_mode_are_measured_without_router_noise():
+    """Straight from Trainer.train, Mixtral's router jitter noise moved every layer's β (and drew from the caller's
+    random stream)."""
+    windows = token_windows(4, 16)
+    expected = skipping_thresholds(tiny_moe(router_jitter_noise=0.1), windows, num_samples=4, seq_len=16)
+    model = tiny_moe(router_jitter_noise=0.1).train()
+    assert skipping_thresholds(model, windows, num_samples=4, seq_len=16) == expected
+    assert model.training
