@@ -50,7 +50,7 @@ from .masks import SparsityMasks, prunable_linears
 from .sparsity_metadata import drop_sparsity_metadata
 from .perp import PERPConfig, PERPSummary, merge_perp, prepare_perp
 from .sparsity import NMPattern, SparsityTarget, normalise_sparsity, select_mask
-from .statistics import ColumnNorms, RealTokens, forget_compiled_graphs, wanda_scores
+from .statistics import ColumnNorms, RealTokens, end_training_run, forget_compiled_graphs, start_training_run, wanda_scores
 
 logger = logging.getLogger(__name__)
 SCORES = ("magnitude", "wanda")
@@ -312,6 +312,7 @@ class PruningCallback(TrainerCallback):
                 "codes (a QLoRA base, frozen): prune before quantizing (optimum_prune.prune on the full-precision model), "
                 "then train the adapter"
             )
+        start_training_run(model, type(self).__name__, self._remove_hooks)
         self._hooks.extend(self.masks.mask_gradients_in_backward())
         forget_compiled_graphs(args, model)  # the hooks above (and the statistics hooks below) must be traced in
         self._run_schedule = self.schedule.resolved(state.max_steps) if self.schedule is not None else None
@@ -351,11 +352,9 @@ class PruningCallback(TrainerCallback):
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module = None, **kwargs: Any) -> None:
         self._warn_if_best_checkpoint_was_less_sparse(args, state)
         self.masks.apply()
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks.clear()
+        self._remove_hooks()
+        end_training_run(model, type(self).__name__)
         forget_compiled_graphs(args, model)
-        self._routing.close()
         if self.experts is not None:
             self.experts.on_train_end(args, state, control, model=model, **kwargs)
         if self.perp is not None:
@@ -392,6 +391,12 @@ class PruningCallback(TrainerCallback):
             "batches than an uninterrupted run; checkpoints saved at pruning steps resume exactly",
             step,
         )
+
+    def _remove_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
+        self._routing.close()
 
     def _observe_inputs(self, model: nn.Module) -> None:
         real_tokens = RealTokens(model)

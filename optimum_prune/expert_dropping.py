@@ -32,7 +32,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from .adapters import DecoderAdapter, get_adapter
 from .distributed import all_reduce_sum
 from .ignoring import check_ignore_patterns, kept_moe_layers
-from .statistics import RealTokens, forget_compiled_graphs
+from .statistics import RealTokens, end_training_run, forget_compiled_graphs, start_training_run
 from .structure.loading import record_structure
 
 logger = logging.getLogger(__name__)
@@ -129,11 +129,18 @@ class ExpertDroppingCallback(TrainerCallback):
                 "final_experts=%d; lower end_step",
                 self.end_step, state.max_steps, self.schedule.kept_at(state.max_steps, experts, self.end_step), self.schedule.final_experts,
             )  # fmt: skip
+        start_training_run(self.adapter.model, type(self).__name__, self._remove_hooks)
         self.real_tokens = RealTokens(model)
         self.layers = [_LayerRouting(self.adapter, layer, self.real_tokens) for layer, _ in blocks]
         forget_compiled_graphs(args, model)  # the routing hooks must be traced in
         if state.global_step > 0:
             self._resume(state)
+
+    def _remove_hooks(self) -> None:
+        if self.real_tokens is not None:
+            self.real_tokens.handle.remove()
+        for routing in self.layers:
+            routing.handle.remove()
 
     def _resume(self, state: TrainerState) -> None:
         """Route around the experts the checkpoint's run had dropped; the token counts since its last drop
@@ -187,10 +194,10 @@ class ExpertDroppingCallback(TrainerCallback):
                     "model returned; evaluate and save only after end_step, or turn load_best_model_at_end off",
                     best, self.schedule.kept_at(best, experts, self.end_step),
                 )  # fmt: skip
-        self.real_tokens.handle.remove()
+        self._remove_hooks()
+        end_training_run(self.adapter.model, type(self).__name__)
         forget_compiled_graphs(args, self.adapter.model)
         for routing in self.layers:
-            routing.handle.remove()
             kept = (~routing.dropped).nonzero().flatten().tolist()
             if len(kept) < len(routing.counts):
                 self.adapter.keep_experts(routing.layer, kept)

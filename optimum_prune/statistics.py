@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+import weakref
+from typing import Callable
+
 import torch
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 
 class ColumnNorms:
@@ -58,6 +64,26 @@ def forget_compiled_graphs(args: object, model: nn.Module | None) -> None:
     )
     if compiled:
         torch._dynamo.reset()
+
+
+_UNFINISHED_RUNS: weakref.WeakKeyDictionary[nn.Module, dict[str, Callable[[], None]]] = weakref.WeakKeyDictionary()
+
+
+def start_training_run(model: nn.Module, owner: str, release: Callable[[], None]) -> None:
+    """Note that training callback ``owner`` puts hooks on ``model`` until the run ends (``end_training_run``);
+    ``release`` removes them. A run stopped by an exception or Ctrl-C never reaches ``on_train_end``: its hooks are
+    removed here, when the next run on the model starts (the same callback's or a new one's), or they would go on
+    masking gradients, counting activations or routing around dropped experts beside the new ones."""
+    runs = _UNFINISHED_RUNS.setdefault(model, {})
+    left = runs.pop(owner, None)
+    if left is not None:
+        logger.warning("%s: removing the hooks an earlier training run of this model left (it stopped before its end)", owner)
+        left()
+    runs[owner] = release
+
+
+def end_training_run(model: nn.Module, owner: str) -> None:
+    _UNFINISHED_RUNS.get(model, {}).pop(owner, None)
 
 
 class RealTokens:

@@ -511,3 +511,27 @@ def test_a_schedule_longer_than_the_run_is_warned_of_with_what_the_run_reaches(c
         with caplog.at_level("WARNING", logger="optimum_prune"):
             schedule.check_fits(max_steps)
         assert (message in caplog.text) if message else not caplog.text, (schedule, caplog.text)
+
+
+def test_hooks_of_a_run_stopped_by_an_exception_are_removed_when_the_next_run_starts(tmp_path, caplog):
+    """A run that never reached on_train_end left its Wanda observers and gradient masks on the model for good."""
+
+    class StopAtStep3(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise KeyboardInterrupt
+
+    def hooks(model) -> int:
+        return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules()) + sum(
+            len(p._backward_hooks or {}) for p in model.parameters()
+        )
+
+    model = tiny_model()
+    callback = PruningCallback(GradualSchedule(final_sparsity=0.5, start_step=0, end_step=4, every=1, score="wanda"))
+    with pytest.raises(KeyboardInterrupt):
+        run_trainer(model, tmp_path / "first", callbacks=[callback, StopAtStep3()])
+    assert hooks(model) > 0
+    with caplog.at_level("WARNING", logger="optimum_prune"):
+        run_trainer(model, tmp_path / "second", callbacks=[PruningCallback()], steps=1)
+    assert "removing the hooks an earlier training run of this model left" in caplog.text
+    assert hooks(model) == 0

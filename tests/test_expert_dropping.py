@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Trainer
+from transformers import AutoModelForCausalLM, Trainer, TrainerControl, TrainerState
 
 from optimum_prune.expert_dropping import ExpertDroppingCallback, ExpertDroppingSchedule
 
@@ -166,3 +166,24 @@ def test_a_best_checkpoint_evaluated_before_the_last_drop_is_reported(tmp_path, 
     with caplog.at_level("WARNING", logger="optimum_prune.expert_dropping"):
         trainer.train()
     assert f"loaded the checkpoint of step {trainer.state.best_global_step}, evaluated with" in caplog.text
+
+
+def test_routing_hooks_of_a_run_stopped_by_an_exception_are_removed_when_the_next_run_starts(tmp_path):
+    """The stopped run's hooks kept routing around the experts it had dropped, beside the next run's."""
+    from transformers import TrainerCallback
+
+    class StopAtStep5(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 5:
+                raise KeyboardInterrupt
+
+    model = tiny_moe(num_local_experts=8).train()
+    callback = ExpertDroppingCallback(ExpertDroppingSchedule(final_experts=2, start_step=0, end_step=8, every=4))
+    with pytest.raises(KeyboardInterrupt):
+        Trainer(model=model, args=training_args(tmp_path, 12), train_dataset=dataset(), callbacks=[callback, StopAtStep5()]).train()
+    assert any(len(layer.block_sparse_moe.gate._forward_hooks) for layer in model.model.layers)
+    callback.on_train_begin(training_args(tmp_path, 12), TrainerState(max_steps=12), TrainerControl(), model=model)
+    assert all(len(layer.block_sparse_moe.gate._forward_hooks) == 1 for layer in model.model.layers)
+    callback.on_train_end(training_args(tmp_path, 12), TrainerState(max_steps=12), TrainerControl())
+    assert not any(len(layer.block_sparse_moe.gate._forward_hooks) for layer in model.model.layers)
+    assert all(len(layer.block_sparse_moe.experts) == 8 for layer in model.model.layers)  # the new run dropped none
