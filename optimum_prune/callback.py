@@ -265,7 +265,6 @@ class PruningCallback(TrainerCallback):
         self.ignore = tuple(ignore)
         self.perp = perp
         self.perp_summary: PERPSummary | None = None
-        self._trainable: dict[str, bool] = {}
         self.masks: SparsityMasks | None = None
         self._norms: dict[str, ColumnNorms] = {}
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
@@ -277,7 +276,6 @@ class PruningCallback(TrainerCallback):
     # --- Trainer events ----------------------------------------------------------------
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module = None, **kwargs: Any) -> None:
         if self.perp is not None and self.perp_summary is None:
-            self._trainable = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
             self.perp_summary = prepare_perp(model, self.perp)
             logger.info("PruningCallback: %s", self.perp_summary)
 
@@ -359,9 +357,7 @@ class PruningCallback(TrainerCallback):
             self.experts.on_train_end(args, state, control, model=model, **kwargs)
         if self.perp is not None:
             merged = merge_perp(model)
-            for name, parameter in model.named_parameters():  # trainable as before PERP froze it
-                parameter.requires_grad_(self._trainable.get(name, True))
-            self.perp_summary, self._trainable = None, {}  # a next Trainer given this callback prepares its model anew
+            self.perp_summary = None  # a next Trainer given this callback prepares its model anew
             logger.info("PruningCallback: merged %d PERP adapters", merged)
 
     # --- gradual pruning ------------------------------------------------------------------

@@ -20,6 +20,7 @@ linears, e.g. Mixtral's experts too); the LM head, which pruning leaves dense, g
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -136,13 +137,19 @@ def _perp_targets(model: nn.Module, config: PERPConfig) -> list[tuple[str, nn.Li
     return targets
 
 
+# Each prepared model's requires_grad flags from before prepare_perp froze it, which merge_perp restores.
+_TRAINABLE_BEFORE: weakref.WeakKeyDictionary[nn.Module, dict[str, bool]] = weakref.WeakKeyDictionary()
+
+
 def prepare_perp(model: nn.Module, config: PERPConfig | None = None) -> PERPSummary:
-    """Freeze ``model`` except biases / norm scales, and wrap the target linears with PERP adapters."""
+    """Freeze ``model`` except biases / norm scales, and wrap the target linears with PERP adapters
+    (``merge_perp`` folds them in and makes the model as trainable as it was)."""
     config = config or PERPConfig()
     if any(isinstance(module, MaskLoRALinear) for module in model.modules()):
         raise ValueError("prepare_perp: the model already has PERP adapters; call merge_perp(model) before preparing it again")
     targets = _perp_targets(model, config) if config.lora else []  # checked before anything changes
     total = sum(p.numel() for p in model.parameters())
+    _TRAINABLE_BEFORE[model] = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
     model.requires_grad_(False)
     if hasattr(model, "enable_input_require_grads"):
         # The embeddings are frozen: without this, (reentrant) gradient checkpointing would see decoder
@@ -166,7 +173,8 @@ def prepare_perp(model: nn.Module, config: PERPConfig | None = None) -> PERPSumm
 
 
 def merge_perp(model: nn.Module) -> int:
-    """Fold every PERP adapter into its linear (zeros stay exact zeros); return how many were merged."""
+    """Fold every PERP adapter into its linear (zeros stay exact zeros), and make the parameters as trainable as
+    before ``prepare_perp``; return how many adapters were merged."""
     merged = [(name, module) for name, module in model.named_modules() if isinstance(module, MaskLoRALinear)]
     for name, module in merged:
         with torch.no_grad():
@@ -175,4 +183,8 @@ def merge_perp(model: nn.Module) -> int:
         replace_submodule(model, name, module.base)
     if hasattr(model, "_require_grads_hook"):
         model.disable_input_require_grads()
+    trainable = _TRAINABLE_BEFORE.pop(model, None)
+    if trainable is not None:
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(trainable.get(name, True))
     return len(merged)

@@ -194,3 +194,13 @@ def test_perp_added_after_the_trainer_was_built_is_an_error(tmp_path):
     trainer.add_callback(PruningCallback(perp=PERPConfig()))
     with pytest.raises(ValueError, match="must be passed to the Trainer's constructor"):
         trainer.train()
+
+
+def test_merging_makes_the_model_as_trainable_as_before_preparing():
+    """Called directly (not through the callback), merge_perp left every weight frozen but biases and norms."""
+    model = tiny_model()
+    model.get_input_embeddings().requires_grad_(False)
+    before = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
+    prepare_perp(model, PERPConfig())
+    merge_perp(model)
+    assert {name: parameter.requires_grad for name, parameter in model.named_parameters()} == before
