@@ -61,6 +61,8 @@ def run_train(args: Mapping[str, Any], section: PruningSection | None, training:
         )
     if not args.get("model_name_or_path"):
         raise ValueError("`model_name_or_path` is required")
+    if args.get("output_dir"):  # as TrainingArguments does: the pruned model must go where training then looks
+        args = {**args, "output_dir": os.path.expanduser(str(args["output_dir"]))}
     name = str(args["model_name_or_path"])
     if (os.path.isabs(name) or name.startswith(("./", "../", "~"))) and not Path(name).expanduser().exists():
         raise ValueError(f"model_name_or_path: {name} does not exist (a path, not a Hub repository id); fix the path")
@@ -255,13 +257,13 @@ def _record_source(checkpoint: Path, source: Mapping[str, Any]) -> None:
     """Note in ``config.json`` which model was pruned (what ``_already_pruned`` compares), atomically."""
     from optimum_prune.saving import write_text_atomic
 
-    config = json.loads((checkpoint / "config.json").read_text())
+    config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
     write_text_atomic(checkpoint / "config.json", json.dumps({**config, "pruned_from": source}, indent=2, sort_keys=True) + "\n")
 
 
 def _already_pruned(pruned_dir: Path, source: Mapping[str, Any], config: PruningConfig) -> bool:
     try:
-        recorded = json.loads((pruned_dir / "config.json").read_text())
+        recorded = json.loads((pruned_dir / "config.json").read_text(encoding="utf-8"))
         same_config = PruningConfig.from_pretrained(pruned_dir).to_dict() == config.to_dict()
     except (OSError, ValueError):
         return False
@@ -320,7 +322,7 @@ def _check_quantizable(args: Mapping[str, Any]) -> None:
     if not args.get("quantization_bit"):
         return
     try:
-        quantization = json.loads((_model_files(args) / "config.json").read_text()).get("quantization_config") or {}
+        quantization = json.loads((_model_files(args) / "config.json").read_text(encoding="utf-8")).get("quantization_config") or {}
     except (OSError, ValueError):
         return
     if records_layer_shapes(quantization):
@@ -450,7 +452,7 @@ def _is_pruned_checkpoint(path: Path) -> bool:
     if (path / CONFIG_NAME).is_file():
         return True
     try:
-        return "pruning_config" in json.loads((path / "config.json").read_text())
+        return "pruning_config" in json.loads((path / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
 

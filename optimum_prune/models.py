@@ -37,8 +37,10 @@ END_OF_TURN = "<|im_end|>"
 def cache_root() -> Path:
     """``$OPTIMUM_PRUNE_CACHE``, else ``$XDG_CACHE_HOME/optimum_prune``, else ``~/.cache/optimum_prune``."""
     if os.environ.get("OPTIMUM_PRUNE_CACHE"):
-        return Path(os.environ["OPTIMUM_PRUNE_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "optimum_prune"
+        return Path(os.environ["OPTIMUM_PRUNE_CACHE"]).expanduser()
+    if os.environ.get("XDG_CACHE_HOME"):  # set: no home directory needed (a container's user may have none)
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "optimum_prune"
+    return Path.home() / ".cache" / "optimum_prune"
 
 
 def _default_distribution() -> importlib.metadata.Distribution:
@@ -66,7 +68,8 @@ def default_model_path() -> Path:
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    with open(target.parent / f".{target.name}.lock", "w") as lock:
+    # Read-only: a lock file another user of a shared cache created is still opened (flock needs no write access).
+    with open(os.open(target.parent / f".{target.name}.lock", os.O_RDONLY | os.O_CREAT, 0o666)) as lock:
         _lock_exclusively(lock)
         if not (target / "config.json").is_file():
             _convert_default_model(target)

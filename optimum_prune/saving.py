@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import time
@@ -56,7 +57,9 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(target)
     staging = claimed_folder(target, "staging")
-    staging.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would make the saved checkpoint unreadable to other users
+    # mkdtemp's 0700 would make the saved checkpoint unreadable to other users; a setgid parent's bit (files in the
+    # project's group), which mkdtemp inherited, stays.
+    staging.chmod((0o777 & ~_umask()) | (staging.stat().st_mode & stat.S_ISGID))
     try:
         with held_exclusively(staging):  # while it is written: no other save takes it for a killed save's leftover
             yield staging
@@ -109,10 +112,15 @@ def held_exclusively(directory: Path, refusal: str | None = None) -> Iterator[bo
 
 
 def _umask() -> int:
-    """The process's file-creation mask (read by setting it, so set back at once)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+    """The process's file-creation mask: from /proc on Linux; elsewhere read by setting it (and setting it back at
+    once: a file another thread creates meanwhile gets 022)."""
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(next(line for line in status.splitlines() if line.startswith("Umask:")).split()[1], 8)
+    except (OSError, StopIteration, ValueError, IndexError):
+        mask = os.umask(0o022)
+        os.umask(mask)
+        return mask
 
 
 def check_replaceable(target: Path, source: str | os.PathLike | None = None, field: str = "the output directory") -> None:
@@ -122,7 +130,9 @@ def check_replaceable(target: Path, source: str | os.PathLike | None = None, fie
     pruned, given by mistake, would otherwise be lost. Empty directories and earlier outputs (``config.json``
     beside ``*.safetensors`` or ``*.onnx`` weights, and nothing but checkpoint files: no folders) may go."""
     target = Path(target).absolute()
-    if source is not None and Path(source).exists() and Path(source).resolve() == target.resolve():
+    if source is not None and Path(source).exists() and (
+        Path(source).resolve() == target.resolve() or (target.exists() and os.path.samefile(source, target))
+    ):  # samefile: another path to the same folder (a bind mount; other case on a case-insensitive file system)
         raise ValueError(
             f"{field} {target} is the checkpoint being pruned; saving replaces the whole directory, so the model it "
             "holds would be lost: give a new directory"

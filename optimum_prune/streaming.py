@@ -69,7 +69,7 @@ class CheckpointReader:
         index, single = directory / INDEX_NAME, directory / "model.safetensors"
         if index.is_file():
             try:
-                self.weight_map = {name: directory / file for name, file in json.loads(index.read_text())["weight_map"].items()}
+                self.weight_map = {name: directory / file for name, file in json.loads(index.read_text(encoding="utf-8"))["weight_map"].items()}
             except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as error:
                 raise ValueError(
                     f"{index} is not a safetensors index (a JSON object with a 'weight_map'; {type(error).__name__}: {error}); "
@@ -419,7 +419,7 @@ def _staging(output_dir: Path, record: dict[str, Any]) -> Iterator[Path]:
         if not held:
             logger.warning("%s cannot be locked on this file system: a second run into %s at the same time would not be refused", staging, output_dir)
         try:
-            previous = json.loads((staging / RUN_RECORD).read_text())
+            previous = json.loads((staging / RUN_RECORD).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             previous = {}
         if previous == record:
@@ -451,10 +451,10 @@ def _finish_checkpoint(
             slices = [handle.get_slice(name) for name in handle.keys()]
             total_size += sum(math.prod(s.get_shape()) * SAFETENSORS_DTYPES[s.get_dtype()].itemsize for s in slices)
     index_file = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
-    (staging / INDEX_NAME).write_text(json.dumps(index_file, indent=2))
+    (staging / INDEX_NAME).write_text(json.dumps(index_file, indent=2), encoding="utf-8")
     for extra in source.iterdir():  # tokenizer and generation config files, as the source has them
         if extra.is_file() and not _is_weights(extra.name) and extra.name not in ("config.json", CONFIG_NAME):
-            shutil.copy2(extra, staging / extra.name)
+            shutil.copyfile(extra, staging / extra.name)  # not the source's modes: a read-only one blocks the tokenizer's save
     model.config.save_pretrained(staging)
     config.save_pretrained(staging)
     if tokenizer is not None:
@@ -462,6 +462,7 @@ def _finish_checkpoint(
     # Under a name of its own first (its lock moves with it): swapped with a previous output, the partial folder's
     # name would hold that output's layers, which a rerun would take for another run's.
     finished = claimed_folder(output_dir.absolute(), "staging")
+    finished.rmdir()  # Windows renames no folder onto an existing one
     os.replace(staging, finished)
     try:
         replace_directory(finished, output_dir)

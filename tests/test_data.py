@@ -8,6 +8,25 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("variable", ["OPTIMUM_PRUNE_CACHE", "XDG_CACHE_HOME"])
+def test_the_cache_folder_variables_take_a_tilde_and_need_no_home_directory(monkeypatch, tmp_path, variable):
+    """XDG_CACHE_HOME set still looked up the home directory (a container's user may have none), and a quoted
+    "~/..." became a folder named "~" in the working directory."""
+    from optimum_prune.models import cache_root
+
+    monkeypatch.delenv("OPTIMUM_PRUNE_CACHE", raising=False)
+    monkeypatch.setenv(variable, "~/cache")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert cache_root() == (tmp_path / "cache" / "optimum_prune" if variable == "XDG_CACHE_HOME" else tmp_path / "cache")
+    monkeypatch.setenv(variable, str(tmp_path / "elsewhere"))
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    assert cache_root().is_relative_to(tmp_path / "elsewhere")
+
+
 def test_shipped_text_is_reproducible_from_gensim():
     pytest.importorskip("gensim")
     pytest.importorskip("mwparserfromhell")

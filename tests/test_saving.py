@@ -365,6 +365,38 @@ def test_the_saved_directory_is_as_readable_as_save_pretrained_makes_it(tmp_path
     assert (tmp_path / "group").stat().st_mode & 0o777 == 0o750
 
 
+def test_a_setgid_parent_gives_its_bit_as_save_pretrained_does(tmp_path):
+    """The mode set on the staging folder cleared the bit it inherited: files left the project's group."""
+    import stat
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o2775)
+    save_pruned(tiny_model(), shared / "pruned")
+    tiny_model().save_pretrained(shared / "stock")
+    assert (shared / "stock").stat().st_mode & stat.S_ISGID
+    assert (shared / "pruned").stat().st_mode & 0o7777 == (shared / "stock").stat().st_mode & 0o7777
+
+
+def test_the_source_reached_by_another_path_is_never_the_target(tmp_path):
+    """A bind mount (or other case on a case-insensitive file system) passed the resolved-path comparison, and the
+    dense source was replaced by its pruned copy."""
+    import subprocess
+
+    from optimum_prune.saving import check_replaceable
+
+    source, alias = tmp_path / "source", tmp_path / "alias"
+    tiny_model().save_pretrained(source)
+    alias.mkdir()
+    if subprocess.run(["mount", "--bind", str(source), str(alias)], capture_output=True).returncode != 0:
+        pytest.skip("bind mounts need root")
+    try:
+        with pytest.raises(ValueError, match="is the checkpoint being pruned"):
+            check_replaceable(alias, source)
+    finally:
+        subprocess.run(["umount", str(alias)], check=True)
+
+
 def test_a_quantized_output_is_replaced_by_the_next_save(tmp_path):
     """optimum-quanto's save wrote huggingface_hub's README.md model card, so the next save_pruned there was refused."""
     pytest.importorskip("optimum.quanto")

@@ -11,6 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from optimum_prune import PruningConfig, prune, prune_checkpoint, verify_sparsity
+from optimum_prune import saving
 from optimum_prune.streaming import CheckpointReader, LayerStream
 
 from .conftest import tiny_model, token_windows
@@ -288,10 +289,42 @@ def test_a_disk_without_room_for_the_output_is_warned_of_before_pruning(sharded,
     assert "Free space first" not in caplog.text
 
 
+def test_the_sources_file_modes_are_not_copied(sharded, tmp_path, bpe_tokenizer):
+    """copy2 copied them: a read-only source (git-annex, the Nix store) made the tokenizer's save fail after every
+    layer was pruned, and each rerun again."""
+    for file in sharded.glob("*.json"):
+        if "token" in file.name:
+            file.chmod(0o400)
+    prune_checkpoint(sharded, tmp_path / "out", CONFIGS["magnitude"], tokenizer=bpe_tokenizer)
+    expected = 0o666 & ~saving._umask()
+    assert {file.name: file.stat().st_mode & 0o777 for file in (tmp_path / "out").iterdir()} == {
+        file.name: expected for file in (tmp_path / "out").iterdir()
+    }
+
+
+def test_where_a_folder_cannot_be_renamed_onto_another_the_run_finishes(sharded, tmp_path, monkeypatch):
+    """Windows (no fcntl, no renameat2, no rename onto an existing folder): the run failed after its last layer."""
+    import os
+
+    renamed = os.replace
+
+    def windows_replace(source, target, *args, **kwargs):
+        if os.path.isdir(target):
+            raise PermissionError(5, "Access is denied", str(target))
+        return renamed(source, target, *args, **kwargs)
+
+    monkeypatch.setattr(saving, "fcntl", None)
+    monkeypatch.setattr(saving, "_RENAMEAT2", None)
+    monkeypatch.setattr(os, "replace", windows_replace)
+    for _ in range(2):  # a new output, then replacing it
+        prune_checkpoint(sharded, tmp_path / "out", CONFIGS["magnitude"])
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "source"]
+    assert_same_weights(AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict(), pruned_in_memory(sharded, CONFIGS["magnitude"], None))
+
+
 def test_where_folders_cannot_be_locked_the_run_goes_on_and_says_so(sharded, tmp_path, monkeypatch, caplog):
     """NFS without lockd, Lustre without -o flock: the lock failed the whole run."""
-    from optimum_prune import saving
-
     def unsupported(descriptor, operation):
         raise OSError(errno.ENOLCK, "No locks available")
 
@@ -304,8 +337,6 @@ def test_where_folders_cannot_be_locked_the_run_goes_on_and_says_so(sharded, tmp
 def test_a_run_killed_while_removing_the_output_it_replaced_leaves_no_partial_folder_behind(sharded, tmp_path, monkeypatch):
     """Swapped with the partial folder, the previous output took its name: a kill while removing it left that
     output's layers there, and every later run was refused for "another run"."""
-    from optimum_prune import saving
-
     prune_checkpoint(sharded, tmp_path / "out", CONFIGS["magnitude"])
     interrupted = []
     monkeypatch.setattr(saving, "_remove_replaced", lambda folder: interrupted.append(folder.name) or (_ for _ in ()).throw(KeyboardInterrupt()))

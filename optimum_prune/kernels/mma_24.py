@@ -181,4 +181,4 @@ def source(variant: _Variant, warps: int, ordered: bool = True) -> str:
         "IS_BF16": int(variant.dtype == torch.bfloat16), "BITS": variant.bits, "HAS_ZEROS": int(variant.has_zeros),
         "WARPS": warps, "TILES": variant.tiles, "UNROLL": UNROLL, "ORDERED": int(ordered),
     }  # fmt: skip
-    return "".join(f"#define {name} {value}\n" for name, value in defines.items()) + resources.files(__package__).joinpath(_SOURCE).read_text()
+    return "".join(f"#define {name} {value}\n" for name, value in defines.items()) + resources.files(__package__).joinpath(_SOURCE).read_text(encoding="utf-8")

@@ -102,6 +102,15 @@ def test_stage_prune_saves_an_nm_sparse_checkpoint(workspace, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".pruned")]  # no staging left behind
 
 
+def test_a_tilde_in_output_dir_means_the_home_directory_as_in_training_arguments(workspace, tmp_path, monkeypatch):
+    """It was taken literally: the model went to ./~/..., while the training LLaMA-Factory then ran looked in $HOME."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    config = {**base_args(workspace, Path("~/pruned"), stage="prune"), "pruning": {"method": "magnitude", "sparsity": 0.5}}
+    train(tmp_path, config)
+    assert (tmp_path / "home" / "pruned" / "config.json").is_file() and not (tmp_path / "~").exists()
+
+
 def test_checks_that_need_the_model_name_the_yaml_key(workspace, tmp_path, capsys):
     pruning = {"method": "magnitude", "sparsity": 0.5, "ignore": ["*.o_projj"]}
     path = write_yaml(tmp_path / "prune.yaml", {**base_args(workspace, tmp_path / "pruned", stage="prune"), "pruning": pruning})
