@@ -245,7 +245,13 @@ def remove_leftovers(target: Path) -> None:
             except OSError:  # removed meanwhile, or not ours to open
                 continue
             try:
-                if _lock(descriptor) is not True:
+                taken = _lock(descriptor)
+                if taken is None:  # a running save's folder cannot be told from a killed one's: the user decides
+                    logger.warning(
+                        "%s may be a folder a killed save left (folders cannot be locked here to tell): delete it if no "
+                        "save to %s is running", path, target,
+                    )  # fmt: skip
+                if not taken:
                     continue
                 if kind == "old" and not target.exists() and (path / target.name).is_dir():
                     os.replace(path / target.name, target)

@@ -140,8 +140,9 @@ def test_a_previous_output_a_save_killed_between_its_renames_left_aside_is_put_b
     assert [p.name for p in tmp_path.iterdir()] == ["pruned"]
 
 
-def test_folders_are_left_alone_where_they_cannot_be_locked(tmp_path, monkeypatch):
-    """NFS without lockd or Lustre without -o flock: a running save cannot be told from a killed one."""
+def test_folders_are_left_alone_and_named_where_they_cannot_be_locked(tmp_path, monkeypatch, caplog):
+    """NFS without lockd or Lustre without -o flock: a running save cannot be told from a killed one (and nothing
+    said that a whole hidden copy of the checkpoint stayed)."""
     import errno
 
     from optimum_prune import saving
@@ -151,8 +152,10 @@ def test_folders_are_left_alone_where_they_cannot_be_locked(tmp_path, monkeypatc
 
     monkeypatch.setattr(saving.fcntl, "flock", unsupported)
     leftover = _left_by_a_killed_save(tmp_path / ".out.staging-x1")
-    output = save_pruned(tiny_model(), tmp_path / "out")
+    with caplog.at_level("WARNING", logger="optimum_prune"):
+        output = save_pruned(tiny_model(), tmp_path / "out")
     assert leftover.is_dir() and (output / "config.json").is_file()
+    assert f"{leftover} may be a folder a killed save left" in caplog.text
 
 
 @pytest.mark.parametrize("exchange", [True, False])
