@@ -46,6 +46,7 @@ from .statistics import ColumnNorms
 from .structure.counting import count_macs_per_token
 from .structure.loading import record_structure
 from .structure.mpo import MPOLinear
+from .wrappers import tuner_layers
 
 if TYPE_CHECKING:
     from .streaming import LayerStream
@@ -118,6 +119,7 @@ def prune(
     adapter = get_adapter(model)
     if offload is None:  # a LayerStream holds the layers it has not read yet on the meta device itself
         _check_materialised(model)
+    _check_no_peft_adapters(model)
     device = next(model.parameters()).device if device is None else check_device(device)
     _check_unquantized(adapter, config)
     check_ignore_patterns(adapter, config.ignore, "PruningConfig.ignore")
@@ -345,6 +347,19 @@ def _check_no_mpo_experts(adapter: DecoderAdapter) -> None:
             )
 
 
+def _check_no_peft_adapters(model: nn.Module) -> None:
+    """A peft adapter's linears sit inside the decoder layers beside the base linears: they would be pruned and counted
+    as the model's own (and its structured budgets and sensitivity traces), and a trained adapter's dense update would
+    fill the base's zeros at merge."""
+    tuners = tuner_layers(model)
+    if tuners:
+        raise ValueError(
+            f"{tuners[0]} holds a peft adapter ({len(tuners)} such layers): prune the model before get_peft_model "
+            "(PruningCallback then keeps its zeros while the adapter trains), or merge the adapter first "
+            "(merge_lora_preserving_sparsity(model) keeps a pruned base's zeros, model.merge_and_unload() otherwise)"
+        )
+
+
 def _check_materialised(model: nn.Module) -> None:
     """Weights that accelerate offloaded (``device_map`` entries ``"cpu"`` beside a GPU, or ``"disk"``) sit
     on the meta device and are swapped in only inside each forward: there is nothing to prune in place.
@@ -469,7 +484,7 @@ class _PruningRun:
                     raise ValueError(f"{field} {str(target)!r} cannot be applied to {name}: {error}") from None
         if moe_options.expert_sparsity == "load":  # a fractional target (the config refuses N:M) with room for ±λ
             _check_expert_spread(target, moe_options.expert_deviation, "sparsity")
-        allocation = ALLOCATIONS.get(config.allocation).create(config.build_allocation_options())
+        allocation = ALLOCATIONS.get(config.allocation).create(config.build_allocation_options(), config.seed)
         return cls(config, part, target, adapter, method, options, moe_options, allocation, targets, device, offload, activation_device)
 
     def allocate(self, windows: CalibrationInputs | None) -> None:

@@ -11,7 +11,7 @@ mask applies to ``get_base_layer().weight``) and the model after ``merge_and_unl
 from __future__ import annotations
 
 from functools import partial
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from torch import nn
 from .adapters import get_adapter
 from .ignoring import is_ignored
 from .quantized import dequantized_weight, is_packed_4bit
+from .wrappers import base_layer, unwrapped_modules
 
 
 def prunable_linears(
@@ -36,31 +37,12 @@ def prunable_linears(
     found: dict[str, nn.Linear] = {}
     for part in adapter.parts().values() if every_part else [adapter]:
         for prefix, layer in zip(part.layer_names(), part.decoder_layers()):
-            routers = set() if include_routers else {id(_base_layer(router)) for router in part.routers(layer)}
-            for name, linear in _unwrapped_linears(layer):
+            routers = set() if include_routers else {id(base_layer(router)) for router in part.routers(layer)}
+            for name, linear in unwrapped_modules(layer):
                 qualified = f"{prefix}.{name}"
-                if id(linear) not in routers and not is_ignored(qualified, patterns):
+                if isinstance(linear, nn.Linear) and id(linear) not in routers and not is_ignored(qualified, patterns):
                     found[qualified] = linear
     return found
-
-
-def _base_layer(module: nn.Module) -> nn.Module:
-    """The layer a peft tuner layer wraps, or ``module`` itself."""
-    get_base_layer = getattr(module, "get_base_layer", None)
-    return get_base_layer() if callable(get_base_layer) else module
-
-
-def _unwrapped_linears(layer: nn.Module) -> Iterator[tuple[str, nn.Linear]]:
-    inside_tuner: set[int] = set()
-    for name, module in layer.named_modules():
-        if id(module) in inside_tuner:
-            continue
-        base = _base_layer(module)
-        if base is not module:
-            inside_tuner.update(id(child) for child in module.modules())
-            module = base
-        if isinstance(module, nn.Linear):
-            yield name, module
 
 
 class SparsityMasks:

@@ -37,6 +37,7 @@ from .quantized import is_gptq_linear, repacked_in_place
 from .report import PruningReport
 from .skipping import PatchedMoEBlocks
 from .structure.loading import offloaded, records_layer_shapes
+from .wrappers import base_layer
 
 logger = logging.getLogger(__name__)
 SCORES_PLOT_NAME = "layer_scores.png"
@@ -398,6 +399,12 @@ def _unloadable(module: nn.Module) -> str | None:
     for kind, fix in WRAPPER_FIXES.items():
         if isinstance(module, kind):
             return f" is a {type(module).__name__}, which transformers cannot load: the checkpoint would reload with random weights in its place; {fix}"
+    if base_layer(module) is not module:
+        return (
+            " holds a peft adapter: a peft model's save_pretrained writes the adapter only, and the pruned weights would "
+            "be lost; merge it first (merge_lora_preserving_sparsity(model) keeps the zeros) and save the merged model, "
+            "or save the base model (model.unload()) and the adapter (model.save_pretrained) apart"
+        )
     variant = getattr(vars(module).get("forward"), "handle", None)
     if isinstance(variant, PatchedMoEBlocks):
         return (

@@ -17,6 +17,7 @@ from torch import nn
 
 from .ignoring import is_ignored
 from .quantized import dequantized_weight, is_linear
+from .wrappers import transformers_model, unwrapped_modules
 
 PRUNED_SHARE = 0.01
 """Share of exact zeros from which a linear counts as already pruned (a dense checkpoint has a few, e.g. ~0.03 %
@@ -132,14 +133,15 @@ def verify_sparsity(
     """Measured sparsity of every linear layer's weight, and N:M conformity when ``pattern`` is given.
 
     Zeros are counted as they are: weights that were already exactly zero before pruning
-    count too. Quantized weights (optimum-quanto, bitsandbytes 8-bit and 4-bit, GPTQ) are counted on
+    count too. Through a peft wrapper, the base model's linears are counted under their own names (the
+    adapters' small linears are not the model's). Quantized weights (optimum-quanto, bitsandbytes 8-bit and 4-bit, GPTQ) are counted on
     their dequantized values, so a quantizer that moves zeros shows up here. Returns ``{"overall_sparsity", "pattern", "conforming", "layers": {name: ...}}``.
     """
     nm = NMPattern.parse(pattern, "pattern") if isinstance(pattern, str) else pattern
     ignored = tuple(ignore)
     layers: dict[str, dict] = {}
     zeros = total = 0
-    for name, module in model.named_modules():
+    for name, module in unwrapped_modules(transformers_model(model)):
         if not is_linear(module) or is_ignored(name, ignored):
             continue
         weight = dequantized_weight(module)

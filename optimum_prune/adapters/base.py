@@ -9,7 +9,6 @@ afterwards. Adapters are looked up by model class (walking the MRO, so subclasse
 
 from __future__ import annotations
 
-import sys
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -20,6 +19,7 @@ from torch import nn
 from torch.nn.utils import skip_init
 
 from ..quantized import is_linear
+from ..wrappers import transformers_model
 from ..registry import Registry
 from ..structure.modules import factorize_named
 from ..structure.mpo import build_mpo_experts
@@ -435,17 +435,6 @@ def adapter_factory(model: nn.Module) -> AdapterFactory:
         "(an adapter another module registers must be imported first; a model inside another wrapper: pass the "
         "transformers model it holds)"
     )
-
-
-def transformers_model(model: Any) -> nn.Module:
-    """The transformers model inside a wrapper: peft's (LoRA recovery) or the ``QuantizedModelForCausalLM``
-    optimum-quanto reloads a quantized checkpoint as (not a module: it forwards to the model it holds)."""
-    if hasattr(model, "get_base_model"):
-        return model.get_base_model()
-    quanto = sys.modules.get("optimum.quanto")  # such a wrapper exists only once optimum-quanto is imported
-    if quanto is not None and isinstance(model, quanto.QuantizedTransformersModel):
-        return model._wrapped
-    return model
 
 
 def get_adapter(model: nn.Module) -> DecoderAdapter:
