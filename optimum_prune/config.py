@@ -72,7 +72,7 @@ class PruningConfig:
     )
     num_calibration_samples: int = field(default=128, metadata={"help": "Calibration windows (paper default 128)."})
     calibration_seq_len: int = field(default=2048, metadata={"help": "Tokens per calibration window."})
-    seed: int = field(default=0, metadata={"help": "Seed for sampling calibration windows and for what a method draws at random (width's random criterion, ZipLM's search, K-prune's sampled gradients)."})
+    seed: int = field(default=0, metadata={"help": "Seed for sampling calibration windows and for what a method draws at random (width's random criterion, ZipLM's search, K-prune's sampled gradients, the sensitivity allocation's Hutchinson probes)."})
 
     def __post_init__(self) -> None:
         for name, registry in (("method", METHODS), ("allocation", ALLOCATIONS)):

@@ -33,6 +33,7 @@ def centred(offsets: torch.Tensor, sizes: list[int]) -> torch.Tensor:
 class Allocation(ABC, Generic[Options]):
     requires_calibration: bool = False
     observes_model: bool = False  # observe_model instead of observe (layer by layer)
+    seed: int = 0  # PruningConfig.seed, for what an allocation draws at random (set by AllocationSpec.create)
 
     def __init__(self, options: Options) -> None:
         self.options = options
@@ -57,8 +58,10 @@ class AllocationSpec:
     def __post_init__(self) -> None:
         option_types(self.options)  # a registration with options PruningConfig cannot store fails here
 
-    def create(self, options: Any) -> Allocation:
-        return self.allocation(options)
+    def create(self, options: Any, seed: int = 0) -> Allocation:
+        allocation = self.allocation(options)
+        allocation.seed = seed
+        return allocation
 
 
 ALLOCATIONS: Registry[AllocationSpec] = Registry("sparsity allocation", "PruningConfig.allocation")

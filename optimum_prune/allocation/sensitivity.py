@@ -65,7 +65,7 @@ class SensitivityAllocation(Allocation[SensitivityOptions]):
         positions = [position for position in shard_positions(len(windows)) if position < self.options.windows]
         totals = torch.zeros(len(groups), dtype=torch.float64)
         if positions:
-            means = hessian_traces(model, windows[: len(positions)], groups, self.options.probes, window_indices=positions)
+            means = hessian_traces(model, windows[: len(positions)], groups, self.options.probes, self.seed, window_indices=positions)
             totals += torch.tensor(means, dtype=torch.float64) * len(positions)
         used = torch.tensor([float(len(positions))], dtype=torch.float64)
         all_reduce_sum(totals, used)

@@ -2,7 +2,7 @@ import pytest
 import torch
 from torch import nn
 
-from optimum_prune import PruningConfig, prune
+from optimum_prune import ALLOCATIONS, PruningConfig, prune
 from optimum_prune.allocation.sensitivity import SensitivityAllocation, SensitivityOptions
 from optimum_prune.calibration.gradients import hessian_traces
 
@@ -86,3 +86,20 @@ def test_more_windows_than_the_calibration_holds_are_warned_of(caplog):
     with caplog.at_level("WARNING", logger="optimum_prune.allocation.sensitivity"):
         allocation.observe_model(model, token_windows(samples=3, seq_len=16), layers)
     assert "allocation_options.windows is 1000 but the calibration holds 3 windows" in caplog.text
+
+
+def test_the_probes_are_drawn_from_the_configs_seed():
+    """Every seed gave the probes of seed 0: the ranking depended on a draw the user could not vary."""
+    model, windows = tiny_model(num_hidden_layers=4), token_windows(2, 16)
+    layers = [{"down": layer.mlp.down_proj} for layer in model.model.layers]
+
+    def traces(seed: int) -> list[float]:
+        allocation = PruningConfig(method="wanda", sparsity=0.5, allocation="sensitivity", seed=seed)
+        spec = ALLOCATIONS.get("sensitivity")
+        observed = spec.create(allocation.build_allocation_options(), allocation.seed)
+        observed.observe_model(model, windows, layers)
+        return observed.sensitivities
+
+    assert traces(0) == traces(0) != traces(1)
+    groups = [[linear.weight for linear in linears.values()] for linears in layers]
+    assert traces(7) == pytest.approx(hessian_traces(model, windows, groups, seed=7))
