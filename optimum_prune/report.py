@@ -97,8 +97,8 @@ class PruningReport:
             raise ValueError(f"method {self.method!r} recorded no per-layer scores to plot")
         try:
             from matplotlib.figure import Figure
-        except ImportError:
-            raise ImportError("plotting layer scores needs matplotlib: pip install 'optimum-prune[plot]'") from None
+        except ImportError as error:  # not installed, or an old one that does not import beside this numpy
+            raise ImportError(f"plotting layer scores needs matplotlib ({error}): pip install 'optimum-prune[plot]'") from error
 
         # A bare Figure renders with Agg by itself: pyplot with matplotlib.use("Agg") switched a notebook's backend.
         figure = Figure(figsize=(8, 2.6 * len(self.layer_scores)))

@@ -98,8 +98,8 @@ def image_text_pairs(split: str = "calibration") -> list[dict[str, Any]]:
         from PIL import Image
 
         folder = resources.files("skimage") / "data"
-    except ImportError:
-        raise ImportError("the bundled image-text pairs need scikit-image: pip install 'optimum-prune[multimodal]'") from None
+    except ImportError as error:
+        raise ImportError(f"the bundled image-text pairs need scikit-image ({error}): pip install 'optimum-prune[multimodal]'") from error
     pairs = []
     for name, captions in CAPTIONS.items():
         with Image.open(folder / name) as image:
