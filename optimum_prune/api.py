@@ -215,8 +215,8 @@ def _calibration(
         warn_unused_calibration(config, calibration)
         return None
     inputs = calibration_inputs(calibration, tokenizer, processor, config.num_calibration_samples, config.calibration_seq_len, config.seed)
-    if not METHODS.get(config.method).pruner:  # these calibrate on windows of token ids
-        inputs = as_token_windows(inputs)
+    if not METHODS.get(config.method).pruner or ALLOCATIONS.get(config.allocation).allocation.observes_model:
+        inputs = as_token_windows(inputs)  # these calibrate on windows of token ids
     check_calibration_inputs(adapter.model, inputs)
     _check_calibration_reaches_parts(inputs, config, runs)
     return inputs

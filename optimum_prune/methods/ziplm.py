@@ -72,8 +72,9 @@ SPDY_MUTATION = 0.1  # probability that a local move redraws a sublayer's weight
 class ZipLMOptions:
     target: str = option(
         "latency",
-        "'latency': sparsity is the fraction of the decoder layers' measured time to remove (speed-up 1/(1 − sparsity)); "
-        "'parameters': the fraction of their linear parameters, as for the other structured methods.",
+        "'latency': sparsity is the fraction of the decoder layers' measured time to remove (speed-up 1/(1 − sparsity)); the "
+        "widths then follow the timings, which vary from run to run (a busy machine more), so the same seed may choose "
+        "others; 'parameters': the fraction of their linear parameters, as for the other structured methods (reproducible).",
     )
     components: str = option("all", "What to prune: 'all' (attention heads and MLP channels), 'attention' or 'mlp'.")
     remove_sublayers: bool = option(True, "Allow a sublayer's last structure to go too (the whole attention or MLP block is removed).")

@@ -103,3 +103,13 @@ def test_the_probes_are_drawn_from_the_configs_seed():
     assert traces(0) == traces(0) != traces(1)
     groups = [[linear.weight for linear in linears.values()] for linears in layers]
     assert traces(7) == pytest.approx(hessian_traces(model, windows, groups, seed=7))
+
+
+def test_unpadded_processed_batches_are_taken_as_the_token_windows_they_hold():
+    """Refused ("needs token windows"), while the structured methods took the same batches."""
+    windows = token_windows(4, 16)
+    config = PruningConfig(method="wanda", sparsity=0.5, allocation="sensitivity", allocation_options={"windows": 4})
+    expected, model = tiny_model(), tiny_model()
+    prune(expected, config, calibration=windows)
+    prune(model, config, calibration=[{"input_ids": windows[:2]}, {"input_ids": windows[2:]}])
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), expected.state_dict().values()))
