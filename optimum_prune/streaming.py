@@ -48,7 +48,7 @@ INDEX_NAME = "model.safetensors.index.json"
 REST_SHARD = "model-rest.safetensors"
 RUN_RECORD = "streaming-run.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".npz")
-NOTE_KEY = "optimum_prune_layer_report"  # in a layer shard's metadata: what its pruning reported (transformers reads only "format")
+NOTES = "streaming-notes.json"  # in the partial folder: what each finished layer's pruning reported, for a resumed run
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
@@ -141,16 +141,17 @@ class LayerStream:
     def __init__(self, reader: CheckpointReader, staging: Path, layer_names: list[str], device: torch.device, dtype: torch.dtype):
         self.reader, self.staging, self.layer_names, self.device, self.dtype = reader, staging, layer_names, device, dtype
         self.unknown_reported = False
-        self.notes: dict[int, str] = {}
+        self.notes: dict[int, dict[str, Any]] = {}  # pruned, not yet written
+        notes = staging / NOTES
+        self.written_notes: dict[str, Any] = json.loads(notes.read_text(encoding="utf-8")) if notes.is_file() else {}
 
     def note(self, index: int, note: dict[str, Any]) -> None:
-        """What layer ``index``'s pruning reported: saved in its shard's metadata, read back by ``noted``."""
-        self.notes[index] = json.dumps(note)
+        """What layer ``index``'s pruning reported: written with its shard, read back by ``noted``. Not in the shard's
+        metadata: safetensors writes several metadata keys in a random order, so identical runs gave other bytes."""
+        self.notes[index] = note
 
     def noted(self, index: int) -> dict[str, Any] | None:
-        with opened(self.shard(index)) as handle:
-            note = (handle.metadata() or {}).get(NOTE_KEY)
-        return None if note is None else json.loads(note)
+        return self.written_notes.get(str(index))
 
     def shard(self, index: int) -> Path:
         return self.staging / f"model-layer-{index:05d}.safetensors"
@@ -207,9 +208,12 @@ class LayerStream:
     def _save(self, index: int, layer: nn.Module, prefix: str) -> None:
         tensors = {f"{prefix}.{name}": t.detach().contiguous().cpu() for name, t in layer.state_dict().items()}
         note = self.notes.pop(index, None)
+        if note is not None or str(index) in self.written_notes:  # first: a finished layer's note is there
+            self.written_notes[str(index)] = note  # (None replaces one a run started over left)
+            write_text_atomic(self.staging / NOTES, json.dumps(self.written_notes))
         kept = f" (layers 0-{index - 1} are kept in {self.staging})" if index else ""
         resume = f"rerun the same call: it resumes from layer {index}{kept}"
-        _write_shard(tensors, self.shard(index), {"format": "pt", **({NOTE_KEY: note} if note is not None else {})}, resume)
+        _write_shard(tensors, self.shard(index), {"format": "pt"}, resume)
 
     def written_size(self) -> int:
         """Bytes of the layer shards already in the staging folder (a resumed run's)."""
@@ -471,6 +475,7 @@ def _finish_checkpoint(
             os.replace(finished, staging)
         raise
     (output_dir / RUN_RECORD).unlink()  # after the rename: a run killed before it still resumes
+    (output_dir / NOTES).unlink(missing_ok=True)
 
 
 def _is_weights(name: str) -> bool:

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from optimum_prune import PruningConfig, prune, prune_checkpoint, verify_sparsity
@@ -221,6 +222,19 @@ def test_a_second_run_into_the_same_output_while_one_runs_is_refused(sharded, tm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "source"]
 
 
+def test_identical_runs_write_identical_files(sharded, tmp_path):
+    """Each layer's report was a second key of its shard's metadata, which safetensors writes in a random order."""
+    config, windows = CONFIGS["wanda"], token_windows()
+    for name in ("first", "second"):
+        prune_checkpoint(sharded, tmp_path / name, config, calibration=windows)
+    first = {p.name: p.read_bytes() for p in (tmp_path / "first").iterdir()}
+    assert first == {p.name: p.read_bytes() for p in (tmp_path / "second").iterdir()}
+    assert not any(name.startswith("streaming-") for name in first)
+    for shard in (tmp_path / "first").glob("*.safetensors"):
+        with safe_open(shard, framework="pt") as handle:
+            assert handle.metadata() == {"format": "pt"}  # one key: nothing to order
+
+
 def test_the_index_states_the_total_size_as_save_pretrained_does(sharded, tmp_path):
     import json
 
@@ -267,7 +281,7 @@ def test_a_full_disk_is_said_plainly_leaves_no_partial_shard_and_the_rerun_resum
     with pytest.raises(OSError, match="no space left on the disk holding .* it resumes from layer 1 .layers 0-0 are kept") as caught:
         prune_checkpoint(sharded, tmp_path / "out", config)
     assert caught.value.errno == errno.ENOSPC
-    assert sorted(p.name for p in (tmp_path / ".out.partial").iterdir()) == ["model-layer-00000.safetensors", "streaming-run.json"]
+    assert sorted(p.name for p in (tmp_path / ".out.partial").iterdir()) == ["model-layer-00000.safetensors", "streaming-notes.json", "streaming-run.json"]
     monkeypatch.undo()
     prune_checkpoint(sharded, tmp_path / "out", config)
     assert_same_weights(AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict(), pruned_in_memory(sharded, config, None))
