@@ -38,6 +38,7 @@ from .methods import METHODS, LayerPruner, MethodSpec, ModelPruner, StructuredMe
 from .methods.base import linear_seed
 from .methods.magnitude import MagnitudeOptions
 from .options import MoEOptions
+from .perp import MaskLoRALinear
 from .quantized import is_quantized, is_sparse_24
 from .report import LinearReport, PruningReport, process_peak_rss
 from .sparsity_metadata import drop_sparsity_metadata
@@ -63,13 +64,23 @@ def outside_ambient_modes(function: Function) -> Function:
     made could never be trained. ``torch.no_grad()`` needs nothing: the methods enable gradients where they use them."""
 
     @functools.wraps(function)
-    def outside(*args: Any, **kwargs: Any) -> Any:
+    def outside(model: Any, *args: Any, **kwargs: Any) -> Any:
+        # A model made under inference mode holds inference tensors, which only inference mode may change in place.
+        made_for_inference = isinstance(model, nn.Module) and any(p.is_inference() for p in model.parameters())
         with ExitStack() as modes:
-            modes.enter_context(torch.inference_mode(False))
+            modes.enter_context(torch.inference_mode(made_for_inference))
             for kind in ("cpu", "cuda"):
                 if torch.is_autocast_enabled(kind):
                     modes.enter_context(torch.autocast(kind, enabled=False))
-            return function(*args, **kwargs)
+            try:
+                return function(model, *args, **kwargs)
+            except Exception as error:  # torch's and torch-pruning's own words
+                if made_for_inference:
+                    error.add_note(
+                        "the model's weights are inference tensors (it was made under torch.inference_mode()), which "
+                        "take no gradient: load it outside inference mode for methods that use gradients"
+                    )
+                raise
 
     return outside
 
@@ -155,7 +166,7 @@ def prune(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     drop_sparsity_metadata(model)
-    was_training, trainable = model.training, _trainable_flags(model)
+    was_training, trainable = model.training, _TrainableFlags.of(model)
     model.eval()  # calibration forwards must not apply dropout
     try:
         for run in runs:  # every part's allocation observes the dense model: one it cannot make fails before any part changes
@@ -165,14 +176,15 @@ def prune(
             for run in runs:
                 run.execute(inputs, report)
         except BaseException as error:
-            error.add_note(
-                "prune() stopped while changing the model: its weights may be partly pruned, and its config records no "
-                "pruning. Load the model again before using, saving or pruning it"
-            )
+            if offload is None:  # an offloaded run's finished layers are on disk: rerunning resumes
+                error.add_note(
+                    "prune() stopped while changing the model: its weights may be partly pruned, and its config records "
+                    "no pruning. Load the model again before using, saving or pruning it"
+                )
             raise
     finally:
         model.train(was_training)
-        _restore_trainable_flags(model, trainable)
+        trainable.restore(model)
     report.seconds = time.perf_counter() - started
     report.peak_memory_bytes, report.peak_memory_kind = _peak_memory(device)
     if earlier is not None:
@@ -182,28 +194,43 @@ def prune(
     return report
 
 
-def _trainable_flags(model: nn.Module) -> dict[tuple[nn.Module, str], bool]:
-    """Each parameter's ``requires_grad`` by its module and name there: a structured method replaces parameters
-    (torch-pruning's slices, SliceGPT's rotations) with new ones, which require grad whatever the user froze."""
-    return {
-        (module, name): parameter.requires_grad
-        for module in model.modules()
-        for name, parameter in module._parameters.items()
-        if parameter is not None
-    }
+@dataclass
+class _TrainableFlags:
+    """Each parameter's ``requires_grad`` by its module and name there, and whether each module (by qualified name)
+    held a trainable parameter: a structured method replaces parameters (torch-pruning's slices, SliceGPT's
+    rotations) and modules (low_rank's factors) with new ones, which require grad whatever the user froze."""
 
+    parameters: dict[tuple[nn.Module, str], bool]
+    modules: dict[str, bool]
 
-def _restore_trainable_flags(model: nn.Module, flags: dict[tuple[nn.Module, str], bool]) -> None:
-    """Parameters the run replaced take the flag of the one they replace; those it added (SliceGPT's shortcuts,
-    a FLAP bias) stay frozen in a model that was wholly frozen."""
-    wholly_frozen = not any(flags.values())
-    for module in model.modules():
-        for name, parameter in module._parameters.items():
-            if parameter is None:
-                continue
-            wanted = flags.get((module, name), parameter.requires_grad and not wholly_frozen)
-            if parameter.requires_grad != wanted:
-                parameter.requires_grad_(wanted)
+    @classmethod
+    def of(cls, model: nn.Module) -> "_TrainableFlags":
+        parameters = {
+            (module, name): parameter.requires_grad
+            for module in model.modules()
+            for name, parameter in module._parameters.items()
+            if parameter is not None
+        }
+        modules = {name: any(p.requires_grad for p in module.parameters()) for name, module in model.named_modules()}
+        return cls(parameters, modules)
+
+    def restore(self, model: nn.Module) -> None:
+        """A replaced parameter takes the flag of the one it replaces; a new one is frozen where the nearest module
+        that was there before held nothing trainable (a frozen linear's factors, any addition to a frozen model)."""
+        for module_name, module in model.named_modules():
+            for name, parameter in module._parameters.items():
+                if parameter is None:
+                    continue
+                wanted = self.parameters.get((module, name))
+                if wanted is None:
+                    wanted = parameter.requires_grad and self._nearest_trainable(module_name)
+                if parameter.requires_grad != wanted:
+                    parameter.requires_grad_(wanted)
+
+    def _nearest_trainable(self, module_name: str) -> bool:
+        while module_name not in self.modules:
+            module_name = module_name.rpartition(".")[0]
+        return self.modules[module_name]
 
 
 def _calibration(
@@ -351,6 +378,8 @@ def _check_no_peft_adapters(model: nn.Module) -> None:
     """A peft adapter's linears sit inside the decoder layers beside the base linears: they would be pruned and counted
     as the model's own (and its structured budgets and sensitivity traces), and a trained adapter's dense update would
     fill the base's zeros at merge."""
+    if any(isinstance(module, MaskLoRALinear) for module in model.modules()):
+        raise ValueError("the model holds PERP adapters (prepare_perp): merge them first (merge_perp(model)), then prune")
     tuners = tuner_layers(model)
     if tuners:
         raise ValueError(

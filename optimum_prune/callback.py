@@ -310,7 +310,7 @@ class PruningCallback(TrainerCallback):
                 "codes (a QLoRA base, frozen): prune before quantizing (optimum_prune.prune on the full-precision model), "
                 "then train the adapter"
             )
-        start_training_run(model, type(self).__name__, self._remove_hooks)
+        start_training_run(model, self, state, self._remove_hooks, self._hooks)
         self._hooks.extend(self.masks.mask_gradients_in_backward())
         forget_compiled_graphs(args, model)  # the hooks above (and the statistics hooks below) must be traced in
         self._run_schedule = self.schedule.resolved(state.max_steps) if self.schedule is not None else None
@@ -351,7 +351,7 @@ class PruningCallback(TrainerCallback):
         self._warn_if_best_checkpoint_was_less_sparse(args, state)
         self.masks.apply()
         self._remove_hooks()
-        end_training_run(model, type(self).__name__)
+        end_training_run(model, self)
         forget_compiled_graphs(args, model)
         if self.experts is not None:
             self.experts.on_train_end(args, state, control, model=model, **kwargs)

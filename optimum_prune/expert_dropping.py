@@ -104,6 +104,7 @@ class ExpertDroppingCallback(TrainerCallback):
         self.ignore = tuple(ignore)
         self.layers: list[_LayerRouting] = []
         self.real_tokens: RealTokens | None = None
+        self._hooks: list[torch.utils.hooks.RemovableHandle] = []
         self.adapter: DecoderAdapter | None = None
         self.end_step = 0
 
@@ -129,18 +130,18 @@ class ExpertDroppingCallback(TrainerCallback):
                 "final_experts=%d; lower end_step",
                 self.end_step, state.max_steps, self.schedule.kept_at(state.max_steps, experts, self.end_step), self.schedule.final_experts,
             )  # fmt: skip
-        start_training_run(self.adapter.model, type(self).__name__, self._remove_hooks)
+        start_training_run(self.adapter.model, self, state, self._remove_hooks, self._hooks)
         self.real_tokens = RealTokens(model)
         self.layers = [_LayerRouting(self.adapter, layer, self.real_tokens) for layer, _ in blocks]
+        self._hooks.extend([self.real_tokens.handle, *(routing.handle for routing in self.layers)])
         forget_compiled_graphs(args, model)  # the routing hooks must be traced in
         if state.global_step > 0:
             self._resume(state)
 
     def _remove_hooks(self) -> None:
-        if self.real_tokens is not None:
-            self.real_tokens.handle.remove()
-        for routing in self.layers:
-            routing.handle.remove()
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks.clear()
 
     def _resume(self, state: TrainerState) -> None:
         """Route around the experts the checkpoint's run had dropped; the token counts since its last drop
@@ -195,7 +196,7 @@ class ExpertDroppingCallback(TrainerCallback):
                     best, self.schedule.kept_at(best, experts, self.end_step),
                 )  # fmt: skip
         self._remove_hooks()
-        end_training_run(self.adapter.model, type(self).__name__)
+        end_training_run(self.adapter.model, self)
         forget_compiled_graphs(args, self.adapter.model)
         for routing in self.layers:
             kept = (~routing.dropped).nonzero().flatten().tolist()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import weakref
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -66,24 +67,40 @@ def forget_compiled_graphs(args: object, model: nn.Module | None) -> None:
         torch._dynamo.reset()
 
 
-_UNFINISHED_RUNS: weakref.WeakKeyDictionary[nn.Module, dict[str, Callable[[], None]]] = weakref.WeakKeyDictionary()
+@dataclass
+class _TrainingRun:
+    state: weakref.ref  # the run's TrainerState (one per train() call)
+    release: weakref.WeakMethod  # the callback's own removal of its hooks, while the callback lives
+    hooks: list[torch.utils.hooks.RemovableHandle]  # what to remove once the callback is gone (handles hold no model)
 
 
-def start_training_run(model: nn.Module, owner: str, release: Callable[[], None]) -> None:
-    """Note that training callback ``owner`` puts hooks on ``model`` until the run ends (``end_training_run``);
-    ``release`` removes them. A run stopped by an exception or Ctrl-C never reaches ``on_train_end``: its hooks are
-    removed here, when the next run on the model starts (the same callback's or a new one's), or they would go on
-    masking gradients, counting activations or routing around dropped experts beside the new ones."""
+# Weak references only: a model (and its callbacks) a stopped run left must still be freed when the caller drops it.
+_UNFINISHED_RUNS: weakref.WeakKeyDictionary[nn.Module, dict[int, _TrainingRun]] = weakref.WeakKeyDictionary()
+
+
+def start_training_run(
+    model: nn.Module, callback: Any, state: Any, release: Callable[[], None], hooks: list[torch.utils.hooks.RemovableHandle]
+) -> None:
+    """Note that training ``callback`` puts ``hooks`` on ``model`` for the run of ``state`` until it ends
+    (``end_training_run``); ``release`` removes them (and what else the callback holds). A run stopped by an exception
+    or Ctrl-C never reaches ``on_train_end``: its hooks are removed here, when the next run on the model starts (the
+    same callback's or a new one's), or they would go on masking gradients, counting activations or routing around
+    dropped experts beside the new ones. Callbacks of the same run (two in one Trainer) keep theirs."""
     runs = _UNFINISHED_RUNS.setdefault(model, {})
-    left = runs.pop(owner, None)
-    if left is not None:
-        logger.warning("%s: removing the hooks an earlier training run of this model left (it stopped before its end)", owner)
-        left()
-    runs[owner] = release
+    for key, run in list(runs.items()):
+        if run.state() is not state:
+            del runs[key]
+            logger.warning("removing the hooks an earlier training run of this model left (it stopped before its end)")
+            release_left = run.release()
+            if release_left is not None:
+                release_left()
+            for hook in run.hooks:
+                hook.remove()
+    runs[id(callback)] = _TrainingRun(weakref.ref(state), weakref.WeakMethod(release), hooks)
 
 
-def end_training_run(model: nn.Module, owner: str) -> None:
-    _UNFINISHED_RUNS.get(model, {}).pop(owner, None)
+def end_training_run(model: nn.Module, callback: Any) -> None:
+    _UNFINISHED_RUNS.get(model, {}).pop(id(callback), None)
 
 
 class RealTokens:

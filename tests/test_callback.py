@@ -535,3 +535,34 @@ def test_hooks_of_a_run_stopped_by_an_exception_are_removed_when_the_next_run_st
         run_trainer(model, tmp_path / "second", callbacks=[PruningCallback()], steps=1)
     assert "removing the hooks an earlier training run of this model left" in caplog.text
     assert hooks(model) == 0
+
+
+def test_two_callbacks_in_one_trainer_keep_each_others_hooks(tmp_path, caplog):
+    """Each took the other's hooks for a stopped run's: the first one's gradient masks and observers went mid-run."""
+    model = tiny_model()
+    schedule = dict(final_sparsity=0.5, start_step=0, end_step=4, every=1, score="wanda")
+    attention = PruningCallback(GradualSchedule(**schedule), ignore=["*mlp*"])
+    mlp = PruningCallback(GradualSchedule(**schedule), ignore=["*self_attn*"])
+    with caplog.at_level("WARNING", logger="optimum_prune"):
+        run_trainer(model, tmp_path, callbacks=[attention, mlp], steps=6)
+    assert "removing the hooks an earlier training run" not in caplog.text
+    assert all(entry["sparsity"] == pytest.approx(0.5) for entry in verify_sparsity(model)["layers"].values())
+
+
+def test_a_stopped_run_does_not_keep_its_model_alive(tmp_path):
+    import gc
+    import weakref
+
+    class Stop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 2:
+                raise RuntimeError("stop")
+
+    model = tiny_model()
+    callback = PruningCallback(GradualSchedule(final_sparsity=0.5, start_step=0, end_step=4, every=1, score="wanda"))
+    with pytest.raises(RuntimeError):
+        run_trainer(model, tmp_path, callbacks=[callback, Stop()])
+    alive = weakref.ref(model)
+    del model, callback
+    gc.collect()
+    assert alive() is None

@@ -38,7 +38,8 @@ def test_a_partly_frozen_model_keeps_each_parameters_flag():
     model.model.layers[1].mlp.up_proj.requires_grad_(False)
     prune(model, STRUCTURED["width"], calibration=token_windows(4, 16))
     frozen = sorted(name for name, parameter in model.named_parameters() if not parameter.requires_grad)
-    assert frozen == ["model.embed_tokens.weight", "model.layers.1.mlp.up_proj.weight"]
+    # FLAP's compensation gives every MLP linear a bias (Llama's one mlp_bias flag): the frozen one's stays frozen
+    assert frozen == ["model.embed_tokens.weight", "model.layers.1.mlp.up_proj.bias", "model.layers.1.mlp.up_proj.weight"]
 
 
 def test_slicegpt_keeps_the_decoder_layer_objects_with_their_hooks_and_gradient_checkpointing():
@@ -120,3 +121,56 @@ def test_a_run_that_fails_while_changing_the_model_says_it_may_be_partly_pruned(
     with pytest.raises(RuntimeError, match="out of memory") as caught:
         prune(tiny_model(), PruningConfig(method="wanda", sparsity=0.5), calibration=token_windows(4, 16))
     assert "its weights may be partly pruned" in "\n".join(caught.value.__notes__)
+
+
+def test_slicegpt_on_a_model_with_accelerate_hooks_equals_the_plain_run():
+    """The hook called the stock forward it had bound, and the shortcut layer failed at a size mismatch."""
+    from accelerate import dispatch_model
+
+    windows, config = token_windows(4, 16), STRUCTURED["slicegpt"]
+    expected = tiny_model()
+    prune(expected, config, calibration=windows)
+    model = tiny_model()
+    placement = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    model = dispatch_model(model, device_map={**placement, **{f"model.layers.{i}": "cpu" for i in range(3)}}, force_hooks=True)
+    prune(model, config, calibration=windows)
+    ids = token_windows(2, 8, seed=5)
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, expected(input_ids=ids).logits)
+
+
+def test_a_model_made_under_inference_mode_is_pruned_there():
+    """Its weights are inference tensors, which only inference mode may change in place."""
+    windows = token_windows(4, 16)
+    expected = tiny_model()
+    prune(expected, PruningConfig(method="wanda", sparsity=0.5), calibration=windows)
+    with torch.inference_mode():
+        model = tiny_model()
+        prune(model, PruningConfig(method="wanda", sparsity=0.5), calibration=windows)
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), expected.state_dict().values()))
+        with pytest.raises(Exception) as caught:  # noqa: PT011 (torch-pruning's ValueError)
+            prune(model, STRUCTURED["width taylor"], calibration=windows)
+    assert "the model's weights are inference tensors" in "\n".join(caught.value.__notes__)
+
+
+def test_factors_of_frozen_linears_stay_frozen_in_a_partly_frozen_model():
+    model = tiny_model()
+    for layer in model.model.layers:
+        for linear in (*layer.self_attn.children(), *layer.mlp.children()):
+            if isinstance(linear, torch.nn.Linear):
+                linear.requires_grad_(False)
+    prune(model, STRUCTURED["low_rank"], calibration=token_windows(4, 16))
+    factors = [name for name, parameter in model.named_parameters() if "_factor." in name]
+    assert factors and not any(parameter.requires_grad for name, parameter in model.named_parameters() if "_factor." in name)
+    assert model.model.layers[0].input_layernorm.weight.requires_grad
+
+
+def test_pending_gradients_come_back_on_the_device_and_dtype_their_parameter_has_after_the_pass():
+    """width's Taylor pass ends after on_device moved the model home, with the held gradients on the compute device."""
+    from optimum_prune.calibration.gradients import own_gradients
+
+    linear = torch.nn.Linear(4, 4)
+    linear.weight.grad = torch.ones(4, 4)
+    with own_gradients([linear.weight]):
+        linear.to(torch.float64)  # moves parameters as a device change does
+    assert linear.weight.grad.dtype == torch.float64 and torch.equal(linear.weight.grad, torch.ones(4, 4, dtype=torch.float64))

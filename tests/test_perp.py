@@ -204,3 +204,10 @@ def test_merging_makes_the_model_as_trainable_as_before_preparing():
     prepare_perp(model, PERPConfig())
     merge_perp(model)
     assert {name: parameter.requires_grad for name, parameter in model.named_parameters()} == before
+
+
+def test_prune_refuses_a_model_with_perp_adapters_naming_merge_perp():
+    model = tiny_model()
+    prepare_perp(model, PERPConfig())
+    with pytest.raises(ValueError, match=r"holds PERP adapters \(prepare_perp\): merge them first \(merge_perp\(model\)\)"):
+        prune(model, PruningConfig(method="magnitude", sparsity=0.5))

@@ -6,6 +6,7 @@ stream leaves it as it is."""
 
 from __future__ import annotations
 
+import types
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -72,6 +73,8 @@ def with_shortcuts(layer: nn.Module) -> ShortcutDecoderLayer:
         _SHORTCUT_CLASSES[stock] = globals()[name] = type(name, (ShortcutDecoderLayer, stock), {"__module__": __name__})  # picklable by name
     weight = layer.input_layernorm.weight
     layer.__class__ = _SHORTCUT_CLASSES[stock]
+    if "_old_forward" in vars(layer):  # accelerate's hook calls the forward it found, bound to the stock class
+        layer._old_forward = types.MethodType(ShortcutDecoderLayer.forward, layer)
     layer.attention_shortcut = _identity_linear(weight.shape[0], weight)
     layer.mlp_shortcut = _identity_linear(weight.shape[0], weight)
     return layer

@@ -57,8 +57,8 @@ def own_gradients(parameters: list[nn.Parameter]) -> Iterator[None]:
     try:
         yield
     finally:
-        for parameter, gradient in zip(parameters, held):
-            parameter.grad = gradient
+        for parameter, gradient in zip(parameters, held):  # the parameter may have moved meanwhile (on_device)
+            parameter.grad = None if gradient is None else gradient.to(parameter)
 
 
 @contextmanager
