@@ -14,6 +14,7 @@ original SmolLM2 tokenizer; the chat template writes ``<|im_start|>`` itself whe
 
 from __future__ import annotations
 
+import errno
 import importlib.metadata
 import json
 import logging
@@ -68,21 +69,34 @@ def default_model_path() -> Path:
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Read-only: a lock file another user of a shared cache created is still opened (flock needs no write access).
-    with open(os.open(target.parent / f".{target.name}.lock", os.O_RDONLY | os.O_CREAT, 0o666)) as lock:
+    with _lock_file(target.parent / f".{target.name}.lock") as lock:
         _lock_exclusively(lock)
         if not (target / "config.json").is_file():
             _convert_default_model(target)
     return target
 
 
+def _lock_file(path: Path) -> Any:
+    """The lock file, open for writing (NFS locks need it), else read-only: one another user of a shared cache
+    created (flock needs no write access elsewhere)."""
+    try:
+        return open(os.open(path, os.O_RDWR | os.O_CREAT, 0o666))
+    except PermissionError:
+        return open(os.open(path, os.O_RDONLY))
+
+
 def _lock_exclusively(file: Any) -> None:
-    """Hold an exclusive lock on ``file`` until it is closed (POSIX; elsewhere conversions may race)."""
+    """Hold an exclusive lock on ``file`` until it is closed (POSIX; where there are no such locks, or none on this
+    file system for a read-only file, conversions may race)."""
     try:
         import fcntl
     except ImportError:
         return
-    fcntl.flock(file, fcntl.LOCK_EX)
+    try:
+        fcntl.flock(file, fcntl.LOCK_EX)
+    except OSError as error:
+        if error.errno not in (errno.EBADF, errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
+            raise
 
 
 def _convert_default_model(target: Path) -> None:

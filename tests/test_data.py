@@ -64,3 +64,35 @@ def test_processes_converting_the_default_model_together_convert_it_once(tmp_pat
     for thread in threads:
         thread.join()
     assert len(conversions) == 1 and len(paths) == 2 and paths[0] == paths[1] and (paths[0] / "config.json").is_file()
+
+
+def test_a_lock_file_another_user_made_or_a_file_system_without_locks_still_converts(tmp_path, monkeypatch, bpe_tokenizer):
+    """A shared cache's lock file this user cannot write is opened read-only; where the file system refuses that lock
+    (NFS needs a file open for writing), the conversion goes on unlocked instead of failing."""
+    import copy
+    import errno
+    import fcntl
+    import os
+
+    from optimum_prune import models
+
+    from .conftest import tiny_model
+
+    monkeypatch.setenv("OPTIMUM_PRUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "load_gguf", lambda _path, _dtype: (tiny_model(), copy.deepcopy(bpe_tokenizer)))
+    opened = os.open
+
+    def not_writable(path, flags, *args):
+        if flags & os.O_RDWR:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return opened(path, flags, *args)
+
+    def read_only_refused(file, operation):
+        raise OSError(errno.EBADF, "Bad file descriptor")
+
+    monkeypatch.setattr(models.os, "open", not_writable)
+    (tmp_path / "cache").mkdir()
+    lock = tmp_path / "cache" / f".{models.DEFAULT_MODEL_NAME.lower()}-{models._default_distribution().version}-fp32.lock"
+    lock.touch()
+    monkeypatch.setattr(fcntl, "flock", read_only_refused)
+    assert (models.default_model_path() / "config.json").is_file()
