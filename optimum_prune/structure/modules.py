@@ -84,6 +84,7 @@ class LowRankLinear(nn.Module):
     ) -> None:
         super().__init__()
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        device = torch.get_default_device() if device is None else device  # skip_init would leave None on meta
         self.in_factor = skip_init(nn.Linear, in_features, rank, bias=False, device=device, dtype=dtype)  # factors set next
         self.out_factor = skip_init(nn.Linear, rank, out_features, bias=bias, device=device, dtype=dtype)
 
