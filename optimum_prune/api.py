@@ -61,11 +61,12 @@ def outside_ambient_modes(function: Function) -> Function:
     """``function`` runs as if called outside any ``torch.inference_mode()`` or ``torch.autocast``: its statistics
     and solvers are float32 maths that an enclosing autocast ran in bfloat16 (SparseGPT's Cholesky failed, every
     other method gave other weights), and under inference mode gradient criteria failed and the parameters it
-    made could never be trained. ``torch.no_grad()`` needs nothing: the methods enable gradients where they use them."""
+    made could never be trained. A model made under inference mode is pruned in it: its weights are inference
+    tensors, which only inference mode may change in place. ``torch.no_grad()`` needs nothing: the methods enable
+    gradients where they use them."""
 
     @functools.wraps(function)
     def outside(model: Any, *args: Any, **kwargs: Any) -> Any:
-        # A model made under inference mode holds inference tensors, which only inference mode may change in place.
         made_for_inference = isinstance(model, nn.Module) and any(p.is_inference() for p in model.parameters())
         with ExitStack() as modes:
             modes.enter_context(torch.inference_mode(made_for_inference))
