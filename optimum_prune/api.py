@@ -70,7 +70,7 @@ def outside_ambient_modes(function: Function) -> Function:
         made_for_inference = isinstance(model, nn.Module) and any(p.is_inference() for p in model.parameters())
         with ExitStack() as modes:
             modes.enter_context(torch.inference_mode(made_for_inference))
-            for kind in ("cpu", "cuda"):
+            for kind in ("cpu", "cuda", "xpu", "mps", "hpu"):
                 if torch.is_autocast_enabled(kind):
                     modes.enter_context(torch.autocast(kind, enabled=False))
             try:
@@ -130,7 +130,7 @@ def prune(
     spec = METHODS.get(config.method)
     adapter = get_adapter(model)
     if offload is None:  # a LayerStream holds the layers it has not read yet on the meta device itself
-        _check_materialised(model)
+        _check_materialised(model, config)
     _check_no_peft_adapters(model)
     device = next(model.parameters()).device if device is None else check_device(device)
     _check_unquantized(adapter, config)
@@ -390,11 +390,18 @@ def _check_no_peft_adapters(model: nn.Module) -> None:
         )
 
 
-def _check_materialised(model: nn.Module) -> None:
+def _check_materialised(model: nn.Module, config: PruningConfig) -> None:
     """Weights that accelerate offloaded (``device_map`` entries ``"cpu"`` beside a GPU, or ``"disk"``) sit
     on the meta device and are swapped in only inside each forward: there is nothing to prune in place.
-    Layers it spread over several GPUs carry hooks that move each layer's inputs back to its own GPU."""
+    Layers it spread over several GPUs carry hooks that move each layer's inputs back to its own GPU. The way
+    round names pruning from disk only where the config's method and allocation can run that way."""
     device_map = getattr(model, "hf_device_map", None) or {}
+    streamable = bool(METHODS.get(config.method).pruner) and not ALLOCATIONS.get(config.allocation).allocation.observes_model
+    from_disk = (
+        "prune the checkpoint directory layer by layer from disk: prune(path, config, output_dir=...) (optimum-cli prune "
+        "--offload disk)" if streamable else f"{config.method!r} with allocation {config.allocation!r} needs the whole "
+        "model in memory, so load it on a machine with room for it"
+    )  # fmt: skip
 
     def placed(name: str) -> str:  # the device_map entry a parameter belongs to, else its module
         return next((key for key in device_map if name.startswith(f"{key}.")), name.rpartition(".")[0])
@@ -404,16 +411,14 @@ def _check_materialised(model: nn.Module) -> None:
         raise ValueError(
             f"the model is dispatched over several devices by its device_map ({', '.join(devices)}); prune moves one "
             "decoder layer at a time to one device, which accelerate's hooks would undo: load it on one device "
-            "(device_map=None or 'cpu', then prune(..., device='cuda')), or prune the checkpoint directory from disk: "
-            "prune(path, config, output_dir=...)"
+            f"(device_map=None or 'cpu', then prune(..., device='cuda')); or {from_disk}"
         )
     offloaded = sorted({placed(name) for name, parameter in model.named_parameters() if parameter.is_meta})
     if offloaded:
         shown = ", ".join(offloaded[:3]) + (f" and {len(offloaded) - 3} more" if len(offloaded) > 3 else "")
         raise ValueError(
             f"{shown} hold offloaded weights (meta tensors: a device_map with 'cpu' or 'disk' entries); pruning rewrites "
-            "weights in place, so load the model without offloading, or prune the checkpoint directory layer by layer "
-            "from disk: prune(path, config, output_dir=...) (optimum-cli prune --offload disk)"
+            f"weights in place, so load the model without offloading; or {from_disk}"
         )
 
 

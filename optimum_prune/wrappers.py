@@ -10,8 +10,12 @@ from torch import nn
 
 
 def transformers_model(model: Any) -> nn.Module:
-    """The transformers model inside a wrapper: peft's (LoRA recovery) or the ``QuantizedModelForCausalLM``
-    optimum-quanto reloads a quantized checkpoint as (not a module: it forwards to the model it holds)."""
+    """The transformers model inside a wrapper: ``torch.compile``'s, peft's (LoRA recovery) or the
+    ``QuantizedModelForCausalLM`` optimum-quanto reloads a quantized checkpoint as (not a module: it forwards to the
+    model it holds)."""
+    compiled = getattr(model, "_orig_mod", None)  # torch.compile(model)'s OptimizedModule
+    if isinstance(compiled, nn.Module):
+        return transformers_model(compiled)
     if hasattr(model, "get_base_model"):
         return model.get_base_model()
     quanto = sys.modules.get("optimum.quanto")  # such a wrapper exists only once optimum-quanto is imported

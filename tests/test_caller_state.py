@@ -174,3 +174,17 @@ def test_pending_gradients_come_back_on_the_device_and_dtype_their_parameter_has
     with own_gradients([linear.weight]):
         linear.to(torch.float64)  # moves parameters as a device change does
     assert linear.weight.grad.dtype == torch.float64 and torch.equal(linear.weight.grad, torch.ones(4, 4, dtype=torch.float64))
+
+
+def test_a_model_compiled_by_torch_compile_is_pruned_through_its_wrapper():
+    """get_adapter refused the OptimizedModule (save_pruned already unwrapped it)."""
+    windows, ids = token_windows(4, 16), token_windows(2, 8, seed=5)
+    expected = tiny_model()
+    prune(expected, STRUCTURED["width"], calibration=windows)
+    compiled = torch.compile(tiny_model(), backend="eager")
+    with torch.no_grad():
+        compiled(input_ids=ids)  # traced at the dense shapes first
+    prune(compiled, STRUCTURED["width"], calibration=windows)
+    with torch.no_grad():
+        assert torch.equal(compiled(input_ids=ids).logits, expected(input_ids=ids).logits)
+    assert compiled.config.pruning_config["method"] == "width"

@@ -523,6 +523,9 @@ def test_a_model_accelerate_offloaded_is_refused_with_the_way_to_stream_it(shard
     assert any(parameter.is_meta for parameter in model.parameters())  # what a device_map offload leaves in place
     with pytest.raises(ValueError, match=r"^model.layers.1, model.layers.2 hold offloaded weights .*prune\(path, config, output_dir=...\)"):
         prune(model, CONFIGS["wanda"], calibration=token_windows())
+    # a method that cannot run from disk is not sent there (that path refused it in turn)
+    with pytest.raises(ValueError, match=r"without offloading; or 'width' with allocation 'uniform' needs the whole model in memory"):
+        prune(model, PruningConfig(method="width", sparsity=0.25), calibration=token_windows())
 
 
 def test_extra_layer_tensors_and_other_weight_formats_of_the_source_stay_behind(tmp_path, bpe_tokenizer):
