@@ -14,7 +14,6 @@ original SmolLM2 tokenizer; the chat template writes ``<|im_start|>`` itself whe
 
 from __future__ import annotations
 
-import errno
 import importlib.metadata
 import json
 import logging
@@ -26,7 +25,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
-from .saving import atomic_directory
+from .saving import atomic_directory, exclusive_lock
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +69,7 @@ def default_model_path() -> Path:
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with _lock_file(target.parent / f".{target.name}.lock") as lock:
-        _lock_exclusively(lock)
+        exclusive_lock(lock.fileno(), wait=True)  # where there are no such locks, conversions may race
         if not (target / "config.json").is_file():
             _convert_default_model(target)
     return target
@@ -83,20 +82,6 @@ def _lock_file(path: Path) -> Any:
         return open(os.open(path, os.O_RDWR | os.O_CREAT, 0o666))
     except PermissionError:
         return open(os.open(path, os.O_RDONLY))
-
-
-def _lock_exclusively(file: Any) -> None:
-    """Hold an exclusive lock on ``file`` until it is closed (POSIX; where there are no such locks, or none on this
-    file system for a read-only file, conversions may race)."""
-    try:
-        import fcntl
-    except ImportError:
-        return
-    try:
-        fcntl.flock(file, fcntl.LOCK_EX)
-    except OSError as error:
-        if error.errno not in (errno.EBADF, errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-            raise
 
 
 def _convert_default_model(target: Path) -> None:

@@ -37,7 +37,7 @@ from .quantized import is_gptq_linear, repacked_in_place
 from .report import PruningReport
 from .skipping import PatchedMoEBlocks
 from .structure.loading import offloaded, records_layer_shapes
-from .wrappers import base_layer
+from .wrappers import base_layer, transformers_model
 
 logger = logging.getLogger(__name__)
 SCORES_PLOT_NAME = "layer_scores.png"
@@ -76,10 +76,10 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def _lock(descriptor: int, wait: bool = False) -> bool | None:
-    """Take an exclusive lock on an open folder: True when taken, False when another process holds it, None where
-    the system or file system has no such locks (no fcntl; NFS, whose exclusive locks need a file open for writing,
-    which a folder cannot be; Lustre without ``-o flock``)."""
+def exclusive_lock(descriptor: int, wait: bool = False) -> bool | None:
+    """Take an exclusive lock on an open folder or file: True when taken, False when another process holds it, None
+    where the system or file system has no such locks (no fcntl; NFS, whose exclusive locks need a file open for
+    writing, which a folder cannot be; Lustre without ``-o flock``)."""
     if fcntl is None:
         return None
     try:
@@ -104,7 +104,7 @@ def held_exclusively(directory: Path, refusal: str | None = None) -> Iterator[bo
         return
     descriptor = os.open(directory, os.O_RDONLY)
     try:
-        taken = _lock(descriptor, wait=refusal is None)
+        taken = exclusive_lock(descriptor, wait=refusal is None)
         if taken is False:
             raise ValueError(refusal)
         yield bool(taken)
@@ -246,7 +246,7 @@ def remove_leftovers(target: Path) -> None:
             except OSError:  # removed meanwhile, or not ours to open
                 continue
             try:
-                taken = _lock(descriptor)
+                taken = exclusive_lock(descriptor)
                 if taken is None:  # a running save's folder cannot be told from a killed one's: the user decides
                     logger.warning(
                         "%s may be a folder a killed save left (folders cannot be locked here to tell): delete it if no "
@@ -438,7 +438,7 @@ def _write_checkpoint(
         with v1_checkpoint_layout(model):
             model.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
     else:
-        inner = getattr(model, "_orig_mod", model)  # torch.compile's wrapper saves the model it holds
+        inner = transformers_model(model)  # torch.compile's wrapper saves the model it holds
         recorded = isinstance(inner, PreTrainedModel) and records_layer_shapes(getattr(inner.config, "quantization_config", None))
         if recorded and offloaded(inner):
             logger.warning(
