@@ -22,16 +22,15 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import yaml
 from omegaconf import OmegaConf
 
 from optimum_prune import PruningConfig
 from optimum_prune.api import check_activation_device
+from optimum_prune.yaml_files import load_yaml
 
 from .compat import import_llamafactory
 
@@ -142,43 +141,12 @@ def _check_registered(datasets: str, dataset_dir: str) -> None:
             )
 
 
-class _YamlLoader(yaml.SafeLoader):
-    """YAML as LLaMA-Factory users write it, minus YAML 1.1's base-60 integers.
-
-    PyYAML (and so OmegaConf) reads an unquoted ``sparsity: 2:4`` as the integer 124; here it
-    stays the string ``'2:4'``. Floats such as ``1e-4`` are floats, as OmegaConf reads them.
-    """
-
-
-_YamlLoader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:int",
-    re.compile(r"^(?:[-+]?0b[0-1_]+|[-+]?0o?[0-7_]+|[-+]?(?:0|[1-9][0-9_]*)|[-+]?0x[0-9a-fA-F_]+)$"),
-    list("-+0123456789"),
-)
-_YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^(?:[-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+|[-+]?\.[0-9]+(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
-    list("-+0123456789."),
-)
-
-
-def _load_yaml(text: str, where: str) -> Any:
-    try:
-        return yaml.load(text, Loader=_YamlLoader)
-    except yaml.YAMLError as error:
-        raise ValueError(f"{where} is not a valid YAML config: {error}") from None
-
-
 def read_yaml(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """The YAML as a dict with ``key=value`` (dotted keys allowed) overrides merged, as ``llamafactory-cli`` reads it."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-    args = _load_yaml(path.read_text(encoding="utf-8"), str(path))
+    args = load_yaml(path.read_text(encoding="utf-8"), str(path))
     if not isinstance(args, dict):
         raise ValueError(f"{path} must be a mapping of LLaMA-Factory arguments, got {type(args).__name__}")
     merged = OmegaConf.create(args)
@@ -186,7 +154,7 @@ def read_yaml(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[st
         key, separator, value = override.partition("=")
         if not separator or not key:
             raise ValueError(f"override {override!r} is not of the form key=value")
-        OmegaConf.update(merged, key, _load_yaml(value, f"override {override!r}"), force_add=True)
+        OmegaConf.update(merged, key, load_yaml(value, f"override {override!r}"), force_add=True)
     return OmegaConf.to_container(merged)
 
 

@@ -153,7 +153,7 @@ def prune(
         method=config.method,
         # what is removed: a structured method's count option (num_layers) overrides the config's sparsity
         sparsity=runs[0].method.sparsity if spec.structured
-        else ", ".join(f"{part} {policy['sparsity']}" for part, policy in config.parts.items()) or config.sparsity,
+        else ", ".join(f"{part} {target}" for part, target in config.part_targets().items()) if config.parts else config.sparsity,
         allocation=config.allocation,
         device=str(device),
         calibration_tokens=count_tokens(inputs),
@@ -822,6 +822,11 @@ def check_activation_device(
         raise ValueError(
             f"{field} applies to the per-layer methods ({_per_layer_methods()}); {config.method!r} keeps its "
             f"activations on the compute device (leave {field} unset)"
+        )
+    if not config.requires_calibration:
+        raise ValueError(
+            f"{field} says where calibration activations wait between layers; {config.method!r} (allocation "
+            f"{config.allocation!r}) reads no calibration: leave {field} unset"
         )
     if on_disk(activation_device):
         return activation_device

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
 from pathlib import Path
@@ -40,7 +41,9 @@ DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # op
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="optimum-prune", description="Prune a causal LM and save it so that stock transformers reloads it."
+        prog="optimum-prune",
+        description="Prune a causal LM and save it so that stock transformers reloads it. "
+        "`optimum-prune study GRID.yaml` runs a pruning x quantization study instead (`optimum-prune study --help`).",
     )
     add_arguments(parser)
     return parser
@@ -51,17 +54,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = PruningConfig()
     epilog = ["methods (--method NAME):"]
     epilog += [f"  {name}: {METHODS.get(name).summary}" for name in METHODS]
-    epilog.append("method options (--option NAME=VALUE):")
+    epilog.append("method options (--option NAME=VALUE; VALUE as JSON: true, 0.5, null; text may go unquoted):")
     for name in METHODS:
         for option, default, help_text in describe_options(METHODS.get(name).options):
-            epilog.append(f"  {name}.{option} (default {default!r}): {help_text}")
+            epilog.append(f"  {name}.{option} (default {json.dumps(default)}): {help_text}")
     epilog.append("allocation options (--allocation-option NAME=VALUE):")
     for name in ALLOCATIONS:
         for option, default, help_text in describe_options(ALLOCATIONS.get(name).options):
-            epilog.append(f"  {name}.{option} (default {default!r}): {help_text}")
+            epilog.append(f"  {name}.{option} (default {json.dumps(default)}): {help_text}")
     epilog.append("mixture-of-experts options (--moe-option NAME=VALUE):")
     for option, default, help_text in describe_options(MoEOptions):
-        epilog.append(f"  {option} (default {default!r}): {help_text}")
+        epilog.append(f"  {option} (default {json.dumps(default)}): {help_text}")
     parser.epilog = "\n".join(epilog)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument(
@@ -95,8 +98,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--activation-device",
         help="where calibration activations wait between layers, e.g. cpu while --device is cuda: the GPU then holds one "
-        "layer and one batch of activations at a time; disk: files under $TMPDIR, read one batch at a time (unstructured "
-        "methods; default: --device)",
+        "layer and one batch of activations at a time; disk: files under $TMPDIR, read one batch at a time (methods that "
+        "prune layer by layer from calibration activations; default: --device)",
     )
     parser.add_argument(
         "--compressed-tensors-metadata", action="store_true",
@@ -118,12 +121,15 @@ def _parse_options(pairs: Sequence[str], flag: str) -> dict[str, Any]:
         try:
             options[name] = json.loads(value)
         except json.JSONDecodeError:
-            options[name] = _number_or_text(value)
+            options[name] = _number_flag_or_text(value)
     return options
 
 
-def _number_or_text(value: str) -> float | str:
-    """Numbers JSON does not read (``.01``, ``1.``) as numbers; anything else stays text."""
+def _number_flag_or_text(value: str) -> bool | float | str:
+    """What JSON does not read but a command line means: numbers such as ``.01`` or ``1.``, and Python's
+    ``True`` / ``False`` (any case); anything else stays text."""
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
     try:
         return float(value)
     except ValueError:
@@ -271,7 +277,23 @@ def run_or_exit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     try:
         return run(args)
     except (ValueError, TypeError) as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
+        message = str(error) if args.config is not None else _in_flags(str(error))  # --config's errors name its fields
+        parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+
+# The recipe flag that sets each config field, for errors raised by PruningConfig.
+_FIELD_FLAGS = {
+    "method": "--method", "sparsity": "--sparsity", "allocation": "--allocation", "ignore": "--ignore", "seed": "--seed",
+    "method_options": "--option", "allocation_options": "--allocation-option", "moe_options": "--moe-option",
+    "num_calibration_samples": "--calibration-samples", "calibration_seq_len": "--seq-len",
+}  # fmt: skip
+_CONFIG_FIELD = re.compile(rf"PruningConfig\.({'|'.join(_FIELD_FLAGS)})\b(\.)?")
+
+
+def _in_flags(message: str) -> str:
+    """``message`` naming the flags where it names config fields (``PruningConfig.method_options.merge`` is
+    ``--option merge``)."""
+    return _CONFIG_FIELD.sub(lambda match: _FIELD_FLAGS[match[1]] + (" " if match[2] else ""), message)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

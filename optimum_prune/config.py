@@ -88,14 +88,14 @@ class PruningConfig:
         self.allocation_options = _complete_options(
             allocation.options, self.allocation_options, "PruningConfig.allocation_options"
         )
-        self.parts = _complete_parts(self.parts, self.sparsity)
+        self.parts = _checked_parts(self.parts)
         if spec.structured is not None and set(self.parts) - {"language"}:
             raise ValueError(
                 f"PruningConfig.parts {sorted(self.parts)}: structured method {self.method!r} prunes the language tower "
                 "only; name just 'language' (or leave parts empty) or use an unstructured method for the other parts"
             )
         whole_model = spec.structured is not None or spec.model_pruner is not None
-        if whole_model and "language" in self.parts and self.parts["language"]["sparsity"] != self.sparsity:
+        if whole_model and self.parts.get("language", {}).get("sparsity", self.sparsity) != self.sparsity:
             raise ValueError(
                 f"PruningConfig.parts['language'].sparsity {self.parts['language']['sparsity']!r} differs from "
                 f"PruningConfig.sparsity {self.sparsity!r}: method {self.method!r} prunes the language tower only, so give "
@@ -169,8 +169,8 @@ class PruningConfig:
 
     def part_targets(self) -> dict[str, SparsityTarget]:
         """Sparsity target of each part to prune, in the order the policies were given."""
-        parts = self.parts or {"language": {"sparsity": self.sparsity}}
-        return {name: _target(policy["sparsity"]) for name, policy in parts.items()}
+        parts = self.parts or {"language": {}}
+        return {name: _target(policy.get("sparsity", self.sparsity)) for name, policy in parts.items()}
 
     @property
     def requires_calibration(self) -> bool:
@@ -214,6 +214,8 @@ class PruningConfig:
         (``push_to_hub`` and its keyword arguments work as there)."""
         from .integrations.optimum import PruningConfigFile
 
+        if Path(save_directory).is_file():  # Optimum's own check is a bare assert
+            raise ValueError(f"PruningConfig.save_pretrained: {os.fspath(save_directory)!r} is a file; give a directory")
         PruningConfigFile(**self.to_dict()).save_pretrained(os.fspath(save_directory), push_to_hub=push_to_hub, **kwargs)
 
     @classmethod
@@ -226,12 +228,16 @@ class PruningConfig:
 
         As with transformers' configs, the other keyword arguments override the stored fields
         (``from_pretrained(path, sparsity=0.6)``); one that names no field is an error, unless
-        ``return_unused_kwargs`` asks for ``(config, unused)`` instead."""
+        ``return_unused_kwargs`` asks for ``(config, unused)`` instead. Another ``method`` (or ``allocation``)
+        without its own options drops the stored ones, which were the other method's."""
         from .integrations.optimum import PruningConfigFile
 
         path = Path(path_or_repo)
         if path.is_dir() and not (path / CONFIG_NAME).is_file():
             raise ValueError(f"{str(path)!r} has no {CONFIG_NAME}; save one with PruningConfig.save_pretrained")
+        local_file = path / CONFIG_NAME if path.is_dir() else path
+        if local_file.is_file():  # Optimum reports bad JSON as an OSError without the reason
+            _read_json_object(local_file)
         stored, overrides = PruningConfigFile.get_config_dict(os.fspath(path_or_repo), **kwargs)
         if not isinstance(stored, Mapping):
             raise ValueError(f"{str(path_or_repo)!r}: {CONFIG_NAME} must contain a JSON object, got {type(stored).__name__}")
@@ -243,7 +249,11 @@ class PruningConfig:
                 f"file-lookup option; fields: {', '.join(sorted(fields))}"
             )
         stored = {key: value for key, value in stored.items() if not key.startswith("_")}
-        config = cls.from_dict({**stored, **{key: value for key, value in overrides.items() if key in fields}})
+        overrides = {key: value for key, value in overrides.items() if key in fields}
+        for name, options in (("method", "method_options"), ("allocation", "allocation_options")):
+            if name in overrides and overrides[name] != stored.get(name) and options not in overrides:
+                stored.pop(options, None)
+        config = cls.from_dict({**stored, **overrides})
         return (config, unused) if return_unused_kwargs else config
 
     def to_json_string(self) -> str:
@@ -255,14 +265,18 @@ class PruningConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "PruningConfig":
-        try:
-            with open(path, encoding="utf-8") as handle:
-                data = json.load(handle)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path} is not valid JSON: {error}") from None
-        if not isinstance(data, dict):
-            raise ValueError(f"{path} must contain a JSON object, got {type(data).__name__}")
-        return cls.from_dict(data)
+        return cls.from_dict(_read_json_object(path))
+
+
+def _read_json_object(path: str | os.PathLike) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must contain a JSON object, got {type(data).__name__}")
+    return data
 
 
 def recorded_steps(model_config: Any) -> list[dict[str, Any]]:
@@ -309,11 +323,14 @@ MODEL_PARTS = ("vision", "projector", "language")
 PART_POLICY_KEYS = ("sparsity",)
 
 
-def _complete_parts(parts: Any, default_sparsity: float | str) -> dict[str, dict[str, Any]]:
-    """Check each part's policy and fill in its sparsity, so the stored config says exactly what was done."""
+def _checked_parts(parts: Any) -> dict[str, dict[str, Any]]:
+    """Each part's policy, checked. A part without its own sparsity keeps none: it follows the config's, also
+    when that changes later (``from_pretrained(path, sparsity=0.7)``, ``dataclasses.replace``)."""
+    if parts is None:  # a blank `parts:` in a YAML
+        return {}
     if not isinstance(parts, Mapping):
         raise TypeError(f"PruningConfig.parts must map part names to policies, got {type(parts).__name__}")
-    completed = {}
+    checked = {}
     for name, policy in parts.items():
         field_name = f"PruningConfig.parts[{name!r}]"
         if name not in MODEL_PARTS:
@@ -323,9 +340,8 @@ def _complete_parts(parts: Any, default_sparsity: float | str) -> dict[str, dict
         unknown = sorted(set(policy) - set(PART_POLICY_KEYS))
         if unknown:
             raise ValueError(f"{field_name} has unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(PART_POLICY_KEYS)}")
-        sparsity = normalise_sparsity(policy.get("sparsity", default_sparsity), f"{field_name}.sparsity")
-        completed[name] = {"sparsity": sparsity}
-    return completed
+        checked[name] = {key: normalise_sparsity(value, f"{field_name}.{key}") for key, value in policy.items()}
+    return checked
 
 
 def _complete_options(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 import types as types_module
 import typing
 from typing import Any, Mapping, TypeVar
@@ -40,24 +41,33 @@ def build_options(options_cls: type[Options], values: Mapping[str, Any], field: 
     if not isinstance(values, Mapping):
         raise TypeError(f"{field} must be a mapping of option names to values, got {type(values).__name__}")
     known = {f.name: f for f in dataclasses.fields(options_cls)}
-    unknown = sorted(set(values) - set(known))
+    unknown = sorted(map(str, set(values) - set(known)))  # a YAML's `1:` or `on:` key is not a str
     if unknown:
         valid = ", ".join(sorted(known)) or "none"
         raise ValueError(f"{field} has unknown option(s) {', '.join(unknown)}; valid options: {valid}")
     types = option_types(options_cls)
-    for name, value in values.items():
-        expected, optional = types[name]
-        if value is None and optional:
-            continue
-        if expected is float and isinstance(value, int) and not isinstance(value, bool):
-            continue
-        if not isinstance(value, expected) or isinstance(value, bool) != (expected is bool):
-            raise TypeError(f"{field}.{name} must be {expected.__name__}, got {value!r}")
-        if expected is float and not math.isfinite(value):
-            raise ValueError(f"{field}.{name} must be a finite number, got {value!r}")
+    values = {name: _as_option_type(value, *types[name], f"{field}.{name}") for name, value in values.items()}
     options = options_cls(**values)
     _check_applicable(options, field)
     return options
+
+
+def _as_option_type(value: Any, expected: type, optional: bool, field: str) -> Any:
+    """``value`` as the option's type: numpy's numbers as Python's, and a whole number given for a float option
+    as a float (7 from a command line or a YAML stores as 7.0, as Python's 7.0 does)."""
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) != (expected is bool):
+        raise TypeError(f"{field} must be {expected.__name__}, got {value!r}")
+    if expected is int and isinstance(value, numbers.Integral):
+        return int(value)
+    if expected is float and isinstance(value, numbers.Real):
+        if not math.isfinite(value):
+            raise ValueError(f"{field} must be a finite number, got {value!r}")
+        return float(value)
+    if not isinstance(value, expected):
+        raise TypeError(f"{field} must be {expected.__name__}, got {value!r}")
+    return value
 
 
 @functools.cache

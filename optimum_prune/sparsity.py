@@ -8,6 +8,7 @@ weights tie at score 0).
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from dataclasses import dataclass
 from typing import Iterable, Union
@@ -69,7 +70,7 @@ def normalise_sparsity(value: object, field: str) -> float | str:
             if not _PATTERN.match(value):
                 raise ValueError(f"{field} {value!r} is neither a fraction in [0, 1) nor an 'N:M' pattern such as '2:4'") from None
             return str(NMPattern.parse(value, field))
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):  # numpy's floats and integers too
         raise TypeError(f"{field} must be a float in [0, 1) or an 'N:M' string, got {value!r}")
     if not 0 <= value < 1:
         percent = f" (a percentage? {value:g} % is {value / 100:g})" if 1 < value < 100 else ""

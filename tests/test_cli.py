@@ -61,7 +61,9 @@ def test_cli_structured_depth_pruning_saves_a_score_plot(model_dir, tmp_path, ca
 @pytest.mark.parametrize(
     "arguments, message",
     [
-        (["--sparsity", "5:4"], "PruningConfig.sparsity '5:4' needs 0 < N < M"),
+        (["--sparsity", "5:4"], "--sparsity '5:4' needs 0 < N < M"),
+        (["--method", "layers", "--option", "merge=yes"], "--option merge must be bool, got 'yes'"),
+        (["--method", "magnitude", "--activation-device", "cpu"], "'magnitude' (allocation 'uniform') reads no calibration: leave --activation-device unset"),
         (["--model", "nowhere"], "model path"),
         (["--option", "block_size"], "--option expects NAME=VALUE"),
         (["--device", "gpu"], "--device 'gpu' is not a device name"),
@@ -88,8 +90,8 @@ def test_cli_errors_are_one_line(model_dir, tmp_path, capsys, arguments, message
 def test_numbers_json_does_not_read_are_numbers():
     from optimum_prune.cli import _parse_options
 
-    assert _parse_options(["dampening=.01", "block_size=32", "criterion=wanda_sp", "flag=true"], "--option") == {
-        "dampening": 0.01, "block_size": 32, "criterion": "wanda_sp", "flag": True,
+    assert _parse_options(["dampening=.01", "block_size=32", "criterion=wanda_sp", "flag=true", "merge=False", "x=TRUE"], "--option") == {
+        "dampening": 0.01, "block_size": 32, "criterion": "wanda_sp", "flag": True, "merge": False, "x": True,
     }  # fmt: skip
 
 
@@ -126,6 +128,8 @@ def test_console_script_installed():
     described = dict(re.findall(r"^  (\w+): (.+)$", result.stdout.split("method options")[0], re.M))
     assert set(described) == set(METHODS.names())  # each method with its docstring's first paragraph, on one line
     assert described["kcm"].endswith("compensated by their mask tuning.")
+    assert "  layers.merge (default false): " in result.stdout  # the spelling --option takes (JSON), not Python's False
+    assert "optimum-prune study GRID.yaml" in result.stdout
 
 
 def test_a_checkpoint_without_tokenizer_prunes_without_calibration_and_names_what_needs_one(tmp_path, capsys):

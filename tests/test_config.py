@@ -119,6 +119,23 @@ def test_numpy_integers_are_integers_and_a_format_version_must_be_one():
         PruningConfig.from_dict({"format_version": "1"})
 
 
+def test_numbers_are_stored_as_their_option_type_whatever_spelled_them():
+    """7 from a command line or YAML saved as 7, Python's 7.0 as 7.0: the same setting, two different files."""
+    import numpy as np
+
+    given = PruningConfig(allocation="owl", allocation_options={"outlier_threshold": 7, "max_deviation": np.float32(0.25)})
+    assert given.to_json_string() == PruningConfig(allocation="owl", allocation_options={"outlier_threshold": 7.0, "max_deviation": 0.25}).to_json_string()
+    assert type(PruningConfig(method="layers", sparsity=np.float64(0.2), method_options={"num_layers": np.int64(2)}).method_options["num_layers"]) is int
+    with pytest.raises(TypeError, match=r"PruningConfig.method_options.num_layers must be int, got 2.0"):
+        PruningConfig(method="layers", method_options={"num_layers": 2.0})
+    with pytest.raises(ValueError, match=r"PruningConfig.method_options has unknown option\(s\) 1, on; valid options"):
+        PruningConfig(method="magnitude", method_options={1: "layer", "on": 1})  # a YAML's `1:` key
+
+
+def test_a_blank_parts_section_is_no_parts():
+    assert PruningConfig(parts=None).parts == {}
+
+
 def test_malformed_json_file(tmp_path):
     path = tmp_path / "bad.json"
     path.write_text("{not json")

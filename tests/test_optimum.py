@@ -1,3 +1,4 @@
+import dataclasses
 """The Optimum shapes: configuration files, ``OptimumPruner`` and the real ``optimum-cli prune``."""
 
 import json
@@ -39,6 +40,29 @@ def test_from_pretrained_keyword_arguments_override_fields_as_transformers_confi
     assert (config.seed, config.sparsity, unused) == (1, "2:4", {"spasity": 0.6})
     with pytest.raises(ValueError, match=r"PruningConfig.sparsity must be in \[0, 1\)"):
         PruningConfig.from_pretrained(tmp_path, sparsity=1.5)  # validated like the stored fields
+
+
+def test_an_overriding_method_or_allocation_drops_the_stored_options_and_parts_follow_an_overriding_sparsity(tmp_path):
+    """The stored options are the other method's (every default filled in), and a part without its own sparsity
+    follows the config's: both once made an override fail, or silently keep the stored value."""
+    PruningConfig(method="sparsegpt", allocation="owl", parts={"language": {}}).save_pretrained(tmp_path / "a")
+    config = PruningConfig.from_pretrained(tmp_path / "a", method="wanda", allocation="uniform", sparsity=0.7)
+    assert config.method_options == PruningConfig(method="wanda").method_options
+    assert config.allocation_options == {} and config.part_targets() == {"language": 0.7}
+    kept = PruningConfig.from_pretrained(tmp_path / "a", method="sparsegpt", method_options={"block_size": 32})
+    assert kept.method_options["block_size"] == 32 and kept.allocation_options["outlier_threshold"] == 5.0
+    PruningConfig(method="magnitude", parts={"language": {"sparsity": 0.5}}).save_pretrained(tmp_path / "b")
+    assert PruningConfig.from_pretrained(tmp_path / "b", sparsity=0.7).part_targets() == {"language": 0.5}  # its own
+    assert dataclasses.replace(config, sparsity=0.3).part_targets() == {"language": 0.3}
+
+
+def test_a_recipe_file_that_is_not_json_is_named(tmp_path):
+    (tmp_path / "pruning_config.json").write_text("{bad")
+    with pytest.raises(ValueError, match="pruning_config.json' is a file; give a directory"):
+        PruningConfig().save_pretrained(tmp_path / "pruning_config.json")
+    for path in (tmp_path, tmp_path / "pruning_config.json"):
+        with pytest.raises(ValueError, match="pruning_config.json is not valid JSON: Expecting property name"):
+            PruningConfig.from_pretrained(path)
 
 
 def test_from_pretrained_errors_name_the_file(tmp_path):
@@ -121,5 +145,5 @@ def test_optimum_cli_prune_runs_end_to_end(model_dir, tmp_path):
         capture_output=True, text=True,
     )
     assert bad.returncode == 2
-    assert "optimum-cli prune: error: PruningConfig.sparsity '5:4'" in bad.stderr
+    assert "optimum-cli prune: error: --sparsity '5:4'" in bad.stderr
     assert not (tmp_path / "bad").exists()

@@ -370,7 +370,8 @@ def test_a_run_killed_while_removing_the_output_it_replaced_leaves_no_partial_fo
         (PruningConfig(method="magnitude", ignore=["*.q_prj"]), {}, "PruningConfig.ignore pattern"),
         (PruningConfig(method="magnitude", sparsity="3:5"), {}, "PruningConfig.sparsity '3:5' cannot be applied"),
         (PruningConfig(method="magnitude"), {"device": "gpu"}, "device 'gpu' is not a device name"),
-        (PruningConfig(method="magnitude"), {"activation_device": "gpu"}, "activation_device 'gpu' is not a device name"),
+        (PruningConfig(method="wanda"), {"activation_device": "gpu"}, "activation_device 'gpu' is not a device name"),
+        (PruningConfig(method="magnitude"), {"activation_device": "cpu"}, "'magnitude' .allocation 'uniform'. reads no calibration"),
     ],
 )
 def test_checks_that_need_no_data_run_before_any_folder_is_made(sharded, tmp_path, config, options, message):

@@ -59,6 +59,19 @@ def test_bad_yaml_file_is_named(tmp_path):
         StudyGrid.from_yaml(tmp_path / "missing.yaml")
 
 
+def test_a_grid_file_reads_unquoted_patterns_and_exponents_as_a_llamafactory_yaml_does(model_dir, tmp_path):
+    """YAML 1.1 reads `2:4` as the base-60 integer 124 and `1e-2` as text; the LLaMA-Factory section did not."""
+    path = tmp_path / "grid.yaml"
+    path.write_text(
+        f"model: {model_dir}\ncalibration: {{samples: 4, seq_len: 32}}\nevaluation: {{tokens: 512, seq_len: 64}}\n"
+        "latency: none\nredundancy: false\nquantization: [none]\npruning:\n"
+        "  - {method: sparsegpt, method_options: {dampening: 1e-2}, sweep: {sparsity: [0.5, 2:4]}}\n"
+    )
+    points = StudyGrid.from_yaml(path).points
+    assert [p.pruning["sparsity"] for p in points] == [0.5, "2:4"]
+    assert points[0].pruning["method_options"]["dampening"] == 0.01
+
+
 def test_grid_expands_sweeps_and_nested_options(model_dir):
     grid = StudyGrid.from_dict(small_grid(model_dir, quantization=["none"], pruning=[
         "none",

@@ -81,15 +81,12 @@ class StudyGrid:
 
     @classmethod
     def from_yaml(cls, path: str | os.PathLike) -> "StudyGrid":
-        import yaml
+        from ..yaml_files import load_yaml
 
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"grid file {str(path)!r} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as error:
-            raise ValueError(f"grid file {str(path)!r} is not valid YAML: {error}") from None
+        data = load_yaml(path.read_text(encoding="utf-8"), f"grid file {str(path)!r}")
         return cls.from_dict(data, base=path.parent)
 
     @classmethod

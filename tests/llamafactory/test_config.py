@@ -111,7 +111,7 @@ def test_missing_dataset_info(workspace, tmp_path, capsys):
 
 
 def test_malformed_yaml(tmp_path, capsys):
-    assert "is not a valid YAML config" in run_cli(tmp_path, capsys, "pruning: [method: wanda\n  sparsity: 0.5")
+    assert "is not valid YAML" in run_cli(tmp_path, capsys, "pruning: [method: wanda\n  sparsity: 0.5")
 
 
 def test_pruning_with_an_unsupported_stage(workspace, tmp_path, capsys):
@@ -249,10 +249,10 @@ def test_pruning_offload_must_be_disk(workspace, tmp_path):
 
 def test_pruning_activation_device_is_a_device_name(workspace, tmp_path):
     with pytest.raises(ValueError, match="pruning.activation_device 'gpu0' is not a device name"):
-        split_pruning({**base_args(workspace, tmp_path), "pruning": {"method": "magnitude", "activation_device": "gpu0"}})
-    _, section = split_pruning({**base_args(workspace, tmp_path), "pruning": {"method": "magnitude", "activation_device": "cpu"}})
+        split_pruning({**base_args(workspace, tmp_path), "pruning": {"method": "wanda", "calibration_dataset": "wiki_pt", "activation_device": "gpu0"}})
+    _, section = split_pruning({**base_args(workspace, tmp_path), "pruning": {"method": "wanda", "calibration_dataset": "wiki_pt", "activation_device": "cpu"}})
     assert section.activation_device == "cpu"
-    _, section = split_pruning({**base_args(workspace, tmp_path), "pruning": {"method": "magnitude", "activation_device": "disk"}})
+    _, section = split_pruning({**base_args(workspace, tmp_path), "pruning": {"method": "wanda", "calibration_dataset": "wiki_pt", "activation_device": "disk"}})
     assert section.activation_device == "disk"
 
 
@@ -261,6 +261,12 @@ def test_pruning_activation_device_is_refused_for_methods_that_keep_none(workspa
     pruning = {"method": "layers", "sparsity": 0.2, "activation_device": "cpu"}
     with pytest.raises(ValueError, match="pruning.activation_device applies to the per-layer methods.*leave pruning.activation_device unset"):
         split_pruning({**base_args(workspace, tmp_path), "pruning": pruning})
+    pruning = {"method": "magnitude", "activation_device": "cpu"}  # per layer, but without calibration: no activations
+    with pytest.raises(ValueError, match="'magnitude' .allocation 'uniform'. reads no calibration: leave pruning.activation_device unset"):
+        split_pruning({**base_args(workspace, tmp_path), "pruning": pruning})
+    owl = {**pruning, "allocation": "owl", "calibration_dataset": "wiki_pt"}
+    _, section = split_pruning({**base_args(workspace, tmp_path), "pruning": owl})
+    assert section.activation_device == "cpu"
 
 
 def test_precompute_top_k_needs_top_k_and_no_hidden_loss(workspace, tmp_path):
