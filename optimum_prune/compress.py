@@ -24,7 +24,6 @@ from transformers import GPTQConfig, QuantoConfig
 from .adapters import UnsupportedArchitecture
 from .api import check_architecture, prune
 from .calibration import CalibrationSource, calibration_windows
-from .calibration.multimodal import is_image_text, is_model_batches
 from .config import PruningConfig
 from .methods import METHODS
 from .report import PruningReport
@@ -76,7 +75,7 @@ def compress(
         from .quanto import check_packing
 
         check_packing(model, steps[-1], f"recipe[{len(steps) - 1}]")
-    gptq_windows = _gptq_windows(steps, calibration, tokenizer)
+    gptq_windows = _gptq_windows(model, steps, calibration, tokenizer)
     reports = []
     for step in steps:
         if isinstance(step, PruningConfig):
@@ -93,7 +92,7 @@ def compress(
     return reports
 
 
-def _gptq_windows(steps: list, calibration: CalibrationSource, tokenizer: Any) -> torch.Tensor | None:
+def _gptq_windows(model: nn.Module, steps: list, calibration: CalibrationSource, tokenizer: Any) -> torch.Tensor | None:
     """Token windows for a GPTQ step without texts of its own, drawn like the last pruning step's (or a
     default config's) calibration; resolved before any step runs, so a missing tokenizer changes nothing."""
     gptq = next((step for step in steps if isinstance(step, GPTQConfig)), None)
@@ -103,15 +102,11 @@ def _gptq_windows(steps: list, calibration: CalibrationSource, tokenizer: Any) -
         if tokenizer is None:
             raise ValueError("GPTQConfig(dataset=[texts]) needs tokenizer= to tokenize them; pass compress(..., tokenizer=...)")
         return None
-    if is_model_batches(calibration) or is_image_text(calibration):
-        raise ValueError(
-            "GPTQConfig calibrates on token windows drawn from text or token ids; processed batches and image-text pairs "
-            "(which prune takes) cannot feed it: pass texts or a LongTensor of token ids, or GPTQConfig(dataset=[texts])"
-        )
     sampling = next((step for step in reversed(steps) if isinstance(step, PruningConfig)), PruningConfig())
     return calibration_windows(
-        calibration, tokenizer, sampling.num_calibration_samples, sampling.calibration_seq_len, sampling.seed
-    )
+        calibration, tokenizer, sampling.num_calibration_samples, sampling.calibration_seq_len, sampling.seed, model,
+        "GPTQConfig without dataset=[texts]",
+    )  # fmt: skip
 
 
 def _check_step(step: Step, index: int) -> PruningConfig | QuantoConfig | GPTQConfig:

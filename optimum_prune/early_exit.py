@@ -93,7 +93,7 @@ def choose_early_exit(
     num_layers = len(adapter.decoder_layers())
     candidates = sorted(set(candidates)) if candidates else list(range(1, num_layers))
     check_exit_layers(model, *candidates)
-    windows = calibration_windows(calibration, tokenizer, num_samples, seq_len, seed)
+    windows = calibration_windows(calibration, tokenizer, num_samples, seq_len, seed, model, "choose_early_exit")
     influence = block_influence(adapter, windows, next(model.parameters()).device)
     agreement = _agreement(model, windows, candidates)
     costs = draft_costs(model)

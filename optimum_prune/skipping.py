@@ -195,7 +195,7 @@ def skipping_thresholds(
 
         return hook
 
-    windows = calibration_windows(calibration, tokenizer, num_samples, seq_len, seed)
+    windows = calibration_windows(calibration, tokenizer, num_samples, seq_len, seed, model, "skipping_thresholds")
     handles = [adapter.router(block).register_forward_hook(observe(found)) for block, found in zip(blocks, ratios)]
     was_training = model.training
     model.eval()  # a model straight from training would add its router jitter noise and dropout

@@ -177,10 +177,11 @@ def test_unsupported_gptq_options_fail_before_pruning(options, message):
 
 
 def test_processed_batches_which_gptq_cannot_take_fail_before_pruning():
-    """prune takes processed batches; GPTQ's windows cannot be drawn from them (the error listed them as accepted)."""
+    """prune takes processed batches of any length; GPTQ's windows cannot be drawn from uneven ones (unpadded ones of
+    one length are windows)."""
     model = tiny_model(**WIDE)
-    batches = [{"input_ids": window[None], "attention_mask": torch.ones_like(window)[None]} for window in token_windows(2, 16)]
-    with pytest.raises(ValueError, match="GPTQConfig calibrates on token windows .* processed batches and image-text pairs"):
+    batches = [{"input_ids": window[None, :length]} for window, length in zip(token_windows(2, 16), (16, 12))]
+    with pytest.raises(ValueError, match=r"GPTQConfig without dataset=\[texts\] calibrates on windows of token ids of one length"):
         compress(model, [PruningConfig(method="wanda", sparsity=0.5), GPTQConfig(bits=4, group_size=GROUP)], calibration=batches)
     assert not any(is_gptq_linear(module) for module in model.modules()) and verify_sparsity(model)["overall_sparsity"] < 0.01
 

@@ -9,6 +9,7 @@ tokens; a text without the placeholder gets it in front, on a line of its own.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -19,8 +20,18 @@ from .engine import CalibrationInputs, model_batches
 
 def is_image_text(source: Any) -> bool:
     if hasattr(source, "column_names"):
-        return "image" in source.column_names
+        return "image" in dataset_columns(source)
     return isinstance(source, Sequence) and bool(source) and all(isinstance(p, Mapping) and "image" in p for p in source)
+
+
+def dataset_columns(source: Any) -> list[str] | None:
+    """A ``datasets`` dataset's column names (None for other sources). A streamed dataset loaded without declared
+    features has ``column_names`` None: its first row names them."""
+    if not hasattr(source, "column_names"):
+        return None
+    if source.column_names is None:
+        return list(next(iter(source), {}))
+    return list(source.column_names)
 
 
 def is_model_batches(source: Any) -> bool:
@@ -33,9 +44,10 @@ def is_model_batches(source: Any) -> bool:
 
 
 def image_text_batches(pairs: Any, processor: Any, num_samples: int) -> list[dict[str, torch.Tensor]]:
-    """The first ``num_samples`` pairs, each processed into one batch of model inputs."""
+    """The first ``num_samples`` pairs (of a list, a ``Dataset`` or a streamed one), each processed into one batch of
+    model inputs."""
     check_image_text(pairs, processor)
-    return [image_text_batch(pairs[index], processor, index) for index in range(min(num_samples, len(pairs)))]
+    return [image_text_batch(pair, processor, index) for index, pair in enumerate(itertools.islice(pairs, num_samples))]
 
 
 def check_image_text(pairs: Any, processor: Any) -> None:
@@ -44,8 +56,9 @@ def check_image_text(pairs: Any, processor: Any) -> None:
             "image-text calibration needs the model's processor (e.g. AutoProcessor.from_pretrained(...)): "
             "pass processor=..."
         )
-    if hasattr(pairs, "column_names") and "text" not in pairs.column_names:
-        raise ValueError(f"image-text calibration dataset needs 'image' and 'text' columns; it has {pairs.column_names}")
+    if hasattr(pairs, "column_names"):
+        if "text" not in (columns := dataset_columns(pairs)):
+            raise ValueError(f"image-text calibration dataset needs 'image' and 'text' columns; it has {columns}")
 
 
 def image_placeholder(processor: Any) -> str:

@@ -5,7 +5,8 @@ strings, a ``datasets.Dataset`` with a ``text`` column, or token ids ready to us
 seq_len]`` ``LongTensor`` or a list of equally long ones (each ``[seq_len]`` or ``[n, seq_len]``), or
 a tokenised ``Dataset`` (``input_ids``, no ``text``), whose rows drawn with the seed are processed samples.
 Text is tokenised as one stream and windows start at seeded random offsets, as in the
-Wanda/SparseGPT reference loaders, so the same seed always yields the same windows.
+Wanda/SparseGPT reference loaders, so the same seed always yields the same windows. A streamed
+``IterableDataset`` is read only as far as the windows need (twice their tokens).
 Multimodal sources (image-text pairs, or already processed batches) are in ``multimodal.py``.
 """
 
@@ -20,9 +21,13 @@ import torch
 
 from ..data import wikipedia_text
 from .engine import CalibrationInputs
-from .multimodal import image_text_batches, is_image_text, is_model_batches
+from .multimodal import dataset_columns, image_text_batches, is_image_text, is_model_batches
 
 logger = logging.getLogger(__name__)
+
+# A streamed dataset is read until its text holds this many times the tokens the windows need, so that windows
+# drawn at random offsets rarely overlap, and no further (a stream may be a whole corpus).
+STREAM_TOKENS_PER_WINDOW_TOKEN = 2
 
 CalibrationSource = Union[None, str, os.PathLike, Sequence[str], torch.Tensor, Any]
 
@@ -34,8 +39,9 @@ def calibration_inputs(
     _check_not_dataset_dict(source)
     if is_image_text(source):
         return image_text_batches(source, processor, num_samples)
-    if hasattr(source, "column_names") and "text" not in source.column_names and "input_ids" in source.column_names:
-        source = _tokenized_rows(source, num_samples, seq_len, seed)
+    columns = dataset_columns(source)
+    if columns is not None and "text" not in columns and "input_ids" in columns:
+        source = _tokenized_rows(source, columns, num_samples, seq_len, seed)
     if isinstance(source, Mapping) and "input_ids" in source:
         if not isinstance(source["input_ids"], torch.Tensor):
             raise TypeError(
@@ -50,19 +56,37 @@ def calibration_inputs(
         return samples
     if tokenizer is None and processor is not None:
         tokenizer = getattr(processor, "tokenizer", None)
-    return calibration_windows(source, tokenizer, num_samples, seq_len, seed)
+    return _text_windows(source, tokenizer, num_samples, seq_len, seed)
 
 
 def calibration_windows(
-    source: CalibrationSource, tokenizer: Any, num_samples: int, seq_len: int, seed: int
+    source: CalibrationSource, tokenizer: Any, num_samples: int, seq_len: int, seed: int, model: Any = None, consumer: str = "this"
 ) -> torch.Tensor:
+    """``[samples, seq_len]`` token windows from any source ``prune`` takes that can give them (text, token ids, a
+    tokenised ``Dataset``, unpadded processed batches of one length), checked against ``model`` as ``prune`` checks
+    them; for the tools that calibrate on windows only (``consumer`` names one in the error for other sources)."""
+    if is_image_text(source):
+        inputs = None
+    else:
+        inputs = as_token_windows(calibration_inputs(source, tokenizer, None, num_samples, seq_len, seed))
+    if not isinstance(inputs, torch.Tensor):
+        raise ValueError(
+            f"{consumer} calibrates on windows of token ids of one length: pass text, a LongTensor of token ids or a tokenised "
+            "Dataset; padded or uneven processed batches and image-text pairs (which prune's per-layer methods take) cannot feed it"
+        )
+    if model is not None:
+        check_calibration_inputs(model, inputs)
+    return inputs
+
+
+def _text_windows(source: CalibrationSource, tokenizer: Any, num_samples: int, seq_len: int, seed: int) -> torch.Tensor:
     if isinstance(source, torch.Tensor):
         return _check_token_tensor(source)
     if _is_tensor_list(source):
         return _joined_token_tensors(source)
-    texts = _texts(source)
+    texts = _texts(source, tokenizer, STREAM_TOKENS_PER_WINDOW_TOKEN * num_samples * seq_len)
     if tokenizer is None:
-        raise ValueError("tokenizer is required to tokenise text calibration data; pass tokenizer= or a LongTensor of token ids")
+        raise _tokenizer_required()
     return sample_windows(tokenize_stream(tokenizer, texts), num_samples, seq_len, seed)
 
 
@@ -89,11 +113,12 @@ def _check_not_dataset_dict(source: CalibrationSource) -> None:
         )
 
 
-def _tokenized_rows(dataset: Any, num_samples: int, seq_len: int, seed: int) -> list[dict[str, torch.Tensor]]:
+def _tokenized_rows(dataset: Any, columns: list[str], num_samples: int, seq_len: int, seed: int) -> list[dict[str, torch.Tensor]]:
     """A tokenised ``datasets.Dataset`` (an ``input_ids`` column, no ``text``) as processed samples: ``num_samples``
-    rows drawn with ``seed`` (all of a smaller one; an ``IterableDataset``'s first), each cut to its first ``seq_len`` tokens, with its
-    ``attention_mask`` where the column exists (other columns, e.g. ``labels``, are not model inputs here)."""
-    columns = [name for name in ("input_ids", "attention_mask") if name in dataset.column_names]
+    rows drawn with ``seed`` (all of a smaller one; an ``IterableDataset``'s first), each the first ``seq_len`` of its
+    real tokens (where an ``attention_mask`` column marks padding, left or right, it is dropped first; other columns,
+    e.g. ``labels``, are not model inputs here)."""
+    columns = [name for name in ("input_ids", "attention_mask") if name in columns]
     plain = dataset.select_columns(columns).with_format(None)  # lists, whatever format it was set to (torch, numpy)
     if hasattr(dataset, "__len__"):
         chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:num_samples].sort().values.tolist()
@@ -105,7 +130,13 @@ def _tokenized_rows(dataset: Any, num_samples: int, seq_len: int, seed: int) -> 
         ids = row["input_ids"]
         if not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids):
             raise ValueError(f"calibration dataset row {index}: input_ids must be a non-empty list of token ids, got {ids!r:.60}")
-        rows.append({name: torch.tensor([row[name][:seq_len]], dtype=torch.long) for name in columns})
+        mask = row.get("attention_mask")
+        if isinstance(mask, list) and len(mask) == len(ids):
+            ids = [token for token, real in zip(ids, mask) if real]
+        if ids:
+            rows.append({"input_ids": torch.tensor([ids[:seq_len]], dtype=torch.long)})
+    if not rows:
+        raise ValueError("calibration dataset holds no real token: it has no rows, or every row's attention_mask is all zeros")
     return rows
 
 
@@ -198,33 +229,60 @@ def sample_windows(tokens: torch.Tensor, num_samples: int, seq_len: int, seed: i
             f"calibration has {tokens.numel()} tokens, fewer than one window of calibration_seq_len={seq_len}; "
             "give more text or lower calibration_seq_len"
         )
+    if tokens.numel() < num_samples * seq_len:
+        logger.warning(
+            "calibration text holds %d tokens, fewer than %d windows of %d tokens take (%d): the windows overlap, so the "
+            "statistics see fewer distinct tokens than the report counts; give more text, or fewer or shorter windows",
+            tokens.numel(), num_samples, seq_len, num_samples * seq_len,
+        )  # fmt: skip
     generator = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, tokens.numel() - seq_len + 1, (num_samples,), generator=generator)
     return torch.stack([tokens[s : s + seq_len] for s in starts.tolist()])
 
 
 def tokenize_stream(tokenizer: Any, texts: Sequence[str]) -> torch.Tensor:
-    """One token stream for documents joined by blank lines, without BOS/EOS insertion."""
-    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    """One token stream for documents joined by blank lines, without BOS/EOS insertion. A processor stands for its
+    tokenizer. The stream is longer than the model's context by design (windows are cut from it), so the tokenizer's
+    warning that it would not fit one forward is not shown."""
+    tokenizer = text_tokenizer(tokenizer)
+    ids = tokenizer("\n\n".join(texts), add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
 
 
-def _texts(source: CalibrationSource) -> list[str]:
+def text_tokenizer(tokenizer: Any) -> Any:
+    """``tokenizer``, or a processor's (``AutoProcessor`` output given as ``tokenizer=``: called on text alone, a
+    processor would read the text as images)."""
+    inner = getattr(tokenizer, "tokenizer", None) if hasattr(tokenizer, "image_processor") else None
+    return inner if inner is not None else tokenizer
+
+
+def _tokenizer_required() -> ValueError:
+    return ValueError("tokenizer is required to tokenise text calibration data; pass tokenizer= or a LongTensor of token ids")
+
+
+def _texts(source: CalibrationSource, tokenizer: Any, stream_tokens: int) -> list[str]:
+    """The non-blank texts of ``source``; of a streamed dataset, the first rows holding ``stream_tokens`` tokens."""
     if source is None:
         texts = [wikipedia_text("calibration")]
     elif isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        if not path.is_file():
+        try:
+            is_file = path.is_file()
+        except (OSError, ValueError):  # a long raw text: "File name too long"
+            is_file = False
+        if not is_file:
+            kind = "is a directory" if _is_dir(path) else "does not exist"
             raise ValueError(
-                f"calibration file {str(path)!r} does not exist; a string names a local text file (dataset names are not "
+                f"calibration file {str(path)[:200]!r} {kind}; a string names a local text file (dataset names are not "
                 "downloaded: load one with datasets.load_dataset and pass the Dataset, which needs a 'text' column), "
                 "and raw text goes in a list of strings"
             )
         texts = [read_text_file(path, "calibration file")]
     elif hasattr(source, "column_names"):
-        if "text" not in source.column_names:
-            raise ValueError(f"calibration dataset needs a 'text' column (or tokenised 'input_ids'); it has {source.column_names}")
-        texts = list(source["text"])
+        columns = dataset_columns(source)
+        if "text" not in columns:
+            raise ValueError(f"calibration dataset needs a 'text' column (or tokenised 'input_ids'); it has {columns}")
+        texts = _stream_prefix(source, tokenizer, stream_tokens) if not hasattr(source, "__len__") else list(source["text"])
     elif isinstance(source, Sequence) and all(isinstance(t, str) for t in source):
         texts = list(source)
     else:
@@ -233,9 +291,32 @@ def _texts(source: CalibrationSource) -> list[str]:
             "a LongTensor of token ids (or a list of them), image-text pairs ({'image': ..., 'text': ...}) or processed batches "
             f"({{'input_ids': ..., ...}}); got {type(source).__name__}"
         )
-    texts = [t for t in texts if t.strip()]
+    texts = [t for t in texts if t is not None and t.strip()]  # a dataset's missing text is None
     if not texts:
         raise ValueError("calibration is empty: it contains no non-blank text")
+    return texts
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):
+        return False
+
+
+def _stream_prefix(dataset: Any, tokenizer: Any, tokens: int) -> list[str]:
+    """The ``text`` of a streamed dataset's first rows, until they hold ``tokens`` tokens (or the stream ends)."""
+    if tokenizer is None:
+        raise _tokenizer_required()
+    texts, held = [], 0
+    for row in dataset.select_columns(["text"]):
+        text = row["text"]
+        if text is None or not text.strip():
+            continue
+        texts.append(text)
+        held += len(text_tokenizer(tokenizer)(text, add_special_tokens=False, verbose=False)["input_ids"])
+        if held >= tokens:
+            break
     return texts
 
 

@@ -117,7 +117,7 @@ def layer_redundancy(protocol: Protocol, device: torch.device) -> dict[str, list
     model.to(device)
     adapter = get_adapter(model)
     windows = calibration_windows(
-        None, tokenizer, protocol.calibration_samples, protocol.calibration_seq_len, protocol.seed
+        None, tokenizer, protocol.calibration_samples, protocol.calibration_seq_len, protocol.seed, model
     )
     states = last_token_states(adapter, windows, device)
     return {

@@ -102,7 +102,7 @@ def test_a_tokenised_dataset_calibrates_as_rows_drawn_from_it():
     windows = token_windows(samples=6, seq_len=20)
     rows = {"input_ids": windows.tolist(), "attention_mask": [[1] * 20] * 6, "labels": windows.tolist()}
     drawn = calibration_inputs(Dataset.from_dict(rows), None, None, 4, 16, seed=3)
-    assert len(drawn) == 4 and all(set(sample) == {"input_ids", "attention_mask"} and sample["input_ids"].shape == (1, 16) for sample in drawn)
+    assert len(drawn) == 4 and all(set(sample) == {"input_ids"} and sample["input_ids"].shape == (1, 16) for sample in drawn)  # padding gone
     def rows_of(samples):
         return [next(i for i, window in enumerate(windows) if torch.equal(window[:16], sample["input_ids"][0])) for sample in samples]
 
@@ -238,3 +238,83 @@ def test_windows_longer_than_the_models_context_are_warned_of(caplog):
 def test_calibration_given_to_a_method_that_reads_none_is_warned_of(caplog):
     prune(tiny_model(), PruningConfig(method="magnitude"), calibration=token_windows(4, 16))
     assert "method 'magnitude' reads no calibration data: the calibration given is not used" in caplog.text
+
+
+
+def own_tokenizer(bpe_tokenizer, **settings):
+    """The session's tokenizer with other settings, leaving the shared one as it is."""
+    return bpe_tokenizer.__class__(tokenizer_object=bpe_tokenizer.backend_tokenizer, **settings)
+
+
+def prune_inputs(source, tokenizer, seq_len):
+    from optimum_prune.calibration import calibration_inputs
+
+    return calibration_inputs(source, tokenizer, None, 8, seq_len, seed=0)
+
+
+def test_a_left_padded_tokenised_dataset_keeps_each_rows_real_tokens(bpe_tokenizer):
+    """Rows were cut to calibration_seq_len before their padding was dropped: left padding lost the real tokens."""
+    from datasets import Dataset
+
+    texts = [TEXT[:80], TEXT[:200], "rivers"]
+    unpadded = [bpe_tokenizer(text)["input_ids"][:24] for text in texts]
+    for side in ("left", "right"):
+        tokenizer = own_tokenizer(bpe_tokenizer, pad_token="<eos>", padding_side=side)
+        dataset = Dataset.from_dict(dict(tokenizer(texts, padding="max_length", max_length=96)))
+        assert [sample["input_ids"][0].tolist() for sample in prune_inputs(dataset, tokenizer, 24)] == unpadded, side
+
+
+def test_a_streamed_dataset_is_read_only_as_far_as_the_windows_need_and_may_declare_no_columns(bpe_tokenizer):
+    from datasets import IterableDataset
+
+    read = []
+
+    def rows():
+        for index in range(10_000):
+            read.append(index)
+            yield {"text": TEXT}
+
+    stream = IterableDataset.from_generator(rows)
+    assert stream.column_names is None
+    windows = calibration_windows(stream, bpe_tokenizer, 4, 16, seed=0)
+    assert windows.shape == (4, 16) and len(read) < 20  # 2 × 4 × 16 tokens, and the first row peeked for its columns
+    tokenised = IterableDataset.from_generator(lambda: ({"input_ids": [5, 6, 7, 8]} for _ in range(100)))
+    assert [row["input_ids"].tolist() for row in prune_inputs(tokenised, None, 3)] == [[[5, 6, 7]]] * 8
+
+
+def test_the_window_only_tools_take_every_source_that_gives_windows_and_check_it_against_the_model(bpe_tokenizer):
+    from datasets import Dataset
+
+    model = tiny_model("llama", vocab_size=bpe_tokenizer.vocab_size)
+    tokenised = Dataset.from_dict({"input_ids": [list(range(5, 25))] * 4})
+    assert calibration_windows(tokenised, None, 4, 16, 0, model, "choose_early_exit").shape == (4, 16)
+    padded = own_tokenizer(bpe_tokenizer, pad_token="<eos>")([TEXT[:60], TEXT[:300]], return_tensors="pt", padding=True)
+    with pytest.raises(ValueError, match="choose_early_exit calibrates on windows of token ids of one length"):
+        calibration_windows(padded, bpe_tokenizer, 4, 16, 0, model, "choose_early_exit")
+    with pytest.raises(ValueError, match="outside the .* embeddings"):
+        calibration_windows(torch.full((2, 8), 10**6), None, 2, 8, 0, model, "choose_early_exit")
+
+
+def test_raw_text_a_directory_and_missing_rows_are_named_or_skipped(tmp_path, bpe_tokenizer, caplog):
+    from datasets import Dataset
+
+    with pytest.raises(ValueError, match="does not exist; a string names a local text file .* raw text goes in a list"):
+        calibration_windows(TEXT, bpe_tokenizer, 4, 16, seed=0)  # longer than a file name may be
+    with pytest.raises(ValueError, match="is a directory; a string names a local text file"):
+        calibration_windows(str(tmp_path), bpe_tokenizer, 4, 16, seed=0)
+    with_gaps = Dataset.from_dict({"text": [TEXT, None, ""]})
+    assert torch.equal(calibration_windows(with_gaps, bpe_tokenizer, 4, 16, 0), calibration_windows([TEXT], bpe_tokenizer, 4, 16, 0))
+    with caplog.at_level("WARNING"):
+        calibration_windows(["rivers and mountains " * 4], bpe_tokenizer, 8, 8, seed=0)
+    assert "fewer than 8 windows of 8 tokens take (64): the windows overlap" in caplog.text
+
+
+def test_a_stream_longer_than_the_context_draws_no_tokenizer_warning_and_a_processor_stands_for_its_tokenizer(bpe_tokenizer, caplog):
+    from transformers import CLIPImageProcessor, LlavaProcessor
+
+    tokenizer = own_tokenizer(bpe_tokenizer, model_max_length=16)
+    with caplog.at_level("WARNING"):
+        from_tokenizer = calibration_windows([TEXT], tokenizer, 4, 8, seed=0)
+    assert "indexing errors" not in caplog.text
+    processor = LlavaProcessor(image_processor=CLIPImageProcessor(), tokenizer=tokenizer, patch_size=4, image_token="<eos>")
+    assert torch.equal(calibration_windows([TEXT], processor, 4, 8, seed=0), from_tokenizer)
