@@ -33,6 +33,7 @@ from optimum_prune.config import CONFIG_NAME, PruningConfig
 from optimum_prune.models import load_causal_lm
 from optimum_prune.saving import DEFAULT_SHARD_SIZE, check_replaceable
 from optimum_prune.streaming import checkpoint_fingerprint
+from optimum_prune.sparsity_metadata import drop_sparsity_metadata
 from optimum_prune.structure.loading import records_layer_shapes
 
 from .compat import import_llamafactory
@@ -312,7 +313,7 @@ def train_here(args: Mapping[str, Any], keep_masks: bool, training: TrainingSect
     (``adapter_name_or_path`` with ``create_new_adapter``, or several) keep the pruned zeros too."""
     from llamafactory.train.tuner import run_exp
 
-    with distilling_trainers(training.distill), (_merges_keeping_zeros() if keep_masks else nullcontext()):
+    with distilling_trainers(training.distill), _loading_sparsity_metadata_as_plain(), (_merges_keeping_zeros() if keep_masks else nullcontext()):
         run_exp(dict(args), callbacks=training.callbacks(keep_masks))
 
 
@@ -409,7 +410,8 @@ def run_export(args: Mapping[str, Any]) -> None:
             "export_hub_model_id: LLaMA-Factory pushes the merged weights before their pruned zeros are restored; remove "
             "it, export locally, then upload export_dir (e.g. huggingface-cli upload REPO EXPORT_DIR)"
         )
-    export_model(dict(args))
+    with _loading_sparsity_metadata_as_plain():
+        export_model(dict(args))
     if restoring:
         restore_zeros(args["model_name_or_path"], Path(args["export_dir"]), **model_loading_kwargs(args))
 
@@ -505,7 +507,7 @@ def run_interactive(command: str, args: Mapping[str, Any]) -> None:
     if merging:
         _check_adapter_is_merged(args)
     keeping_zeros = _merges_keeping_zeros() if merging else nullcontext()
-    with tempfile.TemporaryDirectory(prefix="llamafactory-prune-") as scratch, keeping_zeros:
+    with tempfile.TemporaryDirectory(prefix="llamafactory-prune-") as scratch, _loading_sparsity_metadata_as_plain(), keeping_zeros:
         config_path = Path(scratch) / f"{command}.yaml"
         OmegaConf.save(OmegaConf.create(dict(args)), config_path)
         sys.argv = [sys.argv[0], str(config_path)]  # LLaMA-Factory's entry points read their YAML from argv
@@ -530,6 +532,27 @@ def _check_adapter_is_merged(args: Mapping[str, Any]) -> None:
             "LLaMA-Factory then applies the adapter unmerged, which fills the pruned zeros; merge it first with "
             "`llamafactory-prune export` (zeros kept), then chat with export_dir as model_name_or_path"
         )
+
+
+@contextmanager
+def _loading_sparsity_metadata_as_plain() -> Iterator[None]:
+    """While open, a checkpoint saved with compressed-tensors sparsity metadata (``compressed_tensors_metadata=True``)
+    loads in LLaMA-Factory as the plain float model it is. transformers marks it quantized, so LLaMA-Factory would
+    refuse full fine-tuning and merging an adapter for export, and serve an adapter unmerged in chat (filling the
+    zeros); the metadata is dropped before ``init_adapter`` (wrapped like ``_merges_keeping_zeros`` does)."""
+    from llamafactory.model import loader
+
+    init_adapter = loader.init_adapter
+
+    def init_adapter_on_plain_model(config: Any, model: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.nn.Module:
+        drop_sparsity_metadata(model, "LLaMA-Factory would take the model for a quantized one")
+        return init_adapter(config, model, *args, **kwargs)
+
+    loader.init_adapter = init_adapter_on_plain_model
+    try:
+        yield
+    finally:
+        loader.init_adapter = init_adapter
 
 
 @contextmanager

@@ -32,8 +32,16 @@ from torch import nn
 def refuse_recorded_structure(model: nn.Module, quantizer: str) -> None:
     """Non-uniform structured results record their per-layer shapes as the config's ``quantization_config``
     (their loader reads it there); a quantizer writes its own config in that place, or reloads from the plain
-    config, so the shapes would be lost and the saved model would reload at stock shapes, partly random."""
+    config, so the shapes would be lost and the saved model would reload at stock shapes, partly random. A
+    model loaded quantized is refused too: its weights are codes already."""
+    from .structure.loading import records_layer_shapes  # here: it imports the adapters, which import this module
+
     structure = getattr(model.config, "quantization_config", None)
+    if structure is not None and not records_layer_shapes(structure):
+        raise ValueError(
+            f"the model was loaded quantized ({type(structure).__name__} in its config): {quantizer} quantizes float "
+            "weights; quantize the unquantized checkpoint"
+        )
     if structure is not None:
         raise ValueError(
             f"the model's config already holds a quantization_config ({type(structure).__name__}): non-uniform "

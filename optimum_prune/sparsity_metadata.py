@@ -89,11 +89,11 @@ def compressed_tensors_config(model: nn.Module, config: PruningConfig | None = N
     return CompressedTensorsConfig(sparsity_config=sparsity_config(model, config))
 
 
-def drop_sparsity_metadata(model: nn.Module) -> None:
-    """Remove, with a warning, the compressed-tensors sparsity metadata (without quantization) that ``model``
-    was loaded with, and transformers' quantizer state for it. Pruning changes the weights it describes (a
-    2:4 checkpoint pruned on to 70 % kept saying 2:4): ``save_pruned(..., compressed_tensors_metadata=True)``
-    writes it anew."""
+def drop_sparsity_metadata(model: nn.Module, because: str = "it describes its weights before this pruning") -> None:
+    """Remove, with a warning saying ``because``, the compressed-tensors sparsity metadata (without quantization)
+    that ``model`` was loaded with, and transformers' quantizer state for it, which makes the model pass for a
+    quantized one. Pruning changes the weights it describes (a 2:4 checkpoint pruned on to 70 % kept saying 2:4):
+    ``save_pruned(..., compressed_tensors_metadata=True)`` writes it anew."""
     existing = getattr(model.config, "quantization_config", None)
     if existing is None or not _sparsity_only(existing):
         return
@@ -103,8 +103,8 @@ def drop_sparsity_metadata(model: nn.Module) -> None:
     else:
         del model.config.quantization_config
     logger.warning(
-        "the model's compressed-tensors sparsity metadata describes its weights before this pruning: dropped (save "
-        "with compressed_tensors_metadata=True to write it anew)"
+        "the model's compressed-tensors sparsity metadata is dropped: %s (save with compressed_tensors_metadata=True to "
+        "write it anew)", because,
     )
 
 

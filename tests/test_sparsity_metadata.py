@@ -9,7 +9,7 @@ import torch
 from compressed_tensors import SparsityCompressionConfig
 from transformers import AutoModelForCausalLM, CompressedTensorsConfig, QuantoConfig
 
-from optimum_prune import PruningConfig, compress, compressed_tensors_config, prune, save_pruned, sparsity_config
+from optimum_prune import PruningConfig, compress, compressed_tensors_config, prune, save_pruned, sparsity_config, verify_sparsity
 from optimum_prune.cli import main as cli_main
 from tests.conftest import tiny_model
 
@@ -130,6 +130,18 @@ def test_a_reloaded_model_prunes_to_non_uniform_shapes_and_reloads(two_four_with
     ids = torch.randint(0, 128, (1, 8))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
+
+
+def test_a_reloaded_model_quantizes_its_metadata_replaced_and_a_model_loaded_quantized_is_named_as_such(two_four_with_metadata, caplog):
+    """The metadata was taken for a non-uniform structure's record, refused with advice to prune uniformly."""
+    model = AutoModelForCausalLM.from_pretrained(two_four_with_metadata, dtype=torch.float32)
+    compress(model, [QuantoConfig(weights="int8")])
+    assert "quantizer's own quantization_config takes its place" in caplog.text
+    assert getattr(model.config, "quantization_config", None) is None and verify_sparsity(model, "2:4")["conforming"]
+    quantized = tiny_model()
+    quantized.config.quantization_config = CompressedTensorsConfig(config_groups={"group_0": {"targets": ["Linear"], "weights": {"num_bits": 8}}})
+    with pytest.raises(ValueError, match="the model was loaded quantized .CompressedTensorsConfig in its config.: optimum-quanto"):
+        compress(quantized, [QuantoConfig(weights="int8")])
 
 
 def test_pruning_a_checkpoint_with_metadata_from_disk_drops_it(two_four_with_metadata, tmp_path):

@@ -158,6 +158,44 @@ def test_export_restores_zeros_that_llamafactory_merge_fills(recovered, tmp_path
     assert verify_sparsity(AutoModelForCausalLM.from_pretrained(tmp_path / "plain"))["overall_sparsity"] < 0.1
 
 
+def test_a_checkpoint_with_sparsity_metadata_exports_chats_and_trains_as_the_plain_model_it_is(recovered, workspace, tmp_path, monkeypatch):
+    """transformers marks a compressed-tensors sparsity-only checkpoint quantized: LLaMA-Factory refused to merge
+    for export, served the adapter unmerged in chat (its update filling the zeros) and refused full fine-tuning."""
+    pytest.importorskip("compressed_tensors")
+    from transformers import AutoTokenizer
+
+    from optimum_prune import save_pruned
+
+    base = tmp_path / "annotated"
+    model = AutoModelForCausalLM.from_pretrained(recovered / "pruned", dtype=torch.float32)
+    save_pruned(model, base, tokenizer=AutoTokenizer.from_pretrained(recovered / "pruned"), compressed_tensors_metadata=True)
+    assert AutoModelForCausalLM.from_pretrained(base).is_quantized
+    export = {"model_name_or_path": str(base), "adapter_name_or_path": str(recovered), "template": "default",
+              "finetuning_type": "lora", "export_dir": str(tmp_path / "exported")}  # fmt: skip
+    assert main(["export", str(write_yaml(tmp_path / "export.yaml", export))]) == 0
+    assert_same_zeros(zeros(tmp_path / "exported"), zeros(recovered / "pruned"))
+
+    from llamafactory.chat import chat_model
+
+    served = []
+
+    class ServedChatModel(chat_model.ChatModel):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            served.append(self.engine.model)
+
+    monkeypatch.setattr(chat_model, "ChatModel", ServedChatModel)
+    monkeypatch.setattr("builtins.input", lambda prompt="": "exit")
+    chat = {key: export[key] for key in ("model_name_or_path", "adapter_name_or_path", "template", "finetuning_type")}
+    assert main(["chat", str(write_yaml(tmp_path / "chat.yaml", chat))]) == 0
+    assert_same_zeros({name: linear.weight == 0 for name, linear in prunable_linears(served[0]).items()}, zeros(recovered / "pruned"))
+
+    out = tmp_path / "tuned"
+    training = {**LORA_TRAINING, "finetuning_type": "full", "max_steps": 2}
+    train(tmp_path, {**base_args(workspace, out, **training), "model_name_or_path": str(base)})
+    assert_same_zeros(zeros(out), zeros(recovered / "pruned"))
+
+
 def as_hub_repo(model: Path, cache: Path, repo_id: str) -> None:
     """``model`` as the Hub repository ``repo_id`` in the Hugging Face cache ``cache`` (read offline)."""
     repo, revision = cache / f"models--{repo_id.replace('/', '--')}", "0" * 40
