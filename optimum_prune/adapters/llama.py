@@ -25,7 +25,7 @@ from transformers import (
 )
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from ..structure.modules import RemovedAttention, RemovedMLP, ReroutedAttention, ReroutedMLP
+from ..structure.modules import RemovedAttention, RemovedMLP, ReroutedAttention, ReroutedMLP, standing_in_for
 from ..structure.shapes import LayerShape
 from ..structure.surgery import add_output_bias, keep_input_features, keep_output_features
 from .base import (
@@ -221,7 +221,7 @@ class LlamaAdapter(DecoderStackAdapter):
     def remove_sublayer(self, layer: nn.Module, sublayer: str) -> None:
         if sublayer == "attention":
             attention = layer.self_attn
-            layer.self_attn = _keeping_sliding_flag(attention, RemovedAttention(attention.layer_idx, attention.head_dim))
+            layer.self_attn = standing_in_for(attention, RemovedAttention(attention.layer_idx, attention.head_dim))
         elif sublayer == "mlp":
             layer.mlp = RemovedMLP()
         else:
@@ -239,7 +239,7 @@ class LlamaAdapter(DecoderStackAdapter):
         like = getattr(layer, self.pre_norms[sublayer]).weight
         if sublayer == "attention":
             attention = layer.self_attn
-            layer.self_attn = _keeping_sliding_flag(attention, ReroutedAttention(attention.layer_idx, attention.head_dim, like.shape[0], like))
+            layer.self_attn = standing_in_for(attention, ReroutedAttention(attention.layer_idx, attention.head_dim, like.shape[0], like))
         else:
             layer.mlp = ReroutedMLP(like.shape[0], like)
         for norm in self.sublayer_norms(layer, sublayer, reroute=True):  # the map is fitted to the normalised term, so it writes the stream directly
@@ -381,13 +381,6 @@ OUTPUT_TARGET_DAMPING = 0.01  # λ relative to the mean γ², as SparseGPT damps
 
 def _rms(tokens: torch.Tensor) -> torch.Tensor:
     return tokens.square().mean(-1, keepdim=True).sqrt()
-
-
-def _keeping_sliding_flag(attention: nn.Module, stand_in: RemovedAttention) -> RemovedAttention:
-    """``stand_in`` with the flag Gemma 3's layer reads off its attention to pick a rotary embedding."""
-    if hasattr(attention, "is_sliding"):
-        stand_in.is_sliding = attention.is_sliding
-    return stand_in
 
 
 def _head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:

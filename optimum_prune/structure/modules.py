@@ -20,10 +20,14 @@ from .surgery import replace_submodule
 class RemovedAttention(nn.Module):
     """An attention sublayer that was pruned away.
 
-    It still appends a one-head, one-channel key/value entry of ones to the cache (B × L values):
+    It still appends a one-head key/value entry of ones to the cache (B × L × head_dim values):
     transformers reads the sequence length already seen from the cache (from layer 0, and a dynamic
     cache counts nothing in an empty tensor, a static one nothing in zeros), so without it the
-    positions and masks of every later token would be wrong when generating with a cache.
+    positions and masks of every later token would be wrong when generating with a cache. It is
+    ``head_dim`` wide, as a real head's entry, because a quantized cache splits entries into groups of
+    channels. Its attention map has no heads, ``[batch, 0, length, keys]``: ``output_attentions`` keeps one
+    entry per layer (transformers skips a ``None``), and ``standing_in_for`` makes it an instance of the
+    attention class it replaces, whose outputs transformers records.
     """
 
     def __init__(self, layer_idx: int, head_dim: int) -> None:
@@ -32,11 +36,34 @@ class RemovedAttention(nn.Module):
         self.head_dim = head_dim
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, past_key_values: Any = None, **kwargs: Any):
+        batch, length = hidden_states.shape[:2]
+        keys = length
         if past_key_values is not None:
-            batch, length = hidden_states.shape[:2]
-            placeholder = hidden_states.new_ones(batch, 1, length, 1)
-            past_key_values.update(placeholder, placeholder, self.layer_idx, {"cache_position": kwargs.get("cache_position")})
-        return torch.zeros_like(hidden_states), None
+            placeholder = hidden_states.new_ones(batch, 1, length, self.head_dim)
+            cached, _ = past_key_values.update(placeholder, placeholder, self.layer_idx, {"cache_position": kwargs.get("cache_position")})
+            keys = cached.shape[-2]
+        return torch.zeros_like(hidden_states), hidden_states.new_zeros(batch, 0, length, keys)
+
+
+# Stand-in classes made by ``standing_in_for``, by (stand-in class, stock attention class).
+_STAND_IN_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def standing_in_for(attention: nn.Module, stand_in: RemovedAttention) -> RemovedAttention:
+    """``stand_in``, in place, as an instance of ``attention``'s stock class too: transformers collects
+    ``output_attentions`` by hooking that class (``_can_record_outputs``), so a stand-in of another class
+    would drop its layer's entry and shift every later layer's to the wrong index (it records ``None``
+    instead). Also keeps the flag Gemma 3's layer reads off its attention to pick a rotary embedding."""
+    stock = next(cls for cls in type(attention).__mro__ if not issubclass(cls, RemovedAttention))
+    if stock is not nn.Module:
+        key = (type(stand_in), stock)
+        if key not in _STAND_IN_CLASSES:
+            name = f"{type(stand_in).__name__.removesuffix('Attention')}{stock.__name__}"
+            _STAND_IN_CLASSES[key] = globals()[name] = type(name, key, {"__module__": __name__})  # picklable by name
+        stand_in.__class__ = _STAND_IN_CLASSES[key]
+    if hasattr(attention, "is_sliding"):
+        stand_in.is_sliding = attention.is_sliding
+    return stand_in
 
 
 class RemovedMLP(nn.Module):
@@ -57,8 +84,8 @@ class ReroutedAttention(RemovedAttention):
         self.map = skip_init(nn.Linear, width, width, device=like.device, dtype=like.dtype)  # fitted next
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, past_key_values: Any = None, **kwargs: Any):
-        super().forward(hidden_states, *args, past_key_values=past_key_values, **kwargs)
-        return self.map(hidden_states), None
+        _, weights = super().forward(hidden_states, *args, past_key_values=past_key_values, **kwargs)
+        return self.map(hidden_states), weights
 
 
 class ReroutedMLP(RemovedMLP):

@@ -76,3 +76,34 @@ def test_a_removed_first_attention_keeps_the_caches_length_for_positions_and_pad
     generated = model.generate(batch, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
     alone = model.generate(ids[:1, :6], max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert torch.equal(generated[0, 4:], alone[0])
+
+
+def test_a_removed_attention_keeps_each_layers_attention_map_in_place_and_a_quantized_cache_running(tmp_path):
+    """Its stand-in was no instance of the stock class, so output_attentions dropped its entry (later layers moved
+    up an index), and its one-channel cache entry could not be split into a quantized cache's channel groups."""
+    pytest.importorskip("optimum.quanto")
+    from transformers import AutoModelForCausalLM
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    from optimum_prune import get_adapter, save_pruned
+
+    model = tiny_model(num_hidden_layers=3, head_dim=32, attn_implementation="eager")
+    for index, how in ((0, "remove"), (2, "reroute")):
+        getattr(get_adapter(model), f"{how}_sublayer")(model.model.layers[index], "attention")
+    assert all(isinstance(layer.self_attn, LlamaAttention) for layer in model.model.layers)
+    ids = token_windows(samples=1, seq_len=6, seed=1)
+    with torch.no_grad():
+        maps = [weights.shape for weights in model(ids, output_attentions=True).attentions]
+    heads = model.config.num_attention_heads
+    assert maps == [(1, 0, 6, 6), (1, heads, 6, 6), (1, 0, 6, 6)]
+    quantized = {"backend": "quanto", "nbits": 4, "q_group_size": 32, "residual_length": 2}
+    greedy = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
+    plain = model.generate(ids, **greedy)
+    assert torch.equal(model.generate(ids, cache_implementation="quantized", cache_config=quantized, **greedy)[:, :8], plain[:, :8])
+    pruned = tiny_model(num_hidden_layers=4, attn_implementation="eager")
+    report = prune(pruned, PruningConfig(method="sublayers", sparsity=0.1, method_options={"sublayers": "attention"}), calibration=token_windows())
+    reloaded = AutoModelForCausalLM.from_pretrained(save_pruned(pruned, tmp_path / "removed"), attn_implementation="eager")
+    with torch.no_grad():
+        assert [w.shape[1] for w in reloaded(ids, output_attentions=True).attentions] == [
+            0 if f"model.layers.{index} attention" in report.removed else heads for index in range(4)
+        ]
