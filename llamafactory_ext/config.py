@@ -29,6 +29,7 @@ from typing import Any, Mapping, Sequence
 from omegaconf import OmegaConf
 
 from optimum_prune import PruningConfig
+from optimum_prune.config import PROVENANCE_KEYS
 from optimum_prune.api import check_activation_device
 from optimum_prune.yaml_files import load_yaml
 
@@ -57,13 +58,14 @@ class PruningSection:
         if not isinstance(section, Mapping):
             raise ValueError(f"{SECTION}: must be a mapping of PruningConfig fields, got {type(section).__name__}")
         fields = [f.name for f in dataclasses.fields(PruningConfig)]
-        unknown = sorted(set(section) - set(fields) - set(EXTRA_KEYS))
+        stored = ["format_version", *PROVENANCE_KEYS]  # what a saved pruning_config.json adds, pasted in as it is
+        unknown = sorted(set(section) - set(fields) - set(stored) - set(EXTRA_KEYS))
         if unknown:
             raise ValueError(
                 f"{SECTION}.{unknown[0]} is not a valid key; valid keys: {', '.join(sorted([*fields, *EXTRA_KEYS]))}"
             )
         try:
-            config = PruningConfig(**{key: value for key, value in section.items() if key in fields})
+            config = PruningConfig.from_dict({key: value for key, value in section.items() if key in fields or key in stored})
         except (TypeError, ValueError) as error:
             raise ValueError(in_yaml_terms(str(error))) from None
         offload = section.get("offload")

@@ -50,6 +50,22 @@ def test_calibrating_method_without_any_dataset(workspace, tmp_path, capsys):
     assert "pruning.calibration_dataset is required" in run_cli(tmp_path, capsys, config)
 
 
+def test_a_saved_recipe_pasted_in_reads_as_the_same_config(workspace, tmp_path):
+    """pruning_config.json's format_version and version stamps were refused as unknown keys."""
+    import json
+
+    from optimum_prune import PruningConfig
+
+    recipe = PruningConfig(method="magnitude", sparsity="2:4", ignore=["*.o_proj"])
+    recipe.save_pretrained(tmp_path / "recipe")
+    saved = json.loads((tmp_path / "recipe" / "pruning_config.json").read_text())
+    assert {"format_version", "transformers_version"} <= set(saved)
+    _, section = split_pruning({**base_args(workspace, tmp_path), "pruning": saved})
+    assert section.config == recipe
+    with pytest.raises(ValueError, match="pruning: format_version 2 is not supported"):
+        split_pruning({**base_args(workspace, tmp_path), "pruning": {**saved, "format_version": 2}})
+
+
 def test_magnitude_needs_no_dataset(workspace, tmp_path):
     _, section = split_pruning({**base_args(workspace, tmp_path), "pruning": {"method": "magnitude", "sparsity": 0.3}})
     assert section.calibration_dataset is None and section.config.sparsity == 0.3
