@@ -1,6 +1,7 @@
 """Turn a calibration source into model inputs: a ``[samples, seq_len]`` tensor of token ids for text.
 
-Text sources: ``None`` (the bundled Wikipedia calibration split), a path to a text file, a list of
+Text sources: ``None`` (the bundled Wikipedia calibration split), a path to a text file (or to a file of
+records, JSON Lines, JSON, CSV or Parquet, read as a ``Dataset``), a list of
 strings, a ``datasets.Dataset`` with a ``text`` column, or token ids ready to use: a ``[samples,
 seq_len]`` ``LongTensor`` or a list of equally long ones (each ``[seq_len]`` or ``[n, seq_len]``), or
 a tokenised ``Dataset`` (``input_ids``, no ``text``), whose rows drawn with the seed are processed samples.
@@ -36,6 +37,7 @@ def calibration_inputs(
     source: CalibrationSource, tokenizer: Any, processor: Any, num_samples: int, seq_len: int, seed: int
 ) -> CalibrationInputs:
     """Processed batches for image-text pairs (through ``processor``) or ready batches; token windows for text."""
+    source = _records_file_as_dataset(source)
     _check_not_dataset_dict(source)
     if is_image_text(source):
         return image_text_batches(source, processor, num_samples)
@@ -102,6 +104,31 @@ def _checked_batch(batch: dict[str, Any], index: int) -> dict[str, Any]:
     if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape != ids.shape:  # a 4-D mask (packed samples) runs as given
         raise ValueError(f"calibration batch {index}: attention_mask {tuple(mask.shape)} must have input_ids' shape {tuple(ids.shape)}")
     return batch
+
+
+# Files of records (not text to read as it is), by suffix: the ``datasets`` builder that reads them.
+RECORD_FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def _records_file_as_dataset(source: CalibrationSource) -> CalibrationSource:
+    """A path to a JSON Lines, JSON, CSV or Parquet file as the ``datasets.Dataset`` of its records (a ``text`` or
+    tokenised ``input_ids`` column, as a ``Dataset`` given directly), not as text with its syntax in it."""
+    if not isinstance(source, (str, os.PathLike)):
+        return source
+    path = Path(source)
+    builder = RECORD_FILE_BUILDERS.get(path.suffix.lower())
+    try:
+        is_file = path.is_file()
+    except (OSError, ValueError):  # raw text too long for a file name: named in _texts
+        return source
+    if builder is None or not is_file:
+        return source
+    from datasets import load_dataset
+
+    try:
+        return load_dataset(builder, data_files=str(path), split="train")
+    except Exception as error:  # datasets raises its own error types for unparsable files
+        raise ValueError(f"calibration file {str(path)!r} could not be read as {builder} records: {error}") from None
 
 
 def _check_not_dataset_dict(source: CalibrationSource) -> None:

@@ -318,3 +318,18 @@ def test_a_stream_longer_than_the_context_draws_no_tokenizer_warning_and_a_proce
     assert "indexing errors" not in caplog.text
     processor = LlavaProcessor(image_processor=CLIPImageProcessor(), tokenizer=tokenizer, patch_size=4, image_token="<eos>")
     assert torch.equal(calibration_windows([TEXT], processor, 4, 8, seed=0), from_tokenizer)
+
+
+def test_a_file_of_records_is_read_as_its_records_not_as_text(tmp_path, bpe_tokenizer):
+    """A .jsonl file was calibrated on as text, its JSON syntax included."""
+    import json
+
+    rows = [{"text": TEXT[:300], "id": 1}, {"text": TEXT[300:900], "id": 2}]
+    (tmp_path / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    expected = calibration_windows([row["text"] for row in rows], bpe_tokenizer, 4, 16, seed=0)
+    assert torch.equal(calibration_windows(tmp_path / "data.jsonl", bpe_tokenizer, 4, 16, seed=0), expected)
+    (tmp_path / "ids.json").write_text(json.dumps([{"input_ids": list(range(5, 30))}] * 3))
+    assert calibration_windows(str(tmp_path / "ids.json"), None, 3, 16, seed=0).shape == (3, 16)
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    with pytest.raises(ValueError, match="bad.jsonl' could not be read as json records"):
+        calibration_windows(tmp_path / "bad.jsonl", bpe_tokenizer, 4, 16, seed=0)
