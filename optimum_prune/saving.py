@@ -236,13 +236,14 @@ LEFTOVER_AGE_S = 60
 def remove_leftovers(target: Path) -> None:
     """Remove the folders beside ``target`` that killed saves left (each can be a whole checkpoint): a running save
     holds its folders locked, so an unlocked one older than a minute is a leftover. A retired previous output whose
-    replacement never arrived goes back to ``target`` first. Nothing is removed where folders cannot be locked."""
+    replacement never arrived goes back to ``target`` first. Nothing is removed where folders cannot be locked. A
+    symbolic link named like a leftover is no save's (saves make real folders): it and what it points to stay."""
     for kind in ("old", "staging"):
         for path in sorted(target.parent.glob(glob.escape(f".{target.name}.{kind}-") + "*")):
             try:
-                if not path.is_dir() or time.time() - path.stat().st_mtime < LEFTOVER_AGE_S:
+                if path.is_symlink() or not path.is_dir() or time.time() - path.lstat().st_mtime < LEFTOVER_AGE_S:
                     continue
-                descriptor = os.open(path, os.O_RDONLY)
+                descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
             except OSError:  # removed meanwhile, or not ours to open
                 continue
             try:
@@ -254,8 +255,9 @@ def remove_leftovers(target: Path) -> None:
                     )  # fmt: skip
                 if not taken:
                     continue
-                if kind == "old" and not target.exists() and (path / target.name).is_dir():
-                    os.replace(path / target.name, target)
+                retired = path / target.name
+                if kind == "old" and not target.exists() and retired.is_dir() and not retired.is_symlink():
+                    os.replace(retired, target)
                     logger.warning("put back %s, which a save killed before it was replaced left in %s", target, path)
                 shutil.rmtree(path, ignore_errors=True)
             finally:

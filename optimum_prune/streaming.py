@@ -80,21 +80,35 @@ class CheckpointReader:
                 self.weight_map = dict.fromkeys(handle.keys(), single)
         else:
             raise ValueError(f"{str(directory)!r} holds no safetensors weights ({INDEX_NAME} or model.safetensors)")
+        if not self.weight_map:
+            raise ValueError(f"{str(directory)!r}: its safetensors weights hold no tensor; the checkpoint is incomplete: save or copy it again")
 
     def check_layers(self, layers: dict[str, nn.Module]) -> None:
         """Before any layer is pruned, not hours in: every shard opens (a missing, truncated or corrupt copy fails
-        here) and holds each decoder layer's tensors (``layers``: on the meta device, by qualified name)."""
+        here) and holds each decoder layer's tensors (``layers``: on the meta device, by qualified name) at the
+        shape the config gives them, as floats."""
         for file in sorted(set(self.weight_map.values())):
             if not file.is_file():
                 raise ValueError(f"{file} is listed in {INDEX_NAME} but missing; the checkpoint is incomplete: save or copy it again")
             with opened(file):
                 pass
-        missing = [f"{prefix}.{name}" for prefix, layer in layers.items() for name in _meta_tensors(layer) if f"{prefix}.{name}" not in self.weight_map]
+        expected = {f"{prefix}.{name}": tensor for prefix, layer in layers.items() for name, tensor in _meta_tensors(layer).items()}
+        missing = [name for name in expected if name not in self.weight_map]
         if missing:
             raise ValueError(
                 f"the checkpoint has no tensor(s) {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} "
                 f"({len(missing)} in all) for its decoder layers; it is incomplete: save or copy it again"
             )
+        for file, names in self._by_file(list(expected)).items():
+            with opened(file) as handle:
+                for name in names:
+                    stored = handle.get_slice(name)
+                    shape, dtype = list(stored.get_shape()), stored.get_dtype()
+                    if shape != list(expected[name].shape) or dtype not in SAFETENSORS_DTYPES:
+                        raise ValueError(
+                            f"{file} stores {name} as {dtype} {shape}; its config makes it a float tensor of shape "
+                            f"{list(expected[name].shape)}: the checkpoint and its config.json do not belong together"
+                        )
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         tensors = {}
@@ -142,8 +156,7 @@ class LayerStream:
         self.reader, self.staging, self.layer_names, self.device, self.dtype = reader, staging, layer_names, device, dtype
         self.unknown_reported = False
         self.notes: dict[int, dict[str, Any]] = {}  # pruned, not yet written
-        notes = staging / NOTES
-        self.written_notes: dict[str, Any] = json.loads(notes.read_text(encoding="utf-8")) if notes.is_file() else {}
+        self.written_notes: dict[str, Any] = _written_notes(staging / NOTES)
 
     def note(self, index: int, note: dict[str, Any]) -> None:
         """What layer ``index``'s pruning reported: written with its shard, read back by ``noted``. Not in the shard's
@@ -266,8 +279,30 @@ def _release(layer: nn.Module) -> None:
         set_module_tensor_to_device(layer, name, buffer.device, value=buffer)
 
 
-def _meta_tensors(module: nn.Module) -> list[str]:
-    return [name for name, tensor in (*module.named_parameters(), *module.named_buffers()) if tensor.is_meta]
+def _written_notes(path: Path) -> dict[str, Any]:
+    """The notes a partial run wrote (none yet: empty); a damaged file is named."""
+    if not path.is_file():
+        return {}
+    try:
+        notes = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as error:
+        notes = error
+    if not isinstance(notes, dict) or not all(note is None or isinstance(note, dict) for note in notes.values()):
+        raise ValueError(f"{path} is damaged ({notes!s:.80}): delete the partial folder {str(path.parent)!r} to start over")
+    return notes
+
+
+def _in_checkpoint(file: Path, source: Path) -> bool:
+    """Whether ``file`` is the checkpoint's own: not a symbolic link, or one into the checkpoint's folder or, for a
+    Hugging Face cache snapshot, into its repository's ``blobs``."""
+    if not file.is_symlink():
+        return True
+    target, folder = file.resolve(), source.resolve()
+    return target.is_relative_to(folder) or (source.parent.name == "snapshots" and target.is_relative_to(source.parent.parent.resolve() / "blobs"))
+
+
+def _meta_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor for name, tensor in (*module.named_parameters(), *module.named_buffers()) if tensor.is_meta}
 
 
 def prune_checkpoint(
@@ -417,6 +452,8 @@ def _staging(output_dir: Path, record: dict[str, Any]) -> Iterator[Path]:
     process pruning into it now is refused: the two would take each other's layers as their own."""
     output_dir = output_dir.absolute()
     staging = output_dir.parent / f".{output_dir.name}.partial"
+    if staging.is_symlink() or (staging.exists() and not staging.is_dir()):
+        raise ValueError(f"{str(staging)!r} is a symbolic link or a file, not a partial run's folder (which is made here): remove it")
     staging.mkdir(parents=True, exist_ok=True)
     busy = f"another run is pruning into {str(output_dir)!r} now (in {str(staging)!r}); wait for it to end, or give another output_dir"
     with held_exclusively(staging, busy) as held:
@@ -457,7 +494,9 @@ def _finish_checkpoint(
     index_file = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
     (staging / INDEX_NAME).write_text(json.dumps(index_file, indent=2), encoding="utf-8")
     for extra in source.iterdir():  # tokenizer and generation config files, as the source has them
-        if extra.is_file() and not _is_weights(extra.name) and extra.name not in ("config.json", CONFIG_NAME):
+        if not _in_checkpoint(extra, source):
+            logger.warning("%s links outside the checkpoint (to %s): not copied into the output", extra, extra.resolve())
+        elif extra.is_file() and not _is_weights(extra.name) and extra.name not in ("config.json", CONFIG_NAME):
             shutil.copyfile(extra, staging / extra.name)  # not the source's modes: a read-only one blocks the tokenizer's save
     model.config.save_pretrained(staging)
     config.save_pretrained(staging)

@@ -140,6 +140,22 @@ def test_a_previous_output_a_save_killed_between_its_renames_left_aside_is_put_b
     assert [p.name for p in tmp_path.iterdir()] == ["pruned"]
 
 
+def test_a_symbolic_link_named_like_a_leftover_and_what_it_points_to_stay(tmp_path):
+    """It was followed: the folder it pointed to was put back as the output, then replaced and deleted."""
+    import os
+
+    victim = tmp_path / "elsewhere"
+    (victim / "out").mkdir(parents=True)
+    (victim / "out" / "precious.txt").write_text("user data")
+    _left_by_a_killed_save(victim)
+    (tmp_path / "work").mkdir()
+    os.symlink(victim, tmp_path / "work" / ".out.old-planted")
+    os.symlink(victim, tmp_path / "work" / ".out.staging-planted")
+    save_pruned(tiny_model(), tmp_path / "work" / "out")
+    assert (victim / "out" / "precious.txt").read_text() == "user data"
+    assert sorted(p.name for p in (tmp_path / "work").iterdir()) == [".out.old-planted", ".out.staging-planted", "out"]
+
+
 def test_folders_are_left_alone_and_named_where_they_cannot_be_locked(tmp_path, monkeypatch, caplog):
     """NFS without lockd or Lustre without -o flock: a running save cannot be told from a killed one (and nothing
     said that a whole hidden copy of the checkpoint stayed)."""

@@ -413,6 +413,46 @@ def test_a_truncated_shard_is_named(sharded, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize(("stored", "message"), [
+    (torch.zeros(64, 100), r"stores model.layers.2.mlp.down_proj.weight as F32 \[64, 100\]; its config makes it a float tensor of shape \[64, 128\]"),
+    (torch.ones(64, 128, dtype=torch.int64), r"stores model.layers.2.mlp.down_proj.weight as I64 \[64, 128\]"),
+])  # fmt: skip
+def test_a_layer_tensor_its_config_does_not_shape_is_named_before_any_layer_is_pruned(sharded, tmp_path, stored, message):
+    """It failed after earlier layers were pruned and written, in accelerate, naming no file."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    name = "model.layers.2.mlp.down_proj.weight"
+    shard = sharded / json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"][name]
+    tensors = load_file(shard)
+    save_file({**tensors, name: stored}, shard, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=message):
+        prune_checkpoint(sharded, tmp_path / "out", CONFIGS["magnitude"])
+    assert not list((tmp_path / ".out.partial").glob("model-layer-*"))
+
+
+def test_damaged_notes_a_planted_link_and_files_linking_out_of_the_checkpoint_are_named(sharded, tmp_path, monkeypatch, caplog):
+    import os
+
+    config = CONFIGS["magnitude"]
+    _killed_while_saving(sharded, tmp_path, monkeypatch, 1, config)
+    (tmp_path / ".out.partial" / "streaming-notes.json").write_text('{"0": 5}')
+    with pytest.raises(ValueError, match=r"streaming-notes.json is damaged .*: delete the partial folder"):
+        prune_checkpoint(sharded, tmp_path / "out", config)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.symlink(elsewhere, tmp_path / ".link.partial")
+    with pytest.raises(ValueError, match=r"link.partial' is a symbolic link or a file, not a partial run's folder"):
+        prune_checkpoint(sharded, tmp_path / "link", config)
+    assert not list(elsewhere.iterdir())
+    (tmp_path / "secret").write_text("token")
+    os.symlink(tmp_path / "secret", sharded / "notes.md")
+    with caplog.at_level("WARNING", logger="optimum_prune"):
+        prune_checkpoint(sharded, tmp_path / "copied", config)
+    assert "notes.md links outside the checkpoint" in caplog.text and not (tmp_path / "copied" / "notes.md").exists()
+
+
 def test_an_output_dir_holding_other_files_is_refused_before_pruning(sharded, tmp_path, monkeypatch):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("notes")
