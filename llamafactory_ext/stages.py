@@ -479,6 +479,12 @@ def restore_zeros(base: str | Path, exported_dir: Path, **from_pretrained: Any) 
     for shard in shards:
         with safe_open(shard, framework="pt") as handle:
             keys_in[shard] = [key for key in handle.keys() if key in masks]
+            for key in keys_in[shard]:
+                if list(handle.get_slice(key).get_shape()) != list(masks[key].shape):
+                    raise ValueError(
+                        f"{shard} stores {key} as {list(handle.get_slice(key).get_shape())}, not {base}'s "
+                        f"{list(masks[key].shape)}; is it the same model?"
+                    )
     restored = sum(len(keys) for keys in keys_in.values())
     if restored != len(masks):
         raise ValueError(f"{exported_dir} holds {restored} of the {len(masks)} pruned weights of {base}; is it the same model?")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import numbers
 import os
 from dataclasses import dataclass, field
@@ -20,6 +21,8 @@ from .allocation import ALLOCATIONS
 from .methods import METHODS
 from .options import MoEOptions, build_options, options_to_dict
 from .sparsity import NMPattern, SparsityTarget, normalise_sparsity
+
+logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "pruning_config.json"
@@ -282,9 +285,15 @@ def _read_json_object(path: str | os.PathLike) -> dict[str, Any]:
 def recorded_steps(model_config: Any) -> list[dict[str, Any]]:
     """Every pruning step a model config records, in order (as dicts): its ``pruning_history``, and its
     ``pruning_config`` after them when that is another step (a checkpoint written before the history ended
-    with the current config)."""
-    steps = list(getattr(model_config, "pruning_history", None) or [])
+    with the current config). Entries that are no step (a damaged or hand-edited ``config.json``) are left out,
+    with a warning."""
+    history = getattr(model_config, "pruning_history", None) or []
+    entries = history if isinstance(history, list) else [history]
+    steps = [step for step in entries if isinstance(step, Mapping)]
     current = getattr(model_config, "pruning_config", None)
+    if len(steps) != len(entries) or (current and not isinstance(current, Mapping)):
+        logger.warning("the model config's pruning_history / pruning_config hold entries that are no pruning step: left out")
+        current = current if isinstance(current, Mapping) else None
     if current and (not steps or steps[-1] != current):
         steps.append(current)
     return steps
@@ -313,6 +322,8 @@ def record_pruning(model_config: Any, config: PruningConfig) -> None:
     model_config.pruning_config = config.to_dict()
     if earlier:
         model_config.pruning_history = [*earlier, model_config.pruning_config]
+    elif hasattr(model_config, "pruning_history"):  # one that held no step
+        del model_config.pruning_history
 
 
 def _target(sparsity: float | str) -> SparsityTarget:

@@ -49,6 +49,18 @@ def test_a_checkpoint_whose_history_ends_before_its_config_keeps_every_step_when
     assert [PruningConfig.from_dict(step) for step in model.config.pruning_history] == [*steps, PruningConfig(method="magnitude", sparsity=0.6)]
 
 
+@pytest.mark.parametrize(("history", "current"), [(5, None), ("abc", None), ([1, "x"], None), (None, ["magnitude"])])
+def test_a_history_that_holds_no_steps_is_left_out_not_crashed_on_or_copied(history, current, caplog):
+    """An int crashed prune; a string was recorded letter by letter into the next checkpoint's history."""
+    model = tiny_model()
+    model.config.pruning_history, model.config.pruning_config = history, current
+    with caplog.at_level("WARNING", logger="optimum_prune"):
+        prune(model, PruningConfig(method="magnitude", sparsity=0.5))
+    assert "hold entries that are no pruning step: left out" in caplog.text
+    assert not hasattr(model.config, "pruning_history")
+    assert PruningConfig.from_dict(model.config.pruning_config) == PruningConfig(method="magnitude", sparsity=0.5)
+
+
 def test_a_config_given_for_a_step_outside_prune_follows_the_recorded_steps_in_the_checkpoint_only(tmp_path):
     """A model pruned twice, then further by a training schedule: the checkpoint says so in order; the model in
     memory keeps its own record, so pruning it again lists what prune did."""

@@ -9,6 +9,7 @@ afterwards. Adapters are looked up by model class (walking the MRO, so subclasse
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -324,13 +325,20 @@ class DecoderAdapter(ABC):
         Where the residual stream was sliced at the model's ends, the input embedding, the final
         norm and the output embedding take the sliced widths too.
         """
+        hidden = self.model.get_input_embeddings().embedding_dim
         for index, shape in enumerate(shapes):
+            if shape.residual_widths and max(shape.residual_widths) > hidden:
+                raise ValueError(
+                    f"quantization_config.layers[{index}].residual_widths {list(shape.residual_widths)} exceed the hidden size "
+                    f"{hidden}; the checkpoint's config.json is corrupt"
+                )
+            stock = {name: tensor.shape for name, tensor in self.decoder_layers()[index].state_dict().items()}
             layer = self.add_shortcuts(index) if shape.residual_widths else self.decoder_layers()[index]
             self.reshape_layer(layer, replace(shape, low_rank=(), mpo=()))
+            _check_no_larger(layer, stock, index)  # before the factors: pruning only ever makes a layer's tensors smaller
             factorize_named(layer, shape.low_rank)  # after the widths: the factors take them
             if shape.mpo:
                 build_mpo_experts(self.moe_block(layer), self.experts(layer), shape.mpo)
-        hidden = self.model.get_input_embeddings().embedding_dim
         if shapes[0].residual_widths and shapes[0].residual_widths[0] != hidden:
             resize_embedding(self.model.get_input_embeddings(), shapes[0].residual_widths[0])
         if shapes[-1].residual_widths and shapes[-1].residual_widths[2] != hidden:
@@ -449,3 +457,14 @@ def qualified_name(model: nn.Module, module: nn.Module) -> str:
         if candidate is module:
             return name
     raise RuntimeError(f"{type(module).__name__} is not a submodule of {type(model).__name__}")
+
+
+def _check_no_larger(layer: nn.Module, stock: dict[str, torch.Size], index: int) -> None:
+    """A recorded layer shape whose tensors outgrow the stock layer's describes no pruned model (heads, channels or
+    experts beyond the config's): refused before any weight is allocated or loaded."""
+    for name, tensor in layer.state_dict().items():
+        if name in stock and tensor.numel() > math.prod(stock[name]):
+            raise ValueError(
+                f"quantization_config.layers[{index}] makes {name} {list(tensor.shape)}, larger than the config's "
+                f"{list(stock[name])}; the checkpoint's config.json is corrupt"
+            )

@@ -16,11 +16,15 @@ mismatch instead of filling those weights at random.
 from __future__ import annotations
 
 import copy
+import json
+import math
 import re
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
@@ -157,6 +161,49 @@ def keep_stand_ins(model: PreTrainedModel) -> None:
         model.register_load_state_dict_pre_hook(_SkipStandIns(names))
 
 
+def _check_stored_as_stand_ins(source: str, names: list[str]) -> None:
+    """The parameters the recorded shapes remove must be stored as ``keep_stand_ins``' one-element stand-ins: a full
+    tensor there means ``quantization_config`` does not describe these weights (an edited ``config.json``, or one
+    from another checkpoint), and loading would silently drop real weights. Read from the shards' headers, where
+    ``source`` is a local folder or a Hub repository in the local cache."""
+    index = _stored_file(source, "model.safetensors.index.json")
+    try:
+        files = json.loads(index.read_text(encoding="utf-8"))["weight_map"] if index else None
+    except (ValueError, KeyError, TypeError):
+        return  # transformers names a damaged index itself
+    single = None if index else _stored_file(source, "model.safetensors")
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        file = (index.parent / files[name]) if files and name in files else single
+        if file is not None and file.is_file():
+            by_file.setdefault(file, []).append(name)
+    for file, stored in by_file.items():
+        with safe_open(file, framework="pt") as handle:
+            present = set(handle.keys())
+            for name in stored:
+                shape = handle.get_slice(name).get_shape() if name in present else [1]
+                if math.prod(shape) != 1:
+                    raise ValueError(
+                        f"{source}: config.json's quantization_config gives the layers shapes without {name}, but {file.name} "
+                        f"stores it in full ({list(shape)}): the config does not describe these weights (edited, or from "
+                        "another checkpoint), and loading would drop them"
+                    )
+
+
+def _stored_file(source: str, filename: str) -> Path | None:
+    """``filename`` of the checkpoint ``source``: in its folder, or in the Hub cache without contacting the Hub."""
+    local = Path(source) / filename
+    if local.is_file():
+        return local
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        cached = try_to_load_from_cache(source, filename)
+    except ValueError:  # not a repository id (huggingface_hub's validation errors are ValueErrors)
+        return None
+    return Path(cached) if isinstance(cached, str) else None
+
+
 @register_quantizer(QUANT_METHOD)
 class StructureLoader(HfQuantizer):
     """Gives each decoder layer its recorded shape before the checkpoint's weights are loaded."""
@@ -175,6 +222,9 @@ class StructureLoader(HfQuantizer):
         stock = set(model.state_dict())
         adapter.reshape(shapes)
         stand_ins = sorted(stock - set(model.state_dict()))  # what keep_stand_ins saved: not loaded, and not warned of
+        config = kwargs.get("config")
+        if stand_ins and config is not None:
+            _check_stored_as_stand_ins(str(getattr(config, "_name_or_path", "")), stand_ins)
         if stand_ins:
             model._keys_to_ignore_on_load_unexpected = [
                 *(type(model)._keys_to_ignore_on_load_unexpected or []), *(f"^{re.escape(name)}$" for name in stand_ins)

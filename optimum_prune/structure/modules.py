@@ -131,9 +131,17 @@ def low_rank_ranks(layer: nn.Module) -> tuple[tuple[str, int], ...]:
 def factorize_named(layer: nn.Module, ranks: tuple[tuple[str, int], ...]) -> None:
     """Replace the named linears of a freshly built (possibly meta) layer by empty factors of the recorded ranks."""
     for name, rank in ranks:
-        linear = layer.get_submodule(name)
+        try:
+            linear = layer.get_submodule(name)
+        except AttributeError:
+            linear = None
         if not isinstance(linear, nn.Linear):
             raise ValueError(f"low_rank names {name!r}, which is not a linear of this layer; the checkpoint's config.json is corrupt")
+        if rank > min(linear.in_features, linear.out_features):
+            raise ValueError(
+                f"low_rank gives {name} ({linear.out_features}×{linear.in_features}) rank {rank}, above its full rank; the "
+                "checkpoint's config.json is corrupt"
+            )
         factors = LowRankLinear(
             linear.in_features, linear.out_features, rank, linear.bias is not None, linear.weight.device, linear.weight.dtype
         )

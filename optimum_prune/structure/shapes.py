@@ -67,6 +67,8 @@ class LayerShape:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], where: str) -> "LayerShape":
+        if not isinstance(data, Mapping):
+            raise ValueError(f"{where}: a layer shape is a mapping of sizes, got {data!r:.60}; the checkpoint's config.json is corrupt")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         missing = sorted({"num_attention_heads", "num_key_value_heads", "intermediate_size"} - set(data))
@@ -75,6 +77,12 @@ class LayerShape:
                 f"{where}: layer shape has unknown keys {unknown} or misses {missing}; "
                 f"expected keys: {', '.join(sorted(known))}. The checkpoint's config.json is corrupt."
             )
+        for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+            if isinstance(data[name], bool) or not isinstance(data[name], int):
+                raise ValueError(f"{where}: {name} must be an integer, got {data[name]!r}")
+        for name in ("attention_output_bias", "mlp_output_bias"):
+            if not isinstance(data.get(name, False), bool):
+                raise ValueError(f"{where}: {name} must be true or false, got {data[name]!r}")
         widths = data.get("residual_widths")
         if widths is not None:
             if not isinstance(widths, (list, tuple)) or len(widths) != 3 or not all(isinstance(w, int) and w > 0 for w in widths):

@@ -596,6 +596,11 @@ def test_restore_zeros_refuses_another_model_before_touching_its_shards(tmp_path
     with pytest.raises(ValueError, match="is it the same model"):
         restore_zeros(tmp_path / "base", tmp_path / "other")
     assert {path.name: path.read_bytes() for path in (tmp_path / "other").glob("*.safetensors")} == before
+    tiny_model(intermediate_size=136).save_pretrained(tmp_path / "wider", max_shard_size="60KB")  # same names, other shapes
+    before = {path.name: path.read_bytes() for path in (tmp_path / "wider").glob("*.safetensors")}
+    with pytest.raises(ValueError, match=r"stores model.layers.\d.mlp.\w+_proj.weight as \[\d+, \d+\], not .*'s \[\d+, \d+\]; is it the same model"):
+        restore_zeros(tmp_path / "base", tmp_path / "wider")
+    assert {path.name: path.read_bytes() for path in (tmp_path / "wider").glob("*.safetensors")} == before
 
 
 def refused(tmp_path: Path, capsys, config: dict) -> str:

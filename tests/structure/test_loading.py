@@ -181,6 +181,15 @@ def test_non_uniform_result_takes_a_lora_adapter_and_resaves(non_uniform, tmp_pa
         (lambda layers: layers.pop(), "describes 3 decoder layers but num_hidden_layers is 4"),
         (lambda layers: layers[0].pop("intermediate_size"), r"layers\[0\].*misses \['intermediate_size'\]"),
         (lambda layers: layers[1].update(num_attention_heads=3, num_key_value_heads=2), "cannot share 2 key/value heads evenly"),
+        (lambda layers: layers[0].update(num_attention_heads=4.0), r"layers\[0\]: num_attention_heads must be an integer, got 4.0"),
+        (lambda layers: layers.__setitem__(0, 5), r"layers\[0\]: a layer shape is a mapping of sizes, got 5"),
+        (lambda layers: layers[0].update(num_attention_heads=64, num_key_value_heads=64), r"layers\[0\] makes self_attn.q_proj.weight \[\d+, \d+\], larger than the config's"),
+        (lambda layers: layers[0].update(low_rank={"mlp.down_proj": 10**7}), "low_rank gives mlp.down_proj .* rank 10000000, above its full rank"),
+        (lambda layers: layers[0].update(low_rank={"../x": 2}), "low_rank names '../x', which is not a linear of this layer"),
+        (  # the stored attention was silently dropped as if it were a removed one's stand-in
+            lambda layers: next(layer for layer in layers if layer["num_attention_heads"]).update(num_attention_heads=0, num_key_value_heads=0),
+            r"quantization_config gives the layers shapes without model.layers.\d+.\S+, but model.safetensors stores it in full",
+        ),
     ],
 )
 def test_corrupt_shapes_fail_clearly(non_uniform, corrupt, message):
