@@ -40,7 +40,7 @@ from .methods.magnitude import MagnitudeOptions
 from .options import MoEOptions
 from .perp import MaskLoRALinear
 from .quantized import is_quantized, is_sparse_24
-from .report import LinearReport, PruningReport, process_peak_rss
+from .report import LinearReport, PruningReport, process_peak_rss, reset_peak_rss
 from .sparsity_metadata import drop_sparsity_metadata
 from .sparsity import PRUNED_SHARE, NMPattern, SparsityTarget, verify_sparsity
 from .statistics import ColumnNorms
@@ -164,6 +164,7 @@ def prune(
         inputs = shard(inputs)
     earlier = _earlier_sparsity(model) if spec.structured else None
     started = time.perf_counter()
+    peak_is_the_runs = device.type == "cuda" or reset_peak_rss()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     drop_sparsity_metadata(model)
@@ -188,6 +189,8 @@ def prune(
         trainable.restore(model)
     report.seconds = time.perf_counter() - started
     report.peak_memory_bytes, report.peak_memory_kind = _peak_memory(device)
+    if not peak_is_the_runs:  # where the high-water mark cannot be reset (macOS, Windows)
+        report.peak_memory_kind += " since the process started"
     if earlier is not None:
         _warn_if_earlier_sparsity_lost(model, config, *earlier)
     record_pruning(model.config, config)
@@ -637,8 +640,11 @@ class _PruningRun:
                 for pruner in pruners.values():
                     pruner.synchronize()
             with self._noting(index, report):
-                self._handle_unrouted(pruners, [name for name, count in tokens.items() if count == 0], report)
-                _finish(pruners, self.part, index, self._linear_targets(layer, linears, tokens, layer_targets[index]), report)
+                left_dense = self._handle_unrouted(pruners, [name for name, count in tokens.items() if count == 0], report)
+                targets = self._linear_targets(layer, linears, tokens, layer_targets[index])
+                _finish(pruners, self.part, index, targets, report)
+                for name, linear in left_dense.items():  # counted at the target they were left dense under, as measured
+                    report.linears.append(_linear_report(name, index, targets[name], linear.weight, self.part))
 
         return visit
 
@@ -682,16 +688,20 @@ class _PruningRun:
                 feed_layer(self.adapter, layer, inputs)
         return tokens
 
-    def _handle_unrouted(self, pruners: dict[str, LayerPruner], unrouted: list[str], report: PruningReport) -> None:
-        """Experts the router never chose on the calibration set: prune data-free or leave dense, and report."""
+    def _handle_unrouted(self, pruners: dict[str, LayerPruner], unrouted: list[str], report: PruningReport) -> dict[str, nn.Linear]:
+        """Experts the router never chose on the calibration set: prune data-free or leave dense (returned), and report."""
         if not unrouted:
-            return
+            return {}
         policy = self.moe_options.unrouted_experts
         report.record_unrouted(unrouted, policy)
+        left_dense = {}
         for name in unrouted:
             linear = pruners.pop(name).linear
             if policy == "magnitude":
                 pruners[name] = METHODS.get("magnitude").create(linear, MagnitudeOptions())
+            else:
+                left_dense[name] = linear
+        return left_dense
 
 
 @dataclass
@@ -792,12 +802,14 @@ def _finish(
     pruners: dict[str, LayerPruner], part: str, index: int, targets: dict[str, SparsityTarget], report: PruningReport
 ) -> None:
     for name, pruner in pruners.items():
-        target = targets[name]
-        fraction = target.sparsity if isinstance(target, NMPattern) else target
-        pruner.prune(target)
-        weight = pruner.linear.weight
-        zeros = int((weight == 0).sum())
-        report.linears.append(LinearReport(name, index, fraction, zeros / weight.numel(), weight.numel(), part))
+        pruner.prune(targets[name])
+        report.linears.append(_linear_report(name, index, targets[name], pruner.linear.weight, part))
+
+
+def _linear_report(name: str, index: int, target: SparsityTarget, weight: torch.Tensor, part: str) -> LinearReport:
+    """A linear's line in the report: its target as a fraction, and the sparsity its weight now has."""
+    fraction = target.sparsity if isinstance(target, NMPattern) else target
+    return LinearReport(name, index, fraction, int((weight == 0).sum()) / weight.numel(), weight.numel(), part)
 
 
 def check_device(device: str | torch.device, field: str = "device") -> torch.device:

@@ -25,6 +25,17 @@ def process_peak_rss() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 
 
+def reset_peak_rss() -> bool:
+    """Start this process's ``VmHWM`` afresh from its current resident memory (Linux: ``/proc/self/clear_refs``), so
+    that the peak a run reports is the run's, not that of whatever the process did before; False where it cannot."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
 @dataclass
 class LinearReport:
     name: str

@@ -33,3 +33,10 @@ def test_default_text_and_errors(bpe_tokenizer):
         evaluate_perplexity(model, None)
     with pytest.raises(TypeError, match="text must be None .*, a string or a list of strings, got Tensor"):
         evaluate_perplexity(model, bpe_tokenizer, torch.zeros(2, 8, dtype=torch.long))
+    # The count callers state beside the result ("perplexity (16,384 tokens)") was not checked against the text
+    short = wikipedia_text("evaluation")[:2000]
+    with pytest.raises(ValueError, match=r"the text has [\d,]+ tokens, fewer than max_tokens=16,384"):
+        evaluate_perplexity(model, bpe_tokenizer, short, seq_len=64, max_tokens=16384)
+    for max_tokens in (-100, 32):
+        with pytest.raises(ValueError, match=rf"max_tokens \({max_tokens}\) must be at least seq_len \(64\)"):
+            evaluate_perplexity(model, bpe_tokenizer, short, seq_len=64, max_tokens=max_tokens)

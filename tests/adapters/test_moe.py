@@ -167,6 +167,10 @@ def test_experts_without_calibration_tokens_are_reported_and_handled(policy):
     for name in report.unrouted:
         sparsity = verify_sparsity(model)["layers"][name]["sparsity"]
         assert sparsity == (pytest.approx(0.5, abs=0.01) if policy == "magnitude" else 0.0), name
+    # The report counts every targeted linear as it is (left dense ones were missing: it said 50 % for fewer weights)
+    measured = verify_sparsity(model, ignore=("lm_head", "*.gate"))
+    assert {linear.name for linear in report.linears} == set(measured["layers"])
+    assert report.overall_sparsity == pytest.approx(measured["overall_sparsity"])
 
 
 def test_router_pruning_is_opt_in():
