@@ -34,17 +34,25 @@ FP16_LOSS_SCALE = 2.0**12
 def with_loss_scale(model: nn.Module, run: Callable[[float], Result | None]) -> Result:
     """``run(scale)``: a gradient pass that multiplies its losses by ``scale``, takes the scale out of what
     it returns, and returns None where its sums overflowed (``overflowed``); it then runs again at a 16×
-    smaller scale, as GradScaler backs off. Models without fp16 parameters run once, at scale 1."""
-    scale = FP16_LOSS_SCALE if any(p.dtype == torch.float16 for p in model.parameters()) else 1.0
+    smaller scale, as GradScaler backs off. Models without fp16 parameters run once, at scale 1. Sums that
+    overflow at scale 1 are an error: what they would rank or prune by is not a number."""
+    half = any(p.dtype == torch.float16 for p in model.parameters())
+    scale = FP16_LOSS_SCALE if half else 1.0
     while (result := run(scale)) is None:
+        if scale == 1:
+            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+            raise ValueError(
+                f"the calibration gradients are not finite even at loss scale 1: the model's gradient pass overflows in "
+                f"{dtype}; prune it in float32 (model.float()){' or bfloat16' if half else ''}"
+            )
         logger.warning("fp16 gradients overflowed at loss scale %g: running the pass again at %g", scale, max(scale / 16, 1.0))
         scale = max(scale / 16, 1.0)
     return result
 
 
-def overflowed(scale: float, sums: Iterable[torch.Tensor | float]) -> bool:
-    """Whether a pass at ``scale`` > 1 summed a non-finite value (at scale 1 they are the model's own)."""
-    return scale > 1 and not all(math.isfinite(v) if isinstance(v, float) else bool(v.isfinite().all()) for v in sums)
+def overflowed(sums: Iterable[torch.Tensor | float]) -> bool:
+    """Whether a gradient pass summed a non-finite value."""
+    return not all(math.isfinite(v) if isinstance(v, float) else bool(v.isfinite().all()) for v in sums)
 
 
 @contextmanager
@@ -75,7 +83,7 @@ def calibration_gradients(
             for loss in window_losses(model, windows, description):
                 (loss * (scale / len(windows))).backward()
         gradients = [parameter.grad for parameter in parameters if parameter.grad is not None]
-        if overflowed(scale, gradients):
+        if overflowed(gradients):
             return None
         for gradient in gradients:
             gradient.div_(scale)
@@ -115,7 +123,7 @@ def fisher_rows(model: nn.Module, windows: torch.Tensor, linears: list[nn.Linear
             finally:
                 for handle in handles:
                     handle.remove()
-        return None if overflowed(scale, rows) else [total / scale**2 for total in rows]
+        return None if overflowed(rows) else [total / scale**2 for total in rows]
 
     with own_gradients(weights):
         return with_loss_scale(model, run)
@@ -161,7 +169,7 @@ def hessian_traces(
                     )
                     for index, group in enumerate(groups):
                         totals[index] += sum(next(quadratic) for _ in group)
-        return None if overflowed(scale, totals) else [total / (scale * len(windows) * probes) for total in totals]
+        return None if overflowed(totals) else [total / (scale * len(windows) * probes) for total in totals]
 
     return with_loss_scale(model, run)
 

@@ -199,7 +199,7 @@ class KPrune(StructuredMethod[KPruneOptions]):
                         loss = teacher.sampled_nll(window, logits, samples)
                     for total, gradient in zip(squared, torch.autograd.grad(loss * scale, masks)):
                         total.add_(gradient.detach().double().square() / (2 * scale**2))
-            return None if overflowed(scale, squared) else True
+            return None if overflowed(squared) else True
 
         try:
             with_loss_scale(adapter.model, run)

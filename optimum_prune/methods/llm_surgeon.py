@@ -168,7 +168,7 @@ def kfac_factors(
         with grad_only(model, []), torch.enable_grad():
             for window in tqdm(windows, desc="K-FAC curvature", leave=False):
                 (language_model_loss(model, window.unsqueeze(0).to(device)) * scale).backward()
-        return None if overflowed(scale, (g for g, _ in sums.values())) else True
+        return None if overflowed(g for g, _ in sums.values()) else True
 
     handles = [linear.register_forward_hook(forward) for linear in linears]
     # Weights take no gradient; making the embeddings' output require one makes autograd reach every linear's output.

@@ -192,7 +192,7 @@ def mask_fisher(adapter: Any, components: list[Component], windows: torch.Tensor
                 for total, gradient in zip(totals, torch.autograd.grad(loss * scale, masks)):
                     g = gradient.detach().double()
                     total.add_(torch.outer(g, g) if full else g.square())
-        return None if overflowed(scale, totals) else [(total / (scale**2 * len(windows))).float().cpu() for total in totals]
+        return None if overflowed(totals) else [(total / (scale**2 * len(windows))).float().cpu() for total in totals]
 
     try:
         return with_loss_scale(adapter.model, run)

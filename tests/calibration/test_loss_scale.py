@@ -107,5 +107,11 @@ def test_only_fp16_models_are_scaled_and_each_overflow_divides_the_scale_by_16()
     assert gradients.with_loss_scale(model.to(torch.bfloat16), lambda scale: scales.append(scale) or "done") == "done" and scales == [1.0]
     scales.clear()
     assert gradients.with_loss_scale(model.half(), overflowing_twice) == "done" and scales == [2.0**12, 2.0**8, 2.0**4]
-    assert not gradients.overflowed(1.0, [torch.tensor(float("inf"))])  # unscaled: the model's own values
-    assert gradients.overflowed(16.0, [1.0, torch.tensor([0.0, float("nan")])])
+    assert gradients.overflowed([1.0, torch.tensor([0.0, float("nan")])]) and not gradients.overflowed([1.0, torch.ones(2)])
+    # Still not finite at scale 1 (the fp16 double backward of the sensitivity allocation did): what would be ranked
+    # by is not a number, which sorted() took in the input order
+    for dtype, hint in ((torch.float16, r"overflows in torch.float16; prune it in float32 \(model.float\(\)\) or bfloat16"), (torch.float32, "overflows in torch.float32")):
+        scales.clear()
+        with pytest.raises(ValueError, match=f"not finite even at loss scale 1: the model's gradient pass {hint}"):
+            gradients.with_loss_scale(model.to(dtype), lambda scale: scales.append(scale))
+        assert scales[-1] == 1.0
