@@ -56,7 +56,6 @@ ROWS = [
 ]
 VOCABULARY = 32000
 TABLES = {"cuda": "GPU_LAYERS.md", "cpu": "CPU_LAYERS.md"}
-CLEAR_REFS = Path("/proc/self/clear_refs")  # Linux: writing "5" resets the process's peak resident memory
 
 
 def model_of(name: str, layers: int, args: argparse.Namespace) -> torch.nn.Module:
@@ -69,20 +68,13 @@ def model_of(name: str, layers: int, args: argparse.Namespace) -> torch.nn.Modul
     return model.to("cpu")
 
 
-def reset_peak_rss() -> None:
-    """Start the process's resident-memory high-water mark (``VmHWM``) afresh (Linux), so that the
-    peak read after ``prune`` is that run's, not an earlier, larger model's."""
-    CLEAR_REFS.write_text("5")
-
-
 def timed_run(name: str, layers: int, settings: dict, activation_device: str | None, args: argparse.Namespace) -> tuple[float, int]:
     """(seconds, peak bytes on the compute device) of pruning a ``layers``-layer model."""
     model = model_of(name, layers, args)
     calibration = torch.randint(VOCABULARY, (args.samples, args.seq_len), generator=torch.Generator().manual_seed(0))
     config = PruningConfig(**settings, num_calibration_samples=args.samples, calibration_seq_len=args.seq_len)
-    if args.device == "cpu":
-        reset_peak_rss()
-    report = prune(model, config, calibration=calibration, device=args.device, activation_device=activation_device)
+    report = prune(  # on CPU its peak is the run's: prune starts VmHWM afresh (not an earlier, larger model's)
+model, config, calibration=calibration, device=args.device, activation_device=activation_device)
     return report.seconds, report.peak_memory_bytes
 
 
@@ -128,8 +120,8 @@ def main() -> None:
     args.device = "cpu" if args.smoke else args.device
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("no CUDA device is available here: use --device cpu, or --smoke to check the script with tiny shapes")
-    if args.device == "cpu" and not CLEAR_REFS.exists():
-        sys.exit("--device cpu reads each run's peak memory after resetting it through /proc/self/clear_refs (Linux only)")
+    if args.device == "cpu" and not Path("/proc/self/clear_refs").exists():
+        sys.exit("--device cpu reads each run's peak memory, which prune resets through /proc/self/clear_refs (Linux only)")
     if not selected_rows(args):
         sys.exit(f"--only {args.only!r} matches no model; the models are {', '.join(MODELS)}")
     if args.smoke:

@@ -287,7 +287,7 @@ _FIELD_FLAGS = {
     "method_options": "--option", "allocation_options": "--allocation-option", "moe_options": "--moe-option",
     "num_calibration_samples": "--calibration-samples", "calibration_seq_len": "--seq-len",
 }  # fmt: skip
-_CONFIG_FIELD = re.compile(rf"PruningConfig\.({'|'.join(_FIELD_FLAGS)})\b(\.)?")
+_CONFIG_FIELD = re.compile(rf"PruningConfig\.({'|'.join(_FIELD_FLAGS)})\b(\.(?=\w))?")
 
 
 def _in_flags(message: str) -> str:

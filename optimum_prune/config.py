@@ -91,7 +91,7 @@ class PruningConfig:
         self.allocation_options = _complete_options(
             allocation.options, self.allocation_options, "PruningConfig.allocation_options"
         )
-        self.parts = _checked_parts(self.parts)
+        self.parts = _checked_parts(self.parts, self.sparsity)
         if spec.structured is not None and set(self.parts) - {"language"}:
             raise ValueError(
                 f"PruningConfig.parts {sorted(self.parts)}: structured method {self.method!r} prunes the language tower "
@@ -334,9 +334,10 @@ MODEL_PARTS = ("vision", "projector", "language")
 PART_POLICY_KEYS = ("sparsity",)
 
 
-def _checked_parts(parts: Any) -> dict[str, dict[str, Any]]:
+def _checked_parts(parts: Any, sparsity: float | str) -> dict[str, dict[str, Any]]:
     """Each part's policy, checked. A part without its own sparsity keeps none: it follows the config's, also
-    when that changes later (``from_pretrained(path, sparsity=0.7)``, ``dataclasses.replace``)."""
+    when that changes later (``from_pretrained(path, sparsity=0.7)``, ``dataclasses.replace``); one equal to the
+    config's is the same policy (earlier versions wrote every part's out) and is stored as none too."""
     if parts is None:  # a blank `parts:` in a YAML
         return {}
     if not isinstance(parts, Mapping):
@@ -351,7 +352,8 @@ def _checked_parts(parts: Any) -> dict[str, dict[str, Any]]:
         unknown = sorted(set(policy) - set(PART_POLICY_KEYS))
         if unknown:
             raise ValueError(f"{field_name} has unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(PART_POLICY_KEYS)}")
-        checked[name] = {key: normalise_sparsity(value, f"{field_name}.{key}") for key, value in policy.items()}
+        own = {key: normalise_sparsity(value, f"{field_name}.{key}") for key, value in policy.items()}
+        checked[name] = {key: value for key, value in own.items() if not (key == "sparsity" and value == sparsity)}
     return checked
 
 

@@ -37,7 +37,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .calibration import CalibrationInputs, CalibrationSource, calibration_inputs, check_calibration_inputs
-from .config import CONFIG_NAME, PruningConfig, as_pruning_config
+from .config import CONFIG_NAME, PruningConfig, as_pruning_config, readable_step
 from .models import unreadable_checkpoint
 from .report import PruningReport
 from .saving import check_replaceable, claimed_folder, held_exclusively, remove_leftovers, replace_directory, write_text_atomic
@@ -293,12 +293,19 @@ def _written_notes(path: Path) -> dict[str, Any]:
 
 
 def _in_checkpoint(file: Path, source: Path) -> bool:
-    """Whether ``file`` is the checkpoint's own: not a symbolic link, or one into the checkpoint's folder or, for a
-    Hugging Face cache snapshot, into its repository's ``blobs``."""
+    """Whether ``file`` is the checkpoint's own: not a symbolic link, or one into the checkpoint's folder or into a
+    store checkpoints are linked from: a Hugging Face cache's ``blobs`` (its snapshots, and ``local_dir`` downloads
+    that link into it) or git-annex's objects. Anything else (a link to a file in the user's home) is not copied
+    into the output, which may be shared."""
     if not file.is_symlink():
         return True
-    target, folder = file.resolve(), source.resolve()
-    return target.is_relative_to(folder) or (source.parent.name == "snapshots" and target.is_relative_to(source.parent.parent.resolve() / "blobs"))
+    target = file.resolve()
+    if target.is_relative_to(source.resolve()):
+        return True
+    parts = target.parts
+    in_hub_cache = "blobs" in parts and any(part.startswith(("models--", "datasets--")) for part in parts)
+    in_annex = any(parts[i : i + 3] == (".git", "annex", "objects") for i in range(len(parts)))
+    return in_hub_cache or in_annex
 
 
 def _meta_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -429,6 +436,20 @@ def _run_record(source: Path, config: PruningConfig, dtype: torch.dtype, inputs:
     return {"source": _source_record(source), "pruning_config": config.to_dict(), "dtype": str(dtype), "calibration": calibration}
 
 
+def _differing(previous: dict[str, Any], record: dict[str, Any]) -> list[str]:
+    """The keys of ``record`` a partial run's ``previous`` one differs in. Configs compare as configs: one an earlier
+    version recorded lacks the options added since, at their defaults, and is the same recipe."""
+    differing = []
+    for key, value in record.items():
+        if key == "pruning_config":
+            same = readable_step(previous.get(key)) == PruningConfig.from_dict(value)
+        else:
+            same = previous.get(key) == value
+        if not same:
+            differing.append(key)
+    return differing
+
+
 def _source_record(source: Path) -> dict[str, str]:
     """The source's path and files: a checkpoint replaced at the same path (another revision downloaded
     there) must not resume a run."""
@@ -463,12 +484,20 @@ def _staging(output_dir: Path, record: dict[str, Any]) -> Iterator[Path]:
             previous = json.loads((staging / RUN_RECORD).read_text(encoding="utf-8"))
         except (OSError, ValueError):
             previous = {}
-        if previous == record:
+        previous = previous if isinstance(previous, dict) else {}
+        differing = _differing(previous, record)
+        if not differing:
             logger.info("resuming the partial run in %s", staging)
         elif any(staging.glob("model-layer-*.safetensors")):
-            differing = [key for key in record if previous.get(key) != record[key]]
+            if not previous:
+                raise ValueError(f"{str(staging)!r} holds layers of a partial run without a readable {RUN_RECORD}; delete it to start over")
+            if not isinstance(previous.get("source"), dict) or set(record) - set(previous):
+                raise ValueError(
+                    f"{str(staging)!r} holds layers of a partial run an earlier optimum-prune wrote, whose record cannot "
+                    "tell whether its source, dtype and calibration were these; delete it to start over"
+                )
             raise ValueError(
-                f"{str(staging)!r} holds layers of a partial run with another {' / '.join(differing) or 'record'}; delete "
+                f"{str(staging)!r} holds layers of a partial run with another {' / '.join(differing)}; delete "
                 "it to start over, or rerun that same call to resume it"
             )
         else:
@@ -494,10 +523,12 @@ def _finish_checkpoint(
     index_file = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
     (staging / INDEX_NAME).write_text(json.dumps(index_file, indent=2), encoding="utf-8")
     for extra in source.iterdir():  # tokenizer and generation config files, as the source has them
-        if not _in_checkpoint(extra, source):
-            logger.warning("%s links outside the checkpoint (to %s): not copied into the output", extra, extra.resolve())
-        elif extra.is_file() and not _is_weights(extra.name) and extra.name not in ("config.json", CONFIG_NAME):
+        if not extra.is_file() or _is_weights(extra.name) or extra.name in ("config.json", CONFIG_NAME):
+            continue
+        if _in_checkpoint(extra, source):
             shutil.copyfile(extra, staging / extra.name)  # not the source's modes: a read-only one blocks the tokenizer's save
+        else:
+            logger.warning("%s links outside the checkpoint (to %s): not copied into the output", extra, extra.resolve())
     model.config.save_pretrained(staging)
     config.save_pretrained(staging)
     if tokenizer is not None:

@@ -126,6 +126,33 @@ def test_resume_after_a_kill_gives_the_uninterrupted_checkpoint(sharded, tmp_pat
     assert_same_weights(AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict(), pruned_in_memory(sharded, config, windows))
 
 
+def test_a_partial_run_an_earlier_version_recorded_resumes_or_says_why_not(sharded, tmp_path, monkeypatch):
+    """An option added since (sparsegpt's keep_zeros) made the same recipe 'another pruning_config'; an older record
+    format was said to have 'another source / dtype / calibration'."""
+    import json
+
+    windows, config = token_windows(), CONFIGS["sparsegpt 2:4"]
+    _killed_while_saving(sharded, tmp_path, monkeypatch, 2, config, calibration=windows)
+    record_file = tmp_path / ".out.partial" / "streaming-run.json"
+    record = json.loads(record_file.read_text())
+    del record["pruning_config"]["method_options"]["keep_zeros"]  # as the version before the option wrote it
+    record_file.write_text(json.dumps(record))
+    original = LayerStream._save
+    saved = []
+    monkeypatch.setattr(LayerStream, "_save", lambda self, index, *a: saved.append(index) or original(self, index, *a))
+    prune_checkpoint(sharded, tmp_path / "out", config, calibration=windows)
+    assert saved == [2]
+
+    _killed_while_saving(sharded, tmp_path, monkeypatch, 2, config, calibration=windows)
+    for written, message in (
+        ({"source": str(sharded), "pruning_config": record["pruning_config"]}, "an earlier optimum-prune wrote, whose record cannot tell"),
+        ([1, 2], "without a readable streaming-run.json"),
+    ):
+        record_file.write_text(json.dumps(written))
+        with pytest.raises(ValueError, match=message):
+            prune_checkpoint(sharded, tmp_path / "out", config, calibration=windows)
+
+
 def test_a_resumed_run_reports_the_finished_layers_as_they_were_pruned(tmp_path, monkeypatch):
     """Finished layers were re-measured from their weights: experts left dense (no calibration token) were counted
     as pruned at the layer's target and dropped from the unrouted list (overall 0.26 for 0.5)."""
@@ -451,6 +478,12 @@ def test_damaged_notes_a_planted_link_and_files_linking_out_of_the_checkpoint_ar
     with caplog.at_level("WARNING", logger="optimum_prune"):
         prune_checkpoint(sharded, tmp_path / "copied", config)
     assert "notes.md links outside the checkpoint" in caplog.text and not (tmp_path / "copied" / "notes.md").exists()
+    blobs = tmp_path / "hub" / "models--org--tiny" / "blobs"  # a local_dir download linking into the Hub cache
+    blobs.mkdir(parents=True)
+    (sharded / "tokenizer.json").rename(blobs / "0123abcd")
+    os.symlink(blobs / "0123abcd", sharded / "tokenizer.json")
+    prune_checkpoint(sharded, tmp_path / "linked", config)
+    assert (tmp_path / "linked" / "tokenizer.json").read_bytes() == (blobs / "0123abcd").read_bytes()
 
 
 def test_an_output_dir_holding_other_files_is_refused_before_pruning(sharded, tmp_path, monkeypatch):

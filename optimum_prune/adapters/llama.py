@@ -27,7 +27,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..structure.modules import RemovedAttention, RemovedMLP, ReroutedAttention, ReroutedMLP, standing_in_for
 from ..structure.shapes import LayerShape
-from ..structure.surgery import add_output_bias, keep_input_features, keep_output_features
+from ..structure.surgery import add_output_bias, keep_input_features, keep_output_features, mixed_class
 from .base import (
     AttentionLayout,
     DecoderAdapter,
@@ -59,20 +59,13 @@ class ShortcutDecoderLayer(GradientCheckpointingLayer):
         return self.mlp_shortcut(hidden_states) + self.mlp(self.post_attention_layernorm(hidden_states))
 
 
-_SHORTCUT_CLASSES: dict[type, type] = {}
-
-
 def with_shortcuts(layer: nn.Module) -> ShortcutDecoderLayer:
     """``layer``, in place, as a ``ShortcutDecoderLayer`` that is also an instance of its own class:
     transformers collects ``output_hidden_states`` by hooking the stock decoder-layer class
     (``_can_record_outputs``), so a layer of another class would silently drop them. In place, the layer keeps
     what it holds besides its parts: gradient checkpointing, hooks, accelerate's placement, a caller's attributes."""
-    stock = type(layer)
-    if stock not in _SHORTCUT_CLASSES:
-        name = f"Shortcut{stock.__name__}"
-        _SHORTCUT_CLASSES[stock] = globals()[name] = type(name, (ShortcutDecoderLayer, stock), {"__module__": __name__})  # picklable by name
     weight = layer.input_layernorm.weight
-    layer.__class__ = _SHORTCUT_CLASSES[stock]
+    layer.__class__ = mixed_class(ShortcutDecoderLayer, type(layer))
     if "_old_forward" in vars(layer):  # accelerate's hook calls the forward it found, bound to the stock class
         layer._old_forward = types.MethodType(ShortcutDecoderLayer.forward, layer)
     layer.attention_shortcut = _identity_linear(weight.shape[0], weight)

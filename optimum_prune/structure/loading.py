@@ -161,17 +161,27 @@ def keep_stand_ins(model: PreTrainedModel) -> None:
         model.register_load_state_dict_pre_hook(_SkipStandIns(names))
 
 
-def _check_stored_as_stand_ins(source: str, names: list[str]) -> None:
+def _check_stored_as_stand_ins(config: Any, recorded: dict[str, Any], names: list[str]) -> None:
     """The parameters the recorded shapes remove must be stored as ``keep_stand_ins``' one-element stand-ins: a full
     tensor there means ``quantization_config`` does not describe these weights (an edited ``config.json``, or one
-    from another checkpoint), and loading would silently drop real weights. Read from the shards' headers, where
-    ``source`` is a local folder or a Hub repository in the local cache."""
-    index = _stored_file(source, "model.safetensors.index.json")
+    from another checkpoint), and loading would silently drop real weights. Read from the shards' headers where the
+    checkpoint is a local folder or a Hub repository (at the loaded revision) in the local cache, and only where
+    the ``config.json`` beside them records these shapes (a ``subfolder=`` load finds another model's weights there)."""
+    source, revision = str(getattr(config, "_name_or_path", "")), getattr(config, "_commit_hash", None)
+    beside = _stored_file(source, "config.json", revision)
+    try:
+        stored_config = json.loads(beside.read_text(encoding="utf-8")) if beside else {}
+    except (ValueError, OSError):
+        return
+    stored = stored_config.get("quantization_config") if isinstance(stored_config, dict) else None
+    if not isinstance(stored, dict) or stored.get("layers") != recorded.get("layers"):
+        return
+    index = _stored_file(source, "model.safetensors.index.json", revision)
     try:
         files = json.loads(index.read_text(encoding="utf-8"))["weight_map"] if index else None
     except (ValueError, KeyError, TypeError):
         return  # transformers names a damaged index itself
-    single = None if index else _stored_file(source, "model.safetensors")
+    single = None if index else _stored_file(source, "model.safetensors", revision)
     by_file: dict[Path, list[str]] = {}
     for name in names:
         file = (index.parent / files[name]) if files and name in files else single
@@ -190,15 +200,16 @@ def _check_stored_as_stand_ins(source: str, names: list[str]) -> None:
                     )
 
 
-def _stored_file(source: str, filename: str) -> Path | None:
-    """``filename`` of the checkpoint ``source``: in its folder, or in the Hub cache without contacting the Hub."""
+def _stored_file(source: str, filename: str, revision: str | None) -> Path | None:
+    """``filename`` of the checkpoint ``source``: in its folder, or in the Hub cache at ``revision`` without contacting
+    the Hub."""
     local = Path(source) / filename
     if local.is_file():
         return local
     from huggingface_hub import try_to_load_from_cache
 
     try:
-        cached = try_to_load_from_cache(source, filename)
+        cached = try_to_load_from_cache(source, filename, revision=revision)
     except ValueError:  # not a repository id (huggingface_hub's validation errors are ValueErrors)
         return None
     return Path(cached) if isinstance(cached, str) else None
@@ -224,7 +235,7 @@ class StructureLoader(HfQuantizer):
         stand_ins = sorted(stock - set(model.state_dict()))  # what keep_stand_ins saved: not loaded, and not warned of
         config = kwargs.get("config")
         if stand_ins and config is not None:
-            _check_stored_as_stand_ins(str(getattr(config, "_name_or_path", "")), stand_ins)
+            _check_stored_as_stand_ins(config, self.quantization_config.to_dict(), stand_ins)
         if stand_ins:
             model._keys_to_ignore_on_load_unexpected = [
                 *(type(model)._keys_to_ignore_on_load_unexpected or []), *(f"^{re.escape(name)}$" for name in stand_ins)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.nn.utils import skip_init
 
-from .surgery import replace_submodule
+from .surgery import mixed_class, replace_submodule
 
 
 class RemovedAttention(nn.Module):
@@ -25,9 +25,10 @@ class RemovedAttention(nn.Module):
     cache counts nothing in an empty tensor, a static one nothing in zeros), so without it the
     positions and masks of every later token would be wrong when generating with a cache. It is
     ``head_dim`` wide, as a real head's entry, because a quantized cache splits entries into groups of
-    channels. Its attention map has no heads, ``[batch, 0, length, keys]``: ``output_attentions`` keeps one
-    entry per layer (transformers skips a ``None``), and ``standing_in_for`` makes it an instance of the
-    attention class it replaces, whose outputs transformers records.
+    channels. Under eager attention (the one whose layers return their maps) its map has no heads,
+    ``[batch, 0, length, keys]``: ``output_attentions`` keeps one entry per layer (transformers skips a
+    ``None``); ``standing_in_for`` makes it an instance of the attention class it replaces, whose outputs
+    transformers records, and gives it that attention's config, which says the implementation.
     """
 
     def __init__(self, layer_idx: int, head_dim: int) -> None:
@@ -42,25 +43,21 @@ class RemovedAttention(nn.Module):
             placeholder = hidden_states.new_ones(batch, 1, length, self.head_dim)
             cached, _ = past_key_values.update(placeholder, placeholder, self.layer_idx, {"cache_position": kwargs.get("cache_position")})
             keys = cached.shape[-2]
-        return torch.zeros_like(hidden_states), hidden_states.new_zeros(batch, 0, length, keys)
-
-
-# Stand-in classes made by ``standing_in_for``, by (stand-in class, stock attention class).
-_STAND_IN_CLASSES: dict[tuple[type, type], type] = {}
+        eager = getattr(getattr(self, "config", None), "_attn_implementation", "eager") in ("eager", "eager_paged")
+        return torch.zeros_like(hidden_states), hidden_states.new_zeros(batch, 0, length, keys) if eager else None
 
 
 def standing_in_for(attention: nn.Module, stand_in: RemovedAttention) -> RemovedAttention:
     """``stand_in``, in place, as an instance of ``attention``'s stock class too: transformers collects
     ``output_attentions`` by hooking that class (``_can_record_outputs``), so a stand-in of another class
     would drop its layer's entry and shift every later layer's to the wrong index (it records ``None``
-    instead). Also keeps the flag Gemma 3's layer reads off its attention to pick a rotary embedding."""
+    instead). Also keeps the attention's config (whose implementation says whether layers return their maps) and
+    the flag Gemma 3's layer reads off its attention to pick a rotary embedding."""
     stock = next(cls for cls in type(attention).__mro__ if not issubclass(cls, RemovedAttention))
     if stock is not nn.Module:
-        key = (type(stand_in), stock)
-        if key not in _STAND_IN_CLASSES:
-            name = f"{type(stand_in).__name__.removesuffix('Attention')}{stock.__name__}"
-            _STAND_IN_CLASSES[key] = globals()[name] = type(name, key, {"__module__": __name__})  # picklable by name
-        stand_in.__class__ = _STAND_IN_CLASSES[key]
+        stand_in.__class__ = mixed_class(type(stand_in), stock)
+    if hasattr(attention, "config"):
+        stand_in.config = attention.config
     if hasattr(attention, "is_sliding"):
         stand_in.is_sliding = attention.is_sliding
     return stand_in

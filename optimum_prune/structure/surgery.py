@@ -8,11 +8,36 @@ reference or hook held on it — stays valid.
 
 from __future__ import annotations
 
-from typing import Sequence
+import re
+from typing import Any, Sequence
 
 import torch
 import torch_pruning as tp
 from torch import nn
+
+# Classes made by ``mixed_class``, by (our class, the stock class it stands in as).
+_MIXED_CLASSES: dict[tuple[type, type], type] = {}
+
+
+def mixed_class(ours: type, stock: type) -> type:
+    """A class that is both ``ours`` and ``stock`` (``ours`` first, so its methods win), made once per pair: a module
+    converted to it stays an instance of the stock class, whose instances transformers hooks to collect outputs
+    (``_can_record_outputs``). It pickles as the pair (``torch.save(model)``, a spawned process), not by a name no
+    fresh process would know."""
+    key = (ours, stock)
+    if key not in _MIXED_CLASSES:
+        name = re.sub(r"(Attention|DecoderLayer)$", "", ours.__name__) + stock.__name__  # RemovedLlamaAttention
+        _MIXED_CLASSES[key] = type(name, key, {"__module__": ours.__module__, "__reduce_ex__": _reduce_mixed})
+    return _MIXED_CLASSES[key]
+
+
+def _reduce_mixed(module: nn.Module, protocol: int) -> tuple[Any, ...]:
+    return _new_mixed, type(module).__bases__, module.__dict__
+
+
+def _new_mixed(ours: type, stock: type) -> nn.Module:
+    cls = mixed_class(ours, stock)
+    return cls.__new__(cls)
 
 
 def replace_submodule(root: nn.Module, name: str, module: nn.Module) -> None:

@@ -96,6 +96,10 @@ def test_a_removed_attention_keeps_each_layers_attention_map_in_place_and_a_quan
         maps = [weights.shape for weights in model(ids, output_attentions=True).attentions]
     heads = model.config.num_attention_heads
     assert maps == [(1, 0, 6, 6), (1, heads, 6, 6), (1, 0, 6, 6)]
+    model.set_attn_implementation("sdpa")  # whose layers return no maps: neither do the stand-ins
+    with torch.no_grad():
+        assert not model(ids, output_attentions=True).attentions
+    model.set_attn_implementation("eager")
     quantized = {"backend": "quanto", "nbits": 4, "q_group_size": 32, "residual_length": 2}
     greedy = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
     plain = model.generate(ids, **greedy)
@@ -107,3 +111,25 @@ def test_a_removed_attention_keeps_each_layers_attention_map_in_place_and_a_quan
         assert [w.shape[1] for w in reloaded(ids, output_attentions=True).attentions] == [
             0 if f"model.layers.{index} attention" in report.removed else heads for index in range(4)
         ]
+
+
+def test_a_model_with_stand_ins_unpickles_in_a_fresh_process(tmp_path):
+    """The stand-ins' classes (RemovedLlamaAttention, ShortcutLlamaDecoderLayer) exist once made in a process: a
+    torch.save(model) could not be loaded anywhere else."""
+    import subprocess
+    import sys
+
+    from optimum_prune import get_adapter
+
+    model = tiny_model(num_hidden_layers=3)
+    adapter = get_adapter(model)
+    adapter.remove_sublayer(model.model.layers[0], "attention")
+    adapter.add_shortcuts(1)
+    torch.save(model, tmp_path / "model.pt")
+    script = (
+        f"import torch; model = torch.load({str(tmp_path / 'model.pt')!r}, weights_only=False); "
+        "print(*(type(layer).__name__ + '/' + type(layer.self_attn).__name__ for layer in model.model.layers))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert loaded.stdout.split() == ["LlamaDecoderLayer/RemovedLlamaAttention", "ShortcutLlamaDecoderLayer/LlamaAttention", "LlamaDecoderLayer/LlamaAttention"]

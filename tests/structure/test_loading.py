@@ -175,6 +175,22 @@ def test_non_uniform_result_takes_a_lora_adapter_and_resaves(non_uniform, tmp_pa
     assert json.loads((resaved / "config.json").read_text())["quantization_config"] == json.loads((output / "config.json").read_text())["quantization_config"]
 
 
+def test_a_pruned_checkpoint_in_a_subfolder_beside_a_dense_one_loads(non_uniform, tmp_path):
+    """The check that stand-ins are stored as such read the dense model's weights at the repository's root."""
+    import copy
+    import shutil
+
+    model, output = non_uniform
+    dense = copy.deepcopy(model.config)
+    del dense.quantization_config
+    type(model)(dense).save_pretrained(tmp_path / "repo")
+    shutil.copytree(output, tmp_path / "repo" / "pruned")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "repo", subfolder="pruned")
+    ids = token_windows(samples=1, seq_len=8)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, model(ids).logits)
+
+
 @pytest.mark.parametrize(
     "corrupt, message",
     [
