@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
@@ -187,10 +187,14 @@ def _check_stored_as_stand_ins(config: Any, recorded: dict[str, Any], names: lis
         file = (index.parent / files[name]) if files and name in files else single
         if file is not None and file.is_file():
             by_file.setdefault(file, []).append(name)
-    for file, stored in by_file.items():
-        with safe_open(file, framework="pt") as handle:
+    for file, file_names in by_file.items():
+        try:
+            handle = safe_open(file, framework="pt")
+        except SafetensorError:
+            return  # transformers names a damaged shard itself
+        with handle:
             present = set(handle.keys())
-            for name in stored:
+            for name in file_names:
                 shape = handle.get_slice(name).get_shape() if name in present else [1]
                 if math.prod(shape) != 1:
                     raise ValueError(
