@@ -21,7 +21,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, ContextManager, Iterator, Mapping
 
 import torch
 from omegaconf import OmegaConf
@@ -480,11 +480,9 @@ def restore_zeros(base: str | Path, exported_dir: Path, **from_pretrained: Any) 
         with safe_open(shard, framework="pt") as handle:
             keys_in[shard] = [key for key in handle.keys() if key in masks]
             for key in keys_in[shard]:
-                if list(handle.get_slice(key).get_shape()) != list(masks[key].shape):
-                    raise ValueError(
-                        f"{shard} stores {key} as {list(handle.get_slice(key).get_shape())}, not {base}'s "
-                        f"{list(masks[key].shape)}; is it the same model?"
-                    )
+                stored = list(handle.get_slice(key).get_shape())
+                if stored != list(masks[key].shape):
+                    raise ValueError(f"{shard} stores {key} as {stored}, not {base}'s {list(masks[key].shape)}; is it the same model?")
     restored = sum(len(keys) for keys in keys_in.values())
     if restored != len(masks):
         raise ValueError(f"{exported_dir} holds {restored} of the {len(masks)} pruned weights of {base}; is it the same model?")
@@ -540,48 +538,52 @@ def _check_adapter_is_merged(args: Mapping[str, Any]) -> None:
         )
 
 
+InitAdapter = Callable[..., torch.nn.Module]
+
+
 @contextmanager
-def _loading_sparsity_metadata_as_plain() -> Iterator[None]:
-    """While open, a checkpoint saved with compressed-tensors sparsity metadata (``compressed_tensors_metadata=True``)
-    loads in LLaMA-Factory as the plain float model it is. transformers marks it quantized, so LLaMA-Factory would
-    refuse full fine-tuning and merging an adapter for export, and serve an adapter unmerged in chat (filling the
-    zeros); the metadata is dropped before ``init_adapter`` (wrapped like ``_merges_keeping_zeros`` does)."""
+def _wrapped_init_adapter(wrap: Callable[[InitAdapter], InitAdapter]) -> Iterator[None]:
+    """While open, LLaMA-Factory's ``load_model`` calls ``wrap(init_adapter)`` where it calls ``init_adapter`` (which
+    sets up and merges adapters). LLaMA-Factory has no hook there, so ``load_model``'s name for it is replaced for
+    the duration and restored after."""
     from llamafactory.model import loader
 
     init_adapter = loader.init_adapter
-
-    def init_adapter_on_plain_model(config: Any, model: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.nn.Module:
-        drop_sparsity_metadata(model, "LLaMA-Factory would take the model for a quantized one")
-        return init_adapter(config, model, *args, **kwargs)
-
-    loader.init_adapter = init_adapter_on_plain_model
+    loader.init_adapter = wrap(init_adapter)
     try:
         yield
     finally:
         loader.init_adapter = init_adapter
 
 
-@contextmanager
-def _merges_keeping_zeros() -> Iterator[None]:
-    """While open, LLaMA-Factory's ``load_model`` merges adapters as
-    ``merge_lora_preserving_sparsity`` does: the base's zeros are read before the merge and put back after.
+def _loading_sparsity_metadata_as_plain() -> ContextManager[None]:
+    """While open, a checkpoint saved with compressed-tensors sparsity metadata (``compressed_tensors_metadata=True``)
+    loads in LLaMA-Factory as the plain float model it is. transformers marks it quantized, so LLaMA-Factory would
+    refuse full fine-tuning and merging an adapter for export, and serve an adapter unmerged in chat (filling the
+    zeros); the metadata is dropped before ``init_adapter``."""
 
-    LLaMA-Factory has no hook there, so ``load_model``'s name for ``init_adapter`` (which merges) is
-    wrapped for the duration and restored after.
-    """
-    from llamafactory.model import loader
+    def on_plain_model(init_adapter: InitAdapter) -> InitAdapter:
+        def init_adapter_on_plain_model(config: Any, model: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.nn.Module:
+            drop_sparsity_metadata(model, "LLaMA-Factory would take the model for a quantized one")
+            return init_adapter(config, model, *args, **kwargs)
 
-    merge = loader.init_adapter
+        return init_adapter_on_plain_model
 
-    def merge_keeping_zeros(config: Any, model: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.nn.Module:
-        masks = SparsityMasks.from_zeros(model)
-        merged = merge(config, model, *args, **kwargs)
-        masks.apply()  # the masks hold the linears themselves, which the merged model keeps
-        logger.info("merged the adapter keeping the pruned zeros (sparsity %.4f)", masks.sparsity())
-        return merged
+    return _wrapped_init_adapter(on_plain_model)
 
-    loader.init_adapter = merge_keeping_zeros
-    try:
-        yield
-    finally:
-        loader.init_adapter = merge
+
+def _merges_keeping_zeros() -> ContextManager[None]:
+    """While open, LLaMA-Factory's ``load_model`` merges adapters as ``merge_lora_preserving_sparsity`` does: the
+    base's zeros are read before the merge and put back after."""
+
+    def keeping_zeros(merge: InitAdapter) -> InitAdapter:
+        def merge_keeping_zeros(config: Any, model: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.nn.Module:
+            masks = SparsityMasks.from_zeros(model)
+            merged = merge(config, model, *args, **kwargs)
+            masks.apply()  # the masks hold the linears themselves, which the merged model keeps
+            logger.info("merged the adapter keeping the pruned zeros (sparsity %.4f)", masks.sparsity())
+            return merged
+
+        return merge_keeping_zeros
+
+    return _wrapped_init_adapter(keeping_zeros)

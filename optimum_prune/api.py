@@ -246,8 +246,8 @@ def _calibration(
         warn_unused_calibration(config, calibration)
         return None
     inputs = calibration_inputs(calibration, tokenizer, processor, config.num_calibration_samples, config.calibration_seq_len, config.seed)
-    if not METHODS.get(config.method).pruner or ALLOCATIONS.get(config.allocation).allocation.observes_model:
-        inputs = as_token_windows(inputs)  # these calibrate on windows of token ids
+    if not _runs_layer_by_layer(config):
+        inputs = as_token_windows(inputs)  # the whole-model passes calibrate on windows of token ids
     check_calibration_inputs(adapter.model, inputs)
     _check_calibration_reaches_parts(inputs, config, runs)
     return inputs
@@ -399,10 +399,9 @@ def _check_materialised(model: nn.Module, config: PruningConfig) -> None:
     Layers it spread over several GPUs carry hooks that move each layer's inputs back to its own GPU. The way
     round names pruning from disk only where the config's method and allocation can run that way."""
     device_map = getattr(model, "hf_device_map", None) or {}
-    streamable = bool(METHODS.get(config.method).pruner) and not ALLOCATIONS.get(config.allocation).allocation.observes_model
     from_disk = (
         "prune the checkpoint directory layer by layer from disk: prune(path, config, output_dir=...) (optimum-cli prune "
-        "--offload disk)" if streamable else f"{config.method!r} with allocation {config.allocation!r} needs the whole "
+        "--offload disk)" if _runs_layer_by_layer(config) else f"{config.method!r} with allocation {config.allocation!r} needs the whole "
         "model in memory, so load it on a machine with room for it"
     )  # fmt: skip
 
@@ -423,6 +422,12 @@ def _check_materialised(model: nn.Module, config: PruningConfig) -> None:
             f"{shown} hold offloaded weights (meta tensors: a device_map with 'cpu' or 'disk' entries); pruning rewrites "
             f"weights in place, so load the model without offloading; or {from_disk}"
         )
+
+
+def _runs_layer_by_layer(config: PruningConfig) -> bool:
+    """Whether the config's method prunes each layer from its own activations and its allocation observes no
+    whole-model loss: such a run can take padded or uneven batches, and hold one layer at a time (from disk)."""
+    return bool(METHODS.get(config.method).pruner) and not ALLOCATIONS.get(config.allocation).allocation.observes_model
 
 
 def check_offloadable(config: PruningConfig, adapter: DecoderAdapter) -> None:
@@ -571,10 +576,8 @@ class _PruningRun:
             if noted["unrouted"]:
                 report.record_unrouted(noted["unrouted"], noted["policy"])
             return True
-        fraction = target.sparsity if isinstance(target, NMPattern) else target  # a shard written before notes were kept
-        for name, linear in self.targets[index].items():
-            weight = linear.weight
-            report.linears.append(LinearReport(name, index, fraction, int((weight == 0).sum()) / weight.numel(), weight.numel(), self.part))
+        for name, linear in self.targets[index].items():  # a shard written before notes were kept: measured
+            report.linears.append(_linear_report(name, index, target, linear.weight, self.part))
         return True
 
     def _description(self, action: str) -> str:

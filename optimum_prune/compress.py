@@ -27,6 +27,7 @@ from .calibration import CalibrationSource, calibration_windows
 from .config import PruningConfig
 from .methods import METHODS
 from .report import PruningReport
+from .sparsity_metadata import drop_sparsity_metadata
 
 Step = PruningConfig | Mapping[str, Any] | QuantoConfig | GPTQConfig
 
@@ -81,7 +82,9 @@ def compress(
         if isinstance(step, PruningConfig):
             step_calibration = calibration if step.requires_calibration else None  # shared by the steps: no warning for one reading none
             reports.append(prune(model, step, calibration=step_calibration, tokenizer=tokenizer, processor=processor, device=device))
-        elif isinstance(step, GPTQConfig):
+            continue
+        drop_sparsity_metadata(model, "the quantizer's own quantization_config takes its place")
+        if isinstance(step, GPTQConfig):
             from .gptq import quantize_weights
 
             quantize_weights(model, step, gptq_windows, tokenizer)

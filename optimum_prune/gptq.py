@@ -29,7 +29,6 @@ import torch
 from torch import nn
 from transformers import GPTQConfig
 
-from .sparsity_metadata import drop_sparsity_metadata
 from .quantized import is_gptq_linear, refuse_recorded_structure
 
 
@@ -112,7 +111,6 @@ def quantize_weights(model: nn.Module, config: GPTQConfig, windows: torch.Tensor
     ids ``[samples, seq_len]``), or on ``config.dataset`` (texts, tokenized by ``tokenizer``) when it is None."""
     from optimum.gptq import GPTQQuantizer
 
-    drop_sparsity_metadata(model, "the quantizer's own quantization_config takes its place")
     refuse_recorded_structure(model, "GPTQ (it saves its own quantization_config)")
     check_widths(model, config, "GPTQConfig")  # again: structured pruning may have changed the widths
     options = config.to_dict_optimum()

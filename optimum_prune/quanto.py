@@ -20,7 +20,6 @@ from optimum.quanto import MaxOptimizer, freeze, quantize
 from torch import nn
 
 from .adapters.base import qualified_name
-from .sparsity_metadata import drop_sparsity_metadata
 from .quantized import dequantized_weight, refuse_recorded_structure
 
 LOW_BIT_WEIGHTS = ("int4", "int2")
@@ -52,7 +51,6 @@ def check_packing(model: nn.Module, config: Any, field: str) -> None:
 def quantize_weights(model: nn.Module, config: Any) -> None:
     """Quantize every linear but the output embedding (``lm_head``) and ``config.modules_to_not_convert`` (a
     ``transformers.QuantoConfig``) in place, weights only, and freeze them."""
-    drop_sparsity_metadata(model, "the quantizer's own quantization_config takes its place")
     refuse_recorded_structure(model, "optimum-quanto (its reload rebuilds the model from the plain config)")
     zeros = {name: int((linear.weight == 0).sum()) for name, linear in _quantized_linears(model, config)}
     optimizer = ZeroPreservingOptimizer() if config.weights in LOW_BIT_WEIGHTS else None
