@@ -23,13 +23,13 @@ import torch
 
 from .allocation import ALLOCATIONS
 from .api import check_activation_device, check_device, prune
-from .calibration.sources import read_text_file
+from .calibration.sources import file_texts
 from .config import PruningConfig
 from .distributed import init_from_launcher, launched_processes, rank_zero_first, world
 from .evaluation import check_whole_windows, evaluate_perplexity
 from .methods import METHODS
 from .models import default_model_path, load_default_model, load_model, load_tokenizer, missing_tokenizer
-from .options import MoEOptions, describe_options
+from .options import MoEOptions, describe_options, option_types
 from .saving import check_replaceable, save_pruned
 from .sparsity import verify_sparsity
 from .sparsity_metadata import require_compressed_tensors
@@ -107,17 +107,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "quantization_config, for serving stacks such as vLLM (needs the compressed-tensors package)",
     )
     parser.add_argument("--eval", action="store_true", help="report dense and pruned perplexity")
-    parser.add_argument("--eval-file", type=Path, help="evaluation text file (default: bundled Wikipedia evaluation split)")
+    parser.add_argument("--eval-file", type=Path, help="evaluation text file, or a .jsonl / .json / .csv / .parquet file of records with a 'text' column, read as --calibration reads them (default: bundled Wikipedia evaluation split)")
     parser.add_argument("--eval-tokens", type=int, default=16384, help="tokens of evaluation text to score (default: 16384)")
     parser.add_argument("--eval-seq-len", type=int, default=512, help="tokens per perplexity window (default: 512)")
 
 
-def _parse_options(pairs: Sequence[str], flag: str) -> dict[str, Any]:
+def _parse_options(pairs: Sequence[str], flag: str, options_cls: type | None) -> dict[str, Any]:
+    """``NAME=VALUE`` pairs as options; a text option keeps its text as given (``criterion=false`` is the
+    word, not a bool), so only options of other types (or unknown names, which ``PruningConfig`` names) read JSON."""
+    text_options = {name for name, (kind, _) in option_types(options_cls).items() if kind is str} if options_cls else set()
     options: dict[str, Any] = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")
         if not sep or not name:
             raise ValueError(f"{flag} expects NAME=VALUE, got {pair!r}")
+        if name in text_options:
+            options[name] = None if value == "null" else value
+            continue
         try:
             options[name] = json.loads(value)
         except json.JSONDecodeError:
@@ -162,12 +168,20 @@ def recipe(args: argparse.Namespace) -> PruningConfig:
         return PruningConfig.from_pretrained(args.config)
     flags = {
         "method": args.method, "sparsity": args.sparsity, "allocation": args.allocation, "ignore": args.ignore,
-        "method_options": _parse_options(args.option, "--option"),
-        "allocation_options": _parse_options(args.allocation_option, "--allocation-option"),
-        "moe_options": _parse_options(args.moe_option, "--moe-option"),
+        "method_options": _parse_options(args.option, "--option", _options_of(METHODS, args.method, "method")),
+        "allocation_options": _parse_options(
+            args.allocation_option, "--allocation-option", _options_of(ALLOCATIONS, args.allocation, "allocation")
+        ),
+        "moe_options": _parse_options(args.moe_option, "--moe-option", MoEOptions),
         "num_calibration_samples": args.calibration_samples, "calibration_seq_len": args.seq_len, "seed": args.seed,
     }  # fmt: skip
     return PruningConfig(**{name: value for name, value in flags.items() if value is not None})
+
+
+def _options_of(registry: Any, name: str | None, field_name: str) -> type | None:
+    """The options class of the named (or default) entry; None for an unknown name, which ``PruningConfig`` refuses."""
+    name = name if name is not None else PruningConfig.__dataclass_fields__[field_name].default
+    return registry.get(name).options if name in registry else None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -199,7 +213,7 @@ def run(args: argparse.Namespace) -> int:
         raise missing_tokenizer(args.model, "calibration" if config.requires_calibration else "--eval")
     device = args.device or launched_device or default_device()
     model.to(device)
-    eval_text = read_text_file(args.eval_file, "--eval-file") if args.eval_file else None
+    eval_text = file_texts(args.eval_file, "--eval-file") if args.eval_file else None
 
     def perplexity() -> float:
         return evaluate_perplexity(model, tokenizer, eval_text, seq_len=args.eval_seq_len, max_tokens=args.eval_tokens)

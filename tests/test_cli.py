@@ -1,3 +1,4 @@
+import json
 import re
 import shutil
 import subprocess
@@ -90,9 +91,24 @@ def test_cli_errors_are_one_line(model_dir, tmp_path, capsys, arguments, message
 def test_numbers_json_does_not_read_are_numbers():
     from optimum_prune.cli import _parse_options
 
-    assert _parse_options(["dampening=.01", "block_size=32", "criterion=wanda_sp", "flag=true", "merge=False", "x=TRUE"], "--option") == {
+    assert _parse_options(["dampening=.01", "block_size=32", "criterion=wanda_sp", "flag=true", "merge=False", "x=TRUE"], "--option", None) == {
         "dampening": 0.01, "block_size": 32, "criterion": "wanda_sp", "flag": True, "merge": False, "x": True,
     }  # fmt: skip
+
+
+def test_a_text_option_keeps_its_text(model_dir, tmp_path, capsys):
+    """``criterion=true`` is the word (refused among the choices), not a bool refused as "must be str"."""
+    from optimum_prune.cli import _parse_options
+    from optimum_prune.methods import METHODS
+
+    options = METHODS.get("width").options
+    assert _parse_options(["criterion=true", "components=1", "ranking=null"], "--option", options) == {
+        "criterion": "true", "components": "1", "ranking": None,
+    }  # fmt: skip
+    with pytest.raises(SystemExit):
+        main(["--model", str(model_dir), "--method", "width", "--option", "criterion=false", "--output", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert "'false'" in err and "criterion" in err and "must be str" not in err
 
 
 def test_the_summary_says_a_checkpoint_with_per_layer_shapes_needs_the_import(model_dir, tmp_path, capsys):
@@ -236,3 +252,21 @@ def test_cli_prunes_a_mixtral_checkpoint_with_moe_options(tmp_path, bpe_tokenize
     arguments = ["--model", str(source), "--method", "wanda", "--sparsity", "2:4", "--calibration-samples", "2", "--seq-len", "16"]
     assert main([*arguments, "--output", str(tmp_path / "nm")]) == 0
     assert re.search(r"2:4 conforming\s+True$", capsys.readouterr().out, re.M)
+
+
+def test_eval_file_reads_records_as_calibration_does(model_dir, tmp_path, capsys):
+    """A ``.jsonl`` of ``{"text": ...}`` records scores its texts, not the JSON syntax around them."""
+    from optimum_prune.evaluation import evaluate_perplexity
+
+    texts = [f"Paragraph {i}: the river runs past the mill and the town, and the bridge stands over it." for i in range(40)]
+    records = tmp_path / "eval.jsonl"
+    records.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    arguments = ["--model", str(model_dir), "--method", "magnitude", "--eval", "--eval-tokens", "256", "--eval-seq-len", "64"]
+    assert main([*arguments, "--eval-file", str(records), "--output", str(tmp_path / "out")]) == 0
+    dense = re.search(r"perplexity \(256 tokens\)\s+(\S+)", capsys.readouterr().out).group(1)
+    model, tokenizer = load_model(model_dir)
+    assert dense == f"{evaluate_perplexity(model, tokenizer, texts, seq_len=64, max_tokens=256):.2f}"
+    (tmp_path / "no_text.jsonl").write_text('{"body": "x"}\n')
+    with pytest.raises(SystemExit):
+        main([*arguments, "--eval-file", str(tmp_path / "no_text.jsonl"), "--output", str(tmp_path / "other")])
+    assert "without a 'text' column" in capsys.readouterr().err

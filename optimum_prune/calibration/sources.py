@@ -123,12 +123,28 @@ def _records_file_as_dataset(source: CalibrationSource) -> CalibrationSource:
         return source
     if builder is None or not is_file:
         return source
+    return _records(path, builder, "calibration file")
+
+
+def _records(path: Path, builder: str, what: str) -> Any:
     from datasets import load_dataset
 
     try:
         return load_dataset(builder, data_files=str(path), split="train")
     except Exception as error:  # datasets raises its own error types for unparsable files
-        raise ValueError(f"calibration file {str(path)!r} could not be read as {builder} records: {error}") from None
+        raise ValueError(f"{what} {str(path)!r} could not be read as {builder} records: {error}") from None
+
+
+def file_texts(path: Path, what: str) -> list[str]:
+    """A file's texts, read as calibration reads a path: a records file (``RECORD_FILE_BUILDERS``) gives its ``text``
+    column, any other file its UTF-8 contents."""
+    builder = RECORD_FILE_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        return [read_text_file(path, what)]
+    records = _records(path, builder, what)
+    if "text" not in records.column_names:
+        raise ValueError(f"{what} {str(path)!r} holds records without a 'text' column (it has {records.column_names}); name it 'text'")
+    return [text for text in records["text"] if text is not None]
 
 
 def _check_not_dataset_dict(source: CalibrationSource) -> None:
