@@ -155,6 +155,8 @@ def build_mpo_experts(
     """Give a freshly built (possibly meta) block empty MPO ``experts`` of ``layout``, before weights load."""
     if not layout:
         return
+    if block is None or not experts:
+        raise ValueError(f"mpo names expert linears {[name for name, *_ in layout]} in a layer without experts; the checkpoint's config.json is corrupt")
     reference = next(experts[0].parameters())
     shared = ExpertMPO()
     for name, rows, columns, central in layout:

@@ -202,6 +202,10 @@ def test_a_pruned_checkpoint_in_a_subfolder_beside_a_dense_one_loads(non_uniform
         (lambda layers: layers[0].update(num_attention_heads=64, num_key_value_heads=64), r"layers\[0\] makes self_attn.q_proj.weight \[\d+, \d+\], larger than the config's"),
         (lambda layers: layers[0].update(low_rank={"mlp.down_proj": 10**7}), "low_rank gives mlp.down_proj .* rank 10000000, above its full rank"),
         (lambda layers: layers[0].update(low_rank={"../x": 2}), "low_rank names '../x', which is not a linear of this layer"),
+        (  # an MoE structure recorded on a dense layer
+            lambda layers: layers[0].update(mpo={"w1": {"rows": [2] * 5, "columns": [2] * 5, "central_bonds": [2, 2]}}),
+            r"mpo names expert linears \['w1'\] in a layer without experts",
+        ),
         (  # the stored attention was silently dropped as if it were a removed one's stand-in
             lambda layers: next(layer for layer in layers if layer["num_attention_heads"]).update(num_attention_heads=0, num_key_value_heads=0),
             r"quantization_config gives the layers shapes without model.layers.\d+.\S+, but model.safetensors stores it in full",
