@@ -154,8 +154,12 @@ def load_causal_lm(name_or_path: str | os.PathLike, **kwargs: Any) -> PreTrained
 def load_gguf(file: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, Any]:
     """(model, tokenizer) from a GGUF file: transformers dequantises its weights into ``dtype``
     (pruning works on dense weights); the tokenizer is the file's own, taken as it is."""
-    model = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=dtype)
-    return model.eval(), AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+    except ValueError as error:  # gguf's reader names no file ("GGUF magic invalid", a reshape of a truncated tensor)
+        raise ValueError(f"GGUF file {str(file)!r} could not be read ({error}); it is damaged or truncated: download or copy it again") from None
+    return model.eval(), tokenizer
 
 
 # What ``save_pretrained`` of any transformers tokenizer writes (one of them at least).
@@ -168,7 +172,13 @@ def load_tokenizer(directory: str | os.PathLike) -> Any | None:
     directory = Path(directory)
     if not any((directory / name).is_file() for name in TOKENIZER_FILES):
         return None
-    return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    try:
+        return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    except Exception as error:  # tokenizers raises a bare Exception for a damaged tokenizer.json, naming no file
+        raise ValueError(
+            f"the tokenizer in {str(directory)!r} could not be loaded ({type(error).__name__}: {error}); save it again "
+            "(tokenizer.save_pretrained) or copy its tokenizer files again"
+        ) from None
 
 
 def missing_tokenizer(location: str | os.PathLike, needed_for: str) -> ValueError:

@@ -209,6 +209,12 @@ def test_load_model_missing_path(tmp_path):
         load_model(tmp_path / "missing")
 
 
+def test_a_damaged_tokenizer_is_named(model_dir):
+    (model_dir / "tokenizer.json").write_text((model_dir / "tokenizer.json").read_text()[:200])
+    with pytest.raises(ValueError, match=f"the tokenizer in '{model_dir}' could not be loaded .*copy its tokenizer files again"):
+        load_model(model_dir)
+
+
 def test_a_damaged_checkpoint_is_one_error_line_naming_it(tmp_path, capsys):
     """Not a traceback, and not a model with random weights where the checkpoint lacks some (transformers only warns)."""
     from safetensors.torch import load_file, save_file

@@ -39,6 +39,10 @@ def test_a_gguf_file_loads_dequantised_as_the_default_model_was_converted(tmp_pa
     (holder / "model.gguf").touch()
     with pytest.raises(ValueError, match="it holds model.gguf: pass the .gguf file itself"):
         load_model(holder)
+    truncated = holder / "truncated.gguf"  # gguf's own errors name no file
+    truncated.write_bytes(default_gguf_path().read_bytes()[:5_000_000])
+    with pytest.raises(ValueError, match=f"GGUF file '{truncated}' could not be read .*damaged or truncated"):
+        load_model(truncated)
 
 
 def test_wanda_beats_magnitude_at_half_sparsity():

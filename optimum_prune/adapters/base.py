@@ -399,8 +399,8 @@ def resized_linear(
     initialising would take time and draw from the caller's random stream)."""
     return skip_init(
         nn.Linear,
-        in_features or linear.in_features,
-        out_features or linear.out_features,
+        linear.in_features if in_features is None else in_features,  # 0 is a width (``or`` read it as "keep")
+        linear.out_features if out_features is None else out_features,
         bias=(linear.bias is not None) if bias is None else bias,
         device=linear.weight.device,
         dtype=linear.weight.dtype,
