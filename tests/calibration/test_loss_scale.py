@@ -88,7 +88,8 @@ def test_fp16_passes_match_fp32_with_the_loss_scale_and_back_off_on_overflow(nam
     monkeypatch.setattr(gradients, "FP16_LOSS_SCALE", 2.0**40)  # overflows fp16: backs off 16× at a time until finite
     with caplog.at_level(logging.WARNING, logger=gradients.__name__):
         assert relative_error(run(half, windows), reference) < 0.03
-    assert caplog.records and all("overflowed" in record.getMessage() for record in caplog.records)
+    ours = [record for record in caplog.records if record.name.startswith("optimum_prune")]  # not transformers' own (INFO after other tests)
+    assert ours and all("overflowed" in record.getMessage() for record in ours)
     if name != "k-prune":  # its scores here are dominated by the representational term, a forward statistic
         monkeypatch.setattr(gradients, "FP16_LOSS_SCALE", 1.0)
         assert relative_error(run(half, windows), reference) > 0.03  # what the scale is for: unscaled, the bound fails
