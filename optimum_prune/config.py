@@ -232,16 +232,28 @@ class PruningConfig:
         As with transformers' configs, the other keyword arguments override the stored fields
         (``from_pretrained(path, sparsity=0.6)``); one that names no field is an error, unless
         ``return_unused_kwargs`` asks for ``(config, unused)`` instead. Another ``method`` (or ``allocation``)
-        without its own options drops the stored ones, which were the other method's."""
+        without its own options drops the stored ones, which were the other method's.
+
+        A local pruned model's directory without ``pruning_config.json`` (saved with the stock ``save_pretrained``,
+        or exported by another tool) gives the recipe its ``config.json`` records as ``pruning_config``."""
         from .integrations.optimum import PruningConfigFile
 
         path = Path(path_or_repo)
-        if path.is_dir() and not (path / CONFIG_NAME).is_file():
-            raise ValueError(f"{str(path)!r} has no {CONFIG_NAME}; save one with PruningConfig.save_pretrained")
-        local_file = path / CONFIG_NAME if path.is_dir() else path
+        source = os.fspath(path_or_repo)
+        from_model_config = path.is_dir() and not (path / CONFIG_NAME).is_file()
+        if from_model_config:
+            source = os.fspath(path / "config.json")
+            if not _records_recipe(Path(source)):
+                raise ValueError(
+                    f"{str(path)!r} has no {CONFIG_NAME} (nor a config.json recording a pruning_config); save one with "
+                    "PruningConfig.save_pretrained"
+                )
+        local_file = path / CONFIG_NAME if path.is_dir() and not from_model_config else Path(source)
         if local_file.is_file():  # Optimum reports bad JSON as an OSError without the reason
             _read_json_object(local_file)
-        stored, overrides = PruningConfigFile.get_config_dict(os.fspath(path_or_repo), **kwargs)
+        stored, overrides = PruningConfigFile.get_config_dict(source, **kwargs)
+        if from_model_config:
+            stored = stored["pruning_config"]
         if not isinstance(stored, Mapping):
             raise ValueError(f"{str(path_or_repo)!r}: {CONFIG_NAME} must contain a JSON object, got {type(stored).__name__}")
         fields = {f.name for f in dataclasses.fields(cls)}
@@ -269,6 +281,13 @@ class PruningConfig:
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "PruningConfig":
         return cls.from_dict(_read_json_object(path))
+
+
+def _records_recipe(model_config_file: Path) -> bool:
+    """Whether a model's ``config.json`` records the recipe that pruned it (``pruning_config``)."""
+    if not model_config_file.is_file():
+        return False
+    return isinstance(_read_json_object(model_config_file).get("pruning_config"), Mapping)
 
 
 def _read_json_object(path: str | os.PathLike) -> dict[str, Any]:

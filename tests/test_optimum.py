@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from optimum_prune import OptimumPruner, PruningConfig, verify_sparsity
+from optimum_prune import OptimumPruner, PruningConfig, prune, verify_sparsity
 from optimum_prune.cli import build_parser
 from optimum_prune.models import load_model
 
@@ -73,6 +73,20 @@ def test_from_pretrained_errors_name_the_file(tmp_path):
     (tmp_path / "pruning_config.json").write_text(json.dumps({"method": "wanda", "sparsity": 1.5}))
     with pytest.raises(ValueError, match=r"PruningConfig.sparsity must be in \[0, 1\)"):
         PruningConfig.from_pretrained(tmp_path)
+
+
+def test_a_pruned_models_directory_gives_its_recipe_from_config_json_alone(tmp_path):
+    """A pruned model saved with the stock ``save_pretrained`` has no pruning_config.json; its config.json records the recipe."""
+    model = tiny_model()
+    recipe = PruningConfig(method="magnitude", sparsity=0.3, ignore=["*.o_proj"])
+    prune(model, recipe)
+    model.save_pretrained(tmp_path / "stock")
+    assert not (tmp_path / "stock" / "pruning_config.json").exists()
+    assert PruningConfig.from_pretrained(tmp_path / "stock") == recipe
+    assert PruningConfig.from_pretrained(tmp_path / "stock", sparsity=0.6, local_files_only=True).sparsity == 0.6
+    tiny_model().save_pretrained(tmp_path / "dense")
+    with pytest.raises(ValueError, match=r"has no pruning_config.json \(nor a config.json recording a pruning_config\)"):
+        PruningConfig.from_pretrained(tmp_path / "dense")
 
 
 def test_optimum_pruner_prunes_and_saves_a_checkpoint_directory(model_dir, tmp_path):
