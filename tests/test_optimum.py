@@ -145,6 +145,17 @@ def test_optimum_cli_prune_is_registered_and_documents_every_option():
     assert "prune" in subprocess.run([_optimum_cli(), "--help"], capture_output=True, text=True).stdout
 
 
+def test_optimum_cli_loads_the_library_only_for_prune():
+    """optimum-cli imports every register module for every command: ours must not load torch & co. for ``export``."""
+    check = (
+        "import sys, optimum.commands.register.optimum_prune; "
+        "loaded = sorted(name for name in ('optimum_prune', 'torch_pruning', 'torch') if name in sys.modules); "
+        "assert not loaded, loaded"
+    )
+    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
 def test_optimum_cli_prune_runs_end_to_end(model_dir, tmp_path):
     output = tmp_path / "cli"
     result = subprocess.run(

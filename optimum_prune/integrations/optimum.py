@@ -4,9 +4,9 @@ Thin layers over the core. ``PruningConfigFile`` lets Optimum's own configuratio
 (``optimum.configuration_utils.BaseConfig``: local directories, Hub repositories and revisions,
 version stamps) write and read ``pruning_config.json``; ``OptimumPruner`` mirrors
 ``optimum.quantization_base.OptimumQuantizer`` (``from_pretrained`` then one call that writes
-the result); ``PruneCommand`` is what ``optimum-cli prune`` runs. optimum-cli discovers it through
-the ``optimum.commands.register`` namespace (the ``optimum/commands/register/optimum_prune.py``
-file this distribution installs), the documented extension point: nothing in optimum is patched.
+the result). ``optimum-cli prune`` is registered by ``optimum/commands/register/optimum_prune.py``, which
+this distribution installs in optimum-cli's plugin namespace (the documented extension point: nothing in
+optimum is patched); it runs ``optimum_prune.cli``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
-from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
 from optimum.configuration_utils import BaseConfig
 
 from ..config import CONFIG_NAME, PROVENANCE_KEYS, PruningConfig, as_pruning_config
@@ -157,20 +156,3 @@ def export_onnx(checkpoint: str | os.PathLike, output: str | os.PathLike, task: 
     with atomic_directory(output) as staging:
         main_export(os.fspath(checkpoint), output=staging, task=task, **kwargs)
     return Path(output)
-
-
-class PruneCommand(BaseOptimumCLICommand):
-    """``optimum-cli prune``: the arguments and behaviour of the ``optimum-prune`` command."""
-
-    COMMAND = CommandInfo(name="prune", help="Prune a causal LM (unstructured, N:M or structured) and save it.")
-
-    @staticmethod
-    def parse_args(parser: Any) -> None:
-        from ..cli import add_arguments
-
-        add_arguments(parser)
-
-    def run(self) -> None:
-        from ..cli import run_or_exit
-
-        run_or_exit(self.parser, self.args)
