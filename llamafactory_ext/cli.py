@@ -18,9 +18,9 @@ import logging
 import sys
 from typing import Sequence
 
-from .config import SECTION as PRUNING
-from .config import read_yaml, split_pruning
-from .training import TrainingSections
+from optimum_prune.dependencies import MissingDependency
+
+from .compat import INSTALL_HINT
 
 COMMANDS = {
     "train": "stage: prune prunes and saves; stage: pt/sft with `pruning:` prunes, trains with LLaMA-Factory (zeros kept), "
@@ -50,8 +50,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     options = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from . import stages
-
+    try:  # OmegaConf and LLaMA-Factory's other requirements: the [llamafactory] extra
+        from . import stages
+        from .config import SECTION as PRUNING
+        from .config import read_yaml, split_pruning
+        from .training import TrainingSections
+    except ImportError as error:
+        parser.exit(2, f"{parser.prog}: error: llamafactory-prune needs the [llamafactory] extra ({error}); {INSTALL_HINT}\n")
     try:
         args = read_yaml(options.config, options.overrides)
         if PRUNING in args and options.command != "train":
@@ -71,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             stages.run_export(args)
         else:
             stages.run_interactive(options.command, args)
-    except ValueError as error:
+    except (ValueError, MissingDependency) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     return 0
 

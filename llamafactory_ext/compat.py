@@ -18,7 +18,13 @@ import logging
 import sys
 import types
 
+from optimum_prune.dependencies import MissingDependency
+
 logger = logging.getLogger(__name__)
+INSTALL_HINT = (
+    "install it with `pip install 'optimum-prune[llamafactory]' && pip install --no-deps llamafactory==0.9.5` "
+    "(see README: its torchaudio/gradio/av dependencies are not needed for text)"
+)
 AUDIO_HINT = (
     "torchaudio is not importable here (LLaMA-Factory needs it only for audio inputs); install the torchaudio "
     "build matching your torch ({torch}) to use audio datasets"
@@ -61,9 +67,5 @@ def import_llamafactory() -> types.ModuleType:
         import llamafactory
         import llamafactory.data.mm_plugin  # noqa: F401  (the module that imports torchaudio)
     except ImportError as error:
-        raise ImportError(
-            f"llamafactory_ext needs LLaMA-Factory 0.9.5 ({error}); install it with "
-            "`pip install 'optimum-prune[llamafactory]' && pip install --no-deps llamafactory==0.9.5` "
-            "(see README: its torchaudio/gradio/av dependencies are not needed for text)"
-        ) from error
+        raise MissingDependency(f"llamafactory_ext needs LLaMA-Factory 0.9.5 ({error}); {INSTALL_HINT}") from error
     return llamafactory

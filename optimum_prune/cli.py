@@ -25,6 +25,7 @@ from .allocation import ALLOCATIONS
 from .api import check_activation_device, check_device, prune
 from .calibration.sources import file_texts
 from .config import PruningConfig
+from .dependencies import MissingDependency
 from .distributed import init_from_launcher, launched_processes, rank_zero_first, world
 from .evaluation import check_whole_windows, evaluate_perplexity
 from .methods import METHODS
@@ -290,7 +291,7 @@ def run_or_exit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return run(args)
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, MissingDependency) as error:
         message = str(error) if args.config is not None else _in_flags(str(error))  # --config's errors name its fields
         parser.exit(2, f"{parser.prog}: error: {message}\n")
 

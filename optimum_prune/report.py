@@ -7,6 +7,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+from .dependencies import MissingDependency
 from .structure.shapes import LayerShape
 
 logger = logging.getLogger(__name__)
@@ -109,7 +110,7 @@ class PruningReport:
         try:
             from matplotlib.figure import Figure
         except ImportError as error:  # not installed, or an old one that does not import beside this numpy
-            raise ImportError(f"plotting layer scores needs matplotlib ({error}): pip install 'optimum-prune[plot]'") from error
+            raise MissingDependency(f"plotting layer scores needs matplotlib ({error}): pip install 'optimum-prune[plot]'") from error
 
         # A bare Figure renders with Agg by itself: pyplot with matplotlib.use("Agg") switched a notebook's backend.
         figure = Figure(figsize=(8, 2.6 * len(self.layer_scores)))

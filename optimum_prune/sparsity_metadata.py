@@ -19,6 +19,7 @@ from torch import nn
 
 from .adapters import get_adapter
 from .config import PruningConfig, readable_step, recorded_steps
+from .dependencies import MissingDependency
 from .methods import METHODS
 from .quantized import is_quantized
 from .sparsity import NMPattern, conforms_to
@@ -119,7 +120,7 @@ def require_compressed_tensors() -> None:
     try:
         import compressed_tensors  # noqa: F401
     except ImportError:
-        raise ImportError(
+        raise MissingDependency(
             "compressed-tensors metadata needs the compressed-tensors package: pip install 'optimum-prune[compressed-tensors]'"
         ) from None
 

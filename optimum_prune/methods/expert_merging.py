@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from ..calibration import LayerInputs, feed_layer, walk_layers
+from ..dependencies import MissingDependency
 from ..options import option
 from .base import StructuredMethod, register_structured_method
 from .experts import experts_to_keep, removed_expert_share, router_logits
@@ -123,7 +124,7 @@ class _ExpertLinears:
         try:
             from scipy.optimize import linear_sum_assignment
         except ImportError:
-            raise ImportError("method_options.align needs scipy (linear assignment): pip install scipy") from None
+            raise MissingDependency("method_options.align needs scipy (linear assignment): pip install scipy") from None
 
         similarity = reference.neuron_features() @ self.neuron_features().T
         _, order = linear_sum_assignment(similarity.cpu().numpy(), maximize=True)

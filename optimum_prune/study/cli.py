@@ -8,6 +8,7 @@ import shlex
 from pathlib import Path
 from typing import Sequence
 
+from ..dependencies import MissingDependency
 from .grid import StudyGrid
 from .outputs import write_outputs
 from .runner import run_study
@@ -33,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         grid = StudyGrid.from_yaml(args.grid)
         results = run_study(grid, output, device=args.device)
-    except (ValueError, TypeError) as error:
+    except (ValueError, TypeError, MissingDependency) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     command = shlex.join(["optimum-prune", "study", *(argv if argv is not None else [])])
     write_outputs(results, output, command)

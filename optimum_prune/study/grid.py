@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..compress import require_quanto
 from ..config import PruningConfig
 from ..evaluation import check_whole_windows
 from ..models import load_tokenizer, missing_tokenizer
@@ -218,6 +219,7 @@ def _quantization(value: Any, index: int) -> str | None:
         QuantoConfig(weights=value)
     except ValueError as error:
         raise ValueError(f"grid.quantization[{index}] is {value!r} (optimum-quanto weight-only, or none): {error}") from None
+    require_quanto(f"grid.quantization[{index}]")  # before the first point is measured, not after it
     return value
 
 

@@ -13,6 +13,7 @@ from typing import Callable
 
 import torch
 
+from ..dependencies import MissingDependency
 from ..saving import write_text_atomic
 from .measure import device_name
 from .pareto import best_within, pareto_front
@@ -174,7 +175,7 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError:
-        raise ImportError("study plots need matplotlib: pip install 'optimum-prune[plot]'") from None
+        raise MissingDependency("study plots need matplotlib: pip install 'optimum-prune[plot]'") from None
     matplotlib.use("Agg")
     from matplotlib import pyplot
 

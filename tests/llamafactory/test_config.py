@@ -126,6 +126,17 @@ def test_missing_dataset_info(workspace, tmp_path, capsys):
     assert "dataset_info.json does not exist; set `dataset_dir`" in run_cli(tmp_path, capsys, config)
 
 
+def test_without_the_llamafactory_extra_the_command_says_what_to_install(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "omegaconf", None)  # not installed
+    for module in ("llamafactory_ext.config", "llamafactory_ext.stages", "llamafactory_ext.training"):
+        monkeypatch.delitem(sys.modules, module, raising=False)
+    err = run_cli(tmp_path, capsys, "stage: prune\n")
+    assert err.startswith("llamafactory-prune: error: llamafactory-prune needs the [llamafactory] extra (")
+    assert "pip install 'optimum-prune[llamafactory]'" in err and err.count("\n") == 1
+
+
 def test_malformed_yaml(tmp_path, capsys):
     assert "is not valid YAML" in run_cli(tmp_path, capsys, "pruning: [method: wanda\n  sparsity: 0.5")
 
