@@ -512,12 +512,7 @@ class _PruningRun:
         options = config.build_method_options()
         moe_options = config.build_moe_options()
         targets = _target_linears(adapter, config.ignore, include_routers=moe_options.prune_router)
-        if config.ignore and not any(targets):
-            raise ValueError(f"PruningConfig.ignore {config.ignore!r} leaves no linear of the {part} part to prune")
-        if not any(targets):  # e.g. Gemma 3's projector, a bare weight matrix
-            raise ValueError(
-                f"the {part} part of {type(adapter.model).__name__} holds no linear to prune; remove it from PruningConfig.parts"
-            )
+        _check_some_target(targets, part, adapter, config)
         for linears in targets:
             for name, linear in linears.items():
                 try:
@@ -737,6 +732,15 @@ class _StructuredRun:
         report.macs_per_token_after = count_macs_per_token(model)
 
 
+def _check_some_target(targets: list[dict[str, nn.Linear]], part: str, adapter: DecoderAdapter, config: PruningConfig) -> None:
+    if config.ignore and not any(targets):
+        raise ValueError(f"PruningConfig.ignore {config.ignore!r} leaves no linear of the {part} part to prune")
+    if not any(targets):  # e.g. Gemma 3's projector, a bare weight matrix
+        raise ValueError(
+            f"the {part} part of {type(adapter.model).__name__} holds no linear to prune; remove it from PruningConfig.parts"
+        )
+
+
 @dataclass
 class _ModelRun:
     """A whole-model method (LLM Surgeon) bound to the linears the config targets."""
@@ -750,6 +754,7 @@ class _ModelRun:
         target = config.part_targets()["language"]
         moe_options = config.build_moe_options()
         linears = _target_linears(adapter, config.ignore, include_routers=moe_options.prune_router)
+        _check_some_target(linears, "language", adapter, config)
         method = spec.model_pruner(adapter, target, linears, config.build_method_options(), device, moe_options)
         method.check()
         return cls(method)

@@ -133,6 +133,7 @@ def test_ignore_patterns_keep_modules_dense(llama, windows):
         ("wanda", ["*.q_prj", "lm_head", "*.o_proj"], r"PruningConfig.ignore pattern\(s\) '\*.q_prj' match no module of LlamaForCausalLM \(names look like 'model.layers.0.self_attn.q_proj'\)"),
         ("width", ["model.layer.0.*"], r"PruningConfig.ignore pattern\(s\) 'model.layer.0.\*' match no module"),
         ("wanda", ["model.layers.*"], r"PruningConfig.ignore \['model.layers.\*'\] leaves no linear of the language part to prune"),
+        ("llm_surgeon", ["*proj"], r"PruningConfig.ignore \['\*proj'\] leaves no linear of the language part to prune"),  # whole-model
     ],
 )
 def test_ignore_patterns_that_match_nothing_or_everything_are_refused(windows, method, ignore, message):
