@@ -96,8 +96,8 @@ class ZipLMOptions:
         for name in ("search_restarts", "search_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"method_options.{name} must be >= 0, got {getattr(self, name)}")
-        if not 0 <= self.dampening < 1:
-            raise ValueError(f"method_options.dampening must be in [0, 1), got {self.dampening}")
+        if not 0 < self.dampening < 1:  # undamped, the Hessian is singular whenever a linear sees fewer tokens than inputs
+            raise ValueError(f"method_options.dampening must be in (0, 1), got {self.dampening}")
 
 
 @dataclass
@@ -139,8 +139,9 @@ class ZipLM(StructuredMethod[ZipLMOptions]):
         kept_cost = sum(level.costs[choice] for level, choice in zip(levels, chosen))
         if self.options.target == "latency":
             whole = (kept_cost + self.head_seconds) / (dense_cost + self.head_seconds)
+            speed_up = f"predicted speed-up {dense_cost / kept_cost:.2f}x" if kept_cost > 0 else "every block removed"
             note = (f"ZipLM: the decoder layers keep {kept_cost / dense_cost:.1%} of their measured time on {self.device} at "
-                    f"{self.options.latency_tokens} tokens (predicted speed-up {dense_cost / kept_cost:.2f}x); with the output "
+                    f"{self.options.latency_tokens} tokens ({speed_up}); with the output "
                     f"head ({self.head_seconds * 1e3:.2f} ms, not pruned) the whole forward keeps {whole:.1%}")  # fmt: skip
         else:
             note = f"ZipLM: the decoder layers keep {kept_cost / dense_cost:.1%} of their linear parameters"
