@@ -47,6 +47,8 @@ def evaluate_perplexity(
     """
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+    if batch_size < 1:  # a negative step scored no window and returned 1.0
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
     if tokenizer is None:
         raise ValueError("evaluate_perplexity tokenises text: pass the model's tokenizer")
     if not (text is None or isinstance(text, str) or (isinstance(text, Sequence) and all(isinstance(t, str) for t in text))):

@@ -31,6 +31,9 @@ def test_default_text_and_errors(bpe_tokenizer):
         evaluate_perplexity(model, bpe_tokenizer, "too short", seq_len=512)
     with pytest.raises(ValueError, match="pass the model's tokenizer"):
         evaluate_perplexity(model, None)
+    for batch_size in (0, -1):  # -1 scored no window: a "perfect" 1.0
+        with pytest.raises(ValueError, match=f"batch_size must be a positive integer, got {batch_size}"):
+            evaluate_perplexity(model, bpe_tokenizer, seq_len=32, max_tokens=128, batch_size=batch_size)
     with pytest.raises(TypeError, match="text must be None .*, a string or a list of strings, got Tensor"):
         evaluate_perplexity(model, bpe_tokenizer, torch.zeros(2, 8, dtype=torch.long))
     # The count callers state beside the result ("perplexity (16,384 tokens)") was not checked against the text

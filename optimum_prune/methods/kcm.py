@@ -139,7 +139,7 @@ def representative_rank(units: torch.Tensor, kernel_width: float, tolerance: flo
     if kernel_width == 0:
         off_diagonal = distances[~torch.eye(len(units), dtype=torch.bool, device=units.device)]
         kernel_width = float(off_diagonal.median()) if off_diagonal.numel() else 1.0
-    kernel = torch.exp(-distances.square() / max(kernel_width, 1e-12) ** 2)
+    kernel = torch.exp(-(distances / max(kernel_width, 1e-12)).square())  # not / width²: a float overflows past 1e154
     coefficients = torch.full_like(kernel, 1.0 / len(units))
     for _ in range(max_iterations):
         # K_ij underflows to 0 between distant units, and with it (KC)_ij: 0/0 must stay 0.

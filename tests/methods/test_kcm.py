@@ -20,6 +20,13 @@ def test_units_the_others_cannot_express_rank_highest():
     assert float(scores[:5].max()) < float(scores[5])
 
 
+def test_any_finite_kernel_width_gives_scores():
+    """A very wide kernel is all ones (every unit alike); squaring the width itself overflowed past 1e154."""
+    units = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
+    wide = representative_rank(units, kernel_width=1e200, tolerance=1e-2, max_iterations=100)
+    torch.testing.assert_close(wide, representative_rank(units, kernel_width=1e30, tolerance=1e-2, max_iterations=100))
+
+
 def test_the_early_stop_is_what_makes_r2_a_ranking():
     """Run to convergence the self-expression is the trivial C = I: every unit scores 1."""
     units = torch.randn(12, 4, generator=torch.Generator().manual_seed(0))
