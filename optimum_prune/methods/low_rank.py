@@ -56,6 +56,8 @@ class LowRankFactorization(StructuredMethod[LowRankOptions]):
         return options.weighting == "fisher"
 
     def check(self) -> None:
+        if self.sparsity == 0:  # the rank is a parameter budget: at 0 it is still below full rank, and lossy
+            raise ValueError("PruningConfig.sparsity 0 factorises no parameter away (low_rank's ranks are a parameter budget); raise it")
         self.targets: list[tuple[str, nn.Linear, int]] = [
             (name, linear, self._rank(name, linear))
             for linears in self.adapter.qualified_prunable_linears()

@@ -75,6 +75,8 @@ def test_ignored_linears_stay_dense_and_impossible_ranks_fail():
         prune(tiny_model(), PruningConfig(method="low_rank", sparsity=0.5, method_options={"weighting": "none", "round_to": 64}))
     with pytest.raises(ValueError, match="weighting must be one of"):
         PruningConfig(method="low_rank", method_options={"weighting": "hessian"})
+    with pytest.raises(ValueError, match="sparsity 0 factorises no parameter away"):  # it factorised every linear, lossily
+        prune(tiny_model(), PruningConfig(method="low_rank", sparsity=0.0, method_options={"weighting": "none"}))
 
 
 def test_fisher_rows_sum_each_windows_squared_gradient():
