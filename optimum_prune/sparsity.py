@@ -85,23 +85,23 @@ def whole_count(value: float) -> int:
 
 
 def prune_lowest(scores: torch.Tensor, sparsity: float, per_row: bool) -> torch.Tensor:
-    """Boolean mask (True = prune) of the ``sparsity`` fraction of lowest scores.
+    """Boolean mask (True = prune) of the ``sparsity`` fraction of lowest scores; equal scores go in order of
+    position, as a stable sort orders them, and NaN scores count as the largest.
 
     ``per_row`` compares weights within each output row (Wanda's comparison group);
-    otherwise across the whole matrix (layer-wise magnitude pruning).
+    otherwise across the whole matrix (layer-wise magnitude pruning). The cut is a k-th value, not a sort:
+    sorting a whole matrix was most of magnitude pruning's time (a quarter to a third of Wanda's and SparseGPT's).
     """
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    if per_row:
-        count = whole_count(scores.shape[1] * sparsity)
-        if count:
-            lowest = torch.argsort(scores, dim=1, stable=True)[:, :count]
-            mask.scatter_(1, lowest, True)
-    else:
-        count = whole_count(scores.numel() * sparsity)
-        if count:
-            lowest = torch.argsort(scores.flatten(), stable=True)[:count]
-            mask.view(-1)[lowest] = True
-    return mask
+    rows = scores if per_row else scores.reshape(1, -1)
+    count = whole_count(rows.shape[1] * sparsity)
+    if not count:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    if rows.isnan().any():
+        rows = torch.where(rows.isnan(), math.inf, rows)
+    threshold = rows.kthvalue(count, dim=1, keepdim=True).values
+    below, ties = rows < threshold, rows == threshold
+    room = count - below.sum(dim=1, keepdim=True)  # how many of the ties at the threshold go, first ones first
+    return (below | (ties & (ties.cumsum(dim=1) <= room))).view_as(scores)
 
 
 def prune_lowest_nm(scores: torch.Tensor, pattern: NMPattern) -> torch.Tensor:

@@ -14,6 +14,23 @@ def test_exact_count_with_ties():
     assert per_row.sum(dim=1).tolist() == [4, 4, 4, 4]
 
 
+@pytest.mark.parametrize("per_row", [True, False])
+def test_the_cut_is_the_first_entries_of_a_stable_sort(per_row):
+    """The k-th value cut picks exactly what a stable sort's first entries pick: ties in order of position
+    (already-pruned zeros, quantized scores), NaN scores last."""
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(60):
+        scores = torch.randint(0, 4, (7, 24), generator=generator).float()  # many ties
+        if trial % 2:
+            scores[torch.rand(scores.shape, generator=generator) < 0.2] = float("nan")
+            scores[0, :3] = float("inf")
+        for sparsity in (0.1, 0.5, 0.8, 0.99):
+            rows = scores if per_row else scores.reshape(1, -1)
+            count = int(rows.shape[1] * sparsity)
+            expected = torch.zeros_like(rows, dtype=torch.bool).scatter_(1, torch.argsort(rows, dim=1, stable=True)[:, :count], True)
+            assert torch.equal(prune_lowest(scores, sparsity, per_row), expected.view_as(scores))
+
+
 def test_counts_computed_in_floating_point_are_not_one_short():
     """100 × 0.29 = 28.999999999999996: flooring it pruned 28 weights a row, not 29."""
     scores = torch.rand(3, 100, generator=torch.Generator().manual_seed(0))
