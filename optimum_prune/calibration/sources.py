@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
@@ -127,12 +128,22 @@ def _records_file_as_dataset(source: CalibrationSource) -> CalibrationSource:
 
 
 def _records(path: Path, builder: str, what: str) -> Any:
-    from datasets import load_dataset
+    """The file's records, read in memory: ``datasets`` would otherwise keep an Arrow copy of every calibration
+    file in the user's cache, and show its "Generating train split" bar when transformers' bars are off."""
+    import datasets
+    from transformers.utils.logging import is_progress_bar_enabled
 
+    quiet = not is_progress_bar_enabled() and not datasets.are_progress_bars_disabled()
+    if quiet:
+        datasets.disable_progress_bars()
     try:
-        return load_dataset(builder, data_files=str(path), split="train")
+        with tempfile.TemporaryDirectory(prefix="optimum-prune-records-") as cache:
+            return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache, keep_in_memory=True)
     except Exception as error:  # datasets raises its own error types for unparsable files
         raise ValueError(f"{what} {str(path)!r} could not be read as {builder} records: {error}") from None
+    finally:
+        if quiet:
+            datasets.enable_progress_bars()
 
 
 def file_texts(path: Path, what: str) -> list[str]:

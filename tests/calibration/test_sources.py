@@ -320,14 +320,25 @@ def test_a_stream_longer_than_the_context_draws_no_tokenizer_warning_and_a_proce
     assert torch.equal(calibration_windows([TEXT], processor, 4, 8, seed=0), from_tokenizer)
 
 
-def test_a_file_of_records_is_read_as_its_records_not_as_text(tmp_path, bpe_tokenizer):
-    """A .jsonl file was calibrated on as text, its JSON syntax included."""
+def test_a_file_of_records_is_read_as_its_records_not_as_text(tmp_path, bpe_tokenizer, monkeypatch, capsys):
+    """A .jsonl file was calibrated on as text, its JSON syntax included. It is read in memory, quietly when
+    transformers' bars are off: datasets kept an Arrow copy of each file in the user's cache, and showed its bar."""
     import json
 
+    import datasets
+    from transformers.utils import logging as transformers_logging
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "user-cache")
     rows = [{"text": TEXT[:300], "id": 1}, {"text": TEXT[300:900], "id": 2}]
     (tmp_path / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     expected = calibration_windows([row["text"] for row in rows], bpe_tokenizer, 4, 16, seed=0)
-    assert torch.equal(calibration_windows(tmp_path / "data.jsonl", bpe_tokenizer, 4, 16, seed=0), expected)
+    transformers_logging.disable_progress_bar()
+    try:
+        assert torch.equal(calibration_windows(tmp_path / "data.jsonl", bpe_tokenizer, 4, 16, seed=0), expected)
+    finally:
+        transformers_logging.enable_progress_bar()
+    assert not (tmp_path / "user-cache").exists() and "Generating train split" not in capsys.readouterr().err
+    assert not datasets.are_progress_bars_disabled()  # datasets' own setting is left as it was
     (tmp_path / "ids.json").write_text(json.dumps([{"input_ids": list(range(5, 30))}] * 3))
     assert calibration_windows(str(tmp_path / "ids.json"), None, 3, 16, seed=0).shape == (3, 16)
     (tmp_path / "bad.jsonl").write_text("{not json\n")
