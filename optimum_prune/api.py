@@ -28,6 +28,7 @@ from .calibration import (
     count_tokens,
     feed_layer,
     feeding_inputs,
+    observe_layers,
     walk_layers,
 )
 from .calibration.engine import moving_to, on_device, on_disk
@@ -589,8 +590,8 @@ class _PruningRun:
             with on_device([self.adapter.model], self.device):
                 self.allocation.observe_model(self.adapter.model, windows, [self.targets[index] for index in active])
         elif self.allocation.requires_calibration:
-            walk_layers(
-                self.adapter, windows, self.device, self._observing_visitor(active), self._description("Allocating sparsity"),
+            observe_layers(
+                self.adapter, windows, self.device, self._allocation_observer(active), self._description("Allocating sparsity"),
                 residency=self.offload.reading if self.offload else None, activation_device=self.activation_device,
             )  # fmt: skip
         targets: list[SparsityTarget] = [self.target] * len(self.targets)
@@ -609,20 +610,23 @@ class _PruningRun:
                     _check_expert_spread(targets[index], self.moe_options.expert_deviation, source)
         return targets
 
-    def _observing_visitor(self, active: list[int]):
+    def _allocation_observer(self, active: list[int]):
         """Shows the allocation each dense layer's weights and input norms."""
         rank = {index: position for position, index in enumerate(active)}
 
-        def visit(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
+        @contextmanager
+        def observe(index: int, layer: nn.Module) -> Iterator[None]:
             if index not in rank:
+                yield
                 return
             linears = self.targets[index]
             norms = {name: ColumnNorms(linear.in_features, linear.weight.device) for name, linear in linears.items()}
-            self._run_feeding(layer, inputs, linears, lambda name, x: norms[name].add(x))
+            with self._feeding(layer, linears, lambda name, x: norms[name].add(x)):
+                yield
             all_reduce_sum(*(n.squared for n in norms.values()))
             self.allocation.observe(rank[index], {name: linear.weight for name, linear in linears.items()}, norms)
 
-        return visit
+        return observe
 
     def _pruning_visitor(self, layer_targets: list[SparsityTarget], report: PruningReport):
         """Feeds each linear's pruner the layer's calibration inputs, then prunes them all."""
@@ -672,8 +676,17 @@ class _PruningRun:
     def _run_feeding(
         self, layer: nn.Module, inputs: LayerInputs, linears: dict[str, nn.Linear], sink: Callable[[str, torch.Tensor], None]
     ) -> dict[str, int]:
-        """Run ``layer`` on its calibration inputs, passing each linear's input to ``sink`` (MoE expert
-        inputs scaled by routing weight unless disabled); return the tokens each linear received."""
+        """Run ``layer`` on its calibration inputs under ``_feeding``; return the tokens each linear received."""
+        with self._feeding(layer, linears, sink) as tokens:
+            feed_layer(self.adapter, layer, inputs)
+        return tokens
+
+    @contextmanager
+    def _feeding(
+        self, layer: nn.Module, linears: dict[str, nn.Linear], sink: Callable[[str, torch.Tensor], None]
+    ) -> Iterator[dict[str, int]]:
+        """While active, each run of ``layer`` passes each linear's input to ``sink`` (MoE expert inputs scaled by
+        routing weight unless disabled); gives the tokens each linear received."""
         tokens = dict.fromkeys(linears, 0)
         weighted = self.moe_options.routing_weighted
         with self.adapter.routed_tokens(layer) as routing:
@@ -683,8 +696,7 @@ class _PruningRun:
                 sink(name, routing.scale(linears[name], x) if weighted else x)
 
             with feeding_inputs(linears, receive):
-                feed_layer(self.adapter, layer, inputs)
-        return tokens
+                yield tokens
 
     def _handle_unrouted(self, pruners: dict[str, LayerPruner], unrouted: list[str], report: PruningReport) -> dict[str, nn.Linear]:
         """Experts the router never chose on the calibration set: prune data-free or leave dense (returned), and report."""

@@ -8,6 +8,7 @@ from .engine import (
     feed_layer,
     feeding_inputs,
     model_batches,
+    observe_layers,
     run_layer,
     walk_layers,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "feeding_inputs",
     "image_text_batches",
     "model_batches",
+    "observe_layers",
     "run_layer",
     "sample_windows",
     "tokenize_stream",

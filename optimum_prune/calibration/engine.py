@@ -266,6 +266,8 @@ def feeding_inputs(modules: dict[str, nn.Module], sink: Callable[[str, torch.Ten
 
 
 LayerVisitor = Callable[[int, nn.Module, LayerInputs], None]
+LayerObserver = Callable[[int, nn.Module], ContextManager[None]]
+"""Reads what passes through decoder layer ``index`` (hooks) while the ``with`` block runs it; the layer is not changed."""
 LayerResidency = Callable[[int, nn.Module], ContextManager[None]]
 """Makes decoder layer ``index`` usable on the compute device for the duration of a ``with`` block
 (default: moves it there and back; ``optimum_prune.streaming`` loads it from disk and writes it out)."""
@@ -286,6 +288,42 @@ def walk_layers(
     between layers: the compute device then holds one layer and one batch of activations at a time.
     ``"disk"`` keeps them in a temporary directory, removed when the walk ends.
     """
+
+    def step(index: int, layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor] | DiskActivations:
+        visit(index, layer, inputs)
+        return run_layer(adapter, layer, inputs)
+
+    _walk(adapter, windows, device, step, description, residency, activation_device)
+
+
+def observe_layers(
+    adapter: DecoderAdapter,
+    windows: CalibrationInputs,
+    device: torch.device,
+    observe: LayerObserver,
+    description: str,
+    residency: LayerResidency | None = None,
+    activation_device: torch.device | str | None = None,
+) -> None:
+    """Run every decoder layer once on its calibration inputs under ``observe``'s hooks: statistics of a model
+    that does not change are read as the outputs propagate (a ``walk_layers`` visit would run each layer twice)."""
+
+    def step(index: int, layer: nn.Module, inputs: LayerInputs) -> list[torch.Tensor] | DiskActivations:
+        with observe(index, layer):
+            return run_layer(adapter, layer, inputs)
+
+    _walk(adapter, windows, device, step, description, residency, activation_device)
+
+
+def _walk(
+    adapter: DecoderAdapter,
+    windows: CalibrationInputs,
+    device: torch.device,
+    step: Callable[[int, nn.Module, LayerInputs], list[torch.Tensor] | DiskActivations],
+    description: str,
+    residency: LayerResidency | None,
+    activation_device: torch.device | str | None,
+) -> None:
     with _activation_home(activation_device) as home:
         inputs = capture_first_layer_inputs(adapter, windows, device, home)
         logger.info("captured %d calibration batches (%.1f MiB of activations)", len(inputs.hidden_states), inputs.num_bytes / 2**20)
@@ -294,8 +332,7 @@ def walk_layers(
         for index in tqdm(range(len(layers)), desc=description):
             layer = layers[index]
             with residency(index, layer):
-                visit(index, layer, inputs)
-                outputs = run_layer(adapter, layer, inputs)
+                outputs = step(index, layer, inputs)
                 if isinstance(inputs.hidden_states, DiskActivations):
                     inputs.hidden_states.release()
                 inputs.hidden_states = outputs  # the inputs go now: two buffers at most, not three through the next visit

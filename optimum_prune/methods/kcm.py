@@ -46,11 +46,12 @@ each multiplicative step is one n³ product. No gradient is taken and no logits 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ContextManager
 
 import torch
 from torch import nn
 
-from ..calibration import LayerInputs, feed_layer, feeding_inputs, walk_layers
+from ..calibration import feeding_inputs, observe_layers
 from ..options import check_choice, option
 from ..statistics import ColumnNorms
 from .base import register_structured_method
@@ -121,14 +122,13 @@ class KernelizedConvexMasking(MaskSearch):
         components = self.units.components
         statistics: dict[int, ColumnNorms] = {}
 
-        def visit(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
+        def observe(index: int, layer: nn.Module) -> ContextManager[None]:
             consumers = {i: output_projection(self.adapter, layer, c) for i, c in enumerate(components) if c.layer == index}
             for i, consumer in consumers.items():
                 statistics[i] = ColumnNorms(consumer.in_features, consumer.weight.device)
-            with feeding_inputs(consumers, lambda i, x: statistics[i].add(x)):
-                feed_layer(self.adapter, layer, inputs)
+            return feeding_inputs(consumers, lambda i, x: statistics[i].add(x))
 
-        walk_layers(self.adapter, windows, self.device, visit, "KCM activation norms (D2)")
+        observe_layers(self.adapter, windows, self.device, observe, "KCM activation norms (D2)")
         return [statistics[i].norms() for i in range(len(components))]
 
 

@@ -11,12 +11,12 @@ fit in the parameter budget, so attention (cheap, often redundant) and MLP block
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 from torch import nn
 
-from ..calibration import LayerInputs, feed_layer, walk_layers
+from ..calibration import observe_layers
 from ..calibration.engine import on_device
 from ..calibration.gradients import calibration_perplexity
 from ..ignoring import holds_ignored, is_ignored
@@ -116,14 +116,13 @@ class SublayerRemoval(StructuredMethod[SublayerRemovalOptions]):
             return scores
         influences: dict[tuple[int, str], BlockInfluence] = {}
 
-        def visit(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
+        def observe(index: int, layer: nn.Module) -> ContextManager[None]:
             def sink(kind: str, before: torch.Tensor, after: torch.Tensor) -> None:
                 influences.setdefault((index, kind), BlockInfluence()).add(before, after)
 
-            with self.adapter.observing_residuals(layer, sink):
-                feed_layer(self.adapter, layer, inputs)
+            return self.adapter.observing_residuals(layer, sink)
 
-        walk_layers(self.adapter, windows, self.device, visit, "Sublayer block influence")
+        observe_layers(self.adapter, windows, self.device, observe, "Sublayer block influence")
         return {unit: influences[unit].value() for unit in self.units}
 
     def _present(self, layer: nn.Module, kind: str) -> bool:

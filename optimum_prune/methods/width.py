@@ -14,12 +14,12 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ContextManager
 
 import torch
 from torch import nn
 
-from ..calibration import feed_layer, feeding_inputs, walk_layers
+from ..calibration import feeding_inputs, observe_layers
 from ..calibration.engine import on_device
 from ..calibration.gradients import calibration_gradients
 from ..options import check_choice, option
@@ -110,7 +110,7 @@ class WidthPruning(StructuredMethod[WidthOptions]):
         """Input moments of every output projection (o_proj, down_proj) on the dense model."""
         statistics: dict[nn.Linear, ColumnMoments] = {}
 
-        def visit(index: int, layer: nn.Module, inputs) -> None:
+        def observe(index: int, layer: nn.Module) -> ContextManager[None]:
             consumers = {}
             for component in self.units.components:
                 if component.layer == index:
@@ -118,10 +118,9 @@ class WidthPruning(StructuredMethod[WidthOptions]):
                         consumers[str(id(linear))] = linear
                         statistics[linear] = ColumnMoments(linear.in_features, linear.weight.device)
             sinks = {key: statistics[linear] for key, linear in consumers.items()}
-            with feeding_inputs(consumers, lambda key, x: sinks[key].add(x)):
-                feed_layer(self.adapter, layer, inputs)
+            return feeding_inputs(consumers, lambda key, x: sinks[key].add(x))
 
-        walk_layers(self.adapter, windows, self.device, visit, f"Width statistics ({self.options.criterion})")
+        observe_layers(self.adapter, windows, self.device, observe, f"Width statistics ({self.options.criterion})")
         return statistics
 
     def _scores(self, component: Component, statistics: dict[nn.Linear, ColumnMoments]) -> torch.Tensor:

@@ -265,3 +265,32 @@ def test_progress_bars_follow_transformers_switch(capfd):
     finally:
         transformers_logging.enable_progress_bar()
     assert "Pruning" not in capfd.readouterr().err
+
+
+def test_an_observing_walk_runs_each_layer_once_and_sees_what_the_next_layer_gets():
+    """Statistics walks (width, KCM, sublayers, OWL) ran every layer twice: once to feed the hooks, once to propagate."""
+    from contextlib import contextmanager
+
+    from optimum_prune.calibration import observe_layers
+
+    model = tiny_model(num_hidden_layers=3)
+    adapter = get_adapter(model)
+    calls = [0] * 3
+    for index, layer in enumerate(adapter.decoder_layers()):
+        layer.register_forward_pre_hook(lambda _m, _a, index=index: calls.__setitem__(index, calls[index] + 1))
+    seen = {}
+
+    @contextmanager
+    def observe(index, layer):
+        handle = layer.register_forward_hook(lambda _m, _a, output: seen.setdefault(index, []).append(output))
+        yield
+        handle.remove()
+
+    windows = token_windows(samples=4, seq_len=16)
+    observe_layers(adapter, windows, torch.device("cpu"), observe, "test")
+    batches = len(seen[0])
+    assert calls == [2 * batches, batches, batches]  # layer 0's first call per batch is the capture, stopped at its pre-hook
+    inputs_of_layer_1 = []
+    walk_layers(adapter, windows, torch.device("cpu"), lambda i, _l, inputs: inputs_of_layer_1.extend(inputs.hidden_states) if i == 1 else None, "t")
+    outputs = [output[0] if isinstance(output, tuple) else output for output in seen[0]]
+    assert all(torch.equal(a, b) for a, b in zip(outputs, inputs_of_layer_1))
