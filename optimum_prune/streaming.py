@@ -36,7 +36,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .calibration import CalibrationInputs, CalibrationSource, calibration_inputs, check_calibration_inputs
+from .calibration import CalibrationInputs, CalibrationSource, calibration_inputs, check_token_ids
 from .config import CONFIG_NAME, PruningConfig, as_pruning_config, readable_step
 from .models import unreadable_checkpoint
 from .report import PruningReport
@@ -385,7 +385,7 @@ def prune_checkpoint(
         inputs = calibration_inputs(
             calibration, tokenizer, None, config.num_calibration_samples, config.calibration_seq_len, config.seed
         )
-        check_calibration_inputs(model, inputs)
+        check_token_ids(model, inputs)  # refused before anything is staged; prune() warns of over-long windows, once
     with _staging(output_dir, _run_record(source, config, dtype, inputs)) as staging:
         stream = LayerStream(reader, staging, layer_names, torch.device(device or "cpu"), dtype)
         _warn_if_short_of_space(stream, reader)

@@ -677,3 +677,13 @@ def test_moe_options_on_a_dense_checkpoint_are_refused_before_any_folder_is_made
     with pytest.raises(ValueError, match="LlamaForCausalLM has none: remove them"):
         prune_checkpoint(sharded, tmp_path / "out", PruningConfig(method="magnitude", moe_options={"prune_router": True}))
     assert not (tmp_path / ".out.partial").exists() and not (tmp_path / "out").exists()
+
+
+def test_an_offloaded_run_warns_of_over_long_windows_once(sharded, tmp_path, caplog):
+    """prune_checkpoint checked the windows before staging, then prune() checked them again: two warnings."""
+    import logging
+
+    context = AutoModelForCausalLM.from_pretrained(sharded).config.max_position_embeddings
+    with caplog.at_level(logging.WARNING, logger="optimum_prune"):
+        prune_checkpoint(sharded, tmp_path / "out", CONFIGS["wanda"], calibration=token_windows(samples=2, seq_len=context + 8))
+    assert sum("longer than" in record.getMessage() for record in caplog.records) == 1
