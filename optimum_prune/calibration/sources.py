@@ -53,9 +53,16 @@ def calibration_inputs(
             )
         source = [source]  # one processed batch, e.g. a tokenizer's ``BatchEncoding``
     if is_model_batches(source):
-        samples = [row for index, batch in enumerate(source) for row in unpadded(_checked_batch(dict(batch), index))]
+        kept_whole: list[dict[str, tuple[int, ...]]] = []
+        samples = [row for index, batch in enumerate(source) for row in unpadded(_checked_batch(dict(batch), index), kept_whole)]
         if not samples:
             raise ValueError("calibration batches hold no real token: every attention_mask is all zeros")
+        if kept_whole:  # once for the source, not once per batch of a DataLoader
+            logger.warning(
+                "%d padded calibration batch(es) hold tensors without one entry per sample (the first: %s): they are used "
+                "whole, their padded positions counting in the statistics; give one processed batch per sample to avoid that",
+                len(kept_whole), kept_whole[0],
+            )  # fmt: skip
         return samples
     if tokenizer is None and processor is not None:
         tokenizer = getattr(processor, "tokenizer", None)
@@ -209,12 +216,13 @@ def as_token_windows(inputs: CalibrationInputs) -> CalibrationInputs:
     return torch.cat([batch["input_ids"] for batch in inputs])
 
 
-def unpadded(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+def unpadded(batch: dict[str, torch.Tensor], kept_whole: list[dict[str, tuple[int, ...]]]) -> list[dict[str, torch.Tensor]]:
     """A padded batch as one batch per sample holding its real tokens only, so that no statistic
     counts padding (as calibrating on unpadded samples would) and left-padded samples get the
     positions they would have alone. Tensors of per-token values (shaped like ``input_ids``) keep
     the sample's real positions; other tensors with one entry per sample (``pixel_values`` of one
-    image each, ``image_sizes``) keep the sample's entry. A batch without padding is kept whole."""
+    image each, ``image_sizes``) keep the sample's entry. A batch without padding is kept whole; a padded
+    one that cannot be split (a tensor without one entry per sample) too, its shapes added to ``kept_whole``."""
     mask = batch.get("attention_mask")
     ids = batch["input_ids"]
     if not isinstance(mask, torch.Tensor) or mask.shape != ids.shape or ids.dim() != 2 or bool(mask.all()):
@@ -222,12 +230,7 @@ def unpadded(batch: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
     samples, length = ids.shape
     splittable = all(t.shape[:2] == (samples, length) or t.shape[:1] == (samples,) for t in batch.values() if t.dim())
     if not splittable:
-        shapes = {name: tuple(t.shape) for name, t in batch.items()}
-        logger.warning(
-            "a padded calibration batch of %d samples holds tensors without one entry per sample (%s): it is used "
-            "whole, its padded positions counting in the statistics; give one processed batch per sample to avoid that",
-            samples, shapes,
-        )
+        kept_whole.append({name: tuple(t.shape) for name, t in batch.items()})
         return [batch]
     return [
         {name: _sample_part(t, index, real, (samples, length)) for name, t in batch.items()}

@@ -158,18 +158,22 @@ def test_padded_batches_calibrate_as_their_unpadded_samples(side):
 
 
 def test_unpadding_keeps_each_samples_entries_and_uses_unsplittable_batches_whole(caplog):
-    from optimum_prune.calibration.sources import unpadded
+    from optimum_prune.calibration.sources import calibration_inputs, unpadded
 
     mask = torch.tensor([[1, 1, 1], [0, 1, 1]])
     batch = {"input_ids": torch.arange(6).reshape(2, 3), "attention_mask": mask, "pixel_values": torch.arange(2.0)[:, None]}
-    first, second = unpadded(batch)
+    kept_whole = []
+    first, second = unpadded(batch, kept_whole)
     assert first["input_ids"].tolist() == [[0, 1, 2]] and second["input_ids"].tolist() == [[4, 5]]
     assert second["attention_mask"].tolist() == [[1, 1]] and second["pixel_values"].tolist() == [[1.0]]
     unpadded_batch = {**batch, "attention_mask": torch.ones_like(mask)}
-    assert [b is unpadded_batch for b in unpadded(unpadded_batch)] == [True]
+    assert [b is unpadded_batch for b in unpadded(unpadded_batch, kept_whole)] == [True] and not kept_whole
     two_images_each = {**batch, "pixel_values": torch.zeros(4, 1)}
-    assert [b is two_images_each for b in unpadded(two_images_each)] == [True]
-    assert "its padded positions counting in the statistics" in caplog.text
+    assert [b is two_images_each for b in unpadded(two_images_each, kept_whole)] == [True]
+    assert kept_whole == [{"input_ids": (2, 3), "attention_mask": (2, 3), "pixel_values": (4, 1)}]
+    calibration_inputs([two_images_each] * 5, None, None, 8, 16, 0)  # a DataLoader's batches: one warning, not five
+    warnings = [record.getMessage() for record in caplog.records if "padded positions counting" in record.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith("5 padded calibration batch(es)")
 
 
 def test_methods_calibrating_on_windows_take_a_tokenised_dataset_of_equal_unpadded_rows():
