@@ -189,6 +189,7 @@ def prune(
         model.train(was_training)
         trainable.restore(model)
     report.seconds = time.perf_counter() - started
+    report.warn_unrouted()
     report.peak_memory_bytes, report.peak_memory_kind = _peak_memory(device)
     if not peak_is_the_runs:  # where the high-water mark cannot be reset (macOS, Windows)
         report.peak_memory_kind += " since the process started"

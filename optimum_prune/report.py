@@ -142,7 +142,15 @@ class PruningReport:
         """Expert linears no calibration token reached, and what ``moe_options.unrouted_experts`` did with them."""
         self.unrouted += names
         self.unrouted_policy = policy
-        logger.warning("%d expert linears received no calibration token (%s): %s", len(names), policy, ", ".join(names))
+
+    def warn_unrouted(self) -> None:
+        """One warning for the run (``unrouted`` names them all): a line per layer listing each linear was a page
+        on a 32-layer MoE."""
+        if self.unrouted:
+            logger.warning(
+                "%d expert linears received no calibration token (%s); PruningReport.unrouted names them, e.g. %s",
+                len(self.unrouted), self.unrouted_policy, self.unrouted[0],
+            )  # fmt: skip
 
     def _calibration_kind(self) -> str:
         if not self.multimodal or not self.calibration_tokens:

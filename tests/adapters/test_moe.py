@@ -3,6 +3,8 @@ random configs of the real transformers classes (Mixtral, Qwen2-MoE, Qwen3-MoE, 
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 from torch.nn import functional as F
@@ -155,11 +157,14 @@ def test_unweighted_statistics_option():
 
 
 @pytest.mark.parametrize("policy", ["magnitude", "dense"])
-def test_experts_without_calibration_tokens_are_reported_and_handled(policy):
+def test_experts_without_calibration_tokens_are_reported_and_handled(policy, caplog):
     model = tiny_moe(num_local_experts=8)
     windows = token_windows(samples=1, seq_len=2)  # 2 tokens × top-2: at most 4 of 8 experts routed per layer
     config = PruningConfig(method="sparsegpt", sparsity=0.5, moe_options={"unrouted_experts": policy})
-    report = prune(model, config, calibration=windows)
+    with caplog.at_level(logging.WARNING, logger="optimum_prune"):
+        report = prune(model, config, calibration=windows)
+    warnings = [record.getMessage() for record in caplog.records if "received no calibration token" in record.getMessage()]
+    assert len(warnings) == 1 and warnings[0].startswith(f"{len(report.unrouted)} expert linears")  # one for the run, not one per layer
     assert len(report.unrouted) >= 2 * 4 * 3  # ≥ 4 experts × 3 linears × 2 layers
     experts = {name.rsplit(".", 1)[0] for name in report.unrouted}
     assert len(report.unrouted) == 3 * len(experts)  # an expert without tokens is reported with all its linears
