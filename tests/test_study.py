@@ -200,6 +200,21 @@ def test_outputs_need_no_dense_point(model_dir, tmp_path):
     assert "the largest checkpoint" in (tmp_path / "REPORT.md").read_text()
 
 
+def test_plots_leave_the_callers_matplotlib_backend_as_it_was(tmp_path):
+    """pyplot with matplotlib.use("Agg") switched a notebook's backend; a bare Figure renders by itself."""
+    import subprocess
+
+    pytest.importorskip("matplotlib")
+    script = (
+        "import sys, matplotlib; matplotlib.use('svg'); from optimum_prune.study.outputs import plot_redundancy; "
+        "plot_redundancy({'block_influence': [0.1, 0.2, 0.3], 'angular_distance': [[0.1, 0.2], [0.3]]}, sys.argv[1] + '/r.png'); "
+        "assert matplotlib.get_backend() == 'svg', matplotlib.get_backend()"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "r.png").stat().st_size > 0
+
+
 def test_sparse_format_bytes_counts_a_bitmap_and_the_kept_values():
     from optimum_prune.study.measure import sparse_format_bytes
 

@@ -9,7 +9,7 @@ import json
 import logging
 import platform
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -70,7 +70,7 @@ def write_outputs(results: StudyResults, output: str | Path, command: str) -> No
             plot_redundancy(results.redundancy, output / "redundancy.png")
             plots.append("redundancy.png")
     except ImportError as error:  # matplotlib is the [plot] extra: the report is written without figures
-        logger.warning("no plots (%s); pip install 'optimum-prune[plot]' for them", error)
+        logger.warning("no plots: %s", error)
     write_text_atomic(output / "REPORT.md", report(results, command, plots))
 
 
@@ -171,21 +171,20 @@ def _size(size: int, reference: int) -> str:
     return f"{size / 2**20:.1f} MiB ({size / reference:.0%})"
 
 
-def _pyplot():
+def _figure(**options: Any) -> Any:
+    """A bare matplotlib ``Figure``: it renders with Agg by itself, where ``pyplot`` with ``matplotlib.use("Agg")``
+    switched the caller's backend (a notebook's inline plots)."""
     try:
-        import matplotlib
+        from matplotlib.figure import Figure
     except ImportError:
         raise MissingDependency("study plots need matplotlib: pip install 'optimum-prune[plot]'") from None
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    return pyplot
+    return Figure(**options)
 
 
 def plot_pareto(rows: list[StudyRow], path: Path) -> None:
     """Perplexity (log) against each size measure, every point drawn and the front joined and labelled."""
-    pyplot = _pyplot()
-    figure, axes = pyplot.subplots(1, len(SIZE_MEASURES), figsize=(7 * len(SIZE_MEASURES), 5.5), squeeze=False)
+    figure = _figure(figsize=(7 * len(SIZE_MEASURES), 5.5))
+    axes = figure.subplots(1, len(SIZE_MEASURES), squeeze=False)
     for axis, (measure, description) in zip(axes[0], SIZE_MEASURES.items()):
         front = pareto_front(rows, _measure(measure), _perplexity)
         axis.scatter([r.result[measure] / 2**20 for r in rows], [r.result["perplexity"] for r in rows], color="tab:gray", s=18)
@@ -199,15 +198,14 @@ def plot_pareto(rows: list[StudyRow], path: Path) -> None:
         axis.set_title(description, fontsize=9)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    pyplot.close(figure)
 
 
 def plot_redundancy(redundancy: dict[str, list], path: Path) -> None:
     """Block Influence per layer, and the angular distance from layer ℓ to ℓ+n as a heat-map: low
     values are the layers (and runs of layers) depth pruning removes first."""
-    pyplot = _pyplot()
     influence, distances = redundancy["block_influence"], redundancy["angular_distance"]
-    figure, (top, bottom) = pyplot.subplots(2, 1, figsize=(9, 8), gridspec_kw={"height_ratios": [1, 2]})
+    figure = _figure(figsize=(9, 8))
+    top, bottom = figure.subplots(2, 1, gridspec_kw={"height_ratios": [1, 2]})
     top.bar(range(len(influence)), influence, color="tab:blue")
     top.set_title("Block Influence (1 − cos(input, output)) per decoder layer")
     top.set_xlabel("layer")
@@ -222,4 +220,3 @@ def plot_redundancy(redundancy: dict[str, list], path: Path) -> None:
     bottom.set_title("Angular distance between the inputs of layers ℓ and ℓ+n (last token)")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
-    pyplot.close(figure)
