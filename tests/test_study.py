@@ -132,7 +132,10 @@ def test_sweep_measures_resumes_and_reruns_missing_or_corrupt_points(model_dir, 
 
 def test_same_seed_gives_same_numbers_and_a_new_protocol_reruns(model_dir, tmp_path):
     grid = small_grid(model_dir, pruning=[{"method": "wanda", "sweep": {"sparsity": [0.5]}}], quantization=["none"])
+    torch.manual_seed(123)
+    callers_stream = torch.random.get_rng_state()
     one = run_study(StudyGrid.from_dict(grid), tmp_path / "one", device="cpu")
+    assert torch.equal(torch.random.get_rng_state(), callers_stream)  # it was reset to the grid's seed
     two = run_study(StudyGrid.from_dict(grid), tmp_path / "two", device="cpu")
     assert one.rows[0].result["perplexity"] == two.rows[0].result["perplexity"]
     reseeded = run_study(StudyGrid.from_dict({**grid, "seed": 1}), tmp_path / "one", device="cpu")

@@ -33,9 +33,15 @@ def measure_point(point: StudyPoint, protocol: Protocol, device: torch.device, l
     """PPL, stored and sparse-format bytes, parameters, pruning/quantization seconds (and latency) of ``point``.
 
     Raises ``ValueError`` when the point cannot be built (e.g. quanto refusing a non-uniform
-    structured model); the runner records that as the point's result.
+    structured model); the runner records that as the point's result. The point runs on its own seeded
+    random stream; the caller's is left as it was.
     """
-    torch.manual_seed(protocol.seed)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(protocol.seed)
+        return _measured(point, protocol, device, latency_device)
+
+
+def _measured(point: StudyPoint, protocol: Protocol, device: torch.device, latency_device: torch.device | None) -> dict[str, Any]:
     model, tokenizer = load(protocol)
     model.to(device)
     config = point.config()
