@@ -18,6 +18,7 @@ import logging
 import sys
 from typing import Sequence
 
+from optimum_prune.cli import exiting_on_sigterm
 from optimum_prune.dependencies import MissingDependency
 
 from .compat import INSTALL_HINT
@@ -70,12 +71,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     try:
-        if options.command == "train":
-            stages.run_train(args, section, training)
-        elif options.command == "export":
-            stages.run_export(args)
-        else:
-            stages.run_interactive(options.command, args)
+        with exiting_on_sigterm():
+            if options.command == "train":
+                stages.run_train(args, section, training)
+            elif options.command == "export":
+                stages.run_export(args)
+            else:
+                stages.run_interactive(options.command, args)
     except (ValueError, MissingDependency) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     return 0

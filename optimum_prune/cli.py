@@ -14,10 +14,13 @@ import argparse
 import json
 import logging
 import re
+import signal
 import sys
+import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -290,10 +293,26 @@ def run_or_exit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     """``run``, turning a bad request into one error line and exit status 2, like argparse does."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        return run(args)
+        with exiting_on_sigterm():
+            return run(args)
     except (ValueError, TypeError, MissingDependency) as error:
         message = str(error) if args.config is not None else _in_flags(str(error))  # --config's errors name its fields
         parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+
+@contextmanager
+def exiting_on_sigterm() -> Iterator[None]:
+    """SIGTERM (docker stop, Slurm, Kubernetes) as an exit while a command runs, so that its ``with`` and ``finally``
+    blocks run: Python's default ends the process without them, leaving a temporary folder of calibration
+    activations (gigabytes) and staged outputs behind. Ctrl-C already unwinds so."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield  # signals go to the main thread; a handler someone else installed stays theirs
+        return
+    signal.signal(signal.SIGTERM, lambda number, _frame: sys.exit(128 + number))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 # The recipe flag that sets each config field, for errors raised by PruningConfig.

@@ -1,6 +1,8 @@
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -291,3 +293,25 @@ def test_eval_file_reads_records_as_calibration_does(model_dir, tmp_path, capsys
     with pytest.raises(SystemExit):
         main([*arguments, "--eval-file", str(tmp_path / "no_text.jsonl"), "--output", str(tmp_path / "other")])
     assert "without a 'text' column" in capsys.readouterr().err
+
+
+def test_sigterm_unwinds_and_removes_the_activation_folder(model_dir, tmp_path):
+    """docker stop / Slurm send SIGTERM, whose default ended the process with the disk activations left in TMPDIR."""
+    script = (
+        "import os, signal, sys\n"
+        "from optimum_prune.calibration import engine\n"
+        "original = engine.run_layer\n"
+        "def terminated(*args):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return original(*args)\n"
+        "engine.run_layer = terminated\n"
+        "from optimum_prune.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    arguments = ["--model", str(model_dir), "--method", "wanda", "--calibration-samples", "2", "--seq-len", "16",
+                 "--activation-device", "disk", "--output", str(tmp_path / "out")]  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", script, *arguments], capture_output=True, text=True, env={**os.environ, "TMPDIR": str(temporary)})
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr
+    assert not list(temporary.iterdir()) and not (tmp_path / "out").exists()

@@ -8,6 +8,7 @@ import shlex
 from pathlib import Path
 from typing import Sequence
 
+from ..cli import exiting_on_sigterm
 from ..dependencies import MissingDependency
 from .grid import StudyGrid
 from .outputs import write_outputs
@@ -33,7 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     output = args.output or args.grid.with_suffix("")
     try:
         grid = StudyGrid.from_yaml(args.grid)
-        results = run_study(grid, output, device=args.device)
+        with exiting_on_sigterm():
+            results = run_study(grid, output, device=args.device)
     except (ValueError, TypeError, MissingDependency) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     command = shlex.join(["optimum-prune", "study", *(argv if argv is not None else [])])
