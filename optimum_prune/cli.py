@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
+from transformers.utils.logging import disable_progress_bar
 
 from .allocation import ALLOCATIONS
 from .api import check_activation_device, check_device, prune
@@ -210,6 +211,9 @@ def run(args: argparse.Namespace) -> int:
         return _run_offloaded(args, config)
     dtype = DTYPES[args.dtype or "float32"]
     launched_device = init_from_launcher()  # torchrun / accelerate launch: calibration is split across processes
+    if world()[0] != 0:  # every process prunes alike: the first one's warnings and bars say it once
+        logging.getLogger("optimum_prune").setLevel(logging.ERROR)
+        disable_progress_bar()
     if args.model is None:
         rank_zero_first(default_model_path)  # the first use converts the embedded model into the shared cache
     model, tokenizer = load_model(args.model, dtype) if args.model else load_default_model(dtype)
