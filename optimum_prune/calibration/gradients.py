@@ -41,9 +41,12 @@ def with_loss_scale(model: nn.Module, run: Callable[[float], Result | None]) -> 
     while (result := run(scale)) is None:
         if scale == 1:
             dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+            wider = (
+                f"prune it in float32 (model.float()){' or bfloat16' if half else ''}" if dtype in (torch.float16, torch.bfloat16)
+                else "look for non-finite weights, or method options that scale the loss (a temperature)"
+            )
             raise ValueError(
-                f"the calibration gradients are not finite even at loss scale 1: the model's gradient pass overflows in "
-                f"{dtype}; prune it in float32 (model.float()){' or bfloat16' if half else ''}"
+                f"the calibration gradients are not finite even at loss scale 1: the model's gradient pass overflows in {dtype}; {wider}"
             )
         logger.warning("fp16 gradients overflowed at loss scale %g: running the pass again at %g", scale, max(scale / 16, 1.0))
         scale = max(scale / 16, 1.0)

@@ -185,6 +185,8 @@ def experts_to_keep(adapter: Any, sparsity: float, requested: int) -> int:
     total = counts.pop()
     keep = requested or round(total * (1 - sparsity))
     top_k = adapter.experts_per_token(adapter.moe_block(layers[0]))
+    if top_k >= total:
+        raise ValueError(f"the router picks top-{top_k} of {total} experts per layer: none can be removed")
     if not top_k <= keep < total:
         raise ValueError(
             f"keeping {keep} of {total} experts per layer is not possible: the router picks top-{top_k}, so keep "

@@ -94,8 +94,10 @@ class MPOE(StructuredMethod[MPOEOptions]):
                         raise ValueError(f"mpoe decomposes bias-free expert linears; {name} of layer {index} has a bias")
                     self.groups.append(_Group(index, name, factorize(linear.out_features), factorize(linear.in_features), len(experts)))
         if not self.groups:
-            dense = not any(self.adapter.experts(layer) for layer in self.adapter.decoder_layers())
-            raise (UnsupportedArchitecture if dense else ValueError)(
+            experts = [expert for layer in self.adapter.decoder_layers() for expert in self.adapter.experts(layer)]
+            if any(isinstance(module, MPOLinear) for expert in experts for module in expert.children()):
+                raise ValueError("mpoe has already decomposed this model's experts into shared matrix product operators")
+            raise (ValueError if experts else UnsupportedArchitecture)(
                 f"mpoe shares tensors across the experts of mixture-of-experts layers; {type(self.adapter.model).__name__} has "
                 "none with two or more experts (use a Mixtral-style model)"
             )

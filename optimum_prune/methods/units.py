@@ -109,8 +109,8 @@ class UnitPlan:
         if budget > reachable:
             raise ValueError(
                 f"PruningConfig.sparsity {self.sparsity} asks for {budget:,.0f} parameters but components="
-                f"{self.kinds!r} (head_mode={self.head_mode!r}) can remove at most "
-                f"{reachable:,} ({reachable / total:.1%}) while keeping one head per group and one channel per layer; "
+                f"{self.kinds!r}, removing {'query heads' if self.head_mode == 'query' else 'whole key/value groups'}, can "
+                f"remove at most {reachable:,} ({reachable / total:.1%}) while keeping one head per group and one channel per layer; "
                 "lower the sparsity or prune more components"
             )
         if self.ranking == "layer":

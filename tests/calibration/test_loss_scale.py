@@ -111,7 +111,7 @@ def test_only_fp16_models_are_scaled_and_each_overflow_divides_the_scale_by_16()
     assert gradients.overflowed([1.0, torch.tensor([0.0, float("nan")])]) and not gradients.overflowed([1.0, torch.ones(2)])
     # Still not finite at scale 1 (the fp16 double backward of the sensitivity allocation did): what would be ranked
     # by is not a number, which sorted() took in the input order
-    for dtype, hint in ((torch.float16, r"overflows in torch.float16; prune it in float32 \(model.float\(\)\) or bfloat16"), (torch.float32, "overflows in torch.float32")):
+    for dtype, hint in ((torch.float16, r"overflows in torch.float16; prune it in float32 \(model.float\(\)\) or bfloat16"), (torch.float32, "overflows in torch.float32; look for non-finite weights, or method options that scale the loss")):
         scales.clear()
         with pytest.raises(ValueError, match=f"not finite even at loss scale 1: the model's gradient pass {hint}"):
             gradients.with_loss_scale(model.to(dtype), lambda scale: scales.append(scale))

@@ -142,6 +142,13 @@ def test_impossible_expert_counts_are_clear_errors(options, message):
         prune(tiny_moe(), PruningConfig(method="experts", method_options=options), calibration=token_windows(2, 8))
 
 
+def test_a_model_with_as_many_experts_as_the_router_picks_has_none_to_remove():
+    model = tiny_moe()
+    prune(model, PruningConfig(method="experts", method_options={"num_experts": 2}), calibration=token_windows(2, 8))
+    with pytest.raises(ValueError, match="the router picks top-2 of 2 experts per layer: none can be removed"):  # "between 2 and 1"
+        prune(model, PruningConfig(method="experts"), calibration=token_windows(2, 8))
+
+
 def test_dense_models_are_refused():
     from ..conftest import tiny_model
 

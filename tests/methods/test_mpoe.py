@@ -114,6 +114,13 @@ def test_merging_experts_factorised_by_mpoe_is_refused():
         prune(model, PruningConfig(method="merge_experts", sparsity=0.5), calibration=token_windows())
 
 
+def test_decomposing_decomposed_experts_again_says_so():
+    model = tiny_moe()
+    prune(model, PruningConfig(method="mpoe", sparsity=0.3))
+    with pytest.raises(ValueError, match="already decomposed this model's experts"):  # it said "use a Mixtral-style model"
+        prune(model, PruningConfig(method="mpoe", sparsity=0.3))
+
+
 def test_bad_requests_name_the_field():
     with pytest.raises(ValueError, match="bond_dimension must be >= 0"):
         PruningConfig(method="mpoe", method_options={"bond_dimension": -1})

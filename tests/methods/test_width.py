@@ -154,7 +154,7 @@ def test_ignored_components_keep_their_width():
 @pytest.mark.parametrize(
     "options, sparsity, message",
     [
-        ({"components": "attention", "head_mode": "kv_group"}, 0.5, "can remove at most"),
+        ({"components": "attention", "head_mode": "kv_group"}, 0.5, "components='attention', removing whole key/value groups, can remove at most"),
         ({"components": "mlp"}, 0.9, "one channel per layer"),
         ({"components": "attention"}, 0.2, "keeping one head per group"),
     ],
