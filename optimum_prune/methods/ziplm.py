@@ -38,7 +38,7 @@ Adaptations and limits:
   calibration of SparseGPT), so each update also compensates the error of the layers below.
 - Grouped-query attention: a head structure is a key/value group with its query heads, so any
   count keeps a valid layout; its key/value rows go with it.
-- Memory: one Hessian per output projection at a time (down_proj: intermediate² float64 values);
+- Memory: one layer's output-projection Hessians at a time (down_proj: intermediate² float64 values);
   the greedy pass costs intermediate² operations per removed channel. The SPDY search keeps every
   output projection's Hessian in host memory as float32 (Σ in_features² × 4 bytes: 0.3 GB for
   SmolLM2-135M, 18 GB for Llama-2-7B) and scores each candidate with a forward pass of the whole
@@ -49,15 +49,16 @@ from __future__ import annotations
 
 import copy
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from transformers.utils.logging import tqdm
 
-from ..calibration import LayerInputs, capture_first_layer_inputs, feed_layer, walk_layers
+from ..calibration import LayerInputs, capture_first_layer_inputs, feed_layer, observe_layers, walk_layers
 from ..calibration.engine import on_device
 from ..calibration.gradients import calibration_perplexity
 from ..options import check_choice, option
@@ -203,12 +204,13 @@ class ZipLM(StructuredMethod[ZipLMOptions]):
         """Relative output error of every level of every component, on the dense model's inputs (with
         ``keep_database``, also the removal order and H that rebuild each level for the search)."""
 
-        def visit(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
-            for component, level in zip(components, levels):
-                if component.layer != index:
-                    continue
-                projection = output_projection(self.adapter, layer, component)
-                hessian = _input_hessian(self.adapter, layer, projection, inputs)
+        @contextmanager
+        def observe(index: int, layer: nn.Module) -> Iterator[None]:
+            here = [(component, level) for component, level in zip(components, levels) if component.layer == index]
+            hessians = _InputHessians([output_projection(self.adapter, layer, component) for component, _ in here])
+            with hessians.recording():
+                yield
+            for (component, level), (projection, hessian) in zip(here, hessians.items()):
                 _, order, losses = greedy_obs(projection.weight.detach(), hessian, group_columns(self.adapter, layer, component),
                                               self.options.dampening, component.removable, with_losses=True)  # fmt: skip
                 if keep_database:
@@ -217,7 +219,7 @@ class ZipLM(StructuredMethod[ZipLMOptions]):
                 cumulative = torch.cat([torch.zeros(1, dtype=torch.float64), losses.cumsum(0)]) / max(dense_energy, 1e-30)
                 level.errors = [1.0 if r > component.removable else float(cumulative[r]) for r in level.removed]
 
-        walk_layers(self.adapter, windows, self.device, visit, "ZipLM error database")  # nothing is cut: dense inputs
+        observe_layers(self.adapter, windows, self.device, observe, "ZipLM error database")  # nothing is cut: dense inputs
 
     # --- SPDY search -----------------------------------------------------------------------
 
@@ -448,20 +450,39 @@ def choose_levels(levels: list[_Levels], budget: float, buckets: int = DP_BUCKET
 
 def _input_hessian(adapter: Any, layer: nn.Module, projection: nn.Linear, inputs: LayerInputs) -> torch.Tensor:
     """H = 2XXᵀ/n of the projection's inputs while the layer runs on ``inputs`` (float64)."""
-    hessian = torch.zeros(projection.in_features, projection.in_features, dtype=torch.float64, device=projection.weight.device)
-    tokens = [0]
-
-    def record(_module: nn.Module, args: tuple) -> None:
-        x = args[0].detach().double().reshape(-1, projection.in_features)
-        hessian.add_(x.T @ x)
-        tokens[0] += x.shape[0]
-
-    handle = projection.register_forward_pre_hook(record)
-    try:
+    hessians = _InputHessians([projection])
+    with hessians.recording():
         feed_layer(adapter, layer, inputs)
-    finally:
-        handle.remove()
-    return hessian * (2 / max(tokens[0], 1))
+    return next(hessians.items())[1]
+
+
+class _InputHessians:
+    """H = 2XXᵀ/n (float64) of each projection's inputs, summed while ``recording`` over the runs of its layer."""
+
+    def __init__(self, projections: list[nn.Linear]) -> None:
+        self.sums = {
+            projection: torch.zeros(projection.in_features, projection.in_features, dtype=torch.float64, device=projection.weight.device)
+            for projection in projections
+        }
+        self.tokens = dict.fromkeys(projections, 0)
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        def record(projection: nn.Module, args: tuple) -> None:
+            x = args[0].detach().double().reshape(-1, projection.in_features)
+            self.sums[projection].add_(x.T @ x)
+            self.tokens[projection] += x.shape[0]
+
+        handles = [projection.register_forward_pre_hook(record) for projection in self.sums]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def items(self) -> Iterator[tuple[nn.Linear, torch.Tensor]]:
+        for projection, summed in self.sums.items():
+            yield projection, summed * (2 / max(self.tokens[projection], 1))
 
 
 def _shape_key(adapter: Any, layer: nn.Module, component: Component) -> tuple:
