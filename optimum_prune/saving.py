@@ -59,8 +59,10 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     remove_leftovers(target)
     staging = claimed_folder(target, "staging")
     # mkdtemp's 0700 would make the saved checkpoint unreadable to other users; a setgid parent's bit (files in the
-    # project's group), which mkdtemp inherited, stays.
-    staging.chmod((0o777 & ~_umask()) | (staging.stat().st_mode & stat.S_ISGID))
+    # project's group), which mkdtemp inherited, stays. An output replaced keeps its own mode (a user's chmod), as
+    # save_pretrained writing into it does.
+    kept = stat.S_IMODE(target.stat().st_mode) if target.is_dir() else None
+    staging.chmod(kept if kept is not None else (0o777 & ~_umask()) | (staging.stat().st_mode & stat.S_ISGID))
     try:
         with held_exclusively(staging):  # while it is written: no other save takes it for a killed save's leftover
             yield staging

@@ -394,6 +394,9 @@ def test_the_saved_directory_is_as_readable_as_save_pretrained_makes_it(tmp_path
     finally:
         os.umask(mask)
     assert (tmp_path / "group").stat().st_mode & 0o777 == 0o750
+    (tmp_path / "group").chmod(0o700)  # a user's choice for this output: saving again keeps it, as save_pretrained does
+    save_pruned(tiny_model(), tmp_path / "group")
+    assert (tmp_path / "group").stat().st_mode & 0o777 == 0o700
 
 
 def test_a_setgid_parent_gives_its_bit_as_save_pretrained_does(tmp_path):
