@@ -133,10 +133,17 @@ class PruningConfig:
                 f"PruningConfig.allocation / parts: method {self.method!r} chooses per-layer sparsity itself from one "
                 "threshold across the language model's layers; use allocation='uniform' and no other parts"
             )
+        if spec.pruner is not None and not spec.needs_calibration(self.build_method_options()):
+            routed = {"expert_sparsity='load'": moe.expert_sparsity == "load", "routing_weighted=False": not moe.routing_weighted,
+                      f"unrouted_experts={moe.unrouted_experts!r}": moe.unrouted_experts != MoEOptions().unrouted_experts}  # fmt: skip
+            given = [setting for setting, is_set in routed.items() if is_set]
+            if given:
+                raise ValueError(
+                    f"PruningConfig.moe_options.{given[0]} reads the routing of calibration tokens; method {self.method!r} "
+                    "takes none (use wanda or sparsegpt)"
+                )
         if moe.expert_sparsity == "load" and spec.pruner is not None:
             where = "PruningConfig.moe_options.expert_sparsity='load'"
-            if not spec.needs_calibration(self.build_method_options()):
-                raise ValueError(f"{where} reads the routing of calibration tokens; method {self.method!r} takes none (use wanda or sparsegpt)")
             if patterns:
                 raise ValueError(
                     f"{where} varies sparsity per expert and cannot be combined with the N:M pattern {patterns[0]!r}; use "

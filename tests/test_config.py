@@ -177,7 +177,7 @@ def test_a_field_of_the_wrong_type_is_named(fields, message):
         (dict(method="mask_search", method_options={"tune": False, "damping": 0.5}), "damping applies only with tune=True, not tune=False"),
         (dict(method="kcm", method_options={"tune": False, "damping": 0.5}), "damping applies only with tune=True"),
         (dict(method="kprune", method_options={"tune": False, "damping": 0.5}), "damping applies only with tune=True"),
-        (dict(method="kprune", method_options={"components": "mlp", "head_weight": 8.0}), "head_weight applies only with components='all' or 'attention'"),
+        (dict(method="kprune", method_options={"components": "mlp", "head_weight": 8.0}), "head_weight applies only with components='all'"),
         (dict(method="width", method_options={"components": "mlp", "head_mode": "kv_group"}), "head_mode applies only with components='all' or 'attention'"),
         (dict(method="ziplm", method_options={"target": "parameters", "latency_tokens": 64}), "latency_tokens applies only with target='latency'"),
         (dict(method="wanda", moe_options={"expert_deviation": 0.3}), "moe_options.expert_deviation applies only with expert_sparsity='load'"),

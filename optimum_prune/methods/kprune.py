@@ -59,6 +59,7 @@ Adaptation to decoders (the paper prunes BERT and DistilBERT):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,6 +82,9 @@ from .units import Component, layer_parameters, group_columns, group_units, outp
 MIN_TOKENS_PER_COLUMN = 8
 
 
+PREDICTIVE_OPTIONS = ("temperature", "teacher_top_k", "predictive_gradient")  # what the predictive-knowledge score reads
+
+
 @dataclass(frozen=True)
 class KPruneOptions:
     components: str = option("all", "What to prune: 'all' (attention heads and MLP channels), 'attention' or 'mlp'.")
@@ -88,7 +92,7 @@ class KPruneOptions:
     predictive_weight: float = option(1.0, "λ_pred, weight of the predictive-knowledge score (paper: 1).")
     representational_weight: float = option(2.5e-4, "λ_rep, weight of the representational-knowledge score (paper's scripts: 2.5e-4).")
     head_weight: float = option(
-        64.0, "μ, multiplier of head scores against channel scores (paper: 64).", applies_when={"components": ("all", "attention")}
+        64.0, "μ, multiplier of head scores against channel scores (paper: 64).", applies_when={"components": ("all",)}
     )
     predictive_gradient: str = option(
         "sampled", "Gradient squared for Z_pred: 'sampled' (−log-likelihood of tokens drawn from the dense model; informative while the "
@@ -114,6 +118,13 @@ class KPruneOptions:
             raise ValueError("method_options.predictive_weight and representational_weight are both 0: every unit would score 0; keep one > 0")
         if self.teacher_top_k < 1:
             raise ValueError(f"method_options.teacher_top_k must be a positive number of tokens, got {self.teacher_top_k}")
+        if self.predictive_weight == 0:  # applies_when cannot say "when a number is not 0"
+            ignored = [spec.name for spec in dataclasses.fields(self) if spec.name in PREDICTIVE_OPTIONS and getattr(self, spec.name) != spec.default]
+            if ignored:
+                raise ValueError(
+                    f"method_options.{ignored[0]} shapes the predictive-knowledge score, which predictive_weight=0 leaves out: "
+                    "it would be ignored, so remove it"
+                )
 
 
 @register_structured_method("kprune", options=KPruneOptions)

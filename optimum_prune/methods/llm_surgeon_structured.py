@@ -47,7 +47,9 @@ from .units import Component, layer_parameters, group_columns, group_units, outp
 class LLMSurgeonStructuredOptions:
     components: str = option("all", "What to prune: 'all' (key/value groups and MLP channels), 'attention' or 'mlp'.")
     shots: int = option(5, "Shots of the linear schedule, the curvature re-estimated before each (paper's structured runs: 40).")
-    damp_g: float = option(0.01, "Damping of G relative to its mean diagonal (paper: 0.01).")
+    damp_g: float = option(
+        0.01, "Damping of G relative to its mean diagonal (paper: 0.01); G is inverted for rows only.", applies_when={"coupling": ("all",)}
+    )
     damp_a: float = option(0.01, "Damping of A relative to its mean diagonal (paper: 0.01).")
     coupling: str = option(
         "output",

@@ -79,7 +79,9 @@ class ZipLMOptions:
     )
     components: str = option("all", "What to prune: 'all' (attention heads and MLP channels), 'attention' or 'mlp'.")
     remove_sublayers: bool = option(True, "Allow a sublayer's last structure to go too (the whole attention or MLP block is removed).")
-    round_to: int = option(32, "MLP widths of the level grid are multiples of this (ZipLM's Llama code: 32).")
+    round_to: int = option(
+        32, "MLP widths of the level grid are multiples of this (ZipLM's Llama code: 32).", applies_when={"components": ("all", "mlp")}
+    )
     dampening: float = option(0.01, "λ added to the Hessian diagonal as a fraction of its mean diagonal (ZipLM: 1%).")
     latency_tokens: int = option(512, "Prefill length at which the latency table is measured.", applies_when={"target": ("latency",)})
     latency_repeats: int = option(

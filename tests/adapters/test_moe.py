@@ -258,8 +258,9 @@ def test_router_hints_give_experts_of_equal_load_the_same_sparsity():
 
 
 def test_router_hints_refuse_what_they_cannot_do():
-    with pytest.raises(ValueError, match="reads the routing of calibration tokens"):  # when the config is made
-        PruningConfig(method="magnitude", sparsity=0.5, moe_options={"expert_sparsity": "load"})
+    for moe_options in ({"expert_sparsity": "load"}, {"routing_weighted": False}, {"unrouted_experts": "dense"}):  # the last two were ignored
+        with pytest.raises(ValueError, match="reads the routing of calibration tokens; method 'magnitude' takes none"):  # when the config is made
+            PruningConfig(method="magnitude", sparsity=0.5, moe_options=moe_options)
     with pytest.raises(ValueError, match="cannot be combined with the N:M pattern '2:4'; use a float sparsity"):
         PruningConfig(method="wanda", sparsity="2:4", moe_options={"expert_sparsity": "load"})
     with pytest.raises(ValueError, match="expert_deviation"):

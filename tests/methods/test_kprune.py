@@ -102,5 +102,10 @@ def test_bad_requests_name_the_field():
         PruningConfig(method="kprune", method_options={"temperature": 0})
     with pytest.raises(ValueError, match="teacher_top_k"):
         PruningConfig(method="kprune", method_options={"teacher_top_k": 0})
+    # Options that change nothing where they were accepted: every candidate is a head, or no predictive score
+    with pytest.raises(ValueError, match=r"head_weight applies only with components='all', not components='attention'"):
+        PruningConfig(method="kprune", method_options={"components": "attention", "head_weight": 8.0})
+    with pytest.raises(ValueError, match="temperature shapes the predictive-knowledge score, which predictive_weight=0 leaves out"):
+        PruningConfig(method="kprune", method_options={"predictive_weight": 0.0, "temperature": 1.0})
     with pytest.raises(ValueError, match="can remove at most"):
         prune(tiny_model(), PruningConfig(method="kprune", sparsity=0.99), calibration=token_windows())

@@ -51,6 +51,8 @@ def test_hits_the_budget_keeps_a_valid_gqa_layout_and_reloads(tmp_path, coupling
 def test_bad_requests_name_the_field():
     with pytest.raises(ValueError, match="damp_a must be > 0"):
         PruningConfig(method="llm_surgeon_structured", method_options={"damp_a": 0})
+    with pytest.raises(ValueError, match="damp_g applies only with coupling='all'"):  # G is inverted for rows only: ignored
+        PruningConfig(method="llm_surgeon_structured", method_options={"damp_g": 0.5})
     with pytest.raises(ValueError, match="can remove at most"):
         prune(tiny_model(), PruningConfig(method="llm_surgeon_structured", sparsity=0.99), calibration=token_windows())
 
