@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .config import SECTION as PRUNING
         from .config import read_yaml, split_pruning
         from .training import TrainingSections
-    except ImportError as error:
+    except ModuleNotFoundError as error:  # a package not installed (another ImportError is a bug to see whole)
         parser.exit(2, f"{parser.prog}: error: llamafactory-prune needs the [llamafactory] extra ({error}); {INSTALL_HINT}\n")
     try:
         args = read_yaml(options.config, options.overrides)

@@ -127,13 +127,22 @@ def _parse_options(pairs: Sequence[str], flag: str, options_cls: type | None) ->
         if not sep or not name:
             raise ValueError(f"{flag} expects NAME=VALUE, got {pair!r}")
         if name in text_options:
-            options[name] = None if value == "null" else value
+            options[name] = _text_or_json_string(value)
             continue
         try:
             options[name] = json.loads(value)
         except json.JSONDecodeError:
             options[name] = _number_flag_or_text(value)
     return options
+
+
+def _text_or_json_string(value: str) -> str | None:
+    """A text option's value: as typed, or a JSON string (``"layer"``, as ``--help`` prints defaults) or ``null``."""
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        return value
+    return parsed if parsed is None or isinstance(parsed, str) else value
 
 
 def _number_flag_or_text(value: str) -> bool | float | str:

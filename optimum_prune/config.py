@@ -247,15 +247,17 @@ class PruningConfig:
 
         path = Path(path_or_repo)
         source = os.fspath(path_or_repo)
-        from_model_config = path.is_dir() and not (path / CONFIG_NAME).is_file()
+        folder = path / kwargs.get("subfolder", "")  # a local directory's files are read from there
+        from_model_config = path.is_dir() and not (folder / CONFIG_NAME).is_file()
         if from_model_config:
-            source = os.fspath(path / "config.json")
-            if not _records_recipe(Path(source)):
+            if not _records_recipe(folder / "config.json"):
                 raise ValueError(
-                    f"{str(path)!r} has no {CONFIG_NAME} (nor a config.json recording a pruning_config); save one with "
+                    f"{str(folder)!r} has no {CONFIG_NAME} (nor a config.json recording a pruning_config); save one with "
                     "PruningConfig.save_pretrained"
                 )
-        local_file = path / CONFIG_NAME if path.is_dir() and not from_model_config else Path(source)
+            source = os.fspath(folder / "config.json")
+            kwargs = {key: value for key, value in kwargs.items() if key != "subfolder"}  # the file's path holds it
+        local_file = folder / CONFIG_NAME if path.is_dir() and not from_model_config else Path(source)
         if local_file.is_file():  # Optimum reports bad JSON as an OSError without the reason
             _read_json_object(local_file)
         stored, overrides = PruningConfigFile.get_config_dict(source, **kwargs)

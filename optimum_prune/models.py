@@ -155,12 +155,17 @@ def load_causal_lm(name_or_path: str | os.PathLike, **kwargs: Any) -> PreTrained
 def load_gguf(file: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, Any]:
     """(model, tokenizer) from a GGUF file: transformers dequantises its weights into ``dtype``
     (pruning works on dense weights); the tokenizer is the file's own, taken as it is."""
-    try:
-        model = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
-    except ValueError as error:  # gguf's reader names no file ("GGUF magic invalid", a reshape of a truncated tensor)
-        raise ValueError(f"GGUF file {str(file)!r} could not be read ({error}); it is damaged or truncated: download or copy it again") from None
-    return model.eval(), tokenizer
+    from gguf import GGUFReader
+
+    try:  # the header and tensor table only (memory-mapped); transformers' errors on a readable file are its own
+        GGUFReader(file)
+    except Exception as error:  # gguf's reader names no file: "GGUF magic invalid", a reshape of a truncated tensor
+        raise ValueError(
+            f"GGUF file {str(file)!r} could not be read ({type(error).__name__}: {error}); it is damaged or truncated: "
+            "download or copy it again"
+        ) from None
+    model = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=dtype)
+    return model.eval(), AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
 
 
 # What ``save_pretrained`` of any transformers tokenizer writes (one of them at least).
@@ -175,9 +180,12 @@ def load_tokenizer(directory: str | os.PathLike) -> Any | None:
         return None
     try:
         return AutoTokenizer.from_pretrained(directory, local_files_only=True)
-    except Exception as error:  # tokenizers raises a bare Exception for a damaged tokenizer.json, naming no file
+    except Exception as error:
+        if type(error) is not Exception and not isinstance(error, json.JSONDecodeError):
+            raise  # transformers' own errors say what to do (trust_remote_code, a missing sentencepiece)
+        # tokenizers raises a bare Exception for a damaged tokenizer.json ("EOF while parsing"), naming no file
         raise ValueError(
-            f"the tokenizer in {str(directory)!r} could not be loaded ({type(error).__name__}: {error}); save it again "
+            f"the tokenizer in {str(directory)!r} could not be loaded ({error}); its files are damaged: save it again "
             "(tokenizer.save_pretrained) or copy its tokenizer files again"
         ) from None
 

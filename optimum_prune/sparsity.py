@@ -96,12 +96,19 @@ def prune_lowest(scores: torch.Tensor, sparsity: float, per_row: bool) -> torch.
     count = whole_count(rows.shape[1] * sparsity)
     if not count:
         return torch.zeros_like(scores, dtype=torch.bool)
-    if rows.isnan().any():
-        rows = torch.where(rows.isnan(), math.inf, rows)
+    if rows.is_cuda:  # CUDA's kthvalue selects with one thread block per row (pytorch#75599): its sort is the fast one there
+        lowest = torch.argsort(rows, dim=1, stable=True)[:, :count]
+        return torch.zeros_like(rows, dtype=torch.bool).scatter_(1, lowest, True).view_as(scores)
+    nan = rows.isnan()
+    rows = torch.where(nan, math.inf, rows) if nan.any() else rows
     threshold = rows.kthvalue(count, dim=1, keepdim=True).values
     below, ties = rows < threshold, rows == threshold
-    room = count - below.sum(dim=1, keepdim=True)  # how many of the ties at the threshold go, first ones first
-    return (below | (ties & (ties.cumsum(dim=1) <= room))).view_as(scores)
+    room = count - below.sum(dim=1, keepdim=True)  # how many of the ties at the threshold go
+    chosen = below
+    for group in (ties & ~nan, ties & nan):  # first ones first; NaN after +inf, as a sort puts them
+        taken = group & (group.cumsum(dim=1) <= room)
+        chosen, room = chosen | taken, room - taken.sum(dim=1, keepdim=True)
+    return chosen.view_as(scores)
 
 
 def prune_lowest_nm(scores: torch.Tensor, pattern: NMPattern) -> torch.Tensor:

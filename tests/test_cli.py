@@ -104,8 +104,8 @@ def test_a_text_option_keeps_its_text(model_dir, tmp_path, capsys):
     from optimum_prune.methods import METHODS
 
     options = METHODS.get("width").options
-    assert _parse_options(["criterion=true", "components=1", "ranking=null"], "--option", options) == {
-        "criterion": "true", "components": "1", "ranking": None,
+    assert _parse_options(["criterion=true", "components=1", "ranking=null", 'head_mode="query"'], "--option", options) == {
+        "criterion": "true", "components": "1", "ranking": None, "head_mode": "query",  # JSON strings, as --help prints them
     }  # fmt: skip
     with pytest.raises(SystemExit):
         main(["--model", str(model_dir), "--method", "width", "--option", "criterion=false", "--output", str(tmp_path / "o")])

@@ -87,6 +87,11 @@ def test_a_pruned_models_directory_gives_its_recipe_from_config_json_alone(tmp_p
     tiny_model().save_pretrained(tmp_path / "dense")
     with pytest.raises(ValueError, match=r"has no pruning_config.json \(nor a config.json recording a pruning_config\)"):
         PruningConfig.from_pretrained(tmp_path / "dense")
+    other = PruningConfig(method="wanda", sparsity=0.5)  # subfolder= is where the files are, not the folder above
+    other.save_pretrained(tmp_path / "stock" / "recipe")
+    assert PruningConfig.from_pretrained(tmp_path / "stock", subfolder="recipe") == other
+    model.save_pretrained(tmp_path / "repo" / "model")
+    assert PruningConfig.from_pretrained(tmp_path / "repo", subfolder="model") == recipe
 
 
 def test_optimum_pruner_prunes_and_saves_a_checkpoint_directory(model_dir, tmp_path):

@@ -36,7 +36,7 @@ def measure_point(point: StudyPoint, protocol: Protocol, device: torch.device, l
     structured model); the runner records that as the point's result. The point runs on its own seeded
     random stream; the caller's is left as it was.
     """
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count())):  # manual_seed reseeds every CUDA device
         torch.manual_seed(protocol.seed)
         return _measured(point, protocol, device, latency_device)
 
