@@ -5,6 +5,7 @@
 #   probe    scripts/mma_probe.py: the mma.sp register layouts the sparse tensor-core kernel assumes (seconds)
 #   tests    the CUDA tests (kernels against the reference, the engine on CUDA, activation offload)
 #   kernels  benchmarks/kernels.py: 2:4 kernels vs cuBLAS / cuSPARSELt, thresholds, end-to-end decode
+#   selection benchmarks/selection.py: prune_lowest's k-th value cut vs stable sort on CUDA (its sort there)
 #   layers   benchmarks/full_size_layers.py: per-layer pruning time and peak memory, 70B / Mixtral
 #            shapes (ONLY=Mixtral: that model's rows only)
 #   quant    GPTQ and bitsandbytes on CUDA (tests/test_quantized_cuda.py, then the CPU suites of both
@@ -30,15 +31,16 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv > "$out/gpu
 python3 -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', transformers.__version__, 'triton', triton.__version__)" >> "$out/gpu.txt" 2>&1
 cat "$out/gpu.txt"
 status=0
-for section in ${*:-probe tests kernels layers}; do
+for section in ${*:-probe tests kernels selection layers}; do
   echo "=== $section ($(date -u +%T))"
   case "$section" in
     probe) "${limit[@]}" python3 scripts/mma_probe.py 2>&1 | tee "$out/probe.log" ;;
     tests) "${limit[@]}" python3 -m pytest -p no:cacheprovider -q -rs tests/test_kernels.py tests/calibration/test_cuda.py tests/calibration/test_engine.py 2>&1 | tee "$out/tests.log" ;;
     kernels) (cd benchmarks && "${limit[@]}" python3 kernels.py "${quick[@]}" --output "$out/KERNELS.md") 2>&1 | tee "$out/kernels.log" ;;
     quant) "${limit[@]}" python3 -m pytest -p no:cacheprovider -q -rs tests/test_quantized_cuda.py tests/test_gptq.py tests/test_bitsandbytes.py 2>&1 | tee "$out/quant.log" ;;
+    selection) (cd benchmarks && "${limit[@]}" python3 selection.py "${quick[@]}" --output "$out/SELECTION.md") 2>&1 | tee "$out/selection.log" ;;
     layers) (cd benchmarks && "${limit[@]}" python3 full_size_layers.py "${quick[@]}" "${only[@]}" --output "$out/GPU_LAYERS.md") 2>&1 | grep -v "it/s]" | tee "$out/layers.log" ;;
-    *) echo "unknown section $section (probe, tests, kernels, layers, quant)"; exit 2 ;;
+    *) echo "unknown section $section (probe, tests, kernels, selection, layers, quant)"; exit 2 ;;
   esac
   code=${PIPESTATUS[0]}
   echo "=== $section ended $(date -u +%T) with exit status $code"
