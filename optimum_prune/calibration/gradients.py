@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
 
@@ -155,7 +156,7 @@ def hessian_traces(
     def run(scale: float) -> list[float] | None:
         generator = torch.Generator(device=device)
         totals = [0.0] * len(groups)
-        with grad_only(model, parameters), sdpa_kernel(SDPBackend.MATH):
+        with grad_only(model, parameters), math_attention():
             for index, loss in zip(indices, window_losses(model, windows, description)):
                 generator.manual_seed((seed + index) % 2**64)  # any PruningConfig.seed, also near the top of the range
                 # An MoE expert no token of this window reached is not in its graph: its vᵀHv is 0.
@@ -175,6 +176,35 @@ def hessian_traces(
         return None if overflowed(totals) else [total / (scale * len(windows) * probes) for total in totals]
 
     return with_loss_scale(model, run)
+
+
+class _SharedMathAttention:
+    """SDPA's math kernel while any user holds it. torch's kernel switch is process-wide: each ``sdpa_kernel`` block
+    restores the flags it saw on entry, so two overlapping passes (threads) left the fused kernels off for good, or
+    turned them back on under the other's double backward (which they cannot differentiate). Users share one switch,
+    set by the first and undone by the last."""
+
+    def __init__(self) -> None:
+        self.lock, self.users, self.switch = threading.Lock(), 0, None
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        with self.lock:
+            if self.users == 0:
+                self.switch = sdpa_kernel(SDPBackend.MATH)
+                self.switch.__enter__()
+            self.users += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.users -= 1
+                if self.users == 0:
+                    self.switch.__exit__(None, None, None)
+                    self.switch = None
+
+
+math_attention = _SharedMathAttention().held
 
 
 @contextmanager

@@ -113,3 +113,37 @@ def test_unpadded_processed_batches_are_taken_as_the_token_windows_they_hold():
     prune(expected, config, calibration=windows)
     prune(model, config, calibration=[{"input_ids": windows[:2]}, {"input_ids": windows[2:]}])
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), expected.state_dict().values()))
+
+
+def test_overlapping_passes_share_the_math_attention_switch():
+    """torch's SDPA kernel flags are process-wide: pass A leaving while pass B ran turned the fused kernels back on
+    under B's double backward (a RuntimeError), and B leaving last restored A's flags: the fused kernels stayed off."""
+    import threading
+
+    from optimum_prune.calibration.gradients import math_attention
+
+    fused = torch.backends.cuda.flash_sdp_enabled, torch.backends.cuda.mem_efficient_sdp_enabled
+    before = [enabled() for enabled in fused]
+    a_entered, b_entered, a_left = threading.Event(), threading.Event(), threading.Event()
+    seen_by_b = []
+
+    def pass_a():
+        with math_attention():
+            a_entered.set()
+            b_entered.wait()
+        a_left.set()
+
+    def pass_b():
+        a_entered.wait()
+        with math_attention():
+            b_entered.set()
+            a_left.wait()
+            seen_by_b.append([enabled() for enabled in fused])  # A has left: still math only for B
+
+    threads = [threading.Thread(target=pass_a), threading.Thread(target=pass_b)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert seen_by_b == [[False, False]]
+    assert [enabled() for enabled in fused] == before  # both left: the caller's flags are back
