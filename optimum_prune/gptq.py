@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from contextlib import contextmanager
 from typing import Any, Iterator
 
@@ -122,7 +123,7 @@ def quantize_weights(model: nn.Module, config: GPTQConfig, windows: torch.Tensor
     quantizer = GPTQQuantizer.from_dict(options)
     if getattr(model, "hf_device_map", None) is None:  # optimum reads it; from_pretrained sets it, a model built in memory lacks it
         model.hf_device_map = {"": str(next(model.parameters()).device)}
-    with _zero_preserving_gptq(), _python_packing():
+    with _PATCHING, _zero_preserving_gptq(), _python_packing():  # one quantization at a time in a process (threads)
         quantizer.quantize_model(model, tokenizer)
     for module in model.modules():  # optimum quantizes in the v2 layout but leaves the layers flagged v1
         if is_gptq_linear(module):
@@ -154,6 +155,11 @@ def v1_checkpoint_layout(model: nn.Module) -> Iterator[None]:
     finally:
         for module in in_v2:
             convert_gptq_v1_to_v2_format_module(module, module.bits, module.pack_dtype)
+
+
+# optimum's GPTQ class and gptqmodel's packer switch are process-wide: a quantization in another thread finished while
+# this one ran restored the stock class for this one's later layers (its pruned weights quantized away, silently).
+_PATCHING = threading.Lock()
 
 
 @contextmanager

@@ -97,6 +97,39 @@ def test_every_pruned_weight_is_still_zero_and_gptq_still_compensates():
             assert change > before[name].abs().max() / 15, name
 
 
+def test_quantizations_in_two_threads_keep_their_zeros_and_leave_optimum_as_it_was():
+    """optimum's GPTQ class is swapped process-wide: the shorter run restored the stock class under the longer one,
+    whose later layers then quantized their pruned weights away, and whichever ended last could leave ours in place."""
+    import threading
+
+    import optimum.gptq.quantizer as optimum_gptq
+
+    stock = optimum_gptq.GPTQ
+    models = [tiny_model(**WIDE, num_hidden_layers=1), tiny_model(**WIDE, num_hidden_layers=4)]
+    windows = token_windows()
+    for model in models:
+        compress(model, [PruningConfig(method="wanda", sparsity="2:4")], calibration=windows)
+    pruned = [pruned_positions(model) for model in models]
+    errors = []
+
+    def quantize(model):
+        try:
+            compress(model, [GPTQConfig(bits=4, group_size=GROUP)], calibration=windows)
+        except Exception as error:  # noqa: BLE001  (reported below)
+            errors.append(error)
+
+    threads = [threading.Thread(target=quantize, args=(model,)) for model in models]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and optimum_gptq.GPTQ is stock
+    for model, positions in zip(models, pruned):
+        for name, module in model.named_modules():
+            if name in positions:
+                assert not dequantized_weight(module).float()[positions[name]].any(), name
+
+
 def test_stock_gptq_moves_pruned_weights(monkeypatch):
     """Why compress masks GPTQ: optimum's quantizer as it stands spreads rounding errors into pruned weights."""
     from optimum.gptq import GPTQQuantizer
