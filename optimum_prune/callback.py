@@ -34,6 +34,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import weakref
 from contextlib import ExitStack
 from dataclasses import dataclass, replace
 from typing import Any, Union
@@ -264,7 +265,9 @@ class PruningCallback(TrainerCallback):
         self.schedule = None if self.experts else schedule
         self.ignore = tuple(ignore)
         self.perp = perp
-        self.perp_summary: PERPSummary | None = None
+        self.perp_summary: PERPSummary | None = None  # of the model prepared last
+        # Each Trainer's model is prepared in its constructor: one callback given to two Trainers prepares both.
+        self._perp_prepared: weakref.WeakKeyDictionary[nn.Module, PERPSummary] = weakref.WeakKeyDictionary()
         self.masks: SparsityMasks | None = None
         self._norms: dict[str, ColumnNorms] = {}
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
@@ -275,12 +278,12 @@ class PruningCallback(TrainerCallback):
 
     # --- Trainer events ----------------------------------------------------------------
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module = None, **kwargs: Any) -> None:
-        if self.perp is not None and self.perp_summary is None:
-            self.perp_summary = prepare_perp(model, self.perp)
+        if self.perp is not None and model not in self._perp_prepared:
+            self.perp_summary = self._perp_prepared[model] = prepare_perp(model, self.perp)
             logger.info("PruningCallback: %s", self.perp_summary)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module = None, **kwargs: Any) -> None:
-        if self.perp is not None and self.perp_summary is None:
+        if self.perp is not None and model not in self._perp_prepared:
             raise ValueError(
                 "PruningCallback(perp=...) must be passed to the Trainer's constructor (callbacks=[...]): added later, it "
                 "cannot prepare the model before the Trainer builds its optimizer"
@@ -357,7 +360,7 @@ class PruningCallback(TrainerCallback):
             self.experts.on_train_end(args, state, control, model=model, **kwargs)
         if self.perp is not None:
             merged = merge_perp(model)
-            self.perp_summary = None  # a next Trainer given this callback prepares its model anew
+            del self._perp_prepared[model]  # a next Trainer given this callback prepares its model anew
             logger.info("PruningCallback: merged %d PERP adapters", merged)
 
     # --- gradual pruning ------------------------------------------------------------------

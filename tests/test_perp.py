@@ -164,6 +164,22 @@ def test_through_the_pruning_callback_the_trainer_retrains_only_perp_and_saves_a
     assert calibration_loss(reloaded) == pytest.approx(calibration_loss(model), rel=1e-5)
 
 
+def test_one_callback_given_to_two_trainers_prepares_both_models(tmp_path):
+    """The second Trainer's model was never prepared (its first run was a silent full fine-tune), and the first
+    model's train() was refused as if the callback had been added after its constructor."""
+    from optimum_prune import PruningCallback
+
+    callback = PruningCallback(perp=PERPConfig(lora="mask", rank=4))
+    models = [pruned_model(), pruned_model()]
+    trainers = [Trainer(model=m, args=training_args(tmp_path / str(i), 2), train_dataset=dataset(), callbacks=[callback]) for i, m in enumerate(models)]
+    assert all(any(isinstance(module, MaskLoRALinear) for module in m.modules()) for m in models)
+    for model, trainer in zip(reversed(models), reversed(trainers)):
+        embedding = model.get_input_embeddings().weight.detach().clone()
+        trainer.train()
+        assert torch.equal(model.get_input_embeddings().weight, embedding)  # frozen: PERP, not a full fine-tune
+        assert not any(isinstance(module, MaskLoRALinear) for module in model.modules())
+
+
 def test_with_gradient_checkpointing_the_adapters_in_every_layer_still_train(tmp_path):
     """The frozen embeddings would give the checkpointed layers inputs needing no gradient: reentrant
     checkpointing then cuts the graph, and only the final norm would train."""
