@@ -429,7 +429,7 @@ def layer_dropout(model: nn.Module, p_max: float) -> Iterator[None]:
         def hook(_module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             entering = args[0] if args else kwargs["hidden_states"]
             leaving = output[0] if isinstance(output, tuple) else output
-            skipped = torch.rand(entering.shape[0], device=entering.device) < rate
+            skipped = torch.rand(entering.shape[0], device=entering.device, dtype=torch.float32) < rate
             kept = torch.where(skipped.view(-1, *([1] * (entering.dim() - 1))), entering, leaving)
             return (kept, *output[1:]) if isinstance(output, tuple) else kept
 
@@ -505,7 +505,7 @@ class TopKPadding:
             )
         k = len(stored[0][0][0])
         indices = torch.zeros(rows, length, k, dtype=torch.long)
-        logits = torch.zeros(rows, length, k)
+        logits = torch.zeros(rows, length, k, dtype=torch.float32)
         for row, ((row_indices, row_logits), row_tokens) in enumerate(zip(stored, tokens)):
             n = len(row_indices)
             collated = batch["input_ids"][row].tolist()

@@ -188,3 +188,31 @@ def test_a_model_compiled_by_torch_compile_is_pruned_through_its_wrapper():
     with torch.no_grad():
         assert torch.equal(compiled(input_ids=ids).logits, expected(input_ids=ids).logits)
     assert compiled.config.pruning_config["method"] == "width"
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        PruningConfig(method="width", sparsity=0.2, method_options={"criterion": "random"}),
+        PruningConfig(method="ziplm", sparsity=0.3, method_options={"target": "parameters", "round_to": 8}),
+        PruningConfig(method="sparsegpt", sparsity=0.5),
+        PruningConfig(method="llm_surgeon", sparsity=0.5, method_options={"shots": 1}),
+    ],
+    ids=lambda config: config.method,
+)
+def test_the_callers_default_dtype_does_not_change_the_result(config):
+    """Tensors made without a dtype took the caller's default: random scores and ZipLM's search drew other values
+    under float64, and LLM Surgeon's factors failed to factorise under bfloat16."""
+    windows = token_windows(samples=4, seq_len=16)
+    expected = tiny_model()
+    prune(expected, config, calibration=windows)
+    for default in (torch.float64, torch.bfloat16):
+        model = tiny_model()
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(default)
+        try:
+            prune(model, config, calibration=windows)
+        finally:
+            torch.set_default_dtype(previous)
+        for (name, tensor), reference in zip(model.state_dict().items(), expected.state_dict().values()):
+            assert torch.equal(tensor, reference), (default, name)

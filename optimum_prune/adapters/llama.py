@@ -338,7 +338,7 @@ class LlamaAdapter(DecoderStackAdapter):
             for linears in projections:
                 for linear in linears:
                     if linear.bias is None:
-                        add_output_bias(linear, torch.zeros(linear.out_features))
+                        add_output_bias(linear, torch.zeros(linear.out_features, dtype=linear.weight.dtype))
             setattr(self.config, flag, True)
 
     def write_uniform_config(self, config: Any, shape: LayerShape) -> None:

@@ -181,7 +181,7 @@ class KPrune(StructuredMethod[KPruneOptions]):
         """Per candidate component, its units' (λ_rep·Z_rep + λ_pred·Z_pred)·(μ for heads)/cost."""
         adapter, layers = self.adapter, self.adapter.decoder_layers()
         consumers = [output_projection(adapter, layers[c.layer], c) for c in candidates]
-        masks = [torch.ones(c.in_features, device=c.weight.device, requires_grad=True) for c in consumers]
+        masks = [torch.ones(c.in_features, device=c.weight.device, dtype=torch.float32, requires_grad=True) for c in consumers]
         squared = [torch.zeros(c.in_features, dtype=torch.float64, device=c.weight.device) for c in consumers]
         energy = [torch.zeros(c.in_features, dtype=torch.float64, device=c.weight.device) for c in consumers]
 

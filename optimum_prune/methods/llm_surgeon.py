@@ -144,8 +144,8 @@ def kfac_factors(
     next-token loss) and of a aᵀ (a = input), rescaled to equal Frobenius norms (G ⊗ A unchanged)."""
     device = next(model.parameters()).device
     store = torch.device("cpu") if on_cpu else None
-    sums = {linear: [torch.zeros(linear.out_features, linear.out_features, device=store or linear.weight.device),
-                     torch.zeros(linear.in_features, linear.in_features, device=store or linear.weight.device)]
+    sums = {linear: [torch.zeros(linear.out_features, linear.out_features, device=store or linear.weight.device, dtype=torch.float32),
+                     torch.zeros(linear.in_features, linear.in_features, device=store or linear.weight.device, dtype=torch.float32)]
             for linear in linears}  # fmt: skip
     scale = 1.0  # the loss scale of the pass running (fp16 models: see calibration.gradients)
 

@@ -181,7 +181,7 @@ def mask_fisher(adapter: Any, components: list[Component], windows: torch.Tensor
         else:
             consumer, repeat = component.consumers[0], 1
         units = consumer.in_features // repeat
-        mask = torch.ones(units, device=consumer.weight.device, requires_grad=True)
+        mask = torch.ones(units, device=consumer.weight.device, dtype=torch.float32, requires_grad=True)
         handles.append(consumer.register_forward_pre_hook(_masking(mask, repeat)))
         masks.append(mask)
 

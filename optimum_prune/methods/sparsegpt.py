@@ -94,7 +94,7 @@ class SparseGPTPruner(LayerPruner[SparseGPTOptions]):
         dead = torch.diag(H) == 0
         H[dead, dead] = 1
         W[:, dead] = 0
-        H += self.options.dampening * torch.mean(torch.diag(H)) * torch.eye(columns, device=H.device)
+        H += self.options.dampening * torch.mean(torch.diag(H)) * torch.eye(columns, device=H.device, dtype=H.dtype)
         curvature = torch.diag(H).clone() if self.options.saliency == "isc" else None
         # Upper Cholesky factor of H⁻¹: its rows give the OBS updates for the remaining columns (Sec. 3.3).
         Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)

@@ -157,7 +157,7 @@ class WidthPruning(StructuredMethod[WidthOptions]):
         """One score per channel: producer rows and consumer columns with the same index."""
         criterion = self.options.criterion
         if criterion == "random":
-            return torch.rand(producers[0].out_features, generator=self._random_scores)
+            return torch.rand(producers[0].out_features, generator=self._random_scores, dtype=torch.float32)
         if criterion in ACTIVATION_CRITERIA:
             scores = 0
             for consumer in consumers:

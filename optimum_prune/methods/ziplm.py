@@ -250,13 +250,13 @@ class ZipLM(StructuredMethod[ZipLMOptions]):
             try:
                 best_weights = [1.0] * count
                 plain = best = perplexity(best_weights)
-                candidates = [torch.rand(count, generator=generator) for _ in range(self.options.search_restarts)]
+                candidates = [torch.rand(count, generator=generator, dtype=torch.float32) for _ in range(self.options.search_restarts)]
                 for step in tqdm(range(self.options.search_restarts + self.options.search_steps), desc="ZipLM SPDY search"):
                     if step < self.options.search_restarts:
                         weights = candidates[step].tolist()
                     else:
-                        redraw = torch.rand(count, generator=generator) < SPDY_MUTATION
-                        weights = torch.where(redraw, torch.rand(count, generator=generator), torch.tensor(best_weights)).tolist()
+                        redraw = torch.rand(count, generator=generator, dtype=torch.float32) < SPDY_MUTATION
+                        weights = torch.where(redraw, torch.rand(count, generator=generator, dtype=torch.float32), torch.tensor(best_weights, dtype=torch.float32)).tolist()
                     value = perplexity(weights)
                     if value < best:
                         best, best_weights = value, weights
