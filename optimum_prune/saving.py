@@ -17,7 +17,9 @@ import shutil
 import stat
 import sys
 import tempfile
+import threading
 import time
+import weakref
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -346,7 +348,7 @@ def save_pruned(
     else:  # a record this version cannot read is another step than the one given
         recorded = readable_step(recorded)
     output_dir = Path(output_dir)
-    with _recorded_for_saving(model.config, config, recorded):
+    with _saving(model), _recorded_for_saving(model.config, config, recorded):
         if compressed_tensors_metadata:
             from .sparsity_metadata import compressed_tensors_config
 
@@ -366,6 +368,14 @@ def save_pruned(
 
 
 RECORD_KEYS = ("pruning_config", "pruning_history")
+# A save writes its records into the model's config while it runs: two saves of one model (threads) take turns.
+_SAVES: weakref.WeakKeyDictionary[nn.Module, threading.Lock] = weakref.WeakKeyDictionary()
+_SAVES_GUARD = threading.Lock()
+
+
+def _saving(model: nn.Module) -> threading.Lock:
+    with _SAVES_GUARD:
+        return _SAVES.setdefault(model, threading.Lock())
 
 
 @contextmanager

@@ -488,3 +488,37 @@ def test_a_step_of_a_method_not_registered_here_is_kept_as_recorded(tmp_path, ca
     assert "cannot read (method 'column_norms': not registered here" in caplog.text
     assert json.loads((output / "config.json").read_text())["pruning_config"]["method"] == "column_norms"
     assert not (output / "pruning_config.json").exists()
+
+
+def test_two_saves_of_one_model_in_threads_write_their_own_records(tmp_path, monkeypatch):
+    """A save writes its records into the model's config while it runs: a plain save beside one with compressed-tensors
+    metadata took the other's quantization_config into its config.json."""
+    import json
+    import threading
+
+    from optimum_prune import saving
+
+    pytest.importorskip("compressed_tensors")
+    model = tiny_model()
+    prune(model, PruningConfig(method="magnitude", sparsity=0.5))
+    write, plain_writing = saving._write_checkpoint, threading.Event()
+
+    def overlapping(model, *args):  # the metadata save waits (a second at most) for the plain one to write meanwhile
+        if threading.current_thread().name == "metadata":
+            plain_writing.wait(timeout=1.0)
+        else:
+            plain_writing.set()
+        return write(model, *args)
+
+    monkeypatch.setattr(saving, "_write_checkpoint", overlapping)
+    threads = [
+        threading.Thread(target=save_pruned, args=(model, tmp_path / "metadata"), kwargs={"compressed_tensors_metadata": True}, name="metadata"),
+        threading.Thread(target=save_pruned, args=(model, tmp_path / "plain"), name="plain"),
+    ]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert "quantization_config" not in json.loads((tmp_path / "plain" / "config.json").read_text())
+    assert "quantization_config" in json.loads((tmp_path / "metadata" / "config.json").read_text())
+    assert not hasattr(model.config, "quantization_config")
