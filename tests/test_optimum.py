@@ -150,15 +150,19 @@ def test_optimum_cli_prune_is_registered_and_documents_every_option():
     assert "prune" in subprocess.run([_optimum_cli(), "--help"], capture_output=True, text=True).stdout
 
 
-def test_optimum_cli_loads_the_library_only_for_prune():
-    """optimum-cli imports every register module for every command: ours must not load torch & co. for ``export``."""
+def test_optimum_cli_loads_the_library_for_the_commands_that_load_checkpoints():
+    """optimum-cli imports every register module for every command: ``--help`` and ``env`` start without torch & co.,
+    ``export`` needs the package's shape loader, and a package that fails to import leaves optimum-cli's own commands."""
     check = (
-        "import sys, optimum.commands.register.optimum_prune; "
-        "loaded = sorted(name for name in ('optimum_prune', 'torch_pruning', 'torch') if name in sys.modules); "
-        "assert not loaded, loaded"
+        "import sys; sys.argv = ['optimum-cli', *sys.argv[1:]]; import optimum.commands.register.optimum_prune; "
+        "print(sorted(name for name in ('optimum_prune', 'torch_pruning', 'torch') if name in sys.modules))"
     )
-    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
-    assert result.returncode == 0, result.stderr
+    for arguments, loaded in (([], "[]"), (["--help"], "[]"), (["env"], "[]"), (["export", "onnx"], "['optimum_prune', 'torch', 'torch_pruning']")):
+        result = subprocess.run([sys.executable, "-c", check, *arguments], capture_output=True, text=True)
+        assert result.returncode == 0 and result.stdout.strip() == loaded, (arguments, result.stdout, result.stderr)
+    broken = "import sys; sys.modules['torch_pruning'] = None; " + check  # an install whose import fails
+    result = subprocess.run([sys.executable, "-c", broken, "export"], capture_output=True, text=True)
+    assert result.returncode == 0 and "optimum-prune could not be imported (ModuleNotFoundError" in result.stderr, result.stderr
 
 
 def test_optimum_cli_prune_runs_end_to_end(model_dir, tmp_path):

@@ -1,16 +1,29 @@
-"""Registers ``optimum-cli prune``.
+"""Registers ``optimum-cli prune``, and lets optimum-cli's other commands load pruned checkpoints.
 
-optimum-cli imports every module of this namespace package at start-up, for every command, so this one
-imports optimum only: ``optimum_prune`` (torch, transformers' Trainer, Torch-Pruning) loads when a command
-line reaches ``prune``, not for ``optimum-cli export onnx`` or ``--help``, which it would slow down or break.
+optimum-cli imports every module of this namespace package at start-up, for every command. A command that loads a
+checkpoint (``export onnx``) needs what ``import optimum_prune`` registers with transformers to read pruned
+checkpoints with per-layer shapes (README: ONNX export), so this module imports the package, except for the commands
+that load none (``--help``, ``env``), which start without torch and the Trainer; the prune subparser takes its
+arguments when a command line reaches it. A package that fails to import is logged, and the other commands still run.
 """
 
 from __future__ import annotations
 
+import logging
+import sys
 from argparse import ArgumentParser, Namespace
 from typing import Any, Sequence
 
 from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
+
+if sys.argv[1:2] not in ([], ["-h"], ["--help"], ["env"]):
+    try:
+        import optimum_prune  # noqa: F401
+    except Exception as error:  # a broken install of this plugin must not take optimum-cli's own commands with it
+        logging.getLogger(__name__).warning(
+            "optimum-prune could not be imported (%s: %s): optimum-cli prune, and loading pruned checkpoints with "
+            "per-layer shapes, are unavailable", type(error).__name__, error,
+        )  # fmt: skip
 
 
 class _ArgumentsWhenParsed:
