@@ -46,7 +46,8 @@ def main() -> None:
     lines = table_header(
         "Selecting the lowest scores: k-th value cut vs stable sort",
         f"python benchmarks/selection.py{' --quick' if quick else ''}",
-        f"float32 scores, 50 % selected, median of {repeats} calls ({torch.get_num_threads()} CPU threads); devices: {', '.join(devices)}"
+        f"float32 scores, 50 % selected, median of {repeats} calls (process CPU time of {torch.get_num_threads()} CPU threads; "
+        f"wall time on CUDA); devices: {', '.join(devices)}"
         + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else "") + ".",
     )
     lines += ["| device | shape | compared | sort (ms) | cut (ms) | sort / cut |", "|---|---|---|---:|---:|---:|"]
