@@ -41,7 +41,7 @@ def with_loss_scale(model: nn.Module, run: Callable[[float], Result | None]) -> 
     scale = FP16_LOSS_SCALE if half else 1.0
     while (result := run(scale)) is None:
         if scale == 1:
-            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+            dtype = torch.float16 if half else next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
             wider = (
                 f"prune it in float32 (model.float()){' or bfloat16' if half else ''}" if dtype in (torch.float16, torch.bfloat16)
                 else "look for non-finite weights, or method options that scale the loss (a temperature)"

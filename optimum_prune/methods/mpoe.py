@@ -114,7 +114,7 @@ class MPOE(StructuredMethod[MPOEOptions]):
         report.layer_scores["relative expert weight error (mean over linears)"] = [
             sum(errors.get(i, [0.0])) / len(errors.get(i, [0.0])) for i in range(len(layers))
         ]
-        report.notes.append(f"MPOE: central bond dimension {self.bond}, {self.options.sweeps} fitting sweeps")
+        report.notes.append(f"MPOE: central bond dimensions capped at {self.bond} (each group's above), {self.options.sweeps} fitting sweeps")
 
     def _central(self, group: _Group) -> tuple[int, int]:
         full = full_central_bonds(group.rows, group.columns)

@@ -120,6 +120,12 @@ class ZipLM(StructuredMethod[ZipLMOptions]):
 
     def check(self) -> None:
         self.units = group_units(self, self.options.components)  # the units; their counts are the level program's
+        narrow = min((c.removable + 1 for c in self.units.components if c.kind == "mlp"), default=None)
+        if narrow is not None and self.options.round_to > narrow:  # the grid would hold no width but the whole MLP
+            raise ValueError(
+                f"method_options.round_to ({self.options.round_to}) is above the narrowest MLP's {narrow} channels: its levels "
+                "would be all or nothing; lower round_to"
+            )
         if self.options.target == "parameters":
             levels = self._levels(self.units.components)
             smallest, budget = sum(min(level.costs) for level in levels), self._budget(levels)

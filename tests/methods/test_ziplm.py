@@ -173,6 +173,8 @@ def test_bad_requests_name_the_field():
         PruningConfig(method="ziplm", method_options={"round_to": 0})
     with pytest.raises(ValueError, match="search_steps must be >= 0"):
         PruningConfig(method="ziplm", method_options={"search_steps": -1})
+    with pytest.raises(ValueError, match=r"round_to \(256\) is above the narrowest MLP's 128 channels"):  # all or nothing
+        prune(tiny_model(), PruningConfig(method="ziplm", sparsity=0.3, method_options={"target": "parameters", "round_to": 256}), calibration=token_windows())
     with pytest.raises(ValueError, match="round_to applies only with components='all' or 'mlp'"):  # it sets MLP widths only
         PruningConfig(method="ziplm", method_options={"components": "attention", "round_to": 8})
     with pytest.raises(ValueError, match=r"dampening must be in \(0, 1\)"):  # undamped, Cholesky failed on few tokens
