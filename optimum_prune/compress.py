@@ -24,8 +24,8 @@ from transformers import GPTQConfig, QuantoConfig
 from .adapters import UnsupportedArchitecture
 from .api import check_architecture, prune
 from .calibration import CalibrationSource, calibration_windows
-from .dependencies import MissingDependency
 from .config import PruningConfig
+from .dependencies import MissingDependency
 from .methods import METHODS
 from .report import PruningReport
 from .sparsity_metadata import drop_sparsity_metadata

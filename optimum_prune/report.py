@@ -6,6 +6,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 
 from .dependencies import MissingDependency
 from .structure.shapes import LayerShape
@@ -35,6 +36,16 @@ def reset_peak_rss() -> bool:
         return True
     except OSError:
         return False
+
+
+def bare_figure(purpose: str, **options: Any) -> Any:
+    """A matplotlib ``Figure`` without pyplot: it renders with Agg by itself, where ``pyplot`` with
+    ``matplotlib.use("Agg")`` switched the caller's backend (a notebook's inline plots)."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as error:  # not installed (the [plot] extra), or an old one that does not import beside this numpy
+        raise MissingDependency(f"{purpose} needs matplotlib ({error}): pip install 'optimum-prune[plot]'") from error
+    return Figure(**options)
 
 
 @dataclass
@@ -107,13 +118,7 @@ class PruningReport:
         """Save a PNG of the per-layer scores that chose what to remove (needs matplotlib)."""
         if not self.layer_scores:
             raise ValueError(f"method {self.method!r} recorded no per-layer scores to plot")
-        try:
-            from matplotlib.figure import Figure
-        except ImportError as error:  # not installed, or an old one that does not import beside this numpy
-            raise MissingDependency(f"plotting layer scores needs matplotlib ({error}): pip install 'optimum-prune[plot]'") from error
-
-        # A bare Figure renders with Agg by itself: pyplot with matplotlib.use("Agg") switched a notebook's backend.
-        figure = Figure(figsize=(8, 2.6 * len(self.layer_scores)))
+        figure = bare_figure("plotting layer scores", figsize=(8, 2.6 * len(self.layer_scores)))
         axes = figure.subplots(len(self.layer_scores), 1, squeeze=False)
         for axis, (name, scores) in zip(axes[:, 0], self.layer_scores.items()):
             axis.bar(range(len(scores)), scores, color="tab:blue")

@@ -9,11 +9,11 @@ import json
 import logging
 import platform
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
-from ..dependencies import MissingDependency
+from ..report import bare_figure
 from ..saving import write_text_atomic
 from .measure import device_name
 from .pareto import best_within, pareto_front
@@ -171,19 +171,9 @@ def _size(size: int, reference: int) -> str:
     return f"{size / 2**20:.1f} MiB ({size / reference:.0%})"
 
 
-def _figure(**options: Any) -> Any:
-    """A bare matplotlib ``Figure``: it renders with Agg by itself, where ``pyplot`` with ``matplotlib.use("Agg")``
-    switched the caller's backend (a notebook's inline plots)."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError:
-        raise MissingDependency("study plots need matplotlib: pip install 'optimum-prune[plot]'") from None
-    return Figure(**options)
-
-
 def plot_pareto(rows: list[StudyRow], path: Path) -> None:
     """Perplexity (log) against each size measure, every point drawn and the front joined and labelled."""
-    figure = _figure(figsize=(7 * len(SIZE_MEASURES), 5.5))
+    figure = bare_figure("plotting a study", figsize=(7 * len(SIZE_MEASURES), 5.5))
     axes = figure.subplots(1, len(SIZE_MEASURES), squeeze=False)
     for axis, (measure, description) in zip(axes[0], SIZE_MEASURES.items()):
         front = pareto_front(rows, _measure(measure), _perplexity)
@@ -204,7 +194,7 @@ def plot_redundancy(redundancy: dict[str, list], path: Path) -> None:
     """Block Influence per layer, and the angular distance from layer ℓ to ℓ+n as a heat-map: low
     values are the layers (and runs of layers) depth pruning removes first."""
     influence, distances = redundancy["block_influence"], redundancy["angular_distance"]
-    figure = _figure(figsize=(9, 8))
+    figure = bare_figure("plotting a study", figsize=(9, 8))
     top, bottom = figure.subplots(2, 1, gridspec_kw={"height_ratios": [1, 2]})
     top.bar(range(len(influence)), influence, color="tab:blue")
     top.set_title("Block Influence (1 − cos(input, output)) per decoder layer")
