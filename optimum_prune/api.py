@@ -115,7 +115,8 @@ def prune(
     data) runs before any weight changes. ``offload`` keeps the decoder layers on disk (see
     ``prune_checkpoint``, which builds it). ``activation_device`` (e.g. ``"cpu"`` while ``device``
     is a GPU) keeps the calibration activations there between layers, so the compute device holds
-    one layer, one batch of activations and the method's state at a time (unstructured methods);
+    one layer, one batch of activations and the method's state at a time (per-layer methods: magnitude,
+    wanda, sparsegpt);
     ``"disk"`` keeps them in files under ``$TMPDIR``, so host memory holds one batch too.
     """
     if isinstance(model, (str, os.PathLike)):

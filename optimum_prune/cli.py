@@ -78,14 +78,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"the recipe flags ({', '.join(RECIPE_FLAGS.values())})",
     )  # fmt: skip
     parser.add_argument("--method", choices=METHODS.names(), help=f"pruning method (default: {defaults.method})")
-    parser.add_argument("--sparsity", help=f"what to remove, in [0, 1): the fraction of decoder-layer linear weights unless the method says otherwise (SliceGPT: of the hidden dimension; experts: of each layer's experts; ZipLM: of the decoder's time), or an N:M pattern (unstructured methods), e.g. 0.5 or 2:4 (default: {defaults.sparsity})")
+    parser.add_argument("--sparsity", help=f"what to remove, in [0, 1): the fraction of decoder-layer linear weights unless the method says otherwise (SliceGPT: of the hidden dimension; layers: of the decoder layers; experts and merge_experts: of each layer's experts; ZipLM: of the decoder's time), or an N:M pattern (unstructured methods), e.g. 0.5 or 2:4 (default: {defaults.sparsity})")
     parser.add_argument("-o", "--output", required=True, type=Path, help="directory for the pruned checkpoint (replaced atomically)")
     parser.add_argument("-m", "--model", type=Path, help="local checkpoint directory, or a .gguf file (dequantised on load) (default: embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--calibration", type=Path, help="text file for calibration, or a .jsonl / .json / .csv / .parquet file of records with a 'text' (or tokenised 'input_ids') column (default: bundled Wikipedia split)")
     parser.add_argument("--calibration-samples", type=int, help=f"calibration windows (default: {defaults.num_calibration_samples})")
     parser.add_argument("--seq-len", type=int, help=f"tokens per calibration window (default: {defaults.calibration_seq_len})")
     parser.add_argument("--seed", type=int, help=f"seed for sampling calibration windows and for what a method draws at random (default: {defaults.seed})")
-    parser.add_argument("--allocation", choices=ALLOCATIONS.names(), help=f"how sparsity is spread over layers (unstructured methods; default: {defaults.allocation})")
+    parser.add_argument("--allocation", choices=ALLOCATIONS.names(), help=f"how sparsity is spread over layers (per-layer unstructured methods: magnitude, wanda, sparsegpt; default: {defaults.allocation})")
     parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE", help="method option")
     parser.add_argument("--allocation-option", action="append", default=[], metavar="NAME=VALUE", help="allocation option")
     parser.add_argument("--moe-option", action="append", default=[], metavar="NAME=VALUE", help="mixture-of-experts option")

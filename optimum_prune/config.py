@@ -42,7 +42,7 @@ class PruningConfig:
         metadata={
             "help": "Fraction of decoder-layer linear weights to remove, in [0, 1), or for unstructured methods an "
             "'N:M' pattern such as '2:4' (N kept of every M). Structured methods remove whole units; what the fraction counts is "
-            "theirs to say (decoder-layer linear parameters for most; slicegpt: the hidden dimension, experts: experts per layer, "
+            "theirs to say (decoder-layer linear parameters for most; slicegpt: the hidden dimension, layers: decoder layers, experts and merge_experts: experts per layer, "
             "ziplm by default: decoder time)."
         },
     )

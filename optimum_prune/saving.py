@@ -324,7 +324,7 @@ def save_pruned(
     results without this package; non-uniform structured ones need ``import optimum_prune`` first.
     A model quantized by ``compress`` (optimum-quanto) is saved in optimum-quanto's format and
     reloads with ``optimum.quanto.QuantizedModelForCausalLM.from_pretrained(output_dir)``; one
-    quantized with GPTQ reloads with ``AutoModelForCausalLM.from_pretrained(output_dir)`` (gptqmodel installed). A ``report`` with per-layer scores (depth / sublayer methods) adds ``layer_scores.png``.
+    quantized with GPTQ reloads with ``AutoModelForCausalLM.from_pretrained(output_dir)`` (gptqmodel installed). A ``report`` with per-layer scores (the structured methods that score layers: depth, sublayers, mask search, ZipLM...) adds ``layer_scores.png``.
     ``compressed_tensors_metadata=True`` writes the compressed-tensors ``sparsity_config`` (see
     ``sparsity_metadata.py``) as the checkpoint's ``quantization_config`` for serving stacks.
     ``max_shard_size`` is ``save_pretrained``'s (optimum-quanto's format takes only the default).

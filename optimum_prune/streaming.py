@@ -325,8 +325,8 @@ def prune_checkpoint(
     """Prune the checkpoint in ``source`` layer by layer from disk into ``output_dir`` (see the module
     docstring); rerunning after an interruption resumes. ``dtype`` is what layers are pruned and
     saved in (default: the one config.json declares, else its first tensor's); ``activation_device``
-    is where calibration activations wait between layers (``prune``'s). Unstructured methods,
-    uniform or OWL allocation."""
+    is where calibration activations wait between layers (``prune``'s). Per-layer methods (magnitude,
+    wanda, sparsegpt), uniform or OWL allocation."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 

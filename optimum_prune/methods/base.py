@@ -78,7 +78,8 @@ class StructuredMethod(ABC, Generic[Options]):
     """Removes whole units (heads, channels, sublayers, layers) of a model seen through its adapter.
 
     ``sparsity`` is, unless a method's docstring says otherwise (SliceGPT: of the hidden dimension;
-    experts: of each layer's experts; ZipLM: of the decoder's time), the fraction of the decoder
+    layers: of the decoder layers; experts and merge_experts: of each layer's experts; ZipLM: of the
+    decoder's time), the fraction of the decoder
     layers' linear parameters to remove, the denominator of unstructured sparsity; ``ignore`` holds
     glob patterns of module names to keep. A ``check`` that removes whole units (layers, experts) sets
     ``sparsity`` to what the count it settles on removes (from a count option such as ``num_layers``, or
