@@ -120,6 +120,7 @@ _NOT_FOR_CALIBRATION = (
     "eval_dataset", "val_size", "do_eval", "do_predict", "eval_strategy", "predict_with_generate", "load_best_model_at_end",
     "metric_for_best_model", "tokenized_path", "interleave_probs", "mix_strategy", "deepspeed", "fsdp", "fsdp_config",
 )
+_WHOLE_DOCUMENT = 2**31 - 1  # a plain-text record's token limit: none (the tokenizer's truncation takes an int)
 _SFT_ONLY = ("train_on_prompt", "mask_history")  # refused by LLaMA-Factory outside stage: sft
 
 
@@ -171,6 +172,10 @@ def read_calibration(args: Mapping[str, Any], section: PruningSection) -> Calibr
         "neat_packing": False,
     }
     model_args, data_args, training_args, _, _ = get_train_args(parse_args)
+    if calibration_stage == "pt":
+        # Unpacked, LLaMA-Factory cuts each text at cutoff_len: a document's tail would never be calibrated on. Set
+        # after parsing, which made cutoff_len the tokenizer's model_max_length too (that one stays as it was).
+        data_args.cutoff_len = _WHOLE_DOCUMENT
     tokenizer_module = load_tokenizer(model_args)
     tokenizer = tokenizer_module["tokenizer"]
     template = get_template_and_fix_tokenizer(tokenizer, data_args)

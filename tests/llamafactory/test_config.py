@@ -361,6 +361,29 @@ def test_packing_does_not_pad_the_calibration_stream(workspace, tmp_path):
     assert torch.equal(packed, plain)
 
 
+def test_plain_text_calibration_reads_whole_documents(workspace, tmp_path, bpe_tokenizer):
+    """Unpacked, LLaMA-Factory cut each text at cutoff_len (set to calibration_seq_len): only documents' openings were
+    calibrated on, and a few long articles warned of too little text."""
+    import json
+
+    from llamafactory_ext.stages import read_calibration
+    from optimum_prune.calibration import sample_windows
+    from optimum_prune.data import wikipedia_articles
+
+    articles = wikipedia_articles("calibration")[:2]
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "articles.json").write_text(json.dumps([{"text": article} for article in articles]))
+    (data / "dataset_info.json").write_text(json.dumps({"articles": {"file_name": "articles.json", "columns": {"prompt": "text"}}}))
+    args = base_args(workspace, tmp_path / "out", stage="pt", dataset="articles", dataset_dir=str(data))
+    pruning = {"method": "wanda", "num_calibration_samples": 8, "calibration_seq_len": 64}
+    calibration = read_calibration(args, PruningSection.from_mapping(pruning, args))
+    stream = [token for article in articles for token in bpe_tokenizer(article + bpe_tokenizer.eos_token, add_special_tokens=False)["input_ids"]]
+    assert len(stream) > 100 * 64
+    assert torch.equal(calibration.windows, sample_windows(torch.tensor(stream), 8, 64, 0))
+    assert calibration.tokenizer.model_max_length == bpe_tokenizer.model_max_length
+
+
 def test_a_teacher_with_another_tokenizer_of_the_same_size_is_refused(workspace, tmp_path):
     """Only the logit counts were compared: a teacher whose ids name other tokens trained the student on nonsense."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
