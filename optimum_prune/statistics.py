@@ -113,8 +113,8 @@ class RealTokens:
 
     def _remember(self, _module: nn.Module, _args: tuple, kwargs: dict) -> None:
         mask = kwargs.get("attention_mask")
-        padded = isinstance(mask, torch.Tensor) and mask.dim() == 2 and not bool(mask.all())
-        self.mask = mask.bool() if padded else None
+        real = _real_positions(mask) if isinstance(mask, torch.Tensor) else None
+        self.mask = None if real is None or bool(real.all()) else real
 
     def of(self, values: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
         """``values`` at the real positions only: laid out per position (``[batch, seq, ...]`` or flattened to
@@ -128,6 +128,18 @@ class RealTokens:
         if values.shape[:2] == self.mask.shape:
             return values[self.mask.to(values.device)]
         return values[flat] if values.shape[0] == flat.numel() else values
+
+
+def _real_positions(mask: torch.Tensor) -> torch.Tensor | None:
+    """``[batch, seq]``, True at real tokens, of a 2-D padding mask or a prepared 4-D one (``[batch, heads, seq, seq]``,
+    e.g. LLaMA-Factory's packed sequences): a position is real when it attends to itself, True in a boolean mask,
+    not (near) the dtype's minimum in an additive one. None for a 4-D mask of a cached decode step (queries ≠ keys)."""
+    if mask.dim() == 2:
+        return mask.bool()
+    if mask.dim() != 4 or mask.shape[-1] != mask.shape[-2]:
+        return None
+    itself = mask[:, 0].diagonal(dim1=-2, dim2=-1)
+    return itself if itself.dtype == torch.bool else itself > torch.finfo(itself.dtype).min / 2
 
 
 def token_cosine(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:

@@ -107,6 +107,26 @@ def test_skip_rate_counts_real_tokens_only():
     assert (batched.expert_calls, batched.skipped_calls) == (alone.expert_calls, alone.skipped_calls)
 
 
+@pytest.mark.parametrize("additive", [False, True])
+def test_skip_rate_counts_no_padding_of_a_packed_batch(additive):
+    """A prepared 4-D mask (LLaMA-Factory's packed sequences: block-diagonal, its pads attending to nothing) had its pads
+    counted as tokens: only 2-D masks were read."""
+    model = tiny_moe()
+    texts = [token_windows(1, 7, seed=1)[0], token_windows(1, 4, seed=2)[0]]
+    alone = skip_experts(model, beta=0.5)
+    for text in texts:
+        logits(model, text[None])
+    alone.remove()
+    packed = skip_experts(model, beta=0.5)
+    sequence = torch.tensor([1] * 7 + [2] * 4 + [0])
+    attends = (sequence[:, None] == sequence[None, :]) & (sequence[None, :] > 0) & torch.ones(12, 12, dtype=torch.bool).tril()
+    mask = torch.zeros(12, 12).masked_fill(~attends, torch.finfo(torch.float32).min) if additive else attends
+    positions = torch.tensor([*range(7), *range(4), 0])
+    with torch.no_grad():
+        model(torch.cat([*texts, torch.zeros(1, dtype=torch.long)])[None], attention_mask=mask[None, None], position_ids=positions[None])
+    assert (packed.expert_calls, packed.skipped_calls) == (alone.expert_calls, alone.skipped_calls)
+
+
 def test_a_model_that_recorded_router_logits_can_be_patched():
     """transformers leaves the class's own forward on each block after output_router_logits=True."""
     model, ids = tiny_moe(), token_windows(1, 8)
