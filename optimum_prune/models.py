@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .dependencies import MissingDependency
-from .saving import atomic_directory, exclusive_lock
+from .saving import atomic_directory, drop_gguf_copy, exclusive_lock, save_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +67,10 @@ def default_model_path() -> Path:
     converts; others starting meanwhile wait for it, rather than replacing the copy it is loading)."""
     target = cache_root() / f"{DEFAULT_MODEL_NAME.lower()}-{_default_distribution().version}-fp32"
     if (target / "config.json").is_file():
+        try:
+            drop_gguf_copy(target)  # an earlier version's conversion kept one
+        except PermissionError:  # another user's read-only cache: checkpoints saved through this package drop it
+            pass
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     with _lock_file(target.parent / f".{target.name}.lock") as lock:
@@ -95,7 +99,7 @@ def _convert_default_model(target: Path) -> None:
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     with atomic_directory(target) as staging:
         model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        save_tokenizer(tokenizer, staging)
 
 
 def unreadable_checkpoint(location: str | os.PathLike, error: Exception) -> ValueError:
@@ -165,7 +169,10 @@ def load_gguf(file: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, Any]:
             "download or copy it again"
         ) from None
     model = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name, dtype=dtype)
-    return model.eval(), AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+    tokenizer = AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+    if getattr(tokenizer, "vocab_file", None) == str(file):  # not a sentencepiece model (see saving.drop_gguf_copy)
+        tokenizer.vocab_file = None
+    return model.eval(), tokenizer
 
 
 # What ``save_pretrained`` of any transformers tokenizer writes (one of them at least).

@@ -435,6 +435,26 @@ def _unloadable(module: nn.Module) -> str | None:
     return None
 
 
+def save_tokenizer(tokenizer: Any, directory: Path) -> None:
+    """``tokenizer.save_pretrained`` without a GGUF file's copy (see ``drop_gguf_copy``)."""
+    tokenizer.save_pretrained(directory)
+    drop_gguf_copy(directory)
+
+
+def drop_gguf_copy(directory: Path) -> None:
+    """Remove a ``tokenizer.model`` that is a GGUF file: a tokenizer read from a GGUF names that file as its
+    sentencepiece model, and ``save_pretrained`` copied it whole under that name (every weight of the source model,
+    98 MB for SmolLM2; no tokenizer can read it), and from there into each checkpoint saved with it."""
+    copy = directory / "tokenizer.model"
+    try:
+        with open(copy, "rb") as file:
+            is_gguf = file.read(4) == b"GGUF"
+    except FileNotFoundError:
+        return
+    if is_gguf:
+        copy.unlink()
+
+
 def _write_checkpoint(
     model: nn.Module, staging: Path, tokenizer: Any, config: PruningConfig | None, report: PruningReport | None,
     max_shard_size: int | str,
@@ -461,7 +481,7 @@ def _write_checkpoint(
             )
         model.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
     if tokenizer is not None:
-        tokenizer.save_pretrained(staging)
+        save_tokenizer(tokenizer, staging)
     if config is not None:
         config.save_pretrained(staging)
     if report is not None and report.layer_scores:

@@ -40,7 +40,7 @@ from .calibration import CalibrationInputs, CalibrationSource, calibration_input
 from .config import CONFIG_NAME, PruningConfig, as_pruning_config, readable_step
 from .models import unreadable_checkpoint
 from .report import PruningReport
-from .saving import check_replaceable, claimed_folder, held_exclusively, remove_leftovers, replace_directory, write_text_atomic
+from .saving import check_replaceable, claimed_folder, drop_gguf_copy, held_exclusively, remove_leftovers, replace_directory, write_text_atomic
 from .structure.loading import records_layer_shapes
 
 logger = logging.getLogger(__name__)
@@ -533,6 +533,7 @@ def _finish_checkpoint(
     config.save_pretrained(staging)
     if tokenizer is not None:
         tokenizer.save_pretrained(staging)
+    drop_gguf_copy(staging)  # copied from the source or written by the tokenizer
     # Under a name of its own first (its lock moves with it): swapped with a previous output, the partial folder's
     # name would hold that output's layers, which a rerun would take for another run's.
     finished = claimed_folder(output_dir.absolute(), "staging")

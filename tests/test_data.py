@@ -66,6 +66,24 @@ def test_processes_converting_the_default_model_together_convert_it_once(tmp_pat
     assert len(conversions) == 1 and len(paths) == 2 and paths[0] == paths[1] and (paths[0] / "config.json").is_file()
 
 
+def test_the_cache_drops_an_earlier_conversions_copy_of_the_gguf(tmp_path, monkeypatch, bpe_tokenizer):
+    """Earlier conversions saved the GGUF as tokenizer.model (see saving.drop_gguf_copy); a real sentencepiece model stays."""
+    import copy
+
+    from optimum_prune import models
+
+    from .conftest import tiny_model
+
+    monkeypatch.setenv("OPTIMUM_PRUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "load_gguf", lambda _path, _dtype: (tiny_model(), copy.deepcopy(bpe_tokenizer)))
+    copy_of_gguf = models.default_model_path() / "tokenizer.model"
+    copy_of_gguf.write_bytes(b"GGUF" + bytes(64))
+    assert models.default_model_path() == copy_of_gguf.parent and not copy_of_gguf.exists()
+    copy_of_gguf.write_bytes(b"\n\x0esentencepiece")
+    models.default_model_path()
+    assert copy_of_gguf.exists()
+
+
 def test_a_lock_file_another_user_made_or_a_file_system_without_locks_still_converts(tmp_path, monkeypatch, bpe_tokenizer):
     """A shared cache's lock file this user cannot write is opened read-only; where the file system refuses that lock
     (NFS needs a file open for writing), the conversion goes on unlocked instead of failing."""

@@ -45,6 +45,31 @@ def test_a_gguf_file_loads_dequantised_as_the_default_model_was_converted(tmp_pa
         load_model(truncated)
 
 
+def test_no_checkpoint_carries_the_gguf_as_its_tokenizer_model(tmp_path):
+    """A tokenizer read from the GGUF named the file as its sentencepiece model: save_pretrained copied it (98 MB, every
+    weight of the dense model) as tokenizer.model into the cache and from there into each pruned checkpoint."""
+    from transformers import AutoTokenizer
+
+    from optimum_prune import prune_checkpoint
+    from optimum_prune.models import default_gguf_path, load_model
+
+    from .conftest import tiny_model
+
+    gguf = default_gguf_path()
+    _, tokenizer = load_model(gguf)
+    tiny = tiny_model(vocab_size=tokenizer.vocab_size)
+    save_pruned(tiny, tmp_path / "from-gguf", tokenizer=tokenizer)
+    stock = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)  # as an earlier conversion saved it
+    stock.save_pretrained(tmp_path / "earlier")
+    tiny.save_pretrained(tmp_path / "earlier")
+    assert (tmp_path / "earlier" / "tokenizer.model").read_bytes()[:4] == b"GGUF"
+    save_pruned(tiny, tmp_path / "from-earlier", tokenizer=load_model(tmp_path / "earlier")[1])
+    prune_checkpoint(tmp_path / "earlier", tmp_path / "streamed", PruningConfig(method="magnitude"))
+    for output in ("from-gguf", "from-earlier", "streamed"):
+        assert not (tmp_path / output / "tokenizer.model").exists(), output
+        assert load_model(tmp_path / output)[1]("A text.").input_ids == stock("A text.").input_ids
+
+
 def test_wanda_beats_magnitude_at_half_sparsity():
     perplexities = {}
     for method in ("magnitude", "wanda"):
