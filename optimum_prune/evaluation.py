@@ -41,8 +41,8 @@ def evaluate_perplexity(
     """exp(mean next-token NLL) over consecutive ``seq_len`` windows of ``text``.
 
     ``text`` defaults to the bundled Wikipedia evaluation split (disjoint from calibration).
-    The stream is tokenised without special tokens and cut to ``max_tokens`` (text shorter than that is an
-    error: the count is stated beside results); a trailing partial window is dropped. Each window predicts its own tokens 2..seq_len (the
+    The stream is tokenised without special tokens and cut to ``max_tokens`` (text shorter than that, or a count
+    that is not a multiple of ``seq_len``, is an error: the count is stated beside results); a trailing partial window is dropped. Each window predicts its own tokens 2..seq_len (the
     Wanda/SparseGPT protocol). Logits exist for one batch at a time only.
     """
     if seq_len < 2:
@@ -56,8 +56,7 @@ def evaluate_perplexity(
     texts = [wikipedia_text("evaluation")] if text is None else [text] if isinstance(text, str) else list(text)
     tokens = tokenize_stream(tokenizer, texts)
     if max_tokens is not None:  # the count a caller states beside the result: it must be the one scored
-        if max_tokens < seq_len:
-            raise ValueError(f"max_tokens ({max_tokens}) must be at least seq_len ({seq_len}): perplexity scores whole windows")
+        check_whole_windows(max_tokens, seq_len, "max_tokens", "seq_len")
         if tokens.numel() < max_tokens:
             raise ValueError(
                 f"the text has {tokens.numel():,} tokens, fewer than max_tokens={max_tokens:,}: give more text, or lower "

@@ -43,3 +43,5 @@ def test_default_text_and_errors(bpe_tokenizer):
     for max_tokens in (-100, 32):
         with pytest.raises(ValueError, match=rf"max_tokens \({max_tokens}\) must be at least seq_len \(64\)"):
             evaluate_perplexity(model, bpe_tokenizer, short, seq_len=64, max_tokens=max_tokens)
+    with pytest.raises(ValueError, match=r"max_tokens \(127\) is not a multiple of seq_len \(64\): the last 63 tokens would not count; use 64"):
+        evaluate_perplexity(model, bpe_tokenizer, short, seq_len=64, max_tokens=127)  # scored 64 tokens, stated as 127
