@@ -155,7 +155,8 @@ def _records(path: Path, builder: str, what: str) -> Any:
 
 def file_texts(path: Path, what: str) -> list[str]:
     """A file's texts, read as calibration reads a path: a records file (``RECORD_FILE_BUILDERS``) gives its ``text``
-    column, any other file its UTF-8 contents."""
+    column (blank records kept: evaluation scores a list of texts joined as the wikitext protocol joins its lines),
+    any other file its UTF-8 contents."""
     builder = RECORD_FILE_BUILDERS.get(path.suffix.lower())
     if builder is None:
         return [read_text_file(path, what)]
