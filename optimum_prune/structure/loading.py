@@ -16,6 +16,8 @@ mismatch instead of filling those weights at random.
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import json
 import math
 import re
@@ -109,31 +111,45 @@ class _SkipStandIns:
                 del state_dict[prefix + name]
 
 
+# The model's attribute naming the stand-ins its saves write (``keep_stand_ins``).
+_STAND_INS_ATTRIBUTE = "_optimum_prune_stand_ins"
+
+
 class _SavingWithStandIns:
-    """The model's ``save_pretrained`` writing the stand-ins: into its own state dict, or into the one it is
-    given (the Trainer's under DeepSpeed or FSDP, gathered by accelerate).
+    """``save_pretrained`` of a model class one of whose models records stand-ins (set on the class by
+    ``keep_stand_ins``): such a model's saves write them, into its own state dict or into the one it is given (the
+    Trainer's under DeepSpeed or FSDP, gathered by accelerate); any other model saves as the class does.
 
     Only while saving: torch's distributed checkpointing (FSDP2, accelerate's ``get_state_dict``) maps every
-    ``state_dict()`` key back to a module attribute, which a stand-in has none of."""
+    ``state_dict()`` key back to a module attribute, which a stand-in has none of. On the class, bound at each
+    access like any method: a callable kept on the model and holding it made a cycle, which kept each dropped model
+    (a notebook's reloads, a study's points) in memory until a full garbage collection."""
 
-    def __init__(self, model: PreTrainedModel, names: list[str]) -> None:
-        self.model, self.names = model, names
+    def __init__(self, stock: Any) -> None:
+        self.stock = stock
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        adding = _AddStandIns(self.names)
-        if kwargs.get("state_dict") is not None:
-            kwargs["state_dict"] = dict(kwargs["state_dict"])
-            adding(self.model, kwargs["state_dict"], "", None)
-            return type(self.model).save_pretrained(self.model, *args, **kwargs)
-        handle = self.model.register_state_dict_post_hook(adding)
-        try:
-            return type(self.model).save_pretrained(self.model, *args, **kwargs)
-        finally:
-            handle.remove()
+    def __get__(self, model: PreTrainedModel | None, owner: type | None = None) -> Any:
+        save = self.stock.__get__(model, owner)
+        names = None if model is None else vars(model).get(_STAND_INS_ATTRIBUTE)
+        return functools.partial(_save_with_stand_ins, save, model, names) if names else save
+
+
+def _save_with_stand_ins(save: Any, model: PreTrainedModel, names: list[str], *args: Any, **kwargs: Any) -> Any:
+    adding = _AddStandIns(names)
+    if kwargs.get("state_dict") is not None:
+        kwargs["state_dict"] = dict(kwargs["state_dict"])
+        adding(model, kwargs["state_dict"], "", None)
+        return save(*args, **kwargs)
+    handle = model.register_state_dict_post_hook(adding)
+    try:
+        return save(*args, **kwargs)
+    finally:
+        handle.remove()
 
 
 def keep_stand_ins(model: PreTrainedModel) -> None:
-    """Make ``model.save_pretrained`` of a non-uniform result write a one-element tensor under the name of each
+    """Make ``model.save_pretrained`` (its class's, see ``_SavingWithStandIns``) of a non-uniform result write a
+    one-element tensor under the name of each
     parameter a stock model built from its config has and the pruned layers lack (a removed sublayer's
     projections and norm, a factorised linear's weight, a dropped expert's), and ``load_state_dict`` skip them.
 
@@ -146,8 +162,7 @@ def keep_stand_ins(model: PreTrainedModel) -> None:
     hooks = model._load_state_dict_pre_hooks  # torch has no public way to list them
     for key in [key for key, hook in hooks.items() if isinstance(getattr(hook, "hook", hook), _SkipStandIns)]:
         del hooks[key]
-    if isinstance(vars(model).get("save_pretrained"), _SavingWithStandIns):
-        del model.save_pretrained
+    vars(model).pop(_STAND_INS_ATTRIBUTE, None)
     if not records_layer_shapes(getattr(model.config, "quantization_config", None)):
         return
     config = copy.deepcopy(model.config)
@@ -157,7 +172,10 @@ def keep_stand_ins(model: PreTrainedModel) -> None:
     present = {name.replace(".base_layer.", ".") for name in model.state_dict()}  # a peft LoRA layer wraps the linear
     names = [name for name in stock.state_dict() if name not in present]
     if names:
-        model.save_pretrained = _SavingWithStandIns(model, names)
+        cls = type(model)
+        if not isinstance(inspect.getattr_static(cls, "save_pretrained"), _SavingWithStandIns):
+            cls.save_pretrained = _SavingWithStandIns(inspect.getattr_static(cls, "save_pretrained"))
+        vars(model)[_STAND_INS_ATTRIBUTE] = names
         model.register_load_state_dict_pre_hook(_SkipStandIns(names))
 
 

@@ -136,12 +136,33 @@ def test_stand_ins_load_back_copy_and_follow_a_lora_wrapped_model(tmp_path):
     assert set(model.state_dict()) == set(tensors) - stand_ins == set(get_model_state_dict(model))
     model.load_state_dict(tensors)
     for other in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
-        assert saved(other, "copy").keys() == tensors.keys()
+        torch.nn.init.ones_(other.lm_head.weight)
+        copied = saved(other, "copy")
+        assert copied.keys() == tensors.keys() and bool(copied["lm_head.weight"].eq(1).all())  # the copy's own weights
+        assert not bool(model.lm_head.weight.eq(1).all())
 
     wrapped = get_peft_model(copy.deepcopy(model), LoraConfig(r=2, target_modules=["q_proj", "down_proj"]))
     record_structure(get_adapter(wrapped))
     assert {name for name, tensor in saved(wrapped.base_model.model, "wrapped").items() if tensor.numel() == 1} == stand_ins
     assert saved(wrapped.merge_and_unload(), "merged").keys() == tensors.keys()
+
+
+def test_a_dropped_non_uniform_model_is_freed_at_once(tmp_path):
+    """Its save_pretrained (writing the stand-ins) held the model that holds it: each dropped model (a notebook's
+    reloads, a study's points) stayed in memory until a full garbage collection."""
+    import gc
+    import weakref
+
+    model = tiny_model(num_hidden_layers=4)
+    prune(model, PruningConfig(method="sublayers", sparsity=0.2, method_options={"sublayers": "attention"}), calibration=token_windows())
+    save_pruned(model, tmp_path / "pruned")
+    models = [weakref.ref(model), weakref.ref(AutoModelForCausalLM.from_pretrained(tmp_path / "pruned"))]
+    gc.disable()
+    try:
+        del model
+        assert [reference() for reference in models] == [None, None]
+    finally:
+        gc.enable()
 
 
 def test_a_non_uniform_model_with_offloaded_modules_saves_without_stand_ins(tmp_path, caplog):
