@@ -191,6 +191,7 @@ def prune(
         trainable.restore(model)
     report.seconds = time.perf_counter() - started
     report.warn_unrouted()
+    report.warn_revived_zeros()
     report.peak_memory_bytes, report.peak_memory_kind = _peak_memory(device)
     if not peak_is_the_runs:  # where the high-water mark cannot be reset (macOS, Windows)
         report.peak_memory_kind += " since the process started"
@@ -825,6 +826,8 @@ def _finish(
 ) -> None:
     for name, pruner in pruners.items():
         pruner.prune(targets[name])
+        if pruner.revived_zeros:
+            report.revived_zeros[name] = pruner.revived_zeros
         report.linears.append(_linear_report(name, index, targets[name], pruner.linear.weight, part))
 
 

@@ -83,6 +83,9 @@ class PruningReport:
     # MoE: expert linears that received no calibration token, and what was done with them.
     unrouted: list[str] = field(default_factory=list)
     unrouted_policy: str = ""
+    # Zeros of an already pruned model that the method's weight update made non-zero again, per linear (SparseGPT
+    # without keep_zeros).
+    revived_zeros: dict[str, int] = field(default_factory=dict)
 
     @property
     def overall_sparsity(self) -> float:
@@ -155,6 +158,15 @@ class PruningReport:
             logger.warning(
                 "%d expert linears received no calibration token (%s); PruningReport.unrouted names them, e.g. %s",
                 len(self.unrouted), self.unrouted_policy, self.unrouted[0],
+            )  # fmt: skip
+
+    def warn_revived_zeros(self) -> None:
+        """One warning for the run, in every run (``revived_zeros`` names the linears)."""
+        if self.revived_zeros:
+            logger.warning(
+                "%s: the model was already sparse (pruned before, or a quantizer's exact zeros), and the update made %s of "
+                "its zeros non-zero again in %d linears (PruningReport.revived_zeros); set method_options.keep_zeros=True "
+                "to keep them pruned", self.method, f"{sum(self.revived_zeros.values()):,}", len(self.revived_zeros),
             )  # fmt: skip
 
     def _calibration_kind(self) -> str:

@@ -39,6 +39,10 @@ class LayerPruner(ABC, Generic[Options]):
     # ``add_batch``: a method that draws at random seeds its own ``torch.Generator`` with it, so a run repeats and each
     # linear draws its own.
     seed: int = 0
+    # Zeros of an already pruned linear that ``prune``'s weight update made non-zero again: the run lists them in
+    # ``PruningReport.revived_zeros`` with one warning (a warning per linear was a page on a large model, and Python's
+    # warnings module showed it once per process only).
+    revived_zeros: int = 0
 
     def __init__(self, linear: nn.Linear, options: Options) -> None:
         self.linear = linear

@@ -15,7 +15,6 @@ compensates for them like for any other pruned weight.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -126,12 +125,8 @@ class SparseGPTPruner(LayerPruner[SparseGPTOptions]):
             W[:, start:end] = W1
             W[:, end:] -= errors @ Hinv[start:end, end:]
 
-        if not self.options.keep_zeros and already_sparse and (earlier & (W != 0)).any():
-            warnings.warn(
-                "sparsegpt: the model was already sparse (pruned before, or a quantizer's exact zeros), and SparseGPT's "
-                "update made some of its zeros non-zero again; set method_options.keep_zeros=True to keep them pruned",
-                stacklevel=2,
-            )
+        if not self.options.keep_zeros and already_sparse:
+            self.revived_zeros = int((earlier & (W != 0)).sum())
         with torch.no_grad():
             weight.copy_(W.to(weight.dtype))
 
