@@ -21,6 +21,7 @@ next to the quality it costs.
 from __future__ import annotations
 
 import types
+import weakref
 from typing import Any, Sequence
 
 import torch
@@ -53,26 +54,21 @@ class PatchedMoEBlocks:
             _check_unpatched(block)
         self._check_blocks(self._blocks)
         for block in self._blocks:
-            block.forward = types.MethodType(self._patched_forward(), block)
+            block.forward = _PatchedForward(self, block)
 
     def _check_blocks(self, blocks: list[nn.Module]) -> None:
         """Refuse settings that do not fit these blocks, before any is patched."""
 
-    def _patched_forward(self) -> Any:
-        handle = self
-
-        def forward(block: nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            batch, length, width = hidden_states.shape
-            tokens = hidden_states.reshape(-1, width)
-            logits = handle.adapter.router(block)(tokens)
-            output = handle._experts_output(block, tokens, logits, batch)
-            shared = handle.adapter.shared_expert_output(block, tokens)
-            if shared is not None:
-                output = output + shared
-            return output.reshape(batch, length, width), logits
-
-        forward.handle = handle  # which variant a block runs, for the error a second patch gets
-        return forward
+    def block_forward(self, block: nn.Module, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A patched block's forward (``_PatchedForward``)."""
+        batch, length, width = hidden_states.shape
+        tokens = hidden_states.reshape(-1, width)
+        logits = self.adapter.router(block)(tokens)
+        output = self._experts_output(block, tokens, logits, batch)
+        shared = self.adapter.shared_expert_output(block, tokens)
+        if shared is not None:
+            output = output + shared
+        return output.reshape(batch, length, width), logits
 
     def _experts_output(self, block: nn.Module, tokens: torch.Tensor, logits: torch.Tensor, batch: int) -> torch.Tensor:
         """The routed experts' contribution for ``tokens`` (``batch`` sequences of equal length, flattened)."""
@@ -83,6 +79,26 @@ class PatchedMoEBlocks:
             if getattr(vars(block).get("forward"), "handle", None) is self:  # its own patch only
                 del block.forward  # back to the class's forward
         self._blocks = []
+
+
+class _PatchedForward:
+    """What a patched block's ``forward`` is: its handle's (``handle`` names the variant, for the error a second patch
+    gets). A copy or pickle of the model gets the block's own forward back, bound as transformers leaves it (which
+    the next patch drops): the handle that runs, counts and removes the patch belongs to the original model (a copy
+    ran it and failed, and could not be unpatched). The block is held weakly: it holds this."""
+
+    def __init__(self, handle: PatchedMoEBlocks, block: nn.Module) -> None:
+        self.handle, self._block = handle, weakref.ref(block)
+
+    def __call__(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.handle.block_forward(self._block(), hidden_states)
+
+    def __reduce__(self) -> tuple[Any, tuple[nn.Module]]:
+        return _own_forward, (self._block(),)
+
+
+def _own_forward(block: nn.Module) -> Any:
+    return types.MethodType(type(block).forward, block)
 
 
 def _check_unpatched(block: nn.Module) -> None:

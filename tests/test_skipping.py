@@ -173,6 +173,27 @@ def test_one_variant_of_the_mixture_at_a_time_and_remove_undoes_its_own():
 
 
 @pytest.mark.parametrize("variant", ["skip", "fold"])
+def test_a_copy_of_a_patched_model_runs_the_exact_mixture(tmp_path, variant):
+    """The copy's blocks ran the original's handle, which knew them not (KeyError), and no handle could remove them."""
+    import pickle
+
+    from optimum_prune import fold_experts, save_pruned
+
+    model = tiny_moe(num_local_experts=8)
+    ids = token_windows(1, 8)
+    stock = logits(model, ids)
+    patch = skip_experts(model, beta=0.9) if variant == "skip" else fold_experts(model)
+    patched = logits(model, ids)
+    assert not torch.equal(patched, stock)
+    for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert torch.equal(logits(other, ids), stock)
+        skip_experts(other, beta=0.9).remove()  # the copy takes a patch of its own
+        save_pruned(other, tmp_path / "copy")
+    assert torch.equal(logits(model, ids), patched)  # the original still runs its patch
+    patch.remove()
+
+
+@pytest.mark.parametrize("variant", ["skip", "fold"])
 def test_save_pruned_refuses_a_mixture_running_a_variant_and_saves_once_it_is_removed(tmp_path, variant):
     """The checkpoint holds the exact mixture, so it used to reload as another model than the one saved."""
     from optimum_prune import fold_experts, save_pruned
