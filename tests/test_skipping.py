@@ -89,14 +89,19 @@ def test_default_thresholds_are_each_layers_median_ratio_of_second_to_top_weight
         skip_experts(tiny_moe(num_hidden_layers=3), beta=[0.1, 0.2])
 
 
-def test_skip_rate_counts_real_tokens_only():
-    """The same texts give the same rate alone or left-padded into one batch."""
-    model = tiny_moe()
-    texts = [token_windows(1, 12, seed=1)[0], token_windows(1, 5, seed=2)[0]]
+def counted_alone(model, texts) -> tuple[int, int]:
+    """(expert calls, skipped calls) of ``texts`` run one at a time, at β = 0.5."""
     alone = skip_experts(model, beta=0.5)
     for text in texts:
         logits(model, text[None])
     alone.remove()
+    return alone.expert_calls, alone.skipped_calls
+
+
+def test_skip_rate_counts_real_tokens_only():
+    """The same texts give the same rate alone or left-padded into one batch."""
+    model = tiny_moe()
+    texts = [token_windows(1, 12, seed=1)[0], token_windows(1, 5, seed=2)[0]]
     batched = skip_experts(model, beta=0.5)
     ids = torch.zeros(2, 12, dtype=torch.long)
     mask = torch.zeros(2, 12, dtype=torch.long)
@@ -104,7 +109,8 @@ def test_skip_rate_counts_real_tokens_only():
         ids[row, -len(text):], mask[row, -len(text):] = text, 1
     with torch.no_grad():
         model(ids, attention_mask=mask)
-    assert (batched.expert_calls, batched.skipped_calls) == (alone.expert_calls, alone.skipped_calls)
+    batched.remove()
+    assert (batched.expert_calls, batched.skipped_calls) == counted_alone(model, texts)
 
 
 @pytest.mark.parametrize("additive", [False, True])
@@ -113,10 +119,6 @@ def test_skip_rate_counts_no_padding_of_a_packed_batch(additive):
     counted as tokens: only 2-D masks were read."""
     model = tiny_moe()
     texts = [token_windows(1, 7, seed=1)[0], token_windows(1, 4, seed=2)[0]]
-    alone = skip_experts(model, beta=0.5)
-    for text in texts:
-        logits(model, text[None])
-    alone.remove()
     packed = skip_experts(model, beta=0.5)
     sequence = torch.tensor([1] * 7 + [2] * 4 + [0])
     attends = (sequence[:, None] == sequence[None, :]) & (sequence[None, :] > 0) & torch.ones(12, 12, dtype=torch.bool).tril()
@@ -124,7 +126,8 @@ def test_skip_rate_counts_no_padding_of_a_packed_batch(additive):
     positions = torch.tensor([*range(7), *range(4), 0])
     with torch.no_grad():
         model(torch.cat([*texts, torch.zeros(1, dtype=torch.long)])[None], attention_mask=mask[None, None], position_ids=positions[None])
-    assert (packed.expert_calls, packed.skipped_calls) == (alone.expert_calls, alone.skipped_calls)
+    packed.remove()
+    assert (packed.expert_calls, packed.skipped_calls) == counted_alone(model, texts)
 
 
 def test_a_model_that_recorded_router_logits_can_be_patched():
