@@ -140,6 +140,17 @@ def decoder_linear_parameters(model: torch.nn.Module) -> int:
     return sum(m.weight.numel() for layer in model.model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear))
 
 
+def console_script(name: str) -> str:
+    """This environment's console script (beside ``sys.executable``): the first on PATH may be another install's
+    (a pipx copy, another venv), which the test would check instead of this checkout."""
+    import shutil
+    import sys
+    from pathlib import Path
+
+    beside = Path(sys.executable).parent / name
+    return str(beside) if beside.is_file() else shutil.which(name) or name
+
+
 def token_windows(samples: int = 8, seq_len: int = 32, seed: int = 1, vocab: int = TINY["vocab_size"]) -> torch.Tensor:
     return torch.randint(0, vocab, (samples, seq_len), generator=torch.Generator().manual_seed(seed))
 

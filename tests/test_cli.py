@@ -5,7 +5,6 @@ import shutil
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from optimum_prune import METHODS, PruningConfig, verify_sparsity
 from optimum_prune.cli import main
 from optimum_prune.models import load_model
 
-from .conftest import tiny_model
+from .conftest import console_script, tiny_model
 
 
 def test_cli_prunes_saves_and_reports(model_dir, tmp_path, capsys):
@@ -139,7 +138,7 @@ def test_a_saved_recipe_is_the_config(model_dir, tmp_path, capsys):
 
 
 def test_console_script_installed():
-    executable = shutil.which("optimum-prune") or str(Path(sys.executable).parent / "optimum-prune")
+    executable = console_script("optimum-prune")
     result = subprocess.run([executable, "--help"], capture_output=True, text=True)
     assert result.returncode == 0
     assert "--sparsity" in result.stdout and "sparsegpt.block_size" in result.stdout and "owl.max_deviation" in result.stdout

@@ -493,7 +493,7 @@ def test_cusparselt_prefill_matches_the_reference_on_gpu(dtype, bits):
     from optimum_prune.kernels import prefill
 
     if not prefill.cusparselt_available():
-        pytest.skip("this torch build has no cuSPARSELt")
+        pytest.skip("this machine: its torch build has no cuSPARSELt")
     linear = nn.Linear(1024, 4096 + 64, dtype=dtype, device="cuda")
     with torch.no_grad():
         linear.weight.copy_(random_24(4096 + 64, 1024, dtype).cuda())
@@ -558,11 +558,11 @@ def test_the_mma_kernel_compiles_to_sparse_tensor_core_instructions_without_spil
 
     nvcc = shutil.which("nvcc")
     if nvcc is None:
-        pytest.skip("needs nvcc (CUDA's compiler) to build the kernel without a GPU")
+        pytest.skip("this machine: no nvcc (CUDA's compiler) to build the kernel without a GPU")
     triton = pytest.importorskip("triton")
     cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     if not cuobjdump.exists():
-        pytest.skip("needs the cuobjdump that Triton ships, to read the machine code")
+        pytest.skip("this machine: no cuobjdump (Triton ships one) to read the machine code")
     for dtype, bits, zeros, warps, tiles, ordered in [*((*variant, True) for variant in MMA_VARIANTS), (torch.bfloat16, 4, True, 4, 1, False)]:
         text, cubin = tmp_path / "kernel.cu", tmp_path / "kernel.cubin"
         text.write_text(source(_Variant(dtype, bits, zeros, tiles), warps, ordered))  # not ordered: NVRTC before CUDA 12.5
@@ -586,7 +586,7 @@ def test_mma_decode_matches_the_reference_on_gpu(dtype, bits, zero_points):
     from optimum_prune.kernels.mma_24 import WINDOW_COLUMNS, _configs, mma_available, sparse24_mma
 
     if not mma_available():
-        pytest.skip("needs compute capability 8.0+ and NVRTC")
+        pytest.skip("this machine: the GPU lacks compute capability 8.0+ or NVRTC")
     for outputs, columns in ((4096 + 40, 1024), (24, 128), (1000, 4096)):  # ragged outputs: rows past N are masked
         if zero_points:  # an affine quantizer's codes, repacked
             shifted = affine_24(outputs, columns, bits, 128)

@@ -1,16 +1,13 @@
 """``optimum-cli export onnx`` (optimum-onnx) of pruned checkpoints, checked with onnxruntime."""
 
-import shutil
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from optimum_prune import PruningConfig, export_onnx, prune, save_pruned
 
-from .conftest import tiny_model, token_windows
+from .conftest import console_script, tiny_model, token_windows
 
 onnxruntime = pytest.importorskip("optimum.onnxruntime")
 
@@ -46,7 +43,7 @@ def test_optimum_cli_exports_pruned_checkpoints_that_onnxruntime_runs_alike(case
         prune(model, config, calibration=token_windows())
     checkpoint = save_pruned(model, tmp_path / "pruned")
 
-    cli = shutil.which("optimum-cli") or str(Path(sys.executable).parent / "optimum-cli")
+    cli = console_script("optimum-cli")
     result = subprocess.run(
         [cli, "export", "onnx", "--model", str(checkpoint), "--task", "text-generation-with-past", str(tmp_path / "onnx")],
         capture_output=True, text=True,

@@ -2,10 +2,8 @@ import dataclasses
 """The Optimum shapes: configuration files, ``OptimumPruner`` and the real ``optimum-cli prune``."""
 
 import json
-import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +13,7 @@ from optimum_prune import OptimumPruner, PruningConfig, prune, verify_sparsity
 from optimum_prune.cli import build_parser
 from optimum_prune.models import load_model
 
-from .conftest import tiny_model, token_windows
+from .conftest import console_script, tiny_model, token_windows
 
 
 def test_config_round_trips_through_optimums_configuration_files(tmp_path):
@@ -138,7 +136,7 @@ def test_optimum_pruner_takes_a_loaded_model_and_token_ids(tmp_path):
 
 
 def _optimum_cli() -> str:
-    return shutil.which("optimum-cli") or str(Path(sys.executable).parent / "optimum-cli")
+    return console_script("optimum-cli")
 
 
 def test_optimum_cli_prune_is_registered_and_documents_every_option():

@@ -204,7 +204,7 @@ def test_replacing_an_output_swaps_it_whole_and_leaves_nothing_beside_it(tmp_pat
         for probe in probes:
             probe.rmdir()
         if not supported:
-            pytest.skip("this file system cannot exchange two paths")
+            pytest.skip("this machine: its file system cannot exchange two paths")
     refused = lambda *args: (_ for _ in ()).throw(PermissionError("read-only"))  # noqa: E731
     with monkeypatch.context() as patched:
         if exchange:
@@ -423,7 +423,7 @@ def test_the_source_reached_by_another_path_is_never_the_target(tmp_path):
     tiny_model().save_pretrained(source)
     alias.mkdir()
     if subprocess.run(["mount", "--bind", str(source), str(alias)], capture_output=True).returncode != 0:
-        pytest.skip("bind mounts need root")
+        pytest.skip("this machine: bind mounts need root")
     try:
         with pytest.raises(ValueError, match="is the checkpoint being pruned"):
             check_replaceable(alias, source)

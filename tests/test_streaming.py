@@ -577,7 +577,7 @@ def test_peak_memory_is_the_runs_not_what_the_process_held_before():
     lifetime = process_peak_rss()
     report = prune(tiny_model(), PruningConfig(method="magnitude", sparsity=0.5))
     if report.peak_memory_kind.endswith("since the process started"):
-        pytest.skip("this system cannot reset a process's peak resident memory")
+        pytest.skip("this machine: it cannot reset a process's peak resident memory")
     assert report.peak_memory_kind == "process RSS" and report.peak_memory_bytes < lifetime - 2**29
 
 

@@ -112,7 +112,7 @@ def test_layers_return_to_their_device_and_config_recorded(llama, windows):
 
 def test_cuda_device_without_cuda_is_clear(llama, windows):
     if torch.cuda.is_available():
-        pytest.skip("CUDA is available")
+        pytest.skip("this machine: it has CUDA, and the test is of one without")
     with pytest.raises(ValueError, match="CUDA is not available"):
         prune(llama, PruningConfig(), calibration=windows, device="cuda")
 
