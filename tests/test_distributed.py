@@ -189,7 +189,7 @@ def test_cli_under_torchrun_saves_once_what_one_process_saves(model_dir, tmp_pat
     # 130-token windows: longer than the tiny model's 128-token context, so every process would warn
     arguments = ["--model", str(model_dir), "--method", "wanda", "--sparsity", "0.5", "--calibration-samples", "4", "--seq-len", "130"]
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "optimum_prune.cli"]
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}  # torchrun leaves a torchelastic_* folder
     launched = subprocess.run([*launcher, *arguments, "--output", str(tmp_path / "two")], check=True, env=environment, capture_output=True, text=True)
     assert launched.stderr.count("are longer than") == 1  # the first process speaks for all (each warned, and drew its bars)
     subprocess.run([sys.executable, "-m", "optimum_prune.cli", *arguments, "--output", str(tmp_path / "one")], check=True, env=environment, capture_output=True)
