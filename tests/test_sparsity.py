@@ -53,6 +53,29 @@ def test_nm_mask_every_group():
         assert conforms_to(scores.masked_fill(mask, 0), pattern)
 
 
+def test_a_group_with_one_zero_too_few_does_not_conform_and_n_m_counts_what_goes():
+    """Only fully dense weights were refused (a check loosened by one passed), and only n = m/2 patterns counted."""
+    three_of_four = torch.tensor([[1.0, 2.0, 0.0, 3.0, 1.0, 0.0, 2.0, 0.0]])
+    assert not conforms_to(three_of_four, NMPattern(2, 4)) and conforms_to(three_of_four, NMPattern(3, 4))
+    assert (NMPattern(1, 4).sparsity, NMPattern(3, 4).sparsity, NMPattern(2, 8).sparsity) == (0.75, 0.25, 0.75)
+    from optimum_prune import PruningConfig, prune
+
+    report = prune(tiny_model(), PruningConfig(method="magnitude", sparsity="1:4"))
+    assert {(line.target_sparsity, line.sparsity) for line in report.linears} == {(0.75, 0.75)}
+
+
+def test_masks_sparsity_weights_each_linear_by_its_size():
+    """What PruningCallback logs: the zeros over all weights, as verify_sparsity counts (not a mean of fractions)."""
+    from optimum_prune import SparsityMasks
+
+    model = tiny_model()
+    for index, layer in enumerate(model.model.layers):  # unequal sparsities over linears of unequal sizes
+        for name, linear in (("q", layer.self_attn.q_proj), ("down", layer.mlp.down_proj)):
+            with torch.no_grad():
+                linear.weight[: linear.weight.shape[0] // (2 + index + (name == "q"))] = 0
+    assert SparsityMasks.from_zeros(model).sparsity() == pytest.approx(verify_sparsity(model)["overall_sparsity"], abs=1e-12)
+
+
 def test_nm_needs_divisible_columns():
     with pytest.raises(ValueError, match="in_features=6 is not a multiple of M=4"):
         prune_lowest_nm(torch.rand(2, 6), NMPattern(2, 4))
