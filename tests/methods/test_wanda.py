@@ -32,6 +32,21 @@ def test_prunes_lowest_scores_per_output_row():
         assert scores[row][~kept[row]].max() <= scores[row][kept[row]].min()
 
 
+def test_layer_comparison_group_cuts_the_whole_matrix_once():
+    """comparison_group='layer' (ignored by a per-row cut, no test failed): one threshold over all the scores."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 8, bias=False)
+    with torch.no_grad():
+        linear.weight *= torch.linspace(0.2, 2, 8)[:, None]  # rows of unequal scale: unequal zeros per row
+    pruner = WandaPruner(linear, WandaOptions(comparison_group="layer"))
+    pruner.add_batch(torch.randn(64, 16) * torch.linspace(0.1, 3, 16))
+    scores = pruner.scores()
+    pruner.prune(0.5)
+    kept = linear.weight != 0
+    assert int((~kept).sum()) == 64 and len(set(kept.sum(dim=1).tolist())) > 1
+    assert scores[~kept].max() <= scores[kept].min()
+
+
 def test_wanda_exact_sparsity_on_model():
     # 0.3 of 64 (or 128) inputs per row is 19.2 (38.4): exactly 19 (38) weights go, i.e. 0.296875.
     for sparsity, expected in ((0.5, 0.5), ("2:4", 0.5), ("4:8", 0.5), (0.3, 0.296875)):
