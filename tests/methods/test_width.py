@@ -78,6 +78,54 @@ def test_magnitude_removes_the_smallest_channels(criterion):
         assert float(layer.mlp.gate_proj.weight.norm(dim=1).min()) > 1e-2  # the small channel is gone
 
 
+@pytest.mark.parametrize("criterion", ["magnitude_l1", "magnitude_l2", "wanda_sp", "flap"])
+def test_mlp_channels_go_by_their_criterions_score(criterion):
+    """The criteria's formulas, computed here by hand over gate/up rows and down_proj columns (and down_proj's
+    inputs): an l1 scored as l2, or Wanda-sp / FLAP without their activation statistics, passed every test."""
+    windows = token_windows()
+    dense = tiny_model(num_hidden_layers=1)
+    with torch.no_grad():  # a few channels with outsized consumer weights: l1 and l2 rank them differently
+        dense.model.layers[0].mlp.down_proj.weight[:, ::7] *= 3
+    mlp = dense.model.layers[0].mlp
+    seen = []
+    handle = mlp.down_proj.register_forward_pre_hook(lambda _module, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        dense(windows)
+    handle.remove()
+    inputs = torch.cat(seen).double()
+    gate, up, down = (linear.weight.detach().double() for linear in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
+    scores = {
+        "magnitude_l1": gate.abs().sum(1) + up.abs().sum(1) + down.abs().sum(0),
+        "magnitude_l2": gate.square().sum(1) + up.square().sum(1) + down.square().sum(0),
+        "wanda_sp": (down.abs() * inputs.norm(dim=0)).sum(0),  # Σ_i |W_ij|·‖X_j‖
+        "flap": inputs.var(dim=0) * down.square().sum(0),  # fluctuation of X_j times ‖W_:j‖²
+    }[criterion]
+    model = copy.deepcopy(dense)
+    prune(model, PruningConfig(method="width", sparsity=0.2, method_options={"criterion": criterion, "components": "mlp"}), calibration=windows)
+    kept = _kept_rows(mlp.gate_proj.weight, model.model.layers[0].mlp.gate_proj.weight)
+    removed = sorted(set(range(mlp.gate_proj.out_features)) - set(kept))
+    assert removed and removed == sorted(torch.argsort(scores)[: len(removed)].tolist())
+
+
+@pytest.mark.parametrize("head_mode", ["query", "kv_group"])
+def test_the_weakest_head_or_key_value_group_goes(head_mode):
+    """Head tests checked shapes, counts and outputs, which hold whichever heads go: keeping the strongest passed."""
+    model = tiny_model(num_attention_heads=8, num_key_value_heads=2 if head_mode == "query" else 4)
+    attention = model.model.layers[0].self_attn
+    size = attention.head_dim
+    weak = slice(size, 2 * size) if head_mode == "query" else slice(0, 2 * size)  # query head 1, or group 0's two heads
+    with torch.no_grad():
+        attention.q_proj.weight[weak] *= 1e-3
+        attention.o_proj.weight[:, weak] *= 1e-3
+        if head_mode == "kv_group":
+            attention.k_proj.weight[:size] *= 1e-3
+            attention.v_proj.weight[:size] *= 1e-3
+    options = {"criterion": "magnitude_l2", "components": "attention", "head_mode": head_mode}
+    prune(model, PruningConfig(method="width", sparsity=0.05, method_options=options))
+    heads = model.model.layers[0].self_attn.q_proj.weight.detach().reshape(-1, size, attention.q_proj.in_features)
+    assert len(heads) < 8 and float(heads.norm(dim=(1, 2)).min()) > 1e-2  # the weak one is gone
+
+
 def test_layer_ranking_is_uniform_and_hits_the_parameter_ratio():
     model = tiny_model(num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2, intermediate_size=256)
     linears = lambda: decoder_linear_parameters(model)  # noqa: E731
