@@ -27,6 +27,15 @@ def test_ratios_average_to_target_and_follow_outliers():
     assert max(sparsities) - min(sparsities) == pytest.approx(0.16)  # spread is 2λ
 
 
+def test_outliers_are_measured_against_the_whole_layers_mean():
+    """OWL's layerwise outlier ratio (a mean per linear passed every test): the larger-scaled of two linears is all outliers."""
+    allocation = OWLAllocation(OWLOptions(outlier_threshold=1.5))
+    norms = ColumnNorms(64, torch.device("cpu"))
+    norms.add(torch.ones(10, 64))
+    allocation.observe(0, {"small": torch.ones(16, 64), "large": 10 * torch.ones(16, 64)}, {"small": norms, "large": norms})
+    assert allocation.outlier_ratios[0] == 0.5
+
+
 def test_owl_on_model_averages_to_target():
     model = tiny_model(num_hidden_layers=4)
     report = prune(model, PruningConfig(method="wanda", sparsity=0.6, allocation="owl"), calibration=token_windows())
