@@ -363,6 +363,8 @@ def test_an_earlier_output_with_its_tokenizer_is_replaced(tmp_path, bpe_tokenize
     prune(model, PruningConfig(method="magnitude", sparsity=0.5))
     save_pruned(model, tmp_path / "out", tokenizer=bpe_tokenizer)
     assert (tmp_path / "out" / "pruning_config.json").is_file()
+    reloaded = load_model(tmp_path / "out")[1]  # the tokenizer was saved with it
+    assert reloaded is not None and reloaded.get_vocab() == bpe_tokenizer.get_vocab()
 
 
 def test_replacing_a_checkpoint_that_records_no_pruning_is_said(tmp_path, caplog):
