@@ -69,7 +69,7 @@ def default_model_path() -> Path:
     if (target / "config.json").is_file():
         try:
             drop_gguf_copy(target)  # an earlier version's conversion kept one
-        except PermissionError:  # another user's read-only cache: checkpoints saved through this package drop it
+        except OSError:  # another user's, or a read-only file system's: checkpoints saved through this package drop it
             pass
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
