@@ -291,7 +291,7 @@ class TestIterativeSchedule:
     def test_each_round_removes_the_same_fraction_of_what_is_left(self):
         schedule = IterativeSchedule(final_sparsity=0.75, iterations=2).resolved(max_steps=10)
         assert schedule.retrain_steps == 5
-        assert [schedule.prunes_at(step) for step in range(10)] == [s in (0, 5) for s in range(10)]
+        assert [step for step in range(20) if schedule.prunes_at(step)] == [0, 5]  # no round past the last
         assert schedule.sparsity_at(0) == pytest.approx(0.5) and schedule.sparsity_at(9) == pytest.approx(0.75)
         nm = IterativeSchedule(final_sparsity="2:4", iterations=2, retrain_steps=3)
         assert [nm.target_at(0), nm.target_at(3)] == [NMPattern(3, 4), NMPattern(2, 4)]  # 1 − 0.5^½ = 29 % ≥ 1 of 4
@@ -312,6 +312,12 @@ class TestIterativeSchedule:
     def test_too_short_a_run_is_refused(self):
         with pytest.raises(ValueError, match="leave no retraining between 4 pruning rounds"):
             IterativeSchedule(final_sparsity=0.5).resolved(max_steps=3)
+        with pytest.raises(ValueError, match="leave no retraining"):  # 2 steps after the start, not 10
+            IterativeSchedule(final_sparsity=0.5, start_step=8).resolved(max_steps=10)
+
+    def test_rounds_share_the_steps_after_the_start(self):
+        schedule = IterativeSchedule(final_sparsity=0.5, iterations=2, start_step=40).resolved(max_steps=100)
+        assert (schedule.retrain_steps, schedule.last_pruning_step()) == (30, 70)
 
     def test_prune_retrain_rounds_inside_a_trainer(self, tmp_path):
         model = tiny_model()

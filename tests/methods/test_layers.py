@@ -41,6 +41,29 @@ def test_block_influence_removes_the_layers_closest_to_identity():
     assert report.removed == ["model.layers.1", "model.layers.2"]
 
 
+def test_angular_distance_removes_the_closest_run_measured_at_the_last_token():
+    """Gromov et al.: d(l, l+n) = arccos(cos(x_l, x_l+n)) / pi at each window's last token, the run with the least
+    removed. Only "the removed layers are consecutive" was checked: the farthest run, a span one short, or the first
+    token all passed."""
+    import math
+
+    from optimum_prune.methods.layers import angular_distances
+
+    one_hot = list(torch.eye(4)[[0, 0, 1, 1]].unsqueeze(1))  # x0 = x1, x2 = x3, orthogonal to them
+    assert angular_distances(one_hot, 2) == [0.5, 0.5]
+    model, windows = tiny_model(num_hidden_layers=6), token_windows()
+    with torch.no_grad():
+        for index in (3, 4):
+            model.model.layers[index].self_attn.o_proj.weight.mul_(1e-3)
+            model.model.layers[index].mlp.down_proj.weight.mul_(1e-3)
+        states = [h[:, -1] for h in model(windows, output_hidden_states=True).hidden_states[:6]]
+    expected = [float(torch.arccos(torch.cosine_similarity(states[s], states[s + 2], dim=-1).clamp(-1, 1)).mean() / math.pi) for s in range(4)]
+    options = {"criterion": "angular", "num_layers": 2}
+    report = prune(model, PruningConfig(method="layers", sparsity=0.3, method_options=options), calibration=windows)
+    assert report.layer_scores["angular"][:4] == pytest.approx(expected, abs=1e-5)
+    assert report.removed == ["model.layers.3", "model.layers.4"]
+
+
 def test_block_influence_is_one_minus_the_mean_token_cosine_across_each_layer():
     from optimum_prune import get_adapter
     from optimum_prune.methods.layers import block_influence
