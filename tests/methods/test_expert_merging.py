@@ -65,6 +65,23 @@ def test_merging_permuted_copies_is_lossless_only_when_aligned(align):
     assert same == align
 
 
+def test_members_join_the_most_similar_dominant_and_average_by_routing_frequency():
+    """MC-SMoE: grouping by the cosine of router-logit columns (a raw dot product groups by scale), averaging weighted by
+    routing frequency (a plain mean passed every test)."""
+    model = tiny_moe()
+    block = model.model.layers[0].block_sparse_moe
+    experts = {name: w.detach().clone() for name, w in block.experts.named_parameters()}
+    method = ExpertMerging(get_adapter(model), 0.5, [], ExpertMergingOptions(align=False), torch.device("cpu"))
+    merged = method._merged_expert(block, [0, 2], torch.tensor([3.0, 0.0, 1.0, 0.0], dtype=torch.float64))
+    for name, weight in merged.named_parameters():
+        torch.testing.assert_close(weight, 0.75 * experts[f"0.{name}"] + 0.25 * experts[f"2.{name}"])
+
+    method.check()
+    sign = torch.tensor([1.0, -1.0] * 4)  # experts 2 and 3 follow expert 0's pattern, at a hundredth of its scale
+    logits = torch.stack([10 * sign + 12, sign + 100, 0.1 * sign + 0.05, 0.1 * sign + 0.04], dim=1)
+    assert method.merge(model.model.layers[0], logits) == [[0, 2, 3], [1]]
+
+
 def test_merged_experts_take_the_dominant_router_rows():
     model, windows = tiny_moe(), token_windows(4, 16)
     rows = model.model.layers[0].block_sparse_moe.gate.weight.detach().clone()
