@@ -13,7 +13,7 @@ from ..conftest import assert_reloads_exactly, tiny_model, token_windows
 
 def _weighted_error(factors: LowRankLinear, weight: torch.Tensor, row_weights: torch.Tensor) -> float:
     approximation = (factors.out_factor.weight @ factors.in_factor.weight).detach()
-    return float((row_weights.unsqueeze(1) * (approximation - weight).square()).sum())
+    return float((row_weights.unsqueeze(1) * (approximation - weight.detach()).square()).sum())
 
 
 def test_full_rank_factors_reproduce_the_linear():
@@ -29,6 +29,9 @@ def test_fisher_weighting_minimises_the_weighted_error():
     row_weights = torch.rand(12, dtype=torch.float64) ** 4  # a few rows matter much more
     plain, weighted = factorize(linear, 4), factorize(linear, 4, row_weights)
     assert _weighted_error(weighted, linear.weight, row_weights) < _weighted_error(plain, linear.weight, row_weights)
+    # and reaches the optimum (Eckart-Young on diag(√w)·W; weighting rows by w, not √w, only came close)
+    optimum = torch.linalg.svdvals(row_weights.sqrt().unsqueeze(1) * linear.weight.detach())[4:].square().sum()
+    assert _weighted_error(weighted, linear.weight, row_weights) == pytest.approx(float(optimum), rel=1e-9)
 
 
 @pytest.mark.parametrize("weighting", ["fisher", "none"])
