@@ -29,6 +29,30 @@ def test_removed_sublayers_leave_the_residual_path(criterion, family):
     assert removed_parameters <= 0.3 * linears + 4 * 64  # within budget (norm weights of removed blocks go too)
 
 
+@pytest.mark.parametrize("reroute", [False, True])
+def test_blocks_go_in_score_order_while_they_fit_the_budget(reroute):
+    """Lowest score first; a block that does not fit is skipped and the next tried (stopping there removed less), and
+    with reroute=True each block costs its linears less the map left in its place (h² + h)."""
+    model = tiny_model(num_hidden_layers=4)
+    blocks = {
+        (index, kind): sum(m.weight.numel() for m in block.modules() if isinstance(m, torch.nn.Linear))
+        for index, layer in enumerate(model.model.layers) for kind, block in (("attention", layer.self_attn), ("mlp", layer.mlp))
+    }  # fmt: skip
+    hidden = model.config.hidden_size
+    costs = {unit: size - (hidden * hidden + hidden if reroute else 0) for unit, size in blocks.items()}
+    budget = 0.3 * sum(blocks.values())
+    options = {"reroute": reroute}
+    report = prune(model, PruningConfig(method="sublayers", sparsity=0.3, method_options=options), calibration=token_windows())
+    scores = {(index, kind): report.layer_scores[f"block_influence ({kind})"][index] for index, kind in blocks}
+    expected, spent = [], 0
+    for unit in sorted(scores, key=scores.get):
+        if spent + costs[unit] <= budget:
+            expected.append(unit)
+            spent += costs[unit]
+    assert report.removed == [f"model.layers.{index} {kind}" for index, kind in sorted(expected)]
+    assert len(expected) >= 2  # more than the first block that fits
+
+
 def test_only_attention_blocks():
     model = tiny_model(num_hidden_layers=4)
     report = prune(model, PruningConfig(method="sublayers", sparsity=0.1, method_options={"sublayers": "attention"}), calibration=token_windows())
