@@ -64,6 +64,19 @@ def test_angular_distance_removes_the_closest_run_measured_at_the_last_token():
     assert report.removed == ["model.layers.3", "model.layers.4"]
 
 
+def test_taylor_scores_each_layer_by_its_first_order_loss_change():
+    """Shortened LLaMA's Taylor score: Σ|θ·∂L/∂θ| over a layer's parameters, L the mean calibration loss (the absolute
+    value of the summed products, which cancel, passed every test)."""
+    dense, windows = tiny_model(num_hidden_layers=4), token_windows(4, 16)
+    reference = copy.deepcopy(dense)
+    loss = sum(reference(input_ids=window[None], labels=window[None]).loss for window in windows) / len(windows)
+    loss.backward()
+    expected = [sum(float((p.detach() * p.grad).abs().sum()) for p in layer.parameters()) for layer in reference.model.layers]
+    options = {"criterion": "taylor", "num_layers": 1}
+    report = prune(dense, PruningConfig(method="layers", sparsity=0.25, method_options=options), calibration=windows)
+    assert report.layer_scores["taylor"] == pytest.approx(expected, rel=1e-3)
+
+
 def test_block_influence_is_one_minus_the_mean_token_cosine_across_each_layer():
     from optimum_prune import get_adapter
     from optimum_prune.methods.layers import block_influence
