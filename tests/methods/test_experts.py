@@ -177,6 +177,21 @@ def test_global_ranking_gives_layers_different_counts_that_reload(tmp_path):
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
 
 
+def test_global_reap_ranks_experts_by_their_share_of_their_layers_score():
+    """Layers compete by shares: scaling every expert output of a layer (its down projections) changes no count.
+    Raw REAP scores let the louder layer keep more (frequency's equal totals per layer could not show it)."""
+    counts = []
+    for scale in (1.0, 3.0):
+        model = tiny_moe(num_local_experts=8)
+        with torch.no_grad():
+            for expert in model.model.layers[1].block_sparse_moe.experts:
+                expert.w2.weight *= scale
+        options = {"criterion": "reap", "ranking": "global"}
+        prune(model, PruningConfig(method="experts", sparsity=0.5, method_options=options), calibration=token_windows(4, 16))
+        counts.append([len(layer.block_sparse_moe.experts) for layer in model.model.layers])
+    assert counts[0] == counts[1]
+
+
 def test_global_ranking_needs_a_comparable_criterion():
     with pytest.raises(ValueError, match="ranking='global' needs criterion 'frequency' or 'reap'"):
         PruningConfig(method="experts", method_options={"ranking": "global"})
