@@ -17,6 +17,7 @@ import math
 from typing import Any
 
 import torch
+from accelerate.utils import align_module_device
 from torch import nn
 from torch.nn import functional as F
 
@@ -126,9 +127,12 @@ class MPOLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        cores = list(self.auxiliary)
-        cores.insert(CENTRAL, self.shared.central[self.name])
-        return contract(cores, self.rows, self.columns)
+        """Contracted from the cores, read through accelerate's hooks where it offloaded them: the hooks sit on
+        the parameter containers, which have no forward to load them."""
+        with align_module_device(self.auxiliary), align_module_device(self.shared.central):
+            cores = list(self.auxiliary)
+            cores.insert(CENTRAL, self.shared.central[self.name])
+            return contract(cores, self.rows, self.columns)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         return F.linear(inputs, self.weight.to(inputs.dtype))

@@ -75,6 +75,24 @@ def test_prunes_to_the_target_shares_one_central_tensor_and_reloads(tmp_path):
     assert_reloads_exactly(model, tmp_path / "out")
 
 
+def test_a_decomposed_checkpoint_loaded_with_offloaded_layers_runs_as_loaded_whole(tmp_path):
+    """accelerate hooks the cores' parameter containers, which have no forward to load them: the contraction read
+    meta / uninitialised cores (NaN logits, other ones at each call) from a layer offloaded to disk."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_moe()
+    prune(model, PruningConfig(method="mpoe", sparsity=0.3))
+    save_pruned(model, tmp_path / "out")
+    placement = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
+                 "model.rotary_emb": "cpu", "lm_head": "cpu"}  # fmt: skip
+    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", device_map=placement, offload_folder=tmp_path / "offload")
+    assert offloaded.model.layers[1].block_sparse_moe.expert_mpo.central["w1"].is_meta
+    windows = token_windows(samples=2, seq_len=12)
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()(input_ids=windows).logits
+        assert torch.equal(offloaded.eval()(input_ids=windows).logits, expected)
+
+
 def test_the_decomposed_experts_train_with_one_shared_central_tensor():
     """MPOE fine-tunes after decomposing: the shared central tensor and each expert's auxiliary
     tensors receive gradients, and a few optimizer steps lower the loss."""
