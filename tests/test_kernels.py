@@ -398,6 +398,31 @@ def test_auto_backend_keeps_the_reference_path_off_gpu():
         sparsify(tiny_model(), backend="cuda")
 
 
+def test_calls_needing_the_inputs_gradient_take_the_reference_path_and_triton_elsewhere_is_named():
+    """The Triton decode kernel has no backward: up to 4 token rows the output came back without a grad_fn (the
+    gradient silently lost), above them with one. Outside a GPU (and Triton's interpreter) the kernel failed
+    with Triton's "0 active drivers"."""
+    linear = nn.Linear(16, 8, bias=False).half()
+    with torch.no_grad():
+        linear.weight.copy_(random_24(8, 16, torch.float16))
+    layer = SparseLinear.from_linear(linear, backend="triton")
+    inputs = torch.randn(1, 16, dtype=torch.float16, requires_grad=True)
+    layer(inputs).float().pow(2).sum().backward()
+    expected = inputs.detach().clone().requires_grad_()
+    linear(expected).float().pow(2).sum().backward()
+    assert torch.equal(inputs.grad, expected.grad)
+    with pytest.raises(ValueError, match=r"backend='triton'\) runs Triton's kernels on a CUDA GPU, and got inputs on cpu: move"):
+        layer(inputs.detach())
+
+
+def test_quantized_codes_of_16_bit_weights_near_the_largest_value_stay_finite():
+    """The scale 65504 / 127 rounds up to 516 in float16, and 127 × 516 is past float16's largest value."""
+    weight = (random_24(4, 16) * 60000).clamp(-65504, 65504).half()
+    for bits in (8, 4):
+        restored = decompress(compress(weight, bits=bits, group_size=16))
+        assert bool(restored.isfinite().all()) and bool((restored[weight == 0] == 0).all())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize(("bits", "group_size"), [(None, 128), (8, 128), (4, 128), ("4, zero-points", 128)])

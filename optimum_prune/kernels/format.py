@@ -136,7 +136,8 @@ def _quantized(
     # rounding of a 16-bit scale would otherwise shift every code of its group.
     scales = (grouped.abs().amax(-1) / limit).to(dtype)
     divisor = scales.float().clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(-1)
-    q = torch.round(grouped / divisor).clamp(-limit, limit).to(torch.int8).reshape(rows, columns // 2)
+    largest = (torch.finfo(dtype).max / divisor).floor().clamp(max=limit)  # a code times its 16-bit scale stays finite
+    q = torch.round(grouped / divisor).clamp(-largest, largest).to(torch.int8).reshape(rows, columns // 2)
     return Compressed24(_packed(q, bits), metadata, columns, dtype, bits, scales, group_size)
 
 

@@ -10,7 +10,8 @@ Backends: ``"reference"`` decompresses (and dequantizes) the weight and multipli
 every kernel must reproduce, and the CPU path; ``"triton"`` runs ``triton_24.py``'s paths (its decode
 kernel for a few token rows, the weight rebuilt for cuBLAS above; fp16 / bf16 inputs; on CPU only
 inside Triton's interpreter, which the tests use); ``"auto"`` (default) takes them for fp16 / bf16
-inputs on a GPU when Triton is installed, the reference path otherwise. ``prefill="cusparselt"``
+inputs on a GPU when Triton is installed, the reference path otherwise. Calls that need the inputs'
+gradient take the reference path whatever the backend: the kernels have no backward. ``prefill="cusparselt"``
 adds cuSPARSELt's matmul on its own packed copy of the weight for many token rows, taken wherever
 it measures faster (``prefill.py``); ``decode="mma"`` runs calls of up to 64 token rows on sparse
 tensor cores instead (``mma_24.py``: 16-bit values or int8 / int4 codes, compute capability 8.0+).
@@ -163,7 +164,16 @@ class SparseLinear(nn.Module):
             return False
         if self.bits is None and inputs.dtype != self.dtype:  # the kernels read 16-bit values in the inputs' dtype
             return False
+        if inputs.requires_grad and torch.is_grad_enabled():  # the kernels have no backward: the dense path carries it
+            return False
         if self.backend == "triton":
+            from .triton_24 import INTERPRETED
+
+            if not inputs.is_cuda and not INTERPRETED:
+                raise ValueError(
+                    f"SparseLinear(backend='triton') runs Triton's kernels on a CUDA GPU, and got inputs on {inputs.device}: "
+                    "move the model to the GPU (model.cuda()), or sparsify with backend='auto' (the reference path elsewhere)"
+                )
             return True
         return inputs.is_cuda and inputs.dtype in KERNEL_DTYPES and triton_available()
 

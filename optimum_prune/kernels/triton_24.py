@@ -43,7 +43,7 @@ DECODE_MAX_ROWS = 4  # the decode kernel's selects grow with the token rows: it 
 DECODE_ROWS = 4  # token rows up to which sparse24_matmul takes the decode kernel (provisional: see the module docstring)
 EXPAND_BLOCK_N, EXPAND_BLOCK_K = 64, 128
 _TRITON_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton reads it once too, at import
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"  # Triton reads it once too, at import
 
 
 @triton.jit
@@ -234,7 +234,7 @@ def sparse24_decode(inputs: torch.Tensor, compressed: Compressed24, config: dict
     rows, outputs = x.shape[0], compressed.out_features
     if rows > DECODE_MAX_ROWS:
         raise ValueError(f"the 2:4 decode kernel takes at most {DECODE_MAX_ROWS} token rows, got {rows} (use sparse24_matmul)")
-    if config is None and _INTERPRETED:
+    if config is None and INTERPRETED:
         config = DECODE_CONFIGS[0].kwargs
     out = torch.empty(rows, outputs, dtype=inputs.dtype, device=inputs.device)
     values = compressed.values.view(_WORDS[compressed.bits])
