@@ -33,6 +33,7 @@ from .calibration import (
 )
 from .calibration.engine import moving_to, on_device, on_disk
 from .config import PruningConfig, as_pruning_config, readable_step, record_pruning, recorded_steps
+from .dispatch import refuse_offloaded, refuse_spread
 from .distributed import all_reduce_sum, is_distributed, launched_processes, shard
 from .ignoring import check_ignore_patterns, check_kept, is_ignored, kept_modules
 from .methods import METHODS, LayerPruner, MethodSpec, ModelPruner, StructuredMethod
@@ -398,34 +399,19 @@ def _check_no_peft_adapters(model: nn.Module) -> None:
 
 
 def _check_materialised(model: nn.Module, config: PruningConfig) -> None:
-    """Weights that accelerate offloaded (``device_map`` entries ``"cpu"`` beside a GPU, or ``"disk"``) sit
-    on the meta device and are swapped in only inside each forward: there is nothing to prune in place.
-    Layers it spread over several GPUs carry hooks that move each layer's inputs back to its own GPU. The way
-    round names pruning from disk only where the config's method and allocation can run that way."""
-    device_map = getattr(model, "hf_device_map", None) or {}
+    """Weights that accelerate offloaded are loaded only inside each forward: there is nothing to prune in
+    place; layers it spread over several GPUs carry hooks that move each layer's inputs back to its own GPU.
+    The way round names pruning from disk only where the config's method and allocation can run that way."""
     from_disk = (
         "prune the checkpoint directory layer by layer from disk: prune(path, config, output_dir=...) (optimum-cli prune "
         "--offload disk)" if _runs_layer_by_layer(config) else f"{config.method!r} with allocation {config.allocation!r} needs the whole "
         "model in memory, so load it on a machine with room for it"
     )  # fmt: skip
-
-    def placed(name: str) -> str:  # the device_map entry a parameter belongs to, else its module
-        return next((key for key in device_map if name.startswith(f"{key}.")), name.rpartition(".")[0])
-
-    devices = sorted({str(device) for device in device_map.values()})
-    if len(devices) > 1 and not any(parameter.is_meta for parameter in model.parameters()):
-        raise ValueError(
-            f"the model is dispatched over several devices by its device_map ({', '.join(devices)}); prune moves one "
-            "decoder layer at a time to one device, which accelerate's hooks would undo: load it on one device "
-            f"(device_map=None or 'cpu', then prune(..., device='cuda')); or {from_disk}"
-        )
-    offloaded = sorted({placed(name) for name, parameter in model.named_parameters() if parameter.is_meta})
-    if offloaded:
-        shown = ", ".join(offloaded[:3]) + (f" and {len(offloaded) - 3} more" if len(offloaded) > 3 else "")
-        raise ValueError(
-            f"{shown} hold offloaded weights (meta tensors: a device_map with 'cpu' or 'disk' entries); pruning rewrites "
-            f"weights in place, so load the model without offloading; or {from_disk}"
-        )
+    refuse_spread(
+        model, "prune moves one decoder layer at a time to one device",
+        f" (device_map=None or 'cpu', then prune(..., device='cuda')); or {from_disk}",
+    )  # fmt: skip
+    refuse_offloaded(model, "pruning rewrites weights in place", f"; or {from_disk}")
 
 
 def _runs_layer_by_layer(config: PruningConfig) -> bool:

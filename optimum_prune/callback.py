@@ -45,6 +45,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from .expert_dropping import ExpertDroppingCallback, ExpertDroppingSchedule
 from .adapters import get_adapter
+from .dispatch import refuse_offloaded
 from .distributed import all_reduce_sum
 from .ignoring import check_ignore_patterns
 from .masks import SparsityMasks, prunable_linears
@@ -288,6 +289,7 @@ class PruningCallback(TrainerCallback):
                 "PruningCallback(perp=...) must be passed to the Trainer's constructor (callbacks=[...]): added later, it "
                 "cannot prepare the model before the Trainer builds its optimizer"
             )
+        refuse_offloaded(model, "PruningCallback reads and zeros the weights in place while they train")
         sharding = _sharding(model)
         if sharding is not None:
             raise ValueError(

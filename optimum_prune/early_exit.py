@@ -40,6 +40,7 @@ from torch import nn
 from .adapters import DecoderAdapter, get_adapter, transformers_model
 from .calibration import CalibrationSource, calibration_windows
 from .calibration.engine import forwards_restored
+from .dispatch import refuse_layer_walks
 from .methods.layers import block_influence
 
 logger = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ def choose_early_exit(
 ) -> EarlyExitReport:
     """Measure every candidate exit layer (default: 1 … L−1) on calibration windows."""
     adapter = get_adapter(model)
+    refuse_layer_walks(model, "choose_early_exit")
     num_layers = len(adapter.decoder_layers())
     candidates = sorted(set(candidates)) if candidates else list(range(1, num_layers))
     check_exit_layers(model, *candidates)

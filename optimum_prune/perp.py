@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .adapters import get_adapter
+from .dispatch import refuse_offloaded
 from .structure.surgery import replace_submodule
 
 NORM_CLASS_SUFFIXES = ("RMSNorm", "LayerNorm")
@@ -145,6 +146,7 @@ def prepare_perp(model: nn.Module, config: PERPConfig | None = None) -> PERPSumm
     """Freeze ``model`` except biases / norm scales, and wrap the target linears with PERP adapters
     (``merge_perp`` folds them in and makes the model as trainable as it was)."""
     config = config or PERPConfig()
+    refuse_offloaded(model, "PERP trains the weights' scales and adapters beside them in place")
     if any(isinstance(module, MaskLoRALinear) for module in model.modules()):
         raise ValueError("prepare_perp: the model already has PERP adapters; call merge_perp(model) before preparing it again")
     targets = _perp_targets(model, config) if config.lora else []  # checked before anything changes

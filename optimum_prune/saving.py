@@ -37,7 +37,7 @@ from .kernels.linear import SparseLinear
 from .perp import MaskLoRALinear
 from .quantized import is_gptq_linear, repacked_in_place
 from .report import PruningReport
-from .skipping import PatchedMoEBlocks
+from .skipping import PatchedMoEBlocks, moe_variant
 from .structure.loading import offloaded, records_layer_shapes
 from .wrappers import base_layer, transformers_model
 
@@ -419,7 +419,7 @@ def _unloadable(module: nn.Module) -> str | None:
             "be lost; merge it first (merge_lora_preserving_sparsity(model) keeps the zeros) and save the merged model, "
             "or save the base model (model.unload()) and the adapter (model.save_pretrained) apart"
         )
-    variant = getattr(vars(module).get("forward"), "handle", None)
+    variant = moe_variant(module)
     if isinstance(variant, PatchedMoEBlocks):
         return (
             f" runs {type(variant).__name__} (skip_experts / fold_experts), a setting of this process, not of the "

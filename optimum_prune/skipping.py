@@ -31,6 +31,7 @@ from .adapters import DecoderAdapter, get_adapter
 from .adapters.moe import expert_tokens
 from .calibration import CalibrationSource, calibration_windows
 from .calibration.engine import walk_layers
+from .dispatch import refuse_layer_walks
 from .statistics import RealTokens
 
 
@@ -54,7 +55,7 @@ class PatchedMoEBlocks:
             _check_unpatched(block)
         self._check_blocks(self._blocks)
         for block in self._blocks:
-            block.forward = _PatchedForward(self, block)
+            setattr(block, _forward_slot(block), _PatchedForward(self, block))
 
     def _check_blocks(self, blocks: list[nn.Module]) -> None:
         """Refuse settings that do not fit these blocks, before any is patched."""
@@ -76,8 +77,12 @@ class PatchedMoEBlocks:
 
     def remove(self) -> None:
         for block in self._blocks:
-            if getattr(vars(block).get("forward"), "handle", None) is self:  # its own patch only
+            if moe_variant(block) is not self:  # its own patch only
+                continue
+            if _forward_slot(block) == "forward":
                 del block.forward  # back to the class's forward
+            else:
+                block._old_forward = _own_forward(block)
         self._blocks = []
 
 
@@ -101,15 +106,28 @@ def _own_forward(block: nn.Module) -> Any:
     return types.MethodType(type(block).forward, block)
 
 
+def _forward_slot(block: nn.Module) -> str:
+    """The attribute a variant patches: ``forward``, or under accelerate's hook (``dispatch_model``, a ``device_map``)
+    the ``_old_forward`` it calls once it has loaded the block's offloaded weights and moved its inputs."""
+    return "_old_forward" if hasattr(block, "_hf_hook") and "_old_forward" in vars(block) else "forward"
+
+
+def moe_variant(block: nn.Module) -> PatchedMoEBlocks | None:
+    """The variant of the mixture (``skip_experts``, ``fold_experts``) ``block`` runs, if any."""
+    return getattr(vars(block).get(_forward_slot(block)), "handle", None)
+
+
 def _check_unpatched(block: nn.Module) -> None:
     """Refuse a block whose forward another variant (or anything else) replaced. transformers leaves the
     class's own forward behind as an instance attribute after recording ``output_router_logits``
     (it wraps the forward and puts back what it found): that one is no patch, and is dropped."""
-    patched = vars(block).get("forward")
+    slot = _forward_slot(block)
+    patched = vars(block).get(slot)
     if patched is None:
         return
     if getattr(patched, "__func__", None) is type(block).forward and getattr(patched, "__self__", None) is block:
-        del block.forward
+        if slot == "forward":
+            del block.forward
         return
     variant = getattr(patched, "handle", None)
     raise ValueError(
@@ -200,6 +218,7 @@ def skipping_thresholds(
     over the top expert's (Lu et al.'s β): a token skips its second expert about half of the time."""
     adapter = get_adapter(model)
     blocks = moe_blocks(adapter, "skip experts in")
+    refuse_layer_walks(model, "skipping_thresholds", " (or pass skip_experts a beta)")
     if any(adapter.experts_per_token(block) < 2 for block in blocks):
         raise ValueError("expert skipping needs routers that pick two experts or more per token; this model's pick one")
     ratios: list[list[torch.Tensor]] = [[] for _ in blocks]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Iterable, Union
 
 import torch
+from accelerate.utils import align_module_device
 from torch import nn
 
 from .ignoring import is_ignored
@@ -151,7 +152,8 @@ def verify_sparsity(
     """Measured sparsity of every linear layer's weight, and N:M conformity when ``pattern`` is given.
 
     Zeros are counted as they are: weights that were already exactly zero before pruning
-    count too. Through a peft wrapper, the base model's linears are counted under their own names (the
+    count too. Weights accelerate offloaded (a ``device_map`` with ``"cpu"`` or ``"disk"`` entries) are read
+    one linear at a time. Through a peft wrapper, the base model's linears are counted under their own names (the
     adapters' small linears are not the model's). Quantized weights (optimum-quanto, bitsandbytes 8-bit and 4-bit, GPTQ) are counted on
     their dequantized values, so a quantizer that moves zeros shows up here. Returns ``{"overall_sparsity", "pattern", "conforming", "layers": {name: ...}}``.
     """
@@ -162,11 +164,12 @@ def verify_sparsity(
     for name, module in unwrapped_modules(transformers_model(model)):
         if not is_linear(module) or is_ignored(name, ignored):
             continue
-        weight = dequantized_weight(module)
-        layer_zeros = int((weight == 0).sum())
-        entry = {"zeros": layer_zeros, "numel": weight.numel(), "sparsity": layer_zeros / weight.numel()}
-        if nm is not None:
-            entry["conforming"] = conforms_to(weight, nm)
+        with align_module_device(module):  # an offloaded weight, loaded by its accelerate hook meanwhile
+            weight = dequantized_weight(module)
+            layer_zeros = int((weight == 0).sum())
+            entry = {"zeros": layer_zeros, "numel": weight.numel(), "sparsity": layer_zeros / weight.numel()}
+            if nm is not None:
+                entry["conforming"] = conforms_to(weight, nm)
         layers[name] = entry
         zeros += layer_zeros
         total += weight.numel()

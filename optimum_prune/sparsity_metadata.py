@@ -15,11 +15,13 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from accelerate.utils import align_module_device
 from torch import nn
 
 from .adapters import get_adapter
 from .config import PruningConfig, readable_step, recorded_steps
 from .dependencies import MissingDependency
+from .dispatch import parameters_read
 from .methods import METHODS
 from .quantized import is_quantized
 from .sparsity import NMPattern, conforms_to
@@ -46,23 +48,29 @@ def sparsity_config(model: nn.Module, config: PruningConfig | None = None) -> di
     pruned = planned_linears(get_adapter(model), config, checked=False)  # measured below instead
     targets = list(config.part_targets().values())
     pattern = targets[0] if isinstance(targets[0], NMPattern) and all(t == targets[0] for t in targets) else None
-    if pattern is not None:
-        pruned = {name: linear for name, linear in pruned.items() if conforms_to(linear.weight.detach(), pattern)}
-    else:  # linears the config named but left dense (e.g. MoE experts no calibration token reached, kept dense)
-        pruned = {name: linear for name, linear in pruned.items() if bool((linear.weight == 0).any())}
+
+    def still_pruned(linear: nn.Module) -> bool:
+        """Not a linear the config named but left dense (e.g. MoE experts no calibration token reached); an
+        offloaded weight is read through its accelerate hook."""
+        with align_module_device(linear):
+            weight = linear.weight.detach()
+            return conforms_to(weight, pattern) if pattern is not None else bool((weight == 0).any())
+
+    pruned = {name: linear for name, linear in pruned.items() if still_pruned(linear)}
     if not pruned:
         raise ValueError(
             f"no linear the {config.method} step pruned is still {pattern or 'sparse'} (a later step filled its zeros in): "
             "there is no sparsity metadata to write; save without compressed_tensors_metadata"
         )
     linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
-    parameters = [p.detach() for p in model.parameters()]
-    zeros = sum(int((p == 0).sum()) for p in parameters)
+    zeros = total = 0
+    for parameter in parameters_read(model):
+        zeros, total = zeros + int((parameter == 0).sum()), total + parameter.numel()
     return {
         "format": "dense",
         "targets": ["Linear"],
         "ignore": [name for name in linears if name not in pruned],
-        "global_sparsity": zeros / sum(p.numel() for p in parameters),
+        "global_sparsity": zeros / total,
         "sparsity_structure": str(pattern) if pattern is not None and pattern == NMPattern(2, 4) else "unstructured",
     }
 

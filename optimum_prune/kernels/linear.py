@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..adapters import get_adapter
+from ..dispatch import refuse_offloaded
 from ..quantized import dequantized_weight, integer_grid, is_quantized
 from ..sparsity import NMPattern, conforms_to
 from ..structure.surgery import replace_submodule
@@ -236,6 +237,7 @@ def sparsify(
             "sparsify(decode='mma') needs a CUDA GPU of compute capability 8.0+ and NVRTC (CUDA builds of torch bring it); "
             "without them the Triton / reference paths run"
         )
+    refuse_offloaded(model, "sparsify packs each 2:4 weight into its compressed form in memory")
     adapter = get_adapter(model)
     # what a quantized linear's inputs are (an unquantized one's have its weight's dtype), for the Triton check
     activations = adapter.model.get_input_embeddings().weight.dtype if backend == "triton" else None
