@@ -113,6 +113,21 @@ def test_skip_rate_counts_real_tokens_only():
     assert (batched.expert_calls, batched.skipped_calls) == counted_alone(model, texts)
 
 
+def test_skip_rate_counts_every_real_token_of_a_cached_generation():
+    """A cached step's mask spans the cache: at the first decode step after a prompt of k − 1 tokens it had the shape of
+    the per-token top-k flags ([batch, k]), which were then read as positions and a real token's calls dropped."""
+    top_k = 3
+    model = tiny_moe(num_experts_per_tok=top_k)
+    ids, mask = token_windows(2, top_k - 1, seed=1).clamp(min=1), torch.ones(2, top_k - 1, dtype=torch.long)
+    ids[1, 0], mask[1, 0] = 0, 0  # left-padded by one
+    skipping = skip_experts(model, beta=0.0)
+    with torch.no_grad():
+        model.generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    skipping.remove()
+    tokens = int(mask.sum()) + 2 * 2  # the prompts' real tokens, then one per row at each cached step (the last is not run)
+    assert skipping.expert_calls == tokens * top_k * model.config.num_hidden_layers and skipping.skipped_calls == 0
+
+
 @pytest.mark.parametrize("additive", [False, True])
 def test_skip_rate_counts_no_padding_of_a_packed_batch(additive):
     """A prepared 4-D mask (LLaMA-Factory's packed sequences: block-diagonal, its pads attending to nothing) had its pads
