@@ -630,3 +630,76 @@ def test_a_students_last_layer_is_compared_before_the_final_norm_as_the_teachers
     ids = token_windows(samples=2, seq_len=16, seed=9)
     with torch.no_grad():
         assert float(trainer.compute_loss(student, {"input_ids": ids, "labels": ids})) == pytest.approx(0.0, abs=1e-10)
+
+
+@pytest.mark.parametrize("terms", [
+    dict(temperature=2.0),
+    dict(kd_weight=0.0, hidden_weight=1.0),
+    dict(kd_weight=0.0, exit_weight=1.0, exit_layer=1),
+])  # fmt: skip
+def test_a_left_padded_row_distils_as_it_does_alone(tmp_path, terms):
+    teacher, student = teacher_student()
+    trainer = DistillationTrainer(model=student, teacher=teacher, distillation=DistillationConfig(**terms), args=training_args(tmp_path, 1))
+    ids = token_windows(samples=1, seq_len=12, seed=3)
+    padded = torch.cat([torch.zeros(1, 4, dtype=torch.long), ids], 1)
+    mask = torch.cat([torch.zeros(1, 4, dtype=torch.long), torch.ones(1, 12, dtype=torch.long)], 1)
+    labels = torch.cat([torch.full((1, 4), -100), ids], 1)
+    with torch.no_grad():
+        alone = trainer.compute_loss(student, {"input_ids": ids, "labels": ids})
+        left_padded = trainer.compute_loss(student, {"input_ids": padded, "attention_mask": mask, "labels": labels})
+    assert float(left_padded) == pytest.approx(float(alone), rel=1e-4)
+
+
+def test_evaluation_runs_every_layer_under_layer_dropout(tmp_path):
+    model = tiny_model(num_hidden_layers=4)
+    losses = []
+    for rate in (0.0, 0.9):
+        config = DistillationConfig(kd_weight=0.0, label_weight=1.0, layer_dropout=rate)
+        trainer = DistillationTrainer(model=model, distillation=config, args=training_args(tmp_path, 1), eval_dataset=dataset(samples=8))
+        losses.append(trainer.evaluate()["eval_loss"])
+    assert losses[1] == pytest.approx(losses[0], rel=1e-6)
+
+
+def test_the_exit_term_is_the_kl_of_the_exit_layers_logits_at_the_temperature(tmp_path):
+    model = tiny_model(num_hidden_layers=4)
+    config = DistillationConfig(kd_weight=0.0, exit_weight=1.0, exit_layer=2, temperature=3.0)
+    trainer = DistillationTrainer(model=model, distillation=config, args=training_args(tmp_path, 1))
+    ids = token_windows(samples=2, seq_len=16, seed=9)
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, {"input_ids": ids, "labels": ids})
+        outputs = model(input_ids=ids, output_hidden_states=True)
+        draft = exit_logits(model, outputs.hidden_states[2])  # after the first two layers
+        expected = direct_kl(draft[:, :-1], outputs.logits[:, :-1], 3.0).mean() * 9.0
+    assert float(loss) == pytest.approx(float(expected), rel=1e-3)
+
+
+
+
+def test_the_hidden_term_is_the_mean_square_error_of_the_mapped_layers_outputs(tmp_path):
+    teacher, student = teacher_student()
+    config = DistillationConfig(kd_weight=0.0, hidden_weight=1.0, layer_map={0: 1, 1: 0})
+    trainer = DistillationTrainer(model=student, teacher=teacher, distillation=config, args=training_args(tmp_path, 1))
+    ids = token_windows(samples=2, seq_len=16, seed=9)
+    outputs = {}
+    handles = [
+        layer.register_forward_hook(lambda _m, _a, out, key=(name, index): outputs.__setitem__(key, out[0] if isinstance(out, tuple) else out))
+        for name, model in (("student", student), ("teacher", teacher)) for index, layer in enumerate(model.model.layers)
+    ]  # fmt: skip
+    with torch.no_grad():
+        loss = trainer.compute_loss(student, {"input_ids": ids, "labels": ids})
+    for handle in handles:
+        handle.remove()
+    expected = sum((outputs["student", s] - outputs["teacher", t]).pow(2).mean() for s, t in ((0, 1), (1, 0))) / 2
+    assert float(loss) == pytest.approx(float(expected), rel=1e-4)
+
+
+def test_width_projections_are_fitted_on_the_attended_positions_only():
+    from optimum_prune.distillation import _fit_projection
+
+    generator = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 6, 4, generator=generator), torch.randn(2, 6, 8, generator=generator)
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    masked, attended = torch.nn.Linear(4, 8, bias=False), torch.nn.Linear(4, 8, bias=False)
+    _fit_projection(masked, student, teacher, mask)
+    _fit_projection(attended, student[mask.bool()][None], teacher[mask.bool()][None], None)
+    torch.testing.assert_close(masked.weight, attended.weight)

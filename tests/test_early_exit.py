@@ -203,3 +203,28 @@ def test_a_lora_wrapped_model_is_probed_as_the_model_it_wraps():
     wrapped = get_peft_model(tiny_moe("qwen2_moe"), LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="Qwen2MoeForCausalLM runs all its decoder layers"):
         enable_early_exit(wrapped, 1)
+
+
+def test_influence_left_is_the_sum_over_the_layers_the_draft_skips():
+    model = tiny_model(num_hidden_layers=4)
+    windows = token_windows(samples=3, seq_len=16)
+    report = choose_early_exit(model, windows, num_samples=3, seq_len=16)
+    pairs = []
+    handles = [
+        layer.register_forward_hook(lambda _m, args, kwargs, out: pairs.append((args[0] if args else kwargs["hidden_states"], out[0] if isinstance(out, tuple) else out)), with_kwargs=True)
+        for layer in model.model.layers
+    ]
+    with torch.no_grad():
+        model(input_ids=windows)
+    for handle in handles:
+        handle.remove()
+    influence = [1 - float(torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1).mean()) for a, b in pairs]
+    for candidate in report.candidates:
+        assert candidate.remaining_influence == pytest.approx(sum(influence[candidate.layer :]), rel=1e-4)
+
+
+def test_best_is_the_candidate_with_the_highest_expected_speedup():
+    report = EarlyExitReport(4, [
+        ExitLayer(1, 0.5, 0.3, 2, 1.2, 0.5), ExitLayer(2, 0.8, 0.5, 3, 1.6, 0.2), ExitLayer(3, 0.9, 0.8, 2, 1.1, 0.1),
+    ])  # fmt: skip
+    assert report.best.layer == 2 and "best: exit after layer 2 of 4 (γ=3, ×1.60 expected)" in str(report)

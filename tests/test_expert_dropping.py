@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Trainer, TrainerControl, TrainerState
 
+from optimum_prune.adapters import get_adapter
 from optimum_prune.expert_dropping import ExpertDroppingCallback, ExpertDroppingSchedule
 
 from .adapters.test_moe import routed_counts, tiny_moe
@@ -187,3 +188,49 @@ def test_routing_hooks_of_a_run_stopped_by_an_exception_are_removed_when_the_nex
     callback.on_train_end(training_args(tmp_path, 12), TrainerState(max_steps=12), TrainerControl())
     assert not any(len(layer.block_sparse_moe.gate._forward_hooks) for layer in model.model.layers)
     assert all(len(layer.block_sparse_moe.experts) == 8 for layer in model.model.layers)  # the new run dropped none
+
+
+def test_a_drop_removes_the_least_routed_experts():
+    from optimum_prune.expert_dropping import _LayerRouting
+    from optimum_prune.statistics import RealTokens
+
+    model = tiny_moe(num_local_experts=8, num_hidden_layers=1)
+    adapter = get_adapter(model)
+    routing = _LayerRouting(adapter, adapter.decoder_layers()[0], RealTokens(model))
+    routing.counts = torch.tensor([5, 90, 0, 40, 7, 60, 3, 80])
+    routing.drop_to(4)
+    assert routing.dropped.nonzero().flatten().tolist() == [0, 2, 4, 6]
+    routing.counts = torch.tensor([0, 50, 0, 10, 0, 70, 0, 30])
+    routing.drop_to(2)
+    assert (~routing.dropped).nonzero().flatten().tolist() == [1, 5]
+
+
+def test_evaluation_tokens_do_not_count_towards_a_drop(tmp_path):
+    class CountsAtTheEnd(ExpertDroppingCallback):
+        def on_train_end(self, *args, **kwargs):
+            self.routed = [int(routing.counts.sum()) for routing in self.layers]
+            super().on_train_end(*args, **kwargs)
+
+    model = tiny_moe(num_local_experts=8).train()
+    args = training_args(tmp_path, 2)
+    args.eval_strategy, args.eval_steps = "steps", 1
+    callback = CountsAtTheEnd(ExpertDroppingSchedule(final_experts=4, start_step=10, end_step=20))
+    Trainer(model=model, args=args, train_dataset=dataset(), eval_dataset=dataset(samples=4), callbacks=[callback]).train()
+    top_k = model.config.num_experts_per_tok
+    assert callback.routed == [2 * 4 * 16 * top_k] * model.config.num_hidden_layers  # two training batches of 4 × 16 tokens
+
+
+def test_the_last_drop_happens_at_end_step_between_scheduled_steps(tmp_path):
+    model = tiny_moe(num_local_experts=8).train()
+    callback = ExpertDroppingCallback(ExpertDroppingSchedule(final_experts=2, start_step=0, end_step=5, every=4))
+    Trainer(model=model, args=training_args(tmp_path, 5), train_dataset=dataset(), callbacks=[callback]).train()
+    assert [len(layer.block_sparse_moe.experts) for layer in model.model.layers] == [2, 2]
+
+
+def test_without_end_step_the_drops_end_half_way_through_the_run(tmp_path):
+    model = tiny_moe(num_local_experts=8).train()
+    callback = ExpertDroppingCallback(ExpertDroppingSchedule(final_experts=2, every=1))
+    trainer = Trainer(model=model, args=training_args(tmp_path, 4), train_dataset=dataset(), callbacks=[callback])
+    trainer.train()
+    kept = {entry["step"]: entry["experts_kept"] for entry in trainer.state.log_history if "experts_kept" in entry}
+    assert kept[2] == 2  # end_step defaults to max_steps // 2

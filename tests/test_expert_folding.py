@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from optimum_prune.adapters import get_adapter
 from optimum_prune.expert_folding import fold_experts
 
 from .adapters.test_moe import tiny_moe
@@ -56,3 +57,47 @@ def test_errors_name_the_problem():
         fold_experts(tiny_moe(), level="layer")
     with pytest.raises(ValueError, match="no mixture-of-experts layers"):
         fold_experts(tiny_model())
+
+
+def direct_merge(adapter, block, tokens, weights, selected):
+    """Each token's own merged expert, written out: s · W_down(act(W_gate x) ⊙ W_up x), W = Σ_k (g_k / s) W_k."""
+    experts = adapter.block_experts(block)
+
+    def projections(expert):  # its (gate, up, down) weights
+        (gate, up), down = adapter.expert_projections(experts[int(expert)])
+        return gate.weight, up.weight, down.weight
+
+    rows = []
+    for x, w, e in zip(tokens, weights, selected):
+        s = w.sum()
+        gate, up, down = (sum((g / s) * weight for g, weight in zip(w, kind)) for kind in zip(*map(projections, e)))
+        act = adapter.expert_activation(experts[int(e[0])])
+        rows.append(s * (down @ (act(gate @ x) * (up @ x))))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("level", ["token", "sequence"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])  # renormalising / not renormalising router
+def test_folding_runs_the_directly_merged_expert(family, level):
+    model = tiny_moe(family, num_hidden_layers=1)
+    adapter = get_adapter(model)
+    block = adapter.moe_block(adapter.decoder_layers()[0])
+    hidden = torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        tokens = hidden.reshape(-1, 64)
+        exact = block(hidden)[0].reshape(-1, 64)
+        weights, selected = adapter.route(block, adapter.router(block)(tokens))
+        if level == "sequence":
+            dense = torch.zeros(10, 4).scatter_(1, selected, weights).reshape(2, 5, 4).mean(1)
+            w, s = dense.topk(2, dim=-1)
+            if adapter.renormalises(block):
+                w = w / w.sum(-1, keepdim=True)
+            weights, selected = w.repeat_interleave(5, 0), s.repeat_interleave(5, 0)
+        shared = adapter.shared_expert_output(block, tokens)
+        expected = direct_merge(adapter, block, tokens, weights, selected) + (0 if shared is None else shared)
+        folding = fold_experts(model, level=level, measure_error=True)
+        folded = block(hidden)[0].reshape(-1, 64)
+    torch.testing.assert_close(folded, expected, rtol=1e-4, atol=1e-5)
+    if shared is None:  # the routed output is the whole block's
+        assert folding.relative_error == pytest.approx(float((folded - exact).norm() / exact.norm()), rel=1e-4)
+    folding.remove()

@@ -227,3 +227,16 @@ def test_prune_refuses_a_model_with_perp_adapters_naming_merge_perp():
     prepare_perp(model, PERPConfig())
     with pytest.raises(ValueError, match=r"holds PERP adapters \(prepare_perp\): merge them first \(merge_perp\(model\)\)"):
         prune(model, PruningConfig(method="magnitude", sparsity=0.5))
+
+
+def test_mask_lora_adds_its_masked_update_scaled_by_alpha_over_rank():
+    model = tiny_model(num_hidden_layers=1)
+    prune(model, PruningConfig(method="magnitude", sparsity=0.5))
+    prepare_perp(model, PERPConfig(rank=4, alpha=8.0))
+    module = next(m for m in model.modules() if isinstance(m, MaskLoRALinear))
+    with torch.no_grad():
+        module.lora_B.normal_()
+        x = torch.randn(3, module.base.in_features)
+        weight = module.base.weight
+        expected = x @ (weight + 2.0 * (module.lora_B @ module.lora_A) * (weight != 0)).T
+        torch.testing.assert_close(module(x), expected)

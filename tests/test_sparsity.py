@@ -95,3 +95,14 @@ def test_verify_sparsity_counts_real_zeros():
     linears = [m for layer in model.model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
     zeros = sum(int((m.weight == 0).sum()) for m in linears)
     assert result["overall_sparsity"] == zeros / sum(m.weight.numel() for m in linears)
+
+
+def test_report_sparsities_weigh_each_linear_by_its_size():
+    from optimum_prune.report import LinearReport, PruningReport
+
+    report = PruningReport(
+        method="magnitude", sparsity=0.5, allocation="owl", device="cpu", calibration_tokens=0,
+        linears=[LinearReport("a", 0, 0.4, 0.5, 100), LinearReport("b", 0, 0.8, 0.9, 300), LinearReport("c", 1, 0.2, 0.1, 400)],
+    )  # fmt: skip
+    assert report.overall_sparsity == pytest.approx((50 + 270 + 40) / 800)
+    assert report.layer_sparsities() == {0: (pytest.approx((40 + 240) / 400), pytest.approx((50 + 270) / 400)), 1: (pytest.approx(0.2), pytest.approx(0.1))}
