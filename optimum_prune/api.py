@@ -544,11 +544,15 @@ class _PruningRun:
     @contextmanager
     def _noting(self, index: int, report: PruningReport) -> Iterator[None]:
         """Offloaded: what pruning layer ``index`` adds to ``report`` goes into its shard, for a resumed run."""
-        linears, unrouted = len(report.linears), len(report.unrouted)
+        linears, unrouted, revived = len(report.linears), len(report.unrouted), set(report.revived_zeros)
         yield
         if self.offload is not None:
             rows = [asdict(row) for row in report.linears[linears:]]
-            self.offload.note(index, {"linears": rows, "unrouted": report.unrouted[unrouted:], "policy": report.unrouted_policy})
+            revived_here = {name: count for name, count in report.revived_zeros.items() if name not in revived}
+            self.offload.note(
+                index,
+                {"linears": rows, "unrouted": report.unrouted[unrouted:], "policy": report.unrouted_policy, "revived_zeros": revived_here},
+            )  # fmt: skip
 
     def _resumed(self, index: int, target: SparsityTarget, report: PruningReport) -> bool:
         """Whether layer ``index`` was pruned by an earlier, interrupted offloaded run (then it is
@@ -558,6 +562,7 @@ class _PruningRun:
         noted = self.offload.noted(index)
         if noted is not None:
             report.linears.extend(LinearReport(**row) for row in noted["linears"])
+            report.revived_zeros.update(noted.get("revived_zeros", {}))  # absent from shards written before it was noted
             if noted["unrouted"]:
                 report.record_unrouted(noted["unrouted"], noted["policy"])
             return True

@@ -13,8 +13,12 @@ from transformers import AutoModelForCausalLM
 
 from optimum_prune import PruningConfig, prune, prune_checkpoint, verify_sparsity
 from optimum_prune import saving
+from optimum_prune.calibration import engine
+from optimum_prune.cli import main
+from optimum_prune.models import load_tokenizer
 from optimum_prune.streaming import CheckpointReader, LayerStream
 
+from .adapters.test_moe import tiny_moe
 from .conftest import tiny_model, token_windows
 
 CONFIGS = {
@@ -156,8 +160,6 @@ def test_a_partial_run_an_earlier_version_recorded_resumes_or_says_why_not(shard
 def test_a_resumed_run_reports_the_finished_layers_as_they_were_pruned(tmp_path, monkeypatch):
     """Finished layers were re-measured from their weights: experts left dense (no calibration token) were counted
     as pruned at the layer's target and dropped from the unrouted list (overall 0.26 for 0.5)."""
-    from .adapters.test_moe import tiny_moe
-
     tiny_moe("mixtral", num_local_experts=16, num_experts_per_tok=1, num_hidden_layers=2).save_pretrained(tmp_path / "moe")
     config = PruningConfig(method="wanda", sparsity=0.5, moe_options={"unrouted_experts": "dense"})
     windows = token_windows(2, 4)
@@ -198,8 +200,6 @@ def test_layers_of_a_partial_run_from_a_source_replaced_at_the_same_path_are_not
 def test_owl_from_disk_keeps_buffers_no_checkpoint_holds(tmp_path):
     """OWL loads each layer twice (statistics, then pruning); Qwen2-MoE's attentions keep their own rotary
     inv_freq (not saved), which the first release sent to meta and the second load could not find."""
-    from .adapters.test_moe import tiny_moe
-
     tiny_moe("qwen2_moe").save_pretrained(tmp_path / "moe")
     config, windows = PruningConfig(method="wanda", sparsity=0.6, allocation="owl"), token_windows(2, 8)
     report = prune_checkpoint(tmp_path / "moe", tmp_path / "out", config, calibration=windows)
@@ -545,8 +545,6 @@ def test_a_requested_dtype_is_what_the_saved_config_says(tmp_path):
 
 
 def test_cli_offload_disk(sharded, tmp_path, capsys):
-    from optimum_prune.cli import main
-
     assert main(["--model", str(sharded), "--offload", "disk", "--activation-device", "disk", "--method", "wanda",
                  "--sparsity", "2:4", "--calibration-samples", "4", "--seq-len", "32", "--output", str(tmp_path / "out")]) == 0  # fmt: skip
     assert verify_sparsity(AutoModelForCausalLM.from_pretrained(tmp_path / "out"), "2:4")["conforming"]
@@ -687,3 +685,79 @@ def test_an_offloaded_run_warns_of_over_long_windows_once(sharded, tmp_path, cap
     with caplog.at_level(logging.WARNING, logger="optimum_prune"):
         prune_checkpoint(sharded, tmp_path / "out", CONFIGS["wanda"], calibration=token_windows(samples=2, seq_len=context + 8))
     assert sum("longer than" in record.getMessage() for record in caplog.records) == 1
+
+
+def test_a_run_resumed_after_several_layers_reports_each_unrouted_expert_once(tmp_path, monkeypatch):
+    """Each finished layer's note holds that layer's unrouted experts only: a resumed run lists them as the
+    uninterrupted one does (killed at layer 2, so that two noted layers are read back)."""
+    tiny_moe("mixtral", num_local_experts=16, num_experts_per_tok=1, num_hidden_layers=3).save_pretrained(tmp_path / "moe")
+    config = PruningConfig(method="wanda", sparsity=0.5, moe_options={"unrouted_experts": "dense"})
+    windows = token_windows(2, 4)
+    full = prune_checkpoint(tmp_path / "moe", tmp_path / "full", config, calibration=windows)
+    assert {row.split(".")[2] for row in full.unrouted} >= {"0", "1"}  # unrouted experts in both noted layers
+    _killed_while_saving(tmp_path / "moe", tmp_path, monkeypatch, 2, config, calibration=windows)
+    resumed = prune_checkpoint(tmp_path / "moe", tmp_path / "out", config, calibration=windows)
+    assert resumed.unrouted == full.unrouted and resumed.linears == full.linears
+
+
+def test_a_resumed_run_reports_the_zeros_the_finished_layers_revived(tmp_path, monkeypatch):
+    """SparseGPT on an already sparse checkpoint revives zeros; a resumed run must say so for its finished layers."""
+    model = tiny_model()
+    prune(model, PruningConfig(method="magnitude", sparsity=0.5))
+    model.save_pretrained(tmp_path / "sparse")
+    config, windows = PruningConfig(method="sparsegpt", sparsity="2:4"), token_windows()
+    full = prune_checkpoint(tmp_path / "sparse", tmp_path / "full", config, calibration=windows)
+    assert any(".layers.0." in name for name in full.revived_zeros)
+    _killed_while_saving(tmp_path / "sparse", tmp_path, monkeypatch, 1, config, calibration=windows)
+    resumed = prune_checkpoint(tmp_path / "sparse", tmp_path / "out", config, calibration=windows)
+    assert resumed.revived_zeros == full.revived_zeros
+
+
+def test_cli_offload_disk_prunes_in_the_dtype_asked_for(sharded, tmp_path):
+    assert main(["--model", str(sharded), "--offload", "disk", "--method", "magnitude", "--sparsity", "0.5",
+                 "--dtype", "bf16", "--output", str(tmp_path / "out")]) == 0  # fmt: skip
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto")
+    assert {p.dtype for p in reloaded.parameters()} == {torch.bfloat16}
+
+
+def test_cli_offload_disk_calibrates_on_the_calibration_file(sharded, tmp_path):
+    text = tmp_path / "calibration.txt"
+    text.write_text("\n".join(f"line {i}: the quick brown fox {i * 7} jumps over {i * 3} lazy dogs" for i in range(400)))
+    flags = ["--method", "wanda", "--sparsity", "0.5", "--calibration-samples", "4", "--seq-len", "32"]
+    assert main(["--model", str(sharded), "--offload", "disk", *flags, "--calibration", str(text), "--output", str(tmp_path / "cli")]) == 0
+    config = PruningConfig(method="wanda", sparsity=0.5, num_calibration_samples=4, calibration_seq_len=32)
+    prune_checkpoint(sharded, tmp_path / "api", config, calibration=text, tokenizer=load_tokenizer(sharded))
+    assert_same_weights(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "cli").state_dict(),
+        AutoModelForCausalLM.from_pretrained(tmp_path / "api").state_dict(),
+    )
+
+
+def test_cli_offload_disk_keeps_activations_in_files(sharded, tmp_path, monkeypatch):
+    homes = []
+    original = engine._activation_home
+    monkeypatch.setattr(engine, "_activation_home", lambda device: homes.append(device) or original(device))
+    assert main(["--model", str(sharded), "--offload", "disk", "--activation-device", "disk", "--method", "wanda",
+                 "--sparsity", "0.5", "--calibration-samples", "2", "--seq-len", "16", "--output", str(tmp_path / "out")]) == 0  # fmt: skip
+    assert homes == ["disk"]
+
+
+def test_a_layer_reads_its_own_tensors_only_past_ten_layers(tmp_path, caplog):
+    """model.layers.1 is not a prefix of model.layers.10's tensors: loading layer 1 must not read layers 10-11 too
+    (memory of several layers, and a warning of tensors the model does not have)."""
+    tiny_model(num_hidden_layers=12).save_pretrained(tmp_path / "deep")
+    reader = CheckpointReader(tmp_path / "deep")
+    assert reader.under("model.layers.1") and all(name.startswith("model.layers.1.") for name in reader.under("model.layers.1"))
+    with caplog.at_level("WARNING", logger="optimum_prune"):
+        prune_checkpoint(tmp_path / "deep", tmp_path / "out", PruningConfig(method="magnitude", sparsity=0.5))
+    assert "hold tensors the model does not have" not in caplog.text
+
+
+def test_every_stored_tensor_is_in_the_requested_dtype(tmp_path):
+    """The embeddings, final norm and head (the 'rest' shard) are written in the run's dtype too, not the source's:
+    from_pretrained(dtype="auto") hides a float32 embedding in a bfloat16 checkpoint, the file size does not."""
+    tiny_model().save_pretrained(tmp_path / "fp32")
+    prune_checkpoint(tmp_path / "fp32", tmp_path / "out", PruningConfig(method="magnitude", sparsity=0.5), dtype="bfloat16")
+    for shard in (tmp_path / "out").glob("*.safetensors"):
+        with safe_open(shard, framework="pt") as handle:
+            assert {handle.get_slice(name).get_dtype() for name in handle.keys()} == {"BF16"}, shard.name
