@@ -14,29 +14,39 @@ from optimum_prune.adapters import get_adapter
 from optimum_prune.allocation.sensitivity import SensitivityAllocation, SensitivityOptions
 from optimum_prune.distributed import rank_zero_first, shard
 
+from .adapters.test_moe import tiny_moe
 from .conftest import tiny_model, token_windows
 
+MODELS = {  # (the model, the length of its 8 calibration windows)
+    "llama": (lambda: tiny_model(num_hidden_layers=2), 32),
+    # OWL over 2 layers depends only on which has more outliers: 4 show whether every process's norms were summed
+    "llama, 4 layers": (lambda: tiny_model(num_hidden_layers=4), 32),
+    # top-1 routing of 32 tokens over 16 experts: some expert gets tokens on one process only, and is routed
+    "mixtral, top-1 of 16 experts": (lambda: tiny_moe(num_local_experts=16, num_experts_per_tok=1), 4),
+}
 CASES = {
-    "wanda": dict(method="wanda", sparsity=0.5),
-    "sparsegpt 2:4": dict(method="sparsegpt", sparsity="2:4"),
-    "wanda owl": dict(method="wanda", sparsity=0.6, allocation="owl"),
-    "wanda sensitivity": dict(method="wanda", sparsity=0.5, allocation="sensitivity", allocation_options={"windows": 3}),
-    "magnitude (no calibration to share)": dict(method="magnitude", sparsity=0.5),
+    "wanda": ("llama", dict(method="wanda", sparsity=0.5)),
+    "sparsegpt 2:4": ("llama", dict(method="sparsegpt", sparsity="2:4")),
+    "wanda owl": ("llama, 4 layers", dict(method="wanda", sparsity=0.6, allocation="owl")),
+    "wanda sensitivity": ("llama", dict(method="wanda", sparsity=0.5, allocation="sensitivity", allocation_options={"windows": 3})),
+    "magnitude (no calibration to share)": ("llama", dict(method="magnitude", sparsity=0.5)),
+    "wanda, experts routed on one process": ("mixtral, top-1 of 16 experts", dict(method="wanda", sparsity=0.5, moe_options={"unrouted_experts": "dense"})),
 }
 
 
-def _pruned_state(config: dict) -> dict[str, torch.Tensor]:
-    model = tiny_model(num_hidden_layers=2)
-    report = prune(model, PruningConfig(**config), calibration=token_windows(samples=8))
+def _pruned_state(model_name: str, config: dict) -> dict[str, torch.Tensor]:
+    build, seq_len = MODELS[model_name]
+    model = build()
+    report = prune(model, PruningConfig(**config), calibration=token_windows(samples=8, seq_len=seq_len))
     return {**model.state_dict(), "calibration_tokens": torch.tensor(report.calibration_tokens)}
 
 
-def _worker(rank: int, world: int, init_file: str, config: dict, output: str) -> None:
+def _worker(rank: int, world: int, init_file: str, case: str, output: str) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
-        state = _pruned_state(config)
+        state = _pruned_state(*CASES[case])
         if rank == 0:
             torch.save(state, output)
     finally:
@@ -45,10 +55,9 @@ def _worker(rank: int, world: int, init_file: str, config: dict, output: str) ->
 
 @pytest.mark.parametrize("case", CASES)
 def test_two_gloo_processes_prune_like_one(case, tmp_path):
-    config = CASES[case]
     output = tmp_path / "rank0.pt"
-    multiprocessing.spawn(_worker, args=(2, str(tmp_path / "init"), config, str(output)), nprocs=2, join=True)
-    together, alone = torch.load(output), _pruned_state(config)
+    multiprocessing.spawn(_worker, args=(2, str(tmp_path / "init"), case, str(output)), nprocs=2, join=True)
+    together, alone = torch.load(output), _pruned_state(*CASES[case])
     assert together["calibration_tokens"] == alone["calibration_tokens"]  # the report counts every process's windows
     for name, weight in alone.items():
         assert torch.equal(together[name] == 0, weight == 0), name  # identical masks
