@@ -184,6 +184,20 @@ def test_unquoted_nm_pattern_is_not_a_base_60_integer(tmp_path):
     assert args == {"learning_rate": 1e-4, "max_steps": 10, "pruning": {"method": "wanda", "sparsity": "2:4"}}
 
 
+def test_every_other_scalar_reads_as_llamafactory_cli_reads_it(tmp_path):
+    """Dates were datetime objects, which OmegaConf then refused ("Value 'date' is not a supported primitive
+    type"); 0o17, +.5 and .5e3 were numbers where OmegaConf keeps the text."""
+    from omegaconf import OmegaConf
+
+    spellings = ["2024-01-01", "2024-01-01 10:00:00", "0o17", "017", "+.5", ".5e3", ".5e-3", "1e3", "1.5e+3", "1_000",
+                 "0x1F", "0b101", "-.inf", ".NaN", "yes", "~", "'2:4'"]  # fmt: skip
+    path = tmp_path / "c.yaml"
+    path.write_text("".join(f"key{index}: {spelling}\n" for index, spelling in enumerate(spellings)))
+    read = read_yaml(path)
+    expected = OmegaConf.to_container(OmegaConf.load(path))
+    assert {key: repr(value) for key, value in read.items()} == {key: repr(value) for key, value in expected.items()}
+
+
 def test_torchaudio_stand_in_in_a_fresh_interpreter():
     """LLaMA-Factory imports torchaudio at module level; without a usable torchaudio the stand-in lets
     text pipelines import, transformers still reports it absent, and audio use fails clearly."""
