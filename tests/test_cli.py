@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from optimum_prune import METHODS, PruningConfig, verify_sparsity
+from optimum_prune import METHODS, PruningConfig, cli, verify_sparsity
 from optimum_prune.cli import main
 from optimum_prune.models import load_model
 
@@ -314,3 +314,42 @@ def test_sigterm_unwinds_and_removes_the_activation_folder(model_dir, tmp_path):
     result = subprocess.run([sys.executable, "-c", script, *arguments], capture_output=True, text=True, env={**os.environ, "TMPDIR": str(temporary)})
     assert result.returncode == 128 + signal.SIGTERM, result.stderr
     assert not list(temporary.iterdir()) and not (tmp_path / "out").exists()
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_every_flag_reaches_the_config_prune_and_evaluation(model_dir, tmp_path, monkeypatch):
+    seen = {"evals": []}
+
+    def fake_prune(model, config, calibration=None, tokenizer=None, device=None, activation_device=None):
+        seen.update(config=config, calibration=calibration, device=device, activation_device=activation_device)
+        raise _Stop
+
+    def fake_perplexity(model, tokenizer, text=None, seq_len=512, max_tokens=None):
+        seen["evals"].append((text, seq_len, max_tokens))
+        return 1.0
+
+    monkeypatch.setattr(cli, "prune", fake_prune)
+    monkeypatch.setattr(cli, "evaluate_perplexity", fake_perplexity)
+    calibration = tmp_path / "calib.txt"
+    calibration.write_text("some calibration text\n")
+    evaluation = tmp_path / "eval.txt"
+    evaluation.write_text("some evaluation text\n")
+    with pytest.raises(_Stop):
+        main([
+            "--model", str(model_dir), "--output", str(tmp_path / "out"), "--method", "wanda", "--sparsity", "0.3",
+            "--calibration", str(calibration), "--calibration-samples", "3", "--seq-len", "16", "--seed", "5",
+            "--allocation", "owl", "--allocation-option", "max_deviation=0.05", "--option", "comparison_group=layer",
+            "--moe-option", "prune_router=true", "--ignore", "*.o_proj", "--device", "cpu", "--activation-device", "disk",
+            "--eval", "--eval-file", str(evaluation), "--eval-tokens", "128", "--eval-seq-len", "32",
+        ])  # fmt: skip
+    config = seen["config"]
+    assert (config.method, config.sparsity, config.allocation) == ("wanda", 0.3, "owl")
+    assert (config.num_calibration_samples, config.calibration_seq_len, config.seed) == (3, 16, 5)
+    assert config.allocation_options["max_deviation"] == 0.05 and config.method_options["comparison_group"] == "layer" and config.moe_options["prune_router"] is True
+    assert config.ignore == ["*.o_proj"]
+    assert seen["calibration"] == calibration and seen["device"] == "cpu" and seen["activation_device"] == "disk"
+    [(text, seq_len, max_tokens)] = seen["evals"]  # the dense score, before pruning
+    assert "some evaluation text" in "".join(text) and (seq_len, max_tokens) == (32, 128)

@@ -275,3 +275,15 @@ def test_options_are_typed_by_their_annotation_and_other_kinds_are_refused_at_re
     assert build_options(Norms, {"norm": "l2"}, "method_options").norm == "l2"
     with pytest.raises(TypeError, match="method_options.norm must be str, got 2"):
         build_options(Norms, {"norm": 2}, "method_options")
+
+
+def test_a_bool_is_not_an_int_option_and_none_is_only_for_optional_options():
+    with pytest.raises(TypeError, match="method_options.block_size must be int, got True"):
+        PruningConfig(method="sparsegpt", method_options={"block_size": True})  # YAML `yes`, CLI `true`: not 1
+    with pytest.raises(TypeError, match="moe_options.prune_router must be bool, got None"):
+        PruningConfig(method="wanda", moe_options={"prune_router": None})  # would read as False
+
+
+def test_expert_deviation_half_is_refused():
+    with pytest.raises(ValueError, match=r"expert_deviation must be in \[0, 0.5\)"):
+        PruningConfig(method="wanda", moe_options={"expert_sparsity": "load", "expert_deviation": 0.5})

@@ -181,3 +181,9 @@ def test_optimum_cli_prune_runs_end_to_end(model_dir, tmp_path):
     assert bad.returncode == 2
     assert "optimum-cli prune: error: --sparsity '5:4'" in bad.stderr
     assert not (tmp_path / "bad").exists()
+
+
+def test_from_pretrained_prefers_the_given_tokenizer_and_loads_in_the_given_dtype(model_dir, bpe_tokenizer):
+    pruner = OptimumPruner.from_pretrained(model_dir, tokenizer=bpe_tokenizer, dtype=torch.bfloat16)
+    assert pruner.tokenizer is bpe_tokenizer  # the checkpoint has a tokenizer of its own
+    assert next(pruner.model.parameters()).dtype == torch.bfloat16

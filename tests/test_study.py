@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import sys
 
@@ -10,6 +12,9 @@ import torch
 
 from optimum_prune.study import StudyGrid, best_within, pareto_front, run_study, write_outputs
 from optimum_prune.study import runner as study_runner
+from optimum_prune.study.grid import Protocol, StudyPoint
+from optimum_prune.study.outputs import _csv, report
+from optimum_prune.study.runner import StudyResults, StudyRow
 
 
 def small_grid(model_dir, **overrides) -> dict:
@@ -314,3 +319,98 @@ def test_the_committed_study_finds_every_point_it_measured():
         if study_runner._cached(study / "grid" / "points" / f"{point.key(grid.protocol)}.json", point, None, software_versions()) is None
     ]  # fmt: skip
     assert not uncached
+
+
+def test_the_grid_seed_reaches_every_recipe_and_swept_options_join_the_entrys_own(model_dir):
+    grid = StudyGrid.from_dict(small_grid(model_dir, seed=7, quantization=["none"], pruning=[
+        {"method": "width", "method_options": {"criterion": "wanda_sp", "ranking": "layer"},
+         "sweep": {"method_options.ranking": ["global"], "sparsity": [0.2]}},
+    ]))
+    [point] = grid.points
+    assert point.pruning["seed"] == 7  # the seed that samples the calibration windows, not PruningConfig's default
+    assert point.pruning["method_options"]["criterion"] == "wanda_sp"  # the entry's own option, beside the swept one
+    assert point.pruning["method_options"]["ranking"] == "global"  # the swept value wins over the entry's
+
+
+def test_budgets_include_their_edge_ties_prefer_the_cheaper_and_infinite_losses_are_left_out():
+    points = {"dense": (100, 10.0), "big": (120, 10.0), "small": (50, 12.0), "diverged": (10, float("inf"))}
+    cost, loss = (lambda name: points[name][0]), (lambda name: points[name][1])
+    assert best_within(list(points), cost, loss, 100) == "dense"  # exactly at 100 % of the dense size fits
+    assert best_within(list(points), cost, loss, 1000) == "dense"  # same loss: the cheaper one
+    assert pareto_front(list(points), cost, loss) == ["small", "dense"]
+    assert best_within(list(points), cost, loss, 20) is None  # an infinite perplexity wins no budget
+
+
+def test_a_relative_model_is_beside_the_grid_file_and_redundancy_is_on_by_default(model_dir, tmp_path, monkeypatch):
+    import yaml
+
+    grid = small_grid(model_dir, model=model_dir.name)
+    del grid["redundancy"]
+    path = model_dir.parent / "grid.yaml"
+    path.write_text(yaml.safe_dump(grid))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    read = StudyGrid.from_yaml(path)
+    assert read.protocol.model == str(model_dir.resolve()) and read.redundancy is True
+
+
+MiB = 2**20
+
+
+def _row(label, pruning, quantization, perplexity, stored, sparse):
+    return StudyRow(label, pruning, quantization, {
+        "perplexity": perplexity, "stored_bytes": stored * MiB, "sparse_format_bytes": sparse * MiB, "parameters": 1,
+        "linear_zeros": 0.0, "pruning_seconds": 0.0, "quantization_seconds": 0.0,
+    })
+
+
+def test_the_report_measures_against_the_unquantized_dense_point_in_each_size_column():
+    wanda = {"method": "wanda", "sparsity": 0.5, "method_options": {}}
+    rows = [
+        _row("dense + int8", None, "int8", 11.0, 50, 50),  # listed first (quantization: [int8, none])
+        _row("dense", None, None, 10.0, 100, 100),
+        _row("wanda", wanda, None, 20.0, 100, 60),
+    ]
+    text = report(StudyResults(Protocol(), rows, None, {}, 0), "cmd", [])
+    assert "| dense | 10.00 | 100.0 MiB (100%) |" in text  # the reference is the dense point, not dense + int8
+    budget_50 = next(line for line in text.splitlines() if line.startswith("| 50% |"))
+    assert budget_50 == "| 50% | dense + int8 (11.00) | dense + int8 (11.00) |"
+    budget_75 = next(line for line in text.splitlines() if line.startswith("| 75% |"))
+    assert budget_75 == "| 75% | dense + int8 (11.00) | dense + int8 (11.00) |"
+    wanda_line = next(line for line in text.splitlines() if line.startswith("| wanda |"))
+    assert wanda_line.endswith("|  |")  # on neither front: dense + int8 is smaller and better in both measures
+    dense_line = next(line for line in text.splitlines() if line.startswith("| dense |"))
+    assert dense_line.endswith("| stored, sparse |")
+    no_dense = report(StudyResults(Protocol(), [rows[0], rows[2]], None, {}, 0), "cmd", [])
+    assert "| wanda | 20.00 | 100.0 MiB (100%) |" in no_dense  # the largest checkpoint is the reference
+    records = list(csv.DictReader(io.StringIO(_csv(rows))))
+    assert [r["sparsity"] for r in records] == ["0", "0", "0.5"]
+
+
+def test_the_sparse_column_picks_by_sparse_format_bytes():
+    wanda = {"method": "wanda", "sparsity": 0.5, "method_options": {}}
+    rows = [_row("dense", None, None, 10.0, 100, 100), _row("wanda", wanda, None, 20.0, 100, 60)]
+    text = report(StudyResults(Protocol(), rows, None, {}, 0), "cmd", [])
+    assert next(line for line in text.splitlines() if line.startswith("| 75% |")) == "| 75% | nothing fits | wanda (20.00) |"
+    assert next(line for line in text.splitlines() if line.startswith("| wanda |")).endswith("| sparse |")  # its sparse size only
+
+
+def test_the_cache_retries_failed_points_after_an_upgrade_and_partial_points_always(tmp_path):
+    point = StudyPoint("dense", None, None)
+    path = tmp_path / "p.json"
+    software = {"torch": "2"}
+    path.write_text(json.dumps({"pruning": None, "quantization": None, "result": {"error": "x", "versions": {"torch": "1"}}}))
+    assert study_runner._cached(path, point, None, software) is None
+    path.write_text(json.dumps({"pruning": None, "quantization": None, "result": {"error": "x", "versions": software}}))
+    assert study_runner._cached(path, point, None, software) == {"error": "x", "versions": software}
+    path.write_text(json.dumps({"pruning": None, "quantization": None, "result": {"perplexity": 1.0}}))
+    assert study_runner._cached(path, point, None, software) is None
+
+
+def test_the_redundancy_cache_is_per_protocol(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(study_runner, "layer_redundancy", lambda protocol, device: calls.append(protocol) or {"seed": protocol.seed})
+    assert study_runner._redundancy(Protocol(seed=1), tmp_path, "cpu") == {"seed": 1}
+    assert study_runner._redundancy(Protocol(seed=2), tmp_path, "cpu") == {"seed": 2}
+    assert study_runner._redundancy(Protocol(seed=1), tmp_path, "cpu") == {"seed": 1} and len(calls) == 2

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
 
 from llamafactory_ext.cli import main
-from llamafactory_ext.config import PruningSection, read_yaml, split_pruning
+from llamafactory_ext import stages
+from llamafactory_ext.config import PruningSection, model_loading_kwargs, read_yaml, split_pruning
+from llamafactory_ext.training import TrainingSections
+from optimum_prune import ExpertDroppingSchedule
 
 from .conftest import base_args, write_yaml
 
@@ -419,3 +423,74 @@ def test_a_teacher_with_another_tokenizer_of_the_same_size_is_refused(workspace,
     PreTrainedTokenizerFast(tokenizer_object=other, eos_token="<eos>", pad_token="<eos>").save_pretrained(teacher)
     with pytest.raises(ValueError, match=r"distill.teacher '.*teacher' has another tokenizer than .*tiny \(about \d+ token ids differ\)"):
         split_distill(args, pruning=False)
+
+
+def test_a_yaml_without_hub_settings_loads_as_llamafactory_does():
+    assert model_loading_kwargs({}) == {"revision": "main", "token": None, "cache_dir": None, "trust_remote_code": False}
+
+
+def test_the_distill_section_reaches_the_torchrun_workers_whole(workspace, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    args = {**base_args(workspace, tmp_path), "stage": "sft", "finetuning_type": "lora"}
+    distill = {"top_k": 8, "precompute_top_k": True, "teacher_device": "cpu", "teacher_dtype": "bfloat16", "teacher_quantization": "nf4"}
+    rest, read = TrainingSections.split({**args, "distill": distill}, pruning=True)
+    worker_yaml = write_yaml(tmp_path / "worker.yaml", {**rest, **read.to_mapping()})  # what _run_under_torchrun writes
+    again = TrainingSections.split(read_yaml(worker_yaml), pruning=False)[1]
+    assert again == read and again.distill.teacher_quantization == "nf4" and again.distill.precompute_top_k
+
+
+def test_an_expert_dropping_section_becomes_the_callbacks_schedule(workspace, tmp_path):
+    schedule = {"final_experts": 2, "end_step": 10}
+    args = {**base_args(workspace, tmp_path), "stage": "sft", "finetuning_type": "full", "expert_dropping": schedule}
+    [callback] = TrainingSections.split(args, pruning=False)[1].callbacks(keep_masks=False)
+    assert callback.experts is not None and callback.experts.schedule == ExpertDroppingSchedule(**schedule)
+
+
+def test_a_perp_section_needs_full_finetuning_when_the_yaml_leaves_llamafactorys_default_lora(workspace, tmp_path):
+    with pytest.raises(ValueError, match="needs finetuning_type: full"):
+        TrainingSections.split({**base_args(workspace, tmp_path), "stage": "sft", "perp": {}}, pruning=False)
+
+
+def test_the_pruning_seed_samples_the_calibration_windows(workspace, tmp_path):
+    args = base_args(workspace, tmp_path / "out", stage="prune", dataset="wiki_pt")
+    def windows(seed):
+        section = PruningSection.from_mapping({"method": "wanda", "num_calibration_samples": 4, "calibration_seq_len": 32, "seed": seed}, args)
+        return stages.read_calibration(args, section).windows
+    assert torch.equal(windows(3), windows(3)) and not torch.equal(windows(3), windows(0))
+
+
+def test_a_tokenized_path_of_the_training_run_is_not_written_by_the_calibration_read(workspace, tmp_path):
+    args = base_args(workspace, tmp_path / "out", stage="pt", dataset="wiki_pt", tokenized_path=str(tmp_path / "tokenized"))
+    section = PruningSection.from_mapping({"method": "wanda", "num_calibration_samples": 2, "calibration_seq_len": 32}, args)
+    assert stages.read_calibration(args, section).windows.shape == (2, 32)
+    assert not (tmp_path / "tokenized").exists()
+
+
+def test_sections_reach_the_torchrun_relaunch_and_lora_by_default_is_merged(workspace, tmp_path, monkeypatch):
+    launched, merged = [], []
+    monkeypatch.setattr(stages, "_wants_torchrun", lambda: True)
+    monkeypatch.setattr(stages, "_run_under_torchrun", lambda args, keep_masks: launched.append((args, keep_masks)))
+    monkeypatch.setattr(stages, "prune_and_save", lambda *a, **k: None)
+    monkeypatch.setattr(stages, "merge_adapter", lambda *a, **k: merged.append(a))
+    args = {**base_args(workspace, tmp_path / "out", stage="sft", dataset="wiki_sft", do_train=True),  # no finetuning_type: lora
+            "pruning": {"method": "magnitude", "sparsity": 0.5}, "distill": {"top_k": 8}}
+    rest, section = split_pruning(args)
+    rest, training = TrainingSections.split(rest, pruning=True)
+    stages.run_train(rest, section, training)
+    [(launched_args, keep_masks)] = launched
+    assert keep_masks and launched_args["distill"]["top_k"] == 8 and launched_args["model_name_or_path"].endswith("pruned")
+    [(base, adapter, target, *_)] = merged
+    assert Path(target) == tmp_path / "out" / "merged"
+
+
+def test_offload_disk_is_kept_for_a_method_that_calibrates(workspace, tmp_path):
+    pruning = {"method": "wanda", "calibration_dataset": "wiki_pt", "offload": "disk"}
+    assert split_pruning({**base_args(workspace, tmp_path), "pruning": pruning})[1].offload == "disk"
+
+
+def test_precompute_top_k_refuses_an_early_exit_loss(workspace, tmp_path):
+    from llamafactory_ext.distill import split_distill
+
+    distill = {"teacher": str(workspace / "tiny"), "precompute_top_k": True, "top_k": 8, "exit_weight": 0.5, "exit_layer": 1}
+    with pytest.raises(ValueError, match="leave hidden_weight and exit_weight at 0"):
+        split_distill({**base_args(workspace, tmp_path), "stage": "sft", "distill": distill}, pruning=False)
