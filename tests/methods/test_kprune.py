@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from optimum_prune import PruningConfig, prune, save_pruned
-from optimum_prune.methods.kprune import MIN_TOKENS_PER_COLUMN, TeacherTargets, threshold_removal
+from optimum_prune.adapters import get_adapter
+from optimum_prune.calibration import capture_first_layer_inputs
+from optimum_prune.methods.kprune import MIN_TOKENS_PER_COLUMN, KPrune, KPruneOptions, TeacherTargets, threshold_removal
 
 from ..conftest import assert_reloads_exactly, decoder_linear_parameters, output_errors, tiny_model, token_windows
 
@@ -109,3 +111,59 @@ def test_bad_requests_name_the_field():
         PruningConfig(method="kprune", method_options={"predictive_weight": 0.0, "temperature": 1.0})
     with pytest.raises(ValueError, match="can remove at most"):
         prune(tiny_model(), PruningConfig(method="kprune", sparsity=0.99), calibration=token_windows())
+
+
+def _scores(options, windows):
+    model = tiny_model()
+    method = KPrune(get_adapter(model), 0.2, [], options, torch.device("cpu"), seed=3)
+    method.check()
+    inputs = capture_first_layer_inputs(method.adapter, windows, torch.device("cpu"))
+    teacher = TeacherTargets.of(model, windows, torch.device("cpu"), options.teacher_top_k, options.temperature)
+    components = method.units.components
+    return model, components, teacher, method._knowledge_scores(0, components, inputs, teacher)
+
+
+def _consumers(model, components):
+    return [model.model.layers[c.layer].self_attn.o_proj if c.kind == "attention" else model.model.layers[c.layer].mlp.down_proj for c in components]
+
+
+def test_representational_score_is_the_column_energy_per_parameter_heads_weighted():
+    """Z_rep(u) = mean over u's columns c of E_tokens[x_c²] · mean_i W[i, c]²; score = λ_rep·Z_rep·(μ for heads)/cost."""
+    windows = token_windows(samples=2, seq_len=16)
+    options = KPruneOptions(predictive_weight=0.0, representational_weight=2.0, head_weight=8.0)
+    model, components, _, scores = _scores(options, windows)
+    consumers = _consumers(model, components)
+    energy = {}
+    handles = [c.register_forward_pre_hook(lambda m, args: energy.__setitem__(m, energy.get(m, 0) + args[0].double().square().sum((0, 1))))
+               for c in consumers]
+    with torch.no_grad():
+        for window in windows:
+            model(input_ids=window.unsqueeze(0))
+    for handle in handles:
+        handle.remove()
+    for component, consumer, score in zip(components, consumers, scores):
+        per_column = energy[consumer] / windows.numel() * consumer.weight.detach().double().square().mean(0)
+        units = component.removable + 1
+        expected = 2.0 * per_column.reshape(units, -1).mean(1) * (8.0 if component.kind == "attention" else 1.0) / component.unit_parameters
+        torch.testing.assert_close(score.double(), expected, rtol=1e-4, atol=0)
+
+
+def test_predictive_score_is_the_mean_over_windows_of_half_the_squared_mask_gradient():
+    """Z_pred(u) = mean over windows of ½ (∂ℓ/∂m_c)², averaged over u's columns, ℓ the sampled T²-scaled NLL."""
+    windows = token_windows(samples=3, seq_len=16)
+    options = KPruneOptions(predictive_weight=1.0, representational_weight=0.0, head_weight=1.0)
+    model, components, teacher, scores = _scores(options, windows)
+    consumers = _consumers(model, components)
+    masks = [torch.ones(c.in_features, requires_grad=True) for c in consumers]
+    handles = [c.register_forward_pre_hook(lambda _m, args, mask=mask: (args[0] * mask,)) for c, mask in zip(consumers, masks)]
+    generator = torch.Generator().manual_seed(3)  # seed + first layer
+    squared = [torch.zeros(c.in_features, dtype=torch.float64) for c in consumers]
+    for index, window in enumerate(windows):
+        logits = model(input_ids=window.unsqueeze(0)).logits
+        for total, gradient in zip(squared, torch.autograd.grad(teacher.sampled_nll(index, logits, generator), masks)):
+            total += gradient.double().square() / 2
+    for handle in handles:
+        handle.remove()
+    for component, total, score in zip(components, squared, scores):
+        expected = (total / len(windows)).reshape(component.removable + 1, -1).mean(1) / component.unit_parameters
+        torch.testing.assert_close(score.double(), expected, rtol=1e-3, atol=1e-12)

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from optimum_prune import PruningConfig, prune, verify_sparsity
+from optimum_prune.methods import llm_surgeon
 from optimum_prune.methods.llm_surgeon import correlated_update, damped_inverse, element_costs, kfac_factors, nm_masks, threshold_masks
 from optimum_prune.sparsity import NMPattern
 
@@ -192,3 +193,35 @@ def test_bad_requests_name_the_field():
         PruningConfig(method="llm_surgeon", allocation="owl")
     with pytest.raises(ValueError, match="cannot be applied to"):
         prune(tiny_model(hidden_size=66), PruningConfig(method="llm_surgeon", sparsity="4:8"), calibration=token_windows())
+
+
+def test_each_shot_targets_its_share_of_the_final_sparsity(monkeypatch):
+    """α_t = t·α/T: with T = 2 shots to 50 %, the first shot's threshold takes 25 % of the weights, the second 50 %."""
+    fractions, original = [], llm_surgeon.threshold_masks
+    monkeypatch.setattr(llm_surgeon, "threshold_masks", lambda costs, fraction: fractions.append(fraction) or original(costs, fraction))
+    prune(tiny_model(), PruningConfig(method="llm_surgeon", sparsity=0.5, method_options={"shots": 2}), calibration=token_windows(samples=2, seq_len=16))
+    assert fractions == [pytest.approx(0.25), pytest.approx(0.5)]
+
+
+def test_each_factor_is_damped_with_its_own_option(monkeypatch):
+    kinds, calls = {}, []
+    original_factors, original_inverse = llm_surgeon.kfac_factors, llm_surgeon.damped_inverse
+
+    def factors(*args, **kwargs):
+        result = original_factors(*args, **kwargs)
+        for g, a in result.values():
+            kinds[id(g)], kinds[id(a)] = "g", "a"
+        return result
+
+    monkeypatch.setattr(llm_surgeon, "kfac_factors", factors)
+    monkeypatch.setattr(llm_surgeon, "damped_inverse", lambda factor, damping: calls.append((kinds[id(factor)], damping)) or original_inverse(factor, damping))
+    options = {"shots": 1, "damp_g": 0.3, "damp_a": 0.02}
+    prune(tiny_model(), PruningConfig(method="llm_surgeon", sparsity=0.3, method_options=options), calibration=token_windows(samples=2, seq_len=16))
+    assert calls and set(calls) == {("g", 0.3), ("a", 0.02)}
+
+
+def test_damping_is_relative_to_the_mean_diagonal():
+    x = torch.randn(30, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 50
+    factor = x.T @ x
+    expected = torch.linalg.inv(factor + 0.1 * factor.diagonal().mean() * torch.eye(5, dtype=torch.float64))
+    torch.testing.assert_close(damped_inverse(factor, 0.1).double(), expected, rtol=1e-4, atol=1e-12)

@@ -1,10 +1,16 @@
 """LLM Surgeon, structured: row/column costs and correlated updates, coupled units, budget, reload."""
 
+import types
+
 import pytest
 import torch
 
 from optimum_prune import PruningConfig, prune, save_pruned
-from optimum_prune.methods.llm_surgeon_structured import _correlated_structure_update, _Costs, _Part
+from optimum_prune.adapters import get_adapter
+from optimum_prune.methods import llm_surgeon_structured
+from optimum_prune.methods.llm_surgeon_structured import (
+    LLMSurgeonStructured, LLMSurgeonStructuredOptions, _correlated_structure_update, _Costs, _Part,
+)  # fmt: skip
 
 from ..conftest import assert_reloads_exactly, decoder_linear_parameters, tiny_model, token_windows
 from .test_llm_surgeon import _linear, _spd
@@ -76,3 +82,51 @@ def test_dead_columns_cost_nothing_and_need_no_compensation():
     expected = live_only.weight.detach().clone()
     expected[:, 2] = 0
     torch.testing.assert_close(both.weight.detach(), expected)
+
+
+def test_structured_shots_remove_their_share_of_the_budget(monkeypatch):
+    """The curvature of shot 2 is estimated on a model that lost half the target (one of two shots), not all of it."""
+    model = tiny_model()
+    before, seen, original = decoder_linear_parameters(model), [], llm_surgeon_structured.kfac_factors
+    monkeypatch.setattr(llm_surgeon_structured, "kfac_factors", lambda *a, **k: seen.append(decoder_linear_parameters(model)) or original(*a, **k))
+    prune(model, PruningConfig(method="llm_surgeon_structured", sparsity=0.4, method_options={"shots": 2}), calibration=token_windows(samples=2, seq_len=16))
+    assert seen[0] == before and 1 - seen[1] / before == pytest.approx(0.2, abs=0.02)
+
+
+def test_structured_removes_the_cheapest_units(monkeypatch):
+    costs, removed = [], {}
+    original_of, original_remove = llm_surgeon_structured._Costs.of, llm_surgeon_structured.LLMSurgeonStructured._remove
+
+    def of(self, part):
+        costs.append(original_of(self, part))
+        return costs[-1]
+
+    def remove(self, layer, component, units, indices, inverses):
+        removed[id(component)] = list(indices)
+        return original_remove(self, layer, component, units, indices, inverses)
+
+    monkeypatch.setattr(llm_surgeon_structured._Costs, "of", of)
+    monkeypatch.setattr(llm_surgeon_structured.LLMSurgeonStructured, "_remove", remove)
+    model = tiny_model()
+    method = LLMSurgeonStructured(get_adapter(model), 0.1, [], LLMSurgeonStructuredOptions(shots=1, components="mlp"), torch.device("cpu"))
+    method.check()
+    components = list(method.units.components)
+    counts = [c.removable + 1 for c in components]
+    method.prune(token_windows(samples=2, seq_len=16), types.SimpleNamespace(removed=[], layer_scores={}))
+    chosen, kept, offset = [], [], 0
+    for component, count in zip(components, counts):
+        gone = set(removed.get(id(component), []))
+        for index in range(count):
+            (chosen if index in gone else kept).append(costs[offset + index])
+        offset += count
+    assert chosen and max(chosen) <= min(kept)
+
+
+def test_structured_compensates_the_kept_columns():
+    dense, windows = tiny_model(), token_windows(samples=2, seq_len=16)
+    model = tiny_model()
+    prune(model, PruningConfig(method="llm_surgeon_structured", sparsity=0.2, method_options={"shots": 1, "components": "mlp"}), calibration=windows)
+    pruned, original = model.model.layers[1].mlp, dense.model.layers[1].mlp
+    kept = [int(torch.nonzero((original.up_proj.weight == row).all(1))[0]) for row in pruned.up_proj.weight]
+    assert len(kept) < original.up_proj.out_features
+    assert not torch.allclose(pruned.down_proj.weight, original.down_proj.weight[:, kept])  # the update moved them

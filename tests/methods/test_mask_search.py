@@ -1,12 +1,16 @@
 """Kwon et al.'s mask search: Fisher of the masks, the budgeted search, rearrangement, least-squares tuning."""
 
 
+import itertools
+
 import pytest
 import torch
 
 from optimum_prune import PruningConfig, prune, save_pruned
 from optimum_prune.adapters import get_adapter
-from optimum_prune.methods.mask_search import MaskSearch, mask_fisher, rearranged, search_counts
+from optimum_prune.calibration import LayerInputs, capture_first_layer_inputs, feed_layer, run_layer
+from optimum_prune.methods.mask_search import MaskSearch, MaskSearchOptions, mask_fisher, rearranged, search_counts
+from optimum_prune.methods.units import output_projection
 
 from ..conftest import assert_reloads_exactly, decoder_linear_parameters, output_errors, tiny_model, token_windows
 
@@ -75,3 +79,47 @@ def test_bad_requests_name_the_field():
         PruningConfig(method="mask_search", method_options={"damping": -1})
     with pytest.raises(ValueError, match="can remove at most"):
         prune(tiny_model(), PruningConfig(method="mask_search", sparsity=0.99), calibration=token_windows())
+
+
+def test_rearrangement_ends_where_no_single_swap_lowers_the_objective():
+    """The swap local search stops at a local optimum of m_Zᵀ I m_Z: no swap of a removed and a kept unit helps."""
+    generator = torch.Generator().manual_seed(0)
+    for trial in range(30):
+        x = torch.randn(12, 8, generator=generator, dtype=torch.float64)
+        fisher = x.T @ x
+        removed = rearranged(fisher, 3).tolist()
+        objective = lambda z: float(fisher[z][:, z].sum())  # noqa: E731
+        kept = sorted(set(range(8)) - set(removed))
+        best_swap = min(objective(sorted(set(removed) - {i} | {j})) for i, j in itertools.product(removed, kept))
+        assert objective(removed) <= best_swap + 1e-9, trial
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.1])
+@pytest.mark.parametrize("kind", ["attention", "mlp"])
+def test_tuned_scales_are_the_least_squares_masks_of_the_kept_units(kind, damping):
+    """min_m ‖Σ_u m_u X_u W_uᵀ − X Wᵀ‖² + λ‖m‖² over the sublayer's calibration inputs, λ = damping × the mean diagonal of the normal equations."""
+    model, windows = tiny_model(), token_windows(samples=2)
+    method = MaskSearch(get_adapter(model), 0.2, [], MaskSearchOptions(damping=damping), torch.device("cpu"))
+    method.check()
+    inputs = capture_first_layer_inputs(method.adapter, windows, torch.device("cpu"))
+    inputs = LayerInputs(run_layer(method.adapter, model.model.layers[0], inputs), inputs.layer_kwargs)
+    layer = model.model.layers[1]  # layer 0's two key/value groups happen to get almost the same scale
+    component = next(c for c in method.units.components if c.layer == 1 and c.kind == kind)
+    units = component.removable + 1
+    component.scores = torch.ones(units)
+    component.scores[[0, units // 2] if units > 2 else [0]] = 0  # unit 0 goes: kept units are not the first ones
+    scales = method._tuned_scales(layer, component, inputs)
+    consumer = output_projection(method.adapter, layer, component)
+    captured = []
+    handle = consumer.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach().double()))
+    feed_layer(method.adapter, layer, inputs)
+    handle.remove()
+    x = torch.cat([c.reshape(-1, consumer.in_features) for c in captured])
+    w = consumer.weight.detach().double()
+    width = consumer.in_features // units
+    kept = torch.nonzero(component.scores).flatten().tolist()
+    features = torch.stack([(x[:, u * width:(u + 1) * width] @ w[:, u * width:(u + 1) * width].T).flatten() for u in kept], 1)
+    gram = features.T @ features
+    gram += damping * gram.diagonal().mean() * torch.eye(len(kept), dtype=gram.dtype)
+    expected = torch.linalg.solve(gram, features.T @ (x @ w.T).flatten())
+    torch.testing.assert_close(scales.double(), expected, rtol=1e-4, atol=1e-6)

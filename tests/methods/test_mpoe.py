@@ -146,3 +146,18 @@ def test_bad_requests_name_the_field():
         prune(tiny_model(), PruningConfig(method="mpoe", sparsity=0.3))
     with pytest.raises(ValueError, match="can remove at most"):
         prune(tiny_moe(), PruningConfig(method="mpoe", sparsity=0.95))
+
+
+def test_every_expert_starts_from_its_own_procrustes_factors():
+    """An expert whose weight is another's with its left factor rotated is recovered without any sweep."""
+    rows, columns = factorize(96), factorize(64)
+    generator = torch.Generator().manual_seed(1)
+    left_size, middle, right_size = unfold(torch.zeros(96, 64), rows, columns).shape
+    orthonormal = lambda n, k: torch.linalg.qr(torch.randn(n, k, dtype=torch.float64, generator=generator)).Q  # noqa: E731
+    central = torch.randn(6, middle, 5, dtype=torch.float64, generator=generator)
+    first = torch.einsum("lp,pmq,qr->lmr", orthonormal(left_size, 6), central, orthonormal(right_size, 5).T)
+    rotation = orthonormal(left_size, left_size)
+    targets = [first, torch.einsum("kl,lmr->kmr", rotation, first)]
+    lefts, rights, fitted = fit_shared_central(targets, 6, 5, sweeps=0)
+    error = sum(float((x - torch.einsum("lp,pmq,qr->lmr", l, fitted, r)).square().sum()) for x, l, r in zip(targets, lefts, rights))
+    assert error < 1e-12 * sum(float(x.square().sum()) for x in targets)

@@ -95,3 +95,36 @@ def test_reroute_errors_name_the_option():
         LayerShape.from_dict({"num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 0, "rerouted": ["attention"]}, "layer 0")
     with pytest.raises(ValueError, match="rerouted must list"):
         LayerShape.from_dict({"num_attention_heads": 0, "num_key_value_heads": 0, "intermediate_size": 0, "rerouted": ["ffn"]}, "layer 0")
+
+
+def test_the_bias_is_not_damped():
+    """A constant contribution is fitted exactly by the bias whatever the ridge on the weight."""
+    inputs = torch.randn(3, 40, 6, generator=torch.Generator().manual_seed(0))
+    constant = torch.tensor([1.0, -2.0, 3.0, 0.5, 4.0, -1.0], dtype=torch.float64)
+    equations = NormalEquations(6, torch.device("cpu"))
+    for chunk in inputs:
+        equations.add(chunk, constant.expand(40, 6))
+    weight, bias = equations.solve(damping=0.5)
+    torch.testing.assert_close(bias, constant)
+    torch.testing.assert_close(weight, torch.zeros(6, 6, dtype=torch.float64))
+
+
+def test_a_run_map_is_the_ridge_fit_of_the_runs_contribution_to_the_stream():
+    dense, windows = tiny_model(num_hidden_layers=6), token_windows()
+    model = tiny_model(num_hidden_layers=6)
+    options = {"criterion": "angular", "num_layers": 2, "reroute": True}
+    report = prune(model, PruningConfig(method="layers", sparsity=0.3, method_options=options), calibration=windows)
+    removed = sorted(int(item.split()[0].rsplit(".", 1)[1]) for item in report.removed)
+    assert removed[1] == removed[0] + 1  # one run of two: the stream entering the stub is the dense one
+    stub = next(layer for layer in model.model.layers if isinstance(layer.mlp, ReroutedMLP))
+    captured = []
+    handle = stub.mlp.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))
+    with torch.no_grad():
+        model(input_ids=windows)
+        hidden = dense(input_ids=windows, output_hidden_states=True).hidden_states  # hidden[i]: the stream entering layer i
+    handle.remove()
+    equations = NormalEquations(dense.config.hidden_size, torch.device("cpu"))
+    equations.add(captured[0], hidden[removed[1] + 1] - hidden[removed[0]])
+    weight, bias = equations.solve()
+    torch.testing.assert_close(stub.mlp.map.weight.detach().double(), weight, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(stub.mlp.map.bias.detach().double(), bias, rtol=1e-3, atol=1e-4)

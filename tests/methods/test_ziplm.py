@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from optimum_prune import PruningConfig, prune, save_pruned
-from optimum_prune.methods.ziplm import ZipLM, _Levels, choose_levels, greedy_obs, stitched_weight
+from optimum_prune.adapters import get_adapter
+from optimum_prune.methods.ziplm import ZipLM, ZipLMOptions, _Levels, choose_levels, greedy_obs, stitched_weight
 
 from ..conftest import assert_reloads_exactly, decoder_linear_parameters, tiny_model, token_windows
 
@@ -187,3 +188,42 @@ def test_a_latency_budget_that_removes_every_block_is_reported_so():
     report = prune(model, PruningConfig(method="ziplm", sparsity=0.999, method_options=options), calibration=token_windows())
     kept = next(note for note in report.notes if note.startswith("ZipLM: the decoder layers keep"))
     assert "keep 0.0% of their measured time" in kept and "(every block removed)" in kept  # a ZeroDivisionError before
+
+
+def test_level_errors_are_the_running_obs_losses_relative_to_the_dense_output_energy():
+    """error(level) = Σ of the first r greedy ρ's / ‖W X‖²_H on the dense inputs (H = 2XXᵀ/n); the whole sublayer: 1."""
+    model, windows = tiny_model(), token_windows()
+    method = ZipLM(get_adapter(model), 0.3, [], ZipLMOptions(target="parameters", round_to=8, search_restarts=0, search_steps=0), torch.device("cpu"))
+    method.check()
+    components = method.units.components
+    levels = method._levels(components)
+    method._measure_errors(components, levels, windows, keep_database=False)
+    index = next(i for i, c in enumerate(components) if c.layer == 2 and c.kind == "mlp")
+    component, level = components[index], levels[index]
+    down = model.model.layers[2].mlp.down_proj
+    inputs = []
+    handle = down.register_forward_pre_hook(lambda _m, args: inputs.append(args[0].detach().double().reshape(-1, down.in_features)))
+    with torch.no_grad():
+        model(input_ids=windows)
+    handle.remove()
+    x = torch.cat(inputs)
+    hessian = 2 * x.T @ x / x.shape[0]
+    _, _, losses = greedy_obs(down.weight.detach(), hessian, 1, 0.01, component.removable, with_losses=True)
+    w = down.weight.detach().double()
+    energy = float(torch.einsum("ij,jk,ik->", w, hessian, w))
+    assert level.removed[-1] == component.removable + 1 and level.errors[-1] == 1.0
+    for removed, error in zip(level.removed[:-1], level.errors[:-1]):
+        assert abs(error - float(losses[:removed].sum()) / energy) <= 1e-4 * max(error, 1e-6), (removed, error)
+
+
+def test_dampening_is_relative_to_the_mean_hessian_diagonal():
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(5, 6, generator=generator, dtype=torch.float64)
+    x = torch.randn(40, 6, generator=generator, dtype=torch.float64) * 30
+    hessian = 2 * x.T @ x / 40
+    damped = hessian + 0.05 * hessian.diagonal().mean() * torch.eye(6, dtype=torch.float64)
+    for width in (1, 2):
+        ours, order = greedy_obs(weight, hessian, width, 0.05, count=2)
+        reference, reference_order = greedy_obs(weight, damped, width, 1e-12, count=2)
+        assert order.tolist() == reference_order.tolist()
+        torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-8)
