@@ -54,13 +54,16 @@ def test_a_qwen_moe_with_dense_layers_saves_a_stock_config_and_reloads(tmp_path,
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
 
 
+class CountsAtTheEnd(ExpertDroppingCallback):
+    """Records the routing counts each layer holds when training ends."""
+
+    def on_train_end(self, *args, **kwargs):
+        self.routed = [int(routing.counts.sum()) for routing in self.layers]
+        super().on_train_end(*args, **kwargs)
+
+
 def test_routing_counts_leave_padding_out(tmp_path):
     from .test_callback import LENGTHS, train_on_padded_batches
-
-    class CountsAtTheEnd(ExpertDroppingCallback):
-        def on_train_end(self, *args, **kwargs):
-            self.routed = [int(routing.counts.sum()) for routing in self.layers]
-            super().on_train_end(*args, **kwargs)
 
     model = tiny_moe(num_local_experts=8).train()
     callback = CountsAtTheEnd(ExpertDroppingSchedule(final_experts=4, start_step=10, end_step=20))
@@ -206,11 +209,6 @@ def test_a_drop_removes_the_least_routed_experts():
 
 
 def test_evaluation_tokens_do_not_count_towards_a_drop(tmp_path):
-    class CountsAtTheEnd(ExpertDroppingCallback):
-        def on_train_end(self, *args, **kwargs):
-            self.routed = [int(routing.counts.sum()) for routing in self.layers]
-            super().on_train_end(*args, **kwargs)
-
     model = tiny_moe(num_local_experts=8).train()
     args = training_args(tmp_path, 2)
     args.eval_strategy, args.eval_steps = "steps", 1

@@ -143,29 +143,24 @@ def test_bad_options_name_the_field():
         PruningConfig(method="kcm", method_options={"kernel_width": -1.0})
 
 
+def _r2_written_out(units: torch.Tensor, sigma: float, tolerance: float = 1e-2, steps: int = 100) -> torch.Tensor:
+    """C ← C ⊙ √(K ⊘ KC) from C = 1/n with K = exp(−d²/σ²), stopped once Σ|C' − C| / Σ|C| < tolerance: diag(C)."""
+    n = len(units)
+    kernel = torch.exp(-torch.cdist(units, units).square() / sigma**2)
+    c = torch.full((n, n), 1.0 / n, dtype=units.dtype)
+    for _ in range(steps):
+        updated = c * torch.sqrt(kernel / (kernel @ c))
+        done = float((updated - c).abs().sum() / c.abs().sum()) < tolerance
+        c = updated
+        if done:
+            break
+    return c.diagonal()
+
+
 def test_r2_follows_its_definition_step_by_step():
-    """Gaussian kernel exp(−d²/σ²) with σ the median off-diagonal distance, C ← C ⊙ √(K ⊘ KC) from C = 1/n,
-    stopped once Σ|C' − C| / Σ|C| < tolerance; R2 is the diagonal of C."""
+    """The kernel width defaults to the median off-diagonal distance; an explicit one replaces it."""
     n = 10
     units = torch.randn(n, 4, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    distances = torch.cdist(units, units)
-    sigma = distances[~torch.eye(n, dtype=torch.bool)].median()
-    kernel = torch.exp(-distances.square() / sigma**2)
-    c = torch.full((n, n), 1.0 / n, dtype=torch.float64)
-    for _ in range(100):
-        updated = c * torch.sqrt(kernel / (kernel @ c))
-        done = float((updated - c).abs().sum() / c.abs().sum()) < 1e-2
-        c = updated
-        if done:
-            break
-    torch.testing.assert_close(representative_rank(units, 0.0, 1e-2, 100), c.diagonal())
-    explicit = representative_rank(units, 0.7, 1e-2, 100)  # an explicit σ replaces the median
-    kernel = torch.exp(-distances.square() / 0.49)
-    c = torch.full((n, n), 1.0 / n, dtype=torch.float64)
-    for _ in range(100):
-        updated = c * torch.sqrt(kernel / (kernel @ c))
-        done = float((updated - c).abs().sum() / c.abs().sum()) < 1e-2
-        c = updated
-        if done:
-            break
-    torch.testing.assert_close(explicit, c.diagonal())
+    median = torch.cdist(units, units)[~torch.eye(n, dtype=torch.bool)].median()
+    torch.testing.assert_close(representative_rank(units, 0.0, 1e-2, 100), _r2_written_out(units, float(median)))
+    torch.testing.assert_close(representative_rank(units, 0.7, 1e-2, 100), _r2_written_out(units, 0.7))
