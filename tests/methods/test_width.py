@@ -296,3 +296,51 @@ def test_per_layer_kv_head_counts_generate_alike_with_static_dynamic_and_no_cach
         for cache in ({}, {"cache_implementation": "static"}, {"use_cache": False})
     ]
     assert all(torch.equal(output, outputs[0]) for output in outputs[1:])
+
+
+def test_flap_compensation_adds_to_an_existing_output_bias():
+    """Llama with mlp_bias: down_proj already has a bias, which FLAP's compensation must add to, not replace."""
+    windows = token_windows()
+    models = [tiny_model(num_hidden_layers=1, intermediate_size=256, mlp_bias=True) for _ in range(2)]
+    existing = torch.linspace(-1, 1, 64)
+    with torch.no_grad():
+        models[0].model.layers[0].mlp.down_proj.bias.copy_(existing)  # the one layer's statistics do not see it
+        models[1].model.layers[0].mlp.down_proj.bias.zero_()
+    config = PruningConfig(method="width", sparsity=0.3, method_options={"criterion": "flap", "components": "mlp"})
+    for model in models:
+        prune(model, config, calibration=windows)
+    biased, unbiased = (model.model.layers[0].mlp.down_proj for model in models)
+    assert torch.equal(biased.weight, unbiased.weight)
+    torch.testing.assert_close(biased.bias - unbiased.bias, existing)
+
+
+def test_layer_ranking_of_key_value_groups_hits_the_parameter_ratio():
+    """A key/value group's unit counts its query heads, o_proj columns and its key and value rows."""
+    model = tiny_model(num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4)
+    before = decoder_linear_parameters(model)
+    options = {"criterion": "magnitude_l2", "head_mode": "kv_group"}
+    report = prune(model, PruningConfig(method="width", sparsity=0.3, method_options=options))
+    assert all(shape.num_key_value_heads == 3 for shape in report.shapes)
+    assert 1 - decoder_linear_parameters(model) / before == pytest.approx(0.3, abs=0.004)
+
+
+def test_flap_compensates_removed_heads_with_their_own_o_proj_columns():
+    """FLAP's attention bias is W_o[:, J] · E[x_J] over the removed heads' head_dim-wide column blocks J."""
+    windows = token_windows()
+    dense = tiny_model(num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=2)
+    attention = dense.model.layers[0].self_attn
+    seen = []
+    handle = attention.o_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        dense(windows)
+    handle.remove()
+    mean = torch.cat(seen).double().mean(0)
+    model = copy.deepcopy(dense)
+    options = {"criterion": "flap", "components": "attention", "head_mode": "query"}
+    prune(model, PruningConfig(method="width", sparsity=0.1, method_options=options), calibration=windows)
+    query = model.model.layers[0].self_attn.q_proj.weight
+    kept = [next(i for i in range(attention.q_proj.out_features) if torch.equal(attention.q_proj.weight[i], row)) for row in query]
+    removed = sorted(set(range(attention.q_proj.out_features)) - set(kept))
+    assert removed and removed != list(range(len(removed)))  # not only the first head: its columns are 0..head_dim-1
+    expected = attention.o_proj.weight.detach().double()[:, removed] @ mean[removed]
+    torch.testing.assert_close(model.model.layers[0].self_attn.o_proj.bias.double(), expected, rtol=1e-4, atol=1e-5)

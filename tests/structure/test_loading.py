@@ -240,3 +240,32 @@ def test_corrupt_shapes_fail_clearly(non_uniform, corrupt, message):
     (output / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=message):
         AutoModelForCausalLM.from_pretrained(output)
+
+
+def test_per_layer_widths_reload_with_flaps_output_projection_biases(tmp_path):
+    """FLAP's o_proj / down_proj biases on a non-uniform result: a reload that built the stock (bias-free) o_proj
+    dropped the saved bias as an unexpected key and only warned."""
+    model = tiny_model(num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2)
+    options = {"criterion": "flap", "head_mode": "query", "ranking": "global", "components": "attention"}
+    prune(model, PruningConfig(method="width", sparsity=0.15, method_options=options), calibration=token_windows())
+    assert model.config.quantization_config is not None
+    assert any(layer.self_attn.o_proj.bias is not None for layer in model.model.layers)
+    assert_reloads_exactly(model, save_pruned(model, tmp_path / "pruned"))
+
+
+def test_per_layer_query_heads_per_group_reload_and_run_with_a_padding_mask(tmp_path):
+    """A padding mask makes SDPA repeat keys/values by the layer's num_key_value_groups (no enable_gqa)."""
+    model = tiny_model(num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2)
+    options = {"criterion": "magnitude_l2", "head_mode": "query", "ranking": "global", "components": "attention"}
+    prune(model, PruningConfig(method="width", sparsity=0.15, method_options=options))
+    groups = {layer.self_attn.num_key_value_groups for layer in model.model.layers}
+    assert len(groups) > 1 or groups != {4}
+    reloaded = AutoModelForCausalLM.from_pretrained(save_pruned(model, tmp_path / "pruned")).eval()
+    assert [layer.self_attn.num_key_value_groups for layer in reloaded.model.layers] == [
+        layer.self_attn.num_key_value_groups for layer in model.model.layers
+    ]
+    ids = token_windows(samples=2, seq_len=10, seed=3)
+    mask = torch.ones_like(ids)
+    mask[0, :3] = 0  # left padding
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
