@@ -238,3 +238,28 @@ def test_after_structured_pruning_the_widths_are_checked_as_pruned(monkeypatch):
     recipe = [PruningConfig(method="width", sparsity=0.2, method_options=mlp_width), GPTQConfig(bits=4, group_size=GROUP)]
     with pytest.raises(ValueError, match=r"^GPTQConfig: gptqmodel packs GPTQ codes .*; model.layers.0.mlp.gate_proj \(181×128\), .* and \d+ more are not"):
         compress(model, recipe, calibration=token_windows())  # 181 channels are left
+
+
+def test_weights_read_through_a_kernel_cover_every_column_block():
+    """Layers wider than one block of identity rows (1,024 by default, wider than every test model) are read block
+    by block: each block must hold its own columns."""
+    from optimum_prune.quantized import _weight_through_kernel
+
+    weight = torch.randn(5, 7, generator=torch.Generator().manual_seed(0))
+    read = _weight_through_kernel(lambda rows: rows @ weight.T, 7, torch.float32, torch.device("cpu"), rows=3)
+    assert torch.equal(read, weight)
+
+
+def test_gptq_without_texts_calibrates_on_windows_drawn_like_the_last_pruning_steps(bpe_tokenizer, monkeypatch):
+    from optimum_prune.data import wikipedia_articles
+
+    pytest.importorskip("gptqmodel")
+    seen = []
+    monkeypatch.setattr("optimum_prune.gptq.quantize_weights", lambda model, config, windows, tokenizer: seen.append(windows))
+    steps = [
+        PruningConfig(method="magnitude", sparsity=0.3, num_calibration_samples=2, calibration_seq_len=8),
+        PruningConfig(method="magnitude", sparsity=0.5, num_calibration_samples=3, calibration_seq_len=16),
+        GPTQConfig(bits=4, group_size=32),
+    ]
+    compress(tiny_model(hidden_size=128, intermediate_size=256), steps, calibration=wikipedia_articles("calibration")[:3], tokenizer=bpe_tokenizer)
+    assert seen[0].shape == (3, 16)

@@ -658,3 +658,10 @@ def test_mma_decode_matches_the_reference_on_gpu(dtype, bits, zero_points):
     compiled = torch.compile(layer, fullgraph=True)  # the custom op keeps the launch whole under torch.compile
     x = torch.randn(4, 1024, device="cuda", dtype=dtype)
     torch.testing.assert_close(compiled(x), layer(x))
+
+
+def test_group_sizes_that_are_not_multiples_of_8_are_refused():
+    weight = torch.zeros(4, 16)
+    weight[:, 0::4] = 1.0
+    with pytest.raises(ValueError, match="group_size 4 must be a multiple of 8 that divides the 16 input features"):
+        compress(weight, bits=4, group_size=4)

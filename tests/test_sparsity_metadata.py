@@ -195,3 +195,24 @@ def test_a_step_another_version_wrote_is_passed_over(tmp_path):
     model.config.pruning_history = [{"format_version": 99, "method": "future"}, *model.config.pruning_history]
     assert sparsity_config(model)["sparsity_structure"] == "2:4"
     assert save_pruned(model, tmp_path / "out", compressed_tensors_metadata=True).is_dir()
+
+
+def test_n_m_patterns_other_than_two_four_are_described_as_unstructured():
+    """compressed-tensors names one N:M structure, 2:4; a 4:8 model's zeros are described as unstructured."""
+    model = tiny_model()
+    prune(model, {"method": "magnitude", "sparsity": "4:8"})
+    metadata = sparsity_config(model)
+    assert metadata["sparsity_structure"] == "unstructured" and metadata["ignore"] == ["lm_head"]
+
+
+def test_parts_pruned_to_different_targets_are_described_as_unstructured_and_all_targeted():
+    """A 2:4 language model beside a 50 % unstructured vision tower: not 2:4 as a whole, and the vision linears
+    are sparse targets, not ignored for failing the first part's pattern."""
+    from .conftest import TINY
+    from .multimodal.conftest import tiny_llava
+
+    model = tiny_llava(image_token_id=TINY["vocab_size"])
+    prune(model, {"method": "magnitude", "parts": {"language": {"sparsity": "2:4"}, "vision": {"sparsity": 0.5}}})
+    metadata = sparsity_config(model)
+    assert metadata["sparsity_structure"] == "unstructured"
+    assert not [name for name in metadata["ignore"] if "vision_tower" in name and name.endswith("proj")], metadata["ignore"]

@@ -147,3 +147,12 @@ def test_overlapping_passes_share_the_math_attention_switch():
         thread.join()
     assert seen_by_b == [[False, False]]
     assert [enabled() for enabled in fused] == before  # both left: the caller's flags are back
+
+
+def test_the_traces_are_those_of_the_first_windows_the_options_name():
+    model, windows = tiny_model(num_hidden_layers=2), token_windows(4, 16)
+    layers = [{"down": layer.mlp.down_proj} for layer in model.model.layers]
+    allocation = SensitivityAllocation(SensitivityOptions(windows=2))
+    allocation.observe_model(model, windows, layers)
+    groups = [[layer.mlp.down_proj.weight] for layer in model.model.layers]
+    assert allocation.sensitivities == pytest.approx(hessian_traces(model, windows[:2], groups, 1, 0, window_indices=[0, 1]))
