@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from optimum_prune import PruningConfig, get_adapter, prune
-from optimum_prune.calibration import walk_layers
+from optimum_prune.calibration import capture_first_layer_inputs, run_layer, walk_layers
 from optimum_prune.methods import METHODS
 
 from ..conftest import tiny_model, token_windows
@@ -294,3 +294,22 @@ def test_an_observing_walk_runs_each_layer_once_and_sees_what_the_next_layer_get
     walk_layers(adapter, windows, torch.device("cpu"), lambda i, _l, inputs: inputs_of_layer_1.extend(inputs.hidden_states) if i == 1 else None, "t")
     outputs = [output[0] if isinstance(output, tuple) else output for output in seen[0]]
     assert all(torch.equal(a, b) for a, b in zip(outputs, inputs_of_layer_1))
+
+
+def test_batches_of_one_shape_keep_their_own_masks():
+    """Layer arguments are shared between batches only where they are equal: two batches of one shape with other
+    (packed, 4-D) masks each run every layer with their own, as in the model."""
+    ids = token_windows(samples=2, seq_len=16)
+    causal = torch.ones(16, 16, dtype=torch.bool).tril()
+    packed = causal.clone()
+    packed[8:, :8] = False  # two samples packed in one row
+    batches = [{"input_ids": ids[:1], "attention_mask": causal[None, None]}, {"input_ids": ids[1:], "attention_mask": packed[None, None]}]
+    model = tiny_model()
+    adapter = get_adapter(model)
+    inputs = capture_first_layer_inputs(adapter, batches, torch.device("cpu"))
+    with torch.no_grad():
+        expected = [model(**batch, output_hidden_states=True).hidden_states for batch in batches]
+    for index, layer in enumerate(adapter.decoder_layers()[:-1]):
+        inputs.hidden_states = run_layer(adapter, layer, inputs)
+        for batch, hidden in enumerate(inputs.hidden_states):
+            torch.testing.assert_close(hidden, expected[batch][index + 1])

@@ -1,8 +1,10 @@
 import pytest
 import torch
+from datasets import IterableDataset
 
 from optimum_prune import PruningConfig, prune
-from optimum_prune.calibration import calibration_windows
+from optimum_prune.calibration import calibration_inputs, calibration_windows
+from optimum_prune.calibration.sources import sample_windows, tokenize_stream
 from optimum_prune.data import wikipedia_articles
 
 from ..conftest import tiny_model, token_windows
@@ -348,3 +350,55 @@ def test_a_file_of_records_is_read_as_its_records_not_as_text(tmp_path, bpe_toke
     (tmp_path / "bad.jsonl").write_text("{not json\n")
     with pytest.raises(ValueError, match="bad.jsonl' could not be read as json records"):
         calibration_windows(tmp_path / "bad.jsonl", bpe_tokenizer, 4, 16, seed=0)
+
+
+def test_windows_are_slices_of_the_stream_at_every_start_the_last_included():
+    """A stream of exactly one window gives that window; windows start anywhere in [0, tokens - seq_len]."""
+    tokens = torch.arange(16)
+    assert torch.equal(sample_windows(tokens, 3, 16, seed=0), tokens.expand(3, 16))
+    windows = sample_windows(torch.arange(20), 200, 16, seed=0)
+    starts = windows[:, 0]
+    assert torch.equal(windows, starts[:, None] + torch.arange(16))
+    assert sorted(set(starts.tolist())) == [0, 1, 2, 3, 4]
+
+
+def test_packed_samples_are_not_taken_for_windows():
+    """A batch whose 4-D mask packs two samples in a row is no window of token ids: the window-only tools refuse it
+    rather than calibrate across the samples' boundary."""
+    ids = token_windows(samples=2, seq_len=16)
+    causal = torch.ones(8, 8, dtype=torch.bool).tril()
+    mask = torch.zeros(2, 1, 16, 16, dtype=torch.bool)
+    mask[:, 0, :8, :8], mask[:, 0, 8:, 8:] = causal, causal
+    with pytest.raises(ValueError, match="calibrates on windows of token ids of one length"):
+        calibration_windows([{"input_ids": ids, "attention_mask": mask}], None, 2, 16, seed=0)
+
+
+def test_every_sample_of_processed_batches_is_used():
+    """Processed batches are used whole, as given: all twelve samples of a padded batch, whatever
+    num_calibration_samples says, each its real tokens."""
+    windows = token_windows(samples=12, seq_len=8)
+    mask = torch.ones_like(windows)
+    mask[:, :2] = 0  # left padding
+    samples = calibration_inputs({"input_ids": windows, "attention_mask": mask}, None, None, 4, 8, 0)
+    assert [s["input_ids"].tolist() for s in samples] == [[row] for row in windows[:, 2:].tolist()]
+
+
+def test_documents_are_joined_by_blank_lines_into_one_stream(bpe_tokenizer):
+    documents = ["First document about rivers.", "Second one, about mountains."]
+    joined = bpe_tokenizer("\n\n".join(documents), add_special_tokens=False)["input_ids"]
+    assert tokenize_stream(bpe_tokenizer, documents).tolist() == joined
+
+
+def test_a_streamed_dataset_is_read_until_twice_the_windows_tokens(bpe_tokenizer):
+    row = "A short row of text about rivers."
+    per_row = len(bpe_tokenizer(row, add_special_tokens=False)["input_ids"])
+    read = []
+
+    def rows():
+        for index in range(10_000):
+            read.append(index)
+            yield {"text": row}
+
+    calibration_windows(IterableDataset.from_generator(rows), bpe_tokenizer, 4, 16, seed=0)
+    needed = -(-2 * 4 * 16 // per_row)  # rows holding twice the windows' tokens
+    assert needed <= max(read) + 1 <= needed + 1  # the rows of the longest pass over the stream (one may be read ahead)

@@ -1,0 +1,28 @@
+"""Statistics gathered while a model runs: ShortGPT's Block Influence, the real (unpadded) tokens of a batch."""
+
+import torch
+
+from optimum_prune.statistics import BlockInfluence, RealTokens
+
+from .conftest import tiny_model, token_windows
+
+
+def test_block_influence_averages_over_tokens_not_batches():
+    influence = BlockInfluence()
+    same = torch.ones(1, 1, 4)
+    influence.add(same, same)  # one token, cosine 1
+    influence.add(torch.ones(1, 3, 4), -torch.ones(1, 3, 4))  # three tokens, cosine -1
+    assert abs(influence.value() - (1 - (1 - 3) / 4)) < 1e-12
+
+
+def test_real_tokens_forget_an_earlier_batchs_padding():
+    model = tiny_model()
+    real_tokens = RealTokens(model)
+    ids = token_windows(samples=2, seq_len=6)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=torch.tensor([[1] * 6, [0, 0] + [1] * 4]))
+        assert real_tokens.mask is not None
+        model(input_ids=ids)  # no padding in this batch: every position counts
+    values = torch.arange(12.0).reshape(2, 6, 1)
+    assert torch.equal(real_tokens.of(values), values)
+    real_tokens.handle.remove()
