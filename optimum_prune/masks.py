@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .adapters import get_adapter
+from .dispatch import refuse_offloaded
 from .ignoring import is_ignored
 from .quantized import dequantized_weight, is_packed_4bit
 from .wrappers import base_layer, unwrapped_modules
@@ -122,6 +123,7 @@ def merge_lora_preserving_sparsity(peft_model: nn.Module) -> nn.Module:
     """
     if not hasattr(peft_model, "merge_and_unload"):
         raise TypeError(f"expected a peft model with merge_and_unload(), got {type(peft_model).__name__}")
+    refuse_offloaded(peft_model, "merging writes each adapter into its base weight in place")
     masks = SparsityMasks.from_zeros(peft_model)
     if masks.packed():
         raise ValueError(

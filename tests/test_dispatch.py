@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from accelerate import dispatch_model
+from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from optimum_prune import (
@@ -13,6 +14,7 @@ from optimum_prune import (
     PruningConfig,
     choose_early_exit,
     fold_experts,
+    merge_lora_preserving_sparsity,
     prepare_perp,
     prune,
     save_pruned,
@@ -73,6 +75,8 @@ def test_work_that_rewrites_trains_or_moves_offloaded_weights_names_them(pruned_
         trainer.train()
     after = {name: tensor for name, tensor in offloaded.state_dict().items() if not tensor.is_meta}
     assert after.keys() == before.keys() and all(torch.equal(after[name], before[name]) for name in before)
+    with pytest.raises(ValueError, match=r"hold offloaded weights .*merging writes each adapter into its base weight in place"):
+        merge_lora_preserving_sparsity(get_peft_model(offloaded, LoraConfig(r=2, target_modules=["q_proj"])))
 
 
 def test_variants_of_the_mixture_run_under_accelerates_hooks(tmp_path):
