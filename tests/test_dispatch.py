@@ -57,7 +57,8 @@ def test_sparsity_is_measured_on_the_weights_the_hooks_load(pruned_24):
 
 def test_work_that_rewrites_trains_or_moves_offloaded_weights_names_them(pruned_24, tmp_path):
     """Each failed deep inside torch ("Tensor.item() cannot be called on meta tensors", "Cannot copy out of meta
-    tensor"), or, for PERP, trained adapters on the meta device that merged nothing back."""
+    tensor"), or silently: PERP trained adapters on the meta device that merged nothing back, and the LoRA merge
+    skipped the offloaded layers' adapters."""
     _, offloaded = pruned_24
     before = {name: tensor.clone() for name, tensor in offloaded.state_dict().items() if not tensor.is_meta}
     with pytest.raises(ValueError, match=OFFLOADED + "PERP trains the weights' scales and adapters beside them in place, so load"):
