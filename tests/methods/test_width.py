@@ -78,6 +78,16 @@ def test_magnitude_removes_the_smallest_channels(criterion):
         assert float(layer.mlp.gate_proj.weight.norm(dim=1).min()) > 1e-2  # the small channel is gone
 
 
+def _inputs_of(linear: torch.nn.Module, model: torch.nn.Module, windows: torch.Tensor) -> torch.Tensor:
+    """What ``linear`` receives while ``model`` runs ``windows``: one float64 row per token."""
+    seen = []
+    handle = linear.register_forward_pre_hook(lambda _module, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        model(windows)
+    handle.remove()
+    return torch.cat(seen).double()
+
+
 @pytest.mark.parametrize("criterion", ["magnitude_l1", "magnitude_l2", "wanda_sp", "flap"])
 def test_mlp_channels_go_by_their_criterions_score(criterion):
     """The criteria's formulas, computed here by hand over gate/up rows and down_proj columns (and down_proj's
@@ -87,12 +97,7 @@ def test_mlp_channels_go_by_their_criterions_score(criterion):
     with torch.no_grad():  # a few channels with outsized consumer weights: l1 and l2 rank them differently
         dense.model.layers[0].mlp.down_proj.weight[:, ::7] *= 3
     mlp = dense.model.layers[0].mlp
-    seen = []
-    handle = mlp.down_proj.register_forward_pre_hook(lambda _module, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
-    with torch.no_grad():
-        dense(windows)
-    handle.remove()
-    inputs = torch.cat(seen).double()
+    inputs = _inputs_of(mlp.down_proj, dense, windows)
     gate, up, down = (linear.weight.detach().double() for linear in (mlp.gate_proj, mlp.up_proj, mlp.down_proj))
     scores = {
         "magnitude_l1": gate.abs().sum(1) + up.abs().sum(1) + down.abs().sum(0),
@@ -329,12 +334,7 @@ def test_flap_compensates_removed_heads_with_their_own_o_proj_columns():
     windows = token_windows()
     dense = tiny_model(num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=2)
     attention = dense.model.layers[0].self_attn
-    seen = []
-    handle = attention.o_proj.register_forward_pre_hook(lambda _m, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
-    with torch.no_grad():
-        dense(windows)
-    handle.remove()
-    mean = torch.cat(seen).double().mean(0)
+    mean = _inputs_of(attention.o_proj, dense, windows).mean(0)
     model = copy.deepcopy(dense)
     options = {"criterion": "flap", "components": "attention", "head_mode": "query"}
     prune(model, PruningConfig(method="width", sparsity=0.1, method_options=options), calibration=windows)
