@@ -115,8 +115,10 @@ class RealTokens:
         mask = kwargs.get("attention_mask")
         real = _real_positions(mask) if isinstance(mask, torch.Tensor) else None
         if real is not None:  # a cached step's 2-D mask spans the cache too: its last positions are the tokens run
-            tokens = next((t for t in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args[:1]) if isinstance(t, torch.Tensor)), None)
-            real = real[:, -tokens.shape[1] :] if tokens is not None and tokens.dim() >= 2 else real
+            given = (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args[:1])
+            tokens = next((t for t in given if isinstance(t, torch.Tensor)), None)
+            if tokens is not None and tokens.dim() >= 2:
+                real = real[:, -tokens.shape[1] :]
         self.mask = None if real is None or bool(real.all()) else real
 
     def of(self, values: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:

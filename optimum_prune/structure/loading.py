@@ -172,9 +172,9 @@ def keep_stand_ins(model: PreTrainedModel) -> None:
     present = {name.replace(".base_layer.", ".") for name in model.state_dict()}  # a peft LoRA layer wraps the linear
     names = [name for name in stock.state_dict() if name not in present]
     if names:
-        stock = inspect.getattr_static(type(model), "save_pretrained")
-        if not isinstance(stock, _SavingWithStandIns):  # once per class
-            type(model).save_pretrained = _SavingWithStandIns(stock)
+        save_pretrained = inspect.getattr_static(type(model), "save_pretrained")
+        if not isinstance(save_pretrained, _SavingWithStandIns):  # once per class
+            type(model).save_pretrained = _SavingWithStandIns(save_pretrained)
         vars(model)[_STAND_INS_ATTRIBUTE] = names
         model.register_load_state_dict_pre_hook(_SkipStandIns(names))
 
