@@ -97,6 +97,18 @@ def assert_stock_reload_matches(model: torch.nn.Module, directory, ids: torch.Te
     return result.stdout.strip()
 
 
+def loaded_with_layer_1_on_disk(directory, tmp_path) -> torch.nn.Module:
+    """The two-layer checkpoint in ``directory`` loaded as accelerate offloads a model: decoder layer 1 on disk
+    (under ``tmp_path``), its parameters on the meta device, loaded by hooks inside each forward."""
+    from transformers import AutoModelForCausalLM
+
+    placement = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
+                 "model.rotary_emb": "cpu", "lm_head": "cpu"}  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(directory, device_map=placement, offload_folder=tmp_path / "offload").eval()
+    assert all(parameter.is_meta for parameter in model.model.layers[1].parameters())
+    return model
+
+
 def assert_reloads_exactly(model: torch.nn.Module, directory) -> torch.nn.Module:
     """Reload ``directory`` with ``from_pretrained``: identical state dict, and greedy generation with
     the KV cache equals generation without it and the original model's. Returns the reloaded model."""

@@ -26,17 +26,9 @@ from optimum_prune import (
 from optimum_prune.sparsity_metadata import sparsity_config
 
 from .adapters.test_moe import tiny_moe
-from .conftest import tiny_model, token_windows
+from .conftest import loaded_with_layer_1_on_disk, tiny_model, token_windows
 
 OFFLOADED = r"^model.layers.1 hold offloaded weights \(meta tensors: a device_map with 'cpu' or 'disk' entries\); "
-
-
-def loaded_with_layer_1_on_disk(directory, tmp_path) -> torch.nn.Module:
-    placement = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
-                 "model.rotary_emb": "cpu", "lm_head": "cpu"}  # fmt: skip
-    model = AutoModelForCausalLM.from_pretrained(directory, device_map=placement, offload_folder=tmp_path / "offload").eval()
-    assert all(parameter.is_meta for parameter in model.model.layers[1].parameters())
-    return model
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from optimum_prune.methods.mpoe import fit_shared_central
 from optimum_prune.structure.mpo import MPOLinear, contract, factorize, full_central_bonds, split_left, split_right, unfold
 
 from ..adapters.test_moe import tiny_moe
-from ..conftest import assert_reloads_exactly, tiny_model, token_windows
+from ..conftest import assert_reloads_exactly, loaded_with_layer_1_on_disk, tiny_model, token_windows
 
 
 def _cores(left, central, right, rows, columns):
@@ -83,14 +83,12 @@ def test_a_decomposed_checkpoint_loaded_with_offloaded_layers_runs_as_loaded_who
     model = tiny_moe()
     prune(model, PruningConfig(method="mpoe", sparsity=0.3))
     save_pruned(model, tmp_path / "out")
-    placement = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
-                 "model.rotary_emb": "cpu", "lm_head": "cpu"}  # fmt: skip
-    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", device_map=placement, offload_folder=tmp_path / "offload")
+    offloaded = loaded_with_layer_1_on_disk(tmp_path / "out", tmp_path)
     assert offloaded.model.layers[1].block_sparse_moe.expert_mpo.central["w1"].is_meta
     windows = token_windows(samples=2, seq_len=12)
     with torch.no_grad():
         expected = AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()(input_ids=windows).logits
-        assert torch.equal(offloaded.eval()(input_ids=windows).logits, expected)
+        assert torch.equal(offloaded(input_ids=windows).logits, expected)
 
 
 def test_the_decomposed_experts_train_with_one_shared_central_tensor():
