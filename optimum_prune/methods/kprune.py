@@ -285,8 +285,9 @@ class KPrune(StructuredMethod[KPruneOptions]):
 def threshold_removal(scores: list[torch.Tensor], costs: list[int], caps: list[int], budget: float) -> torch.Tensor:
     """K-prune's mask search: the units of the first component (the target) to remove.
 
-    Over all candidates' units, the threshold is the lowest score such that the units scoring above
-    it cost at most ``budget``; the target's units at or under it go, at most ``caps[0]`` of them.
+    Over all candidates' units, ranked by score, the best that together cost at most ``budget`` stay;
+    the target's units ranked after them go, at most ``caps[0]`` of them. Ranks, not the threshold
+    score: units tied at it (dead ones, all scoring 0) would all go, far past the budget.
     Every component keeps one unit, its best: those are charged to the budget first (ranked among the
     rest, a later component's could fall under the threshold, be kept anyway when its turn came, and
     leave the model above the budget).
@@ -296,11 +297,12 @@ def threshold_removal(scores: list[torch.Tensor], costs: list[int], caps: list[i
     order = torch.argsort(values, descending=True, stable=True)
     kept_cost = unit_costs[order].cumsum(0)
     fitting = int((kept_cost <= budget).sum())  # the highest-scored units that fit
-    threshold = values[order[fitting]] if fitting < len(order) else -float("inf")
-    target = scores[0].double()
-    removed = torch.nonzero(target <= threshold).flatten()
-    if len(removed) > caps[0]:
-        removed = removed[torch.argsort(target[removed], stable=True)[: caps[0]]]
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(len(order))
+    target_ranks = rank[: scores[0].numel()]
+    removed = torch.nonzero(target_ranks >= fitting).flatten()
+    if len(removed) > caps[0]:  # the lowest ranked
+        removed = removed[torch.argsort(target_ranks[removed], descending=True)[: caps[0]]]
     return removed.sort().values
 
 

@@ -430,7 +430,8 @@ def _greedy_columns(W: torch.Tensor, Hinv: torch.Tensor, count: int) -> tuple[li
 def choose_levels(levels: list[_Levels], budget: float, buckets: int = DP_BUCKETS, coefficients: list[float] | None = None) -> list[int]:
     """ZipLM's dynamic program: one level per component minimising Σ c·error (c: ``coefficients``, default 1)
     within Σ cost ≤ ``budget``, costs rounded to the nearest of ``buckets`` steps: the total may pass the budget by half
-    a step per component (0.3 % of it for 60 sublayers), where rounding up would refuse exact fits (2 + 1 in 3)."""
+    a step per component (0.3 % of it for 60 sublayers), where rounding up would refuse exact fits (2 + 1 in 3).
+    Solutions of equal error (units that contribute nothing) resolve to the one spending the most of the budget."""
     if budget <= 0:
         raise ValueError("the pruning budget leaves no time (or parameters) for the decoder layers; lower the sparsity")
     step = budget / buckets
@@ -448,7 +449,7 @@ def choose_levels(levels: list[_Levels], budget: float, buckets: int = DP_BUCKET
     if torch.isinf(best).all():
         smallest = sum(min(level.costs) for level in levels)
         raise ValueError(f"the budget of {budget:.4g} cannot be met: the smallest widths cost {smallest:.4g}; lower the sparsity")
-    spent = int(torch.argmin(best))
+    spent = int(torch.nonzero(best == best.min()).max())  # of equal errors (dead units), the one closest to the budget
     chosen = []
     for level, choice in zip(reversed(levels), reversed(choices)):
         position = int(choice[spent])

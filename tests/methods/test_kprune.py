@@ -23,6 +23,10 @@ def test_threshold_keeps_the_best_scored_units_that_fit_and_cuts_only_the_target
     # the later component its 0.5 (ranked with the rest, 3 took that place and the model ended above budget).
     assert threshold_removal([target, torch.tensor([0.5])], [1, 1], [2, 0], budget=2).tolist() == [1, 2]
 
+    # Units tied at the threshold (dead ones) go only as far as the budget needs: two of seven, not all of them.
+    tied = threshold_removal([torch.tensor([0.0] * 7 + [1.0])], [10], [7], budget=60.0)
+    assert len(tied) == 2 and 7 not in tied
+
 
 def test_a_target_where_every_component_keeps_only_one_unit_is_reached():
     """Near the most a model can lose, later components' one kept unit was not budgeted: 0.75 ended at 0.717."""

@@ -89,6 +89,12 @@ def test_error_weights_steer_the_program():
     assert choose_levels(levels, 3.0, coefficients=[1.0, 0.1]) == [0, 1]
 
 
+def test_levels_of_equal_error_resolve_to_the_one_closest_to_the_budget():
+    """Dead units remove at no error: the most pruned of the equal solutions removed 50 % for a 15 % target."""
+    level = _Levels(removed=[0, 1, 2, 3], costs=[400.0, 300.0, 200.0, 100.0], errors=[0.0, 0.0, 0.0, 0.0])
+    assert choose_levels([level], 250.0) == [2]
+
+
 def test_spdy_search_keeps_the_best_weighting_and_restores_the_dense_weights(monkeypatch):
     import optimum_prune.methods.ziplm as ziplm
 
