@@ -34,6 +34,7 @@ from optimum_prune.api import check_activation_device
 from optimum_prune.yaml_files import load_yaml
 
 from .compat import import_llamafactory
+from .sections import unknown_key
 
 SECTION = "pruning"
 EXTRA_KEYS = ("calibration_dataset", "offload", "activation_device")
@@ -59,11 +60,9 @@ class PruningSection:
             raise ValueError(f"{SECTION}: must be a mapping of PruningConfig fields, got {type(section).__name__}")
         fields = [f.name for f in dataclasses.fields(PruningConfig)]
         stored = ["format_version", *PROVENANCE_KEYS]  # what a saved pruning_config.json adds, pasted in as it is
-        unknown = sorted(set(section) - set(fields) - set(stored) - set(EXTRA_KEYS))
-        if unknown:
-            raise ValueError(
-                f"{SECTION}.{unknown[0]} is not a valid key; valid keys: {', '.join(sorted([*fields, *EXTRA_KEYS]))}"
-            )
+        key = unknown_key(section, [*fields, *stored, *EXTRA_KEYS])
+        if key is not None:
+            raise ValueError(f"{SECTION}.{key} is not a valid key; valid keys: {', '.join(sorted([*fields, *EXTRA_KEYS]))}")
         try:
             config = PruningConfig.from_dict({key: value for key, value in section.items() if key in fields or key in stored})
         except (TypeError, ValueError) as error:

@@ -214,9 +214,9 @@ class PruningConfig:
                 f"format_version {version} is not supported by this optimum-prune (reads {FORMAT_VERSION}); upgrade optimum-prune"
             )
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(set(data) - known, key=str)  # a YAML's unquoted `on:` is a key True
         if unknown:
-            raise ValueError(f"PruningConfig has no field(s) {', '.join(unknown)}; valid fields: {', '.join(sorted(known))}")
+            raise ValueError(f"PruningConfig has no field(s) {', '.join(map(str, unknown))}; valid fields: {', '.join(sorted(known))}")
         return cls(**data)
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
@@ -377,9 +377,9 @@ def _checked_parts(parts: Any, sparsity: float | str) -> dict[str, dict[str, Any
             raise ValueError(f"PruningConfig.parts has unknown part {name!r}; parts: {', '.join(MODEL_PARTS)}")
         if not isinstance(policy, Mapping):
             raise TypeError(f"{field_name} must be a mapping such as {{'sparsity': 0.5}}, got {policy!r}")
-        unknown = sorted(set(policy) - set(PART_POLICY_KEYS))
+        unknown = sorted(set(policy) - set(PART_POLICY_KEYS), key=str)
         if unknown:
-            raise ValueError(f"{field_name} has unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(PART_POLICY_KEYS)}")
+            raise ValueError(f"{field_name} has unknown key(s) {', '.join(map(str, unknown))}; valid keys: {', '.join(PART_POLICY_KEYS)}")
         own = {key: normalise_sparsity(value, f"{field_name}.{key}") for key, value in policy.items()}
         checked[name] = {key: value for key, value in own.items() if not (key == "sparsity" and value == sparsity)}
     return checked

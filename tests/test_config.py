@@ -287,3 +287,101 @@ def test_a_bool_is_not_an_int_option_and_none_is_only_for_optional_options():
 def test_expert_deviation_half_is_refused():
     with pytest.raises(ValueError, match=r"expert_deviation must be in \[0, 0.5\)"):
         PruningConfig(method="wanda", moe_options={"expert_sparsity": "load", "expert_deviation": 0.5})
+
+
+def test_a_key_that_is_not_a_string_is_named_as_an_unknown_field():
+    """YAML reads an unquoted `on:` as True: sorting it among the strings raised a TypeError."""
+    for data in ({True: 1}, {1: "a", "sparsty": 0.5}):
+        with pytest.raises(ValueError, match="PruningConfig has no field"):
+            PruningConfig.from_dict(data)
+
+
+def test_llm_surgeon_takes_its_sparsity_once_and_prunes_the_language_model_only():
+    with pytest.raises(ValueError, match=r"PruningConfig.parts\['language'\].sparsity 0.3 differs from PruningConfig.sparsity 0.5"):
+        PruningConfig(method="llm_surgeon", sparsity=0.5, parts={"language": {"sparsity": 0.3}})
+    with pytest.raises(ValueError, match="use allocation='uniform' and no other parts"):
+        PruningConfig(method="llm_surgeon", parts={"language": {}, "vision": {}})
+
+
+def test_an_nm_pattern_of_another_part_is_refused_with_a_varying_allocation():
+    with pytest.raises(ValueError, match="allocation 'owl' varies sparsity per layer and cannot be combined with the N:M pattern '2:4'"):
+        PruningConfig(method="wanda", sparsity=0.5, allocation="owl", parts={"language": {}, "vision": {"sparsity": "2:4"}})
+
+
+def test_ignore_given_as_a_tuple_is_stored_as_a_list_and_round_trips(tmp_path):
+    config = PruningConfig(ignore=("*.o_proj",))
+    assert config.ignore == ["*.o_proj"]
+    config.to_json_file(tmp_path / "c.json")
+    assert PruningConfig.from_json_file(tmp_path / "c.json") == config
+
+
+@pytest.mark.parametrize("field", ["num_calibration_samples", "calibration_seq_len"])
+def test_a_bool_is_no_calibration_size(field):
+    with pytest.raises(ValueError, match=f"PruningConfig.{field} must be a positive integer, got True"):
+        PruningConfig(**{field: True})
+
+
+def test_a_bool_is_no_seed_and_the_lowest_seed_torch_takes_is_taken():
+    with pytest.raises(TypeError, match="PruningConfig.seed must be an integer, got True"):
+        PruningConfig(seed=True)
+    assert PruningConfig(seed=-(2**63)).seed == -(2**63)
+
+
+def test_blank_option_sections_of_a_yaml_are_the_defaults():
+    config = PruningConfig(method="sparsegpt", method_options=None, moe_options=None, allocation="owl", allocation_options=None)
+    assert config == PruningConfig(method="sparsegpt", allocation="owl")
+
+
+def test_a_step_with_a_field_of_the_wrong_type_is_no_readable_step():
+    from optimum_prune.config import readable_step
+
+    assert readable_step({"method": ["wanda"]}) is None
+    assert readable_step({"method": "wanda", "ignore": 5}) is None
+
+
+def test_a_config_json_whose_pruning_config_is_no_mapping_records_no_recipe(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "pruning_config": "wanda"}))
+    with pytest.raises(ValueError, match=r"has no pruning_config.json \(nor a config.json recording a pruning_config\)"):
+        PruningConfig.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("version", [0, -1])
+def test_an_older_or_invalid_format_version_is_refused(version):
+    with pytest.raises(ValueError, match=f"format_version {version} is not supported"):
+        PruningConfig.from_dict({"format_version": version})
+
+
+def test_overriding_with_the_stored_method_or_allocation_keeps_their_stored_options(tmp_path):
+    """Only another method (allocation) drops the stored options; naming the same one kept resetting them."""
+    PruningConfig(
+        method="sparsegpt", method_options={"block_size": 32}, allocation="owl", allocation_options={"max_deviation": 0.2}
+    ).save_pretrained(tmp_path)
+    config = PruningConfig.from_pretrained(tmp_path, method="sparsegpt", allocation="owl", sparsity=0.6)
+    assert (config.method_options["block_size"], config.allocation_options["max_deviation"], config.sparsity) == (32, 0.2, 0.6)
+
+
+def test_a_stored_key_marked_private_is_passed_over_by_from_pretrained(tmp_path):
+    stored = {**PruningConfig(method="magnitude", sparsity=0.3).to_dict(), "_commit_hash": "abc123"}
+    (tmp_path / "pruning_config.json").write_text(json.dumps(stored))
+    assert PruningConfig.from_pretrained(tmp_path) == PruningConfig(method="magnitude", sparsity=0.3)
+
+
+def test_a_load_deviation_of_zero_is_taken():
+    config = PruningConfig(method="wanda", moe_options={"expert_sparsity": "load", "expert_deviation": 0.0})
+    assert config.build_moe_options().expert_deviation == 0.0
+
+
+def test_an_option_typed_optional_takes_none_and_its_type():
+    """Plugins' options may be typing.Optional (typing.Union), not only `int | None`."""
+    import dataclasses
+    from typing import Optional
+
+    from optimum_prune.options import build_options, option
+
+    @dataclasses.dataclass(frozen=True)
+    class Blocks:
+        block_size: Optional[int] = option(None, "columns per block")
+
+    assert build_options(Blocks, {"block_size": None}, "method_options").block_size is None
+    assert build_options(Blocks, {"block_size": 64}, "method_options").block_size == 64
+

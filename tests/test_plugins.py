@@ -92,3 +92,16 @@ def test_what_the_readme_tells_a_plugin_to_import_is_there():
     assert issubclass(LlamaAdapter, DecoderStackAdapter) and callable(option) and Allocation and LayerPruner
     assert all(map(callable, (register_adapter, register_allocation, register_method, register_model_method, register_structured_method)))
     assert ModelPruner and StructuredMethod
+
+
+def test_load_plugins_names_only_the_plugins_it_imported(monkeypatch, caplog):
+    from importlib.metadata import EntryPoint
+
+    from optimum_prune import plugins
+
+    entries = [EntryPoint("good", "json", plugins.GROUP), EntryPoint("broken", "no_such_module_for_tests", plugins.GROUP)]
+    monkeypatch.setattr(plugins, "entry_points", lambda group: entries if group == plugins.GROUP else [])
+    with caplog.at_level("WARNING", logger="optimum_prune"):
+        assert plugins.load_plugins() == ["good"]
+    assert "plugin 'broken' (no_such_module_for_tests) could not be imported and is skipped" in caplog.text
+

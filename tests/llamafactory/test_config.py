@@ -494,3 +494,60 @@ def test_precompute_top_k_refuses_an_early_exit_loss(workspace, tmp_path):
     distill = {"teacher": str(workspace / "tiny"), "precompute_top_k": True, "top_k": 8, "exit_weight": 0.5, "exit_layer": 1}
     with pytest.raises(ValueError, match="leave hidden_weight and exit_weight at 0"):
         split_distill({**base_args(workspace, tmp_path), "stage": "sft", "distill": distill}, pruning=False)
+
+
+def test_a_yaml_key_read_as_a_boolean_is_named_with_a_hint_to_quote_it():
+    """`on:` beside a misspelt key: sorting True among the strings raised a TypeError."""
+    from llamafactory_ext.sections import check_section
+    from optimum_prune.yaml_files import load_yaml
+
+    with pytest.raises(ValueError, match=r"pruning.True \(an unquoted YAML key read as a bool: quote it\) is not a valid key"):
+        PruningSection.from_mapping(load_yaml("method: magnitude\non: 1\nsparsty: 0.5\n", "x"), {})
+    with pytest.raises(ValueError, match="distill.True .* is not a valid key"):
+        check_section("distill", {True: 1, "tempreature": 2.0}, ["teacher", "temperature"], "fields", {"stage": "sft"})
+
+
+@pytest.mark.parametrize("dataset_dir", ["ONLINE", "REMOTE:org/datasets"])
+def test_hub_dataset_dirs_are_read_by_llamafactorys_parser_not_looked_up_locally(monkeypatch, dataset_dir):
+    import types
+
+    import llamafactory.data.parser as parser
+
+    from llamafactory_ext.config import _calibration_stage
+
+    seen = []
+
+    def get_dataset_list(names, directory):
+        seen.append((names, directory))
+        return [types.SimpleNamespace(formatting="alpaca", response="output") for _ in names]
+
+    monkeypatch.setattr(parser, "get_dataset_list", get_dataset_list)
+    assert _calibration_stage("a, b", dataset_dir) == "sft"
+    assert seen == [(["a", "b"], dataset_dir)]
+
+
+def test_without_dataset_dir_the_calibration_datasets_are_read_from_llamafactorys_default_data_folder(tmp_path, monkeypatch):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "dataset_info.json").write_text(json.dumps({"chats": {"file_name": "chats.json"}}))
+    monkeypatch.chdir(tmp_path)
+    section = PruningSection.from_mapping({"method": "wanda"}, {"dataset": "chats"})
+    assert (section.calibration_dataset, section.calibration_stage) == ("chats", "sft")
+
+
+@pytest.mark.parametrize("blank", [None, "wanda"])
+def test_a_blank_or_malformed_pruning_section_is_an_error_not_no_section(blank):
+    with pytest.raises(ValueError, match="pruning: must be a mapping of PruningConfig fields"):
+        split_pruning({"stage": "prune", "pruning": blank})
+
+
+def test_an_empty_pruning_section_is_a_section_of_defaults_not_none():
+    with pytest.raises(ValueError, match="pruning.calibration_dataset is required: method 'wanda' needs calibration data"):
+        split_pruning({"stage": "prune", "pruning": {}})  # the default method, wanda, calibrates
+
+
+@pytest.mark.parametrize("stage", ["pt", "sft"])
+def test_training_sections_work_with_both_training_stages(stage):
+    from llamafactory_ext.sections import check_section
+
+    check_section("distill", {"temperature": 2.0}, ["temperature"], "fields", {"stage": stage})  # no error
+
