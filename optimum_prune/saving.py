@@ -349,6 +349,7 @@ def save_pruned(
         recorded = readable_step(recorded)
     output_dir = Path(output_dir)
     with _saving(model), _recorded_for_saving(model.config, config, recorded):
+        loaded_with = vars(model.config).get("quantization_config", _ABSENT)  # a reloaded checkpoint's metadata
         if compressed_tensors_metadata:
             from .sparsity_metadata import compressed_tensors_config
 
@@ -362,12 +363,15 @@ def save_pruned(
                     )  # fmt: skip
                 _write_checkpoint(model, staging, tokenizer, config, report, max_shard_size)
         finally:
-            if compressed_tensors_metadata:
+            if compressed_tensors_metadata and loaded_with is _ABSENT:
                 del model.config.quantization_config  # the in-memory model stays an ordinary one
+            elif compressed_tensors_metadata:  # or the one it was loaded as (its hf_quantizer reads the config on saving)
+                model.config.quantization_config = loaded_with
     return output_dir
 
 
 RECORD_KEYS = ("pruning_config", "pruning_history")
+_ABSENT = object()
 # A save writes its records into the model's config while it runs: two saves of one model (threads) take turns.
 _SAVES: weakref.WeakKeyDictionary[nn.Module, threading.Lock] = weakref.WeakKeyDictionary()
 _SAVES_GUARD = threading.Lock()

@@ -275,7 +275,7 @@ def test_an_interrupted_save_to_a_new_nested_path_leaves_no_folder_it_made(tmp_p
     assert [p.name for p in tmp_path.iterdir()] == ["kept"] and not any((tmp_path / "kept").iterdir())
 
 
-@pytest.mark.parametrize("size", ["lots", "5GiB", "0GB", "-1GB", "infGB", 0, 0.5 - 1, float("inf"), None])
+@pytest.mark.parametrize("size", ["lots", "5GiB", "0GB", "-1GB", "infGB", 0, 0.5 - 1, float("inf"), None, True])
 def test_a_shard_size_save_pretrained_cannot_read_is_named_before_writing(tmp_path, size):
     with pytest.raises(ValueError, match=f"max_shard_size {size!r}: give bytes"):
         save_pruned(tiny_model(), tmp_path / "pruned", max_shard_size=size)
@@ -365,6 +365,33 @@ def test_an_earlier_output_with_its_tokenizer_is_replaced(tmp_path, bpe_tokenize
     assert (tmp_path / "out" / "pruning_config.json").is_file()
     reloaded = load_model(tmp_path / "out")[1]  # the tokenizer was saved with it
     assert reloaded is not None and reloaded.get_vocab() == bpe_tokenizer.get_vocab()
+
+
+def test_an_earlier_output_whose_tokenizer_has_a_chat_template_is_replaced(tmp_path, bpe_tokenizer):
+    """transformers writes the template as chat_template.jinja: a checkpoint file, not the user's."""
+    bpe_tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    save_pruned(tiny_model(), tmp_path / "out", tokenizer=bpe_tokenizer)
+    assert (tmp_path / "out" / "chat_template.jinja").is_file()
+    save_pruned(tiny_model(), tmp_path / "out", tokenizer=bpe_tokenizer)
+
+
+def test_a_hidden_file_beside_a_checkpoint_is_not_taken_for_a_checkpoint_file(tmp_path):
+    target = tmp_path / "target"
+    tiny_model().save_pretrained(target)
+    (target / ".notes.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"holds a checkpoint and more \(\.notes\.json\)"):
+        save_pruned(tiny_model(), target)
+    assert (target / ".notes.json").read_text() == "{}"
+
+
+def test_a_record_an_earlier_version_wrote_without_format_version_is_saved_with_it(tmp_path):
+    """format_version is how a later optimum-prune tells a record it cannot read: one saved without it would be
+    read as that later version's own format."""
+    model = tiny_model()
+    prune(model, PruningConfig(method="magnitude", sparsity=0.5))
+    model.config.pruning_config = {"method": "magnitude", "sparsity": 0.5}  # as an earlier version recorded it
+    saved = json.loads((save_pruned(model, tmp_path / "pruned") / "config.json").read_text())["pruning_config"]
+    assert saved == PruningConfig(method="magnitude", sparsity=0.5).to_dict() and "format_version" in saved
 
 
 def test_replacing_a_checkpoint_that_records_no_pruning_is_said(tmp_path, caplog):

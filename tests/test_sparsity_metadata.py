@@ -106,9 +106,24 @@ def two_four_with_metadata(tmp_path):
 def test_a_reloaded_model_is_saved_again_with_its_metadata_written_anew(two_four_with_metadata, tmp_path):
     """Saving a reloaded checkpoint again (e.g. to add a tokenizer) with its metadata was refused as 'quantized'."""
     model = AutoModelForCausalLM.from_pretrained(two_four_with_metadata, dtype=torch.float32)
+    loaded_with = model.config.quantization_config
     resaved = save_pruned(model, tmp_path / "again", compressed_tensors_metadata=True)
     stored = json.loads((resaved / "config.json").read_text())["quantization_config"]["sparsity_config"]
     assert stored == json.loads((two_four_with_metadata / "config.json").read_text())["quantization_config"]["sparsity_config"]
+    # The model is left as it was loaded: its metadata deleted, its hf_quantizer failed every later save.
+    assert model.config.quantization_config is loaded_with
+    plain = save_pruned(model, tmp_path / "plain")
+    assert "quantization_config" in json.loads((plain / "config.json").read_text())
+    model.save_pretrained(tmp_path / "stock")
+
+
+def test_global_sparsity_counts_the_zeros_of_every_parameter_biases_included():
+    model = tiny_model("qwen2")  # q / k / v biases, zero-initialised
+    prune(model, {"method": "magnitude", "sparsity": "2:4"})
+    parameters = list(model.parameters())
+    assert any(p.dim() == 1 and bool((p == 0).any()) for p in parameters)
+    zeros = sum(int((p == 0).sum()) for p in parameters)
+    assert sparsity_config(model)["global_sparsity"] == pytest.approx(zeros / sum(p.numel() for p in parameters))
 
 
 def test_pruning_a_reloaded_model_drops_the_metadata_its_weights_no_longer_match(two_four_with_metadata, tmp_path):

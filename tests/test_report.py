@@ -1,0 +1,53 @@
+"""What a PruningReport says: the lines users read after each run, and its warnings."""
+
+import logging
+import os
+
+import pytest
+import torch
+
+from optimum_prune import PruningConfig, prune
+from optimum_prune.report import LinearReport, PruningReport, process_peak_rss
+from optimum_prune.structure.shapes import LayerShape
+
+from .conftest import tiny_model, token_windows
+
+
+def test_a_text_only_report_names_no_images():
+    report = prune(tiny_model(), PruningConfig(method="wanda", sparsity=0.5), calibration=token_windows(2, 8))
+    assert report.calibration_tokens and "images" not in str(report)
+
+
+def test_the_peak_rss_is_at_least_the_resident_memory_now():
+    """The kernel's kB are KiB: read as 1000 bytes, the peak was 2.3 % low."""
+    ballast = torch.ones(64 * 2**20 // 4)  # 64 MiB, touched: the peak is (about) now
+    with open("/proc/self/statm") as statm:
+        resident = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    assert process_peak_rss() >= resident
+    del ballast
+
+
+def test_the_structured_report_gives_what_is_kept_as_a_fraction_of_before():
+    report = PruningReport(
+        method="layers", sparsity=0.25, allocation="uniform", device="cpu", calibration_tokens=0, parameters_before=1000,
+        parameters_after=750, macs_per_token_before=400, macs_per_token_after=300, shapes=[LayerShape(4, 2, 128)],
+    )  # fmt: skip
+    assert "parameters: 1,000 -> 750 (75.0%)" in str(report) and "MACs per token: 400 -> 300 (75.0%)" in str(report)
+
+
+@pytest.mark.parametrize(("policy", "said"), [("magnitude", "pruned by magnitude"), ("dense", "left dense")])
+def test_the_report_says_what_was_done_with_unrouted_experts(policy, said):
+    report = PruningReport(
+        method="wanda", sparsity=0.5, allocation="uniform", device="cpu", calibration_tokens=4,
+        linears=[LinearReport("model.layers.0.mlp.experts.3.w1", 0, 0.5, 0.5, 16)],
+    )  # fmt: skip
+    report.record_unrouted(["model.layers.0.mlp.experts.3.w1"], policy)
+    assert f"1 expert linears got no calibration token ({said})" in str(report)
+
+
+def test_zeros_revived_in_a_single_linear_are_warned_of(caplog):
+    report = PruningReport(method="sparsegpt", sparsity=0.5, allocation="uniform", device="cpu", calibration_tokens=4)
+    report.revived_zeros = {"model.layers.0.self_attn.q_proj": 7}
+    with caplog.at_level(logging.WARNING, logger="optimum_prune"):
+        report.warn_revived_zeros()
+    assert "made 7 of its zeros non-zero again in 1 linears" in caplog.text
