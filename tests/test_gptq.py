@@ -263,3 +263,15 @@ def test_gptq_without_texts_calibrates_on_windows_drawn_like_the_last_pruning_st
     ]
     compress(tiny_model(hidden_size=128, intermediate_size=256), steps, calibration=wikipedia_articles("calibration")[:3], tokenizer=bpe_tokenizer)
     assert seen[0].shape == (3, 16)
+
+
+def test_triton_on_gptq_linears_of_a_float32_model_is_refused_before_any_swap(monkeypatch):
+    """GPTQ dequantizes to float16 whatever the model's dtype: the Triton check reads the activations' dtype."""
+    from optimum_prune.kernels import SparseLinear
+
+    monkeypatch.setenv("TORCHDYNAMO_DISABLE", "1")
+    model = tiny_model(**WIDE)
+    compress(model, [PruningConfig(method="wanda", sparsity="2:4"), GPTQConfig(bits=4, group_size=GROUP)], calibration=token_windows())
+    with pytest.raises(ValueError, match="gets torch.float32"):
+        sparsify(model, backend="triton")
+    assert not any(isinstance(module, SparseLinear) for module in model.modules())

@@ -104,6 +104,60 @@ def test_sparsify_options_it_would_not_use_or_could_not_run_are_refused(options,
     assert not any(isinstance(module, SparseLinear) for module in model.modules())
 
 
+def test_a_group_with_three_nonzeros_is_refused():
+    """compress would keep two of the three and drop one silently (sparsify checks first; direct callers do not)."""
+    weight = torch.zeros(2, 8)
+    weight[0, :3] = torch.tensor([1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="is not 2:4 sparse: row 0, columns 0–3 hold 3 non-zeros"):
+        compress(weight)
+
+
+def test_int8_codes_of_a_float16_group_with_a_subnormal_scale_keep_their_sign():
+    """A float16 scale in the subnormal range rounds far from amax / 127: codes stay clamped to ±127, not
+    wrapped around int8 (a sign flip)."""
+    weight = (random_24(4, 16) / random_24(4, 16).abs().max() * 1e-5).half()  # group maxima ~1e-5: scales subnormal
+    restored = decompress(compress(weight, bits=8, group_size=16)).float()
+    assert bool((restored * weight.float() >= 0).all())
+    assert bool((restored.abs() <= weight.float().abs().amax(-1, keepdim=True) * 1.01).all())
+
+
+def test_quantized_scales_are_stored_in_the_weights_dtype():
+    """The layer's dtype, the mma path's scale check and the bytes all read the scales' dtype."""
+    for dtype in (torch.bfloat16, torch.float16):
+        linear = nn.Linear(64, 8, bias=False).to(dtype)
+        with torch.no_grad():
+            linear.weight.copy_(random_24(8, 64, dtype))
+        layer = SparseLinear.from_linear(linear, bits=4, group_size=32)
+        assert layer.scales.dtype == dtype and layer.dtype == dtype
+
+
+def test_sparsify_leaves_dense_a_24_linear_whose_inputs_are_not_a_multiple_of_8():
+    """132 input features are 2:4 (33 groups of four) but not packable (pairs of groups): left dense, no error."""
+    model = tiny_model(intermediate_size=132)
+    prune(model, PruningConfig(method="magnitude", sparsity="2:4"))
+    assert sparsify(model).left_dense == [f"model.layers.{i}.mlp.down_proj" for i in range(len(model.model.layers))]
+
+
+def test_sparsify_warns_only_when_nothing_is_2_4(caplog):
+    model = tiny_model()
+    prune(model, PruningConfig(method="magnitude", sparsity="2:4", ignore=["*.o_proj"]))
+    with caplog.at_level(logging.WARNING, logger="optimum_prune"):
+        report = sparsify(model)
+    assert report.swapped and report.left_dense and "is exactly 2:4" not in caplog.text
+
+
+def test_sparsify_counts_weight_bytes_without_the_biases():
+    """bytes_before are the swapped linears' weights (Qwen2's q / k / v biases stay as they are)."""
+    model = tiny_model("qwen2")
+    prune(model, PruningConfig(method="magnitude", sparsity="2:4"))
+    weights = sum(
+        module.weight.numel() * module.weight.element_size()
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.startswith("model.layers.")
+    )
+    assert sparsify(model).bytes_before == weights
+
+
 def test_triton_on_quantized_linears_of_a_float32_model_is_refused_before_any_swap():
     """A quantized linear's inputs are the model's activations, float32 here, whatever its codes are."""
     from transformers import QuantoConfig
@@ -133,6 +187,21 @@ def affine_24(rows: int, columns: int, bits: int, group_size: int, dtype: torch.
     """16-bit 2:4 codes of an affine quantizer (spanning 2^bits levels off centre), repacked with zero-points."""
     levels = 2**bits
     return repack(*on_grid_24(rows, columns, (-3, levels - 4), group_size, dtype), group_size, bits)
+
+
+def test_repack_keeps_a_scale_group_whose_scale_is_zero():
+    """A quantizer gives an all-zero group the scale 0: its codes are 0, not 0 / 0."""
+    weight, scales = on_grid_24(8, 32, (-7, 7), 8)
+    weight[:, :8], scales[:, 0] = 0, 0
+    assert torch.equal(decompress(repack(weight, scales, 8, 4)), weight)
+
+
+def test_the_bytes_of_a_format_with_zero_points_count_them():
+    """num_bytes (sparsify's bytes_after) counts every stored tensor, zero-points too."""
+    compressed = affine_24(16, 256, 4, 64)
+    stored = (compressed.values, compressed.metadata, compressed.scales, compressed.zero_points)
+    assert compressed.zero_points is not None
+    assert compressed.num_bytes() == sum(tensor.numel() * tensor.element_size() for tensor in stored)
 
 
 @pytest.mark.parametrize("bits", [8, 4])
@@ -241,7 +310,9 @@ from optimum_prune.kernels import compress, decompress, sparsify
 from optimum_prune.kernels.triton_24 import DECODE_CONFIGS, DECODE_MAX_ROWS, DECODE_ROWS, sparse24_decode, sparse24_expand, sparse24_matmul
 from torch.nn import functional as F
 from tests.conftest import tiny_model, token_windows
-from tests.test_kernels import affine_24, random_24
+from optimum_prune.kernels import SparseLinear
+from optimum_prune.kernels.format import repack
+from tests.test_kernels import affine_24, on_grid_24, random_24
 
 
 def check(result, x, compressed, *context, tolerance=2e-3):
@@ -266,6 +337,34 @@ for bits, group_size, compressed in formats:
             check(sparse24_decode(x, compressed, config.kwargs), x, compressed, bits, group_size, rows, config)
     batched = torch.randn(2, 3, compressed.in_features).half()
     assert sparse24_matmul(batched, compressed).shape == (2, 3, compressed.out_features)
+
+# Scale groups of several tiles' columns (one scale per 256- or 512-column tile), zero-points that change from one
+# group to the next (affine_24's are alike in every group).
+def shifted_zero_points(group_size):
+    low, high = (on_grid_24(8, 512, codes, group_size, torch.float16) for codes in ((-3, 12), (-1, 14)))
+    compressed = repack(torch.cat([low[0], high[0]], 1), torch.cat([low[1], high[1]], 1), group_size, 4)
+    assert len(set(compressed.zero_points[0].tolist())) > 1
+    return compressed
+
+
+for compressed in (compress(random_24(8, 1024, torch.float16, seed=5), bits=4, group_size=512), shifted_zero_points(256),
+                   shifted_zero_points(512)):
+    x = torch.randn(2, 1024, generator=torch.Generator().manual_seed(1)).half()
+    for config in (DECODE_CONFIGS[0], DECODE_CONFIGS[4]):  # 256 and 512 columns a tile
+        check(sparse24_decode(x, compressed, config.kwargs), x, compressed, "tile scales", compressed.group_size, config)
+
+# A SparseLinear on the kernel adds its bias; inputs of another 16-bit dtype than its values take the reference path.
+linear = torch.nn.Linear(136, 24).half()
+with torch.no_grad():
+    linear.weight.copy_(random_24(24, 136, torch.float16))
+layer = SparseLinear.from_linear(linear, backend="triton")
+with torch.no_grad():
+    for rows in (1, 7):  # the decode kernel, the rebuilt weight
+        x = torch.randn(rows, 136).half()
+        expected = x.float() @ decompress(layer.compressed).float().T + linear.bias.float()
+        assert float((layer(x).float() - expected).abs().max()) <= 2e-3 * float(expected.abs().max()), ("bias", rows)
+    x = torch.randn(3, 136).bfloat16()
+    torch.testing.assert_close(layer(x), F.linear(x, decompress(layer.compressed).bfloat16(), linear.bias.bfloat16()))
 
 # bfloat16: the interpreter truncates float32 -> bfloat16 casts where a GPU (and torch) rounds, so dequantized
 # values and results agree within one bfloat16 step (16-bit values are only loaded: exact).
@@ -462,14 +561,6 @@ def test_triton_kernel_matches_the_reference_on_gpu(dtype, bits, group_size):
             assert error <= 1e-2 * reference.abs().max(), (kernel.__name__, rows, float(error))
 
 
-def wall_time(call) -> float:
-    import time
-
-    start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
-
-
 def test_the_prefill_choice_is_timed_once_per_key_and_the_winner_kept(monkeypatch):
     from optimum_prune.kernels import prefill
 
@@ -486,9 +577,10 @@ def test_the_prefill_choice_is_timed_once_per_key_and_the_winner_kept(monkeypatc
         calls["fast"] += 1
         return x @ weight.T
 
-    def timer(call):
+    def timer(call):  # a fixed timing: wall-clock times under load once picked 'slow'
         timings.append(call)
-        return wall_time(call)
+        call()
+        return {slow: 2.0, fast: 1.0}[call]
 
     result = prefill.fastest(("shape", 64), {"slow": slow, "fast": fast}, timer)
     torch.testing.assert_close(result, x @ weight.T)
@@ -665,3 +757,31 @@ def test_group_sizes_that_are_not_multiples_of_8_are_refused():
     weight[:, 0::4] = 1.0
     with pytest.raises(ValueError, match="group_size 4 must be a multiple of 8 that divides the 16 input features"):
         compress(weight, bits=4, group_size=4)
+
+
+def test_the_mma_source_without_ordered_metadata_asks_for_none():
+    """NVRTC before CUDA 12.5 cannot compile mma.sp::ordered_metadata: ordered=False must reach the source."""
+    from optimum_prune.kernels.mma_24 import _Variant, source
+
+    variant = _Variant(torch.bfloat16, 4, True, 1)
+    assert "#define ORDERED 0\n" in source(variant, 4, ordered=False) and "#define ORDERED 1\n" in source(variant, 4)
+
+
+def test_mma_tiles_round_up_to_a_power_of_two():
+    """Fewer kernel variants to compile: 8-token tiles rounded up to 1, 2, 4 or 8."""
+    from optimum_prune.kernels.mma_24 import _tiles
+
+    assert [_tiles(rows) for rows in (1, 8, 9, 17, 33, 64)] == [1, 1, 2, 4, 8, 8]
+
+
+def test_mma_fits_takes_up_to_64_token_rows():
+    """Checked on fake CUDA tensors (no GPU needed): 64 rows go to the mma kernel, 65 do not."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from optimum_prune.kernels.mma_24 import MAX_ROWS, mma_fits
+
+    with FakeTensorMode():
+        values = torch.empty(16, 64, dtype=torch.float16, device="cuda")  # a 2:4 weight [16, 128]: kept values, metadata
+        on_gpu = Compressed24(values, torch.empty(16, 16, dtype=torch.uint8, device="cuda"), 128, torch.float16)
+        fits = [mma_fits(torch.empty(rows, 128, dtype=torch.float16, device="cuda"), on_gpu) for rows in (1, MAX_ROWS, MAX_ROWS + 1)]
+    assert MAX_ROWS == 64 and fits == [True, True, False]
