@@ -232,3 +232,33 @@ def test_without_end_step_the_drops_end_half_way_through_the_run(tmp_path):
     trainer.train()
     kept = {entry["step"]: entry["experts_kept"] for entry in trainer.state.log_history if "experts_kept" in entry}
     assert kept[2] == 2  # end_step defaults to max_steps // 2
+
+
+def test_without_end_step_a_late_start_still_drops_to_the_final_count(tmp_path):
+    """end_step defaults to max(start_step + 1, max_steps // 2): a start past half the run ends one step after it."""
+    model = tiny_moe(num_local_experts=8).train()
+    callback = ExpertDroppingCallback(ExpertDroppingSchedule(final_experts=2, start_step=3, every=1))
+    Trainer(model=model, args=training_args(tmp_path, 4), train_dataset=dataset(), callbacks=[callback]).train()
+    assert [len(layer.block_sparse_moe.experts) for layer in model.model.layers] == [2, 2]
+
+
+def test_an_end_step_at_the_last_step_is_not_reported_as_past_the_run(tmp_path, caplog):
+    schedule = ExpertDroppingSchedule(final_experts=2, end_step=4, every=2)
+    model = tiny_moe(num_local_experts=8).train()
+    trainer = Trainer(model=model, args=training_args(tmp_path, 4), train_dataset=dataset(), callbacks=[ExpertDroppingCallback(schedule)])
+    with caplog.at_level("WARNING", logger="optimum_prune.expert_dropping"):
+        trainer.train()
+    assert "past the run" not in caplog.text
+    assert [len(layer.block_sparse_moe.experts) for layer in model.model.layers] == [2, 2]
+
+
+def test_resuming_after_the_drops_from_a_checkpoint_that_does_not_record_them_is_refused(tmp_path):
+    args = training_args(tmp_path, 2)
+    args.save_strategy, args.save_steps = "steps", 2
+    Trainer(model=tiny_moe(num_local_experts=8).train(), args=args, train_dataset=dataset()).train()  # saved without the callback
+    schedule = ExpertDroppingSchedule(final_experts=2, start_step=0, end_step=2, every=1)
+    model = tiny_moe(num_local_experts=8).train()
+    trainer = Trainer(model=model, args=training_args(tmp_path, 4), train_dataset=dataset(), callbacks=[ExpertDroppingCallback(schedule)])
+    with pytest.raises(ValueError, match="does not record which experts were dropped"):
+        trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+

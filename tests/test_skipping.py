@@ -233,3 +233,51 @@ def test_thresholds_of_a_model_in_training_mode_are_measured_without_router_nois
     model = tiny_moe(router_jitter_noise=0.1).train()
     assert skipping_thresholds(model, windows, num_samples=4, seq_len=16) == expected
     assert model.training
+
+
+def test_measuring_thresholds_leaves_an_eval_model_in_eval_mode():
+    model = tiny_moe()
+    skipping_thresholds(model, token_windows(2, 16), num_samples=2, seq_len=16)
+    assert not model.training
+    skip_experts(model, calibration=token_windows(2, 16), num_samples=2, seq_len=16).remove()
+    assert not model.training
+
+
+@pytest.mark.parametrize("through", ["skipping_thresholds", "skip_experts"])
+def test_thresholds_measured_on_text_use_the_windows_the_seed_draws(bpe_tokenizer, through):
+    from optimum_prune.calibration import calibration_windows
+    from optimum_prune.data import wikipedia_articles
+
+    model, texts = tiny_moe(), wikipedia_articles("calibration")[:3]
+    measured = {}
+    for seed in (0, 1):
+        if through == "skipping_thresholds":
+            measured[seed] = skipping_thresholds(model, texts, bpe_tokenizer, num_samples=2, seq_len=16, seed=seed)
+        else:
+            skipping = skip_experts(model, calibration=texts, tokenizer=bpe_tokenizer, num_samples=2, seq_len=16, seed=seed)
+            measured[seed] = skipping.betas
+            skipping.remove()
+        windows = calibration_windows(texts, bpe_tokenizer, 2, 16, seed)
+        assert measured[seed] == skipping_thresholds(model, windows, num_samples=2, seq_len=16)
+    assert measured[0] != measured[1]
+
+
+def test_thresholds_of_a_top_1_router_are_refused():
+    """β compares a token's second expert with its first: a top-1 router has none to skip."""
+    with pytest.raises(ValueError, match="routers that pick two experts or more"):
+        skipping_thresholds(tiny_moe(num_experts_per_tok=1), token_windows(2, 16), num_samples=2, seq_len=16)
+
+
+def test_padding_adds_no_skipped_calls():
+    """β = 1 skips every real token's second expert; pad positions count neither calls nor skips (the skip
+    rate passed 1 when they did)."""
+    model = tiny_moe()
+    ids, mask = torch.zeros(1, 12, dtype=torch.long), torch.zeros(1, 12, dtype=torch.long)
+    ids[0, -4:], mask[0, -4:] = token_windows(1, 4, seed=2)[0], 1
+    skipping = skip_experts(model, beta=1.0)
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+    skipping.remove()
+    layers = model.config.num_hidden_layers
+    assert (skipping.expert_calls, skipping.skipped_calls, skipping.skip_rate) == (4 * 2 * layers, 4 * layers, 0.5)
+

@@ -331,3 +331,30 @@ def test_sparsity_masks_keep_every_pruned_parts_zeros(llava, llava_processor, pa
     masks.apply()
     for name, linear in masks.linears.items():
         assert float((linear.weight == 0).float().mean()) == pytest.approx(0.5, abs=0.02), name
+
+
+def test_a_datasets_dataset_of_image_text_pairs_calibrates_on_its_images(llava, llava_processor):
+    """README: image-text pairs may come as a datasets.Dataset with 'image' and 'text' columns."""
+    from datasets import Dataset
+
+    dataset = Dataset.from_list(image_text_pairs("calibration")[:3])
+    config = {"method": "wanda", "parts": {"vision": {}, "language": {}}, "num_calibration_samples": 2}
+    report = prune(llava, config, dataset, processor=llava_processor)
+    assert report.calibration_images == 2 and report.parts == ["vision", "language"]
+
+
+def test_a_caption_goes_on_the_line_after_the_image_unless_it_places_the_image_itself(llava_processor):
+    pair = image_text_pairs("calibration")[0]
+    placed = {**pair, "text": "USER: <image>\nDescribe it. ASSISTANT: a photo"}  # not given a second image
+    for given, text in ((pair, "<image>\n" + pair["text"]), (placed, placed["text"])):
+        (batch,) = image_text_batches([given], llava_processor, 1)
+        assert torch.equal(batch["input_ids"], llava_processor(images=pair["image"], text=text, return_tensors="pt")["input_ids"])
+
+
+def test_the_report_counts_every_image_of_a_batch_holding_two(llava, llava_processor):
+    pairs = image_text_pairs("calibration")[:2]
+    batch = llava_processor(images=[p["image"] for p in pairs], text="<image><image>\n" + pairs[0]["text"], return_tensors="pt")
+    assert len(batch["pixel_values"]) == 2
+    report = prune(llava, {"method": "wanda", "parts": {"vision": {}, "language": {}}}, [dict(batch)])
+    assert report.calibration_images == 2
+
