@@ -228,3 +228,76 @@ def test_best_is_the_candidate_with_the_highest_expected_speedup():
         ExitLayer(1, 0.5, 0.3, 2, 1.2, 0.5), ExitLayer(2, 0.8, 0.5, 3, 1.6, 0.2), ExitLayer(3, 0.9, 0.8, 2, 1.1, 0.1),
     ])  # fmt: skip
     assert report.best.layer == 2 and "best: exit after layer 2 of 4 (γ=3, ×1.60 expected)" in str(report)
+
+
+def test_each_candidates_speedup_is_computed_from_its_own_cost():
+    model = tiny_model(num_hidden_layers=4)
+    report = choose_early_exit(model, token_windows(samples=2, seq_len=16), num_samples=2, seq_len=16, max_draft=4)
+    for c in report.candidates:
+        assert (c.draft_length, c.expected_speedup) == _best_draft(c.agreement, c.draft_cost, 4)
+        assert c.draft_cost == draft_costs(model)[c.layer]
+
+
+def test_full_agreement_drafts_the_longest_and_gains_gamma_plus_one_tokens():
+    assert _best_draft(1.0, 0.25, max_draft=3) == (3, pytest.approx(4 / 1.75))
+
+
+def test_draft_cost_reads_top_k_of_many_experts():
+    model = tiny_moe("mixtral", num_local_experts=8, num_experts_per_tok=2)
+    block = model.model.layers[0].block_sparse_moe
+    experts_bytes = sum(p.numel() * 4 for p in block.experts.parameters())
+    layer_bytes = sum(p.numel() * 4 for p in model.model.layers[0].parameters()) - experts_bytes * 6 / 8
+    head_bytes = model.lm_head.weight.numel() * 4
+    assert draft_costs(model)[1] == pytest.approx((layer_bytes + head_bytes) / (2 * layer_bytes + head_bytes))
+
+
+def test_draft_cost_counts_weights_stored_as_buffers():
+    model = tiny_model(num_hidden_layers=2)
+    for layer in model.model.layers:
+        layer.register_buffer("packed", torch.zeros(100_000, dtype=torch.int8))
+    layer_bytes = sum(p.numel() * 4 for p in model.model.layers[0].parameters()) + 100_000
+    head_bytes = model.lm_head.weight.numel() * 4
+    assert draft_costs(model)[1] == pytest.approx((layer_bytes + head_bytes) / (2 * layer_bytes + head_bytes))
+
+
+def test_a_speedup_of_exactly_one_says_leave_it_off():
+    report = EarlyExitReport(4, [ExitLayer(2, 0.0, 0.0, 1, 1.0, 0.1)])
+    assert "leave early exit off" in str(report)
+
+
+@pytest.mark.parametrize("draft_length", [0, True])
+def test_a_draft_length_below_one_is_refused(draft_length):
+    with pytest.raises(ValueError, match="draft_length must be a positive number of tokens"):
+        enable_early_exit(tiny_model(num_hidden_layers=3), 1, draft_length)
+
+
+def test_the_draft_length_is_made_constant_over_a_heuristic_schedule():
+    model = tiny_model(num_hidden_layers=3)
+    model.generation_config.num_assistant_tokens_schedule = "heuristic"
+    enable_early_exit(model, 1, 3)
+    assert model.generation_config.num_assistant_tokens_schedule == "constant"
+
+
+def test_a_boolean_exit_layer_is_refused():
+    with pytest.raises(ValueError, match=r"must be an integer in \[1, 2\]"):
+        enable_early_exit(tiny_model(num_hidden_layers=3), True)
+
+
+def test_choosing_an_exit_keeps_the_models_mode():
+    model = tiny_model(num_hidden_layers=3)
+    choose_early_exit(model, token_windows(samples=2, seq_len=16), num_samples=2, seq_len=16)
+    assert not model.training
+
+
+def test_candidates_are_measured_once_each_in_order():
+    model = tiny_model(num_hidden_layers=4)
+    report = choose_early_exit(model, token_windows(samples=2, seq_len=16), candidates=[3, 1, 3], num_samples=2, seq_len=16)
+    assert [c.layer for c in report.candidates] == [1, 3]
+
+
+def test_a_recorded_exit_the_model_no_longer_has_is_refused():
+    model = tiny_model(num_hidden_layers=3)
+    enable_early_exit(model, 2)
+    model.config.early_exit = {"exit_layer": 3, "draft_length": None}  # e.g. a config edited or from a deeper model
+    with pytest.raises(ValueError, match=r"must be an integer in \[1, 2\]"):
+        early_exit_kwargs(model)

@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from optimum_prune import evaluate_perplexity
 from optimum_prune.calibration import tokenize_stream
@@ -45,3 +46,114 @@ def test_default_text_and_errors(bpe_tokenizer):
             evaluate_perplexity(model, bpe_tokenizer, short, seq_len=64, max_tokens=max_tokens)
     with pytest.raises(ValueError, match=r"max_tokens \(127\) is not a multiple of seq_len \(64\): the last 63 tokens would not count; use 64"):
         evaluate_perplexity(model, bpe_tokenizer, short, seq_len=64, max_tokens=127)  # scored 64 tokens, stated as 127
+
+
+class CharTokenizer:
+    """One token per character: a text of n characters is exactly n tokens."""
+
+    def __call__(self, text, **_):
+        return {"input_ids": [ord(c) % 320 for c in text]}
+
+
+def test_perplexity_runs_in_eval_mode_and_restores_the_mode(bpe_tokenizer):
+    model = tiny_model(attention_dropout=0.5)
+    text = wikipedia_text("evaluation")[:3000]
+    expected = evaluate_perplexity(model, bpe_tokenizer, text, seq_len=32, max_tokens=128)
+    assert not model.training
+    model.train()
+    assert evaluate_perplexity(model, bpe_tokenizer, text, seq_len=32, max_tokens=128) == expected
+    assert model.training
+
+
+def test_bf16_perplexity_sums_the_losses_in_float32(bpe_tokenizer):
+    model = tiny_model().to(torch.bfloat16)
+    text = wikipedia_text("evaluation")[:6000]
+    ppl = evaluate_perplexity(model, bpe_tokenizer, text, seq_len=64, max_tokens=512, batch_size=8)
+    windows = tokenize_stream(bpe_tokenizer, [text])[:512].reshape(8, 64)
+    with torch.no_grad():
+        logits = model(input_ids=windows).logits[:, :-1].float()
+    nll = F.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten(), reduction="sum").item()
+    assert ppl == pytest.approx(math.exp(nll / (8 * 63)), rel=1e-4)
+
+
+def test_without_max_tokens_the_leading_whole_windows_are_scored(bpe_tokenizer):
+    model = tiny_model()
+    text = wikipedia_text("evaluation")[:3000]
+    count = tokenize_stream(bpe_tokenizer, [text]).numel()
+    assert count % 64  # a trailing partial window to drop
+    whole = count - count % 64
+    assert evaluate_perplexity(model, bpe_tokenizer, text, seq_len=64) == evaluate_perplexity(
+        model, bpe_tokenizer, text, seq_len=64, max_tokens=whole
+    )
+
+
+def test_text_of_exactly_max_tokens_and_one_window_is_scored():
+    model = tiny_model()
+    text = "".join(chr(97 + (i * 7) % 26) for i in range(128))
+    assert math.isfinite(evaluate_perplexity(model, CharTokenizer(), text, seq_len=32, max_tokens=128))
+    assert math.isfinite(evaluate_perplexity(model, CharTokenizer(), text, seq_len=128, max_tokens=128))
+
+
+def test_a_window_of_one_token_is_refused_by_the_window_check():
+    from optimum_prune.evaluation import check_whole_windows
+
+    with pytest.raises(ValueError, match="grid.evaluation.seq_len must be at least 2"):
+        check_whole_windows(128, 1, "grid.evaluation.tokens", "grid.evaluation.seq_len")
+
+
+def _merging_llava():
+    """A LLaVA processor whose tokenizer merges the newline after <image> into the caption's first token."""
+    from tokenizers import Tokenizer, models
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    from .multimodal.conftest import IMAGE_SIZE, PATCH, tiny_llava
+
+    vocab = {token: index for index, token in enumerate(["<eos>", "\n", "A", " ", "a", "c", "s", "t", "\nA"])}
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[("\n", "A")])), eos_token="<eos>", pad_token="<eos>",
+        model_input_names=["input_ids", "attention_mask"],
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    images = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    processor = LlavaProcessor(
+        image_processor=images, tokenizer=tokenizer, patch_size=PATCH,
+        vision_feature_select_strategy="default", num_additional_image_tokens=1, image_token="<image>",
+    )
+    return tiny_llava(tokenizer.convert_tokens_to_ids("<image>")), processor
+
+
+def test_a_newline_merged_into_the_captions_first_token_is_scored_with_the_caption():
+    from optimum_prune.calibration.multimodal import image_text_batch
+    from optimum_prune.data.images import image_text_pairs
+    from optimum_prune.evaluation import evaluate_image_text_loss
+
+    model, processor = _merging_llava()
+    pair = {"image": image_text_pairs("evaluation")[0]["image"], "text": "A cat sat"}
+    batch = image_text_batch(pair, processor, 0)
+    ids = batch["input_ids"][0]
+    merged = processor.tokenizer.convert_tokens_to_ids("\nA")
+    start = int((ids == merged).nonzero()[0])  # the caption's tokens: "\nA", " ", "c", "a", "t", " ", "s", "a", "t"
+    assert ids.numel() - start == 9
+    with torch.no_grad():
+        logits = model(**batch).logits[0]
+    expected = F.cross_entropy(logits[start - 1 : -1].float(), ids[start:]).item()
+    assert evaluate_image_text_loss(model, processor, [pair]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_an_empty_caption_is_refused():
+    from optimum_prune.data.images import image_text_pairs
+    from optimum_prune.evaluation import evaluate_image_text_loss
+
+    model, processor = _merging_llava()
+    with pytest.raises(ValueError, match="does not extend the processed prompt"):
+        evaluate_image_text_loss(model, processor, [{"image": image_text_pairs("evaluation")[0]["image"], "text": ""}])
+
+
+def test_the_image_text_loss_keeps_the_models_mode():
+    from optimum_prune.data.images import image_text_pairs
+    from optimum_prune.evaluation import evaluate_image_text_loss
+
+    model, processor = _merging_llava()
+    pair = {"image": image_text_pairs("evaluation")[0]["image"], "text": "A cat sat"}
+    evaluate_image_text_loss(model, processor, [pair])
+    assert not model.training

@@ -240,3 +240,45 @@ def test_mask_lora_adds_its_masked_update_scaled_by_alpha_over_rank():
         weight = module.base.weight
         expected = x @ (weight + 2.0 * (module.lora_B @ module.lora_A) * (weight != 0)).T
         torch.testing.assert_close(module(x), expected)
+
+
+@pytest.mark.parametrize("lora", ["mask", "scale"])
+def test_every_adapter_gets_a_gradient_from_the_start(lora):
+    model = tiny_model(num_hidden_layers=2)
+    prune(model, PruningConfig(method="magnitude", sparsity=0.5))
+    prepare_perp(model, PERPConfig(lora=lora, rank=2))
+    ids = token_windows(samples=2, seq_len=16, seed=5)
+    model(input_ids=ids, labels=ids).loss.backward()
+    adapters = [m for m in model.modules() if isinstance(m, MaskLoRALinear)]
+    assert adapters and all(m.lora_B.grad is not None and m.lora_B.grad.abs().sum() > 0 for m in adapters)
+
+
+def test_adapters_on_linears_with_biases_start_from_the_pruned_model():
+    model = tiny_model("qwen2", num_hidden_layers=2)  # q/k/v projections carry biases
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_()
+    prune(model, PruningConfig(method="magnitude", sparsity=0.5))
+    ids = token_windows(samples=2, seq_len=16, seed=5)
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    prepare_perp(model, PERPConfig(lora="mask", rank=2))
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before)
+
+
+def test_rank_zero_is_a_config_error():
+    with pytest.raises(ValueError, match="PERPConfig.rank must be >= 1, got 0"):
+        PERPConfig(rank=0)
+
+
+def test_a_trailing_comma_in_target_modules_is_ignored():
+    assert PERPConfig(target_modules="q_proj, v_proj,").target_modules == ("q_proj", "v_proj")
+
+
+def test_the_summary_counts_every_trainable_parameter():
+    model = tiny_model(num_hidden_layers=2)
+    summary = prepare_perp(model, PERPConfig(lora="mask", rank=2))
+    assert summary.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert summary.total == sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
