@@ -11,10 +11,13 @@ import pytest
 import torch
 
 from optimum_prune.study import StudyGrid, best_within, pareto_front, run_study, write_outputs
+from optimum_prune.study import measure as study_measure
 from optimum_prune.study import runner as study_runner
 from optimum_prune.study.grid import Protocol, StudyPoint
 from optimum_prune.study.outputs import _csv, report
 from optimum_prune.study.runner import StudyResults, StudyRow
+
+from .conftest import decoder_linear_parameters, tiny_model
 
 
 def small_grid(model_dir, **overrides) -> dict:
@@ -414,3 +417,208 @@ def test_the_redundancy_cache_is_per_protocol(tmp_path, monkeypatch):
     assert study_runner._redundancy(Protocol(seed=1), tmp_path, "cpu") == {"seed": 1}
     assert study_runner._redundancy(Protocol(seed=2), tmp_path, "cpu") == {"seed": 2}
     assert study_runner._redundancy(Protocol(seed=1), tmp_path, "cpu") == {"seed": 1} and len(calls) == 2
+
+
+def test_best_within_tie_prefers_the_cheaper_whatever_the_order():
+    points = {"big": (120, 10.0), "dense": (100, 10.0)}  # "big" listed first
+    cost, loss = (lambda n: points[n][0]), (lambda n: points[n][1])
+    assert best_within(list(points), cost, loss, 1000) == "dense"
+
+
+def test_evaluation_of_exactly_one_window_is_accepted(model_dir):
+    grid = StudyGrid.from_dict(small_grid(model_dir, evaluation={"tokens": 64, "seq_len": 64}))
+    assert grid.protocol.evaluation_tokens == 64
+
+
+def test_grid_defaults_are_the_documented_ones(model_dir):
+    data = small_grid(model_dir)
+    del data["evaluation"], data["calibration"], data["latency"]
+    grid = StudyGrid.from_dict(data)
+    p = grid.protocol
+    assert (p.calibration_samples, p.calibration_seq_len, p.evaluation_tokens, p.evaluation_seq_len) == (8, 256, 8192, 512)
+    assert grid.latency == "auto"
+
+
+@pytest.mark.parametrize("field", ["num_calibration_samples", "calibration_seq_len", "seed"])
+def test_a_swept_protocol_field_is_refused(model_dir, field):
+    with pytest.raises(ValueError, match="calibration section and seed set it for every point"):
+        StudyGrid.from_dict(small_grid(model_dir, pruning=[{"method": "wanda", "sweep": {field: [1]}}]))
+
+
+def test_a_null_pruning_entry_is_the_dense_point(model_dir):
+    grid = StudyGrid.from_dict(small_grid(model_dir, pruning=[None], quantization=[None]))
+    assert [(p.label, p.pruning, p.quantization) for p in grid.points] == [("dense", None, None)]
+
+
+# ---- measure.py: the numbers a user reads in the study tables -------------------------------------------
+@pytest.fixture(scope="module")
+def measured(tmp_path_factory, bpe_tokenizer):
+    """One study over dense / magnitude 50 % × none / int4 of the tiny Llama, timed on the CPU."""
+    model_dir = tmp_path_factory.mktemp("m") / "tiny"
+    tiny_model().save_pretrained(model_dir)
+    bpe_tokenizer.save_pretrained(model_dir)
+    latency_calls = []
+    grid = StudyGrid.from_dict(small_grid(model_dir, latency="cpu", quantization=["none", "int4"],
+                                          pruning=["none", {"method": "magnitude", "sweep": {"sparsity": [0.5]}}]))
+    with pytest.MonkeyPatch.context() as patch:  # not timed here
+        patch.setattr(study_measure, "forward_latency_ms", lambda model, seq_len, seed: latency_calls.append(seq_len) or 1.0)
+        results = run_study(grid, model_dir.parent / "study", device="cpu")
+    return model_dir, {row.label: row.result for row in results.rows}, latency_calls
+
+
+def _linear_numel():
+    return decoder_linear_parameters(tiny_model())
+
+
+@pytest.mark.parametrize(("label", "bits"), [("magnitude sparsity=0.5", 32), ("magnitude sparsity=0.5 + int4", 4)])
+def test_sparse_format_bytes_use_the_weights_own_bits(measured, label, bits):
+    """Each linear costs numel*bits/8 dense, numel/8 + kept*bits/8 as a bitmap; at >= 50 % zeros the bitmap wins."""
+    _, rows, _ = measured
+    r, numel = rows[label], _linear_numel()
+    zeros = r["linear_zeros"] * numel
+    expected_saving = zeros * bits / 8 - numel / 8
+    assert r["stored_bytes"] - r["sparse_format_bytes"] == pytest.approx(expected_saving, abs=2)
+
+
+def test_parameters_count_every_parameter(measured):
+    _, rows, _ = measured
+    assert rows["dense"]["parameters"] == sum(p.numel() for p in tiny_model().parameters())
+
+
+def test_linear_zeros_is_the_fraction_of_zero_weights(measured):
+    _, rows, _ = measured
+    assert rows["magnitude sparsity=0.5"]["linear_zeros"] == pytest.approx(0.5, abs=0.005)
+    assert rows["dense"]["linear_zeros"] < 0.01
+
+
+def test_perplexity_uses_the_evaluation_windows(measured):
+    from optimum_prune.evaluation import evaluate_perplexity
+    from optimum_prune.models import load_model
+
+    model_dir, rows, _ = measured
+    model, tokenizer = load_model(str(model_dir))
+    assert rows["dense"]["perplexity"] == pytest.approx(evaluate_perplexity(model, tokenizer, seq_len=64, max_tokens=512), rel=1e-5)
+
+
+def test_pruning_seconds_are_recorded(measured):
+    _, rows, _ = measured
+    assert rows["magnitude sparsity=0.5"]["pruning_seconds"] > 0 and rows["dense"]["pruning_seconds"] == 0
+
+
+def test_latency_times_an_evaluation_window(measured):
+    _, rows, latency_calls = measured
+    assert latency_calls == [64, 64, 64, 64]  # the grid's evaluation seq_len, once per point
+    assert all(r["latency_ms"] == 1.0 and r["latency_device"] == "cpu" for r in rows.values())
+
+
+def test_latency_is_the_median_in_milliseconds_after_the_warm_up(monkeypatch):
+    """A stub model whose forward takes (on a fake clock) 100 ms for the two warm-ups, then 1, 2, 3, ... ms."""
+    import types
+
+
+
+    clock = {"now": 0.0, "calls": 0}
+
+    class Stub(torch.nn.Module):
+        config = types.SimpleNamespace(vocab_size=10)
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, input_ids, use_cache):
+            clock["calls"] += 1
+            clock["now"] += 0.1 if clock["calls"] <= 2 else clock["calls"] * 0.001 - 0.002
+            assert input_ids.shape == (1, 7)
+
+    monkeypatch.setattr(study_measure, "time", types.SimpleNamespace(perf_counter=lambda: clock["now"]))
+    latency = study_measure.forward_latency_ms(Stub(), 7, 0)
+    assert clock["calls"] == study_measure.LATENCY_REPEATS + 2
+    assert latency == pytest.approx(5.5)  # the median of 1..10 ms
+
+
+# ---- outputs.py / runner.py / cli.py ------------------------------------------------------------------------
+def _rows():
+    wanda = {"method": "wanda", "sparsity": 0.5, "method_options": {}}
+    rows = [_row("dense", None, None, 10.0, 100, 100), _row("wanda + int8", wanda, "int8", 20.0, 30, 20)]
+    rows[1].result.update(linear_zeros=0.5, pruning_seconds=12.0, quantization_seconds=3.0)
+    failed = StudyRow("width + int8", {"method": "width", "sparsity": 0.2, "method_options": {}}, "int8", {"error": "cannot reload"})
+    return rows + [failed]
+
+
+def test_report_columns_and_unbuilt_points():
+    text = report(StudyResults(Protocol(), _rows(), None, {}, 0), "cmd", [])
+    line = next(line for line in text.splitlines() if line.startswith("| wanda + int8 |"))
+    assert "| 50.0% | 12.0 | 3.0 |" in line  # zeros, pruning s, quantization s
+    assert "- width + int8: cannot reload" in text
+
+
+def test_csv_names_method_and_quantization_of_every_point(tmp_path):
+
+
+    write_outputs(StudyResults(Protocol(), _rows(), None, {}, 0), tmp_path, "cmd")
+    records = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert [(r["label"], r["method"], r["quantization"]) for r in records] == [
+        ("dense", "none", "none"), ("wanda + int8", "wanda", "int8"), ("width + int8", "width", "int8")]
+    assert records[2]["error"] == "cannot reload"
+
+
+def test_results_json_keeps_unbuilt_points(tmp_path):
+
+
+    write_outputs(StudyResults(Protocol(), _rows(), None, {}, 0), tmp_path, "cmd")
+    points = json.loads((tmp_path / "results.json").read_text())["points"]
+    assert [p["label"] for p in points] == ["dense", "wanda + int8", "width + int8"] and points[2]["error"] == "cannot reload"
+
+
+def test_the_recorded_software_includes_optimum_prune():
+    import importlib.metadata
+
+    from optimum_prune.study.outputs import software_versions
+
+    assert software_versions()["optimum-prune"] == importlib.metadata.version("optimum-prune")
+
+
+def test_sizes_are_a_percentage_of_the_reference():
+    text = report(StudyResults(Protocol(), _rows(), None, {}, 0), "cmd", [])
+    assert "| wanda + int8 | 20.00 | 30.0 MiB (30%) | 20.0 MiB (20%) |" in text
+
+
+def test_a_cached_point_missing_its_sparse_size_is_measured_again(tmp_path):
+
+
+    point, path = StudyPoint("dense", None, None), tmp_path / "p.json"
+    result = {"perplexity": 1.0, "stored_bytes": 1, "parameters": 1, "pruning_seconds": 0.0, "quantization_seconds": 0.0}
+    path.write_text(json.dumps({"pruning": None, "quantization": None, "result": result}))
+    assert study_runner._cached(path, point, None, {}) is None
+    path.write_text(json.dumps({"pruning": None, "quantization": None, "result": {**result, "sparse_format_bytes": 1}}))
+    assert study_runner._cached(path, point, None, {}) is not None
+
+
+def test_latency_auto_on_a_machine_without_cuda_times_nothing(monkeypatch):
+
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert study_runner._latency_device("auto") is None
+    assert study_runner._latency_device("cpu") == torch.device("cpu")
+
+
+def test_the_report_records_the_whole_command(monkeypatch, tmp_path):
+    from optimum_prune.study import cli as study_cli
+
+    seen = {}
+    monkeypatch.setattr(study_cli.StudyGrid, "from_yaml", classmethod(lambda cls, path: None))
+    monkeypatch.setattr(study_cli, "run_study", lambda grid, output, device=None: seen.update(device=device, output=output) or StudyResults(Protocol(), [], None, {}, 0))
+    monkeypatch.setattr(study_cli, "write_outputs", lambda results, output, command: seen.update(command=command))
+    assert study_cli.main(["g.yaml", "--output", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    assert seen == {"device": "cpu", "output": tmp_path / "out",
+                    "command": f"optimum-prune study g.yaml --output {tmp_path / 'out'} --device cpu"}
+
+
+def test_redundancy_is_measured_on_the_protocols_calibration_windows(monkeypatch, model_dir):
+
+    seen = []
+    real = study_measure.calibration_windows
+    monkeypatch.setattr(study_measure, "calibration_windows", lambda *a: seen.append(a[2:5]) or real(*a))
+    redundancy = study_measure.layer_redundancy(Protocol(model=str(model_dir), seed=3, calibration_samples=3, calibration_seq_len=16), "cpu")
+    assert seen == [(3, 16, 3)] and len(redundancy["block_influence"]) == 3
