@@ -45,7 +45,7 @@ from .quantized import is_quantized, is_sparse_24
 from .report import LinearReport, PruningReport, process_peak_rss, reset_peak_rss
 from .sparsity_metadata import drop_sparsity_metadata
 from .sparsity import PRUNED_SHARE, NMPattern, SparsityTarget, verify_sparsity
-from .statistics import ColumnNorms
+from .statistics import ColumnNorms, mean_ranks
 from .structure.counting import count_macs_per_token
 from .structure.loading import record_structure
 from .structure.mpo import MPOLinear
@@ -659,8 +659,7 @@ class _PruningRun:
         for name, linear in linears.items():
             if id(linear) in expert_of:
                 load[expert_of[id(linear)]] = max(load[expert_of[id(linear)]], tokens[name])
-        # Experts with equal loads (those no calibration token reached, often several) share their mean rank.
-        ranks = {e: sum(other < load[e] for other in load) + (load.count(load[e]) - 1) / 2 for e in range(len(experts))}
+        ranks = mean_ranks(torch.tensor(load)).tolist()  # equal loads (experts no token reached, often several) alike
         deviation = self.moe_options.expert_deviation
         for name, linear in linears.items():
             if id(linear) in expert_of:

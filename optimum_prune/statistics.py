@@ -13,6 +13,17 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 
+def mean_ranks(values: torch.Tensor) -> torch.Tensor:
+    """Each value's rank, 0 the smallest, equal values sharing their mean rank (float64): which of equal scores
+    (dead units, unrouted experts) goes first must not follow their positions."""
+    ordered, order = values.flatten().sort(stable=True)
+    _, inverse, counts = torch.unique_consecutive(ordered, return_inverse=True, return_counts=True)
+    shared = (counts.cumsum(0) - counts).double() + (counts - 1).double() / 2
+    ranks = torch.empty(values.numel(), dtype=torch.float64, device=values.device)
+    ranks[order] = shared[inverse]
+    return ranks
+
+
 class ColumnNorms:
     """Running sum of squared input activations per input feature: ‖X_j‖₂² over all calibration tokens."""
 

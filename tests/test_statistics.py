@@ -2,7 +2,7 @@
 
 import torch
 
-from optimum_prune.statistics import BlockInfluence, RealTokens
+from optimum_prune.statistics import BlockInfluence, RealTokens, mean_ranks
 
 from .conftest import tiny_model, token_windows
 
@@ -26,3 +26,9 @@ def test_real_tokens_forget_an_earlier_batchs_padding():
     values = torch.arange(12.0).reshape(2, 6, 1)
     assert torch.equal(real_tokens.of(values), values)
     real_tokens.handle.remove()
+
+
+def test_equal_values_share_their_mean_rank():
+    assert mean_ranks(torch.tensor([3.0, 1.0, 3.0, 0.0, 3.0])).tolist() == [3.0, 1.0, 3.0, 0.0, 3.0]
+    assert mean_ranks(torch.tensor([[2.0, 2.0], [2.0, 2.0]])).tolist() == [1.5] * 4
+    assert mean_ranks(torch.tensor([2, 1, 0])).tolist() == [2.0, 1.0, 0.0]

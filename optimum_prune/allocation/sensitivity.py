@@ -24,6 +24,7 @@ from torch import nn
 from ..calibration.gradients import hessian_traces
 from ..distributed import all_reduce_sum, shard_positions
 from ..options import option
+from ..statistics import mean_ranks
 from .base import Allocation, centred, register_allocation
 
 logger = logging.getLogger(__name__)
@@ -82,10 +83,9 @@ class SensitivityAllocation(Allocation[SensitivityOptions]):
             raise RuntimeError(f"sensitivity allocation saw {len(self.sensitivities)} layers, expected {num_layers}")
         if num_layers == 1:
             return [target]
-        order = sorted(range(num_layers), key=lambda i: self.sensitivities[i])
-        ranks = {layer: rank for rank, layer in enumerate(order)}
+        ranks = mean_ranks(torch.tensor(self.sensitivities, dtype=torch.float64))  # equal layers, equal sparsity
         deviation = self.options.max_deviation
-        offsets = torch.tensor([-deviation * (2 * ranks[i] / (num_layers - 1) - 1) for i in range(num_layers)], dtype=torch.float64)
+        offsets = -deviation * (2 * ranks / (num_layers - 1) - 1)
         sparsities = (target + centred(offsets, sizes)).tolist()
         if min(sparsities) < 0 or max(sparsities) >= 1:
             raise ValueError(

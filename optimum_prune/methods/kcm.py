@@ -53,7 +53,7 @@ from torch import nn
 
 from ..calibration import feeding_inputs, observe_layers
 from ..options import check_choice, option
-from ..statistics import ColumnNorms
+from ..statistics import ColumnNorms, mean_ranks
 from .base import register_structured_method
 from .mask_search import MaskSearch
 from .units import group_columns, output_projection
@@ -158,5 +158,5 @@ def _normalised(scores: torch.Tensor) -> torch.Tensor:
 
 
 def _ranks(scores: torch.Tensor) -> torch.Tensor:
-    return torch.argsort(torch.argsort(scores, stable=True)).float()
+    return mean_ranks(scores).float()  # tied scores (dead channels: R2 0) rank alike, not by position
 

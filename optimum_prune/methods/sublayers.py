@@ -88,7 +88,7 @@ class SublayerRemoval(StructuredMethod[SublayerRemovalOptions]):
                     scores.get((i, kind), float("nan")) for i in range(len(self.adapter.decoder_layers()))
                 ]
         removed, spent = [], 0
-        for unit in sorted(scores, key=scores.get):
+        for unit in sorted(scores, key=lambda unit: (scores[unit], -self.units[unit])):  # of equal scores, the larger first
             if spent + self.units[unit] <= self.budget:
                 removed.append(unit)
                 spent += self.units[unit]

@@ -137,6 +137,8 @@ class WidthPruning(StructuredMethod[WidthOptions]):
             every = channels if kv is None else torch.cat([channels, kv])
             mean, spread = every.mean(), every.std().clamp_min(1e-12)
             channels, kv = (channels - mean) / spread, None if kv is None else (kv - mean) / spread
+            if not every.any():  # a dead sublayer (its outputs zero): free to remove, first, not mid-ranked at 0
+                channels, kv = channels.fill_(-torch.inf), None if kv is None else kv.fill_(-torch.inf)
         if layout is None:
             return channels
         heads = channels.reshape(-1, layout.head_dim).mean(1)

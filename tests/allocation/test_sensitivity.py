@@ -53,6 +53,15 @@ def test_densities_follow_the_sensitivity_ranking_and_average_to_the_target():
     assert sparsities[3] > sparsities[0]
 
 
+def test_equally_sensitive_layers_get_equal_sparsities():
+    """Ranked by position, equal layers got 0.6, 0.533, 0.467 (and all-equal ones no uniform 0.5)."""
+    allocation = SensitivityAllocation(SensitivityOptions(max_deviation=0.1))
+    allocation.sensitivities = [0.0, 0.0, 0.0, 5.0]
+    assert allocation.allocate(0.5, [100] * 4) == pytest.approx([0.5 + 0.1 / 3] * 3 + [0.4])
+    allocation.sensitivities = [3.0] * 4
+    assert allocation.allocate(0.5, [100] * 4) == pytest.approx([0.5] * 4)
+
+
 def test_sensitivity_with_isc_sparsegpt_on_a_model():
     model = tiny_model(num_hidden_layers=4)
     config = PruningConfig(

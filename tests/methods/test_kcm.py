@@ -164,3 +164,16 @@ def test_r2_follows_its_definition_step_by_step():
     median = torch.cdist(units, units)[~torch.eye(n, dtype=torch.bool)].median()
     torch.testing.assert_close(representative_rank(units, 0.0, 1e-2, 100), _r2_written_out(units, float(median)))
     torch.testing.assert_close(representative_rank(units, 0.7, 1e-2, 100), _r2_written_out(units, 0.7))
+
+
+def test_dead_channels_go_before_live_ones_whatever_their_positions():
+    """Dead channels (zero down_proj columns) all score R2 0: ranked by position they were not all taken before
+    live ones, and which channels went followed the channel order."""
+    model = tiny_model()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight[:, :64] = 0
+    dense, windows = copy.deepcopy(model), token_windows(samples=4, seq_len=32)
+    prune(model, PruningConfig(method="kcm", sparsity=0.1, method_options={"components": "mlp", "tune": False}), calibration=windows)
+    with torch.no_grad():
+        torch.testing.assert_close(model(windows).logits, dense(windows).logits)

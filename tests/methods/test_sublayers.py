@@ -157,3 +157,18 @@ def test_a_model_with_stand_ins_unpickles_in_a_fresh_process(tmp_path):
     loaded = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert loaded.returncode == 0, loaded.stderr[-2000:]
     assert loaded.stdout.split() == ["LlamaDecoderLayer/RemovedLlamaAttention", "ShortcutLlamaDecoderLayer/LlamaAttention", "LlamaDecoderLayer/LlamaAttention"]
+
+
+def test_of_equally_scored_blocks_the_larger_goes_first():
+    """Layers 1 and 2 are identities (all four blocks score alike): taken in position order, layer 2's MLP no longer
+    fitted and a live attention block went in its place."""
+    model = tiny_model(num_hidden_layers=5)
+    with torch.no_grad():
+        for index in (1, 2):
+            model.model.layers[index].self_attn.o_proj.weight.zero_()
+            model.model.layers[index].mlp.down_proj.weight.zero_()
+    dense, windows = copy.deepcopy(model), token_windows(samples=4, seq_len=32)
+    report = prune(model, PruningConfig(method="sublayers", sparsity=0.35), calibration=windows)
+    assert sorted(report.removed) == ["model.layers.1 attention", "model.layers.1 mlp", "model.layers.2 mlp"]
+    with torch.no_grad():
+        torch.testing.assert_close(model(windows).logits, dense(windows).logits)

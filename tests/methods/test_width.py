@@ -344,3 +344,18 @@ def test_flap_compensates_removed_heads_with_their_own_o_proj_columns():
     assert removed and removed != list(range(len(removed)))  # not only the first head: its columns are 0..head_dim-1
     expected = attention.o_proj.weight.detach().double()[:, removed] @ mean[removed]
     torch.testing.assert_close(model.model.layers[0].self_attn.o_proj.bias.double(), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("criterion", ["flap", "wanda_sp", "taylor"])
+def test_global_ranking_removes_a_dead_sublayers_units_first(criterion):
+    """A layer whose MLP outputs nothing scores 0 everywhere: standardised, it sat mid-ranked, and live channels
+    of other layers went while it kept all of its own."""
+    model = tiny_model()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.zero_()
+    dense, windows = copy.deepcopy(model), token_windows(samples=4, seq_len=32)
+    options = {"criterion": criterion, "ranking": "global", "components": "mlp"}
+    prune(model, PruningConfig(method="width", sparsity=0.1, method_options=options), calibration=windows)
+    assert [layer.mlp.down_proj.in_features for layer in model.model.layers] == [128, 70, 128]
+    with torch.no_grad():
+        torch.testing.assert_close(model(windows).logits, dense(windows).logits)
