@@ -137,12 +137,13 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> t
 
 
 def load_causal_lm(name_or_path: str | os.PathLike, **kwargs: Any) -> PreTrainedModel:
-    """``AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)``, with a damaged checkpoint as one clear
-    error: unreadable weights, an invalid config.json or index, a missing weight file or shard, and weights the
-    model needs that the checkpoint lacks (transformers fills those at random and only warns: pruning them,
-    then saving, would be pointless)."""
+    """``AutoModelForCausalLM.from_pretrained(name_or_path, **kwargs)`` (``AutoModelForImageTextToText`` for the
+    vision-language models transformers gives no causal-LM class: LLaVA and its variants), with a damaged checkpoint
+    as one clear error: unreadable weights, an invalid config.json or index, a missing weight file or shard, and
+    weights the model needs that the checkpoint lacks (transformers fills those at random and only warns: pruning
+    them, then saving, would be pointless)."""
     try:
-        model, loading = AutoModelForCausalLM.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
+        model, loading = _from_pretrained(name_or_path, **kwargs)
     except SafetensorError as error:
         raise unreadable_checkpoint(name_or_path, error) from error
     except (OSError, json.JSONDecodeError) as error:
@@ -154,6 +155,21 @@ def load_causal_lm(name_or_path: str | os.PathLike, **kwargs: Any) -> PreTrained
             f"{' ...' if len(missing) > 3 else ''}); it is incomplete or of another architecture: save or copy it again"
         )
     return model
+
+
+def _from_pretrained(name_or_path: str | os.PathLike, **kwargs: Any) -> tuple[PreTrainedModel, dict[str, Any]]:
+    from transformers import AutoModelForImageTextToText
+
+    for auto_class in (AutoModelForCausalLM, AutoModelForImageTextToText):
+        try:
+            return auto_class.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
+        except ValueError as error:  # "Unrecognized configuration class ...", then transformers' whole list
+            if "Unrecognized configuration class" not in str(error):
+                raise
+    raise ValueError(
+        f"model {str(name_or_path)!r} is neither a causal LM nor an image-text-to-text model (transformers has no "
+        "class of either kind for its config): optimum-prune prunes those"
+    )
 
 
 def load_gguf(file: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, Any]:

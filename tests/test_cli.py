@@ -205,6 +205,32 @@ def test_offload_under_a_multi_process_launcher_is_refused(model_dir, tmp_path, 
     assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
 
 
+def test_a_vision_language_checkpoint_is_pruned_as_the_api_prunes_it(tmp_path, bpe_tokenizer, capsys):
+    """LLaVA has no causal-LM class: the CLI (and OptimumPruner) printed transformers' list of ~150 config classes."""
+    from transformers import LlavaForConditionalGeneration
+
+    from optimum_prune import prune
+
+    from .multimodal.conftest import tiny_llava
+
+    tiny_llava(bpe_tokenizer.vocab_size).save_pretrained(tmp_path / "llava")
+    bpe_tokenizer.save_pretrained(tmp_path / "llava")
+    arguments = ["--model", str(tmp_path / "llava"), "--method", "magnitude", "--sparsity", "0.5", "--output", str(tmp_path / "out")]
+    assert main(arguments) == 0
+    expected = tiny_llava(bpe_tokenizer.vocab_size)
+    prune(expected, PruningConfig(method="magnitude", sparsity=0.5))
+    pruned = LlavaForConditionalGeneration.from_pretrained(tmp_path / "out")
+    assert all(torch.equal(pruned.state_dict()[name], tensor) for name, tensor in expected.state_dict().items())
+
+
+def test_a_model_of_neither_kind_is_one_error(tmp_path):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    T5ForConditionalGeneration(T5Config(d_model=16, num_layers=1, num_heads=2, d_kv=8, d_ff=32, vocab_size=64)).save_pretrained(tmp_path / "t5")
+    with pytest.raises(ValueError, match=r"is neither a causal LM nor an image-text-to-text model \(transformers has no class"):
+        load_model(tmp_path / "t5")
+
+
 def test_load_model_missing_path(tmp_path):
     with pytest.raises(ValueError, match="model path .* is not a directory containing config.json"):
         load_model(tmp_path / "missing")
