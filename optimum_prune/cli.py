@@ -33,7 +33,7 @@ from .dependencies import MissingDependency
 from .distributed import init_from_launcher, launched_processes, rank_zero_first, world
 from .evaluation import check_whole_windows, evaluate_perplexity
 from .methods import METHODS
-from .models import default_model_path, load_default_model, load_model, load_tokenizer, missing_tokenizer
+from .models import auto_class_name, default_model_path, load_default_model, load_model, load_tokenizer, missing_tokenizer
 from .options import MoEOptions, describe_options, option_types
 from .saving import check_replaceable, save_pruned
 from .sparsity import verify_sparsity
@@ -273,9 +273,9 @@ def run(args: argparse.Namespace) -> int:
     for item in report.removed:
         print(f"removed: {item}")
     if records_layer_shapes(getattr(model.config, "quantization_config", None)):
-        print("reload: import optimum_prune, then AutoModelForCausalLM.from_pretrained (per-layer shapes in quantization_config)")
+        print(f"reload: import optimum_prune, then {auto_class_name(model)}.from_pretrained (per-layer shapes in quantization_config)")
     else:
-        print("reload: AutoModelForCausalLM.from_pretrained (stock transformers)")
+        print(f"reload: {auto_class_name(model)}.from_pretrained (stock transformers)")
     return 0
 
 

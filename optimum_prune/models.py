@@ -157,6 +157,13 @@ def load_causal_lm(name_or_path: str | os.PathLike, **kwargs: Any) -> PreTrained
     return model
 
 
+def auto_class_name(model: PreTrainedModel) -> str:
+    """The transformers auto class that reloads ``model`` (what ``load_causal_lm`` loaded it with)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return "AutoModelForCausalLM" if model.config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else "AutoModelForImageTextToText"
+
+
 def _from_pretrained(name_or_path: str | os.PathLike, **kwargs: Any) -> tuple[PreTrainedModel, dict[str, Any]]:
     from transformers import AutoModelForImageTextToText
 

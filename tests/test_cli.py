@@ -217,6 +217,7 @@ def test_a_vision_language_checkpoint_is_pruned_as_the_api_prunes_it(tmp_path, b
     bpe_tokenizer.save_pretrained(tmp_path / "llava")
     arguments = ["--model", str(tmp_path / "llava"), "--method", "magnitude", "--sparsity", "0.5", "--output", str(tmp_path / "out")]
     assert main(arguments) == 0
+    assert "reload: AutoModelForImageTextToText.from_pretrained (stock transformers)" in capsys.readouterr().out
     expected = tiny_llava(bpe_tokenizer.vocab_size)
     prune(expected, PruningConfig(method="magnitude", sparsity=0.5))
     pruned = LlavaForConditionalGeneration.from_pretrained(tmp_path / "out")
