@@ -158,10 +158,14 @@ def load_causal_lm(name_or_path: str | os.PathLike, **kwargs: Any) -> PreTrained
 
 
 def auto_class_name(model: PreTrainedModel) -> str:
-    """The transformers auto class that reloads ``model`` (what ``load_causal_lm`` loaded it with)."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    """The transformers auto class that reloads ``model``: the one ``load_causal_lm`` took, the causal LM's unless
+    transformers has none for the model type (a remote-code model's type is in neither mapping: a causal LM)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-    return "AutoModelForCausalLM" if model.config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES else "AutoModelForImageTextToText"
+    model_type = model.config.model_type
+    if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return "AutoModelForImageTextToText"
+    return "AutoModelForCausalLM"
 
 
 def _from_pretrained(name_or_path: str | os.PathLike, **kwargs: Any) -> tuple[PreTrainedModel, dict[str, Any]]:

@@ -306,12 +306,11 @@ def test_prune_refuses_an_already_quantized_model():
 INTERPRETED_KERNEL_CHECKS = r"""
 import copy, torch
 from optimum_prune import PruningConfig, prune
-from optimum_prune.kernels import compress, decompress, sparsify
+from optimum_prune.kernels import SparseLinear, compress, decompress, sparsify
+from optimum_prune.kernels.format import repack
 from optimum_prune.kernels.triton_24 import DECODE_CONFIGS, DECODE_MAX_ROWS, DECODE_ROWS, sparse24_decode, sparse24_expand, sparse24_matmul
 from torch.nn import functional as F
 from tests.conftest import tiny_model, token_windows
-from optimum_prune.kernels import SparseLinear
-from optimum_prune.kernels.format import repack
 from tests.test_kernels import affine_24, on_grid_24, random_24
 
 
