@@ -141,7 +141,9 @@ class UnitPlan:
                 remaining -= count * component.unit_parameters
 
     def _global_counts(self, budget: float) -> None:
-        """FLAP: remove the lowest (per layer and structure standardised) units across layers until the budget is met."""
+        """FLAP: remove the lowest (per layer and structure standardised) units across layers, stopping where the
+        removed parameters come closest to the budget (FLAP's argmin): a last unit as large as a key/value group
+        goes only if that lands nearer the budget than keeping it."""
         for component in self.components:
             component.removed = 0
         candidates = []
@@ -150,11 +152,14 @@ class UnitPlan:
             candidates += [(score, rank, c) for rank, score in enumerate(ordered)]
         removed = 0.0
         for _score, rank, component in sorted(candidates, key=lambda item: item[0]):
-            if removed >= budget:
+            if rank != component.removed or component.removed >= component.removable:
+                continue
+            if removed + component.unit_parameters >= budget:
+                if removed + component.unit_parameters - budget <= budget - removed:
+                    component.removed += 1
                 break
-            if rank == component.removed and component.removed < component.removable:
-                component.removed += 1
-                removed += component.unit_parameters
+            component.removed += 1
+            removed += component.unit_parameters
 
     # --- surgery -------------------------------------------------------------------------
 
