@@ -81,8 +81,9 @@ def normalise_sparsity(value: object, field: str) -> float | str:
 
 def whole_count(value: float) -> int:
     """⌊value⌋ of a count computed in floating point, whose rounding error can fall just below a whole number
-    (100 × 0.29 = 28.999999999999996, 960 × (1 − 0.55) = 431.99999999999994)."""
-    return math.floor(round(value, 6))
+    (100 × 0.29 = 28.999999999999996, 960 × (1 − 0.55) = 431.99999999999994). The tolerance is relative, at
+    rounding-error size: rounding to 6 decimals also took real fractions up (1000 × 0.9999999996 pruned whole rows)."""
+    return math.floor(value * (1 + 1e-12))
 
 
 def prune_lowest(scores: torch.Tensor, sparsity: float, per_row: bool) -> torch.Tensor:

@@ -61,8 +61,10 @@ class ColumnMoments(ColumnNorms):
         return (self.total / max(self.tokens, 1)).float()
 
     def variance(self) -> torch.Tensor:
-        """Unbiased sample variance over calibration tokens."""
-        n = max(self.tokens, 2)
+        """Unbiased sample variance over calibration tokens (0 from a single token: nothing fluctuates)."""
+        n = self.tokens
+        if n < 2:  # n = max(tokens, 2) made one token's variance x²/2
+            return torch.zeros_like(self.squared, dtype=torch.float32)
         return ((self.squared - self.total.square() / n) / (n - 1)).clamp_min(0).float()
 
 

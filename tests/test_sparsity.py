@@ -106,3 +106,9 @@ def test_report_sparsities_weigh_each_linear_by_its_size():
     )  # fmt: skip
     assert report.overall_sparsity == pytest.approx((50 + 270 + 40) / 800)
     assert report.layer_sparsities() == {0: (pytest.approx((40 + 240) / 400), pytest.approx((50 + 270) / 400)), 1: (pytest.approx(0.2), pytest.approx(0.1))}
+
+
+def test_a_sparsity_just_below_one_keeps_a_weight_per_row():
+    """whole_count rounded n·s to 6 decimals before the floor: 1000 × 0.9999999996 became 1000, a whole row."""
+    assert prune_lowest(torch.randn(4, 1000), 0.9999999996, per_row=True).sum(dim=1).tolist() == [999] * 4
+    assert prune_lowest(torch.randn(2, 100), 0.29, per_row=True).sum(dim=1).tolist() == [29, 29]  # 28.999999999999996

@@ -32,3 +32,14 @@ def test_equal_values_share_their_mean_rank():
     assert mean_ranks(torch.tensor([3.0, 1.0, 3.0, 0.0, 3.0])).tolist() == [3.0, 1.0, 3.0, 0.0, 3.0]
     assert mean_ranks(torch.tensor([[2.0, 2.0], [2.0, 2.0]])).tolist() == [1.5] * 4
     assert mean_ranks(torch.tensor([2, 1, 0])).tolist() == [2.0, 1.0, 0.0]
+
+
+def test_one_tokens_variance_is_zero():
+    """n = max(tokens, 2) made one token's variance x²/2: FLAP scored one-token calibration by activation²."""
+    from optimum_prune.statistics import ColumnMoments
+
+    moments = ColumnMoments(2, torch.device("cpu"))
+    moments.add(torch.tensor([[[3.0, -4.0]]]))
+    assert moments.variance().tolist() == [0.0, 0.0]
+    moments.add(torch.tensor([[[1.0, -4.0]]]))
+    assert moments.variance().tolist() == [2.0, 0.0]

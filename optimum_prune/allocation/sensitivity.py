@@ -33,7 +33,9 @@ logger = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class SensitivityOptions:
     max_deviation: float = option(
-        0.1, "λ: densities run from 1 − S − λ (least sensitive layer) to 1 − S + λ (reference code: 0.1 at 50 %)."
+        0.1,
+        "λ: densities run from 1 − S − λ (least sensitive layer) to 1 − S + λ (reference code: 0.1 at 50 %), then shift "
+        "together so that the size-weighted mean sparsity stays S: with layers of unequal size one may move up to about 2λ.",
     )
     windows: int = option(8, "Calibration windows of the Hutchinson estimate (reference code: one 2,048-token sequence).")
     probes: int = option(1, "Rademacher probes per window.")

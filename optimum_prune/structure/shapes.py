@@ -85,14 +85,19 @@ class LayerShape:
                 raise ValueError(f"{where}: {name} must be true or false, got {data[name]!r}")
         widths = data.get("residual_widths")
         if widths is not None:
-            if not isinstance(widths, (list, tuple)) or len(widths) != 3 or not all(isinstance(w, int) and w > 0 for w in widths):
+            if not isinstance(widths, (list, tuple)) or len(widths) != 3 or not all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in widths):
                 raise ValueError(f"{where}: residual_widths must be three positive integers, got {widths!r}")
             data = {**data, "residual_widths": tuple(widths)}
         experts = data.get("num_experts")
         if experts is not None and (isinstance(experts, bool) or not isinstance(experts, int) or experts <= 0):
             raise ValueError(f"{where}: num_experts must be a positive integer, got {experts!r}")
         rerouted = data.get("rerouted", ())
-        if not isinstance(rerouted, (list, tuple)) or not set(rerouted) <= {"attention", "mlp"} or len(set(rerouted)) != len(rerouted):
+        if (
+            not isinstance(rerouted, (list, tuple))
+            or not all(isinstance(kind, str) for kind in rerouted)  # set() of a list entry was a bare TypeError
+            or not set(rerouted) <= {"attention", "mlp"}
+            or len(set(rerouted)) != len(rerouted)
+        ):
             raise ValueError(f"{where}: rerouted must list distinct sublayers among 'attention' and 'mlp', got {rerouted!r}")
         low_rank = data.get("low_rank", {})
         if not isinstance(low_rank, dict) or not all(
