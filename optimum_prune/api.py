@@ -37,7 +37,7 @@ from .dispatch import refuse_offloaded, refuse_spread
 from .distributed import all_reduce_sum, is_distributed, launched_processes, shard
 from .ignoring import check_ignore_patterns, check_kept, is_ignored, kept_modules
 from .methods import METHODS, LayerPruner, MethodSpec, ModelPruner, StructuredMethod
-from .methods.base import linear_seed
+from .methods.base import NonFiniteStatistics, linear_seed
 from .methods.magnitude import MagnitudeOptions
 from .options import MoEOptions
 from .perp import MaskLoRALinear
@@ -134,6 +134,7 @@ def prune(
     adapter = get_adapter(model)
     if offload is None:  # a LayerStream holds the layers it has not read yet on the meta device itself
         _check_materialised(model, config)
+        _check_finite(model)
     _check_no_peft_adapters(model)
     device = next(model.parameters()).device if device is None else check_device(device)
     _check_unquantized(adapter, config)
@@ -412,6 +413,18 @@ def _check_materialised(model: nn.Module, config: PruningConfig) -> None:
         f" (device_map=None or 'cpu', then prune(..., device='cuda')); or {from_disk}",
     )  # fmt: skip
     refuse_offloaded(model, "pruning rewrites weights in place", f"; or {from_disk}")
+
+
+def _check_finite(model: nn.Module) -> None:
+    """A NaN or inf weight (a corrupt checkpoint, an earlier float16 overflow) makes the model's outputs and every
+    calibration statistic after it NaN, and a mask chosen from NaN scores is one by position: refused before any
+    change. (Layers streamed from disk are checked as they run: ``calibration.engine.require_finite``.)"""
+    for name, parameter in model.named_parameters():
+        if parameter.is_floating_point() and parameter.device.type != "meta" and not bool(parameter.isfinite().all()):
+            raise ValueError(
+                f"the model's parameter {name} holds NaN or inf, so its outputs and any scores computed from them are "
+                "not numbers; load the model again from a sound checkpoint (in bfloat16 or float32 if it overflowed in float16)"
+            )
 
 
 def _runs_layer_by_layer(config: PruningConfig) -> bool:
@@ -815,7 +828,10 @@ def _finish(
     pruners: dict[str, LayerPruner], part: str, index: int, targets: dict[str, SparsityTarget], report: PruningReport
 ) -> None:
     for name, pruner in pruners.items():
-        pruner.prune(targets[name])
+        try:
+            pruner.prune(targets[name])
+        except NonFiniteStatistics as error:
+            raise NonFiniteStatistics(f"{name}: {error}") from None
         if pruner.revived_zeros:
             report.revived_zeros[name] = pruner.revived_zeros
         report.linears.append(_linear_report(name, index, targets[name], pruner.linear.weight, part))

@@ -11,6 +11,7 @@ from torch.nn import functional as F
 from transformers.utils.logging import tqdm
 
 from .calibration import check_token_ids, tokenize_stream
+from .calibration.gradients import exp_or_inf
 from .calibration.multimodal import check_image_text, image_placeholder, image_text_batch
 from .data import wikipedia_text
 
@@ -83,7 +84,12 @@ def evaluate_perplexity(
                 del logits
     finally:
         model.train(was_training)
-    return math.exp(total_nll / (windows * (seq_len - 1)))
+    if math.isnan(total_nll):
+        raise ValueError(
+            "the model's next-token loss is NaN on the evaluation text: its logits are not finite (weights holding NaN "
+            "or inf, or a float16 overflow: evaluate in bfloat16 or float32)"
+        )
+    return exp_or_inf(total_nll / (windows * (seq_len - 1)))
 
 
 def evaluate_image_text_loss(

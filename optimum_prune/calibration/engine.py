@@ -189,6 +189,7 @@ def capture_first_layer_inputs(
                             masks[kind] = layer_0_arguments(batch).get("attention_mask")
                     arguments[ATTENTION_MASKS] = masks
                 hidden = arguments.pop(next(iter(signature.parameters))).detach()
+                require_finite(hidden, adapter, None)
                 captured.hidden_states.append(hidden if to_files else hidden.to(activation_device or device))
                 arguments = arguments if kwargs_home is None else send_to_device(arguments, kwargs_home)
                 captured.layer_kwargs.append(_shared(arguments, captured.layer_kwargs[-1]) if captured.layer_kwargs else arguments)
@@ -247,7 +248,35 @@ def _layer_outputs(adapter: DecoderAdapter, layer: nn.Module, inputs: LayerInput
     with torch.no_grad():
         for hidden, kwargs in zip(inputs.hidden_states, inputs.layer_kwargs):
             device = compute or hidden.device
-            yield adapter.run_layer(layer, hidden.to(device), send_to_device(kwargs, device)).detach().to(hidden.device)
+            output = adapter.run_layer(layer, hidden.to(device), send_to_device(kwargs, device)).detach()
+            require_finite(output, adapter, layer)
+            yield output.to(hidden.device)
+
+
+class NonFiniteActivations(ValueError):
+    """Calibration hidden states hold NaN or inf: every statistic after them (norms, Hessians, scores) would be
+    NaN too, and a mask chosen from NaN scores is one by position, so the run stops before it prunes on them."""
+
+
+def require_finite(hidden: torch.Tensor, adapter: DecoderAdapter, layer: nn.Module | None) -> None:
+    """Raise ``NonFiniteActivations`` naming where ``hidden`` (the output of ``layer``; None: layer 0's input) is not finite."""
+    if bool(hidden.isfinite().all()):
+        return
+    names = dict(zip(map(id, adapter.decoder_layers()), adapter.layer_names()))
+    where = f"the input of {adapter.layer_names()[0]}" if layer is None else f"the output of {names.get(id(layer), type(layer).__name__)}"
+    modules = adapter.capture_modules() if layer is None else [layer]
+    suspects = {id(p) for module in modules for p in module.parameters()}
+    culprit = next(
+        (
+            name
+            for name, p in adapter.model.named_parameters()
+            if id(p) in suspects and p.is_floating_point() and p.device.type != "meta" and not bool(p.isfinite().all())
+        ),
+        None,
+    )
+    hint = " (load the model in bfloat16 or float32)" if hidden.dtype == torch.float16 else ""
+    cause = f"the parameter {culprit} holds NaN or inf" if culprit is not None else f"an overflow in {hidden.dtype}{hint}, or non-finite weights"
+    raise NonFiniteActivations(f"calibration activations are NaN or inf at {where}: {cause}; nothing after it can be scored")
 
 
 @contextmanager

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator, Sequence, TypeVar
@@ -251,10 +252,25 @@ def window_losses(model: nn.Module, windows: torch.Tensor, description: str) -> 
 
 
 def calibration_perplexity(model: nn.Module, windows: torch.Tensor) -> float:
-    """exp(mean next-token loss) of ``model`` over the calibration windows."""
+    """exp(mean next-token loss) of ``model`` over the calibration windows; inf where the loss is NaN or past
+    float range, so that a candidate (a layer removed, a width chosen) that breaks the model ranks last."""
     device = next(model.parameters()).device
     total = 0.0
     with torch.no_grad():
         for window in windows:
             total += float(language_model_loss(model, window.unsqueeze(0).to(device)))
-    return math.exp(total / len(windows))
+    return math.inf if math.isnan(total) else exp_or_inf(total / len(windows))
+
+
+def exp_or_inf(mean_loss: float) -> float:
+    """exp(``mean_loss``), inf past float range (a loss above ~709.8 nats) rather than ``OverflowError``."""
+    return math.exp(mean_loss) if mean_loss < math.log(sys.float_info.max) else math.inf
+
+
+def require_a_finite_score(scores: Iterable[float], candidates: str) -> None:
+    """Raise when no candidate's calibration perplexity is finite: the ranking would be by position."""
+    if not any(math.isfinite(score) for score in scores):
+        raise ValueError(
+            f"the calibration loss is NaN or overflows with any of the {candidates} removed, so none can be ranked: the "
+            "model's weights hold NaN or inf, or its loss is out of range (evaluate it before pruning)"
+        )

@@ -34,6 +34,11 @@ from ..sparsity import NMPattern, SparsityTarget
 Options = TypeVar("Options")
 
 
+class NonFiniteStatistics(ValueError):
+    """A linear's calibration statistics hold NaN or inf, so ``LayerPruner.prune`` cannot choose its mask; the run
+    adds the linear's name."""
+
+
 class LayerPruner(ABC, Generic[Options]):
     # PruningConfig.seed mixed with this linear's module name (``linear_seed``), set after the constructor and before
     # ``add_batch``: a method that draws at random seeds its own ``torch.Generator`` with it, so a run repeats and each

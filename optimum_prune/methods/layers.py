@@ -22,7 +22,7 @@ from torch import nn
 from ..adapters import DecoderAdapter
 from ..calibration import LayerInputs, run_layer, walk_layers
 from ..calibration.engine import on_device
-from ..calibration.gradients import calibration_gradients, calibration_perplexity
+from ..calibration.gradients import calibration_gradients, calibration_perplexity, require_a_finite_score
 from ..ignoring import holds_ignored
 from ..options import check_choice, option
 from ..statistics import BlockInfluence, token_cosine
@@ -166,6 +166,7 @@ class LayerRemoval(StructuredMethod[LayerRemovalOptions]):
             for layer in self.adapter.decoder_layers():
                 with self.adapter.bypassed(layer):
                     scores.append(calibration_perplexity(model, windows))
+        require_a_finite_score(scores, "layers")
         return scores
 
     def _taylor_scores(self, windows: torch.Tensor) -> list[float]:

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..calibration import observe_layers
 from ..calibration.engine import on_device
-from ..calibration.gradients import calibration_perplexity
+from ..calibration.gradients import calibration_perplexity, require_a_finite_score
 from ..ignoring import holds_ignored, is_ignored
 from ..options import check_choice, option
 from ..statistics import BlockInfluence
@@ -113,6 +113,7 @@ class SublayerRemoval(StructuredMethod[SublayerRemovalOptions]):
                 for index, kind in self.units:
                     with self.adapter.bypassed(layers[index], kind):
                         scores[(index, kind)] = calibration_perplexity(self.adapter.model, windows)
+            require_a_finite_score(scores.values(), "sublayers")
             return scores
         influences: dict[tuple[int, str], BlockInfluence] = {}
 
