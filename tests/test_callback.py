@@ -573,3 +573,80 @@ def test_a_stopped_run_does_not_keep_its_model_alive(tmp_path):
     del model, callback
     gc.collect()
     assert alive() is None
+
+
+def test_a_schedule_prunes_at_its_end_step_between_intervals():
+    """The last round is at end_step even off the every-interval (the default end_step rarely is on it)."""
+    schedule = GradualSchedule(final_sparsity=0.5, start_step=0, end_step=5, every=2)
+    assert [s for s in range(10) if schedule.prunes_at(s)] == [0, 2, 4, 5]
+
+
+def test_a_default_end_step_off_the_interval_still_reaches_the_final_sparsity(tmp_path):
+    """end_step 5 with every 2: the run still ends at the final sparsity."""
+    model = tiny_model()
+    run_trainer(model, tmp_path, callbacks=[PruningCallback(GradualSchedule(final_sparsity=0.5, end_step=5, every=2))], steps=7)
+    assert verify_sparsity(model, ignore=("lm_head",))["overall_sparsity"] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_a_wanda_schedule_prunes_every_output_row_alike(tmp_path):
+    """Wanda's comparison group is the output row, as in one-shot Wanda, not the whole matrix."""
+    model = tiny_model()
+    run_trainer(model, tmp_path, callbacks=[PruningCallback(GradualSchedule(final_sparsity=0.5, end_step=2, every=1, score="wanda"))], steps=3)
+    for name, linear in prunable_linears(model).items():
+        per_row = (linear.weight == 0).float().mean(dim=1)
+        torch.testing.assert_close(per_row, torch.full_like(per_row, 0.5), atol=1 / linear.in_features, rtol=0), name
+
+
+def test_wanda_norms_count_training_forwards_only(tmp_path):
+    """Evaluation forwards do not feed the activation norms a Wanda schedule scores by."""
+    callback = PruningCallback(GradualSchedule(final_sparsity=0.5, start_step=1, end_step=4, every=1, score="wanda"))
+    model = tiny_model()
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    callback.on_train_begin(args, TrainerState(max_steps=6), TrainerControl(), model=model)
+    try:
+        with torch.no_grad():
+            model.eval()(input_ids=token_windows(samples=2, seq_len=8))
+        assert all(norms.tokens == 0 for norms in callback._norms.values())
+    finally:
+        callback._remove_hooks()
+
+
+def test_training_end_zeroes_the_pruned_weights_again(tmp_path):
+    """load_best_model_at_end may load an earlier, denser checkpoint: training ends at the final masks."""
+    callback = PruningCallback()
+    model = tiny_model()
+    prune(model, PruningConfig(method="magnitude", sparsity=0.5))
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    callback.on_train_begin(args, TrainerState(max_steps=2), TrainerControl(), model=model)
+    with torch.no_grad():
+        for p in model.model.layers[0].mlp.up_proj.parameters():
+            p.add_(1.0)  # a checkpoint loaded over the model, its pruned weights non-zero
+    callback.on_train_end(args, TrainerState(max_steps=2), TrainerControl(), model=model)
+    assert (model.model.layers[0].mlp.up_proj.weight == 0).float().mean() == pytest.approx(0.5, abs=0.01)
+
+
+def test_pruned_weights_stay_zero_after_every_optimizer_step_of_a_gradual_schedule(tmp_path):
+    """AdamW's moments move pruned weights after the round that zeroed them: every step re-applies the masks."""
+    callback = PruningCallback(GradualSchedule(final_sparsity=0.5, start_step=0, end_step=4, every=2))
+    refilled = []
+
+    class CheckZeros(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            refilled.append(sum(int((callback.masks.linears[n].weight[m] != 0).sum()) for n, m in callback.masks.pruned.items()))
+
+    run_trainer(tiny_model(), tmp_path, callbacks=[callback, CheckZeros()], steps=6)
+    assert refilled == [0] * 6
+
+
+def test_a_wanda_schedule_scores_by_activations_not_by_weights_alone(tmp_path):
+    """score='wanda' uses the collected activation norms: its masks differ from per-row magnitude."""
+    model = tiny_model()
+    initial = {name: linear.weight.detach().clone() for name, linear in prunable_linears(model).items()}
+    schedule = GradualSchedule(final_sparsity=0.5, start_step=0, end_step=1, every=1, score="wanda")
+    run_trainer(model, tmp_path, callbacks=[PruningCallback(schedule)], steps=2, learning_rate=0.0)
+    differing = 0
+    for name, linear in prunable_linears(model).items():
+        weight = initial[name].abs()
+        by_magnitude = torch.zeros_like(weight, dtype=torch.bool).scatter_(1, weight.argsort(1)[:, : weight.shape[1] // 2], True)
+        differing += int(((linear.weight == 0) != by_magnitude).any())
+    assert differing > 0

@@ -216,3 +216,12 @@ def test_the_callers_default_dtype_does_not_change_the_result(config):
             torch.set_default_dtype(previous)
         for (name, tensor), reference in zip(model.state_dict().items(), expected.state_dict().values()):
             assert torch.equal(tensor, reference), (default, name)
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_prune_gives_the_model_back_in_the_mode_it_was_in(training):
+    model = tiny_model()
+    model.train(training)
+    prune(model, PruningConfig(method="magnitude", sparsity=0.5))
+    assert model.training is training
+    assert all(module.training is training for module in model.modules())

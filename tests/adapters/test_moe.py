@@ -278,3 +278,20 @@ def test_router_hints_refuse_layer_targets_an_allocation_moves_out_of_their_room
     with pytest.raises(ValueError, match=r"layer \d's sparsity from allocation 'owl' 0\.\d+ ± expert_deviation 0.4 leaves \[0, 0.99\]"):
         prune(model, config, calibration=token_windows(4, 16))
     assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
+
+
+def test_stock_shapes_follow_decoder_sparse_step():
+    """Qwen2-MoE with decoder_sparse_step=2: layer 0 is dense, layer 1 sparse; the stock shapes match the built layers."""
+    model = tiny_moe("qwen2_moe", decoder_sparse_step=2, intermediate_size=80)
+    adapter = get_adapter(model)
+    layers = adapter.decoder_layers()
+    assert adapter.moe_block(layers[0]) is None and adapter.moe_block(layers[1]) is not None
+    for index, layer in enumerate(layers):
+        assert adapter.stock_shape(model.config, index) == adapter.layer_shape(layer)
+
+
+def test_router_hints_refuse_a_target_below_expert_deviation():
+    """target − λ < 0 would give the idlest experts a negative sparsity: the experts' mean misses the target."""
+    config = PruningConfig(method="wanda", sparsity=0.1, moe_options={"expert_sparsity": "load", "expert_deviation": 0.2})
+    with pytest.raises(ValueError, match=r"0\.1 ± expert_deviation 0\.2 leaves \[0, 0\.99\]"):
+        prune(tiny_moe(), config, calibration=token_windows(2, 8))

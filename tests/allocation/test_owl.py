@@ -86,3 +86,14 @@ def test_after_structured_pruning_the_model_reaches_the_target(allocation):
     targets = [target for target, _ in report.layer_sparsities().values()]
     assert sum(t * n for t, n in zip(targets, sizes)) / sum(sizes) == pytest.approx(0.5, abs=1e-9)  # was 0.48
     assert report.overall_sparsity == pytest.approx(0.5, abs=0.01)  # each row rounds its count of zeros down
+
+
+def test_a_data_free_method_prunes_each_layer_to_its_allocated_target():
+    """magnitude reads no calibration, OWL does: each layer must be pruned to OWL's target, not the global one."""
+    model = tiny_model(num_hidden_layers=4)
+    report = prune(model, PruningConfig(method="magnitude", sparsity=0.6, allocation="owl"), calibration=token_windows())
+    layers = list(report.layer_sparsities().values())
+    assert len({round(target, 6) for target, _ in layers}) > 1
+    assert sum(target for target, _ in layers) / 4 == pytest.approx(0.6)
+    for target, measured in layers:
+        assert measured == pytest.approx(target, abs=0.01)

@@ -165,3 +165,11 @@ def test_the_traces_are_those_of_the_first_windows_the_options_name():
     allocation.observe_model(model, windows, layers)
     groups = [[layer.mlp.down_proj.weight] for layer in model.model.layers]
     assert allocation.sensitivities == pytest.approx(hessian_traces(model, windows[:2], groups, 1, 0, window_indices=[0, 1]))
+
+
+@pytest.mark.parametrize(("target", "sensitivities"), [(0.8, [1.0, 2.0]), (0.1, [2.0, 1.0])])
+def test_sensitivity_refuses_layer_sparsities_outside_0_1(target, sensitivities):
+    allocation = SensitivityAllocation(SensitivityOptions(max_deviation=0.3))
+    allocation.sensitivities = sensitivities
+    with pytest.raises(ValueError, match="lower allocation_options.max_deviation"):
+        allocation.allocate(target, [100, 100])

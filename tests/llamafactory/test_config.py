@@ -12,9 +12,12 @@ import torch
 from llamafactory_ext.cli import main
 from llamafactory_ext import stages
 from llamafactory_ext.config import PruningSection, model_loading_kwargs, read_yaml, split_pruning
+from llamafactory_ext.distill import DistillSection, distilling_trainers
 from llamafactory_ext.training import TrainingSections
 from optimum_prune import ExpertDroppingSchedule
+from optimum_prune.distillation import DistillationConfig, DistillationMixin
 
+from ..conftest import tiny_model
 from .conftest import base_args, write_yaml
 
 
@@ -160,8 +163,6 @@ def test_pruning_section_outside_train_is_refused(workspace, tmp_path, capsys, c
 
 
 def test_pruning_into_the_checkpoint_being_pruned_is_refused(tmp_path, capsys, bpe_tokenizer):
-    from ..conftest import tiny_model
-
     source = tmp_path / "dense"
     tiny_model().save_pretrained(source)
     bpe_tokenizer.save_pretrained(source)
@@ -551,3 +552,21 @@ def test_training_sections_work_with_both_training_stages(stage):
 
     check_section("distill", {"temperature": 2.0}, ["temperature"], "fields", {"stage": stage})  # no error
 
+
+def test_the_distill_section_reaches_both_llamafactory_training_stages():
+    """stage: pt trains with LLaMA-Factory's CustomTrainer, sft with CustomSeq2SeqTrainer: both distil, and only while the stage runs."""
+    from llamafactory.train.pt import workflow as pt_workflow
+    from llamafactory.train.sft import workflow as sft_workflow
+
+    section = DistillSection(DistillationConfig(), teacher="unused")
+    with distilling_trainers(section):
+        assert issubclass(pt_workflow.CustomTrainer, DistillationMixin)
+        assert issubclass(sft_workflow.CustomSeq2SeqTrainer, DistillationMixin)
+    assert not issubclass(pt_workflow.CustomTrainer, DistillationMixin)
+
+
+def test_the_teacher_loads_in_teacher_dtype(tmp_path):
+    """teacher_dtype: bfloat16 halves the teacher's memory; it was loaded in float32 regardless."""
+    tiny_model().save_pretrained(tmp_path / "teacher")
+    section = DistillSection(DistillationConfig(), teacher=str(tmp_path / "teacher"), teacher_dtype="bfloat16")
+    assert section.load_teacher("cpu").dtype == torch.bfloat16

@@ -722,3 +722,19 @@ def test_an_export_dir_the_merge_could_not_replace_is_refused_before_pruning(wor
               "pruning": {"method": "magnitude", "sparsity": 0.5}}  # fmt: skip
     assert "a-file exists and is not a directory" in refused(tmp_path, capsys, config)
     assert not (tmp_path / "out").exists()
+
+
+def test_added_tokens_embeddings_train_with_the_adapter_after_pruning(workspace, tmp_path):
+    """Tokens the YAML adds (add_special_tokens) resize the pruned model's vocabulary: LoRA then saves embed_tokens
+    and lm_head whole, as LLaMA-Factory does for an unpruned model (resize_vocab), so the new rows are trained."""
+    data = tmp_path / "data"
+    shutil.copytree(workspace / "data", data)
+    rows = json.loads((data / "wiki_sft.json").read_text())[:32]
+    (data / "think.json").write_text(json.dumps([{**row, "output": "<think> " + row["output"]} for row in rows]))
+    info = json.loads((data / "dataset_info.json").read_text())
+    (data / "dataset_info.json").write_text(json.dumps({**info, "think": {**info["wiki_sft"], "file_name": "think.json"}}))
+    training = {**LORA_TRAINING, "dataset": "think", "dataset_dir": str(data), "add_special_tokens": "<think>", "max_steps": 1}
+    config = {**base_args(workspace, tmp_path / "out", **training), "pruning": {"method": "magnitude", "sparsity": 0.5}}
+    train(tmp_path, config)
+    saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())["modules_to_save"] or []
+    assert any("embed_tokens" in name for name in saved), saved

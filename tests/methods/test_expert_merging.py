@@ -93,3 +93,24 @@ def test_merged_experts_take_the_dominant_router_rows():
 def test_keeping_fewer_experts_than_top_k_is_refused():
     with pytest.raises(ValueError, match="router picks top-2"):
         prune(tiny_moe(), PruningConfig(method="merge_experts", method_options={"num_experts": 1}), calibration=token_windows(2, 8))
+
+
+def test_dominant_experts_count_every_top_k_selection_not_only_the_first():
+    """Expert 2 is every token's first choice and expert 3 its second: with top-2 routing both are routed to by every
+    token, so they are the two dominant experts (MC-SMoE's frequency counts all k selections)."""
+    model = tiny_moe()
+    method = ExpertMerging(get_adapter(model), 0.5, [], ExpertMergingOptions(), torch.device("cpu"))
+    method.check()
+    logits = torch.tensor([[0.0, 0.1, 5.0, 3.0]]).repeat(8, 1) + 0.01 * torch.randn(8, 4, generator=torch.Generator().manual_seed(0))
+    groups = method.merge(model.model.layers[0], logits)
+    assert sorted(group[0] for group in groups) == [2, 3]
+
+
+def test_a_group_never_routed_to_is_the_plain_mean_of_its_members():
+    model = tiny_moe()
+    block = model.model.layers[0].block_sparse_moe
+    experts = {name: w.detach().clone() for name, w in block.experts.named_parameters()}
+    method = ExpertMerging(get_adapter(model), 0.5, [], ExpertMergingOptions(), torch.device("cpu"))
+    merged = method._merged_expert(block, [2, 3], torch.tensor([5.0, 3.0, 0.0, 0.0], dtype=torch.float64))
+    for name, weight in merged.named_parameters():
+        torch.testing.assert_close(weight, 0.5 * experts[f"2.{name}"] + 0.5 * experts[f"3.{name}"])

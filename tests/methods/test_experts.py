@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from optimum_prune import PruningConfig, get_adapter, prune
 from optimum_prune.methods import experts
-from optimum_prune.methods.experts import ExpertPruning, ExpertPruningOptions, reap_scores
+from optimum_prune.methods.experts import ExpertPruning, ExpertPruningOptions, experts_to_keep, reap_scores
 
 from ..adapters.test_moe import FAMILIES, block_inputs, tiny_moe
 from ..conftest import token_windows
@@ -217,3 +217,20 @@ def test_an_expert_count_is_reported_as_the_sparsity_it_removes(method):
     model = tiny_moe(num_local_experts=8)
     report = prune(model, PruningConfig(method=method, method_options={"num_experts": 6}), calibration=token_windows(4, 16))
     assert report.sparsity == 0.25  # 2 of 8 experts, not the default 0.5
+
+
+def test_global_ranking_keeps_every_layers_top_k_best_experts_first(monkeypatch):
+    """Layer 0's share is one dominant expert; layer 1's is flat. At 2 of 4 kept on average, layer 0 still keeps its
+    top-2 (the router picks 2), and the budget left over goes to the best of the rest."""
+    shares = iter([torch.tensor([97.0, 1.0, 1.0, 1.0]), torch.tensor([25.0, 25.0, 25.0, 25.0])])
+    monkeypatch.setattr(ExpertPruning, "_expert_scores", lambda self, block, layer, inputs: next(shares).double())
+    model = tiny_moe()
+    options = {"criterion": "frequency", "ranking": "global"}
+    prune(model, PruningConfig(method="experts", sparsity=0.5, method_options=options), calibration=token_windows(2, 8))
+    assert [len(layer.block_sparse_moe.experts) for layer in model.model.layers] == [2, 2]
+
+
+def test_sparsity_rounds_to_the_nearest_expert_count():
+    adapter = get_adapter(tiny_moe())  # 4 experts, top-2
+    assert experts_to_keep(adapter, 0.3, 0) == 3  # 4 × 0.7 = 2.8 experts kept: 3, not 2 (removing 50 % for a 30 % request)
+    assert experts_to_keep(adapter, 0.45, 0) == 2

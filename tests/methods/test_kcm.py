@@ -177,3 +177,16 @@ def test_dead_channels_go_before_live_ones_whatever_their_positions():
     prune(model, PruningConfig(method="kcm", sparsity=0.1, method_options={"components": "mlp", "tune": False}), calibration=windows)
     with torch.no_grad():
         torch.testing.assert_close(model(windows).logits, dense(windows).logits)
+
+
+def test_product_r2d2_falls_back_to_d2_where_every_unit_has_the_same_r2():
+    """Identical down_proj columns: R2 is the same for every channel, normalised to all ones, so the product is D2's order."""
+    model, windows = tiny_model(), token_windows()
+    with torch.no_grad():
+        down = model.model.layers[0].mlp.down_proj.weight
+        down.copy_(down[:, :1].expand_as(down))
+    method = KernelizedConvexMasking(get_adapter(model), 0.2, [], KCMOptions(components="mlp", combine="product"), torch.device("cpu"))
+    method.check()
+    importance, _ = method.unit_importance(windows)
+    first = next(i for i, c in enumerate(method.units.components) if c.layer == 0)
+    assert float(importance[first].max()) == 1.0 and float(importance[first].max() - importance[first].min()) > 0.5

@@ -168,3 +168,18 @@ def test_a_layer_count_is_reported_as_the_sparsity_it_removes():
     assert PruningConfig.from_dict(model.config.pruning_config) == config
     rounded = prune(tiny_model(num_hidden_layers=3), PruningConfig(method="layers", sparsity=0.5), calibration=token_windows())
     assert rounded.sparsity == pytest.approx(2 / 3)  # 0.5 of 3 layers rounds to 2 whole layers
+
+
+def test_merge_of_two_removed_layers_into_one_target_adds_both_differences():
+    """LaCo: layers 2 and 3 merge into layer 1, the kept layer just before them (not the first kept one), each adding
+    its difference from layer 1's original weights."""
+    dense = tiny_model(num_hidden_layers=4)
+    with torch.no_grad():
+        for index in (2, 3):  # the two closest to identity: block influence removes them, both merge into layer 1
+            dense.model.layers[index].self_attn.o_proj.weight.mul_(1e-3)
+            dense.model.layers[index].mlp.down_proj.weight.mul_(1e-3)
+    model = copy.deepcopy(dense)
+    report = prune(model, PruningConfig(method="layers", sparsity=0.0, method_options={"num_layers": 2, "merge": True}), calibration=token_windows())
+    assert report.removed == ["model.layers.2", "model.layers.3"]
+    w = [layer.mlp.up_proj.weight for layer in dense.model.layers]
+    torch.testing.assert_close(model.model.layers[1].mlp.up_proj.weight, w[1] + (w[2] - w[1]) + (w[3] - w[1]))

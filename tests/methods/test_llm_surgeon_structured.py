@@ -4,6 +4,7 @@ import types
 
 import pytest
 import torch
+from torch import nn
 
 from optimum_prune import PruningConfig, prune, save_pruned
 from optimum_prune.adapters import get_adapter
@@ -130,3 +131,77 @@ def test_structured_compensates_the_kept_columns():
     kept = [int(torch.nonzero((original.up_proj.weight == row).all(1))[0]) for row in pruned.up_proj.weight]
     assert len(kept) < original.up_proj.out_features
     assert not torch.allclose(pruned.down_proj.weight, original.down_proj.weight[:, kept])  # the update moved them
+
+
+def test_a_component_whose_units_are_all_cheapest_keeps_one():
+    """Every channel of layer 1's MLP is among the cheapest: one stays (a 0-channel MLP is a removed sublayer, not a width)."""
+    model = tiny_model()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(1e-4)  # every channel of this MLP costs next to nothing
+    prune(model, PruningConfig(method="llm_surgeon_structured", sparsity=0.4, method_options={"shots": 1, "components": "mlp"}),
+          calibration=token_windows(samples=2, seq_len=16))
+    assert model.model.layers[1].mlp.up_proj.out_features == 1
+    assert all(layer.mlp.down_proj.in_features >= 1 for layer in model.model.layers)
+
+
+def test_the_cut_removes_exactly_the_units_the_threshold_chose(monkeypatch):
+    """One shot, MLP channels, output coupling: gate/up rows are never updated, so the rows that survive must be
+    the original rows of the units the threshold did not choose."""
+    chosen, original_remove = {}, llm_surgeon_structured.LLMSurgeonStructured._remove
+
+    def remove(self, layer, component, units, indices, inverses):
+        chosen[component.layer] = sorted(indices)
+        return original_remove(self, layer, component, units, indices, inverses)
+
+    monkeypatch.setattr(llm_surgeon_structured.LLMSurgeonStructured, "_remove", remove)
+    dense, model = tiny_model(), tiny_model()
+    prune(model, PruningConfig(method="llm_surgeon_structured", sparsity=0.2, method_options={"shots": 1, "components": "mlp"}),
+          calibration=token_windows(samples=2, seq_len=16))
+    assert chosen
+    for index, layer in enumerate(model.model.layers):
+        original = dense.model.layers[index].mlp.up_proj.weight
+        kept = [i for i in range(original.shape[0]) if i not in chosen.get(index, [])]
+        torch.testing.assert_close(layer.mlp.up_proj.weight, original[kept])
+
+
+def test_structured_factors_are_damped_with_their_own_options(monkeypatch):
+    """G by damp_g, A by damp_a: equal defaults hid A damped by damp_g."""
+    kinds, calls = {}, []
+    original_factors, original_inverse = llm_surgeon_structured.kfac_factors, llm_surgeon_structured.damped_inverse
+
+    def factors(*args, **kwargs):
+        result = original_factors(*args, **kwargs)
+        for g, a in result.values():
+            kinds[id(g)], kinds[id(a)] = "g", "a"
+        return result
+
+    monkeypatch.setattr(llm_surgeon_structured, "kfac_factors", factors)
+    monkeypatch.setattr(llm_surgeon_structured, "damped_inverse", lambda f, d: calls.append((kinds[id(f)], d)) or original_inverse(f, d))
+    options = {"shots": 1, "coupling": "all", "damp_g": 0.3, "damp_a": 0.02}
+    prune(tiny_model(), PruningConfig(method="llm_surgeon_structured", sparsity=0.2, method_options=options), calibration=token_windows(samples=2, seq_len=16))
+    assert calls and set(calls) == {("g", 0.3), ("a", 0.02)}
+
+
+def test_reported_units_are_what_every_shot_removed_together():
+    """The report's per-layer unit counts sum every shot's removals, per kind."""
+    dense, model = tiny_model(), tiny_model()
+    report = prune(model, PruningConfig(method="llm_surgeon_structured", sparsity=0.4, method_options={"shots": 2}),
+                   calibration=token_windows(samples=2, seq_len=16))
+    mlp = report.layer_scores["units removed (mlp)"]
+    attention = report.layer_scores["units removed (attention)"]
+    for index, (before, after) in enumerate(zip(dense.model.layers, model.model.layers)):
+        assert mlp[index] == before.mlp.up_proj.out_features - after.mlp.up_proj.out_features
+        head_dim = before.self_attn.head_dim
+        assert attention[index] == (before.self_attn.k_proj.out_features - after.self_attn.k_proj.out_features) // head_dim
+
+
+def test_cut_linears_report_their_true_widths():
+    """A cut linear's in_features / out_features follow its weight (K-FAC factors reshape by them)."""
+    model = tiny_model()
+    prune(model, PruningConfig(method="llm_surgeon_structured", sparsity=0.1, method_options={"shots": 1, "components": "attention"}),
+          calibration=token_windows(samples=2, seq_len=16))
+    assert model.model.layers[0].self_attn.o_proj.in_features < 64 or model.model.layers[1].self_attn.o_proj.in_features < 64 \
+        or model.model.layers[2].self_attn.o_proj.in_features < 64
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            assert (module.out_features, module.in_features) == tuple(module.weight.shape)

@@ -96,3 +96,12 @@ def test_fisher_rows_sum_each_windows_squared_gradient():
     for got, want in zip(rows, expected):
         torch.testing.assert_close(got, want)
     assert all(linear.weight.grad is None for linear in linears)
+
+
+def test_all_zero_fisher_weights_fall_back_to_plain_svd():
+    """A linear no calibration gradient reaches (all Fisher rows 0) is factorised as plain truncated SVD, not NaN."""
+    torch.manual_seed(0)
+    linear = nn.Linear(16, 12, bias=False).double()
+    zero, plain = factorize(linear, 4, torch.zeros(12, dtype=torch.float64)), factorize(linear, 4)
+    inputs = torch.randn(3, 16, dtype=torch.float64)
+    torch.testing.assert_close(zero(inputs), plain(inputs))

@@ -159,3 +159,13 @@ def test_every_expert_starts_from_its_own_procrustes_factors():
     lefts, rights, fitted = fit_shared_central(targets, 6, 5, sweeps=0)
     error = sum(float((x - torch.einsum("lp,pmq,qr->lmr", l, fitted, r)).square().sum()) for x, l, r in zip(targets, lefts, rights))
     assert error < 1e-12 * sum(float(x.square().sum()) for x in targets)
+
+
+def test_without_sweeps_the_central_tensor_is_still_the_least_squares_centre_of_the_fitted_factors():
+    """sweeps=0: after each expert's Procrustes factors, C is the mean of L_eᵀ X_e R_eᵀ (the optimum for those factors),
+    not the first expert's own centre."""
+    generator = torch.Generator().manual_seed(0)
+    targets = [torch.randn(12, 4, 10, dtype=torch.float64, generator=generator) for _ in range(3)]
+    lefts, rights, central = fit_shared_central(targets, 5, 4, sweeps=0)
+    mean = sum(torch.einsum("lp,lmr,qr->pmq", l, x, r) for x, l, r in zip(targets, lefts, rights)) / len(targets)
+    torch.testing.assert_close(central, mean)

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from optimum_prune import PruningConfig, prune, save_pruned
-from optimum_prune.methods.rerouting import NormalEquations
+from optimum_prune.adapters import get_adapter
+from optimum_prune.methods.rerouting import DAMPING, NormalEquations, Reroute, fit_reroutes
 from optimum_prune.structure.modules import RemovedAttention, ReroutedAttention, ReroutedMLP
 from optimum_prune.structure.shapes import LayerShape
 
@@ -95,6 +96,10 @@ def test_reroute_errors_name_the_option():
         LayerShape.from_dict({"num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 0, "rerouted": ["attention"]}, "layer 0")
     with pytest.raises(ValueError, match="rerouted must list"):
         LayerShape.from_dict({"num_attention_heads": 0, "num_key_value_heads": 0, "intermediate_size": 0, "rerouted": ["ffn"]}, "layer 0")
+    with pytest.raises(ValueError, match="rerouted must list"):  # was a bare "unhashable type: 'list'"
+        LayerShape.from_dict({"num_attention_heads": 0, "num_key_value_heads": 0, "intermediate_size": 0, "rerouted": [["mlp"]]}, "layer 0")
+    with pytest.raises(ValueError, match="residual_widths must be three positive integers"):  # true was a width of 1
+        LayerShape.from_dict({"num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 8, "residual_widths": [True, 1, 1]}, "layer 0")
 
 
 def test_the_bias_is_not_damped():
@@ -128,3 +133,46 @@ def test_a_run_map_is_the_ridge_fit_of_the_runs_contribution_to_the_stream():
     weight, bias = equations.solve()
     torch.testing.assert_close(stub.mlp.map.weight.detach().double(), weight, rtol=1e-3, atol=1e-4)
     torch.testing.assert_close(stub.mlp.map.bias.detach().double(), bias, rtol=1e-3, atol=1e-4)
+
+
+def test_ridge_is_the_damping_times_the_mean_weight_diagonal_written_out():
+    """λ = DAMPING × mean diag(XᵀX) over the weight features only (not the bias's token count)."""
+    g = torch.Generator().manual_seed(0)
+    x = 0.1 * torch.randn(200, 5, generator=g, dtype=torch.float64)  # small features: the bias diagonal (200) dominates a mean over all
+    t = torch.randn(200, 5, generator=g, dtype=torch.float64)
+    equations = NormalEquations(5, torch.device("cpu"))
+    equations.add(x, t)
+    weight, bias = equations.solve()
+    z = torch.cat([x, torch.ones(200, 1, dtype=torch.float64)], 1)
+    gram = z.T @ z
+    ridge = torch.diag(torch.cat([torch.full((5,), DAMPING * float((x * x).sum(0).mean())), torch.zeros(1, dtype=torch.float64)]))
+    solution = torch.linalg.solve(gram + ridge, z.T @ t)
+    torch.testing.assert_close(weight, solution[:5].T)
+    torch.testing.assert_close(bias, solution[5])
+
+
+def test_a_layers_mlp_map_is_fitted_on_the_stream_its_fitted_attention_map_feeds():
+    """Both sublayers of one layer re-routed: the MLP's map is the ridge fit of the original MLP on the inputs it gets
+    from the pruned model, i.e. after the attention map was fitted (fit attention first)."""
+    model, windows = tiny_model(num_hidden_layers=3), token_windows()
+    adapter = get_adapter(model)
+    layer = adapter.decoder_layers()[1]
+    original_mlp = copy.deepcopy(adapter.sublayer_contribution(layer, "mlp"))
+    reroutes = {1: []}
+    for kind in ("attention", "mlp"):
+        original = adapter.sublayer_contribution(layer, kind)
+        adapter.reroute_sublayer(layer, kind)
+        reroutes[1].append(Reroute(kind, [original]))
+    fit_reroutes(adapter, windows, torch.device("cpu"), reroutes)
+    stand_in = adapter.sublayer(layer, "mlp")
+    captured = []
+    handle = stand_in.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))
+    with torch.no_grad():
+        model(input_ids=windows)
+        handle.remove()
+        equations = NormalEquations(model.config.hidden_size, torch.device("cpu"))
+        for x in captured:
+            equations.add(x, original_mlp(x))
+    weight, bias = equations.solve()
+    torch.testing.assert_close(stand_in.map.weight.detach().double(), weight, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(stand_in.map.bias.detach().double(), bias, rtol=1e-3, atol=1e-4)

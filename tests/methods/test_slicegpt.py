@@ -160,3 +160,25 @@ def test_an_untied_sliced_checkpoint_loads_as_a_bare_decoder(tmp_path):
     ids = token_windows(samples=1, seq_len=8)
     with torch.no_grad():
         torch.testing.assert_close(decoder(input_ids=ids).last_hidden_state, model.model(input_ids=ids).last_hidden_state)
+
+
+HIDDEN, KEPT = 64, 48
+
+
+def test_slicing_keeps_the_output_of_writers_with_a_bias():
+    """Llama with attention_bias / mlp_bias: o_proj and down_proj write a bias into the stream, which must be
+    rotated with their rows."""
+    model = tiny_model("llama", attention_bias=True, mlp_bias=True, rms_norm_eps=1e-12)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[:, KEPT:] = 0
+        for layer in model.model.layers:
+            for writer in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                writer.weight[KEPT:] = 0
+                writer.bias.uniform_(-0.5, 0.5)
+                writer.bias[KEPT:] = 0
+    ids = token_windows(samples=2, seq_len=16, seed=3)
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+    prune(model, PruningConfig(method="slicegpt", sparsity=1 - KEPT / HIDDEN), calibration=token_windows())
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4)

@@ -374,3 +374,13 @@ def test_global_ranking_stops_closest_to_the_budget(sparsity, components):
     prune(model, PruningConfig(method="width", sparsity=sparsity, method_options=options))
     removed = before - decoder_linear_parameters(model)
     assert abs(removed - sparsity * before) <= group / 2, (removed, sparsity * before)
+
+
+def test_layer_ranking_removes_the_rounded_share_of_key_value_groups():
+    """Attention first: round(0.4 · 4 groups) = round(1.6) = 2 groups go, the MLP makes up the rest of the 40 %."""
+    model = tiny_model(num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4)
+    before = decoder_linear_parameters(model)
+    options = {"criterion": "magnitude_l2", "head_mode": "kv_group"}
+    report = prune(model, PruningConfig(method="width", sparsity=0.4, method_options=options))
+    assert all(shape.num_key_value_heads == 2 and shape.num_attention_heads == 4 for shape in report.shapes)
+    assert 1 - decoder_linear_parameters(model) / before == pytest.approx(0.4, abs=0.004)

@@ -56,3 +56,25 @@ def test_structured_pruning_of_a_model_pruned_only_structurally_says_nothing(cap
     with caplog.at_level(logging.WARNING, logger="optimum_prune"):
         prune(model, PruningConfig(method="slicegpt", sparsity=0.25), calibration=token_windows())
     assert UNDONE not in caplog.text
+
+
+UNDONE = "undid the model's earlier unstructured pruning"
+
+
+def test_low_rank_after_a_partly_ignored_sparse_step_says_the_linears_became_dense(caplog):
+    """The earlier step kept the o_proj dense (ignore): the other linears' zeros still count as earlier pruning."""
+    model = tiny_model()
+    prune(model, PruningConfig(method="magnitude", sparsity=0.5, ignore=["*.o_proj"]))
+    with caplog.at_level(logging.WARNING, logger="optimum_prune"):
+        prune(model, PruningConfig(method="low_rank", sparsity=0.25), calibration=token_windows())
+    assert UNDONE in caplog.text and "replaced by dense linears" in caplog.text
+
+
+def test_the_latest_unstructured_step_gives_the_pattern_that_is_checked(caplog):
+    """Magnitude 30 %, then 2:4: width then breaks the 2:4 groups of the last step, which is what must be said."""
+    model = tiny_model()
+    prune(model, PruningConfig(method="magnitude", sparsity=0.3))
+    prune(model, PruningConfig(method="magnitude", sparsity="2:4"))
+    with caplog.at_level(logging.WARNING, logger="optimum_prune"):
+        prune(model, PruningConfig(method="width", sparsity=0.25, method_options={"criterion": "magnitude_l1"}))
+    assert UNDONE in caplog.text and "no longer 2:4" in caplog.text

@@ -27,3 +27,10 @@ def test_macs_are_the_linears_in_times_out_without_copying_or_changing_the_model
         assert vars(module).keys() == attributes[module].keys(), type(module).__name__
         assert not module._forward_hooks and not module._forward_pre_hooks
     assert all(torch.equal(tensor, state[name]) for name, tensor in model.state_dict().items())
+
+
+def test_counting_leaves_an_eval_model_in_eval_mode():
+    """Counting runs a forward in eval mode and restores the caller's mode (eval here)."""
+    model = tiny_model().eval()
+    count_macs_per_token(model)
+    assert not model.training and not any(module.training for module in model.modules())
