@@ -168,7 +168,8 @@ class ExpertPruning(StructuredMethod[ExpertPruningOptions]):
 
 
 def experts_to_keep(adapter: Any, sparsity: float, requested: int) -> int:
-    """Experts per layer left by ``sparsity`` (fraction removed) or ``requested``, or a clear error."""
+    """Experts per layer left by ``sparsity`` (fraction removed) or ``requested``, or a clear error. The nearest
+    count; an exact half keeps the larger (``round`` rounds halves to even: 2.5 kept 2 of 4, 5.5 kept 6 of 8)."""
     layers = list(adapter.decoder_layers())
     counts = {len(adapter.experts(layer)) for layer in layers}
     if 0 in counts or len(counts) != 1:
@@ -183,7 +184,7 @@ def experts_to_keep(adapter: Any, sparsity: float, requested: int) -> int:
             )
         )
     total = counts.pop()
-    keep = requested or round(total * (1 - sparsity))
+    keep = requested or math.floor(total * (1 - sparsity) + 0.5)
     top_k = adapter.experts_per_token(adapter.moe_block(layers[0]))
     if top_k >= total:
         raise ValueError(f"the router picks top-{top_k} of {total} experts per layer: none can be removed")

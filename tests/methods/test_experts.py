@@ -234,3 +234,4 @@ def test_sparsity_rounds_to_the_nearest_expert_count():
     adapter = get_adapter(tiny_moe())  # 4 experts, top-2
     assert experts_to_keep(adapter, 0.3, 0) == 3  # 4 × 0.7 = 2.8 experts kept: 3, not 2 (removing 50 % for a 30 % request)
     assert experts_to_keep(adapter, 0.45, 0) == 2
+    assert experts_to_keep(adapter, 0.375, 0) == 3  # an exact half keeps the larger count (round() gave 2: halves to even)
