@@ -613,8 +613,18 @@ def test_exit_recovery_with_perp_and_a_batch_without_labels(tmp_path):
     trainer = DistillationTrainer(
         model=student, distillation=config, args=args, train_dataset=data, callbacks=[PruningCallback(perp=PERPConfig(rank=2))]
     )
+    trainer._get_train_sampler = lambda *_args: torch.utils.data.SequentialSampler(data)  # the unlabelled rows form a batch
+    labelled, compute_loss = [], trainer.compute_loss
+
+    def recording_loss(model, inputs, *args, **kwargs):
+        labelled.append(int((inputs["labels"] != -100).sum()))
+        loss = compute_loss(model, inputs, *args, **kwargs)
+        assert torch.isfinite(loss if torch.is_tensor(loss) else loss[0])
+        return loss
+
+    trainer.compute_loss = recording_loss
     trainer.train()
-    assert all(np.isfinite(entry["loss"]) for entry in trainer.state.log_history if "loss" in entry)
+    assert labelled == [64, 0]
     assert verify_sparsity(student, "2:4")["conforming"]
 
 
