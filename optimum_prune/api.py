@@ -31,7 +31,7 @@ from .calibration import (
     observe_layers,
     walk_layers,
 )
-from .calibration.engine import moving_to, on_device, on_disk
+from .calibration.engine import all_finite, moving_to, on_device, on_disk
 from .config import PruningConfig, as_pruning_config, readable_step, record_pruning, recorded_steps
 from .dispatch import refuse_offloaded, refuse_spread
 from .distributed import all_reduce_sum, is_distributed, launched_processes, shard
@@ -420,7 +420,7 @@ def _check_finite(model: nn.Module) -> None:
     calibration statistic after it NaN, and a mask chosen from NaN scores is one by position: refused before any
     change. (Layers streamed from disk are checked as they run: ``calibration.engine.require_finite``.)"""
     for name, parameter in model.named_parameters():
-        if parameter.is_floating_point() and parameter.device.type != "meta" and not bool(parameter.isfinite().all()):
+        if parameter.is_floating_point() and parameter.device.type != "meta" and not all_finite(parameter):
             raise ValueError(
                 f"the model's parameter {name} holds NaN or inf, so its outputs and any scores computed from them are "
                 "not numbers; load the model again from a sound checkpoint (in bfloat16 or float32 if it overflowed in float16)"

@@ -258,9 +258,14 @@ class NonFiniteActivations(ValueError):
     NaN too, and a mask chosen from NaN scores is one by position, so the run stops before it prunes on them."""
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every element is finite, checked in chunks: a whole-tensor mask of a 1G-element embedding is 1 GiB."""
+    return all(bool(chunk.isfinite().all()) for chunk in tensor.detach().reshape(-1).split(1 << 26))
+
+
 def require_finite(hidden: torch.Tensor, adapter: DecoderAdapter, layer: nn.Module | None) -> None:
     """Raise ``NonFiniteActivations`` naming where ``hidden`` (the output of ``layer``; None: layer 0's input) is not finite."""
-    if bool(hidden.isfinite().all()):
+    if all_finite(hidden):
         return
     names = dict(zip(map(id, adapter.decoder_layers()), adapter.layer_names()))
     where = f"the input of {adapter.layer_names()[0]}" if layer is None else f"the output of {names.get(id(layer), type(layer).__name__)}"
@@ -270,7 +275,7 @@ def require_finite(hidden: torch.Tensor, adapter: DecoderAdapter, layer: nn.Modu
         (
             name
             for name, p in adapter.model.named_parameters()
-            if id(p) in suspects and p.is_floating_point() and p.device.type != "meta" and not bool(p.isfinite().all())
+            if id(p) in suspects and p.is_floating_point() and p.device.type != "meta" and not all_finite(p)
         ),
         None,
     )
