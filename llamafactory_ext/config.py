@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from optimum_prune import PruningConfig
 from optimum_prune.config import PROVENANCE_KEYS
@@ -155,7 +156,10 @@ def read_yaml(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[st
         key, separator, value = override.partition("=")
         if not separator or not key:
             raise ValueError(f"override {override!r} is not of the form key=value")
-        OmegaConf.update(merged, key, load_yaml(value, f"override {override!r}"), force_add=True)
+        try:
+            OmegaConf.update(merged, key, load_yaml(value, f"override {override!r}"), force_add=True)
+        except (OmegaConfBaseException, ValueError) as error:  # an index past a list's end, a key into a list
+            raise ValueError(f"override {override!r} cannot be applied: {error}".splitlines()[0]) from None
     return OmegaConf.to_container(merged)
 
 

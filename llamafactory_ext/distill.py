@@ -38,7 +38,7 @@ import torch
 from optimum_prune import DistillationConfig, DistillationMixin
 
 from .config import model_loading_kwargs
-from .sections import check_section
+from .sections import check_section, typed_values
 
 SECTION = "distill"
 TEACHER_KEYS = ("teacher", "teacher_device", "teacher_dtype", "teacher_quantization", "precompute_top_k")
@@ -72,10 +72,11 @@ class DistillSection:
         if _is_local(teacher) and not (Path(teacher) / "config.json").is_file():
             raise ValueError(f"{SECTION}.teacher {teacher!r} is not a local checkpoint directory (no config.json)")
         dtype = section.get("teacher_dtype", "float32")
-        if dtype not in TEACHER_DTYPES:
+        if not isinstance(dtype, str) or dtype not in TEACHER_DTYPES:
             raise ValueError(f"{SECTION}.teacher_dtype must be one of {', '.join(TEACHER_DTYPES)}, got {dtype!r}")
+        values = {key: value for key, value in typed_values(SECTION, DistillationConfig, section).items() if key in fields}
         try:
-            config = DistillationConfig(**{key: value for key, value in section.items() if key in fields})
+            config = DistillationConfig(**values)
         except (TypeError, ValueError) as error:
             raise ValueError(f"{SECTION}: {error}") from None
         quantization = section.get("teacher_quantization")

@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import types
+import typing
 from typing import Any, Iterable, Mapping
+
+from optimum_prune.options import as_option_type
 
 TRAINING_STAGES = ("pt", "sft")
 
@@ -28,3 +32,33 @@ def check_section(name: str, section: Any, valid_keys: Iterable[str], what: str,
         raise ValueError(f"{name}.{key} is not a valid key; valid keys: {', '.join(valid)}")
     if lf_args.get("stage") not in TRAINING_STAGES:
         raise ValueError(f"the `{name}:` section works with stage: pt or sft (training); got stage: {lf_args.get('stage')!r}")
+
+
+def typed_values(name: str, config_class: type, section: Mapping[str, Any]) -> dict[str, Any]:
+    """The section's values for ``config_class``'s fields, each checked against the field's annotation: the
+    dataclasses check ranges, not types, so a YAML ``rank: 8.0``, ``alpha: "32"`` or a blank failed (or was read
+    another way) only once training ran. Keys that are not fields (the teacher's) pass unchanged."""
+    hints = typing.get_type_hints(config_class)
+    return {key: _typed(value, hints[key], f"{name}.{key}") if key in hints else value for key, value in section.items()}
+
+
+def _typed(value: Any, hint: Any, field: str) -> Any:
+    members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+    (kind,) = [member for member in members if member is not type(None)]
+    if value is None:
+        if type(None) in members:
+            return None
+        raise ValueError(f"{field} must be given a value (a blank reads as null); remove the key for its default")
+    origin, arguments = typing.get_origin(kind), typing.get_args(kind)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{field} must be a list, got {value!r}")
+        return tuple(_typed(item, arguments[0], f"{field}[{index}]") for index, item in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{field} must be a mapping, got {value!r}")
+        return {_typed(key, arguments[0], f"{field} key {key!r}"): _typed(item, arguments[1], f"{field}[{key!r}]") for key, item in value.items()}
+    try:
+        return as_option_type(value, kind, False, field)
+    except TypeError as error:
+        raise ValueError(str(error)) from None

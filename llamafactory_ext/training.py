@@ -33,7 +33,7 @@ from optimum_prune import ExpertDroppingSchedule, PERPConfig, PruningCallback
 
 from .distill import SECTION as DISTILL
 from .distill import DistillSection, split_distill
-from .sections import check_section
+from .sections import check_section, typed_values
 
 PERP = "perp"
 EXPERT_DROPPING = "expert_dropping"
@@ -87,7 +87,7 @@ def _section(name: str, config_class: type, section: Any, lf_args: Mapping[str, 
             f"the `{name}:` section needs finetuning_type: full (got {lf_args.get('finetuning_type', 'lora')!r}): "
             "LLaMA-Factory must not add adapters of its own"
         )
-    values = {key: tuple(value) if isinstance(value, list) else value for key, value in section.items()}
+    values = typed_values(name, config_class, section)
     try:
         return config_class(**values)
     except (TypeError, ValueError) as error:

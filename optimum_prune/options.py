@@ -46,13 +46,13 @@ def build_options(options_cls: type[Options], values: Mapping[str, Any], field: 
         valid = ", ".join(sorted(known)) or "none"
         raise ValueError(f"{field} has unknown option(s) {', '.join(unknown)}; valid options: {valid}")
     types = option_types(options_cls)
-    values = {name: _as_option_type(value, *types[name], f"{field}.{name}") for name, value in values.items()}
+    values = {name: as_option_type(value, *types[name], f"{field}.{name}") for name, value in values.items()}
     options = options_cls(**values)
     _check_applicable(options, field)
     return options
 
 
-def _as_option_type(value: Any, expected: type, optional: bool, field: str) -> Any:
+def as_option_type(value: Any, expected: type, optional: bool, field: str) -> Any:
     """``value`` as the option's type: numpy's numbers as Python's, and a whole number given for a float option
     as a float (7 from a command line or a YAML stores as 7.0, as Python's 7.0 does)."""
     if value is None and optional:
@@ -62,9 +62,13 @@ def _as_option_type(value: Any, expected: type, optional: bool, field: str) -> A
     if expected is int and isinstance(value, numbers.Integral):
         return int(value)
     if expected is float and isinstance(value, numbers.Real):
-        if not math.isfinite(value):
+        try:
+            number = float(value)
+        except OverflowError:  # an int past float range (a 400-digit YAML literal)
+            number = math.inf
+        if not math.isfinite(number):
             raise ValueError(f"{field} must be a finite number, got {value!r}")
-        return float(value)
+        return number
     if not isinstance(value, expected):
         raise TypeError(f"{field} must be {expected.__name__}, got {value!r}")
     return value

@@ -86,6 +86,13 @@ def whole_count(value: float) -> int:
     return math.floor(value * (1 + 1e-12))
 
 
+def nearest_count(value: float) -> int:
+    """The whole number nearest ``value``, a count of units to keep computed in floating point; an exact half
+    rounds up, keeping the larger count (``round`` rounds halves to even, so the direction followed the count:
+    2.5 experts kept 2, 5.5 kept 6; and 15 × (1 − 0.9) is 1.4999999999999996, a half all the same)."""
+    return whole_count(value + 0.5)
+
+
 def prune_lowest(scores: torch.Tensor, sparsity: float, per_row: bool) -> torch.Tensor:
     """Boolean mask (True = prune) of the ``sparsity`` fraction of lowest scores; equal scores go in order of
     position, as a stable sort orders them, and NaN scores count as the largest.

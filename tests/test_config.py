@@ -385,3 +385,9 @@ def test_an_option_typed_optional_takes_none_and_its_type():
     assert build_options(Blocks, {"block_size": None}, "method_options").block_size is None
     assert build_options(Blocks, {"block_size": 64}, "method_options").block_size == 64
 
+
+
+def test_a_float_option_past_float_range_is_a_value_error():
+    """A 400-digit integer (from a YAML or --moe-option) raised OverflowError from math.isfinite."""
+    with pytest.raises(ValueError, match="moe_options.expert_deviation must be a finite number"):
+        PruningConfig(moe_options={"expert_deviation": 10**400})

@@ -112,3 +112,10 @@ def test_a_sparsity_just_below_one_keeps_a_weight_per_row():
     """whole_count rounded n·s to 6 decimals before the floor: 1000 × 0.9999999996 became 1000, a whole row."""
     assert prune_lowest(torch.randn(4, 1000), 0.9999999996, per_row=True).sum(dim=1).tolist() == [999] * 4
     assert prune_lowest(torch.randn(2, 100), 0.29, per_row=True).sum(dim=1).tolist() == [29, 29]  # 28.999999999999996
+
+
+def test_nearest_count_rounds_every_half_up():
+    """round() took halves to even (2.5 → 2, 5.5 → 6), and 15 × (1 − 0.9) = 1.4999999999999996 is a half too."""
+    from optimum_prune.sparsity import nearest_count
+
+    assert [nearest_count(v) for v in (2.5, 5.5, 15 * (1 - 0.9), 60 * (1 - 0.675), 2.4999, 2.0)] == [3, 6, 2, 20, 2, 2]

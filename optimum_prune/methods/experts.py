@@ -30,6 +30,7 @@ from ..adapters import UnsupportedArchitecture
 from ..adapters.moe import expert_tokens
 from ..calibration import LayerInputs, feed_layer, feeding_inputs, walk_layers
 from ..options import check_choice, option
+from ..sparsity import nearest_count
 from .base import StructuredMethod, register_structured_method
 
 CRITERIA = ("reconstruction", "frequency", "reap")
@@ -168,8 +169,8 @@ class ExpertPruning(StructuredMethod[ExpertPruningOptions]):
 
 
 def experts_to_keep(adapter: Any, sparsity: float, requested: int) -> int:
-    """Experts per layer left by ``sparsity`` (fraction removed) or ``requested``, or a clear error. The nearest
-    count; an exact half keeps the larger (``round`` rounds halves to even: 2.5 kept 2 of 4, 5.5 kept 6 of 8)."""
+    """Experts per layer left by ``sparsity`` (fraction removed) or ``requested``, or a clear error: the nearest
+    count, an exact half keeping the larger (``sparsity.nearest_count``)."""
     layers = list(adapter.decoder_layers())
     counts = {len(adapter.experts(layer)) for layer in layers}
     if 0 in counts or len(counts) != 1:
@@ -184,7 +185,7 @@ def experts_to_keep(adapter: Any, sparsity: float, requested: int) -> int:
             )
         )
     total = counts.pop()
-    keep = requested or math.floor(total * (1 - sparsity) + 0.5)
+    keep = requested or nearest_count(total * (1 - sparsity))
     top_k = adapter.experts_per_token(adapter.moe_block(layers[0]))
     if top_k >= total:
         raise ValueError(f"the router picks top-{top_k} of {total} experts per layer: none can be removed")

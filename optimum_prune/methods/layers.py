@@ -25,6 +25,7 @@ from ..calibration.engine import on_device
 from ..calibration.gradients import calibration_gradients, calibration_perplexity, require_a_finite_score
 from ..ignoring import holds_ignored
 from ..options import check_choice, option
+from ..sparsity import nearest_count
 from ..statistics import BlockInfluence, token_cosine
 from .base import StructuredMethod, register_structured_method
 from .rerouting import REROUTE_HELP, fit_reroutes, reroute_runs
@@ -104,7 +105,7 @@ class LayerRemoval(StructuredMethod[LayerRemovalOptions]):
         self.adapter.require("keep_layers")  # before scoring: a family that cannot drop layers refuses up front
         self.adapter.check_unsliced("remove layers before slicing")
         layers = self.adapter.decoder_layers()
-        count = self.options.num_layers or round(self.sparsity * len(layers))
+        count = self.options.num_layers or len(layers) - nearest_count((1 - self.sparsity) * len(layers))  # a half keeps a layer
         if count == 0:
             raise ValueError(
                 f"PruningConfig.sparsity {self.sparsity} rounds to 0 of {len(layers)} layers; raise it or set "

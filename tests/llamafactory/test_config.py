@@ -570,3 +570,57 @@ def test_the_teacher_loads_in_teacher_dtype(tmp_path):
     tiny_model().save_pretrained(tmp_path / "teacher")
     section = DistillSection(DistillationConfig(), teacher=str(tmp_path / "teacher"), teacher_dtype="bfloat16")
     assert section.load_teacher("cpu").dtype == torch.bfloat16
+
+
+def split_training_sections(tmp_path, **sections):
+    (tmp_path / "dense").mkdir(exist_ok=True)
+    (tmp_path / "dense" / "config.json").write_text("{}")
+    base = {"stage": "sft", "finetuning_type": "full", "model_name_or_path": str(tmp_path / "dense")}
+    return TrainingSections.split({**base, **sections}, pruning=True)[1]
+
+
+@pytest.mark.parametrize(
+    ("sections", "message"),
+    [
+        ({"expert_dropping": {"final_experts": 2.5}}, "expert_dropping.final_experts must be int, got 2.5"),  # slice indices, mid-training
+        ({"perp": {"rank": 8.0}}, "perp.rank must be int, got 8.0"),  # new_empty(), when the adapters were built
+        ({"perp": {"alpha": "32"}}, "perp.alpha must be float, got '32'"),
+        ({"perp": {"norms": None}}, "perp.norms must be given a value"),  # a blank turned norm training off
+        ({"perp": {"target_modules": 5}}, "perp.target_modules must be a list, got 5"),
+        ({"distill": {"top_k": 0.5}}, "distill.top_k must be int, got 0.5"),  # topk(), mid-training
+        ({"distill": {"temperature": "2.0"}}, "distill.temperature must be float"),  # was "'<=' not supported ..."
+        ({"distill": {"exit_layer": "4", "exit_weight": 1.0}}, "distill.exit_layer must be int"),
+        ({"distill": {"hidden_weight": 1.0, "layer_map": {0: "x"}}}, r"distill.layer_map\[0\] must be int, got 'x'"),
+        ({"distill": {"kd_weight": True}}, "distill.kd_weight must be float, got True"),
+        ({"distill": {"teacher_dtype": ["bfloat16"]}}, "distill.teacher_dtype must be one of"),  # was a TypeError traceback
+    ],
+)
+def test_training_sections_check_each_values_type_before_anything_loads(tmp_path, sections, message):
+    """The dataclasses check ranges, not types: a wrong type failed once training ran, or read another way."""
+    with pytest.raises(ValueError, match=message):
+        split_training_sections(tmp_path, **sections)
+
+
+def test_training_sections_keep_well_typed_values(tmp_path):
+    sections = split_training_sections(
+        tmp_path, perp={"rank": 4, "alpha": 8, "target_modules": ["q_proj"]}, distill={"layer_map": {0: 1}, "hidden_weight": 1.0}
+    )
+    assert sections.perp.alpha == 8.0 and isinstance(sections.perp.alpha, float) and sections.perp.target_modules == ("q_proj",)
+    assert sections.distill.config.layer_map == {0: 1}
+
+
+@pytest.mark.parametrize("value", [False, 1.5, ["cpu"]])
+def test_an_activation_device_that_is_no_name_is_a_value_error(value):
+    """`activation_device: off` reads as false: torch.device raised a TypeError, a traceback from the CLI."""
+    with pytest.raises(ValueError, match="activation_device .* is not a device name"):
+        PruningSection.from_mapping({"method": "wanda", "sparsity": 0.5, "activation_device": value}, {"dataset": "x"})
+
+
+@pytest.mark.parametrize(
+    ("override", "message"), [("lora_target.5=1", "list index out of range"), ("lora_target.foo=1", "invalid literal for int")]
+)
+def test_an_override_omegaconf_cannot_apply_is_a_value_error_naming_it(tmp_path, override, message):
+    """OmegaConf's ConfigIndexError was a traceback from the CLI; its ValueError did not name the override."""
+    path = write_yaml(tmp_path / "c.yaml", {"stage": "sft", "lora_target": ["q_proj", "v_proj"]})
+    with pytest.raises(ValueError, match=rf"override '{override}' cannot be applied: {message}"):
+        read_yaml(path, [override])

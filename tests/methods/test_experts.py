@@ -235,3 +235,5 @@ def test_sparsity_rounds_to_the_nearest_expert_count():
     assert experts_to_keep(adapter, 0.3, 0) == 3  # 4 × 0.7 = 2.8 experts kept: 3, not 2 (removing 50 % for a 30 % request)
     assert experts_to_keep(adapter, 0.45, 0) == 2
     assert experts_to_keep(adapter, 0.375, 0) == 3  # an exact half keeps the larger count (round() gave 2: halves to even)
+    many = get_adapter(tiny_moe(num_local_experts=15))
+    assert experts_to_keep(many, 0.9, 0) == 2  # 15 × (1 − 0.9) = 1.4999999999999996: a half, so 2 (1 was refused, below top-2)

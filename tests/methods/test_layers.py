@@ -167,7 +167,15 @@ def test_a_layer_count_is_reported_as_the_sparsity_it_removes():
     assert report.sparsity == pytest.approx(2 / 6) and str(report).startswith("Pruning report: layers 0.3333, on cpu")
     assert PruningConfig.from_dict(model.config.pruning_config) == config
     rounded = prune(tiny_model(num_hidden_layers=3), PruningConfig(method="layers", sparsity=0.5), calibration=token_windows())
-    assert rounded.sparsity == pytest.approx(2 / 3)  # 0.5 of 3 layers rounds to 2 whole layers
+    assert rounded.sparsity == pytest.approx(1 / 3)  # 0.5 of 3 layers: 1.5 keeps the larger count, 2 layers
+
+
+@pytest.mark.parametrize(("layers", "removed"), [(3, 1), (5, 2), (7, 3), (4, 2)])
+def test_half_a_layer_keeps_the_layer_whatever_the_count(layers, removed):
+    """round() took halves to even: sparsity 0.5 removed 2 of 3 layers, 2 of 5 and 4 of 7."""
+    model = tiny_model(num_hidden_layers=layers)
+    prune(model, PruningConfig(method="layers", sparsity=0.5), calibration=token_windows(2, 16))
+    assert model.config.num_hidden_layers == layers - removed
 
 
 def test_merge_of_two_removed_layers_into_one_target_adds_both_differences():
