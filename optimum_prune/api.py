@@ -134,7 +134,7 @@ def prune(
     adapter = get_adapter(model)
     if offload is None:  # a LayerStream holds the layers it has not read yet on the meta device itself
         _check_materialised(model, config)
-        _check_finite(model)
+        check_finite(model)
     _check_no_peft_adapters(model)
     device = next(model.parameters()).device if device is None else check_device(device)
     _check_unquantized(adapter, config)
@@ -415,7 +415,7 @@ def _check_materialised(model: nn.Module, config: PruningConfig) -> None:
     refuse_offloaded(model, "pruning rewrites weights in place", f"; or {from_disk}")
 
 
-def _check_finite(model: nn.Module) -> None:
+def check_finite(model: nn.Module) -> None:
     """A NaN or inf weight (a corrupt checkpoint, an earlier float16 overflow) makes the model's outputs and every
     calibration statistic after it NaN, and a mask chosen from NaN scores is one by position: refused before any
     change. (Layers streamed from disk are checked as they run: ``calibration.engine.require_finite``.)"""
@@ -847,7 +847,7 @@ def check_device(device: str | torch.device, field: str = "device") -> torch.dev
     """``device`` as a ``torch.device`` this machine has, or an error naming ``field``."""
     try:
         resolved = torch.device(device)
-    except RuntimeError:
+    except (RuntimeError, TypeError):  # TypeError: not a string at all (YAML reads `off` as false)
         raise ValueError(f"{field} {str(device)!r} is not a device name (e.g. cpu, cuda, cuda:1)") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{field} {str(device)!r} was requested but CUDA is not available here; use cpu")

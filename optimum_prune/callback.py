@@ -45,6 +45,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from .expert_dropping import ExpertDroppingCallback, ExpertDroppingSchedule
 from .adapters import get_adapter
+from .calibration.engine import all_finite
 from .dispatch import refuse_offloaded
 from .distributed import all_reduce_sum
 from .ignoring import check_ignore_patterns
@@ -443,6 +444,11 @@ class PruningCallback(TrainerCallback):
         if norms.tokens == 0:  # an MoE expert no token was routed to since the previous step: its weights alone
             logger.info("PruningCallback: no training token reached %s since the previous pruning step: scored by magnitude", name)
             return linear.weight.detach().abs().float()
+        if not all_finite(norms.squared):  # one overflowing forward; all-inf or NaN scores would prune by position
+            raise ValueError(
+                f"PruningCallback: the activation norms of {name} since the previous pruning step are NaN or inf (a "
+                "training forward overflowed, e.g. in float16): train in bfloat16 or float32, or use score='magnitude'"
+            )
         scores = wanda_scores(linear.weight, norms)
         self._norms[name] = ColumnNorms(linear.in_features, linear.weight.device)  # next interval starts afresh
         return scores

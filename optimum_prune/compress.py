@@ -22,7 +22,7 @@ from torch import nn
 from transformers import GPTQConfig, QuantoConfig
 
 from .adapters import UnsupportedArchitecture
-from .api import check_architecture, prune
+from .api import check_architecture, check_finite, prune
 from .calibration import CalibrationSource, calibration_windows
 from .config import PruningConfig
 from .dependencies import MissingDependency
@@ -77,6 +77,7 @@ def compress(
         from .quanto import check_packing
 
         check_packing(model, steps[-1], f"recipe[{len(steps) - 1}]")
+    check_finite(model)  # a quantizer would fail on it mid-way, the layers before already rewritten
     gptq_windows = _gptq_windows(model, steps, calibration, tokenizer)
     reports = []
     for step in steps:

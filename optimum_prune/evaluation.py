@@ -84,12 +84,7 @@ def evaluate_perplexity(
                 del logits
     finally:
         model.train(was_training)
-    if math.isnan(total_nll):
-        raise ValueError(
-            "the model's next-token loss is NaN on the evaluation text: its logits are not finite (weights holding NaN "
-            "or inf, or a float16 overflow: evaluate in bfloat16 or float32)"
-        )
-    return exp_or_inf(total_nll / (windows * (seq_len - 1)))
+    return exp_or_inf(_a_number(total_nll, "the evaluation text") / (windows * (seq_len - 1)))
 
 
 def evaluate_image_text_loss(
@@ -140,4 +135,14 @@ def evaluate_image_text_loss(
                 del logits
     finally:
         model.train(was_training)
-    return total_nll / total_tokens
+    return _a_number(total_nll, "the captions") / total_tokens
+
+
+def _a_number(total_nll: float, scored: str) -> float:
+    """``total_nll``, or an error where it is NaN: a NaN printed as a result reads as a measurement."""
+    if math.isnan(total_nll):
+        raise ValueError(
+            f"the model's next-token loss is NaN on {scored}: its logits are not finite (weights holding NaN or inf, or "
+            "a float16 overflow: evaluate in bfloat16 or float32)"
+        )
+    return total_nll

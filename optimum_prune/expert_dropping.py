@@ -32,6 +32,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from .adapters import DecoderAdapter, get_adapter
 from .distributed import all_reduce_sum
 from .ignoring import check_ignore_patterns, kept_moe_layers
+from .sparsity import nearest_count
 from .statistics import RealTokens, end_training_run, forget_compiled_graphs, start_training_run
 from .structure.loading import record_structure
 
@@ -60,7 +61,7 @@ class ExpertDroppingSchedule:
         if step < self.start_step:
             return experts
         progress = min(1.0, (step - self.start_step) / (end_step - self.start_step))
-        return max(self.final_experts, round(experts - progress * (experts - self.final_experts)))
+        return max(self.final_experts, nearest_count(experts - progress * (experts - self.final_experts)))
 
 
 class _LayerRouting:
@@ -79,9 +80,14 @@ class _LayerRouting:
     def _route(self, _module: nn.Module, _args: tuple, logits: torch.Tensor) -> torch.Tensor:
         logits = logits.masked_fill(self.dropped.to(logits.device), torch.finfo(logits.dtype).min)
         if self.block.training:
-            chosen = self.adapter.route(self.block, self.real_tokens.of(logits.detach()))[1].reshape(-1)
+            real = self.real_tokens.of(logits.detach())
+            chosen = self.adapter.route(self.block, real)[1]
+            # A token whose logits are NaN (a forward that overflowed, whose step GradScaler skips) chose nothing:
+            # its choices go to a bin past the experts (bincount with weights is not deterministic on CUDA).
+            experts = len(self.counts)
+            chosen = chosen.masked_fill(~real.isfinite().all(-1, keepdim=True), experts).reshape(-1)
             self.counts = self.counts.to(chosen.device)  # counted where routing runs: no device sync per call
-            self.counts += torch.bincount(chosen, minlength=len(self.counts))
+            self.counts += torch.bincount(chosen, minlength=experts + 1)[:experts]
         return logits
 
     def drop_to(self, keep: int) -> None:
@@ -122,9 +128,14 @@ class ExpertDroppingCallback(TrainerCallback):
                 f"ExpertDroppingSchedule.final_experts ({self.schedule.final_experts}) is below the router's top-{top_k}: "
                 f"keep at least {top_k} experts"
             )
+        experts = max(len(self.adapter.block_experts(block)) for _, block in blocks)
+        if self.schedule.final_experts >= experts:  # it would drop nothing, without a word
+            raise ValueError(
+                f"ExpertDroppingSchedule.final_experts ({self.schedule.final_experts}) is not below the model's {experts} "
+                f"experts per layer: keep fewer, between {top_k} and {experts - 1}"
+            )
         self.end_step = self.schedule.end_step or max(self.schedule.start_step + 1, state.max_steps // 2)
         if self.end_step > state.max_steps:
-            experts = len(self.adapter.block_experts(blocks[0][1]))
             logger.warning(
                 "ExpertDroppingSchedule.end_step (%d) is past the run's %d steps: it ends at %d experts per layer, not "
                 "final_experts=%d; lower end_step",

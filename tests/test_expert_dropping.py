@@ -262,3 +262,30 @@ def test_resuming_after_the_drops_from_a_checkpoint_that_does_not_record_them_is
     with pytest.raises(ValueError, match="does not record which experts were dropped"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
 
+
+
+def test_final_experts_not_below_the_models_count_is_refused(tmp_path):
+    """final_experts=6 on a 4-expert model dropped nothing, without a word (kept_at even rose above the count)."""
+    callback = ExpertDroppingCallback(ExpertDroppingSchedule(final_experts=4, start_step=0, end_step=4, every=2))
+    with pytest.raises(ValueError, match=r"final_experts \(4\) is not below the model's 4 experts per layer: keep fewer, between 2 and 3"):
+        Trainer(model=tiny_moe().train(), args=training_args(tmp_path, 6), train_dataset=dataset(), callbacks=[callback]).train()
+
+
+def test_a_token_with_nan_router_logits_counts_for_no_expert():
+    """One overflowing training forward sent all its tokens to experts 5 and 6 (NaN logits' top-k), which then stayed."""
+    from optimum_prune.expert_dropping import _LayerRouting
+    from optimum_prune.statistics import RealTokens
+
+    model = tiny_moe(num_local_experts=8, num_hidden_layers=1).train()
+    adapter = get_adapter(model)
+    routing = _LayerRouting(adapter, adapter.decoder_layers()[0], RealTokens(model))
+    vocab = model.config.vocab_size
+    with torch.no_grad():
+        model(input_ids=token_windows(samples=2, seq_len=16, seed=1, vocab=vocab))
+        clean = routing.counts.tolist()
+        weight = model.model.layers[0].post_attention_layernorm.weight
+        saved = weight.clone()
+        weight[:] = float("nan")
+        model(input_ids=token_windows(samples=2, seq_len=16, seed=2, vocab=vocab))
+        weight.copy_(saved)
+    assert routing.counts.tolist() == clean and sum(clean) == 2 * 16 * 2

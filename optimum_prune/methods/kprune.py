@@ -68,7 +68,7 @@ from torch import nn
 from transformers.utils.logging import tqdm
 
 from ..calibration import LayerInputs, capture_first_layer_inputs, feed_layer, run_layer
-from ..calibration.engine import on_device
+from ..calibration.engine import all_finite, on_device
 from ..calibration.gradients import grad_only, language_model_logits, overflowed, with_loss_scale
 from ..options import check_choice, option
 from .base import StructuredMethod, register_structured_method
@@ -320,6 +320,11 @@ class TeacherTargets:
         with torch.no_grad():
             for window in tqdm(windows, desc="Dense predictions", leave=False):
                 logits = language_model_logits(model, window.unsqueeze(0).to(device)).float()
+                if not all_finite(logits):  # torch.multinomial would fail later, after layers were pruned
+                    raise ValueError(
+                        "K-prune: the dense model's logits are NaN or inf on the calibration windows (its activations "
+                        "overflow, e.g. in float16, or its weights hold NaN): prune it in bfloat16 or float32"
+                    )
                 ids = logits.topk(min(k, logits.shape[-1] - 1), dim=-1).indices
                 indices.append(ids)
                 log_probabilities.append(_coarse_log_softmax(logits, ids, temperature))

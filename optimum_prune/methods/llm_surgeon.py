@@ -154,8 +154,7 @@ def kfac_factors(
         sums[linear][1].add_((a.T @ a).to(sums[linear][1].device))
 
         def backward(gradient: torch.Tensor) -> None:
-            g = gradient.detach().float().reshape(-1, linear.out_features)
-            g = torch.nan_to_num(g) if scale == 1 else g / scale  # a scaled pass's overflow must show
+            g = gradient.detach().float().reshape(-1, linear.out_features) / scale
             sums[linear][0].add_((g.T @ g).to(sums[linear][0].device))
 
         output.register_hook(backward)
@@ -168,7 +167,8 @@ def kfac_factors(
         with grad_only(model, []), torch.enable_grad():
             for window in tqdm(windows, desc="K-FAC curvature", leave=False):
                 (language_model_loss(model, window.unsqueeze(0).to(device)) * scale).backward()
-        return None if overflowed(g for g, _ in sums.values()) else True
+        # Non-finite inputs too (activations that overflowed): NaN curvature read as dead units pruned layers whole.
+        return None if overflowed(total for pair in sums.values() for total in pair) else True
 
     handles = [linear.register_forward_hook(forward) for linear in linears]
     # Weights take no gradient; making the embeddings' output require one makes autograd reach every linear's output.

@@ -90,7 +90,7 @@ class SparseGPTPruner(LayerPruner[SparseGPTOptions]):
         if not bool(H.isfinite().all()):  # finite inputs whose squares pass float32's range (a channel above ~1e19)
             raise NonFiniteStatistics(
                 "its Hessian (the float32 mean of x·xᵀ over the calibration tokens) overflowed: an input channel is "
-                "larger than ~1e19; prune this linear with wanda or magnitude, or list it in PruningConfig.ignore"
+                "larger than ~1e19; prune this linear with magnitude, or list it in PruningConfig.ignore"
             )
         columns = W.shape[1]
         block = self.options.block_size

@@ -125,3 +125,69 @@ def test_the_cli_stops_at_a_nan_dense_perplexity_and_writes_nothing(tmp_path, bp
         main(argv)
     assert stopped.value.code != 0 and "loss is NaN" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("method", "sparsity"), [("llm_surgeon", 0.5), ("llm_surgeon_structured", 0.4)])
+def test_llm_surgeon_stops_at_non_finite_curvature(method, sparsity):
+    """NaN K-FAC factors (14 of 21) read as dead units: layer 0 pruned whole, layer 2 left dense, 0.5 reported."""
+    with pytest.raises(ValueError, match="calibration gradients are not finite even at loss scale 1"):
+        prune(overflowing_in_layer_1(), PruningConfig(method=method, sparsity=sparsity, method_options={"shots": 2}), calibration=token_windows())
+
+
+def test_kprune_names_non_finite_dense_predictions():
+    """torch.multinomial failed on the teacher's NaN probabilities after layer 0 was being scored."""
+    with pytest.raises(ValueError, match="K-prune: the dense model's logits are NaN or inf"):
+        prune(overflowing_in_layer_1(), PruningConfig(method="kprune", sparsity=0.3), calibration=token_windows())
+
+
+def test_wanda_names_a_linear_whose_squared_norms_overflow():
+    """Inputs of ~1e20 compensated in q/k/v's weights (the model computes as before): their squares pass float32's
+    range, all-inf scores, and q_proj was pruned by position."""
+    model = tiny_model()
+    with torch.no_grad():
+        model.model.layers[1].input_layernorm.weight.mul_(1e20)
+        for name in ("q_proj", "k_proj", "v_proj"):
+            getattr(model.model.layers[1].self_attn, name).weight.mul_(1e-20)
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.q_proj: its inputs' squared norms .* overflowed"):
+        prune(model, PruningConfig(method="wanda", sparsity=0.5), calibration=token_windows())
+
+
+def test_a_wanda_schedule_stops_at_norms_a_training_forward_made_nan(tmp_path):
+    """One overflowing training forward (GradScaler skips its step) left NaN norms: 11 linears pruned by position."""
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from optimum_prune import GradualSchedule, PruningCallback
+
+    callback = PruningCallback(GradualSchedule(final_sparsity=0.5, start_step=0, end_step=1, every=1, score="wanda"))
+    model = tiny_model()
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    callback.on_train_begin(args, TrainerState(max_steps=2), TrainerControl(), model=model)
+    try:
+        model.train()
+        with torch.no_grad():
+            model(input_ids=token_windows(samples=2, seq_len=8, seed=1))
+            weight = model.model.layers[1].input_layernorm.weight
+            saved = weight.clone()
+            weight[:4] = float("nan")
+            model(input_ids=token_windows(samples=2, seq_len=8, seed=2))
+            weight.copy_(saved)
+        with pytest.raises(ValueError, match=r"activation norms of model\.layers\.1\.\S+ since the previous pruning step are NaN"):
+            callback.on_step_end(args, TrainerState(global_step=1, max_steps=2), TrainerControl())
+    finally:
+        callback._remove_hooks()
+
+
+def test_compress_refuses_a_model_holding_nan_before_any_step():
+    """gptqmodel failed at the NaN layer ("NaN loss ... increase calibration samples"), layer 0 already rewritten."""
+    pytest.importorskip("gptqmodel")
+    from transformers import GPTQConfig
+
+    from optimum_prune import compress
+
+    model = tiny_model(hidden_size=128, intermediate_size=256)
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    before = snapshot(model)
+    with pytest.raises(ValueError, match=r"parameter model\.layers\.1\.mlp\.up_proj\.weight holds NaN or inf"):
+        compress(model, [GPTQConfig(bits=4, group_size=32)], calibration=token_windows())
+    assert unchanged(model, before)

@@ -358,3 +358,11 @@ def test_the_report_counts_every_image_of_a_batch_holding_two(llava, llava_proce
     report = prune(llava, {"method": "wanda", "parts": {"vision": {}, "language": {}}}, [dict(batch)])
     assert report.calibration_images == 2
 
+
+
+def test_image_text_loss_refuses_a_nan_loss(llava, llava_processor):
+    """It returned nan, a number to print, where evaluate_perplexity refuses."""
+    with torch.no_grad():
+        llava.model.language_model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
+    with pytest.raises(ValueError, match="next-token loss is NaN on the captions"):
+        evaluate_image_text_loss(llava, llava_processor, image_text_pairs("evaluation")[:2])
