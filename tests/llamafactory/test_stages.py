@@ -698,6 +698,9 @@ def test_tokens_the_yaml_adds_get_embeddings_before_pruning(workspace, tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out" / "pruned")
     assert pruned.get_input_embeddings().weight.shape[0] >= len(tokenizer) > tokenizer.convert_tokens_to_ids("<think>")  # LLaMA-Factory pads to 64
     assert (tmp_path / "out" / "merged" / "config.json").is_file()
+    # Training keeps resize_vocab, so LoRA saves embed_tokens whole and the new rows train, as without pruning.
+    saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())["modules_to_save"] or []
+    assert any("embed_tokens" in name for name in saved), saved
 
 
 def test_a_missing_or_damaged_model_is_one_clear_error(workspace, tmp_path, capsys):
@@ -722,19 +725,3 @@ def test_an_export_dir_the_merge_could_not_replace_is_refused_before_pruning(wor
               "pruning": {"method": "magnitude", "sparsity": 0.5}}  # fmt: skip
     assert "a-file exists and is not a directory" in refused(tmp_path, capsys, config)
     assert not (tmp_path / "out").exists()
-
-
-def test_added_tokens_embeddings_train_with_the_adapter_after_pruning(workspace, tmp_path):
-    """Tokens the YAML adds (add_special_tokens) resize the pruned model's vocabulary: LoRA then saves embed_tokens
-    and lm_head whole, as LLaMA-Factory does for an unpruned model (resize_vocab), so the new rows are trained."""
-    data = tmp_path / "data"
-    shutil.copytree(workspace / "data", data)
-    rows = json.loads((data / "wiki_sft.json").read_text())[:32]
-    (data / "think.json").write_text(json.dumps([{**row, "output": "<think> " + row["output"]} for row in rows]))
-    info = json.loads((data / "dataset_info.json").read_text())
-    (data / "dataset_info.json").write_text(json.dumps({**info, "think": {**info["wiki_sft"], "file_name": "think.json"}}))
-    training = {**LORA_TRAINING, "dataset": "think", "dataset_dir": str(data), "add_special_tokens": "<think>", "max_steps": 1}
-    config = {**base_args(workspace, tmp_path / "out", **training), "pruning": {"method": "magnitude", "sparsity": 0.5}}
-    train(tmp_path, config)
-    saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())["modules_to_save"] or []
-    assert any("embed_tokens" in name for name in saved), saved
