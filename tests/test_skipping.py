@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from optimum_prune import skip_experts, skipping_thresholds
+from optimum_prune.adapters import get_adapter
+from optimum_prune.skipping import moe_blocks
 
 from .adapters.test_moe import FAMILIES, tiny_moe
 from .conftest import tiny_model, token_windows
@@ -281,3 +283,25 @@ def test_padding_adds_no_skipped_calls():
     layers = model.config.num_hidden_layers
     assert (skipping.expert_calls, skipping.skipped_calls, skipping.skip_rate) == (4 * 2 * layers, 4 * layers, 0.5)
 
+
+def test_per_layer_betas_apply_to_their_own_layer():
+    """beta=[0, 1]: the first MoE layer runs as routed, the second keeps only each token's top expert."""
+    model, ids = tiny_moe(), token_windows(2, 12)
+    blocks = moe_blocks(get_adapter(model), "test")
+    assert len(blocks) == 2
+
+    def block_outputs():
+        found = []
+        handles = [block.register_forward_hook(lambda _m, _a, output: found.append(output[0].detach().clone())) for block in blocks]
+        with torch.no_grad():
+            model(ids)
+        for handle in handles:
+            handle.remove()
+        return found
+
+    dense = block_outputs()
+    skipping = skip_experts(model, beta=[0.0, 1.0])
+    patched = block_outputs()
+    skipping.remove()
+    torch.testing.assert_close(patched[0], dense[0])
+    assert skipping.skipped_calls > 0

@@ -1,5 +1,7 @@
 """K-prune: the coarsened knowledge KL, the budgeted threshold, knowledge-preserving tuning, reload."""
 
+import copy
+
 import pytest
 import torch
 
@@ -171,3 +173,95 @@ def test_predictive_score_is_the_mean_over_windows_of_half_the_squared_mask_grad
     for component, total, score in zip(components, squared, scores):
         expected = (total / len(windows)).reshape(component.removable + 1, -1).mean(1) / component.unit_parameters
         torch.testing.assert_close(score.double(), expected, rtol=1e-3, atol=1e-12)
+
+
+def test_weight_tuning_of_a_biased_output_projection_fits_around_its_bias():
+    """o_proj / down_proj with a bias: the least squares fit the target minus the bias, so tuning helps there too."""
+    dense = tiny_model(attention_bias=True, mlp_bias=True)
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(0)
+        for layer in dense.model.layers:
+            for linear in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                linear.bias.copy_(0.5 * torch.randn(linear.bias.shape, generator=generator))
+    windows = token_windows(samples=MIN_TOKENS_PER_COLUMN * 4)
+    with torch.no_grad():
+        reference = dense(input_ids=windows).logits
+    errors = {}
+    for tune in (False, True):
+        model = copy.deepcopy(dense)
+        prune(model, PruningConfig(method="kprune", sparsity=0.3, method_options={"tune": tune}), calibration=windows)
+        with torch.no_grad():
+            errors[tune] = float((model(input_ids=windows).logits - reference).square().mean())
+    assert errors[True] < 0.8 * errors[False], errors
+
+
+def test_without_tuning_no_sublayer_is_reported_as_left_untuned_for_too_few_tokens():
+    """tune=False asks for no refit: the note about too few calibration tokens must not appear."""
+    report = prune(tiny_model(), PruningConfig(method="kprune", sparsity=0.3, method_options={"tune": False}),
+                   calibration=token_windows(samples=2, seq_len=16))
+    assert report.removed and not any("weight tuning skipped" in note for note in report.notes)
+
+
+def test_a_sublayer_that_loses_no_unit_is_left_as_it_is():
+    dense, model = tiny_model(), tiny_model()
+    prune(model, PruningConfig(method="kprune", sparsity=0.05), calibration=token_windows(samples=MIN_TOKENS_PER_COLUMN * 4))
+    untouched = 0
+    for before, after in zip(dense.model.layers, model.model.layers):
+        for name in ("self_attn.o_proj", "mlp.down_proj"):
+            old, new = before.get_submodule(name), after.get_submodule(name)
+            if new.in_features == old.in_features:
+                untouched += 1
+                assert torch.equal(new.weight, old.weight), name
+    assert untouched
+
+
+
+
+def _streams_after_attention(model, windows):
+    streams, entering = [], {}
+    handles = []
+    for layer in model.model.layers:
+        handles.append(layer.register_forward_pre_hook(lambda m, args, kwargs: entering.update(x=(args[0] if args else kwargs["hidden_states"])), with_kwargs=True))
+        handles.append(layer.self_attn.register_forward_hook(lambda m, args, output: streams.append(entering["x"] + output[0])))
+    with torch.no_grad():
+        model(input_ids=windows)
+    for handle in handles:
+        handle.remove()
+    return streams
+
+
+def test_attention_refit_reproduces_the_dense_stream_after_the_attention():
+    """The first sublayer that loses heads is refitted so that the stream leaving it matches the dense one
+    (least squares on the calibration tokens): closer than the cut alone, whatever the MLP after it adds."""
+    windows = token_windows(samples=MIN_TOKENS_PER_COLUMN * 4)
+    dense = tiny_model()
+    with torch.no_grad():
+        for layer in dense.model.layers:
+            layer.mlp.down_proj.weight.mul_(30)  # an MLP whose output is not negligible next to the attention's
+    reference = _streams_after_attention(dense, windows)
+    errors = {}
+    for tune in (False, True):
+        model = copy.deepcopy(dense)
+        prune(model, PruningConfig(method="kprune", sparsity=0.15, method_options={"tune": tune, "components": "attention"}),
+              calibration=windows)
+        first = next(i for i, layer in enumerate(model.model.layers) if layer.self_attn.k_proj.out_features < 32)
+        errors[tune] = float((_streams_after_attention(model, windows)[first] - reference[first]).square().mean())
+    assert errors[True] < errors[False], errors
+
+
+def test_the_damping_option_shrinks_the_refit():
+    """A heavier ridge gives a different, smaller refit of the kept columns."""
+    windows = token_windows(samples=MIN_TOKENS_PER_COLUMN * 4)
+    norms = {}
+    for damping in (0.0, 10.0):
+        model = tiny_model()
+        prune(model, PruningConfig(method="kprune", sparsity=0.3, method_options={"damping": damping}), calibration=windows)
+        norms[damping] = sum(float(layer.mlp.down_proj.weight.norm()) for layer in model.model.layers)
+    assert norms[10.0] < 0.9 * norms[0.0], norms
+
+
+def test_the_kl_gradient_is_zero_while_the_model_is_dense():
+    """predictive_gradient='kl' (the official code's): at the dense model K_pred is at its minimum, so Z_pred = 0."""
+    options = KPruneOptions(predictive_weight=1.0, representational_weight=0.0, head_weight=1.0, predictive_gradient="kl")
+    _, _, _, scores = _scores(options, token_windows(samples=2, seq_len=16))
+    assert max(float(score.abs().max()) for score in scores) < 1e-10

@@ -225,3 +225,47 @@ def test_damping_is_relative_to_the_mean_diagonal():
     factor = x.T @ x
     expected = torch.linalg.inv(factor + 0.1 * factor.diagonal().mean() * torch.eye(5, dtype=torch.float64))
     torch.testing.assert_close(damped_inverse(factor, 0.1).double(), expected, rtol=1e-4, atol=1e-12)
+
+
+def test_weights_removed_by_an_earlier_shot_do_not_enter_the_solve():
+    """Module docstring: weights already zero are zeroed again after the update, not constrained in it, so a mask
+    holding them updates the rest exactly as the mask of the new removals alone does."""
+    g_inverse, a_inverse = torch.linalg.inv(_spd(5, 1)), torch.linalg.inv(_spd(6, 2))
+    earlier = torch.zeros(5, 6, dtype=torch.bool)
+    earlier[1, 3] = earlier[3, 0] = True
+    new = torch.zeros(5, 6, dtype=torch.bool)
+    new[0, 1] = new[2, 2] = new[4, 5] = True
+    first, second = _linear(), _linear()
+    with torch.no_grad():
+        first.weight[earlier] = 0
+        second.weight[earlier] = 0
+    correlated_update(first, earlier | new, g_inverse, a_inverse, max_correlate=100)
+    correlated_update(second, new, g_inverse, a_inverse, max_correlate=100)
+    with torch.no_grad():
+        second.weight[earlier] = 0
+    torch.testing.assert_close(first.weight, second.weight)
+
+
+def test_each_nm_shot_gives_its_share_of_the_groups_the_pattern(monkeypatch):
+    """N:M over T = 2 shots: the first shot gives half of the groups the pattern (fraction 1/2), the last all of them."""
+    from optimum_prune import PruningConfig, prune
+    from optimum_prune.methods import llm_surgeon
+
+    from tests.conftest import tiny_model, token_windows
+
+    fractions, original = [], llm_surgeon.nm_masks
+    monkeypatch.setattr(llm_surgeon, "nm_masks", lambda costs, pattern, fraction: fractions.append(fraction) or original(costs, pattern, fraction))
+    prune(tiny_model(), PruningConfig(method="llm_surgeon", sparsity="2:4", method_options={"shots": 2}), calibration=token_windows(samples=2, seq_len=16))
+    assert fractions == [0.5, 1.0]
+
+
+def test_a_weight_whose_input_never_fires_costs_nothing():
+    """Eq. 10 with a dead input column (A's row and column zero, so [A⁻¹]_cc = 0): its weights cost 0 (they do not touch
+    the loss), not W² / 0."""
+    from optimum_prune.methods.llm_surgeon import damped_inverse, element_costs
+
+    a = _spd(6, 2)
+    a[2], a[:, 2] = 0, 0
+    g_inverse, a_inverse = damped_inverse(_spd(5, 1), 0.01), damped_inverse(a, 0.01)
+    costs = element_costs(_linear().weight, g_inverse, a_inverse)
+    assert (costs[:, 2] == 0).all() and (costs[:, [0, 1, 3, 4, 5]] > 0).all()

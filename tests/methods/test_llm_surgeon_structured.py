@@ -205,3 +205,81 @@ def test_cut_linears_report_their_true_widths():
     for module in model.modules():
         if isinstance(module, nn.Linear):
             assert (module.out_features, module.in_features) == tuple(module.weight.shape)
+
+
+def test_coupling_all_keeps_the_kept_groups_key_value_rows_alive():
+    """A removed key/value group's rows are zeroed by its update; the kept group's must stay non-zero."""
+    model = tiny_model()
+    prune(model, PruningConfig(method="llm_surgeon_structured", sparsity=0.1,
+                               method_options={"shots": 1, "coupling": "all", "components": "attention"}),
+          calibration=token_windows(samples=2, seq_len=16))
+    cut = 0
+    for layer in model.model.layers:
+        attention = layer.self_attn
+        head_dim = attention.head_dim
+        cut += attention.k_proj.out_features < 32
+        for projection in (attention.k_proj, attention.v_proj):
+            for group in projection.weight.reshape(-1, head_dim, projection.in_features):
+                assert group.abs().sum() > 0
+    assert cut
+
+
+def test_coupling_all_updates_the_mlp_producers_of_the_kept_channels():
+    """With 'all' the removed channels' gate/up rows take part in the correlated update, so the kept rows move
+    (with 'output' they are left exactly as they were)."""
+    dense, model = tiny_model(), tiny_model()
+    prune(model, PruningConfig(method="llm_surgeon_structured", sparsity=0.1,
+                               method_options={"shots": 1, "coupling": "all", "components": "mlp"}),
+          calibration=token_windows(samples=2, seq_len=16))
+    moved = 0
+    for before, after in zip(dense.model.layers, model.model.layers):
+        if after.mlp.up_proj.out_features == before.mlp.up_proj.out_features:
+            continue
+        for name in ("gate_proj", "up_proj"):
+            original, now = getattr(before.mlp, name).weight, getattr(after.mlp, name).weight
+            # every kept row differs from every original row: nothing is a plain copy
+            matches = (now[:, None, :] == original[None, :, :]).all(-1).any(-1)
+            moved += int((~matches).sum())
+    assert moved > 0
+
+
+def test_one_shot_updates_each_linear_for_all_its_removed_units_together(monkeypatch):
+    """Several units of one component removed in a shot: the correlated update sees all their columns at once
+    (the paper's max_correlate=0), not only the first unit's."""
+    from optimum_prune.methods import llm_surgeon_structured
+
+    seen, original_remove = [], llm_surgeon_structured.LLMSurgeonStructured._remove
+    original_update = llm_surgeon_structured._correlated_structure_update
+
+    def remove(self, layer, component, units, indices, inverses):
+        width = len(units[0][0].indices)
+        seen.append(("removed", len(indices) * width))
+        return original_remove(self, layer, component, units, indices, inverses)
+
+    def update(part, g_inverse, a_inverse):
+        seen.append(("updated", len(part.indices)))
+        return original_update(part, g_inverse, a_inverse)
+
+    monkeypatch.setattr(llm_surgeon_structured.LLMSurgeonStructured, "_remove", remove)
+    monkeypatch.setattr(llm_surgeon_structured, "_correlated_structure_update", update)
+    prune(tiny_model(), PruningConfig(method="llm_surgeon_structured", sparsity=0.2, method_options={"shots": 1, "components": "mlp"}),
+          calibration=token_windows(samples=2, seq_len=16))
+    pairs = list(zip(seen[::2], seen[1::2]))  # output coupling: one update (the down_proj columns) per _remove
+    assert pairs and any(r[1] > 1 for r, _ in pairs)
+    for (kind_r, columns), (kind_u, updated) in pairs:
+        assert kind_r == "removed" and kind_u == "updated" and updated == columns
+
+
+def test_coupling_all_updates_the_query_rows_of_the_kept_heads():
+    """With 'all' a removed group's query rows take part in the correlated update of q_proj: the kept query rows move."""
+    dense, model = tiny_model(), tiny_model()
+    prune(model, PruningConfig(method="llm_surgeon_structured", sparsity=0.1,
+                               method_options={"shots": 1, "coupling": "all", "components": "attention"}),
+          calibration=token_windows(samples=2, seq_len=16))
+    moved = 0
+    for before, after in zip(dense.model.layers, model.model.layers):
+        original, now = before.self_attn.q_proj.weight, after.self_attn.q_proj.weight
+        if now.shape[0] == original.shape[0]:
+            continue
+        moved += int((~(now[:, None, :] == original[None, :, :]).all(-1).any(-1)).sum())
+    assert moved > 0

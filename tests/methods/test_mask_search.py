@@ -123,3 +123,19 @@ def test_tuned_scales_are_the_least_squares_masks_of_the_kept_units(kind, dampin
     gram += damping * gram.diagonal().mean() * torch.eye(len(kept), dtype=gram.dtype)
     expected = torch.linalg.solve(gram, features.T @ (x @ w.T).flatten())
     torch.testing.assert_close(scales.double(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_the_search_keeps_one_unit_of_every_component():
+    # the second component's units are all the cheapest: it keeps one (caps), the rest comes from the first
+    counts = search_counts([torch.tensor([5.0, 6.0, 7.0]), torch.tensor([0.1, 0.2, 0.3])], [1, 1], [2, 2], ["mlp", "mlp"], budget=3)
+    assert counts == [1, 2]
+
+
+def test_a_component_whose_units_are_all_least_important_keeps_one():
+    model = tiny_model()
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight.mul_(1e-4)
+    prune(model, PruningConfig(method="mask_search", sparsity=0.4, method_options={"components": "mlp"}),
+          calibration=token_windows(samples=2, seq_len=16))
+    assert all(layer.mlp.down_proj.in_features >= 1 for layer in model.model.layers)
+    assert model.model.layers[1].mlp.up_proj.out_features == 1

@@ -6,6 +6,7 @@ import re
 import pytest
 import torch
 
+import optimum_prune.methods.ziplm as ziplm
 from optimum_prune import PruningConfig, prune, save_pruned
 from optimum_prune.adapters import get_adapter
 from optimum_prune.methods.ziplm import ZipLM, ZipLMOptions, _Levels, choose_levels, greedy_obs, stitched_weight
@@ -233,3 +234,58 @@ def test_dampening_is_relative_to_the_mean_hessian_diagonal():
         reference, reference_order = greedy_obs(weight, damped, width, 1e-12, count=2)
         assert order.tolist() == reference_order.tolist()
         torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-8)
+
+
+def test_the_stitched_model_of_a_removed_sublayer_adds_no_bias(monkeypatch):
+    """SPDY scores a level that removes a whole block as the model without that block: its output projection's
+    bias goes with its weight (remove_sublayer drops both)."""
+    model = tiny_model(attention_bias=True, mlp_bias=True)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for linear in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                linear.bias.normal_(0, 0.5)
+    seen = []
+    original = ziplm.calibration_perplexity
+
+    def measuring(stitched, windows):
+        for layer in stitched.model.layers:
+            for linear in (layer.self_attn.o_proj, layer.mlp.down_proj):
+                if not linear.weight.any():
+                    seen.append(bool(linear.bias.any()))
+        return original(stitched, windows)
+
+    monkeypatch.setattr(ziplm, "calibration_perplexity", measuring)
+    options = {"target": "parameters", "round_to": 8, "search_restarts": 4, "search_steps": 0}
+    prune(model, PruningConfig(method="ziplm", sparsity=0.85, method_options=options), calibration=token_windows(samples=4, seq_len=16))
+    assert seen and not any(seen)
+
+
+def test_random_restarts_alone_try_several_weightings(monkeypatch):
+    """search_steps=0: the restarts' random weightings reach level choices other than the plain program's."""
+    chosen = []
+    original = ziplm.choose_levels
+
+    def choosing(*args, **kwargs):
+        chosen.append(tuple(original(*args, **kwargs)))
+        return list(chosen[-1])
+
+    monkeypatch.setattr(ziplm, "choose_levels", choosing)
+    options = {"target": "parameters", "round_to": 8, "search_restarts": 6, "search_steps": 0}
+    prune(tiny_model(), PruningConfig(method="ziplm", sparsity=0.3, method_options=options), calibration=token_windows(samples=4, seq_len=16))
+    assert len(set(chosen)) > 1
+
+
+def test_the_level_keeping_one_structure_is_rebuilt_not_zeroed():
+    """SPDY stitches every level short of the whole sublayer from the order and H, the last one (one unit kept) included."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 8, generator=generator, dtype=torch.float64)
+    inputs = torch.randn(64, 8, generator=generator, dtype=torch.float64)
+    hessian = 2 * inputs.T @ inputs / 64
+    for width in (1, 2):
+        blocks = 8 // width
+        _, order, _ = greedy_obs(weight, hessian, width, 0.01, count=blocks - 1, with_losses=True)
+        level = _Levels(removed=[0, blocks - 1, blocks], costs=[2.0, 1.0, 0.0], order=order, hessian=hessian.float())
+        greedy, _ = greedy_obs(weight, hessian, width, 0.01, count=blocks - 1)
+        rebuilt = stitched_weight(weight, level, 1, width, 0.01)
+        assert rebuilt.abs().max() > 0
+        torch.testing.assert_close(rebuilt, greedy, rtol=1e-4, atol=1e-5)
