@@ -117,7 +117,8 @@ def recover(
     (and LayerSkip's layer dropout with ``layer_dropout``)."""
     data = Dataset.from_dict({"input_ids": windows.tolist(), "labels": windows.tolist()})
     config = DistillationConfig(
-        kd_weight=0.0, label_weight=1.0, exit_weight=exit_weight, exit_layer=RECOVERED_EXIT, layer_dropout=layer_dropout
+        kd_weight=0.0, label_weight=1.0, exit_weight=exit_weight, exit_layer=RECOVERED_EXIT if exit_weight else None,
+        layer_dropout=layer_dropout,
     )
     with tempfile.TemporaryDirectory() as directory:
         args = TrainingArguments(

@@ -93,6 +93,13 @@ class DistillationConfig:
             raise ValueError(f"DistillationConfig.top_k must be a positive number of tokens, got {self.top_k}")
         if self.exit_weight and self.exit_layer is None:
             raise ValueError("DistillationConfig.exit_weight trains an early exit: set exit_layer (the draft's decoder layers)")
+        # Options only a weighted term reads would be silently ignored otherwise.
+        if self.exit_layer is not None and not self.exit_weight:
+            raise ValueError("DistillationConfig.exit_layer is the early exit exit_weight trains, and exit_weight is 0: set it, or drop exit_layer")
+        if self.layer_map and not self.hidden_weight:
+            raise ValueError("DistillationConfig.layer_map pairs the hidden states hidden_weight compares, and hidden_weight is 0: set it, or drop layer_map")
+        if any(index < 0 for pair in self.layer_map.items() for index in pair):
+            raise ValueError(f"DistillationConfig.layer_map pairs layer indices from 0 (student: teacher), got {self.layer_map}")
         if not 0 <= self.layer_dropout < 1:
             raise ValueError(f"DistillationConfig.layer_dropout must be in [0, 1) (the last layer's skip probability), got {self.layer_dropout}")
 

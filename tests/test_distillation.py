@@ -447,7 +447,7 @@ def test_exit_recovery_raises_the_draft_agreement(tmp_path):
     agreements = {}
     for exit_weight in (0.0, 1.0):
         model = tiny_model(num_hidden_layers=4)
-        config = DistillationConfig(kd_weight=0.0, label_weight=1.0, exit_weight=exit_weight, exit_layer=2)
+        config = DistillationConfig(kd_weight=0.0, label_weight=1.0, exit_weight=exit_weight, exit_layer=2 if exit_weight else None)
         DistillationTrainer(model=model, distillation=config, args=training_args(tmp_path, 60), train_dataset=dataset()).train()
         report = choose_early_exit(model, windows, candidates=[2], num_samples=4, seq_len=16)
         agreements[exit_weight] = report.candidates[0].agreement
@@ -799,3 +799,17 @@ def test_stored_top_k_of_a_left_padded_row_equal_those_of_the_row_alone():
     alone = Dataset.from_dict({"input_ids": [row]})
     stored, expected = add_teacher_top_k(padded, teacher, k=4)[0], add_teacher_top_k(alone, teacher, k=4)[0]
     torch.testing.assert_close(torch.tensor(stored["teacher_top_k_logits"][4:]), torch.tensor(expected["teacher_top_k_logits"]), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"exit_layer": 2}, "exit_layer is the early exit exit_weight trains, and exit_weight is 0"),
+        ({"layer_map": {0: 1}}, "layer_map pairs the hidden states hidden_weight compares, and hidden_weight is 0"),
+        ({"hidden_weight": 1.0, "layer_map": {0: -1}}, "layer_map pairs layer indices from 0"),
+    ],
+)
+def test_options_no_weighted_term_reads_are_refused(options, message):
+    """They were accepted and read by nothing (a negative index would have counted from the end)."""
+    with pytest.raises(ValueError, match=message):
+        DistillationConfig(**options)
