@@ -77,7 +77,8 @@ def compress(
         from .quanto import check_packing
 
         check_packing(model, steps[-1], f"recipe[{len(steps) - 1}]")
-    check_finite(model)  # a quantizer would fail on it mid-way, the layers before already rewritten
+    if not isinstance(steps[0], PruningConfig):  # prune checks its own; a quantizer would fail mid-way, layers rewritten
+        check_finite(model)
     gptq_windows = _gptq_windows(model, steps, calibration, tokenizer)
     reports = []
     for step in steps:

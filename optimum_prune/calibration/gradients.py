@@ -26,6 +26,8 @@ from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.utils.logging import tqdm
 
+from .engine import all_finite
+
 logger = logging.getLogger(__name__)
 Result = TypeVar("Result")
 
@@ -57,7 +59,7 @@ def with_loss_scale(model: nn.Module, run: Callable[[float], Result | None]) -> 
 
 def overflowed(sums: Iterable[torch.Tensor | float]) -> bool:
     """Whether a gradient pass summed a non-finite value."""
-    return not all(math.isfinite(v) if isinstance(v, float) else bool(v.isfinite().all()) for v in sums)
+    return not all(math.isfinite(v) if isinstance(v, float) else all_finite(v) for v in sums)
 
 
 @contextmanager
