@@ -3,6 +3,9 @@ and gradual pruning follows its schedule inside a real transformers.Trainer."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import pytest
 import torch
 from datasets import Dataset
@@ -17,6 +20,17 @@ from .conftest import tiny_model, token_windows
 def train_dataset(samples: int = 16, seq_len: int = 16) -> Dataset:
     ids = token_windows(samples=samples, seq_len=seq_len, seed=3)
     return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+
+
+@contextlib.contextmanager
+def started_outside_a_trainer(callback: PruningCallback, model, tmp_path, max_steps: int) -> Iterator[TrainingArguments]:
+    """The callback's training run begun on model without a Trainer (to drive its events by hand); its hooks go on exit."""
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    callback.on_train_begin(args, TrainerState(max_steps=max_steps), TrainerControl(), model=model)
+    try:
+        yield args
+    finally:
+        callback._remove_hooks()
 
 
 def run_trainer(
@@ -601,14 +615,9 @@ def test_wanda_norms_count_training_forwards_only(tmp_path):
     """Evaluation forwards do not feed the activation norms a Wanda schedule scores by."""
     callback = PruningCallback(GradualSchedule(final_sparsity=0.5, start_step=1, end_step=4, every=1, score="wanda"))
     model = tiny_model()
-    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
-    callback.on_train_begin(args, TrainerState(max_steps=6), TrainerControl(), model=model)
-    try:
-        with torch.no_grad():
-            model.eval()(input_ids=token_windows(samples=2, seq_len=8))
+    with started_outside_a_trainer(callback, model, tmp_path, max_steps=6), torch.no_grad():
+        model.eval()(input_ids=token_windows(samples=2, seq_len=8))
         assert all(norms.tokens == 0 for norms in callback._norms.values())
-    finally:
-        callback._remove_hooks()
 
 
 def test_training_end_zeroes_the_pruned_weights_again(tmp_path):

@@ -154,15 +154,15 @@ def test_wanda_names_a_linear_whose_squared_norms_overflow():
 
 def test_a_wanda_schedule_stops_at_norms_a_training_forward_made_nan(tmp_path):
     """One overflowing training forward (GradScaler skips its step) left NaN norms: 11 linears pruned by position."""
-    from transformers import TrainerControl, TrainerState, TrainingArguments
+    from transformers import TrainerControl, TrainerState
 
     from optimum_prune import GradualSchedule, PruningCallback
 
+    from ..test_callback import started_outside_a_trainer
+
     callback = PruningCallback(GradualSchedule(final_sparsity=0.5, start_step=0, end_step=1, every=1, score="wanda"))
     model = tiny_model()
-    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
-    callback.on_train_begin(args, TrainerState(max_steps=2), TrainerControl(), model=model)
-    try:
+    with started_outside_a_trainer(callback, model, tmp_path, max_steps=2) as args:
         model.train()
         with torch.no_grad():
             model(input_ids=token_windows(samples=2, seq_len=8, seed=1))
@@ -173,8 +173,6 @@ def test_a_wanda_schedule_stops_at_norms_a_training_forward_made_nan(tmp_path):
             weight.copy_(saved)
         with pytest.raises(ValueError, match=r"activation norms of model\.layers\.1\.\S+ since the previous pruning step are NaN"):
             callback.on_step_end(args, TrainerState(global_step=1, max_steps=2), TrainerControl())
-    finally:
-        callback._remove_hooks()
 
 
 def test_compress_refuses_a_model_holding_nan_before_any_step():

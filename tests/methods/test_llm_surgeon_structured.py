@@ -224,25 +224,6 @@ def test_coupling_all_keeps_the_kept_groups_key_value_rows_alive():
     assert cut
 
 
-def test_coupling_all_updates_the_mlp_producers_of_the_kept_channels():
-    """With 'all' the removed channels' gate/up rows take part in the correlated update, so the kept rows move
-    (with 'output' they are left exactly as they were)."""
-    dense, model = tiny_model(), tiny_model()
-    prune(model, PruningConfig(method="llm_surgeon_structured", sparsity=0.1,
-                               method_options={"shots": 1, "coupling": "all", "components": "mlp"}),
-          calibration=token_windows(samples=2, seq_len=16))
-    moved = 0
-    for before, after in zip(dense.model.layers, model.model.layers):
-        if after.mlp.up_proj.out_features == before.mlp.up_proj.out_features:
-            continue
-        for name in ("gate_proj", "up_proj"):
-            original, now = getattr(before.mlp, name).weight, getattr(after.mlp, name).weight
-            # every kept row differs from every original row: nothing is a plain copy
-            matches = (now[:, None, :] == original[None, :, :]).all(-1).any(-1)
-            moved += int((~matches).sum())
-    assert moved > 0
-
-
 def test_one_shot_updates_each_linear_for_all_its_removed_units_together(monkeypatch):
     """Several units of one component removed in a shot: the correlated update sees all their columns at once
     (the paper's max_correlate=0), not only the first unit's."""
@@ -270,16 +251,20 @@ def test_one_shot_updates_each_linear_for_all_its_removed_units_together(monkeyp
         assert kind_r == "removed" and kind_u == "updated" and updated == columns
 
 
-def test_coupling_all_updates_the_query_rows_of_the_kept_heads():
-    """With 'all' a removed group's query rows take part in the correlated update of q_proj: the kept query rows move."""
+@pytest.mark.parametrize(("component", "block", "producers"), [("mlp", "mlp", ("gate_proj", "up_proj")), ("attention", "self_attn", ("q_proj",))])
+def test_coupling_all_updates_the_kept_rows_of_the_removed_units_producers(component, block, producers):
+    """With 'all' the removed units' producer rows (MLP gate/up rows, a removed group's query rows) take part in the
+    correlated update, so the kept rows move (with 'output' they are left exactly as they were)."""
     dense, model = tiny_model(), tiny_model()
     prune(model, PruningConfig(method="llm_surgeon_structured", sparsity=0.1,
-                               method_options={"shots": 1, "coupling": "all", "components": "attention"}),
+                               method_options={"shots": 1, "coupling": "all", "components": component}),
           calibration=token_windows(samples=2, seq_len=16))
     moved = 0
     for before, after in zip(dense.model.layers, model.model.layers):
-        original, now = before.self_attn.q_proj.weight, after.self_attn.q_proj.weight
-        if now.shape[0] == original.shape[0]:
-            continue
-        moved += int((~(now[:, None, :] == original[None, :, :]).all(-1).any(-1)).sum())
+        for name in producers:
+            original, now = getattr(getattr(before, block), name).weight, getattr(getattr(after, block), name).weight
+            if now.shape[0] == original.shape[0]:
+                continue
+            # every kept row differs from every original row: nothing is a plain copy
+            moved += int((~(now[:, None, :] == original[None, :, :]).all(-1).any(-1)).sum())
     assert moved > 0
