@@ -725,3 +725,12 @@ def test_an_export_dir_the_merge_could_not_replace_is_refused_before_pruning(wor
               "pruning": {"method": "magnitude", "sparsity": 0.5}}  # fmt: skip
     assert "a-file exists and is not a directory" in refused(tmp_path, capsys, config)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_lora_yaml_without_do_train_prunes_and_merges_nothing(workspace, tmp_path):
+    """do_train: false trains no adapter, so there is none to merge (nor an export_dir to check)."""
+    out = tmp_path / "untrained"
+    config = {**base_args(workspace, out, **{**LORA_TRAINING, "do_train": False}), "pruning": {"method": "magnitude", "sparsity": 0.3}}
+    train(tmp_path, config)
+    assert verify_sparsity(AutoModelForCausalLM.from_pretrained(out / "pruned"))["overall_sparsity"] == pytest.approx(0.3, abs=1e-3)
+    assert not (out / "merged").exists()
