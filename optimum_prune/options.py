@@ -15,6 +15,8 @@ import types as types_module
 import typing
 from typing import Any, Mapping, TypeVar
 
+import numpy
+
 Options = TypeVar("Options")
 
 
@@ -57,6 +59,8 @@ def as_option_type(value: Any, expected: type, optional: bool, field: str) -> An
     as a float (7 from a command line or a YAML stores as 7.0, as Python's 7.0 does)."""
     if value is None and optional:
         return None
+    if isinstance(value, numpy.bool_):  # not a Python bool (nor a number): read as one, as numpy's numbers are
+        value = bool(value)
     if isinstance(value, bool) != (expected is bool):
         raise TypeError(f"{field} must be {expected.__name__}, got {value!r}")
     if expected is int and isinstance(value, numbers.Integral):

@@ -134,7 +134,7 @@ class PruningReport:
     @property
     def request(self) -> str:
         """What was pruned, in words: the method, what it removed and, for methods that zero weights, the allocation."""
-        sparsity = f"{self.sparsity:.4g}" if isinstance(self.sparsity, float) else self.sparsity
+        sparsity = _short_fraction(self.sparsity) if isinstance(self.sparsity, float) else self.sparsity
         return f"{self.method} {sparsity}" + ("" if self.shapes else f" ({self.allocation})")
 
     def __str__(self) -> str:
@@ -201,3 +201,11 @@ class PruningReport:
             f"MACs per token: {self.macs_per_token_before:,} -> {self.macs_per_token_after:,} ({macs:.1%})",
         ]
         return lines
+
+
+def _short_fraction(value: float) -> str:
+    """``value`` in 4 significant digits, or as many more as keep a fraction below 1 below 1 (0.99995 is not '1')."""
+    digits = 4
+    while digits < 17 and float(f"{value:.{digits}g}") >= 1 > value:
+        digits += 1
+    return f"{value:.{digits}g}"

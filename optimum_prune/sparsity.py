@@ -76,7 +76,7 @@ def normalise_sparsity(value: object, field: str) -> float | str:
     if not 0 <= value < 1:
         percent = f" (a percentage? {value:g} % is {value / 100:g})" if 1 < value < 100 else ""
         raise ValueError(f"{field} must be in [0, 1) (fraction of weights removed), got {value}{percent}")
-    return float(value)
+    return float(value) + 0.0  # -0.0 (a "-0" on a command line) is 0.0
 
 
 def whole_count(value: float) -> int:

@@ -35,9 +35,32 @@ _Loader.add_implicit_resolver(
 )
 
 
+MAX_EXPANDED_NODES = 100_000  # OmegaConf.load (llamafactory-cli's reader) refuses past 10,000 expanded nodes
+
+
 def load_yaml(text: str, where: str) -> Any:
-    """``text`` parsed; a syntax error is a ``ValueError`` naming ``where``."""
+    """``text`` parsed; a syntax error is a ``ValueError`` naming ``where``, and so is a document whose aliases
+    expand it past ``MAX_EXPANDED_NODES`` (a "billion laughs": OmegaConf.create and every walk expand them)."""
     try:
-        return yaml.load(text, Loader=_Loader)
+        data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as error:
         raise ValueError(f"{where} is not valid YAML: {error}") from None
+    if _expanded_nodes(data, {}) > MAX_EXPANDED_NODES:
+        raise ValueError(f"{where}: its YAML aliases expand it past {MAX_EXPANDED_NODES:,} values (or refer to themselves); write it out")
+    return data
+
+
+def _expanded_nodes(value: Any, seen: dict[int, float]) -> float:
+    """Values in ``value`` with every shared (aliased) list or mapping counted each time it is referred to."""
+    if not isinstance(value, (dict, list)):
+        return 1
+    if id(value) not in seen:
+        seen[id(value)] = float("inf")  # a list holding itself never ends
+        children = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+        total = 1.0
+        for child in children:
+            total += _expanded_nodes(child, seen)
+            if total > MAX_EXPANDED_NODES:
+                break
+        seen[id(value)] = total
+    return seen[id(value)]

@@ -3,6 +3,7 @@ import json
 import re
 from typing import Literal
 
+import numpy as np
 import pytest
 
 from optimum_prune import METHODS, NMPattern, PruningConfig
@@ -282,6 +283,16 @@ def test_a_bool_is_not_an_int_option_and_none_is_only_for_optional_options():
         PruningConfig(method="sparsegpt", method_options={"block_size": True})  # YAML `yes`, CLI `true`: not 1
     with pytest.raises(TypeError, match="moe_options.prune_router must be bool, got None"):
         PruningConfig(method="wanda", moe_options={"prune_router": None})  # would read as False
+
+
+def test_numpy_bools_are_read_as_bools_like_numpy_ints_and_floats():
+    """np.int64 / np.float32 option values become Python's; np.bool_ was refused ("must be bool, got np.True_")."""
+    config = PruningConfig(method="sparsegpt", method_options={"keep_zeros": np.bool_(True), "block_size": np.int64(64)},
+                           moe_options={"prune_router": np.False_})
+    assert config.method_options["keep_zeros"] is True and config.moe_options["prune_router"] is False
+    assert '"keep_zeros": true' in config.to_json_string()
+    with pytest.raises(TypeError, match="block_size must be int, got True"):
+        PruningConfig(method="sparsegpt", method_options={"block_size": np.bool_(True)})
 
 
 def test_expert_deviation_half_is_refused():

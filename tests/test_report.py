@@ -51,3 +51,11 @@ def test_zeros_revived_in_a_single_linear_are_warned_of(caplog):
     with caplog.at_level(logging.WARNING, logger="optimum_prune"):
         report.warn_revived_zeros()
     assert "made 7 of its zeros non-zero again in 1 linears" in caplog.text
+
+
+def test_the_request_shows_a_legal_sparsity_neither_as_1_nor_as_minus_0():
+    """Sparsity lies in [0, 1): 0.99995 was printed "magnitude 1" (:.4g), and "-0" was kept as -0.0 and printed "-0"."""
+    assert prune(tiny_model(), PruningConfig(method="magnitude", sparsity=0.99995)).request == "magnitude 0.99995 (uniform)"
+    config = PruningConfig(method="magnitude", sparsity="-0")
+    assert '"sparsity": 0.0' in config.to_json_string()
+    assert prune(tiny_model(), config).request == "magnitude 0 (uniform)"

@@ -554,8 +554,6 @@ def test_report_columns_and_unbuilt_points():
 
 
 def test_csv_names_method_and_quantization_of_every_point(tmp_path):
-
-
     write_outputs(StudyResults(Protocol(), _rows(), None, {}, 0), tmp_path, "cmd")
     records = list(csv.DictReader((tmp_path / "results.csv").open()))
     assert [(r["label"], r["method"], r["quantization"]) for r in records] == [
@@ -564,11 +562,38 @@ def test_csv_names_method_and_quantization_of_every_point(tmp_path):
 
 
 def test_results_json_keeps_unbuilt_points(tmp_path):
-
-
     write_outputs(StudyResults(Protocol(), _rows(), None, {}, 0), tmp_path, "cmd")
     points = json.loads((tmp_path / "results.json").read_text())["points"]
     assert [p["label"] for p in points] == ["dense", "wanda + int8", "width + int8"] and points[2]["error"] == "cannot reload"
+
+
+def _refuse(constant: str):
+    raise ValueError(f"non-JSON token {constant}")
+
+
+def test_results_json_is_strict_json_when_a_perplexity_is_infinite(tmp_path):
+    """A diverged model's perplexity is inf: json.dumps wrote the token Infinity, which strict JSON readers refuse."""
+    rows = [_row("dense", None, None, 10.0, 100, 100), _row("diverged", {"method": "wanda", "sparsity": 0.9}, None, float("inf"), 100, 60)]
+    write_outputs(StudyResults(Protocol(), rows, None, {}, 0), tmp_path, "cmd")
+    points = json.loads((tmp_path / "results.json").read_text(), parse_constant=_refuse)["points"]
+    assert [p["perplexity"] for p in points] == [10.0, "inf"]
+
+
+def test_a_point_whose_loss_is_nan_is_not_called_unbuildable():
+    nan = "the model's next-token loss is NaN on the evaluation text: its logits are not finite"
+    rows = [_row("dense", None, None, 10.0, 100, 100), StudyRow("diverged", {"method": "wanda", "sparsity": 0.9}, None, {"error": nan})]
+    text = report(StudyResults(Protocol(), rows, None, {}, 0), "cmd", [])
+    assert "cannot be built" not in text and f"- diverged: {nan}" in text
+
+
+def test_a_point_measured_on_another_device_is_named_in_the_report(tmp_path, monkeypatch):
+    """Pruning seconds depend on the device: a point a CPU run cached was reported under a later run's device."""
+    monkeypatch.setattr(study_runner, "measure_point", lambda point, protocol, device, latency: _row("dense", None, None, 10.0, 100, 100).result)
+    grid = StudyGrid(Protocol(), (StudyPoint("dense", None, None),), latency="none", redundancy=False)
+    study_runner.run_study(grid, tmp_path, device="cpu")
+    results = study_runner.run_study(grid, tmp_path, device="meta")
+    assert results.measured_now == 0
+    assert "device cpu" in report(results, "cmd", []).split("- dense:")[1].splitlines()[0]
 
 
 def test_the_recorded_software_includes_optimum_prune():

@@ -114,7 +114,10 @@ class KernelizedConvexMasking(MaskSearch):
             representative = representative_rank(weight.T, self.options.kernel_width, self.options.tolerance, self.options.max_iterations)
             r2 = _normalised(representative.cpu().reshape(-1, width).mean(1))
             d2 = _normalised(column_norms.cpu().reshape(-1, width).mean(1))
-            importance.append((_normalised(_ranks(r2)) + _normalised(_ranks(d2))) / 2 if self.options.combine == "rank" else r2 * d2)
+            r2d2 = (_normalised(_ranks(r2)) + _normalised(_ranks(d2))) / 2 if self.options.combine == "rank" else r2 * d2
+            # a unit whose output-projection columns are all zero adds nothing: removing it is free, so it goes first
+            dead = (weight == 0).all(0).cpu().reshape(-1, width).all(1)
+            importance.append(r2d2.masked_fill(dead, -1.0))
         return importance, importance
 
     def _activation_norms(self, windows: torch.Tensor | None) -> list[torch.Tensor]:

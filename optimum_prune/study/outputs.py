@@ -7,9 +7,10 @@ import importlib.metadata
 import io
 import json
 import logging
+import math
 import platform
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -55,11 +56,11 @@ def write_outputs(results: StudyResults, output: str | Path, command: str) -> No
     """Write results.json, results.csv, pareto.png, redundancy.png (when computed) and REPORT.md into ``output``."""
     output = Path(output)
     rows = [row for row in results.rows if row.measured]
-    write_text_atomic(output / "results.json", json.dumps({
+    write_text_atomic(output / "results.json", json.dumps(_json_safe({
         "command": command, "protocol": results.protocol.__dict__, "versions": results.versions,
         "points": [{"label": r.label, "pruning": r.pruning, "quantization": r.quantization, **r.result} for r in results.rows],
         "redundancy": results.redundancy,
-    }, indent=1))
+    }), indent=1, allow_nan=False))
     write_text_atomic(output / "results.csv", _csv(results.rows))
     plots = []
     try:
@@ -127,7 +128,7 @@ def report(results: StudyResults, command: str, plots: list[str]) -> str:
             + (f" {r['latency_ms']:.2f} |" if latency else "") + f" {', '.join(on)} |"
         )
     if failed:
-        lines += ["", "Not measured (the combination cannot be built):", ""]
+        lines += ["", "Not measured (the combination could not be built or evaluated):", ""]
         lines += [f"- {row.label}: {row.result['error']}" for row in failed]
     lines += ["", "## Best perplexity within a memory budget", "", "| budget (of dense) | " + " | ".join(
         f"by {name.split(' (')[0]}" for name in SIZE_MEASURES.values()) + " |", "|---|---|---|"]
@@ -210,3 +211,15 @@ def plot_redundancy(redundancy: dict[str, list], path: Path) -> None:
     bottom.set_title("Angular distance between the inputs of layers ℓ and ℓ+n (last token)")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with non-finite floats (a diverged model's inf perplexity) as the strings "inf" / "-inf" / "nan":
+    JSON has no token for them (Python's json writes ``Infinity``, which strict readers refuse)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    return value

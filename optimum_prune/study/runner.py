@@ -61,7 +61,7 @@ def run_study(grid: StudyGrid, output: str | os.PathLike, device: str | torch.de
     latency_device = _latency_device(grid.latency)
     latency_name = device_name(latency_device) if latency_device is not None else None
     rows, measured_now = [], 0
-    software = software_versions()
+    software = {**software_versions(), "device": str(device)}  # pruning seconds depend on it
     for point in tqdm(grid.points, desc="Study points"):
         path = points_dir / f"{point.key(grid.protocol)}.json"
         result = _cached(path, point, latency_name, software)

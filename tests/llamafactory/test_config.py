@@ -624,3 +624,19 @@ def test_an_override_omegaconf_cannot_apply_is_a_value_error_naming_it(tmp_path,
     path = write_yaml(tmp_path / "c.yaml", {"stage": "sft", "lora_target": ["q_proj", "v_proj"]})
     with pytest.raises(ValueError, match=rf"override '{override}' cannot be applied: {message}"):
         read_yaml(path, [override])
+
+
+def _alias_bomb(levels: int, width: int = 10) -> str:
+    lines = ['a0: &a0 ["lol"]'] + [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * width) + "]" for i in range(1, levels + 1)]
+    return "\n".join(lines) + "\nstage: sft\n"
+
+
+def test_a_yaml_whose_aliases_expand_to_a_billion_values_is_refused(tmp_path):
+    """A 600-byte YAML expanding to 10⁹ values: llamafactory-cli's OmegaConf.load refuses it, but read_yaml handed the
+    parsed (shared) lists to OmegaConf.create, which expands them (10⁵ values took over a minute)."""
+    bomb, anchors = tmp_path / "bomb.yaml", tmp_path / "anchors.yaml"
+    bomb.write_text(_alias_bomb(9))
+    with pytest.raises(ValueError, match=r"bomb\.yaml: its YAML aliases expand it past 100,000 values"):
+        read_yaml(bomb)
+    anchors.write_text("base: &b {lr: 1.0e-4, steps: 10}\nrun: *b\nstage: sft\n")  # ordinary anchors read
+    assert read_yaml(anchors)["run"] == {"lr": 1.0e-4, "steps": 10}

@@ -179,6 +179,20 @@ def test_dead_channels_go_before_live_ones_whatever_their_positions():
         torch.testing.assert_close(model(windows).logits, dense(windows).logits)
 
 
+def test_a_single_dead_output_channel_goes_before_every_live_one():
+    """One zero down_proj column: its R2 is not 0 (and D2 reads the inputs, not the weight), so it ranked up to 22nd of
+    128 and stayed while live channels went; a unit adding nothing goes first."""
+    model = tiny_model()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight[:, 5] = 0
+    method = KernelizedConvexMasking(get_adapter(model), 0.1, [], KCMOptions(components="mlp", tune=False), torch.device("cpu"))
+    method.check()
+    importance, _ = method.unit_importance(token_windows(samples=4, seq_len=32))
+    for scores in importance:
+        assert float(scores[5]) < float(torch.cat([scores[:5], scores[6:]]).min())
+
+
 def test_product_r2d2_falls_back_to_d2_where_every_unit_has_the_same_r2():
     """Identical down_proj columns: R2 is the same for every channel, normalised to all ones, so the product is D2's order."""
     model, windows = tiny_model(), token_windows()
