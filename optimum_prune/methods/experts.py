@@ -163,9 +163,9 @@ class ExpertPruning(StructuredMethod[ExpertPruningOptions]):
     def _mixture(self, block: nn.Module, logits: torch.Tensor, outputs: torch.Tensor, subset: list[int]) -> torch.Tensor:
         index = torch.tensor(subset, device=logits.device)
         weights, selected = self.adapter.route(block, logits.index_select(1, index))
-        chosen = outputs.index_select(0, index)  # [|S|, tokens, hidden]
         tokens = torch.arange(logits.shape[0], device=logits.device)
-        return sum(weights[:, k, None] * chosen[selected[:, k], tokens] for k in range(selected.shape[1]))
+        # each token's top-k rows read straight from all outputs: no copy of |S| experts' outputs per subset scored
+        return sum(weights[:, k, None] * outputs[index[selected[:, k]], tokens] for k in range(selected.shape[1]))
 
 
 def experts_to_keep(adapter: Any, sparsity: float, requested: int) -> int:

@@ -282,7 +282,7 @@ def correlated_update(linear: nn.Linear, mask: torch.Tensor, g_inverse: torch.Te
         touched, position = torch.unique(rows, return_inverse=True)
         scattered = torch.zeros(len(touched), W.shape[1], dtype=W.dtype, device=W.device)
         scattered.index_put_((position, columns), x, accumulate=True)
-        W -= g_inverse[:, touched] @ scattered @ a_inverse
+        W -= g_inverse[:, touched] @ (scattered @ a_inverse)  # not (G·X)·A: out × in² per group instead of touched × in²
         W[rows, columns] = 0
     W[mask] = 0
     with torch.no_grad():

@@ -82,6 +82,30 @@ def test_reconstruction_loss_models_the_pruned_block_exactly(family):
         assert torch.allclose(predicted, block_output(block, hidden), atol=1e-5)
 
 
+def test_scoring_a_subset_reads_its_top_k_rows_without_copying_its_experts_outputs():
+    """index_select copied |S| experts' outputs for every subset scored (E³ in the greedy search: hours at 128 experts)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestResult(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            self.largest = max([self.largest] + [t.numel() for t in (result if isinstance(result, (tuple, list)) else (result,)) if isinstance(t, torch.Tensor)])
+            return result
+
+    model = tiny_moe("mixtral")
+    adapter = get_adapter(model)
+    block = adapter.moe_block(adapter.decoder_layers()[0])
+    method = ExpertPruning(adapter, 0.5, [], ExpertPruningOptions(), torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    experts_count, tokens, hidden = len(block.experts), 64, model.config.hidden_size
+    logits, outputs = torch.randn(tokens, experts_count, generator=generator), torch.randn(experts_count, tokens, hidden, generator=generator)
+    with torch.no_grad(), LargestResult() as probe:
+        method._mixture(block, logits, outputs, list(range(experts_count)))
+    assert probe.largest <= tokens * hidden
+
+
 def test_exhaustive_search_picks_the_best_subset():
     model, windows = tiny_moe(num_local_experts=5), token_windows(2, 8)
     adapter = get_adapter(model)
