@@ -7,9 +7,24 @@ The pieces are importable for scripts: ``split_pruning`` / ``PruningSection`` (t
 section), ``read_calibration`` + ``prune_and_save``, ``merge_adapter`` and ``restore_zeros`` (the stages).
 """
 
+import importlib
+from typing import Any
+
 from .compat import import_llamafactory
-from .config import PruningSection, read_yaml, split_pruning
-from .stages import merge_adapter, prune_and_save, read_calibration, restore_zeros, run_export, run_interactive, run_train
+
+# Loaded on first use (PEP 562): .config needs omegaconf and .stages LLaMA-Factory's requirements (the
+# [llamafactory] extra), and importing them here would fail `llamafactory-prune` before it can say what to install.
+_PIECES = {
+    **dict.fromkeys(("PruningSection", "read_yaml", "split_pruning"), "config"),
+    **dict.fromkeys(("merge_adapter", "prune_and_save", "read_calibration", "restore_zeros", "run_export", "run_interactive", "run_train"), "stages"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _PIECES:
+        return getattr(importlib.import_module(f".{_PIECES[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "PruningSection",

@@ -68,7 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         args, section = split_pruning(args)
         args, training = TrainingSections.split(args, pruning=section is not None, validate=options.command == "train")
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError, MissingDependency) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     try:
         with exiting_on_sigterm():

@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .dependencies import MissingDependency
-from .saving import atomic_directory, drop_gguf_copy, exclusive_lock, save_tokenizer
+from .saving import atomic_directory, drop_gguf_copy, exclusive_lock, remove_leftovers, save_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -69,11 +69,19 @@ def default_model_path() -> Path:
     if (target / "config.json").is_file():
         try:
             drop_gguf_copy(target)  # an earlier version's conversion kept one
+            remove_leftovers(target)  # a killed conversion's staging folder (a running one holds its own locked)
         except OSError:  # another user's, or a read-only file system's: checkpoints saved through this package drop it
             pass
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with _lock_file(target.parent / f".{target.name}.lock") as lock:
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        lock_file = _lock_file(target.parent / f".{target.name}.lock")
+    except OSError as error:  # a read-only or missing home directory, a cache path through a file
+        raise ValueError(
+            f"the default model is converted once into {target.parent}, which cannot be written ({error.strerror or error}): "
+            "set OPTIMUM_PRUNE_CACHE (or XDG_CACHE_HOME) to a folder you can write to, or give a model (--model)"
+        ) from None
+    with lock_file as lock:
         exclusive_lock(lock.fileno(), wait=True)  # where there are no such locks, conversions may race
         if not (target / "config.json").is_file():
             _convert_default_model(target)
@@ -85,8 +93,11 @@ def _lock_file(path: Path) -> Any:
     created (flock needs no write access elsewhere)."""
     try:
         return open(os.open(path, os.O_RDWR | os.O_CREAT, 0o666))
-    except PermissionError:
-        return open(os.open(path, os.O_RDONLY))
+    except PermissionError as denied:
+        try:
+            return open(os.open(path, os.O_RDONLY))
+        except FileNotFoundError:  # no one made it yet, and this user cannot: the folder is not writable
+            raise denied from None
 
 
 def _convert_default_model(target: Path) -> None:

@@ -114,3 +114,47 @@ def test_a_lock_file_another_user_made_or_a_file_system_without_locks_still_conv
     lock.touch()
     monkeypatch.setattr(fcntl, "flock", read_only_refused)
     assert (models.default_model_path() / "config.json").is_file()
+
+
+def test_an_unwritable_default_model_cache_is_one_error_line_naming_the_variable(tmp_path, monkeypatch, capsys):
+    """A read-only (or missing, as `nobody`'s /nonexistent) home ended `optimum-prune` without --model in a raw
+    PermissionError traceback from the cache folder's mkdir, naming neither OPTIMUM_PRUNE_CACHE nor --model."""
+    import errno
+
+    from optimum_prune.cli import main
+
+    read_only = tmp_path / "home"
+    monkeypatch.setenv("OPTIMUM_PRUNE_CACHE", str(read_only / ".cache" / "optimum_prune"))
+    mkdir = Path.mkdir
+
+    def refused_under_home(self, *args, **kwargs):  # root ignores chmod: refuse as a read-only home would
+        if self.is_relative_to(read_only):
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", refused_under_home)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--method", "magnitude", "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("optimum-prune: error: ") and err.count("\n") == 1
+    assert "cannot be written (Permission denied): set OPTIMUM_PRUNE_CACHE" in err and not (tmp_path / "out").exists()
+
+
+def test_a_killed_conversions_staging_folder_is_removed_by_the_next_use(tmp_path, monkeypatch):
+    """A conversion killed while saving (the OOM killer) left its staging folder (255 MB); the rerun converted beside
+    it and every later use returned early, so nothing removed it."""
+    import os
+    import time
+
+    from optimum_prune import models
+
+    monkeypatch.setenv("OPTIMUM_PRUNE_CACHE", str(tmp_path))
+    target = tmp_path / f"{models.DEFAULT_MODEL_NAME.lower()}-{models._default_distribution().version}-fp32"
+    target.mkdir()
+    (target / "config.json").write_text("{}")  # the conversion the rerun finished
+    leftover = tmp_path / f".{target.name}.staging-k1lled00"  # the killed one's: unlocked, an hour old
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(bytes(1024))
+    an_hour_ago = time.time() - 3600
+    os.utime(leftover, (an_hour_ago, an_hour_ago))
+    assert models.default_model_path() == target and not leftover.exists()

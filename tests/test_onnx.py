@@ -114,3 +114,14 @@ def test_export_onnx_python_api_runs_in_onnxruntime_like_the_pruned_model(tmp_pa
     ids = token_windows(samples=1, seq_len=10, seed=8)
     with torch.no_grad():
         torch.testing.assert_close(exported(input_ids=ids, attention_mask=torch.ones_like(ids)).logits, model(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_export_without_optimum_onnx_names_the_extra(tmp_path, monkeypatch):
+    """Every other optional feature names its extra; this raised a bare ModuleNotFoundError for optimum.exporters.onnx."""
+    import sys
+
+    from optimum_prune.dependencies import MissingDependency
+
+    monkeypatch.setitem(sys.modules, "optimum.exporters.onnx", None)  # optimum-onnx not installed
+    with pytest.raises(MissingDependency, match=r"pip install 'optimum-prune\[onnx\]'"):
+        export_onnx(tmp_path / "checkpoint", tmp_path / "onnx")

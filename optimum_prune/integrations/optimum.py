@@ -120,7 +120,12 @@ def export_onnx(checkpoint: str | os.PathLike, output: str | os.PathLike, task: 
     rewritten) where optimum-onnx's ``ORTModelForCausalLM`` sizes the cache by that quotient (all but
     Gemma and Gemma 3); and grouped-query Gemma 2, whose cache it gives one key/value head per query head.
     """
-    from optimum.exporters.onnx import main_export
+    try:
+        from optimum.exporters.onnx import main_export
+    except ImportError as error:
+        from ..dependencies import MissingDependency
+
+        raise MissingDependency(f"ONNX export needs optimum-onnx ({error}): pip install 'optimum-prune[onnx]'") from None
     from transformers import AutoConfig
 
     from ..saving import atomic_directory

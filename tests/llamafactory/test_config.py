@@ -133,15 +133,29 @@ def test_missing_dataset_info(workspace, tmp_path, capsys):
     assert "dataset_info.json does not exist; set `dataset_dir`" in run_cli(tmp_path, capsys, config)
 
 
-def test_without_the_llamafactory_extra_the_command_says_what_to_install(tmp_path, capsys, monkeypatch):
+def test_without_the_llamafactory_extra_the_command_says_what_to_install(tmp_path):
+    """In a process of its own, as the console script runs: the package's __init__ imported omegaconf (through
+    .config) before main could say what to install."""
+    import subprocess
     import sys
 
-    monkeypatch.setitem(sys.modules, "omegaconf", None)  # not installed
-    for module in ("llamafactory_ext.config", "llamafactory_ext.stages", "llamafactory_ext.training"):
-        monkeypatch.delitem(sys.modules, module, raising=False)
-    err = run_cli(tmp_path, capsys, "stage: prune\n")
-    assert err.startswith("llamafactory-prune: error: llamafactory-prune needs the [llamafactory] extra (")
-    assert "pip install 'optimum-prune[llamafactory]'" in err and err.count("\n") == 1
+    script = "import sys; sys.modules['omegaconf'] = None\nfrom llamafactory_ext.cli import main\nsys.exit(main(['train', 'prune.yaml']))\n"
+    (tmp_path / "prune.yaml").write_text("stage: prune\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.startswith("llamafactory-prune: error: llamafactory-prune needs the [llamafactory] extra (")
+    assert "pip install 'optimum-prune[llamafactory]'" in result.stderr and result.stderr.count("\n") == 1
+
+
+def test_without_llamafactory_itself_the_command_says_how_to_install_it(tmp_path, capsys, monkeypatch):
+    """The [llamafactory] extra without the README's second step (llamafactory installed with --no-deps): the
+    MissingDependency raised while reading a calibrated pruning section was a traceback."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "llamafactory", None)  # not installed
+    err = run_cli(tmp_path, capsys, "model_name_or_path: tiny\nstage: prune\ntemplate: default\noutput_dir: out\n"
+                                    "pruning:\n  method: wanda\n  calibration_dataset: wiki_pt\n")
+    assert err.startswith("llamafactory-prune: error: ") and "pip install --no-deps llamafactory==0.9.5" in err
 
 
 def test_malformed_yaml(tmp_path, capsys):
