@@ -274,6 +274,9 @@ def run(args: argparse.Namespace) -> int:
         print(f"removed: {item}")
     if records_layer_shapes(getattr(model.config, "quantization_config", None)):
         print(f"reload: import optimum_prune, then {auto_class_name(model)}.from_pretrained (per-layer shapes in quantization_config)")
+    elif args.compressed_tensors_metadata:
+        print(f"reload: {auto_class_name(model)}.from_pretrained(..., dtype=torch.float32), compressed-tensors installed "
+              "(its loader defaults to float16)")
     else:
         print(f"reload: {auto_class_name(model)}.from_pretrained (stock transformers)")
     return 0

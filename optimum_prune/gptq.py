@@ -54,7 +54,7 @@ def check_config(config: GPTQConfig, field: str) -> None:
     from optimum.utils import is_gptqmodel_available
 
     if not is_gptqmodel_available():
-        raise MissingDependency(f"{field}: GPTQConfig needs gptqmodel (>= 1.6): pip install 'optimum-prune[gptq]' (see README, GPTQ)")
+        raise MissingDependency(f"{field}: GPTQConfig needs gptqmodel 5.6: pip install 'optimum-prune[gptq]' (see README, GPTQ)")
 
 
 PACKING_WORD = 32  # gptqmodel packs codes into 32-bit words, 32 input columns and 32 output rows at a time

@@ -198,3 +198,15 @@ def test_a_step_that_fits_only_what_the_earlier_steps_produce_is_not_refused_up_
     compress(model, [width, PruningConfig(method="magnitude", sparsity="2:4")])
     assert model.model.layers[0].mlp.down_proj.in_features == 180
     assert verify_sparsity(model, "2:4")["conforming"]
+
+
+def test_a_gptq_step_without_gptqmodel_names_the_version_the_extra_installs(monkeypatch):
+    """It named optimum's own floor (>= 1.6); the [gptq] extra pins gptqmodel 5.6 (README, GPTQ)."""
+    import optimum.utils
+    from transformers import GPTQConfig
+
+    from optimum_prune.dependencies import MissingDependency
+
+    monkeypatch.setattr(optimum.utils, "is_gptqmodel_available", lambda: False)
+    with pytest.raises(MissingDependency, match=r"recipe\[1\]: GPTQConfig needs gptqmodel 5\.6: pip install 'optimum-prune\[gptq\]'"):
+        compress(tiny_model(), [PruningConfig(method="magnitude", sparsity=0.5), GPTQConfig(bits=4, group_size=32)])

@@ -67,7 +67,7 @@ def test_saved_metadata_reloads_through_transformers_bit_exact(tmp_path):
         assert torch.equal(tensor, model.state_dict()[name]), name
 
 
-def test_cli_writes_the_metadata(tmp_path, model_dir):
+def test_cli_writes_the_metadata_and_says_how_it_reloads(tmp_path, model_dir, capsys):
     code = cli_main([
         "--model", str(model_dir), "--method", "magnitude", "--sparsity", "2:4", "--output", str(tmp_path / "out"),
         "--compressed-tensors-metadata",
@@ -75,6 +75,8 @@ def test_cli_writes_the_metadata(tmp_path, model_dir):
     assert code == 0
     stored = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
     assert stored["sparsity_config"]["sparsity_structure"] == "2:4"
+    # it said "stock transformers": without compressed-tensors that fails, with it the model loads in float16
+    assert "reload: AutoModelForCausalLM.from_pretrained(..., dtype=torch.float32), compressed-tensors installed" in capsys.readouterr().out
 
 
 def test_errors_name_the_fix():
