@@ -131,32 +131,39 @@ class MaskSearch(StructuredMethod[MaskSearchOptions]):
     # --- mask tuning -------------------------------------------------------------------------
 
     def _tuned_scales(self, layer: nn.Module, component: Component, inputs: LayerInputs) -> torch.Tensor:
-        """Least-squares scales of the kept units: min_m ‖Σ_u m_u X_u W_uᵀ − X Wᵀ‖² over calibration tokens."""
+        """Least-squares scales of the kept units: min_m ‖Σ_u m_u X_u W_uᵀ − X Wᵀ‖² over calibration tokens.
+
+        The normal equations need no unit's output over the tokens: ⟨X_u W_uᵀ, X_v W_vᵀ⟩ is the sum of
+        (XᵀX ⊙ WᵀW) over u's and v's columns (stacking the outputs was [units, tokens, hidden] per batch for heads).
+        MLP channels (one column each) accumulate the kept block directly; heads accumulate XᵀX (hidden × hidden)."""
         consumer = output_projection(self.adapter, layer, component)
         columns = self._unit_columns(layer, component)
         kept = torch.nonzero(component.scores).flatten().tolist()
         weight = consumer.weight.detach().float()
         gram = torch.zeros(len(kept), len(kept), dtype=torch.float64, device=weight.device)
         cross = torch.zeros(len(kept), dtype=torch.float64, device=weight.device)
+        inputs_gram = torch.zeros(weight.shape[1], weight.shape[1], dtype=torch.float64, device=weight.device) if component.kind != "mlp" else None
 
         def record(_module: nn.Module, args: tuple) -> None:
             x = args[0].detach().float().reshape(-1, weight.shape[1])
-            target = x @ weight.T
-            if component.kind == "mlp":  # one column per unit: the Gram matrix factorises
-                xk, wk = x[:, kept], weight[:, kept]
-                gram.add_(((xk.T @ xk) * (wk.T @ wk)).double())
-                cross.add_(((target @ wk) * xk).sum(0).double())
+            if inputs_gram is not None:
+                inputs_gram.add_((x.T @ x).double())
                 return
-            features = torch.stack([x[:, columns[u]] @ weight[:, columns[u]].T for u in kept])  # [units, tokens, out]
-            flat = features.reshape(len(kept), -1)
-            gram.add_((flat @ flat.T).double())
-            cross.add_((flat @ target.reshape(-1)).double())
+            xk, wk = x[:, kept], weight[:, kept]
+            gram.add_(((xk.T @ xk) * (wk.T @ wk)).double())
+            cross.add_((((x @ weight.T) @ wk) * xk).sum(0).double())
 
         handle = consumer.register_forward_pre_hook(record)
         try:
             feed_layer(self.adapter, layer, inputs)
         finally:
             handle.remove()
+        if inputs_gram is not None:
+            products = inputs_gram.mul_(weight.T.double() @ weight.double())  # [i, j]: ⟨column i's output, column j's⟩
+            index = torch.cat([columns[u] for u in kept]).to(weight.device)
+            width = len(columns[kept[0]])
+            gram = products[index][:, index].reshape(len(kept), width, len(kept), width).sum((1, 3))
+            cross = products[index].reshape(len(kept), width, -1).sum((1, 2))
         diagonal = torch.arange(len(kept), device=gram.device)
         gram[diagonal, diagonal] += self.options.damping * gram.diagonal().mean().clamp_min(1e-12)
         return torch.linalg.solve(gram, cross).float()

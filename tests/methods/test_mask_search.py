@@ -125,6 +125,30 @@ def test_tuned_scales_are_the_least_squares_masks_of_the_kept_units(kind, dampin
     torch.testing.assert_close(scales.double(), expected, rtol=1e-4, atol=1e-6)
 
 
+def test_tuning_heads_builds_no_tensor_of_every_kept_units_output():
+    """Stacking each kept head's output was [units, tokens, hidden] per batch (GiBs per attention layer of a 7B model);
+    the normal equations need only XᵀX: nothing larger than a window's MLP activations is made."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestResult(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            result = func(*args, **(kwargs or {}))
+            self.largest = max([self.largest] + [t.numel() for t in (result if isinstance(result, (tuple, list)) else (result,)) if isinstance(t, torch.Tensor)])
+            return result
+
+    model, windows = tiny_model(num_key_value_heads=4), token_windows(samples=2, seq_len=128)  # 4 heads, one unit each
+    method = MaskSearch(get_adapter(model), 0.2, [], MaskSearchOptions(), torch.device("cpu"))
+    method.check()
+    inputs = capture_first_layer_inputs(method.adapter, windows, torch.device("cpu"))
+    component = next(c for c in method.units.components if c.layer == 0 and c.kind == "attention")
+    component.scores = torch.tensor([0.0, 1.0, 1.0, 1.0])
+    with torch.no_grad(), LargestResult() as probe:
+        method._tuned_scales(model.model.layers[0], component, inputs)
+    assert probe.largest <= windows.shape[1] * model.config.intermediate_size, probe.largest  # one window's MLP activations
+
+
 def test_the_search_keeps_one_unit_of_every_component():
     # the second component's units are all the cheapest: it keeps one (caps), the rest comes from the first
     counts = search_counts([torch.tensor([5.0, 6.0, 7.0]), torch.tensor([0.1, 0.2, 0.3])], [1, 1], [2, 2], ["mlp", "mlp"], budget=3)
