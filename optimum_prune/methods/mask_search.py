@@ -115,18 +115,10 @@ class MaskSearch(StructuredMethod[MaskSearchOptions]):
                 scales = self._tuned_scales(layer, component, inputs) if self.options.tune else None
                 described = self.units.cut(layer, component)
                 if scales is not None:
-                    _scale_units(output_projection(self.adapter, layer, component), self._unit_columns(layer, component), scales)
+                    _scale_units(output_projection(self.adapter, layer, component), group_columns(self.adapter, layer, component), scales)
                 report.removed.append(f"{names[index]} {component.kind}: {described}")
 
         walk_layers(self.adapter, windows, self.device, visit, "Mask tuning" if self.options.tune else "Removing units")
-
-    # --- units and their columns in the output projection ------------------------------------------
-
-    def _unit_columns(self, layer: nn.Module, component: Component) -> list[torch.Tensor]:
-        """The output projection's input columns of each unit the layer has now (after the cut: the kept ones, in order)."""
-        width = group_columns(self.adapter, layer, component)
-        units = output_projection(self.adapter, layer, component).in_features // width
-        return [torch.arange(u * width, (u + 1) * width) for u in range(units)]
 
     # --- mask tuning -------------------------------------------------------------------------
 
@@ -137,7 +129,7 @@ class MaskSearch(StructuredMethod[MaskSearchOptions]):
         (XᵀX ⊙ WᵀW) over u's and v's columns (stacking the outputs was [units, tokens, hidden] per batch for heads).
         MLP channels (one column each) accumulate the kept block directly; heads accumulate XᵀX (hidden × hidden)."""
         consumer = output_projection(self.adapter, layer, component)
-        columns = self._unit_columns(layer, component)
+        width = group_columns(self.adapter, layer, component)  # unit u: the output projection's columns u·width ... (u+1)·width − 1
         kept = torch.nonzero(component.scores).flatten().tolist()
         weight = consumer.weight.detach().float()
         gram = torch.zeros(len(kept), len(kept), dtype=torch.float64, device=weight.device)
@@ -160,8 +152,7 @@ class MaskSearch(StructuredMethod[MaskSearchOptions]):
             handle.remove()
         if inputs_gram is not None:
             products = inputs_gram.mul_(weight.T.double() @ weight.double())  # [i, j]: ⟨column i's output, column j's⟩
-            index = torch.cat([columns[u] for u in kept]).to(weight.device)
-            width = len(columns[kept[0]])
+            index = (torch.tensor(kept, device=weight.device)[:, None] * width + torch.arange(width, device=weight.device)).flatten()
             gram = products[index][:, index].reshape(len(kept), width, len(kept), width).sum((1, 3))
             cross = products[index].reshape(len(kept), width, -1).sum((1, 2))
         diagonal = torch.arange(len(kept), device=gram.device)
@@ -270,8 +261,7 @@ def rearranged(block: torch.Tensor, count: int) -> torch.Tensor:
     return torch.nonzero(removed).flatten()
 
 
-def _scale_units(consumer: nn.Linear, columns: list[torch.Tensor], scales: torch.Tensor) -> None:
-    """Fold tuned masks into the output projection: unit u's input columns times m_u."""
+def _scale_units(consumer: nn.Linear, width: int, scales: torch.Tensor) -> None:
+    """Fold tuned masks into the output projection: unit u's ``width`` input columns times m_u."""
     with torch.no_grad():
-        for unit_columns, scale in zip(columns, scales.tolist()):
-            consumer.weight[:, unit_columns.to(consumer.weight.device)] *= scale
+        consumer.weight.mul_(scales.to(consumer.weight.device).repeat_interleave(width))
