@@ -39,8 +39,9 @@ def cache_root() -> Path:
     """``$OPTIMUM_PRUNE_CACHE``, else ``$XDG_CACHE_HOME/optimum_prune``, else ``~/.cache/optimum_prune``."""
     if os.environ.get("OPTIMUM_PRUNE_CACHE"):
         return Path(os.environ["OPTIMUM_PRUNE_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):  # set: no home directory needed (a container's user may have none)
-        return Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "optimum_prune"
+    xdg_cache = Path(os.environ.get("XDG_CACHE_HOME", "")).expanduser()
+    if xdg_cache.is_absolute():  # set: no home directory needed (a container's user may have none); relative: invalid (XDG spec)
+        return xdg_cache / "optimum_prune"
     return Path.home() / ".cache" / "optimum_prune"
 
 

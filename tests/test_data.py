@@ -27,6 +27,16 @@ def test_the_cache_folder_variables_take_a_tilde_and_need_no_home_directory(monk
     assert cache_root().is_relative_to(tmp_path / "elsewhere")
 
 
+def test_a_relative_xdg_cache_home_is_ignored(monkeypatch, tmp_path):
+    """The XDG spec calls a relative path invalid: it gave every working directory its own 517 MB conversion."""
+    from optimum_prune.models import cache_root
+
+    monkeypatch.delenv("OPTIMUM_PRUNE_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", "cache")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert cache_root() == tmp_path / ".cache" / "optimum_prune"
+
+
 def test_shipped_text_is_reproducible_from_gensim():
     pytest.importorskip("gensim")
     pytest.importorskip("mwparserfromhell")
