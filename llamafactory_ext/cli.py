@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("command", choices=list(COMMANDS), help="what to run (see below)")
     parser.add_argument("config", help="LLaMA-Factory YAML, optionally with a `pruning:` section")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of the YAML, as llamafactory-cli takes them")
+    parser.add_argument("overrides", nargs="*", default=[], help="key=value overrides of the YAML, as llamafactory-cli takes them")  # a default: argparse otherwise lists it as required
     return parser
 
 

@@ -654,3 +654,10 @@ def test_a_yaml_whose_aliases_expand_to_a_billion_values_is_refused(tmp_path):
         read_yaml(bomb)
     anchors.write_text("base: &b {lr: 1.0e-4, steps: 10}\nrun: *b\nstage: sft\n")  # ordinary anchors read
     assert read_yaml(anchors)["run"] == {"lr": 1.0e-4, "steps": 10}
+
+
+def test_without_arguments_the_error_lists_only_what_is_required(capsys):
+    """argparse listed the optional key=value overrides among the required arguments."""
+    with pytest.raises(SystemExit):
+        main([])
+    assert capsys.readouterr().err.endswith("the following arguments are required: command, config\n")
