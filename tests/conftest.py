@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import (
     Gemma2Config,
     Gemma2ForCausalLM,
@@ -58,6 +59,19 @@ FAMILIES = {
     # outside the tiny vocabulary
     "phi3": (_with_head_dim(Phi3Config, pad_token_id=0), Phi3ForCausalLM),
 }
+
+
+class LargestResult(TorchDispatchMode):
+    """While active, ``largest`` is the element count of the largest tensor any torch operation returned: checks that
+    a computation builds no intermediate beyond what its inputs need (no timing, no allocator)."""
+
+    largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        tensors = [t for t in (result if isinstance(result, (tuple, list)) else (result,)) if isinstance(t, torch.Tensor)]
+        self.largest = max([self.largest] + [t.numel() for t in tensors])
+        return result
 
 
 def tiny_model(family: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:

@@ -13,7 +13,7 @@ from optimum_prune.methods import experts
 from optimum_prune.methods.experts import ExpertPruning, ExpertPruningOptions, experts_to_keep, reap_scores
 
 from ..adapters.test_moe import FAMILIES, block_inputs, tiny_moe
-from ..conftest import token_windows
+from ..conftest import LargestResult, token_windows
 
 
 def block_output(block, hidden: torch.Tensor) -> torch.Tensor:
@@ -84,16 +84,6 @@ def test_reconstruction_loss_models_the_pruned_block_exactly(family):
 
 def test_scoring_a_subset_reads_its_top_k_rows_without_copying_its_experts_outputs():
     """index_select copied |S| experts' outputs for every subset scored (E³ in the greedy search: hours at 128 experts)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class LargestResult(TorchDispatchMode):
-        largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            result = func(*args, **(kwargs or {}))
-            self.largest = max([self.largest] + [t.numel() for t in (result if isinstance(result, (tuple, list)) else (result,)) if isinstance(t, torch.Tensor)])
-            return result
-
     model = tiny_moe("mixtral")
     adapter = get_adapter(model)
     block = adapter.moe_block(adapter.decoder_layers()[0])

@@ -12,7 +12,7 @@ from optimum_prune.calibration import LayerInputs, capture_first_layer_inputs, f
 from optimum_prune.methods.mask_search import MaskSearch, MaskSearchOptions, mask_fisher, rearranged, search_counts
 from optimum_prune.methods.units import output_projection
 
-from ..conftest import assert_reloads_exactly, decoder_linear_parameters, output_errors, tiny_model, token_windows
+from ..conftest import LargestResult, assert_reloads_exactly, decoder_linear_parameters, output_errors, tiny_model, token_windows
 
 
 def test_rearrangement_uses_the_interactions_between_masks():
@@ -128,16 +128,6 @@ def test_tuned_scales_are_the_least_squares_masks_of_the_kept_units(kind, dampin
 def test_tuning_heads_builds_no_tensor_of_every_kept_units_output():
     """Stacking each kept head's output was [units, tokens, hidden] per batch (GiBs per attention layer of a 7B model);
     the normal equations need only XᵀX: nothing larger than a window's MLP activations is made."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class LargestResult(TorchDispatchMode):
-        largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            result = func(*args, **(kwargs or {}))
-            self.largest = max([self.largest] + [t.numel() for t in (result if isinstance(result, (tuple, list)) else (result,)) if isinstance(t, torch.Tensor)])
-            return result
-
     model, windows = tiny_model(num_key_value_heads=4), token_windows(samples=2, seq_len=128)  # 4 heads, one unit each
     method = MaskSearch(get_adapter(model), 0.2, [], MaskSearchOptions(), torch.device("cpu"))
     method.check()
