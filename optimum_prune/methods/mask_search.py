@@ -26,8 +26,9 @@ Adaptation to decoders (the paper prunes BERT and DistilBERT):
   grouped-query attention: the only removal that keeps a valid GQA layout with free per-layer counts.
 - L is the causal-LM loss of one calibration window, so each window is one Fisher sample; only the
   masks take gradients (no weight gradient is stored), with full-vocabulary logits for one window
-  at a time. Rearrangement keeps one block of I per layer and component: n² floats for n units
-  (MLP channels dominate: about 9 MiB per layer for SmolLM2's 1,536 channels).
+  at a time. Rearrangement keeps each window's mask gradients (windows × n per component, I = GᵀG / windows)
+  and forms one layer's n × n block at a time (a block per layer held at once was 6 GiB per layer in float64 for
+  a 70B model's 28,672 channels: 490 GiB).
 - Mask tuning runs in the sequential engine on the inputs of the already-pruned model: attention
   first, then the MLP on what the tuned attention feeds it; the target is the dense sublayer's
   output on those same inputs. The authors' code fits instead the dense model's residual stream after
@@ -78,13 +79,13 @@ class MaskSearch(StructuredMethod[MaskSearchOptions]):
         self.units.plan_counts()  # raises for a budget the units cannot reach
 
     def unit_importance(self, windows: torch.Tensor | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Per component, each unit's importance (the loss its removal adds) and the block that
-        rearrangement refines the choice with (a vector: no rearrangement)."""
+        """Per component, each unit's importance (the loss its removal adds) and what rearrangement refines the
+        choice with: the per-window gradients G whose GᵀG is the layer's Fisher block (a vector: no rearrangement)."""
         with on_device([self.adapter.model], self.device):  # whole-model gradients run on the compute device
-            blocks = mask_fisher(self.adapter, self.units.components, windows, full=self.options.rearrange)
+            fisher = mask_fisher(self.adapter, self.units.components, windows, per_window=self.options.rearrange)
         home = next(self.adapter.model.parameters()).device
-        blocks = [block.to(home) for block in blocks]
-        return [block.diagonal() / 2 if block.dim() == 2 else block / 2 for block in blocks], blocks
+        fisher = [f.to(home) for f in fisher]
+        return [(f.square().sum(0) / 2).float() if f.dim() == 2 else f / 2 for f in fisher], fisher
 
     def unit_counts(self, importance: list[torch.Tensor]) -> list[int]:
         """Units to remove per component: Alg. 1's search over the whole model's budget."""
@@ -95,13 +96,13 @@ class MaskSearch(StructuredMethod[MaskSearchOptions]):
 
     def prune(self, windows: torch.Tensor | None, report: Any) -> None:
         components = self.units.components
-        importance, blocks = self.unit_importance(windows)
+        importance, fisher = self.unit_importance(windows)
         layers = self.adapter.decoder_layers()
         counts = self.unit_counts(importance)
-        for component, block, count in zip(components, blocks, counts):
-            removed = rearranged(block, count)
+        for component, gradients, count in zip(components, fisher, counts):
+            removed = rearranged(gradients.T @ gradients if gradients.dim() == 2 else gradients, count)  # one block at a time
             component.removed = count
-            component.scores = torch.ones(block.shape[0])
+            component.scores = torch.ones(gradients.shape[-1])
             component.scores[removed.cpu()] = 0  # the cut removes the lowest-scored units
         for kind in ("attention", "mlp"):
             report.layer_scores[f"removed {self.importance_name} ({kind})"] = [
@@ -166,9 +167,10 @@ def _masking(mask: torch.Tensor, repeat: int):
     return lambda _module, args: ((args[0] * mask.repeat_interleave(repeat)).to(args[0].dtype),)
 
 
-def mask_fisher(adapter: Any, components: list[Component], windows: torch.Tensor, full: bool) -> list[torch.Tensor]:
-    """Per component, Σ_windows g gᵀ (``full``) or Σ g² of the gradient g of the window's LM loss with
-    respect to the masks of its units (all 1: the model's output is unchanged)."""
+def mask_fisher(adapter: Any, components: list[Component], windows: torch.Tensor, per_window: bool) -> list[torch.Tensor]:
+    """Per component, the mean over windows of g² for the gradient g of the window's LM loss with respect to the
+    masks of its units (all 1: the model's output is unchanged), or (``per_window``) every window's g / √windows as
+    the rows of G, so that GᵀG is the mean of g gᵀ (windows × units floats, not units²)."""
     layers = adapter.decoder_layers()
     masks, handles = [], []
     for component in components:
@@ -184,13 +186,20 @@ def mask_fisher(adapter: Any, components: list[Component], windows: torch.Tensor
         masks.append(mask)
 
     def run(scale: float) -> list[torch.Tensor] | None:
-        totals = [torch.zeros((len(m), len(m)) if full else len(m), dtype=torch.float64, device=m.device) for m in masks]
+        squares = [torch.zeros(len(m), dtype=torch.float64, device=m.device) for m in masks]
+        gradients: list[list[torch.Tensor]] = [[] for _ in masks]
         with grad_only(adapter.model, []):
             for loss in window_losses(adapter.model, windows, "Mask Fisher information"):
-                for total, gradient in zip(totals, torch.autograd.grad(loss * scale, masks)):
+                for square, rows, gradient in zip(squares, gradients, torch.autograd.grad(loss * scale, masks)):
                     g = gradient.detach().double()
-                    total.add_(torch.outer(g, g) if full else g.square())
-        return None if overflowed(totals) else [(total / (scale**2 * len(windows))).float().cpu() for total in totals]
+                    if per_window:
+                        rows.append(g.cpu())
+                    else:
+                        square.add_(g.square())
+        if per_window:
+            stacked = [torch.stack(rows) / (scale * len(windows) ** 0.5) for rows in gradients]
+            return None if overflowed(stacked) else stacked
+        return None if overflowed(squares) else [(square / (scale**2 * len(windows))).float().cpu() for square in squares]
 
     try:
         return with_loss_scale(adapter.model, run)

@@ -40,7 +40,7 @@ def curvature(model, windows):
 def masks(model, windows):
     method = MaskSearch(get_adapter(model), 0.2, [], MaskSearchOptions(), torch.device("cpu"))
     method.check()
-    return mask_fisher(method.adapter, method.units.components, windows, full=False)
+    return mask_fisher(method.adapter, method.units.components, windows, per_window=False)
 
 
 class _Scored(Exception):
