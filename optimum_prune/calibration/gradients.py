@@ -172,7 +172,8 @@ def hessian_traces(
                         retain_graph=probe < probes - 1, allow_unused=True,
                     ))) if used else {}  # fmt: skip
                     quadratic = iter(
-                        0.0 if products.get(i) is None else float((vector * products[i]).sum()) for i, vector in enumerate(vectors)
+                        0.0 if products.get(i) is None else float((vector * products[i]).sum(dtype=torch.float64))  # not in bf16's 8 bits
+                        for i, vector in enumerate(vectors)
                     )
                     for index, group in enumerate(groups):
                         totals[index] += sum(next(quadratic) for _ in group)

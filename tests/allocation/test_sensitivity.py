@@ -35,6 +35,23 @@ def test_parameters_outside_the_graph_add_nothing_instead_of_failing():
     assert traces == pytest.approx([2.0 * 12, 0.0, 7.0 * 5])
 
 
+def test_a_bfloat16_models_traces_are_not_summed_in_bfloat16():
+    """Each tensor's vᵀHv was summed in the parameter dtype: 8 bits in bf16, which swapped two real SmolLM2 layers'
+    sensitivity ranks 0.5 % apart (and so their sparsities). Here group a's trace is 3 × 1003, b's 3010."""
+
+    class HalfQuadratic(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.ParameterList([nn.Parameter(torch.ones(1003, dtype=torch.bfloat16)) for _ in range(3)])
+            self.b = nn.Parameter(torch.ones(3010, dtype=torch.bfloat16))
+
+        def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, use_cache: bool):
+            return type("Output", (), {"loss": 0.5 * (sum(p.square().sum() for p in self.a) + self.b.square().sum())})()
+
+    model = HalfQuadratic()
+    assert hessian_traces(model, torch.zeros(1, 2, dtype=torch.long), [list(model.a), [model.b]]) == pytest.approx([3009.0, 3010.0], rel=1e-6)
+
+
 def test_sensitivity_allocation_on_moe_windows_that_leave_experts_unrouted():
     from ..adapters.test_moe import tiny_moe
 
