@@ -70,7 +70,7 @@ class CheckpointReader:
         if index.is_file():
             try:
                 self.weight_map = {name: directory / file for name, file in json.loads(index.read_text(encoding="utf-8"))["weight_map"].items()}
-            except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as error:
+            except (ValueError, KeyError, AttributeError, TypeError) as error:  # ValueError: also UnicodeDecodeError
                 raise ValueError(
                     f"{index} is not a safetensors index (a JSON object with a 'weight_map'; {type(error).__name__}: {error}); "
                     "the checkpoint is incomplete or corrupt: save or copy it again"
@@ -109,6 +109,20 @@ class CheckpointReader:
                             f"{file} stores {name} as {dtype} {shape}; its config makes it a float tensor of shape "
                             f"{list(expected[name].shape)}: the checkpoint and its config.json do not belong together"
                         )
+
+    def check_rest(self, model: nn.Module, layer_names: list[str]) -> None:
+        """The parameters outside the decoder layers (embeddings, final norm, head) are all stored (a tied head may not be)."""
+        prefixes = tuple(f"{name}." for name in layer_names)
+        names = [name for name, _ in model.named_parameters(remove_duplicate=True) if not name.startswith(prefixes)]
+        head = model.get_output_embeddings()
+        tied = getattr(model.config.get_text_config(), "tie_word_embeddings", False)
+        heads = {f"{name}.weight" for name, module in model.named_modules() if module is head} if tied else set()
+        missing = [name for name in names if name not in self.weight_map and name not in heads]
+        if missing:
+            raise ValueError(
+                f"the checkpoint has no tensor(s) {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''} outside its decoder "
+                "layers; it is incomplete: save or copy it again"
+            )
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         tensors = {}
@@ -349,7 +363,11 @@ def prune_checkpoint(
     check_replaceable(output_dir, source, "output_dir")  # before hours of pruning, not at the final rename
     remove_leftovers(output_dir.absolute())  # what killed saves to it left: the disk space is free before pruning
     reader = CheckpointReader(source)
-    model_config = AutoConfig.from_pretrained(source, local_files_only=True)
+    try:
+        model_config = AutoConfig.from_pretrained(source, local_files_only=True)
+    except (OSError, TypeError, AttributeError) as error:  # invalid JSON, or JSON that is not an object
+        raise ValueError(f"{str(source / 'config.json')!r} could not be read as a model config ({type(error).__name__}: {error}); "
+                         "the checkpoint is damaged: save or copy it again") from None
     dtype = dtype or _declared_dtype(model_config) or reader.dtype()
     model_config.dtype = dtype  # what the saved config.json says: dtype="auto" reloads the pruned weights as written
     if records_layer_shapes(getattr(model_config, "quantization_config", None)):  # its layers would be built at stock shapes
@@ -376,6 +394,7 @@ def prune_checkpoint(
     planned_linears(adapter, config)  # the method's and allocation's own checks (N:M widths, ...)
     layer_names = adapter.layer_names()
     reader.check_layers(dict(zip(layer_names, adapter.decoder_layers())))
+    reader.check_rest(model, layer_names)
     layer_tensors = {name for prefix in layer_names for name in reader.under(prefix)}
     rest = [name for name in reader.weight_map if name not in layer_tensors]
     _load_inputs(model, adapter.capture_modules(), reader, rest, dtype)

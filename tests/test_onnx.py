@@ -125,3 +125,15 @@ def test_export_without_optimum_onnx_names_the_extra(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "optimum.exporters.onnx", None)  # optimum-onnx not installed
     with pytest.raises(MissingDependency, match=r"pip install 'optimum-prune\[onnx\]'"):
         export_onnx(tmp_path / "checkpoint", tmp_path / "onnx")
+
+
+def test_export_onnx_refuses_to_replace_the_checkpoint_it_exports(tmp_path):
+    pytest.importorskip("optimum.exporters.onnx")
+    from optimum_prune import export_onnx, prune, save_pruned
+
+    model = tiny_model()
+    prune(model, {"method": "magnitude", "sparsity": 0.5})
+    checkpoint = save_pruned(model, tmp_path / "pruned")
+    with pytest.raises(ValueError, match="checkpoint"):  # today: returns, and pruned/ holds model.onnx only
+        export_onnx(checkpoint, checkpoint)
+    assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "pruning_config.json").is_file()

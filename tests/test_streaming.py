@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import errno
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from optimum_prune import PruningConfig, prune, prune_checkpoint, verify_sparsity
@@ -761,3 +763,41 @@ def test_every_stored_tensor_is_in_the_requested_dtype(tmp_path):
     for shard in (tmp_path / "out").glob("*.safetensors"):
         with safe_open(shard, framework="pt") as handle:
             assert {handle.get_slice(name).get_dtype() for name in handle.keys()} == {"BF16"}, shard.name
+
+
+def test_non_utf8_safetensors_index_is_named(model_dir, tmp_path):
+    tensors = load_file(model_dir / "model.safetensors")
+    (model_dir / "model.safetensors").rename(model_dir / "model-00001-of-00001.safetensors")
+    weight_map = json.dumps(dict.fromkeys(tensors, "model-00001-of-00001.safetensors")).encode()
+    (model_dir / "model.safetensors.index.json").write_bytes(b'{"metadata": {"x": "' + "café".encode("latin-1") + b'"}, "weight_map": ' + weight_map + b"}")
+    with pytest.raises(ValueError, match="model.safetensors.index.json"):
+        prune_checkpoint(model_dir, tmp_path / "out", {"method": "magnitude"})
+
+
+@pytest.mark.parametrize("text", ["{", "[1]"])
+def test_prune_checkpoint_names_a_damaged_config_json(model_dir, tmp_path, text):
+    (model_dir / "config.json").write_text(text)
+    with pytest.raises(ValueError, match="config.json"):  # today: OSError ("{"), TypeError "list indices must be integers" ("[1]")
+        prune_checkpoint(model_dir, tmp_path / "out", {"method": "magnitude"})
+
+
+def test_prune_checkpoint_refuses_a_checkpoint_without_its_head(model_dir, tmp_path):
+    tensors = load_file(model_dir / "model.safetensors")
+    del tensors["lm_head.weight"], tensors["model.norm.weight"]
+    save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out"
+    with pytest.raises(ValueError, match="lm_head.weight"):  # today: writes out/ without them; stock reload fills them at random
+        prune_checkpoint(model_dir, out, {"method": "magnitude"})
+    assert not out.exists() and not (tmp_path / ".out.partial").exists()
+
+
+def test_prune_checkpoint_refuses_a_checkpoint_without_embeddings(model_dir, tmp_path):
+    tensors = load_file(model_dir / "model.safetensors")
+    del tensors["model.embed_tokens.weight"]
+    save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
+    from optimum_prune.models import load_tokenizer
+
+    config = {"method": "wanda", "num_calibration_samples": 2, "calibration_seq_len": 16}
+    with pytest.raises(ValueError, match="embed_tokens"):  # today: NotImplementedError "Cannot copy out of meta tensor"
+        prune_checkpoint(model_dir, tmp_path / "out", config, tokenizer=load_tokenizer(model_dir))
+    assert not (tmp_path / ".out.partial").exists()  # today: left behind

@@ -128,7 +128,7 @@ def export_onnx(checkpoint: str | os.PathLike, output: str | os.PathLike, task: 
         raise MissingDependency(f"ONNX export needs optimum-onnx ({error}): pip install 'optimum-prune[onnx]'") from None
     from transformers import AutoConfig
 
-    from ..saving import atomic_directory
+    from ..saving import atomic_directory, check_replaceable
     from ..structure.loading import records_layer_shapes
 
     config = AutoConfig.from_pretrained(checkpoint)
@@ -158,6 +158,7 @@ def export_onnx(checkpoint: str | os.PathLike, output: str | os.PathLike, task: 
             f"({config.num_attention_heads}) key/value heads, not its num_key_value_heads ({config.num_key_value_heads}): "
             "the export would not run in onnxruntime, pruned or not (an optimum-onnx limit)"
         )
+    check_replaceable(Path(output), checkpoint, "output")  # the checkpoint itself would be replaced by its export
     with atomic_directory(output) as staging:
         main_export(os.fspath(checkpoint), output=staging, task=task, **kwargs)
     return Path(output)
