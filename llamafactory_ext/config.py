@@ -32,6 +32,7 @@ from omegaconf.errors import OmegaConfBaseException
 from optimum_prune import PruningConfig
 from optimum_prune.config import PROVENANCE_KEYS
 from optimum_prune.api import check_activation_device
+from optimum_prune.calibration.sources import read_text_file
 from optimum_prune.yaml_files import load_yaml
 
 from .compat import import_llamafactory
@@ -148,7 +149,7 @@ def read_yaml(path: str | os.PathLike, overrides: Sequence[str] = ()) -> dict[st
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-    args = load_yaml(path.read_text(encoding="utf-8"), str(path))
+    args = load_yaml(read_text_file(path, "config file"), str(path))
     if not isinstance(args, dict):
         raise ValueError(f"{path} must be a mapping of LLaMA-Factory arguments, got {type(args).__name__}")
     merged = OmegaConf.create(args)

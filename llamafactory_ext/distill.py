@@ -28,6 +28,7 @@ full fine-tuning, its data pipeline, ``PruningCallback`` (masks) and its saving 
 from __future__ import annotations
 
 import dataclasses
+import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +65,8 @@ class DistillSection:
         fields = [f.name for f in dataclasses.fields(DistillationConfig)]
         check_section(SECTION, section, [*fields, *TEACHER_KEYS], "DistillationConfig fields and teacher", lf_args)
         teacher = section.get("teacher") or (lf_args.get("model_name_or_path") if pruning else None)
+        if teacher and not isinstance(teacher, (str, os.PathLike)):
+            raise ValueError(f"{SECTION}.teacher must be one checkpoint (a local directory or a Hub id), got {teacher!r}")
         if not teacher:
             raise ValueError(
                 f"{SECTION}.teacher is required: without a `pruning:` section there is no unpruned model to default to; "

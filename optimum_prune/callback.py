@@ -261,6 +261,11 @@ class PruningCallback(TrainerCallback):
     def __init__(
         self, schedule: Schedule | None = None, ignore: list[str] | tuple[str, ...] = (), perp: PERPConfig | None = None
     ) -> None:
+        if schedule is not None and not isinstance(schedule, (GradualSchedule, IterativeSchedule, ExpertDroppingSchedule)):
+            raise TypeError(
+                f"PruningCallback's schedule must be a GradualSchedule, IterativeSchedule or ExpertDroppingSchedule (e.g. "
+                f"GradualSchedule(final_sparsity=0.5)), got {type(schedule).__name__} {schedule!r:.60}"
+            )
         if perp is not None and schedule is not None:
             raise ValueError("PruningCallback: PERP retrains an already pruned model; it cannot be combined with a pruning schedule")
         self.experts = ExpertDroppingCallback(schedule, ignore) if isinstance(schedule, ExpertDroppingSchedule) else None

@@ -52,6 +52,8 @@ def compress(
     ``processor`` turns image-text calibration pairs into model inputs for a multimodal model's pruning steps,
     as in ``prune``.
     """
+    if isinstance(recipe, (Mapping, PruningConfig, QuantoConfig, GPTQConfig, str)) or not isinstance(recipe, Sequence):
+        raise TypeError(f"recipe is a list of steps, got a {type(recipe).__name__}: give one step as [step]")
     steps = [_check_step(step, index) for index, step in enumerate(recipe)]
     if not steps:
         raise ValueError("recipe is empty: give at least one PruningConfig, QuantoConfig or GPTQConfig")

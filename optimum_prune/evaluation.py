@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, Sequence
 
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.utils.logging import tqdm
 
+from .api import check_device
 from .calibration import check_token_ids, tokenize_stream
 from .calibration.gradients import exp_or_inf
 from .calibration.multimodal import check_image_text, image_placeholder, image_text_batch
@@ -69,7 +71,7 @@ def evaluate_perplexity(
         raise ValueError(f"text has {tokens.numel()} tokens, fewer than one window of seq_len={seq_len}")
     tokens = tokens[: windows * seq_len].reshape(windows, seq_len)
     check_token_ids(model, tokens)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = check_device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
     total_nll = 0.0
@@ -103,13 +105,14 @@ def evaluate_image_text_loss(
         from .data.images import image_text_pairs
 
         pairs = image_text_pairs("evaluation")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = check_device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
     total_nll, total_tokens = 0.0, 0
     try:
         with torch.no_grad():
             check_image_text(pairs, processor)
+            _check_pairs(pairs)
             placeholder = image_placeholder(processor)
             for index in range(len(pairs)):  # one pair at a time: its pixels exist only while it is scored
                 pair = pairs[index]
@@ -136,6 +139,15 @@ def evaluate_image_text_loss(
     finally:
         model.train(was_training)
     return _a_number(total_nll, "the captions") / total_tokens
+
+
+def _check_pairs(pairs: Sequence[Any]) -> None:
+    """Each pair a caption with its image: an empty list divided by zero tokens, a missing key was a KeyError."""
+    if not pairs:
+        raise ValueError("pairs is empty: give at least one {'image': ..., 'text': caption}")
+    for index, pair in enumerate(pairs):
+        if not isinstance(pair, Mapping) or "image" not in pair or not isinstance(pair.get("text"), str):
+            raise ValueError(f"pair {index} must be a mapping with an 'image' and a 'text' string (the caption), got {pair!r:.80}")
 
 
 def _a_number(total_nll: float, scored: str) -> float:

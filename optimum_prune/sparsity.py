@@ -165,8 +165,11 @@ def verify_sparsity(
     adapters' small linears are not the model's). Quantized weights (optimum-quanto, bitsandbytes 8-bit and 4-bit, GPTQ) are counted on
     their dequantized values, so a quantizer that moves zeros shows up here. Returns ``{"overall_sparsity", "pattern", "conforming", "layers": {name: ...}}``.
     """
+    if pattern is not None and not isinstance(pattern, (str, NMPattern)):
+        raise TypeError(f"pattern must be an 'N:M' string or an NMPattern (None: no conformity check), got {pattern!r}; "
+                        "a fraction such as 0.5 has no pattern to check")
     nm = NMPattern.parse(pattern, "pattern") if isinstance(pattern, str) else pattern
-    ignored = tuple(ignore)
+    ignored = (ignore,) if isinstance(ignore, str) else tuple(ignore or ())
     layers: dict[str, dict] = {}
     zeros = total = 0
     for name, module in unwrapped_modules(transformers_model(model)):

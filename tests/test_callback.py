@@ -659,3 +659,11 @@ def test_a_wanda_schedule_scores_by_activations_not_by_weights_alone(tmp_path):
         by_magnitude = torch.zeros_like(weight, dtype=torch.bool).scatter_(1, weight.argsort(1)[:, : weight.shape[1] // 2], True)
         differing += int(((linear.weight == 0) != by_magnitude).any())
     assert differing > 0
+
+
+@pytest.mark.parametrize("schedule", [0.5, "2:4", {"final_sparsity": 0.5}])
+def test_pruning_callback_refuses_what_is_not_a_schedule(schedule):
+    from optimum_prune import PruningCallback
+
+    with pytest.raises(TypeError, match="GradualSchedule"):  # today: accepted; on_train_begin raises AttributeError '... has no attribute resolved'
+        PruningCallback(schedule)

@@ -210,3 +210,10 @@ def test_a_gptq_step_without_gptqmodel_names_the_version_the_extra_installs(monk
     monkeypatch.setattr(optimum.utils, "is_gptqmodel_available", lambda: False)
     with pytest.raises(MissingDependency, match=r"recipe\[1\]: GPTQConfig needs gptqmodel 5\.6: pip install 'optimum-prune\[gptq\]'"):
         compress(tiny_model(), [PruningConfig(method="magnitude", sparsity=0.5), GPTQConfig(bits=4, group_size=32)])
+
+
+def test_compress_names_a_single_step_given_as_the_recipe():
+    from optimum_prune import compress
+
+    with pytest.raises(TypeError, match=r"\[step\]"):  # today: "recipe[0] is a str" (the dict's first key)
+        compress(tiny_model(), {"method": "magnitude"})

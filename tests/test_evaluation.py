@@ -157,3 +157,9 @@ def test_the_image_text_loss_keeps_the_models_mode():
     pair = {"image": image_text_pairs("evaluation")[0]["image"], "text": "A cat sat"}
     evaluate_image_text_loss(model, processor, [pair])
     assert not model.training
+
+
+def test_evaluation_names_a_bad_device(bpe_tokenizer):
+    model = tiny_model()
+    with pytest.raises(ValueError, match="device 'gpu'"):  # today: RuntimeError "Expected one of cpu, cuda, ..."
+        evaluate_perplexity(model, bpe_tokenizer, "the cat sat on the mat. " * 50, seq_len=16, device="gpu")

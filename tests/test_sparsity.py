@@ -119,3 +119,14 @@ def test_nearest_count_rounds_every_half_up():
     from optimum_prune.sparsity import nearest_count
 
     assert [nearest_count(v) for v in (2.5, 5.5, 15 * (1 - 0.9), 60 * (1 - 0.675), 2.4999, 2.0)] == [3, 6, 2, 20, 2, 2]
+
+
+def test_verify_sparsity_checks_its_arguments():
+    from optimum_prune import verify_sparsity
+
+    model = tiny_model()
+    with pytest.raises(TypeError, match="pattern"):  # today: AttributeError 'float' object has no attribute 'm'
+        verify_sparsity(model, 0.5)
+    # a single glob given as a string means that glob, as the default ("lm_head",): today it is split into characters
+    # and lm_head is silently counted (22 linears instead of 21)
+    assert verify_sparsity(model, ignore="lm_head")["layers"].keys() == verify_sparsity(model)["layers"].keys()

@@ -15,6 +15,7 @@ from optimum_prune.study import measure as study_measure
 from optimum_prune.study import runner as study_runner
 from optimum_prune.study.grid import Protocol, StudyPoint
 from optimum_prune.study.outputs import _csv, report
+from optimum_prune.study.cli import main as study_main
 from optimum_prune.study.runner import StudyResults, StudyRow
 
 from .conftest import decoder_linear_parameters, tiny_model
@@ -647,3 +648,28 @@ def test_redundancy_is_measured_on_the_protocols_calibration_windows(monkeypatch
     monkeypatch.setattr(study_measure, "calibration_windows", lambda *a: seen.append(a[2:5]) or real(*a))
     redundancy = study_measure.layer_redundancy(Protocol(model=str(model_dir), seed=3, calibration_samples=3, calibration_seq_len=16), "cpu")
     assert seen == [(3, 16, 3)] and len(redundancy["block_influence"]) == 3
+
+
+def test_study_refuses_a_bad_device_before_writing_anything(tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_text("pruning: [none]\nquantization: [none]\nlatency: none\nredundancy: false\n")
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:  # today: RuntimeError traceback from torch.device("gpu")
+        study_main([str(grid), "--output", str(out), "--device", "gpu"])
+    assert exit_info.value.code == 2
+    with pytest.raises(ValueError, match="device"):
+        run_study(StudyGrid.from_yaml(grid), out, device="gpu")
+    assert not out.exists()  # today: out/points/ is made before the device is looked at
+
+
+def test_grid_sweep_key_must_be_a_field_name():
+    grid = {"pruning": [{"method": "wanda", "sweep": {1: [0.5]}}], "quantization": ["none"]}
+    with pytest.raises(ValueError, match="sweep"):  # today: AttributeError 'int' object has no attribute 'partition'
+        StudyGrid.from_dict(grid)
+
+
+def test_a_non_utf8_grid_file_is_named(tmp_path):
+    grid = tmp_path / "grid.yaml"
+    grid.write_bytes(b"pruning: [none]\nquantization: [none]\n# " + "café".encode("latin-1") + b"\n")
+    with pytest.raises(ValueError, match="grid.yaml"):
+        StudyGrid.from_yaml(grid)

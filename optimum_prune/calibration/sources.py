@@ -104,6 +104,12 @@ def _checked_batch(batch: dict[str, Any], index: int) -> dict[str, Any]:
     """A processed batch the model can run: ``[batch, seq_len]`` integer ``input_ids``, and an
     ``attention_mask`` of their shape (caught here, not deep in the embedding or attention)."""
     ids, mask = batch["input_ids"], batch.get("attention_mask")
+    for name, value in batch.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(
+                f"calibration batch {index}: {name!r} is a {type(value).__name__}, not a tensor; a processed batch holds model "
+                "inputs only (remove that column, e.g. dataset.remove_columns, or tokenize with return_tensors='pt')"
+            )
     if ids.dtype not in (torch.long, torch.int) or ids.dim() != 2 or ids.numel() == 0:
         raise ValueError(
             f"calibration batch {index}: input_ids must be a non-empty [batch, seq_len] tensor of token ids, got shape "
@@ -163,7 +169,15 @@ def file_texts(path: Path, what: str) -> list[str]:
     records = _records(path, builder, what)
     if "text" not in records.column_names:
         raise ValueError(f"{what} {str(path)!r} holds records without a 'text' column (it has {records.column_names}); name it 'text'")
+    _check_strings(records["text"], f"{what} {str(path)!r}")
     return [text for text in records["text"] if text is not None]
+
+
+def _check_strings(texts: Sequence[Any], where: str) -> None:
+    """Each text a string or None (a missing value): a record holding a list of paragraphs failed later on ``.strip``."""
+    for index, text in enumerate(texts):
+        if text is not None and not isinstance(text, str):
+            raise ValueError(f"{where}: text {index} is a {type(text).__name__} ({text!r:.60}), not a string; a 'text' column holds one string per record")
 
 
 def _check_not_dataset_dict(source: CalibrationSource) -> None:
@@ -349,6 +363,7 @@ def _texts(source: CalibrationSource, tokenizer: Any, stream_tokens: int) -> lis
             "a LongTensor of token ids (or a list of them), image-text pairs ({'image': ..., 'text': ...}) or processed batches "
             f"({{'input_ids': ..., ...}}); got {type(source).__name__}"
         )
+    _check_strings(texts, "calibration")
     texts = [t for t in texts if t is not None and t.strip()]  # a dataset's missing text is None
     if not texts:
         raise ValueError("calibration is empty: it contains no non-blank text")

@@ -8,6 +8,7 @@ import shlex
 from pathlib import Path
 from typing import Sequence
 
+from ..api import check_device
 from ..cli import exiting_on_sigterm
 from ..dependencies import MissingDependency
 from .grid import StudyGrid
@@ -33,6 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     output = args.output or args.grid.with_suffix("")
     try:
+        if args.device is not None:
+            check_device(args.device, "--device")
         grid = StudyGrid.from_yaml(args.grid)
         with exiting_on_sigterm():
             results = run_study(grid, output, device=args.device)

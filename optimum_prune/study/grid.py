@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..calibration.sources import read_text_file
 from ..compress import require_quanto
 from ..config import PruningConfig
 from ..evaluation import check_whole_windows
@@ -87,7 +88,7 @@ class StudyGrid:
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"grid file {str(path)!r} does not exist")
-        data = load_yaml(path.read_text(encoding="utf-8"), f"grid file {str(path)!r}")
+        data = load_yaml(read_text_file(path, "grid file"), f"grid file {str(path)!r}")
         return cls.from_dict(data, base=path.parent)
 
     @classmethod
@@ -178,7 +179,7 @@ def _expand(entry: Any, index: int, protocol: Protocol) -> list[tuple[str, dict[
     entry = dict(entry)
     name = entry.pop("name", None) or entry.get("method", PruningConfig().method)
     sweep = entry.pop("sweep", {}) or {}
-    if not isinstance(sweep, Mapping) or not all(isinstance(v, list) and v for v in sweep.values()):
+    if not isinstance(sweep, Mapping) or not all(isinstance(k, str) and isinstance(v, list) and v for k, v in sweep.items()):
         raise ValueError(f"{where}.sweep must map field names to non-empty lists of values, got {sweep!r}")
     clashes = [f for f in PROTOCOL_FIELDS if f in entry or f in sweep]
     if clashes:

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from transformers.utils.logging import tqdm
 
+from ..api import check_device
 from ..saving import write_text_atomic
 from .grid import Protocol, StudyGrid, StudyPoint
 from .measure import device_name, layer_redundancy, measure_point
@@ -55,9 +56,9 @@ def run_study(grid: StudyGrid, output: str | os.PathLike, device: str | torch.de
     """
     from .outputs import software_versions, versions
 
+    device = check_device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     points_dir = Path(output) / "points"
     points_dir.mkdir(parents=True, exist_ok=True)
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     latency_device = _latency_device(grid.latency)
     latency_name = device_name(latency_device) if latency_device is not None else None
     rows, measured_now = [], 0

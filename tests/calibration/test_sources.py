@@ -402,3 +402,26 @@ def test_a_streamed_dataset_is_read_until_twice_the_windows_tokens(bpe_tokenizer
     calibration_windows(IterableDataset.from_generator(rows), bpe_tokenizer, 4, 16, seed=0)
     needed = -(-2 * 4 * 16 // per_row)  # rows holding twice the windows' tokens
     assert needed <= max(read) + 1 <= needed + 1  # the rows of the longest pass over the stream (one may be read ahead)
+
+
+def test_processed_batches_name_a_non_tensor_entry():
+    import torch
+
+    from optimum_prune import prune
+
+    batch = {"input_ids": torch.ones(1, 8, dtype=torch.long), "attention_mask": torch.ones(1, 8, dtype=torch.long), "text": ["a b"]}
+    with pytest.raises(ValueError, match="'text'"):  # today: AttributeError 'list' object has no attribute 'to'
+        prune(tiny_model(), {"method": "wanda"}, calibration=[batch])
+
+
+def test_records_with_non_string_text_are_named(tmp_path, bpe_tokenizer):
+    from optimum_prune import prune
+    from optimum_prune.calibration.sources import file_texts
+
+    records = tmp_path / "paragraphs.jsonl"
+    records.write_text('{"text": ["the cat sat", "on the mat"]}\n{"text": ["a dog"]}\n')
+    config = {"method": "wanda", "num_calibration_samples": 2, "calibration_seq_len": 2}
+    with pytest.raises(ValueError, match="not a string"):  # today: AttributeError 'list' object has no attribute 'strip'
+        prune(tiny_model(), config, calibration=str(records), tokenizer=bpe_tokenizer)
+    with pytest.raises(ValueError, match="paragraphs.jsonl"):  # --eval-file today: "text must be ... a list of strings, got list"
+        file_texts(records, "--eval-file")

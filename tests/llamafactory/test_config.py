@@ -661,3 +661,20 @@ def test_without_arguments_the_error_lists_only_what_is_required(capsys):
     with pytest.raises(SystemExit):
         main([])
     assert capsys.readouterr().err.endswith("the following arguments are required: command, config\n")
+
+
+def test_non_utf8_llamafactory_yaml_is_named(tmp_path):
+    from llamafactory_ext.config import read_yaml
+
+    path = tmp_path / "train.yaml"
+    path.write_bytes(b"stage: pt\n# " + "café".encode("latin-1") + b"\n")
+    with pytest.raises(ValueError, match="train.yaml"):
+        read_yaml(path)
+
+
+def test_distill_teacher_must_be_one_checkpoint():
+    from llamafactory_ext.training import TrainingSections
+
+    args = {"model_name_or_path": "x", "stage": "pt", "finetuning_type": "full", "output_dir": "o", "distill": {"teacher": ["a", "b"]}}
+    with pytest.raises(ValueError, match="distill.teacher"):  # today: TypeError "expected str, bytes or os.PathLike object, not list"
+        TrainingSections.split(args, pruning=False, validate=True)

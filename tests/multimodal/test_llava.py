@@ -366,3 +366,15 @@ def test_image_text_loss_refuses_a_nan_loss(llava, llava_processor):
         llava.model.language_model.layers[1].mlp.up_proj.weight[3, 5] = float("nan")
     with pytest.raises(ValueError, match="next-token loss is NaN on the captions"):
         evaluate_image_text_loss(llava, llava_processor, image_text_pairs("evaluation")[:2])
+
+
+def test_image_text_loss_refuses_empty_or_malformed_pairs(llava, llava_processor):
+    from optimum_prune.data.images import image_text_pairs
+
+    image = image_text_pairs("evaluation")[0]["image"]
+    with pytest.raises(ValueError, match="pairs"):  # today: ZeroDivisionError
+        evaluate_image_text_loss(llava, llava_processor, [])
+    with pytest.raises(ValueError, match="text"):  # today: TypeError "argument of type 'NoneType' is not iterable"
+        evaluate_image_text_loss(llava, llava_processor, [{"image": image, "text": None}])
+    with pytest.raises(ValueError, match="image"):  # today: KeyError 'image'
+        evaluate_image_text_loss(llava, llava_processor, [{"text": "a cat"}])
