@@ -112,10 +112,12 @@ def evaluate_image_text_loss(
     try:
         with torch.no_grad():
             check_image_text(pairs, processor)
-            _check_pairs(pairs)
+            if len(pairs) == 0:
+                raise ValueError("pairs is empty: give at least one {'image': ..., 'text': caption}")
             placeholder = image_placeholder(processor)
             for index in range(len(pairs)):  # one pair at a time: its pixels exist only while it is scored
                 pair = pairs[index]
+                _check_pair(pair, index)
                 if placeholder in pair["text"]:  # its own prompt: the caption could not be told from it
                     raise ValueError(
                         f"pair {index}'s text holds the image placeholder {placeholder!r}: evaluate_image_text_loss places "
@@ -141,13 +143,11 @@ def evaluate_image_text_loss(
     return _a_number(total_nll, "the captions") / total_tokens
 
 
-def _check_pairs(pairs: Sequence[Any]) -> None:
-    """Each pair a caption with its image: an empty list divided by zero tokens, a missing key was a KeyError."""
-    if not pairs:
-        raise ValueError("pairs is empty: give at least one {'image': ..., 'text': caption}")
-    for index, pair in enumerate(pairs):
-        if not isinstance(pair, Mapping) or "image" not in pair or not isinstance(pair.get("text"), str):
-            raise ValueError(f"pair {index} must be a mapping with an 'image' and a 'text' string (the caption), got {pair!r:.80}")
+def _check_pair(pair: Any, index: int) -> None:
+    """A caption with its image (a missing key was a KeyError, a None caption a TypeError); checked as each pair is
+    read, so a dataset's images are decoded once."""
+    if not isinstance(pair, Mapping) or "image" not in pair or not isinstance(pair.get("text"), str):
+        raise ValueError(f"pair {index} must be a mapping with an 'image' and a 'text' string (the caption), got {pair!r:.80}")
 
 
 def _a_number(total_nll: float, scored: str) -> float:
