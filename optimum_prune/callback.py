@@ -31,6 +31,7 @@ trainer's ``log_history`` and the callbacks after this one).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -50,6 +51,7 @@ from .dispatch import refuse_offloaded
 from .distributed import all_reduce_sum
 from .ignoring import check_ignore_patterns
 from .masks import SparsityMasks, prunable_linears
+from .options import as_option_type
 from .sparsity_metadata import drop_sparsity_metadata
 from .perp import PERPConfig, PERPSummary, merge_perp, prepare_perp
 from .sparsity import NMPattern, SparsityTarget, normalise_sparsity, select_mask
@@ -65,11 +67,16 @@ class _SparsitySchedule:
     final_sparsity: float | str
     score: str
 
-    def _check_target_and_score(self) -> None:
+    def _check_target_and_score(self, steps: tuple[str, ...]) -> None:
+        """The target normalised, the score known, and the ``steps`` fields whole numbers (``iterations=2.5`` was
+        accepted and made fractional retraining steps; ``every="10"`` failed comparing str with int)."""
         name = type(self).__name__
         object.__setattr__(self, "final_sparsity", normalise_sparsity(self.final_sparsity, f"{name}.final_sparsity"))
         if self.score not in SCORES:
             raise ValueError(f"{name}.score {self.score!r} is not one of {', '.join(SCORES)}")
+        optional = {spec.name for spec in dataclasses.fields(self) if spec.default is None}  # end_step, retrain_steps
+        for field in steps:
+            object.__setattr__(self, field, as_option_type(getattr(self, field), int, field in optional, f"{name}.{field}"))
 
     @property
     def final_target(self) -> SparsityTarget:
@@ -138,7 +145,7 @@ class GradualSchedule(_SparsitySchedule):
     score: str = "magnitude"
 
     def __post_init__(self) -> None:
-        self._check_target_and_score()
+        self._check_target_and_score(("start_step", "end_step", "every"))
         if not 0.0 <= self.initial_sparsity <= self.final_fraction:
             raise ValueError(
                 f"GradualSchedule.initial_sparsity {self.initial_sparsity} must be in [0, final sparsity {self.final_fraction}]"
@@ -189,7 +196,7 @@ class IterativeSchedule(_SparsitySchedule):
     score: str = "magnitude"
 
     def __post_init__(self) -> None:
-        self._check_target_and_score()
+        self._check_target_and_score(("iterations", "retrain_steps", "start_step"))
         if self.iterations <= 0 or self.start_step < 0:
             raise ValueError(
                 f"IterativeSchedule.iterations must be > 0 and start_step >= 0, got {self.iterations} and {self.start_step}"

@@ -4,8 +4,10 @@ and gradual pruning follows its schedule inside a real transformers.Trainer."""
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 
+import numpy as np
 import pytest
 import torch
 from datasets import Dataset
@@ -667,3 +669,15 @@ def test_pruning_callback_refuses_what_is_not_a_schedule(schedule):
 
     with pytest.raises(TypeError, match="GradualSchedule"):  # today: accepted; on_train_begin raises AttributeError '... has no attribute resolved'
         PruningCallback(schedule)
+
+
+@pytest.mark.parametrize(("make", "message"), [
+    (lambda: IterativeSchedule(final_sparsity=0.5, iterations=2.5), "IterativeSchedule.iterations must be int, got 2.5"),
+    (lambda: GradualSchedule(final_sparsity=0.5, every="10"), "GradualSchedule.every must be int, got '10'"),
+    (lambda: GradualSchedule(final_sparsity=0.5, start_step=None), "GradualSchedule.start_step must be int, got None"),
+])
+def test_schedule_steps_must_be_whole_numbers(make, message):
+    """iterations=2.5 was accepted and made fractional retraining steps; every="10" failed comparing str with int."""
+    with pytest.raises(TypeError, match=re.escape(message)):
+        make()
+    assert GradualSchedule(final_sparsity=0.5, end_step=None, every=np.int64(10)).every == 10
