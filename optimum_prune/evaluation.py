@@ -16,6 +16,7 @@ from .calibration import check_token_ids, tokenize_stream
 from .calibration.gradients import exp_or_inf
 from .calibration.multimodal import check_image_text, image_placeholder, image_text_batch
 from .data import wikipedia_text
+from .options import as_option_type
 
 
 def check_whole_windows(tokens: int, seq_len: int, tokens_field: str, seq_len_field: str) -> None:
@@ -48,6 +49,8 @@ def evaluate_perplexity(
     that is not a multiple of ``seq_len``, is an error: the count is stated beside results); a trailing partial window is dropped. Each window predicts its own tokens 2..seq_len (the
     Wanda/SparseGPT protocol). Logits exist for one batch at a time only.
     """
+    seq_len, batch_size = as_option_type(seq_len, int, False, "seq_len"), as_option_type(batch_size, int, False, "batch_size")
+    max_tokens = as_option_type(max_tokens, int, True, "max_tokens")  # 512.0 failed slicing ("slice indices must be integers")
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2, got {seq_len}")
     if batch_size < 1:  # a negative step scored no window and returned 1.0

@@ -163,3 +163,11 @@ def test_evaluation_names_a_bad_device(bpe_tokenizer):
     model = tiny_model()
     with pytest.raises(ValueError, match="device 'gpu'"):  # today: RuntimeError "Expected one of cpu, cuda, ..."
         evaluate_perplexity(model, bpe_tokenizer, "the cat sat on the mat. " * 50, seq_len=16, device="gpu")
+
+
+@pytest.mark.parametrize("argument", ["seq_len", "max_tokens", "batch_size"])
+def test_window_counts_must_be_whole_numbers(bpe_tokenizer, argument):
+    """16.0 failed deep in slicing ("slice indices must be integers"), naming no argument."""
+    values = {"seq_len": 16, "max_tokens": 64, "batch_size": 1}
+    with pytest.raises(TypeError, match=f"{argument} must be int, got {float(values[argument])}"):
+        evaluate_perplexity(tiny_model(), bpe_tokenizer, "the cat sat on the mat. " * 50, **{**values, argument: float(values[argument])})
