@@ -142,9 +142,10 @@ def test_without_the_llamafactory_extra_the_command_says_what_to_install(tmp_pat
     script = "import sys; sys.modules['omegaconf'] = None\nfrom llamafactory_ext.cli import main\nsys.exit(main(['train', 'prune.yaml']))\n"
     (tmp_path / "prune.yaml").write_text("stage: prune\n")
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
-    assert result.returncode == 2, result.stderr[-2000:]
-    assert result.stderr.startswith("llamafactory-prune: error: llamafactory-prune needs the [llamafactory] extra (")
-    assert "pip install 'optimum-prune[llamafactory]'" in result.stderr and result.stderr.count("\n") == 1
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    error = result.stderr.splitlines()[-1]  # after any warning the environment's variables print (CI's TRANSFORMERS_CACHE)
+    assert error.startswith("llamafactory-prune: error: llamafactory-prune needs the [llamafactory] extra (")
+    assert "pip install 'optimum-prune[llamafactory]'" in error
 
 
 def test_without_llamafactory_itself_the_command_says_how_to_install_it(tmp_path, capsys, monkeypatch):
