@@ -667,7 +667,7 @@ def test_a_wanda_schedule_scores_by_activations_not_by_weights_alone(tmp_path):
 def test_pruning_callback_refuses_what_is_not_a_schedule(schedule):
     from optimum_prune import PruningCallback
 
-    with pytest.raises(TypeError, match="GradualSchedule"):  # today: accepted; on_train_begin raises AttributeError '... has no attribute resolved'
+    with pytest.raises(TypeError, match="GradualSchedule"):  # was: accepted; on_train_begin raises AttributeError '... has no attribute resolved'
         PruningCallback(schedule)
 
 

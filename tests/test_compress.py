@@ -215,5 +215,5 @@ def test_a_gptq_step_without_gptqmodel_names_the_version_the_extra_installs(monk
 def test_compress_names_a_single_step_given_as_the_recipe():
     from optimum_prune import compress
 
-    with pytest.raises(TypeError, match=r"\[step\]"):  # today: "recipe[0] is a str" (the dict's first key)
+    with pytest.raises(TypeError, match=r"\[step\]"):  # was: "recipe[0] is a str" (the dict's first key)
         compress(tiny_model(), {"method": "magnitude"})

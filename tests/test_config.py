@@ -407,7 +407,7 @@ def test_a_float_option_past_float_range_is_a_value_error():
 def test_a_non_utf8_pruning_config_is_named(tmp_path):
     config = tmp_path / "pruning_config.json"
     config.write_bytes(b'{"method": "wanda", "note": "' + "café".encode("latin-1") + b'"}')
-    with pytest.raises(ValueError, match="pruning_config.json"):  # today: "'utf-8' codec can't decode byte 0xe9 ..."
+    with pytest.raises(ValueError, match="pruning_config.json"):  # was: "'utf-8' codec can't decode byte 0xe9 ..."
         PruningConfig.from_json_file(config)
     with pytest.raises(ValueError, match="pruning_config.json"):
         PruningConfig.from_pretrained(tmp_path)

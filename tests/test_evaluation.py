@@ -161,7 +161,7 @@ def test_the_image_text_loss_keeps_the_models_mode():
 
 def test_evaluation_names_a_bad_device(bpe_tokenizer):
     model = tiny_model()
-    with pytest.raises(ValueError, match="device 'gpu'"):  # today: RuntimeError "Expected one of cpu, cuda, ..."
+    with pytest.raises(ValueError, match="device 'gpu'"):  # was: RuntimeError "Expected one of cpu, cuda, ..."
         evaluate_perplexity(model, bpe_tokenizer, "the cat sat on the mat. " * 50, seq_len=16, device="gpu")
 
 

@@ -134,6 +134,6 @@ def test_export_onnx_refuses_to_replace_the_checkpoint_it_exports(tmp_path):
     model = tiny_model()
     prune(model, {"method": "magnitude", "sparsity": 0.5})
     checkpoint = save_pruned(model, tmp_path / "pruned")
-    with pytest.raises(ValueError, match="checkpoint"):  # today: returns, and pruned/ holds model.onnx only
+    with pytest.raises(ValueError, match="checkpoint"):  # was: returns, and pruned/ holds model.onnx only
         export_onnx(checkpoint, checkpoint)
     assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "pruning_config.json").is_file()

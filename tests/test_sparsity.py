@@ -125,8 +125,8 @@ def test_verify_sparsity_checks_its_arguments():
     from optimum_prune import verify_sparsity
 
     model = tiny_model()
-    with pytest.raises(TypeError, match="pattern"):  # today: AttributeError 'float' object has no attribute 'm'
+    with pytest.raises(TypeError, match="pattern"):  # was: AttributeError 'float' object has no attribute 'm'
         verify_sparsity(model, 0.5)
-    # a single glob given as a string means that glob, as the default ("lm_head",): today it is split into characters
+    # a single glob given as a string means that glob, as the default ("lm_head",): it was split into characters
     # and lm_head is silently counted (22 linears instead of 21)
     assert verify_sparsity(model, ignore="lm_head")["layers"].keys() == verify_sparsity(model)["layers"].keys()

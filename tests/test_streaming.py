@@ -777,7 +777,7 @@ def test_non_utf8_safetensors_index_is_named(model_dir, tmp_path):
 @pytest.mark.parametrize("text", ["{", "[1]"])
 def test_prune_checkpoint_names_a_damaged_config_json(model_dir, tmp_path, text):
     (model_dir / "config.json").write_text(text)
-    with pytest.raises(ValueError, match="config.json"):  # today: OSError ("{"), TypeError "list indices must be integers" ("[1]")
+    with pytest.raises(ValueError, match="config.json"):  # was: OSError ("{"), TypeError "list indices must be integers" ("[1]")
         prune_checkpoint(model_dir, tmp_path / "out", {"method": "magnitude"})
 
 
@@ -786,7 +786,7 @@ def test_prune_checkpoint_refuses_a_checkpoint_without_its_head(model_dir, tmp_p
     del tensors["lm_head.weight"], tensors["model.norm.weight"]
     save_file(tensors, model_dir / "model.safetensors", metadata={"format": "pt"})
     out = tmp_path / "out"
-    with pytest.raises(ValueError, match="lm_head.weight"):  # today: writes out/ without them; stock reload fills them at random
+    with pytest.raises(ValueError, match="lm_head.weight"):  # was: writes out/ without them; stock reload fills them at random
         prune_checkpoint(model_dir, out, {"method": "magnitude"})
     assert not out.exists() and not (tmp_path / ".out.partial").exists()
 
@@ -798,6 +798,6 @@ def test_prune_checkpoint_refuses_a_checkpoint_without_embeddings(model_dir, tmp
     from optimum_prune.models import load_tokenizer
 
     config = {"method": "wanda", "num_calibration_samples": 2, "calibration_seq_len": 16}
-    with pytest.raises(ValueError, match="embed_tokens"):  # today: NotImplementedError "Cannot copy out of meta tensor"
+    with pytest.raises(ValueError, match="embed_tokens"):  # was: NotImplementedError "Cannot copy out of meta tensor"
         prune_checkpoint(model_dir, tmp_path / "out", config, tokenizer=load_tokenizer(model_dir))
-    assert not (tmp_path / ".out.partial").exists()  # today: left behind
+    assert not (tmp_path / ".out.partial").exists()  # was: left behind

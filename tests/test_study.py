@@ -654,17 +654,17 @@ def test_study_refuses_a_bad_device_before_writing_anything(tmp_path):
     grid = tmp_path / "grid.yaml"
     grid.write_text("pruning: [none]\nquantization: [none]\nlatency: none\nredundancy: false\n")
     out = tmp_path / "out"
-    with pytest.raises(SystemExit) as exit_info:  # today: RuntimeError traceback from torch.device("gpu")
+    with pytest.raises(SystemExit) as exit_info:  # was: RuntimeError traceback from torch.device("gpu")
         study_main([str(grid), "--output", str(out), "--device", "gpu"])
     assert exit_info.value.code == 2
     with pytest.raises(ValueError, match="device"):
         run_study(StudyGrid.from_yaml(grid), out, device="gpu")
-    assert not out.exists()  # today: out/points/ is made before the device is looked at
+    assert not out.exists()  # was: out/points/ is made before the device is looked at
 
 
 def test_grid_sweep_key_must_be_a_field_name():
     grid = {"pruning": [{"method": "wanda", "sweep": {1: [0.5]}}], "quantization": ["none"]}
-    with pytest.raises(ValueError, match="sweep"):  # today: AttributeError 'int' object has no attribute 'partition'
+    with pytest.raises(ValueError, match="sweep"):  # was: AttributeError 'int' object has no attribute 'partition'
         StudyGrid.from_dict(grid)
 
 

@@ -410,7 +410,7 @@ def test_processed_batches_name_a_non_tensor_entry():
     from optimum_prune import prune
 
     batch = {"input_ids": torch.ones(1, 8, dtype=torch.long), "attention_mask": torch.ones(1, 8, dtype=torch.long), "text": ["a b"]}
-    with pytest.raises(ValueError, match="'text'"):  # today: AttributeError 'list' object has no attribute 'to'
+    with pytest.raises(ValueError, match="'text'"):  # was: AttributeError 'list' object has no attribute 'to'
         prune(tiny_model(), {"method": "wanda"}, calibration=[batch])
 
 
@@ -421,7 +421,7 @@ def test_records_with_non_string_text_are_named(tmp_path, bpe_tokenizer):
     records = tmp_path / "paragraphs.jsonl"
     records.write_text('{"text": ["the cat sat", "on the mat"]}\n{"text": ["a dog"]}\n')
     config = {"method": "wanda", "num_calibration_samples": 2, "calibration_seq_len": 2}
-    with pytest.raises(ValueError, match="not a string"):  # today: AttributeError 'list' object has no attribute 'strip'
+    with pytest.raises(ValueError, match="not a string"):  # was: AttributeError 'list' object has no attribute 'strip'
         prune(tiny_model(), config, calibration=str(records), tokenizer=bpe_tokenizer)
-    with pytest.raises(ValueError, match="paragraphs.jsonl"):  # --eval-file today: "text must be ... a list of strings, got list"
+    with pytest.raises(ValueError, match="paragraphs.jsonl"):  # --eval-file was: "text must be ... a list of strings, got list"
         file_texts(records, "--eval-file")

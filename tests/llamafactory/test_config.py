@@ -677,5 +677,5 @@ def test_distill_teacher_must_be_one_checkpoint():
     from llamafactory_ext.training import TrainingSections
 
     args = {"model_name_or_path": "x", "stage": "pt", "finetuning_type": "full", "output_dir": "o", "distill": {"teacher": ["a", "b"]}}
-    with pytest.raises(ValueError, match="distill.teacher"):  # today: TypeError "expected str, bytes or os.PathLike object, not list"
+    with pytest.raises(ValueError, match="distill.teacher"):  # was: TypeError "expected str, bytes or os.PathLike object, not list"
         TrainingSections.split(args, pruning=False, validate=True)

@@ -372,9 +372,9 @@ def test_image_text_loss_refuses_empty_or_malformed_pairs(llava, llava_processor
     from optimum_prune.data.images import image_text_pairs
 
     image = image_text_pairs("evaluation")[0]["image"]
-    with pytest.raises(ValueError, match="pairs"):  # today: ZeroDivisionError
+    with pytest.raises(ValueError, match="pairs"):  # was: ZeroDivisionError
         evaluate_image_text_loss(llava, llava_processor, [])
-    with pytest.raises(ValueError, match="text"):  # today: TypeError "argument of type 'NoneType' is not iterable"
+    with pytest.raises(ValueError, match="text"):  # was: TypeError "argument of type 'NoneType' is not iterable"
         evaluate_image_text_loss(llava, llava_processor, [{"image": image, "text": None}])
-    with pytest.raises(ValueError, match="image"):  # today: KeyError 'image'
+    with pytest.raises(ValueError, match="image"):  # was: KeyError 'image'
         evaluate_image_text_loss(llava, llava_processor, [{"text": "a cat"}])
