@@ -128,5 +128,5 @@ def test_verify_sparsity_checks_its_arguments():
     with pytest.raises(TypeError, match="pattern"):  # was: AttributeError 'float' object has no attribute 'm'
         verify_sparsity(model, 0.5)
     # a single glob given as a string means that glob, as the default ("lm_head",): it was split into characters
-    # and lm_head is silently counted (22 linears instead of 21)
+    # and lm_head was counted silently (22 linears instead of 21)
     assert verify_sparsity(model, ignore="lm_head")["layers"].keys() == verify_sparsity(model)["layers"].keys()
