@@ -141,15 +141,17 @@ def assert_reloads_exactly(model: torch.nn.Module, directory) -> torch.nn.Module
     return reloaded
 
 
-def output_errors(method: str, sparsity: float, option: str, values=(False, True), windows: torch.Tensor | None = None) -> dict:
-    """Mean squared logit error against the dense tiny Llama after pruning with each value of ``option``
-    (calibrated on ``windows``, by default ``token_windows()``)."""
+def output_errors(
+    method: str, sparsity: float, option: str, values=(False, True), windows: torch.Tensor | None = None, dense: torch.nn.Module | None = None
+) -> dict:
+    """Mean squared logit error against ``dense`` (by default the tiny Llama) after pruning a copy with each value of
+    ``option`` (calibrated on ``windows``, by default ``token_windows()``)."""
     import copy
 
     from optimum_prune import PruningConfig, prune
 
     windows = token_windows() if windows is None else windows
-    dense = tiny_model()
+    dense = tiny_model() if dense is None else dense
     with torch.no_grad():
         reference = dense(input_ids=windows).logits
     errors = {}

@@ -13,7 +13,7 @@ from optimum_prune import PruningConfig, get_adapter, prune, save_pruned
 from optimum_prune.adapters.gemma import GemmaAdapter, SandwichNormAdapter
 from optimum_prune.early_exit import exit_logits
 
-from ..conftest import assert_stock_reload_matches, tiny_model, token_windows
+from ..conftest import assert_stock_reload_matches, output_errors, tiny_model, token_windows
 
 
 def test_each_gemma_class_has_its_adapter():
@@ -144,14 +144,5 @@ def test_the_output_target_of_the_current_term_is_the_current_output(kind):
 @pytest.mark.parametrize("family", ["gemma2", "gemma3"])
 def test_kprune_weight_tuning_helps_through_the_post_norms(family):
     """It fitted the projections' raw output to the normalised term, so tuning made the pruned model worse."""
-    dense = _trained_norms(tiny_model(family))
-    windows = token_windows(samples=16, seq_len=48)
-    with torch.no_grad():
-        reference = dense(input_ids=windows).logits
-    errors = {}
-    for tune in (False, True):
-        model = copy.deepcopy(dense)
-        prune(model, PruningConfig(method="kprune", sparsity=0.2, method_options={"tune": tune}), calibration=windows)
-        with torch.no_grad():
-            errors[tune] = float((model(input_ids=windows).logits - reference).square().mean())
+    errors = output_errors("kprune", 0.2, "tune", windows=token_windows(samples=16, seq_len=48), dense=_trained_norms(tiny_model(family)))
     assert errors[True] < 0.8 * errors[False]

@@ -183,15 +183,7 @@ def test_weight_tuning_of_a_biased_output_projection_fits_around_its_bias():
         for layer in dense.model.layers:
             for linear in (layer.self_attn.o_proj, layer.mlp.down_proj):
                 linear.bias.copy_(0.5 * torch.randn(linear.bias.shape, generator=generator))
-    windows = token_windows(samples=MIN_TOKENS_PER_COLUMN * 4)
-    with torch.no_grad():
-        reference = dense(input_ids=windows).logits
-    errors = {}
-    for tune in (False, True):
-        model = copy.deepcopy(dense)
-        prune(model, PruningConfig(method="kprune", sparsity=0.3, method_options={"tune": tune}), calibration=windows)
-        with torch.no_grad():
-            errors[tune] = float((model(input_ids=windows).logits - reference).square().mean())
+    errors = output_errors("kprune", 0.3, "tune", windows=token_windows(samples=MIN_TOKENS_PER_COLUMN * 4), dense=dense)
     assert errors[True] < 0.8 * errors[False], errors
 
 
