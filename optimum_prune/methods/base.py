@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from ..adapters import DecoderAdapter
+from ..calibration.engine import all_finite
 from ..ignoring import kept_moe_layers
 from ..options import MoEOptions, NoOptions, option_types
 from ..registry import Registry
@@ -37,6 +38,16 @@ Options = TypeVar("Options")
 class NonFiniteStatistics(ValueError):
     """A linear's calibration statistics hold NaN or inf, so ``LayerPruner.prune`` cannot choose its mask; the run
     adds the linear's name."""
+
+
+def require_finite_statistics(statistics: torch.Tensor, what: str) -> None:
+    """Raise ``NonFiniteStatistics`` where float32 sums over finite inputs (``what``) overflowed: scores from them
+    would give a mask by position."""
+    if not all_finite(statistics):
+        raise NonFiniteStatistics(
+            f"its {what} overflowed: an input channel is larger than ~1e19; prune this linear with magnitude, or list it "
+            "in PruningConfig.ignore"
+        )
 
 
 class LayerPruner(ABC, Generic[Options]):

@@ -19,11 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..calibration.engine import all_finite
 from ..distributed import all_reduce_sum
 from ..options import check_choice, option
 from ..sparsity import PRUNED_SHARE, NMPattern, SparsityTarget, prune_lowest, prune_lowest_nm
-from .base import LayerPruner, NonFiniteStatistics, register_method
+from .base import LayerPruner, register_method, require_finite_statistics
 
 
 @dataclass(frozen=True)
@@ -88,11 +87,7 @@ class SparseGPTPruner(LayerPruner[SparseGPTOptions]):
             earlier = None  # neither kept nor checked: not held through the reconstruction
         H = self.hessian
         self.hessian = None  # the Hessian is the largest state; free it as soon as it is consumed
-        if not all_finite(H):  # finite inputs whose squares pass float32's range (a channel above ~1e19)
-            raise NonFiniteStatistics(
-                "its Hessian (the float32 mean of x·xᵀ over the calibration tokens) overflowed: an input channel is "
-                "larger than ~1e19; prune this linear with magnitude, or list it in PruningConfig.ignore"
-            )
+        require_finite_statistics(H, "Hessian (the float32 mean of x·xᵀ over the calibration tokens)")
         columns = W.shape[1]
         block = self.options.block_size
 

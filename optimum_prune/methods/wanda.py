@@ -6,12 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..calibration.engine import all_finite
 from ..distributed import all_reduce_sum
 from ..options import check_choice, option
 from ..sparsity import SparsityTarget, select_mask
 from ..statistics import ColumnNorms, wanda_scores
-from .base import LayerPruner, NonFiniteStatistics, register_method
+from .base import LayerPruner, register_method, require_finite_statistics
 from .magnitude import COMPARISON_GROUPS
 
 
@@ -45,9 +44,5 @@ class WandaPruner(LayerPruner[WandaOptions]):
         return wanda_scores(self.linear.weight, self.norms)
 
     def prune(self, target: SparsityTarget) -> None:
-        if not all_finite(self.norms.squared):  # all-inf scores would give a mask by position
-            raise NonFiniteStatistics(
-                "its inputs' squared norms (float32 sums over the calibration tokens) overflowed: an input channel is "
-                "larger than ~1e19; prune this linear with magnitude, or list it in PruningConfig.ignore"
-            )
+        require_finite_statistics(self.norms.squared, "inputs' squared norms (float32 sums over the calibration tokens)")
         self.apply_mask(select_mask(self.scores(), target, per_row=self.options.comparison_group == "output"))
