@@ -52,7 +52,7 @@ def compress(
     ``processor`` turns image-text calibration pairs into model inputs for a multimodal model's pruning steps,
     as in ``prune``.
     """
-    if isinstance(recipe, (Mapping, PruningConfig, QuantoConfig, GPTQConfig, str)) or not isinstance(recipe, Sequence):
+    if isinstance(recipe, str) or not isinstance(recipe, Sequence):  # one step (a config, a mapping) is not a Sequence
         raise TypeError(f"recipe is a list of steps, got a {type(recipe).__name__}: give one step as [step]")
     steps = [_check_step(step, index) for index, step in enumerate(recipe)]
     if not steps:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .allocation import ALLOCATIONS
+from .calibration.sources import read_text_file
 from .methods import METHODS
 from .options import MoEOptions, build_options, options_to_dict
 from .sparsity import NMPattern, SparsityTarget, normalise_sparsity
@@ -301,10 +302,7 @@ def _records_recipe(model_config_file: Path) -> bool:
 
 def _read_json_object(path: str | os.PathLike) -> dict[str, Any]:
     try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except UnicodeDecodeError as error:
-        raise ValueError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start}); convert it to UTF-8") from None
+        data = json.loads(read_text_file(Path(path), "JSON file"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path} is not valid JSON: {error}") from None
     if not isinstance(data, dict):
