@@ -55,3 +55,17 @@ def test_mask_search_on_a_model_on_cuda(options):
     before = decoder_linear_parameters(model)
     prune(model, PruningConfig(method="mask_search", sparsity=0.3, method_options=options), calibration=token_windows())
     assert 1 - decoder_linear_parameters(model) / before == pytest.approx(0.3, abs=0.03)
+
+
+@pytest.mark.parametrize("method,sparsity", [("llm_surgeon", 0.5), ("llm_surgeon_structured", 0.3)])
+def test_llm_surgeon_factors_on_the_cpu_beside_a_model_on_cuda(method, sparsity):
+    """The factors, their inverses and the updates on the host; the weights written back where they live."""
+    model = tiny_model().cuda()
+    before = decoder_linear_parameters(model)
+    config = PruningConfig(method=method, sparsity=sparsity, method_options={"shots": 1, "factors_on_cpu": True})
+    prune(model, config, calibration=token_windows())
+    assert {p.device.type for p in model.parameters()} == {"cuda"}
+    if method == "llm_surgeon":
+        assert verify_sparsity(model)["overall_sparsity"] == pytest.approx(0.5, abs=0.01)
+    else:
+        assert 1 - decoder_linear_parameters(model) / before == pytest.approx(0.3, abs=0.03)

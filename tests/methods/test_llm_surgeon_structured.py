@@ -8,7 +8,7 @@ from torch import nn
 
 from optimum_prune import PruningConfig, prune, save_pruned
 from optimum_prune.adapters import get_adapter
-from optimum_prune.methods import llm_surgeon_structured
+from optimum_prune.methods import llm_surgeon, llm_surgeon_structured
 from optimum_prune.methods.llm_surgeon_structured import (
     LLMSurgeonStructured, LLMSurgeonStructuredOptions, _correlated_structure_update, _Costs, _Part,
 )  # fmt: skip
@@ -285,3 +285,26 @@ def test_coupling_all_updates_the_kept_rows_of_the_removed_units_producers(compo
             # every kept row differs from every original row: nothing is a plain copy
             moved += int((~(now[:, None, :] == original[None, :, :]).all(-1).any(-1)).sum())
     assert moved > 0
+
+
+@pytest.mark.parametrize("module,method", [(llm_surgeon, "llm_surgeon"), (llm_surgeon_structured, "llm_surgeon_structured")], ids=["unstructured", "structured"])
+def test_factors_on_cpu_reaches_the_curvature_and_changes_nothing_on_the_cpu(monkeypatch, module, method):
+    """Both LLM Surgeon methods take ``factors_on_cpu`` (the structured one held its factors on the calibration
+    device only: 305 GiB beside a 70B model); on a CPU model the result is the same either way."""
+    placed = []
+    original = module.kfac_factors
+
+    def spy(model, windows, linears, on_cpu=False):
+        placed.append(on_cpu)
+        return original(model, windows, linears, on_cpu)
+
+    monkeypatch.setattr(module, "kfac_factors", spy)
+    models = []
+    for on_cpu in (False, True):
+        model = tiny_model()
+        config = PruningConfig(method=method, sparsity=0.3, method_options={"shots": 1, "factors_on_cpu": on_cpu})
+        prune(model, config, calibration=token_windows(samples=2, seq_len=16))
+        models.append(model)
+    assert placed == [False, True]
+    for dense, hosted in zip(*(model.state_dict().items() for model in models)):
+        assert dense[0] == hosted[0] and torch.equal(dense[1], hosted[1])
