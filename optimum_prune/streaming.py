@@ -384,6 +384,9 @@ def prune_checkpoint(
                 f"source {str(source)!r} holds a {type(model_config).__name__} model, not a causal LM: pruning from disk "
                 "streams a causal LM's decoder layers; load this one in memory (its from_pretrained) and prune it there"
             ) from None
+        except TypeError as error:  # a size of the wrong type, e.g. "hidden_size": "64"
+            raise ValueError(f"{str(source / 'config.json')!r} does not describe a model that can be built ({error}); "
+                             "the checkpoint is damaged: save or copy it again") from None
     adapter = get_adapter(model)
     # The checks that need no data, before any folder is made:
     check_offloadable(config, adapter)

@@ -781,6 +781,14 @@ def test_prune_checkpoint_names_a_damaged_config_json(model_dir, tmp_path, text)
         prune_checkpoint(model_dir, tmp_path / "out", {"method": "magnitude"})
 
 
+def test_prune_checkpoint_names_a_config_json_whose_sizes_are_not_numbers(model_dir, tmp_path):
+    config = json.loads((model_dir / "config.json").read_text())
+    (model_dir / "config.json").write_text(json.dumps({**config, "hidden_size": str(config["hidden_size"])}))
+    with pytest.raises(ValueError, match="config.json' does not describe a model that can be built"):  # was: TypeError from torch.empty
+        prune_checkpoint(model_dir, tmp_path / "out", {"method": "magnitude"})
+    assert not (tmp_path / "out").exists()
+
+
 def test_prune_checkpoint_refuses_a_checkpoint_without_its_head(model_dir, tmp_path):
     tensors = load_file(model_dir / "model.safetensors")
     del tensors["lm_head.weight"], tensors["model.norm.weight"]

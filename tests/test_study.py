@@ -67,6 +67,8 @@ def test_bad_yaml_file_is_named(tmp_path):
         StudyGrid.from_yaml(path)
     with pytest.raises(ValueError, match="does not exist"):
         StudyGrid.from_yaml(tmp_path / "missing.yaml")
+    with pytest.raises(ValueError, match="is a directory, not a YAML file"):
+        StudyGrid.from_yaml(tmp_path)
 
 
 def test_a_grid_file_reads_unquoted_patterns_and_exponents_as_a_llamafactory_yaml_does(model_dir, tmp_path):
@@ -412,6 +414,14 @@ def test_the_cache_retries_failed_points_after_an_upgrade_and_partial_points_alw
     assert study_runner._cached(path, point, None, software) is None
 
 
+@pytest.mark.parametrize("stored", [[], {"pruning": None, "quantization": None, "result": ["perplexity"]}], ids=["list", "list-result"])
+def test_a_cached_point_of_another_shape_is_measured_again(tmp_path, stored):
+    """A point file holding valid JSON of another shape raised AttributeError out of the study."""
+    point, path = StudyPoint("dense", None, None), tmp_path / "p.json"
+    path.write_text(json.dumps(stored))
+    assert study_runner._cached(path, point, "cpu", {}) is None
+
+
 def test_the_redundancy_cache_is_per_protocol(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(study_runner, "layer_redundancy", lambda protocol, device: calls.append(protocol) or {"seed": protocol.seed})
@@ -611,8 +621,6 @@ def test_sizes_are_a_percentage_of_the_reference():
 
 
 def test_a_cached_point_missing_its_sparse_size_is_measured_again(tmp_path):
-
-
     point, path = StudyPoint("dense", None, None), tmp_path / "p.json"
     result = {"perplexity": 1.0, "stored_bytes": 1, "parameters": 1, "pruning_seconds": 0.0, "quantization_seconds": 0.0}
     path.write_text(json.dumps({"pruning": None, "quantization": None, "result": result}))

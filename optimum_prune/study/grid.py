@@ -87,7 +87,8 @@ class StudyGrid:
 
         path = Path(path)
         if not path.is_file():
-            raise ValueError(f"grid file {str(path)!r} does not exist")
+            problem = "is a directory, not a YAML file" if path.is_dir() else "does not exist"
+            raise ValueError(f"grid file {str(path)!r} {problem}")
         data = load_yaml(read_text_file(path, "grid file"), f"grid file {str(path)!r}")
         return cls.from_dict(data, base=path.parent)
 

@@ -104,7 +104,7 @@ def _cached(path: Path, point: StudyPoint, latency_device: str | None, software:
             complete = result.get("versions") == software
         else:
             complete = all(m in result for m in MEASURES) and timed
-    except (ValueError, KeyError, TypeError):
+    except (ValueError, KeyError, TypeError, AttributeError):  # AttributeError: a "result" that is not a mapping
         logger.warning("%s is unreadable; measuring %s again", path, point.label)
         return None
     return result if same and complete else None
