@@ -253,17 +253,20 @@ def rearranged(block: torch.Tensor, count: int) -> torch.Tensor:
     if block.dim() == 1 or count == 0 or count == block.shape[0]:
         return torch.argsort(block if block.dim() == 1 else block.diagonal(), stable=True)[:count]
     fisher = block.double()
+    diagonal = fisher.diagonal()
     removed = torch.zeros(fisher.shape[0], dtype=torch.bool)
-    removed[torch.argsort(fisher.diagonal(), stable=True)[:count]] = True
+    removed[torch.argsort(diagonal, stable=True)[:count]] = True
+    tolerance = -1e-12 * diagonal.abs().max()
     for _ in range(fisher.shape[0]):
         inside, outside = torch.nonzero(removed).flatten(), torch.nonzero(~removed).flatten()
-        coupling = fisher[:, removed].sum(1)  # s_x = Σ_{z∈Z} I_xz
-        # Swapping i ∈ Z for j ∉ Z changes the objective by I_ii − 2 s_i + I_jj + 2 s_j − 2 I_ij.
-        leave = fisher.diagonal()[inside] - 2 * coupling[inside]
-        enter = fisher.diagonal()[outside] + 2 * coupling[outside]
-        change = leave[:, None] + enter[None, :] - 2 * fisher[inside][:, outside]
+        coupling = fisher @ removed.to(fisher.dtype)  # s_x = Σ_{z∈Z} I_xz, without copying Z's columns
+        # Swapping i ∈ Z for j ∉ Z changes the objective by I_ii − 2 s_i + I_jj + 2 s_j − 2 I_ij: one |Z| × (n − |Z|)
+        # buffer, built in place (the expression form held four such, 6.5 GB per swap at 28,672 channels).
+        leave = diagonal[inside] - 2 * coupling[inside]
+        enter = diagonal[outside] + 2 * coupling[outside]
+        change = fisher[inside[:, None], outside[None, :]].mul_(-2).add_(leave[:, None]).add_(enter[None, :])
         best = int(torch.argmin(change))
-        if change.flatten()[best] >= -1e-12 * fisher.diagonal().abs().max():
+        if change.view(-1)[best] >= tolerance:
             break
         removed[inside[best // len(outside)]] = False
         removed[outside[best % len(outside)]] = True
