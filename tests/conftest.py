@@ -12,6 +12,8 @@ from transformers import (
     Gemma3TextConfig,
     GemmaConfig,
     GemmaForCausalLM,
+    GraniteConfig,
+    GraniteForCausalLM,
     LlamaConfig,
     Phi3Config,
     Phi3ForCausalLM,
@@ -58,6 +60,11 @@ FAMILIES = {
     # fused qkv_proj and gate_up_proj: unstructured and whole layers only; its default pad_token_id (32000) lies
     # outside the tiny vocabulary
     "phi3": (_with_head_dim(Phi3Config, pad_token_id=0), Phi3ForCausalLM),
+    # Granite 3's multipliers (granite-3.x-2b's values; 1.0 each by default, which would hide them)
+    "granite": (
+        _with_head_dim(GraniteConfig, residual_multiplier=0.22, embedding_multiplier=12.0, logits_scaling=8.0, attention_multiplier=0.0625),
+        GraniteForCausalLM,
+    ),
 }
 
 

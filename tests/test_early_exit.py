@@ -49,7 +49,7 @@ def test_report_says_when_no_exit_pays(speedup):
     assert ("leave early exit off" in str(report)) == (speedup < 1)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])  # Gemma 2 soft-caps its logits
+@pytest.mark.parametrize("family", ["llama", "gemma2", "granite"])  # Gemma 2 soft-caps its logits, Granite scales them
 def test_exit_logits_are_what_the_early_exit_draft_computes(family):
     model = tiny_model(family, num_hidden_layers=4)
     ids = token_windows(samples=2, seq_len=8)

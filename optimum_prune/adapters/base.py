@@ -219,8 +219,9 @@ class DecoderAdapter(ABC):
         raise self._no_structure()
 
     def sublayer_contribution(self, layer: nn.Module, kind: str) -> nn.Module:
-        """A module mapping the sublayer's normalised input to the term it adds to the residual stream
-        (what residual re-routing fits its stand-in to): the sublayer itself unless its output is normalised."""
+        """A module mapping the sublayer's normalised input to the term it adds to the residual stream before the
+        layer's ``residual_scale`` (what residual re-routing fits its stand-in to, which the layer scales in turn): the
+        sublayer itself unless its output is normalised."""
         return self.sublayer(layer, kind)
 
     @contextmanager
@@ -283,10 +284,16 @@ class DecoderAdapter(ABC):
         """The norm between the last decoder layer and the output embedding."""
         raise self._no_structure()
 
+    def residual_scale(self, layer: nn.Module) -> float:
+        """The factor ``layer`` multiplies each sublayer's output by before adding it to the residual stream (1 but for
+        Granite's ``residual_multiplier``): a stand-in fitted to a change of the stream produces that change over it."""
+        return 1.0
+
     def output_target(self, layer: nn.Module, kind: str, term: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         """What the ``kind`` sublayer's output projection should produce for the residual stream to gain ``term``,
-        where it now produces ``output``: ``term`` itself unless the sublayer's output is normalised before the add."""
-        return term
+        where it now produces ``output``: ``term`` over ``residual_scale`` unless the sublayer's output is normalised
+        before the add."""
+        return term / self.residual_scale(layer)
 
     def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The logits the model computes from a last decoder layer's output (an early exit reads a middle one)."""

@@ -52,20 +52,27 @@ class ShortcutDecoderLayer(GradientCheckpointingLayer):
 
     attention_shortcut: nn.Linear
     mlp_shortcut: nn.Linear
+    term_scale: float = 1.0  # what the stock layer multiplies each sublayer's output by (the adapter's residual_scale)
+    returns_tuple: bool = False  # as the stock layer does (Granite's: ``(hidden_states,)``; Llama's: the tensor)
 
-    def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor]:
         attention, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
-        hidden_states = self.attention_shortcut(hidden_states) + attention
-        return self.mlp_shortcut(hidden_states) + self.mlp(self.post_attention_layernorm(hidden_states))
+        hidden_states = self.attention_shortcut(hidden_states) + attention * self.term_scale
+        hidden_states = self.mlp_shortcut(hidden_states) + self.mlp(self.post_attention_layernorm(hidden_states)) * self.term_scale
+        return (hidden_states,) if self.returns_tuple else hidden_states
 
 
-def with_shortcuts(layer: nn.Module) -> ShortcutDecoderLayer:
+def with_shortcuts(layer: nn.Module, term_scale: float = 1.0, returns_tuple: bool = False) -> ShortcutDecoderLayer:
     """``layer``, in place, as a ``ShortcutDecoderLayer`` that is also an instance of its own class:
     transformers collects ``output_hidden_states`` by hooking the stock decoder-layer class
     (``_can_record_outputs``), so a layer of another class would silently drop them. In place, the layer keeps
     what it holds besides its parts: gradient checkpointing, hooks, accelerate's placement, a caller's attributes."""
     weight = layer.input_layernorm.weight
     layer.__class__ = mixed_class(ShortcutDecoderLayer, type(layer))
+    if term_scale != 1.0:
+        layer.term_scale = term_scale
+    if returns_tuple:
+        layer.returns_tuple = True
     if "_old_forward" in vars(layer):  # accelerate's hook calls the forward it found, bound to the stock class
         layer._old_forward = types.MethodType(ShortcutDecoderLayer.forward, layer)
     layer.attention_shortcut = _identity_linear(weight.shape[0], weight)
@@ -107,6 +114,8 @@ class LlamaAdapter(DecoderStackAdapter):
     post_norms: dict[str, str] = {}
     # Config flags that give every projection of a sublayer a bias (Llama has both; Qwen3 and Gemma the first).
     bias_flags = {"attention": "attention_bias", "mlp": "mlp_bias"}
+    # Whether a decoder layer returns a tuple (Granite), as the layer SliceGPT's shortcuts replace must too.
+    layer_returns_tuple = False
 
     def attention_kind(self, layer: nn.Module) -> str | None:
         return getattr(layer, "attention_type", None)  # Qwen2 / Qwen3: the model picks each layer's mask by it
@@ -158,7 +167,7 @@ class LlamaAdapter(DecoderStackAdapter):
     def output_target(self, layer: nn.Module, kind: str, term: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
         norm = self._post_norm(layer, kind)
         if norm is None:
-            return term
+            return super().output_target(layer, kind, term, output)
         # post_norm(z) = γ ⊙ z / rms(z), so near the current output z a change δ moves the term by about γ ⊙ δ / rms(z):
         # δ = rms(z) · r ⊙ γ / (γ² + λ) for the missing part r (ridge: a channel the norm nearly zeroes moves little).
         gamma = self.norm_scale(norm).to(term)
@@ -168,19 +177,20 @@ class LlamaAdapter(DecoderStackAdapter):
 
     @contextmanager
     def observing_residuals(self, layer: nn.Module, sink: Callable[[str, torch.Tensor, torch.Tensor], None]) -> Iterator[None]:
-        # Pre-norm residual blocks: h1 = x + attention(norm(x)), h2 = h1 + mlp(norm(h1)); with post-norms
-        # each term is normalised first, so the hooks sit on the module whose output is added.
+        # Pre-norm residual blocks: h1 = x + s·attention(norm(x)), h2 = h1 + s·mlp(norm(h1)) (s: residual_scale); with
+        # post-norms each term is normalised first, so the hooks sit on the module whose output is added.
         stream: dict[str, torch.Tensor] = {}
+        scale = self.residual_scale(layer)
 
         def layer_input(_module: nn.Module, args: tuple, kwargs: dict) -> None:
             stream["x"] = args[0] if args else kwargs["hidden_states"]
 
         def attention_output(_module: nn.Module, _args: tuple, output: Any) -> None:
-            stream["h1"] = stream["x"] + (output[0] if isinstance(output, tuple) else output)
+            stream["h1"] = stream["x"] + (output[0] if isinstance(output, tuple) else output) * scale
             sink("attention", stream["x"], stream["h1"])
 
         def mlp_output(_module: nn.Module, _args: tuple, output: torch.Tensor) -> None:
-            sink("mlp", stream["h1"], stream["h1"] + output)
+            sink("mlp", stream["h1"], stream["h1"] + output * scale)
 
         def added(kind: str) -> nn.Module:
             norm = self._post_norm(layer, kind)
@@ -259,7 +269,7 @@ class LlamaAdapter(DecoderStackAdapter):
     def add_shortcuts(self, index: int) -> nn.Module:
         layers = self.decoder_layers()
         if not isinstance(layers[index], ShortcutDecoderLayer):
-            layers[index] = with_shortcuts(layers[index])
+            layers[index] = with_shortcuts(layers[index], self.residual_scale(layers[index]), self.layer_returns_tuple)
         return layers[index]
 
     def layer_shape(self, layer: nn.Module) -> LayerShape:

@@ -94,9 +94,10 @@ def _fit(adapter: DecoderAdapter, layer: nn.Module, reroute: Reroute, inputs: La
     with on_device(reroute.replaced, device):
         if reroute.whole_layers:
             targets = _run_contributions(adapter, reroute.replaced, inputs)
+            scale = adapter.residual_scale(layer)  # the stub layer scales the stand-in's output before adding it
 
             def target(*_: Any) -> torch.Tensor:
-                return next(targets)
+                return next(targets) / scale
         else:
             (original,) = reroute.replaced
 

@@ -54,7 +54,7 @@ def test_slicegpt_is_refused_before_touching_a_sandwich_norm_model(family):
     assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
 
 
-@pytest.mark.parametrize("family,cap", [("gemma2", 30.0), ("gemma2", None), ("gemma3", None)])
+@pytest.mark.parametrize("family,cap", [("gemma2", 30.0), ("gemma2", None), ("gemma3", None), ("granite", None)])  # Granite scales its logits
 def test_logits_from_a_hidden_state_are_the_models_own(family, cap):
     """Early exits and K-prune compute logits outside the model's forward: with Gemma 2's soft-capping too."""
     model = tiny_model(family, final_logit_softcapping=cap)
@@ -69,9 +69,10 @@ def test_logits_from_a_hidden_state_are_the_models_own(family, cap):
         assert float(logits.abs().max()) < cap
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "granite"])
 def test_observed_residual_terms_add_up_to_the_layers_output(family):
-    """Block influence, K-prune and ZipLM read each sublayer's term of the stream: Gemma 2 adds it after its post-norm."""
+    """Block influence, K-prune and ZipLM read each sublayer's term of the stream: Gemma 2 adds it after its post-norm,
+    Granite times its residual_multiplier."""
     model = tiny_model(family)
     adapter, layer = get_adapter(model), model.model.layers[0]
     hidden = torch.randn(2, 8, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
@@ -83,11 +84,12 @@ def test_observed_residual_terms_add_up_to_the_layers_output(family):
     assert torch.equal(observed["attention"][0], hidden)
     assert torch.equal(observed["attention"][1], observed["mlp"][0])
     torch.testing.assert_close(observed["mlp"][1], output)
-    # Residual re-routing fits its stand-in to the sublayer's contribution: the same term, from the normalised input.
+    # Residual re-routing fits its stand-in to the sublayer's contribution: the same term, from the normalised input,
+    # before the layer scales it.
     before, after = observed["mlp"]
     with torch.no_grad():
         term = adapter.sublayer_contribution(layer, "mlp")(getattr(layer, adapter.pre_norms["mlp"])(before))
-    torch.testing.assert_close(term, after - before)
+    torch.testing.assert_close(term * adapter.residual_scale(layer), after - before)
 
 
 @pytest.mark.parametrize("kind,kept", [("attention", "mlp"), ("mlp", "self_attn")])

@@ -37,7 +37,7 @@ def _prune_layers(reroute: bool, family: str = "llama") -> tuple[torch.nn.Module
     return model, report
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "granite"])
 def test_a_removed_run_of_layers_becomes_one_fitted_map(family):
     dense = tiny_model(family, num_hidden_layers=6)
     plain, _ = _prune_layers(reroute=False, family=family)
@@ -53,7 +53,7 @@ def test_a_removed_run_of_layers_becomes_one_fitted_map(family):
     assert _logit_error(model, dense, windows) < _logit_error(plain, dense, windows)
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "granite"])
 def test_rerouted_layers_reload_exactly_and_generate_with_cache(family, tmp_path):
     model, report = _prune_layers(reroute=True, family=family)
     shapes = model.config.quantization_config.layers
@@ -62,7 +62,7 @@ def test_rerouted_layers_reload_exactly_and_generate_with_cache(family, tmp_path
     assert sum(isinstance(layer.mlp, ReroutedMLP) for layer in reloaded.model.layers) == 1
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3", "granite"])
 def test_rerouted_sublayers_fit_each_block_within_the_budget(family, tmp_path):
     dense = tiny_model(family, num_hidden_layers=4)
     config = PruningConfig(method="sublayers", sparsity=0.3, method_options={"reroute": True})

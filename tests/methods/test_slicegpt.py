@@ -33,7 +33,8 @@ def slicegpt(sparsity: float = 1 - KEPT / HIDDEN, **options) -> PruningConfig:
 
 
 @pytest.mark.parametrize(
-    "family,tied", [("llama", False), ("mistral", False), ("qwen2", True), ("qwen3", True), ("llama", True), ("gemma", True), ("gemma", False)]
+    "family,tied",
+    [("llama", False), ("mistral", False), ("qwen2", True), ("qwen3", True), ("llama", True), ("gemma", True), ("gemma", False), ("granite", False)],
 )
 def test_rotation_and_slicing_preserve_a_stream_that_fits_the_width(family, tied):
     model = confined_model(family, tied)
@@ -84,7 +85,7 @@ def test_a_width_that_is_whole_in_exact_arithmetic_is_kept_whole():
     assert report.removed == ["residual stream width 320 → 64"]
 
 
-@pytest.mark.parametrize("family,tied", [("qwen2", True), ("qwen3", False), ("llama", False), ("gemma", False)])
+@pytest.mark.parametrize("family,tied", [("qwen2", True), ("qwen3", False), ("llama", False), ("gemma", False), ("granite", True)])
 def test_sliced_model_reloads_bit_exact_generates_with_cache_and_takes_lora(family, tied, tmp_path):
     model = tiny_model(family, tie_word_embeddings=tied)
     prune(model, slicegpt(0.25), calibration=token_windows())

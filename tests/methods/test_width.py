@@ -29,7 +29,7 @@ def _zeroed_reference(dense: torch.nn.Module, pruned: torch.nn.Module) -> torch.
     return reference
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "granite"])
 @pytest.mark.parametrize("criterion", [c for c in CRITERIA if c != "flap"])
 @pytest.mark.parametrize("head_mode", ["query", "kv_group"])
 def test_output_equals_dense_with_removed_units_zeroed(family, criterion, head_mode):
