@@ -11,7 +11,12 @@ Per layer, on the calibration tokens routed by the already-merged earlier layers
 4. the merged expert takes the dominant expert's router row: members were grouped by the
    similarity of their router logits to it, so tokens that went to a member now go to the merged
    expert. (A row fitted to the group's total log-probability would need the constant part
-   that a bias-free router cannot represent.)
+   that a bias-free router cannot represent.) MC-SMoE's code keeps all n rows, each member's
+   pointing at its merged expert; with r rows the router's softmax runs over the dominant ones, so
+   a router that does not renormalise its top-k (Qwen2-MoE's default, OLMoE) would give each token's
+   experts 1 / (the probability the dominant rows had) times their weight: every kept expert's
+   output is scaled by that probability's mean over the calibration tokens (exact when it is the
+   same for every token, e.g. members that copy their dominant expert; Mixtral renormalises).
 
 The merged model has r experts per layer and saves with a stock config, like expert pruning.
 """
@@ -88,6 +93,10 @@ class ExpertMerging(StructuredMethod[ExpertMergingOptions]):
             if expert not in groups:
                 groups[max(dominant, key=lambda d: float(similarity[expert, d]))].append(expert)
         merged = [self._merged_expert(block, members, frequency) for members in groups.values()]
+        if not self.adapter.renormalises(block):  # step 4: the weights the softmax over r rows inflates, scaled back
+            kept_mass = float(torch.softmax(logits.double(), dim=-1)[:, dominant].sum(-1).mean())
+            for expert in merged:
+                _scale_output(self.adapter.expert_projections(expert)[1], kept_mass)
         self.adapter.keep_experts(layer, dominant, merged)
         return list(groups.values())
 
@@ -105,6 +114,13 @@ class ExpertMerging(StructuredMethod[ExpertMergingOptions]):
             stacked = torch.stack([part.weights[position].double() for part in parts])
             linear.weight.data = (weights.to(stacked.device).view(-1, 1, 1) * stacked).sum(0).to(linear.weight.dtype)
         return dominant
+
+
+def _scale_output(linear: nn.Linear, factor: float) -> None:
+    with torch.no_grad():
+        linear.weight.mul_(factor)
+        if linear.bias is not None:
+            linear.bias.mul_(factor)
 
 
 class _ExpertLinears:

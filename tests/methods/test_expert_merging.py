@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 from optimum_prune import PruningConfig, get_adapter, prune
 from optimum_prune.methods.expert_merging import ExpertMerging, ExpertMergingOptions, _ExpertLinears
 
-from ..adapters.test_moe import FAMILIES, tiny_moe
+from ..adapters.test_moe import FAMILIES, block_inputs, tiny_moe
 from ..conftest import token_windows
 
 
@@ -114,3 +114,30 @@ def test_a_group_never_routed_to_is_the_plain_mean_of_its_members():
     merged = method._merged_expert(block, [2, 3], torch.tensor([5.0, 3.0, 0.0, 0.0], dtype=torch.float64))
     for name, weight in merged.named_parameters():
         torch.testing.assert_close(weight, 0.5 * experts[f"2.{name}"] + 0.5 * experts[f"3.{name}"])
+
+
+def test_merging_exact_copies_under_a_router_that_does_not_renormalise_changes_nothing():
+    """MC-SMoE points every member's router row at its merged expert, so merging an expert with an exact copy of
+    itself is lossless. With only the dominant rows kept, a router that does not renormalise its top-k (Qwen2-MoE)
+    took the softmax over half the rows: every routed weight doubled, until the kept experts were scaled back."""
+    model = tiny_moe("qwen2_moe", num_experts_per_tok=1)
+    layer = model.model.layers[0]
+    block = layer.mlp
+    with torch.no_grad():
+        for copy, source in ((1, 0), (3, 2)):  # experts 1 and 3: exact copies of 0 and 2, router rows included
+            block.experts[copy].load_state_dict(block.experts[source].state_dict())
+            block.gate.weight[copy] = block.gate.weight[source]
+    hidden = block_inputs(model, token_windows(2, 16))
+
+    def routed() -> torch.Tensor:
+        shared = torch.sigmoid(block.shared_expert_gate(hidden)) * block.shared_expert(hidden)
+        return block(hidden.unsqueeze(0))[0][0] - shared
+
+    with torch.no_grad():
+        before = routed()
+        logits = block.gate(hidden).float()
+        logits[:, [1, 3]] -= 1e-4  # the copies' columns: the originals are the routed (dominant) ones
+        method = ExpertMerging(get_adapter(model), 0.5, [], ExpertMergingOptions(), torch.device("cpu"))
+        method.check()
+        assert sorted(sorted(group) for group in method.merge(layer, logits)) == [[0, 1], [2, 3]]
+        torch.testing.assert_close(routed(), before, rtol=1e-3, atol=1e-5)
