@@ -6,8 +6,16 @@ and random units as the control LLM-Pruner reports (on LLaMA it beats weight mag
 Units are removed whole: a query head (the same number from every GQA group, so the layout stays
 valid), a key/value group with all its query heads, or one MLP channel. ``ranking="layer"`` takes
 the same fraction from every layer (LLM-Pruner); ``"global"`` ranks units across layers after
-standardising scores per layer and structure over their channels (FLAP; a head scores its channels'
-mean), which yields per-layer widths.
+standardising scores per layer and structure over their channels (FLAP), which yields per-layer widths.
+
+Where FLAP's code differs (measured on SmolLM2 at 20 %, quick protocol: 8 × 128 calibration tokens,
+4,096 evaluation tokens):
+- it squares the attention metric before a head sums (per layer) or averages (global) its channels;
+  here a head scores its channels' unsquared mean, as the MLP channels are scored: perplexity 63.7
+  against 72.4 with the square per layer (the default), 41.0 against 39.4 globally;
+- its Wanda-sp prunes layer by layer, each layer's statistics on the already-pruned layers' outputs;
+  here every criterion reads the dense model's activations, as FLAP's own criterion does: 147.9
+  against 281.2.
 """
 
 from __future__ import annotations
@@ -133,7 +141,8 @@ class WidthPruning(StructuredMethod[WidthOptions]):
         if self.options.ranking == "global":
             # FLAP (An et al. 2024, and its code): standardise each layer's scores per structure over its
             # channels (a group's key / value channels with them), so layers and structures compare on one
-            # scale; a head is its channels' mean.
+            # scale. A head is then its channels' mean (FLAP's code squares the attention metric first: module
+            # docstring).
             every = channels if kv is None else torch.cat([channels, kv])
             mean, spread = every.mean(), every.std().clamp_min(1e-12)
             channels, kv = (channels - mean) / spread, None if kv is None else (kv - mean) / spread
