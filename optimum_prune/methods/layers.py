@@ -10,7 +10,7 @@ them (LaCo, Yang et al. 2024) instead of being dropped; with ``reroute=True`` ea
 layers leaves an affine map of the stream in its place (``rerouting.py``).
 
 LaCo's merge is the paper's formula θ_l + Σ_k (θ_k − θ_l): one merged layer simply replaces its
-target by itself, and on SmolLM2 any merge collapses the model (4 layers by Block Influence:
+target by itself, and on SmolLM2 any merge collapses the model (quick protocol; 4 layers by Block Influence:
 perplexity 6.7·10⁷ against 36.8 removed; LaCo's own choice of layers 25–27 into 24: 3.8·10⁸ against
 74.8). Its released notebook subtracts the copy it is updating, so its target ends as the last merged
 layer's linears (292.9 there). Kept as the paper states it, for comparison; prefer ``reroute``.
