@@ -16,7 +16,7 @@ from torch import nn
 from transformers.utils.logging import tqdm
 
 from .adapters import DecoderAdapter, UnsupportedArchitecture, get_adapter
-from .allocation import ALLOCATIONS, Allocation
+from .allocation import ALLOCATIONS, Allocation, above_existing_zeros
 from .calibration import (
     CalibrationInputs,
     CalibrationSource,
@@ -593,12 +593,14 @@ class _PruningRun:
         # The allocation spreads the target over the layers that have linears to prune: a layer that
         # ``ignore`` keeps whole takes no share (its own allocation index is its rank among these).
         active = [index for index, linears in enumerate(self.targets) if linears]
+        zeros: dict[int, float] = {}  # each layer's share of weights already zero, seen with its weights
         if self.allocation.observes_model:  # the whole model's loss, on the compute device
             with on_device([self.adapter.model], self.device):
                 self.allocation.observe_model(self.adapter.model, windows, [self.targets[index] for index in active])
+            zeros = {index: _zero_share(self.targets[index]) for index in active}
         elif self.allocation.requires_calibration:
             observe_layers(
-                self.adapter, windows, self.device, self._allocation_observer(active), self._description("Allocating sparsity"),
+                self.adapter, windows, self.device, self._allocation_observer(active, zeros), self._description("Allocating sparsity"),
                 residency=self.offload.reading if self.offload else None, activation_device=self.activation_device,
             )  # fmt: skip
         targets: list[SparsityTarget] = [self.target] * len(self.targets)
@@ -607,6 +609,8 @@ class _PruningRun:
             allocated = self.allocation.allocate(self.target, sizes)
         except ValueError as error:
             raise ValueError(f"the {self.part} part: {error}" if self.config.parts else str(error)) from None
+        if zeros:  # the allocation's promise is the weighted mean: a layer past its share keeps it, the others give way
+            allocated = above_existing_zeros(allocated, [zeros[index] for index in active], sizes, float(self.target))
         for index, sparsity in zip(active, allocated):
             targets[index] = sparsity
         if self.moe_options.expert_sparsity == "load" and self.config.allocation != "uniform":
@@ -617,8 +621,9 @@ class _PruningRun:
                     _check_expert_spread(targets[index], self.moe_options.expert_deviation, source)
         return targets
 
-    def _allocation_observer(self, active: list[int]):
-        """Shows the allocation each dense layer's weights and input norms."""
+    def _allocation_observer(self, active: list[int], zeros: dict[int, float]):
+        """Shows the allocation each dense layer's weights and input norms; notes in ``zeros`` the share of each
+        layer's weights already zero (an offloaded layer is only here while it is observed)."""
         rank = {index: position for position, index in enumerate(active)}
 
         @contextmanager
@@ -632,6 +637,7 @@ class _PruningRun:
                 yield
             all_reduce_sum(*(n.squared for n in norms.values()))
             self.allocation.observe(rank[index], {name: linear.weight for name, linear in linears.items()}, norms)
+            zeros[index] = _zero_share(linears)
 
         return observe
 
@@ -812,6 +818,12 @@ def _summed_counts(tokens: dict[str, int]) -> dict[str, int]:
     counts = torch.tensor(list(tokens.values()), dtype=torch.float64)
     all_reduce_sum(counts)
     return dict(zip(tokens, (int(c) for c in counts.tolist())))
+
+
+def _zero_share(linears: dict[str, nn.Linear]) -> float:
+    """The share of a layer's target weights that are exactly zero already."""
+    total = sum(linear.weight.numel() for linear in linears.values())
+    return sum(int(torch.count_nonzero(linear.weight == 0)) for linear in linears.values()) / max(total, 1)
 
 
 def _check_expert_spread(target: float, deviation: float, source: str) -> None:

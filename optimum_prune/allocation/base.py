@@ -30,6 +30,27 @@ def centred(offsets: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     return offsets - (weights * offsets).sum() / weights.sum()
 
 
+def above_existing_zeros(allocated: list[float], existing: list[float], sizes: list[int], target: float) -> list[float]:
+    """``allocated`` with each layer raised to the share of its weights already zero (a pruned model pruned again:
+    its zeros are not revived, so a lower target is not met), the other layers lowered alike so that the mean
+    weighted by ``sizes`` stays at ``target`` (above it only where the existing zeros alone exceed it)."""
+    sparsities, fixed = list(allocated), set()
+    while True:
+        low = [i for i, sparsity in enumerate(sparsities) if i not in fixed and sparsity < existing[i]]
+        if not low:
+            return sparsities
+        for i in low:
+            sparsities[i] = existing[i]
+            fixed.add(i)
+        free = [i for i in range(len(sparsities)) if i not in fixed]
+        if not free:
+            return sparsities
+        excess = sum(s * n for s, n in zip(sparsities, sizes)) - target * sum(sizes)
+        shift = max(excess, 0.0) / sum(sizes[i] for i in free)
+        for i in free:
+            sparsities[i] -= shift
+
+
 class Allocation(ABC, Generic[Options]):
     requires_calibration: bool = False
     observes_model: bool = False  # observe_model instead of observe (layer by layer)
