@@ -18,12 +18,14 @@ G and A are damped by ``damp_g`` / ``damp_a`` times their mean diagonal before i
 Schedule (Sec. 3.5): over ``shots`` shots the target rises linearly, α_t = t·α/T; each shot
 re-estimates the curvature on the current model, takes one threshold on the costs of every
 weight of every layer so that α_t of them are (or stay) removed — already removed weights cost 0 —
-and removes the new ones with the correlated update, in groups of whole rows of at most
-``max_correlate`` weights, each group seeing the previous groups' updates (the code's defaults
-for unstructured and semi-structured runs). Weights removed in earlier shots are set to zero
-again after each update instead of entering the constrained solve, so each shot's systems hold
-only its new removals. The paper's optional LoRA steps between shots are not run here (recover
-afterwards with PERP or LLaMA-Factory).
+and removes them with the correlated update, in groups of whole rows of at most ``max_correlate``
+weights, each group seeing the previous groups' updates (the code's defaults for unstructured and
+semi-structured runs). As in the official code, the weights earlier shots removed enter the solve
+too, held at zero while the rest compensate the new removals: zeroing them again after an update
+that ignored them undid part of it (tiny Llama, 5 shots: 3× the output error; one shot is identical).
+A shot's systems therefore grow with the removed fraction, ≈ (T + 1)/2 times one shot's work over T
+shots. The paper's optional LoRA steps between shots are not run here (recover afterwards with PERP
+or LLaMA-Factory).
 
 Memory: the whole model on the calibration device for one window's forward and backward (full-
 vocabulary logits for that window only; weights take no gradients), and for every target linear
@@ -266,14 +268,14 @@ def nm_masks(costs: Costs, pattern: NMPattern, fraction: float) -> Iterator[tupl
 
 
 def correlated_update(linear: nn.Linear, mask: torch.Tensor, g_inverse: torch.Tensor, a_inverse: torch.Tensor, max_correlate: int) -> None:
-    """Remove the weights in ``mask`` that are not zero yet with the correlated OBS update (Eq. 13), in
-    groups of whole rows of at most ``max_correlate`` weights, each seeing the previous groups' update;
+    """Remove the weights in ``mask`` with the correlated OBS update (Eq. 13; those already zero are held at zero by
+    it), in groups of whole rows of at most ``max_correlate`` weights, each seeing the previous groups' update;
     then zero everything in ``mask``."""
     weight = linear.weight
     W = weight.detach().to(g_inverse.device, torch.float64)
     mask = mask.to(W.device)
     alive = torch.outer(g_inverse.diagonal() > 0, a_inverse.diagonal() > 0)  # dead rows/columns just go to zero
-    new = mask & (W != 0) & alive
+    new = mask & alive
     g_inverse, a_inverse = g_inverse.double(), a_inverse.double()
     for rows, columns in _row_groups(new, max_correlate):
         values = W[rows, columns]
