@@ -40,7 +40,9 @@ from .calibration import CalibrationInputs, CalibrationSource, calibration_input
 from .config import CONFIG_NAME, PruningConfig, as_pruning_config, readable_step
 from .models import unreadable_checkpoint
 from .report import PruningReport
-from .saving import check_replaceable, claimed_folder, drop_gguf_copy, held_exclusively, remove_leftovers, replace_directory, write_text_atomic
+from .saving import (
+    check_replaceable, claimed_folder, drop_gguf_copy, held_exclusively, process_umask, remove_leftovers, replace_directory, write_text_atomic,
+)  # fmt: skip
 from .structure.loading import records_layer_shapes
 
 logger = logging.getLogger(__name__)
@@ -248,8 +250,9 @@ class LayerStream:
 
 
 def _write_shard(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str], resume: str) -> None:
-    """``save_file`` to a temporary file renamed to ``path`` when whole. A full disk (safetensors reports it in a
-    message) leaves no partial file and is said plainly, with how to go on (``resume``)."""
+    """``save_file`` to a temporary file renamed to ``path`` when whole, readable as the umask allows (safetensors 0.8
+    creates its files 0600). A full disk (safetensors reports it in a message) leaves no partial file and is said
+    plainly, with how to go on (``resume``)."""
     temporary = path.parent / f".{path.name}.tmp"
     try:
         save_file(tensors, temporary, metadata=metadata)
@@ -260,6 +263,7 @@ def _write_shard(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
                 errno.ENOSPC, f"no space left on the disk holding {path.parent} to write {path.name}; free space, then {resume}"
             ) from error
         raise
+    temporary.chmod(0o666 & ~process_umask())
     os.replace(temporary, path)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from optimum_prune import PruningConfig, prune, prune_checkpoint, verify_sparsity
-from optimum_prune import saving
+from optimum_prune import saving, streaming
 from optimum_prune.calibration import engine
 from optimum_prune.cli import main
 from optimum_prune.models import load_tokenizer
@@ -276,8 +277,6 @@ def test_the_index_states_the_total_size_as_save_pretrained_does(sharded, tmp_pa
 
 def test_a_run_whose_final_swap_fails_resumes_from_its_layers(sharded, tmp_path, monkeypatch, caplog):
     """The finished layers had moved to a name the next run does not look at (and a later save would delete)."""
-    from optimum_prune import streaming
-
     def busy(finished, target):
         raise OSError(errno.EBUSY, "Device or resource busy", str(target))
 
@@ -295,8 +294,6 @@ def test_a_full_disk_is_said_plainly_leaves_no_partial_shard_and_the_rerun_resum
     """safetensors reported it as "Error while serializing: I/O error: ... (os error 28)", and its half-written
     shard stayed in the partial folder."""
     from safetensors import SafetensorError
-
-    from optimum_prune import streaming
 
     original, config = streaming.save_file, CONFIGS["magnitude"]
 
@@ -318,8 +315,6 @@ def test_a_full_disk_is_said_plainly_leaves_no_partial_shard_and_the_rerun_resum
 
 
 def test_a_disk_without_room_for_the_output_is_warned_of_before_pruning(sharded, tmp_path, monkeypatch, caplog):
-    from optimum_prune import streaming
-
     needed = CheckpointReader(sharded).stored_size(torch.float32)
     assert needed == sum(t.numel() * 4 for t in AutoModelForCausalLM.from_pretrained(sharded).state_dict().values())
     monkeypatch.setattr(streaming.shutil, "disk_usage", lambda path: SimpleNamespace(free=needed // 2))
@@ -340,9 +335,25 @@ def test_the_sources_file_modes_are_not_copied(sharded, tmp_path, bpe_tokenizer)
         if "token" in file.name:
             file.chmod(0o400)
     prune_checkpoint(sharded, tmp_path / "out", CONFIGS["magnitude"], tokenizer=bpe_tokenizer)
-    expected = 0o666 & ~saving._umask()
+    expected = 0o666 & ~saving.process_umask()
     assert {file.name: file.stat().st_mode & 0o777 for file in (tmp_path / "out").iterdir()} == {
         file.name: expected for file in (tmp_path / "out").iterdir()
+    }
+
+
+def test_streamed_shards_follow_the_umask_whatever_safetensors_writes(sharded, tmp_path, monkeypatch):
+    """safetensors 0.8 (what a plain pip install resolves) creates its files 0600: the pruned shards were unreadable to
+    the other users the rest of the checkpoint is readable to."""
+
+    def save_file_0600(tensors, filename, metadata=None):
+        save_file(tensors, filename, metadata=metadata)
+        os.chmod(filename, 0o600)
+
+    monkeypatch.setattr(streaming, "save_file", save_file_0600)
+    prune_checkpoint(sharded, tmp_path / "out", CONFIGS["magnitude"])
+    expected = 0o666 & ~saving.process_umask()
+    assert {file.name: file.stat().st_mode & 0o777 for file in (tmp_path / "out").glob("*.safetensors")} == {
+        file.name: expected for file in (tmp_path / "out").glob("*.safetensors")
     }
 
 
