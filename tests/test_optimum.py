@@ -149,13 +149,15 @@ def test_optimum_cli_prune_is_registered_and_documents_every_option():
 
 
 def test_optimum_cli_loads_the_library_for_the_commands_that_load_checkpoints():
-    """optimum-cli imports every register module for every command: ``--help`` and ``env`` start without torch & co.,
-    ``export`` needs the package's shape loader, and a package that fails to import leaves optimum-cli's own commands."""
+    """optimum-cli imports every register module for every command: ``--help`` (of any command: ``export onnx -h`` took
+    3 s loading the library) and ``env`` start without torch & co., ``export`` needs the package's shape loader, and a
+    package that fails to import leaves optimum-cli's own commands."""
     check = (
         "import sys; sys.argv = ['optimum-cli', *sys.argv[1:]]; import optimum.commands.register.optimum_prune; "
         "print(sorted(name for name in ('optimum_prune', 'torch_pruning', 'torch') if name in sys.modules))"
     )
-    for arguments, loaded in (([], "[]"), (["--help"], "[]"), (["env"], "[]"), (["export", "onnx"], "['optimum_prune', 'torch', 'torch_pruning']")):
+    helps = (["--help"], ["export", "--help"], ["export", "onnx", "-h"])
+    for arguments, loaded in (([], "[]"), *((help, "[]") for help in helps), (["env"], "[]"), (["export", "onnx"], "['optimum_prune', 'torch', 'torch_pruning']")):
         result = subprocess.run([sys.executable, "-c", check, *arguments], capture_output=True, text=True)
         assert result.returncode == 0 and result.stdout.strip() == loaded, (arguments, result.stdout, result.stderr)
     broken = "import sys; sys.modules['torch_pruning'] = None; " + check  # an install whose import fails

@@ -2,9 +2,9 @@
 
 optimum-cli imports every module of this namespace package at start-up, for every command. A command that loads a
 checkpoint (``export onnx``) needs what ``import optimum_prune`` registers with transformers to read pruned
-checkpoints with per-layer shapes (README: ONNX export), so this module imports the package, except for the commands
-that load none (``--help``, ``env``), which start without torch and the Trainer; the prune subparser takes its
-arguments when a command line reaches it. A package that fails to import is logged, and the other commands still run.
+checkpoints with per-layer shapes (README: ONNX export), so this module imports the package, except for the command
+lines that load none (``env``, and any asking for help: ``export onnx --help``), which start without torch and the
+Trainer; the prune subparser takes its arguments when a command line reaches it. A package that fails to import is logged, and the other commands still run.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from optimum.commands.base import BaseOptimumCLICommand, CommandInfo
 
-if sys.argv[1:2] not in ([], ["-h"], ["--help"], ["env"]):
+if sys.argv[1:2] not in ([], ["env"]) and not {"-h", "--help"} & set(sys.argv[1:]):
     try:
         import optimum_prune  # noqa: F401
     except Exception as error:  # a broken install of this plugin must not take optimum-cli's own commands with it
