@@ -227,13 +227,20 @@ def load_tokenizer(directory: str | os.PathLike) -> Any | None:
     try:
         return AutoTokenizer.from_pretrained(directory, local_files_only=True)
     except Exception as error:
-        if type(error) is not Exception and not isinstance(error, json.JSONDecodeError):
+        # tokenizers raises a bare Exception for a damaged tokenizer.json ("EOF while parsing"), naming no file; without
+        # protobuf (no dependency), transformers re-raises any such error as "requires the protobuf library"
+        if isinstance(error, ImportError) and _damaged_files(error.__context__):
+            error = error.__context__
+        if not _damaged_files(error):
             raise  # transformers' own errors say what to do (trust_remote_code, a missing sentencepiece)
-        # tokenizers raises a bare Exception for a damaged tokenizer.json ("EOF while parsing"), naming no file
         raise ValueError(
             f"the tokenizer in {str(directory)!r} could not be loaded ({error}); its files are damaged: save it again "
             "(tokenizer.save_pretrained) or copy its tokenizer files again"
         ) from None
+
+
+def _damaged_files(error: BaseException | None) -> bool:
+    return type(error) is Exception or isinstance(error, json.JSONDecodeError)
 
 
 def missing_tokenizer(location: str | os.PathLike, needed_for: str) -> ValueError:

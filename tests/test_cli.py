@@ -252,7 +252,12 @@ def test_a_missing_optional_package_is_one_error_line(tmp_path, capsys, monkeypa
     )
 
 
-def test_a_damaged_tokenizer_is_named(model_dir):
+@pytest.mark.parametrize("protobuf", [True, False], ids=["protobuf", "no-protobuf"])
+def test_a_damaged_tokenizer_is_named(model_dir, monkeypatch, protobuf):
+    """Without protobuf (no dependency of ours), transformers reported the damage as "requires the protobuf library"."""
+    import transformers.tokenization_utils_base as tokenization_utils_base
+
+    monkeypatch.setattr(tokenization_utils_base, "is_protobuf_available", lambda: protobuf)
     (model_dir / "tokenizer.json").write_text((model_dir / "tokenizer.json").read_text()[:200])
     with pytest.raises(ValueError, match=f"the tokenizer in '{model_dir}' could not be loaded .*copy its tokenizer files again"):
         load_model(model_dir)
