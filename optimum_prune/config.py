@@ -27,8 +27,8 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "pruning_config.json"
-# Written beside the fields by Optimum's configuration files; informative only.
-PROVENANCE_KEYS = ("optimum_version", "transformers_version")
+# Written beside the fields by Optimum's configuration files (this package's version with them); informative only.
+PROVENANCE_KEYS = ("optimum_version", "transformers_version", "optimum_prune_version")
 
 
 @dataclass

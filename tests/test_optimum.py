@@ -1,6 +1,7 @@
-import dataclasses
 """The Optimum shapes: configuration files, ``OptimumPruner`` and the real ``optimum-cli prune``."""
 
+import dataclasses
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -9,6 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import optimum_prune
 from optimum_prune import OptimumPruner, PruningConfig, prune, verify_sparsity
 from optimum_prune.cli import build_parser
 from optimum_prune.models import load_model
@@ -22,7 +24,8 @@ def test_config_round_trips_through_optimums_configuration_files(tmp_path):
 
     stored = json.loads((tmp_path / "saved" / "pruning_config.json").read_text())
     assert stored["optimum_version"] and stored["transformers_version"]  # stamped by optimum's BaseConfig
-    assert set(stored) == set(config.to_dict()) | {"optimum_version", "transformers_version"}
+    assert stored["optimum_prune_version"] == importlib.metadata.version("optimum-prune") == optimum_prune.__version__
+    assert set(stored) == set(config.to_dict()) | {"optimum_version", "transformers_version", "optimum_prune_version"}
     assert PruningConfig.from_pretrained(tmp_path / "saved") == config
     assert PruningConfig.from_pretrained(tmp_path / "saved" / "pruning_config.json") == config
     assert PruningConfig.from_json_file(tmp_path / "saved" / "pruning_config.json") == config

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 class PruningConfigFile(BaseConfig):
     """``pruning_config.json`` as an Optimum configuration: the fields of a ``PruningConfig`` plus
-    the optimum / transformers versions that wrote it."""
+    the optimum / transformers / optimum-prune versions that wrote it."""
 
     CONFIG_NAME = CONFIG_NAME
     FULL_CONFIGURATION_FILE = CONFIG_NAME
@@ -35,7 +35,9 @@ class PruningConfigFile(BaseConfig):
     def to_dict(self) -> dict[str, Any]:
         # Only the pruning fields and the version stamps: none of the model-config attributes
         # PretrainedConfig would otherwise add.
-        data = super().to_dict()
+        from .. import __version__
+
+        data = {**super().to_dict(), "optimum_prune_version": __version__}
         keys = [*PruningConfig().to_dict(), *PROVENANCE_KEYS]
         return {key: data[key] for key in keys if key in data}
 
