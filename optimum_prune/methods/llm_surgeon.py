@@ -275,9 +275,9 @@ def correlated_update(linear: nn.Linear, mask: torch.Tensor, g_inverse: torch.Te
     W = weight.detach().to(g_inverse.device, torch.float64)
     mask = mask.to(W.device)
     alive = torch.outer(g_inverse.diagonal() > 0, a_inverse.diagonal() > 0)  # dead rows/columns just go to zero
-    new = mask & alive
+    solved = mask & alive
     g_inverse, a_inverse = g_inverse.double(), a_inverse.double()
-    for rows, columns in _row_groups(new, max_correlate):
+    for rows, columns in _row_groups(solved, max_correlate):
         values = W[rows, columns]
         system = g_inverse[rows][:, rows] * a_inverse[columns][:, columns]
         x = torch.linalg.solve(system, values)
