@@ -16,7 +16,7 @@ from torch import nn
 from transformers.utils.logging import tqdm
 
 from .adapters import DecoderAdapter, UnsupportedArchitecture, get_adapter
-from .allocation import ALLOCATIONS, Allocation, above_existing_zeros
+from .allocation import ALLOCATIONS, Allocation, shifted_for_existing_zeros
 from .calibration import (
     CalibrationInputs,
     CalibrationSource,
@@ -593,11 +593,11 @@ class _PruningRun:
         # The allocation spreads the target over the layers that have linears to prune: a layer that
         # ``ignore`` keeps whole takes no share (its own allocation index is its rank among these).
         active = [index for index, linears in enumerate(self.targets) if linears]
-        zeros: dict[int, float] = {}  # each layer's share of weights already zero, seen with its weights
+        zeros: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # each layer's existing zeros, seen with its weights
         if self.allocation.observes_model:  # the whole model's loss, on the compute device
             with on_device([self.adapter.model], self.device):
                 self.allocation.observe_model(self.adapter.model, windows, [self.targets[index] for index in active])
-            zeros = {index: _zero_share(self.targets[index]) for index in active}
+            zeros = {index: self._zeros_per_group(self.targets[index]) for index in active}
         elif self.allocation.requires_calibration:
             observe_layers(
                 self.adapter, windows, self.device, self._allocation_observer(active, zeros), self._description("Allocating sparsity"),
@@ -609,8 +609,8 @@ class _PruningRun:
             allocated = self.allocation.allocate(self.target, sizes)
         except ValueError as error:
             raise ValueError(f"the {self.part} part: {error}" if self.config.parts else str(error)) from None
-        if zeros:  # the allocation's promise is the weighted mean: a layer past its share keeps it, the others give way
-            allocated = above_existing_zeros(allocated, [zeros[index] for index in active], sizes, float(self.target))
+        if zeros:  # the allocation's promise is the weighted mean: a group past its share keeps it, the others give way
+            allocated = shifted_for_existing_zeros(allocated, [zeros[index] for index in active], sizes, float(self.target))
         for index, sparsity in zip(active, allocated):
             targets[index] = sparsity
         if self.moe_options.expert_sparsity == "load" and self.config.allocation != "uniform":
@@ -621,9 +621,20 @@ class _PruningRun:
                     _check_expert_spread(targets[index], self.moe_options.expert_deviation, source)
         return targets
 
-    def _allocation_observer(self, active: list[int], zeros: dict[int, float]):
-        """Shows the allocation each dense layer's weights and input norms; notes in ``zeros`` the share of each
-        layer's weights already zero (an offloaded layer is only here while it is observed)."""
+    def _zeros_per_group(self, linears: dict[str, nn.Linear]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The zero fraction and size of each group the method compares weights within: each output row for
+        magnitude and Wanda ranking per row (``comparison_group="output"``), else each linear."""
+        per_row = getattr(self.method_options, "comparison_group", None) == "output"
+        fractions, counts = [], []
+        for linear in linears.values():
+            zero = linear.weight.detach() == 0
+            fractions.append((zero.double().mean(1) if per_row else zero.double().mean().reshape(1)).cpu())
+            counts.append(torch.full((len(fractions[-1]),), zero.numel() / len(fractions[-1]), dtype=torch.float64))
+        return torch.cat(fractions), torch.cat(counts)
+
+    def _allocation_observer(self, active: list[int], zeros: dict[int, tuple[torch.Tensor, torch.Tensor]]):
+        """Shows the allocation each dense layer's weights and input norms; notes in ``zeros`` each layer's existing
+        zeros per comparison group (an offloaded layer is only here while it is observed)."""
         rank = {index: position for position, index in enumerate(active)}
 
         @contextmanager
@@ -637,7 +648,7 @@ class _PruningRun:
                 yield
             all_reduce_sum(*(n.squared for n in norms.values()))
             self.allocation.observe(rank[index], {name: linear.weight for name, linear in linears.items()}, norms)
-            zeros[index] = _zero_share(linears)
+            zeros[index] = self._zeros_per_group(linears)
 
         return observe
 
@@ -818,12 +829,6 @@ def _summed_counts(tokens: dict[str, int]) -> dict[str, int]:
     counts = torch.tensor(list(tokens.values()), dtype=torch.float64)
     all_reduce_sum(counts)
     return dict(zip(tokens, (int(c) for c in counts.tolist())))
-
-
-def _zero_share(linears: dict[str, nn.Linear]) -> float:
-    """The share of a layer's target weights that are exactly zero already."""
-    total = sum(linear.weight.numel() for linear in linears.values())
-    return sum(int(torch.count_nonzero(linear.weight == 0)) for linear in linears.values()) / max(total, 1)
 
 
 def _check_expert_spread(target: float, deviation: float, source: str) -> None:

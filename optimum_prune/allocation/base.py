@@ -30,25 +30,30 @@ def centred(offsets: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     return offsets - (weights * offsets).sum() / weights.sum()
 
 
-def above_existing_zeros(allocated: list[float], existing: list[float], sizes: list[int], target: float) -> list[float]:
-    """``allocated`` with each layer raised to the share of its weights already zero (a pruned model pruned again:
-    its zeros are not revived, so a lower target is not met), the other layers lowered alike so that the mean
-    weighted by ``sizes`` stays at ``target`` (above it only where the existing zeros alone exceed it)."""
-    sparsities, fixed = list(allocated), set()
-    while True:
-        low = [i for i, sparsity in enumerate(sparsities) if i not in fixed and sparsity < existing[i]]
-        if not low:
-            return sparsities
-        for i in low:
-            sparsities[i] = existing[i]
-            fixed.add(i)
-        free = [i for i in range(len(sparsities)) if i not in fixed]
-        if not free:
-            return sparsities
-        excess = sum(s * n for s, n in zip(sparsities, sizes)) - target * sum(sizes)
-        shift = max(excess, 0.0) / sum(sizes[i] for i in free)
-        for i in free:
-            sparsities[i] -= shift
+def shifted_for_existing_zeros(
+    allocated: list[float], groups: list[tuple[torch.Tensor, torch.Tensor]], sizes: list[int], target: float
+) -> list[float]:
+    """``allocated`` lowered by one common shift so that what the layers end at has the mean weighted by ``sizes``
+    ``target``, on a pruned model pruned again: a method takes each of its comparison groups (a linear, or an output
+    row) to max(the zeros it holds, the layer's target), reviving none, so a group past its share keeps it and the
+    rest take less. ``groups``: per layer, each comparison group's zero fraction and size. A dense model (no group
+    past its target) keeps ``allocated``; where the existing zeros alone pass ``target``, every target is 0."""
+
+    def result(layer: int, sparsity: float) -> float:
+        fractions, counts = groups[layer]
+        return float((fractions.clamp(min=sparsity) * counts).sum() / counts.sum())
+
+    def excess(shift: float) -> float:
+        ended = sum(result(i, max(a - shift, 0.0)) * n for i, (a, n) in enumerate(zip(allocated, sizes)))
+        return ended - target * sum(sizes)
+
+    if excess(0.0) <= 1e-12 * sum(sizes):
+        return list(allocated)
+    low, high = 0.0, max(allocated)  # excess falls as the shift grows: bisect it to 0
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if excess(middle) > 0 else (low, middle)
+    return [max(a - high, 0.0) for a in allocated]
 
 
 class Allocation(ABC, Generic[Options]):
