@@ -4,7 +4,8 @@
   (``x + s·f(norm(x))``): what a sublayer adds to the stream, and what a stand-in fitted to a change of
   the stream must produce, are scaled by it (``residual_scale``).
 - The logits are divided by ``logits_scaling``: logits computed from a hidden state outside the model's
-  forward (an early exit, K-prune's loss) are divided too.
+  forward (an early exit, K-prune's loss) are divided too (not by a host with its own head around a
+  ``GraniteModel``: Granite Vision's LLaVA-NeXT does not divide).
 - The embeddings are multiplied by ``embedding_multiplier`` before layer 0, and attention scores by
   ``attention_multiplier`` instead of 1/√head_dim: both happen inside modules the methods run as they
   are (the captured layer-0 inputs already carry the first), and a scalar commutes with SliceGPT's rotations.
@@ -32,4 +33,6 @@ class GraniteAdapter(LlamaAdapter):
         return layer.residual_multiplier
 
     def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return super().output_logits(hidden) / self.config.logits_scaling
+        logits = super().output_logits(hidden)
+        # GraniteForCausalLM divides by logits_scaling; a host around a GraniteModel (Granite Vision's LLaVA-NeXT) does not
+        return logits / self.config.logits_scaling if isinstance(self.model, GraniteForCausalLM) else logits

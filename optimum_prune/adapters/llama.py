@@ -55,11 +55,13 @@ class ShortcutDecoderLayer(GradientCheckpointingLayer):
     term_scale: float = 1.0  # what the stock layer multiplies each sublayer's output by (the adapter's residual_scale)
     returns_tuple: bool = False  # as the stock layer does (Granite's: ``(hidden_states,)``; Llama's: the tensor)
 
-    def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor]:
-        attention, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
+    def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        attention, weights = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **kwargs)
         hidden_states = self.attention_shortcut(hidden_states) + attention * self.term_scale
         hidden_states = self.mlp_shortcut(hidden_states) + self.mlp(self.post_attention_layernorm(hidden_states)) * self.term_scale
-        return (hidden_states,) if self.returns_tuple else hidden_states
+        if not self.returns_tuple:
+            return hidden_states
+        return (hidden_states, weights) if kwargs.get("output_attentions") else (hidden_states,)  # as Granite's layer
 
 
 def with_shortcuts(layer: nn.Module, term_scale: float = 1.0, returns_tuple: bool = False) -> ShortcutDecoderLayer:

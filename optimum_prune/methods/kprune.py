@@ -220,7 +220,9 @@ class KPrune(StructuredMethod[KPruneOptions]):
         options, scores = self.options, []
         for component, consumer, total, column_energy in zip(candidates, consumers, squared, energy):
             predictive = total / len(inputs.hidden_states)
-            representational = column_energy / tokens * consumer.weight.detach().double().square().mean(0)
+            # the energy a column adds to the residual stream: the projection's term times the layer's residual_scale
+            stream_scale = adapter.residual_scale(layers[component.layer]) ** 2
+            representational = column_energy / tokens * consumer.weight.detach().double().square().mean(0) * stream_scale
             per_column = options.representational_weight * representational + options.predictive_weight * predictive
             per_unit = per_column.reshape(-1, group_columns(adapter, layers[component.layer], component)).mean(1)
             kind_weight = options.head_weight if component.kind == "attention" else 1.0

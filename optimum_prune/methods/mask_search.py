@@ -259,7 +259,7 @@ def rearranged(block: torch.Tensor, count: int) -> torch.Tensor:
     tolerance = -1e-12 * diagonal.abs().max()
     for _ in range(fisher.shape[0]):
         inside, outside = torch.nonzero(removed).flatten(), torch.nonzero(~removed).flatten()
-        coupling = fisher @ removed.to(fisher.dtype)  # s_x = Σ_{z∈Z} I_xz, without copying Z's columns
+        coupling = fisher @ removed.to(fisher.device, fisher.dtype)  # s_x = Σ_{z∈Z} I_xz, without copying Z's columns
         # Swapping i ∈ Z for j ∉ Z changes the objective by I_ii − 2 s_i + I_jj + 2 s_j − 2 I_ij: one |Z| × (n − |Z|)
         # buffer, built in place (the expression form held four such, 6.5 GB per swap at 28,672 channels).
         leave = diagonal[inside] - 2 * coupling[inside]

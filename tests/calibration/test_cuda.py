@@ -69,3 +69,12 @@ def test_llm_surgeon_factors_on_the_cpu_beside_a_model_on_cuda(method, sparsity)
         assert verify_sparsity(model)["overall_sparsity"] == pytest.approx(0.5, abs=0.01)
     else:
         assert 1 - decoder_linear_parameters(model) / before == pytest.approx(0.3, abs=0.03)
+
+
+def test_mask_rearrangement_of_a_fisher_block_on_cuda():
+    """mask_search moves the Fisher blocks to the model's device; the swap's coupling matvec took a CPU mask."""
+    from optimum_prune.methods.mask_search import rearranged
+
+    x = torch.randn(16, 40, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    fisher = x.T @ x
+    assert torch.equal(rearranged(fisher.cuda(), 10).cpu(), rearranged(fisher, 10))
