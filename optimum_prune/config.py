@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 CONFIG_NAME = "pruning_config.json"
 # Written beside the fields by Optimum's configuration files (this package's version with them); informative only.
+# Any other ``*_version`` key a later release stamps is read as provenance too, so this release reads its files.
 PROVENANCE_KEYS = ("optimum_version", "transformers_version", "optimum_prune_version")
 
 
@@ -206,7 +207,7 @@ class PruningConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> "PruningConfig":
         if not isinstance(data, Mapping):
             raise TypeError(f"a pruning config is a mapping of PruningConfig fields, got {type(data).__name__}: {data!r:.80}")
-        data = {key: value for key, value in data.items() if key not in PROVENANCE_KEYS}
+        data = {key: value for key, value in data.items() if not _provenance(key)}
         version = data.pop("format_version", FORMAT_VERSION)
         if isinstance(version, bool) or not isinstance(version, int):
             raise ValueError(f"format_version must be an integer, got {version!r}")
@@ -291,6 +292,10 @@ class PruningConfig:
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "PruningConfig":
         return cls.from_dict(_read_json_object(path))
+
+
+def _provenance(key: Any) -> bool:
+    return key in PROVENANCE_KEYS or (isinstance(key, str) and key.endswith("_version") and key != "format_version")
 
 
 def _records_recipe(model_config_file: Path) -> bool:

@@ -484,6 +484,8 @@ def _write_checkpoint(
                 "without import optimum_prune, its removed or factorised modules would get random weights"
             )
         model.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
+    for weights in staging.glob("*.safetensors"):  # safetensors 0.8 creates its files 0600; the rest are as the umask says
+        weights.chmod(0o666 & ~process_umask())
     if tokenizer is not None:
         save_tokenizer(tokenizer, staging)
     if config is not None:

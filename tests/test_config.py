@@ -362,6 +362,15 @@ def test_an_older_or_invalid_format_version_is_refused(version):
         PruningConfig.from_dict({"format_version": version})
 
 
+def test_version_stamps_a_later_release_adds_are_read_as_provenance():
+    """The optimum_prune_version stamp made this release's files unreadable to the one before (an unknown field): any
+    ``*_version`` key is informative, so a later release's stamps are not; fields stay checked."""
+    config = PruningConfig(method="wanda", sparsity=0.4)
+    assert PruningConfig.from_dict({**config.to_dict(), "optimum_prune_version": "9", "kernels_version": "2"}) == config
+    with pytest.raises(ValueError, match="has no field"):
+        PruningConfig.from_dict({**config.to_dict(), "sparsities": 0.4})
+
+
 def test_overriding_with_the_stored_method_or_allocation_keeps_their_stored_options(tmp_path):
     """Only another method (allocation) drops the stored options; naming the same one kept resetting them."""
     PruningConfig(

@@ -428,6 +428,27 @@ def test_the_saved_directory_is_as_readable_as_save_pretrained_makes_it(tmp_path
     assert (tmp_path / "group").stat().st_mode & 0o777 == 0o700
 
 
+def test_saved_weights_follow_the_umask_whatever_safetensors_writes(tmp_path, monkeypatch):
+    """safetensors 0.8 (what a plain pip install resolves) creates its files 0600: model.safetensors was unreadable to
+    the users the rest of the checkpoint, and prune_checkpoint's shards, are readable to."""
+    import os
+
+    import transformers.modeling_utils as modeling_utils
+
+    from optimum_prune import saving
+
+    original = modeling_utils.safe_save_file
+
+    def save_file_0600(tensors, filename, metadata=None):
+        original(tensors, filename, metadata=metadata)
+        os.chmod(filename, 0o600)
+
+    monkeypatch.setattr(modeling_utils, "safe_save_file", save_file_0600)
+    save_pruned(tiny_model(), tmp_path / "out")
+    expected = 0o666 & ~saving.process_umask()
+    assert {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "out").iterdir()} == {f.name: expected for f in (tmp_path / "out").iterdir()}
+
+
 def test_a_setgid_parent_gives_its_bit_as_save_pretrained_does(tmp_path):
     """The mode set on the staging folder cleared the bit it inherited: files left the project's group."""
     import stat
