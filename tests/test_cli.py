@@ -263,6 +263,16 @@ def test_a_damaged_tokenizer_is_named(model_dir, monkeypatch, protobuf):
         load_model(model_dir)
 
 
+def test_a_tokenizer_from_a_newer_tokenizers_is_not_called_damaged(model_dir):
+    """tokenizers raises the same bare Exception ("data did not match any variant of untagged enum ModelWrapper") for a
+    format it predates: the fix is an upgrade, not a copy of files that are whole."""
+    data = json.loads((model_dir / "tokenizer.json").read_text())
+    data["model"]["type"] = "FutureModel"
+    (model_dir / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="written by a newer tokenizers than this one .*: upgrade tokenizers"):
+        load_model(model_dir)
+
+
 def test_a_damaged_checkpoint_is_one_error_line_naming_it(tmp_path, capsys):
     """Not a traceback, and not a model with random weights where the checkpoint lacks some (transformers only warns)."""
     from safetensors.torch import load_file, save_file
