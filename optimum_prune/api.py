@@ -609,16 +609,17 @@ class _PruningRun:
             allocated = self.allocation.allocate(self.target, sizes)
         except ValueError as error:
             raise ValueError(f"the {self.part} part: {error}" if self.config.parts else str(error)) from None
+        if self.moe_options.expert_sparsity == "load" and self.config.allocation != "uniform":
+            layers = self.adapter.decoder_layers()
+            for index, sparsity in zip(active, allocated):  # the allocation moved layer targets: each must leave room for ±λ
+                if len(self.adapter.experts(layers[index])) > 1:
+                    source = f"layer {index}'s sparsity from allocation {self.config.allocation!r}"
+                    _check_expert_spread(sparsity, self.moe_options.expert_deviation, source)
         if zeros:  # the allocation's promise is the weighted mean: a group past its share keeps it, the others give way
+            # (after the spread check: a lowered target's experts below 0 keep their zeros, _linear_targets)
             allocated = shifted_for_existing_zeros(allocated, [zeros[index] for index in active], sizes, float(self.target))
         for index, sparsity in zip(active, allocated):
             targets[index] = sparsity
-        if self.moe_options.expert_sparsity == "load" and self.config.allocation != "uniform":
-            layers = self.adapter.decoder_layers()
-            for index in active:  # the allocation moved layer targets: each must still leave room for ±λ
-                if len(self.adapter.experts(layers[index])) > 1:
-                    source = f"layer {index}'s sparsity from allocation {self.config.allocation!r}"
-                    _check_expert_spread(targets[index], self.moe_options.expert_deviation, source)
         return targets
 
     def _zeros_per_group(self, linears: dict[str, nn.Linear]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -693,7 +694,8 @@ class _PruningRun:
         deviation = self.moe_options.expert_deviation
         for name, linear in linears.items():
             if id(linear) in expert_of:
-                targets[name] = target + deviation * (1 - 2 * ranks[expert_of[id(linear)]] / (len(experts) - 1))
+                # at least 0: on a pruned model pruned again the layer's target may be lowered below λ (its zeros stay)
+                targets[name] = max(target + deviation * (1 - 2 * ranks[expert_of[id(linear)]] / (len(experts) - 1)), 0.0)
         return targets
 
     def _run_feeding(

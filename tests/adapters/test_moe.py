@@ -280,6 +280,22 @@ def test_router_hints_refuse_layer_targets_an_allocation_moves_out_of_their_room
     assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
 
 
+def test_router_hints_on_a_pruned_model_pruned_again_keep_its_zeros():
+    """The targets lowered to keep the layers' existing zeros were checked for room for ±λ: pruning again with the
+    same config, or a model pruned to 0.6, stopped on an error no expert_deviation could pass."""
+    config = PruningConfig(
+        method="wanda", sparsity=0.5, allocation="owl", allocation_options={"outlier_threshold": 2.0, "max_deviation": 0.1},
+        moe_options={"expert_sparsity": "load", "expert_deviation": 0.2},
+    )  # fmt: skip
+    windows = token_windows(8, 16)
+    model = tiny_moe()
+    first = prune(model, config, calibration=windows).overall_sparsity
+    assert prune(model, config, calibration=windows).overall_sparsity == pytest.approx(first, abs=1e-3)
+    model = tiny_moe()
+    prune(model, PruningConfig(method="magnitude", sparsity=0.6))
+    assert prune(model, config, calibration=windows).overall_sparsity == pytest.approx(0.6, abs=1e-3)
+
+
 def test_stock_shapes_follow_decoder_sparse_step():
     """Qwen2-MoE with decoder_sparse_step=2: layer 0 is dense, layer 1 sparse; the stock shapes match the built layers."""
     model = tiny_moe("qwen2_moe", decoder_sparse_step=2, intermediate_size=80)
