@@ -30,7 +30,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from optimum_prune import PruningConfig
-from optimum_prune.config import PROVENANCE_KEYS
+from optimum_prune.config import is_provenance
 from optimum_prune.api import check_activation_device
 from optimum_prune.calibration.sources import read_text_file
 from optimum_prune.yaml_files import load_yaml
@@ -61,7 +61,8 @@ class PruningSection:
         if not isinstance(section, Mapping):
             raise ValueError(f"{SECTION}: must be a mapping of PruningConfig fields, got {type(section).__name__}")
         fields = [f.name for f in dataclasses.fields(PruningConfig)]
-        stored = ["format_version", *PROVENANCE_KEYS]  # what a saved pruning_config.json adds, pasted in as it is
+        # what a saved pruning_config.json adds, pasted in as it is: its format and version stamps
+        stored = ["format_version", *(key for key in section if is_provenance(key))]
         key = unknown_key(section, [*fields, *stored, *EXTRA_KEYS])
         if key is not None:
             raise ValueError(f"{SECTION}.{key} is not a valid key; valid keys: {', '.join(sorted([*fields, *EXTRA_KEYS]))}")

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 import subprocess
 import sys
 import tempfile
@@ -499,6 +500,7 @@ def restore_zeros(base: str | Path, exported_dir: Path, **from_pretrained: Any) 
             tensors[key].masked_fill_(masks[key], 0)
         temporary = shard.with_name(f".{shard.name}.tmp")
         save_file(tensors, temporary, metadata=metadata)
+        temporary.chmod(stat.S_IMODE(shard.stat().st_mode))  # the shard rewritten keeps its mode (safetensors 0.8: 0600)
         os.replace(temporary, shard)
     logger.info("restored the pruned zeros of %d weights in %s", restored, exported_dir)
 

@@ -207,7 +207,7 @@ class PruningConfig:
     def from_dict(cls, data: Mapping[str, Any]) -> "PruningConfig":
         if not isinstance(data, Mapping):
             raise TypeError(f"a pruning config is a mapping of PruningConfig fields, got {type(data).__name__}: {data!r:.80}")
-        data = {key: value for key, value in data.items() if not _provenance(key)}
+        data = {key: value for key, value in data.items() if not is_provenance(key)}
         version = data.pop("format_version", FORMAT_VERSION)
         if isinstance(version, bool) or not isinstance(version, int):
             raise ValueError(f"format_version must be an integer, got {version!r}")
@@ -294,7 +294,8 @@ class PruningConfig:
         return cls.from_dict(_read_json_object(path))
 
 
-def _provenance(key: Any) -> bool:
+def is_provenance(key: Any) -> bool:
+    """Whether a key of a stored config is a version stamp (informative), not a field."""
     return key in PROVENANCE_KEYS or (isinstance(key, str) and key.endswith("_version") and key != "format_version")
 
 

@@ -69,6 +69,8 @@ def test_a_saved_recipe_pasted_in_reads_as_the_same_config(workspace, tmp_path):
     assert {"format_version", "transformers_version"} <= set(saved)
     _, section = split_pruning({**base_args(workspace, tmp_path), "pruning": saved})
     assert section.config == recipe
+    _, section = split_pruning({**base_args(workspace, tmp_path), "pruning": {**saved, "torch_version": "3.0"}})  # a later release's stamp
+    assert section.config == recipe
     with pytest.raises(ValueError, match="pruning: format_version 2 is not supported"):
         split_pruning({**base_args(workspace, tmp_path), "pruning": {**saved, "format_version": 2}})
 

@@ -587,6 +587,18 @@ def test_precomputed_teacher_top_k_evaluates_too(workspace, tmp_path):
     assert len(evaluations) == 2 and all(math.isfinite(loss) and loss > 0 for loss in evaluations)
 
 
+def test_restored_shards_keep_their_mode(tmp_path):
+    """A rewritten shard took save_file's mode (0600 under safetensors 0.8, else the umask's), not the export's own."""
+    model = tiny_model()
+    prune(model, PruningConfig(method="magnitude", sparsity=0.5))
+    base = save_pruned(model, tmp_path / "base")
+    shutil.copytree(base, tmp_path / "exported")
+    shard = tmp_path / "exported" / "model.safetensors"
+    shard.chmod(0o640)
+    restore_zeros(base, tmp_path / "exported")
+    assert shard.stat().st_mode & 0o777 == 0o640
+
+
 def test_restore_zeros_refuses_another_model_before_touching_its_shards(tmp_path):
     pruned = tiny_model()
     prune(pruned, PruningConfig(method="magnitude", sparsity=0.5))
