@@ -234,7 +234,10 @@ def load_tokenizer(directory: str | os.PathLike) -> Any | None:
         if not _damaged_files(error):
             raise  # transformers' own errors say what to do (trust_remote_code, a missing sentencepiece)
         if "untagged enum" in str(error):  # a tokenizer.json in a format this tokenizers predates
-            cause = f"its tokenizer.json was written by a newer tokenizers than this one ({_tokenizers_version()}): upgrade tokenizers"
+            cause = (
+                f"its tokenizer.json was written by a newer tokenizers than this one ({_tokenizers_version()}): upgrade "
+                "tokenizers (or, if it was edited by hand, save it again with tokenizer.save_pretrained)"
+            )
         else:
             cause = "its files are damaged: save it again (tokenizer.save_pretrained) or copy its tokenizer files again"
         raise ValueError(f"the tokenizer in {str(directory)!r} could not be loaded ({error}); {cause}") from None
