@@ -64,7 +64,7 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     # project's group), which mkdtemp inherited, stays. An output replaced keeps its own mode (a user's chmod), as
     # save_pretrained writing into it does.
     kept = stat.S_IMODE(target.stat().st_mode) if target.is_dir() else None
-    staging.chmod(kept if kept is not None else (0o777 & ~process_umask()) | (staging.stat().st_mode & stat.S_ISGID))
+    staging.chmod(kept if kept is not None else (0o777 & ~_umask()) | (staging.stat().st_mode & stat.S_ISGID))
     try:
         with held_exclusively(staging):  # while it is written: no other save takes it for a killed save's leftover
             yield staging
@@ -116,7 +116,12 @@ def held_exclusively(directory: Path, refusal: str | None = None) -> Iterator[bo
         os.close(descriptor)
 
 
-def process_umask() -> int:
+def new_file_mode() -> int:
+    """The mode a file created now gets from the umask (what a writer that ignores it, safetensors 0.8's 0600, is set to)."""
+    return 0o666 & ~_umask()
+
+
+def _umask() -> int:
     """The process's file-creation mask: from /proc on Linux; elsewhere read by setting it (and setting it back at
     once: a file another thread creates meanwhile gets 022)."""
     try:
@@ -485,7 +490,7 @@ def _write_checkpoint(
             )
         model.save_pretrained(staging, safe_serialization=True, max_shard_size=max_shard_size)
     for weights in staging.glob("*.safetensors"):  # safetensors 0.8 creates its files 0600; the rest are as the umask says
-        weights.chmod(0o666 & ~process_umask())
+        weights.chmod(new_file_mode())
     if tokenizer is not None:
         save_tokenizer(tokenizer, staging)
     if config is not None:

@@ -41,7 +41,7 @@ from .config import CONFIG_NAME, PruningConfig, as_pruning_config, readable_step
 from .models import unreadable_checkpoint
 from .report import PruningReport
 from .saving import (
-    check_replaceable, claimed_folder, drop_gguf_copy, held_exclusively, process_umask, remove_leftovers, replace_directory, write_text_atomic,
+    check_replaceable, claimed_folder, drop_gguf_copy, held_exclusively, new_file_mode, remove_leftovers, replace_directory, write_text_atomic,
 )  # fmt: skip
 from .structure.loading import records_layer_shapes
 
@@ -263,7 +263,7 @@ def _write_shard(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
                 errno.ENOSPC, f"no space left on the disk holding {path.parent} to write {path.name}; free space, then {resume}"
             ) from error
         raise
-    temporary.chmod(0o666 & ~process_umask())
+    temporary.chmod(new_file_mode())
     os.replace(temporary, path)
 
 

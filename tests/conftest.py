@@ -81,6 +81,17 @@ class LargestResult(TorchDispatchMode):
         return result
 
 
+def owner_only(save_file):
+    """``save_file`` (a safetensors writer) as safetensors 0.8 behaves: what it writes is created 0600."""
+    import os
+
+    def save_file_0600(tensors, filename, metadata=None):
+        save_file(tensors, filename, metadata=metadata)
+        os.chmod(filename, 0o600)
+
+    return save_file_0600
+
+
 def tiny_model(family: str = "llama", seed: int = 0, **overrides) -> torch.nn.Module:
     config_cls, model_cls = FAMILIES[family]
     torch.manual_seed(seed)

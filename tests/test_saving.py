@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 
 from optimum_prune import PERPConfig, PruningConfig, load_model, merge_perp, prepare_perp, prune, save_pruned, sparsify
 
-from .conftest import assert_stock_reload_matches, tiny_model, token_windows
+from .conftest import assert_stock_reload_matches, owner_only, tiny_model, token_windows
 
 
 def test_reload_without_package_is_bit_exact(tmp_path):
@@ -431,21 +431,13 @@ def test_the_saved_directory_is_as_readable_as_save_pretrained_makes_it(tmp_path
 def test_saved_weights_follow_the_umask_whatever_safetensors_writes(tmp_path, monkeypatch):
     """safetensors 0.8 (what a plain pip install resolves) creates its files 0600: model.safetensors was unreadable to
     the users the rest of the checkpoint, and prune_checkpoint's shards, are readable to."""
-    import os
-
     import transformers.modeling_utils as modeling_utils
 
     from optimum_prune import saving
 
-    original = modeling_utils.safe_save_file
-
-    def save_file_0600(tensors, filename, metadata=None):
-        original(tensors, filename, metadata=metadata)
-        os.chmod(filename, 0o600)
-
-    monkeypatch.setattr(modeling_utils, "safe_save_file", save_file_0600)
+    monkeypatch.setattr(modeling_utils, "safe_save_file", owner_only(modeling_utils.safe_save_file))
     save_pruned(tiny_model(), tmp_path / "out")
-    expected = 0o666 & ~saving.process_umask()
+    expected = saving.new_file_mode()
     assert {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "out").iterdir()} == {f.name: expected for f in (tmp_path / "out").iterdir()}
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import errno
 import json
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,7 +21,7 @@ from optimum_prune.models import load_tokenizer
 from optimum_prune.streaming import CheckpointReader, LayerStream
 
 from .adapters.test_moe import tiny_moe
-from .conftest import tiny_model, token_windows
+from .conftest import owner_only, tiny_model, token_windows
 
 CONFIGS = {
     "wanda": PruningConfig(method="wanda", sparsity=0.5),
@@ -335,7 +334,7 @@ def test_the_sources_file_modes_are_not_copied(sharded, tmp_path, bpe_tokenizer)
         if "token" in file.name:
             file.chmod(0o400)
     prune_checkpoint(sharded, tmp_path / "out", CONFIGS["magnitude"], tokenizer=bpe_tokenizer)
-    expected = 0o666 & ~saving.process_umask()
+    expected = saving.new_file_mode()
     assert {file.name: file.stat().st_mode & 0o777 for file in (tmp_path / "out").iterdir()} == {
         file.name: expected for file in (tmp_path / "out").iterdir()
     }
@@ -344,14 +343,9 @@ def test_the_sources_file_modes_are_not_copied(sharded, tmp_path, bpe_tokenizer)
 def test_streamed_shards_follow_the_umask_whatever_safetensors_writes(sharded, tmp_path, monkeypatch):
     """safetensors 0.8 (what a plain pip install resolves) creates its files 0600: the pruned shards were unreadable to
     the other users the rest of the checkpoint is readable to."""
-
-    def save_file_0600(tensors, filename, metadata=None):
-        save_file(tensors, filename, metadata=metadata)
-        os.chmod(filename, 0o600)
-
-    monkeypatch.setattr(streaming, "save_file", save_file_0600)
+    monkeypatch.setattr(streaming, "save_file", owner_only(save_file))
     prune_checkpoint(sharded, tmp_path / "out", CONFIGS["magnitude"])
-    expected = 0o666 & ~saving.process_umask()
+    expected = saving.new_file_mode()
     assert {file.name: file.stat().st_mode & 0o777 for file in (tmp_path / "out").glob("*.safetensors")} == {
         file.name: expected for file in (tmp_path / "out").glob("*.safetensors")
     }
