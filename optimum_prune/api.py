@@ -8,7 +8,7 @@ import os
 import time
 import weakref
 from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping
 
 import torch
@@ -485,6 +485,7 @@ class _PruningRun:
     offload: "LayerStream | None" = None
     activation_device: torch.device | str | None = None  # where calibration activations wait between layers ("disk": files)
     layer_targets: list[SparsityTarget] | None = None  # set by allocate
+    notes: list[str] = field(default_factory=list)  # for the report: what allocate decided besides the targets
 
     @classmethod
     def plan_parts(
@@ -536,6 +537,7 @@ class _PruningRun:
         if self.layer_targets is None:
             self.allocate(windows)
         layer_targets = self.layer_targets
+        report.notes += self.notes
         residency = self.offload.resident if self.offload else moving_to(self.device)
         if self.method.needs_calibration(self.method_options):
             walk_layers(
@@ -617,10 +619,28 @@ class _PruningRun:
                     _check_expert_spread(sparsity, self.moe_options.expert_deviation, source)
         if zeros:  # the allocation's promise is the weighted mean: a group past its share keeps it, the others give way
             # (after the spread check: a lowered target's experts below 0 keep their zeros, _linear_targets)
-            allocated = shifted_for_existing_zeros(allocated, [zeros[index] for index in active], sizes, float(self.target))
+            shifted = shifted_for_existing_zeros(allocated, [zeros[index] for index in active], sizes, float(self.target))
+            self._note_shift(allocated, shifted, active)
+            allocated = shifted
         for index, sparsity in zip(active, allocated):
             targets[index] = sparsity
         return targets
+
+    def _note_shift(self, allocated: list[float], shifted: list[float], active: list[int]) -> None:
+        """Says why layer targets are below the allocation's (a report row of "target 0.00 %" beside a layer
+        that ends well above it is otherwise a puzzle)."""
+        if shifted == allocated:
+            return
+        drop = max(a - s for a, s in zip(allocated, shifted))
+        note = (
+            f"allocation {self.config.allocation!r}: the model already holds zeros past some layers' shares (kept, not "
+            f"revived), so layer targets were lowered by up to {drop:.2%} for the pruned linears to end at {float(self.target):.2%}"
+        )
+        zeroed = [str(index) for index, (a, s) in zip(active, zip(allocated, shifted)) if s == 0.0 < a]
+        if zeroed:
+            note += f"; layer(s) {', '.join(zeroed)} only keep the zeros they had (target 0.00 %)"
+        logger.info("%s", note)
+        self.notes.append(note)
 
     def _zeros_per_group(self, linears: dict[str, nn.Linear]) -> tuple[torch.Tensor, torch.Tensor]:
         """The zero fraction and size of each group the method compares weights within: each output row for

@@ -184,7 +184,7 @@ class PruningReport:
         if self.unrouted:
             action = "pruned by magnitude" if self.unrouted_policy == "magnitude" else "left dense"
             lines.append(f"{len(self.unrouted)} expert linears got no calibration token ({action}): {', '.join(self.unrouted)}")
-        return lines
+        return lines + self.notes
 
     def _structure_lines(self) -> list[str]:
         lines = [f"{'layer':>5}  {'heads':>5}  {'kv':>3}  {'mlp':>6}"]

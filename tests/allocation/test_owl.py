@@ -132,3 +132,17 @@ def test_layers_end_at_the_target_on_average_with_groups_past_their_share_kept()
     assert ((0.8 + shifted[0]) / 2 + shifted[1]) / 2 == pytest.approx(0.5)
     assert shifted_for_existing_zeros([0.5, 0.5], [_groups(0.7), _groups(0.6)], [1, 1], 0.5) == [0.0, 0.0]  # past it alone
     assert shifted_for_existing_zeros([0.3, 0.5], [_groups(0.001), _groups(0.0)], [1, 1], 0.4) == [0.3, 0.5]  # dense
+
+
+def test_the_report_says_why_a_layer_target_is_below_the_allocation():
+    """A layer whose existing zeros pass its share showed a target far below what it ends at, or "target 0.00 %",
+    with no word why: the report and the log say the targets were lowered."""
+    model, windows = tiny_model(), token_windows()
+    for layer in model.model.layers[:2]:  # two of the three layers hold ~90 % zeros: nothing is left to prune
+        for linear in (m for m in layer.modules() if isinstance(m, torch.nn.Linear)):
+            linear.weight.data[:, : int(0.9 * linear.in_features)] = 0
+    report = prune(model, PruningConfig(method="wanda", sparsity=0.5, allocation="owl"), calibration=windows)
+    assert [target for target, _ in report.layer_sparsities().values()] == [0.0, 0.0, 0.0]
+    (note,) = report.notes
+    assert "already holds zeros past some layers' shares" in note and "layer(s) 0, 1, 2 only keep the zeros they had" in note
+    assert note in str(report)
