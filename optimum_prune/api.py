@@ -643,15 +643,10 @@ class _PruningRun:
         self.notes.append(note)
 
     def _zeros_per_group(self, linears: dict[str, nn.Linear]) -> tuple[torch.Tensor, torch.Tensor]:
-        """The zero fraction and size of each group the method compares weights within: each output row for
-        magnitude and Wanda ranking per row (``comparison_group="output"``), else each linear."""
-        per_row = getattr(self.method_options, "comparison_group", None) == "output"
-        fractions, counts = [], []
-        for linear in linears.values():
-            zero = linear.weight.detach() == 0
-            fractions.append((zero.double().mean(1) if per_row else zero.double().mean().reshape(1)).cpu())
-            counts.append(torch.full((len(fractions[-1]),), zero.numel() / len(fractions[-1]), dtype=torch.float64))
-        return torch.cat(fractions), torch.cat(counts)
+        """The zero fraction and size of each group of weights the method prunes to the target on its own
+        (``LayerPruner.zero_shares``: a linear, an output row, a column block), over the layer's linears."""
+        shares = [self.method.pruner.zero_shares(self.method_options, linear.weight.detach() == 0) for linear in linears.values()]
+        return torch.cat([fractions for fractions, _ in shares]), torch.cat([counts for _, counts in shares])
 
     def _allocation_observer(self, active: list[int], zeros: dict[int, tuple[torch.Tensor, torch.Tensor]]):
         """Shows the allocation each dense layer's weights and input norms; notes in ``zeros`` each layer's existing

@@ -79,6 +79,13 @@ class LayerPruner(ABC, Generic[Options]):
         if isinstance(target, NMPattern):
             target.check_columns(in_features)
 
+    @classmethod
+    def zero_shares(cls, options: Options, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The zero fraction and size of each group of weights ``prune`` brings to the target on its own (here the
+        whole linear), from the weight's zero mask ``zero``: on an already pruned model an allocation lowers the layer
+        targets so that the groups past their share, which keep their zeros, still leave the mean at the target."""
+        return zero.double().mean().reshape(1).cpu(), torch.tensor([float(zero.numel())], dtype=torch.float64)
+
     def add_batch(self, inputs: torch.Tensor) -> None:
         """Accumulate statistics from one batch of this linear's inputs (``[..., in_features]``)."""
 
@@ -92,6 +99,11 @@ class LayerPruner(ABC, Generic[Options]):
     def apply_mask(self, mask: torch.Tensor) -> None:
         with torch.no_grad():
             self.linear.weight.masked_fill_(mask.to(self.linear.weight.device), 0)
+
+
+def zero_shares_per_row(zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``LayerPruner.zero_shares`` of a method that ranks within each output row."""
+    return zero.double().mean(1).cpu(), torch.full((zero.shape[0],), float(zero.shape[1]), dtype=torch.float64)
 
 
 class StructuredMethod(ABC, Generic[Options]):

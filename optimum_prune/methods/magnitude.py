@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ..options import check_choice, option
 from ..sparsity import SparsityTarget, select_mask
-from .base import LayerPruner, register_method
+from .base import LayerPruner, register_method, zero_shares_per_row
 
 COMPARISON_GROUPS = ("layer", "output")
 
@@ -31,6 +33,10 @@ class MagnitudePruner(LayerPruner[MagnitudeOptions]):
     @classmethod
     def needs_calibration(cls, options: MagnitudeOptions) -> bool:
         return False
+
+    @classmethod
+    def zero_shares(cls, options: MagnitudeOptions, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return zero_shares_per_row(zero) if options.comparison_group == "output" else super().zero_shares(options, zero)
 
     def prune(self, target: SparsityTarget) -> None:
         scores = self.linear.weight.detach().abs().float()

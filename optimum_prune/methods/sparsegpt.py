@@ -60,6 +60,15 @@ class SparseGPTPruner(LayerPruner[SparseGPTOptions]):
         if isinstance(target, NMPattern) and options.block_size % target.m:
             raise ValueError(f"SparseGPT {target} needs block_size ({options.block_size}) to be a multiple of {target.m}")
 
+    @classmethod
+    def zero_shares(cls, options: SparseGPTOptions, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per column block: the mask is chosen within each (kept zeros first, with ``keep_zeros``)."""
+        blocks = zero.split(options.block_size, dim=1)
+        return (
+            torch.stack([block.double().mean() for block in blocks]).cpu(),
+            torch.tensor([float(block.numel()) for block in blocks], dtype=torch.float64),
+        )
+
     def add_batch(self, inputs: torch.Tensor) -> None:
         # H = 2/n Σ x xᵀ kept as a running mean so that it never overflows (reference implementation).
         batch = inputs.shape[0] if inputs.dim() > 2 else 1

@@ -10,7 +10,7 @@ from ..distributed import all_reduce_sum
 from ..options import check_choice, option
 from ..sparsity import SparsityTarget, select_mask
 from ..statistics import ColumnNorms, wanda_scores
-from .base import LayerPruner, register_method, require_finite_statistics
+from .base import LayerPruner, register_method, zero_shares_per_row, require_finite_statistics
 from .magnitude import COMPARISON_GROUPS
 
 
@@ -42,6 +42,10 @@ class WandaPruner(LayerPruner[WandaOptions]):
 
     def scores(self) -> torch.Tensor:
         return wanda_scores(self.linear.weight, self.norms)
+
+    @classmethod
+    def zero_shares(cls, options: WandaOptions, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return zero_shares_per_row(zero) if options.comparison_group == "output" else super().zero_shares(options, zero)
 
     def prune(self, target: SparsityTarget) -> None:
         require_finite_statistics(self.norms.squared, "inputs' squared norms (float32 sums over the calibration tokens)")
