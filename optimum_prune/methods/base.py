@@ -30,6 +30,7 @@ from ..calibration.engine import all_finite
 from ..ignoring import kept_moe_layers
 from ..options import MoEOptions, NoOptions, option_types
 from ..registry import Registry
+from ..report import PruningReport
 from ..sparsity import NMPattern, SparsityTarget
 
 Options = TypeVar("Options")
@@ -145,7 +146,7 @@ class StructuredMethod(ABC, Generic[Options]):
         return kept_moe_layers(self.adapter, self.ignore, "PruningConfig.ignore")
 
     @abstractmethod
-    def prune(self, windows: torch.Tensor | None, report: Any) -> None:
+    def prune(self, windows: torch.Tensor | None, report: PruningReport) -> None:
         """Score, select and cut; record per-layer scores and removed units in ``report``. Nothing that holds a
         module ``self.ignore`` names may go (``optimum_prune.ignoring.holds_ignored``)."""
 
@@ -180,7 +181,7 @@ class ModelPruner(ABC, Generic[Options]):
                         raise ValueError(f"PruningConfig.sparsity {str(self.target)!r} cannot be applied to {name}: {error}") from None
 
     @abstractmethod
-    def prune(self, windows: torch.Tensor, report: Any) -> None:
+    def prune(self, windows: torch.Tensor, report: PruningReport) -> None:
         """Zero (and update) the linears' weights; append one ``LinearReport`` per linear to ``report.linears``."""
 
 

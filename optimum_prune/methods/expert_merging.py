@@ -24,7 +24,6 @@ The merged model has r experts per layer and saves with a stock config, like exp
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -32,6 +31,7 @@ from torch import nn
 from ..calibration import LayerInputs, feed_layer, walk_layers
 from ..dependencies import MissingDependency
 from ..options import option
+from ..report import PruningReport
 from .base import StructuredMethod, register_structured_method
 from .experts import experts_to_keep, removed_expert_share, router_logits
 
@@ -66,7 +66,7 @@ class ExpertMerging(StructuredMethod[ExpertMergingOptions]):
                     "store; merge experts before factorising them (mpoe)"
                 )
 
-    def prune(self, windows: torch.Tensor | None, report: Any) -> None:
+    def prune(self, windows: torch.Tensor | None, report: PruningReport) -> None:
         names = self.adapter.layer_names()
 
         def visit(index: int, layer: nn.Module, inputs: LayerInputs) -> None:

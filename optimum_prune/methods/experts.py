@@ -30,6 +30,7 @@ from ..adapters import UnsupportedArchitecture
 from ..adapters.moe import expert_tokens
 from ..calibration import LayerInputs, feed_layer, feeding_inputs, walk_layers
 from ..options import check_choice, option
+from ..report import PruningReport
 from ..sparsity import nearest_count
 from .base import StructuredMethod, register_structured_method
 
@@ -73,7 +74,7 @@ class ExpertPruning(StructuredMethod[ExpertPruningOptions]):
         self.sparsity = removed_expert_share(self.adapter, self.keep)  # num_experts, or the rounded sparsity
         self.kept_layers = self.kept_moe_layers()
 
-    def prune(self, windows: torch.Tensor | None, report: Any) -> None:
+    def prune(self, windows: torch.Tensor | None, report: PruningReport) -> None:
         if self.options.ranking == "global":
             self._prune_globally(windows, report)
             return
@@ -92,7 +93,7 @@ class ExpertPruning(StructuredMethod[ExpertPruningOptions]):
 
         walk_layers(self.adapter, windows, self.device, visit, f"Pruning experts ({self.options.criterion})")
 
-    def _prune_globally(self, windows: torch.Tensor, report: Any) -> None:
+    def _prune_globally(self, windows: torch.Tensor, report: PruningReport) -> None:
         shares: list[torch.Tensor] = []
 
         def visit(_index: int, layer: nn.Module, inputs: LayerInputs) -> None:
@@ -114,7 +115,7 @@ class ExpertPruning(StructuredMethod[ExpertPruningOptions]):
             if index not in self.kept_layers:
                 self._cut(index, layer, sorted(kept[index]), report)
 
-    def _cut(self, index: int, layer: nn.Module, kept: list[int], report: Any) -> None:
+    def _cut(self, index: int, layer: nn.Module, kept: list[int], report: PruningReport) -> None:
         removed = sorted(set(range(len(self.adapter.experts(layer)))) - set(kept))
         self.adapter.keep_experts(layer, kept)
         report.removed.append(f"{self.adapter.layer_names()[index]}: experts {removed}")

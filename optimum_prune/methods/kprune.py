@@ -71,6 +71,7 @@ from ..calibration import LayerInputs, capture_first_layer_inputs, feed_layer, r
 from ..calibration.engine import all_finite, on_device
 from ..calibration.gradients import grad_only, language_model_logits, overflowed, with_loss_scale
 from ..options import check_choice, option
+from ..report import PruningReport
 from .base import StructuredMethod, register_structured_method
 from .units import Component, layer_parameters, group_columns, group_units, output_projection
 
@@ -135,11 +136,11 @@ class KPrune(StructuredMethod[KPruneOptions]):
         self.units = group_units(self, self.options.components)
         self.units.plan_counts()  # raises for a budget the units cannot reach
 
-    def prune(self, windows: torch.Tensor | None, report: Any) -> None:
+    def prune(self, windows: torch.Tensor | None, report: PruningReport) -> None:
         with on_device([self.adapter.model], self.device):
             self._prune(windows, report)
 
-    def _prune(self, windows: torch.Tensor, report: Any) -> None:
+    def _prune(self, windows: torch.Tensor, report: PruningReport) -> None:
         adapter, components = self.adapter, self.units.components
         layers, names = adapter.decoder_layers(), adapter.layer_names()
         teacher = TeacherTargets.of(adapter.model, windows, self.device, self.options.teacher_top_k, self.options.temperature)

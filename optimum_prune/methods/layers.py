@@ -31,6 +31,7 @@ from ..calibration.engine import on_device
 from ..calibration.gradients import calibration_gradients, calibration_perplexity, require_a_finite_score
 from ..ignoring import holds_ignored
 from ..options import check_choice, option
+from ..report import PruningReport
 from ..sparsity import nearest_count
 from ..statistics import BlockInfluence, token_cosine
 from .base import StructuredMethod, register_structured_method
@@ -139,7 +140,7 @@ class LayerRemoval(StructuredMethod[LayerRemovalOptions]):
         if self.options.merge and len({str(self.adapter.layer_shape(layer)) for layer in layers}) > 1:
             raise ValueError("method_options.merge needs layers of identical shape; this model's layers differ")
 
-    def prune(self, windows: torch.Tensor | None, report: Any) -> None:
+    def prune(self, windows: torch.Tensor | None, report: PruningReport) -> None:
         criterion = self.options.criterion
         scores = getattr(self, f"_{criterion}_scores")(windows)
         report.layer_scores[criterion] = scores

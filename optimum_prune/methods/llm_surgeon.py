@@ -48,7 +48,7 @@ from transformers.utils.logging import tqdm
 from ..calibration.engine import on_device
 from ..calibration.gradients import grad_only, language_model_loss, overflowed, with_loss_scale
 from ..options import option
-from ..report import LinearReport
+from ..report import LinearReport, PruningReport
 from ..sparsity import NMPattern
 from .base import ModelPruner, register_model_method
 from .magnitude import MagnitudeOptions, MagnitudePruner
@@ -75,7 +75,7 @@ class LLMSurgeonOptions:
 class LLMSurgeon(ModelPruner[LLMSurgeonOptions]):
     """LLM Surgeon: K-FAC costs, one threshold across all layers, correlated updates, over several shots."""
 
-    def prune(self, windows: torch.Tensor, report: Any) -> None:
+    def prune(self, windows: torch.Tensor, report: PruningReport) -> None:
         linears = {name: linear for layer in self.linears for name, linear in layer.items()}
         pattern = self.target if isinstance(self.target, NMPattern) else None
         final = pattern.sparsity if pattern else float(self.target)
@@ -95,7 +95,7 @@ class LLMSurgeon(ModelPruner[LLMSurgeonOptions]):
                 measured = int((weight == 0).sum()) / weight.numel()
                 report.linears.append(LinearReport(name, index, final, measured, weight.numel()))
 
-    def _set_aside_unrouted(self, linears: dict[str, nn.Linear], windows: torch.Tensor, report: Any) -> dict[str, nn.Linear]:
+    def _set_aside_unrouted(self, linears: dict[str, nn.Linear], windows: torch.Tensor, report: PruningReport) -> dict[str, nn.Linear]:
         """Experts no calibration token reaches have A = 0, so every weight of theirs would cost nothing and go
         first. As the per-layer methods do (``moe_options.unrouted_experts``), they are pruned by magnitude to the
         target or left dense, reported, and kept out of the threshold and the updates (one forward pass finds them)."""

@@ -33,7 +33,6 @@ the damped inverses of one component's linears at a time (every linear's at once
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -41,6 +40,7 @@ from transformers.utils.logging import tqdm
 
 from ..calibration.engine import on_device
 from ..options import check_choice, option
+from ..report import PruningReport
 from .base import StructuredMethod, register_structured_method
 from .llm_surgeon import damped_inverse, kfac_factors
 from .units import Component, layer_parameters, group_columns, group_units, output_projection
@@ -90,7 +90,7 @@ class LLMSurgeonStructured(StructuredMethod[LLMSurgeonStructuredOptions]):
         self.units = group_units(self, self.options.components)
         self.units.plan_counts()  # raises for a budget the units cannot reach
 
-    def prune(self, windows: torch.Tensor | None, report: Any) -> None:
+    def prune(self, windows: torch.Tensor | None, report: PruningReport) -> None:
         components, layers, names = self.units.components, self.adapter.decoder_layers(), self.adapter.layer_names()
         budget = self.sparsity * sum(layer_parameters(self.adapter, layer) for layer in layers)
         removed_parameters = 0.0

@@ -17,7 +17,6 @@ backward pass per calibration window with the whole model on the calibration dev
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -26,6 +25,7 @@ from ..calibration.engine import on_device
 from ..calibration.gradients import fisher_rows
 from ..ignoring import is_ignored
 from ..options import check_choice, option
+from ..report import PruningReport
 from ..sparsity import whole_count
 from ..structure.modules import LowRankLinear
 from ..structure.surgery import replace_submodule
@@ -78,7 +78,7 @@ class LowRankFactorization(StructuredMethod[LowRankOptions]):
             )
         return rank
 
-    def prune(self, windows: torch.Tensor | None, report: Any) -> None:
+    def prune(self, windows: torch.Tensor | None, report: PruningReport) -> None:
         linears = [linear for _, linear, _ in self.targets]
         weights = [None] * len(linears)
         if self.options.weighting == "fisher":

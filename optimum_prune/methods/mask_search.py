@@ -49,6 +49,7 @@ from ..calibration import LayerInputs, feed_layer, walk_layers
 from ..calibration.engine import on_device
 from ..calibration.gradients import grad_only, overflowed, window_losses, with_loss_scale
 from ..options import check_choice, option
+from ..report import PruningReport
 from .base import StructuredMethod, register_structured_method
 from .units import Component, layer_parameters, group_columns, group_units, output_projection
 
@@ -94,7 +95,7 @@ class MaskSearch(StructuredMethod[MaskSearchOptions]):
         return search_counts(importance, [c.unit_parameters for c in components], [c.removable for c in components],
                              [c.kind for c in components], budget)  # fmt: skip
 
-    def prune(self, windows: torch.Tensor | None, report: Any) -> None:
+    def prune(self, windows: torch.Tensor | None, report: PruningReport) -> None:
         components = self.units.components
         importance, fisher = self.unit_importance(windows)
         layers = self.adapter.decoder_layers()

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -36,6 +35,7 @@ from transformers.utils.logging import tqdm
 
 from ..adapters import UnsupportedArchitecture
 from ..options import option
+from ..report import PruningReport
 from ..structure.mpo import (
     CENTRAL,
     ExpertMPO,
@@ -103,7 +103,7 @@ class MPOE(StructuredMethod[MPOEOptions]):
             )
         self.bond = self.options.bond_dimension or self._bond_for_sparsity()
 
-    def prune(self, windows: torch.Tensor | None, report: Any) -> None:
+    def prune(self, windows: torch.Tensor | None, report: PruningReport) -> None:
         layers, names = self.adapter.decoder_layers(), self.adapter.layer_names()
         errors: dict[int, list[float]] = {}
         for group in tqdm(self.groups, desc="MPOE fitting"):

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -32,6 +31,7 @@ from ..adapters import DecoderAdapter, ResidualBranch
 from ..calibration import LayerInputs, capture_first_layer_inputs, feed_layer, run_layer
 from ..calibration.engine import on_device
 from ..options import option
+from ..report import PruningReport
 from ..sparsity import whole_count
 from .base import StructuredMethod, register_structured_method
 
@@ -92,7 +92,7 @@ class SliceGPT(StructuredMethod[SliceGPTOptions]):
         tied = output is None or output.weight is model.get_input_embeddings().weight
         self.slice_ends = not tied and not self.adapter.upstream_parts
 
-    def prune(self, windows: torch.Tensor, report: Any) -> None:
+    def prune(self, windows: torch.Tensor, report: PruningReport) -> None:
         adapter, device = self.adapter, self.device
         inputs = capture_first_layer_inputs(adapter, windows, device)
         identity = torch.eye(self.hidden, dtype=torch.float64, device=device)

@@ -11,7 +11,7 @@ fit in the parameter budget, so attention (cheap, often redundant) and MLP block
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ContextManager
+from typing import ContextManager
 
 import torch
 from torch import nn
@@ -21,6 +21,7 @@ from ..calibration.engine import on_device
 from ..calibration.gradients import calibration_perplexity, require_a_finite_score
 from ..ignoring import holds_ignored, is_ignored
 from ..options import check_choice, option
+from ..report import PruningReport
 from ..statistics import BlockInfluence
 from .base import StructuredMethod, register_structured_method
 from .rerouting import REROUTE_HELP, Reroute, fit_reroutes
@@ -80,7 +81,7 @@ class SublayerRemoval(StructuredMethod[SublayerRemovalOptions]):
                 f"removable block ({smallest:,} parameters); raise the sparsity"
             )
 
-    def prune(self, windows: torch.Tensor | None, report: Any) -> None:
+    def prune(self, windows: torch.Tensor | None, report: PruningReport) -> None:
         scores = self._scores(windows)
         for kind in KINDS:
             if any(k == kind for _, k in scores):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 from dataclasses import dataclass
-from typing import Any, ContextManager
+from typing import ContextManager
 
 import torch
 from torch import nn
@@ -31,6 +31,7 @@ from ..calibration import feeding_inputs, observe_layers
 from ..calibration.engine import on_device
 from ..calibration.gradients import calibration_gradients
 from ..options import check_choice, option
+from ..report import PruningReport
 from ..statistics import ColumnMoments
 from ..structure.surgery import add_output_bias
 from .base import StructuredMethod, register_structured_method
@@ -85,7 +86,7 @@ class WidthPruning(StructuredMethod[WidthOptions]):
         self.units = UnitPlan(self.adapter, self.sparsity, self.ignore, options.components, options.head_mode, options.ranking)
         self.units.plan_counts()  # raises for impossible requests
 
-    def prune(self, windows: torch.Tensor | None, report: Any) -> None:
+    def prune(self, windows: torch.Tensor | None, report: PruningReport) -> None:
         statistics = self._activation_statistics(windows) if self.options.criterion in ACTIVATION_CRITERIA else {}
         self._random_scores = torch.Generator().manual_seed(self.seed)  # components are scored in a fixed order: reproducible
         with ExitStack() as gradients:

@@ -62,6 +62,7 @@ from ..calibration import LayerInputs, capture_first_layer_inputs, feed_layer, o
 from ..calibration.engine import on_device
 from ..calibration.gradients import calibration_perplexity
 from ..options import check_choice, option
+from ..report import PruningReport
 from .base import StructuredMethod, register_structured_method
 from .units import Component, group_columns, group_units, output_projection
 
@@ -137,7 +138,7 @@ class ZipLM(StructuredMethod[ZipLMOptions]):
                     "lower the sparsity or prune more components"
                 )
 
-    def prune(self, windows: torch.Tensor | None, report: Any) -> None:
+    def prune(self, windows: torch.Tensor | None, report: PruningReport) -> None:
         components = self.units.components
         levels = self._levels(components)
         searching = self.options.search_restarts + self.options.search_steps > 0
@@ -231,7 +232,7 @@ class ZipLM(StructuredMethod[ZipLMOptions]):
 
     # --- SPDY search -----------------------------------------------------------------------
 
-    def _search(self, components: list[Component], levels: list[_Levels], windows: torch.Tensor, report: Any) -> list[int]:
+    def _search(self, components: list[Component], levels: list[_Levels], windows: torch.Tensor, report: PruningReport) -> list[int]:
         """The levels of the per-sublayer error weights whose stitched model has the lowest calibration loss."""
         layers, budget = self.adapter.decoder_layers(), self._budget(levels)
         projections = [output_projection(self.adapter, layers[c.layer], c) for c in components]
