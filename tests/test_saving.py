@@ -6,6 +6,7 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from optimum_prune import PERPConfig, PruningConfig, load_model, merge_perp, prepare_perp, prune, save_pruned, sparsify
 
@@ -284,7 +285,15 @@ def test_a_shard_size_save_pretrained_cannot_read_is_named_before_writing(tmp_pa
 
 @pytest.mark.parametrize("size", ["1.5GB", "200KB", 10**5, 1e5])
 def test_every_shard_size_save_pretrained_reads_is_taken(tmp_path, size):
-    save_pruned(tiny_model(), tmp_path / "pruned", max_shard_size=size)
+    """The tiny model's 608 kB: one shard under 1.5 GB, several of at most the limit under 200 kB / 100 kB (no
+    tensor is larger), and they reload to the same weights."""
+    model = tiny_model()
+    save_pruned(model, tmp_path / "pruned", max_shard_size=size)
+    shards = list((tmp_path / "pruned").glob("*.safetensors"))
+    limit = 200_000 if size == "200KB" else 10**5 if size != "1.5GB" else None
+    assert len(shards) == 1 if limit is None else len(shards) > 1 and max(p.stat().st_size for p in shards) <= limit + 10**4
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reloaded.state_dict().values()))
 
 
 def test_a_sparsified_model_is_refused_before_anything_is_written(tmp_path):

@@ -39,7 +39,10 @@ def test_a_target_where_every_component_keeps_only_one_unit_is_reached():
 
 
 def test_every_seed_the_config_takes_runs():
-    prune(tiny_model(), PruningConfig(method="kprune", sparsity=0.2, seed=2**64 - 1), calibration=token_windows(samples=4, seq_len=16))
+    model = tiny_model()
+    before = decoder_linear_parameters(model)
+    prune(model, PruningConfig(method="kprune", sparsity=0.2, seed=2**64 - 1), calibration=token_windows(samples=4, seq_len=16))
+    assert 1 - decoder_linear_parameters(model) / before == pytest.approx(0.2, abs=0.01)
 
 
 def test_coarsened_kl_is_zero_for_the_teacher_and_exact_with_the_whole_vocabulary():
