@@ -275,8 +275,8 @@ class PruningCallback(TrainerCallback):
             )
         if perp is not None and schedule is not None:
             raise ValueError("PruningCallback: PERP retrains an already pruned model; it cannot be combined with a pruning schedule")
-        self.experts = ExpertDroppingCallback(schedule, ignore) if isinstance(schedule, ExpertDroppingSchedule) else None
-        self.schedule = None if self.experts else schedule
+        self.expert_dropping = ExpertDroppingCallback(schedule, ignore) if isinstance(schedule, ExpertDroppingSchedule) else None
+        self.schedule = None if self.expert_dropping else schedule
         self.ignore = tuple(ignore)
         self.perp = perp
         self.perp_summary: PERPSummary | None = None  # of the model prepared last
@@ -318,8 +318,8 @@ class PruningCallback(TrainerCallback):
         check_ignore_patterns(get_adapter(model), self.ignore, "PruningCallback ignore")
         self.masks = SparsityMasks.from_zeros(model, self.ignore)
         self._scheduled = list(prunable_linears(model, self.ignore))  # what a schedule prunes: not the routers
-        if self.experts is not None:
-            self.experts.on_train_begin(args, state, control, model=model, **kwargs)
+        if self.expert_dropping is not None:
+            self.expert_dropping.on_train_begin(args, state, control, model=model, **kwargs)
         if not self.masks.linears and not self.masks.frozen:
             raise ValueError("PruningCallback found no prunable linears in the model's decoder layers (check ignore=)")
         if self.schedule is not None and self.masks.packed():
@@ -352,12 +352,12 @@ class PruningCallback(TrainerCallback):
         if self._run_schedule is not None and (self._deferred or self._run_schedule.prunes_at(state.global_step)):
             self._deferred = False
             self._prune(state.global_step)
-        if self.experts is not None:
-            self.experts.on_step_end(args, state, control, **kwargs)
+        if self.expert_dropping is not None:
+            self.expert_dropping.on_step_end(args, state, control, **kwargs)
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs: dict | None = None, **kwargs: Any) -> None:
-        if self.experts is not None:
-            self.experts.on_log(args, state, control, logs=logs, **kwargs)
+        if self.expert_dropping is not None:
+            self.expert_dropping.on_log(args, state, control, logs=logs, **kwargs)
         if self.masks is None or logs is None:
             return
         sparsity = round(self.masks.sparsity(), 6)
@@ -371,8 +371,8 @@ class PruningCallback(TrainerCallback):
         self._remove_hooks()
         end_training_run(model, self)
         forget_compiled_graphs(args, model)
-        if self.experts is not None:
-            self.experts.on_train_end(args, state, control, model=model, **kwargs)
+        if self.expert_dropping is not None:
+            self.expert_dropping.on_train_end(args, state, control, model=model, **kwargs)
         if self.perp is not None:
             merged = merge_perp(model)
             del self._perp_prepared[model]  # a next Trainer given this callback prepares its model anew

@@ -142,7 +142,11 @@ class LayerRemoval(StructuredMethod[LayerRemovalOptions]):
 
     def prune(self, windows: torch.Tensor | None, report: PruningReport) -> None:
         criterion = self.options.criterion
-        scores = getattr(self, f"_{criterion}_scores")(windows)
+        scorers = {
+            "block_influence": self._block_influence_scores, "angular": self._angular_scores,
+            "perplexity": self._perplexity_scores, "taylor": self._taylor_scores,
+        }  # fmt: skip
+        scores = scorers[criterion](windows)
         report.layer_scores[criterion] = scores
         if criterion == "angular":
             starts = [s for s in range(len(scores)) if all(i in self.removable for i in range(s, s + self.count))]

@@ -88,7 +88,7 @@ class WidthPruning(StructuredMethod[WidthOptions]):
 
     def prune(self, windows: torch.Tensor | None, report: PruningReport) -> None:
         statistics = self._activation_statistics(windows) if self.options.criterion in ACTIVATION_CRITERIA else {}
-        self._random_scores = torch.Generator().manual_seed(self.seed)  # components are scored in a fixed order: reproducible
+        self._random_generator = torch.Generator().manual_seed(self.seed)  # components are scored in a fixed order: reproducible
         with ExitStack() as gradients:
             if self.options.criterion == "taylor":
                 with on_device([self.adapter.model], self.device):  # the gradients move back with the model
@@ -169,7 +169,7 @@ class WidthPruning(StructuredMethod[WidthOptions]):
         """One score per channel: producer rows and consumer columns with the same index."""
         criterion = self.options.criterion
         if criterion == "random":
-            return torch.rand(producers[0].out_features, generator=self._random_scores, dtype=torch.float32)
+            return torch.rand(producers[0].out_features, generator=self._random_generator, dtype=torch.float32)
         if criterion in ACTIVATION_CRITERIA:
             scores = 0
             for consumer in consumers:
