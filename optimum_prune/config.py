@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import numbers
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any, Callable, Mapping
 from .allocation import ALLOCATIONS
 from .calibration.sources import read_text_file
 from .methods import METHODS
-from .options import MoEOptions, build_options, options_to_dict
+from .options import MoEOptions, as_option_type, build_options, options_to_dict
 from .sparsity import NMPattern, SparsityTarget, normalise_sparsity
 
 logger = logging.getLogger(__name__)
@@ -161,16 +160,11 @@ class PruningConfig:
         if not isinstance(self.ignore, (list, tuple)) or not all(isinstance(p, str) for p in self.ignore):
             raise TypeError(f"PruningConfig.ignore must be a list of glob patterns, got {self.ignore!r}")
         self.ignore = list(self.ignore)
-        for name in ("num_calibration_samples", "calibration_seq_len", "seed"):  # numpy's integers too
-            value = getattr(self, name)
-            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-                setattr(self, name, int(value))
+        for name in ("num_calibration_samples", "calibration_seq_len", "seed"):  # a wrong type: TypeError, as for options
+            setattr(self, name, as_option_type(getattr(self, name), int, False, f"PruningConfig.{name}"))
         for name in ("num_calibration_samples", "calibration_seq_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"PruningConfig.{name} must be a positive integer, got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise TypeError(f"PruningConfig.seed must be an integer, got {self.seed!r}")
+            if getattr(self, name) <= 0:
+                raise ValueError(f"PruningConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
         if not -(2**63) <= self.seed < 2**64:  # what torch.Generator.manual_seed takes
             raise ValueError(f"PruningConfig.seed must be in [-2**63, 2**64), got {self.seed}")
 

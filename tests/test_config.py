@@ -326,15 +326,17 @@ def test_ignore_given_as_a_tuple_is_stored_as_a_list_and_round_trips(tmp_path):
     assert PruningConfig.from_json_file(tmp_path / "c.json") == config
 
 
-@pytest.mark.parametrize("field", ["num_calibration_samples", "calibration_seq_len"])
-def test_a_bool_is_no_calibration_size(field):
-    with pytest.raises(ValueError, match=f"PruningConfig.{field} must be a positive integer, got True"):
-        PruningConfig(**{field: True})
+@pytest.mark.parametrize("field", ["num_calibration_samples", "calibration_seq_len", "seed"])
+@pytest.mark.parametrize("value", [True, 1.5, "1"])
+def test_an_integer_field_of_another_type_is_one_type_error(field, value):
+    """The three integers fail alike (a float seed was a TypeError, a float sequence length a ValueError)."""
+    with pytest.raises(TypeError, match=f"PruningConfig.{field} must be int, got {value!r}"):
+        PruningConfig(**{field: value})
 
 
-def test_a_bool_is_no_seed_and_the_lowest_seed_torch_takes_is_taken():
-    with pytest.raises(TypeError, match="PruningConfig.seed must be an integer, got True"):
-        PruningConfig(seed=True)
+def test_numpy_integers_are_taken_and_the_lowest_seed_torch_takes_is_taken():
+    config = PruningConfig(num_calibration_samples=np.int64(4), seed=np.uint64(2**64 - 1))
+    assert (config.num_calibration_samples, config.seed) == (4, 2**64 - 1) and type(config.seed) is int
     assert PruningConfig(seed=-(2**63)).seed == -(2**63)
 
 

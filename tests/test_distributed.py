@@ -134,7 +134,7 @@ def _train_time_decisions(windows: list[torch.Tensor]) -> dict[str, torch.Tensor
         if name == "wanda":
             decisions[name] = torch.cat([mask.flatten() for mask in callback.masks.pruned.values()])
         else:
-            decisions[name] = torch.cat([routing.dropped for routing in callback.experts.layers])
+            decisions[name] = torch.cat([routing.dropped for routing in callback.expert_dropping.layers])
     return decisions
 
 

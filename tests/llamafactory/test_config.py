@@ -461,7 +461,7 @@ def test_an_expert_dropping_section_becomes_the_callbacks_schedule(workspace, tm
     schedule = {"final_experts": 2, "end_step": 10}
     args = {**base_args(workspace, tmp_path), "stage": "sft", "finetuning_type": "full", "expert_dropping": schedule}
     [callback] = TrainingSections.split(args, pruning=False)[1].callbacks(keep_masks=False)
-    assert callback.experts is not None and callback.experts.schedule == ExpertDroppingSchedule(**schedule)
+    assert callback.expert_dropping is not None and callback.expert_dropping.schedule == ExpertDroppingSchedule(**schedule)
 
 
 def test_a_perp_section_needs_full_finetuning_when_the_yaml_leaves_llamafactorys_default_lora(workspace, tmp_path):
