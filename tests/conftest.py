@@ -20,6 +20,8 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
@@ -65,6 +67,8 @@ FAMILIES = {
         _with_head_dim(GraniteConfig, residual_multiplier=0.22, embedding_multiplier=12.0, logits_scaling=8.0, attention_multiplier=0.0625),
         GraniteForCausalLM,
     ),
+    # post-norms only (no pre-norms) and q/k norms over all heads: heads and SliceGPT are refused
+    "olmo2": (Olmo2Config, Olmo2ForCausalLM),
 }
 
 

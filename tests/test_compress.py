@@ -173,6 +173,7 @@ def test_the_calibration_shared_by_a_recipe_is_no_warning_for_a_step_that_reads_
     [
         ("gemma2", {"method": "slicegpt", "sparsity": 0.25}, "post_attention_layernorm.*SliceGPT does not apply"),
         ("phi3", {"method": "width", "sparsity": 0.2}, "fuses its projections"),
+        ("olmo2", {"method": "width", "sparsity": 0.2}, r"over all heads at once \(self_attn.q_norm, self_attn.k_norm\)"),
         ("llama", {"method": "experts", "sparsity": 0.5}, "no mixture-of-experts layers"),
         ("llama", {"method": "mpoe"}, "LlamaForCausalLM has none with two or more experts"),
         ("mixtral", {"method": "layers", "method_options": {"num_layers": 1}}, "cannot apply this structured method"),

@@ -253,6 +253,10 @@ class DecoderAdapter(ABC):
         """Keep only query heads ``heads`` and key/value heads ``kv_heads`` (a valid GQA layout)."""
         raise self._no_structure()
 
+    def check_head_removal(self) -> None:
+        """Raise ``UnsupportedArchitecture`` where removing heads would change what the kept heads compute (OLMo 2
+        normalises queries and keys over all heads at once): methods ask before scoring heads."""
+
     def remove_sublayer(self, layer: nn.Module, sublayer: str) -> None:
         """Replace the ``"attention"`` or ``"mlp"`` sublayer by a no-op; the residual path stays."""
         raise self._no_structure()

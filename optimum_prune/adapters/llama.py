@@ -241,7 +241,8 @@ class LlamaAdapter(DecoderStackAdapter):
     def reroute_sublayer(self, layer: nn.Module, sublayer: str) -> nn.Module:
         if sublayer not in ("attention", "mlp"):
             raise ValueError(f"sublayer must be 'attention' or 'mlp', got {sublayer!r}")
-        like = getattr(layer, self.pre_norms[sublayer]).weight
+        # the stand-in reads what the sublayer reads: its pre-norm's output, or (OLMo 2) the stream, as wide as its post-norm
+        like = getattr(layer, self.pre_norms.get(sublayer) or self.post_norms[sublayer]).weight
         if sublayer == "attention":
             attention = layer.self_attn
             layer.self_attn = standing_in_for(attention, ReroutedAttention(attention.layer_idx, attention.head_dim, like.shape[0], like))

@@ -54,6 +54,8 @@ class UnitPlan:
 
     def _find_components(self) -> list[Component]:
         wanted = ("attention", "mlp") if self.kinds == "all" else (self.kinds,)
+        if "attention" in wanted:
+            self.adapter.check_head_removal()
         components = []
         for index, (prefix, layer) in enumerate(zip(self.adapter.layer_names(), self.adapter.decoder_layers())):
             names = {module: f"{prefix}.{name}" for name, module in layer.named_modules()}

@@ -54,7 +54,9 @@ def test_slicegpt_is_refused_before_touching_a_sandwich_norm_model(family):
     assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
 
 
-@pytest.mark.parametrize("family,cap", [("gemma2", 30.0), ("gemma2", None), ("gemma3", None), ("granite", None)])  # Granite scales its logits
+@pytest.mark.parametrize(
+    "family,cap", [("gemma2", 30.0), ("gemma2", None), ("gemma3", None), ("granite", None), ("olmo2", None)]
+)  # Granite scales its logits; OLMo 2 takes the base hook
 def test_logits_from_a_hidden_state_are_the_models_own(family, cap):
     """Early exits and K-prune compute logits outside the model's forward: with Gemma 2's soft-capping too."""
     model = tiny_model(family, final_logit_softcapping=cap)

@@ -1,0 +1,179 @@
+"""OLMo 2: sublayers read the raw stream and add their post-normalised output; q/k norms span all heads.
+
+The unstructured matrix runs OLMo 2 with the other families (tests/adapters/test_adapters.py); these check what its
+layer changes: the term a sublayer adds, which structured pruning is exact (and reloads) and which is refused.
+"""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import Olmo2Model
+
+from optimum_prune import PruningConfig, get_adapter, prune, save_pruned
+from optimum_prune.adapters.llama import LlamaAdapter
+from optimum_prune.adapters.olmo2 import Olmo2Adapter
+
+from ..conftest import assert_reloads_exactly, assert_stock_reload_matches, tiny_model, token_windows
+from ..methods.test_width import _zeroed_reference
+
+
+def test_each_olmo2_class_has_its_adapter():
+    model = tiny_model("olmo2")
+    assert type(get_adapter(model)) is Olmo2Adapter
+    assert type(get_adapter(Olmo2Model(model.config))) is Olmo2Adapter
+
+
+def test_observed_residual_terms_are_the_post_normalised_sublayer_outputs():
+    """Block influence, K-prune and ZipLM read each sublayer's term of the stream, and re-routing fits its stand-in to
+    the sublayer's contribution: post_norm(f(x)), from the raw stream x (OLMo 2 has no pre-norm)."""
+    model = tiny_model("olmo2")
+    adapter, layer = get_adapter(model), model.model.layers[0]
+    hidden = torch.randn(2, 8, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(8).expand(2, -1)
+    arguments = dict(position_embeddings=model.model.rotary_emb(hidden, positions), attention_mask=None, position_ids=positions)
+    observed = {}
+    with torch.no_grad(), adapter.observing_residuals(layer, lambda kind, before, after: observed.update({kind: (before, after)})):
+        output = layer(hidden, **arguments)
+    assert torch.equal(observed["attention"][0], hidden)
+    assert torch.equal(observed["attention"][1], observed["mlp"][0])
+    torch.testing.assert_close(observed["mlp"][1], output)
+    with torch.no_grad():
+        attention = adapter.sublayer_contribution(layer, "attention")(hidden_states=hidden, **arguments)[0]
+        mlp = adapter.sublayer_contribution(layer, "mlp")(observed["mlp"][0])
+    torch.testing.assert_close(attention, observed["attention"][1] - hidden)
+    torch.testing.assert_close(mlp, observed["mlp"][1] - observed["mlp"][0])
+
+
+@pytest.mark.parametrize("kind", ["attention", "mlp"])
+def test_a_removed_sublayer_drops_exactly_its_term(kind):
+    """Removing a sublayer equals the dense model without its term. Llama's adapter reads post_attention_layernorm as
+    the MLP's input norm: removing the MLP, it would drop the attention's post-norm too."""
+    dense = tiny_model("olmo2")
+    ids = token_windows(samples=2, seq_len=12, seed=3)
+    sublayer = dense.model.layers[1].self_attn if kind == "attention" else dense.model.layers[1].mlp
+
+    def zero(_module: nn.Module, _args: tuple, output):
+        return (torch.zeros_like(output[0]), *output[1:]) if isinstance(output, tuple) else torch.zeros_like(output)
+
+    handle = sublayer.register_forward_hook(zero)
+    with torch.no_grad():
+        expected = dense(input_ids=ids).logits
+    handle.remove()
+
+    def removed_by(adapter: type) -> torch.Tensor:
+        model = copy.deepcopy(dense)
+        adapter(model).remove_sublayer(model.model.layers[1], kind)
+        with torch.no_grad():
+            return model(input_ids=ids).logits
+
+    torch.testing.assert_close(removed_by(Olmo2Adapter), expected)
+    if kind == "mlp":
+        assert not torch.allclose(removed_by(LlamaAdapter), expected, atol=1e-3)
+
+
+def test_an_mlp_channel_cut_equals_the_dense_model_with_the_channels_zeroed():
+    """The post-norm normalises the MLP's hidden-size output, so removing channels stays a plain cut."""
+    dense = tiny_model("olmo2")
+    model = copy.deepcopy(dense)
+    config = PruningConfig(method="width", sparsity=0.25, method_options={"components": "mlp", "criterion": "magnitude_l2"})
+    prune(model, config)
+    assert model.model.layers[0].mlp.gate_proj.out_features < dense.config.intermediate_size
+    ids = token_windows(samples=2, seq_len=16, seed=5)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, _zeroed_reference(dense, model)(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+MLP = {"components": "mlp"}
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        PruningConfig(method="wanda", sparsity=0.5, allocation="owl"),
+        PruningConfig(method="llm_surgeon", sparsity=0.5),
+        PruningConfig(method="layers", sparsity=0.34, method_options={"reroute": True}),
+        PruningConfig(method="layers", sparsity=0.34, method_options={"merge": True}),
+        PruningConfig(method="sublayers", sparsity=0.2),
+        PruningConfig(method="sublayers", sparsity=0.2, method_options={"reroute": True}),
+        PruningConfig(method="width", sparsity=0.2, method_options={**MLP, "ranking": "global"}),  # FLAP adds down_proj biases
+        PruningConfig(method="kprune", sparsity=0.2, method_options=MLP),
+        PruningConfig(method="kcm", sparsity=0.2, method_options=MLP),
+        PruningConfig(method="mask_search", sparsity=0.2, method_options=MLP),
+        PruningConfig(method="llm_surgeon_structured", sparsity=0.2, method_options=MLP),
+        PruningConfig(method="ziplm", sparsity=0.2, method_options={**MLP, "target": "parameters"}),
+        PruningConfig(method="low_rank", sparsity=0.2),
+    ],
+    ids=["wanda owl", "llm_surgeon", "layers reroute", "layers merge", "sublayers", "sublayers reroute", "width flap global",
+         "kprune", "kcm", "mask_search", "llm_surgeon_structured", "ziplm", "low_rank"],  # fmt: skip
+)
+def test_every_applicable_method_prunes_and_reloads_exactly(config, tmp_path):
+    model = tiny_model("olmo2")
+    report = prune(model, config, calibration=token_windows())
+    if config.method in ("wanda", "llm_surgeon"):  # unstructured: zeros, the widths stay
+        assert report.overall_sparsity == pytest.approx(0.5, abs=0.01)
+    else:
+        assert report.parameters_after < report.parameters_before
+    assert_reloads_exactly(model, save_pruned(model, tmp_path / "pruned", report=report))
+
+
+@pytest.mark.parametrize("method,options", [("width", {**MLP, "criterion": "magnitude_l2"}), ("layers", {"num_layers": 1})])
+def test_a_uniform_olmo2_result_reloads_with_stock_transformers(method, options, tmp_path):
+    model = tiny_model("olmo2")
+    report = prune(model, PruningConfig(method=method, sparsity=0.25, method_options=options), calibration=token_windows())
+    directory = save_pruned(model, tmp_path / method, report=report)
+    assert assert_stock_reload_matches(model, directory, token_windows(samples=2, seq_len=16, seed=3), tmp_path) == method
+
+
+def _logit_error(method: str, options: dict, dense: nn.Module, windows: torch.Tensor) -> float:
+    model = copy.deepcopy(dense)
+    prune(model, PruningConfig(method=method, sparsity=0.2, method_options=options), calibration=windows)
+    with torch.no_grad():
+        return float((model(input_ids=windows).logits - dense(input_ids=windows).logits).square().mean())
+
+
+def test_fitted_terms_reproduce_the_post_normalised_output():
+    """K-prune's weight tuning asks output_target for the down_proj output whose post-norm gives the missing term; a
+    re-routed sublayer maps the raw stream to its post-normalised term (0.53× and 0.005× the error measured here)."""
+    dense, windows = tiny_model("olmo2"), token_windows(samples=16, seq_len=48)
+    assert _logit_error("kprune", {**MLP, "tune": True}, dense, windows) < 0.8 * _logit_error("kprune", {**MLP, "tune": False}, dense, windows)
+    assert _logit_error("sublayers", {"reroute": True}, dense, windows) < 0.1 * _logit_error("sublayers", {}, dense, windows)
+
+
+def test_removing_heads_would_change_the_kept_heads_queries():
+    """Why heads are refused: q_norm divides every query by the RMS over all heads; after a cut it would divide the kept
+    heads' by their own RMS, a factor that varies token by token, so no weight can make up for it."""
+    attention = tiny_model("olmo2").model.layers[0].self_attn
+    hidden = torch.randn(2, 8, attention.q_proj.in_features, generator=torch.Generator().manual_seed(0))
+    kept = torch.arange(2 * attention.head_dim)  # the first two of four query heads
+    with torch.no_grad():
+        queries = attention.q_proj(hidden)
+        over_all_heads = attention.q_norm(queries)[..., kept]
+        cut = copy.deepcopy(attention.q_norm)
+        cut.weight = nn.Parameter(cut.weight[kept])
+        over_kept_heads = cut(queries[..., kept])
+    factor = (over_kept_heads / over_all_heads).mean(-1)  # one per token (elementwise the same)
+    torch.testing.assert_close(over_kept_heads, over_all_heads * factor.unsqueeze(-1))
+    assert float(factor.max() - factor.min()) > 0.1
+
+
+@pytest.mark.parametrize(
+    "method,options",
+    [("width", {}), ("width", {"components": "attention"}), ("kprune", {}), ("kcm", {}), ("mask_search", {}),
+     ("llm_surgeon_structured", {}), ("ziplm", {})],  # fmt: skip
+)
+def test_head_removal_is_refused_before_any_weight_changes(method, options):
+    model = tiny_model("olmo2")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=r"over all heads at once \(self_attn.q_norm, self_attn.k_norm\).*components='mlp'"):
+        prune(model, PruningConfig(method=method, sparsity=0.2, method_options=options), calibration=token_windows())
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
+
+
+def test_slicegpt_is_refused_before_any_weight_changes():
+    model = tiny_model("olmo2")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="post_attention_layernorm, post_feedforward_layernorm.*SliceGPT does not apply"):
+        prune(model, PruningConfig(method="slicegpt", sparsity=0.25), calibration=token_windows())
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
