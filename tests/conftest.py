@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -183,6 +185,26 @@ def output_errors(
         with torch.no_grad():
             errors[value] = float((model(input_ids=windows).logits - reference).square().mean())
     return errors
+
+
+def kept_rows(original: torch.Tensor, pruned: torch.Tensor) -> list[int]:
+    """Which rows of ``original`` survive in ``pruned`` (random weights make every row unique)."""
+    return [next(i for i in range(original.shape[0]) if torch.equal(original[i], row)) for row in pruned]
+
+
+def zeroed_reference(dense: torch.nn.Module, pruned: torch.nn.Module) -> torch.nn.Module:
+    """The dense model with the removed heads' o_proj columns and removed channels' down_proj columns zeroed."""
+    reference = copy.deepcopy(dense)
+    head_dim = dense.model.layers[0].self_attn.head_dim
+    with torch.no_grad():
+        for before, after in zip(reference.model.layers, pruned.model.layers):
+            kept = torch.tensor(kept_rows(before.self_attn.q_proj.weight, after.self_attn.q_proj.weight))
+            removed = sorted(set(range(before.self_attn.q_proj.out_features)) - set(kept.tolist()))
+            assert len(removed) % head_dim == 0
+            before.self_attn.o_proj.weight[:, removed] = 0
+            kept = kept_rows(before.mlp.gate_proj.weight, after.mlp.gate_proj.weight)
+            before.mlp.down_proj.weight[:, sorted(set(range(before.mlp.gate_proj.out_features)) - set(kept))] = 0
+    return reference
 
 
 def decoder_linear_parameters(model: torch.nn.Module) -> int:

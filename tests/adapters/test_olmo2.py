@@ -15,8 +15,7 @@ from optimum_prune import PruningConfig, get_adapter, prune, save_pruned
 from optimum_prune.adapters.llama import LlamaAdapter
 from optimum_prune.adapters.olmo2 import Olmo2Adapter
 
-from ..conftest import assert_reloads_exactly, assert_stock_reload_matches, tiny_model, token_windows
-from ..methods.test_width import _zeroed_reference
+from ..conftest import assert_reloads_exactly, assert_stock_reload_matches, tiny_model, token_windows, zeroed_reference
 
 
 def test_each_olmo2_class_has_its_adapter():
@@ -82,7 +81,7 @@ def test_an_mlp_channel_cut_equals_the_dense_model_with_the_channels_zeroed():
     assert model.model.layers[0].mlp.gate_proj.out_features < dense.config.intermediate_size
     ids = token_windows(samples=2, seq_len=16, seed=5)
     with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, _zeroed_reference(dense, model)(ids).logits, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(model(ids).logits, zeroed_reference(dense, model)(ids).logits, rtol=1e-4, atol=1e-5)
 
 
 MLP = {"components": "mlp"}

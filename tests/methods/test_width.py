@@ -6,27 +6,7 @@ import torch
 from optimum_prune import PruningConfig, prune, save_pruned
 from optimum_prune.methods.width import CRITERIA
 
-from ..conftest import assert_stock_reload_matches, decoder_linear_parameters, tiny_model, token_windows
-
-
-def _kept_rows(original: torch.Tensor, pruned: torch.Tensor) -> list[int]:
-    """Which rows of ``original`` survive in ``pruned`` (random weights make every row unique)."""
-    return [next(i for i in range(original.shape[0]) if torch.equal(original[i], row)) for row in pruned]
-
-
-def _zeroed_reference(dense: torch.nn.Module, pruned: torch.nn.Module) -> torch.nn.Module:
-    """The dense model with the removed heads' o_proj columns and removed channels' down_proj columns zeroed."""
-    reference = copy.deepcopy(dense)
-    head_dim = dense.model.layers[0].self_attn.head_dim
-    with torch.no_grad():
-        for before, after in zip(reference.model.layers, pruned.model.layers):
-            kept = torch.tensor(_kept_rows(before.self_attn.q_proj.weight, after.self_attn.q_proj.weight))
-            removed = sorted(set(range(before.self_attn.q_proj.out_features)) - set(kept.tolist()))
-            assert len(removed) % head_dim == 0
-            before.self_attn.o_proj.weight[:, removed] = 0
-            kept = _kept_rows(before.mlp.gate_proj.weight, after.mlp.gate_proj.weight)
-            before.mlp.down_proj.weight[:, sorted(set(range(before.mlp.gate_proj.out_features)) - set(kept))] = 0
-    return reference
+from ..conftest import assert_stock_reload_matches, decoder_linear_parameters, kept_rows, tiny_model, token_windows, zeroed_reference
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "granite"])
@@ -48,7 +28,7 @@ def test_output_equals_dense_with_removed_units_zeroed(family, criterion, head_m
     assert report.macs_per_token_after < report.macs_per_token_before
     ids = token_windows(samples=2, seq_len=16, seed=5)
     with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, _zeroed_reference(dense, model)(ids).logits, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(model(ids).logits, zeroed_reference(dense, model)(ids).logits, rtol=1e-4, atol=1e-5)
 
 
 def test_random_control_needs_no_calibration_and_is_reproducible():
@@ -107,7 +87,7 @@ def test_mlp_channels_go_by_their_criterions_score(criterion):
     }[criterion]
     model = copy.deepcopy(dense)
     prune(model, PruningConfig(method="width", sparsity=0.2, method_options={"criterion": criterion, "components": "mlp"}), calibration=windows)
-    kept = _kept_rows(mlp.gate_proj.weight, model.model.layers[0].mlp.gate_proj.weight)
+    kept = kept_rows(mlp.gate_proj.weight, model.model.layers[0].mlp.gate_proj.weight)
     removed = sorted(set(range(mlp.gate_proj.out_features)) - set(kept))
     assert removed and removed == sorted(torch.argsort(scores)[: len(removed)].tolist())
 
