@@ -66,6 +66,10 @@ class SandwichNormAdapter(GemmaAdapter):
         cap = getattr(self.config, "final_logit_softcapping", None)
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
+    def keep_layers(self, indices: list[int]) -> None:
+        super().keep_layers(indices)
+        _follow_sliding_window_pattern(self.config)
+
     def residual_branches(self, layer: nn.Module) -> list[ResidualBranch]:
         raise self._not_rotation_invariant()
 
@@ -78,3 +82,21 @@ class SandwichNormAdapter(GemmaAdapter):
             "(post_attention_layernorm, post_feedforward_layernorm), which rotating the stream would change; "
             "SliceGPT does not apply: use width or layers for structured pruning"
         )
+
+
+def _follow_sliding_window_pattern(config: Any) -> None:
+    """Gemma 3's config.json still holds ``sliding_window_pattern`` p (layer i attends globally iff (i + 1) % p == 0),
+    the older spelling of ``layer_types`` that some serving stacks read: after layers go, it is the period of the kept
+    layers, or None where none describes them (transformers reads ``layer_types`` first either way)."""
+    names = [name for name in ("sliding_window_pattern", "_sliding_window_pattern") if getattr(config, name, None) is not None]
+    if not names or getattr(config, "layer_types", None) is None:
+        return
+    kinds = list(config.layer_types)
+    periods = (
+        period
+        for period in range(1, len(kinds) + 2)
+        if kinds == ["full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(len(kinds))]
+    )
+    period = next(periods, None)
+    for name in names:
+        setattr(config, name, period)

@@ -5,6 +5,7 @@ reloads) run Gemma through the shared tests; these check what only Gemma has.
 """
 
 import copy
+import json
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from optimum_prune import PruningConfig, get_adapter, prune, save_pruned
 from optimum_prune.adapters.gemma import GemmaAdapter, SandwichNormAdapter
 from optimum_prune.early_exit import exit_logits
 
-from ..conftest import assert_stock_reload_matches, output_errors, tiny_model, token_windows
+from ..conftest import assert_reloads_exactly, assert_stock_reload_matches, output_errors, tiny_model, token_windows
 
 
 def test_each_gemma_class_has_its_adapter():
@@ -150,3 +151,20 @@ def test_kprune_weight_tuning_helps_through_the_post_norms(family):
     """It fitted the projections' raw output to the normalised term, so tuning made the pruned model worse."""
     errors = output_errors("kprune", 0.2, "tune", windows=token_windows(samples=16, seq_len=48), dense=_trained_norms(tiny_model(family)))
     assert errors[True] < 0.8 * errors[False]
+
+
+@pytest.mark.parametrize("layers, pattern, removed, period", [(6, 6, 2, 5), (6, 6, 5, 6), (4, 2, 0, None)])
+def test_gemma3s_sliding_window_pattern_follows_the_kept_layers(tmp_path, layers, pattern, removed, period):
+    """``sliding_window_pattern`` (layer i is global iff (i + 1) % p == 0, Gemma 3's older spelling of ``layer_types``,
+    still in its config.json) stayed 6 after a layer went: read from it, the only global layer slid. It is now the
+    kept layers' period, or None where none describes them; the reload is exact either way."""
+    model = tiny_model("gemma3", num_hidden_layers=layers, sliding_window_pattern=pattern)
+    kept = "".join(str(i) for i in range(layers) if i != removed)
+    config = PruningConfig(method="layers", sparsity=0.0, ignore=[f"model.layers.[{kept}]"], method_options={"num_layers": 1})
+    prune(model, config, calibration=token_windows())
+    save_pruned(model, tmp_path / "pruned")
+    saved = json.loads((tmp_path / "pruned" / "config.json").read_text())
+    assert (saved["sliding_window_pattern"], saved["_sliding_window_pattern"]) == (period, period)
+    if period is not None:
+        assert saved["layer_types"] == ["full_attention" if (i + 1) % period == 0 else "sliding_attention" for i in range(layers - 1)]
+    assert_reloads_exactly(model, tmp_path / "pruned")
