@@ -301,3 +301,18 @@ def test_a_recorded_exit_the_model_no_longer_has_is_refused():
     model.config.early_exit = {"exit_layer": 3, "draft_length": None}  # e.g. a config edited or from a deeper model
     with pytest.raises(ValueError, match=r"must be an integer in \[1, 2\]"):
         early_exit_kwargs(model)
+
+
+@pytest.mark.parametrize("removed, exit_layer", [([0], 1), ([3], 2), ([1, 2], 1), ([0, 1], None), ([2, 3], None)])
+def test_a_recorded_exit_follows_its_layer_when_layers_are_removed(removed, exit_layer, caplog):
+    """Exit after layer 2 of 4 recorded, then layers removed: the draft kept running the first 2 layers of the
+    pruned model, other layers than the exit was chosen or trained for. It now ends where it ended in the model
+    (after the kept layers among the first 2), or is dropped with a warning where none of those is left or none
+    after them."""
+    model = tiny_model(num_hidden_layers=4)
+    enable_early_exit(model, 2, draft_length=4)
+    kept = "".join(str(i) for i in range(4) if i not in removed)
+    config = PruningConfig(method="layers", sparsity=0.0, ignore=[f"model.layers.[{kept}]"], method_options={"num_layers": len(removed)})
+    prune(model, config, calibration=token_windows())
+    assert early_exit_kwargs(model) == ({} if exit_layer is None else {"assistant_early_exit": exit_layer})
+    assert ("config.early_exit drafted with the first 2 decoder layers" in caplog.text) == (exit_layer is None)

@@ -6,6 +6,7 @@ stream leaves it as it is."""
 
 from __future__ import annotations
 
+import logging
 import types
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
@@ -38,6 +39,8 @@ from .base import (
     resize_norm,
     resized_linear,
 )
+
+logger = logging.getLogger(__name__)
 
 
 class ShortcutDecoderLayer(GradientCheckpointingLayer):
@@ -380,6 +383,25 @@ def keep_decoder_layers(adapter: DecoderAdapter, indices: list[int]) -> None:
             full = [kind == "full_attention" for kind in config.layer_types]
             config.max_window_layers = full.index(False) if False in full else len(full)
     config.num_hidden_layers = len(indices)
+    _follow_early_exit(config, indices)
+
+
+def _follow_early_exit(config: Any, indices: list[int]) -> None:
+    """``config.early_exit`` (``optimum_prune.early_exit``) drafts with the first ``exit_layer`` layers: it keeps
+    reading after the same layers, now fewer; dropped where no layer is left before it or none after."""
+    recorded = getattr(config, "early_exit", None)
+    if not recorded:
+        return
+    exit_layer = sum(index < recorded["exit_layer"] for index in indices)
+    if 1 <= exit_layer < len(indices):
+        config.early_exit = {**recorded, "exit_layer": exit_layer}
+        return
+    config.early_exit = None
+    logger.warning(
+        "config.early_exit drafted with the first %d decoder layers; the layers kept leave %s, so it is dropped: "
+        "choose an exit for the pruned model (choose_early_exit, enable_early_exit)",
+        recorded["exit_layer"], "none before it" if exit_layer == 0 else "none after it",
+    )  # fmt: skip
 
 
 OUTPUT_TARGET_DAMPING = 0.01  # λ relative to the mean γ², as SparseGPT damps its Hessian
