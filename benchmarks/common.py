@@ -18,7 +18,7 @@ import transformers
 
 import optimum_prune
 from optimum_prune.models import cache_root
-from optimum_prune.saving import atomic_directory, write_text_atomic
+from optimum_prune.atomic_files import atomic_directory, write_text_atomic
 
 
 def table_header(title: str, command: str, protocol: str) -> list[str]:

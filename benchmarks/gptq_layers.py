@@ -27,7 +27,7 @@ from optimum_prune.calibration import calibration_windows
 from optimum_prune.calibration.sources import tokenize_stream
 from optimum_prune.data import wikipedia_text
 from optimum_prune.masks import prunable_linears
-from optimum_prune.saving import write_text_atomic
+from optimum_prune.atomic_files import write_text_atomic
 from prune_quant import dequantize_gptq_layers, round_to_nearest
 
 RTN = "round-to-nearest, GPTQ's grid"

@@ -28,7 +28,7 @@ from common import measured, measured_with, quick_or_full, save_rows, table_head
 from optimum_prune import PruningConfig, compress, evaluate_perplexity, load_default_model, save_pruned, verify_sparsity
 from optimum_prune.calibration import calibration_windows
 from optimum_prune.quantized import dequantized_weight, is_gptq_linear
-from optimum_prune.saving import write_text_atomic
+from optimum_prune.atomic_files import write_text_atomic
 
 QUANTO = ("int8", "int4")  # optimum-quanto weight types, through compress
 BITSANDBYTES = {  # load-time quantization of the saved pruned model

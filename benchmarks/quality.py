@@ -19,7 +19,7 @@ from pathlib import Path
 
 from common import measured, measured_with, save_rows, table_header
 from optimum_prune import PruningConfig, evaluate_perplexity, load_default_model, prune, verify_sparsity
-from optimum_prune.saving import write_text_atomic
+from optimum_prune.atomic_files import write_text_atomic
 
 Row = tuple[str, "float | str", str, dict]
 ROWS: list[Row] = [

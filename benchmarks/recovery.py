@@ -34,7 +34,7 @@ from llamafactory_ext.training import TrainingSections
 from optimum_prune import PruningConfig, SparsityMasks, evaluate_perplexity, load_model, verify_sparsity
 from optimum_prune.models import cache_root, default_model_path
 from optimum_prune.report import process_peak_rss
-from optimum_prune.saving import write_text_atomic
+from optimum_prune.atomic_files import write_text_atomic
 
 HERE = Path(__file__).resolve().parent
 # Structured rows first: they carry the claim (distillation beats labels at equal steps).

@@ -29,7 +29,7 @@ from optimum_prune import (
     IterativeSchedule, PERPConfig, PruningCallback, PruningConfig, evaluate_perplexity, load_default_model, prune, verify_sparsity,
 )  # fmt: skip
 from optimum_prune.calibration import calibration_windows
-from optimum_prune.saving import write_text_atomic
+from optimum_prune.atomic_files import write_text_atomic
 
 SPARSITY = 0.5
 TRAINING_SEQ_LEN = 256

@@ -19,7 +19,7 @@ import time
 import torch
 
 from common import quick_or_full, table_header
-from optimum_prune.saving import write_text_atomic
+from optimum_prune.atomic_files import write_text_atomic
 from optimum_prune.sparsity import lowest_by_sort, lowest_by_threshold, whole_count
 
 SHAPES = {"down_proj": (4096, 14336), "o_proj": (4096, 4096), "SparseGPT block": (4096, 128)}

@@ -29,10 +29,11 @@ from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
 from optimum_prune import SparsityMasks, merge_lora_preserving_sparsity, prune, prune_checkpoint, save_pruned
+from optimum_prune.atomic_files import check_replaceable
 from optimum_prune.calibration import sample_windows
 from optimum_prune.config import CONFIG_NAME, PruningConfig
 from optimum_prune.models import load_causal_lm
-from optimum_prune.saving import DEFAULT_SHARD_SIZE, check_replaceable
+from optimum_prune.saving import DEFAULT_SHARD_SIZE
 from optimum_prune.streaming import checkpoint_fingerprint
 from optimum_prune.sparsity_metadata import drop_sparsity_metadata
 from optimum_prune.structure.loading import records_layer_shapes
@@ -262,7 +263,7 @@ def _resize_vocabulary(model: torch.nn.Module, model_args: Any, tokenizer: Any) 
 
 def _record_source(checkpoint: Path, source: Mapping[str, Any]) -> None:
     """Note in ``config.json`` which model was pruned (what ``_already_pruned`` compares), atomically."""
-    from optimum_prune.saving import write_text_atomic
+    from optimum_prune.atomic_files import write_text_atomic
 
     config = json.loads((checkpoint / "config.json").read_text(encoding="utf-8"))
     write_text_atomic(checkpoint / "config.json", json.dumps({**config, "pruned_from": source}, indent=2, sort_keys=True) + "\n")

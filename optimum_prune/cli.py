@@ -26,6 +26,7 @@ import torch
 from transformers.utils.logging import disable_progress_bar
 
 from .allocation import ALLOCATIONS
+from .atomic_files import check_replaceable
 from .api import check_activation_device, check_device, prune
 from .calibration.sources import file_texts
 from .config import PruningConfig
@@ -35,7 +36,7 @@ from .evaluation import check_whole_windows, evaluate_perplexity
 from .methods import METHODS
 from .models import auto_class_name, default_model_path, load_default_model, load_model, load_tokenizer, missing_tokenizer
 from .options import MoEOptions, describe_options, option_types
-from .saving import check_replaceable, save_pruned
+from .saving import save_pruned
 from .sparsity import verify_sparsity
 from .sparsity_metadata import require_compressed_tensors
 from .structure.loading import records_layer_shapes

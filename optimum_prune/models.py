@@ -25,8 +25,9 @@ import torch
 from safetensors import SafetensorError
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from .atomic_files import atomic_directory, exclusive_lock, remove_leftovers
 from .dependencies import MissingDependency
-from .saving import atomic_directory, drop_gguf_copy, exclusive_lock, remove_leftovers, save_tokenizer
+from .saving import drop_gguf_copy, save_tokenizer
 
 logger = logging.getLogger(__name__)
 

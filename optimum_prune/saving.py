@@ -7,18 +7,10 @@ folders a killed save leaves (a running save holds its own locked) are removed b
 
 from __future__ import annotations
 
-import ctypes
-import errno
-import glob
 import logging
 import math
 import os
-import shutil
-import stat
-import sys
-import tempfile
 import threading
-import time
 import weakref
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,11 +19,7 @@ from typing import Any, Iterator, Mapping
 from torch import nn
 from transformers import PreTrainedModel
 
-try:
-    import fcntl
-except ImportError:  # not a POSIX system: no folder locks, so no concurrent run is detected and no leftover removed
-    fcntl = None
-
+from .atomic_files import SCORES_PLOT_NAME, atomic_directory, new_file_mode, shown_names
 from .config import CONFIG_NAME, PruningConfig, readable_step, record_pruning
 from .kernels.linear import SparseLinear
 from .perp import MaskLoRALinear
@@ -42,271 +30,12 @@ from .structure.loading import offloaded, records_layer_shapes
 from .wrappers import base_layer, transformers_model
 
 logger = logging.getLogger(__name__)
-SCORES_PLOT_NAME = "layer_scores.png"
 DEFAULT_SHARD_SIZE = "5GB"  # save_pretrained's default, and optimum-quanto's only size
 # This package's modules that hold a linear's weight under other names, and how to save their model instead.
 WRAPPER_FIXES = {
     SparseLinear: "save the model before sparsify, and sparsify again after loading",
     MaskLoRALinear: "merge PERP's adapters first (merge_perp(model))",
 }
-
-
-@contextmanager
-def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield a staging directory that replaces ``target`` only if the block completes."""
-    target = Path(target).absolute()  # "." has no name to stage beside
-    check_replaceable(target)
-    created = [parent for parent in target.parents if not parent.exists()]  # removed again if the block fails
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_leftovers(target)
-    staging = claimed_folder(target, "staging")
-    # mkdtemp's 0700 would make the saved checkpoint unreadable to other users; a setgid parent's bit (files in the
-    # project's group), which mkdtemp inherited, stays. An output replaced keeps its own mode (a user's chmod), as
-    # save_pretrained writing into it does.
-    kept = stat.S_IMODE(target.stat().st_mode) if target.is_dir() else None
-    staging.chmod(kept if kept is not None else (0o777 & ~_umask()) | (staging.stat().st_mode & stat.S_ISGID))
-    try:
-        with held_exclusively(staging):  # while it is written: no other save takes it for a killed save's leftover
-            yield staging
-            replace_directory(staging, target)
-        return  # staging is gone, or holds the replaced output that replace_directory could not remove (warned of)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        for parent in created:  # innermost first; one something else wrote into meanwhile stays
-            try:
-                parent.rmdir()
-            except OSError:
-                break
-        raise
-
-
-def exclusive_lock(descriptor: int, wait: bool = False) -> bool | None:
-    """Take an exclusive lock on an open folder or file: True when taken, False when another process holds it, None
-    where the system or file system has no such locks (no fcntl; NFS, whose exclusive locks need a file open for
-    writing, which a folder cannot be; Lustre without ``-o flock``)."""
-    if fcntl is None:
-        return None
-    try:
-        fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-    except BlockingIOError:
-        return False
-    except OSError as error:
-        if error.errno in (errno.EBADF, errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL):
-            return None
-        raise
-    return True
-
-
-@contextmanager
-def held_exclusively(directory: Path, refusal: str | None = None) -> Iterator[bool]:
-    """Hold an exclusive lock on ``directory`` until the block ends: the kernel releases it if the process dies, and
-    it moves with the folder when the folder is renamed. With ``refusal``, another process holding it is
-    ``ValueError(refusal)``; without, this waits for it. Yields whether the lock is held (False where the file system
-    has none)."""
-    if fcntl is None:
-        yield False
-        return
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        taken = exclusive_lock(descriptor, wait=refusal is None)
-        if taken is False:
-            raise ValueError(refusal)
-        yield bool(taken)
-    finally:
-        os.close(descriptor)
-
-
-def new_file_mode() -> int:
-    """The mode a file created now gets from the umask (what a writer that ignores it, safetensors 0.8's 0600, is set to)."""
-    return 0o666 & ~_umask()
-
-
-def _umask() -> int:
-    """The process's file-creation mask: from /proc on Linux; elsewhere read by setting it (and setting it back at
-    once: a file another thread creates meanwhile gets 022)."""
-    try:
-        status = Path("/proc/self/status").read_text()
-        return int(next(line for line in status.splitlines() if line.startswith("Umask:")).split()[1], 8)
-    except (OSError, StopIteration, ValueError, IndexError):
-        mask = os.umask(0o022)
-        os.umask(mask)
-        return mask
-
-
-def check_replaceable(target: Path, source: str | os.PathLike | None = None, field: str = "the output directory") -> None:
-    """Refuse a ``target`` whose replacement would delete more than an earlier output: saving here replaces the
-    whole directory (atomically), where ``save_pretrained`` writes into it, so ``"."``, a home directory, a
-    Trainer's output (checkpoints, logs), a clone of a model repository or the ``source`` checkpoint being
-    pruned, given by mistake, would otherwise be lost. Empty directories and earlier outputs (``config.json``
-    beside ``*.safetensors`` or ``*.onnx`` weights, and nothing but checkpoint files: no folders) may go."""
-    target = Path(target).absolute()
-    if source is not None and Path(source).exists() and (
-        Path(source).resolve() == target.resolve() or (target.exists() and os.path.samefile(source, target))
-    ):  # samefile: another path to the same folder (a bind mount; other case on a case-insensitive file system)
-        raise ValueError(
-            f"{field} {target} is the checkpoint being pruned; saving replaces the whole directory, so the model it "
-            "holds would be lost: give a new directory"
-        )
-    if Path.cwd().is_relative_to(target.resolve()):
-        raise ValueError(
-            f"{target} is the working directory or holds it; saving replaces the whole directory, so give a new one "
-            "(e.g. ./pruned)"
-        )
-    if target.is_dir() and os.path.ismount(target):
-        raise ValueError(
-            f"{target} is a mount point; saving replaces the whole directory by renaming, which a mount point cannot "
-            "be: give a folder inside it"
-        )
-    if target.is_symlink():
-        raise ValueError(
-            f"{target} is a symbolic link (to {os.readlink(target)}); saving replaces the whole directory, which would "
-            "replace the link and leave what it points to as it was: give the directory itself, or a new one"
-        )
-    existing = next(folder for folder in (target.parent, *target.parent.parents) if folder.exists())
-    if not existing.is_dir():
-        raise ValueError(f"{field} {target}: {existing} is a file, not a directory; give a path inside a directory")
-    for folder in (existing, target) if target.is_dir() else (existing,):  # the output's files are deleted from it
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise ValueError(
-                f"{field} {target}: this user cannot write in {folder}, where the output is staged, renamed into place "
-                "and the previous one removed; give a directory you can write to"
-            )
-    if not target.exists():
-        return
-    if not target.is_dir():
-        raise ValueError(f"{target} exists and is not a directory; give a directory (new, empty or an earlier checkpoint)")
-    names = sorted(path.name for path in target.iterdir())
-    earlier_output = "config.json" in names and any(name.endswith((".safetensors", ".onnx")) for name in names)
-    if names and not earlier_output:
-        raise ValueError(
-            f"{target} holds other files ({_shown(names)}) and is not an earlier checkpoint (config.json beside "
-            "*.safetensors or *.onnx weights); saving replaces the whole directory, so give a new or empty one"
-        )
-    foreign = [f"{path.name}/" if path.is_dir() else path.name for path in sorted(target.iterdir()) if not _checkpoint_file(path)]
-    if foreign:
-        raise ValueError(
-            f"{target} holds a checkpoint and more ({_shown(foreign)}); saving replaces the whole directory, which "
-            "would delete them: give a new directory, or move them out first"
-        )
-
-
-# What save_pretrained, tokenizers, processors, optimum-onnx and this package write into a checkpoint.
-CHECKPOINT_SUFFIXES = (".json", ".safetensors", ".onnx", ".onnx_data", ".jinja", ".tiktoken")
-CHECKPOINT_NAMES = {"merges.txt", "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", SCORES_PLOT_NAME}
-
-
-def _checkpoint_file(path: Path) -> bool:
-    return path.is_file() and not path.name.startswith(".") and (path.name.endswith(CHECKPOINT_SUFFIXES) or path.name in CHECKPOINT_NAMES)
-
-
-def _shown(names: list[str]) -> str:
-    return ", ".join(names[:3]) + (", …" if len(names) > 3 else "")
-
-
-def replace_directory(finished: Path, target: Path) -> None:
-    """Put the complete folder ``finished`` at ``target``, replacing whatever was there; ``target``
-    never holds a mix of the two. Where Linux can swap the two folders in one step, ``target`` is never
-    missing either (the old folder takes ``finished``'s name, then goes); elsewhere it is moved aside first
-    into a locked folder (a save killed between the two renames leaves it there, and the next save to
-    ``target`` puts it back: the entry points call ``remove_leftovers`` before they write), then removed."""
-    if not target.exists():
-        os.replace(finished, target)
-    elif _exchange(finished, target):
-        _remove_replaced(finished)
-    else:
-        retired = claimed_folder(target, "old")
-        with held_exclusively(retired):
-            try:
-                os.replace(target, retired / target.name)
-            except OSError:
-                retired.rmdir()
-                raise
-            os.replace(finished, target)
-            _remove_replaced(retired)
-
-
-def claimed_folder(target: Path, kind: str) -> Path:
-    """A new hidden folder beside ``target`` for a save's work (``.{name}.{kind}-*``), which the save locks at once."""
-    return Path(tempfile.mkdtemp(prefix=f".{target.name}.{kind}-", dir=target.parent))
-
-
-def _remove_replaced(folder: Path) -> None:
-    """The previous output, once replaced: the save succeeded, so files this user may not delete only warn."""
-    try:
-        shutil.rmtree(folder)
-    except OSError as error:
-        logger.warning("the previous output, moved to %s, could not be removed (%s); delete it", folder, error)
-
-
-# A save's folder this young may not be locked yet (made, then locked): never taken for a killed save's.
-LEFTOVER_AGE_S = 60
-
-
-def remove_leftovers(target: Path) -> None:
-    """Remove the folders beside ``target`` that killed saves left (each can be a whole checkpoint): a running save
-    holds its folders locked, so an unlocked one older than a minute is a leftover. A retired previous output whose
-    replacement never arrived goes back to ``target`` first. Nothing is removed where folders cannot be locked. A
-    symbolic link named like a leftover is no save's (saves make real folders): it and what it points to stay."""
-    for kind in ("old", "staging"):
-        for path in sorted(target.parent.glob(glob.escape(f".{target.name}.{kind}-") + "*")):
-            try:
-                if path.is_symlink() or not path.is_dir() or time.time() - path.lstat().st_mtime < LEFTOVER_AGE_S:
-                    continue
-                descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-            except OSError:  # removed meanwhile, or not ours to open
-                continue
-            try:
-                taken = exclusive_lock(descriptor)
-                if taken is None:  # a running save's folder cannot be told from a killed one's: the user decides
-                    logger.warning(
-                        "%s may be a folder a killed save left (folders cannot be locked here to tell): delete it if no "
-                        "save to %s is running", path, target,
-                    )  # fmt: skip
-                if not taken:
-                    continue
-                retired = path / target.name
-                if kind == "old" and not target.exists() and retired.is_dir() and not retired.is_symlink():
-                    os.replace(retired, target)
-                    logger.warning("put back %s, which a save killed before it was replaced left in %s", target, path)
-                shutil.rmtree(path, ignore_errors=True)
-            finally:
-                os.close(descriptor)
-
-
-_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
-
-
-def _renameat2() -> Any:
-    """glibc's ``renameat2`` (2.28+), or None where there is none."""
-    if sys.platform != "linux":
-        return None
-    function = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
-    if function is not None:
-        function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    return function
-
-
-_RENAMEAT2 = _renameat2()
-
-
-def _exchange(first: Path, second: Path) -> bool:
-    """Swap two paths in one step (``renameat2(RENAME_EXCHANGE)``); False where the system or file system cannot."""
-    if _RENAMEAT2 is None:
-        return False
-    if _RENAMEAT2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False
-    raise OSError(code, os.strerror(code), str(second))
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write ``path`` whole or not at all: a run killed mid-write leaves the previous file."""
-    path = Path(path)
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(text, encoding="utf-8")
-    os.replace(staging, path)
 
 
 def save_pruned(
@@ -364,7 +93,7 @@ def save_pruned(
                 if (output_dir / "config.json").is_file() and not (output_dir / CONFIG_NAME).is_file():  # e.g. an ONNX export
                     logger.warning(
                         "save_pruned: %s holds a checkpoint that records no pruning (%s); it is replaced by the pruned one",
-                        output_dir, _shown(sorted(path.name for path in output_dir.iterdir())),
+                        output_dir, shown_names(sorted(path.name for path in output_dir.iterdir())),
                     )  # fmt: skip
                 _write_checkpoint(model, staging, tokenizer, config, report, max_shard_size)
         finally:

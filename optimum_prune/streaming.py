@@ -36,13 +36,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from .atomic_files import check_replaceable, claimed_folder, held_exclusively, new_file_mode, remove_leftovers, replace_directory, write_text_atomic
 from .calibration import CalibrationInputs, CalibrationSource, calibration_inputs, check_token_ids
 from .config import CONFIG_NAME, PruningConfig, as_pruning_config, readable_step
 from .models import unreadable_checkpoint
 from .report import PruningReport
-from .saving import (
-    check_replaceable, claimed_folder, drop_gguf_copy, held_exclusively, new_file_mode, remove_leftovers, replace_directory, write_text_atomic,
-)  # fmt: skip
+from .saving import drop_gguf_copy
 from .structure.loading import records_layer_shapes
 
 logger = logging.getLogger(__name__)

@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from optimum_prune import PERPConfig, PruningConfig, load_model, merge_perp, prepare_perp, prune, save_pruned, sparsify
+from optimum_prune import atomic_files
 
 from .conftest import assert_stock_reload_matches, owner_only, tiny_model, token_windows
 
@@ -138,7 +139,7 @@ def test_folders_a_killed_save_left_are_removed_by_the_next_save_and_a_running_s
 
 
 def test_a_previous_output_a_save_killed_between_its_renames_left_aside_is_put_back(tmp_path, caplog):
-    from optimum_prune.saving import remove_leftovers
+    from optimum_prune.atomic_files import remove_leftovers
 
     model = tiny_model()
     output = save_pruned(model, tmp_path / "pruned")
@@ -174,12 +175,10 @@ def test_folders_are_left_alone_and_named_where_they_cannot_be_locked(tmp_path, 
     said that a whole hidden copy of the checkpoint stayed)."""
     import errno
 
-    from optimum_prune import saving
-
     def unsupported(descriptor, operation):
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(saving.fcntl, "flock", unsupported)
+    monkeypatch.setattr(atomic_files.fcntl, "flock", unsupported)
     leftover = _left_by_a_killed_save(tmp_path / ".out.staging-x1")
     with caplog.at_level("WARNING", logger="optimum_prune"):
         output = save_pruned(tiny_model(), tmp_path / "out")
@@ -191,8 +190,6 @@ def test_folders_are_left_alone_and_named_where_they_cannot_be_locked(tmp_path, 
 def test_replacing_an_output_swaps_it_whole_and_leaves_nothing_beside_it(tmp_path, monkeypatch, exchange):
     """In one step where Linux can (the output path is never missing); else in two, and a refused first rename
     (a read-only output) leaves no empty folder behind."""
-    from optimum_prune import saving
-
     old, new = tmp_path / "out", tmp_path / "new"
     for folder, text in ((old, "old"), (new, "new")):
         folder.mkdir()
@@ -201,7 +198,7 @@ def test_replacing_an_output_swaps_it_whole_and_leaves_nothing_beside_it(tmp_pat
         probes = [tmp_path / ".a", tmp_path / ".b"]
         for probe in probes:
             probe.mkdir()
-        supported = saving._exchange(*probes)
+        supported = atomic_files._exchange(*probes)
         for probe in probes:
             probe.rmdir()
         if not supported:
@@ -209,24 +206,22 @@ def test_replacing_an_output_swaps_it_whole_and_leaves_nothing_beside_it(tmp_pat
     refused = lambda *args: (_ for _ in ()).throw(PermissionError("read-only"))  # noqa: E731
     with monkeypatch.context() as patched:
         if exchange:
-            patched.setattr(saving.os, "replace", refused)  # one step: no rename at all
+            patched.setattr(atomic_files.os, "replace", refused)  # one step: no rename at all
         else:
-            patched.setattr(saving, "_exchange", lambda first, second: False)
-        saving.replace_directory(new, old)
+            patched.setattr(atomic_files, "_exchange", lambda first, second: False)
+        atomic_files.replace_directory(new, old)
     assert (old / "config.json").read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["out"]
     if not exchange:
         new.mkdir()
-        monkeypatch.setattr(saving, "_exchange", lambda first, second: False)
-        monkeypatch.setattr(saving.os, "replace", refused)
+        monkeypatch.setattr(atomic_files, "_exchange", lambda first, second: False)
+        monkeypatch.setattr(atomic_files.os, "replace", refused)
         with pytest.raises(PermissionError):
-            saving.replace_directory(new, old)
+            atomic_files.replace_directory(new, old)
         assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "out"]
 
 
 def test_a_previous_output_that_cannot_be_removed_leaves_the_save_done_with_a_warning(tmp_path, monkeypatch, caplog):
     """The swap had put the new output in place, then the save raised while removing the old one."""
-    from optimum_prune import saving
-
     model = tiny_model()
     output = save_pruned(model, tmp_path / "pruned")
     removing = shutil.rmtree
@@ -236,35 +231,31 @@ def test_a_previous_output_that_cannot_be_removed_leaves_the_save_done_with_a_wa
             raise PermissionError(1, "Operation not permitted", str(path))
         return removing(path, *args, **kwargs)
 
-    monkeypatch.setattr(saving.shutil, "rmtree", refused)
+    monkeypatch.setattr(atomic_files.shutil, "rmtree", refused)
     with caplog.at_level("WARNING", logger="optimum_prune"):
         save_pruned(model, output, config=PruningConfig(method="magnitude", sparsity=0.3))
     assert "could not be removed" in caplog.text and PruningConfig.from_pretrained(output).sparsity == 0.3
 
 
 def test_a_mount_point_is_named_before_pruning(monkeypatch, tmp_path):
-    from optimum_prune import saving
-
-    monkeypatch.setattr(saving.os.path, "ismount", lambda path: str(path) == str(tmp_path / "volume"))
+    monkeypatch.setattr(atomic_files.os.path, "ismount", lambda path: str(path) == str(tmp_path / "volume"))
     (tmp_path / "volume").mkdir()
     with pytest.raises(ValueError, match="volume is a mount point; saving replaces the whole directory by renaming"):
-        saving.check_replaceable(tmp_path / "volume", None, "output_dir")
+        atomic_files.check_replaceable(tmp_path / "volume", None, "output_dir")
 
 
 def test_an_output_in_a_folder_this_user_cannot_write_is_named_before_pruning(tmp_path, monkeypatch):
     """It failed at the final rename (or after it, removing the previous output), after hours of offloaded pruning
     (the suite runs as root: access is faked)."""
-    from optimum_prune import saving
-
     (tmp_path / "earlier").mkdir()
     (tmp_path / "a-file").write_text("")
     for folder, target in ((tmp_path, tmp_path / "a" / "out"), (tmp_path / "earlier", tmp_path / "earlier")):
         with monkeypatch.context() as patched:
-            patched.setattr(saving.os, "access", lambda path, mode, folder=folder: path != folder)
+            patched.setattr(atomic_files.os, "access", lambda path, mode, folder=folder: path != folder)
             with pytest.raises(ValueError, match=f"output_dir {target}: this user cannot write in {folder}, where"):
-                saving.check_replaceable(target, None, "output_dir")
+                atomic_files.check_replaceable(target, None, "output_dir")
     with pytest.raises(ValueError, match="a-file is a file, not a directory"):
-        saving.check_replaceable(tmp_path / "a-file" / "out", None, "output_dir")
+        atomic_files.check_replaceable(tmp_path / "a-file" / "out", None, "output_dir")
 
 
 def test_an_interrupted_save_to_a_new_nested_path_leaves_no_folder_it_made(tmp_path, monkeypatch):
@@ -442,11 +433,9 @@ def test_saved_weights_follow_the_umask_whatever_safetensors_writes(tmp_path, mo
     the users the rest of the checkpoint, and prune_checkpoint's shards, are readable to."""
     import transformers.modeling_utils as modeling_utils
 
-    from optimum_prune import saving
-
     monkeypatch.setattr(modeling_utils, "safe_save_file", owner_only(modeling_utils.safe_save_file))
     save_pruned(tiny_model(), tmp_path / "out")
-    expected = saving.new_file_mode()
+    expected = atomic_files.new_file_mode()
     assert {f.name: f.stat().st_mode & 0o777 for f in (tmp_path / "out").iterdir()} == {f.name: expected for f in (tmp_path / "out").iterdir()}
 
 
@@ -468,7 +457,7 @@ def test_the_source_reached_by_another_path_is_never_the_target(tmp_path):
     dense source was replaced by its pruned copy."""
     import subprocess
 
-    from optimum_prune.saving import check_replaceable
+    from optimum_prune.atomic_files import check_replaceable
 
     source, alias = tmp_path / "source", tmp_path / "alias"
     tiny_model().save_pretrained(source)

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 from optimum_prune import PruningConfig, prune, prune_checkpoint, verify_sparsity
-from optimum_prune import saving, streaming
+from optimum_prune import atomic_files, streaming
 from optimum_prune.calibration import engine
 from optimum_prune.cli import main
 from optimum_prune.models import load_tokenizer
@@ -334,7 +334,7 @@ def test_the_sources_file_modes_are_not_copied(sharded, tmp_path, bpe_tokenizer)
         if "token" in file.name:
             file.chmod(0o400)
     prune_checkpoint(sharded, tmp_path / "out", CONFIGS["magnitude"], tokenizer=bpe_tokenizer)
-    expected = saving.new_file_mode()
+    expected = atomic_files.new_file_mode()
     assert {file.name: file.stat().st_mode & 0o777 for file in (tmp_path / "out").iterdir()} == {
         file.name: expected for file in (tmp_path / "out").iterdir()
     }
@@ -345,7 +345,7 @@ def test_streamed_shards_follow_the_umask_whatever_safetensors_writes(sharded, t
     the other users the rest of the checkpoint is readable to."""
     monkeypatch.setattr(streaming, "save_file", owner_only(save_file))
     prune_checkpoint(sharded, tmp_path / "out", CONFIGS["magnitude"])
-    expected = saving.new_file_mode()
+    expected = atomic_files.new_file_mode()
     assert {file.name: file.stat().st_mode & 0o777 for file in (tmp_path / "out").glob("*.safetensors")} == {
         file.name: expected for file in (tmp_path / "out").glob("*.safetensors")
     }
@@ -362,8 +362,8 @@ def test_where_a_folder_cannot_be_renamed_onto_another_the_run_finishes(sharded,
             raise PermissionError(5, "Access is denied", str(target))
         return renamed(source, target, *args, **kwargs)
 
-    monkeypatch.setattr(saving, "fcntl", None)
-    monkeypatch.setattr(saving, "_RENAMEAT2", None)
+    monkeypatch.setattr(atomic_files, "fcntl", None)
+    monkeypatch.setattr(atomic_files, "_RENAMEAT2", None)
     monkeypatch.setattr(os, "replace", windows_replace)
     for _ in range(2):  # a new output, then replacing it
         prune_checkpoint(sharded, tmp_path / "out", CONFIGS["magnitude"])
@@ -377,7 +377,7 @@ def test_where_folders_cannot_be_locked_the_run_goes_on_and_says_so(sharded, tmp
     def unsupported(descriptor, operation):
         raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(saving.fcntl, "flock", unsupported)
+    monkeypatch.setattr(atomic_files.fcntl, "flock", unsupported)
     with caplog.at_level("WARNING", logger="optimum_prune"):
         prune_checkpoint(sharded, tmp_path / "out", CONFIGS["magnitude"])
     assert "cannot be locked on this file system" in caplog.text and (tmp_path / "out" / "config.json").is_file()
@@ -388,7 +388,7 @@ def test_a_run_killed_while_removing_the_output_it_replaced_leaves_no_partial_fo
     output's layers there, and every later run was refused for "another run"."""
     prune_checkpoint(sharded, tmp_path / "out", CONFIGS["magnitude"])
     interrupted = []
-    monkeypatch.setattr(saving, "_remove_replaced", lambda folder: interrupted.append(folder.name) or (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(atomic_files, "_remove_replaced", lambda folder: interrupted.append(folder.name) or (_ for _ in ()).throw(KeyboardInterrupt()))
     again = PruningConfig(method="magnitude", sparsity=0.6)
     with pytest.raises(KeyboardInterrupt):
         prune_checkpoint(sharded, tmp_path / "out", again)

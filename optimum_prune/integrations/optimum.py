@@ -80,7 +80,8 @@ class OptimumPruner:
         ``save_dir`` atomically, and return the report. ``calibration_dataset`` is anything
         ``prune`` takes: a ``datasets.Dataset`` with a ``text`` column, texts, a text file, token ids."""
         from ..api import prune
-        from ..saving import check_replaceable, save_pruned
+        from ..atomic_files import check_replaceable
+        from ..saving import save_pruned
 
         pruning_config = as_pruning_config(pruning_config, "pruning_config")  # save_pruned records a PruningConfig
         # before the model changes in place: a save_dir that cannot be replaced would leave it pruned and unsaved
@@ -130,7 +131,7 @@ def export_onnx(checkpoint: str | os.PathLike, output: str | os.PathLike, task: 
         raise MissingDependency(f"ONNX export needs optimum-onnx ({error}): pip install 'optimum-prune[onnx]'") from None
     from transformers import AutoConfig
 
-    from ..saving import atomic_directory, check_replaceable
+    from ..atomic_files import atomic_directory, check_replaceable
     from ..structure.loading import records_layer_shapes
 
     config = AutoConfig.from_pretrained(checkpoint)

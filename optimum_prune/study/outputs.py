@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 
 from ..report import bare_figure
-from ..saving import write_text_atomic
+from ..atomic_files import write_text_atomic
 from .measure import device_name
 from .pareto import best_within, pareto_front
 from .runner import StudyResults, StudyRow

@@ -14,7 +14,7 @@ import torch
 from transformers.utils.logging import tqdm
 
 from ..api import check_device
-from ..saving import write_text_atomic
+from ..atomic_files import write_text_atomic
 from .grid import Protocol, StudyGrid, StudyPoint
 from .measure import device_name, layer_redundancy, measure_point
 
