@@ -1,8 +1,6 @@
-"""Atomic saving of pruned checkpoints (safetensors only; the pruning config recorded twice).
-
-Everything is written to a hidden staging directory beside the target and renamed into place,
-so an interrupted save leaves any previous output untouched and never a half-written one; the
-folders a killed save leaves (a running save holds its own locked) are removed by the next save to the target.
+"""Saving pruned checkpoints: safetensors only, the pruning config recorded twice (``pruning_config.json`` and
+``config.json``), and only models that reload as they are (no ``sparsify``'d modules, unmerged adapters or patched
+MoE blocks). Written whole or not at all through ``atomic_files.atomic_directory``.
 """
 
 from __future__ import annotations
