@@ -318,6 +318,9 @@ class PruningCallback(TrainerCallback):
         check_ignore_patterns(get_adapter(model), self.ignore, "PruningCallback ignore")
         self.masks = SparsityMasks.from_zeros(model, self.ignore)
         self._scheduled = list(prunable_linears(model, self.ignore))  # what a schedule prunes: not the routers
+        self._run_schedule = self.schedule.resolved(state.max_steps) if self.schedule is not None else None
+        if self._run_schedule is not None and state.global_step == 0:  # before any hook: a refused run changes nothing
+            self._check_schedule_above_existing_sparsity()
         if self.expert_dropping is not None:
             self.expert_dropping.on_train_begin(args, state, control, model=model, **kwargs)
         if not self.masks.linears and not self.masks.frozen:
@@ -328,10 +331,10 @@ class PruningCallback(TrainerCallback):
                 "codes (a QLoRA base, frozen): prune before quantizing (optimum_prune.prune on the full-precision model), "
                 "then train the adapter"
             )
+        self._warn_if_lora_updates_the_pruned_weights(model)
         start_training_run(model, self, state, self._remove_hooks, self._hooks)
         self._hooks.extend(self.masks.mask_gradients_in_backward())
         forget_compiled_graphs(args, model)  # the hooks above (and the statistics hooks below) must be traced in
-        self._run_schedule = self.schedule.resolved(state.max_steps) if self.schedule is not None else None
         if self._run_schedule is not None:
             self._run_schedule.check_fits(state.max_steps)
             drop_sparsity_metadata(model)
@@ -391,6 +394,47 @@ class PruningCallback(TrainerCallback):
                 "reached %.1f%%: it is pruned to the final masks now, without retraining, so its evaluation does not "
                 "describe the model returned; evaluate and save only after the schedule ends, or turn load_best_model_at_end off",
                 best, 100 * schedule.sparsity_at(best), 100 * schedule.final_fraction,
+            )  # fmt: skip
+
+    def _warn_if_lora_updates_the_pruned_weights(self, model: nn.Module) -> None:
+        """peft's LoRA adds a dense B·A to each adapted weight: the model trained and evaluated uses updates at the pruned
+        weights, which ``merge_lora_preserving_sparsity`` drops, so the merged model is not the one trained."""
+        try:
+            from peft.tuners.lora import LoraLayer
+        except ImportError:
+            return
+        pruned = {id(self.masks.linears[name]) for name, mask in self.masks.pruned.items() if bool(mask.any())}
+        if self.schedule is not None:  # a schedule prunes every scheduled linear
+            pruned |= {id(self.masks.linears[name]) for name in self._scheduled}
+        adapted = [name for name, module in model.named_modules() if isinstance(module, LoraLayer) and id(module.get_base_layer()) in pruned]
+        if adapted:
+            logger.warning(
+                "PruningCallback: %d pruned linears (%s, ...) carry peft LoRA adapters, whose update B·A is dense: the model "
+                "trained and evaluated uses weights at the pruned positions that merge_lora_preserving_sparsity drops, so "
+                "the merged model is not the one trained; retrain under the mask with PruningCallback(perp=PERPConfig(lora='mask'))",
+                len(adapted), adapted[0],
+            )  # fmt: skip
+
+    def _check_schedule_above_existing_sparsity(self) -> None:
+        """A schedule whose final sparsity the model already has would prune nothing, without a word; one whose early
+        steps lie below it prunes nothing until the cubic (or the rounds) pass the model's own sparsity."""
+        final = self._run_schedule.final_target
+        if isinstance(final, NMPattern):
+            return
+        counts = [(int(self.masks.pruned[name].sum()), self.masks.pruned[name].numel()) for name in self._scheduled]
+        existing = sum(zeros for zeros, _ in counts) / max(1, sum(size for _, size in counts))
+        name = type(self._run_schedule).__name__
+        if existing >= final - 1e-9:
+            raise ValueError(
+                f"{name}.final_sparsity {final} is not above the model's existing sparsity {existing:.4g}: the schedule "
+                "would prune nothing; raise final_sparsity, or train with PruningCallback() to keep the zeros"
+            )
+        start = getattr(self._run_schedule, "initial_sparsity", 0.0)
+        if existing > start + 0.01:  # not the few exact zeros a dense (e.g. dequantised) model holds
+            logger.warning(
+                "%s starts from sparsity %.4g but the model is already %.4g sparse: its pruning steps below that prune "
+                "nothing%s", name, start, existing,
+                f"; set initial_sparsity={existing:.4g}" if isinstance(self._run_schedule, GradualSchedule) else "",
             )  # fmt: skip
 
     def _warn_if_resumed_mid_interval(self, step: int) -> None:

@@ -223,6 +223,12 @@ class DistillationMixin:
         self.teacher = teacher
         self.hidden_projections: nn.ModuleDict | None = None
         if teacher is not None:
+            if {id(p) for p in teacher.parameters()} & {id(p) for p in self.model.parameters()}:
+                raise ValueError(
+                    "the teacher shares parameters with the student (the same model object, or one wrapping it): freezing the "
+                    "teacher would freeze the student, and the student would learn from itself; pass a copy of the dense model "
+                    "made before pruning (copy.deepcopy(model)), or load it again"
+                )
             _check_vocabularies(teacher, self.model)
             teacher.eval().requires_grad_(False)
             if teacher_device is not None:
@@ -539,6 +545,12 @@ def _hidden_projections(student: nn.Module, teacher: nn.Module, layer_map: dict[
             hidden = model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=device), output_hidden_states=True).hidden_states
             widths.append([state.shape[-1] for state in hidden[1:]])
     mapping = layer_map or _identity_map(len(widths[0]), len(widths[1]))
+    outside = {s: t for s, t in mapping.items() if s >= len(widths[0]) or t >= len(widths[1])}
+    if outside:
+        raise ValueError(
+            f"DistillationConfig.layer_map {outside} names layers past the student's {len(widths[0])} or the teacher's "
+            f"{len(widths[1])} decoder layers (indices from 0)"
+        )
     projections = nn.ModuleDict()
     for student_layer, teacher_layer in mapping.items():
         student_width, teacher_width = widths[0][student_layer], widths[1][teacher_layer]

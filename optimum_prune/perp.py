@@ -71,10 +71,15 @@ class MaskLoRALinear(nn.Module):
         super().__init__()
         self.base = base
         self.scaling = alpha / rank
-        self.register_buffer("mask", base.weight != 0, persistent=False)
         self.lora_A = nn.Parameter(base.weight.new_empty(rank, base.in_features))
         self.lora_B = nn.Parameter(base.weight.new_zeros(base.out_features, rank))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """The base weight's non-zero pattern, read where it is used: a checkpoint loaded after ``prepare_perp``
+        (``resume_from_checkpoint``) replaces the frozen base weight, and the mask must follow its zeros."""
+        return self.base.weight != 0
 
     def get_base_layer(self) -> nn.Linear:
         """The wrapped linear (peft's name), so masks and sparsity counts see the pruned weight itself."""

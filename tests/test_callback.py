@@ -681,3 +681,35 @@ def test_schedule_steps_must_be_whole_numbers(make, message):
     with pytest.raises(TypeError, match=re.escape(message)):
         make()
     assert GradualSchedule(final_sparsity=0.5, end_step=None, every=np.int64(10)).every == 10
+
+
+@pytest.mark.parametrize(
+    "schedule", [GradualSchedule(final_sparsity=0.3, end_step=4, every=2), IterativeSchedule(final_sparsity=0.5, iterations=2)]
+)
+def test_a_schedule_to_no_more_than_the_models_own_sparsity_is_refused(tmp_path, schedule):
+    """It pruned nothing, logging only 'pruned to 0.3 (50.00% ...)' at INFO."""
+    with pytest.raises(ValueError, match="is not above the model's existing sparsity 0.5"):
+        run_trainer(pruned_tiny(0.5), tmp_path, callbacks=[PruningCallback(schedule)], steps=6)
+
+
+def test_a_schedule_starting_below_the_models_own_sparsity_says_so(tmp_path, caplog):
+    """Its steps below the model's sparsity prune nothing: the cubic is flat until it passes 0.5."""
+    with caplog.at_level("WARNING", logger="optimum_prune.callback"):
+        run_trainer(pruned_tiny(0.5), tmp_path, callbacks=[PruningCallback(GradualSchedule(final_sparsity=0.7, end_step=4, every=2))], steps=6)
+    assert "set initial_sparsity=0.5" in caplog.text
+
+
+def test_training_plain_lora_over_pruned_weights_says_the_merge_is_not_the_trained_model(tmp_path, caplog):
+    """LoRA's B·A is dense: the peft model trains and is evaluated with updates at the pruned positions, which
+    merge_lora_preserving_sparsity drops (a tiny model lost 41 % of its recovery in the merge, silently)."""
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(pruned_tiny(0.5), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
+    with caplog.at_level("WARNING", logger="optimum_prune.callback"):
+        run_trainer(peft_model, tmp_path, callbacks=[PruningCallback()], steps=4)
+    assert "carry peft LoRA adapters, whose update B·A is dense" in caplog.text
+    ids = token_windows(samples=2, seq_len=8)
+    with torch.no_grad():
+        trained = peft_model.eval()(input_ids=ids).logits
+        merged = merge_lora_preserving_sparsity(peft_model)(input_ids=ids).logits
+    assert not torch.allclose(trained, merged, atol=1e-4)  # what the warning says: the merge is another model

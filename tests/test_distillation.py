@@ -813,3 +813,21 @@ def test_options_no_weighted_term_reads_are_refused(options, message):
     """They were accepted and read by nothing (a negative index would have counted from the end)."""
     with pytest.raises(ValueError, match=message):
         DistillationConfig(**options)
+
+
+@pytest.mark.parametrize("layer_map", [{5: 1}, {1: 7}])
+def test_a_layer_map_past_either_models_depth_is_refused(tmp_path, layer_map):
+    """It failed with a bare 'IndexError: list index out of range' from inside the Trainer's constructor."""
+    with pytest.raises(ValueError, match="names layers past the student's 3 or the teacher's 3 decoder layers"):
+        DistillationTrainer(
+            model=tiny_model(), teacher=tiny_model(seed=1), distillation=DistillationConfig(hidden_weight=1.0, layer_map=layer_map),
+            args=training_args(tmp_path, 1),
+        )  # fmt: skip
+
+
+def test_the_student_itself_as_teacher_is_refused(tmp_path):
+    """`dense = model; prune(model, ...)`, then teacher=dense: freezing the teacher froze the student, which failed at
+    the first backward with 'element 0 of tensors does not require grad'."""
+    model = tiny_model()
+    with pytest.raises(ValueError, match="the teacher shares parameters with the student"):
+        DistillationTrainer(model=model, teacher=model, args=training_args(tmp_path, 1), train_dataset=dataset())

@@ -6,13 +6,14 @@ import copy
 
 import pytest
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from optimum_prune import PERPConfig, PruningConfig, get_adapter, merge_perp, prepare_perp, prune, verify_sparsity
+from optimum_prune import PERPConfig, PruningCallback, PruningConfig, get_adapter, merge_perp, prepare_perp, prune, verify_sparsity
 from optimum_prune.perp import MaskLoRALinear, ScaleLoRALinear
 
 from .adapters.test_moe import tiny_moe
 from .conftest import tiny_model, token_windows
+from .test_callback import pruned_tiny, run_trainer, train_dataset
 from .test_distillation import dataset, training_args
 
 
@@ -282,3 +283,53 @@ def test_the_summary_counts_every_trainable_parameter():
     summary = prepare_perp(model, PERPConfig(lora="mask", rank=2))
     assert summary.trainable == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert summary.total == sum(p.numel() for n, p in model.named_parameters() if "lora_" not in n)
+
+
+@pytest.mark.parametrize("lora", ["mask", "scale"])
+def test_a_perp_run_resumed_into_another_model_object_ends_as_the_uninterrupted_run(tmp_path, lora):
+    """resume_from_checkpoint restores every weight, whatever the model object held; MaskLoRA read its mask in the
+    constructor, before the checkpoint was loaded, and the merge filled the checkpoint's zeros (sparsity 0.0)."""
+    uninterrupted = pruned_tiny(0.5)
+    callback = PruningCallback(perp=PERPConfig(lora=lora, rank=4))
+    run_trainer(uninterrupted, tmp_path, callbacks=[callback], steps=4, save_strategy="steps", save_steps=2)
+    resumed = tiny_model(seed=5)  # e.g. the dense base model: the checkpoint holds the pruned weights
+    checkpoint = str(tmp_path / "run" / "checkpoint-2")
+    run_trainer(resumed, tmp_path, callbacks=[PruningCallback(perp=PERPConfig(lora=lora, rank=4))], steps=4, resume_from_checkpoint=checkpoint)
+    assert verify_sparsity(resumed, ignore=("lm_head",))["overall_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    for (name, expected), actual in zip(uninterrupted.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(actual, expected, msg=name)
+
+
+def test_a_prepared_model_resumed_from_a_checkpoint_merges_the_checkpoints_zeros(tmp_path):
+    """The same through prepare_perp / merge_perp and a plain Trainer (no callback)."""
+
+    def trained(model: torch.nn.Module, resume: str | None = None) -> torch.nn.Module:
+        prepare_perp(model, PERPConfig(lora="mask", rank=4))
+        args = TrainingArguments(
+            output_dir=str(tmp_path / "run"), max_steps=4, per_device_train_batch_size=4, learning_rate=1e-2,
+            save_strategy="steps", save_steps=2, report_to=[], use_cpu=True, disable_tqdm=True,
+        )  # fmt: skip
+        Trainer(model=model, args=args, train_dataset=train_dataset()).train(resume_from_checkpoint=resume)
+        merge_perp(model)
+        return model
+
+    uninterrupted = trained(pruned_tiny(0.5))
+    resumed = trained(tiny_model(seed=5), resume=str(tmp_path / "run" / "checkpoint-2"))
+    assert verify_sparsity(resumed, ignore=("lm_head",))["overall_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    for (name, expected), actual in zip(uninterrupted.named_parameters(), resumed.parameters()):
+        torch.testing.assert_close(actual, expected, msg=name)
+
+
+def test_mask_lora_trains_exactly_the_model_it_merges(tmp_path):
+    """What the plain-LoRA warning points to: MaskLoRA trains under the mask, so the merged model is the trained one."""
+    model, ids, seen = pruned_tiny(0.5), token_windows(samples=2, seq_len=8), {}
+
+    class Snapshot(TrainerCallback):
+        def on_train_end(self, args, state, control, model=None, **kwargs):  # before PruningCallback's merge
+            with torch.no_grad():
+                seen["trained"] = model.eval()(input_ids=ids).logits
+
+    run_trainer(model, tmp_path, callbacks=[Snapshot(), PruningCallback(perp=PERPConfig(lora="mask", rank=4))], steps=4)
+    assert not any(isinstance(m, MaskLoRALinear) for m in model.modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(input_ids=ids).logits, seen["trained"], atol=1e-5, rtol=1e-5)
