@@ -611,7 +611,7 @@ class _PruningRun:
             allocated = self.allocation.allocate(self.target, sizes)
         except ValueError as error:
             raise ValueError(f"the {self.part} part: {error}" if self.config.parts else str(error)) from None
-        if self.moe_options.expert_sparsity == "load" and self.config.allocation != "uniform":
+        if self.moe_options.expert_sparsity == "load" and self.allocation.varies_per_layer:
             layers = self.adapter.decoder_layers()
             for index, sparsity in zip(active, allocated):  # the allocation moved layer targets: each must leave room for ±λ
                 if len(self.adapter.experts(layers[index])) > 1:

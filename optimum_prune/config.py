@@ -112,7 +112,7 @@ class PruningConfig:
                     f"PruningConfig.sparsity {patterns[0]!r}: N:M patterns apply to unstructured methods; the structured "
                     f"method {self.method!r} takes the fraction of decoder-layer parameters to remove, e.g. 0.2"
                 )
-            if allocation.name != "uniform":
+            if allocation.allocation.varies_per_layer:
                 raise ValueError(
                     f"PruningConfig.allocation {self.allocation!r} applies to unstructured methods; structured method "
                     f"{self.method!r} chooses its own per-layer widths (see its options): use allocation='uniform'"
@@ -129,7 +129,7 @@ class PruningConfig:
                 "gradients already carry each token's routing weight, so expert_sparsity='load' and routing_weighted=False "
                 "do not apply: remove them"
             )
-        if spec.model_pruner is not None and (allocation.name != "uniform" or set(self.parts) - {"language"}):
+        if spec.model_pruner is not None and (allocation.allocation.varies_per_layer or set(self.parts) - {"language"}):
             raise ValueError(
                 f"PruningConfig.allocation / parts: method {self.method!r} chooses per-layer sparsity itself from one "
                 "threshold across the language model's layers; use allocation='uniform' and no other parts"
@@ -150,7 +150,7 @@ class PruningConfig:
                     f"{where} varies sparsity per expert and cannot be combined with the N:M pattern {patterns[0]!r}; use "
                     "a float sparsity, or expert_sparsity='uniform'"
                 )
-        if allocation.name != "uniform" and patterns:
+        if allocation.allocation.varies_per_layer and patterns:
             raise ValueError(
                 f"PruningConfig.allocation {self.allocation!r} varies sparsity per layer and cannot be combined "
                 f"with the N:M pattern {patterns[0]!r}; use a float sparsity or allocation='uniform'"

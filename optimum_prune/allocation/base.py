@@ -60,6 +60,9 @@ class Allocation(ABC, Generic[Options]):
     requires_calibration: bool = False
     observes_model: bool = False  # observe_model instead of observe (layer by layer)
     seed: int = 0  # PruningConfig.seed, for what an allocation draws at random (set by AllocationSpec.create)
+    # False where every layer gets the target: what needs one sparsity for all layers (N:M patterns, structured and
+    # whole-model methods, router hints' room for ±λ) takes only such an allocation.
+    varies_per_layer: bool = True
 
     def __init__(self, options: Options) -> None:
         self.options = options
@@ -104,6 +107,8 @@ def register_allocation(name: str, *, options: type = NoOptions) -> Callable[[ty
 @register_allocation("uniform")
 class UniformAllocation(Allocation[NoOptions]):
     """Every layer gets the target sparsity."""
+
+    varies_per_layer = False
 
     def allocate(self, target: float, sizes: list[int]) -> list[float]:
         return [target] * len(sizes)
