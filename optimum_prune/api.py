@@ -16,7 +16,7 @@ from torch import nn
 from transformers.utils.logging import tqdm
 
 from .adapters import DecoderAdapter, UnsupportedArchitecture, get_adapter
-from .allocation import ALLOCATIONS, Allocation, shifted_for_existing_zeros
+from .allocation import ALLOCATIONS, Allocation, per_layer_allocations, shifted_for_existing_zeros
 from .calibration import (
     CalibrationInputs,
     CalibrationSource,
@@ -36,7 +36,7 @@ from .config import PruningConfig, as_pruning_config, readable_step, record_prun
 from .dispatch import refuse_offloaded, refuse_spread
 from .distributed import all_reduce_sum, is_distributed, launched_processes, shard
 from .ignoring import check_ignore_patterns, check_kept, is_ignored, kept_modules
-from .methods import METHODS, LayerPruner, MethodSpec, ModelPruner, StructuredMethod
+from .methods import METHODS, LayerPruner, MethodSpec, ModelPruner, StructuredMethod, per_layer_methods
 from .methods.base import NonFiniteStatistics, linear_seed
 from .methods.magnitude import MagnitudeOptions
 from .options import MoEOptions
@@ -143,7 +143,7 @@ def prune(
         check_offloadable(config, adapter)
     if is_distributed() and not spec.pruner:
         raise ValueError(
-            f"multi-process calibration supports the per-layer methods ({_per_layer_methods()}); run "
+            f"multi-process calibration supports the per-layer methods ({per_layer_methods()}); run "
             f"{config.method!r} in a single process"
         )
     if is_distributed() and spec.pruner.synchronize is LayerPruner.synchronize and spec.needs_calibration(config.build_method_options()):
@@ -348,11 +348,6 @@ def _warn_if_earlier_sparsity_lost(
         )  # fmt: skip
 
 
-def _per_layer_methods() -> str:
-    """The registered methods that prune one layer at a time from its own statistics (``LayerPruner``s)."""
-    return ", ".join(name for name in METHODS.names() if METHODS.get(name).pruner)
-
-
 def _check_unquantized(adapter: DecoderAdapter, config: PruningConfig) -> None:
     """Methods rewrite float weights; a quantizer's codes would be skipped or half-changed, so refuse up front
     (in every part the config prunes: a quantized vision tower was skipped without a word)."""
@@ -437,13 +432,13 @@ def check_offloadable(config: PruningConfig, adapter: DecoderAdapter) -> None:
     """Offloaded runs hold one layer at a time: methods and allocations that need more are refused."""
     if not METHODS.get(config.method).pruner:
         raise ValueError(
-            f"offloaded pruning supports the per-layer methods ({_per_layer_methods()}); {config.method!r} needs the "
+            f"offloaded pruning supports the per-layer methods ({per_layer_methods()}); {config.method!r} needs the "
             "whole model in memory"
         )
     if ALLOCATIONS.get(config.allocation).allocation.observes_model:
         raise ValueError(
             f"PruningConfig.allocation {config.allocation!r} needs gradients of the whole model; offloaded runs take "
-            "'uniform' or 'owl'"
+            f"{per_layer_allocations()}"
         )
     if adapter.upstream_parts or is_distributed() or launched_processes() > 1:  # torchrun's processes would share one output
         raise ValueError(
@@ -897,7 +892,7 @@ def check_activation_device(
         return None
     if not METHODS.get(config.method).pruner:
         raise ValueError(
-            f"{field} applies to the per-layer methods ({_per_layer_methods()}); {config.method!r} keeps its "
+            f"{field} applies to the per-layer methods ({per_layer_methods()}); {config.method!r} keeps its "
             f"activations on the compute device (leave {field} unset)"
         )
     if not config.requires_calibration:

@@ -33,7 +33,7 @@ from .config import PruningConfig
 from .dependencies import MissingDependency
 from .distributed import init_from_launcher, launched_processes, rank_zero_first, world
 from .evaluation import check_whole_windows, evaluate_perplexity
-from .methods import METHODS
+from .methods import METHODS, per_layer_methods
 from .models import auto_class_name, default_model_path, load_default_model, load_model, load_tokenizer, missing_tokenizer
 from .options import MoEOptions, describe_options, option_types
 from .saving import save_pruned
@@ -86,7 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration-samples", type=int, help=f"calibration windows (default: {defaults.num_calibration_samples})")
     parser.add_argument("--seq-len", type=int, help=f"tokens per calibration window (default: {defaults.calibration_seq_len})")
     parser.add_argument("--seed", type=int, help=f"seed for sampling calibration windows and for what a method draws at random (default: {defaults.seed})")
-    parser.add_argument("--allocation", choices=ALLOCATIONS.names(), help=f"how sparsity is spread over layers (per-layer unstructured methods: magnitude, wanda, sparsegpt; default: {defaults.allocation})")
+    parser.add_argument("--allocation", choices=ALLOCATIONS.names(), help=f"how sparsity is spread over layers (per-layer unstructured methods: {per_layer_methods()}; default: {defaults.allocation})")
     parser.add_argument("--option", action="append", default=[], metavar="NAME=VALUE", help="method option")
     parser.add_argument("--allocation-option", action="append", default=[], metavar="NAME=VALUE", help="allocation option")
     parser.add_argument("--moe-option", action="append", default=[], metavar="NAME=VALUE", help="mixture-of-experts option")

@@ -96,6 +96,11 @@ class AllocationSpec:
 ALLOCATIONS: Registry[AllocationSpec] = Registry("sparsity allocation", "PruningConfig.allocation")
 
 
+def per_layer_allocations() -> str:
+    """The registered allocations that read one layer at a time (not the whole model's gradients), for messages."""
+    return ", ".join(repr(name) for name in ALLOCATIONS.names() if not ALLOCATIONS.get(name).allocation.observes_model)
+
+
 def register_allocation(name: str, *, options: type = NoOptions) -> Callable[[type[Allocation]], type[Allocation]]:
     def decorator(allocation: type[Allocation]) -> type[Allocation]:
         ALLOCATIONS.add(name, AllocationSpec(name, allocation, options), allocation)

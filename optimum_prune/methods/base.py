@@ -215,6 +215,12 @@ def linear_seed(seed: int, name: str) -> int:
 METHODS: Registry[MethodSpec] = Registry("pruning method", "PruningConfig.method")
 
 
+def per_layer_methods() -> str:
+    """The registered methods that prune one linear at a time from its own statistics (``LayerPruner``s), for the
+    messages of what only they support."""
+    return ", ".join(name for name in METHODS.names() if METHODS.get(name).pruner)
+
+
 def register_method(name: str, *, options: type = NoOptions) -> Callable[[type[LayerPruner]], type[LayerPruner]]:
     """Class decorator: make a ``LayerPruner`` available as ``PruningConfig(method=name)``.
 
