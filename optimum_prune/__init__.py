@@ -8,7 +8,7 @@
 from .allocation import ALLOCATIONS, register_allocation
 from .adapters import ADAPTERS, UnsupportedArchitecture, get_adapter, register_adapter
 from .api import prune
-from .callback import GradualSchedule, IterativeSchedule, PruningCallback
+from .callback import PruningCallback
 from .compress import compress
 from .config import PruningConfig
 from .distillation import DistillationConfig, DistillationMixin, DistillationTrainer, add_teacher_top_k
@@ -25,6 +25,7 @@ from .perp import PERPConfig, merge_perp, prepare_perp
 from .plugins import load_plugins
 from .report import PruningReport
 from .saving import save_pruned
+from .schedules import GradualSchedule, IterativeSchedule
 from .skipping import ExpertSkipping, skip_experts, skipping_thresholds
 from .streaming import prune_checkpoint
 from .sparsity import NMPattern, verify_sparsity
