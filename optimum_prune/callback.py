@@ -52,7 +52,8 @@ from .perp import PERPConfig, PERPSummary, merge_perp, prepare_perp
 from .schedules import GradualSchedule, IterativeSchedule
 from .sparsity import NMPattern, select_mask
 from .sparsity_metadata import drop_sparsity_metadata
-from .statistics import ColumnNorms, RealTokens, end_training_run, forget_compiled_graphs, start_training_run, wanda_scores
+from .statistics import ColumnNorms, wanda_scores
+from .training_hooks import RealTokens, end_training_run, forget_compiled_graphs, start_training_run
 
 logger = logging.getLogger(__name__)
 Schedule = Union[GradualSchedule, IterativeSchedule, ExpertDroppingSchedule]

@@ -33,8 +33,8 @@ from .adapters import DecoderAdapter, get_adapter
 from .distributed import all_reduce_sum
 from .ignoring import check_ignore_patterns, kept_moe_layers
 from .sparsity import nearest_count
-from .statistics import RealTokens, end_training_run, forget_compiled_graphs, start_training_run
 from .structure.loading import record_structure
+from .training_hooks import RealTokens, end_training_run, forget_compiled_graphs, start_training_run
 
 logger = logging.getLogger(__name__)
 STATE_KEY = "optimum_prune.ExpertDropping"  # in TrainerState.stateful_callbacks, saved with every checkpoint

@@ -32,7 +32,7 @@ from .adapters.moe import expert_tokens
 from .calibration import CalibrationSource, calibration_windows
 from .calibration.engine import walk_layers
 from .dispatch import refuse_layer_walks
-from .statistics import RealTokens
+from .training_hooks import RealTokens
 
 
 def moe_blocks(adapter: DecoderAdapter, purpose: str) -> list[nn.Module]:

@@ -195,7 +195,7 @@ def test_routing_hooks_of_a_run_stopped_by_an_exception_are_removed_when_the_nex
 
 def test_a_drop_removes_the_least_routed_experts():
     from optimum_prune.expert_dropping import _LayerRouting
-    from optimum_prune.statistics import RealTokens
+    from optimum_prune.training_hooks import RealTokens
 
     model = tiny_moe(num_local_experts=8, num_hidden_layers=1)
     adapter = get_adapter(model)
@@ -274,7 +274,7 @@ def test_final_experts_not_below_the_models_count_is_refused(tmp_path):
 def test_a_token_with_nan_router_logits_counts_for_no_expert():
     """One overflowing training forward sent all its tokens to experts 5 and 6 (NaN logits' top-k), which then stayed."""
     from optimum_prune.expert_dropping import _LayerRouting
-    from optimum_prune.statistics import RealTokens
+    from optimum_prune.training_hooks import RealTokens
 
     model = tiny_moe(num_local_experts=8, num_hidden_layers=1).train()
     adapter = get_adapter(model)

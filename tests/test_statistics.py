@@ -2,7 +2,8 @@
 
 import torch
 
-from optimum_prune.statistics import BlockInfluence, RealTokens, mean_ranks
+from optimum_prune.statistics import BlockInfluence, mean_ranks
+from optimum_prune.training_hooks import RealTokens
 
 from .conftest import tiny_model, token_windows
 
