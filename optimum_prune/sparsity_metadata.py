@@ -24,6 +24,7 @@ from .dependencies import MissingDependency
 from .dispatch import parameters_read
 from .methods import METHODS
 from .quantized import is_quantized
+from .runs import planned_linears
 from .sparsity import NMPattern, conforms_to
 
 logger = logging.getLogger(__name__)
@@ -43,8 +44,6 @@ def sparsity_config(model: nn.Module, config: PruningConfig | None = None) -> di
             f"structured method {config.method!r} leaves smaller dense matrices, not sparse ones: there is no "
             "sparsity metadata to write"
         )
-    from .api import planned_linears  # here: api imports this module (drop_sparsity_metadata)
-
     pruned = planned_linears(get_adapter(model), config, checked=False)  # measured below instead
     targets = list(config.part_targets().values())
     pattern = targets[0] if isinstance(targets[0], NMPattern) and all(t == targets[0] for t in targets) else None

@@ -348,10 +348,9 @@ def prune_checkpoint(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .adapters import get_adapter
-    from .api import (
-        check_activation_device, check_device, check_moe_options, check_offloadable, planned_linears, prune, warn_unused_calibration,
-    )  # fmt: skip
+    from .api import check_activation_device, check_device, check_moe_options, check_offloadable, prune, warn_unused_calibration
     from .ignoring import check_ignore_patterns
+    from .runs import planned_linears
 
     source, output_dir = Path(source), Path(output_dir)
     config = as_pruning_config(config)
