@@ -31,7 +31,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from optimum_prune import PruningConfig
 from optimum_prune.config import is_provenance
-from optimum_prune.api import check_activation_device
+from optimum_prune.devices import check_activation_device
 from optimum_prune.calibration.sources import read_text_file
 from optimum_prune.yaml_files import load_yaml
 

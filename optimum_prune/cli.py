@@ -27,10 +27,11 @@ from transformers.utils.logging import disable_progress_bar
 
 from .allocation import ALLOCATIONS
 from .atomic_files import check_replaceable
-from .api import check_activation_device, check_device, prune
+from .api import prune
 from .calibration.sources import file_texts
 from .config import PruningConfig
 from .dependencies import MissingDependency
+from .devices import check_activation_device, check_device
 from .distributed import init_from_launcher, launched_processes, rank_zero_first, world
 from .evaluation import check_whole_windows, evaluate_perplexity
 from .methods import METHODS, per_layer_methods

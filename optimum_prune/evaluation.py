@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.utils.logging import tqdm
 
-from .api import check_device
+from .devices import check_device
 from .calibration import check_token_ids, tokenize_stream
 from .calibration.gradients import exp_or_inf
 from .calibration.multimodal import check_image_text, image_placeholder, image_text_batch

@@ -348,7 +348,8 @@ def prune_checkpoint(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .adapters import get_adapter
-    from .api import check_activation_device, check_device, check_moe_options, check_offloadable, prune, warn_unused_calibration
+    from .api import check_moe_options, check_offloadable, prune, warn_unused_calibration
+    from .devices import check_activation_device, check_device
     from .ignoring import check_ignore_patterns
     from .runs import planned_linears
 

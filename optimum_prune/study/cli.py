@@ -8,7 +8,7 @@ import shlex
 from pathlib import Path
 from typing import Sequence
 
-from ..api import check_device
+from ..devices import check_device
 from ..cli import exiting_on_sigterm
 from ..dependencies import MissingDependency
 from .grid import StudyGrid

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from transformers.utils.logging import tqdm
 
-from ..api import check_device
+from ..devices import check_device
 from ..atomic_files import write_text_atomic
 from .grid import Protocol, StudyGrid, StudyPoint
 from .measure import device_name, layer_redundancy, measure_point

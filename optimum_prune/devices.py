@@ -1,0 +1,42 @@
+"""Devices a user names (``device``, ``activation_device``), checked before any model loads."""
+
+from __future__ import annotations
+
+import torch
+
+from .calibration.engine import on_disk
+from .config import PruningConfig
+from .methods import METHODS, per_layer_methods
+
+
+def check_device(device: str | torch.device, field: str = "device") -> torch.device:
+    """``device`` as a ``torch.device`` this machine has, or an error naming ``field``."""
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):  # TypeError: not a string at all (YAML reads `off` as false)
+        raise ValueError(f"{field} {str(device)!r} is not a device name (e.g. cpu, cuda, cuda:1)") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{field} {str(device)!r} was requested but CUDA is not available here; use cpu")
+    return resolved
+
+
+def check_activation_device(
+    activation_device: str | torch.device | None, config: PruningConfig, field: str = "activation_device"
+) -> str | torch.device | None:
+    """Where calibration activations wait between layers: unset, ``"disk"``, or a device this machine has, for a
+    method that keeps activations between layers (the per-layer ones); checked before any model loads."""
+    if activation_device is None:
+        return None
+    if not METHODS.get(config.method).pruner:
+        raise ValueError(
+            f"{field} applies to the per-layer methods ({per_layer_methods()}); {config.method!r} keeps its "
+            f"activations on the compute device (leave {field} unset)"
+        )
+    if not config.requires_calibration:
+        raise ValueError(
+            f"{field} says where calibration activations wait between layers; {config.method!r} (allocation "
+            f"{config.allocation!r}) reads no calibration: leave {field} unset"
+        )
+    if on_disk(activation_device):
+        return activation_device
+    return check_device(activation_device, field)
