@@ -78,7 +78,6 @@ def outside_ambient_modes(function: Function) -> Function:
     return outside
 
 
-@outside_ambient_modes
 def prune(
     model: nn.Module | str | os.PathLike,
     config: PruningConfig | Mapping[str, Any],
@@ -86,7 +85,6 @@ def prune(
     tokenizer: Any = None,
     device: str | torch.device | None = None,
     processor: Any = None,
-    offload: "LayerStream | None" = None,
     activation_device: str | torch.device | None = None,
     output_dir: str | os.PathLike | None = None,
 ) -> PruningReport:
@@ -103,22 +101,37 @@ def prune(
     where it was. The config is recorded as ``model.config.pruning_config`` so
     ``save_pretrained`` keeps it; a model pruned more than once (a ``compress`` recipe of several steps, a
     pruned checkpoint pruned again) also lists every config in order as ``pruning_history``. Every check (config, architecture, parts, shapes, calibration
-    data) runs before any weight changes. ``offload`` keeps the decoder layers on disk (see
-    ``prune_checkpoint``, which builds it). ``activation_device`` (e.g. ``"cpu"`` while ``device``
+    data) runs before any weight changes. ``activation_device`` (e.g. ``"cpu"`` while ``device``
     is a GPU) keeps the calibration activations there between layers, so the compute device holds
     one layer, one batch of activations and the method's state at a time (per-layer methods: magnitude,
     wanda, sparsegpt);
     ``"disk"`` keeps them in files under ``$TMPDIR``, so host memory holds one batch too.
     """
     if isinstance(model, (str, os.PathLike)):
-        if processor is not None or offload is not None:
-            raise ValueError("a checkpoint directory is pruned as a causal LM read from disk: processor and offload do not apply")
+        if processor is not None:
+            raise ValueError("a checkpoint directory is pruned as a causal LM read from disk: processor does not apply")
         return _prune_from_disk(model, config, calibration, tokenizer, device, activation_device, output_dir)
     if output_dir is not None:
         raise ValueError(
             "output_dir is where pruning a checkpoint directory from disk writes its layers; a model in memory is pruned "
             "in place: save it with save_pruned(model, output_dir)"
         )
+    return prune_loaded(model, config, calibration, tokenizer, device, processor, activation_device)
+
+
+@outside_ambient_modes
+def prune_loaded(
+    model: nn.Module,
+    config: PruningConfig | Mapping[str, Any],
+    calibration: CalibrationSource = None,
+    tokenizer: Any = None,
+    device: str | torch.device | None = None,
+    processor: Any = None,
+    activation_device: str | torch.device | None = None,
+    offload: "LayerStream | None" = None,
+) -> PruningReport:
+    """``prune`` of a model object. ``offload`` keeps its decoder layers on disk, read and written one at a time
+    (``prune_checkpoint`` builds it)."""
     config = as_pruning_config(config)
     spec = METHODS.get(config.method)
     adapter = get_adapter(model)

@@ -348,7 +348,7 @@ def prune_checkpoint(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from .adapters import get_adapter
-    from .api import check_moe_options, check_offloadable, prune, warn_unused_calibration
+    from .api import check_moe_options, check_offloadable, prune_loaded, warn_unused_calibration
     from .devices import check_activation_device, check_device
     from .ignoring import check_ignore_patterns
     from .runs import planned_linears
@@ -414,8 +414,8 @@ def prune_checkpoint(
     with _staging(output_dir, _run_record(source, config, dtype, inputs)) as staging:
         stream = LayerStream(reader, staging, layer_names, torch.device(device or "cpu"), dtype)
         _warn_if_short_of_space(stream, reader)
-        report = prune(
-            model, config, calibration=inputs, device=stream.device, offload=stream, activation_device=activation_device
+        report = prune_loaded(
+            model, config, calibration=inputs, device=stream.device, activation_device=activation_device, offload=stream
         )
         _finish_checkpoint(model, reader, rest, stream, tokenizer, config, source, output_dir)
     return report

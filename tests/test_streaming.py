@@ -496,7 +496,7 @@ def test_damaged_notes_a_planted_link_and_files_linking_out_of_the_checkpoint_ar
 def test_an_output_dir_holding_other_files_is_refused_before_pruning(sharded, tmp_path, monkeypatch):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("notes")
-    monkeypatch.setattr("optimum_prune.api.prune", lambda *args, **kwargs: pytest.fail("pruning started"))
+    monkeypatch.setattr("optimum_prune.api.prune_loaded", lambda *args, **kwargs: pytest.fail("pruning started"))
     with pytest.raises(ValueError, match="holds other files"):
         prune_checkpoint(sharded, tmp_path / "out", CONFIGS["magnitude"])
     assert (tmp_path / "out" / "notes.txt").read_text() == "notes"
