@@ -60,6 +60,7 @@ from transformers import Trainer
 from .adapters import get_adapter
 from .distributed import all_reduce_sum, world
 from .early_exit import check_exit_layers, exit_logits
+from .options import coerce_scalar_fields
 
 TOP_K_INDICES = "teacher_top_k_indices"
 TOP_K_LOGITS = "teacher_top_k_logits"
@@ -81,6 +82,7 @@ class DistillationConfig:
     layer_dropout: float = 0.0  # LayerSkip's p_max: the last layer's skip probability while training
 
     def __post_init__(self) -> None:
+        coerce_scalar_fields(self)
         if self.temperature <= 0:
             raise ValueError(f"DistillationConfig.temperature must be > 0, got {self.temperature}")
         weights = {

@@ -32,6 +32,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from .adapters import DecoderAdapter, get_adapter
 from .distributed import all_reduce_sum
 from .ignoring import check_ignore_patterns, kept_moe_layers
+from .options import coerce_scalar_fields
 from .sparsity import nearest_count
 from .structure.loading import record_structure
 from .training_hooks import RealTokens, end_training_run, forget_compiled_graphs, start_training_run
@@ -48,6 +49,7 @@ class ExpertDroppingSchedule:
     every: int = 50
 
     def __post_init__(self) -> None:
+        coerce_scalar_fields(self)
         if self.final_experts < 1 or self.every < 1 or self.start_step < 0:
             raise ValueError(
                 f"ExpertDroppingSchedule needs final_experts >= 1, every >= 1 and start_step >= 0, got "

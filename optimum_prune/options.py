@@ -87,9 +87,7 @@ def option_types(options_cls: type) -> dict[str, tuple[type, bool]]:
     types = {}
     for spec in dataclasses.fields(options_cls):
         hint = hints[spec.name]
-        members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types_module.UnionType) else (hint,)
-        members = tuple(_literal_type(member) for member in members)
-        scalars = [member for member in members if member is not type(None)]
+        members, scalars = _scalar_members(hint)
         if len(scalars) != 1 or scalars[0] not in (bool, int, float, str) or spec.default is dataclasses.MISSING:
             raise TypeError(
                 f"{options_cls.__name__}.{spec.name}: an option is a bool, int, float or str (or one of them | None) "
@@ -98,6 +96,25 @@ def option_types(options_cls: type) -> dict[str, tuple[type, bool]]:
             )
         types[spec.name] = (scalars[0], len(scalars) < len(members))
     return types
+
+
+def _scalar_members(hint: Any) -> tuple[tuple[Any, ...], list[Any]]:
+    """A field's annotation as (its union members, those that are not None), ``Literal`` read as its values' type."""
+    members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types_module.UnionType) else (hint,)
+    members = tuple(_literal_type(member) for member in members)
+    return members, [member for member in members if member is not type(None)]
+
+
+def coerce_scalar_fields(instance: Any) -> None:
+    """Each bool / int / float / str field of the (frozen) dataclass ``instance`` as its type, as options are
+    (``as_option_type``): a float given for an int (``rank=8.0``) or a string for a number (``rank="8"``) is named
+    here, with the class and field, not by a comparison or a tensor shape deep in training."""
+    hints = typing.get_type_hints(type(instance))
+    for spec in dataclasses.fields(instance):
+        members, scalars = _scalar_members(hints[spec.name])
+        if len(scalars) == 1 and scalars[0] in (bool, int, float, str):
+            value = as_option_type(getattr(instance, spec.name), scalars[0], len(scalars) < len(members), f"{type(instance).__name__}.{spec.name}")
+            object.__setattr__(instance, spec.name, value)
 
 
 def _literal_type(member: Any) -> Any:

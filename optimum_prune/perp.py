@@ -29,6 +29,7 @@ from torch.nn import functional as F
 
 from .adapters import get_adapter
 from .dispatch import refuse_offloaded
+from .options import coerce_scalar_fields
 from .structure.surgery import replace_submodule
 
 NORM_CLASS_SUFFIXES = ("RMSNorm", "LayerNorm")
@@ -47,6 +48,7 @@ class PERPConfig:
     target_modules: tuple[str, ...] | None = None  # linear names (last component); None: every linear pruning targets
 
     def __post_init__(self) -> None:
+        coerce_scalar_fields(self)
         if self.lora not in ("mask", "scale", None):
             raise ValueError(f"PERPConfig.lora must be 'mask', 'scale' or None, got {self.lora!r}")
         if self.rank < 1:
