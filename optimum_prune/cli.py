@@ -163,11 +163,14 @@ def default_device() -> str:
 
 
 # The flags that make up the recipe (a PruningConfig), by argparse destination.
-RECIPE_FLAGS = {
-    "method": "--method", "sparsity": "--sparsity", "option": "--option", "allocation": "--allocation",
-    "allocation_option": "--allocation-option", "moe_option": "--moe-option", "ignore": "--ignore",
-    "calibration_samples": "--calibration-samples", "seq_len": "--seq-len", "seed": "--seed",
+# Each PruningConfig field a flag sets: the flags that make a recipe (keyed by argparse's dest), and the names the
+# CLI's errors use for the fields.
+_FIELD_FLAGS = {
+    "method": "--method", "sparsity": "--sparsity", "method_options": "--option", "allocation": "--allocation",
+    "allocation_options": "--allocation-option", "moe_options": "--moe-option", "ignore": "--ignore",
+    "num_calibration_samples": "--calibration-samples", "calibration_seq_len": "--seq-len", "seed": "--seed",
 }  # fmt: skip
+RECIPE_FLAGS = {flag[2:].replace("-", "_"): flag for flag in _FIELD_FLAGS.values()}
 
 
 def recipe(args: argparse.Namespace) -> PruningConfig:
@@ -334,11 +337,6 @@ def exiting_on_sigterm() -> Iterator[None]:
 
 
 # The recipe flag that sets each config field, for errors raised by PruningConfig.
-_FIELD_FLAGS = {
-    "method": "--method", "sparsity": "--sparsity", "allocation": "--allocation", "ignore": "--ignore", "seed": "--seed",
-    "method_options": "--option", "allocation_options": "--allocation-option", "moe_options": "--moe-option",
-    "num_calibration_samples": "--calibration-samples", "calibration_seq_len": "--seq-len",
-}  # fmt: skip
 _CONFIG_FIELD = re.compile(rf"PruningConfig\.({'|'.join(_FIELD_FLAGS)})\b(\.(?=\w))?")
 
 
