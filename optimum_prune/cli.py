@@ -37,6 +37,7 @@ from .evaluation import check_whole_windows, evaluate_perplexity
 from .methods import METHODS, per_layer_methods
 from .models import auto_class_name, default_model_path, load_default_model, load_model, load_tokenizer, missing_tokenizer
 from .options import MoEOptions, describe_options, option_types
+from .report import PruningReport
 from .saving import save_pruned
 from .sparsity import verify_sparsity
 from .sparsity_metadata import require_compressed_tensors
@@ -205,22 +206,7 @@ def _options_of(registry: Any, name: str | None, field_name: str) -> type | None
 
 def run(args: argparse.Namespace) -> int:
     config = recipe(args)
-    if args.calibration is not None and not args.calibration.is_file():
-        raise ValueError(f"--calibration {str(args.calibration)!r} is not a file")
-    if args.eval_file is not None and not args.eval:
-        raise ValueError("--eval-file is the text --eval scores: add --eval, or remove --eval-file")
-    if args.eval_file is not None and not args.eval_file.is_file():
-        raise ValueError(f"--eval-file {str(args.eval_file)!r} is not a file")
-    if args.eval:
-        check_whole_windows(args.eval_tokens, args.eval_seq_len, "--eval-tokens", "--eval-seq-len")
-    if args.device is not None:
-        check_device(args.device, "--device")
-    check_activation_device(args.activation_device, config, "--activation-device")
-    if args.compressed_tensors_metadata:
-        if METHODS.get(config.method).structured:
-            raise ValueError(f"--compressed-tensors-metadata describes sparse weights; structured method {config.method!r} leaves dense ones")
-        require_compressed_tensors()
-    check_replaceable(args.output, args.model, "--output")  # before loading and pruning, not at the final rename
+    _check_args(args, config)
     if args.offload:
         return _run_offloaded(args, config)
     dtype = DTYPES[args.dtype or "float32"]
@@ -259,7 +245,36 @@ def run(args: argparse.Namespace) -> int:
     if after["pattern"]:  # conformity of what the config pruned (routers, ignored linears and other parts stay dense)
         pruned_names = {linear.name for linear in report.linears}
         after["conforming"] = all(entry["conforming"] for name, entry in after["layers"].items() if name in pruned_names)
+    _print_summary(args, model, report, source, before, after, (dense, pruned), saved_in)
+    return 0
 
+
+def _check_args(args: argparse.Namespace, config: PruningConfig) -> None:
+    """Every flag checked against the others and the machine before any model loads."""
+    if args.calibration is not None and not args.calibration.is_file():
+        raise ValueError(f"--calibration {str(args.calibration)!r} is not a file")
+    if args.eval_file is not None and not args.eval:
+        raise ValueError("--eval-file is the text --eval scores: add --eval, or remove --eval-file")
+    if args.eval_file is not None and not args.eval_file.is_file():
+        raise ValueError(f"--eval-file {str(args.eval_file)!r} is not a file")
+    if args.eval:
+        check_whole_windows(args.eval_tokens, args.eval_seq_len, "--eval-tokens", "--eval-seq-len")
+    if args.device is not None:
+        check_device(args.device, "--device")
+    check_activation_device(args.activation_device, config, "--activation-device")
+    if args.compressed_tensors_metadata:
+        if METHODS.get(config.method).structured:
+            raise ValueError(f"--compressed-tensors-metadata describes sparse weights; structured method {config.method!r} leaves dense ones")
+        require_compressed_tensors()
+    check_replaceable(args.output, args.model, "--output")  # before loading and pruning, not at the final rename
+
+
+def _print_summary(
+    args: argparse.Namespace, model: Any, report: PruningReport, source: str, before: float, after: dict[str, Any],
+    perplexities: tuple[float | None, float | None], saved_in: float,
+) -> None:
+    """The table the CLI ends with: sizes or sparsity before and after, perplexities, time, and how to reload."""
+    dense, pruned = perplexities
     rows = [("", source, "pruned")]
     if report.shapes:
         rows.append(("parameters", f"{report.parameters_before:,}", f"{report.parameters_after:,}"))
@@ -284,7 +299,7 @@ def run(args: argparse.Namespace) -> int:
               "(its loader defaults to float16)")
     else:
         print(f"reload: {auto_class_name(model)}.from_pretrained (stock transformers)")
-    return 0
+
 
 
 def _run_offloaded(args: argparse.Namespace, config: PruningConfig) -> int:
