@@ -17,7 +17,6 @@ from typing import Any, Callable, ContextManager, Iterator
 
 import torch
 from torch import nn
-from torch.nn.utils import skip_init
 
 from ..quantized import is_linear
 from ..wrappers import transformers_model
@@ -25,6 +24,7 @@ from ..registry import Registry
 from ..structure.modules import factorize_named
 from ..structure.mpo import build_mpo_experts
 from ..structure.shapes import LayerShape
+from ..structure.surgery import resize_embedding, resize_norm, resized_linear
 
 
 class UnsupportedArchitecture(ValueError):
@@ -401,32 +401,6 @@ class DecoderStackAdapter(DecoderAdapter):
 
     def final_norm(self) -> nn.Module:
         return self.decoder.norm
-
-
-def resized_linear(
-    linear: nn.Linear, in_features: int | None = None, out_features: int | None = None, bias: bool | None = None
-) -> nn.Linear:
-    """A new, uninitialised linear like ``linear`` with other sizes (its weights are loaded next; ``skip_init``:
-    initialising would take time and draw from the caller's random stream)."""
-    return skip_init(
-        nn.Linear,
-        linear.in_features if in_features is None else in_features,  # 0 is a width (``or`` read it as "keep")
-        linear.out_features if out_features is None else out_features,
-        bias=(linear.bias is not None) if bias is None else bias,
-        device=linear.weight.device,
-        dtype=linear.weight.dtype,
-    )
-
-
-def resize_norm(norm: nn.Module, width: int) -> None:
-    """Give a scale-only norm (RMSNorm) an uninitialised ``width``-sized scale."""
-    norm.weight = nn.Parameter(torch.empty(width, device=norm.weight.device, dtype=norm.weight.dtype))
-
-
-def resize_embedding(embedding: nn.Embedding, width: int) -> None:
-    weight = embedding.weight
-    embedding.weight = nn.Parameter(torch.empty(weight.shape[0], width, device=weight.device, dtype=weight.dtype))
-    embedding.embedding_dim = width
 
 
 AdapterFactory = Callable[..., DecoderAdapter]

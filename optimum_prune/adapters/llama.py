@@ -28,7 +28,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..structure.modules import RemovedAttention, RemovedMLP, ReroutedAttention, ReroutedMLP, standing_in_for
 from ..structure.shapes import LayerShape
-from ..structure.surgery import add_output_bias, keep_input_features, keep_output_features, mixed_class
+from ..structure.surgery import add_output_bias, keep_input_features, keep_output_features, mixed_class, resize_norm, resized_linear
 from .base import (
     AttentionLayout,
     DecoderAdapter,
@@ -36,8 +36,6 @@ from .base import (
     MLPLayout,
     ResidualBranch,
     register_adapter,
-    resize_norm,
-    resized_linear,
 )
 
 logger = logging.getLogger(__name__)

@@ -1,4 +1,5 @@
-"""Cutting linears in place: the architecture-independent half of structured surgery.
+"""Cutting linears in place, and building resized ones to load saved shapes into: the architecture-independent
+half of structured surgery.
 
 Which rows and columns belong together is the adapter's knowledge (and Torch-Pruning's
 dependency graph's, for MLP blocks); this module only removes them and keeps each
@@ -14,6 +15,7 @@ from typing import Any, Sequence
 import torch
 import torch_pruning as tp
 from torch import nn
+from torch.nn.utils import skip_init
 
 # Classes made by ``mixed_class``, by (our class, the stock class it stands in as).
 _MIXED_CLASSES: dict[tuple[type, type], type] = {}
@@ -105,3 +107,28 @@ def _channel_group(block: nn.Module, channel_linear: nn.Linear, indices: list[in
                 parameter.requires_grad_(False)
     return graph.get_pruning_group(channel_linear, tp.prune_linear_out_channels, idxs=indices)
 
+
+def resized_linear(
+    linear: nn.Linear, in_features: int | None = None, out_features: int | None = None, bias: bool | None = None
+) -> nn.Linear:
+    """A new, uninitialised linear like ``linear`` with other sizes (its weights are loaded next; ``skip_init``:
+    initialising would take time and draw from the caller's random stream)."""
+    return skip_init(
+        nn.Linear,
+        linear.in_features if in_features is None else in_features,  # 0 is a width (``or`` read it as "keep")
+        linear.out_features if out_features is None else out_features,
+        bias=(linear.bias is not None) if bias is None else bias,
+        device=linear.weight.device,
+        dtype=linear.weight.dtype,
+    )
+
+
+def resize_norm(norm: nn.Module, width: int) -> None:
+    """Give a scale-only norm (RMSNorm) an uninitialised ``width``-sized scale."""
+    norm.weight = nn.Parameter(torch.empty(width, device=norm.weight.device, dtype=norm.weight.dtype))
+
+
+def resize_embedding(embedding: nn.Embedding, width: int) -> None:
+    weight = embedding.weight
+    embedding.weight = nn.Parameter(torch.empty(weight.shape[0], width, device=weight.device, dtype=weight.dtype))
+    embedding.embedding_dim = width
