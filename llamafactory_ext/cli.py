@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     options = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:  # OmegaConf and LLaMA-Factory's other requirements: the [llamafactory] extra
-        from . import stages
+        from . import export, interactive, stages
         from .config import SECTION as PRUNING
         from .config import read_yaml, split_pruning
         from .training import TrainingSections
@@ -75,9 +75,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             if options.command == "train":
                 stages.run_train(args, section, training)
             elif options.command == "export":
-                stages.run_export(args)
+                export.run_export(args)
             else:
-                stages.run_interactive(options.command, args)
+                interactive.run_interactive(options.command, args)
     except (ValueError, MissingDependency) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     return 0

@@ -14,7 +14,6 @@ import hashlib
 import json
 import logging
 import os
-import stat
 import subprocess
 import sys
 import tempfile
@@ -22,7 +21,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Iterator, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from omegaconf import OmegaConf
@@ -31,16 +30,17 @@ from transformers import AutoModelForCausalLM
 from optimum_prune import SparsityMasks, merge_lora_preserving_sparsity, prune, prune_checkpoint, save_pruned
 from optimum_prune.atomic_files import check_replaceable
 from optimum_prune.calibration import sample_windows
-from optimum_prune.config import CONFIG_NAME, PruningConfig
+from optimum_prune.config import PruningConfig
 from optimum_prune.models import load_causal_lm
 from optimum_prune.saving import DEFAULT_SHARD_SIZE
 from optimum_prune.streaming import checkpoint_fingerprint
-from optimum_prune.sparsity_metadata import drop_sparsity_metadata
 from optimum_prune.structure.loading import records_layer_shapes
 
+from .checkpoints import CHECKPOINT_FILES, is_pruned_checkpoint, model_files, snapshot
 from .compat import import_llamafactory
 from .config import PruningSection, in_yaml_terms, model_loading_kwargs
 from .distill import distilling_trainers
+from .patches import loading_sparsity_metadata_as_plain, merges_keeping_zeros
 from .sections import TRAINING_STAGES
 from .training import TrainingSections
 
@@ -80,7 +80,7 @@ def run_train(args: Mapping[str, Any], section: PruningSection | None, training:
         return
     if section is None:
         # Training a checkpoint pruned earlier (e.g. by stage: prune) must keep its zeros too.
-        _delegate_training(dict(args), _is_pruned_checkpoint(_model_files(args)), training)
+        _delegate_training(dict(args), is_pruned_checkpoint(model_files(args)), training)
         return
     if stage not in TRAINING_STAGES:
         raise ValueError(f"a `pruning:` section works with stage: prune, pt or sft; got stage: {stage!r}")
@@ -191,7 +191,7 @@ def read_calibration(args: Mapping[str, Any], section: PruningSection) -> Calibr
 
 def _model_fingerprint(args: Mapping[str, Any]) -> str:
     """A local model's ``checkpoint_fingerprint``; a Hub model's snapshot commit, which names every file."""
-    files = _model_files(args)
+    files = model_files(args)
     return checkpoint_fingerprint(files) if Path(str(args["model_name_or_path"])).is_dir() else f"commit {files.name}"
 
 
@@ -231,7 +231,7 @@ def _prune_and_save(
                 "embeddings must grow for them first, which offloaded pruning does not do; prune in memory"
             )
         # Offloaded pruning reads the checkpoint's files: a Hub model is downloaded first, as from_pretrained would.
-        checkpoint = _snapshot({**args, "model_name_or_path": calibration.model_args.model_name_or_path}, _CHECKPOINT_FILES)
+        checkpoint = snapshot({**args, "model_name_or_path": calibration.model_args.model_name_or_path}, CHECKPOINT_FILES)
         prune_checkpoint(
             checkpoint, target, config, calibration=calibration.windows,
             tokenizer=calibration.tokenizer, device=device, dtype=PRUNING_DTYPE, activation_device=section.activation_device,
@@ -320,7 +320,7 @@ def train_here(args: Mapping[str, Any], keep_masks: bool, training: TrainingSect
     (``adapter_name_or_path`` with ``create_new_adapter``, or several) keep the pruned zeros too."""
     from llamafactory.train.tuner import run_exp
 
-    with distilling_trainers(training.distill), _loading_sparsity_metadata_as_plain(), (_merges_keeping_zeros() if keep_masks else nullcontext()):
+    with distilling_trainers(training.distill), loading_sparsity_metadata_as_plain(), (merges_keeping_zeros() if keep_masks else nullcontext()):
         run_exp(dict(args), callbacks=training.callbacks(keep_masks))
 
 
@@ -330,7 +330,7 @@ def _check_quantizable(args: Mapping[str, Any]) -> None:
     if not args.get("quantization_bit"):
         return
     try:
-        quantization = json.loads((_model_files(args) / "config.json").read_text(encoding="utf-8")).get("quantization_config") or {}
+        quantization = json.loads((model_files(args) / "config.json").read_text(encoding="utf-8")).get("quantization_config") or {}
     except (OSError, ValueError):
         return
     if records_layer_shapes(quantization):
@@ -395,203 +395,3 @@ def merge_adapter(
     return save_pruned(merged.to(dtype) if dtype is not None else merged, target, tokenizer=tokenizer, max_shard_size=max_shard_size)
 
 
-def run_export(args: Mapping[str, Any]) -> None:
-    """LLaMA-Factory's ``export_model``; when it merges a LoRA adapter into a pruned model, the
-    pruned zeros are restored in the exported weights (plain merging fills them)."""
-    import_llamafactory()
-    from llamafactory.train.tuner import export_model
-
-    pruned = bool(args.get("adapter_name_or_path") or args.get("export_quantization_bit")) and _is_pruned_checkpoint(_model_files(args))
-    restoring = pruned and bool(args.get("adapter_name_or_path"))
-    if restoring and args.get("export_legacy_format"):
-        raise ValueError("export_legacy_format: true writes .bin weights, whose pruned zeros cannot be restored after the merge; remove it")
-    if pruned and args.get("export_quantization_bit"):
-        raise ValueError(
-            f"export_quantization_bit: {args['export_quantization_bit']} on the pruned model {args['model_name_or_path']}: "
-            "LLaMA-Factory's GPTQ export spreads each column's rounding error over the pruned weights, which come back "
-            "non-zero; export without it, then quantize with optimum_prune.compress(model, [GPTQConfig(bits=...)]), "
-            "which keeps them (README: GPTQ)"
-        )
-    if restoring and args.get("export_hub_model_id"):
-        raise ValueError(
-            "export_hub_model_id: LLaMA-Factory pushes the merged weights before their pruned zeros are restored; remove "
-            "it, export locally, then upload export_dir (e.g. huggingface-cli upload REPO EXPORT_DIR)"
-        )
-    with _loading_sparsity_metadata_as_plain():
-        export_model(dict(args))
-    if restoring:
-        restore_zeros(args["model_name_or_path"], Path(args["export_dir"]), **model_loading_kwargs(args))
-
-
-# What offloaded pruning reads of a Hub model: its safetensors weights, configuration, tokenizer and remote code.
-_CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "*.jinja", "*.py"]
-
-
-def _model_files(args: Mapping[str, Any]) -> Path:
-    """A local directory holding the YAML model's ``config.json`` (and ``pruning_config.json``, if any)."""
-    return _snapshot(args, ["config.json", CONFIG_NAME])
-
-
-def _snapshot(args: Mapping[str, Any], files: list[str]) -> Path:
-    """The YAML model as a local directory: its path, or for a Hugging Face Hub id its snapshot of ``files``
-    in the Hub cache, fetched with the YAML's revision, token and cache as LLaMA-Factory's loader fetches it."""
-    name = str(args["model_name_or_path"])
-    if Path(name).is_dir():
-        return Path(name)
-    import_llamafactory()
-    from huggingface_hub import snapshot_download
-    from llamafactory.extras.misc import use_modelscope, use_openmind
-
-    if use_modelscope() or use_openmind():
-        raise ValueError(
-            f"model_name_or_path: {name} is fetched from ModelScope / Modelers, where llamafactory-prune cannot tell "
-            "whether it was pruned (its zeros must then be kept); download it and give its local directory instead"
-        )
-    loading = model_loading_kwargs(args)
-    snapshot = snapshot_download(
-        name, revision=loading["revision"], cache_dir=loading["cache_dir"], token=loading["token"],
-        allow_patterns=files,
-    )  # fmt: skip
-    return Path(snapshot)
-
-
-def _is_pruned_checkpoint(path: Path) -> bool:
-    """Saved by ``save_pruned`` (``pruning_config.json``), or by LLaMA-Factory after training such a
-    model: its ``config.json`` keeps the ``pruning_config`` entry, the only record a Trainer writes."""
-    if (path / CONFIG_NAME).is_file():
-        return True
-    try:
-        return "pruning_config" in json.loads((path / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-
-
-def restore_zeros(base: str | Path, exported_dir: Path, **from_pretrained: Any) -> None:
-    """Zero, in ``exported_dir``'s safetensors shards, every weight that is zero in the model ``base``
-    (a directory or a Hub id, loaded with ``from_pretrained``'s keyword arguments).
-
-    Equal to merging only the masked update (``W + M ⊙ ΔW``), since the base is zero where the
-    mask is. The shards are checked to hold every pruned weight before any is touched; each is then
-    rewritten through a temporary file and renamed into place.
-    """
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
-    shards = sorted(exported_dir.glob("*.safetensors"))
-    if not shards:
-        raise ValueError(f"{exported_dir} has no .safetensors weights; export with export_legacy_format: false")
-    base_model = AutoModelForCausalLM.from_pretrained(base, **{**from_pretrained, "dtype": torch.float32})
-    masks = {f"{name}.weight": pruned for name, pruned in SparsityMasks.from_zeros(base_model).pruned.items()}
-    keys_in = {}
-    for shard in shards:
-        with safe_open(shard, framework="pt") as handle:
-            keys_in[shard] = [key for key in handle.keys() if key in masks]
-            for key in keys_in[shard]:
-                stored = list(handle.get_slice(key).get_shape())
-                if stored != list(masks[key].shape):
-                    raise ValueError(f"{shard} stores {key} as {stored}, not {base}'s {list(masks[key].shape)}; is it the same model?")
-    restored = sum(len(keys) for keys in keys_in.values())
-    if restored != len(masks):
-        raise ValueError(f"{exported_dir} holds {restored} of the {len(masks)} pruned weights of {base}; is it the same model?")
-    for shard in (shard for shard in shards if keys_in[shard]):
-        with safe_open(shard, framework="pt") as handle:
-            metadata = handle.metadata()
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        for key in keys_in[shard]:
-            tensors[key].masked_fill_(masks[key], 0)
-        temporary = shard.with_name(f".{shard.name}.tmp")
-        save_file(tensors, temporary, metadata=metadata)
-        temporary.chmod(stat.S_IMODE(shard.stat().st_mode))  # the shard rewritten keeps its mode (safetensors 0.8: 0600)
-        os.replace(temporary, shard)
-    logger.info("restored the pruned zeros of %d weights in %s", restored, exported_dir)
-
-
-# With these LLaMA-Factory's chat applies an adapter unmerged, at run time, so its update fills the pruned zeros.
-_UNMERGED_ADAPTER_SETTINGS = ("quantization_bit", "use_unsloth", "use_kt")
-
-
-def run_interactive(command: str, args: Mapping[str, Any]) -> None:
-    """``chat`` / ``api``: LLaMA-Factory's own entry points, with this package's checkpoint loader
-    registered (non-uniform structured models need it); a LoRA adapter it merges into a pruned model
-    keeps the model's zeros, as ``export`` does."""
-    import_llamafactory()
-    merging = bool(args.get("adapter_name_or_path")) and _is_pruned_checkpoint(_model_files(args))
-    if merging:
-        _check_adapter_is_merged(args)
-    keeping_zeros = _merges_keeping_zeros() if merging else nullcontext()
-    with tempfile.TemporaryDirectory(prefix="llamafactory-prune-") as scratch, _loading_sparsity_metadata_as_plain(), keeping_zeros:
-        config_path = Path(scratch) / f"{command}.yaml"
-        OmegaConf.save(OmegaConf.create(dict(args)), config_path)
-        sys.argv = [sys.argv[0], str(config_path)]  # LLaMA-Factory's entry points read their YAML from argv
-        if command == "chat":
-            from llamafactory.chat.chat_model import run_chat
-
-            run_chat()
-        else:
-            from llamafactory.api.app import run_api
-
-            run_api()
-
-
-def _check_adapter_is_merged(args: Mapping[str, Any]) -> None:
-    """Refuse the settings under which LLaMA-Factory serves the adapter unmerged over a pruned model."""
-    unmerged = [key for key in _UNMERGED_ADAPTER_SETTINGS if args.get(key)]
-    if args.get("infer_backend", "huggingface") != "huggingface":
-        unmerged.insert(0, "infer_backend")
-    if unmerged:
-        raise ValueError(
-            f"{unmerged[0]}: {args[unmerged[0]]} with adapter_name_or_path on the pruned model {args['model_name_or_path']}: "
-            "LLaMA-Factory then applies the adapter unmerged, which fills the pruned zeros; merge it first with "
-            "`llamafactory-prune export` (zeros kept), then chat with export_dir as model_name_or_path"
-        )
-
-
-InitAdapter = Callable[..., torch.nn.Module]
-
-
-@contextmanager
-def _wrapped_init_adapter(wrap: Callable[[InitAdapter], InitAdapter]) -> Iterator[None]:
-    """While open, LLaMA-Factory's ``load_model`` calls ``wrap(init_adapter)`` where it calls ``init_adapter`` (which
-    sets up and merges adapters). LLaMA-Factory has no hook there, so ``load_model``'s name for it is replaced for
-    the duration and restored after."""
-    from llamafactory.model import loader
-
-    init_adapter = loader.init_adapter
-    loader.init_adapter = wrap(init_adapter)
-    try:
-        yield
-    finally:
-        loader.init_adapter = init_adapter
-
-
-def _loading_sparsity_metadata_as_plain() -> ContextManager[None]:
-    """While open, a checkpoint saved with compressed-tensors sparsity metadata (``compressed_tensors_metadata=True``)
-    loads in LLaMA-Factory as the plain float model it is. transformers marks it quantized, so LLaMA-Factory would
-    refuse full fine-tuning and merging an adapter for export, and serve an adapter unmerged in chat (filling the
-    zeros); the metadata is dropped before ``init_adapter``."""
-
-    def on_plain_model(init_adapter: InitAdapter) -> InitAdapter:
-        def init_adapter_on_plain_model(config: Any, model: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.nn.Module:
-            drop_sparsity_metadata(model, "LLaMA-Factory would take the model for a quantized one")
-            return init_adapter(config, model, *args, **kwargs)
-
-        return init_adapter_on_plain_model
-
-    return _wrapped_init_adapter(on_plain_model)
-
-
-def _merges_keeping_zeros() -> ContextManager[None]:
-    """While open, LLaMA-Factory's ``load_model`` merges adapters as ``merge_lora_preserving_sparsity`` does: the
-    base's zeros are read before the merge and put back after."""
-
-    def keeping_zeros(merge: InitAdapter) -> InitAdapter:
-        def merge_keeping_zeros(config: Any, model: torch.nn.Module, *args: Any, **kwargs: Any) -> torch.nn.Module:
-            masks = SparsityMasks.from_zeros(model)
-            merged = merge(config, model, *args, **kwargs)
-            masks.apply()  # the masks hold the linears themselves, which the merged model keeps
-            logger.info("merged the adapter keeping the pruned zeros (sparsity %.4f)", masks.sparsity())
-            return merged
-
-        return merge_keeping_zeros
-
-    return _wrapped_init_adapter(keeping_zeros)

@@ -17,8 +17,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import optimum_prune  # noqa: F401  (registers the loader of non-uniform structured checkpoints)
 from llamafactory_ext.cli import main
-from llamafactory_ext import stages
-from llamafactory_ext.stages import merge_adapter, restore_zeros
+from llamafactory_ext import export, stages
+from llamafactory_ext.export import restore_zeros
+from llamafactory_ext.stages import merge_adapter
 from optimum_prune import PruningConfig, prune, prune_checkpoint, save_pruned, verify_sparsity
 from optimum_prune.distillation import DistillationMixin
 from optimum_prune.masks import prunable_linears
@@ -218,7 +219,7 @@ def test_export_of_a_pruned_model_given_by_hub_id_restores_its_zeros(recovered, 
 def test_a_model_from_another_hub_is_refused_where_its_pruning_decides(monkeypatch):
     monkeypatch.setenv("USE_MODELSCOPE_HUB", "1")
     with pytest.raises(ValueError, match="model_name_or_path: someone/pruned is fetched from ModelScope"):
-        stages.run_export({"model_name_or_path": "someone/pruned", "adapter_name_or_path": "adapter", "export_dir": "out"})
+        export.run_export({"model_name_or_path": "someone/pruned", "adapter_name_or_path": "adapter", "export_dir": "out"})
 
 
 @pytest.mark.parametrize(
