@@ -73,7 +73,7 @@ from ..calibration.gradients import grad_only, language_model_logits, overflowed
 from ..options import check_choice, option
 from ..report import PruningReport
 from .base import StructuredMethod, register_structured_method
-from .units import Component, layer_parameters, group_columns, group_units, output_projection
+from .units import COMPONENTS, Component, components_option, group_columns, group_units, layer_parameters, output_projection
 
 
 # Weight tuning fits every kept input column of an output projection: with fewer than this many
@@ -88,7 +88,7 @@ PREDICTIVE_OPTIONS = ("temperature", "teacher_top_k", "predictive_gradient")  # 
 
 @dataclass(frozen=True)
 class KPruneOptions:
-    components: str = option("all", "What to prune: 'all' (attention heads and MLP channels), 'attention' or 'mlp'.")
+    components: str = components_option()
     temperature: float = option(2.0, "Softmax temperature T of the predictive-knowledge KL (paper: 2).")
     predictive_weight: float = option(1.0, "λ_pred, weight of the predictive-knowledge score (paper: 1).")
     representational_weight: float = option(2.5e-4, "λ_rep, weight of the representational-knowledge score (paper's scripts: 2.5e-4).")
@@ -107,7 +107,7 @@ class KPruneOptions:
     tune: bool = option(True, "Knowledge-preserving weight tuning of each output projection after its units are removed.")
 
     def __post_init__(self) -> None:
-        check_choice("components", self.components, ("all", "attention", "mlp"))
+        check_choice("components", self.components, COMPONENTS)
         check_choice("predictive_gradient", self.predictive_gradient, ("sampled", "kl"))
         for name in ("temperature", "head_weight"):
             if getattr(self, name) <= 0:

@@ -43,12 +43,12 @@ from ..options import check_choice, option
 from ..report import PruningReport
 from .base import StructuredMethod, register_structured_method
 from .llm_surgeon import damped_inverse, kfac_factors
-from .units import Component, layer_parameters, group_columns, group_units, output_projection
+from .units import COMPONENTS, Component, components_option, group_columns, group_units, layer_parameters, output_projection
 
 
 @dataclass(frozen=True)
 class LLMSurgeonStructuredOptions:
-    components: str = option("all", "What to prune: 'all' (key/value groups and MLP channels), 'attention' or 'mlp'.")
+    components: str = components_option("key/value groups")
     shots: int = option(5, "Shots of the linear schedule, the curvature re-estimated before each (paper's structured runs: 40).")
     damp_g: float = option(
         0.01, "Damping of G relative to its mean diagonal (paper: 0.01); G is inverted for rows only.", applies_when={"coupling": ("all",)}
@@ -64,7 +64,7 @@ class LLMSurgeonStructuredOptions:
     )
 
     def __post_init__(self) -> None:
-        check_choice("components", self.components, ("all", "attention", "mlp"))
+        check_choice("components", self.components, COMPONENTS)
         check_choice("coupling", self.coupling, ("output", "all"))
         if self.shots < 1:
             raise ValueError(f"method_options.shots must be a positive integer, got {self.shots}")

@@ -51,12 +51,12 @@ from ..calibration.gradients import grad_only, overflowed, window_losses, with_l
 from ..options import check_choice, option
 from ..report import PruningReport
 from .base import StructuredMethod, register_structured_method
-from .units import Component, layer_parameters, group_columns, group_units, output_projection
+from .units import COMPONENTS, Component, components_option, group_columns, group_units, layer_parameters, output_projection
 
 
 @dataclass(frozen=True)
 class MaskSearchOptions:
-    components: str = option("all", "What to prune: 'all' (attention heads and MLP channels), 'attention' or 'mlp'.")
+    components: str = components_option()
     rearrange: bool = option(True, "Mask rearrangement: re-choose each layer's removed units with its full Fisher block.")
     tune: bool = option(True, "Mask tuning: least-squares scales of the kept units so each sublayer reproduces its dense output.")
     damping: float = option(
@@ -64,7 +64,7 @@ class MaskSearchOptions:
     )
 
     def __post_init__(self) -> None:
-        check_choice("components", self.components, ("all", "attention", "mlp"))
+        check_choice("components", self.components, COMPONENTS)
         if self.damping < 0:
             raise ValueError(f"method_options.damping must be >= 0, got {self.damping}")
 

@@ -17,9 +17,19 @@ from torch import nn
 
 from ..adapters import AttentionLayout, DecoderAdapter, MLPLayout, UnsupportedArchitecture
 from ..ignoring import holds_ignored, is_ignored
+from ..options import option
 from ..structure.modules import LowRankLinear
 from ..structure.surgery import coupled_linears, remove_block_channels
 from .base import StructuredMethod
+
+
+COMPONENTS = ("all", "attention", "mlp")
+
+
+def components_option(heads: str = "attention heads") -> Any:
+    """The ``components`` option every method that removes units through ``UnitPlan`` takes (``heads``: what it
+    removes of the attention)."""
+    return option("all", f"What to prune: 'all' ({heads} and MLP channels), 'attention' or 'mlp'.")
 
 
 @dataclass

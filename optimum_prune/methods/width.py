@@ -35,7 +35,7 @@ from ..report import PruningReport
 from ..statistics import ColumnMoments
 from ..structure.surgery import add_output_bias
 from .base import StructuredMethod, register_structured_method
-from .units import Component, UnitPlan
+from .units import COMPONENTS, Component, UnitPlan, components_option
 
 CRITERIA = ("magnitude_l1", "magnitude_l2", "taylor", "wanda_sp", "flap", "random")
 ACTIVATION_CRITERIA = ("wanda_sp", "flap")
@@ -51,7 +51,7 @@ class WidthOptions:
         "columns' mean output added as a bias of the output projection), or 'random' (a control: "
         "units drawn at random, reproducibly).",
     )
-    components: str = option("all", "What to prune: 'all' (attention heads and MLP channels), 'attention' or 'mlp'.")
+    components: str = components_option()
     head_mode: str = option(
         "query",
         "'query': remove query heads, the same number from every GQA group; 'kv_group': remove whole "
@@ -68,7 +68,7 @@ class WidthOptions:
 
     def __post_init__(self) -> None:
         check_choice("criterion", self.criterion, CRITERIA)
-        check_choice("components", self.components, ("all", "attention", "mlp"))
+        check_choice("components", self.components, COMPONENTS)
         check_choice("head_mode", self.head_mode, ("query", "kv_group"))
         check_choice("ranking", self.ranking, ("layer", "global"))
 

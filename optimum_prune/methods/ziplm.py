@@ -64,7 +64,7 @@ from ..calibration.gradients import calibration_perplexity
 from ..options import check_choice, option
 from ..report import PruningReport
 from .base import StructuredMethod, register_structured_method
-from .units import Component, group_columns, group_units, output_projection
+from .units import COMPONENTS, Component, components_option, group_columns, group_units, output_projection
 
 DP_BUCKETS = 10_000  # ZipLM's discretisation of the time budget
 SPDY_MUTATION = 0.1  # probability that a local move redraws a sublayer's weight (ZipLM's ``muteprob``)
@@ -78,7 +78,7 @@ class ZipLMOptions:
         "widths then follow the timings, which vary from run to run (a busy machine more), so the same seed may choose "
         "others; 'parameters': the fraction of their linear parameters, as for the other structured methods (reproducible).",
     )
-    components: str = option("all", "What to prune: 'all' (attention heads and MLP channels), 'attention' or 'mlp'.")
+    components: str = components_option()
     remove_sublayers: bool = option(True, "Allow a sublayer's last structure to go too (the whole attention or MLP block is removed).")
     round_to: int = option(
         32, "MLP widths of the level grid are multiples of this (ZipLM's Llama code: 32).", applies_when={"components": ("all", "mlp")}
@@ -93,7 +93,7 @@ class ZipLMOptions:
 
     def __post_init__(self) -> None:
         check_choice("target", self.target, ("latency", "parameters"))
-        check_choice("components", self.components, ("all", "attention", "mlp"))
+        check_choice("components", self.components, COMPONENTS)
         for name in ("round_to", "latency_tokens", "latency_repeats"):
             if getattr(self, name) < 1:
                 raise ValueError(f"method_options.{name} must be a positive integer, got {getattr(self, name)}")
