@@ -6,6 +6,7 @@ lookup failure names the known entries, so a typo never degrades into a silent d
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable, Generic, Iterator, TypeVar
 
 Entry = TypeVar("Entry")
@@ -34,6 +35,16 @@ class Registry(Generic[Entry]):
             raise ValueError(
                 f"{self.field} {name!r} is not a registered {self.kind}; known: {', '.join(self.names())}"
             ) from None
+
+    @contextmanager
+    def restored_after(self) -> Iterator[None]:
+        """What is registered inside the block is forgotten after it (a plugin tried out in a notebook, a test's
+        stand-in); what was registered before stays."""
+        entries, origins = dict(self._entries), dict(self._origins)
+        try:
+            yield
+        finally:
+            self._entries, self._origins = entries, origins
 
     def names(self) -> list[str]:
         return sorted(self._entries)

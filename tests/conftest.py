@@ -238,12 +238,21 @@ def no_leaked_mixed_precision(monkeypatch):
 
 
 @pytest.fixture
-def scratch_methods(monkeypatch):
+def scratch_methods():
     """The method registry, for methods a test registers (a plugin's): restored after the test."""
     from optimum_prune import METHODS
 
-    monkeypatch.setattr(METHODS, "_entries", dict(METHODS._entries))
-    monkeypatch.setattr(METHODS, "_origins", dict(METHODS._origins))
+    with METHODS.restored_after():
+        yield
+
+
+@pytest.fixture
+def scratch_adapters():
+    """The adapter registry, for adapters a test registers: restored after the test."""
+    from optimum_prune.adapters import ADAPTERS
+
+    with ADAPTERS.restored_after():
+        yield
 
 
 @pytest.fixture

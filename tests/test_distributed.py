@@ -171,11 +171,11 @@ def test_structured_methods_refuse_multi_process_calibration(monkeypatch):
         prune(tiny_model(), PruningConfig(method="layers", sparsity=0.25), calibration=token_windows())
 
 
-def test_a_registered_method_that_sums_no_statistics_across_processes_is_refused(monkeypatch):
+def test_a_registered_method_that_sums_no_statistics_across_processes_is_refused(monkeypatch, scratch_methods):
     """Each process would prune on its own share of the windows: masks would differ between ranks."""
-    from optimum_prune.methods import METHODS, LayerPruner
-    from optimum_prune.methods.base import MethodSpec, NoOptions
+    from optimum_prune.methods import LayerPruner, register_method
 
+    @register_method("column_norms")
     class ColumnNorms(LayerPruner):
         def add_batch(self, inputs):
             pass
@@ -183,7 +183,6 @@ def test_a_registered_method_that_sums_no_statistics_across_processes_is_refused
         def prune(self, target):
             pass
 
-    monkeypatch.setitem(METHODS._entries, "column_norms", MethodSpec("column_norms", NoOptions, "", pruner=ColumnNorms))
     monkeypatch.setattr("optimum_prune.api.is_distributed", lambda: True)
     with pytest.raises(ValueError, match=r"'column_norms' gathers calibration statistics but does not sum them across processes \(ColumnNorms.synchronize\)"):
         prune(tiny_model(), PruningConfig(method="column_norms"), calibration=token_windows())

@@ -3,7 +3,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
 
 from optimum_prune import ADAPTERS, PruningConfig, get_adapter, prune, verify_sparsity
-from optimum_prune.adapters.base import DecoderAdapter
+from optimum_prune.adapters.base import DecoderAdapter, register_adapter
 from optimum_prune.adapters.llama import LlamaAdapter
 
 from ..conftest import FAMILIES, tiny_model, token_windows
@@ -46,7 +46,7 @@ def test_unsupported_architecture_lists_supported():
         prune(model, PruningConfig(method="magnitude"))
 
 
-def test_an_adapter_without_the_shape_hooks_is_refused_before_a_structured_method_changes_weights(monkeypatch):
+def test_an_adapter_without_the_shape_hooks_is_refused_before_a_structured_method_changes_weights(scratch_adapters):
     """low_rank factorised the model, then failed recording its shapes: the refusal now comes first and names them."""
     from optimum_prune.adapters.base import DecoderStackAdapter
 
@@ -56,7 +56,7 @@ def test_an_adapter_without_the_shape_hooks_is_refused_before_a_structured_metho
     class BareAdapter(DecoderStackAdapter):
         pass
 
-    monkeypatch.setitem(ADAPTERS._entries, "Bare", BareAdapter)
+    register_adapter(Bare)(BareAdapter)
     model = Bare(tiny_model().config)
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     with pytest.raises(ValueError, match="BareAdapter lacks layer_shape, stock_shape, write_uniform_config"):
@@ -64,7 +64,7 @@ def test_an_adapter_without_the_shape_hooks_is_refused_before_a_structured_metho
     assert model.state_dict().keys() == before.keys() and all(torch.equal(before[n], t) for n, t in model.state_dict().items())
 
 
-def test_an_adapter_that_removes_whole_layers_needs_no_reshape_hook(monkeypatch):
+def test_an_adapter_that_removes_whole_layers_needs_no_reshape_hook(scratch_adapters):
     """Removing layers records a uniform result, which reloads without reshape_layer."""
     class Shallow(LlamaForCausalLM):
         pass
@@ -72,7 +72,7 @@ def test_an_adapter_that_removes_whole_layers_needs_no_reshape_hook(monkeypatch)
     class ShallowAdapter(LlamaAdapter):
         reshape_layer = DecoderAdapter.reshape_layer
 
-    monkeypatch.setitem(ADAPTERS._entries, "Shallow", ShallowAdapter)
+    register_adapter(Shallow)(ShallowAdapter)
     model = Shallow(tiny_model().config)
     prune(model, PruningConfig(method="layers", method_options={"num_layers": 1}), calibration=token_windows())
     assert model.config.num_hidden_layers == len(model.model.layers) == tiny_model().config.num_hidden_layers - 1
