@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from .allocation import ALLOCATIONS
+from .allocation import ALLOCATIONS, AllocationSpec
 from .calibration.sources import read_text_file
-from .methods import METHODS
+from .methods import METHODS, MethodSpec
 from .options import MoEOptions, as_option_type, build_options, options_to_dict
 from .sparsity import NMPattern, SparsityTarget, normalise_sparsity
 
@@ -93,6 +93,23 @@ class PruningConfig:
             allocation.options, self.allocation_options, "PruningConfig.allocation_options"
         )
         self.parts = _checked_parts(self.parts, self.sparsity)
+        self._check_combinations(spec, allocation)
+        if self.ignore is None:  # a blank `ignore:` in a YAML
+            self.ignore = []
+        if not isinstance(self.ignore, (list, tuple)) or not all(isinstance(p, str) for p in self.ignore):
+            raise TypeError(f"PruningConfig.ignore must be a list of glob patterns, got {self.ignore!r}")
+        self.ignore = list(self.ignore)
+        for name in ("num_calibration_samples", "calibration_seq_len", "seed"):  # a wrong type: TypeError, as for options
+            setattr(self, name, as_option_type(getattr(self, name), int, False, f"PruningConfig.{name}"))
+        for name in ("num_calibration_samples", "calibration_seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"PruningConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not -(2**63) <= self.seed < 2**64:  # what torch.Generator.manual_seed takes
+            raise ValueError(f"PruningConfig.seed must be in [-2**63, 2**64), got {self.seed}")
+
+    def _check_combinations(self, spec: MethodSpec, allocation: AllocationSpec) -> None:
+        """The fields that only some kinds of method read, or that exclude each other, checked together: a field
+        a method would ignore is refused rather than dropped without a word."""
         if spec.structured is not None and set(self.parts) - {"language"}:
             raise ValueError(
                 f"PruningConfig.parts {sorted(self.parts)}: structured method {self.method!r} prunes the language tower "
@@ -155,18 +172,6 @@ class PruningConfig:
                 f"PruningConfig.allocation {self.allocation!r} varies sparsity per layer and cannot be combined "
                 f"with the N:M pattern {patterns[0]!r}; use a float sparsity or allocation='uniform'"
             )
-        if self.ignore is None:  # a blank `ignore:` in a YAML
-            self.ignore = []
-        if not isinstance(self.ignore, (list, tuple)) or not all(isinstance(p, str) for p in self.ignore):
-            raise TypeError(f"PruningConfig.ignore must be a list of glob patterns, got {self.ignore!r}")
-        self.ignore = list(self.ignore)
-        for name in ("num_calibration_samples", "calibration_seq_len", "seed"):  # a wrong type: TypeError, as for options
-            setattr(self, name, as_option_type(getattr(self, name), int, False, f"PruningConfig.{name}"))
-        for name in ("num_calibration_samples", "calibration_seq_len"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"PruningConfig.{name} must be a positive integer, got {getattr(self, name)!r}")
-        if not -(2**63) <= self.seed < 2**64:  # what torch.Generator.manual_seed takes
-            raise ValueError(f"PruningConfig.seed must be in [-2**63, 2**64), got {self.seed}")
 
     @property
     def target(self) -> SparsityTarget:
