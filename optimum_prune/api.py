@@ -292,6 +292,12 @@ def check_moe_options(adapter: DecoderAdapter, config: PruningConfig) -> None:
             f"PruningConfig.moe_options {config.moe_options} tell how to prune mixture-of-experts layers, and "
             f"{type(adapter.model).__name__} has none: remove them"
         )
+    moe_layers = [layer for layer in adapter.decoder_layers() if adapter.moe_block(layer) is not None]
+    if config.build_moe_options().prune_router and moe_layers and not any(adapter.routers(layer) for layer in moe_layers):
+        raise UnsupportedArchitecture(
+            f"PruningConfig.moe_options.prune_router: {type(adapter.model).__name__}'s routers are no linears (their "
+            "weight is a parameter of the router module), so they stay dense; remove prune_router"
+        )
 
 
 def check_architecture(model: nn.Module, config: PruningConfig) -> None:

@@ -121,6 +121,7 @@ class ExpertDroppingCallback(TrainerCallback):
         blocks = [(layer, self.adapter.moe_block(layer)) for layer in self.adapter.decoder_layers()]
         if not any(block is not None for _, block in blocks):
             raise ValueError(f"ExpertDroppingCallback needs a mixture-of-experts model; {type(self.adapter.model).__name__} has no MoE layer")
+        self.adapter.require_softmax_router("ExpertDroppingCallback")
         check_ignore_patterns(self.adapter, self.ignore, "ExpertDroppingCallback ignore")
         kept = kept_moe_layers(self.adapter, self.ignore, "ExpertDroppingCallback ignore")
         blocks = [(layer, block) for index, (layer, block) in enumerate(blocks) if block is not None and index not in kept]

@@ -51,6 +51,7 @@ class PatchedMoEBlocks:
     def __init__(self, model: nn.Module, purpose: str) -> None:
         self.adapter = get_adapter(model)
         self._blocks = moe_blocks(self.adapter, purpose)
+        self.adapter.require_softmax_router(type(self).__name__)
         for block in self._blocks:
             _check_unpatched(block)
         self._check_blocks(self._blocks)
@@ -218,6 +219,7 @@ def skipping_thresholds(
     over the top expert's (Lu et al.'s β): a token skips its second expert about half of the time."""
     adapter = get_adapter(model)
     blocks = moe_blocks(adapter, "skip experts in")
+    adapter.require_softmax_router("skipping_thresholds")
     refuse_layer_walks(model, "skipping_thresholds", " (or pass skip_experts a beta)")
     if any(adapter.experts_per_token(block) < 2 for block in blocks):
         raise ValueError("expert skipping needs routers that pick two experts or more per token; this model's pick one")

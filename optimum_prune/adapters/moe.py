@@ -105,13 +105,16 @@ class ExpertRouting(TokenRouting):
         if linear not in self.expert_of:
             return None
         routing, expert = self.expert_of[linear]
-        return expert_tokens(routing.selected, expert)[1]
+        return self.handover(routing.selected, expert)[1]
 
-    @staticmethod
-    def token_weights(routing: _BlockRouting, expert: int) -> torch.Tensor:
+    def token_weights(self, routing: _BlockRouting, expert: int) -> torch.Tensor:
         """Routing weights of the expert's tokens, in the order the block hands them over."""
-        rank, token = expert_tokens(routing.selected, expert)
+        rank, token = self.handover(routing.selected, expert)
         return routing.weights[token, rank]
+
+    def handover(self, selected: torch.Tensor, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rank, token) of the tokens routed to ``expert``, in the order the block hands them to it."""
+        return expert_tokens(selected, expert)
 
 
 @register_adapter(
@@ -178,9 +181,35 @@ class MoEAdapter(DecoderStackAdapter):
         """Whether the block rescales each token's top-k routing weights to sum to one (Mixtral always does)."""
         return getattr(block, "norm_topk_prob", True)
 
-    def route(self, block: nn.Module, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The block's routing of tokens with these router logits."""
+    def router_logits(self, block: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        """The router's logits ([tokens, experts]) for ``tokens`` ([tokens, hidden])."""
+        return self.router(block)(tokens)
+
+    def route(self, block: nn.Module, logits: torch.Tensor, experts: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's routing (weights, selected columns) of tokens with these router logits; ``experts``: the
+        router rows the columns are, when they are a subset (scoring what keeping only those experts would route)."""
         return top_k_routing(logits, self.experts_per_token(block), self.renormalises(block))
+
+    def weights_depend_on_other_rows(self, block: nn.Module) -> bool:
+        """Whether a token's routing weights depend on router rows it did not choose (a softmax over all rows, its
+        top-k not renormalised), so that removing rows rescales the kept experts' weights."""
+        return not self.renormalises(block)
+
+    def require_softmax_router(self, purpose: str) -> None:
+        """Raise ``UnsupportedArchitecture`` where the router is not a module returning logits that a softmax top-k
+        routes, which ``purpose`` (skipping, folding, dropping experts) reads and rewrites."""
+
+    def expert_groups(self, block: nn.Module) -> list[list[int]]:
+        """The groups the router chooses experts in (one group: all of them); removing experts must leave every
+        group the same size, or the kept experts' routing changes."""
+        return [list(range(len(self.block_experts(block))))]
+
+    def check_expert_count(self, block: nn.Module, count: int) -> None:
+        """Raise ``ValueError`` where the block's router cannot route among ``count`` experts (besides its top-k)."""
+
+    def placeholder_experts(self, block: nn.Module, count: int) -> list[int]:
+        """The experts a freshly built layer keeps to take a checkpoint's ``count`` experts (whose weights load next)."""
+        return list(range(count))
 
     def keep_experts(self, layer: nn.Module, indices: list[int], experts: list[nn.Module] | None = None) -> None:
         """Keep only router rows ``indices`` (in that order) with their experts, or with ``experts``
@@ -231,7 +260,7 @@ class MoEAdapter(DecoderStackAdapter):
                 f"for a layer built as {current.to_dict()}. The checkpoint's config.json is corrupt"
             )
         if shape.num_experts != current.num_experts:
-            self.keep_experts(layer, list(range(shape.num_experts)))
+            self.keep_experts(layer, self.placeholder_experts(self.moe_block(layer), shape.num_experts))
 
     def write_uniform_config(self, config: Any, shape: LayerShape) -> None:
         if shape.num_experts:

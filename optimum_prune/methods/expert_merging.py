@@ -18,7 +18,9 @@ Per layer, on the calibration tokens routed by the already-merged earlier layers
    output is scaled by that probability's mean over the calibration tokens (exact when it is the
    same for every token, e.g. members that copy their dominant expert; Mixtral renormalises).
 
-The merged model has r experts per layer and saves with a stock config, like expert pruning.
+A router that chooses experts in groups (``expert_groups``) keeps as many dominant experts in each, and
+members join a dominant expert of their own group. The merged model has r experts per layer and saves
+with a stock config, like expert pruning.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from ..dependencies import MissingDependency
 from ..options import option
 from ..report import PruningReport
 from .base import StructuredMethod, register_structured_method
-from .experts import experts_to_keep, removed_expert_share, router_logits
+from .experts import best_in_groups, dense_layers, experts_to_keep, removed_expert_share, router_logits
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ class ExpertMerging(StructuredMethod[ExpertMergingOptions]):
     def check(self) -> None:
         self.keep = experts_to_keep(self.adapter, self.sparsity, self.options.num_experts)
         self.sparsity = removed_expert_share(self.adapter, self.keep)  # num_experts, or the rounded sparsity
-        self.kept_layers = self.kept_moe_layers()
+        self.kept_layers = self.kept_moe_layers() | dense_layers(self.adapter)
         for name, layer in zip(self.adapter.layer_names(), self.adapter.decoder_layers()):
             block = self.adapter.moe_block(layer)
             if block is None:
@@ -86,14 +88,17 @@ class ExpertMerging(StructuredMethod[ExpertMergingOptions]):
         total = len(self.adapter.block_experts(block))
         _, selected = self.adapter.route(block, logits)
         frequency = torch.bincount(selected.flatten().cpu(), minlength=total).double()
-        dominant = sorted(torch.argsort(frequency, descending=True, stable=True)[: self.keep].tolist())
+        router_groups = self.adapter.expert_groups(block)  # a router choosing in groups: as many kept in each
+        dominant = best_in_groups(frequency, router_groups, self.keep)
         similarity = nn.functional.normalize(logits.T, dim=1) @ nn.functional.normalize(logits.T, dim=1).T
         groups = {d: [d] for d in dominant}
-        for expert in range(total):
-            if expert not in groups:
-                groups[max(dominant, key=lambda d: float(similarity[expert, d]))].append(expert)
+        for router_group in router_groups:
+            candidates = [d for d in dominant if d in router_group]
+            for expert in router_group:
+                if expert not in groups:
+                    groups[max(candidates, key=lambda d: float(similarity[expert, d]))].append(expert)
         merged = [self._merged_expert(block, members, frequency) for members in groups.values()]
-        if not self.adapter.renormalises(block):  # step 4: the weights the softmax over r rows inflates, scaled back
+        if self.adapter.weights_depend_on_other_rows(block):  # step 4: the weights the softmax over r rows inflates, scaled back
             kept_mass = float(torch.softmax(logits.double(), dim=-1)[:, dominant].sum(-1).mean())
             for expert in merged:
                 _scale_output(self.adapter.expert_projections(expert)[1], kept_mass)

@@ -9,8 +9,10 @@ Criteria:
 - ``reap`` (router-weighted expert activation): the mean over an expert's routed tokens of its
   routing weight times the norm of its output.
 
-Layers are visited in order on the already-pruned model's activations. ``sparsity`` is the
-fraction of experts removed per layer (``num_experts`` overrides it). With ``ranking="layer"``
+Layers are visited in order on the already-pruned model's activations; dense layers among them stay
+as they are. ``sparsity`` is the fraction of experts removed per MoE layer (``num_experts`` overrides
+it). A router that chooses experts in groups (``expert_groups``) keeps as many in each group, so the
+kept experts' routing stays what it was with the removed ones left out. With ``ranking="layer"``
 every layer keeps the same count and saves as a stock config (``num_local_experts`` /
 ``num_experts``); ``ranking="global"`` lets counts differ per layer, recorded as per-layer shapes.
 """
@@ -72,7 +74,12 @@ class ExpertPruning(StructuredMethod[ExpertPruningOptions]):
     def check(self) -> None:
         self.keep = experts_to_keep(self.adapter, self.sparsity, self.options.num_experts)
         self.sparsity = removed_expert_share(self.adapter, self.keep)  # num_experts, or the rounded sparsity
-        self.kept_layers = self.kept_moe_layers()
+        self.kept_layers = self.kept_moe_layers() | dense_layers(self.adapter)
+        if self.options.ranking == "global" and len(self.adapter.expert_groups(first_moe_block(self.adapter))) > 1:
+            raise ValueError(
+                "method_options.ranking='global' gives layers different expert counts, which a router choosing experts "
+                "in groups cannot take evenly; use ranking='layer'"
+            )
 
     def prune(self, windows: torch.Tensor | None, report: PruningReport) -> None:
         if self.options.ranking == "global":
@@ -87,23 +94,24 @@ class ExpertPruning(StructuredMethod[ExpertPruningOptions]):
                 run = partial(feed_layer, self.adapter, layer, inputs)
                 kept = self._reconstruction(block, run, len(self.adapter.block_experts(block)))
             else:
-                scores = self._expert_scores(block, layer, inputs)
-                kept = sorted(torch.argsort(scores, descending=True, stable=True)[: self.keep].tolist())
+                kept = best_in_groups(self._expert_scores(block, layer, inputs), self.adapter.expert_groups(block), self.keep)
             self._cut(index, layer, kept, report)
 
         walk_layers(self.adapter, windows, self.device, visit, f"Pruning experts ({self.options.criterion})")
 
     def _prune_globally(self, windows: torch.Tensor, report: PruningReport) -> None:
-        shares: list[torch.Tensor] = []
+        shares: dict[int, torch.Tensor] = {}
 
-        def visit(_index: int, layer: nn.Module, inputs: LayerInputs) -> None:
-            scores = self._expert_scores(self.adapter.moe_block(layer), layer, inputs)
-            shares.append(scores / scores.sum().clamp_min(1e-12))
+        def visit(index: int, layer: nn.Module, inputs: LayerInputs) -> None:
+            block = self.adapter.moe_block(layer)
+            if block is not None:
+                scores = self._expert_scores(block, layer, inputs)
+                shares[index] = scores / scores.sum().clamp_min(1e-12)
 
         walk_layers(self.adapter, windows, self.device, visit, f"Scoring experts ({self.options.criterion})")
-        top_k = self.adapter.experts_per_token(self.adapter.moe_block(self.adapter.decoder_layers()[0]))
-        kept = [set(torch.argsort(share, descending=True, stable=True)[:top_k].tolist()) for share in shares]
-        ranked = [layer for layer in range(len(shares)) if layer not in self.kept_layers]
+        top_k = self.adapter.experts_per_token(first_moe_block(self.adapter))
+        kept = {layer: set(torch.argsort(share, descending=True, stable=True)[:top_k].tolist()) for layer, share in shares.items()}
+        ranked = [layer for layer in shares if layer not in self.kept_layers]
         candidates = sorted(
             ((float(shares[layer][e]), layer, e) for layer in ranked for e in range(len(shares[layer])) if e not in kept[layer]),
             reverse=True,
@@ -112,7 +120,7 @@ class ExpertPruning(StructuredMethod[ExpertPruningOptions]):
         for _, layer, expert in candidates[:budget]:
             kept[layer].add(expert)
         for index, layer in enumerate(self.adapter.decoder_layers()):
-            if index not in self.kept_layers:
+            if index in ranked:
                 self._cut(index, layer, sorted(kept[index]), report)
 
     def _cut(self, index: int, layer: nn.Module, kept: list[int], report: PruningReport) -> None:
@@ -135,15 +143,20 @@ class ExpertPruning(StructuredMethod[ExpertPruningOptions]):
         """The subset of ``self.keep`` experts to keep, from the block's inputs while ``run()`` runs the
         layer: the exhaustive search scores every subset as the tokens arrive (one pass, nothing kept);
         the greedy one keeps the inputs for its rounds."""
-        if math.comb(total, self.keep) <= self.options.max_subsets:
-            candidates = [list(s) for s in itertools.combinations(range(total), self.keep)]
+        groups = self.adapter.expert_groups(block)
+        per_group = self.keep // len(groups)
+        if math.comb(total // len(groups), per_group) ** len(groups) <= self.options.max_subsets:
+            candidates = [sorted(itertools.chain(*s)) for s in itertools.product(*(itertools.combinations(g, per_group) for g in groups))]
             losses = torch.zeros(len(candidates), dtype=torch.float64)
             each_block_chunk(block, run, lambda chunk: losses.add_(self._chunk_losses(block, chunk, candidates)))
             return candidates[int(torch.argmin(losses))]
         hidden = block_inputs(block, run)
         kept = list(range(total))
         while len(kept) > self.keep:  # greedy: drop the expert whose absence changes the output least
-            candidates = [[e for e in kept if e != drop] for drop in kept]
+            # from the groups holding the most experts, so that every group ends with as many
+            left = [len(set(group) & set(kept)) for group in groups]
+            droppable = {e for group, count in zip(groups, left) if count == max(left) for e in group}
+            candidates = [[e for e in kept if e != drop] for drop in kept if drop in droppable]
             kept = candidates[int(torch.argmin(self._subset_losses(block, hidden, candidates)))]
         return kept
 
@@ -154,7 +167,7 @@ class ExpertPruning(StructuredMethod[ExpertPruningOptions]):
     def _chunk_losses(self, block: nn.Module, chunk: torch.Tensor, subsets: list[list[int]]) -> torch.Tensor:
         losses = torch.zeros(len(subsets), dtype=torch.float64)
         experts = self.adapter.block_experts(block)
-        logits = self.adapter.router(block)(chunk).float()
+        logits = self.adapter.router_logits(block, chunk).float()
         outputs = torch.stack([expert(chunk).float() for expert in experts])  # [n, tokens, hidden]
         full = self._mixture(block, logits, outputs, list(range(len(experts))))
         for position, subset in enumerate(subsets):
@@ -163,31 +176,27 @@ class ExpertPruning(StructuredMethod[ExpertPruningOptions]):
 
     def _mixture(self, block: nn.Module, logits: torch.Tensor, outputs: torch.Tensor, subset: list[int]) -> torch.Tensor:
         index = torch.tensor(subset, device=logits.device)
-        weights, selected = self.adapter.route(block, logits.index_select(1, index))
+        weights, selected = self.adapter.route(block, logits.index_select(1, index), subset)
         tokens = torch.arange(logits.shape[0], device=logits.device)
         # each token's top-k rows read straight from all outputs: no copy of |S| experts' outputs per subset scored
         return sum(weights[:, k, None] * outputs[index[selected[:, k]], tokens] for k in range(selected.shape[1]))
 
 
 def experts_to_keep(adapter: Any, sparsity: float, requested: int) -> int:
-    """Experts per layer left by ``sparsity`` (fraction removed) or ``requested``, or a clear error: the nearest
-    count, an exact half keeping the larger (``sparsity.nearest_count``)."""
-    layers = list(adapter.decoder_layers())
-    counts = {len(adapter.experts(layer)) for layer in layers}
-    if 0 in counts or len(counts) != 1:
-        error = UnsupportedArchitecture if 0 in counts else ValueError  # the counts may differ after an earlier step
+    """Experts per MoE layer left by ``sparsity`` (fraction removed) or ``requested``, or a clear error: the nearest
+    count, an exact half keeping the larger (``sparsity.nearest_count``). Dense layers stay as they are."""
+    counts = {len(adapter.experts(layer)) for layer in adapter.decoder_layers()} - {0}
+    if len(counts) != 1:
+        error = UnsupportedArchitecture if not counts else ValueError  # the counts may differ after an earlier step
         raise error(
-            f"expert pruning and merging need every decoder layer to be a mixture-of-experts layer with the same "
-            f"expert count; {type(adapter.model).__name__} has "
-            + (
-                "no mixture-of-experts layers" if counts == {0}
-                else "dense layers among its mixture-of-experts ones (mlp_only_layers / decoder_sparse_step)" if 0 in counts
-                else f"per-layer expert counts {sorted(counts)}"
-            )
+            f"expert pruning and merging need mixture-of-experts layers with the same expert count; "
+            f"{type(adapter.model).__name__} has "
+            + ("no mixture-of-experts layers" if not counts else f"per-layer expert counts {sorted(counts)}")
         )
     total = counts.pop()
     keep = requested or nearest_count(total * (1 - sparsity))
-    top_k = adapter.experts_per_token(adapter.moe_block(layers[0]))
+    block = first_moe_block(adapter)
+    top_k = adapter.experts_per_token(block)
     if top_k >= total:
         raise ValueError(f"the router picks top-{top_k} of {total} experts per layer: none can be removed")
     if not top_k <= keep < total:
@@ -195,12 +204,32 @@ def experts_to_keep(adapter: Any, sparsity: float, requested: int) -> int:
             f"keeping {keep} of {total} experts per layer is not possible: the router picks top-{top_k}, so keep "
             f"between {top_k} and {total - 1} (set PruningConfig.sparsity or method_options.num_experts)"
         )
+    adapter.check_expert_count(block, keep)
     return keep
 
 
 def removed_expert_share(adapter: Any, keep: int) -> float:
-    """The ``sparsity`` that keeps ``keep`` experts per layer (every layer has as many, ``experts_to_keep``)."""
-    return 1 - keep / len(adapter.experts(adapter.decoder_layers()[0]))
+    """The ``sparsity`` that keeps ``keep`` experts per MoE layer (every one has as many, ``experts_to_keep``)."""
+    return 1 - keep / len(adapter.block_experts(first_moe_block(adapter)))
+
+
+def first_moe_block(adapter: Any) -> nn.Module:
+    return next(block for layer in adapter.decoder_layers() if (block := adapter.moe_block(layer)) is not None)
+
+
+def dense_layers(adapter: Any) -> set[int]:
+    """The layers with a dense MLP instead of a MoE block, which expert methods leave as they are."""
+    return {index for index, layer in enumerate(adapter.decoder_layers()) if adapter.moe_block(layer) is None}
+
+
+def best_in_groups(scores: torch.Tensor, groups: list[list[int]], keep: int) -> list[int]:
+    """The ``keep`` best-scoring experts, as many from each router group (ties: the lower index), in index order."""
+    per_group = keep // len(groups)
+    return sorted(
+        group[position]
+        for group in groups
+        for position in torch.argsort(scores[group], descending=True, stable=True)[:per_group].tolist()
+    )
 
 
 def each_block_chunk(block: nn.Module, run: Any, consume: Callable[[torch.Tensor], Any]) -> None:
@@ -230,7 +259,7 @@ def reap_scores(adapter: Any, block: nn.Module, run: Any) -> torch.Tensor:
     counts = torch.zeros(len(experts), dtype=torch.float64)
 
     def score(chunk: torch.Tensor) -> None:
-        weights, selected = adapter.route(block, adapter.router(block)(chunk))
+        weights, selected = adapter.route(block, adapter.router_logits(block, chunk))
         for expert in selected.unique().tolist():
             rank, token = expert_tokens(selected, expert)
             output = experts[expert](chunk[token])
@@ -245,8 +274,8 @@ def router_logits(adapter: Any, block: nn.Module, run: Any) -> torch.Tensor:
     """The router's logits ([tokens, experts], fp32) for every token the MoE block sees while ``run()`` runs
     the layer once: what routing criteria need, without keeping the tokens' hidden states."""
     seen: list[torch.Tensor] = []
-    handle = adapter.router(block).register_forward_hook(
-        lambda _m, _args, logits: seen.append(logits.detach().float().reshape(-1, logits.shape[-1]))
+    handle = block.register_forward_pre_hook(  # the block's input: a router need not return its logits
+        lambda _m, args: seen.append(adapter.router_logits(block, args[0]).detach().float().reshape(-1, len(adapter.block_experts(block))))
     )
     try:
         run()

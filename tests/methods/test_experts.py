@@ -31,10 +31,10 @@ def test_keeps_two_of_four_experts_and_reloads_with_a_stock_config(tmp_path, fam
     model = tiny_moe(family)
     report = prune(model, PruningConfig(method="experts", sparsity=0.5, method_options={"criterion": criterion}), calibration=token_windows(4, 16))
     adapter = get_adapter(model)
-    for layer in adapter.decoder_layers():
-        block = adapter.moe_block(layer)
-        assert len(block.experts) == 2 and block.gate.out_features == 2
-    assert len(report.removed) == 2 and "experts [" in report.removed[0]
+    blocks = [block for layer in adapter.decoder_layers() if (block := adapter.moe_block(layer)) is not None]
+    for block in blocks:
+        assert len(block.experts) == 2 and adapter.router_logits(block, torch.zeros(1, model.config.hidden_size)).shape[-1] == 2
+    assert len(report.removed) == len(blocks) == 2 and "experts [" in report.removed[0]
     model.save_pretrained(tmp_path / "moe")
     config = (tmp_path / "moe" / "config.json").read_text()
     assert "quantization_config" not in config  # uniform: the stock expert-count field says it all
@@ -170,7 +170,7 @@ def test_a_model_with_as_many_experts_as_the_router_picks_has_none_to_remove():
 def test_dense_models_are_refused():
     from ..conftest import tiny_model
 
-    with pytest.raises(ValueError, match="need every decoder layer to be a mixture-of-experts layer"):
+    with pytest.raises(ValueError, match="need mixture-of-experts layers with the same expert count; LlamaForCausalLM has no mixture-of-experts layers"):
         prune(tiny_model(), PruningConfig(method="experts"), calibration=token_windows(2, 8))
 
 
@@ -251,3 +251,23 @@ def test_sparsity_rounds_to_the_nearest_expert_count():
     assert experts_to_keep(adapter, 0.375, 0) == 3  # an exact half keeps the larger count (round() gave 2: halves to even)
     many = get_adapter(tiny_moe(num_local_experts=15))
     assert experts_to_keep(many, 0.9, 0) == 2  # 15 × (1 − 0.9) = 1.4999999999999996: a half, so 2 (1 was refused, below top-2)
+
+
+@pytest.mark.parametrize("options", [{"method": "experts"}, {"method": "merge_experts"}, {"method": "experts", "method_options": {"criterion": "frequency", "ranking": "global"}}])
+@pytest.mark.parametrize("dense", [{"mlp_only_layers": [1]}, {"decoder_sparse_step": 2}])
+def test_dense_layers_among_moe_ones_stay_as_they_are_and_the_model_reloads(tmp_path, options, dense):
+    """Qwen-MoE configs can make some layers dense (DeepSeek-V3's first ones are): the expert count is over MoE layers."""
+    model = tiny_moe("qwen2_moe", num_hidden_layers=3, intermediate_size=80, **dense)
+    adapter = get_adapter(model)
+    dense_index = next(index for index, layer in enumerate(adapter.decoder_layers()) if adapter.moe_block(layer) is None)
+    before = {name: tensor.clone() for name, tensor in adapter.decoder_layers()[dense_index].state_dict().items()}
+    report = prune(model, PruningConfig(sparsity=0.5, **options), calibration=token_windows(4, 16))
+    blocks = [block for layer in adapter.decoder_layers() if (block := adapter.moe_block(layer)) is not None]
+    assert blocks and sum(map(len, (block.experts for block in blocks))) == 2 * len(blocks) and len(report.removed) == len(blocks)
+    after = adapter.decoder_layers()[dense_index].state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[name], after[name]) for name in before)
+    model.save_pretrained(tmp_path / "moe")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "moe").eval()
+    ids = token_windows(1, 8)
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
