@@ -1,5 +1,5 @@
 """MoE adapter: router-aware calibration statistics and unstructured pruning of experts, on tiny
-random configs of the real transformers classes (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE)."""
+random configs of the real transformers classes (Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-V3)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import torch
 from torch.nn import functional as F
 from transformers import (
     AutoModelForCausalLM,
+    DeepseekV3Config,
+    DeepseekV3ForCausalLM,
     MixtralConfig,
     MixtralForCausalLM,
     OlmoeConfig,
@@ -37,7 +39,18 @@ FAMILIES = {
     ),
     "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM, dict(moe_intermediate_size=96, num_experts=4, num_experts_per_tok=2, head_dim=16)),
     "olmoe": (OlmoeConfig, OlmoeForCausalLM, dict(intermediate_size=96, num_experts=4, num_experts_per_tok=2)),
+    "deepseek_v3": (  # layer 0 dense; multi-head latent attention; one router group (grouped routing: test_deepseek.py)
+        DeepseekV3Config,
+        DeepseekV3ForCausalLM,
+        dict(
+            num_hidden_layers=3, first_k_dense_replace=1, num_key_value_heads=4, intermediate_size=96, moe_intermediate_size=48,
+            n_routed_experts=4, n_group=1, topk_group=1, num_experts_per_tok=2, routed_scaling_factor=2.5, q_lora_rank=None,
+            kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+        ),
+    ),
 }
+# Families whose router module returns logits that a softmax top-k routes: what merging, skipping and folding need.
+SOFTMAX_ROUTED = [family for family in FAMILIES if family != "deepseek_v3"]
 
 
 def tiny_moe(family: str = "mixtral", seed: int = 0, **overrides) -> torch.nn.Module:
@@ -46,10 +59,14 @@ def tiny_moe(family: str = "mixtral", seed: int = 0, **overrides) -> torch.nn.Mo
     return model_cls(config_cls(**{**SHAPE, **extra, **overrides})).eval()
 
 
+def first_moe_layer(adapter) -> torch.nn.Module:
+    return next(layer for layer in adapter.decoder_layers() if adapter.moe_block(layer) is not None)
+
+
 def block_inputs(model, windows: torch.Tensor) -> torch.Tensor:
-    """The hidden states entering layer 0's MoE block, flattened to [tokens, hidden]."""
+    """The hidden states entering the first MoE block, flattened to [tokens, hidden]."""
     adapter = get_adapter(model)
-    block = adapter.moe_block(adapter.decoder_layers()[0])
+    block = adapter.moe_block(first_moe_layer(adapter))
     seen = []
     handle = block.register_forward_pre_hook(lambda _m, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
     with torch.no_grad():
@@ -59,14 +76,19 @@ def block_inputs(model, windows: torch.Tensor) -> torch.Tensor:
 
 
 def direct_expert_norms(model, windows: torch.Tensor, expert: int, weighted: bool = True) -> torch.Tensor:
-    """‖r·X‖₂ (``weighted``) or ‖X‖₂ per input feature of layer 0's expert ``expert`` over its routed tokens, from scratch."""
+    """‖r·X‖₂ (``weighted``) or ‖X‖₂ per input feature of the first MoE layer's expert ``expert`` over its routed
+    tokens, from scratch (DeepSeek-V3's router module returns the selected experts and their weights itself)."""
     adapter = get_adapter(model)
-    block = adapter.moe_block(adapter.decoder_layers()[0])
+    block = adapter.moe_block(first_moe_layer(adapter))
     hidden = block_inputs(model, windows)
-    probabilities = F.softmax(block.gate(hidden).float(), dim=-1)
-    weights, selected = torch.topk(probabilities, block.top_k, dim=-1)
-    if getattr(block, "norm_topk_prob", True):
-        weights = weights / weights.sum(-1, keepdim=True)
+    with torch.no_grad():
+        routed = block.gate(hidden)
+    if isinstance(routed, tuple):
+        selected, weights = routed
+    else:
+        weights, selected = torch.topk(F.softmax(routed.float(), dim=-1), block.top_k, dim=-1)
+        if getattr(block, "norm_topk_prob", True):
+            weights = weights / weights.sum(-1, keepdim=True)
     chosen = (selected == expert)
     routed = chosen.any(-1)
     token_weight = (weights * chosen).sum(-1)[routed] if weighted else torch.ones(int(routed.sum()))
@@ -77,7 +99,7 @@ def direct_expert_norms(model, windows: torch.Tensor, expert: int, weighted: boo
 def test_routed_statistics_equal_a_direct_per_expert_computation(family):
     model, windows = tiny_moe(family), token_windows(samples=4, seq_len=16)
     adapter = get_adapter(model)
-    layer = adapter.decoder_layers()[0]
+    layer = first_moe_layer(adapter)
     experts = adapter.experts(layer)
     first_linears = {f"expert{i}": next(m for m in expert.modules() if isinstance(m, torch.nn.Linear)) for i, expert in enumerate(experts)}
     norms = {name: ColumnNorms(64, torch.device("cpu")) for name in first_linears}
@@ -111,7 +133,9 @@ def test_routers_stay_dense_and_experts_are_pruned(family):
     prune(model, PruningConfig(method="wanda", sparsity="2:4", num_calibration_samples=4, calibration_seq_len=16), calibration=token_windows(4, 16))
     layers = verify_sparsity(model, pattern="2:4")["layers"]
     routers = {name for name in layers if name.endswith(".gate") or name.endswith("shared_expert_gate")}
-    assert routers and all(layers[name]["sparsity"] == 0 for name in routers)
+    assert all(layers[name]["sparsity"] == 0 for name in routers)
+    # DeepSeek-V3's router holds a weight parameter, no linear: it is left out, dense
+    assert routers or all(float((layer.mlp.gate.weight == 0).float().mean()) < 0.1 for layer in model.model.layers[1:])
     experts = [name for name in layers if ".experts." in name]
     assert experts and all(layers[name]["conforming"] and layers[name]["sparsity"] >= 0.5 for name in experts)
 
