@@ -126,6 +126,12 @@ class DeepseekV3Adapter(MoEAdapter):
                 f"{len(block.experts) // groups} and scores each by its best two, so keep a multiple of {groups} "
                 f"with at least 2 per group (e.g. {groups * max(2, count // groups)})"
             )
+        if count // groups * block.gate.topk_group < block.gate.top_k:
+            raise ValueError(
+                f"cannot keep {count} experts per layer: each token's {block.gate.topk_group} chosen groups would hold "
+                f"{count // groups * block.gate.topk_group} experts, fewer than the router's top-{block.gate.top_k} "
+                "(it would fill them from groups it did not choose); keep more"
+            )
 
     def placeholder_experts(self, block: nn.Module, count: int) -> list[int]:
         return [group[i] for group in self.expert_groups(block) for i in range(count // block.gate.n_group)]

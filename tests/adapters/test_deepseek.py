@@ -233,6 +233,12 @@ def test_counts_the_groups_cannot_take_are_refused(count, message):
     assert experts_to_keep(adapter, 0.5, 0) == 4
 
 
+def test_counts_that_leave_the_chosen_groups_fewer_than_top_k_experts_are_refused():
+    model = tiny(num_experts_per_tok=3)  # one of two groups chosen: 2 kept in it cannot give a top-3
+    with pytest.raises(ValueError, match="chosen groups would hold 2 experts, fewer than the router's top-3"):
+        prune(model, PruningConfig(method="experts", method_options={"num_experts": 4}), calibration=token_windows(2, 8))
+
+
 def test_global_ranking_is_refused_for_grouped_routers():
     with pytest.raises(ValueError, match="ranking='global'.*groups"):
         prune(tiny(), PruningConfig(method="experts", method_options={"criterion": "frequency", "ranking": "global"}), calibration=token_windows(2, 8))
