@@ -30,7 +30,7 @@ from transformers import (
     GemmaModel,
 )
 
-from .base import ResidualBranch, UnsupportedArchitecture, register_adapter
+from .base import register_adapter
 from .llama import LlamaAdapter
 
 
@@ -69,19 +69,6 @@ class SandwichNormAdapter(GemmaAdapter):
     def keep_layers(self, indices: list[int]) -> None:
         super().keep_layers(indices)
         _follow_sliding_window_pattern(self.config)
-
-    def residual_branches(self, layer: nn.Module) -> list[ResidualBranch]:
-        raise self._not_rotation_invariant()
-
-    def add_shortcuts(self, index: int) -> nn.Module:
-        raise self._not_rotation_invariant()
-
-    def _not_rotation_invariant(self) -> UnsupportedArchitecture:
-        return UnsupportedArchitecture(
-            f"{type(self.model).__name__} normalises each sublayer's output before adding it to the residual stream "
-            "(post_attention_layernorm, post_feedforward_layernorm), which rotating the stream would change; "
-            "SliceGPT does not apply: use width or layers for structured pruning"
-        )
 
 
 def _follow_sliding_window_pattern(config: Any) -> None:

@@ -35,6 +35,7 @@ from .base import (
     DecoderStackAdapter,
     MLPLayout,
     ResidualBranch,
+    UnsupportedArchitecture,
     register_adapter,
 )
 
@@ -261,6 +262,8 @@ class LlamaAdapter(DecoderStackAdapter):
         keep_decoder_layers(self, indices)
 
     def residual_branches(self, layer: nn.Module) -> list[ResidualBranch]:
+        if self.post_norms:
+            raise self._not_rotation_invariant()
         if isinstance(layer.self_attn, RemovedAttention) or isinstance(layer.mlp, RemovedMLP):
             raise ValueError("residual branches of a layer with a removed sublayer are not supported")
         attention, mlp = layer.self_attn, layer.mlp
@@ -271,10 +274,21 @@ class LlamaAdapter(DecoderStackAdapter):
         ]
 
     def add_shortcuts(self, index: int) -> nn.Module:
+        if self.post_norms:
+            raise self._not_rotation_invariant()
         layers = self.decoder_layers()
         if not isinstance(layers[index], ShortcutDecoderLayer):
             layers[index] = with_shortcuts(layers[index], self.residual_scale(layers[index]), self.layer_returns_tuple)
         return layers[index]
+
+    def _not_rotation_invariant(self) -> UnsupportedArchitecture:
+        """SliceGPT rotates the residual stream; a norm on a sublayer's output, before it joins the stream, scales
+        each channel of it (and divides by its RMS), which no rotation of the stream commutes with."""
+        return UnsupportedArchitecture(
+            f"{type(self.model).__name__} normalises each sublayer's output before adding it to the residual stream "
+            f"({', '.join(self.post_norms.values())}), which rotating the stream would change; SliceGPT does not apply: "
+            "use width, layers or sublayers for structured pruning"
+        )
 
     def layer_shape(self, layer: nn.Module) -> LayerShape:
         attention, mlp = self.attention(layer), self.mlp(layer)

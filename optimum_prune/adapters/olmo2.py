@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from transformers import Olmo2ForCausalLM, Olmo2Model
 
-from .base import ResidualBranch, UnsupportedArchitecture, register_adapter
+from .base import UnsupportedArchitecture, register_adapter
 from .llama import LlamaAdapter
 
 
@@ -37,22 +37,9 @@ class Olmo2Adapter(LlamaAdapter):
     def keep_heads(self, layer: nn.Module, heads: torch.Tensor, kv_heads: torch.Tensor) -> None:
         raise self._heads_not_removable()
 
-    def residual_branches(self, layer: nn.Module) -> list[ResidualBranch]:
-        raise self._not_rotation_invariant()
-
-    def add_shortcuts(self, index: int) -> nn.Module:
-        raise self._not_rotation_invariant()
-
     def _heads_not_removable(self) -> UnsupportedArchitecture:
         return UnsupportedArchitecture(
             f"{type(self.model).__name__} normalises queries and keys over all heads at once (self_attn.q_norm, "
             "self_attn.k_norm), so removing heads would change the kept heads' attention; prune MLP channels only "
             "(method_options.components='mlp'), or whole layers or sublayers"
-        )
-
-    def _not_rotation_invariant(self) -> UnsupportedArchitecture:
-        return UnsupportedArchitecture(
-            f"{type(self.model).__name__} normalises each sublayer's output before adding it to the residual stream "
-            "(post_attention_layernorm, post_feedforward_layernorm), which rotating the stream would change; "
-            "SliceGPT does not apply: use width (components='mlp'), layers or sublayers for structured pruning"
         )
