@@ -27,8 +27,7 @@ refused, as for the other MoE families.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -36,8 +35,8 @@ from torch.nn import functional as F
 from transformers import DeepseekV3ForCausalLM, DeepseekV3Model, Glm4MoeForCausalLM, Glm4MoeModel
 
 from ..structure.shapes import LayerShape
-from .base import TokenRouting, UnsupportedArchitecture, register_adapter
-from .moe import ExpertRouting, MoEAdapter, _BlockRouting
+from .base import UnsupportedArchitecture, register_adapter
+from .moe import ExpertRouting, MoEAdapter
 
 
 def grouped_sigmoid_routing(
@@ -85,6 +84,8 @@ class _TokenOrderRouting(ExpertRouting):
 class DeepseekV3Adapter(MoEAdapter):
     """Each layer: attention (DeepSeek's multi-head latent attention, GLM's grouped-query one) and a dense MLP
     (the first ``first_k_dense_replace`` layers) or a MoE block with a grouped sigmoid router and shared experts."""
+
+    routing_class = _TokenOrderRouting
 
     def routers(self, layer: nn.Module) -> list[nn.Linear]:
         return []  # the router's weight is a parameter of its own module, never among the linears
@@ -156,27 +157,9 @@ class DeepseekV3Adapter(MoEAdapter):
             router.e_score_correction_bias = bias[indices]
         router.n_routed_experts = len(indices)
 
-    @contextmanager
-    def routed_tokens(self, layer: nn.Module) -> Iterator[TokenRouting]:
-        block = self.moe_block(layer)
-        routing = _TokenOrderRouting()
-        if block is None:
-            yield routing
-            return
-        decision = _BlockRouting()
-
-        def record(_module: nn.Module, _args: tuple, output: tuple[torch.Tensor, torch.Tensor]) -> None:
-            decision.selected, decision.weights = (tensor.detach() for tensor in output)  # what the block applies
-
-        for index, expert in enumerate(block.experts):
-            for linear in expert.modules():
-                if isinstance(linear, nn.Linear):
-                    routing.expert_of[linear] = (decision, index)
-        handle = block.gate.register_forward_hook(record)
-        try:
-            yield routing
-        finally:
-            handle.remove()
+    def routing_decision(self, block: nn.Module, router_output: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        selected, weights = router_output  # what the block applies
+        return weights.detach(), selected.detach()
 
     # --- shapes (expert removal changes the expert count; widths stay stock) ---------------
     def layer_shape(self, layer: nn.Module) -> LayerShape:

@@ -124,6 +124,8 @@ class ExpertRouting(TokenRouting):
 class MoEAdapter(DecoderStackAdapter):
     """Each layer: attention and a sparse MoE block."""
 
+    routing_class: type[ExpertRouting] = ExpertRouting  # how the block hands each expert its tokens
+
     def _no_structure(self) -> UnsupportedArchitecture:
         return UnsupportedArchitecture(
             f"{type(self).__name__} ({type(self.model).__name__}) cannot apply this structured method, which is written "
@@ -266,17 +268,22 @@ class MoEAdapter(DecoderStackAdapter):
         if shape.num_experts:
             setattr(config, "num_local_experts" if hasattr(config, "num_local_experts") else "num_experts", shape.num_experts)
 
+    def routing_decision(self, block: nn.Module, router_output: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """(weights, selected), each [tokens, top_k], of the tokens the block just routed, from what its router
+        returned (logits, which the block routes as ``route`` does)."""
+        return self.route(block, router_output.detach())
+
     @contextmanager
     def routed_tokens(self, layer: nn.Module) -> Iterator[TokenRouting]:
         block = self.moe_block(layer)
-        routing = ExpertRouting()
+        routing = self.routing_class()
         if block is None:
             yield routing
             return
         decision = _BlockRouting()
 
-        def record(_module: nn.Module, _args: tuple, logits: torch.Tensor) -> None:
-            decision.weights, decision.selected = self.route(block, logits.detach())
+        def record(_module: nn.Module, _args: tuple, output: Any) -> None:
+            decision.weights, decision.selected = self.routing_decision(block, output)
 
         for index, expert in enumerate(block.experts):
             for linear in expert.modules():
