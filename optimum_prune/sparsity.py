@@ -119,14 +119,28 @@ def lowest_by_threshold(rows: torch.Tensor, count: int) -> torch.Tensor:
     """``lowest_by_sort``'s mask from a k-th value cut: O(n) where the sort is O(n log n); on a CPU 2.2–3.8× less time
     over a whole matrix and 1.05–1.7× per row (benchmarks/SELECTION.md)."""
     nan = rows.isnan()
-    rows = torch.where(nan, math.inf, rows) if nan.any() else rows
+    has_nan = bool(nan.any())
+    rows = torch.where(nan, math.inf, rows) if has_nan else rows
     threshold = rows.kthvalue(count, dim=1, keepdim=True).values
     below, ties = rows < threshold, rows == threshold
     room = count - below.sum(dim=1, keepdim=True)  # how many of the ties at the threshold go
+    if not has_nan and int(ties.sum()) <= rows.numel() // 16:
+        return _with_first_ties(below, ties, room.squeeze(1))
     chosen = below
     for group in (ties & ~nan, ties & nan):  # first ones first; NaN after +inf, as a sort puts them
         taken = group & (group.cumsum(dim=1) <= room)
         chosen, room = chosen | taken, room - taken.sum(dim=1, keepdim=True)
+    return chosen
+
+
+def _with_first_ties(chosen: torch.Tensor, ties: torch.Tensor, room: torch.Tensor) -> torch.Tensor:
+    """``chosen`` plus each row's first ``room`` ties, found from the ties' indices: where they are few, this spares
+    the whole-matrix cumulative sums of the general case (a third of magnitude's selection time on SmolLM2)."""
+    row, column = ties.nonzero(as_tuple=True)  # row-major: by row, then by position
+    per_row = torch.bincount(row, minlength=chosen.shape[0])
+    rank = torch.arange(row.numel(), device=row.device) - (per_row.cumsum(0) - per_row)[row]
+    taken = rank < room[row]
+    chosen[row[taken], column[taken]] = True
     return chosen
 
 

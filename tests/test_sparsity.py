@@ -31,6 +31,20 @@ def test_the_cut_is_the_first_entries_of_a_stable_sort(per_row):
             assert torch.equal(prune_lowest(scores, sparsity, per_row), expected.view_as(scores))
 
 
+@pytest.mark.parametrize("per_row", [True, False])
+def test_a_few_ties_are_taken_in_order_of_position_as_many_are(per_row):
+    """Few ties at the cut (most weights distinct, some repeated: bf16-born scores) take the index path; it must
+    pick what the stable sort picks, as the many-ties path does."""
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(40):
+        scores = torch.randint(0, 2000, (6, 64), generator=generator).float()
+        for sparsity in (0.1, 0.5, 0.9):
+            rows = scores if per_row else scores.reshape(1, -1)
+            count = int(rows.shape[1] * sparsity)
+            expected = torch.zeros_like(rows, dtype=torch.bool).scatter_(1, torch.argsort(rows, dim=1, stable=True)[:, :count], True)
+            assert torch.equal(prune_lowest(scores, sparsity, per_row), expected.view_as(scores))
+
+
 def test_counts_computed_in_floating_point_are_not_one_short():
     """100 × 0.29 = 28.999999999999996: flooring it pruned 28 weights a row, not 29."""
     scores = torch.rand(3, 100, generator=torch.Generator().manual_seed(0))

@@ -260,7 +260,13 @@ class NonFiniteActivations(ValueError):
 
 def all_finite(tensor: torch.Tensor) -> bool:
     """Whether every element is finite, checked in chunks: a whole-tensor mask of a 1G-element embedding is 1 GiB."""
-    return all(bool(chunk.isfinite().all()) for chunk in tensor.detach().reshape(-1).split(1 << 26))
+    if not tensor.is_floating_point() or not tensor.numel():  # aminmax takes neither an empty tensor nor bools
+        return all(bool(chunk.isfinite().all()) for chunk in tensor.detach().reshape(-1).split(1 << 26))
+    for chunk in tensor.detach().reshape(-1).split(1 << 26):
+        low, high = torch.aminmax(chunk)  # NaN propagates, ±inf is an extreme: one reduction, no mask allocated
+        if not bool(low.isfinite() & high.isfinite()):
+            return False
+    return True
 
 
 def require_finite(hidden: torch.Tensor, adapter: DecoderAdapter, layer: nn.Module | None) -> None:

@@ -124,8 +124,11 @@ class SparseGPTPruner(LayerPruner[SparseGPTOptions]):
             for i in range(end - start):
                 if isinstance(target, NMPattern) and i % target.m == 0:
                     group = _saliency(W1[:, i : i + target.m], diag[i : i + target.m], curvature, start + i)
-                    kept = kept_zeros[:, i : i + target.m]
-                    mask[:, i : i + target.m] = prune_lowest_nm(group.masked_fill(kept, -1.0), target) | kept
+                    if self.options.keep_zeros:
+                        kept = kept_zeros[:, i : i + target.m]
+                        mask[:, i : i + target.m] = prune_lowest_nm(group.masked_fill(kept, -1.0), target) | kept
+                    else:  # nothing to keep: no fill and or of an all-False group, once per M columns
+                        mask[:, i : i + target.m] = prune_lowest_nm(group, target)
                 w = W1[:, i]
                 q = w.masked_fill(mask[:, i], 0)
                 error = (w - q) / Hinv1[i, i]
