@@ -5,13 +5,14 @@
     report = prune(model, PruningConfig(method="wanda", sparsity="2:4"), tokenizer=tokenizer)
 """
 
+from typing import TYPE_CHECKING, Any
+
 from .allocation import ALLOCATIONS, register_allocation
 from .adapters import ADAPTERS, UnsupportedArchitecture, get_adapter, register_adapter
 from .api import prune
 from .callback import PruningCallback
 from .compress import compress
 from .config import PruningConfig
-from .distillation import DistillationConfig, DistillationMixin, DistillationTrainer, add_teacher_top_k
 from .early_exit import choose_early_exit, early_exit_kwargs, enable_early_exit
 from .expert_dropping import ExpertDroppingCallback, ExpertDroppingSchedule
 from .expert_folding import FoldedExperts, fold_experts
@@ -32,7 +33,26 @@ from .sparsity import NMPattern, verify_sparsity
 from .sparsity_metadata import compressed_tensors_config, sparsity_config
 from .structure.loading import StructureConfig  # registers the loader of non-uniform checkpoints
 
+if TYPE_CHECKING:
+    from .distillation import DistillationConfig, DistillationMixin, DistillationTrainer, add_teacher_top_k
+
 __version__ = "0.1.0"
+
+# Distillation subclasses transformers' Trainer, whose import (datasets, aiohttp, ...) costs ~0.45 s of CPU that
+# pruning, evaluation and the CLI never use: its names load on first use (PEP 562).
+_DISTILLATION = ("DistillationConfig", "DistillationMixin", "DistillationTrainer", "add_teacher_top_k")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _DISTILLATION:
+        from . import distillation
+
+        return getattr(distillation, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_DISTILLATION})
 
 __all__ = [
     "ADAPTERS",
