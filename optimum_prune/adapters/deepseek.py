@@ -27,6 +27,7 @@ refused, as for the other MoE families.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -119,6 +120,12 @@ class DeepseekV3Adapter(MoEAdapter):
         size = len(block.experts) // block.gate.n_group
         return [list(range(group * size, (group + 1) * size)) for group in range(block.gate.n_group)]
 
+    def fewest_experts(self, block: nn.Module) -> int:
+        """As many per group as ``check_expert_count`` asks: two (a group scores its best two), and enough that the
+        chosen groups hold the top-k."""
+        router = block.gate
+        return router.n_group * max(2, math.ceil(router.top_k / router.topk_group))
+
     def check_expert_count(self, block: nn.Module, count: int) -> None:
         groups = block.gate.n_group
         if count % groups or count // groups < 2:
@@ -183,8 +190,8 @@ class DeepseekV3Adapter(MoEAdapter):
             num_attention_heads=config.num_attention_heads,
             num_key_value_heads=config.num_key_value_heads,
             intermediate_size=config.moe_intermediate_size if moe else config.intermediate_size,
-            # DeepSeek's o_proj takes attention_bias; GLM-4.5's never has a bias
-            attention_output_bias=bool(config.attention_bias) and config.model_type == "deepseek_v3",
+            # DeepSeek's o_proj takes attention_bias; GLM-4.5's never has a bias (a DeepSeek-like config names another model_type)
+            attention_output_bias=bool(config.attention_bias) and hasattr(config, "kv_lora_rank"),  # MLA: DeepSeek's
             num_experts=config.n_routed_experts if moe else None,
         )
 

@@ -206,6 +206,10 @@ class MoEAdapter(DecoderStackAdapter):
         group the same size, or the kept experts' routing changes."""
         return [list(range(len(self.block_experts(block))))]
 
+    def fewest_experts(self, block: nn.Module) -> int:
+        """The fewest experts the block's router can route among (its top-k here)."""
+        return self.experts_per_token(block)
+
     def check_expert_count(self, block: nn.Module, count: int) -> None:
         """Raise ``ValueError`` where the block's router cannot route among ``count`` experts (besides its top-k)."""
 

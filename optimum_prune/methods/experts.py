@@ -109,8 +109,8 @@ class ExpertPruning(StructuredMethod[ExpertPruningOptions]):
                 shares[index] = scores / scores.sum().clamp_min(1e-12)
 
         walk_layers(self.adapter, windows, self.device, visit, f"Scoring experts ({self.options.criterion})")
-        top_k = self.adapter.experts_per_token(first_moe_block(self.adapter))
-        kept = {layer: set(torch.argsort(share, descending=True, stable=True)[:top_k].tolist()) for layer, share in shares.items()}
+        fewest = self.adapter.fewest_experts(first_moe_block(self.adapter))  # every layer starts from what its router needs
+        kept = {layer: set(torch.argsort(share, descending=True, stable=True)[:fewest].tolist()) for layer, share in shares.items()}
         ranked = [layer for layer in shares if layer not in self.kept_layers]
         candidates = sorted(
             ((float(shares[layer][e]), layer, e) for layer in ranked for e in range(len(shares[layer])) if e not in kept[layer]),

@@ -320,3 +320,18 @@ def test_a_block_ignore_keeps_gives_per_layer_counts_that_reload(tmp_path):
     assert [layer.mlp.gate.n_routed_experts for layer in moe_layers(reloaded)] == [4, 8]
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
+
+
+def test_global_ranking_keeps_every_layer_a_count_a_single_group_router_can_take(tmp_path):
+    """GLM-4.5-Air style (n_group=1): global ranking is allowed, but its floor was top-k (1 here) while the router
+    scores its group by its best two; a layer ranked down to one expert was refused after earlier layers were cut."""
+    model, ids = tiny("glm4_moe", seed=1, n_group=1, topk_group=1, num_experts_per_tok=1, num_hidden_layers=6), token_windows(4, 16)
+    config = PruningConfig(method="experts", sparsity=0.7, method_options={"criterion": "frequency", "ranking": "global"})
+    prune(model, config, calibration=ids)
+    counts = [len(layer.mlp.experts) for layer in moe_layers(model)]
+    assert min(counts) >= 2 and sum(counts) == 2 * len(counts), counts
+    save_pruned(model, tmp_path / "pruned")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
+    assert [len(layer.mlp.experts) for layer in moe_layers(reloaded)] == counts
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
