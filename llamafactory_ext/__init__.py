@@ -4,7 +4,7 @@ models keeping their zeros when they merge a LoRA adapter.
 
 Command line: ``llamafactory-prune {train,export,chat,api} config.yaml [key=value ...]``.
 The pieces are importable for scripts: ``split_pruning`` / ``PruningSection`` (the YAML
-section), ``read_calibration`` + ``prune_and_save``, ``merge_adapter`` and ``restore_zeros`` (the stages).
+section), ``read_calibration`` + ``prune_and_save``, ``merge_adapter`` (the stages) and ``restore_zeros`` (export).
 """
 
 import importlib
@@ -16,7 +16,9 @@ from .compat import import_llamafactory
 # [llamafactory] extra), and importing them here would fail `llamafactory-prune` before it can say what to install.
 _PIECES = {
     **dict.fromkeys(("PruningSection", "read_yaml", "split_pruning"), "config"),
-    **dict.fromkeys(("merge_adapter", "prune_and_save", "read_calibration", "restore_zeros", "run_export", "run_interactive", "run_train"), "stages"),
+    **dict.fromkeys(("merge_adapter", "prune_and_save", "read_calibration", "run_train"), "stages"),
+    **dict.fromkeys(("restore_zeros", "run_export"), "export"),
+    "run_interactive": "interactive",
 }
 
 

@@ -37,11 +37,11 @@ def snapshot(args: Mapping[str, Any], files: list[str]) -> Path:
             "whether it was pruned (its zeros must then be kept); download it and give its local directory instead"
         )
     loading = model_loading_kwargs(args)
-    snapshot = snapshot_download(
+    fetched = snapshot_download(
         name, revision=loading["revision"], cache_dir=loading["cache_dir"], token=loading["token"],
         allow_patterns=files,
     )  # fmt: skip
-    return Path(snapshot)
+    return Path(fetched)
 
 
 def is_pruned_checkpoint(path: Path) -> bool:

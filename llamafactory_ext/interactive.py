@@ -1,4 +1,4 @@
-"""``llamafactory-prune chat / webchat / api``: LLaMA-Factory's own, on a pruned model whose adapter is merged first."""
+"""``llamafactory-prune chat / api``: LLaMA-Factory's own, on a pruned model whose adapter is merged first."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
-"""What ``llamafactory-prune`` runs: pruning through LLaMA-Factory's data pipeline, then
-LLaMA-Factory's own training, export and chat, with the sparsity kept at every step.
+"""What ``llamafactory-prune train`` runs: pruning through LLaMA-Factory's data pipeline, then LLaMA-Factory's own
+training and the merge, with the sparsity kept at every step (export and chat: ``export.py``, ``interactive.py``).
 
 Layout of ``output_dir`` for ``stage: sft`` / ``pt`` with a ``pruning:`` section::
 

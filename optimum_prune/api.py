@@ -469,28 +469,6 @@ def _check_calibration_reaches_parts(inputs: CalibrationInputs, config: PruningC
         )
 
 
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 def _prune_from_disk(
     source: str | os.PathLike,
     config: PruningConfig | Mapping[str, Any],

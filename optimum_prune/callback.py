@@ -139,9 +139,6 @@ class PruningCallback(TrainerCallback):
         check_ignore_patterns(get_adapter(model), self.ignore, "PruningCallback ignore")
         self.masks = SparsityMasks.from_zeros(model, self.ignore)
         self._scheduled = list(prunable_linears(model, self.ignore))  # what a schedule prunes: not the routers
-        self._run_schedule = self.schedule.resolved(state.max_steps) if self.schedule is not None else None
-        if self._run_schedule is not None and state.global_step == 0:  # before any hook: a refused run changes nothing
-            self._check_schedule_above_existing_sparsity()
         if self.expert_dropping is not None:
             self.expert_dropping.on_train_begin(args, state, control, model=model, **kwargs)
         if not self.masks.linears and not self.masks.frozen:
@@ -152,6 +149,9 @@ class PruningCallback(TrainerCallback):
                 "codes (a QLoRA base, frozen): prune before quantizing (optimum_prune.prune on the full-precision model), "
                 "then train the adapter"
             )
+        self._run_schedule = self.schedule.resolved(state.max_steps) if self.schedule is not None else None
+        if self._run_schedule is not None and state.global_step == 0:  # before any hook: a refused run changes nothing
+            self._check_schedule_above_existing_sparsity()
         self._warn_if_lora_updates_the_pruned_weights(model)
         start_training_run(model, self, state, self._remove_hooks, self._hooks)
         self._hooks.extend(self.masks.mask_gradients_in_backward())

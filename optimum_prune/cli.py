@@ -163,7 +163,6 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-# The flags that make up the recipe (a PruningConfig), by argparse destination.
 # Each PruningConfig field a flag sets: the flags that make a recipe (keyed by argparse's dest), and the names the
 # CLI's errors use for the fields.
 _FIELD_FLAGS = {
@@ -301,7 +300,6 @@ def _print_summary(
         print(f"reload: {auto_class_name(model)}.from_pretrained (stock transformers)")
 
 
-
 def _run_offloaded(args: argparse.Namespace, config: PruningConfig) -> int:
     """``--offload disk``: ``prune_checkpoint`` from --model's shards into --output."""
     from .streaming import prune_checkpoint
@@ -351,7 +349,7 @@ def exiting_on_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-# The recipe flag that sets each config field, for errors raised by PruningConfig.
+# A PruningConfig field named in an error, said as its flag (_FIELD_FLAGS).
 _CONFIG_FIELD = re.compile(rf"PruningConfig\.({'|'.join(_FIELD_FLAGS)})\b(\.(?=\w))?")
 
 

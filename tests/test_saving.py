@@ -276,7 +276,7 @@ def test_a_shard_size_save_pretrained_cannot_read_is_named_before_writing(tmp_pa
 
 @pytest.mark.parametrize("size", ["1.5GB", "200KB", 10**5, 1e5])
 def test_every_shard_size_save_pretrained_reads_is_taken(tmp_path, size):
-    """The tiny model's 608 kB: one shard under 1.5 GB, several of at most the limit under 200 kB / 100 kB (no
+    """The tiny model's 608 kB: one shard under 1.5 GB, several within the limit (plus safetensors' header) under 200 kB / 100 kB (no
     tensor is larger), and they reload to the same weights."""
     model = tiny_model()
     save_pruned(model, tmp_path / "pruned", max_shard_size=size)

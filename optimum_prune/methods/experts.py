@@ -214,6 +214,7 @@ def removed_expert_share(adapter: Any, keep: int) -> float:
 
 
 def first_moe_block(adapter: Any) -> nn.Module:
+    """The first layer's MoE block (expert methods check that every MoE layer has as many experts)."""
     return next(block for layer in adapter.decoder_layers() if (block := adapter.moe_block(layer)) is not None)
 
 

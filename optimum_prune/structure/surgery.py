@@ -129,6 +129,7 @@ def resize_norm(norm: nn.Module, width: int) -> None:
 
 
 def resize_embedding(embedding: nn.Embedding, width: int) -> None:
+    """Give ``embedding`` an uninitialised ``width``-wide table (a sliced residual stream's, loaded next)."""
     weight = embedding.weight
     embedding.weight = nn.Parameter(torch.empty(weight.shape[0], width, device=weight.device, dtype=weight.dtype))
     embedding.embedding_dim = width

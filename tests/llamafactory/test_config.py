@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import llamafactory_ext
 from llamafactory_ext.cli import main
 from llamafactory_ext import stages
 from llamafactory_ext.config import PruningSection, model_loading_kwargs, read_yaml, split_pruning
@@ -681,3 +682,10 @@ def test_distill_teacher_must_be_one_checkpoint():
     args = {"model_name_or_path": "x", "stage": "pt", "finetuning_type": "full", "output_dir": "o", "distill": {"teacher": ["a", "b"]}}
     with pytest.raises(ValueError, match="distill.teacher"):  # was: TypeError "expected str, bytes or os.PathLike object, not list"
         TrainingSections.split(args, pruning=False, validate=True)
+
+
+@pytest.mark.parametrize("name", llamafactory_ext.__all__)
+def test_every_name_the_package_lists_loads_from_it(name):
+    """restore_zeros, run_export and run_interactive moved to export.py / interactive.py; the package's lazy table
+    still looked for them in stages.py (AttributeError)."""
+    assert getattr(llamafactory_ext, name) is not None
