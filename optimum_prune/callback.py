@@ -103,6 +103,7 @@ class PruningCallback(TrainerCallback):
         self.perp_summary: PERPSummary | None = None  # of the model prepared last
         # Each Trainer's model is prepared in its constructor: one callback given to two Trainers prepares both.
         self._perp_prepared: weakref.WeakKeyDictionary[nn.Module, PERPSummary] = weakref.WeakKeyDictionary()
+        self._perp_merged: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # trained and merged: a second train() is refused
         self.masks: SparsityMasks | None = None
         self._norms: dict[str, ColumnNorms] = {}
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []
@@ -114,10 +115,17 @@ class PruningCallback(TrainerCallback):
     # --- Trainer events ----------------------------------------------------------------
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module = None, **kwargs: Any) -> None:
         if self.perp is not None and model not in self._perp_prepared:
+            self._perp_merged.discard(model)  # a new Trainer: its optimizer is built on the adapters prepared here
             self.perp_summary = self._perp_prepared[model] = prepare_perp(model, self.perp)
             logger.info("PruningCallback: %s", self.perp_summary)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module = None, **kwargs: Any) -> None:
+        if self.perp is not None and model in self._perp_merged:
+            raise ValueError(
+                "PruningCallback(perp=...) merged PERP's adapters into the model when the last train() ended, and this "
+                "Trainer's optimizer holds those adapters: build a new Trainer with the callback in its constructor to "
+                "retrain"
+            )
         if self.perp is not None and model not in self._perp_prepared:
             raise ValueError(
                 "PruningCallback(perp=...) must be passed to the Trainer's constructor (callbacks=[...]): added later, it "
@@ -200,6 +208,7 @@ class PruningCallback(TrainerCallback):
         if self.perp is not None:
             merged = merge_perp(model)
             del self._perp_prepared[model]  # a next Trainer given this callback prepares its model anew
+            self._perp_merged.add(model)
             logger.info("PruningCallback: merged %d PERP adapters", merged)
 
     # --- gradual pruning ------------------------------------------------------------------

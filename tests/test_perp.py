@@ -333,3 +333,14 @@ def test_mask_lora_trains_exactly_the_model_it_merges(tmp_path):
     assert not any(isinstance(m, MaskLoRALinear) for m in model.modules())
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(input_ids=ids).logits, seen["trained"], atol=1e-5, rtol=1e-5)
+
+
+def test_a_second_train_of_a_merged_perp_run_says_to_build_a_new_trainer(tmp_path):
+    """The first run merged PERP's adapters at its end; the second train() was told the callback "must be passed to
+    the Trainer's constructor", which it was. A new Trainer with the same callback prepares the model again."""
+    model, callback = pruned_tiny(0.5), PruningCallback(perp=PERPConfig(lora="mask", rank=4))
+    trainer = run_trainer(model, tmp_path, callbacks=[callback], steps=2)
+    with pytest.raises(ValueError, match="merged PERP's adapters into the model when the last train\\(\\) ended"):
+        trainer.train()
+    run_trainer(model, tmp_path, callbacks=[callback], steps=2)
+    assert verify_sparsity(model, ignore=("lm_head",))["overall_sparsity"] == pytest.approx(0.5, abs=1e-3)
