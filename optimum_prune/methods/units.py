@@ -64,8 +64,6 @@ class UnitPlan:
 
     def _find_components(self) -> list[Component]:
         wanted = ("attention", "mlp") if self.kinds == "all" else (self.kinds,)
-        if "attention" in wanted:
-            self.adapter.check_head_removal()
         components = []
         for index, (prefix, layer) in enumerate(zip(self.adapter.layer_names(), self.adapter.decoder_layers())):
             names = {module: f"{prefix}.{name}" for name, module in layer.named_modules()}
@@ -83,6 +81,8 @@ class UnitPlan:
                 components.append(self._mlp_component(index, mlp))
         if not components:
             raise ValueError(f"PruningConfig.ignore {self.ignore!r} with components={self.kinds!r} leaves nothing to prune")
+        if any(component.kind == "attention" for component in components):  # heads to score: can this family lose any?
+            self.adapter.check_head_removal()
         return components
 
     def _ignored(self, names: dict[nn.Module, str], *modules: nn.Module) -> bool:

@@ -170,6 +170,16 @@ def test_head_removal_is_refused_before_any_weight_changes(method, options):
     assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
 
 
+def test_mlp_channels_are_cut_when_ignore_keeps_every_attention_with_components_all():
+    """With every attention ignored there are no heads to score: components='all' cut MLP channels only, as
+    components='mlp' does (it was refused for the heads it would never have touched)."""
+    model = tiny_model("olmo2")
+    config = PruningConfig(method="width", sparsity=0.2, ignore=["*.self_attn.*"])
+    prune(model, config, calibration=token_windows())
+    assert all(layer.self_attn.q_proj.out_features == model.config.num_attention_heads * model.config.head_dim for layer in model.model.layers)
+    assert sum(layer.mlp.gate_proj.out_features for layer in model.model.layers) < model.config.intermediate_size * len(model.model.layers)
+
+
 def test_slicegpt_is_refused_before_any_weight_changes():
     model = tiny_model("olmo2")
     before = copy.deepcopy(model.state_dict())
