@@ -49,6 +49,12 @@ logger = logging.getLogger(__name__)
 Function = Callable[..., Any]
 
 
+_INFERENCE_NOTE = (
+    "the model's weights are inference tensors (it was made under torch.inference_mode()), which take no gradient: "
+    "load it outside inference mode for methods that use gradients"
+)
+
+
 def outside_ambient_modes(function: Function) -> Function:
     """``function`` runs as if called outside any ``torch.inference_mode()`` or ``torch.autocast``: its statistics
     and solvers are float32 maths that an enclosing autocast ran in bfloat16 (SparseGPT's Cholesky failed, every
@@ -68,16 +74,14 @@ def outside_ambient_modes(function: Function) -> Function:
             try:
                 return function(model, *args, **kwargs)
             except Exception as error:  # torch's and torch-pruning's own words
-                if made_for_inference:
-                    error.add_note(
-                        "the model's weights are inference tensors (it was made under torch.inference_mode()), which "
-                        "take no gradient: load it outside inference mode for methods that use gradients"
-                    )
+                if made_for_inference and _INFERENCE_NOTE not in getattr(error, "__notes__", ()):  # prune, then prune_loaded
+                    error.add_note(_INFERENCE_NOTE)
                 raise
 
     return outside
 
 
+@outside_ambient_modes  # a checkpoint directory is read outside them too
 def prune(
     model: nn.Module | str | os.PathLike,
     config: PruningConfig | Mapping[str, Any],
