@@ -244,11 +244,28 @@ class DistillationMixin:
                         "widths to the teacher's, which an optimizer passed as optimizers= does not hold: let the Trainer "
                         "build its optimizer (create_optimizer adds them), or set hidden_weight=0"
                     )
+                if self.hidden_projections:
+                    self._clip_projections_with_the_model()
         if not isinstance(self.data_collator, TopKPadding):  # stored top-k columns (add_teacher_top_k) padded as the rows
             self.data_collator = TopKPadding(self.data_collator, required=False)
         self._projections_fitted = False
         self._projection_gradients_step: int | None = None
         self._attended_in_step: Any = None  # the step's attended positions (see _get_num_items_in_batch)
+
+    def _clip_projections_with_the_model(self) -> None:
+        """``max_grad_norm`` bounds one norm over everything the optimizer steps: the Trainer clips
+        ``model.parameters()`` through the accelerator, so its clip takes the projections along. FSDP and DeepSpeed
+        clip their sharded model their own way (they would not take a list of other parameters): there the
+        projections stay unclipped."""
+        accelerator = self.accelerator
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return
+        clip_model = accelerator.clip_grad_norm_
+
+        def clip_with_projections(parameters: Iterator[nn.Parameter], max_norm: float, norm_type: float = 2) -> torch.Tensor:
+            return clip_model([*parameters, *self.hidden_projections.parameters()], max_norm, norm_type=norm_type)
+
+        accelerator.clip_grad_norm_ = clip_with_projections
 
     def precompute_teacher_top_k(self, batch_size: int = 1) -> None:
         """Store the teacher's top-k logits (``DistillationConfig.top_k``) with the training and evaluation

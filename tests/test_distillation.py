@@ -831,3 +831,30 @@ def test_the_student_itself_as_teacher_is_refused(tmp_path):
     model = tiny_model()
     with pytest.raises(ValueError, match="the teacher shares parameters with the student"):
         DistillationTrainer(model=model, teacher=model, args=training_args(tmp_path, 1), train_dataset=dataset())
+
+
+def test_gradient_clipping_takes_the_width_projections_with_the_student(tmp_path):
+    """max_grad_norm bounds the norm of every gradient the optimizer steps with, the projections' included
+    (the Trainer clips model.parameters() only, and the projections live beside the model)."""
+    teacher = tiny_model(seed=0)
+    student = copy.deepcopy(teacher)
+    prune(student, PruningConfig(method="slicegpt", sparsity=0.25), calibration=token_windows())
+    args = training_args(tmp_path, 2)
+    args.max_grad_norm = 1e-4
+    trainer = DistillationTrainer(
+        model=student, teacher=teacher, distillation=DistillationConfig(kd_weight=0.0, hidden_weight=1.0), args=args, train_dataset=dataset()
+    )
+    norms = []
+
+    class RecordNorms(TrainerCallback):
+        def on_pre_optimizer_step(self, *_args, **_kwargs) -> None:
+            parameters = [*student.parameters(), *trainer.hidden_projections.parameters()]
+            projections = [p.grad for p in trainer.hidden_projections.parameters()]
+            norms.append((torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters if p.grad is not None])), projections))
+
+    trainer.add_callback(RecordNorms())
+    trainer.train()
+    assert len(norms) == 2
+    for joint, projections in norms:
+        assert any(float(g.abs().sum()) > 0 for g in projections)
+        assert float(joint) <= 1e-4 * (1 + 1e-3)
