@@ -288,7 +288,18 @@ class LayerwiseRun:
             if id(linear) in expert_of:
                 # at least 0: on a pruned model pruned again the layer's target may be lowered below λ (its zeros stay)
                 targets[name] = max(target + deviation * (1 - 2 * ranks[expert_of[id(linear)]] / (len(experts) - 1)), 0.0)
-        return targets
+        return self._shifted_for_layer_zeros(linears, targets, float(target))
+
+    def _shifted_for_layer_zeros(self, linears: dict[str, nn.Linear], targets: dict[str, float], target: float) -> dict[str, float]:
+        """On a pruned model pruned again each linear keeps its zeros past its target, so experts spread to target ± λ
+        end the layer above where the layer's one target would (the end ``_layer_targets`` counted on when it lowered
+        the targets for existing zeros): one common shift of the linears' targets brings the layer back to it."""
+        names = list(linears)
+        groups = [self._zeros_per_group({name: linears[name]}) for name in names]
+        sizes = [linears[name].weight.numel() for name in names]
+        uniform_end = sum(float((fractions.clamp(min=target) * counts).sum()) for fractions, counts in groups) / sum(sizes)
+        shifted = shifted_for_existing_zeros([targets[name] for name in names], groups, sizes, uniform_end)
+        return dict(zip(names, shifted))
 
     def _run_feeding(
         self, layer: nn.Module, inputs: LayerInputs, linears: dict[str, nn.Linear], sink: Callable[[str, torch.Tensor], None]
