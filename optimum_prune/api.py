@@ -25,7 +25,7 @@ from .calibration import (
     count_images,
     count_tokens,
 )
-from .calibration.engine import all_finite
+from .calibration.engine import all_finite, evaluating
 from .config import PruningConfig, as_pruning_config, readable_step, record_pruning, recorded_steps
 from .devices import check_activation_device, check_device
 from .dispatch import refuse_offloaded, refuse_spread
@@ -39,6 +39,7 @@ from .report import PruningReport, process_peak_rss, reset_peak_rss
 from .runs import LayerwiseRun, ModelRun, StructuredRun
 from .sparsity_metadata import drop_sparsity_metadata
 from .sparsity import PRUNED_SHARE, NMPattern, verify_sparsity
+from .stopped_runs import ParameterVersions, check_not_stopped, note_stop
 from .structure.mpo import MPOLinear
 from .wrappers import tuner_layers
 
@@ -136,6 +137,7 @@ def prune_loaded(
 ) -> PruningReport:
     """``prune`` of a model object. ``offload`` keeps its decoder layers on disk, read and written one at a time
     (``prune_checkpoint`` builds it)."""
+    check_not_stopped(model, "prune it")
     config = as_pruning_config(config)
     spec = METHODS.get(config.method)
     adapter = get_adapter(model)
@@ -179,24 +181,20 @@ def prune_loaded(
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     drop_sparsity_metadata(model)
-    was_training, trainable = model.training, _TrainableFlags.of(model)
-    model.eval()  # calibration forwards must not apply dropout
+    trainable, before = _TrainableFlags.of(model), ParameterVersions(model)
     try:
-        for run in runs:  # every part's allocation observes the dense model: one it cannot make fails before any part changes
-            if isinstance(run, LayerwiseRun):
-                run.allocate(inputs)
-        try:
-            for run in runs:
-                run.execute(inputs, report)
-        except BaseException as error:
-            if offload is None:  # an offloaded run's finished layers are on disk: rerunning resumes
-                error.add_note(
-                    "prune() stopped while changing the model: its weights may be partly pruned, and its config records "
-                    "no pruning. Load the model again before using, saving or pruning it"
-                )
-            raise
+        with evaluating(model):  # calibration forwards must not apply dropout
+            for run in runs:  # every part's allocation observes the dense model: one it cannot make fails before any part changes
+                if isinstance(run, LayerwiseRun):
+                    run.allocate(inputs)
+            try:
+                for run in runs:
+                    run.execute(inputs, report)
+            except BaseException as error:
+                if offload is None:  # an offloaded run's finished layers are on disk: rerunning resumes
+                    error.add_note(note_stop(model, before, report))
+                raise
     finally:
-        model.train(was_training)
         trainable.restore(model)
     report.seconds = time.perf_counter() - started
     report.warn_unrouted()

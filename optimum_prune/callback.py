@@ -53,6 +53,7 @@ from .schedules import GradualSchedule, IterativeSchedule
 from .sparsity import NMPattern, select_mask
 from .sparsity_metadata import drop_sparsity_metadata
 from .statistics import ColumnNorms, wanda_scores
+from .stopped_runs import check_not_stopped
 from .training_hooks import RealTokens, end_training_run, forget_compiled_graphs, start_training_run
 
 logger = logging.getLogger(__name__)
@@ -120,6 +121,7 @@ class PruningCallback(TrainerCallback):
             logger.info("PruningCallback: %s", self.perp_summary)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module = None, **kwargs: Any) -> None:
+        check_not_stopped(model, "train it with PruningCallback")
         if self.perp is not None and model in self._perp_merged:
             raise ValueError(
                 "PruningCallback(perp=...) merged PERP's adapters into the model when the last train() ended, and this "

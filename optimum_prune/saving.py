@@ -24,6 +24,7 @@ from .perp import MaskLoRALinear
 from .quantized import is_gptq_linear, repacked_in_place
 from .report import PruningReport
 from .skipping import PatchedMoEBlocks, moe_variant
+from .stopped_runs import check_not_stopped
 from .structure.loading import offloaded, records_layer_shapes
 from .wrappers import base_layer, transformers_model
 
@@ -135,6 +136,7 @@ def _recorded_for_saving(model_config: Any, config: PruningConfig | None, record
 
 def _check_loadable(model: nn.Module) -> None:
     """Refuse, before anything is written, a module that would not reload as it is in memory."""
+    check_not_stopped(model, "save it (nothing was saved)")
     for name, module in model.named_modules():
         problem = _unloadable(module)
         if problem is not None:

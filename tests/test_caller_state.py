@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from optimum_prune import PruningConfig, prune
+from optimum_prune import PruningConfig, prune, save_pruned
 from optimum_prune.calibration.gradients import fisher_rows
 
 from .conftest import tiny_model, token_windows
@@ -106,21 +106,65 @@ def test_an_enclosing_inference_mode_or_autocast_changes_nothing(mode, config):
     assert not any(parameter.is_inference() for parameter in model.parameters())
 
 
-def test_a_run_that_fails_while_changing_the_model_says_it_may_be_partly_pruned(monkeypatch):
+def failing_at_call(original, call: int, error: BaseException):
+    calls = [0]
+
+    def failing(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == call:
+            raise error
+        return original(*args, **kwargs)
+
+    return failing
+
+
+def test_a_run_that_fails_while_changing_the_model_says_how_far_it_got(monkeypatch):
+    """The note said "its config records no pruning" of a model whose config records an earlier step, and not
+    which layers were changed."""
     from optimum_prune.methods.wanda import WandaPruner
 
-    original, visits = WandaPruner.prune, []
-
-    def failing_at_layer_1(self, *args, **kwargs):
-        visits.append(1)
-        if len(visits) > 7:  # the second layer's linears
-            raise RuntimeError("out of memory")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(WandaPruner, "prune", failing_at_layer_1)
+    model = tiny_model()
+    prune(model, PruningConfig(method="magnitude", sparsity=0.3))
+    monkeypatch.setattr(WandaPruner, "prune", failing_at_call(WandaPruner.prune, 9, RuntimeError("out of memory")))  # layer 1's second
     with pytest.raises(RuntimeError, match="out of memory") as caught:
-        prune(tiny_model(), PruningConfig(method="wanda", sparsity=0.5), calibration=token_windows(4, 16))
-    assert "its weights may be partly pruned" in "\n".join(caught.value.__notes__)
+        prune(model, PruningConfig(method="wanda", sparsity=0.5), calibration=token_windows(4, 16))
+    note = "\n".join(caught.value.__notes__)
+    assert "weights are partly pruned" in note and "layers it changed: 0, 1)" in note
+    assert "records no pruning" not in note
+
+
+def test_a_run_that_fails_before_changing_a_weight_says_the_model_is_as_it_was(monkeypatch):
+    from optimum_prune import runs
+
+    model = tiny_model()
+    monkeypatch.setattr(runs, "feed_layer", failing_at_call(runs.feed_layer, 1, RuntimeError("out of memory")))
+    with pytest.raises(RuntimeError, match="out of memory") as caught:
+        prune(model, PruningConfig(method="wanda", sparsity=0.5), calibration=token_windows(4, 16))
+    assert "stopped before changing any weight: the model is as it was" in "\n".join(caught.value.__notes__)
+    prune(model, PruningConfig(method="wanda", sparsity=0.5), calibration=token_windows(4, 16))  # not refused
+
+
+@pytest.mark.parametrize("method", ["width", "low_rank"])
+def test_a_model_whose_prune_stopped_part_way_is_refused_by_save_pruned_and_prune(monkeypatch, tmp_path, method):
+    """save_pruned wrote the half-pruned model the note said to load again: width's checkpoint failed to reload (its
+    config keeps the dense widths), low_rank's reloaded with random weights in the factorised linears, silently."""
+    import optimum_prune.methods.low_rank as low_rank
+    import optimum_prune.methods.units as units
+
+    model, windows = tiny_model(), token_windows(4, 16)
+    if method == "width":
+        monkeypatch.setattr(units.UnitPlan, "cut", failing_at_call(units.UnitPlan.cut, 2, torch.OutOfMemoryError("simulated")))
+    else:
+        monkeypatch.setattr(low_rank, "factorize", failing_at_call(low_rank.factorize, 5, torch.OutOfMemoryError("simulated")))
+    config = PruningConfig(method=method, sparsity=0.25)
+    with pytest.raises(torch.OutOfMemoryError):
+        prune(model, config, calibration=windows)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="cannot save it .nothing was saved.: prune.. stopped while changing the model"):
+        save_pruned(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="cannot prune it: prune.. stopped"):
+        prune(model, config, calibration=windows)
 
 
 def test_slicegpt_on_a_model_with_accelerate_hooks_equals_the_plain_run():
@@ -216,6 +260,29 @@ def test_the_callers_default_dtype_does_not_change_the_result(config):
             torch.set_default_dtype(previous)
         for (name, tensor), reference in zip(model.state_dict().items(), expected.state_dict().values()):
             assert torch.equal(tensor, reference), (default, name)
+
+
+def test_prune_keeps_each_modules_own_training_flag():
+    """model.train(was_training) set every module alike: a layer the caller had put in eval came back training."""
+    model = tiny_model()
+    model.train()
+    model.model.layers[1].eval()
+    before = {name: module.training for name, module in model.named_modules()}
+    prune(model, PruningConfig(method="wanda", sparsity=0.5), calibration=token_windows(4, 16))
+    assert {name: module.training for name, module in model.named_modules()} == before
+
+
+@pytest.mark.parametrize("device", ["meta", "mps", "xpu"])
+def test_a_device_this_machine_cannot_use_is_refused_before_any_weight_changes(device):
+    """Only CUDA was asked: device='meta' moved layer 0 there and lost its weights ("Cannot copy out of meta
+    tensor"); an absent mps / xpu gave torch's error, which names no field."""
+    if device != "meta" and getattr(torch, device).is_available():
+        pytest.skip(f"{device} is available on this machine")
+    model = tiny_model()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(ValueError, match="^device '"):
+        prune(model, PruningConfig(method="magnitude", sparsity=0.5), device=device)
+    assert all(torch.equal(model.state_dict()[name], tensor) for name, tensor in before.items())
 
 
 @pytest.mark.parametrize("training", [False, True])

@@ -175,8 +175,8 @@ def capture_first_layer_inputs(
         return seen.pop() if seen else None  # None: the batch never reached the layer
 
     handle = first_layer.register_forward_pre_hook(record, with_kwargs=True)
-    with on_device(adapter.capture_modules(), device), torch.no_grad():
-        try:
+    try:  # removed also where moving the modules fails (out of memory): left, it stops every later forward
+        with on_device(adapter.capture_modules(), device), torch.no_grad():
             batches = [b for b in model_batches(inputs) if all(name in b for name in adapter.required_inputs)]
             for batch in tqdm(batches, desc="Capturing calibration inputs", leave=False):
                 arguments = layer_0_arguments(batch)
@@ -193,8 +193,8 @@ def capture_first_layer_inputs(
                 captured.hidden_states.append(hidden if to_files else hidden.to(activation_device or device))
                 arguments = arguments if kwargs_home is None else send_to_device(arguments, kwargs_home)
                 captured.layer_kwargs.append(_shared(arguments, captured.layer_kwargs[-1]) if captured.layer_kwargs else arguments)
-        finally:
-            handle.remove()
+    finally:
+        handle.remove()
     if not captured.hidden_states:
         needs = f"; it runs only on batches with {', '.join(adapter.required_inputs)}" if adapter.required_inputs else ""
         raise ValueError(f"no calibration batch reached {adapter.layer_names()[0]}{needs}")
@@ -394,16 +394,34 @@ def moving_to(device: torch.device) -> LayerResidency:
 
 @contextmanager
 def on_device(modules: list[nn.Module], device: torch.device) -> Iterator[None]:
-    """Move modules to ``device`` for the duration, then back where they were (layer-wise offload)."""
-    homes = [_device_of(m) for m in modules]
-    for module in modules:
-        module.to(device)
+    """Move modules to ``device`` for the duration, then back where they were (layer-wise offload); where a move
+    fails (out of memory), those already moved, and the one half moved, go back before the error propagates."""
+    moved: list[tuple[nn.Module, torch.device | None]] = []
+    try:
+        for module in modules:
+            moved.append((module, _device_of(module)))
+            module.to(device)
+        yield
+    finally:
+        for module, home in moved:
+            if home is not None and home != device:
+                module.to(home)
+
+
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode for the duration (calibration and evaluation forwards apply no dropout or router
+    noise), then each module back in its own mode: a model training with a frozen part in eval mode keeps it so. A
+    module surgery put in takes the mode of the one it replaced, or of its nearest enclosing module."""
+    modes = {name: module.training for name, module in model.named_modules()}
+    model.eval()
     try:
         yield
     finally:
-        for module, home in zip(modules, homes):
-            if home is not None and home != device:
-                module.to(home)
+        for name, module in model.named_modules():
+            while name not in modes:
+                name = name.rpartition(".")[0]
+            module.training = modes[name]
 
 
 def _device_of(module: nn.Module) -> torch.device | None:

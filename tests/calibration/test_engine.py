@@ -313,3 +313,46 @@ def test_batches_of_one_shape_keep_their_own_masks():
         inputs.hidden_states = run_layer(adapter, layer, inputs)
         for batch, hidden in enumerate(inputs.hidden_states):
             torch.testing.assert_close(hidden, expected[batch][index + 1])
+
+
+@pytest.mark.parametrize("method", ["wanda", "width", "slicegpt"])
+def test_an_out_of_memory_moving_the_embeddings_leaves_no_capture_hook(monkeypatch, method):
+    """Layer 0's capturing pre-hook (which stops the forward) was registered outside the try that removes it: after a
+    failed move to the compute device, every later forward of the model stopped there, and a second prune said "no
+    calibration batch reached model.layers.0"."""
+    model, windows = tiny_model(), token_windows(4, 16)
+    embeddings, move = model.model.embed_tokens, nn.Module.to
+
+    def out_of_memory_for_the_embeddings(self, *args, **kwargs):
+        if self is embeddings:
+            raise torch.OutOfMemoryError("simulated")
+        return move(self, *args, **kwargs)
+
+    monkeypatch.setattr(nn.Module, "to", out_of_memory_for_the_embeddings)
+    with pytest.raises(torch.OutOfMemoryError):
+        prune(model, PruningConfig(method=method, sparsity=0.25), calibration=windows)
+    monkeypatch.undo()
+    assert not model.model.layers[0]._forward_pre_hooks
+    with torch.no_grad():
+        model(input_ids=windows[:1])
+    prune(model, PruningConfig(method="wanda", sparsity=0.5), calibration=windows)
+
+
+def test_on_device_moves_back_what_it_moved_when_a_later_move_fails(monkeypatch):
+    """Every module was moved before the try that moves them back: one failing (out of memory) left the earlier ones
+    on the compute device."""
+    from optimum_prune.calibration.engine import on_device
+
+    first, second, moves = nn.Linear(2, 2), nn.Linear(2, 2), []
+
+    def to(self, device):
+        if self is second and torch.device(device).type == "cuda":
+            raise torch.OutOfMemoryError("simulated")
+        moves.append((self, str(device)))
+        return self  # recorded, not moved: no GPU needed
+
+    monkeypatch.setattr(nn.Module, "to", to)
+    with pytest.raises(torch.OutOfMemoryError):
+        with on_device([first, second], torch.device("cuda")):
+            pass
+    assert moves == [(first, "cuda"), (first, "cpu"), (second, "cpu")]  # the half-moved one too
