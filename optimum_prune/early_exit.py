@@ -39,7 +39,7 @@ from torch import nn
 
 from .adapters import DecoderAdapter, get_adapter, transformers_model
 from .calibration import CalibrationSource, calibration_windows
-from .calibration.engine import forwards_restored
+from .calibration.engine import evaluating, forwards_restored
 from .dispatch import refuse_layer_walks
 from .methods.layers import block_influence
 
@@ -230,17 +230,12 @@ def _agreement(model: nn.Module, windows: torch.Tensor, candidates: list[int]) -
     """
     device = next(model.parameters()).device
     matches = dict.fromkeys(candidates, 0)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for window in windows:
-                outputs = model(input_ids=window[None].to(device), use_cache=False, output_hidden_states=True)
-                reference = outputs.logits.argmax(-1)
-                for k in candidates:
-                    matches[k] += int((exit_logits(model, outputs.hidden_states[k]).argmax(-1) == reference).sum())
-    finally:
-        model.train(was_training)
+    with evaluating(model), torch.no_grad():
+        for window in windows:
+            outputs = model(input_ids=window[None].to(device), use_cache=False, output_hidden_states=True)
+            reference = outputs.logits.argmax(-1)
+            for k in candidates:
+                matches[k] += int((exit_logits(model, outputs.hidden_states[k]).argmax(-1) == reference).sum())
     return {k: count / windows.numel() for k, count in matches.items()}
 
 

@@ -13,6 +13,7 @@ from transformers.utils.logging import tqdm
 
 from .devices import check_device
 from .calibration import check_token_ids, tokenize_stream
+from .calibration.engine import evaluating
 from .calibration.gradients import exp_or_inf
 from .calibration.multimodal import check_image_text, image_placeholder, image_text_batch
 from .data import wikipedia_text
@@ -75,20 +76,15 @@ def evaluate_perplexity(
     tokens = tokens[: windows * seq_len].reshape(windows, seq_len)
     check_token_ids(model, tokens)
     device = check_device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     total_nll = 0.0
-    try:
-        with torch.no_grad():
-            for start in tqdm(range(0, windows, batch_size), desc="Perplexity", leave=False):
-                batch = tokens[start : start + batch_size].to(device)
-                logits = model(input_ids=batch, use_cache=False).logits
-                total_nll += F.cross_entropy(
-                    logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"
-                ).item()
-                del logits
-    finally:
-        model.train(was_training)
+    with evaluating(model), torch.no_grad():
+        for start in tqdm(range(0, windows, batch_size), desc="Perplexity", leave=False):
+            batch = tokens[start : start + batch_size].to(device)
+            logits = model(input_ids=batch, use_cache=False).logits
+            total_nll += F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), batch[:, 1:].flatten(), reduction="sum"
+            ).item()
+            del logits
     return exp_or_inf(_a_number(total_nll, "the evaluation text") / (windows * (seq_len - 1)))
 
 
@@ -109,40 +105,35 @@ def evaluate_image_text_loss(
 
         pairs = image_text_pairs("evaluation")
     device = check_device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     total_nll, total_tokens = 0.0, 0
-    try:
-        with torch.no_grad():
-            check_image_text(pairs, processor)
-            if len(pairs) == 0:
-                raise ValueError("pairs is empty: give at least one {'image': ..., 'text': caption}")
-            placeholder = image_placeholder(processor)
-            for index in range(len(pairs)):  # one pair at a time: its pixels exist only while it is scored
-                pair = pairs[index]
-                _check_pair(pair, index)
-                if placeholder in pair["text"]:  # its own prompt: the caption could not be told from it
-                    raise ValueError(
-                        f"pair {index}'s text holds the image placeholder {placeholder!r}: evaluate_image_text_loss places "
-                        "the image itself and scores the text after it as the caption; give the caption alone"
-                    )
-                batch = image_text_batch(pair, processor, index)
-                full, bare = batch["input_ids"][0], image_text_batch({**pair, "text": ""}, processor, index)["input_ids"][0]
-                length = min(full.numel(), bare.numel())
-                differs = (full[:length] != bare[:length]).nonzero()
-                shared = int(differs[0]) if differs.numel() else length  # a merged "\n" + first word counts as caption
-                scored = full.numel() - shared
-                if scored <= 0 or shared == 0:
-                    raise ValueError("the processed caption does not extend the processed prompt without it; cannot tell its tokens apart")
-                ids = batch["input_ids"].to(device)
-                logits = model(**{name: value.to(device) for name, value in batch.items()}, use_cache=False).logits
-                total_nll += F.cross_entropy(
-                    logits[0, -scored - 1 : -1].float(), ids[0, -scored:], reduction="sum"
-                ).item()
-                total_tokens += scored
-                del logits
-    finally:
-        model.train(was_training)
+    with evaluating(model), torch.no_grad():
+        check_image_text(pairs, processor)
+        if len(pairs) == 0:
+            raise ValueError("pairs is empty: give at least one {'image': ..., 'text': caption}")
+        placeholder = image_placeholder(processor)
+        for index in range(len(pairs)):  # one pair at a time: its pixels exist only while it is scored
+            pair = pairs[index]
+            _check_pair(pair, index)
+            if placeholder in pair["text"]:  # its own prompt: the caption could not be told from it
+                raise ValueError(
+                    f"pair {index}'s text holds the image placeholder {placeholder!r}: evaluate_image_text_loss places "
+                    "the image itself and scores the text after it as the caption; give the caption alone"
+                )
+            batch = image_text_batch(pair, processor, index)
+            full, bare = batch["input_ids"][0], image_text_batch({**pair, "text": ""}, processor, index)["input_ids"][0]
+            length = min(full.numel(), bare.numel())
+            differs = (full[:length] != bare[:length]).nonzero()
+            shared = int(differs[0]) if differs.numel() else length  # a merged "\n" + first word counts as caption
+            scored = full.numel() - shared
+            if scored <= 0 or shared == 0:
+                raise ValueError("the processed caption does not extend the processed prompt without it; cannot tell its tokens apart")
+            ids = batch["input_ids"].to(device)
+            logits = model(**{name: value.to(device) for name, value in batch.items()}, use_cache=False).logits
+            total_nll += F.cross_entropy(
+                logits[0, -scored - 1 : -1].float(), ids[0, -scored:], reduction="sum"
+            ).item()
+            total_tokens += scored
+            del logits
     return _a_number(total_nll, "the captions") / total_tokens
 
 

@@ -30,7 +30,7 @@ from torch import nn
 from .adapters import DecoderAdapter, get_adapter
 from .adapters.moe import expert_tokens
 from .calibration import CalibrationSource, calibration_windows
-from .calibration.engine import walk_layers
+from .calibration.engine import evaluating, walk_layers
 from .dispatch import refuse_layer_walks
 from .training_hooks import RealTokens
 
@@ -234,13 +234,10 @@ def skipping_thresholds(
 
     windows = calibration_windows(calibration, tokenizer, num_samples, seq_len, seed, model, "skipping_thresholds")
     handles = [adapter.router(block).register_forward_hook(observe(found)) for block, found in zip(blocks, ratios)]
-    was_training = model.training
-    model.eval()  # a model straight from training would add its router jitter noise and dropout
-    try:
-        with torch.no_grad():
+    try:  # evaluating: a model straight from training would add its router jitter noise and dropout
+        with evaluating(model), torch.no_grad():
             walk_layers(adapter, windows, next(model.parameters()).device, lambda *_: None, "Expert skipping thresholds")
     finally:
-        model.train(was_training)
         for handle in handles:
             handle.remove()
     return [_median(torch.cat(found)) for found in ratios]

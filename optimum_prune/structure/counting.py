@@ -8,6 +8,7 @@ import torch
 from torch import nn
 from torch_pruning.utils import op_counter
 
+from ..calibration.engine import evaluating
 from .mpo import MPOLinear
 
 _PROBE_TOKENS = 8
@@ -27,8 +28,6 @@ def count_macs_per_token(model: nn.Module) -> int:
     variables are removed afterwards."""
     device = next(model.parameters()).device
     ids = torch.zeros(1, _PROBE_TOKENS, dtype=torch.long, device=device)
-    was_training = model.training
-    model.eval()
     custom = dict(op_counter.CUSTOM_MODULES_MAPPING)
     op_counter.CUSTOM_MODULES_MAPPING[nn.Linear] = _linear_macs
     # Not nn.Linear, so uncounted (MPOE reported its experts as free): each rebuilds its full weight and multiplies by it.
@@ -36,7 +35,7 @@ def count_macs_per_token(model: nn.Module) -> int:
     op_counter.add_flops_counting_methods(model)
     try:
         model.start_flops_count(ost=sys.stdout, verbose=False, ignore_list=[])
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             model(ids)
         macs = model.compute_average_flops_cost()[0]
     finally:
@@ -45,7 +44,6 @@ def count_macs_per_token(model: nn.Module) -> int:
         op_counter.CUSTOM_MODULES_MAPPING.update(custom)
         for name in _COUNTER_ATTRIBUTES:
             model.__dict__.pop(name, None)
-        model.train(was_training)
     return int(macs) // _PROBE_TOKENS
 
 
