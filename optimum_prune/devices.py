@@ -15,8 +15,16 @@ def check_device(device: str | torch.device, field: str = "device") -> torch.dev
         resolved = torch.device(device)
     except (RuntimeError, TypeError):  # TypeError: not a string at all (YAML reads `off` as false)
         raise ValueError(f"{field} {str(device)!r} is not a device name (e.g. cpu, cuda, cuda:1)") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"{field} {str(device)!r} was requested but CUDA is not available here; use cpu")
+    if resolved.type == "meta":  # weights moved there would be lost: it holds shapes, no values
+        raise ValueError(f"{field} 'meta' holds no values (weights moved there are lost); use cpu or an accelerator")
+    if resolved.type == "cpu":
+        return resolved
+    backend = getattr(torch, resolved.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
+    if backend is None or not getattr(backend, "is_available", lambda: False)():
+        raise ValueError(f"{field} {str(device)!r} was requested but {resolved.type.upper()} is not available here; use cpu")
+    count = backend.device_count()
+    if resolved.index is not None and resolved.index >= count:
+        raise ValueError(f"{field} {str(device)!r}: this machine has {count} {resolved.type} device(s), numbered from 0")
     return resolved
 
 
