@@ -43,13 +43,14 @@ kept by ``PruningCallback`` as in any other run.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import math
 import os
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
@@ -202,50 +203,33 @@ class DistillationMixin:
         **kwargs: Any,
     ) -> None:
         distillation = distillation or DistillationConfig()
-        model = kwargs.get("model", args[0] if args else None)
-        if distillation.exit_weight and model is not None:  # before callbacks (PERP) wrap its linears in Trainer.__init__
+        # Everything that can refuse the arguments does so before Trainer.__init__, whose callbacks' on_init_end
+        # change the model (PERP wraps its linears), and before the teacher is frozen or moved.
+        given = _arguments_by_name(super().__init__, args, kwargs)
+        model, training_args = given.get("model"), given.get("args")
+        _check_trainer_arguments(distillation, training_args, given.get("compute_loss_func"))
+        if distillation.exit_weight and model is not None:
             check_exit_layers(model, distillation.exit_layer)
+        optimizer_given = (given.get("optimizers") or (None, None))[0] is not None
+        projections = None if teacher is None or model is None else _teacher_checked(model, teacher, distillation, optimizer_given)
         super().__init__(*args, **kwargs)
+        if teacher is not None and model is None:  # built by model_init
+            projections = _teacher_checked(self.model, teacher, distillation, optimizer_given)
         # compute_loss weighs each micro-batch by its share of the step's labelled positions
         # (num_items_in_batch), as transformers' own causal-LM loss does under gradient accumulation;
         # this tells the Trainer to count them and not to divide by the accumulation steps as well.
         self.model_accepts_loss_kwargs = True
-        if self.compute_loss_func is not None:
-            raise ValueError(
-                "DistillationTrainer computes its own loss (label, KD, exit and hidden-state terms, each a micro-batch "
-                "mean): compute_loss_func would replace only the label term and change how gradient accumulation scales "
-                "it; add a custom term by overriding compute_loss in a subclass instead"
-            )
         self.distillation = distillation
-        if self.distillation.layer_dropout and self.args.gradient_checkpointing:
-            raise ValueError(
-                "DistillationConfig.layer_dropout skips layers with hooks that checkpointing's recomputation in backward "
-                "would not see (gradients through the skipped layers): turn gradient_checkpointing off, or layer_dropout"
-            )
         self.teacher = teacher
         self.hidden_projections: nn.ModuleDict | None = None
         if teacher is not None:
-            if {id(p) for p in teacher.parameters()} & {id(p) for p in self.model.parameters()}:
-                raise ValueError(
-                    "the teacher shares parameters with the student (the same model object, or one wrapping it): freezing the "
-                    "teacher would freeze the student, and the student would learn from itself; pass a copy of the dense model "
-                    "made before pruning (copy.deepcopy(model)), or load it again"
-                )
-            _check_vocabularies(teacher, self.model)
             teacher.eval().requires_grad_(False)
             if teacher_device is not None:
                 teacher.to(teacher_device)
-            if self.distillation.hidden_weight:
-                self.hidden_projections = _hidden_projections(self.model, teacher, self.distillation.layer_map)
-                average_gradients_across_processes(self.hidden_projections.parameters())
-                if self.hidden_projections and self.optimizer is not None:
-                    raise ValueError(
-                        "DistillationConfig.hidden_weight with widths that differ trains projections from the student's "
-                        "widths to the teacher's, which an optimizer passed as optimizers= does not hold: let the Trainer "
-                        "build its optimizer (create_optimizer adds them), or set hidden_weight=0"
-                    )
-                if self.hidden_projections:
-                    self._clip_projections_with_the_model()
+        if projections:
+            self.hidden_projections = projections.to(next(self.model.parameters()).device)
+            average_gradients_across_processes(self.hidden_projections.parameters())
+            self._clip_projections_with_the_model()
         if not isinstance(self.data_collator, TopKPadding):  # stored top-k columns (add_teacher_top_k) padded as the rows
             self.data_collator = TopKPadding(self.data_collator, required=False)
         self._projections_fitted = False
@@ -615,6 +599,52 @@ def _identity_map(student_layers: int, teacher_layers: int) -> dict[int, int]:
             "needs DistillationConfig.layer_map (student layer -> teacher layer, e.g. the kept teacher layers)"
         )
     return {i: i for i in range(student_layers)}
+
+
+def _arguments_by_name(init: Callable[..., None], args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The arguments the trainer class after the mixin gets, by name: transformers' ``Trainer`` binds ``model`` and
+    ``args`` positionally, LLaMA-Factory's trainers take them through ``**kwargs``."""
+    signature = inspect.signature(init)
+    given = signature.bind_partial(*args, **kwargs).arguments
+    for name, parameter in signature.parameters.items():
+        if parameter.kind is inspect.Parameter.VAR_KEYWORD:
+            given.update(given.pop(name, {}))
+    return given
+
+
+def _check_trainer_arguments(distillation: DistillationConfig, training_args: Any, compute_loss_func: Any) -> None:
+    if compute_loss_func is not None:
+        raise ValueError(
+            "DistillationTrainer computes its own loss (label, KD, exit and hidden-state terms, each a micro-batch "
+            "mean): compute_loss_func would replace only the label term and change how gradient accumulation scales "
+            "it; add a custom term by overriding compute_loss in a subclass instead"
+        )
+    if distillation.layer_dropout and getattr(training_args, "gradient_checkpointing", False):
+        raise ValueError(
+            "DistillationConfig.layer_dropout skips layers with hooks that checkpointing's recomputation in backward "
+            "would not see (gradients through the skipped layers): turn gradient_checkpointing off, or layer_dropout"
+        )
+
+
+def _teacher_checked(student: nn.Module, teacher: nn.Module, distillation: DistillationConfig, optimizer_given: bool) -> nn.ModuleDict | None:
+    """Refuse a teacher the student cannot learn from; the width projections its hidden-state term trains, if any."""
+    if {id(p) for p in teacher.parameters()} & {id(p) for p in student.parameters()}:
+        raise ValueError(
+            "the teacher shares parameters with the student (the same model object, or one wrapping it): freezing the "
+            "teacher would freeze the student, and the student would learn from itself; pass a copy of the dense model "
+            "made before pruning (copy.deepcopy(model)), or load it again"
+        )
+    _check_vocabularies(teacher, student)
+    if not distillation.hidden_weight:
+        return None
+    projections = _hidden_projections(student, teacher, distillation.layer_map)
+    if projections and optimizer_given:
+        raise ValueError(
+            "DistillationConfig.hidden_weight with widths that differ trains projections from the student's "
+            "widths to the teacher's, which an optimizer passed as optimizers= does not hold: let the Trainer "
+            "build its optimizer (create_optimizer adds them), or set hidden_weight=0"
+        )
+    return projections
 
 
 def _check_vocabularies(teacher: nn.Module, student: nn.Module) -> None:

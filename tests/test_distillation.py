@@ -858,3 +858,24 @@ def test_gradient_clipping_takes_the_width_projections_with_the_student(tmp_path
     for joint, projections in norms:
         assert any(float(g.abs().sum()) > 0 for g in projections)
         assert float(joint) <= 1e-4 * (1 + 1e-3)
+
+
+def test_a_refused_distillation_trainer_leaves_the_student_and_teacher_as_they_were(tmp_path):
+    """The refusals came after Trainer.__init__, whose callbacks' on_init_end had wrapped the student's linears in
+    PERP adapters (a corrected retry then failed: "already has PERP adapters"), and after the teacher was frozen."""
+    from optimum_prune.perp import MaskLoRALinear, PERPConfig
+
+    student = tiny_model()
+    prune(student, PruningConfig(method="magnitude", sparsity=0.5))
+    teacher = copy.deepcopy(student).train()
+    args = training_args(tmp_path, 1)
+    args.gradient_checkpointing = True
+    with pytest.raises(ValueError, match="layer_dropout skips layers"):
+        DistillationTrainer(
+            student, args, teacher=teacher, distillation=DistillationConfig(layer_dropout=0.1), callbacks=[PruningCallback(perp=PERPConfig())]
+        )
+    assert not any(isinstance(module, MaskLoRALinear) for module in student.modules())
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())
+    with pytest.raises(ValueError, match="computes its own loss"):
+        DistillationTrainer(model=student, args=training_args(tmp_path, 1), compute_loss_func=lambda *a, **k: 0, callbacks=[PruningCallback(perp=PERPConfig())])
+    assert not any(isinstance(module, MaskLoRALinear) for module in student.modules())
