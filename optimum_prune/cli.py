@@ -332,6 +332,13 @@ def run_or_exit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     except (ValueError, TypeError, MissingDependency) as error:
         message = str(error) if args.config is not None else _in_flags(str(error))  # --config's errors name its fields
         parser.exit(2, f"{parser.prog}: error: {message}\n")
+    except KeyboardInterrupt:  # what is on disk, not a traceback of where Ctrl-C landed
+        left = (
+            "the layers finished so far are kept beside --output: run the same command again to resume"
+            if args.offload
+            else "nothing was saved; --output is as it was"
+        )
+        parser.exit(130, f"{parser.prog}: interrupted: {left}\n")
 
 
 @contextmanager

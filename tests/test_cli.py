@@ -395,3 +395,20 @@ def test_every_flag_reaches_the_config_prune_and_evaluation(model_dir, tmp_path,
     assert seen["calibration"] == calibration and seen["device"] == "cpu" and seen["activation_device"] == "disk"
     [(text, seq_len, max_tokens)] = seen["evals"]  # the dense score, before pruning
     assert "some evaluation text" in "".join(text) and (seq_len, max_tokens) == (32, 128)
+
+
+@pytest.mark.parametrize("offload", [[], ["--offload", "disk"]])
+def test_ctrl_c_says_what_is_on_disk_instead_of_a_traceback(offload, model_dir, tmp_path, capsys, monkeypatch):
+    """Ctrl-C printed the traceback of wherever it landed and left the user to guess whether --output was written."""
+    from optimum_prune.methods.magnitude import MagnitudePruner
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(MagnitudePruner, "prune", interrupted)
+    with pytest.raises(SystemExit) as exited:
+        main(["--model", str(model_dir), "--method", "magnitude", "--output", str(tmp_path / "out"), *offload])
+    assert exited.value.code == 130
+    expected = "the layers finished so far are kept beside --output: run the same" if offload else "nothing was saved; --output is as it was"
+    assert f"interrupted: {expected}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
