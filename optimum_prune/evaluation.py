@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from transformers.utils.logging import tqdm
 
 from .devices import check_device
-from .calibration import check_token_ids, tokenize_stream
+from .calibration import check_calibration_inputs, leading_documents, tokenize_stream
 from .calibration.engine import evaluating
 from .calibration.gradients import exp_or_inf
 from .calibration.multimodal import check_image_text, image_placeholder, image_text_batch
@@ -61,6 +61,8 @@ def evaluate_perplexity(
     if not (text is None or isinstance(text, str) or (isinstance(text, Sequence) and all(isinstance(t, str) for t in text))):
         raise TypeError(f"text must be None (the bundled evaluation split), a string or a list of strings, got {type(text).__name__}")
     texts = [wikipedia_text("evaluation")] if text is None else [text] if isinstance(text, str) else list(text)
+    if max_tokens is not None:  # a corpus given whole is tokenised only as far as max_tokens reaches
+        texts = leading_documents(texts, tokenizer, max_tokens)
     tokens = tokenize_stream(tokenizer, texts)
     if max_tokens is not None:  # the count a caller states beside the result: it must be the one scored
         check_whole_windows(max_tokens, seq_len, "max_tokens", "seq_len")
@@ -74,7 +76,7 @@ def evaluate_perplexity(
     if windows == 0:
         raise ValueError(f"text has {tokens.numel()} tokens, fewer than one window of seq_len={seq_len}")
     tokens = tokens[: windows * seq_len].reshape(windows, seq_len)
-    check_token_ids(model, tokens)
+    check_calibration_inputs(model, tokens, "evaluation windows", "lower seq_len")
     device = check_device(device) if device is not None else next(model.parameters()).device
     total_nll = 0.0
     with evaluating(model), torch.no_grad():

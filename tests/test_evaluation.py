@@ -171,3 +171,24 @@ def test_window_counts_must_be_whole_numbers(bpe_tokenizer, argument):
     values = {"seq_len": 16, "max_tokens": 64, "batch_size": 1}
     with pytest.raises(TypeError, match=f"{argument} must be int, got {float(values[argument])}"):
         evaluate_perplexity(tiny_model(), bpe_tokenizer, "the cat sat on the mat. " * 50, **{**values, argument: float(values[argument])})
+
+
+def test_evaluation_windows_longer_than_the_context_are_warned_of(caplog, bpe_tokenizer):
+    with caplog.at_level("WARNING"):
+        evaluate_perplexity(tiny_model(), bpe_tokenizer, wikipedia_text("evaluation")[:4000], seq_len=256)
+    assert "evaluation windows of 256 tokens are longer than LlamaForCausalLM's context" in caplog.text and "lower seq_len" in caplog.text
+
+
+def test_a_corpus_is_tokenised_only_as_far_as_max_tokens_reaches_with_the_same_result(bpe_tokenizer):
+    texts = [wikipedia_text("evaluation")[i : i + 1500] for i in range(0, 60000, 1500)]
+    counted = []
+
+    class Counting:
+        def __call__(self, text, **kwargs):
+            counted.append(len(text) if isinstance(text, str) else sum(map(len, text)))
+            return bpe_tokenizer(text, **kwargs)
+
+    model = tiny_model()
+    whole = evaluate_perplexity(model, bpe_tokenizer, "\n\n".join(texts), seq_len=32, max_tokens=256)
+    assert evaluate_perplexity(model, Counting(), texts, seq_len=32, max_tokens=256) == whole
+    assert sum(counted) < sum(map(len, texts)) / 5

@@ -20,6 +20,7 @@ from .sources import (
     calibration_windows,
     check_calibration_inputs,
     check_token_ids,
+    leading_documents,
     sample_windows,
     tokenize_stream,
 )
@@ -42,6 +43,7 @@ __all__ = [
     "model_batches",
     "observe_layers",
     "run_layer",
+    "leading_documents",
     "sample_windows",
     "tokenize_stream",
     "walk_layers",

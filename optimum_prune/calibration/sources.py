@@ -6,8 +6,9 @@ strings, a ``datasets.Dataset`` with a ``text`` column, or token ids ready to us
 seq_len]`` ``LongTensor`` or a list of equally long ones (each ``[seq_len]`` or ``[n, seq_len]``), or
 a tokenised ``Dataset`` (``input_ids``, no ``text``), whose rows drawn with the seed are processed samples.
 Text is tokenised as one stream and windows start at seeded random offsets, as in the
-Wanda/SparseGPT reference loaders, so the same seed always yields the same windows. A streamed
-``IterableDataset`` is read only as far as the windows need (twice their tokens).
+Wanda/SparseGPT reference loaders, so the same seed always yields the same windows. Documents holding
+more than the windows need are not all tokenised: a streamed ``IterableDataset``'s first ones, another
+source's drawn in seeded random order, until they hold twice the windows' tokens.
 Multimodal sources (image-text pairs, or already processed batches) are in ``multimodal.py``.
 """
 
@@ -94,15 +95,56 @@ def _text_windows(source: CalibrationSource, tokenizer: Any, num_samples: int, s
         return _check_token_tensor(source)
     if _is_tensor_list(source):
         return _joined_token_tensors(source)
-    texts = _texts(source, tokenizer, STREAM_TOKENS_PER_WINDOW_TOKEN * num_samples * seq_len)
+    needed = STREAM_TOKENS_PER_WINDOW_TOKEN * num_samples * seq_len
+    texts = _texts(source, tokenizer, needed)
     if tokenizer is None:
         raise _tokenizer_required()
-    return sample_windows(tokenize_stream(tokenizer, texts), num_samples, seq_len, seed)
+    return sample_windows(tokenize_stream(tokenizer, drawn_documents(texts, tokenizer, needed, seed)), num_samples, seq_len, seed)
+
+
+def drawn_documents(texts: list[str], tokenizer: Any, tokens: int, seed: int) -> list[str]:
+    """The documents the windows are cut from: all of ``texts`` where they cannot hold more than ``tokens`` tokens
+    (no more UTF-8 bytes: a token is at least one); of a larger source (a C4 shard), documents drawn in seeded random
+    order until they hold ``tokens``, as Wanda's C4 loader draws them: tokenising a corpus in one call costs ~140
+    bytes per character (tens of GB for one shard)."""
+    if len(texts) < 2 or _bytes(texts) <= tokens:
+        return texts
+    tokenizer = text_tokenizer(tokenizer)
+    drawn, held = [], 0
+    for index in torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist():
+        drawn.append(texts[index])
+        held += len(tokenizer(texts[index], add_special_tokens=False, verbose=False)["input_ids"])
+        if held >= tokens:
+            return drawn
+    return texts  # all of them were needed: in their own order
+
+
+def leading_documents(texts: list[str], tokenizer: Any, tokens: int) -> list[str]:
+    """The first documents of ``texts`` whose stream holds at least ``tokens`` tokens, with two more (where the
+    documents meet, the joined stream may tokenise a little differently from each alone): the stream's first
+    ``tokens`` tokens are the whole join's, without tokenising the rest."""
+    if len(texts) < 2 or _bytes(texts) <= tokens:
+        return texts
+    tokenizer = text_tokenizer(tokenizer)
+    held = 0
+    for count, text in enumerate(texts, 1):
+        held += len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        if held >= tokens:
+            return texts[: count + 2]
+    return texts
+
+
+def _bytes(texts: list[str]) -> int:
+    """An upper bound on the tokens of ``texts`` joined (a dummy-prefix tokenizer adds one per text)."""
+    return sum(len(text.encode("utf-8")) + 2 for text in texts)
 
 
 def _checked_batch(batch: dict[str, Any], index: int) -> dict[str, Any]:
     """A processed batch the model can run: ``[batch, seq_len]`` integer ``input_ids``, and an
     ``attention_mask`` of their shape (caught here, not deep in the embedding or attention)."""
+    token_types = batch.get("token_type_ids")  # PreTrainedTokenizerFast's default output: all zeros says nothing to a decoder
+    if isinstance(token_types, torch.Tensor) and not token_types.any():
+        del batch["token_type_ids"]
     ids, mask = batch["input_ids"], batch.get("attention_mask")
     for name, value in batch.items():
         if not isinstance(value, torch.Tensor):
@@ -277,16 +319,23 @@ def check_token_ids(model: Any, inputs: CalibrationInputs) -> None:
         )
 
 
-def check_calibration_inputs(model: Any, inputs: CalibrationInputs) -> None:
+# Text is cut to calibration_seq_len; token ids and processed batches are used as given.
+SHORTER_CALIBRATION = (
+    "lower calibration_seq_len (text), or cut token ids given as one long stream into windows "
+    "(optimum_prune.calibration.sample_windows(ids[0], num_samples, seq_len, seed))"
+)
+
+
+def check_calibration_inputs(model: Any, inputs: CalibrationInputs, what: str = "calibration windows", fix: str = SHORTER_CALIBRATION) -> None:
     """``check_token_ids``, and a warning for windows longer than the model's context."""
     check_token_ids(model, inputs)
     context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     longest = max(t.shape[-1] for t in _token_ids(inputs))
     if context is not None and longest > context:
         logger.warning(
-            "calibration windows of %d tokens are longer than %s's context (max_position_embeddings %d): the positions "
-            "past it were never trained, so statistics gathered there misjudge the weights; lower calibration_seq_len",
-            longest, type(model).__name__, context,
+            "%s of %d tokens are longer than %s's context (max_position_embeddings %d): the positions past it were never "
+            "trained, so what is measured there misjudges the model; %s",
+            what, longest, type(model).__name__, context, fix,
         )  # fmt: skip
 
 

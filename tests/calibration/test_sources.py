@@ -425,3 +425,54 @@ def test_records_with_non_string_text_are_named(tmp_path, bpe_tokenizer):
         prune(tiny_model(), config, calibration=str(records), tokenizer=bpe_tokenizer)
     with pytest.raises(ValueError, match="paragraphs.jsonl"):  # --eval-file was: "text must be ... a list of strings, got list"
         file_texts(records, "--eval-file")
+
+
+class CountingTokenizer:
+    """A tokenizer that counts the characters it is asked to tokenise."""
+
+    def __init__(self, inner):
+        self.inner, self.characters = inner, 0
+
+    def __call__(self, text, **kwargs):
+        self.characters += len(text) if isinstance(text, str) else sum(map(len, text))
+        return self.inner(text, **kwargs)
+
+
+def test_a_text_dataset_larger_than_the_windows_need_is_not_tokenised_whole(bpe_tokenizer):
+    """Every row was joined and tokenised in one call, ~140 bytes of memory per character (a C4 shard: >100 GB)
+    for 4 windows of 64 tokens; documents are now drawn at random until they hold twice the windows' tokens."""
+    from datasets import Dataset
+
+    articles = wikipedia_articles("calibration")
+    dataset = Dataset.from_dict({"text": [articles[i % len(articles)][:2000] for i in range(200)]})
+    tokenizer = CountingTokenizer(bpe_tokenizer)
+    windows = calibration_inputs(dataset, tokenizer, None, 4, 64, 0)
+    assert windows.shape == (4, 64)
+    assert tokenizer.characters < sum(map(len, dataset["text"])) / 10
+    again = calibration_inputs(dataset, bpe_tokenizer, None, 4, 64, 0)
+    assert torch.equal(windows, again)  # the seed draws the documents too
+    assert not torch.equal(windows, calibration_inputs(dataset, bpe_tokenizer, None, 4, 64, 1))
+
+
+def test_texts_that_hold_no_more_than_the_windows_need_are_one_stream_as_before(bpe_tokenizer):
+    texts = [article[:300] for article in wikipedia_articles("calibration")[:3]]  # < 2 × 4 × 128 bytes
+    expected = sample_windows(tokenize_stream(bpe_tokenizer, texts), 4, 128, 0)
+    assert torch.equal(calibration_inputs(texts, bpe_tokenizer, None, 4, 128, 0), expected)
+
+
+def test_an_unpadded_tokenizer_batch_with_token_type_ids_feeds_window_methods(bpe_tokenizer):
+    """PreTrainedTokenizerFast returns all-zero token_type_ids by default: such a batch was refused as "padded or
+    uneven" by the methods that calibrate on windows."""
+    batch = bpe_tokenizer(" ".join(wikipedia_articles("calibration"))[:3000], return_tensors="pt", truncation=True, max_length=64)
+    assert "token_type_ids" in batch
+    config = PruningConfig(method="layers", sparsity=0.34, num_calibration_samples=1, calibration_seq_len=64)
+    prune(tiny_model(), config, calibration=batch, tokenizer=bpe_tokenizer)
+
+
+def test_token_ids_past_the_context_are_warned_of_with_a_fix_that_applies_to_them(caplog):
+    """The warning said "lower calibration_seq_len", which does not cut token ids (they are used as given)."""
+    stream = torch.randint(0, 320, (1, 1000), generator=torch.Generator().manual_seed(0))
+    config = PruningConfig(method="wanda", sparsity=0.5, num_calibration_samples=4, calibration_seq_len=64)
+    with caplog.at_level("WARNING"):
+        prune(tiny_model(), config, calibration=stream)
+    assert "longer than LlamaForCausalLM's context" in caplog.text and "sample_windows(ids[0]" in caplog.text
