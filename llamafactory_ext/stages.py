@@ -103,10 +103,11 @@ def run_train(args: Mapping[str, Any], section: PruningSection | None, training:
         check_replaceable(merged, args["model_name_or_path"], "export_dir" if args.get("export_dir") else "the merged model's directory")
     calibration = read_calibration(args, section)
     source = calibration.source
-    if _already_pruned(pruned_dir, source, section.config):
+    differs = _differs_from_pruned(pruned_dir, source, section.config)
+    if differs is None:
         logger.info("reusing the pruned model in %s (same model, calibration tokens and pruning config)", pruned_dir)
     else:
-        _check_no_stale_checkpoints(args, output_dir)
+        _check_no_stale_checkpoints(args, output_dir, differs)
         prune_and_save(args, section, pruned_dir, calibration, source)
     # LLaMA-Factory trains the embeddings of the tokens it added (LoRA: as modules to save); the pruned model has them already.
     resized = {"resize_vocab": True} if calibration.model_args.resize_vocab else {}
@@ -269,29 +270,44 @@ def _record_source(checkpoint: Path, source: Mapping[str, Any]) -> None:
     write_text_atomic(checkpoint / "config.json", json.dumps({**config, "pruned_from": source}, indent=2, sort_keys=True) + "\n")
 
 
-def _already_pruned(pruned_dir: Path, source: Mapping[str, Any], config: PruningConfig) -> bool:
+CHANGED = "the model, calibration data or pruning section changed"
+
+
+def _differs_from_pruned(pruned_dir: Path, source: Mapping[str, Any], config: PruningConfig) -> str | None:
+    """Why the pruned model in ``pruned_dir`` cannot be reused for this run (None: it can)."""
     try:
         recorded = json.loads((pruned_dir / "config.json").read_text(encoding="utf-8"))
         same_config = PruningConfig.from_pretrained(pruned_dir).to_dict() == config.to_dict()
     except (OSError, ValueError):
-        return False
-    return same_config and recorded.get("pruned_from") == source
+        return CHANGED
+    pruned_from = recorded.get("pruned_from")
+    if same_config and pruned_from == source:
+        return None
+    without_files = {key: value for key, value in source.items() if key != "model_files"}
+    # earlier records: a mapping without the files' fingerprint, or before that the model's path alone
+    earlier = pruned_from == without_files or pruned_from == source["model_name_or_path"]
+    if same_config and earlier:
+        return (
+            "an earlier optimum-prune recorded where it came from (pruned_from) without the model files' fingerprint, "
+            "so whether the model is the same cannot be told"
+        )
+    return CHANGED
 
 
-def _check_no_stale_checkpoints(args: Mapping[str, Any], output_dir: Path) -> None:
+def _check_no_stale_checkpoints(args: Mapping[str, Any], output_dir: Path, differs: str) -> None:
     """The model is about to be pruned (again): checkpoints of a run on an earlier pruned model must not be resumed."""
     from transformers.trainer_utils import get_last_checkpoint
 
     if args.get("resume_from_checkpoint"):
         raise ValueError(
-            f"resume_from_checkpoint: {args['resume_from_checkpoint']} was trained on another pruned model than the one "
-            f"{output_dir / PRUNED_SUBDIR} is about to hold (the model, calibration data or pruning section changed); remove it"
+            f"resume_from_checkpoint: {args['resume_from_checkpoint']} may have been trained on another pruned model than the "
+            f"one {output_dir / PRUNED_SUBDIR} is about to hold ({differs}); remove it"
         )
     if output_dir.is_dir() and not args.get("overwrite_output_dir") and get_last_checkpoint(str(output_dir)):
         raise ValueError(
-            f"output_dir: {output_dir} holds checkpoints of a run on another pruned model (the model, calibration data or "
-            "pruning section changed), which LLaMA-Factory would resume on the model pruned again; set "
-            "overwrite_output_dir: true, or use another output_dir"
+            f"output_dir: {output_dir} holds checkpoints of a run on a pruned model this run would prune again ({differs}), "
+            "which LLaMA-Factory would resume on the model pruned again; set overwrite_output_dir: true, or use another "
+            "output_dir"
         )
 
 

@@ -659,7 +659,8 @@ def test_pruning_again_refuses_to_resume_checkpoints_of_the_earlier_pruned_model
     train(tmp_path, config)
     assert (tmp_path / "out" / "checkpoint-2").is_dir()
     again = {**config, "pruning": {"method": "magnitude", "sparsity": 0.5}}
-    assert f"output_dir: {tmp_path / 'out'} holds checkpoints of a run on another pruned model" in refused(tmp_path, capsys, again)
+    expected = f"output_dir: {tmp_path / 'out'} holds checkpoints of a run on a pruned model this run would prune again (the model,"
+    assert expected in refused(tmp_path, capsys, again)
     train(tmp_path, {**again, "overwrite_output_dir": True})
     assert verify_sparsity(AutoModelForCausalLM.from_pretrained(tmp_path / "out"))["overall_sparsity"] == pytest.approx(0.5, abs=1e-3)
 
@@ -747,3 +748,21 @@ def test_a_lora_yaml_without_do_train_prunes_and_merges_nothing(workspace, tmp_p
     train(tmp_path, config)
     assert verify_sparsity(AutoModelForCausalLM.from_pretrained(out / "pruned"))["overall_sparsity"] == pytest.approx(0.3, abs=1e-3)
     assert not (out / "merged").exists()
+
+
+def test_a_pruned_model_an_earlier_version_recorded_is_not_said_to_have_changed(tmp_path):
+    """Its pruned_from lacks the model files' fingerprint (added later): the refusal to resume blamed a change of
+    model, calibration data or pruning section, none of which changed."""
+    config = PruningConfig(method="magnitude", sparsity=0.5)
+    pruned = tmp_path / "out" / "pruned"
+    model = tiny_model()
+    source = {"model_name_or_path": "base", "model_revision": "main", "model_files": "abc", "calibration_tokens_sha256": None}
+    model.config.pruned_from = {key: value for key, value in source.items() if key != "model_files"}
+    save_pruned(model, pruned, config=config)
+    differs = stages._differs_from_pruned(pruned, source, config)
+    assert differs.startswith("an earlier optimum-prune recorded where it came from")
+    (tmp_path / "out" / "checkpoint-3").mkdir()
+    (tmp_path / "out" / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    with pytest.raises(ValueError, match="without the model files' fingerprint"):
+        stages._check_no_stale_checkpoints({"output_dir": str(tmp_path / "out")}, tmp_path / "out", differs)
+    assert stages._differs_from_pruned(pruned, {**source, "model_revision": "v2"}, config) == stages.CHANGED
