@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 from .allocation import ALLOCATIONS, AllocationSpec
 from .calibration.sources import read_text_file
 from .methods import METHODS, MethodSpec
-from .options import MoEOptions, as_option_type, build_options, options_to_dict
+from .options import MoEOptions, as_option_type, build_options, ignored_options, options_to_dict
 from .sparsity import NMPattern, SparsityTarget, normalise_sparsity
 
 logger = logging.getLogger(__name__)
@@ -220,6 +220,13 @@ class PruningConfig:
             raise ValueError(f"PruningConfig has no field(s) {', '.join(map(str, unknown))}; valid fields: {', '.join(sorted(known))}")
         return cls(**data)
 
+    @classmethod
+    def from_stored(cls, data: Mapping[str, Any]) -> "PruningConfig":
+        """``from_dict`` of a config a run wrote (``pruning_config.json``, a model config's record). Settings its
+        method does not read, which this version refuses and an earlier one accepted (and ignored), are read as
+        unset, with a warning: the recipe reads, meaning what it did."""
+        return cls.from_dict(_readable_record(data, "a stored pruning_config") if isinstance(data, Mapping) else data)
+
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
         """Write ``save_directory/pruning_config.json`` with Optimum's ``BaseConfig.save_pretrained``
         (``push_to_hub`` and its keyword arguments work as there)."""
@@ -278,7 +285,7 @@ class PruningConfig:
         for name, options in (("method", "method_options"), ("allocation", "allocation_options")):
             if name in overrides and overrides[name] != stored.get(name) and options not in overrides:
                 stored.pop(options, None)
-        config = cls.from_dict({**stored, **overrides})
+        config = cls.from_dict({**_readable_record(stored, f"{source}'s pruning_config"), **overrides})
         return (config, unused) if return_unused_kwargs else config
 
     def to_json_string(self) -> str:
@@ -290,7 +297,52 @@ class PruningConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "PruningConfig":
-        return cls.from_dict(_read_json_object(path))
+        return cls.from_stored(_read_json_object(path))
+
+
+def _readable_record(data: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``data`` without the settings ``_without_ignored_settings`` finds, said in one warning."""
+    data, dropped = _without_ignored_settings(data)
+    if dropped:
+        logger.warning(
+            "%s sets %s, which method %r does not read: an earlier optimum-prune accepted and ignored them, this one "
+            "refuses them; read as unset", where, ", ".join(dropped), data.get("method"),
+        )  # fmt: skip
+    return data
+
+
+def _without_ignored_settings(data: Mapping[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """``data`` without the options its method (or allocation) does not read, and those settings, as
+    ``field.option=value``; a config naming no registered method is left to ``from_dict`` to refuse."""
+    data, dropped = dict(data), []
+    try:
+        spec, allocation = METHODS.get(data.get("method")), ALLOCATIONS.get(data.get("allocation", "uniform"))
+    except (ValueError, TypeError, KeyError):
+        return data, dropped
+
+    def drop(key: str, names: list[str]) -> None:
+        values = data[key]
+        dropped.extend(f"{key}.{name}={values[name]!r}" for name in names)
+        data[key] = {name: value for name, value in values.items() if name not in names}
+
+    for key, options_cls in (("method_options", spec.options), ("allocation_options", allocation.options), ("moe_options", MoEOptions)):
+        if isinstance(data.get(key), Mapping):
+            drop(key, ignored_options(options_cls, data[key]))
+    moe = data.get("moe_options")
+    if not isinstance(moe, Mapping):
+        return data, dropped
+    defaults = options_to_dict(MoEOptions())
+    if spec.structured is not None:  # structured methods read no moe_options
+        drop("moe_options", [name for name in moe if name in defaults and moe[name] != defaults[name]])
+    elif spec.pruner is not None:
+        try:
+            data_free = not spec.needs_calibration(build_options(spec.options, data.get("method_options", {}), "method_options"))
+        except (ValueError, TypeError):
+            return data, dropped
+        routed = ("routing_weighted", "unrouted_experts", "expert_sparsity")  # what the routing of calibration tokens sets
+        if data_free:
+            drop("moe_options", [name for name in routed if name in moe and moe[name] != defaults[name]])
+    return data, dropped
 
 
 def is_provenance(key: Any) -> bool:
@@ -344,9 +396,19 @@ def as_pruning_config(config: PruningConfig | Mapping[str, Any], field: str = "c
 def readable_step(recorded: Mapping[str, Any] | None) -> PruningConfig | None:
     """A recorded step as a config, or None when there is none or another version wrote one this version cannot read."""
     try:
-        return PruningConfig.from_dict(recorded) if recorded else None
+        return PruningConfig.from_stored(recorded) if recorded else None
     except (ValueError, TypeError):
         return None
+
+
+def unreadable_reason(recorded: Mapping[str, Any]) -> str:
+    """Why ``readable_step`` gives no config for ``recorded`` (a method registered by a module this process did not
+    import, a file another version wrote), for a message."""
+    try:
+        PruningConfig.from_stored(recorded)
+    except (ValueError, TypeError) as error:
+        return str(error)
+    return "it reads"
 
 
 def record_pruning(model_config: Any, config: PruningConfig) -> None:

@@ -138,6 +138,22 @@ def _check_applicable(options: Any, field: str) -> None:
             )
 
 
+def ignored_options(options_cls: type, values: Mapping[str, Any]) -> list[str]:
+    """The options in ``values`` that ``build_options`` refuses because the others (their defaults where unset)
+    leave them unread (``applies_when``)."""
+    specs = {spec.name: spec for spec in dataclasses.fields(options_cls)}
+
+    def value(name: str) -> Any:
+        return values[name] if name in values else specs[name].default
+
+    ignored = []
+    for name, given in values.items():
+        condition = specs[name].metadata.get("applies_when") if name in specs else None
+        if condition and given != specs[name].default and any(value(other) not in allowed for other, allowed in condition.items()):
+            ignored.append(name)
+    return ignored
+
+
 def _describe(condition: Mapping[str, tuple[Any, ...]]) -> str:
     return " and ".join(f"{other}=" + " or ".join(map(repr, allowed)) for other, allowed in condition.items())
 

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .atomic_files import SCORES_PLOT_NAME, atomic_directory, new_file_mode, shown_names
-from .config import CONFIG_NAME, PruningConfig, readable_step, record_pruning
+from .config import CONFIG_NAME, PruningConfig, readable_step, record_pruning, unreadable_reason
 from .kernels.linear import SparseLinear
 from .perp import MaskLoRALinear
 from .quantized import is_gptq_linear, repacked_in_place
@@ -73,9 +73,8 @@ def save_pruned(
         config = readable_step(recorded)
         if recorded and config is None:  # a method registered by a module this process did not import, another version
             logger.warning(
-                "save_pruned: the model records a pruning step this process cannot read (method %r: not registered here, "
-                "or written by another version); config.json keeps it as it is, and no %s is written",
-                recorded.get("method") if isinstance(recorded, Mapping) else recorded, CONFIG_NAME,
+                "save_pruned: the model records a pruning step this process cannot read (%s); config.json keeps it as it "
+                "is, and no %s is written", unreadable_reason(recorded), CONFIG_NAME,
             )  # fmt: skip
         recorded = config
     else:  # a record this version cannot read is another step than the one given

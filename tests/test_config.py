@@ -422,3 +422,30 @@ def test_a_non_utf8_pruning_config_is_named(tmp_path):
         PruningConfig.from_json_file(config)
     with pytest.raises(ValueError, match="pruning_config.json"):
         PruningConfig.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "method, options, moe_options, dropped",
+    [
+        ("magnitude", {}, {"routing_weighted": False, "unrouted_experts": "dense"}, ["moe_options.routing_weighted", "moe_options.unrouted_experts"]),
+        ("mask_search", {"tune": False, "damping": 0.05}, {}, ["method_options.damping"]),
+        ("width", {}, {"expert_sparsity": "load"}, ["moe_options.expert_sparsity"]),
+        ("wanda", {}, {"expert_deviation": 0.3}, ["moe_options.expert_deviation"]),
+    ],
+)
+def test_a_stored_config_with_settings_its_method_ignores_reads_without_them(tmp_path, caplog, method, options, moe_options, dropped):
+    """An earlier version accepted (and ignored) them; this one refuses them when given, which made the recipes it
+    wrote unreadable: from_pretrained, from_json_file and a model's record read them as unset, with a warning."""
+    import logging
+
+    stored = PruningConfig(method=method, sparsity=0.3).to_dict()
+    stored["method_options"] = {**stored["method_options"], **options}
+    stored["moe_options"] = {**stored["moe_options"], **moe_options}
+    (tmp_path / "pruning_config.json").write_text(json.dumps(stored))
+    expected = PruningConfig(method=method, sparsity=0.3, method_options={k: v for k, v in options.items() if f"method_options.{k}" not in dropped})
+    with caplog.at_level(logging.WARNING, logger="optimum_prune"):
+        assert PruningConfig.from_pretrained(tmp_path) == expected
+        assert PruningConfig.from_json_file(tmp_path / "pruning_config.json") == expected
+    assert all(name in caplog.text for name in dropped) and "an earlier optimum-prune accepted and ignored them" in caplog.text
+    with pytest.raises(ValueError):  # given now, they are refused as before
+        PruningConfig.from_dict(stored)

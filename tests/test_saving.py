@@ -525,7 +525,7 @@ def test_a_step_of_a_method_not_registered_here_is_kept_as_recorded(tmp_path, ca
     model.config.pruning_config = {**model.config.pruning_config, "method": "column_norms"}
     with caplog.at_level(logging.WARNING, logger="optimum_prune"):
         output = save_pruned(model, tmp_path / "pruned")
-    assert "cannot read (method 'column_norms': not registered here" in caplog.text
+    assert "cannot read (PruningConfig.method 'column_norms' is not a registered pruning method" in caplog.text
     assert json.loads((output / "config.json").read_text())["pruning_config"]["method"] == "column_norms"
     assert not (output / "pruning_config.json").exists()
 
@@ -562,3 +562,18 @@ def test_two_saves_of_one_model_in_threads_write_their_own_records(tmp_path, mon
     assert "quantization_config" not in json.loads((tmp_path / "plain" / "config.json").read_text())
     assert "quantization_config" in json.loads((tmp_path / "metadata" / "config.json").read_text())
     assert not hasattr(model.config, "quantization_config")
+
+
+def test_resaving_a_checkpoint_whose_record_sets_an_option_its_method_ignores_keeps_pruning_config_json(tmp_path, caplog):
+    """Earlier versions recorded magnitude with moe_options.routing_weighted=False (ignored; refused since): the
+    re-save dropped pruning_config.json, saying the registered method was "not registered here"."""
+    import logging
+
+    model = tiny_model()
+    recorded = PruningConfig(method="magnitude", sparsity=0.5).to_dict()
+    recorded["moe_options"] = {**recorded["moe_options"], "routing_weighted": False}
+    model.config.pruning_config = recorded
+    with caplog.at_level(logging.WARNING, logger="optimum_prune"):
+        output = save_pruned(model, tmp_path / "out")
+    assert PruningConfig.from_pretrained(output) == PruningConfig(method="magnitude", sparsity=0.5)
+    assert "sets moe_options.routing_weighted=False, which method 'magnitude' does not read" in caplog.text
