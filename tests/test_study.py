@@ -602,7 +602,7 @@ def test_a_point_measured_on_another_device_is_named_in_the_report(tmp_path, mon
     monkeypatch.setattr(study_runner, "measure_point", lambda point, protocol, device, latency: _row("dense", None, None, 10.0, 100, 100).result)
     grid = StudyGrid(Protocol(), (StudyPoint("dense", None, None),), latency="none", redundancy=False)
     study_runner.run_study(grid, tmp_path, device="cpu")
-    results = study_runner.run_study(grid, tmp_path, device="meta")
+    results = study_runner.run_study(grid, tmp_path, device="cpu:0")
     assert results.measured_now == 0
     assert "device cpu" in report(results, "cmd", []).split("- dense:")[1].splitlines()[0]
 
