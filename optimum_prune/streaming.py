@@ -346,6 +346,7 @@ def prune_checkpoint(
     wanda, sparsegpt), uniform or OWL allocation."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_utils import no_init_weights
 
     from .adapters import get_adapter
     from .api import check_moe_options, check_offloadable, prune_loaded, warn_unused_calibration
@@ -379,7 +380,8 @@ def prune_checkpoint(
             "them): offloaded pruning builds the layers at the config's stock shapes; load it in memory "
             "(optimum_prune.load_model) and prune it there"
         )
-    with init_empty_weights():
+    # Uninitialised, as keep_stand_ins builds its meta model: StableLM's _init_weights fails on its per-head q/k norms.
+    with init_empty_weights(), no_init_weights():
         try:
             model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
         except ValueError:  # transformers: "Unrecognized configuration class ..."

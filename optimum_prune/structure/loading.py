@@ -29,6 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.modeling_utils import no_init_weights
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
@@ -167,7 +168,9 @@ def keep_stand_ins(model: PreTrainedModel) -> None:
         return
     config = copy.deepcopy(model.config)
     del config.quantization_config
-    with torch.device("meta"):
+    # Uninitialised: meta weights hold nothing to initialise, and StableLM's _init_weights fails on its per-head q/k
+    # LayerNorms, which have no bias (transformers 4.57; checkpoints load, their weights being present).
+    with torch.device("meta"), no_init_weights():
         stock = type(model)(config)
     present = {name.replace(".base_layer.", ".") for name in model.state_dict()}  # a peft LoRA layer wraps the linear
     names = [name for name in stock.state_dict() if name not in present]
