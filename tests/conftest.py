@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -28,6 +29,8 @@ from transformers import (
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    StableLmConfig,
+    StableLmForCausalLM,
 )
 
 TINY = dict(
@@ -71,6 +74,9 @@ FAMILIES = {
     ),
     # post-norms only (no pre-norms) and q/k norms over all heads: heads and SliceGPT are refused
     "olmo2": (Olmo2Config, Olmo2ForCausalLM),
+    # LayerNorms and q/k/v biases (StableLM 2 1.6B's layout; tests/adapters/test_stablelm.py adds parallel sublayers
+    # and per-head q/k norms): SliceGPT is refused
+    "stablelm": (functools.partial(StableLmConfig, use_qkv_bias=True), StableLmForCausalLM),
 }
 
 

@@ -1,6 +1,6 @@
 """Architecture adapters. A new family is one module here plus one import line below."""
 
-from . import deepseek, gemma, granite, llama, llava, moe, olmo2, phi3  # noqa: F401  (register their model classes)
+from . import deepseek, gemma, granite, llama, llava, moe, olmo2, phi3, stablelm  # noqa: F401  (register their model classes)
 from .base import (
     ADAPTERS,
     AttentionLayout,

@@ -9,7 +9,7 @@ from optimum_prune.methods.width import CRITERIA
 from ..conftest import assert_stock_reload_matches, decoder_linear_parameters, kept_rows, tiny_model, token_windows, zeroed_reference
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "granite"])
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "granite", "stablelm"])
 @pytest.mark.parametrize("criterion", [c for c in CRITERIA if c != "flap"])
 @pytest.mark.parametrize("head_mode", ["query", "kv_group"])
 def test_output_equals_dense_with_removed_units_zeroed(family, criterion, head_mode):
