@@ -4,6 +4,8 @@ until it is loaded again; one that the step had not changed yet is left as it wa
 
 from __future__ import annotations
 
+import weakref
+
 from torch import nn
 
 from .report import PruningReport
@@ -17,18 +19,23 @@ class ParameterVersions:
     weight without reading one. Inference tensors (a model made under ``torch.inference_mode()``) keep no counter."""
 
     def __init__(self, model: nn.Module) -> None:
-        self.versions = _versions(model)
+        # Weak references: a replaced weight is freed as it would be (a strong one would hold every replaced weight of
+        # a structured run), and a dead reference says it was replaced; ids of live objects cannot be reused.
+        self.parameters = [(weakref.ref(parameter), _version(parameter)) for parameter in model.parameters()]
 
     def changed(self, model: nn.Module) -> bool | None:
         """Whether any weight changed; None where an inference tensor cannot say."""
-        now = _versions(model)
-        if now.keys() != self.versions.keys() or any(now[key] != version for key, version in self.versions.items() if version is not None):
+        held = [(reference(), version) for reference, version in self.parameters]
+        now = list(model.parameters())
+        if {id(parameter) for parameter, _ in held} != {id(parameter) for parameter in now} or any(
+            parameter is None or (version is not None and _version(parameter) != version) for parameter, version in held
+        ):
             return True
-        return None if None in now.values() else False
+        return None if any(version is None for _, version in held) else False
 
 
-def _versions(model: nn.Module) -> dict[int, int | None]:
-    return {id(parameter): None if parameter.is_inference() else parameter._version for parameter in model.parameters()}
+def _version(parameter: nn.Parameter) -> int | None:
+    return None if parameter.is_inference() else parameter._version
 
 
 def note_stop(model: nn.Module, before: ParameterVersions, report: PruningReport) -> str:
