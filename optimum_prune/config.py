@@ -408,7 +408,7 @@ def unreadable_reason(recorded: Mapping[str, Any]) -> str:
         PruningConfig.from_stored(recorded)
     except (ValueError, TypeError) as error:
         return str(error)
-    return "it reads"
+    return ""
 
 
 def record_pruning(model_config: Any, config: PruningConfig) -> None:

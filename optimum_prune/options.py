@@ -13,7 +13,7 @@ import math
 import numbers
 import types as types_module
 import typing
-from typing import Any, Mapping, TypeVar
+from typing import Any, Callable, Mapping, TypeVar
 
 import numpy
 
@@ -127,31 +127,32 @@ def _literal_type(member: Any) -> Any:
 
 def _check_applicable(options: Any, field: str) -> None:
     for spec in dataclasses.fields(options):
-        condition = spec.metadata.get("applies_when")
-        if condition is None or getattr(options, spec.name) == spec.default:
-            continue
-        unmet = {other: getattr(options, other) for other, allowed in condition.items() if getattr(options, other) not in allowed}
+        unmet = _unmet(spec, getattr(options, spec.name), lambda other: getattr(options, other))
         if unmet:
             given = ", ".join(f"{other}={value!r}" for other, value in unmet.items())
             raise ValueError(
-                f"{field}.{spec.name} applies only with {_describe(condition)}, not {given}: it would be ignored, so remove it"
+                f"{field}.{spec.name} applies only with {_describe(spec.metadata['applies_when'])}, not {given}: it would "
+                "be ignored, so remove it"
             )
 
 
 def ignored_options(options_cls: type, values: Mapping[str, Any]) -> list[str]:
     """The options in ``values`` that ``build_options`` refuses because the others (their defaults where unset)
-    leave them unread (``applies_when``)."""
+    leave them unread."""
     specs = {spec.name: spec for spec in dataclasses.fields(options_cls)}
 
-    def value(name: str) -> Any:
+    def value_of(name: str) -> Any:
         return values[name] if name in values else specs[name].default
 
-    ignored = []
-    for name, given in values.items():
-        condition = specs[name].metadata.get("applies_when") if name in specs else None
-        if condition and given != specs[name].default and any(value(other) not in allowed for other, allowed in condition.items()):
-            ignored.append(name)
-    return ignored
+    return [name for name, value in values.items() if name in specs and _unmet(specs[name], value, value_of)]
+
+
+def _unmet(spec: dataclasses.Field, value: Any, value_of: Callable[[str], Any]) -> dict[str, Any]:
+    """The other options whose values leave an option set away from its default unread (its ``applies_when``)."""
+    condition = spec.metadata.get("applies_when")
+    if condition is None or value == spec.default:
+        return {}
+    return {other: value_of(other) for other, allowed in condition.items() if value_of(other) not in allowed}
 
 
 def _describe(condition: Mapping[str, tuple[Any, ...]]) -> str:
