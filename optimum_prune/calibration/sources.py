@@ -109,14 +109,9 @@ def drawn_documents(texts: list[str], tokenizer: Any, tokens: int, seed: int) ->
     bytes per character (tens of GB for one shard)."""
     if len(texts) < 2 or _bytes(texts) <= tokens:
         return texts
-    tokenizer = text_tokenizer(tokenizer)
-    drawn, held = [], 0
-    for index in torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist():
-        drawn.append(texts[index])
-        held += len(tokenizer(texts[index], add_special_tokens=False, verbose=False)["input_ids"])
-        if held >= tokens:
-            return drawn
-    return texts  # all of them were needed: in their own order
+    drawn = [texts[index] for index in torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()]
+    count = _count_holding(drawn, tokenizer, tokens)
+    return texts if count is None else drawn[:count]  # all of them needed: in their own order
 
 
 def leading_documents(texts: list[str], tokenizer: Any, tokens: int) -> list[str]:
@@ -125,13 +120,19 @@ def leading_documents(texts: list[str], tokenizer: Any, tokens: int) -> list[str
     ``tokens`` tokens are the whole join's, without tokenising the rest."""
     if len(texts) < 2 or _bytes(texts) <= tokens:
         return texts
+    count = _count_holding(texts, tokenizer, tokens)
+    return texts if count is None else texts[: count + 2]
+
+
+def _count_holding(texts: list[str], tokenizer: Any, tokens: int) -> int | None:
+    """How many of ``texts``, from the first, hold ``tokens`` tokens, each tokenised alone (None: all do not)."""
     tokenizer = text_tokenizer(tokenizer)
     held = 0
     for count, text in enumerate(texts, 1):
         held += len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
         if held >= tokens:
-            return texts[: count + 2]
-    return texts
+            return count
+    return None
 
 
 def _bytes(texts: list[str]) -> int:
