@@ -190,9 +190,9 @@ def replace_directory(finished: Path, target: Path) -> None:
     missing either (the old folder takes ``finished``'s name, then goes); elsewhere it is moved aside first
     into a locked folder (a save killed between the two renames leaves it there, and the next save to
     ``target`` puts it back: the entry points call ``remove_leftovers`` before they write), then removed."""
-    if not target.exists():
-        os.replace(finished, target)
-    elif _exchange(finished, target):
+    if not target.exists() and _placed(finished, target):
+        return
+    if _exchange(finished, target):
         _remove_replaced(finished)
     else:
         retired = claimed_folder(target, "old")
@@ -204,6 +204,18 @@ def replace_directory(finished: Path, target: Path) -> None:
                 raise
             os.replace(finished, target)
             _remove_replaced(retired)
+
+
+def _placed(finished: Path, target: Path) -> bool:
+    """Rename ``finished`` to the absent ``target``; False where another save put a folder there meanwhile (replaced
+    then like any existing one: the last save wins, whole)."""
+    try:
+        os.replace(finished, target)
+    except OSError as error:
+        if error.errno in (errno.ENOTEMPTY, errno.EEXIST) and target.is_dir():
+            return False
+        raise
+    return True
 
 
 def claimed_folder(target: Path, kind: str) -> Path:

@@ -42,7 +42,7 @@ from .config import CONFIG_NAME, PruningConfig, as_pruning_config, readable_step
 from .models import unreadable_checkpoint
 from .report import PruningReport
 from .saving import drop_gguf_copy
-from .structure.loading import records_layer_shapes
+from .structure.loading import built_without_weights, records_layer_shapes
 
 logger = logging.getLogger(__name__)
 INDEX_NAME = "model.safetensors.index.json"
@@ -344,9 +344,7 @@ def prune_checkpoint(
     saved in (default: the one config.json declares, else its first tensor's); ``activation_device``
     is where calibration activations wait between layers (``prune``'s). Per-layer methods (magnitude,
     wanda, sparsegpt), uniform or OWL allocation."""
-    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.modeling_utils import no_init_weights
 
     from .adapters import get_adapter
     from .api import check_moe_options, check_offloadable, prune_loaded, warn_unused_calibration
@@ -380,18 +378,16 @@ def prune_checkpoint(
             "them): offloaded pruning builds the layers at the config's stock shapes; load it in memory "
             "(optimum_prune.load_model) and prune it there"
         )
-    # Uninitialised, as keep_stand_ins builds its meta model: StableLM's _init_weights fails on its per-head q/k norms.
-    with init_empty_weights(), no_init_weights():
-        try:
-            model = AutoModelForCausalLM.from_config(model_config, dtype=dtype)
-        except ValueError:  # transformers: "Unrecognized configuration class ..."
-            raise ValueError(
-                f"source {str(source)!r} holds a {type(model_config).__name__} model, not a causal LM: pruning from disk "
-                "streams a causal LM's decoder layers; load this one in memory (its from_pretrained) and prune it there"
-            ) from None
-        except TypeError as error:  # a size of the wrong type, e.g. "hidden_size": "64"
-            raise ValueError(f"{str(source / 'config.json')!r} does not describe a model that can be built ({error}); "
-                             "the checkpoint is damaged: save or copy it again") from None
+    try:
+        model = built_without_weights(lambda: AutoModelForCausalLM.from_config(model_config, dtype=dtype), buffers=False)
+    except ValueError:  # transformers: "Unrecognized configuration class ..."
+        raise ValueError(
+            f"source {str(source)!r} holds a {type(model_config).__name__} model, not a causal LM: pruning from disk "
+            "streams a causal LM's decoder layers; load this one in memory (its from_pretrained) and prune it there"
+        ) from None
+    except TypeError as error:  # a size of the wrong type, e.g. "hidden_size": "64"
+        raise ValueError(f"{str(source / 'config.json')!r} does not describe a model that can be built ({error}); "
+                         "the checkpoint is damaged: save or copy it again") from None
     adapter = get_adapter(model)
     # The checks that need no data, before any folder is made:
     check_offloadable(config, adapter)

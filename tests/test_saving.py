@@ -577,3 +577,24 @@ def test_resaving_a_checkpoint_whose_record_sets_an_option_its_method_ignores_ke
         output = save_pruned(model, tmp_path / "out")
     assert PruningConfig.from_pretrained(output) == PruningConfig(method="magnitude", sparsity=0.5)
     assert "sets moe_options.routing_weighted=False, which method 'magnitude' does not read" in caplog.text
+
+
+def test_a_save_that_finds_its_new_output_made_by_another_meanwhile_replaces_it_whole(tmp_path, monkeypatch):
+    """Between the check that the output is absent and the rename, another process's save put it there: the rename
+    failed with a raw 'Directory not empty'; the last save now wins, as where the output existed before."""
+    from pathlib import Path
+
+    from optimum_prune.atomic_files import replace_directory
+
+    finished, target = tmp_path / ".out.staging", tmp_path / "out"
+    finished.mkdir()
+    (finished / "config.json").write_text("ours")
+    target.mkdir()
+    (target / "config.json").write_text("theirs")
+    (target / "model.safetensors").write_text("theirs")
+    exists = Path.exists
+    monkeypatch.setattr(Path, "exists", lambda path: False if path == target else exists(path))  # absent when checked
+    replace_directory(finished, target)
+    monkeypatch.undo()
+    assert sorted(p.name for p in target.iterdir()) == ["config.json"] and (target / "config.json").read_text() == "ours"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import threading
 
 import torch
 from torch import nn
@@ -12,6 +13,7 @@ from ..calibration.engine import evaluating
 from .mpo import MPOLinear
 
 _PROBE_TOKENS = 8
+_COUNTING = threading.Lock()
 # What Torch-Pruning's counter leaves on the model it counted (its hooks and per-module variables it removes itself).
 _COUNTER_ATTRIBUTES = (
     "start_flops_count", "stop_flops_count", "reset_flops_count", "compute_average_flops_cost", "__batch_counter__",
@@ -28,22 +30,23 @@ def count_macs_per_token(model: nn.Module) -> int:
     variables are removed afterwards."""
     device = next(model.parameters()).device
     ids = torch.zeros(1, _PROBE_TOKENS, dtype=torch.long, device=device)
-    custom = dict(op_counter.CUSTOM_MODULES_MAPPING)
-    op_counter.CUSTOM_MODULES_MAPPING[nn.Linear] = _linear_macs
-    # Not nn.Linear, so uncounted (MPOE reported its experts as free): each rebuilds its full weight and multiplies by it.
-    op_counter.CUSTOM_MODULES_MAPPING[MPOLinear] = _linear_macs
-    op_counter.add_flops_counting_methods(model)
-    try:
-        model.start_flops_count(ost=sys.stdout, verbose=False, ignore_list=[])
-        with evaluating(model), torch.no_grad():
-            model(ids)
-        macs = model.compute_average_flops_cost()[0]
-    finally:
-        model.stop_flops_count()
-        op_counter.CUSTOM_MODULES_MAPPING.clear()
-        op_counter.CUSTOM_MODULES_MAPPING.update(custom)
-        for name in _COUNTER_ATTRIBUTES:
-            model.__dict__.pop(name, None)
+    with _COUNTING:  # the counter reads its module table, a global, when it adds its hooks and when it removes them
+        custom = dict(op_counter.CUSTOM_MODULES_MAPPING)
+        op_counter.CUSTOM_MODULES_MAPPING[nn.Linear] = _linear_macs
+        # Not nn.Linear, so uncounted (MPOE reported its experts as free): each rebuilds its full weight and multiplies by it.
+        op_counter.CUSTOM_MODULES_MAPPING[MPOLinear] = _linear_macs
+        op_counter.add_flops_counting_methods(model)
+        try:
+            model.start_flops_count(ost=sys.stdout, verbose=False, ignore_list=[])
+            with evaluating(model), torch.no_grad():
+                model(ids)
+            macs = model.compute_average_flops_cost()[0]
+        finally:
+            model.stop_flops_count()
+            op_counter.CUSTOM_MODULES_MAPPING.clear()
+            op_counter.CUSTOM_MODULES_MAPPING.update(custom)
+            for name in _COUNTER_ATTRIBUTES:
+                model.__dict__.pop(name, None)
     return int(macs) // _PROBE_TOKENS
 
 

@@ -21,12 +21,14 @@ import inspect
 import json
 import math
 import re
+import threading
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
+from accelerate import init_empty_weights
 from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_utils import no_init_weights
@@ -168,10 +170,7 @@ def keep_stand_ins(model: PreTrainedModel) -> None:
         return
     config = copy.deepcopy(model.config)
     del config.quantization_config
-    # Uninitialised: meta weights hold nothing to initialise, and StableLM's _init_weights fails on its per-head q/k
-    # LayerNorms, which have no bias (transformers 4.57; checkpoints load, their weights being present).
-    with torch.device("meta"), no_init_weights():
-        stock = type(model)(config)
+    stock = built_without_weights(lambda: type(model)(config))
     present = {name.replace(".base_layer.", ".") for name in model.state_dict()}  # a peft LoRA layer wraps the linear
     names = [name for name in stock.state_dict() if name not in present]
     if names:
@@ -180,6 +179,24 @@ def keep_stand_ins(model: PreTrainedModel) -> None:
             type(model).save_pretrained = _SavingWithStandIns(save_pretrained)
         vars(model)[_STAND_INS_ATTRIBUTE] = names
         model.register_load_state_dict_pre_hook(_SkipStandIns(names))
+
+
+_BUILDING = threading.Lock()
+
+
+def built_without_weights(build: Callable[[], nn.Module], buffers: bool = True) -> nn.Module:
+    """``build()`` with its parameters (and ``buffers``) on the meta device, holding no memory. Its weights are
+    initialised there as its class does, at no cost; a class whose ``_init_weights`` fails on modules it builds itself
+    (StableLM's per-head q/k LayerNorms, which have no bias: transformers 4.57) is built again uninitialised, under
+    transformers' ``no_init_weights``. ``buffers=False`` keeps buffers real (rotary frequencies are in no checkpoint)
+    with Accelerate's ``init_empty_weights``. Those two switch process-wide state while they build (another thread's
+    modules built meanwhile see it), and overlapping uses could leave it switched: builds here take turns."""
+    with _BUILDING, torch.device("meta") if buffers else init_empty_weights():
+        try:
+            return build()
+        except AttributeError:
+            with no_init_weights():
+                return build()
 
 
 def _check_stored_as_stand_ins(config: Any, recorded: dict[str, Any], names: list[str]) -> None:

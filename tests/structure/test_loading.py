@@ -269,3 +269,33 @@ def test_per_layer_query_heads_per_group_reload_and_run_with_a_padding_mask(tmp_
     mask[0, :3] = 0  # left padding
     with torch.no_grad():
         torch.testing.assert_close(reloaded(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
+
+
+def test_a_meta_model_is_built_without_switching_what_other_threads_build():
+    """keep_stand_ins built its stock model under transformers' no_init_weights (a process-wide flag): two structured
+    prunes in two threads could leave it off, every model built after skipping its initialisation."""
+    import threading
+
+    import transformers.modeling_utils as modeling_utils
+
+    from optimum_prune.structure.loading import built_without_weights
+
+    inside, release, seen = threading.Event(), threading.Event(), {}
+
+    def build():
+        model = tiny_model()
+        inside.set()
+        release.wait(10)
+        return model
+
+    thread = threading.Thread(target=lambda: seen.update(model=built_without_weights(build)))
+    thread.start()
+    inside.wait(10)
+    try:
+        assert modeling_utils._init_weights is True
+        assert torch.nn.Linear(2, 2).weight.device.type == "cpu"
+    finally:
+        release.set()
+        thread.join()
+    assert next(seen["model"].parameters()).device.type == "meta"
+    assert modeling_utils._init_weights is True
