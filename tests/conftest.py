@@ -213,6 +213,24 @@ def zeroed_reference(dense: torch.nn.Module, pruned: torch.nn.Module) -> torch.n
     return reference
 
 
+def sublayer_removal_logits(dense: torch.nn.Module, adapter_cls: type, index: int, kind: str, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits of ``dense`` with layer ``index``'s ``kind`` sublayer adding nothing (its output zeroed), and those
+    of a copy from which ``adapter_cls`` removed that sublayer."""
+    layer = dense.model.layers[index]
+
+    def zero(_module: torch.nn.Module, _args: tuple, output):
+        return (torch.zeros_like(output[0]), *output[1:]) if isinstance(output, tuple) else torch.zeros_like(output)
+
+    handle = adapter_cls(dense).sublayer(layer, kind).register_forward_hook(zero)
+    with torch.no_grad():
+        expected = dense(input_ids=ids).logits
+    handle.remove()
+    model = copy.deepcopy(dense)
+    adapter_cls(model).remove_sublayer(model.model.layers[index], kind)
+    with torch.no_grad():
+        return expected, model(input_ids=ids).logits
+
+
 def decoder_linear_parameters(model: torch.nn.Module) -> int:
     """Weights of the decoder layers' linears: what a structured ``sparsity`` is a fraction of."""
     return sum(m.weight.numel() for layer in model.model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear))

@@ -15,7 +15,7 @@ from optimum_prune import PruningConfig, get_adapter, prune, save_pruned
 from optimum_prune.adapters.llama import LlamaAdapter
 from optimum_prune.adapters.olmo2 import Olmo2Adapter
 
-from ..conftest import assert_reloads_exactly, assert_stock_reload_matches, tiny_model, token_windows, zeroed_reference
+from ..conftest import assert_reloads_exactly, assert_stock_reload_matches, sublayer_removal_logits, tiny_model, token_windows, zeroed_reference
 
 
 def test_each_olmo2_class_has_its_adapter():
@@ -51,25 +51,10 @@ def test_a_removed_sublayer_drops_exactly_its_term(kind):
     the MLP's input norm: removing the MLP, it would drop the attention's post-norm too."""
     dense = tiny_model("olmo2")
     ids = token_windows(samples=2, seq_len=12, seed=3)
-    sublayer = dense.model.layers[1].self_attn if kind == "attention" else dense.model.layers[1].mlp
-
-    def zero(_module: nn.Module, _args: tuple, output):
-        return (torch.zeros_like(output[0]), *output[1:]) if isinstance(output, tuple) else torch.zeros_like(output)
-
-    handle = sublayer.register_forward_hook(zero)
-    with torch.no_grad():
-        expected = dense(input_ids=ids).logits
-    handle.remove()
-
-    def removed_by(adapter: type) -> torch.Tensor:
-        model = copy.deepcopy(dense)
-        adapter(model).remove_sublayer(model.model.layers[1], kind)
-        with torch.no_grad():
-            return model(input_ids=ids).logits
-
-    torch.testing.assert_close(removed_by(Olmo2Adapter), expected)
+    expected, removed = sublayer_removal_logits(dense, Olmo2Adapter, 1, kind, ids)
+    torch.testing.assert_close(removed, expected)
     if kind == "mlp":
-        assert not torch.allclose(removed_by(LlamaAdapter), expected, atol=1e-3)
+        assert not torch.allclose(sublayer_removal_logits(dense, LlamaAdapter, 1, kind, ids)[1], expected, atol=1e-3)
 
 
 def test_an_mlp_channel_cut_equals_the_dense_model_with_the_channels_zeroed():

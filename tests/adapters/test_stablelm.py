@@ -22,6 +22,7 @@ from ..conftest import (
     assert_reloads_exactly,
     assert_stock_reload_matches,
     kept_rows,
+    sublayer_removal_logits,
     tiny_model,
     token_windows,
     zeroed_reference,
@@ -90,22 +91,10 @@ def test_a_removed_sublayer_drops_exactly_its_term(variant, kind):
     input_layernorm: Llama's adapter takes it away with the attention, leaving the MLP reading the raw stream."""
     dense = tiny_stablelm(variant)
     ids = token_windows(samples=2, seq_len=12, seed=3)
-    handle = get_adapter(dense).sublayer(dense.model.layers[1], kind).register_forward_hook(
-        lambda _module, _args, output: (torch.zeros_like(output[0]), *output[1:]) if isinstance(output, tuple) else torch.zeros_like(output)
-    )
-    with torch.no_grad():
-        expected = dense(input_ids=ids).logits
-    handle.remove()
-
-    def removed_by(adapter: type) -> torch.Tensor:
-        model = copy.deepcopy(dense)
-        adapter(model).remove_sublayer(model.model.layers[1], kind)
-        with torch.no_grad():
-            return model(input_ids=ids).logits
-
-    torch.testing.assert_close(removed_by(StableLmAdapter), expected)
+    expected, removed = sublayer_removal_logits(dense, StableLmAdapter, 1, kind, ids)
+    torch.testing.assert_close(removed, expected)
     if (variant, kind) == ("parallel", "attention"):
-        assert not torch.allclose(removed_by(LlamaAdapter), expected, atol=1e-3)
+        assert not torch.allclose(sublayer_removal_logits(dense, LlamaAdapter, 1, kind, ids)[1], expected, atol=1e-3)
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
