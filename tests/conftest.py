@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+from typing import Any
 
 import pytest
 import torch
@@ -229,6 +230,57 @@ def sublayer_removal_logits(dense: torch.nn.Module, adapter_cls: type, index: in
     adapter_cls(model).remove_sublayer(model.model.layers[index], kind)
     with torch.no_grad():
         return expected, model(input_ids=ids).logits
+
+
+def logit_error(dense: torch.nn.Module, windows: torch.Tensor, method: str, **options) -> float:
+    """Mean squared logit difference a copy of ``dense`` pruned to 20 % with ``method`` shows on ``windows``."""
+    from optimum_prune import PruningConfig, prune  # imported by the tests, after the fixtures they use
+
+    model = copy.deepcopy(dense)
+    prune(model, PruningConfig(method=method, sparsity=0.2, method_options=options), calibration=windows)
+    with torch.no_grad():
+        return float((model(input_ids=windows).logits - dense(input_ids=windows).logits).square().mean())
+
+
+def assert_prunes_and_reloads(model: torch.nn.Module, config: Any, directory) -> Any:
+    """Prune ``model`` with ``config``: unstructured methods reach 50 %, the others shrink it; it reloads exactly."""
+    from optimum_prune import prune, save_pruned
+
+    report = prune(model, config, calibration=token_windows())
+    if config.method in ("wanda", "sparsegpt", "llm_surgeon"):  # unstructured: zeros, the widths stay
+        assert report.overall_sparsity == pytest.approx(0.5, abs=0.01)
+    else:
+        assert report.parameters_after < report.parameters_before
+    assert_reloads_exactly(model, save_pruned(model, directory, report=report))
+    return report
+
+
+def assert_uniform_result_reloads_with_stock_transformers(model: torch.nn.Module, method: str, options: dict, work_dir) -> None:
+    """``model`` pruned to 25 % by a structured ``method`` that keeps its layers alike reloads with stock transformers."""
+    from optimum_prune import PruningConfig, prune, save_pruned
+
+    report = prune(model, PruningConfig(method=method, sparsity=0.25, method_options=options), calibration=token_windows())
+    assert report.parameters_after < report.parameters_before
+    directory = save_pruned(model, work_dir / method, report=report)
+    assert assert_stock_reload_matches(model, directory, token_windows(samples=2, seq_len=16, seed=3), work_dir) == method
+
+
+def observed_residual_terms(model: torch.nn.Module) -> tuple[Any, torch.nn.Module, torch.Tensor, dict, dict, torch.Tensor]:
+    """Layer 0 of ``model`` run on random states while its adapter observes the stream around each sublayer: the
+    adapter, the layer, its input, the arguments it ran with, each sublayer's (before, after) and the layer's output."""
+    from optimum_prune import get_adapter
+
+    adapter, layer = get_adapter(model), model.model.layers[0]
+    hidden = torch.randn(2, 8, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(8).expand(2, -1)
+    arguments = dict(position_embeddings=model.model.rotary_emb(hidden, positions), attention_mask=None, position_ids=positions)
+    observed: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    with torch.no_grad(), adapter.observing_residuals(layer, lambda kind, before, after: observed.update({kind: (before, after)})):
+        output = adapter.run_layer(layer, hidden, arguments)
+    assert torch.equal(observed["attention"][0], hidden)
+    assert torch.equal(observed["attention"][1], observed["mlp"][0])
+    torch.testing.assert_close(observed["mlp"][1], output)
+    return adapter, layer, hidden, arguments, observed, output
 
 
 def decoder_linear_parameters(model: torch.nn.Module) -> int:

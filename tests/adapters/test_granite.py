@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, GraniteModel, LlamaConfig, LlamaForCausalLM, LlavaNextConfig, LlavaNextForConditionalGeneration
 
-from optimum_prune import PruningConfig, get_adapter, prune, save_pruned
+from optimum_prune import PruningConfig, get_adapter, prune
 from optimum_prune.adapters.granite import GraniteAdapter
 
-from ..conftest import TINY, assert_stock_reload_matches, output_errors, tiny_model, token_windows
+from ..conftest import TINY, assert_uniform_result_reloads_with_stock_transformers, output_errors, tiny_model, token_windows
 
 
 def test_each_granite_class_has_its_adapter():
@@ -28,12 +28,8 @@ def test_kprune_weight_tuning_fits_the_term_before_the_residual_multiplier():
 @pytest.mark.parametrize("method,options", [("width", {}), ("layers", {"num_layers": 1})])
 def test_a_uniform_granite_result_reloads_with_stock_transformers(method, options, tmp_path):
     """A uniform result records head_dim in the config, which Granite's attention and RoPE read."""
-    model = tiny_model("granite")
-    config = PruningConfig(method=method, sparsity=0.25, method_options={**options, **({"ranking": "layer"} if method == "width" else {})})
-    report = prune(model, config, calibration=token_windows())
-    assert report.parameters_after < report.parameters_before
-    directory = save_pruned(model, tmp_path / method, report=report)
-    assert assert_stock_reload_matches(model, directory, token_windows(samples=2, seq_len=16, seed=3), tmp_path) == method
+    options = {**options, **({"ranking": "layer"} if method == "width" else {})}
+    assert_uniform_result_reloads_with_stock_transformers(tiny_model("granite"), method, options, tmp_path)
 
 
 def equivalent_llama(granite: torch.nn.Module) -> torch.nn.Module:

@@ -11,11 +11,15 @@ import torch
 from torch import nn
 from transformers import Olmo2Model
 
-from optimum_prune import PruningConfig, get_adapter, prune, save_pruned
+from optimum_prune import PruningConfig, get_adapter, prune
 from optimum_prune.adapters.llama import LlamaAdapter
 from optimum_prune.adapters.olmo2 import Olmo2Adapter
 
-from ..conftest import assert_reloads_exactly, assert_stock_reload_matches, sublayer_removal_logits, tiny_model, token_windows, zeroed_reference
+from ..conftest import (
+    assert_prunes_and_reloads, assert_uniform_result_reloads_with_stock_transformers, logit_error, observed_residual_terms,
+    sublayer_removal_logits, tiny_model,
+    token_windows, zeroed_reference,
+)  # fmt: skip
 
 
 def test_each_olmo2_class_has_its_adapter():
@@ -27,17 +31,7 @@ def test_each_olmo2_class_has_its_adapter():
 def test_observed_residual_terms_are_the_post_normalised_sublayer_outputs():
     """Block influence, K-prune and ZipLM read each sublayer's term of the stream, and re-routing fits its stand-in to
     the sublayer's contribution: post_norm(f(x)), from the raw stream x (OLMo 2 has no pre-norm)."""
-    model = tiny_model("olmo2")
-    adapter, layer = get_adapter(model), model.model.layers[0]
-    hidden = torch.randn(2, 8, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
-    positions = torch.arange(8).expand(2, -1)
-    arguments = dict(position_embeddings=model.model.rotary_emb(hidden, positions), attention_mask=None, position_ids=positions)
-    observed = {}
-    with torch.no_grad(), adapter.observing_residuals(layer, lambda kind, before, after: observed.update({kind: (before, after)})):
-        output = layer(hidden, **arguments)
-    assert torch.equal(observed["attention"][0], hidden)
-    assert torch.equal(observed["attention"][1], observed["mlp"][0])
-    torch.testing.assert_close(observed["mlp"][1], output)
+    adapter, layer, hidden, arguments, observed, _output = observed_residual_terms(tiny_model("olmo2"))
     with torch.no_grad():
         attention = adapter.sublayer_contribution(layer, "attention")(hidden_states=hidden, **arguments)[0]
         mlp = adapter.sublayer_contribution(layer, "mlp")(observed["mlp"][0])
@@ -93,36 +87,20 @@ MLP = {"components": "mlp"}
          "kprune", "kcm", "mask_search", "llm_surgeon_structured", "ziplm", "low_rank"],  # fmt: skip
 )
 def test_every_applicable_method_prunes_and_reloads_exactly(config, tmp_path):
-    model = tiny_model("olmo2")
-    report = prune(model, config, calibration=token_windows())
-    if config.method in ("wanda", "llm_surgeon"):  # unstructured: zeros, the widths stay
-        assert report.overall_sparsity == pytest.approx(0.5, abs=0.01)
-    else:
-        assert report.parameters_after < report.parameters_before
-    assert_reloads_exactly(model, save_pruned(model, tmp_path / "pruned", report=report))
+    assert_prunes_and_reloads(tiny_model("olmo2"), config, tmp_path / "pruned")
 
 
 @pytest.mark.parametrize("method,options", [("width", {**MLP, "criterion": "magnitude_l2"}), ("layers", {"num_layers": 1})])
 def test_a_uniform_olmo2_result_reloads_with_stock_transformers(method, options, tmp_path):
-    model = tiny_model("olmo2")
-    report = prune(model, PruningConfig(method=method, sparsity=0.25, method_options=options), calibration=token_windows())
-    directory = save_pruned(model, tmp_path / method, report=report)
-    assert assert_stock_reload_matches(model, directory, token_windows(samples=2, seq_len=16, seed=3), tmp_path) == method
-
-
-def _logit_error(method: str, options: dict, dense: nn.Module, windows: torch.Tensor) -> float:
-    model = copy.deepcopy(dense)
-    prune(model, PruningConfig(method=method, sparsity=0.2, method_options=options), calibration=windows)
-    with torch.no_grad():
-        return float((model(input_ids=windows).logits - dense(input_ids=windows).logits).square().mean())
+    assert_uniform_result_reloads_with_stock_transformers(tiny_model("olmo2"), method, options, tmp_path)
 
 
 def test_fitted_terms_reproduce_the_post_normalised_output():
     """K-prune's weight tuning asks output_target for the down_proj output whose post-norm gives the missing term; a
     re-routed sublayer maps the raw stream to its post-normalised term (0.53× and 0.005× the error measured here)."""
     dense, windows = tiny_model("olmo2"), token_windows(samples=16, seq_len=48)
-    assert _logit_error("kprune", {**MLP, "tune": True}, dense, windows) < 0.8 * _logit_error("kprune", {**MLP, "tune": False}, dense, windows)
-    assert _logit_error("sublayers", {"reroute": True}, dense, windows) < 0.1 * _logit_error("sublayers", {}, dense, windows)
+    assert logit_error(dense, windows, "kprune", **MLP, tune=True) < 0.8 * logit_error(dense, windows, "kprune", **MLP, tune=False)
+    assert logit_error(dense, windows, "sublayers", reroute=True) < 0.1 * logit_error(dense, windows, "sublayers")
 
 
 def test_removing_heads_would_change_the_kept_heads_queries():

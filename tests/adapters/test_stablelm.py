@@ -13,15 +13,17 @@ from torch import nn
 from transformers import AutoModelForCausalLM, StableLmModel
 from transformers.models.stablelm.modeling_stablelm import StableLmLayerNormPerHead
 
-from optimum_prune import PruningConfig, get_adapter, prune, prune_checkpoint, save_pruned
+from optimum_prune import PruningConfig, get_adapter, prune, prune_checkpoint
 from optimum_prune.adapters.llama import LlamaAdapter
 from optimum_prune.adapters.stablelm import StableLmAdapter
 from optimum_prune.structure.loading import records_layer_shapes
 
 from ..conftest import (
-    assert_reloads_exactly,
-    assert_stock_reload_matches,
+    assert_prunes_and_reloads,
+    assert_uniform_result_reloads_with_stock_transformers,
     kept_rows,
+    logit_error,
+    observed_residual_terms,
     sublayer_removal_logits,
     tiny_model,
     token_windows,
@@ -65,17 +67,7 @@ def test_each_stablelm_class_has_its_adapter():
 def test_observed_residual_terms_add_up_to_the_layer_output(variant):
     """Block influence and K-prune read the stream around each sublayer: in a parallel layer the MLP reads the
     input_layernorm of the layer's input, and its term still follows the attention's on the way to the output."""
-    model = tiny_stablelm(variant)
-    adapter, layer = get_adapter(model), model.model.layers[0]
-    hidden = torch.randn(2, 8, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
-    positions = torch.arange(8).expand(2, -1)
-    arguments = dict(position_embeddings=model.model.rotary_emb(hidden, positions), attention_mask=None, position_ids=positions)
-    observed = {}
-    with torch.no_grad(), adapter.observing_residuals(layer, lambda kind, before, after: observed.update({kind: (before, after)})):
-        output = adapter.run_layer(layer, hidden, arguments)
-    assert torch.equal(observed["attention"][0], hidden)
-    assert torch.equal(observed["attention"][1], observed["mlp"][0])
-    torch.testing.assert_close(observed["mlp"][1], output)
+    adapter, layer, hidden, arguments, observed, _output = observed_residual_terms(tiny_stablelm(variant))
     norm = layer.input_layernorm(hidden) if variant == "parallel" else layer.post_attention_layernorm(observed["mlp"][0])
     with torch.no_grad():
         attention = adapter.sublayer_contribution(layer, "attention")(hidden_states=layer.input_layernorm(hidden), **arguments)[0]
@@ -152,41 +144,22 @@ MLP, HEADS = {"components": "mlp"}, {"components": "attention"}
 def test_every_applicable_method_prunes_reloads_and_generates_exactly(config, variant, tmp_path):
     """Eight heads in four key/value groups: at these sparsities every method that removes heads removes some."""
     model = tiny_stablelm(variant, num_attention_heads=8, num_key_value_heads=4)
-    report = prune(model, config, calibration=token_windows())
-    if config.method in ("wanda", "sparsegpt", "llm_surgeon"):  # unstructured: zeros, the widths stay
-        assert report.overall_sparsity == pytest.approx(0.5, abs=0.01)
-    else:
-        assert report.parameters_after < report.parameters_before
+    report = assert_prunes_and_reloads(model, config, tmp_path / "pruned")
     if config.method_options.get("components") == "attention":
         assert any(shape.num_attention_heads < 8 for shape in report.shapes)
-    assert_reloads_exactly(model, save_pruned(model, tmp_path / "pruned", report=report))
 
 
 @pytest.mark.parametrize("method,options", [("width", {**MLP, "criterion": "magnitude_l2"}), ("layers", {"num_layers": 1})])
 def test_a_uniform_stablelm_result_reloads_with_stock_transformers(method, options, tmp_path):
-    model = tiny_stablelm("parallel_qk_norms")
-    report = prune(model, PruningConfig(method=method, sparsity=0.25, method_options=options), calibration=token_windows())
-    directory = save_pruned(model, tmp_path / method, report=report)
-    assert assert_stock_reload_matches(model, directory, token_windows(samples=2, seq_len=16, seed=3), tmp_path) == method
-
-
-def _logit_error(config: PruningConfig, dense: nn.Module, windows: torch.Tensor) -> float:
-    model = copy.deepcopy(dense)
-    prune(model, config, calibration=windows)
-    with torch.no_grad():
-        return float((model(input_ids=windows).logits - dense(input_ids=windows).logits).square().mean())
+    assert_uniform_result_reloads_with_stock_transformers(tiny_stablelm("parallel_qk_norms"), method, options, tmp_path)
 
 
 def test_fitted_terms_reproduce_a_parallel_layers_output():
     """A re-routed sublayer of a parallel layer maps the shared input_layernorm's output to its term, and K-prune's
     weight tuning fits each output projection to the stream it leaves."""
     dense, windows = tiny_stablelm("parallel"), token_windows(samples=16, seq_len=48)
-
-    def error(method: str, **options) -> float:
-        return _logit_error(PruningConfig(method=method, sparsity=0.2, method_options=options), dense, windows)
-
-    assert error("sublayers", reroute=True) < 0.5 * error("sublayers")
-    assert error("kprune", tune=True) < 0.8 * error("kprune", tune=False)
+    assert logit_error(dense, windows, "sublayers", reroute=True) < 0.5 * logit_error(dense, windows, "sublayers")
+    assert logit_error(dense, windows, "kprune", tune=True) < 0.8 * logit_error(dense, windows, "kprune", tune=False)
 
 
 @pytest.mark.parametrize("variant", ["sequential", "parallel"])
