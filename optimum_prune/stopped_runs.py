@@ -16,7 +16,9 @@ _STOPPED = "_optimum_prune_stopped"
 class ParameterVersions:
     """Which parameter objects a model holds and their in-place version counters: pruning either zeroes weights in
     place (the counter moves) or replaces them (another object), so a comparison tells whether a step touched any
-    weight without reading one. Inference tensors (a model made under ``torch.inference_mode()``) keep no counter."""
+    weight without reading one (an assignment to ``.data`` moves no counter: methods change weights with in-place ops).
+    Inference tensors (a model made under ``torch.inference_mode()``) keep no counter. A method that tries weights in
+    place and puts them back (ZipLM's search) still reads as changed: what was put back is not read either."""
 
     def __init__(self, model: nn.Module) -> None:
         # Weak references: a replaced weight is freed as it would be (a strong one would hold every replaced weight of
@@ -41,8 +43,7 @@ def _version(parameter: nn.Parameter) -> int | None:
 def note_stop(model: nn.Module, before: ParameterVersions, report: PruningReport) -> str:
     """What the error of a stopped step adds: whether the model changed, how far the step got; a changed model is
     marked so that ``check_not_stopped`` refuses it."""
-    changed = before.changed(model)
-    if changed is False:
+    if before.changed(model) is False:
         return "prune() stopped before changing any weight: the model is as it was"
     done = sorted({(row.part, row.layer_index) for row in report.linears})
     progress = ""
@@ -51,7 +52,7 @@ def note_stop(model: nn.Module, before: ParameterVersions, report: PruningReport
         layers = ", ".join(f"{part} {index}" if len(parts) > 1 else str(index) for part, index in done)
         progress = f" (layers it changed: {layers})"
     note = (
-        f"prune() stopped while changing the model{progress}: its weights {'are' if changed else 'may be'} partly pruned "
+        f"prune() stopped while changing the model{progress}: its weights {'are' if done else 'may be'} partly pruned "
         "and this step is not recorded in its config. Load the model again before using, saving or pruning it"
     )
     setattr(model, _STOPPED, note)

@@ -117,7 +117,8 @@ class ExpertMerging(StructuredMethod[ExpertMergingOptions]):
                 part.permute(part.alignment_to(parts[0]))
         for position, linear in enumerate(parts[0].linears):
             stacked = torch.stack([part.weights[position].double() for part in parts])
-            linear.weight.data = (weights.to(stacked.device).view(-1, 1, 1) * stacked).sum(0).to(linear.weight.dtype)
+            with torch.no_grad():  # in place, as a run that stops is told from its weights' version counters
+                linear.weight.copy_((weights.to(stacked.device).view(-1, 1, 1) * stacked).sum(0))
         return dominant
 
 

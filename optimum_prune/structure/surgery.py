@@ -70,7 +70,8 @@ def add_output_bias(linear: nn.Linear, bias: torch.Tensor) -> None:
     if linear.bias is None:
         linear.bias = nn.Parameter(bias.clone(), linear.weight.requires_grad)
     else:
-        linear.bias.data += bias
+        with torch.no_grad():
+            linear.bias += bias
 
 
 def coupled_linears(block: nn.Module, channel_linear: nn.Linear) -> tuple[list[nn.Linear], list[nn.Linear]]:

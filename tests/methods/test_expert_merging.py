@@ -141,3 +141,25 @@ def test_merging_exact_copies_under_a_router_that_does_not_renormalise_changes_n
         method.check()
         assert sorted(sorted(group) for group in method.merge(layer, logits)) == [[0, 1], [2, 3]]
         torch.testing.assert_close(routed(), before, rtol=1e-3, atol=1e-5)
+
+
+def test_a_merge_stopped_part_way_is_said_to_have_changed_the_model(tmp_path, monkeypatch):
+    """Merged weights were assigned to .data, which moves no version counter: a run stopped after the first group
+    merged said "the model is as it was", and save_pruned wrote the half-merged model."""
+    from optimum_prune import save_pruned
+
+    model = tiny_moe()
+    original, calls = ExpertMerging._merged_expert, []
+
+    def interrupted(self, *args):
+        calls.append(1)
+        if len(calls) == 2:  # Ctrl-C while layer 0's second group merges
+            raise KeyboardInterrupt
+        return original(self, *args)
+
+    monkeypatch.setattr(ExpertMerging, "_merged_expert", interrupted)
+    with pytest.raises(KeyboardInterrupt) as stopped:
+        prune(model, PruningConfig(method="merge_experts", sparsity=0.5), calibration=token_windows(4, 16))
+    assert "stopped while changing the model" in " ".join(stopped.value.__notes__)
+    with pytest.raises(ValueError, match="cannot save it"):
+        save_pruned(model, tmp_path / "out")
