@@ -213,6 +213,7 @@ class DistillationMixin:
         optimizer_given = (given.get("optimizers") or (None, None))[0] is not None
         projections = None if teacher is None or model is None else _teacher_checked(model, teacher, distillation, optimizer_given)
         super().__init__(*args, **kwargs)
+        _check_trainer_arguments(distillation, self.args, self.compute_loss_func)  # one a trainer class sets itself
         if teacher is not None and model is None:  # built by model_init
             projections = _teacher_checked(self.model, teacher, distillation, optimizer_given)
         # compute_loss weighs each micro-batch by its share of the step's labelled positions

@@ -766,3 +766,27 @@ def test_a_pruned_model_an_earlier_version_recorded_is_not_said_to_have_changed(
     with pytest.raises(ValueError, match="without the model files' fingerprint"):
         stages._check_no_stale_checkpoints({"output_dir": str(tmp_path / "out")}, tmp_path / "out", differs)
     assert stages._differs_from_pruned(pruned, {**source, "model_revision": "v2"}, config) == stages.CHANGED
+
+
+def test_distillation_refuses_a_loss_llamafactorys_trainer_sets_itself(tmp_path):
+    """CustomSeq2SeqTrainer sets compute_loss_func itself (use_dft_loss, use_eaft_loss, use_asft_loss): the refusal
+    read only the argument, and DFT became the label term unsaid."""
+    from llamafactory_ext.compat import import_llamafactory
+
+    import_llamafactory()
+    from llamafactory.hparams import FinetuningArguments
+    from llamafactory.hparams.training_args import TrainingArguments
+    from llamafactory.train.sft.trainer import CustomSeq2SeqTrainer
+
+    from optimum_prune import DistillationConfig
+
+    class Distilling(DistillationMixin, CustomSeq2SeqTrainer):  # what llamafactory_ext.distill builds
+        pass
+
+    teacher = tiny_model(seed=0)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=1, report_to=[], use_cpu=True, save_strategy="no")
+    with pytest.raises(ValueError, match="computes its own loss"):
+        Distilling(
+            teacher=teacher, distillation=DistillationConfig(), finetuning_args=FinetuningArguments(use_dft_loss=True),
+            processor=None, model=tiny_model(seed=1), args=args, tokenizer=None,
+        )  # fmt: skip
