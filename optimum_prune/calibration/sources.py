@@ -99,7 +99,9 @@ def _text_windows(source: CalibrationSource, tokenizer: Any, num_samples: int, s
     texts = _texts(source, tokenizer, needed)
     if tokenizer is None:
         raise _tokenizer_required()
-    return sample_windows(tokenize_stream(tokenizer, drawn_documents(texts, tokenizer, needed, seed)), num_samples, seq_len, seed)
+    if not _is_streamed(source):  # a stream's first documents are already just what the windows need
+        texts = drawn_documents(texts, tokenizer, needed, seed)
+    return sample_windows(tokenize_stream(tokenizer, texts), num_samples, seq_len, seed)
 
 
 def drawn_documents(texts: list[str], tokenizer: Any, tokens: int, seed: int) -> list[str]:
@@ -404,7 +406,7 @@ def _texts(source: CalibrationSource, tokenizer: Any, stream_tokens: int) -> lis
         columns = dataset_columns(source)
         if "text" not in columns:
             raise ValueError(f"calibration dataset needs a 'text' column (or tokenised 'input_ids'); it has {columns}")
-        texts = _stream_prefix(source, tokenizer, stream_tokens) if not hasattr(source, "__len__") else list(source["text"])
+        texts = _stream_prefix(source, tokenizer, stream_tokens) if _is_streamed(source) else list(source["text"])
     elif isinstance(source, Sequence) and all(isinstance(t, str) for t in source):
         texts = list(source)
     else:
@@ -418,6 +420,11 @@ def _texts(source: CalibrationSource, tokenizer: Any, stream_tokens: int) -> lis
     if not texts:
         raise ValueError("calibration is empty: it contains no non-blank text")
     return texts
+
+
+def _is_streamed(source: CalibrationSource) -> bool:
+    """A streamed ``IterableDataset``: rows read in order, with no length."""
+    return hasattr(source, "column_names") and not hasattr(source, "__len__")
 
 
 def _is_dir(path: Path) -> bool:

@@ -476,3 +476,16 @@ def test_token_ids_past_the_context_are_warned_of_with_a_fix_that_applies_to_the
     with caplog.at_level("WARNING"):
         prune(tiny_model(), config, calibration=stream)
     assert "longer than LlamaForCausalLM's context" in caplog.text and "sample_windows(ids[0]" in caplog.text
+
+
+def test_a_streamed_datasets_windows_come_from_its_first_documents_in_order(bpe_tokenizer):
+    """A stream is read only as far as the windows need, in order; drawing documents again would change its windows."""
+    from datasets import Dataset
+
+    from optimum_prune.calibration.sources import _stream_prefix
+
+    articles = wikipedia_articles("calibration")
+    streamed = Dataset.from_dict({"text": [articles[i % len(articles)][:300] for i in range(200)]}).to_iterable_dataset()
+    first = _stream_prefix(streamed, bpe_tokenizer, 2 * 4 * 64)
+    expected = sample_windows(tokenize_stream(bpe_tokenizer, first), 4, 64, 0)
+    assert torch.equal(calibration_inputs(streamed, bpe_tokenizer, None, 4, 64, 0), expected)
