@@ -239,6 +239,7 @@ def run(args: argparse.Namespace) -> int:
         model, args.output, tokenizer=tokenizer, config=config, report=report,
         compressed_tensors_metadata=args.compressed_tensors_metadata,
     )
+    args.saved = True  # what an interruption from here on leaves: the output, whole
     saved_in = time.perf_counter() - started
     after = verify_sparsity(model, config.target if isinstance(config.sparsity, str) else None)
     if after["pattern"]:  # conformity of what the config pruned (routers, ignored linears and other parts stay dense)
@@ -317,6 +318,7 @@ def _run_offloaded(args: argparse.Namespace, config: PruningConfig) -> int:
         args.model, args.output, config, calibration=args.calibration, tokenizer=tokenizer, device=args.device or default_device(),
         dtype=DTYPES[args.dtype] if args.dtype else None, activation_device=args.activation_device,
     )  # fmt: skip
+    args.saved = True
     print(f"\n{report.request} -> {args.output}")
     print(f"sparsity of the pruned linears: {report.overall_sparsity:.2%}; pruning time {report.seconds:.1f} s; "
           f"peak {report.peak_memory_kind} {report.peak_memory_bytes / 2**20:.0f} MiB")  # fmt: skip
@@ -333,11 +335,12 @@ def run_or_exit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
         message = str(error) if args.config is not None else _in_flags(str(error))  # --config's errors name its fields
         parser.exit(2, f"{parser.prog}: error: {message}\n")
     except KeyboardInterrupt:  # what is on disk, not a traceback of where Ctrl-C landed
-        left = (
-            "the layers finished so far are kept beside --output: run the same command again to resume"
-            if args.offload
-            else "nothing was saved; --output is as it was"
-        )
+        if getattr(args, "saved", False):
+            left = "after the pruned model was saved: --output holds it, whole"
+        elif args.offload:
+            left = f"the layers finished so far (if any) are kept in .{args.output.name}.partial beside --output: run the same command again to resume"
+        else:
+            left = "nothing was saved; --output is as it was"
         parser.exit(130, f"{parser.prog}: interrupted: {left}\n")
 
 

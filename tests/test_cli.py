@@ -409,6 +409,23 @@ def test_ctrl_c_says_what_is_on_disk_instead_of_a_traceback(offload, model_dir, 
     with pytest.raises(SystemExit) as exited:
         main(["--model", str(model_dir), "--method", "magnitude", "--output", str(tmp_path / "out"), *offload])
     assert exited.value.code == 130
-    expected = "the layers finished so far are kept beside --output: run the same" if offload else "nothing was saved; --output is as it was"
+    expected = "the layers finished so far (if any) are kept in .out.partial beside --output: run the same" if offload else "nothing was saved; --output is as it was"
     assert f"interrupted: {expected}" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_after_the_save_says_the_output_is_whole(model_dir, tmp_path, capsys, monkeypatch):
+    """The summary reads every weight again after the save: Ctrl-C there said "nothing was saved"."""
+    calls, verify = [], cli.verify_sparsity
+
+    def interrupted_after_the_save(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the second: after save_pruned
+            raise KeyboardInterrupt
+        return verify(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "verify_sparsity", interrupted_after_the_save)
+    with pytest.raises(SystemExit):
+        main(["--model", str(model_dir), "--method", "magnitude", "--output", str(tmp_path / "out")])
+    assert (tmp_path / "out" / "config.json").exists()
+    assert "interrupted: after the pruned model was saved: --output holds it, whole" in capsys.readouterr().err
