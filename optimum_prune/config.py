@@ -222,10 +222,10 @@ class PruningConfig:
 
     @classmethod
     def from_stored(cls, data: Mapping[str, Any]) -> "PruningConfig":
-        """``from_dict`` of a config a run wrote (``pruning_config.json``, a model config's record). Settings its
-        method does not read, which this version refuses and an earlier one accepted (and ignored), are read as
-        unset, with a warning: the recipe reads, meaning what it did."""
-        return cls.from_dict(_readable_record(data, "a stored pruning_config") if isinstance(data, Mapping) else data)
+        """``from_dict`` of a config a run recorded (a model config's ``pruning_config``). Settings its method does not
+        read, which this version refuses and an earlier one accepted (and ignored), are read as unset, with a warning:
+        the recipe reads, meaning what it did."""
+        return cls.from_dict(_readable_record(data, "a recorded pruning_config") if isinstance(data, Mapping) else data)
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
         """Write ``save_directory/pruning_config.json`` with Optimum's ``BaseConfig.save_pretrained``
@@ -285,7 +285,9 @@ class PruningConfig:
         for name, options in (("method", "method_options"), ("allocation", "allocation_options")):
             if name in overrides and overrides[name] != stored.get(name) and options not in overrides:
                 stored.pop(options, None)
-        config = cls.from_dict({**_readable_record(stored, f"{source}'s pruning_config"), **overrides})
+        if from_model_config or any(map(is_provenance, stored)):  # a run recorded it (a recipe written by hand is checked)
+            stored = _readable_record(stored, f"{source}'s pruning_config")
+        config = cls.from_dict({**stored, **overrides})
         return (config, unused) if return_unused_kwargs else config
 
     def to_json_string(self) -> str:
@@ -297,7 +299,7 @@ class PruningConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "PruningConfig":
-        return cls.from_stored(_read_json_object(path))
+        return cls.from_dict(_read_json_object(path))
 
 
 def _readable_record(data: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -305,8 +307,8 @@ def _readable_record(data: Mapping[str, Any], where: str) -> dict[str, Any]:
     data, dropped = _without_ignored_settings(data)
     if dropped:
         logger.warning(
-            "%s sets %s, which method %r does not read: an earlier optimum-prune accepted and ignored them, this one "
-            "refuses them; read as unset", where, ", ".join(dropped), data.get("method"),
+            "%s sets %s, which method %r does not read: the optimum-prune that wrote it accepted and ignored such "
+            "settings, this one refuses them when given; read as unset", where, ", ".join(dropped), data.get("method"),
         )  # fmt: skip
     return data
 
@@ -333,15 +335,17 @@ def _without_ignored_settings(data: Mapping[str, Any]) -> tuple[dict[str, Any], 
         return data, dropped
     defaults = options_to_dict(MoEOptions())
     if spec.structured is not None:  # structured methods read no moe_options
-        drop("moe_options", [name for name in moe if name in defaults and moe[name] != defaults[name]])
-    elif spec.pruner is not None:
+        unread = tuple(defaults)
+    elif spec.model_pruner is not None:  # one threshold over costs whose gradients carry the routing weights
+        unread = ("routing_weighted", "expert_sparsity", "expert_deviation")
+    else:
         try:
             data_free = not spec.needs_calibration(build_options(spec.options, data.get("method_options", {}), "method_options"))
         except (ValueError, TypeError):
             return data, dropped
-        routed = ("routing_weighted", "unrouted_experts", "expert_sparsity")  # what the routing of calibration tokens sets
-        if data_free:
-            drop("moe_options", [name for name in routed if name in moe and moe[name] != defaults[name]])
+        # what the routing of calibration tokens sets (expert_deviation with expert_sparsity)
+        unread = ("routing_weighted", "unrouted_experts", "expert_sparsity", "expert_deviation") if data_free else ()
+    drop("moe_options", [name for name in unread if name in moe and moe[name] != defaults[name]])
     return data, dropped
 
 

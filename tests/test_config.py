@@ -431,6 +431,8 @@ def test_a_non_utf8_pruning_config_is_named(tmp_path):
         ("mask_search", {"tune": False, "damping": 0.05}, {}, ["method_options.damping"]),
         ("width", {}, {"expert_sparsity": "load"}, ["moe_options.expert_sparsity"]),
         ("wanda", {}, {"expert_deviation": 0.3}, ["moe_options.expert_deviation"]),
+        ("llm_surgeon", {}, {"routing_weighted": False}, ["moe_options.routing_weighted"]),
+        ("magnitude", {}, {"expert_sparsity": "load", "expert_deviation": 0.3}, ["moe_options.expert_sparsity", "moe_options.expert_deviation"]),
     ],
 )
 def test_a_stored_config_with_settings_its_method_ignores_reads_without_them(tmp_path, caplog, method, options, moe_options, dropped):
@@ -441,11 +443,16 @@ def test_a_stored_config_with_settings_its_method_ignores_reads_without_them(tmp
     stored = PruningConfig(method=method, sparsity=0.3).to_dict()
     stored["method_options"] = {**stored["method_options"], **options}
     stored["moe_options"] = {**stored["moe_options"], **moe_options}
-    (tmp_path / "pruning_config.json").write_text(json.dumps(stored))
+    (tmp_path / "pruning_config.json").write_text(json.dumps({**stored, "optimum_version": "2.1.0"}))  # save_pretrained's stamp
     expected = PruningConfig(method=method, sparsity=0.3, method_options={k: v for k, v in options.items() if f"method_options.{k}" not in dropped})
     with caplog.at_level(logging.WARNING, logger="optimum_prune"):
         assert PruningConfig.from_pretrained(tmp_path) == expected
-        assert PruningConfig.from_json_file(tmp_path / "pruning_config.json") == expected
-    assert all(name in caplog.text for name in dropped) and "an earlier optimum-prune accepted and ignored them" in caplog.text
-    with pytest.raises(ValueError):  # given now, they are refused as before
-        PruningConfig.from_dict(stored)
+        assert PruningConfig.from_stored(stored) == expected  # a model's record
+    assert all(name in caplog.text for name in dropped) and "the optimum-prune that wrote it accepted and ignored" in caplog.text
+    (tmp_path / "recipe.json").write_text(json.dumps(stored))  # written by hand: checked as given
+    for read in (PruningConfig.from_dict, lambda data: PruningConfig.from_json_file(tmp_path / "recipe.json")):
+        with pytest.raises(ValueError):
+            read(stored)
+    (tmp_path / "pruning_config.json").write_text(json.dumps(stored))
+    with pytest.raises(ValueError):
+        PruningConfig.from_pretrained(tmp_path)
