@@ -20,9 +20,11 @@ def check_device(device: str | torch.device, field: str = "device") -> torch.dev
     if resolved.type == "cpu":
         return resolved
     backend = getattr(torch, resolved.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
-    if backend is None or not getattr(backend, "is_available", lambda: False)():
+    # torch.backends.mps answers on every torch this package takes (torch.mps gained is_available later)
+    available = torch.backends.mps.is_available() if resolved.type == "mps" else getattr(backend, "is_available", lambda: False)()
+    if backend is None or not available:
         raise ValueError(f"{field} {str(device)!r} was requested but {resolved.type.upper()} is not available here; use cpu")
-    count = backend.device_count()
+    count = getattr(backend, "device_count", lambda: 1)()
     if resolved.index is not None and resolved.index >= count:
         raise ValueError(f"{field} {str(device)!r}: this machine has {count} {resolved.type} device(s), numbered from 0")
     return resolved

@@ -237,6 +237,12 @@ class DistillationMixin:
         self._projection_gradients_step: int | None = None
         self._attended_in_step: Any = None  # the step's attended positions (see _get_num_items_in_batch)
 
+    def create_accelerator_and_postprocess(self) -> None:
+        """Also where ``hyperparameter_search`` builds the accelerator again for each trial."""
+        super().create_accelerator_and_postprocess()
+        if getattr(self, "hidden_projections", None):
+            self._clip_projections_with_the_model()
+
     def _clip_projections_with_the_model(self) -> None:
         """``max_grad_norm`` bounds one norm over everything the optimizer steps: the Trainer clips
         ``model.parameters()`` through the accelerator, so its clip takes the projections along. FSDP and DeepSpeed
@@ -604,8 +610,12 @@ def _identity_map(student_layers: int, teacher_layers: int) -> dict[int, int]:
 
 def _arguments_by_name(init: Callable[..., None], args: tuple, kwargs: dict[str, Any]) -> dict[str, Any]:
     """The arguments the trainer class after the mixin gets, by name: transformers' ``Trainer`` binds ``model`` and
-    ``args`` positionally, LLaMA-Factory's trainers take them through ``**kwargs``."""
+    ``args`` positionally, LLaMA-Factory's trainers take them through ``**kwargs``; a class taking ``*args`` passes
+    them on to ``Trainer``, whose names they then have."""
     signature = inspect.signature(init)
+    if any(parameter.kind is inspect.Parameter.VAR_POSITIONAL for parameter in signature.parameters.values()):
+        trainer = inspect.signature(Trainer.__init__)
+        signature = trainer.replace(parameters=list(trainer.parameters.values())[1:])  # without self
     given = signature.bind_partial(*args, **kwargs).arguments
     for name, parameter in signature.parameters.items():
         if parameter.kind is inspect.Parameter.VAR_KEYWORD:

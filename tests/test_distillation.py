@@ -879,3 +879,25 @@ def test_a_refused_distillation_trainer_leaves_the_student_and_teacher_as_they_w
     with pytest.raises(ValueError, match="computes its own loss"):
         DistillationTrainer(model=student, args=training_args(tmp_path, 1), compute_loss_func=lambda *a, **k: 0, callbacks=[PruningCallback(perp=PERPConfig())])
     assert not any(isinstance(module, MaskLoRALinear) for module in student.modules())
+
+
+def test_a_trainer_subclass_taking_star_args_has_its_arguments_checked_by_trainers_names(tmp_path):
+    """The next class's signature was (*args, **kwargs): the positional TrainingArguments landed under "args" unread, so
+    layer_dropout with gradient checkpointing was refused only after Trainer.__init__ had wrapped the student."""
+
+    class Passing(Trainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+
+    class Distilling(distillation.DistillationMixin, Passing):
+        pass
+
+    from optimum_prune.perp import MaskLoRALinear, PERPConfig
+
+    student = tiny_model()
+    prune(student, PruningConfig(method="magnitude", sparsity=0.5))
+    args = training_args(tmp_path, 1)
+    args.gradient_checkpointing = True
+    with pytest.raises(ValueError, match="layer_dropout skips layers"):
+        Distilling(student, args, distillation=DistillationConfig(layer_dropout=0.1), callbacks=[PruningCallback(perp=PERPConfig())])
+    assert not any(isinstance(module, MaskLoRALinear) for module in student.modules())  # refused before Trainer.__init__
