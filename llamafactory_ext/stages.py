@@ -288,8 +288,8 @@ def _differs_from_pruned(pruned_dir: Path, source: Mapping[str, Any], config: Pr
     earlier = pruned_from == without_files or pruned_from == source["model_name_or_path"]
     if same_config and earlier:
         return (
-            "an earlier optimum-prune recorded where it came from (pruned_from) without the model files' fingerprint, "
-            "so whether the model is the same cannot be told"
+            "an earlier optimum-prune recorded where it came from (pruned_from) without the model files' fingerprint (the "
+            "oldest records: the model's path alone), so whether the model and data are the same cannot be told"
         )
     return CHANGED
 
