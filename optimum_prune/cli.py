@@ -277,6 +277,7 @@ def _print_summary(
     dense, pruned = perplexities
     rows = [("", source, "pruned")]
     if report.shapes:
+        rows.append(("decoder layers' parameters", f"{report.decoder_parameters_before:,}", f"{report.decoder_parameters_after:,}"))
         rows.append(("parameters", f"{report.parameters_before:,}", f"{report.parameters_after:,}"))
         rows.append(("MACs per token", f"{report.macs_per_token_before:,}", f"{report.macs_per_token_after:,}"))
     else:
@@ -290,8 +291,8 @@ def _print_summary(
     print(f"\n{report.request} -> {args.output}  (saved in {saved_in:.1f} s)")
     for label, left, right in rows:
         print(f"{label:<{width}}  {left:>12}  {right:>12}")
-    for item in report.removed:
-        print(f"removed: {item}")
+    for line in report.removed_lines():
+        print(line)
     if records_layer_shapes(getattr(model.config, "quantization_config", None)):
         print(f"reload: import optimum_prune, then {auto_class_name(model)}.from_pretrained (per-layer shapes in quantization_config)")
     elif args.compressed_tensors_metadata:

@@ -6,7 +6,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from .dependencies import MissingDependency
 from .structure.shapes import LayerShape
@@ -74,6 +74,9 @@ class PruningReport:
     # Structured methods: sizes before/after, per-layer shapes, scores and what was removed.
     parameters_before: int = 0
     parameters_after: int = 0
+    # Of the decoder layers alone: what a structured method's sparsity counts (for most; see each method).
+    decoder_parameters_before: int = 0
+    decoder_parameters_after: int = 0
     macs_per_token_before: int = 0
     macs_per_token_after: int = 0
     shapes: list[LayerShape] = field(default_factory=list)
@@ -146,6 +149,13 @@ class PruningReport:
         ]
         return "\n".join(lines)
 
+    def removed_lines(self) -> list[str]:
+        """What was removed, the first ``_REMOVED_SHOWN`` items (``removed`` holds two per layer of a width cut)."""
+        lines = [f"removed: {item}" for item in self.removed[:_REMOVED_SHOWN]]
+        if len(self.removed) > _REMOVED_SHOWN:
+            lines.append(f"removed: ... {len(self.removed) - _REMOVED_SHOWN} more (PruningReport.removed lists them)")
+        return lines
+
     def record_unrouted(self, names: list[str], policy: str) -> None:
         """Expert linears no calibration token reached, and what ``moe_options.unrouted_experts`` did with them."""
         self.unrouted += names
@@ -181,26 +191,72 @@ class PruningReport:
                 prefix = f"{part:>9}  " if self.multimodal else ""
                 lines.append(f"{prefix}{index:>5}  {target:>7.2%}  {measured:>8.2%}")
         lines.append(f"overall sparsity of pruned linears: {self.overall_sparsity:.2%} ({len(self.linears)} linears)")
-        if self.unrouted:
+        if self.unrouted:  # named in full by PruningReport.unrouted: thousands on a large MoE
             action = "pruned by magnitude" if self.unrouted_policy == "magnitude" else "left dense"
-            lines.append(f"{len(self.unrouted)} expert linears got no calibration token ({action}): {', '.join(self.unrouted)}")
+            lines.append(
+                f"{len(self.unrouted)} expert linears got no calibration token ({action}), e.g. {self.unrouted[0]} "
+                "(PruningReport.unrouted lists them)"
+            )
         return lines + self.notes
 
     def _structure_lines(self) -> list[str]:
-        lines = [f"{'layer':>5}  {'heads':>5}  {'kv':>3}  {'mlp':>6}"]
-        for index, shape in enumerate(self.shapes):
-            lines.append(f"{index:>5}  {shape.num_attention_heads:>5}  {shape.num_key_value_heads:>3}  {shape.intermediate_size:>6}")
+        columns = _shape_columns(self.shapes)
+        lines = ["  ".join(f"{name:>{width}}" for name, width in [("layers", 7), *((name, width) for name, width, _ in columns)])]
+        for first, last, shape in _runs_of_equal_shapes(self.shapes, columns):
+            layers = str(first) if first == last else f"{first}-{last}"
+            lines.append("  ".join([f"{layers:>7}", *(f"{cell(shape):>{width}}" for _, width, cell in columns)]))
         for name, scores in self.layer_scores.items():
             lines.append(f"{name} per layer: " + " ".join(f"{s:.4g}" for s in scores))
-        lines += [f"removed: {item}" for item in self.removed]
+        lines += self.removed_lines()
         lines += self.notes
-        ratio = self.parameters_after / self.parameters_before if self.parameters_before else 1.0
-        macs = self.macs_per_token_after / self.macs_per_token_before if self.macs_per_token_before else 1.0
         lines += [
-            f"parameters: {self.parameters_before:,} -> {self.parameters_after:,} ({ratio:.1%})",
-            f"MACs per token: {self.macs_per_token_before:,} -> {self.macs_per_token_after:,} ({macs:.1%})",
+            f"decoder layers' parameters: {_change(self.decoder_parameters_before, self.decoder_parameters_after)}",
+            f"parameters: {_change(self.parameters_before, self.parameters_after)}",
+            f"MACs per token: {_change(self.macs_per_token_before, self.macs_per_token_after)}",
         ]
         return lines
+
+
+_REMOVED_SHOWN = 10
+
+# A structure table's columns: name, width, the cell of a layer's shape. Experts, residual widths and low-rank factors
+# only where some layer has them.
+_BASE_COLUMNS = [
+    ("heads", 5, lambda shape: str(shape.num_attention_heads)),
+    ("kv", 3, lambda shape: str(shape.num_key_value_heads)),
+    ("mlp", 6, lambda shape: str(shape.intermediate_size)),
+]
+_OPTIONAL_COLUMNS = [
+    ("experts", 7, lambda shape: "" if shape.num_experts is None else str(shape.num_experts), lambda shape: shape.num_experts is not None),
+    ("residual in/mid/out", 19, lambda shape: "/".join(map(str, shape.residual_widths or ())), lambda shape: shape.residual_widths is not None),
+    ("low-rank linears", 16, lambda shape: _low_rank_cell(shape.low_rank), lambda shape: bool(shape.low_rank)),
+]
+
+
+def _shape_columns(shapes: list[LayerShape]) -> list[tuple[str, int, Callable[[LayerShape], str]]]:
+    return [*_BASE_COLUMNS, *((name, width, cell) for name, width, cell, used in _OPTIONAL_COLUMNS if any(map(used, shapes)))]
+
+
+def _runs_of_equal_shapes(shapes: list[LayerShape], columns: list) -> list[tuple[int, int, LayerShape]]:
+    """Consecutive layers whose table rows read alike, as (first, last, shape): a uniform cut of 80 layers is one row."""
+    runs: list[tuple[int, int, LayerShape]] = []
+    for index, shape in enumerate(shapes):
+        if runs and all(cell(runs[-1][2]) == cell(shape) for _, _, cell in columns):
+            runs[-1] = (runs[-1][0], index, runs[-1][2])
+        else:
+            runs.append((index, index, shape))
+    return runs
+
+
+def _low_rank_cell(low_rank: tuple[tuple[str, int], ...]) -> str:
+    if not low_rank:
+        return ""
+    ranks = sorted(rank for _, rank in low_rank)
+    return f"{len(ranks)}, rank {ranks[0]}" + (f"-{ranks[-1]}" if ranks[-1] != ranks[0] else "")
+
+
+def _change(before: int, after: int) -> str:
+    return f"{before:,} -> {after:,} ({after / before if before else 1.0:.1%})"
 
 
 def _short_fraction(value: float) -> str:

@@ -362,14 +362,17 @@ class StructuredRun:
 
     def execute(self, windows: torch.Tensor | None, report: PruningReport) -> None:
         model = self.adapter.model
-        report.parameters_before = _parameters(model)
+        report.parameters_before, report.decoder_parameters_before = _parameters(model), self._decoder_parameters()
         report.macs_per_token_before = count_macs_per_token(model)
         kept = kept_modules(model, self.method.ignore)
         self.method.prune(windows, report)
         check_kept(model, kept, self.name)
         report.shapes = record_structure(self.adapter)
-        report.parameters_after = _parameters(model)
+        report.parameters_after, report.decoder_parameters_after = _parameters(model), self._decoder_parameters()
         report.macs_per_token_after = count_macs_per_token(model)
+
+    def _decoder_parameters(self) -> int:
+        return sum(_parameters(layer) for layer in self.adapter.decoder_layers())
 
 
 def _check_some_target(targets: list[dict[str, nn.Linear]], part: str, adapter: DecoderAdapter, config: PruningConfig) -> None:

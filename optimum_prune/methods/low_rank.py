@@ -86,7 +86,7 @@ class LowRankFactorization(StructuredMethod[LowRankOptions]):
                 weights = fisher_rows(self.adapter.model, windows, linears)
         for (name, linear, rank), rows in zip(self.targets, weights):
             replace_submodule(self.adapter.model, name, factorize(linear, rank, rows))
-            report.removed.append(f"{name}: rank {rank} of {min(linear.weight.shape)}")
+            report.removed.append(f"{name}: factorised, kept rank {rank} of {min(linear.weight.shape)}")
 
 
 def factorize(linear: nn.Linear, rank: int, row_weights: torch.Tensor | None = None) -> LowRankLinear:
