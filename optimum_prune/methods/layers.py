@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.utils.logging import tqdm
 
 from ..adapters import DecoderAdapter
 from ..calibration import LayerInputs, run_layer, walk_layers
@@ -175,7 +176,7 @@ class LayerRemoval(StructuredMethod[LayerRemovalOptions]):
     def _perplexity_scores(self, windows: torch.Tensor) -> list[float]:
         model, scores = self.adapter.model, []
         with on_device([model], self.device):  # whole-model losses run on the compute device
-            for layer in self.adapter.decoder_layers():
+            for layer in tqdm(self.adapter.decoder_layers(), desc="Perplexity without each layer", leave=False):
                 with self.adapter.bypassed(layer):
                     scores.append(calibration_perplexity(model, windows))
         require_a_finite_score(scores, "layers")

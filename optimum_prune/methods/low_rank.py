@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers.utils.logging import tqdm
 
 from ..calibration.engine import on_device
 from ..calibration.gradients import fisher_rows
@@ -84,7 +85,7 @@ class LowRankFactorization(StructuredMethod[LowRankOptions]):
         if self.options.weighting == "fisher":
             with on_device([self.adapter.model], self.device):  # whole-model gradients run on the compute device
                 weights = fisher_rows(self.adapter.model, windows, linears)
-        for (name, linear, rank), rows in zip(self.targets, weights):
+        for (name, linear, rank), rows in tqdm(list(zip(self.targets, weights)), desc="Factorising linears", leave=False):
             replace_submodule(self.adapter.model, name, factorize(linear, rank, rows))
             report.removed.append(f"{name}: factorised, kept rank {rank} of {min(linear.weight.shape)}")
 

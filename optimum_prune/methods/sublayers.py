@@ -15,6 +15,7 @@ from typing import ContextManager
 
 import torch
 from torch import nn
+from transformers.utils.logging import tqdm
 
 from ..calibration import observe_layers
 from ..calibration.engine import on_device
@@ -111,7 +112,7 @@ class SublayerRemoval(StructuredMethod[SublayerRemovalOptions]):
             layers = self.adapter.decoder_layers()
             scores = {}
             with on_device([self.adapter.model], self.device):  # whole-model losses run on the compute device
-                for index, kind in self.units:
+                for index, kind in tqdm(self.units, desc="Perplexity without each sublayer", leave=False):
                     with self.adapter.bypassed(layers[index], kind):
                         scores[(index, kind)] = calibration_perplexity(self.adapter.model, windows)
             require_a_finite_score(scores.values(), "sublayers")

@@ -191,3 +191,10 @@ def test_merge_of_two_removed_layers_into_one_target_adds_both_differences():
     assert report.removed == ["model.layers.2", "model.layers.3"]
     w = [layer.mlp.up_proj.weight for layer in dense.model.layers]
     torch.testing.assert_close(model.model.layers[1].mlp.up_proj.weight, w[1] + (w[2] - w[1]) + (w[3] - w[1]))
+
+
+def test_the_perplexity_criterion_shows_its_progress(capsys):
+    """A full-model pass over the calibration set per layer ran without a bar."""
+    config = PruningConfig(method="layers", method_options={"num_layers": 1, "criterion": "perplexity"})
+    prune(tiny_model(), config, calibration=token_windows())
+    assert "Perplexity without each layer" in capsys.readouterr().err

@@ -172,3 +172,8 @@ def test_of_equally_scored_blocks_the_larger_goes_first():
     assert sorted(report.removed) == ["model.layers.1 attention", "model.layers.1 mlp", "model.layers.2 mlp"]
     with torch.no_grad():
         torch.testing.assert_close(model(windows).logits, dense(windows).logits)
+
+
+def test_the_perplexity_criterion_shows_its_progress(capsys):
+    prune(tiny_model(), PruningConfig(method="sublayers", sparsity=0.2, method_options={"criterion": "perplexity"}), calibration=token_windows())
+    assert "Perplexity without each sublayer" in capsys.readouterr().err
