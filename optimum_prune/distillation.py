@@ -236,6 +236,7 @@ class DistillationMixin:
         self._projections_fitted = False
         self._projection_gradients_step: int | None = None
         self._attended_in_step: Any = None  # the step's attended positions (see _get_num_items_in_batch)
+        self._logged_terms: dict[str, list[torch.Tensor]] = {}  # each loss term per micro-batch since the last log
 
     def create_accelerator_and_postprocess(self) -> None:
         """Also where ``hyperparameter_search`` builds the accelerator again for each trial."""
@@ -327,19 +328,27 @@ class DistillationMixin:
             else:  # the model need not compute a label loss (it upcasts every logit to fp32 for it)
                 outputs = model(**{name: value for name, value in model_inputs.items() if name != "labels"})
         loss = outputs.logits.new_zeros(())
+        terms: dict[str, torch.Tensor] = {}  # each term unweighted, for the training logs
         if config.label_weight:  # with no labelled position the model's mean is 0/0: a zero that keeps the graph
-            loss = loss + config.label_weight * (label_loss if bool(labelled) else outputs.logits.sum() * 0)
+            terms["label_loss"] = label_loss if bool(labelled) else outputs.logits.sum() * 0
+            loss = loss + config.label_weight * terms["label_loss"]
         if config.exit_weight:
             draft_logits = exit_logits(unwrapped, outputs.hidden_states[config.exit_layer])
-            loss = loss + config.exit_weight * kd_loss(draft_logits, outputs.logits.detach(), labels, config.temperature)
+            terms["exit_loss"] = kd_loss(draft_logits, outputs.logits.detach(), labels, config.temperature)
+            loss = loss + config.exit_weight * terms["exit_loss"]
         if config.kd_weight or hidden:
             teacher_outputs, indices, logits = self._teacher_targets(inputs, cached, hidden)
             if config.kd_weight:
-                loss = loss + config.kd_weight * kd_loss(outputs.logits, logits.to(outputs.logits.device), labels, config.temperature, indices)
+                terms["kd_loss"] = kd_loss(outputs.logits, logits.to(outputs.logits.device), labels, config.temperature, indices)
+                loss = loss + config.kd_weight * terms["kd_loss"]
         hidden_term = None
         if hidden:
             student_hidden = (*outputs.hidden_states[:-1], student_last[0])
-            hidden_term = config.hidden_weight * self._hidden_loss(student_hidden, teacher_outputs.hidden_states, inputs)
+            terms["hidden_loss"] = self._hidden_loss(student_hidden, teacher_outputs.hidden_states, inputs)
+            hidden_term = config.hidden_weight * terms["hidden_loss"]
+        if model.training:
+            for name, term in terms.items():
+                self._logged_terms.setdefault(name, []).append(term.detach())
         if num_items_in_batch is not None:  # each term weighs by this micro-batch's share of what it averages over
             loss = loss * self._share_of_step(labelled, num_items_in_batch)
             if hidden_term is not None:
@@ -350,6 +359,15 @@ class DistillationMixin:
             # asked for by the losses only: evaluation would gather them with the logits as predictions
             outputs = type(outputs)(**{name: value for name, value in outputs.items() if name != "hidden_states"})
         return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """Training logs also get each loss term's mean over the micro-batches since the last log (unweighted:
+        ``label_loss``, ``kd_loss``, ``exit_loss``, ``hidden_loss``), so that one can tell which term moves."""
+        if "loss" in logs:
+            for name, values in self._logged_terms.items():
+                logs[name] = round(float(torch.stack([value.float() for value in values]).mean()), 4)
+            self._logged_terms.clear()
+        super().log(logs, *args, **kwargs)
 
     def _get_num_items_in_batch(self, batch_samples: list, device: torch.device) -> Any:
         """The step's labelled next-token positions, which the losses average over (the Trainer counts

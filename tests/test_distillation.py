@@ -901,3 +901,16 @@ def test_a_trainer_subclass_taking_star_args_has_its_arguments_checked_by_traine
     with pytest.raises(ValueError, match="layer_dropout skips layers"):
         Distilling(student, args, distillation=DistillationConfig(layer_dropout=0.1), callbacks=[PruningCallback(perp=PERPConfig())])
     assert not any(isinstance(module, MaskLoRALinear) for module in student.modules())  # refused before Trainer.__init__
+
+
+def test_the_training_logs_carry_each_loss_term(tmp_path):
+    """Only the weighted sum was logged: which term moved could not be told."""
+    teacher, student = teacher_student()
+    config = DistillationConfig(kd_weight=1.0, label_weight=0.5, temperature=2.0)
+    trainer = DistillationTrainer(model=student, teacher=teacher, distillation=config, args=training_args(tmp_path, 3), train_dataset=dataset())
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(logged) == 3
+    for entry in logged:  # one micro-batch per step: the loss is the weighted sum of its terms
+        assert entry["loss"] == pytest.approx(entry["kd_loss"] + 0.5 * entry["label_loss"], abs=2e-4)
+    assert "kd_loss" not in trainer.evaluate(dataset(samples=4))
