@@ -323,7 +323,8 @@ class PruningCallback(TrainerCallback):
             pruned = select_mask(scores, target, per_row=self._run_schedule.score == "wanda")
             self.masks.set(name, pruned | self.masks.pruned[name])
         self.masks.apply()
-        logger.info("PruningCallback: step %d pruned to %s (%.2f%% of masked linears)", step, target, 100 * self.masks.sparsity())
+        shown = f"{target:.2%}" if isinstance(target, float) else str(target)  # an N:M pattern as it is
+        logger.info("PruningCallback: step %d pruned to %s (%.2f%% of masked linears)", step, shown, 100 * self.masks.sparsity())
 
     def _scores(self, name: str, linear: nn.Linear) -> torch.Tensor:
         if self._run_schedule.score == "magnitude":
