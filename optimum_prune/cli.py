@@ -18,7 +18,7 @@ import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -330,7 +330,7 @@ def run_or_exit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     """``run``, turning a bad request into one error line and exit status 2, like argparse does."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
-        with exiting_on_sigterm():
+        with exiting_on_sigterm(), nullcontext() if args.config is not None else _warnings_in_flags():
             return run(args)
     except (ValueError, TypeError, MissingDependency) as error:
         message = str(error) if args.config is not None else _in_flags(str(error))  # --config's errors name its fields
@@ -362,6 +362,26 @@ def exiting_on_sigterm() -> Iterator[None]:
 
 # A PruningConfig field named in an error, said as its flag (_FIELD_FLAGS).
 _CONFIG_FIELD = re.compile(rf"PruningConfig\.({'|'.join(_FIELD_FLAGS)})\b(\.(?=\w))?")
+
+
+@contextmanager
+def _warnings_in_flags() -> Iterator[None]:
+    """While a command runs, what it logs names the flags where it names config fields, as its errors do."""
+    handlers = list(logging.getLogger().handlers)
+    naming = _FlagNames()
+    for handler in handlers:
+        handler.addFilter(naming)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(naming)
+
+
+class _FlagNames(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = _in_flags(record.getMessage()), None
+        return True
 
 
 def _in_flags(message: str) -> str:

@@ -429,3 +429,14 @@ def test_ctrl_c_after_the_save_says_the_output_is_whole(model_dir, tmp_path, cap
         main(["--model", str(model_dir), "--method", "magnitude", "--output", str(tmp_path / "out")])
     assert (tmp_path / "out" / "config.json").exists()
     assert "interrupted: after the pruned model was saved: --output holds it, whole" in capsys.readouterr().err
+
+
+def test_warnings_name_the_flags_the_recipe_came_from(model_dir, tmp_path, caplog):
+    """Errors named the flags, warnings the config fields ("lower calibration_seq_len" under --seq-len)."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        main(["--model", str(model_dir), "--method", "wanda", "--calibration-samples", "2", "--seq-len", "256", "--output", str(tmp_path / "out")])
+    message = next(record.getMessage() for record in caplog.records if "context" in record.getMessage())
+    assert "lower --seq-len (text)" in message and "PruningConfig" not in message
+    assert not any(isinstance(f, cli._FlagNames) for handler in logging.getLogger().handlers for f in handler.filters)

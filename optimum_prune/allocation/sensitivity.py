@@ -74,7 +74,8 @@ class SensitivityAllocation(Allocation[SensitivityOptions]):
         all_reduce_sum(totals, used)
         if used.item() < self.options.windows:
             logger.warning(
-                "allocation_options.windows is %d but the calibration holds %d windows: the Hessian traces use those",
+                "PruningConfig.allocation_options.windows is %d but the calibration holds %d windows: the Hessian traces "
+                "use those",
                 self.options.windows, int(used.item()),
             )  # fmt: skip
         self.sensitivities = (totals / used).tolist()

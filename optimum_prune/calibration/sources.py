@@ -324,7 +324,7 @@ def check_token_ids(model: Any, inputs: CalibrationInputs) -> None:
 
 # Text is cut to calibration_seq_len; token ids and processed batches are used as given.
 SHORTER_CALIBRATION = (
-    "lower calibration_seq_len (text), or cut token ids given as one long stream into windows "
+    "lower PruningConfig.calibration_seq_len (text), or cut token ids given as one long stream into windows "
     "(optimum_prune.calibration.sample_windows(ids[0], num_samples, seq_len, seed))"
 )
 
