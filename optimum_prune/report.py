@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -148,6 +149,16 @@ class PruningReport:
             f"time: {self.seconds:.1f} s   peak memory ({self.peak_memory_kind}): {self.peak_memory_bytes / 2**20:,.0f} MiB",
         ]
         return "\n".join(lines)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every field as JSON-ready values, with the measured sparsities the properties compute (``json.dumps`` it to
+        keep a run's report beside its checkpoint)."""
+        return {
+            **dataclasses.asdict(self),
+            "request": self.request,
+            "overall_sparsity": self.overall_sparsity,
+            "part_sparsity": {part: self.part_sparsity(part) for part in self.parts},
+        }
 
     def removed_lines(self) -> list[str]:
         """What was removed, the first ``_REMOVED_SHOWN`` items (``removed`` holds two per layer of a width cut)."""

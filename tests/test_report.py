@@ -98,3 +98,14 @@ def test_a_structured_report_states_what_its_decoder_layers_kept():
 def test_low_rank_says_the_rank_it_kept():
     report = prune(tiny_model(), PruningConfig(method="low_rank", sparsity=0.3), calibration=token_windows(4, 16))
     assert all(": factorised, kept rank " in item for item in report.removed)
+
+
+def test_a_report_is_a_json_ready_dict_with_its_measured_sparsities():
+    import json
+
+    report = prune(tiny_model(), PruningConfig(method="wanda", sparsity=0.5), calibration=token_windows(4, 16))
+    stored = json.loads(json.dumps(report.to_dict()))
+    assert stored["overall_sparsity"] == pytest.approx(report.overall_sparsity) and stored["part_sparsity"] == {"language": pytest.approx(report.part_sparsity("language"))}
+    assert stored["request"] == "wanda 0.5 (uniform)" and len(stored["linears"]) == len(report.linears)
+    structured = prune(tiny_model(), PruningConfig(method="width", sparsity=0.25), calibration=token_windows(4, 16))
+    assert json.loads(json.dumps(structured.to_dict()))["shapes"][0]["num_attention_heads"] == structured.shapes[0].num_attention_heads
