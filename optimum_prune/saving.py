@@ -5,6 +5,7 @@ MoE blocks). Written whole or not at all through ``atomic_files.atomic_directory
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -29,6 +30,8 @@ from .structure.loading import offloaded, records_layer_shapes
 from .wrappers import base_layer, transformers_model
 
 logger = logging.getLogger(__name__)
+
+REPORT_NAME = "pruning_report.json"
 DEFAULT_SHARD_SIZE = "5GB"  # save_pretrained's default, and optimum-quanto's only size
 # This package's modules that hold a linear's weight under other names, and how to save their model instead.
 WRAPPER_FIXES = {
@@ -57,7 +60,9 @@ def save_pruned(
     results without this package; non-uniform structured ones need ``import optimum_prune`` first.
     A model quantized by ``compress`` (optimum-quanto) is saved in optimum-quanto's format and
     reloads with ``optimum.quanto.QuantizedModelForCausalLM.from_pretrained(output_dir)``; one
-    quantized with GPTQ reloads with ``AutoModelForCausalLM.from_pretrained(output_dir)`` (gptqmodel installed). A ``report`` with per-layer scores (the structured methods that score layers: depth, sublayers, mask search, ZipLM...) adds ``layer_scores.png``.
+    quantized with GPTQ reloads with ``AutoModelForCausalLM.from_pretrained(output_dir)`` (gptqmodel installed). A ``report`` is
+    written as ``pruning_report.json`` (``PruningReport.to_dict``); one with per-layer scores (the structured methods that score
+    layers: depth, sublayers, mask search, ZipLM...) adds ``layer_scores.png``.
     ``compressed_tensors_metadata=True`` writes the compressed-tensors ``sparsity_config`` (see
     ``sparsity_metadata.py``) as the checkpoint's ``quantization_config`` for serving stacks.
     ``max_shard_size`` is ``save_pretrained``'s (optimum-quanto's format takes only the default).
@@ -223,6 +228,9 @@ def _write_checkpoint(
         save_tokenizer(tokenizer, staging)
     if config is not None:
         config.save_pretrained(staging)
+    if report is not None:  # what the run measured, beside the recipe that made it
+        (staging / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=1) + "\n", encoding="utf-8")
+        (staging / REPORT_NAME).chmod(new_file_mode())
     if report is not None and report.layer_scores:
         try:
             report.plot_layer_scores(staging / SCORES_PLOT_NAME)

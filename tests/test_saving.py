@@ -598,3 +598,12 @@ def test_a_save_that_finds_its_new_output_made_by_another_meanwhile_replaces_it_
     monkeypatch.undo()
     assert sorted(p.name for p in target.iterdir()) == ["config.json"] and (target / "config.json").read_text() == "ours"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_report_given_is_saved_as_json_beside_the_checkpoint(tmp_path):
+    model = tiny_model()
+    report = prune(model, PruningConfig(method="wanda", sparsity=0.5), calibration=token_windows())
+    output = save_pruned(model, tmp_path / "pruned", report=report)
+    stored = json.loads((output / "pruning_report.json").read_text())
+    assert stored["overall_sparsity"] == pytest.approx(report.overall_sparsity) and stored["method"] == "wanda"
+    save_pruned(model, output)  # a folder holding one is a checkpoint to replace
