@@ -228,14 +228,20 @@ def _write_checkpoint(
         save_tokenizer(tokenizer, staging)
     if config is not None:
         config.save_pretrained(staging)
-    if report is not None:  # what the run measured, beside the recipe that made it
-        (staging / REPORT_NAME).write_text(json.dumps(report.to_dict(), indent=1) + "\n", encoding="utf-8")
-        (staging / REPORT_NAME).chmod(new_file_mode())
+    if report is not None:
+        write_report(report, staging)
     if report is not None and report.layer_scores:
         try:
             report.plot_layer_scores(staging / SCORES_PLOT_NAME)
         except ImportError as error:
             logger.warning("%s; saved without %s", error, SCORES_PLOT_NAME)
+
+
+def write_report(report: PruningReport, folder: Path) -> None:
+    """``report`` as ``pruning_report.json`` in a checkpoint's folder: what the run measured, beside its recipe."""
+    path = folder / REPORT_NAME
+    path.write_text(json.dumps(report.to_dict(), indent=1) + "\n", encoding="utf-8")
+    path.chmod(new_file_mode())
 
 
 def _check_shard_size(max_shard_size: int | str) -> None:

@@ -41,7 +41,7 @@ from .calibration import CalibrationInputs, CalibrationSource, calibration_input
 from .config import CONFIG_NAME, PruningConfig, as_pruning_config, readable_step
 from .models import unreadable_checkpoint
 from .report import PruningReport
-from .saving import drop_gguf_copy
+from .saving import drop_gguf_copy, write_report
 from .structure.loading import built_without_weights, records_layer_shapes
 
 logger = logging.getLogger(__name__)
@@ -415,7 +415,7 @@ def prune_checkpoint(
         report = prune_loaded(
             model, config, calibration=inputs, device=stream.device, activation_device=activation_device, offload=stream
         )
-        _finish_checkpoint(model, reader, rest, stream, tokenizer, config, source, output_dir)
+        _finish_checkpoint(model, reader, rest, stream, tokenizer, config, report, source, output_dir)
     return report
 
 
@@ -530,9 +530,9 @@ def _staging(output_dir: Path, record: dict[str, Any]) -> Iterator[Path]:
 
 def _finish_checkpoint(
     model: nn.Module, reader: CheckpointReader, rest: list[str], stream: LayerStream, tokenizer: Any,
-    config: PruningConfig, source: Path, output_dir: Path,
+    config: PruningConfig, report: PruningReport, source: Path, output_dir: Path,
 ) -> None:
-    """Index, config and tokenizer files into the staging folder, then rename it to ``output_dir``."""
+    """Index, config, report and tokenizer files into the staging folder, then rename it to ``output_dir``."""
     staging = stream.staging
     tensors = {name: t.to(stream.dtype).contiguous() for name, t in reader.read(rest).items()}
     _write_shard(tensors, staging / REST_SHARD, {"format": "pt"}, "rerun the same call: every layer is kept, only the rest is written")
@@ -554,6 +554,7 @@ def _finish_checkpoint(
             logger.warning("%s links outside the checkpoint (to %s): not copied into the output", extra, extra.resolve())
     model.config.save_pretrained(staging)
     config.save_pretrained(staging)
+    write_report(report, staging)
     if tokenizer is not None:
         tokenizer.save_pretrained(staging)
     drop_gguf_copy(staging)  # copied from the source or written by the tokenizer
