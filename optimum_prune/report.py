@@ -231,21 +231,21 @@ class PruningReport:
 _REMOVED_SHOWN = 10
 
 # A structure table's columns: name, width, the cell of a layer's shape. Experts, residual widths and low-rank factors
-# only where some layer has them.
+# (an empty cell where a layer has none) only where some layer has them.
 _BASE_COLUMNS = [
     ("heads", 5, lambda shape: str(shape.num_attention_heads)),
     ("kv", 3, lambda shape: str(shape.num_key_value_heads)),
     ("mlp", 6, lambda shape: str(shape.intermediate_size)),
 ]
 _OPTIONAL_COLUMNS = [
-    ("experts", 7, lambda shape: "" if shape.num_experts is None else str(shape.num_experts), lambda shape: shape.num_experts is not None),
-    ("residual in/mid/out", 19, lambda shape: "/".join(map(str, shape.residual_widths or ())), lambda shape: shape.residual_widths is not None),
-    ("low-rank linears", 16, lambda shape: _low_rank_cell(shape.low_rank), lambda shape: bool(shape.low_rank)),
+    ("experts", 7, lambda shape: "" if shape.num_experts is None else str(shape.num_experts)),
+    ("residual in/mid/out", 19, lambda shape: "/".join(map(str, shape.residual_widths or ()))),
+    ("low-rank linears", 16, lambda shape: _low_rank_cell(shape.low_rank)),
 ]
 
 
 def _shape_columns(shapes: list[LayerShape]) -> list[tuple[str, int, Callable[[LayerShape], str]]]:
-    return [*_BASE_COLUMNS, *((name, width, cell) for name, width, cell, used in _OPTIONAL_COLUMNS if any(map(used, shapes)))]
+    return [*_BASE_COLUMNS, *(column for column in _OPTIONAL_COLUMNS if any(column[2](shape) for shape in shapes))]
 
 
 def _runs_of_equal_shapes(shapes: list[LayerShape], columns: list) -> list[tuple[int, int, LayerShape]]:
