@@ -18,7 +18,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Sequence, Union
+from typing import Any, Iterable, Mapping, Sequence, Union
 
 import torch
 
@@ -111,9 +111,9 @@ def drawn_documents(texts: list[str], tokenizer: Any, tokens: int, seed: int) ->
     bytes per character (tens of GB for one shard)."""
     if len(texts) < 2 or _bytes(texts) <= tokens:
         return texts
-    drawn = [texts[index] for index in torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()]
-    count = _count_holding(drawn, tokenizer, tokens)
-    return texts if count is None else drawn[:count]  # all of them needed: in their own order
+    order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed)).tolist()
+    drawn, held_enough = _first_holding((texts[index] for index in order), tokenizer, tokens)
+    return drawn if held_enough else texts  # all of them needed: in their own order
 
 
 def leading_documents(texts: list[str], tokenizer: Any, tokens: int) -> list[str]:
@@ -122,19 +122,21 @@ def leading_documents(texts: list[str], tokenizer: Any, tokens: int) -> list[str
     ``tokens`` tokens are the whole join's, without tokenising the rest."""
     if len(texts) < 2 or _bytes(texts) <= tokens:
         return texts
-    count = _count_holding(texts, tokenizer, tokens)
-    return texts if count is None else texts[: count + 2]
+    first, held_enough = _first_holding(texts, tokenizer, tokens)
+    return texts[: len(first) + 2] if held_enough else texts
 
 
-def _count_holding(texts: list[str], tokenizer: Any, tokens: int) -> int | None:
-    """How many of ``texts``, from the first, hold ``tokens`` tokens, each tokenised alone (None: all do not)."""
+def _first_holding(texts: Iterable[str], tokenizer: Any, tokens: int) -> tuple[list[str], bool]:
+    """The first of ``texts`` that hold ``tokens`` tokens, each tokenised alone and no further read, and whether they
+    do (or ``texts`` ended first)."""
     tokenizer = text_tokenizer(tokenizer)
-    held = 0
-    for count, text in enumerate(texts, 1):
+    first, held = [], 0
+    for text in texts:
+        first.append(text)
         held += len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
         if held >= tokens:
-            return count
-    return None
+            return first, True
+    return first, False
 
 
 def _bytes(texts: list[str]) -> int:
@@ -438,16 +440,8 @@ def _stream_prefix(dataset: Any, tokenizer: Any, tokens: int) -> list[str]:
     """The ``text`` of a streamed dataset's first rows, until they hold ``tokens`` tokens (or the stream ends)."""
     if tokenizer is None:
         raise _tokenizer_required()
-    texts, held = [], 0
-    for row in dataset.select_columns(["text"]):
-        text = row["text"]
-        if text is None or not text.strip():
-            continue
-        texts.append(text)
-        held += len(text_tokenizer(tokenizer)(text, add_special_tokens=False, verbose=False)["input_ids"])
-        if held >= tokens:
-            break
-    return texts
+    rows = (row["text"] for row in dataset.select_columns(["text"]))
+    return _first_holding((text for text in rows if text is not None and text.strip()), tokenizer, tokens)[0]
 
 
 def read_text_file(path: Path, what: str) -> str:
