@@ -25,10 +25,23 @@ class NoOptions:
     """For methods without options."""
 
 
-def option(default: Any, help: str, applies_when: Mapping[str, tuple[Any, ...]] | None = None) -> Any:
+class NonZero:
+    """An ``applies_when`` condition: any value but 0 (a weight whose 0 leaves out the term an option shapes)."""
+
+    def __contains__(self, value: Any) -> bool:
+        return value != 0
+
+    def describe(self, other: str) -> str:
+        return f"{other} != 0"
+
+
+Allowed = tuple[Any, ...] | NonZero
+
+
+def option(default: Any, help: str, applies_when: Mapping[str, Allowed] | None = None) -> Any:
     """A field of an options dataclass. ``applies_when`` names the values of other options under which this one
-    is read (``{"criterion": ("reconstruction",)}``): set away from its default otherwise, it would be ignored,
-    so ``build_options`` refuses it."""
+    is read (``{"criterion": ("reconstruction",)}``, ``{"weight": NonZero()}``): set away from its default
+    otherwise, it would be ignored, so ``build_options`` refuses it (and a stored config that sets it reads it as unset)."""
     metadata = {"help": help} if applies_when is None else {"help": help, "applies_when": dict(applies_when)}
     return dataclasses.field(default=default, metadata=metadata)
 
@@ -155,8 +168,11 @@ def _unmet(spec: dataclasses.Field, value: Any, value_of: Callable[[str], Any]) 
     return {other: value_of(other) for other, allowed in condition.items() if value_of(other) not in allowed}
 
 
-def _describe(condition: Mapping[str, tuple[Any, ...]]) -> str:
-    return " and ".join(f"{other}=" + " or ".join(map(repr, allowed)) for other, allowed in condition.items())
+def _describe(condition: Mapping[str, Allowed]) -> str:
+    return " and ".join(
+        allowed.describe(other) if isinstance(allowed, NonZero) else f"{other}=" + " or ".join(map(repr, allowed))
+        for other, allowed in condition.items()
+    )
 
 
 def options_to_dict(options: Any) -> dict[str, Any]:

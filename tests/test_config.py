@@ -433,6 +433,7 @@ def test_a_non_utf8_pruning_config_is_named(tmp_path):
         ("wanda", {}, {"expert_deviation": 0.3}, ["moe_options.expert_deviation"]),
         ("llm_surgeon", {}, {"routing_weighted": False}, ["moe_options.routing_weighted"]),
         ("magnitude", {}, {"expert_sparsity": "load", "expert_deviation": 0.3}, ["moe_options.expert_sparsity", "moe_options.expert_deviation"]),
+        ("kprune", {"predictive_weight": 0.0, "temperature": 1.0, "teacher_top_k": 16}, {}, ["method_options.temperature", "method_options.teacher_top_k"]),
     ],
 )
 def test_a_stored_config_with_settings_its_method_ignores_reads_without_them(tmp_path, caplog, method, options, moe_options, dropped):

@@ -59,7 +59,6 @@ Adaptation to decoders (the paper prunes BERT and DistilBERT):
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -70,7 +69,7 @@ from transformers.utils.logging import tqdm
 from ..calibration import LayerInputs, capture_first_layer_inputs, feed_layer, run_layer
 from ..calibration.engine import all_finite, on_device
 from ..calibration.gradients import grad_only, language_model_logits, overflowed, with_loss_scale
-from ..options import check_choice, option
+from ..options import NonZero, check_choice, option
 from ..report import PruningReport
 from .base import StructuredMethod, register_structured_method
 from .units import COMPONENTS, Component, components_option, group_columns, group_units, layer_parameters, output_projection
@@ -83,13 +82,12 @@ from .units import COMPONENTS, Component, components_option, group_columns, grou
 MIN_TOKENS_PER_COLUMN = 8
 
 
-PREDICTIVE_OPTIONS = ("temperature", "teacher_top_k", "predictive_gradient")  # what the predictive-knowledge score reads
-
-
 @dataclass(frozen=True)
 class KPruneOptions:
     components: str = components_option()
-    temperature: float = option(2.0, "Softmax temperature T of the predictive-knowledge KL (paper: 2).")
+    temperature: float = option(
+        2.0, "Softmax temperature T of the predictive-knowledge KL (paper: 2).", applies_when={"predictive_weight": NonZero()}
+    )
     predictive_weight: float = option(1.0, "λ_pred, weight of the predictive-knowledge score (paper: 1).")
     representational_weight: float = option(2.5e-4, "λ_rep, weight of the representational-knowledge score (paper's scripts: 2.5e-4).")
     head_weight: float = option(
@@ -97,9 +95,13 @@ class KPruneOptions:
     )
     predictive_gradient: str = option(
         "sampled", "Gradient squared for Z_pred: 'sampled' (−log-likelihood of tokens drawn from the dense model; informative while the "
-        "model is dense) or 'kl' (the KL's own, the official code's; zero until something is removed)."
+        "model is dense) or 'kl' (the KL's own, the official code's; zero until something is removed).",
+        applies_when={"predictive_weight": NonZero()},
     )
-    teacher_top_k: int = option(128, "Dense-model tokens kept per position for the KL; the rest of the vocabulary is one outcome.")
+    teacher_top_k: int = option(
+        128, "Dense-model tokens kept per position for the KL; the rest of the vocabulary is one outcome.",
+        applies_when={"predictive_weight": NonZero()},
+    )  # fmt: skip
     damping: float = option(
         1e-4, "Ridge damping of the weight-tuning least squares, relative to their mean diagonal (paper: none).",
         applies_when={"tune": (True,)},
@@ -119,13 +121,6 @@ class KPruneOptions:
             raise ValueError("method_options.predictive_weight and representational_weight are both 0: every unit would score 0; keep one > 0")
         if self.teacher_top_k < 1:
             raise ValueError(f"method_options.teacher_top_k must be a positive number of tokens, got {self.teacher_top_k}")
-        if self.predictive_weight == 0:  # applies_when cannot say "when a number is not 0"
-            ignored = [spec.name for spec in dataclasses.fields(self) if spec.name in PREDICTIVE_OPTIONS and getattr(self, spec.name) != spec.default]
-            if ignored:
-                raise ValueError(
-                    f"method_options.{ignored[0]} shapes the predictive-knowledge score, which predictive_weight=0 leaves out: "
-                    "it would be ignored, so remove it"
-                )
 
 
 @register_structured_method("kprune", options=KPruneOptions)

@@ -116,7 +116,7 @@ def test_bad_requests_name_the_field():
     # Options that change nothing where they were accepted: every candidate is a head, or no predictive score
     with pytest.raises(ValueError, match=r"head_weight applies only with components='all', not components='attention'"):
         PruningConfig(method="kprune", method_options={"components": "attention", "head_weight": 8.0})
-    with pytest.raises(ValueError, match="temperature shapes the predictive-knowledge score, which predictive_weight=0 leaves out"):
+    with pytest.raises(ValueError, match=r"temperature applies only with predictive_weight != 0, not predictive_weight=0.0"):
         PruningConfig(method="kprune", method_options={"predictive_weight": 0.0, "temperature": 1.0})
     with pytest.raises(ValueError, match="can remove at most"):
         prune(tiny_model(), PruningConfig(method="kprune", sparsity=0.99), calibration=token_windows())
