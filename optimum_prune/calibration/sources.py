@@ -14,6 +14,7 @@ Multimodal sources (image-text pairs, or already processed batches) are in ``mul
 
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import tempfile
@@ -198,7 +199,8 @@ def _records(path: Path, builder: str, what: str) -> Any:
         datasets.disable_progress_bars()
     try:
         with tempfile.TemporaryDirectory(prefix="optimum-prune-records-") as cache:
-            return datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache, keep_in_memory=True)
+            # escaped: datasets reads data_files as a glob ("calib[12].jsonl" would read calib1.jsonl and calib2.jsonl)
+            return datasets.load_dataset(builder, data_files=glob.escape(str(path)), split="train", cache_dir=cache, keep_in_memory=True)
     except Exception as error:  # datasets raises its own error types for unparsable files
         raise ValueError(f"{what} {str(path)!r} could not be read as {builder} records: {error}") from None
     finally:

@@ -1,10 +1,12 @@
+import json
+
 import pytest
 import torch
 from datasets import IterableDataset
 
 from optimum_prune import PruningConfig, prune
 from optimum_prune.calibration import calibration_inputs, calibration_windows
-from optimum_prune.calibration.sources import sample_windows, tokenize_stream
+from optimum_prune.calibration.sources import file_texts, sample_windows, tokenize_stream
 from optimum_prune.data import wikipedia_articles
 
 from ..conftest import tiny_model, token_windows
@@ -489,3 +491,13 @@ def test_a_streamed_datasets_windows_come_from_its_first_documents_in_order(bpe_
     first = _stream_prefix(streamed, bpe_tokenizer, 2 * 4 * 64)
     expected = sample_windows(tokenize_stream(bpe_tokenizer, first), 4, 64, 0)
     assert torch.equal(calibration_inputs(streamed, bpe_tokenizer, None, 4, 64, 0), expected)
+
+
+def test_a_records_file_whose_name_holds_glob_characters_is_read_itself(tmp_path):
+    """datasets reads ``data_files`` as a glob: "calib[12].jsonl" read calib1.jsonl and calib2.jsonl instead."""
+    (tmp_path / "calib[12].jsonl").write_text(json.dumps({"text": "mine"}) + "\n")
+    (tmp_path / "calib1.jsonl").write_text(json.dumps({"text": "another file"}) + "\n")
+    (tmp_path / "star*.jsonl").write_text(json.dumps({"text": "star"}) + "\n")
+    (tmp_path / "starfish.jsonl").write_text(json.dumps({"text": "fish"}) + "\n")
+    assert file_texts(tmp_path / "calib[12].jsonl", "--calibration") == ["mine"]
+    assert file_texts(tmp_path / "star*.jsonl", "--calibration") == ["star"]
