@@ -64,8 +64,8 @@ def run_train(args: Mapping[str, Any], section: PruningSection | None, training:
         )
     if not args.get("model_name_or_path"):
         raise ValueError("`model_name_or_path` is required")
-    if args.get("output_dir"):  # as TrainingArguments does: the pruned model must go where training then looks
-        args = {**args, "output_dir": os.path.expanduser(str(args["output_dir"]))}
+    # output_dir as TrainingArguments reads it: the pruned model must go where training then looks; export_dir alike
+    args = {**args, **{key: os.path.expanduser(str(args[key])) for key in ("output_dir", "export_dir") if args.get(key)}}
     name = str(args["model_name_or_path"])
     if (os.path.isabs(name) or name.startswith(("./", "../", "~"))) and not Path(name).expanduser().exists():
         raise ValueError(f"model_name_or_path: {name} does not exist (a path, not a Hub repository id); fix the path")
@@ -100,6 +100,7 @@ def run_train(args: Mapping[str, Any], section: PruningSection | None, training:
     merges = args.get("do_train") and args.get("finetuning_type", "lora") == "lora"
     merged = Path(args.get("export_dir") or output_dir / MERGED_SUBDIR)
     if merges:  # before hours of training, not at the merge after them
+        _check_apart(merged, output_dir)
         check_replaceable(merged, args["model_name_or_path"], "export_dir" if args.get("export_dir") else "the merged model's directory")
     calibration = read_calibration(args, section)
     source = calibration.source
@@ -292,6 +293,17 @@ def _differs_from_pruned(pruned_dir: Path, source: Mapping[str, Any], config: Pr
             "oldest records: the model's path alone), so whether the model and data are the same cannot be told"
         )
     return CHANGED
+
+
+def _check_apart(merged: Path, output_dir: Path) -> None:
+    """The merged model replaces its folder whole once training is done: one that is ``output_dir`` or holds it would
+    take the run's adapter and checkpoints with it (and is refused then, after the training)."""
+    merged, output_dir = merged.absolute(), output_dir.absolute()
+    if merged == output_dir or merged in output_dir.parents:
+        raise ValueError(
+            f"export_dir {str(merged)!r} {'is' if merged == output_dir else 'holds'} output_dir {str(output_dir)!r}: the merged "
+            f"model replaces that folder whole; give export_dir a folder of its own (default: output_dir/{MERGED_SUBDIR})"
+        )
 
 
 def _check_no_stale_checkpoints(args: Mapping[str, Any], output_dir: Path, differs: str) -> None:

@@ -741,6 +741,24 @@ def test_an_export_dir_the_merge_could_not_replace_is_refused_before_pruning(wor
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("export_dir, output_dir, word", [("run", "run", "is"), ("saves", "saves/run1", "holds")])
+def test_an_export_dir_that_is_or_holds_the_output_dir_is_refused_before_pruning(workspace, tmp_path, capsys, export_dir, output_dir, word):
+    """The merge replaces export_dir whole: it was refused only after training (as "holds other files")."""
+    config = {**base_args(workspace, tmp_path / output_dir, **LORA_TRAINING, export_dir=str(tmp_path / export_dir)),
+              "pruning": {"method": "magnitude", "sparsity": 0.5}}  # fmt: skip
+    assert f"export_dir {str(tmp_path / export_dir)!r} {word} output_dir" in refused(tmp_path, capsys, config)
+    assert not (tmp_path / output_dir).exists()
+
+
+def test_a_tilde_in_export_dir_is_the_home_folder_as_in_output_dir(workspace, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)  # a literal "~" folder would land here
+    config = {**base_args(workspace, tmp_path / "out", **LORA_TRAINING, export_dir="~/out"),
+              "pruning": {"method": "magnitude", "sparsity": 0.5}}  # fmt: skip
+    config["output_dir"] = "~/out"
+    assert f"export_dir {str(tmp_path / 'home' / 'out')!r} is output_dir" in refused(tmp_path, capsys, config)
+
+
 def test_a_lora_yaml_without_do_train_prunes_and_merges_nothing(workspace, tmp_path):
     """do_train: false trains no adapter, so there is none to merge (nor an export_dir to check)."""
     out = tmp_path / "untrained"
