@@ -84,7 +84,16 @@ def restore_zeros(base: str | Path, exported_dir: Path, **from_pretrained: Any) 
         for key in keys_in[shard]:
             tensors[key].masked_fill_(masks[key], 0)
         temporary = shard.with_name(f".{shard.name}.tmp")
-        save_file(tensors, temporary, metadata=metadata)
-        temporary.chmod(stat.S_IMODE(shard.stat().st_mode))  # the shard rewritten keeps its mode (safetensors 0.8: 0600)
-        os.replace(temporary, shard)
+        try:
+            save_file(tensors, temporary, metadata=metadata)
+            temporary.chmod(stat.S_IMODE(shard.stat().st_mode))  # the shard rewritten keeps its mode (safetensors 0.8: 0600)
+            os.replace(temporary, shard)
+        except BaseException as error:
+            temporary.unlink(missing_ok=True)  # a shard-sized leftover, on what may be a full disk
+            if isinstance(error, OSError):
+                raise OSError(
+                    error.errno, f"restoring the pruned zeros stopped at {shard.name} ({error.strerror or error}): {exported_dir} "
+                    "is only partly restored (the shards before it are); free the space and run the export again"
+                ) from error
+            raise
     logger.info("restored the pruned zeros of %d weights in %s", restored, exported_dir)

@@ -600,6 +600,26 @@ def test_restored_shards_keep_their_mode(tmp_path):
     assert shard.stat().st_mode & 0o777 == 0o640
 
 
+def test_restore_zeros_stopped_by_a_full_disk_leaves_no_temporary_shard_and_says_what_is_restored(tmp_path, monkeypatch):
+    import errno
+
+    import safetensors.torch
+
+    model = tiny_model()
+    prune(model, PruningConfig(method="magnitude", sparsity=0.5))
+    base = save_pruned(model, tmp_path / "base")
+    tiny_model().save_pretrained(tmp_path / "exported", max_shard_size="100KB")
+
+    def full_disk(tensors, path, metadata=None):
+        Path(path).write_bytes(b"x" * 4096)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(OSError, match=r"stopped at model-00001-of-\d+.safetensors \(No space left on device\): .* is only partly restored"):
+        restore_zeros(base, tmp_path / "exported")
+    assert not [path.name for path in (tmp_path / "exported").iterdir() if path.name.endswith(".tmp")]
+
+
 def test_restore_zeros_refuses_another_model_before_touching_its_shards(tmp_path):
     pruned = tiny_model()
     prune(pruned, PruningConfig(method="magnitude", sparsity=0.5))
