@@ -41,7 +41,7 @@ from .calibration import CalibrationInputs, CalibrationSource, calibration_input
 from .config import CONFIG_NAME, PruningConfig, as_pruning_config, readable_step
 from .models import unreadable_checkpoint
 from .report import PruningReport
-from .saving import drop_gguf_copy, write_report
+from .saving import REPORT_NAME, SCORES_PLOT_NAME, drop_gguf_copy, write_report
 from .structure.loading import built_without_weights, records_layer_shapes
 
 logger = logging.getLogger(__name__)
@@ -545,8 +545,8 @@ def _finish_checkpoint(
             total_size += sum(math.prod(s.get_shape()) * SAFETENSORS_DTYPES[s.get_dtype()].itemsize for s in slices)
     index_file = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
     (staging / INDEX_NAME).write_text(json.dumps(index_file, indent=2), encoding="utf-8")
-    for extra in source.iterdir():  # tokenizer and generation config files, as the source has them
-        if not extra.is_file() or _is_weights(extra.name) or extra.name in ("config.json", CONFIG_NAME):
+    for extra in source.iterdir():  # tokenizer and generation config files, as the source has them; not an earlier run's
+        if not extra.is_file() or _is_weights(extra.name) or extra.name in ("config.json", CONFIG_NAME, REPORT_NAME, SCORES_PLOT_NAME):
             continue
         if _in_checkpoint(extra, source):
             shutil.copyfile(extra, staging / extra.name)  # not the source's modes: a read-only one blocks the tokenizer's save

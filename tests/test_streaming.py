@@ -634,10 +634,13 @@ def test_extra_layer_tensors_and_other_weight_formats_of_the_source_stay_behind(
     save_file(tensors, source / "model.safetensors", metadata={"format": "pt"})
     torch.save({}, source / "pytorch_model.bin")  # the dense weights in another format, as many hub repos ship them
     (source / "pytorch_model.bin.index.json").write_text("{}")
+    (source / "layer_scores.png").write_bytes(b"an earlier depth run's plot")  # and its report: not this run's
+    (source / "pruning_report.json").write_text('{"method": "layers"}')
 
     prune_checkpoint(source, tmp_path / "out", CONFIGS["magnitude"])
     names = {path.name for path in (tmp_path / "out").iterdir()}
-    assert not names & {"pytorch_model.bin", "pytorch_model.bin.index.json"} and "tokenizer.json" in names
+    assert not names & {"pytorch_model.bin", "pytorch_model.bin.index.json", "layer_scores.png"} and "tokenizer.json" in names
+    assert json.loads((tmp_path / "out" / "pruning_report.json").read_text())["method"] == "magnitude"
     expected = tiny_model()
     prune(expected, CONFIGS["magnitude"])
     assert_same_weights(AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict(), expected.state_dict())
