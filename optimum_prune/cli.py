@@ -57,6 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def user_path(text: str) -> Path:
+    """A path argument with ``~`` read as the home folder: the shell leaves ``--output=~/pruned`` as it is (a literal
+    ``~`` folder in the working directory, which ``rm -rf ~`` would then be asked to clean up)."""
+    return Path(text).expanduser()
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of both commands; the epilog documents every method and allocation option."""
     defaults = PruningConfig()
@@ -76,15 +82,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = "\n".join(epilog)
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument(
-        "--config", type=Path, metavar="PATH",
+        "--config", type=user_path, metavar="PATH",
         help="a saved recipe (PruningConfig.save_pretrained: pruning_config.json, or the directory holding it) instead of "
         f"the recipe flags ({', '.join(RECIPE_FLAGS.values())})",
     )  # fmt: skip
     parser.add_argument("--method", choices=METHODS.names(), help=f"pruning method (default: {defaults.method})")
     parser.add_argument("--sparsity", help=f"what to remove, in [0, 1): the fraction of decoder-layer linear weights unless the method says otherwise (SliceGPT: of the hidden dimension; layers: of the decoder layers; experts and merge_experts: of each layer's experts; ZipLM: of the decoder's time), or an N:M pattern (unstructured methods), e.g. 0.5 or 2:4 (default: {defaults.sparsity})")
-    parser.add_argument("-o", "--output", required=True, type=Path, help="directory for the pruned checkpoint (replaced atomically)")
-    parser.add_argument("-m", "--model", type=Path, help="local checkpoint directory, or a .gguf file (dequantised on load) (default: embedded SmolLM2-135M-Instruct)")
-    parser.add_argument("--calibration", type=Path, help="text file for calibration, or a .jsonl / .json / .csv / .parquet file of records with a 'text' (or tokenised 'input_ids') column (default: bundled Wikipedia split)")
+    parser.add_argument("-o", "--output", required=True, type=user_path, help="directory for the pruned checkpoint (replaced atomically)")
+    parser.add_argument("-m", "--model", type=user_path, help="local checkpoint directory, or a .gguf file (dequantised on load) (default: embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--calibration", type=user_path, help="text file for calibration, or a .jsonl / .json / .csv / .parquet file of records with a 'text' (or tokenised 'input_ids') column (default: bundled Wikipedia split)")
     parser.add_argument("--calibration-samples", type=int, help=f"calibration windows (default: {defaults.num_calibration_samples})")
     parser.add_argument("--seq-len", type=int, help=f"tokens per calibration window (default: {defaults.calibration_seq_len})")
     parser.add_argument("--seed", type=int, help=f"seed for sampling calibration windows and for what a method draws at random (default: {defaults.seed})")
@@ -115,7 +121,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "quantization_config, for serving stacks such as vLLM (needs the compressed-tensors package)",
     )
     parser.add_argument("--eval", action="store_true", help="report dense and pruned perplexity")
-    parser.add_argument("--eval-file", type=Path, help="evaluation text file, or a .jsonl / .json / .csv / .parquet file of records with a 'text' column, read as --calibration reads them (default: bundled Wikipedia evaluation split)")
+    parser.add_argument("--eval-file", type=user_path, help="evaluation text file, or a .jsonl / .json / .csv / .parquet file of records with a 'text' column, read as --calibration reads them (default: bundled Wikipedia evaluation split)")
     parser.add_argument("--eval-tokens", type=int, default=16384, help="tokens of evaluation text to score (default: 16384)")
     parser.add_argument("--eval-seq-len", type=int, default=512, help="tokens per perplexity window (default: 512)")
 

@@ -38,6 +38,15 @@ def test_cli_takes_optimum_cli_exports_short_output_flag_and_dtype_spellings(mod
     assert AutoModelForCausalLM.from_pretrained(output, dtype="auto").dtype == torch.bfloat16
 
 
+def test_cli_paths_read_a_tilde_as_the_home_folder(model_dir, tmp_path, monkeypatch, capsys):
+    """The shell leaves ``--output=~/pruned`` as it is: it made a literal "~" folder in the working directory."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(model_dir, tmp_path / "home" / "model")
+    assert main(["--model=~/model", "--method", "magnitude", "--output=~/pruned"]) == 0
+    assert (tmp_path / "home" / "pruned" / "pruning_config.json").is_file() and not (tmp_path / "~").exists()
+
+
 def test_cli_structured_depth_pruning_saves_a_score_plot(model_dir, tmp_path, capsys):
     output = tmp_path / "shallow"
     import matplotlib
