@@ -124,6 +124,22 @@ def prune(
     return prune_loaded(model, config, calibration, tokenizer, device, processor, activation_device)
 
 
+def check_multi_process(config: PruningConfig) -> None:
+    """Refuse a method that cannot prune as one of several processes (checked by ``compress`` and the CLI before any
+    step or model load, as by ``prune``)."""
+    spec = METHODS.get(config.method)
+    if not spec.pruner:
+        raise ValueError(
+            f"multi-process calibration supports the per-layer methods ({per_layer_methods()}); run "
+            f"{config.method!r} in a single process"
+        )
+    if spec.pruner.synchronize is LayerPruner.synchronize and spec.needs_calibration(config.build_method_options()):
+        raise ValueError(  # each process would prune on its own share of the calibration data, differently
+            f"method {config.method!r} gathers calibration statistics but does not sum them across processes "
+            f"({spec.pruner.__name__}.synchronize); run it in a single process, or implement synchronize"
+        )
+
+
 @outside_ambient_modes
 def prune_loaded(
     model: nn.Module,
@@ -150,16 +166,8 @@ def prune_loaded(
     check_ignore_patterns(adapter, config.ignore, "PruningConfig.ignore")
     if offload is not None:
         check_offloadable(config, adapter)
-    if is_distributed() and not spec.pruner:
-        raise ValueError(
-            f"multi-process calibration supports the per-layer methods ({per_layer_methods()}); run "
-            f"{config.method!r} in a single process"
-        )
-    if is_distributed() and spec.pruner.synchronize is LayerPruner.synchronize and spec.needs_calibration(config.build_method_options()):
-        raise ValueError(  # each process would prune on its own share of the calibration data, differently
-            f"method {config.method!r} gathers calibration statistics but does not sum them across processes "
-            f"({spec.pruner.__name__}.synchronize); run it in a single process, or implement synchronize"
-        )
+    if is_distributed():
+        check_multi_process(config)
     runs = _plan_runs(adapter, config, device, offload, check_activation_device(activation_device, config))
     inputs = _calibration(adapter, config, runs, calibration, tokenizer, processor)
     report = PruningReport(

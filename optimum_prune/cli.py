@@ -27,7 +27,7 @@ from transformers.utils.logging import disable_progress_bar
 
 from .allocation import ALLOCATIONS
 from .atomic_files import check_replaceable
-from .api import prune
+from .api import check_multi_process, prune
 from .calibration.sources import file_texts
 from .config import PruningConfig
 from .dependencies import MissingDependency
@@ -268,6 +268,8 @@ def _check_args(args: argparse.Namespace, config: PruningConfig) -> None:
     if args.device is not None:
         check_device(args.device, "--device")
     check_activation_device(args.activation_device, config, "--activation-device")
+    if launched_processes() > 1 and not args.offload:  # not after every process has loaded the whole model
+        check_multi_process(config)
     if args.compressed_tensors_metadata:
         if METHODS.get(config.method).structured:
             raise ValueError(f"--compressed-tensors-metadata describes sparse weights; structured method {config.method!r} leaves dense ones")

@@ -22,10 +22,11 @@ from torch import nn
 from transformers import GPTQConfig, QuantoConfig
 
 from .adapters import UnsupportedArchitecture
-from .api import check_architecture, check_finite, prune
+from .api import check_architecture, check_finite, check_multi_process, prune
 from .calibration import CalibrationSource, calibration_windows
 from .config import PruningConfig
 from .dependencies import MissingDependency
+from .distributed import is_distributed
 from .methods import METHODS
 from .report import PruningReport
 from .sparsity_metadata import drop_sparsity_metadata
@@ -69,6 +70,11 @@ def compress(
             check_architecture(model, step)
         except UnsupportedArchitecture as error:
             raise UnsupportedArchitecture(f"recipe[{index}]: {error}") from None
+        try:
+            if is_distributed():  # as prune would refuse it, after the steps before it had run
+                check_multi_process(step)
+        except ValueError as error:
+            raise ValueError(f"recipe[{index}]: {error}") from None
     structured = [METHODS.get(step.method).structured for _, step in pruning]
     reshaped = any(method is not None and method.changes_widths for method in structured)
     if isinstance(steps[-1], GPTQConfig) and not reshaped:  # else checked when it runs, on the pruned widths

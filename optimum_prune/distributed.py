@@ -11,12 +11,13 @@ order of floating-point sums). NCCL on GPUs, gloo on CPU: whatever process group
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import distributed as dist
 
 from .calibration import CalibrationInputs
+from .calibration.engine import calibration_digest
 
 
 def world() -> tuple[int, int]:
@@ -62,16 +63,43 @@ def is_distributed() -> bool:
 
 
 def shard(inputs: CalibrationInputs) -> CalibrationInputs:
-    """This process's share of the calibration windows (or batches): every world-size-th, from its rank."""
+    """This process's share of the calibration windows (or batches): every world-size-th, from its rank. Every process
+    must pass the same calibration (each keeps its share of it); batches fewer than the processes (a tokenizer's one
+    batch of several samples) are shared out per sample."""
     rank, size = world()
     if size == 1:
         return inputs
+    _check_same_everywhere(inputs)
+    if not isinstance(inputs, torch.Tensor) and len(inputs) < size:
+        inputs = [sample for batch in inputs for sample in _samples(batch)]
     if len(inputs) < size:
+        held = "window(s)" if isinstance(inputs, torch.Tensor) else "batch(es)"
         raise ValueError(
-            f"PruningConfig.num_calibration_samples ({len(inputs)}) is smaller than the {size} processes: "
-            "every process needs at least one calibration window"
+            f"the calibration holds {len(inputs)} {held} for {size} processes: every process needs at least one; give at "
+            f"least {size} (PruningConfig.num_calibration_samples for text)"
         )
     return inputs[rank::size]
+
+
+def _samples(batch: Mapping[str, torch.Tensor]) -> list[Mapping[str, torch.Tensor]]:
+    """A batch as one batch per sample, where every tensor holds one entry per sample (else whole)."""
+    samples = batch["input_ids"].shape[0]
+    if not all(tensor.dim() and tensor.shape[0] == samples for tensor in batch.values()):
+        return [batch]
+    return [{name: tensor[index : index + 1] for name, tensor in batch.items()} for index in range(samples)]
+
+
+def _check_same_everywhere(inputs: CalibrationInputs) -> None:
+    """Refuse calibration that differs between processes: each keeps only its share, so a process given its own data
+    would drop the rest of it silently, and the report would count one process's tokens."""
+    value = int(calibration_digest(inputs)[:14], 16)  # 56 bits: an int64 either sign
+    extremes = torch.tensor([value, -value], dtype=torch.int64)
+    _all_reduce(extremes, dist.ReduceOp.MAX)  # the largest digest and minus the smallest: equal everywhere
+    if extremes[0] != -extremes[1]:
+        raise ValueError(
+            "the processes were given different calibration data: each keeps only its share of what it is given "
+            "(window i goes to rank i mod world size), so give every process the same windows"
+        )
 
 
 def shard_positions(local_count: int) -> range:
@@ -81,15 +109,18 @@ def shard_positions(local_count: int) -> range:
 
 
 def all_reduce_sum(*tensors: torch.Tensor) -> None:
-    """Sum each tensor over all processes, in place (no-op in a single process). NCCL reduces
-    CUDA tensors only, so CPU-resident statistics travel through the current GPU there."""
+    """Sum each tensor over all processes, in place (no-op in a single process)."""
     if not is_distributed():
         return
-    staging = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
     for tensor in tensors:
-        if staging is not None and tensor.device.type != "cuda":
-            staged = tensor.to(staging)
-            dist.all_reduce(staged, op=dist.ReduceOp.SUM)
-            tensor.copy_(staged)
-        else:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        _all_reduce(tensor, dist.ReduceOp.SUM)
+
+
+def _all_reduce(tensor: torch.Tensor, op: dist.ReduceOp) -> None:
+    """``dist.all_reduce``; NCCL reduces CUDA tensors only, so CPU-resident ones travel through the current GPU there."""
+    if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+        staged = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+        dist.all_reduce(staged, op=op)
+        tensor.copy_(staged)
+    else:
+        dist.all_reduce(tensor, op=op)

@@ -38,6 +38,7 @@ from torch import nn
 
 from .atomic_files import check_replaceable, claimed_folder, held_exclusively, new_file_mode, remove_leftovers, replace_directory, write_text_atomic
 from .calibration import CalibrationInputs, CalibrationSource, calibration_inputs, check_token_ids
+from .calibration.engine import calibration_digest
 from .config import CONFIG_NAME, PruningConfig, as_pruning_config, readable_step
 from .models import unreadable_checkpoint
 from .report import PruningReport
@@ -449,13 +450,7 @@ def _load_inputs(model: nn.Module, modules: list[nn.Module], reader: CheckpointR
 
 def _run_record(source: Path, config: PruningConfig, dtype: torch.dtype, inputs: CalibrationInputs | None) -> dict[str, Any]:
     """What a resumed run must share with the interrupted one for their layers to belong together."""
-    calibration = None
-    if inputs is not None:
-        digest = hashlib.sha256()
-        for ids in [inputs] if isinstance(inputs, torch.Tensor) else [batch["input_ids"] for batch in inputs]:
-            digest.update(str(tuple(ids.shape)).encode())
-            digest.update(ids.cpu().numpy().tobytes())
-        calibration = digest.hexdigest()
+    calibration = None if inputs is None else calibration_digest(inputs)
     return {"source": _source_record(source), "pruning_config": config.to_dict(), "dtype": str(dtype), "calibration": calibration}
 
 

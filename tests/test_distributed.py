@@ -159,10 +159,81 @@ def test_train_time_pruning_and_expert_dropping_decide_alike_in_every_process(tm
 def test_shard_splits_windows_round_robin_and_needs_one_per_process(monkeypatch):
     windows = torch.arange(10).reshape(5, 2)
     monkeypatch.setattr("optimum_prune.distributed.world", lambda: (1, 2))
+    monkeypatch.setattr("optimum_prune.distributed._check_same_everywhere", lambda inputs: None)  # no process group here
     assert torch.equal(shard(windows), windows[1::2])
+    batch = {"input_ids": windows, "attention_mask": torch.ones_like(windows)}
+    assert [sample["input_ids"].tolist() for sample in shard([batch])] == [[[2, 3]], [[6, 7]]]  # one batch, per sample
     monkeypatch.setattr("optimum_prune.distributed.world", lambda: (0, 8))
-    with pytest.raises(ValueError, match="smaller than the 8 processes"):
+    with pytest.raises(ValueError, match=r"the calibration holds 5 window\(s\) for 8 processes"):
         shard(windows)
+
+
+def _prune_on(rank: int, world: int, init_file: str, output: str, calibration: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        model = tiny_model(num_hidden_layers=2)
+        windows = {  # a tokenizer's one batch of 8 samples; each process its own windows
+            "one batch": {"input_ids": token_windows(8, 32)},
+            "each its own": token_windows(4, 32, seed=10 + rank),
+        }[calibration]
+        try:
+            prune(model, PruningConfig(method="wanda", sparsity=0.5), calibration=windows)
+        except ValueError as error:
+            torch.save(str(error), f"{output}.{rank}")
+            return
+        torch.save(model.state_dict(), f"{output}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_one_tokenizer_batch_is_shared_out_per_sample(tmp_path):
+    """It was refused: "num_calibration_samples (1) is smaller than the 2 processes" (the batch held 8 samples)."""
+    output = str(tmp_path / "pruned")
+    multiprocessing.spawn(_prune_on, args=(2, str(tmp_path / "init"), output, "one batch"), nprocs=2, join=True)
+    alone = tiny_model(num_hidden_layers=2)
+    prune(alone, PruningConfig(method="wanda", sparsity=0.5), calibration={"input_ids": token_windows(8, 32)})
+    together = torch.load(f"{output}.0")
+    for name, weight in alone.state_dict().items():
+        assert torch.equal(together[name] == 0, weight == 0), name
+
+
+def test_processes_given_different_calibration_are_refused(tmp_path):
+    """Each keeps only its share of what it is given: half of each process's own data was dropped silently."""
+    output = str(tmp_path / "pruned")
+    multiprocessing.spawn(_prune_on, args=(2, str(tmp_path / "init"), output, "each its own"), nprocs=2, join=True)
+    for rank in range(2):
+        assert "the processes were given different calibration data" in torch.load(f"{output}.{rank}")
+
+
+def test_compress_refuses_a_step_that_cannot_run_multi_process_before_any_step_runs(monkeypatch):
+    """recipe[1] was refused by prune after recipe[0] had pruned every linear."""
+    import importlib
+
+    from optimum_prune import compress
+
+    monkeypatch.setattr(importlib.import_module("optimum_prune.compress"), "is_distributed", lambda: True)  # the module, not the function
+    model = tiny_model()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    recipe = [PruningConfig(method="wanda", sparsity=0.3), PruningConfig(method="layers", sparsity=0.25)]
+    with pytest.raises(ValueError, match=r"recipe\[1\]: multi-process calibration supports the per-layer methods"):
+        compress(model, recipe, calibration=token_windows())
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
+
+
+def test_cli_under_torchrun_refuses_a_method_that_cannot_run_multi_process_before_loading_the_model(monkeypatch, tmp_path, capsys):
+    from optimum_prune import cli
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+
+    def loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the refusal")
+
+    monkeypatch.setattr(cli, "init_from_launcher", loading)
+    monkeypatch.setattr(cli, "load_model", loading)
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--model", str(tmp_path), "--method", "layers", "--sparsity", "0.25", "--output", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and "multi-process calibration supports the per-layer methods" in capsys.readouterr().err
 
 
 def test_structured_methods_refuse_multi_process_calibration(monkeypatch):

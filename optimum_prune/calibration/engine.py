@@ -16,6 +16,7 @@ batch (and the distinct layer arguments) and the disk two layers' activations.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import logging
 import shutil
@@ -109,6 +110,15 @@ def model_batches(inputs: CalibrationInputs) -> list[dict[str, torch.Tensor]]:
     if isinstance(inputs, torch.Tensor):
         return [{"input_ids": window[None]} for window in inputs]
     return [dict(batch) for batch in inputs]
+
+
+def calibration_digest(inputs: CalibrationInputs) -> str:
+    """SHA-256 of the token ids and their shapes: which calibration a run used, without keeping it."""
+    digest = hashlib.sha256()
+    for ids in [inputs] if isinstance(inputs, torch.Tensor) else [batch["input_ids"] for batch in inputs]:
+        digest.update(str(tuple(ids.shape)).encode())
+        digest.update(ids.cpu().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def count_tokens(inputs: CalibrationInputs | None) -> int:
