@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fnmatch
 import glob
 import logging
 import os
@@ -18,7 +19,7 @@ import stat
 import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -40,14 +41,10 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     target.parent.mkdir(parents=True, exist_ok=True)
     remove_leftovers(target)
     staging = claimed_folder(target, "staging")
-    # mkdtemp's 0700 would make the saved checkpoint unreadable to other users; a setgid parent's bit (files in the
-    # project's group), which mkdtemp inherited, stays. An output replaced keeps its own mode (a user's chmod), as
-    # save_pretrained writing into it does.
-    kept = stat.S_IMODE(target.stat().st_mode) if target.is_dir() else None
-    staging.chmod(kept if kept is not None else (0o777 & ~_umask()) | (staging.stat().st_mode & stat.S_ISGID))
     try:
         with held_exclusively(staging):  # while it is written: no other save takes it for a killed save's leftover
             yield staging
+            give_output_mode(staging, target)
             replace_directory(staging, target)
         return  # staging is gone, or holds the replaced output that replace_directory could not remove (warned of)
     except BaseException:
@@ -96,6 +93,38 @@ def held_exclusively(directory: Path, refusal: str | None = None) -> Iterator[bo
         os.close(descriptor)
 
 
+def give_output_mode(folder: Path, target: Path) -> None:
+    """Open the finished ``folder`` up as the output at ``target`` is: written 0700 (no other user plants a link in it
+    meanwhile), it would leave the checkpoint unreadable to others. A setgid parent's bit (files in the project's
+    group), which the folder inherited, stays; an output replaced keeps its own mode (a user's chmod), as
+    save_pretrained writing into it does."""
+    kept = stat.S_IMODE(target.stat().st_mode) if target.is_dir() else None
+    folder.chmod(kept if kept is not None else (0o777 & ~_umask()) | (folder.stat().st_mode & stat.S_ISGID))
+
+
+def private_folder(folder: Path) -> Path:
+    """``folder`` made for this user alone (0700), or the one already there that only this user can write in: a folder
+    another user made or can write in (a shared directory's, made before this run) could hold links they planted to
+    redirect the writes, or files they forged."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(mode=0o700)
+        return folder
+    except FileExistsError:
+        pass
+    status = folder.lstat()
+    if not stat.S_ISDIR(status.st_mode):  # lstat: a link to a folder is no folder either
+        raise ValueError(f"{str(folder)!r} is a symbolic link or a file, not a folder this user made: remove it")
+    if not _own(status):
+        raise ValueError(f"{str(folder)!r} belongs to another user (uid {status.st_uid}), not to this one: remove it (or have them remove it)")
+    if status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise ValueError(
+            f"{str(folder)!r} can be written by other users (mode {oct(stat.S_IMODE(status.st_mode))}), who could have "
+            "planted files in it: remove it, or `chmod go-w` it if no one else can have written in it"
+        )
+    return folder
+
+
 def new_file_mode() -> int:
     """The mode a file created now gets from the umask (what a writer that ignores it, safetensors 0.8's 0600, is set to)."""
     return 0o666 & ~_umask()
@@ -118,7 +147,8 @@ def check_replaceable(target: Path, source: str | os.PathLike | None = None, fie
     whole directory (atomically), where ``save_pretrained`` writes into it, so ``"."``, a home directory, a
     Trainer's output (checkpoints, logs), a clone of a model repository or the ``source`` checkpoint being
     pruned, given by mistake, would otherwise be lost. Empty directories and earlier outputs (``config.json``
-    beside ``*.safetensors`` or ``*.onnx`` weights, and nothing but checkpoint files: no folders) may go."""
+    beside ``*.safetensors`` or ``*.onnx`` weights, and nothing but the files checkpoint writers make: no folders,
+    none of the user's own) may go."""
     target = Path(target).absolute()
     if source is not None and Path(source).exists() and (
         Path(source).resolve() == target.resolve() or (target.exists() and os.path.samefile(source, target))
@@ -170,13 +200,27 @@ def check_replaceable(target: Path, source: str | os.PathLike | None = None, fie
         )
 
 
-# What save_pretrained, tokenizers, processors, optimum-onnx and this package write into a checkpoint.
-CHECKPOINT_SUFFIXES = (".json", ".safetensors", ".onnx", ".onnx_data", ".jinja", ".tiktoken")
-CHECKPOINT_NAMES = {"merges.txt", "vocab.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", SCORES_PLOT_NAME}
+# What save_pretrained, tokenizers, processors, optimum-quanto, GPTQ, optimum-onnx and this package write into a
+# checkpoint, by name: any *.json or *.safetensors would take a user's own files (evaluation results, a LoRA adapter
+# beside the model) for the checkpoint's, deleted unasked when it is replaced.
+CHECKPOINT_NAMES = {
+    "config.json", "generation_config.json", "pruning_config.json", "pruning_report.json", SCORES_PLOT_NAME,
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.json",
+    "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json", "quanto_qmap.json",
+    "quantize_config.json", "quant_config.json", "ort_config.json", "merges.txt", "vocab.txt", "tokenizer.model",
+    "spiece.model", "sentencepiece.bpe.model",
+    "streaming-run.json", "streaming-notes.json",  # left in by an offloaded run interrupted after its final rename
+}  # fmt: skip
+CHECKPOINT_SUFFIXES = (".index.json", ".onnx", ".onnx_data", ".jinja", ".tiktoken")  # shard indexes, ONNX graphs, chat templates
+# model.safetensors, save_pretrained's model-00001-of-00002.safetensors, offloaded pruning's model-layer-00000 and
+# model-rest; vocabularies (vocab.json, entity_vocab.json ...).
+CHECKPOINT_PATTERNS = ("model.safetensors", "model-*.safetensors", "*vocab*.json")
 
 
 def _checkpoint_file(path: Path) -> bool:
-    return path.is_file() and not path.name.startswith(".") and (path.name.endswith(CHECKPOINT_SUFFIXES) or path.name in CHECKPOINT_NAMES)
+    name = path.name
+    known = name in CHECKPOINT_NAMES or name.endswith(CHECKPOINT_SUFFIXES) or any(fnmatch.fnmatchcase(name, pattern) for pattern in CHECKPOINT_PATTERNS)
+    return path.is_file() and not name.startswith(".") and known
 
 
 def shown_names(names: list[str]) -> str:
@@ -188,21 +232,26 @@ def replace_directory(finished: Path, target: Path) -> None:
     """Put the complete folder ``finished`` at ``target``, replacing whatever was there; ``target``
     never holds a mix of the two. Where Linux can swap the two folders in one step, ``target`` is never
     missing either (the old folder takes ``finished``'s name, then goes); elsewhere it is moved aside first
-    into a locked folder (a save killed between the two renames leaves it there, and the next save to
-    ``target`` puts it back: the entry points call ``remove_leftovers`` before they write), then removed."""
+    into a locked folder, then removed: an error or Ctrl-C between the two renames puts it back, and a save
+    killed there leaves it, for the next save to ``target`` to put back (the entry points call
+    ``remove_leftovers`` before they write)."""
     if not target.exists() and _placed(finished, target):
         return
     if _exchange(finished, target):
         _remove_replaced(finished)
     else:
         retired = claimed_folder(target, "old")
+        moved = retired / target.name
         with held_exclusively(retired):
             try:
-                os.replace(target, retired / target.name)
-            except OSError:
-                retired.rmdir()
+                os.replace(target, moved)
+                os.replace(finished, target)
+            except BaseException:  # the previous output goes back, not left aside with no output in its place
+                if moved.exists() and not target.exists():
+                    os.replace(moved, target)
+                with suppress(OSError):
+                    retired.rmdir()
                 raise
-            os.replace(finished, target)
             _remove_replaced(retired)
 
 
@@ -223,12 +272,20 @@ def claimed_folder(target: Path, kind: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{target.name}.{kind}-", dir=target.parent))
 
 
+class InterruptedAfterReplacing(KeyboardInterrupt):
+    """Ctrl-C while the previous output was removed (seconds for a large checkpoint): the new one is in place, whole."""
+
+
 def _remove_replaced(folder: Path) -> None:
-    """The previous output, once replaced: the save succeeded, so files this user may not delete only warn."""
+    """The previous output, once replaced: the save succeeded, so files this user may not delete only warn, and an
+    interruption finishes removing it, then says the save was done."""
     try:
         shutil.rmtree(folder)
     except OSError as error:
         logger.warning("the previous output, moved to %s, could not be removed (%s); delete it", folder, error)
+    except KeyboardInterrupt as interrupt:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise InterruptedAfterReplacing() from interrupt
 
 
 # A save's folder this young may not be locked yet (made, then locked): never taken for a killed save's.
@@ -239,11 +296,13 @@ def remove_leftovers(target: Path) -> None:
     """Remove the folders beside ``target`` that killed saves left (each can be a whole checkpoint): a running save
     holds its folders locked, so an unlocked one older than a minute is a leftover. A retired previous output whose
     replacement never arrived goes back to ``target`` first. Nothing is removed where folders cannot be locked. A
-    symbolic link named like a leftover is no save's (saves make real folders): it and what it points to stay."""
+    symbolic link named like a leftover is no save's (saves make real folders): it and what it points to stay, as
+    does a folder of another user's (in a shared directory, one planted to be put back as ``target``)."""
     for kind in ("old", "staging"):
         for path in sorted(target.parent.glob(glob.escape(f".{target.name}.{kind}-") + "*")):
             try:
-                if path.is_symlink() or not path.is_dir() or time.time() - path.lstat().st_mtime < LEFTOVER_AGE_S:
+                status = path.lstat()
+                if not stat.S_ISDIR(status.st_mode) or not _own(status) or time.time() - status.st_mtime < LEFTOVER_AGE_S:
                     continue
                 descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
             except OSError:  # removed meanwhile, or not ours to open
@@ -258,12 +317,17 @@ def remove_leftovers(target: Path) -> None:
                 if not taken:
                     continue
                 retired = path / target.name
-                if kind == "old" and not target.exists() and retired.is_dir() and not retired.is_symlink():
+                if kind == "old" and not target.exists() and retired.is_dir() and not retired.is_symlink() and _own(retired.lstat()):
                     os.replace(retired, target)
                     logger.warning("put back %s, which a save killed before it was replaced left in %s", target, path)
                 shutil.rmtree(path, ignore_errors=True)
             finally:
                 os.close(descriptor)
+
+
+def _own(status: os.stat_result) -> bool:
+    """Whether this user owns what ``status`` describes (everything does where there are no owners: Windows)."""
+    return not hasattr(os, "geteuid") or status.st_uid == os.geteuid()
 
 
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
@@ -297,6 +361,21 @@ def _exchange(first: Path, second: Path) -> bool:
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``path`` whole or not at all: a run killed mid-write leaves the previous file."""
     path = Path(path)
-    staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(text, encoding="utf-8")
-    os.replace(staging, path)
+    temporary, descriptor = new_temporary(path)
+    try:
+        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
+            file.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def new_temporary(path: Path) -> tuple[Path, int]:
+    """A new file ``.{name}.tmp`` beside ``path`` to write it through, open for writing, with the umask's mode. One a
+    killed write left goes first (under one name, a leftover is replaced, never piled up); the file is then created
+    exclusively, so a link planted under its name is never written through."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.unlink(missing_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+    return temporary, os.open(temporary, flags, 0o666)

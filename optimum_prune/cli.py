@@ -26,7 +26,7 @@ import torch
 from transformers.utils.logging import disable_progress_bar
 
 from .allocation import ALLOCATIONS
-from .atomic_files import check_replaceable
+from .atomic_files import InterruptedAfterReplacing, check_replaceable
 from .api import check_multi_process, prune
 from .calibration.sources import file_texts
 from .config import PruningConfig
@@ -343,8 +343,8 @@ def run_or_exit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     except (ValueError, TypeError, MissingDependency) as error:
         message = str(error) if args.config is not None else _in_flags(str(error))  # --config's errors name its fields
         parser.exit(2, f"{parser.prog}: error: {message}\n")
-    except KeyboardInterrupt:  # what is on disk, not a traceback of where Ctrl-C landed
-        if getattr(args, "saved", False):
+    except KeyboardInterrupt as interrupt:  # what is on disk, not a traceback of where Ctrl-C landed
+        if getattr(args, "saved", False) or isinstance(interrupt, InterruptedAfterReplacing):
             left = "after the pruned model was saved: --output holds it, whole"
         elif args.offload:
             left = f"the layers finished so far (if any) are kept in .{args.output.name}.partial beside --output: run the same command again to resume"

@@ -36,7 +36,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from .atomic_files import check_replaceable, claimed_folder, held_exclusively, new_file_mode, remove_leftovers, replace_directory, write_text_atomic
+from .atomic_files import (
+    InterruptedAfterReplacing, check_replaceable, claimed_folder, give_output_mode, held_exclusively, new_file_mode, new_temporary,
+    private_folder, remove_leftovers, replace_directory, write_text_atomic,
+)  # fmt: skip
 from .calibration import CalibrationInputs, CalibrationSource, calibration_inputs, check_token_ids
 from .calibration.engine import calibration_digest
 from .config import CONFIG_NAME, PruningConfig, as_pruning_config, readable_step
@@ -253,7 +256,8 @@ def _write_shard(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     """``save_file`` to a temporary file renamed to ``path`` when whole, readable as the umask allows (safetensors 0.8
     creates its files 0600). A full disk (safetensors reports it in a message) leaves no partial file and is said
     plainly, with how to go on (``resume``)."""
-    temporary = path.parent / f".{path.name}.tmp"
+    temporary, descriptor = new_temporary(path)  # save_file opens it by name: in a folder only this user can write in
+    os.close(descriptor)
     try:
         save_file(tensors, temporary, metadata=metadata)
     except BaseException as error:
@@ -490,10 +494,7 @@ def _staging(output_dir: Path, record: dict[str, Any]) -> Iterator[Path]:
     (``record``) started it; one holding no finished layer has no work to lose and starts over. Another
     process pruning into it now is refused: the two would take each other's layers as their own."""
     output_dir = output_dir.absolute()
-    staging = output_dir.parent / f".{output_dir.name}.partial"
-    if staging.is_symlink() or (staging.exists() and not staging.is_dir()):
-        raise ValueError(f"{str(staging)!r} is a symbolic link or a file, not a partial run's folder (which is made here): remove it")
-    staging.mkdir(parents=True, exist_ok=True)
+    staging = private_folder(output_dir.parent / f".{output_dir.name}.partial")
     busy = f"another run is pruning into {str(output_dir)!r} now (in {str(staging)!r}); wait for it to end, or give another output_dir"
     with held_exclusively(staging, busy) as held:
         if not held:
@@ -558,13 +559,23 @@ def _finish_checkpoint(
     finished = claimed_folder(output_dir.absolute(), "staging")
     finished.rmdir()  # Windows renames no folder onto an existing one
     os.replace(staging, finished)
+    give_output_mode(finished, output_dir)
     try:
         replace_directory(finished, output_dir)
+    except InterruptedAfterReplacing:
+        _drop_run_files(output_dir)
+        raise
     except BaseException:
         if (finished / RUN_RECORD).is_file():  # still this run's folder (not swapped): a rerun resumes from it
+            finished.chmod(0o700)
             os.replace(finished, staging)
         raise
-    (output_dir / RUN_RECORD).unlink()  # after the rename: a run killed before it still resumes
+    _drop_run_files(output_dir)
+
+
+def _drop_run_files(output_dir: Path) -> None:
+    """The partial run's own files, out of the output once it is in place (not before: a run killed then resumes)."""
+    (output_dir / RUN_RECORD).unlink()
     (output_dir / NOTES).unlink(missing_ok=True)
 
 

@@ -440,6 +440,34 @@ def test_ctrl_c_after_the_save_says_the_output_is_whole(model_dir, tmp_path, cap
     assert "interrupted: after the pruned model was saved: --output holds it, whole" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("offload", [[], ["--offload", "disk"]])
+def test_ctrl_c_while_the_replaced_output_is_removed_says_the_new_one_is_saved(offload, model_dir, tmp_path, capsys, monkeypatch):
+    """Removing the previous output (seconds for gigabytes) comes after the new one took its place: Ctrl-C there said
+    "nothing was saved; --output is as it was"."""
+    import json
+
+    from optimum_prune import atomic_files
+
+    command = ["--model", str(model_dir), "--method", "magnitude", "--output", str(tmp_path / "out"), *offload]
+    main([*command, "--sparsity", "0.3"])
+    removed, remove = [], atomic_files.shutil.rmtree
+
+    def interrupted_once(path, *args, **kwargs):
+        removed.append(path)
+        if len(removed) == 1:
+            raise KeyboardInterrupt
+        return remove(path, *args, **kwargs)
+
+    monkeypatch.setattr(atomic_files.shutil, "rmtree", interrupted_once)
+    with pytest.raises(SystemExit) as exited:
+        main([*command, "--sparsity", "0.6"])
+    assert exited.value.code == 130
+    assert "interrupted: after the pruned model was saved: --output holds it, whole" in capsys.readouterr().err
+    assert json.loads((tmp_path / "out" / "pruning_config.json").read_text())["sparsity"] == 0.6
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "tiny"]  # the previous output was removed all the same
+    assert not (tmp_path / "out" / "streaming-run.json").exists()  # the offloaded run's own record went too
+
+
 def test_warnings_name_the_flags_the_recipe_came_from(model_dir, tmp_path, caplog):
     """Errors named the flags, warnings the config fields ("lower calibration_seq_len" under --seq-len)."""
     import logging

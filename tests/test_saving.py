@@ -1,3 +1,4 @@
+import errno
 import json
 import logging
 import re
@@ -168,6 +169,47 @@ def test_a_symbolic_link_named_like_a_leftover_and_what_it_points_to_stay(tmp_pa
     save_pruned(tiny_model(), tmp_path / "work" / "out")
     assert (victim / "out" / "precious.txt").read_text() == "user data"
     assert sorted(p.name for p in (tmp_path / "work").iterdir()) == [".out.old-planted", ".out.staging-planted", "out"]
+
+
+def test_a_leftover_named_folder_another_user_made_is_neither_put_back_nor_removed(tmp_path):
+    """In a shared directory, another user's ``.out.old-*/out`` was put back as the output, and the save then kept
+    that folder's mode (0777: theirs to write in)."""
+    import os
+
+    planted = _left_by_a_killed_save(tmp_path / ".out.old-planted" / "out")
+    planted.chmod(0o777)
+    _left_by_a_killed_save(tmp_path / ".out.old-planted")
+    for folder in (planted, planted.parent):
+        os.chown(folder, 65534, 65534)  # the tests run as root: a foreign uid is a chown away
+    save_pruned(tiny_model(), tmp_path / "out")
+    (tmp_path / "fresh").mkdir()  # the mode the umask gives a new folder
+    assert (tmp_path / "out").stat().st_uid == os.geteuid() and (tmp_path / "out").stat().st_mode == (tmp_path / "fresh").stat().st_mode
+    assert planted.is_dir()
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.EIO, "Input/output error"), KeyboardInterrupt()])
+def test_without_renameat2_a_failure_between_the_two_renames_puts_the_previous_output_back(tmp_path, monkeypatch, failure):
+    """macOS, Windows, file systems without RENAME_EXCHANGE: the previous output moved aside stayed there, and --output
+    was missing."""
+    import os
+
+    output = save_pruned(tiny_model(), tmp_path / "out")
+    before = {path.name: path.read_bytes() for path in output.iterdir()}
+    renamed, replace = [], os.replace
+
+    def failing_second(source, target):
+        renamed.append(target)
+        if len(renamed) == 2:
+            raise failure
+        return replace(source, target)
+
+    monkeypatch.setattr(atomic_files, "_RENAMEAT2", None)
+    monkeypatch.setattr(atomic_files.os, "replace", failing_second)
+    with pytest.raises(type(failure)):
+        save_pruned(tiny_model(seed=1), output)
+    monkeypatch.undo()
+    assert {path.name: path.read_bytes() for path in output.iterdir()} == before
+    assert [path.name for path in tmp_path.iterdir()] == ["out"]
 
 
 def test_folders_are_left_alone_and_named_where_they_cannot_be_locked(tmp_path, monkeypatch, caplog):
@@ -373,6 +415,31 @@ def test_an_earlier_output_whose_tokenizer_has_a_chat_template_is_replaced(tmp_p
     save_pruned(tiny_model(), tmp_path / "out", tokenizer=bpe_tokenizer)
     assert (tmp_path / "out" / "chat_template.jinja").is_file()
     save_pruned(tiny_model(), tmp_path / "out", tokenizer=bpe_tokenizer)
+
+
+@pytest.mark.parametrize("name", ["my_eval_results.json", "train.json", "adapter_model.safetensors", "adapter_config.json"])
+def test_saving_over_an_earlier_checkpoint_keeps_files_no_checkpoint_writer_made(tmp_path, name):
+    """Any *.json or *.safetensors counted as the checkpoint's: a user's results or LoRA adapter added beside it were
+    deleted unasked by the next save there."""
+    save_pruned(tiny_model(), tmp_path / "out")
+    (tmp_path / "out" / name).write_text("mine")
+    with pytest.raises(ValueError, match=rf"holds a checkpoint and more \({re.escape(name)}\); .* move them out first"):
+        save_pruned(tiny_model(), tmp_path / "out")
+    assert (tmp_path / "out" / name).read_text() == "mine"
+
+
+def test_an_earlier_sharded_output_with_its_report_and_plot_is_replaced(tmp_path, bpe_tokenizer):
+    """What the writers of a checkpoint make (shards and their index, the report, the scores plot, a processor's and a
+    quantizer's files) is replaced with it."""
+    model = tiny_model(num_hidden_layers=4)
+    report = prune(model, {"method": "layers", "sparsity": 0.25, "num_calibration_samples": 4, "calibration_seq_len": 32},
+                   calibration=token_windows())  # fmt: skip
+    save_pruned(model, tmp_path / "out", tokenizer=bpe_tokenizer, report=report, max_shard_size="60KB")
+    for name in ("preprocessor_config.json", "quanto_qmap.json", "entity_vocab.json"):
+        (tmp_path / "out" / name).write_text("{}")
+    assert {"layer_scores.png", "pruning_report.json", "model.safetensors.index.json"} <= {path.name for path in (tmp_path / "out").iterdir()}
+    save_pruned(tiny_model(), tmp_path / "out")
+    assert not (tmp_path / "out" / "layer_scores.png").exists()
 
 
 def test_a_hidden_file_beside_a_checkpoint_is_not_taken_for_a_checkpoint_file(tmp_path):

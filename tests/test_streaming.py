@@ -287,6 +287,7 @@ def test_a_run_whose_final_swap_fails_resumes_from_its_layers(sharded, tmp_path,
         prune_checkpoint(sharded, tmp_path / "out", CONFIGS["magnitude"])
     monkeypatch.undo()
     assert (tmp_path / ".out.partial").is_dir() and sorted(p.name for p in tmp_path.iterdir()) == [".out.partial", "source"]
+    assert (tmp_path / ".out.partial").stat().st_mode & 0o777 == 0o700  # private again, not the output's mode it took
     with caplog.at_level("INFO", logger="optimum_prune"):
         prune_checkpoint(sharded, tmp_path / "out", CONFIGS["magnitude"])
     assert "resuming the partial run" in caplog.text and sorted(p.name for p in tmp_path.iterdir()) == ["out", "source"]
@@ -401,6 +402,50 @@ def test_a_run_killed_while_removing_the_output_it_replaced_leaves_no_partial_fo
     assert PruningConfig.from_pretrained(tmp_path / "out") == again
 
 
+def test_a_link_planted_in_the_partial_folder_is_not_written_through(sharded, tmp_path):
+    """The run record and the shards were written to fixed temporary names, following a link planted there (by
+    another user of a shared directory) onto a file of the victim's."""
+    import os
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep")
+    partial = tmp_path / ".out.partial"
+    partial.mkdir()
+    for name in (".streaming-run.json.tmp", ".model-layer-00000.safetensors.tmp"):
+        os.symlink(victim, partial / name)
+    prune_checkpoint(sharded, tmp_path / "out", CONFIGS["magnitude"])
+    assert victim.read_text() == "keep" and not [path.name for path in (tmp_path / "out").iterdir() if path.name.startswith(".")]
+
+
+@pytest.mark.parametrize(
+    ("planted", "message"),
+    [("foreign", r"belongs to another user \(uid 65534\), not to this one: remove it"),
+     ("writable", r"can be written by other users \(mode 0o777\), who could have planted files in it: remove it")],
+)  # fmt: skip
+def test_a_partial_folder_another_user_made_or_can_write_in_is_refused(sharded, tmp_path, planted, message):
+    """Taken over as it was, a folder made beforehand in a shared directory (another user's, or world-writable) let
+    them redirect the run's writes and became the output, theirs to change."""
+    import os
+
+    partial = tmp_path / ".out.partial"
+    partial.mkdir()
+    if planted == "foreign":
+        os.chown(partial, 65534, 65534)  # the tests run as root: a foreign uid is a chown away
+    else:
+        partial.chmod(0o777)
+    with pytest.raises(ValueError, match=r"\.out\.partial' " + message):
+        prune_checkpoint(sharded, tmp_path / "out", CONFIGS["magnitude"])
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_partial_folder_is_private_until_it_becomes_the_output(sharded, tmp_path, monkeypatch):
+    _killed_while_saving(sharded, tmp_path, monkeypatch, 1, CONFIGS["magnitude"])
+    assert (tmp_path / ".out.partial").stat().st_mode & 0o777 == 0o700
+    prune_checkpoint(sharded, tmp_path / "out", CONFIGS["magnitude"])
+    (tmp_path / "fresh").mkdir()  # the mode the umask gives a new folder
+    assert (tmp_path / "out").stat().st_mode == (tmp_path / "fresh").stat().st_mode
+
+
 @pytest.mark.parametrize(
     ("config", "options", "message"),
     [
@@ -480,7 +525,7 @@ def test_damaged_notes_a_planted_link_and_files_linking_out_of_the_checkpoint_ar
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     os.symlink(elsewhere, tmp_path / ".link.partial")
-    with pytest.raises(ValueError, match=r"link.partial' is a symbolic link or a file, not a partial run's folder"):
+    with pytest.raises(ValueError, match=r"link.partial' is a symbolic link or a file, not a folder this user made"):
         prune_checkpoint(sharded, tmp_path / "link", config)
     assert not list(elsewhere.iterdir())
     (tmp_path / "secret").write_text("token")
