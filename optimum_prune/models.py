@@ -137,8 +137,22 @@ def fix_default_tokenizer(tokenizer: Any) -> Any:
 def load_default_model(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, Any]:
     """(model, tokenizer) of SmolLM2-135M-Instruct, fp32 by default (keep fp32 for quality work); the
     tokenizer set as the module docstring says (also when the cache was converted by an earlier version)."""
-    model, tokenizer = load_model(default_model_path(), dtype=dtype)
+    target = default_model_path()
+    try:
+        model, tokenizer = load_model(target, dtype=dtype)
+    except ValueError as error:  # its fix ("save it again") is the user's checkpoint's, not this cache's
+        raise _damaged_cache(target, error.__cause__ or error.__context__ or error) from error
+    if tokenizer is None:
+        raise _damaged_cache(target, "it holds no tokenizer files")
     return model, fix_default_tokenizer(tokenizer)
+
+
+def _damaged_cache(target: Path, cause: Exception | str) -> ValueError:
+    """The error for a converted default model that cannot be loaded (a copy cut off, a file deleted by a cleaner)."""
+    return ValueError(
+        f"the default model's converted copy in {str(target)!r} is damaged ({cause}): delete that folder; "
+        "the next run converts the model again"
+    )
 
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, Any]:

@@ -168,3 +168,24 @@ def test_a_killed_conversions_staging_folder_is_removed_by_the_next_use(tmp_path
     an_hour_ago = time.time() - 3600
     os.utime(leftover, (an_hour_ago, an_hour_ago))
     assert models.default_model_path() == target and not leftover.exists()
+
+
+@pytest.mark.parametrize("damaged", ["model.safetensors", "tokenizer.json"])
+def test_a_damaged_default_model_cache_says_to_delete_it(tmp_path, monkeypatch, bpe_tokenizer, damaged):
+    """A cut-off cached file said 'save or copy it again' (tokenizer: 'tokenizer.save_pretrained'): the user saved no
+    such checkpoint, and only deleting the folder (converted again) repairs it."""
+    import copy
+
+    from optimum_prune import models
+
+    from .conftest import tiny_model
+
+    monkeypatch.setenv("OPTIMUM_PRUNE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "load_gguf", lambda _path, _dtype: (tiny_model(), copy.deepcopy(bpe_tokenizer)))
+    file = models.default_model_path() / damaged
+    file.write_bytes(file.read_bytes()[:1000])
+    with pytest.raises(ValueError) as error:
+        models.load_default_model()
+    message = str(error.value)
+    assert f"default model's converted copy in {str(file.parent)!r} is damaged" in message
+    assert "delete that folder" in message and "save" not in message
