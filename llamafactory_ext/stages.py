@@ -25,6 +25,7 @@ from typing import Any, Iterator, Mapping
 
 import torch
 from omegaconf import OmegaConf
+from safetensors import SafetensorError, safe_open
 from transformers import AutoModelForCausalLM
 
 from optimum_prune import SparsityMasks, merge_lora_preserving_sparsity, prune, prune_checkpoint, save_pruned
@@ -33,7 +34,7 @@ from optimum_prune.calibration import sample_windows
 from optimum_prune.config import PruningConfig
 from optimum_prune.models import load_causal_lm
 from optimum_prune.saving import DEFAULT_SHARD_SIZE
-from optimum_prune.streaming import checkpoint_fingerprint
+from optimum_prune.streaming import INDEX_NAME, checkpoint_fingerprint
 from optimum_prune.structure.loading import records_layer_shapes
 
 from .checkpoints import CHECKPOINT_FILES, is_pruned_checkpoint, model_files, snapshot
@@ -283,7 +284,12 @@ def _differs_from_pruned(pruned_dir: Path, source: Mapping[str, Any], config: Pr
         return CHANGED
     pruned_from = recorded.get("pruned_from")
     if same_config and pruned_from == source:
-        return None
+        unreadable = _unreadable_weights(pruned_dir)
+        if unreadable is None:
+            return None
+        # ours, made from what the record names: pruning again repairs it (LLaMA-Factory's loader named no file)
+        logger.warning("the pruned model in %s cannot be reused, %s: pruning again", pruned_dir, unreadable)
+        return f"its weights are damaged: {unreadable}"
     without_files = {key: value for key, value in source.items() if key != "model_files"}
     # earlier records: a mapping without the files' fingerprint, or before that the model's path alone
     earlier = pruned_from == without_files or pruned_from == source["model_name_or_path"]
@@ -304,6 +310,23 @@ def _check_apart(merged: Path, output_dir: Path) -> None:
             f"export_dir {str(merged)!r} {'is' if merged == output_dir else 'holds'} output_dir {str(output_dir)!r}: the merged "
             f"model replaces that folder whole; give export_dir a folder of its own (default: output_dir/{MERGED_SUBDIR})"
         )
+
+
+def _unreadable_weights(checkpoint: Path) -> str | None:
+    """What of ``checkpoint``'s safetensors weights cannot be opened (a file cut off or deleted), from their headers
+    only; None when all open."""
+    index = checkpoint / INDEX_NAME
+    try:
+        files = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()) if index.is_file() else {"model.safetensors"}
+    except (ValueError, KeyError, TypeError, AttributeError) as error:  # ValueError: also UnicodeDecodeError
+        return f"{index} is not a safetensors index ({type(error).__name__}: {error})"
+    for name in sorted(files):
+        try:
+            with safe_open(checkpoint / name, framework="pt"):
+                pass
+        except (OSError, SafetensorError) as error:
+            return f"{checkpoint / name} cannot be read ({error})"
+    return None
 
 
 def _check_no_stale_checkpoints(args: Mapping[str, Any], output_dir: Path, differs: str) -> None:

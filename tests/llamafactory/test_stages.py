@@ -4,6 +4,7 @@ sparsity-preserving merge → export → chat, full fine-tuning, structured mode
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
@@ -348,6 +349,39 @@ def test_rerun_reuses_the_pruned_model(workspace, tmp_path):
     config["pruning"]["sparsity"] = 0.4
     train(tmp_path, config)
     assert verify_sparsity(AutoModelForCausalLM.from_pretrained(out / "pruned"))["overall_sparsity"] == pytest.approx(0.4, abs=1e-3)
+
+
+def test_a_rerun_prunes_again_over_a_damaged_pruned_model(workspace, tmp_path, caplog):
+    """A pruned model.safetensors cut off was reused (the record matched), and LLaMA-Factory's loader failed on it
+    with a raw SafetensorError naming no file."""
+    out = tmp_path / "again"
+    config = {**base_args(workspace, out, **{**LORA_TRAINING, "max_steps": 1, "overwrite_output_dir": True}),
+              "pruning": {"method": "magnitude", "sparsity": 0.3}}  # fmt: skip
+    train(tmp_path, config)
+    weights = out / "pruned" / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: len(whole) // 2])
+    with caplog.at_level(logging.WARNING, logger="llamafactory_ext.stages"):
+        train(tmp_path, config)
+    assert weights.read_bytes() == whole
+    assert f"the pruned model in {out / 'pruned'} cannot be reused, {weights} cannot be read" in caplog.text
+
+
+def test_a_pruned_model_with_a_shard_missing_or_an_unreadable_index_is_not_reused(tmp_path):
+    config = PruningConfig(method="magnitude", sparsity=0.5)
+    pruned = tmp_path / "pruned"
+    model = tiny_model()
+    source = {"model_name_or_path": "base", "model_revision": "main", "model_files": "abc", "calibration_tokens_sha256": None}
+    model.config.pruned_from = source
+    save_pruned(model, pruned, config=config, max_shard_size="100KB")
+    assert stages._differs_from_pruned(pruned, source, config) is None
+    shard = sorted(pruned.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    assert stages._differs_from_pruned(pruned, source, config) == f"its weights are damaged: {shard} cannot be read " + (
+        f"(No such file or directory: {shard})"
+    )
+    (pruned / "model.safetensors.index.json").write_text("{")
+    assert "model.safetensors.index.json is not a safetensors index" in stages._differs_from_pruned(pruned, source, config)
 
 
 @pytest.mark.parametrize(
