@@ -176,6 +176,7 @@ class LayerStream:
         self.unknown_reported = False
         self.notes: dict[int, dict[str, Any]] = {}  # pruned, not yet written
         self.written_notes: dict[str, Any] = _written_notes(staging / NOTES)
+        self._drop_unreadable_shards()
 
     def note(self, index: int, note: dict[str, Any]) -> None:
         """What layer ``index``'s pruning reported: written with its shard, read back by ``noted``. Not in the shard's
@@ -190,6 +191,20 @@ class LayerStream:
 
     def finished(self, index: int) -> bool:
         return self.shard(index).is_file()
+
+    def _drop_unreadable_shards(self) -> None:
+        """A staged layer is renamed into place whole, so one that cannot be opened was damaged after (cut off by a
+        power loss before the disk held it, a copy): that layer is pruned again, as a resumed run prunes it alike."""
+        for index in range(len(self.layer_names)):
+            shard = self.shard(index)
+            if not shard.is_file():
+                continue
+            try:
+                with safe_open(shard, framework="pt"):
+                    pass
+            except SafetensorError as error:
+                logger.warning("%s cannot be read (%s): layer %d is pruned again", shard, error, index)
+                shard.unlink()
 
     @contextmanager
     def resident(self, index: int, layer: nn.Module) -> Iterator[None]:

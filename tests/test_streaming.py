@@ -133,6 +133,21 @@ def test_resume_after_a_kill_gives_the_uninterrupted_checkpoint(sharded, tmp_pat
     assert_same_weights(AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict(), pruned_in_memory(sharded, config, windows))
 
 
+@pytest.mark.parametrize("damage", ["cut off", "empty"])
+def test_a_staged_layer_that_cannot_be_read_is_pruned_again(sharded, tmp_path, monkeypatch, caplog, damage):
+    """It failed the resume saying 'save or copy it again' of a file in the partial folder the user never made."""
+    windows, config = token_windows(), CONFIGS["wanda"]
+    _killed_while_saving(sharded, tmp_path, monkeypatch, 2, config, calibration=windows)
+    shard = tmp_path / ".out.partial" / "model-layer-00000.safetensors"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2] if damage == "cut off" else b"")
+    original = LayerStream._save
+    saved = []
+    monkeypatch.setattr(LayerStream, "_save", lambda self, index, *a: saved.append(index) or original(self, index, *a))
+    prune_checkpoint(sharded, tmp_path / "out", config, calibration=windows)
+    assert saved == [0, 2] and f"{shard} cannot be read" in caplog.text and "layer 0 is pruned again" in caplog.text
+    assert_same_weights(AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict(), pruned_in_memory(sharded, config, windows))
+
+
 def test_a_partial_run_an_earlier_version_recorded_resumes_or_says_why_not(sharded, tmp_path, monkeypatch):
     """An option added since (sparsegpt's keep_zeros) made the same recipe 'another pruning_config'; an older record
     format was said to have 'another source / dtype / calibration'."""
