@@ -721,3 +721,23 @@ def test_a_non_utf8_grid_file_is_named(tmp_path):
     grid.write_bytes(b"pruning: [none]\nquantization: [none]\n# " + "café".encode("latin-1") + b"\n")
     with pytest.raises(ValueError, match="grid.yaml"):
         StudyGrid.from_yaml(grid)
+
+
+def test_a_grid_file_without_suffix_or_an_output_that_is_a_file_is_refused_plainly(monkeypatch, tmp_path, capsys):
+    """The default output of a grid named without suffix was the grid file itself, and an --output that is a file was
+    taken too: both ended in a raw NotADirectoryError from mkdir."""
+    from optimum_prune.study import cli as study_cli
+
+    grid = tmp_path / "grid"
+    grid.write_text("pruning: [none]\nquantization: [none]\nlatency: none\nredundancy: false\n")
+    assert study_cli._default_output(grid) == tmp_path / "grid.study"
+    assert study_cli._default_output(tmp_path / "grid.yaml") == tmp_path / "grid"
+    a_file = tmp_path / "a-file"
+    a_file.write_text("keep")
+    for output in (a_file, a_file / "results"):
+        with pytest.raises(SystemExit) as exit_info:
+            study_main([str(grid), "--output", str(output), "--device", "cpu"])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.count("\n") == 1
+        assert f"the study's folder {str(output / 'points')!r} cannot be made" in err
+    assert a_file.read_text() == "keep"

@@ -23,7 +23,9 @@ def build_parser() -> argparse.ArgumentParser:
         "the Pareto plot of perplexity vs bytes, layer-redundancy plots and REPORT.md. Rerunning resumes.",
     )
     parser.add_argument("grid", type=Path, help="grid YAML (see optimum_prune.study.grid for its keys)")
-    parser.add_argument("--output", type=Path, help="results directory (default: beside the grid, named after it)")
+    parser.add_argument(
+        "--output", type=Path, help="results directory (default: beside the grid, named after it without its suffix, or GRID.study)"
+    )
     parser.add_argument("--device", help="where pruning and evaluation run (default: cuda if available, else cpu)")
     return parser
 
@@ -32,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    output = args.output or args.grid.with_suffix("")
+    output = args.output or _default_output(args.grid)
     try:
         if args.device is not None:
             check_device(args.device, "--device")
@@ -45,3 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_outputs(results, output, command)
     print(f"{len(results.rows)} points ({results.measured_now} measured now, the rest cached) -> {output / 'REPORT.md'}")
     return 0
+
+
+def _default_output(grid: Path) -> Path:
+    """``grid.yaml``'s results go in ``grid/``; a grid file without a suffix would name itself, so ``grid.study/``."""
+    return grid.with_suffix("") if grid.suffix else grid.with_name(f"{grid.name}.study")

@@ -58,7 +58,10 @@ def run_study(grid: StudyGrid, output: str | os.PathLike, device: str | torch.de
 
     device = check_device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     points_dir = Path(output) / "points"
-    points_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        points_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # the output (or a folder above it) is a file; a folder this user cannot write
+        raise ValueError(f"the study's folder {str(points_dir)!r} cannot be made ({error.strerror or error}): give another output folder") from None
     latency_device = _latency_device(grid.latency)
     latency_name = device_name(latency_device) if latency_device is not None else None
     rows, measured_now = [], 0
