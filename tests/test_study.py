@@ -741,3 +741,11 @@ def test_a_grid_file_without_suffix_or_an_output_that_is_a_file_is_refused_plain
         assert exit_info.value.code == 2 and err.count("\n") == 1
         assert f"the study's folder {str(output / 'points')!r} cannot be made" in err
     assert a_file.read_text() == "keep"
+
+
+def test_the_study_cli_reads_a_tilde_as_the_home_folder(monkeypatch, tmp_path):
+    from optimum_prune.study.cli import build_parser
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    args = build_parser().parse_args(["~/grid.yaml", "--output=~/results"])
+    assert (args.grid, args.output) == (tmp_path / "grid.yaml", tmp_path / "results")

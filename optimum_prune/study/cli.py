@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..devices import check_device
-from ..cli import exiting_on_sigterm
+from ..cli import exiting_on_sigterm, user_path
 from ..dependencies import MissingDependency
 from .grid import StudyGrid
 from .outputs import write_outputs
@@ -22,9 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Sweep pruning recipes × quantizations on one model, cache every point, and write results.csv/json, "
         "the Pareto plot of perplexity vs bytes, layer-redundancy plots and REPORT.md. Rerunning resumes.",
     )
-    parser.add_argument("grid", type=Path, help="grid YAML (see optimum_prune.study.grid for its keys)")
+    parser.add_argument("grid", type=user_path, help="grid YAML (see optimum_prune.study.grid for its keys)")
     parser.add_argument(
-        "--output", type=Path, help="results directory (default: beside the grid, named after it without its suffix, or GRID.study)"
+        "--output", type=user_path, help="results directory (default: beside the grid, named after it without its suffix, or GRID.study)"
     )
     parser.add_argument("--device", help="where pruning and evaluation run (default: cuda if available, else cpu)")
     return parser
