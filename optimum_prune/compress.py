@@ -89,21 +89,35 @@ def compress(
         check_finite(model)
     gptq_windows = _gptq_windows(model, steps, calibration, tokenizer)
     reports = []
-    for step in steps:
-        if isinstance(step, PruningConfig):
-            step_calibration = calibration if step.requires_calibration else None  # shared by the steps: no warning for one reading none
-            reports.append(prune(model, step, calibration=step_calibration, tokenizer=tokenizer, processor=processor, device=device))
-            continue
-        drop_sparsity_metadata(model, "the quantizer's own quantization_config takes its place")
-        if isinstance(step, GPTQConfig):
-            from .gptq import quantize_weights
-
-            quantize_weights(model, step, gptq_windows, tokenizer)
-        else:
-            from .quanto import quantize_weights
-
-            quantize_weights(model, step)
+    for index, step in enumerate(steps):
+        try:
+            if isinstance(step, PruningConfig):
+                step_calibration = calibration if step.requires_calibration else None  # shared by the steps: no warning for one reading none
+                reports.append(prune(model, step, calibration=step_calibration, tokenizer=tokenizer, processor=processor, device=device))
+            else:
+                _quantize(model, step, gptq_windows, tokenizer)
+        except BaseException as error:
+            if index:  # the model holds the earlier steps' result: calling compress again on it would apply them twice
+                done = ", ".join(_describe(earlier) for earlier in steps[:index])
+                error.add_note(f"compress stopped at recipe[{index}]; recipe[0:{index}] ({done}) had been applied to the model")
+            raise
     return reports
+
+
+def _quantize(model: nn.Module, step: QuantoConfig | GPTQConfig, gptq_windows: torch.Tensor | None, tokenizer: Any) -> None:
+    drop_sparsity_metadata(model, "the quantizer's own quantization_config takes its place")
+    if isinstance(step, GPTQConfig):
+        from .gptq import quantize_weights
+
+        quantize_weights(model, step, gptq_windows, tokenizer)
+    else:
+        from .quanto import quantize_weights
+
+        quantize_weights(model, step)
+
+
+def _describe(step: PruningConfig | QuantoConfig | GPTQConfig) -> str:
+    return f"{step.method} {step.sparsity}" if isinstance(step, PruningConfig) else type(step).__name__
 
 
 def _gptq_windows(model: nn.Module, steps: list, calibration: CalibrationSource, tokenizer: Any) -> torch.Tensor | None:

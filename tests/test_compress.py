@@ -201,6 +201,16 @@ def test_a_step_that_fits_only_what_the_earlier_steps_produce_is_not_refused_up_
     assert verify_sparsity(model, "2:4")["conforming"]
 
 
+def test_a_step_that_fails_says_which_and_that_the_earlier_steps_were_applied():
+    """Called again on the same model, the fixed recipe would apply the earlier steps twice."""
+    model = tiny_model(intermediate_size=130)
+    width = PruningConfig(method="width", sparsity=0.25, method_options={"components": "mlp", "criterion": "magnitude_l2"})
+    with pytest.raises(ValueError, match="not a multiple of M=4") as refused:  # 82 channels kept
+        compress(model, [width, PruningConfig(method="magnitude", sparsity="2:4")])
+    assert refused.value.__notes__[-1] == "compress stopped at recipe[1]; recipe[0:1] (width 0.25) had been applied to the model"
+    assert model.model.layers[0].mlp.down_proj.in_features < 130
+
+
 def test_a_gptq_step_without_gptqmodel_names_the_version_the_extra_installs(monkeypatch):
     """It named optimum's own floor (>= 1.6); the [gptq] extra pins gptqmodel 5.6 (README, GPTQ)."""
     import optimum.utils
