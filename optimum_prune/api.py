@@ -183,7 +183,7 @@ def prune_loaded(
     )
     if is_distributed() and inputs is not None:  # data-free methods (magnitude) prune alike in every process
         inputs = shard(inputs)
-    earlier = _earlier_sparsity(model) if spec.structured else None
+    earlier = _earlier_sparsity(model, config)
     started = time.perf_counter()
     peak_is_the_runs = device.type == "cuda" or reset_peak_rss()
     if device.type == "cuda":
@@ -322,16 +322,22 @@ def check_architecture(model: nn.Module, config: PruningConfig) -> None:
         pass
 
 
-def _earlier_sparsity(model: nn.Module) -> tuple[NMPattern | None, dict[str, dict], weakref.WeakKeyDictionary] | None:
+def _earlier_sparsity(
+    model: nn.Module, config: PruningConfig
+) -> tuple[NMPattern | None, dict[str, dict], weakref.WeakKeyDictionary] | None:
     """The N:M pattern of the model's last recorded unstructured step (None: unstructured), every linear's
     measured sparsity, and each linear module's name now (experts are renumbered when some go), if the model
-    records such a step this version can read."""
+    records such a step this version can read and ``config``'s step could undo it: a structured one, or an
+    unstructured one to another target after N:M (a weight update revives zeros the pattern needs)."""
+    structured = METHODS.get(config.method).structured
     for step in reversed(recorded_steps(model.config)):
         recorded = readable_step(step)
         if recorded is None:  # written by another version: nothing to compare with
             return None
         if not METHODS.get(recorded.method).structured:
             pattern = next((target for target in recorded.part_targets().values() if isinstance(target, NMPattern)), None)
+            if not structured and (pattern is None or all(target == pattern for target in config.part_targets().values())):
+                return None
             before = verify_sparsity(model, pattern)["layers"]
             names = weakref.WeakKeyDictionary({module: name for name, module in model.named_modules() if name in before})
             return pattern, before, names
@@ -358,10 +364,11 @@ def _warn_if_earlier_sparsity_lost(
     }
     said = [f"{len(linears)} linears {what} (e.g. {linears[0]})" for what, linears in lost.items() if linears]
     if said:
-        logger.warning(
-            "method %r undid the model's earlier unstructured pruning: %s; prune structurally first, then unstructured "
-            "or N:M", config.method, "; ".join(said),
+        remedy = (
+            "prune structurally first, then unstructured or N:M" if METHODS.get(config.method).structured
+            else "its weight update revived zeros the pattern needs; keep them with method_options.keep_zeros=True where the method has it"
         )  # fmt: skip
+        logger.warning("method %r undid the model's earlier unstructured pruning: %s; %s", config.method, "; ".join(said), remedy)
 
 
 def _check_unquantized(adapter: DecoderAdapter, config: PruningConfig) -> None:

@@ -159,6 +159,25 @@ def test_every_run_that_revives_zeros_says_so_once(caplog):
         ]
 
 
+def test_an_unstructured_step_that_breaks_an_earlier_n_m_pattern_says_so(caplog):
+    """The history [2:4, 0.6] implies both hold; the generic revived-zeros warning did not say the pattern was gone."""
+    from optimum_prune import verify_sparsity
+
+    model = tiny_model()
+    prune(model, PruningConfig(method="magnitude", sparsity="2:4"))
+    with caplog.at_level(logging.WARNING, logger="optimum_prune"):
+        prune(model, PruningConfig(method="sparsegpt", sparsity=0.6, method_options={"block_size": 16}), calibration=token_windows(4, 32))
+    assert not verify_sparsity(model, "2:4")["conforming"]
+    assert "undid the model's earlier unstructured pruning" in caplog.text and "no longer 2:4" in caplog.text
+    assert "keep_zeros=True" in caplog.text
+    caplog.clear()
+    model = tiny_model()
+    prune(model, PruningConfig(method="magnitude", sparsity="2:4"))
+    with caplog.at_level(logging.WARNING, logger="optimum_prune"):  # kept: nothing undone, nothing said
+        prune(model, PruningConfig(method="sparsegpt", sparsity=0.6, method_options={"block_size": 16, "keep_zeros": True}), calibration=token_windows(4, 32))
+    assert verify_sparsity(model, "2:4")["conforming"] and "undid" not in caplog.text
+
+
 def test_a_dense_linear_with_a_few_exact_zeros_is_not_taken_for_a_pruned_one():
     assert _pruned_again(NMPattern(2, 4), keep_zeros=False, earlier=0.005)[2] == 0
 
