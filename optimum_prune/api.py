@@ -184,6 +184,7 @@ def prune_loaded(
     if is_distributed() and inputs is not None:  # data-free methods (magnitude) prune alike in every process
         inputs = shard(inputs)
     earlier = _earlier_sparsity(model, config)
+    _warn_if_already_past_target(runs)
     started = time.perf_counter()
     peak_is_the_runs = device.type == "cuda" or reset_peak_rss()
     if device.type == "cuda":
@@ -342,6 +343,25 @@ def _earlier_sparsity(
             names = weakref.WeakKeyDictionary({module: name for name, module in model.named_modules() if name in before})
             return pattern, before, names
     return None
+
+
+def _warn_if_already_past_target(runs: list["LayerwiseRun | StructuredRun | ModelRun"]) -> None:
+    """An unstructured step below the zeros its linears already hold prunes nothing (existing zeros are kept, not
+    revived) while the model records it as a step: said before it runs, as ``PruningCallback`` refuses such a target."""
+    for run in runs:
+        if not isinstance(run, LayerwiseRun) or isinstance(run.target, NMPattern) or not run.target:
+            continue
+        weights = [linear.weight for layer in run.targets for linear in layer.values()]
+        if not weights or any(weight.is_meta for weight in weights):  # offloaded: the layers are read one at a time
+            continue
+        held = sum(int(torch.count_nonzero(weight == 0)) for weight in weights) / sum(weight.numel() for weight in weights)
+        if held >= run.target:
+            part = f" in the {run.part} part" if run.adapter.upstream_parts else ""
+            logger.warning(
+                "sparsity %.2f%%: the linears it prunes%s already hold %.2f%% zeros, which are kept: it removes no further "
+                "weight (a method that updates weights, such as SparseGPT, still refits the others); give a higher sparsity",
+                100 * float(run.target), part, 100 * held,
+            )  # fmt: skip
 
 
 def _warn_if_earlier_sparsity_lost(

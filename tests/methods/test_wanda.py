@@ -53,3 +53,21 @@ def test_wanda_exact_sparsity_on_model():
         model = tiny_model()
         report = prune(model, PruningConfig(method="wanda", sparsity=sparsity), calibration=token_windows())
         assert [row.sparsity for row in report.linears] == [expected] * 21
+
+
+def test_a_target_below_the_zeros_the_model_holds_is_said_to_prune_nothing(caplog):
+    """Wanda 0.6 then 0.3 left the weights bit-identical and recorded a second step, without a word."""
+    import logging
+    import re
+
+    model = tiny_model()
+    prune(model, PruningConfig(method="wanda", sparsity=0.6), calibration=token_windows())
+    before = {name: weight.clone() for name, weight in model.state_dict().items()}
+    with caplog.at_level(logging.WARNING, logger="optimum_prune"):
+        prune(model, PruningConfig(method="wanda", sparsity=0.3), calibration=token_windows())
+    assert all(torch.equal(weight, before[name]) for name, weight in model.state_dict().items())
+    assert re.search(r"sparsity 30.00%: the linears it prunes already hold 59.\d\d% zeros, which are kept: it removes no further weight", caplog.text)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="optimum_prune"):
+        prune(model, PruningConfig(method="wanda", sparsity=0.7), calibration=token_windows())
+    assert "removes no further weight" not in caplog.text
