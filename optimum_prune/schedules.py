@@ -119,19 +119,25 @@ class GradualSchedule(_SparsitySchedule):
             return self
         return replace(self, end_step=max(self.start_step + 1, (2 * max_steps) // 3))
 
-    def sparsity_at(self, step: int) -> float:
+    @property
+    def _end_step(self) -> int:
         if self.end_step is None:
             raise ValueError("GradualSchedule.end_step is unset; call resolved(max_steps) first")
+        return self.end_step
+
+    def sparsity_at(self, step: int) -> float:
+        end_step = self._end_step
         if step <= self.start_step:
             return self.initial_sparsity
-        progress = min(1.0, (step - self.start_step) / (self.end_step - self.start_step))
+        progress = min(1.0, (step - self.start_step) / (end_step - self.start_step))
         return self.final_fraction + (self.initial_sparsity - self.final_fraction) * (1.0 - progress) ** 3
 
     def prunes_at(self, step: int) -> bool:
-        return self.start_step <= step <= self.end_step and ((step - self.start_step) % self.every == 0 or step == self.end_step)
+        end_step = self._end_step
+        return self.start_step <= step <= end_step and ((step - self.start_step) % self.every == 0 or step == end_step)
 
     def last_pruning_step(self) -> int:
-        return self.end_step
+        return self._end_step
 
 
 @dataclass(frozen=True)
@@ -174,20 +180,25 @@ class IterativeSchedule(_SparsitySchedule):
             )
         return replace(self, retrain_steps=rounds)
 
-    def _round(self, step: int) -> int:
-        """Rounds started by ``step`` (0 before the first)."""
+    @property
+    def _retrain_steps(self) -> int:
         if self.retrain_steps is None:
             raise ValueError("IterativeSchedule.retrain_steps is unset; call resolved(max_steps) first")
+        return self.retrain_steps
+
+    def _round(self, step: int) -> int:
+        """Rounds started by ``step`` (0 before the first)."""
+        retrain_steps = self._retrain_steps
         if step < self.start_step:
             return 0
-        return min(self.iterations, (step - self.start_step) // self.retrain_steps + 1)
+        return min(self.iterations, (step - self.start_step) // retrain_steps + 1)
 
     def sparsity_at(self, step: int) -> float:
         return 1.0 - (1.0 - self.final_fraction) ** (self._round(step) / self.iterations)
 
     def prunes_at(self, step: int) -> bool:
-        offset = step - self.start_step
-        return offset >= 0 and offset % self.retrain_steps == 0 and offset // self.retrain_steps < self.iterations
+        offset, retrain_steps = step - self.start_step, self._retrain_steps
+        return offset >= 0 and offset % retrain_steps == 0 and offset // retrain_steps < self.iterations
 
     def last_pruning_step(self) -> int:
-        return self.start_step + (self.iterations - 1) * self.retrain_steps
+        return self.start_step + (self.iterations - 1) * self._retrain_steps

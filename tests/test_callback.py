@@ -713,3 +713,14 @@ def test_training_plain_lora_over_pruned_weights_says_the_merge_is_not_the_train
         trained = peft_model.eval()(input_ids=ids).logits
         merged = merge_lora_preserving_sparsity(peft_model)(input_ids=ids).logits
     assert not torch.allclose(trained, merged, atol=1e-4)  # what the warning says: the merge is another model
+
+
+@pytest.mark.parametrize("schedule", [GradualSchedule(0.5), IterativeSchedule(0.5)], ids=["gradual", "iterative"])
+@pytest.mark.parametrize(
+    "call", [lambda s: s.prunes_at(10), lambda s: s.last_pruning_step(), lambda s: s.check_fits(100), lambda s: s.target_at(10)],
+    ids=["prunes_at", "last_pruning_step", "check_fits", "target_at"],
+)
+def test_an_unresolved_schedule_says_to_resolve_it(schedule, call):
+    """Public methods of a schedule built with its defaults gave a bare TypeError on None, or returned None for an int."""
+    with pytest.raises(ValueError, match=r"is unset; call resolved\(max_steps\) first"):
+        call(schedule)
