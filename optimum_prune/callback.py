@@ -114,13 +114,13 @@ class PruningCallback(TrainerCallback):
         self._routing = ExitStack()  # the MoE routing decisions observed while a wanda schedule runs
 
     # --- Trainer events ----------------------------------------------------------------
-    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module = None, **kwargs: Any) -> None:
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None = None, **kwargs: Any) -> None:
         if self.perp is not None and model not in self._perp_prepared:
             self._perp_merged.discard(model)  # a new Trainer: its optimizer is built on the adapters prepared here
             self.perp_summary = self._perp_prepared[model] = prepare_perp(model, self.perp)
             logger.info("PruningCallback: %s", self.perp_summary)
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module = None, **kwargs: Any) -> None:
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None = None, **kwargs: Any) -> None:
         check_not_stopped(model, "train it with PruningCallback")
         if self.perp is not None and model in self._perp_merged:
             raise ValueError(
@@ -199,7 +199,7 @@ class PruningCallback(TrainerCallback):
         if state.log_history and state.log_history[-1].get("step") == state.global_step:
             state.log_history[-1]["sparsity"] = sparsity
 
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module = None, **kwargs: Any) -> None:
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None = None, **kwargs: Any) -> None:
         self._warn_if_best_checkpoint_was_less_sparse(args, state)
         self.masks.apply()
         self._remove_hooks()

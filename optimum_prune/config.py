@@ -14,7 +14,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Literal, Mapping, overload
 
 from .allocation import ALLOCATIONS, AllocationSpec
 from .calibration.sources import read_text_file
@@ -38,7 +38,7 @@ class PruningConfig:
         metadata={"help": "Registered pruning method, e.g. unstructured 'wanda' or 'sparsegpt', structured 'width' or 'layers'; "
         "`optimum-prune --help` (or optimum_prune.METHODS) lists them all with their options."},
     )
-    sparsity: float | str = field(
+    sparsity: float | str | NMPattern = field(
         default=0.5,
         metadata={
             "help": "Fraction of decoder-layer linear weights to remove, in [0, 1), or for unstructured methods an "
@@ -235,6 +235,18 @@ class PruningConfig:
         if Path(save_directory).is_file():  # Optimum's own check is a bare assert
             raise ValueError(f"PruningConfig.save_pretrained: {os.fspath(save_directory)!r} is a file; give a directory")
         PruningConfigFile(**self.to_dict()).save_pretrained(os.fspath(save_directory), push_to_hub=push_to_hub, **kwargs)
+
+    @overload
+    @classmethod
+    def from_pretrained(
+        cls, path_or_repo: str | os.PathLike, return_unused_kwargs: Literal[False] = False, **kwargs: Any
+    ) -> "PruningConfig": ...
+
+    @overload
+    @classmethod
+    def from_pretrained(
+        cls, path_or_repo: str | os.PathLike, return_unused_kwargs: Literal[True], **kwargs: Any
+    ) -> "tuple[PruningConfig, dict[str, Any]]": ...
 
     @classmethod
     def from_pretrained(

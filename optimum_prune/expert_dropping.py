@@ -116,7 +116,7 @@ class ExpertDroppingCallback(TrainerCallback):
         self.adapter: DecoderAdapter | None = None
         self.end_step = 0
 
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module = None, **kwargs: Any) -> None:
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, model: nn.Module | None = None, **kwargs: Any) -> None:
         self.adapter = get_adapter(model)
         blocks = [(layer, self.adapter.moe_block(layer)) for layer in self.adapter.decoder_layers()]
         if not any(block is not None for _, block in blocks):

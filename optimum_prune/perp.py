@@ -45,7 +45,7 @@ class PERPConfig:
     lora: str | None = "mask"  # "mask" (MaskLoRA), "scale" (ScaleLoRA) or None (biases and norms only)
     rank: int = 16
     alpha: float = DEFAULT_ALPHA  # MaskLoRA's update is scaled by alpha / rank; ScaleLoRA takes none
-    target_modules: tuple[str, ...] | None = None  # linear names (last component); None: every linear pruning targets
+    target_modules: tuple[str, ...] | list[str] | str | None = None  # linear names (last component); None: every linear pruning targets
 
     def __post_init__(self) -> None:
         coerce_scalar_fields(self)

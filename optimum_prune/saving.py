@@ -47,7 +47,7 @@ def save_pruned(
     config: PruningConfig | Mapping[str, Any] | None = None,
     report: PruningReport | None = None,
     compressed_tensors_metadata: bool = False,
-    max_shard_size: int | str = DEFAULT_SHARD_SIZE,
+    max_shard_size: int | float | str = DEFAULT_SHARD_SIZE,
 ) -> Path:
     """Save ``model`` (and ``tokenizer``) with ``save_pretrained`` in safetensors, atomically.
 
@@ -199,7 +199,7 @@ def drop_gguf_copy(directory: Path) -> None:
 
 def _write_checkpoint(
     model: nn.Module, staging: Path, tokenizer: Any, config: PruningConfig | None, report: PruningReport | None,
-    max_shard_size: int | str,
+    max_shard_size: int | float | str,
 ) -> None:  # fmt: skip
     if _quanto_quantized(model):
         from optimum.quanto import QuantizedModelForCausalLM
@@ -244,7 +244,7 @@ def write_report(report: PruningReport, folder: Path) -> None:
     path.chmod(new_file_mode())
 
 
-def _check_shard_size(max_shard_size: int | str) -> None:
+def _check_shard_size(max_shard_size: int | float | str) -> None:
     """Before anything is written: a size ``save_pretrained`` reads (its error names no field)."""
     from huggingface_hub import split_torch_state_dict_into_shards
 
@@ -261,7 +261,7 @@ def _check_shard_size(max_shard_size: int | str) -> None:
     raise ValueError(f"max_shard_size {max_shard_size!r}: give bytes (a number) or a size such as '5GB', '1.5GB' or '500MB'")
 
 
-def _check_quanto_saves(model: nn.Module, max_shard_size: int | str) -> None:
+def _check_quanto_saves(model: nn.Module, max_shard_size: int | float | str) -> None:
     """optimum-quanto writes one shard size only, and its checkpoints reload through ``QuantizedModelForCausalLM``,
     which builds the model with ``AutoModelForCausalLM`` from the plain config and requantizes the keys as
     stored: a model of another Auto class (LLaVA) does not build, one whose keys transformers renames when

@@ -22,7 +22,7 @@ SCORES = ("magnitude", "wanda")
 class _SparsitySchedule:
     """What ``PruningCallback`` asks a schedule: when to prune, to what, and how to score weights."""
 
-    final_sparsity: float | str
+    final_sparsity: float | str | NMPattern
     score: str
 
     def _check_target_and_score(self, steps: tuple[str, ...]) -> None:
@@ -95,7 +95,7 @@ class GradualSchedule(_SparsitySchedule):
     output row, X from the training batches).
     """
 
-    final_sparsity: float | str
+    final_sparsity: float | str | NMPattern
     initial_sparsity: float = 0.0
     start_step: int = 0
     end_step: int | None = None
@@ -153,7 +153,7 @@ class IterativeSchedule(_SparsitySchedule):
     ``start_step`` into ``iterations`` equal rounds.
     """
 
-    final_sparsity: float | str
+    final_sparsity: float | str | NMPattern
     iterations: int = 4
     retrain_steps: int | None = None
     start_step: int = 0

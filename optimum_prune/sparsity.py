@@ -15,11 +15,10 @@ from typing import Iterable, Union
 
 import torch
 from accelerate.utils import align_module_device
-from torch import nn
 
 from .ignoring import is_ignored
 from .quantized import dequantized_weight, is_linear
-from .wrappers import transformers_model, unwrapped_modules
+from .wrappers import ModelLike, transformers_model, unwrapped_modules
 
 PRUNED_SHARE = 0.01
 """Share of exact zeros from which a linear counts as already pruned (a dense checkpoint has a few, e.g. ~0.03 %
@@ -169,7 +168,7 @@ def conforms_to(weight: torch.Tensor, pattern: NMPattern) -> bool:
 
 
 def verify_sparsity(
-    model: nn.Module, pattern: str | NMPattern | None = None, ignore: Iterable[str] = ("lm_head",)
+    model: ModelLike, pattern: str | NMPattern | None = None, ignore: Iterable[str] = ("lm_head",)
 ) -> dict:
     """Measured sparsity of every linear layer's weight, and N:M conformity when ``pattern`` is given.
 

@@ -4,9 +4,15 @@ its linears, and the model optimum-quanto reloads a quantized checkpoint as."""
 from __future__ import annotations
 
 import sys
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Union
 
 from torch import nn
+
+if TYPE_CHECKING:  # optimum-quanto is optional, and slow to import
+    from optimum.quanto import QuantizedTransformersModel
+
+ModelLike = Union[nn.Module, "QuantizedTransformersModel"]
+"""A transformers model, or the ``QuantizedModelForCausalLM`` optimum-quanto reloads one as (not a module)."""
 
 
 def transformers_model(model: Any) -> nn.Module:

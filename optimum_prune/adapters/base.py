@@ -13,7 +13,7 @@ import math
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Any, Callable, ContextManager, Iterator
+from typing import Any, Callable, ContextManager, Iterator, TypeVar
 
 import torch
 from torch import nn
@@ -409,8 +409,12 @@ AdapterFactory = Callable[..., DecoderAdapter]
 ADAPTERS: Registry[AdapterFactory] = Registry("architecture adapter", "model class")
 
 
-def register_adapter(*model_classes: type) -> Callable[[AdapterFactory], AdapterFactory]:
-    def decorator(adapter: AdapterFactory) -> AdapterFactory:
+Factory = TypeVar("Factory", bound=AdapterFactory)
+"""What ``register_adapter`` gives back: the class (or function) itself (a user's type checker keeps seeing it)."""
+
+
+def register_adapter(*model_classes: type) -> Callable[[Factory], Factory]:
+    def decorator(adapter: Factory) -> Factory:
         for model_class in model_classes:
             ADAPTERS.add(model_class.__name__, adapter, adapter)
         return adapter

@@ -101,8 +101,12 @@ def per_layer_allocations() -> str:
     return ", ".join(repr(name) for name in ALLOCATIONS.names() if not ALLOCATIONS.get(name).allocation.observes_model)
 
 
-def register_allocation(name: str, *, options: type = NoOptions) -> Callable[[type[Allocation]], type[Allocation]]:
-    def decorator(allocation: type[Allocation]) -> type[Allocation]:
+AllocationClass = TypeVar("AllocationClass", bound=type[Allocation])
+"""What ``register_allocation`` gives back: the class itself (a user's type checker keeps seeing it)."""
+
+
+def register_allocation(name: str, *, options: type = NoOptions) -> Callable[[AllocationClass], AllocationClass]:
+    def decorator(allocation: AllocationClass) -> AllocationClass:
         ALLOCATIONS.add(name, AllocationSpec(name, allocation, options), allocation)
         return allocation
 

@@ -32,6 +32,7 @@ from ..dispatch import refuse_offloaded
 from ..quantized import dequantized_weight, integer_grid, is_quantized
 from ..sparsity import NMPattern, conforms_to
 from ..structure.surgery import replace_submodule
+from ..wrappers import ModelLike
 from .format import DEFAULT_GROUP_SIZE, Compressed24, compress, decompress, repack
 from .mma_24 import mma_available, mma_fits, sparse24_mma
 from .prefill import PREFILL_PATHS, CusparseltWeight, cusparselt_available, cusparselt_fits, fastest, row_bucket
@@ -206,7 +207,7 @@ class SparsifyReport:
 
 
 def sparsify(
-    model: nn.Module,
+    model: ModelLike,
     bits: int | None = None,
     group_size: int | None = None,
     backend: str = "auto",

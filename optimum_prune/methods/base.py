@@ -221,38 +221,42 @@ def per_layer_methods() -> str:
     return ", ".join(name for name in METHODS.names() if METHODS.get(name).pruner)
 
 
-def register_method(name: str, *, options: type = NoOptions) -> Callable[[type[LayerPruner]], type[LayerPruner]]:
+PrunerClass = TypeVar("PrunerClass", bound=type[LayerPruner])
+StructuredClass = TypeVar("StructuredClass", bound=type[StructuredMethod])
+ModelPrunerClass = TypeVar("ModelPrunerClass", bound=type[ModelPruner])
+"""What the registering decorators give back: the class itself (a user's type checker keeps seeing it)."""
+
+
+def register_method(name: str, *, options: type = NoOptions) -> Callable[[PrunerClass], PrunerClass]:
     """Class decorator: make a ``LayerPruner`` available as ``PruningConfig(method=name)``.
 
     Whether it needs calibration data depends on its options (``needs_calibration``).
     """
 
-    def decorator(pruner: type[LayerPruner]) -> type[LayerPruner]:
+    def decorator(pruner: PrunerClass) -> PrunerClass:
         METHODS.add(name, MethodSpec(name, options, _summary(pruner), pruner=pruner), pruner)
         return pruner
 
     return decorator
 
 
-def register_structured_method(
-    name: str, *, options: type = NoOptions
-) -> Callable[[type[StructuredMethod]], type[StructuredMethod]]:
+def register_structured_method(name: str, *, options: type = NoOptions) -> Callable[[StructuredClass], StructuredClass]:
     """Class decorator: make a ``StructuredMethod`` available as ``PruningConfig(method=name)``.
 
     Whether it needs calibration data depends on its options (``needs_calibration``).
     """
 
-    def decorator(method: type[StructuredMethod]) -> type[StructuredMethod]:
+    def decorator(method: StructuredClass) -> StructuredClass:
         METHODS.add(name, MethodSpec(name, options, _summary(method), structured=method), method)
         return method
 
     return decorator
 
 
-def register_model_method(name: str, *, options: type = NoOptions) -> Callable[[type[ModelPruner]], type[ModelPruner]]:
+def register_model_method(name: str, *, options: type = NoOptions) -> Callable[[ModelPrunerClass], ModelPrunerClass]:
     """Class decorator: make a ``ModelPruner`` available as ``PruningConfig(method=name)`` (always calibrated)."""
 
-    def decorator(method: type[ModelPruner]) -> type[ModelPruner]:
+    def decorator(method: ModelPrunerClass) -> ModelPrunerClass:
         METHODS.add(name, MethodSpec(name, options, _summary(method), model_pruner=method), method)
         return method
 
