@@ -24,6 +24,7 @@ from .calibration import (
     walk_layers,
 )
 from .calibration.engine import moving_to, on_device
+from .calibration.sharing import InputsChangedInPlace, SharedStatistics
 from .config import PruningConfig
 from .distributed import all_reduce_sum, is_distributed
 from .ignoring import check_kept, is_ignored, kept_modules
@@ -252,12 +253,11 @@ class LayerwiseRun:
             if self._resumed(index, layer_targets[index], report):
                 return
             linears = self.targets[index]
-            pruners = self._pruners(linears)
-            tokens = self._run_feeding(layer, inputs, linears, lambda name, x: pruners[name].add_batch(x))
-            if is_distributed():
-                tokens = _summed_counts(tokens)
-                for pruner in pruners.values():
-                    pruner.synchronize()
+            try:
+                pruners, tokens = self._fed_pruners(layer, inputs, linears, share=True)
+            except InputsChangedInPlace as error:
+                logger.info("%s: the layer is fed again, a statistic for each linear", error)
+                pruners, tokens = self._fed_pruners(layer, inputs, linears, share=False)
             with self._noting(index, report):
                 left_dense = self._handle_unrouted(pruners, [name for name, count in tokens.items() if count == 0], report)
                 targets = self._linear_targets(layer, linears, tokens, layer_targets[index])
@@ -266,6 +266,32 @@ class LayerwiseRun:
                     report.linears.append(_linear_report(name, index, targets[name], linear.weight, self.part))
 
         return visit
+
+    def _fed_pruners(
+        self, layer: nn.Module, inputs: LayerInputs, linears: dict[str, nn.Linear], share: bool
+    ) -> tuple[dict[str, LayerPruner], dict[str, int]]:
+        """The linears' pruners fed the layer's calibration inputs (summed over all processes), and the tokens each
+        linear received; with ``share``, linears that read the same tensor hold one ``statistics`` object."""
+        pruners = self._pruners(linears)
+        shared = SharedStatistics({name: pruner.statistics for name, pruner in pruners.items() if pruner.statistics is not None})
+
+        def sink(name: str, x: torch.Tensor) -> None:
+            if share and name in shared:
+                shared.receive(name, x)
+            else:
+                pruners[name].add_batch(x)
+
+        with self._feeding(layer, linears, sink) as tokens:
+            feed_layer(self.adapter, layer, inputs, shared.end_batch)
+        if is_distributed():
+            tokens = _summed_counts(tokens)
+            shared.synchronize()
+            for name, pruner in pruners.items():
+                if name not in shared:
+                    pruner.synchronize()
+        for name, statistics in shared.statistics.items():
+            pruners[name].statistics = statistics
+        return pruners, tokens
 
     def _linear_targets(
         self, layer: nn.Module, linears: dict[str, nn.Linear], tokens: dict[str, int], target: SparsityTarget
@@ -300,14 +326,6 @@ class LayerwiseRun:
         uniform_end = sum(float((fractions.clamp(min=target) * counts).sum()) for fractions, counts in groups) / sum(sizes)
         shifted = shifted_for_existing_zeros([targets[name] for name in names], groups, sizes, uniform_end)
         return dict(zip(names, shifted))
-
-    def _run_feeding(
-        self, layer: nn.Module, inputs: LayerInputs, linears: dict[str, nn.Linear], sink: Callable[[str, torch.Tensor], None]
-    ) -> dict[str, int]:
-        """Run ``layer`` on its calibration inputs under ``_feeding``; return the tokens each linear received."""
-        with self._feeding(layer, linears, sink) as tokens:
-            feed_layer(self.adapter, layer, inputs)
-        return tokens
 
     @contextmanager
     def _feeding(

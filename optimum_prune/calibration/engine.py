@@ -247,10 +247,11 @@ def run_layer(adapter: DecoderAdapter, layer: nn.Module, inputs: LayerInputs) ->
     return outputs
 
 
-def feed_layer(adapter: DecoderAdapter, layer: nn.Module, inputs: LayerInputs) -> None:
-    """Run the layer on every batch for its side effects (hooks gathering statistics); outputs are dropped."""
+def feed_layer(adapter: DecoderAdapter, layer: nn.Module, inputs: LayerInputs, after_each: Callable[[], None] = lambda: None) -> None:
+    """Run the layer on every batch for its side effects (hooks gathering statistics), calling ``after_each`` once
+    each batch's forward is done; outputs are dropped."""
     for _output in _layer_outputs(adapter, layer, inputs):
-        pass
+        after_each()
 
 
 def _layer_outputs(adapter: DecoderAdapter, layer: nn.Module, inputs: LayerInputs) -> Iterator[torch.Tensor]:

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..adapters import DecoderAdapter
 from ..calibration.engine import all_finite
+from ..calibration.sharing import InputStatistics
 from ..ignoring import kept_moe_layers
 from ..options import MoEOptions, NoOptions, option_types
 from ..registry import Registry
@@ -60,6 +61,10 @@ class LayerPruner(ABC, Generic[Options]):
     # ``PruningReport.revived_zeros`` with one warning (a warning per linear was a page on a large model, and Python's
     # warnings module showed it once per process only).
     revived_zeros: int = 0
+    # Set by a method that keeps all it learns from the inputs here, a function of the inputs alone: the run then
+    # adds to and synchronizes it itself, one object for the linears of a layer that read the same tensor
+    # (``calibration.sharing``), and ``prune`` must ``release`` it before consuming it in place.
+    statistics: InputStatistics | None = None
 
     def __init__(self, linear: nn.Linear, options: Options) -> None:
         self.linear = linear

@@ -15,10 +15,12 @@ compensates for them like for any other pruned weight.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
 
+from ..calibration.sharing import InputStatistics
 from ..distributed import all_reduce_sum
 from ..options import check_choice, option
 from ..sparsity import PRUNED_SHARE, NMPattern, SparsityTarget, prune_lowest, prune_lowest_nm
@@ -48,11 +50,11 @@ class SparseGPTOptions:
 class SparseGPTPruner(LayerPruner[SparseGPTOptions]):
     """Prune with the OBS update of SparseGPT: remaining weights compensate for removed ones."""
 
+    statistics: InputHessian
+
     def __init__(self, linear: torch.nn.Linear, options: SparseGPTOptions) -> None:
         super().__init__(linear, options)
-        columns = linear.in_features
-        self.hessian = torch.zeros(columns, columns, dtype=torch.float32, device=linear.weight.device)
-        self.samples = 0
+        self.statistics = InputHessian(linear.in_features, linear.weight.device)
 
     @classmethod
     def check_target(cls, options: SparseGPTOptions, target: SparsityTarget, in_features: int) -> None:
@@ -70,21 +72,10 @@ class SparseGPTPruner(LayerPruner[SparseGPTOptions]):
         )
 
     def add_batch(self, inputs: torch.Tensor) -> None:
-        # H = 2/n Σ x xᵀ kept as a running mean so that it never overflows (reference implementation).
-        batch = inputs.shape[0] if inputs.dim() > 2 else 1
-        flat = inputs.reshape(-1, inputs.shape[-1]).float()
-        self.hessian *= self.samples / (self.samples + batch)
-        self.samples += batch
-        flat = flat * (2 / self.samples) ** 0.5
-        self.hessian += flat.T @ flat
+        self.statistics.add(inputs)
 
     def synchronize(self) -> None:
-        # The running mean becomes a sum over every process's samples, then a mean again.
-        total = torch.tensor([float(self.samples)], device=self.hessian.device)
-        self.hessian *= self.samples
-        all_reduce_sum(self.hessian, total)
-        self.samples = int(total.item())
-        self.hessian /= max(self.samples, 1)
+        self.statistics.synchronize()
 
     def prune(self, target: SparsityTarget) -> None:
         self.check_target(self.options, target, self.linear.in_features)
@@ -94,8 +85,8 @@ class SparseGPTPruner(LayerPruner[SparseGPTOptions]):
         already_sparse = int(torch.count_nonzero(earlier)) >= PRUNED_SHARE * earlier.numel()
         if not (self.options.keep_zeros or already_sparse):
             earlier = None  # neither kept nor checked: not held through the reconstruction
-        H = self.hessian
-        self.hessian = None  # the Hessian is the largest state; free it as soon as it is consumed
+        H = self.statistics.take()
+        self.statistics = None
         require_finite_statistics(H, "Hessian (the float32 mean of x·xᵀ over the calibration tokens)")
         columns = W.shape[1]
         block = self.options.block_size
@@ -142,6 +133,44 @@ class SparseGPTPruner(LayerPruner[SparseGPTOptions]):
             self.revived_zeros = int((earlier & (W != 0)).sum())
         with torch.no_grad():
             weight.copy_(W.to(weight.dtype))
+
+
+class InputHessian(InputStatistics):
+    """H = 2/n Σ x xᵀ of a linear's inputs in float32, n the samples (the batch dimension's rows) seen so far."""
+
+    def __init__(self, features: int, device: torch.device) -> None:
+        self.matrix = torch.zeros(features, features, dtype=torch.float32, device=device)
+        self.samples = 0
+
+    def add(self, inputs: torch.Tensor) -> None:
+        # Kept as a running mean so that it never overflows (reference implementation).
+        batch = inputs.shape[0] if inputs.dim() > 2 else 1
+        flat = inputs.reshape(-1, inputs.shape[-1]).float()
+        self.matrix *= self.samples / (self.samples + batch)
+        self.samples += batch
+        flat = flat * (2 / self.samples) ** 0.5
+        self.matrix += flat.T @ flat
+
+    def synchronize(self) -> None:
+        # The running mean becomes a sum over every process's samples, then a mean again.
+        total = torch.tensor([float(self.samples)], device=self.matrix.device)
+        self.matrix *= self.samples
+        all_reduce_sum(self.matrix, total)
+        self.samples = int(total.item())
+        self.matrix /= max(self.samples, 1)
+
+    def clone(self) -> InputHessian:
+        twin = copy.copy(self)
+        twin.matrix = self.matrix.clone()
+        return twin
+
+    def take(self) -> torch.Tensor:
+        """The matrix for one user to edit in place: a copy while another linear still needs it; the last user gets
+        the matrix itself, released here (the largest state of a layer: freed as soon as it is consumed)."""
+        if not self.release():
+            return self.matrix.clone()
+        matrix, self.matrix = self.matrix, None
+        return matrix
 
 
 def _saliency(W: torch.Tensor, diag: torch.Tensor, curvature: torch.Tensor | None, first: int) -> torch.Tensor:

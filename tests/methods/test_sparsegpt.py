@@ -1,4 +1,6 @@
+import itertools
 import logging
+import unittest.mock
 
 import pytest
 import torch
@@ -8,6 +10,7 @@ from optimum_prune.methods.magnitude import MagnitudeOptions, MagnitudePruner
 from optimum_prune.methods.sparsegpt import SparseGPTOptions, SparseGPTPruner
 from optimum_prune.sparsity import NMPattern, conforms_to
 
+from ..adapters.test_moe import tiny_moe
 from ..conftest import tiny_model, token_windows
 
 
@@ -192,3 +195,68 @@ def test_an_allocation_on_a_model_whose_zeros_fill_column_blocks_still_ends_at_t
     options = {"block_size": 16, "keep_zeros": True}
     report = prune(model, PruningConfig(method="sparsegpt", sparsity=0.5, allocation="owl", method_options=options), windows)
     assert report.overall_sparsity == pytest.approx(0.5, abs=0.003)
+
+
+@pytest.fixture
+def unshared(monkeypatch):
+    """Makes every input look like a tensor of its own: each linear keeps its own Hessian, as before sharing."""
+    from optimum_prune.calibration import sharing
+
+    calls = itertools.count()
+    monkeypatch.setattr(sharing, "_identity", lambda inputs: (next(calls), inputs._version))
+
+
+def _pruned_weights(model: torch.nn.Module, moe_options: dict | None = None) -> tuple[dict[str, torch.Tensor], int]:
+    """(the weights SparseGPT leaves, how many Hessian updates it computed)."""
+    from optimum_prune.methods.sparsegpt import InputHessian
+
+    updates = []
+    add = InputHessian.add
+    with unittest.mock.patch.object(InputHessian, "add", lambda self, inputs: (updates.append(self), add(self, inputs))):
+        config = PruningConfig(method="sparsegpt", sparsity=0.5, moe_options=moe_options or {})
+        prune(model, config, calibration=token_windows(4, 32))
+    return {name: weight.clone() for name, weight in model.state_dict().items()}, len(updates)
+
+
+@pytest.mark.parametrize(
+    "build, moe_options, shared_per_batch",
+    [
+        (lambda: tiny_model("llama"), None, 3 * 3),  # per layer, q/k/v and gate/up: 4 Hessian updates, not 7
+        (lambda: tiny_model("olmo2"), None, 3 * 3),  # post-norms: q/k/v still read one tensor
+        # the runner scales each expert linear's inputs by routing weight: only q/k/v share
+        (lambda: tiny_moe("mixtral"), {"routing_weighted": True}, 2 * 2),
+        # each expert's w1 and w3 read its tokens: shared too, one update per expert that received tokens
+        (lambda: tiny_moe("mixtral"), {"routing_weighted": False}, None),
+    ],
+    ids=["llama", "olmo2", "mixtral-weighted", "mixtral-unweighted"],
+)
+def test_linears_reading_one_tensor_share_a_hessian_and_prune_bit_for_bit_as_alone(build, moe_options, shared_per_batch, request):
+    weights, updates = _pruned_weights(build(), moe_options)
+    request.getfixturevalue("unshared")
+    alone, updates_alone = _pruned_weights(build(), moe_options)
+    for name, weight in alone.items():
+        assert torch.equal(weights[name], weight), name
+    batches = 4
+    if shared_per_batch is None:
+        assert updates < updates_alone - 2 * 2 * batches  # q/k/v, and experts' w1/w3
+    else:
+        assert updates_alone - updates == shared_per_batch * batches
+
+
+def test_a_layer_whose_input_was_written_in_place_is_fed_again_with_a_hessian_per_linear(monkeypatch):
+    """Held until the batch ends, such an input no longer holds what its linear read."""
+    from optimum_prune.calibration.sharing import InputsChangedInPlace, SharedStatistics
+
+    expected, _ = _pruned_weights(tiny_model())
+    end_batch = SharedStatistics.end_batch
+
+    def written_in_place(self):
+        if self._pending:  # the shared feeding holds inputs; the feeding again passes each to its pruner at once
+            raise InputsChangedInPlace("model.layers.0.self_attn.q_proj's input was written in place")
+        end_batch(self)
+
+    monkeypatch.setattr(SharedStatistics, "end_batch", written_in_place)
+    weights, updates = _pruned_weights(tiny_model())
+    assert updates == 3 * 7 * 4
+    for name, weight in expected.items():
+        assert torch.equal(weights[name], weight), name
