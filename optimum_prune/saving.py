@@ -15,16 +15,21 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from accelerate.utils import align_module_device
 from torch import nn
 from transformers import PreTrainedModel
 
 from .atomic_files import SCORES_PLOT_NAME, atomic_directory, new_file_mode, shown_names
+from .adapters import get_adapter
 from .config import CONFIG_NAME, PruningConfig, readable_step, record_pruning, unreadable_reason
 from .kernels.linear import SparseLinear
 from .perp import MaskLoRALinear
-from .quantized import is_gptq_linear, repacked_in_place
+from .methods import METHODS
+from .quantized import is_gptq_linear, is_quantized, repacked_in_place
 from .report import PruningReport
+from .runs import planned_linears
 from .skipping import PatchedMoEBlocks, moe_variant
+from .sparsity import NMPattern, conforms_to
 from .stopped_runs import check_not_stopped
 from .structure.loading import offloaded, records_layer_shapes
 from .wrappers import base_layer, transformers_model
@@ -84,6 +89,7 @@ def save_pruned(
         recorded = config
     else:  # a record this version cannot read is another step than the one given
         recorded = readable_step(recorded)
+    _warn_if_recorded_step_undone(model, config)
     output_dir = Path(output_dir)
     with _saving(model), _recorded_for_saving(model.config, config, recorded):
         loaded_with = vars(model.config).get("quantization_config", _ABSENT)  # a reloaded checkpoint's metadata
@@ -105,6 +111,42 @@ def save_pruned(
             elif compressed_tensors_metadata:  # or the one it was loaded as (its hf_quantizer reads the config on saving)
                 model.config.quantization_config = loaded_with
     return output_dir
+
+
+def _warn_if_recorded_step_undone(model: nn.Module, config: PruningConfig | None) -> None:
+    """The checkpoint records ``config`` as the model's last step: an unstructured one whose zeros a change since filled
+    in (a LoRA adapter merged by peft's own merge, training without ``PruningCallback``) would be recorded as holding,
+    silently. Its linears are measured: N:M conformity, or for a fraction at least half of it kept."""
+    if config is None or METHODS.get(config.method).structured or _quanto_quantized(model):
+        return
+    model = transformers_model(model)
+    if any(is_quantized(module) for module in model.modules()):  # quantized codes: measured by the quantizer's own save
+        return
+    targets = set(config.part_targets().values())
+    pattern = next(iter(targets)) if len(targets) == 1 and isinstance(next(iter(targets)), NMPattern) else None
+    if pattern is None and not all(isinstance(target, float) for target in targets):
+        return
+    adapter = get_adapter(model)
+    left_dense = set()  # experts no calibration token reached, left dense as the config asked
+    if config.build_moe_options().unrouted_experts == "dense":
+        left_dense = {id(module) for layer in adapter.decoder_layers() for expert in adapter.experts(layer) for module in expert.modules()}
+    undone, zeros, total = [], 0, 0
+    for name, linear in planned_linears(adapter, config, checked=False).items():
+        with align_module_device(linear):  # an offloaded weight, read through its hook
+            weight = linear.weight.detach()
+            held = int((weight == 0).sum())
+            zeros, total = zeros + held, total + weight.numel()
+            if pattern is not None and not conforms_to(weight, pattern) and not (held == 0 and id(linear) in left_dense):
+                undone.append(name)
+    if pattern is None and total and zeros / total < min(targets) / 2:
+        undone = [f"{zeros / total:.2%} zeros where the step left {min(targets):.0%}"]
+    if undone:
+        held = f"{len(undone)} linears no longer conform to {pattern} (e.g. {undone[0]})" if pattern else undone[0]
+        logger.warning(
+            "save_pruned: the checkpoint records %s %s as the model's last pruning step, but %s: a change since filled its "
+            "zeros in (merge LoRA with merge_lora_preserving_sparsity; train with PruningCallback to keep them); prune "
+            "again to restore it", config.method, config.sparsity, held,
+        )  # fmt: skip
 
 
 RECORD_KEYS = ("pruning_config", "pruning_history")

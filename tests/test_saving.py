@@ -674,3 +674,34 @@ def test_a_report_given_is_saved_as_json_beside_the_checkpoint(tmp_path):
     stored = json.loads((output / "pruning_report.json").read_text())
     assert stored["overall_sparsity"] == pytest.approx(report.overall_sparsity) and stored["method"] == "wanda"
     save_pruned(model, output)  # a folder holding one is a checkpoint to replace
+
+
+@pytest.mark.parametrize("sparsity", ["2:4", 0.5])
+def test_saving_a_model_whose_recorded_step_a_merge_filled_in_says_so(tmp_path, caplog, sparsity):
+    """peft's own merge_and_unload fills the zeros of the LoRA targets (and a fine-tune without PruningCallback all of
+    them): the checkpoint recorded the step as holding, silently."""
+    model = tiny_model()
+    prune(model, PruningConfig(method="magnitude", sparsity=sparsity))
+    with caplog.at_level(logging.WARNING, logger="optimum_prune"):
+        save_pruned(model, tmp_path / "kept")
+    assert "as the model's last pruning step" not in caplog.text
+    with torch.no_grad():
+        for layer in model.model.layers:  # a merged update touching every weight, as a fine-tune's
+            for linear in (layer.self_attn.q_proj, layer.mlp.down_proj, *([] if sparsity == "2:4" else [layer.mlp.up_proj, layer.mlp.gate_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj])):
+                linear.weight.add_(1e-3)
+    with caplog.at_level(logging.WARNING, logger="optimum_prune"):
+        save_pruned(model, tmp_path / "filled")
+    expected = "6 linears no longer conform to 2:4 (e.g. model.layers.0.self_attn.q_proj)" if sparsity == "2:4" else "0.00% zeros where the step left 50%"
+    assert f"the checkpoint records magnitude {sparsity} as the model's last pruning step, but {expected}" in caplog.text
+
+
+def test_experts_left_dense_as_the_config_asks_are_no_undone_step(tmp_path, caplog):
+    from .adapters.test_moe import tiny_moe
+
+    model = tiny_moe(num_local_experts=16, num_experts_per_tok=1)
+    config = PruningConfig(method="wanda", sparsity="2:4", moe_options={"unrouted_experts": "dense"})
+    report = prune(model, config, calibration=token_windows(2, 4))
+    assert report.unrouted  # some experts got no token: left dense
+    with caplog.at_level(logging.WARNING, logger="optimum_prune"):
+        save_pruned(model, tmp_path / "out")
+    assert "as the model's last pruning step" not in caplog.text
