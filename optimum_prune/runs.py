@@ -25,7 +25,7 @@ from .calibration import (
 )
 from .calibration.engine import moving_to, on_device
 from .calibration.sharing import InputsChangedInPlace, SharedStatistics
-from .config import PruningConfig
+from .config import PruningConfig, readable_step, recorded_steps
 from .distributed import all_reduce_sum, is_distributed
 from .ignoring import check_kept, is_ignored, kept_modules
 from .methods import METHODS, LayerPruner, MethodSpec, ModelPruner, StructuredMethod
@@ -101,7 +101,8 @@ class LayerwiseRun:
                     method.pruner.check_target(options, target, linear.in_features)
                 except ValueError as error:
                     field = "PruningConfig.sparsity" if not config.parts else f"PruningConfig.parts[{part!r}].sparsity"
-                    raise ValueError(f"{field} {str(target)!r} cannot be applied to {name}: {error}") from None
+                    remedy = _width_remedy(adapter, name, linear, target)
+                    raise ValueError(f"{field} {str(target)!r} cannot be applied to {name}: {error}{remedy}") from None
         if moe_options.expert_sparsity == "load":  # a fractional target (the config refuses N:M) with room for ±λ
             _check_expert_spread(target, moe_options.expert_deviation, "sparsity")
         allocation = ALLOCATIONS.get(config.allocation).create(config.build_allocation_options(), config.seed)
@@ -391,6 +392,31 @@ class StructuredRun:
 
     def _decoder_parameters(self) -> int:
         return sum(_parameters(layer) for layer in self.adapter.decoder_layers())
+
+
+def _width_remedy(adapter: DecoderAdapter, name: str, linear: nn.Linear, target: SparsityTarget) -> str:
+    """For an N:M target that a linear's input width refuses, on a model whose record holds a structured step that
+    chose widths (its ``round_to`` not a multiple of M): that step and the ways out, for the error. ``round_to`` sets
+    MLP widths only (heads go whole), so an attention width is only offered ``ignore``."""
+    if not isinstance(target, NMPattern):
+        return ""
+    for step in reversed(recorded_steps(getattr(adapter.model, "config", None))):
+        recorded = readable_step(step)
+        if recorded is None:
+            return ""
+        round_to = recorded.method_options.get("round_to")
+        if METHODS.get(recorded.method).structured and isinstance(round_to, int) and round_to % target.m:
+            break
+    else:
+        return ""
+    ignore = f"leave these linears dense: add '*.{name.rsplit('.', 1)[-1]}' to PruningConfig.ignore"
+    mlps = [adapter.mlp(layer) for layer in adapter.decoder_layers()]  # the step removed units: the adapter has them
+    if not any(linear is module for mlp in mlps if mlp is not None for module in mlp.block.modules()):
+        return f"; {ignore}"
+    return (
+        f"; the model's recorded {recorded.method!r} step (sparsity {recorded.sparsity}, round_to={round_to}) chose this "
+        f"width: run it again with method_options.round_to={target.m} (or a multiple of {target.m}), or {ignore}"
+    )
 
 
 def _check_some_target(targets: list[dict[str, nn.Linear]], part: str, adapter: DecoderAdapter, config: PruningConfig) -> None:

@@ -56,12 +56,13 @@ from ..options import check_choice, option
 from ..statistics import ColumnNorms, mean_ranks
 from .base import register_structured_method
 from .mask_search import MaskSearch
-from .units import COMPONENTS, components_option, group_columns, output_projection
+from .units import COMPONENTS, check_round_to, components_option, group_columns, output_projection, round_to_option
 
 
 @dataclass(frozen=True)
 class KCMOptions:
     components: str = components_option()
+    round_to: int = round_to_option()
     kernel_width: float = option(0.0, "σ of the Gaussian kernel over output-projection columns; 0: the layer's median pairwise distance.")
     tolerance: float = option(1e-2, "Stop the multiplicative updates of R2 when the relative change of C falls below this.")
     max_iterations: int = option(100, "At most this many multiplicative updates of R2 per component.")
@@ -74,6 +75,7 @@ class KCMOptions:
 
     def __post_init__(self) -> None:
         check_choice("components", self.components, COMPONENTS)
+        check_round_to(self.round_to)
         check_choice("combine", self.combine, ("product", "rank"))
         check_choice("allocation", self.allocation, ("layer", "global"))
         for name in ("kernel_width", "damping"):

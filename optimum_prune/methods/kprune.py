@@ -72,7 +72,10 @@ from ..calibration.gradients import grad_only, language_model_logits, overflowed
 from ..options import NonZero, check_choice, option
 from ..report import PruningReport
 from .base import StructuredMethod, register_structured_method
-from .units import COMPONENTS, Component, components_option, group_columns, group_units, layer_parameters, output_projection
+from .units import (
+    COMPONENTS, Component, check_round_to, components_option, group_columns, group_units, layer_parameters, output_projection,
+    round_to_option,
+)
 
 
 # Weight tuning fits every kept input column of an output projection: with fewer than this many
@@ -85,6 +88,7 @@ MIN_TOKENS_PER_COLUMN = 8
 @dataclass(frozen=True)
 class KPruneOptions:
     components: str = components_option()
+    round_to: int = round_to_option()
     temperature: float = option(
         2.0, "Softmax temperature T of the predictive-knowledge KL (paper: 2).", applies_when={"predictive_weight": NonZero()}
     )
@@ -110,6 +114,7 @@ class KPruneOptions:
 
     def __post_init__(self) -> None:
         check_choice("components", self.components, COMPONENTS)
+        check_round_to(self.round_to)
         check_choice("predictive_gradient", self.predictive_gradient, ("sampled", "kl"))
         for name in ("temperature", "head_weight"):
             if getattr(self, name) <= 0:
@@ -128,7 +133,7 @@ class KPrune(StructuredMethod[KPruneOptions]):
     """K-prune: iterative, knowledge-preserving removal of heads and MLP channels with least-squares weight tuning."""
 
     def check(self) -> None:
-        self.units = group_units(self, self.options.components)
+        self.units = group_units(self, self.options.components, self.options.round_to)
         self.units.plan_counts()  # raises for a budget the units cannot reach
 
     def prune(self, windows: torch.Tensor | None, report: PruningReport) -> None:
@@ -153,6 +158,9 @@ class KPrune(StructuredMethod[KPruneOptions]):
                 candidates = components[components.index(component) :]
                 scores = self._knowledge_scores(index, candidates, pruned, teacher)
                 removed = threshold_removal(scores, [c.unit_parameters for c in candidates], [c.removable for c in candidates], budget)
+                count = self.units.rounded(component, len(removed))
+                if count != len(removed):  # the lowest scored, as the threshold ranks them
+                    removed = torch.argsort(scores[0], stable=True)[:count].sort().values
                 budget -= (component.removable + 1 - len(removed)) * component.unit_parameters
                 if len(removed):
                     removed_scores[component.kind][index] = float(scores[0][removed].sum())

@@ -43,12 +43,16 @@ from ..options import check_choice, option
 from ..report import PruningReport
 from .base import StructuredMethod, register_structured_method
 from .llm_surgeon import damped_inverse, kfac_factors
-from .units import COMPONENTS, Component, components_option, group_columns, group_units, layer_parameters, output_projection
+from .units import (
+    COMPONENTS, Component, check_round_to, components_option, group_columns, group_units, layer_parameters, output_projection,
+    round_to_option,
+)
 
 
 @dataclass(frozen=True)
 class LLMSurgeonStructuredOptions:
     components: str = components_option("key/value groups")
+    round_to: int = round_to_option()
     shots: int = option(5, "Shots of the linear schedule, the curvature re-estimated before each (paper's structured runs: 40).")
     damp_g: float = option(
         0.01, "Damping of G relative to its mean diagonal (paper: 0.01); G is inverted for rows only.", applies_when={"coupling": ("all",)}
@@ -65,6 +69,7 @@ class LLMSurgeonStructuredOptions:
 
     def __post_init__(self) -> None:
         check_choice("components", self.components, COMPONENTS)
+        check_round_to(self.round_to)
         check_choice("coupling", self.coupling, ("output", "all"))
         if self.shots < 1:
             raise ValueError(f"method_options.shots must be a positive integer, got {self.shots}")
@@ -87,7 +92,7 @@ class LLMSurgeonStructured(StructuredMethod[LLMSurgeonStructuredOptions]):
     """LLM Surgeon, structured: K-FAC costs of whole heads groups and MLP channels, one threshold, correlated updates, shots."""
 
     def check(self) -> None:
-        self.units = group_units(self, self.options.components)
+        self.units = group_units(self, self.options.components, self.options.round_to)
         self.units.plan_counts()  # raises for a budget the units cannot reach
 
     def prune(self, windows: torch.Tensor | None, report: PruningReport) -> None:
@@ -109,12 +114,19 @@ class LLMSurgeonStructured(StructuredMethod[LLMSurgeonStructuredOptions]):
                         candidates.append((sum(costs.of(part) for part in unit), component, index))
                 chosen: dict[int, list[int]] = {}
                 goal = budget * shot / self.options.shots
-                for _cost_value, component, index in sorted(candidates, key=lambda item: item[0]):
+                ranked = sorted(candidates, key=lambda item: item[0])
+                for _cost_value, component, index in ranked:
                     if removed_parameters >= goal:
                         break
                     if len(chosen.setdefault(id(component), [])) < component.removable:
                         chosen[id(component)].append(index)
                         removed_parameters += component.unit_parameters
+                for component in components:  # round_to: every shot leaves an MLP a multiple of it
+                    indices = chosen.get(id(component), [])
+                    count = self.units.rounded(component, len(indices))
+                    if count != len(indices):  # each component's chosen units are its cheapest: take more or fewer of them
+                        chosen[id(component)] = [index for _cost_value, c, index in ranked if c is component][:count]
+                        removed_parameters += (count - len(indices)) * component.unit_parameters
                 for component in components:
                     indices = chosen.get(id(component), [])
                     if indices:

@@ -51,12 +51,16 @@ from ..calibration.gradients import grad_only, overflowed, window_losses, with_l
 from ..options import check_choice, option
 from ..report import PruningReport
 from .base import StructuredMethod, register_structured_method
-from .units import COMPONENTS, Component, components_option, group_columns, group_units, layer_parameters, output_projection
+from .units import (
+    COMPONENTS, Component, check_round_to, components_option, group_columns, group_units, layer_parameters, output_projection,
+    round_to_option,
+)
 
 
 @dataclass(frozen=True)
 class MaskSearchOptions:
     components: str = components_option()
+    round_to: int = round_to_option()
     rearrange: bool = option(True, "Mask rearrangement: re-choose each layer's removed units with its full Fisher block.")
     tune: bool = option(True, "Mask tuning: least-squares scales of the kept units so each sublayer reproduces its dense output.")
     damping: float = option(
@@ -65,6 +69,7 @@ class MaskSearchOptions:
 
     def __post_init__(self) -> None:
         check_choice("components", self.components, COMPONENTS)
+        check_round_to(self.round_to)
         if self.damping < 0:
             raise ValueError(f"method_options.damping must be >= 0, got {self.damping}")
 
@@ -76,7 +81,7 @@ class MaskSearch(StructuredMethod[MaskSearchOptions]):
     importance_name = "Fisher importance"
 
     def check(self) -> None:
-        self.units = group_units(self, self.options.components)
+        self.units = group_units(self, self.options.components, self.options.round_to)
         self.units.plan_counts()  # raises for a budget the units cannot reach
 
     def unit_importance(self, windows: torch.Tensor | None) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -101,6 +106,7 @@ class MaskSearch(StructuredMethod[MaskSearchOptions]):
         layers = self.adapter.decoder_layers()
         counts = self.unit_counts(importance)
         for component, gradients, count in zip(components, fisher, counts):
+            count = self.units.rounded(component, count)
             removed = rearranged(gradients.T @ gradients if gradients.dim() == 2 else gradients, count)  # one block at a time
             component.removed = count
             component.scores = torch.ones(gradients.shape[-1])

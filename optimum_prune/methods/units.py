@@ -32,6 +32,23 @@ def components_option(heads: str = "attention heads") -> Any:
     return option("all", f"What to prune: 'all' ({heads} and MLP channels), 'attention' or 'mlp'.")
 
 
+def round_to_option() -> Any:
+    """The ``round_to`` option of the methods that choose MLP widths through ``UnitPlan`` (1, no rounding, keeps what
+    recipes written before it produce)."""
+    return option(
+        1,
+        "Every MLP that loses channels keeps a multiple of this many (the nearest to its planned width, at least one "
+        "multiple): set it to the M of an N:M step to follow (or a multiple of M), whose groups must tile the down "
+        "projection's inputs; 1: no rounding. Heads go whole, so attention widths are multiples of head_dim already.",
+        applies_when={"components": ("all", "mlp")},
+    )
+
+
+def check_round_to(value: int) -> None:
+    if value < 1:
+        raise ValueError(f"method_options.round_to must be >= 1, got {value}")
+
+
 @dataclass
 class Component:
     """The removable units of one layer's attention or MLP, with one score per unit."""
@@ -52,7 +69,8 @@ class UnitPlan:
     component loses (``plan_counts``, by ``ranking`` 'layer' or 'global') and the cut."""
 
     def __init__(
-        self, adapter: DecoderAdapter, sparsity: float, ignore: list[str], components: str, head_mode: str, ranking: str
+        self, adapter: DecoderAdapter, sparsity: float, ignore: list[str], components: str, head_mode: str, ranking: str,
+        round_to: int = 1,
     ) -> None:
         self.adapter = adapter
         self.sparsity = sparsity
@@ -60,7 +78,14 @@ class UnitPlan:
         self.kinds = components
         self.head_mode = head_mode
         self.ranking = ranking
+        self.round_to = round_to
         self.components = self._find_components()
+        narrowest = min((c.removable + 1 for c in self.components if c.kind == "mlp"), default=None)
+        if narrowest is not None and round_to > narrowest:
+            raise ValueError(
+                f"method_options.round_to ({round_to}) is above the narrowest MLP's {narrowest} channels, which cannot keep "
+                "a multiple of it; lower round_to"
+            )
 
     def _find_components(self) -> list[Component]:
         wanted = ("attention", "mlp") if self.kinds == "all" else (self.kinds,)
@@ -149,8 +174,8 @@ class UnitPlan:
                         f"PruningConfig.sparsity {self.sparsity} with {option}='layer' would remove {what} of "
                         f"{names[index]}; lower the sparsity, use {option}='global' or prune more components"
                     )
-                component.removed = count
-                remaining -= count * component.unit_parameters
+                component.removed = self.rounded(component, count)
+                remaining -= component.removed * component.unit_parameters
 
     def _global_counts(self, budget: float) -> None:
         """FLAP: remove the lowest (per layer and structure standardised) units across layers, stopping where the
@@ -172,6 +197,20 @@ class UnitPlan:
                 break
             component.removed += 1
             removed += component.unit_parameters
+        for component in self.components:
+            component.removed = self.rounded(component, component.removed)
+
+    def rounded(self, component: Component, count: int) -> int:
+        """``count`` units removed from ``component`` as it is now, changed so that an MLP that loses channels keeps a
+        multiple of ``round_to`` (the nearest, at least one, never more than it has): an N:M step after this one needs
+        its down projection's inputs to be a multiple of M. Attention units are whole heads: left as they are."""
+        step, width = self.round_to, component.removable + 1
+        if component.kind != "mlp" or step == 1 or count == 0:
+            return count
+        kept = max(step, (width - count + step // 2) // step * step)
+        if kept > width:  # ``width`` itself is no multiple: round down instead
+            kept -= step
+        return width - kept
 
     # --- surgery -------------------------------------------------------------------------
 
@@ -211,12 +250,12 @@ class UnitPlan:
         return keep.sort(dim=1).values.reshape(-1), torch.arange(layout.num_kv_heads)
 
 
-def group_units(method: StructuredMethod, components: str) -> UnitPlan:
+def group_units(method: StructuredMethod, components: str, round_to: int = 1) -> UnitPlan:
     """The units of the methods that score and count them themselves: whole key/value groups with their query
     heads and MLP channels (any per-layer group count keeps a valid GQA layout); their ``removed`` counts and
-    ``scores`` are the caller's to set."""
+    ``scores`` are the caller's to set (through ``UnitPlan.rounded`` for ``round_to``)."""
     adapter = method.adapter
-    units = UnitPlan(adapter, method.sparsity, method.ignore, components, head_mode="kv_group", ranking="global")
+    units = UnitPlan(adapter, method.sparsity, method.ignore, components, head_mode="kv_group", ranking="global", round_to=round_to)
     for component in units.components:
         output_projection(adapter, adapter.decoder_layers()[component.layer], component)  # one per MLP
     return units

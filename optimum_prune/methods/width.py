@@ -35,7 +35,7 @@ from ..report import PruningReport
 from ..statistics import ColumnMoments
 from ..structure.surgery import add_output_bias
 from .base import StructuredMethod, register_structured_method
-from .units import COMPONENTS, Component, UnitPlan, components_option
+from .units import COMPONENTS, Component, UnitPlan, check_round_to, components_option, round_to_option
 
 CRITERIA = ("magnitude_l1", "magnitude_l2", "taylor", "wanda_sp", "flap", "random")
 ACTIVATION_CRITERIA = ("wanda_sp", "flap")
@@ -65,12 +65,14 @@ class WidthOptions:
         "ranked across layers after standardising scores per layer and structure (FLAP), giving per-layer "
         "widths (on SmolLM2 at 20 %: perplexity 42 against 73 for 'layer'; reloads with `import optimum_prune`).",
     )
+    round_to: int = round_to_option()
 
     def __post_init__(self) -> None:
         check_choice("criterion", self.criterion, CRITERIA)
         check_choice("components", self.components, COMPONENTS)
         check_choice("head_mode", self.head_mode, ("query", "kv_group"))
         check_choice("ranking", self.ranking, ("layer", "global"))
+        check_round_to(self.round_to)
 
 
 @register_structured_method("width", options=WidthOptions)
@@ -83,7 +85,9 @@ class WidthPruning(StructuredMethod[WidthOptions]):
 
     def check(self) -> None:
         options = self.options
-        self.units = UnitPlan(self.adapter, self.sparsity, self.ignore, options.components, options.head_mode, options.ranking)
+        self.units = UnitPlan(
+            self.adapter, self.sparsity, self.ignore, options.components, options.head_mode, options.ranking, options.round_to
+        )
         self.units.plan_counts()  # raises for impossible requests
 
     def prune(self, windows: torch.Tensor | None, report: PruningReport) -> None:

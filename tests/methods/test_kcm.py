@@ -204,3 +204,12 @@ def test_product_r2d2_falls_back_to_d2_where_every_unit_has_the_same_r2():
     importance, _ = method.unit_importance(windows)
     first = next(i for i, c in enumerate(method.units.components) if c.layer == 0)
     assert float(importance[first].max()) == 1.0 and float(importance[first].max() - importance[first].min()) > 0.5
+
+
+@pytest.mark.parametrize("allocation", ["layer", "global"])
+def test_round_to_leaves_mlp_widths_a_multiple_of_it(allocation):
+    model = tiny_model()
+    options = {"allocation": allocation, "round_to": 8}
+    prune(model, PruningConfig(method="kcm", sparsity=0.3, method_options=options), calibration=token_windows())
+    widths = [layer.mlp.down_proj.in_features for layer in model.model.layers]
+    assert all(width % 8 == 0 for width in widths) and sum(widths) < 3 * 128, widths

@@ -260,3 +260,10 @@ def test_the_kl_gradient_is_zero_while_the_model_is_dense():
     options = KPruneOptions(predictive_weight=1.0, representational_weight=0.0, head_weight=1.0, predictive_gradient="kl")
     _, _, _, scores = _scores(options, token_windows(samples=2, seq_len=16))
     assert max(float(score.abs().max()) for score in scores) < 1e-10
+
+
+def test_round_to_leaves_mlp_widths_a_multiple_of_it():
+    model = tiny_model()
+    prune(model, PruningConfig(method="kprune", sparsity=0.3, method_options={"round_to": 8}), calibration=token_windows())
+    widths = [layer.mlp.down_proj.in_features for layer in model.model.layers]
+    assert all(width % 8 == 0 for width in widths) and sum(widths) < 3 * 128, widths

@@ -308,3 +308,11 @@ def test_factors_on_cpu_reaches_the_curvature_and_changes_nothing_on_the_cpu(mon
     assert placed == [False, True]
     for dense, hosted in zip(*(model.state_dict().items() for model in models)):
         assert dense[0] == hosted[0] and torch.equal(dense[1], hosted[1])
+
+
+def test_round_to_leaves_mlp_widths_a_multiple_of_it_after_every_shot():
+    model = tiny_model()
+    options = {"shots": 2, "round_to": 8}
+    prune(model, PruningConfig(method="llm_surgeon_structured", sparsity=0.3, method_options=options), calibration=token_windows())
+    widths = [layer.mlp.down_proj.in_features for layer in model.model.layers]
+    assert all(width % 8 == 0 for width in widths) and sum(widths) < 3 * 128, widths

@@ -177,3 +177,10 @@ def test_a_component_whose_units_are_all_least_important_keeps_one():
           calibration=token_windows(samples=2, seq_len=16))
     assert all(layer.mlp.down_proj.in_features >= 1 for layer in model.model.layers)
     assert model.model.layers[1].mlp.up_proj.out_features == 1
+
+
+def test_round_to_leaves_mlp_widths_a_multiple_of_it():
+    model = tiny_model()
+    prune(model, PruningConfig(method="mask_search", sparsity=0.3, method_options={"round_to": 8}), calibration=token_windows())
+    widths = [layer.mlp.down_proj.in_features for layer in model.model.layers]
+    assert all(width % 8 == 0 for width in widths) and sum(widths) < 3 * 128, widths

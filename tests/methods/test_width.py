@@ -3,10 +3,12 @@ import copy
 import pytest
 import torch
 
-from optimum_prune import PruningConfig, prune, save_pruned
+from optimum_prune import PruningConfig, prune, save_pruned, verify_sparsity
 from optimum_prune.methods.width import CRITERIA
 
-from ..conftest import assert_stock_reload_matches, decoder_linear_parameters, kept_rows, tiny_model, token_windows, zeroed_reference
+from ..conftest import (
+    assert_reloads_exactly, assert_stock_reload_matches, decoder_linear_parameters, kept_rows, tiny_model, token_windows, zeroed_reference,
+)
 
 
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3", "granite", "stablelm"])
@@ -364,3 +366,29 @@ def test_layer_ranking_removes_the_rounded_share_of_key_value_groups():
     report = prune(model, PruningConfig(method="width", sparsity=0.4, method_options=options))
     assert all(shape.num_key_value_heads == 2 and shape.num_attention_heads == 4 for shape in report.shapes)
     assert 1 - decoder_linear_parameters(model) / before == pytest.approx(0.4, abs=0.004)
+
+
+@pytest.mark.parametrize("ranking", ["layer", "global"])
+def test_round_to_leaves_mlp_widths_an_n_m_step_tiles(ranking, tmp_path):
+    """README: structured, then N:M, in that order. The down projections' inputs must be whole groups of M."""
+    model = tiny_model()
+    config = PruningConfig(method="width", sparsity=0.3, method_options={"ranking": ranking, "round_to": 8})
+    prune(model, config, calibration=token_windows())
+    widths = [layer.mlp.down_proj.in_features for layer in model.model.layers]
+    assert all(width % 8 == 0 and width < 128 for width in widths), widths
+    prune(model, PruningConfig(method="wanda", sparsity="2:4"), calibration=token_windows())
+    assert verify_sparsity(model, "2:4")["conforming"]
+    assert_reloads_exactly(model, save_pruned(model, tmp_path / "width_2_4"))
+
+
+def test_n_m_after_width_names_the_step_and_the_remedies():
+    model = tiny_model()
+    prune(model, PruningConfig(method="width", sparsity=0.3, method_options={"ranking": "global"}), calibration=token_windows())
+    assert any(layer.mlp.down_proj.in_features % 4 for layer in model.model.layers)  # round_to=1, as recipes before it
+    with pytest.raises(ValueError, match=r"recorded 'width' step .* method_options.round_to=4 .* add '\*.down_proj' to PruningConfig.ignore"):
+        prune(model, PruningConfig(method="wanda", sparsity="2:4"), calibration=token_windows())
+
+
+def test_round_to_above_the_narrowest_mlp_is_refused():
+    with pytest.raises(ValueError, match="round_to"):
+        prune(tiny_model(), PruningConfig(method="width", sparsity=0.3, method_options={"criterion": "magnitude_l1", "round_to": 256}))
