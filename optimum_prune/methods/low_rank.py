@@ -12,6 +12,13 @@ linears; here it applies to every linear of a decoder layer that ``PruningConfig
 r = ⌊(1 − s)·out·in / (out + in)⌋ rounded down to ``round_to``. The result saves per-layer ranks
 and reloads with ``from_pretrained`` after ``import optimum_prune``. Fisher weights need one
 backward pass per calibration window with the whole model on the calibration device.
+
+On an already factorised linear (a second run) the product A·B is factorised again, one pair of
+factors at rank ⌊(1 − s)·r⌋ (rounded down as above: ``sparsity`` removes that fraction of its
+parameters): its truncated SVD comes from the QR decompositions of diag(√Î)·A and Bᵀ and the SVD
+of the r × r product of their triangles, without forming the out × in product; Fisher weights
+need the product's gradient, so with ``fisher`` each factorised target is first multiplied out
+into a dense linear for the backward passes (the memory of the model before its first run).
 """
 
 from __future__ import annotations
@@ -59,18 +66,25 @@ class LowRankFactorization(StructuredMethod[LowRankOptions]):
     def check(self) -> None:
         if self.sparsity == 0:  # the rank is a parameter budget: at 0 it is still below full rank, and lossy
             raise ValueError("PruningConfig.sparsity 0 factorises no parameter away (low_rank's ranks are a parameter budget); raise it")
-        self.targets: list[tuple[str, nn.Linear, int]] = [
-            (name, linear, self._rank(name, linear))
-            for linears in self.adapter.qualified_prunable_linears()
-            for name, linear in linears.items()
-            if not is_ignored(name, self.ignore)
+        model = self.adapter.model
+        targets: dict[str, nn.Linear | LowRankLinear] = {}
+        for linears in self.adapter.qualified_prunable_linears():
+            for name, linear in linears.items():
+                owner = name.rpartition(".")[0]
+                if isinstance(model.get_submodule(owner), LowRankLinear):  # a factor: its product is factorised again
+                    name, linear = owner, model.get_submodule(owner)
+                if not is_ignored(name, self.ignore):
+                    targets[name] = linear
+        self.targets: list[tuple[str, nn.Linear | LowRankLinear, int]] = [
+            (name, linear, self._rank(name, linear)) for name, linear in targets.items()
         ]
         if not self.targets:
             raise ValueError(f"PruningConfig.ignore {self.ignore!r} leaves no linear to factorise")
 
-    def _rank(self, name: str, linear: nn.Linear) -> int:
-        out_features, in_features = linear.weight.shape
-        budget = (1 - self.sparsity) * out_features * in_features / (out_features + in_features)
+    def _rank(self, name: str, linear: nn.Linear | LowRankLinear) -> int:
+        out_features, in_features = linear.out_features, linear.in_features
+        parameters = _full_rank(linear) * (out_features + in_features) if isinstance(linear, LowRankLinear) else out_features * in_features
+        budget = (1 - self.sparsity) * parameters / (out_features + in_features)
         rank = whole_count(budget) // self.options.round_to * self.options.round_to
         if rank < 1:
             raise ValueError(
@@ -80,31 +94,64 @@ class LowRankFactorization(StructuredMethod[LowRankOptions]):
         return rank
 
     def prune(self, windows: torch.Tensor | None, report: PruningReport) -> None:
-        linears = [linear for _, linear, _ in self.targets]
-        weights = [None] * len(linears)
+        weights = [None] * len(self.targets)
+        ranks_now = {name: _full_rank(linear) for name, linear, _ in self.targets}
         if self.options.weighting == "fisher":
+            for index, (name, linear, rank) in enumerate(self.targets):
+                if isinstance(linear, LowRankLinear):  # its rows' Fisher information is the product's gradient's
+                    linear = multiplied_out(linear)
+                    replace_submodule(self.adapter.model, name, linear)
+                    self.targets[index] = (name, linear, rank)
+            linears = [linear for _, linear, _ in self.targets]
             with on_device([self.adapter.model], self.device):  # whole-model gradients run on the compute device
                 weights = fisher_rows(self.adapter.model, windows, linears)
         for (name, linear, rank), rows in tqdm(list(zip(self.targets, weights)), desc="Factorising linears", leave=False):
             replace_submodule(self.adapter.model, name, factorize(linear, rank, rows))
-            report.removed.append(f"{name}: factorised, kept rank {rank} of {min(linear.weight.shape)}")
+            report.removed.append(f"{name}: factorised, kept rank {rank} of {ranks_now[name]}")
 
 
-def factorize(linear: nn.Linear, rank: int, row_weights: torch.Tensor | None = None) -> LowRankLinear:
-    """The rank-``rank`` factors minimising Σ_i w_i ‖W_i − (AB)_i‖² (all w_i = 1 without ``row_weights``)."""
-    weight = linear.weight.detach().to(torch.float64)
-    scale = torch.ones(weight.shape[0], dtype=torch.float64, device=weight.device)
+def factorize(linear: nn.Linear | LowRankLinear, rank: int, row_weights: torch.Tensor | None = None) -> LowRankLinear:
+    """The rank-``rank`` factors minimising Σ_i w_i ‖W_i − (AB)_i‖² (all w_i = 1 without ``row_weights``); of an
+    already factorised linear, those of its product (one pair of factors, not factors of factors)."""
+    reference = linear.out_factor.weight if isinstance(linear, LowRankLinear) else linear.weight
+    scale = torch.ones(linear.out_features, dtype=torch.float64, device=reference.device)
     if row_weights is not None and row_weights.max() > 0:
-        weights = row_weights.to(weight.device, torch.float64)
+        weights = row_weights.to(reference.device, torch.float64)
         scale = weights.clamp_min(weights.max() * 1e-12).sqrt()  # rows no sample reaches keep a tiny weight
-    left, values, right = torch.linalg.svd(scale.unsqueeze(1) * weight, full_matrices=False)
+    if isinstance(linear, LowRankLinear):
+        left, values, right = _product_svd(scale.unsqueeze(1) * linear.out_factor.weight.detach().double(), linear.in_factor.weight.detach().double())
+    else:
+        left, values, right = torch.linalg.svd(scale.unsqueeze(1) * linear.weight.detach().double(), full_matrices=False)
     root = values[:rank].sqrt()
-    factors = LowRankLinear(
-        linear.in_features, linear.out_features, rank, linear.bias is not None, linear.weight.device, linear.weight.dtype
-    )
+    factors = LowRankLinear(linear.in_features, linear.out_features, rank, linear.bias is not None, reference.device, reference.dtype)
     with torch.no_grad():
         factors.out_factor.weight.copy_(left[:, :rank] * root / scale.unsqueeze(1))
         factors.in_factor.weight.copy_(root.unsqueeze(1) * right[:rank])
         if linear.bias is not None:
             factors.out_factor.bias.copy_(linear.bias)
     return factors
+
+
+def _product_svd(left_factor: torch.Tensor, right_factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD of ``left_factor @ right_factor`` (out × r times r × in): A = Q_a·R_a and Bᵀ = Q_b·R_b give
+    AB = Q_a·(R_a·R_bᵀ)·Q_bᵀ, so the SVD of the r × r middle is all that is decomposed."""
+    left_q, left_r = torch.linalg.qr(left_factor)
+    right_q, right_r = torch.linalg.qr(right_factor.T)
+    left, values, right = torch.linalg.svd(left_r @ right_r.T)
+    return left_q @ left, values, right @ right_q.T
+
+
+def _full_rank(linear: nn.Linear | LowRankLinear) -> int:
+    """The rank a linear has now: its factors' for a factorised one."""
+    return linear.rank if isinstance(linear, LowRankLinear) else min(linear.out_features, linear.in_features)
+
+
+def multiplied_out(factors: LowRankLinear) -> nn.Linear:
+    """The dense linear a factorised one computes."""
+    weight = factors.out_factor.weight
+    linear = nn.Linear(factors.in_features, factors.out_features, factors.bias is not None, weight.device, weight.dtype)
+    with torch.no_grad():
+        linear.weight.copy_((factors.out_factor.weight.double() @ factors.in_factor.weight.double()).to(weight.dtype))
+        if factors.bias is not None:
+            linear.bias.copy_(factors.bias)
+    return linear

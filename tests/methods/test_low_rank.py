@@ -105,3 +105,26 @@ def test_all_zero_fisher_weights_fall_back_to_plain_svd():
     zero, plain = factorize(linear, 4, torch.zeros(12, dtype=torch.float64)), factorize(linear, 4)
     inputs = torch.randn(3, 16, dtype=torch.float64)
     torch.testing.assert_close(zero(inputs), plain(inputs))
+
+
+@pytest.mark.parametrize("weighting", ["fisher", "none"])
+def test_a_second_run_factorises_the_product_again_not_its_factors(weighting, tmp_path):
+    """It nested factors of factors (four matmuls per projection), and on the tiny model refused every sparsity."""
+    model = tiny_model(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=2)
+    calibration = token_windows() if weighting == "fisher" else None
+    prune(model, PruningConfig(method="low_rank", sparsity=0.3, method_options={"weighting": "none"}))
+    q_proj = model.model.layers[0].self_attn.q_proj
+    first_rank, product = q_proj.rank, (q_proj.out_factor.weight @ q_proj.in_factor.weight).detach().double()
+    config = PruningConfig(method="low_rank", sparsity=0.5, method_options={"weighting": weighting})
+    report = prune(model, config, calibration=calibration)
+
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert [name for name, _ in q_proj.named_children()] == ["in_factor", "out_factor"]
+    assert all(type(m.in_factor) is nn.Linear for m in model.modules() if isinstance(m, LowRankLinear))
+    assert q_proj.rank == first_rank // 2 // 8 * 8  # half its parameters, rounded down
+    assert f"kept rank {q_proj.rank} of {first_rank}" in " ".join(report.removed)
+    if weighting == "none":  # the truncated SVD of the product
+        again = (q_proj.out_factor.weight @ q_proj.in_factor.weight).detach().double()
+        optimum = torch.linalg.svdvals(product)[q_proj.rank :].square().sum()
+        assert float((again - product).square().sum()) == pytest.approx(float(optimum), rel=1e-4)
+    assert_reloads_exactly(model, save_pruned(model, tmp_path / "twice", report=report))
