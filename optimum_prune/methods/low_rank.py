@@ -86,6 +86,11 @@ class LowRankFactorization(StructuredMethod[LowRankOptions]):
         parameters = _full_rank(linear) * (out_features + in_features) if isinstance(linear, LowRankLinear) else out_features * in_features
         budget = (1 - self.sparsity) * parameters / (out_features + in_features)
         rank = whole_count(budget) // self.options.round_to * self.options.round_to
+        if rank < 1 and isinstance(linear, LowRankLinear) and linear.rank <= self.options.round_to:  # any sparsity > 0 does
+            raise ValueError(
+                f"{name} is factorised at rank {linear.rank} already, which no sparsity leaves a rank of "
+                f"method_options.round_to={self.options.round_to}: lower round_to, or add {name!r} to PruningConfig.ignore"
+            )
         if rank < 1:
             raise ValueError(
                 f"PruningConfig.sparsity {self.sparsity} leaves {name} ({out_features}×{in_features}) less than one "

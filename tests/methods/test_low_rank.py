@@ -128,3 +128,12 @@ def test_a_second_run_factorises_the_product_again_not_its_factors(weighting, tm
         optimum = torch.linalg.svdvals(product)[q_proj.rank :].square().sum()
         assert float((again - product).square().sum()) == pytest.approx(float(optimum), rel=1e-4)
     assert_reloads_exactly(model, save_pruned(model, tmp_path / "twice", report=report))
+
+
+def test_a_factorised_linear_at_round_to_says_no_sparsity_helps():
+    """Rank 8 already, round_to 8: every sparsity > 0 leaves less than one rank of 8; 'lower the sparsity' misled."""
+    model = tiny_model()
+    prune(model, PruningConfig(method="low_rank", sparsity=0.3, method_options={"weighting": "none"}))
+    assert model.model.layers[0].self_attn.k_proj.rank == 8
+    with pytest.raises(ValueError, match=r"k_proj is factorised at rank 8 already.*lower round_to, or add .* to PruningConfig.ignore"):
+        prune(model, PruningConfig(method="low_rank", sparsity=0.05, method_options={"weighting": "none"}))
