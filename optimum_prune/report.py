@@ -152,11 +152,11 @@ class PruningReport:
 
     def to_dict(self) -> dict[str, Any]:
         """Every field as JSON-ready values, with the measured sparsities the properties compute (``json.dumps`` it to
-        keep a run's report beside its checkpoint)."""
+        keep a run's report beside its checkpoint); a step that pruned no linear (structured) measured none: null."""
         return {
             **dataclasses.asdict(self),
             "request": self.request,
-            "overall_sparsity": self.overall_sparsity,
+            "overall_sparsity": self.overall_sparsity if self.linears else None,
             "part_sparsity": {part: self.part_sparsity(part) for part in self.parts},
         }
 

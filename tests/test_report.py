@@ -108,4 +108,6 @@ def test_a_report_is_a_json_ready_dict_with_its_measured_sparsities():
     assert stored["overall_sparsity"] == pytest.approx(report.overall_sparsity) and stored["part_sparsity"] == {"language": pytest.approx(report.part_sparsity("language"))}
     assert stored["request"] == "wanda 0.5 (uniform)" and len(stored["linears"]) == len(report.linears)
     structured = prune(tiny_model(), PruningConfig(method="width", sparsity=0.25), calibration=token_windows(4, 16))
-    assert json.loads(json.dumps(structured.to_dict()))["shapes"][0]["num_attention_heads"] == structured.shapes[0].num_attention_heads
+    stored = json.loads(json.dumps(structured.to_dict()))
+    assert stored["shapes"][0]["num_attention_heads"] == structured.shapes[0].num_attention_heads
+    assert stored["overall_sparsity"] is None  # it pruned no linear: 0.0 read as "the model is dense" on a sparse one
