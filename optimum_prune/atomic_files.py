@@ -208,7 +208,7 @@ CHECKPOINT_NAMES = {
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json", "chat_template.json",
     "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json", "quanto_qmap.json",
     "quantize_config.json", "quant_config.json", "ort_config.json", "merges.txt", "vocab.txt", "tokenizer.model",
-    "spiece.model", "sentencepiece.bpe.model",
+    "spiece.model", "sentencepiece.bpe.model", "Modelfile",  # LLaMA-Factory's export writes Ollama's Modelfile
     "streaming-run.json", "streaming-notes.json",  # left in by an offloaded run interrupted after its final rename
 }  # fmt: skip
 CHECKPOINT_SUFFIXES = (".index.json", ".onnx", ".onnx_data", ".jinja", ".tiktoken")  # shard indexes, ONNX graphs, chat templates

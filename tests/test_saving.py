@@ -435,7 +435,7 @@ def test_an_earlier_sharded_output_with_its_report_and_plot_is_replaced(tmp_path
     report = prune(model, {"method": "layers", "sparsity": 0.25, "num_calibration_samples": 4, "calibration_seq_len": 32},
                    calibration=token_windows())  # fmt: skip
     save_pruned(model, tmp_path / "out", tokenizer=bpe_tokenizer, report=report, max_shard_size="60KB")
-    for name in ("preprocessor_config.json", "quanto_qmap.json", "entity_vocab.json"):
+    for name in ("preprocessor_config.json", "quanto_qmap.json", "entity_vocab.json", "Modelfile"):  # Modelfile: LLaMA-Factory's export
         (tmp_path / "out" / name).write_text("{}")
     assert {"layer_scores.png", "pruning_report.json", "model.safetensors.index.json"} <= {path.name for path in (tmp_path / "out").iterdir()}
     save_pruned(tiny_model(), tmp_path / "out")
