@@ -41,7 +41,7 @@ from .atomic_files import (
     private_folder, remove_leftovers, replace_directory, write_text_atomic,
 )  # fmt: skip
 from .calibration import CalibrationInputs, CalibrationSource, calibration_inputs, check_token_ids
-from .calibration.engine import calibration_digest
+from .calibration.engine import all_finite, calibration_digest
 from .config import CONFIG_NAME, PruningConfig, as_pruning_config, readable_step
 from .models import unreadable_checkpoint
 from .report import PruningReport
@@ -242,7 +242,7 @@ class LayerStream:
         for name, tensor in tensors.items():
             local = name.removeprefix(prefix + ".")
             if local in known:
-                set_module_tensor_to_device(layer, local, self.device, value=tensor, dtype=self.dtype)
+                set_module_tensor_to_device(layer, local, self.device, value=_cast(name, tensor, self.dtype), dtype=self.dtype)
             else:
                 unknown.append(local)
         if unknown and not self.unknown_reported:  # e.g. rotary_emb.inv_freq of older checkpoints: from_pretrained drops them too
@@ -421,6 +421,7 @@ def prune_checkpoint(
     reader.check_rest(model, layer_names)
     layer_tensors = {name for prefix in layer_names for name in reader.under(prefix)}
     rest = [name for name in reader.weight_map if name not in layer_tensors]
+    _check_castable(reader, rest, dtype)
     _load_inputs(model, adapter.capture_modules(), reader, rest, dtype)
     inputs = None
     warn_unused_calibration(config, calibration)
@@ -464,7 +465,27 @@ def _load_inputs(model: nn.Module, modules: list[nn.Module], reader: CheckpointR
 
     prefixes = tuple(f"{name}." for name, module in model.named_modules() if any(module is m for m in modules))
     for name, tensor in reader.read([name for name in rest if name.startswith(prefixes)]).items():
-        set_module_tensor_to_device(model, name, "cpu", value=tensor, dtype=dtype)
+        set_module_tensor_to_device(model, name, "cpu", value=_cast(name, tensor, dtype), dtype=dtype)
+
+
+def _cast(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``tensor`` as ``dtype``, refused where float16 cannot hold its finite values (past 65504, as bfloat16 and float32
+    weights may be): the cast would make the inf that is then written, or blamed on the checkpoint."""
+    converted = tensor.to(dtype)
+    if dtype == torch.float16 and tensor.dtype != dtype and tensor.is_floating_point() and not all_finite(converted) and all_finite(tensor):
+        own = str(tensor.dtype).removeprefix("torch.")
+        raise ValueError(
+            f"{name} holds values up to {float(tensor.abs().max()):.4g} ({tensor.dtype}), past float16's largest (65504): "
+            f"pruning it in float16 would write inf; give dtype={own!r} (the checkpoint's){'' if own == 'bfloat16' else ' or bfloat16'}"
+        )
+    return converted
+
+
+def _check_castable(reader: CheckpointReader, names: list[str], dtype: torch.dtype) -> None:
+    """Before any layer is pruned: the tensors outside the layers (read only at the end) hold in ``dtype``."""
+    if dtype == torch.float16:
+        for name in names:  # one at a time: the embeddings and the head may be GBs each
+            _cast(name, reader.read([name])[name], dtype)
 
 
 def _run_record(source: Path, config: PruningConfig, dtype: torch.dtype, inputs: CalibrationInputs | None) -> dict[str, Any]:
@@ -545,7 +566,7 @@ def _finish_checkpoint(
 ) -> None:
     """Index, config, report and tokenizer files into the staging folder, then rename it to ``output_dir``."""
     staging = stream.staging
-    tensors = {name: t.to(stream.dtype).contiguous() for name, t in reader.read(rest).items()}
+    tensors = {name: _cast(name, t, stream.dtype).contiguous() for name, t in reader.read(rest).items()}
     _write_shard(tensors, staging / REST_SHARD, {"format": "pt"}, "rerun the same call: every layer is kept, only the rest is written")
     weight_map = dict.fromkeys(rest, REST_SHARD)
     total_size = sum(t.numel() * t.element_size() for t in tensors.values())  # the index's, as save_pretrained writes it

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -880,3 +881,19 @@ def test_prune_checkpoint_refuses_a_checkpoint_without_embeddings(model_dir, tmp
     with pytest.raises(ValueError, match="embed_tokens"):  # was: NotImplementedError "Cannot copy out of meta tensor"
         prune_checkpoint(model_dir, tmp_path / "out", config, tokenizer=load_tokenizer(model_dir))
     assert not (tmp_path / ".out.partial").exists()  # was: left behind
+
+
+@pytest.mark.parametrize("where", ["lm_head.weight", "model.norm.weight", "model.layers.1.mlp.down_proj.weight"])
+def test_a_float16_cast_that_overflows_is_refused_naming_the_tensor(tmp_path, where):
+    """bfloat16 holds 1e5, float16 not: the head and final norm were written as inf without a word, and a layer's
+    overflow was blamed on the checkpoint ("holds NaN or inf")."""
+    model = tiny_model().to(torch.bfloat16)
+    with torch.no_grad():
+        model.get_parameter(where).view(-1)[0] = 1e5
+    model.save_pretrained(tmp_path / "source")
+    with pytest.raises(ValueError, match=rf"{re.escape(where)} holds values up to 9.98\d*e\+04 \(torch.bfloat16\), past float16's largest .* give dtype='bfloat16' \(the checkpoint's\)$"):
+        prune_checkpoint(tmp_path / "source", tmp_path / "out", CONFIGS["wanda"], calibration=token_windows(), dtype=torch.float16)
+    assert not (tmp_path / "out").exists()
+    if where.startswith("model.layers"):
+        return
+    assert not list(tmp_path.glob(".out.partial/model-layer-*"))  # refused before any layer was pruned
