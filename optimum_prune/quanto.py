@@ -13,6 +13,7 @@ dependency (``optimum-prune[quanto]``).
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -21,6 +22,8 @@ from torch import nn
 
 from .adapters.base import qualified_name
 from .quantized import dequantized_weight, refuse_recorded_structure
+
+logger = logging.getLogger(__name__)
 
 LOW_BIT_WEIGHTS = ("int4", "int2")
 QTYPES = {"float8": "qfloat8", "int8": "qint8", "int4": "qint4", "int2": "qint2"}  # QuantoConfig.weights → quanto
@@ -52,6 +55,12 @@ def quantize_weights(model: nn.Module, config: Any) -> None:
     """Quantize every linear but the output embedding (``lm_head``) and ``config.modules_to_not_convert`` (a
     ``transformers.QuantoConfig``) in place, weights only, and freeze them."""
     refuse_recorded_structure(model, "optimum-quanto (its reload rebuilds the model from the plain config)")
+    if config.weights == "int8" and any(linear.weight.dtype == torch.bfloat16 for _, linear in _quantized_linears(model, config)):
+        logger.warning(
+            "optimum-quanto int8 weights in a bfloat16 model: on the CPU its matmul (torch._weight_int8pack_mm) crashed "
+            "the process (a segfault) on the weights optimum-quanto's reload gives (unaligned; seen with torch 2.13 and "
+            "optimum-quanto 0.2.7); run the saved model on a GPU, or quantize a float16 or float32 model for the CPU"
+        )
     zeros = {name: int((linear.weight == 0).sum()) for name, linear in _quantized_linears(model, config)}
     optimizer = ZeroPreservingOptimizer() if config.weights in LOW_BIT_WEIGHTS else None
     quantize(model, weights=QTYPES[config.weights], optimizer=optimizer, exclude=[f"*{name}*" for name in _kept_names(model, config)])

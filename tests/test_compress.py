@@ -228,3 +228,17 @@ def test_compress_names_a_single_step_given_as_the_recipe():
 
     with pytest.raises(TypeError, match=r"\[step\]"):  # was: "recipe[0] is a str" (the dict's first key)
         compress(tiny_model(), {"method": "magnitude"})
+
+
+def test_int8_weights_in_a_bfloat16_model_warn_of_the_cpu_kernel_crash(caplog):
+    """torch 2.13's CPU int8 matmul for bfloat16 (torch._weight_int8pack_mm) segfaults on the unaligned weights
+    optimum-quanto's reload gives: said where the recipe makes such a model, not found by a crashed process."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="optimum_prune"):
+        compress(tiny_model().to(torch.bfloat16), [PruningConfig(method="magnitude", sparsity=0.5), QuantoConfig(weights="int8")])
+    assert "crashed the process (a segfault)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="optimum_prune"):
+        compress(tiny_model(), [PruningConfig(method="magnitude", sparsity=0.5), QuantoConfig(weights="int8")])
+    assert "segfault" not in caplog.text
