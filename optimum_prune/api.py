@@ -183,7 +183,7 @@ def prune_loaded(
     )
     if is_distributed() and inputs is not None:  # data-free methods (magnitude) prune alike in every process
         inputs = shard(inputs)
-    earlier = _earlier_sparsity(model, config)
+    earlier = _earlier_sparsity(model, config) if offload is None else None  # offloaded: layers are read one at a time
     _warn_if_already_past_target(runs)
     started = time.perf_counter()
     peak_is_the_runs = device.type == "cuda" or reset_peak_rss()
