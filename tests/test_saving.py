@@ -695,11 +695,12 @@ def test_saving_a_model_whose_recorded_step_a_merge_filled_in_says_so(tmp_path, 
     assert f"the checkpoint records magnitude {sparsity} as the model's last pruning step, but {expected}" in caplog.text
 
 
-def test_experts_left_dense_as_the_config_asks_are_no_undone_step(tmp_path, caplog):
+@pytest.mark.parametrize("sparsity", ["2:4", 0.5])
+def test_experts_left_dense_as_the_config_asks_are_no_undone_step(tmp_path, caplog, sparsity):
     from .adapters.test_moe import tiny_moe
 
     model = tiny_moe(num_local_experts=16, num_experts_per_tok=1)
-    config = PruningConfig(method="wanda", sparsity="2:4", moe_options={"unrouted_experts": "dense"})
+    config = PruningConfig(method="wanda", sparsity=sparsity, moe_options={"unrouted_experts": "dense"})
     report = prune(model, config, calibration=token_windows(2, 4))
     assert report.unrouted  # some experts got no token: left dense
     with caplog.at_level(logging.WARNING, logger="optimum_prune"):
