@@ -120,7 +120,8 @@ def private_folder(folder: Path) -> Path:
     if status.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise ValueError(
             f"{str(folder)!r} can be written by other users (mode {oct(stat.S_IMODE(status.st_mode))}), who could have "
-            "planted files in it: remove it, or `chmod go-w` it if no one else can have written in it"
+            "planted files in it: `chmod go-w` it if no one else can have written in it (a run resumes from its layers), "
+            "else remove it"
         )
     return folder
 
@@ -192,7 +193,7 @@ def check_replaceable(target: Path, source: str | os.PathLike | None = None, fie
             f"{target} holds other files ({shown_names(names)}) and is not an earlier checkpoint (config.json beside "
             "*.safetensors or *.onnx weights); saving replaces the whole directory, so give a new or empty one"
         )
-    foreign = [f"{path.name}/" if path.is_dir() else path.name for path in sorted(target.iterdir()) if not _checkpoint_file(path)]
+    foreign = [f"{path.name}/" if path.is_dir() else path.name for path in sorted(target.iterdir()) if not is_checkpoint_file(path)]
     if foreign:
         raise ValueError(
             f"{target} holds a checkpoint and more ({shown_names(foreign)}); saving replaces the whole directory, which "
@@ -213,11 +214,12 @@ CHECKPOINT_NAMES = {
 }  # fmt: skip
 CHECKPOINT_SUFFIXES = (".index.json", ".onnx", ".onnx_data", ".jinja", ".tiktoken")  # shard indexes, ONNX graphs, chat templates
 # model.safetensors, save_pretrained's model-00001-of-00002.safetensors, offloaded pruning's model-layer-00000 and
-# model-rest; vocabularies (vocab.json, entity_vocab.json ...).
-CHECKPOINT_PATTERNS = ("model.safetensors", "model-*.safetensors", "*vocab*.json")
+# model-rest; vocabularies (vocab.json, entity_vocab.json ...); the licence files offloaded pruning copies from its source.
+CHECKPOINT_PATTERNS = ("model.safetensors", "model-*.safetensors", "*vocab*.json", "LICENSE*", "LICENCE*", "NOTICE*", "USE_POLICY*")
 
 
-def _checkpoint_file(path: Path) -> bool:
+def is_checkpoint_file(path: Path) -> bool:
+    """Whether ``path`` is a file some checkpoint writer makes (by name): what replacing a checkpoint may delete."""
     name = path.name
     known = name in CHECKPOINT_NAMES or name.endswith(CHECKPOINT_SUFFIXES) or any(fnmatch.fnmatchcase(name, pattern) for pattern in CHECKPOINT_PATTERNS)
     return path.is_file() and not name.startswith(".") and known

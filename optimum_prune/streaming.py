@@ -37,8 +37,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .atomic_files import (
-    InterruptedAfterReplacing, check_replaceable, claimed_folder, give_output_mode, held_exclusively, new_file_mode, new_temporary,
-    private_folder, remove_leftovers, replace_directory, write_text_atomic,
+    InterruptedAfterReplacing, check_replaceable, claimed_folder, give_output_mode, held_exclusively, is_checkpoint_file,
+    new_file_mode, new_temporary, private_folder, remove_leftovers, replace_directory, write_text_atomic,
 )  # fmt: skip
 from .calibration import CalibrationInputs, CalibrationSource, calibration_inputs, check_token_ids
 from .calibration.engine import all_finite, calibration_digest
@@ -471,8 +471,10 @@ def _load_inputs(model: nn.Module, modules: list[nn.Module], reader: CheckpointR
 def _cast(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``tensor`` as ``dtype``, refused where float16 cannot hold its finite values (past 65504, as bfloat16 and float32
     weights may be): the cast would make the inf that is then written, or blamed on the checkpoint."""
+    if not tensor.is_floating_point():  # integer buffers keep their dtype, as set_module_tensor_to_device keeps them
+        return tensor
     converted = tensor.to(dtype)
-    if dtype == torch.float16 and tensor.dtype != dtype and tensor.is_floating_point() and not all_finite(converted) and all_finite(tensor):
+    if dtype == torch.float16 and tensor.dtype != dtype and not all_finite(converted) and all_finite(tensor):
         own = str(tensor.dtype).removeprefix("torch.")
         raise ValueError(
             f"{name} holds values up to {float(tensor.abs().max()):.4g} ({tensor.dtype}), past float16's largest (65504): "
@@ -577,9 +579,11 @@ def _finish_checkpoint(
             total_size += sum(math.prod(s.get_shape()) * SAFETENSORS_DTYPES[s.get_dtype()].itemsize for s in slices)
     index_file = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
     (staging / INDEX_NAME).write_text(json.dumps(index_file, indent=2), encoding="utf-8")
-    for extra in source.iterdir():  # tokenizer and generation config files, as the source has them; not an earlier run's
-        if not extra.is_file() or _is_weights(extra.name) or extra.name in ("config.json", CONFIG_NAME, REPORT_NAME, SCORES_PLOT_NAME):
-            continue
+    for extra in source.iterdir():  # tokenizer, generation config and licence files, as the source has them
+        if _is_weights(extra.name) or extra.name in ("config.json", CONFIG_NAME, REPORT_NAME, SCORES_PLOT_NAME):
+            continue  # written above, or an earlier run's
+        if not is_checkpoint_file(extra):  # the dense model's card, another format's files: not the pruned model's, and
+            continue  # the output would hold files a rerun may not replace
         if _in_checkpoint(extra, source):
             shutil.copyfile(extra, staging / extra.name)  # not the source's modes: a read-only one blocks the tokenizer's save
         else:

@@ -436,7 +436,7 @@ def test_a_link_planted_in_the_partial_folder_is_not_written_through(sharded, tm
 @pytest.mark.parametrize(
     ("planted", "message"),
     [("foreign", r"belongs to another user \(uid 65534\), not to this one: remove it"),
-     ("writable", r"can be written by other users \(mode 0o777\), who could have planted files in it: remove it")],
+     ("writable", r"can be written by other users \(mode 0o777\), who could have planted files in it: `chmod go-w` it if no one else can have written in it \(a run resumes from its layers\), else remove it")],
 )  # fmt: skip
 def test_a_partial_folder_another_user_made_or_can_write_in_is_refused(sharded, tmp_path, planted, message):
     """Taken over as it was, a folder made beforehand in a shared directory (another user's, or world-writable) let
@@ -545,10 +545,10 @@ def test_damaged_notes_a_planted_link_and_files_linking_out_of_the_checkpoint_ar
         prune_checkpoint(sharded, tmp_path / "link", config)
     assert not list(elsewhere.iterdir())
     (tmp_path / "secret").write_text("token")
-    os.symlink(tmp_path / "secret", sharded / "notes.md")
+    os.symlink(tmp_path / "secret", sharded / "added_tokens.json")
     with caplog.at_level("WARNING", logger="optimum_prune"):
         prune_checkpoint(sharded, tmp_path / "copied", config)
-    assert "notes.md links outside the checkpoint" in caplog.text and not (tmp_path / "copied" / "notes.md").exists()
+    assert "added_tokens.json links outside the checkpoint" in caplog.text and not (tmp_path / "copied" / "added_tokens.json").exists()
     blobs = tmp_path / "hub" / "models--org--tiny" / "blobs"  # a local_dir download linking into the Hub cache
     blobs.mkdir(parents=True)
     (sharded / "tokenizer.json").rename(blobs / "0123abcd")
@@ -897,3 +897,28 @@ def test_a_float16_cast_that_overflows_is_refused_naming_the_tensor(tmp_path, wh
     if where.startswith("model.layers"):
         return
     assert not list(tmp_path.glob(".out.partial/model-layer-*"))  # refused before any layer was pruned
+
+
+def test_an_n_m_checkpoint_is_pruned_from_disk_to_another_target(tmp_path):
+    """The check whether an unstructured step breaks the earlier N:M pattern read the offloaded model's unloaded
+    (meta) weights: "Tensor.item() cannot be called on meta tensors"."""
+    from optimum_prune import save_pruned
+
+    model = tiny_model()
+    prune(model, PruningConfig(method="sparsegpt", sparsity="2:4"), calibration=token_windows())
+    save_pruned(model, tmp_path / "nm")
+    prune_checkpoint(tmp_path / "nm", tmp_path / "out", PruningConfig(method="sparsegpt", sparsity=0.6), calibration=token_windows())
+    assert verify_sparsity(AutoModelForCausalLM.from_pretrained(tmp_path / "out"))["overall_sparsity"] > 0.55
+
+
+def test_the_sources_other_files_are_left_out_and_its_licence_kept_so_a_rerun_replaces_the_output(tmp_path):
+    """Every file beside the weights was copied: a ModelScope configuration.json or Mistral's params.json (and any
+    Hub snapshot's README.md, the dense model's card) then made the output refuse its own rerun as holding the user's files."""
+    source = tmp_path / "source"
+    tiny_model().save_pretrained(source)
+    for name in ("configuration.json", "params.json", "README.md", "LICENSE", "USE_POLICY.md"):
+        (source / name).write_text(name)
+    for sparsity in (0.5, 0.6):
+        prune_checkpoint(source, tmp_path / "out", PruningConfig(method="magnitude", sparsity=sparsity))
+    names = {path.name for path in (tmp_path / "out").iterdir()}
+    assert {"LICENSE", "USE_POLICY.md"} <= names and not names & {"configuration.json", "params.json", "README.md"}
