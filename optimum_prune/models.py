@@ -137,6 +137,8 @@ def fix_default_tokenizer(tokenizer: Any) -> Any:
 def load_default_model(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, Any]:
     """(model, tokenizer) of SmolLM2-135M-Instruct, fp32 by default (keep fp32 for quality work); the
     tokenizer set as the module docstring says (also when the cache was converted by an earlier version)."""
+    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):  # the one error here that is not the cache's
+        raise ValueError(f"dtype {dtype!r}: the model loads in a floating-point dtype (torch.float32, bfloat16 or float16)")
     target = default_model_path()
     try:
         model, tokenizer = load_model(target, dtype=dtype)

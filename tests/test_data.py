@@ -189,3 +189,13 @@ def test_a_damaged_default_model_cache_says_to_delete_it(tmp_path, monkeypatch, 
     message = str(error.value)
     assert f"default model's converted copy in {str(file.parent)!r} is damaged" in message
     assert "delete that folder" in message and "save" not in message
+
+
+def test_a_dtype_the_default_model_cannot_load_in_is_not_blamed_on_the_cache():
+    """Any ValueError was read as a damaged cache: "delete that folder" for load_default_model(dtype=torch.int8)."""
+    import torch
+
+    from optimum_prune.models import load_default_model
+
+    with pytest.raises(ValueError, match=r"^dtype torch.int8: the model loads in a floating-point dtype"):
+        load_default_model(dtype=torch.int8)
