@@ -13,6 +13,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from optimum_prune import SparsityMasks
+from optimum_prune.atomic_files import new_temporary
 
 from .checkpoints import is_pruned_checkpoint, model_files
 from .compat import import_llamafactory
@@ -83,7 +84,8 @@ def restore_zeros(base: str | Path, exported_dir: Path, **from_pretrained: Any) 
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
         for key in keys_in[shard]:
             tensors[key].masked_fill_(masks[key], 0)
-        temporary = shard.with_name(f".{shard.name}.tmp")
+        temporary, descriptor = new_temporary(shard)  # created exclusively: a link planted under its name is not followed
+        os.close(descriptor)
         try:
             save_file(tensors, temporary, metadata=metadata)
             temporary.chmod(stat.S_IMODE(shard.stat().st_mode))  # the shard rewritten keeps its mode (safetensors 0.8: 0600)

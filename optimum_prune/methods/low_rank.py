@@ -89,7 +89,8 @@ class LowRankFactorization(StructuredMethod[LowRankOptions]):
         if rank < 1 and isinstance(linear, LowRankLinear) and linear.rank <= self.options.round_to:  # any sparsity > 0 does
             raise ValueError(
                 f"{name} is factorised at rank {linear.rank} already, which no sparsity leaves a rank of "
-                f"method_options.round_to={self.options.round_to}: lower round_to, or add {name!r} to PruningConfig.ignore"
+                f"method_options.round_to={self.options.round_to}: "
+                + ("" if self.options.round_to == 1 else "lower round_to, or ") + f"add {name!r} to PruningConfig.ignore"
             )
         if rank < 1:
             raise ValueError(
