@@ -44,16 +44,25 @@ def typed_values(name: str, config_class: type, section: Mapping[str, Any]) -> d
 
 def _typed(value: Any, hint: Any, field: str) -> Any:
     members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
-    (kind,) = [member for member in members if member is not type(None)]
+    kinds = [member for member in members if member is not type(None)]
     if value is None:
         if type(None) in members:
             return None
         raise ValueError(f"{field} must be given a value (a blank reads as null); remove the key for its default")
+    if len(kinds) > 1:  # e.g. PERPConfig.target_modules: a list, or LLaMA-Factory's comma-separated string
+        refusals = []
+        for kind in kinds:
+            try:
+                return _typed(value, kind, field)
+            except ValueError as refusal:
+                refusals.append(refusal)
+        raise refusals[0]
+    (kind,) = kinds
     origin, arguments = typing.get_origin(kind), typing.get_args(kind)
-    if origin is tuple:
+    if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{field} must be a list, got {value!r}")
-        return tuple(_typed(item, arguments[0], f"{field}[{index}]") for index, item in enumerate(value))
+        return origin(_typed(item, arguments[0], f"{field}[{index}]") for index, item in enumerate(value))
     if origin is dict:
         if not isinstance(value, Mapping):
             raise ValueError(f"{field} must be a mapping, got {value!r}")

@@ -625,6 +625,8 @@ def test_training_sections_keep_well_typed_values(tmp_path):
     )
     assert sections.perp.alpha == 8.0 and isinstance(sections.perp.alpha, float) and sections.perp.target_modules == ("q_proj",)
     assert sections.distill.config.layer_map == {0: 1}
+    # as LLaMA-Factory's lora_target: a comma-separated string (its annotation's str member)
+    assert split_training_sections(tmp_path, perp={"target_modules": "q_proj, v_proj"}).perp.target_modules == ("q_proj", "v_proj")
 
 
 @pytest.mark.parametrize("value", [False, 1.5, ["cpu"]])
