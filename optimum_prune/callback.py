@@ -203,6 +203,7 @@ class PruningCallback(TrainerCallback):
         self._warn_if_best_checkpoint_was_less_sparse(args, state)
         self.masks.apply()
         self._remove_hooks()
+        self.masks = None  # it holds every pruned linear: a callback kept after training (a sweep's) kept their weights
         end_training_run(model, self)
         forget_compiled_graphs(args, model)
         if self.expert_dropping is not None:

@@ -219,3 +219,4 @@ class ExpertDroppingCallback(TrainerCallback):
         if self.layers:
             record_structure(self.adapter)
         self.layers = []
+        self.adapter = self.real_tokens = None  # the model: a callback kept after training (a sweep's) kept it alive

@@ -85,6 +85,7 @@ class PatchedMoEBlocks:
             else:
                 block._old_forward = _own_forward(block)
         self._blocks = []
+        self.adapter = None  # the model: a handle kept for its counters (skip_rate, relative_error) kept it alive
 
 
 class _PatchedForward:

@@ -289,3 +289,21 @@ def test_a_token_with_nan_router_logits_counts_for_no_expert():
         model(input_ids=token_windows(samples=2, seq_len=16, seed=2, vocab=vocab))
         weight.copy_(saved)
     assert routing.counts.tolist() == clean and sum(clean) == 2 * 16 * 2
+
+
+@pytest.mark.parametrize("through", ["ExpertDroppingCallback", "PruningCallback"])
+def test_a_callback_kept_after_training_frees_the_model(tmp_path, through):
+    """Its adapter held the model: a sweep keeping one callback per run kept every run's model alive."""
+    import gc
+    import weakref
+
+    from optimum_prune import PruningCallback
+
+    model = tiny_moe(num_local_experts=4).train()
+    alive = weakref.ref(model)
+    schedule = ExpertDroppingSchedule(final_experts=2, start_step=0, end_step=2, every=1)
+    callback = ExpertDroppingCallback(schedule) if through == "ExpertDroppingCallback" else PruningCallback(schedule)
+    Trainer(model=model, args=training_args(tmp_path, 3), train_dataset=dataset(), callbacks=[callback]).train()
+    del model
+    gc.collect()
+    assert alive() is None

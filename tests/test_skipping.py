@@ -305,3 +305,24 @@ def test_per_layer_betas_apply_to_their_own_layer():
     skipping.remove()
     torch.testing.assert_close(patched[0], dense[0])
     assert skipping.skipped_calls > 0
+
+
+@pytest.mark.parametrize("install", ["skip_experts", "fold_experts"])
+def test_a_removed_handle_frees_the_model_and_keeps_its_counters(install):
+    """The handle held the model through its adapter after remove(): kept to read skip_rate or relative_error (as a
+    sweep does per point), it kept each point's model alive."""
+    import gc
+    import weakref
+
+    from optimum_prune import fold_experts
+
+    model = tiny_moe()
+    alive = weakref.ref(model)
+    handle = skip_experts(model, beta=0.5) if install == "skip_experts" else fold_experts(model, measure_error=True)
+    with torch.no_grad():
+        model(input_ids=token_windows(2, 16))
+    handle.remove()
+    del model
+    gc.collect()
+    assert alive() is None
+    assert (handle.skip_rate if install == "skip_experts" else handle.relative_error) >= 0
