@@ -183,6 +183,12 @@ class PruningConfig:
         parts = self.parts or {"language": {}}
         return {name: _target(policy.get("sparsity", self.sparsity)) for name, policy in parts.items()}
 
+    def shared_pattern(self) -> NMPattern | None:
+        """The N:M pattern every part prunes to, when they share one: what the pruned weights can be checked against."""
+        targets = set(self.part_targets().values())
+        target = targets.pop() if len(targets) == 1 else None
+        return target if isinstance(target, NMPattern) else None
+
     @property
     def requires_calibration(self) -> bool:
         needs = METHODS.get(self.method).needs_calibration(self.build_method_options())

@@ -29,7 +29,7 @@ from .quantized import is_gptq_linear, is_quantized, repacked_in_place
 from .report import PruningReport
 from .runs import planned_linears
 from .skipping import PatchedMoEBlocks, moe_variant
-from .sparsity import NMPattern, conforms_to
+from .sparsity import conforms_to
 from .stopped_runs import check_not_stopped
 from .structure.loading import offloaded, records_layer_shapes
 from .wrappers import base_layer, transformers_model
@@ -122,8 +122,7 @@ def _warn_if_recorded_step_undone(model: nn.Module, config: PruningConfig | None
     model = transformers_model(model)
     if any(is_quantized(module) for module in model.modules()):  # quantized codes: measured by the quantizer's own save
         return
-    targets = set(config.part_targets().values())
-    pattern = next(iter(targets)) if len(targets) == 1 and isinstance(next(iter(targets)), NMPattern) else None
+    targets, pattern = set(config.part_targets().values()), config.shared_pattern()
     if pattern is None and not all(isinstance(target, float) for target in targets):
         return
     adapter = get_adapter(model)

@@ -45,8 +45,7 @@ def sparsity_config(model: nn.Module, config: PruningConfig | None = None) -> di
             "sparsity metadata to write"
         )
     pruned = planned_linears(get_adapter(model), config, checked=False)  # measured below instead
-    targets = list(config.part_targets().values())
-    pattern = targets[0] if isinstance(targets[0], NMPattern) and all(t == targets[0] for t in targets) else None
+    pattern = config.shared_pattern()
 
     def still_pruned(linear: nn.Module) -> bool:
         """Not a linear the config named but left dense (e.g. MoE experts no calibration token reached); an
