@@ -18,6 +18,7 @@ from torch import distributed as dist
 
 from .calibration import CalibrationInputs
 from .calibration.engine import calibration_digest
+from .calibration.sources import split_per_sample
 
 
 def world() -> tuple[int, int]:
@@ -83,10 +84,9 @@ def shard(inputs: CalibrationInputs) -> CalibrationInputs:
 
 def _samples(batch: Mapping[str, torch.Tensor]) -> list[Mapping[str, torch.Tensor]]:
     """A batch as one batch per sample, where every tensor holds one entry per sample (else whole)."""
-    samples = batch["input_ids"].shape[0]
-    if not all(tensor.dim() and tensor.shape[0] == samples for tensor in batch.values()):
-        return [batch]
-    return [{name: tensor[index : index + 1] for name, tensor in batch.items()} for index in range(samples)]
+    ids = batch["input_ids"]
+    samples = split_per_sample(batch, torch.ones_like(ids, dtype=torch.bool)) if ids.dim() == 2 else None
+    return samples or [batch]
 
 
 def _check_same_everywhere(inputs: CalibrationInputs) -> None:

@@ -291,15 +291,23 @@ def unpadded(batch: dict[str, torch.Tensor], kept_whole: list[dict[str, tuple[in
     ids = batch["input_ids"]
     if not isinstance(mask, torch.Tensor) or mask.shape != ids.shape or ids.dim() != 2 or bool(mask.all()):
         return [batch]
-    samples, length = ids.shape
-    splittable = all(t.shape[:2] == (samples, length) or t.shape[:1] == (samples,) for t in batch.values() if t.dim())
-    if not splittable:
+    samples = split_per_sample(batch, mask.bool())
+    if samples is None:
         kept_whole.append({name: tuple(t.shape) for name, t in batch.items()})
         return [batch]
+    return samples
+
+
+def split_per_sample(batch: Mapping[str, torch.Tensor], real: torch.Tensor) -> list[dict[str, torch.Tensor]] | None:
+    """``batch`` (2-D ``input_ids``) as one batch per sample holding the positions ``real`` marks (a sample without any
+    left out); None where a tensor holds no entry per sample."""
+    samples, length = batch["input_ids"].shape
+    if not all(t.shape[:2] == (samples, length) or t.shape[:1] == (samples,) for t in batch.values() if t.dim()):
+        return None
     return [
-        {name: _sample_part(t, index, real, (samples, length)) for name, t in batch.items()}
-        for index, real in enumerate(mask.bool())
-        if real.any()
+        {name: _sample_part(t, index, row, (samples, length)) for name, t in batch.items()}
+        for index, row in enumerate(real)
+        if row.any()
     ]
 
 
