@@ -51,6 +51,12 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
+def check_round_to(value: int) -> None:
+    """The ``round_to`` option of the methods that round widths or ranks to a multiple of it."""
+    if value < 1:
+        raise ValueError(f"method_options.round_to must be >= 1, got {value}")
+
+
 def build_options(options_cls: type[Options], values: Mapping[str, Any], field: str) -> Options:
     """Instantiate ``options_cls`` from ``values``, naming ``field`` and the valid keys on error."""
     if not isinstance(values, Mapping):

@@ -52,11 +52,11 @@ import torch
 from torch import nn
 
 from ..calibration import feeding_inputs, observe_layers
-from ..options import check_choice, option
+from ..options import check_choice, check_round_to, option
 from ..statistics import ColumnNorms, mean_ranks
 from .base import register_structured_method
 from .mask_search import MaskSearch
-from .units import COMPONENTS, check_round_to, components_option, group_columns, output_projection, round_to_option
+from .units import COMPONENTS, components_option, group_columns, output_projection, round_to_option
 
 
 @dataclass(frozen=True)

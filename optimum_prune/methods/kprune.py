@@ -69,11 +69,11 @@ from transformers.utils.logging import tqdm
 from ..calibration import LayerInputs, capture_first_layer_inputs, feed_layer, run_layer
 from ..calibration.engine import all_finite, on_device
 from ..calibration.gradients import grad_only, language_model_logits, overflowed, with_loss_scale
-from ..options import NonZero, check_choice, option
+from ..options import NonZero, check_choice, check_round_to, option
 from ..report import PruningReport
 from .base import StructuredMethod, register_structured_method
 from .units import (
-    COMPONENTS, Component, check_round_to, components_option, group_columns, group_units, layer_parameters, output_projection,
+    COMPONENTS, Component, components_option, group_columns, group_units, layer_parameters, output_projection,
     round_to_option,
 )
 

@@ -39,12 +39,12 @@ from torch import nn
 from transformers.utils.logging import tqdm
 
 from ..calibration.engine import on_device
-from ..options import check_choice, option
+from ..options import check_choice, check_round_to, option
 from ..report import PruningReport
 from .base import StructuredMethod, register_structured_method
 from .llm_surgeon import damped_inverse, kfac_factors
 from .units import (
-    COMPONENTS, Component, check_round_to, components_option, group_columns, group_units, layer_parameters, output_projection,
+    COMPONENTS, Component, components_option, group_columns, group_units, layer_parameters, output_projection,
     round_to_option,
 )
 

@@ -32,7 +32,7 @@ from transformers.utils.logging import tqdm
 from ..calibration.engine import on_device
 from ..calibration.gradients import fisher_rows
 from ..ignoring import is_ignored
-from ..options import check_choice, option
+from ..options import check_choice, check_round_to, option
 from ..report import PruningReport
 from ..sparsity import whole_count
 from ..structure.modules import LowRankLinear
@@ -51,8 +51,7 @@ class LowRankOptions:
 
     def __post_init__(self) -> None:
         check_choice("weighting", self.weighting, ("fisher", "none"))
-        if self.round_to < 1:
-            raise ValueError(f"round_to must be >= 1, got {self.round_to}")
+        check_round_to(self.round_to)
 
 
 @register_structured_method("low_rank", options=LowRankOptions)

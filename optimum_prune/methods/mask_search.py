@@ -48,11 +48,11 @@ from torch import nn
 from ..calibration import LayerInputs, feed_layer, walk_layers
 from ..calibration.engine import on_device
 from ..calibration.gradients import grad_only, overflowed, window_losses, with_loss_scale
-from ..options import check_choice, option
+from ..options import check_choice, check_round_to, option
 from ..report import PruningReport
 from .base import StructuredMethod, register_structured_method
 from .units import (
-    COMPONENTS, Component, check_round_to, components_option, group_columns, group_units, layer_parameters, output_projection,
+    COMPONENTS, Component, components_option, group_columns, group_units, layer_parameters, output_projection,
     round_to_option,
 )
 

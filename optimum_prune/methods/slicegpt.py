@@ -30,7 +30,7 @@ from transformers.utils.logging import tqdm
 from ..adapters import DecoderAdapter, ResidualBranch
 from ..calibration import LayerInputs, capture_first_layer_inputs, feed_layer, run_layer
 from ..calibration.engine import on_device
-from ..options import option
+from ..options import check_round_to, option
 from ..report import PruningReport
 from ..sparsity import whole_count
 from .base import StructuredMethod, register_structured_method
@@ -43,8 +43,7 @@ class SliceGPTOptions:
     round_to: int = option(8, "The sliced width is rounded down to a multiple of this (hardware-friendly shapes).")
 
     def __post_init__(self) -> None:
-        if self.round_to < 1:
-            raise ValueError(f"round_to must be >= 1, got {self.round_to}")
+        check_round_to(self.round_to)
 
 
 @register_structured_method("slicegpt", options=SliceGPTOptions)

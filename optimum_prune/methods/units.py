@@ -44,11 +44,6 @@ def round_to_option() -> Any:
     )
 
 
-def check_round_to(value: int) -> None:
-    if value < 1:
-        raise ValueError(f"method_options.round_to must be >= 1, got {value}")
-
-
 @dataclass
 class Component:
     """The removable units of one layer's attention or MLP, with one score per unit."""

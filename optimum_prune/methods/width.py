@@ -30,12 +30,12 @@ from torch import nn
 from ..calibration import feeding_inputs, observe_layers
 from ..calibration.engine import on_device
 from ..calibration.gradients import calibration_gradients
-from ..options import check_choice, option
+from ..options import check_choice, check_round_to, option
 from ..report import PruningReport
 from ..statistics import ColumnMoments
 from ..structure.surgery import add_output_bias
 from .base import StructuredMethod, register_structured_method
-from .units import COMPONENTS, Component, UnitPlan, check_round_to, components_option, round_to_option
+from .units import COMPONENTS, Component, UnitPlan, components_option, round_to_option
 
 CRITERIA = ("magnitude_l1", "magnitude_l2", "taylor", "wanda_sp", "flap", "random")
 ACTIVATION_CRITERIA = ("wanda_sp", "flap")
