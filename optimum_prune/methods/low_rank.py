@@ -104,7 +104,7 @@ class LowRankFactorization(StructuredMethod[LowRankOptions]):
         if self.options.weighting == "fisher":
             for index, (name, linear, rank) in enumerate(self.targets):
                 if isinstance(linear, LowRankLinear):  # its rows' Fisher information is the product's gradient's
-                    linear = multiplied_out(linear)
+                    linear = _multiplied_out(linear)
                     replace_submodule(self.adapter.model, name, linear)
                     self.targets[index] = (name, linear, rank)
             linears = [linear for _, linear, _ in self.targets]
@@ -151,7 +151,7 @@ def _full_rank(linear: nn.Linear | LowRankLinear) -> int:
     return linear.rank if isinstance(linear, LowRankLinear) else min(linear.out_features, linear.in_features)
 
 
-def multiplied_out(factors: LowRankLinear) -> nn.Linear:
+def _multiplied_out(factors: LowRankLinear) -> nn.Linear:
     """The dense linear a factorised one computes."""
     weight = factors.out_factor.weight
     linear = nn.Linear(factors.in_features, factors.out_features, factors.bias is not None, weight.device, weight.dtype)
