@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator
+from typing import Any, Hashable, Iterator
 
 import torch
 from torch import nn
@@ -35,6 +35,7 @@ from transformers import (
 from ..quantized import is_linear
 from ..structure.shapes import LayerShape
 from ..structure.surgery import keep_output_features
+from ..tensors import tensor_identity
 from .base import DecoderStackAdapter, TokenRouting, UnsupportedArchitecture, register_adapter
 
 
@@ -78,22 +79,50 @@ class _SharedGate:
 
 
 @dataclass
+class _Scaled:
+    """The last input scaled: kept alive with its identity (so the identity stays meaningful), with the routing
+    weights it was scaled by (the block's, or the shared gate's) and its expert (None: the shared expert)."""
+
+    inputs: torch.Tensor
+    identity: Hashable
+    source: torch.Tensor
+    expert: int | None
+    scaled: torch.Tensor
+
+
+@dataclass
 class ExpertRouting(TokenRouting):
     """Routing weights of the tokens each expert linear receives, captured from the routers; the
-    shared expert's tokens are weighted by its sigmoid gate, which scales its output the same way."""
+    shared expert's tokens are weighted by its sigmoid gate, which scales its output the same way.
+
+    An expert's linears that read one tensor in turn (Mixtral's w1, then w3) get one scaled tensor: statistics that
+    depend on the inputs alone are then shared between them (``calibration.sharing``)."""
 
     expert_of: dict[nn.Linear, tuple[_BlockRouting, int]] = field(default_factory=dict)
     shared_of: dict[nn.Linear, _SharedGate] = field(default_factory=dict)
+    _last: _Scaled | None = field(default=None, init=False, repr=False)
 
     def scale(self, linear: nn.Linear, inputs: torch.Tensor) -> torch.Tensor:
         if linear in self.shared_of:
-            flat = inputs.reshape(-1, inputs.shape[-1])
-            return flat * self.shared_of[linear].values.to(flat.dtype).unsqueeze(1)
-        if linear not in self.expert_of:
+            source, expert = self.shared_of[linear].values, None
+        elif linear in self.expert_of:
+            routing, expert = self.expert_of[linear]
+            source = routing.weights
+        else:
             return inputs
+        identity, last = tensor_identity(inputs), self._last
+        if last is not None and last.identity == identity and last.source is source and last.expert == expert:
+            return last.scaled
+        scaled = self._weighted(linear, inputs)
+        self._last = _Scaled(inputs, identity, source, expert, scaled)
+        return scaled
+
+    def _weighted(self, linear: nn.Linear, inputs: torch.Tensor) -> torch.Tensor:
+        flat = inputs.reshape(-1, inputs.shape[-1])
+        if linear in self.shared_of:
+            return flat * self.shared_of[linear].values.to(flat.dtype).unsqueeze(1)
         routing, expert = self.expert_of[linear]
         weights = self.token_weights(routing, expert)
-        flat = inputs.reshape(-1, inputs.shape[-1])
         if flat.shape[0] != weights.shape[0]:
             raise RuntimeError(
                 f"expert {expert} received {flat.shape[0]} tokens but its router selected {weights.shape[0]}; "

@@ -4,8 +4,9 @@ In a Llama layer q/k/v_proj read one tensor and gate/up_proj another: a statisti
 alone (SparseGPT's Hessian, in_features² floats) is then the same for each, and accumulating it once saves
 memory and matmuls. Which linears share is decided from the tensors themselves, batch by batch, never from
 module names: two inputs are the same tensor when they view the same memory the same way and neither was
-written in between (``_identity``), which the layer's forward decides — the runner's per-expert scaling by
-routing weight, or a hook that copies a module's inputs, gives each linear its own tensor and its own statistic.
+written in between (``tensor_identity``), which the layer's forward decides — a hook that copies a module's inputs gives
+each linear its own tensor and its own statistic, while the runner's scaling by routing weight gives an expert's
+linears that read one tensor one scaled tensor (``ExpertRouting.scale``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Hashable, Self
 import torch
 
 from ..distributed import all_reduce_sum
+from ..tensors import tensor_identity
 
 
 class InputStatistics(ABC):
@@ -49,15 +51,6 @@ class InputsChangedInPlace(RuntimeError):
     so the statistics of that batch cannot be taken from it (the runner then feeds each linear on its own)."""
 
 
-def _identity(inputs: torch.Tensor) -> Hashable:
-    """Equal for two tensors (``detach`` makes a new object per call) that view the same memory the same way at the
-    same version; only meaningful while both are alive, as a freed block's address may be reused."""
-    return (
-        inputs.untyped_storage().data_ptr(), inputs.storage_offset(), tuple(inputs.shape), inputs.stride(),
-        inputs.dtype, inputs.device, inputs._version,
-    )  # fmt: skip
-
-
 class SharedStatistics:
     """Feeds a layer's linears' ``InputStatistics`` batch by batch, one object for linears that received the same
     tensors (in the same order) in every batch so far.
@@ -82,7 +75,7 @@ class SharedStatistics:
         if name in self._alone:
             self.statistics[name].add(inputs)
         else:
-            self._pending.setdefault(name, []).append((inputs, _identity(inputs)))
+            self._pending.setdefault(name, []).append((inputs, tensor_identity(inputs)))
 
     def end_batch(self) -> None:
         """Regroup by what each linear received in the batch that just ran, then accumulate it once per group."""

@@ -203,7 +203,7 @@ def unshared(monkeypatch):
     from optimum_prune.calibration import sharing
 
     calls = itertools.count()
-    monkeypatch.setattr(sharing, "_identity", lambda inputs: (next(calls), inputs._version))
+    monkeypatch.setattr(sharing, "tensor_identity", lambda inputs: (next(calls), inputs._version))
 
 
 def _pruned_weights(model: torch.nn.Module, moe_options: dict | None = None) -> tuple[dict[str, torch.Tensor], int]:
@@ -223,9 +223,9 @@ def _pruned_weights(model: torch.nn.Module, moe_options: dict | None = None) -> 
     [
         (lambda: tiny_model("llama"), None, 3 * 3),  # per layer, q/k/v and gate/up: 4 Hessian updates, not 7
         (lambda: tiny_model("olmo2"), None, 3 * 3),  # post-norms: q/k/v still read one tensor
-        # the runner scales each expert linear's inputs by routing weight: only q/k/v share
-        (lambda: tiny_moe("mixtral"), {"routing_weighted": True}, 2 * 2),
-        # each expert's w1 and w3 read its tokens: shared too, one update per expert that received tokens
+        # each expert's w1 and w3 read its tokens (scaled by their routing weights once for both): shared too, one
+        # update per expert that received tokens
+        (lambda: tiny_moe("mixtral"), {"routing_weighted": True}, None),
         (lambda: tiny_moe("mixtral"), {"routing_weighted": False}, None),
     ],
     ids=["llama", "olmo2", "mixtral-weighted", "mixtral-unweighted"],
@@ -241,6 +241,13 @@ def test_linears_reading_one_tensor_share_a_hessian_and_prune_bit_for_bit_as_alo
         assert updates < updates_alone - 2 * 2 * batches  # q/k/v, and experts' w1/w3
     else:
         assert updates_alone - updates == shared_per_batch * batches
+
+
+def test_scaling_by_routing_weight_keeps_an_expert_s_w1_and_w3_on_one_hessian():
+    """Scaled once for both, an expert's two input projections share as they do unscaled."""
+    _, weighted = _pruned_weights(tiny_moe("mixtral"), {"routing_weighted": True})
+    _, unweighted = _pruned_weights(tiny_moe("mixtral"), {"routing_weighted": False})
+    assert weighted == unweighted
 
 
 def test_a_layer_whose_input_was_written_in_place_is_fed_again_with_a_hessian_per_linear(monkeypatch):
