@@ -14,6 +14,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, Literal, Mapping, overload
 
 from .allocation import ALLOCATIONS, AllocationSpec
@@ -268,7 +269,8 @@ class PruningConfig:
         without its own options drops the stored ones, which were the other method's.
 
         A local pruned model's directory without ``pruning_config.json`` (saved with the stock ``save_pretrained``,
-        or exported by another tool) gives the recipe its ``config.json`` records as ``pruning_config``."""
+        or exported by another tool) gives the recipe its ``config.json`` records as ``pruning_config``. Either is the
+        last step of a model pruned in several, which is warned of (the steps are its ``pruning_history``)."""
         from .integrations.optimum import PruningConfigFile
 
         path = Path(path_or_repo)
@@ -306,6 +308,8 @@ class PruningConfig:
         if from_model_config or any(map(is_provenance, stored)):  # a run recorded it (a recipe written by hand is checked)
             stored = _readable_record(stored, f"{source}'s pruning_config")
         config = cls.from_dict({**stored, **overrides})
+        if path.is_dir():
+            _warn_if_one_of_several_steps(folder)
         return (config, unused) if return_unused_kwargs else config
 
     def to_json_string(self) -> str:
@@ -370,6 +374,23 @@ def _without_ignored_settings(data: Mapping[str, Any]) -> tuple[dict[str, Any], 
 def is_provenance(key: Any) -> bool:
     """Whether a key of a stored config is a version stamp (informative), not a field."""
     return key in PROVENANCE_KEYS or (isinstance(key, str) and key.endswith("_version") and key != "format_version")
+
+
+def _warn_if_one_of_several_steps(folder: Path) -> None:
+    """A model pruned in several steps keeps the last in ``pruning_config.json`` and all of them in its config.json:
+    whoever repeats the recipe from the folder must know that the config read is only its last step."""
+    try:
+        model_config = _read_json_object(folder / "config.json")
+    except (OSError, ValueError):  # no model beside the recipe, or one this reader does not need
+        return
+    steps = recorded_steps(SimpleNamespace(**model_config))
+    if len(steps) > 1:
+        logger.warning(
+            "%s holds a model pruned in %d steps (%s); PruningConfig.from_pretrained gives the last one: to repeat them "
+            "all, pass config.json's pruning_history to compress, e.g. compress(model, "
+            "AutoConfig.from_pretrained(%r).pruning_history, calibration)",
+            folder, len(steps), ", then ".join(f"{step.get('method')} {step.get('sparsity')}" for step in steps), str(folder),
+        )  # fmt: skip
 
 
 def _records_recipe(model_config_file: Path) -> bool:

@@ -64,6 +64,33 @@ def test_a_history_that_holds_no_steps_is_left_out_not_crashed_on_or_copied(hist
     assert PruningConfig.from_dict(model.config.pruning_config) == PruningConfig(method="magnitude", sparsity=0.5)
 
 
+def test_the_recipe_of_a_model_pruned_in_several_steps_is_read_as_its_last_step_with_the_way_to_repeat_all(tmp_path, caplog):
+    """pruning_config.json is the last step; the warning's line repeats the whole recipe, bit for bit."""
+    from transformers import AutoConfig
+
+    from optimum_prune import compress
+
+    model, windows = tiny_model(), token_windows(4, 16)
+    first, second = PruningConfig(method="width", sparsity=0.25), PruningConfig(method="wanda", sparsity=0.5)
+    compress(model, [first, second], windows)
+    output = save_pruned(model, tmp_path / "pruned")
+    with caplog.at_level("WARNING", logger="optimum_prune"):
+        assert PruningConfig.from_pretrained(output) == second
+    assert "pruned in 2 steps (width 0.25, then wanda 0.5)" in caplog.text
+    assert "compress(model, AutoConfig.from_pretrained(" in caplog.text
+
+    again = tiny_model()
+    compress(again, AutoConfig.from_pretrained(output).pruning_history, windows)
+    for name, weight in model.state_dict().items():
+        assert torch.equal(again.state_dict()[name], weight), name
+
+    caplog.clear()
+    once = save_pruned(tiny_model(), tmp_path / "once", config=first)
+    with caplog.at_level("WARNING", logger="optimum_prune"):
+        PruningConfig.from_pretrained(once)
+    assert "steps" not in caplog.text
+
+
 def test_a_config_given_for_a_step_outside_prune_follows_the_recorded_steps_in_the_checkpoint_only(tmp_path):
     """A model pruned twice, then further by a training schedule: the checkpoint says so in order; the model in
     memory keeps its own record, so pruning it again lists what prune did."""
