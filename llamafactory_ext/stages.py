@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM
 from optimum_prune import SparsityMasks, merge_lora_preserving_sparsity, prune, prune_checkpoint, save_pruned
 from optimum_prune.atomic_files import check_replaceable
 from optimum_prune.calibration import sample_windows
-from optimum_prune.config import PruningConfig
+from optimum_prune.config import PruningConfig, readable_step
 from optimum_prune.models import load_causal_lm
 from optimum_prune.saving import DEFAULT_SHARD_SIZE
 from optimum_prune.streaming import INDEX_NAME, checkpoint_fingerprint
@@ -279,9 +279,11 @@ def _differs_from_pruned(pruned_dir: Path, source: Mapping[str, Any], config: Pr
     """Why the pruned model in ``pruned_dir`` cannot be reused for this run (None: it can)."""
     try:
         recorded = json.loads((pruned_dir / "config.json").read_text(encoding="utf-8"))
-        same_config = PruningConfig.from_pretrained(pruned_dir).to_dict() == config.to_dict()
     except (OSError, ValueError):
         return CHANGED
+    if not isinstance(recorded, dict):
+        return CHANGED
+    same_config = readable_step(recorded.get("pruning_config")) == config  # this stage's step: the last one recorded
     pruned_from = recorded.get("pruned_from")
     if same_config and pruned_from == source:
         unreadable = _unreadable_weights(pruned_dir)

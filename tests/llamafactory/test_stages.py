@@ -840,6 +840,22 @@ def test_a_pruned_model_an_earlier_version_recorded_is_not_said_to_have_changed(
     assert stages._differs_from_pruned(pruned, {**source, "model_revision": "v2"}, config) == stages.CHANGED
 
 
+def test_a_pruned_model_of_a_pruned_source_is_reused_without_a_warning_about_its_steps(tmp_path, caplog):
+    """The stage's own record holds the source's step before its own: the reuse check compares its own, silently."""
+    config = PruningConfig(method="magnitude", sparsity=0.5)
+    pruned = tmp_path / "out" / "pruned"
+    model = tiny_model()
+    prune(model, PruningConfig(method="magnitude", sparsity=0.3))  # the source: a pruned model
+    source = {"model_name_or_path": "base", "model_revision": "main", "model_files": "abc", "calibration_tokens_sha256": None}
+    model.config.pruned_from = source
+    prune(model, config)
+    save_pruned(model, pruned)
+    with caplog.at_level(logging.WARNING):
+        assert stages._differs_from_pruned(pruned, source, config) is None
+    assert caplog.text == ""
+    assert stages._differs_from_pruned(pruned, source, PruningConfig(method="magnitude", sparsity=0.3)) == stages.CHANGED
+
+
 def test_distillation_refuses_a_loss_llamafactorys_trainer_sets_itself(tmp_path):
     """CustomSeq2SeqTrainer sets compute_loss_func itself (use_dft_loss, use_eaft_loss, use_asft_loss): the refusal
     read only the argument, and DFT became the label term unsaid."""
