@@ -215,6 +215,7 @@ def run(args: argparse.Namespace) -> int:
     if args.offload:
         return _run_offloaded(args, config)
     dtype = DTYPES[args.dtype or "float32"]
+    args.widened_from = _narrower_stored_dtype(args.model) if args.model and args.dtype is None else None
     launched_device = init_from_launcher()  # torchrun / accelerate launch: calibration is split across processes
     if world()[0] != 0:  # every process prunes alike: the first one's warnings and bars say it once
         logging.getLogger("optimum_prune").setLevel(logging.ERROR)
@@ -296,7 +297,11 @@ def _print_summary(
     if after["pattern"]:
         rows.append((f"{after['pattern']} conforming", "", str(after["conforming"])))
     width = max(len(r[0]) for r in rows)
-    print(f"\n{report.request} -> {args.output}  (saved in {saved_in:.1f} s)")
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    print(f"\n{report.request} -> {args.output}  ({dtype}, saved in {saved_in:.1f} s)")
+    if args.widened_from:
+        print(f"the checkpoint was {args.widened_from}, loaded and saved as float32 (the --dtype default, for the pruning's "
+              f"statistics): --dtype {args.widened_from} keeps it, and the output half the size")
     for label, left, right in rows:
         print(f"{label:<{width}}  {left:>12}  {right:>12}")
     for line in report.removed_lines():
@@ -308,6 +313,17 @@ def _print_summary(
               "(its loader defaults to float16)")
     else:
         print(f"reload: {auto_class_name(model)}.from_pretrained (stock transformers)")
+
+
+def _narrower_stored_dtype(model: Path) -> str | None:
+    """The dtype a checkpoint folder's config.json names when it is half precision (None otherwise, or unreadable:
+    loading reports that)."""
+    try:
+        stored = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    name = (stored.get("dtype") or stored.get("torch_dtype")) if isinstance(stored, dict) else None
+    return name if name in ("bfloat16", "float16") else None
 
 
 def _run_offloaded(args: argparse.Namespace, config: PruningConfig) -> int:

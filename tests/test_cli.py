@@ -38,6 +38,24 @@ def test_cli_takes_optimum_cli_exports_short_output_flag_and_dtype_spellings(mod
     assert AutoModelForCausalLM.from_pretrained(output, dtype="auto").dtype == torch.bfloat16
 
 
+def test_the_summary_says_a_half_precision_checkpoint_was_saved_as_float32_and_how_to_keep_it(model_dir, tmp_path, capsys):
+    """The default --dtype is float32: a bfloat16 checkpoint's output was twice its size, unsaid."""
+    half = tmp_path / "half"
+    AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).save_pretrained(half)
+    for name in os.listdir(model_dir):
+        if "token" in name:
+            shutil.copy(model_dir / name, half / name)
+    assert main(["--model", str(half), "--method", "magnitude", "--output", str(tmp_path / "wide")]) == 0
+    printed = capsys.readouterr().out
+    assert "(float32, saved in" in printed
+    assert "the checkpoint was bfloat16, loaded and saved as float32" in printed and "--dtype bfloat16 keeps it" in printed
+    assert main(["--model", str(half), "--method", "magnitude", "--output", str(tmp_path / "kept"), "--dtype", "bf16"]) == 0
+    printed = capsys.readouterr().out
+    assert "(bfloat16, saved in" in printed and "the checkpoint was" not in printed
+    assert main(["--model", str(model_dir), "--method", "magnitude", "--output", str(tmp_path / "fp32")]) == 0
+    assert "the checkpoint was" not in capsys.readouterr().out
+
+
 def test_cli_paths_read_a_tilde_as_the_home_folder(model_dir, tmp_path, monkeypatch, capsys):
     """The shell leaves ``--output=~/pruned`` as it is: it made a literal "~" folder in the working directory."""
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
