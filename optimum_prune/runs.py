@@ -405,7 +405,8 @@ def _width_remedy(adapter: DecoderAdapter, name: str, linear: nn.Linear, target:
         if recorded is None:
             return ""
         round_to = recorded.method_options.get("round_to")
-        if METHODS.get(recorded.method).structured and isinstance(round_to, int) and round_to % target.m:
+        chose_mlp_widths = recorded.method_options.get("components") != "attention"
+        if METHODS.get(recorded.method).structured and isinstance(round_to, int) and round_to % target.m and chose_mlp_widths:
             break
     else:
         return ""

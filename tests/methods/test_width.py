@@ -392,6 +392,16 @@ def test_n_m_after_width_names_the_step_and_the_remedies():
         prune(model, PruningConfig(method="wanda", sparsity="2:4"), calibration=token_windows())
 
 
+def test_n_m_after_attention_only_width_pruning_does_not_blame_that_step_for_the_mlp_width():
+    """The model's own MLP width (130) refuses 2:4; a width step that removed heads only did not choose it."""
+    model = tiny_model(intermediate_size=130)
+    prune(model, PruningConfig(method="width", sparsity=0.05, method_options={"components": "attention"}), calibration=token_windows())
+    assert [layer.mlp.down_proj.in_features for layer in model.model.layers] == [130] * len(model.model.layers)
+    with pytest.raises(ValueError, match=r"down_proj") as refused:
+        prune(model, PruningConfig(method="wanda", sparsity="2:4"), calibration=token_windows())
+    assert "round_to" not in str(refused.value) and "chose this width" not in str(refused.value)
+
+
 def test_round_to_above_the_narrowest_mlp_is_refused():
     with pytest.raises(ValueError, match="round_to"):
         prune(tiny_model(), PruningConfig(method="width", sparsity=0.3, method_options={"criterion": "magnitude_l1", "round_to": 256}))
