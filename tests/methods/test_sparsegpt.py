@@ -243,10 +243,11 @@ def test_linears_reading_one_tensor_share_a_hessian_and_prune_bit_for_bit_as_alo
         assert updates_alone - updates == shared_per_batch * batches
 
 
-def test_scaling_by_routing_weight_keeps_an_expert_s_w1_and_w3_on_one_hessian():
-    """Scaled once for both, an expert's two input projections share as they do unscaled."""
-    _, weighted = _pruned_weights(tiny_moe("mixtral"), {"routing_weighted": True})
-    _, unweighted = _pruned_weights(tiny_moe("mixtral"), {"routing_weighted": False})
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v3"])  # qwen2_moe: a gated shared expert too
+def test_scaling_by_routing_weight_keeps_an_expert_s_input_projections_on_one_hessian(family):
+    """Scaled once for both, an expert's two input projections (Mixtral's w1, w3) share as they do unscaled."""
+    _, weighted = _pruned_weights(tiny_moe(family), {"routing_weighted": True})
+    _, unweighted = _pruned_weights(tiny_moe(family), {"routing_weighted": False})
     assert weighted == unweighted
 
 
