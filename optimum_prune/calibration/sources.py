@@ -198,9 +198,13 @@ def _records(path: Path, builder: str, what: str) -> Any:
     if quiet:
         datasets.disable_progress_bars()
     try:
+        # pandas reads an empty CSV field (and "NA", "null" ...) as a missing value: a text is kept as written
+        as_written = {"keep_default_na": False} if builder == "csv" else {}
         with tempfile.TemporaryDirectory(prefix="optimum-prune-records-") as cache:
             # escaped: datasets reads data_files as a glob ("calib[12].jsonl" would read calib1.jsonl and calib2.jsonl)
-            return datasets.load_dataset(builder, data_files=glob.escape(str(path)), split="train", cache_dir=cache, keep_in_memory=True)
+            return datasets.load_dataset(
+                builder, data_files=glob.escape(str(path)), split="train", cache_dir=cache, keep_in_memory=True, **as_written
+            )
     except Exception as error:  # datasets raises its own error types for unparsable files
         raise ValueError(f"{what} {str(path)!r} could not be read as {builder} records: {error}") from None
     finally:

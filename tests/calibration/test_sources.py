@@ -501,3 +501,15 @@ def test_a_records_file_whose_name_holds_glob_characters_is_read_itself(tmp_path
     (tmp_path / "starfish.jsonl").write_text(json.dumps({"text": "fish"}) + "\n")
     assert file_texts(tmp_path / "calib[12].jsonl", "--calibration") == ["mine"]
     assert file_texts(tmp_path / "star*.jsonl", "--calibration") == ["star"]
+
+
+@pytest.mark.parametrize("suffix", ["jsonl", "csv", "parquet"])
+def test_an_eval_file_keeps_its_blank_records_in_every_records_format(tmp_path, suffix):
+    """pandas read a CSV's empty fields as missing values, which were dropped: the scored text was another."""
+    import pandas as pd
+
+    records = ["", " = Title = \n", "", " Some text . \n", "NA", "null", ""]
+    frame, path = pd.DataFrame({"text": records}), tmp_path / f"eval.{suffix}"
+    {"jsonl": lambda: frame.to_json(path, orient="records", lines=True), "csv": lambda: frame.to_csv(path, index=False),
+     "parquet": lambda: frame.to_parquet(path)}[suffix]()  # fmt: skip
+    assert file_texts(path, "--eval-file") == records
