@@ -227,8 +227,10 @@ def grad_only(model: nn.Module, parameters: list[nn.Parameter]) -> Iterator[None
 
 
 def language_model_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """The model's next-token loss on ``ids`` (its own labels)."""
-    return _required(model, model(input_ids=ids, labels=ids, use_cache=False), "loss")
+    """The model's next-token loss on ``ids`` (its own labels), without the routers' load-balancing term an MoE model
+    saved with ``output_router_logits`` (as LLaMA-Factory's MoE fine-tunes save it) adds to its loss."""
+    routers_off = {"output_router_logits": False} if getattr(getattr(model, "config", None), "output_router_logits", False) else {}
+    return _required(model, model(input_ids=ids, labels=ids, use_cache=False, **routers_off), "loss")
 
 
 def language_model_logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:

@@ -47,3 +47,18 @@ def test_calibration_perplexity_is_the_exp_of_the_mean_window_loss():
     with torch.no_grad():
         losses = [float(model(input_ids=w[None], labels=w[None]).loss) for w in windows]
     assert math.isclose(calibration_perplexity(model, windows), math.exp(sum(losses) / 3), rel_tol=1e-6)
+
+
+def test_an_moe_model_s_calibration_loss_leaves_out_its_routers_load_balancing_term():
+    """A Mixtral saved with output_router_logits (LLaMA-Factory's MoE fine-tunes) adds router_aux_loss_coef · aux to
+    its loss: calibration perplexity, and every gradient and curvature criterion, measured that sum."""
+    from torch.nn import functional as F
+
+    from ..adapters.test_moe import tiny_moe
+
+    model = tiny_moe("mixtral", output_router_logits=True, router_aux_loss_coef=1.0)
+    windows = token_windows(samples=3, seq_len=8)
+    with torch.no_grad():
+        losses = [float(F.cross_entropy(model(input_ids=w[None]).logits[0, :-1], w[1:])) for w in windows]
+    assert math.isclose(calibration_perplexity(model, windows), math.exp(sum(losses) / 3), rel_tol=1e-6)
+    assert model.config.output_router_logits  # the model's own setting is left as it was
