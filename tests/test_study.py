@@ -100,6 +100,15 @@ def test_owl_with_a_pattern_is_refused_before_anything_runs(model_dir):
         StudyGrid.from_dict(small_grid(model_dir, pruning=[{"method": "wanda", "sweep": {"sparsity": ["2:4"], "allocation": ["owl"]}}]))
 
 
+def test_a_grid_scoring_more_tokens_than_the_evaluation_split_holds_is_refused_before_any_point(model_dir, tmp_path, monkeypatch):
+    """Each point was pruned and saved, then recorded as an evaluation error naming an API argument."""
+    available = study_runner.evaluation_tokens_available(StudyGrid.from_dict(small_grid(model_dir)).protocol)
+    grid = StudyGrid.from_dict({**small_grid(model_dir), "evaluation": {"tokens": (available // 64 + 1) * 64, "seq_len": 64}})
+    monkeypatch.setattr(study_runner, "measure_point", lambda *args: pytest.fail("a point was measured"))
+    with pytest.raises(ValueError, match=rf"grid.evaluation.tokens \({(available // 64 + 1) * 64:,}\) is more than the {available:,} tokens .* give at most {available // 64 * 64:,}"):
+        run_study(grid, tmp_path / "study", device="cpu")
+
+
 def test_pareto_front_on_hand_made_points():
     points = {"a": (10, 5.0), "b": (8, 6.0), "c": (8, 7.0), "d": (12, 5.0), "e": (5, 9.0), "f": (5, 9.0), "g": (20, 4.0)}
     cost, loss = (lambda name: points[name][0]), (lambda name: points[name][1])

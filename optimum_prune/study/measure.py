@@ -14,10 +14,12 @@ from torch import nn
 
 from ..adapters import get_adapter
 from ..calibration import calibration_windows
+from ..calibration.sources import tokenize_stream
 from ..compress import compress
+from ..data import wikipedia_text
 from ..evaluation import evaluate_perplexity
 from ..methods.layers import angular_distances, block_influence, last_token_states
-from ..models import TOKENIZER_FILES, default_model_identity, load_default_model, load_model
+from ..models import TOKENIZER_FILES, default_model_identity, default_model_path, load_default_model, load_model, load_tokenizer
 from ..saving import save_pruned
 from ..sparsity import verify_sparsity
 from ..streaming import checkpoint_fingerprint
@@ -29,6 +31,12 @@ LATENCY_REPEATS = 10
 
 def load(protocol: Protocol) -> tuple[nn.Module, Any]:
     return load_default_model() if protocol.model == "default" else load_model(protocol.model)
+
+
+def evaluation_tokens_available(protocol: Protocol) -> int:
+    """How many tokens the bundled evaluation split (what every point is scored on) holds for the model's tokenizer."""
+    directory = default_model_path() if protocol.model == "default" else protocol.model
+    return tokenize_stream(load_tokenizer(directory), [wikipedia_text("evaluation")]).numel()
 
 
 def model_files(protocol: Protocol) -> str:

@@ -16,7 +16,7 @@ from transformers.utils.logging import tqdm
 from ..devices import check_device
 from ..atomic_files import write_text_atomic
 from .grid import Protocol, StudyGrid, StudyPoint
-from .measure import device_name, layer_redundancy, measure_point, model_files
+from .measure import device_name, evaluation_tokens_available, layer_redundancy, measure_point, model_files
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +63,7 @@ def run_study(grid: StudyGrid, output: str | os.PathLike, device: str | torch.de
     except OSError as error:  # the output (or a folder above it) is a file; a folder this user cannot write
         raise ValueError(f"the study's folder {str(points_dir)!r} cannot be made ({error.strerror or error}): give another output folder") from None
     latency_device = _latency_device(grid.latency)
+    _check_evaluation_fits(grid.protocol)
     latency_name = device_name(latency_device) if latency_device is not None else None
     rows, measured_now = [], 0
     software = {**software_versions(), "device": str(device)}  # pruning seconds depend on it
@@ -85,6 +86,18 @@ def run_study(grid: StudyGrid, output: str | os.PathLike, device: str | torch.de
         rows.append(StudyRow(point.label, point.pruning, point.quantization, result))
     redundancy = _redundancy(grid.protocol, fingerprint, points_dir, device) if grid.redundancy else None
     return StudyResults(grid.protocol, rows, redundancy, versions(device, latency_device), measured_now)
+
+
+def _check_evaluation_fits(protocol: Protocol) -> None:
+    """Before any point: a count past the evaluation split would fail each point's evaluation after its pruning."""
+    available = evaluation_tokens_available(protocol)
+    if protocol.evaluation_tokens > available:
+        whole = available // protocol.evaluation_seq_len * protocol.evaluation_seq_len
+        raise ValueError(
+            f"grid.evaluation.tokens ({protocol.evaluation_tokens:,}) is more than the {available:,} tokens the bundled "
+            f"evaluation split holds for this model's tokenizer: give at most {whole:,} (whole windows of "
+            "grid.evaluation.seq_len)"
+        )
 
 
 def _latency_device(setting: str) -> torch.device | None:
