@@ -61,8 +61,9 @@ def evaluate_perplexity(
     if not (text is None or isinstance(text, str) or (isinstance(text, Sequence) and all(isinstance(t, str) for t in text))):
         raise TypeError(f"text must be None (the bundled evaluation split), a string or a list of strings, got {type(text).__name__}")
     texts = [wikipedia_text("evaluation")] if text is None else [text] if isinstance(text, str) else list(text)
-    if max_tokens is not None:  # a corpus given whole is tokenised only as far as max_tokens reaches
-        texts = leading_documents(texts, tokenizer, max_tokens)
+    if max_tokens is not None:  # a corpus given whole is tokenised only as far as max_tokens reaches, by paragraphs
+        # (joined by blank lines again, they are the same stream): a single text, such as a file, is read so too
+        texts = leading_documents([paragraph for text in texts for paragraph in text.split("\n\n")], tokenizer, max_tokens)
     tokens = tokenize_stream(tokenizer, texts)
     if max_tokens is not None:  # the count a caller states beside the result: it must be the one scored
         check_whole_windows(max_tokens, seq_len, "max_tokens", "seq_len")

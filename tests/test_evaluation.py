@@ -179,7 +179,8 @@ def test_evaluation_windows_longer_than_the_context_are_warned_of(caplog, bpe_to
     assert "evaluation windows of 256 tokens are longer than LlamaForCausalLM's context" in caplog.text and "lower seq_len" in caplog.text
 
 
-def test_a_corpus_is_tokenised_only_as_far_as_max_tokens_reaches_with_the_same_result(bpe_tokenizer):
+@pytest.mark.parametrize("given", ["documents", "one text"])  # one text: --eval-file big.txt
+def test_a_corpus_is_tokenised_only_as_far_as_max_tokens_reaches_with_the_same_result(bpe_tokenizer, given):
     texts = [wikipedia_text("evaluation")[i : i + 1500] for i in range(0, 60000, 1500)]
     counted = []
 
@@ -189,6 +190,9 @@ def test_a_corpus_is_tokenised_only_as_far_as_max_tokens_reaches_with_the_same_r
             return bpe_tokenizer(text, **kwargs)
 
     model = tiny_model()
-    whole = evaluate_perplexity(model, bpe_tokenizer, "\n\n".join(texts), seq_len=32, max_tokens=256)
-    assert evaluate_perplexity(model, Counting(), texts, seq_len=32, max_tokens=256) == whole
+    windows = tokenize_stream(bpe_tokenizer, texts)[:256].reshape(8, 32)  # the first 256 tokens of the whole stream
+    with torch.no_grad():
+        expected = math.exp(F.cross_entropy(model(windows).logits[:, :-1].flatten(0, 1), windows[:, 1:].flatten()))
+    corpus = texts if given == "documents" else "\n\n".join(texts)
+    assert evaluate_perplexity(model, Counting(), corpus, seq_len=32, max_tokens=256) == pytest.approx(expected, rel=1e-5)
     assert sum(counted) < sum(map(len, texts)) / 5
