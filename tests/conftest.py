@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import functools
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -128,7 +130,6 @@ def assert_stock_reload_matches(model: torch.nn.Module, directory, ids: torch.Te
     imported) and check its logits on ``ids`` equal ``model``'s bit for bit; return the recorded method."""
     import subprocess
     import sys
-    from pathlib import Path
 
     work_dir = Path(work_dir)
     torch.save(ids, work_dir / "ids.pt")
@@ -293,7 +294,6 @@ def console_script(name: str) -> str:
     (a pipx copy, another venv), which the test would check instead of this checkout."""
     import shutil
     import sys
-    from pathlib import Path
 
     beside = Path(sys.executable).parent / name
     return str(beside) if beside.is_file() else shutil.which(name) or name
@@ -303,14 +303,33 @@ def token_windows(samples: int = 8, seq_len: int = 32, seed: int = 1, vocab: int
     return torch.randint(0, vocab, (samples, seq_len), generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def datasets_cache(tmp_path_factory) -> Path:
+    """``datasets`` writes into ~/.cache/huggingface/datasets (LLaMA-Factory's load_dataset an Arrow folder per data
+    file and run, ``IterableDataset.from_generator`` lock files): this session's temporary folder holds them instead
+    (subprocesses too, through the environment)."""
+    import datasets
+
+    cache = tmp_path_factory.mktemp("hf_datasets")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_DATASETS_CACHE", str(cache))
+        patch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+        yield cache
+
+
 @pytest.fixture(autouse=True)
-def no_leaked_mixed_precision(monkeypatch):
-    """transformers' ``TrainingArguments`` writes ``ACCELERATE_MIXED_PRECISION`` into ``os.environ``
-    and later ones take it as their default: one bf16 run in this process would make every later
-    test's Trainer autocast to bf16. Each test starts from "no" and the variable is restored after; so does
-    ``ACCELERATE_DYNAMO_BACKEND``, which ``torch_compile=True`` writes (later Trainers would compile)."""
+def no_leaked_environment(monkeypatch):
+    """Each test's changes to ``os.environ`` are undone after it, whoever made them: transformers'
+    ``TrainingArguments`` writes ``ACCELERATE_MIXED_PRECISION`` (one bf16 run made every later Trainer autocast) and
+    ``ACCELERATE_DYNAMO_BACKEND`` (``torch_compile=True``: later Trainers compiled), and peft's first
+    ``get_peft_model`` imports gptqmodel, which sets ``HF_HOME``, ``PYTORCH_ALLOC_CONF`` and more for the rest of the
+    process. Each test starts without mixed precision or compilation."""
+    before = dict(os.environ)
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
     monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")
+    yield
+    os.environ.clear()
+    os.environ.update(before)
 
 
 @pytest.fixture

@@ -277,7 +277,7 @@ def test_a_device_this_machine_cannot_use_is_refused_before_any_weight_changes(d
     """Only CUDA was asked: device='meta' moved layer 0 there and lost its weights ("Cannot copy out of meta
     tensor"); an absent mps / xpu gave torch's error, which names no field."""
     if device != "meta" and getattr(torch, device).is_available():
-        pytest.skip(f"{device} is available on this machine")
+        pytest.skip(f"this machine: {device} is available")
     model = tiny_model()
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     with pytest.raises(ValueError, match="^device '"):

@@ -1,3 +1,4 @@
+import functools
 import json
 import os
 import re
@@ -65,10 +66,11 @@ def test_cli_paths_read_a_tilde_as_the_home_folder(model_dir, tmp_path, monkeypa
     assert (tmp_path / "home" / "pruned" / "pruning_config.json").is_file() and not (tmp_path / "~").exists()
 
 
-def test_cli_structured_depth_pruning_saves_a_score_plot(model_dir, tmp_path, capsys):
+def test_cli_structured_depth_pruning_saves_a_score_plot(model_dir, tmp_path, capsys, request):
     output = tmp_path / "shallow"
     import matplotlib
 
+    request.addfinalizer(functools.partial(matplotlib.use, matplotlib.get_backend()))  # the session's, after it
     matplotlib.use("svg")  # a backend other than Agg, as a notebook's inline one
     backend = matplotlib.get_backend()
     code = main([

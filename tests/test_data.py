@@ -7,7 +7,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("variable", ["OPTIMUM_PRUNE_CACHE", "XDG_CACHE_HOME"])
 def test_the_cache_folder_variables_take_a_tilde_and_need_no_home_directory(monkeypatch, tmp_path, variable):
     """XDG_CACHE_HOME set still looked up the home directory (a container's user may have none), and a quoted

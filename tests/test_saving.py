@@ -1,3 +1,4 @@
+import copy
 import errno
 import json
 import logging
@@ -438,6 +439,7 @@ def test_an_earlier_output_with_its_tokenizer_is_replaced(tmp_path, bpe_tokenize
 
 def test_an_earlier_output_whose_tokenizer_has_a_chat_template_is_replaced(tmp_path, bpe_tokenizer):
     """transformers writes the template as chat_template.jinja: a checkpoint file, not the user's."""
+    bpe_tokenizer = copy.deepcopy(bpe_tokenizer)  # the session's tokenizer: other tests save it without a template
     bpe_tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
     save_pruned(tiny_model(), tmp_path / "out", tokenizer=bpe_tokenizer)
     assert (tmp_path / "out" / "chat_template.jinja").is_file()

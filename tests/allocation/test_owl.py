@@ -26,6 +26,8 @@ def test_ratios_average_to_target_and_follow_outliers():
     assert sum(sparsities) / 4 == pytest.approx(0.7, abs=1e-12)
     assert sparsities == sorted(sparsities, reverse=True)  # more outliers → denser layer
     assert max(sparsities) - min(sparsities) == pytest.approx(0.16)  # spread is 2λ
+    # linear in the outlier ratios (0, 1, 2, 4 columns: 0, ¼, ½, 1 of the 2λ range), not spread evenly by rank
+    assert sparsities == pytest.approx([0.77, 0.73, 0.69, 0.61], abs=1e-12)
 
 
 def test_outliers_are_measured_against_the_whole_layers_mean():

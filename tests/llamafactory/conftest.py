@@ -23,19 +23,6 @@ def workspace(tmp_path_factory, bpe_tokenizer) -> Path:
     return root
 
 
-@pytest.fixture(autouse=True, scope="session")
-def datasets_cache(tmp_path_factory) -> Path:
-    """LLaMA-Factory's load_dataset caches Arrow files in ~/.cache/huggingface/datasets, a folder per data file and
-    run: this session's temporary folder holds them instead (subprocesses too, through the environment)."""
-    import datasets
-
-    cache = tmp_path_factory.mktemp("hf_datasets")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("HF_DATASETS_CACHE", str(cache))
-        patch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
-        yield cache
-
-
 def write_yaml(path: Path, config: dict) -> Path:
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

@@ -94,6 +94,25 @@ def test_the_update_is_the_papers_algorithm(target):
     torch.testing.assert_close(linear.weight.detach(), expected, rtol=1e-4, atol=1e-4)
 
 
+def test_isc_prunes_the_weights_of_lowest_obs_plus_obd_saliency():
+    """ISC (Shao et al.): w²/[H⁻¹]_qq + w²·H_qq over the dampened Hessian; one block, so the mask is chosen once
+    (a test that ISC's masks differ from OBS's passed a wrong sign and |w|)."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(16, 8, bias=False)
+    inputs = torch.randn(64, 16) * torch.linspace(0.1, 3, 16)
+    weight = linear.weight.detach().clone().double()
+    pruner = SparseGPTPruner(linear, SparseGPTOptions(block_size=16, saliency="isc"))
+    pruner.add_batch(inputs)
+    pruner.prune(0.5)
+    hessian = 2 * inputs.double().T @ inputs.double() / inputs.shape[0]
+    hessian += 0.01 * hessian.diag().mean() * torch.eye(16, dtype=torch.float64)
+    inverse_diagonal = torch.linalg.cholesky(torch.linalg.inv(hessian), upper=True).diag().square()
+    saliency = weight.square() / inverse_diagonal + weight.square() * hessian.diag()
+    expected = torch.zeros(weight.numel(), dtype=torch.bool)
+    expected[saliency.flatten().argsort()[: weight.numel() // 2]] = True
+    assert torch.equal(linear.weight.detach() == 0, expected.view_as(weight))
+
+
 def test_nm_needs_block_multiple():
     linear = torch.nn.Linear(64, 8, bias=False)
     pruner = SparseGPTPruner(linear, SparseGPTOptions(block_size=6))
