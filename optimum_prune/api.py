@@ -294,8 +294,6 @@ def _plan_runs(
     return LayerwiseRun.plan_parts(adapter, config, device, offload, activation_device)
 
 
-# What record_structure asks of an adapter after any structured method (reloading a non-uniform result also
-# needs reshape_layer, which a family that only removes whole layers never uses).
 def check_moe_options(adapter: DecoderAdapter, config: PruningConfig) -> None:
     """``moe_options`` other than the defaults on a model without mixture-of-experts layers would do nothing."""
     if config.build_moe_options() != MoEOptions() and not any(adapter.moe_block(layer) is not None for layer in adapter.decoder_layers()):
