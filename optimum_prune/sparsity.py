@@ -115,8 +115,8 @@ def lowest_by_sort(rows: torch.Tensor, count: int) -> torch.Tensor:
 
 
 def lowest_by_threshold(rows: torch.Tensor, count: int) -> torch.Tensor:
-    """``lowest_by_sort``'s mask from a k-th value cut: O(n) where the sort is O(n log n); on a CPU 2.2–3.8× less time
-    over a whole matrix and 1.05–1.7× per row (benchmarks/SELECTION.md)."""
+    """``lowest_by_sort``'s mask from a k-th value cut: O(n) where the sort is O(n log n); on a CPU 3.6–4.8× less time
+    over a whole matrix and 1.9–2.3× per row (benchmarks/SELECTION.md)."""
     nan = rows.isnan()
     has_nan = bool(nan.any())
     rows = torch.where(nan, math.inf, rows) if has_nan else rows
