@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from transformers.utils.logging import tqdm
 
-from .adapters import DecoderAdapter
+from .adapters import DecoderAdapter, UnsupportedArchitecture
 from .allocation import ALLOCATIONS, Allocation, shifted_for_existing_zeros
 from .calibration import (
     CalibrationInputs,
@@ -36,13 +36,15 @@ from .report import LinearReport, PruningReport
 from .sparsity import NMPattern, SparsityTarget
 from .statistics import ColumnNorms, mean_ranks
 from .structure.counting import count_macs_per_token
-from .structure.loading import record_structure
+from .structure.loading import check_shape_hooks, record_structure
 
 if TYPE_CHECKING:
     from .streaming import LayerStream
 
 logger = logging.getLogger(__name__)
 MAX_EXPERT_SPARSITY = 0.99  # router hints never empty an expert: it keeps at least 1 % of its weights
+# What record_structure asks of an adapter after any structured method (reloading a non-uniform result also
+# needs reshape_layer, which a method that only removes whole layers never uses: keeps_stock_shapes).
 STRUCTURE_RECORDING_HOOKS = ("layer_shape", "stock_shape", "write_uniform_config")
 
 
@@ -373,10 +375,16 @@ class StructuredRun:
     @classmethod
     def plan(cls, adapter: DecoderAdapter, config: PruningConfig, device: torch.device) -> "StructuredRun":
         spec = METHODS.get(config.method)
-        adapter.require(*STRUCTURE_RECORDING_HOOKS)  # before the method changes any weight, not when it is recorded
         target = config.part_targets()["language"]
         method = spec.structured(adapter, target, config.ignore, config.build_method_options(), device, config.seed)
-        method.check()
+        try:  # the hooks the result is recorded and reloaded with: before the method changes any weight
+            adapter.require(*STRUCTURE_RECORDING_HOOKS)
+            check_shape_hooks(adapter)
+            method.check()
+            if not method.keeps_stock_shapes():
+                adapter.require("reshape_layer")
+        except UnsupportedArchitecture as error:
+            raise UnsupportedArchitecture(f"method {config.method!r}: {error}") from None
         return cls(adapter, method, config.method)
 
     def execute(self, windows: torch.Tensor | None, report: PruningReport) -> None:

@@ -208,15 +208,15 @@ class DecoderAdapter(ABC):
 
     def attention(self, layer: nn.Module) -> AttentionLayout | None:
         """The layer's attention projections, or ``None`` if its attention sublayer was removed."""
-        raise self._no_structure()
+        raise self._no_structure("attention")
 
     def mlp(self, layer: nn.Module) -> MLPLayout | None:
         """The layer's MLP block, or ``None`` if its MLP sublayer was removed."""
-        raise self._no_structure()
+        raise self._no_structure("mlp")
 
     def sublayer(self, layer: nn.Module, kind: str) -> nn.Module:
         """The ``"attention"`` or ``"mlp"`` module of a decoder layer."""
-        raise self._no_structure()
+        raise self._no_structure("sublayer")
 
     def sublayer_contribution(self, layer: nn.Module, kind: str) -> nn.Module:
         """A module mapping the sublayer's normalised input to the term it adds to the residual stream before the
@@ -228,7 +228,7 @@ class DecoderAdapter(ABC):
     def observing_residuals(self, layer: nn.Module, sink: Callable[[str, torch.Tensor, torch.Tensor], None]) -> Iterator[None]:
         """While active, each run of ``layer`` calls ``sink(kind, before, after)`` with the residual
         stream before and after its attention and its MLP sublayer."""
-        raise self._no_structure()
+        raise self._no_structure("observing_residuals")
         yield
 
     @contextmanager
@@ -251,7 +251,7 @@ class DecoderAdapter(ABC):
 
     def keep_heads(self, layer: nn.Module, heads: torch.Tensor, kv_heads: torch.Tensor) -> None:
         """Keep only query heads ``heads`` and key/value heads ``kv_heads`` (a valid GQA layout)."""
-        raise self._no_structure()
+        raise self._no_structure("keep_heads")
 
     def check_head_removal(self) -> None:
         """Raise ``UnsupportedArchitecture`` where removing heads would change what the kept heads compute (OLMo 2
@@ -259,7 +259,7 @@ class DecoderAdapter(ABC):
 
     def remove_sublayer(self, layer: nn.Module, sublayer: str) -> None:
         """Replace the ``"attention"`` or ``"mlp"`` sublayer by a no-op; the residual path stays."""
-        raise self._no_structure()
+        raise self._no_structure("remove_sublayer")
 
     def sublayer_norms(self, layer: nn.Module, sublayer: str, reroute: bool = False) -> list[str]:
         """The names, in ``layer``, of the norms that removing (or re-routing) the sublayer replaces with it, which
@@ -269,24 +269,24 @@ class DecoderAdapter(ABC):
     def reroute_sublayer(self, layer: nn.Module, sublayer: str) -> nn.Module:
         """Replace the ``"attention"`` or ``"mlp"`` sublayer by a zero affine map of its normalised
         input (``.map``, fitted by ``methods.rerouting``); the norm stays. Return the stand-in."""
-        raise self._no_structure()
+        raise self._no_structure("reroute_sublayer")
 
     def keep_layers(self, indices: list[int]) -> None:
         """Keep only decoder layers ``indices`` (in order) and renumber them."""
-        raise self._no_structure()
+        raise self._no_structure("keep_layers")
 
     def residual_branches(self, layer: nn.Module) -> list[ResidualBranch]:
         """The layer's sublayers in execution order, as seen from the residual stream."""
-        raise self._no_structure()
+        raise self._no_structure("residual_branches")
 
     def add_shortcuts(self, index: int) -> nn.Module:
         """Replace decoder layer ``index`` by one whose residual path runs through identity shortcut
         linears (hidden × hidden) that can then be rotated and sliced; return it."""
-        raise self._no_structure()
+        raise self._no_structure("add_shortcuts")
 
     def final_norm(self) -> nn.Module:
         """The norm between the last decoder layer and the output embedding."""
-        raise self._no_structure()
+        raise self._no_structure("final_norm")
 
     def residual_scale(self, layer: nn.Module) -> float:
         """The factor ``layer`` multiplies each sublayer's output by before adding it to the residual stream (1 but for
@@ -312,7 +312,7 @@ class DecoderAdapter(ABC):
         norm.weight = nn.Parameter(scale.to(norm.weight))
 
     def layer_shape(self, layer: nn.Module) -> LayerShape:
-        raise self._no_structure()
+        raise self._no_structure("layer_shape")
 
     def check_unsliced(self, fix: str) -> None:
         """SliceGPT gives the residual stream its own basis between every two sublayers: removing layers or
@@ -324,11 +324,15 @@ class DecoderAdapter(ABC):
 
     def stock_shape(self, config: Any, index: int = 0) -> LayerShape:
         """The shape layer ``index`` of a stock model built from ``config`` has."""
-        raise self._no_structure()
+        raise self._no_structure("stock_shape")
 
     def reshape_layer(self, layer: nn.Module, shape: LayerShape) -> None:
         """Give a freshly built (possibly meta) layer the modules of ``shape``, before weights load."""
-        raise self._no_structure()
+        raise UnsupportedArchitecture(  # a pruned checkpoint is loading: no method to advise on
+            f"{self._lacking(('reshape_layer',))} ({type(self.model).__name__}), which builds the per-layer shapes "
+            "the checkpoint's config.json records (quantization_config.layers) before its weights load; load it where "
+            "an adapter that implements reshape_layer is registered for this model class"
+        )
 
     def reshape(self, shapes: list[LayerShape]) -> None:
         """Give a freshly built (possibly meta) model the recorded per-layer ``shapes``, before weights load.
@@ -360,7 +364,7 @@ class DecoderAdapter(ABC):
 
     def write_uniform_config(self, config: Any, shape: LayerShape) -> None:
         """Write the widths of ``shape`` into ``config`` (the head size stays explicit)."""
-        raise self._no_structure()
+        raise self._no_structure("write_uniform_config")
 
     def configure_biases(self) -> None:
         """Before the structure is recorded: make biases a structured method added (FLAP's) ones the config
@@ -371,17 +375,23 @@ class DecoderAdapter(ABC):
         ``"keep_layers"``): a method asks in ``check``, before a calibration pass it would run in vain."""
         missing = [hook for hook in hooks if getattr(type(self), hook) is getattr(DecoderAdapter, hook)]
         if missing:
-            raise UnsupportedArchitecture(f"{self._no_structure()} ({type(self).__name__} lacks {', '.join(missing)})")
+            raise self._no_structure(*missing)
 
     # Asking a model for what its architecture lacks is a bad request (ValueError), not a bug.
     def _no_experts(self) -> UnsupportedArchitecture:
         return UnsupportedArchitecture(f"{type(self).__name__} ({type(self.model).__name__}) has no mixture-of-experts blocks")
 
-    def _no_structure(self) -> UnsupportedArchitecture:
+    def _no_structure(self, *hooks: str) -> UnsupportedArchitecture:
+        """The refusal of a structured method that needs ``hooks``, which this family does not implement (families
+        with a reason of their own, fused projections or experts, say it instead)."""
         return UnsupportedArchitecture(
-            f"{type(self).__name__} ({type(self.model).__name__}) does not support structured pruning; "
-            "use an unstructured method such as wanda or sparsegpt"
+            f"{self._lacking(hooks)} ({type(self.model).__name__}), the structured-pruning hook(s) this method needs: "
+            "implement them in the adapter, or use a method it supports (an unstructured one such as wanda or "
+            "sparsegpt takes every family)"
         )
+
+    def _lacking(self, hooks: tuple[str, ...]) -> str:
+        return f"{type(self).__name__} lacks {', '.join(hooks)}"
 
     def layer_names(self) -> list[str]:
         """Qualified names of the decoder layers, for reports and ``ignore`` patterns."""

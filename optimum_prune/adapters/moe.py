@@ -155,11 +155,11 @@ class MoEAdapter(DecoderStackAdapter):
 
     routing_class: type[ExpertRouting] = ExpertRouting  # how the block hands each expert its tokens
 
-    def _no_structure(self) -> UnsupportedArchitecture:
+    def _no_structure(self, *hooks: str) -> UnsupportedArchitecture:
         return UnsupportedArchitecture(
             f"{type(self).__name__} ({type(self.model).__name__}) cannot apply this structured method, which is written "
             "for dense decoder layers; use an unstructured method such as wanda or sparsegpt, or remove or merge whole "
-            "experts (method='experts' or 'merge_experts')"
+            f"experts (method='experts' or 'merge_experts') ({self._lacking(hooks)})"
         )
 
     def moe_block(self, layer: nn.Module) -> nn.Module | None:

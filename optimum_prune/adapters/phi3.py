@@ -47,9 +47,10 @@ class Phi3Adapter(DecoderStackAdapter):
         if shape != self.stock_shape(self.config):
             raise ValueError(f"the checkpoint records a layer of {shape}, which this Phi-3 adapter does not build")
 
-    def _no_structure(self) -> UnsupportedArchitecture:
+    def _no_structure(self, *hooks: str) -> UnsupportedArchitecture:
         return UnsupportedArchitecture(
             f"{type(self.model).__name__} fuses its projections (self_attn.qkv_proj, mlp.gate_up_proj): heads, MLP channels, "
             "sublayers and the residual stream cannot be pruned structurally; remove whole layers (method 'layers', without reroute), "
-            "factorise linears (low_rank) or use an unstructured or N:M method such as wanda or sparsegpt"
+            "factorise linears (low_rank) or use an unstructured or N:M method such as wanda or sparsegpt "
+            f"({self._lacking(hooks)})"
         )

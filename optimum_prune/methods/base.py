@@ -146,6 +146,11 @@ class StructuredMethod(ABC, Generic[Options]):
         """Raise ``ValueError`` for a request that cannot be met, before anything is changed; plan what needs no
         data on the way (the units a width method may remove), which ``prune`` then uses."""
 
+    def keeps_stock_shapes(self) -> bool:
+        """Whether every layer the method leaves keeps the shape the config describes (whole layers removed): its
+        result then reloads without the adapter's ``reshape_layer``, which the others need."""
+        return False
+
     def kept_moe_layers(self) -> set[int]:
         """The layers whose MoE block ``ignore`` keeps: expert methods leave those blocks as they are."""
         return kept_moe_layers(self.adapter, self.ignore, "PruningConfig.ignore")

@@ -141,6 +141,9 @@ class LayerRemoval(StructuredMethod[LayerRemovalOptions]):
         if self.options.merge and len({str(self.adapter.layer_shape(layer)) for layer in layers}) > 1:
             raise ValueError("method_options.merge needs layers of identical shape; this model's layers differ")
 
+    def keeps_stock_shapes(self) -> bool:
+        return not self.options.reroute  # a re-routed layer holds stand-ins where its sublayers were
+
     def prune(self, windows: torch.Tensor | None, report: PruningReport) -> None:
         criterion = self.options.criterion
         scorers = {

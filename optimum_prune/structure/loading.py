@@ -22,9 +22,10 @@ import json
 import math
 import re
 import threading
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -35,7 +36,7 @@ from transformers.modeling_utils import no_init_weights
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from ..adapters import DecoderAdapter, get_adapter
+from ..adapters import DecoderAdapter, UnsupportedArchitecture, get_adapter
 from .modules import low_rank_ranks
 from .mpo import mpo_layout
 from .shapes import LayerShape
@@ -300,6 +301,34 @@ class StructureLoader(HfQuantizer):
     @property
     def is_trainable(self) -> bool:
         return True
+
+
+def check_shape_hooks(adapter: DecoderAdapter) -> None:
+    """Call the hooks ``record_structure`` calls on the model as it is, before a structured method cuts it: a hook
+    inherited from a family that names its modules otherwise (Llama's ``layer_shape`` reads ``mlp.down_proj``) fails
+    here with the hook and the layer named, not with a raw error after the weights changed."""
+
+    @contextmanager
+    def calling(hook: str, where: str) -> Iterator[None]:
+        try:
+            yield
+        except UnsupportedArchitecture:
+            raise
+        except Exception as error:
+            raise UnsupportedArchitecture(
+                f"{type(adapter).__name__}.{hook} fails on {where} ({type(error).__name__}: {error}), so a structured "
+                "result could not be recorded; nothing was changed. An adapter for a family whose modules are named "
+                f"otherwise than its base class's overrides {hook} (README: Extending)"
+            ) from error
+
+    config = copy.deepcopy(adapter.config)  # write_uniform_config rewrites it
+    for index, (name, layer) in enumerate(zip(adapter.layer_names(), adapter.decoder_layers())):
+        with calling("layer_shape", name):
+            adapter.layer_shape(layer)
+        with calling("stock_shape", f"layer {index} of the config"):
+            shape = adapter.stock_shape(config, index)
+    with calling("write_uniform_config", "the config"):
+        adapter.write_uniform_config(config, shape)
 
 
 def record_structure(adapter: DecoderAdapter) -> list[LayerShape]:

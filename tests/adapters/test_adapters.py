@@ -1,10 +1,11 @@
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM, Starcoder2Config, Starcoder2ForCausalLM
 
-from optimum_prune import ADAPTERS, PruningConfig, get_adapter, prune, verify_sparsity
-from optimum_prune.adapters.base import DecoderAdapter, register_adapter
+from optimum_prune import ADAPTERS, PruningConfig, UnsupportedArchitecture, get_adapter, prune, verify_sparsity
+from optimum_prune.adapters.base import DecoderAdapter, DecoderStackAdapter, MLPLayout, register_adapter
 from optimum_prune.adapters.llama import LlamaAdapter
+from optimum_prune.structure.shapes import LayerShape
 
 from ..conftest import FAMILIES, tiny_model, token_windows
 
@@ -76,3 +77,74 @@ def test_an_adapter_that_removes_whole_layers_needs_no_reshape_hook(scratch_adap
     model = Shallow(tiny_model().config)
     prune(model, PruningConfig(method="layers", method_options={"num_layers": 1}), calibration=token_windows())
     assert model.config.num_hidden_layers == len(model.model.layers) == tiny_model().config.num_hidden_layers - 1
+
+
+def _starcoder2() -> torch.nn.Module:
+    """Starcoder2: Llama's attention, a non-gated MLP c_fc -> act -> c_proj, biases everywhere; no built-in adapter."""
+    torch.manual_seed(0)
+    config = Starcoder2Config(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=256
+    )
+    return Starcoder2ForCausalLM(config).eval()
+
+
+def test_a_llama_subclass_for_other_mlp_names_is_refused_naming_the_hook_before_any_cut(scratch_adapters):
+    """A plugin overriding mlp() for c_fc/c_proj but inheriting Llama's layer_shape (reads mlp.down_proj): width cut
+    the MLPs first and then stopped at an AttributeError recording the result."""
+
+    @register_adapter(Starcoder2ForCausalLM)
+    class Starcoder2Adapter(LlamaAdapter):
+        def mlp(self, layer):
+            return MLPLayout(layer.mlp, layer.mlp.c_fc)
+
+    model = _starcoder2()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    config = PruningConfig(method="width", sparsity=0.25, method_options={"components": "mlp", "criterion": "magnitude_l1"})
+    with pytest.raises(UnsupportedArchitecture, match=r"method 'width': Starcoder2Adapter.layer_shape fails on model.layers.0 \(AttributeError: .*down_proj"):
+        prune(model, config)
+    assert model.state_dict().keys() == before.keys() and all(torch.equal(before[n], t) for n, t in model.state_dict().items())
+
+
+def test_a_method_recording_per_layer_shapes_is_refused_where_the_adapter_cannot_reload_them(scratch_adapters):
+    """low_rank's factors are recorded per layer; without reshape_layer the saved checkpoint could not be loaded."""
+
+    class Shallow(LlamaForCausalLM):
+        pass
+
+    class ShallowAdapter(LlamaAdapter):
+        reshape_layer = DecoderAdapter.reshape_layer
+
+    register_adapter(Shallow)(ShallowAdapter)
+    model = Shallow(tiny_model().config)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    for config in (
+        PruningConfig(method="low_rank", sparsity=0.2),
+        PruningConfig(method="layers", method_options={"num_layers": 1, "reroute": True}),
+    ):
+        with pytest.raises(UnsupportedArchitecture, match=f"method '{config.method}': ShallowAdapter lacks reshape_layer"):
+            prune(model, config, calibration=token_windows())
+    assert model.state_dict().keys() == before.keys() and all(torch.equal(before[n], t) for n, t in model.state_dict().items())
+    with pytest.raises(UnsupportedArchitecture, match="lacks reshape_layer .*the checkpoint's config.json records") as error:
+        get_adapter(model).reshape_layer(model.model.layers[0], LayerShape(2, 1, 64))
+    assert "unstructured" not in str(error.value)  # a user loading a checkpoint has no method to change
+
+
+def test_a_missing_structured_hook_is_named_with_the_method_that_needs_it(scratch_adapters):
+    """'does not support structured pruning; use an unstructured method' was wrong where removing layers works."""
+
+    class DepthOnly(LlamaForCausalLM):
+        pass
+
+    @register_adapter(DepthOnly)
+    class DepthOnlyAdapter(DecoderStackAdapter):
+        keep_layers = LlamaAdapter.keep_layers
+        layer_shape = LlamaAdapter.layer_shape
+        stock_shape = LlamaAdapter.stock_shape
+        write_uniform_config = LlamaAdapter.write_uniform_config
+        attention = LlamaAdapter.attention
+        mlp = LlamaAdapter.mlp
+
+    prune(DepthOnly(tiny_model().config), PruningConfig(method="layers", sparsity=0.25), calibration=token_windows())
+    with pytest.raises(UnsupportedArchitecture, match=r"^method 'sublayers': DepthOnlyAdapter lacks sublayer \(DepthOnly\)") as error:
+        prune(DepthOnly(tiny_model().config), PruningConfig(method="sublayers", sparsity=0.25), calibration=token_windows())
+    assert "does not support structured pruning" not in str(error.value)
