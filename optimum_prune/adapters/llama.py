@@ -302,10 +302,6 @@ class LlamaAdapter(DecoderStackAdapter):
             attention_output_bias=attention is not None and attention.output.bias is not None,
             mlp_output_bias=mlp is not None and layer.mlp.down_proj.bias is not None,
             residual_widths=widths,
-            rerouted=tuple(
-                kind for kind, module in (("attention", layer.self_attn), ("mlp", layer.mlp))
-                if isinstance(module, (ReroutedAttention, ReroutedMLP))
-            ),
         )
 
     def stock_shape(self, config: Any, index: int = 0) -> LayerShape:

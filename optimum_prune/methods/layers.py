@@ -35,6 +35,7 @@ from ..options import check_choice, option
 from ..report import PruningReport
 from ..sparsity import nearest_count
 from ..statistics import BlockInfluence, token_cosine
+from ..structure.modules import rerouted_sublayers
 from .base import StructuredMethod, register_structured_method
 from .rerouting import REROUTE_HELP, fit_reroutes, reroute_runs
 
@@ -138,7 +139,7 @@ class LayerRemoval(StructuredMethod[LayerRemovalOptions]):
                         f"method_options.reroute leaves a run's first layer as a re-routed MLP, but {name} has already "
                         "lost a sublayer; re-route the layers first, or remove layers without reroute"
                     )
-        if self.options.merge and len({str(self.adapter.layer_shape(layer)) for layer in layers}) > 1:
+        if self.options.merge and len({(str(self.adapter.layer_shape(layer)), rerouted_sublayers(layer)) for layer in layers}) > 1:
             raise ValueError("method_options.merge needs layers of identical shape; this model's layers differ")
 
     def keeps_stock_shapes(self) -> bool:

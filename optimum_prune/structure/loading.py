@@ -37,7 +37,7 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from ..adapters import DecoderAdapter, UnsupportedArchitecture, get_adapter
-from .modules import low_rank_ranks
+from .modules import low_rank_ranks, rerouted_sublayers
 from .mpo import mpo_layout
 from .shapes import LayerShape
 
@@ -343,7 +343,10 @@ def record_structure(adapter: DecoderAdapter) -> list[LayerShape]:
 
     def measured() -> list[LayerShape]:
         return [
-            replace(adapter.layer_shape(layer), low_rank=low_rank_ranks(layer), mpo=mpo_layout(adapter.moe_block(layer), adapter.experts(layer)))
+            replace(
+                adapter.layer_shape(layer), rerouted=rerouted_sublayers(layer), low_rank=low_rank_ranks(layer),
+                mpo=mpo_layout(adapter.moe_block(layer), adapter.experts(layer)),
+            )
             for layer in adapter.decoder_layers()
         ]
 

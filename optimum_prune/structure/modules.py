@@ -120,6 +120,13 @@ class LowRankLinear(nn.Module):
         return self.out_factor(self.in_factor(inputs))
 
 
+def rerouted_sublayers(layer: nn.Module) -> tuple[str, ...]:
+    """The sublayers of ``layer`` a re-routing stand-in replaces, for its recorded shape: read from the stand-ins
+    themselves, so an adapter's ``layer_shape`` need not report them."""
+    stand_ins = {"attention": ReroutedAttention, "mlp": ReroutedMLP}
+    return tuple(kind for kind, stand_in in stand_ins.items() if any(isinstance(module, stand_in) for module in layer.modules()))
+
+
 def low_rank_ranks(layer: nn.Module) -> tuple[tuple[str, int], ...]:
     """(name inside ``layer``, rank) of every factorised linear, for the layer's recorded shape."""
     return tuple((name, module.rank) for name, module in layer.named_modules() if isinstance(module, LowRankLinear))

@@ -62,6 +62,33 @@ def test_rerouted_layers_reload_exactly_and_generate_with_cache(family, tmp_path
     assert sum(isinstance(layer.mlp, ReroutedMLP) for layer in reloaded.model.layers) == 1
 
 
+def test_a_plugin_layer_shape_reporting_only_widths_records_rerouted_layers_that_reload(scratch_adapters, tmp_path):
+    """The README's shape fields are widths; a plugin's layer_shape from them alone recorded a re-routed layer as
+    removed, and the saved checkpoint then failed to reload: the stand-ins are now read from the layer itself."""
+    from transformers import LlamaForCausalLM
+
+    from optimum_prune import register_adapter
+    from optimum_prune.adapters.llama import LlamaAdapter
+
+    class MyLlama(LlamaForCausalLM):
+        pass
+
+    @register_adapter(MyLlama)
+    class WidthsOnly(LlamaAdapter):
+        def layer_shape(self, layer):
+            attention, mlp = self.attention(layer), self.mlp(layer)
+            return LayerShape(
+                attention.num_heads if attention else 0, attention.num_kv_heads if attention else 0,
+                mlp.channel_linear.out_features if mlp else 0,
+            )  # fmt: skip
+
+    model = MyLlama(tiny_model(num_hidden_layers=6).config).eval()
+    options = {"criterion": "angular", "num_layers": 2, "reroute": True}
+    report = prune(model, PruningConfig(method="layers", sparsity=0.3, method_options=options), calibration=token_windows())
+    assert sum(1 for shape in model.config.quantization_config.layers if shape.get("rerouted") == ["mlp"]) == 1
+    assert_reloads_exactly(model, save_pruned(model, tmp_path / "rerouted", report=report))
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma2", "gemma3", "granite"])
 def test_rerouted_sublayers_fit_each_block_within_the_budget(family, tmp_path):
     dense = tiny_model(family, num_hidden_layers=4)
