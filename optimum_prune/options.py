@@ -66,8 +66,11 @@ def build_options(options_cls: type[Options], values: Mapping[str, Any], field: 
     if unknown:
         valid = ", ".join(sorted(known)) or "none"
         raise ValueError(f"{field} has unknown option(s) {', '.join(unknown)}; valid options: {valid}")
-    types = option_types(options_cls)
+    types, choices = option_types(options_cls), option_choices(options_cls)
     values = {name: as_option_type(value, *types[name], f"{field}.{name}") for name, value in values.items()}
+    for name, value in values.items():
+        if name in choices and value is not None:
+            check_choice(f"{field}.{name}", value, choices[name])
     options = options_cls(**values)
     _check_applicable(options, field)
     return options
@@ -102,6 +105,11 @@ def option_types(options_cls: type) -> dict[str, tuple[type, bool]]:
     """Each option's type and whether it may be None, from the dataclass's annotations. Options stay JSON
     scalars (``PruningConfig`` stores them in its JSON): bool, int, float or str, or one of them ``| None``,
     each with a default; ``register_*`` asks this of an options class, so another kind fails there."""
+    if not dataclasses.is_dataclass(options_cls):
+        raise TypeError(
+            f"{getattr(options_cls, '__name__', options_cls)}: an options class is a dataclass "
+            "(@dataclass(frozen=True)) whose fields are declared with option(default, help)"
+        )
     hints = typing.get_type_hints(options_cls)
     types = {}
     for spec in dataclasses.fields(options_cls):
@@ -117,10 +125,25 @@ def option_types(options_cls: type) -> dict[str, tuple[type, bool]]:
     return types
 
 
+@functools.cache
+def option_choices(options_cls: type) -> dict[str, tuple[Any, ...]]:
+    """The values each ``Literal[...]`` option may take, which ``build_options`` holds it to."""
+    hints = typing.get_type_hints(options_cls)
+    choices = {}
+    for spec in dataclasses.fields(options_cls):
+        literals = [member for member in _union_members(hints[spec.name]) if typing.get_origin(member) is typing.Literal]
+        if literals:
+            choices[spec.name] = tuple(value for member in literals for value in typing.get_args(member))
+    return choices
+
+
+def _union_members(hint: Any) -> tuple[Any, ...]:
+    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types_module.UnionType) else (hint,)
+
+
 def _scalar_members(hint: Any) -> tuple[tuple[Any, ...], list[Any]]:
     """A field's annotation as (its union members, those that are not None), ``Literal`` read as its values' type."""
-    members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types_module.UnionType) else (hint,)
-    members = tuple(_literal_type(member) for member in members)
+    members = tuple(_literal_type(member) for member in _union_members(hint))
     return members, [member for member in members if member is not type(None)]
 
 
@@ -137,7 +160,7 @@ def coerce_scalar_fields(instance: Any) -> None:
 
 
 def _literal_type(member: Any) -> Any:
-    """``Literal["a", "b"]`` stands for its values' type (the method checks the values themselves)."""
+    """``Literal["a", "b"]`` stands for its values' type (``option_choices`` holds an option to the values)."""
     if typing.get_origin(member) is typing.Literal:
         kinds = {type(value) for value in typing.get_args(member)}
         return kinds.pop() if len(kinds) == 1 else member

@@ -276,6 +276,14 @@ def test_options_are_typed_by_their_annotation_and_other_kinds_are_refused_at_re
     assert build_options(Norms, {"norm": "l2"}, "method_options").norm == "l2"
     with pytest.raises(TypeError, match="method_options.norm must be str, got 2"):
         build_options(Norms, {"norm": 2}, "method_options")
+    with pytest.raises(ValueError, match=r"method_options.norm must be one of \('l1', 'l2'\), got 'l3'"):
+        build_options(Norms, {"norm": "l3"}, "method_options")  # was stored as given
+
+    class Plain:
+        scale = 1.0
+
+    with pytest.raises(TypeError, match=r"Plain: an options class is a dataclass .* option\(default, help\)"):
+        MethodSpec("plain", Plain, "", pruner=LayerPruner)
 
 
 def test_a_bool_is_not_an_int_option_and_none_is_only_for_optional_options():
