@@ -92,6 +92,15 @@ def test_what_the_readme_tells_a_plugin_to_import_is_there():
     assert issubclass(LlamaAdapter, DecoderStackAdapter) and callable(option) and Allocation and LayerPruner
     assert all(map(callable, (register_adapter, register_allocation, register_method, register_model_method, register_structured_method)))
     assert ModelPruner and StructuredMethod
+    from optimum_prune import NMPattern, UnsupportedArchitecture
+    from optimum_prune.adapters import AttentionLayout, MLPLayout, ResidualBranch
+    from optimum_prune.distributed import all_reduce_sum
+    from optimum_prune.methods import zero_shares_per_row
+    from optimum_prune.sparsity import SparsityTarget, select_mask
+    from optimum_prune.structure.shapes import LayerShape
+
+    assert all(map(callable, (all_reduce_sum, select_mask, zero_shares_per_row))) and SparsityTarget and NMPattern
+    assert issubclass(UnsupportedArchitecture, ValueError) and AttentionLayout and MLPLayout and ResidualBranch and LayerShape
 
 
 def test_load_plugins_names_only_the_plugins_it_imported(monkeypatch, caplog):

@@ -29,6 +29,7 @@ from .base import (
     register_method,
     register_model_method,
     register_structured_method,
+    zero_shares_per_row,
 )
 
 __all__ = [
@@ -41,4 +42,5 @@ __all__ = [
     "register_method",
     "register_model_method",
     "register_structured_method",
+    "zero_shares_per_row",
 ]
