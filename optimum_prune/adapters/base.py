@@ -117,6 +117,10 @@ class DecoderAdapter(ABC):
         self.runs_before: list[nn.Module] = []
         self.upstream_parts: dict[str, DecoderAdapter] = {}
 
+    # Whether a decoder layer returns a tuple (Granite's) rather than the hidden states (Llama's): a layer SliceGPT's
+    # shortcuts replace returns the same.
+    layer_returns_tuple = False
+
     # Model inputs without which the forward never reaches these layers (a vision tower needs
     # ``pixel_values``): calibration skips batches that lack them instead of running them in vain.
     required_inputs: tuple[str, ...] = ()

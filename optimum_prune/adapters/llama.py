@@ -118,8 +118,6 @@ class LlamaAdapter(DecoderStackAdapter):
     post_norms: dict[str, str] = {}
     # Config flags that give every projection of a sublayer a bias (Llama has both; Qwen3 and Gemma the first).
     bias_flags = {"attention": "attention_bias", "mlp": "mlp_bias"}
-    # Whether a decoder layer returns a tuple (Granite), as the layer SliceGPT's shortcuts replace must too.
-    layer_returns_tuple = False
 
     def attention_kind(self, layer: nn.Module) -> str | None:
         return getattr(layer, "attention_type", None)  # Qwen2 / Qwen3: the model picks each layer's mask by it

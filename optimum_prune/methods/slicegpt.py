@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from transformers.utils.logging import tqdm
 
-from ..adapters import DecoderAdapter, ResidualBranch
+from ..adapters import DecoderAdapter, ResidualBranch, UnsupportedArchitecture
 from ..calibration import LayerInputs, capture_first_layer_inputs, feed_layer, run_layer
 from ..calibration.engine import on_device
 from ..options import check_round_to, option
@@ -94,6 +94,7 @@ class SliceGPT(StructuredMethod[SliceGPTOptions]):
     def prune(self, windows: torch.Tensor, report: PruningReport) -> None:
         adapter, device = self.adapter, self.device
         inputs = capture_first_layer_inputs(adapter, windows, device)
+        self._check_layer_output(inputs)
         identity = torch.eye(self.hidden, dtype=torch.float64, device=device)
         retained: dict[str, list[float]] = {"attention": [], "mlp": []}
         if self.slice_ends:
@@ -129,6 +130,19 @@ class SliceGPT(StructuredMethod[SliceGPTOptions]):
             self._slice_head(basis)
         report.layer_scores.update({f"variance kept after {kind}": values for kind, values in retained.items()})
         report.removed.append(f"residual stream width {self.hidden} → {self.width}" + ("" if self.slice_ends else " (tied embeddings kept at full width)"))
+
+    def _check_layer_output(self, inputs: LayerInputs) -> None:
+        """The shortcut layers return what the adapter says the stock layer returns (``layer_returns_tuple``); where
+        a plugin adapter says otherwise, the model would be rotated and then fail: one run of layer 0 says so first."""
+        layer, says_tuple = self.adapter.decoder_layers()[0], self.adapter.layer_returns_tuple
+        with on_device([layer], self.device), torch.no_grad():
+            output = layer(inputs.hidden_states[0], **self.adapter.layer_arguments(layer, inputs.layer_kwargs[0]))
+        if isinstance(output, tuple) != says_tuple:
+            raise UnsupportedArchitecture(
+                f"{type(self.adapter).__name__}.layer_returns_tuple is {says_tuple}, but {type(layer).__name__} returns "
+                f"{'a tuple' if isinstance(output, tuple) else 'a tensor'}: set it to {not says_tuple} in the adapter "
+                "(SliceGPT's shortcut layers must return the same); nothing was changed"
+            )
 
     def _covariance_after(
         self, layer: nn.Module, branches: list[ResidualBranch], position: int, inputs: LayerInputs

@@ -183,3 +183,30 @@ def test_slicing_keeps_the_output_of_writers_with_a_bias():
     prune(model, PruningConfig(method="slicegpt", sparsity=1 - KEPT / HIDDEN), calibration=token_windows())
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, expected, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["granite", "llama"])
+def test_an_adapter_wrong_about_what_its_layer_returns_is_refused_before_any_rotation(family, scratch_adapters):
+    """A Granite plugin subclassing LlamaAdapter (the README said Llama's layer returns a tuple) left the model half
+    rotated and failing on a shape; a Llama one claiming a tuple likewise."""
+    from optimum_prune import UnsupportedArchitecture, register_adapter
+    from optimum_prune.adapters import get_adapter
+    from optimum_prune.adapters.llama import LlamaAdapter
+
+    base = tiny_model(family)
+
+    class Plugged(type(base)):
+        pass
+
+    @register_adapter(Plugged)
+    class Wrong(type(get_adapter(base))):
+        layer_returns_tuple = family == "llama"  # Granite's layer returns a tuple, Llama's the tensor
+
+    model = Plugged(base.config).eval()
+    model.load_state_dict(base.state_dict())
+    assert issubclass(type(get_adapter(model)), LlamaAdapter)
+    says, returns = ("True", "a tensor") if family == "llama" else ("False", "a tuple")
+    with pytest.raises(UnsupportedArchitecture, match=f"Wrong.layer_returns_tuple is {says}, but .* returns {returns}"):
+        prune(model, PruningConfig(method="slicegpt", sparsity=0.25), calibration=token_windows())
+    assert model.state_dict().keys() == base.state_dict().keys()
+    assert all(torch.equal(tensor, base.state_dict()[name]) for name, tensor in model.state_dict().items())
