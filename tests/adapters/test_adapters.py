@@ -65,8 +65,9 @@ def test_an_adapter_without_the_shape_hooks_is_refused_before_a_structured_metho
     assert model.state_dict().keys() == before.keys() and all(torch.equal(before[n], t) for n, t in model.state_dict().items())
 
 
-def test_an_adapter_that_removes_whole_layers_needs_no_reshape_hook(scratch_adapters):
-    """Removing layers records a uniform result, which reloads without reshape_layer."""
+def _model_of_an_adapter_without_reshape_layer() -> torch.nn.Module:
+    """A tiny Llama of a class whose registered adapter (``ShallowAdapter``) lacks ``reshape_layer``."""
+
     class Shallow(LlamaForCausalLM):
         pass
 
@@ -74,7 +75,12 @@ def test_an_adapter_that_removes_whole_layers_needs_no_reshape_hook(scratch_adap
         reshape_layer = DecoderAdapter.reshape_layer
 
     register_adapter(Shallow)(ShallowAdapter)
-    model = Shallow(tiny_model().config)
+    return Shallow(tiny_model().config)
+
+
+def test_an_adapter_that_removes_whole_layers_needs_no_reshape_hook(scratch_adapters):
+    """Removing layers records a uniform result, which reloads without reshape_layer."""
+    model = _model_of_an_adapter_without_reshape_layer()
     prune(model, PruningConfig(method="layers", method_options={"num_layers": 1}), calibration=token_windows())
     assert model.config.num_hidden_layers == len(model.model.layers) == tiny_model().config.num_hidden_layers - 1
 
@@ -107,15 +113,7 @@ def test_a_llama_subclass_for_other_mlp_names_is_refused_naming_the_hook_before_
 
 def test_a_method_recording_per_layer_shapes_is_refused_where_the_adapter_cannot_reload_them(scratch_adapters):
     """low_rank's factors are recorded per layer; without reshape_layer the saved checkpoint could not be loaded."""
-
-    class Shallow(LlamaForCausalLM):
-        pass
-
-    class ShallowAdapter(LlamaAdapter):
-        reshape_layer = DecoderAdapter.reshape_layer
-
-    register_adapter(Shallow)(ShallowAdapter)
-    model = Shallow(tiny_model().config)
+    model = _model_of_an_adapter_without_reshape_layer()
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     for config in (
         PruningConfig(method="low_rank", sparsity=0.2),
