@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 MAX_EXPERT_SPARSITY = 0.99  # router hints never empty an expert: it keeps at least 1 % of its weights
 # What record_structure asks of an adapter after any structured method (reloading a non-uniform result also
-# needs reshape_layer, which a method that only removes whole layers never uses: keeps_stock_shapes).
+# needs reshape_layer: StructuredMethod.always_records_layer_shapes).
 STRUCTURE_RECORDING_HOOKS = ("layer_shape", "stock_shape", "write_uniform_config")
 
 
@@ -381,7 +381,7 @@ class StructuredRun:
             adapter.require(*STRUCTURE_RECORDING_HOOKS)
             check_shape_hooks(adapter)
             method.check()
-            if not method.keeps_stock_shapes():
+            if method.always_records_layer_shapes():
                 adapter.require("reshape_layer")
         except UnsupportedArchitecture as error:
             raise UnsupportedArchitecture(f"method {config.method!r}: {error}") from None

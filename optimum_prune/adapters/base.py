@@ -96,6 +96,9 @@ class TokenRouting:
         return None
 
 
+RECORDING_HOOKS = frozenset({"layer_shape", "stock_shape", "write_uniform_config", "reshape_layer"})
+"""The hooks a structured result is recorded and reloaded with, whatever the method."""
+
 ATTENTION_MASKS = "optimum_prune_attention_masks"
 """Key of captured layer arguments holding each attention kind's mask (see ``DecoderAdapter.layer_arguments``)."""
 
@@ -378,8 +381,11 @@ class DecoderAdapter(ABC):
         """Raise ``UnsupportedArchitecture`` unless this family implements the structured ``hooks`` (e.g.
         ``"keep_layers"``): a method asks in ``check``, before a calibration pass it would run in vain."""
         missing = [hook for hook in hooks if getattr(type(self), hook) is getattr(DecoderAdapter, hook)]
-        if missing:
-            raise self._no_structure(*missing)
+        if not missing:
+            return
+        if set(missing) <= RECORDING_HOOKS:  # a family's own reason (fused projections, experts) is about cutting layers
+            raise DecoderAdapter._no_structure(self, *missing)
+        raise self._no_structure(*missing)
 
     # Asking a model for what its architecture lacks is a bad request (ValueError), not a bug.
     def _no_experts(self) -> UnsupportedArchitecture:

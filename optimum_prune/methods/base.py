@@ -146,9 +146,11 @@ class StructuredMethod(ABC, Generic[Options]):
         """Raise ``ValueError`` for a request that cannot be met, before anything is changed; plan what needs no
         data on the way (the units a width method may remove), which ``prune`` then uses."""
 
-    def keeps_stock_shapes(self) -> bool:
-        """Whether every layer the method leaves keeps the shape the config describes (whole layers removed): its
-        result then reloads without the adapter's ``reshape_layer``, which the others need."""
+    def always_records_layer_shapes(self) -> bool:
+        """Whether every result holds layers of their own shapes (per-layer ranks, sliced widths, removed sublayers),
+        which reloading builds with the adapter's ``reshape_layer``: the hook is then required before anything runs.
+        Any other method is refused for lack of it only when its result turns out non-uniform (``record_structure``),
+        as a uniform one saves as a stock config."""
         return False
 
     def kept_moe_layers(self) -> set[int]:

@@ -142,8 +142,8 @@ class LayerRemoval(StructuredMethod[LayerRemovalOptions]):
         if self.options.merge and len({(str(self.adapter.layer_shape(layer)), rerouted_sublayers(layer)) for layer in layers}) > 1:
             raise ValueError("method_options.merge needs layers of identical shape; this model's layers differ")
 
-    def keeps_stock_shapes(self) -> bool:
-        return not self.options.reroute  # a re-routed layer holds stand-ins where its sublayers were
+    def always_records_layer_shapes(self) -> bool:
+        return self.options.reroute  # a re-routed layer holds stand-ins where its sublayers were
 
     def prune(self, windows: torch.Tensor | None, report: PruningReport) -> None:
         criterion = self.options.criterion

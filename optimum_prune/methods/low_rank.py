@@ -62,6 +62,9 @@ class LowRankFactorization(StructuredMethod[LowRankOptions]):
     def needs_calibration(cls, options: LowRankOptions) -> bool:
         return options.weighting == "fisher"
 
+    def always_records_layer_shapes(self) -> bool:
+        return True  # factorised linears: ranks recorded per layer
+
     def check(self) -> None:
         if self.sparsity == 0:  # the rank is a parameter budget: at 0 it is still below full rank, and lossy
             raise ValueError("PruningConfig.sparsity 0 factorises no parameter away (low_rank's ranks are a parameter budget); raise it")

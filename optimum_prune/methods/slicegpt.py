@@ -54,6 +54,9 @@ class SliceGPT(StructuredMethod[SliceGPTOptions]):
     report gives the resulting parameter count, shortcut matrices included.
     """
 
+    def always_records_layer_shapes(self) -> bool:
+        return True  # sliced residual widths and shortcut linears, recorded per layer
+
     def check(self) -> None:
         model = self.adapter.model
         self.hidden = model.get_input_embeddings().embedding_dim

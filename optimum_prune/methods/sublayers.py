@@ -47,6 +47,9 @@ class SublayerRemoval(StructuredMethod[SublayerRemovalOptions]):
 
     changes_widths = False
 
+    def always_records_layer_shapes(self) -> bool:
+        return True  # layers without one of their sublayers
+
     def check(self) -> None:
         self.adapter.check_unsliced("SliceGPT needs whole layers, so it and sublayer removal cannot be combined")
         kinds = KINDS if self.options.sublayers == "all" else (self.options.sublayers,)

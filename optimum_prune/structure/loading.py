@@ -366,6 +366,12 @@ def record_structure(adapter: DecoderAdapter) -> list[LayerShape]:
             del model_config.quantization_config
         keep_stand_ins(adapter.model)
         return shapes
+    if type(adapter).reshape_layer is DecoderAdapter.reshape_layer:  # asked up front of methods whose results always are
+        raise UnsupportedArchitecture(
+            f"{type(adapter).__name__} lacks reshape_layer, which reloading this result needs: its layers were left in "
+            "shapes of their own, recorded per layer; implement reshape_layer in the adapter, or choose options that "
+            "leave every layer one shape (the model in memory is pruned; the checkpoint would not reload)"
+        )
     if existing is not None and not isinstance(existing, StructureConfig):
         raise ValueError(
             f"the model already carries a {type(existing).__name__} quantization config; prune before quantizing "

@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaForCausalLM, Starcoder2Config, Starcoder2ForCausalLM
@@ -125,6 +127,40 @@ def test_a_method_recording_per_layer_shapes_is_refused_where_the_adapter_cannot
     with pytest.raises(UnsupportedArchitecture, match="lacks reshape_layer .*the checkpoint's config.json records") as error:
         get_adapter(model).reshape_layer(model.model.layers[0], LayerShape(2, 1, 64))
     assert "unstructured" not in str(error.value)  # a user loading a checkpoint has no method to change
+
+
+def test_a_uniform_result_needs_no_reshape_layer_and_a_non_uniform_one_names_it(scratch_adapters):
+    """Width and expert removal at one fraction per layer save as a stock config: reshape_layer was required of them
+    up front; a non-uniform result is refused when recorded, naming the hook, not the family's reasons to cut."""
+    from transformers import MixtralForCausalLM
+
+    from optimum_prune.adapters.moe import MoEAdapter
+
+    from .test_moe import tiny_moe
+
+    model = _model_of_an_adapter_without_reshape_layer()
+    prune(model, PruningConfig(method="width", sparsity=0.25), calibration=token_windows())
+    assert getattr(model.config, "quantization_config", None) is None
+
+    class PluginMixtral(MixtralForCausalLM):
+        pass
+
+    class NoReshapeMoE(MoEAdapter):
+        reshape_layer = DecoderAdapter.reshape_layer
+
+    register_adapter(PluginMixtral)(NoReshapeMoE)
+    dense = tiny_moe("mixtral")
+    for ignore, uniform in (([], True), (["model.layers.0.*"], False)):  # layer 0 keeping its experts: 4 and 3
+        model = PluginMixtral(copy.deepcopy(dense.config)).eval()  # pruning rewrites its config
+        model.load_state_dict(dense.state_dict())
+        config = PruningConfig(method="experts", sparsity=0.25, ignore=ignore)
+        if uniform:
+            prune(model, config, calibration=token_windows(2, 16))
+            assert model.config.num_local_experts == 3 and getattr(model.config, "quantization_config", None) is None
+            continue
+        with pytest.raises(UnsupportedArchitecture, match="NoReshapeMoE lacks reshape_layer, which reloading this result needs") as error:
+            prune(model, config, calibration=token_windows(2, 16))
+        assert "method='experts'" not in str(error.value)
 
 
 def test_a_missing_structured_hook_is_named_with_the_method_that_needs_it(scratch_adapters):
