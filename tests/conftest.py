@@ -317,6 +317,20 @@ def datasets_cache(tmp_path_factory) -> Path:
         yield cache
 
 
+@pytest.fixture(autouse=True, scope="session")
+def gptqmodel_imported_without_its_environment() -> None:
+    """gptqmodel sets HF_HOME, PYTORCH_ALLOC_CONF and more in ``os.environ`` when imported, which peft's first
+    ``get_peft_model`` does: imported once here and its variables undone, no test runs under them (the per-test
+    restore below cannot undo what a module-scoped fixture's training brought in)."""
+    before = dict(os.environ)
+    try:
+        import gptqmodel  # noqa: F401
+    except ImportError:  # not installed: nothing sets them
+        pass
+    os.environ.clear()
+    os.environ.update(before)
+
+
 @pytest.fixture(autouse=True)
 def no_leaked_environment(monkeypatch):
     """Each test's changes to ``os.environ`` are undone after it, whoever made them: transformers'
