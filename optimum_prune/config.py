@@ -308,8 +308,8 @@ class PruningConfig:
         if from_model_config or any(map(is_provenance, stored)):  # a run recorded it (a recipe written by hand is checked)
             stored = _readable_record(stored, f"{source}'s pruning_config")
         config = cls.from_dict({**stored, **overrides})
-        if path.is_dir():
-            _warn_if_one_of_several_steps(folder)
+        if path.is_dir() or (path.is_file() and path.name == CONFIG_NAME):  # a saved model's folder, or its recipe
+            _warn_if_one_of_several_steps(folder if path.is_dir() else path.parent)
         return (config, unused) if return_unused_kwargs else config
 
     def to_json_string(self) -> str:

@@ -75,9 +75,11 @@ def test_the_recipe_of_a_model_pruned_in_several_steps_is_read_as_its_last_step_
     first, second = PruningConfig(method="width", sparsity=0.25), PruningConfig(method="wanda", sparsity=0.5)
     compress(model, [first, second], windows)
     output = save_pruned(model, tmp_path / "pruned")
-    with caplog.at_level("WARNING", logger="optimum_prune"):
-        assert PruningConfig.from_pretrained(output) == second
-    assert "pruned in 2 steps (width 0.25, then wanda 0.5)" in caplog.text
+    for given in (output, output / "pruning_config.json"):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="optimum_prune"):
+            assert PruningConfig.from_pretrained(given) == second
+        assert "pruned in 2 steps (width 0.25, then wanda 0.5)" in caplog.text
     assert "compress(model, AutoConfig.from_pretrained(" in caplog.text
 
     again = tiny_model()
