@@ -14,6 +14,7 @@ from torch import nn
 from transformers.utils.logging import tqdm
 
 from .adapters import DecoderAdapter, UnsupportedArchitecture
+from .adapters.base import STRUCTURE_RECORDING_HOOKS
 from .allocation import ALLOCATIONS, Allocation, shifted_for_existing_zeros
 from .calibration import (
     CalibrationInputs,
@@ -43,9 +44,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 MAX_EXPERT_SPARSITY = 0.99  # router hints never empty an expert: it keeps at least 1 % of its weights
-# What record_structure asks of an adapter after any structured method (reloading a non-uniform result also
-# needs reshape_layer: StructuredMethod.always_records_layer_shapes).
-STRUCTURE_RECORDING_HOOKS = ("layer_shape", "stock_shape", "write_uniform_config")
 
 
 @dataclass

@@ -96,8 +96,10 @@ class TokenRouting:
         return None
 
 
-RECORDING_HOOKS = frozenset({"layer_shape", "stock_shape", "write_uniform_config", "reshape_layer"})
-"""The hooks a structured result is recorded and reloaded with, whatever the method."""
+STRUCTURE_RECORDING_HOOKS = ("layer_shape", "stock_shape", "write_uniform_config")
+"""What ``record_structure`` asks of an adapter after any structured method; reloading a non-uniform result also needs
+``reshape_layer`` (``StructuredMethod.always_records_layer_shapes``)."""
+RECORDING_HOOKS = frozenset({*STRUCTURE_RECORDING_HOOKS, "reshape_layer"})
 
 ATTENTION_MASKS = "optimum_prune_attention_masks"
 """Key of captured layer arguments holding each attention kind's mask (see ``DecoderAdapter.layer_arguments``)."""
@@ -380,12 +382,16 @@ class DecoderAdapter(ABC):
     def require(self, *hooks: str) -> None:
         """Raise ``UnsupportedArchitecture`` unless this family implements the structured ``hooks`` (e.g.
         ``"keep_layers"``): a method asks in ``check``, before a calibration pass it would run in vain."""
-        missing = [hook for hook in hooks if getattr(type(self), hook) is getattr(DecoderAdapter, hook)]
+        missing = self.missing_hooks(*hooks)
         if not missing:
             return
         if set(missing) <= RECORDING_HOOKS:  # a family's own reason (fused projections, experts) is about cutting layers
             raise DecoderAdapter._no_structure(self, *missing)
         raise self._no_structure(*missing)
+
+    def missing_hooks(self, *hooks: str) -> list[str]:
+        """Those of the structured ``hooks`` this family leaves as ``DecoderAdapter`` has them (not implemented)."""
+        return [hook for hook in hooks if getattr(type(self), hook) is getattr(DecoderAdapter, hook)]
 
     # Asking a model for what its architecture lacks is a bad request (ValueError), not a bug.
     def _no_experts(self) -> UnsupportedArchitecture:

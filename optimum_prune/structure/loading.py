@@ -366,7 +366,7 @@ def record_structure(adapter: DecoderAdapter) -> list[LayerShape]:
             del model_config.quantization_config
         keep_stand_ins(adapter.model)
         return shapes
-    if type(adapter).reshape_layer is DecoderAdapter.reshape_layer:  # asked up front of methods whose results always are
+    if adapter.missing_hooks("reshape_layer"):  # asked up front of methods whose results always are
         raise UnsupportedArchitecture(
             f"{type(adapter).__name__} lacks reshape_layer, which reloading this result needs: its layers were left in "
             "shapes of their own, recorded per layer; implement reshape_layer in the adapter, or choose options that "
