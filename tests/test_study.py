@@ -107,6 +107,7 @@ def test_a_grid_scoring_more_tokens_than_the_evaluation_split_holds_is_refused_b
     monkeypatch.setattr(study_runner, "measure_point", lambda *args: pytest.fail("a point was measured"))
     with pytest.raises(ValueError, match=rf"grid.evaluation.tokens \({(available // 64 + 1) * 64:,}\) is more than the {available:,} tokens .* give at most {available // 64 * 64:,}"):
         run_study(grid, tmp_path / "study", device="cpu")
+    assert not (tmp_path / "study").exists()  # refused before the output folder is made
 
 
 def test_pareto_front_on_hand_made_points():

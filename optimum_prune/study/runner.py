@@ -57,13 +57,13 @@ def run_study(grid: StudyGrid, output: str | os.PathLike, device: str | torch.de
     from .outputs import software_versions, versions
 
     device = check_device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _check_evaluation_fits(grid.protocol)  # before the output folder is made
     points_dir = Path(output) / "points"
     try:
         points_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # the output (or a folder above it) is a file; a folder this user cannot write
         raise ValueError(f"the study's folder {str(points_dir)!r} cannot be made ({error.strerror or error}): give another output folder") from None
     latency_device = _latency_device(grid.latency)
-    _check_evaluation_fits(grid.protocol)
     latency_name = device_name(latency_device) if latency_device is not None else None
     rows, measured_now = [], 0
     software = {**software_versions(), "device": str(device)}  # pruning seconds depend on it
