@@ -122,7 +122,22 @@ def option_types(options_cls: type) -> dict[str, tuple[type, bool]]:
                 f"{'without a default' if spec.default is dataclasses.MISSING else f'= {spec.default!r}'}"
             )
         types[spec.name] = (scalars[0], len(scalars) < len(members))
+    _check_defaults(options_cls, types)
     return types
+
+
+def _check_defaults(options_cls: type, types: Mapping[str, tuple[type, bool]]) -> None:
+    """Each default is a value its option accepts: one that is not would be refused only when a user sets another
+    option, or stored in every config as a value ``build_options`` refuses on reading it back."""
+    choices = option_choices(options_cls)
+    for spec in dataclasses.fields(options_cls):
+        field = f"{options_cls.__name__}.{spec.name}"
+        try:
+            default = as_option_type(spec.default, *types[spec.name], f"{field}'s default")
+            if spec.name in choices and default is not None:
+                check_choice(f"{field}'s default", default, choices[spec.name])
+        except ValueError as error:
+            raise TypeError(str(error)) from None
 
 
 @functools.cache

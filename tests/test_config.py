@@ -279,6 +279,20 @@ def test_options_are_typed_by_their_annotation_and_other_kinds_are_refused_at_re
     with pytest.raises(ValueError, match=r"method_options.norm must be one of \('l1', 'l2'\), got 'l3'"):
         build_options(Norms, {"norm": "l3"}, "method_options")  # was stored as given
 
+    @dataclasses.dataclass(frozen=True)
+    class WrongDefault:
+        norm: Literal["l1", "l2"] = option("L1", "which norm")
+
+    with pytest.raises(TypeError, match=r"WrongDefault.norm's default must be one of \('l1', 'l2'\), got 'L1'"):
+        MethodSpec("wrong_default", WrongDefault, "", pruner=LayerPruner)  # was stored in every config, refused on reading it back
+
+    @dataclasses.dataclass(frozen=True)
+    class TextForNumber:
+        rank: int = option("8", "a rank")
+
+    with pytest.raises(TypeError, match="TextForNumber.rank's default must be int, got '8'"):
+        MethodSpec("text_for_number", TextForNumber, "", pruner=LayerPruner)
+
     class Plain:
         scale = 1.0
 
