@@ -225,6 +225,20 @@ def is_checkpoint_file(path: Path) -> bool:
     return path.is_file() and not name.startswith(".") and known
 
 
+def in_checkpoint_store(file: Path, folder: Path) -> bool:
+    """Whether ``file`` (followed through its links) lies in the checkpoint ``folder`` or in a store checkpoints are
+    linked from: a Hugging Face cache's ``blobs`` (its snapshots, and ``local_dir`` downloads that link into it) or
+    git-annex's objects. Anything else (a file in the user's home) is not the checkpoint's, and is not copied into an
+    output, which may be shared."""
+    target = file.resolve()
+    if target.is_relative_to(folder.resolve()):
+        return True
+    parts = target.parts
+    in_hub_cache = "blobs" in parts and any(part.startswith(("models--", "datasets--")) for part in parts)
+    in_annex = any(parts[i : i + 3] == (".git", "annex", "objects") for i in range(len(parts)))
+    return in_hub_cache or in_annex
+
+
 def shown_names(names: list[str]) -> str:
     """The first three of ``names`` for a message, an ellipsis for the rest."""
     return ", ".join(names[:3]) + (", …" if len(names) > 3 else "")

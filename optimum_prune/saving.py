@@ -19,7 +19,7 @@ from accelerate.utils import align_module_device
 from torch import nn
 from transformers import PreTrainedModel
 
-from .atomic_files import SCORES_PLOT_NAME, atomic_directory, new_file_mode, shown_names
+from .atomic_files import SCORES_PLOT_NAME, atomic_directory, in_checkpoint_store, new_file_mode, shown_names
 from .adapters import get_adapter
 from .config import CONFIG_NAME, PruningConfig, readable_step, record_pruning, unreadable_reason
 from .kernels.linear import SparseLinear
@@ -221,9 +221,39 @@ def _unloadable(module: nn.Module) -> str | None:
 
 
 def save_tokenizer(tokenizer: Any, directory: Path) -> None:
-    """``tokenizer.save_pretrained`` without a GGUF file's copy (see ``drop_gguf_copy``)."""
-    tokenizer.save_pretrained(directory)
+    """``tokenizer.save_pretrained`` (of a tokenizer or a processor) without copies of files that are not the
+    tokenizer's: one its config named from elsewhere (see ``_without_foreign_vocab_files``), a GGUF file (see
+    ``drop_gguf_copy``)."""
+    with _without_foreign_vocab_files(tokenizer):
+        tokenizer.save_pretrained(directory)
     drop_gguf_copy(directory)
+
+
+@contextmanager
+def _without_foreign_vocab_files(tokenizer: Any) -> Iterator[None]:
+    """A fast tokenizer's vocabulary files (``vocab_files_names``) that lie outside its folder, unset while it is saved.
+    tokenizer_config.json may name any file as one (``vocab_file: /proc/self/environ``, an SSH key); a fast tokenizer
+    never reads it, and its ``save_pretrained`` copies it whole into the output, which may be shared. (A slow tokenizer
+    parsed its file as its vocabulary, or failed to load.)"""
+    left_out: list[tuple[Any, str, Any]] = []
+    for owner in (tokenizer, getattr(tokenizer, "tokenizer", None)):  # a processor saves the tokenizer it holds
+        if not getattr(owner, "is_fast", False):
+            continue
+        folder = Path(owner.name_or_path)
+        for attribute in owner.vocab_files_names:
+            file = getattr(owner, attribute, None)
+            if isinstance(file, (str, os.PathLike)) and os.path.isfile(file) and not in_checkpoint_store(Path(file), folder):
+                logger.warning(
+                    "the tokenizer's %s is %s, outside its folder %s (its tokenizer_config.json can name any file, and "
+                    "saving would copy it whole): left out of the saved tokenizer", attribute, file, folder,
+                )  # fmt: skip
+                left_out.append((owner, attribute, file))
+                setattr(owner, attribute, None)
+    try:
+        yield
+    finally:
+        for owner, attribute, file in left_out:
+            setattr(owner, attribute, file)
 
 
 def drop_gguf_copy(directory: Path) -> None:

@@ -37,15 +37,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .atomic_files import (
-    InterruptedAfterReplacing, check_replaceable, claimed_folder, give_output_mode, held_exclusively, is_checkpoint_file,
-    new_file_mode, new_temporary, private_folder, remove_leftovers, replace_directory, write_text_atomic,
+    InterruptedAfterReplacing, check_replaceable, claimed_folder, give_output_mode, held_exclusively, in_checkpoint_store,
+    is_checkpoint_file, new_file_mode, new_temporary, private_folder, remove_leftovers, replace_directory, write_text_atomic,
 )  # fmt: skip
 from .calibration import CalibrationInputs, CalibrationSource, calibration_inputs, check_token_ids
 from .calibration.engine import all_finite, calibration_digest
 from .config import CONFIG_NAME, PruningConfig, as_pruning_config, readable_step
 from .models import unreadable_checkpoint
 from .report import PruningReport
-from .saving import REPORT_NAME, SCORES_PLOT_NAME, drop_gguf_copy, write_report
+from .saving import REPORT_NAME, SCORES_PLOT_NAME, drop_gguf_copy, save_tokenizer, write_report
 from .structure.loading import built_without_weights, records_layer_shapes
 
 logger = logging.getLogger(__name__)
@@ -329,22 +329,6 @@ def _written_notes(path: Path) -> dict[str, Any]:
     return notes
 
 
-def _in_checkpoint(file: Path, source: Path) -> bool:
-    """Whether ``file`` is the checkpoint's own: not a symbolic link, or one into the checkpoint's folder or into a
-    store checkpoints are linked from: a Hugging Face cache's ``blobs`` (its snapshots, and ``local_dir`` downloads
-    that link into it) or git-annex's objects. Anything else (a link to a file in the user's home) is not copied
-    into the output, which may be shared."""
-    if not file.is_symlink():
-        return True
-    target = file.resolve()
-    if target.is_relative_to(source.resolve()):
-        return True
-    parts = target.parts
-    in_hub_cache = "blobs" in parts and any(part.startswith(("models--", "datasets--")) for part in parts)
-    in_annex = any(parts[i : i + 3] == (".git", "annex", "objects") for i in range(len(parts)))
-    return in_hub_cache or in_annex
-
-
 def _meta_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return {name: tensor for name, tensor in (*module.named_parameters(), *module.named_buffers()) if tensor.is_meta}
 
@@ -584,7 +568,7 @@ def _finish_checkpoint(
             continue  # written above, or an earlier run's
         if not is_checkpoint_file(extra):  # the dense model's card, another format's files: not the pruned model's, and
             continue  # the output would hold files a rerun may not replace
-        if _in_checkpoint(extra, source):
+        if in_checkpoint_store(extra, source):
             shutil.copyfile(extra, staging / extra.name)  # not the source's modes: a read-only one blocks the tokenizer's save
         else:
             logger.warning("%s links outside the checkpoint (to %s): not copied into the output", extra, extra.resolve())
@@ -592,8 +576,8 @@ def _finish_checkpoint(
     config.save_pretrained(staging)
     write_report(report, staging)
     if tokenizer is not None:
-        tokenizer.save_pretrained(staging)
-    drop_gguf_copy(staging)  # copied from the source or written by the tokenizer
+        save_tokenizer(tokenizer, staging)
+    drop_gguf_copy(staging)  # copied from the source
     # Under a name of its own first (its lock moves with it): swapped with a previous output, the partial folder's
     # name would hold that output's layers, which a rerun would take for another run's.
     finished = claimed_folder(output_dir.absolute(), "staging")

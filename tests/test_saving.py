@@ -429,6 +429,36 @@ def test_a_checkpoint_beside_other_data_is_never_replaced(tmp_path, extra, shown
     assert sorted(str(path.relative_to(target)) for path in target.rglob("*")) == before
 
 
+def _tokenizer_naming_as_vocab_file(model_dir, vocab_file):
+    """model_dir's tokenizer, with its tokenizer_config.json naming ``vocab_file`` as its sentencepiece model (a fast
+    tokenizer reads tokenizer.json, never that file)."""
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="LlamaTokenizerFast", vocab_file=str(vocab_file))
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    return load_model(model_dir)[1]
+
+
+def test_a_vocab_file_outside_the_tokenizers_folder_is_not_copied_into_the_output(model_dir, tmp_path, caplog):
+    """save_pretrained copied it whole as tokenizer.model: a file of the user's (an SSH key, /proc/self/environ with
+    HF_TOKEN) rode along with the pruned model."""
+    secret = tmp_path / "id_rsa"
+    secret.write_text("PRIVATE KEY")
+    tokenizer = _tokenizer_naming_as_vocab_file(model_dir, secret)
+    with caplog.at_level(logging.WARNING, logger="optimum_prune"):
+        save_pruned(tiny_model(), tmp_path / "out", tokenizer=tokenizer)
+    assert not (tmp_path / "out" / "tokenizer.model").exists()
+    assert f"vocab_file is {secret}, outside its folder {model_dir}" in caplog.text
+    assert tokenizer.vocab_file == str(secret)  # unset for the save only
+    assert load_model(tmp_path / "out")[1].get_vocab() == tokenizer.get_vocab()
+
+
+def test_a_vocab_file_in_the_tokenizers_folder_is_saved_with_it(model_dir, tmp_path):
+    (model_dir / "tokenizer.model").write_bytes(b"sentencepiece model")
+    tokenizer = _tokenizer_naming_as_vocab_file(model_dir, model_dir / "tokenizer.model")
+    save_pruned(tiny_model(), tmp_path / "out", tokenizer=tokenizer)
+    assert (tmp_path / "out" / "tokenizer.model").read_bytes() == b"sentencepiece model"
+
+
 def test_an_earlier_output_with_its_tokenizer_is_replaced(tmp_path, bpe_tokenizer):
     save_pruned(tiny_model(), tmp_path / "out", tokenizer=bpe_tokenizer)
     model = tiny_model()

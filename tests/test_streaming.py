@@ -871,6 +871,16 @@ def test_prune_checkpoint_refuses_a_checkpoint_without_its_head(model_dir, tmp_p
     assert not out.exists() and not (tmp_path / ".out.partial").exists()
 
 
+def test_prune_checkpoint_leaves_a_vocab_file_outside_the_tokenizers_folder_out_of_the_output(model_dir, tmp_path):
+    """As save_pruned does (tests/test_saving.py): the tokenizer's save copied it whole as tokenizer.model."""
+    (tmp_path / "id_rsa").write_text("PRIVATE KEY")
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    config.update(tokenizer_class="LlamaTokenizerFast", vocab_file=str(tmp_path / "id_rsa"))
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    prune_checkpoint(model_dir, tmp_path / "out", CONFIGS["magnitude"], tokenizer=load_tokenizer(model_dir))
+    assert not (tmp_path / "out" / "tokenizer.model").exists()
+
+
 def test_prune_checkpoint_refuses_a_checkpoint_without_embeddings(model_dir, tmp_path):
     tensors = load_file(model_dir / "model.safetensors")
     del tensors["model.embed_tokens.weight"]
