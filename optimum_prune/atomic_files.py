@@ -376,11 +376,20 @@ def _exchange(first: Path, second: Path) -> bool:
 
 def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """Write ``path`` whole or not at all: a run killed mid-write leaves the previous file."""
-    path = Path(path)
+    _write_atomic(Path(path), text, "w")
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """``write_text_atomic`` for bytes (a rendered figure)."""
+    _write_atomic(Path(path), data, "wb")
+
+
+def _write_atomic(path: Path, content: str | bytes, mode: str) -> None:
+    """Through ``new_temporary`` and a rename, which replaces a link planted as ``path``, never what it points to."""
     temporary, descriptor = new_temporary(path)
     try:
-        with os.fdopen(descriptor, "w", encoding="utf-8") as file:
-            file.write(text)
+        with os.fdopen(descriptor, mode, encoding="utf-8" if mode == "w" else None) as file:
+            file.write(content)
         os.replace(temporary, path)
     except BaseException:
         temporary.unlink(missing_ok=True)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .atomic_files import write_bytes_atomic
 from .dependencies import MissingDependency
 from .structure.shapes import LayerShape
 
@@ -47,6 +49,14 @@ def bare_figure(purpose: str, **options: Any) -> Any:
     except ImportError as error:  # not installed (the [plot] extra), or an old one that does not import beside this numpy
         raise MissingDependency(f"{purpose} needs matplotlib ({error}): pip install 'optimum-prune[plot]'") from error
     return Figure(**options)
+
+
+def save_figure(figure: Any, path: str | os.PathLike, dpi: int) -> None:
+    """``figure`` as a PNG written whole (``write_bytes_atomic``): savefig opens ``path`` as it is, writing through a
+    link planted under its name into the file it points to."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    write_bytes_atomic(path, buffer.getvalue())
 
 
 @dataclass
@@ -133,7 +143,7 @@ class PruningReport:
             axis.set_xlabel("decoder layer (of the model before pruning)")
         figure.suptitle(f"{self.method}: removed {', '.join(self.removed) or 'nothing'}", fontsize=8, wrap=True)
         figure.tight_layout()
-        figure.savefig(path, dpi=100)
+        save_figure(figure, path, dpi=100)
 
     @property
     def request(self) -> str:

@@ -110,6 +110,40 @@ def test_a_grid_scoring_more_tokens_than_the_evaluation_split_holds_is_refused_b
     assert not (tmp_path / "study").exists()  # refused before the output folder is made
 
 
+def _dense_only(monkeypatch) -> StudyGrid:
+    """A one-point grid whose point is measured without pruning or evaluating anything."""
+    monkeypatch.setattr(study_runner, "measure_point", lambda point, protocol, device, latency: _row("dense", None, None, 10.0, 100, 100).result)
+    return StudyGrid(Protocol(), (StudyPoint("dense", None, None),), latency="none", redundancy=False)
+
+
+@pytest.mark.parametrize("link", ["study", "study/points"])
+def test_a_study_folder_or_its_points_folder_that_is_a_link_is_refused(tmp_path, monkeypatch, link):
+    """A grid shipped with its results folder holding points/ as a link: each point's file was written where it led."""
+    grid = _dense_only(monkeypatch)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "study").mkdir(exist_ok=link != "study")
+    if link == "study":
+        (tmp_path / "study").rmdir()
+    (tmp_path / link).symlink_to(elsewhere)
+    with pytest.raises(ValueError, match=rf"{link}' is a symbolic link \(to {elsewhere}\); a study writes into a folder of its own"):
+        run_study(grid, tmp_path / "study", device="cpu")
+    assert not list(elsewhere.iterdir())
+
+
+def test_an_output_folder_holding_other_files_is_refused_unless_it_holds_a_study(tmp_path, monkeypatch):
+    """`optimum-prune study analysis.yaml` writes into ./analysis/: a folder of the user's of that name lost its
+    results.csv and REPORT.md."""
+    grid = _dense_only(monkeypatch)
+    (tmp_path / "analysis").mkdir()
+    (tmp_path / "analysis" / "results.csv").write_text("my own results")
+    with pytest.raises(ValueError, match="analysis' holds other files and no earlier study's points/ folder"):
+        run_study(grid, tmp_path / "analysis", device="cpu")
+    assert (tmp_path / "analysis" / "results.csv").read_text() == "my own results"
+    (tmp_path / "analysis" / "points").mkdir()  # an earlier study's folder: resumed
+    assert run_study(grid, tmp_path / "analysis", device="cpu").measured_now == 1
+
+
 def test_pareto_front_on_hand_made_points():
     points = {"a": (10, 5.0), "b": (8, 6.0), "c": (8, 7.0), "d": (12, 5.0), "e": (5, 9.0), "f": (5, 9.0), "g": (20, 4.0)}
     cost, loss = (lambda name: points[name][0]), (lambda name: points[name][1])
@@ -254,9 +288,9 @@ def test_cli_bad_grid_is_one_error_line(tmp_path, capsys, monkeypatch):
 def test_outputs_need_no_dense_point(model_dir, tmp_path):
     pytest.importorskip("matplotlib")
     grid = StudyGrid.from_dict(small_grid(model_dir, pruning=[{"method": "magnitude", "sweep": {"sparsity": [0.3]}}], quantization=["none"]))
-    results = run_study(grid, tmp_path, device="cpu")
-    write_outputs(results, tmp_path, "test")
-    assert "the largest checkpoint" in (tmp_path / "REPORT.md").read_text()
+    results = run_study(grid, tmp_path / "study", device="cpu")
+    write_outputs(results, tmp_path / "study", "test")
+    assert "the largest checkpoint" in (tmp_path / "study" / "REPORT.md").read_text()
 
 
 def test_plots_leave_the_callers_matplotlib_backend_as_it_was(tmp_path):
@@ -274,6 +308,19 @@ def test_plots_leave_the_callers_matplotlib_backend_as_it_was(tmp_path):
     assert (tmp_path / "r.png").stat().st_size > 0
 
 
+@pytest.mark.parametrize("plot", ["pareto.png", "redundancy.png"])
+def test_a_plot_planted_as_a_link_in_the_output_is_replaced_not_written_through(tmp_path, plot):
+    """savefig opened the link and wrote the PNG into the file it led to."""
+    pytest.importorskip("matplotlib")
+    (tmp_path / "victim.txt").write_text("precious")
+    (tmp_path / "study").mkdir()
+    (tmp_path / "study" / plot).symlink_to(tmp_path / "victim.txt")
+    redundancy = {"block_influence": [0.1, 0.2], "angular_distance": [[0.3, 0.4], [0.5]]}
+    write_outputs(StudyResults(Protocol(), _rows(), redundancy, {}, 0), tmp_path / "study", "cmd")
+    assert (tmp_path / "victim.txt").read_text() == "precious"
+    assert (tmp_path / "study" / plot).read_bytes().startswith(b"\x89PNG") and not (tmp_path / "study" / plot).is_symlink()
+
+
 def test_sparse_format_bytes_counts_a_bitmap_and_the_kept_values():
     from optimum_prune.study.measure import sparse_format_bytes
 
@@ -285,8 +332,8 @@ def test_sparse_format_bytes_counts_a_bitmap_and_the_kept_values():
 
 def test_asking_for_latency_remeasures_points_cached_without_it(model_dir, tmp_path):
     grid = small_grid(model_dir, pruning=["none"], quantization=["none"])
-    run_study(StudyGrid.from_dict(grid), tmp_path, device="cpu")
-    timed = run_study(StudyGrid.from_dict({**grid, "latency": "cpu"}), tmp_path, device="cpu")
+    run_study(StudyGrid.from_dict(grid), tmp_path / "study", device="cpu")
+    timed = run_study(StudyGrid.from_dict({**grid, "latency": "cpu"}), tmp_path / "study", device="cpu")
     assert timed.measured_now == 1
     assert timed.rows[0].result["latency_ms"] > 0 and timed.rows[0].result["latency_device"] == "cpu"
 
@@ -305,8 +352,8 @@ def test_a_report_is_written_when_no_point_could_be_measured_or_without_matplotl
     grid = StudyGrid.from_dict(small_grid(model_dir, pruning=[
         {"method": "width", "method_options": {"ranking": "global"}, "sweep": {"sparsity": [0.2]}}
     ], quantization=["int8"]))
-    write_outputs(run_study(grid, tmp_path, device="cpu"), tmp_path, "test")
-    assert "No point could be measured:" in (tmp_path / "REPORT.md").read_text()
+    write_outputs(run_study(grid, tmp_path / "study", device="cpu"), tmp_path / "study", "test")
+    assert "No point could be measured:" in (tmp_path / "study" / "REPORT.md").read_text()
 
     def no_matplotlib(*_args):
         raise ImportError("No module named 'matplotlib'")
@@ -320,11 +367,11 @@ def test_a_report_is_written_when_no_point_could_be_measured_or_without_matplotl
 def test_latency_columns_come_from_this_run_and_its_device(model_dir, tmp_path):
     """A point timed earlier is not shown against one that was not, nor reused for another device."""
     grid = small_grid(model_dir, pruning=["none", {"method": "magnitude", "sweep": {"sparsity": [0.5]}}], quantization=["none"])
-    run_study(StudyGrid.from_dict({**grid, "pruning": ["none"], "latency": "cpu"}), tmp_path, device="cpu")
-    untimed = run_study(StudyGrid.from_dict(grid), tmp_path, device="cpu")  # the dense point still holds a latency
-    write_outputs(untimed, tmp_path, "test")
-    assert "latency ms" not in (tmp_path / "REPORT.md").read_text()
-    cached, moved = tmp_path / "points", 0
+    run_study(StudyGrid.from_dict({**grid, "pruning": ["none"], "latency": "cpu"}), tmp_path / "study", device="cpu")
+    untimed = run_study(StudyGrid.from_dict(grid), tmp_path / "study", device="cpu")  # the dense point still holds a latency
+    write_outputs(untimed, tmp_path / "study", "test")
+    assert "latency ms" not in (tmp_path / "study" / "REPORT.md").read_text()
+    cached, moved = tmp_path / "study" / "points", 0
     for path in cached.glob("*.json"):
         record = json.loads(path.read_text())
         if "latency_device" in record["result"]:
@@ -332,26 +379,26 @@ def test_latency_columns_come_from_this_run_and_its_device(model_dir, tmp_path):
             path.write_text(json.dumps(record))
             moved += 1
     assert moved == 1  # the dense point's latency, kept from the first run
-    assert run_study(StudyGrid.from_dict({**grid, "latency": "cpu"}), tmp_path, device="cpu").measured_now == 2
+    assert run_study(StudyGrid.from_dict({**grid, "latency": "cpu"}), tmp_path / "study", device="cpu").measured_now == 2
 
 
 def test_points_cached_with_other_software_are_named_in_the_report(model_dir, tmp_path):
     grid = StudyGrid.from_dict(small_grid(model_dir, pruning=["none", {"method": "magnitude", "sweep": {"sparsity": [0.5]}}], quantization=["none"]))
-    first = run_study(grid, tmp_path, device="cpu")
+    first = run_study(grid, tmp_path / "study", device="cpu")
     assert all(row.result["versions"]["torch"] == torch.__version__ for row in first.rows)
-    write_outputs(first, tmp_path, "test")
-    assert "other software" not in (tmp_path / "REPORT.md").read_text()
-    for path in (tmp_path / "points").glob("*.json"):
+    write_outputs(first, tmp_path / "study", "test")
+    assert "other software" not in (tmp_path / "study" / "REPORT.md").read_text()
+    for path in (tmp_path / "study" / "points").glob("*.json"):
         record = json.loads(path.read_text())
         if record["pruning"] is None:
             record["result"]["versions"]["torch"] = "2.0.0"  # as if measured before an upgrade
         else:
             del record["result"]["versions"]  # as cached by a version that kept no record
         path.write_text(json.dumps(record))
-    resumed = run_study(grid, tmp_path, device="cpu")
+    resumed = run_study(grid, tmp_path / "study", device="cpu")
     assert resumed.measured_now == 0
-    write_outputs(resumed, tmp_path, "test")
-    report = (tmp_path / "REPORT.md").read_text()
+    write_outputs(resumed, tmp_path / "study", "test")
+    report = (tmp_path / "study" / "REPORT.md").read_text()
     assert "- dense: torch 2.0.0" in report and "- magnitude sparsity=0.5: not recorded" in report
 
 

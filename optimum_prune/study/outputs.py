@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 import torch
 
-from ..report import bare_figure
+from ..report import bare_figure, save_figure
 from ..atomic_files import write_text_atomic
 from .measure import device_name
 from .pareto import best_within, pareto_front
@@ -188,7 +188,7 @@ def plot_pareto(rows: list[StudyRow], path: Path) -> None:
         axis.set_ylabel("perplexity")
         axis.set_title(description, fontsize=9)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    save_figure(figure, path, dpi=110)
 
 
 def plot_redundancy(redundancy: dict[str, list], path: Path) -> None:
@@ -210,7 +210,7 @@ def plot_redundancy(redundancy: dict[str, list], path: Path) -> None:
     bottom.set_ylabel("span n (layers)")
     bottom.set_title("Angular distance between the inputs of layers ℓ and ℓ+n (last token)")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    save_figure(figure, path, dpi=110)
 
 
 def _json_safe(value: Any) -> Any:

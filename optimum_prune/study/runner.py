@@ -58,6 +58,7 @@ def run_study(grid: StudyGrid, output: str | os.PathLike, device: str | torch.de
 
     device = check_device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _check_evaluation_fits(grid.protocol)  # before the output folder is made
+    _check_study_folder(Path(output))
     points_dir = Path(output) / "points"
     try:
         points_dir.mkdir(parents=True, exist_ok=True)
@@ -97,6 +98,24 @@ def _check_evaluation_fits(protocol: Protocol) -> None:
             f"grid.evaluation.tokens ({protocol.evaluation_tokens:,}) is more than the {available:,} tokens the bundled "
             f"evaluation split holds for this model's tokenizer: give at most {whole:,} (whole windows of "
             "grid.evaluation.seq_len)"
+        )
+
+
+def _check_study_folder(output: Path) -> None:
+    """A study writes into a folder of its own: new, empty or an earlier study's (it holds ``points/``). Another
+    folder's results.csv or REPORT.md would be replaced, and a link (a grid shipped with its results folder, or
+    ``points`` in it) would have the files written wherever it points."""
+    for folder in (output, output / "points"):
+        if folder.is_symlink():
+            raise ValueError(
+                f"the study's folder {str(folder)!r} is a symbolic link (to {os.readlink(folder)}); a study writes into a "
+                "folder of its own: remove the link, or give another output folder"
+            )
+    if output.is_dir() and not (output / "points").is_dir() and any(output.iterdir()):
+        raise ValueError(
+            f"the output folder {str(output)!r} holds other files and no earlier study's points/ folder; a study writes "
+            "results.csv, results.json, REPORT.md and plots into it, replacing any of that name: give a new or empty "
+            "output folder"
         )
 
 
