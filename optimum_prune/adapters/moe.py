@@ -294,6 +294,11 @@ class MoEAdapter(DecoderStackAdapter):
                 f"only the expert count of a MoE layer can differ from the config here; got {shape.to_dict()} "
                 f"for a layer built as {current.to_dict()}. The checkpoint's config.json is corrupt"
             )
+        if shape.num_experts > current.num_experts:  # the placeholders would index experts the layer was not built with
+            raise ValueError(
+                f"the layer records {shape.num_experts} experts, more than the {current.num_experts} of a layer built from "
+                "the config (pruning only removes experts). The checkpoint's config.json is corrupt"
+            )
         if shape.num_experts != current.num_experts:
             self.keep_experts(layer, self.placeholder_experts(self.moe_block(layer), shape.num_experts))
 

@@ -167,6 +167,12 @@ def build_mpo_experts(
         linear = getattr(experts[0], name, None)
         if not isinstance(linear, nn.Linear) or (linear.out_features, linear.in_features) != (math.prod(rows), math.prod(columns)):
             raise ValueError(f"mpo names {name!r} with {rows}×{columns}, which no expert linear matches; the checkpoint's config.json is corrupt")
+        full = full_central_bonds(tuple(rows), tuple(columns))
+        if any(bond > limit for bond, limit in zip(central, full)):  # they size the shared central core, allocated next
+            raise ValueError(
+                f"mpo gives {name!r} central bonds {list(central)}, past the full ones {list(full)} of its {rows}×{columns} "
+                "factors (MPOE only truncates them); the checkpoint's config.json is corrupt"
+            )
         shape = core_shapes(tuple(rows), tuple(columns), tuple(central))[CENTRAL]
         shared.central[name] = nn.Parameter(torch.empty(shape, device=reference.device, dtype=reference.dtype))
         for expert in experts:

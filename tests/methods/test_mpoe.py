@@ -1,5 +1,6 @@
 """MPOE: the MPO decomposition, the shared-central fit, the sparsity-driven bond, save and reload."""
 
+import json
 import math
 
 import pytest
@@ -73,6 +74,37 @@ def test_prunes_to_the_target_shares_one_central_tensor_and_reloads(tmp_path):
         assert torch.isfinite(model(input_ids=windows).logits).all()
     save_pruned(model, tmp_path / "out")
     assert_reloads_exactly(model, tmp_path / "out")
+
+
+def _bonds_past_full(layer):
+    for entry in layer["mpo"].values():
+        entry["central_bonds"] = [1000, 1000]
+
+
+def _more_experts_than_built(layer):
+    del layer["mpo"]
+    layer["num_experts"] = 9
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [  # bonds size the shared central core (1000 x 1000 x i3 x j3 each), which transformers allocates where it is missing
+        (_bonds_past_full, r"mpo gives 'w\d' central bonds \[1000, 1000\], past the full ones \[\d+, \d+\]"),
+        (_more_experts_than_built, "the layer records 9 experts, more than the 4 of a layer built from the config"),  # was: IndexError
+    ],
+)
+def test_an_edited_config_is_refused_as_corrupt_before_the_experts_are_built(tmp_path, corrupt, message):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_moe()
+    prune(model, PruningConfig(method="mpoe", sparsity=0.3))
+    save_pruned(model, tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    for layer in config["quantization_config"]["layers"]:
+        corrupt(layer)
+    (tmp_path / "out" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"{message}.* config.json is corrupt"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "out")
 
 
 def test_a_decomposed_checkpoint_loaded_with_offloaded_layers_runs_as_loaded_whole(tmp_path):
