@@ -36,31 +36,43 @@ _Loader.add_implicit_resolver(
 
 
 MAX_EXPANDED_NODES = 100_000  # OmegaConf.load (llamafactory-cli's reader) refuses past 10,000 expanded nodes
+# Lists and mappings within each other, the document's own counted: a config needs a few. Its readers recurse:
+# OmegaConf.create (~10 frames a level) overflows Python's stack past ~95 levels, PyYAML's reader past ~500.
+MAX_DEPTH = 32
 
 
 def load_yaml(text: str, where: str) -> Any:
     """``text`` parsed; a syntax error is a ``ValueError`` naming ``where``, and so is a document whose aliases
-    expand it past ``MAX_EXPANDED_NODES`` (a "billion laughs": OmegaConf.create and every walk expand them)."""
+    expand it past ``MAX_EXPANDED_NODES`` (a "billion laughs": OmegaConf.create and every walk expand them) or that
+    nests past ``MAX_DEPTH`` (every reader of it recurses: a RecursionError)."""
+    too_deep = ValueError(f"{where}: its YAML nests lists or mappings more than {MAX_DEPTH} levels deep; write it flatter")
     try:
         data = yaml.load(text, Loader=_Loader)
     except yaml.YAMLError as error:
         raise ValueError(f"{where} is not valid YAML: {error}") from None
-    if _expanded_nodes(data, {}) > MAX_EXPANDED_NODES:
+    except RecursionError:
+        raise too_deep from None
+    nodes, depth = _expanded_nodes(data, {})
+    if nodes > MAX_EXPANDED_NODES:
         raise ValueError(f"{where}: its YAML aliases expand it past {MAX_EXPANDED_NODES:,} values (or refer to themselves); write it out")
+    if depth > MAX_DEPTH:
+        raise too_deep
     return data
 
 
-def _expanded_nodes(value: Any, seen: dict[int, float]) -> float:
-    """Values in ``value`` with every shared (aliased) list or mapping counted each time it is referred to."""
+def _expanded_nodes(value: Any, seen: dict[int, tuple[float, int]]) -> tuple[float, int]:
+    """(values, levels of nesting) in ``value``, every shared (aliased) list or mapping counted each time it is
+    referred to."""
     if not isinstance(value, (dict, list)):
-        return 1
+        return 1, 0
     if id(value) not in seen:
-        seen[id(value)] = float("inf")  # a list holding itself never ends
+        seen[id(value)] = (float("inf"), 0)  # a list holding itself never ends
         children = [*value.keys(), *value.values()] if isinstance(value, dict) else value
-        total = 1.0
+        total, depth = 1.0, 1
         for child in children:
-            total += _expanded_nodes(child, seen)
-            if total > MAX_EXPANDED_NODES:
+            nodes, levels = _expanded_nodes(child, seen)
+            total, depth = total + nodes, max(depth, levels + 1)
+            if total > MAX_EXPANDED_NODES or depth > MAX_DEPTH:
                 break
-        seen[id(value)] = total
+        seen[id(value)] = (total, depth)
     return seen[id(value)]

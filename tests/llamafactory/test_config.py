@@ -662,6 +662,17 @@ def test_a_yaml_whose_aliases_expand_to_a_billion_values_is_refused(tmp_path):
     assert read_yaml(anchors)["run"] == {"lr": 1.0e-4, "steps": 10}
 
 
+@pytest.mark.parametrize("depth", [32, 2000])
+def test_a_yaml_nested_too_deep_is_refused_naming_the_file(tmp_path, depth):
+    """PyYAML reads recursively: 2000 levels raised a raw RecursionError, and OmegaConf.create one past ~95 levels."""
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("stage: sft\na: " + "[" * depth + "]" * depth + "\n")
+    with pytest.raises(ValueError, match=r"deep\.yaml: its YAML nests lists or mappings more than 32 levels deep"):
+        read_yaml(deep)
+    deep.write_text("stage: sft\na: " + "[" * 31 + "]" * 31 + "\n")  # 32 levels with the document's mapping
+    assert read_yaml(deep)["stage"] == "sft"
+
+
 def test_without_arguments_the_error_lists_only_what_is_required(capsys):
     """argparse listed the optional key=value overrides among the required arguments."""
     with pytest.raises(SystemExit):
