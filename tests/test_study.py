@@ -518,13 +518,37 @@ def test_a_cached_point_of_another_shape_is_measured_again(tmp_path, stored):
     assert study_runner._cached(path, point, "m", "cpu", {}) is None
 
 
+def _measured_redundancy(seed):
+    return {"block_influence": [seed, 0.2], "angular_distance": [[0.3, 0.4], [0.5]]}
+
+
 def test_the_redundancy_cache_is_per_protocol(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(study_runner, "layer_redundancy", lambda protocol, device: calls.append(protocol) or {"seed": protocol.seed})
-    assert study_runner._redundancy(Protocol(seed=1), "m", tmp_path, "cpu") == {"seed": 1}
-    assert study_runner._redundancy(Protocol(seed=2), "m", tmp_path, "cpu") == {"seed": 2}
-    assert study_runner._redundancy(Protocol(seed=1), "m", tmp_path, "cpu") == {"seed": 1} and len(calls) == 2
-    assert study_runner._redundancy(Protocol(seed=1), "another model", tmp_path, "cpu") == {"seed": 1} and len(calls) == 3
+    monkeypatch.setattr(study_runner, "layer_redundancy", lambda protocol, device: calls.append(protocol) or _measured_redundancy(protocol.seed))
+    assert study_runner._redundancy(Protocol(seed=1), "m", tmp_path, "cpu") == _measured_redundancy(1)
+    assert study_runner._redundancy(Protocol(seed=2), "m", tmp_path, "cpu") == _measured_redundancy(2)
+    assert study_runner._redundancy(Protocol(seed=1), "m", tmp_path, "cpu") == _measured_redundancy(1) and len(calls) == 2
+    assert study_runner._redundancy(Protocol(seed=1), "another model", tmp_path, "cpu") == _measured_redundancy(1) and len(calls) == 3
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda redundancy: redundancy.pop("angular_distance"),
+        lambda redundancy: redundancy["angular_distance"].pop(),
+        lambda redundancy: redundancy["angular_distance"][0].append(0.9),
+        lambda redundancy: redundancy.update(block_influence="0.1"),
+    ],
+)
+def test_a_cached_redundancy_of_another_shape_is_measured_again(tmp_path, monkeypatch, damage):
+    """It was returned as stored: the report's plot then raised a raw KeyError (or IndexError), and no REPORT.md."""
+    monkeypatch.setattr(study_runner, "layer_redundancy", lambda protocol, device: _measured_redundancy(protocol.seed))
+    study_runner._redundancy(Protocol(), "m", tmp_path, "cpu")
+    (path,) = tmp_path.glob("redundancy-*.json")
+    stored = json.loads(path.read_text())
+    damage(stored["redundancy"])
+    path.write_text(json.dumps(stored))
+    assert study_runner._redundancy(Protocol(), "m", tmp_path, "cpu") == _measured_redundancy(0)
 
 
 def test_best_within_tie_prefers_the_cheaper_whatever_the_order():

@@ -159,10 +159,24 @@ def _redundancy(protocol: Protocol, fingerprint: str, points_dir: Path, device: 
     path = points_dir / f"redundancy-{key}.json"
     try:
         stored = json.loads(path.read_text(encoding="utf-8"))
-        if stored["model_files"] == fingerprint:
+        if stored["model_files"] == fingerprint and _whole_redundancy(stored["redundancy"]):
             return stored["redundancy"]
     except (OSError, ValueError, KeyError, TypeError):  # none yet, damaged, or an earlier version's (no model files)
         pass
     redundancy = layer_redundancy(protocol, device)
     write_text_atomic(path, json.dumps({"model_files": fingerprint, "redundancy": redundancy}))
     return redundancy
+
+
+def _whole_redundancy(redundancy: Any) -> bool:
+    """Whether a cached redundancy holds what the report and its plot read: a Block Influence per layer, and for each
+    span n = 1 … L the angular distances from the L − n + 1 layers it can start at."""
+    influence, distances = redundancy["block_influence"], redundancy["angular_distance"]
+
+    def numbers(values: Any) -> bool:
+        return isinstance(values, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+    return (
+        numbers(influence) and isinstance(distances, list) and len(distances) == len(influence)
+        and all(numbers(row) and len(row) == len(influence) - span for span, row in enumerate(distances))
+    )  # fmt: skip
