@@ -30,6 +30,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from optimum_prune import PruningConfig
+from optimum_prune.api import check_offloadable_recipe
 from optimum_prune.config import is_provenance
 from optimum_prune.devices import check_activation_device
 from optimum_prune.calibration.sources import read_text_file
@@ -73,6 +74,11 @@ class PruningSection:
         offload = section.get("offload")
         if offload is not None and offload not in OFFLOADS:
             raise ValueError(f"{SECTION}.offload must be one of {', '.join(OFFLOADS)} (or absent), got {offload!r}")
+        if offload is not None:
+            try:
+                check_offloadable_recipe(config)
+            except ValueError as error:
+                raise ValueError(in_yaml_terms(f"{SECTION}.offload: {offload}: {error}")) from None
         activation_device = section.get("activation_device")
         check_activation_device(activation_device, config, f"{SECTION}.activation_device")
         named = section.get("calibration_dataset")

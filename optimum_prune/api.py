@@ -470,7 +470,18 @@ def _runs_layer_by_layer(config: PruningConfig) -> bool:
 
 
 def check_offloadable(config: PruningConfig, adapter: DecoderAdapter) -> None:
-    """Offloaded runs hold one layer at a time: methods and allocations that need more are refused."""
+    """Offloaded runs hold one layer at a time, of a language model in one process: anything else is refused."""
+    check_offloadable_recipe(config)
+    if adapter.upstream_parts or is_distributed() or launched_processes() > 1:  # torchrun's processes would share one output
+        raise ValueError(
+            "offloaded pruning runs in one process on a language model; multimodal parts and torch.distributed are "
+            "not supported yet"
+        )
+
+
+def check_offloadable_recipe(config: PruningConfig) -> None:
+    """The part of ``check_offloadable`` that needs no model: methods and allocations that hold more than one layer
+    are refused (a YAML's ``offload: disk`` is checked with its section, before any data is read)."""
     if not METHODS.get(config.method).pruner:
         raise ValueError(
             f"offloaded pruning supports the per-layer methods ({per_layer_methods()}); {config.method!r} needs the "
@@ -480,11 +491,6 @@ def check_offloadable(config: PruningConfig, adapter: DecoderAdapter) -> None:
         raise ValueError(
             f"PruningConfig.allocation {config.allocation!r} needs gradients of the whole model; offloaded runs take "
             f"{per_layer_allocations()}"
-        )
-    if adapter.upstream_parts or is_distributed() or launched_processes() > 1:  # torchrun's processes would share one output
-        raise ValueError(
-            "offloaded pruning runs in one process on a language model; multimodal parts and torch.distributed are "
-            "not supported yet"
         )
 
 

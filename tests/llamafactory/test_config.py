@@ -311,6 +311,19 @@ def test_pruning_offload_must_be_disk(workspace, tmp_path):
     assert section.offload == "disk"
 
 
+@pytest.mark.parametrize(
+    "pruning, refused",
+    [
+        ({"method": "width", "sparsity": 0.2, "method_options": {"criterion": "magnitude_l1"}}, "per-layer methods"),
+        ({"method": "wanda", "allocation": "sensitivity", "calibration_dataset": "wiki_pt"}, "pruning.allocation 'sensitivity' needs gradients"),
+    ],
+)
+def test_pruning_offload_of_a_recipe_that_holds_the_whole_model_is_refused_with_the_section(workspace, tmp_path, pruning, refused):
+    """It was refused only once LLaMA-Factory had loaded and tokenised the dataset, naming no key."""
+    with pytest.raises(ValueError, match=rf"^pruning\.offload: disk: .*{refused}"):
+        split_pruning({**base_args(workspace, tmp_path), "pruning": {**pruning, "offload": "disk"}})
+
+
 def test_pruning_activation_device_is_a_device_name(workspace, tmp_path):
     with pytest.raises(ValueError, match="pruning.activation_device 'gpu0' is not a device name"):
         split_pruning({**base_args(workspace, tmp_path), "pruning": {"method": "wanda", "calibration_dataset": "wiki_pt", "activation_device": "gpu0"}})
