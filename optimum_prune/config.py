@@ -498,11 +498,18 @@ def _checked_parts(parts: Any, sparsity: float | str) -> dict[str, dict[str, Any
 def _complete_options(
     options_cls: type, values: Any, field_name: str, unknown_hint: Callable[[], str] | None = None
 ) -> dict[str, Any]:
+    """``values`` checked and completed with the defaults; an error names ``field_name`` once: an options class's own
+    check says ``method_options.round_to ...``, which reads ``PruningConfig.method_options.round_to ...`` (the
+    translators into flags and YAML keys rename that)."""
     try:
         return options_to_dict(build_options(options_cls, values if values is not None else {}, field_name))
     except ValueError as error:
         message = str(error)
-        message = message if message.startswith(field_name) else f"{field_name}: {message}"
+        owner, _, short_name = field_name.rpartition(".")
+        if message.startswith(f"{short_name}."):
+            message = f"{owner}.{message}"
+        elif not message.startswith(field_name):
+            message = f"{field_name}: {message}"
         if unknown_hint is not None and "unknown option" in message:
             message += f" ({unknown_hint()})"
         raise ValueError(message) from None

@@ -94,6 +94,7 @@ def test_cli_structured_depth_pruning_saves_a_score_plot(model_dir, tmp_path, ca
     [
         (["--sparsity", "5:4"], "--sparsity '5:4' needs 0 < N < M"),
         (["--method", "layers", "--option", "merge=yes"], "--option merge must be bool, got 'yes'"),
+        (["--method", "width", "--sparsity", "0.2", "--option", "round_to=0"], "error: --option round_to must be >= 1, got 0"),
         (["--method", "magnitude", "--activation-device", "cpu"], "'magnitude' (allocation 'uniform') reads no calibration: leave --activation-device unset"),
         (["--model", "nowhere"], "model path"),
         (["--option", "block_size"], "--option expects NAME=VALUE"),

@@ -80,6 +80,8 @@ def test_unknown_and_invalid_method_options():
         PruningConfig(method="wanda", method_options={"comparison_group": "column"})
     with pytest.raises(TypeError, match="method_options.block_size must be int"):
         PruningConfig(method="sparsegpt", method_options={"block_size": "64"})
+    with pytest.raises(ValueError, match=r"^PruningConfig\.method_options\.round_to must be >= 1, got 0$"):
+        PruningConfig(method="width", sparsity=0.2, method_options={"round_to": 0})  # the options class's own check
 
 
 def test_owl_with_nm_pattern_is_refused():

@@ -99,7 +99,7 @@ class LayerRemovalOptions:
     def __post_init__(self) -> None:
         check_choice("criterion", self.criterion, CRITERIA)
         if self.merge and self.reroute:
-            raise ValueError("method_options.merge and method_options.reroute are alternatives: set one of them")
+            raise ValueError("method_options.merge and reroute are alternatives: set one of them")
         if self.num_layers < 0:
             raise ValueError(f"num_layers must be >= 0, got {self.num_layers}")
 

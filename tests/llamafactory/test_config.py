@@ -43,6 +43,7 @@ def run_cli(tmp_path, capsys, config: dict | str, command: str = "train") -> str
         ({"method": "magnitude", "calibration_dataset": "nope"}, "pruning.calibration_dataset: method 'magnitude' needs no calibration data"),
         ({"method": "wanda", "calibration_dataset": ""}, "pruning.calibration_dataset is empty"),
         ({"method": ["wanda"]}, r"pruning.method must be one name \(one of .*\), got \['wanda'\]"),
+        ({"method": "width", "sparsity": 0.2, "method_options": {"round_to": 0}}, "error: pruning.method_options.round_to must be >= 1, got 0$"),
     ],
 )
 def test_bad_pruning_section_is_one_clear_error(workspace, tmp_path, capsys, pruning, message):

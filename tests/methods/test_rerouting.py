@@ -117,7 +117,7 @@ def dense_without(dense: torch.nn.Module, removed: list[str]) -> torch.nn.Module
 
 
 def test_reroute_errors_name_the_option():
-    with pytest.raises(ValueError, match="merge and method_options.reroute are alternatives"):
+    with pytest.raises(ValueError, match="method_options.merge and reroute are alternatives"):
         PruningConfig(method="layers", sparsity=0.2, method_options={"merge": True, "reroute": True})
     with pytest.raises(ValueError, match="only removed sublayers"):
         LayerShape.from_dict({"num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 0, "rerouted": ["attention"]}, "layer 0")
