@@ -32,6 +32,7 @@ from optimum_prune import SparsityMasks, merge_lora_preserving_sparsity, prune, 
 from optimum_prune.atomic_files import check_replaceable
 from optimum_prune.calibration import sample_windows
 from optimum_prune.config import PruningConfig, readable_step
+from optimum_prune.dependencies import MissingDependency
 from optimum_prune.models import load_causal_lm
 from optimum_prune.saving import DEFAULT_SHARD_SIZE
 from optimum_prune.streaming import INDEX_NAME, checkpoint_fingerprint
@@ -188,7 +189,8 @@ def read_calibration(args: Mapping[str, Any], section: PruningSection) -> Calibr
     if config.requires_calibration:
         dataset = get_dataset(template, model_args, data_args, training_args, calibration_stage, **tokenizer_module)
         tokens = torch.tensor(list(chain.from_iterable(dataset["train_dataset"]["input_ids"])), dtype=torch.long)
-        windows = sample_windows(tokens, config.num_calibration_samples, config.calibration_seq_len, config.seed)
+        with _errors_naming_the_section():  # a dataset shorter than one window
+            windows = sample_windows(tokens, config.num_calibration_samples, config.calibration_seq_len, config.seed)
     return Calibration(model_args, tokenizer, windows, _model_fingerprint({**args, "model_name_or_path": model_args.model_name_or_path}))
 
 
@@ -208,11 +210,11 @@ def prune_and_save(
 
 @contextmanager
 def _errors_naming_the_section() -> Iterator[None]:
-    """The checks that need the model (ignore patterns, widths, layer counts) name ``PruningConfig.<field>``; this
-    YAML's user wrote ``pruning.<field>``."""
+    """The checks that need the model or the data (ignore patterns, widths, layer counts, the calibration's length)
+    name ``PruningConfig.<field>``; this YAML's user wrote ``pruning.<field>``."""
     try:
         yield
-    except (ValueError, RuntimeError) as error:
+    except (ValueError, RuntimeError, MissingDependency) as error:
         if "PruningConfig." not in str(error):  # not about the section (an output folder, CUDA memory): as it is
             raise
         try:

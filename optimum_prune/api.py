@@ -384,7 +384,7 @@ def _warn_if_earlier_sparsity_lost(
     if said:
         remedy = (
             "prune structurally first, then unstructured or N:M" if METHODS.get(config.method).structured
-            else "its weight update revived zeros the pattern needs; keep them with method_options.keep_zeros=True where the method has it"
+            else "its weight update revived zeros the pattern needs; keep them with PruningConfig.method_options.keep_zeros=True where the method has it"
         )  # fmt: skip
         logger.warning("method %r undid the model's earlier unstructured pruning: %s; %s", config.method, "; ".join(said), remedy)
 

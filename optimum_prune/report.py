@@ -196,7 +196,7 @@ class PruningReport:
         if self.revived_zeros:
             logger.warning(
                 "%s: the model was already sparse (pruned before, or a quantizer's exact zeros), and the update made %s of "
-                "its zeros non-zero again in %d linears (PruningReport.revived_zeros); set method_options.keep_zeros=True "
+                "its zeros non-zero again in %d linears (PruningReport.revived_zeros); set PruningConfig.method_options.keep_zeros=True "
                 "to keep them pruned", self.method, f"{sum(self.revived_zeros.values()):,}", len(self.revived_zeros),
             )  # fmt: skip
 

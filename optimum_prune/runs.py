@@ -422,7 +422,7 @@ def _width_remedy(adapter: DecoderAdapter, name: str, linear: nn.Linear, target:
         return f"; {ignore}"
     return (
         f"; the model's recorded {recorded.method!r} step (sparsity {recorded.sparsity}, round_to={round_to}) chose this "
-        f"width: run it again with method_options.round_to={target.m} (or a multiple of {target.m}), or {ignore}"
+        f"width: run it again with PruningConfig.method_options.round_to={target.m} (or a multiple of {target.m}), or {ignore}"
     )
 
 

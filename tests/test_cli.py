@@ -95,6 +95,8 @@ def test_cli_structured_depth_pruning_saves_a_score_plot(model_dir, tmp_path, ca
         (["--sparsity", "5:4"], "--sparsity '5:4' needs 0 < N < M"),
         (["--method", "layers", "--option", "merge=yes"], "--option merge must be bool, got 'yes'"),
         (["--method", "width", "--sparsity", "0.2", "--option", "round_to=0"], "error: --option round_to must be >= 1, got 0"),
+        (["--method", "layers", "--option", "num_layers=5"], "the model has 3; at least one must stay (lower --sparsity or --option num_layers)"),
+        (["--method", "layers", "--sparsity", "0.1"], "--sparsity 0.1 rounds to 0 of 3 layers; raise it or set --option num_layers"),
         (["--method", "magnitude", "--activation-device", "cpu"], "'magnitude' (allocation 'uniform') reads no calibration: leave --activation-device unset"),
         (["--model", "nowhere"], "model path"),
         (["--option", "block_size"], "--option expects NAME=VALUE"),
@@ -487,6 +489,15 @@ def test_ctrl_c_while_the_replaced_output_is_removed_says_the_new_one_is_saved(o
     assert json.loads((tmp_path / "out" / "pruning_config.json").read_text())["sparsity"] == 0.6
     assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "tiny"]  # the previous output was removed all the same
     assert not (tmp_path / "out" / "streaming-run.json").exists()  # the offloaded run's own record went too
+
+
+def test_calibration_shorter_than_one_window_names_the_flag(model_dir, tmp_path, capsys):
+    """It named calibration_seq_len, which the command line spells --seq-len."""
+    text = tmp_path / "short.txt"
+    text.write_text("a few words only")
+    with pytest.raises(SystemExit):
+        main(["--model", str(model_dir), "--calibration", str(text), "--seq-len", "512", "--output", str(tmp_path / "o")])
+    assert "fewer than one window of --seq-len 512; give more text or lower --seq-len" in capsys.readouterr().err
 
 
 def test_warnings_name_the_flags_the_recipe_came_from(model_dir, tmp_path, caplog):

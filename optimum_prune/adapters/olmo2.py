@@ -41,5 +41,5 @@ class Olmo2Adapter(LlamaAdapter):
         return UnsupportedArchitecture(
             f"{type(self.model).__name__} normalises queries and keys over all heads at once (self_attn.q_norm, "
             "self_attn.k_norm), so removing heads would change the kept heads' attention; prune MLP channels only "
-            "(method_options.components='mlp'), or whole layers or sublayers"
+            "(PruningConfig.method_options.components='mlp'), or whole layers or sublayers"
         )

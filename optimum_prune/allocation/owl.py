@@ -63,6 +63,6 @@ class OWLAllocation(Allocation[OWLOptions]):
         if min(sparsities) < 0 or max(sparsities) >= 1:
             raise ValueError(
                 f"OWL with target {target} and max_deviation {self.options.max_deviation} gives layer "
-                f"sparsities outside [0, 1); lower allocation_options.max_deviation"
+                f"sparsities outside [0, 1); lower PruningConfig.allocation_options.max_deviation"
             )
         return sparsities

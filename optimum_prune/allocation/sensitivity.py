@@ -93,6 +93,6 @@ class SensitivityAllocation(Allocation[SensitivityOptions]):
         if min(sparsities) < 0 or max(sparsities) >= 1:
             raise ValueError(
                 f"sensitivity allocation with target {target} and max_deviation {deviation} gives layer sparsities "
-                "outside [0, 1); lower allocation_options.max_deviation"
+                "outside [0, 1); lower PruningConfig.allocation_options.max_deviation"
             )
         return sparsities

@@ -366,8 +366,8 @@ def sample_windows(tokens: torch.Tensor, num_samples: int, seq_len: int, seed: i
     """``num_samples`` windows of ``seq_len`` tokens from a 1-D token stream, at seeded random offsets."""
     if tokens.numel() < seq_len:
         raise ValueError(
-            f"calibration has {tokens.numel()} tokens, fewer than one window of calibration_seq_len={seq_len}; "
-            "give more text or lower calibration_seq_len"
+            f"calibration has {tokens.numel()} tokens, fewer than one window of PruningConfig.calibration_seq_len {seq_len}; "
+            "give more text or lower PruningConfig.calibration_seq_len"
         )
     if tokens.numel() < num_samples * seq_len:
         logger.warning(

@@ -146,7 +146,7 @@ class _ExpertLinears:
         try:
             from scipy.optimize import linear_sum_assignment
         except ImportError:
-            raise MissingDependency("method_options.align needs scipy (linear assignment): pip install scipy") from None
+            raise MissingDependency("PruningConfig.method_options.align needs scipy (linear assignment): pip install scipy") from None
 
         similarity = reference.neuron_features() @ self.neuron_features().T
         _, order = linear_sum_assignment(similarity.cpu().numpy(), maximize=True)

@@ -77,7 +77,7 @@ class ExpertPruning(StructuredMethod[ExpertPruningOptions]):
         self.kept_layers = self.kept_moe_layers() | dense_layers(self.adapter)
         if self.options.ranking == "global" and len(self.adapter.expert_groups(first_moe_block(self.adapter))) > 1:
             raise ValueError(
-                "method_options.ranking='global' gives layers different expert counts, which a router choosing experts "
+                "PruningConfig.method_options.ranking='global' gives layers different expert counts, which a router choosing experts "
                 "in groups cannot take evenly; use ranking='layer'"
             )
 
@@ -202,7 +202,7 @@ def experts_to_keep(adapter: Any, sparsity: float, requested: int) -> int:
     if not top_k <= keep < total:
         raise ValueError(
             f"keeping {keep} of {total} experts per layer is not possible: the router picks top-{top_k}, so keep "
-            f"between {top_k} and {total - 1} (set PruningConfig.sparsity or method_options.num_experts)"
+            f"between {top_k} and {total - 1} (set PruningConfig.sparsity or PruningConfig.method_options.num_experts)"
         )
     adapter.check_expert_count(block, keep)
     return keep

@@ -118,12 +118,12 @@ class LayerRemoval(StructuredMethod[LayerRemovalOptions]):
         if count == 0:
             raise ValueError(
                 f"PruningConfig.sparsity {self.sparsity} rounds to 0 of {len(layers)} layers; raise it or set "
-                "method_options.num_layers"
+                "PruningConfig.method_options.num_layers"
             )
         if count >= len(layers):
             raise ValueError(
                 f"cannot remove {count} decoder layers: the model has {len(layers)}; at least one must stay "
-                "(lower PruningConfig.sparsity or method_options.num_layers)"
+                "(lower PruningConfig.sparsity or PruningConfig.method_options.num_layers)"
             )
         self.count = count
         self.sparsity = count / len(layers)  # what the whole layers removed come to (num_layers, or the rounded sparsity)
@@ -136,11 +136,11 @@ class LayerRemoval(StructuredMethod[LayerRemovalOptions]):
             for name, layer in zip(self.adapter.layer_names(), layers):
                 if self.adapter.attention(layer) is None or self.adapter.mlp(layer) is None:
                     raise ValueError(
-                        f"method_options.reroute leaves a run's first layer as a re-routed MLP, but {name} has already "
+                        f"PruningConfig.method_options.reroute leaves a run's first layer as a re-routed MLP, but {name} has already "
                         "lost a sublayer; re-route the layers first, or remove layers without reroute"
                     )
         if self.options.merge and len({(str(self.adapter.layer_shape(layer)), rerouted_sublayers(layer)) for layer in layers}) > 1:
-            raise ValueError("method_options.merge needs layers of identical shape; this model's layers differ")
+            raise ValueError("PruningConfig.method_options.merge needs layers of identical shape; this model's layers differ")
 
     def always_records_layer_shapes(self) -> bool:
         return self.options.reroute  # a re-routed layer holds stand-ins where its sublayers were
@@ -203,7 +203,7 @@ class LayerRemoval(StructuredMethod[LayerRemovalOptions]):
         for target, merged in merges.items():
             if merged and holds_ignored(names[target], layers[target], self.ignore):
                 raise ValueError(
-                    f"method_options.merge would add {', '.join(names[r] for r in merged)} into {names[target]}, which "
+                    f"PruningConfig.method_options.merge would add {', '.join(names[r] for r in merged)} into {names[target]}, which "
                     f"PruningConfig.ignore {self.ignore!r} keeps unchanged; narrow ignore, or set merge=False"
                 )
         with torch.no_grad():

@@ -91,13 +91,13 @@ class LowRankFactorization(StructuredMethod[LowRankOptions]):
         if rank < 1 and isinstance(linear, LowRankLinear) and linear.rank <= self.options.round_to:  # any sparsity > 0 does
             raise ValueError(
                 f"{name} is factorised at rank {linear.rank} already, which no sparsity leaves a rank of "
-                f"method_options.round_to={self.options.round_to}: "
+                f"PruningConfig.method_options.round_to={self.options.round_to}: "
                 + ("" if self.options.round_to == 1 else "lower round_to, or ") + f"add {name!r} to PruningConfig.ignore"
             )
         if rank < 1:
             raise ValueError(
                 f"PruningConfig.sparsity {self.sparsity} leaves {name} ({out_features}×{in_features}) less than one "
-                f"rank of {self.options.round_to}; lower the sparsity or method_options.round_to"
+                f"rank of {self.options.round_to}; lower it or PruningConfig.method_options.round_to"
             )
         return rank
 

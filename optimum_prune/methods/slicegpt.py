@@ -65,7 +65,7 @@ class SliceGPT(StructuredMethod[SliceGPTOptions]):
         if self.width < step:
             raise ValueError(
                 f"PruningConfig.sparsity {self.sparsity} leaves {self.hidden * (1 - self.sparsity):.0f} of "
-                f"{self.hidden} hidden dimensions, less than method_options.round_to={step}; lower the sparsity"
+                f"{self.hidden} hidden dimensions, less than PruningConfig.method_options.round_to={step}; lower the sparsity"
             )
         if self.width >= self.hidden:
             raise ValueError(

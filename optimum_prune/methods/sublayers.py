@@ -70,13 +70,13 @@ class SublayerRemoval(StructuredMethod[SublayerRemovalOptions]):
         self.budget = self.sparsity * total
         if not self.units:
             raise ValueError(
-                f"nothing to remove: PruningConfig.ignore {self.ignore!r} and method_options.sublayers "
+                f"nothing to remove: PruningConfig.ignore {self.ignore!r} and PruningConfig.method_options.sublayers "
                 f"{self.options.sublayers!r} leave no {' or '.join(kinds)} block; narrow ignore or choose other sublayers"
             )
         smallest = min(self.units.values())
         if smallest <= 0:
             raise ValueError(
-                f"method_options.reroute: a {hidden}×{hidden} map is as large as a block of this model, so "
+                f"PruningConfig.method_options.reroute: a {hidden}×{hidden} map is as large as a block of this model, so "
                 "re-routing saves nothing; set reroute=False"
             )
         if smallest > self.budget:

@@ -78,7 +78,7 @@ class UnitPlan:
         narrowest = min((c.removable + 1 for c in self.components if c.kind == "mlp"), default=None)
         if narrowest is not None and round_to > narrowest:
             raise ValueError(
-                f"method_options.round_to ({round_to}) is above the narrowest MLP's {narrowest} channels, which cannot keep "
+                f"PruningConfig.method_options.round_to ({round_to}) is above the narrowest MLP's {narrowest} channels, which cannot keep "
                 "a multiple of it; lower round_to"
             )
 
@@ -263,7 +263,7 @@ def output_projection(adapter: Any, layer: nn.Module, component: Component) -> n
     if len(component.consumers) != 1:
         raise UnsupportedArchitecture(
             f"this method needs one output projection per MLP, this model's has {len(component.consumers)}: "
-            "set method_options.components='attention' to prune attention heads only"
+            "set PruningConfig.method_options.components='attention' to prune attention heads only"
         )
     return component.consumers[0]
 

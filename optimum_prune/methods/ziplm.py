@@ -124,7 +124,7 @@ class ZipLM(StructuredMethod[ZipLMOptions]):
         narrow = min((c.removable + 1 for c in self.units.components if c.kind == "mlp"), default=None)
         if narrow is not None and self.options.round_to > narrow:  # the grid would hold no width but the whole MLP
             raise ValueError(
-                f"method_options.round_to ({self.options.round_to}) is above the narrowest MLP's {narrow} channels: its levels "
+                f"PruningConfig.method_options.round_to ({self.options.round_to}) is above the narrowest MLP's {narrow} channels: its levels "
                 "would be all or nothing; lower round_to"
             )
         if self.options.target == "parameters":

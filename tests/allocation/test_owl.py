@@ -63,7 +63,7 @@ def test_owl_refuses_impossible_spread():
     allocation = OWLAllocation(OWLOptions(max_deviation=0.3))
     for index, outliers in enumerate([0, 8]):
         _observe(allocation, index, outliers)
-    with pytest.raises(ValueError, match="lower allocation_options.max_deviation"):
+    with pytest.raises(ValueError, match="lower PruningConfig.allocation_options.max_deviation"):
         allocation.allocate(0.9, [100] * 2)
 
 

@@ -188,5 +188,5 @@ def test_the_traces_are_those_of_the_first_windows_the_options_name():
 def test_sensitivity_refuses_layer_sparsities_outside_0_1(target, sensitivities):
     allocation = SensitivityAllocation(SensitivityOptions(max_deviation=0.3))
     allocation.sensitivities = sensitivities
-    with pytest.raises(ValueError, match="lower allocation_options.max_deviation"):
+    with pytest.raises(ValueError, match="lower PruningConfig.allocation_options.max_deviation"):
         allocation.allocate(target, [100, 100])

@@ -53,7 +53,7 @@ def test_bad_sources(tmp_path, bpe_tokenizer):
     (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n")
     with pytest.raises(ValueError, match=r"calibration file .*image.png' is not UTF-8 text \(invalid start byte at byte 0\)"):
         calibration_windows(tmp_path / "image.png", bpe_tokenizer, 4, 16, seed=0)
-    with pytest.raises(ValueError, match="fewer than one window of calibration_seq_len=4096"):
+    with pytest.raises(ValueError, match="fewer than one window of PruningConfig.calibration_seq_len 4096"):
         calibration_windows(["short text"], bpe_tokenizer, 4, 4096, seed=0)
     with pytest.raises(ValueError, match="tokenizer is required"):
         calibration_windows([TEXT], None, 4, 16, seed=0)

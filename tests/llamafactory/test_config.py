@@ -492,6 +492,13 @@ def test_the_pruning_seed_samples_the_calibration_windows(workspace, tmp_path):
     assert torch.equal(windows(3), windows(3)) and not torch.equal(windows(3), windows(0))
 
 
+def test_a_calibration_dataset_shorter_than_one_window_names_the_key(workspace, tmp_path):
+    args = base_args(workspace, tmp_path / "out", stage="prune", dataset="wiki_pt")
+    section = PruningSection.from_mapping({"method": "wanda", "calibration_seq_len": 10**7}, args)
+    with pytest.raises(ValueError, match="fewer than one window of pruning.calibration_seq_len 10000000; give more text or lower pruning.calibration_seq_len"):
+        stages.read_calibration(args, section)
+
+
 def test_a_tokenized_path_of_the_training_run_is_not_written_by_the_calibration_read(workspace, tmp_path):
     args = base_args(workspace, tmp_path / "out", stage="pt", dataset="wiki_pt", tokenized_path=str(tmp_path / "tokenized"))
     section = PruningSection.from_mapping({"method": "wanda", "num_calibration_samples": 2, "calibration_seq_len": 32}, args)

@@ -106,7 +106,7 @@ def test_impossible_requests_fail_before_touching_the_model():
     model = tiny_model()
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     windows = token_windows()
-    with pytest.raises(ValueError, match="less than method_options.round_to"):
+    with pytest.raises(ValueError, match="less than PruningConfig.method_options.round_to=8; lower the sparsity"):
         prune(model, slicegpt(0.95), calibration=windows)
     with pytest.raises(ValueError, match="slices nothing"):
         prune(model, slicegpt(0.0), calibration=windows)

@@ -177,7 +177,7 @@ def test_every_run_that_revives_zeros_says_so_once(caplog):
         assert messages[-1] == [
             f"sparsegpt: the model was already sparse (pruned before, or a quantizer's exact zeros), and the update made "
             f"{sum(report.revived_zeros.values()):,} of its zeros non-zero again in {len(report.linears)} linears "
-            "(PruningReport.revived_zeros); set method_options.keep_zeros=True to keep them pruned"
+            "(PruningReport.revived_zeros); set PruningConfig.method_options.keep_zeros=True to keep them pruned"
         ]
 
 

@@ -384,10 +384,10 @@ def test_n_m_after_width_names_the_step_and_the_remedies():
     model = tiny_model()
     prune(model, PruningConfig(method="width", sparsity=0.3, method_options={"ranking": "global"}), calibration=token_windows())
     assert any(layer.mlp.down_proj.in_features % 4 for layer in model.model.layers)  # round_to=1, as recipes before it
-    with pytest.raises(ValueError, match=r"recorded 'width' step .* method_options.round_to=4 .* add '\*.down_proj' to PruningConfig.ignore"):
+    with pytest.raises(ValueError, match=r"recorded 'width' step .* PruningConfig.method_options.round_to=4 .* add '\*.down_proj' to PruningConfig.ignore"):
         prune(model, PruningConfig(method="wanda", sparsity="2:4"), calibration=token_windows())
     del model.config.pruning_config["method_options"]["round_to"]  # as a version before the option recorded it
-    with pytest.raises(ValueError, match=r"recorded 'width' step \(sparsity 0.3, round_to=1\) chose this width: run it again with method_options.round_to=4"):
+    with pytest.raises(ValueError, match=r"recorded 'width' step \(sparsity 0.3, round_to=1\) chose this width: run it again with PruningConfig.method_options.round_to=4"):
         prune(model, PruningConfig(method="wanda", sparsity="2:4"), calibration=token_windows())
 
 
