@@ -33,7 +33,7 @@ from .config import PruningConfig
 from .dependencies import MissingDependency
 from .devices import check_activation_device, check_device
 from .distributed import init_from_launcher, launched_processes, rank_zero_first, world
-from .evaluation import check_whole_windows, evaluate_perplexity
+from .evaluation import TooFewTokens, check_whole_windows, evaluate_perplexity
 from .methods import METHODS, per_layer_methods
 from .models import auto_class_name, default_model_path, load_default_model, load_model, load_tokenizer, missing_tokenizer
 from .options import MoEOptions, describe_options, option_types
@@ -122,8 +122,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--eval", action="store_true", help="report dense and pruned perplexity")
     parser.add_argument("--eval-file", type=user_path, help="evaluation text file, or a .jsonl / .json / .csv / .parquet file of records with a 'text' column, read as --calibration reads them (default: bundled Wikipedia evaluation split)")
-    parser.add_argument("--eval-tokens", type=int, default=16384, help="tokens of evaluation text to score (default: 16384)")
+    parser.add_argument(
+        "--eval-tokens", type=eval_token_count, default=16384, metavar="N|all",
+        help="tokens of evaluation text to score, or all: the whole text in whole --eval-seq-len windows (default: 16384)",
+    )
     parser.add_argument("--eval-seq-len", type=int, default=512, help="tokens per perplexity window (default: 512)")
+
+
+def eval_token_count(text: str) -> int | None:
+    """``--eval-tokens``: a count, or ``all`` (None: ``evaluate_perplexity`` then scores the whole text)."""
+    if text == "all":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of tokens or all, got {text!r}") from None
 
 
 def _parse_options(pairs: Sequence[str], flag: str, options_cls: type | None) -> dict[str, Any]:
@@ -230,7 +243,18 @@ def run(args: argparse.Namespace) -> int:
     eval_text = file_texts(args.eval_file, "--eval-file") if args.eval_file else None
 
     def perplexity() -> float:
-        return evaluate_perplexity(model, tokenizer, eval_text, seq_len=args.eval_seq_len, max_tokens=args.eval_tokens)
+        try:
+            return evaluate_perplexity(model, tokenizer, eval_text, seq_len=args.eval_seq_len, max_tokens=args.eval_tokens)
+        except TooFewTokens as error:
+            if args.eval_tokens is None:
+                raise ValueError(
+                    f"the evaluation text has {error.tokens:,} tokens, fewer than one window of --eval-seq-len "
+                    f"{args.eval_seq_len}: give more text, or lower --eval-seq-len"
+                ) from None
+            raise ValueError(
+                f"the evaluation text has {error.tokens:,} tokens, fewer than --eval-tokens {args.eval_tokens}: give more "
+                "text, lower --eval-tokens, or score all of it with --eval-tokens all"
+            ) from None
 
     dense = perplexity() if args.eval and world()[0] == 0 else None
     before = verify_sparsity(model)["overall_sparsity"]
@@ -292,7 +316,8 @@ def _print_summary(
     else:
         rows.append(("linear sparsity (excl. lm_head)", f"{before:.2%}", f"{after['overall_sparsity']:.2%}"))
     if args.eval:
-        rows.append((f"perplexity ({args.eval_tokens:,} tokens)", f"{dense:.2f}", f"{pruned:.2f}"))
+        scored = "the whole text" if args.eval_tokens is None else f"{args.eval_tokens:,} tokens"
+        rows.append((f"perplexity ({scored})", f"{dense:.2f}", f"{pruned:.2f}"))
     rows.append(("pruning time", "", f"{report.seconds:.1f} s"))
     if after["pattern"]:
         rows.append((f"{after['pattern']} conforming", "", str(after["conforming"])))

@@ -20,11 +20,22 @@ from .data import wikipedia_text
 from .options import as_option_type
 
 
-def check_whole_windows(tokens: int, seq_len: int, tokens_field: str, seq_len_field: str) -> None:
+class TooFewTokens(ValueError):
+    """The text holds fewer tokens than asked to score; ``tokens`` says how many it holds, so a caller can name its own
+    setting in the error (the CLI's ``--eval-tokens``)."""
+
+    def __init__(self, message: str, tokens: int) -> None:
+        super().__init__(message)
+        self.tokens = tokens
+
+
+def check_whole_windows(tokens: int | None, seq_len: int, tokens_field: str, seq_len_field: str) -> None:
     """Perplexity scores whole windows: a token count that is not a multiple of the window would be stated
-    for tokens never scored."""
+    for tokens never scored (None, the whole text, is cut to whole windows)."""
     if seq_len < 2:
         raise ValueError(f"{seq_len_field} must be at least 2 (a window predicts its tokens after the first), got {seq_len}")
+    if tokens is None:
+        return
     if tokens < seq_len:
         raise ValueError(f"{tokens_field} ({tokens}) must be at least {seq_len_field} ({seq_len}): perplexity scores whole windows")
     if tokens % seq_len:
@@ -68,14 +79,14 @@ def evaluate_perplexity(
     if max_tokens is not None:  # the count a caller states beside the result: it must be the one scored
         check_whole_windows(max_tokens, seq_len, "max_tokens", "seq_len")
         if tokens.numel() < max_tokens:
-            raise ValueError(
+            raise TooFewTokens(
                 f"the text has {tokens.numel():,} tokens, fewer than max_tokens={max_tokens:,}: give more text, or lower "
-                f"max_tokens (None scores all of it)"
-            )
+                f"max_tokens (None scores all of it)", tokens.numel(),
+            )  # fmt: skip
         tokens = tokens[:max_tokens]
     windows = tokens.numel() // seq_len
     if windows == 0:
-        raise ValueError(f"text has {tokens.numel()} tokens, fewer than one window of seq_len={seq_len}")
+        raise TooFewTokens(f"text has {tokens.numel()} tokens, fewer than one window of seq_len={seq_len}", tokens.numel())
     tokens = tokens[: windows * seq_len].reshape(windows, seq_len)
     check_calibration_inputs(model, tokens, "evaluation windows", "lower seq_len")
     device = check_device(device) if device is not None else next(model.parameters()).device

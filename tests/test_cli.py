@@ -368,6 +368,27 @@ def test_eval_file_reads_records_as_calibration_does(model_dir, tmp_path, capsys
     assert "without a 'text' column" in capsys.readouterr().err
 
 
+def test_eval_tokens_past_the_evaluation_text_names_the_flag_and_all_scores_the_whole_text(model_dir, tmp_path, capsys):
+    """The error named evaluate_perplexity's max_tokens and its None, which no flag spelled."""
+    from optimum_prune.evaluation import evaluate_perplexity
+
+    text = "The quick brown fox jumps over the lazy dog. " * 20
+    (tmp_path / "eval.txt").write_text(text)
+    arguments = ["--model", str(model_dir), "--method", "magnitude", "--eval", "--eval-file", str(tmp_path / "eval.txt"), "--eval-seq-len", "32"]
+    with pytest.raises(SystemExit):
+        main([*arguments, "--output", str(tmp_path / "out")])  # the default --eval-tokens, 16384
+    err = capsys.readouterr().err
+    assert "fewer than --eval-tokens 16384: give more text, lower --eval-tokens, or score all of it with --eval-tokens all" in err
+    assert main([*arguments, "--eval-tokens", "all", "--output", str(tmp_path / "out")]) == 0
+    dense = re.search(r"perplexity \(the whole text\)\s+(\S+)", capsys.readouterr().out).group(1)
+    model, tokenizer = load_model(model_dir)
+    assert dense == f"{evaluate_perplexity(model, tokenizer, text, seq_len=32):.2f}"
+    (tmp_path / "short.txt").write_text("a few words")
+    with pytest.raises(SystemExit):
+        main([*arguments[:-3], str(tmp_path / "short.txt"), "--eval-seq-len", "32", "--eval-tokens", "all", "--output", str(tmp_path / "o")])
+    assert "fewer than one window of --eval-seq-len 32: give more text, or lower --eval-seq-len" in capsys.readouterr().err
+
+
 def test_sigterm_unwinds_and_removes_the_activation_folder(model_dir, tmp_path):
     """docker stop / Slurm send SIGTERM, whose default ended the process with the disk activations left in TMPDIR."""
     script = (
