@@ -99,6 +99,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allocation-option", action="append", default=[], metavar="NAME=VALUE", help="allocation option")
     parser.add_argument("--moe-option", action="append", default=[], metavar="NAME=VALUE", help="mixture-of-experts option")
     parser.add_argument("--ignore", action="append", default=[], metavar="GLOB", help="module names to keep dense")
+    parser.add_argument(
+        "--part", action="append", default=[], metavar="NAME[=SPARSITY]",
+        help="a part of a multimodal model to prune: language, vision or projector, at its own sparsity if given (else "
+        "--sparsity's); repeat it for each part (default: the language tower only)",
+    )
     parser.add_argument("--device", help="where layers are processed (default: cuda if available, else cpu)")
     parser.add_argument(
         "--dtype", choices=sorted(DTYPES), type=lambda name: DTYPE_ALIASES.get(name, name),
@@ -158,6 +163,17 @@ def _parse_options(pairs: Sequence[str], flag: str, options_cls: type | None) ->
     return options
 
 
+def _parse_parts(values: Sequence[str]) -> dict[str, dict[str, str]]:
+    """``--part NAME[=SPARSITY]`` flags as ``PruningConfig.parts`` (which checks the names and sparsities)."""
+    parts: dict[str, dict[str, str]] = {}
+    for value in values:
+        name, sep, sparsity = value.partition("=")
+        if name in parts:
+            raise ValueError(f"--part {name} is given twice: give each part once")
+        parts[name] = {"sparsity": sparsity} if sep else {}
+    return parts
+
+
 def _text_or_json_string(value: str) -> str | None:
     """A text option's value: as typed, or a JSON string (``"layer"``, as ``--help`` prints defaults) or ``null``."""
     try:
@@ -186,7 +202,7 @@ def default_device() -> str:
 # CLI's errors use for the fields.
 _FIELD_FLAGS = {
     "method": "--method", "sparsity": "--sparsity", "method_options": "--option", "allocation": "--allocation",
-    "allocation_options": "--allocation-option", "moe_options": "--moe-option", "ignore": "--ignore",
+    "allocation_options": "--allocation-option", "moe_options": "--moe-option", "ignore": "--ignore", "parts": "--part",
     "num_calibration_samples": "--calibration-samples", "calibration_seq_len": "--seq-len", "seed": "--seed",
 }  # fmt: skip
 RECIPE_FLAGS = {flag[2:].replace("-", "_"): flag for flag in _FIELD_FLAGS.values()}
@@ -211,6 +227,7 @@ def recipe(args: argparse.Namespace) -> PruningConfig:
             args.allocation_option, "--allocation-option", _options_of(ALLOCATIONS, args.allocation, "allocation")
         ),
         "moe_options": _parse_options(args.moe_option, "--moe-option", MoEOptions),
+        "parts": _parse_parts(args.part),
         "num_calibration_samples": args.calibration_samples, "calibration_seq_len": args.seq_len, "seed": args.seed,
     }  # fmt: skip
     return PruningConfig(**{name: value for name, value in flags.items() if value is not None})

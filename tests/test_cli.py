@@ -1,3 +1,4 @@
+import dataclasses
 import functools
 import json
 import os
@@ -254,6 +255,18 @@ def test_a_vision_language_checkpoint_is_pruned_as_the_api_prunes_it(tmp_path, b
     prune(expected, PruningConfig(method="magnitude", sparsity=0.5))
     pruned = LlavaForConditionalGeneration.from_pretrained(tmp_path / "out")
     assert all(torch.equal(pruned.state_dict()[name], tensor) for name, tensor in expected.state_dict().items())
+    assert main([*arguments, "--part", "language", "--part", "vision=0.3"]) == 0  # parts were reachable through --config only
+    expected = tiny_llava(bpe_tokenizer.vocab_size)
+    prune(expected, PruningConfig(method="magnitude", sparsity=0.5, parts={"language": {}, "vision": {"sparsity": 0.3}}))
+    pruned = LlavaForConditionalGeneration.from_pretrained(tmp_path / "out")
+    assert all(torch.equal(pruned.state_dict()[name], tensor) for name, tensor in expected.state_dict().items())
+    with pytest.raises(SystemExit):
+        main([*arguments, "--part", "vision", "--part", "vision=0.3"])
+    assert "--part vision is given twice" in capsys.readouterr().err
+
+
+def test_every_pruning_config_field_has_a_cli_flag():
+    assert {field.name for field in dataclasses.fields(PruningConfig)} == set(cli._FIELD_FLAGS)
 
 
 def test_a_model_of_neither_kind_is_one_error(tmp_path):
@@ -437,14 +450,15 @@ def test_every_flag_reaches_the_config_prune_and_evaluation(model_dir, tmp_path,
             "--model", str(model_dir), "--output", str(tmp_path / "out"), "--method", "wanda", "--sparsity", "0.3",
             "--calibration", str(calibration), "--calibration-samples", "3", "--seq-len", "16", "--seed", "5",
             "--allocation", "owl", "--allocation-option", "max_deviation=0.05", "--option", "comparison_group=layer",
-            "--moe-option", "prune_router=true", "--ignore", "*.o_proj", "--device", "cpu", "--activation-device", "disk",
+            "--moe-option", "prune_router=true", "--ignore", "*.o_proj", "--part", "language=0.4", "--device", "cpu",
+            "--activation-device", "disk",
             "--eval", "--eval-file", str(evaluation), "--eval-tokens", "128", "--eval-seq-len", "32",
         ])  # fmt: skip
     config = seen["config"]
     assert (config.method, config.sparsity, config.allocation) == ("wanda", 0.3, "owl")
     assert (config.num_calibration_samples, config.calibration_seq_len, config.seed) == (3, 16, 5)
     assert config.allocation_options["max_deviation"] == 0.05 and config.method_options["comparison_group"] == "layer" and config.moe_options["prune_router"] is True
-    assert config.ignore == ["*.o_proj"]
+    assert config.ignore == ["*.o_proj"] and config.parts == {"language": {"sparsity": 0.4}}
     assert seen["calibration"] == calibration and seen["device"] == "cpu" and seen["activation_device"] == "disk"
     [(text, seq_len, max_tokens)] = seen["evals"]  # the dense score, before pruning
     assert "some evaluation text" in "".join(text) and (seq_len, max_tokens) == (32, 128)
