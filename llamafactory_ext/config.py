@@ -31,7 +31,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from optimum_prune import PruningConfig
 from optimum_prune.api import check_offloadable_recipe
-from optimum_prune.config import is_provenance
+from optimum_prune.config import is_provenance, is_recorded
 from optimum_prune.devices import check_activation_device
 from optimum_prune.calibration.sources import read_text_file
 from optimum_prune.yaml_files import load_yaml
@@ -67,8 +67,9 @@ class PruningSection:
         key = unknown_key(section, [*fields, *stored, *EXTRA_KEYS])
         if key is not None:
             raise ValueError(f"{SECTION}.{key} is not a valid key; valid keys: {', '.join(sorted([*fields, *EXTRA_KEYS]))}")
-        try:
-            config = PruningConfig.from_dict({key: value for key, value in section.items() if key in fields or key in stored})
+        recipe = {key: value for key, value in section.items() if key in fields or key in stored}
+        try:  # a saved pruning_config.json pasted in reads as from_pretrained reads it
+            config = PruningConfig.from_stored(recipe, f"the {SECTION}: section") if is_recorded(recipe) else PruningConfig.from_dict(recipe)
         except (TypeError, ValueError) as error:
             raise ValueError(in_yaml_terms(str(error))) from None
         offload = section.get("offload")

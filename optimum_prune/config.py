@@ -228,11 +228,11 @@ class PruningConfig:
         return cls(**data)
 
     @classmethod
-    def from_stored(cls, data: Mapping[str, Any]) -> "PruningConfig":
-        """``from_dict`` of a config a run recorded (a model config's ``pruning_config``). Settings its method does not
-        read, which this version refuses and an earlier one accepted (and ignored), are read as unset, with a warning:
-        the recipe reads, meaning what it did."""
-        return cls.from_dict(_readable_record(data, "a recorded pruning_config") if isinstance(data, Mapping) else data)
+    def from_stored(cls, data: Mapping[str, Any], where: str = "a recorded pruning_config") -> "PruningConfig":
+        """``from_dict`` of a config a run recorded (a model config's ``pruning_config``, a saved ``pruning_config.json``;
+        the warning names ``where``). Settings its method does not read, which this version refuses and an earlier one
+        accepted (and ignored), are read as unset, with a warning: the recipe reads, meaning what it did."""
+        return cls.from_dict(_readable_record(data, where) if isinstance(data, Mapping) else data)
 
     def save_pretrained(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
         """Write ``save_directory/pruning_config.json`` with Optimum's ``BaseConfig.save_pretrained``
@@ -305,7 +305,7 @@ class PruningConfig:
         for name, options in (("method", "method_options"), ("allocation", "allocation_options")):
             if name in overrides and overrides[name] != stored.get(name) and options not in overrides:
                 stored.pop(options, None)
-        if from_model_config or any(map(is_provenance, stored)):  # a run recorded it (a recipe written by hand is checked)
+        if from_model_config or is_recorded(stored):
             stored = _readable_record(stored, f"{source}'s pruning_config")
         config = cls.from_dict({**stored, **overrides})
         if path.is_dir() or (path.is_file() and path.name == CONFIG_NAME):  # a saved model's folder, or its recipe
@@ -321,7 +321,10 @@ class PruningConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "PruningConfig":
-        return cls.from_dict(_read_json_object(path))
+        """The config in a JSON file, read as ``from_pretrained`` reads it: one ``save_pretrained`` wrote as
+        ``from_stored``, one written by hand checked as given."""
+        data = _read_json_object(path)
+        return cls.from_stored(data, os.fspath(path)) if is_recorded(data) else cls.from_dict(data)
 
 
 def _readable_record(data: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -369,6 +372,12 @@ def _without_ignored_settings(data: Mapping[str, Any]) -> tuple[dict[str, Any], 
         unread = ("routing_weighted", "unrouted_experts", "expert_sparsity", "expert_deviation") if data_free else ()
     drop("moe_options", [name for name in unread if name in moe and moe[name] != defaults[name]])
     return data, dropped
+
+
+def is_recorded(data: Mapping[str, Any]) -> bool:
+    """Whether a stored config is one a run wrote (``save_pretrained`` stamps its versions beside the fields), not a
+    recipe written by hand, which is checked as given."""
+    return any(map(is_provenance, data))
 
 
 def is_provenance(key: Any) -> bool:

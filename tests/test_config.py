@@ -473,6 +473,7 @@ def test_a_stored_config_with_settings_its_method_ignores_reads_without_them(tmp
     with caplog.at_level(logging.WARNING, logger="optimum_prune"):
         assert PruningConfig.from_pretrained(tmp_path) == expected
         assert PruningConfig.from_stored(stored) == expected  # a model's record
+        assert PruningConfig.from_json_file(tmp_path / "pruning_config.json") == expected
     assert all(name in caplog.text for name in dropped) and "the optimum-prune that wrote it accepted and ignored" in caplog.text
     (tmp_path / "recipe.json").write_text(json.dumps(stored))  # written by hand: checked as given
     for read in (PruningConfig.from_dict, lambda data: PruningConfig.from_json_file(tmp_path / "recipe.json")):

@@ -77,6 +77,25 @@ def test_a_saved_recipe_pasted_in_reads_as_the_same_config(workspace, tmp_path):
         split_pruning({**base_args(workspace, tmp_path), "pruning": {**saved, "format_version": 2}})
 
 
+def test_a_saved_recipe_pasted_in_reads_settings_its_method_ignores_as_unset(workspace, tmp_path, caplog):
+    """What an earlier version accepted and ignored, from_pretrained warns of and reads as unset; the YAML refused it."""
+    import logging
+
+    from optimum_prune import PruningConfig
+
+    PruningConfig(method="width", sparsity=0.2, method_options={"criterion": "magnitude_l1"}).save_pretrained(tmp_path / "recipe")
+    saved = json.loads((tmp_path / "recipe" / "pruning_config.json").read_text())
+    saved["method_options"].update(components="mlp", head_mode="kv_group")
+    (tmp_path / "recipe" / "pruning_config.json").write_text(json.dumps(saved))
+    with caplog.at_level(logging.WARNING, logger="optimum_prune"):
+        _, section = split_pruning({**base_args(workspace, tmp_path), "pruning": saved})
+    assert section.config == PruningConfig.from_pretrained(tmp_path / "recipe")
+    assert "the pruning: section sets method_options.head_mode='kv_group'" in caplog.text
+    written_by_hand = {key: value for key, value in saved.items() if not key.endswith("_version")}
+    with pytest.raises(ValueError, match="pruning.method_options"):
+        split_pruning({**base_args(workspace, tmp_path), "pruning": written_by_hand})
+
+
 def test_magnitude_needs_no_dataset(workspace, tmp_path):
     _, section = split_pruning({**base_args(workspace, tmp_path), "pruning": {"method": "magnitude", "sparsity": 0.3}})
     assert section.calibration_dataset is None and section.config.sparsity == 0.3
