@@ -83,6 +83,7 @@ class PruningSection:
         activation_device = section.get("activation_device")
         check_activation_device(activation_device, config, f"{SECTION}.activation_device")
         named = section.get("calibration_dataset")
+        # refused, not warned of as the CLI's --calibration is: a key the section would ignore is an error, as options are
         if named is not None and not config.requires_calibration:
             raise ValueError(f"{SECTION}.calibration_dataset: method {config.method!r} needs no calibration data; remove the key")
         if named is not None and not _dataset_names(named):

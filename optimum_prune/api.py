@@ -273,10 +273,10 @@ def _calibration(
     return inputs
 
 
-def warn_unused_calibration(config: PruningConfig, calibration: Any) -> None:
-    """Calibration given to a method (and allocation) that reads none is not used: say so."""
+def warn_unused_calibration(config: PruningConfig, calibration: Any, given: str = "the calibration given") -> None:
+    """Calibration given to a method (and allocation) that reads none is not used: say so, naming it as ``given``."""
     if calibration is not None and not config.requires_calibration:
-        logger.warning("method %r reads no calibration data: the calibration given is not used", config.method)
+        logger.warning("method %r reads no calibration data: %s is not used", config.method, given)
 
 
 def _plan_runs(

@@ -27,7 +27,7 @@ from transformers.utils.logging import disable_progress_bar
 
 from .allocation import ALLOCATIONS
 from .atomic_files import InterruptedAfterReplacing, check_replaceable
-from .api import check_multi_process, prune
+from .api import check_multi_process, prune, warn_unused_calibration
 from .calibration.sources import file_texts
 from .config import PruningConfig
 from .dependencies import MissingDependency
@@ -301,6 +301,9 @@ def _check_args(args: argparse.Namespace, config: PruningConfig) -> None:
     """Every flag checked against the others and the machine before any model loads."""
     if args.calibration is not None and not args.calibration.is_file():
         raise ValueError(f"--calibration {str(args.calibration)!r} is not a file")
+    warn_unused_calibration(config, args.calibration, "--calibration")
+    if not config.requires_calibration:
+        args.calibration = None  # said here, before the model loads, not again by prune
     if args.eval_file is not None and not args.eval:
         raise ValueError("--eval-file is the text --eval scores: add --eval, or remove --eval-file")
     if args.eval_file is not None and not args.eval_file.is_file():

@@ -544,3 +544,14 @@ def test_warnings_name_the_flags_the_recipe_came_from(model_dir, tmp_path, caplo
     message = next(record.getMessage() for record in caplog.records if "context" in record.getMessage())
     assert "lower --seq-len (text)" in message and "PruningConfig" not in message
     assert not any(isinstance(f, cli._FlagNames) for handler in logging.getLogger().handlers for f in handler.filters)
+
+
+def test_calibration_a_method_reads_none_of_is_named_as_its_flag_once(model_dir, tmp_path, caplog):
+    """The warning said "the calibration given", the API's words."""
+    import logging
+
+    (tmp_path / "calib.txt").write_text("some calibration text\n")
+    with caplog.at_level(logging.WARNING):
+        main(["--model", str(model_dir), "--method", "magnitude", "--calibration", str(tmp_path / "calib.txt"), "--output", str(tmp_path / "out")])
+    warnings = [record.getMessage() for record in caplog.records if "reads no calibration data" in record.getMessage()]
+    assert warnings == ["method 'magnitude' reads no calibration data: --calibration is not used"]
