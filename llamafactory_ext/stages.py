@@ -423,7 +423,28 @@ def _run_under_torchrun(args: dict[str, Any], keep_masks: bool) -> None:
             "-m", "llamafactory_ext.worker", str(config_path), *(["--keep-masks"] if keep_masks else []),
         ]  # fmt: skip
         logger.info("launching: %s", " ".join(command))
-        subprocess.run(command, check=True)
+        _run_stopping_its_workers(command)
+
+
+# torchrun gives its workers 30 s after its own SIGTERM before it SIGKILLs them.
+TORCHRUN_STOP_S = 60
+
+
+def _run_stopping_its_workers(command: list[str]) -> None:
+    """Run torchrun, and if we are stopped (Ctrl-C, SIGTERM as SystemExit), stop it with SIGTERM so that it stops
+    its workers: ``subprocess.run`` SIGKILLs it at once, and the workers, in sessions of their own, train on."""
+    with subprocess.Popen(command) as torchrun:
+        try:
+            returncode = torchrun.wait()
+        except BaseException:
+            torchrun.terminate()
+            try:
+                torchrun.wait(timeout=TORCHRUN_STOP_S)
+            except subprocess.TimeoutExpired:
+                torchrun.kill()
+            raise
+    if returncode:
+        raise subprocess.CalledProcessError(returncode, command)
 
 
 def _device_count_or_one() -> int:

@@ -8,8 +8,10 @@ import logging
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -433,6 +435,62 @@ def test_torchrun_relaunch_keeps_the_plugin(workspace, tmp_path):
     assert all("sparsity" in entry for entry in state["log_history"] if "loss" in entry)
     assert_same_zeros(zeros(out / "merged"), zeros(out / "pruned"))
     assert_weights_moved(out / "merged", out / "pruned")
+
+
+# llamafactory-prune train under torchrun, its training ranks swapped for sleepers that record their process ids.
+SLEEPING_RANK = """
+import os, time
+pid_file = os.path.join(os.environ["RANKS_DIR"], os.environ["RANK"])
+with open(pid_file + ".tmp", "w") as written:
+    written.write(str(os.getpid()))
+os.replace(pid_file + ".tmp", pid_file)
+time.sleep(120)
+"""
+LAUNCHING_SLEEPERS = """
+import subprocess
+from llamafactory_ext import stages
+from optimum_prune.cli import exiting_on_sigterm
+
+class Popen(subprocess.Popen):
+    def __init__(self, args, *rest, **options):
+        super().__init__([("sleeping_rank" if arg == "llamafactory_ext.worker" else arg) for arg in args], *rest, **options)
+
+subprocess.Popen = Popen
+with exiting_on_sigterm():  # as llamafactory_ext.cli.main runs it
+    stages._run_under_torchrun({"stage": "sft"}, keep_masks=True)
+"""
+
+
+def test_sigterm_to_llamafactory_prune_stops_the_torchrun_training_ranks(tmp_path):
+    """docker stop, a scheduler or timeout(1) signals the main process only; torchrun's workers run in sessions of
+    their own, so torchrun has to be stopped (not SIGKILLed) for it to stop them."""
+    (tmp_path / "sleeping_rank.py").write_text(SLEEPING_RANK)
+    (tmp_path / "launch.py").write_text(LAUNCHING_SLEEPERS)
+    ranks_dir = tmp_path / "ranks"
+    ranks_dir.mkdir()
+    path = os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "RANKS_DIR": str(ranks_dir), "NPROC_PER_NODE": "2", "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen([sys.executable, str(tmp_path / "launch.py")], env=env, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while len(list(ranks_dir.glob("[0-9]"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    ranks = [int(pid_file.read_text()) for pid_file in ranks_dir.glob("[0-9]")]
+    assert len(ranks) == 2
+    launcher.send_signal(signal.SIGTERM)
+    assert launcher.wait(timeout=90) == 128 + signal.SIGTERM
+    deadline = time.monotonic() + 10
+    while (running := [pid for pid in ranks if running_process(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in running:
+        os.kill(pid, signal.SIGKILL)
+    assert not running, "training ranks left running after llamafactory-prune exited"
+
+
+def running_process(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
 
 
 def test_training_a_checkpoint_pruned_earlier_keeps_its_zeros(workspace, tmp_path):
