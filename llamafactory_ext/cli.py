@@ -80,6 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 interactive.run_interactive(options.command, args)
     except (ValueError, MissingDependency) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
+    except SystemExit as stop:  # SIGTERM: Python prints no traceback for it, so what it left would go unsaid
+        for note in getattr(stop, "__notes__", []):
+            print(f"{parser.prog}: {note}", file=sys.stderr)
+        raise
     return 0
 
 

@@ -60,7 +60,6 @@ def restore_zeros(base: str | Path, exported_dir: Path, **from_pretrained: Any) 
     rewritten through a temporary file and renamed into place.
     """
     from safetensors import safe_open
-    from safetensors.torch import save_file
 
     shards = sorted(exported_dir.glob("*.safetensors"))
     if not shards:
@@ -79,23 +78,35 @@ def restore_zeros(base: str | Path, exported_dir: Path, **from_pretrained: Any) 
     if restored != len(masks):
         raise ValueError(f"{exported_dir} holds {restored} of the {len(masks)} pruned weights of {base}; is it the same model?")
     for shard in (shard for shard in shards if keys_in[shard]):
-        with safe_open(shard, framework="pt") as handle:
-            metadata = handle.metadata()
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
-        for key in keys_in[shard]:
-            tensors[key].masked_fill_(masks[key], 0)
-        temporary, descriptor = new_temporary(shard)  # created exclusively: a link planted under its name is not followed
-        os.close(descriptor)
         try:
-            save_file(tensors, temporary, metadata=metadata)
-            temporary.chmod(stat.S_IMODE(shard.stat().st_mode))  # the shard rewritten keeps its mode (safetensors 0.8: 0600)
-            os.replace(temporary, shard)
-        except BaseException as error:
-            temporary.unlink(missing_ok=True)  # a shard-sized leftover, on what may be a full disk
+            with safe_open(shard, framework="pt") as handle:
+                metadata = handle.metadata()
+                tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+            for key in keys_in[shard]:
+                tensors[key].masked_fill_(masks[key], 0)
+            _rewrite_shard(shard, tensors, metadata)
+        except BaseException as error:  # Ctrl-C and SIGTERM too: the user must know not to use export_dir as it is
+            partly = f"{exported_dir} is only partly restored (the shards before it are)"
             if isinstance(error, OSError):
                 raise OSError(
-                    error.errno, f"restoring the pruned zeros stopped at {shard.name} ({error.strerror or error}): {exported_dir} "
-                    "is only partly restored (the shards before it are); free the space and run the export again"
+                    error.errno, f"restoring the pruned zeros stopped at {shard.name} ({error.strerror or error}): {partly}; "
+                    "free the space and run the export again"
                 ) from error
+            error.add_note(f"restoring the pruned zeros was stopped at {shard.name}: {partly}; run the export again")
             raise
     logger.info("restored the pruned zeros of %d weights in %s", restored, exported_dir)
+
+
+def _rewrite_shard(shard: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None) -> None:
+    """Write ``tensors`` to a temporary file beside ``shard`` and rename it into place."""
+    from safetensors.torch import save_file
+
+    temporary, descriptor = new_temporary(shard)  # created exclusively: a link planted under its name is not followed
+    os.close(descriptor)
+    try:
+        save_file(tensors, temporary, metadata=metadata)
+        temporary.chmod(stat.S_IMODE(shard.stat().st_mode))  # the shard rewritten keeps its mode (safetensors 0.8: 0600)
+        os.replace(temporary, shard)
+    except BaseException:
+        temporary.unlink(missing_ok=True)  # a shard-sized leftover, on what may be a full disk
+        raise

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -710,6 +711,43 @@ def test_restore_zeros_stopped_by_a_full_disk_leaves_no_temporary_shard_and_says
     with pytest.raises(OSError, match=r"stopped at model-00001-of-\d+.safetensors \(No space left on device\): .* is only partly restored"):
         restore_zeros(base, tmp_path / "exported")
     assert not [path.name for path in (tmp_path / "exported").iterdir() if path.name.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit], ids=["ctrl-c", "sigterm"])
+def test_an_interrupted_restore_of_the_pruned_zeros_says_export_dir_is_not_restored(tmp_path, monkeypatch, stop):
+    import safetensors.torch
+
+    model = tiny_model()
+    prune(model, PruningConfig(method="magnitude", sparsity=0.5))
+    base = save_pruned(model, tmp_path / "base")
+    tiny_model().save_pretrained(tmp_path / "exported", max_shard_size="100KB")
+    save_file, saved = safetensors.torch.save_file, []
+
+    def stopped_at_the_second_shard(*args, **kwargs):
+        saved.append(args[1])
+        if len(saved) == 2:
+            raise stop
+        return save_file(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors.torch, "save_file", stopped_at_the_second_shard)
+    with pytest.raises(stop) as stopped:
+        restore_zeros(base, tmp_path / "exported")
+    [note] = getattr(stopped.value, "__notes__", [None])
+    assert re.fullmatch(r"restoring the pruned zeros was stopped at model-00002-of-\d+.safetensors: .* is only partly restored "
+                        r"\(the shards before it are\); run the export again", note or ""), note  # fmt: skip
+    assert not [path.name for path in (tmp_path / "exported").iterdir() if path.name.endswith(".tmp")]
+
+
+def test_sigterm_during_an_export_says_what_it_left(workspace, tmp_path, monkeypatch, capsys):
+    def stopped(args):
+        stop = SystemExit(128 + signal.SIGTERM)  # exiting_on_sigterm's
+        stop.add_note("export_dir is only partly restored")
+        raise stop
+
+    monkeypatch.setattr(export, "run_export", stopped)
+    with pytest.raises(SystemExit):
+        main(["export", str(write_yaml(tmp_path / "export.yaml", base_args(workspace, tmp_path / "unused")))])
+    assert capsys.readouterr().err == "llamafactory-prune: export_dir is only partly restored\n"
 
 
 def test_restore_zeros_refuses_another_model_before_touching_its_shards(tmp_path):
