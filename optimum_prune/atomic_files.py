@@ -304,41 +304,47 @@ def _remove_replaced(folder: Path) -> None:
         raise InterruptedAfterReplacing() from interrupt
 
 
-# A save's folder this young may not be locked yet (made, then locked): never taken for a killed save's.
+# A folder this young may not be locked yet (made, then locked): never taken for a killed process's.
 LEFTOVER_AGE_S = 60
 
 
 def remove_leftovers(target: Path) -> None:
-    """Remove the folders beside ``target`` that killed saves left (each can be a whole checkpoint): a running save
-    holds its folders locked, so an unlocked one older than a minute is a leftover. A retired previous output whose
-    replacement never arrived goes back to ``target`` first. Nothing is removed where folders cannot be locked. A
-    symbolic link named like a leftover is no save's (saves make real folders): it and what it points to stay, as
-    does a folder of another user's (in a shared directory, one planted to be put back as ``target``)."""
+    """Remove the folders beside ``target`` that killed saves left (each can be a whole checkpoint). A retired
+    previous output whose replacement never arrived goes back to ``target`` first."""
     for kind in ("old", "staging"):
-        for path in sorted(target.parent.glob(glob.escape(f".{target.name}.{kind}-") + "*")):
-            try:
-                status = path.lstat()
-                if not stat.S_ISDIR(status.st_mode) or not _own(status) or time.time() - status.st_mtime < LEFTOVER_AGE_S:
-                    continue
-                descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
-            except OSError:  # removed meanwhile, or not ours to open
+        for path in unheld_leftovers(target.parent, f".{target.name}.{kind}-", f"save to {target}"):
+            retired = path / target.name
+            if kind == "old" and not target.exists() and retired.is_dir() and not retired.is_symlink() and _own(retired.lstat()):
+                os.replace(retired, target)
+                logger.warning("put back %s, which a save killed before it was replaced left in %s", target, path)
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def unheld_leftovers(parent: Path, prefix: str, writer: str) -> Iterator[Path]:
+    """This user's folders ``prefix*`` in ``parent`` that killed processes left, each yielded while locked here: a
+    running ``writer`` holds its folder locked (``held_exclusively``), so an unlocked one older than a minute is a
+    leftover. None is yielded where folders cannot be locked (each is named in a warning). A symbolic link named like
+    a leftover is no one's (the writers make real folders): it and what it points to stay, as does a folder of another
+    user's (in a shared directory, one planted to be put back as an output)."""
+    for path in sorted(parent.glob(glob.escape(prefix) + "*")):
+        try:
+            status = path.lstat()
+            if not stat.S_ISDIR(status.st_mode) or not _own(status) or time.time() - status.st_mtime < LEFTOVER_AGE_S:
                 continue
-            try:
-                taken = exclusive_lock(descriptor)
-                if taken is None:  # a running save's folder cannot be told from a killed one's: the user decides
-                    logger.warning(
-                        "%s may be a folder a killed save left (folders cannot be locked here to tell): delete it if no "
-                        "save to %s is running", path, target,
-                    )  # fmt: skip
-                if not taken:
-                    continue
-                retired = path / target.name
-                if kind == "old" and not target.exists() and retired.is_dir() and not retired.is_symlink() and _own(retired.lstat()):
-                    os.replace(retired, target)
-                    logger.warning("put back %s, which a save killed before it was replaced left in %s", target, path)
-                shutil.rmtree(path, ignore_errors=True)
-            finally:
-                os.close(descriptor)
+            descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except OSError:  # removed meanwhile, or not ours to open
+            continue
+        try:
+            taken = exclusive_lock(descriptor)
+            if taken is None:  # a running writer's folder cannot be told from a killed one's: the user decides
+                logger.warning(
+                    "%s may be a folder a killed %s left (folders cannot be locked here to tell): delete it if no %s "
+                    "is running", path, writer, writer,
+                )  # fmt: skip
+            if taken:
+                yield path
+        finally:
+            os.close(descriptor)
 
 
 def _own(status: os.stat_result) -> bool:

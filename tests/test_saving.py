@@ -255,7 +255,7 @@ def test_folders_are_left_alone_and_named_where_they_cannot_be_locked(tmp_path, 
     with caplog.at_level("WARNING", logger="optimum_prune"):
         output = save_pruned(tiny_model(), tmp_path / "out")
     assert leftover.is_dir() and (output / "config.json").is_file()
-    assert f"{leftover} may be a folder a killed save left" in caplog.text
+    assert f"{leftover} may be a folder a killed save to {output} left" in caplog.text
 
 
 @pytest.mark.parametrize("exchange", [True, False])

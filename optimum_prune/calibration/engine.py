@@ -33,6 +33,7 @@ from torch import nn
 from transformers.utils.logging import tqdm
 
 from ..adapters import DecoderAdapter
+from ..atomic_files import held_exclusively, unheld_leftovers
 from ..adapters.base import ATTENTION_MASKS
 
 logger = logging.getLogger(__name__)
@@ -389,12 +390,20 @@ def _walk(
                 inputs.hidden_states = outputs  # the inputs go now: two buffers at most, not three through the next visit
 
 
+ACTIVATIONS_PREFIX = "optimum-prune-activations-"
+
+
 @contextmanager
 def _activation_home(activation_device: torch.device | str | None) -> Iterator[ActivationHome]:
+    """For ``"disk"``, a temporary folder held locked while it is used, so that the next run removes it if this one
+    is killed (SIGKILL, out of memory): it can hold gigabytes, which a plain temporary folder would leave in $TMPDIR."""
     if not on_disk(activation_device):
         yield activation_device
         return
-    with tempfile.TemporaryDirectory(prefix="optimum-prune-activations-") as directory:
+    for leftover in unheld_leftovers(Path(tempfile.gettempdir()), ACTIVATIONS_PREFIX, "run with activation_device='disk'"):
+        logger.info("removing %s, the calibration activations of a killed run", leftover)
+        shutil.rmtree(leftover, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=ACTIVATIONS_PREFIX) as directory, held_exclusively(Path(directory)):
         yield Path(directory)
 
 

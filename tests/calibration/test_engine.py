@@ -226,6 +226,42 @@ def test_disk_activations_give_the_same_result_hold_two_layers_at_most_and_leave
     assert not any(scratch.iterdir())  # the temporary directory is gone
 
 
+def test_activations_a_killed_run_left_on_disk_are_reclaimed_by_the_next_run(llama, windows, tmp_path, monkeypatch):
+    """A run killed outright (SIGKILL, the out-of-memory killer) left its activation folder in $TMPDIR, gigabytes,
+    for good. A running one holds its folder locked, which the kernel releases when the run dies."""
+    import os
+    import tempfile
+    import time
+
+    from optimum_prune.atomic_files import exclusive_lock
+    from optimum_prune.calibration.engine import DiskActivations
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    killed, running, young = (tmp_path / f"optimum-prune-activations-{name}" for name in ("killed", "running", "young"))
+    for folder in (killed, running, young):
+        (folder / "layer").mkdir(parents=True)
+    for folder in (killed, running):
+        os.utime(folder, (time.time() - 3600,) * 2)
+    others_lock = os.open(running, os.O_RDONLY)
+    assert exclusive_lock(others_lock)
+    locked_by_this_run: list[bool] = []
+    original = DiskActivations.__init__
+
+    def checking_its_lock(self, directory):
+        original(self, directory)
+        home = os.open(directory.parent, os.O_RDONLY)
+        locked_by_this_run.append(exclusive_lock(home) is False)
+        os.close(home)
+
+    monkeypatch.setattr(DiskActivations, "__init__", checking_its_lock)
+    try:
+        prune(llama, PruningConfig(method="wanda", sparsity=0.5), calibration=windows, activation_device="disk")
+    finally:
+        os.close(others_lock)
+    assert locked_by_this_run and all(locked_by_this_run)
+    assert sorted(path.name for path in tmp_path.iterdir()) == [running.name, young.name]  # and this run's is gone
+
+
 def test_activation_device_is_taken_by_the_per_layer_methods_and_refused_by_the_others(llama, windows):
     """Here compute and activations share the CPU; test_cuda.py checks that offloading from a GPU gives the
     same masks with less GPU memory."""
