@@ -294,13 +294,16 @@ class InterruptedAfterReplacing(KeyboardInterrupt):
 
 def _remove_replaced(folder: Path) -> None:
     """The previous output, once replaced: the save succeeded, so files this user may not delete only warn, and an
-    interruption finishes removing it, then says the save was done."""
+    interruption (Ctrl-C, or SIGTERM as ``exiting_on_sigterm``'s SystemExit) finishes removing it, then Ctrl-C says
+    the save was done."""
     try:
         shutil.rmtree(folder)
     except OSError as error:
         logger.warning("the previous output, moved to %s, could not be removed (%s); delete it", folder, error)
-    except KeyboardInterrupt as interrupt:
+    except (KeyboardInterrupt, SystemExit) as interrupt:
         shutil.rmtree(folder, ignore_errors=True)
+        if isinstance(interrupt, SystemExit):
+            raise
         raise InterruptedAfterReplacing() from interrupt
 
 

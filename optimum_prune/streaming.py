@@ -37,8 +37,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .atomic_files import (
-    InterruptedAfterReplacing, check_replaceable, claimed_folder, give_output_mode, held_exclusively, in_checkpoint_store,
-    is_checkpoint_file, new_file_mode, new_temporary, private_folder, remove_leftovers, replace_directory, write_text_atomic,
+    check_replaceable, claimed_folder, give_output_mode, held_exclusively, in_checkpoint_store, is_checkpoint_file,
+    new_file_mode, new_temporary, private_folder, remove_leftovers, replace_directory, write_text_atomic,
 )  # fmt: skip
 from .calibration import CalibrationInputs, CalibrationSource, calibration_inputs, check_token_ids
 from .calibration.engine import all_finite, calibration_digest
@@ -582,17 +582,16 @@ def _finish_checkpoint(
     # name would hold that output's layers, which a rerun would take for another run's.
     finished = claimed_folder(output_dir.absolute(), "staging")
     finished.rmdir()  # Windows renames no folder onto an existing one
-    os.replace(staging, finished)
-    give_output_mode(finished, output_dir)
     try:
+        os.replace(staging, finished)
+        give_output_mode(finished, output_dir)
         replace_directory(finished, output_dir)
-    except InterruptedAfterReplacing:
-        _drop_run_files(output_dir)
-        raise
     except BaseException:
-        if (finished / RUN_RECORD).is_file():  # still this run's folder (not swapped): a rerun resumes from it
+        if (finished / RUN_RECORD).is_file():  # still this run's folder (not placed): a rerun resumes from it
             finished.chmod(0o700)
             os.replace(finished, staging)
+        elif not staging.exists():  # placed; stopped while the previous output was removed: the output is whole
+            _drop_run_files(output_dir)
         raise
     _drop_run_files(output_dir)
 

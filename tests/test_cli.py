@@ -526,6 +526,30 @@ def test_ctrl_c_while_the_replaced_output_is_removed_says_the_new_one_is_saved(o
     assert not (tmp_path / "out" / "streaming-run.json").exists()  # the offloaded run's own record went too
 
 
+def test_sigterm_while_the_previous_offloaded_output_is_removed_leaves_no_run_files_in_the_output(model_dir, tmp_path, monkeypatch):
+    """SIGTERM (a SystemExit under exiting_on_sigterm) there left the run's streaming-run.json and streaming-notes.json
+    in the new output, and the previous output half removed in a hidden .out.staging-* folder."""
+    from optimum_prune import atomic_files
+
+    command = ["--model", str(model_dir), "--method", "magnitude", "--output", str(tmp_path / "out"), "--offload", "disk"]
+    main([*command, "--sparsity", "0.3"])
+    removed, remove = [], atomic_files.shutil.rmtree
+
+    def stopped_once(path, *args, **kwargs):
+        removed.append(path)
+        if len(removed) == 1:
+            raise SystemExit(128 + signal.SIGTERM)
+        return remove(path, *args, **kwargs)
+
+    monkeypatch.setattr(atomic_files.shutil, "rmtree", stopped_once)
+    with pytest.raises(SystemExit) as exited:
+        main([*command, "--sparsity", "0.6"])
+    assert exited.value.code == 128 + signal.SIGTERM
+    assert json.loads((tmp_path / "out" / "pruning_config.json").read_text())["sparsity"] == 0.6
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["out", "tiny"]
+    assert not {"streaming-run.json", "streaming-notes.json"} & {path.name for path in (tmp_path / "out").iterdir()}
+
+
 def test_calibration_shorter_than_one_window_names_the_flag(model_dir, tmp_path, capsys):
     """It named calibration_seq_len, which the command line spells --seq-len."""
     text = tmp_path / "short.txt"

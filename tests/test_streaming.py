@@ -418,6 +418,38 @@ def test_a_run_killed_while_removing_the_output_it_replaced_leaves_no_partial_fo
     assert PruningConfig.from_pretrained(tmp_path / "out") == again
 
 
+@pytest.mark.parametrize("step", ["replace", "give_output_mode"])
+def test_a_run_interrupted_as_it_puts_its_output_in_place_resumes_from_its_partial_folder(sharded, tmp_path, monkeypatch, step):
+    """Ctrl-C just after the partial folder took a staging name left the layers there, where the next run removed
+    them as a killed save's leftovers, though the message said they were kept in .out.partial."""
+    import os
+
+    replace = os.replace
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    def interrupted_once_renamed_to_a_staging_name(source, target):
+        replace(source, target)
+        if Path(target).name.startswith(".out.staging-"):
+            interrupted()
+
+    if step == "replace":
+        monkeypatch.setattr(os, "replace", interrupted_once_renamed_to_a_staging_name)
+    else:
+        monkeypatch.setattr(streaming, step, interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prune_checkpoint(sharded, tmp_path / "out", CONFIGS["magnitude"])
+    monkeypatch.undo()
+    assert sorted(path.name for path in tmp_path.iterdir()) == [".out.partial", "source"]
+    assert (tmp_path / ".out.partial" / "streaming-run.json").is_file()
+    saved = []
+    original = LayerStream._save
+    monkeypatch.setattr(LayerStream, "_save", lambda self, index, *a: saved.append(index) or original(self, index, *a))
+    prune_checkpoint(sharded, tmp_path / "out", CONFIGS["magnitude"])
+    assert saved == [] and sorted(path.name for path in tmp_path.iterdir()) == ["out", "source"]
+
+
 def test_a_link_planted_in_the_partial_folder_is_not_written_through(sharded, tmp_path):
     """The run record and the shards were written to fixed temporary names, following a link planted there (by
     another user of a shared directory) onto a file of the victim's."""
