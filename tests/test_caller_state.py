@@ -272,6 +272,19 @@ def test_prune_keeps_each_modules_own_training_flag():
     assert {name: module.training for name, module in model.named_modules()} == before
 
 
+@pytest.mark.parametrize("method", ["width", "kprune", "ziplm", "mask_search", "llm_surgeon_structured"])
+def test_width_pruning_leaves_each_module_in_its_own_training_mode(method):
+    """Torch-Pruning's trace of each MLP put it in eval mode for good: a model pruned while training came back with
+    every layer's MLP in eval mode (no dropout where the caller trains)."""
+    model = tiny_model()
+    model.train()
+    model.model.layers[1].eval()
+    before = {name: module.training for name, module in model.named_modules()}
+    prune(model, PruningConfig(method=method, sparsity=0.25), calibration=token_windows(4, 16))
+    after = {name: module.training for name, module in model.named_modules()}
+    assert after == {name: before[name] for name in after}  # (ziplm may remove a whole MLP)
+
+
 @pytest.mark.parametrize("device", ["meta", "mps", "xpu"])
 def test_a_device_this_machine_cannot_use_is_refused_before_any_weight_changes(device):
     """Only CUDA was asked: device='meta' moved layer 0 there and lost its weights ("Cannot copy out of meta

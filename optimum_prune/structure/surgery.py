@@ -95,10 +95,13 @@ def remove_block_channels(block: nn.Module, channel_linear: nn.Linear, remove: S
 
 
 def _channel_group(block: nn.Module, channel_linear: nn.Linear, indices: list[int]) -> tp.Group:
+    from ..calibration.engine import evaluating  # here: the calibration engine imports the adapters, which import this
+
     example = torch.zeros(1, 1, channel_linear.in_features, device=channel_linear.weight.device, dtype=channel_linear.weight.dtype)
     frozen = [p for p in block.parameters() if not p.requires_grad]
-    # The graph is traced through autograd nodes, so it needs gradients on even when pruning runs under no_grad.
-    with torch.enable_grad():
+    # The graph is traced through autograd nodes, so it needs gradients on even when pruning runs under no_grad;
+    # the trace puts the block in eval mode and leaves it so (a model pruned while training came back in eval mode).
+    with torch.enable_grad(), evaluating(block):
         for parameter in frozen:
             parameter.requires_grad_(True)
         try:
