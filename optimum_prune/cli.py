@@ -20,7 +20,7 @@ import threading
 import time
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from transformers.utils.logging import disable_progress_bar
@@ -396,22 +396,36 @@ def _run_offloaded(args: argparse.Namespace, config: PruningConfig) -> int:
 
 
 def run_or_exit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
-    """``run``, turning a bad request into one error line and exit status 2, like argparse does."""
+    """``run``, exiting as a command does (``exiting_as_a_command``)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        with exiting_on_sigterm(), nullcontext() if args.config is not None else _warnings_in_flags():
+    worded = str if args.config is not None else _in_flags  # --config's errors name its fields
+    with exiting_as_a_command(parser, lambda interrupt: _left_on_disk(args, interrupt), worded):
+        with nullcontext() if args.config is not None else _warnings_in_flags():
             return run(args)
+
+
+def _left_on_disk(args: argparse.Namespace, interrupt: KeyboardInterrupt) -> str:
+    if getattr(args, "saved", False) or isinstance(interrupt, InterruptedAfterReplacing):
+        return "after the pruned model was saved: --output holds it, whole"
+    if args.offload:
+        return f"the layers finished so far (if any) are kept in .{args.output.name}.partial beside --output: run the same command again to resume"
+    return "nothing was saved; --output is as it was"
+
+
+@contextmanager
+def exiting_as_a_command(
+    parser: argparse.ArgumentParser, left_on_disk: Callable[[KeyboardInterrupt], str], worded: Callable[[str], str] = str
+) -> Iterator[None]:
+    """While a command runs: SIGTERM is an exit (``exiting_on_sigterm``), a bad request one error line (``worded``)
+    and exit status 2, as argparse gives, and Ctrl-C one line saying what is on disk (``left_on_disk``) and exit
+    status 130, not a traceback of wherever it landed."""
+    try:
+        with exiting_on_sigterm():
+            yield
     except (ValueError, TypeError, MissingDependency) as error:
-        message = str(error) if args.config is not None else _in_flags(str(error))  # --config's errors name its fields
-        parser.exit(2, f"{parser.prog}: error: {message}\n")
-    except KeyboardInterrupt as interrupt:  # what is on disk, not a traceback of where Ctrl-C landed
-        if getattr(args, "saved", False) or isinstance(interrupt, InterruptedAfterReplacing):
-            left = "after the pruned model was saved: --output holds it, whole"
-        elif args.offload:
-            left = f"the layers finished so far (if any) are kept in .{args.output.name}.partial beside --output: run the same command again to resume"
-        else:
-            left = "nothing was saved; --output is as it was"
-        parser.exit(130, f"{parser.prog}: interrupted: {left}\n")
+        parser.exit(2, f"{parser.prog}: error: {worded(str(error))}\n")
+    except KeyboardInterrupt as interrupt:
+        parser.exit(130, f"{parser.prog}: interrupted: {left_on_disk(interrupt)}\n")
 
 
 @contextmanager

@@ -770,6 +770,40 @@ def test_the_report_records_the_whole_command(monkeypatch, tmp_path):
                     "command": f"optimum-prune study g.yaml --output {tmp_path / 'out'} --device cpu"}
 
 
+@pytest.mark.parametrize("stopped_in", ["run_study", "write_outputs"])
+def test_ctrl_c_in_a_study_says_what_is_kept_instead_of_a_traceback(monkeypatch, tmp_path, capsys, stopped_in):
+    """As the main command does: a study printed the traceback of wherever Ctrl-C landed."""
+    from optimum_prune.study import cli as study_cli
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(study_cli.StudyGrid, "from_yaml", classmethod(lambda cls, path: None))
+    monkeypatch.setattr(study_cli, "run_study", lambda grid, output, device=None: StudyResults(Protocol(), [], None, {}, 0))
+    monkeypatch.setattr(study_cli, stopped_in, interrupted)
+    with pytest.raises(SystemExit) as exited:
+        study_cli.main(["g.yaml", "--output", str(tmp_path / "out")])
+    assert exited.value.code == 130
+    assert capsys.readouterr().err == (
+        f"optimum-prune study: interrupted: the points measured so far are kept in {tmp_path / 'out' / 'points'}: "
+        "run the same command again to resume\n"
+    )
+
+
+def test_sigterm_while_a_study_writes_its_report_exits_as_during_its_points(monkeypatch, tmp_path):
+    """The report was written after exiting_on_sigterm's block: SIGTERM there ended the process without unwinding."""
+    import signal
+
+    from optimum_prune.study import cli as study_cli
+
+    handlers = []
+    monkeypatch.setattr(study_cli.StudyGrid, "from_yaml", classmethod(lambda cls, path: None))
+    monkeypatch.setattr(study_cli, "run_study", lambda grid, output, device=None: handlers.append(signal.getsignal(signal.SIGTERM)) or StudyResults(Protocol(), [], None, {}, 0))
+    monkeypatch.setattr(study_cli, "write_outputs", lambda results, output, command: handlers.append(signal.getsignal(signal.SIGTERM)))
+    assert study_cli.main(["g.yaml", "--output", str(tmp_path / "out")]) == 0
+    assert handlers[0] is not signal.SIG_DFL and handlers[1] is handlers[0]
+
+
 def test_redundancy_is_measured_on_the_protocols_calibration_windows(monkeypatch, model_dir):
 
     seen = []

@@ -9,8 +9,7 @@ from pathlib import Path
 from typing import Sequence
 
 from ..devices import check_device
-from ..cli import exiting_on_sigterm, user_path
-from ..dependencies import MissingDependency
+from ..cli import exiting_as_a_command, user_path
 from .grid import StudyGrid
 from .outputs import write_outputs
 from .runner import run_study
@@ -35,16 +34,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     output = args.output or _default_output(args.grid)
-    try:
+    points = output / "points"
+    with exiting_as_a_command(parser, lambda _: f"the points measured so far are kept in {points}: run the same command again to resume"):
         if args.device is not None:
             check_device(args.device, "--device")
         grid = StudyGrid.from_yaml(args.grid)
-        with exiting_on_sigterm():
-            results = run_study(grid, output, device=args.device)
-    except (ValueError, TypeError, MissingDependency) as error:
-        parser.exit(2, f"{parser.prog}: error: {error}\n")
-    command = shlex.join(["optimum-prune", "study", *(argv if argv is not None else [])])
-    write_outputs(results, output, command)
+        results = run_study(grid, output, device=args.device)
+        command = shlex.join(["optimum-prune", "study", *(argv if argv is not None else [])])
+        write_outputs(results, output, command)
     print(f"{len(results.rows)} points ({results.measured_now} measured now, the rest cached) -> {output / 'REPORT.md'}")
     return 0
 
