@@ -18,7 +18,7 @@ import logging
 import sys
 from typing import Sequence
 
-from optimum_prune.cli import exiting_on_sigterm
+from optimum_prune.cli import exiting_on_sigterm, messages_worded
 from optimum_prune.dependencies import MissingDependency
 
 from .compat import INSTALL_HINT
@@ -54,7 +54,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:  # OmegaConf and LLaMA-Factory's other requirements: the [llamafactory] extra
         from . import export, interactive, stages
         from .config import SECTION as PRUNING
-        from .config import read_yaml, split_pruning
+        from .config import read_yaml, split_pruning, yaml_keys
         from .training import TrainingSections
     except ModuleNotFoundError as error:  # a package not installed (another ImportError is a bug to see whole)
         parser.exit(2, f"{parser.prog}: error: llamafactory-prune needs the [llamafactory] extra ({error}); {INSTALL_HINT}\n")
@@ -71,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, MissingDependency) as error:
         parser.exit(2, f"{parser.prog}: error: {error}\n")
     try:
-        with exiting_on_sigterm():
+        with exiting_on_sigterm(), messages_worded(yaml_keys):  # its warnings name pruning.<key>, as its errors do
             if options.command == "train":
                 stages.run_train(args, section, training)
             elif options.command == "export":

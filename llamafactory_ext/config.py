@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -102,8 +103,15 @@ class PruningSection:
 
 def in_yaml_terms(message: str) -> str:
     """An error of ``PruningConfig`` (or of pruning with it) as this YAML spells it: ``pruning.<key>``."""
-    message = message.replace(f"{PruningConfig.__name__}.", f"{SECTION}.")
+    message = yaml_keys(message)
     return message if message.startswith(f"{SECTION}.") else f"{SECTION}: {message}"
+
+
+def yaml_keys(message: str) -> str:
+    """``message`` naming this YAML's keys where it names ``PruningConfig`` fields (``PruningConfig.parts['vision']``
+    is ``pruning.parts.vision``): errors and what the run logs."""
+    message = re.sub(r"\bparts\['(\w+)'\]", r"parts.\1", message) if f"{PruningConfig.__name__}.parts[" in message else message
+    return message.replace(f"{PruningConfig.__name__}.", f"{SECTION}.")
 
 
 def _dataset_names(value: Any) -> str | None:

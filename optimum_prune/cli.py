@@ -400,7 +400,7 @@ def run_or_exit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     worded = str if args.config is not None else _in_flags  # --config's errors name its fields
     with exiting_as_a_command(parser, lambda interrupt: _left_on_disk(args, interrupt), worded):
-        with nullcontext() if args.config is not None else _warnings_in_flags():
+        with nullcontext() if args.config is not None else messages_worded(_in_flags):
             return run(args)
 
 
@@ -448,28 +448,38 @@ _CONFIG_FIELD = re.compile(rf"PruningConfig\.({'|'.join(_FIELD_FLAGS)})\b(\.(?=\
 
 
 @contextmanager
-def _warnings_in_flags() -> Iterator[None]:
-    """While a command runs, what it logs names the flags where it names config fields, as its errors do."""
+def messages_worded(worded: Callable[[str], str]) -> Iterator[None]:
+    """While a command runs, what it logs is ``worded`` as its errors are (config fields named as its flags, or as
+    its YAML's keys)."""
     handlers = list(logging.getLogger().handlers)
-    naming = _FlagNames()
+    wording = _Worded(worded)
     for handler in handlers:
-        handler.addFilter(naming)
+        handler.addFilter(wording)
     try:
         yield
     finally:
         for handler in handlers:
-            handler.removeFilter(naming)
+            handler.removeFilter(wording)
 
 
-class _FlagNames(logging.Filter):
+class _Worded(logging.Filter):
+    def __init__(self, worded: Callable[[str], str]) -> None:
+        super().__init__()
+        self.worded = worded
+
     def filter(self, record: logging.LogRecord) -> bool:
-        record.msg, record.args = _in_flags(record.getMessage()), None
+        record.msg, record.args = self.worded(record.getMessage()), None
         return True
+
+
+# A part's sparsity named in an error, said as the flag that sets it.
+_PART_SPARSITY = re.compile(r"PruningConfig\.parts\['(\w+)'\]\.sparsity")
 
 
 def _in_flags(message: str) -> str:
     """``message`` naming the flags where it names config fields (``PruningConfig.method_options.merge`` is
     ``--option merge``)."""
+    message = _PART_SPARSITY.sub(r"the sparsity of --part \1", message)
     return _CONFIG_FIELD.sub(lambda match: _FIELD_FLAGS[match[1]] + (" " if match[2] else ""), message)
 
 

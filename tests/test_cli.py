@@ -263,6 +263,9 @@ def test_a_vision_language_checkpoint_is_pruned_as_the_api_prunes_it(tmp_path, b
     with pytest.raises(SystemExit):
         main([*arguments, "--part", "vision", "--part", "vision=0.3"])
     assert "--part vision is given twice" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main([*arguments, "--part", "vision=1.5"])
+    assert "error: the sparsity of --part vision must be in [0, 1)" in capsys.readouterr().err  # was --part['vision'].sparsity
 
 
 def test_every_pruning_config_field_has_a_cli_flag():
@@ -567,7 +570,7 @@ def test_warnings_name_the_flags_the_recipe_came_from(model_dir, tmp_path, caplo
         main(["--model", str(model_dir), "--method", "wanda", "--calibration-samples", "2", "--seq-len", "256", "--output", str(tmp_path / "out")])
     message = next(record.getMessage() for record in caplog.records if "context" in record.getMessage())
     assert "lower --seq-len (text)" in message and "PruningConfig" not in message
-    assert not any(isinstance(f, cli._FlagNames) for handler in logging.getLogger().handlers for f in handler.filters)
+    assert not any(isinstance(f, cli._Worded) for handler in logging.getLogger().handlers for f in handler.filters)
 
 
 def test_calibration_a_method_reads_none_of_is_named_as_its_flag_once(model_dir, tmp_path, caplog):

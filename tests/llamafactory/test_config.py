@@ -54,6 +54,23 @@ def test_bad_pruning_section_is_one_clear_error(workspace, tmp_path, capsys, pru
     assert not (tmp_path / "out").exists()
 
 
+def test_what_the_run_logs_names_the_yaml_keys(workspace, tmp_path, monkeypatch, caplog):
+    """Its errors said pruning.<key>, its warnings PruningConfig.<field> (e.g. keep_zeros after a SparseGPT step)."""
+    import logging
+
+    def run_train(args, section, training):
+        logging.getLogger("optimum_prune.report").warning(
+            "set PruningConfig.method_options.keep_zeros=True; PruningConfig.parts['vision'].sparsity"
+        )
+
+    monkeypatch.setattr(stages, "run_train", run_train)
+    path = tmp_path / "config.yaml"
+    write_yaml(path, {**base_args(workspace, tmp_path / "out", stage="prune"), "pruning": {"method": "magnitude"}})
+    with caplog.at_level(logging.WARNING):
+        assert main(["train", str(path)]) == 0
+    assert "set pruning.method_options.keep_zeros=True; pruning.parts.vision.sparsity" in caplog.text
+
+
 def test_calibrating_method_without_any_dataset(workspace, tmp_path, capsys):
     config = {**base_args(workspace, tmp_path / "out", stage="prune"), "pruning": {"method": "wanda"}}
     assert "pruning.calibration_dataset is required" in run_cli(tmp_path, capsys, config)
