@@ -508,15 +508,18 @@ def _complete_options(
     options_cls: type, values: Any, field_name: str, unknown_hint: Callable[[], str] | None = None
 ) -> dict[str, Any]:
     """``values`` checked and completed with the defaults; an error names ``field_name`` once: an options class's own
-    check says ``method_options.round_to ...``, which reads ``PruningConfig.method_options.round_to ...`` (the
-    translators into flags and YAML keys rename that)."""
+    check says ``method_options.round_to ...`` or ``num_layers ...``, which read ``PruningConfig.method_options.round_to
+    ...`` and ``PruningConfig.method_options.num_layers ...`` (the translators into flags and YAML keys rename that)."""
     try:
         return options_to_dict(build_options(options_cls, values if values is not None else {}, field_name))
     except ValueError as error:
         message = str(error)
         owner, _, short_name = field_name.rpartition(".")
+        first_word = message.split(" ", 1)[0]
         if message.startswith(f"{short_name}."):
             message = f"{owner}.{message}"
+        elif first_word in {option.name for option in dataclasses.fields(options_cls)}:
+            message = f"{field_name}.{message}"
         elif not message.startswith(field_name):
             message = f"{field_name}: {message}"
         if unknown_hint is not None and "unknown option" in message:

@@ -76,8 +76,12 @@ def test_unknown_and_invalid_method_options():
         PruningConfig(method="sparsegpt", method_options={"blocksize": 64})
     with pytest.raises(ValueError, match=r"valid options: comparison_group \(method 'wanda'; block_size is an option of sparsegpt\)$"):
         PruningConfig(method_options={"block_size": 64})  # an option of another method than the default one
-    with pytest.raises(ValueError, match="method_options: comparison_group must be one of"):
-        PruningConfig(method="wanda", method_options={"comparison_group": "column"})
+    with pytest.raises(ValueError, match=r"^PruningConfig.method_options.comparison_group must be one of"):
+        PruningConfig(method="wanda", method_options={"comparison_group": "column"})  # was "method_options: comparison_group"
+    with pytest.raises(ValueError, match=r"^PruningConfig.method_options.num_layers must be >= 0, got -1$"):
+        PruningConfig(method="layers", method_options={"num_layers": -1})  # the CLI said "--option: num_layers"
+    with pytest.raises(ValueError, match=r"^PruningConfig.allocation_options.max_deviation must be in \[0, 0.5\)"):
+        PruningConfig(allocation="owl", allocation_options={"max_deviation": 0.6})
     with pytest.raises(TypeError, match="method_options.block_size must be int"):
         PruningConfig(method="sparsegpt", method_options={"block_size": "64"})
     with pytest.raises(ValueError, match=r"^PruningConfig\.method_options\.round_to must be >= 1, got 0$"):
