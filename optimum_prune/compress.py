@@ -24,7 +24,7 @@ from transformers import GPTQConfig, QuantoConfig
 from .adapters import UnsupportedArchitecture
 from .api import check_architecture, check_finite, check_multi_process, prune
 from .calibration import CalibrationSource, calibration_windows
-from .config import PruningConfig
+from .config import PruningConfig, as_pruning_config
 from .dependencies import MissingDependency
 from .distributed import is_distributed
 from .methods import METHODS
@@ -138,10 +138,8 @@ def _gptq_windows(model: nn.Module, steps: list, calibration: CalibrationSource,
 
 
 def _check_step(step: Step, index: int) -> PruningConfig | QuantoConfig | GPTQConfig:
-    if isinstance(step, PruningConfig):
-        return step
-    if isinstance(step, Mapping):
-        return PruningConfig.from_dict(step)
+    if isinstance(step, (PruningConfig, Mapping)):
+        return as_pruning_config(step, f"recipe[{index}]")
     if isinstance(step, GPTQConfig):
         from .gptq import check_config
 

@@ -437,12 +437,13 @@ def recorded_steps(model_config: Any) -> list[dict[str, Any]]:
 
 
 def as_pruning_config(config: PruningConfig | Mapping[str, Any], field: str = "config") -> PruningConfig:
-    """``config`` as the entry points take it: a ``PruningConfig``, or a dict of its fields."""
+    """``config`` as the entry points take it: a ``PruningConfig``, or a dict of its fields. A ``PruningConfig`` is
+    checked again, as a copy: a field set after construction (``config.sparsity = 1.5``) skipped ``__post_init__``."""
     if isinstance(config, Mapping):
         return PruningConfig.from_dict(config)
     if not isinstance(config, PruningConfig):
         raise TypeError(f"{field} must be a PruningConfig or a dict, got {type(config).__name__}")
-    return config
+    return dataclasses.replace(config)
 
 
 def readable_step(recorded: Mapping[str, Any] | None) -> PruningConfig | None:

@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 
 from .atomic_files import SCORES_PLOT_NAME, atomic_directory, in_checkpoint_store, new_file_mode, shown_names
 from .adapters import get_adapter
-from .config import CONFIG_NAME, PruningConfig, readable_step, record_pruning, unreadable_reason
+from .config import CONFIG_NAME, PruningConfig, as_pruning_config, readable_step, record_pruning, unreadable_reason
 from .kernels.linear import SparseLinear
 from .perp import MaskLoRALinear
 from .methods import METHODS
@@ -77,8 +77,10 @@ def save_pruned(
     if _quanto_quantized(model):
         _check_quanto_saves(model, max_shard_size)
     recorded = getattr(model.config, "pruning_config", None)
-    if isinstance(config, Mapping):  # as prune takes it
-        config = PruningConfig.from_dict(config)
+    if config is not None:  # as prune takes it
+        config = as_pruning_config(config)
+    if report is not None and not isinstance(report, PruningReport):
+        raise TypeError(f"report must be the PruningReport prune returned, got {type(report).__name__}")
     if config is None:
         config = readable_step(recorded)
         if recorded and config is None:  # a method registered by a module this process did not import, another version

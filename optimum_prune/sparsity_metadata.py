@@ -13,13 +13,13 @@ whose quantizer loads in float16 unless ``dtype=`` is given — which is why wri
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Mapping
 
 from accelerate.utils import align_module_device
 from torch import nn
 
 from .adapters import get_adapter
-from .config import PruningConfig, readable_step, recorded_steps
+from .config import PruningConfig, as_pruning_config, readable_step, recorded_steps
 from .dependencies import MissingDependency
 from .dispatch import parameters_read
 from .methods import METHODS
@@ -30,7 +30,7 @@ from .sparsity import NMPattern, conforms_to
 logger = logging.getLogger(__name__)
 
 
-def sparsity_config(model: nn.Module, config: PruningConfig | None = None) -> dict[str, Any]:
+def sparsity_config(model: nn.Module, config: PruningConfig | Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The compressed-tensors ``sparsity_config`` of a model pruned by ``prune`` with ``config``
     (default: the last unstructured step the model records, e.g. the 2:4 step of "2:4, then remove
     layers": later structured steps leave fewer matrices, and what survives of its zeros is measured).
@@ -38,7 +38,7 @@ def sparsity_config(model: nn.Module, config: PruningConfig | None = None) -> di
     The targets are the linears the config pruned, measured: with an N:M config, those whose
     weights conform to the pattern (an unrouted expert left dense, say, goes to ``ignore``).
     """
-    config = config or _sparse_step(model)
+    config = as_pruning_config(config) if config is not None else _sparse_step(model)
     if METHODS.get(config.method).structured:
         raise ValueError(
             f"structured method {config.method!r} leaves smaller dense matrices, not sparse ones: there is no "
@@ -73,7 +73,7 @@ def sparsity_config(model: nn.Module, config: PruningConfig | None = None) -> di
     }
 
 
-def compressed_tensors_config(model: nn.Module, config: PruningConfig | None = None) -> Any:
+def compressed_tensors_config(model: nn.Module, config: PruningConfig | Mapping[str, Any] | None = None) -> Any:
     """transformers' ``CompressedTensorsConfig`` carrying ``sparsity_config(model)``: set it as
     ``model.config.quantization_config`` before ``save_pretrained`` (needs ``compressed-tensors``)."""
     require_compressed_tensors()

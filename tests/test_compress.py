@@ -6,13 +6,24 @@ import pytest
 import torch
 from transformers import QuantoConfig
 
-from optimum_prune import PruningConfig, UnsupportedArchitecture, compress, prune, save_pruned, sparsify, verify_sparsity
+from optimum_prune import NMPattern, PruningConfig, UnsupportedArchitecture, compress, prune, save_pruned, sparsify, verify_sparsity
 
 from .conftest import TINY, tiny_model, token_windows
 
 quanto = pytest.importorskip("optimum.quanto")
 
 WIDE = dict(hidden_size=128, intermediate_size=256)  # multiples of quanto's int4 group size (128)
+
+
+def test_a_step_changed_after_construction_is_checked_again():
+    config = PruningConfig(method="magnitude")
+    config.sparsity = NMPattern(2, 4)
+    model = tiny_model()
+    compress(model, [config])
+    assert model.config.pruning_config["sparsity"] == "2:4"
+    config.sparsity = 1.5
+    with pytest.raises(ValueError, match="PruningConfig.sparsity"):
+        compress(tiny_model(), [config])
 
 
 @pytest.mark.parametrize("weights", ["int8", "float8", "int4", "int2"])

@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from optimum_prune import PERPConfig, PruningConfig, load_model, merge_perp, prepare_perp, prune, save_pruned, sparsify
+from optimum_prune import NMPattern, PERPConfig, PruningConfig, load_model, merge_perp, prepare_perp, prune, save_pruned, sparsify
 from optimum_prune import atomic_files
 
 from .conftest import assert_stock_reload_matches, owner_only, tiny_model, token_windows
@@ -41,6 +41,38 @@ def test_a_config_given_as_a_dict_is_saved_as_prune_takes_it(tmp_path):
     output = save_pruned(model, tmp_path / "pruned", config=config)
     assert PruningConfig.from_json_file(output / "pruning_config.json") == PruningConfig.from_dict(config)
     assert "pruning_history" not in json.loads((output / "config.json").read_text())  # the recorded step, not another
+
+
+def test_a_config_changed_after_construction_is_checked_again_by_prune_and_save_pruned(tmp_path):
+    model = tiny_model()
+    config = PruningConfig(method="magnitude", sparsity=0.5)
+    config.sparsity = NMPattern(2, 4)  # what PruningConfig(sparsity=NMPattern(2, 4)) reads as "2:4"
+    prune(model, config)
+    assert model.config.pruning_config["sparsity"] == "2:4"
+    save_pruned(model, tmp_path / "pruned")
+    assert PruningConfig.from_pretrained(tmp_path / "pruned").sparsity == "2:4"
+    config.sparsity = 1.5
+    with pytest.raises(ValueError, match="PruningConfig.sparsity"):
+        prune(tiny_model(), config)
+    owl = PruningConfig(method="magnitude", allocation="owl")
+    owl.sparsity = "2:4"
+    with pytest.raises(ValueError, match="owl"):
+        prune(tiny_model(), owl, calibration=token_windows(4, 32))
+    with pytest.raises(ValueError, match="owl"):
+        save_pruned(tiny_model(), tmp_path / "other", config=owl)
+    samples = PruningConfig(method="wanda")
+    samples.num_calibration_samples = 0
+    with pytest.raises(ValueError, match="num_calibration_samples"):
+        prune(tiny_model(), samples, calibration=token_windows(4, 32))
+
+
+def test_save_pruned_names_a_config_or_report_of_the_wrong_type(tmp_path):
+    with pytest.raises(TypeError, match="config must be a PruningConfig"):
+        save_pruned(tiny_model(), tmp_path / "pruned", config="wanda")
+    model = tiny_model()
+    report = prune(model, PruningConfig(method="magnitude"))
+    with pytest.raises(TypeError, match="report must be the PruningReport"):
+        save_pruned(model, tmp_path / "pruned", report=report.to_dict())
 
 
 def test_a_checkpoint_whose_history_ends_before_its_config_keeps_every_step_when_pruned_again():

@@ -54,6 +54,17 @@ def test_experts_left_dense_are_ignored_and_routers_llm_surgeon_pruned_are_not()
     assert "model.layers.0.block_sparse_moe.gate" not in sparsity_config(model)["ignore"]
 
 
+def test_the_metadata_takes_a_config_as_a_dict_and_checks_one_changed_after_construction():
+    model = tiny_model()
+    config = PruningConfig(method="magnitude", sparsity="2:4")
+    prune(model, config)
+    assert sparsity_config(model, config.to_dict()) == sparsity_config(model, config)
+    assert compressed_tensors_config(model, config.to_dict()).sparsity_config.sparsity_structure == "2:4"
+    config.sparsity = 1.5
+    with pytest.raises(ValueError, match="PruningConfig.sparsity"):
+        sparsity_config(model, config)
+
+
 def test_saved_metadata_reloads_through_transformers_bit_exact(tmp_path):
     model = tiny_model()
     prune(model, {"method": "magnitude", "sparsity": "2:4"})
