@@ -302,15 +302,21 @@ class PruningConfig:
             )
         stored = {key: value for key, value in stored.items() if not key.startswith("_")}
         overrides = {key: value for key, value in overrides.items() if key in fields}
-        for name, options in (("method", "method_options"), ("allocation", "allocation_options")):
-            if name in overrides and overrides[name] != stored.get(name) and options not in overrides:
-                stored.pop(options, None)
+        for options in _options_replaced(stored, overrides):
+            stored.pop(options, None)
         if from_model_config or is_recorded(stored):
             stored = _readable_record(stored, f"{source}'s pruning_config")
         config = cls.from_dict({**stored, **overrides})
         if path.is_dir() or (path.is_file() and path.name == CONFIG_NAME):  # a saved model's folder, or its recipe
             _warn_if_one_of_several_steps(folder if path.is_dir() else path.parent)
         return (config, unused) if return_unused_kwargs else config
+
+    def replace(self, **changes: Any) -> "PruningConfig":
+        """A copy with ``changes``, checked: ``dataclasses.replace``, except that another ``method`` (or ``allocation``)
+        without its own options drops the current ones, which were the other method's (wanda's default
+        ``comparison_group`` would be refused by sparsegpt), as ``from_pretrained``'s overrides do."""
+        dropped = {options: {} for options in _options_replaced(vars(self), changes)}
+        return dataclasses.replace(self, **dropped, **changes)
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
@@ -325,6 +331,13 @@ class PruningConfig:
         ``from_stored``, one written by hand checked as given."""
         data = _read_json_object(path)
         return cls.from_stored(data, os.fspath(path)) if is_recorded(data) else cls.from_dict(data)
+
+
+def _options_replaced(current: Mapping[str, Any], changes: Mapping[str, Any]) -> list[str]:
+    """The option fields of ``current`` that ``changes`` leaves without their method (or allocation): another one is
+    named and no options with it."""
+    replaced = (("method", "method_options"), ("allocation", "allocation_options"))
+    return [options for name, options in replaced if name in changes and changes[name] != current.get(name) and options not in changes]
 
 
 def _readable_record(data: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -537,4 +550,8 @@ def _other_methods_options(method: str, values: Any) -> str:
         for option in values
     }
     elsewhere = [f"{option} is an option of {', '.join(names)}" for option, names in owners.items() if names]
+    option_sets = {name: {f.name for f in dataclasses.fields(METHODS.get(name).options)} for name in METHODS if name != method}
+    if values and set(values) in option_sets.values():  # every option of another method: a config whose method was changed
+        elsewhere.append("a config's method changed with dataclasses.replace keeps the other method's options: use "
+                         "PruningConfig.replace(method=...), which drops them, or pass method_options={}")
     return "; ".join([f"method {method!r}", *elsewhere])

@@ -1,3 +1,4 @@
+import dataclasses
 import functools
 import json
 import re
@@ -408,6 +409,20 @@ def test_overriding_with_the_stored_method_or_allocation_keeps_their_stored_opti
     ).save_pretrained(tmp_path)
     config = PruningConfig.from_pretrained(tmp_path, method="sparsegpt", allocation="owl", sparsity=0.6)
     assert (config.method_options["block_size"], config.allocation_options["max_deviation"], config.sparsity) == (32, 0.2, 0.6)
+
+
+def test_replace_with_another_method_drops_the_old_methods_options_as_from_pretrained_does():
+    wanda = PruningConfig(method="wanda", sparsity=0.5, allocation="owl")
+    assert wanda.replace(method="magnitude") == PruningConfig(method="magnitude", sparsity=0.5, allocation="owl")
+    assert wanda.replace(method="sparsegpt").method_options == PruningConfig(method="sparsegpt").method_options
+    assert wanda.replace(allocation="uniform", sparsity="2:4").allocation_options == {}
+    sparsegpt = PruningConfig(method="sparsegpt", method_options={"block_size": 32})
+    assert sparsegpt.replace(sparsity=0.6).method_options["block_size"] == 32  # the same method keeps its options
+    assert sparsegpt.replace(method="wanda", method_options={"comparison_group": "layer"}).method_options == {"comparison_group": "layer"}
+    with pytest.raises(ValueError, match="PruningConfig.sparsity"):
+        sparsegpt.replace(sparsity=1.5)
+    with pytest.raises(ValueError, match=r"comparison_group is an option of magnitude, wanda.*PruningConfig.replace\(method=\.\.\.\)"):
+        dataclasses.replace(wanda, method="sparsegpt")
 
 
 def test_a_stored_key_marked_private_is_passed_over_by_from_pretrained(tmp_path):
