@@ -34,14 +34,18 @@ class NMPattern:
     n: int
     m: int
 
+    def __post_init__(self) -> None:
+        if any(isinstance(value, bool) or not isinstance(value, numbers.Integral) for value in (self.n, self.m)):
+            raise TypeError(f"NMPattern takes whole numbers n and m, got NMPattern({self.n!r}, {self.m!r}); parse '2:4' with NMPattern.parse")
+        _check_order(self.n, self.m, f"NMPattern({self.n}, {self.m})")
+
     @classmethod
     def parse(cls, text: str, field: str = "sparsity") -> "NMPattern":
         match = _PATTERN.match(text)
         if not match:
             raise ValueError(f"{field} {text!r} is not an 'N:M' pattern such as '2:4' or '4:8'")
         n, m = int(match.group(1)), int(match.group(2))
-        if not 0 < n < m:
-            raise ValueError(f"{field} {text!r} needs 0 < N < M (N weights kept out of every M)")
+        _check_order(n, m, f"{field} {text!r}")  # named as the field gave it
         return cls(n, m)
 
     def check_columns(self, in_features: int) -> None:
@@ -54,6 +58,11 @@ class NMPattern:
 
     def __str__(self) -> str:
         return f"{self.n}:{self.m}"
+
+
+def _check_order(n: int, m: int, given: str) -> None:
+    if not 0 < n < m:
+        raise ValueError(f"{given} needs 0 < N < M (N weights kept out of every M)")
 
 
 SparsityTarget = Union[float, NMPattern]

@@ -144,3 +144,18 @@ def test_verify_sparsity_checks_its_arguments():
     # a single glob given as a string means that glob, as the default ("lm_head",): it was split into characters
     # and lm_head was counted silently (22 linears instead of 21)
     assert verify_sparsity(model, ignore="lm_head")["layers"].keys() == verify_sparsity(model)["layers"].keys()
+
+
+@pytest.mark.parametrize(("n", "m"), [(4, 2), (2, 2), (2, 0), (0, 4)])
+def test_an_nm_pattern_is_refused_as_parse_refuses_its_text(n, m):
+    with pytest.raises(ValueError, match=r"needs 0 < N < M") as built:
+        NMPattern(n, m)  # NMPattern(4, 2) was built, and a dense model conformed to it; (2, 0) divided by zero
+    with pytest.raises(ValueError, match=r"needs 0 < N < M") as parsed:
+        NMPattern.parse(f"{n}:{m}")
+    assert str(built.value).partition(" needs ")[2] == str(parsed.value).partition(" needs ")[2]
+
+
+@pytest.mark.parametrize(("n", "m"), [("2", "4"), (2.0, 4), (True, 4)])
+def test_an_nm_pattern_of_other_types_is_a_type_error(n, m):
+    with pytest.raises(TypeError, match="whole numbers"):
+        NMPattern(n, m)
