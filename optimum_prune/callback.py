@@ -46,7 +46,7 @@ from .calibration.engine import all_finite
 from .dispatch import refuse_offloaded
 from .distributed import all_reduce_sum
 from .expert_dropping import ExpertDroppingCallback, ExpertDroppingSchedule
-from .ignoring import check_ignore_patterns
+from .ignoring import as_patterns, check_ignore_patterns
 from .masks import SparsityMasks, prunable_linears
 from .perp import PERPConfig, PERPSummary, merge_perp, prepare_perp
 from .schedules import GradualSchedule, IterativeSchedule
@@ -88,7 +88,7 @@ class PruningCallback(TrainerCallback):
     """
 
     def __init__(
-        self, schedule: Schedule | None = None, ignore: list[str] | tuple[str, ...] = (), perp: PERPConfig | None = None
+        self, schedule: Schedule | None = None, ignore: str | list[str] | tuple[str, ...] = (), perp: PERPConfig | None = None
     ) -> None:
         if schedule is not None and not isinstance(schedule, (GradualSchedule, IterativeSchedule, ExpertDroppingSchedule)):
             raise TypeError(
@@ -97,9 +97,9 @@ class PruningCallback(TrainerCallback):
             )
         if perp is not None and schedule is not None:
             raise ValueError("PruningCallback: PERP retrains an already pruned model; it cannot be combined with a pruning schedule")
-        self.expert_dropping = ExpertDroppingCallback(schedule, ignore) if isinstance(schedule, ExpertDroppingSchedule) else None
+        self.ignore = as_patterns(ignore, "PruningCallback ignore")
+        self.expert_dropping = ExpertDroppingCallback(schedule, self.ignore) if isinstance(schedule, ExpertDroppingSchedule) else None
         self.schedule = None if self.expert_dropping else schedule
-        self.ignore = tuple(ignore)
         self.perp = perp
         self.perp_summary: PERPSummary | None = None  # of the model prepared last
         # Each Trainer's model is prepared in its constructor: one callback given to two Trainers prepares both.

@@ -19,6 +19,7 @@ from typing import Any, Callable, Literal, Mapping, overload
 
 from .allocation import ALLOCATIONS, AllocationSpec
 from .calibration.sources import read_text_file
+from .ignoring import as_patterns
 from .methods import METHODS, MethodSpec
 from .options import MoEOptions, as_option_type, build_options, ignored_options, options_to_dict
 from .sparsity import NMPattern, SparsityTarget, normalise_sparsity
@@ -95,11 +96,7 @@ class PruningConfig:
         )
         self.parts = _checked_parts(self.parts, self.sparsity)
         self._check_combinations(spec, allocation)
-        if self.ignore is None:  # a blank `ignore:` in a YAML
-            self.ignore = []
-        if not isinstance(self.ignore, (list, tuple)) or not all(isinstance(p, str) for p in self.ignore):
-            raise TypeError(f"PruningConfig.ignore must be a list of glob patterns, got {self.ignore!r}")
-        self.ignore = list(self.ignore)
+        self.ignore = list(as_patterns(self.ignore, "PruningConfig.ignore"))  # None: a blank `ignore:` in a YAML
         for name in ("num_calibration_samples", "calibration_seq_len", "seed"):  # a wrong type: TypeError, as for options
             setattr(self, name, as_option_type(getattr(self, name), int, False, f"PruningConfig.{name}"))
         for name in ("num_calibration_samples", "calibration_seq_len"):

@@ -31,7 +31,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from .adapters import DecoderAdapter, get_adapter
 from .distributed import all_reduce_sum
-from .ignoring import check_ignore_patterns, kept_moe_layers
+from .ignoring import as_patterns, check_ignore_patterns, kept_moe_layers
 from .options import coerce_scalar_fields
 from .sparsity import nearest_count
 from .structure.loading import record_structure
@@ -107,9 +107,9 @@ class ExpertDroppingCallback(TrainerCallback):
     ``ignore``: glob patterns of modules kept as they are (a pattern matching an MoE block, a module
     holding it or one inside it keeps that block's experts)."""
 
-    def __init__(self, schedule: ExpertDroppingSchedule | None = None, ignore: list[str] | tuple[str, ...] = ()) -> None:
+    def __init__(self, schedule: ExpertDroppingSchedule | None = None, ignore: str | list[str] | tuple[str, ...] = ()) -> None:
         self.schedule = schedule or ExpertDroppingSchedule()
-        self.ignore = tuple(ignore)
+        self.ignore = as_patterns(ignore, "ExpertDroppingCallback ignore")
         self.layers: list[_LayerRouting] = []
         self.real_tokens: RealTokens | None = None
         self._hooks: list[torch.utils.hooks.RemovableHandle] = []

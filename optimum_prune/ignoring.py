@@ -17,6 +17,15 @@ if TYPE_CHECKING:
     from .adapters import DecoderAdapter
 
 
+def as_patterns(ignore: str | Iterable[str] | None, field: str) -> tuple[str, ...]:
+    """``ignore`` as glob patterns, one string being one pattern: iterated, it would be its characters, and a
+    ``'*'`` among them keeps every module."""
+    patterns = (ignore,) if isinstance(ignore, str) else ignore or ()
+    if not isinstance(patterns, (list, tuple)) or not all(isinstance(pattern, str) for pattern in patterns):
+        raise TypeError(f"{field} must be a list of glob patterns, got {ignore!r}")
+    return tuple(patterns)
+
+
 def is_ignored(name: str, patterns: Iterable[str]) -> bool:
     """Whether the module ``name`` is kept: a pattern matches it or a module that holds it."""
     parts = name.split(".")

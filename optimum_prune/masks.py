@@ -18,7 +18,7 @@ from torch import nn
 
 from .adapters import get_adapter
 from .dispatch import refuse_offloaded
-from .ignoring import is_ignored
+from .ignoring import as_patterns, check_ignore_patterns, is_ignored
 from .quantized import dequantized_weight, is_packed_4bit
 from .wrappers import base_layer, unwrapped_modules
 
@@ -57,13 +57,15 @@ class SparsityMasks:
         self.frozen = frozen or {}
 
     @classmethod
-    def from_zeros(cls, model: nn.Module, ignore: Iterable[str] = ()) -> "SparsityMasks":
+    def from_zeros(cls, model: nn.Module, ignore: str | Iterable[str] = ()) -> "SparsityMasks":
         """Masks of the weights that are exactly zero now (a pruned checkpoint's zeros).
 
         Zeros the weights already had before pruning (e.g. ~0.03 % of a dequantised GGUF model)
         are kept too: every zero counts, as ``verify_sparsity`` counts them; so are a router's
         (``moe_options.prune_router``).
         """
+        ignore = as_patterns(ignore, "SparsityMasks.from_zeros ignore")
+        check_ignore_patterns(get_adapter(model), ignore, "SparsityMasks.from_zeros ignore")
         linears = prunable_linears(model, ignore, include_routers=True, every_part=True)  # a pruned vision tower's too
         frozen = {name: _zeros_and_size(linear) for name, linear in linears.items() if is_packed_4bit(linear)}
         linears = {name: linear for name, linear in linears.items() if name not in frozen}

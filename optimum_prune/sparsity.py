@@ -16,7 +16,7 @@ from typing import Iterable, Union
 import torch
 from accelerate.utils import align_module_device
 
-from .ignoring import is_ignored
+from .ignoring import as_patterns, is_ignored
 from .quantized import dequantized_weight, is_linear
 from .wrappers import ModelLike, transformers_model, unwrapped_modules
 
@@ -177,7 +177,7 @@ def conforms_to(weight: torch.Tensor, pattern: NMPattern) -> bool:
 
 
 def verify_sparsity(
-    model: ModelLike, pattern: str | NMPattern | None = None, ignore: Iterable[str] = ("lm_head",)
+    model: ModelLike, pattern: str | NMPattern | None = None, ignore: str | Iterable[str] = ("lm_head",)
 ) -> dict:
     """Measured sparsity of every linear layer's weight, and N:M conformity when ``pattern`` is given.
 
@@ -191,7 +191,7 @@ def verify_sparsity(
         raise TypeError(f"pattern must be an 'N:M' string or an NMPattern (None: no conformity check), got {pattern!r}; "
                         "a fraction such as 0.5 has no pattern to check")
     nm = NMPattern.parse(pattern, "pattern") if isinstance(pattern, str) else pattern
-    ignored = (ignore,) if isinstance(ignore, str) else tuple(ignore or ())
+    ignored = as_patterns(ignore, "verify_sparsity ignore")
     layers: dict[str, dict] = {}
     zeros = total = 0
     for name, module in unwrapped_modules(transformers_model(model)):

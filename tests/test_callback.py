@@ -225,6 +225,12 @@ class TestKeepingMasks:
         assert len(logged) == 2 and all(value == pytest.approx(0.5, abs=0.01) for value in logged)
 
 
+    def test_ignore_given_as_one_string_is_one_pattern(self):
+        assert PruningCallback(ignore="*.o_proj").ignore == ("*.o_proj",)  # was split into its characters
+        with pytest.raises(TypeError, match="PruningCallback ignore must be a list of glob patterns"):
+            PruningCallback(ignore=["*.o_proj", 3])
+
+
 class TestLoRA:
     def test_masked_merge_keeps_exact_sparsity_where_plain_merge_fills_it(self, tmp_path):
         peft = pytest.importorskip("peft")

@@ -348,9 +348,10 @@ def test_an_nm_pattern_of_another_part_is_refused_with_a_varying_allocation():
         PruningConfig(method="wanda", sparsity=0.5, allocation="owl", parts={"language": {}, "vision": {"sparsity": "2:4"}})
 
 
-def test_ignore_given_as_a_tuple_is_stored_as_a_list_and_round_trips(tmp_path):
+def test_ignore_given_as_a_tuple_or_one_string_is_stored_as_a_list_and_round_trips(tmp_path):
     config = PruningConfig(ignore=("*.o_proj",))
     assert config.ignore == ["*.o_proj"]
+    assert PruningConfig(ignore="*.o_proj") == config  # one pattern, as verify_sparsity and PruningCallback read one
     config.to_json_file(tmp_path / "c.json")
     assert PruningConfig.from_json_file(tmp_path / "c.json") == config
 

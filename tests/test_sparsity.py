@@ -159,3 +159,17 @@ def test_an_nm_pattern_is_refused_as_parse_refuses_its_text(n, m):
 def test_an_nm_pattern_of_other_types_is_a_type_error(n, m):
     with pytest.raises(TypeError, match="whole numbers"):
         NMPattern(n, m)
+
+
+def test_masks_from_zeros_read_one_string_as_one_pattern_and_refuse_one_matching_nothing():
+    from optimum_prune import PruningConfig, SparsityMasks, prune
+
+    model = tiny_model()
+    prune(model, PruningConfig(method="magnitude", sparsity=0.5))
+    as_string = SparsityMasks.from_zeros(model, ignore="*.o_proj")  # was 0 masks: '*', one character, matched every module
+    assert set(as_string.pruned) == set(SparsityMasks.from_zeros(model, ignore=["*.o_proj"]).pruned)
+    assert as_string.pruned and not any(name.endswith("o_proj") for name in as_string.pruned)
+    with pytest.raises(ValueError, match=r"SparsityMasks.from_zeros ignore pattern\(s\) '\*.o_prj' match no module"):
+        SparsityMasks.from_zeros(model, ignore=["*.o_prj"])
+    with pytest.raises(TypeError, match="SparsityMasks.from_zeros ignore must be a list of glob patterns"):
+        SparsityMasks.from_zeros(model, ignore=[None])
