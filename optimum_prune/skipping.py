@@ -27,7 +27,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from .adapters import DecoderAdapter, get_adapter
+from .adapters import DecoderAdapter, UnsupportedArchitecture, get_adapter
 from .adapters.moe import expert_tokens
 from .calibration import CalibrationSource, calibration_windows
 from .calibration.engine import evaluating, walk_layers
@@ -36,10 +36,11 @@ from .training_hooks import RealTokens
 
 
 def moe_blocks(adapter: DecoderAdapter, purpose: str) -> list[nn.Module]:
-    """The model's mixture-of-experts blocks, in layer order; an error naming ``purpose`` when it has none."""
+    """The model's mixture-of-experts blocks, in layer order; an error naming ``purpose`` when it has none (an
+    ``UnsupportedArchitecture``, as ``prune`` raises for experts of a dense model)."""
     blocks = [block for layer in adapter.decoder_layers() if (block := adapter.moe_block(layer)) is not None]
     if not blocks:
-        raise ValueError(f"{type(adapter.model).__name__} has no mixture-of-experts layers to {purpose}")
+        raise UnsupportedArchitecture(f"{type(adapter.model).__name__} has no mixture-of-experts layers to {purpose}")
     return blocks
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from optimum_prune import skip_experts, skipping_thresholds
-from optimum_prune.adapters import get_adapter
+from optimum_prune.adapters import UnsupportedArchitecture, get_adapter
 from optimum_prune.skipping import moe_blocks
 
 from .adapters.test_moe import SOFTMAX_ROUTED, tiny_moe
@@ -169,8 +169,10 @@ def test_generation_with_cache_and_bad_inputs():
     assert skipping.expert_calls == 8 * config.num_experts_per_tok * config.num_hidden_layers
     with pytest.raises(ValueError, match="beta must be in"):
         skip_experts(tiny_moe(), beta=1.5)
-    with pytest.raises(ValueError, match="has no mixture-of-experts layers"):
+    with pytest.raises(UnsupportedArchitecture, match="has no mixture-of-experts layers"):  # as prune's (a ValueError)
         skip_experts(tiny_model(), beta=0.3)
+    with pytest.raises(UnsupportedArchitecture, match="has no mixture-of-experts layers"):
+        skipping_thresholds(tiny_model(), token_windows(2, 8))
 
 
 def test_one_variant_of_the_mixture_at_a_time_and_remove_undoes_its_own():
