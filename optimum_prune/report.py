@@ -70,6 +70,15 @@ class LinearReport:
     part: str = "language"
 
 
+def _checked_part(part: str) -> str:
+    """A misspelled part would read as one left dense (0.0, no layers)."""
+    from .config import MODEL_PARTS  # config imports the methods, which import this module
+
+    if part not in MODEL_PARTS:
+        raise ValueError(f"part {part!r} is no model part; parts: {', '.join(MODEL_PARTS)}")
+    return part
+
+
 @dataclass
 class PruningReport:
     method: str
@@ -114,15 +123,15 @@ class PruningReport:
         return list(dict.fromkeys(r.part for r in self.linears))
 
     def part_sparsity(self, part: str) -> float:
-        """Measured zeros over the pruned linears of one model part."""
-        rows = [r for r in self.linears if r.part == part]
+        """Measured zeros over the pruned linears of one model part (0.0 for a part left dense)."""
+        rows = [r for r in self.linears if r.part == _checked_part(part)]
         total = sum(r.numel for r in rows)
         return sum(r.sparsity * r.numel for r in rows) / total if total else 0.0
 
     def layer_sparsities(self, part: str = "language") -> dict[int, tuple[float, float]]:
         """Layer index (within ``part``) → (target, measured) sparsity over its pruned linears."""
         result: dict[int, tuple[float, float]] = {}
-        linears = [r for r in self.linears if r.part == part]
+        linears = [r for r in self.linears if r.part == _checked_part(part)]
         for index in sorted({r.layer_index for r in linears}):
             rows = [r for r in linears if r.layer_index == index]
             numel = sum(r.numel for r in rows)

@@ -111,3 +111,12 @@ def test_a_report_is_a_json_ready_dict_with_its_measured_sparsities():
     stored = json.loads(json.dumps(structured.to_dict()))
     assert stored["shapes"][0]["num_attention_heads"] == structured.shapes[0].num_attention_heads
     assert stored["overall_sparsity"] is None  # it pruned no linear: 0.0 read as "the model is dense" on a sparse one
+
+
+def test_a_part_that_is_no_model_part_is_named_not_read_as_left_dense():
+    report = prune(tiny_model(), PruningConfig(method="magnitude", sparsity=0.5))
+    assert report.part_sparsity("vision") == 0.0 and report.layer_sparsities("vision") == {}  # a part left dense
+    with pytest.raises(ValueError, match="part 'languge' is no model part; parts: vision, projector, language"):
+        report.part_sparsity("languge")  # was 0.0, as if nothing had been pruned
+    with pytest.raises(ValueError, match="part 'languge'"):
+        report.layer_sparsities("languge")  # was {}
