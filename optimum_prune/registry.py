@@ -54,3 +54,11 @@ class Registry(Generic[Entry]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+def registered_name(name: object, decorator: str) -> str:
+    """The name a registering decorator was given. Used without its parentheses (``@register_method`` over a class),
+    the decorator is given the class and returns its inner function in the class's place, registering nothing."""
+    if not isinstance(name, str):
+        raise TypeError(f"{decorator} takes the name to register: @{decorator}(\"my-name\"), got {name!r}")
+    return name

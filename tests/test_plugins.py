@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 
 def _install(site, module: str, source: str) -> None:
     """A distribution on ``site`` declaring ``module`` as an optimum-prune plugin, as pip would lay it out."""
@@ -79,6 +81,18 @@ def test_a_method_drawing_at_random_draws_from_the_configs_seed(scratch_methods)
     assert all(torch.equal(first[name], again[name]) for name in first)
     assert not any(torch.equal(first[name], other[name]) for name in first)
     assert not torch.equal(first["model.layers.0.self_attn.q_proj"], first["model.layers.1.self_attn.q_proj"])
+
+
+@pytest.mark.parametrize("decorator", ["register_method", "register_structured_method", "register_model_method", "register_allocation"])
+def test_a_registering_decorator_without_its_name_is_refused(decorator, scratch_methods):
+    """Used bare, it replaced the class by its inner function and registered nothing."""
+    import optimum_prune
+
+    with pytest.raises(TypeError, match=rf"{decorator} takes the name to register: @{decorator}\("):
+
+        @getattr(optimum_prune, decorator)
+        class Mine:
+            pass
 
 
 def test_what_the_readme_tells_a_plugin_to_import_is_there():

@@ -439,10 +439,21 @@ Factory = TypeVar("Factory", bound=AdapterFactory)
 """What ``register_adapter`` gives back: the class (or function) itself (a user's type checker keeps seeing it)."""
 
 
-def register_adapter(*model_classes: type) -> Callable[[Factory], Factory]:
+def register_adapter(*model_classes: type | str) -> Callable[[Factory], Factory]:
+    """Class decorator: ``adapter`` builds the adapter of ``model_classes`` (and their subclasses), each a transformers
+    model class or its name, e.g. ``@register_adapter(LlamaForCausalLM)`` or ``@register_adapter("MyForCausalLM")`` for
+    a class only remote code defines."""
+    usage = "@register_adapter(LlamaForCausalLM, ...) (or the classes' names)"
+    if not model_classes:
+        raise TypeError(f"register_adapter takes the model classes the adapter serves: {usage}")
+    for model_class in model_classes:
+        if not isinstance(model_class, (type, str)) or (isinstance(model_class, type) and issubclass(model_class, DecoderAdapter)):
+            raise TypeError(f"register_adapter takes the model classes the adapter serves: {usage}; got {model_class!r}")
+    names = [model_class if isinstance(model_class, str) else model_class.__name__ for model_class in model_classes]
+
     def decorator(adapter: Factory) -> Factory:
-        for model_class in model_classes:
-            ADAPTERS.add(model_class.__name__, adapter, adapter)
+        for name in names:
+            ADAPTERS.add(name, adapter, adapter)
         return adapter
 
     return decorator

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..options import NoOptions, option_types
-from ..registry import Registry
+from ..registry import Registry, registered_name
 from ..statistics import ColumnNorms
 
 Options = TypeVar("Options")
@@ -106,6 +106,8 @@ AllocationClass = TypeVar("AllocationClass", bound=type[Allocation])
 
 
 def register_allocation(name: str, *, options: type = NoOptions) -> Callable[[AllocationClass], AllocationClass]:
+    name = registered_name(name, "register_allocation")
+
     def decorator(allocation: AllocationClass) -> AllocationClass:
         ALLOCATIONS.add(name, AllocationSpec(name, allocation, options), allocation)
         return allocation

@@ -30,7 +30,7 @@ from ..calibration.engine import all_finite
 from ..calibration.sharing import InputStatistics
 from ..ignoring import kept_moe_layers
 from ..options import MoEOptions, NoOptions, option_types
-from ..registry import Registry
+from ..registry import Registry, registered_name
 from ..report import PruningReport
 from ..sparsity import NMPattern, SparsityTarget
 
@@ -244,6 +244,7 @@ def register_method(name: str, *, options: type = NoOptions) -> Callable[[Pruner
 
     Whether it needs calibration data depends on its options (``needs_calibration``).
     """
+    name = registered_name(name, "register_method")
 
     def decorator(pruner: PrunerClass) -> PrunerClass:
         METHODS.add(name, MethodSpec(name, options, _summary(pruner), pruner=pruner), pruner)
@@ -257,6 +258,7 @@ def register_structured_method(name: str, *, options: type = NoOptions) -> Calla
 
     Whether it needs calibration data depends on its options (``needs_calibration``).
     """
+    name = registered_name(name, "register_structured_method")
 
     def decorator(method: StructuredClass) -> StructuredClass:
         METHODS.add(name, MethodSpec(name, options, _summary(method), structured=method), method)
@@ -267,6 +269,7 @@ def register_structured_method(name: str, *, options: type = NoOptions) -> Calla
 
 def register_model_method(name: str, *, options: type = NoOptions) -> Callable[[ModelPrunerClass], ModelPrunerClass]:
     """Class decorator: make a ``ModelPruner`` available as ``PruningConfig(method=name)`` (always calibrated)."""
+    name = registered_name(name, "register_model_method")
 
     def decorator(method: ModelPrunerClass) -> ModelPrunerClass:
         METHODS.add(name, MethodSpec(name, options, _summary(method), model_pruner=method), method)

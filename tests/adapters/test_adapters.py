@@ -96,6 +96,19 @@ def _starcoder2() -> torch.nn.Module:
     return Starcoder2ForCausalLM(config).eval()
 
 
+def test_register_adapter_needs_the_model_classes_and_takes_their_names(scratch_adapters):
+    with pytest.raises(TypeError, match=r"register_adapter takes the model classes the adapter serves: @register_adapter\("):
+
+        @register_adapter  # used bare, it replaced the adapter by its inner function and registered nothing
+        class Bare(LlamaAdapter):
+            pass
+
+    with pytest.raises(TypeError, match="register_adapter takes the model classes"):
+        register_adapter()  # registered nothing
+    register_adapter("Starcoder2ForCausalLM")(LlamaAdapter)  # a name: AttributeError
+    assert type(get_adapter(_starcoder2())) is LlamaAdapter
+
+
 def test_a_llama_subclass_for_other_mlp_names_is_refused_naming_the_hook_before_any_cut(scratch_adapters):
     """A plugin overriding mlp() for c_fc/c_proj but inheriting Llama's layer_shape (reads mlp.down_proj): width cut
     the MLPs first and then stopped at an AttributeError recording the result."""
