@@ -64,6 +64,7 @@ class SparsityMasks:
         are kept too: every zero counts, as ``verify_sparsity`` counts them; so are a router's
         (``moe_options.prune_router``).
         """
+        refuse_offloaded(model, "SparsityMasks hold each weight's mask in memory and zero the weights in place")
         ignore = as_patterns(ignore, "SparsityMasks.from_zeros ignore")
         check_ignore_patterns(get_adapter(model), ignore, "SparsityMasks.from_zeros ignore")
         linears = prunable_linears(model, ignore, include_routers=True, every_part=True)  # a pruned vision tower's too

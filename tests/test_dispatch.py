@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 from optimum_prune import (
     PruningCallback,
     PruningConfig,
+    SparsityMasks,
     choose_early_exit,
     fold_experts,
     merge_lora_preserving_sparsity,
@@ -57,6 +58,8 @@ def test_work_that_rewrites_trains_or_moves_offloaded_weights_names_them(pruned_
         prepare_perp(offloaded)
     with pytest.raises(ValueError, match=OFFLOADED + "sparsify packs each 2:4 weight into its compressed form in memory"):
         sparsify(offloaded)
+    with pytest.raises(ValueError, match=OFFLOADED + "SparsityMasks hold each weight's mask in memory"):
+        SparsityMasks.from_zeros(offloaded)  # were masks on the meta device: a raw RuntimeError from sparsity()
     with pytest.raises(ValueError, match=OFFLOADED + "choose_early_exit moves one decoder layer at a time to one device"):
         choose_early_exit(offloaded, token_windows(samples=2, seq_len=16), num_samples=2, seq_len=16)
     trainer = Trainer(
