@@ -35,17 +35,13 @@ from .devices import check_activation_device, check_device
 from .distributed import init_from_launcher, launched_processes, rank_zero_first, world
 from .evaluation import TooFewTokens, check_whole_windows, evaluate_perplexity
 from .methods import METHODS, per_layer_methods
-from .models import auto_class_name, default_model_path, load_default_model, load_model, load_tokenizer, missing_tokenizer
+from .models import DTYPE_ALIASES, DTYPES, auto_class_name, default_model_path, load_default_model, load_model, load_tokenizer, missing_tokenizer
 from .options import MoEOptions, describe_options, option_types
 from .report import PruningReport
 from .saving import save_pruned
 from .sparsity import verify_sparsity
 from .sparsity_metadata import require_compressed_tensors
 from .structure.loading import records_layer_shapes
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # optimum-cli export's spellings
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(

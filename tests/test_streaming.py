@@ -773,7 +773,7 @@ def test_arguments_of_the_wrong_kind_are_named(sharded, tmp_path):
         prune_checkpoint(sharded, tmp_path / "out", "magnitude")
     with pytest.raises(ValueError, match=r"dtype torch.int8: offloaded pruning reads and writes float32, bfloat16, float16"):
         prune_checkpoint(sharded, tmp_path / "out", PruningConfig(method="magnitude"), dtype=torch.int8)
-    prune_checkpoint(sharded, tmp_path / "out", PruningConfig(method="magnitude"), dtype="bfloat16")  # a name works too
+    prune_checkpoint(sharded, tmp_path / "out", PruningConfig(method="magnitude"), dtype="bf16")  # a name works too, as --dtype takes it
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto").dtype == torch.bfloat16
 
 

@@ -58,10 +58,11 @@ class OptimumPruner:
 
     @classmethod
     def from_pretrained(
-        cls, model_or_path: str | os.PathLike | torch.nn.Module, tokenizer: Any = None, dtype: torch.dtype = torch.float32
+        cls, model_or_path: str | os.PathLike | torch.nn.Module, tokenizer: Any = None, dtype: torch.dtype | str = torch.float32
     ) -> "OptimumPruner":
         """From a loaded model (pass its ``tokenizer`` for text calibration) or a local checkpoint
-        directory (model and tokenizer loaded in ``dtype``; no hub access)."""
+        directory (model and tokenizer loaded in ``dtype``, a torch dtype or its name as ``load_model`` takes it; no
+        hub access)."""
         from ..models import load_model
 
         if isinstance(model_or_path, torch.nn.Module):
