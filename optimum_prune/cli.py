@@ -35,7 +35,7 @@ from .devices import check_activation_device, check_device
 from .distributed import init_from_launcher, launched_processes, rank_zero_first, world
 from .evaluation import TooFewTokens, check_whole_windows, evaluate_perplexity
 from .methods import METHODS, per_layer_methods
-from .models import DTYPE_ALIASES, DTYPES, auto_class_name, default_model_path, load_default_model, load_model, load_tokenizer, missing_tokenizer
+from .models import DTYPE_ALIASES, DTYPES, auto_class_name, default_model_path, load_default_model, load_model, missing_tokenizer
 from .options import MoEOptions, describe_options, option_types
 from .report import PruningReport
 from .saving import save_pruned
@@ -377,11 +377,8 @@ def _run_offloaded(args: argparse.Namespace, config: PruningConfig) -> int:
         raise ValueError("--offload disk never holds the whole model: evaluate or annotate the saved checkpoint separately")
     if launched_processes() > 1:
         raise ValueError("--offload disk runs in one process (every process would write the same layers): launch it without torchrun")
-    tokenizer = load_tokenizer(args.model) if config.requires_calibration else None
-    if config.requires_calibration and tokenizer is None:
-        raise missing_tokenizer(args.model, "calibration")
-    report = prune_checkpoint(
-        args.model, args.output, config, calibration=args.calibration, tokenizer=tokenizer, device=args.device or default_device(),
+    report = prune_checkpoint(  # which tokenizes text calibration with the checkpoint's tokenizer
+        args.model, args.output, config, calibration=args.calibration, device=args.device or default_device(),
         dtype=DTYPES[args.dtype] if args.dtype else None, activation_device=args.activation_device,
     )  # fmt: skip
     args.saved = True

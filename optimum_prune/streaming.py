@@ -42,8 +42,9 @@ from .atomic_files import (
 )  # fmt: skip
 from .calibration import CalibrationInputs, CalibrationSource, calibration_inputs, check_token_ids
 from .calibration.engine import all_finite, calibration_digest
+from .calibration.sources import TokenizerRequired
 from .config import CONFIG_NAME, PruningConfig, as_pruning_config, readable_step
-from .models import as_dtype, unreadable_checkpoint
+from .models import as_dtype, load_tokenizer, missing_tokenizer, unreadable_checkpoint
 from .report import PruningReport
 from .saving import REPORT_NAME, SCORES_PLOT_NAME, drop_gguf_copy, save_tokenizer, write_report
 from .structure.loading import built_without_weights, records_layer_shapes
@@ -410,9 +411,15 @@ def prune_checkpoint(
     inputs = None
     warn_unused_calibration(config, calibration)
     if config.requires_calibration:
-        inputs = calibration_inputs(
-            calibration, tokenizer, None, config.num_calibration_samples, config.calibration_seq_len, config.seed
-        )
+        # Text is tokenised with the checkpoint's own tokenizer unless one is given, as load_model and the CLI load it;
+        # the output keeps the source's tokenizer files as they are.
+        calibration_tokenizer = tokenizer if tokenizer is not None else load_tokenizer(source)
+        try:
+            inputs = calibration_inputs(
+                calibration, calibration_tokenizer, None, config.num_calibration_samples, config.calibration_seq_len, config.seed
+            )
+        except TokenizerRequired:
+            raise missing_tokenizer(source, "calibration") from None
         check_token_ids(model, inputs)  # refused before anything is staged; prune() warns of over-long windows, once
     with _staging(output_dir, _run_record(source, config, dtype, inputs)) as staging:
         stream = LayerStream(reader, staging, layer_names, torch.device(device or "cpu"), dtype)

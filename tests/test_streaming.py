@@ -964,3 +964,19 @@ def test_the_sources_other_files_are_left_out_and_its_licence_kept_so_a_rerun_re
         prune_checkpoint(source, tmp_path / "out", PruningConfig(method="magnitude", sparsity=sparsity))
     names = {path.name for path in (tmp_path / "out").iterdir()}
     assert {"LICENSE", "USE_POLICY.md"} <= names and not names & {"configuration.json", "params.json", "README.md"}
+
+
+def test_text_calibration_is_tokenised_with_the_checkpoints_own_tokenizer(sharded, tmp_path, bpe_tokenizer):
+    """It was refused ("tokenizer is required") though the folder holds one, which load_model and the CLI load."""
+    config = PruningConfig(method="wanda", sparsity=0.5, num_calibration_samples=2, calibration_seq_len=16)
+    texts = ["The cat sat on the mat. " * 40]
+    report = prune(str(sharded), config, calibration=texts, output_dir=tmp_path / "out")
+    assert report.calibration_tokens == 32
+    given = prune_checkpoint(sharded, tmp_path / "given", config, calibration=texts, tokenizer=bpe_tokenizer)
+    by_folder, by_argument = (AutoModelForCausalLM.from_pretrained(tmp_path / name).state_dict() for name in ("out", "given"))
+    assert given.calibration_tokens == 32 and all(torch.equal(by_folder[name], by_argument[name]) for name in by_argument)
+    weights_only = tmp_path / "weights-only"
+    tiny_model().save_pretrained(weights_only)
+    with pytest.raises(ValueError, match=r"'.*weights-only' has no tokenizer .*which calibration needs"):
+        prune_checkpoint(weights_only, tmp_path / "none", config, calibration=texts)
+    prune_checkpoint(weights_only, tmp_path / "ids", config, calibration=token_windows(2, 16))  # token ids need none

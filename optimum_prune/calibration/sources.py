@@ -99,7 +99,7 @@ def _text_windows(source: CalibrationSource, tokenizer: Any, num_samples: int, s
     needed = STREAM_TOKENS_PER_WINDOW_TOKEN * num_samples * seq_len
     texts = _texts(source, tokenizer, needed)
     if tokenizer is None:
-        raise _tokenizer_required()
+        raise TokenizerRequired()
     if not _is_streamed(source):  # a stream's first documents are already just what the windows need
         texts = drawn_documents(texts, tokenizer, needed, seed)
     return sample_windows(tokenize_stream(tokenizer, texts), num_samples, seq_len, seed)
@@ -396,8 +396,11 @@ def text_tokenizer(tokenizer: Any) -> Any:
     return inner if inner is not None else tokenizer
 
 
-def _tokenizer_required() -> ValueError:
-    return ValueError("tokenizer is required to tokenise text calibration data; pass tokenizer= or a LongTensor of token ids")
+class TokenizerRequired(ValueError):
+    """Text calibration without a tokenizer: a caller that can find one (a checkpoint folder's) names where it looked."""
+
+    def __init__(self) -> None:
+        super().__init__("tokenizer is required to tokenise text calibration data; pass tokenizer= or a LongTensor of token ids")
 
 
 def _texts(source: CalibrationSource, tokenizer: Any, stream_tokens: int) -> list[str]:
@@ -453,7 +456,7 @@ def _is_dir(path: Path) -> bool:
 def _stream_prefix(dataset: Any, tokenizer: Any, tokens: int) -> list[str]:
     """The ``text`` of a streamed dataset's first rows, until they hold ``tokens`` tokens (or the stream ends)."""
     if tokenizer is None:
-        raise _tokenizer_required()
+        raise TokenizerRequired()
     rows = (row["text"] for row in dataset.select_columns(["text"]))
     return _first_holding((text for text in rows if text is not None and text.strip()), tokenizer, tokens)[0]
 
