@@ -16,7 +16,7 @@ from .config import PruningConfig
 from .early_exit import choose_early_exit, early_exit_kwargs, enable_early_exit
 from .expert_dropping import ExpertDroppingCallback, ExpertDroppingSchedule
 from .expert_folding import FoldedExperts, fold_experts
-from .evaluation import evaluate_image_text_loss, evaluate_perplexity
+from .evaluation import TooFewTokens, evaluate_image_text_loss, evaluate_perplexity
 from .kernels import SparseLinear, sparsify
 from .masks import SparsityMasks, merge_lora_preserving_sparsity
 from .integrations.optimum import OptimumPruner, export_onnx
@@ -76,6 +76,7 @@ __all__ = [
     "SparseLinear",
     "SparsityMasks",
     "StructureConfig",
+    "TooFewTokens",
     "UnsupportedArchitecture",
     "add_teacher_top_k",
     "choose_early_exit",

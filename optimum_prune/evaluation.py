@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -13,12 +16,14 @@ from transformers.utils.logging import tqdm
 
 from .devices import check_device
 from .calibration import check_calibration_inputs, leading_documents, tokenize_stream
+from .calibration.sources import file_texts
 from .calibration.engine import evaluating
 from .calibration.gradients import exp_or_inf
 from .calibration.multimodal import check_image_text, image_placeholder, image_text_batch
 from .data import wikipedia_text
 from .options import as_option_type
 
+logger = logging.getLogger(__name__)
 
 class TooFewTokens(ValueError):
     """The text holds fewer tokens than asked to score; ``tokens`` says how many it holds, so a caller can name its own
@@ -48,7 +53,7 @@ def check_whole_windows(tokens: int | None, seq_len: int, tokens_field: str, seq
 def evaluate_perplexity(
     model: nn.Module,
     tokenizer: Any,
-    text: str | Sequence[str] | None = None,
+    text: str | Sequence[str] | os.PathLike | None = None,
     seq_len: int = 512,
     max_tokens: int | None = None,
     batch_size: int = 1,
@@ -56,7 +61,8 @@ def evaluate_perplexity(
 ) -> float:
     """exp(mean next-token NLL) over consecutive ``seq_len`` windows of ``text``.
 
-    ``text`` defaults to the bundled Wikipedia evaluation split (disjoint from calibration).
+    ``text`` defaults to the bundled Wikipedia evaluation split (disjoint from calibration); a path
+    (``Path("wiki.test.raw")``) is read as a file, as the CLI's ``--eval-file`` reads it, while a string is the text.
     The stream is tokenised without special tokens and cut to ``max_tokens`` (text shorter than that, or a count
     that is not a multiple of ``seq_len``, is an error: the count is stated beside results); a trailing partial window is dropped. Each window predicts its own tokens 2..seq_len (the
     Wanda/SparseGPT protocol). Logits exist for one batch at a time only.
@@ -69,8 +75,14 @@ def evaluate_perplexity(
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
     if tokenizer is None:
         raise ValueError("evaluate_perplexity tokenises text: pass the model's tokenizer")
+    if isinstance(text, os.PathLike):
+        text = file_texts(Path(text), "evaluation text file")
     if not (text is None or isinstance(text, str) or (isinstance(text, Sequence) and all(isinstance(t, str) for t in text))):
-        raise TypeError(f"text must be None (the bundled evaluation split), a string or a list of strings, got {type(text).__name__}")
+        raise TypeError(
+            f"text must be None (the bundled evaluation split), a string, a list of strings or a file's Path, got {type(text).__name__}"
+        )
+    if isinstance(text, str):
+        _warn_if_a_file_name(text)
     texts = [wikipedia_text("evaluation")] if text is None else [text] if isinstance(text, str) else list(text)
     if max_tokens is not None:  # a corpus given whole is tokenised only as far as max_tokens reaches, by paragraphs
         # (joined by blank lines again, they are the same stream): a single text, such as a file, is read so too
@@ -100,6 +112,21 @@ def evaluate_perplexity(
             ).item()
             del logits
     return exp_or_inf(_a_number(total_nll, "the evaluation text") / (windows * (seq_len - 1)))
+
+
+def _warn_if_a_file_name(text: str) -> None:
+    """A string is scored as text; one that names a file and holds no whitespace was most likely meant as the file."""
+    if any(character.isspace() for character in text):
+        return
+    try:
+        names_a_file = Path(text).is_file()
+    except (OSError, ValueError):  # a long token: "File name too long"
+        return
+    if names_a_file:
+        logger.warning(
+            "evaluate_perplexity scores the string %r itself as the text, though it names a file: pass Path(%r) to "
+            "score the file's contents", text, text,
+        )  # fmt: skip
 
 
 def evaluate_image_text_loss(

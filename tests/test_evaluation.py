@@ -35,7 +35,7 @@ def test_default_text_and_errors(bpe_tokenizer):
     for batch_size in (0, -1):  # -1 scored no window: a "perfect" 1.0
         with pytest.raises(ValueError, match=f"batch_size must be a positive integer, got {batch_size}"):
             evaluate_perplexity(model, bpe_tokenizer, seq_len=32, max_tokens=128, batch_size=batch_size)
-    with pytest.raises(TypeError, match="text must be None .*, a string or a list of strings, got Tensor"):
+    with pytest.raises(TypeError, match="text must be None .*, a string, a list of strings or a file.s Path, got Tensor"):
         evaluate_perplexity(model, bpe_tokenizer, torch.zeros(2, 8, dtype=torch.long))
     # The count callers state beside the result ("perplexity (16,384 tokens)") was not checked against the text
     short = wikipedia_text("evaluation")[:2000]
@@ -196,3 +196,19 @@ def test_a_corpus_is_tokenised_only_as_far_as_max_tokens_reaches_with_the_same_r
     corpus = texts if given == "documents" else "\n\n".join(texts)
     assert evaluate_perplexity(model, Counting(), corpus, seq_len=32, max_tokens=256) == pytest.approx(expected, rel=1e-5)
     assert sum(counted) < sum(map(len, texts)) / 5
+
+
+def test_a_path_is_read_as_its_file_and_a_string_naming_one_is_scored_as_text_with_a_warning(tmp_path, bpe_tokenizer, caplog):
+    text_file = tmp_path / "wiki.test.raw"
+    text_file.write_text("The cat sat on the mat. " * 200)
+    model = tiny_model()
+    from_text = evaluate_perplexity(model, bpe_tokenizer, text_file.read_text(), seq_len=8)
+    assert evaluate_perplexity(model, bpe_tokenizer, text_file, seq_len=8) == pytest.approx(from_text)  # was a TypeError
+    with caplog.at_level("WARNING", logger="optimum_prune.evaluation"):
+        by_name = evaluate_perplexity(model, bpe_tokenizer, str(text_file), seq_len=8)
+    assert by_name != pytest.approx(from_text)  # the string is the text, as documented
+    assert f"pass Path({str(text_file)!r}) to score the file's contents" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="optimum_prune.evaluation"):
+        evaluate_perplexity(model, bpe_tokenizer, "The cat sat on the mat. " * 20, seq_len=8)
+    assert "names a file" not in caplog.text
