@@ -47,6 +47,7 @@ def small_grid(model_dir, **overrides) -> dict:
         ({"pruning": [{"method": "width", "method_options": {"criterion": "magic"}}]}, "criterion"),
         ({"pruning": [{"method": "wanda", "num_calibration_samples": 4}]}, "calibration section"),
         ({"pruning": ["none", "none"]}, "distinct 'name'"),
+        ({"pruning": [{"method": "wanda", "sweep": {"sparsity": [0.5, "0.5"]}}]}, "grid.pruning[0].sweep gives the same recipe twice: 0.5 and '0.5'"),
         ({"calibration": {"samples": 0}}, "grid.calibration.samples must be a positive integer"),
         ({"latency": "tpu"}, "grid.latency must be one of"),
         ({"model": "no/such/dir"}, "grid.model 'no/such/dir' is not a checkpoint directory"),
@@ -93,6 +94,17 @@ def test_grid_expands_sweeps_and_nested_options(model_dir):
     assert [p.label for p in grid.points] == ["dense", "depth num_layers=1", "depth num_layers=2", "wanda sparsity=0.5"]
     assert grid.points[2].pruning["method_options"]["num_layers"] == 2
     assert grid.points[3].pruning["num_calibration_samples"] == 4  # the protocol's, for every point
+
+
+def test_a_swept_method_names_each_point_alone(model_dir):
+    """The label began with the entry's method, or the default one: 'wanda method=sparsegpt'."""
+    grid = StudyGrid.from_dict(small_grid(model_dir, quantization=["none"], pruning=[
+        {"sweep": {"method": ["wanda", "sparsegpt"]}},
+        {"method": "magnitude", "sweep": {"method": ["magnitude", "sparsegpt"], "sparsity": [0.6]}},
+    ]))
+    assert [p.label for p in grid.points] == [
+        "method=wanda", "method=sparsegpt", "method=magnitude, sparsity=0.6", "method=sparsegpt, sparsity=0.6"
+    ]
 
 
 def test_owl_with_a_pattern_is_refused_before_anything_runs(model_dir):

@@ -178,14 +178,17 @@ def _expand(entry: Any, index: int, protocol: Protocol) -> list[tuple[str, dict[
     if not isinstance(entry, Mapping):
         raise ValueError(f"{where} must be 'none' or a mapping of PruningConfig fields (with an optional sweep), got {entry!r}")
     entry = dict(entry)
-    name = entry.pop("name", None) or entry.get("method", PruningConfig().method)
     sweep = entry.pop("sweep", {}) or {}
-    if not isinstance(sweep, Mapping) or not all(isinstance(k, str) and isinstance(v, list) and v for k, v in sweep.items()):
+    if not isinstance(sweep, Mapping):
+        raise ValueError(f"{where}.sweep must map field names to non-empty lists of values, got {sweep!r}")
+    # a swept method names itself in each label ("method=sparsegpt"): the entry's, or the default, would be wrong for all but one
+    name = entry.pop("name", None) or ("" if "method" in sweep else entry.get("method", PruningConfig().method))
+    if not all(isinstance(k, str) and isinstance(v, list) and v for k, v in sweep.items()):
         raise ValueError(f"{where}.sweep must map field names to non-empty lists of values, got {sweep!r}")
     clashes = [f for f in PROTOCOL_FIELDS if f in entry or f in sweep]
     if clashes:
         raise ValueError(f"{where} sets {clashes[0]}: the grid's calibration section and seed set it for every point")
-    recipes = []
+    recipes, swept_as = [], {}
     for values in itertools.product(*sweep.values()):
         fields = {**entry, "num_calibration_samples": protocol.calibration_samples,
                   "calibration_seq_len": protocol.calibration_seq_len, "seed": protocol.seed}
@@ -196,6 +199,12 @@ def _expand(entry: Any, index: int, protocol: Protocol) -> list[tuple[str, dict[
             config = PruningConfig.from_dict(fields)  # builds (and so checks) every options dict
         except (ValueError, TypeError, KeyError) as error:
             raise ValueError(f"{where} ({swept or 'no sweep'}): {error}") from None
+        same = swept_as.setdefault(config.to_json_string(), values)
+        if same is not values:  # e.g. sparsity 0.5 and "0.5": the same recipe, measured twice under one label
+            raise ValueError(
+                f"{where}.sweep gives the same recipe twice: {', '.join(map(repr, same))} and {', '.join(map(repr, values))} "
+                f"of {', '.join(sweep)} are equal values; remove the duplicate"
+            )
         recipes.append((f"{name} {swept}".strip(), config.to_dict()))
     return recipes
 
