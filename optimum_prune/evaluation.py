@@ -25,6 +25,7 @@ from .options import as_option_type
 
 logger = logging.getLogger(__name__)
 
+
 class TooFewTokens(ValueError):
     """The text holds fewer tokens than asked to score; ``tokens`` says how many it holds, so a caller can name its own
     setting in the error (the CLI's ``--eval-tokens``)."""
