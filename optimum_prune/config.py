@@ -96,7 +96,7 @@ class PruningConfig:
         )
         self.parts = _checked_parts(self.parts, self.sparsity)
         self._check_combinations(spec, allocation)
-        self.ignore = list(as_patterns(self.ignore, "PruningConfig.ignore"))  # None: a blank `ignore:` in a YAML
+        self.ignore = list(as_patterns(self.ignore, "PruningConfig.ignore", ordered=True))  # None: a blank `ignore:` in a YAML
         for name in ("num_calibration_samples", "calibration_seq_len", "seed"):  # a wrong type: TypeError, as for options
             setattr(self, name, as_option_type(getattr(self, name), int, False, f"PruningConfig.{name}"))
         for name in ("num_calibration_samples", "calibration_seq_len"):

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 from fnmatch import fnmatchcase
-from typing import TYPE_CHECKING, Any, Iterable
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -17,13 +18,17 @@ if TYPE_CHECKING:
     from .adapters import DecoderAdapter
 
 
-def as_patterns(ignore: str | Iterable[str] | None, field: str) -> tuple[str, ...]:
-    """``ignore`` as glob patterns, one string being one pattern: iterated, it would be its characters, and a
-    ``'*'`` among them keeps every module."""
-    patterns = (ignore,) if isinstance(ignore, str) else ignore or ()
-    if not isinstance(patterns, (list, tuple)) or not all(isinstance(pattern, str) for pattern in patterns):
-        raise TypeError(f"{field} must be a list of glob patterns, got {ignore!r}")
-    return tuple(patterns)
+def as_patterns(ignore: str | Iterable[str] | None, field: str, ordered: bool = False) -> tuple[str, ...]:
+    """``ignore`` as glob patterns: one string is one pattern (iterated, it would be its characters, and a ``'*'``
+    among them keeps every module), any other iterable holds them; a list or tuple only where ``ordered`` (a config's
+    JSON, whose patterns a set would order differently from run to run)."""
+    if isinstance(ignore, str):
+        return (ignore,)
+    iterable = isinstance(ignore, (list, tuple)) if ordered else isinstance(ignore, Iterable) and not isinstance(ignore, Mapping)
+    patterns = () if ignore is None else tuple(ignore) if iterable else None
+    if patterns is None or not all(isinstance(pattern, str) for pattern in patterns):
+        raise TypeError(f"{field} must be a glob pattern or a list of them, got {ignore!r}")
+    return patterns
 
 
 def is_ignored(name: str, patterns: Iterable[str]) -> bool:

@@ -227,7 +227,8 @@ class TestKeepingMasks:
 
     def test_ignore_given_as_one_string_is_one_pattern(self):
         assert PruningCallback(ignore="*.o_proj").ignore == ("*.o_proj",)  # was split into its characters
-        with pytest.raises(TypeError, match="PruningCallback ignore must be a list of glob patterns"):
+        assert PruningCallback(ignore={"*.o_proj"}).ignore == ("*.o_proj",)  # any iterable, as before
+        with pytest.raises(TypeError, match="PruningCallback ignore must be a glob pattern or a list of them"):
             PruningCallback(ignore=["*.o_proj", 3])
 
 

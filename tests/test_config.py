@@ -170,7 +170,8 @@ def test_blank_ignore_and_undamped_sparsegpt():
     [
         ({"method": ["wanda"]}, r"PruningConfig.method must be one name \(one of .*wanda.*\), got \['wanda'\]"),
         ({"allocation": ["owl"]}, r"PruningConfig.allocation must be one name \(one of .*owl.*\), got \['owl'\]"),
-        ({"ignore": 5}, r"PruningConfig.ignore must be a list of glob patterns, got 5"),
+        ({"ignore": 5}, r"PruningConfig.ignore must be a glob pattern or a list of them, got 5"),
+        ({"ignore": {"*.o_proj"}}, r"PruningConfig.ignore must be a glob pattern or a list of them, got \{'\*.o_proj'\}"),  # JSON order
     ],
 )
 def test_a_field_of_the_wrong_type_is_named(fields, message):

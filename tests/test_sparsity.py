@@ -168,8 +168,10 @@ def test_masks_from_zeros_read_one_string_as_one_pattern_and_refuse_one_matching
     prune(model, PruningConfig(method="magnitude", sparsity=0.5))
     as_string = SparsityMasks.from_zeros(model, ignore="*.o_proj")  # was 0 masks: '*', one character, matched every module
     assert set(as_string.pruned) == set(SparsityMasks.from_zeros(model, ignore=["*.o_proj"]).pruned)
+    assert set(SparsityMasks.from_zeros(model, ignore={"*.o_proj"}).pruned) == set(as_string.pruned)  # any iterable
+    assert verify_sparsity(model, ignore=(name for name in ["lm_head"]))["layers"].keys() == verify_sparsity(model)["layers"].keys()
     assert as_string.pruned and not any(name.endswith("o_proj") for name in as_string.pruned)
     with pytest.raises(ValueError, match=r"SparsityMasks.from_zeros ignore pattern\(s\) '\*.o_prj' match no module"):
         SparsityMasks.from_zeros(model, ignore=["*.o_prj"])
-    with pytest.raises(TypeError, match="SparsityMasks.from_zeros ignore must be a list of glob patterns"):
+    with pytest.raises(TypeError, match="SparsityMasks.from_zeros ignore must be a glob pattern or a list of them"):
         SparsityMasks.from_zeros(model, ignore=[None])
