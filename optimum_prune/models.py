@@ -139,21 +139,25 @@ DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # op
 
 
 def as_dtype(dtype: torch.dtype | str) -> torch.dtype | str:
-    """A dtype to load a model in: a torch dtype, ``"auto"`` (the checkpoint's) or a name ``--dtype`` takes (float32,
-    bfloat16, float16 or fp32, bf16, fp16); transformers takes no such name."""
+    """A dtype to load a model in: a torch dtype, ``"auto"`` (the checkpoint's), a floating-point dtype's torch name
+    (float32, bfloat16, half, float64, ...) or ``--dtype``'s short names (fp32, bf16, fp16), which transformers does
+    not take."""
     if isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype
-    name = DTYPE_ALIASES.get(dtype, dtype) if isinstance(dtype, str) else None
-    if name not in DTYPES:
-        raise ValueError(f"dtype {dtype!r}: give a torch dtype, one of {', '.join([*DTYPES, *DTYPE_ALIASES])} or 'auto' (the checkpoint's)")
-    return DTYPES[name]
+    named = getattr(torch, DTYPE_ALIASES.get(dtype, dtype), None) if isinstance(dtype, str) else None
+    if not (isinstance(named, torch.dtype) and named.is_floating_point):
+        raise ValueError(
+            f"dtype {dtype!r}: give a torch dtype, a floating-point one's name ({', '.join(DTYPES)}, ...), "
+            f"{', '.join(DTYPE_ALIASES)} or 'auto' (the checkpoint's)"
+        )
+    return named
 
 
 def load_default_model(dtype: torch.dtype | str = torch.float32) -> tuple[PreTrainedModel, Any]:
     """(model, tokenizer) of SmolLM2-135M-Instruct, fp32 by default (keep fp32 for quality work); the
     tokenizer set as the module docstring says (also when the cache was converted by an earlier version)."""
     dtype = as_dtype(dtype)
-    if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):  # the one error here that is not the cache's
+    if dtype != "auto" and not dtype.is_floating_point:  # the one error here that is not the cache's
         raise ValueError(f"dtype {dtype!r}: the model loads in a floating-point dtype (torch.float32, bfloat16 or float16)")
     target = default_model_path()
     try:

@@ -411,15 +411,7 @@ def prune_checkpoint(
     inputs = None
     warn_unused_calibration(config, calibration)
     if config.requires_calibration:
-        # Text is tokenised with the checkpoint's own tokenizer unless one is given, as load_model and the CLI load it;
-        # the output keeps the source's tokenizer files as they are.
-        calibration_tokenizer = tokenizer if tokenizer is not None else load_tokenizer(source)
-        try:
-            inputs = calibration_inputs(
-                calibration, calibration_tokenizer, None, config.num_calibration_samples, config.calibration_seq_len, config.seed
-            )
-        except TokenizerRequired:
-            raise missing_tokenizer(source, "calibration") from None
+        inputs = _calibration_inputs(calibration, tokenizer, config, source)
         check_token_ids(model, inputs)  # refused before anything is staged; prune() warns of over-long windows, once
     with _staging(output_dir, _run_record(source, config, dtype, inputs)) as staging:
         stream = LayerStream(reader, staging, layer_names, torch.device(device or "cpu"), dtype)
@@ -431,9 +423,30 @@ def prune_checkpoint(
     return report
 
 
+def _calibration_inputs(
+    calibration: CalibrationSource | None, tokenizer: Any, config: PruningConfig, source: Path
+) -> CalibrationInputs:
+    """Text is tokenised with the checkpoint's own tokenizer unless one is given, as load_model and the CLI load it,
+    and only when it is text (token ids need none, and the folder's may not load); the output keeps the source's
+    tokenizer files as they are."""
+    def inputs(tokenizer: Any) -> CalibrationInputs:
+        return calibration_inputs(calibration, tokenizer, None, config.num_calibration_samples, config.calibration_seq_len, config.seed)
+
+    try:
+        return inputs(tokenizer)
+    except TokenizerRequired:
+        if tokenizer is not None:
+            raise
+    own = load_tokenizer(source)
+    if own is None:
+        raise missing_tokenizer(source, "calibration")
+    return inputs(own)
+
+
 def _requested_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    """``prune_checkpoint``'s ``dtype``: one it reads and writes, as a torch dtype or its name (``as_dtype``'s)."""
-    if dtype is None:
+    """``prune_checkpoint``'s ``dtype``: one it reads and writes, as a torch dtype or its name (``as_dtype``'s); None
+    or ``"auto"``, the checkpoint's."""
+    if dtype is None or dtype == "auto":
         return None
     resolved = as_dtype(dtype)
     if resolved not in SAFETENSORS_DTYPES.values():

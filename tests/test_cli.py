@@ -292,8 +292,12 @@ def test_the_library_loaders_take_the_dtype_spellings_the_cli_documents(model_di
     assert next(load_model(model_dir, dtype="float16")[0].parameters()).dtype == torch.float16
     assert next(OptimumPruner.from_pretrained(model_dir, dtype="fp16").model.parameters()).dtype == torch.float16
     assert next(load_model(model_dir, dtype="auto")[0].parameters()).dtype == torch.float32  # the checkpoint's
-    with pytest.raises(ValueError, match=r"dtype 'bf32': give a torch dtype, one of float32, bfloat16, float16, fp32, bf16, fp16 or 'auto'"):
+    assert next(load_model(model_dir, dtype="float64")[0].parameters()).dtype == torch.float64  # torch's names, as before
+    assert next(load_model(model_dir, dtype="half")[0].parameters()).dtype == torch.float16
+    with pytest.raises(ValueError, match=r"dtype 'bf32': give a torch dtype, a floating-point one's name \(float32, bfloat16, float16, \.\.\.\), fp32, bf16, fp16 or 'auto'"):
         load_model(model_dir, dtype="bf32")
+    with pytest.raises(ValueError, match="dtype 'int8'"):
+        load_model(model_dir, dtype="int8")
 
 
 def test_a_missing_optional_package_is_one_error_line(tmp_path, capsys, monkeypatch):

@@ -775,6 +775,9 @@ def test_arguments_of_the_wrong_kind_are_named(sharded, tmp_path):
         prune_checkpoint(sharded, tmp_path / "out", PruningConfig(method="magnitude"), dtype=torch.int8)
     prune_checkpoint(sharded, tmp_path / "out", PruningConfig(method="magnitude"), dtype="bf16")  # a name works too, as --dtype takes it
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto").dtype == torch.bfloat16
+    source_dtype = AutoModelForCausalLM.from_pretrained(sharded, dtype="auto").dtype
+    prune_checkpoint(sharded, tmp_path / "auto", PruningConfig(method="magnitude"), dtype="auto")  # as README says (refused)
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "auto", dtype="auto").dtype == source_dtype
 
 
 def test_moe_options_on_a_dense_checkpoint_are_refused_before_any_folder_is_made(sharded, tmp_path):
@@ -980,3 +983,5 @@ def test_text_calibration_is_tokenised_with_the_checkpoints_own_tokenizer(sharde
     with pytest.raises(ValueError, match=r"'.*weights-only' has no tokenizer .*which calibration needs"):
         prune_checkpoint(weights_only, tmp_path / "none", config, calibration=texts)
     prune_checkpoint(weights_only, tmp_path / "ids", config, calibration=token_windows(2, 16))  # token ids need none
+    (sharded / "tokenizer.json").write_text("{ not json")
+    prune_checkpoint(sharded, tmp_path / "damaged", config, calibration=token_windows(2, 16))  # nor is the folder's read
