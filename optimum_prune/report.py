@@ -52,11 +52,12 @@ def bare_figure(purpose: str, **options: Any) -> Any:
 
 
 def save_figure(figure: Any, path: str | os.PathLike, dpi: int) -> None:
-    """``figure`` written whole (``write_bytes_atomic``) in the format its suffix names, as ``savefig(path)`` would
-    (PNG without one): savefig opens ``path`` as it is, writing through a link planted under its name into the file
-    it points to."""
+    """``figure`` written whole (``write_bytes_atomic``) in the format its suffix names, as ``savefig(path)`` would,
+    and PNG for a suffix that names none (``scores.v2``): savefig opens ``path`` as it is, writing through a link
+    planted under its name into the file it points to."""
+    suffix = os.path.splitext(path)[1][1:].lower()
     buffer = io.BytesIO()
-    figure.savefig(buffer, format=os.path.splitext(path)[1][1:].lower() or "png", dpi=dpi)
+    figure.savefig(buffer, format=suffix if suffix in figure.canvas.get_supported_filetypes() else "png", dpi=dpi)
     write_bytes_atomic(path, buffer.getvalue())
 
 

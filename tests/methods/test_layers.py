@@ -131,7 +131,7 @@ def test_impossible_layer_counts(sparsity, options, message):
 
 def test_layer_scores_plot(tmp_path):
     report = prune(tiny_model(num_hidden_layers=4), PruningConfig(method="layers", sparsity=0.25), calibration=token_windows())
-    for name, magic in (("scores.png", b"\x89PNG\r\n\x1a\n"), ("scores.svg", b"<?xml"), ("scores.PDF", b"%PDF")):
+    for name, magic in (("scores.png", b"\x89PNG\r\n\x1a\n"), ("scores.svg", b"<?xml"), ("scores.PDF", b"%PDF"), ("scores.v2", b"\x89PNG")):
         report.plot_layer_scores(tmp_path / name)  # the format its suffix names, as savefig(path) writes it (all were PNG)
         assert (tmp_path / name).read_bytes().startswith(magic)
     assert "block_influence per layer" in str(report)
