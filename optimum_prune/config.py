@@ -547,8 +547,8 @@ def _other_methods_options(method: str, values: Any) -> str:
         for option in values
     }
     elsewhere = [f"{option} is an option of {', '.join(names)}" for option, names in owners.items() if names]
-    option_sets = {name: {f.name for f in dataclasses.fields(METHODS.get(name).options)} for name in METHODS if name != method}
-    if values and set(values) in option_sets.values():  # every option of another method: a config whose method was changed
-        elsewhere.append("a config's method changed with dataclasses.replace keeps the other method's options: use "
-                         "PruningConfig.replace(method=...), which drops them, or pass method_options={}")
+    defaults = [options_to_dict(METHODS.get(name).options()) for name in METHODS if name != method]
+    if values and dict(values) in defaults:  # another method's defaults, as dataclasses.replace(config, method=...) leaves
+        elsewhere.append("if the method was changed with dataclasses.replace, these are the other method's defaults: "
+                         "the config's own replace(method=...) drops them, as does method_options={}")
     return "; ".join([f"method {method!r}", *elsewhere])

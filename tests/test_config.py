@@ -423,8 +423,11 @@ def test_replace_with_another_method_drops_the_old_methods_options_as_from_pretr
     assert sparsegpt.replace(method="wanda", method_options={"comparison_group": "layer"}).method_options == {"comparison_group": "layer"}
     with pytest.raises(ValueError, match="PruningConfig.sparsity"):
         sparsegpt.replace(sparsity=1.5)
-    with pytest.raises(ValueError, match=r"comparison_group is an option of magnitude, wanda.*PruningConfig.replace\(method=\.\.\.\)"):
+    with pytest.raises(ValueError, match=r"comparison_group is an option of magnitude, wanda.*the config's own replace\(method=\.\.\.\)"):
         dataclasses.replace(wanda, method="sparsegpt")
+    with pytest.raises(ValueError) as by_hand:  # not another method's defaults: no word of dataclasses.replace
+        PruningConfig(method="sparsegpt", method_options={"comparison_group": "row"})
+    assert "comparison_group is an option of magnitude, wanda)" in str(by_hand.value)
 
 
 def test_a_stored_key_marked_private_is_passed_over_by_from_pretrained(tmp_path):
