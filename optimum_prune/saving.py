@@ -245,7 +245,8 @@ def _without_foreign_vocab_files(tokenizer: Any) -> Iterator[None]:
         for attribute in owner.vocab_files_names:
             file = getattr(owner, attribute, None)
             if isinstance(file, (str, os.PathLike)) and os.path.isfile(file) and not in_checkpoint_store(Path(file), folder):
-                where = f"{file}, a link to {Path(file).resolve()}" if Path(file).is_symlink() else file
+                resolved = Path(file).resolve()  # a link may be the file or a folder above it
+                where = f"{file}, which links to {resolved}" if resolved != Path(os.path.abspath(file)) else file
                 logger.warning(
                     "the tokenizer's %s is %s, outside its folder %s (its tokenizer_config.json, or a link, can name any "
                     "file, and saving would copy it whole): left out of the saved tokenizer; to keep it, put a copy of "

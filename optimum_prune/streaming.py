@@ -592,7 +592,10 @@ def _finish_checkpoint(
         if in_checkpoint_store(extra, source):
             shutil.copyfile(extra, staging / extra.name)  # not the source's modes: a read-only one blocks the tokenizer's save
         else:
-            logger.warning("%s links outside the checkpoint (to %s): not copied into the output", extra, extra.resolve())
+            logger.warning(
+                "%s links outside the checkpoint (to %s): not copied into the output; to keep it, put a copy of the file "
+                "in the checkpoint", extra, extra.resolve(),
+            )  # fmt: skip
     model.config.save_pretrained(staging)
     config.save_pretrained(staging)
     write_report(report, staging)

@@ -484,15 +484,22 @@ def test_a_vocab_file_outside_the_tokenizers_folder_is_not_copied_into_the_outpu
     assert load_model(tmp_path / "out")[1].get_vocab() == tokenizer.get_vocab()
 
 
-def test_a_vocab_file_linked_from_outside_the_tokenizers_folder_is_left_out_naming_where_it_leads(model_dir, tmp_path, caplog):
-    """The warning called the link's own path (in the folder) outside it, and said nothing of where it led."""
-    (tmp_path / "shared.model").write_bytes(b"sentencepiece model")
-    (model_dir / "tokenizer.model").symlink_to(tmp_path / "shared.model")
-    tokenizer = _tokenizer_naming_as_vocab_file(model_dir, model_dir / "tokenizer.model")
+@pytest.mark.parametrize("linked", ["file", "folder"])
+def test_a_vocab_file_linked_from_outside_the_tokenizers_folder_is_left_out_naming_where_it_leads(model_dir, tmp_path, caplog, linked):
+    """The warning called the in-folder path outside the folder, and said nothing of the link or where it led."""
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared" / "tokenizer.model").write_bytes(b"sentencepiece model")
+    if linked == "file":
+        (model_dir / "tokenizer.model").symlink_to(tmp_path / "shared" / "tokenizer.model")
+        named = model_dir / "tokenizer.model"
+    else:  # a folder of the checkpoint that links elsewhere
+        (model_dir / "sub").symlink_to(tmp_path / "shared")
+        named = model_dir / "sub" / "tokenizer.model"
+    tokenizer = _tokenizer_naming_as_vocab_file(model_dir, named)
     with caplog.at_level(logging.WARNING, logger="optimum_prune"):
         save_pruned(tiny_model(), tmp_path / "out", tokenizer=tokenizer)
     assert not (tmp_path / "out" / "tokenizer.model").exists()
-    assert f"{model_dir / 'tokenizer.model'}, a link to {tmp_path / 'shared.model'}, outside its folder" in caplog.text
+    assert f"{named}, which links to {tmp_path / 'shared' / 'tokenizer.model'}, outside its folder" in caplog.text
     assert "put a copy of the file in the folder" in caplog.text
 
 
