@@ -204,7 +204,9 @@ class PruningConfig:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format_version": FORMAT_VERSION, **dataclasses.asdict(self)}
+        """The fields as stored (JSON, ``save_pretrained``), checked again: a field set after construction skipped
+        ``__post_init__``, and would be written as nothing reads back (``sparsity = 1.5``, an ``NMPattern``)."""
+        return {"format_version": FORMAT_VERSION, **dataclasses.asdict(dataclasses.replace(self))}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PruningConfig":
@@ -319,8 +321,9 @@ class PruningConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     def to_json_file(self, path: str | os.PathLike) -> None:
+        text = self.to_json_string()  # checked before the file is opened: a refused config leaves no empty file
         with open(path, "w", encoding="utf-8") as handle:
-            handle.write(self.to_json_string())
+            handle.write(text)
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> "PruningConfig":

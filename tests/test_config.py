@@ -413,6 +413,20 @@ def test_overriding_with_the_stored_method_or_allocation_keeps_their_stored_opti
     assert (config.method_options["block_size"], config.allocation_options["max_deviation"], config.sparsity) == (32, 0.2, 0.6)
 
 
+def test_a_config_changed_after_construction_is_written_as_it_reads_back(tmp_path):
+    """to_json_file and save_pretrained wrote `sparsity: 1.5`, which from_json_file and from_pretrained refused."""
+    config = PruningConfig(method="magnitude")
+    config.sparsity = NMPattern(2, 4)
+    config.save_pretrained(tmp_path)
+    assert PruningConfig.from_pretrained(tmp_path).sparsity == "2:4"
+    config.sparsity = 1.5
+    with pytest.raises(ValueError, match="PruningConfig.sparsity must be in"):
+        config.to_json_file(tmp_path / "config.json")
+    with pytest.raises(ValueError, match="PruningConfig.sparsity must be in"):
+        config.save_pretrained(tmp_path / "other")
+    assert not (tmp_path / "config.json").exists() and not (tmp_path / "other").exists()
+
+
 def test_replace_with_another_method_drops_the_old_methods_options_as_from_pretrained_does():
     wanda = PruningConfig(method="wanda", sparsity=0.5, allocation="owl")
     assert wanda.replace(method="magnitude") == PruningConfig(method="magnitude", sparsity=0.5, allocation="owl")
