@@ -212,3 +212,6 @@ def test_a_path_is_read_as_its_file_and_a_string_naming_one_is_scored_as_text_wi
     with caplog.at_level("WARNING", logger="optimum_prune.evaluation"):
         evaluate_perplexity(model, bpe_tokenizer, "The cat sat on the mat. " * 20, seq_len=8)
     assert "names a file" not in caplog.text
+    for missing in (tmp_path / "nope.txt", tmp_path):  # were a raw FileNotFoundError and IsADirectoryError
+        with pytest.raises(ValueError, match=f"evaluation text file '{missing}' is not a file"):
+            evaluate_perplexity(model, bpe_tokenizer, missing, seq_len=8)

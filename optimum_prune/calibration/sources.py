@@ -216,6 +216,8 @@ def file_texts(path: Path, what: str) -> list[str]:
     """A file's texts, read as calibration reads a path: a records file (``RECORD_FILE_BUILDERS``) gives its ``text``
     column (blank records kept: evaluation scores a list of texts joined as the wikitext protocol joins its lines),
     any other file its UTF-8 contents."""
+    if not path.is_file():  # a raw FileNotFoundError / IsADirectoryError otherwise
+        raise ValueError(f"{what} {str(path)!r} is not a file")
     builder = RECORD_FILE_BUILDERS.get(path.suffix.lower())
     if builder is None:
         return [read_text_file(path, what)]
