@@ -143,7 +143,8 @@ class PruningReport:
         return result
 
     def plot_layer_scores(self, path: str | os.PathLike) -> None:
-        """Save a PNG of the per-layer scores that chose what to remove (needs matplotlib)."""
+        """Save a plot of the per-layer scores that chose what to remove, in the format the path's suffix names (PNG
+        for a suffix that names none; needs matplotlib)."""
         if not self.layer_scores:
             raise ValueError(f"method {self.method!r} recorded no per-layer scores to plot")
         figure = bare_figure("plotting layer scores", figsize=(8, 2.6 * len(self.layer_scores)))
