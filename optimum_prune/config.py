@@ -314,6 +314,10 @@ class PruningConfig:
         """A copy with ``changes``, checked: ``dataclasses.replace``, except that another ``method`` (or ``allocation``)
         without its own options drops the current ones, which were the other method's (wanda's default
         ``comparison_group`` would be refused by sparsegpt), as ``from_pretrained``'s overrides do."""
+        fields = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - fields)
+        if unknown:  # dataclasses.replace names PruningConfig.__init__ and no field
+            raise TypeError(f"PruningConfig.replace got {', '.join(unknown)}, which name no field; fields: {', '.join(sorted(fields))}")
         dropped = {options: {} for options in _options_replaced(vars(self), changes)}
         return dataclasses.replace(self, **dropped, **changes)
 

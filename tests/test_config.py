@@ -437,6 +437,8 @@ def test_replace_with_another_method_drops_the_old_methods_options_as_from_pretr
     assert sparsegpt.replace(method="wanda", method_options={"comparison_group": "layer"}).method_options == {"comparison_group": "layer"}
     with pytest.raises(ValueError, match="PruningConfig.sparsity"):
         sparsegpt.replace(sparsity=1.5)
+    with pytest.raises(TypeError, match="PruningConfig.replace got sparsty, which name no field; fields: allocation, "):
+        sparsegpt.replace(sparsty=0.6)  # named PruningConfig.__init__ and no field
     with pytest.raises(ValueError, match=r"comparison_group is an option of magnitude, wanda.*the config's own replace\(method=\.\.\.\)"):
         dataclasses.replace(wanda, method="sparsegpt")
     with pytest.raises(ValueError) as by_hand:  # not another method's defaults: no word of dataclasses.replace
