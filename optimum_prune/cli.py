@@ -132,7 +132,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def eval_token_count(text: str) -> int | None:
     """``--eval-tokens``: a count, or ``all`` (None: ``evaluate_perplexity`` then scores the whole text)."""
-    if text == "all":
+    if text.lower() == "all":
         return None
     try:
         return int(text)

@@ -76,7 +76,7 @@ class LayerwiseRun:
         missing = sorted(set(targets) - set(available))
         if missing:
             raise ValueError(
-                f"PruningConfig.parts names {missing}, but {type(adapter.model).__name__} has only the part(s) "
+                f"PruningConfig.parts names {', '.join(missing)}, but {type(adapter.model).__name__} has only the part(s) "
                 f"{', '.join(available)}; remove the policy for {', '.join(missing)}"
             )
         return [
