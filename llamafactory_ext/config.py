@@ -107,10 +107,13 @@ def in_yaml_terms(message: str) -> str:
     return message if message.startswith(f"{SECTION}.") else f"{SECTION}: {message}"
 
 
+_CONFIG_PART = re.compile(rf"{PruningConfig.__name__}\.parts\['(\w+)'\]")
+
+
 def yaml_keys(message: str) -> str:
     """``message`` naming this YAML's keys where it names ``PruningConfig`` fields (``PruningConfig.parts['vision']``
     is ``pruning.parts.vision``): errors and what the run logs."""
-    message = re.sub(r"\bparts\['(\w+)'\]", r"parts.\1", message) if f"{PruningConfig.__name__}.parts[" in message else message
+    message = _CONFIG_PART.sub(rf"{SECTION}.parts.\1", message)
     return message.replace(f"{PruningConfig.__name__}.", f"{SECTION}.")
 
 

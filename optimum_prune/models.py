@@ -145,7 +145,7 @@ def as_dtype(dtype: torch.dtype | str) -> torch.dtype | str:
     if isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype
     named = getattr(torch, DTYPE_ALIASES.get(dtype, dtype), None) if isinstance(dtype, str) else None
-    if not (isinstance(named, torch.dtype) and named.is_floating_point):
+    if not (isinstance(named, torch.dtype) and named.is_floating_point and named.itemsize > 1):  # float8: storage only
         raise ValueError(
             f"dtype {dtype!r}: give a torch dtype, a floating-point one's name ({', '.join(DTYPES)}, ...), "
             f"{', '.join(DTYPE_ALIASES)} or 'auto' (the checkpoint's)"
@@ -157,7 +157,7 @@ def load_default_model(dtype: torch.dtype | str = torch.float32) -> tuple[PreTra
     """(model, tokenizer) of SmolLM2-135M-Instruct, fp32 by default (keep fp32 for quality work); the
     tokenizer set as the module docstring says (also when the cache was converted by an earlier version)."""
     dtype = as_dtype(dtype)
-    if dtype != "auto" and not dtype.is_floating_point:  # the one error here that is not the cache's
+    if dtype != "auto" and not (dtype.is_floating_point and dtype.itemsize > 1):  # the one error here that is not the cache's
         raise ValueError(f"dtype {dtype!r}: the model loads in a floating-point dtype (torch.float32, bfloat16 or float16)")
     target = default_model_path()
     try:

@@ -600,8 +600,9 @@ def _finish_checkpoint(
     config.save_pretrained(staging)
     write_report(report, staging)
     if tokenizer is not None:
-        save_tokenizer(tokenizer, staging)
-    drop_gguf_copy(staging)  # copied from the source
+        save_tokenizer(tokenizer, staging)  # drops a GGUF copy too
+    else:
+        drop_gguf_copy(staging)  # copied from the source
     # Under a name of its own first (its lock moves with it): swapped with a previous output, the partial folder's
     # name would hold that output's layers, which a rerun would take for another run's.
     finished = claimed_folder(output_dir.absolute(), "staging")

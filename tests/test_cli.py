@@ -298,6 +298,8 @@ def test_the_library_loaders_take_the_dtype_spellings_the_cli_documents(model_di
         load_model(model_dir, dtype="bf32")
     with pytest.raises(ValueError, match="dtype 'int8'"):
         load_model(model_dir, dtype="int8")
+    with pytest.raises(ValueError, match="dtype 'float8_e4m3fn': give"):  # was torch's "couldn't find storage object"
+        load_model(model_dir, dtype="float8_e4m3fn")
 
 
 def test_a_missing_optional_package_is_one_error_line(tmp_path, capsys, monkeypatch):
