@@ -55,7 +55,7 @@ from ..calibration import feeding_inputs, observe_layers
 from ..options import check_choice, check_round_to, option
 from ..statistics import ColumnNorms, mean_ranks
 from .base import register_structured_method
-from .mask_search import MaskSearch
+from .mask_search import MaskSearch, tune_option, tuning_damping_option
 from .units import COMPONENTS, components_option, group_columns, output_projection, round_to_option
 
 
@@ -68,10 +68,8 @@ class KCMOptions:
     max_iterations: int = option(100, "At most this many multiplicative updates of R2 per component.")
     combine: str = option("rank", "R2D2: 'rank' (the mean of the normalised ranks of R2 and D2) or 'product' of their min–max normalised values.")
     allocation: str = option("layer", "'layer': every layer loses the same fraction; 'global': Kwon et al.'s search across the model.")
-    tune: bool = option(True, "Mask tuning: least-squares scales of the kept units so each sublayer reproduces its dense output.")
-    damping: float = option(
-        1e-3, "Ridge damping of the mask-tuning least squares, relative to the mean of their diagonal.", applies_when={"tune": (True,)}
-    )
+    tune: bool = tune_option()
+    damping: float = tuning_damping_option()
 
     def __post_init__(self) -> None:
         check_choice("components", self.components, COMPONENTS)

@@ -57,15 +57,25 @@ from .units import (
 )
 
 
+def tune_option() -> Any:
+    """The ``tune`` option of the methods that finish with Kwon et al.'s mask tuning (``MaskSearch._tuned_scales``)."""
+    return option(True, "Mask tuning: least-squares scales of the kept units so each sublayer reproduces its dense output.")
+
+
+def tuning_damping_option() -> Any:
+    """The ``damping`` of that mask tuning's least squares."""
+    return option(
+        1e-3, "Ridge damping of the mask-tuning least squares, relative to the mean of their diagonal.", applies_when={"tune": (True,)}
+    )
+
+
 @dataclass(frozen=True)
 class MaskSearchOptions:
     components: str = components_option()
     round_to: int = round_to_option()
     rearrange: bool = option(True, "Mask rearrangement: re-choose each layer's removed units with its full Fisher block.")
-    tune: bool = option(True, "Mask tuning: least-squares scales of the kept units so each sublayer reproduces its dense output.")
-    damping: float = option(
-        1e-3, "Ridge damping of the mask-tuning least squares, relative to the mean of their diagonal.", applies_when={"tune": (True,)}
-    )
+    tune: bool = tune_option()
+    damping: float = tuning_damping_option()
 
     def __post_init__(self) -> None:
         check_choice("components", self.components, COMPONENTS)
