@@ -297,10 +297,15 @@ def _damaged_files(error: BaseException | None) -> bool:
     return type(error) is Exception or isinstance(error, json.JSONDecodeError)
 
 
-def missing_tokenizer(location: str | os.PathLike, needed_for: str) -> ValueError:
-    """The error for a checkpoint without a tokenizer when text must be tokenised."""
-    alternative = ", or prune with a method that needs no calibration (e.g. magnitude)" if needed_for == "calibration" else ""
+def missing_tokenizer(location: str | os.PathLike, needed_for: str, argument: str | None = None) -> ValueError:
+    """The error for a checkpoint without a tokenizer when text must be tokenised; ``argument``: where the caller
+    takes one instead (``tokenizer=``)."""
+    fixes = ["save the model's tokenizer into it (tokenizer.save_pretrained(...))"]
+    if argument is not None:
+        fixes += [f"pass one as {argument}"] + (["calibrate on token ids"] if needed_for == "calibration" else [])
+    if needed_for == "calibration":
+        fixes.append("prune with a method that needs no calibration (e.g. magnitude)")
     return ValueError(
-        f"{str(location)!r} has no tokenizer ({', '.join(TOKENIZER_FILES)}), which {needed_for} needs: save the "
-        f"model's tokenizer into it (tokenizer.save_pretrained(...)){alternative}"
+        f"{str(location)!r} has no tokenizer ({', '.join(TOKENIZER_FILES)}), which {needed_for} needs: "
+        + ", or ".join([", ".join(fixes[:-1]), fixes[-1]] if len(fixes) > 1 else fixes)
     )

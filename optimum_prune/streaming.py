@@ -439,7 +439,7 @@ def _calibration_inputs(
             raise
     own = load_tokenizer(source)
     if own is None:
-        raise missing_tokenizer(source, "calibration")
+        raise missing_tokenizer(source, "calibration", "tokenizer=")
     return inputs(own)
 
 

@@ -980,7 +980,7 @@ def test_text_calibration_is_tokenised_with_the_checkpoints_own_tokenizer(sharde
     assert given.calibration_tokens == 32 and all(torch.equal(by_folder[name], by_argument[name]) for name in by_argument)
     weights_only = tmp_path / "weights-only"
     tiny_model().save_pretrained(weights_only)
-    with pytest.raises(ValueError, match=r"'.*weights-only' has no tokenizer .*which calibration needs"):
+    with pytest.raises(ValueError, match=r"'.*weights-only' has no tokenizer .*which calibration needs: .*, pass one as tokenizer=, "):
         prune_checkpoint(weights_only, tmp_path / "none", config, calibration=texts)
     prune_checkpoint(weights_only, tmp_path / "ids", config, calibration=token_windows(2, 16))  # token ids need none
     (sharded / "tokenizer.json").write_text("{ not json")
