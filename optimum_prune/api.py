@@ -41,7 +41,7 @@ from .sparsity_metadata import drop_sparsity_metadata
 from .sparsity import PRUNED_SHARE, NMPattern, verify_sparsity
 from .stopped_runs import ParameterVersions, check_not_stopped, note_stop
 from .structure.mpo import MPOLinear
-from .wrappers import tuner_layers
+from .wrappers import is_peft_model, tuner_layers
 
 if TYPE_CHECKING:
     from .streaming import LayerStream
@@ -432,6 +432,11 @@ def _check_no_peft_adapters(model: nn.Module) -> None:
             f"{tuners[0]} holds a peft adapter ({len(tuners)} such layers): prune the model before get_peft_model "
             "(PruningCallback then keeps its zeros while the adapter trains), or merge the adapter first "
             "(merge_lora_preserving_sparsity(model) keeps a pruned base's zeros, model.merge_and_unload() otherwise)"
+        )
+    if is_peft_model(model):  # prompt / prefix tuning: virtual tokens as wide as the hidden states SliceGPT narrows
+        raise ValueError(
+            f"the model is a peft {type(model).__name__} (prompt or prefix tuning): its virtual tokens are not calibrated "
+            "and would not follow a pruned hidden size; prune the model before get_peft_model"
         )
 
 

@@ -32,7 +32,7 @@ from .skipping import PatchedMoEBlocks, moe_variant
 from .sparsity import conforms_to
 from .stopped_runs import check_not_stopped
 from .structure.loading import offloaded, records_layer_shapes
-from .wrappers import base_layer, transformers_model
+from .wrappers import base_layer, is_peft_model, transformers_model
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +190,12 @@ def _check_loadable(model: nn.Module) -> None:
         problem = _unloadable(module)
         if problem is not None:
             raise ValueError(f"{name}{problem} (nothing was saved)")
+    if is_peft_model(model):  # without tuner layers (prompt tuning), so none of them was named above
+        raise ValueError(
+            f"the model is a peft {type(model).__name__}, whose save_pretrained writes the adapter only: the pruned weights "
+            "would be lost; save the base model (save_pruned(model.get_base_model(), ...)) and the adapter "
+            "(model.save_pretrained) apart (nothing was saved)"
+        )
 
 
 def _unloadable(module: nn.Module) -> str | None:

@@ -50,6 +50,12 @@ def unwrapped_modules(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
         yield name, module
 
 
+def is_peft_model(model: Any) -> bool:
+    """Whether ``model`` is a peft wrapper (``get_peft_model``'s), with tuner layers (LoRA) or without (prompt
+    tuning, prefix tuning: their own parameters sit beside the model's, as wide as its hidden states)."""
+    return hasattr(model, "get_base_model") and hasattr(model, "peft_config")
+
+
 def tuner_layers(model: nn.Module) -> list[str]:
     """The names of ``model``'s peft tuner layers."""
     return [name for name, module in model.named_modules() if base_layer(module) is not module]

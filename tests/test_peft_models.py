@@ -44,3 +44,22 @@ def test_verify_sparsity_counts_the_base_model_under_its_own_names():
     prune(model, PruningConfig(method="magnitude", sparsity="2:4"))
     expected = verify_sparsity(model, "2:4")
     assert verify_sparsity(get_peft_model(model, LORA), "2:4") == expected
+
+
+def test_a_prompt_tuned_peft_model_is_refused_by_prune_and_save_pruned(tmp_path):
+    """Prompt tuning has no tuner layer to refuse: SliceGPT narrowed the hidden states under 64-wide virtual tokens
+    (the next forward failed), and save_pruned wrote the adapter's prompt embeddings alone, the pruned weights lost."""
+    from peft import PromptTuningConfig, TaskType
+
+    model = get_peft_model(tiny_model(), PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4))
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    for method in ("slicegpt", "wanda"):
+        with pytest.raises(ValueError, match=r"the model is a peft PeftModelForCausalLM \(prompt or prefix tuning\).*prune the model before get_peft_model"):
+            prune(model, PruningConfig(method=method, sparsity=0.5), calibration=token_windows(4, 16))
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
+    prune(model.get_base_model(), PruningConfig(method="magnitude", sparsity=0.5))
+    with pytest.raises(ValueError, match=r"save_pretrained writes the adapter only.*save_pruned\(model.get_base_model\(\), \.\.\.\)"):
+        save_pruned(model, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    save_pruned(model.get_base_model(), tmp_path / "out")
+    assert (tmp_path / "out" / "config.json").is_file()
