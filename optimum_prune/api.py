@@ -161,6 +161,8 @@ def prune_loaded(
         _check_materialised(model, config)
         check_finite(model)
     _check_no_peft_adapters(model)
+    if spec.pruner is None:
+        _check_layers_share_no_weights(adapter, config.method)
     device = next(model.parameters()).device if device is None else check_device(device)
     _check_unquantized(adapter, config)
     check_ignore_patterns(adapter, config.ignore, "PruningConfig.ignore")
@@ -438,6 +440,22 @@ def _check_no_peft_adapters(model: nn.Module) -> None:
             f"the model is a peft {type(model).__name__} (prompt or prefix tuning): its virtual tokens are not calibrated "
             "and would not follow a pruned hidden size; prune the model before get_peft_model"
         )
+
+
+def _check_layers_share_no_weights(adapter: DecoderAdapter, method: str) -> None:
+    """A weight two decoder layers hold (a module reused across layers) cannot lose rows in one and keep them in the
+    other: a method that reshapes, factorises or updates weights layer by layer would break the other layer's
+    shapes midway or untie it silently. Zeroing weights (the ``LayerPruner`` methods) keeps the sharing."""
+    holders: dict[int, str] = {}
+    for layer_name, layer in zip(adapter.layer_names(), adapter.decoder_layers()):
+        for name, parameter in layer.named_parameters():
+            first = holders.setdefault(id(parameter), f"{layer_name}.{name}")
+            if not first.startswith(f"{layer_name}."):
+                raise ValueError(
+                    f"{layer_name}.{name} is {first}: a weight shared by two decoder layers cannot be changed by {method} "
+                    "in one alone; give each layer its own copy (copy.deepcopy of the shared module), or prune weights "
+                    "(magnitude, wanda, sparsegpt), which keeps the sharing"
+                )
 
 
 def _check_materialised(model: nn.Module, config: PruningConfig) -> None:

@@ -305,3 +305,30 @@ def test_prune_gives_the_model_back_in_the_mode_it_was_in(training):
     prune(model, PruningConfig(method="magnitude", sparsity=0.5))
     assert model.training is training
     assert all(module.training is training for module in model.modules())
+
+
+@pytest.mark.parametrize("shared", ["module", "weight"])
+@pytest.mark.parametrize("method", ["width", "slicegpt", "low_rank"])
+def test_a_weight_two_decoder_layers_share_is_refused_by_methods_that_reshape_it(method, shared):
+    """Width crashed midway (IndexError, the model half changed), SliceGPT left a model that no longer ran, low_rank
+    failed in its Fisher pass; a shared weight alone was untied silently."""
+    model = tiny_model()
+    if shared == "module":
+        model.model.layers[1].mlp = model.model.layers[0].mlp
+    else:
+        model.model.layers[1].mlp.up_proj.weight = model.model.layers[0].mlp.up_proj.weight
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"model.layers.1.mlp.(\w+).weight is model.layers.0.mlp.\1.weight: a weight shared by two decoder layers cannot be changed by"):
+        prune(model, STRUCTURED[method], calibration=token_windows(4, 16))
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
+    prune(model, PruningConfig(method="wanda", sparsity=0.5), calibration=token_windows(4, 16))  # zeroing keeps the sharing
+    assert model.model.layers[1].mlp.up_proj.weight is model.model.layers[0].mlp.up_proj.weight
+
+
+def test_fisher_rows_of_linears_sharing_a_weight_are_its_rows():
+    """One hook per linear on the same weight: the first freed the gradient the second then read (None)."""
+    model = tiny_model()
+    mlp = model.model.layers[0].mlp
+    mlp.gate_proj.weight = mlp.up_proj.weight
+    rows = fisher_rows(model, token_windows(2, 16), [mlp.up_proj, mlp.gate_proj, mlp.down_proj])
+    assert torch.equal(rows[0], rows[1]) and rows[0].shape == (mlp.up_proj.out_features,) and bool((rows[0] > 0).all())

@@ -107,9 +107,9 @@ def fisher_rows(model: nn.Module, windows: torch.Tensor, linears: list[nn.Linear
     Each window is one sample, so its gradient is squared before summing (the mean gradient of
     ``calibration_gradients`` would cancel out). Only the given weights require grad meanwhile, and each
     gradient is folded into its rows and freed as soon as backward produces it: the weights' gradients
-    never exist all at once.
+    never exist all at once. Linears sharing one weight get its rows (the gradient of all its uses) each.
     """
-    weights = [linear.weight for linear in linears]
+    weights = list({id(linear.weight): linear.weight for linear in linears}.values())  # one hook a weight
 
     def squared_into(total: torch.Tensor):
         def hook(weight: nn.Parameter) -> None:  # as each weight's gradient is ready: squared, summed, freed
@@ -133,7 +133,8 @@ def fisher_rows(model: nn.Module, windows: torch.Tensor, linears: list[nn.Linear
         return None if overflowed(rows) else [total / scale**2 for total in rows]
 
     with own_gradients(weights):
-        return with_loss_scale(model, run)
+        rows = dict(zip(map(id, weights), with_loss_scale(model, run)))
+    return [rows[id(linear.weight)] for linear in linears]
 
 
 def hessian_traces(
