@@ -272,6 +272,17 @@ def test_prune_keeps_each_modules_own_training_flag():
     assert {name: module.training for name, module in model.named_modules()} == before
 
 
+def test_depth_pruning_leaves_each_kept_layer_in_its_own_mode():
+    """Modes were put back by name: removing layer 0 (kept in eval, frozen) handed its mode to the layer renumbered
+    into its place, and that layer stopped training."""
+    model = tiny_model(layers=4).train()
+    model.model.layers[0].eval()
+    kept = {module: module.training for module in model.model.layers[1].modules()}
+    prune(model, PruningConfig(method="layers", sparsity=0.25, method_options={"criterion": "angular"}), calibration=token_windows(4, 16))
+    assert model.model.layers[0] is next(iter(kept))  # layer 0 was the one removed
+    assert all(module.training == training for module, training in kept.items())
+
+
 @pytest.mark.parametrize("method", ["width", "kprune", "ziplm", "mask_search", "llm_surgeon_structured"])
 def test_width_pruning_leaves_each_module_in_its_own_training_mode(method):
     """Torch-Pruning's trace of each MLP put it in eval mode for good: a model pruned while training came back with

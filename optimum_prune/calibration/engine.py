@@ -432,16 +432,21 @@ def on_device(modules: list[nn.Module], device: torch.device) -> Iterator[None]:
 def evaluating(model: nn.Module) -> Iterator[None]:
     """``model`` in eval mode for the duration (calibration and evaluation forwards apply no dropout or router
     noise), then each module back in its own mode: a model training with a frozen part in eval mode keeps it so. A
-    module surgery put in takes the mode of the one it replaced, or of its nearest enclosing module."""
-    modes = {name: module.training for name, module in model.named_modules()}
+    module keeps its own mode wherever surgery moved it (depth pruning renumbers layers); one surgery put in takes the
+    mode of the one it replaced under that name, or of its nearest enclosing module."""
+    modes = {module: module.training for module in model.modules()}  # held, so no new module can take a freed id
+    named_modes = {name: module.training for name, module in model.named_modules()}
     model.eval()
     try:
         yield
     finally:
         for name, module in model.named_modules():
-            while name not in modes:
+            if module in modes:
+                module.training = modes[module]
+                continue
+            while name not in named_modes:
                 name = name.rpartition(".")[0]
-            module.training = modes[name]
+            module.training = named_modes[name]
 
 
 def _device_of(module: nn.Module) -> torch.device | None:
