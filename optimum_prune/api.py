@@ -186,7 +186,7 @@ def prune_loaded(
     if is_distributed() and inputs is not None:  # data-free methods (magnitude) prune alike in every process
         inputs = shard(inputs)
     earlier = _earlier_sparsity(model, config) if offload is None else None  # offloaded: layers are read one at a time
-    _warn_if_already_past_target(runs)
+    zeros_held = _zeros_held(runs)
     started = time.perf_counter()
     peak_is_the_runs = device.type == "cuda" or reset_peak_rss()
     if device.type == "cuda":
@@ -210,6 +210,7 @@ def prune_loaded(
     report.seconds = time.perf_counter() - started
     report.warn_unrouted()
     report.warn_revived_zeros()
+    _warn_if_nothing_removed(runs, zeros_held)
     report.peak_memory_bytes, report.peak_memory_kind = _peak_memory(device)
     if not peak_is_the_runs:  # where the high-water mark cannot be reset (macOS, Windows)
         report.peak_memory_kind += " since the process started"
@@ -345,23 +346,35 @@ def _earlier_sparsity(
     return None
 
 
-def _warn_if_already_past_target(runs: list["LayerwiseRun | StructuredRun | ModelRun"]) -> None:
-    """An unstructured step below the zeros its linears already hold prunes nothing (existing zeros are kept, not
-    revived) while the model records it as a step: said before it runs, as ``PruningCallback`` refuses such a target."""
-    for run in runs:
-        if not isinstance(run, LayerwiseRun) or isinstance(run.target, NMPattern) or not run.target:
+def _zeros_held(runs: list["LayerwiseRun | StructuredRun | ModelRun"]) -> dict[int, int]:
+    """The zeros each unstructured run's linears hold before it runs (by run index; offloaded runs, whose layers are
+    read one at a time, left out), for ``_warn_if_nothing_removed``."""
+    return {
+        index: _count_zeros(run) for index, run in enumerate(runs)
+        if isinstance(run, LayerwiseRun) and not isinstance(run.target, NMPattern) and run.target
+        and not any(linear.weight.is_meta for layer in run.targets for linear in layer.values())
+    }  # fmt: skip
+
+
+def _count_zeros(run: "LayerwiseRun") -> int:
+    return sum(int(torch.count_nonzero(linear.weight == 0)) for layer in run.targets for linear in layer.values())
+
+
+def _warn_if_nothing_removed(runs: list["LayerwiseRun | StructuredRun | ModelRun"], held: dict[int, int]) -> None:
+    """An unstructured step at or below the zeros its linears already hold prunes nothing (existing zeros are kept,
+    not revived) while the model records it as a step. Measured, not predicted from the overall share: a method that
+    ranks per row (Wanda) or per block still removes weights where a row holds fewer zeros than the target."""
+    for index, before in held.items():
+        run = runs[index]
+        if _count_zeros(run) > before:
             continue
-        weights = [linear.weight for layer in run.targets for linear in layer.values()]
-        if not weights or any(weight.is_meta for weight in weights):  # offloaded: the layers are read one at a time
-            continue
-        held = sum(int(torch.count_nonzero(weight == 0)) for weight in weights) / sum(weight.numel() for weight in weights)
-        if held >= run.target:
-            part = f" in the {run.part} part" if run.adapter.upstream_parts else ""
-            logger.warning(
-                "sparsity %.2f%%: the linears it prunes%s already hold %.2f%% zeros, which are kept: it removes no further "
-                "weight (a method that updates weights, such as SparseGPT, still refits the others); give a higher sparsity",
-                100 * float(run.target), part, 100 * held,
-            )  # fmt: skip
+        total = sum(linear.weight.numel() for layer in run.targets for linear in layer.values())
+        part = f" in the {run.part} part" if run.adapter.upstream_parts else ""
+        logger.warning(
+            "sparsity %.2f%%: the linears it prunes%s already held %.2f%% zeros, which are kept: it removed no further "
+            "weight (a method that updates weights, such as SparseGPT, still refit the others); give a higher sparsity",
+            100 * float(run.target), part, 100 * before / total,
+        )  # fmt: skip
 
 
 def _warn_if_earlier_sparsity_lost(
