@@ -75,8 +75,14 @@ class LowRankFactorization(StructuredMethod[LowRankOptions]):
                 owner = name.rpartition(".")[0]
                 if isinstance(model.get_submodule(owner), LowRankLinear):  # a factor: its product is factorised again
                     name, linear = owner, model.get_submodule(owner)
-                if not is_ignored(name, self.ignore):
-                    targets[name] = linear
+                if is_ignored(name, self.ignore):
+                    continue
+                if type(linear) not in (nn.Linear, LowRankLinear):  # optimum-quanto's QLinear before freeze: quantized at each forward
+                    raise ValueError(
+                        f"{name} is a {type(linear).__name__} where low_rank factorises plain linears (its factors would "
+                        "drop what that class does, e.g. quantization not yet frozen); factorise before quantizing"
+                    )
+                targets[name] = linear
         self.targets: list[tuple[str, nn.Linear | LowRankLinear, int]] = [
             (name, linear, self._rank(name, linear)) for name, linear in targets.items()
         ]

@@ -137,3 +137,17 @@ def test_a_factorised_linear_at_round_to_says_no_sparsity_helps():
     assert model.model.layers[0].self_attn.k_proj.rank == 8
     with pytest.raises(ValueError, match=r"k_proj is factorised at rank 8 already.*lower round_to, or add .* to PruningConfig.ignore"):
         prune(model, PruningConfig(method="low_rank", sparsity=0.05, method_options={"weighting": "none"}))
+
+
+def test_linears_quantized_but_not_yet_frozen_are_refused():
+    """optimum-quanto's QLinear quantizes its float weight at each forward until freeze: its plain float factors
+    dropped that quantization, and freeze then quantized nothing, without a word."""
+    from optimum.quanto import QLinear, qint8, quantize
+
+    model = tiny_model()
+    quantize(model, weights=qint8)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"model.layers.0.self_attn.q_proj is a QLinear where low_rank factorises plain linears .*factorise before quantizing"):
+        prune(model, PruningConfig(method="low_rank", sparsity=0.3), calibration=token_windows(4, 16))
+    assert isinstance(model.model.layers[0].self_attn.q_proj, QLinear)
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
