@@ -29,7 +29,8 @@ def refuse_offloaded(model: nn.Module, work: str, instead: str = "") -> None:
     if offloaded:
         shown = ", ".join(offloaded[:3]) + (f" and {len(offloaded) - 3} more" if len(offloaded) > 3 else "")
         raise ValueError(
-            f"{shown} hold offloaded weights (meta tensors: a device_map with 'cpu' or 'disk' entries); {work}, so load "
+            f"{shown} hold offloaded weights (meta tensors: a device_map with 'cpu' or 'disk' entries, accelerate's cpu_offload, "
+            f"or weights never loaded, as under init_empty_weights); {work}, so load "
             f"the model without offloading{instead}"
         )
 
