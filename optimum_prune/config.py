@@ -21,7 +21,7 @@ from .allocation import ALLOCATIONS, AllocationSpec
 from .calibration.sources import read_text_file
 from .ignoring import as_patterns
 from .methods import METHODS, MethodSpec
-from .options import MoEOptions, as_option_type, build_options, ignored_options, options_to_dict
+from .options import MoEOptions, as_option_type, build_options, fraction_only_options, ignored_options, options_to_dict
 from .sparsity import NMPattern, SparsityTarget, normalise_sparsity
 
 logger = logging.getLogger(__name__)
@@ -170,6 +170,16 @@ class PruningConfig:
                 f"PruningConfig.allocation {self.allocation!r} varies sparsity per layer and cannot be combined "
                 f"with the N:M pattern {patterns[0]!r}; use a float sparsity or allocation='uniform'"
             )
+        unread = fraction_only_options(spec.options, self.method_options) if len(patterns) == len(self.part_targets()) else []
+        if unread:
+            raise ValueError(
+                f"PruningConfig.method_options.{unread[0]} applies to a fractional sparsity; the N:M pattern {patterns[0]!r} "
+                "ranks within its own groups of M inputs, so it would be ignored: remove it"
+            )
+        if spec.pruner is not None:
+            options = self.build_method_options()
+            for target in {t for t in self.part_targets().values() if isinstance(t, NMPattern)}:
+                spec.pruner.check_options_target(options, target)
 
     @property
     def target(self) -> SparsityTarget:
@@ -372,6 +382,8 @@ def _without_ignored_settings(data: Mapping[str, Any]) -> tuple[dict[str, Any], 
     for key, options_cls in (("method_options", spec.options), ("allocation_options", allocation.options), ("moe_options", MoEOptions)):
         if isinstance(data.get(key), Mapping):
             drop(key, ignored_options(options_cls, data[key]))
+    if isinstance(data.get("method_options"), Mapping) and _every_target_a_pattern(data):
+        drop("method_options", fraction_only_options(spec.options, data["method_options"]))
     moe = data.get("moe_options")
     if not isinstance(moe, Mapping):
         return data, dropped
@@ -389,6 +401,15 @@ def _without_ignored_settings(data: Mapping[str, Any]) -> tuple[dict[str, Any], 
         unread = ("routing_weighted", "unrouted_experts", "expert_sparsity", "expert_deviation") if data_free else ()
     drop("moe_options", [name for name in unread if name in moe and moe[name] != defaults[name]])
     return data, dropped
+
+
+def _every_target_a_pattern(data: Mapping[str, Any]) -> bool:
+    """Whether every part of a stored config prunes to an N:M pattern (as ``part_targets`` reads it)."""
+    sparsity = data.get("sparsity", PruningConfig.sparsity)
+    try:
+        return all(isinstance(_target(policy.get("sparsity", sparsity)), NMPattern) for policy in (data.get("parts") or {"language": {}}).values())
+    except (ValueError, TypeError, AttributeError):  # left to from_dict to refuse
+        return False
 
 
 def is_recorded(data: Mapping[str, Any]) -> bool:

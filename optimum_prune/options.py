@@ -38,12 +38,26 @@ class NonZero:
 Allowed = tuple[Any, ...] | NonZero
 
 
-def option(default: Any, help: str, applies_when: Mapping[str, Allowed] | None = None) -> Any:
+def option(default: Any, help: str, applies_when: Mapping[str, Allowed] | None = None, fractions_only: bool = False) -> Any:
     """A field of an options dataclass. ``applies_when`` names the values of other options under which this one
     is read (``{"criterion": ("reconstruction",)}``, ``{"weight": NonZero()}``): set away from its default
-    otherwise, it would be ignored, so ``build_options`` refuses it (and a stored config that sets it reads it as unset)."""
-    metadata = {"help": help} if applies_when is None else {"help": help, "applies_when": dict(applies_when)}
+    otherwise, it would be ignored, so ``build_options`` refuses it (and a stored config that sets it reads it as unset).
+    ``fractions_only``: read only for a fractional sparsity (an N:M pattern fixes its own groups), which
+    ``PruningConfig`` checks."""
+    metadata: dict[str, Any] = {"help": help}
+    if applies_when is not None:
+        metadata["applies_when"] = dict(applies_when)
+    if fractions_only:
+        metadata["fractions_only"] = True
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def fraction_only_options(options_cls: type, values: Mapping[str, Any]) -> list[str]:
+    """The options in ``values`` set away from their defaults that only a fractional sparsity reads."""
+    return [
+        spec.name for spec in dataclasses.fields(options_cls)
+        if spec.metadata.get("fractions_only") and spec.name in values and values[spec.name] != spec.default
+    ]  # fmt: skip
 
 
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -229,6 +243,7 @@ def describe_options(options_cls: type) -> list[tuple[str, Any, str]]:
     for spec in dataclasses.fields(options_cls):
         condition = spec.metadata.get("applies_when")
         text = spec.metadata.get("help", "") + (f" Only with {_describe(condition)}." if condition else "")
+        text += " Only with a fractional sparsity (not N:M)." if spec.metadata.get("fractions_only") else ""
         described.append((spec.name, spec.default, text))
     return described
 

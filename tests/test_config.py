@@ -522,3 +522,21 @@ def test_a_stored_config_with_settings_its_method_ignores_reads_without_them(tmp
     (tmp_path / "pruning_config.json").write_text(json.dumps(stored))
     with pytest.raises(ValueError):
         PruningConfig.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("method, group", [("wanda", "layer"), ("magnitude", "output")])
+def test_comparison_group_is_refused_where_every_target_is_an_nm_pattern(tmp_path, caplog, method, group):
+    """An N:M pattern ranks within its groups of M inputs: the setting left the weights bit-identical, without a word."""
+    import logging
+
+    options = {"comparison_group": group}
+    message = r"^PruningConfig.method_options.comparison_group applies to a fractional sparsity; the N:M pattern '2:4'"
+    with pytest.raises(ValueError, match=message):
+        PruningConfig(method=method, sparsity="2:4", method_options=options)
+    with pytest.raises(ValueError, match=message):
+        PruningConfig(method=method, sparsity=0.5, parts={"language": {"sparsity": "2:4"}}, method_options=options)
+    PruningConfig(method=method, sparsity=0.5, parts={"vision": {}, "language": {"sparsity": "2:4"}}, method_options=options)  # the vision tower reads it
+    stored = {**PruningConfig(method=method, sparsity="2:4").to_dict(), "method_options": options, "optimum_version": "2.1.0"}
+    with caplog.at_level(logging.WARNING, logger="optimum_prune"):
+        assert PruningConfig.from_stored(stored) == PruningConfig(method=method, sparsity="2:4")  # an earlier version's record
+    assert f"method_options.comparison_group={group!r}" in caplog.text

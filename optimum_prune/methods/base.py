@@ -84,6 +84,12 @@ class LayerPruner(ABC, Generic[Options]):
         """
         if isinstance(target, NMPattern):
             target.check_columns(in_features)
+            cls.check_options_target(options, target)
+
+    @classmethod
+    def check_options_target(cls, options: Options, pattern: NMPattern) -> None:
+        """Raise ``ValueError`` (naming ``PruningConfig.method_options``) if these options cannot reach the N:M
+        ``pattern`` on any linear: checked when the config is built, before any model is seen."""
 
     @classmethod
     def zero_shares(cls, options: Options, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,8 +18,8 @@ class MagnitudeOptions:
     comparison_group: str = option(
         "layer",
         "'layer': rank |W| across the whole matrix (the usual LLM baseline, as in the Wanda and "
-        "SparseGPT papers); 'output': rank within each output row. An N:M pattern ranks within each group of M "
-        "inputs either way.",
+        "SparseGPT papers); 'output': rank within each output row. (An N:M pattern ranks within its groups of M inputs.)",
+        fractions_only=True,
     )
 
     def __post_init__(self) -> None:

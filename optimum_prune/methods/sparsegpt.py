@@ -57,10 +57,12 @@ class SparseGPTPruner(LayerPruner[SparseGPTOptions]):
         self.statistics = InputHessian(linear.in_features, linear.weight.device)
 
     @classmethod
-    def check_target(cls, options: SparseGPTOptions, target: SparsityTarget, in_features: int) -> None:
-        super().check_target(options, target, in_features)
-        if isinstance(target, NMPattern) and options.block_size % target.m:
-            raise ValueError(f"SparseGPT {target} needs block_size ({options.block_size}) to be a multiple of {target.m}")
+    def check_options_target(cls, options: SparseGPTOptions, pattern: NMPattern) -> None:
+        if options.block_size % pattern.m:  # a block's mask is chosen whole, so its N:M groups must not straddle two
+            raise ValueError(
+                f"PruningConfig.method_options.block_size {options.block_size}: SparseGPT's {pattern} pattern needs a "
+                f"multiple of {pattern.m} (e.g. {max(pattern.m, options.block_size - options.block_size % pattern.m)})"
+            )
 
     @classmethod
     def zero_shares(cls, options: SparseGPTOptions, zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,8 @@ class WandaOptions:
     comparison_group: str = option(
         "output",
         "'output': compare weights within each output row (the paper's choice, Sec. 3); "
-        "'layer': across the whole matrix. N:M patterns always group along the input dimension.",
+        "'layer': across the whole matrix. (An N:M pattern ranks within its groups of M inputs.)",
+        fractions_only=True,
     )
 
     def __post_init__(self) -> None:

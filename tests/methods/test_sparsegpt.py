@@ -117,8 +117,17 @@ def test_nm_needs_block_multiple():
     linear = torch.nn.Linear(64, 8, bias=False)
     pruner = SparseGPTPruner(linear, SparseGPTOptions(block_size=6))
     pruner.add_batch(torch.randn(16, 64))
-    with pytest.raises(ValueError, match="block_size \\(6\\) to be a multiple of 4"):
+    with pytest.raises(ValueError, match=r"block_size 6: SparseGPT's 2:4 pattern needs a multiple of 4 \(e.g. 4\)"):
         pruner.prune(NMPattern(2, 4))
+
+
+def test_a_block_size_its_pattern_cannot_tile_is_refused_by_the_config():
+    """It was accepted, saved, and refused only by prune, naming a linear rather than the option."""
+    with pytest.raises(ValueError, match=r"^PruningConfig.method_options.block_size 6: SparseGPT's 2:4 pattern needs a multiple of 4"):
+        PruningConfig(method="sparsegpt", sparsity="2:4", method_options={"block_size": 6})
+    with pytest.raises(ValueError, match=r"block_size 130: SparseGPT's 4:8 pattern needs a multiple of 8 \(e.g. 128\)"):
+        PruningConfig(method="sparsegpt", sparsity=0.5, parts={"language": {"sparsity": "4:8"}}, method_options={"block_size": 130})
+    PruningConfig(method="sparsegpt", sparsity=0.5, method_options={"block_size": 6})  # a fraction has no groups
 
 
 def test_dead_inputs_are_zeroed():
