@@ -311,6 +311,7 @@ class PruningConfig:
             )
         stored = {key: value for key, value in stored.items() if not key.startswith("_")}
         overrides = {key: value for key, value in overrides.items() if key in fields}
+        _check_sparsity_reaches_a_part(stored, overrides)
         for options in _options_replaced(stored, overrides):
             stored.pop(options, None)
         if from_model_config or is_recorded(stored):
@@ -328,6 +329,7 @@ class PruningConfig:
         unknown = sorted(set(changes) - fields)
         if unknown:  # dataclasses.replace names PruningConfig.__init__ and no field
             raise TypeError(f"PruningConfig.replace got {', '.join(unknown)}, which name no field; fields: {', '.join(sorted(fields))}")
+        _check_sparsity_reaches_a_part(vars(self), changes)
         dropped = {options: {} for options in _options_replaced(vars(self), changes)}
         return dataclasses.replace(self, **dropped, **changes)
 
@@ -345,6 +347,19 @@ class PruningConfig:
         ``from_stored``, one written by hand checked as given."""
         data = _read_json_object(path)
         return cls.from_stored(data, os.fspath(path)) if is_recorded(data) else cls.from_dict(data)
+
+
+def _check_sparsity_reaches_a_part(current: Mapping[str, Any], changes: Mapping[str, Any]) -> None:
+    """A changed ``sparsity`` where every part in ``parts`` keeps a sparsity of its own would change nothing pruned."""
+    parts = current.get("parts")
+    if "sparsity" not in changes or "parts" in changes or not isinstance(parts, Mapping) or not parts:
+        return
+    if all(isinstance(policy, Mapping) and "sparsity" in policy for policy in parts.values()):
+        own = ", ".join(f"{name} {policy['sparsity']!r}" for name, policy in parts.items())
+        raise ValueError(
+            f"PruningConfig.sparsity {changes['sparsity']!r} would reach no part: every part in PruningConfig.parts sets "
+            f"its own ({own}); change parts instead, e.g. parts={{'language': {{'sparsity': ...}}}}"
+        )
 
 
 def _options_replaced(current: Mapping[str, Any], changes: Mapping[str, Any]) -> list[str]:

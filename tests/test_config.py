@@ -540,3 +540,18 @@ def test_comparison_group_is_refused_where_every_target_is_an_nm_pattern(tmp_pat
     with caplog.at_level(logging.WARNING, logger="optimum_prune"):
         assert PruningConfig.from_stored(stored) == PruningConfig(method=method, sparsity="2:4")  # an earlier version's record
     assert f"method_options.comparison_group={group!r}" in caplog.text
+
+
+def test_a_sparsity_change_that_reaches_no_part_is_refused(tmp_path):
+    """Every part kept a sparsity of its own: from_pretrained(path, sparsity=0.7) and replace(sparsity=0.7) changed
+    nothing pruned, without a word."""
+    config = PruningConfig(method="wanda", sparsity=0.5, parts={"language": {"sparsity": 0.6}})
+    config.save_pretrained(tmp_path)
+    message = r"^PruningConfig.sparsity 0.7 would reach no part: every part in PruningConfig.parts sets its own \(language 0.6\)"
+    with pytest.raises(ValueError, match=message):
+        config.replace(sparsity=0.7)
+    with pytest.raises(ValueError, match=message):
+        PruningConfig.from_pretrained(tmp_path, sparsity=0.7)
+    assert config.replace(sparsity=0.7, parts={}).part_targets() == {"language": 0.7}
+    mixed = PruningConfig(method="wanda", sparsity=0.5, parts={"vision": {}, "language": {"sparsity": 0.6}})
+    assert mixed.replace(sparsity=0.7).part_targets() == {"vision": 0.7, "language": 0.6}  # the vision tower follows it
