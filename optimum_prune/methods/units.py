@@ -171,6 +171,7 @@ class UnitPlan:
                     )
                 component.removed = self.rounded(component, count)
                 remaining -= component.removed * component.unit_parameters
+        self._check_removes_a_unit()
 
     def _global_counts(self, budget: float) -> None:
         """FLAP: remove the lowest (per layer and structure standardised) units across layers, stopping where the
@@ -194,6 +195,25 @@ class UnitPlan:
             removed += component.unit_parameters
         for component in self.components:
             component.removed = self.rounded(component, component.removed)
+        self._check_removes_a_unit()
+
+    def _check_removes_a_unit(self) -> None:
+        """A budget smaller than half the smallest unit (a key/value group of a wide head_dim) rounds to none: the
+        run would record a step that changed nothing."""
+        if self.sparsity == 0 or any(component.removed for component in self.components):
+            return
+        smallest = min(self.components, key=lambda c: c.unit_parameters)
+        layer = self.adapter.decoder_layers()[smallest.layer]
+        if smallest.kind == "mlp":
+            unit = "MLP channel"
+        else:
+            unit = "query head of each group" if self.query_units(self.adapter.attention(layer)) else "key/value group"
+        layer = layer_parameters(self.adapter, layer)
+        raise ValueError(
+            f"PruningConfig.sparsity {self.sparsity} rounds to no unit to remove: the smallest, one {unit}, holds "
+            f"{smallest.unit_parameters / layer:.1%} of its decoder layer's parameters; raise the sparsity or prune more "
+            "components"
+        )
 
     def rounded(self, component: Component, count: int) -> int:
         """``count`` units removed from ``component`` as it is now, changed so that an MLP that loses channels keeps a

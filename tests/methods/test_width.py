@@ -394,7 +394,7 @@ def test_n_m_after_width_names_the_step_and_the_remedies():
 def test_n_m_after_attention_only_width_pruning_does_not_blame_that_step_for_the_mlp_width():
     """The model's own MLP width (130) refuses 2:4; a width step that removed heads only did not choose it."""
     model = tiny_model(intermediate_size=130)
-    prune(model, PruningConfig(method="width", sparsity=0.05, method_options={"components": "attention"}), calibration=token_windows())
+    prune(model, PruningConfig(method="width", sparsity=0.1, method_options={"components": "attention"}), calibration=token_windows())
     assert [layer.mlp.down_proj.in_features for layer in model.model.layers] == [130] * len(model.model.layers)
     with pytest.raises(ValueError, match=r"down_proj") as refused:
         prune(model, PruningConfig(method="wanda", sparsity="2:4"), calibration=token_windows())
@@ -404,3 +404,23 @@ def test_n_m_after_attention_only_width_pruning_does_not_blame_that_step_for_the
 def test_round_to_above_the_narrowest_mlp_is_refused():
     with pytest.raises(ValueError, match="round_to"):
         prune(tiny_model(), PruningConfig(method="width", sparsity=0.3, method_options={"criterion": "magnitude_l1", "round_to": 256}))
+
+
+@pytest.mark.parametrize(
+    "method, options, sparsity, unit",
+    [
+        ("width", {"components": "attention", "head_mode": "kv_group"}, 0.1, "key/value group"),
+        ("kcm", {"components": "attention"}, 0.1, "key/value group"),
+        ("width", {}, 0.002, "MLP channel"),
+        ("width", {"ranking": "global"}, 0.0005, "MLP channel"),
+    ],
+)
+def test_a_budget_that_rounds_to_no_unit_is_refused(method, options, sparsity, unit):
+    """A key/value group of head_dim 24 is 21 % of a layer: 10 % rounded to none, and the run recorded a step that
+    changed nothing (parameters 129408 -> 129408), without a word."""
+    model = tiny_model(head_dim=24)
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"^PruningConfig.sparsity {sparsity} rounds to no unit to remove: the smallest, one {unit}, holds"):
+        prune(model, PruningConfig(method=method, sparsity=sparsity, method_options=options), calibration=token_windows(4, 16))
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
+    assert getattr(model.config, "pruning_config", None) is None
