@@ -20,6 +20,7 @@ first layer then reads, and the last layer writes, the unrotated stream.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 
@@ -34,6 +35,8 @@ from ..options import check_round_to, option
 from ..report import PruningReport
 from ..sparsity import whole_count
 from .base import StructuredMethod, register_structured_method
+
+logger = logging.getLogger(__name__)
 
 _ROW_CHUNK = 8192  # rows of an embedding matrix rotated at a time (bounds float64 scratch memory)
 
@@ -96,6 +99,7 @@ class SliceGPT(StructuredMethod[SliceGPTOptions]):
 
     def prune(self, windows: torch.Tensor, report: PruningReport) -> None:
         adapter, device = self.adapter, self.device
+        parameters_before = _parameter_count(adapter.model)
         inputs = capture_first_layer_inputs(adapter, windows, device)
         self._check_layer_output(inputs)
         identity = torch.eye(self.hidden, dtype=torch.float64, device=device)
@@ -133,6 +137,18 @@ class SliceGPT(StructuredMethod[SliceGPTOptions]):
             self._slice_head(basis)
         report.layer_scores.update({f"variance kept after {kind}": values for kind, values in retained.items()})
         report.removed.append(f"residual stream width {self.hidden} → {self.width}" + ("" if self.slice_ends else " (tied embeddings kept at full width)"))
+        self._warn_if_larger(parameters_before, _parameter_count(adapter.model))
+
+    def _warn_if_larger(self, before: int, after: int) -> None:
+        """Each layer gains two residual shortcuts of about width² parameters: at a small slicing ratio (10 % on
+        SmolLM2, and on Llama-2 7B) they outweigh what slicing saves, and the model grows."""
+        if after >= before:
+            logger.warning(
+                "SliceGPT at PruningConfig.sparsity %s (residual width %d → %d) left the model with %s parameters, %.1f%% "
+                "more than its %s before: each layer's residual shortcuts (about 2 × %d² parameters) outweigh what this "
+                "ratio slices off; raise the sparsity for a smaller model",
+                self.sparsity, self.hidden, self.width, f"{after:,}", 100 * (after / before - 1), f"{before:,}", self.width,
+            )  # fmt: skip
 
     def _check_layer_output(self, inputs: LayerInputs) -> None:
         """The shortcut layers return what the adapter says the stock layer returns (``layer_returns_tuple``); where
@@ -231,3 +247,7 @@ def _rotate_rows(weight: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
 
 def _project(hidden: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return (hidden.to(torch.float64) @ basis.to(hidden.device)).to(hidden.dtype)
+
+
+def _parameter_count(model: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in model.parameters())

@@ -210,3 +210,20 @@ def test_an_adapter_wrong_about_what_its_layer_returns_is_refused_before_any_rot
         prune(model, PruningConfig(method="slicegpt", sparsity=0.25), calibration=token_windows())
     assert model.state_dict().keys() == base.state_dict().keys()
     assert all(torch.equal(tensor, base.state_dict()[name]) for name, tensor in model.state_dict().items())
+
+
+def test_a_ratio_whose_shortcuts_outweigh_the_slicing_is_warned_of(caplog):
+    """Tied ends at 10 %: 110,976 decoder parameters became 120,929, and only a percentage above 100 said so."""
+    import logging
+
+    model = tiny_model(tie_word_embeddings=True)
+    before = sum(p.numel() for p in model.parameters())
+    with caplog.at_level(logging.WARNING, logger="optimum_prune"):
+        prune(model, PruningConfig(method="slicegpt", sparsity=0.1, method_options={"round_to": 1}), calibration=token_windows(4, 16))
+    after = sum(p.numel() for p in model.parameters())
+    assert after > before
+    assert f"left the model with {after:,} parameters, {100 * (after / before - 1):.1f}% more than its {before:,} before" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="optimum_prune"):
+        prune(tiny_model(tie_word_embeddings=True), PruningConfig(method="slicegpt", sparsity=0.5), calibration=token_windows(4, 16))
+    assert "more than its" not in caplog.text
