@@ -401,29 +401,35 @@ class StructuredRun:
 
 
 def _width_remedy(adapter: DecoderAdapter, name: str, linear: nn.Linear, target: SparsityTarget) -> str:
-    """For an N:M target that a linear's input width refuses, on a model whose record holds a structured step that
-    chose widths (its ``round_to`` not a multiple of M): that step and the ways out, for the error. ``round_to`` sets
-    MLP widths only (heads go whole), so an attention width is only offered ``ignore``."""
+    """The ways out for an N:M target that a linear's input width refuses, for the error: leaving such linears dense,
+    and, where the model's record holds a structured step that chose this MLP width (its ``round_to`` not a multiple
+    of M), running it again with one. ``round_to`` sets MLP widths only (heads go whole): an attention width, or the
+    model's own, is only offered ``ignore``."""
     if not isinstance(target, NMPattern):
         return ""
+    ignore = f"leave these linears dense: add '*.{name.rsplit('.', 1)[-1]}' to PruningConfig.ignore"
+    step = _step_choosing_widths(adapter, target)
+    mlps = [adapter.mlp(layer) for layer in adapter.decoder_layers()]  # the step removed units: the adapter has them
+    if step is None or not any(linear is module for mlp in mlps if mlp is not None for module in mlp.block.modules()):
+        return f"; {ignore}"
+    return (
+        f"; the model's recorded {step.method!r} step (sparsity {step.sparsity}, round_to={step.method_options['round_to']}) "
+        f"chose this width: run it again with PruningConfig.method_options.round_to={target.m} (or a multiple of "
+        f"{target.m}), or {ignore}"
+    )
+
+
+def _step_choosing_widths(adapter: DecoderAdapter, target: NMPattern) -> PruningConfig | None:
+    """The model's last recorded structured step that chose MLP widths with a ``round_to`` not a multiple of M."""
     for step in reversed(recorded_steps(getattr(adapter.model, "config", None))):
         recorded = readable_step(step)
         if recorded is None:
-            return ""
+            return None
         round_to = recorded.method_options.get("round_to")
         chose_mlp_widths = recorded.method_options.get("components") != "attention"
         if METHODS.get(recorded.method).structured and isinstance(round_to, int) and round_to % target.m and chose_mlp_widths:
-            break
-    else:
-        return ""
-    ignore = f"leave these linears dense: add '*.{name.rsplit('.', 1)[-1]}' to PruningConfig.ignore"
-    mlps = [adapter.mlp(layer) for layer in adapter.decoder_layers()]  # the step removed units: the adapter has them
-    if not any(linear is module for mlp in mlps if mlp is not None for module in mlp.block.modules()):
-        return f"; {ignore}"
-    return (
-        f"; the model's recorded {recorded.method!r} step (sparsity {recorded.sparsity}, round_to={round_to}) chose this "
-        f"width: run it again with PruningConfig.method_options.round_to={target.m} (or a multiple of {target.m}), or {ignore}"
-    )
+            return recorded
+    return None
 
 
 def _check_some_target(targets: list[dict[str, nn.Linear]], part: str, adapter: DecoderAdapter, config: PruningConfig) -> None:

@@ -399,6 +399,7 @@ def test_n_m_after_attention_only_width_pruning_does_not_blame_that_step_for_the
     with pytest.raises(ValueError, match=r"down_proj") as refused:
         prune(model, PruningConfig(method="wanda", sparsity="2:4"), calibration=token_windows())
     assert "round_to" not in str(refused.value) and "chose this width" not in str(refused.value)
+    assert str(refused.value).endswith("leave these linears dense: add '*.down_proj' to PruningConfig.ignore")  # was no way out
 
 
 def test_round_to_above_the_narrowest_mlp_is_refused():
