@@ -26,6 +26,7 @@ from .calibration import (
     count_tokens,
 )
 from .calibration.engine import all_finite, evaluating
+from .data.images import image_text_pairs
 from .config import PruningConfig, as_pruning_config, readable_step, record_pruning, recorded_steps
 from .devices import check_activation_device, check_device
 from .dispatch import refuse_offloaded, refuse_spread
@@ -268,6 +269,8 @@ def _calibration(
     if not config.requires_calibration:
         warn_unused_calibration(config, calibration)
         return None
+    if calibration is None and processor is not None and any(run.part != "language" for run in runs):
+        calibration = image_text_pairs("calibration")  # a vision tower or projector runs on images only
     inputs = calibration_inputs(calibration, tokenizer, processor, config.num_calibration_samples, config.calibration_seq_len, config.seed)
     if not _runs_layer_by_layer(config):
         inputs = as_token_windows(inputs)  # the whole-model passes calibrate on windows of token ids
@@ -541,8 +544,10 @@ def _check_calibration_reaches_parts(inputs: CalibrationInputs, config: PruningC
     needing_images = [run.part for run in runs if run.part != "language"]
     if needing_images and not count_images(inputs):
         raise ValueError(
-            f"PruningConfig.parts {needing_images} run only on images, but the calibration has none; "
-            "calibrate with image-text pairs ([{'image': ..., 'text': ...}] and processor=...)"
+            f"PruningConfig.parts {', '.join(needing_images)} run only on images, but the calibration has none; "
+            "calibrate with image-text pairs ([{'image': ..., 'text': ...}] and processor=...; calibration=None with "
+            "processor= reads the bundled image-caption pairs), or prune those parts with a method that needs no "
+            "calibration (e.g. magnitude)"
         )
 
 

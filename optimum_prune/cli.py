@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 from transformers.utils.logging import disable_progress_bar
 
+from .adapters import get_adapter
 from .allocation import ALLOCATIONS
 from .atomic_files import InterruptedAfterReplacing, check_replaceable
 from .api import check_multi_process, prune, warn_unused_calibration
@@ -35,7 +36,10 @@ from .devices import check_activation_device, check_device
 from .distributed import init_from_launcher, launched_processes, rank_zero_first, world
 from .evaluation import TooFewTokens, check_whole_windows, evaluate_perplexity
 from .methods import METHODS, per_layer_methods
-from .models import DTYPE_ALIASES, DTYPES, auto_class_name, default_model_path, load_default_model, load_model, missing_tokenizer
+from .models import (
+    DTYPE_ALIASES, DTYPES, auto_class_name, default_model_path, load_default_model, load_model, load_processor, missing_tokenizer,
+    PROCESSOR_FILES,
+)
 from .options import MoEOptions, describe_options, option_types
 from .report import PruningReport
 from .saving import save_pruned
@@ -249,6 +253,13 @@ def run(args: argparse.Namespace) -> int:
     if args.model is None:
         rank_zero_first(default_model_path)  # the first use converts the embedded model into the shared cache
     model, tokenizer = load_model(args.model, dtype) if args.model else load_default_model(dtype)
+    processor = load_processor(args.model) if args.model else None  # a vision-language model's: images, and kept in the output
+    if processor is None and config.requires_calibration and _image_parts(config) and get_adapter(model).upstream_parts:
+        raise ValueError(
+            f"--part {_image_parts(config)} calibrates on images, which need the model's processor: {str(args.model)!r} has "
+            f"none ({', '.join(PROCESSOR_FILES)}); save it into the checkpoint (processor.save_pretrained(...)), or prune "
+            "that part with a method that needs no calibration (--method magnitude)"
+        )
     if tokenizer is None and (config.requires_calibration or args.eval):
         raise missing_tokenizer(args.model, "calibration" if config.requires_calibration else "--eval")
     device = args.device or launched_device or default_device()
@@ -273,14 +284,15 @@ def run(args: argparse.Namespace) -> int:
     before = verify_sparsity(model)["overall_sparsity"]
     source = "before" if getattr(model.config, "pruning_config", None) else "dense"  # a pruned checkpoint pruned again
     report = prune(
-        model, config, calibration=args.calibration, tokenizer=tokenizer, device=device, activation_device=args.activation_device
+        model, config, calibration=args.calibration, tokenizer=tokenizer, device=device, activation_device=args.activation_device,
+        processor=processor,
     )
     if world()[0] != 0:
         return 0  # every process holds the same pruned model; the first one evaluates, saves and reports
     pruned = perplexity() if args.eval else None
     started = time.perf_counter()
     save_pruned(
-        model, args.output, tokenizer=tokenizer, config=config, report=report,
+        model, args.output, tokenizer=processor or tokenizer, config=config, report=report,
         compressed_tensors_metadata=args.compressed_tensors_metadata,
     )
     args.saved = True  # what an interruption from here on leaves: the output, whole
@@ -293,6 +305,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _image_parts(config: PruningConfig) -> str:
+    """The parts of a vision-language model the config names that run on images only (a vision tower, a projector)."""
+    return ", ".join(part for part in config.part_targets() if part != "language")
+
+
 def _check_args(args: argparse.Namespace, config: PruningConfig) -> None:
     """Every flag checked against the others and the machine before any model loads."""
     if args.calibration is not None and not args.calibration.is_file():
@@ -300,6 +317,12 @@ def _check_args(args: argparse.Namespace, config: PruningConfig) -> None:
     warn_unused_calibration(config, args.calibration, "--calibration")
     if not config.requires_calibration:
         args.calibration = None  # said here, before the model loads, not again by prune
+    elif args.calibration is not None and _image_parts(config):
+        raise ValueError(
+            f"--part {_image_parts(config)} calibrates on images, which the --calibration text has none of: leave "
+            "--calibration out to calibrate on the bundled image-caption pairs, or prune that part with a method that "
+            "needs no calibration (--method magnitude)"
+        )
     if args.eval_file is not None and not args.eval:
         raise ValueError("--eval-file is the text --eval scores: add --eval, or remove --eval-file")
     if args.eval_file is not None and not args.eval_file.is_file():

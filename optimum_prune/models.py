@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer, PreTrainedModel
 
 from .atomic_files import atomic_directory, exclusive_lock, remove_leftovers
 from .dependencies import MissingDependency
@@ -285,6 +285,18 @@ def load_tokenizer(directory: str | os.PathLike) -> Any | None:
         else:
             cause = "its files are damaged: save it again (tokenizer.save_pretrained) or copy its tokenizer files again"
         raise ValueError(f"the tokenizer in {str(directory)!r} could not be loaded ({error}); {cause}") from None
+
+
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
+
+
+def load_processor(directory: str | os.PathLike) -> Any | None:
+    """A vision-language checkpoint's processor (its image processor and tokenizer together), or None when the
+    checkpoint has none (a text model): what image-text calibration reads, and what its pruned copy must keep."""
+    directory = Path(directory)
+    if not any((directory / name).is_file() for name in PROCESSOR_FILES):
+        return None
+    return AutoProcessor.from_pretrained(directory, local_files_only=True)
 
 
 def _tokenizers_version() -> str:

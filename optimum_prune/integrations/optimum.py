@@ -52,23 +52,25 @@ class OptimumPruner:
         report = pruner.prune(PruningConfig(method="wanda", sparsity="2:4"), save_dir="pruned/")
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer: Any = None) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer: Any = None, processor: Any = None) -> None:
         self.model = model
         self.tokenizer = tokenizer
+        self.processor = processor
 
     @classmethod
     def from_pretrained(
-        cls, model_or_path: str | os.PathLike | torch.nn.Module, tokenizer: Any = None, dtype: torch.dtype | str = torch.float32
+        cls, model_or_path: str | os.PathLike | torch.nn.Module, tokenizer: Any = None, dtype: torch.dtype | str = torch.float32,
+        processor: Any = None,
     ) -> "OptimumPruner":
-        """From a loaded model (pass its ``tokenizer`` for text calibration) or a local checkpoint
-        directory (model and tokenizer loaded in ``dtype``, a torch dtype or its name as ``load_model`` takes it; no
-        hub access)."""
-        from ..models import load_model
+        """From a loaded model (pass its ``tokenizer`` for text calibration, a vision-language model's ``processor``
+        for image-text pairs) or a local checkpoint directory (model, tokenizer and any processor loaded, the model in
+        ``dtype``, a torch dtype or its name as ``load_model`` takes it; no hub access)."""
+        from ..models import load_model, load_processor
 
         if isinstance(model_or_path, torch.nn.Module):
-            return cls(model_or_path, tokenizer)
+            return cls(model_or_path, tokenizer, processor)
         model, loaded_tokenizer = load_model(model_or_path, dtype)
-        return cls(model, tokenizer or loaded_tokenizer)
+        return cls(model, tokenizer or loaded_tokenizer, processor or load_processor(model_or_path))
 
     def prune(
         self,
@@ -77,9 +79,9 @@ class OptimumPruner:
         calibration_dataset: "CalibrationSource" = None,
         device: str | torch.device | None = None,
     ) -> "PruningReport":
-        """Prune the model in place with ``pruning_config``, save it (and the tokenizer) to
+        """Prune the model in place with ``pruning_config``, save it (and the tokenizer, or the processor) to
         ``save_dir`` atomically, and return the report. ``calibration_dataset`` is anything
-        ``prune`` takes: a ``datasets.Dataset`` with a ``text`` column, texts, a text file, token ids."""
+        ``prune`` takes: a ``datasets.Dataset`` with a ``text`` column, texts, a text file, token ids, image-text pairs."""
         from ..api import prune
         from ..atomic_files import check_replaceable
         from ..saving import save_pruned
@@ -87,8 +89,10 @@ class OptimumPruner:
         pruning_config = as_pruning_config(pruning_config, "pruning_config")  # save_pruned records a PruningConfig
         # before the model changes in place: a save_dir that cannot be replaced would leave it pruned and unsaved
         check_replaceable(Path(save_dir), getattr(self.model, "name_or_path", None) or None, "save_dir")
-        report = prune(self.model, pruning_config, calibration=calibration_dataset, tokenizer=self.tokenizer, device=device)
-        save_pruned(self.model, Path(save_dir), tokenizer=self.tokenizer, config=pruning_config, report=report)
+        report = prune(
+            self.model, pruning_config, calibration=calibration_dataset, tokenizer=self.tokenizer, device=device, processor=self.processor
+        )
+        save_pruned(self.model, Path(save_dir), tokenizer=self.processor or self.tokenizer, config=pruning_config, report=report)
         return report
 
 

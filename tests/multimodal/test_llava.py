@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import (
@@ -192,7 +194,7 @@ def test_errors_name_the_field_and_the_fix(llava, llava_processor, pairs):
     with pytest.raises(ValueError, match="structured method 'width' prunes the language tower only"):
         PruningConfig(method="width", sparsity=0.2, parts={"vision": {}})
     before = {name: tensor.clone() for name, tensor in llava.state_dict().items()}
-    with pytest.raises(ValueError, match=r"PruningConfig.parts \['vision'\] run only on images.*image-text pairs"):
+    with pytest.raises(ValueError, match=r"PruningConfig.parts vision run only on images.*image-text pairs.*calibration=None with processor= reads the bundled"):
         prune(llava, {"method": "wanda", "parts": {"vision": {}, "language": {}}, "calibration_seq_len": 16}, token_windows(4, 16))
     with pytest.raises(ValueError, match="needs the model's processor"):
         prune(llava, {"method": "wanda", "num_calibration_samples": 2}, pairs)
@@ -378,3 +380,43 @@ def test_image_text_loss_refuses_empty_or_malformed_pairs(llava, llava_processor
         evaluate_image_text_loss(llava, llava_processor, [{"image": image, "text": None}])
     with pytest.raises(ValueError, match="image"):  # was: KeyError 'image'
         evaluate_image_text_loss(llava, llava_processor, [{"text": "a cat"}])
+
+
+def test_the_cli_prunes_a_vision_tower_on_the_bundled_images_and_keeps_the_processor(llava, llava_processor, tmp_path, capsys):
+    """--part vision could never run with a calibrated method (the CLI gave prune no processor, and its error said
+    processor=...), and the output lost the processor: AutoProcessor could not load it."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from optimum_prune import OptimumPruner
+    from optimum_prune.cli import main
+
+    llava.save_pretrained(tmp_path / "m")
+    llava_processor.save_pretrained(tmp_path / "m")
+    flags = ["-m", str(tmp_path / "m"), "--method", "wanda", "--part", "language", "--part", "vision=0.3",
+             "--calibration-samples", "4", "--seq-len", "32"]  # fmt: skip
+    assert main([*flags, "-o", str(tmp_path / "out")]) == 0
+    report = json.loads((tmp_path / "out" / "pruning_report.json").read_text())
+    assert report["calibration_images"] == 4
+    assert report["part_sparsity"]["vision"] == pytest.approx(0.3, abs=0.01)
+    AutoProcessor.from_pretrained(tmp_path / "out")  # the output is a whole vision-language checkpoint
+    expected = LlavaForConditionalGeneration.from_pretrained(tmp_path / "m").eval()
+    prune(expected, PruningConfig(method="wanda", num_calibration_samples=4, calibration_seq_len=32, parts={"language": {}, "vision": {"sparsity": 0.3}}),
+          calibration=image_text_pairs("calibration"), processor=llava_processor)  # fmt: skip
+    pruned = LlavaForConditionalGeneration.from_pretrained(tmp_path / "out")
+    assert all(torch.equal(pruned.state_dict()[name], tensor) for name, tensor in expected.state_dict().items())
+    OptimumPruner.from_pretrained(tmp_path / "m").prune(
+        PruningConfig(method="wanda", num_calibration_samples=4, calibration_seq_len=32, parts={"language": {}, "vision": {"sparsity": 0.3}}),
+        save_dir=tmp_path / "optimum",
+    )
+    pruned = LlavaForConditionalGeneration.from_pretrained(tmp_path / "optimum")
+    assert all(torch.equal(pruned.state_dict()[name], tensor) for name, tensor in expected.state_dict().items())
+    AutoProcessor.from_pretrained(tmp_path / "optimum")
+    (tmp_path / "text.txt").write_text("The cat sat on the mat. " * 200)
+    with pytest.raises(SystemExit):
+        main([*flags, "-o", str(tmp_path / "out2"), "--calibration", str(tmp_path / "text.txt")])
+    assert "--part vision calibrates on images, which the --calibration text has none of" in capsys.readouterr().err
+    for name in ("preprocessor_config.json", "processor_config.json"):
+        (tmp_path / "m" / name).unlink(missing_ok=True)
+    with pytest.raises(SystemExit):
+        main([*flags, "-o", str(tmp_path / "out3")])
+    assert "--part vision calibrates on images, which need the model's processor" in capsys.readouterr().err
