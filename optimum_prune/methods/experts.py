@@ -72,14 +72,28 @@ class ExpertPruning(StructuredMethod[ExpertPruningOptions]):
     """Drop whole experts of MoE layers by output reconstruction, routing frequency or REAP."""
 
     def check(self) -> None:
+        requested = self.sparsity
         self.keep = experts_to_keep(self.adapter, self.sparsity, self.options.num_experts)
         self.sparsity = removed_expert_share(self.adapter, self.keep)  # num_experts, or the rounded sparsity
         self.kept_layers = self.kept_moe_layers() | dense_layers(self.adapter)
-        if self.options.ranking == "global" and len(self.adapter.expert_groups(first_moe_block(self.adapter))) > 1:
-            raise ValueError(
-                "PruningConfig.method_options.ranking='global' gives layers different expert counts, which a router choosing experts "
-                "in groups cannot take evenly; use ranking='layer'"
-            )
+        if self.options.ranking == "global":
+            if len(self.adapter.expert_groups(first_moe_block(self.adapter))) > 1:
+                raise ValueError(
+                    "PruningConfig.method_options.ranking='global' gives layers different expert counts, which a router choosing experts "
+                    "in groups cannot take evenly; use ranking='layer'"
+                )
+            self._plan_global_count(requested)
+
+    def _plan_global_count(self, requested: float) -> None:
+        """The experts kept over all ranked layers: ``num_experts`` per layer, or the nearest count to the sparsity over
+        the whole model (layers keep different counts, so rounding per layer would miss it: 0.3 of 3 × 8 experts keeps
+        17, not 3 × 6), each layer keeping what its router needs."""
+        ranked = sum(1 for index in range(len(self.adapter.decoder_layers())) if index not in self.kept_layers)
+        per_layer = len(self.adapter.block_experts(first_moe_block(self.adapter)))
+        fewest = self.adapter.fewest_experts(first_moe_block(self.adapter))
+        nearest = nearest_count(per_layer * ranked * (1 - requested))
+        self.global_keep = self.keep * ranked if self.options.num_experts else min(max(nearest, fewest * ranked), per_layer * ranked - 1)
+        self.sparsity = 1 - self.global_keep / (per_layer * ranked)
 
     def prune(self, windows: torch.Tensor | None, report: PruningReport) -> None:
         if self.options.ranking == "global":
@@ -116,7 +130,7 @@ class ExpertPruning(StructuredMethod[ExpertPruningOptions]):
             ((float(shares[layer][e]), layer, e) for layer in ranked for e in range(len(shares[layer])) if e not in kept[layer]),
             reverse=True,
         )
-        budget = self.keep * len(ranked) - sum(len(kept[layer]) for layer in ranked)
+        budget = self.global_keep - sum(len(kept[layer]) for layer in ranked)
         for _, layer, expert in candidates[:budget]:
             kept[layer].add(expert)
         for index, layer in enumerate(self.adapter.decoder_layers()):

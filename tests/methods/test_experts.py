@@ -191,6 +191,17 @@ def test_global_ranking_gives_layers_different_counts_that_reload(tmp_path):
         assert torch.equal(reloaded(ids).logits, model(ids).logits)
 
 
+@pytest.mark.parametrize("layers, per_layer, sparsity, kept", [(3, 8, 0.3, 17), (3, 8, 0.4, 14), (2, 4, 0.4, 5)])
+def test_global_ranking_keeps_the_nearest_count_over_the_model(layers, per_layer, sparsity, kept):
+    """The budget was the per-layer rounded count times the layers: 0.3 of 3 × 8 kept 18 (removing 25 %), where
+    17 (29.2 %) is the nearest to the request, as layers need not keep equal counts."""
+    model = tiny_moe(num_hidden_layers=layers, num_local_experts=per_layer)
+    options = {"criterion": "frequency", "ranking": "global"}
+    report = prune(model, PruningConfig(method="experts", sparsity=sparsity, method_options=options), calibration=token_windows(4, 16))
+    assert sum(len(layer.block_sparse_moe.experts) for layer in model.model.layers) == kept
+    assert report.sparsity == pytest.approx(1 - kept / (layers * per_layer))
+
+
 def test_global_reap_ranks_experts_by_their_share_of_their_layers_score():
     """Layers compete by shares: scaling every expert output of a layer (its down projections) changes no count.
     Raw REAP scores let the louder layer keep more (frequency's equal totals per layer could not show it)."""
