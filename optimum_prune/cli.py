@@ -353,7 +353,9 @@ def _print_summary(
         rows.append(("parameters", f"{report.parameters_before:,}", f"{report.parameters_after:,}"))
         rows.append(("MACs per token", f"{report.macs_per_token_before:,}", f"{report.macs_per_token_after:,}"))
     else:
-        rows.append(("linear sparsity (excl. lm_head)", f"{before:.2%}", f"{after['overall_sparsity']:.2%}"))
+        # every linear's zeros (routers, parts left dense), then the pruned ones', as the offloaded summary gives them
+        rows.append(("sparsity of all linears (excl. lm_head)", f"{before:.2%}", f"{after['overall_sparsity']:.2%}"))
+        rows.append(("sparsity of the pruned linears", "", f"{report.overall_sparsity:.2%}"))
     if args.eval:
         scored = "the whole text" if args.eval_tokens is None else f"{args.eval_tokens:,} tokens"
         rows.append((f"perplexity ({scored})", f"{dense:.2f}", f"{pruned:.2f}"))

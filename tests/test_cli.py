@@ -380,7 +380,11 @@ def test_cli_prunes_a_mixtral_checkpoint_with_moe_options(tmp_path, bpe_tokenize
     capsys.readouterr()
     arguments = ["--model", str(source), "--method", "wanda", "--sparsity", "2:4", "--calibration-samples", "2", "--seq-len", "16"]
     assert main([*arguments, "--output", str(tmp_path / "nm")]) == 0
-    assert re.search(r"2:4 conforming\s+True$", capsys.readouterr().out, re.M)
+    printed = capsys.readouterr().out
+    assert re.search(r"2:4 conforming\s+True$", printed, re.M)
+    # the dense routers count among all linears; the pruned ones are at the target (it showed only the first, 49.85 %)
+    all_linears = float(re.search(r"sparsity of all linears \(excl. lm_head\)\s+\S+\s+(\S+)%$", printed, re.M).group(1))
+    assert all_linears < 50 and re.search(r"sparsity of the pruned linears\s+50.00%$", printed, re.M)
 
 
 def test_eval_file_reads_records_as_calibration_does(model_dir, tmp_path, capsys):
