@@ -139,6 +139,7 @@ class Calibration:
     tokenizer: Any
     windows: torch.Tensor | None
     model_files: str
+    processor: Any = None  # a vision-language model's, which its pruned copy keeps
 
     @property
     def source(self) -> dict[str, Any]:
@@ -191,7 +192,8 @@ def read_calibration(args: Mapping[str, Any], section: PruningSection) -> Calibr
         tokens = torch.tensor(list(chain.from_iterable(dataset["train_dataset"]["input_ids"])), dtype=torch.long)
         with _errors_naming_the_section():  # a dataset shorter than one window
             windows = sample_windows(tokens, config.num_calibration_samples, config.calibration_seq_len, config.seed)
-    return Calibration(model_args, tokenizer, windows, _model_fingerprint({**args, "model_name_or_path": model_args.model_name_or_path}))
+    fingerprint = _model_fingerprint({**args, "model_name_or_path": model_args.model_name_or_path})
+    return Calibration(model_args, tokenizer, windows, fingerprint, tokenizer_module.get("processor"))
 
 
 def _model_fingerprint(args: Mapping[str, Any]) -> str:
@@ -250,7 +252,7 @@ def _prune_and_save(
     if source is not None:
         model.config.pruned_from = source
     report = prune(model, config, calibration=calibration.windows, device=device, activation_device=section.activation_device)
-    save_pruned(model, target, tokenizer=calibration.tokenizer, config=config, report=report)
+    save_pruned(model, target, tokenizer=calibration.processor or calibration.tokenizer, config=config, report=report)
     logger.info("saved the pruned model in %s (its staging folder, named in the lines above, was renamed to it)", target)
     return target
 

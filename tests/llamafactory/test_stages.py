@@ -975,3 +975,27 @@ def test_distillation_refuses_a_loss_llamafactorys_trainer_sets_itself(tmp_path)
             teacher=teacher, distillation=DistillationConfig(), finetuning_args=FinetuningArguments(use_dft_loss=True),
             processor=None, model=tiny_model(seed=1), args=args, tokenizer=None,
         )  # fmt: skip
+
+
+def test_a_vision_language_model_keeps_its_processor_and_its_image_parts_take_a_data_free_method(workspace, tmp_path, bpe_tokenizer, capsys):
+    """The pruned LLaVA lost its processor files (AutoProcessor could not load it for the training stage), and a
+    calibrated method on pruning.parts.vision failed after loading, advising processor=, an argument of the API."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from ..multimodal.conftest import tiny_llava, tiny_llava_processor
+
+    processor = tiny_llava_processor(bpe_tokenizer)
+    tiny_llava(processor.tokenizer.convert_tokens_to_ids("<image>")).save_pretrained(tmp_path / "llava")
+    processor.save_pretrained(tmp_path / "llava")
+    args = {**base_args(workspace, tmp_path / "pruned", stage="prune"), "model_name_or_path": str(tmp_path / "llava")}
+    train(tmp_path, {**args, "pruning": {"method": "magnitude", "parts": {"language": {}, "vision": {"sparsity": 0.3}}}})
+    assert type(AutoProcessor.from_pretrained(tmp_path / "pruned")) is type(processor)
+    pruned = LlavaForConditionalGeneration.from_pretrained(tmp_path / "pruned")
+    assert verify_sparsity(pruned.model.vision_tower)["overall_sparsity"] == pytest.approx(0.3, abs=0.01)
+    calibrated = {"method": "wanda", "calibration_dataset": "wiki_pt", "parts": {"language": {}, "vision": {}}, **CALIBRATION}
+    path = write_yaml(tmp_path / "calibrated.yaml", {**args, "output_dir": str(tmp_path / "calibrated"), "pruning": calibrated})
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", str(path)])
+    assert exit_info.value.code == 2 and not (tmp_path / "calibrated").exists()
+    assert "pruning.parts.vision: method 'wanda' calibrates a vision tower or projector on images" in capsys.readouterr().err
+

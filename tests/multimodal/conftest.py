@@ -32,6 +32,11 @@ def tiny_llava(image_token_id: int, seed: int = 0) -> LlavaForConditionalGenerat
 
 @pytest.fixture(scope="session")
 def llava_processor(bpe_tokenizer) -> LlavaProcessor:
+    return tiny_llava_processor(bpe_tokenizer)
+
+
+def tiny_llava_processor(bpe_tokenizer) -> LlavaProcessor:
+    """A real LLaVA processor over the offline tokenizer, with its ``<image>`` token added."""
     tokenizer = bpe_tokenizer.__class__(
         tokenizer_object=bpe_tokenizer.backend_tokenizer, eos_token="<eos>", pad_token="<eos>",
         model_input_names=["input_ids", "attention_mask"],
