@@ -455,7 +455,7 @@ class _Stop(Exception):
 def test_every_flag_reaches_the_config_prune_and_evaluation(model_dir, tmp_path, monkeypatch):
     seen = {"evals": []}
 
-    def fake_prune(model, config, calibration=None, tokenizer=None, device=None, activation_device=None):
+    def fake_prune(model, config, calibration=None, tokenizer=None, device=None, activation_device=None, processor=None):
         seen.update(config=config, calibration=calibration, device=device, activation_device=activation_device)
         raise _Stop
 

@@ -329,7 +329,8 @@ def test_global_ranking_keeps_every_layer_a_count_a_single_group_router_can_take
     config = PruningConfig(method="experts", sparsity=0.7, method_options={"criterion": "frequency", "ranking": "global"})
     prune(model, config, calibration=ids)
     counts = [len(layer.mlp.experts) for layer in moe_layers(model)]
-    assert min(counts) >= 2 and sum(counts) == 2 * len(counts), counts
+    per_layer = model.config.n_routed_experts
+    assert min(counts) >= 2 and sum(counts) == round(0.3 * per_layer * len(counts)), counts  # the nearest count overall
     save_pruned(model, tmp_path / "pruned")
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "pruned").eval()
     assert [len(layer.mlp.experts) for layer in moe_layers(reloaded)] == counts
