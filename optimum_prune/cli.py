@@ -353,7 +353,7 @@ def _print_summary(
         rows.append(("parameters", f"{report.parameters_before:,}", f"{report.parameters_after:,}"))
         rows.append(("MACs per token", f"{report.macs_per_token_before:,}", f"{report.macs_per_token_after:,}"))
     else:
-        # every linear's zeros (routers, parts left dense), then the pruned ones', as the offloaded summary gives them
+        # every linear's zeros (routers, parts left dense), then the pruned ones' (all the offloaded summary gives)
         rows.append(("sparsity of all linears (excl. lm_head)", f"{before:.2%}", f"{after['overall_sparsity']:.2%}"))
         rows.append(("sparsity of the pruned linears", "", f"{report.overall_sparsity:.2%}"))
     if args.eval:
@@ -370,7 +370,7 @@ def _print_summary(
               f"statistics): --dtype {args.widened_from} keeps it, and the output half the size")
     for label, left, right in rows:
         print(f"{label:<{width}}  {left:>12}  {right:>12}")
-    for line in report.removed_lines():
+    for line in [*report.removed_lines(), *report.notes]:  # a note says what the table cannot (tuning skipped, a speed-up)
         print(line)
     if records_layer_shapes(getattr(model.config, "quantization_config", None)):
         print(f"reload: import optimum_prune, then {auto_class_name(model)}.from_pretrained (per-layer shapes in quantization_config)")
@@ -410,6 +410,8 @@ def _run_offloaded(args: argparse.Namespace, config: PruningConfig) -> int:
     print(f"\n{report.request} -> {args.output}")
     print(f"sparsity of the pruned linears: {report.overall_sparsity:.2%}; pruning time {report.seconds:.1f} s; "
           f"peak {report.peak_memory_kind} {report.peak_memory_bytes / 2**20:.0f} MiB")  # fmt: skip
+    for note in report.notes:
+        print(note)
     return 0
 
 

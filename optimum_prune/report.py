@@ -174,9 +174,13 @@ class PruningReport:
 
     def to_dict(self) -> dict[str, Any]:
         """Every field as JSON-ready values, with the measured sparsities the properties compute (``json.dumps`` it to
-        keep a run's report beside its checkpoint); a step that pruned no linear (structured) measured none: null."""
+        keep a run's report beside its checkpoint); a step that pruned no linear (structured) measured none: null, and
+        one that changed no shape (zeroing weights) measured no sizes: null parameters and MACs, not 0."""
+        data = dataclasses.asdict(self)
+        if not self.shapes:
+            data.update(dict.fromkeys(_SIZE_FIELDS))
         return {
-            **dataclasses.asdict(self),
+            **data,
             "request": self.request,
             "overall_sparsity": self.overall_sparsity if self.linears else None,
             "part_sparsity": {part: self.part_sparsity(part) for part in self.parts},
@@ -259,10 +263,16 @@ _BASE_COLUMNS = [
     ("kv", 3, lambda shape: str(shape.num_key_value_heads)),
     ("mlp", 6, lambda shape: str(shape.intermediate_size)),
 ]
+_SIZE_FIELDS = (
+    "parameters_before", "parameters_after", "decoder_parameters_before", "decoder_parameters_after",
+    "macs_per_token_before", "macs_per_token_after",
+)  # measured by the methods that change shapes
+
 _OPTIONAL_COLUMNS = [
     ("experts", 7, lambda shape: "" if shape.num_experts is None else str(shape.num_experts)),
     ("residual in/mid/out", 19, lambda shape: "/".join(map(str, shape.residual_widths or ()))),
     ("low-rank linears", 16, lambda shape: _low_rank_cell(shape.low_rank)),
+    ("rerouted", 14, lambda shape: ",".join(shape.rerouted)),  # a removed sublayer a linear map stands in for
 ]
 
 

@@ -603,3 +603,11 @@ def test_calibration_a_method_reads_none_of_is_named_as_its_flag_once(model_dir,
         main(["--model", str(model_dir), "--method", "magnitude", "--calibration", str(tmp_path / "calib.txt"), "--output", str(tmp_path / "out")])
     warnings = [record.getMessage() for record in caplog.records if "reads no calibration data" in record.getMessage()]
     assert warnings == ["method 'magnitude' reads no calibration data: --calibration is not used"]
+
+
+def test_the_summary_prints_the_reports_notes(model_dir, tmp_path, capsys):
+    """K-prune's note that weight tuning was skipped (too few calibration tokens) reached pruning_report.json only."""
+    output = tmp_path / "out"
+    assert main(["-m", str(model_dir), "-o", str(output), "--method", "kprune", "--sparsity", "0.25", "--calibration-samples", "4", "--seq-len", "32"]) == 0
+    notes = json.loads((output / "pruning_report.json").read_text())["notes"]
+    assert notes and "weight tuning skipped" in notes[0] and notes[0] in capsys.readouterr().out

@@ -120,3 +120,23 @@ def test_a_part_that_is_no_model_part_is_named_not_read_as_left_dense():
         report.part_sparsity("languge")  # was 0.0, as if nothing had been pruned
     with pytest.raises(ValueError, match="part 'languge'"):
         report.layer_sparsities("languge")  # was {}
+
+
+def test_sizes_a_weight_zeroing_step_did_not_measure_are_null_not_zero():
+    """pruning_report.json said a magnitude-pruned model had 0 parameters and 0 MACs per token."""
+    data = prune(tiny_model(), PruningConfig(method="magnitude", sparsity=0.5)).to_dict()
+    sizes = ("parameters_before", "parameters_after", "decoder_parameters_before", "decoder_parameters_after", "macs_per_token_before", "macs_per_token_after")
+    assert all(data[key] is None for key in sizes)
+    structured = prune(tiny_model(), PruningConfig(method="width", sparsity=0.25), calibration=token_windows(4, 16)).to_dict()
+    assert all(structured[key] > 0 for key in sizes)
+
+
+def test_the_structure_table_shows_rerouted_sublayers():
+    """A layer whose MLP a linear map replaced read 0 heads, 0 channels: an empty layer, against the MACs below it."""
+    model = tiny_model(num_hidden_layers=4)
+    config = PruningConfig(method="layers", sparsity=0.25, method_options={"reroute": True}, num_calibration_samples=8, calibration_seq_len=32)
+    report = prune(model, config, calibration=token_windows(8, 32))
+    rerouted = [index for index, shape in enumerate(report.shapes) if shape.rerouted]
+    assert rerouted and "rerouted" in str(report)
+    row = next(line for line in str(report).splitlines() if line.split()[:1] == [str(rerouted[0])])
+    assert row.split()[-1] == ",".join(report.shapes[rerouted[0]].rerouted)
