@@ -351,7 +351,7 @@ def _print_summary(
     if report.shapes:
         rows.append(("decoder layers' parameters", f"{report.decoder_parameters_before:,}", f"{report.decoder_parameters_after:,}"))
         rows.append(("parameters", f"{report.parameters_before:,}", f"{report.parameters_after:,}"))
-        rows.append(("MACs per token", f"{report.macs_per_token_before:,}", f"{report.macs_per_token_after:,}"))
+        rows.append((report.macs_label, f"{report.macs_per_token_before:,}", f"{report.macs_per_token_after:,}"))
     else:
         # every linear's zeros (routers, parts left dense), then the pruned ones' (all the offloaded summary gives)
         rows.append(("sparsity of all linears (excl. lm_head)", f"{before:.2%}", f"{after['overall_sparsity']:.2%}"))

@@ -249,9 +249,15 @@ class PruningReport:
         lines += [
             f"decoder layers' parameters: {_change(self.decoder_parameters_before, self.decoder_parameters_after)}",
             f"parameters: {_change(self.parameters_before, self.parameters_after)}",
-            f"MACs per token: {_change(self.macs_per_token_before, self.macs_per_token_after)}",
+            f"{self.macs_label}: {_change(self.macs_per_token_before, self.macs_per_token_after)}",
         ]
         return lines
+
+    @property
+    def macs_label(self) -> str:
+        """What the MAC counts cover: a text token's pass through the language model (a vision tower's run per image
+        is not in them, where the parameter counts hold it)."""
+        return "MACs per text token (language model)" if self.multimodal else "MACs per token"
 
 
 _REMOVED_SHOWN = 10
