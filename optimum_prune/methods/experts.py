@@ -140,7 +140,8 @@ class ExpertPruning(StructuredMethod[ExpertPruningOptions]):
     def _cut(self, index: int, layer: nn.Module, kept: list[int], report: PruningReport) -> None:
         removed = sorted(set(range(len(self.adapter.experts(layer)))) - set(kept))
         self.adapter.keep_experts(layer, kept)
-        report.removed.append(f"{self.adapter.layer_names()[index]}: experts {removed}")
+        if removed:  # global ranking may keep a layer whole
+            report.removed.append(f"{self.adapter.layer_names()[index]}: experts {removed}")
 
     @torch.no_grad()
     def _expert_scores(self, block: nn.Module, layer: nn.Module, inputs: LayerInputs) -> torch.Tensor:

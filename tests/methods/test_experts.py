@@ -200,6 +200,7 @@ def test_global_ranking_keeps_the_nearest_count_over_the_model(layers, per_layer
     report = prune(model, PruningConfig(method="experts", sparsity=sparsity, method_options=options), calibration=token_windows(4, 16))
     assert sum(len(layer.block_sparse_moe.experts) for layer in model.model.layers) == kept
     assert report.sparsity == pytest.approx(1 - kept / (layers * per_layer))
+    assert not [line for line in report.removed if line.endswith("experts []")]  # a layer kept whole is no removal
 
 
 def test_global_reap_ranks_experts_by_their_share_of_their_layers_score():
