@@ -49,6 +49,9 @@ DEFAULT_DATASET_DIR = "data"
 
 @dataclass(frozen=True)
 class PruningSection:
+    """A YAML's ``pruning:`` section, checked: the ``PruningConfig`` it holds and the keys it adds (the calibration
+    dataset, ``offload``, ``activation_device``)."""
+
     config: PruningConfig
     calibration_dataset: str | None
     # How LLaMA-Factory tokenises the calibration data: "sft" (chat template, prompts and

@@ -35,6 +35,10 @@ PROVENANCE_KEYS = ("optimum_version", "transformers_version", "optimum_prune_ver
 
 @dataclass
 class PruningConfig:
+    """What to prune and how: a method and its ``sparsity``, how it is spread over layers (``allocation``), what is
+    left dense (``ignore``), per-part targets of a multimodal model (``parts``) and the calibration sample. Checked
+    when built; an Optimum configuration (``save_pretrained`` / ``from_pretrained``). Each field's help says more."""
+
     method: str = field(
         default="wanda",
         metadata={"help": "Registered pruning method, e.g. unstructured 'wanda' or 'sparsegpt', structured 'width' or 'layers'; "
@@ -130,7 +134,7 @@ class PruningConfig:
             if allocation.allocation.varies_per_layer:
                 raise ValueError(
                     f"PruningConfig.allocation {self.allocation!r} applies to unstructured methods; structured method "
-                    f"{self.method!r} chooses its own per-layer widths (see its options): use allocation='uniform'"
+                    f"{self.method!r} chooses what each layer loses itself (see its options): use allocation='uniform'"
                 )
         if spec.structured is not None and self.moe_options != options_to_dict(MoEOptions()):
             raise ValueError(

@@ -72,6 +72,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DistillationConfig:
+    """The recovery loss against a teacher: ``kd_weight`` × KL of the softened (``temperature``) distributions, its
+    ``top_k`` tokens where set, plus ``label_weight`` × the labels' loss, ``hidden_weight`` × the distance of the hidden
+    states ``layer_map`` pairs (student layer → teacher layer), and ``exit_weight`` × an early-exit draft's loss after
+    ``exit_layer`` layers, with LayerSkip's ``layer_dropout``."""
+
     temperature: float = 2.0
     kd_weight: float = 1.0
     label_weight: float = 0.0

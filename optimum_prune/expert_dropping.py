@@ -43,6 +43,9 @@ STATE_KEY = "optimum_prune.ExpertDropping"  # in TrainerState.stateful_callbacks
 
 @dataclass(frozen=True)
 class ExpertDroppingSchedule:
+    """Experts a mixture-of-experts model keeps per layer while it trains: from all of them at ``start_step`` down to
+    ``final_experts`` at ``end_step`` (None: half of the run's max_steps), one step of the drop every ``every`` steps."""
+
     final_experts: int = 1
     start_step: int = 0
     end_step: int | None = None  # None: half of the run's max_steps

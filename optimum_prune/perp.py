@@ -40,6 +40,10 @@ DEFAULT_ALPHA = 32.0
 
 @dataclass(frozen=True)
 class PERPConfig:
+    """What PERP retrains on a pruned model while its weights stay frozen: ``biases``, ``norms`` and, per linear in
+    ``target_modules`` (None: every one pruning targets), a ``lora`` adapter of ``rank``: ``"mask"`` (MaskLoRA, whose
+    update is masked by the weight's zeros and scaled by ``alpha / rank``), ``"scale"`` (ScaleLoRA) or None."""
+
     biases: bool = True
     norms: bool = True
     lora: str | None = "mask"  # "mask" (MaskLoRA), "scale" (ScaleLoRA) or None (biases and norms only)

@@ -82,6 +82,10 @@ def _checked_part(part: str) -> str:
 
 @dataclass
 class PruningReport:
+    """What a ``prune`` run did, measured: per-linear sparsities of a method that zeros weights, sizes, MACs and
+    per-layer shapes of one that changes shapes, calibration tokens and images, time and peak memory. ``sparsity``
+    is what was asked (or what a count option made of it): a fraction, an ``"N:M"`` pattern, or each part's."""
+
     method: str
     sparsity: float | str
     allocation: str

@@ -352,8 +352,9 @@ def _check_quanto_saves(model: nn.Module, max_shard_size: int | float | str) -> 
     saving (``_checkpoint_conversion_mapping``) would get its weights under names the model no longer has, and
     a non-uniform structured result (shapes recorded as ``quantization_config``) would come back at stock shapes."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers.utils.hub import convert_file_size_to_int
 
-    if max_shard_size != DEFAULT_SHARD_SIZE:
+    if convert_file_size_to_int(max_shard_size) != convert_file_size_to_int(DEFAULT_SHARD_SIZE):  # 5e9, "5000MB" alike
         raise ValueError(f"max_shard_size: optimum-quanto saves its models in {DEFAULT_SHARD_SIZE} shards; leave it at the default")
     if records_layer_shapes(getattr(model.config, "quantization_config", None)):
         raise ValueError(

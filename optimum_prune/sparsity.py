@@ -41,6 +41,7 @@ class NMPattern:
 
     @classmethod
     def parse(cls, text: str, field: str = "sparsity") -> "NMPattern":
+        """``"N:M"`` as a pattern; another text is a ``ValueError`` naming ``field``."""
         match = _PATTERN.match(text)
         if not match:
             raise ValueError(f"{field} {text!r} is not an 'N:M' pattern such as '2:4' or '4:8'")
@@ -49,11 +50,13 @@ class NMPattern:
         return cls(n, m)
 
     def check_columns(self, in_features: int) -> None:
+        """Refuse a linear whose inputs do not tile into groups of M."""
         if in_features % self.m:
             raise ValueError(f"in_features={in_features} is not a multiple of M={self.m} for the {self} pattern")
 
     @property
     def sparsity(self) -> float:
+        """The fraction of weights the pattern removes: 1 − N/M."""
         return 1.0 - self.n / self.m
 
     def __str__(self) -> str:

@@ -92,6 +92,8 @@ def test_a_shard_size_quanto_cannot_write_is_refused_before_writing(tmp_path):
     with pytest.raises(ValueError, match="max_shard_size: optimum-quanto saves its models in 5GB shards"):
         save_pruned(model, tmp_path / "int8", max_shard_size="1GB")
     assert not (tmp_path / "int8").exists()
+    save_pruned(model, tmp_path / "int8", max_shard_size=5 * 10**9)  # the default, spelled otherwise: it was refused
+    assert (tmp_path / "int8" / "config.json").is_file()
 
 
 def test_a_non_uniform_structured_model_quantized_by_optimum_quanto_directly_is_not_saved(tmp_path):

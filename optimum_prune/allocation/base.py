@@ -106,6 +106,9 @@ AllocationClass = TypeVar("AllocationClass", bound=type[Allocation])
 
 
 def register_allocation(name: str, *, options: type = NoOptions) -> Callable[[AllocationClass], AllocationClass]:
+    """Class decorator: make an ``Allocation`` (its per-layer sparsities from ``allocate``, after ``observe`` or
+    ``observe_model`` where it reads the model) available as ``PruningConfig(allocation=name)``, its options the
+    dataclass ``options``."""
     name = registered_name(name, "register_allocation")
 
     def decorator(allocation: AllocationClass) -> AllocationClass:

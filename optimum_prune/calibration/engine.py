@@ -123,6 +123,7 @@ def calibration_digest(inputs: CalibrationInputs) -> str:
 
 
 def count_tokens(inputs: CalibrationInputs | None) -> int:
+    """The token ids the calibration inputs feed the model (a report's ``calibration_tokens``; 0 for none)."""
     if inputs is None:
         return 0
     return sum(batch["input_ids"].numel() for batch in model_batches(inputs))

@@ -81,6 +81,7 @@ def image_text_batch(pair: dict[str, Any], processor: Any, index: int) -> dict[s
 
 
 def count_images(inputs: CalibrationInputs | None) -> int:
+    """The images the calibration inputs feed the model (a report's ``calibration_images``; 0 for text)."""
     if inputs is None or isinstance(inputs, torch.Tensor):
         return 0
     return sum(len(batch["pixel_values"]) for batch in model_batches(inputs) if "pixel_values" in batch)

@@ -15,6 +15,7 @@ Multimodal sources (image-text pairs, or already processed batches) are in ``mul
 from __future__ import annotations
 
 import glob
+import json
 import logging
 import os
 import tempfile
@@ -258,10 +259,10 @@ def _tokenized_rows(dataset: Any, columns: list[str], num_samples: int, seq_len:
         drawn = zip(range(num_samples), plain)
     rows = []
     for index, row in drawn:
-        ids = row["input_ids"]
+        ids = _listed(row["input_ids"])
         if not isinstance(ids, list) or not ids or not all(isinstance(i, int) for i in ids):
             raise ValueError(f"calibration dataset row {index}: input_ids must be a non-empty list of token ids, got {ids!r:.60}")
-        mask = row.get("attention_mask")
+        mask = _listed(row.get("attention_mask"))
         if isinstance(mask, list) and len(mask) == len(ids):
             ids = [token for token, real in zip(ids, mask) if real]
         if ids:
@@ -269,6 +270,16 @@ def _tokenized_rows(dataset: Any, columns: list[str], num_samples: int, seq_len:
     if not rows:
         raise ValueError("calibration dataset holds no real token: it has no rows, or every row's attention_mask is all zeros")
     return rows
+
+
+def _listed(value: Any) -> Any:
+    """A list a CSV cell holds as its JSON text (``"[101, 2023]"``: CSV has no list type), else ``value``."""
+    if isinstance(value, str) and value.lstrip().startswith("["):
+        try:
+            return json.loads(value)
+        except ValueError:  # not JSON: the caller names the row
+            return value
+    return value
 
 
 def as_token_windows(inputs: CalibrationInputs) -> CalibrationInputs:
@@ -366,6 +377,10 @@ def _token_ids(inputs: CalibrationInputs) -> list[torch.Tensor]:
 
 def sample_windows(tokens: torch.Tensor, num_samples: int, seq_len: int, seed: int) -> torch.Tensor:
     """``num_samples`` windows of ``seq_len`` tokens from a 1-D token stream, at seeded random offsets."""
+    if tokens.dim() != 1:  # a tokenizer's [1, N] output sliced by rows gives empty windows
+        raise ValueError(f"sample_windows takes a 1-D token stream, got shape {tuple(tokens.shape)}: pass ids[0] of a [1, N] tensor")
+    if num_samples < 1 or seq_len < 1:
+        raise ValueError(f"sample_windows needs num_samples and seq_len of at least 1, got {num_samples} and {seq_len}")
     if tokens.numel() < seq_len:
         raise ValueError(
             f"calibration has {tokens.numel()} tokens, fewer than one window of PruningConfig.calibration_seq_len {seq_len}; "

@@ -34,4 +34,5 @@ def wikipedia_articles(split: str) -> list[str]:
 
 
 def wikipedia_text(split: str) -> str:
+    """The bundled Wikipedia ``split``'s articles as one text, joined by blank lines."""
     return "\n\n".join(wikipedia_articles(split))

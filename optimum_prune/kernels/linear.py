@@ -105,7 +105,7 @@ class SparseLinear(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype it computes in: the values' (16-bit) or the scales' (quantized), whatever cast or loaded them."""
+        """The dtype it computes in: the values' (the weight's dtype) or the scales' (quantized), whatever cast or loaded them."""
         return (self.values if self.bits is None else self.scales).dtype
 
     @property
@@ -217,16 +217,17 @@ def sparsify(
     """Swap every decoder-layer linear of ``model`` (of every part: a LLaVA's vision tower and projector too)
     whose weight is exactly 2:4 for a ``SparseLinear``
     and leave the rest. Unquantized weights are quantized to ``bits`` 8 or 4 with one scale per ``group_size``
-    input columns (default ``DEFAULT_GROUP_SIZE``, 128) when given (16-bit values otherwise); quantized ones (GPTQ, optimum-quanto int8 / int4)
+    input columns (default ``DEFAULT_GROUP_SIZE``, 128) when given (otherwise the values keep the weight's dtype: the GPU
+    kernels take float16 or bfloat16, so cast a float32 model first, or its layers run the dense reference path); quantized ones (GPTQ, optimum-quanto int8 / int4)
     keep their own codes and scales whatever ``bits`` says. ``backend`` as in ``SparseLinear``;
     ``prefill="cusparselt"`` lets many-token calls take cuSPARSELt where it measures faster, at the
     cost of its packed copy of each weight (built on the GPU on first use; ``prefill.py``);
     ``decode="mma"`` runs calls of up to 64 token rows on sparse tensor cores (16-bit values, int8 or int4)."""
     if bits not in (None, 8, 4):
-        raise ValueError(f"bits must be None (16-bit values), 8 or 4, got {bits!r}")
+        raise ValueError(f"bits must be None (values in the weight's dtype), 8 or 4, got {bits!r}")
     if group_size is not None and bits is None:
         raise ValueError(
-            "group_size sets the scales of the weights sparsify quantizes (bits=8 or 4); 16-bit values have none, and "
+            "group_size sets the scales of the weights sparsify quantizes (bits=8 or 4); unquantized values have none, and "
             "quantized weights keep their own: remove it, or pass bits"
         )
     if group_size is not None and (isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0):

@@ -142,7 +142,8 @@ class UnitPlan:
             raise ValueError(
                 f"PruningConfig.sparsity {self.sparsity} asks for {budget:,.0f} parameters but components="
                 f"{self.kinds!r}, removing {'query heads' if self.head_mode == 'query' else 'whole key/value groups'}, can "
-                f"remove at most {reachable:,} ({reachable / total:.1%}) while keeping one head per group and one channel per layer; "
+                f"remove at most {reachable:,} ({reachable / total:.1%}) while keeping "
+                f"{'one head per group' if self.head_mode == 'query' else 'one key/value group per layer'} and one channel per layer; "
                 "lower the sparsity or prune more components"
             )
         if self.ranking == "layer":

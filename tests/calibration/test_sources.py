@@ -354,6 +354,25 @@ def test_a_file_of_records_is_read_as_its_records_not_as_text(tmp_path, bpe_toke
         calibration_windows(tmp_path / "bad.jsonl", bpe_tokenizer, 4, 16, seed=0)
 
 
+def test_a_csv_of_token_ids_is_read_as_the_other_record_files(tmp_path):
+    """The --calibration help promised a .csv with an input_ids column, whose cells are text: every row was refused."""
+    import json
+
+    rows = [{"input_ids": list(range(5, 30))}] * 3
+    (tmp_path / "ids.json").write_text(json.dumps(rows))
+    (tmp_path / "ids.csv").write_text("input_ids\n" + "".join(f'"{row["input_ids"]}"\n' for row in rows))
+    expected = calibration_windows(str(tmp_path / "ids.json"), None, 3, 16, seed=0)
+    assert torch.equal(calibration_windows(str(tmp_path / "ids.csv"), None, 3, 16, seed=0), expected)
+
+
+def test_sample_windows_refuses_a_stream_that_is_not_one_dimensional():
+    """A [1, N] tensor (a tokenizer's output, ids[0] forgotten) gave windows of shape (3, 0, N)."""
+    with pytest.raises(ValueError, match=r"takes a 1-D token stream, got shape \(1, 100\): pass ids\[0\]"):
+        sample_windows(torch.arange(100)[None], 3, 10, 0)
+    with pytest.raises(ValueError, match="at least 1, got 0 and 10"):
+        sample_windows(torch.arange(100), 0, 10, 0)
+
+
 def test_windows_are_slices_of_the_stream_at_every_start_the_last_included():
     """A stream of exactly one window gives that window; windows start anywhere in [0, tokens - seq_len]."""
     tokens = torch.arange(16)
