@@ -64,7 +64,8 @@ class PruningConfig:
         default_factory=list,
         metadata={
             "help": "Glob patterns of module names left dense, e.g. ['*.self_attn.o_proj', 'model.layers.0.*']. "
-            "Only linears inside decoder layers are pruned: embeddings and lm_head always stay dense."
+            "Only linears inside decoder layers (and the vision tower's and projector's, where parts names them) are "
+            "pruned: embeddings and lm_head always stay dense."
         },
     )
     moe_options: dict[str, Any] = field(
