@@ -50,7 +50,7 @@ from .ignoring import as_patterns, check_ignore_patterns
 from .masks import SparsityMasks, prunable_linears
 from .perp import PERPConfig, PERPSummary, merge_perp, prepare_perp
 from .schedules import GradualSchedule, IterativeSchedule
-from .sparsity import NMPattern, select_mask
+from .sparsity import NMPattern, conforms_to, select_mask
 from .sparsity_metadata import drop_sparsity_metadata
 from .statistics import ColumnNorms, wanda_scores
 from .stopped_runs import check_not_stopped
@@ -147,8 +147,11 @@ class PruningCallback(TrainerCallback):
                 "prune before training (optimum_prune.prune) and keep the zeros with PruningCallback() under DeepSpeed"
             )
         check_ignore_patterns(get_adapter(model), self.ignore, "PruningCallback ignore")
-        self.masks = SparsityMasks.from_zeros(model, self.ignore)
+        # expert dropping's ignore keeps layers' experts, not their zeros: every pruned weight stays masked
+        self.masks = SparsityMasks.from_zeros(model, () if self.expert_dropping is not None else self.ignore)
         self._scheduled = list(prunable_linears(model, self.ignore))  # what a schedule prunes: not the routers
+        if self.schedule is None and self.expert_dropping is None:
+            self._warn_if_ignore_unmasks_zeros(model)
         if self.expert_dropping is not None:
             self.expert_dropping.on_train_begin(args, state, control, model=model, **kwargs)
         if not self.masks.linears and not self.masks.frozen:
@@ -248,15 +251,31 @@ class PruningCallback(TrainerCallback):
                 len(adapted), adapted[0],
             )  # fmt: skip
 
+    def _warn_if_ignore_unmasks_zeros(self, model: nn.Module) -> None:
+        """Linears ``ignore`` leaves unmasked train freely: zeros a pruned one holds fill in, the pruning undone there."""
+        masked = set(prunable_linears(model, self.ignore))
+        pruned = {
+            name: float((linear.weight == 0).float().mean()) for name, linear in prunable_linears(model).items() if name not in masked
+        }
+        pruned = {name: share for name, share in pruned.items() if share > 0.01}  # not a dense model's few exact zeros
+        if pruned:
+            name, share = next(iter(pruned.items()))
+            logger.warning(
+                "PruningCallback ignore leaves %d pruned linears unmasked (%s, %.1f%% zeros, ...): training fills their "
+                "zeros; ignore only linears left dense, or drop ignore to keep every zero", len(pruned), name, 100 * share,
+            )  # fmt: skip
+
     def _check_schedule_above_existing_sparsity(self) -> None:
         """A schedule whose final sparsity the model already has would prune nothing, without a word; one whose early
-        steps lie below it prunes nothing until the cubic (or the rounds) pass the model's own sparsity."""
+        steps lie below it prunes nothing until the cubic (or the rounds) pass the model's own sparsity. An N:M
+        final pattern is checked against every scheduled linear's width first: a schedule would fail at that step."""
         final = self._run_schedule.final_target
+        name = type(self._run_schedule).__name__
         if isinstance(final, NMPattern):
+            self._check_nm_schedule(final, name)
             return
         counts = [(int(self.masks.pruned[name].sum()), self.masks.pruned[name].numel()) for name in self._scheduled]
         existing = sum(zeros for zeros, _ in counts) / max(1, sum(size for _, size in counts))
-        name = type(self._run_schedule).__name__
         if existing >= final - 1e-9:
             raise ValueError(
                 f"{name}.final_sparsity {final} is not above the model's existing sparsity {existing:.4g}: the schedule "
@@ -270,11 +289,31 @@ class PruningCallback(TrainerCallback):
                 f"; set initial_sparsity={existing:.4g}" if isinstance(self._run_schedule, GradualSchedule) else "",
             )  # fmt: skip
 
+    def _check_nm_schedule(self, final: NMPattern, schedule: str) -> None:
+        linears = {name: self.masks.linears[name] for name in self._scheduled}
+        for name, linear in linears.items():
+            if linear.in_features % final.m:
+                raise ValueError(
+                    f"{schedule}.final_sparsity '{final}' cannot be applied to {name}: in_features={linear.in_features} is "
+                    f"not a multiple of M={final.m}; leave these linears dense: add '*.{name.rsplit('.', 1)[-1]}' to "
+                    "PruningCallback(ignore=...)"
+                )
+        if all(conforms_to(linear.weight, final) for linear in linears.values()):
+            raise ValueError(
+                f"{schedule}.final_sparsity '{final}' is the pattern the model already follows: the schedule would prune "
+                "nothing; give a sparser pattern, or train with PruningCallback() to keep the zeros"
+            )
+
     def _warn_if_resumed_mid_interval(self, step: int) -> None:
         """Activation norms are not checkpointed: a run resumed between two pruning steps scores
         the next one on the batches seen since the resume only."""
-        pruning_ahead = self._run_schedule.sparsity_at(step) < self._run_schedule.final_fraction
-        if step == 0 or self._run_schedule.prunes_at(step) or not pruning_ahead:
+        schedule = self._run_schedule
+        pruning_ahead = schedule.sparsity_at(step) < schedule.final_fraction
+        # where the norms restarted: a step that pruned (one whose target is 0 removes nothing and keeps them), or
+        # step 1, where a pruning due at step 0 ran after the first training step
+        pruned_here = schedule.prunes_at(step) and schedule.target_at(step) != 0.0
+        deferred_here = step == 1 and schedule.prunes_at(0) and schedule.target_at(0) != 0.0
+        if step == 0 or pruned_here or deferred_here or not pruning_ahead:
             return
         logger.warning(
             "PruningCallback: resumed at step %d, between two pruning steps of a score='wanda' schedule: the activation "
