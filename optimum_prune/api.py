@@ -162,8 +162,6 @@ def prune_loaded(
         _check_materialised(model, config)
         check_finite(model)
     _check_no_peft_adapters(model)
-    if spec.pruner is None:
-        _check_layers_share_no_weights(adapter, config.method)
     device = next(model.parameters()).device if device is None else check_device(device)
     _check_unquantized(adapter, config)
     check_ignore_patterns(adapter, config.ignore, "PruningConfig.ignore")
@@ -172,6 +170,8 @@ def prune_loaded(
     if is_distributed():
         check_multi_process(config)
     runs = _plan_runs(adapter, config, device, offload, check_activation_device(activation_device, config))
+    if any(not isinstance(run, LayerwiseRun) and getattr(run.method, "changes_kept_weights", True) for run in runs):
+        _check_layers_share_no_weights(adapter, config.method)
     inputs = _calibration(adapter, config, runs, calibration, tokenizer, processor)
     report = PruningReport(
         method=config.method,
@@ -461,7 +461,8 @@ def _check_no_peft_adapters(model: nn.Module) -> None:
 def _check_layers_share_no_weights(adapter: DecoderAdapter, method: str) -> None:
     """A weight two decoder layers hold (a module reused across layers) cannot lose rows in one and keep them in the
     other: a method that reshapes, factorises or updates weights layer by layer would break the other layer's
-    shapes midway or untie it silently. Zeroing weights (the ``LayerPruner`` methods) keeps the sharing."""
+    shapes midway or untie it silently. Zeroing weights (the ``LayerPruner`` methods) and removing whole layers or
+    sublayers keep the sharing."""
     holders: dict[int, str] = {}
     for layer_name, layer in zip(adapter.layer_names(), adapter.decoder_layers()):
         for name, parameter in layer.named_parameters():

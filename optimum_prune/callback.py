@@ -298,7 +298,7 @@ class PruningCallback(TrainerCallback):
                     f"not a multiple of M={final.m}; leave these linears dense: add '*.{name.rsplit('.', 1)[-1]}' to "
                     "PruningCallback(ignore=...)"
                 )
-        if all(conforms_to(linear.weight, final) for linear in linears.values()):
+        if linears and all(conforms_to(linear.weight, final) for linear in linears.values()):
             raise ValueError(
                 f"{schedule}.final_sparsity '{final}' is the pattern the model already follows: the schedule would prune "
                 "nothing; give a sparser pattern, or train with PruningCallback() to keep the zeros"

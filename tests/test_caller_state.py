@@ -275,7 +275,7 @@ def test_prune_keeps_each_modules_own_training_flag():
 def test_depth_pruning_leaves_each_kept_layer_in_its_own_mode():
     """Modes were put back by name: removing layer 0 (kept in eval, frozen) handed its mode to the layer renumbered
     into its place, and that layer stopped training."""
-    model = tiny_model(layers=4).train()
+    model = tiny_model(num_hidden_layers=4).train()
     model.model.layers[0].eval()
     kept = {module: module.training for module in model.model.layers[1].modules()}
     prune(model, PruningConfig(method="layers", sparsity=0.25, method_options={"criterion": "angular"}), calibration=token_windows(4, 16))
@@ -334,6 +334,19 @@ def test_a_weight_two_decoder_layers_share_is_refused_by_methods_that_reshape_it
     assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
     prune(model, PruningConfig(method="wanda", sparsity=0.5), calibration=token_windows(4, 16))  # zeroing keeps the sharing
     assert model.model.layers[1].mlp.up_proj.weight is model.model.layers[0].mlp.up_proj.weight
+
+
+@pytest.mark.parametrize("method", ["layers", "sublayers"])
+def test_removing_whole_layers_or_sublayers_keeps_a_module_two_layers_share(method):
+    """Removing a block changes no weight another layer holds: block-wise sharing (MobileLLM) prunes as before."""
+    def shared() -> torch.nn.Module:
+        model = tiny_model(num_hidden_layers=4)
+        model.model.layers[3].mlp = model.model.layers[2].mlp
+        return model
+
+    assert prune(shared(), PruningConfig(method=method, sparsity=0.25), calibration=token_windows(4, 16)).removed
+    with pytest.raises(ValueError, match="a weight shared by two decoder layers cannot be changed by layers"):  # LaCo adds into the kept one
+        prune(shared(), PruningConfig(method="layers", sparsity=0.25, method_options={"merge": True}), calibration=token_windows(4, 16))
 
 
 def test_fisher_rows_of_linears_sharing_a_weight_are_its_rows():

@@ -134,6 +134,12 @@ class StructuredMethod(ABC, Generic[Options]):
     # which later steps' up-front checks of widths (GPTQ's groups) must then leave to when they run.
     changes_widths = True
 
+    @property
+    def changes_kept_weights(self) -> bool:
+        """Whether it reshapes, factorises or updates weights it keeps (False: it only removes or re-routes whole
+        layers or sublayers), which a module two layers share would carry into the other layer."""
+        return True
+
     def __init__(
         self, adapter: DecoderAdapter, sparsity: float, ignore: list[str], options: Options, device: torch.device, seed: int = 0
     ) -> None:

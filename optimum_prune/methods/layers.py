@@ -110,6 +110,10 @@ class LayerRemoval(StructuredMethod[LayerRemovalOptions]):
 
     changes_widths = False
 
+    @property
+    def changes_kept_weights(self) -> bool:
+        return self.options.merge  # LaCo adds the removed layers' differences into the kept one
+
     def check(self) -> None:
         self.adapter.require("keep_layers")  # before scoring: a family that cannot drop layers refuses up front
         self.adapter.check_unsliced("remove layers before slicing")

@@ -47,6 +47,10 @@ class SublayerRemoval(StructuredMethod[SublayerRemovalOptions]):
 
     changes_widths = False
 
+    @property
+    def changes_kept_weights(self) -> bool:
+        return False  # re-routing adds a map beside the removed block; the kept blocks stay as they are
+
     def always_records_layer_shapes(self) -> bool:
         return True  # layers without one of their sublayers
 
