@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoModelForCausalLM, AutoProcessor, AutoTokenizer, PreTrainedModel
+from transformers import AutoImageProcessor, AutoModelForCausalLM, AutoProcessor, AutoTokenizer, PreTrainedModel
 
 from .atomic_files import atomic_directory, exclusive_lock, remove_leftovers
 from .dependencies import MissingDependency
@@ -292,10 +292,14 @@ PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
 def load_processor(directory: str | os.PathLike) -> Any | None:
     """A vision-language checkpoint's processor (its image processor and tokenizer together), or None when the
-    checkpoint has none (a text model): what image-text calibration reads, and what its pruned copy must keep."""
+    checkpoint has none (a text model): what image-text calibration reads, and what its pruned copy must keep. Without
+    tokenizer files, its image processor alone (kept in the output; data-free methods need no more)."""
     directory = Path(directory)
     if not any((directory / name).is_file() for name in PROCESSOR_FILES):
         return None
+    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+        image_processor = directory / "preprocessor_config.json"
+        return AutoImageProcessor.from_pretrained(directory, local_files_only=True) if image_processor.is_file() else None
     return AutoProcessor.from_pretrained(directory, local_files_only=True)
 
 

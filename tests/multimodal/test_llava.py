@@ -421,3 +421,21 @@ def test_the_cli_prunes_a_vision_tower_on_the_bundled_images_and_keeps_the_proce
     with pytest.raises(SystemExit):
         main([*flags, "-o", str(tmp_path / "out3")])
     assert "--part vision calibrates on images, which need the model's processor" in capsys.readouterr().err
+
+
+def test_a_checkpoint_with_an_image_processor_and_no_tokenizer_prunes_data_free_and_keeps_it(llava, tmp_path):
+    """Loading its processor failed inside sentencepiece ("Either model_file or model_proto must be specified"), where
+    the CLI and OptimumPruner pruned it before (data-free pruning is the missing-tokenizer error's way out)."""
+    from transformers import AutoImageProcessor, CLIPImageProcessor
+
+    from optimum_prune import OptimumPruner
+    from optimum_prune.cli import main
+
+    from .conftest import IMAGE_SIZE
+
+    llava.save_pretrained(tmp_path / "m")
+    CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(tmp_path / "m")
+    assert main(["-m", str(tmp_path / "m"), "--method", "magnitude", "-o", str(tmp_path / "out")]) == 0
+    assert isinstance(AutoImageProcessor.from_pretrained(tmp_path / "out"), CLIPImageProcessor)
+    OptimumPruner.from_pretrained(tmp_path / "m").prune(PruningConfig(method="magnitude"), save_dir=tmp_path / "optimum")
+    assert (tmp_path / "optimum" / "preprocessor_config.json").is_file()
