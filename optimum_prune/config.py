@@ -316,6 +316,9 @@ class PruningConfig:
             )
         stored = {key: value for key, value in stored.items() if not key.startswith("_")}
         overrides = {key: value for key, value in overrides.items() if key in fields}
+        if "sparsity" in overrides and "parts" not in overrides and isinstance(stored.get("parts"), Mapping):
+            # a part stored at the config's sparsity (earlier versions wrote each out) follows the overriding one
+            stored["parts"] = _checked_parts(stored["parts"], stored.get("sparsity", cls.sparsity))
         _check_sparsity_reaches_a_part(stored, overrides)
         for options in _options_replaced(stored, overrides):
             stored.pop(options, None)

@@ -555,3 +555,11 @@ def test_a_sparsity_change_that_reaches_no_part_is_refused(tmp_path):
     assert config.replace(sparsity=0.7, parts={}).part_targets() == {"language": 0.7}
     mixed = PruningConfig(method="wanda", sparsity=0.5, parts={"vision": {}, "language": {"sparsity": 0.6}})
     assert mixed.replace(sparsity=0.7).part_targets() == {"vision": 0.7, "language": 0.6}  # the vision tower follows it
+
+
+def test_a_sparsity_override_reaches_a_stored_part_whose_sparsity_is_the_configs(tmp_path):
+    """Earlier versions wrote every part's sparsity out: a stored language part at the config's 0.5 follows it, as
+    replace() read it, but from_pretrained(path, sparsity=0.6) refused the file as reaching no part."""
+    data = {"method": "magnitude", "sparsity": 0.5, "parts": {"language": {"sparsity": 0.5}, "vision": {"sparsity": 0.3}}}
+    (tmp_path / "pruning_config.json").write_text(json.dumps(data))
+    assert PruningConfig.from_pretrained(tmp_path, sparsity=0.6).part_targets() == {"language": 0.6, "vision": 0.3}
