@@ -373,6 +373,12 @@ def _warn_if_nothing_removed(runs: list["LayerwiseRun | StructuredRun | ModelRun
             continue
         total = sum(linear.weight.numel() for layer in run.targets for linear in layer.values())
         part = f" in the {run.part} part" if run.adapter.upstream_parts else ""
+        if before / total < run.target:  # a dense model: the target is less than one weight of each row or block
+            logger.warning(
+                "sparsity %.2f%% removed no weight of the linears it prunes%s: it rounds to none in each row or block the "
+                "method ranks within; give a higher sparsity", 100 * float(run.target), part,
+            )  # fmt: skip
+            continue
         logger.warning(
             "sparsity %.2f%%: the linears it prunes%s already held %.2f%% zeros, which are kept: it removed no further "
             "weight (a method that updates weights, such as SparseGPT, still refit the others); give a higher sparsity",

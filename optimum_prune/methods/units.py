@@ -203,17 +203,20 @@ class UnitPlan:
         run would record a step that changed nothing."""
         if self.sparsity == 0 or any(component.removed for component in self.components):
             return
-        smallest = min(self.components, key=lambda c: c.unit_parameters)
+        def step(component: Component) -> int:  # an MLP loses channels round_to at a time
+            return component.unit_parameters * (self.round_to if component.kind == "mlp" else 1)
+
+        smallest = min(self.components, key=step)
         layer = self.adapter.decoder_layers()[smallest.layer]
         if smallest.kind == "mlp":
-            unit = "MLP channel"
+            unit = "one MLP channel" if self.round_to == 1 else f"{self.round_to} MLP channels (PruningConfig.method_options.round_to)"
         else:
-            unit = "query head of each group" if self.query_units(self.adapter.attention(layer)) else "key/value group"
-        layer = layer_parameters(self.adapter, layer)
+            unit = "one query head of each group" if self.query_units(self.adapter.attention(layer)) else "one key/value group"
+        lower = ", lower PruningConfig.method_options.round_to" if smallest.kind == "mlp" and self.round_to > 1 else ""
         raise ValueError(
-            f"PruningConfig.sparsity {self.sparsity} rounds to no unit to remove: the smallest, one {unit}, holds "
-            f"{smallest.unit_parameters / layer:.1%} of its decoder layer's parameters; raise the sparsity or prune more "
-            "components"
+            f"PruningConfig.sparsity {self.sparsity} rounds to no unit to remove: the smallest step, {unit}, holds "
+            f"{step(smallest) / layer_parameters(self.adapter, layer):.1%} of its decoder layer's parameters; raise the "
+            f"sparsity{lower} or prune more components"
         )
 
     def rounded(self, component: Component, count: int) -> int:

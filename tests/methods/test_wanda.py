@@ -85,3 +85,14 @@ def test_a_step_that_still_removes_weights_is_not_said_to_remove_none(caplog):
         prune(model, PruningConfig(method="wanda", sparsity=0.5), calibration=token_windows())
     assert sum(int((p == 0).sum()) for p in model.parameters()) > zeros
     assert "no further weight" not in caplog.text
+
+
+def test_a_target_below_one_weight_a_row_is_said_to_round_to_none(caplog):
+    """0.5 % of 64 inputs is no weight a row: the warning spoke of zeros the dense model held and kept (0.00 %)."""
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="optimum_prune"):
+        prune(tiny_model(), PruningConfig(method="wanda", sparsity=0.005), calibration=token_windows())
+    assert "sparsity 0.50% removed no weight of the linears it prunes: it rounds to none in each row" in caplog.text
+    assert "already held" not in caplog.text
+

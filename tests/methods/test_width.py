@@ -421,7 +421,14 @@ def test_a_budget_that_rounds_to_no_unit_is_refused(method, options, sparsity, u
     changed nothing (parameters 129408 -> 129408), without a word."""
     model = tiny_model(head_dim=24)
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    with pytest.raises(ValueError, match=rf"^PruningConfig.sparsity {sparsity} rounds to no unit to remove: the smallest, one {unit}, holds"):
+    with pytest.raises(ValueError, match=rf"^PruningConfig.sparsity {sparsity} rounds to no unit to remove: the smallest step, one {unit}, holds"):
         prune(model, PruningConfig(method=method, sparsity=sparsity, method_options=options), calibration=token_windows(4, 16))
     assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
     assert getattr(model.config, "pruning_config", None) is None
+
+
+def test_a_round_to_that_rounds_the_budget_away_is_named():
+    """10 % of the MLP is about 13 channels, which round_to=64 rounds to none: the error blamed the sparsity alone."""
+    with pytest.raises(ValueError, match=r"the smallest step, 64 MLP channels \(PruningConfig.method_options.round_to\), holds 33.3% .*lower PruningConfig.method_options.round_to"):
+        prune(tiny_model(), PruningConfig(method="width", sparsity=0.1, method_options={"components": "mlp", "round_to": 64}), calibration=token_windows(4, 16))
+
