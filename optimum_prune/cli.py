@@ -254,12 +254,8 @@ def run(args: argparse.Namespace) -> int:
         rank_zero_first(default_model_path)  # the first use converts the embedded model into the shared cache
     model, tokenizer = load_model(args.model, dtype) if args.model else load_default_model(dtype)
     processor = load_processor(args.model) if args.model else None  # a vision-language model's: images, and kept in the output
-    if processor is None and config.requires_calibration and _image_parts(config) and get_adapter(model).upstream_parts:
-        raise ValueError(
-            f"--part {_image_parts(config)} calibrates on images, which need the model's processor: {str(args.model)!r} has "
-            f"none ({', '.join(PROCESSOR_FILES)}); save it into the checkpoint (processor.save_pretrained(...)), or prune "
-            "that part with a method that needs no calibration (--method magnitude)"
-        )
+    if config.requires_calibration and _image_parts(config) and get_adapter(model).upstream_parts:
+        _check_image_calibration(args, processor, _image_parts(config))
     if tokenizer is None and (config.requires_calibration or args.eval):
         raise missing_tokenizer(args.model, "calibration" if config.requires_calibration else "--eval")
     device = args.device or launched_device or default_device()
@@ -310,6 +306,22 @@ def _image_parts(config: PruningConfig) -> str:
     return ", ".join(part for part in config.part_targets() if part != "language")
 
 
+def _check_image_calibration(args: argparse.Namespace, processor: Any, parts: str) -> None:
+    """A vision tower or projector calibrates on the bundled image-caption pairs, through the checkpoint's processor."""
+    if args.calibration is not None:
+        raise ValueError(
+            f"--part {parts} calibrates on images, which the --calibration text has none of: leave --calibration out to "
+            "calibrate on the bundled image-caption pairs, or prune that part with a method that needs no calibration "
+            "(--method magnitude)"
+        )
+    if not hasattr(processor, "tokenizer"):  # none, or an image processor alone
+        raise ValueError(
+            f"--part {parts} calibrates on images, which need the model's processor: {str(args.model)!r} has none "
+            f"({', '.join(PROCESSOR_FILES)} beside tokenizer files); save it into the checkpoint "
+            "(processor.save_pretrained(...)), or prune that part with a method that needs no calibration (--method magnitude)"
+        )
+
+
 def _check_args(args: argparse.Namespace, config: PruningConfig) -> None:
     """Every flag checked against the others and the machine before any model loads."""
     if args.calibration is not None and not args.calibration.is_file():
@@ -317,12 +329,6 @@ def _check_args(args: argparse.Namespace, config: PruningConfig) -> None:
     warn_unused_calibration(config, args.calibration, "--calibration")
     if not config.requires_calibration:
         args.calibration = None  # said here, before the model loads, not again by prune
-    elif args.calibration is not None and _image_parts(config):
-        raise ValueError(
-            f"--part {_image_parts(config)} calibrates on images, which the --calibration text has none of: leave "
-            "--calibration out to calibrate on the bundled image-caption pairs, or prune that part with a method that "
-            "needs no calibration (--method magnitude)"
-        )
     if args.eval_file is not None and not args.eval:
         raise ValueError("--eval-file is the text --eval scores: add --eval, or remove --eval-file")
     if args.eval_file is not None and not args.eval_file.is_file():
