@@ -270,22 +270,22 @@ class PruningCallback(TrainerCallback):
         steps lie below it prunes nothing until the cubic (or the rounds) pass the model's own sparsity. An N:M
         final pattern is checked against every scheduled linear's width first: a schedule would fail at that step."""
         final = self._run_schedule.final_target
-        name = type(self._run_schedule).__name__
+        schedule = type(self._run_schedule).__name__
         if isinstance(final, NMPattern):
-            self._check_nm_schedule(final, name)
+            self._check_nm_schedule(final, schedule)
             return
         counts = [(int(self.masks.pruned[name].sum()), self.masks.pruned[name].numel()) for name in self._scheduled]
         existing = sum(zeros for zeros, _ in counts) / max(1, sum(size for _, size in counts))
         if existing >= final - 1e-9:
             raise ValueError(
-                f"{name}.final_sparsity {final} is not above the model's existing sparsity {existing:.4g}: the schedule "
+                f"{schedule}.final_sparsity {final} is not above the model's existing sparsity {existing:.4g}: the schedule "
                 "would prune nothing; raise final_sparsity, or train with PruningCallback() to keep the zeros"
             )
         start = getattr(self._run_schedule, "initial_sparsity", 0.0)
         if existing > start + 0.01:  # not the few exact zeros a dense (e.g. dequantised) model holds
             logger.warning(
                 "%s starts from sparsity %.4g but the model is already %.4g sparse: its pruning steps below that prune "
-                "nothing%s", name, start, existing,
+                "nothing%s", schedule, start, existing,
                 f"; set initial_sparsity={existing:.4g}" if isinstance(self._run_schedule, GradualSchedule) else "",
             )  # fmt: skip
 
