@@ -93,10 +93,9 @@ class PruningSection:
         if named is not None and not _dataset_names(named):
             raise ValueError(f"{SECTION}.calibration_dataset is empty: name a dataset from dataset_info.json, or remove the key")
         dataset = _dataset_names(named if named is not None else lf_args.get("dataset"))
-        image_parts = [part for part in config.part_targets() if part != "language"]
-        if config.requires_calibration and image_parts:
+        if config.requires_calibration and config.image_parts():
             raise ValueError(
-                f"{SECTION}.parts.{image_parts[0]}: method {config.method!r} calibrates a vision tower or projector on images, "
+                f"{SECTION}.parts.{config.image_parts()[0]}: method {config.method!r} calibrates a vision tower or projector on images, "
                 "and this stage calibrates on the token windows of LLaMA-Factory datasets, which hold none; prune that "
                 "part with a method that needs no calibration (magnitude), or with the Python API on image-text pairs"
             )

@@ -355,12 +355,12 @@ def _zeros_held(runs: list["LayerwiseRun | StructuredRun | ModelRun"]) -> dict[i
     return {
         index: _count_zeros(run) for index, run in enumerate(runs)
         if isinstance(run, LayerwiseRun) and not isinstance(run.target, NMPattern) and run.target
-        and not any(linear.weight.is_meta for layer in run.targets for linear in layer.values())
+        and not any(weight.is_meta for weight in run.weights)
     }  # fmt: skip
 
 
 def _count_zeros(run: "LayerwiseRun") -> int:
-    return sum(int(torch.count_nonzero(linear.weight == 0)) for layer in run.targets for linear in layer.values())
+    return sum(int(torch.count_nonzero(weight == 0)) for weight in run.weights)
 
 
 def _warn_if_nothing_removed(runs: list["LayerwiseRun | StructuredRun | ModelRun"], held: dict[int, int]) -> None:
@@ -371,7 +371,7 @@ def _warn_if_nothing_removed(runs: list["LayerwiseRun | StructuredRun | ModelRun
         run = runs[index]
         if _count_zeros(run) > before:
             continue
-        total = sum(linear.weight.numel() for layer in run.targets for linear in layer.values())
+        total = sum(weight.numel() for weight in run.weights)
         part = f" in the {run.part} part" if run.adapter.upstream_parts else ""
         if before / total < run.target:  # a dense model: the target is less than one weight of each row or block
             logger.warning(

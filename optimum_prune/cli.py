@@ -254,8 +254,8 @@ def run(args: argparse.Namespace) -> int:
         rank_zero_first(default_model_path)  # the first use converts the embedded model into the shared cache
     model, tokenizer = load_model(args.model, dtype) if args.model else load_default_model(dtype)
     processor = load_processor(args.model) if args.model else None  # a vision-language model's: images, and kept in the output
-    if config.requires_calibration and _image_parts(config) and get_adapter(model).upstream_parts:
-        _check_image_calibration(args, processor, _image_parts(config))
+    if config.requires_calibration and config.image_parts() and get_adapter(model).upstream_parts:
+        _check_image_calibration(args, processor, ", ".join(config.image_parts()))
     if tokenizer is None and (config.requires_calibration or args.eval):
         raise missing_tokenizer(args.model, "calibration" if config.requires_calibration else "--eval")
     device = args.device or launched_device or default_device()
@@ -299,11 +299,6 @@ def run(args: argparse.Namespace) -> int:
         after["conforming"] = all(entry["conforming"] for name, entry in after["layers"].items() if name in pruned_names)
     _print_summary(args, model, report, source, before, after, (dense, pruned), saved_in)
     return 0
-
-
-def _image_parts(config: PruningConfig) -> str:
-    """The parts of a vision-language model the config names that run on images only (a vision tower, a projector)."""
-    return ", ".join(part for part in config.part_targets() if part != "language")
 
 
 def _check_image_calibration(args: argparse.Namespace, processor: Any, parts: str) -> None:

@@ -196,6 +196,10 @@ class PruningConfig:
         parts = self.parts or {"language": {}}
         return {name: _target(policy.get("sparsity", self.sparsity)) for name, policy in parts.items()}
 
+    def image_parts(self) -> list[str]:
+        """The parts named that run on images only (a vision tower, a projector): calibrated on image-text pairs."""
+        return [part for part in self.part_targets() if part != "language"]
+
     def shared_pattern(self) -> NMPattern | None:
         """The N:M pattern every part prunes to, when they share one: what the pruned weights can be checked against."""
         targets = set(self.part_targets().values())

@@ -138,6 +138,11 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # optimum-cli export's spellings
 
 
+def _loads_in(dtype: torch.dtype) -> bool:
+    """Whether a model can load in ``dtype``: floating point, and wider than float8 (a storage-only format)."""
+    return dtype.is_floating_point and dtype.itemsize > 1
+
+
 def as_dtype(dtype: torch.dtype | str) -> torch.dtype | str:
     """A dtype to load a model in: a torch dtype, ``"auto"`` (the checkpoint's), a floating-point dtype's torch name
     (float32, bfloat16, half, float64, ...) or ``--dtype``'s short names (fp32, bf16, fp16), which transformers does
@@ -145,7 +150,7 @@ def as_dtype(dtype: torch.dtype | str) -> torch.dtype | str:
     if isinstance(dtype, torch.dtype) or dtype == "auto":
         return dtype
     named = getattr(torch, DTYPE_ALIASES.get(dtype, dtype), None) if isinstance(dtype, str) else None
-    if not (isinstance(named, torch.dtype) and named.is_floating_point and named.itemsize > 1):  # float8: storage only
+    if not (isinstance(named, torch.dtype) and _loads_in(named)):
         raise ValueError(
             f"dtype {dtype!r}: give a torch dtype, a floating-point one's name ({', '.join(DTYPES)}, ...), "
             f"{', '.join(DTYPE_ALIASES)} or 'auto' (the checkpoint's)"
@@ -157,7 +162,7 @@ def load_default_model(dtype: torch.dtype | str = torch.float32) -> tuple[PreTra
     """(model, tokenizer) of SmolLM2-135M-Instruct, fp32 by default (keep fp32 for quality work); the
     tokenizer set as the module docstring says (also when the cache was converted by an earlier version)."""
     dtype = as_dtype(dtype)
-    if dtype != "auto" and not (dtype.is_floating_point and dtype.itemsize > 1):  # the one error here that is not the cache's
+    if dtype != "auto" and not _loads_in(dtype):  # the one error here that is not the cache's
         raise ValueError(f"dtype {dtype!r}: the model loads in a floating-point dtype (torch.float32, bfloat16 or float16)")
     target = default_model_path()
     try:
@@ -262,11 +267,15 @@ def load_gguf(file: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, Any]:
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
 
 
+def _holds_any(directory: Path, names: tuple[str, ...]) -> bool:
+    return any((directory / name).is_file() for name in names)
+
+
 def load_tokenizer(directory: str | os.PathLike) -> Any | None:
     """The checkpoint's tokenizer, or None when it has no tokenizer files: without this check
     ``AutoTokenizer`` guesses a class from ``config.json`` and fails inside it, far from the cause."""
     directory = Path(directory)
-    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+    if not _holds_any(directory, TOKENIZER_FILES):
         return None
     try:
         return AutoTokenizer.from_pretrained(directory, local_files_only=True)
@@ -295,9 +304,9 @@ def load_processor(directory: str | os.PathLike) -> Any | None:
     checkpoint has none (a text model): what image-text calibration reads, and what its pruned copy must keep. Without
     tokenizer files, its image processor alone (kept in the output; data-free methods need no more)."""
     directory = Path(directory)
-    if not any((directory / name).is_file() for name in PROCESSOR_FILES):
+    if not _holds_any(directory, PROCESSOR_FILES):
         return None
-    if not any((directory / name).is_file() for name in TOKENIZER_FILES):
+    if not _holds_any(directory, TOKENIZER_FILES):
         image_processor = directory / "preprocessor_config.json"
         return AutoImageProcessor.from_pretrained(directory, local_files_only=True) if image_processor.is_file() else None
     return AutoProcessor.from_pretrained(directory, local_files_only=True)

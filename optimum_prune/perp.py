@@ -30,6 +30,7 @@ from torch.nn import functional as F
 from .adapters import get_adapter
 from .dispatch import refuse_offloaded
 from .options import coerce_scalar_fields
+from .structure.counting import count_parameters
 from .structure.surgery import replace_submodule
 
 NORM_CLASS_SUFFIXES = ("RMSNorm", "LayerNorm")
@@ -161,7 +162,7 @@ def prepare_perp(model: nn.Module, config: PERPConfig | None = None) -> PERPSumm
     if any(isinstance(module, MaskLoRALinear) for module in model.modules()):
         raise ValueError("prepare_perp: the model already has PERP adapters; call merge_perp(model) before preparing it again")
     targets = _perp_targets(model, config) if config.lora else []  # checked before anything changes
-    total = sum(p.numel() for p in model.parameters())
+    total = count_parameters(model)
     _TRAINABLE_BEFORE[model] = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
     model.requires_grad_(False)
     if hasattr(model, "enable_input_require_grads"):

@@ -36,7 +36,7 @@ from .options import MoEOptions
 from .report import LinearReport, PruningReport
 from .sparsity import NMPattern, SparsityTarget
 from .statistics import ColumnNorms, mean_ranks
-from .structure.counting import count_macs_per_token
+from .structure.counting import count_macs_per_token, count_parameters
 from .structure.loading import check_shape_hooks, record_structure
 
 if TYPE_CHECKING:
@@ -64,6 +64,11 @@ class LayerwiseRun:
     activation_device: torch.device | str | None = None  # where calibration activations wait between layers ("disk": files)
     layer_targets: list[SparsityTarget] | None = None  # set by allocate
     notes: list[str] = field(default_factory=list)  # for the report: what allocate decided besides the targets
+
+    @property
+    def weights(self) -> list[torch.Tensor]:
+        """The weight of every linear the run prunes."""
+        return [linear.weight for layer in self.targets for linear in layer.values()]
 
     @classmethod
     def plan_parts(
@@ -387,17 +392,17 @@ class StructuredRun:
 
     def execute(self, windows: torch.Tensor | None, report: PruningReport) -> None:
         model = self.adapter.model
-        report.parameters_before, report.decoder_parameters_before = _parameters(model), self._decoder_parameters()
+        report.parameters_before, report.decoder_parameters_before = count_parameters(model), self._decoder_parameters()
         report.macs_per_token_before = count_macs_per_token(model)
         kept = kept_modules(model, self.method.ignore)
         self.method.prune(windows, report)
         check_kept(model, kept, self.name)
         report.shapes = record_structure(self.adapter)
-        report.parameters_after, report.decoder_parameters_after = _parameters(model), self._decoder_parameters()
+        report.parameters_after, report.decoder_parameters_after = count_parameters(model), self._decoder_parameters()
         report.macs_per_token_after = count_macs_per_token(model)
 
     def _decoder_parameters(self) -> int:
-        return sum(_parameters(layer) for layer in self.adapter.decoder_layers())
+        return sum(count_parameters(layer) for layer in self.adapter.decoder_layers())
 
 
 def _width_remedy(adapter: DecoderAdapter, name: str, linear: nn.Linear, target: SparsityTarget) -> str:
@@ -475,10 +480,6 @@ def planned_linears(adapter: DecoderAdapter, config: PruningConfig, checked: boo
     else:
         parts = [part for name, part in adapter.parts().items() if name in config.part_targets()]
     return {name: linear for part in parts for layer in _target_linears(part, config.ignore, routers) for name, linear in layer.items()}
-
-
-def _parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def _target_linears(adapter: DecoderAdapter, ignore: list[str], include_routers: bool = False) -> list[dict[str, nn.Linear]]:

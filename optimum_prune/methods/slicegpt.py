@@ -34,6 +34,7 @@ from ..calibration.engine import on_device
 from ..options import check_round_to, option
 from ..report import PruningReport
 from ..sparsity import whole_count
+from ..structure.counting import count_parameters
 from .base import StructuredMethod, register_structured_method
 
 logger = logging.getLogger(__name__)
@@ -99,7 +100,7 @@ class SliceGPT(StructuredMethod[SliceGPTOptions]):
 
     def prune(self, windows: torch.Tensor, report: PruningReport) -> None:
         adapter, device = self.adapter, self.device
-        parameters_before = _parameter_count(adapter.model)
+        parameters_before = count_parameters(adapter.model)
         inputs = capture_first_layer_inputs(adapter, windows, device)
         self._check_layer_output(inputs)
         identity = torch.eye(self.hidden, dtype=torch.float64, device=device)
@@ -137,7 +138,7 @@ class SliceGPT(StructuredMethod[SliceGPTOptions]):
             self._slice_head(basis)
         report.layer_scores.update({f"variance kept after {kind}": values for kind, values in retained.items()})
         report.removed.append(f"residual stream width {self.hidden} → {self.width}" + ("" if self.slice_ends else " (tied embeddings kept at full width)"))
-        self._warn_if_larger(parameters_before, _parameter_count(adapter.model))
+        self._warn_if_larger(parameters_before, count_parameters(adapter.model))
 
     def _warn_if_larger(self, before: int, after: int) -> None:
         """Each layer gains two residual shortcuts of about width² parameters: at a small slicing ratio (10 % on
@@ -247,7 +248,3 @@ def _rotate_rows(weight: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
 
 def _project(hidden: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return (hidden.to(torch.float64) @ basis.to(hidden.device)).to(hidden.dtype)
-
-
-def _parameter_count(model: nn.Module) -> int:
-    return sum(parameter.numel() for parameter in model.parameters())

@@ -203,6 +203,7 @@ class UnitPlan:
         run would record a step that changed nothing."""
         if self.sparsity == 0 or any(component.removed for component in self.components):
             return
+
         def step(component: Component) -> int:  # an MLP loses channels round_to at a time
             return component.unit_parameters * (self.round_to if component.kind == "mlp" else 1)
 

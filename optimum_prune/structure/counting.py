@@ -20,6 +20,11 @@ _COUNTER_ATTRIBUTES = (
 )  # fmt: skip
 
 
+def count_parameters(module: nn.Module) -> int:
+    """Every parameter of ``module`` (a model's size, a decoder layer's)."""
+    return sum(parameter.numel() for parameter in module.parameters())
+
+
 def count_macs_per_token(model: nn.Module) -> int:
     """Multiply-accumulates per token of the model's linear layers (not the attention score products,
     which depend on context length) from one short forward pass.

@@ -23,6 +23,7 @@ from ..models import TOKENIZER_FILES, default_model_identity, default_model_path
 from ..saving import save_pruned
 from ..sparsity import verify_sparsity
 from ..streaming import checkpoint_fingerprint
+from ..structure.counting import count_parameters
 from .grid import Protocol, StudyPoint
 
 QUANTIZED_BITS = {"float8": 8, "int8": 8, "int4": 4, "int2": 2}
@@ -91,7 +92,7 @@ def _measured(point: StudyPoint, protocol: Protocol, device: torch.device, laten
         ),
         "stored_bytes": stored,
         "sparse_format_bytes": sparse_format_bytes(stored, linears.values(), bits),
-        "parameters": sum(p.numel() for p in model.parameters()),
+        "parameters": count_parameters(model),
         "linear_zeros": sum(e["zeros"] for e in linears.values()) / max(1, sum(e["numel"] for e in linears.values())),
         "pruning_seconds": pruning_seconds,
         "quantization_seconds": quantization_seconds,
